@@ -1,0 +1,38 @@
+"""Analysis passes (tracing, counting, quick evaluation) must not disturb the model.
+
+:func:`analysis_mode` puts a model in eval mode under ``torch.no_grad()`` and, on exit, restores every
+module's train/eval flag and every buffer (BatchNorm running statistics and batch counters), even when the
+body raised.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore each module's ``training`` flag and all buffers on exit (no eval / no_grad switch)."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        yield model
+    finally:
+        for name, module in model.named_modules():
+            if name in modes:
+                module.training = modes[name]
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in buffers and buffers[name].shape == buf.shape:
+                    buf.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode + ``torch.no_grad()`` for the body; mode and buffers restored afterwards."""
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        yield model

@@ -1,0 +1,66 @@
+"""Command-line front end: ``autocompress <command> ...``.
+
+Each sub-command lives in its own module of this package and exposes two functions:
+
+* ``add_arguments(parser: argparse.ArgumentParser) -> None``
+* ``run(args: argparse.Namespace) -> int`` (the exit status)
+
+A :class:`~autocompress.errors.UserError` anywhere becomes one line on stderr and exit status 2;
+Ctrl-C becomes exit status 130 (everything written so far was written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: command name -> (module inside this package, one-line help)
+COMMANDS = {
+    "train": ("train", "train a model from the zoo on a dataset"),
+    "evaluate": ("evaluate", "top-1 (and top-5) of a checkpoint on a dataset split"),
+    "inspect": ("inspect", "parameters, MACs, per-layer table, file size and CPU latency of a checkpoint"),
+    "prune": ("prune", "prune a checkpoint at given per-layer rates (ADMM, retraining, compaction)"),
+    "compress": ("compress", "AutoCompress: search rates and prune to a target, in progressive rounds"),
+    "export": ("export", "export a checkpoint or compact model to ONNX and check it in onnxruntime"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (imports each command module that is installed)."""
+    parser = argparse.ArgumentParser(prog="autocompress", description=__doc__.splitlines()[0])
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"autocompress {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(f".{module_name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{module_name}":
+                raise
+            continue  # command not built yet
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``autocompress`` console script. Returns the exit status."""
+    from ..errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"autocompress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autocompress: interrupted; files written so far are complete (resume with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

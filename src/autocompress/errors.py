@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (missing data, corrupt checkpoint, unknown model, impossible
+target, unsupported layer) is raised as :class:`UserError`. The CLI prints its message on one line as
+``autocompress: error: <message>`` and exits with status 2; library callers can catch it.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input with a one-line message that names the problem and the fix.
+
+    Args:
+        problem: what is wrong, e.g. ``"checkpoint runs/a.pt is not a zip archive"``.
+        fix: what to do about it, e.g. ``"re-save it with `autocompress train`"``. Optional.
+    """
+
+    def __init__(self, problem: str, fix: str | None = None):
+        message = problem if fix is None else f"{problem}; {fix}"
+        super().__init__(" ".join(message.split()))
