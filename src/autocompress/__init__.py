@@ -13,7 +13,8 @@ __all__ = ["__version__", "load"]
 
 
 def load(path, map_location="cpu"):
-    """Rebuild a model saved by autocompress (checkpoint or compact model). See serialization.load."""
-    from .serialization import load as _load
+    """Rebuild a model saved by autocompress (a zoo checkpoint or a compact model) without unpickling
+    code. See :func:`autocompress.checkpoint.load_model`."""
+    from .checkpoint import load_model
 
-    return _load(path, map_location=map_location)
+    return load_model(path, map_location=map_location)
