@@ -1,0 +1,338 @@
+"""ADMM structured pruning, hard pruning and masked retraining.
+
+Source: AutoCompress (Liu et al., AAAI 2020, §3) and the ADMM weight-pruning framework of Zhang et al.
+(ECCV 2018); brief §3. The problem ``min f(W) s.t. W in S`` (``S``: at most the kept filters / columns /
+weights of every unit, as given by the per-unit rates) is split with ``Z = W`` and a scaled dual ``U``:
+
+* **W-step**: SGD on ``f(W) + rho/2 * sum_i ||W_i - Z_i + U_i||_F^2``;
+* **Z-step**: ``Z = Proj_S(W + U)`` (:func:`autocompress.projection.project` applied to ``W + U``: keep the
+  largest-norm filters / columns / weights, zero the rest);
+* **U-step**: ``U = U + W - Z``.
+
+Choices the paper leaves open (all settings of :class:`ADMMConfig`):
+
+* The ADMM variables ``W_i`` are every parameter the masks touch (conv / linear weights and biases,
+  BatchNorm affine of removed channels), so the whole removed structure is driven to zero, not just the
+  convolution rows.
+* One ``rho`` for all layers. It starts at ``rho_init`` and is multiplied by ``rho_growth`` after every
+  Z/U update, capped at ``rho_max``; the scaled dual is rescaled by ``rho_old / rho_new`` when ``rho``
+  changes (Boyd et al. 2011, §3.4.1), so the unscaled multiplier ``rho * U`` is unchanged.
+* Z/U updates happen every ``update_interval`` optimiser steps, or at the end of every epoch when
+  ``update_interval`` is ``None`` (the default).
+* The penalty is one fused autograd node (:class:`_ProximalPenalty`): its forward computes
+  ``W - (Z - U)`` with ``torch._foreach`` ops outside autograd and its backward returns
+  ``rho * (W - Z + U)``, so a W-step costs one extra element-wise pass over the masked parameters, not a
+  graph of hundreds of nodes (``benchmarks/admm_overhead.py`` measures the overhead).
+
+After the last update, :func:`hard_prune` sets ``W = Proj_S(W)`` and :func:`masked_retrain` fine-tunes
+with the masks held after every optimiser step (:class:`autocompress.masks.MaskEnforcer`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import training
+from .masks import MaskEnforcer, Masks, apply_masks
+from .projection import project
+
+
+@dataclass
+class ADMMConfig:
+    """Settings of ADMM structured pruning (AutoCompress §3; brief §3).
+
+    Attributes:
+        epochs: W-step epochs in total (passes over the training loader).
+        lr: SGD learning rate of the W-step (cosine-annealed over ``epochs``).
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay of the W-step.
+        rho_init: penalty ``rho`` at the first W-step (brief: 1e-3 to 1e-4).
+        rho_growth: ``rho`` is multiplied by this after every Z/U update (brief: ~1.5-2).
+        rho_max: cap on ``rho``.
+        update_interval: optimiser steps between Z/U updates; ``None`` = once at the end of every epoch.
+        label_smoothing: label smoothing of the cross-entropy loss.
+    """
+
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho_init: float = 1e-3
+    rho_growth: float = 1.5
+    rho_max: float = 1.0
+    update_interval: int | None = None
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        from .errors import UserError
+
+        if self.epochs < 0:
+            raise UserError(f"ADMM epochs must be >= 0, got {self.epochs}", "pass --admm-epochs 0 or more")
+        if not (self.rho_init > 0 and self.rho_max >= self.rho_init and self.rho_growth >= 1.0):
+            raise UserError(
+                f"ADMM rho schedule is invalid (rho_init={self.rho_init}, rho_growth={self.rho_growth}, "
+                f"rho_max={self.rho_max})", "use 0 < rho_init <= rho_max and rho_growth >= 1")
+        if self.update_interval is not None and self.update_interval < 1:
+            raise UserError(f"ADMM update_interval must be >= 1, got {self.update_interval}",
+                            "pass a positive number of optimiser steps, or None for once per epoch")
+
+
+@dataclass
+class ADMMResult:
+    """What :func:`admm_prune` returns.
+
+    Attributes:
+        masks: keep masks of ``Proj_S(W)`` for the trained ``W`` (what :func:`hard_prune` will apply).
+        history: one entry per Z/U update: ``{"update": k, "epoch": e, "step": s, "rho": rho used in the
+            W-step before it, "residuals": {layer: ||W - Z||_F / ||W||_F}, "max_residual": float}``;
+            entry 0 is the state before any W-step (``Z = Proj_S(W)``).
+        epoch_stats: the dict :func:`autocompress.training.train_epoch` returned for every epoch.
+    """
+
+    masks: Masks
+    history: list[dict] = field(default_factory=list)
+    epoch_stats: list[dict] = field(default_factory=list)
+
+    @property
+    def residuals(self) -> list[dict[str, float]]:
+        """Per-layer primal residuals ``||W - Z|| / ||W||`` after each update (``history[k]["residuals"]``)."""
+        return [entry["residuals"] for entry in self.history]
+
+
+class _ProximalPenalty(torch.autograd.Function):
+    """``rho/2 * sum_i ||W_i - T_i||_F^2`` with ``T = Z - U``, as one autograd node.
+
+    ``forward(rho, targets, *weights)`` -> scalar; ``backward`` -> ``rho * (W_i - T_i)`` for each weight.
+    """
+
+    @staticmethod
+    def forward(ctx, rho: float, targets: list[torch.Tensor], *weights: torch.Tensor):
+        diffs = torch._foreach_sub(list(weights), targets)
+        norms = torch._foreach_norm(diffs)
+        ctx.rho = rho
+        ctx.diffs = diffs
+        return 0.5 * rho * torch.stack(norms).square().sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = torch._foreach_mul(ctx.diffs, grad_output * ctx.rho)
+        ctx.diffs = None
+        return (None, None, *grads)
+
+
+class ADMMState:
+    """Z, U and rho of ADMM over the parameters named in ``param_masks`` (AutoCompress §3).
+
+    Args:
+        model: the network being pruned (its parameters are the ``W_i``).
+        space: the :class:`autocompress.space.PruningSpace` of ``model``.
+        rates: per-unit pruning rates, ``{"filter": {group: r}, "column": {layer: r}, "irregular": {...}}``.
+        config: the rho schedule.
+
+    Attributes:
+        names: ADMM parameter names (those the projection masks), in model order.
+        rho: the current penalty.
+    """
+
+    def __init__(self, model: nn.Module, space, rates: dict, config: ADMMConfig):
+        self.model, self.space, self.rates, self.config = model, space, rates, config
+        params = dict(model.named_parameters())
+        masks = project(space, model, rates)
+        param_masks = space.param_masks(masks)
+        self.names = [name for name in params if name in param_masks]
+        self.weights = [params[name] for name in self.names]
+        self.rho = config.rho_init
+        with torch.no_grad():
+            self.z = [w.detach() * param_masks[n].to(w.dtype) for n, w in zip(self.names, self.weights)]
+            self.u = [torch.zeros_like(w) for w in self.weights]
+        self._refresh_targets()
+
+    def _refresh_targets(self) -> None:
+        self.targets = torch._foreach_sub(self.z, self.u)
+
+    def penalty(self) -> torch.Tensor:
+        """``rho/2 * sum_i ||W_i - Z_i + U_i||_F^2`` (a scalar tensor with gradient to every ``W_i``)."""
+        return _ProximalPenalty.apply(self.rho, self.targets, *self.weights)
+
+    @torch.no_grad()
+    def project(self, tensors: list[torch.Tensor]) -> tuple[Masks, list[torch.Tensor]]:
+        """``Proj_S`` of ``tensors`` (aligned with :attr:`names`): the keep masks and the projected tensors.
+
+        The projection is :func:`autocompress.projection.project` run on the model with its ADMM
+        parameters temporarily replaced by ``tensors`` (restored afterwards, even on error).
+        """
+        saved = [w.detach().clone() for w in self.weights]
+        try:
+            torch._foreach_copy_([w.data for w in self.weights], tensors)
+            masks = project(self.space, self.model, self.rates)
+        finally:
+            torch._foreach_copy_([w.data for w in self.weights], saved)
+        param_masks = self.space.param_masks(masks)
+        projected = [t * param_masks[n].to(t.dtype) for n, t in zip(self.names, tensors)]
+        return masks, projected
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One Z-step and U-step, then the rho schedule (rescaling the scaled dual ``U``)."""
+        w = [p.detach() for p in self.weights]
+        _, self.z = self.project(torch._foreach_add(w, self.u))
+        torch._foreach_add_(self.u, torch._foreach_sub(w, self.z))
+        new_rho = min(self.rho * self.config.rho_growth, self.config.rho_max)
+        torch._foreach_mul_(self.u, self.rho / new_rho)
+        self.rho = new_rho
+        self._refresh_targets()
+
+    @torch.no_grad()
+    def residuals(self) -> dict[str, float]:
+        """Per-layer primal residual ``||W - Z||_F / ||W||_F`` (layer = owning module; 0 when ``W = 0``)."""
+        diff = torch._foreach_norm(torch._foreach_sub([p.detach() for p in self.weights], self.z))
+        norm = torch._foreach_norm([p.detach() for p in self.weights])
+        sums: dict[str, list[float]] = {}
+        for name, d, n in zip(self.names, diff, norm):
+            layer = name.rpartition(".")[0]
+            acc = sums.setdefault(layer, [0.0, 0.0])
+            acc[0] += float(d) ** 2
+            acc[1] += float(n) ** 2
+        return {layer: (math.sqrt(d) / math.sqrt(n) if n > 0 else 0.0) for layer, (d, n) in sums.items()}
+
+
+def _train_config(config: ADMMConfig) -> "training.TrainConfig":
+    return training.TrainConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
+
+
+def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
+               progress: bool = True, log: Callable[[str], None] | None = None) -> ADMMResult:
+    """ADMM structured pruning of ``model`` in place towards ``rates`` (AutoCompress, Liu et al. AAAI 2020,
+    §3; Zhang et al. ECCV 2018).
+
+    Runs ``config.epochs`` W-step epochs of SGD on ``loss + rho/2 * sum ||W - Z + U||^2`` through
+    :func:`autocompress.training.train_epoch`, with a Z-step (``Z = Proj_S(W + U)``), U-step
+    (``U += W - Z``) and rho update every ``config.update_interval`` steps (or every epoch). The weights are
+    not hard-pruned here: call :func:`hard_prune` afterwards.
+
+    Args:
+        model: network in training mode or not (restored to training mode for the W-steps).
+        space: :class:`autocompress.space.PruningSpace` of ``model``.
+        rates: ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``, each ``r`` in ``[0, 1)``.
+        train_loader: iterable of ``(images [N, C, H, W], labels [N])`` batches.
+        config: :class:`ADMMConfig`.
+        progress: show tqdm progress bars in :func:`train_epoch`.
+        log: called with one line per Z/U update (rho and the largest / mean primal residual).
+
+    Returns:
+        :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
+    """
+    state = ADMMState(model, space, rates, config)
+    result = ADMMResult(masks=Masks(filters={}, columns={}, weights={}))
+    steps = 0
+    epoch = 0
+
+    def record() -> None:
+        residuals = state.residuals()
+        entry = {"update": len(result.history), "epoch": epoch, "step": steps, "rho": state.rho,
+                 "residuals": residuals, "max_residual": max(residuals.values(), default=0.0)}
+        result.history.append(entry)
+        if log is not None and entry["update"] > 0:
+            mean = sum(residuals.values()) / max(1, len(residuals))
+            log(f"ADMM update {entry['update']} (epoch {epoch + 1}, step {steps}): rho {entry['rho']:.3g}, "
+                f"primal residual max {entry['max_residual']:.4f} mean {mean:.4f}")
+
+    def update() -> None:
+        state.update()
+        record()
+
+    def after_step() -> None:
+        nonlocal steps
+        steps += 1
+        if config.update_interval is not None and steps % config.update_interval == 0:
+            update()
+
+    record()
+    if config.epochs > 0:
+        train_config = _train_config(config)
+        optimizer = training.build_optimizer(model, train_config)
+        scheduler = training.build_scheduler(optimizer, train_config, steps_per_epoch=len(train_loader))
+        for epoch in range(config.epochs):
+            stats = training.train_epoch(model, train_loader, optimizer, scheduler,
+                                         regularizer=state.penalty, after_step=after_step)
+            result.epoch_stats.append(stats)
+            if config.update_interval is None:
+                update()
+    result.masks = project(space, model, rates)
+    return result
+
+
+def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, torch.Tensor]]:
+    """Hard pruning ``W = Proj_S(W)`` in place (brief §3, after the last ADMM update).
+
+    Returns:
+        ``(masks, param_masks)``: the unit keep masks and their per-parameter expansion (bool, shaped like
+        each parameter), both True = kept.
+    """
+    masks = project(space, model, rates)
+    param_masks = space.param_masks(masks)
+    apply_masks(model, param_masks)
+    return masks, param_masks
+
+
+@dataclass
+class RetrainConfig:
+    """Masked retraining settings (SGD, cosine schedule).
+
+    Attributes:
+        epochs: fine-tuning epochs.
+        lr: initial learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay (pruned entries stay zero: :class:`MaskEnforcer`).
+        label_smoothing: label smoothing of the cross-entropy loss.
+    """
+
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+
+def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
+                   config: RetrainConfig, *, val_loader: Iterable | None = None,
+                   log: Callable[[str], None] | None = None) -> list[dict]:
+    """Masked retraining (brief §3): fine-tune ``model`` in place with the pruned entries held at zero after
+    every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries cleared
+    by :class:`autocompress.masks.MaskEnforcer`).
+
+    Args:
+        model: a hard-pruned model (masked entries are zero).
+        param_masks: ``{parameter name: bool tensor shaped like it}``, True = kept.
+        train_loader: ``(images, labels)`` batches.
+        config: :class:`RetrainConfig`.
+        val_loader: when given, top-1 on it is added to each epoch's stats as ``"val_top1"``.
+        log: called with one line per epoch.
+
+    Returns:
+        The per-epoch stats of :func:`autocompress.training.train_epoch` (plus ``"val_top1"``).
+    """
+    apply_masks(model, param_masks)
+    history: list[dict] = []
+    if config.epochs <= 0:
+        return history
+    train_config = training.TrainConfig(**dataclasses.asdict(config))
+    optimizer = training.build_optimizer(model, train_config)
+    scheduler = training.build_scheduler(optimizer, train_config, steps_per_epoch=len(train_loader))
+    enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
+    for epoch in range(config.epochs):
+        stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler,
+                                          after_step=enforcer.after_step))
+        if val_loader is not None:
+            stats["val_top1"] = training.evaluate(model, val_loader)["top1"]
+        history.append(stats)
+        if log is not None:
+            log(f"retrain epoch {epoch + 1}/{config.epochs}: " +
+                ", ".join(f"{k} {v:.4g}" for k, v in stats.items() if isinstance(v, float)))
+    return history

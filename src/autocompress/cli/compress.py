@@ -1,0 +1,70 @@
+"""``autocompress compress``: AutoCompress a checkpoint to a target, in progressive rounds."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``autocompress compress``."""
+    parser.add_argument("checkpoint", nargs="?", help="trained checkpoint (omit with --resume)")
+    parser.add_argument("--target", help="OBJECTIVE=FACTORx, e.g. params=20x or flops=8x")
+    parser.add_argument("--dims", help="filter,column (hybrid, default) | filter | column | irregular")
+    parser.add_argument("--rounds", help="'doubling' (default), a number of rounds, or targets '2,4,10'")
+    parser.add_argument("--config", help="run.yaml with any CompressConfig setting (flags override it)")
+    parser.add_argument("--out", help="run folder (default runs/compress-<checkpoint name>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help="with --out: resume when the folder already holds a run, else start one")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")
+    parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs per round")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or phase log")
+
+
+def _config(args: argparse.Namespace):
+    from ..compress import CompressConfig
+
+    config = CompressConfig.from_yaml(args.config) if args.config else CompressConfig()
+    for key in ("target", "dims", "seed", "data_dir"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    if args.rounds is not None:
+        config.rounds = args.rounds if args.rounds == "doubling" or args.rounds.isdigit() else \
+            [float(t) for t in args.rounds.split(",")]
+    if args.admm_epochs is not None:
+        config.admm = {**config.admm, "epochs": args.admm_epochs}
+    if args.retrain_epochs is not None:
+        config.retrain = {**config.retrain, "epochs": args.retrain_epochs}
+    if not args.config and args.target is None:
+        raise UserError("no --target given", "pass e.g. --target params=10x (or a --config with a target)")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start or resume a run, then print the final table. Returns 0."""
+    from ..compress import Compressor
+    from ..report import final_table_rows
+
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    progress = not args.quiet
+    out = args.resume or args.out
+    if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
+        compressor = Compressor.resume(out, progress=progress)
+    else:
+        if not args.checkpoint:
+            raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
+        out = out or f"runs/compress-{Path(args.checkpoint).stem}"
+        compressor = Compressor.start(args.checkpoint, _config(args), out, progress=progress)
+    final = compressor.run()
+    rows = final_table_rows(final)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    print(f"run folder: {out} (model.pt, report.html, metrics.jsonl, config.yaml)")
+    return 0

@@ -1,0 +1,57 @@
+"""``autocompress evaluate CHECKPOINT``: loss, top-1 (and top-5 with more than 10 classes) on a split.
+
+The dataset defaults to the one the checkpoint was trained on (same validation carve: ``val_size`` and
+``seed`` stored in the checkpoint). ``--json`` prints one JSON object instead of the summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data import DATASETS
+from ..errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``autocompress evaluate``."""
+    parser.add_argument("checkpoint", help="checkpoint file (.pt)")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's dataset")
+    parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists, "
+                        "else the dataset's lookup order")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..data import get_dataset
+    from ..training import check_model_input, evaluate
+
+    ckpt = load_checkpoint(args.checkpoint)
+    stored = ckpt["dataset"]
+    name = args.dataset or stored.get("name")
+    if name not in DATASETS:
+        raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})", "pass --dataset")
+    data_dir = args.data_dir
+    if data_dir is None and name == stored.get("name") and stored.get("data_dir") \
+            and Path(stored["data_dir"]).exists():
+        data_dir = stored["data_dir"]
+    splits = get_dataset(name, data_dir, val_size=stored.get("val_size", 5000), seed=stored.get("seed", 0))
+    model = model_from_checkpoint(ckpt).to(args.device)
+    model_name = ckpt["model"]["name"]
+    check_model_input(model, splits.input_size, splits.num_classes, model_name, name)
+    result = evaluate(model, splits.loader(args.split, args.batch_size), progress=not args.json,
+                      desc=args.split)
+    result = {"checkpoint": str(args.checkpoint), "model": model_name, "dataset": name, "split": args.split,
+              **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        top5 = f", top-5 {100 * result['top5']:.2f}%" if "top5" in result else ""
+        print(f"{model_name} on {name} {args.split}: top-1 {100 * result['top1']:.2f}%{top5}, "
+              f"loss {result['loss']:.4f} ({result['images']} images)")
+    return 0

@@ -1,0 +1,132 @@
+"""``autocompress inspect``: parameters, MACs / FLOPs, a per-layer table, file size and CPU latency.
+
+Examples::
+
+    autocompress inspect runs/fmnist_cnn_fashion-mnist.pt
+    autocompress inspect --model resnet20 --json
+    autocompress inspect --list-models
+
+MACs are counted by ``torch.utils.flop_counter`` for one image (FLOPs = 2 x MACs); latency is the
+median of ``--latency-runs`` timed forwards after a warm-up, at batch 1 and 64, with a fixed thread
+count (see :mod:`autocompress.metrics`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UserError
+from .train import parse_model_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``autocompress inspect``."""
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint (.pt) written by autocompress")
+    parser.add_argument("--model", help="inspect a freshly initialised zoo model instead of a checkpoint")
+    parser.add_argument("--num-classes", type=int, default=10, help="with --model: classifier outputs")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --model: constructor option, value parsed as YAML (repeatable)")
+    parser.add_argument("--list-models", action="store_true", help="list the zoo's model names and exit")
+    parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset, "
+                        "else the model's registered input size)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--latency-runs", type=int, default=30, help="timed forwards per batch size")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed forwards before timing")
+    parser.add_argument("--threads", type=int, help="CPU threads for timing (default: torch's current setting)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+
+def parse_input_size(text: str) -> tuple[int, int, int]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``.
+
+    Raises:
+        UserError: not three positive integers.
+    """
+    try:
+        size = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise UserError(f"--input-size {text!r} is not C,H,W", "write three positive integers, e.g. 3,32,32")
+    return size
+
+
+def _load(args: argparse.Namespace):
+    """-> (model, label, input size, checkpoint path or None) from the arguments."""
+    from ..models import create_model, model_info
+
+    if bool(args.checkpoint) == bool(args.model):
+        raise UserError("inspect needs exactly one of CHECKPOINT or --model NAME",
+                        "e.g. `autocompress inspect runs/base.pt` or `autocompress inspect --model resnet20`")
+    if args.model:
+        info = model_info(args.model)
+        model = create_model(args.model, num_classes=args.num_classes, **parse_model_args(args.model_arg))
+        return model, args.model, info.input_size, None
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    name = ckpt["model"]["name"]
+    size = ckpt["dataset"].get("input_size") or model_info(name).input_size
+    return model, name, tuple(size), args.checkpoint
+
+
+def _report(args: argparse.Namespace) -> dict:
+    from ..metrics import file_size, model_summary
+
+    model, name, size, path = _load(args)
+    if args.input_size:
+        size = parse_input_size(args.input_size)
+    summary = model_summary(model, size, latency_runs=args.latency_runs, warmup=args.warmup,
+                            threads=args.threads, latency=not args.no_latency)
+    return {"model": name, "checkpoint": path, "file_size_bytes": file_size(path) if path else None,
+            **summary.to_dict()}
+
+
+def _millions(value: int) -> str:
+    return f"{value:,} ({value / 1e6:.2f}M)"
+
+
+def format_report(report: dict) -> str:
+    """Human-readable text of a report from :func:`run` (the ``--json`` object)."""
+    size = "x".join(map(str, report["input_size"]))
+    lines = [f"model        {report['model']}" + (f" (checkpoint {report['checkpoint']})"
+                                                   if report["checkpoint"] else " (fresh initialisation)"),
+             f"input        {size} per image",
+             f"parameters   {_millions(report['params'])}, nonzero {_millions(report['nonzero_params'])}",
+             f"MACs         {_millions(report['macs'])} per image (multiply-accumulates, torch.utils.flop_counter)",
+             f"FLOPs        {_millions(report['flops'])} per image (FLOPs = 2 x MACs)"]
+    if report["file_size_bytes"] is not None:
+        lines.append(f"file size    {report['file_size_bytes']:,} bytes ({report['file_size_bytes'] / 1e6:.2f} MB)")
+    for batch, result in report["latency"].items():
+        lines.append(f"latency      batch {batch}: median {result['median_ms']:.2f} ms (p10 {result['p10_ms']:.2f}, "
+                     f"p90 {result['p90_ms']:.2f}) over {result['runs']} runs, {result['threads']} CPU threads")
+    header = ("layer", "type", "weight shape", "params", "MACs", "zeros")
+    rows = [(row["name"] or "(model)", row["type"],
+             "x".join(map(str, row["weight_shape"])) if row["weight_shape"] else "-",
+             f"{row['params']:,}", f"{row['macs']:,}",
+             "-" if row["zero_fraction"] is None else f"{100 * row['zero_fraction']:.1f}%")
+            for row in report["layers"]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines.append("")
+    for index, row in enumerate([header, *rows]):
+        lines.append("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report (text or ``--json``); returns 0. Raises UserError on bad input (exit 2)."""
+    if args.list_models:
+        from ..models import list_models, model_info
+
+        for name in list_models():
+            info = model_info(name)
+            print(f"{name:12s} {'x'.join(map(str, info.input_size)):9s} {info.description}")
+        print("torchvision:<name>  any torchvision classifier, e.g. torchvision:resnet50 (no weights downloaded)")
+        return 0
+    report = _report(args)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0

@@ -1,0 +1,604 @@
+"""Physical compaction: turn a masked model into a smaller one that computes the same (brief §2, §7).
+
+AutoCompress (Liu et al., AAAI 2020, §3 "hybrid structured pruning") prunes rows (filters) and columns
+of each layer's GEMM matrix. This module makes that pruning physical:
+
+* **Filters / channels.** An output channel whose producing weight rows are all zero (and whose biases
+  and normalisation affine entries are zero, so the channel outputs exactly 0) is removed with
+  torch-pruning's ``DependencyGraph``; coupled layers (residual adds, concatenation, depthwise convs,
+  BatchNorm, Conv -> Flatten -> Linear) lose the same channels together.
+* **Columns.** A Conv2d whose GEMM view ``weight.reshape(F, C/groups*kh*kw)`` has all-zero columns is
+  replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns; a Linear with all-zero
+  input columns becomes :class:`ColumnLinear`.
+* **Irregular** zeros stay in dense tensors (``serialization.to_sparse_state_dict`` exports them sparse).
+
+The result is checked in eval mode against the masked model; see :func:`compact`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from .analysis import analysis_mode
+from .errors import UserError
+
+#: default ``ColumnConv2d`` dispatch threshold: the dense conv on the kept input channels is used when at
+#: least this fraction of the kept channels' columns is kept (measured by benchmarks/column_conv.py).
+DENSE_DENSITY_THRESHOLD = 0.75
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class ColumnConv2d(nn.Module):
+    """A Conv2d that stores only its kept GEMM columns (column pruning, AutoCompress §3).
+
+    In the GEMM view a conv weight ``[F, C/groups, kh, kw]`` is a matrix ``[F, K]`` with
+    ``K = C/groups*kh*kw``; column ``k = c*kh*kw + i*kw + j`` is input channel ``c`` (within its group)
+    at kernel position ``(i, j)``, shared by all ``F`` filters. This module keeps ``K'`` of them:
+
+    * ``weight``: Parameter ``[F, K']``; ``bias``: Parameter ``[F]`` or None;
+    * ``column_index``: LongTensor buffer ``[K']``, the GEMM column of each stored column, sorted by
+      kernel position then channel (``(k % (kh*kw), k // (kh*kw))``).
+
+    The output equals ``nn.Conv2d`` with the dropped columns set to zero (zero padding or
+    ``padding_mode``), for input ``[N, C, H, W]`` -> ``[N, F, Ho, Wo]``. Two exact evaluation paths:
+
+    * ``"dense"``: drop the input channels none of whose columns is kept, then one dense conv on that
+      slice with the kept columns scattered into a ``[F, C'/groups, kh, kw]`` weight. Best when the kept
+      channels keep most of their columns.
+    * ``"positions"``: for every kernel position ``(i, j)`` with kept columns, a 1x1 conv of the shifted
+      input's kept channels, accumulated (``F*K'*Ho*Wo`` MACs, the GEMM's own count).
+
+    ``mode="auto"`` picks ``"dense"`` when ``K' >= threshold * C'/groups*kh*kw`` (threshold
+    :data:`DENSE_DENSITY_THRESHOLD`) or the kernel is 1x1, else ``"positions"``; the choice depends only
+    on the indices, so it is deterministic. In eval / no-grad use the per-path weights are cached and
+    rebuilt when ``weight`` changes. Every op (Pad, Slice, Gather, Conv, Add) exports to ONNX.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 num_columns: int, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", mode: str = "auto"):
+        super().__init__()
+        if mode not in ("auto", "dense", "positions"):
+            raise ValueError(f"mode must be auto, dense or positions, got {mode!r}")
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.padding_mode, self.mode, self.num_columns = padding_mode, mode, int(num_columns)
+        self.weight = nn.Parameter(torch.empty(self.out_channels, self.num_columns))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        kh, kw = self.kernel_size
+        per_group = self.in_channels // self.groups
+        first = torch.arange(self.num_columns)  # placeholder until load_state_dict: canonical order
+        self.register_buffer("column_index", (first % per_group) * kh * kw + first // per_group)
+        self._cache: tuple[Any, Any] | None = None
+        self._build_plan()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_plan())
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, columns: torch.Tensor, mode: str = "auto") -> "ColumnConv2d":
+        """Build from a dense ``conv`` keeping GEMM columns ``columns`` (LongTensor, any order)."""
+        kh, kw = conv.kernel_size
+        kk = kh * kw
+        columns = columns.to(torch.long).cpu()
+        order = torch.argsort((columns % kk) * (conv.in_channels // conv.groups) + columns // kk)
+        columns = columns[order]
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding == "same" and any((k - 1) * d % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+                raise UserError(f"conv with padding='same' and an even kernel {conv.kernel_size} cannot be "
+                                "column-compacted", "exclude it from column pruning (ignored layers)")
+            padding = (0, 0) if padding == "valid" else tuple((k - 1) * d // 2 for k, d in
+                                                              zip(conv.kernel_size, conv.dilation))
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, len(columns), conv.stride,
+                     padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, mode)
+        with torch.no_grad():
+            weight = conv.weight.detach().reshape(conv.out_channels, -1)
+            module.weight.copy_(weight[:, columns.to(weight.device)])
+            if conv.bias is not None:
+                module.bias.copy_(conv.bias.detach())
+            module.column_index.copy_(columns)
+        module._build_plan()
+        return module.to(conv.weight.device, conv.weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._build_plan()  # index tensors follow the module's device
+        return result
+
+    def config(self) -> dict:
+        """Constructor arguments as plain data (for ``serialization.describe_architecture``)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "num_columns": self.num_columns,
+                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
+                "groups": self.groups, "bias": self.bias is not None, "padding_mode": self.padding_mode,
+                "mode": self.mode}
+
+    def _build_plan(self) -> None:
+        """Derive both evaluation paths from ``column_index`` (also after ``load_state_dict``)."""
+        kh, kw = self.kernel_size
+        kk, per_group = kh * kw, self.in_channels // self.groups
+        index = self.column_index.detach().cpu()
+        channel, position = index // kk, index % kk
+        key = position * per_group + channel
+        if index.numel() == 0 or bool((key[1:] <= key[:-1]).any()) or int(index.max()) >= per_group * kk:
+            raise UserError(f"ColumnConv2d column_index is empty, unsorted or out of range "
+                            f"(K={per_group * kk}, K'={index.numel()})",
+                            "rebuild the layer with ColumnConv2d.from_conv")
+        kept = torch.unique(channel)
+        density = index.numel() / (kept.numel() * kk)
+        if self.mode == "auto":
+            self.path = "dense" if kk == 1 or density >= DENSE_DENSITY_THRESHOLD else "positions"
+        else:
+            self.path = self.mode
+        rank = torch.full((per_group,), -1, dtype=torch.long)
+        rank[kept] = torch.arange(kept.numel())
+        self._dense_columns = rank[channel] * kk + position  # into [C'/groups * kh * kw]
+        self._dense_channels = kept.numel()
+        self._dense_input = self._global_channels(kept, per_group)
+        self._positions = []  # (i, j, start, end, global input channels or None)
+        for p in torch.unique(position).tolist():
+            sel = torch.nonzero(position == p).flatten()
+            self._positions.append((p // kw, p % kw, int(sel[0]), int(sel[-1]) + 1,
+                                    self._global_channels(channel[sel], per_group)))
+        self._cache = None
+
+    def _global_channels(self, local: torch.Tensor, per_group: int) -> torch.Tensor | None:
+        """Input channels ``[g*per_group + c for g for c in local]``, or None when that is all of them."""
+        if local.numel() == per_group:
+            return None
+        offsets = torch.arange(self.groups).unsqueeze(1) * per_group
+        return (offsets + local.unsqueeze(0)).flatten().to(self.column_index.device)
+
+    def _weights(self) -> Any:
+        """The current path's weights: a dense ``[F, C'/g, kh, kw]`` tensor or per-position ``[F, C_p, 1, 1]``."""
+        key = (self.path, self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad)
+        if cacheable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        kh, kw = self.kernel_size
+        if self.path == "dense":
+            dense = self.weight.new_zeros(self.out_channels, self._dense_channels * kh * kw)
+            dense = dense.index_copy(1, self._dense_columns.to(self.weight.device), self.weight)
+            weights: Any = dense.reshape(self.out_channels, self._dense_channels, kh, kw)
+        else:
+            weights = [self.weight[:, start:end].reshape(self.out_channels, -1, 1, 1).contiguous()
+                       for _, _, start, end, _ in self._positions]
+        if cacheable:
+            self._cache = (key, weights)
+        return weights
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.padding
+        if ph == 0 and pw == 0:
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, (pw, pw, ph, ph), mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self._weights()
+        if self.path == "dense":
+            if self._dense_input is not None:
+                x = x.index_select(1, self._dense_input)
+            if self.padding_mode == "zeros":
+                return F.conv2d(x, weights, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(self._pad(x), weights, self.bias, self.stride, 0, self.dilation, self.groups)
+        x = self._pad(x)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        height, width = x.shape[-2], x.shape[-1]
+        out = None
+        for (i, j, _, _, channels), weight in zip(self._positions, weights):
+            shifted = x[:, :, i * dh: height - (kh - 1 - i) * dh: sh, j * dw: width - (kw - 1 - j) * dw: sw]
+            if channels is not None:
+                shifted = shifted.index_select(1, channels)
+            term = F.conv2d(shifted, weight, None, 1, 0, 1, self.groups)
+            out = term if out is None else out + term
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        kh, kw = self.kernel_size
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"columns={self.num_columns}/{self.in_channels // self.groups * kh * kw}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, path={self.path}")
+
+
+class ColumnLinear(nn.Module):
+    """A Linear that stores only its kept input features (columns of ``[out, in]``).
+
+    ``weight``: Parameter ``[out_features, K']``; ``bias``: ``[out_features]`` or None;
+    ``column_index``: sorted LongTensor buffer ``[K']`` of kept input features. Input ``[..., in_features]``
+    -> output ``[..., out_features]`` (index_select on the last dim, then a matmul).
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_columns: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.num_columns = int(in_features), int(out_features), int(num_columns)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.num_columns))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        self.register_buffer("column_index", torch.arange(self.num_columns, dtype=torch.long))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, columns: torch.Tensor) -> "ColumnLinear":
+        """Build from a dense ``linear`` keeping input features ``columns`` (LongTensor)."""
+        columns = torch.sort(columns.to(torch.long).cpu()).values
+        module = cls(linear.in_features, linear.out_features, len(columns), linear.bias is not None)
+        with torch.no_grad():
+            module.weight.copy_(linear.weight.detach()[:, columns.to(linear.weight.device)])
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+            module.column_index.copy_(columns)
+        return module.to(linear.weight.device, linear.weight.dtype)
+
+    def config(self) -> dict:
+        """Constructor arguments as plain data."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "num_columns": self.num_columns, "bias": self.bias is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.column_index), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, columns={self.num_columns}"
+
+
+@dataclasses.dataclass
+class CompactResult:
+    """Result of :func:`compact`.
+
+    Attributes:
+        model: the compact model (a deep copy; eval mode).
+        architecture: ``serialization.describe_architecture(model, reference=original)`` (plain data).
+        report: plain data: ``params_before`` / ``params_after`` (parameters), ``removed_channels``
+            (root module name -> number of channels removed from its coupled group), ``column_layers``
+            (module name -> ``[kept columns, total columns]``), ``dead_channels_kept`` (module name ->
+            reason), ``max_abs_diff`` and ``tolerance`` of the output check.
+    """
+
+    model: nn.Module
+    architecture: dict
+    report: dict
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _flat_outputs(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    return [t for item in output for t in _flat_outputs(item)]
+
+
+def _apply_masks(model: nn.Module, param_masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in param_masks.items():
+            if name not in params:
+                raise UserError(f"mask given for {name!r}, which is not a parameter of the model",
+                                "build the masks from this model (PruningSpace.param_masks)")
+            if tuple(mask.shape) != tuple(params[name].shape):
+                raise UserError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
+                                f"{tuple(params[name].shape)}", "build the masks from this model")
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+def _zero_slices(tensor: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    """Bool [tensor.shape[dim]]: the slice along ``dim`` is entirely zero (True when tensor is None)."""
+    if tensor is None:
+        return torch.ones(0, dtype=torch.bool)
+    moved = tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    return (moved == 0).all(dim=1).cpu()
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
+    """Module -> number of forward calls on ``inputs`` (modules used only through their parameters, such as
+    MultiheadAttention's out_proj, are absent)."""
+    counts: dict[nn.Module, int] = {}
+
+    def hook(module, _inputs, _output):
+        counts[module] = counts.get(module, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with analysis_mode(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], str | None]:
+    """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
+
+    Returns ``(root indices to remove, reason the dead ones must be kept or None)``. Raises UserError
+    when the producers of a channel are pruned but a coupled member would still make it non-zero, or a
+    coupled member cannot lose channels exactly.
+    """
+    size = len(group[0].root_idxs)
+    producers = torch.ones(size, dtype=torch.bool)
+    has_producer = False
+    members = []
+    for item in group.items:
+        dep, module, node = item.dep, item.dep.target.module, item.dep.target
+        root = torch.tensor(item.root_idxs, dtype=torch.long)
+        idxs = torch.tensor(item.idxs, dtype=torch.long)
+        is_out = dg.is_out_channel_pruning_fn(dep.handler)
+        members.append((dep, module, node, root, idxs, is_out))
+        if is_out and isinstance(module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(module):
+            has_producer = True
+            dead = _zero_slices(module.weight, 0) & (_zero_slices(module.bias, 0) if module.bias is not None
+                                                     else torch.ones(module.weight.shape[0], dtype=torch.bool))
+            row = torch.zeros(size, dtype=torch.bool)
+            row[root] = dead[idxs]
+            producers &= row
+    if not has_producer or not bool(producers.any()):
+        return [], None
+    dead_roots = torch.nonzero(producers).flatten()
+    for dep, module, node, root, idxs, is_out in members:
+        name = names.get(module, str(module))
+        hit = idxs[torch.isin(root, dead_roots)]
+        if hit.numel() == 0:
+            continue
+        if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
+            return [], f"channels are outputs of the model at {name}"
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not _is_depthwise(module):
+            raise UserError(f"removing channels through grouped conv {name!r} (groups={module.groups}) is not "
+                            "supported", f"exclude {name} and its coupled layers from filter pruning "
+                            "(ignored layers)")
+        if isinstance(module, _STATISTIC_NORMS):
+            raise UserError(f"removing channels normalised by {type(module).__name__} {name!r} changes its "
+                            "statistics", f"exclude the layers coupled to {name} from filter pruning "
+                            "(ignored layers)")
+        if not is_out or isinstance(module, (nn.Conv2d, nn.Linear, nn.PReLU)) and not _is_depthwise(module):
+            continue
+        if _is_depthwise(module):
+            offenders = [("bias", module.bias)] if module.bias is not None else []
+        elif isinstance(module, _PER_CHANNEL_NORMS):
+            if not module.affine:
+                raise UserError(f"{type(module).__name__} {name!r} has no affine parameters, so a removed "
+                                "channel would not output 0", f"exclude {name} from filter pruning")
+            offenders = [("weight", module.weight), ("bias", module.bias)]
+        elif isinstance(module, nn.Parameter):
+            offenders = [("", module)]
+        elif node.type in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
+                           tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND,
+                           tp.ops.OPTYPE.EXPAND) and not list(module.parameters()):
+            continue
+        else:
+            raise UserError(f"cannot remove channels through {type(module).__name__} {name!r}",
+                            f"exclude the layers coupled to {name} from filter pruning (ignored layers)")
+        dim = getattr(node, "pruning_dim", 0) if isinstance(module, nn.Parameter) else 0
+        for pname, tensor in offenders:
+            if not bool(_zero_slices(tensor, dim if dim >= 0 else tensor.dim() + dim)[hit].all()):
+                label = f"{name}.{pname}" if pname else name
+                raise UserError(f"inconsistent masks: the producers of {hit.numel()} channels of the group "
+                                f"rooted at {names.get(group[0].dep.target.module)!r} are pruned but "
+                                f"{label} is not zero on them", "mask the whole coupled group "
+                                "(PruningSpace.param_masks does), or unmask the filters")
+    if dead_roots.numel() >= size:
+        raise UserError(f"the masks remove every channel of the group rooted at "
+                        f"{names.get(group[0].dep.target.module)!r}", "keep at least one filter per layer")
+    return dead_roots.tolist(), None
+
+
+def _remove_channels(model: nn.Module, inputs: tuple, report: dict) -> dict[str, torch.Tensor]:
+    """Remove dead channels with torch-pruning; returns module name -> kept output channel indices."""
+    names = {module: name for name, module in model.named_modules()}
+    candidates = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                  and bool(_zero_slices(m.weight, 0).any())]
+    if not candidates:
+        return {}
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    except Exception as exc:  # torch-pruning raises many types on untraceable models
+        raise UserError(f"torch-pruning cannot trace this model to remove channels "
+                        f"({type(exc).__name__}: {str(exc)[:160]})",
+                        "prune it with columns / irregular only, or exclude the failing layers") from exc
+    plans = []
+    for module in candidates:
+        if module not in dg.module2node:
+            report["dead_channels_kept"][names[module]] = "the layer is not in the traced graph"
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
+            continue
+        roots, reason = _group_plan(dg, group, names)
+        if reason is not None:
+            report["dead_channels_kept"][names[module]] = reason
+            continue
+        members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
+        plans.append((module, pruner, roots, members))
+    kept: dict[str, torch.Tensor] = {}
+    for module, pruner, roots, _ in plans:
+        if not roots:
+            continue
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, roots)
+        for dep, idxs in group:
+            target = dep.target.module
+            if dg.is_out_channel_pruning_fn(dep.handler) and target in names:
+                total = pruner_out_channels(dg, target)
+                if total is not None:
+                    keep = torch.ones(total, dtype=torch.bool)
+                    keep[torch.tensor(idxs, dtype=torch.long)] = False
+                    kept[names[target]] = torch.nonzero(keep).flatten()
+        group.prune()
+        report["removed_channels"][names[module]] = len(roots)
+    return kept
+
+
+def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None:
+    """Output channels of ``module`` as torch-pruning sees them (None for shape-free ops)."""
+    pruner = dg.get_pruner_of_module(module)
+    return None if pruner is None else pruner.get_out_channels(module)
+
+
+def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dict) -> None:
+    """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
+    for name, module in list(model.named_modules()):
+        if type(module) not in (nn.Conv2d, nn.Linear) or module not in called:
+            continue
+        gemm = module.weight.detach().reshape(module.weight.shape[0], -1)
+        nonzero = (gemm != 0).any(dim=0)
+        kept = torch.nonzero(nonzero).flatten().cpu()
+        if kept.numel() == gemm.shape[1]:
+            continue
+        if kept.numel() == 0:
+            raise UserError(f"the masks remove every column of {name!r}", "keep at least one column per layer")
+        if isinstance(module, nn.Conv2d):
+            replacement: nn.Module = ColumnConv2d.from_conv(module, kept)
+        else:
+            replacement = ColumnLinear.from_linear(module, kept)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
+        report["column_layers"][name] = [int(kept.numel()), int(gemm.shape[1])]
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _random_like(inputs: tuple, seed: int = 0) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+
+
+def _layer_outputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            def hook(_module, _inputs, output, name=name):
+                if isinstance(output, torch.Tensor) and name not in outputs:
+                    outputs[name] = output
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with analysis_mode(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _first_divergence(reference: nn.Module, compact: nn.Module, inputs: tuple, kept: dict,
+                      atol_scale: float) -> str | None:
+    """Name of the first layer (in the reference's execution order) whose output differs."""
+    ref_out, new_out = _layer_outputs(reference, inputs), _layer_outputs(compact, inputs)
+    for name, ref in ref_out.items():
+        new = new_out.get(name)
+        if new is None:
+            continue
+        if name in kept and ref.dim() >= 2 and new.shape != ref.shape:
+            ref = ref.index_select(1 if not isinstance(compact.get_submodule(name), (nn.Linear, ColumnLinear))
+                                   else ref.dim() - 1, kept[name].to(ref.device))
+        if new.shape != ref.shape:
+            continue
+        if float((new - ref).abs().max()) > atol_scale * max(1.0, float(ref.abs().max())):
+            return name
+    return None
+
+
+def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, *, atol_scale: float = 1e-5,
+           kept: dict | None = None) -> tuple[float, float]:
+    """Check ``compact_model`` computes what ``reference`` computes in eval mode, on ``example_inputs`` and
+    on a seeded random batch of the same shape.
+
+    Returns ``(max abs difference, tolerance)`` with tolerance ``atol_scale * max(1, max|reference(x)|)``.
+    Raises RuntimeError naming the first diverging layer when the difference exceeds the tolerance.
+    """
+    inputs = _as_tuple(example_inputs)
+    worst, worst_tol = 0.0, 0.0
+    for batch in (inputs, _random_like(inputs)):
+        with analysis_mode(reference), analysis_mode(compact_model):
+            ref, new = _flat_outputs(reference(*batch)), _flat_outputs(compact_model(*batch))
+        if [tuple(t.shape) for t in ref] != [tuple(t.shape) for t in new]:
+            raise RuntimeError(f"compact model output shapes {[tuple(t.shape) for t in new]} differ from the "
+                               f"masked model's {[tuple(t.shape) for t in ref]}")
+        scale = max([1.0] + [float(t.abs().max()) for t in ref if t.numel()])
+        diff = max([0.0] + [float((a - b).abs().max()) for a, b in zip(ref, new) if a.numel()])
+        tol = atol_scale * scale
+        if diff > tol or diff != diff:
+            layer = _first_divergence(reference, compact_model, batch, kept or {}, atol_scale)
+            raise RuntimeError(f"compact model differs from the masked model by {diff:.3g} (tolerance {tol:.3g})"
+                               + (f"; first diverging layer: {layer!r}" if layer else "")
+                               + " (an activation with f(0) != 0 after a removed channel? fold its constant "
+                               "output into the consumer's bias first, see purification)")
+        if diff >= worst:
+            worst, worst_tol = diff, tol
+    return worst, worst_tol
+
+
+def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
+            atol_scale: float = 1e-5) -> CompactResult:
+    """Physically remove masked filters / channels and columns (AutoCompress, Liu et al. AAAI 2020, §3).
+
+    Args:
+        model: the model (not modified; a deep copy is compacted).
+        param_masks: parameter name -> BoolTensor of the parameter's shape, True = kept (e.g.
+            ``PruningSpace.param_masks(masks)``). Masks are applied to the copy first, so the result
+            computes the *masked* model.
+        example_inputs: a tensor or tuple of tensors, e.g. ``[N, 3, 32, 32]``, for tracing and checking.
+        atol_scale: output tolerance relative to ``max(1, max|masked(x)|)``.
+
+    Steps: (a) channels whose producers' rows, biases and normalisation affine entries are all zero are
+    removed with torch-pruning, coupled groups together; (b) Conv2d / Linear layers with all-zero GEMM
+    columns become :class:`ColumnConv2d` / :class:`ColumnLinear`; (c) remaining (irregular) zeros stay
+    dense. Finally the result is checked in eval mode against the masked model on ``example_inputs`` and a
+    seeded random batch.
+
+    Returns:
+        :class:`CompactResult` (model in eval mode).
+
+    Raises:
+        UserError: masks that do not fit the model, inconsistent masks (a pruned filter whose coupled
+            BatchNorm / bias is not zero), a layer pruned to zero units, or a structure that cannot lose
+            channels exactly (grouped convs, LayerNorm / GroupNorm, untraceable models): the message names
+            the module and the fix (exclude it via ignored layers).
+        RuntimeError: the compact model's output differs from the masked model's by more than the
+            tolerance (names the first diverging layer).
+    """
+    from .serialization import describe_architecture
+
+    inputs = _as_tuple(example_inputs)
+    reference = copy.deepcopy(model)
+    _apply_masks(reference, param_masks)
+    reference.eval()
+    work = copy.deepcopy(reference)
+    report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
+                              "dead_channels_kept": {}}
+    kept = _remove_channels(work, inputs, report)
+    work.eval()
+    called = _called_modules(work, inputs)
+    _compact_columns(work, called, report)
+    work.eval()
+    report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale, kept=kept)
+    report["params_after"] = _count(work)
+    return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
+
+
+__all__ = ["ColumnConv2d", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD", "compact",
+           "verify"]

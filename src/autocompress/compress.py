@@ -1,0 +1,500 @@
+"""AutoCompress end to end: progressive rounds of search -> ADMM -> purification -> masked retraining ->
+compaction, in a resumable run folder.
+
+Source: AutoCompress, Liu et al. AAAI 2020 (arXiv 1907.03141), "the generic flow" and the progressive
+(multi-round) scheme; restated in the project brief §1. Each round raises the target (default doubling:
+2x, 4x, 8x, ... then the final target) and starts from the previous round's compact model.
+
+Run folder layout (every file written atomically)::
+
+    RUN_DIR/config.yaml        the resolved configuration (a resumed run reads it back)
+    RUN_DIR/state.json         which (round, phase) pairs are done
+    RUN_DIR/metrics.jsonl      one JSON record per phase / round / final table (see report.py)
+    RUN_DIR/round<k>/search.json, admm.pt, purify.pt, retrain.pt, model.pt (compact, autocompress.load-able)
+    RUN_DIR/model.pt           the final compact model
+    RUN_DIR/report.html        plots and the final table
+
+A run killed at any point (Ctrl-C, kill -9) continues with ``resume=True`` from the last completed phase;
+every phase draws its randomness from a generator seeded by ``(seed, round, phase)``, so a resumed run ends
+with the same result as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from . import admm, metrics, report
+from .annealing import AnnealingConfig, simulated_annealing
+from .atomic import atomic_torch_save, atomic_write_text
+from .checkpoint import load_checkpoint, load_model, model_from_checkpoint
+from .compaction import compact, densify
+from .data import get_dataset
+from .errors import UserError
+from .masks import apply_masks
+from .purification import purify
+from .quick_eval import QuickEvaluator
+from .sampling import ActionSampler, space_cost, units_from_space
+from .serialization import save_compact
+from .space import PruningSpace
+from .training import evaluate
+
+log = logging.getLogger(__name__)
+
+PHASES = ("search", "admm", "purify", "retrain", "compact")
+DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
+        "irregular": ("irregular",)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compression target: ``objective`` ``"params"`` (compression rate = original parameters /
+    remaining parameters) or ``"flops"`` (original MACs / remaining MACs), and the factor (x, > 1)."""
+
+    objective: str
+    factor: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional). Raises UserError otherwise."""
+        match = re.fullmatch(r"\s*(params|flops)\s*=\s*([0-9]*\.?[0-9]+)\s*x?\s*", str(text))
+        if not match or float(match.group(2)) <= 1.0:
+            raise UserError(f"cannot read target {text!r}",
+                            "write OBJECTIVE=FACTORx with OBJECTIVE params or flops and FACTOR > 1, "
+                            "e.g. --target params=20x")
+        return cls(match.group(1), float(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.objective}={self.factor:g}x"
+
+
+def round_targets(final: float, rounds: str | list[float]) -> list[float]:
+    """Per-round targets. ``"doubling"``: 2, 4, 8, ... below ``final``, then ``final``; an int-like string
+    ``"N"``: N geometrically spaced targets ending at ``final``; a list: used as given (must increase and
+    end at ``final``). Raises UserError on a malformed schedule."""
+    if isinstance(rounds, str) and rounds == "doubling":
+        targets = [2.0 ** k for k in range(1, 64) if 2.0 ** k < final * (1 - 1e-9)]
+        return targets + [float(final)]
+    if isinstance(rounds, (str, int)) and str(rounds).isdigit() and int(rounds) >= 1:
+        n = int(rounds)
+        return [float(final ** ((k + 1) / n)) for k in range(n)]
+    try:
+        targets = [float(t) for t in rounds]
+    except (TypeError, ValueError):
+        targets = []
+    if not targets or any(b <= a for a, b in zip(targets, targets[1:])) or abs(targets[-1] - final) > 1e-6 \
+            or targets[0] <= 1:
+        raise UserError(f"invalid round schedule {rounds!r}",
+                        f"use 'doubling', a number of rounds, or increasing targets > 1 ending at {final:g}")
+    return targets
+
+
+@dataclass
+class CompressConfig:
+    """Everything a compress run depends on; written to ``config.yaml``.
+
+    Attributes:
+        target: e.g. ``"params=20x"`` (see :class:`Target`).
+        dims: ``"filter,column"`` (hybrid, default), ``"filter"``, ``"column"`` or ``"irregular"``.
+        rounds: ``"doubling"``, a number of rounds, or a list of increasing targets.
+        seed: seed of every generator the run owns.
+        data_dir: dataset folder (``None``: the dataset's default lookup).
+        val_size: images carved from the training split for validation (search, purification).
+        batch_size: training batch size of ADMM and retraining.
+        max_r: largest pruning rate of any unit (the sampler's r_max), in [0, 1).
+        search: :class:`autocompress.annealing.AnnealingConfig` fields.
+        quick_eval: :class:`autocompress.quick_eval.QuickEvaluator` keyword arguments.
+        admm: :class:`autocompress.admm.ADMMConfig` fields.
+        purification: ``enabled`` plus :func:`autocompress.purification.purify` keyword arguments.
+        retrain: :class:`autocompress.admm.RetrainConfig` fields (the last round may use ``final_retrain``).
+        final_retrain_epochs: retraining epochs of the last round (``None``: as the other rounds).
+        latency_runs: timed runs per latency measurement in the final table.
+    """
+
+    target: str = "params=10x"
+    dims: str = "filter,column"
+    rounds: Any = "doubling"
+    seed: int = 0
+    data_dir: str | None = None
+    val_size: int = 5000
+    batch_size: int = 128
+    max_r: float = 0.95
+    search: dict = field(default_factory=dict)
+    quick_eval: dict = field(default_factory=dict)
+    admm: dict = field(default_factory=lambda: {"epochs": 2})
+    purification: dict = field(default_factory=lambda: {"enabled": True})
+    retrain: dict = field(default_factory=lambda: {"epochs": 2})
+    final_retrain_epochs: int | None = None
+    latency_runs: int = 20
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        """Build from a plain dict (e.g. parsed YAML); unknown keys raise UserError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown compress setting(s) {', '.join(unknown)}",
+                            f"valid settings: {', '.join(sorted(known))}")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CompressConfig":
+        """Read a run.yaml; a missing or malformed file raises UserError."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist", "pass an existing --config YAML") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__})",
+                            "fix the YAML syntax") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping of settings", "see README's example")
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        """Check every setting and sub-config now, before any work (raises UserError)."""
+        Target.parse(self.target)
+        if self.dims not in DIMS:
+            raise UserError(f"unknown --dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
+        round_targets(Target.parse(self.target).factor, self.rounds)
+        if not 0 < self.max_r < 1:
+            raise UserError(f"max_r={self.max_r} must be in (0, 1)", "use e.g. 0.95")
+        self.annealing_config(0)
+        admm.ADMMConfig(**self.admm)
+        admm.RetrainConfig(**self.retrain)
+
+    def annealing_config(self, round_index: int) -> AnnealingConfig:
+        """The round's :class:`AnnealingConfig` (seeded per round)."""
+        try:
+            return AnnealingConfig(**{**self.search, "seed": phase_seed(self.seed, round_index, "search")})
+        except TypeError as exc:
+            raise UserError(f"bad search setting: {exc}", "see AnnealingConfig's fields") from None
+
+
+def phase_seed(seed: int, round_index: int, phase: str) -> int:
+    """Deterministic seed of one phase of one round (independent of what ran before it)."""
+    return (int(seed) * 1_000_003 + round_index * 101 + PHASES.index(phase) * 7919) % (2 ** 31)
+
+
+class RunFolder:
+    """The files of one compress run (see the module docstring). All writes are atomic."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        """Path of ``name`` inside the run folder."""
+        return self.path / name
+
+    def phase_file(self, round_index: int, phase: str) -> Path:
+        """Artifact of one phase: ``round<k>/search.json`` or ``round<k>/<phase>.pt``."""
+        suffix = "json" if phase == "search" else "pt"
+        name = "model" if phase == "compact" else phase
+        return self.path / f"round{round_index}" / f"{name}.{suffix}"
+
+    def done(self) -> list[list]:
+        """The completed ``[round, phase]`` pairs, in order."""
+        state = self.file("state.json")
+        return json.loads(state.read_text())["done"] if state.exists() else []
+
+    def mark_done(self, round_index: int, phase: str) -> None:
+        """Record that a phase finished (after its artifact was written)."""
+        done = self.done() + [[round_index, phase]]
+        atomic_write_text(self.file("state.json"), json.dumps({"done": done}))
+
+    def append_metrics(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl (rewritten atomically, so a kill never tears it)."""
+        path = self.file("metrics.jsonl")
+        old = path.read_text() if path.exists() else ""
+        atomic_write_text(path, old + json.dumps(record, default=_plain) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _masks_to_plain(param_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: mask.to(torch.bool) for name, mask in param_masks.items()}
+
+
+@dataclass
+class RoundContext:
+    """What every phase of one round shares."""
+
+    index: int
+    target: float
+    model: nn.Module
+    space: PruningSpace
+    rates: dict | None = None
+    param_masks: dict | None = None
+
+
+class Compressor:
+    """One compress run. Build with :meth:`start` (new run) or :meth:`resume` (existing run folder), then
+    call :meth:`run`.
+
+    Raises:
+        UserError: unreadable checkpoint or data, an invalid config, an existing run folder without
+            ``resume``, or a target the model cannot reach without pruning a layer away (checked before
+            any training).
+    """
+
+    def __init__(self, run: RunFolder, checkpoint_path: Path, config: CompressConfig, *, progress: bool = True):
+        self.run_folder = run
+        self.checkpoint_path = Path(checkpoint_path)
+        self.config = config
+        self.progress = progress
+        self.target = Target.parse(config.target)
+        self.targets = round_targets(self.target.factor, config.rounds)
+        self.base_ckpt = load_checkpoint(self.checkpoint_path)
+        dataset = self.base_ckpt.get("dataset") or {}
+        if not dataset.get("name"):
+            raise UserError(f"checkpoint {checkpoint_path} names no dataset",
+                            "re-train it with `autocompress train`, which records the dataset")
+        self.splits = get_dataset(dataset["name"], config.data_dir, val_size=config.val_size, seed=config.seed)
+        self.example = torch.zeros(1, *self.splits.input_size)
+        self.base_model = model_from_checkpoint(self.base_ckpt)
+        self.base_params = metrics.count_params(self.base_model)
+        self.base_macs = metrics.count_macs(self.base_model, self.example)
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, checkpoint_path: str | Path, config: CompressConfig, out_dir: str | Path, *,
+              progress: bool = True) -> "Compressor":
+        """A new run in ``out_dir`` (refused when it already holds a run: resume it or pick another)."""
+        config.validate()
+        run = RunFolder(out_dir)
+        if run.file("state.json").exists() or run.file("config.yaml").exists():
+            raise UserError(f"run folder {out_dir} already holds a run",
+                            f"continue it with --resume {out_dir} or choose another --out")
+        compressor = cls(run, Path(checkpoint_path), config, progress=progress)
+        compressor.check_reachable()
+        plain = dataclasses.asdict(config)
+        plain["checkpoint"] = str(Path(checkpoint_path).resolve())
+        atomic_write_text(run.file("config.yaml"), yaml.safe_dump(plain, sort_keys=False))
+        return compressor
+
+    @classmethod
+    def resume(cls, out_dir: str | Path, *, progress: bool = True) -> "Compressor":
+        """Continue the run in ``out_dir`` with its own config.yaml."""
+        run = RunFolder(out_dir)
+        if not run.file("config.yaml").exists():
+            raise UserError(f"{out_dir} holds no compress run (no config.yaml)",
+                            "start one with `autocompress compress CHECKPOINT --target ... --out DIR`")
+        data = yaml.safe_load(run.file("config.yaml").read_text())
+        checkpoint = data.pop("checkpoint")
+        return cls(run, Path(checkpoint), CompressConfig.from_dict(data), progress=progress)
+
+    # --- checks ---------------------------------------------------------------------------------------
+    def _space(self, model: nn.Module) -> PruningSpace:
+        return PruningSpace.build(model, self.example, dims=DIMS[self.config.dims])
+
+    def _sampler(self, model: nn.Module, space: PruningSpace, target: float) -> ActionSampler:
+        """Sampler whose target is the round's factor relative to the *base* model's count."""
+        current = self._count(model)
+        base = self.base_params if self.target.objective == "params" else self.base_macs
+        relative = max(1.0, target * current / base)
+        units = units_from_space(space, self.target.objective)
+        return ActionSampler(units, space_cost(space, model, units, self.target.objective), relative,
+                             r_max=self.config.max_r)
+
+    def _count(self, model: nn.Module) -> int:
+        if self.target.objective == "params":
+            return metrics.count_params(model)
+        return metrics.count_macs(model, self.example)
+
+    def check_reachable(self) -> None:
+        """Refuse, before any training, a final target that needs a layer pruned away (UserError)."""
+        model = densify(self.base_model)
+        self._sampler(model, self._space(model), self.target.factor)
+
+    # --- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run (or finish) every round, then the final evaluation and report. Returns the final record."""
+        done = {tuple(pair) for pair in self.run_folder.done()}
+        if ("final", "final") in {(str(a), str(b)) for a, b in done}:
+            return self._final_record()
+        if not any(r.get("event") == "base" for r in self._records()):
+            self._record_base()
+        model = densify(self.base_model)
+        for index, target in enumerate(self.targets, start=1):
+            if (index, "compact") in done:
+                continue
+            previous = self.run_folder.phase_file(index - 1, "compact")
+            if index > 1:
+                model = densify(load_model(previous))
+            model = self._run_round(RoundContext(index, target, model, self._space(model)), done)
+        return self._finish()
+
+    def _record_base(self) -> None:
+        top1 = evaluate(self.base_model, self.splits.loader("val", 256, shuffle=False, augment=False))["top1"]
+        self.run_folder.append_metrics({"event": "base", "params": self.base_params, "macs": self.base_macs,
+                                        "val_top1": 100.0 * top1})
+
+    def _run_round(self, ctx: RoundContext, done: set) -> nn.Module:
+        for phase in PHASES:
+            artifact = self.run_folder.phase_file(ctx.index, phase)
+            if (ctx.index, phase) in done:
+                self._restore(ctx, phase, artifact)
+                continue
+            torch.manual_seed(phase_seed(self.config.seed, ctx.index, phase))
+            started = time.perf_counter()
+            getattr(self, f"_phase_{phase}")(ctx, artifact)
+            self.run_folder.append_metrics({"event": "phase", "round": ctx.index, "phase": phase,
+                                            "seconds": time.perf_counter() - started})
+            self.run_folder.mark_done(ctx.index, phase)
+        return ctx.model
+
+    def _restore(self, ctx: RoundContext, phase: str, artifact: Path) -> None:
+        if phase == "search":
+            ctx.rates = json.loads(artifact.read_text())["rates"]
+        else:
+            saved = torch.load(artifact, map_location="cpu", weights_only=True)
+            ctx.model.load_state_dict(saved["state_dict"])
+            ctx.param_masks = saved.get("param_masks")
+
+    def _train_loader(self, ctx: RoundContext, phase: str):
+        generator = torch.Generator().manual_seed(phase_seed(self.config.seed, ctx.index, phase))
+        return self.splits.loader("train", self.config.batch_size, shuffle=True, augment=True,
+                                  generator=generator)
+
+    def _val_top1(self, model: nn.Module) -> float:
+        return 100.0 * evaluate(model, self.splits.loader("val", 256, shuffle=False, augment=False))["top1"]
+
+    def _save_state(self, ctx: RoundContext, artifact: Path) -> None:
+        atomic_torch_save({"state_dict": ctx.model.state_dict(),
+                           "param_masks": None if ctx.param_masks is None else _masks_to_plain(ctx.param_masks)},
+                          artifact)
+
+    # --- phases -------------------------------------------------------------------------------------
+    def _phase_search(self, ctx: RoundContext, artifact: Path) -> None:
+        sampler = self._sampler(ctx.model, ctx.space, ctx.target)
+        evaluator = QuickEvaluator(ctx.model, ctx.space, self.splits,
+                                   seed=phase_seed(self.config.seed, ctx.index, "search"),
+                                   **self.config.quick_eval)
+        result = simulated_annealing(sampler.initial_action(),
+                                     lambda action: 100.0 * evaluator.score(sampler.to_rates(action)).top1,
+                                     sampler.perturb, self.config.annealing_config(ctx.index))
+        ctx.rates = sampler.to_rates(result.best_action)
+        trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
+        record = {"round": ctx.index, "target": ctx.target, "rates": ctx.rates, "best_score": result.best_score,
+                  "compression": sampler.compression(result.best_action) * self._base_ratio(ctx.model)}
+        atomic_write_text(artifact, json.dumps({**record, "trajectory": result.trajectory}, default=_plain))
+        self.run_folder.append_metrics({"event": "search", **record, "trajectory": trajectory})
+
+    def _base_ratio(self, model: nn.Module) -> float:
+        base = self.base_params if self.target.objective == "params" else self.base_macs
+        return base / self._count(model)
+
+    def _phase_admm(self, ctx: RoundContext, artifact: Path) -> None:
+        result = admm.admm_prune(ctx.model, ctx.space, ctx.rates, self._train_loader(ctx, "admm"),
+                                 admm.ADMMConfig(**self.config.admm), progress=self.progress, log=log.info)
+        self.run_folder.append_metrics({"event": "admm", "round": ctx.index,
+                                        "history": [{k: v for k, v in h.items() if k != "residuals"}
+                                                    for h in result.history]})
+        self._save_state(ctx, artifact)
+
+    def _phase_purify(self, ctx: RoundContext, artifact: Path) -> None:
+        masks, ctx.param_masks = admm.hard_prune(ctx.model, ctx.space, ctx.rates)
+        settings = dict(self.config.purification)
+        if settings.pop("enabled", True):
+            val_loader = self.splits.loader("val", 256, shuffle=False, augment=False)
+            result = purify(ctx.model, ctx.space, masks, val_loader=val_loader, **settings)
+            ctx.param_masks = ctx.space.param_masks(result.masks)
+            apply_masks(ctx.model, ctx.param_masks)
+            self.run_folder.append_metrics({"event": "purification", "round": ctx.index,
+                                            **result.summary()})
+        self._save_state(ctx, artifact)
+
+    def _phase_retrain(self, ctx: RoundContext, artifact: Path) -> None:
+        settings = dict(self.config.retrain)
+        if ctx.index == len(self.targets) and self.config.final_retrain_epochs is not None:
+            settings["epochs"] = self.config.final_retrain_epochs
+        admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"),
+                            admm.RetrainConfig(**settings), log=log.info)
+        self._save_state(ctx, artifact)
+
+    def _phase_compact(self, ctx: RoundContext, artifact: Path) -> None:
+        result = compact(ctx.model, ctx.param_masks, self.example)
+        save_compact(artifact, result.model, base_checkpoint=self.base_ckpt,
+                     metrics={"round": ctx.index, "target": ctx.target}, config=dataclasses.asdict(self.config))
+        compact_model = load_model(artifact)
+        self.run_folder.append_metrics({
+            "event": "round", "round": ctx.index, "target": ctx.target,
+            "params": metrics.count_params(compact_model), "macs": metrics.count_macs(compact_model, self.example),
+            "val_top1": self._val_top1(compact_model), "layers": layer_widths(self.base_model, compact_model)})
+        ctx.model = densify(compact_model)
+
+    # --- the end ------------------------------------------------------------------------------------
+    def _finish(self) -> dict:
+        last = self.run_folder.phase_file(len(self.targets), "compact")
+        final_path = self.run_folder.file("model.pt")
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(torch.load(last, map_location="cpu", weights_only=True), final_path)
+        compact_model = load_model(final_path)
+        test_loader = self.splits.loader("test", 256, shuffle=False, augment=False)
+        rows = []
+        for name, net, path in (("base", self.base_model, self.checkpoint_path),
+                                ("compressed", compact_model, final_path)):
+            latency = {b: metrics.measure_latency(net, torch.zeros(b, *self.splits.input_size),
+                                                  runs=self.config.latency_runs) for b in (1, 64)}
+            rows.append({"model": name, "test_top1": 100.0 * evaluate(net, test_loader)["top1"],
+                         "params": metrics.count_params(net), "macs": metrics.count_macs(net, self.example),
+                         "file_bytes": metrics.file_size(path),
+                         "latency_b1_ms": latency[1].median_ms, "latency_b64_ms": latency[64].median_ms})
+        record = {"event": "final", "target": str(self.target), "rows": rows,
+                  "threads": torch.get_num_threads(), "latency_runs": self.config.latency_runs}
+        self.run_folder.append_metrics(record)
+        report.write_report(self.run_folder.path, title=f"autocompress {self.target}")
+        self.run_folder.mark_done("final", "final")
+        return record
+
+    def _records(self) -> list[dict]:
+        path = self.run_folder.file("metrics.jsonl")
+        return report.read_metrics(path) if path.exists() else []
+
+    def _final_record(self) -> dict:
+        return [r for r in self._records() if r.get("event") == "final"][-1]
+
+
+def layer_widths(base: nn.Module, compact_model: nn.Module) -> list[dict]:
+    """Per conv / linear layer of ``base``: kept filters (output channels) and kept columns (GEMM inner
+    dimension, ``C_in/groups*kh*kw``; Linear: input features) in ``compact_model``, with the totals."""
+    compact_modules = dict(compact_model.named_modules())
+    rows = []
+    for name, module in base.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        now = compact_modules.get(name)
+        rows.append({"name": name, "filters_total": _rows(module), "columns_total": _columns(module),
+                     "filters": _rows(now) if now is not None else 0,
+                     "columns": _columns(now) if now is not None else 0})
+    return rows
+
+
+def _rows(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
+def _columns(module: nn.Module) -> int:
+    weight = module.weight
+    return int(weight.shape[1] if weight.dim() == 2 else math.prod(weight.shape[1:]))

@@ -1,0 +1,574 @@
+"""Datasets as train / validation / test splits with fast loaders.
+
+Three datasets (``get_dataset(name, ...)``):
+
+* ``fashion-mnist``: 60k train / 10k test grey 28x28 images (Xiao et al. 2017), read straight from the
+  standard idx files. Lookup order: ``data_dir``, env ``AUTOCOMPRESS_DATA``, Debian's
+  ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``), then torchvision's download
+  into the cache folder.
+* ``cifar10``: 50k train / 10k test RGB 32x32 images, from torchvision's ``cifar-10-batches-py`` folder,
+  from an ImageFolder layout ``train/<class>/*``, ``test/<class>/*`` (e.g. JPEGs), or from a ``.tar.gz`` /
+  ``.tar`` archive of either (extracted once into the cache folder). Decoded JPEGs are cached as one
+  ``.pt`` file so later runs start in a second.
+* ``imagefolder``: any ImageFolder dataset (``train/<class>/*`` and ``val/<class>/*`` or ``test/<class>/*``,
+  ImageNet included) with the standard ImageNet transforms, served by a ``DataLoader`` with workers.
+
+The two small datasets live in memory as ``uint8`` tensors ``[N, C, H, W]``; a batch is converted to float,
+augmented on the whole batch with a ``torch.Generator`` the caller owns, and normalised with the
+dataset's standard per-channel mean / std. No per-image PIL work happens per epoch, so on 2 CPU cores data
+loading is not the bottleneck.
+
+Augmentation (training split only, ``augment=True``):
+
+* ``cifar10``: random 32x32 crop of the image zero-padded by 4 pixels + horizontal flip (He et al. 2016).
+* ``fashion-mnist``: horizontal flip only (light; our choice — clothes are left/right symmetric).
+* ``imagefolder``: ``RandomResizedCrop(224)`` + flip; evaluation uses ``Resize(256)`` + ``CenterCrop(224)``.
+
+The validation split is carved from the training set with a seeded permutation (default 5000 images,
+disjoint from the training split, never taken from the test set); the same ``(val_size, seed)`` always
+gives the same split. ``max_train`` / ``max_test`` take seeded random subsets for quick runs.
+
+The cache folder is env ``AUTOCOMPRESS_CACHE`` or ``~/.cache/autocompress``.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .atomic import atomic_torch_save
+from .errors import UserError
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+#: Standard per-channel statistics of each dataset's training images (pixel values in [0, 1]).
+MEAN_STD = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def cache_dir() -> Path:
+    """The cache folder: env ``AUTOCOMPRESS_CACHE`` or ``~/.cache/autocompress``."""
+    return Path(os.environ.get("AUTOCOMPRESS_CACHE") or Path.home() / ".cache" / "autocompress")
+
+
+# --------------------------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class Augment:
+    """Batch augmentation: random crop of the image zero-padded by ``pad`` pixels (0 = none) and a
+    horizontal flip with probability 0.5 when ``flip``."""
+
+    pad: int = 0
+    flip: bool = False
+
+
+@dataclass
+class TensorSplit:
+    """An in-memory split: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+@dataclass
+class FolderSplit:
+    """A split of an ImageFolder dataset: ``indices`` into ``dataset.samples``; images decoded per batch."""
+
+    dataset: object  # torchvision.datasets.ImageFolder (transform=None)
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TensorLoader:
+    """Iterates ``(images float32 [B, C, H, W] normalised, labels int64 [B])`` over a :class:`TensorSplit`.
+
+    Each ``iter()`` is one epoch: a fresh permutation when ``shuffle`` and fresh augmentation, both drawn
+    from ``generator`` (so a saved generator state reproduces the next epoch exactly).
+    """
+
+    def __init__(self, split: TensorSplit, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
+                 shuffle: bool, augment: Augment | None, generator: torch.Generator | None,
+                 drop_last: bool = False):
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size} is not positive", "pass --batch-size >= 1")
+        self.split = split
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.shuffle = shuffle
+        self.augment = augment
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.split.images[index].float()
+            if self.augment is not None:
+                images = augment_batch(images, self.augment, self.generator)
+            yield (images - self.mean) / self.std, self.split.labels[index]
+
+
+def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding ``augment.pad``) and horizontal flip of a batch ``[B, C, H, W]``, each
+    image with its own offsets / coin drawn from ``generator``. Returns a new tensor of the same shape."""
+    b, c, h, w = images.shape
+    if augment.pad > 0:
+        p = augment.pad
+        padded = F.pad(images, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+        images = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if augment.flip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+@dataclass
+class DataSplits:
+    """Train / validation / test splits of one dataset.
+
+    Attributes:
+        name: dataset name (``"fashion-mnist"``, ``"cifar10"``, ``"imagefolder"``).
+        train, val, test: :class:`TensorSplit` (small datasets) or :class:`FolderSplit` (imagefolder).
+        num_classes: number of classes.
+        input_size: ``(C, H, W)`` of one model input.
+        classes: class names, index = label.
+        mean, std: per-channel normalisation (pixel values in [0, 1]).
+        augment: training augmentation of tensor splits (imagefolder: its transforms instead).
+        val_size, seed: how the validation split was carved (recorded in checkpoints).
+        data_dir: where the data was read from.
+    """
+
+    name: str
+    train: TensorSplit | FolderSplit
+    val: TensorSplit | FolderSplit
+    test: TensorSplit | FolderSplit
+    num_classes: int
+    input_size: tuple[int, int, int]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: Augment | None = None
+    val_size: int = 0
+    seed: int = 0
+    data_dir: str | None = None
+    num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+
+    def split(self, name: str) -> TensorSplit | FolderSplit:
+        """The split called ``name`` (``"train"``, ``"val"`` or ``"test"``); UserError otherwise."""
+        if name not in ("train", "val", "test"):
+            raise UserError(f"unknown split {name!r}", "use train, val or test")
+        return getattr(self, name)
+
+    def loader(self, split: str, batch_size: int, *, shuffle: bool | None = None, augment: bool | None = None,
+               generator: torch.Generator | None = None, drop_last: bool = False):
+        """An iterable of ``(images float32 [B, C, H, W], labels int64 [B])`` batches, normalised.
+
+        ``shuffle`` and ``augment`` default to True for ``"train"`` and False otherwise; all randomness
+        (order, crops, flips, worker seeds) is drawn from ``generator`` (seed 0 when omitted).
+        Has ``len()`` (number of batches).
+        """
+        data = self.split(split)
+        shuffle = split == "train" if shuffle is None else shuffle
+        augment = split == "train" if augment is None else augment
+        if isinstance(data, TensorSplit):
+            return TensorLoader(data, batch_size, mean=self.mean, std=self.std, shuffle=shuffle,
+                                augment=self.augment if augment else None, generator=generator,
+                                drop_last=drop_last)
+        return _folder_loader(data, batch_size, self.mean, self.std, shuffle=shuffle, augment=augment,
+                              generator=generator, drop_last=drop_last, num_workers=self.num_workers)
+
+    def describe(self) -> dict:
+        """Plain-data description stored in checkpoints: name, input_size, num_classes, classes,
+        val_size, seed, data_dir."""
+        return {"name": self.name, "input_size": list(self.input_size), "num_classes": self.num_classes,
+                "classes": list(self.classes), "val_size": self.val_size, "seed": self.seed,
+                "data_dir": self.data_dir}
+
+
+def get_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_size: int = 5000, seed: int = 0,
+                max_train: int | None = None, max_test: int | None = None) -> DataSplits:
+    """Load dataset ``name`` and split it into train / validation / test.
+
+    Args:
+        name: ``"fashion-mnist"``, ``"cifar10"`` or ``"imagefolder"``.
+        data_dir: where the data is (see the module docstring for each dataset's lookup order); required
+            for ``imagefolder``.
+        val_size: images carved from the training set for validation (0 <= val_size < training images).
+        seed: seed of the validation carve and of the ``max_train`` / ``max_test`` subsets.
+        max_train: keep a seeded random subset of at most this many training images (after the carve).
+        max_test: keep a seeded random subset of at most this many test images.
+
+    Raises:
+        UserError: unknown name, missing / empty / unreadable data folder, offline download, bad sizes.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}", f"choose one of {', '.join(DATASETS)}")
+    for label, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and value < 1:
+            raise UserError(f"{label}={value} is not positive", f"pass {label} >= 1 or leave it unset")
+    if name == "imagefolder":
+        return _imagefolder(data_dir, val_size, seed, max_train, max_test)
+    if name == "fashion-mnist":
+        folder, (train, test) = _fashion_mnist(data_dir)
+        classes, augment = FASHION_MNIST_CLASSES, Augment(flip=True)
+    else:
+        folder, (train, test, classes) = _cifar10(data_dir)
+        augment = Augment(pad=4, flip=True)
+    train_idx, val_idx = carve_validation(len(train), val_size, seed, max_train)
+    test_idx = torch.arange(len(test)) if max_test is None else _subset(len(test), max_test, seed)
+    mean, std = MEAN_STD[name]
+    return DataSplits(
+        name=name, train=_take(train, train_idx), val=_take(train, val_idx), test=_take(test, test_idx),
+        num_classes=len(classes), input_size=tuple(train.images.shape[1:]), classes=tuple(classes),
+        mean=mean, std=std, augment=augment, val_size=val_size, seed=seed, data_dir=str(folder))
+
+
+def carve_validation(n: int, val_size: int, seed: int, max_train: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, disjoint (train indices, validation indices) of ``n`` training images, each sorted.
+
+    The first ``val_size`` entries of a permutation drawn from ``torch.Generator().manual_seed(seed)``
+    are the validation split; the rest (at most ``max_train`` of them, in permutation order) are training.
+    """
+    if not 0 <= val_size < n:
+        raise UserError(f"validation size {val_size} does not fit {n} training images",
+                        f"pass --val-size between 0 and {n - 1}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rest = perm[val_size:] if max_train is None else perm[val_size:val_size + max_train]
+    return rest.sort().values, perm[:val_size].sort().values
+
+
+def _subset(n: int, k: int, seed: int) -> torch.Tensor:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    return perm[:k].sort().values
+
+
+def _take(split: TensorSplit, index: torch.Tensor) -> TensorSplit:
+    return TensorSplit(split.images[index], split.labels[index])
+
+
+# -------------------------------------------------------------------------------------- fashion-mnist
+_FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (LeCun's MNIST format; ``.gz`` or raw) into a numpy array of its stored shape.
+
+    Format: 2 zero bytes, a type byte (0x08 = uint8), a byte with the number of dimensions d, d
+    big-endian int32 sizes, then the data. Raises UserError when the file is truncated or not idx.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", "re-download the dataset files") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not a uint8 idx file", "re-download the dataset files")
+    ndim = raw[3]
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(shape)):
+        raise UserError(f"{path} holds {len(raw) - offset} bytes of data, its header says {shape}",
+                        "the file is truncated; re-download the dataset files")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for sub in (folder, folder / "FashionMNIST" / "raw", folder / "fashion-mnist"):
+        for candidate in (sub / f"{stem}.gz", sub / stem):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _fashion_mnist_in(folder: Path) -> tuple[TensorSplit, TensorSplit] | None:
+    paths = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _FMNIST_FILES.items()}
+    if any(p is None for pair in paths.values() for p in pair):
+        return None
+    splits = []
+    for split, (images_path, labels_path) in paths.items():
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"Fashion-MNIST {split} files in {folder} disagree: images {images.shape}, "
+                            f"labels {labels.shape}", "re-download the dataset files")
+        splits.append(TensorSplit(torch.from_numpy(images.copy()).unsqueeze(1),
+                                  torch.from_numpy(labels.astype(np.int64))))
+    return splits[0], splits[1]
+
+
+def _fashion_mnist(data_dir) -> tuple[Path, tuple[TensorSplit, TensorSplit]]:
+    names = " / ".join(f"{stem}.gz" for pair in _FMNIST_FILES.values() for stem in pair)
+    if data_dir is not None:
+        folder = Path(data_dir)
+        found = _fashion_mnist_in(folder) if folder.is_dir() else None
+        if found is None:
+            raise UserError(f"Fashion-MNIST not found in {folder} (need {names})",
+                            "pass a --data-dir holding the idx files, or omit it to use the default lookup")
+        return folder, found
+    candidates = [Path(os.environ["AUTOCOMPRESS_DATA"])] if os.environ.get("AUTOCOMPRESS_DATA") else []
+    candidates += [DEBIAN_FASHION_MNIST, cache_dir() / "fashion-mnist"]
+    for folder in candidates:
+        if folder.is_dir() and (found := _fashion_mnist_in(folder)) is not None:
+            return folder, found
+    folder = cache_dir() / "fashion-mnist"
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(str(folder), train=train, download=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure means the same thing to the user
+        raise UserError(
+            f"Fashion-MNIST not found in {', '.join(map(str, candidates))} and the download failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'offline?'})",
+            "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass "
+            "--data-dir with the idx files") from exc
+    found = _fashion_mnist_in(folder)
+    if found is None:
+        raise UserError(f"torchvision's download left no idx files in {folder}",
+                        "delete that folder and retry, or pass --data-dir")
+    return folder, found
+
+
+# -------------------------------------------------------------------------------------------- cifar10
+_CIFAR_FIX = ("pass --data-dir pointing at cifar-10-batches-py, a folder with train/<class>/* and "
+              "test/<class>/*, or the cifar10-jpeg.tar.gz archive")
+
+
+def _cifar10(data_dir) -> tuple[Path, tuple[TensorSplit, TensorSplit, list[str]]]:
+    if data_dir is None:
+        candidates = [Path(os.environ["AUTOCOMPRESS_DATA"])] if os.environ.get("AUTOCOMPRESS_DATA") else []
+        candidates += [cache_dir() / "cifar10", cache_dir()]
+        for folder in candidates:
+            if _cifar_layout(folder) is not None:
+                return folder, _read_cifar(folder)
+        raise UserError(f"CIFAR-10 not found in {', '.join(map(str, candidates))}", _CIFAR_FIX)
+    path = Path(data_dir)
+    if not path.exists():
+        raise UserError(f"CIFAR-10 data {path} does not exist", _CIFAR_FIX)
+    if path.is_file():
+        path = extract_archive(path)
+    return path, _read_cifar(path)
+
+
+def _cifar_layout(folder: Path) -> tuple[str, Path] | None:
+    """("batches", folder) for torchvision's pickled format, ("images", folder) for train/ + test/."""
+    for root in (folder, folder / "cifar10"):
+        for batches in (root, root / "cifar-10-batches-py"):
+            if (batches / "data_batch_1").is_file() and (batches / "test_batch").is_file():
+                return "batches", batches
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return "images", root
+    return None
+
+
+def _read_cifar(folder: Path) -> tuple[TensorSplit, TensorSplit, list[str]]:
+    layout = _cifar_layout(folder)
+    if layout is None:
+        raise UserError(f"{folder} holds neither cifar-10-batches-py nor train/ and test/ class folders",
+                        _CIFAR_FIX)
+    kind, root = layout
+    return _read_cifar_batches(root) if kind == "batches" else _read_image_folders(root)
+
+
+def _read_cifar_batches(folder: Path) -> tuple[TensorSplit, TensorSplit, list[str]]:
+    """torchvision's ``cifar-10-batches-py``: pickled dicts with ``data`` uint8 [N, 3072] and ``labels``."""
+    def load(names: list[str]) -> TensorSplit:
+        images, labels = [], []
+        for file in names:
+            try:
+                with open(folder / file, "rb") as handle:
+                    entry = pickle.load(handle, encoding="latin1")
+                images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+                raise UserError(f"cannot read CIFAR-10 batch {folder / file}: {exc}",
+                                "re-download cifar-10-python.tar.gz") from exc
+        return TensorSplit(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+    classes = [f"class{i}" for i in range(10)]
+    if (folder / "batches.meta").is_file():
+        with open(folder / "batches.meta", "rb") as handle:
+            classes = list(pickle.load(handle, encoding="latin1")["label_names"])
+    return load([f"data_batch_{i}" for i in range(1, 6)]), load(["test_batch"]), classes
+
+
+def _list_images(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist", "it must hold one sub-folder per class")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = [(path, label) for label, cls in enumerate(classes)
+               for path in sorted((folder / cls).iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise UserError(f"image folder {folder} is empty (no class sub-folders with images)",
+                        "put images in <folder>/<class>/*.jpg")
+    return classes, samples
+
+
+def _read_image_folders(root: Path) -> tuple[TensorSplit, TensorSplit, list[str]]:
+    """Decode ``root/train/<class>/*`` and ``root/test/<class>/*`` into uint8 tensors, cached as one
+    ``.pt`` file in ``cache_dir()/decoded`` keyed by the files' paths, sizes and modification times."""
+    listing = {split: _list_images(root / split) for split in ("train", "test")}
+    if listing["train"][0] != listing["test"][0]:
+        raise UserError(f"class folders of {root / 'train'} and {root / 'test'} differ",
+                        "both must hold the same class sub-folders")
+    key = hashlib.sha256(str(root.resolve()).encode())
+    for split in ("train", "test"):
+        for path, label in listing[split][1]:
+            stat = path.stat()
+            key.update(f"{path.relative_to(root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cache = cache_dir() / "decoded" / f"{root.name}-{key.hexdigest()[:16]}.pt"
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return (TensorSplit(blob["train_images"], blob["train_labels"]),
+                    TensorSplit(blob["test_images"], blob["test_labels"]), list(blob["classes"]))
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
+            pass
+    train, test = (_decode(listing[split][1]) for split in ("train", "test"))
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise UserError(f"train images are {tuple(train.images.shape[1:])}, test images "
+                        f"{tuple(test.images.shape[1:])}", "use images of one size")
+    atomic_torch_save({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
+                       "test_labels": test.labels, "classes": listing["train"][0]}, cache)
+    return train, test, listing["train"][0]
+
+
+def _decode(samples: list[tuple[Path, int]]) -> TensorSplit:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    images = None
+    for i, (path, _) in enumerate(samples):
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"cannot decode image {path}: {exc}", "remove or replace the file") from exc
+        if images is None:
+            images = torch.empty((len(samples), *image.shape), dtype=torch.uint8)
+        if image.shape != images.shape[1:]:
+            raise UserError(f"image {path} is {tuple(image.shape)}, others {tuple(images.shape[1:])}",
+                            "use images of one size (CIFAR-10: 32x32)")
+        images[i] = image
+    return TensorSplit(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
+
+
+def extract_archive(archive: Path) -> Path:
+    """Extract a ``.tar`` / ``.tar.gz`` / ``.tgz`` archive once into ``cache_dir()/extracted/<name>-<hash>``
+    (atomically: a temporary folder renamed into place) and return that folder."""
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = archive.name.split(".")[0] or "archive"
+    target = cache_dir() / "extracted" / f"{stem}-{key}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp, target)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UserError(f"cannot extract archive {archive}: {exc}",
+                        "check the file (sha256sum) or pass the extracted folder") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------- imagefolder
+def _imagefolder(data_dir, val_size: int, seed: int, max_train: int | None, max_test: int | None
+                 ) -> DataSplits:
+    if data_dir is None:
+        raise UserError("the imagefolder dataset needs --data-dir",
+                        "pass a folder with train/<class>/* and val/<class>/* (or test/<class>/*)")
+    root = Path(data_dir)
+    test_name = next((name for name in ("val", "test") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or test_name is None:
+        raise UserError(f"{root} must hold train/ and val/ (or test/) class folders",
+                        "arrange the images as <dir>/train/<class>/*.jpg and <dir>/val/<class>/*.jpg")
+    from torchvision.datasets import ImageFolder
+
+    datasets = {}
+    for split in ("train", test_name):
+        try:
+            datasets[split] = ImageFolder(str(root / split))
+        except FileNotFoundError as exc:  # torchvision's "Couldn't find any class folder" / "no valid file"
+            raise UserError(f"image folder {root / split} is empty ({exc})",
+                            "put images in <folder>/<class>/*.jpg") from exc
+    train, test = datasets["train"], datasets[test_name]
+    if train.classes != test.classes:
+        raise UserError(f"class folders of {root / 'train'} and {root / test_name} differ",
+                        "both must hold the same class sub-folders")
+    train_idx, val_idx = carve_validation(len(train), val_size, seed, max_train)
+    test_idx = torch.arange(len(test)) if max_test is None else _subset(len(test), max_test, seed)
+    mean, std = MEAN_STD["imagefolder"]
+    return DataSplits(
+        name="imagefolder", train=FolderSplit(train, train_idx.tolist()), val=FolderSplit(train, val_idx.tolist()),
+        test=FolderSplit(test, test_idx.tolist()), num_classes=len(train.classes), input_size=(3, 224, 224),
+        classes=tuple(train.classes), mean=mean, std=std, val_size=val_size, seed=seed, data_dir=str(root))
+
+
+class _Transformed(torch.utils.data.Dataset):
+    def __init__(self, split: FolderSplit, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image, label = self.split.dataset[self.split.indices[i]]
+        return self.transform(image), label
+
+
+def _folder_loader(split: FolderSplit, batch_size: int, mean, std, *, shuffle: bool, augment: bool,
+                   generator: torch.Generator | None, drop_last: bool, num_workers: int):
+    from torchvision import transforms as T
+
+    head = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if augment else [T.Resize(256), T.CenterCrop(224)]
+    transform = T.Compose([*head, T.ToTensor(), T.Normalize(mean, std)])
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size} is not positive", "pass --batch-size >= 1")
+    return torch.utils.data.DataLoader(
+        _Transformed(split, transform), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        num_workers=num_workers, generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        persistent_workers=False)
+
+
+__all__ = ["Augment", "DataSplits", "FolderSplit", "TensorLoader", "TensorSplit", "augment_batch", "cache_dir",
+           "carve_validation", "extract_archive", "get_dataset", "read_idx"]

@@ -1,0 +1,292 @@
+"""Model metrics: parameters, MACs, a per-layer table, file size and measured CPU latency.
+
+Conventions (used everywhere in autocompress):
+
+* **Parameters** count the elements of ``model.parameters()`` (BatchNorm running statistics and other
+  buffers are not parameters).
+* **MACs** (multiply-accumulates) come from :class:`torch.utils.flop_counter.FlopCounterMode`, which
+  counts convolutions and matrix products (``conv``, ``mm``, ``addmm``, ``bmm``, attention). It reports
+  FLOPs = 2 x MACs, so MACs = FLOPs / 2. A convolution costs
+  ``C_out * C_in / groups * kh * kw * H_out * W_out`` MACs per sample, a Linear ``in * out``.
+  BatchNorm, activations, pooling and residual additions are not counted (the usual convention).
+* Counting and timing forwards run under :func:`autocompress.analysis.analysis_mode` (eval, no_grad,
+  train/eval flags and BatchNorm buffers restored afterwards).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .analysis import analysis_mode
+from .errors import UserError
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One row of :func:`layer_table`.
+
+    Attributes:
+        name: qualified module name (``"layer1.0.conv1"``; ``""`` is the model itself).
+        type: module class name (``"Conv2d"``).
+        weight_shape: shape of the module's ``weight`` parameter, or ``None``.
+        params: parameters the module owns directly (not those of its children).
+        macs: MACs of the module's own computation for the example inputs, summed over every call
+            (children excluded; a module called twice counts twice, one never called counts 0).
+        zero_fraction: fraction of exactly-zero entries of ``weight`` (0..1), or ``None``.
+    """
+
+    name: str
+    type: str
+    weight_shape: tuple[int, ...] | None
+    params: int
+    macs: int
+    zero_fraction: float | None
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Measured CPU latency of one forward pass at a fixed batch size.
+
+    Attributes:
+        median_ms: median wall time of one forward, milliseconds.
+        p10_ms / p90_ms: 10th and 90th percentiles, milliseconds.
+        batch: batch size of the timed inputs.
+        threads: ``torch.get_num_threads()`` during the runs.
+        runs: timed runs (after ``warmup`` untimed ones).
+    """
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    batch: int
+    threads: int
+    runs: int
+
+
+@dataclass
+class ModelSummary:
+    """Everything ``autocompress inspect`` reports about a model (see :func:`model_summary`).
+
+    Attributes:
+        input_size: one sample's input as (C, H, W).
+        params: parameters; nonzero_params: those not exactly zero.
+        macs: MACs of one sample (batch 1); flops = 2 x macs.
+        layers: per-module rows at batch 1.
+        latency: batch size -> :class:`LatencyResult` (empty when latency was not measured).
+    """
+
+    input_size: tuple[int, ...]
+    params: int
+    nonzero_params: int
+    macs: int
+    flops: int
+    layers: list[LayerStats]
+    latency: dict[int, LatencyResult] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (tuples become lists, latency keys become strings)."""
+        data = asdict(self)
+        data["latency"] = {str(batch): asdict(result) for batch, result in self.latency.items()}
+        return data
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements of ``model`` (buffers such as BatchNorm running stats excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Number of parameter elements of ``model`` that are not exactly zero."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
+    """Run one analysis forward under FlopCounterMode; return module name -> MACs of all its calls,
+    children included (FLOPs / 2). Modules never called are absent.
+
+    Raises:
+        UserError: the model cannot take inputs of this shape.
+    """
+    inputs = _as_tuple(example_inputs)
+    counter = FlopCounterMode(display=False)
+    inclusive: dict[str, int] = {}
+    starts: dict[str, list[int]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        def pre_hook(_module, _args, name=name):
+            starts.setdefault(name, []).append(counter.get_total_flops())
+
+        def post_hook(_module, _args, _output, name=name):
+            flops = counter.get_total_flops() - starts[name].pop()
+            inclusive[name] = inclusive.get(name, 0) + flops // 2
+
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    try:
+        with analysis_mode(model), counter:
+            try:
+                model(*inputs)
+            except RuntimeError as exc:
+                shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"the model cannot take inputs of shape {shapes} ({first_line})",
+                                "use inputs of the size the model was built for (its dataset's C,H,W; "
+                                "`autocompress inspect --list-models` shows each model's)") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inclusive
+
+
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """MACs of one forward of ``model`` on ``example_inputs`` (a tensor or tuple of tensors, batch
+    included), counted by ``torch.utils.flop_counter.FlopCounterMode`` as FLOPs / 2.
+
+    Raises:
+        UserError: the model cannot take inputs of this shape.
+    """
+    return _inclusive_macs(model, example_inputs).get("", 0)
+
+
+def _own_macs(model: nn.Module, inclusive: dict[str, int]) -> dict[str, int]:
+    """Module name -> MACs of its own computation (its inclusive MACs minus its direct children's)."""
+    own = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        children = sum(inclusive.get(prefix + child, 0) for child, _ in module.named_children())
+        own[name] = inclusive.get(name, 0) - children
+    return own
+
+
+def _zero_fraction(weight: torch.Tensor) -> float:
+    return 1.0 - int(torch.count_nonzero(weight.detach())) / weight.numel() if weight.numel() else 0.0
+
+
+def _table(model: nn.Module, inclusive: dict[str, int]) -> list[LayerStats]:
+    own = _own_macs(model, inclusive)
+    rows = []
+    for name, module in model.named_modules():
+        own_macs = own[name]
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        if params == 0 and own_macs == 0:
+            continue
+        weight = getattr(module, "weight", None)
+        has_weight = isinstance(weight, torch.Tensor)
+        rows.append(LayerStats(name=name, type=type(module).__name__,
+                               weight_shape=tuple(weight.shape) if has_weight else None,
+                               params=params, macs=own_macs,
+                               zero_fraction=_zero_fraction(weight) if has_weight else None))
+    return rows
+
+
+def layer_table(model: nn.Module, example_inputs) -> list[LayerStats]:
+    """Per-module rows (in ``named_modules`` order) for every module that owns parameters or computes
+    MACs itself, from one analysis forward on ``example_inputs``. The rows' MACs sum to
+    :func:`count_macs`.
+
+    Raises:
+        UserError: the model cannot take inputs of this shape.
+    """
+    return _table(model, _inclusive_macs(model, example_inputs))
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of the file at ``path`` in bytes.
+
+    Raises:
+        UserError: the file does not exist.
+    """
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError as exc:
+        raise UserError(f"file {os.fspath(path)} does not exist", "check the path") from exc
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in 0..100) of already sorted values."""
+    position = (len(sorted_values) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def measure_latency(model: nn.Module, example_inputs, *, runs: int = 30, warmup: int = 5,
+                    threads: int | None = None) -> LatencyResult:
+    """Wall time of one forward of ``model`` on ``example_inputs`` on the CPU thread pool.
+
+    ``warmup`` untimed forwards, then ``runs`` timed ones (``time.perf_counter``), under
+    :func:`~autocompress.analysis.analysis_mode` with ``torch.set_num_threads(threads)`` (default: the
+    current setting); the previous thread count is restored afterwards. Inputs and model stay on their
+    device; for CUDA models each run is synchronised.
+
+    Returns:
+        :class:`LatencyResult` with median / p10 / p90 in milliseconds.
+
+    Raises:
+        UserError: ``runs`` < 1, ``warmup`` < 0 or ``threads`` < 1.
+    """
+    if runs < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise UserError(f"invalid latency settings runs={runs}, warmup={warmup}, threads={threads}",
+                        "use runs >= 1, warmup >= 0 and threads >= 1")
+    inputs = _as_tuple(example_inputs)
+    sync = torch.cuda.synchronize if any(t.is_cuda for t in inputs) else (lambda: None)
+    previous = torch.get_num_threads()
+    used = threads or previous
+    torch.set_num_threads(used)
+    try:
+        times = []
+        with analysis_mode(model):
+            for index in range(warmup + runs):
+                sync()
+                start = time.perf_counter()
+                model(*inputs)
+                sync()
+                if index >= warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(previous)
+    times.sort()
+    return LatencyResult(median_ms=statistics.median(times), p10_ms=_percentile(times, 10),
+                         p90_ms=_percentile(times, 90), batch=int(inputs[0].shape[0]), threads=used,
+                         runs=runs)
+
+
+def example_inputs_for(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A standard-normal input ``[batch, *input_size]`` from a seeded generator (for counting/timing)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *input_size), generator=generator)
+
+
+def model_summary(model: nn.Module, input_size: Sequence[int], *, latency_batches: Sequence[int] = (1, 64),
+                  latency_runs: int = 30, warmup: int = 5, threads: int | None = None,
+                  latency: bool = True) -> ModelSummary:
+    """Parameters, MACs / FLOPs and the per-layer table at batch 1, and (when ``latency``) the CPU
+    latency at each of ``latency_batches`` (see :func:`measure_latency`).
+
+    Args:
+        input_size: one sample as (C, H, W), e.g. ``(3, 32, 32)``.
+
+    Raises:
+        UserError: the model cannot take this input size; invalid latency settings.
+    """
+    size = tuple(int(v) for v in input_size)
+    inclusive = _inclusive_macs(model, example_inputs_for(size))
+    macs = inclusive.get("", 0)
+    summary = ModelSummary(input_size=size, params=count_params(model),
+                           nonzero_params=count_nonzero_params(model), macs=macs, flops=2 * macs,
+                           layers=_table(model, inclusive))
+    if latency:
+        for batch in latency_batches:
+            summary.latency[batch] = measure_latency(model, example_inputs_for(size, batch), runs=latency_runs,
+                                                     warmup=warmup, threads=threads)
+    return summary

@@ -1,0 +1,168 @@
+"""Euclidean projections onto structured-sparse sets: keep the largest filters / columns / weights.
+
+Source: AutoCompress (Liu et al., AAAI 2020), §3 "ADMM-based structured pruning", Z-step
+``Z = Proj_S(W + U)``; restated in the brief §3. The same projection prunes the current weights in one
+shot for the search's quick evaluation (brief §1, step 2).
+
+For a matrix ``W`` and the set ``S_k`` of matrices with at most ``k`` non-zero rows, the nearest point of
+``S_k`` to ``W`` (Frobenius norm) keeps the ``k`` rows of largest L2 norm and zeroes the others: the
+squared distance is the sum of the squared norms of the dropped rows, smallest when they are the smallest
+rows. The same holds for columns and single weights (``|w|``).
+
+Choices (ours; the paper is silent):
+
+* **Coupled filter groups** are scored by the joint L2 norm of the group's producer weight rows (every
+  Conv / Linear / depthwise-conv weight row of the channel), which is the exact projection onto "at most
+  k channels of the group's weights are non-zero". Biases and BatchNorm affine parameters are not scored
+  (their scale is unrelated to the weights'). Consumer input slices are scored only with
+  ``with_consumers=True`` (then it is the projection of every weight entry the channel owns).
+* **Ties** are broken by index: the lower index is kept (stable sort).
+* **Keep count** ``k = max(1, size - round(rate * size))`` (:func:`autocompress.space.keep_count`); a
+  rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` and logged.
+* **Hybrid**: filters first; columns are scored on the weights with removed filters / input channels
+  zeroed, and the column rate counts the columns that remain after filter pruning; irregular pruning,
+  when combined, acts last on the entries that remain.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .masks import Clip, Masks
+from .space import FilterGroup, PruningSpace, keep_count, removed_count
+
+log = logging.getLogger(__name__)
+
+
+def topk_mask(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask of the ``k`` largest ``scores`` (ties: the lower index wins).
+
+    Args:
+        scores: float [n]; alive: optional bool [n], only these entries may be kept.
+        k: number kept, ``1 <= k <= n`` (``<= alive.sum()`` with ``alive``).
+    Returns:
+        CPU bool [n] with exactly ``k`` True.
+    Raises:
+        ValueError: ``k`` out of range.
+    """
+    scores = scores.detach().to("cpu", torch.float64).flatten()
+    available = scores.numel() if alive is None else int(alive.sum())
+    if not 1 <= k <= available:
+        raise ValueError(f"cannot keep {k} of {available} units")
+    if alive is not None:
+        scores = scores.masked_fill(~alive.to("cpu", torch.bool).flatten(), float("-inf"))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep
+
+
+def project_rows(weight2d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest matrix with at most ``k`` non-zero rows: keep the ``k`` rows of largest L2 norm.
+
+    Args:
+        weight2d: [rows, cols] (a conv weight in the GEMM view ``w.reshape(F, -1)``).
+    Returns:
+        ``(projected [rows, cols], row keep mask bool [rows])``.
+    """
+    keep = topk_mask(weight2d.detach().pow(2).sum(1), k)
+    return weight2d * keep.to(weight2d.device).unsqueeze(1), keep
+
+
+def project_columns(weight2d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest matrix with at most ``k`` non-zero columns: keep the ``k`` columns of largest L2 norm.
+
+    Args:
+        weight2d: [rows, cols].
+    Returns:
+        ``(projected [rows, cols], column keep mask bool [cols])``.
+    """
+    keep = topk_mask(weight2d.detach().pow(2).sum(0), k)
+    return weight2d * keep.to(weight2d.device).unsqueeze(0), keep
+
+
+def project_irregular(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest tensor with at most ``k`` non-zero entries: keep the ``k`` entries of largest ``|w|``.
+
+    Returns:
+        ``(projected, keep mask bool)``, both shaped like ``weight``.
+    """
+    keep = topk_mask(weight.detach().abs(), k).view(weight.shape)
+    return weight * keep.to(weight.device), keep
+
+
+def group_scores(group: FilterGroup, params: Mapping[str, torch.Tensor], *,
+                 with_consumers: bool = False) -> torch.Tensor:
+    """Squared joint L2 norm of each channel of a filter group, float64 [group.size].
+
+    Sums, over the group's producer weight slices (and consumer input slices with ``with_consumers``),
+    the squared entries that belong to each channel.
+    """
+    roles = ("weight", "input") if with_consumers else ("weight",)
+    scores = torch.zeros(group.size, dtype=torch.float64)
+    for s in group.slices:
+        if s.role not in roles:
+            continue
+        t = params[s.param].detach()
+        other = [d for d in range(t.dim()) if d != s.dim]
+        per_index = t.pow(2).sum(other).to("cpu", torch.float64) if other else t.pow(2).to("cpu", torch.float64)
+        scores.index_add_(0, s.channel, per_index[s.index])
+    return scores
+
+
+@torch.no_grad()
+def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[str, float]], *,
+            with_consumers: bool = False) -> Masks:
+    """Project ``model``'s current weights onto the structured-sparse sets given by ``rates``.
+
+    Args:
+        space: the model's :class:`autocompress.space.PruningSpace`.
+        model: the network whose parameters are scored (not modified).
+        rates: ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``; a unit absent
+            from ``rates`` keeps everything (rate 0).
+        with_consumers: score filter groups with their consumers' input slices too (see module doc).
+    Returns:
+        :class:`Masks` with an entry for every unit of the space; column and irregular masks are False
+        where coarser pruning already removed the entries. Clipped rates are in ``Masks.clipped``.
+    Raises:
+        UserError: an unknown unit name or a rate outside ``[0, 1)`` (:meth:`PruningSpace.check_rates`).
+    """
+    rates = space.check_rates(rates)
+    params = dict(model.named_parameters())
+    clipped: list[Clip] = []
+
+    def kept(kind: str, name: str, size: int) -> int:
+        rate = rates[kind].get(name, 0.0)
+        k = keep_count(size, rate)
+        if removed_count(size, rate) >= size:
+            clipped.append(Clip(kind, name, rate, size, k))
+            log.warning("%s rate %.4f of %s would remove all %d units; keeping 1", kind, rate, name, size)
+        return k
+
+    filters = {g.name: topk_mask(group_scores(g, params, with_consumers=with_consumers),
+                                 kept("filter", g.name, g.size)) for g in space.filter_groups}
+    structure = space.param_masks(Masks(filters=filters, columns={}, weights={}))
+    columns = {}
+    for layer in space.column_layers:
+        weight = params[layer.param].detach().reshape(layer.rows, layer.size)
+        mask = structure.get(layer.param)
+        alive = None
+        if mask is not None:
+            mask = mask.view(layer.rows, layer.size)
+            weight = weight * mask.to(weight.device)
+            alive = mask.any(0)
+        size = layer.size if alive is None else int(alive.sum())
+        columns[layer.name] = topk_mask(weight.pow(2).sum(0), kept("column", layer.name, size), alive)
+    if space.irregular_layers:
+        structure = space.param_masks(Masks(filters=filters, columns=columns, weights={}))
+    weights = {}
+    for layer in space.irregular_layers:
+        weight = params[layer.param].detach()
+        alive = structure.get(layer.param)
+        size = layer.size if alive is None else int(alive.sum())
+        weights[layer.name] = topk_mask(weight.abs(), kept("irregular", layer.name, size),
+                                        alive).view(layer.shape)
+    return Masks(filters=filters, columns=columns, weights=weights, clipped=clipped)

@@ -1,0 +1,150 @@
+"""Quick evaluation of a candidate action: one-shot pruning + adaptive BatchNorm + validation top-1.
+
+Source: AutoCompress, Liu et al. AAAI 2020 (brief §1 step 2): score a proposal without retraining by
+pruning the current weights in one shot at the proposed rates and measuring accuracy on a held-out
+validation split. Beyond the paper (switchable, ``bn_recalibration``): BatchNorm running statistics are
+re-estimated on a few training batches before scoring ("adaptive BN", EagleEye, Li et al. ECCV 2020),
+because one-shot pruning shifts every later layer's activation statistics and stale statistics make the
+score mostly noise.
+
+Everything happens on a private deep copy of the model; the caller's model (weights, BatchNorm buffers,
+train/eval mode) is never touched. The training batches used for BatchNorm statistics and the validation
+subset are drawn once, with a seeded generator, so scores are deterministic. The test split is never used.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .analysis import analysis_mode
+from .errors import UserError
+from .masks import apply_masks
+from .projection import project
+from .training import evaluate
+
+
+@dataclass(frozen=True)
+class QuickEvalResult:
+    """Score of one candidate.
+
+    Attributes:
+        top1: validation top-1 of the one-shot pruned model, fraction in [0, 1].
+        params: parameters of the compact model the rates give (``space.count``).
+        macs: multiply-accumulates per image of that model (FLOPs = 2 x MACs).
+        seconds: wall-clock time of this evaluation.
+    """
+
+    top1: float
+    params: int
+    macs: int
+    seconds: float
+
+
+def _first_batches(loader, count: int | None, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` batches of ``loader`` (all when None), moved to ``device``."""
+    batches = []
+    for images, labels in loader:
+        if count is not None and len(batches) >= count:
+            break
+        batches.append((images.to(device), labels.to(device)))
+    return batches
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Re-estimate every BatchNorm layer's running mean / variance on ``batches`` (adaptive BN, EagleEye,
+    Li et al. ECCV 2020).
+
+    Statistics are reset and accumulated as an exact average over the batches (``momentum=None``); only
+    BatchNorm layers run in train mode (dropout etc. stay in eval). Afterwards the model is in eval mode.
+    Modifies ``model`` in place: use on a copy.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for images, _ in batches:
+            model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+class QuickEvaluator:
+    """Scores rate dicts by one-shot projection, optional adaptive BatchNorm and validation top-1.
+
+    Args:
+        model: the model to prune (not modified; a deep copy is taken now, so later changes to ``model`` are
+            not seen).
+        space: the :class:`~autocompress.space.PruningSpace` built on ``model``.
+        splits: :class:`~autocompress.data.DataSplits`; uses ``train`` (BatchNorm statistics, no
+            augmentation) and ``val`` (scoring). Never ``test``.
+        bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
+        bn_batches: training batches for the statistics.
+        val_batches: validation batches scored (a seeded random subset of the validation split); None =
+            the whole split.
+        batch_size: images per batch.
+        seed: seed of the subsets' generator.
+    Raises:
+        UserError: empty validation split or non-positive batch counts.
+    """
+
+    def __init__(self, model: nn.Module, space, splits, *, bn_recalibration: bool = True, bn_batches: int = 10,
+                 val_batches: int | None = 20, batch_size: int = 256, seed: int = 0):
+        if bn_batches < 1 or (val_batches is not None and val_batches < 1):
+            raise UserError(f"quick evaluation needs >= 1 batch (bn_batches={bn_batches}, "
+                            f"val_batches={val_batches})", "pass positive batch counts")
+        if len(splits.val) == 0:
+            raise UserError("the validation split is empty; quick evaluation never uses the test set",
+                            "carve a validation split (val_size > 0)")
+        self.space = space
+        self.bn_recalibration = bn_recalibration
+        self._model = copy.deepcopy(model)
+        self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+        device = next(self._model.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        self._bn_data = _first_batches(splits.loader("train", batch_size, shuffle=True, augment=False,
+                                                     generator=generator), bn_batches, device) \
+            if bn_recalibration else []
+        self._val_data = _first_batches(splits.loader("val", batch_size, shuffle=True, augment=False,
+                                                      generator=generator), val_batches, device)
+
+    @property
+    def val_images(self) -> int:
+        """Number of validation images each candidate is scored on."""
+        return sum(int(labels.numel()) for _, labels in self._val_data)
+
+    def pruned_model(self, rates: dict[str, dict[str, float]]) -> tuple[nn.Module, object]:
+        """The private copy reset to the original weights, projected at ``rates`` and masked, with
+        BatchNorm recalibrated when enabled. Returns ``(model, masks)``; the model is reused by the next
+        call."""
+        model = self._model
+        with torch.no_grad():
+            model.load_state_dict(self._initial)
+        with analysis_mode(model):
+            masks = project(self.space, model, rates)
+        with torch.no_grad():
+            apply_masks(model, self.space.param_masks(masks))
+        if self.bn_recalibration:
+            recalibrate_batchnorm(model, self._bn_data)
+        model.eval()
+        return model, masks
+
+    def score(self, rates: dict[str, dict[str, float]]) -> QuickEvalResult:
+        """Quick evaluation of ``rates`` (``{"filter": {group: r}, "column": {layer: r}, "irregular":
+        {layer: r}}``): top-1 on the validation subset and the compact model's parameters / MACs."""
+        start = time.perf_counter()
+        model, masks = self.pruned_model(rates)
+        top1 = evaluate(model, self._val_data)["top1"]
+        counts = self.space.count(masks)
+        return QuickEvalResult(top1=float(top1), params=int(counts.params), macs=int(counts.macs),
+                               seconds=time.perf_counter() - start)

@@ -1,0 +1,179 @@
+"""The run report: a self-contained ``report.html`` (plots embedded as PNG data URIs) built from a run
+folder's ``metrics.jsonl``.
+
+Records read (one JSON object per line, written by :mod:`autocompress.compress`):
+
+* ``{"event": "search", "round": k, "trajectory": [{"step", "temperature", "candidate_score",
+  "current_score", "best_score", "accepted"}, ...], ...}`` — one simulated-annealing run per round;
+* ``{"event": "round", "round": k, "target": x, "params": int, "macs": int, "val_top1": float,
+  "layers": [{"name", "filters", "filters_total", "columns", "columns_total"}, ...]}`` — measured on the
+  round's compact model (parameters, MACs = multiply-accumulates, not FLOPs);
+* ``{"event": "final", "rows": [{"model": "base"|"compressed", "test_top1", "params", "macs",
+  "file_bytes", "latency_b1_ms", "latency_b64_ms"}, ...], "threads": int}``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from .atomic import atomic_write_text
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file, in order (a torn last line from a kill is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _figure_to_img(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def _plot_layers(rounds: list[dict], key: str, title: str) -> str | None:
+    import matplotlib.pyplot as plt
+
+    layers = [layer for layer in rounds[0]["layers"] if layer.get(f"{key}_total")] if rounds else []
+    if not layers:
+        return None
+    names = [layer["name"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 3.6))
+    ax.plot(range(len(names)), [layer[f"{key}_total"] for layer in layers], "k--", label="original")
+    for record in rounds:
+        kept = {layer["name"]: layer[key] for layer in record["layers"]}
+        ax.plot(range(len(names)), [kept.get(name, 0) for name in names], marker="o", ms=3,
+                label=f"round {record['round']} ({record['target']:g}x)")
+    ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7)
+    ax.set_ylabel(f"kept {key}")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _figure_to_img(fig)
+
+
+def _plot_trajectory(search: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    steps = search["trajectory"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    x = [s["step"] for s in steps]
+    ax.plot(x, [s["candidate_score"] for s in steps], ".", color="0.6", label="candidate")
+    ax.plot(x, [s["current_score"] for s in steps], "-", label="current")
+    ax.plot(x, [s["best_score"] for s in steps], "-", label="best")
+    acc = [s for s in steps if s["accepted"]]
+    ax.plot([s["step"] for s in acc], [s["candidate_score"] for s in acc], "g^", ms=4, label="accepted")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("quick-evaluation top-1 (%)")
+    twin = ax.twinx()
+    twin.plot(x, [s["temperature"] for s in steps], "r:", label="temperature")
+    twin.set_ylabel("temperature", color="r")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"simulated annealing, round {search['round']}")
+    return _figure_to_img(fig)
+
+
+def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
+    import matplotlib.pyplot as plt
+
+    if not rounds:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "macs", "MACs")):
+        points = [(r[key], r["val_top1"]) for r in rounds]
+        if base is not None:
+            points.insert(0, (base[key], base["val_top1"]))
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+        for record in rounds:
+            ax.annotate(f"{record['target']:g}x", (record[key], record["val_top1"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation top-1 (%)")
+    fig.suptitle("accuracy per round")
+    return _figure_to_img(fig)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+def final_table_rows(final: dict) -> list[list[str]]:
+    """Rows of the final comparison table (header first) from a ``final`` record; also used by the CLI."""
+    header = ["model", "test top-1 (%)", "parameters", "MACs", "file (bytes)",
+              "latency b=1 (ms)", "latency b=64 (ms)"]
+    keys = ["model", "test_top1", "params", "macs", "file_bytes", "latency_b1_ms", "latency_b64_ms"]
+    rows = [header] + [[_fmt(row.get(k, "")) for k in keys] for row in final["rows"]]
+    if len(final["rows"]) == 2:
+        base, comp = final["rows"]
+        rows.append(["reduction",
+                     f"{comp['test_top1'] - base['test_top1']:+.2f} pts",
+                     f"{base['params'] / comp['params']:.2f}x", f"{base['macs'] / comp['macs']:.2f}x",
+                     f"{base['file_bytes'] / comp['file_bytes']:.2f}x",
+                     f"{base['latency_b1_ms'] / comp['latency_b1_ms']:.2f}x",
+                     f"{base['latency_b64_ms'] / comp['latency_b64_ms']:.2f}x"])
+    return rows
+
+
+def _html_table(rows: Iterable[list[str]]) -> str:
+    rows = list(rows)
+    head = "".join(f"<th>{c}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Path:
+    """Write ``run_dir/report.html`` from ``run_dir/metrics.jsonl`` (and ``config.yaml`` if present).
+
+    Returns the report's path. Raises FileNotFoundError when the run folder has no metrics.jsonl.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rounds = [r for r in records if r.get("event") == "round"]
+    searches = [r for r in records if r.get("event") == "search" and r.get("trajectory")]
+    finals = [r for r in records if r.get("event") == "final"]
+    base = next((r for r in records if r.get("event") == "base"), None)
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if finals:
+        parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1])),
+                  f"<p>Latency: PyTorch CPU, {finals[-1].get('threads', '?')} threads, median of "
+                  f"{finals[-1].get('latency_runs', '?')} runs after warm-up.</p>"]
+    if rounds:
+        rows = [["round", "target", "parameters", "MACs", "validation top-1 (%)"]]
+        rows += [[str(r["round"]), f"{r['target']:g}x", _fmt(r["params"]), _fmt(r["macs"]),
+                  _fmt(r["val_top1"])] for r in rounds]
+        parts += ["<h2>Rounds</h2>", _html_table(rows)]
+    for plot in (_plot_accuracy(rounds, base), _plot_layers(rounds, "filters", "kept filters per layer"),
+                 _plot_layers(rounds, "columns", "kept columns per layer")):
+        if plot:
+            parts.append(plot)
+    if searches:
+        parts.append("<h2>Simulated-annealing trajectories</h2>")
+        parts += [_plot_trajectory(s) for s in searches]
+    config = run_dir / "config.yaml"
+    if config.exists():
+        parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(config.read_text())}</pre>"]
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return atomic_write_text(run_dir / "report.html", page)

@@ -1,0 +1,243 @@
+"""Action sampling for the AutoCompress search: per-unit pruning rates that meet a round's target.
+
+An **action** is a 1-D ``float64`` array of pruning rates, one per pruning unit, in the order of
+:attr:`ActionSampler.units` (filter groups, then column layers, then irregular layers, each in the space's
+order). ``ActionSampler.to_rates(action)`` turns it into the engine's rates dict
+``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``.
+
+Source: AutoCompress, Liu et al. AAAI 2020, §"Automatic ... framework" (action sampling, the heuristic
+search's perturbations and the experience-based guidance); restated in the project brief §1 and §5.
+
+Choices the paper leaves open (ours, exposed as arguments):
+
+* **Meeting the target**: a rate vector is ``clip(s * direction, 0, r_max)``; the scale ``s`` is found by
+  bisection (a fixed maximum number of iterations) as the smallest scale whose remaining count (parameters
+  or MACs) is at most ``original / target``. Units that hit ``r_max`` stay there while the others keep
+  growing, so the excess of clipped units is redistributed onto the rest (water filling).
+* **Guidance**: within each unit kind, a unit that governs more weights (objective ``"params"``) or more
+  MACs (objective ``"flops"``) never gets a smaller rate than one governing fewer. Rates are projected
+  onto that ordering by isotonic regression (pool-adjacent-violators, least squares) before meeting the
+  target; scaling and clipping preserve the ordering. Filter and column rates are not compared with each
+  other: they act on different structures of the same layers.
+* **Perturbation**: Gaussian noise of standard deviation ``magnitude`` added to every rate, clipped to
+  ``[0, r_max]``, re-ordered and re-scaled to meet the target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+KINDS = ("filter", "column", "irregular")
+OBJECTIVES = ("params", "flops")
+
+#: A cost maps a rate vector (float64 [n_units]) to the remaining count (parameters or MACs) of the model
+#: pruned at those rates; it must be non-increasing in every rate.
+Cost = Callable[[np.ndarray], float]
+
+_MIN_DIRECTION = 1e-6  # floor (relative to the largest entry) so every unit takes part in scaling
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One entry of an action.
+
+    Attributes:
+        kind: ``"filter"``, ``"column"`` or ``"irregular"``.
+        name: the filter group's / layer's name in the pruning space.
+        size: number of prunable elements (channels, columns or weights).
+        weight: what the unit governs for the objective — parameters (``"params"``) or MACs
+            (``"flops"``); the guidance orders rates by it.
+    """
+
+    kind: str
+    name: str
+    size: int
+    weight: float
+
+
+def order_rates(rates: np.ndarray, units: Sequence[Unit]) -> np.ndarray:
+    """Project ``rates`` onto the guidance ordering (least squares), separately for each unit kind.
+
+    Within a kind, after the projection ``weight_i > weight_j`` implies ``rate_i >= rate_j``. Units of equal
+    weight are not constrained against each other (they are sorted by their own rate first, which keeps
+    the least-squares optimum for tied weights). Source: the experience-based guidance of AutoCompress,
+    Liu et al. AAAI 2020; isotonic regression by pool-adjacent-violators.
+
+    Args:
+        rates: float array [n_units].
+        units: the units, same order.
+    Returns:
+        a new float64 array [n_units].
+    """
+    rates = np.asarray(rates, dtype=np.float64)
+    out = rates.copy()
+    weights = np.array([u.weight for u in units], dtype=np.float64)
+    kinds = np.array([u.kind for u in units])
+    for kind in KINDS:
+        idx = np.flatnonzero(kinds == kind)
+        if idx.size < 2:
+            continue
+        order = idx[np.lexsort((rates[idx], weights[idx]))]
+        out[order] = _isotonic(rates[order])
+    return out
+
+
+def _isotonic(values: np.ndarray) -> np.ndarray:
+    """Non-decreasing least-squares fit of ``values`` (pool-adjacent-violators), float64 [n]."""
+    means: list[float] = []
+    counts: list[int] = []
+    for v in values:
+        means.append(float(v))
+        counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            n = counts[-2] + counts[-1]
+            means[-2] = (means[-2] * counts[-2] + means[-1] * counts[-1]) / n
+            counts[-2] = n
+            means.pop()
+            counts.pop()
+    return np.repeat(means, counts)
+
+
+def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: float,
+                original: float | None = None, sizes: np.ndarray | None = None,
+                max_iter: int = 64) -> np.ndarray:
+    """Scale a relative rate vector so that the pruned model meets a compression target.
+
+    Returns ``rates = clip(s * d, 0, r_max)`` for the smallest scale ``s`` with
+    ``cost(rates) <= original / target``, i.e. as close to the target as the units' granularity allows.
+    ``d`` is ``direction`` with negative entries set to zero and every entry floored at ``1e-6 * max(d)``
+    (an all-zero direction becomes uniform), so with a large enough ``s`` every unit reaches ``r_max``;
+    clipping and scaling keep the order of ``d``. ``s`` is bracketed by an exponential search from the
+    scale at which the largest entry reaches ``r_max`` (x4 per step), then bisected; both share one bounded
+    loop of ``max_iter`` cost evaluations (after ``cost(zeros)`` and ``cost(r_max everywhere)``).
+
+    Args:
+        direction: float array [n_units], relative rates (any positive scale).
+        cost: remaining parameters or MACs of a rate vector; non-increasing in every rate.
+        target: compression target (>= 1), e.g. ``4.0`` for 4x fewer parameters / MACs.
+        r_max: largest rate a unit may get, in ``[0, 1)``.
+        original: ``cost(zeros)``; computed when not given.
+        sizes: optional int array [n_units] of unit sizes; the bisection then stops once the bracket moves
+            no unit's ``rate * size`` by more than 1e-3 (finer scales cannot change a keep count).
+        max_iter: bound on the loop's cost evaluations.
+    Returns:
+        float64 array [n_units] in ``[0, r_max]``.
+    Raises:
+        UserError: bad ``target`` / ``r_max`` / ``direction``, or the target is unreachable (every unit at
+            ``r_max`` still leaves more than ``original / target``); the message gives the best reachable
+            compression.
+    """
+    d = np.asarray(direction, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
+        raise UserError(f"an action must be a non-empty finite rate vector, got shape {d.shape}",
+                        "check the pruning space has prunable units")
+    if not (math.isfinite(target) and target >= 1.0):
+        raise UserError(f"compression target {target!r} is invalid", "give a target >= 1, e.g. params=10x")
+    if not 0.0 <= r_max < 1.0:
+        raise UserError(f"maximum rate r_max={r_max!r} is outside [0, 1)", "use e.g. r_max=0.95")
+    if original is None:
+        original = cost(np.zeros_like(d))
+    budget = original / target
+    best = cost(np.full_like(d, r_max))
+    if best > budget:
+        raise UserError(
+            f"target {target:g}x is unreachable: pruning every unit at the maximum rate {r_max:g} reaches "
+            f"only {original / best:.3g}x",
+            "lower the target, raise the maximum rate, or add pruning dimensions (--dims)")
+    if original <= budget:
+        return np.zeros_like(d)
+    d = np.clip(d, 0.0, None)
+    d = np.ones_like(d) if d.max() <= 0 else np.maximum(d, _MIN_DIRECTION * d.max())
+    step = 0.0 if sizes is None else 1e-3 / float(np.max(d * np.asarray(sizes, dtype=np.float64)))
+    lo, hi = 0.0, r_max / d.min()  # invariant: cost(lo * d) > budget >= cost(clip(hi * d))
+    probe = r_max / d.max()  # exponential search while probe > 0, then bisection
+    for _ in range(max_iter):
+        mid = probe if lo < probe < hi else 0.5 * (lo + hi)
+        if hi - lo <= step or not lo < mid < hi:
+            break
+        if cost(np.clip(mid * d, 0.0, r_max)) <= budget:
+            hi, probe = mid, 0.0
+        else:
+            lo = mid
+            probe = 4.0 * mid if probe > 0 else 0.0
+    return np.clip(hi * d, 0.0, r_max)
+
+
+def _normal(rng: np.random.Generator | torch.Generator, n: int) -> np.ndarray:
+    """``n`` standard normal draws from a numpy or torch generator, float64 [n]."""
+    if isinstance(rng, torch.Generator):
+        return torch.randn(n, generator=rng, dtype=torch.float64).numpy()
+    return rng.standard_normal(n)
+
+
+class ActionSampler:
+    """Proposes actions (rate vectors) that meet one round's target and follow the guidance.
+
+    Args:
+        units: the action's units (see :func:`units_from_space`).
+        cost: remaining parameters / MACs of a rate vector (see :func:`space_cost`).
+        target: the round's compression target (>= 1), relative to ``cost(zeros)``.
+        r_max: largest rate of any unit, in ``[0, 1)``.
+        max_iter: bisection iterations per target fit.
+    Raises:
+        UserError: empty ``units`` or an unreachable target (checked on construction, before any search).
+    """
+
+    def __init__(self, units: Sequence[Unit], cost: Cost, target: float, *, r_max: float = 0.95,
+                 max_iter: int = 64):
+        if not units:
+            raise UserError("the pruning space has no prunable units", "choose other --dims or another model")
+        self.units = tuple(units)
+        self.cost = cost
+        self.target = float(target)
+        self.r_max = float(r_max)
+        self.max_iter = int(max_iter)
+        self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
+        self.original = float(cost(np.zeros(len(self.units))))
+        self.meet(np.ones(len(self.units)))  # raises now when the target is unreachable
+
+    def meet(self, direction: np.ndarray) -> np.ndarray:
+        """Order ``direction`` by the guidance, then scale it to meet the target (:func:`meet_target`)."""
+        return meet_target(order_rates(direction, self.units), self.cost, self.target, r_max=self.r_max,
+                           original=self.original, sizes=self._sizes, max_iter=self.max_iter)
+
+    def initial_action(self, spread: float = 0.5) -> np.ndarray:
+        """The search's starting point: rates proportional to ``(weight / max weight) ** spread``.
+
+        ``spread=0`` gives one uniform rate; larger values prune the units that govern more weights (MACs)
+        harder, following the guidance. Returns float64 [n_units] meeting the target.
+        """
+        weights = np.array([u.weight for u in self.units], dtype=np.float64)
+        top = weights.max()
+        direction = np.ones_like(weights) if top <= 0 else (weights / top) ** float(spread)
+        return self.meet(direction)
+
+    def perturb(self, action: np.ndarray, magnitude: float,
+                rng: np.random.Generator | torch.Generator) -> np.ndarray:
+        """A neighbour of ``action``: rates + N(0, magnitude^2) noise, clipped to ``[0, r_max]``, projected
+        onto the guidance ordering and re-scaled to meet the target exactly. The caller shrinks
+        ``magnitude`` with the temperature (brief §5). Returns float64 [n_units]."""
+        noisy = np.asarray(action, dtype=np.float64) + float(magnitude) * _normal(rng, len(self.units))
+        return self.meet(np.clip(noisy, 0.0, self.r_max))
+
+    def compression(self, action: np.ndarray) -> float:
+        """``original / cost(action)``: the compression rate (x) the action reaches."""
+        return self.original / float(self.cost(np.asarray(action, dtype=np.float64)))
+
+    def to_rates(self, action: np.ndarray) -> dict[str, dict[str, float]]:
+        """The engine's rates dict ``{"filter": {..}, "column": {..}, "irregular": {..}}`` of an action."""
+        return rates_dict(self.units, action)
+
+
+def rates_dict(units: Sequence[Unit], action: np.ndarray) -> dict[str, dict[str, float]]:
+    """``{"filter": {name: rate}, "column": {...}, "irregular": {...}}`` for a rate vector [n_units]."""
+    rates: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
+    for unit, rate in zip(units, np.asarray(action, dtype=np.float64)):
+        rates[unit.kind][unit.name] = float(rate)
+    return rates

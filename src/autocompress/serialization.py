@@ -1,0 +1,203 @@
+"""Saving compact models without pickled code: an architecture description plus a state_dict.
+
+A compact model (see :mod:`autocompress.compaction`) differs from the zoo model it came from only in the
+shapes / types of some leaf modules (narrower Conv2d / BatchNorm2d / Linear, ColumnConv2d /
+ColumnLinear). :func:`describe_architecture` writes those modules' types and constructor arguments as plain
+data; :func:`apply_architecture` rebuilds them inside a freshly created base model, after which
+``load_state_dict(strict=True)`` fills in the weights. The checkpoint format is docs/ARCHITECTURE.md
+"Checkpoints"; files hold only the remaining parameters, so their size is proportional to them.
+
+Irregular (non-structured) zeros stay in dense tensors; :func:`to_sparse_state_dict` /
+:func:`from_sparse_state_dict` give a CSR export with int32 indices for storage.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .compaction import ColumnConv2d, ColumnLinear
+from .errors import UserError
+
+FORMAT = "autocompress-architecture"
+VERSION = 1
+
+
+def _conv_args(m: nn.Conv2d) -> dict:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+            "padding_mode": m.padding_mode}
+
+
+def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+            "track_running_stats": m.track_running_stats}
+
+
+#: module type -> (constructor arguments as plain data). Only these types are described / rebuilt.
+_DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
+    nn.Conv2d: _conv_args,
+    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    nn.BatchNorm1d: _norm_args,
+    nn.BatchNorm2d: _norm_args,
+    nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                             "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None},
+    nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
+                             "affine": m.affine},
+    nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
+    ColumnConv2d: ColumnConv2d.config,
+    ColumnLinear: ColumnLinear.config,
+}
+_TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in list(module.named_parameters(recurse=False))
+            + list(module.named_buffers(recurse=False))}
+
+
+def _entry(module: nn.Module) -> dict | None:
+    describer = _DESCRIBERS.get(type(module))
+    return None if describer is None else {"type": type(module).__name__, "args": describer(module)}
+
+
+def describe_architecture(model: nn.Module, reference: nn.Module | None = None) -> dict:
+    """Plain-data description of ``model``'s leaf modules (types and constructor arguments).
+
+    Args:
+        model: a (compact) model.
+        reference: the model it was compacted from (same module names). When given, only modules whose
+            type or arguments differ from the reference's are described; otherwise every module of a
+            describable type (Conv2d, Linear, BatchNorm1d/2d, LayerNorm, GroupNorm, PReLU, ColumnConv2d,
+            ColumnLinear) is.
+
+    Returns:
+        ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
+        "args": dict}}}`` (only str / int / float / bool / list / dict / None values).
+
+    Raises:
+        UserError: a module of another type has parameters / buffers whose shapes differ from the
+            reference's (it could not be rebuilt).
+    """
+    ref_modules = dict(reference.named_modules()) if reference is not None else {}
+    modules: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        entry = _entry(module)
+        ref = ref_modules.get(name)
+        if entry is None:
+            if ref is not None and _shapes(ref) != _shapes(module):
+                raise UserError(f"module {name!r} ({type(module).__name__}) changed shape and cannot be "
+                                "described for saving", f"exclude {name} from pruning (ignored layers)")
+            continue
+        if reference is None or ref is None or _entry(ref) != entry:
+            modules[name] = entry
+    return {"format": FORMAT, "version": VERSION, "modules": modules}
+
+
+def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
+    """Replace ``model``'s modules by freshly built ones as described by :func:`describe_architecture`.
+
+    ``model`` is a freshly created base model (e.g. ``create_model(name, **kwargs)``); it is changed in
+    place and returned, ready for ``load_state_dict(strict=True)`` (new modules are initialised with
+    PyTorch defaults on the device / dtype of the module they replace).
+
+    Raises:
+        UserError: the description is not an autocompress architecture, is from a newer version, names a
+            module the model lacks, or uses an unknown module type.
+    """
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise UserError("the checkpoint's architecture entry is not an autocompress architecture description",
+                        "re-save the compact model with autocompress")
+    if not isinstance(description.get("version"), int) or description["version"] > VERSION:
+        raise UserError(f"architecture description version {description.get('version')!r} is newer than "
+                        f"this autocompress reads ({VERSION})", "upgrade autocompress")
+    for name, entry in description.get("modules", {}).items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, attr)
+        except AttributeError as exc:
+            raise UserError(f"the architecture describes module {name!r}, which the base model lacks",
+                            "load it with the model name and options it was saved with") from exc
+        cls = _TYPES.get(entry.get("type"))
+        if cls is None:
+            raise UserError(f"unknown module type {entry.get('type')!r} for {name!r} in the architecture",
+                            "upgrade autocompress")
+        new = cls(**entry["args"])
+        tensors = list(old.parameters()) + list(old.buffers()) if isinstance(old, nn.Module) else []
+        floats = [t for t in tensors if t.is_floating_point()]
+        if floats:
+            new = new.to(device=floats[0].device, dtype=floats[0].dtype)
+        setattr(parent, attr, new)
+    return model
+
+
+def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_checkpoint: dict,
+                 metrics: dict | None = None, config: Any = None, architecture: dict | None = None) -> Path:
+    """Save a compact model as an autocompress checkpoint (atomic; docs/ARCHITECTURE.md "Checkpoints").
+
+    Args:
+        compact_model: e.g. ``compaction.compact(...).model``.
+        base_checkpoint: the loaded checkpoint of the model it was compacted from; its ``model`` (name,
+            kwargs) and ``dataset`` entries are kept so ``autocompress.load`` rebuilds the base first.
+        metrics, config: plain data stored alongside (top-1 as a fraction, pruning settings, ...).
+        architecture: the description (default: ``describe_architecture(compact_model)``, every module).
+
+    Returns the path. The file holds the compact state_dict only, so its size is proportional to the
+    remaining parameters (plus a few bytes per described module).
+    """
+    from .checkpoint import save_checkpoint
+
+    return save_checkpoint(path, model=compact_model, model_name=base_checkpoint["model"]["name"],
+                           model_kwargs=base_checkpoint["model"].get("kwargs", {}),
+                           dataset=base_checkpoint["dataset"], config=config or {}, metrics=metrics or {},
+                           architecture=architecture if architecture is not None
+                           else describe_architecture(compact_model))
+
+
+def to_sparse_state_dict(state_dict: dict[str, torch.Tensor], *, min_sparsity: float = 0.5) -> dict:
+    """Sparse export of irregularly pruned weights: CSR with int32 indices.
+
+    A floating tensor with at least ``min_sparsity`` zeros is stored as its 2-D view ``[shape[0], -1]`` in
+    CSR form (``crow_indices`` int32 ``[rows+1]``, ``col_indices`` int32 ``[nnz]``, ``values`` ``[nnz]``);
+    at 4-byte values this is smaller than dense above 50 % zeros. Other tensors are kept as they are.
+
+    Returns ``{"format": "autocompress-sparse", "dense": {name: tensor}, "sparse": {name: {"shape": list,
+    "crow_indices", "col_indices", "values"}}}`` (plain data, loadable with ``weights_only=True``).
+    """
+    dense, sparse = {}, {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and tensor.dim() >= 1 and tensor.numel() > 0 \
+                and float((tensor == 0).float().mean()) >= min_sparsity:
+            csr = tensor.reshape(tensor.shape[0], -1).to_sparse_csr()
+            sparse[name] = {"shape": list(tensor.shape), "crow_indices": csr.crow_indices().to(torch.int32),
+                            "col_indices": csr.col_indices().to(torch.int32), "values": csr.values().clone()}
+        else:
+            dense[name] = tensor
+    return {"format": "autocompress-sparse", "dense": dense, "sparse": sparse}
+
+
+def from_sparse_state_dict(sparse_state: dict) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_sparse_state_dict`: a dense state_dict (same names and values)."""
+    if not isinstance(sparse_state, dict) or sparse_state.get("format") != "autocompress-sparse":
+        raise UserError("not an autocompress sparse state_dict", "write it with to_sparse_state_dict")
+    state = dict(sparse_state["dense"])
+    for name, entry in sparse_state["sparse"].items():
+        shape = entry["shape"]
+        rows = shape[0]
+        cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+        csr = torch.sparse_csr_tensor(entry["crow_indices"].long(), entry["col_indices"].long(),
+                                      entry["values"], size=(rows, cols))
+        state[name] = csr.to_dense().reshape(shape)
+    return state
+
+
+__all__ = ["apply_architecture", "describe_architecture", "from_sparse_state_dict", "save_compact",
+           "to_sparse_state_dict"]

@@ -1,0 +1,612 @@
+"""The pruning space of a model: which filters, columns and weights can be removed, and what they cost.
+
+:meth:`PruningSpace.build` enumerates three kinds of pruning units (brief §2; AutoCompress, Liu et al.
+AAAI 2020, §"hybrid structured pruning"):
+
+* **filter groups** (:class:`FilterGroup`) — output channels coupled through residual additions,
+  concatenation, depthwise convolutions, normalisation layers and Flatten -> Linear, found with
+  torch-pruning's ``DependencyGraph`` (Fang et al., "DepGraph", CVPR 2023). One group per coupled set;
+  its name is its root module, the first Conv2d / Linear of the set in ``named_modules`` order, and its
+  channels are the root's output channels. A rate applies once per group.
+* **column layers** (:class:`ColumnLayer`) — every Conv2d / Linear weight in the GEMM view
+  ``[F, C/groups * kh * kw]`` (Linear: ``[out, in]``); a column is one (input channel, i, j) position
+  across all filters.
+* **irregular layers** (:class:`IrregularLayer`) — every prunable weight, element by element.
+
+What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`):
+the classifier's output units (any group reaching the model output), grouped convolutions, normalisations
+that mix channels (LayerNorm, GroupNorm), modules the forward never reaches, user-ignored modules, and any
+group whose channel mapping the build cannot verify. Verification: one analysis forward with one channel
+of every group removed; every input slice the group assigns to a consumer must then be constant across
+samples (it reads nothing but the removed channel), otherwise torch-pruning mapped it wrongly.
+
+Masks (:class:`autocompress.masks.Masks`) select kept units; :meth:`PruningSpace.param_masks` expands them
+to every affected parameter and :meth:`PruningSpace.count` gives the parameters and MACs the physically
+compacted model has (MACs from :mod:`autocompress.metrics`, i.e. ``torch.utils.flop_counter``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .analysis import analysis_mode, preserved_state
+from .errors import UserError
+from .masks import Masks
+from .metrics import layer_table
+
+log = logging.getLogger(__name__)
+
+KINDS = ("filter", "column", "irregular")
+
+#: slice roles: conv / linear weight rows of the group's channels ("weight"), their bias ("bias"),
+#: per-channel normalisation / PReLU / free parameters ("norm"), consumer input slices ("input")
+ROLES = ("weight", "bias", "norm", "input")
+
+_PROBE_SEED = 0  # seed of the verification forward's random inputs
+
+
+def removed_count(size: int, rate: float) -> int:
+    """Units a rate asks to remove: ``round(rate * size)``, halves rounded up (``floor(x + 0.5)``)."""
+    return math.floor(rate * size + 0.5)
+
+
+def keep_count(size: int, rate: float) -> int:
+    """Units kept when ``rate`` of ``size`` units are removed: ``max(1, size - removed_count(size, rate))``,
+    so no layer is ever pruned to zero units."""
+    return max(1, size - removed_count(size, rate))
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The entries of one parameter that belong to a filter group's channels.
+
+    Attributes:
+        param: parameter name (``"layer1.0.conv1.weight"``).
+        module: owning module name.
+        role: one of :data:`ROLES`.
+        dim: the parameter dimension indexed (0 = output channels, 1 = input channels / features).
+        index: int64 [n], positions along ``dim``.
+        channel: int64 [n], the group channel (root output channel) each position belongs to; a channel
+            maps to several positions for Flatten -> Linear (``H*W`` features per channel).
+    """
+
+    param: str
+    module: str
+    role: str
+    dim: int
+    index: torch.Tensor
+    channel: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FilterGroup:
+    """Coupled output channels removed together (one rate per group).
+
+    Attributes:
+        name: root module name (first Conv2d / Linear of the coupled set in module order).
+        size: number of channels (the root's output channels).
+        slices: every parameter slice the channels own, producers and consumers.
+        params: parameter entries governed (all slices together).
+        macs: MACs governed per forward of the build's example inputs (weight and input slices).
+    """
+
+    name: str
+    size: int
+    slices: tuple[Slice, ...]
+    params: int
+    macs: int
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """Modules whose weight rows are the group's channels (convs, depthwise convs, linears)."""
+        return tuple(dict.fromkeys(s.module for s in self.slices if s.role == "weight"))
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        """Modules that read the group's channels through input slices."""
+        return tuple(dict.fromkeys(s.module for s in self.slices if s.role == "input"))
+
+
+@dataclass(frozen=True)
+class ColumnLayer:
+    """Columns of one Conv2d / Linear weight in the GEMM view ``[rows, size]``.
+
+    Attributes:
+        name: module name; param: its weight's name.
+        rows: filters (Linear: output features); size: columns (``C/groups*kh*kw``; Linear: ``in``).
+        params: weight entries (``rows * size``); macs: MACs of the layer per forward of the example inputs.
+    """
+
+    name: str
+    param: str
+    rows: int
+    size: int
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class IrregularLayer:
+    """Single weights of one Conv2d / Linear.
+
+    Attributes:
+        name: module name; param: its weight's name; shape: the weight's shape; size: ``numel``.
+        params: ``size``; macs: MACs of the layer per forward of the example inputs.
+    """
+
+    name: str
+    param: str
+    shape: tuple[int, ...]
+    size: int
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameters and MACs of the compact model (per forward of the space's example inputs)."""
+
+    params: int
+    macs: int
+
+    @property
+    def flops(self) -> int:
+        """FLOPs = 2 x MACs."""
+        return 2 * self.macs
+
+
+Unit = FilterGroup | ColumnLayer | IrregularLayer
+
+
+class PruningSpace:
+    """Prunable units of one model (see the module docstring). Build with :meth:`build`.
+
+    Attributes:
+        filter_groups / column_layers / irregular_layers: the units, in module order.
+        excluded: module name -> reason it (or one of its unit kinds) is not prunable.
+        dims: the unit kinds enumerated.
+        max_rate: the largest rate the search proposes for one unit (not enforced by projections).
+        param_shapes: parameter name -> shape of every parameter of the model.
+        layer_macs: Conv / Linear module name -> (weight name, MACs of the full weight).
+        total: :class:`Counts` of the unpruned model.
+    """
+
+    def __init__(self, *, filter_groups: Sequence[FilterGroup], column_layers: Sequence[ColumnLayer],
+                 irregular_layers: Sequence[IrregularLayer], excluded: Mapping[str, str],
+                 dims: Sequence[str], max_rate: float, param_shapes: Mapping[str, torch.Size],
+                 layer_macs: Mapping[str, tuple[str, int]], total: Counts):
+        self.filter_groups = list(filter_groups)
+        self.column_layers = list(column_layers)
+        self.irregular_layers = list(irregular_layers)
+        self.excluded = dict(excluded)
+        self.dims = tuple(dims)
+        self.max_rate = max_rate
+        self.param_shapes = dict(param_shapes)
+        self.layer_macs = dict(layer_macs)
+        self.total = total
+        self._units = {"filter": {u.name: u for u in self.filter_groups},
+                       "column": {u.name: u for u in self.column_layers},
+                       "irregular": {u.name: u for u in self.irregular_layers}}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs, *, dims: Sequence[str] = ("filter", "column"),
+              ignored_layers: Iterable[str] = (), max_rate: float = 0.95) -> "PruningSpace":
+        """Enumerate the prunable units of ``model``.
+
+        Args:
+            model: the network (left unchanged: train/eval flags and buffers are restored).
+            example_inputs: a float tensor ``[N, ...]`` or tuple of tensors, one forward's inputs; MACs
+                are counted per forward of these inputs (batch included, like
+                :func:`autocompress.metrics.count_macs`).
+            dims: unit kinds to enumerate, a subset of :data:`KINDS`.
+            ignored_layers: module names never pruned (no filter group containing them, no columns, no
+                irregular weights).
+            max_rate: the search's upper bound on one unit's rate, ``0 < max_rate < 1``.
+        Returns:
+            the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
+        Raises:
+            UserError: unknown kind, unknown ignored module, ``max_rate`` outside (0, 1), or the model
+                cannot take ``example_inputs``.
+        """
+        dims = tuple(dims)
+        bad = [d for d in dims if d not in KINDS]
+        if bad or not dims:
+            raise UserError(f"unknown pruning dimension(s) {bad or list(dims)}",
+                            f"choose from {', '.join(KINDS)}")
+        if not 0 < max_rate < 1:
+            raise UserError(f"max_rate {max_rate} is outside (0, 1)", "pass e.g. max_rate=0.95")
+        names = {m: n for n, m in model.named_modules()}
+        ignored = set(ignored_layers)
+        unknown = sorted(ignored - set(names.values()))
+        if unknown:
+            raise UserError(f"ignored layer(s) {unknown} are not modules of the model",
+                            "use names from model.named_modules()")
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        excluded: dict[str, str] = {}
+
+        rows = layer_table(model, inputs)
+        own_macs = {r.name: r.macs for r in rows}
+        param_names = _param_names(model)
+        layer_macs = {names[m]: (param_names[id(m.weight)], own_macs.get(names[m], 0))
+                      for m in model.modules() if _is_weight_layer(m)}
+        total = Counts(params=sum(p.numel() for p in model.parameters()),
+                       macs=sum(r.macs for r in rows))
+
+        candidates = {}
+        for module, name in names.items():
+            if not _is_weight_layer(module):
+                continue
+            reason = _layer_problem(module, name, ignored, own_macs)
+            if reason:
+                _exclude(excluded, name, reason)
+            else:
+                candidates[name] = module
+
+        groups: list[FilterGroup] = []
+        if "filter" in dims:
+            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs)
+        columns = [_column_layer(n, m, param_names, layer_macs, excluded)
+                   for n, m in candidates.items()] if "column" in dims else []
+        irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
+                                    size=m.weight.numel(), params=m.weight.numel(), macs=layer_macs[n][1])
+                     for n, m in candidates.items()] if "irregular" in dims else []
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
+                   irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
+                   param_shapes=shapes, layer_macs=layer_macs, total=total)
+
+    # ------------------------------------------------------------------ lookup
+    def units(self, kind: str) -> list[Unit]:
+        """The units of one kind (``"filter"``, ``"column"`` or ``"irregular"``), in module order."""
+        return list(self._units[kind].values())
+
+    def unit(self, kind: str, name: str) -> Unit:
+        """One unit by kind and name. Raises KeyError if absent."""
+        return self._units[kind][name]
+
+    def check_rates(self, rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        """Validate a rates dict ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``.
+
+        Returns:
+            the same rates as plain ``float`` dicts (kinds absent from ``rates`` are empty).
+        Raises:
+            UserError: an unknown kind, a name not in the space (the message lists the valid names), or a
+                rate that is not a number in ``[0, 1)``.
+        """
+        checked: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
+        for kind, per_unit in rates.items():
+            if kind not in KINDS:
+                raise UserError(f"unknown pruning kind {kind!r} in the rates", f"use {', '.join(KINDS)}")
+            valid = self._units[kind]
+            for name, rate in per_unit.items():
+                if name not in valid:
+                    listing = ", ".join(valid) if valid else "(none: this space has no such units)"
+                    raise UserError(f"{kind} unit {name!r} is not in the pruning space",
+                                    f"valid {kind} names: {listing}")
+                if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+                    raise UserError(f"{kind} rate of {name!r} is {rate!r}, outside [0, 1)",
+                                    "give each rate as a fraction removed, e.g. 0.5")
+                checked[kind][name] = float(rate)
+        return checked
+
+    # ------------------------------------------------------------------ masks
+    def full_masks(self) -> Masks:
+        """Masks keeping every unit of the space (all True)."""
+        return Masks(filters={g.name: torch.ones(g.size, dtype=torch.bool) for g in self.filter_groups},
+                     columns={c.name: torch.ones(c.size, dtype=torch.bool) for c in self.column_layers},
+                     weights={w.name: torch.ones(w.shape, dtype=torch.bool) for w in self.irregular_layers})
+
+    def param_masks(self, masks: Masks) -> dict[str, torch.Tensor]:
+        """Expand unit keep masks to per-parameter keep masks (CPU bool tensors, True = kept).
+
+        A removed filter-group channel clears the producers' weight rows and bias entries, the
+        normalisation affine (and PReLU / free per-channel parameters) of that channel and the consumers'
+        input slices; a removed column clears ``weight.view(rows, -1)[:, col]``; irregular masks clear
+        single weights; all combine by AND. Every parameter touched by a unit present in ``masks`` gets an
+        entry (even if all True); keys follow the model's parameter order.
+
+        Raises:
+            ValueError: a mask names a unit not in the space or has the wrong shape.
+        """
+        out: dict[str, torch.Tensor] = {}
+
+        def entry(param: str) -> torch.Tensor:
+            if param not in out:
+                out[param] = torch.ones(self.param_shapes[param], dtype=torch.bool)
+            return out[param]
+
+        for name, keep in masks.filters.items():
+            group = self._checked_unit("filter", name, keep)
+            removed = ~keep.to("cpu", torch.bool)
+            for s in group.slices:
+                mask = entry(s.param)
+                index = s.index[removed[s.channel]]
+                if index.numel():
+                    mask.index_fill_(s.dim, index, False)
+        for name, keep in masks.columns.items():
+            layer = self._checked_unit("column", name, keep)
+            mask = entry(layer.param)
+            mask.view(layer.rows, layer.size)[:, ~keep.to("cpu", torch.bool)] = False
+        for name, keep in masks.weights.items():
+            layer = self._checked_unit("irregular", name, keep)
+            entry(layer.param).logical_and_(keep.to("cpu", torch.bool))
+        order = {n: i for i, n in enumerate(self.param_shapes)}
+        return dict(sorted(out.items(), key=lambda item: order[item[0]]))
+
+    def _checked_unit(self, kind: str, name: str, keep: torch.Tensor) -> Unit:
+        if name not in self._units[kind]:
+            raise ValueError(f"{kind} mask for {name!r}, which is not in the pruning space")
+        unit = self._units[kind][name]
+        shape = unit.shape if kind == "irregular" else (unit.size,)
+        if tuple(keep.shape) != tuple(shape):
+            raise ValueError(f"{kind} mask for {name!r} has shape {tuple(keep.shape)}, expected {tuple(shape)}")
+        return unit
+
+    def count(self, masks: Masks) -> Counts:
+        """Parameters and MACs of the physically compacted model for ``masks``.
+
+        Parameters: every model parameter minus the removed entries (an irregularly removed weight counts
+        as removed: it is stored sparsely). MACs: for each Conv / Linear, kept weight entries x output
+        positions summed over its calls (``macs_full * kept / numel``), plus the MACs the flop counter
+        attributes to other operations (unchanged by pruning). FLOPs = 2 x MACs.
+        """
+        pm = self.param_masks(masks)
+        kept = {name: int(mask.sum()) for name, mask in pm.items()}
+        params = self.total.params - sum(self.param_shapes[n].numel() - k for n, k in kept.items())
+        macs = self.total.macs
+        for weight, full in self.layer_macs.values():
+            if weight in kept:
+                macs -= full * (self.param_shapes[weight].numel() - kept[weight]) // self.param_shapes[weight].numel()
+        return Counts(params=params, macs=macs)
+
+
+# ---------------------------------------------------------------------- helpers
+def _exclude(excluded: dict[str, str], name: str, reason: str) -> None:
+    log.info("not pruned: %s: %s", name or "<model>", reason)
+    excluded[name] = f"{excluded[name]}; {reason}" if name in excluded else reason
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    return names
+
+
+def _is_weight_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
+        getattr(module, "weight", None), nn.Parameter)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int]) -> str:
+    if name in ignored:
+        return "ignored by request"
+    if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "transposed", False):
+        return f"{type(module).__name__} is not pruned (only Conv2d and Linear are)"
+    if own_macs.get(name, 0) == 0:
+        return "not reached by the forward pass (eval mode)"
+    return ""
+
+
+def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
+                  layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str]) -> ColumnLayer | None:
+    rows = module.weight.shape[0]
+    size = module.weight[0].numel()
+    if _is_depthwise(module):
+        _exclude(excluded, name, "column pruning: depthwise convolution has one column per filter")
+        return None
+    if size < 2:
+        _exclude(excluded, name, "column pruning: a single column")
+        return None
+    return ColumnLayer(name=name, param=param_names[id(module.weight)], rows=rows, size=size,
+                       params=module.weight.numel(), macs=layer_macs[name][1])
+
+
+def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs) -> list[FilterGroup]:
+    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward."""
+    import torch_pruning as tp
+
+    with preserved_state(model), torch.enable_grad():
+        traced = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
+        graph = tp.DependencyGraph().build_dependency(model, traced if len(traced) > 1 else traced[0],
+                                                      verbose=False)
+    # modules whose output is a model output (torch-pruning adds an output node only after other ops)
+    sinks = {node.module for node in graph.module2node.values() if not node.outputs}
+    groups: list[FilterGroup] = []
+    visited: set[nn.Module] = set()
+    claimed: dict[tuple[str, int], dict[int, str]] = {}
+    for name, module in candidates.items():
+        if module in visited or module not in graph.module2node:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        tp_group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                           list(range(pruner.get_out_channels(module))))
+        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks)
+        visited.update(members)
+        size = pruner.get_out_channels(module)
+        if not problem and size < 2:
+            problem = "filter pruning: a single output channel"
+        if not problem:
+            problem = _claim(claimed, name, slices)
+        if problem:
+            _exclude(excluded, name, problem)
+            continue
+        params = sum(s.index.numel() * _stride(model, s) for s in slices)
+        macs = sum(s.index.numel() * _stride(model, s) * layer_macs[s.module][1]
+                   // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
+        groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs))
+    return _verified(model, inputs, groups, excluded)
+
+
+def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice], set, str]:
+    """Parameter slices of one torch-pruning group, the modules whose rows it prunes, and a problem
+    ("" if the group can be pruned)."""
+    from torch_pruning import ops
+
+    slices: list[Slice] = []
+    members: set = set()
+    problem = ""
+    for item in tp_group:
+        dep, idxs, root = item.dep, item.idxs, item.root_idxs
+        node, target = dep.target, dep.target.module
+        index = torch.as_tensor(list(idxs), dtype=torch.long)
+        channel = torch.as_tensor(list(root), dtype=torch.long)
+        out_side = dep.handler.__name__ == "prune_out_channels"
+        if node.type == ops.OPTYPE.OUTPUT or (target in sinks and out_side):
+            problem = problem or "filter pruning: its channels are model outputs (classifier)"
+            continue
+        if isinstance(target, nn.Parameter):
+            name = param_names.get(id(target), "")
+            other = [s for d, s in enumerate(target.shape) if d != node.pruning_dim % target.dim()]
+            if any(s != 1 for s in other):
+                problem = problem or f"filter pruning: free parameter {name} is not per-channel"
+            else:
+                slices.append(Slice(name, name.rpartition(".")[0], "norm", node.pruning_dim % target.dim(),
+                                    index, channel))
+            continue
+        if not isinstance(target, nn.Module) or target not in names:
+            continue  # torch-pruning's placeholder ops (add, cat, view, ...) own no parameters
+        mname = names[target]
+        if isinstance(target, (nn.Conv2d, nn.Linear)):
+            if out_side:
+                members.add(target)
+            if mname not in candidates:
+                problem = problem or f"filter pruning: couples with {mname}, which is not pruned"
+                continue
+            if isinstance(target, nn.Conv2d) and target.groups > 1 and not _is_depthwise(target):
+                problem = problem or f"filter pruning: couples with grouped convolution {mname}"
+                continue
+            if isinstance(target, nn.Conv2d) and _is_depthwise(target) and target.out_channels != target.in_channels:
+                problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
+                continue
+            wname = param_names[id(target.weight)]
+            if out_side or _is_depthwise(target):
+                slices.append(Slice(wname, mname, "weight", 0, index, channel))
+                if target.bias is not None:
+                    slices.append(Slice(param_names[id(target.bias)], mname, "bias", 0, index, channel))
+            else:
+                slices.append(Slice(wname, mname, "input", 1, index, channel))
+        elif isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            for p in (target.weight, target.bias):
+                if p is not None:
+                    slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
+        elif isinstance(target, nn.PReLU):
+            if target.num_parameters > 1:
+                slices.append(Slice(param_names[id(target.weight)], mname, "norm", 0, index, channel))
+        else:
+            problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
+    merged = _merge(slices)
+    return merged, members, problem
+
+
+def _merge(slices: list[Slice]) -> list[Slice]:
+    """One slice per (parameter, dim): torch-pruning lists a tensor once per dependency path."""
+    by_key: dict[tuple[str, int], Slice] = {}
+    for s in slices:
+        key = (s.param, s.dim)
+        if key in by_key:
+            old = by_key[key]
+            index = torch.cat([old.index, s.index])
+            channel = torch.cat([old.channel, s.channel])
+            index, first = _unique_first(index)
+            s = Slice(old.param, old.module, old.role, old.dim, index, channel[first])
+        by_key[key] = s
+    return list(by_key.values())
+
+
+def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values of ``index`` (sorted) and the position of each one's first occurrence."""
+    uniq, inverse = torch.unique(index, return_inverse=True)
+    first = torch.full((uniq.numel(),), index.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(index.numel()), reduce="amin")
+    return uniq, first
+
+
+def _claim(claimed: dict[tuple[str, int], dict[int, str]], name: str, slices: list[Slice]) -> str:
+    """Record the entries a group owns; "" or a problem if an earlier group owns one of them."""
+    for s in slices:
+        owners = claimed.get((s.param, s.dim), {})
+        clash = [owners[i] for i in s.index.tolist() if i in owners]
+        if clash:
+            return f"filter pruning: shares {s.param} entries with group {clash[0]}"
+    for s in slices:
+        claimed.setdefault((s.param, s.dim), {}).update({i: name for i in s.index.tolist()})
+    return ""
+
+
+def _stride(model: nn.Module, s: Slice) -> int:
+    """Entries of the parameter per position along ``s.dim``."""
+    shape = model.get_parameter(s.param).shape
+    return math.prod(shape) // shape[s.dim]
+
+
+@torch.no_grad()
+def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
+              excluded: dict[str, str]) -> list[FilterGroup]:
+    """Keep the groups whose consumer input slices read only the group's channels.
+
+    One analysis forward on two random samples with the last channel of every group removed (weights
+    zeroed, restored afterwards): every consumer input slice of that channel must be identical for both
+    samples. A slice torch-pruning mapped wrongly reads live features and differs.
+    """
+    if not groups:
+        return groups
+    if not all(t.is_floating_point() for t in inputs):
+        raise UserError("filter pruning needs float example inputs", "pass e.g. torch.randn(1, 3, 32, 32)")
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = tuple(torch.randn((2, *t.shape[1:]), generator=gen).to(t.device, t.dtype) for t in inputs)
+    params = dict(model.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
+    for g in groups:
+        last = g.size - 1
+        for s in g.slices:
+            index = s.index[s.channel == last]
+            if s.param not in saved:
+                saved[s.param] = params[s.param].detach().clone()
+            params[s.param].index_fill_(s.dim, index.to(params[s.param].device), 0)
+            if s.role == "input":
+                watched.setdefault(s.module, []).append((g.name, index))
+    seen: dict[str, list[torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def fn(_module, args, _output):
+            seen.setdefault(name, []).append(args[0].detach())
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in watched]
+    try:
+        with analysis_mode(model):
+            model(*probe)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, value in saved.items():
+            params[name].copy_(value)
+    bad: dict[str, str] = {}
+    for consumer, checks in watched.items():
+        feature_dim = 1 if isinstance(modules[consumer], nn.Conv2d) else -1
+        for x in seen.get(consumer, []):
+            for gname, index in checks:
+                part = x.index_select(feature_dim, index.to(x.device))
+                if not torch.allclose(part[0], part[1], rtol=0, atol=1e-6 * (1 + part.abs().max().item())):
+                    bad.setdefault(gname, consumer)
+    kept = []
+    for g in groups:
+        if g.name in bad:
+            _exclude(excluded, g.name, f"filter pruning: torch-pruning's channel mapping into {bad[g.name]} "
+                     "could not be verified")
+        else:
+            kept.append(g)
+    return kept

@@ -1,0 +1,350 @@
+"""Training and evaluation: SGD (momentum / Nesterov), cosine or one-cycle schedule, label smoothing.
+
+* :func:`train_epoch` runs one epoch with hooks for the pruning engine: ``regularizer()`` (ADMM's
+  ``rho/2 * ||W - Z + U||^2``, AutoCompress, Liu et al. AAAI 2020, §3) is added to the loss, and
+  ``after_step()`` runs after every optimiser step (masked retraining holds the pruning masks).
+* :func:`evaluate` measures loss, top-1 and top-5 (with more than 10 classes) under ``analysis_mode``.
+* :func:`fit` trains for ``config.epochs`` epochs, evaluates the validation split after each, writes an
+  atomic checkpoint after each (with the optimiser / scheduler / RNG states, so ``resume=True`` continues
+  exactly as if never interrupted) and evaluates the test split at the end.
+
+Weight decay applies to conv / linear weights only, not to BatchNorm parameters or biases (every
+parameter with fewer than 2 dimensions), the usual choice for BN networks. Accuracies are fractions in
+[0, 1]; losses are mean cross-entropy per image (without label smoothing in :func:`evaluate`).
+
+All randomness is seeded from ``config.seed``: data order and augmentation use a ``torch.Generator`` that
+:func:`fit` owns; dropout and other layers that draw from the global RNG run inside
+``torch.random.fork_rng`` seeded from ``config.seed`` (the caller's global RNG state is left untouched).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .analysis import analysis_mode
+from .errors import UserError
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`fit`.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per optimiser step.
+        lr: peak learning rate (cosine: initial; one-cycle: maximum).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty on conv / linear weights (not BatchNorm, not biases).
+        schedule: ``"cosine"`` (lr to 0 over all iterations), ``"onecycle"`` (warm-up over the first
+            ``pct_start`` of iterations, then cosine down) or ``"constant"``; stepped every iteration.
+        pct_start: one-cycle warm-up fraction.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        seed: seeds data order, augmentation and the global RNG inside :func:`fit`.
+        device: torch device for training (``"cpu"``, ``"cuda"``).
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    pct_start: float = 0.25
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> "TrainConfig":
+        """Check the values; returns self. Raises UserError naming the bad option."""
+        checks = [
+            (self.epochs >= 1, f"--epochs {self.epochs} is not positive", "pass --epochs >= 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size} is not positive", "pass --batch-size >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr {self.lr} is not a positive number", "pass e.g. --lr 0.1"),
+            (0 <= self.momentum < 1, f"--momentum {self.momentum} is outside [0, 1)", "pass e.g. --momentum 0.9"),
+            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs momentum > 0",
+             "pass --momentum 0.9 or drop --nesterov"),
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is negative", "pass e.g. 5e-4"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}"),
+            (0 < self.pct_start < 1, f"pct_start {self.pct_start} is outside (0, 1)", "use e.g. 0.25"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing} is outside [0, 1)",
+             "pass e.g. 0.1"),
+        ]
+        for ok, problem, fix in checks:
+            if not ok:
+                raise UserError(problem, fix)
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Rebuild from :func:`dataclasses.asdict` output (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD with two parameter groups: weights with >= 2 dims get ``config.weight_decay``; BatchNorm
+    parameters and biases (< 2 dims) get none. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-iteration learning-rate schedule over ``config.epochs * steps_per_epoch`` steps, or None for
+    ``"constant"``. Cosine: ``CosineAnnealingLR`` from ``lr`` to 0 (Loshchilov & Hutter 2017); one-cycle:
+    ``OneCycleLR`` with peak ``lr`` (Smith & Topin 2019)."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+                                                   pct_start=config.pct_start)
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+                criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
+                after_step: Callable[[], None] | None = None, progress: bool = True, desc: str = "") -> dict:
+    """One training epoch in train mode.
+
+    Args:
+        loader: yields ``(images [B, C, H, W], labels int64 [B])``; batches move to the model's device.
+        scheduler: stepped after every optimiser step (per-iteration schedule).
+        criterion: loss (default ``nn.CrossEntropyLoss()``).
+        regularizer: returns a scalar tensor added to the loss of each step (ADMM).
+        after_step: called after every optimiser step (e.g. ``MaskEnforcer.after_step``).
+        progress: show a tqdm bar with running loss and accuracy.
+
+    Returns:
+        ``{"loss": mean data loss per image, "top1": training accuracy in [0, 1], "images": count}``,
+        plus ``"regularizer"`` (mean per step) when a regularizer is given.
+
+    Raises:
+        UserError: the loss became NaN / infinite (learning rate too high).
+    """
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+    device = _device_of(model)
+    model.train()
+    total_loss, correct, seen, reg_total, steps = 0.0, 0, 0, 0.0, 0
+    bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
+    for images, labels in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = criterion(logits, labels)
+        objective = loss
+        if regularizer is not None:
+            reg = regularizer()
+            objective = loss + reg
+            reg_total += float(reg.detach())
+        if not torch.isfinite(objective):
+            raise UserError(f"training loss became {float(objective)} at step {steps + 1}",
+                            "lower the learning rate (--lr) or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step()
+        steps += 1
+        n = labels.numel()
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.detach().argmax(1) == labels).sum())
+        seen += n
+        if progress and (steps % 10 == 0 or steps == 1):
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.2f}%")
+    bar.close()
+    result = {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1), "images": seen}
+    if regularizer is not None:
+        result["regularizer"] = reg_total / max(steps, 1)
+    return result
+
+
+def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "eval") -> dict:
+    """Loss and accuracy of ``model`` on ``loader`` under ``analysis_mode`` (eval mode, no grad; mode and
+    BatchNorm buffers restored afterwards).
+
+    Returns:
+        ``{"loss": mean cross-entropy per image, "top1": fraction in [0, 1], "images": count}`` plus
+        ``"top5"`` when the model has more than 10 outputs.
+    """
+    device = _device_of(model)
+    total_loss, correct1, correct5, seen, classes = 0.0, 0, 0, 0, 0
+    with analysis_mode(model):
+        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            classes = logits.shape[1]
+            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            top = logits.topk(min(5, classes), dim=1).indices
+            hits = top == labels[:, None]
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(1).sum())
+            seen += labels.numel()
+    result = {"loss": total_loss / max(seen, 1), "top1": correct1 / max(seen, 1), "images": seen}
+    if classes > 10:
+        result["top5"] = correct5 / max(seen, 1)
+    return result
+
+
+def check_model_input(model: nn.Module, input_size: tuple[int, ...], num_classes: int, model_name: str,
+                      dataset: str) -> None:
+    """Dry forward of a batch of 2 zero inputs ``[2, *input_size]`` under ``analysis_mode``.
+
+    Raises:
+        UserError: the model cannot take inputs of that size, or does not output ``[2, num_classes]``.
+    """
+    size = "x".join(map(str, input_size))
+    example = torch.zeros(2, *input_size, device=_device_of(model))
+    try:
+        with analysis_mode(model):
+            out = model(example)
+    except RuntimeError as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"model {model_name} cannot take {dataset} inputs of size {size} ({detail})",
+                        "choose a model made for this input size (see `autocompress inspect --list-models`)"
+                        ) from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"model {model_name} outputs {shape} for {dataset} inputs of size {size}, "
+                        f"expected (2, {num_classes})", "build it with num_classes of the dataset")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the global torch RNG for the body (e.g. weight init, dropout) and restore the caller's RNG
+    state afterwards (``torch.random.fork_rng``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def fit(model: nn.Module, splits, config: TrainConfig, *, checkpoint_path: str | os.PathLike | None = None,
+        model_name: str | None = None, model_kwargs: dict | None = None, resume: bool = False,
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+        regularizer: Callable[[], torch.Tensor] | None = None, after_step: Callable[[], None] | None = None,
+        progress: bool = True) -> dict:
+    """Train ``model`` on ``splits.train`` for ``config.epochs`` epochs, validating after each.
+
+    Args:
+        splits: a :class:`autocompress.data.DataSplits`.
+        checkpoint_path: when set, a checkpoint (with ``training_state``) is written atomically after every
+            epoch, and the final one (``training_state=None``) after the test evaluation. Needs
+            ``model_name`` and ``model_kwargs``.
+        resume: continue from the ``training_state`` in ``checkpoint_path`` (model weights, optimiser,
+            schedule, epoch, RNG states); ``config`` must equal the stored one (device aside). The
+            result equals an uninterrupted run.
+        on_epoch_end: ``fn(epoch, record)`` after each epoch (1-based epoch; record as in ``history``).
+        regularizer, after_step: passed to :func:`train_epoch`.
+
+    Returns:
+        metrics: ``{"epochs", "train_loss", "train_top1", "val_loss", "val_top1", "test_loss", "test_top1",
+        ("test_top5"), "train_seconds", "epoch_seconds" (mean), "history": [per-epoch records]}``; val
+        entries are None when the validation split is empty.
+
+    Raises:
+        UserError: bad config, nothing to resume, a config differing from the stored one, NaN loss.
+    """
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    config.validate()
+    if checkpoint_path is not None and model_name is None:
+        raise ValueError("fit(checkpoint_path=...) needs model_name and model_kwargs")
+    device = torch.device(config.device)
+    model.to(device)
+    data_rng = torch.Generator().manual_seed(config.seed)
+    train_loader = splits.loader("train", config.batch_size, generator=data_rng)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    history: list[dict] = []
+    start_epoch, global_rng = 0, None
+    if resume:
+        ckpt = load_checkpoint(checkpoint_path)
+        state = ckpt["training_state"]
+        if state is None:
+            raise UserError(f"checkpoint {checkpoint_path} holds a finished training run; nothing to resume",
+                            "use it as it is, or train anew with another --out")
+        stored = {k: v for k, v in ckpt["config"].items() if k != "device"}
+        wanted = {k: v for k, v in dataclasses.asdict(config).items() if k != "device"}
+        if stored != wanted:
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            raise UserError(f"cannot resume {checkpoint_path} with a different config ({', '.join(changed)})",
+                            "resume with the stored settings (TrainConfig.from_dict(ckpt['config']))")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        data_rng.set_state(state["data_rng"])
+        global_rng, start_epoch, history = state["torch_rng"], state["epoch"], list(state["history"])
+
+    def checkpoint(metrics: dict, training_state: dict | None) -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, model=model, model_name=model_name, model_kwargs=model_kwargs or {},
+                            dataset=splits.describe(), config=config, metrics=metrics,
+                            training_state=training_state)
+
+    eval_batch = max(256, config.batch_size)
+    with seeded(config.seed):
+        if global_rng is not None:
+            torch.set_rng_state(global_rng)
+        for epoch in range(start_epoch, config.epochs):
+            began = time.perf_counter()
+            train = train_epoch(model, train_loader, optimizer, scheduler, criterion=criterion,
+                                regularizer=regularizer, after_step=after_step, progress=progress,
+                                desc=f"epoch {epoch + 1}/{config.epochs}")
+            seconds = time.perf_counter() - began
+            val = evaluate(model, splits.loader("val", eval_batch)) if len(splits.val) else None
+            record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
+                      "val_loss": val["loss"] if val else None, "val_top1": val["top1"] if val else None,
+                      "seconds": seconds, "lr": optimizer.param_groups[0]["lr"]}
+            history.append(record)
+            checkpoint(_summary(history), {
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state(), "history": history})
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+    test = evaluate(model, splits.loader("test", eval_batch), progress=progress, desc="test")
+    metrics = _summary(history)
+    metrics.update({f"test_{key}": value for key, value in test.items() if key != "images"})
+    checkpoint(metrics, None)
+    return metrics
+
+
+def _summary(history: list[dict]) -> dict:
+    last = history[-1] if history else {}
+    seconds = [h["seconds"] for h in history]
+    return {"epochs": len(history), "train_loss": last.get("train_loss"), "train_top1": last.get("train_top1"),
+            "val_loss": last.get("val_loss"), "val_top1": last.get("val_top1"),
+            "train_seconds": sum(seconds), "epoch_seconds": sum(seconds) / max(len(seconds), 1),
+            "history": list(history)}
+
+
+__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_model_input", "evaluate",
+           "fit", "seeded", "train_epoch"]

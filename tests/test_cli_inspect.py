@@ -1,0 +1,90 @@
+"""``autocompress inspect``: text and JSON reports of checkpoints and zoo models, and its error paths
+(one line on stderr, exit status 2)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from autocompress.checkpoint import save_checkpoint
+from autocompress.cli import main
+from autocompress.models import create_model
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", num_classes=10, width=0.25)
+    with torch.no_grad():
+        model.classifier.weight[:, :4].zero_()  # 40 of 320 classifier weights
+    return save_checkpoint(tmp_path / "small.pt", model=model, model_name="fmnist_cnn",
+                           model_kwargs={"num_classes": 10, "width": 0.25},
+                           dataset={"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10},
+                           config={}, metrics={"test_top1": 0.5})
+
+
+def test_inspect_checkpoint_json(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint), "--json", "--latency-runs", "2", "--warmup", "0",
+                 "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model = create_model("fmnist_cnn", width=0.25)
+    assert report["model"] == "fmnist_cnn" and report["input_size"] == [1, 28, 28]
+    assert report["params"] == sum(p.numel() for p in model.parameters())
+    assert report["nonzero_params"] == report["params"] - 40 - 0  # fresh BN biases / linear bias are zero too
+    assert report["file_size_bytes"] == os.path.getsize(checkpoint)
+    assert report["flops"] == 2 * report["macs"]
+    # hand count at width 0.25: convs 8 @28x28, 8 and 16 @14x14, 16 and 32 @7x7, linear 32 -> 10
+    hand = 8 * 1 * 9 * 784 + (8 * 8 * 9 + 16 * 8 * 9) * 196 + (16 * 16 * 9 + 32 * 16 * 9) * 49 + 320
+    assert report["macs"] == hand
+    classifier = next(row for row in report["layers"] if row["name"] == "classifier")
+    assert classifier["zero_fraction"] == 40 / 320 and classifier["weight_shape"] == [10, 32]
+    assert set(report["latency"]) == {"1", "64"}
+    assert report["latency"]["64"]["batch"] == 64 and report["latency"]["1"]["threads"] == 1
+    assert report["latency"]["1"]["median_ms"] > 0
+
+
+def test_inspect_resnet20_text(capsys):
+    assert main(["inspect", "--model", "resnet20", "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters   272,474 (0.27M)" in out
+    assert "MACs         40,813,184 (40.81M)" in out
+    assert "FLOPs        81,626,368 (81.63M) per image (FLOPs = 2 x MACs)" in out
+    assert "layer3.0.downsample.0" in out and "latency" not in out
+
+
+def test_list_models(capsys):
+    assert main(["inspect", "--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "fmnist_cnn" in out and "resnet20" in out and "torchvision:" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "resnet2"], "unknown model 'resnet2'"),
+    ([], "exactly one of CHECKPOINT or --model"),
+    (["--model", "lenet5", "--input-size", "3,32"], "is not C,H,W"),
+    (["--model", "lenet5", "--input-size", "3,32,32"], "cannot take inputs of shape 1x3x32x32"),
+    (["--model", "lenet5", "--latency-runs", "0"], "invalid latency settings"),
+    (["--model", "vgg11", "--model-arg", "depth=3"], "takes no option 'depth'"),
+    (["missing.pt"], "does not exist"),
+])
+def test_inspect_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autocompress: error:") and message in err and "\n" not in err
+
+
+def test_inspect_corrupt_and_mismatched_checkpoints_exit_2(checkpoint, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:200])
+    assert main(["inspect", str(corrupt)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model"]["kwargs"]["width"] = 0.5
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(ckpt, mismatched)
+    assert main(["inspect", str(mismatched), "--no-latency"]) == 2
+    assert "do not match" in capsys.readouterr().err
+    assert corrupt.stat().st_size == 200  # nothing overwritten

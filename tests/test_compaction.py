@@ -1,0 +1,294 @@
+"""Physical compaction: masked model == compact model (eval mode), counts == hand counts from the masks.
+
+Masks are built here independently of the pruning space: filter masks zero whole coupled channel sets
+(found with torch-pruning's DependencyGraph groups), column masks zero random GEMM columns, irregular masks
+random entries.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+from autocompress.compaction import ColumnConv2d, ColumnLinear, compact
+from autocompress.errors import UserError
+from autocompress.models import create_model
+
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------------------- mask builders
+def _ones(model):
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+
+
+def _unsupported(group) -> bool:
+    for item in group.items:
+        module, node = item.dep.target.module, item.dep.target
+        if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs:
+            return True
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not (
+                module.groups == module.in_channels == module.out_channels):
+            return True
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)):
+            return True
+    return False
+
+
+def filter_masks(model, x, rate, seed=0, masks=None):
+    """Zero ``rate`` of the channels of every coupled group: producer rows + biases, depthwise rows,
+    BatchNorm affine, consumer input slices (what PruningSpace.param_masks produces)."""
+    masks = masks if masks is not None else _ones(model)
+    names = {m: n for n, m in model.named_modules()}
+    gen = torch.Generator().manual_seed(seed)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+    for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+        if _unsupported(group):
+            continue
+        size = len(group[0].idxs)
+        n_prune = min(size - 1, round(rate * size))
+        if n_prune <= 0:
+            continue
+        pruned = set(torch.randperm(size, generator=gen)[:n_prune].tolist())
+        for item in group.items:
+            module = item.dep.target.module
+            if module not in names or not isinstance(module, nn.Module):
+                continue
+            idx = torch.tensor([i for i, r in zip(item.idxs, item.root_idxs) if r in pruned], dtype=torch.long)
+            if idx.numel() == 0:
+                continue
+            name = names[module]
+            out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and (out or depthwise):
+                masks[f"{name}.weight"][idx] = False
+                if module.bias is not None:
+                    masks[f"{name}.bias"][idx] = False
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                masks[f"{name}.weight"][:, idx] = False
+            elif isinstance(module, nn.BatchNorm2d):
+                masks[f"{name}.weight"][idx] = False
+                masks[f"{name}.bias"][idx] = False
+    return masks
+
+
+def column_masks(model, rate, seed=0, masks=None, skip=()):
+    """Zero ``rate`` of the GEMM columns of every Conv2d / Linear except the names in ``skip``."""
+    masks = masks if masks is not None else _ones(model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if type(module) not in (nn.Conv2d, nn.Linear) or name in skip:
+            continue
+        gemm = masks[f"{name}.weight"].reshape(module.weight.shape[0], -1)
+        alive = torch.nonzero(gemm.any(0)).flatten()
+        n_prune = min(alive.numel() - 1, round(rate * alive.numel()))
+        gemm[:, alive[torch.randperm(alive.numel(), generator=gen)[:n_prune]]] = False
+    return masks
+
+
+def irregular_masks(model, rate, seed=0, masks=None):
+    masks = masks if masks is not None else _ones(model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if type(module) in (nn.Conv2d, nn.Linear):
+            masks[f"{name}.weight"] &= torch.rand(module.weight.shape, generator=gen) >= rate
+    return masks
+
+
+def hand_count(model, masks):
+    """Parameters the compact model must have: per Conv2d / Linear, alive rows x alive GEMM columns (+ bias
+    per alive row); per BatchNorm, 2 x alive channels; everything else in full."""
+    total, counted = 0, set()
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if type(module) in (nn.Conv2d, nn.Linear):
+            gemm = masks[f"{name}.weight"].reshape(module.weight.shape[0], -1)
+            rows, cols = int(gemm.any(1).sum()), int(gemm.any(0).sum())
+            total += rows * cols + (rows if module.bias is not None else 0)
+        elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            total += 2 * int(masks[f"{name}.weight"].sum())
+        else:
+            total += sum(p.numel() for p in params.values())
+        counted.update(f"{name}.{p}" if name else p for p in params)
+    return total
+
+
+def run(model, masks, x, exact_count=True):
+    model.eval()
+    result = compact(model, masks, x)
+    reference = _masked(model, masks)
+    with torch.no_grad():
+        ref, out = reference(x), result.model(x)
+    assert out.shape == ref.shape
+    assert float((out - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+    if exact_count:
+        assert result.report["params_after"] == hand_count(model, masks)
+    return result
+
+
+def _masked(model, masks):
+    import copy
+
+    masked = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, p in masked.named_parameters():
+            p.mul_(masks[name])
+    return masked
+
+
+def _randomize_bn(model, seed=0):
+    """Non-trivial BatchNorm statistics / affine so that a wrong channel mapping shows in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- own models
+class Mixed(nn.Module):
+    """Residual add, concatenation, depthwise conv and Conv -> Flatten -> Linear in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.res = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.left = nn.Conv2d(16, 12, 3, stride=2, padding=1)
+        self.right = nn.Sequential(nn.Conv2d(16, 8, 1, stride=2), nn.BatchNorm2d(8))
+        self.dw = nn.Sequential(nn.Conv2d(20, 20, 3, padding=2, dilation=2, groups=20), nn.BatchNorm2d(20),
+                                nn.ReLU6())
+        self.last = nn.Sequential(nn.Conv2d(20, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(10 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.res(x))
+        x = torch.cat([self.left(x), self.right(x)], dim=1)
+        return self.head(self.last(self.dw(x)))
+
+
+def _mixed():
+    torch.manual_seed(0)
+    return _randomize_bn(Mixed()).eval(), torch.randn(2, 3, 8, 8)
+
+
+def test_filter_only_own_model_removes_coupled_channels():
+    model, x = _mixed()
+    masks = filter_masks(model, x, 0.5)
+    result = run(model, masks, x)
+    m = result.model
+    assert m.stem[0].out_channels == 8 and m.res[0].in_channels == 8 and m.res[3].out_channels == 8
+    assert m.left.out_channels + m.right[0].out_channels == 10 == m.dw[0].groups == m.dw[1].num_features
+    assert m.last[0].out_channels == 5 and m.head[1].in_features == 5 * 16
+    assert not any(isinstance(mod, (ColumnConv2d, ColumnLinear)) for mod in m.modules())
+
+
+def test_column_only_own_model_uses_column_layers():
+    model, x = _mixed()
+    masks = column_masks(model, 0.6, skip={"head.3"})
+    result = run(model, masks, x)
+    assert isinstance(result.model.res[0], ColumnConv2d) and isinstance(result.model.head[1], ColumnLinear)
+    assert result.model.res[0].num_columns == 144 - round(0.6 * 144)
+    assert result.report["column_layers"]["res.0"] == [144 - round(0.6 * 144), 144]
+
+
+def test_hybrid_and_irregular_own_model():
+    model, x = _mixed()
+    masks = column_masks(model, 0.5, seed=1, masks=filter_masks(model, x, 0.25, seed=1), skip={"head.3"})
+    run(model, masks, x)
+    run(model, irregular_masks(model, 0.5, masks=masks), x, exact_count=False)
+    dense = run(model, irregular_masks(model, 0.3), x, exact_count=False)
+    assert dense.report["params_after"] == sum(p.numel() for p in model.parameters())
+
+
+def test_nonzero_bn_shift_of_pruned_filter_is_inconsistent():
+    model, x = _mixed()
+    masks = filter_masks(model, x, 0.5)
+    masks["stem.1.bias"][:] = True
+    with pytest.raises(UserError, match="inconsistent masks.*stem.1.bias"):
+        compact(model, masks, x)
+
+
+def test_every_channel_removed_is_refused():
+    model, x = _mixed()
+    masks = _ones(model)
+    masks["last.0.weight"][:] = False
+    masks["last.0.bias"][:] = False
+    masks["last.1.weight"][:] = False
+    masks["last.1.bias"][:] = False
+    with pytest.raises(UserError, match="every channel"):
+        compact(model, masks, x)
+
+
+def test_sigmoid_after_removed_channel_is_detected():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Conv2d(8, 4, 3)).eval()
+    masks = _ones(model)
+    masks["0.weight"][:2] = False
+    masks["0.bias"][:2] = False
+    with pytest.raises(RuntimeError, match="first diverging layer: '2'"):
+        compact(model, masks, torch.randn(1, 3, 8, 8))
+
+
+def test_groupnorm_coupling_is_refused_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    masks = _ones(model)
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        masks[name][:2] = False
+    with pytest.raises(UserError, match="GroupNorm '1'.*ignored layers"):
+        compact(model, masks, torch.randn(1, 3, 8, 8))
+
+
+def test_input_model_unchanged_and_result_in_eval():
+    model, x = _mixed()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compact(model, column_masks(model, 0.5, skip={"head.3"}), x)
+    assert model.training and not result.model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------- zoo
+ZOO = [("lenet5", 1, 28), ("fmnist_cnn", 1, 28), ("vgg11", 3, 32), ("resnet20", 3, 32), ("resnet18", 3, 32),
+       ("resnet50", 3, 32)]
+
+
+@pytest.mark.parametrize("name,channels,size", ZOO)
+def test_zoo_hybrid(name, channels, size):
+    model = _randomize_bn(create_model(name, num_classes=10)).eval()
+    x = torch.randn(2, channels, size, size)
+    masks = filter_masks(model, x, 0.4)
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    run(model, column_masks(model, 0.5, seed=2, masks=masks, skip={last}), x)
+
+
+@pytest.mark.parametrize("name,channels,size", ZOO[:4])
+def test_zoo_irregular_stays_dense(name, channels, size):
+    model = create_model(name, num_classes=10).eval()
+    x = torch.randn(2, channels, size, size)
+    result = run(model, irregular_masks(model, 0.5, seed=3), x, exact_count=False)
+    assert not result.report["removed_channels"]
+
+
+# ----------------------------------------------------------------------------------------- torchvision
+TORCHVISION = [("resnet18", 64), ("resnet50", 64), ("vgg16_bn", 32), ("mobilenet_v2", 64),
+               ("densenet121", 32), ("googlenet", 64), ("efficientnet_b0", 64), ("regnet_x_400mf", 64)]
+
+
+@pytest.mark.parametrize("name,size", TORCHVISION)
+def test_torchvision_hybrid(name, size):
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    torch.manual_seed(0)
+    model = _randomize_bn(getattr(torchvision.models, name)(num_classes=10, **kwargs)).eval()
+    x = torch.randn(1, 3, size, size)
+    masks = filter_masks(model, x, 0.3)
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    run(model, column_masks(model, 0.5, seed=4, masks=masks, skip={last}), x)

@@ -1,0 +1,113 @@
+"""Metrics against hand counts: conv MACs = C_out * C_in/groups * kh * kw * H_out * W_out, Linear MACs =
+in * out, repeated calls count every time, never-called modules count zero."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autocompress.metrics import (count_macs, count_params, file_size, layer_table, measure_latency,
+                                  model_summary)
+from autocompress.models import create_model
+
+
+def conv_macs(cout, cin, groups, kh, kw, hout, wout):
+    return cout * cin // groups * kh * kw * hout * wout
+
+
+class Probe(nn.Module):
+    """A depthwise conv applied twice, a strided grouped conv, a Linear, and a Linear never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.grouped = nn.Conv2d(4, 6, (3, 1), stride=2, padding=(1, 0), groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+        self.unused = nn.Linear(100, 100)
+
+    def forward(self, x):
+        x = self.depthwise(self.depthwise(x))
+        x = self.bn(self.grouped(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_macs_match_hand_counts_per_layer():
+    model = Probe()
+    x = torch.randn(2, 4, 10, 10)
+    rows = {row.name: row for row in layer_table(model, x)}
+    depthwise_once = conv_macs(4, 4, 4, 3, 3, 10, 10)
+    # H_out = (10 + 2*1 - 3) // 2 + 1 = 5, W_out = (10 + 0 - 1) // 2 + 1 = 5
+    grouped = conv_macs(6, 4, 2, 3, 1, 5, 5)
+    assert rows["depthwise"].macs == 2 * 2 * depthwise_once  # batch 2, called twice
+    assert rows["grouped"].macs == 2 * grouped
+    assert rows["fc"].macs == 2 * 6 * 3
+    assert rows["unused"].macs == 0 and rows["unused"].params == 100 * 100 + 100
+    assert rows["bn"].macs == 0
+    assert count_macs(model, x) == sum(row.macs for row in rows.values()) == 2 * (2 * depthwise_once + grouped + 18)
+    assert rows["grouped"].weight_shape == (6, 2, 3, 1) and rows["grouped"].params == 36
+
+
+def test_count_params_excludes_buffers():
+    model = Probe()
+    assert count_params(model) == (4 * 9 + 4) + 6 * 2 * 3 + 2 * 6 + (6 * 3 + 3) + (100 * 100 + 100)
+
+
+def test_zero_fraction():
+    model = nn.Sequential(nn.Linear(4, 5))
+    with torch.no_grad():
+        model[0].weight[:2].zero_()  # 8 of 20 entries
+    (row,) = layer_table(model, torch.randn(1, 4))
+    assert row.zero_fraction == 8 / 20
+    assert row.macs == 20
+
+
+def _resnet20_hand_macs() -> int:
+    macs = conv_macs(16, 3, 1, 3, 3, 32, 32)
+    cin, size = 16, 32
+    for width, stride in ((16, 1), (32, 2), (64, 2)):
+        for block in range(3):
+            s = stride if block == 0 else 1
+            size //= s
+            macs += conv_macs(width, cin, 1, 3, 3, size, size) + conv_macs(width, width, 1, 3, 3, size, size)
+            if cin != width:
+                macs += conv_macs(width, cin, 1, 1, 1, size, size)  # option-B projection shortcut
+            cin = width
+    return macs + 64 * 10
+
+
+def test_resnet20_counts_equal_hand_computation():
+    model = create_model("resnet20")
+    macs = count_macs(model, torch.randn(1, 3, 32, 32))
+    assert macs == _resnet20_hand_macs() == 40_813_184
+    assert count_params(model) == 272_474
+
+
+def test_counting_restores_mode_and_batchnorm_buffers():
+    model = create_model("fmnist_cnn", width=0.25).train()
+    before = {name: buf.clone() for name, buf in model.named_buffers()}
+    count_macs(model, torch.randn(4, 1, 28, 28))
+    assert model.training and all(m.training for m in model.modules())
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, before[name])
+
+
+def test_latency_is_positive_and_restores_thread_count():
+    model = create_model("lenet5")
+    threads = torch.get_num_threads()
+    result = measure_latency(model, torch.randn(3, 1, 28, 28), runs=4, warmup=1, threads=1)
+    assert torch.get_num_threads() == threads
+    assert result.batch == 3 and result.threads == 1 and result.runs == 4
+    assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+
+
+def test_model_summary_and_file_size(tmp_path):
+    model = create_model("lenet5")
+    summary = model_summary(model, (1, 28, 28), latency_runs=2, warmup=0, latency_batches=(1, 5))
+    hand = conv_macs(6, 1, 1, 5, 5, 28, 28) + conv_macs(16, 6, 1, 5, 5, 10, 10) + 400 * 120 + 120 * 84 + 84 * 10
+    assert summary.macs == hand and summary.flops == 2 * hand
+    assert summary.params == 61_706
+    assert set(summary.latency) == {1, 5} and summary.latency[5].batch == 5
+    assert summary.to_dict()["latency"]["5"]["batch"] == 5
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"x" * 1234)
+    assert file_size(path) == 1234

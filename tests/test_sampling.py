@@ -1,0 +1,160 @@
+"""Action sampling: targets are met, loops are bounded, the guidance ordering holds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import isotonic_regression
+
+from autocompress.errors import UserError
+from autocompress.sampling import ActionSampler, Unit, meet_target, order_rates, rates_dict
+
+
+def keep(size: int, rate: float) -> int:
+    """The architecture's keep count: max(1, size - round(rate * size))."""
+    return max(1, size - round(rate * size))
+
+
+class HybridModel:
+    """A hand-countable stand-in for a hybrid space: layer j has F_j filters x C_j columns (params F_j*C_j
+    after pruning), plus a fixed unprunable part. Units: one filter unit and one column unit per layer."""
+
+    def __init__(self, filters, columns, fixed=10):
+        self.filters, self.columns, self.fixed = list(filters), list(columns), fixed
+        n = len(self.filters)
+        self.units = [Unit("filter", f"l{j}", f, f * c) for j, (f, c) in enumerate(zip(filters, columns))]
+        self.units += [Unit("column", f"l{j}", c, f * c) for j, (f, c) in enumerate(zip(filters, columns))]
+        self.n = n
+        self.calls = 0
+
+    def cost(self, rates: np.ndarray) -> float:
+        self.calls += 1
+        total = self.fixed
+        for j in range(self.n):
+            total += keep(self.filters[j], rates[j]) * keep(self.columns[j], rates[self.n + j])
+        return float(total)
+
+
+def ordered(rates, units) -> bool:
+    for i, a in enumerate(units):
+        for j, b in enumerate(units):
+            if a.kind == b.kind and a.weight > b.weight and rates[i] < rates[j] - 1e-12:
+                return False
+    return True
+
+
+layer_sizes = st.lists(st.tuples(st.integers(1, 256), st.integers(1, 1200)), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(layer_sizes, st.floats(1.5, 50.0), st.floats(0.5, 0.99), st.lists(st.floats(0, 1), min_size=16,
+                                                                         max_size=16))
+def test_meet_target_always_meets_or_refuses(sizes, target, r_max, direction):
+    model = HybridModel(*zip(*sizes))
+    d = np.array(direction[: len(model.units)] + [0.5] * max(0, len(model.units) - 16))
+    original = model.cost(np.zeros(len(model.units)))
+    reachable = model.cost(np.full(len(model.units), r_max)) <= original / target
+    model.calls = 0
+    if not reachable:
+        with pytest.raises(UserError, match="unreachable"):
+            meet_target(d, model.cost, target, r_max=r_max)
+        return
+    rates = meet_target(d, model.cost, target, r_max=r_max, max_iter=64)
+    assert model.calls <= 64 + 3  # bounded: zeros, full, then at most max_iter bisection steps
+    assert np.all(rates >= 0) and np.all(rates <= r_max)
+    assert model.cost(rates) <= original / target
+
+
+def test_uniform_direction_is_as_close_as_granularity_allows():
+    # one layer of 100 filters x 100 columns: uniform rate r keeps keep(100, r)^2 params (+10 fixed)
+    model = HybridModel([100], [100])
+    original = model.cost(np.zeros(2))
+    rates = meet_target(np.ones(2), model.cost, 4.0, r_max=0.95)
+    assert rates[0] == pytest.approx(rates[1])
+    # budget (10010 / 4 = 2502.5) allows 49 x 49 + 10 = 2411 but not 50 x 50 + 10 = 2510
+    assert model.cost(rates) == 49 * 49 + 10
+    assert model.cost(rates - 1e-6) > original / 4.0
+
+
+def test_unreachable_target_names_best_compression():
+    # at r_max=0.5 the layer keeps 4 - 2 = 2 filters and 9 - round(4.5) = 5 columns: 36 / 10 = 3.6x
+    model = HybridModel([4], [9], fixed=0)
+    with pytest.raises(UserError, match=r"target 50x is unreachable.*reaches only 3.6x"):
+        meet_target(np.ones(2), model.cost, 50.0, r_max=0.5)
+    with pytest.raises(UserError, match="unreachable"):
+        ActionSampler(model.units, model.cost, 50.0, r_max=0.5)
+
+
+def test_high_target_terminates_with_tiny_units():
+    # layers of a single filter / column can never shrink; the big layer must absorb everything
+    model = HybridModel([1, 1, 512], [1, 1, 4608], fixed=0)
+    rates = meet_target(np.ones(6), model.cost, 50.0, r_max=0.99)
+    assert model.cost(rates) <= model.cost(np.zeros(6)) / 50
+
+
+def test_order_rates_matches_isotonic_regression_per_kind():
+    rng = np.random.default_rng(0)
+    weights = rng.permutation(10) + 1.0
+    units = [Unit("filter", f"f{i}", 8, w) for i, w in enumerate(weights)]
+    units += [Unit("column", f"c{i}", 8, w) for i, w in enumerate(weights)]
+    rates = rng.uniform(0, 1, size=20)
+    out = order_rates(rates, units)
+    for kind_slice in (slice(0, 10), slice(10, 20)):
+        order = np.argsort(weights)
+        reference = isotonic_regression(rates[kind_slice][order]).x
+        np.testing.assert_allclose(out[kind_slice][order], reference)
+    assert ordered(out, units)
+
+
+def test_order_rates_leaves_ties_unconstrained():
+    units = [Unit("filter", "a", 4, 10.0), Unit("filter", "b", 4, 10.0), Unit("filter", "c", 4, 5.0)]
+    out = order_rates(np.array([0.9, 0.1, 0.05]), units)
+    np.testing.assert_allclose(out, [0.9, 0.1, 0.05])  # already ordered: equal weights may differ
+    out = order_rates(np.array([0.2, 0.1, 0.3]), units)
+    # c (lighter) may not exceed the smaller of its heavier peers: pooled with b -> 0.2
+    np.testing.assert_allclose(out, [0.2, 0.2, 0.2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_sizes, st.floats(1.5, 20.0), st.floats(0.0, 0.5), st.integers(0, 2**32 - 1))
+def test_perturb_keeps_target_and_guidance(sizes, target, magnitude, seed):
+    model = HybridModel(*zip(*sizes))
+    try:
+        sampler = ActionSampler(model.units, model.cost, target, r_max=0.98)
+    except UserError:
+        return
+    action = sampler.initial_action()
+    assert ordered(action, model.units)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        action = sampler.perturb(action, magnitude, rng)
+        assert ordered(action, model.units)
+        assert np.all((action >= 0) & (action <= 0.98))
+        assert sampler.compression(action) >= target
+
+
+def test_perturb_is_deterministic_and_accepts_torch_generators():
+    model = HybridModel([16, 32, 64], [27, 144, 288])
+    sampler = ActionSampler(model.units, model.cost, 6.0)
+    a0 = sampler.initial_action()
+    a = sampler.perturb(a0, 0.1, np.random.default_rng(3))
+    b = sampler.perturb(a0, 0.1, np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, a0)
+    t1 = sampler.perturb(a0, 0.1, torch.Generator().manual_seed(5))
+    t2 = sampler.perturb(a0, 0.1, torch.Generator().manual_seed(5))
+    np.testing.assert_array_equal(t1, t2)
+
+
+def test_initial_action_spread_prunes_heavy_units_harder():
+    model = HybridModel([16, 64], [27, 576])
+    sampler = ActionSampler(model.units, model.cost, 4.0)
+    uniform = sampler.initial_action(spread=0.0)
+    assert np.ptp(uniform) == pytest.approx(0.0)
+    guided = sampler.initial_action(spread=0.5)
+    assert guided[1] > guided[0] and guided[3] > guided[2]
+    assert rates_dict(model.units, guided) == {
+        "filter": {"l0": guided[0], "l1": guided[1]}, "column": {"l0": guided[2], "l1": guided[3]},
+        "irregular": {}}
