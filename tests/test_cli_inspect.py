@@ -32,7 +32,8 @@ def test_inspect_checkpoint_json(checkpoint, capsys):
     model = create_model("fmnist_cnn", width=0.25)
     assert report["model"] == "fmnist_cnn" and report["input_size"] == [1, 28, 28]
     assert report["params"] == sum(p.numel() for p in model.parameters())
-    assert report["nonzero_params"] == report["params"] - 40 - 0  # fresh BN biases / linear bias are zero too
+    # zero: the 40 classifier weights, the fresh BatchNorm shifts (8+8+16+16+32) and the classifier bias
+    assert report["nonzero_params"] == report["params"] - 40 - 80 - 10
     assert report["file_size_bytes"] == os.path.getsize(checkpoint)
     assert report["flops"] == 2 * report["macs"]
     # hand count at width 0.25: convs 8 @28x28, 8 and 16 @14x14, 16 and 32 @7x7, linear 32 -> 10

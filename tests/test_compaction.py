@@ -16,7 +16,7 @@ from autocompress.compaction import ColumnConv2d, ColumnLinear, compact
 from autocompress.errors import UserError
 from autocompress.models import create_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 threads on the shared 2-core machine spin-wait (~100x slower)
 
 
 # ----------------------------------------------------------------------------------------- mask builders
@@ -288,6 +288,8 @@ def test_torchvision_hybrid(name, size):
     kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     torch.manual_seed(0)
     model = _randomize_bn(getattr(torchvision.models, name)(num_classes=10, **kwargs)).eval()
+    if name == "vgg16_bn":  # a narrow classifier keeps the test fast; Flatten -> Linear coupling stays
+        model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10))
     x = torch.randn(1, 3, size, size)
     masks = filter_masks(model, x, 0.3)
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]

@@ -76,6 +76,11 @@ def test_uniform_direction_is_as_close_as_granularity_allows():
     # budget (10010 / 4 = 2502.5) allows 49 x 49 + 10 = 2411 but not 50 x 50 + 10 = 2510
     assert model.cost(rates) == 49 * 49 + 10
     assert model.cost(rates - 1e-6) > original / 4.0
+    sampler = ActionSampler(model.units, model.cost, 4.0)  # stops the bisection at the units' granularity
+    model.calls = 0
+    action = sampler.initial_action(spread=0.0)
+    assert model.calls <= 20  # r_max check + 1e-3-unit bracket: log2(0.95 / (1e-3 / 100)) = 17 steps
+    assert model.cost(action) == 49 * 49 + 10
 
 
 def test_unreachable_target_names_best_compression():

@@ -29,7 +29,6 @@ with the masks held after every optimiser step (:class:`autocompress.masks.MaskE
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from . import training
+from .errors import UserError
 from .masks import MaskEnforcer, Masks, apply_masks
 from .projection import project
 
@@ -69,8 +69,6 @@ class ADMMConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        from .errors import UserError
-
         if self.epochs < 0:
             raise UserError(f"ADMM epochs must be >= 0, got {self.epochs}", "pass --admm-epochs 0 or more")
         if not (self.rho_init > 0 and self.rho_max >= self.rho_init and self.rho_growth >= 1.0):
@@ -81,6 +79,12 @@ class ADMMConfig:
             raise UserError(f"ADMM update_interval must be >= 1, got {self.update_interval}",
                             "pass a positive number of optimiser steps, or None for once per epoch")
 
+    def train_config(self) -> training.TrainConfig:
+        """The W-step's SGD settings as a :class:`autocompress.training.TrainConfig` (cosine schedule)."""
+        return training.TrainConfig(epochs=max(1, self.epochs), lr=self.lr, momentum=self.momentum,
+                                    nesterov=self.momentum > 0, weight_decay=self.weight_decay,
+                                    label_smoothing=self.label_smoothing, schedule="cosine").validate()
+
 
 @dataclass
 class ADMMResult:
@@ -88,8 +92,9 @@ class ADMMResult:
 
     Attributes:
         masks: keep masks of ``Proj_S(W)`` for the trained ``W`` (what :func:`hard_prune` will apply).
-        history: one entry per Z/U update: ``{"update": k, "epoch": e, "step": s, "rho": rho used in the
-            W-step before it, "residuals": {layer: ||W - Z||_F / ||W||_F}, "max_residual": float}``;
+        history: one entry per Z/U update: ``{"update": k, "epoch": e, "step": s, "rho": rho of the
+            next W-step, "residuals": {layer: ||W - Z||_F / ||W||_F}, "residual": the same over all
+            layers together, "max_residual": the largest layer's}``;
             entry 0 is the state before any W-step (``Z = Proj_S(W)``).
         epoch_stats: the dict :func:`autocompress.training.train_epoch` returned for every epoch.
     """
@@ -188,22 +193,23 @@ class ADMMState:
         self._refresh_targets()
 
     @torch.no_grad()
-    def residuals(self) -> dict[str, float]:
-        """Per-layer primal residual ``||W - Z||_F / ||W||_F`` (layer = owning module; 0 when ``W = 0``)."""
+    def residuals(self) -> tuple[dict[str, float], float]:
+        """Primal residuals ``||W - Z||_F / ||W||_F``: per layer (owning module of the parameters) and over
+        all ADMM parameters together (0 where ``W = 0``)."""
         diff = torch._foreach_norm(torch._foreach_sub([p.detach() for p in self.weights], self.z))
         norm = torch._foreach_norm([p.detach() for p in self.weights])
         sums: dict[str, list[float]] = {}
         for name, d, n in zip(self.names, diff, norm):
-            layer = name.rpartition(".")[0]
-            acc = sums.setdefault(layer, [0.0, 0.0])
+            acc = sums.setdefault(name.rpartition(".")[0], [0.0, 0.0])
             acc[0] += float(d) ** 2
             acc[1] += float(n) ** 2
-        return {layer: (math.sqrt(d) / math.sqrt(n) if n > 0 else 0.0) for layer, (d, n) in sums.items()}
+        total_d, total_n = sum(d for d, _ in sums.values()), sum(n for _, n in sums.values())
+        per_layer = {layer: _ratio(d, n) for layer, (d, n) in sums.items()}
+        return per_layer, _ratio(total_d, total_n)
 
 
-def _train_config(config: ADMMConfig) -> "training.TrainConfig":
-    return training.TrainConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
+def _ratio(squared_diff: float, squared_norm: float) -> float:
+    return math.sqrt(squared_diff / squared_norm) if squared_norm > 0 else 0.0
 
 
 def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
@@ -229,43 +235,41 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
     """
     state = ADMMState(model, space, rates, config)
-    result = ADMMResult(masks=Masks(filters={}, columns={}, weights={}))
-    steps = 0
-    epoch = 0
+    history: list[dict] = []
+    epoch_stats: list[dict] = []
+    steps, epoch = 0, 0
 
     def record() -> None:
-        residuals = state.residuals()
-        entry = {"update": len(result.history), "epoch": epoch, "step": steps, "rho": state.rho,
-                 "residuals": residuals, "max_residual": max(residuals.values(), default=0.0)}
-        result.history.append(entry)
+        residuals, total = state.residuals()
+        entry = {"update": len(history), "epoch": epoch, "step": steps, "rho": state.rho,
+                 "residuals": residuals, "residual": total,
+                 "max_residual": max(residuals.values(), default=0.0)}
+        history.append(entry)
         if log is not None and entry["update"] > 0:
-            mean = sum(residuals.values()) / max(1, len(residuals))
-            log(f"ADMM update {entry['update']} (epoch {epoch + 1}, step {steps}): rho {entry['rho']:.3g}, "
-                f"primal residual max {entry['max_residual']:.4f} mean {mean:.4f}")
-
-    def update() -> None:
-        state.update()
-        record()
+            log(f"ADMM update {entry['update']} (epoch {epoch + 1}, step {steps}): primal residual "
+                f"{total:.4f} (largest layer {entry['max_residual']:.4f}); rho now {state.rho:.3g}")
 
     def after_step() -> None:
         nonlocal steps
         steps += 1
         if config.update_interval is not None and steps % config.update_interval == 0:
-            update()
+            state.update()
+            record()
 
     record()
     if config.epochs > 0:
-        train_config = _train_config(config)
+        train_config = config.train_config()
         optimizer = training.build_optimizer(model, train_config)
-        scheduler = training.build_scheduler(optimizer, train_config, steps_per_epoch=len(train_loader))
+        scheduler = training.build_scheduler(optimizer, train_config, len(train_loader))
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         for epoch in range(config.epochs):
-            stats = training.train_epoch(model, train_loader, optimizer, scheduler,
-                                         regularizer=state.penalty, after_step=after_step)
-            result.epoch_stats.append(stats)
+            epoch_stats.append(training.train_epoch(
+                model, train_loader, optimizer, scheduler, criterion=criterion, regularizer=state.penalty,
+                after_step=after_step, progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
             if config.update_interval is None:
-                update()
-    result.masks = project(space, model, rates)
-    return result
+                state.update()
+                record()
+    return ADMMResult(masks=project(space, model, rates), history=history, epoch_stats=epoch_stats)
 
 
 def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, torch.Tensor]]:
@@ -281,38 +285,22 @@ def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, t
     return masks, param_masks
 
 
-@dataclass
-class RetrainConfig:
-    """Masked retraining settings (SGD, cosine schedule).
-
-    Attributes:
-        epochs: fine-tuning epochs.
-        lr: initial learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 weight decay (pruned entries stay zero: :class:`MaskEnforcer`).
-        label_smoothing: label smoothing of the cross-entropy loss.
-    """
-
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-
-
 def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
-                   config: RetrainConfig, *, val_loader: Iterable | None = None,
+                   config: training.TrainConfig, *, val_loader: Iterable | None = None, progress: bool = True,
                    log: Callable[[str], None] | None = None) -> list[dict]:
-    """Masked retraining (brief §3): fine-tune ``model`` in place with the pruned entries held at zero after
-    every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries cleared
-    by :class:`autocompress.masks.MaskEnforcer`).
+    """Masked retraining (brief §3): fine-tune ``model`` in place with the pruned entries held at zero
+    through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
+    cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
 
     Args:
-        model: a hard-pruned model (masked entries are zero).
+        model: the model to fine-tune (masked entries are zeroed first).
         param_masks: ``{parameter name: bool tensor shaped like it}``, True = kept.
-        train_loader: ``(images, labels)`` batches.
-        config: :class:`RetrainConfig`.
+        train_loader: ``(images [N, C, H, W], labels [N])`` batches.
+        config: a :class:`autocompress.training.TrainConfig` (epochs, lr, momentum, weight decay, schedule,
+            label smoothing; batch size and seed are the loader's business). ``epochs == 0`` only applies
+            the masks.
         val_loader: when given, top-1 on it is added to each epoch's stats as ``"val_top1"``.
+        progress: tqdm progress bars.
         log: called with one line per epoch.
 
     Returns:
@@ -322,17 +310,22 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     history: list[dict] = []
     if config.epochs <= 0:
         return history
-    train_config = training.TrainConfig(**dataclasses.asdict(config))
-    optimizer = training.build_optimizer(model, train_config)
-    scheduler = training.build_scheduler(optimizer, train_config, steps_per_epoch=len(train_loader))
+    optimizer = training.build_optimizer(model, config)
+    scheduler = training.build_scheduler(optimizer, config, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
-    for epoch in range(config.epochs):
-        stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler,
-                                          after_step=enforcer.after_step))
-        if val_loader is not None:
-            stats["val_top1"] = training.evaluate(model, val_loader)["top1"]
-        history.append(stats)
-        if log is not None:
-            log(f"retrain epoch {epoch + 1}/{config.epochs}: " +
-                ", ".join(f"{k} {v:.4g}" for k, v in stats.items() if isinstance(v, float)))
+    try:
+        for epoch in range(config.epochs):
+            stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler, criterion=criterion,
+                                              progress=progress,
+                                              desc=f"retrain epoch {epoch + 1}/{config.epochs}"))
+            if val_loader is not None:
+                stats["val_top1"] = training.evaluate(model, val_loader)["top1"]
+            history.append(stats)
+            if log is not None:
+                log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}, "
+                    f"train top-1 {stats['top1']:.4f}"
+                    + (f", val top-1 {stats['val_top1']:.4f}" if "val_top1" in stats else ""))
+    finally:
+        enforcer.detach()
     return history

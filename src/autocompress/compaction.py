@@ -28,9 +28,12 @@ from torch import nn
 from .analysis import analysis_mode
 from .errors import UserError
 
-#: default ``ColumnConv2d`` dispatch threshold: the dense conv on the kept input channels is used when at
-#: least this fraction of the kept channels' columns is kept (measured by benchmarks/column_conv.py).
-DENSE_DENSITY_THRESHOLD = 0.75
+#: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
+#: used when fewer than this fraction of the kept input channels' columns is kept and the layer has at least
+#: :data:`GEMM_MIN_FILTERS` filters; otherwise the dense conv on the kept input channels (oneDNN's direct
+#: conv beats a GEMM on narrow layers).
+DENSE_DENSITY_THRESHOLD = 0.7
+GEMM_MIN_FILTERS = 128
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -54,13 +57,15 @@ class ColumnConv2d(nn.Module):
     * ``"dense"``: drop the input channels none of whose columns is kept, then one dense conv on that
       slice with the kept columns scattered into a ``[F, C'/groups, kh, kw]`` weight. Best when the kept
       channels keep most of their columns.
-    * ``"positions"``: for every kernel position ``(i, j)`` with kept columns, a 1x1 conv of the shifted
-      input's kept channels, accumulated (``F*K'*Ho*Wo`` MACs, the GEMM's own count).
+    * ``"positions"``: for every kernel position ``(i, j)`` with kept columns, the shifted input's kept
+      channels are gathered, so the kept-column im2col ``[N, K', Ho*Wo]`` is built directly and multiplied
+      by ``weight`` in one GEMM (``F*K'*Ho*Wo`` MACs, the GEMM's own count); grouped convs run one grouped
+      1x1 conv per position instead, accumulated.
 
-    ``mode="auto"`` picks ``"dense"`` when ``K' >= threshold * C'/groups*kh*kw`` (threshold
-    :data:`DENSE_DENSITY_THRESHOLD`) or the kernel is 1x1, else ``"positions"``; the choice depends only
-    on the indices, so it is deterministic. In eval / no-grad use the per-path weights are cached and
-    rebuilt when ``weight`` changes. Every op (Pad, Slice, Gather, Conv, Add) exports to ONNX.
+    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C'/groups*kh*kw`` and
+    ``F >= GEMM_MIN_FILTERS`` (kernel larger than 1x1), else ``"dense"``; the choice depends only on the
+    shapes and indices, so it is deterministic. In eval / no-grad use the per-path weights are cached and
+    rebuilt when ``weight`` changes. Every op (Pad, Slice, Gather, Concat, MatMul, Conv, Add) exports to ONNX.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
@@ -137,7 +142,8 @@ class ColumnConv2d(nn.Module):
         kept = torch.unique(channel)
         density = index.numel() / (kept.numel() * kk)
         if self.mode == "auto":
-            self.path = "dense" if kk == 1 or density >= DENSE_DENSITY_THRESHOLD else "positions"
+            gemm = kk > 1 and density < DENSE_DENSITY_THRESHOLD and self.out_channels >= GEMM_MIN_FILTERS
+            self.path = "positions" if gemm else "dense"
         else:
             self.path = self.mode
         rank = torch.full((per_group,), -1, dtype=torch.long)
@@ -170,6 +176,8 @@ class ColumnConv2d(nn.Module):
             dense = self.weight.new_zeros(self.out_channels, self._dense_channels * kh * kw)
             dense = dense.index_copy(1, self._dense_columns.to(self.weight.device), self.weight)
             weights: Any = dense.reshape(self.out_channels, self._dense_channels, kh, kw)
+        elif self.groups == 1:
+            weights = None  # the GEMM uses ``weight`` as stored (position-major columns)
         else:
             weights = [self.weight[:, start:end].reshape(self.out_channels, -1, 1, 1).contiguous()
                        for _, _, start, end, _ in self._positions]
@@ -195,13 +203,18 @@ class ColumnConv2d(nn.Module):
         x = self._pad(x)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         height, width = x.shape[-2], x.shape[-1]
-        out = None
-        for (i, j, _, _, channels), weight in zip(self._positions, weights):
-            shifted = x[:, :, i * dh: height - (kh - 1 - i) * dh: sh, j * dw: width - (kw - 1 - j) * dw: sw]
-            if channels is not None:
-                shifted = shifted.index_select(1, channels)
-            term = F.conv2d(shifted, weight, None, 1, 0, 1, self.groups)
-            out = term if out is None else out + term
+        shifted = []
+        for i, j, _, _, channels in self._positions:
+            view = x[:, :, i * dh: height - (kh - 1 - i) * dh: sh, j * dw: width - (kw - 1 - j) * dw: sw]
+            shifted.append(view if channels is None else view.index_select(1, channels))
+        if self.groups == 1:  # one GEMM: [F, K'] @ [N, K', Ho*Wo], the kept-column im2col built directly
+            cols = torch.cat(shifted, dim=1)
+            out = torch.matmul(self.weight, cols.flatten(2)).unflatten(2, cols.shape[2:])
+        else:  # grouped: one grouped 1x1 conv per kernel position, accumulated
+            out = None
+            for view, weight in zip(shifted, weights):
+                term = F.conv2d(view, weight, None, 1, 0, 1, self.groups)
+                out = term if out is None else out + term
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
@@ -600,5 +613,5 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 
 
-__all__ = ["ColumnConv2d", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD", "compact",
+__all__ = ["ColumnConv2d", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD", "GEMM_MIN_FILTERS", "compact",
            "verify"]

@@ -470,13 +470,15 @@ def _read_image_folders(root: Path) -> tuple[TensorSplit, TensorSplit, list[str]
 
 
 def _decode(samples: list[tuple[Path, int]]) -> TensorSplit:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """Decode image files (PIL, converted to RGB) into uint8 ``[N, 3, H, W]``; all must share one size."""
+    from PIL import Image, UnidentifiedImageError
 
     images = None
     for i, (path, _) in enumerate(samples):
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as exc:
+            with Image.open(path) as handle:
+                image = torch.from_numpy(np.array(handle.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise UserError(f"cannot decode image {path}: {exc}", "remove or replace the file") from exc
         if images is None:
             images = torch.empty((len(samples), *image.shape), dtype=torch.uint8)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .analysis import analysis_mode
 from .errors import UserError
 from .masks import apply_masks
 from .projection import project
+from .sampling import quiet_clipping
 from .training import evaluate
 
 
@@ -130,9 +130,8 @@ class QuickEvaluator:
         model = self._model
         with torch.no_grad():
             model.load_state_dict(self._initial)
-        with analysis_mode(model):
-            masks = project(self.space, model, rates)
-        with torch.no_grad():
+            with quiet_clipping():
+                masks = project(self.space, model, rates)
             apply_masks(model, self.space.param_masks(masks))
         if self.bn_recalibration:
             recalibrate_batchnorm(model, self._bn_data)

@@ -24,16 +24,20 @@ Choices the paper leaves open (ours, exposed as arguments):
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import UserError
+from .projection import project
+from .space import KINDS
 
-KINDS = ("filter", "column", "irregular")
 OBJECTIVES = ("params", "flops")
 
 #: A cost maps a rate vector (float64 [n_units]) to the remaining count (parameters or MACs) of the model
@@ -158,7 +162,10 @@ def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: floa
     lo, hi = 0.0, r_max / d.min()  # invariant: cost(lo * d) > budget >= cost(clip(hi * d))
     probe = r_max / d.max()  # exponential search while probe > 0, then bisection
     for _ in range(max_iter):
-        mid = probe if lo < probe < hi else 0.5 * (lo + hi)
+        if lo < probe < hi:
+            mid = probe
+        else:
+            mid, probe = 0.5 * (lo + hi), 0.0
         if hi - lo <= step or not lo < mid < hi:
             break
         if cost(np.clip(mid * d, 0.0, r_max)) <= budget:
@@ -234,6 +241,19 @@ class ActionSampler:
         """The engine's rates dict ``{"filter": {..}, "column": {..}, "irregular": {..}}`` of an action."""
         return rates_dict(self.units, action)
 
+    @classmethod
+    def from_space(cls, space, model: nn.Module, objective: str, target: float, *, r_max: float | None = None,
+                   max_iter: int = 64) -> ActionSampler:
+        """A sampler over every unit of ``space`` (a :class:`~autocompress.space.PruningSpace` of ``model``)
+        with the exact cost :func:`space_cost`; ``r_max`` defaults to ``space.max_rate``.
+
+        Raises:
+            UserError: unknown objective, empty space, or an unreachable target.
+        """
+        units = units_from_space(space, objective)
+        return cls(units, space_cost(space, model, units, objective), target,
+                   r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter)
+
 
 def rates_dict(units: Sequence[Unit], action: np.ndarray) -> dict[str, dict[str, float]]:
     """``{"filter": {name: rate}, "column": {...}, "irregular": {...}}`` for a rate vector [n_units]."""
@@ -241,3 +261,60 @@ def rates_dict(units: Sequence[Unit], action: np.ndarray) -> dict[str, dict[str,
     for unit, rate in zip(units, np.asarray(action, dtype=np.float64)):
         rates[unit.kind][unit.name] = float(rate)
     return rates
+
+
+def _check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
+    return "params" if objective == "params" else "macs"
+
+
+def units_from_space(space, objective: str) -> list[Unit]:
+    """The action's units for a :class:`~autocompress.space.PruningSpace`: its filter groups, column layers
+    and irregular layers (in that order), weighted by the parameters (``"params"``) or MACs (``"flops"``)
+    each governs. Raises UserError for an unknown objective."""
+    attr = _check_objective(objective)
+    return [Unit(kind, u.name, int(u.size), float(getattr(u, attr))) for kind in KINDS for u in space.units(kind)]
+
+
+class _DropClipWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "would remove all" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def quiet_clipping() -> Iterator[None]:
+    """Silence the projection's "would remove all units; keeping 1" warnings while the search probes
+    rates (many probes clip small units; the keep-1 rule is part of the counts, and the final pruning
+    still reports clipped units)."""
+    logger = logging.getLogger(project.__module__)
+    quiet = _DropClipWarnings()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def space_cost(space, model: nn.Module, units: Sequence[Unit], objective: str) -> Cost:
+    """The exact cost of a rate vector: ``space.count(project(space, model, rates))``, parameters
+    (``"params"``) or MACs (``"flops"``) of the compact model, i.e. the same counts the engine reports.
+
+    One call costs one projection + count (about 6 ms for fmnist_cnn, 17 ms for resnet20 on one core);
+    repeated rate vectors are served from a small cache.
+    """
+    attr = _check_objective(objective)
+    cache: dict[bytes, float] = {}
+
+    def cost(rates: np.ndarray) -> float:
+        rates = np.asarray(rates, dtype=np.float64)
+        key = rates.tobytes()
+        if key not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            with quiet_clipping():
+                masks = project(space, model, rates_dict(units, rates))
+            cache[key] = float(getattr(space.count(masks), attr))
+        return cache[key]
+
+    return cost

@@ -12,6 +12,7 @@ Irregular (non-structured) zeros stay in dense tensors; :func:`to_sparse_state_d
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -176,9 +177,13 @@ def to_sparse_state_dict(state_dict: dict[str, torch.Tensor], *, min_sparsity: f
         tensor = tensor.detach().cpu()
         if tensor.is_floating_point() and tensor.dim() >= 1 and tensor.numel() > 0 \
                 and float((tensor == 0).float().mean()) >= min_sparsity:
-            csr = tensor.reshape(tensor.shape[0], -1).to_sparse_csr()
-            sparse[name] = {"shape": list(tensor.shape), "crow_indices": csr.crow_indices().to(torch.int32),
-                            "col_indices": csr.col_indices().to(torch.int32), "values": csr.values().clone()}
+            matrix = tensor.reshape(tensor.shape[0], -1)
+            nonzero = matrix != 0
+            crow = torch.zeros(matrix.shape[0] + 1, dtype=torch.int32)
+            crow[1:] = nonzero.sum(dim=1).cumsum(0)
+            sparse[name] = {"shape": list(tensor.shape), "crow_indices": crow,
+                            "col_indices": torch.nonzero(nonzero)[:, 1].to(torch.int32),
+                            "values": matrix[nonzero].clone()}
         else:
             dense[name] = tensor
     return {"format": "autocompress-sparse", "dense": dense, "sparse": sparse}
@@ -190,12 +195,11 @@ def from_sparse_state_dict(sparse_state: dict) -> dict[str, torch.Tensor]:
         raise UserError("not an autocompress sparse state_dict", "write it with to_sparse_state_dict")
     state = dict(sparse_state["dense"])
     for name, entry in sparse_state["sparse"].items():
-        shape = entry["shape"]
-        rows = shape[0]
-        cols = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
-        csr = torch.sparse_csr_tensor(entry["crow_indices"].long(), entry["col_indices"].long(),
-                                      entry["values"], size=(rows, cols))
-        state[name] = csr.to_dense().reshape(shape)
+        shape, values = entry["shape"], entry["values"]
+        dense = values.new_zeros(shape[0], math.prod(shape[1:]))
+        rows = torch.repeat_interleave(torch.arange(shape[0]), entry["crow_indices"].long().diff())
+        dense[rows, entry["col_indices"].long()] = values
+        state[name] = dense.reshape(shape)
     return state
 
 

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
+from torch_pruning import ops
 
 from .analysis import analysis_mode, preserved_state
 from .errors import UserError
@@ -414,8 +416,6 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs) -> list[FilterGroup]:
     """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward."""
-    import torch_pruning as tp
-
     with preserved_state(model), torch.enable_grad():
         traced = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
         graph = tp.DependencyGraph().build_dependency(model, traced if len(traced) > 1 else traced[0],
@@ -451,8 +451,6 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
 def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice], set, str]:
     """Parameter slices of one torch-pruning group, the modules whose rows it prunes, and a problem
     ("" if the group can be pruned)."""
-    from torch_pruning import ops
-
     slices: list[Slice] = []
     members: set = set()
     problem = ""

@@ -1,0 +1,48 @@
+"""``autocompress export``: write a checkpoint (base or compact model) as ONNX, checked in onnxruntime.
+
+Example::
+
+    autocompress export runs/demo/compress/final.pt --onnx runs/demo/final.onnx --opset 17
+
+The batch axis is dynamic; the input size is the checkpoint's dataset ``input_size`` (or --input-size).
+onnxruntime is run on the traced batch and a second batch size and compared with PyTorch; the file is
+written (atomically) only when they agree.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import UserError
+from .inspect import parse_input_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``autocompress export``."""
+    parser.add_argument("checkpoint", help="checkpoint (.pt) written by autocompress")
+    parser.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset)")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export and print the check's result. Returns 0."""
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..export import export_onnx
+
+    if args.opset < 11:
+        raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
+    ckpt = load_checkpoint(args.checkpoint)
+    size = parse_input_size(args.input_size) if args.input_size else ckpt["dataset"].get("input_size")
+    if not size:
+        raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
+    model = model_from_checkpoint(ckpt).eval()
+    example = torch.randn((1, *[int(s) for s in size]), generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
+    check = ("not checked" if args.no_check else
+             f"onnxruntime max |diff| = {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}, "
+             f"batch sizes {result.checked_batch_sizes})")
+    print(f"wrote {result.path} ({result.num_bytes / 1e6:.2f} MB, opset {result.opset}); {check}")
+    return 0

@@ -1,0 +1,167 @@
+"""``autocompress prune CHECKPOINT --rates RATES.yaml``: ADMM pruning at given rates, purification, masked
+retraining and physical compaction (AutoCompress, Liu et al. AAAI 2020, §3); writes the compact model.
+
+``RATES.yaml`` maps unit kinds to per-unit rates (fractions removed, in [0, 1))::
+
+    default: 0.5                 # every unit of the chosen --dims not named below
+    filter: {layer1.0.conv1: 0.3}   # filter groups, by root module name
+    column: {fc: 0.8}               # column layers (Conv2d / Linear), by module name
+    irregular: {conv1: 0.9}         # single weights, by module name
+
+``--list-units`` prints the valid names (and what is excluded, and why). The compact model is written with
+``serialization.save_compact`` (atomic; an existing ``--out`` is only replaced with ``--overwrite``) and
+``autocompress.load(OUT)`` rebuilds it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+_DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregular")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``autocompress prune``."""
+    parser.add_argument("checkpoint", help="trained checkpoint (.pt) from `autocompress train`")
+    parser.add_argument("--rates", help="RATES.yaml (see `autocompress prune --help`); required unless --list-units")
+    parser.add_argument("--dims", choices=_DIMS, default="filter,column", help="unit kinds to prune")
+    parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
+    parser.add_argument("--admm-epochs", type=int, default=10, help="ADMM W-step epochs (0: one-shot)")
+    parser.add_argument("--admm-lr", type=float, default=0.01)
+    parser.add_argument("--rho-init", type=float, default=1e-3, help="ADMM penalty at the start")
+    parser.add_argument("--rho-growth", type=float, default=2.0, help="rho multiplier per Z/U update")
+    parser.add_argument("--rho-max", type=float, default=1.0, help="cap on rho")
+    parser.add_argument("--update-interval", type=int, default=None,
+                        help="optimiser steps between ADMM Z/U updates (default: once per epoch)")
+    parser.add_argument("--retrain-epochs", type=int, default=10, help="masked retraining epochs (0: none)")
+    parser.add_argument("--retrain-lr", type=float, default=0.01)
+    parser.add_argument("--no-purify", action="store_true", help="skip purification")
+    parser.add_argument("--purify-tolerance", type=float, default=0.005,
+                        help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists")
+    parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
+    parser.add_argument("--max-test", type=int, help="report test top-1 on a seeded subset of this many images")
+    parser.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--out", help="compact model path (default: <checkpoint>-pruned.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def read_rates(path: str | None) -> dict:
+    """Parse ``RATES.yaml``. Raises UserError if it is missing, unreadable or not a YAML mapping."""
+    if path is None:
+        raise UserError("no rates given", "pass --rates RATES.yaml (see `autocompress prune --help`)")
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"rates file {path} does not exist", "pass the path of a RATES.yaml file")
+    try:
+        spec = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"rates file {path} is not valid YAML ({str(exc).splitlines()[0]})",
+                        "write e.g. `default: 0.5`") from exc
+    if not isinstance(spec, dict):
+        raise UserError(f"rates file {path} does not hold a mapping", "write e.g. `default: 0.5`")
+    return spec
+
+
+def _units_listing(space) -> str:
+    lines = []
+    for kind in ("filter", "column", "irregular"):
+        units = space.units(kind)
+        if kind in space.dims:
+            lines.append(f"{kind} ({len(units)}):")
+            lines += [f"  {u.name}  ({u.size} {'channels' if kind == 'filter' else 'columns' if kind == 'column' else 'weights'})"
+                      for u in units]
+    if space.excluded:
+        lines.append("excluded:")
+        lines += [f"  {name or '<model>'}: {reason}" for name, reason in space.excluded.items()]
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prune; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
+    import torch
+
+    from ..admm import ADMMConfig
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..data import DATASETS, get_dataset
+    from ..pruning import DIMS, expand_rates, prune
+    from ..serialization import save_compact
+    from ..space import PruningSpace
+    from ..training import TrainConfig, evaluate
+
+    dims = DIMS[args.dims]
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.get("architecture") is not None:
+        raise UserError(f"{args.checkpoint} is already a compact model",
+                        "prune the trained checkpoint it came from with the combined rates")
+    model = model_from_checkpoint(ckpt).to(args.device)
+    stored = ckpt["dataset"]
+    input_size = stored.get("input_size")
+    if not input_size:
+        raise UserError(f"checkpoint {args.checkpoint} records no input size", "re-save it with `autocompress train`")
+    example = torch.zeros(1, *input_size, device=args.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "-pruned.pt")
+    space = PruningSpace.build(model, example, dims=dims)
+    if args.list_units:
+        print(_units_listing(space))
+        return 0
+    spec = read_rates(args.rates)
+    expand_rates(space, spec, dims)  # validate before any data loading or training
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
+    name = stored.get("name")
+    if name not in DATASETS:
+        raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})",
+                        "re-save it with `autocompress train`")
+    data_dir = args.data_dir
+    if data_dir is None and stored.get("data_dir") and Path(stored["data_dir"]).exists():
+        data_dir = stored["data_dir"]
+    splits = get_dataset(name, data_dir, val_size=stored.get("val_size", 5000), seed=stored.get("seed", 0),
+                         max_train=args.max_train, max_test=args.max_test)
+    admm = ADMMConfig(epochs=args.admm_epochs, lr=args.admm_lr, rho_init=args.rho_init,
+                      rho_growth=args.rho_growth, rho_max=args.rho_max, update_interval=args.update_interval)
+    retrain = TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
+                          seed=args.seed, device=args.device)
+    if retrain.epochs != 0:
+        retrain.validate()
+    began = time.perf_counter()
+    result = prune(model, spec, example_inputs=example, splits=splits, dims=dims, admm=admm, retrain=retrain,
+                   purify=not args.no_purify, purify_tolerance=args.purify_tolerance,
+                   batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                   log=lambda line: print(line, flush=True))
+    report = result.report
+    test_before = evaluate(model, splits.loader("test", 256))["top1"]
+    test_after = evaluate(result.compact_model, splits.loader("test", 256))["top1"]
+    metrics = {"params": report["params_after"], "macs": report["macs_after"],
+               "compression_rate": report["compression_rate"], "mac_reduction": report["mac_reduction"],
+               "val_top1": report["top1"].get("after"), "test_top1": test_after, "base_test_top1": test_before}
+    config = {"rates": report["rates"], "dims": list(dims), "admm": vars(admm), "retrain": vars(retrain),
+              "purify": not args.no_purify, "source": str(args.checkpoint)}
+    save_compact(out, result.compact_model, base_checkpoint=ckpt, metrics=metrics, config=config,
+                 architecture=result.architecture)
+    rows = [("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}",
+             f"{report['compression_rate']:.2f}x"),
+            ("MACs / image", f"{report['macs_before']:,}", f"{report['macs_after']:,}",
+             f"{report['mac_reduction']:.2f}x"),
+            ("val top-1", _pct(report["top1"]["before"]), _pct(report["top1"].get("after")), ""),
+            ("test top-1", _pct(test_before), _pct(test_after), "")]
+    print(f"\n{'':14} {'before':>14} {'after':>14} {'ratio':>8}")
+    for label, before, after, ratio in rows:
+        print(f"{label:14} {before:>14} {after:>14} {ratio:>8}")
+    for clip in report.get("clipped", []):
+        print(f"clipped: {clip['kind']} rate {clip['rate']} of {clip['name']} would remove all "
+              f"{clip['size']} units; kept {clip['kept']}")
+    print(f"compact model written to {out} ({time.perf_counter() - began:.0f} s)")
+    return 0

@@ -1,0 +1,444 @@
+"""Network purification and unused path removal (Ma et al., "Non-structured DNN weight pruning considered
+harmful" / "Network purification", arXiv 1905.00136; AutoCompress, Liu et al. AAAI 2020, §3; brief §4).
+
+ADMM pruning leaves structure that computes nothing useful. Two phases remove it:
+
+* **Unused path removal** (:func:`remove_unused_paths`): a kept filter-group channel that no remaining
+  consumer weight reads (every column reading it, in every consumer of the coupled group, is pruned) is
+  removed; a kept channel whose producer weight rows are all pruned is removed; and every column that reads a
+  removed channel is removed. The rules feed each other (a removed channel empties columns, which can empty
+  a producer's rows when irregular masks are combined), so they are repeated to a fixed point. At least one
+  unit per layer is always kept.
+* **Redundant weight removal** (:func:`purify`): filters and columns whose remaining L2 norm is below
+  ``threshold`` x the mean norm of the layer's remaining units are removed, followed by unused path removal,
+  when the validation top-1 stays within ``tolerance`` of the top-1 before purification. Thresholds are
+  tried in increasing order (each removes a superset of the previous one); the largest accepted one is kept.
+
+**Constant folding.** A removed channel whose producer rows are zero still outputs a constant (its bias /
+BatchNorm shift through the activation); a consumer column that read it adds ``sum(W[:, c]) * constant``
+to every output. Before the channel is masked, that contribution is folded into the consumer's bias, or,
+when the consumer has no bias and feeds a BatchNorm directly, subtracted from the BatchNorm's running mean
+(exact in eval mode; in train mode BatchNorm removes a constant shift by itself). A channel whose
+contribution cannot be folded (no bias, no BatchNorm after the consumer) is kept. The fold is exact for
+Linear consumers, 1x1 convolutions and unpadded convolutions; for a zero-padded convolution it is exact
+only at output positions whose receptive field lies inside the input (at the border, the padded taps
+read 0 instead of the constant), which ``tests/test_purification.py`` validates.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .analysis import analysis_mode
+from .masks import Masks, apply_masks
+from .projection import group_scores
+from .space import PruningSpace
+from .training import evaluate
+
+#: default redundant-weight thresholds, relative to the layer's mean remaining unit norm
+DEFAULT_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+@dataclass
+class PurificationResult:
+    """What :func:`purify` returns.
+
+    Attributes:
+        masks: the purified keep masks.
+        param_masks: their per-parameter expansion (applied to the model).
+        removed_filters: filter-group name -> channels removed by purification.
+        removed_columns: column-layer name -> columns removed by purification.
+        threshold: the largest accepted redundant-weight threshold that removed something, or None.
+        top1_before: validation top-1 (fraction) of the masked model before purification (None without a
+            validation loader); top1_after: after it.
+        folded: channels whose constant output was folded into a consumer, as ``"group[channel]"``.
+        trials: ``[{"threshold": t, "top1": accuracy, "accepted": bool}]`` in the order tried (thresholds
+            that remove nothing more are skipped).
+    """
+
+    masks: Masks
+    param_masks: dict[str, torch.Tensor]
+    removed_filters: dict[str, int] = field(default_factory=dict)
+    removed_columns: dict[str, int] = field(default_factory=dict)
+    threshold: float | None = None
+    top1_before: float | None = None
+    top1_after: float | None = None
+    folded: list[str] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)
+
+
+def _copy_masks(masks: Masks) -> Masks:
+    return Masks(filters={k: v.clone() for k, v in masks.filters.items()},
+                 columns={k: v.clone() for k, v in masks.columns.items()},
+                 weights={k: v.clone() for k, v in masks.weights.items()}, clipped=list(masks.clipped))
+
+
+def _alive_positions(mask: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Bool [len(index)]: some entry of ``mask`` at position ``index[i]`` along ``dim`` is kept."""
+    moved = mask.index_select(dim, index).movedim(dim, 0)
+    return moved.reshape(moved.shape[0], -1).any(1)
+
+
+def column_channels(space: PruningSpace) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Which filter-group channel each column reads.
+
+    Returns:
+        column-layer name -> ``[(group name, columns int64 [n], channels int64 [n])]``: column
+        ``columns[i]`` of the layer's GEMM view reads channel ``channels[i]`` of the group. Columns reading
+        no prunable group (the network input, excluded layers) are absent.
+    """
+    by_param = {layer.param: layer for layer in space.column_layers}
+    reads: dict[str, list] = {layer.name: [] for layer in space.column_layers}
+    for group in space.filter_groups:
+        for s in group.slices:
+            layer = by_param.get(s.param)
+            if s.role != "input" or layer is None:
+                continue
+            shape = space.param_shapes[s.param]
+            area = layer.size // shape[1]  # kh * kw (1 for Linear)
+            lookup = torch.full((shape[1],), -1, dtype=torch.long)
+            lookup[s.index] = s.channel
+            channel = lookup[torch.arange(layer.size) // area]
+            columns = torch.nonzero(channel >= 0).flatten()
+            reads[layer.name].append((group.name, columns, channel[columns]))
+    return reads
+
+
+def _keep_one(keep: torch.Tensor, before: torch.Tensor, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """``keep`` with at least one True: if empty, the first of ``before & prefer`` (else of ``before``)."""
+    if bool(keep.any()) or not bool(before.any()):
+        return keep
+    pool = before & prefer if prefer is not None and bool((before & prefer).any()) else before
+    keep = keep.clone()
+    keep[int(torch.nonzero(pool)[0])] = True
+    return keep
+
+
+def remove_unused_paths(space: PruningSpace, masks: Masks, *,
+                        pinned: dict[str, torch.Tensor] | None = None) -> Masks:
+    """Unused path removal on masks, to a fixed point (Ma et al. arXiv 1905.00136; brief §4).
+
+    Args:
+        space: the model's pruning space.
+        masks: keep masks (not modified).
+        pinned: group name -> bool [size] of channels that must not be removed.
+
+    Returns:
+        New masks: a kept channel is removed when no kept consumer entry reads it (groups with no consumer
+        weight in the space are left alone) or when all its producer weight rows are pruned; a kept column
+        is removed when it reads a removed channel. Every filter group and column layer keeps at least one
+        unit.
+    """
+    masks = _copy_masks(masks)
+    reads = column_channels(space)
+    while True:
+        changed = False
+        pm = space.param_masks(masks)
+        for group in space.filter_groups:
+            keep = masks.filters.get(group.name)
+            if keep is None:
+                continue
+            used = torch.zeros(group.size, dtype=torch.bool)
+            produced = torch.zeros(group.size, dtype=torch.bool)
+            has_consumer = False
+            for s in group.slices:
+                if s.role == "input":
+                    has_consumer = True
+                    used[s.channel[_alive_positions(pm[s.param], s.dim, s.index)]] = True
+                elif s.role == "weight":
+                    produced[s.channel[_alive_positions(pm[s.param], s.dim, s.index)]] = True
+            if not has_consumer:
+                used[:] = True
+            new = keep & used & produced
+            if pinned is not None and group.name in pinned:
+                new |= keep & pinned[group.name]
+            new = _keep_one(new, keep, used)
+            if not torch.equal(new, keep):
+                masks.filters[group.name], changed = new, True
+        for layer, entries in reads.items():
+            keep = masks.columns.get(layer)
+            if keep is None:
+                continue
+            new = keep.clone()
+            for gname, columns, channels in entries:
+                if gname in masks.filters:
+                    new[columns[~masks.filters[gname][channels]]] = False
+            new = _keep_one(new, keep)
+            if not torch.equal(new, keep):
+                masks.columns[layer], changed = new, True
+        if not changed:
+            return masks
+
+
+def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, threshold: float) -> Masks:
+    """Masks with the redundant filters / columns removed (brief §4 b).
+
+    A kept filter-group channel whose joint producer-weight L2 norm is below ``threshold`` x the mean norm
+    of the group's kept channels is removed; likewise a kept column whose remaining L2 norm (over the
+    kept entries) is below ``threshold`` x the mean of the layer's kept columns. At least one unit per layer
+    stays (the largest). ``model``'s weights are read, not modified.
+    """
+    masks = _copy_masks(masks)
+    params = dict(model.named_parameters())
+    pm = space.param_masks(masks)
+    for group in space.filter_groups:
+        keep = masks.filters.get(group.name)
+        if keep is None or not bool(keep.any()):
+            continue
+        masked = {s.param: params[s.param].detach() * pm[s.param].to(params[s.param].device)
+                  for s in group.slices if s.role == "weight"}
+        norms = group_scores(group, masked).sqrt()
+        masks.filters[group.name] = _below(norms, keep, threshold)
+    for layer in space.column_layers:
+        keep = masks.columns.get(layer.name)
+        if keep is None or not bool(keep.any()):
+            continue
+        weight = params[layer.param].detach()
+        weight = (weight * pm.get(layer.param, torch.ones_like(weight, dtype=torch.bool)).to(weight.device))
+        norms = weight.reshape(layer.rows, layer.size).to("cpu", torch.float64).pow(2).sum(0).sqrt()
+        masks.columns[layer.name] = _below(norms, keep, threshold)
+    return masks
+
+
+def _below(norms: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``keep`` minus the units whose norm is below ``threshold`` x the mean kept norm (largest stays)."""
+    mean = norms[keep].mean()
+    new = keep & (norms >= threshold * mean)
+    if not bool(new.any()):
+        new = torch.zeros_like(keep)
+        new[int(torch.argmax(norms.masked_fill(~keep, -1.0)))] = True
+    return new
+
+
+@dataclass
+class _Fold:
+    """Constant contribution ``delta`` (float64 [consumer outputs]) of removed channels to consumer
+    ``module``, folded into ``target``: ``"bias"`` (the consumer's) or the name of the BatchNorm reading the
+    consumer's output (its running mean)."""
+
+    module: str
+    target: str
+    delta: torch.Tensor
+    channels: list[str]
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+@torch.no_grad()
+def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, example_inputs
+               ) -> tuple[list[_Fold], dict[str, torch.Tensor]]:
+    """Constant contributions of the channels ``new`` removes (kept in ``old``) to their consumers.
+
+    One analysis forward of a copy of the ``old``-masked model with the removed channels' producer weight
+    rows zeroed (biases / BatchNorm kept) gives each removed channel's constant value at every consumer
+    input position. Returns ``(folds, unfoldable)``: each fold names its target (the consumer's bias or
+    the running mean of the BatchNorm that reads the consumer's output); ``unfoldable`` maps a group to the
+    bool [size] channels with a non-zero contribution to a consumer that has neither.
+    """
+    removed = {g.name: old.filters[g.name] & ~new.filters[g.name] for g in space.filter_groups
+               if g.name in old.filters and g.name in new.filters}
+    removed = {k: v for k, v in removed.items() if bool(v.any())}
+    if not removed:
+        return [], {}
+    work = copy.deepcopy(model)
+    apply_masks(work, space.param_masks(old))
+    params = dict(work.named_parameters())
+    watched: dict[str, list] = {}
+    for group in space.filter_groups:
+        if group.name not in removed:
+            continue
+        gone = removed[group.name]
+        for s in group.slices:
+            hit = gone[s.channel]
+            if s.role == "weight":
+                params[s.param].index_fill_(s.dim, s.index[hit].to(params[s.param].device), 0)
+            elif s.role == "input" and bool(hit.any()):
+                watched.setdefault(s.module, []).append((group.name, s.param, s.index[hit], s.channel[hit]))
+    modules = dict(work.named_modules())
+    seen_in: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    bn_inputs: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def fn(module, args, output):
+            if name in watched and name not in seen_in:
+                seen_in[name], outputs[name] = args[0].detach(), output
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                bn_inputs.append((name, args[0]))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
+               if n in watched or isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with analysis_mode(work):
+            work(*_as_tuple(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    folds: list[_Fold] = []
+    unfoldable: dict[str, torch.Tensor] = {}
+    for name, entries in watched.items():
+        module, x = modules[name], seen_in.get(name)
+        if x is None:
+            continue
+        weight = params[entries[0][1]].detach()
+        delta = torch.zeros(weight.shape[0], dtype=torch.float64)
+        labels, target = [], None
+        for gname, _param, index, channel in entries:
+            values = _constant_values(x, index, name)
+            w = weight.index_select(1, index.to(weight.device)).to("cpu", torch.float64)
+            per = w.reshape(w.shape[0], w.shape[1], -1).sum(2)  # [out, n]: sum over kernel taps
+            contribution = per * values.unsqueeze(0)
+            delta += contribution.sum(1)
+            nonzero = contribution.abs().amax(0) > 0
+            labels += [f"{gname}[{int(c)}]" for c in channel[nonzero].unique().tolist()]
+            if bool(nonzero.any()):
+                target = _fold_target(module, name, outputs[name], bn_inputs, modules)
+                if target is None:
+                    mask = unfoldable.setdefault(gname, torch.zeros(space.unit("filter", gname).size,
+                                                                    dtype=torch.bool))
+                    mask[channel[nonzero]] = True
+        if target is not None and bool(delta.ne(0).any()):
+            folds.append(_Fold(name, target, delta, sorted(set(labels))))
+    return folds, unfoldable
+
+
+def _constant_values(x: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
+    """Float64 [n]: the (input-independent) value at consumer input positions ``index`` of ``x``.
+
+    Conv inputs ``[N, C, H, W]`` are read at the centre pixel and must be constant over the batch and the
+    interior; Linear inputs ``[N, F]`` must be constant over the batch. Raises RuntimeError otherwise
+    (the channel is not dead: a bug in the group's mapping).
+    """
+    part = x.index_select(1, index.to(x.device)).to("cpu", torch.float64)
+    if part.dim() == 4:
+        h, w = part.shape[2:]
+        values = part[0, :, h // 2, w // 2]
+        interior = part[:, :, 1:-1, 1:-1] if h > 2 and w > 2 else part
+        spread = (interior - values.view(1, -1, 1, 1)).abs().amax() if interior.numel() else torch.tensor(0.0)
+    else:
+        values = part[0].reshape(-1)
+        spread = (part.reshape(part.shape[0], -1) - values).abs().amax()
+    if float(spread) > 1e-5 * (1.0 + float(values.abs().max())):
+        raise RuntimeError(f"a removed channel read by {name} is not constant (spread {float(spread):.3g})")
+    return values
+
+
+def _fold_target(module: nn.Module, name: str, output: torch.Tensor, bn_inputs: list,
+                 modules: dict[str, nn.Module]) -> str | None:
+    """``"bias"`` if the consumer has one, else the name of a BatchNorm (with running statistics) that
+    reads its output directly, else None."""
+    if getattr(module, "bias", None) is not None:
+        return "bias"
+    for bn_name, bn_input in bn_inputs:
+        if bn_input is output and modules[bn_name].running_mean is not None:
+            return bn_name
+    return None
+
+
+@torch.no_grad()
+def _apply_folds(model: nn.Module, folds: list[_Fold]) -> None:
+    """Add each fold's ``delta`` to the consumer bias, or subtract it from the BatchNorm's running mean, in
+    ``model`` (same module names as the planning copy)."""
+    modules = dict(model.named_modules())
+    for fold in folds:
+        if fold.target == "bias":
+            bias = modules[fold.module].bias
+            bias.add_(fold.delta.to(bias.device, bias.dtype))
+        else:
+            mean = modules[fold.target].running_mean
+            mean.sub_(fold.delta.to(mean.device, mean.dtype))
+
+
+def settle(model: nn.Module, space: PruningSpace, old: Masks, candidate: Masks, example_inputs
+           ) -> tuple[Masks, list[str]]:
+    """Unused path removal of ``candidate`` with constant folding, committed to ``model`` in place.
+
+    ``model`` must hold ``old``'s masks. Channels whose constant contribution cannot be folded are kept
+    (pinned) and the fixed point recomputed. Returns ``(final masks, folded channel labels)``; on return
+    the folds are applied and ``model`` holds the final masks.
+    """
+    pinned: dict[str, torch.Tensor] = {}
+    for _ in range(1 + sum(g.size for g in space.filter_groups)):
+        new = remove_unused_paths(space, candidate, pinned=pinned)
+        folds, unfoldable = _fold_plan(model, space, old, new, example_inputs)
+        if not unfoldable:
+            _apply_folds(model, folds)
+            apply_masks(model, space.param_masks(new))
+            return new, sorted({label for fold in folds for label in fold.channels})
+        candidate = _copy_masks(candidate)
+        for gname, mask in unfoldable.items():
+            pinned[gname] = pinned.get(gname, torch.zeros_like(mask)) | mask
+            candidate.filters[gname] = candidate.filters[gname] | (mask & old.filters[gname])
+    raise RuntimeError("purification did not settle")  # each round pins >= 1 channel, so unreachable
+
+
+def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_inputs,
+           val_loader: Iterable | None = None, tolerance: float = 0.005,
+           thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+           log: Callable[[str], None] | None = None) -> PurificationResult:
+    """Network purification and unused path removal, in place (Ma et al. arXiv 1905.00136; brief §4).
+
+    Args:
+        model: the pruned network (its weights are masked with ``masks`` first).
+        space: its pruning space.
+        masks: keep masks after hard pruning.
+        example_inputs: a tensor ``[N, C, H, W]`` (or tuple) the model accepts; any values (the constants
+            of removed channels do not depend on the input).
+        val_loader: validation batches for redundant weight removal; without it only unused path removal
+            runs.
+        tolerance: largest accepted drop of validation top-1 (a fraction: 0.005 = 0.5 points) relative to
+            the top-1 before purification.
+        thresholds: redundant-weight thresholds (relative to the layer's mean remaining unit norm).
+        log: called with one line per phase / threshold tried.
+
+    Returns:
+        :class:`PurificationResult`; ``model`` holds the purified masks and folded constants.
+    """
+    apply_masks(model, space.param_masks(masks))
+    result = PurificationResult(masks=masks, param_masks={})
+    if val_loader is not None:
+        result.top1_before = evaluate(model, val_loader)["top1"]
+    current, folded = settle(model, space, masks, masks, example_inputs)
+    if log is not None:
+        log(f"unused path removal: {_summary(masks, current)}")
+    for threshold in sorted(thresholds) if val_loader is not None else ():
+        candidate = redundant_candidates(space, model, current, threshold)
+        if _same(candidate, current):
+            continue
+        trial = copy.deepcopy(model)
+        trial_masks, trial_folded = settle(trial, space, current, candidate, example_inputs)
+        top1 = evaluate(trial, val_loader)["top1"]
+        accepted = top1 >= result.top1_before - tolerance
+        result.trials.append({"threshold": threshold, "top1": top1, "accepted": accepted})
+        if log is not None:
+            log(f"redundant weight removal at threshold {threshold:g}: {_summary(current, trial_masks)}, "
+                f"val top-1 {top1:.4f} ({'accepted' if accepted else 'rejected'})")
+        if not accepted:
+            break
+        model.load_state_dict(trial.state_dict())
+        current, result.threshold, result.top1_after = trial_masks, threshold, top1
+        folded += trial_folded
+    if val_loader is not None and result.top1_after is None:
+        result.top1_after = evaluate(model, val_loader)["top1"]
+    result.masks, result.param_masks, result.folded = current, space.param_masks(current), sorted(set(folded))
+    result.removed_filters = {k: int(masks.filters[k].sum() - current.filters[k].sum()) for k in current.filters}
+    result.removed_columns = {k: int(masks.columns[k].sum() - current.columns[k].sum()) for k in current.columns}
+    return result
+
+
+def _same(a: Masks, b: Masks) -> bool:
+    return all(torch.equal(a.filters[k], b.filters[k]) for k in a.filters) and \
+        all(torch.equal(a.columns[k], b.columns[k]) for k in a.columns)
+
+
+def _summary(before: Masks, after: Masks) -> str:
+    filters = sum(int(before.filters[k].sum() - after.filters[k].sum()) for k in after.filters)
+    columns = sum(int(before.columns[k].sum() - after.columns[k].sum()) for k in after.columns)
+    return f"{filters} filters and {columns} columns removed"

@@ -1,0 +1,111 @@
+"""Checkpoint round trip and error paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autocompress
+from autocompress.checkpoint import FORMAT, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from autocompress.errors import UserError
+from autocompress.models import create_model
+from autocompress.training import TrainConfig
+
+DATASET = {"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10}
+
+
+def _save(path, model=None, name="fmnist_cnn", kwargs=None, **extra):
+    kwargs = {"num_classes": 10, "width": 0.25} if kwargs is None else kwargs
+    model = model if model is not None else create_model(name, **kwargs)
+    return save_checkpoint(path, model=model, model_name=name, model_kwargs=kwargs, dataset=DATASET,
+                           config=TrainConfig(epochs=3), metrics={"test_top1": 0.5}, **extra), model
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    path, model = _save(tmp_path / "a.pt")
+    with torch.no_grad():  # make BatchNorm buffers non-default so that they must be restored
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    path, model = _save(tmp_path / "a.pt", model=model)
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == FORMAT and ckpt["version"] == 1
+    assert ckpt["model"] == {"name": "fmnist_cnn", "kwargs": {"num_classes": 10, "width": 0.25}}
+    assert ckpt["config"]["epochs"] == 3 and ckpt["metrics"] == {"test_top1": 0.5}
+    assert ckpt["architecture"] is None and ckpt["training_state"] is None
+    rebuilt = model_from_checkpoint(ckpt)
+    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    loaded = autocompress.load(path)
+    assert not loaded.training
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(load_model(path)(x), model(x))
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="not a file"):
+        load_checkpoint(tmp_path)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(bad)
+    path, _ = _save(tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(truncated)
+
+
+def test_wrong_format_and_version(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(UserError, match="not an autocompress checkpoint"):
+        load_checkpoint(other)
+    torch.save(nn.Linear(2, 2).state_dict(), other)
+    with pytest.raises(UserError, match="not an autocompress checkpoint"):
+        load_checkpoint(other)
+    path, _ = _save(tmp_path / "a.pt")
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "version": 2}, other)
+    with pytest.raises(UserError, match="version 2"):
+        load_checkpoint(other)
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"format": FORMAT, "version": 1, "model": nn.Linear(2, 2)}, path)
+    with pytest.raises(UserError, match="pickled Python objects"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="lacks"):  # trusted, unpickled, but still not a valid checkpoint
+        load_checkpoint(path, trust=True)
+
+
+def test_mismatched_model(tmp_path):
+    path, _ = _save(tmp_path / "a.pt")
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["kwargs"]["width"] = 0.5  # same names, other shapes
+    with pytest.raises(UserError, match="do not match model fmnist_cnn"):
+        model_from_checkpoint(ckpt)
+    ckpt["model"] = {"name": "lenet5", "kwargs": {"num_classes": 10}}  # other names
+    with pytest.raises(UserError, match="do not match model lenet5"):
+        model_from_checkpoint(ckpt)
+    ckpt["model"] = {"name": "no_such_model", "kwargs": {}}
+    with pytest.raises(UserError, match="unknown model"):
+        model_from_checkpoint(ckpt)
+
+
+def test_failed_save_leaves_the_old_file_intact(tmp_path):
+    path, _ = _save(tmp_path / "a.pt")
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        _save(path, training_state={"not plain data": lambda: 0})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]

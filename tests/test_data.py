@@ -1,0 +1,224 @@
+"""Datasets on real data: Fashion-MNIST (Debian idx files) and small CIFAR-10 JPEG folders."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autocompress import data
+from autocompress.data import Augment, augment_batch, carve_validation, get_dataset, read_idx
+from autocompress.errors import UserError
+
+
+# ------------------------------------------------------------------------------------- fashion-mnist
+def test_fashion_mnist_shapes_and_class_counts(fmnist):
+    assert (len(fmnist.train), len(fmnist.val), len(fmnist.test)) == (55000, 5000, 10000)
+    assert fmnist.input_size == (1, 28, 28) and fmnist.num_classes == 10 and len(fmnist.classes) == 10
+    assert fmnist.train.images.dtype == torch.uint8 and fmnist.train.images.shape == (55000, 1, 28, 28)
+    assert fmnist.train.labels.dtype == torch.int64
+    # Fashion-MNIST is balanced: 6000 training and 1000 test images per class
+    labels = torch.cat([fmnist.train.labels, fmnist.val.labels])
+    assert torch.bincount(labels, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(fmnist.test.labels, minlength=10).tolist() == [1000] * 10
+
+
+def test_idx_reader_matches_torchvision(tmp_path, fmnist):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    raw = tmp_path / "t10k-images-idx3-ubyte"
+    raw.write_bytes(gzip.decompress((data.DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    labels = tmp_path / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(gzip.decompress((data.DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    assert torch.equal(fmnist.test.images[:, 0], read_image_file(str(raw)))
+    assert torch.equal(fmnist.test.labels, read_label_file(str(labels)).long())
+    # the uncompressed file reads the same as the .gz
+    assert np.array_equal(read_idx(raw), fmnist.test.images[:, 0].numpy())
+
+
+def test_validation_split_is_the_seeded_carve(fmnist):
+    full = torch.from_numpy(read_idx(data.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").copy())
+    train_idx, val_idx = carve_validation(60000, 5000, seed=0)
+    assert torch.equal(fmnist.train.images[:, 0], full[train_idx])
+    assert torch.equal(fmnist.val.images[:, 0], full[val_idx])
+
+
+def test_carve_is_disjoint_deterministic_and_seeded():
+    train, val = carve_validation(1000, 100, seed=3)
+    assert len(val) == 100 and len(train) == 900
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(1000))
+    again = carve_validation(1000, 100, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    assert not torch.equal(carve_validation(1000, 100, seed=4)[1], val)
+    sub_train, sub_val = carve_validation(1000, 100, seed=3, max_train=50)
+    assert torch.equal(sub_val, val) and len(sub_train) == 50 and set(sub_train.tolist()) <= set(train.tolist())
+
+
+def test_subsets_and_test_split(fmnist_small, fmnist):
+    assert (len(fmnist_small.train), len(fmnist_small.val), len(fmnist_small.test)) == (6000, 1000, 1000)
+    # the test subset is drawn from the real test set, never from training images
+    test_rows = {bytes(img.numpy()) for img in fmnist.test.images}
+    assert all(bytes(img.numpy()) in test_rows for img in fmnist_small.test.images[:50])
+
+
+def test_eval_loader_normalises_exactly(fmnist_small):
+    images, labels = next(iter(fmnist_small.loader("test", 100)))
+    assert images.shape == (100, 1, 28, 28) and images.dtype == torch.float32
+    expected = (fmnist_small.test.images[:100].float() / 255 - 0.2860) / 0.3530
+    assert torch.allclose(images, expected, atol=1e-5)
+    assert torch.equal(labels, fmnist_small.test.labels[:100])
+    loader = fmnist_small.loader("test", 300)
+    assert len(loader) == 4 and sum(len(y) for _, y in loader) == 1000
+
+
+def test_train_loader_shuffles_with_the_generator(fmnist_small):
+    def first_labels(seed):
+        loader = fmnist_small.loader("train", 64, generator=torch.Generator().manual_seed(seed))
+        return next(iter(loader))[1]
+
+    assert torch.equal(first_labels(1), first_labels(1))
+    assert not torch.equal(first_labels(1), first_labels(2))
+    seen = torch.cat([y for _, y in fmnist_small.loader("train", 1000, augment=False)])
+    assert torch.equal(torch.bincount(seen, minlength=10), torch.bincount(fmnist_small.train.labels, minlength=10))
+
+
+def test_augment_crop_and_flip_are_windows_of_the_padded_image():
+    g = torch.Generator().manual_seed(0)
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
+    out = augment_batch(images, Augment(pad=2, flip=True), g)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for b in range(2):
+        windows = [padded[b, :, y:y + 6, x:x + 6] for y in range(5) for x in range(5)]
+        candidates = windows + [w.flip(-1) for w in windows]
+        assert any(torch.equal(out[b], w) for w in candidates)
+    flips = augment_batch(images.repeat(50, 1, 1, 1), Augment(flip=True), torch.Generator().manual_seed(1))
+    flipped = [torch.equal(f, images[i % 2].flip(-1)) for i, f in enumerate(flips)]
+    kept = [torch.equal(f, images[i % 2]) for i, f in enumerate(flips)]
+    assert all(a != b for a, b in zip(flipped, kept)) and 20 < sum(flipped) < 80
+
+
+# ------------------------------------------------------------------------------------------- cifar10
+def _pil_pixels(path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def test_cifar_image_folder_decodes_like_pil_and_caches(cifar_folder, isolated_cache, monkeypatch):
+    before = set((isolated_cache / "decoded").glob("cifar-small-*.pt"))
+    splits = get_dataset("cifar10", cifar_folder, val_size=2, seed=0)
+    assert splits.classes == ("airplane", "cat", "ship") and splits.num_classes == 3
+    assert splits.input_size == (3, 32, 32) and splits.train.images.dtype == torch.uint8
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (7, 2, 3)
+    assert splits.test.labels.tolist() == [0, 1, 2]
+    for label, cls in enumerate(splits.classes):
+        assert torch.equal(splits.test.images[label], _pil_pixels(cifar_folder / "test" / cls / "0000.jpg"))
+    train_idx, val_idx = carve_validation(9, 2, seed=0)
+    all_train = [(cls, i) for cls in splits.classes for i in range(3)]
+    for row, idx in enumerate(val_idx.tolist()):
+        cls, i = all_train[idx]
+        assert torch.equal(splits.val.images[row], _pil_pixels(cifar_folder / "train" / cls / f"{i:04d}.jpg"))
+    assert len(set((isolated_cache / "decoded").glob("cifar-small-*.pt")) - before) == 1
+    # a second load comes from the cache, without decoding
+    monkeypatch.setattr(data, "_decode", lambda samples: pytest.fail("decoded again"))
+    again = get_dataset("cifar10", cifar_folder, val_size=2, seed=0)
+    assert torch.equal(again.train.images, splits.train.images)
+    images, labels = next(iter(splits.loader("train", 4)))
+    assert images.shape == (4, 3, 32, 32) and labels.max() < 3
+
+
+def test_cifar_archive_is_extracted_once(cifar_folder, tmp_path, monkeypatch):
+    archive = tmp_path / "small.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(cifar_folder / split, arcname=split)
+    from_folder = get_dataset("cifar10", cifar_folder, val_size=2)
+    from_archive = get_dataset("cifar10", archive, val_size=2)
+    assert torch.equal(from_archive.test.images, from_folder.test.images)
+    assert torch.equal(from_archive.train.labels, from_folder.train.labels)
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted again"))
+    get_dataset("cifar10", archive, val_size=2)
+
+
+def test_cifar_python_batches_format(tmp_path, cifar_folder):
+    reference = get_dataset("cifar10", cifar_folder, val_size=0)
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    images = reference.train.images.reshape(len(reference.train), -1).numpy()
+    labels = reference.train.labels.tolist()
+    for i in range(1, 6):  # the 9 images spread over five batch files, as in torchvision's format
+        rows = slice((i - 1) * 2, i * 2 if i < 5 else None)
+        with open(batches / f"data_batch_{i}", "wb") as handle:
+            pickle.dump({"data": images[rows], "labels": labels[rows]}, handle)
+    with open(batches / "test_batch", "wb") as handle:
+        pickle.dump({"data": reference.test.images.reshape(3, -1).numpy(),
+                     "labels": reference.test.labels.tolist()}, handle)
+    with open(batches / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": list(reference.classes)}, handle)
+    splits = get_dataset("cifar10", tmp_path, val_size=0)
+    assert torch.equal(splits.train.images, reference.train.images)
+    assert torch.equal(splits.test.labels, reference.test.labels)
+    assert splits.classes == reference.classes
+
+
+# ---------------------------------------------------------------------------------------- imagefolder
+def test_imagefolder_uses_imagenet_transforms(cifar_folder):
+    (cifar_folder / "test").rename(cifar_folder / "val")
+    splits = get_dataset("imagefolder", cifar_folder, val_size=3)
+    splits.num_workers = 0
+    assert splits.input_size == (3, 224, 224) and splits.num_classes == 3
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 3, 3)
+    images, labels = next(iter(splits.loader("test", 3)))
+    assert images.shape == (3, 3, 224, 224) and labels.tolist() == [0, 1, 2]
+    images, _ = next(iter(splits.loader("train", 2, generator=torch.Generator().manual_seed(0))))
+    assert images.shape == (2, 3, 224, 224)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("name, make, needle", [
+    ("cifar10", lambda p: p / "missing", "does not exist"),
+    ("cifar10", lambda p: p, "neither cifar-10-batches-py"),
+    ("fashion-mnist", lambda p: p, "Fashion-MNIST not found in"),
+    ("imagefolder", lambda p: p, "must hold train/"),
+])
+def test_missing_or_empty_folders_name_the_folder(tmp_path, name, make, needle):
+    folder = make(tmp_path)
+    with pytest.raises(UserError, match=needle) as err:
+        get_dataset(name, folder)
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_class_folders(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    with pytest.raises(UserError, match="is empty"):
+        get_dataset("cifar10", tmp_path)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset"):
+        get_dataset("mnist-xyz")
+    with pytest.raises(UserError, match="validation size"):
+        get_dataset("fashion-mnist", val_size=60000)
+    with pytest.raises(UserError, match="needs --data-dir"):
+        get_dataset("imagefolder")
+    truncated = tmp_path / "t.gz"
+    truncated.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2])))
+    with pytest.raises(UserError, match="truncated"):
+        read_idx(truncated)
+
+
+def test_offline_download_is_a_clear_error(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nothing")
+    monkeypatch.delenv("AUTOCOMPRESS_DATA", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(UserError, match="download failed.*apt-get install dataset-fashion-mnist"):
+        get_dataset("fashion-mnist")

@@ -1,0 +1,70 @@
+"""ONNX export of compact models, checked in onnxruntime; the `autocompress export` command."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from autocompress.checkpoint import save_checkpoint
+from autocompress.cli import main
+from autocompress.compaction import ColumnConv2d, compact
+from autocompress.errors import UserError
+from autocompress.export import export_onnx
+from autocompress.models import create_model
+from autocompress.serialization import save_compact
+from test_compaction import _mixed, column_masks, filter_masks
+
+torch.set_num_threads(1)
+
+
+def test_compact_model_exports_and_agrees(tmp_path):
+    model, x = _mixed()
+    result = compact(model, column_masks(model, 0.6, masks=filter_masks(model, x, 0.3), skip={"head.3"}), x)
+    out = export_onnx(result.model, x, tmp_path / "m.onnx")
+    assert out.max_abs_diff <= out.tolerance and out.checked_batch_sizes == [2, 3]
+    # independent check: run the file ourselves at another batch size
+    session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    batch = torch.randn(5, *x.shape[1:])
+    with torch.no_grad():
+        expected = result.model(batch).numpy()
+    got = session.run(None, {"input": batch.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("mode", ["dense", "positions"])
+def test_both_column_conv_paths_export(tmp_path, mode):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=4)]
+    layers = []
+    for conv in convs:
+        kept = torch.randperm(conv.weight[0].numel())[:5]
+        layers.append(ColumnConv2d.from_conv(conv, kept, mode=mode))
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1]).eval()
+    assert {m.path for m in layers} == {mode}
+    out = export_onnx(model, torch.randn(2, 6, 9, 9), tmp_path / "c.onnx", opset=13)
+    assert out.max_abs_diff <= out.tolerance
+
+
+def test_export_rejects_tuple_input_and_writes_nothing(tmp_path):
+    model, x = _mixed()
+    with pytest.raises(UserError, match="one input tensor"):
+        export_onnx(model, (x, x), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_compact_checkpoint(tmp_path, capsys):
+    model = create_model("lenet5", num_classes=10).eval()
+    x = torch.randn(2, 1, 28, 28)
+    result = compact(model, column_masks(model, 0.5, masks=filter_masks(model, x, 0.5), skip=()), x)
+    base = {"model": {"name": "lenet5", "kwargs": {"num_classes": 10}},
+            "dataset": {"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10}}
+    ckpt = save_compact(tmp_path / "c.pt", result.model, base_checkpoint=base)
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "c.onnx"), "--opset", "13"]) == 0
+    assert "onnxruntime max |diff|" in capsys.readouterr().out and (tmp_path / "c.onnx").stat().st_size > 0
+    assert main(["export", str(tmp_path / "missing.pt"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    plain = save_checkpoint(tmp_path / "b.pt", model=model, model_name="lenet5", model_kwargs={"num_classes": 10},
+                            dataset=base["dataset"], config={}, metrics={})
+    assert main(["export", str(plain), "--onnx", str(tmp_path / "b.onnx"), "--opset", "9"]) == 2
+    assert not (tmp_path / "b.onnx").exists()

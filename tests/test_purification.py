@@ -1,0 +1,147 @@
+"""Purification (Ma et al. arXiv 1905.00136; brief §4): unused path removal to a fixed point, constant
+folding, redundant weight removal under an accuracy tolerance."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from autocompress.analysis import analysis_mode
+from autocompress.data import get_dataset
+from autocompress.masks import apply_masks
+from autocompress.models import create_model
+from autocompress.purification import purify, remove_unused_paths, settle
+from autocompress.space import PruningSpace
+from autocompress.training import seeded
+
+
+class Chain(nn.Module):
+    """conv(1->4, 3x3) -> BN -> ReLU -> conv(4->6, 3x3) -> BN -> ReLU -> GAP -> Linear(6->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) + 0.2)  # positive: ReLU passes it
+
+
+def _out(model, x):
+    with analysis_mode(model):
+        return model(x)
+
+
+def test_unused_path_removal_by_hand():
+    with seeded(0):
+        model = Chain()
+    _randomise_bn(model)
+    x = torch.randn(3, 1, 8, 8)
+    space = PruningSpace.build(model, x)
+    masks = space.full_masks()
+    masks.columns["conv2"][9:18] = False        # every column reading channel 1 of conv1
+    masks.filters["conv1"][2] = False           # filter 2 removed -> columns 18..26 of conv2 read nothing
+    apply_masks(model, space.param_masks(masks))
+    reference = _out(model, x)
+    new = remove_unused_paths(space, masks)
+    assert new.filters["conv1"].tolist() == [True, False, False, True]
+    expected = torch.ones(36, dtype=torch.bool)
+    expected[9:27] = False
+    assert torch.equal(new.columns["conv2"], expected)
+    assert torch.equal(new.filters["conv2"], masks.filters["conv2"])
+    final, folded = settle(model, space, masks, masks, x)
+    assert folded == []                           # nothing read the removed channels any more
+    assert torch.equal(_out(model, x), reference)
+    # the kept filter count never reaches zero
+    masks = space.full_masks()
+    masks.columns["conv2"][:] = False
+    masks.columns["conv2"][0] = True              # only channel 0 is read
+    new = remove_unused_paths(space, masks)
+    assert new.filters["conv1"].tolist() == [True, False, False, False]
+
+
+def test_dead_filter_constant_folded_into_linear_bias_exactly():
+    with seeded(0):
+        model = create_model("lenet5")
+    x = torch.randn(4, 1, 28, 28)
+    space = PruningSpace.build(model, x)
+    conv, fc = model.features[3], model.classifier[0]
+    with torch.no_grad():
+        conv.weight[5].zero_()                    # filter 5 computes relu(bias) everywhere
+        conv.bias[5] = 0.7
+    masks = space.full_masks()
+    masks.weights = {}
+    reference = _out(model, x)
+    constant = 0.7                                # relu -> max-pool keep the constant
+    expected_bias = fc.bias.detach() + constant * fc.weight.detach()[:, 5 * 25:6 * 25].sum(1)
+    # the weight rows of filter 5 are zero but not masked: mask them through a column-free irregular view
+    masks.filters["features.3"] = torch.ones(16, dtype=torch.bool)
+    candidate = copy.deepcopy(masks)
+    candidate.filters["features.3"][5] = False
+    final, folded = settle(model, space, masks, candidate, x)
+    assert folded == ["features.3[5]"]
+    assert not bool(final.filters["features.3"][5])
+    assert torch.allclose(fc.bias.detach(), expected_bias, atol=1e-6)
+    assert torch.allclose(_out(model, x), reference, atol=1e-5)
+    assert bool((fc.weight.detach()[:, 125:150] == 0).all())
+
+
+def test_fold_into_batchnorm_exact_inside_padding_border():
+    with seeded(0):
+        model = create_model("fmnist_cnn", width=0.25)
+    _randomise_bn(model)
+    x = torch.randn(2, 1, 28, 28)
+    space = PruningSpace.build(model, x)
+    with torch.no_grad():
+        model.features[2][0].weight[3].zero_()    # filter 3 of the 2nd conv: constant relu(BN shift)
+    masks = space.full_masks()
+    candidate = copy.deepcopy(masks)
+    candidate.filters["features.2.0"][3] = False
+    seen = {}
+    hook = model.features[3][1].register_forward_hook(lambda m, a, o: seen.__setitem__("bn", o.detach().clone()))
+    _out(model, x)
+    before = seen["bn"]
+    final, folded = settle(model, space, masks, candidate, x)
+    _out(model, x)
+    hook.remove()
+    after = seen["bn"]
+    assert folded == ["features.2.0[3]"]
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.allclose(after[inner], before[inner], atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-5)   # documented: the zero-padded border differs
+
+
+def test_purify_accepts_only_within_tolerance():
+    torch.set_num_threads(1)
+    splits = get_dataset("fashion-mnist", val_size=300, max_train=300, max_test=100)
+    with seeded(0):
+        model = create_model("fmnist_cnn", width=0.25)
+    _randomise_bn(model)
+    space = PruningSpace.build(model, torch.zeros(1, 1, 28, 28))
+    from autocompress.projection import project
+    masks = project(space, model, {"column": {c.name: 0.5 for c in space.column_layers}})
+    val = splits.loader("val", 300)
+    result = purify(copy.deepcopy(model), space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
+                    val_loader=val, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2))
+    assert result.trials
+    for trial in result.trials:
+        assert trial["accepted"] == (trial["top1"] >= result.top1_before - 0.02)
+    assert result.top1_after >= result.top1_before - 0.02
+    accepted = [t["threshold"] for t in result.trials if t["accepted"]]
+    assert result.threshold == (max(accepted) if accepted else None)
+    for name, keep in result.masks.columns.items():
+        assert keep.sum() >= 1 and not bool((keep & ~masks.columns[name]).any())

@@ -1,0 +1,93 @@
+"""Compact models saved as architecture description + state_dict, rebuilt without unpickling code."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import autocompress
+from autocompress.checkpoint import save_checkpoint
+from autocompress.compaction import ColumnConv2d, compact
+from autocompress.errors import UserError
+from autocompress.models import create_model
+from autocompress.serialization import (apply_architecture, describe_architecture, from_sparse_state_dict,
+                                        save_compact, to_sparse_state_dict)
+from test_compaction import Mixed, _mixed, column_masks, filter_masks, irregular_masks
+
+torch.set_num_threads(1)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def test_describe_apply_round_trip_own_model():
+    model, x = _mixed()
+    result = compact(model, column_masks(model, 0.5, masks=filter_masks(model, x, 0.4), skip={"head.3"}), x)
+    description = result.architecture
+    assert _plain(description) and "head.3" not in description["modules"]  # unchanged modules left out
+    assert description["modules"]["res.0"]["type"] == "ColumnConv2d"
+    assert description["modules"]["stem.1"] == {"type": "BatchNorm2d", "args": {
+        "num_features": 10, "eps": 1e-5, "momentum": 0.1, "affine": True, "track_running_stats": True}}
+    pickle.loads(pickle.dumps(description))  # plain data
+    rebuilt = apply_architecture(Mixed(), description)
+    rebuilt.load_state_dict(result.model.state_dict(), strict=True)
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model(x))
+    assert describe_architecture(rebuilt) == describe_architecture(result.model)
+
+
+def test_save_load_zoo_compact_shrinks_file(tmp_path):
+    model = create_model("resnet20", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    masks = column_masks(model, 0.5, masks=filter_masks(model, x, 0.5), skip={"fc"})
+    result = compact(model, masks, x)
+    base = {"model": {"name": "resnet20", "kwargs": {"num_classes": 10}},
+            "dataset": {"name": "cifar10", "input_size": [3, 32, 32], "num_classes": 10}}
+    base_path = save_checkpoint(tmp_path / "base.pt", model=model, model_name="resnet20",
+                                model_kwargs={"num_classes": 10}, dataset=base["dataset"], config={}, metrics={})
+    path = save_compact(tmp_path / "compact.pt", result.model, base_checkpoint=base, metrics={"top1": 0.5},
+                        config={"rates": 0.5})
+    loaded = autocompress.load(path)  # weights_only=True inside
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+    assert any(isinstance(m, ColumnConv2d) for m in loaded.modules())
+    ratio_params = result.report["params_after"] / result.report["params_before"]
+    ratio_bytes = path.stat().st_size / base_path.stat().st_size
+    assert ratio_bytes < 1.0 and abs(ratio_bytes - ratio_params) < 0.15, (ratio_bytes, ratio_params)
+
+
+def test_apply_architecture_rejects_bad_descriptions():
+    with pytest.raises(UserError, match="not an autocompress architecture"):
+        apply_architecture(Mixed(), {"modules": {}})
+    with pytest.raises(UserError, match="lacks"):
+        apply_architecture(Mixed(), {"format": "autocompress-architecture", "version": 1,
+                                     "modules": {"nope.0": {"type": "Conv2d", "args": {}}}})
+    with pytest.raises(UserError, match="unknown module type"):
+        apply_architecture(Mixed(), {"format": "autocompress-architecture", "version": 1,
+                                     "modules": {"stem.0": {"type": "Evil", "args": {}}}})
+
+
+def test_sparse_state_dict_round_trip_and_size():
+    model = create_model("lenet5", num_classes=10)
+    masks = irregular_masks(model, 0.8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(masks[name])
+    state = model.state_dict()
+    sparse = to_sparse_state_dict(state)
+    assert set(sparse["sparse"]) == {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                                     for n in [f"{n}.weight"]}
+    back = from_sparse_state_dict(sparse)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    nbytes = sum(t.numel() * t.element_size() for e in sparse["sparse"].values()
+                 for t in (e["crow_indices"], e["col_indices"], e["values"]))
+    dense = sum(state[k].numel() * 4 for k in sparse["sparse"])
+    assert nbytes < 0.45 * dense

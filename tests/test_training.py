@@ -1,0 +1,173 @@
+"""Training and evaluation: optimiser groups, schedules, hooks, real Fashion-MNIST learning, exact resume."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress.checkpoint import load_checkpoint
+from autocompress.data import TensorSplit
+from autocompress.errors import UserError
+from autocompress.models import create_model
+from autocompress.training import (TrainConfig, build_optimizer, build_scheduler, check_model_input, evaluate,
+                                   fit, seeded, train_epoch)
+
+
+def _tiny():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+    model = _tiny()
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=1e-3))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[5].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
+                                                   id(model[5].bias)}
+
+
+def test_cosine_and_onecycle_schedules_follow_their_formulas():
+    model = _tiny()
+    config = TrainConfig(epochs=2, lr=0.2, schedule="cosine")
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=5)  # 10 steps in all
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    expected = [0.2 * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(1, 11)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    config = TrainConfig(epochs=1, lr=0.2, schedule="onecycle", pct_start=0.25)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=12)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(11):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(0.2) and lrs.index(max(lrs)) == 2  # torch's peak: step 0.25 * 12 - 1
+    assert lrs[0] == pytest.approx(0.2 / 25)  # OneCycleLR starts at max_lr / div_factor
+    assert build_scheduler(optimizer, TrainConfig(schedule="constant"), 9) is None
+
+
+def test_evaluate_matches_hand_computed_top1_top5_and_loss():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 12, generator=g)
+    labels = torch.randint(0, 12, (50,), generator=g)
+    batches = [(logits[:30], labels[:30]), (logits[30:], labels[30:])]
+    result = evaluate(nn.Identity(), batches)
+    order = logits.argsort(dim=1, descending=True)
+    top1 = sum(int(order[i, 0] == labels[i]) for i in range(50)) / 50
+    top5 = sum(int(labels[i] in order[i, :5].tolist()) for i in range(50)) / 50
+    loss = sum(float(torch.logsumexp(logits[i], 0) - logits[i, labels[i]]) for i in range(50)) / 50
+    assert result["top1"] == top1 and result["top5"] == top5 and result["images"] == 50
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert "top5" not in evaluate(nn.Identity(), [(logits[:, :10], labels.clamp(max=9))])
+
+
+def test_evaluate_leaves_mode_and_batchnorm_buffers_alone():
+    model = _tiny().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate(model, [(torch.randn(8, 1, 6, 6), torch.zeros(8, dtype=torch.long))])
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_hooks_regularizer_and_after_step():
+    model = _tiny()
+    batches = [(torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0]))
+               for i in range(5)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+
+    def hold_zero():  # a pruning mask on the first filter, as masked retraining does
+        calls.append(1)
+        with torch.no_grad():
+            model[0].weight[0].zero_()
+
+    reg_values = []
+
+    def regularizer():
+        value = 0.01 * model[5].weight.pow(2).sum()
+        reg_values.append(float(value))
+        return value
+
+    result = train_epoch(model, batches, optimizer, regularizer=regularizer, after_step=hold_zero, progress=False)
+    assert len(calls) == 5 and torch.count_nonzero(model[0].weight[0]) == 0
+    assert result["regularizer"] == pytest.approx(sum(reg_values) / 5)
+    assert result["images"] == 20 and 0 <= result["top1"] <= 1
+
+
+def test_short_training_on_real_fashion_mnist_beats_chance(fmnist_small):
+    with seeded(0):
+        model = create_model("lenet5", num_classes=10)
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.05, schedule="constant")
+    metrics = fit(model, fmnist_small, config, progress=False)
+    # 10 classes: chance is 10%; one epoch over 6000 real images reaches about 75%
+    assert metrics["test_top1"] >= 0.70
+    assert metrics["val_top1"] >= 0.70
+    assert metrics["epochs"] == 1 and len(metrics["history"]) == 1
+
+
+def test_resume_equals_uninterrupted(fmnist_small, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=100, lr=0.05, schedule="onecycle", seed=5)
+    kwargs = {"num_classes": 10, "width": 0.25, "dropout": 0.3}  # dropout: the global RNG must resume too
+    small = dataclasses.replace(fmnist_small, train=TensorSplit(fmnist_small.train.images[:1000],
+                                                                fmnist_small.train.labels[:1000]))
+
+    def run(path, interrupt):
+        with seeded(1):
+            model = create_model("fmnist_cnn", **kwargs)
+
+        def stop(epoch, record):
+            if interrupt and epoch == 1:
+                raise KeyboardInterrupt
+
+        try:
+            metrics = fit(model, small, config, checkpoint_path=path, model_name="fmnist_cnn", model_kwargs=kwargs,
+                          on_epoch_end=stop, progress=False)
+        except KeyboardInterrupt:
+            assert load_checkpoint(path)["training_state"]["epoch"] == 1
+            with seeded(99):  # a resumed process starts from other weights; they are replaced
+                model = create_model("fmnist_cnn", **kwargs)
+            metrics = fit(model, small, config, checkpoint_path=path, model_name="fmnist_cnn",
+                          model_kwargs=kwargs, resume=True, progress=False)
+        return model, metrics
+
+    straight, straight_metrics = run(tmp_path / "straight.pt", interrupt=False)
+    resumed, resumed_metrics = run(tmp_path / "resumed.pt", interrupt=True)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed_metrics["test_top1"] == straight_metrics["test_top1"]
+    final = load_checkpoint(tmp_path / "resumed.pt")
+    assert final["training_state"] is None and final["metrics"]["epochs"] == 2
+    assert final["dataset"]["name"] == "fashion-mnist" and final["dataset"]["val_size"] == 1000
+    with pytest.raises(UserError, match="finished"):
+        fit(resumed, small, config, checkpoint_path=tmp_path / "resumed.pt", model_name="fmnist_cnn",
+            model_kwargs=kwargs, resume=True, progress=False)
+
+
+def test_config_and_input_errors():
+    with pytest.raises(UserError, match="Nesterov"):
+        TrainConfig(momentum=0.0, nesterov=True).validate()
+    with pytest.raises(UserError, match="unknown schedule"):
+        TrainConfig(schedule="step").validate()
+    with pytest.raises(UserError, match="--epochs 0"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(UserError, match="cannot take cifar10 inputs of size 3x32x32"):
+        check_model_input(create_model("lenet5"), (3, 32, 32), 10, "lenet5", "cifar10")
+    with pytest.raises(UserError, match=r"expected \(2, 100\)"):
+        check_model_input(create_model("lenet5"), (1, 28, 28), 100, "lenet5", "fashion-mnist")
+
+
+def test_nan_loss_is_a_user_error():
+    model = _tiny()
+    batches = [(torch.full((2, 1, 6, 6), float("nan")), torch.tensor([0, 1]))]
+    with pytest.raises(UserError, match="lower the learning rate"):
+        train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
