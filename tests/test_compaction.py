@@ -12,7 +12,7 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 
-from autocompress.compaction import ColumnConv2d, ColumnLinear, compact
+from autocompress.compaction import ColumnConv2d, ColumnLinear, compact, densify
 from autocompress.errors import UserError
 from autocompress.models import create_model
 
@@ -104,11 +104,12 @@ def hand_count(model, masks):
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if type(module) in (nn.Conv2d, nn.Linear):
-            gemm = masks[f"{name}.weight"].reshape(module.weight.shape[0], -1)
+            gemm = masks.get(f"{name}.weight", torch.ones_like(module.weight, dtype=torch.bool))
+            gemm = gemm.reshape(module.weight.shape[0], -1)
             rows, cols = int(gemm.any(1).sum()), int(gemm.any(0).sum())
             total += rows * cols + (rows if module.bias is not None else 0)
         elif isinstance(module, nn.BatchNorm2d) and module.affine:
-            total += 2 * int(masks[f"{name}.weight"].sum())
+            total += 2 * int(masks.get(f"{name}.weight", torch.ones_like(module.weight, dtype=torch.bool)).sum())
         else:
             total += sum(p.numel() for p in params.values())
         counted.update(f"{name}.{p}" if name else p for p in params)
@@ -134,7 +135,8 @@ def _masked(model, masks):
     masked = copy.deepcopy(model).eval()
     with torch.no_grad():
         for name, p in masked.named_parameters():
-            p.mul_(masks[name])
+            if name in masks:
+                p.mul_(masks[name])
     return masked
 
 
@@ -256,6 +258,19 @@ def test_input_model_unchanged_and_result_in_eval():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_densify_restores_dense_layers_with_equal_outputs():
+    model, x = _mixed()
+    masks = column_masks(model, 0.6, skip={"head.3"})
+    compact_model = run(model, masks, x).model
+    dense = densify(compact_model)
+    assert not any(isinstance(mod, (ColumnConv2d, ColumnLinear)) for mod in dense.modules())
+    assert isinstance(dense.res[0], nn.Conv2d) and dense.res[0].weight.shape == model.res[0].weight.shape
+    kept = int((dense.res[0].weight.reshape(dense.res[0].out_channels, -1).abs().sum(0) > 0).sum())
+    assert kept == compact_model.res[0].num_columns
+    with torch.no_grad():
+        assert torch.allclose(dense.eval()(x), compact_model.eval()(x), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- zoo
 ZOO = [("lenet5", 1, 28), ("fmnist_cnn", 1, 28), ("vgg11", 3, 32), ("resnet20", 3, 32), ("resnet18", 3, 32),
        ("resnet50", 3, 32)]
@@ -294,3 +309,19 @@ def test_torchvision_hybrid(name, size):
     masks = filter_masks(model, x, 0.3)
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     run(model, column_masks(model, 0.5, seed=4, masks=masks, skip={last}), x)
+
+
+# ------------------------------------------------------------------- through the pruning space (H3's API)
+@pytest.mark.parametrize("name,channels,size", [("resnet20", 3, 32), ("vgg11", 3, 32), ("lenet5", 1, 28)])
+def test_space_masks_compact_and_counts_agree(name, channels, size):
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    model = _randomize_bn(create_model(name, num_classes=10)).eval()
+    x = torch.randn(2, channels, size, size)
+    space = PruningSpace.build(model, x, dims=("filter", "column"))
+    rates = {"filter": {g.name: 0.5 for g in space.filter_groups},
+             "column": {c.name: 0.4 for c in space.column_layers}}
+    masks = space.param_masks(project(space, model, rates))
+    result = run(model, masks, x)
+    assert result.report["params_after"] == space.count(project(space, model, rates)).params

@@ -84,14 +84,11 @@ def test_dead_filter_constant_folded_into_linear_bias_exactly():
         conv.weight[5].zero_()                    # filter 5 computes relu(bias) everywhere
         conv.bias[5] = 0.7
     masks = space.full_masks()
-    masks.weights = {}
     reference = _out(model, x)
     constant = 0.7                                # relu -> max-pool keep the constant
     expected_bias = fc.bias.detach() + constant * fc.weight.detach()[:, 5 * 25:6 * 25].sum(1)
-    # the weight rows of filter 5 are zero but not masked: mask them through a column-free irregular view
-    masks.filters["features.3"] = torch.ones(16, dtype=torch.bool)
     candidate = copy.deepcopy(masks)
-    candidate.filters["features.3"][5] = False
+    candidate.filters["features.3"][5] = False      # remove the (dead) filter; its columns must follow
     final, folded = settle(model, space, masks, candidate, x)
     assert folded == ["features.3[5]"]
     assert not bool(final.filters["features.3"][5])

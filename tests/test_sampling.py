@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.optimize import isotonic_regression
 
 from autocompress.errors import UserError
-from autocompress.sampling import ActionSampler, Unit, meet_target, order_rates, rates_dict
+from autocompress.sampling import ActionSampler, ActionUnit, meet_target, order_rates, rates_dict
 
 
 def keep(size: int, rate: float) -> int:
@@ -24,8 +24,8 @@ class HybridModel:
     def __init__(self, filters, columns, fixed=10):
         self.filters, self.columns, self.fixed = list(filters), list(columns), fixed
         n = len(self.filters)
-        self.units = [Unit("filter", f"l{j}", f, f * c) for j, (f, c) in enumerate(zip(filters, columns))]
-        self.units += [Unit("column", f"l{j}", c, f * c) for j, (f, c) in enumerate(zip(filters, columns))]
+        self.units = [ActionUnit("filter", f"l{j}", f, f * c) for j, (f, c) in enumerate(zip(filters, columns))]
+        self.units += [ActionUnit("column", f"l{j}", c, f * c) for j, (f, c) in enumerate(zip(filters, columns))]
         self.n = n
         self.calls = 0
 
@@ -102,8 +102,8 @@ def test_high_target_terminates_with_tiny_units():
 def test_order_rates_matches_isotonic_regression_per_kind():
     rng = np.random.default_rng(0)
     weights = rng.permutation(10) + 1.0
-    units = [Unit("filter", f"f{i}", 8, w) for i, w in enumerate(weights)]
-    units += [Unit("column", f"c{i}", 8, w) for i, w in enumerate(weights)]
+    units = [ActionUnit("filter", f"f{i}", 8, w) for i, w in enumerate(weights)]
+    units += [ActionUnit("column", f"c{i}", 8, w) for i, w in enumerate(weights)]
     rates = rng.uniform(0, 1, size=20)
     out = order_rates(rates, units)
     for kind_slice in (slice(0, 10), slice(10, 20)):
@@ -114,7 +114,7 @@ def test_order_rates_matches_isotonic_regression_per_kind():
 
 
 def test_order_rates_leaves_ties_unconstrained():
-    units = [Unit("filter", "a", 4, 10.0), Unit("filter", "b", 4, 10.0), Unit("filter", "c", 4, 5.0)]
+    units = [ActionUnit("filter", "a", 4, 10.0), ActionUnit("filter", "b", 4, 10.0), ActionUnit("filter", "c", 4, 5.0)]
     out = order_rates(np.array([0.9, 0.1, 0.05]), units)
     np.testing.assert_allclose(out, [0.9, 0.1, 0.05])  # already ordered: equal weights may differ
     out = order_rates(np.array([0.2, 0.1, 0.3]), units)
@@ -163,3 +163,37 @@ def test_initial_action_spread_prunes_heavy_units_harder():
     assert rates_dict(model.units, guided) == {
         "filter": {"l0": guided[0], "l1": guided[1]}, "column": {"l0": guided[2], "l1": guided[3]},
         "irregular": {}}
+
+
+@pytest.mark.parametrize("objective,attr", [("params", "params"), ("flops", "macs")])
+def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
+    from autocompress.models import create_model
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    model = create_model("fmnist_cnn")
+    space = PruningSpace.build(model, torch.randn(1, 1, 28, 28))
+    sampler = ActionSampler.from_space(space, model, objective, 8.0)
+    assert [u.kind for u in sampler.units] == ["filter"] * len(space.filter_groups) + ["column"] * len(
+        space.column_layers)
+    assert [u.weight for u in sampler.units[: len(space.filter_groups)]] == [
+        getattr(g, attr) for g in space.filter_groups]
+    action = sampler.perturb(sampler.initial_action(), 0.1, np.random.default_rng(0))
+    assert ordered(action, sampler.units)
+    remaining = getattr(space.count(project(space, model, sampler.to_rates(action))), attr)
+    total = getattr(space.total, attr)
+    assert remaining <= total / 8.0
+    assert remaining > total / 8.0 * 0.9  # close to the target, not far beyond it
+    with pytest.raises(UserError, match="unreachable"):
+        ActionSampler.from_space(space, model, objective, 5000.0)  # best: 2066x / 3690x
+    with pytest.raises(UserError, match="objective"):
+        ActionSampler.from_space(space, model, "latency", 2.0)
+
+
+@pytest.mark.parametrize("target,r_max", [(0.5, 0.9), (float("nan"), 0.9), (4.0, 1.0), (4.0, -0.1)])
+def test_bad_settings_are_user_errors(target, r_max):
+    model = HybridModel([8], [9])
+    with pytest.raises(UserError):
+        ActionSampler(model.units, model.cost, target, r_max=r_max)
+    with pytest.raises(UserError):
+        meet_target(np.ones(2), model.cost, target, r_max=r_max)

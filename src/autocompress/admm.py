@@ -63,7 +63,7 @@ class ADMMConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     rho_init: float = 1e-3
-    rho_growth: float = 1.5
+    rho_growth: float = 2.0
     rho_max: float = 1.0
     update_interval: int | None = None
     label_smoothing: float = 0.0
@@ -153,7 +153,7 @@ class ADMMState:
         self.weights = [params[name] for name in self.names]
         self.rho = config.rho_init
         with torch.no_grad():
-            self.z = [w.detach() * param_masks[n].to(w.dtype) for n, w in zip(self.names, self.weights)]
+            self.z = [w.detach() * param_masks[n].to(w.device, w.dtype) for n, w in zip(self.names, self.weights)]
             self.u = [torch.zeros_like(w) for w in self.weights]
         self._refresh_targets()
 
@@ -178,7 +178,7 @@ class ADMMState:
         finally:
             torch._foreach_copy_([w.data for w in self.weights], saved)
         param_masks = self.space.param_masks(masks)
-        projected = [t * param_masks[n].to(t.dtype) for n, t in zip(self.names, tensors)]
+        projected = [t * param_masks[n].to(t.device, t.dtype) for n, t in zip(self.names, tensors)]
         return masks, projected
 
     @torch.no_grad()

@@ -79,8 +79,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files; all mean the same
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        unsafe = [line for line in lines if "Unsupported global" in line]
+        detail = (unsafe or [line for line in lines if "WeightsUnpickler error" in line] or lines)[0][:160]
+        if unsafe:
             raise UserError(f"checkpoint {path} holds pickled Python objects, not plain data ({detail})",
                             "re-save it with autocompress, or load it with trust=True if you trust its source"
                             ) from exc

@@ -115,6 +115,21 @@ class ColumnConv2d(nn.Module):
         module._build_plan()
         return module.to(conv.weight.device, conv.weight.dtype)
 
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` ``[F, C/groups, kh, kw]`` with the dropped columns as zeros (exact
+        inverse of :meth:`from_conv`); used to start the next AutoCompress round from a compact model."""
+        kh, kw = self.kernel_size
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode)
+        with torch.no_grad():
+            weight = torch.zeros(self.out_channels, self.in_channels // self.groups * kh * kw,
+                                 dtype=self.weight.dtype, device=self.weight.device)
+            weight[:, self.column_index] = self.weight
+            conv.weight.copy_(weight.reshape_as(conv.weight))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv.to(self.weight.device, self.weight.dtype)
+
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         self._build_plan()  # index tensors follow the module's device
@@ -253,6 +268,16 @@ class ColumnLinear(nn.Module):
             module.column_index.copy_(columns)
         return module.to(linear.weight.device, linear.weight.dtype)
 
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` ``[out, in]`` with the dropped input features as zero columns."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.weight[:, self.column_index] = self.weight
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.to(self.weight.device, self.weight.dtype)
+
     def config(self) -> dict:
         """Constructor arguments as plain data."""
         return {"in_features": self.in_features, "out_features": self.out_features,
@@ -265,6 +290,17 @@ class ColumnLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, columns={self.num_columns}"
 
 
+def densify(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnLinear` replaced by its
+    dense equivalent (zero columns), computing the same outputs. Channels removed by compaction stay
+    removed. The next AutoCompress round prunes this model (its zero columns score lowest)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (ColumnConv2d, ColumnLinear)):
+            model.set_submodule(name, module.to_dense())
+    return model
+
+
 @dataclasses.dataclass
 class CompactResult:
     """Result of :func:`compact`.
@@ -275,7 +311,8 @@ class CompactResult:
         report: plain data: ``params_before`` / ``params_after`` (parameters), ``removed_channels``
             (root module name -> number of channels removed from its coupled group), ``column_layers``
             (module name -> ``[kept columns, total columns]``), ``dead_channels_kept`` (module name ->
-            reason), ``max_abs_diff`` and ``tolerance`` of the output check.
+            why its all-zero rows / columns stay dense), ``max_abs_diff`` and ``tolerance`` of the output
+            check.
     """
 
     model: nn.Module
@@ -478,8 +515,9 @@ def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dic
         kept = torch.nonzero(nonzero).flatten().cpu()
         if kept.numel() == gemm.shape[1]:
             continue
-        if kept.numel() == 0:
-            raise UserError(f"the masks remove every column of {name!r}", "keep at least one column per layer")
+        if kept.numel() == 0:  # e.g. a zero-initialised head: nothing to gather, the dense layer is exact
+            report["dead_channels_kept"][name] = "every weight is zero; the layer stays dense"
+            continue
         if isinstance(module, nn.Conv2d):
             replacement: nn.Module = ColumnConv2d.from_conv(module, kept)
         else:

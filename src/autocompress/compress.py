@@ -42,13 +42,12 @@ from .checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from .compaction import compact, densify
 from .data import get_dataset
 from .errors import UserError
-from .masks import apply_masks
 from .purification import purify
 from .quick_eval import QuickEvaluator
 from .sampling import ActionSampler, space_cost, units_from_space
 from .serialization import save_compact
 from .space import PruningSpace
-from .training import evaluate
+from .training import TrainConfig, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +110,15 @@ class CompressConfig:
         seed: seed of every generator the run owns.
         data_dir: dataset folder (``None``: the dataset's default lookup).
         val_size: images carved from the training split for validation (search, purification).
+        max_train: use a seeded subset of at most this many training images (None: all).
+        max_test: evaluate the final table on a seeded subset of the test split (None: all).
         batch_size: training batch size of ADMM and retraining.
         max_r: largest pruning rate of any unit (the sampler's r_max), in [0, 1).
         search: :class:`autocompress.annealing.AnnealingConfig` fields.
         quick_eval: :class:`autocompress.quick_eval.QuickEvaluator` keyword arguments.
         admm: :class:`autocompress.admm.ADMMConfig` fields.
         purification: ``enabled`` plus :func:`autocompress.purification.purify` keyword arguments.
-        retrain: :class:`autocompress.admm.RetrainConfig` fields (the last round may use ``final_retrain``).
+        retrain: :class:`autocompress.training.TrainConfig` fields of masked retraining.
         final_retrain_epochs: retraining epochs of the last round (``None``: as the other rounds).
         latency_runs: timed runs per latency measurement in the final table.
     """
@@ -128,6 +129,8 @@ class CompressConfig:
     seed: int = 0
     data_dir: str | None = None
     val_size: int = 5000
+    max_train: int | None = None
+    max_test: int | None = None
     batch_size: int = 128
     max_r: float = 0.95
     search: dict = field(default_factory=dict)
@@ -174,7 +177,17 @@ class CompressConfig:
             raise UserError(f"max_r={self.max_r} must be in (0, 1)", "use e.g. 0.95")
         self.annealing_config(0)
         admm.ADMMConfig(**self.admm)
-        admm.RetrainConfig(**self.retrain)
+        self.retrain_config(last=False).validate()
+
+    def retrain_config(self, *, last: bool) -> TrainConfig:
+        """Masked retraining settings (:class:`autocompress.training.TrainConfig`); ``last``: final round."""
+        settings = {"lr": 0.01, "batch_size": self.batch_size, **self.retrain}
+        if last and self.final_retrain_epochs is not None:
+            settings["epochs"] = self.final_retrain_epochs
+        try:
+            return TrainConfig(**settings)
+        except TypeError as exc:
+            raise UserError(f"bad retrain setting: {exc}", "see TrainConfig's fields") from None
 
     def annealing_config(self, round_index: int) -> AnnealingConfig:
         """The round's :class:`AnnealingConfig` (seeded per round)."""
@@ -270,7 +283,8 @@ class Compressor:
         if not dataset.get("name"):
             raise UserError(f"checkpoint {checkpoint_path} names no dataset",
                             "re-train it with `autocompress train`, which records the dataset")
-        self.splits = get_dataset(dataset["name"], config.data_dir, val_size=config.val_size, seed=config.seed)
+        self.splits = get_dataset(dataset["name"], config.data_dir, val_size=config.val_size, seed=config.seed,
+                                  max_train=config.max_train, max_test=config.max_test)
         self.example = torch.zeros(1, *self.splits.input_size)
         self.base_model = model_from_checkpoint(self.base_ckpt)
         self.base_params = metrics.count_params(self.base_model)
@@ -306,14 +320,19 @@ class Compressor:
 
     # --- checks ---------------------------------------------------------------------------------------
     def _space(self, model: nn.Module) -> PruningSpace:
-        return PruningSpace.build(model, self.example, dims=DIMS[self.config.dims])
+        """The round's pruning space; purification needs the filter groups even when only columns (or
+        single weights) are searched, at rate 0."""
+        dims = DIMS[self.config.dims]
+        if self.config.purification.get("enabled", True):
+            dims = tuple(dict.fromkeys(("filter",) + dims))
+        return PruningSpace.build(model, self.example, dims=dims)
 
     def _sampler(self, model: nn.Module, space: PruningSpace, target: float) -> ActionSampler:
         """Sampler whose target is the round's factor relative to the *base* model's count."""
         current = self._count(model)
         base = self.base_params if self.target.objective == "params" else self.base_macs
         relative = max(1.0, target * current / base)
-        units = units_from_space(space, self.target.objective)
+        units = [u for u in units_from_space(space, self.target.objective) if u.kind in DIMS[self.config.dims]]
         return ActionSampler(units, space_cost(space, model, units, self.target.objective), relative,
                              r_max=self.config.max_r)
 
@@ -418,19 +437,21 @@ class Compressor:
         settings = dict(self.config.purification)
         if settings.pop("enabled", True):
             val_loader = self.splits.loader("val", 256, shuffle=False, augment=False)
-            result = purify(ctx.model, ctx.space, masks, val_loader=val_loader, **settings)
-            ctx.param_masks = ctx.space.param_masks(result.masks)
-            apply_masks(ctx.model, ctx.param_masks)
-            self.run_folder.append_metrics({"event": "purification", "round": ctx.index,
-                                            **result.summary()})
+            result = purify(ctx.model, ctx.space, masks, example_inputs=self.example, val_loader=val_loader,
+                            log=log.info, **settings)
+            ctx.param_masks = result.param_masks
+            self.run_folder.append_metrics({
+                "event": "purification", "round": ctx.index, "threshold": result.threshold,
+                "removed_filters": sum(result.removed_filters.values()),
+                "removed_columns": sum(result.removed_columns.values()), "folded": len(result.folded),
+                "val_top1_before": result.top1_before, "val_top1_after": result.top1_after})
         self._save_state(ctx, artifact)
 
     def _phase_retrain(self, ctx: RoundContext, artifact: Path) -> None:
-        settings = dict(self.config.retrain)
-        if ctx.index == len(self.targets) and self.config.final_retrain_epochs is not None:
-            settings["epochs"] = self.config.final_retrain_epochs
-        admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"),
-                            admm.RetrainConfig(**settings), log=log.info)
+        config = self.config.retrain_config(last=ctx.index == len(self.targets))
+        history = admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"), config,
+                                      progress=self.progress, log=log.info)
+        self.run_folder.append_metrics({"event": "retrain", "round": ctx.index, "history": history})
         self._save_state(ctx, artifact)
 
     def _phase_compact(self, ctx: RoundContext, artifact: Path) -> None:

@@ -32,6 +32,7 @@ The cache folder is env ``AUTOCOMPRESS_CACHE`` or ``~/.cache/autocompress``.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -321,8 +322,17 @@ def _fashion_mnist_in(folder: Path) -> tuple[TensorSplit, TensorSplit] | None:
     paths = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _FMNIST_FILES.items()}
     if any(p is None for pair in paths.values() for p in pair):
         return None
+    files = tuple((split, images, labels, images.stat().st_mtime_ns, labels.stat().st_mtime_ns)
+                  for split, (images, labels) in paths.items())
+    return _read_fashion_mnist(folder, files)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_fashion_mnist(folder: Path, files: tuple) -> tuple[TensorSplit, TensorSplit]:
+    """Decode the idx files ``files = ((split, images path, labels path, mtime, mtime), ...)``, memoised per
+    process (callers only index the returned tensors, never write them)."""
     splits = []
-    for split, (images_path, labels_path) in paths.items():
+    for split, images_path, labels_path, _, _ in files:
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"Fashion-MNIST {split} files in {folder} disagree: images {images.shape}, "

@@ -98,8 +98,8 @@ class QuickEvaluator:
         UserError: empty validation split or non-positive batch counts.
     """
 
-    def __init__(self, model: nn.Module, space, splits, *, bn_recalibration: bool = True, bn_batches: int = 10,
-                 val_batches: int | None = 20, batch_size: int = 256, seed: int = 0):
+    def __init__(self, model: nn.Module, space, splits, *, bn_recalibration: bool = True, bn_batches: int = 5,
+                 val_batches: int | None = 10, batch_size: int = 256, seed: int = 0):
         if bn_batches < 1 or (val_batches is not None and val_batches < 1):
             raise UserError(f"quick evaluation needs >= 1 batch (bn_batches={bn_batches}, "
                             f"val_batches={val_batches})", "pass positive batch counts")

@@ -11,8 +11,8 @@ search's perturbations and the experience-based guidance); restated in the proje
 Choices the paper leaves open (ours, exposed as arguments):
 
 * **Meeting the target**: a rate vector is ``clip(s * direction, 0, r_max)``; the scale ``s`` is found by
-  bisection (a fixed maximum number of iterations) as the smallest scale whose remaining count (parameters
-  or MACs) is at most ``original / target``. Units that hit ``r_max`` stay there while the others keep
+  an exponential bracket then bisection (one loop with a fixed maximum number of cost evaluations) as the
+  smallest scale whose remaining count (parameters or MACs) is at most ``original / target``. Units that hit ``r_max`` stay there while the others keep
   growing, so the excess of clipped units is redistributed onto the rest (water filling).
 * **Guidance**: within each unit kind, a unit that governs more weights (objective ``"params"``) or more
   MACs (objective ``"flops"``) never gets a smaller rate than one governing fewer. Rates are projected
@@ -48,7 +48,7 @@ _MIN_DIRECTION = 1e-6  # floor (relative to the largest entry) so every unit tak
 
 
 @dataclass(frozen=True)
-class Unit:
+class ActionUnit:
     """One entry of an action.
 
     Attributes:
@@ -65,7 +65,7 @@ class Unit:
     weight: float
 
 
-def order_rates(rates: np.ndarray, units: Sequence[Unit]) -> np.ndarray:
+def order_rates(rates: np.ndarray, units: Sequence[ActionUnit]) -> np.ndarray:
     """Project ``rates`` onto the guidance ordering (least squares), separately for each unit kind.
 
     Within a kind, after the projection ``weight_i > weight_j`` implies ``rate_i >= rate_j``. Units of equal
@@ -141,19 +141,11 @@ def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: floa
     if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
         raise UserError(f"an action must be a non-empty finite rate vector, got shape {d.shape}",
                         "check the pruning space has prunable units")
-    if not (math.isfinite(target) and target >= 1.0):
-        raise UserError(f"compression target {target!r} is invalid", "give a target >= 1, e.g. params=10x")
-    if not 0.0 <= r_max < 1.0:
-        raise UserError(f"maximum rate r_max={r_max!r} is outside [0, 1)", "use e.g. r_max=0.95")
+    _check_settings(target, r_max)
     if original is None:
         original = cost(np.zeros_like(d))
     budget = original / target
-    best = cost(np.full_like(d, r_max))
-    if best > budget:
-        raise UserError(
-            f"target {target:g}x is unreachable: pruning every unit at the maximum rate {r_max:g} reaches "
-            f"only {original / best:.3g}x",
-            "lower the target, raise the maximum rate, or add pruning dimensions (--dims)")
+    _check_reachable(original, cost(np.full_like(d, r_max)), target, r_max)
     if original <= budget:
         return np.zeros_like(d)
     d = np.clip(d, 0.0, None)
@@ -176,6 +168,23 @@ def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: floa
     return np.clip(hi * d, 0.0, r_max)
 
 
+def _check_settings(target: float, r_max: float) -> None:
+    """UserError unless ``target >= 1`` (finite) and ``0 <= r_max < 1``."""
+    if not (math.isfinite(target) and target >= 1.0):
+        raise UserError(f"compression target {target!r} is invalid", "give a target >= 1, e.g. params=10x")
+    if not 0.0 <= r_max < 1.0:
+        raise UserError(f"maximum rate r_max={r_max!r} is outside [0, 1)", "use e.g. r_max=0.95")
+
+
+def _check_reachable(original: float, best: float, target: float, r_max: float) -> None:
+    """UserError unless ``best`` (the count with every unit at ``r_max``) meets ``original / target``."""
+    if best > original / target:
+        raise UserError(
+            f"target {target:g}x is unreachable: pruning every unit at the maximum rate {r_max:g} reaches "
+            f"only {original / best:.3g}x",
+            "lower the target, raise the maximum rate, or add pruning dimensions (--dims)")
+
+
 def _normal(rng: np.random.Generator | torch.Generator, n: int) -> np.ndarray:
     """``n`` standard normal draws from a numpy or torch generator, float64 [n]."""
     if isinstance(rng, torch.Generator):
@@ -191,12 +200,12 @@ class ActionSampler:
         cost: remaining parameters / MACs of a rate vector (see :func:`space_cost`).
         target: the round's compression target (>= 1), relative to ``cost(zeros)``.
         r_max: largest rate of any unit, in ``[0, 1)``.
-        max_iter: bisection iterations per target fit.
+        max_iter: bound on the cost evaluations of one target fit (:func:`meet_target`).
     Raises:
         UserError: empty ``units`` or an unreachable target (checked on construction, before any search).
     """
 
-    def __init__(self, units: Sequence[Unit], cost: Cost, target: float, *, r_max: float = 0.95,
+    def __init__(self, units: Sequence[ActionUnit], cost: Cost, target: float, *, r_max: float = 0.95,
                  max_iter: int = 64):
         if not units:
             raise UserError("the pruning space has no prunable units", "choose other --dims or another model")
@@ -205,9 +214,11 @@ class ActionSampler:
         self.target = float(target)
         self.r_max = float(r_max)
         self.max_iter = int(max_iter)
+        _check_settings(self.target, self.r_max)
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
         self.original = float(cost(np.zeros(len(self.units))))
-        self.meet(np.ones(len(self.units)))  # raises now when the target is unreachable
+        _check_reachable(self.original, float(cost(np.full(len(self.units), self.r_max))), self.target,
+                         self.r_max)
 
     def meet(self, direction: np.ndarray) -> np.ndarray:
         """Order ``direction`` by the guidance, then scale it to meet the target (:func:`meet_target`)."""
@@ -255,7 +266,7 @@ class ActionSampler:
                    r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter)
 
 
-def rates_dict(units: Sequence[Unit], action: np.ndarray) -> dict[str, dict[str, float]]:
+def rates_dict(units: Sequence[ActionUnit], action: np.ndarray) -> dict[str, dict[str, float]]:
     """``{"filter": {name: rate}, "column": {...}, "irregular": {...}}`` for a rate vector [n_units]."""
     rates: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
     for unit, rate in zip(units, np.asarray(action, dtype=np.float64)):
@@ -269,12 +280,12 @@ def _check_objective(objective: str) -> str:
     return "params" if objective == "params" else "macs"
 
 
-def units_from_space(space, objective: str) -> list[Unit]:
+def units_from_space(space, objective: str) -> list[ActionUnit]:
     """The action's units for a :class:`~autocompress.space.PruningSpace`: its filter groups, column layers
     and irregular layers (in that order), weighted by the parameters (``"params"``) or MACs (``"flops"``)
     each governs. Raises UserError for an unknown objective."""
     attr = _check_objective(objective)
-    return [Unit(kind, u.name, int(u.size), float(getattr(u, attr))) for kind in KINDS for u in space.units(kind)]
+    return [ActionUnit(kind, u.name, int(u.size), float(getattr(u, attr))) for kind in KINDS for u in space.units(kind)]
 
 
 class _DropClipWarnings(logging.Filter):
@@ -296,7 +307,7 @@ def quiet_clipping() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def space_cost(space, model: nn.Module, units: Sequence[Unit], objective: str) -> Cost:
+def space_cost(space, model: nn.Module, units: Sequence[ActionUnit], objective: str) -> Cost:
     """The exact cost of a rate vector: ``space.count(project(space, model, rates))``, parameters
     (``"params"``) or MACs (``"flops"``) of the compact model, i.e. the same counts the engine reports.
 

@@ -358,13 +358,51 @@ class PruningSpace:
         positions summed over its calls (``macs_full * kept / numel``), plus the MACs the flop counter
         attributes to other operations (unchanged by pruning). FLOPs = 2 x MACs.
         """
-        pm = self.param_masks(masks)
-        kept = {name: int(mask.sum()) for name, mask in pm.items()}
-        params = self.total.params - sum(self.param_shapes[n].numel() - k for n, k in kept.items())
+        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()})
+
+    def estimate(self, rates: Mapping[str, Mapping[str, float]]) -> Counts:
+        """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
+        computed from the keep counts alone (no weights, no masks: fast enough for the search's cost
+        function). Equal to ``count(project(space, model, rates))`` for any weights, because the
+        projection keeps exactly :func:`keep_count` units of what remains of each unit.
+
+        Raises:
+            UserError: invalid rates (see :meth:`check_rates`).
+        """
+        rates = self.check_rates(rates)
+        removed: dict[tuple[str, int], int] = {}  # (param, dim) -> positions removed along dim
+        for g in self.filter_groups:
+            gone = g.size - keep_count(g.size, rates["filter"].get(g.name, 0.0))
+            for s in g.slices:
+                key = (s.param, s.dim)
+                removed[key] = removed.get(key, 0) + gone * s.index.numel() // g.size
+        kept: dict[str, int] = {}
+        for param in dict.fromkeys(p for p, _ in removed):
+            shape = self.param_shapes[param]
+            left = [n - removed.get((param, d), 0) for d, n in enumerate(shape)]
+            kept[param] = math.prod(left)
+        columns = {c.param: c for c in self.column_layers}
+        weights = {w.param: w for w in self.irregular_layers}
+        for param in dict.fromkeys([*columns, *weights]):
+            shape = self.param_shapes[param]
+            rows = shape[0] - removed.get((param, 0), 0)
+            cols = kept.get(param, shape.numel()) // rows if rows else 0
+            if param in columns:
+                cols = keep_count(cols, rates["column"].get(columns[param].name, 0.0))
+            entries = rows * cols
+            if param in weights:
+                entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
+            kept[param] = entries
+        return self._counts(kept)
+
+    def _counts(self, kept: Mapping[str, int]) -> Counts:
+        """Counts of the compact model given the kept entries of each pruned parameter."""
+        params = self.total.params - sum(self.param_shapes[p].numel() - k for p, k in kept.items())
         macs = self.total.macs
         for weight, full in self.layer_macs.values():
             if weight in kept:
-                macs -= full * (self.param_shapes[weight].numel() - kept[weight]) // self.param_shapes[weight].numel()
+                numel = self.param_shapes[weight].numel()
+                macs -= full * (numel - kept[weight]) // numel
         return Counts(params=params, macs=macs)
 
 
@@ -437,7 +475,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
         if not problem:
-            problem = _claim(claimed, name, slices)
+            problem = _uneven(slices, size) or _claim(claimed, name, slices)
         if problem:
             _exclude(excluded, name, problem)
             continue
@@ -528,6 +566,15 @@ def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((uniq.numel(),), index.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(index.numel()), reduce="amin")
     return uniq, first
+
+
+def _uneven(slices: list[Slice], size: int) -> str:
+    """"" or a problem if some slice gives the group's channels different numbers of positions."""
+    for s in slices:
+        per_channel = torch.bincount(s.channel, minlength=size)
+        if not bool((per_channel == per_channel[0]).all()):
+            return f"filter pruning: channels map unevenly into {s.param}"
+    return ""
 
 
 def _claim(claimed: dict[tuple[str, int], dict[int, str]], name: str, slices: list[Slice]) -> str:

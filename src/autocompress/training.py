@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -162,7 +162,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             objective = loss + reg
             reg_total += float(reg.detach())
         if not torch.isfinite(objective):
-            raise UserError(f"training loss became {float(objective)} at step {steps + 1}",
+            raise UserError(f"training loss became {float(objective.detach())} at step {steps + 1}",
                             "lower the learning rate (--lr) or check the data")
         optimizer.zero_grad(set_to_none=True)
         objective.backward()

@@ -40,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if data_dir is None and name == stored.get("name") and stored.get("data_dir") \
             and Path(stored["data_dir"]).exists():
         data_dir = stored["data_dir"]
-    splits = get_dataset(name, data_dir, val_size=stored.get("val_size", 5000), seed=stored.get("seed", 0))
+    if name == stored.get("name"):  # the same validation carve as in training
+        val_size, seed = stored.get("val_size", 5000), stored.get("seed", 0)
+    else:  # another dataset: the default carve for --split val, none needed for the test split
+        val_size, seed = (5000 if args.split == "val" else 0), 0
+    splits = get_dataset(name, data_dir, val_size=val_size, seed=seed)
     model = model_from_checkpoint(ckpt).to(args.device)
     model_name = ckpt["model"]["name"]
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)

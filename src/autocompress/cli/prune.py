@@ -27,15 +27,18 @@ _DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregu
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress prune``."""
+    from ..admm import ADMMConfig
+
+    admm = ADMMConfig()
     parser.add_argument("checkpoint", help="trained checkpoint (.pt) from `autocompress train`")
     parser.add_argument("--rates", help="RATES.yaml (see `autocompress prune --help`); required unless --list-units")
     parser.add_argument("--dims", choices=_DIMS, default="filter,column", help="unit kinds to prune")
     parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
     parser.add_argument("--admm-epochs", type=int, default=10, help="ADMM W-step epochs (0: one-shot)")
-    parser.add_argument("--admm-lr", type=float, default=0.01)
-    parser.add_argument("--rho-init", type=float, default=1e-3, help="ADMM penalty at the start")
-    parser.add_argument("--rho-growth", type=float, default=2.0, help="rho multiplier per Z/U update")
-    parser.add_argument("--rho-max", type=float, default=1.0, help="cap on rho")
+    parser.add_argument("--admm-lr", type=float, default=admm.lr)
+    parser.add_argument("--rho-init", type=float, default=admm.rho_init, help="ADMM penalty at the start")
+    parser.add_argument("--rho-growth", type=float, default=admm.rho_growth, help="rho multiplier per Z/U update")
+    parser.add_argument("--rho-max", type=float, default=admm.rho_max, help="cap on rho")
     parser.add_argument("--update-interval", type=int, default=None,
                         help="optimiser steps between ADMM Z/U updates (default: once per epoch)")
     parser.add_argument("--retrain-epochs", type=int, default=10, help="masked retraining epochs (0: none)")

@@ -1,0 +1,107 @@
+"""``autocompress train`` / ``evaluate`` end to end on real Fashion-MNIST, and their error paths."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from autocompress import training
+from autocompress.checkpoint import load_checkpoint
+from autocompress.cli import main
+
+TINY = ["train", "--model", "fmnist_cnn", "--model-arg", "width=0.25", "--dataset", "fashion-mnist", "--epochs", "2",
+        "--max-train", "600", "--val-size", "200", "--batch-size", "100", "--no-progress"]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("autocompress: error: "), err
+    return err
+
+
+def test_train_evaluate_skip_and_resume(tmp_path, capsys, monkeypatch):
+    straight = tmp_path / "straight.pt"
+    assert main([*TINY, "--out", str(straight)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "test top-1" in out
+    ckpt = load_checkpoint(straight)
+    assert ckpt["model"] == {"name": "fmnist_cnn", "kwargs": {"num_classes": 10, "width": 0.25}}
+    assert ckpt["dataset"]["input_size"] == [1, 28, 28] and ckpt["config"]["epochs"] == 2
+    assert ckpt["training_state"] is None
+
+    assert main(["evaluate", str(straight), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["images"] == 10000
+    assert result["top1"] == ckpt["metrics"]["test_top1"]  # the checkpoint's own test evaluation
+    assert main(["evaluate", str(straight), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 200
+
+    before = straight.read_bytes()
+    assert main([*TINY, "--out", str(straight), "--skip-if-exists"]) == 0
+    assert "exists" in capsys.readouterr().out and straight.read_bytes() == before
+
+    # interrupt a second run after its first epoch (Ctrl-C), then resume it: same weights as the straight run
+    resumed = tmp_path / "resumed.pt"
+    real_epoch = training.train_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    assert main([*TINY, "--out", str(resumed)]) == 130
+    monkeypatch.setattr(training, "train_epoch", real_epoch)
+    assert load_checkpoint(resumed)["training_state"]["epoch"] == 1
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(resumed), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    a, b = load_checkpoint(straight)["state_dict"], load_checkpoint(resumed)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "no_such_net", "--dataset", "fashion-mnist"], "unknown model"),
+    (["--model", "resnet20", "--dataset", "fashion-mnist"], "cannot take fashion-mnist inputs of size 1x28x28"),
+    (["--model", "fmnist_cnn", "--dataset", "cifar10", "--data-dir", "{tmp}/missing"], "does not exist"),
+    (["--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--data-dir", "{tmp}"], "Fashion-MNIST not found"),
+    (["--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--model-arg", "width"], "is not KEY=VALUE"),
+    (["--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--model-arg", "colour=3"], "colour"),
+    (["--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--epochs", "0"], "--epochs 0"),
+    (["--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--resume"], "nothing to resume"),
+])
+def test_train_errors_exit_2_with_one_line(tmp_path, capsys, argv, needle):
+    out = tmp_path / "out.pt"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["train", *argv, "--out", str(out), "--no-progress"]) == 2
+    assert needle in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_existing_output_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    assert main(["train", "--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--out", str(out)]) == 2
+    assert "corrupt" in _error_line(capsys) and out.read_bytes() == b"precious"
+
+
+def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
+    assert main(["evaluate", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in _error_line(capsys)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert main(["evaluate", str(bad)]) == 2
+    assert "corrupt" in _error_line(capsys)
+    from autocompress.checkpoint import save_checkpoint
+    from autocompress.models import create_model
+
+    save_checkpoint(bad, model=create_model("lenet5"), model_name="lenet5", model_kwargs={"num_classes": 10},
+                    dataset={"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10},
+                    config={}, metrics={})
+    assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
+    assert "lenet5 cannot take cifar10 inputs of size 3x32x32" in _error_line(capsys)

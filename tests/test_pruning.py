@@ -1,0 +1,75 @@
+"""The engine's public API: prune() end to end on real Fashion-MNIST, and RATES.yaml expansion."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autocompress.admm import ADMMConfig
+from autocompress.analysis import analysis_mode
+from autocompress.compaction import ColumnConv2d
+from autocompress.data import get_dataset
+from autocompress.errors import UserError
+from autocompress.metrics import count_params
+from autocompress.models import create_model
+from autocompress.pruning import expand_rates, prune
+from autocompress.space import PruningSpace
+from autocompress.training import TrainConfig, seeded
+
+
+@pytest.fixture(scope="module")
+def splits():
+    torch.set_num_threads(1)
+    return get_dataset("fashion-mnist", val_size=300, max_train=600, max_test=200)
+
+
+def test_prune_end_to_end_compact_equals_masked(splits):
+    with seeded(0):
+        model = create_model("fmnist_cnn", width=0.25)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    example = torch.zeros(1, 1, 28, 28)
+    result = prune(model, {"default": 0.5, "filter": {"features.6.0": 0.75}}, example_inputs=example,
+                   splits=splits, admm=ADMMConfig(epochs=1, lr=0.01, rho_init=0.5, update_interval=5),
+                   retrain=TrainConfig(epochs=1, lr=0.01), batch_size=64, progress=False)
+    for n, p in model.named_parameters():           # the input model is left alone
+        assert torch.equal(p, original[n])
+    images = next(iter(splits.loader("test", 200)))[0]
+    with analysis_mode(result.masked_model), analysis_mode(result.compact_model):
+        masked, compact = result.masked_model(images), result.compact_model(images)
+    assert (masked - compact).abs().max() <= 1e-5 * max(1.0, float(masked.abs().max()))
+    report = result.report
+    assert report["params_after"] == count_params(result.compact_model) < report["params_before"]
+    assert report["compression_rate"] == pytest.approx(report["params_before"] / report["params_after"])
+    # widths of the compact model are the kept units of the report
+    kept = report["kept"]
+    compact_modules = dict(result.compact_model.named_modules())
+    for group, (k, total) in kept["filters"].items():
+        module = compact_modules[group]
+        assert module.out_channels == k, group
+    assert kept["filters"]["features.6.0"][0] <= 8   # 75 % of 32 removed (purification may remove more)
+    for layer, (k, total) in kept["columns"].items():
+        module = compact_modules[layer]
+        if isinstance(module, ColumnConv2d):
+            assert module.num_columns <= k
+    # masked model's non-zero structure matches the param masks
+    params = dict(result.masked_model.named_parameters())
+    for name, mask in result.param_masks.items():
+        assert bool((params[name].detach()[~mask] == 0).all())
+    assert set(report["top1"]) == {"before", "hard_pruned", "purified", "after"}
+
+
+def test_expand_rates_default_overrides_and_errors():
+    model = create_model("lenet5")
+    space = PruningSpace.build(model, torch.zeros(1, 1, 28, 28), dims=("filter", "column"))
+    rates = expand_rates(space, {"default": 0.5, "column": {"classifier.0": 0.9}}, ("filter", "column"))
+    assert rates["column"]["classifier.0"] == 0.9
+    assert rates["column"]["features.0"] == 0.5
+    assert set(rates["filter"]) == {g.name for g in space.filter_groups}
+    assert rates["irregular"] == {}
+    with pytest.raises(UserError, match="valid column names: features.0"):
+        expand_rates(space, {"column": {"conv9": 0.5}}, ("filter", "column"))
+    with pytest.raises(UserError, match=r"outside \[0, 1\)"):
+        expand_rates(space, {"default": 1.0}, ("filter", "column"))
+    with pytest.raises(UserError, match="--dims"):
+        expand_rates(space, {"filter": {"features.0": 0.5}}, ("column",))
+    with pytest.raises(UserError, match="unknown key"):
+        expand_rates(space, {"filters": {}}, ("filter",))
