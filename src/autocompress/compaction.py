@@ -115,6 +115,14 @@ class ColumnConv2d(nn.Module):
         module._build_plan()
         return module.to(conv.weight.device, conv.weight.dtype)
 
+    def gemm_macs(self, output: torch.Tensor) -> int:
+        """MACs of one call that produced ``output`` ``[N, F, Ho, Wo]``: ``N * F * K' * Ho * Wo``
+        (kept columns only). :func:`autocompress.metrics.count_macs` reports this, whichever path runs:
+        the ``"dense"`` path may also multiply the zero columns of kept input channels when that is
+        faster on the CPU; latency is measured, never derived from MACs."""
+        n, _, ho, wo = output.shape
+        return int(n * self.out_channels * self.num_columns * ho * wo)
+
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d`` ``[F, C/groups, kh, kw]`` with the dropped columns as zeros (exact
         inverse of :meth:`from_conv`); used to start the next AutoCompress round from a compact model."""

@@ -375,9 +375,10 @@ class Compressor:
             if (ctx.index, phase) in done:
                 self._restore(ctx, phase, artifact)
                 continue
-            torch.manual_seed(phase_seed(self.config.seed, ctx.index, phase))
             started = time.perf_counter()
-            getattr(self, f"_phase_{phase}")(ctx, artifact)
+            with torch.random.fork_rng():  # e.g. dropout draws from the global generator: seed it per phase
+                torch.manual_seed(phase_seed(self.config.seed, ctx.index, phase))
+                getattr(self, f"_phase_{phase}")(ctx, artifact)
             self.run_folder.append_metrics({"event": "phase", "round": ctx.index, "phase": phase,
                                             "seconds": time.perf_counter() - started})
             self.run_folder.mark_done(ctx.index, phase)

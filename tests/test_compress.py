@@ -1,0 +1,164 @@
+"""AutoCompress end to end (issue 4): targets, round schedule, a small real compress run on Fashion-MNIST,
+resume after an interruption, and the refusals that must come before any training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import autocompress
+from autocompress import metrics
+from autocompress.cli import main
+from autocompress.compress import CompressConfig, Compressor, Target, round_targets
+from autocompress.data import get_dataset
+from autocompress.errors import UserError
+from autocompress.models import create_model
+from autocompress.space import PruningSpace
+from autocompress.training import TrainConfig, fit
+
+SMALL = {"val_size": 500, "max_train": 1500, "max_test": 500, "batch_size": 64, "latency_runs": 2,
+         "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 2, "batch_size": 128},
+         "admm": {"epochs": 1, "rho_init": 0.05, "update_interval": 6}, "retrain": {"epochs": 1},
+         "purification": {"enabled": True, "thresholds": [0.05]}}
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """A fmnist_cnn (width 0.5) trained for one epoch on 3000 real Fashion-MNIST images."""
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    splits = get_dataset("fashion-mnist", val_size=500, max_train=3000, max_test=500)
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", num_classes=10, width=0.5)
+    fit(model, splits, TrainConfig(epochs=1, batch_size=64, lr=0.05), checkpoint_path=path,
+        model_name="fmnist_cnn", model_kwargs={"num_classes": 10, "width": 0.5}, progress=False)
+    return path
+
+
+def _config(**overrides) -> CompressConfig:
+    return CompressConfig.from_dict({**SMALL, "target": "params=3x", "rounds": [1.8, 3.0], **overrides})
+
+
+@pytest.fixture(scope="module")
+def finished_run(base_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    final = Compressor.start(base_checkpoint, _config(), out, progress=False).run()
+    return out, final
+
+
+def test_target_parsing():
+    assert Target.parse("params=20x") == Target("params", 20.0)
+    assert Target.parse(" flops = 8.5 ") == Target("flops", 8.5)
+    for bad in ("params=1x", "size=2x", "params=abc", "20x"):
+        with pytest.raises(UserError):
+            Target.parse(bad)
+
+
+def test_round_schedules():
+    assert round_targets(12, "doubling") == [2, 4, 8, 12]
+    assert round_targets(8, "doubling") == [2, 4, 8]
+    assert round_targets(1.5, "doubling") == [1.5]
+    assert round_targets(9, "2") == pytest.approx([3.0, 9.0])
+    assert round_targets(10, [3, 10]) == [3.0, 10.0]
+    for bad in ([3, 2, 10], [2, 5], [1.0, 10], "sometimes"):
+        with pytest.raises(UserError):
+            round_targets(10, bad)
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(UserError, match="unknown compress setting"):
+        CompressConfig.from_dict({"target": "params=2x", "temperature": 3})
+
+
+def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
+    out, final = finished_run
+    base = autocompress.load(base_checkpoint)
+    compact = autocompress.load(out / "model.pt")
+    example = torch.zeros(1, 1, 28, 28)
+    params = metrics.count_params(compact)
+    assert metrics.count_params(base) / params >= 3.0 * 0.99
+    base_row, comp_row = final["rows"]
+    assert comp_row["params"] == params and base_row["params"] == metrics.count_params(base)
+    assert comp_row["macs"] == metrics.count_macs(compact, example)
+    assert comp_row["test_top1"] > 30.0  # a real classifier after 3x, far above chance (10%)
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for event in ("base", "search", "admm", "purification", "retrain", "round", "final"):
+        assert event in events
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 4 and "test top-1" in html
+    assert (out / "config.yaml").exists() and (out / "round2" / "model.pt").exists()
+
+
+def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
+    """The count the search works with (space.count of the projected masks) is the compact model's own,
+    measured with torch.utils.flop_counter, for the rates the round-1 search chose on the real model."""
+    from autocompress.compaction import compact
+    from autocompress.masks import apply_masks
+    from autocompress.projection import project
+
+    out, _ = finished_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    search = next(r for r in records if r["event"] == "search" and r["round"] == 1)
+    model = autocompress.load(base_checkpoint)
+    x = torch.zeros(1, 1, 28, 28)
+    space = PruningSpace.build(model, x, dims=("filter", "column"))
+    masks = project(space, model, search["rates"])
+    param_masks = space.param_masks(masks)
+    apply_masks(model, param_masks)
+    compact_model = compact(model, param_masks, x).model
+    counts = space.count(masks)
+    assert counts.params == metrics.count_params(compact_model)
+    assert counts.macs == metrics.count_macs(compact_model, x)
+    assert metrics.count_params(autocompress.load(base_checkpoint)) / counts.params == \
+        pytest.approx(search["compression"], rel=1e-9)
+
+
+def test_resume_after_interruption_equals_uninterrupted(finished_run, base_checkpoint, tmp_path, monkeypatch):
+    out_full, final_full = finished_run
+    out = tmp_path / "interrupted"
+    compressor = Compressor.start(base_checkpoint, _config(), out, progress=False)
+    original = Compressor._phase_retrain
+
+    def interrupted(self, ctx, artifact):
+        if ctx.index == 2:
+            raise KeyboardInterrupt
+        return original(self, ctx, artifact)
+
+    monkeypatch.setattr(Compressor, "_phase_retrain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compressor.run()
+    assert not (out / "model.pt").exists() and (out / "round2" / "purify.pt").exists()
+    monkeypatch.setattr(Compressor, "_phase_retrain", original)
+    final = Compressor.resume(out, progress=False).run()
+    full = torch.load(out_full / "model.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert [r["test_top1"] for r in final["rows"]] == [r["test_top1"] for r in final_full["rows"]]
+
+
+def test_unreachable_target_refused_before_training(base_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="unreachable|cannot|reach"):
+        Compressor.start(base_checkpoint, _config(target="params=5000x", rounds="doubling"), out)
+    assert not (out / "round1").exists()
+
+
+def test_cli_errors_exit_2(base_checkpoint, finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    assert main(["compress", str(base_checkpoint), "--out", str(tmp_path / "a")]) == 2
+    assert "--target" in capsys.readouterr().err
+    assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["compress", "--resume", str(tmp_path / "nothing")]) == 2
+    assert main(["compress", str(tmp_path / "missing.pt"), "--target", "params=2x", "--out",
+                 str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("autocompress: error:") for line in err)
+
+
+def test_finished_run_resumes_to_the_same_table(finished_run, capsys):
+    out, final = finished_run
+    assert main(["compress", "--resume", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{final['rows'][1]['params']:,}" in printed
