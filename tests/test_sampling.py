@@ -173,7 +173,7 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
 
     model = create_model("fmnist_cnn")
     space = PruningSpace.build(model, torch.randn(1, 1, 28, 28))
-    sampler = ActionSampler.from_space(space, model, objective, 8.0)
+    sampler = ActionSampler.from_space(space, objective, 8.0)
     assert [u.kind for u in sampler.units] == ["filter"] * len(space.filter_groups) + ["column"] * len(
         space.column_layers)
     assert [u.weight for u in sampler.units[: len(space.filter_groups)]] == [
@@ -185,9 +185,9 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
     assert remaining <= total / 8.0
     assert remaining > total / 8.0 * 0.9  # close to the target, not far beyond it
     with pytest.raises(UserError, match="unreachable"):
-        ActionSampler.from_space(space, model, objective, 5000.0)  # best: 2066x / 3690x
+        ActionSampler.from_space(space, objective, 5000.0)  # best: 2066x / 3690x
     with pytest.raises(UserError, match="objective"):
-        ActionSampler.from_space(space, model, "latency", 2.0)
+        ActionSampler.from_space(space, "latency", 2.0)
 
 
 @pytest.mark.parametrize("target,r_max", [(0.5, 0.9), (float("nan"), 0.9), (4.0, 1.0), (4.0, -0.1)])

@@ -36,7 +36,7 @@ import yaml
 from torch import nn
 
 from . import admm, metrics, report
-from .annealing import AnnealingConfig, simulated_annealing
+from .annealing import AnnealingConfig, AnnealingResult, simulated_annealing
 from .atomic import atomic_torch_save, atomic_write_text
 from .checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from .compaction import compact, densify
@@ -44,7 +44,7 @@ from .data import get_dataset
 from .errors import UserError
 from .purification import purify
 from .quick_eval import QuickEvaluator
-from .sampling import ActionSampler, space_cost, units_from_space
+from .sampling import ActionSampler
 from .serialization import save_compact
 from .space import PruningSpace
 from .training import TrainConfig, evaluate
@@ -114,6 +114,8 @@ class CompressConfig:
         max_test: evaluate the final table on a seeded subset of the test split (None: all).
         batch_size: training batch size of ADMM and retraining.
         max_r: largest pruning rate of any unit (the sampler's r_max), in [0, 1).
+        search_mode: ``"annealing"`` (the guided simulated-annealing search, default) or ``"uniform"``
+            (one rate for every unit, meeting the target: an ablation without search).
         search: :class:`autocompress.annealing.AnnealingConfig` fields.
         quick_eval: :class:`autocompress.quick_eval.QuickEvaluator` keyword arguments.
         admm: :class:`autocompress.admm.ADMMConfig` fields.
@@ -133,6 +135,7 @@ class CompressConfig:
     max_test: int | None = None
     batch_size: int = 128
     max_r: float = 0.95
+    search_mode: str = "annealing"
     search: dict = field(default_factory=dict)
     quick_eval: dict = field(default_factory=dict)
     admm: dict = field(default_factory=lambda: {"epochs": 2})
@@ -173,6 +176,8 @@ class CompressConfig:
         if self.dims not in DIMS:
             raise UserError(f"unknown --dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
         round_targets(Target.parse(self.target).factor, self.rounds)
+        if self.search_mode not in ("annealing", "uniform"):
+            raise UserError(f"unknown search_mode {self.search_mode!r}", "use annealing or uniform")
         if not 0 < self.max_r < 1:
             raise UserError(f"max_r={self.max_r} must be in (0, 1)", "use e.g. 0.95")
         self.annealing_config(0)
@@ -332,9 +337,8 @@ class Compressor:
         current = self._count(model)
         base = self.base_params if self.target.objective == "params" else self.base_macs
         relative = max(1.0, target * current / base)
-        units = [u for u in units_from_space(space, self.target.objective) if u.kind in DIMS[self.config.dims]]
-        return ActionSampler(units, space_cost(space, model, units, self.target.objective), relative,
-                             r_max=self.config.max_r)
+        return ActionSampler.from_space(space, self.target.objective, relative, kinds=DIMS[self.config.dims],
+                                        r_max=self.config.max_r)
 
     def _count(self, model: nn.Module) -> int:
         if self.target.objective == "params":
@@ -408,12 +412,16 @@ class Compressor:
     # --- phases -------------------------------------------------------------------------------------
     def _phase_search(self, ctx: RoundContext, artifact: Path) -> None:
         sampler = self._sampler(ctx.model, ctx.space, ctx.target)
-        evaluator = QuickEvaluator(ctx.model, ctx.space, self.splits,
-                                   seed=phase_seed(self.config.seed, ctx.index, "search"),
-                                   **self.config.quick_eval)
-        result = simulated_annealing(sampler.initial_action(),
-                                     lambda action: 100.0 * evaluator.score(sampler.to_rates(action)).top1,
-                                     sampler.perturb, self.config.annealing_config(ctx.index))
+        if self.config.search_mode == "uniform":  # ablation: one rate for every unit, no search
+            result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
+                                     best_score=float("nan"), trajectory=[])
+        else:
+            evaluator = QuickEvaluator(ctx.model, ctx.space, self.splits,
+                                       seed=phase_seed(self.config.seed, ctx.index, "search"),
+                                       **self.config.quick_eval)
+            result = simulated_annealing(sampler.initial_action(),
+                                         lambda action: 100.0 * evaluator.score(sampler.to_rates(action)).top1,
+                                         sampler.perturb, self.config.annealing_config(ctx.index))
         ctx.rates = sampler.to_rates(result.best_action)
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         record = {"round": ctx.index, "target": ctx.target, "rates": ctx.rates, "best_score": result.best_score,
