@@ -42,6 +42,7 @@ from .checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from .compaction import compact, densify
 from .data import get_dataset
 from .errors import UserError
+from .pruning import DIMS
 from .purification import purify
 from .quick_eval import QuickEvaluator
 from .sampling import ActionSampler
@@ -52,8 +53,6 @@ from .training import TrainConfig, evaluate
 log = logging.getLogger(__name__)
 
 PHASES = ("search", "admm", "purify", "retrain", "compact")
-DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
-        "irregular": ("irregular",)}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     admm = ADMMConfig()
     parser.add_argument("checkpoint", help="trained checkpoint (.pt) from `autocompress train`")
     parser.add_argument("--rates", help="RATES.yaml (see `autocompress prune --help`); required unless --list-units")
-    parser.add_argument("--dims", choices=_DIMS, default="filter,column", help="unit kinds to prune")
+    parser.add_argument("--dims", choices=_DIMS, default="filter,column", metavar="DIMS",
+                        help=f"unit kinds to prune: {' | '.join(_DIMS)} (default filter,column)")
     parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
     parser.add_argument("--admm-epochs", type=int, default=10, help="ADMM W-step epochs (0: one-shot)")
     parser.add_argument("--admm-lr", type=float, default=admm.lr)
