@@ -1,0 +1,143 @@
+"""Torch-Pruning baseline: global magnitude channel pruning to a parameter / MACs reduction, then
+fine-tuning with autocompress's trainer.
+
+Peer method of the benchmark grid (issue 5). Torch-Pruning (Fang et al., "DepGraph: Towards Any Structural
+Pruning", CVPR 2023) removes whole channels of coupled layer groups; ``GroupMagnitudeImportance(p=2)``
+scores a channel by the L2 norm of all its coupled weights and ``global_pruning=True`` ranks channels of
+all layers together. ``pruning_ratio`` is a *channel* ratio, so :func:`prune_to_target` bisects it until
+the physically pruned model meets the requested reduction (parameters or MACs, counted with
+:mod:`autocompress.metrics`, FLOPs = 2 x MACs).
+
+Run alone::
+
+    .venv/bin/python benchmarks/peers/torch_pruning_baseline.py CHECKPOINT --target params=10x \\
+        --epochs 8 --max-train 20000 --out /tmp/tp.pt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from autocompress import metrics
+from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
+from autocompress.compress import Target
+from autocompress.data import get_dataset
+from autocompress.serialization import save_compact
+from autocompress.training import TrainConfig, fit
+
+
+@dataclass
+class TPResult:
+    """Outcome of :func:`prune_to_target`.
+
+    Attributes:
+        model: the physically pruned model (a new module; the input model is untouched).
+        pruning_ratio: the global channel ratio used (fraction of prunable channels removed).
+        reduction: reached reduction, original count / remaining count (params or MACs per the objective).
+        trials: number of pruned candidates built by the bisection.
+    """
+
+    model: nn.Module
+    pruning_ratio: float
+    reduction: float
+    trials: int
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """The last Linear layer (its outputs are the classes: never pruned)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no Linear classifier to protect")
+    return linears[-1]
+
+
+def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float,
+                           max_layer_ratio: float = 0.95) -> nn.Module:
+    """A copy of ``model`` with ``ratio`` of all prunable channels removed globally by group L2 magnitude.
+
+    Args:
+        example: ``[1, C, H, W]`` tracing input.
+        ratio: global channel pruning ratio in [0, 1).
+        max_layer_ratio: no layer loses more than this fraction of its channels (never pruned to zero).
+    """
+    pruned = copy.deepcopy(model).eval()
+    pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, global_pruning=True, max_pruning_ratio=max_layer_ratio,
+                                  ignored_layers=[_classifier(pruned)])
+    pruner.step()
+    return pruned
+
+
+def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14) -> TPResult:
+    """Bisect the global channel ratio to the smallest one whose pruned model reaches ``target``.
+
+    Raises:
+        ValueError: even the largest ratio (0.95 per layer) does not reach the target.
+    """
+    count = metrics.count_params if target.objective == "params" else \
+        (lambda m: metrics.count_macs(m, example))
+    original = count(model)
+    low, high, best, trials = 0.0, 0.95, None, 0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        candidate = global_magnitude_prune(model, example, mid)
+        trials += 1
+        reduction = original / count(candidate)
+        if reduction >= target.factor:
+            high, best = mid, (candidate, mid, reduction)
+        else:
+            low = mid
+    if best is None:
+        candidate = global_magnitude_prune(model, example, high)
+        reduction = original / count(candidate)
+        if reduction < target.factor:
+            raise ValueError(f"Torch-Pruning reaches only {reduction:.2f}x < {target}")
+        best = (candidate, high, reduction)
+    return TPResult(model=best[0], pruning_ratio=best[1], reduction=best[2], trials=trials)
+
+
+def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int | None, val_size: int,
+        data_dir: str | None, seed: int, out: str, progress: bool = False) -> dict:
+    """Prune the checkpoint's model to ``target``, fine-tune ``epochs`` epochs (SGD, cosine, ``lr``), save the
+    pruned model as an autocompress checkpoint at ``out``. Returns timings and the search outcome."""
+    began = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    splits = get_dataset(ckpt["dataset"]["name"], data_dir, val_size=val_size, seed=seed, max_train=max_train,
+                         max_test=1)
+    example = torch.zeros(1, *splits.input_size)
+    result = prune_to_target(model, example, Target.parse(target))
+    search_seconds = time.perf_counter() - began
+    history = fit(result.model, splits, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
+    save_compact(out, result.model, base_checkpoint=ckpt, metrics={"method": "torch-pruning"})
+    return {"pruning_ratio": result.pruning_ratio, "reduction": result.reduction, "trials": result.trials,
+            "search_seconds": search_seconds, "epochs": epochs, "val_top1": history["val_top1"],
+            "wall_seconds": time.perf_counter() - began}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--max-train", type=int)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    print(json.dumps(run(args.checkpoint, args.target, epochs=args.epochs, lr=args.lr, max_train=args.max_train,
+                         val_size=args.val_size, data_dir=args.data_dir, seed=args.seed, out=args.out,
+                         progress=True)))
+
+
+if __name__ == "__main__":
+    main()

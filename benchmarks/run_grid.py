@@ -1,0 +1,467 @@
+"""Benchmark grid (issue 5): autocompress, its ablations and two peers (Torch-Pruning, NNI 2.10.1
+AutoCompressPruner) on the same base checkpoints with the same training-epoch budget.
+
+One entry point::
+
+    .venv/bin/python benchmarks/run_grid.py --models fmnist_cnn --targets params=10x \\
+        --methods autocompress,torch_pruning,nni --jobs 2
+
+Each (model, target, method) cell runs in its own subprocess (``--job``), one torch thread each, and writes
+``benchmarks/results/runs/<model>__<target>__<method>.json``; finished cells are skipped on a re-run. After
+the cells, ``benchmarks/results/grid.csv`` and the table in BENCHMARKS.md (section "Peers and ablations
+(issue 5)", between its markers) are rebuilt from every JSON present (``--table-only`` does just that).
+
+Every method's result is measured here the same way, on the compact / physically pruned model: test top-1
+(the model's test split, or the seeded ``max_test`` subset), parameters and MACs with
+:mod:`autocompress.metrics` (FLOPs = 2 x MACs), CPU latency (median ms) of PyTorch and onnxruntime at batch
+1 and 64 with one thread, base and compact timed alternately in the same process.
+
+Epoch budget (all methods, counted in passes over the same ``max_train`` subset): autocompress =
+rounds x (ADMM + retraining epochs); Torch-Pruning = fine-tuning epochs; NNI = iterations x (ADMM
+iterations x ADMM epochs + fine-tuning epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NNI_PYTHON = Path(os.environ.get("NNI_PYTHON", "/root/peers/nni-venv/bin/python"))
+WORK = Path(os.environ.get("AUTOCOMPRESS_BENCH_WORK", Path.home() / ".cache" / "autocompress-bench"))
+SECTION = "## Peers and ablations (issue 5)"
+TABLE_START, TABLE_END = "<!-- issue5-table:start -->", "<!-- issue5-table:end -->"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the grid and its budget.
+
+    Attributes:
+        checkpoint: base checkpoint (trained with ``autocompress train``; see README for the commands).
+        targets: the grid's targets for this model.
+        rounds, admm_epochs, retrain_epochs: autocompress's schedule; the epoch budget is
+            ``rounds * (admm_epochs + retrain_epochs)`` for every method.
+        max_train, max_test, val_size: data subsets (seeded, identical for every method).
+        max_evaluations: quick evaluations per annealing round.
+        data_dir: dataset folder (None: the dataset's default lookup).
+        label: how the table names the model.
+    """
+
+    checkpoint: str
+    targets: tuple[str, ...]
+    rounds: int
+    admm_epochs: int
+    retrain_epochs: int
+    max_train: int | None
+    max_test: int | None
+    val_size: int = 5000
+    max_evaluations: int = 20
+    data_dir: str | None = None
+    label: str = ""
+
+    @property
+    def epochs(self) -> int:
+        """Training-epoch budget of every method."""
+        return self.rounds * (self.admm_epochs + self.retrain_epochs)
+
+
+CIFAR = str(Path.home() / ".cache" / "autocompress")
+MODELS = {
+    "fmnist_cnn": ModelSpec("assets/fmnist_cnn_base.pt", ("params=10x", "params=30x"), rounds=2, admm_epochs=2,
+                            retrain_epochs=2, max_train=20000, max_test=None, label="fmnist_cnn (Fashion-MNIST)"),
+    "resnet20": ModelSpec("benchmarks/results/bases/resnet20_cifar10.pt", ("flops=2x", "flops=4x"), rounds=2,
+                          admm_epochs=1, retrain_epochs=1, max_train=10000, max_test=5000, data_dir=CIFAR,
+                          label="resnet20 (CIFAR-10)"),
+    "vgg16": ModelSpec("benchmarks/results/bases/vgg16_w025_cifar10.pt", ("params=10x", "params=30x"), rounds=2,
+                       admm_epochs=1, retrain_epochs=1, max_train=10000, max_test=5000, data_dir=CIFAR,
+                       label="vgg16 width 0.25 (CIFAR-10)"),
+}
+
+#: method -> (table label, CompressConfig overrides) for autocompress variants; peers are handled apart
+AUTOCOMPRESS_METHODS = {
+    "autocompress": ("autocompress (hybrid, target's objective)", {}),
+    "ac_uniform": ("ablation: uniform rates (no search)", {"search_mode": "uniform"}),
+    "ac_filter": ("ablation: filter-only", {"dims": "filter"}),
+    "ac_no_purification": ("ablation: no purification", {"purification": {"enabled": False}}),
+    "ac_no_bn_recal": ("ablation: quick eval without BN re-estimation", {"quick_eval": {"bn_recalibration": False}}),
+}
+PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
+METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
+ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
+
+
+def method_label(method: str) -> str:
+    """Human-readable name of a method key."""
+    return AUTOCOMPRESS_METHODS[method][0] if method in AUTOCOMPRESS_METHODS else PEERS[method]
+
+
+def cell_id(model: str, target: str, method: str) -> str:
+    """File-name-safe id of one grid cell, e.g. ``fmnist_cnn__params=10x__nni``."""
+    return f"{model}__{target}__{method}"
+
+
+# ----------------------------------------------------------------------------------------- measurement
+def _ort_latency(model, example, runs: int, threads: int) -> float:
+    """Median onnxruntime CPU latency (ms) of ``model`` exported with :func:`autocompress.export.export_onnx`."""
+    import onnxruntime as ort
+
+    from autocompress.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, example[:1], path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {"input": example.numpy()}
+        for _ in range(3):
+            session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure(base, compact_model, splits, *, threads: int = 1, runs: int = 20) -> dict:
+    """Top-1 (test, %), parameters, MACs and latencies (ms) of the base and the compact model.
+
+    Latencies: PyTorch (:func:`autocompress.metrics.measure_latency`) and onnxruntime at batch 1 and 64,
+    ``threads`` threads; each (engine, batch) pair times base and compact back to back, so load from other
+    processes affects both about equally.
+    """
+    import torch
+
+    from autocompress import metrics
+    from autocompress.training import evaluate
+
+    example = torch.zeros(1, *splits.input_size)
+    test = splits.loader("test", 256, shuffle=False, augment=False)
+    out = {}
+    for name, net in (("base", base), ("compact", compact_model)):
+        out[f"{name}_top1"] = 100.0 * evaluate(net, test)["top1"]
+        out[f"{name}_params"] = metrics.count_params(net)
+        out[f"{name}_macs"] = metrics.count_macs(net, example)
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 64):
+        x = torch.randn(batch, *splits.input_size, generator=generator)
+        n = runs if batch == 1 else max(5, runs // 2)
+        for name, net in (("base", base), ("compact", compact_model)):
+            out[f"{name}_pt_b{batch}_ms"] = metrics.measure_latency(net, x, runs=n, threads=threads).median_ms
+            out[f"{name}_ort_b{batch}_ms"] = _ort_latency(net, x, n, threads)
+    out["test_images"] = len(splits.test)
+    out["latency_threads"] = threads
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cells
+def _splits(spec: ModelSpec, ckpt: dict):
+    from autocompress.data import get_dataset
+
+    return get_dataset(ckpt["dataset"]["name"], spec.data_dir, val_size=spec.val_size, seed=0,
+                       max_train=spec.max_train, max_test=spec.max_test)
+
+
+def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> tuple[object, dict]:
+    """One autocompress run with the method's overrides; returns (compact model, facts)."""
+    import autocompress
+    from autocompress.compress import CompressConfig, Compressor
+
+    settings = {"target": target, "dims": "filter,column", "rounds": spec.rounds, "seed": 0,
+                "data_dir": spec.data_dir, "val_size": spec.val_size, "max_train": spec.max_train,
+                "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs},
+                "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
+                "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 3}
+    settings.update(AUTOCOMPRESS_METHODS[method][1])
+    config = CompressConfig.from_dict(settings)
+    compressor = Compressor.start(ROOT / spec.checkpoint, config, work, progress=False)
+    compressor.run()
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    phase_seconds = {}
+    for record in records:
+        if record.get("event") == "phase":
+            phase_seconds[record["phase"]] = phase_seconds.get(record["phase"], 0.0) + record["seconds"]
+    facts = {"search_seconds": phase_seconds.get("search", 0.0), "phase_seconds": phase_seconds,
+             "epochs": spec.epochs, "physical": "autocompress compaction"}
+    return autocompress.load(work / "model.pt"), facts
+
+
+def run_torch_pruning(spec: ModelSpec, target: str, work: Path) -> tuple[object, dict]:
+    """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    import torch_pruning_baseline
+
+    import autocompress
+
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "model.pt"
+    facts = torch_pruning_baseline.run(str(ROOT / spec.checkpoint), target, epochs=spec.epochs, lr=0.01,
+                                       max_train=spec.max_train, val_size=spec.val_size, data_dir=spec.data_dir,
+                                       seed=0, out=str(out))
+    facts["physical"] = "torch-pruning"
+    return autocompress.load(out), facts
+
+
+def nni_sparsity(target: str) -> float:
+    """Conv-weight sparsity handed to NNI: channel pruning removes about ``1 - (1 - s)^2`` of a chain's
+    weights (rows here, columns of the next layer), so ``s = 1 - factor ** -0.5`` aims at the factor."""
+    from autocompress.compress import Target
+
+    return 1.0 - Target.parse(target).factor ** -0.5
+
+
+def nni_physical(base, state: dict, nni_masks: dict, example):
+    """Make NNI's masks physical with autocompress's compaction.
+
+    A channel of a coupled filter group (residual adds couple several convs) is removed when NNI masked
+    its row in every producer of the group; then the group's BatchNorm entries and the consumers' input
+    slices go with it (``PruningSpace.param_masks``), as NNI's ModelSpeedup would do. Other zeros NNI
+    left stay as dense zeros. Returns the compact model.
+    """
+    import torch
+
+    from autocompress.compaction import compact
+    from autocompress.masks import Masks
+    from autocompress.space import PruningSpace
+
+    model = base
+    model.load_state_dict(state)
+    space = PruningSpace.build(model, example, dims=("filter",))
+    filters = {}
+    for group in space.filter_groups:
+        keep = torch.zeros(group.size, dtype=torch.bool)
+        for producer in group.producers:
+            mask = nni_masks.get(producer, {}).get("weight")
+            keep |= mask.reshape(mask.shape[0], -1).any(1) if mask is not None else torch.ones_like(keep)
+        if not keep.any():
+            keep[0] = True
+        filters[group.name] = keep
+    param_masks = space.param_masks(Masks(filters=filters, columns={}, weights={}))
+    for module, entry in nni_masks.items():
+        for name, mask in entry.items():
+            key = f"{module}.{name}"
+            param_masks[key] = param_masks[key] & mask if key in param_masks else mask
+    return compact(model, param_masks, example).model
+
+
+def run_nni(spec: ModelSpec, target: str, work: Path) -> tuple[object, dict]:
+    """NNI AutoCompressPruner in its own venv, then its masks made physical here (see :func:`nni_physical`)."""
+    import torch
+
+    from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "nni_result.pt"
+    iterations = spec.rounds
+    command = [str(NNI_PYTHON), "-W", "ignore", str(ROOT / "benchmarks" / "peers" / "nni_autocompress.py"),
+               str(ROOT / spec.checkpoint), "--sparsity", f"{nni_sparsity(target):.4f}",
+               "--total-iteration", str(iterations), "--admm-iterations", str(spec.admm_epochs),
+               "--admm-epochs", "1", "--finetune-epochs", str(spec.retrain_epochs), "--lr", "0.01",
+               "--val-size", str(spec.val_size), "--log-dir", str(work / "nni_logs"), "--out", str(out)]
+    if spec.max_train:
+        command += ["--max-train", str(spec.max_train)]
+    if spec.data_dir:
+        command += ["--data-dir", spec.data_dir]
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    (work / "nni_stdout.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("NNI_RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"NNI run failed (exit {done.returncode}): {' | '.join(tail)}")
+    facts = json.loads(lines[-1][len("NNI_RESULT "):])
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ROOT / spec.checkpoint)
+    example = torch.zeros(1, *ckpt["dataset"]["input_size"])
+    compact_model = nni_physical(model_from_checkpoint(ckpt), saved["state_dict"], saved["masks"], example)
+    facts.update(epochs=facts["epochs_admm"] + facts["epochs_finetune"], search_seconds=None,
+                 physical="autocompress compaction of NNI masks" + (
+                     "" if facts.get("speedup_ok") else " (NNI ModelSpeedup failed)"))
+    return compact_model, facts
+
+
+def run_cell(model: str, target: str, method: str, *, threads: int) -> dict:
+    """Run one grid cell in this process and return its result record (also written as JSON)."""
+    import torch
+
+    from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
+
+    torch.set_num_threads(threads)
+    spec = MODELS[model]
+    work = WORK / cell_id(model, target, method)
+    if work.exists():  # a killed earlier attempt: start clean
+        import shutil
+
+        shutil.rmtree(work)
+    began = time.perf_counter()
+    if method in AUTOCOMPRESS_METHODS:
+        compact_model, facts = run_autocompress(spec, target, method, work)
+    elif method == "torch_pruning":
+        compact_model, facts = run_torch_pruning(spec, target, work)
+    else:
+        compact_model, facts = run_nni(spec, target, work)
+    wall = time.perf_counter() - began
+    ckpt = load_checkpoint(ROOT / spec.checkpoint)
+    numbers = measure(model_from_checkpoint(ckpt), compact_model, _splits(spec, ckpt), threads=threads)
+    record = {"model": model, "target": target, "method": method, "wall_seconds": wall,
+              "budget_epochs": spec.epochs, "max_train": spec.max_train, **numbers, **facts}
+    path = RESULTS / "runs" / f"{cell_id(model, target, method)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ table
+COLUMNS = ["model", "target", "method", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x", "pt_b64_x",
+           "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params", "compact_params",
+           "base_macs", "compact_macs"]
+
+
+def row_of(record: dict) -> dict:
+    """CSV row of one result record (reductions and speedups as base / compact)."""
+    def ratio(key: str) -> float:
+        return record[f"base_{key}"] / record[f"compact_{key}"]
+
+    search = record.get("search_seconds")
+    return {"model": record["model"], "target": record["target"], "method": record["method"],
+            "base_top1": round(record["base_top1"], 2), "compact_top1": round(record["compact_top1"], 2),
+            "params_x": round(ratio("params"), 2), "macs_x": round(ratio("macs"), 2),
+            "pt_b1_x": round(ratio("pt_b1_ms"), 2), "pt_b64_x": round(ratio("pt_b64_ms"), 2),
+            "ort_b1_x": round(ratio("ort_b1_ms"), 2), "ort_b64_x": round(ratio("ort_b64_ms"), 2),
+            "search_s": "" if search is None else round(search, 1), "wall_s": round(record["wall_seconds"], 1),
+            "epochs": record["epochs"], "physical": record.get("physical", ""),
+            "base_params": record["base_params"], "compact_params": record["compact_params"],
+            "base_macs": record["base_macs"], "compact_macs": record["compact_macs"]}
+
+
+def load_rows() -> list[dict]:
+    """Rows of every result JSON, in grid order (model, target, method)."""
+    rows = [row_of(json.loads(p.read_text())) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    order = {m: i for i, m in enumerate(METHODS)}
+    models = list(MODELS)
+    return sorted(rows, key=lambda r: (models.index(r["model"]), r["target"], order[r["method"]]))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The BENCHMARKS.md table (one line per cell)."""
+    head = ("| model | target | method | top-1 before -> after (test, %) | params reduction | MACs reduction | "
+            "speedup PyTorch b1 / b64 | speedup ORT b1 / b64 | search s | total s | epochs | physical model |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {MODELS[r['model']].label} | {r['target']} | {method_label(r['method'])} | "
+                     f"{r['base_top1']:.2f} -> {r['compact_top1']:.2f} | {r['params_x']:.2f}x | {r['macs_x']:.2f}x | "
+                     f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | {r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x | "
+                     f"{r['search_s']} | {r['wall_s']} | {r['epochs']} | {r['physical']} |")
+    return "\n".join(lines)
+
+
+def write_outputs(bench_md: Path) -> list[dict]:
+    """Rebuild results/grid.csv and the table between the markers of this section of ``bench_md``."""
+    rows = load_rows()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    (RESULTS / "grid.csv").write_text(buffer.getvalue())
+    text = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
+    block = f"{TABLE_START}\n{markdown_table(rows)}\n{TABLE_END}"
+    if TABLE_START in text and TABLE_END in text:
+        text = re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+    bench_md.write_text(text)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- main
+@dataclass
+class Plan:
+    """The cells to run, in order."""
+
+    cells: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def plan(models: list[str], targets: list[str] | None, methods: list[str], all_ablation_targets: bool) -> Plan:
+    """Cells of the grid; ablations run at each model's first target only unless ``all_ablation_targets``."""
+    result = Plan()
+    for model in models:
+        for index, target in enumerate(MODELS[model].targets):
+            if targets and target not in targets:
+                continue
+            for method in methods:
+                if method in ABLATIONS and index > 0 and not all_ablation_targets:
+                    continue
+                result.cells.append((model, target, method))
+    return result
+
+
+def _spawn(cell: tuple[str, str, str], threads: int, log_dir: Path) -> tuple[tuple, int, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = log_dir / f"{cell_id(*cell)}.log"
+    began = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run([sys.executable, __file__, "--job", *cell, "--threads", str(threads)], env=env,
+                              stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    return cell, code, time.perf_counter() - began
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="autocompress benchmark grid (issue 5)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--targets", help="comma list filter, e.g. params=10x,params=30x (default: all)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--all-ablation-targets", action="store_true",
+                        help="run the ablations at every target (default: each model's first target)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads per cell")
+    parser.add_argument("--rerun", action="store_true", help="run cells that already have a result")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild grid.csv and the table")
+    parser.add_argument("--bench-md", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--log-dir", default="/tmp/autocompress-grid-logs")
+    parser.add_argument("--job", nargs=3, metavar=("MODEL", "TARGET", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.job:
+        record = run_cell(*args.job, threads=args.threads)
+        print(json.dumps(row_of(record)))
+        return 0
+    if not args.table_only:
+        models, methods = args.models.split(","), args.methods.split(",")
+        unknown = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown model / method {', '.join(unknown)}")
+        cells = plan(models, args.targets.split(",") if args.targets else None, methods,
+                     args.all_ablation_targets).cells
+        todo = [c for c in cells if args.rerun or not (RESULTS / "runs" / f"{cell_id(*c)}.json").exists()]
+        missing = sorted({MODELS[m].checkpoint for m, _, _ in todo if not (ROOT / MODELS[m].checkpoint).exists()})
+        if missing:
+            parser.error(f"base checkpoint(s) missing: {', '.join(missing)} (train them first, see README)")
+        log_dir = Path(args.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        print(f"{len(todo)} cell(s) to run, {args.jobs} at a time; logs in {log_dir}", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for cell, code, seconds in pool.map(lambda c: _spawn(c, args.threads, log_dir), todo):
+                print(f"{cell_id(*cell)}: {'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s",
+                      flush=True)
+                write_outputs(Path(args.bench_md))
+    rows = write_outputs(Path(args.bench_md))
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
