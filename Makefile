@@ -6,14 +6,16 @@ PIP := $(VENV)/bin/pip
 RUN_DIR ?= runs/demo
 DEMO_MODEL ?= fmnist_cnn
 DEMO_EPOCHS ?= 15
-DEMO_TARGET ?= params=12x
+# The committed baseline was made by: autocompress train --model fmnist_cnn --dataset fashion-mnist --epochs 15
+BASE ?= assets/fmnist_cnn_base.pt
+DEMO_CONFIG ?= configs/demo.yaml
+DEMO_TARGET ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -26,9 +28,10 @@ data:
 
 demo: install data
 	$(VENV)/bin/autocompress train --model $(DEMO_MODEL) --dataset fashion-mnist --epochs $(DEMO_EPOCHS) \
-		--out $(RUN_DIR)/base.pt --skip-if-exists
-	$(VENV)/bin/autocompress inspect $(RUN_DIR)/base.pt
-	$(VENV)/bin/autocompress compress $(RUN_DIR)/base.pt --target $(DEMO_TARGET) --out $(RUN_DIR)/compress --resume-if-exists
+		--out $(BASE) --skip-if-exists
+	$(VENV)/bin/autocompress inspect $(BASE) --latency-runs 10
+	$(VENV)/bin/autocompress compress $(BASE) --config $(DEMO_CONFIG) $(if $(DEMO_TARGET),--target $(DEMO_TARGET)) \
+		--out $(RUN_DIR)/compress$(if $(DEMO_TARGET),-$(DEMO_TARGET)) --resume-if-exists
 
 test: install data
 	$(PY) -m pytest -q
