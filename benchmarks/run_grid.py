@@ -218,11 +218,13 @@ def run_torch_pruning(spec: ModelSpec, target: str, work: Path) -> tuple[object,
 
 
 def nni_sparsity(target: str) -> float:
-    """Conv-weight sparsity handed to NNI: channel pruning removes about ``1 - (1 - s)^2`` of a chain's
-    weights (rows here, columns of the next layer), so ``s = 1 - factor ** -0.5`` aims at the factor."""
+    """Conv-weight (mask) sparsity handed to NNI for a reduction target. Removing channels also removes the
+    next layer's input slices, so physical parameters fall faster than the mask density; on fmnist_cnn a
+    trial run gave remaining ~ density ** 1.5 (density 0.32 -> 5.9x fewer parameters), hence
+    ``s = 1 - factor ** (-2/3)``. The reduction reached is measured and reported, not assumed."""
     from autocompress.compress import Target
 
-    return 1.0 - Target.parse(target).factor ** -0.5
+    return 1.0 - Target.parse(target).factor ** (-2.0 / 3.0)
 
 
 def nni_physical(base, state: dict, nni_masks: dict, example):

@@ -162,3 +162,18 @@ def test_finished_run_resumes_to_the_same_table(finished_run, capsys):
     assert main(["compress", "--resume", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert f"{final['rows'][1]['params']:,}" in printed
+
+
+def test_flops_objective_meets_macs_target(base_checkpoint, tmp_path):
+    out = tmp_path / "flops"
+    final = Compressor.start(base_checkpoint, _config(target="flops=2x", rounds="doubling",
+                                                      search={"max_evaluations": 2}), out, progress=False).run()
+    base_row, comp_row = final["rows"]
+    compact = autocompress.load(out / "model.pt")
+    macs = metrics.count_macs(compact, torch.zeros(1, 1, 28, 28))
+    assert comp_row["macs"] == macs and base_row["macs"] / macs >= 2.0 * 0.99
+
+
+def test_irregular_flops_target_is_refused():
+    with pytest.raises(UserError, match="irregular"):
+        _config(target="flops=2x", dims="irregular", rounds="doubling")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,21 +72,23 @@ def main() -> None:
     evaluations = [0]
 
     def trainer(net, optimizer, criterion):
+        # NNI 2.10.1's ADMM penalty is (rho / 2) * sqrt(||W - Z + U||); at every ADMM start W - Z + U = 0 and its
+        # gradient is NaN (0 / 0), which would turn every conv weight into NaN. Non-finite gradient entries are
+        # zeroed (that step then trains the conv weights by weight decay only); nothing else is changed.
         net.train()
         total, steps = 0.0, 0
         for images, labels in train_loader:
             optimizer.zero_grad()
-            logits = net(images)
-            loss = criterion(logits, labels)
-            if steps == 0 and os.environ.get("NNI_DEBUG"):
-                bad = [n for n, p in net.named_parameters() if not torch.isfinite(p).all()]
-                print("DEBUG", float(loss), bool(torch.isfinite(logits).all()), bad[:5],
-                      float(torch.nn.functional.cross_entropy(logits, labels)), file=sys.stderr, flush=True)
+            loss = criterion(net(images), labels)
             loss.backward()
+            for param in net.parameters():
+                if param.grad is not None:
+                    torch.nan_to_num_(param.grad, nan=0.0, posinf=0.0, neginf=0.0)
             optimizer.step()
             total, steps = total + float(loss), steps + 1
         epochs_used["admm"] += 1
-        print(f"ADMM epoch {epochs_used['admm']}: mean loss {total / max(steps, 1):.4f}", file=sys.stderr, flush=True)
+        print(f"ADMM epoch {epochs_used['admm']}: mean loss incl. penalty {total / max(steps, 1):.4f}",
+              file=sys.stderr, flush=True)
 
     def finetuner(net):
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)

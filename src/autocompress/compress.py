@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import admm, metrics, report
 from .annealing import AnnealingConfig, AnnealingResult, simulated_annealing
@@ -175,6 +176,9 @@ class CompressConfig:
         if self.dims not in DIMS:
             raise UserError(f"unknown --dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
         round_targets(Target.parse(self.target).factor, self.rounds)
+        if self.dims == "irregular" and Target.parse(self.target).objective == "flops":
+            raise UserError("irregular sparsity does not reduce the MACs of the dense layers it leaves",
+                            "use a params target with --dims irregular, or --dims filter,column for flops")
         if self.search_mode not in ("annealing", "uniform"):
             raise UserError(f"unknown search_mode {self.search_mode!r}", "use annealing or uniform")
         if not 0 < self.max_r < 1:
@@ -291,7 +295,7 @@ class Compressor:
                                   max_train=config.max_train, max_test=config.max_test)
         self.example = torch.zeros(1, *self.splits.input_size)
         self.base_model = model_from_checkpoint(self.base_ckpt)
-        self.base_params = metrics.count_params(self.base_model)
+        self.base_params = self._params(self.base_model)
         self.base_macs = metrics.count_macs(self.base_model, self.example)
 
     # --- construction -------------------------------------------------------------------------------
@@ -339,9 +343,15 @@ class Compressor:
         return ActionSampler.from_space(space, self.target.objective, relative, kinds=DIMS[self.config.dims],
                                         r_max=self.config.max_r)
 
+    def _params(self, model: nn.Module) -> int:
+        """Parameters of a compact model; in irregular mode the non-zero ones (stored sparsely)."""
+        if self.config.dims == "irregular":
+            return metrics.count_nonzero_params(model)
+        return metrics.count_params(model)
+
     def _count(self, model: nn.Module) -> int:
         if self.target.objective == "params":
-            return metrics.count_params(model)
+            return self._params(model)
         return metrics.count_macs(model, self.example)
 
     def check_reachable(self) -> None:
@@ -418,9 +428,17 @@ class Compressor:
             evaluator = QuickEvaluator(ctx.model, ctx.space, self.splits,
                                        seed=phase_seed(self.config.seed, ctx.index, "search"),
                                        **self.config.quick_eval)
-            result = simulated_annealing(sampler.initial_action(),
-                                         lambda action: 100.0 * evaluator.score(sampler.to_rates(action)).top1,
-                                         sampler.perturb, self.config.annealing_config(ctx.index))
+            config = self.config.annealing_config(ctx.index)
+            with tqdm(total=config.max_evaluations, desc=f"round {ctx.index} search", disable=not self.progress,
+                      leave=False) as bar:
+                def on_step(state) -> None:
+                    bar.update(1)
+                    bar.set_postfix(best=f"{state.best_score:.2f}%", T=f"{state.temperature:.4f}")
+
+                result = simulated_annealing(
+                    sampler.initial_action(),
+                    lambda action: 100.0 * evaluator.score(sampler.to_rates(action)).top1,
+                    sampler.perturb, config, on_step=on_step)
         ctx.rates = sampler.to_rates(result.best_action)
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         record = {"round": ctx.index, "target": ctx.target, "rates": ctx.rates, "best_score": result.best_score,
@@ -469,7 +487,7 @@ class Compressor:
         compact_model = load_model(artifact)
         self.run_folder.append_metrics({
             "event": "round", "round": ctx.index, "target": ctx.target,
-            "params": metrics.count_params(compact_model), "macs": metrics.count_macs(compact_model, self.example),
+            "params": self._params(compact_model), "macs": metrics.count_macs(compact_model, self.example),
             "val_top1": self._val_top1(compact_model), "layers": layer_widths(self.base_model, compact_model)})
         ctx.model = densify(compact_model)
 
@@ -487,7 +505,7 @@ class Compressor:
             latency = {b: metrics.measure_latency(net, torch.zeros(b, *self.splits.input_size),
                                                   runs=self.config.latency_runs) for b in (1, 64)}
             rows.append({"model": name, "test_top1": 100.0 * evaluate(net, test_loader)["top1"],
-                         "params": metrics.count_params(net), "macs": metrics.count_macs(net, self.example),
+                         "params": self._params(net), "macs": metrics.count_macs(net, self.example),
                          "file_bytes": metrics.file_size(path),
                          "latency_b1_ms": latency[1].median_ms, "latency_b64_ms": latency[64].median_ms})
         record = {"event": "final", "target": str(self.target), "rows": rows,
