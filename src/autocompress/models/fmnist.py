@@ -7,49 +7,15 @@ chain of convolutions gives structured pruning (filters and columns) real redund
 """
 from __future__ import annotations
 
-from torch import nn
-
-from .layers import conv_bn_relu, init_weights, scaled
 from .registry import register_model
+from .vgg import VGG
 
 #: channels of the convolutions at width 1; "M" = 2x2 max-pool
 FMNIST_CNN_LAYOUT = (32, "M", 32, 64, "M", 64, 128)
 
 
-class FashionCNN(nn.Module):
-    """VGG-style CNN for ``[N, in_channels, 28, 28]`` -> logits ``[N, num_classes]``.
-
-    Args:
-        num_classes: outputs of the linear classifier.
-        width: multiplier on every convolution's channel count (rounded, at least 1).
-        in_channels: channels of the input images.
-        dropout: dropout probability before the classifier (0 disables it).
-    """
-
-    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 1,
-                 dropout: float = 0.0):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for item in FMNIST_CNN_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                out = scaled(item, width)
-                layers.append(conv_bn_relu(channels, out))
-                channels = out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(channels, num_classes)
-        init_weights(self)
-
-    def forward(self, x):
-        return self.classifier(self.dropout(self.flatten(self.pool(self.features(x)))))
-
-
 @register_model("fmnist_cnn", input_size=(1, 28, 28), default_dataset="fashion-mnist")
-def fmnist_cnn(num_classes: int = 10, width: float = 1.0, dropout: float = 0.0) -> FashionCNN:
-    """Demo model: VGG-style CNN with BatchNorm for 1x28x28 images (5 convs, GAP, linear)."""
-    return FashionCNN(num_classes=num_classes, width=width, dropout=dropout)
+def fmnist_cnn(num_classes: int = 10, width: float = 1.0, dropout: float = 0.0) -> VGG:
+    """Demo model: VGG-style CNN with BatchNorm for ``[N, 1, 28, 28]`` -> logits ``[N, num_classes]``
+    (5 convs, GAP, linear), built by :class:`autocompress.models.vgg.VGG` with ``FMNIST_CNN_LAYOUT``."""
+    return VGG(FMNIST_CNN_LAYOUT, num_classes=num_classes, width=width, in_channels=1, dropout=dropout)

@@ -32,9 +32,11 @@ class VGG(nn.Module):
         num_classes: outputs of the linear classifier.
         width: multiplier on every convolution's channel count (rounded, at least 1).
         in_channels: channels of the input images.
+        dropout: dropout probability before the classifier (0 disables it).
     """
 
-    def __init__(self, layout, num_classes: int = 10, width: float = 1.0, in_channels: int = 3):
+    def __init__(self, layout, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
+                 dropout: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -48,11 +50,12 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
+        self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(channels, num_classes)
         init_weights(self)
 
     def forward(self, x):
-        return self.classifier(self.flatten(self.pool(self.features(x))))
+        return self.classifier(self.dropout(self.flatten(self.pool(self.features(x)))))
 
 
 def _vgg(name: str, num_classes: int, width: float) -> VGG:
