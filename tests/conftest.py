@@ -14,10 +14,16 @@ import os
 import tarfile
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("AUTOCOMPRESS_TEST_THREADS", "2")))
+
+# CI (CI=true) replays the same hypothesis examples every run, so a red CI is reproducible.
+hypothesis.settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_EXTRACTED = Path.home() / ".cache" / "autocompress"
