@@ -97,6 +97,8 @@ def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
         if base is not None:
             points.insert(0, (base[key], base["val_top1"]))
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+        if base is not None:
+            ax.annotate("base", (base[key], base["val_top1"]), fontsize=7)
         for record in rounds:
             ax.annotate(f"{record['target']:g}x", (record[key], record["val_top1"]), fontsize=7)
         ax.set_xscale("log")
