@@ -177,3 +177,38 @@ def test_flops_objective_meets_macs_target(base_checkpoint, tmp_path):
 def test_irregular_flops_target_is_refused():
     with pytest.raises(UserError, match="irregular"):
         _config(target="flops=2x", dims="irregular", rounds="doubling")
+
+
+@pytest.mark.parametrize("section,settings", [("admm", {"epochs": 1, "bogus": 3}), ("quick_eval", {"bogus": 3}),
+                                              ("purification", {"enabled": True, "bogus": 3}),
+                                              ("search", {"bogus": 3})])
+def test_unknown_sub_settings_refused_up_front(section, settings):
+    with pytest.raises(UserError, match=f"unknown {section}|bad search"):
+        _config(**{section: settings})
+
+
+def test_wrong_types_refused():
+    with pytest.raises(UserError, match="max_train"):
+        _config(max_train="lots")
+
+
+def test_non_empty_out_folder_is_never_overwritten(base_checkpoint, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"precious")
+    with pytest.raises(UserError, match="not an empty folder"):
+        Compressor.start(base_checkpoint, _config(), out)
+    assert (out / "model.pt").read_bytes() == b"precious"
+
+
+def test_resume_refuses_changed_flags_and_changed_base(finished_run, base_checkpoint, tmp_path, capsys):
+    out, _ = finished_run
+    assert main(["compress", "--resume", str(out), "--target", "params=5x"]) == 2
+    assert "--target" in capsys.readouterr().err
+    copy = tmp_path / "base.pt"
+    copy.write_bytes(base_checkpoint.read_bytes())
+    run = tmp_path / "run"
+    Compressor.start(copy, _config(), run, progress=False)
+    copy.write_bytes(base_checkpoint.read_bytes() + b"changed")
+    with pytest.raises(UserError, match="has changed"):
+        Compressor.resume(run)

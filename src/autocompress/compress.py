@@ -21,6 +21,8 @@ with the same result as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import json
 import logging
 import math
@@ -145,34 +147,52 @@ class CompressConfig:
     latency_runs: int = 20
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CompressConfig":
-        """Build from a plain dict (e.g. parsed YAML); unknown keys raise UserError naming them."""
+    def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":
+        """Build from a plain dict (e.g. parsed YAML); unknown keys raise UserError naming them. With
+        ``validate=False`` the values are checked later (:meth:`validate`), e.g. after command-line flags
+        have overridden them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"unknown compress setting(s) {', '.join(unknown)}",
                             f"valid settings: {', '.join(sorted(known))}")
         config = cls(**data)
-        config.validate()
+        if validate:
+            config.validate()
         return config
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CompressConfig":
-        """Read a run.yaml; a missing or malformed file raises UserError."""
+        """Read a run.yaml (values not yet validated: call :meth:`validate`); a missing or malformed file
+        raises UserError."""
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist", "pass an existing --config YAML") from None
+        except (FileNotFoundError, IsADirectoryError):
+            raise UserError(f"config file {path} does not exist or is a folder",
+                            "pass an existing --config YAML file") from None
         except yaml.YAMLError as exc:
             raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__})",
                             "fix the YAML syntax") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a mapping of settings", "see README's example")
-        return cls.from_dict(data)
+        return cls.from_dict(data, validate=False)
 
     def validate(self) -> None:
         """Check every setting and sub-config now, before any work (raises UserError)."""
         Target.parse(self.target)
+        for name, kind in (("seed", int), ("val_size", int), ("batch_size", int), ("latency_runs", int),
+                           ("max_train", (int, type(None))), ("max_test", (int, type(None))),
+                           ("final_retrain_epochs", (int, type(None))), ("max_r", (int, float)),
+                           ("search", dict), ("quick_eval", dict), ("admm", dict), ("purification", dict),
+                           ("retrain", dict)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(f"compress setting {name}={value!r} has the wrong type",
+                                f"give {name} as {getattr(kind, '__name__', 'a number or null')}")
+        _check_keys("quick_eval", self.quick_eval, QuickEvaluator.__init__, skip={"model", "space", "splits",
+                                                                                   "seed"})
+        _check_keys("purification", self.purification, purify,
+                    skip={"model", "space", "masks", "example_inputs", "val_loader", "log"}, extra={"enabled"})
         if self.dims not in DIMS:
             raise UserError(f"unknown --dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
         round_targets(Target.parse(self.target).factor, self.rounds)
@@ -184,8 +204,12 @@ class CompressConfig:
         if not 0 < self.max_r < 1:
             raise UserError(f"max_r={self.max_r} must be in (0, 1)", "use e.g. 0.95")
         self.annealing_config(0)
+        _check_keys("admm", self.admm, admm.ADMMConfig)
         admm.ADMMConfig(**self.admm)
-        self.retrain_config(last=False).validate()
+        for last in (False, True):
+            retrain = self.retrain_config(last=last)
+            if retrain.epochs > 0:
+                retrain.validate()
 
     def retrain_config(self, *, last: bool) -> TrainConfig:
         """Masked retraining settings (:class:`autocompress.training.TrainConfig`); ``last``: final round."""
@@ -203,6 +227,15 @@ class CompressConfig:
             return AnnealingConfig(**{**self.search, "seed": phase_seed(self.seed, round_index, "search")})
         except TypeError as exc:
             raise UserError(f"bad search setting: {exc}", "see AnnealingConfig's fields") from None
+
+
+def _check_keys(section: str, settings: dict, target, *, skip: set = frozenset(), extra: set = frozenset()):
+    """UserError naming any key of a config ``section`` that ``target`` (a callable) does not take."""
+    valid = (set(inspect.signature(target).parameters) - skip - {"self"}) | set(extra)
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise UserError(f"unknown {section} setting(s) {', '.join(unknown)}",
+                        f"valid {section} settings: {', '.join(sorted(valid))}")
 
 
 def phase_seed(seed: int, round_index: int, phase: str) -> int:
@@ -241,6 +274,10 @@ class RunFolder:
         path = self.file("metrics.jsonl")
         old = path.read_text() if path.exists() else ""
         atomic_write_text(path, old + json.dumps(record, default=_plain) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -308,10 +345,14 @@ class Compressor:
         if run.file("state.json").exists() or run.file("config.yaml").exists():
             raise UserError(f"run folder {out_dir} already holds a run",
                             f"continue it with --resume {out_dir} or choose another --out")
+        if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+            raise UserError(f"--out {out_dir} exists and is not an empty folder",
+                            "choose a new or empty run folder; nothing there is overwritten")
         compressor = cls(run, Path(checkpoint_path), config, progress=progress)
         compressor.check_reachable()
         plain = dataclasses.asdict(config)
         plain["checkpoint"] = str(Path(checkpoint_path).resolve())
+        plain["checkpoint_sha256"] = _sha256(Path(checkpoint_path))
         atomic_write_text(run.file("config.yaml"), yaml.safe_dump(plain, sort_keys=False))
         return compressor
 
@@ -323,8 +364,11 @@ class Compressor:
             raise UserError(f"{out_dir} holds no compress run (no config.yaml)",
                             "start one with `autocompress compress CHECKPOINT --target ... --out DIR`")
         data = yaml.safe_load(run.file("config.yaml").read_text())
-        checkpoint = data.pop("checkpoint")
-        return cls(run, Path(checkpoint), CompressConfig.from_dict(data), progress=progress)
+        checkpoint, digest = Path(data.pop("checkpoint")), data.pop("checkpoint_sha256", None)
+        if not checkpoint.is_file() or (digest is not None and _sha256(checkpoint) != digest):
+            raise UserError(f"the base checkpoint {checkpoint} of run {out_dir} is missing or has changed "
+                            "since the run started", "restore that file, or start a new run with --out")
+        return cls(run, checkpoint, CompressConfig.from_dict(data), progress=progress)
 
     # --- checks ---------------------------------------------------------------------------------------
     def _space(self, model: nn.Module) -> PruningSpace:
@@ -475,7 +519,7 @@ class Compressor:
 
     def _phase_retrain(self, ctx: RoundContext, artifact: Path) -> None:
         config = self.config.retrain_config(last=ctx.index == len(self.targets))
-        history = admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"), config,
+        history = [] if config.epochs <= 0 else admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"), config,
                                       progress=self.progress, log=log.info)
         self.run_folder.append_metrics({"event": "retrain", "round": ctx.index, "history": history})
         self._save_state(ctx, artifact)

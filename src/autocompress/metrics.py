@@ -146,7 +146,7 @@ def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
         with analysis_mode(model), counter:
             try:
                 model(*inputs)
-            except RuntimeError as exc:
+            except (RuntimeError, AssertionError, ValueError) as exc:
                 shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"the model cannot take inputs of shape {shapes} ({first_line})",

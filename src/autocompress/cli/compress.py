@@ -53,6 +53,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     progress = not args.quiet
+    if args.resume:
+        given = [flag for flag, value in (("CHECKPOINT", args.checkpoint), ("--target", args.target),
+                 ("--dims", args.dims), ("--rounds", args.rounds), ("--config", args.config),
+                 ("--out", args.out), ("--seed", args.seed), ("--data-dir", args.data_dir),
+                 ("--admm-epochs", args.admm_epochs), ("--retrain-epochs", args.retrain_epochs))
+                 if value is not None]
+        if given:
+            raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
+                            "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
     out = args.resume or args.out
     if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
         compressor = Compressor.resume(out, progress=progress)

@@ -11,6 +11,7 @@ written (atomically) only when they agree.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.opset < 11:
         raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
+    out = Path(args.onnx)
+    if out.is_dir() or (out.exists() and not args.overwrite):
+        raise UserError(f"{out} already exists{' and is a folder' if out.is_dir() else ''}",
+                        "choose another --onnx file name, or pass --overwrite to replace the file")
     ckpt = load_checkpoint(args.checkpoint)
     size = parse_input_size(args.input_size) if args.input_size else ckpt["dataset"].get("input_size")
     if not size:
