@@ -276,6 +276,11 @@ class RunFolder:
         atomic_write_text(path, old + json.dumps(record, default=_plain) + "\n")
 
 
+def _percent(fraction: float | None) -> float | None:
+    """Top-1 as a percentage (every top-1 in metrics.jsonl is in %)."""
+    return None if fraction is None else 100.0 * fraction
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -455,7 +460,7 @@ class Compressor:
                                   generator=generator)
 
     def _val_top1(self, model: nn.Module) -> float:
-        return 100.0 * evaluate(model, self.splits.loader("val", 256, shuffle=False, augment=False))["top1"]
+        return _percent(evaluate(model, self.splits.loader("val", 256, shuffle=False, augment=False))["top1"])
 
     def _save_state(self, ctx: RoundContext, artifact: Path) -> None:
         atomic_torch_save({"state_dict": ctx.model.state_dict(),
@@ -514,7 +519,7 @@ class Compressor:
                 "event": "purification", "round": ctx.index, "threshold": result.threshold,
                 "removed_filters": sum(result.removed_filters.values()),
                 "removed_columns": sum(result.removed_columns.values()), "folded": len(result.folded),
-                "val_top1_before": result.top1_before, "val_top1_after": result.top1_after})
+                "val_top1_before": _percent(result.top1_before), "val_top1_after": _percent(result.top1_after)})
         self._save_state(ctx, artifact)
 
     def _phase_retrain(self, ctx: RoundContext, artifact: Path) -> None:
