@@ -7,7 +7,7 @@ body raised.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -36,3 +36,15 @@ def analysis_mode(model: nn.Module) -> Iterator[nn.Module]:
     with preserved_state(model), torch.no_grad():
         model.eval()
         yield model
+
+
+def hooked_forward(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, Callable]) -> None:
+    """One analysis forward of ``model(*inputs)`` (see :func:`analysis_mode`) with ``hooks[module]``
+    registered as a forward hook ``fn(module, args, output)`` on each listed module, removed afterwards."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks.items()]
+    try:
+        with analysis_mode(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, hooked_forward
 from .errors import UserError
 
 #: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
@@ -377,13 +377,7 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
     def hook(module, _inputs, _output):
         counts[module] = counts.get(module, 0) + 1
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with analysis_mode(model):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_forward(model, inputs, {m: hook for m in model.modules()})
     return counts
 
 
@@ -547,19 +541,14 @@ def _random_like(inputs: tuple, seed: int = 0) -> tuple:
 
 def _layer_outputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Tensor]:
     outputs: dict[str, torch.Tensor] = {}
-    handles = []
+    hooks = {}
     for name, module in model.named_modules():
         if name and not list(module.children()):
             def hook(_module, _inputs, output, name=name):
                 if isinstance(output, torch.Tensor) and name not in outputs:
                     outputs[name] = output
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with analysis_mode(model):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooks[module] = hook
+    hooked_forward(model, inputs, hooks)
     return outputs
 
 

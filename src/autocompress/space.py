@@ -36,7 +36,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
-from .analysis import analysis_mode, preserved_state
+from .analysis import hooked_forward, preserved_state
 from .errors import UserError
 from .masks import Masks
 from .metrics import layer_table
@@ -630,13 +630,9 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
             seen.setdefault(name, []).append(args[0].detach())
         return fn
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in watched]
     try:
-        with analysis_mode(model):
-            model(*probe)
+        hooked_forward(model, probe, {modules[name]: hook(name) for name in watched})
     finally:
-        for h in handles:
-            h.remove()
         for name, value in saved.items():
             params[name].copy_(value)
     bad: dict[str, str] = {}
