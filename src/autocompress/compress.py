@@ -120,7 +120,9 @@ class CompressConfig:
             (one rate for every unit, meeting the target: an ablation without search).
         search: :class:`autocompress.annealing.AnnealingConfig` fields.
         quick_eval: :class:`autocompress.quick_eval.QuickEvaluator` keyword arguments.
-        admm: :class:`autocompress.admm.ADMMConfig` fields.
+        admm: :class:`autocompress.admm.ADMMConfig` fields. The default raises rho from 0.02 by 1.6x every
+            100 optimiser steps: with the few ADMM epochs a CPU budget allows, ADMMConfig's own once-per-epoch
+            schedule leaves rho near 1e-3 and the primal residual large (measured, BENCHMARKS.md).
         purification: ``enabled`` plus :func:`autocompress.purification.purify` keyword arguments.
         retrain: :class:`autocompress.training.TrainConfig` fields of masked retraining.
         final_retrain_epochs: retraining epochs of the last round (``None``: as the other rounds).
@@ -140,9 +142,10 @@ class CompressConfig:
     search_mode: str = "annealing"
     search: dict = field(default_factory=dict)
     quick_eval: dict = field(default_factory=dict)
-    admm: dict = field(default_factory=lambda: {"epochs": 2})
+    admm: dict = field(default_factory=lambda: {"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6,
+                                                "update_interval": 100})
     purification: dict = field(default_factory=lambda: {"enabled": True})
-    retrain: dict = field(default_factory=lambda: {"epochs": 2})
+    retrain: dict = field(default_factory=lambda: {"epochs": 3})
     final_retrain_epochs: int | None = None
     latency_runs: int = 20
 
