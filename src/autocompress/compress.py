@@ -298,10 +298,6 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _masks_to_plain(param_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: mask.to(torch.bool) for name, mask in param_masks.items()}
-
-
 @dataclass
 class RoundContext:
     """What every phase of one round shares."""
@@ -387,13 +383,11 @@ class Compressor:
             dims = tuple(dict.fromkeys(("filter",) + dims))
         return PruningSpace.build(model, self.example, dims=dims)
 
-    def _sampler(self, model: nn.Module, space: PruningSpace, target: float) -> ActionSampler:
-        """Sampler whose target is the round's factor relative to the *base* model's count."""
-        current = self._count(model)
-        base = self.base_params if self.target.objective == "params" else self.base_macs
-        relative = max(1.0, target * current / base)
-        return ActionSampler.from_space(space, self.target.objective, relative, kinds=DIMS[self.config.dims],
-                                        r_max=self.config.max_r)
+    def _sampler(self, space: PruningSpace, target: float, base_ratio: float) -> ActionSampler:
+        """Sampler for a round's ``target`` (relative to the *base* model) on a model that is already
+        ``base_ratio`` times smaller than the base (see :meth:`_base_ratio`)."""
+        return ActionSampler.from_space(space, self.target.objective, max(1.0, target / base_ratio),
+                                        kinds=DIMS[self.config.dims], r_max=self.config.max_r)
 
     def _params(self, model: nn.Module) -> int:
         """Parameters of a compact model; in irregular mode the non-zero ones (stored sparsely)."""
@@ -409,13 +403,13 @@ class Compressor:
     def check_reachable(self) -> None:
         """Refuse, before any training, a final target that needs a layer pruned away (UserError)."""
         model = densify(self.base_model)
-        self._sampler(model, self._space(model), self.target.factor)
+        self._sampler(self._space(model), self.target.factor, base_ratio=1.0)
 
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Run (or finish) every round, then the final evaluation and report. Returns the final record."""
         done = {tuple(pair) for pair in self.run_folder.done()}
-        if ("final", "final") in {(str(a), str(b)) for a, b in done}:
+        if ("final", "final") in done:
             return self._final_record()
         if not any(r.get("event") == "base" for r in self._records()):
             self._record_base()
@@ -467,12 +461,13 @@ class Compressor:
 
     def _save_state(self, ctx: RoundContext, artifact: Path) -> None:
         atomic_torch_save({"state_dict": ctx.model.state_dict(),
-                           "param_masks": None if ctx.param_masks is None else _masks_to_plain(ctx.param_masks)},
+                           "param_masks": ctx.param_masks},
                           artifact)
 
     # --- phases -------------------------------------------------------------------------------------
     def _phase_search(self, ctx: RoundContext, artifact: Path) -> None:
-        sampler = self._sampler(ctx.model, ctx.space, ctx.target)
+        base_ratio = self._base_ratio(ctx.model)
+        sampler = self._sampler(ctx.space, ctx.target, base_ratio)
         if self.config.search_mode == "uniform":  # ablation: one rate for every unit, no search
             result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
                                      best_score=float("nan"), trajectory=[])
@@ -494,7 +489,7 @@ class Compressor:
         ctx.rates = sampler.to_rates(result.best_action)
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         record = {"round": ctx.index, "target": ctx.target, "rates": ctx.rates, "best_score": result.best_score,
-                  "compression": sampler.compression(result.best_action) * self._base_ratio(ctx.model)}
+                  "compression": sampler.compression(result.best_action) * base_ratio}
         atomic_write_text(artifact, json.dumps({**record, "trajectory": result.trajectory}, default=_plain))
         self.run_folder.append_metrics({"event": "search", **record, "trajectory": trajectory})
 
