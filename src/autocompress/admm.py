@@ -213,7 +213,8 @@ def _ratio(squared_diff: float, squared_norm: float) -> float:
 
 
 def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
-               progress: bool = True, log: Callable[[str], None] | None = None) -> ADMMResult:
+               distiller: Callable | None = None, progress: bool = True,
+               log: Callable[[str], None] | None = None) -> ADMMResult:
     """ADMM structured pruning of ``model`` in place towards ``rates`` (AutoCompress, Liu et al. AAAI 2020,
     §3; Zhang et al. ECCV 2018).
 
@@ -228,6 +229,8 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         rates: ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``, each ``r`` in ``[0, 1)``.
         train_loader: iterable of ``(images [N, C, H, W], labels [N])`` batches.
         config: :class:`ADMMConfig`.
+        distiller: optional :class:`autocompress.distillation.Distiller`; its loss replaces the
+            cross-entropy of the W-step (the ADMM penalty is added to it).
         progress: show tqdm progress bars in :func:`train_epoch`.
         log: called with one line per Z/U update (rho and the largest / mean primal residual).
 
@@ -265,7 +268,7 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         for epoch in range(config.epochs):
             epoch_stats.append(training.train_epoch(
                 model, train_loader, optimizer, scheduler, criterion=criterion, regularizer=state.penalty,
-                after_step=after_step, progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
+                after_step=after_step, distiller=distiller, progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
             if config.update_interval is None:
                 state.update()
                 record()
@@ -286,7 +289,8 @@ def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, t
 
 
 def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
-                   config: training.TrainConfig, *, val_loader: Iterable | None = None, progress: bool = True,
+                   config: training.TrainConfig, *, val_loader: Iterable | None = None,
+                   distiller: Callable | None = None, progress: bool = True,
                    log: Callable[[str], None] | None = None) -> list[dict]:
     """Masked retraining (brief §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
@@ -300,6 +304,8 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
             label smoothing; batch size and seed are the loader's business). ``epochs == 0`` only applies
             the masks.
         val_loader: when given, top-1 on it is added to each epoch's stats as ``"val_top1"``.
+        distiller: optional :class:`autocompress.distillation.Distiller` (its loss replaces the
+            cross-entropy).
         progress: tqdm progress bars.
         log: called with one line per epoch.
 
@@ -317,7 +323,7 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     try:
         for epoch in range(config.epochs):
             stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler, criterion=criterion,
-                                              progress=progress,
+                                              distiller=distiller, progress=progress,
                                               desc=f"retrain epoch {epoch + 1}/{config.epochs}"))
             if val_loader is not None:
                 stats["val_top1"] = training.evaluate(model, val_loader)["top1"]

@@ -44,6 +44,7 @@ from .atomic import atomic_torch_save, atomic_write_text
 from .checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from .compaction import compact, densify
 from .data import get_dataset
+from .distillation import DistillationConfig, Distiller
 from .errors import UserError
 from .pruning import DIMS
 from .purification import purify
@@ -125,6 +126,8 @@ class CompressConfig:
             schedule leaves rho near 1e-3 and the primal residual large (measured, BENCHMARKS.md).
         purification: ``enabled`` plus :func:`autocompress.purification.purify` keyword arguments.
         retrain: :class:`autocompress.training.TrainConfig` fields of masked retraining.
+        distillation: :class:`autocompress.distillation.DistillationConfig` fields: knowledge distillation
+            from the base model in the ADMM W-steps and masked retraining (beyond the paper).
         final_retrain_epochs: retraining epochs of the last round (``None``: as the other rounds).
         latency_runs: timed runs per latency measurement in the final table.
     """
@@ -146,6 +149,7 @@ class CompressConfig:
                                                 "update_interval": 100})
     purification: dict = field(default_factory=lambda: {"enabled": True})
     retrain: dict = field(default_factory=lambda: {"epochs": 3})
+    distillation: dict = field(default_factory=dict)
     final_retrain_epochs: int | None = None
     latency_runs: int = 20
 
@@ -187,7 +191,7 @@ class CompressConfig:
                            ("max_train", (int, type(None))), ("max_test", (int, type(None))),
                            ("final_retrain_epochs", (int, type(None))), ("max_r", (int, float)),
                            ("search", dict), ("quick_eval", dict), ("admm", dict), ("purification", dict),
-                           ("retrain", dict)):
+                           ("retrain", dict), ("distillation", dict)):
             value = getattr(self, name)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise UserError(f"compress setting {name}={value!r} has the wrong type",
@@ -209,6 +213,8 @@ class CompressConfig:
         self.annealing_config(0)
         _check_keys("admm", self.admm, admm.ADMMConfig)
         admm.ADMMConfig(**self.admm)
+        _check_keys("distillation", self.distillation, DistillationConfig)
+        DistillationConfig(**self.distillation)
         for last in (False, True):
             retrain = self.retrain_config(last=last)
             if retrain.epochs > 0:
@@ -338,6 +344,8 @@ class Compressor:
         self.base_model = model_from_checkpoint(self.base_ckpt)
         self.base_params = self._params(self.base_model)
         self.base_macs = metrics.count_macs(self.base_model, self.example)
+        distillation = DistillationConfig(**config.distillation)
+        self.distiller = Distiller(self.base_model, distillation) if distillation.enabled else None
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -499,7 +507,8 @@ class Compressor:
 
     def _phase_admm(self, ctx: RoundContext, artifact: Path) -> None:
         result = admm.admm_prune(ctx.model, ctx.space, ctx.rates, self._train_loader(ctx, "admm"),
-                                 admm.ADMMConfig(**self.config.admm), progress=self.progress, log=log.info)
+                                 admm.ADMMConfig(**self.config.admm), distiller=self.distiller,
+                                 progress=self.progress, log=log.info)
         self.run_folder.append_metrics({"event": "admm", "round": ctx.index,
                                         "history": [{k: v for k, v in h.items() if k != "residuals"}
                                                     for h in result.history]})
@@ -522,8 +531,8 @@ class Compressor:
 
     def _phase_retrain(self, ctx: RoundContext, artifact: Path) -> None:
         config = self.config.retrain_config(last=ctx.index == len(self.targets))
-        history = [] if config.epochs <= 0 else admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"), config,
-                                      progress=self.progress, log=log.info)
+        history = admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"), config,
+                                      distiller=self.distiller, progress=self.progress, log=log.info)
         self.run_folder.append_metrics({"event": "retrain", "round": ctx.index, "history": history})
         self._save_state(ctx, artifact)
 

@@ -136,7 +136,8 @@ def batch_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
-                after_step: Callable[[], None] | None = None, progress: bool = True, desc: str = "") -> dict:
+                after_step: Callable[[], None] | None = None, distiller: Callable | None = None,
+                progress: bool = True, desc: str = "") -> dict:
     """One training epoch in train mode.
 
     Args:
@@ -145,10 +146,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         criterion: loss (default ``nn.CrossEntropyLoss()``).
         regularizer: returns a scalar tensor added to the loss of each step (ADMM).
         after_step: called after every optimiser step (e.g. ``MaskEnforcer.after_step``).
+        distiller: ``fn(images, logits, label_loss) -> loss`` replacing the label loss, e.g. a
+            :class:`autocompress.distillation.Distiller` (knowledge distillation from the base model).
         progress: show a tqdm bar with running loss and accuracy.
 
     Returns:
-        ``{"loss": mean data loss per image, "top1": training accuracy in [0, 1], "images": count}``,
+        ``{"loss": mean data loss per image (the distiller's mixed loss when given), "top1": training accuracy in [0, 1], "images": count}``,
         plus ``"regularizer"`` (mean per step) when a regularizer is given.
 
     Raises:
@@ -163,6 +166,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         images, labels = batch_to(images, device), labels.to(device, non_blocking=True)
         logits = model(images)
         loss = criterion(logits, labels)
+        if distiller is not None:
+            loss = distiller(images, logits, loss)
         objective = loss
         if regularizer is not None:
             reg = regularizer()
