@@ -68,3 +68,13 @@ def test_cli_export_compact_checkpoint(tmp_path, capsys):
                             dataset=base["dataset"], config={}, metrics={})
     assert main(["export", str(plain), "--onnx", str(tmp_path / "b.onnx"), "--opset", "9"]) == 2
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_nan_model_is_refused_and_nothing_written(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    path = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="NaN"):
+        export_onnx(model, torch.zeros(1, 1, 2, 2), path)
+    assert not path.exists()

@@ -92,8 +92,11 @@ def test_torchvision_model_by_name_without_download():
 def test_unknown_model_names_close_matches():
     with pytest.raises(UserError, match=r"unknown model 'resnet2'.*resnet20.*autocompress inspect --list-models"):
         create_model("resnet2")
-    with pytest.raises(UserError, match="unknown model 'torchvision:not_a_model'"):
+    with pytest.raises(UserError, match="unknown model 'torchvision:not_a_model'") as info:
         model_info("torchvision:not_a_model")
+    assert "did you mean" not in str(info.value)  # the shared prefix alone is no match
+    with pytest.raises(UserError, match=r"did you mean torchvision:resnet18\b"):
+        create_model("torchvision:resnet81")
 
 
 def test_bad_options_are_user_errors():

@@ -73,3 +73,14 @@ def test_expand_rates_default_overrides_and_errors():
         expand_rates(space, {"filter": {"features.0": 0.5}}, ("column",))
     with pytest.raises(UserError, match="unknown key"):
         expand_rates(space, {"filters": {}}, ("filter",))
+
+
+def test_irregular_report_counts_nonzero_parameters(splits):
+    with seeded(0):
+        model = create_model("fmnist_cnn", width=0.25)
+    result = prune(model, {"default": 0.5}, example_inputs=torch.zeros(1, 1, 28, 28), splits=splits,
+                   dims=("irregular",), admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False,
+                   progress=False)
+    nonzero = sum(int((p != 0).sum()) for p in result.compact_model.parameters())
+    assert result.report["params_after"] == nonzero < count_params(result.compact_model)
+    assert result.report["compression_rate"] == pytest.approx(result.report["params_before"] / nonzero)

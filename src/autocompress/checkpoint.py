@@ -79,14 +79,13 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files; all mean the same
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        unsafe = [line for line in lines if "Unsupported global" in line]
-        detail = (unsafe or [line for line in lines if "WeightsUnpickler error" in line] or lines)[0][:160]
+        unsafe = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
         if unsafe:
-            raise UserError(f"checkpoint {path} holds pickled Python objects, not plain data ({detail})",
-                            "re-save it with autocompress, or load it with trust=True if you trust its source"
+            raise UserError(f"checkpoint {path} holds pickled Python objects, not plain data ({unsafe[0][:160]})",
+                            "re-save it with autocompress; if you trust its source, load it in Python with "
+                            "autocompress.checkpoint.load_checkpoint(path, trust=True) and save it again"
                             ) from exc
-        raise UserError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {detail})",
+        raise UserError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__})",
                         "re-create it (e.g. `autocompress train ... --resume` or train again)") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an autocompress checkpoint (no format={FORMAT!r} entry)",

@@ -21,6 +21,7 @@ with the same result as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -408,10 +409,15 @@ class Compressor:
             return self._params(model)
         return metrics.count_macs(model, self.example)
 
+    @functools.cached_property
+    def _first_round(self) -> tuple[nn.Module, PruningSpace]:
+        """Round 1's starting model (a dense copy of the base) and its space, built once per run."""
+        model = densify(self.base_model)
+        return model, self._space(model)
+
     def check_reachable(self) -> None:
         """Refuse, before any training, a final target that needs a layer pruned away (UserError)."""
-        model = densify(self.base_model)
-        self._sampler(self._space(model), self.target.factor, base_ratio=1.0)
+        self._sampler(self._first_round[1], self.target.factor, base_ratio=1.0)
 
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -421,14 +427,15 @@ class Compressor:
             return self._final_record()
         if not any(r.get("event") == "base" for r in self._records()):
             self._record_base()
-        model = densify(self.base_model)
         for index, target in enumerate(self.targets, start=1):
             if (index, "compact") in done:
                 continue
-            previous = self.run_folder.phase_file(index - 1, "compact")
-            if index > 1:
-                model = densify(load_model(previous))
-            model = self._run_round(RoundContext(index, target, model, self._space(model)), done)
+            if index == 1:
+                model, space = self._first_round
+            else:
+                model = densify(load_model(self.run_folder.phase_file(index - 1, "compact")))
+                space = self._space(model)
+            self._run_round(RoundContext(index, target, model, space), done)
         return self._finish()
 
     def _record_base(self) -> None:
@@ -436,7 +443,7 @@ class Compressor:
         self.run_folder.append_metrics({"event": "base", "params": self.base_params, "macs": self.base_macs,
                                         "val_top1": 100.0 * top1})
 
-    def _run_round(self, ctx: RoundContext, done: set) -> nn.Module:
+    def _run_round(self, ctx: RoundContext, done: set) -> None:
         for phase in PHASES:
             artifact = self.run_folder.phase_file(ctx.index, phase)
             if (ctx.index, phase) in done:
@@ -449,7 +456,6 @@ class Compressor:
             self.run_folder.append_metrics({"event": "phase", "round": ctx.index, "phase": phase,
                                             "seconds": time.perf_counter() - started})
             self.run_folder.mark_done(ctx.index, phase)
-        return ctx.model
 
     def _restore(self, ctx: RoundContext, phase: str, artifact: Path) -> None:
         if phase == "search":

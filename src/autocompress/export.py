@@ -70,7 +70,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         :class:`ExportResult`.
 
     Raises:
-        UserError: the exporter cannot export the model, or onnxruntime disagrees with PyTorch beyond the
+        UserError: the exporter cannot export the model, the model outputs NaN / inf, or onnxruntime disagrees with PyTorch beyond the
             tolerance (the message gives the difference).
     """
     if not isinstance(example_inputs, torch.Tensor):
@@ -93,6 +93,9 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         for batch in (example, extra):
             with analysis_mode(model):
                 expected = model(batch)
+            if not torch.isfinite(expected).all():
+                raise UserError(f"the model outputs NaN or infinite values for a batch of {batch.shape[0]}",
+                                "check the checkpoint's weights (a diverged training run?)")
             got = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
             scale = max(scale, float(expected.abs().max()))
             diff = max(diff, float((got - expected).abs().max()))

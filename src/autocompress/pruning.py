@@ -30,7 +30,7 @@ from .admm import ADMMConfig, admm_prune, hard_prune, masked_retrain
 from .compaction import compact
 from .errors import UserError
 from .masks import Masks
-from .metrics import count_macs, count_params
+from .metrics import count_macs, count_nonzero_params, count_params
 from .purification import DEFAULT_THRESHOLDS, purify as purify_masks
 from .space import KINDS, PruningSpace
 from .training import TrainConfig, evaluate, seeded
@@ -127,7 +127,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, spl
 
     Returns:
         :class:`PruneResult`. ``report`` holds ``params_before`` / ``params_after`` (parameters of the
-        original and of the compact model, :func:`autocompress.metrics.count_params`), ``macs_before`` /
+        original and of the compact model, :func:`autocompress.metrics.count_params`; with ``irregular``
+        in ``dims`` the compact model's non-zero parameters, :func:`~autocompress.metrics.count_nonzero_params`), ``macs_before`` /
         ``macs_after`` (MACs per forward of ``example_inputs``, :func:`autocompress.metrics.count_macs`;
         FLOPs = 2 x MACs), ``compression_rate`` (params before / after, "x"), ``mac_reduction`` (before /
         after), ``top1`` (validation top-1 fractions: ``before``, ``hard_pruned``, ``purified``, ``after``
@@ -189,7 +190,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, spl
                                                progress=progress, log=log)
     compacted = compact(model, param_masks, example_inputs)
     compact_model = compacted.model
-    params_after, macs_after = count_params(compact_model), count_macs(compact_model, example_inputs)
+    count = count_nonzero_params if "irregular" in dims else count_params  # irregular zeros are stored sparsely
+    params_after, macs_after = count(compact_model), count_macs(compact_model, example_inputs)
     if has_val:
         report["top1"]["after"] = evaluate(compact_model, val_loader)["top1"]
     report.update({"params_after": params_after, "macs_after": macs_after,

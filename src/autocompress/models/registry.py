@@ -89,7 +89,12 @@ def list_models(include_torchvision: bool = False) -> list[str]:
 
 
 def _unknown(name: str) -> UserError:
-    close = difflib.get_close_matches(name, list_models(include_torchvision=True), n=3, cutoff=0.5)
+    if name.startswith(TORCHVISION_PREFIX):  # compare the torchvision part alone: the prefix would match anything
+        stem = name[len(TORCHVISION_PREFIX):]
+        close = [TORCHVISION_PREFIX + n for n in difflib.get_close_matches(stem, _torchvision_names(), n=3,
+                                                                          cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(name, list_models(include_torchvision=True), n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return UserError(f"unknown model {name!r}{hint}",
                      "run `autocompress inspect --list-models` to list the model names "
