@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from autocompress import data
-from autocompress.data import Augment, augment_batch, carve_validation, get_dataset, read_idx
+from autocompress.data import Augment, augment_batch, carve_validation, get_dataset, read_idx, recorded_data_dir
 from autocompress.errors import UserError
 
 
@@ -141,6 +141,28 @@ def test_cifar_archive_is_extracted_once(cifar_folder, tmp_path, monkeypatch):
     assert torch.equal(from_archive.train.labels, from_folder.train.labels)
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted again"))
     get_dataset("cifar10", archive, val_size=2)
+
+
+def test_cifar_folder_holding_the_archive(cifar_folder, tmp_path):
+    """--data-dir may name the folder the archive lies in (e.g. ../shared/datasets)."""
+    shelf = tmp_path / "datasets"
+    shelf.mkdir()
+    (shelf / "SHA256SUMS").write_text("")
+    with tarfile.open(shelf / "cifar10-jpeg.tar.gz", "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(cifar_folder / split, arcname=split)
+    from_shelf = get_dataset("cifar10", shelf, val_size=2)
+    assert torch.equal(from_shelf.test.images, get_dataset("cifar10", cifar_folder, val_size=2).test.images)
+    with pytest.raises(UserError, match="neither"):
+        get_dataset("cifar10", tmp_path, val_size=2)  # no layout and no archive
+
+
+def test_recorded_data_dir(tmp_path):
+    recorded = {"name": "cifar10", "data_dir": str(tmp_path)}
+    assert recorded_data_dir("/given", recorded, "cifar10") == "/given"
+    assert recorded_data_dir(None, recorded, "cifar10") == str(tmp_path)
+    assert recorded_data_dir(None, recorded, "fashion-mnist") is None  # another dataset: its own lookup
+    assert recorded_data_dir(None, {"name": "cifar10", "data_dir": str(tmp_path / "gone")}, "cifar10") is None
 
 
 def test_cifar_python_batches_format(tmp_path, cifar_folder):

@@ -44,7 +44,7 @@ from .annealing import AnnealingConfig, AnnealingResult, simulated_annealing
 from .atomic import atomic_torch_save, atomic_write_text
 from .checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from .compaction import compact, densify
-from .data import get_dataset
+from .data import get_dataset, recorded_data_dir
 from .distillation import DistillationConfig, Distiller
 from .errors import UserError
 from .pruning import DIMS
@@ -339,7 +339,8 @@ class Compressor:
         if not dataset.get("name"):
             raise UserError(f"checkpoint {checkpoint_path} names no dataset",
                             "re-train it with `autocompress train`, which records the dataset")
-        self.splits = get_dataset(dataset["name"], config.data_dir, val_size=config.val_size, seed=config.seed,
+        data_dir = recorded_data_dir(config.data_dir, dataset, dataset["name"])
+        self.splits = get_dataset(dataset["name"], data_dir, val_size=config.val_size, seed=config.seed,
                                   max_train=config.max_train, max_test=config.max_test)
         self.example = torch.zeros(1, *self.splits.input_size)
         self.base_model = model_from_checkpoint(self.base_ckpt)

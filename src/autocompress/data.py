@@ -257,6 +257,18 @@ def get_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_siz
         mean=mean, std=std, augment=augment, val_size=val_size, seed=seed, data_dir=str(folder))
 
 
+def recorded_data_dir(data_dir: str | os.PathLike | None, recorded: dict | None, name: str) -> str | None:
+    """The data folder to use for dataset ``name``: ``data_dir`` when given, else the folder a checkpoint
+    recorded (``checkpoint["dataset"]``) for the same dataset when it still exists, else None (the dataset's
+    own lookup order)."""
+    if data_dir is not None:
+        return str(data_dir)
+    recorded = recorded or {}
+    if recorded.get("name") == name and recorded.get("data_dir") and Path(recorded["data_dir"]).exists():
+        return str(recorded["data_dir"])
+    return None
+
+
 def carve_validation(n: int, val_size: int, seed: int, max_train: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded, disjoint (train indices, validation indices) of ``n`` training images, each sorted.
@@ -393,6 +405,10 @@ def _cifar10(data_dir) -> tuple[Path, tuple[TensorSplit, TensorSplit, list[str]]
         raise UserError(f"CIFAR-10 data {path} does not exist", _CIFAR_FIX)
     if path.is_file():
         path = extract_archive(path)
+    elif _cifar_layout(path) is None:  # a folder holding the archive, e.g. ../shared/datasets
+        archives = sorted(p for p in path.glob("cifar*") if p.name.endswith((".tar.gz", ".tgz", ".tar")))
+        if len(archives) == 1:
+            path = extract_archive(archives[0])
     return path, _read_cifar(path)
 
 

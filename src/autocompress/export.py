@@ -11,7 +11,6 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..data import DATASETS
 from ..errors import UserError
@@ -28,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..data import get_dataset
+    from ..data import get_dataset, recorded_data_dir
     from ..training import check_model_input, evaluate
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -36,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.dataset or stored.get("name")
     if name not in DATASETS:
         raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})", "pass --dataset")
-    data_dir = args.data_dir
-    if data_dir is None and name == stored.get("name") and stored.get("data_dir") \
-            and Path(stored["data_dir"]).exists():
-        data_dir = stored["data_dir"]
+    data_dir = recorded_data_dir(args.data_dir, stored, name)
     if name == stored.get("name"):  # the same validation carve as in training
         val_size, seed = stored.get("val_size", 5000), stored.get("seed", 0)
     else:  # another dataset: the default carve for --split val, none needed for the test split

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..admm import ADMMConfig
     from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..data import DATASETS, get_dataset
+    from ..data import DATASETS, get_dataset, recorded_data_dir
     from ..pruning import DIMS, expand_rates, prune
     from ..serialization import save_compact
     from ..space import PruningSpace
@@ -129,9 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if name not in DATASETS:
         raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})",
                         "re-save it with `autocompress train`")
-    data_dir = args.data_dir
-    if data_dir is None and stored.get("data_dir") and Path(stored["data_dir"]).exists():
-        data_dir = stored["data_dir"]
+    data_dir = recorded_data_dir(args.data_dir, stored, name)
     splits = get_dataset(name, data_dir, val_size=stored.get("val_size", 5000), seed=stored.get("seed", 0),
                          max_train=args.max_train, max_test=args.max_test)
     admm = ADMMConfig(epochs=args.admm_epochs, lr=args.admm_lr, rho_init=args.rho_init,
