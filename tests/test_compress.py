@@ -113,22 +113,27 @@ def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
         pytest.approx(search["compression"], rel=1e-9)
 
 
-def test_resume_after_interruption_equals_uninterrupted(finished_run, base_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("phase, round_index, written", [("retrain", 2, "round2/purify.pt"),
+                                                           ("compact", 1, "round1/retrain.pt")])
+def test_resume_after_interruption_equals_uninterrupted(finished_run, base_checkpoint, tmp_path, monkeypatch,
+                                                        phase, round_index, written):
+    """Interrupted before round 2's retraining, or after round 1's retraining (its state belongs to the
+    shrunk model, which the resumed run must rebuild)."""
     out_full, final_full = finished_run
     out = tmp_path / "interrupted"
     compressor = Compressor.start(base_checkpoint, _config(), out, progress=False)
-    original = Compressor._phase_retrain
+    original = getattr(Compressor, f"_phase_{phase}")
 
     def interrupted(self, ctx, artifact):
-        if ctx.index == 2:
+        if ctx.index == round_index:
             raise KeyboardInterrupt
         return original(self, ctx, artifact)
 
-    monkeypatch.setattr(Compressor, "_phase_retrain", interrupted)
+    monkeypatch.setattr(Compressor, f"_phase_{phase}", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compressor.run()
-    assert not (out / "model.pt").exists() and (out / "round2" / "purify.pt").exists()
-    monkeypatch.setattr(Compressor, "_phase_retrain", original)
+    assert not (out / "model.pt").exists() and (out / written).exists()
+    monkeypatch.setattr(Compressor, f"_phase_{phase}", original)
     final = Compressor.resume(out, progress=False).run()
     full = torch.load(out_full / "model.pt", weights_only=True)["state_dict"]
     resumed = torch.load(out / "model.pt", weights_only=True)["state_dict"]
@@ -212,3 +217,19 @@ def test_resume_refuses_changed_flags_and_changed_base(finished_run, base_checkp
     copy.write_bytes(base_checkpoint.read_bytes() + b"changed")
     with pytest.raises(UserError, match="has changed"):
         Compressor.resume(run)
+
+
+def test_retraining_runs_on_the_shrunk_model(finished_run):
+    """Masked retraining trains the filter-compacted model: its state has fewer channels than the purified
+    (masked, full-width) one, and its pruned columns are still exactly zero after training."""
+    out, _ = finished_run
+    purified = torch.load(out / "round1" / "purify.pt", weights_only=True)
+    retrained = torch.load(out / "round1" / "retrain.pt", weights_only=True)
+    kept_filters = {name: int(mask.flatten(1).any(1).sum()) for name, mask in purified["param_masks"].items()
+                    if name.endswith(".weight") and mask.dim() == 4}
+    shapes = {name: tuple(t.shape) for name, t in retrained["state_dict"].items()}
+    assert any(shapes[name][0] < purified["state_dict"][name].shape[0] for name in kept_filters)
+    for name, kept in kept_filters.items():
+        assert shapes[name][0] == kept, name
+    for name, mask in retrained["param_masks"].items():
+        assert bool((retrained["state_dict"][name][~mask] == 0).all()), name

@@ -1,4 +1,4 @@
-"""AutoCompress end to end: progressive rounds of search -> ADMM -> purification -> masked retraining ->
+"""AutoCompress end to end: progressive rounds of search -> ADMM -> purification -> masked retraining (on the filter-compacted model) ->
 compaction, in a resumable run folder.
 
 Source: AutoCompress, Liu et al. AAAI 2020 (arXiv 1907.03141), "the generic flow" and the progressive
@@ -462,6 +462,8 @@ class Compressor:
         if phase == "search":
             ctx.rates = json.loads(artifact.read_text())["rates"]
         else:
+            if phase == "retrain":  # its state belongs to the shrunk model
+                self._shrink(ctx)
             saved = torch.load(artifact, map_location="cpu", weights_only=True)
             ctx.model.load_state_dict(saved["state_dict"])
             ctx.param_masks = saved.get("param_masks")
@@ -536,7 +538,17 @@ class Compressor:
                 "val_top1_before": _percent(result.top1_before), "val_top1_after": _percent(result.top1_after)})
         self._save_state(ctx, artifact)
 
+    def _shrink(self, ctx: RoundContext) -> None:
+        """Make masked retraining cheaper: replace ``ctx.model`` by its compacted, densified equivalent
+        (pruned filters / channels physically gone, pruned columns and weights still present as zeros) and
+        ``ctx.param_masks`` by the masks of those zeros (conv / linear weights). Same function, fewer
+        MACs per training step; deterministic, so a resumed run rebuilds the same architecture."""
+        small = densify(compact(ctx.model, ctx.param_masks, self.example).model)
+        ctx.model = small
+        ctx.param_masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
+
     def _phase_retrain(self, ctx: RoundContext, artifact: Path) -> None:
+        self._shrink(ctx)
         config = self.config.retrain_config(last=ctx.index == len(self.targets))
         history = admm.masked_retrain(ctx.model, ctx.param_masks, self._train_loader(ctx, "retrain"), config,
                                       distiller=self.distiller, progress=self.progress, log=log.info)
