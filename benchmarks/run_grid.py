@@ -101,10 +101,14 @@ AUTOCOMPRESS_METHODS = {
     # not an ablation: tests whether a faster ADMM penalty schedule fits a short epoch budget better
     "ac_fast_rho": ("variant: ADMM rho 1e-2, x1.5 every 30 steps",
                     {"admm": {"rho_init": 0.01, "rho_growth": 1.5, "update_interval": 30}}),
+    # not an ablation either: knowledge distillation from the base model in ADMM and retraining
+    "ac_distill": ("variant: + distillation from the base model (T 4, alpha 0.9)",
+                   {"distillation": {"enabled": True, "temperature": 4.0, "alpha": 0.9}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
-DEFAULT_METHODS = [m for m in METHODS if m != "ac_fast_rho"]  # the grid; the variant is opt-in
+VARIANTS = ("ac_fast_rho", "ac_distill")  # opt-in, not part of the grid
+DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
 
@@ -461,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--targets", help="comma list filter, e.g. params=10x,params=30x (default: all)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma list of {', '.join(METHODS)} (default: all but ac_fast_rho)")
+                        help=f"comma list of {', '.join(METHODS)} "
+                             f"(default: all but the variants {', '.join(VARIANTS)})")
     parser.add_argument("--all-ablation-targets", action="store_true",
                         help="run the ablations at every target (default: each model's first target)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at the same time")

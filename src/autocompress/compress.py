@@ -1,5 +1,5 @@
-"""AutoCompress end to end: progressive rounds of search -> ADMM -> purification -> masked retraining (on the filter-compacted model) ->
-compaction, in a resumable run folder.
+"""AutoCompress end to end: progressive rounds of search -> ADMM -> purification -> masked retraining
+(of the filter-compacted model) -> compaction, in a resumable run folder.
 
 Source: AutoCompress, Liu et al. AAAI 2020 (arXiv 1907.03141), "the generic flow" and the progressive
 (multi-round) scheme; restated in the project brief §1. Each round raises the target (default doubling:
