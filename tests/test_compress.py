@@ -2,6 +2,7 @@
 resume after an interruption, and the refusals that must come before any training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -233,3 +234,11 @@ def test_retraining_runs_on_the_shrunk_model(finished_run):
         assert shapes[name][0] == kept, name
     for name, mask in retrained["param_masks"].items():
         assert bool((retrained["state_dict"][name][~mask] == 0).all()), name
+
+
+def test_partial_sections_keep_the_other_defaults():
+    config = CompressConfig.from_dict({"admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
+    assert config.admm == {"epochs": 3, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100}
+    assert config.retrain == {"epochs": 3, "lr": 0.05}
+    assert config.purification == {"enabled": True}
+    assert CompressConfig.from_dict(dataclasses.asdict(config)) == config  # the resolved config round-trips

@@ -103,9 +103,16 @@ def round_targets(final: float, rounds: str | list[float]) -> list[float]:
     return targets
 
 
+#: defaults of the config sections; a section given in part (e.g. ``admm: {epochs: 3}``) is merged over them
+SECTION_DEFAULTS = {"admm": {"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100},
+                    "purification": {"enabled": True}, "retrain": {"epochs": 3}}
+
+
 @dataclass
 class CompressConfig:
-    """Everything a compress run depends on; written to ``config.yaml``.
+    """Everything a compress run depends on; written to ``config.yaml``. A section (``admm``, ``retrain``,
+    ``purification``, ...) given in part keeps the defaults of the keys it does not name
+    (:data:`SECTION_DEFAULTS`), so ``admm: {epochs: 3}`` keeps the default rho schedule.
 
     Attributes:
         target: e.g. ``"params=20x"`` (see :class:`Target`).
@@ -146,13 +153,19 @@ class CompressConfig:
     search_mode: str = "annealing"
     search: dict = field(default_factory=dict)
     quick_eval: dict = field(default_factory=dict)
-    admm: dict = field(default_factory=lambda: {"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6,
-                                                "update_interval": 100})
-    purification: dict = field(default_factory=lambda: {"enabled": True})
-    retrain: dict = field(default_factory=lambda: {"epochs": 3})
+    admm: dict = field(default_factory=dict)
+    purification: dict = field(default_factory=dict)
+    retrain: dict = field(default_factory=dict)
     distillation: dict = field(default_factory=dict)
     final_retrain_epochs: int | None = None
     latency_runs: int = 20
+
+    def __post_init__(self):
+        # a section given in part keeps the defaults of the keys it does not name
+        for name, defaults in SECTION_DEFAULTS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, {**defaults, **value})
 
     @classmethod
     def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":
