@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs per round")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or phase log")
+    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars or phase log")
 
 
 def _config(args: argparse.Namespace):
