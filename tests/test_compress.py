@@ -242,3 +242,16 @@ def test_partial_sections_keep_the_other_defaults():
     assert config.retrain == {"epochs": 3, "lr": 0.05}
     assert config.purification == {"enabled": True}
     assert CompressConfig.from_dict(dataclasses.asdict(config)) == config  # the resolved config round-trips
+
+
+def test_irregular_mode_meets_target_in_nonzero_parameters(base_checkpoint, tmp_path):
+    """Irregular sparsity through the whole pipeline (retraining on the shrunk model keeps the zeros): the
+    target is met in non-zero parameters of the saved model."""
+    final = Compressor.start(base_checkpoint, _config(dims="irregular", target="params=4x", rounds=[4.0]),
+                             tmp_path / "irr", progress=False).run()
+    base = autocompress.load(base_checkpoint)
+    compact = autocompress.load(tmp_path / "irr" / "model.pt")
+    nonzero = metrics.count_nonzero_params(compact)
+    assert metrics.count_params(base) / nonzero >= 4.0 * 0.99
+    assert final["rows"][1]["params"] == nonzero
+    assert final["rows"][1]["test_top1"] > 30.0
