@@ -255,3 +255,27 @@ def test_irregular_mode_meets_target_in_nonzero_parameters(base_checkpoint, tmp_
     assert metrics.count_params(base) / nonzero >= 4.0 * 0.99
     assert final["rows"][1]["params"] == nonzero
     assert final["rows"][1]["test_top1"] > 30.0
+
+
+def test_cli_config_without_target_and_changed_resume_if_exists(base_checkpoint, finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    no_target = tmp_path / "no_target.yaml"
+    no_target.write_text("rounds: 1\n")
+    assert main(["compress", str(base_checkpoint), "--config", str(no_target), "--out", str(tmp_path / "a")]) == 2
+    assert "no --target" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    stored = tmp_path / "stored.yaml"  # the finished run's own settings, checkpoint fields dropped
+    stored.write_text("\n".join(line for line in (out / "config.yaml").read_text().splitlines()
+                                if not line.startswith("checkpoint")))
+    same = ["compress", str(base_checkpoint), "--config", str(stored), "--out", str(out), "--resume-if-exists"]
+    assert main(same) == 0  # unchanged: the finished run's table again
+    capsys.readouterr()
+    assert main(same + ["--target", "params=5x"]) == 2
+    assert "other settings (target)" in capsys.readouterr().err
+
+
+def test_unavailable_device_is_a_user_error(base_checkpoint, capsys):
+    assert main(["evaluate", str(base_checkpoint), "--device", "nonsense"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["evaluate", str(base_checkpoint), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

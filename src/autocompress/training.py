@@ -121,6 +121,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return None
 
 
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)``, checked: a malformed name, or CUDA on a machine without it, raises UserError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"unknown device {name!r}", "use --device cpu (or cuda on a machine with a GPU)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here", "use --device cpu")
+    return device
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

@@ -40,9 +40,29 @@ def _config(args: argparse.Namespace):
         config.admm = {**config.admm, "epochs": args.admm_epochs}
     if args.retrain_epochs is not None:
         config.retrain = {**config.retrain, "epochs": args.retrain_epochs}
-    if not args.config and args.target is None:
+    if args.target is None and "target" not in _yaml_keys(args.config):
         raise UserError("no --target given", "pass e.g. --target params=10x (or a --config with a target)")
     return config
+
+
+def _yaml_keys(path: str | None) -> set:
+    """Top-level keys of a (valid) config file; empty without one."""
+    import yaml
+
+    return set(yaml.safe_load(Path(path).read_text()) or {}) if path else set()
+
+
+def _check_same_run(compressor, args: argparse.Namespace) -> None:
+    """--resume-if-exists continues a run only when CHECKPOINT and the settings asked for are the stored ones."""
+    import dataclasses
+
+    asked, stored = dataclasses.asdict(_config(args)), dataclasses.asdict(compressor.config)
+    changed = sorted(key for key in asked if asked[key] != stored[key])
+    if args.checkpoint and Path(args.checkpoint).resolve() != compressor.checkpoint_path.resolve():
+        changed.insert(0, "checkpoint")
+    if changed:
+        raise UserError(f"run folder {args.out} holds a run with other settings ({', '.join(changed)})",
+                        "choose another --out, or resume it unchanged with --resume")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
                             "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
     out = args.resume or args.out
-    if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
+    if args.resume:
         compressor = Compressor.resume(out, progress=progress)
+    elif args.resume_if_exists and out and (Path(out) / "config.yaml").exists():
+        compressor = Compressor.resume(out, progress=progress)
+        _check_same_run(compressor, args)
     else:
         if not args.checkpoint:
             raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")

@@ -28,8 +28,9 @@ _DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress prune``."""
     from ..admm import ADMMConfig
+    from ..compress import SECTION_DEFAULTS
 
-    admm = ADMMConfig()
+    admm = ADMMConfig(**{k: v for k, v in SECTION_DEFAULTS["admm"].items() if k != "epochs"})
     parser.add_argument("checkpoint", help="trained checkpoint (.pt) from `autocompress train`")
     parser.add_argument("--rates", help="RATES.yaml (see `autocompress prune --help`); required unless --list-units")
     parser.add_argument("--dims", choices=_DIMS, default="filter,column", metavar="DIMS",
@@ -37,11 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
     parser.add_argument("--admm-epochs", type=int, default=10, help="ADMM W-step epochs (0: one-shot)")
     parser.add_argument("--admm-lr", type=float, default=admm.lr)
-    parser.add_argument("--rho-init", type=float, default=admm.rho_init, help="ADMM penalty at the start")
-    parser.add_argument("--rho-growth", type=float, default=admm.rho_growth, help="rho multiplier per Z/U update")
-    parser.add_argument("--rho-max", type=float, default=admm.rho_max, help="cap on rho")
-    parser.add_argument("--update-interval", type=int, default=None,
-                        help="optimiser steps between ADMM Z/U updates (default: once per epoch)")
+    parser.add_argument("--rho-init", type=float, default=admm.rho_init,
+                        help=f"ADMM penalty at the start (default {admm.rho_init}, as compress)")
+    parser.add_argument("--rho-growth", type=float, default=admm.rho_growth,
+                        help=f"rho multiplier per Z/U update (default {admm.rho_growth})")
+    parser.add_argument("--rho-max", type=float, default=admm.rho_max, help=f"cap on rho (default {admm.rho_max})")
+    parser.add_argument("--update-interval", type=int, default=admm.update_interval,
+                        help=f"optimiser steps between ADMM Z/U updates (default {admm.update_interval})")
     parser.add_argument("--retrain-epochs", type=int, default=10, help="masked retraining epochs (0: none)")
     parser.add_argument("--retrain-lr", type=float, default=0.01)
     parser.add_argument("--no-purify", action="store_true", help="skip purification")
@@ -103,14 +106,14 @@ def run(args: argparse.Namespace) -> int:
     from ..pruning import DIMS, expand_rates, prune
     from ..serialization import save_compact
     from ..space import PruningSpace
-    from ..training import TrainConfig, evaluate
+    from ..training import TrainConfig, check_device, evaluate
 
     dims = DIMS[args.dims]
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("architecture") is not None:
         raise UserError(f"{args.checkpoint} is already a compact model",
                         "prune the trained checkpoint it came from with the combined rates")
-    model = model_from_checkpoint(ckpt).to(args.device)
+    model = model_from_checkpoint(ckpt).to(check_device(args.device))
     stored = ckpt["dataset"]
     input_size = stored.get("input_size")
     if not input_size:

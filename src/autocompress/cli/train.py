@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..data import get_dataset
     from ..models import create_model
-    from ..training import check_model_input, fit, seeded
+    from ..training import check_device, check_model_input, fit, seeded
 
+    check_device(args.device)
     out = Path(args.out or f"runs/{args.model.replace(':', '_')}_{args.dataset}.pt")
     resume = args.resume
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
