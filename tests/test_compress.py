@@ -241,6 +241,7 @@ def test_partial_sections_keep_the_other_defaults():
     assert config.admm == {"epochs": 3, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100}
     assert config.retrain == {"epochs": 3, "lr": 0.05}
     assert config.purification == {"enabled": True}
+    assert config.distillation == {"enabled": False, "temperature": 4.0, "alpha": 0.9}
     assert CompressConfig.from_dict(dataclasses.asdict(config)) == config  # the resolved config round-trips
 
 

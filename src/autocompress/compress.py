@@ -105,7 +105,8 @@ def round_targets(final: float, rounds: str | list[float]) -> list[float]:
 
 #: defaults of the config sections; a section given in part (e.g. ``admm: {epochs: 3}``) is merged over them
 SECTION_DEFAULTS = {"admm": {"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100},
-                    "purification": {"enabled": True}, "retrain": {"epochs": 3}}
+                    "purification": {"enabled": True}, "retrain": {"epochs": 3},
+                    "distillation": dataclasses.asdict(DistillationConfig())}
 
 
 @dataclass
