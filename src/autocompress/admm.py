@@ -268,7 +268,8 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         for epoch in range(config.epochs):
             epoch_stats.append(training.train_epoch(
                 model, train_loader, optimizer, scheduler, criterion=criterion, regularizer=state.penalty,
-                after_step=after_step, distiller=distiller, progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
+                after_step=after_step, distiller=distiller, progress=progress,
+                desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
             if config.update_interval is None:
                 state.update()
                 record()

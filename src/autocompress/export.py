@@ -69,8 +69,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         :class:`ExportResult`.
 
     Raises:
-        UserError: the exporter cannot export the model, the model outputs NaN / inf, or onnxruntime disagrees with PyTorch beyond the
-            tolerance (the message gives the difference).
+        UserError: the exporter cannot export the model, the model outputs NaN / inf, or onnxruntime
+            disagrees with PyTorch beyond the tolerance (the message gives the difference).
     """
     if not isinstance(example_inputs, torch.Tensor):
         raise UserError("ONNX export takes one input tensor", "pass example_inputs as a [N, C, H, W] tensor")

@@ -128,7 +128,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, spl
     Returns:
         :class:`PruneResult`. ``report`` holds ``params_before`` / ``params_after`` (parameters of the
         original and of the compact model, :func:`autocompress.metrics.count_params`; with ``irregular``
-        in ``dims`` the compact model's non-zero parameters, :func:`~autocompress.metrics.count_nonzero_params`), ``macs_before`` /
+        in ``dims`` the compact model's non-zero parameters,
+        :func:`~autocompress.metrics.count_nonzero_params`), ``macs_before`` /
         ``macs_after`` (MACs per forward of ``example_inputs``, :func:`autocompress.metrics.count_macs`;
         FLOPs = 2 x MACs), ``compression_rate`` (params before / after, "x"), ``mac_reduction`` (before /
         after), ``top1`` (validation top-1 fractions: ``before``, ``hard_pruned``, ``purified``, ``after``

@@ -162,7 +162,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         progress: show a tqdm bar with running loss and accuracy.
 
     Returns:
-        ``{"loss": mean data loss per image (the distiller's mixed loss when given), "top1": training accuracy in [0, 1], "images": count}``,
+        ``{"loss": mean data loss per image (the distiller's mixed loss when given), "top1": training
+        accuracy in [0, 1], "images": count}``,
         plus ``"regularizer"`` (mean per step) when a regularizer is given.
 
     Raises:

@@ -83,11 +83,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
                             "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
     out = args.resume or args.out
-    if args.resume:
+    if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
         compressor = Compressor.resume(out, progress=progress)
-    elif args.resume_if_exists and out and (Path(out) / "config.yaml").exists():
-        compressor = Compressor.resume(out, progress=progress)
-        _check_same_run(compressor, args)
+        if not args.resume:  # --resume-if-exists: only the run these flags would start
+            _check_same_run(compressor, args)
     else:
         if not args.checkpoint:
             raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
