@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -45,6 +46,14 @@ def test_both_column_conv_paths_export(tmp_path, mode):
     assert {m.path for m in layers} == {mode}
     out = export_onnx(model, torch.randn(2, 6, 9, 9), tmp_path / "c.onnx", opset=13)
     assert out.max_abs_diff <= out.tolerance
+    graph = onnx.load(str(out.path)).graph
+    # the column layout is folded into constants at export, not rebuilt by a scatter on every run
+    assert not {"ScatterElements", "ScatterND"} & {node.op_type for node in graph.node}
+    if mode == "dense":  # each layer runs as one Conv whose weight holds its kept input channels only
+        channels = [int(torch.unique(m.column_index // 9).numel()) for m in layers]
+        tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute]
+        conv_weights = sorted(tuple(t.dims) for t in tensors if len(t.dims) == 4)
+        assert conv_weights == sorted((8, c, 3, 3) for c in channels)
 
 
 def test_export_rejects_tuple_input_and_writes_nothing(tmp_path):

@@ -2,7 +2,10 @@
 
 Uses ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``): it needs no
 onnxscript translation of our modules, folds constants (ColumnConv2d's index tensors and per-position
-weights become initializers) and supports a dynamic batch axis. The file is written atomically.
+weights become initializers) and supports a dynamic batch axis. One forward before tracing fills each
+ColumnConv2d's weight cache, so a "dense"-path layer is traced as one Conv with a constant weight over its
+kept input channels (and BatchNorm folds into it) rather than a per-run scatter of the stored columns.
+The file is written atomically.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
+        model(example)  # fills ColumnConv2d's weight caches: traced as constants, not rebuilt per run
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["output"], do_constant_folding=True,
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
