@@ -108,10 +108,13 @@ AUTOCOMPRESS_METHODS = {
     # not an ablation either: knowledge distillation from the base model in ADMM and retraining
     "ac_distill": ("variant: + distillation from the base model (T 4, alpha 0.9)",
                    {"distillation": {"enabled": True, "temperature": 4.0, "alpha": 0.9}}),
+    # the schedule `make demo` uses: one round straight to the target, the compress command's default rho
+    # schedule, the same epoch budget (see one_round_settings)
+    "ac_one_round": ("variant: one round, compress's default rho (0.02, x1.6 every 100 steps)", {}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
-VARIANTS = ("ac_fast_rho", "ac_distill")  # opt-in, not part of the issue's grid
+VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round")  # opt-in, not part of the issue's grid
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -194,6 +197,15 @@ def _splits(spec: ModelSpec, ckpt: dict):
                        max_train=spec.max_train, max_test=spec.max_test)
 
 
+def one_round_settings(spec: ModelSpec) -> dict:
+    """Settings of ``ac_one_round``: every round's ADMM and retraining epochs spent in one round to the
+    final target, under the compress command's default rho schedule (the same total epoch budget)."""
+    from autocompress.compress import SECTION_DEFAULTS
+
+    return {"rounds": 1, "admm": {**SECTION_DEFAULTS["admm"], "epochs": spec.rounds * spec.admm_epochs},
+            "retrain": {"epochs": spec.rounds * spec.retrain_epochs, "lr": 0.01}}
+
+
 def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> tuple[object, dict]:
     """One autocompress run with the method's overrides; returns (compact model, facts)."""
     import autocompress
@@ -204,6 +216,8 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> t
                 "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs, **GRID_RHO},
                 "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
                 "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 3}
+    if method == "ac_one_round":
+        settings.update(one_round_settings(spec))
     for key, value in AUTOCOMPRESS_METHODS[method][1].items():  # dict settings merge (keep the budget's epochs)
         settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value
     config = CompressConfig.from_dict(settings)
