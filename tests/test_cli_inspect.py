@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from autocompress.checkpoint import save_checkpoint
-from autocompress.cli import main
+from autocompress.cli import main, plural
 from autocompress.models import create_model
 
 
@@ -89,3 +91,26 @@ def test_inspect_corrupt_and_mismatched_checkpoints_exit_2(checkpoint, tmp_path,
     assert main(["inspect", str(mismatched), "--no-latency"]) == 2
     assert "do not match" in capsys.readouterr().err
     assert corrupt.stat().st_size == 200  # nothing overwritten
+
+
+def test_plural():
+    assert [plural(n, "CPU thread") for n in (0, 1, 2)] == ["0 CPU threads", "1 CPU thread", "2 CPU threads"]
+
+
+def test_inspect_text_counts_in_the_singular(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint), "--latency-runs", "1", "--warmup", "0", "--threads", "1"]) == 0
+    latency = [line for line in capsys.readouterr().out.splitlines() if line.startswith("latency")]
+    assert len(latency) == 2 and all(line.endswith(") over 1 run, 1 CPU thread") for line in latency)
+
+
+def test_closed_stdout_exits_quietly(tmp_path):
+    """`autocompress inspect ... | head -1`: the reader is gone before the report is written; no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "autocompress", "inspect", "--model", "lenet5", "--no-latency"],
+                              stdout=write, stderr=subprocess.PIPE, cwd=tmp_path, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, b"")

@@ -1,15 +1,24 @@
 """``autocompress prune``: RATES.yaml, --list-units, the written compact model, error paths (exit 2)."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 import autocompress
 from autocompress.checkpoint import load_checkpoint, save_checkpoint
 from autocompress.cli import main
+from autocompress.cli.prune import RATES_FORMAT
 from autocompress.metrics import count_params
 from autocompress.models import create_model
+from autocompress.pruning import expand_rates
+from autocompress.space import PruningSpace
 from autocompress.training import seeded
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +92,24 @@ def test_missing_inputs_exit_2(checkpoint, tmp_path, capsys):
     assert code == 2 and "--rates" in err
     code, _, err = _run(capsys, tmp_path / "absent.pt", "--list-units")
     assert code == 2 and "does not exist" in err
+
+
+def test_help_and_readme_document_the_rates_format(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.endswith("\n\n" + RATES_FORMAT)
+    example = [line[2:] for line in RATES_FORMAT.splitlines()
+               if re.match(r"  (default|filter|column|irregular):", line)]
+    assert [line.split(":")[0] for line in example] == ["default", "filter", "column", "irregular"]
+    readme = README.read_text()
+    assert all(f"\n{line}\n" in readme for line in example)
+    # the example is what the code accepts, for the model whose names it uses
+    model = create_model("fmnist_cnn", width=0.25)
+    dims = ("filter", "column", "irregular")
+    space = PruningSpace.build(model, torch.zeros(1, 1, 28, 28), dims=dims)
+    rates = expand_rates(space, yaml.safe_load("\n".join(example)), dims)
+    assert rates["filter"] == {"features.0.0": 0.3, "features.2.0": 0.5, "features.3.0": 0.5, "features.5.0": 0.5,
+                               "features.6.0": 0.5}
+    assert rates["column"]["classifier"] == 0.8 and rates["column"]["features.0.0"] == 0.5
+    assert rates["irregular"]["features.3.0"] == 0.9 and rates["irregular"]["classifier"] == 0.5

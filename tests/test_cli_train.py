@@ -105,3 +105,27 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
     assert "does not exist" in _error_line(capsys)
     assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
     assert "lenet5 cannot take cifar10 inputs of size 3x32x32" in _error_line(capsys)
+
+
+def test_train_counts_one_epoch_in_the_singular(tmp_path, capsys):
+    argv = [("1" if previous == "--epochs" else arg) for previous, arg in zip(["", *TINY], TINY)]
+    assert main([*argv, "--out", str(tmp_path / "one.pt")]) == 0
+    assert "images, 1 epoch, batch 100, lr 0.1 (" in capsys.readouterr().out
+
+
+def test_evaluate_quiet_and_no_progress_hide_the_progress_bar(tmp_path, capsys):
+    from autocompress.checkpoint import save_checkpoint
+    from autocompress.models import create_model
+
+    ckpt = save_checkpoint(tmp_path / "m.pt", model=create_model("fmnist_cnn", width=0.25), model_name="fmnist_cnn",
+                           model_kwargs={"num_classes": 10, "width": 0.25},
+                           dataset={"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10,
+                                    "val_size": 200, "seed": 0}, config={}, metrics={})
+    assert main(["evaluate", str(ckpt), "--split", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(ckpt), "--split", "val"]) == 0
+    assert "val" in capsys.readouterr().err  # tqdm's bar
+    for flag in ("--quiet", "--no-progress"):
+        assert main(["evaluate", str(ckpt), "--split", "val", flag]) == 0
+        assert capsys.readouterr() == (f"fmnist_cnn on fashion-mnist val: top-1 {100 * result['top1']:.2f}%, "
+                                       f"loss {result['loss']:.4f} (200 images)\n", "")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
+import yaml
 
 import autocompress
 from autocompress import metrics
 from autocompress.cli import main
 from autocompress.compress import CompressConfig, Compressor, Target, round_targets
-from autocompress.data import get_dataset
+from autocompress.data import DEBIAN_FASHION_MNIST, get_dataset
 from autocompress.errors import UserError
 from autocompress.models import create_model
 from autocompress.space import PruningSpace
@@ -242,7 +244,14 @@ def test_partial_sections_keep_the_other_defaults():
     assert config.retrain == {"epochs": 3, "lr": 0.05}
     assert config.purification == {"enabled": True}
     assert config.distillation == {"enabled": False, "temperature": 4.0, "alpha": 0.9}
+    assert config.quick_eval == {"bn_recalibration": True, "bn_batches": 5, "val_batches": 10, "batch_size": 256}
     assert CompressConfig.from_dict(dataclasses.asdict(config)) == config  # the resolved config round-trips
+
+
+def test_resolved_config_yaml_shows_the_quick_eval_defaults():
+    """What Compressor.start writes to config.yaml: every section with its effective values, none empty."""
+    written = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(CompressConfig(quick_eval={"val_batches": 4}))))
+    assert written["quick_eval"] == {"bn_recalibration": True, "bn_batches": 5, "val_batches": 4, "batch_size": 256}
 
 
 def test_irregular_mode_meets_target_in_nonzero_parameters(base_checkpoint, tmp_path):
@@ -280,3 +289,68 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys):
     if not torch.cuda.is_available():
         assert main(["evaluate", str(base_checkpoint), "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, flags, message", [
+    ("target: params=2x\nadmm: {epochs: -1}\n", [],
+     "ADMM epochs must be >= 0, got -1; pass admm.epochs 0 or more (admm.epochs in the config file {path})"),
+    ("target: params=2x\nadmm: {epochs: -1}\n", ["--admm-epochs", "-2"],
+     "ADMM epochs must be >= 0, got -2; pass --admm-epochs 0 or more"),
+    ("target: params=2x\nretrain: {lr: -1}\n", [],
+     "retrain.lr -1 is not a positive number; pass e.g. retrain.lr 0.1 (retrain.lr in the config file {path})"),
+    ("target: params=2x\nbatch_size: 0\n", [],
+     "batch_size 0 is not positive; pass batch_size >= 1 (batch_size in the config file {path})"),
+    ("target: params=2x\ndims: weird\n", [], "unknown dims 'weird'; use one of filter,column, filter, column, "
+     "irregular, filter,column,irregular (dims in the config file {path})"),
+    ("dims: weird\n", ["--target", "params=2x", "--dims", "filter"], None),
+    ("target: huge\n", ["--target", "params=2x", "--rounds", "abc"],
+     "invalid round schedule 'abc'; use 'doubling', a number of rounds, or increasing targets > 1 ending at 2"),
+])
+def test_config_file_errors_name_the_config_key(tmp_path, capsys, text, flags, message):
+    """A bad value read from --config is named by its key there; one given by a flag, by the flag."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["compress", str(tmp_path / "missing.pt"), "--config", str(path), *flags,
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    if message is None:  # the flags override every bad value of the file: it fails on the missing checkpoint
+        assert "missing.pt" in err and "config file" not in err
+    else:
+        assert err == f"autocompress: error: {message.format(path=path)}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_is_read_once(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "run.yaml"
+    path.write_text("rounds: 1\n")
+    loaded = []
+    real = yaml.safe_load
+    monkeypatch.setattr(yaml, "safe_load", lambda text: loaded.append(text) or real(text))
+    assert main(["compress", str(tmp_path / "missing.pt"), "--config", str(path)]) == 2
+    assert "no --target" in capsys.readouterr().err and loaded == ["rounds: 1\n"]
+
+
+def test_resume_reads_a_moved_dataset_from_data_dir_and_ctrl_c_names_the_command(base_checkpoint, tmp_path,
+                                                                                   monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for file in DEBIAN_FASHION_MNIST.iterdir():
+        os.symlink(file, data / file.name)
+    run = tmp_path / "my run"
+    Compressor.start(base_checkpoint, _config(data_dir=str(data)), run, progress=False)
+    moved = data.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="Fashion-MNIST not found in"):
+        Compressor.resume(run)
+    seen = []
+
+    def interrupted(self):
+        seen.append(self.splits.data_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Compressor, "run", interrupted)
+    assert main(["compress", "--resume", str(run), "--data-dir", str(moved), "--quiet"]) == 130
+    assert seen == [str(moved)]
+    assert capsys.readouterr().err == (f"autocompress: interrupted; run folder {run} keeps every finished phase; "
+                                       f"continue it with `autocompress compress --resume '{run}' --data-dir "
+                                       f"{moved}`\n")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data_dir"] == str(data)  # the run's settings

@@ -87,3 +87,30 @@ def test_nan_model_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(UserError, match="NaN"):
         export_onnx(model, torch.zeros(1, 1, 2, 2), path)
     assert not path.exists()
+
+
+def _lenet_checkpoint(tmp_path):
+    model = create_model("lenet5", num_classes=10)
+    return save_checkpoint(tmp_path / "lenet.pt", model=model, model_name="lenet5", model_kwargs={"num_classes": 10},
+                           dataset={"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10},
+                           config={}, metrics={})
+
+
+def test_cli_export_wrong_input_size_suggests_the_recorded_one(tmp_path, capsys):
+    ckpt = _lenet_checkpoint(tmp_path)
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "m.onnx"), "--input-size", "3,32,32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autocompress: error: input size 3,32,32 does not fit model lenet5 (")
+    assert err.endswith("); pass the checkpoint's recorded input size, --input-size 1,28,28\n")
+    assert "opset" not in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_to_a_folder_asks_for_a_file(tmp_path, capsys):
+    ckpt = _lenet_checkpoint(tmp_path)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["export", str(ckpt), "--onnx", str(folder)]) == 2
+    assert capsys.readouterr().err == (f"autocompress: error: --onnx {folder} is a folder; pass a file path ending "
+                                       f"in .onnx, e.g. --onnx {folder / 'lenet.onnx'}\n")
+    assert main(["export", str(ckpt), "--onnx", str(folder), "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err and list(folder.iterdir()) == []

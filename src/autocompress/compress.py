@@ -106,7 +106,9 @@ def round_targets(final: float, rounds: str | list[float]) -> list[float]:
 #: defaults of the config sections; a section given in part (e.g. ``admm: {epochs: 3}``) is merged over them
 SECTION_DEFAULTS = {"admm": {"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100},
                     "purification": {"enabled": True}, "retrain": {"epochs": 3},
-                    "distillation": dataclasses.asdict(DistillationConfig())}
+                    "distillation": dataclasses.asdict(DistillationConfig()),
+                    "quick_eval": {name: p.default for name, p in inspect.signature(QuickEvaluator).parameters.items()
+                                   if p.kind is p.KEYWORD_ONLY and name != "seed"}}
 
 
 @dataclass
@@ -183,10 +185,9 @@ class CompressConfig:
             config.validate()
         return config
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "CompressConfig":
-        """Read a run.yaml (values not yet validated: call :meth:`validate`); a missing or malformed file
-        raises UserError."""
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict:
+        """The settings of a run.yaml, for :meth:`from_dict`; a missing or malformed file raises UserError."""
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except (FileNotFoundError, IsADirectoryError):
@@ -197,7 +198,7 @@ class CompressConfig:
                             "fix the YAML syntax") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a mapping of settings", "see README's example")
-        return cls.from_dict(data, validate=False)
+        return data
 
     def validate(self) -> None:
         """Check every setting and sub-config now, before any work (raises UserError)."""
@@ -385,8 +386,9 @@ class Compressor:
         return compressor
 
     @classmethod
-    def resume(cls, out_dir: str | Path, *, progress: bool = True) -> "Compressor":
-        """Continue the run in ``out_dir`` with its own config.yaml."""
+    def resume(cls, out_dir: str | Path, *, progress: bool = True, data_dir: str | None = None) -> "Compressor":
+        """Continue the run in ``out_dir`` with its own config.yaml; ``data_dir``: read the dataset from there
+        instead (it moved), the run's settings unchanged."""
         run = RunFolder(out_dir)
         if not run.file("config.yaml").exists():
             raise UserError(f"{out_dir} holds no compress run (no config.yaml)",
@@ -396,6 +398,8 @@ class Compressor:
         if not checkpoint.is_file() or (digest is not None and _sha256(checkpoint) != digest):
             raise UserError(f"the base checkpoint {checkpoint} of run {out_dir} is missing or has changed "
                             "since the run started", "restore that file, or start a new run with --out")
+        if data_dir is not None:
+            data["data_dir"] = str(data_dir)
         return cls(run, checkpoint, CompressConfig.from_dict(data), progress=progress)
 
     # --- checks ---------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ Each sub-command lives in its own module of this package and exposes two functio
 * ``run(args: argparse.Namespace) -> int`` (the exit status)
 
 A :class:`~autocompress.errors.UserError` anywhere becomes one line on stderr and exit status 2;
-Ctrl-C becomes exit status 130 (everything written so far was written atomically).
+Ctrl-C becomes exit status 130 (everything written so far was written atomically); a reader that closes
+stdout early (``autocompress inspect x.pt | head -1``) ends the command quietly with exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: command name -> (module inside this package, one-line help)
@@ -23,6 +25,11 @@ COMMANDS = {
     "compress": ("compress", "AutoCompress: search rates and prune to a target, in progressive rounds"),
     "export": ("export", "export a checkpoint or compact model to ONNX and check it in onnxruntime"),
 }
+
+
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, the noun with an ``s`` unless ``count`` is 1: ``"1 epoch"``, ``"2 epochs"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, inside the try
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except UserError as exc:
         print(f"autocompress: error: {exc}", file=sys.stderr)
         return 2
@@ -60,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         print("autocompress: interrupted; files written so far are complete (resume with --resume)",
               file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """Exit status 1, quietly, after the reader of stdout went away (the Python docs' note on SIGPIPE, in the
+    ``signal`` module): stdout now points at devnull, so the interpreter's final flush raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

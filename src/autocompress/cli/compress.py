@@ -3,9 +3,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import shlex
+import sys
 from pathlib import Path
 
 from ..errors import UserError
+
+#: flag -> the config setting it overrides (``section.key``: a key of a section, e.g. ``admm: {epochs: 3}``)
+FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "--seed": "seed",
+                 "--data-dir": "data_dir", "--admm-epochs": "admm.epochs", "--retrain-epochs": "retrain.epochs"}
+#: flag named in a validation message -> the settings it can stand for, first match wins: the compress flags,
+#: and those of ``autocompress train`` that ``TrainConfig.validate`` names for the retrain section
+_MESSAGE_FLAGS = {**{flag: (setting,) for flag, setting in FLAG_SETTINGS.items()},
+                  "--batch-size": ("retrain.batch_size", "batch_size"), "--lr": ("retrain.lr",),
+                  "--momentum": ("retrain.momentum",), "--nesterov": ("retrain.nesterov",),
+                  "--weight-decay": ("retrain.weight_decay",), "--label-smoothing": ("retrain.label_smoothing",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,43 +33,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume-if-exists", action="store_true",
                         help="with --out: resume when the folder already holds a run, else start one")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--data-dir")
+    parser.add_argument("--data-dir", help="dataset folder; with --resume: where the run's dataset is now "
+                        "(the run's settings are unchanged)")
     parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs per round")
     parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars or phase log")
 
 
-def _config(args: argparse.Namespace):
+def _dest(flag: str) -> str:
+    """``"--admm-epochs"`` -> ``"admm_epochs"``, the flag's attribute of the parsed arguments."""
+    return flag[2:].replace("-", "_")
+
+
+def _rounds(text: str):
+    """``--rounds``: ``"doubling"`` and a number of rounds stay text, ``"2,4,10"`` becomes a list of targets
+    (text that is neither stays text, for :func:`autocompress.compress.round_targets` to refuse)."""
+    if text == "doubling" or text.isdigit():
+        return text
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        return text
+
+
+def _config(args: argparse.Namespace, settings: dict, *, validate: bool = True):
+    """The config the arguments ask for: the config file's ``settings`` with the flags given on top; checked
+    unless ``validate=False``. An error about a value from the file names its key there, not a flag."""
     from ..compress import CompressConfig
 
-    config = CompressConfig.from_yaml(args.config) if args.config else CompressConfig()
-    for key in ("target", "dims", "seed", "data_dir"):
-        if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    if args.rounds is not None:
-        config.rounds = args.rounds if args.rounds == "doubling" or args.rounds.isdigit() else \
-            [float(t) for t in args.rounds.split(",")]
-    if args.admm_epochs is not None:
-        config.admm = {**config.admm, "epochs": args.admm_epochs}
-    if args.retrain_epochs is not None:
-        config.retrain = {**config.retrain, "epochs": args.retrain_epochs}
-    if args.target is None and "target" not in _yaml_keys(args.config):
+    config, overridden = CompressConfig.from_dict(settings, validate=False), set()
+    for flag, setting in FLAG_SETTINGS.items():
+        value = getattr(args, _dest(flag))
+        if value is not None:
+            section, _, key = setting.partition(".")
+            value = _rounds(value) if flag == "--rounds" else value
+            setattr(config, section, {**getattr(config, section), key: value} if key else value)
+            overridden.add(setting)
+    if args.target is None and "target" not in settings:
         raise UserError("no --target given", "pass e.g. --target params=10x (or a --config with a target)")
+    if validate:
+        try:
+            config.validate()
+        except UserError as exc:
+            given = _file_settings(settings) - overridden
+            raise UserError(_name_file_settings(str(exc), given, args.config)) from exc
     return config
 
 
-def _yaml_keys(path: str | None) -> set:
-    """Top-level keys of a (valid) config file; empty without one."""
-    import yaml
+def _file_settings(settings: dict) -> set[str]:
+    """Names of the settings a config file gives: its keys, and ``section.key`` for a section's keys."""
+    names = set(settings)
+    for section, value in settings.items():
+        if isinstance(value, dict):
+            names |= {f"{section}.{key}" for key in value}
+    return names
 
-    return set(yaml.safe_load(Path(path).read_text()) or {}) if path else set()
+
+def _name_file_settings(message: str, given: set[str], path: str | None) -> str:
+    """``message`` with each flag that stands for a setting the config file ``path`` gives (``given``) replaced
+    by the setting's name, and the file named: that value is fixed in the file, not with a flag."""
+    named = []
+    for flag, settings in _MESSAGE_FLAGS.items():
+        setting = next((name for name in settings if name in given), None)
+        pattern = rf"{re.escape(flag)}(?![\w-])"
+        if setting and re.search(pattern, message):
+            message = re.sub(pattern, setting, message)
+            named.append(setting)
+    return f"{message} ({', '.join(named)} in the config file {path})" if named else message
 
 
-def _check_same_run(compressor, args: argparse.Namespace) -> None:
+def _check_same_run(compressor, args: argparse.Namespace, settings: dict) -> None:
     """--resume-if-exists continues a run only when CHECKPOINT and the settings asked for are the stored ones."""
     import dataclasses
 
-    asked, stored = dataclasses.asdict(_config(args)), dataclasses.asdict(compressor.config)
+    asked = dataclasses.asdict(_config(args, settings, validate=False))  # only its differences matter
+    stored = dataclasses.asdict(compressor.config)
     changed = sorted(key for key in asked if asked[key] != stored[key])
     if args.checkpoint and Path(args.checkpoint).resolve() != compressor.checkpoint_path.resolve():
         changed.insert(0, "checkpoint")
@@ -65,34 +116,50 @@ def _check_same_run(compressor, args: argparse.Namespace) -> None:
                         "choose another --out, or resume it unchanged with --resume")
 
 
+def _refuse_changes(args: argparse.Namespace) -> None:
+    """--resume takes the run's stored settings: UserError naming any flag that would change them (--data-dir
+    only says where the dataset is now)."""
+    values = [("CHECKPOINT", args.checkpoint), ("--config", args.config), ("--out", args.out),
+              *((flag, getattr(args, _dest(flag))) for flag in FLAG_SETTINGS if flag != "--data-dir")]
+    given = [flag for flag, value in values if value is not None]
+    if given:
+        raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
+                        "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
+
+
+def _resume_command(out: str, args: argparse.Namespace) -> str:
+    """The command line that continues the run in ``out``."""
+    data_dir = f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else ""
+    return f"autocompress compress --resume {shlex.quote(str(out))}{data_dir}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start or resume a run, then print the final table. Returns 0."""
-    from ..compress import Compressor
+    """Start or resume a run, then print the final table. Returns 0 (130 after Ctrl-C)."""
+    from ..compress import CompressConfig, Compressor
     from ..report import final_table_rows
 
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     progress = not args.quiet
     if args.resume:
-        given = [flag for flag, value in (("CHECKPOINT", args.checkpoint), ("--target", args.target),
-                 ("--dims", args.dims), ("--rounds", args.rounds), ("--config", args.config),
-                 ("--out", args.out), ("--seed", args.seed), ("--data-dir", args.data_dir),
-                 ("--admm-epochs", args.admm_epochs), ("--retrain-epochs", args.retrain_epochs))
-                 if value is not None]
-        if given:
-            raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
-                            "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
+        _refuse_changes(args)
+    settings = CompressConfig.read_yaml(args.config) if args.config else {}
     out = args.resume or args.out
     if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
-        compressor = Compressor.resume(out, progress=progress)
+        compressor = Compressor.resume(out, progress=progress, data_dir=args.data_dir)
         if not args.resume:  # --resume-if-exists: only the run these flags would start
-            _check_same_run(compressor, args)
+            _check_same_run(compressor, args, settings)
     else:
         if not args.checkpoint:
             raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
         out = out or f"runs/compress-{Path(args.checkpoint).stem}"
-        compressor = Compressor.start(args.checkpoint, _config(args), out, progress=progress)
-    final = compressor.run()
+        compressor = Compressor.start(args.checkpoint, _config(args, settings), out, progress=progress)
+    try:
+        final = compressor.run()
+    except KeyboardInterrupt:
+        print(f"autocompress: interrupted; run folder {out} keeps every finished phase; continue it with "
+              f"`{_resume_command(out, args)}`", file=sys.stderr)
+        return 130
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -10,6 +10,7 @@ import json
 
 from ..data import DATASETS
 from ..errors import UserError
+from . import plural
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar)")
+    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt).to(check_device(args.device))
     model_name = ckpt["model"]["name"]
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)
-    result = evaluate(model, splits.loader(args.split, args.batch_size), progress=not args.json,
+    result = evaluate(model, splits.loader(args.split, args.batch_size), progress=not (args.json or args.quiet),
                       desc=args.split)
     result = {"checkpoint": str(args.checkpoint), "model": model_name, "dataset": name, "split": args.split,
               **result}
@@ -53,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         top5 = f", top-5 {100 * result['top5']:.2f}%" if "top5" in result else ""
         print(f"{model_name} on {name} {args.split}: top-1 {100 * result['top1']:.2f}%{top5}, "
-              f"loss {result['loss']:.4f} ({result['images']} images)")
+              f"loss {result['loss']:.4f} ({plural(result['images'], 'image')})")
     return 0

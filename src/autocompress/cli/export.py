@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from .inspect import parse_input_size
@@ -29,6 +30,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx file")
 
 
+def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:
+    """UserError when ``--onnx`` names a folder, or an existing file without ``--overwrite``."""
+    if out.is_dir():
+        raise UserError(f"--onnx {out} is a folder",
+                        f"pass a file path ending in .onnx, e.g. --onnx {out / Path(checkpoint).stem}.onnx")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists", "choose another --onnx file name, or pass --overwrite to replace it")
+
+
+def _check_input_size(model: nn.Module, name: str, example: torch.Tensor, recorded: list | None) -> None:
+    """UserError when ``model`` (zoo name ``name``) cannot take ``example`` (a dry forward), suggesting the
+    checkpoint's ``recorded`` input size."""
+    from ..analysis import analysis_mode
+
+    try:
+        with analysis_mode(model):
+            model(example)
+    except RuntimeError as exc:
+        size = ",".join(map(str, example.shape[1:]))
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        fix = (f"pass the checkpoint's recorded input size, --input-size {','.join(map(str, recorded))}"
+               if recorded and list(recorded) != list(example.shape[1:]) else
+               "pass --input-size C,H,W of the inputs the model was trained on")
+        raise UserError(f"input size {size} does not fit model {name} ({detail})", fix) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Export and print the check's result. Returns 0."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
@@ -36,16 +63,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.opset < 11:
         raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
-    out = Path(args.onnx)
-    if out.is_dir() or (out.exists() and not args.overwrite):
-        raise UserError(f"{out} already exists{' and is a folder' if out.is_dir() else ''}",
-                        "choose another --onnx file name, or pass --overwrite to replace the file")
+    _check_out(Path(args.onnx), args.checkpoint, args.overwrite)
     ckpt = load_checkpoint(args.checkpoint)
-    size = parse_input_size(args.input_size) if args.input_size else ckpt["dataset"].get("input_size")
+    recorded = ckpt["dataset"].get("input_size")
+    size = parse_input_size(args.input_size) if args.input_size else recorded
     if not size:
         raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
     model = model_from_checkpoint(ckpt).eval()
     example = torch.randn((1, *[int(s) for s in size]), generator=torch.Generator().manual_seed(0))
+    _check_input_size(model, ckpt["model"]["name"], example, recorded)
     result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
     check = ("not checked" if args.no_check else
              f"onnxruntime max |diff| = {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}, "

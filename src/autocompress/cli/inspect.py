@@ -16,6 +16,7 @@ import argparse
 import json
 
 from ..errors import UserError
+from . import plural
 from .train import parse_model_args
 
 
@@ -100,7 +101,8 @@ def format_report(report: dict) -> str:
         lines.append(f"file size    {report['file_size_bytes']:,} bytes ({report['file_size_bytes'] / 1e6:.2f} MB)")
     for batch, result in report["latency"].items():
         lines.append(f"latency      batch {batch}: median {result['median_ms']:.2f} ms (p10 {result['p10_ms']:.2f}, "
-                     f"p90 {result['p90_ms']:.2f}) over {result['runs']} runs, {result['threads']} CPU threads")
+                     f"p90 {result['p90_ms']:.2f}) over {plural(result['runs'], 'run')}, "
+                     f"{plural(result['threads'], 'CPU thread')}")
     header = ("layer", "type", "weight shape", "params", "MACs", "zeros")
     rows = [(row["name"] or "(model)", row["type"],
              "x".join(map(str, row["weight_shape"])) if row["weight_shape"] else "-",

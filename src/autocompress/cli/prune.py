@@ -1,13 +1,7 @@
 """``autocompress prune CHECKPOINT --rates RATES.yaml``: ADMM pruning at given rates, purification, masked
 retraining and physical compaction (AutoCompress, Liu et al. AAAI 2020, §3); writes the compact model.
 
-``RATES.yaml`` maps unit kinds to per-unit rates (fractions removed, in [0, 1))::
-
-    default: 0.5                 # every unit of the chosen --dims not named below
-    filter: {layer1.0.conv1: 0.3}   # filter groups, by root module name
-    column: {fc: 0.8}               # column layers (Conv2d / Linear), by module name
-    irregular: {conv1: 0.9}         # single weights, by module name
-
+The ``RATES.yaml`` format is :data:`RATES_FORMAT`, printed at the end of ``autocompress prune --help``;
 ``--list-units`` prints the valid names (and what is excluded, and why). The compact model is written with
 ``serialization.save_compact`` (atomic; an existing ``--out`` is only replaced with ``--overwrite``) and
 ``autocompress.load(OUT)`` rebuilds it.
@@ -21,8 +15,27 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from . import plural
 
 _DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregular")
+_UNIT_NOUNS = {"filter": "channel", "column": "column", "irregular": "weight"}
+
+#: the RATES.yaml format (what :func:`read_rates` and ``pruning.expand_rates`` accept), the epilog of --help
+RATES_FORMAT = """\
+RATES.yaml: the fraction of each unit to remove, a number in [0, 1); every key is optional:
+
+  default: 0.5                     # every unit of the --dims kinds that is not named below
+  filter: {features.0.0: 0.3}      # filter groups (output channels), by root module name
+  column: {classifier: 0.8}        # columns of a Conv2d / Linear layer, by module name
+  irregular: {features.3.0: 0.9}   # single weights, by module name
+
+A named unit's rate overrides default; a unit neither named nor covered by default is not pruned. Each
+kind must be among --dims (filter and column are by default; irregular needs --dims with irregular).
+`autocompress prune CHECKPOINT --dims DIMS --list-units` prints the valid names. Example:
+
+  echo "default: 0.5" > rates.yaml
+  autocompress prune base.pt --rates rates.yaml --out base-pruned.pt
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..compress import SECTION_DEFAULTS
 
     admm = ADMMConfig(**{k: v for k, v in SECTION_DEFAULTS["admm"].items() if k != "epochs"})
+    parser.epilog, parser.formatter_class = RATES_FORMAT, argparse.RawDescriptionHelpFormatter
     parser.add_argument("checkpoint", help="trained checkpoint (.pt) from `autocompress train`")
-    parser.add_argument("--rates", help="RATES.yaml (see `autocompress prune --help`); required unless --list-units")
+    parser.add_argument("--rates", help="RATES.yaml (format below); required unless --list-units")
     parser.add_argument("--dims", choices=_DIMS, default="filter,column", metavar="DIMS",
                         help=f"unit kinds to prune: {' | '.join(_DIMS)} (default filter,column)")
     parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
@@ -84,8 +98,7 @@ def _units_listing(space) -> str:
         units = space.units(kind)
         if kind in space.dims:
             lines.append(f"{kind} ({len(units)}):")
-            lines += [f"  {u.name}  ({u.size} {'channels' if kind == 'filter' else 'columns' if kind == 'column' else 'weights'})"
-                      for u in units]
+            lines += [f"  {u.name}  ({plural(u.size, _UNIT_NOUNS[kind])})" for u in units]
     if space.excluded:
         lines.append("excluded:")
         lines += [f"  {name or '<model>'}: {reason}" for name, reason in space.excluded.items()]
@@ -167,6 +180,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:14} {before:>14} {after:>14} {ratio:>8}")
     for clip in report.get("clipped", []):
         print(f"clipped: {clip['kind']} rate {clip['rate']} of {clip['name']} would remove all "
-              f"{clip['size']} units; kept {clip['kept']}")
+              f"{plural(clip['size'], 'unit')}; kept {clip['kept']}")
     print(f"compact model written to {out} ({time.perf_counter() - began:.0f} s)")
     return 0

@@ -16,6 +16,7 @@ import yaml
 from ..data import DATASETS
 from ..errors import UserError
 from ..training import SCHEDULES, TrainConfig
+from . import plural
 
 _DEFAULTS = TrainConfig()
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"training {args.model} ({params / 1e6:.3f}M parameters) on {args.dataset} from {splits.data_dir}: "
           f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
-          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr} ({config.schedule})")
+          f"{plural(config.epochs, 'epoch')}, batch {config.batch_size}, lr {config.lr} ({config.schedule})")
 
     def report(epoch: int, record: dict) -> None:
         print(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f} top-1 "
