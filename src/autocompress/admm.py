@@ -331,8 +331,8 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
             history.append(stats)
             if log is not None:
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}, "
-                    f"train top-1 {stats['top1']:.4f}"
-                    + (f", val top-1 {stats['val_top1']:.4f}" if "val_top1" in stats else ""))
+                    f"train top-1 {100 * stats['top1']:.2f}%"
+                    + (f", val top-1 {100 * stats['val_top1']:.2f}%" if "val_top1" in stats else ""))
     finally:
         enforcer.detach()
     return history

@@ -173,8 +173,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, spl
                               "residuals": result.history[-1]["residuals"]}
         masks, param_masks = hard_prune(model, space, rates)
         report["clipped"] = [c._asdict() for c in masks.clipped]
-        report["top1"]["hard_pruned"] = top1()
-        say(f"hard pruning: val top-1 {report['top1']['hard_pruned']}")
+        report["top1"]["hard_pruned"] = hard = top1()
+        say(f"hard pruning: val top-1 {'n/a' if hard is None else f'{100 * hard:.2f}%'}")
         if purify:
             purified = purify_masks(model, space, masks, example_inputs=example_inputs,
                                     val_loader=val_loader, tolerance=purify_tolerance,

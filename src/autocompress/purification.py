@@ -419,7 +419,7 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
         result.trials.append({"threshold": threshold, "top1": top1, "accepted": accepted})
         if log is not None:
             log(f"redundant weight removal at threshold {threshold:g}: {_summary(current, trial_masks)}, "
-                f"val top-1 {top1:.4f} ({'accepted' if accepted else 'rejected'})")
+                f"val top-1 {100 * top1:.2f}% ({'accepted' if accepted else 'rejected'})")
         if not accepted:
             break
         model.load_state_dict(trial.state_dict())
