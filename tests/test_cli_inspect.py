@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from autocompress.checkpoint import save_checkpoint
-from autocompress.cli import main, plural
+from autocompress.cli import main
+from autocompress.text import plural
 from autocompress.models import create_model
 
 

@@ -33,6 +33,7 @@ from .masks import Masks
 from .metrics import count_macs, count_nonzero_params, count_params
 from .purification import DEFAULT_THRESHOLDS, purify as purify_masks
 from .space import KINDS, PruningSpace
+from .text import plural
 from .training import TrainConfig, evaluate, seeded
 
 #: user-facing dimension names -> unit kinds (``--dims``)
@@ -166,7 +167,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, spl
                     "top1": {"before": top1()}}
     with seeded(seed):
         if admm.epochs > 0:
-            say(f"ADMM: {admm.epochs} epochs")
+            say(f"ADMM: {plural(admm.epochs, 'epoch')}")
             result = admm_prune(model, space, rates, train_loader, admm, progress=progress, log=log)
             report["admm"] = {"updates": len(result.history) - 1,
                               "max_residual": result.history[-1]["max_residual"],
@@ -186,7 +187,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, spl
                                       "trials": purified.trials}
             report["top1"]["purified"] = top1()
         if retrain.epochs > 0:
-            say(f"masked retraining: {retrain.epochs} epochs")
+            say(f"masked retraining: {plural(retrain.epochs, 'epoch')}")
             report["retrain"] = masked_retrain(model, param_masks, train_loader, retrain, val_loader=val_loader,
                                                progress=progress, log=log)
     compacted = compact(model, param_masks, example_inputs)

@@ -35,6 +35,7 @@ from torch import nn
 
 from .analysis import analysis_mode
 from .masks import Masks, apply_masks
+from .text import plural
 from .projection import group_scores
 from .space import PruningSpace
 from .training import evaluate
@@ -441,4 +442,4 @@ def _same(a: Masks, b: Masks) -> bool:
 def _summary(before: Masks, after: Masks) -> str:
     filters = sum(int(before.filters[k].sum() - after.filters[k].sum()) for k in after.filters)
     columns = sum(int(before.columns[k].sum() - after.columns[k].sum()) for k in after.columns)
-    return f"{filters} filters and {columns} columns removed"
+    return f"{plural(filters, 'filter')} and {plural(columns, 'column')} removed"

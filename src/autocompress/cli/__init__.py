@@ -27,11 +27,6 @@ COMMANDS = {
 }
 
 
-def plural(count: int, noun: str) -> str:
-    """``count`` and ``noun``, the noun with an ``s`` unless ``count`` is 1: ``"1 epoch"``, ``"2 epochs"``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (imports each command module that is installed)."""
     parser = argparse.ArgumentParser(prog="autocompress", description=__doc__.splitlines()[0])

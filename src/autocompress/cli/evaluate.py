@@ -10,7 +10,7 @@ import json
 
 from ..data import DATASETS
 from ..errors import UserError
-from . import plural
+from ..text import plural
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

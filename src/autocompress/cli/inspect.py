@@ -16,7 +16,7 @@ import argparse
 import json
 
 from ..errors import UserError
-from . import plural
+from ..text import plural
 from .train import parse_model_args
 
 

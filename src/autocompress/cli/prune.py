@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from . import plural
+from ..text import plural
 
 _DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregular")
 _UNIT_NOUNS = {"filter": "channel", "column": "column", "irregular": "weight"}

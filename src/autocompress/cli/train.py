@@ -16,7 +16,7 @@ import yaml
 from ..data import DATASETS
 from ..errors import UserError
 from ..training import SCHEDULES, TrainConfig
-from . import plural
+from ..text import plural
 
 _DEFAULTS = TrainConfig()
 

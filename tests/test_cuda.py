@@ -1,0 +1,64 @@
+"""CUDA device paths: training, evaluation and compact layers on a GPU agree with the CPU.
+
+Runs only where ``torch.cuda.is_available()``; the project's CI machines have no GPU and skip this file
+(``tests/test_compress.py`` checks the CPU-only machine's ``--device cuda`` error instead).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
+from autocompress.cli import main
+from autocompress.compaction import ColumnConv2d
+from autocompress.models import create_model
+from autocompress.training import TrainConfig, evaluate, fit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("mode", ["dense", "positions"])
+def test_column_conv_on_cuda_equals_masked_conv_on_cpu(mode):
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    kept = torch.randperm(16 * 9, generator=generator)[:40]
+    layer = ColumnConv2d.from_conv(conv, kept, mode=mode).cuda()
+    assert layer.path == mode and layer.column_index.is_cuda
+    masked = copy.deepcopy(conv)
+    with torch.no_grad():
+        flat = masked.weight.reshape(32, -1)
+        drop = torch.ones(16 * 9, dtype=torch.bool)
+        drop[kept] = False
+        flat[:, drop] = 0.0
+    x = torch.randn(4, 16, 12, 12, generator=generator)
+    with torch.no_grad():
+        expected = masked(x)
+        got = layer(x.cuda()).cpu()
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fit_on_cuda_learns_and_evaluates_like_cpu(fmnist_small):
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", num_classes=10).cuda()
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, device="cuda").validate()
+    fit(model, fmnist_small, config, progress=False)
+    assert next(model.parameters()).is_cuda
+    loader = fmnist_small.loader("test", 256, shuffle=False, augment=False)
+    on_gpu = evaluate(model, loader)["top1"]
+    on_cpu = evaluate(copy.deepcopy(model).cpu(), loader)["top1"]
+    assert on_gpu > 0.6  # one epoch on 6000 real images; chance is 0.1
+    assert abs(on_gpu - on_cpu) <= 2 / len(fmnist_small.test)  # float round-off may flip an image or two
+
+
+def test_cli_train_and_evaluate_with_device_cuda(tmp_path, capsys):
+    out = tmp_path / "base.pt"
+    assert main(["train", "--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--epochs", "1",
+                 "--max-train", "3000", "--device", "cuda", "--out", str(out), "--no-progress"]) == 0
+    model = model_from_checkpoint(load_checkpoint(out))
+    assert not next(model.parameters()).is_cuda  # checkpoints load on the CPU
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--device", "cuda"]) == 0
+    assert "top-1" in capsys.readouterr().out
