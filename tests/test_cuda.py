@@ -40,17 +40,23 @@ def test_column_conv_on_cuda_equals_masked_conv_on_cpu(mode):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_fit_on_cuda_learns_and_evaluates_like_cpu(fmnist_small):
+def _one_epoch(splits, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = create_model("fmnist_cnn", num_classes=10).cuda()
-    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, device="cuda").validate()
-    fit(model, fmnist_small, config, progress=False)
-    assert next(model.parameters()).is_cuda
+    model = create_model("fmnist_cnn", num_classes=10)
+    fit(model, splits, TrainConfig(epochs=1, batch_size=128, lr=0.05, device=device).validate(), progress=False)
+    return model
+
+
+def test_fit_on_cuda_learns_like_cpu(fmnist_small):
     loader = fmnist_small.loader("test", 256, shuffle=False, augment=False)
-    on_gpu = evaluate(model, loader)["top1"]
-    on_cpu = evaluate(copy.deepcopy(model).cpu(), loader)["top1"]
-    assert on_gpu > 0.6  # one epoch on 6000 real images; chance is 0.1
-    assert abs(on_gpu - on_cpu) <= 2 / len(fmnist_small.test)  # float round-off may flip an image or two
+    on_gpu = _one_epoch(fmnist_small, "cuda")
+    assert next(on_gpu.parameters()).is_cuda
+    gpu_top1 = evaluate(on_gpu, loader)["top1"]
+    # the same seeded epoch on the CPU (0.562 there); kernels differ in round-off only
+    cpu_top1 = evaluate(_one_epoch(fmnist_small, "cpu"), loader)["top1"]
+    assert gpu_top1 > 0.3 and abs(gpu_top1 - cpu_top1) <= 0.02
+    # evaluating the GPU-trained model on the CPU gives the same answers up to an image or two
+    assert abs(evaluate(copy.deepcopy(on_gpu).cpu(), loader)["top1"] - gpu_top1) <= 2 / len(fmnist_small.test)
 
 
 def test_cli_train_and_evaluate_with_device_cuda(tmp_path, capsys):
