@@ -110,7 +110,7 @@ AUTOCOMPRESS_METHODS = {
                    {"distillation": {"enabled": True, "temperature": 4.0, "alpha": 0.9}}),
     # the schedule `make demo` uses: one round straight to the target, the compress command's default rho
     # schedule, the same epoch budget (see one_round_settings)
-    "ac_one_round": ("variant: one round, compress's default rho (0.02, x1.6 every 100 steps)", {}),
+    "ac_one_round": ("variant: one round, compress's default rho (0.02 x1.6, at 1.0 halfway through ADMM)", {}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)

@@ -120,3 +120,29 @@ def test_config_rejects_bad_schedules():
         ADMMConfig(rho_init=1.0, rho_max=0.5)
     with pytest.raises(UserError):
         ADMMConfig(update_interval=0)
+    with pytest.raises(UserError, match="auto"):
+        ADMMConfig(update_interval="often")
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, expected", [
+    # rho 0.02 -> 1.0 by x1.6 takes ceil(log 50 / log 1.6) = ceil(8.32) = 9 updates, in half the steps
+    (4, 430, 1720 // 2 // 9),  # the demo's 4 epochs on Fashion-MNIST (430 batches): 95 steps
+    (2, 79, 158 // 2 // 9),    # 2 epochs on a 10k-image CIFAR subset: 8 steps
+    (1, 10, 1),                # fewer steps than updates: every step
+])
+def test_auto_update_interval_brings_rho_to_its_cap_halfway(epochs, steps_per_epoch, expected):
+    config = ADMMConfig(epochs=epochs, rho_init=0.02, rho_growth=1.6, rho_max=1.0, update_interval="auto")
+    assert config.interval(steps_per_epoch) == expected
+    assert ADMMConfig(update_interval=7).interval(430) == 7 and ADMMConfig().interval(430) is None
+
+
+def test_auto_update_interval_in_admm_prune(trained):
+    model, splits, space, rates = trained
+    loader = splits.loader("train", 64, generator=torch.Generator().manual_seed(0))
+    config = ADMMConfig(epochs=1, rho_init=0.02, rho_growth=1.6, rho_max=1.0, update_interval="auto")
+    with seeded(0):
+        result = admm_prune(copy.deepcopy(model), space, rates, loader, config, progress=False)
+    interval = len(loader) // 2 // 9
+    assert [h["step"] for h in result.history[1:]] == list(range(interval, len(loader) + 1, interval))
+    # the cap is reached at the 9th update, by the middle of the epoch
+    assert result.history[9]["rho"] == pytest.approx(1.0) and result.history[9]["step"] <= len(loader) // 2

@@ -18,7 +18,10 @@ Choices the paper leaves open (all settings of :class:`ADMMConfig`):
   Z/U update, capped at ``rho_max``; the scaled dual is rescaled by ``rho_old / rho_new`` when ``rho``
   changes (Boyd et al. 2011, §3.4.1), so the unscaled multiplier ``rho * U`` is unchanged.
 * Z/U updates happen every ``update_interval`` optimiser steps, or at the end of every epoch when
-  ``update_interval`` is ``None`` (the default).
+  ``update_interval`` is ``None`` (the default). ``"auto"`` spaces them so that ``rho`` reaches ``rho_max``
+  after :data:`RHO_RAMP_FRACTION` of the phase's steps, whatever the dataset size (our choice: a fixed
+  step count reaches the cap on Fashion-MNIST's 430 batches per epoch but leaves rho near ``rho_init`` on a
+  10k-image subset; the residual history in BENCHMARKS.md shows the difference).
 * The penalty is one fused autograd node (:class:`_ProximalPenalty`): its forward computes
   ``W - (Z - U)`` with ``torch._foreach`` ops outside autograd and its backward returns
   ``rho * (W - Z + U)``, so a W-step costs one extra element-wise pass over the masked parameters, not a
@@ -42,6 +45,10 @@ from .masks import MaskEnforcer, Masks, apply_masks
 from .projection import project
 
 
+#: ``update_interval="auto"``: fraction of the ADMM phase's optimiser steps after which rho reaches rho_max
+RHO_RAMP_FRACTION = 0.5
+
+
 @dataclass
 class ADMMConfig:
     """Settings of ADMM structured pruning (AutoCompress §3; brief §3).
@@ -54,7 +61,8 @@ class ADMMConfig:
         rho_init: penalty ``rho`` at the first W-step (brief: 1e-3 to 1e-4).
         rho_growth: ``rho`` is multiplied by this after every Z/U update (brief: ~1.5-2).
         rho_max: cap on ``rho``.
-        update_interval: optimiser steps between Z/U updates; ``None`` = once at the end of every epoch.
+        update_interval: optimiser steps between Z/U updates; ``None`` = once at the end of every epoch;
+            ``"auto"`` = :meth:`interval` for the loader's length.
         label_smoothing: label smoothing of the cross-entropy loss.
     """
 
@@ -65,7 +73,7 @@ class ADMMConfig:
     rho_init: float = 1e-3
     rho_growth: float = 2.0
     rho_max: float = 1.0
-    update_interval: int | None = None
+    update_interval: int | str | None = None
     label_smoothing: float = 0.0
 
     def __post_init__(self):
@@ -75,9 +83,23 @@ class ADMMConfig:
             raise UserError(
                 f"ADMM rho schedule is invalid (rho_init={self.rho_init}, rho_growth={self.rho_growth}, "
                 f"rho_max={self.rho_max})", "use 0 < rho_init <= rho_max and rho_growth >= 1")
-        if self.update_interval is not None and self.update_interval < 1:
-            raise UserError(f"ADMM update_interval must be >= 1, got {self.update_interval}",
-                            "pass a positive number of optimiser steps, or None for once per epoch")
+        if not (self.update_interval in (None, "auto")
+                or (isinstance(self.update_interval, int) and self.update_interval >= 1)):
+            raise UserError(f"ADMM update_interval must be a number of steps >= 1, got {self.update_interval!r}",
+                            "pass a positive number of optimiser steps, auto, or None for once per epoch")
+
+    def interval(self, steps_per_epoch: int) -> int | None:
+        """Optimiser steps between Z/U updates for a loader of ``steps_per_epoch`` batches: the set value
+        (``None``: once per epoch), or for ``"auto"`` the spacing at which the ``n = ceil(log(rho_max /
+        rho_init) / log(rho_growth))`` updates that bring rho to its cap end after ``RHO_RAMP_FRACTION`` of
+        the ``epochs * steps_per_epoch`` steps (at least 1 step apart)."""
+        if self.update_interval != "auto":
+            return self.update_interval
+        ramp = RHO_RAMP_FRACTION * self.epochs * steps_per_epoch
+        if self.rho_growth <= 1.0 or self.rho_max <= self.rho_init:
+            return max(1, int(ramp))
+        updates = math.ceil(math.log(self.rho_max / self.rho_init) / math.log(self.rho_growth) - 1e-9)
+        return max(1, int(ramp // updates))
 
     def train_config(self) -> training.TrainConfig:
         """The W-step's SGD settings as a :class:`autocompress.training.TrainConfig` (cosine schedule)."""
@@ -252,10 +274,12 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
             log(f"ADMM update {entry['update']} (epoch {epoch + 1}, step {steps}): primal residual "
                 f"{total:.4f} (largest layer {entry['max_residual']:.4f}); rho now {state.rho:.3g}")
 
+    interval = config.interval(len(train_loader))
+
     def after_step() -> None:
         nonlocal steps
         steps += 1
-        if config.update_interval is not None and steps % config.update_interval == 0:
+        if interval is not None and steps % interval == 0:
             state.update()
             record()
 
@@ -270,7 +294,7 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
                 model, train_loader, optimizer, scheduler, criterion=criterion, regularizer=state.penalty,
                 after_step=after_step, distiller=distiller, progress=progress,
                 desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
-            if config.update_interval is None:
+            if interval is None:
                 state.update()
                 record()
     return ADMMResult(masks=project(space, model, rates), history=history, epoch_stats=epoch_stats)

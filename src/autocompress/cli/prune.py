@@ -38,6 +38,15 @@ kind must be among --dims (filter and column are by default; irregular needs --d
 """
 
 
+def _interval(text: str) -> int | str:
+    """``--update-interval`` value: ``auto`` or a positive number of optimiser steps."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of steps") from None
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress prune``."""
     from ..admm import ADMMConfig
@@ -57,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho-growth", type=float, default=admm.rho_growth,
                         help=f"rho multiplier per Z/U update (default {admm.rho_growth})")
     parser.add_argument("--rho-max", type=float, default=admm.rho_max, help=f"cap on rho (default {admm.rho_max})")
-    parser.add_argument("--update-interval", type=int, default=admm.update_interval,
-                        help=f"optimiser steps between ADMM Z/U updates (default {admm.update_interval})")
+    parser.add_argument("--update-interval", type=_interval, default=admm.update_interval,
+                        help="optimiser steps between ADMM Z/U updates, or auto: rho reaches --rho-max halfway "
+                             f"through the ADMM epochs (default {admm.update_interval})")
     parser.add_argument("--retrain-epochs", type=int, default=10, help="masked retraining epochs (0: none)")
     parser.add_argument("--retrain-lr", type=float, default=0.01)
     parser.add_argument("--no-purify", action="store_true", help="skip purification")
