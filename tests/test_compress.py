@@ -239,7 +239,7 @@ def test_retraining_runs_on_the_shrunk_model(finished_run):
 
 
 def test_partial_sections_keep_the_other_defaults():
-    config = CompressConfig.from_dict({"admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
+    config = CompressConfig.from_dict({"target": "params=2x", "admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
     assert config.admm == {"epochs": 3, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": "auto"}
     assert config.retrain == {"epochs": 3, "lr": 0.05}
     assert config.purification == {"enabled": True}
@@ -272,7 +272,7 @@ def test_cli_config_without_target_and_changed_resume_if_exists(base_checkpoint,
     no_target = tmp_path / "no_target.yaml"
     no_target.write_text("rounds: 1\n")
     assert main(["compress", str(base_checkpoint), "--config", str(no_target), "--out", str(tmp_path / "a")]) == 2
-    assert "no --target" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert "no target given" in capsys.readouterr().err and not (tmp_path / "a").exists()
     stored = tmp_path / "stored.yaml"  # the finished run's own settings, checkpoint fields dropped
     stored.write_text("\n".join(line for line in (out / "config.yaml").read_text().splitlines()
                                 if not line.startswith("checkpoint")))
@@ -327,7 +327,7 @@ def test_config_file_is_read_once(tmp_path, capsys, monkeypatch):
     real = yaml.safe_load
     monkeypatch.setattr(yaml, "safe_load", lambda text: loaded.append(text) or real(text))
     assert main(["compress", str(tmp_path / "missing.pt"), "--config", str(path)]) == 2
-    assert "no --target" in capsys.readouterr().err and loaded == ["rounds: 1\n"]
+    assert "no target given" in capsys.readouterr().err and loaded == ["rounds: 1\n"]
 
 
 def test_resume_reads_a_moved_dataset_from_data_dir_and_ctrl_c_names_the_command(base_checkpoint, tmp_path,

@@ -71,10 +71,10 @@ def test_bad_settings_are_user_errors(settings, fragment):
 
 def test_compress_config_checks_the_distillation_section():
     with pytest.raises(UserError, match="unknown distillation setting"):
-        CompressConfig(distillation={"temp": 2}).validate()
+        CompressConfig(target="params=2x", distillation={"temp": 2}).validate()
     with pytest.raises(UserError, match="alpha"):
-        CompressConfig(distillation={"enabled": True, "alpha": -0.1}).validate()
-    CompressConfig(distillation={"enabled": True, "temperature": 2.0, "alpha": 0.5}).validate()
+        CompressConfig(target="params=2x", distillation={"enabled": True, "alpha": -0.1}).validate()
+    CompressConfig(target="params=2x", distillation={"enabled": True, "temperature": 2.0, "alpha": 0.5}).validate()
 
 
 def test_student_learns_fashion_mnist_from_soft_targets_alone(fmnist_small):

@@ -118,7 +118,8 @@ class CompressConfig:
     (:data:`SECTION_DEFAULTS`), so ``admm: {epochs: 3}`` keeps the default rho schedule.
 
     Attributes:
-        target: e.g. ``"params=20x"`` (see :class:`Target`).
+        target: e.g. ``"params=20x"`` (see :class:`Target`); required (no default: :meth:`validate` refuses
+            a config without one).
         dims: ``"filter,column"`` (hybrid, default), ``"filter"``, ``"column"`` or ``"irregular"``.
         rounds: ``"doubling"``, a number of rounds, or a list of increasing targets.
         seed: seed of every generator the run owns.
@@ -145,7 +146,7 @@ class CompressConfig:
         latency_runs: timed runs per latency measurement in the final table.
     """
 
-    target: str = "params=10x"
+    target: str | None = None
     dims: str = "filter,column"
     rounds: Any = "doubling"
     seed: int = 0
@@ -204,6 +205,8 @@ class CompressConfig:
 
     def validate(self) -> None:
         """Check every setting and sub-config now, before any work (raises UserError)."""
+        if self.target is None:
+            raise UserError("no target given", "pass e.g. --target params=10x, or target: params=10x in the config")
         Target.parse(self.target)
         for name, kind in (("seed", int), ("val_size", int), ("batch_size", int), ("latency_runs", int),
                            ("max_train", (int, type(None))), ("max_test", (int, type(None))),

@@ -69,8 +69,6 @@ def _config(args: argparse.Namespace, settings: dict, *, validate: bool = True):
             value = _rounds(value) if flag == "--rounds" else value
             setattr(config, section, {**getattr(config, section), key: value} if key else value)
             overridden.add(setting)
-    if args.target is None and "target" not in settings:
-        raise UserError("no --target given", "pass e.g. --target params=10x (or a --config with a target)")
     if validate:
         try:
             config.validate()
