@@ -110,11 +110,13 @@ AUTOCOMPRESS_METHODS = {
                    {"distillation": {"enabled": True, "temperature": 4.0, "alpha": 0.9}}),
     # the schedule `make demo` uses: one round straight to the target, the compress command's default rho
     # schedule, the same epoch budget (see one_round_settings)
-    "ac_one_round": ("variant: one round, compress's default rho (0.02 x1.6, at 1.0 halfway through ADMM)", {}),
+    "ac_one_round": ("variant: one round, compress's default rho (0.02, x1.6 every 100 steps)", {}),
+    "ac_one_round_auto": ("variant: one round, rho 0.02 x1.6 reaching 1.0 halfway through ADMM (auto)",
+                          {"admm": {"update_interval": "auto"}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
-VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round")  # opt-in, not part of the grid
+VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto")  # opt-in, not part of the grid
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -216,7 +218,7 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> t
                 "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs, **GRID_RHO},
                 "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
                 "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 3}
-    if method == "ac_one_round":
+    if method.startswith("ac_one_round"):
         settings.update(one_round_settings(spec))
     for key, value in AUTOCOMPRESS_METHODS[method][1].items():  # dict settings merge (keep the budget's epochs)
         settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value

@@ -240,7 +240,7 @@ def test_retraining_runs_on_the_shrunk_model(finished_run):
 
 def test_partial_sections_keep_the_other_defaults():
     config = CompressConfig.from_dict({"target": "params=2x", "admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
-    assert config.admm == {"epochs": 3, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": "auto"}
+    assert config.admm == {"epochs": 3, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100}
     assert config.retrain == {"epochs": 3, "lr": 0.05}
     assert config.purification == {"enabled": True}
     assert config.distillation == {"enabled": False, "temperature": 4.0, "alpha": 0.9}
