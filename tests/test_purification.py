@@ -3,11 +3,13 @@ folding, redundant weight removal under an accuracy tolerance."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from autocompress.analysis import analysis_mode
+from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 from autocompress.data import get_dataset
 from autocompress.masks import apply_masks
 from autocompress.models import create_model
@@ -122,19 +124,24 @@ def test_fold_into_batchnorm_exact_inside_padding_border():
     assert not torch.allclose(after, before, atol=1e-5)   # documented: the zero-padded border differs
 
 
-def test_purify_accepts_only_within_tolerance():
+def _purify_setup(column_rate: float):
+    """The committed demo base (92.3 % on this 300-image validation split), its space, one-shot column masks at
+    ``column_rate`` in every layer (0.3 leaves ~23 % top-1, 0.7 ~12 %: chance is 10 %) and the loader."""
     torch.set_num_threads(1)
     splits = get_dataset("fashion-mnist", val_size=300, max_train=300, max_test=100)
-    with seeded(0):
-        model = create_model("fmnist_cnn", width=0.25)
-    _randomise_bn(model)
+    model = model_from_checkpoint(load_checkpoint(Path(__file__).parents[1] / "assets" / "fmnist_cnn_base.pt"))
     space = PruningSpace.build(model, torch.zeros(1, 1, 28, 28))
     from autocompress.projection import project
-    masks = project(space, model, {"column": {c.name: 0.5 for c in space.column_layers}})
-    val = splits.loader("val", 300)
+    masks = project(space, model, {"column": {c.name: column_rate for c in space.column_layers}})
+    return model, space, masks, splits.loader("val", 300)
+
+
+def test_purify_accepts_only_within_tolerance():
+    model, space, masks, val = _purify_setup(column_rate=0.3)
     result = purify(copy.deepcopy(model), space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
                     val_loader=val, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2))
-    assert result.trials
+    assert result.top1_before >= 0.2 and not result.near_chance
+    assert [t["accepted"] for t in result.trials] == [True, False]  # both outcomes of the check
     for trial in result.trials:
         assert trial["accepted"] == (trial["top1"] >= result.top1_before - 0.02)
     assert result.top1_after >= result.top1_before - 0.02
@@ -142,3 +149,15 @@ def test_purify_accepts_only_within_tolerance():
     assert result.threshold == (max(accepted) if accepted else None)
     for name, keep in result.masks.columns.items():
         assert keep.sum() >= 1 and not bool((keep & ~masks.columns[name]).any())
+
+
+def test_purify_skips_redundant_removal_at_chance_accuracy():
+    model, space, masks, val = _purify_setup(column_rate=0.7)
+    lines = []
+    result = purify(copy.deepcopy(model), space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
+                    val_loader=val, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2), log=lines.append)
+    assert result.top1_before < 0.2  # 10 classes: below 2x chance
+    assert result.near_chance and result.trials == [] and result.threshold is None
+    assert any("redundant weight removal skipped" in line for line in lines)
+    # only unused path removal ran: no column the 50 % projection kept was removed
+    assert all(torch.equal(result.masks.columns[k], masks.columns[k]) for k in masks.columns)
