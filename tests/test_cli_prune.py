@@ -75,6 +75,7 @@ def test_list_units(checkpoint, capsys):
 @pytest.mark.parametrize("text, message", [
     ("filter: {nope: 0.5}\n", "valid filter names: features.0.0"),
     ("default: 1.5\n", "outside [0, 1)"),
+    ("default: half\n", "the default rate is 'half', outside [0, 1); give each rate as a fraction removed"),
     ("irregular: {classifier: 0.5}\n", "--dims"),
     ("- 0.5\n", "does not hold a mapping"),
     ("default: [\n", "not valid YAML"),
@@ -117,3 +118,18 @@ def test_help_and_readme_document_the_rates_format(capsys):
                                "features.6.0": 0.5}
     assert rates["column"]["classifier"] == 0.8 and rates["column"]["features.0.0"] == 0.5
     assert rates["irregular"]["features.3.0"] == 0.9 and rates["irregular"]["classifier"] == 0.5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--retrain-epochs", "-2"], "--retrain-epochs -2 is negative; pass --retrain-epochs >= 0 (0: no retraining)"),
+    (["--device", "mps"], "device 'mps' is not available here; use --device cpu"),
+    (["--device", "xpu"], "device 'xpu' is not available here; use --device cpu"),
+    (["--device", "meta"], "device 'meta' is not available here; use --device cpu"),
+])
+def test_bad_retrain_epochs_and_devices_exit_2(checkpoint, tmp_path, capsys, flags, message):
+    rates = tmp_path / "rates.yaml"
+    rates.write_text("default: 0.5\n")
+    out = tmp_path / "never.pt"
+    code, _, err = _run(capsys, checkpoint, "--rates", rates, "--out", out, "--max-train", 200, *flags)
+    assert (code, err) == (2, f"autocompress: error: {message}\n")
+    assert not out.exists()

@@ -56,7 +56,8 @@ def test_train_evaluate_skip_and_resume(tmp_path, capsys, monkeypatch):
     assert main([*TINY, "--out", str(resumed)]) == 130
     monkeypatch.setattr(training, "train_epoch", real_epoch)
     assert load_checkpoint(resumed)["training_state"]["epoch"] == 1
-    capsys.readouterr()
+    assert capsys.readouterr().err.endswith(f"autocompress: interrupted; {resumed} holds the last finished epoch; "
+                                            "continue it with the same command and --resume\n")
     assert main([*TINY, "--out", str(resumed), "--resume"]) == 0
     assert "resuming" in capsys.readouterr().out
     a, b = load_checkpoint(straight)["state_dict"], load_checkpoint(resumed)["state_dict"]
@@ -129,3 +130,47 @@ def test_evaluate_quiet_and_no_progress_hide_the_progress_bar(tmp_path, capsys):
         assert main(["evaluate", str(ckpt), "--split", "val", flag]) == 0
         assert capsys.readouterr() == (f"fmnist_cnn on fashion-mnist val: top-1 {100 * result['top1']:.2f}%, "
                                        f"loss {result['loss']:.4f} (200 images)\n", "")
+
+
+def _finished_checkpoint(path, epochs=2):
+    from autocompress.checkpoint import save_checkpoint
+    from autocompress.models import create_model
+
+    return save_checkpoint(path, model=create_model("fmnist_cnn", width=0.25), model_name="fmnist_cnn",
+                           model_kwargs={"num_classes": 10, "width": 0.25},
+                           dataset={"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10,
+                                    "val_size": 200, "seed": 0}, config={}, metrics={"epochs": epochs})
+
+
+def test_resume_of_a_finished_checkpoint_says_nothing_to_resume(tmp_path, capsys):
+    out = _finished_checkpoint(tmp_path / "tr.pt")
+    before = out.read_bytes()
+    assert main([*TINY, "--out", str(out), "--resume"]) == 2
+    assert _error_line(capsys) == (f"autocompress: error: {out} has finished training (2 epochs); nothing to "
+                                   f"resume; choose another --out to train anew, or evaluate it with "
+                                   f"`autocompress evaluate {out}`")
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta", "cuda:99"])
+def test_devices_not_usable_here_are_refused_by_train_and_evaluate(tmp_path, capsys, device):
+    if device == "cuda:99" and not torch.cuda.is_available():
+        device = "vulkan"
+    checkpoint = _finished_checkpoint(tmp_path / "m.pt")
+    assert main([*TINY, "--device", device, "--out", str(tmp_path / "new.pt")]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"autocompress: error: device '{device}' is not available here") and "--device" in line
+    assert main(["evaluate", str(checkpoint), "--device", device]) == 2
+    assert _error_line(capsys) == line
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_written(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    out = tmp_path / "tr.pt"
+    assert main([*TINY, "--out", str(out)]) == 130
+    assert capsys.readouterr().err == f"autocompress: interrupted; nothing was written ({out} does not exist)\n"
+    assert not out.exists()

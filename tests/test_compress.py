@@ -196,8 +196,11 @@ def test_unknown_sub_settings_refused_up_front(section, settings):
 
 
 def test_wrong_types_refused():
-    with pytest.raises(UserError, match="max_train"):
+    with pytest.raises(UserError, match=r"^max_train='lots' has the wrong type; give an int or null$"):
         _config(max_train="lots")
+    with pytest.raises(UserError, match=r"^seed=True has the wrong type; give an int$"):
+        _config(seed=True)
+    assert _config(retrain={"epochs": 0, "lr": -1}).retrain_config(last=False).epochs == 0  # 0: no retraining
 
 
 def test_non_empty_out_folder_is_never_overwritten(base_checkpoint, tmp_path):
@@ -303,6 +306,25 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys):
     ("target: params=2x\ndims: weird\n", [], "unknown dims 'weird'; use one of filter,column, filter, column, "
      "irregular, filter,column,irregular (dims in the config file {path})"),
     ("dims: weird\n", ["--target", "params=2x", "--dims", "filter"], None),
+    ("target: params=2x\nadmm: {epochs: two}\n", [], "admm.epochs='two' has the wrong type; give an int"),
+    ("target: params=2x\nadmm: {epochs: 1.5}\n", [], "admm.epochs=1.5 has the wrong type; give an int"),
+    ("target: params=2x\nretrain: {lr: fast}\n", [], "retrain.lr='fast' has the wrong type; give a number"),
+    ("target: params=2x\nquick_eval: {val_batches: all}\n", [],
+     "quick_eval.val_batches='all' has the wrong type; give an int or null"),
+    ("target: params=2x\nsearch: {max_evaluations: 2.5}\n", [],
+     "search.max_evaluations=2.5 has the wrong type; give an int"),
+    ("target: params=2x\ndistillation: {alpha: high}\n", [],
+     "distillation.alpha='high' has the wrong type; give a number"),
+    ("target: params=2x\n", ["--retrain-epochs", "-3"],
+     "--retrain-epochs -3 is negative; pass --retrain-epochs >= 0 (0: no retraining)"),
+    ("target: params=2x\nretrain: {epochs: -1}\n", [], "retrain.epochs -1 is negative; pass retrain.epochs >= 0 "
+     "(0: no retraining) (retrain.epochs in the config file {path})"),
+    ("target: params=2x\nfinal_retrain_epochs: -2\n", [],
+     "final_retrain_epochs -2 is negative; pass final_retrain_epochs >= 0 (0: no retraining)"),
+    ("target: params=2x\npurification: {tolerance: -1}\n", [], "purification.tolerance=-1 is negative; give the "
+     "largest accepted validation top-1 drop as a fraction >= 0, e.g. 0.005"),
+    ("target: params=2x\npurification: {enabled: maybe}\n", [],
+     "purification.enabled='maybe' has the wrong type; give true or false"),
     ("target: huge\n", ["--target", "params=2x", "--rounds", "abc"],
      "invalid round schedule 'abc'; use 'doubling', a number of rounds, or increasing targets > 1 ending at 2"),
 ])
@@ -354,3 +376,46 @@ def test_resume_reads_a_moved_dataset_from_data_dir_and_ctrl_c_names_the_command
                                        f"continue it with `autocompress compress --resume '{run}' --data-dir "
                                        f"{moved}`\n")
     assert yaml.safe_load((run / "config.yaml").read_text())["data_dir"] == str(data)  # the run's settings
+
+
+def test_relative_data_dir_is_stored_absolute(base_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(DEBIAN_FASHION_MNIST.parent)
+    Compressor.start(base_checkpoint, _config(data_dir=DEBIAN_FASHION_MNIST.name), tmp_path / "run", progress=False)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["data_dir"] == os.path.abspath(DEBIAN_FASHION_MNIST)
+    monkeypatch.chdir(tmp_path)  # another working directory: the run still finds its dataset
+    assert Compressor.resume(tmp_path / "run", progress=False).splits.data_dir == stored["data_dir"]
+
+
+def _final_record(compressed_top1: float) -> dict:
+    row = {"test_top1": 88.0, "params": 1000, "macs": 2000, "file_bytes": 5000, "latency_b1_ms": 1.0,
+           "latency_b64_ms": 10.0}
+    return {"event": "final", "target": "params=3x",
+            "rows": [{"model": "base", **row}, {**row, "model": "compressed", "test_top1": compressed_top1}]}
+
+
+def test_result_at_chance_level_warns_after_the_final_table(base_checkpoint, tmp_path, monkeypatch, capsys):
+    from autocompress.cli.compress import chance_warning
+
+    monkeypatch.setattr(Compressor, "run", lambda self: _final_record(10.9))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "rounds": [1.8, 3.0]}))
+    assert main(["compress", str(base_checkpoint), "--config", str(config), "--target", "params=3x",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "compressed" in captured.out and "run folder:" in captured.out
+    assert captured.err == ("autocompress: warning: the compressed model's test top-1 10.90% is at chance level "
+                            "(10.00% for 10 classes): target params=3x is too aggressive for this model and budget; "
+                            "try a lower --target, or more rounds / epochs (--rounds, --admm-epochs, "
+                            "--retrain-epochs)\n")
+    assert chance_warning(_final_record(11.0), 10) is not None  # chance + 1 point still warns
+    assert chance_warning(_final_record(11.1), 10) is None
+
+
+def test_ctrl_c_before_a_run_folder_exists_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Compressor, "start", interrupted)
+    assert main(["compress", "base.pt", "--target", "params=2x", "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "autocompress: interrupted; nothing was written\n"

@@ -27,8 +27,12 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
 import time
+import types
+import typing
+from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,23 +209,22 @@ class CompressConfig:
         return data
 
     def validate(self) -> None:
-        """Check every setting and sub-config now, before any work (raises UserError)."""
+        """Check every setting and sub-config now, before any work (raises UserError): the type of every
+        setting and of every key of a section (from the annotations of the dataclass or function the section
+        configures, :func:`_check_section`), then the values. Retraining epochs (``retrain.epochs``,
+        ``final_retrain_epochs``) may be 0 (no retraining), never negative."""
+        _check_types(dataclasses.asdict(self), typing.get_type_hints(CompressConfig))
         if self.target is None:
             raise UserError("no target given", "pass e.g. --target params=10x, or target: params=10x in the config")
         Target.parse(self.target)
-        for name, kind in (("seed", int), ("val_size", int), ("batch_size", int), ("latency_runs", int),
-                           ("max_train", (int, type(None))), ("max_test", (int, type(None))),
-                           ("final_retrain_epochs", (int, type(None))), ("max_r", (int, float)),
-                           ("search", dict), ("quick_eval", dict), ("admm", dict), ("purification", dict),
-                           ("retrain", dict), ("distillation", dict)):
-            value = getattr(self, name)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise UserError(f"compress setting {name}={value!r} has the wrong type",
-                                f"give {name} as {getattr(kind, '__name__', 'a number or null')}")
-        _check_keys("quick_eval", self.quick_eval, QuickEvaluator.__init__, skip={"model", "space", "splits",
-                                                                                   "seed"})
-        _check_keys("purification", self.purification, purify,
-                    skip={"model", "space", "masks", "example_inputs", "val_loader", "log"}, extra={"enabled"})
+        _check_section("search", self.search, AnnealingConfig)
+        _check_section("quick_eval", self.quick_eval, QuickEvaluator, skip={"model", "space", "splits", "seed"})
+        _check_section("purification", self.purification, purify,
+                       skip={"model", "space", "masks", "example_inputs", "val_loader", "log"},
+                       extra={"enabled": bool})
+        _check_section("admm", self.admm, admm.ADMMConfig)
+        _check_section("retrain", self.retrain, TrainConfig)
+        _check_section("distillation", self.distillation, DistillationConfig)
         if self.dims not in DIMS:
             raise UserError(f"unknown --dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
         round_targets(Target.parse(self.target).factor, self.rounds)
@@ -232,41 +235,90 @@ class CompressConfig:
             raise UserError(f"unknown search_mode {self.search_mode!r}", "use annealing or uniform")
         if not 0 < self.max_r < 1:
             raise UserError(f"max_r={self.max_r} must be in (0, 1)", "use e.g. 0.95")
+        if self.purification.get("tolerance", 0) < 0:
+            raise UserError(f"purification.tolerance={self.purification['tolerance']!r} is negative",
+                            "give the largest accepted validation top-1 drop as a fraction >= 0, e.g. 0.005")
         self.annealing_config(0)
-        _check_keys("admm", self.admm, admm.ADMMConfig)
         admm.ADMMConfig(**self.admm)
-        _check_keys("distillation", self.distillation, DistillationConfig)
         DistillationConfig(**self.distillation)
-        for last in (False, True):
-            retrain = self.retrain_config(last=last)
-            if retrain.epochs > 0:
-                retrain.validate()
+        self.retrain_config(last=False).validate(epochs_flag="--retrain-epochs", retraining=True)
+        if self.final_retrain_epochs is not None:
+            self.retrain_config(last=True).validate(epochs_flag="final_retrain_epochs", retraining=True)
+
+    def with_absolute_paths(self) -> "CompressConfig":
+        """This config with ``data_dir`` made absolute (against the present working directory), as a run
+        stores it: a resumed run may start from another working directory."""
+        if not isinstance(self.data_dir, str):  # None (or a wrong type, for validate() to refuse)
+            return self
+        return dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir))
 
     def retrain_config(self, *, last: bool) -> TrainConfig:
-        """Masked retraining settings (:class:`autocompress.training.TrainConfig`); ``last``: final round."""
+        """Masked retraining settings (:class:`autocompress.training.TrainConfig`); ``last``: final round.
+        The section's keys are checked by :meth:`validate`."""
         settings = {"lr": 0.01, "batch_size": self.batch_size, **self.retrain}
         if last and self.final_retrain_epochs is not None:
             settings["epochs"] = self.final_retrain_epochs
-        try:
-            return TrainConfig(**settings)
-        except TypeError as exc:
-            raise UserError(f"bad retrain setting: {exc}", "see TrainConfig's fields") from None
+        return TrainConfig(**settings)
 
     def annealing_config(self, round_index: int) -> AnnealingConfig:
-        """The round's :class:`AnnealingConfig` (seeded per round)."""
-        try:
-            return AnnealingConfig(**{**self.search, "seed": phase_seed(self.seed, round_index, "search")})
-        except TypeError as exc:
-            raise UserError(f"bad search setting: {exc}", "see AnnealingConfig's fields") from None
+        """The round's :class:`AnnealingConfig` (seeded per round); the section's keys are checked by
+        :meth:`validate`."""
+        return AnnealingConfig(**{**self.search, "seed": phase_seed(self.seed, round_index, "search")})
 
 
-def _check_keys(section: str, settings: dict, target, *, skip: set = frozenset(), extra: set = frozenset()):
-    """UserError naming any key of a config ``section`` that ``target`` (a callable) does not take."""
-    valid = (set(inspect.signature(target).parameters) - skip - {"self"}) | set(extra)
+def _check_section(section: str, settings: dict, target, *, skip: set = frozenset(), extra: dict | None = None
+                   ) -> None:
+    """UserError naming a key of config ``section`` that ``target`` (a dataclass or a function) does not
+    take, or a value whose type does not fit the annotation of that field / parameter (:func:`_check_types`).
+    ``skip``: parameters the run supplies itself; ``extra``: further keys of the section and their types."""
+    extra = extra or {}
+    valid = (set(inspect.signature(target).parameters) - set(skip)) | set(extra)
     unknown = sorted(set(settings) - valid)
     if unknown:
         raise UserError(f"unknown {section} setting(s) {', '.join(unknown)}",
                         f"valid {section} settings: {', '.join(sorted(valid))}")
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    _check_types(settings, {**hints, **extra}, prefix=f"{section}.")
+
+
+#: how a message asks for a value of each type (YAML spelling)
+_TYPE_WORDS = {bool: "true or false", int: "an int", float: "a number", str: "text", dict: "a mapping",
+               type(None): "null"}
+
+
+def _check_types(values: dict, hints: dict, *, prefix: str = "") -> None:
+    """UserError ``"admm.epochs='two' has the wrong type; give an int"`` for the first value of ``values``
+    that does not fit its annotation in ``hints`` (:func:`_fits`); names without an annotation pass."""
+    for name, value in values.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise UserError(f"{prefix}{name}={value!r} has the wrong type", f"give {_type_words(hints[name])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML fits an annotation: an int is a float too, a bool is never a number,
+    a list is a ``Sequence[...]`` of fitting items; annotations this cannot read (Any, Callable) accept all."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    if origin is not None and isinstance(origin, type) and issubclass(origin, abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value if args)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_words(hint: Any) -> str:
+    """``int | None`` -> ``"an int or null"``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        words = [_type_words(arg) for arg in typing.get_args(hint)]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if typing.get_origin(hint) is not None:
+        return "a list"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def phase_seed(seed: int, round_index: int, phase: str) -> int:
@@ -374,8 +426,10 @@ class Compressor:
     @classmethod
     def start(cls, checkpoint_path: str | Path, config: CompressConfig, out_dir: str | Path, *,
               progress: bool = True) -> "Compressor":
-        """A new run in ``out_dir`` (refused when it already holds a run: resume it or pick another)."""
+        """A new run in ``out_dir`` (refused when it already holds a run: resume it or pick another); a
+        relative ``config.data_dir`` is stored absolute, so the run resumes from any working directory."""
         config.validate()
+        config = config.with_absolute_paths()
         run = RunFolder(out_dir)
         if run.file("state.json").exists() or run.file("config.yaml").exists():
             raise UserError(f"run folder {out_dir} already holds a run",

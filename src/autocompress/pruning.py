@@ -32,7 +32,7 @@ from .errors import UserError
 from .masks import Masks
 from .metrics import count_macs, count_nonzero_params, count_params
 from .purification import DEFAULT_THRESHOLDS, purify as purify_masks
-from .space import KINDS, PruningSpace
+from .space import KINDS, PruningSpace, check_rate
 from .text import plural
 from .training import TrainConfig, evaluate, seeded
 
@@ -70,7 +70,7 @@ def expand_rates(space: PruningSpace, spec: Mapping, dims: Sequence[str]) -> dic
 
     Raises:
         UserError: not a mapping, an unknown key, a kind outside ``dims``, an unknown unit name (the message
-            lists the valid names) or a rate outside ``[0, 1)``.
+            lists the valid names) or a rate outside ``[0, 1)`` (a bad ``default`` is named as such).
     """
     if not isinstance(spec, Mapping):
         raise UserError("the rates must be a mapping with keys filter / column / irregular / default",
@@ -88,9 +88,10 @@ def expand_rates(space: PruningSpace, spec: Mapping, dims: Sequence[str]) -> dic
                             f"add {kind} to --dims or remove the {kind} rates")
         rates[kind] = dict(given)
     if "default" in spec:
+        default = check_rate(spec["default"], "the default rate")
         for kind in dims:
             for unit in space.units(kind):
-                rates[kind].setdefault(unit.name, spec["default"])
+                rates[kind].setdefault(unit.name, default)
     return space.check_rates(rates)
 
 

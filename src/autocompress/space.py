@@ -165,6 +165,14 @@ class Counts:
 Unit = FilterGroup | ColumnLayer | IrregularLayer
 
 
+def check_rate(rate: object, what: str) -> float:
+    """``rate`` as a float when it is a number in ``[0, 1)``; otherwise UserError ``"<what> is <rate>,
+    outside [0, 1)"`` (``what`` names the rate, e.g. ``"filter rate of 'conv1'"`` or ``"the default rate"``)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise UserError(f"{what} is {rate!r}, outside [0, 1)", "give each rate as a fraction removed, e.g. 0.5")
+    return float(rate)
+
+
 class PruningSpace:
     """Prunable units of one model (see the module docstring). Build with :meth:`build`.
 
@@ -291,10 +299,7 @@ class PruningSpace:
                     listing = ", ".join(valid) if valid else "(none: this space has no such units)"
                     raise UserError(f"{kind} unit {name!r} is not in the pruning space",
                                     f"valid {kind} names: {listing}")
-                if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-                    raise UserError(f"{kind} rate of {name!r} is {rate!r}, outside [0, 1)",
-                                    "give each rate as a fraction removed, e.g. 0.5")
-                checked[kind][name] = float(rate)
+                checked[kind][name] = check_rate(rate, f"{kind} rate of {name!r}")
         return checked
 
     # ------------------------------------------------------------------ masks

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .analysis import analysis_mode
 from .errors import UserError
+from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -67,10 +68,17 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def validate(self) -> "TrainConfig":
-        """Check the values; returns self. Raises UserError naming the bad option."""
+    def validate(self, *, epochs_flag: str = "--epochs", retraining: bool = False) -> "TrainConfig":
+        """Check the values; returns self. Raises UserError naming the bad option (``epochs`` as
+        ``epochs_flag``). ``retraining``: masked retraining, where ``epochs`` 0 means no retraining (the other
+        values are then unused and not checked); otherwise ``epochs`` must be >= 1."""
+        least = 0 if retraining else 1
+        if self.epochs < least:
+            raise UserError(f"{epochs_flag} {self.epochs} is {'negative' if retraining else 'not positive'}",
+                            f"pass {epochs_flag} >= {least}" + (" (0: no retraining)" if retraining else ""))
+        if self.epochs == 0:
+            return self
         checks = [
-            (self.epochs >= 1, f"--epochs {self.epochs} is not positive", "pass --epochs >= 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} is not positive", "pass --batch-size >= 1"),
             (self.lr > 0 and math.isfinite(self.lr), f"--lr {self.lr} is not a positive number", "pass e.g. --lr 0.1"),
             (0 <= self.momentum < 1, f"--momentum {self.momentum} is outside [0, 1)", "pass e.g. --momentum 0.9"),
@@ -122,14 +130,37 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 
 
 def check_device(name: str) -> torch.device:
-    """``torch.device(name)``, checked: a malformed name, or CUDA on a machine without it, raises UserError."""
+    """``torch.device(name)``, checked: only devices usable here pass (the CPU always, CUDA when available,
+    with an existing index); a malformed name or any other device type (mps, xpu, meta, ...) raises
+    UserError."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
         raise UserError(f"unknown device {name!r}", "use --device cpu (or cuda on a machine with a GPU)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here", "use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but CUDA is not available here", "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)",
+                            "use --device cuda or cpu")
+    elif device.type != "cpu":
+        raise UserError(f"device {name!r} is not available here", "use --device cpu")
     return device
+
+
+def resumable_state(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The ``training_state`` of checkpoint ``ckpt`` (read from ``path``) that :func:`fit` resumes from.
+
+    Raises:
+        UserError: the checkpoint's training finished (its ``training_state`` is None): nothing to resume.
+    """
+    state = ckpt.get("training_state")
+    if state is None:
+        epochs = (ckpt.get("metrics") or {}).get("epochs")
+        done = f" ({plural(epochs, 'epoch')})" if epochs is not None else ""
+        raise UserError(f"{path} has finished training{done}; nothing to resume",
+                        f"choose another --out to train anew, or evaluate it with `autocompress evaluate {path}`")
+    return state
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -310,10 +341,7 @@ def fit(model: nn.Module, splits, config: TrainConfig, *, checkpoint_path: str |
     start_epoch, global_rng = 0, None
     if resume:
         ckpt = load_checkpoint(checkpoint_path)
-        state = ckpt["training_state"]
-        if state is None:
-            raise UserError(f"checkpoint {checkpoint_path} holds a finished training run; nothing to resume",
-                            "use it as it is, or train anew with another --out")
+        state = resumable_state(ckpt, checkpoint_path)
         stored = {k: v for k, v in ckpt["config"].items() if k != "device"}
         wanted = {k: v for k, v in dataclasses.asdict(config).items() if k != "device"}
         if stored != wanted:
@@ -370,5 +398,5 @@ def _summary(history: list[dict]) -> dict:
             "history": list(history)}
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_model_input", "evaluate",
-           "fit", "seeded", "train_epoch"]
+__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_device", "check_model_input",
+           "evaluate", "fit", "resumable_state", "seeded", "train_epoch"]

@@ -5,8 +5,12 @@ Each sub-command lives in its own module of this package and exposes two functio
 * ``add_arguments(parser: argparse.ArgumentParser) -> None``
 * ``run(args: argparse.Namespace) -> int`` (the exit status)
 
+and, when it writes files that an interruption may leave behind, ``interrupted(args) -> str``: what is on
+disk after a Ctrl-C and how to continue, checked at that moment.
+
 A :class:`~autocompress.errors.UserError` anywhere becomes one line on stderr and exit status 2;
-Ctrl-C becomes exit status 130 (everything written so far was written atomically); a reader that closes
+Ctrl-C becomes exit status 130 and the line ``autocompress: interrupted`` followed by the command's
+``interrupted(args)`` (every file is written atomically, so what exists is complete); a reader that closes
 stdout early (``autocompress inspect x.pt | head -1``) ends the command quietly with exit status 1.
 """
 from __future__ import annotations
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # command not built yet
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        command.set_defaults(_run=module.run, _interrupted=getattr(module, "interrupted", None))
     return parser
 
 
@@ -63,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autocompress: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("autocompress: interrupted; files written so far are complete (resume with --resume)",
-              file=sys.stderr)
+        left = args._interrupted(args) if args._interrupted is not None else None
+        print(f"autocompress: interrupted{f'; {left}' if left else ''}", file=sys.stderr)
         return 130
 
 

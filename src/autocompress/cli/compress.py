@@ -104,7 +104,8 @@ def _check_same_run(compressor, args: argparse.Namespace, settings: dict) -> Non
     """--resume-if-exists continues a run only when CHECKPOINT and the settings asked for are the stored ones."""
     import dataclasses
 
-    asked = dataclasses.asdict(_config(args, settings, validate=False))  # only its differences matter
+    # only its differences matter; data_dir as Compressor.start stores it (absolute)
+    asked = dataclasses.asdict(_config(args, settings, validate=False).with_absolute_paths())
     stored = dataclasses.asdict(compressor.config)
     changed = sorted(key for key in asked if asked[key] != stored[key])
     if args.checkpoint and Path(args.checkpoint).resolve() != compressor.checkpoint_path.resolve():
@@ -131,8 +132,38 @@ def _resume_command(out: str, args: argparse.Namespace) -> str:
     return f"autocompress compress --resume {shlex.quote(str(out))}{data_dir}"
 
 
+def _run_dir(args: argparse.Namespace) -> str | None:
+    """The run folder: ``--resume``, ``--out``, or ``runs/compress-<checkpoint name>`` (None: no checkpoint)."""
+    if args.resume or args.out:
+        return args.resume or args.out
+    return f"runs/compress-{Path(args.checkpoint).stem}" if args.checkpoint else None
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind (the CLI prints it): the run folder with every finished phase and the
+    command that continues it, or nothing when no run was started there yet."""
+    out = _run_dir(args)
+    if out is None or not (Path(out) / "config.yaml").exists():
+        return "nothing was written"
+    return f"run folder {out} keeps every finished phase; continue it with `{_resume_command(out, args)}`"
+
+
+def chance_warning(final: dict, num_classes: int) -> str | None:
+    """A warning when the compressed model's test top-1 (``final`` record) is at or below chance (``100 /
+    num_classes`` %) plus 1 point: the target was too aggressive for the model and the training budget."""
+    chance = 100.0 / num_classes
+    top1 = final["rows"][-1]["test_top1"]
+    if top1 > chance + 1.0:
+        return None
+    return (f"autocompress: warning: the compressed model's test top-1 {top1:.2f}% is at chance level "
+            f"({chance:.2f}% for {num_classes} classes): target {final['target']} is too aggressive for this "
+            "model and budget; try a lower --target, or more rounds / epochs (--rounds, --admm-epochs, "
+            "--retrain-epochs)")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start or resume a run, then print the final table. Returns 0 (130 after Ctrl-C)."""
+    """Start or resume a run, then print the final table (and :func:`chance_warning` on stderr when the
+    result is at chance). Returns 0; a Ctrl-C is reported with :func:`interrupted`."""
     from ..compress import CompressConfig, Compressor
     from ..report import final_table_rows
 
@@ -142,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         _refuse_changes(args)
     settings = CompressConfig.read_yaml(args.config) if args.config else {}
-    out = args.resume or args.out
+    out = _run_dir(args)
     if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
         compressor = Compressor.resume(out, progress=progress, data_dir=args.data_dir)
         if not args.resume:  # --resume-if-exists: only the run these flags would start
@@ -150,17 +181,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint:
             raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
-        out = out or f"runs/compress-{Path(args.checkpoint).stem}"
         compressor = Compressor.start(args.checkpoint, _config(args, settings), out, progress=progress)
-    try:
-        final = compressor.run()
-    except KeyboardInterrupt:
-        print(f"autocompress: interrupted; run folder {out} keeps every finished phase; continue it with "
-              f"`{_resume_command(out, args)}`", file=sys.stderr)
-        return 130
+    final = compressor.run()
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     print(f"run folder: {out} (model.pt, report.html, metrics.jsonl, config.yaml)")
+    warning = chance_warning(final, compressor.splits.num_classes)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0

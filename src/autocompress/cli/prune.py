@@ -162,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
                       rho_growth=args.rho_growth, rho_max=args.rho_max, update_interval=args.update_interval)
     retrain = TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
                           seed=args.seed, device=args.device)
-    if retrain.epochs != 0:
-        retrain.validate()
+    retrain.validate(epochs_flag="--retrain-epochs", retraining=True)
     began = time.perf_counter()
     result = prune(model, spec, example_inputs=example, splits=splits, dims=dims, admm=admm, retrain=retrain,
                    purify=not args.no_purify, purify_tolerance=args.purify_tolerance,

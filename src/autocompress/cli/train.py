@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..data import get_dataset
     from ..models import create_model
-    from ..training import check_device, check_model_input, fit, seeded
+    from ..training import check_device, check_model_input, fit, resumable_state, seeded
 
     check_device(args.device)
-    out = Path(args.out or f"runs/{args.model.replace(':', '_')}_{args.dataset}.pt")
+    out = _out(args)
     resume = args.resume
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                          nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(TrainConfig.from_dict(stored["config"]), device=args.device)
         model_kwargs = {k: v for k, v in stored_model["kwargs"].items() if k != "num_classes"}
         val_size, seed = stored["dataset"].get("val_size", args.val_size), stored["dataset"].get("seed", config.seed)
-        print(f"resuming {out} at epoch {stored['training_state']['epoch']}/{config.epochs} with its stored settings")
+        epoch = resumable_state(stored, out)["epoch"]
+        print(f"resuming {out} at epoch {epoch}/{config.epochs} with its stored settings")
     else:
         val_size, seed = args.val_size, config.seed
 
@@ -129,6 +130,20 @@ def run(args: argparse.Namespace) -> int:
           + f"; {metrics['epoch_seconds']:.1f} s per epoch, {time.perf_counter() - began:.0f} s in all; "
           f"checkpoint {out}")
     return 0
+
+
+def _out(args: argparse.Namespace) -> Path:
+    """The checkpoint path: ``--out``, or ``runs/<model>_<dataset>.pt``."""
+    return Path(args.out or f"runs/{args.model.replace(':', '_')}_{args.dataset}.pt")
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind (the CLI prints it): the checkpoint of the last finished epoch, which
+    ``--resume`` continues, or nothing."""
+    out = _out(args)
+    if out.exists():
+        return f"{out} holds the last finished epoch; continue it with the same command and --resume"
+    return f"nothing was written ({out} does not exist)"
 
 
 def _pct(value) -> str:
