@@ -11,28 +11,16 @@ from __future__ import annotations
 import argparse
 import collections
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import torch
 
 import autocompress
 from autocompress.checkpoint import load_checkpoint
 from autocompress.export import export_onnx
-
-
-def _median_ms(session: ort.InferenceSession, batch: torch.Tensor, runs: int) -> float:
-    feed = {"input": batch.numpy()}
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return sorted(times)[len(times) // 2]
+from autocompress.text import plural
+from run_grid import ort_median_ms, ort_session  # benchmarks/, this script's folder
 
 
 def main() -> None:
@@ -44,8 +32,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     input_size = load_checkpoint(args.base)["dataset"]["input_size"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in (("base", args.base), ("compact", args.compact)):
@@ -53,16 +39,16 @@ def main() -> None:
             ops = collections.Counter(node.op_type for node in onnx.load(str(result.path)).graph.node)
             print(f"{name}: {result.num_bytes:,} bytes, max |ORT - PyTorch| {result.max_abs_diff:.2g}, "
                   f"ops {dict(sorted(ops.items()))}")
-            sessions[name] = ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
+            sessions[name] = ort_session(result.path, args.threads)
         generator = torch.Generator().manual_seed(0)
         for batch in (1, 64):
             x = torch.randn(batch, *input_size, generator=generator)
             best = {name: float("inf") for name in sessions}
             for _ in range(3):  # alternate; a load spike can only slow a median down, so keep the lowest
                 for name, session in sessions.items():
-                    best[name] = min(best[name], _median_ms(session, x, args.runs))
+                    best[name] = min(best[name], ort_median_ms(session, x, args.runs, warmup=5))
             print(f"batch {batch}: base {best['base']:.3f} ms, compact {best['compact']:.3f} ms, "
-                  f"speedup {best['base'] / best['compact']:.2f}x ({args.threads} thread(s))")
+                  f"speedup {best['base'] / best['compact']:.2f}x ({plural(args.threads, 'thread')})")
 
 
 if __name__ == "__main__":

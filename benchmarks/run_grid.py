@@ -132,29 +132,39 @@ def cell_id(model: str, target: str, method: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- measurement
-def _ort_latency(model, example, runs: int, threads: int) -> float:
-    """Median onnxruntime CPU latency (ms) of ``model`` exported with :func:`autocompress.export.export_onnx`."""
+def ort_session(path: str | os.PathLike, threads: int):
+    """onnxruntime CPU session of the ``.onnx`` file at ``path`` with ``threads`` intra-op threads."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_median_ms(session, batch, runs: int, *, warmup: int = 3) -> float:
+    """Median latency (ms) of ``session`` on ``batch`` (a tensor ``[N, C, H, W]``) over ``runs`` runs, after
+    ``warmup`` untimed ones."""
+    feed = {"input": batch.numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _ort_latency(model, example, runs: int, threads: int) -> float:
+    """Median onnxruntime CPU latency (ms) of ``model`` exported with :func:`autocompress.export.export_onnx`."""
     from autocompress.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, example[:1], path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {"input": example.numpy()}
-        for _ in range(3):
-            session.run(None, feed)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
-    return times[len(times) // 2]
+        return ort_median_ms(ort_session(path, threads), example, runs)
 
 
 def measure(base, compact_model, splits, *, threads: int = 1, runs: int = 20, repeats: int = 3) -> dict:
