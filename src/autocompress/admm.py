@@ -19,9 +19,9 @@ Choices the paper leaves open (all settings of :class:`ADMMConfig`):
   changes (Boyd et al. 2011, §3.4.1), so the unscaled multiplier ``rho * U`` is unchanged.
 * Z/U updates happen every ``update_interval`` optimiser steps, or at the end of every epoch when
   ``update_interval`` is ``None`` (the default). ``"auto"`` spaces them so that ``rho`` reaches ``rho_max``
-  after :data:`RHO_RAMP_FRACTION` of the phase's steps, whatever the dataset size (our choice: a fixed
-  step count reaches the cap on Fashion-MNIST's 430 batches per epoch but leaves rho near ``rho_init`` on a
-  10k-image subset; the residual history in BENCHMARKS.md shows the difference).
+  after :data:`RHO_RAMP_FRACTION` of the phase's steps, whatever the dataset size (our choice, for long
+  phases where a fixed step count would reach the cap almost at once; on short phases of a few hundred
+  steps it measured 4-7 points worse than a fixed 100 steps, BENCHMARKS.md "Peers and ablations").
 * The penalty is one fused autograd node (:class:`_ProximalPenalty`): its forward computes
   ``W - (Z - U)`` with ``torch._foreach`` ops outside autograd and its backward returns
   ``rho * (W - Z + U)``, so a W-step costs one extra element-wise pass over the masked parameters, not a

@@ -38,9 +38,9 @@ from torch import nn
 
 from .analysis import analysis_mode
 from .masks import Masks, apply_masks
-from .text import plural
 from .projection import group_scores
 from .space import PruningSpace
+from .text import plural
 from .training import evaluate
 
 #: default redundant-weight thresholds, relative to the layer's mean remaining unit norm

@@ -15,8 +15,8 @@ import yaml
 
 from ..data import DATASETS
 from ..errors import UserError
-from ..training import SCHEDULES, TrainConfig
 from ..text import plural
+from ..training import SCHEDULES, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
