@@ -27,6 +27,7 @@ import concurrent.futures
 import csv
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -113,10 +114,13 @@ AUTOCOMPRESS_METHODS = {
     "ac_one_round": ("variant: one round, compress's default rho (0.02, x1.6 every 100 steps)", {}),
     "ac_one_round_auto": ("variant: one round, rho 0.02 x1.6 reaching 1.0 halfway through ADMM (auto)",
                           {"admm": {"update_interval": "auto"}}),
+    # session 4: a short-budget schedule (see final_retrain_settings) with distillation from the base
+    "ac_kd": ("variant: 1 ADMM epoch per round, the rest in the final retraining, distillation (T 4, alpha 0.9)",
+              {"distillation": {"enabled": True}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
-VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto")  # opt-in, not part of the issue's grid
+VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd")  # opt-in, not part of the issue's grid
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -209,13 +213,32 @@ def _splits(spec: ModelSpec, ckpt: dict):
                        max_train=spec.max_train, max_test=spec.max_test)
 
 
-def one_round_settings(spec: ModelSpec) -> dict:
+def one_round_settings(spec: ModelSpec, target: str) -> dict:
     """Settings of ``ac_one_round``: every round's ADMM and retraining epochs spent in one round to the
     final target, under the compress command's default rho schedule (the same total epoch budget)."""
     from autocompress.compress import SECTION_DEFAULTS
 
     return {"rounds": 1, "admm": {**SECTION_DEFAULTS["admm"], "epochs": spec.rounds * spec.admm_epochs},
             "retrain": {"epochs": spec.rounds * spec.retrain_epochs, "lr": 0.01}}
+
+
+def final_retrain_settings(spec: ModelSpec, target: str) -> dict:
+    """Settings of ``ac_kd``: one round per decade of the target (10x: 1 round, 30x: 2 rounds of ~5.5x),
+    one ADMM epoch each (the compress command's default rho), no retraining between rounds, and every
+    remaining epoch of the budget in the last round's retraining.
+
+    At these budgets ADMM does not converge (the hard-pruned validation top-1 after it is near chance), so
+    epochs buy more as retraining of the final architecture; rounds keep each search step at most 10x."""
+    from autocompress.compress import SECTION_DEFAULTS, Target
+
+    rounds = max(1, math.ceil(math.log10(Target.parse(target).factor) - 1e-9))
+    return {"rounds": rounds, "admm": {**SECTION_DEFAULTS["admm"], "epochs": 1},
+            "retrain": {"epochs": 0, "lr": 0.01}, "final_retrain_epochs": spec.epochs - rounds}
+
+
+#: variants whose round / epoch schedule differs from the grid's (same total epoch budget)
+SCHEDULES = {"ac_one_round": one_round_settings, "ac_one_round_auto": one_round_settings,
+             "ac_kd": final_retrain_settings}
 
 
 def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> tuple[object, dict]:
@@ -228,8 +251,8 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> t
                 "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs, **GRID_RHO},
                 "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
                 "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 3}
-    if method.startswith("ac_one_round"):
-        settings.update(one_round_settings(spec))
+    if method in SCHEDULES:
+        settings.update(SCHEDULES[method](spec, target))
     for key, value in AUTOCOMPRESS_METHODS[method][1].items():  # dict settings merge (keep the budget's epochs)
         settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value
     config = CompressConfig.from_dict(settings)
