@@ -118,9 +118,11 @@ AUTOCOMPRESS_METHODS = {
     "ac_kd": ("variant: 1 ADMM epoch per round, the rest in the final retraining, distillation (T 4, alpha 0.9)",
               {"distillation": {"enabled": True}}),
 }
-PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner"}
+PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
+         # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
+         "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
-VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd")  # opt-in, not part of the issue's grid
+VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "tp_kd")  # opt-in, not part of the issue's grid
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -268,8 +270,9 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> t
     return autocompress.load(work / "model.pt"), facts
 
 
-def run_torch_pruning(spec: ModelSpec, target: str, work: Path) -> tuple[object, dict]:
-    """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process."""
+def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool = False) -> tuple[object, dict]:
+    """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``
+    fine-tunes with distillation from the base (the ``tp_kd`` reference)."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
     import torch_pruning_baseline
 
@@ -279,7 +282,7 @@ def run_torch_pruning(spec: ModelSpec, target: str, work: Path) -> tuple[object,
     out = work / "model.pt"
     facts = torch_pruning_baseline.run(str(ROOT / spec.checkpoint), target, epochs=spec.epochs, lr=0.01,
                                        max_train=spec.max_train, val_size=spec.val_size, data_dir=spec.data_dir,
-                                       seed=0, out=str(out))
+                                       seed=0, out=str(out), distill=distill)
     facts["physical"] = "torch-pruning"
     return autocompress.load(out), facts
 
@@ -404,8 +407,8 @@ def run_cell(model: str, target: str, method: str, *, threads: int) -> dict:
     began = time.perf_counter()
     if method in AUTOCOMPRESS_METHODS:
         compact_model, facts = run_autocompress(spec, target, method, work)
-    elif method == "torch_pruning":
-        compact_model, facts = run_torch_pruning(spec, target, work)
+    elif method in ("torch_pruning", "tp_kd"):
+        compact_model, facts = run_torch_pruning(spec, target, work, distill=method == "tp_kd")
     else:
         compact_model, facts = run_nni(spec, target, work)
     wall = time.perf_counter() - began

@@ -133,3 +133,18 @@ def test_bad_retrain_epochs_and_devices_exit_2(checkpoint, tmp_path, capsys, fla
     code, _, err = _run(capsys, checkpoint, "--rates", rates, "--out", out, "--max-train", 200, *flags)
     assert (code, err) == (2, f"autocompress: error: {message}\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-0.1", "'-0.1' must be a fraction >= 0, e.g. 0.005 (half a top-1 point)"),
+    ("nan", "'nan' must be a fraction >= 0, e.g. 0.005 (half a top-1 point)"),
+    ("lots", "'lots' is not a number; give a fraction such as 0.005"),
+])
+def test_bad_purify_tolerance_is_refused_before_any_work(checkpoint, tmp_path, capsys, value, message):
+    out = tmp_path / "never.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(checkpoint), "--rates", str(tmp_path / "missing.yaml"), "--out", str(out),
+              "--purify-tolerance", value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"autocompress prune: error: argument --purify-tolerance: {message}"
+    assert not out.exists()

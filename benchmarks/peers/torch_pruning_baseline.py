@@ -28,7 +28,9 @@ from torch import nn
 from autocompress import metrics
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 from autocompress.compress import Target
+from autocompress.admm import masked_retrain
 from autocompress.data import get_dataset
+from autocompress.distillation import DistillationConfig, Distiller
 from autocompress.serialization import save_compact
 from autocompress.training import TrainConfig, fit
 
@@ -104,9 +106,12 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
 
 
 def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int | None, val_size: int,
-        data_dir: str | None, seed: int, out: str, progress: bool = False) -> dict:
+        data_dir: str | None, seed: int, out: str, distill: bool = False, progress: bool = False) -> dict:
     """Prune the checkpoint's model to ``target``, fine-tune ``epochs`` epochs (SGD, cosine, ``lr``), save the
-    pruned model as an autocompress checkpoint at ``out``. Returns timings and the search outcome."""
+    pruned model as an autocompress checkpoint at ``out``. Returns timings and the search outcome.
+
+    ``distill=True`` fine-tunes with autocompress's distillation from the unpruned model (T 4, alpha 0.9;
+    not part of Torch-Pruning): a reference for how much of autocompress's ``ac_kd`` gain is distillation."""
     began = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -115,7 +120,15 @@ def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int 
     example = torch.zeros(1, *splits.input_size)
     result = prune_to_target(model, example, Target.parse(target))
     search_seconds = time.perf_counter() - began
-    history = fit(result.model, splits, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
+    config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
+    if distill:
+        loader = splits.loader("train", config.batch_size, shuffle=True, augment=True,
+                               generator=torch.Generator().manual_seed(seed))
+        stats = masked_retrain(result.model, {}, loader, config, distiller=Distiller(model, DistillationConfig()),
+                               val_loader=splits.loader("val", 256, shuffle=False, augment=False), progress=progress)
+        history = {"val_top1": stats[-1]["val_top1"] if stats else None}
+    else:
+        history = fit(result.model, splits, config, progress=progress)
     save_compact(out, result.model, base_checkpoint=ckpt, metrics={"method": "torch-pruning"})
     return {"pruning_ratio": result.pruning_ratio, "reduction": result.reduction, "trials": result.trials,
             "search_seconds": search_seconds, "epochs": epochs, "val_top1": history["val_top1"],
@@ -133,10 +146,11 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--distill", action="store_true", help="fine-tune with distillation from the unpruned model")
     args = parser.parse_args()
     print(json.dumps(run(args.checkpoint, args.target, epochs=args.epochs, lr=args.lr, max_train=args.max_train,
                          val_size=args.val_size, data_dir=args.data_dir, seed=args.seed, out=args.out,
-                         progress=True)))
+                         distill=args.distill, progress=True)))
 
 
 if __name__ == "__main__":

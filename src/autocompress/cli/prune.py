@@ -9,6 +9,7 @@ The ``RATES.yaml`` format is :data:`RATES_FORMAT`, printed at the end of ``autoc
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def _interval(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of steps") from None
 
+
+def _tolerance(text: str) -> float:
+    """``--purify-tolerance`` value: a finite fraction >= 0 (0.005 = half a top-1 point)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.005") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction >= 0, e.g. 0.005 (half a top-1 point)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress prune``."""
     from ..admm import ADMMConfig
@@ -72,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain-epochs", type=int, default=10, help="masked retraining epochs (0: none)")
     parser.add_argument("--retrain-lr", type=float, default=0.01)
     parser.add_argument("--no-purify", action="store_true", help="skip purification")
-    parser.add_argument("--purify-tolerance", type=float, default=0.005,
+    parser.add_argument("--purify-tolerance", type=_tolerance, default=0.005,
                         help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists")
