@@ -325,6 +325,8 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys):
      "largest accepted validation top-1 drop as a fraction >= 0, e.g. 0.005"),
     ("target: params=2x\npurification: {enabled: maybe}\n", [],
      "purification.enabled='maybe' has the wrong type; give true or false"),
+    ("target: params=2x\npurification: {thresholds: [0.1, x]}\n", [],
+     "purification.thresholds=[0.1, 'x'] has the wrong type; give a list of items each a number"),
     ("target: huge\n", ["--target", "params=2x", "--rounds", "abc"],
      "invalid round schedule 'abc'; use 'doubling', a number of rounds, or increasing targets > 1 ending at 2"),
 ])

@@ -312,12 +312,13 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _type_words(hint: Any) -> str:
-    """``int | None`` -> ``"an int or null"``."""
+    """``int | None`` -> ``"an int or null"``; ``list[float]`` -> ``"a list of items each a number"``."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         words = [_type_words(arg) for arg in typing.get_args(hint)]
         return ", ".join(words[:-1]) + " or " + words[-1]
     if typing.get_origin(hint) is not None:
-        return "a list"
+        items = typing.get_args(hint)
+        return f"a list of items each {_type_words(items[0])}" if items else "a list"
     return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
