@@ -242,13 +242,30 @@ def test_retraining_runs_on_the_shrunk_model(finished_run):
 
 
 def test_partial_sections_keep_the_other_defaults():
+    """Every section is resolved in full (what config.yaml shows is everything the run uses)."""
     config = CompressConfig.from_dict({"target": "params=2x", "admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
-    assert config.admm == {"epochs": 3, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100}
-    assert config.retrain == {"epochs": 3, "lr": 0.05}
-    assert config.purification == {"enabled": True}
+    assert config.admm == {"epochs": 3, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "rho_init": 0.02,
+                           "rho_growth": 1.6, "rho_max": 1.0, "update_interval": 100, "label_smoothing": 0.0}
+    assert config.retrain == {"epochs": 3, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                              "schedule": "cosine", "pct_start": 0.25, "label_smoothing": 0.0}
+    assert config.purification == {"enabled": True, "tolerance": 0.005, "thresholds": [0.01, 0.02, 0.05, 0.1, 0.2]}
+    assert config.search == {"start_temperature": 0.05, "cooling_rate": 0.85, "stop_temperature": 0.002,
+                             "perturbation_magnitude": 0.1, "max_evaluations": 30}
     assert config.distillation == {"enabled": False, "temperature": 4.0, "alpha": 0.9}
     assert config.quick_eval == {"bn_recalibration": True, "bn_batches": 5, "val_batches": 10, "batch_size": 256}
-    assert CompressConfig.from_dict(dataclasses.asdict(config)) == config  # the resolved config round-trips
+    retrain = config.retrain_config(last=True)
+    assert (retrain.lr, retrain.batch_size, retrain.epochs) == (0.05, 128, 3)
+    plain = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config)))
+    assert CompressConfig.from_dict(plain) == config  # config.yaml round-trips
+
+
+@pytest.mark.parametrize("section, key", [("retrain", "batch_size"), ("retrain", "seed"), ("retrain", "device"),
+                                          ("search", "seed"), ("quick_eval", "seed")])
+def test_settings_the_run_supplies_itself_are_refused_in_sections(section, key):
+    """Batch sizes come from ``batch_size`` and seeds from ``seed``: a section key that would be ignored is
+    an error, not silently dropped."""
+    with pytest.raises(UserError, match=rf"^unknown {section} setting\(s\) {key}; valid {section} settings: "):
+        CompressConfig.from_dict({"target": "params=2x", section: {key: 1}})
 
 
 def test_resolved_config_yaml_shows_the_quick_eval_defaults():

@@ -107,19 +107,57 @@ def round_targets(final: float, rounds: str | list[float]) -> list[float]:
     return targets
 
 
-#: defaults of the config sections; a section given in part (e.g. ``admm: {epochs: 3}``) is merged over them
-SECTION_DEFAULTS = {"admm": {"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6, "update_interval": 100},
-                    "purification": {"enabled": True}, "retrain": {"epochs": 3},
-                    "distillation": dataclasses.asdict(DistillationConfig()),
-                    "quick_eval": {name: p.default for name, p in inspect.signature(QuickEvaluator).parameters.items()
-                                   if p.kind is p.KEYWORD_ONLY and name != "seed"}}
+@dataclass(frozen=True)
+class Section:
+    """What one config section configures.
+
+    Attributes:
+        target: the dataclass or function whose fields / keyword arguments the section's keys are.
+        skip: its parameters the run supplies itself (not settable in the section).
+        extra: further keys of the section and their types (not parameters of ``target``).
+        defaults: compress's own defaults, over ``target``'s.
+    """
+
+    target: Any
+    skip: frozenset = frozenset()
+    extra: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+
+    def keys(self) -> set[str]:
+        """The keys the section accepts."""
+        return (set(inspect.signature(self.target).parameters) - self.skip) | set(self.extra)
+
+    def resolved(self, given: dict) -> dict:
+        """Every key of the section: ``given`` over compress's defaults over ``target``'s own (tuples as
+        lists, as YAML reads them back)."""
+        own = {name: list(p.default) if isinstance(p.default, tuple) else p.default
+               for name, p in inspect.signature(self.target).parameters.items()
+               if name not in self.skip and p.default is not inspect.Parameter.empty}
+        return {**own, **self.defaults, **given}
+
+
+#: the config sections. Compress's own defaults: ADMM raises rho from 0.02 by 1.6x every 100 steps (see
+#: CompressConfig.admm), retraining runs 3 epochs at lr 0.01, purification is on. Seeds come from the run's
+#: ``seed`` (per phase, :func:`phase_seed`) and batch sizes from ``batch_size``, so no section sets them.
+SECTIONS = {
+    "search": Section(AnnealingConfig, skip=frozenset({"seed"})),
+    "quick_eval": Section(QuickEvaluator, skip=frozenset({"model", "space", "splits", "seed"})),
+    "admm": Section(admm.ADMMConfig, defaults={"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6,
+                                               "update_interval": 100}),
+    "purification": Section(purify, skip=frozenset({"model", "space", "masks", "example_inputs", "val_loader", "log"}),
+                            extra={"enabled": bool}, defaults={"enabled": True}),
+    "retrain": Section(TrainConfig, skip=frozenset({"batch_size", "seed", "device"}), defaults={"epochs": 3, "lr": 0.01}),
+    "distillation": Section(DistillationConfig),
+}
+#: every section's settings when the config gives none
+SECTION_DEFAULTS = {name: section.resolved({}) for name, section in SECTIONS.items()}
 
 
 @dataclass
 class CompressConfig:
-    """Everything a compress run depends on; written to ``config.yaml``. A section (``admm``, ``retrain``,
-    ``purification``, ...) given in part keeps the defaults of the keys it does not name
-    (:data:`SECTION_DEFAULTS`), so ``admm: {epochs: 3}`` keeps the default rho schedule.
+    """Everything a compress run depends on; written, every setting resolved, to ``config.yaml``. A section
+    (``admm``, ``retrain``, ``purification``, ...) given in part keeps the defaults of the keys it does not
+    name (:data:`SECTIONS`), so ``admm: {epochs: 3}`` keeps the default rho schedule.
 
     Attributes:
         target: e.g. ``"params=20x"`` (see :class:`Target`); required (no default: :meth:`validate` refuses
@@ -173,10 +211,10 @@ class CompressConfig:
 
     def __post_init__(self):
         # a section given in part keeps the defaults of the keys it does not name
-        for name, defaults in SECTION_DEFAULTS.items():
+        for name, section in SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, {**defaults, **value})
+                setattr(self, name, section.resolved(value))
 
     @classmethod
     def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":
@@ -217,14 +255,8 @@ class CompressConfig:
         if self.target is None:
             raise UserError("no target given", "pass e.g. --target params=10x, or target: params=10x in the config")
         Target.parse(self.target)
-        _check_section("search", self.search, AnnealingConfig)
-        _check_section("quick_eval", self.quick_eval, QuickEvaluator, skip={"model", "space", "splits", "seed"})
-        _check_section("purification", self.purification, purify,
-                       skip={"model", "space", "masks", "example_inputs", "val_loader", "log"},
-                       extra={"enabled": bool})
-        _check_section("admm", self.admm, admm.ADMMConfig)
-        _check_section("retrain", self.retrain, TrainConfig)
-        _check_section("distillation", self.distillation, DistillationConfig)
+        for name, section in SECTIONS.items():
+            _check_section(name, getattr(self, name), section)
         if self.dims not in DIMS:
             raise UserError(f"unknown --dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
         round_targets(Target.parse(self.target).factor, self.rounds)
@@ -255,7 +287,7 @@ class CompressConfig:
     def retrain_config(self, *, last: bool) -> TrainConfig:
         """Masked retraining settings (:class:`autocompress.training.TrainConfig`); ``last``: final round.
         The section's keys are checked by :meth:`validate`."""
-        settings = {"lr": 0.01, "batch_size": self.batch_size, **self.retrain}
+        settings = {**self.retrain, "batch_size": self.batch_size}
         if last and self.final_retrain_epochs is not None:
             settings["epochs"] = self.final_retrain_epochs
         return TrainConfig(**settings)
@@ -266,19 +298,17 @@ class CompressConfig:
         return AnnealingConfig(**{**self.search, "seed": phase_seed(self.seed, round_index, "search")})
 
 
-def _check_section(section: str, settings: dict, target, *, skip: set = frozenset(), extra: dict | None = None
-                   ) -> None:
-    """UserError naming a key of config ``section`` that ``target`` (a dataclass or a function) does not
-    take, or a value whose type does not fit the annotation of that field / parameter (:func:`_check_types`).
-    ``skip``: parameters the run supplies itself; ``extra``: further keys of the section and their types."""
-    extra = extra or {}
-    valid = (set(inspect.signature(target).parameters) - set(skip)) | set(extra)
+def _check_section(name: str, settings: dict, section: Section) -> None:
+    """UserError naming a key of config section ``name`` that ``section`` does not accept, or a value whose
+    type does not fit the annotation of that field / parameter (:func:`_check_types`)."""
+    valid = section.keys()
     unknown = sorted(set(settings) - valid)
     if unknown:
-        raise UserError(f"unknown {section} setting(s) {', '.join(unknown)}",
-                        f"valid {section} settings: {', '.join(sorted(valid))}")
+        raise UserError(f"unknown {name} setting(s) {', '.join(unknown)}",
+                        f"valid {name} settings: {', '.join(sorted(valid))}")
+    target = section.target
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    _check_types(settings, {**hints, **extra}, prefix=f"{section}.")
+    _check_types(settings, {**hints, **section.extra}, prefix=f"{name}.")
 
 
 #: how a message asks for a value of each type (YAML spelling)
