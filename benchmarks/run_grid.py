@@ -117,12 +117,15 @@ AUTOCOMPRESS_METHODS = {
     # session 4: a short-budget schedule (see final_retrain_settings) with distillation from the base
     "ac_kd": ("variant: 1 ADMM epoch per round, the rest in the final retraining, distillation (T 4, alpha 0.9)",
               {"distillation": {"enabled": True}}),
+    "ac_kd_uniform": ("variant: ac_kd's schedule with uniform rates (no search)",
+                      {"distillation": {"enabled": True}, "search_mode": "uniform"}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
          "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
-VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "tp_kd")  # opt-in, not part of the grid
+#: opt-in methods, not part of the issue's grid
+VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -240,7 +243,7 @@ def final_retrain_settings(spec: ModelSpec, target: str) -> dict:
 
 #: variants whose round / epoch schedule differs from the grid's (same total epoch budget)
 SCHEDULES = {"ac_one_round": one_round_settings, "ac_one_round_auto": one_round_settings,
-             "ac_kd": final_retrain_settings}
+             "ac_kd": final_retrain_settings, "ac_kd_uniform": final_retrain_settings}
 
 
 def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> tuple[object, dict]:
