@@ -135,9 +135,10 @@ def method_label(method: str) -> str:
     return AUTOCOMPRESS_METHODS[method][0] if method in AUTOCOMPRESS_METHODS else PEERS[method]
 
 
-def cell_id(model: str, target: str, method: str) -> str:
-    """File-name-safe id of one grid cell, e.g. ``fmnist_cnn__params=10x__nni``."""
-    return f"{model}__{target}__{method}"
+def cell_id(model: str, target: str, method: str, seed: int = 0) -> str:
+    """File-name-safe id of one grid cell, e.g. ``fmnist_cnn__params=10x__nni`` (``...__seed1`` for a
+    method seed other than 0)."""
+    return f"{model}__{target}__{method}" + (f"__seed{seed}" if seed else "")
 
 
 # ----------------------------------------------------------------------------------------- measurement
@@ -246,12 +247,12 @@ SCHEDULES = {"ac_one_round": one_round_settings, "ac_one_round_auto": one_round_
              "ac_kd": final_retrain_settings, "ac_kd_uniform": final_retrain_settings}
 
 
-def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> tuple[object, dict]:
-    """One autocompress run with the method's overrides; returns (compact model, facts)."""
+def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed: int = 0) -> tuple[object, dict]:
+    """One autocompress run with the method's overrides and run seed; returns (compact model, facts)."""
     import autocompress
     from autocompress.compress import CompressConfig, Compressor
 
-    settings = {"target": target, "dims": "filter,column", "rounds": spec.rounds, "seed": 0,
+    settings = {"target": target, "dims": "filter,column", "rounds": spec.rounds, "seed": seed,
                 "data_dir": spec.data_dir, "val_size": spec.val_size, "max_train": spec.max_train,
                 "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs, **GRID_RHO},
                 "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
@@ -273,7 +274,8 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path) -> t
     return autocompress.load(work / "model.pt"), facts
 
 
-def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool = False) -> tuple[object, dict]:
+def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool = False,
+                      seed: int = 0) -> tuple[object, dict]:
     """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``
     fine-tunes with distillation from the base (the ``tp_kd`` reference)."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
@@ -285,7 +287,7 @@ def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool
     out = work / "model.pt"
     facts = torch_pruning_baseline.run(str(ROOT / spec.checkpoint), target, epochs=spec.epochs, lr=0.01,
                                        max_train=spec.max_train, val_size=spec.val_size, data_dir=spec.data_dir,
-                                       seed=0, out=str(out), distill=distill)
+                                       seed=seed, out=str(out), distill=distill)
     facts["physical"] = "torch-pruning"
     return autocompress.load(out), facts
 
@@ -375,7 +377,7 @@ def nni_compact(spec: ModelSpec, work: Path):
     return nni_physical(model_from_checkpoint(ckpt), saved["state_dict"], saved["masks"], example)
 
 
-def remeasure_cell(model: str, target: str, method: str, *, threads: int) -> dict:
+def remeasure_cell(model: str, target: str, method: str, seed: int = 0, *, threads: int) -> dict:
     """Measure a finished cell again (e.g. on an idle machine) from its saved model; updates its JSON."""
     import torch
 
@@ -384,49 +386,51 @@ def remeasure_cell(model: str, target: str, method: str, *, threads: int) -> dic
 
     torch.set_num_threads(threads)
     spec = MODELS[model]
-    work = WORK / cell_id(model, target, method)
+    work = WORK / cell_id(model, target, method, seed)
     compact_model = nni_compact(spec, work) if method == "nni" else autocompress.load(work / "model.pt")
     ckpt = load_checkpoint(ROOT / spec.checkpoint)
-    path = RESULTS / "runs" / f"{cell_id(model, target, method)}.json"
+    path = RESULTS / "runs" / f"{cell_id(model, target, method, seed)}.json"
     record = json.loads(path.read_text())
     record.update(measure(model_from_checkpoint(ckpt), compact_model, _splits(spec, ckpt), threads=threads))
     atomic_write_text(path, json.dumps(record, indent=1, default=str))
     return record
 
 
-def run_cell(model: str, target: str, method: str, *, threads: int) -> dict:
-    """Run one grid cell in this process and return its result record (also written as JSON)."""
+def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: int) -> dict:
+    """Run one grid cell in this process and return its result record (also written as JSON). ``seed`` is
+    the run's seed (search, training order, and the training / validation subsets, the same for every method
+    of that seed); the test images are the same for every seed."""
     import torch
 
     from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 
     torch.set_num_threads(threads)
     spec = MODELS[model]
-    work = WORK / cell_id(model, target, method)
+    work = WORK / cell_id(model, target, method, seed)
     if work.exists():  # a killed earlier attempt: start clean
         import shutil
 
         shutil.rmtree(work)
     began = time.perf_counter()
     if method in AUTOCOMPRESS_METHODS:
-        compact_model, facts = run_autocompress(spec, target, method, work)
+        compact_model, facts = run_autocompress(spec, target, method, work, seed)
     elif method in ("torch_pruning", "tp_kd"):
-        compact_model, facts = run_torch_pruning(spec, target, work, distill=method == "tp_kd")
+        compact_model, facts = run_torch_pruning(spec, target, work, distill=method == "tp_kd", seed=seed)
     else:
         compact_model, facts = run_nni(spec, target, work)
     wall = time.perf_counter() - began
     ckpt = load_checkpoint(ROOT / spec.checkpoint)
     numbers = measure(model_from_checkpoint(ckpt), compact_model, _splits(spec, ckpt), threads=threads)
-    record = {"model": model, "target": target, "method": method, "wall_seconds": wall,
+    record = {"model": model, "target": target, "method": method, "seed": seed, "wall_seconds": wall,
               "budget_epochs": spec.epochs, "max_train": spec.max_train, **numbers, **facts}
-    path = RESULTS / "runs" / f"{cell_id(model, target, method)}.json"
+    path = RESULTS / "runs" / f"{cell_id(model, target, method, seed)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1, default=str))
     return record
 
 
 # ------------------------------------------------------------------------------------------------ table
-COLUMNS = ["model", "target", "method", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x", "pt_b64_x",
+COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x", "pt_b64_x",
            "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params", "compact_params",
            "base_macs", "compact_macs"]
 
@@ -438,7 +442,7 @@ def row_of(record: dict) -> dict:
 
     search = record.get("search_seconds")
     return {"model": record["model"], "target": record["target"], "method": record["method"],
-            "base_top1": round(record["base_top1"], 2), "compact_top1": round(record["compact_top1"], 2),
+            "seed": record.get("seed", 0), "base_top1": round(record["base_top1"], 2), "compact_top1": round(record["compact_top1"], 2),
             "params_x": round(ratio("params"), 2), "macs_x": round(ratio("macs"), 2),
             "pt_b1_x": round(ratio("pt_b1_ms"), 2), "pt_b64_x": round(ratio("pt_b64_ms"), 2),
             "ort_b1_x": round(ratio("ort_b1_ms"), 2), "ort_b64_x": round(ratio("ort_b64_ms"), 2),
@@ -453,7 +457,7 @@ def load_rows() -> list[dict]:
     rows = [row_of(json.loads(p.read_text())) for p in sorted((RESULTS / "runs").glob("*.json"))]
     order = {m: i for i, m in enumerate(METHODS)}
     models = list(MODELS)
-    return sorted(rows, key=lambda r: (models.index(r["model"]), r["target"], order[r["method"]]))
+    return sorted(rows, key=lambda r: (models.index(r["model"]), r["target"], order[r["method"]], r["seed"]))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -462,7 +466,8 @@ def markdown_table(rows: list[dict]) -> str:
             "speedup PyTorch b1 / b64 | speedup ORT b1 / b64 | search s | total s | epochs | physical model |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {MODELS[r['model']].label} | {r['target']} | {method_label(r['method'])} | "
+        seed = f" (seed {r['seed']})" if r["seed"] else ""
+        lines.append(f"| {MODELS[r['model']].label} | {r['target']} | {method_label(r['method'])}{seed} | "
                      f"{r['base_top1']:.2f} -> {r['compact_top1']:.2f} | {r['params_x']:.2f}x | {r['macs_x']:.2f}x | "
                      f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | {r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x | "
                      f"{r['search_s']} | {r['wall_s']} | {r['epochs']} | {r['physical']} |")
@@ -492,11 +497,13 @@ def write_outputs(bench_md: Path) -> list[dict]:
 class Plan:
     """The cells to run, in order."""
 
-    cells: list[tuple[str, str, str]] = field(default_factory=list)
+    cells: list[tuple[str, str, str, int]] = field(default_factory=list)
 
 
-def plan(models: list[str], targets: list[str] | None, methods: list[str], all_ablation_targets: bool) -> Plan:
-    """Cells of the grid; ablations run at each model's first target only unless ``all_ablation_targets``."""
+def plan(models: list[str], targets: list[str] | None, methods: list[str], all_ablation_targets: bool,
+         seeds: tuple[int, ...] = (0,)) -> Plan:
+    """Cells (model, target, method, seed) of the grid; ablations run at each model's first target only
+    unless ``all_ablation_targets``."""
     result = Plan()
     for model in models:
         for index, target in enumerate(MODELS[model].targets):
@@ -505,16 +512,17 @@ def plan(models: list[str], targets: list[str] | None, methods: list[str], all_a
             for method in methods:
                 if method in ABLATIONS and index > 0 and not all_ablation_targets:
                     continue
-                result.cells.append((model, target, method))
+                result.cells.extend((model, target, method, seed) for seed in seeds)
     return result
 
 
-def _spawn(cell: tuple[str, str, str], threads: int, log_dir: Path) -> tuple[tuple, int, float]:
+def _spawn(cell: tuple[str, str, str, int], threads: int, log_dir: Path) -> tuple[tuple, int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = log_dir / f"{cell_id(*cell)}.log"
     began = time.perf_counter()
     with open(log, "w") as handle:
-        code = subprocess.run([sys.executable, __file__, "--job", *cell, "--threads", str(threads)], env=env,
+        code = subprocess.run([sys.executable, __file__, "--job", *cell[:3], "--seed", str(cell[3]),
+                               "--threads", str(threads)], env=env,
                               stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     return cell, code, time.perf_counter() - began
 
@@ -536,15 +544,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", default="/tmp/autocompress-grid-logs")
     parser.add_argument("--remeasure", action="store_true",
                         help="measure the selected finished cells again from their saved models (idle machine)")
+    parser.add_argument("--seeds", default="0",
+                        help="comma list of run seeds (search, training order and the training / validation subsets "
+                             "drawn; for one seed every method draws the same subsets); cells of seed N > 0 are "
+                             "stored as ...__seedN")
     parser.add_argument("--job", nargs=3, metavar=("MODEL", "TARGET", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.job:
-        record = run_cell(*args.job, threads=args.threads)
+        record = run_cell(*args.job, args.seed, threads=args.threads)
         print(json.dumps(row_of(record)))
         return 0
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
     if args.remeasure:
         cells = plan(args.models.split(","), args.targets.split(",") if args.targets else None,
-                     args.methods.split(","), True).cells
+                     args.methods.split(","), True, seeds).cells
         for cell in cells:
             if (RESULTS / "runs" / f"{cell_id(*cell)}.json").exists():
                 print(json.dumps(row_of(remeasure_cell(*cell, threads=args.threads))), flush=True)
@@ -554,9 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown model / method {', '.join(unknown)}")
         cells = plan(models, args.targets.split(",") if args.targets else None, methods,
-                     args.all_ablation_targets).cells
+                     args.all_ablation_targets, seeds).cells
         todo = [c for c in cells if args.rerun or not (RESULTS / "runs" / f"{cell_id(*c)}.json").exists()]
-        missing = sorted({MODELS[m].checkpoint for m, _, _ in todo if not (ROOT / MODELS[m].checkpoint).exists()})
+        missing = sorted({MODELS[m].checkpoint for m, *_ in todo if not (ROOT / MODELS[m].checkpoint).exists()})
         if missing:
             parser.error(f"base checkpoint(s) missing: {', '.join(missing)} (train them first, see README)")
         log_dir = Path(args.log_dir)
