@@ -190,6 +190,23 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
         ActionSampler.from_space(space, "latency", 2.0)
 
 
+@pytest.mark.parametrize("objective,attr", [("params", "params"), ("flops", "macs")])
+def test_guidance_counts_a_residual_stream_per_producing_layer(objective, attr):
+    """resnet20's first stream (16 channels) is written by conv1 and the three layer1 blocks' conv2: its
+    guidance weight is a quarter of what it governs; a block-internal group (one conv) keeps all of it."""
+    from autocompress.models import create_model
+    from autocompress.space import PruningSpace
+
+    space = PruningSpace.build(create_model("resnet20"), torch.randn(1, 3, 32, 32))
+    groups = {g.name: g for g in space.filter_groups}
+    units = {u.name: u for u in ActionSampler.from_space(space, objective, 2.0, kinds=["filter"]).units}
+    assert set(groups["conv1"].producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    assert units["conv1"].weight == getattr(groups["conv1"], attr) / 4
+    assert units["layer1.0.conv1"].weight == getattr(groups["layer1.0.conv1"], attr)
+    # per layer, the stream's MACs are now of the same order as a block's internal conv
+    assert 0.5 < units["conv1"].weight / units["layer1.0.conv1"].weight < 2
+
+
 @pytest.mark.parametrize("target,r_max", [(0.5, 0.9), (float("nan"), 0.9), (4.0, 1.0), (4.0, -0.1)])
 def test_bad_settings_are_user_errors(target, r_max):
     model = HybridModel([8], [9])
