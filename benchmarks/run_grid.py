@@ -430,8 +430,8 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
 
 
 # ------------------------------------------------------------------------------------------------ table
-COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x", "pt_b64_x",
-           "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params", "compact_params",
+COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x",
+           "pt_b64_x", "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params", "compact_params",
            "base_macs", "compact_macs"]
 
 
@@ -442,7 +442,8 @@ def row_of(record: dict) -> dict:
 
     search = record.get("search_seconds")
     return {"model": record["model"], "target": record["target"], "method": record["method"],
-            "seed": record.get("seed", 0), "base_top1": round(record["base_top1"], 2), "compact_top1": round(record["compact_top1"], 2),
+            "seed": record.get("seed", 0), "base_top1": round(record["base_top1"], 2),
+            "compact_top1": round(record["compact_top1"], 2),
             "params_x": round(ratio("params"), 2), "macs_x": round(ratio("macs"), 2),
             "pt_b1_x": round(ratio("pt_b1_ms"), 2), "pt_b64_x": round(ratio("pt_b64_ms"), 2),
             "ort_b1_x": round(ratio("ort_b1_ms"), 2), "ort_b64_x": round(ratio("ort_b64_ms"), 2),

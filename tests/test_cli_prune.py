@@ -146,5 +146,6 @@ def test_bad_purify_tolerance_is_refused_before_any_work(checkpoint, tmp_path, c
         main(["prune", str(checkpoint), "--rates", str(tmp_path / "missing.yaml"), "--out", str(out),
               "--purify-tolerance", value])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"autocompress prune: error: argument --purify-tolerance: {message}"
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line == f"autocompress prune: error: argument --purify-tolerance: {message}"
     assert not out.exists()

@@ -144,9 +144,10 @@ SECTIONS = {
     "quick_eval": Section(QuickEvaluator, skip=frozenset({"model", "space", "splits", "seed"})),
     "admm": Section(admm.ADMMConfig, defaults={"epochs": 2, "rho_init": 0.02, "rho_growth": 1.6,
                                                "update_interval": 100}),
-    "purification": Section(purify, skip=frozenset({"model", "space", "masks", "example_inputs", "val_loader", "log"}),
-                            extra={"enabled": bool}, defaults={"enabled": True}),
-    "retrain": Section(TrainConfig, skip=frozenset({"batch_size", "seed", "device"}), defaults={"epochs": 3, "lr": 0.01}),
+    "purification": Section(purify, skip=frozenset({"model", "space", "masks", "example_inputs", "val_loader",
+                                                    "log"}), extra={"enabled": bool}, defaults={"enabled": True}),
+    "retrain": Section(TrainConfig, skip=frozenset({"batch_size", "seed", "device"}),
+                       defaults={"epochs": 3, "lr": 0.01}),
     "distillation": Section(DistillationConfig),
 }
 #: every section's settings when the config gives none

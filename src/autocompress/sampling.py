@@ -12,8 +12,9 @@ Choices the paper leaves open (ours, exposed as arguments):
 
 * **Meeting the target**: a rate vector is ``clip(s * direction, 0, r_max)``; the scale ``s`` is found by
   an exponential bracket then bisection (one loop with a fixed maximum number of cost evaluations) as the
-  smallest scale whose remaining count (parameters or MACs) is at most ``original / target``. Units that hit ``r_max`` stay there while the others keep
-  growing, so the excess of clipped units is redistributed onto the rest (water filling).
+  smallest scale whose remaining count (parameters or MACs) is at most ``original / target``. Units that
+  hit ``r_max`` stay there while the others keep growing, so the excess of clipped units is redistributed
+  onto the rest (water filling).
 * **Guidance**: within each unit kind, a unit that governs more weights (objective ``"params"``) or more
   MACs (objective ``"flops"``) per layer it prunes never gets a smaller rate than one governing fewer. Rates
   are projected onto that ordering by isotonic regression (pool-adjacent-violators, least squares) before
