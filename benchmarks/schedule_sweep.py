@@ -1,0 +1,73 @@
+"""One autocompress run at a grid model's budget with arbitrary setting overrides: the tool behind the
+schedule exploration of issue 5 (session 4), where the ``ac_kd`` variant of ``run_grid.py`` came from.
+
+The base settings are ``run_grid.py``'s one-round schedule for the model (its data subsets, every ADMM and
+retraining epoch of the budget in one round, the compress command's default rho); ``OVERRIDES`` (JSON) is
+merged over them, a section key by key. Prints one JSON line: test top-1 (%), parameters, MACs, the
+validation top-1 of the hard-pruned model before purification in each round, wall seconds. Not a grid cell
+(no latency, no peers): use it to compare schedules, then run the winner through ``run_grid.py``.
+
+Example (Fashion-MNIST 10x, 2 ADMM + 6 retraining epochs with distillation; 8 epochs like the grid)::
+
+    .venv/bin/python benchmarks/schedule_sweep.py fmnist_cnn params=10x a2r6kd \\
+        '{"admm": {"epochs": 2}, "retrain": {"epochs": 6}, "distillation": {"enabled": true}}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings_for(model: str, target: str, overrides: dict) -> dict:
+    """``run_grid``'s one-round settings for ``model`` at ``target`` with ``overrides`` merged over them."""
+    import run_grid
+
+    spec = run_grid.MODELS[model]
+    settings = {"target": target, "dims": "filter,column", "seed": 0, "data_dir": spec.data_dir,
+                "val_size": spec.val_size, "max_train": spec.max_train, "max_test": spec.max_test,
+                "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 1,
+                **run_grid.one_round_settings(spec, target)}
+    for key, value in overrides.items():
+        merge = isinstance(settings.get(key), dict) and isinstance(value, dict)
+        settings[key] = {**settings[key], **value} if merge else value
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a run_grid model: fmnist_cnn, resnet20, vgg16")
+    parser.add_argument("target", help="e.g. params=10x")
+    parser.add_argument("name", help="names the run folder")
+    parser.add_argument("overrides", nargs="?", default="{}", help="JSON object of compress settings")
+    parser.add_argument("--work", default="/tmp/autocompress-sweep", help="parent of the run folders")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import run_grid
+    from autocompress.compress import CompressConfig, Compressor
+
+    torch.set_num_threads(args.threads)
+    overrides = json.loads(args.overrides)
+    work = Path(args.work) / f"{args.model}_{args.target}_{args.name}"
+    began = time.perf_counter()
+    config = CompressConfig.from_dict(settings_for(args.model, args.target, overrides))
+    Compressor.start(ROOT / run_grid.MODELS[args.model].checkpoint, config, work, progress=False).run()
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = [r for r in records if r["event"] == "final"][-1]["rows"][1]
+    print(json.dumps({"model": args.model, "target": args.target, "name": args.name, "overrides": overrides,
+                      "top1": final["test_top1"], "params": final["params"], "macs": final["macs"],
+                      "hard_pruned_val_top1": [r["val_top1_before"] for r in records
+                                               if r["event"] == "purification"],
+                      "seconds": round(time.perf_counter() - began)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
