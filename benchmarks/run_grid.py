@@ -115,7 +115,8 @@ AUTOCOMPRESS_METHODS = {
     "ac_one_round_auto": ("variant: one round, rho 0.02 x1.6 reaching 1.0 halfway through ADMM (auto)",
                           {"admm": {"update_interval": "auto"}}),
     # session 4: a short-budget schedule (see final_retrain_settings) with distillation from the base
-    "ac_kd": ("variant: 1 ADMM epoch per round, the rest in the final retraining, distillation (T 4, alpha 0.9)",
+    "ac_kd": ("variant ac_kd: a round per decade of the target, 1 ADMM epoch each, the rest in the final "
+              "retraining, distillation (T 4, alpha 0.9)",
               {"distillation": {"enabled": True}}),
     "ac_kd_uniform": ("variant: ac_kd's schedule with uniform rates (no search)",
                       {"distillation": {"enabled": True}, "search_mode": "uniform"}),
