@@ -338,8 +338,25 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys):
      "(0: no retraining) (retrain.epochs in the config file {path})"),
     ("target: params=2x\nfinal_retrain_epochs: -2\n", [],
      "final_retrain_epochs -2 is negative; pass final_retrain_epochs >= 0 (0: no retraining)"),
-    ("target: params=2x\npurification: {tolerance: -1}\n", [], "purification.tolerance=-1 is negative; give the "
-     "largest accepted validation top-1 drop as a fraction >= 0, e.g. 0.005"),
+    ("target: params=2x\npurification: {tolerance: -1}\n", [], "purification.tolerance=-1 is not a fraction >= 0; "
+     "give the largest accepted validation top-1 drop, e.g. 0.005"),
+    ("target: params=2x\npurification: {tolerance: .nan}\n", [], "purification.tolerance=nan is not a fraction >= 0; "
+     "give the largest accepted validation top-1 drop, e.g. 0.005"),
+    ("target: params=2x\npurification: {thresholds: []}\n", [], "purification.thresholds=[] must be a non-empty "
+     "list of numbers > 0; use e.g. [0.01, 0.02, 0.05, 0.1, 0.2]"),
+    ("target: params=2x\nadmm: {lr: -0.1}\n", [],
+     "admm.lr -0.1 is not a positive number; pass e.g. admm.lr 0.1"),
+    ("target: params=2x\nadmm: {momentum: 2.0}\n", [],
+     "admm.momentum 2.0 is outside [0, 1); pass e.g. admm.momentum 0.9"),
+    ("target: params=2x\nsearch: {max_evaluations: 0}\n", [],
+     "search section: max_evaluations=0 must be >= 1; use e.g. 30"),
+    ("target: params=2x\nlatency_runs: 0\n", [], "latency_runs=0 is not positive; use e.g. 20"),
+    ("target: params=2x\nval_size: 0\n", [], "val_size=0 leaves no validation split (the search and purification "
+     "score on it); use e.g. 5000"),
+    ("target: params=2x\nquick_eval: {bn_batches: 0}\n", [], "quick_eval needs >= 1 batch of >= 1 image "
+     "(bn_batches=0, val_batches=10, batch_size=256); use e.g. 5, 10 and 256"),
+    ("target: params=2x\nbatch_size: 0\nretrain: {epochs: 0}\n", [],
+     "batch_size 0 is not positive; pass batch_size >= 1 (batch_size in the config file {path})"),
     ("target: params=2x\npurification: {enabled: maybe}\n", [],
      "purification.enabled='maybe' has the wrong type; give true or false"),
     ("target: params=2x\npurification: {thresholds: [0.1, x]}\n", [],

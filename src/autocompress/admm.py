@@ -101,11 +101,12 @@ class ADMMConfig:
         updates = math.ceil(math.log(self.rho_max / self.rho_init) / math.log(self.rho_growth) - 1e-9)
         return max(1, int(ramp // updates))
 
-    def train_config(self) -> training.TrainConfig:
-        """The W-step's SGD settings as a :class:`autocompress.training.TrainConfig` (cosine schedule)."""
+    def train_config(self, names: Callable[[str], str] | None = None) -> training.TrainConfig:
+        """The W-step's SGD settings as a :class:`autocompress.training.TrainConfig` (cosine schedule),
+        validated; ``names`` names a bad value in the UserError (see ``TrainConfig.validate``)."""
         return training.TrainConfig(epochs=max(1, self.epochs), lr=self.lr, momentum=self.momentum,
                                     nesterov=self.momentum > 0, weight_decay=self.weight_decay,
-                                    label_smoothing=self.label_smoothing, schedule="cosine").validate()
+                                    label_smoothing=self.label_smoothing, schedule="cosine").validate(names=names)
 
 
 @dataclass

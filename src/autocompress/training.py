@@ -68,26 +68,32 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def validate(self, *, epochs_flag: str = "--epochs", retraining: bool = False) -> "TrainConfig":
+    def validate(self, *, epochs_flag: str = "--epochs", retraining: bool = False,
+                 names: Callable[[str], str] | None = None) -> "TrainConfig":
         """Check the values; returns self. Raises UserError naming the bad option (``epochs`` as
-        ``epochs_flag``). ``retraining``: masked retraining, where ``epochs`` 0 means no retraining (the other
-        values are then unused and not checked); otherwise ``epochs`` must be >= 1."""
+        ``epochs_flag``; the others as ``names(field)``, by default the ``autocompress train`` flag, e.g.
+        ``--weight-decay``). ``retraining``: masked retraining, where ``epochs`` 0 means no retraining (the
+        other values are then unused and not checked); otherwise ``epochs`` must be >= 1."""
         least = 0 if retraining else 1
         if self.epochs < least:
             raise UserError(f"{epochs_flag} {self.epochs} is {'negative' if retraining else 'not positive'}",
                             f"pass {epochs_flag} >= {least}" + (" (0: no retraining)" if retraining else ""))
         if self.epochs == 0:
             return self
+        n = names or (lambda field: "--" + field.replace("_", "-"))
         checks = [
-            (self.batch_size >= 1, f"--batch-size {self.batch_size} is not positive", "pass --batch-size >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr {self.lr} is not a positive number", "pass e.g. --lr 0.1"),
-            (0 <= self.momentum < 1, f"--momentum {self.momentum} is outside [0, 1)", "pass e.g. --momentum 0.9"),
+            (self.batch_size >= 1, f"{n('batch_size')} {self.batch_size} is not positive",
+             f"pass {n('batch_size')} >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), f"{n('lr')} {self.lr} is not a positive number",
+             f"pass e.g. {n('lr')} 0.1"),
+            (0 <= self.momentum < 1, f"{n('momentum')} {self.momentum} is outside [0, 1)",
+             f"pass e.g. {n('momentum')} 0.9"),
             (not self.nesterov or self.momentum > 0, "Nesterov momentum needs momentum > 0",
-             "pass --momentum 0.9 or drop --nesterov"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is negative", "pass e.g. 5e-4"),
+             f"pass {n('momentum')} 0.9 or drop {n('nesterov')}"),
+            (self.weight_decay >= 0, f"{n('weight_decay')} {self.weight_decay} is negative", "pass e.g. 5e-4"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}"),
             (0 < self.pct_start < 1, f"pct_start {self.pct_start} is outside (0, 1)", "use e.g. 0.25"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing} is outside [0, 1)",
+            (0 <= self.label_smoothing < 1, f"{n('label_smoothing')} {self.label_smoothing} is outside [0, 1)",
              "pass e.g. 0.1"),
         ]
         for ok, problem, fix in checks:
