@@ -432,7 +432,8 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
 
 # ------------------------------------------------------------------------------------------------ table
 COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x",
-           "pt_b64_x", "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params", "compact_params",
+           "pt_b64_x", "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params",
+           "compact_params",
            "base_macs", "compact_macs"]
 
 
@@ -518,6 +519,17 @@ def plan(models: list[str], targets: list[str] | None, methods: list[str], all_a
     return result
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds`` value: a comma list of distinct integers >= 0 (argparse type)."""
+    try:
+        seeds = tuple(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of seeds such as 0,1,2") from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} has a negative seed; seeds are integers >= 0")
+    return seeds
+
+
 def _spawn(cell: tuple[str, str, str, int], threads: int, log_dir: Path) -> tuple[tuple, int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = log_dir / f"{cell_id(*cell)}.log"
@@ -542,11 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads per cell")
     parser.add_argument("--rerun", action="store_true", help="run cells that already have a result")
     parser.add_argument("--table-only", action="store_true", help="only rebuild grid.csv and the table")
-    parser.add_argument("--bench-md", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--log-dir", default="/tmp/autocompress-grid-logs")
+    parser.add_argument("--bench-md", default=str(ROOT / "BENCHMARKS.md"),
+                        help="markdown file whose issue-5 table is rewritten (default: %(default)s)")
+    parser.add_argument("--log-dir", default="/tmp/autocompress-grid-logs",
+                        help="one log per cell (default: %(default)s)")
     parser.add_argument("--remeasure", action="store_true",
                         help="measure the selected finished cells again from their saved models (idle machine)")
-    parser.add_argument("--seeds", default="0",
+    parser.add_argument("--seeds", type=_seeds, default=(0,),
                         help="comma list of run seeds (search, training order and the training / validation subsets "
                              "drawn; for one seed every method draws the same subsets); cells of seed N > 0 are "
                              "stored as ...__seedN")
@@ -557,10 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         record = run_cell(*args.job, args.seed, threads=args.threads)
         print(json.dumps(row_of(record)))
         return 0
-    seeds = tuple(int(seed) for seed in args.seeds.split(","))
     if args.remeasure:
         cells = plan(args.models.split(","), args.targets.split(",") if args.targets else None,
-                     args.methods.split(","), True, seeds).cells
+                     args.methods.split(","), True, args.seeds).cells
         for cell in cells:
             if (RESULTS / "runs" / f"{cell_id(*cell)}.json").exists():
                 print(json.dumps(row_of(remeasure_cell(*cell, threads=args.threads))), flush=True)
@@ -570,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown model / method {', '.join(unknown)}")
         cells = plan(models, args.targets.split(",") if args.targets else None, methods,
-                     args.all_ablation_targets, seeds).cells
+                     args.all_ablation_targets, args.seeds).cells
         todo = [c for c in cells if args.rerun or not (RESULTS / "runs" / f"{cell_id(*c)}.json").exists()]
         missing = sorted({MODELS[m].checkpoint for m, *_ in todo if not (ROOT / MODELS[m].checkpoint).exists()})
         if missing:

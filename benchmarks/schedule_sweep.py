@@ -1,5 +1,6 @@
-"""One autocompress run at a grid model's budget with arbitrary setting overrides: the tool behind the
-schedule exploration of issue 5 (session 4), where the ``ac_kd`` variant of ``run_grid.py`` came from.
+"""One autocompress run at a grid model's budget with setting overrides (issue 5's schedule exploration).
+
+The ``ac_kd`` variant of ``run_grid.py`` came out of this exploration (session 4).
 
 The base settings are ``run_grid.py``'s one-round schedule for the model (its data subsets, every ADMM and
 retraining epoch of the budget in one round, the compress command's default rho); ``OVERRIDES`` (JSON) is
@@ -52,13 +53,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import run_grid
     from autocompress.compress import CompressConfig, Compressor
+    from autocompress.errors import UserError
 
+    if args.model not in run_grid.MODELS:
+        parser.error(f"unknown model {args.model!r}; use one of {', '.join(run_grid.MODELS)}")
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as exc:
+        parser.error(f"overrides are not valid JSON ({exc.msg}); "
+                     "give an object such as '{\"admm\": {\"epochs\": 1}}'")
+    if not isinstance(overrides, dict):
+        parser.error("overrides must be a JSON object of compress settings")
     torch.set_num_threads(args.threads)
-    overrides = json.loads(args.overrides)
     work = Path(args.work) / f"{args.model}_{args.target}_{args.name}"
     began = time.perf_counter()
-    config = CompressConfig.from_dict(settings_for(args.model, args.target, overrides))
-    Compressor.start(ROOT / run_grid.MODELS[args.model].checkpoint, config, work, progress=False).run()
+    try:
+        config = CompressConfig.from_dict(settings_for(args.model, args.target, overrides))
+        Compressor.start(ROOT / run_grid.MODELS[args.model].checkpoint, config, work, progress=False).run()
+    except UserError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if r["event"] == "final"][-1]["rows"][1]
     print(json.dumps({"model": args.model, "target": args.target, "name": args.name, "overrides": overrides,
