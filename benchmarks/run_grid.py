@@ -433,8 +433,7 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
 # ------------------------------------------------------------------------------------------------ table
 COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x",
            "pt_b64_x", "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params",
-           "compact_params",
-           "base_macs", "compact_macs"]
+           "compact_params", "base_macs", "compact_macs"]
 
 
 def row_of(record: dict) -> dict:
