@@ -264,8 +264,10 @@ def test_partial_sections_keep_the_other_defaults():
 def test_settings_the_run_supplies_itself_are_refused_in_sections(section, key):
     """Batch sizes come from ``batch_size`` and seeds from ``seed``: a section key that would be ignored is
     an error, not silently dropped."""
-    with pytest.raises(UserError, match=rf"^unknown {section} setting\(s\) {key}; valid {section} settings: "):
+    hint = "" if key == "device" else f"set {key} at the top level of the config (it serves every phase); "
+    with pytest.raises(UserError) as error:
         CompressConfig.from_dict({"target": "params=2x", section: {key: 1}})
+    assert str(error.value).startswith(f"unknown {section} setting(s) {key}; {hint}valid {section} settings: ")
 
 
 def test_resolved_config_yaml_shows_the_quick_eval_defaults():

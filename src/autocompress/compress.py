@@ -328,8 +328,11 @@ def _check_section(name: str, settings: dict, section: Section) -> None:
     valid = section.keys()
     unknown = sorted(set(settings) - valid)
     if unknown:
+        top_level = [key for key in unknown if key in ("batch_size", "seed")]
+        hint = f"set {' and '.join(top_level)} at the top level of the config (it serves every phase); " \
+            if top_level else ""
         raise UserError(f"unknown {name} setting(s) {', '.join(unknown)}",
-                        f"valid {name} settings: {', '.join(sorted(valid))}")
+                        f"{hint}valid {name} settings: {', '.join(sorted(valid))}")
     target = section.target
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     _check_types(settings, {**hints, **section.extra}, prefix=f"{name}.")
