@@ -248,21 +248,35 @@ SCHEDULES = {"ac_one_round": one_round_settings, "ac_one_round_auto": one_round_
              "ac_kd": final_retrain_settings, "ac_kd_uniform": final_retrain_settings}
 
 
+def grid_settings(spec: ModelSpec, target: str, seed: int = 0) -> dict:
+    """The grid's compress settings for ``spec`` at ``target``: its data subsets, rounds, ADMM (``GRID_RHO``)
+    and retraining epochs, quick evaluations per round, run ``seed``."""
+    return {"target": target, "dims": "filter,column", "rounds": spec.rounds, "seed": seed,
+            "data_dir": spec.data_dir, "val_size": spec.val_size, "max_train": spec.max_train,
+            "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs, **GRID_RHO},
+            "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
+            "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 3}
+
+
+def merge_settings(settings: dict, overrides: dict) -> dict:
+    """``settings`` with ``overrides`` merged over them; a section (dict) is merged key by key, so an
+    override such as ``{"admm": {"update_interval": "auto"}}`` keeps the section's other keys."""
+    merged = dict(settings)
+    for key, value in overrides.items():
+        merge = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = {**merged[key], **value} if merge else value
+    return merged
+
+
 def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed: int = 0) -> tuple[object, dict]:
     """One autocompress run with the method's overrides and run seed; returns (compact model, facts)."""
     import autocompress
     from autocompress.compress import CompressConfig, Compressor
 
-    settings = {"target": target, "dims": "filter,column", "rounds": spec.rounds, "seed": seed,
-                "data_dir": spec.data_dir, "val_size": spec.val_size, "max_train": spec.max_train,
-                "max_test": spec.max_test, "admm": {"epochs": spec.admm_epochs, **GRID_RHO},
-                "retrain": {"epochs": spec.retrain_epochs, "lr": 0.01},
-                "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 3}
+    settings = grid_settings(spec, target, seed)
     if method in SCHEDULES:
         settings.update(SCHEDULES[method](spec, target))
-    for key, value in AUTOCOMPRESS_METHODS[method][1].items():  # dict settings merge (keep the budget's epochs)
-        settings[key] = {**settings[key], **value} if isinstance(settings.get(key), dict) else value
-    config = CompressConfig.from_dict(settings)
+    config = CompressConfig.from_dict(merge_settings(settings, AUTOCOMPRESS_METHODS[method][1]))
     compressor = Compressor.start(ROOT / spec.checkpoint, config, work, progress=False)
     compressor.run()
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]

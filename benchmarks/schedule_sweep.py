@@ -29,14 +29,9 @@ def settings_for(model: str, target: str, overrides: dict) -> dict:
     import run_grid
 
     spec = run_grid.MODELS[model]
-    settings = {"target": target, "dims": "filter,column", "seed": 0, "data_dir": spec.data_dir,
-                "val_size": spec.val_size, "max_train": spec.max_train, "max_test": spec.max_test,
-                "search": {"max_evaluations": spec.max_evaluations}, "latency_runs": 1,
-                **run_grid.one_round_settings(spec, target)}
-    for key, value in overrides.items():
-        merge = isinstance(settings.get(key), dict) and isinstance(value, dict)
-        settings[key] = {**settings[key], **value} if merge else value
-    return settings
+    settings = {**run_grid.grid_settings(spec, target), **run_grid.one_round_settings(spec, target),
+                "latency_runs": 1}
+    return run_grid.merge_settings(settings, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
