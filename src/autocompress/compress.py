@@ -52,8 +52,8 @@ from .data import get_dataset, recorded_data_dir
 from .distillation import DistillationConfig, Distiller
 from .errors import UserError
 from .pruning import DIMS
-from .purification import purify
-from .quick_eval import QuickEvaluator
+from .purification import check_purification, purify
+from .quick_eval import QuickEvaluator, check_batches
 from .sampling import ActionSampler
 from .serialization import save_compact
 from .space import PruningSpace
@@ -281,25 +281,17 @@ class CompressConfig:
 
     def _check_counts(self) -> None:
         """UserError for a count, size or tolerance that would only fail once the run has started."""
-        quick, purification = self.quick_eval, self.purification
-        tolerance, thresholds = purification["tolerance"], purification["thresholds"]
         checks = [
             (self.batch_size >= 1, f"--batch-size {self.batch_size} is not positive", "pass --batch-size >= 1"),
             (self.latency_runs >= 1, f"latency_runs={self.latency_runs} is not positive", "use e.g. 20"),
             (self.val_size >= 1, f"val_size={self.val_size} leaves no validation split (the search and "
              "purification score on it)", "use e.g. 5000"),
-            (quick["bn_batches"] >= 1 and quick["batch_size"] >= 1 and (quick["val_batches"] or 1) >= 1,
-             f"quick_eval needs >= 1 batch of >= 1 image (bn_batches={quick['bn_batches']}, "
-             f"val_batches={quick['val_batches']}, batch_size={quick['batch_size']})", "use e.g. 5, 10 and 256"),
-            (math.isfinite(tolerance) and tolerance >= 0, f"purification.tolerance={tolerance!r} is not a "
-             "fraction >= 0", "give the largest accepted validation top-1 drop, e.g. 0.005"),
-            (len(thresholds) > 0 and all(math.isfinite(t) and t > 0 for t in thresholds),
-             f"purification.thresholds={thresholds!r} must be a non-empty list of numbers > 0",
-             "use e.g. [0.01, 0.02, 0.05, 0.1, 0.2]"),
         ]
         for ok, problem, fix in checks:
             if not ok:
                 raise UserError(problem, fix)
+        check_batches(self.quick_eval["bn_batches"], self.quick_eval["val_batches"], self.quick_eval["batch_size"])
+        check_purification(self.purification["tolerance"], self.purification["thresholds"])
 
     def with_absolute_paths(self) -> "CompressConfig":
         """This config with ``data_dir`` made absolute (against the present working directory), as a run

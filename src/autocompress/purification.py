@@ -30,6 +30,7 @@ read 0 instead of the constant), which ``tests/test_purification.py`` validates.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from .analysis import analysis_mode
+from .errors import UserError
 from .masks import Masks, apply_masks
 from .projection import group_scores
 from .space import PruningSpace
@@ -388,6 +390,17 @@ def settle(model: nn.Module, space: PruningSpace, old: Masks, candidate: Masks, 
             pinned[gname] = pinned.get(gname, torch.zeros_like(mask)) | mask
             candidate.filters[gname] = candidate.filters[gname] | (mask & old.filters[gname])
     raise RuntimeError("purification did not settle")  # each round pins >= 1 channel, so unreachable
+
+
+def check_purification(tolerance: float, thresholds: Sequence[float]) -> None:
+    """UserError unless ``tolerance`` (of :func:`purify`) is a finite fraction >= 0 and ``thresholds`` a
+    non-empty list of finite numbers > 0; the compress config checks its section with it before any work."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"purification.tolerance={tolerance!r} is not a fraction >= 0",
+                        "give the largest accepted validation top-1 drop, e.g. 0.005")
+    if not (len(thresholds) > 0 and all(math.isfinite(t) and t > 0 for t in thresholds)):
+        raise UserError(f"purification.thresholds={thresholds!r} must be a non-empty list of numbers > 0",
+                        "use e.g. [0.01, 0.02, 0.05, 0.1, 0.2]")
 
 
 def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_inputs,

@@ -79,6 +79,14 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, to
     model.eval()
 
 
+def check_batches(bn_batches: int, val_batches: int | None, batch_size: int) -> None:
+    """UserError unless every count of a quick evaluation is >= 1 (``val_batches`` may be None: the whole
+    validation split). Called by :class:`QuickEvaluator` and, before any work, by the compress config."""
+    if bn_batches < 1 or batch_size < 1 or (val_batches is not None and val_batches < 1):
+        raise UserError(f"quick_eval needs >= 1 batch of >= 1 image (bn_batches={bn_batches}, "
+                        f"val_batches={val_batches}, batch_size={batch_size})", "use e.g. 5, 10 and 256")
+
+
 class QuickEvaluator:
     """Scores rate dicts by one-shot projection, optional adaptive BatchNorm and validation top-1.
 
@@ -95,14 +103,12 @@ class QuickEvaluator:
         batch_size: images per batch.
         seed: seed of the subsets' generator.
     Raises:
-        UserError: empty validation split or non-positive batch counts.
+        UserError: empty validation split or a batch count / size below 1 (:func:`check_batches`).
     """
 
     def __init__(self, model: nn.Module, space, splits, *, bn_recalibration: bool = True, bn_batches: int = 5,
                  val_batches: int | None = 10, batch_size: int = 256, seed: int = 0):
-        if bn_batches < 1 or (val_batches is not None and val_batches < 1):
-            raise UserError(f"quick evaluation needs >= 1 batch (bn_batches={bn_batches}, "
-                            f"val_batches={val_batches})", "pass positive batch counts")
+        check_batches(bn_batches, val_batches, batch_size)
         if len(splits.val) == 0:
             raise UserError("the validation split is empty; quick evaluation never uses the test set",
                             "carve a validation split (val_size > 0)")
