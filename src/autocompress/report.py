@@ -91,19 +91,22 @@ def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
 
     if not rounds:
         return None
+    score = "val_top1" if "val_top1" in rounds[0] else "val_score"
+    if any(r.get(score) is None for r in rounds):
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "macs", "MACs")):
-        points = [(r[key], r["val_top1"]) for r in rounds]
-        if base is not None:
-            points.insert(0, (base[key], base["val_top1"]))
+        points = [(r[key], r[score]) for r in rounds]
+        if base is not None and base.get(score) is not None:
+            points.insert(0, (base[key], base.get(score)))
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
         if base is not None:
-            ax.annotate("base", (base[key], base["val_top1"]), fontsize=7)
+            ax.annotate("base", (base[key], base.get(score)), fontsize=7)
         for record in rounds:
-            ax.annotate(f"{record['target']:g}x", (record[key], record["val_top1"]), fontsize=7)
+            ax.annotate(f"{record['target']:g}x", (record[key], record[score]), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("validation top-1 (%)")
+        ax.set_ylabel("validation top-1 (%)" if score == "val_top1" else "validation score")
     fig.suptitle("accuracy per round")
     return _figure_to_img(fig)
 
@@ -116,20 +119,29 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+#: the final table's columns: record key, header, how the reduction row compares base and compressed
+FINAL_COLUMNS = (("test_top1", "test top-1 (%)", "points"), ("val_top1", "val top-1 (%)", "points"),
+                 ("val_score", "val score", "difference"), ("params", "parameters", "ratio"),
+                 ("macs", "MACs", "ratio"), ("file_bytes", "file (bytes)", "ratio"),
+                 ("latency_b1_ms", "latency b=1 (ms)", "ratio"), ("latency_b64_ms", "latency b=64 (ms)", "ratio"))
+
+
 def final_table_rows(final: dict) -> list[list[str]]:
-    """Rows of the final comparison table (header first) from a ``final`` record; also used by the CLI."""
-    header = ["model", "test top-1 (%)", "parameters", "MACs", "file (bytes)",
-              "latency b=1 (ms)", "latency b=64 (ms)"]
-    keys = ["model", "test_top1", "params", "macs", "file_bytes", "latency_b1_ms", "latency_b64_ms"]
-    rows = [header] + [[_fmt(row.get(k, "")) for k in keys] for row in final["rows"]]
+    """Rows of the final comparison table (header first) from a ``final`` record: the columns of
+    :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points, differences, base / compressed
+    ratios); also used by the CLI."""
+    columns = [c for c in FINAL_COLUMNS if all(row.get(c[0]) is not None for row in final["rows"])]
+    rows = [["model"] + [header for _, header, _ in columns]]
+    rows += [[_fmt(row.get("model", ""))] + [_fmt(row[key]) for key, _, _ in columns] for row in final["rows"]]
     if len(final["rows"]) == 2:
         base, comp = final["rows"]
-        rows.append(["reduction",
-                     f"{comp['test_top1'] - base['test_top1']:+.2f} pts",
-                     f"{base['params'] / comp['params']:.2f}x", f"{base['macs'] / comp['macs']:.2f}x",
-                     f"{base['file_bytes'] / comp['file_bytes']:.2f}x",
-                     f"{base['latency_b1_ms'] / comp['latency_b1_ms']:.2f}x",
-                     f"{base['latency_b64_ms'] / comp['latency_b64_ms']:.2f}x"])
+        reduction = ["reduction"]
+        for key, _, kind in columns:
+            if kind == "ratio":
+                reduction.append(f"{base[key] / comp[key]:.2f}x" if comp[key] else "-")
+            else:
+                reduction.append(f"{comp[key] - base[key]:+.2f}" + (" pts" if kind == "points" else ""))
+        rows.append(reduction)
     return rows
 
 
@@ -157,12 +169,15 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if finals:
         parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1])),
-                  f"<p>Latency: PyTorch CPU, {finals[-1].get('threads', '?')} threads, median of "
-                  f"{finals[-1].get('latency_runs', '?')} runs after warm-up.</p>"]
+                  f"<p>Latency: PyTorch on {_fmt(finals[-1].get('device', 'cpu'))}, "
+                  f"{_fmt(finals[-1].get('threads', '?'))} threads, median of "
+                  f"{_fmt(finals[-1].get('latency_runs', '?'))} runs after warm-up.</p>"]
     if rounds:
-        rows = [["round", "target", "parameters", "MACs", "validation top-1 (%)"]]
-        rows += [[str(r["round"]), f"{r['target']:g}x", _fmt(r["params"]), _fmt(r["macs"]),
-                  _fmt(r["val_top1"])] for r in rounds]
+        score = "val_top1" if "val_top1" in rounds[0] else "val_score"
+        rows = [["round", "target", "parameters", "MACs", "validation top-1 (%)" if score == "val_top1" else
+                 "validation score"]]
+        rows += [[_fmt(r["round"]), f"{_fmt(r['target'])}x", _fmt(r["params"]), _fmt(r["macs"]),
+                  _fmt(r.get(score))] for r in rounds]
         parts += ["<h2>Rounds</h2>", _html_table(rows)]
     for plot in (_plot_accuracy(rounds, base), _plot_layers(rounds, "filters", "kept filters per layer"),
                  _plot_layers(rounds, "columns", "kept columns per layer")):
