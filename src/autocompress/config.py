@@ -326,7 +326,9 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
     try:
         return dataclasses.replace(base, **values)
     except UserError as exc:  # a section's own __post_init__ check (ADMMConfig, DistillationConfig)
-        raise SettingError(where, f"{prefix}{exc}" if prefix else str(exc)) from None
+        named = str(exc).partition("=")[0]
+        setting = f"{prefix}{named}" if named in fields else where
+        raise SettingError(setting, f"{prefix}{exc}" if prefix else str(exc)) from None
 
 
 #: how a message asks for a value of each type (YAML spelling)
