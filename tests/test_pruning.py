@@ -86,7 +86,7 @@ def test_expand_rates_default_overrides_and_errors():
         expand_rates(space, {"column": {"conv9": 0.5}}, ("filter", "column"))
     with pytest.raises(UserError, match=r"outside \[0, 1\)"):
         expand_rates(space, {"default": 1.0}, ("filter", "column"))
-    with pytest.raises(UserError, match="--dims"):
+    with pytest.raises(UserError, match="but dims is column"):
         expand_rates(space, {"filter": {"features.0": 0.5}}, ("column",))
     with pytest.raises(UserError, match="unknown key"):
         expand_rates(space, {"filters": {}}, ("filter",))

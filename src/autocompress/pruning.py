@@ -77,8 +77,8 @@ def expand_rates(space: PruningSpace, spec: Mapping, dims: Sequence[str]) -> dic
         if not isinstance(given, Mapping):
             raise UserError(f"rates[{kind!r}] must map unit names to rates", f"write `{kind}: {{name: 0.5}}`")
         if given and kind not in dims:
-            raise UserError(f"rates for {kind} units given, but --dims is {','.join(dims)}",
-                            f"add {kind} to --dims or remove the {kind} rates")
+            raise UserError(f"rates for {kind} units given, but dims is {','.join(dims)}",
+                            f"add {kind} to dims or remove the {kind} rates")
         rates[kind] = dict(given)
     if "default" in spec:
         default = check_rate(spec["default"], "the default rate")

@@ -211,6 +211,12 @@ class Pipeline:
             return {f"val_top1{suffix}": None if value is None else 100.0 * value}
         return {f"val_score{suffix}": value}
 
+    def describe(self, value: float | None) -> str:
+        """A score for a log line: ``val top-1 92.31%`` for the default top-1, else ``validation score x``."""
+        if value is None:
+            return "val top-1 n/a"
+        return f"val top-1 {100 * value:.2f}%" if self.task.score_fn is None else f"validation score {value:.4g}"
+
     def space(self, model: nn.Module) -> PruningSpace:
         """A round's pruning space; purification needs the filter groups even when only columns (or single
         weights) are pruned, at rate 0."""
@@ -301,6 +307,8 @@ class Pipeline:
                             score=self.task.score if self.task.can_score else None, chance=self.chance, tolerance=settings.tolerance,
                             thresholds=settings.thresholds, log=self.log)
             masks, state.param_masks = result.masks, result.param_masks
+            self.log(f"hard pruning: {self.describe(result.top1_before)}; purified: "
+                     f"{self.describe(result.top1_after)}")
             records.append({
                 "event": "purification", "round": state.index, "threshold": result.threshold,
                 "removed_filters": sum(result.removed_filters.values()),
