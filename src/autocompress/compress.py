@@ -166,6 +166,7 @@ class Compression:
         amp = None if self.config.amp == "none" else self.config.amp
         self.task = Task(device=self.device, amp=amp, **task_args)
         self.task.check(base, self.example, needs_training=True, needs_score=True)
+        self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log or (lambda _line: None))
@@ -243,7 +244,7 @@ class Compression:
         self.base_params, self.base_macs = self.pipeline.params(base), self.pipeline.macs(base)
         if not self.store.is_done("base", "base"):
             self.store.finish("base", "base", [{"event": "base", "params": self.base_params, "macs": self.base_macs,
-                                                **self.pipeline.scored(self.task.score(base))}])
+                                                **self.pipeline.scored(self.base_score)}])
         model, space = self.first_model, self.first_space
         compact_model = None
         for index, target in enumerate(self.targets, start=1):
@@ -308,7 +309,7 @@ class Compression:
             latency = {b: metrics.measure_latency(net, _batch_of(self.example, b), runs=self.config.latency_runs)
                        for b in (1, 64)}
             rows.append({"model": name, "params": self.pipeline.params(net), "macs": self.pipeline.macs(net),
-                         **self.pipeline.scored(self.task.score(net)),
+                         **self.pipeline.scored(self.base_score if name == "base" else self.task.score(net)),
                          "latency_b1_ms": latency[1].median_ms, "latency_b64_ms": latency[64].median_ms,
                          **(self.final_columns(name, net) if self.final_columns else {})})
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
