@@ -157,12 +157,11 @@ def test_cifar_folder_holding_the_archive(cifar_folder, tmp_path):
         get_dataset("cifar10", tmp_path, val_size=2)  # no layout and no archive
 
 
-def test_recorded_data_dir(tmp_path):
+def test_recorded_data_dir_is_never_followed(tmp_path):
     recorded = {"name": "cifar10", "data_dir": str(tmp_path)}
     assert recorded_data_dir("/given", recorded, "cifar10") == "/given"
-    assert recorded_data_dir(None, recorded, "cifar10") == str(tmp_path)
-    assert recorded_data_dir(None, recorded, "fashion-mnist") is None  # another dataset: its own lookup
-    assert recorded_data_dir(None, {"name": "cifar10", "data_dir": str(tmp_path / "gone")}, "cifar10") is None
+    assert recorded_data_dir(tmp_path, recorded, "cifar10") == str(tmp_path)
+    assert recorded_data_dir(None, recorded, "cifar10") is None  # the dataset's own lookup, not the recording
 
 
 def test_cifar_python_batches_format(tmp_path, cifar_folder):

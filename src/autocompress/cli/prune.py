@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purify-tolerance", type=_tolerance, default=0.005,
                         help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists")
+    parser.add_argument("--data-dir", help="default: the dataset's lookup order (a folder the checkpoint "
+                        "records is never read unless you pass it here)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
     parser.add_argument("--max-test", type=int, help="report test top-1 on a seeded subset of this many images")
     parser.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout")
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..admm import ADMMConfig
     from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..data import DATASETS, get_dataset, recorded_data_dir
+    from ..data import DATASETS, checkpoint_dataset
     from ..pruning import DIMS, expand_rates, prune
     from ..serialization import save_compact
     from ..space import PruningSpace
@@ -168,9 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if name not in DATASETS:
         raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})",
                         "re-save it with `autocompress train`")
-    data_dir = recorded_data_dir(args.data_dir, stored, name)
-    splits = get_dataset(name, data_dir, val_size=stored.get("val_size", 5000), seed=stored.get("seed", 0),
-                         max_train=args.max_train, max_test=args.max_test)
+    splits = checkpoint_dataset(stored, name, args.data_dir, max_train=args.max_train, max_test=args.max_test)
     admm = ADMMConfig(epochs=args.admm_epochs, lr=args.admm_lr, rho_init=args.rho_init,
                       rho_growth=args.rho_growth, rho_max=args.rho_max, update_interval=args.update_interval)
     retrain = TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
