@@ -578,7 +578,8 @@ def _read_cifar_batches(folder: Path) -> tuple[TensorSplit, TensorSplit, list[st
 # looked up through ``Unpickler.find_class``, so an unpickler whose ``find_class`` answers only with inert
 # stand-ins of our own cannot be made to call anything else (os.system, eval, builtins.open, ...).
 # CIFAR-10's batches need exactly numpy's array reconstruction (``_reconstruct`` + ``ndarray`` + ``dtype``,
-# or ``_frombuffer`` under protocol 5); those names map to the stand-ins below, which only record their
+# or ``_frombuffer`` under protocol 5, and ``_codecs.encode(text, "latin1")`` for bytes that Python 3 wrote
+# under protocol 2); those names map to the stand-ins below, which only record their
 # arguments and state. The arrays are then rebuilt by us from raw bytes with ``np.frombuffer`` after the
 # dtype is checked to be a plain number type, so no numpy code ever runs on the file's own state
 # (a dtype's or array's ``__setstate__`` is never called). Anything else is refused.
@@ -653,6 +654,18 @@ class _FromBuffer:
         raise pickle.UnpicklingError("unexpected state for numpy _frombuffer")
 
 
+class _Latin1:
+    """Stand-in for ``_codecs.encode(text, "latin1")``, how Python 3 pickles ``bytes`` under protocol 2."""
+
+    def __new__(cls, text, encoding="utf-8"):
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("_codecs.encode is allowed only for latin1 text")
+        return text.encode("latin1")
+
+    def __setstate__(self, state):  # reached only by a pickle that BUILDs on this class itself
+        raise pickle.UnpicklingError("unexpected state for _codecs.encode")
+
+
 # Every stand-in is a class defining __setstate__, so a BUILD opcode aimed at the class itself fails instead
 # of setting attributes on it (pickle's "slot state" path calls setattr on objects without __setstate__).
 _SAFE_GLOBALS = {
@@ -660,6 +673,7 @@ _SAFE_GLOBALS = {
     **{(module, "_frombuffer"): _FromBuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): _ArrayStub,
     ("numpy", "dtype"): _DTypeStub,
+    ("_codecs", "encode"): _Latin1,
 }
 
 

@@ -56,7 +56,7 @@ def _plot_layers(rounds: list[dict], key: str, title: str) -> str | None:
     for record in rounds:
         kept = {layer["name"]: layer[key] for layer in record["layers"]}
         ax.plot(range(len(names)), [kept.get(name, 0) for name in names], marker="o", ms=3,
-                label=f"round {record['round']} ({record['target']:g}x)")
+                label=f"round {record['round']} ({_num(record['target'], 'g')}x)")
     ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7)
     ax.set_ylabel(f"kept {key}")
     ax.set_yscale("log")
@@ -100,7 +100,7 @@ def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
         if base is not None:
             ax.annotate("base", (base[key], base["val_top1"]), fontsize=7)
         for record in rounds:
-            ax.annotate(f"{record['target']:g}x", (record[key], record["val_top1"]), fontsize=7)
+            ax.annotate(f"{_num(record['target'], 'g')}x", (record[key], record["val_top1"]), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation top-1 (%)")
@@ -108,33 +108,40 @@ def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
     return _figure_to_img(fig)
 
 
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` when it is a number, else ``str(value)`` (plain text, not HTML)."""
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return html.escape(str(value))
+    return _num(value, ",.2f" if isinstance(value, float) else ",")
+
+
+def _ratio(before: Any, after: Any) -> str:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after))
+    return f"{before / after:.2f}x" if numbers and after else "n/a"
 
 
 def final_table_rows(final: dict) -> list[list[str]]:
-    """Rows of the final comparison table (header first) from a ``final`` record; also used by the CLI."""
+    """Rows of the final comparison table (header first) from a ``final`` record, as plain text (the
+    HTML report escapes them); also used by the CLI."""
     header = ["model", "test top-1 (%)", "parameters", "MACs", "file (bytes)",
               "latency b=1 (ms)", "latency b=64 (ms)"]
     keys = ["model", "test_top1", "params", "macs", "file_bytes", "latency_b1_ms", "latency_b64_ms"]
     rows = [header] + [[_fmt(row.get(k, "")) for k in keys] for row in final["rows"]]
     if len(final["rows"]) == 2:
         base, comp = final["rows"]
-        rows.append(["reduction",
-                     f"{comp['test_top1'] - base['test_top1']:+.2f} pts",
-                     f"{base['params'] / comp['params']:.2f}x", f"{base['macs'] / comp['macs']:.2f}x",
-                     f"{base['file_bytes'] / comp['file_bytes']:.2f}x",
-                     f"{base['latency_b1_ms'] / comp['latency_b1_ms']:.2f}x",
-                     f"{base['latency_b64_ms'] / comp['latency_b64_ms']:.2f}x"])
+        try:
+            change = f"{comp['test_top1'] - base['test_top1']:+.2f} pts"
+        except (KeyError, TypeError, ValueError):
+            change = "n/a"
+        rows.append(["reduction", change, *(_ratio(base.get(k), comp.get(k)) for k in keys[2:])])
     return rows
 
 
 def _html_table(rows: Iterable[list[str]]) -> str:
-    rows = list(rows)
+    """A table of plain-text cells (header row first); every cell is HTML-escaped."""
+    rows = [[html.escape(str(cell)) for cell in row] for row in rows]
     head = "".join(f"<th>{c}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[1:])
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -157,11 +164,11 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if finals:
         parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1])),
-                  f"<p>Latency: PyTorch CPU, {finals[-1].get('threads', '?')} threads, median of "
-                  f"{finals[-1].get('latency_runs', '?')} runs after warm-up.</p>"]
+                  f"<p>Latency: PyTorch CPU, {html.escape(str(finals[-1].get('threads', '?')))} threads, "
+                  f"median of {html.escape(str(finals[-1].get('latency_runs', '?')))} runs after warm-up.</p>"]
     if rounds:
         rows = [["round", "target", "parameters", "MACs", "validation top-1 (%)"]]
-        rows += [[str(r["round"]), f"{r['target']:g}x", _fmt(r["params"]), _fmt(r["macs"]),
+        rows += [[str(r["round"]), f"{_num(r['target'], 'g')}x", _fmt(r["params"]), _fmt(r["macs"]),
                   _fmt(r["val_top1"])] for r in rounds]
         parts += ["<h2>Rounds</h2>", _html_table(rows)]
     for plot in (_plot_accuracy(rounds, base), _plot_layers(rounds, "filters", "kept filters per layer"),
