@@ -281,10 +281,8 @@ def test_imagefolder_defaults_to_imagenet_transforms(cifar_folder):
     assert images.shape == (3, 3, 224, 224) and labels.tolist() == [0, 1, 2]
     images, _ = next(iter(splits.loader("train", 2, generator=torch.Generator().manual_seed(0))))
     assert images.shape == (2, 3, 224, 224)
-    names = [type(t).__name__ for t in data.folder_transform((3, 224, 224), (0,) * 3, (1,) * 3, augment=False).transforms]
-    assert names[:2] == ["Resize", "CenterCrop"]
-    resize = data.folder_transform((3, 224, 224), (0,) * 3, (1,) * 3, augment=False).transforms[0]
-    assert resize.size in (256, [256])  # the standard 256 -> 224 center crop
+    resize, crop = data.folder_transform((3, 224, 224), (0,) * 3, (1,) * 3, augment=False).transforms[:2]
+    assert resize.size in (256, [256]) and list(crop.size) == [224, 224]  # the standard 256 -> 224 center crop
 
 
 def _pixels(folder, split_samples, index) -> torch.Tensor:
@@ -313,6 +311,11 @@ def test_imagefolder_at_the_recorded_32x32_size(cifar_folder):
         windows = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
         assert any(torch.allclose(images[i], w, atol=1e-5) or torch.allclose(images[i], w.flip(-1), atol=1e-5)
                    for w in windows)
+    # a cifar10 checkpoint evaluated on a folder of CIFAR JPEGs: its input size and statistics
+    cifar = {"name": "cifar10", "input_size": [3, 32, 32], "mean": list(data.MEAN_STD["cifar10"][0]),
+             "std": list(data.MEAN_STD["cifar10"][1]), "val_size": 5000}
+    splits = checkpoint_dataset(cifar, "imagefolder", cifar_folder, val_size=0)
+    assert splits.input_size == (3, 32, 32) and (splits.mean, splits.std) == data.MEAN_STD["cifar10"]
 
 
 def test_imagefolder_grey_and_other_sizes(tmp_path):

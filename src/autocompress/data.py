@@ -352,8 +352,10 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
         val_size, seed: validation carve; default the recorded one for the same dataset, else 5000 / 0.
         max_train, max_test: as :func:`get_dataset`.
 
-    imagefolder images are resized to the recorded ``input_size``; the other datasets must already have it.
-    The recorded normalisation (``mean`` / ``std``) applies when the dataset is the recorded one.
+    imagefolder images are resized to the recorded ``input_size`` and normalised with the recorded ``mean`` /
+    ``std`` (e.g. a cifar10 model evaluated on a folder of CIFAR JPEGs gets 32x32 inputs with CIFAR-10's
+    statistics). The in-memory datasets must already have the recorded ``input_size``; they use the recorded
+    normalisation when they are the recorded dataset, else their own.
 
     Raises:
         UserError: no dataset name, or as :func:`get_dataset` (including an ``input_size`` mismatch).
@@ -364,11 +366,13 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
         raise UserError(f"no known dataset to evaluate on (recorded: {recorded.get('name')!r})",
                         f"pass the dataset name, one of {', '.join(DATASETS)}")
     same = name == recorded.get("name")
+    resized = name == "imagefolder"  # made to the model's input: its size and normalisation
     kwargs = {"val_size": (recorded.get("val_size", 5000) if same else 5000) if val_size is None else val_size,
               "seed": (recorded.get("seed", 0) if same else 0) if seed is None else seed,
               "max_train": max_train, "max_test": max_test,
-              "input_size": recorded.get("input_size") if name == "imagefolder" else None,
-              "mean": recorded.get("mean") if same else None, "std": recorded.get("std") if same else None}
+              "input_size": recorded.get("input_size") if resized else None,
+              "mean": recorded.get("mean") if same or resized else None,
+              "std": recorded.get("std") if same or resized else None}
     try:
         splits = get_dataset(name, data_dir, **kwargs)
     except UserError as exc:
@@ -559,7 +563,8 @@ def _read_cifar_batches(folder: Path) -> tuple[TensorSplit, TensorSplit, list[st
                                 "re-download cifar-10-python.tar.gz") from exc
             if data.size % 3072 or label.ndim != 1 or len(label) != data.size // 3072:
                 raise UserError(f"CIFAR-10 batch {folder / file} holds {data.size} image bytes for "
-                                f"{label.size} labels (need 3072 bytes per label)", "re-download cifar-10-python.tar.gz")
+                                f"{label.size} labels (need 3072 bytes per label)",
+                                "re-download cifar-10-python.tar.gz")
             images.append(data.reshape(-1, 3, 32, 32))
             labels.append(label)
         return TensorSplit(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -569,7 +574,8 @@ def _read_cifar_batches(folder: Path) -> tuple[TensorSplit, TensorSplit, list[st
         names = read_data_pickle(folder / "batches.meta")
         names = names.get("label_names") if isinstance(names, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, (str, bytes)) for n in names):
-            raise UserError(f"{folder / 'batches.meta'} holds no label_names list", "re-download cifar-10-python.tar.gz")
+            raise UserError(f"{folder / 'batches.meta'} holds no label_names list",
+                            "re-download cifar-10-python.tar.gz")
         classes = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
     return load([f"data_batch_{i}" for i in range(1, 6)]), load(["test_batch"]), classes
 

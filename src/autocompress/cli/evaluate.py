@@ -2,7 +2,8 @@
 
 The dataset defaults to the one the checkpoint was trained on (same validation carve: ``val_size`` and
 ``seed`` stored in the checkpoint; same input size and normalisation). The data folder is ``--data-dir`` or
-the dataset's lookup order, never a folder recorded in the checkpoint. ``--json`` prints one JSON object instead of the summary line.
+the dataset's lookup order, never a folder recorded in the checkpoint. ``--json`` prints one JSON object
+instead of the summary line.
 """
 from __future__ import annotations
 
