@@ -33,9 +33,9 @@ def test_every_value_is_escaped(tmp_path):
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
     # title (twice), round, target, threads, latency runs, model, test top-1, params, config
     assert page.count(escaped) == 10, page.count(escaped)
-    assert f"PyTorch CPU, {escaped} threads, median of {escaped} runs" in page
+    assert f"PyTorch on cpu, {escaped} threads, median of {escaped} runs" in page
     assert f"<td>{escaped}x</td>" in page  # the round's target
-    assert "<td>reduction</td><td>n/a</td><td>n/a</td><td>1.00x</td>" in page  # numbers still compared
+    assert "<td>reduction</td><td>-</td><td>-</td><td>1.00x</td>" in page  # numbers still compared
 
 
 def test_final_table_rows_are_plain_text():

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
     from ..data import checkpoint_dataset
-    from ..training import check_device, check_model_input, evaluate
+    from ..task import resolve_device
+    from ..training import check_model_input, evaluate
 
     ckpt = load_checkpoint(args.checkpoint)
     stored = ckpt["dataset"]
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     # the recorded carve for the recorded dataset; another dataset needs none for the test split
     val_size = 0 if name != stored.get("name") and args.split == "test" else None
     splits = checkpoint_dataset(stored, name, args.data_dir, val_size=val_size)
-    model = model_from_checkpoint(ckpt).to(check_device(args.device))
+    model = model_from_checkpoint(ckpt).to(resolve_device(args.device))
     model_name = ckpt["model"]["name"]
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)
     result = evaluate(model, splits.loader(args.split, args.batch_size), progress=not (args.json or args.quiet),
