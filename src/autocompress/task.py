@@ -53,7 +53,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise SettingError("device", f"device {str(device)!r} does not exist here "
                                f"({torch.cuda.device_count()} CUDA devices)", "use device cuda or cpu")
     elif resolved.type != "cpu":
-        raise SettingError("device", f"device {str(device)!r} is not supported", "use auto, cpu, cuda or cuda:N")
+        raise SettingError("device", f"device {str(device)!r} is not available here", "use auto, cpu, cuda or cuda:N")
     return resolved
 
 
