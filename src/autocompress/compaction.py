@@ -55,8 +55,8 @@ class ColumnConv2d(nn.Module):
     ``padding_mode``), for input ``[N, C, H, W]`` -> ``[N, F, Ho, Wo]``. Two exact evaluation paths:
 
     * ``"dense"``: drop the input channels none of whose columns is kept, then one dense conv on that
-      slice with the kept columns scattered into a ``[F, C'/groups, kh, kw]`` weight. Best when the kept
-      channels keep most of their columns.
+      slice with the kept columns gathered into a ``[F, C'/groups, kh, kw]`` weight (zeros elsewhere).
+      Best when the kept channels keep most of their columns.
     * ``"positions"``: for every kernel position ``(i, j)`` with kept columns, the shifted input's kept
       channels are gathered, so the kept-column im2col ``[N, K', Ho*Wo]`` is built directly and multiplied
       by ``weight`` in one GEMM (``F*K'*Ho*Wo`` MACs, the GEMM's own count); grouped convs run one grouped
@@ -64,8 +64,16 @@ class ColumnConv2d(nn.Module):
 
     ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C'/groups*kh*kw`` and
     ``F >= GEMM_MIN_FILTERS`` (kernel larger than 1x1), else ``"dense"``; the choice depends only on the
-    shapes and indices, so it is deterministic. In eval / no-grad use the per-path weights are cached and
-    rebuilt when ``weight`` changes. Every op (Pad, Slice, Gather, Concat, MatMul, Conv, Add) exports to ONNX.
+    shapes and indices, so it is deterministic. The index tensors of both paths are non-persistent buffers
+    derived from ``column_index`` (rebuilt by ``load_state_dict``; they follow ``.to(device)``).
+
+    Deployment: the module holds only tensors and plain Python values, so it pickles
+    (``torch.save(model)``), and its forward is a pure function of ``weight``, ``bias`` and the buffers
+    under ``torch.jit.trace`` / ``torch.jit.script`` / ``torch.export`` / ``torch.compile`` and the ONNX
+    exporter (Pad, Slice, Gather, Concat, MatMul, Conv, Add; the constant weight layout folds into
+    initializers). Only eager inference (no autograd through ``weight``) keeps the gathered per-path
+    weights in a cache, rebuilt when ``weight`` changes (a ``[F, C'*kh*kw]`` gather per call costs up to
+    several times the conv on large layers); the cache is never pickled, traced or exported.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
@@ -85,9 +93,8 @@ class ColumnConv2d(nn.Module):
         per_group = self.in_channels // self.groups
         first = torch.arange(self.num_columns)  # placeholder until load_state_dict: canonical order
         self.register_buffer("column_index", (first % per_group) * kh * kw + first // per_group)
-        self._cache: tuple[Any, Any] | None = None
+        self._cache: tuple[torch.Tensor, tuple, list[torch.Tensor]] | None = None
         self._build_plan()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._build_plan())
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, columns: torch.Tensor, mode: str = "auto") -> "ColumnConv2d":
@@ -138,11 +145,6 @@ class ColumnConv2d(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv.to(self.weight.device, self.weight.dtype)
 
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self._build_plan()  # index tensors follow the module's device
-        return result
-
     def config(self) -> dict:
         """Constructor arguments as plain data (for ``serialization.describe_architecture``)."""
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -152,7 +154,14 @@ class ColumnConv2d(nn.Module):
                 "mode": self.mode}
 
     def _build_plan(self) -> None:
-        """Derive both evaluation paths from ``column_index`` (also after ``load_state_dict``)."""
+        """Derive both evaluation paths from ``column_index`` (also after ``load_state_dict``).
+
+        Sets ``path`` and the non-persistent LongTensor buffers ``dense_gather`` ``[C'/g*kh*kw]`` (stored
+        column of each entry of the dense path's kernel, ``K'`` = a zero), ``dense_input`` ``[C']`` (kept
+        input channels, selected when ``_dense_subset``) and ``position_channels`` (the input channels each kernel
+        position gathers, concatenated); ``_positions`` holds plain ints per kernel position:
+        ``(i, j, first stored column, end, first entry of position_channels, end or -1 for all channels)``.
+        """
         kh, kw = self.kernel_size
         kk, per_group = kh * kw, self.in_channels // self.groups
         index = self.column_index.detach().cpu()
@@ -171,42 +180,79 @@ class ColumnConv2d(nn.Module):
             self.path = self.mode
         rank = torch.full((per_group,), -1, dtype=torch.long)
         rank[kept] = torch.arange(kept.numel())
-        self._dense_columns = rank[channel] * kk + position  # into [C'/groups * kh * kw]
+        gather = torch.full((kept.numel() * kk,), index.numel(), dtype=torch.long)
+        gather[rank[channel] * kk + position] = torch.arange(index.numel())
         self._dense_channels = kept.numel()
-        self._dense_input = self._global_channels(kept, per_group)
-        self._positions = []  # (i, j, start, end, global input channels or None)
+        self._positions: list[tuple[int, int, int, int, int, int]] = []
+        channels: list[torch.Tensor] = []
+        offset = 0
         for p in torch.unique(position).tolist():
             sel = torch.nonzero(position == p).flatten()
-            self._positions.append((p // kw, p % kw, int(sel[0]), int(sel[-1]) + 1,
-                                    self._global_channels(channel[sel], per_group)))
+            chosen = self._global_channels(channel[sel], per_group)
+            end = -1 if chosen.numel() == self.in_channels else offset + chosen.numel()
+            self._positions.append((p // kw, p % kw, int(sel[0]), int(sel[-1]) + 1, offset, end))
+            if end >= 0:
+                channels.append(chosen)
+                offset = end
+        self._dense_subset = kept.numel() < per_group
+        device = self.column_index.device
+        self.register_buffer("dense_gather", gather.to(device), persistent=False)
+        self.register_buffer("dense_input", self._global_channels(kept, per_group).to(device), persistent=False)
+        self.register_buffer("position_channels", torch.cat(channels + [index[:0]]).to(device),
+                             persistent=False)
         self._cache = None
 
-    def _global_channels(self, local: torch.Tensor, per_group: int) -> torch.Tensor | None:
-        """Input channels ``[g*per_group + c for g for c in local]``, or None when that is all of them."""
-        if local.numel() == per_group:
-            return None
+    def _global_channels(self, local: torch.Tensor, per_group: int) -> torch.Tensor:
+        """Input channels ``[g*per_group + c for g for c in local]`` (LongTensor)."""
         offsets = torch.arange(self.groups).unsqueeze(1) * per_group
-        return (offsets + local.unsqueeze(0)).flatten().to(self.column_index.device)
+        return (offsets + local.unsqueeze(0)).flatten()
 
-    def _weights(self) -> Any:
-        """The current path's weights: a dense ``[F, C'/g, kh, kw]`` tensor or per-position ``[F, C_p, 1, 1]``."""
-        key = (self.path, self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        cacheable = not (torch.is_grad_enabled() and self.weight.requires_grad)
-        if cacheable and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        kh, kw = self.kernel_size
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._build_plan()  # a loaded column_index changes both paths
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._cache = None  # ``.to()`` may swap ``weight.data`` in place
+        return result
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # derived tensors: rebuilt on first use, never pickled
+        return state
+
+    def _build_weights(self) -> list[torch.Tensor]:
+        """The current path's weights: ``[dense [F, C'/g, kh, kw]]``, per-position ``[F, C_p, 1, 1]`` for
+        grouped convs, or ``[]`` (the GEMM multiplies ``weight`` as stored, position-major columns)."""
         if self.path == "dense":
-            dense = self.weight.new_zeros(self.out_channels, self._dense_channels * kh * kw)
-            dense = dense.index_copy(1, self._dense_columns.to(self.weight.device), self.weight)
-            weights: Any = dense.reshape(self.out_channels, self._dense_channels, kh, kw)
-        elif self.groups == 1:
-            weights = None  # the GEMM uses ``weight`` as stored (position-major columns)
-        else:
-            weights = [self.weight[:, start:end].reshape(self.out_channels, -1, 1, 1).contiguous()
-                       for _, _, start, end, _ in self._positions]
-        if cacheable:
-            self._cache = (key, weights)
-        return weights
+            kh, kw = self.kernel_size
+            padded = torch.cat([self.weight, torch.zeros_like(self.weight[:, :1])], dim=1)
+            dense = padded.index_select(1, self.dense_gather)
+            return [dense.reshape(self.out_channels, self._dense_channels, kh, kw)]
+        if self.groups == 1:
+            return []
+        return [self.weight[:, start:end].reshape(self.out_channels, -1, 1, 1)
+                for _, _, start, end, _, _ in self._positions]
+
+    @torch.jit.unused
+    def _cacheable(self) -> bool:
+        """Eager inference only: no autograd through ``weight``, not traced / compiled / exported."""
+        return (not (torch.is_grad_enabled() and self.weight.requires_grad) and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling())
+
+    @torch.jit.unused
+    def _cached_weights(self) -> list[torch.Tensor]:
+        """:meth:`_build_weights`, reused while ``weight`` is the same tensor with the same storage,
+        version (in-place updates), dtype and device."""
+        key = (self.path, self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._cache is None or self._cache[0] is not self.weight or self._cache[1] != key:
+            self._cache = (self.weight, key, self._build_weights())
+        return self._cache[2]
+
+    def _weights(self) -> list[torch.Tensor]:
+        if torch.jit.is_scripting():
+            return self._build_weights()
+        return self._cached_weights() if self._cacheable() else self._build_weights()
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.padding
@@ -218,26 +264,25 @@ class ColumnConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self._weights()
         if self.path == "dense":
-            if self._dense_input is not None:
-                x = x.index_select(1, self._dense_input)
+            if self._dense_subset:
+                x = x.index_select(1, self.dense_input)
             if self.padding_mode == "zeros":
-                return F.conv2d(x, weights, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            return F.conv2d(self._pad(x), weights, self.bias, self.stride, 0, self.dilation, self.groups)
+                return F.conv2d(x, weights[0], self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(self._pad(x), weights[0], self.bias, self.stride, 0, self.dilation, self.groups)
         x = self._pad(x)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         height, width = x.shape[-2], x.shape[-1]
-        shifted = []
-        for i, j, _, _, channels in self._positions:
+        shifted: list[torch.Tensor] = []
+        for i, j, _, _, first, end in self._positions:
             view = x[:, :, i * dh: height - (kh - 1 - i) * dh: sh, j * dw: width - (kw - 1 - j) * dw: sw]
-            shifted.append(view if channels is None else view.index_select(1, channels))
+            shifted.append(view if end < 0 else view.index_select(1, self.position_channels[first:end]))
         if self.groups == 1:  # one GEMM: [F, K'] @ [N, K', Ho*Wo], the kept-column im2col built directly
             cols = torch.cat(shifted, dim=1)
             out = torch.matmul(self.weight, cols.flatten(2)).unflatten(2, cols.shape[2:])
         else:  # grouped: one grouped 1x1 conv per kernel position, accumulated
-            out = None
-            for view, weight in zip(shifted, weights):
-                term = F.conv2d(view, weight, None, 1, 0, 1, self.groups)
-                out = term if out is None else out + term
+            out = F.conv2d(shifted[0], weights[0], None, 1, 0, 1, self.groups)
+            for view, weight in zip(shifted[1:], weights[1:]):
+                out = out + F.conv2d(view, weight, None, 1, 0, 1, self.groups)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
