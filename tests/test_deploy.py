@@ -65,6 +65,13 @@ RATES = {"default": 0.5, "column": {"head.1": 0.6}}
 TOLERANCE = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def keep_global_rng():
+    """Each test's layer initialisations draw from a forked global RNG: later test files see the same state."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 @pytest.fixture(scope="module")
 def splits():
     return get_dataset("fashion-mnist", val_size=300, max_train=600, max_test=200)
@@ -96,8 +103,7 @@ def _prune(model: nn.Module, splits) -> nn.Module:
 def compact(tiny_module, splits):
     module, _ = tiny_module
     with seeded(0):
-        model = module.TinyNet(width=8)
-    return _prune(model, splits)
+        return _prune(module.TinyNet(width=8), splits)
 
 
 @pytest.fixture(scope="module")
