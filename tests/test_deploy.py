@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import copy
 import importlib
-import inspect
 import io
 import os
 import pickle
@@ -90,20 +89,19 @@ def tiny_module(tmp_path_factory):
         sys.modules.pop(MODULE, None)
 
 
-def _prune(model: nn.Module, splits) -> nn.Module:
+def _prune(model: nn.Module) -> nn.Module:
     """One-shot filter + column pruning of ``model`` and compaction: the compact model (eval mode)."""
-    # prune() takes the data as `splits` here; the loader-based signature takes no data for one-shot pruning
-    data = {"splits": splits} if "splits" in inspect.signature(prune).parameters else {}
     result = prune(model, RATES, example_inputs=torch.zeros(1, 1, 28, 28), dims=("filter", "column"),
-                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False, **data)
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
+                   device="cpu")
     return result.compact_model.eval()
 
 
 @pytest.fixture(scope="module")
-def compact(tiny_module, splits):
+def compact(tiny_module):
     module, _ = tiny_module
     with seeded(0):
-        return _prune(module.TinyNet(width=8), splits)
+        return _prune(module.TinyNet(width=8))
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +221,10 @@ def test_load_in_a_fresh_process_needs_no_registry(compact, images, tiny_module,
         assert type(loaded) is module.TinyNet and _close(_eager(loaded, images), expected)
 
 
-def test_unknown_constructor_arguments_need_a_fresh_instance(tiny_module, splits, images, tmp_path):
+def test_unknown_constructor_arguments_need_a_fresh_instance(tiny_module, images, tmp_path):
     module, _ = tiny_module
     with seeded(0):
-        compact = _prune(module.SizedNet(6), splits)
+        compact = _prune(module.SizedNet(6))
     path = save_compact(tmp_path / "sized.pt", compact)  # SizedNet() needs `width`: no arguments recorded
     assert load_checkpoint(path)["model"] == {"name": None, "class": f"{MODULE}:SizedNet", "kwargs": None}
     with pytest.raises(UserError, match=f"records model class {MODULE}:SizedNet but not its constructor "
@@ -252,7 +250,7 @@ def test_load_into_own_instance_of_a_class_defined_in_a_function(splits, images,
 
     local_class = make()
     with seeded(0):
-        compact = _prune(local_class(), splits)
+        compact = _prune(local_class())
     assert any(isinstance(m, ColumnConv2d) for m in compact.modules())
     path = save_compact(tmp_path / "local.pt", compact)
     assert "<locals>" in load_checkpoint(path)["model"]["class"]

@@ -34,6 +34,7 @@ from .quick_eval import QuickEvaluator
 from .rounds import PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
 from .sampling import ActionSampler
+from .serialization import save_compact
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
 
@@ -144,8 +145,8 @@ class Compression:
     Args:
         source: plain data stored in ``config.yaml`` when the run starts (the CLI: where the checkpoint and
             the data are); not compared on resume (the settings and the base model's digest are).
-        save: ``fn(path, compact_model)`` writing the final ``model.pt`` (default: the architecture and
-            weights, loadable with ``autocompress.load``).
+        save: ``fn(path, compact_model)`` writing the final ``model.pt`` (default:
+            :func:`autocompress.serialization.save_compact`, loadable with ``autocompress.load``).
         final_columns: ``fn(name, model) -> dict`` of further columns of the final table for the ``"base"``
             and the ``"compressed"`` model (the CLI: test top-1 and file size; called after ``save``).
     """
@@ -316,9 +317,11 @@ class Compression:
                 "device": str(self.device), "latency_runs": self.config.latency_runs}
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
-        from .atomic import atomic_torch_save
-
-        atomic_torch_save(self.pipeline.payload(compact_model), path)
+        """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
+        instance: ``autocompress.load(path, model=MyNet(...))``)."""
+        save_compact(path, copy.deepcopy(compact_model).cpu(), metrics={"target": str(self.target)},
+                     config=dataclasses.asdict(self.config),
+                     dataset={"input_size": list(self.example[0].shape[1:])})
 
     def _result(self, compact_model: nn.Module) -> CompressResult:
         records = self.store.records

@@ -35,7 +35,7 @@ from .distillation import Distiller
 from .errors import UserError
 from .masks import MaskEnforcer
 from .purification import purify
-from .serialization import apply_architecture, describe_architecture
+from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
 from .task import Task
 from .text import plural
