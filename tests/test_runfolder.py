@@ -110,3 +110,32 @@ def test_a_read_only_parent_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="cannot write the run folder"):
         RunFolder(target).open()
     assert time.perf_counter() - started < 2
+
+
+def test_prune_refuses_an_unwritable_out_before_any_work(tmp_path, capsys):
+    from autocompress.cli import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "rates.yaml").write_text("default: 0.5\n")
+    started = time.perf_counter()
+    code = main(["prune", "assets/fmnist_cnn_base.pt", "--rates", str(tmp_path / "rates.yaml"),
+                 "--out", str(tmp_path / "file" / "pruned.pt"), "--device", "cpu"])
+    assert code == 2 and "cannot write" in capsys.readouterr().err
+    assert time.perf_counter() - started < 20  # before any data is read or model trained
+
+
+def test_a_disk_error_during_a_command_is_one_line_with_what_is_kept(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import autocompress.cli.compress as cli
+    from autocompress.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(cli, "_compress", full_disk)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("target: params=2x\nsource: {checkpoint: base.pt}\n")
+    assert main(["compress", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "--resume" in err
