@@ -310,7 +310,7 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
     unknown = sorted(str(key) for key in data if key not in fields)
     if unknown:
         raise SettingError(f"{prefix}{unknown[0]}", f"unknown setting(s) {', '.join(prefix + k for k in unknown)}",
-                           f"valid {where} settings: {', '.join(sorted(fields))}")
+                           f"valid {prefix.rstrip('.') + ' ' if prefix else ''}settings: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
