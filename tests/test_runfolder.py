@@ -154,7 +154,8 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                       nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-train = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=50, shuffle=True)
+train = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=50, shuffle=True,
+                   generator=torch.Generator().manual_seed(0))  # its own generator: reseeded per phase
 val = DataLoader(TensorDataset(x[600:], y[600:]), batch_size=100)
 config = {"rounds": [1.5, 2.0], "admm": {"epochs": 2, "update_interval": 5}, "retrain": {"epochs": 2},
           "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 1}, "latency_runs": 1}
