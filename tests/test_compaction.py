@@ -210,23 +210,34 @@ def test_hybrid_and_irregular_own_model():
     assert dense.report["params_after"] == sum(p.numel() for p in model.parameters())
 
 
-def test_nonzero_bn_shift_of_pruned_filter_is_inconsistent():
+def test_zero_rows_before_an_intact_batchnorm_are_kept():
+    """BN(0) is the BatchNorm's shift, not 0: such a channel is live and stays (issue 16, item 7)."""
     model, x = _mixed()
     masks = filter_masks(model, x, 0.5)
     masks["stem.1.bias"][:] = True
-    with pytest.raises(UserError, match="inconsistent masks.*stem.1.bias"):
-        compact(model, masks, x)
+    result = run(model, masks, x, exact_count=False)
+    assert result.model.stem[0].out_channels == 16 and result.model.res[3].out_channels == 16
+    assert result.model.last[0].out_channels == 5  # other groups still lose their channels
 
 
-def test_every_channel_removed_is_refused():
+def test_irregular_zero_row_before_batchnorm_compacts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    masks = irregular_masks(model, 0.5)
+    masks["0.weight"][2] = False
+    masks["0.bias"][2] = False
+    result = run(model, masks, torch.randn(2, 3, 8, 8), exact_count=False)
+    assert result.model[0].out_channels == 8 and result.report["removed_channels"] == {}
+
+
+def test_every_channel_removed_stays_dense():
     model, x = _mixed()
     masks = _ones(model)
-    masks["last.0.weight"][:] = False
-    masks["last.0.bias"][:] = False
-    masks["last.1.weight"][:] = False
-    masks["last.1.bias"][:] = False
-    with pytest.raises(UserError, match="every channel"):
-        compact(model, masks, x)
+    for name in ("last.0.weight", "last.0.bias", "last.1.weight", "last.1.bias"):
+        masks[name][:] = False
+    result = run(model, masks, x, exact_count=False)
+    assert result.model.last[0].out_channels == 10 and result.model.head[1].in_features == 160
+    assert "last.0" in result.report["dead_channels_kept"]
 
 
 def test_sigmoid_after_removed_channel_is_detected():
@@ -239,14 +250,15 @@ def test_sigmoid_after_removed_channel_is_detected():
         compact(model, masks, torch.randn(1, 3, 8, 8))
 
 
-def test_groupnorm_coupling_is_refused_by_name():
+def test_groupnorm_coupled_dead_channels_stay_dense():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     masks = _ones(model)
     for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
         masks[name][:2] = False
-    with pytest.raises(UserError, match="GroupNorm '1'.*ignored layers"):
-        compact(model, masks, torch.randn(1, 3, 8, 8))
+    result = run(model, masks, torch.randn(1, 3, 8, 8), exact_count=False)
+    assert result.model[0].out_channels == 8
+    assert "GroupNorm 1 normalises over the channels" in result.report["dead_channels_kept"]["0"]
 
 
 def test_input_model_unchanged_and_result_in_eval():

@@ -27,6 +27,7 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
 from .errors import UserError
+from .space import is_weight_layer, out_dim, trace_graph
 
 #: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
 #: used when fewer than this fraction of the kept input channels' columns is kept and the layer has at least
@@ -362,7 +363,8 @@ def _zero_slices(tensor: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+            and module.groups == module.in_channels == module.out_channels > 1)
 
 
 _STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -384,97 +386,120 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
 def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], str | None]:
     """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
 
-    Returns ``(root indices to remove, reason the dead ones must be kept or None)``. Raises UserError
-    when the producers of a channel are pruned but a coupled member would still make it non-zero, or a
-    coupled member cannot lose channels exactly.
+    A channel is dead when every producer's weight row and bias entry is zero and every per-channel member
+    keeps it at zero (BatchNorm / InstanceNorm affine entries zero, depthwise bias zero, free per-channel
+    parameters zero): an all-zero conv row followed by an intact BatchNorm outputs the BatchNorm's shift, so
+    it is not dead and stays. Members whose pruned dimension has one entry while the group has more
+    broadcast over the channels (a spatial gate) and are ignored.
+
+    Returns:
+        ``(root indices to remove, reason the dead channels are kept or None)``: the channels are kept
+        (dense) when they reach a model output or pass through a structure that cannot lose channels
+        exactly (grouped convs, LayerNorm / GroupNorm, unknown modules with parameters), or are all of them.
     """
     size = len(group[0].root_idxs)
-    producers = torch.ones(size, dtype=torch.bool)
+    dead = torch.ones(size, dtype=torch.bool)
     has_producer = False
     members = []
     for item in group.items:
         dep, module, node = item.dep, item.dep.target.module, item.dep.target
-        root = torch.tensor(item.root_idxs, dtype=torch.long)
         idxs = torch.tensor(item.idxs, dtype=torch.long)
-        is_out = dg.is_out_channel_pruning_fn(dep.handler)
-        members.append((dep, module, node, root, idxs, is_out))
-        if is_out and isinstance(module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(module):
-            has_producer = True
-            dead = _zero_slices(module.weight, 0) & (_zero_slices(module.bias, 0) if module.bias is not None
-                                                     else torch.ones(module.weight.shape[0], dtype=torch.bool))
-            row = torch.zeros(size, dtype=torch.bool)
-            row[root] = dead[idxs]
-            producers &= row
-    if not has_producer or not bool(producers.any()):
-        return [], None
-    dead_roots = torch.nonzero(producers).flatten()
-    for dep, module, node, root, idxs, is_out in members:
-        name = names.get(module, str(module))
-        hit = idxs[torch.isin(root, dead_roots)]
-        if hit.numel() == 0:
+        if _broadcast(item, dg, size):
             continue
+        members.append((module, node, torch.tensor(item.root_idxs, dtype=torch.long), idxs,
+                        dg.is_out_channel_pruning_fn(dep.handler)))
+    for module, node, root, idxs, is_out in members:
+        row = torch.ones(size, dtype=torch.bool)
+        if is_out and is_weight_layer(module) and not _is_depthwise(module):
+            has_producer = True
+            zero = _zero_slices(module.weight, out_dim(module))
+            if module.bias is not None:
+                zero &= _zero_slices(module.bias, 0)
+            row[root] = zero[idxs]
+        elif is_out and not is_weight_layer(module):
+            for tensor, dim in _per_channel_tensors(module, node):
+                row[root] &= _zero_slices(tensor, dim)[idxs]
+        elif _is_depthwise(module) and module.bias is not None:
+            row[root] = _zero_slices(module.bias, 0)[idxs]
+        dead &= row
+    if not has_producer or not bool(dead.any()):
+        return [], None
+    root_name = names.get(group[0].dep.target.module)
+    for module, node, root, idxs, is_out in members:
+        if not bool(dead[root].any()):
+            continue
+        name = names.get(module, "a parameter")
         if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
             return [], f"channels are outputs of the model at {name}"
-        if isinstance(module, nn.Conv2d) and 1 < module.groups and not _is_depthwise(module):
-            raise UserError(f"removing channels through grouped conv {name!r} (groups={module.groups}) is not "
-                            "supported", f"exclude {name} and its coupled layers from filter pruning "
-                            "(ignored layers)")
+        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups and not _is_depthwise(module):
+            return [], f"they pass through grouped conv {name} (groups={module.groups})"
         if isinstance(module, _STATISTIC_NORMS):
-            raise UserError(f"removing channels normalised by {type(module).__name__} {name!r} changes its "
-                            "statistics", f"exclude the layers coupled to {name} from filter pruning "
-                            "(ignored layers)")
-        if not is_out or isinstance(module, (nn.Conv2d, nn.Linear, nn.PReLU)) and not _is_depthwise(module):
-            continue
-        if _is_depthwise(module):
-            offenders = [("bias", module.bias)] if module.bias is not None else []
-        elif isinstance(module, _PER_CHANNEL_NORMS):
-            if not module.affine:
-                raise UserError(f"{type(module).__name__} {name!r} has no affine parameters, so a removed "
-                                "channel would not output 0", f"exclude {name} from filter pruning")
-            offenders = [("weight", module.weight), ("bias", module.bias)]
-        elif isinstance(module, nn.Parameter):
-            offenders = [("", module)]
-        elif node.type in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
-                           tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND,
-                           tp.ops.OPTYPE.EXPAND) and not list(module.parameters()):
-            continue
-        else:
-            raise UserError(f"cannot remove channels through {type(module).__name__} {name!r}",
-                            f"exclude the layers coupled to {name} from filter pruning (ignored layers)")
-        dim = getattr(node, "pruning_dim", 0) if isinstance(module, nn.Parameter) else 0
-        for pname, tensor in offenders:
-            if not bool(_zero_slices(tensor, dim if dim >= 0 else tensor.dim() + dim)[hit].all()):
-                label = f"{name}.{pname}" if pname else name
-                raise UserError(f"inconsistent masks: the producers of {hit.numel()} channels of the group "
-                                f"rooted at {names.get(group[0].dep.target.module)!r} are pruned but "
-                                f"{label} is not zero on them", "mask the whole coupled group "
-                                "(PruningSpace.param_masks does), or unmask the filters")
-    if dead_roots.numel() >= size:
-        raise UserError(f"the masks remove every channel of the group rooted at "
-                        f"{names.get(group[0].dep.target.module)!r}", "keep at least one filter per layer")
-    return dead_roots.tolist(), None
+            return [], f"{type(module).__name__} {name} normalises over the channels"
+        if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, nn.PReLU)) and list(module.parameters())):
+            return [], f"they pass through {type(module).__name__} {name}"
+    if bool(dead.all()):
+        return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
+    return torch.nonzero(dead).flatten().tolist(), None
+
+
+def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:
+    """A group member whose pruned dimension has one entry while the group has more (a one-channel
+    spatial gate multiplied over all channels): it does not couple, and pruning it would empty it."""
+    extent = _pruned_extent(item.dep.target.module, item.dep.target, dg.is_out_channel_pruning_fn(item.dep.handler))
+    return extent == 1 < size
+
+
+def _pruned_extent(module, node, is_out: bool) -> int | None:
+    """Length of the dimension torch-pruning prunes in ``module`` (None for parameter-free ops)."""
+    if isinstance(module, nn.Parameter):
+        return module.shape[getattr(node, "pruning_dim", 0)]
+    if is_weight_layer(module):
+        if isinstance(module, nn.Linear):
+            return module.out_features if is_out else module.in_features
+        return module.out_channels if is_out or _is_depthwise(module) else module.in_channels
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, channel dim) pairs that must be zero for a channel to stay zero through ``module``; a
+    tensor of ones marks a channel that can never stay zero (BatchNorm without affine: ``BN(0) != 0``)."""
+    if isinstance(module, nn.Parameter):
+        dim = getattr(node, "pruning_dim", 0)
+        return [(module, dim % module.dim())]
+    if isinstance(module, _PER_CHANNEL_NORMS):
+        if module.affine:
+            return [(module.weight, 0), (module.bias, 0)]
+        if module.running_mean is not None:
+            return [(torch.ones(module.num_features), 0)]
+    return []
 
 
 def _remove_channels(model: nn.Module, inputs: tuple, report: dict) -> dict[str, torch.Tensor]:
     """Remove dead channels with torch-pruning; returns module name -> kept output channel indices."""
     names = {module: name for name, module in model.named_modules()}
-    candidates = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-                  and bool(_zero_slices(m.weight, 0).any())]
+    candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
         return {}
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
-    except Exception as exc:  # torch-pruning raises many types on untraceable models
-        raise UserError(f"torch-pruning cannot trace this model to remove channels "
-                        f"({type(exc).__name__}: {str(exc)[:160]})",
-                        "prune it with columns / irregular only, or exclude the failing layers") from exc
+        dg = trace_graph(model, inputs)
+    except UserError as exc:  # dead channels stay dense: exact, only larger
+        for module in candidates:
+            report["dead_channels_kept"][names[module]] = str(exc)
+        return {}
     plans = []
     for module in candidates:
         if module not in dg.module2node:
             report["dead_channels_kept"][names[module]] = "the layer is not in the traced graph"
             continue
         pruner = dg.get_pruner_of_module(module)
-        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        try:
+            group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                         list(range(pruner.get_out_channels(module))))
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
+            report["dead_channels_kept"][names[module]] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
+            continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
         roots, reason = _group_plan(dg, group, names)
@@ -488,13 +513,14 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict) -> dict[str,
         if not roots:
             continue
         group = dg.get_pruning_group(module, pruner.prune_out_channels, roots)
+        group._group = [item for item in group._group if not _broadcast(item, dg, pruner.get_out_channels(module))]
         for dep, idxs in group:
             target = dep.target.module
             if dg.is_out_channel_pruning_fn(dep.handler) and target in names:
                 total = pruner_out_channels(dg, target)
                 if total is not None:
                     keep = torch.ones(total, dtype=torch.bool)
-                    keep[torch.tensor(idxs, dtype=torch.long)] = False
+                    keep[torch.tensor([i for i in idxs if i < total], dtype=torch.long)] = False
                     kept[names[target]] = torch.nonzero(keep).flatten()
         group.prune()
         report["removed_channels"][names[module]] = len(roots)

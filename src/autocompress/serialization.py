@@ -27,11 +27,17 @@ FORMAT = "autocompress-architecture"
 VERSION = 1
 
 
-def _conv_args(m: nn.Conv2d) -> dict:
+def _conv_args(m: nn.modules.conv._ConvNd) -> dict:
     return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
             "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
             "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
             "padding_mode": m.padding_mode}
+
+
+def _transposed_args(m: nn.modules.conv._ConvTransposeNd) -> dict:
+    args = _conv_args(m)
+    args["output_padding"] = list(m.output_padding)
+    return args
 
 
 def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
@@ -41,10 +47,16 @@ def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
 
 #: module type -> (constructor arguments as plain data). Only these types are described / rebuilt.
 _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
+    nn.Conv1d: _conv_args,
     nn.Conv2d: _conv_args,
+    nn.Conv3d: _conv_args,
+    nn.ConvTranspose1d: _transposed_args,
+    nn.ConvTranspose2d: _transposed_args,
+    nn.ConvTranspose3d: _transposed_args,
     nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
     nn.BatchNorm1d: _norm_args,
     nn.BatchNorm2d: _norm_args,
+    nn.BatchNorm3d: _norm_args,
     nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
                              "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None},
     nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
@@ -73,8 +85,8 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         model: a (compact) model.
         reference: the model it was compacted from (same module names). When given, only modules whose
             type or arguments differ from the reference's are described; otherwise every module of a
-            describable type (Conv2d, Linear, BatchNorm1d/2d, LayerNorm, GroupNorm, PReLU, ColumnConv2d,
-            ColumnLinear) is.
+            describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d, LayerNorm,
+            GroupNorm, PReLU, ColumnConv2d, ColumnLinear) is.
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,

@@ -242,17 +242,18 @@ class PruningSpace:
 
         rows = layer_table(model, inputs)
         own_macs = {r.name: r.macs for r in rows}
+        train_only = train_only_modules(model, inputs)
         param_names = _param_names(model)
         layer_macs = {names[m]: (param_names[id(m.weight)], own_macs.get(names[m], 0))
-                      for m in model.modules() if _is_weight_layer(m)}
+                      for m in model.modules() if is_weight_layer(m)}
         total = Counts(params=sum(p.numel() for p in model.parameters()),
                        macs=sum(r.macs for r in rows))
 
         candidates = {}
         for module, name in names.items():
-            if not _is_weight_layer(module):
+            if not is_weight_layer(module):
                 continue
-            reason = _layer_problem(module, name, ignored, own_macs)
+            reason = _layer_problem(module, name, ignored, own_macs, module in train_only)
             if reason:
                 _exclude(excluded, name, reason)
             else:
@@ -424,22 +425,105 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _is_weight_layer(module: nn.Module) -> bool:
+def is_weight_layer(module: nn.Module) -> bool:
+    """A Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with a weight Parameter."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
         getattr(module, "weight", None), nn.Parameter)
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """A ConvTranspose1d/2d/3d (weight ``[C_in, C_out/groups, *k]``: output channels on dim 1)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and bool(module.transposed)
+
+
+def out_dim(module: nn.Module) -> int:
+    """The weight dimension of a Conv / Linear that indexes its output channels (1 for transposed convs)."""
+    return 1 if is_transposed(module) else 0
+
+
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
+            and module.groups == module.in_channels)
 
 
-def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int]) -> str:
+def _channels(module: nn.Module, out: bool) -> int:
+    """Output (``out``) or input channels / features of a Conv / Linear."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if out else module.in_features
+    return module.out_channels if out else module.in_channels
+
+
+def _batch_of_two(inputs: tuple) -> tuple:
+    """The example inputs with a batch of (at least) two: a batch-1 tensor is repeated (train-mode
+    BatchNorm needs more than one value per channel)."""
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t
+                 for t in inputs)
+
+
+def _reached(model: nn.Module, inputs: tuple, train: bool) -> set[nn.Module]:
+    """Modules called by one forward in train or eval mode (no grad; modes, buffers and RNG restored)."""
+    called: set[nn.Module] = set()
+    handles = [m.register_forward_hook(lambda module, *_: called.add(module)) for m in model.modules()]
+    try:
+        with preserved_state(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.train(train)
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def train_only_modules(model: nn.Module, inputs: tuple) -> set[nn.Module]:
+    """Modules the forward reaches in train mode but not in eval mode (e.g. auxiliary heads), from two
+    forwards on ``inputs`` (repeated to a batch of two). Empty when the train-mode forward fails."""
+    doubled = _batch_of_two(inputs)
+    try:
+        train = _reached(model, doubled, True)
+    except Exception:  # noqa: BLE001 - a model that cannot run in train mode has no train-only modules
+        return set()
+    return train - _reached(model, doubled, False)
+
+
+def trace_graph(model: nn.Module, inputs: tuple) -> tp.DependencyGraph:
+    """torch-pruning's DependencyGraph of ``model`` on ``inputs`` (Fang et al., CVPR 2023).
+
+    Traced in train mode when some module is reached only in train mode (so a train-only auxiliary head's
+    inputs couple with their producers), else in eval mode, on the inputs repeated to a batch of two, with
+    every parameter temporarily requiring grad (frozen layers are traced like the others; inputs are not
+    marked, which torch-pruning mis-traces). Modes, buffers, RNG and ``requires_grad`` are restored.
+
+    Raises:
+        UserError: torch-pruning cannot trace the model (names the model class and the error).
+    """
+    doubled = _batch_of_two(inputs)
+    train = bool(train_only_modules(model, inputs))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            for p in frozen:
+                p.requires_grad_(True)
+
+            def forward(module, args):  # torch-pruning switches to eval mode before calling this
+                module.train(train)
+                return module(*args)
+
+            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
+        raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
+                        "prune it with column / irregular units only (dims)") from exc
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
+                   train_only: bool) -> str:
     if name in ignored:
         return "ignored by request"
-    if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "transposed", False):
-        return f"{type(module).__name__} is not pruned (only Conv2d and Linear are)"
-    if own_macs.get(name, 0) == 0:
-        return "not reached by the forward pass (eval mode)"
+    if own_macs.get(name, 0) == 0 and not train_only:
+        return "not reached by the forward pass (eval or train mode)"
     return ""
 
 
@@ -458,11 +542,14 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
 
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs) -> list[FilterGroup]:
-    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward."""
-    with preserved_state(model), torch.enable_grad():
-        traced = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
-        graph = tp.DependencyGraph().build_dependency(model, traced if len(traced) > 1 else traced[0],
-                                                      verbose=False)
+    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward.
+    A model torch-pruning cannot trace gets no filter groups (the reason is recorded under the name
+    ``""``, the model); a module whose group torch-pruning cannot enumerate is excluded by name."""
+    try:
+        graph = trace_graph(model, inputs)
+    except UserError as exc:
+        _exclude(excluded, "", f"filter pruning: {str(exc)}")
+        return []
     # modules whose output is a model output (torch-pruning adds an output node only after other ops)
     sinks = {node.module for node in graph.module2node.values() if not node.outputs}
     groups: list[FilterGroup] = []
@@ -471,12 +558,16 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     for name, module in candidates.items():
         if module in visited or module not in graph.module2node:
             continue
-        pruner = graph.get_pruner_of_module(module)
-        tp_group = graph.get_pruning_group(module, pruner.prune_out_channels,
-                                           list(range(pruner.get_out_channels(module))))
-        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks)
+        try:
+            pruner = graph.get_pruner_of_module(module)
+            size = pruner.get_out_channels(module)
+            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
+            _exclude(excluded, name, f"filter pruning: torch-pruning cannot map its channels "
+                     f"({type(exc).__name__})")
+            continue
+        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size)
         visited.update(members)
-        size = pruner.get_out_channels(module)
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
         if not problem:
@@ -491,9 +582,12 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     return _verified(model, inputs, groups, excluded)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice], set, str]:
-    """Parameter slices of one torch-pruning group, the modules whose rows it prunes, and a problem
-    ("" if the group can be pruned)."""
+def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list[Slice], set, str]:
+    """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
+    and a problem ("" if the group can be pruned).
+
+    A member whose pruned dimension has size 1 while the group has more channels is a broadcast (a
+    one-channel gate multiplied over all channels): it does not couple and is skipped."""
     slices: list[Slice] = []
     members: set = set()
     problem = ""
@@ -508,35 +602,44 @@ def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice
             continue
         if isinstance(target, nn.Parameter):
             name = param_names.get(id(target), "")
-            other = [s for d, s in enumerate(target.shape) if d != node.pruning_dim % target.dim()]
+            dim = node.pruning_dim % target.dim()
+            other = [s for d, s in enumerate(target.shape) if d != dim]
+            if target.shape[dim] == 1 < size:
+                continue
             if any(s != 1 for s in other):
                 problem = problem or f"filter pruning: free parameter {name} is not per-channel"
             else:
-                slices.append(Slice(name, name.rpartition(".")[0], "norm", node.pruning_dim % target.dim(),
-                                    index, channel))
+                slices.append(Slice(name, name.rpartition(".")[0], "norm", dim, index, channel))
             continue
         if not isinstance(target, nn.Module) or target not in names:
             continue  # torch-pruning's placeholder ops (add, cat, view, ...) own no parameters
         mname = names[target]
-        if isinstance(target, (nn.Conv2d, nn.Linear)):
+        if is_weight_layer(target):
+            dim = out_dim(target) if out_side or _is_depthwise(target) else 1 - out_dim(target)
+            extent = _channels(target, out_side or _is_depthwise(target))
+            if extent == 1 < size:
+                continue  # a broadcast, e.g. a one-channel spatial gate
             if out_side:
                 members.add(target)
             if mname not in candidates:
                 problem = problem or f"filter pruning: couples with {mname}, which is not pruned"
                 continue
-            if isinstance(target, nn.Conv2d) and target.groups > 1 and not _is_depthwise(target):
+            if isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and not _is_depthwise(target):
                 problem = problem or f"filter pruning: couples with grouped convolution {mname}"
                 continue
-            if isinstance(target, nn.Conv2d) and _is_depthwise(target) and target.out_channels != target.in_channels:
+            if _is_depthwise(target) and target.out_channels != target.in_channels:
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
+                continue
+            if bool((index >= extent).any()):
+                problem = problem or f"filter pruning: torch-pruning maps channels outside {mname}'s weight"
                 continue
             wname = param_names[id(target.weight)]
             if out_side or _is_depthwise(target):
-                slices.append(Slice(wname, mname, "weight", 0, index, channel))
+                slices.append(Slice(wname, mname, "weight", dim, index, channel))
                 if target.bias is not None:
                     slices.append(Slice(param_names[id(target.bias)], mname, "bias", 0, index, channel))
             else:
-                slices.append(Slice(wname, mname, "input", 1, index, channel))
+                slices.append(Slice(wname, mname, "input", dim, index, channel))
         elif isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             for p in (target.weight, target.bias):
                 if p is not None:
@@ -544,6 +647,9 @@ def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice
         elif isinstance(target, nn.PReLU):
             if target.num_parameters > 1:
                 slices.append(Slice(param_names[id(target.weight)], mname, "norm", 0, index, channel))
+        elif isinstance(target, (nn.LayerNorm, nn.GroupNorm)):
+            problem = problem or (f"filter pruning: {type(target).__name__} {mname} normalises over the "
+                                  "channels, so removing one changes the others")
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     merged = _merge(slices)
@@ -605,9 +711,11 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
               excluded: dict[str, str]) -> list[FilterGroup]:
     """Keep the groups whose consumer input slices read only the group's channels.
 
-    One analysis forward on two random samples with the last channel of every group removed (weights
-    zeroed, restored afterwards): every consumer input slice of that channel must be identical for both
-    samples. A slice torch-pruning mapped wrongly reads live features and differs.
+    One analysis forward on two random samples with a seeded random half of the channels of every group
+    removed (weights zeroed, restored afterwards): every consumer input slice of those channels must be
+    identical for both samples. A slice torch-pruning mapped wrongly (e.g. through a channel shuffle)
+    reads live features and differs. A random half rather than one fixed channel: a permutation rarely
+    maps it onto itself, while it maps the last (or first) channel onto itself in a channel shuffle.
     """
     if not groups:
         return groups
@@ -619,9 +727,9 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     saved: dict[str, torch.Tensor] = {}
     watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
     for g in groups:
-        last = g.size - 1
+        gone = torch.randperm(g.size, generator=gen)[:max(1, g.size // 2)]
         for s in g.slices:
-            index = s.index[s.channel == last]
+            index = s.index[torch.isin(s.channel, gone)]
             if s.param not in saved:
                 saved[s.param] = params[s.param].detach().clone()
             params[s.param].index_fill_(s.dim, index.to(params[s.param].device), 0)
@@ -642,7 +750,7 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
             params[name].copy_(value)
     bad: dict[str, str] = {}
     for consumer, checks in watched.items():
-        feature_dim = 1 if isinstance(modules[consumer], nn.Conv2d) else -1
+        feature_dim = 1 if isinstance(modules[consumer], nn.modules.conv._ConvNd) else -1
         for x in seen.get(consumer, []):
             for gname, index in checks:
                 part = x.index_select(feature_dim, index.to(x.device))
