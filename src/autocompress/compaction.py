@@ -8,8 +8,8 @@ of each layer's GEMM matrix. This module makes that pruning physical:
   torch-pruning's ``DependencyGraph``; coupled layers (residual adds, concatenation, depthwise convs,
   BatchNorm, Conv -> Flatten -> Linear) lose the same channels together.
 * **Columns.** A Conv2d whose GEMM view ``weight.reshape(F, C/groups*kh*kw)`` has all-zero columns is
-  replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns; a Linear with all-zero
-  input columns becomes :class:`ColumnLinear`.
+  replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns (a Conv1d / Conv3d by
+  :class:`ColumnConvNd`); a Linear with all-zero input columns becomes :class:`ColumnLinear`.
 * **Irregular** zeros stay in dense tensors (``serialization.to_sparse_state_dict`` exports them sparse).
 
 The result is checked in eval mode against the masked model; see :func:`compact`.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import torch
@@ -299,13 +300,120 @@ class ColumnLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, columns={self.num_columns}"
 
 
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class ColumnConvNd(nn.Module):
+    """A Conv1d / Conv3d that stores only its kept GEMM columns (column pruning, AutoCompress §3).
+
+    GEMM view of a weight ``[F, C/groups, *k]``: ``[F, K]`` with ``K = C/groups * prod(k)``; column
+    ``c * prod(k) + p`` is input channel ``c`` (within its group) at flattened kernel position ``p``.
+
+    * ``weight``: Parameter ``[F, K']``; ``bias``: ``[F]`` or None;
+    * ``column_index``: sorted LongTensor buffer ``[K']`` of the kept GEMM columns.
+
+    Forward (input ``[N, C, *spatial]`` -> ``[N, F, *spatial_out]``): the input channels with a kept column
+    are gathered, the kept columns are scattered into a dense ``[F, C'/groups, *k]`` weight over them
+    (``scatter``, exported to ONNX as ScatterElements) and one dense convolution runs — the same output as
+    the conv with the dropped columns zero. :meth:`gemm_macs` declares the kept-column MACs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], num_columns: int,
+                 stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int], groups: int = 1,
+                 bias: bool = True, padding_mode: str = "zeros", reversed_padding: Sequence[int] = ()):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self.padding_mode, self.reversed_padding = padding_mode, tuple(reversed_padding)
+        self.num_columns = int(num_columns)
+        self.weight = nn.Parameter(torch.empty(self.out_channels, self.num_columns))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        self.register_buffer("column_index", torch.arange(self.num_columns, dtype=torch.long))
+        self.register_buffer("input_channels", torch.arange(self.in_channels, dtype=torch.long))
+        self.register_buffer("dense_columns", torch.arange(self.num_columns, dtype=torch.long))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._plan())
+
+    @classmethod
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, columns: torch.Tensor) -> "ColumnConvNd":
+        """Build from a dense Conv1d / Conv3d keeping GEMM columns ``columns`` (LongTensor, any order)."""
+        columns = torch.sort(columns.to(torch.long).cpu()).values
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, len(columns), conv.stride,
+                     conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                     conv._reversed_padding_repeated_twice)
+        with torch.no_grad():
+            module.weight.copy_(conv.weight.detach().reshape(conv.out_channels, -1)[:, columns.to(conv.weight.device)])
+            if conv.bias is not None:
+                module.bias.copy_(conv.bias.detach())
+            module.column_index.copy_(columns)
+        module._plan()
+        return module.to(conv.weight.device, conv.weight.dtype)
+
+    def _plan(self) -> None:
+        """Kept input channels (all groups) and each stored column's place in the narrowed dense weight."""
+        area, per_group = math.prod(self.kernel_size), self.in_channels // self.groups
+        index = self.column_index.detach().cpu()
+        kept = torch.unique(index // area)
+        rank = torch.full((per_group,), -1, dtype=torch.long)
+        rank[kept] = torch.arange(kept.numel())
+        device = self.column_index.device
+        self.input_channels = (torch.arange(self.groups).unsqueeze(1) * per_group + kept).flatten().to(device)
+        self.dense_columns = (rank[index // area] * area + index % area).to(device)
+
+    def gemm_macs(self, output: torch.Tensor) -> int:
+        """MACs of one call that produced ``output`` ``[N, F, *spatial]``: ``N * F * K' * prod(spatial)``."""
+        return int(output.shape[0] * self.out_channels * self.num_columns * math.prod(output.shape[2:]))
+
+    def _dense_weight(self) -> torch.Tensor:
+        channels = self.input_channels.numel() // self.groups
+        columns = self.dense_columns.unsqueeze(0).expand(self.out_channels, -1)
+        dense = self.weight.new_zeros(self.out_channels, channels * math.prod(self.kernel_size))
+        return dense.scatter(1, columns, self.weight).reshape(self.out_channels, channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.index_select(1, self.input_channels)
+        conv = _CONV_FN[len(self.kernel_size)]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
+            return conv(x, self._dense_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def to_dense(self) -> nn.modules.conv._ConvNd:
+        """The equivalent ``nn.Conv1d`` / ``nn.Conv3d`` with the dropped columns as zeros."""
+        conv = _CONV_CLS[len(self.kernel_size)](self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                                self.padding, self.dilation, self.groups, self.bias is not None,
+                                                self.padding_mode)
+        with torch.no_grad():
+            weight = torch.zeros(self.out_channels, conv.weight[0].numel(), dtype=self.weight.dtype,
+                                 device=self.weight.device)
+            weight[:, self.column_index] = self.weight
+            conv.weight.copy_(weight.reshape_as(conv.weight))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv.to(self.weight.device, self.weight.dtype)
+
+    def config(self) -> dict:
+        """Constructor arguments as plain data (for ``serialization.describe_architecture``)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "num_columns": self.num_columns,
+                "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "padding_mode": self.padding_mode, "reversed_padding": list(self.reversed_padding)}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"columns={self.num_columns}/{self.in_channels // self.groups * math.prod(self.kernel_size)}")
+
+
 def densify(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnLinear` replaced by its
-    dense equivalent (zero columns), computing the same outputs. Channels removed by compaction stay
-    removed. The next AutoCompress round prunes this model (its zero columns score lowest)."""
+    """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnConvNd` /
+    :class:`ColumnLinear` replaced by its dense equivalent (zero columns), computing the same outputs.
+    Channels removed by compaction stay removed. The next AutoCompress round prunes this model (its zero columns score lowest)."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, (ColumnConv2d, ColumnLinear)):
+        if isinstance(module, (ColumnConv2d, ColumnConvNd, ColumnLinear)):
             model.set_submodule(name, module.to_dense())
     return model
 
@@ -536,7 +644,7 @@ def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None
 def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dict) -> None:
     """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear) or module not in called:
+        if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) or module not in called:
             continue
         gemm = module.weight.detach().reshape(module.weight.shape[0], -1)
         nonzero = (gemm != 0).any(dim=0)
@@ -548,11 +656,22 @@ def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dic
             continue
         if isinstance(module, nn.Conv2d):
             replacement: nn.Module = ColumnConv2d.from_conv(module, kept)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            replacement = ColumnConvNd.from_conv(module, kept)
         else:
             replacement = ColumnLinear.from_linear(module, kept)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
         report["column_layers"][name] = [int(kept.numel()), int(gemm.shape[1])]
+
+
+def _keep_frozen(compact_model: nn.Module, original: nn.Module) -> None:
+    """Give every parameter of the compact model the ``requires_grad`` of the same-named parameter of the
+    original (torch-pruning and the column layers create fresh, trainable parameters)."""
+    flags = {name: p.requires_grad for name, p in original.named_parameters()}
+    for name, p in compact_model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
 
 
 def _count(model: nn.Module) -> int:
@@ -668,11 +787,12 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     work.eval()
     called = _called_modules(work, inputs)
     _compact_columns(work, called, report)
+    _keep_frozen(work, model)
     work.eval()
     report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale, kept=kept)
     report["params_after"] = _count(work)
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 
 
-__all__ = ["ColumnConv2d", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD", "GEMM_MIN_FILTERS", "compact",
+__all__ = ["ColumnConv2d", "ColumnConvNd", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD", "GEMM_MIN_FILTERS", "compact",
            "verify"]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .compaction import ColumnConv2d, ColumnLinear
+from .compaction import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import UserError
 
 FORMAT = "autocompress-architecture"
@@ -63,6 +63,7 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
                              "affine": m.affine},
     nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
     ColumnConv2d: ColumnConv2d.config,
+    ColumnConvNd: ColumnConvNd.config,
     ColumnLinear: ColumnLinear.config,
 }
 _TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
@@ -86,7 +87,7 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         reference: the model it was compacted from (same module names). When given, only modules whose
             type or arguments differ from the reference's are described; otherwise every module of a
             describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d, LayerNorm,
-            GroupNorm, PReLU, ColumnConv2d, ColumnLinear) is.
+            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear) is.
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,

@@ -359,12 +359,17 @@ class PruningSpace:
     def count(self, masks: Masks) -> Counts:
         """Parameters and MACs of the physically compacted model for ``masks``.
 
-        Parameters: every model parameter minus the removed entries (an irregularly removed weight counts
-        as removed: it is stored sparsely). MACs: for each Conv / Linear, kept weight entries x output
-        positions summed over its calls (``macs_full * kept / numel``), plus the MACs the flop counter
-        attributes to other operations (unchanged by pruning). FLOPs = 2 x MACs.
+        Parameters: the compact model's non-zero parameters, i.e. every model parameter minus the removed
+        entries (an irregularly removed weight counts as removed; it stays a zero in a dense tensor, so the
+        dense parameter count, ``metrics.count_params``, is this plus the irregular zeros). MACs: those of
+        the compact model, whose tensors are dense: for each Conv / Linear, the weight entries left by filter
+        and column pruning x output positions summed over its calls (``macs_full * kept / numel``;
+        irregular zeros are still multiplied), plus the MACs the flop counter attributes to other
+        operations (unchanged by pruning). FLOPs = 2 x MACs.
         """
-        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()})
+        structural = Masks(filters=masks.filters, columns=masks.columns, weights={})
+        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()},
+                            {name: int(mask.sum()) for name, mask in self.param_masks(structural).items()})
 
     def estimate(self, rates: Mapping[str, Mapping[str, float]]) -> Counts:
         """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
@@ -387,6 +392,7 @@ class PruningSpace:
             shape = self.param_shapes[param]
             left = [n - removed.get((param, d), 0) for d, n in enumerate(shape)]
             kept[param] = math.prod(left)
+        dense = dict(kept)
         columns = {c.param: c for c in self.column_layers}
         weights = {w.param: w for w in self.irregular_layers}
         for param in dict.fromkeys([*columns, *weights]):
@@ -396,19 +402,21 @@ class PruningSpace:
             if param in columns:
                 cols = keep_count(cols, rates["column"].get(columns[param].name, 0.0))
             entries = rows * cols
+            dense[param] = entries
             if param in weights:
                 entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
             kept[param] = entries
-        return self._counts(kept)
+        return self._counts(kept, dense)
 
-    def _counts(self, kept: Mapping[str, int]) -> Counts:
-        """Counts of the compact model given the kept entries of each pruned parameter."""
+    def _counts(self, kept: Mapping[str, int], dense: Mapping[str, int]) -> Counts:
+        """Counts of the compact model given the non-zero entries of each pruned parameter (``kept``) and
+        the entries its dense tensors keep (``dense``: filter and column pruning only)."""
         params = self.total.params - sum(self.param_shapes[p].numel() - k for p, k in kept.items())
         macs = self.total.macs
         for weight, full in self.layer_macs.values():
-            if weight in kept:
+            if weight in dense:
                 numel = self.param_shapes[weight].numel()
-                macs -= full * (numel - kept[weight]) // numel
+                macs -= full * (numel - dense[weight]) // numel
         return Counts(params=params, macs=macs)
 
 
@@ -531,8 +539,9 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
                   layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str]) -> ColumnLayer | None:
     rows = module.weight.shape[0]
     size = module.weight[0].numel()
-    if _is_depthwise(module):
-        _exclude(excluded, name, "column pruning: depthwise convolution has one column per filter")
+    if is_transposed(module):
+        _exclude(excluded, name, "column pruning: a transposed convolution's GEMM columns are its input "
+                 "channels, pruned through their producer's filters")
         return None
     if size < 2:
         _exclude(excluded, name, "column pruning: a single column")
