@@ -28,7 +28,7 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
 from .errors import UserError
-from .space import is_weight_layer, out_dim, trace_graph
+from .space import is_weight_layer, out_dim, trace_graph, train_only_modules
 
 #: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
 #: used when fewer than this fraction of the kept input channels' columns is kept and the layer has at least
@@ -641,7 +641,7 @@ def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None
     return None if pruner is None else pruner.get_out_channels(module)
 
 
-def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dict) -> None:
+def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> None:
     """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
     for name, module in list(model.named_modules()):
         if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) or module not in called:
@@ -785,7 +785,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
                               "dead_channels_kept": {}}
     kept = _remove_channels(work, inputs, report)
     work.eval()
-    called = _called_modules(work, inputs)
+    called = set(_called_modules(work, inputs)) | train_only_modules(work, inputs)
     _compact_columns(work, called, report)
     _keep_frozen(work, model)
     work.eval()

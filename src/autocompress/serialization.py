@@ -79,6 +79,22 @@ def _entry(module: nn.Module) -> dict | None:
     return None if describer is None else {"type": type(module).__name__, "args": describer(module)}
 
 
+def _parameter_shapes(module: nn.Module, reference: nn.Module, name: str) -> dict:
+    """Entry for a module of another type whose own parameters changed shape (free per-channel parameters
+    pruned with their channels): the shapes of its parameters, which :func:`apply_architecture` gives it
+    in place.
+
+    Raises:
+        UserError: one of its buffers changed shape too (it could not be rebuilt).
+    """
+    params = dict(module.named_parameters(recurse=False))
+    old, new = _shapes(reference), _shapes(module)
+    if any(key not in params for key in set(old) | set(new) if old.get(key) != new.get(key)):
+        raise UserError(f"module {name!r} ({type(module).__name__}) changed the shape of a buffer and cannot be "
+                        "described for saving", f"exclude the layers coupled to {name} from pruning (ignored layers)")
+    return {"type": "Parameters", "args": {"shapes": {k: list(p.shape) for k, p in params.items()}}}
+
+
 def describe_architecture(model: nn.Module, reference: nn.Module | None = None) -> dict:
     """Plain-data description of ``model``'s leaf modules (types and constructor arguments).
 
@@ -94,20 +110,18 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         "args": dict}}}`` (only str / int / float / bool / list / dict / None values).
 
     Raises:
-        UserError: a module of another type has parameters / buffers whose shapes differ from the
-            reference's (it could not be rebuilt).
+        UserError: a module of another type has buffers whose shapes differ from the reference's (it
+            could not be rebuilt). One whose own parameters changed shape (free per-channel parameters) is
+            described as ``{"type": "Parameters", "args": {"shapes": {parameter: shape}}}``.
     """
     ref_modules = dict(reference.named_modules()) if reference is not None else {}
     modules: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if not name:
-            continue
-        entry = _entry(module)
+        entry = _entry(module) if name else None
         ref = ref_modules.get(name)
         if entry is None:
             if ref is not None and _shapes(ref) != _shapes(module):
-                raise UserError(f"module {name!r} ({type(module).__name__}) changed shape and cannot be "
-                                "described for saving", f"exclude {name} from pruning (ignored layers)")
+                modules[name] = _parameter_shapes(module, ref, name)
             continue
         if reference is None or ref is None or _entry(ref) != entry:
             modules[name] = entry
@@ -135,10 +149,15 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
-            old = getattr(parent, attr)
+            old = getattr(parent, attr) if name else model
         except AttributeError as exc:
             raise UserError(f"the architecture describes module {name!r}, which the base model lacks",
                             "load it with the model name and options it was saved with") from exc
+        if entry.get("type") == "Parameters":
+            for pname, shape in entry["args"]["shapes"].items():
+                tensor = getattr(old, pname)
+                setattr(old, pname, nn.Parameter(tensor.new_empty(shape), requires_grad=tensor.requires_grad))
+            continue
         cls = _TYPES.get(entry.get("type"))
         if cls is None:
             raise UserError(f"unknown module type {entry.get('type')!r} for {name!r} in the architecture",
