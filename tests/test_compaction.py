@@ -337,3 +337,28 @@ def test_space_masks_compact_and_counts_agree(name, channels, size):
     masks = space.param_masks(project(space, model, rates))
     result = run(model, masks, x)
     assert result.report["params_after"] == space.count(project(space, model, rates)).params
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_column_conv_nd_equals_conv_densifies_and_exports(dims, tmp_path):
+    """Conv1d / Conv3d column compaction (issue 16): exact, inverse of to_dense, ONNX matches PyTorch."""
+    from autocompress.compaction import ColumnConvNd
+    from autocompress.export import export_onnx
+
+    torch.manual_seed(0)
+    conv_cls = nn.Conv1d if dims == 1 else nn.Conv3d
+    conv = conv_cls(6, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect" if dims == 1 else "zeros")
+    area = 3 ** dims
+    keep = torch.tensor([0, 1, 2 * area, 3 * area - 1])  # input channel 1 of each group has no kept column
+    with torch.no_grad():
+        dropped = torch.ones(3 * area, dtype=torch.bool)
+        dropped[keep] = False
+        conv.weight.view(4, -1)[:, dropped] = 0
+    column = ColumnConvNd.from_conv(conv, keep).eval()
+    x = torch.randn(2, 6, *([9] * dims))
+    with torch.no_grad():
+        assert torch.allclose(column(x), conv(x), atol=1e-6)
+        assert torch.equal(column.to_dense().weight, conv.weight)
+    assert column.weight.shape == (4, 4) and column.input_channels.tolist() == [0, 2, 3, 5]
+    result = export_onnx(column, x[:1], tmp_path / "column.onnx")
+    assert result.max_abs_diff <= result.tolerance
