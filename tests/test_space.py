@@ -400,3 +400,12 @@ def test_torchvision_models_masked_equals_pruned(name):
 def test_keep_count_rounds_half_up_and_never_reaches_zero():
     assert keep_count(10, 0.25) == 7 and keep_count(4, 0.5) == 2 and keep_count(5, 0.5) == 2
     assert keep_count(3, 0.9) == 1 and keep_count(1, 0.5) == 1 and keep_count(8, 0.0) == 8
+
+
+def test_check_dims_refuses_a_kind_without_units_naming_the_module():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    space = PruningSpace.build(model, torch.randn(1, 3, 8, 8), dims=("filter", "column"))
+    space.check_dims(["column"])
+    with pytest.raises(UserError, match=r"no filter unit can be pruned in this model \(1: filter pruning: its "
+                                        r"channels are model outputs"):
+        space.check_dims(["filter", "column"])

@@ -272,6 +272,21 @@ class PruningSpace:
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total)
 
+    def check_dims(self, dims: Sequence[str]) -> None:
+        """Refuse, before any work, pruning ``dims`` when one of these kinds has no unit in the space.
+
+        Raises:
+            UserError: naming the kind, the first excluded module and its reason (e.g. the model torch-pruning
+                cannot trace: no filter group), and the fix (other dims, or the module out of ignored layers).
+        """
+        for kind in dims:
+            if not self._units[kind]:
+                name, reason = next(((n, r) for n, r in self.excluded.items() if kind in r or "ignored" in r),
+                                    next(iter(self.excluded.items()), ("", "no Conv / Linear layer")))
+                raise UserError(f"no {kind} unit can be pruned in this model ({name or 'the model'}: {reason})",
+                                f"drop {kind} from dims, or change the model / ignored layers so that "
+                                f"{name or 'it'} can be pruned")
+
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
         """The units of one kind (``"filter"``, ``"column"`` or ``"irregular"``), in module order."""
