@@ -362,3 +362,31 @@ def test_column_conv_nd_equals_conv_densifies_and_exports(dims, tmp_path):
     assert column.weight.shape == (4, 4) and column.input_channels.tolist() == [0, 2, 3, 5]
     result = export_onnx(column, x[:1], tmp_path / "column.onnx")
     assert result.max_abs_diff <= result.tolerance
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_column_conv_nd_transposed_equals_conv_transpose(dims, tmp_path):
+    """A transposed conv's GEMM view is ``weight.transpose(0, 1)`` flattened: column ``c*prod(k)+p`` is input
+    channel ``c`` at kernel position ``p`` for every output channel (issue 16)."""
+    from autocompress.compaction import ColumnConvNd
+    from autocompress.export import export_onnx
+
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d)(4, 3, 3, stride=2, padding=1, output_padding=1)
+    area = 3 ** dims
+    keep = torch.tensor([0, 2, 2 * area + 1, 4 * area - 1])  # input channel 1 has no kept column
+    with torch.no_grad():
+        grid = conv.weight.view(4, 3, area)
+        for column in range(4 * area):
+            if column not in keep.tolist():
+                grid[column // area, :, column % area] = 0
+    column = ColumnConvNd.from_conv(conv, keep).eval()
+    x = torch.randn(2, 4, *([5] * dims))
+    with torch.no_grad():
+        assert torch.allclose(column(x), conv(x), atol=1e-6)
+        assert torch.equal(column.to_dense().weight, conv.weight)
+    assert column.input_channels.tolist() == [0, 2, 3]
+    full = 2 * conv.weight.numel() * 5 ** dims  # MACs: batch x weight entries x input positions
+    assert column.gemm_macs(column(x)) == full * 4 // (4 * area)
+    result = export_onnx(column, x[:1], tmp_path / "column.onnx")
+    assert result.max_abs_diff <= result.tolerance

@@ -482,8 +482,10 @@ def test_conv1d_conv3d_and_transposed_convs_are_pruned_like_conv2d():
     x = torch.randn(1, 1, 4, 4, 4)
     space = PruningSpace.build(conv3d().eval(), x, dims=("filter", "column"))
     assert [g.name for g in space.filter_groups] == ["layers.0", "layers.3", "layers.5", "layers.7"]
-    assert [c.name for c in space.column_layers] == ["layers.0", "layers.3", "layers.7", "head"]
+    assert [c.name for c in space.column_layers] == ["layers.0", "layers.3", "layers.5", "layers.7", "head"]
+    assert space.unit("column", "layers.5").transposed and space.unit("column", "layers.5").size == 8 * 8
     compact = oneshot(conv3d(), x, "hybrid")
     assert type(compact.layers[3]).__name__ == "ColumnConvNd" and compact.layers[5].in_channels == 4
+    assert compact.layers[5].transposed and compact.layers[5].num_columns == 4 * 8 - round(0.5 * 4 * 8)
     compact = oneshot(conv1d(), torch.randn(1, 2, 16), "column")
     assert type(compact.layers[3]).__name__ == "ColumnConvNd"

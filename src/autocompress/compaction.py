@@ -28,7 +28,7 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
 from .errors import UserError
-from .space import is_weight_layer, out_dim, trace_graph, train_only_modules
+from .space import is_transposed, is_weight_layer, out_dim, trace_graph, train_only_modules
 
 #: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
 #: used when fewer than this fraction of the kept input channels' columns is kept and the layer has at least
@@ -300,50 +300,58 @@ class ColumnLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, columns={self.num_columns}"
 
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FN = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
+            (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
+_CONV_CLS = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+             (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d}
 
 
 class ColumnConvNd(nn.Module):
-    """A Conv1d / Conv3d that stores only its kept GEMM columns (column pruning, AutoCompress §3).
+    """A Conv1d / Conv3d or a ConvTranspose1d/2d/3d (groups 1) that stores only its kept GEMM columns
+    (column pruning, AutoCompress §3).
 
-    GEMM view of a weight ``[F, C/groups, *k]``: ``[F, K]`` with ``K = C/groups * prod(k)``; column
-    ``c * prod(k) + p`` is input channel ``c`` (within its group) at flattened kernel position ``p``.
+    GEMM view of a weight ``[F, C/groups, *k]`` (transposed: ``[C, F, *k]`` transposed to ``[F, C, *k]``):
+    ``[F, K]`` with ``K = C/groups * prod(k)``; column ``c * prod(k) + p`` is input channel ``c`` (within its
+    group) at flattened kernel position ``p``.
 
     * ``weight``: Parameter ``[F, K']``; ``bias``: ``[F]`` or None;
     * ``column_index``: sorted LongTensor buffer ``[K']`` of the kept GEMM columns.
 
     Forward (input ``[N, C, *spatial]`` -> ``[N, F, *spatial_out]``): the input channels with a kept column
-    are gathered, the kept columns are scattered into a dense ``[F, C'/groups, *k]`` weight over them
-    (``scatter``, exported to ONNX as ScatterElements) and one dense convolution runs — the same output as
-    the conv with the dropped columns zero. :meth:`gemm_macs` declares the kept-column MACs.
+    are gathered, the kept columns are scattered into a dense weight over them (``scatter``, exported to
+    ONNX as ScatterElements) and one dense (transposed) convolution runs — the same output as the layer
+    with the dropped columns zero. :meth:`gemm_macs` declares the kept-column MACs.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], num_columns: int,
                  stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int], groups: int = 1,
-                 bias: bool = True, padding_mode: str = "zeros", reversed_padding: Sequence[int] = ()):
+                 bias: bool = True, padding_mode: str = "zeros", reversed_padding: Sequence[int] = (),
+                 transposed: bool = False, output_padding: Sequence[int] = ()):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
         self.padding = padding if isinstance(padding, str) else tuple(padding)
         self.padding_mode, self.reversed_padding = padding_mode, tuple(reversed_padding)
+        self.transposed, self.output_padding = bool(transposed), tuple(output_padding)
         self.num_columns = int(num_columns)
         self.weight = nn.Parameter(torch.empty(self.out_channels, self.num_columns))
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
         self.register_buffer("column_index", torch.arange(self.num_columns, dtype=torch.long))
-        self.register_buffer("input_channels", torch.arange(self.in_channels, dtype=torch.long))
-        self.register_buffer("dense_columns", torch.arange(self.num_columns, dtype=torch.long))
+        # derived from column_index by _plan (also after load_state_dict), so not saved
+        self.register_buffer("input_channels", torch.arange(self.in_channels, dtype=torch.long), persistent=False)
+        self.register_buffer("dense_columns", torch.arange(self.num_columns, dtype=torch.long), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._plan())
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, columns: torch.Tensor) -> "ColumnConvNd":
-        """Build from a dense Conv1d / Conv3d keeping GEMM columns ``columns`` (LongTensor, any order)."""
+        """Build from a dense Conv1d / Conv3d / ConvTranspose keeping GEMM columns ``columns`` (LongTensor,
+        any order)."""
         columns = torch.sort(columns.to(torch.long).cpu()).values
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, len(columns), conv.stride,
                      conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                     conv._reversed_padding_repeated_twice)
+                     conv._reversed_padding_repeated_twice, conv.transposed, conv.output_padding)
         with torch.no_grad():
-            module.weight.copy_(conv.weight.detach().reshape(conv.out_channels, -1)[:, columns.to(conv.weight.device)])
+            module.weight.copy_(_gemm(conv)[:, columns.to(conv.weight.device)])
             if conv.bias is not None:
                 module.bias.copy_(conv.bias.detach())
             module.column_index.copy_(columns)
@@ -362,33 +370,46 @@ class ColumnConvNd(nn.Module):
         self.dense_columns = (rank[index // area] * area + index % area).to(device)
 
     def gemm_macs(self, output: torch.Tensor) -> int:
-        """MACs of one call that produced ``output`` ``[N, F, *spatial]``: ``N * F * K' * prod(spatial)``."""
-        return int(output.shape[0] * self.out_channels * self.num_columns * math.prod(output.shape[2:]))
+        """MACs of one call that produced ``output`` ``[N, F, *spatial]``: ``N * F * K' * prod(positions)``
+        with the output positions (a transposed conv: the input positions, each scattering its taps)."""
+        spatial = output.shape[2:]
+        if self.transposed:
+            spatial = [(o - 1 - op - d * (k - 1) + 2 * p) // s + 1 for o, op, d, k, p, s in
+                       zip(spatial, self.output_padding, self.dilation, self.kernel_size, self.padding, self.stride)]
+        return int(output.shape[0] * self.out_channels * self.num_columns * math.prod(spatial))
 
     def _dense_weight(self) -> torch.Tensor:
         channels = self.input_channels.numel() // self.groups
         columns = self.dense_columns.unsqueeze(0).expand(self.out_channels, -1)
         dense = self.weight.new_zeros(self.out_channels, channels * math.prod(self.kernel_size))
-        return dense.scatter(1, columns, self.weight).reshape(self.out_channels, channels, *self.kernel_size)
+        dense = dense.scatter(1, columns, self.weight).reshape(self.out_channels, channels, *self.kernel_size)
+        return dense.transpose(0, 1) if self.transposed else dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.index_select(1, self.input_channels)
-        conv = _CONV_FN[len(self.kernel_size)]
+        conv = _CONV_FN[len(self.kernel_size), self.transposed]
+        if self.transposed:
+            return conv(x, self._dense_weight(), self.bias, self.stride, self.padding, self.output_padding,
+                        self.groups, self.dilation)
         if self.padding_mode != "zeros":
             x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
             return conv(x, self._dense_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
         return conv(x, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def to_dense(self) -> nn.modules.conv._ConvNd:
-        """The equivalent ``nn.Conv1d`` / ``nn.Conv3d`` with the dropped columns as zeros."""
-        conv = _CONV_CLS[len(self.kernel_size)](self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                                self.padding, self.dilation, self.groups, self.bias is not None,
-                                                self.padding_mode)
+        """The equivalent dense layer (``nn.Conv1d`` / ``nn.Conv3d`` / ``nn.ConvTranspose*``) with the
+        dropped columns as zeros."""
+        cls = _CONV_CLS[len(self.kernel_size), self.transposed]
+        extra = {"output_padding": self.output_padding} if self.transposed else {}
+        conv = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                   dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                   padding_mode=self.padding_mode, **extra)
         with torch.no_grad():
-            weight = torch.zeros(self.out_channels, conv.weight[0].numel(), dtype=self.weight.dtype,
-                                 device=self.weight.device)
+            weight = torch.zeros(self.out_channels, _gemm(conv).shape[1],
+                                 dtype=self.weight.dtype, device=self.weight.device)
             weight[:, self.column_index] = self.weight
-            conv.weight.copy_(weight.reshape_as(conv.weight))
+            weight = weight.reshape(self.out_channels, -1, *self.kernel_size)
+            conv.weight.copy_(weight.transpose(0, 1) if self.transposed else weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv.to(self.weight.device, self.weight.dtype)
@@ -400,11 +421,22 @@ class ColumnConvNd(nn.Module):
                 "stride": list(self.stride),
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
-                "padding_mode": self.padding_mode, "reversed_padding": list(self.reversed_padding)}
+                "padding_mode": self.padding_mode, "reversed_padding": list(self.reversed_padding),
+                "transposed": self.transposed, "output_padding": list(self.output_padding)}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"columns={self.num_columns}/{self.in_channels // self.groups * math.prod(self.kernel_size)}")
+                f"columns={self.num_columns}/{self.in_channels // self.groups * math.prod(self.kernel_size)}"
+                + (", transposed" if self.transposed else ""))
+
+
+def _gemm(layer: nn.Module) -> torch.Tensor:
+    """A Conv / Linear weight in the GEMM view ``[out, K]`` (a transposed conv's ``[C, F, *k]`` transposed
+    first), detached."""
+    weight = layer.weight.detach()
+    if getattr(layer, "transposed", False):
+        weight = weight.transpose(0, 1)
+    return weight.reshape(weight.shape[0], -1)
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -644,9 +676,10 @@ def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None
 def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> None:
     """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) or module not in called:
+        if type(module) not in (*_CONV_CLS.values(), nn.Linear) or module not in called or (
+                is_transposed(module) and module.groups > 1):
             continue
-        gemm = module.weight.detach().reshape(module.weight.shape[0], -1)
+        gemm = _gemm(module)
         nonzero = (gemm != 0).any(dim=0)
         kept = torch.nonzero(nonzero).flatten().cpu()
         if kept.numel() == gemm.shape[1]:

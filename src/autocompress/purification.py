@@ -112,9 +112,9 @@ def column_channels(space: PruningSpace) -> dict[str, list[tuple[str, torch.Tens
             layer = by_param.get(s.param)
             if s.role != "input" or layer is None:
                 continue
-            shape = space.param_shapes[s.param]
-            area = layer.size // shape[1]  # kh * kw (1 for Linear)
-            lookup = torch.full((shape[1],), -1, dtype=torch.long)
+            inputs = space.param_shapes[s.param][s.dim]  # input channels (dim 0 of a transposed conv)
+            area = layer.size // inputs  # prod(k) (1 for Linear)
+            lookup = torch.full((inputs,), -1, dtype=torch.long)
             lookup[s.index] = s.channel
             channel = lookup[torch.arange(layer.size) // area]
             columns = torch.nonzero(channel >= 0).flatten()
@@ -213,7 +213,7 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
             continue
         weight = params[layer.param].detach()
         weight = (weight * pm.get(layer.param, torch.ones_like(weight, dtype=torch.bool)).to(weight.device))
-        norms = weight.reshape(layer.rows, layer.size).to("cpu", torch.float64).pow(2).sum(0).sqrt()
+        norms = layer.gemm(weight).to("cpu", torch.float64).pow(2).sum(0).sqrt()
         masks.columns[layer.name] = _below(norms, keep, threshold)
     return masks
 

@@ -116,12 +116,15 @@ class FilterGroup:
 
 @dataclass(frozen=True)
 class ColumnLayer:
-    """Columns of one Conv2d / Linear weight in the GEMM view ``[rows, size]``.
+    """Columns of one Conv / Linear weight in the GEMM view ``[rows, size]``.
 
     Attributes:
         name: module name; param: its weight's name.
-        rows: filters (Linear: output features); size: columns (``C/groups*kh*kw``; Linear: ``in``).
+        rows: filters (Linear: output features); size: columns (``C/groups*prod(k)``; Linear: ``in``);
+            column ``c * prod(k) + p`` is input channel ``c`` at flattened kernel position ``p``.
         params: weight entries (``rows * size``); macs: MACs of the layer per forward of the example inputs.
+        transposed: a ConvTranspose weight ``[C_in, rows, *k]`` (groups 1), whose GEMM view is
+            ``weight.transpose(0, 1)`` flattened.
     """
 
     name: str
@@ -130,6 +133,23 @@ class ColumnLayer:
     size: int
     params: int
     macs: int
+    transposed: bool = False
+
+    def gemm(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the weight or a mask of its shape) in the GEMM view ``[rows, size]`` (a view unless
+        transposed)."""
+        if self.transposed:
+            return tensor.reshape(tensor.shape[0], self.rows, -1).transpose(0, 1).reshape(self.rows, self.size)
+        return tensor.reshape(self.rows, self.size)
+
+    def clear_columns(self, mask: torch.Tensor, columns: torch.Tensor) -> None:
+        """Set GEMM columns ``columns`` (int64) of ``mask`` (shaped like the weight) to False, in place."""
+        if self.transposed:
+            grid = mask.view(mask.shape[0], self.rows, -1)
+            area = grid.shape[2]
+            grid[columns // area, :, columns % area] = False
+        else:
+            mask.view(self.rows, self.size)[:, columns] = False
 
 
 @dataclass(frozen=True)
@@ -355,7 +375,7 @@ class PruningSpace:
         for name, keep in masks.columns.items():
             layer = self._checked_unit("column", name, keep)
             mask = entry(layer.param)
-            mask.view(layer.rows, layer.size)[:, ~keep.to("cpu", torch.bool)] = False
+            layer.clear_columns(mask, torch.nonzero(~keep.to("cpu", torch.bool)).flatten())
         for name, keep in masks.weights.items():
             layer = self._checked_unit("irregular", name, keep)
             entry(layer.param).logical_and_(keep.to("cpu", torch.bool))
@@ -412,7 +432,8 @@ class PruningSpace:
         weights = {w.param: w for w in self.irregular_layers}
         for param in dict.fromkeys([*columns, *weights]):
             shape = self.param_shapes[param]
-            rows = shape[0] - removed.get((param, 0), 0)
+            row_dim = 1 if param in columns and columns[param].transposed else 0
+            rows = shape[row_dim] - removed.get((param, row_dim), 0)
             cols = kept.get(param, shape.numel()) // rows if rows else 0
             if param in columns:
                 cols = keep_count(cols, rates["column"].get(columns[param].name, 0.0))
@@ -552,17 +573,17 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
 
 def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
                   layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str]) -> ColumnLayer | None:
-    rows = module.weight.shape[0]
-    size = module.weight[0].numel()
-    if is_transposed(module):
-        _exclude(excluded, name, "column pruning: a transposed convolution's GEMM columns are its input "
-                 "channels, pruned through their producer's filters")
+    transposed = is_transposed(module)
+    if transposed and module.groups > 1:
+        _exclude(excluded, name, "column pruning: grouped transposed convolution")
         return None
+    rows = module.weight.shape[out_dim(module)]
+    size = module.weight.numel() // rows
     if size < 2:
         _exclude(excluded, name, "column pruning: a single column")
         return None
     return ColumnLayer(name=name, param=param_names[id(module.weight)], rows=rows, size=size,
-                       params=module.weight.numel(), macs=layer_macs[name][1])
+                       params=module.weight.numel(), macs=layer_macs[name][1], transposed=transposed)
 
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs) -> list[FilterGroup]:
