@@ -616,14 +616,15 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
     return []
 
 
-def _remove_channels(model: nn.Module, inputs: tuple, report: dict) -> dict[str, torch.Tensor]:
+def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module]
+                     ) -> dict[str, torch.Tensor]:
     """Remove dead channels with torch-pruning; returns module name -> kept output channel indices."""
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
         return {}
     try:
-        dg = trace_graph(model, inputs)
+        dg = trace_graph(model, inputs, train_only)
     except UserError as exc:  # dead channels stay dense: exact, only larger
         for module in candidates:
             report["dead_channels_kept"][names[module]] = str(exc)
@@ -816,9 +817,10 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     work = copy.deepcopy(reference)
     report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
                               "dead_channels_kept": {}}
-    kept = _remove_channels(work, inputs, report)
+    train_only = train_only_modules(work, inputs)
+    kept = _remove_channels(work, inputs, report, train_only)
     work.eval()
-    called = set(_called_modules(work, inputs)) | train_only_modules(work, inputs)
+    called = set(_called_modules(work, inputs)) | train_only
     _compact_columns(work, called, report)
     _keep_frozen(work, model)
     work.eval()

@@ -281,7 +281,7 @@ class PruningSpace:
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
-            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs)
+            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded)
                    for n, m in candidates.items()] if "column" in dims else []
         irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
@@ -521,27 +521,27 @@ def _reached(model: nn.Module, inputs: tuple, train: bool) -> set[nn.Module]:
 def train_only_modules(model: nn.Module, inputs: tuple) -> set[nn.Module]:
     """Modules the forward reaches in train mode but not in eval mode (e.g. auxiliary heads), from two
     forwards on ``inputs`` (repeated to a batch of two). Empty when the train-mode forward fails."""
-    doubled = _batch_of_two(inputs)
     try:
-        train = _reached(model, doubled, True)
+        train = _reached(model, _batch_of_two(inputs), True)
     except Exception:  # noqa: BLE001 - a model that cannot run in train mode has no train-only modules
         return set()
-    return train - _reached(model, doubled, False)
+    return train - _reached(model, inputs, False)
 
 
-def trace_graph(model: nn.Module, inputs: tuple) -> tp.DependencyGraph:
+def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | None = None) -> tp.DependencyGraph:
     """torch-pruning's DependencyGraph of ``model`` on ``inputs`` (Fang et al., CVPR 2023).
 
-    Traced in train mode when some module is reached only in train mode (so a train-only auxiliary head's
-    inputs couple with their producers), else in eval mode, on the inputs repeated to a batch of two, with
-    every parameter temporarily requiring grad (frozen layers are traced like the others; inputs are not
-    marked, which torch-pruning mis-traces). Modes, buffers, RNG and ``requires_grad`` are restored.
+    Traced in train mode, on the inputs repeated to a batch of two (train-mode BatchNorm), when some module
+    is reached only in train mode (``train_only``, default :func:`train_only_modules`), so a train-only
+    auxiliary head's inputs couple with their producers; else in eval mode on ``inputs``. Every parameter
+    temporarily requires grad (frozen layers are traced like the others; inputs are not marked, which
+    torch-pruning mis-traces). Modes, buffers, RNG and ``requires_grad`` are restored.
 
     Raises:
         UserError: torch-pruning cannot trace the model (names the model class and the error).
     """
-    doubled = _batch_of_two(inputs)
-    train = bool(train_only_modules(model, inputs))
+    train = bool(train_only_modules(model, inputs) if train_only is None else train_only)
+    doubled = _batch_of_two(inputs) if train else inputs
     frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
         with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
@@ -586,12 +586,13 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
                        params=module.weight.numel(), macs=layer_macs[name][1], transposed=transposed)
 
 
-def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs) -> list[FilterGroup]:
+def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
+                  train_only) -> list[FilterGroup]:
     """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward.
     A model torch-pruning cannot trace gets no filter groups (the reason is recorded under the name
     ``""``, the model); a module whose group torch-pruning cannot enumerate is excluded by name."""
     try:
-        graph = trace_graph(model, inputs)
+        graph = trace_graph(model, inputs, train_only)
     except UserError as exc:
         _exclude(excluded, "", f"filter pruning: {str(exc)}")
         return []
