@@ -86,7 +86,7 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "out.pt"
     out.write_bytes(b"precious")
     assert main(["train", "--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--out", str(out)]) == 2
-    assert "corrupt" in _error_line(capsys) and out.read_bytes() == b"precious"
+    assert "damaged" in _error_line(capsys) and out.read_bytes() == b"precious"
 
 
 def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
@@ -95,7 +95,7 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
     assert main(["evaluate", str(bad)]) == 2
-    assert "corrupt" in _error_line(capsys)
+    assert "damaged" in _error_line(capsys)
     from autocompress.checkpoint import save_checkpoint
     from autocompress.models import create_model
 
@@ -104,6 +104,10 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
                     config={}, metrics={})
     assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in _error_line(capsys)
+    assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
+    assert "cifar10 images are 3x32x32 but the checkpoint expects 1x28x28" in _error_line(capsys)
+    save_checkpoint(bad, model=create_model("lenet5"), model_name="lenet5", model_kwargs={"num_classes": 10},
+                    dataset={"name": "fashion-mnist"}, config={}, metrics={})  # no input size recorded
     assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
     assert "lenet5 cannot take cifar10 inputs of size 3x32x32" in _error_line(capsys)
 

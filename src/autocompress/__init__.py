@@ -1,20 +1,54 @@
 """autocompress: AutoCompress (Liu et al., AAAI 2020) automatic structured pruning for PyTorch.
 
-Public API (see docs/ARCHITECTURE.md):
+Public API (see README.md and docs/ARCHITECTURE.md):
 
-* :func:`autocompress.models.create_model`, :func:`autocompress.models.list_models`
-* :func:`autocompress.load` — rebuild a saved (compact) model without unpickling code
+* :func:`autocompress.compress` — compress any trained nn.Module to a params / FLOPs target over the
+  caller's loaders, loss, score and (optionally) training loop; returns the compact model in memory.
+* :func:`autocompress.prune` — one round of ADMM pruning, purification, retraining and compaction at
+  given per-layer rates.
+* :class:`autocompress.CompressConfig` — every setting, as nested typed dataclasses.
+* :class:`autocompress.TrainingPhase` — what a caller's own training loop (``train_fn``) receives.
+* :func:`autocompress.load` — rebuild a saved (compact) model without unpickling code.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["__version__", "load"]
+from .errors import SettingError, UserError  # noqa: E402
+
+#: public names -> the module that defines them, imported on first use (``import autocompress`` and the CLI
+#: stay quick: torch and torch-pruning load only when a command needs them)
+_LAZY = {"compress": "compress", "CompressResult": "compress", "CompressConfig": "config", "prune": "pruning",
+         "PruneResult": "pruning", "TrainingPhase": "rounds"}
+
+__all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TrainingPhase", "UserError",
+           "__version__", "compress", "load", "prune"]
 
 
-def load(path, map_location="cpu"):
-    """Rebuild a model saved by autocompress (a zoo checkpoint or a compact model) without unpickling
-    code. See :func:`autocompress.checkpoint.load_model`."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'autocompress' has no attribute {name!r}")
+
+
+def load(path, map_location="cpu", model=None):
+    """Rebuild a model saved by autocompress (a zoo checkpoint or a compact model) without unpickling code.
+
+    Args:
+        path: a checkpoint written by autocompress (``train``, ``prune``, ``compress`` or
+            :func:`autocompress.serialization.save_compact`).
+        map_location: where the file's tensors go (``torch.load``'s argument).
+        model: optional fresh instance of the model the checkpoint was saved from; it receives the saved
+            architecture and weights (changed in place) and is returned. Needed when the recorded class
+            cannot be imported here or its constructor arguments were not recorded. Without it the model is
+            built from the registry or by importing the recorded class (``module:qualname``, an
+            ``nn.Module`` subclass of the user's own installed code) with the recorded arguments.
+
+    Returns the model in eval mode. Raises UserError for unreadable files and models that cannot be
+    rebuilt (see :func:`autocompress.checkpoint.load_model`).
+    """
     from .checkpoint import load_model
 
-    return load_model(path, map_location=map_location)
+    return load_model(path, map_location=map_location, model=model)

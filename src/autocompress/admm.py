@@ -78,14 +78,14 @@ class ADMMConfig:
 
     def __post_init__(self):
         if self.epochs < 0:
-            raise UserError(f"ADMM epochs must be >= 0, got {self.epochs}", "pass --admm-epochs 0 or more")
+            raise UserError(f"epochs={self.epochs} must be >= 0", "use 0 (one-shot projection) or more")
         if not (self.rho_init > 0 and self.rho_max >= self.rho_init and self.rho_growth >= 1.0):
             raise UserError(
-                f"ADMM rho schedule is invalid (rho_init={self.rho_init}, rho_growth={self.rho_growth}, "
-                f"rho_max={self.rho_max})", "use 0 < rho_init <= rho_max and rho_growth >= 1")
+                f"rho_init={self.rho_init}, rho_growth={self.rho_growth}, rho_max={self.rho_max} is not a valid "
+                "rho schedule", "use 0 < rho_init <= rho_max and rho_growth >= 1")
         if not (self.update_interval in (None, "auto")
                 or (isinstance(self.update_interval, int) and self.update_interval >= 1)):
-            raise UserError(f"ADMM update_interval must be a number of steps >= 1, got {self.update_interval!r}",
+            raise UserError(f"update_interval={self.update_interval!r} is not a number of steps >= 1",
                             "pass a positive number of optimiser steps, auto, or None for once per epoch")
 
     def interval(self, steps_per_epoch: int) -> int | None:
@@ -235,56 +235,100 @@ def _ratio(squared_diff: float, squared_norm: float) -> float:
     return math.sqrt(squared_diff / squared_norm) if squared_norm > 0 else 0.0
 
 
+class ADMMSchedule:
+    """The Z/U updates and rho schedule of one ADMM phase, driven by optimiser steps (AutoCompress §3).
+
+    Call :meth:`after_step` after every optimiser step (or :meth:`attach` an optimiser) and
+    :meth:`end_epoch` after every epoch; the W-step's loss adds :meth:`penalty`.
+
+    Args:
+        model, space, rates, config: as :func:`admm_prune`.
+        steps_per_epoch: optimiser steps per epoch (the training loader's length), for
+            ``update_interval`` ``"auto"``; with ``per_epoch=False`` also the interval that replaces
+            ``None`` (a caller's own loop does not report its epochs).
+        log: called with one line per Z/U update.
+    """
+
+    def __init__(self, model: nn.Module, space, rates: dict, config: ADMMConfig, *, steps_per_epoch: int,
+                 per_epoch: bool = True, log: Callable[[str], None] | None = None):
+        self.state = ADMMState(model, space, rates, config)
+        self.space, self.rates, self.log = space, rates, log
+        self.interval = config.interval(steps_per_epoch)
+        self.per_epoch = per_epoch and self.interval is None
+        if self.interval is None and not per_epoch:
+            self.interval = max(1, steps_per_epoch)
+        self.history: list[dict] = []
+        self.steps = self.epoch = 0
+        self._record()
+
+    def penalty(self) -> torch.Tensor:
+        """``rho/2 * sum_i ||W_i - Z_i + U_i||_F^2`` (add it to the W-step's loss)."""
+        return self.state.penalty()
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`after_step` after every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.after_step())
+
+    def after_step(self) -> None:
+        """Count one optimiser step; Z-step, U-step and rho update every ``interval`` steps."""
+        self.steps += 1
+        if self.interval is not None and not self.per_epoch and self.steps % self.interval == 0:
+            self._update()
+
+    def end_epoch(self) -> None:
+        """Count one epoch; with ``update_interval`` None the updates happen here."""
+        if self.per_epoch:
+            self._update()
+        self.epoch += 1
+
+    def result(self, model: nn.Module) -> ADMMResult:
+        """The masks of ``Proj_S(W)`` now and the residual history."""
+        return ADMMResult(masks=project(self.space, model, self.rates), history=self.history)
+
+    def _update(self) -> None:
+        self.state.update()
+        self._record()
+
+    def _record(self) -> None:
+        residuals, total = self.state.residuals()
+        entry = {"update": len(self.history), "epoch": self.epoch, "step": self.steps, "rho": self.state.rho,
+                 "residuals": residuals, "residual": total, "max_residual": max(residuals.values(), default=0.0)}
+        self.history.append(entry)
+        if self.log is not None and entry["update"] > 0:
+            self.log(f"ADMM update {entry['update']} (epoch {self.epoch + 1}, step {self.steps}): primal "
+                     f"residual {total:.4f} (largest layer {entry['max_residual']:.4f}); rho now {self.state.rho:.3g}")
+
+
 def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
-               distiller: Callable | None = None, progress: bool = True,
+               task=None, distiller: Callable | None = None, progress: bool = True,
                log: Callable[[str], None] | None = None) -> ADMMResult:
     """ADMM structured pruning of ``model`` in place towards ``rates`` (AutoCompress, Liu et al. AAAI 2020,
     §3; Zhang et al. ECCV 2018).
 
     Runs ``config.epochs`` W-step epochs of SGD on ``loss + rho/2 * sum ||W - Z + U||^2`` through
     :func:`autocompress.training.train_epoch`, with a Z-step (``Z = Proj_S(W + U)``), U-step
-    (``U += W - Z``) and rho update every ``config.update_interval`` steps (or every epoch). The weights are
-    not hard-pruned here: call :func:`hard_prune` afterwards.
+    (``U += W - Z``) and rho update every ``config.update_interval`` steps (or every epoch)
+    (:class:`ADMMSchedule`). The weights are not hard-pruned here: call :func:`hard_prune` afterwards.
 
     Args:
         model: network in training mode or not (restored to training mode for the W-steps).
         space: :class:`autocompress.space.PruningSpace` of ``model``.
         rates: ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``, each ``r`` in ``[0, 1)``.
-        train_loader: iterable of ``(images [N, C, H, W], labels [N])`` batches.
+        train_loader: iterable of batches (``(inputs, labels)`` unless ``task`` says otherwise).
         config: :class:`ADMMConfig`.
-        distiller: optional :class:`autocompress.distillation.Distiller`; its loss replaces the
-            cross-entropy of the W-step (the ADMM penalty is added to it).
+        task: :class:`autocompress.task.Task` running a batch (forward, loss, device, autocast); default the
+            ``(inputs, labels)`` convention with cross-entropy.
+        distiller: optional :class:`autocompress.distillation.Distiller`; its loss replaces the data loss of
+            the W-step (the ADMM penalty is added to it).
         progress: show tqdm progress bars in :func:`train_epoch`.
         log: called with one line per Z/U update (rho and the largest / mean primal residual).
 
     Returns:
         :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
     """
-    state = ADMMState(model, space, rates, config)
-    history: list[dict] = []
+    schedule = ADMMSchedule(model, space, rates, config, log=log,
+                            steps_per_epoch=len(train_loader) if config.epochs > 0 else 1)
     epoch_stats: list[dict] = []
-    steps, epoch = 0, 0
-
-    def record() -> None:
-        residuals, total = state.residuals()
-        entry = {"update": len(history), "epoch": epoch, "step": steps, "rho": state.rho,
-                 "residuals": residuals, "residual": total,
-                 "max_residual": max(residuals.values(), default=0.0)}
-        history.append(entry)
-        if log is not None and entry["update"] > 0:
-            log(f"ADMM update {entry['update']} (epoch {epoch + 1}, step {steps}): primal residual "
-                f"{total:.4f} (largest layer {entry['max_residual']:.4f}); rho now {state.rho:.3g}")
-
-    interval = config.interval(len(train_loader))
-
-    def after_step() -> None:
-        nonlocal steps
-        steps += 1
-        if interval is not None and steps % interval == 0:
-            state.update()
-            record()
-
-    record()
     if config.epochs > 0:
         train_config = config.train_config()
         optimizer = training.build_optimizer(model, train_config)
@@ -292,13 +336,13 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         for epoch in range(config.epochs):
             epoch_stats.append(training.train_epoch(
-                model, train_loader, optimizer, scheduler, criterion=criterion, regularizer=state.penalty,
-                after_step=after_step, distiller=distiller, progress=progress,
-                desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
-            if interval is None:
-                state.update()
-                record()
-    return ADMMResult(masks=project(space, model, rates), history=history, epoch_stats=epoch_stats)
+                model, train_loader, optimizer, scheduler, task=task, criterion=criterion,
+                regularizer=schedule.penalty, after_step=schedule.after_step, distiller=distiller,
+                progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
+            schedule.end_epoch()
+    result = schedule.result(model)
+    result.epoch_stats = epoch_stats
+    return result
 
 
 def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, torch.Tensor]]:
@@ -315,28 +359,26 @@ def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, t
 
 
 def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
-                   config: training.TrainConfig, *, val_loader: Iterable | None = None,
-                   distiller: Callable | None = None, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> list[dict]:
-    """Masked retraining (brief §3): fine-tune ``model`` in place with the pruned entries held at zero
+                   config: training.TrainConfig, *, task=None, distiller: Callable | None = None,
+                   progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Masked retraining (AutoCompress §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
     cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
 
     Args:
         model: the model to fine-tune (masked entries are zeroed first).
         param_masks: ``{parameter name: bool tensor shaped like it}``, True = kept.
-        train_loader: ``(images [N, C, H, W], labels [N])`` batches.
+        train_loader: training batches (``(inputs, labels)`` unless ``task`` says otherwise).
         config: a :class:`autocompress.training.TrainConfig` (epochs, lr, momentum, weight decay, schedule,
             label smoothing; batch size and seed are the loader's business). ``epochs == 0`` only applies
             the masks.
-        val_loader: when given, top-1 on it is added to each epoch's stats as ``"val_top1"``.
-        distiller: optional :class:`autocompress.distillation.Distiller` (its loss replaces the
-            cross-entropy).
+        task: :class:`autocompress.task.Task` running a batch (see :func:`admm_prune`).
+        distiller: optional :class:`autocompress.distillation.Distiller` (its loss replaces the data loss).
         progress: tqdm progress bars.
         log: called with one line per epoch.
 
     Returns:
-        The per-epoch stats of :func:`autocompress.training.train_epoch` (plus ``"val_top1"``).
+        The per-epoch stats of :func:`autocompress.training.train_epoch`.
     """
     apply_masks(model, param_masks)
     history: list[dict] = []
@@ -348,16 +390,13 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
     try:
         for epoch in range(config.epochs):
-            stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler, criterion=criterion,
-                                              distiller=distiller, progress=progress,
+            stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler, task=task,
+                                              criterion=criterion, distiller=distiller, progress=progress,
                                               desc=f"retrain epoch {epoch + 1}/{config.epochs}"))
-            if val_loader is not None:
-                stats["val_top1"] = training.evaluate(model, val_loader)["top1"]
             history.append(stats)
             if log is not None:
-                log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}, "
-                    f"train top-1 {100 * stats['top1']:.2f}%"
-                    + (f", val top-1 {100 * stats['val_top1']:.2f}%" if "val_top1" in stats else ""))
+                top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
+                log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}{top1}")
     finally:
         enforcer.detach()
     return history

@@ -35,13 +35,13 @@ class DistillationConfig:
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
-            raise UserError(f"distillation enabled={self.enabled!r} must be true or false",
+            raise UserError(f"enabled={self.enabled!r} must be true or false",
                             "write enabled: true or enabled: false")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise UserError(f"distillation temperature={self.temperature!r} must be a number > 0",
+            raise UserError(f"temperature={self.temperature!r} must be a number > 0",
                             "use e.g. temperature: 4")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise UserError(f"distillation alpha={self.alpha!r} must be in [0, 1]", "use e.g. alpha: 0.9")
+            raise UserError(f"alpha={self.alpha!r} must be in [0, 1]", "use e.g. alpha: 0.9")
 
 
 class Distiller:
@@ -58,20 +58,27 @@ class Distiller:
         self.temperature = float(config.temperature)
         self.alpha = float(config.alpha)
 
-    def __call__(self, images: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
+    def __call__(self, teacher_logits: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
         """Mixed loss ``(1 - alpha) * hard_loss + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``.
 
         Args:
-            images: the batch ``[B, C, H, W]`` the student saw (the teacher sees the same augmented batch).
-            logits: student logits ``[B, classes]``.
-            hard_loss: the student's label loss on this batch (scalar tensor).
+            teacher_logits: :attr:`teacher`'s output on the batch the student saw (same augmentation),
+                ``[B, classes, ...]``; the softmax runs over dimension 1 (per pixel for dense outputs).
+            logits: student output, same shape.
+            hard_loss: the student's own loss on this batch (scalar tensor).
 
         Returns:
-            Scalar tensor; the KL term is the mean over the batch.
+            Scalar tensor; the KL term is summed over classes and averaged over every other position.
+
+        Raises:
+            UserError: the outputs are not tensors of the same shape with a class dimension.
         """
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+        if not (isinstance(logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor)
+                and logits.dim() >= 2 and logits.shape == teacher_logits.shape):
+            raise UserError("distillation needs the model to output class scores [B, classes, ...]",
+                            "set distillation.enabled: false for this model")
         t = self.temperature
-        soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                        reduction="batchmean", log_target=True)
+        per_position = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                                reduction="none", log_target=True).sum(1)
+        soft = per_position.mean()
         return (1.0 - self.alpha) * hard_loss + self.alpha * t * t * soft

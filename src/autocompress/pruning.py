@@ -20,25 +20,23 @@ that purification finds unused or redundant are removed).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .admm import ADMMConfig, admm_prune, hard_prune, masked_retrain
-from .compaction import compact
+from .admm import ADMMConfig
+from .compaction import densify
+from .config import CompressConfig, PurificationConfig, RetrainConfig
 from .errors import UserError
 from .masks import Masks
-from .metrics import count_macs, count_nonzero_params, count_params
-from .purification import DEFAULT_THRESHOLDS, purify as purify_masks
+from .purification import DEFAULT_THRESHOLDS, check_purification
+from .rounds import Pipeline, RoundState, TrainFn
 from .space import KINDS, PruningSpace, check_rate
-from .text import plural
-from .training import TrainConfig, evaluate, seeded
-
-#: user-facing dimension names -> unit kinds (``--dims``)
-DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
-        "irregular": ("irregular",), "filter,column,irregular": ("filter", "column", "irregular")}
+from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
+from .training import TrainConfig
 
 
 @dataclass
@@ -46,19 +44,14 @@ class PruneResult:
     """What :func:`prune` returns.
 
     Attributes:
-        compact_model: the physically pruned model (eval mode); computes what the masked model computes.
-        masked_model: the same network before compaction (dense, pruned entries zero).
+        compact_model: the physically pruned model (eval mode, on the device); computes what the masked
+            model computes.
         masks: the final unit keep masks (after purification).
-        param_masks: their per-parameter expansion, for the *uncompacted* model.
-        architecture: ``serialization.describe_architecture`` of the compact model (for ``save_compact``).
         report: plain data, see :func:`prune`.
     """
 
     compact_model: nn.Module
-    masked_model: nn.Module
     masks: Masks
-    param_masks: dict[str, torch.Tensor]
-    architecture: dict
     report: dict = field(default_factory=dict)
 
 
@@ -84,8 +77,8 @@ def expand_rates(space: PruningSpace, spec: Mapping, dims: Sequence[str]) -> dic
         if not isinstance(given, Mapping):
             raise UserError(f"rates[{kind!r}] must map unit names to rates", f"write `{kind}: {{name: 0.5}}`")
         if given and kind not in dims:
-            raise UserError(f"rates for {kind} units given, but --dims is {','.join(dims)}",
-                            f"add {kind} to --dims or remove the {kind} rates")
+            raise UserError(f"rates for {kind} units given, but dims is {','.join(dims)}",
+                            f"add {kind} to dims or remove the {kind} rates")
         rates[kind] = dict(given)
     if "default" in spec:
         default = check_rate(spec["default"], "the default rate")
@@ -101,107 +94,99 @@ def _kept_units(masks: Masks) -> dict[str, dict[str, list[int]]]:
             "weights": {k: [int(v.sum()), v.numel()] for k, v in masks.weights.items()}}
 
 
-def prune(model: nn.Module, rates: Mapping, *, example_inputs: torch.Tensor, splits,
+def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Iterable | None = None,
+          val_loader: Iterable | None = None, score_fn: ScoreFn | None = None, loss_fn: LossFn | None = None,
+          forward_fn: ForwardFn | None = None, train_fn: TrainFn | None = None, device: str | torch.device = "auto",
           dims: Sequence[str] = ("filter", "column"), admm: ADMMConfig | None = None,
-          retrain: TrainConfig | None = None, purify: bool = True, purify_tolerance: float = 0.005,
-          purify_thresholds: Sequence[float] = DEFAULT_THRESHOLDS, batch_size: int = 128, seed: int = 0,
+          retrain: TrainConfig | RetrainConfig | None = None, purify: bool = True, purify_tolerance: float = 0.005,
+          purify_thresholds: Sequence[float] = DEFAULT_THRESHOLDS, seed: int = 0,
           ignored_layers: Sequence[str] = (), progress: bool = True,
           log: Callable[[str], None] | None = None) -> PruneResult:
-    """Prune ``model`` at ``rates`` and compact it (AutoCompress, Liu et al. AAAI 2020, §3; brief §2-§4).
+    """Prune ``model`` at ``rates`` and compact it: one round of AutoCompress's actual pruning (Liu et al.
+    AAAI 2020, §3) without the search -- ADMM, hard pruning, purification, masked retraining, compaction
+    (:meth:`autocompress.rounds.Pipeline.run_round`, the round function :func:`autocompress.compress` runs).
 
     Args:
         model: a trained network (not modified: a copy is pruned).
         rates: ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}`` (see
             :func:`expand_rates` for the ``default`` form); names as in ``PruningSpace``.
-        example_inputs: one batch the model accepts, e.g. ``torch.zeros(1, 3, 32, 32)``; MACs are counted
-            per forward of it (use batch 1 for MACs per image).
-        splits: a :class:`autocompress.data.DataSplits`; ADMM and retraining use ``train``, top-1 and
-            purification use ``val`` (skipped when it is empty).
+        example_inputs: one batch the model accepts (a tensor ``[B, ...]`` or a tuple), e.g.
+            ``torch.zeros(1, 3, 32, 32)``; MACs are counted per input item.
+        train_loader, val_loader, score_fn, loss_fn, forward_fn, train_fn, device: as
+            :func:`autocompress.compress`. ``train_loader`` may be None when ADMM and retraining are off
+            (``epochs=0``); without ``val_loader`` and ``score_fn`` purification only removes unused paths.
         dims: unit kinds pruned, a subset of ``("filter", "column", "irregular")``.
         admm: ADMM settings (default :class:`ADMMConfig`); ``epochs=0`` is one-shot projection.
-        retrain: masked retraining settings (default ``TrainConfig(epochs=10, lr=0.01)``); ``epochs=0``
-            skips it.
+        retrain: masked retraining settings (default 10 epochs at lr 0.01); ``epochs=0`` skips it.
         purify: run purification (unused path removal + redundant weight removal).
         purify_tolerance, purify_thresholds: see :func:`autocompress.purification.purify`.
-        batch_size: training batch size; seed: data order / augmentation / dropout seed.
+        seed: seed of the global generator per phase (dropout, a DataLoader's shuffling).
         ignored_layers: module names never pruned.
         progress: tqdm bars; log: called with one line per step.
 
     Returns:
         :class:`PruneResult`. ``report`` holds ``params_before`` / ``params_after`` (parameters of the
-        original and of the compact model, :func:`autocompress.metrics.count_params`; with ``irregular``
-        in ``dims`` the compact model's non-zero parameters,
-        :func:`~autocompress.metrics.count_nonzero_params`), ``macs_before`` /
-        ``macs_after`` (MACs per forward of ``example_inputs``, :func:`autocompress.metrics.count_macs`;
-        FLOPs = 2 x MACs), ``compression_rate`` (params before / after, "x"), ``mac_reduction`` (before /
-        after), ``top1`` (validation top-1 fractions: ``before``, ``hard_pruned``, ``purified``, ``after``
-        measured on the compact model), ``rates`` (as validated), ``clipped`` (rates that would have removed
-        every unit of a layer), ``kept`` (per unit: ``[kept, total]``), ``excluded`` (module -> reason),
-        ``admm`` (final residuals), ``purification`` and ``compaction`` summaries.
+        original and of the compact model; with ``irregular`` in ``dims`` the non-zero ones),
+        ``macs_before`` / ``macs_after`` (MACs per input item; FLOPs = 2 x MACs), ``compression_rate``,
+        ``mac_reduction``, ``score`` (validation score -- top-1 as a fraction unless ``score_fn`` --
+        ``before``, ``purified`` and ``after``, measured on the compact model; None without a score),
+        ``rates``, ``clipped``, ``kept`` (per unit: ``[kept, total]``), ``excluded`` (module -> reason),
+        ``records`` (the phase records, as in a compress run's ``metrics.jsonl``).
 
     Raises:
-        UserError: bad rates / dims / names, a model the space or compaction cannot handle.
+        UserError: bad rates / dims / names / settings / arguments, a model the space or compaction cannot
+            handle, a training phase without ``train_loader``.
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     dims = tuple(dims)
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
-    admm = admm if admm is not None else ADMMConfig()
-    retrain = retrain if retrain is not None else TrainConfig(epochs=10, lr=0.01)
-    say = log if log is not None else (lambda _line: None)
-    device = next(model.parameters()).device
-    example_inputs = example_inputs.to(device)
-    model = copy.deepcopy(model)
-    space_dims = tuple(dict.fromkeys((("filter",) if purify else ()) + dims))
-    space = PruningSpace.build(model, example_inputs, dims=space_dims, ignored_layers=ignored_layers)
-    rates = expand_rates(space, rates, dims)
-    has_val = len(splits.val) > 0
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = splits.loader("train", batch_size, generator=generator)
-    val_loader = splits.loader("val", max(256, batch_size)) if has_val else None
+    retrain = retrain if retrain is not None else RetrainConfig(epochs=10, lr=0.01)
+    if isinstance(retrain, TrainConfig):
+        retrain = RetrainConfig(**{f.name: getattr(retrain, f.name) for f in dataclasses.fields(RetrainConfig)})
+    config = CompressConfig(dims=",".join(dims), seed=seed, admm=admm if admm is not None else ADMMConfig(),
+                            retrain=retrain, purification=PurificationConfig(purify, purify_tolerance,
+                                                                             list(purify_thresholds)))
+    check_purification(purify_tolerance, purify_thresholds)
+    retrain.train_config()
+    device = resolve_device(device)
+    example = as_inputs(example_inputs, device)
+    base = copy.deepcopy(model).to(device).eval()
+    training = config.admm.epochs > 0 or retrain.epochs > 0
+    if training and train_loader is None:
+        raise UserError("ADMM or retraining epochs are set, but train_loader is None",
+                        "pass train_loader, or set admm.epochs and retrain epochs to 0")
+    task = Task(train_loader, val_loader, device, forward_fn, loss_fn, score_fn)
+    task.check(base, example, needs_training=training, needs_score=False)
+    pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
+                        ignored_layers=tuple(ignored_layers), progress=progress, log=log or (lambda _line: None))
+    work = densify(base)
+    space = pipeline.space(work)
+    state = RoundState(1, None, work, space, rates=expand_rates(space, rates, dims))
+    before = task.score(base) if task.can_score else None
+    pipeline.run_round(state, last=True)
+    compact_model = state.compact_model
+    records = pipeline.store.records
+    purified = next((r for r in records if r.get("event") == "purification"), {})
+    after = task.score(compact_model) if task.can_score else None
+    params_before, params_after = pipeline.params(base), pipeline.params(compact_model)
+    macs_before, macs_after = pipeline.macs(base), pipeline.macs(compact_model)
+    report = {"dims": list(dims), "rates": state.rates, "excluded": dict(space.excluded),
+              "params_before": params_before, "params_after": params_after,
+              "macs_before": macs_before, "macs_after": macs_after,
+              "compression_rate": params_before / max(params_after, 1), "mac_reduction": macs_before / max(macs_after, 1),
+              "score": {"before": before, "purified": _fraction(purified, "_after"), "after": after},
+              "clipped": [c._asdict() for c in state.masks.clipped], "kept": _kept_units(state.masks),
+              "records": records}
+    pipeline.log(f"compact model: {params_after} parameters ({report['compression_rate']:.2f}x fewer), "
+                 f"{macs_after} MACs ({report['mac_reduction']:.2f}x fewer)")
+    return PruneResult(compact_model=compact_model, masks=state.masks, report=report)
 
-    def top1() -> float | None:
-        return evaluate(model, val_loader)["top1"] if has_val else None
 
-    report: dict = {"dims": list(dims), "rates": rates, "excluded": dict(space.excluded),
-                    "params_before": count_params(model), "macs_before": count_macs(model, example_inputs),
-                    "top1": {"before": top1()}}
-    with seeded(seed):
-        if admm.epochs > 0:
-            say(f"ADMM: {plural(admm.epochs, 'epoch')}")
-            result = admm_prune(model, space, rates, train_loader, admm, progress=progress, log=log)
-            report["admm"] = {"updates": len(result.history) - 1,
-                              "max_residual": result.history[-1]["max_residual"],
-                              "residuals": result.history[-1]["residuals"]}
-        masks, param_masks = hard_prune(model, space, rates)
-        report["clipped"] = [c._asdict() for c in masks.clipped]
-        report["top1"]["hard_pruned"] = hard = top1()
-        say(f"hard pruning: val top-1 {'n/a' if hard is None else f'{100 * hard:.2f}%'}")
-        if purify:
-            purified = purify_masks(model, space, masks, example_inputs=example_inputs,
-                                    val_loader=val_loader, tolerance=purify_tolerance,
-                                    thresholds=purify_thresholds, log=log)
-            masks, param_masks = purified.masks, purified.param_masks
-            report["purification"] = {"removed_filters": purified.removed_filters,
-                                      "removed_columns": purified.removed_columns,
-                                      "threshold": purified.threshold, "folded": purified.folded,
-                                      "trials": purified.trials}
-            report["top1"]["purified"] = top1()
-        if retrain.epochs > 0:
-            say(f"masked retraining: {plural(retrain.epochs, 'epoch')}")
-            report["retrain"] = masked_retrain(model, param_masks, train_loader, retrain, val_loader=val_loader,
-                                               progress=progress, log=log)
-    compacted = compact(model, param_masks, example_inputs)
-    compact_model = compacted.model
-    count = count_nonzero_params if "irregular" in dims else count_params  # irregular zeros are stored sparsely
-    params_after, macs_after = count(compact_model), count_macs(compact_model, example_inputs)
-    if has_val:
-        report["top1"]["after"] = evaluate(compact_model, val_loader)["top1"]
-    report.update({"params_after": params_after, "macs_after": macs_after,
-                   "compression_rate": report["params_before"] / params_after,
-                   "mac_reduction": report["macs_before"] / max(macs_after, 1),
-                   "kept": _kept_units(masks), "compaction": compacted.report})
-    say(f"compact model: {params_after} parameters ({report['compression_rate']:.2f}x fewer), "
-        f"{macs_after} MACs ({report['mac_reduction']:.2f}x fewer)")
-    return PruneResult(compact_model=compact_model, masked_model=model, masks=masks, param_masks=param_masks,
-                       architecture=compacted.architecture, report=report)
+def _fraction(record: dict, suffix: str) -> float | None:
+    """A score from a metrics record (``val_top1{suffix}`` in %, or ``val_score{suffix}``) as the task's own
+    value (top-1 as a fraction)."""
+    if f"val_top1{suffix}" in record:
+        value = record[f"val_top1{suffix}"]
+        return None if value is None else value / 100.0
+    return record.get(f"val_score{suffix}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,6 @@ from .masks import Masks, apply_masks
 from .projection import group_scores
 from .space import PruningSpace, is_transposed
 from .text import plural
-from .training import evaluate
 
 #: default redundant-weight thresholds, relative to the layer's mean remaining unit norm
 DEFAULT_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -60,10 +59,10 @@ class PurificationResult:
         removed_filters: filter-group name -> channels removed by purification.
         removed_columns: column-layer name -> columns removed by purification.
         threshold: the largest accepted redundant-weight threshold that removed something, or None.
-        top1_before: validation top-1 (fraction) of the masked model before purification (None without a
-            validation loader); top1_after: after it.
+        top1_before: the validation score (e.g. top-1 as a fraction) of the masked model before
+            purification (None without a ``score``); top1_after: after it.
         folded: channels whose constant output was folded into a consumer, as ``"group[channel]"``.
-        trials: ``[{"threshold": t, "top1": accuracy, "accepted": bool}]`` in the order tried (thresholds
+        trials: ``[{"threshold": t, "top1": score, "accepted": bool}]`` in the order tried (thresholds
             that remove nothing more are skipped).
         near_chance: redundant weight removal was skipped because ``top1_before`` was below
             ``CHANCE_FACTOR`` x chance.
@@ -457,8 +456,8 @@ def check_purification(tolerance: float, thresholds: Sequence[float]) -> None:
 
 
 def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_inputs,
-           val_loader: Iterable | None = None, tolerance: float = 0.005,
-           thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+           score: Callable[[nn.Module], float] | None = None, chance: float | None = None,
+           tolerance: float = 0.005, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
            log: Callable[[str], None] | None = None) -> PurificationResult:
     """Network purification and unused path removal, in place (Ma et al. arXiv 1905.00136; brief §4).
 
@@ -468,10 +467,12 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
         masks: keep masks after hard pruning.
         example_inputs: a tensor ``[N, C, H, W]`` (or tuple) the model accepts; any values (the constants
             of removed channels do not depend on the input).
-        val_loader: validation batches for redundant weight removal; without it only unused path removal
-            runs.
-        tolerance: largest accepted drop of validation top-1 (a fraction: 0.005 = 0.5 points) relative to
-            the top-1 before purification.
+        score: ``fn(model) -> float`` (higher is better, e.g. validation top-1 as a fraction) that redundant
+            weight removal must keep; without it only unused path removal runs.
+        chance: the score of a random guess (e.g. ``1 / classes`` for top-1), or None when the score has
+            none; below ``CHANCE_FACTOR`` x chance redundant weight removal is skipped.
+        tolerance: largest accepted drop of ``score`` (in its units: 0.005 = 0.5 points of a top-1
+            fraction) relative to the score before purification.
         thresholds: redundant-weight thresholds (relative to the layer's mean remaining unit norm).
         log: called with one line per phase / threshold tried.
 
@@ -480,45 +481,38 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
     """
     apply_masks(model, space.param_masks(masks))
     result = PurificationResult(masks=masks, param_masks={})
-    if val_loader is not None:
-        result.top1_before = evaluate(model, val_loader)["top1"]
-        chance = 1.0 / _num_classes(model, example_inputs)
-        result.near_chance = result.top1_before < CHANCE_FACTOR * chance
+    if score is not None:
+        result.top1_before = score(model)
+        result.near_chance = chance is not None and result.top1_before < CHANCE_FACTOR * chance
     current, folded = settle(model, space, masks, masks, example_inputs)
     if log is not None:
         log(f"unused path removal: {_summary(masks, current)}")
         if result.near_chance:
-            log(f"redundant weight removal skipped: validation top-1 {100 * result.top1_before:.2f}% is below "
-                f"{CHANCE_FACTOR:g}x chance ({100 * chance:.2f}%), so its accuracy check would accept anything")
-    for threshold in sorted(thresholds) if val_loader is not None and not result.near_chance else ():
+            log(f"redundant weight removal skipped: the validation score {result.top1_before:.4g} is below "
+                f"{CHANCE_FACTOR:g}x chance ({chance:.4g}), so its accuracy check would accept anything")
+    for threshold in sorted(thresholds) if score is not None and not result.near_chance else ():
         candidate = redundant_candidates(space, model, current, threshold)
         if _same(candidate, current):
             continue
         trial = copy.deepcopy(model)
         trial_masks, trial_folded = settle(trial, space, current, candidate, example_inputs)
-        top1 = evaluate(trial, val_loader)["top1"]
+        top1 = score(trial)
         accepted = top1 >= result.top1_before - tolerance
         result.trials.append({"threshold": threshold, "top1": top1, "accepted": accepted})
         if log is not None:
             log(f"redundant weight removal at threshold {threshold:g}: {_summary(current, trial_masks)}, "
-                f"val top-1 {100 * top1:.2f}% ({'accepted' if accepted else 'rejected'})")
+                f"validation score {top1:.4g} ({'accepted' if accepted else 'rejected'})")
         if not accepted:
             break
         model.load_state_dict(trial.state_dict())
         current, result.threshold, result.top1_after = trial_masks, threshold, top1
         folded += trial_folded
-    if val_loader is not None and result.top1_after is None:
-        result.top1_after = evaluate(model, val_loader)["top1"]
+    if score is not None and result.top1_after is None:
+        result.top1_after = score(model)
     result.masks, result.param_masks, result.folded = current, space.param_masks(current), sorted(set(folded))
     result.removed_filters = {k: int(masks.filters[k].sum() - current.filters[k].sum()) for k in current.filters}
     result.removed_columns = {k: int(masks.columns[k].sum() - current.columns[k].sum()) for k in current.columns}
     return result
-
-
-def _num_classes(model: nn.Module, example_inputs) -> int:
-    """Size of the model's last output dimension (its number of classes), from one analysis forward."""
-    with analysis_mode(model):
-        return int(model(*_as_tuple(example_inputs)).shape[-1])
 
 
 def _same(a: Masks, b: Masks) -> bool:

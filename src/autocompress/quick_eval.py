@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,7 +25,6 @@ from .errors import UserError
 from .masks import apply_masks
 from .projection import project
 from .sampling import quiet_clipping
-from .training import evaluate
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class QuickEvalResult:
     """Score of one candidate.
 
     Attributes:
-        top1: validation top-1 of the one-shot pruned model, fraction in [0, 1].
+        top1: validation score of the one-shot pruned model (top-1 as a fraction in [0, 1] by default, or
+            the caller's ``score_fn``).
         params: parameters of the compact model the rates give (``space.count``).
         macs: multiply-accumulates per image of that model (FLOPs = 2 x MACs).
         seconds: wall-clock time of this evaluation.
@@ -44,23 +45,15 @@ class QuickEvalResult:
     seconds: float
 
 
-def _first_batches(loader, count: int | None, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``count`` batches of ``loader`` (all when None), moved to ``device``."""
-    batches = []
-    for images, labels in loader:
-        if count is not None and len(batches) >= count:
-            break
-        batches.append((images.to(device), labels.to(device)))
-    return batches
-
-
-def recalibrate_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def recalibrate_batchnorm(model: nn.Module, batches: list, forward: Callable[[nn.Module, Any], Any] | None = None
+                          ) -> None:
     """Re-estimate every BatchNorm layer's running mean / variance on ``batches`` (adaptive BN, EagleEye,
     Li et al. ECCV 2020).
 
     Statistics are reset and accumulated as an exact average over the batches (``momentum=None``); only
-    BatchNorm layers run in train mode (dropout etc. stay in eval). Afterwards the model is in eval mode.
-    Modifies ``model`` in place: use on a copy.
+    BatchNorm layers run in train mode (dropout etc. stay in eval). ``forward(model, batch)`` runs a batch
+    (default ``model(batch[0])``). Afterwards the model is in eval mode. Modifies ``model`` in place: use on a
+    copy.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -72,62 +65,54 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, to
         m.momentum = None
         m.train()
     with torch.no_grad():
-        for images, _ in batches:
-            model(images)
+        for batch in batches:
+            forward(model, batch) if forward is not None else model(batch[0])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
 
 
-def check_batches(bn_batches: int, val_batches: int | None, batch_size: int) -> None:
+def check_batches(bn_batches: int, val_batches: int | None, batch_size: int = 1) -> None:
     """UserError unless every count of a quick evaluation is >= 1 (``val_batches`` may be None: the whole
-    validation split). Called by :class:`QuickEvaluator` and, before any work, by the compress config."""
+    validation loader). Called by :class:`QuickEvaluator` and, before any work, by the compress config."""
     if bn_batches < 1 or batch_size < 1 or (val_batches is not None and val_batches < 1):
-        raise UserError(f"quick_eval needs >= 1 batch of >= 1 image (bn_batches={bn_batches}, "
-                        f"val_batches={val_batches}, batch_size={batch_size})", "use e.g. 5, 10 and 256")
+        raise UserError(f"quick_eval needs >= 1 batch (bn_batches={bn_batches}, val_batches={val_batches})",
+                        "use e.g. bn_batches 5 and val_batches 10")
 
 
 class QuickEvaluator:
-    """Scores rate dicts by one-shot projection, optional adaptive BatchNorm and validation top-1.
+    """Scores rate dicts by one-shot projection, optional adaptive BatchNorm and the validation score.
 
     Args:
         model: the model to prune (not modified; a deep copy is taken now, so later changes to ``model`` are
             not seen).
         space: the :class:`~autocompress.space.PruningSpace` built on ``model``.
-        splits: :class:`~autocompress.data.DataSplits`; uses ``train`` (BatchNorm statistics, no
-            augmentation) and ``val`` (scoring). Never ``test``.
+        task: :class:`~autocompress.task.Task`: its training loader gives the BatchNorm batches (the first
+            ``bn_batches``), its score scores a candidate: ``score_fn`` when the caller gave one, else top-1
+            on the first ``val_batches`` batches of the validation loader (drawn once, so scores are
+            deterministic). Never a test split.
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
         bn_batches: training batches for the statistics.
-        val_batches: validation batches scored (a seeded random subset of the validation split); None =
-            the whole split.
-        batch_size: images per batch.
-        seed: seed of the subsets' generator.
+        val_batches: validation batches scored; None = the whole validation loader.
+
     Raises:
-        UserError: empty validation split or a batch count / size below 1 (:func:`check_batches`).
+        UserError: a batch count below 1 (:func:`check_batches`).
     """
 
-    def __init__(self, model: nn.Module, space, splits, *, bn_recalibration: bool = True, bn_batches: int = 5,
-                 val_batches: int | None = 10, batch_size: int = 256, seed: int = 0):
-        check_batches(bn_batches, val_batches, batch_size)
-        if len(splits.val) == 0:
-            raise UserError("the validation split is empty; quick evaluation never uses the test set",
-                            "carve a validation split (val_size > 0)")
-        self.space = space
+    def __init__(self, model: nn.Module, space, task, *, bn_recalibration: bool = True, bn_batches: int = 5,
+                 val_batches: int | None = 10):
+        check_batches(bn_batches, val_batches)
+        self.space, self.task = space, task
         self.bn_recalibration = bn_recalibration
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
-        device = next(self._model.parameters()).device
-        generator = torch.Generator().manual_seed(seed)
-        self._bn_data = _first_batches(splits.loader("train", batch_size, shuffle=True, augment=False,
-                                                     generator=generator), bn_batches, device) \
-            if bn_recalibration else []
-        self._val_data = _first_batches(splits.loader("val", batch_size, shuffle=True, augment=False,
-                                                      generator=generator), val_batches, device)
+        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration else []
+        self._val_data = task.batches(task.val_loader, val_batches) if task.score_fn is None else None
 
     @property
-    def val_images(self) -> int:
-        """Number of validation images each candidate is scored on."""
-        return sum(int(labels.numel()) for _, labels in self._val_data)
+    def val_images(self) -> int | None:
+        """Number of validation images each candidate is scored on (None with a caller's ``score_fn``)."""
+        return None if self._val_data is None else sum(int(batch[1].numel()) for batch in self._val_data)
 
     def pruned_model(self, rates: dict[str, dict[str, float]]) -> tuple[nn.Module, object]:
         """The private copy reset to the original weights, projected at ``rates`` and masked, with
@@ -140,16 +125,16 @@ class QuickEvaluator:
                 masks = project(self.space, model, rates)
             apply_masks(model, self.space.param_masks(masks))
         if self.bn_recalibration:
-            recalibrate_batchnorm(model, self._bn_data)
+            recalibrate_batchnorm(model, self._bn_data, self.task.forward)
         model.eval()
         return model, masks
 
     def score(self, rates: dict[str, dict[str, float]]) -> QuickEvalResult:
         """Quick evaluation of ``rates`` (``{"filter": {group: r}, "column": {layer: r}, "irregular":
-        {layer: r}}``): top-1 on the validation subset and the compact model's parameters / MACs."""
+        {layer: r}}``): the validation score and the compact model's parameters / MACs."""
         start = time.perf_counter()
         model, masks = self.pruned_model(rates)
-        top1 = evaluate(model, self._val_data)["top1"]
+        score = self.task.score(model, self._val_data)
         counts = self.space.count(masks)
-        return QuickEvalResult(top1=float(top1), params=int(counts.params), macs=int(counts.macs),
+        return QuickEvalResult(top1=float(score), params=int(counts.params), macs=int(counts.macs),
                                seconds=time.perf_counter() - start)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .analysis import analysis_mode
 from .errors import UserError
+from .task import Task, check_loss, move
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -135,25 +136,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return None
 
 
-def check_device(name: str) -> torch.device:
-    """``torch.device(name)``, checked: only devices usable here pass (the CPU always, CUDA when available,
-    with an existing index); a malformed name or any other device type (mps, xpu, meta, ...) raises
-    UserError."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"unknown device {name!r}", "use --device cpu (or cuda on a machine with a GPU)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} asked for, but CUDA is not available here", "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)",
-                            "use --device cuda or cpu")
-    elif device.type != "cpu":
-        raise UserError(f"device {name!r} is not available here", "use --device cpu")
-    return device
-
-
 def resumable_state(ckpt: dict, path: str | os.PathLike) -> dict:
     """The ``training_state`` of checkpoint ``ckpt`` (read from ``path``) that :func:`fit` resumes from.
 
@@ -175,75 +157,102 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def batch_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move an image batch ``[N, C, H, W]`` to ``device`` in channels-last memory layout, which makes
-    oneDNN's convolutions (forward and backward) about 1.3-1.5x faster on the CPU here; values unchanged."""
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+    """Move an image batch ``[N, C, H, W]`` to ``device`` (see :func:`autocompress.task.move`)."""
+    return move(images, device)
 
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, task: Task | None = None,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None, distiller: Callable | None = None,
                 progress: bool = True, desc: str = "") -> dict:
     """One training epoch in train mode.
 
     Args:
-        loader: yields ``(images [B, C, H, W], labels int64 [B])``; batches move to the model's device.
+        loader: yields batches; by default ``(inputs [B, ...], labels int64 [B])``, any batch with a
+            ``task`` that says how to run it. Batches move to the task's device (default: the model's).
         scheduler: stepped after every optimiser step (per-iteration schedule).
-        criterion: loss (default ``nn.CrossEntropyLoss()``).
+        task: :class:`autocompress.task.Task` (forward / loss of a batch, device, autocast); default: the
+            ``(inputs, labels)`` convention on the model's device.
+        criterion: loss of the default convention (default ``nn.CrossEntropyLoss()``); a task's own
+            ``loss_fn`` replaces it.
         regularizer: returns a scalar tensor added to the loss of each step (ADMM).
         after_step: called after every optimiser step (e.g. ``MaskEnforcer.after_step``).
-        distiller: ``fn(images, logits, label_loss) -> loss`` replacing the label loss, e.g. a
-            :class:`autocompress.distillation.Distiller` (knowledge distillation from the base model).
-        progress: show a tqdm bar with running loss and accuracy.
+        distiller: a :class:`autocompress.distillation.Distiller`; its mixed loss (teacher run on the same
+            batch through the task's forward) replaces the data loss.
+        progress: show a tqdm bar with running loss (and accuracy for ``(inputs, labels)`` batches).
 
     Returns:
-        ``{"loss": mean data loss per image (the distiller's mixed loss when given), "top1": training
-        accuracy in [0, 1], "images": count}``,
-        plus ``"regularizer"`` (mean per step) when a regularizer is given.
+        ``{"loss": mean data loss per batch item (the distiller's mixed loss when given), "top1": training
+        accuracy in [0, 1] (None when batches are not class-labelled pairs), "images": count}``, plus
+        ``"regularizer"`` (mean per step) when a regularizer is given.
 
     Raises:
-        UserError: the loss became NaN / infinite (learning rate too high).
+        UserError: the loss became NaN / infinite (learning rate too high) or is not a scalar.
     """
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-    device = _device_of(model)
+    task = task if task is not None else Task(loader, device=_device_of(model))
+    scaler = torch.amp.GradScaler(task.device.type, enabled=task.amp == "fp16" and task.device.type == "cuda")
     model.train()
-    total_loss, correct, seen, reg_total, steps = 0.0, 0, 0, 0.0, 0
+    total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
     bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
-    for images, labels in bar:
-        images, labels = batch_to(images, device), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, labels)
-        if distiller is not None:
-            loss = distiller(images, logits, loss)
-        objective = loss
-        if regularizer is not None:
-            reg = regularizer()
-            objective = loss + reg
-            reg_total += float(reg.detach())
+    for batch in bar:
+        batch = move(batch, task.device)
+        with task.autocast():
+            if task.loss_fn is None:
+                output = task.forward(model, batch)
+                loss = criterion(output, batch[1])
+            else:
+                loss, output = task.loss(model, batch)
+            if distiller is not None:
+                with torch.no_grad():
+                    teacher_output = task.forward(distiller.teacher, batch)
+                loss = distiller(teacher_output, output, loss)
+            objective = loss
+            if regularizer is not None:
+                reg = regularizer()
+                objective = loss + reg
+                reg_total += float(reg.detach())
+        check_loss(loss, finite=False)
         if not torch.isfinite(objective):
             raise UserError(f"training loss became {float(objective.detach())} at step {steps + 1}",
-                            "lower the learning rate (--lr) or check the data")
+                            "lower the learning rate (lr) or check the data")
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
+        scaler.scale(objective).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         if after_step is not None:
             after_step()
         steps += 1
-        n = labels.numel()
+        n = _batch_items(batch)
         total_loss += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == labels).sum())
+        labelled = labelled and task.loss_fn is None and isinstance(output, torch.Tensor) and output.dim() >= 2
+        if labelled:
+            correct += int((output.detach().argmax(1) == batch[1]).sum())
         seen += n
         if progress and (steps % 10 == 0 or steps == 1):
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.2f}%")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"acc": f"{100 * correct / seen:.2f}%"}
+                                                               if labelled else {}))
     bar.close()
-    result = {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1), "images": seen}
+    result = {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1) if labelled else None,
+              "images": seen}
     if regularizer is not None:
         result["regularizer"] = reg_total / max(steps, 1)
     return result
+
+
+def _batch_items(batch) -> int:
+    """Items in a batch: the leading size of its first tensor (1 when it holds none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        n = _batch_items(value)
+        if n:
+            return n
+    return 1
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "eval") -> dict:
@@ -404,5 +413,5 @@ def _summary(history: list[dict]) -> dict:
             "history": list(history)}
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_device", "check_model_input",
+__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_model_input",
            "evaluate", "fit", "resumable_state", "seeded", "train_epoch"]

@@ -1,24 +1,27 @@
-"""``autocompress compress``: AutoCompress a checkpoint to a target, in progressive rounds."""
+"""``autocompress compress``: AutoCompress a checkpoint to a target, in progressive rounds -- the CLI adapter
+over :class:`autocompress.compress.Compression` (a checkpoint file and a named dataset in, a run folder out).
+
+A config file (``--config run.yaml``) holds any :class:`autocompress.config.CompressConfig` setting plus the
+data settings of :class:`autocompress.cli.workload.DataSettings`; flags override it. The run folder's
+``config.yaml`` records both (the data settings and the checkpoint under ``source``), so ``--resume`` needs
+nothing else.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 import sys
 from pathlib import Path
 
+from ..config import SettingError
 from ..errors import UserError
 
-#: flag -> the config setting it overrides (``section.key``: a key of a section, e.g. ``admm: {epochs: 3}``)
+#: flag -> the setting it sets (``section.key`` for a key of a section)
 FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "--seed": "seed",
-                 "--data-dir": "data_dir", "--admm-epochs": "admm.epochs", "--retrain-epochs": "retrain.epochs"}
-#: flag named in a validation message -> the settings it can stand for, first match wins: the compress flags,
-#: and those of ``autocompress train`` that ``TrainConfig.validate`` names for the retrain section
-_MESSAGE_FLAGS = {**{flag: (setting,) for flag, setting in FLAG_SETTINGS.items()},
-                  "--batch-size": ("retrain.batch_size", "batch_size"), "--lr": ("retrain.lr",),
-                  "--momentum": ("retrain.momentum",), "--nesterov": ("retrain.nesterov",),
-                  "--weight-decay": ("retrain.weight_decay",), "--label-smoothing": ("retrain.label_smoothing",)}
+                 "--admm-epochs": "admm.epochs", "--retrain-epochs": "retrain.epochs", "--dataset": "dataset",
+                 "--data-dir": "data_dir", "--val-size": "val_size", "--max-train": "max_train",
+                 "--batch-size": "batch_size", "--amp": "amp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,27 +30,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="OBJECTIVE=FACTORx, e.g. params=20x or flops=8x")
     parser.add_argument("--dims", help="filter,column (hybrid, default) | filter | column | irregular")
     parser.add_argument("--rounds", help="'doubling' (default), a number of rounds, or targets '2,4,10'")
-    parser.add_argument("--config", help="run.yaml with any CompressConfig setting (flags override it)")
+    parser.add_argument("--config", help="run.yaml with any compress setting (flags override it)")
     parser.add_argument("--out", help="run folder (default runs/compress-<checkpoint name>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
     parser.add_argument("--resume-if-exists", action="store_true",
                         help="with --out: resume when the folder already holds a run, else start one")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--dataset", help="dataset when the checkpoint records none (fashion-mnist, cifar10, "
+                        "imagefolder)")
     parser.add_argument("--data-dir", help="dataset folder; with --resume: where the run's dataset is now "
                         "(the run's settings are unchanged)")
+    parser.add_argument("--val-size", type=int, help="validation images carved from the training split "
+                        "(default: the checkpoint's, else 5000)")
+    parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default 128)")
     parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs per round")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast of training phases (CUDA)")
     parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars or phase log")
-
-
-def _dest(flag: str) -> str:
-    """``"--admm-epochs"`` -> ``"admm_epochs"``, the flag's attribute of the parsed arguments."""
-    return flag[2:].replace("-", "_")
 
 
 def _rounds(text: str):
     """``--rounds``: ``"doubling"`` and a number of rounds stay text, ``"2,4,10"`` becomes a list of targets
-    (text that is neither stays text, for :func:`autocompress.compress.round_targets` to refuse)."""
+    (text that is neither stays text, for the config check to refuse)."""
     if text == "doubling" or text.isdigit():
         return text
     try:
@@ -56,78 +62,53 @@ def _rounds(text: str):
         return text
 
 
-def _config(args: argparse.Namespace, settings: dict, *, validate: bool = True):
-    """The config the arguments ask for: the config file's ``settings`` with the flags given on top; checked
-    unless ``validate=False``. An error about a value from the file names its key there, not a flag."""
-    from ..compress import CompressConfig
+def read_config_file(path: str | None) -> dict:
+    """The settings of a ``--config`` YAML file; UserError when missing, unreadable or not a mapping."""
+    import yaml
 
-    config, overridden = CompressConfig.from_dict(settings, validate=False), set()
+    if path is None:
+        return {}
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"config file {path} does not exist or is a folder", "pass an existing --config YAML file"
+                        ) from None
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        raise UserError(f"config file {path} is not valid UTF-8 YAML ({exc.__class__.__name__})",
+                        "fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings", "see the README's example")
+    return data
+
+
+def settings_from(args: argparse.Namespace, file_settings: dict) -> dict:
+    """The config file's settings with the flags given on top (a flag for a section key sets that key)."""
+    settings = {key: (dict(value) if isinstance(value, dict) else value) for key, value in file_settings.items()}
     for flag, setting in FLAG_SETTINGS.items():
-        value = getattr(args, _dest(flag))
-        if value is not None:
-            section, _, key = setting.partition(".")
-            value = _rounds(value) if flag == "--rounds" else value
-            setattr(config, section, {**getattr(config, section), key: value} if key else value)
-            overridden.add(setting)
-    if validate:
-        try:
-            config.validate()
-        except UserError as exc:
-            given = _file_settings(settings) - overridden
-            raise UserError(_name_file_settings(str(exc), given, args.config)) from exc
-    return config
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        section, _, key = setting.partition(".")
+        value = _rounds(value) if flag == "--rounds" else value
+        if key:
+            current = settings.get(section)
+            settings[section] = {**(current if isinstance(current, dict) else {}), key: value}
+        else:
+            settings[section] = value
+    return settings
 
 
-def _file_settings(settings: dict) -> set[str]:
-    """Names of the settings a config file gives: its keys, and ``section.key`` for a section's keys."""
-    names = set(settings)
-    for section, value in settings.items():
-        if isinstance(value, dict):
-            names |= {f"{section}.{key}" for key in value}
-    return names
-
-
-def _name_file_settings(message: str, given: set[str], path: str | None) -> str:
-    """``message`` with each flag that stands for a setting the config file ``path`` gives (``given``) replaced
-    by the setting's name, and the file named: that value is fixed in the file, not with a flag."""
-    named = []
-    for flag, settings in _MESSAGE_FLAGS.items():
-        setting = next((name for name in settings if name in given), None)
-        pattern = rf"{re.escape(flag)}(?![\w-])"
-        if setting and re.search(pattern, message):
-            message = re.sub(pattern, setting, message)
-            named.append(setting)
-    return f"{message} ({', '.join(named)} in the config file {path})" if named else message
-
-
-def _check_same_run(compressor, args: argparse.Namespace, settings: dict) -> None:
-    """--resume-if-exists continues a run only when CHECKPOINT and the settings asked for are the stored ones."""
-    import dataclasses
-
-    # only its differences matter; data_dir as Compressor.start stores it (absolute)
-    asked = dataclasses.asdict(_config(args, settings, validate=False).with_absolute_paths())
-    stored = dataclasses.asdict(compressor.config)
-    changed = sorted(key for key in asked if asked[key] != stored[key])
-    if args.checkpoint and Path(args.checkpoint).resolve() != compressor.checkpoint_path.resolve():
-        changed.insert(0, "checkpoint")
-    if changed:
-        raise UserError(f"run folder {args.out} holds a run with other settings ({', '.join(changed)})",
-                        "choose another --out, or resume it unchanged with --resume")
-
-
-def _refuse_changes(args: argparse.Namespace) -> None:
-    """--resume takes the run's stored settings: UserError naming any flag that would change them (--data-dir
-    only says where the dataset is now)."""
-    values = [("CHECKPOINT", args.checkpoint), ("--config", args.config), ("--out", args.out),
-              *((flag, getattr(args, _dest(flag))) for flag in FLAG_SETTINGS if flag != "--data-dir")]
-    given = [flag for flag, value in values if value is not None]
-    if given:
-        raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
-                        "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
+def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
+    """``exc`` with the flag that set its setting named (only the CLI speaks of flags)."""
+    for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items():
+        if setting == exc.setting and getattr(args, flag[2:].replace("-", "_"), None) is not None:
+            return UserError(f"{exc} (set by {flag})")
+    where = f" (in the config file {args.config})" if getattr(args, "config", None) else ""
+    return UserError(f"{exc}{where}")
 
 
 def _resume_command(out: str, args: argparse.Namespace) -> str:
-    """The command line that continues the run in ``out``."""
     data_dir = f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else ""
     return f"autocompress compress --resume {shlex.quote(str(out))}{data_dir}"
 
@@ -158,37 +139,125 @@ def chance_warning(final: dict, num_classes: int) -> str | None:
     return (f"autocompress: warning: the compressed model's test top-1 {top1:.2f}% is at chance level "
             f"({chance:.2f}% for {num_classes} classes): target {final['target']} is too aggressive for this "
             "model and budget; try a lower --target, or more rounds / epochs (--rounds, --admm-epochs, "
-            "--retrain-epochs)")
+            "--retrain-epochs, final_retrain_epochs)")
+
+
+def _refuse_changes(args: argparse.Namespace) -> None:
+    """--resume takes the run's stored settings: UserError naming any flag that would change them (--data-dir
+    only says where the dataset is now)."""
+    values = [("CHECKPOINT", args.checkpoint), ("--config", args.config), ("--out", args.out),
+              *((flag, getattr(args, flag[2:].replace("-", "_"))) for flag in FLAG_SETTINGS if flag != "--data-dir")]
+    given = [flag for flag, value in values if value is not None]
+    if given:
+        raise UserError(f"--resume continues a run with its stored config.yaml; {', '.join(given)} "
+                        "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
+
+
+def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict]:
+    """The checkpoint and settings a run folder's ``config.yaml`` records (``--data-dir`` replacing the
+    stored data folder)."""
+    from ..runfolder import RunFolder
+
+    folder = RunFolder(out)
+    if not folder.holds_run():
+        raise UserError(f"{out} holds no compress run (no config.yaml)",
+                        "start one with `autocompress compress CHECKPOINT --target ... --out DIR`")
+    stored = folder.read_config()
+    source = stored.pop("source", None) or {}
+    stored.pop("run", None)
+    if "checkpoint" not in source:
+        raise UserError(f"{out} was not started by `autocompress compress`", "resume it from Python with the "
+                        "same model and settings")
+    settings = {**stored, **source.get("data", {})}
+    if data_dir is not None:
+        settings["data_dir"] = data_dir
+    return source["checkpoint"], settings
+
+
+def _check_same_source(out: str, checkpoint: str, settings: dict) -> None:
+    """--resume-if-exists continues a run only for the same checkpoint file and data settings (the library
+    compares the other settings and the model's weights)."""
+    from .workload import DataSettings
+
+    stored_checkpoint, stored = _stored_request(out, None)
+    asked, _ = DataSettings.split_from(settings)
+    kept, _ = DataSettings.split_from(stored)
+    changed = [name for name, value in vars(asked.absolute()).items() if getattr(kept, name) != value]
+    if Path(checkpoint).resolve() != Path(stored_checkpoint):
+        changed.insert(0, "checkpoint")
+    if changed:
+        raise UserError(f"run folder {out} holds a run with other settings ({', '.join(changed)})",
+                        "choose another --out, or resume it unchanged with --resume")
 
 
 def run(args: argparse.Namespace) -> int:
     """Start or resume a run, then print the final table (and :func:`chance_warning` on stderr when the
     result is at chance). Returns 0; a Ctrl-C is reported with :func:`interrupted`."""
-    from ..compress import CompressConfig, Compressor
-    from ..report import final_table_rows
-
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    progress = not args.quiet
+    out = _run_dir(args)
     if args.resume:
         _refuse_changes(args)
-    settings = CompressConfig.read_yaml(args.config) if args.config else {}
-    out = _run_dir(args)
-    if args.resume or (args.resume_if_exists and out and (Path(out) / "config.yaml").exists()):
-        compressor = Compressor.resume(out, progress=progress, data_dir=args.data_dir)
-        if not args.resume:  # --resume-if-exists: only the run these flags would start
-            _check_same_run(compressor, args, settings)
+        checkpoint, settings = _stored_request(out, args.data_dir)
     else:
         if not args.checkpoint:
             raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
-        compressor = Compressor.start(args.checkpoint, _config(args, settings), out, progress=progress)
-    final = compressor.run()
+        checkpoint, settings = args.checkpoint, settings_from(args, read_config_file(args.config))
+        if (Path(out) / "config.yaml").exists():
+            if not args.resume_if_exists:
+                raise UserError(f"run folder {out} already holds a run",
+                                f"continue it with `{_resume_command(out, args)}` or choose another --out")
+            _check_same_source(out, checkpoint, settings)
+    try:
+        final, workload = _compress(checkpoint, settings, out, args)
+    except SettingError as exc:
+        raise flag_message(exc, args) from None
+    from ..report import final_table_rows
+
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     print(f"run folder: {out} (model.pt, report.html, metrics.jsonl, config.yaml)")
-    warning = chance_warning(final, compressor.splits.num_classes)
+    warning = chance_warning(final, workload.splits.num_classes)
     if warning:
         print(warning, file=sys.stderr)
     return 0
+
+
+def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespace):
+    """Load the checkpoint and data, run :class:`Compression` with the run folder ``out``; returns the final
+    record (with test top-1 and file sizes) and the workload."""
+    import dataclasses
+
+    from ..compress import Compression, resolve_config
+    from ..serialization import save_compact
+    from ..training import evaluate
+    from .workload import DataSettings, load_workload
+
+    data, library_settings = DataSettings.split_from(settings)
+    data.validate()
+    data = data.absolute()
+    config = resolve_config(library_settings, None)  # every setting checked before any data is read
+    workload = load_workload(checkpoint, data, seed=config.seed)
+    checkpoint_path = Path(checkpoint).resolve()
+    test = workload.loader("test")
+
+    def save(path: Path, compact_model) -> None:
+        save_compact(path, compact_model.cpu(), base_checkpoint=workload.ckpt,
+                     metrics={"target": config.target}, config=library_settings)
+
+    def extra(name: str, model) -> dict:
+        file = checkpoint_path if name == "base" else Path(out) / "model.pt"
+        return {"test_top1": 100.0 * evaluate(model, test)["top1"], "file_bytes": file.stat().st_size}
+
+    progress = not args.quiet
+    compression = Compression(
+        workload.model, workload.example, None,
+        task_args=dict(train_loader=workload.train_loader(data.batch_size), val_loader=workload.loader("val")),
+        device=args.device, config=config, run_dir=out, progress=progress,
+        log=(lambda line: print(line, flush=True)) if progress else None,
+        source={"checkpoint": str(checkpoint_path), "data": dataclasses.asdict(data)},
+        save=save, final_columns=extra)
+    result = compression.run()
+    return result.final, workload

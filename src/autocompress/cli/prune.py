@@ -62,10 +62,9 @@ def _tolerance(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress prune``."""
-    from ..admm import ADMMConfig
-    from ..compress import SECTION_DEFAULTS
+    from ..config import default_admm
 
-    admm = ADMMConfig(**{k: v for k, v in SECTION_DEFAULTS["admm"].items() if k != "epochs"})
+    admm = default_admm()
     parser.epilog, parser.formatter_class = RATES_FORMAT, argparse.RawDescriptionHelpFormatter
     parser.add_argument("checkpoint", help="trained checkpoint (.pt) from `autocompress train`")
     parser.add_argument("--rates", help="RATES.yaml (format below); required unless --list-units")
@@ -88,11 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purify-tolerance", type=_tolerance, default=0.005,
                         help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists")
+    parser.add_argument("--data-dir", help="default: the dataset's lookup order (a folder the checkpoint "
+                        "records is never read unless you pass it here)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
     parser.add_argument("--max-test", type=int, help="report test top-1 on a seeded subset of this many images")
     parser.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--dataset", help="dataset when the checkpoint records none (fashion-mnist, cifar10, "
+                        "imagefolder)")
+    parser.add_argument("--val-size", type=int, help="validation images (default: the checkpoint's, else 5000)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--out", help="compact model path (default: <checkpoint>-pruned.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -115,6 +118,19 @@ def read_rates(path: str | None) -> dict:
     return spec
 
 
+def check_writable(out: Path) -> None:
+    """UserError now, before any work, when ``out``'s folder cannot take a file (missing, read-only, full)."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or type(exc).__name__})",
+                        "pass an --out on a writable disk") from None
+
+
 def _units_listing(space) -> str:
     lines = []
     for kind in ("filter", "column", "irregular"):
@@ -134,68 +150,67 @@ def _pct(value) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Prune; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
-    import torch
-
     from ..admm import ADMMConfig
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..data import DATASETS, get_dataset, recorded_data_dir
-    from ..pruning import DIMS, expand_rates, prune
+    from ..config import DIMS, SettingError
+    from ..pruning import expand_rates, prune
     from ..serialization import save_compact
     from ..space import PruningSpace
-    from ..training import TrainConfig, check_device, evaluate
+    from ..task import resolve_device
+    from ..training import TrainConfig, evaluate
+    from .compress import flag_message
+    from .workload import DataSettings, load_workload
 
     dims = DIMS[args.dims]
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.get("architecture") is not None:
-        raise UserError(f"{args.checkpoint} is already a compact model",
-                        "prune the trained checkpoint it came from with the combined rates")
-    model = model_from_checkpoint(ckpt).to(check_device(args.device))
-    stored = ckpt["dataset"]
-    input_size = stored.get("input_size")
-    if not input_size:
-        raise UserError(f"checkpoint {args.checkpoint} records no input size", "re-save it with `autocompress train`")
-    example = torch.zeros(1, *input_size, device=args.device)
+    device = resolve_device(args.device)
+    data = DataSettings(dataset=args.dataset, data_dir=args.data_dir, val_size=args.val_size,
+                        max_train=args.max_train, max_test=args.max_test, batch_size=args.batch_size)
+    try:
+        data.validate()
+        admm = ADMMConfig(epochs=args.admm_epochs, lr=args.admm_lr, rho_init=args.rho_init,
+                          rho_growth=args.rho_growth, rho_max=args.rho_max, update_interval=args.update_interval)
+    except SettingError as exc:
+        raise flag_message(exc, args) from None
+    retrain = TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
+                          seed=args.seed).validate(epochs_flag="--retrain-epochs", retraining=True)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "-pruned.pt")
-    space = PruningSpace.build(model, example, dims=dims)
     if args.list_units:
-        print(_units_listing(space))
+        from ..checkpoint import load_checkpoint, model_from_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        size = (ckpt.get("dataset") or {}).get("input_size")
+        if not size:
+            raise UserError(f"checkpoint {args.checkpoint} records no input size", "re-save it with `autocompress train`")
+        import torch
+
+        print(_units_listing(PruningSpace.build(model_from_checkpoint(ckpt).eval(), torch.zeros(1, *size), dims=dims)))
         return 0
     spec = read_rates(args.rates)
-    expand_rates(space, spec, dims)  # validate before any data loading or training
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
-    name = stored.get("name")
-    if name not in DATASETS:
-        raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})",
-                        "re-save it with `autocompress train`")
-    data_dir = recorded_data_dir(args.data_dir, stored, name)
-    splits = get_dataset(name, data_dir, val_size=stored.get("val_size", 5000), seed=stored.get("seed", 0),
-                         max_train=args.max_train, max_test=args.max_test)
-    admm = ADMMConfig(epochs=args.admm_epochs, lr=args.admm_lr, rho_init=args.rho_init,
-                      rho_growth=args.rho_growth, rho_max=args.rho_max, update_interval=args.update_interval)
-    retrain = TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
-                          seed=args.seed, device=args.device)
-    retrain.validate(epochs_flag="--retrain-epochs", retraining=True)
+    check_writable(out)
+    workload = load_workload(args.checkpoint, data, seed=args.seed)
+    expand_rates(PruningSpace.build(workload.model, workload.example, dims=dims), spec, dims)  # before training
     began = time.perf_counter()
-    result = prune(model, spec, example_inputs=example, splits=splits, dims=dims, admm=admm, retrain=retrain,
-                   purify=not args.no_purify, purify_tolerance=args.purify_tolerance,
-                   batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    result = prune(workload.model, spec, example_inputs=workload.example,
+                   train_loader=workload.train_loader(args.batch_size), val_loader=workload.loader("val"),
+                   device=device, dims=dims, admm=admm, retrain=retrain, purify=not args.no_purify,
+                   purify_tolerance=args.purify_tolerance, seed=args.seed, progress=not args.no_progress,
                    log=lambda line: print(line, flush=True))
     report = result.report
-    test_before = evaluate(model, splits.loader("test", 256))["top1"]
-    test_after = evaluate(result.compact_model, splits.loader("test", 256))["top1"]
+    test = workload.loader("test")
+    test_before = evaluate(workload.model.to(device), test)["top1"]
+    test_after = evaluate(result.compact_model, test)["top1"]
     metrics = {"params": report["params_after"], "macs": report["macs_after"],
                "compression_rate": report["compression_rate"], "mac_reduction": report["mac_reduction"],
-               "val_top1": report["top1"].get("after"), "test_top1": test_after, "base_test_top1": test_before}
+               "val_top1": report["score"]["after"], "test_top1": test_after, "base_test_top1": test_before}
     config = {"rates": report["rates"], "dims": list(dims), "admm": vars(admm), "retrain": vars(retrain),
               "purify": not args.no_purify, "source": str(args.checkpoint)}
-    save_compact(out, result.compact_model, base_checkpoint=ckpt, metrics=metrics, config=config,
-                 architecture=result.architecture)
+    save_compact(out, result.compact_model.cpu(), base_checkpoint=workload.ckpt, metrics=metrics, config=config)
     rows = [("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}",
              f"{report['compression_rate']:.2f}x"),
             ("MACs / image", f"{report['macs_before']:,}", f"{report['macs_after']:,}",
              f"{report['mac_reduction']:.2f}x"),
-            ("val top-1", _pct(report["top1"]["before"]), _pct(report["top1"].get("after")), ""),
+            ("val top-1", _pct(report["score"]["before"]), _pct(report["score"]["after"]), ""),
             ("test top-1", _pct(test_before), _pct(test_after), "")]
     print(f"\n{'':14} {'before':>14} {'after':>14} {'ratio':>8}")
     for label, before, after, ratio in rows:

@@ -1,0 +1,120 @@
+"""The CLI's world: a checkpoint file and a named dataset, turned into what the library takes (a model,
+example inputs, data loaders). Used by ``compress`` and ``prune``.
+
+The data settings (:class:`DataSettings`) are the top-level keys ``dataset``, ``data_dir``, ``val_size``,
+``max_train``, ``max_test``, ``batch_size`` of a compress config file (and the matching flags); a value
+not given comes from what the checkpoint recorded (dataset name, validation carve), else the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import SettingError, from_dict
+from ..errors import UserError
+
+EVAL_BATCH = 256
+
+
+@dataclass
+class DataSettings:
+    """Where the CLI's data comes from.
+
+    Attributes:
+        dataset: ``fashion-mnist``, ``cifar10`` or ``imagefolder`` (None: the one the checkpoint records).
+        data_dir: the dataset folder (None: the dataset's default lookup).
+        val_size: images carved from the training split for validation (None: the checkpoint's, else 5000).
+        max_train: a seeded training subset of at most this many images (None: all).
+        max_test: a seeded test subset for the final table (None: all).
+        batch_size: training batch size of ADMM and retraining.
+    """
+
+    dataset: str | None = None
+    data_dir: str | None = None
+    val_size: int | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    batch_size: int = 128
+
+    @classmethod
+    def split_from(cls, settings: dict) -> tuple["DataSettings", dict]:
+        """The data settings among a config file's top-level ``settings``, and the rest."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = from_dict(cls, {k: v for k, v in settings.items() if k in names})
+        return data, {k: v for k, v in settings.items() if k not in names}
+
+    def validate(self) -> None:
+        """SettingError for a size that cannot work (checked before any work)."""
+        for name in ("val_size", "max_train", "max_test", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 10 ** 9:
+                raise SettingError(name, f"{name}={value} is outside [1, 1e9]", f"give {name} >= 1")
+
+    def absolute(self) -> "DataSettings":
+        """With ``data_dir`` absolute (a run resumes from any working directory)."""
+        return dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir) if self.data_dir else None)
+
+
+class ReseededLoader:
+    """A training loader whose order and augmentation are drawn, at every new epoch, from a generator seeded
+    from the global torch RNG (which the pipeline seeds per phase): a resumed phase sees the same batches.
+
+    Args:
+        splits: :class:`autocompress.data.DataSplits`; batch_size: images per batch.
+    """
+
+    def __init__(self, splits, batch_size: int):
+        self.splits, self.batch_size = splits, batch_size
+
+    def __len__(self) -> int:
+        return len(self.splits.loader("train", self.batch_size))
+
+    def __iter__(self):
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        return iter(self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed)))
+
+
+@dataclass
+class Workload:
+    """A loaded checkpoint and its data: ``ckpt`` (plain data), ``model``, ``splits``, ``example`` (a zero
+    input ``[1, *input_size]``)."""
+
+    path: Path
+    ckpt: dict
+    model: torch.nn.Module
+    splits: Any
+    example: torch.Tensor
+
+    def train_loader(self, batch_size: int) -> ReseededLoader:
+        """Shuffled, augmented training batches (see :class:`ReseededLoader`)."""
+        return ReseededLoader(self.splits, batch_size)
+
+    def loader(self, split: str):
+        """Validation or test batches in order, without augmentation."""
+        return self.splits.loader(split, EVAL_BATCH, shuffle=False, augment=False)
+
+
+def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: int = 0) -> Workload:
+    """Read ``checkpoint`` (``weights_only``), rebuild its model and load its dataset.
+
+    Raises:
+        UserError: an unreadable checkpoint, a compact model (prune the trained one), no dataset or input
+            size recorded nor given, a dataset whose images do not fit the recorded input size.
+    """
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..data import checkpoint_dataset
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("architecture") is not None:
+        raise UserError(f"{path} is already a compact model", "compress or prune the trained checkpoint it came from")
+    stored = ckpt.get("dataset") or {}
+    splits = checkpoint_dataset(stored, data.dataset, data.data_dir, val_size=data.val_size,
+                                seed=stored.get("seed", seed), max_train=data.max_train, max_test=data.max_test)
+    model = model_from_checkpoint(ckpt).eval()
+    return Workload(path, ckpt, model, splits, torch.zeros(1, *(stored.get("input_size") or splits.input_size)))

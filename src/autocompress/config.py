@@ -1,0 +1,372 @@
+"""The settings of a compress run: nested typed dataclasses and one small :func:`from_dict`.
+
+``CompressConfig`` holds the top-level settings and one dataclass per section (``search``, ``quick_eval``,
+``admm``, ``purification``, ``retrain``, ``distillation``). :func:`from_dict` builds any of them from plain
+data (a parsed YAML file, a dict in Python): a section given in part keeps the defaults of the keys it does
+not name, an unknown key or a value of the wrong type raises :class:`SettingError` naming the setting
+(``admm.epochs``). :meth:`CompressConfig.validate` then checks the values, before any work.
+``dataclasses.asdict(config)`` is the resolved form a run folder stores in ``config.yaml``.
+
+Library errors name settings; the CLI turns a :class:`SettingError` about a setting it has a flag for into
+that flag's name (``autocompress.cli.compress``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import reprlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .admm import ADMMConfig
+from .annealing import AnnealingConfig
+from .distillation import DistillationConfig
+from .errors import SettingError, UserError
+from .purification import DEFAULT_THRESHOLDS, check_purification
+from .quick_eval import check_batches
+from .training import SCHEDULES, TrainConfig
+
+#: ``dims`` values -> unit kinds pruned
+DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
+        "irregular": ("irregular",), "filter,column,irregular": ("filter", "column", "irregular")}
+#: mixed-precision choices of the training phases (CUDA only)
+AMP = ("none", "bf16", "fp16")
+#: numeric settings are bounded so that a typo (``1e30``) is refused instead of running for ever
+MAX_EPOCHS = 10_000
+MAX_EVALUATIONS = 100_000
+
+
+@dataclass
+class Target:
+    """A compression target: ``objective`` ``"params"`` (compression rate = original parameters /
+    remaining parameters) or ``"flops"`` (original MACs / remaining MACs), and the factor (x, > 1)."""
+
+    objective: str
+    factor: float
+
+    @classmethod
+    def parse(cls, text: Any) -> "Target":
+        """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional). Raises SettingError (``target``)."""
+        match = re.fullmatch(r"\s*(params|flops)\s*=\s*([0-9]*\.?[0-9]+)\s*x?\s*", text) \
+            if isinstance(text, str) and len(text) < 100 else None
+        if not match or not 1.0 < float(match.group(2)) < 1e9:
+            raise SettingError("target", f"cannot read target {show(text)}",
+                               "write OBJECTIVE=FACTORx with OBJECTIVE params or flops and 1 < FACTOR < 1e9, "
+                               "e.g. params=20x")
+        return cls(match.group(1), float(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.objective}={self.factor:g}x"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 4, 60, 60
+
+
+def show(value: Any) -> str:
+    """A short ``repr`` for messages: nested or long values are cut (``[[1, 2, ...], ...]``), so an error
+    about a YAML alias bomb or a huge value stays one short line and costs nothing."""
+    return _SHORT.repr(value)
+
+
+def round_targets(final: float, rounds: Any) -> list[float]:
+    """Per-round targets (progressive rounds, AutoCompress §"the generic flow"). ``"doubling"``: 2, 4, 8, ...
+    below ``final``, then ``final``; an int (or int-like string) N: N geometrically spaced targets ending at
+    ``final``; a list: used as given (must increase and end at ``final``). Raises SettingError (``rounds``)."""
+    if rounds == "doubling":
+        return [2.0 ** k for k in range(1, 64) if 2.0 ** k < final * (1 - 1e-9)] + [float(final)]
+    if isinstance(rounds, (str, int)) and not isinstance(rounds, bool) and str(rounds).isdigit() \
+            and 1 <= int(rounds) <= 100:
+        n = int(rounds)
+        return [float(final ** ((k + 1) / n)) for k in range(n)]
+    try:
+        targets = [float(t) for t in rounds][:101]
+    except (TypeError, ValueError):
+        targets = []
+    if not targets or len(targets) > 100 or any(b <= a for a, b in zip(targets, targets[1:])) \
+            or abs(targets[-1] - final) > 1e-6 or targets[0] <= 1:
+        raise SettingError("rounds", f"invalid round schedule {show(rounds)}",
+                           f"use 'doubling', a number of rounds (1-100), or increasing targets > 1 ending at "
+                           f"{final:g}")
+    return targets
+
+
+@dataclass
+class SearchConfig:
+    """The guided simulated-annealing search (AutoCompress §"guided heuristic search"); the fields of
+    :class:`autocompress.annealing.AnnealingConfig` except its seed, which comes from the run's ``seed``."""
+
+    start_temperature: float = 0.05
+    cooling_rate: float = 0.85
+    stop_temperature: float = 0.002
+    perturbation_magnitude: float = 0.1
+    max_evaluations: int = 30
+
+    def annealing(self, seed: int) -> AnnealingConfig:
+        """The :class:`AnnealingConfig` of these settings and ``seed``; SettingError naming a bad field."""
+        if not 1 <= self.max_evaluations <= MAX_EVALUATIONS:
+            raise SettingError("search.max_evaluations", f"search.max_evaluations={self.max_evaluations} is "
+                               f"outside [1, {MAX_EVALUATIONS}]", "use e.g. 30")
+        try:
+            return AnnealingConfig(**dataclasses.asdict(self), seed=seed)
+        except UserError as exc:
+            name = str(exc).partition("=")[0]
+            raise SettingError(f"search.{name}", f"search.{exc}") from None
+
+
+@dataclass
+class QuickEvalConfig:
+    """Quick evaluation of a candidate (:class:`autocompress.quick_eval.QuickEvaluator`).
+
+    Attributes:
+        bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
+        bn_batches: training batches for those statistics.
+        val_batches: validation batches scored (the first ones of the validation loader); None: all. Unused
+            with a ``score_fn``, which decides itself what it scores on.
+    """
+
+    bn_recalibration: bool = True
+    bn_batches: int = 5
+    val_batches: int | None = 10
+
+
+@dataclass
+class PurificationConfig:
+    """Purification (Ma et al. arXiv 1905.00136): ``enabled``, and ``tolerance`` / ``thresholds`` of
+    :func:`autocompress.purification.purify` (tolerance in the score's units: 0.005 = 0.5 points of top-1)."""
+
+    enabled: bool = True
+    tolerance: float = 0.005
+    thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+
+
+@dataclass
+class RetrainConfig:
+    """Masked retraining with the default training loop (SGD, see :class:`autocompress.training.TrainConfig`,
+    whose fields these are; the batch size is the training loader's). ``epochs`` is also what a caller's
+    ``train_fn`` is asked to run."""
+
+    epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    pct_start: float = 0.25
+    label_smoothing: float = 0.0
+
+    def train_config(self, epochs: int | None = None) -> TrainConfig:
+        """These settings as a :class:`TrainConfig` (``epochs`` overriding), validated naming
+        ``retrain.<field>``."""
+        values = {**dataclasses.asdict(self), **({} if epochs is None else {"epochs": epochs})}
+        return _validated(TrainConfig(**values), "retrain")
+
+
+def _validated(config: TrainConfig, section: str) -> TrainConfig:
+    try:
+        return config.validate(epochs_flag=f"{section}.epochs", retraining=True, names=lambda f: f"{section}.{f}")
+    except UserError as exc:
+        setting = str(exc).split()[0]
+        raise SettingError(setting if setting.startswith(section) else f"{section}.epochs", str(exc)) from None
+
+
+def default_admm() -> ADMMConfig:
+    """Compress's ADMM defaults: rho from 0.02 by 1.6x every 100 optimiser steps, 2 epochs. With the few
+    ADMM epochs a CPU budget allows, ADMMConfig's own once-per-epoch schedule leaves rho near 1e-3 and the
+    primal residual large (measured, BENCHMARKS.md)."""
+    return ADMMConfig(epochs=2, rho_init=0.02, rho_growth=1.6, update_interval=100)
+
+
+@dataclass
+class CompressConfig:
+    """Everything a compress run depends on besides the model and the data; written, every setting
+    resolved, to a run folder's ``config.yaml``.
+
+    Attributes:
+        target: e.g. ``"params=20x"`` or ``"flops=4x"`` (:class:`Target`); required.
+        dims: ``"filter,column"`` (hybrid, default), ``"filter"``, ``"column"``, ``"irregular"`` or
+            ``"filter,column,irregular"``.
+        rounds: ``"doubling"``, a number of rounds, or a list of increasing targets (:func:`round_targets`).
+        seed: seed of every generator the run owns (per phase: :func:`autocompress.rounds.phase_seed`).
+        max_r: largest pruning rate of any unit (the sampler's r_max), in (0, 1).
+        search_mode: ``"annealing"`` (the guided search) or ``"uniform"`` (one rate for every unit; ablation).
+        final_retrain_epochs: retraining epochs of the last round (None: as ``retrain.epochs``).
+        latency_runs: timed runs per latency measurement of the final table.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
+        search, quick_eval, admm, purification, retrain, distillation: the sections.
+    """
+
+    target: str | None = None
+    dims: str = "filter,column"
+    rounds: Any = "doubling"
+    seed: int = 0
+    max_r: float = 0.95
+    search_mode: str = "annealing"
+    final_retrain_epochs: int | None = None
+    latency_runs: int = 20
+    amp: str = "none"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    quick_eval: QuickEvalConfig = field(default_factory=QuickEvalConfig)
+    admm: ADMMConfig = field(default_factory=default_admm)
+    purification: PurificationConfig = field(default_factory=PurificationConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":
+        """Build from plain data (see :func:`from_dict`), then :meth:`validate` unless ``validate=False``."""
+        config = from_dict(cls, data)
+        if validate:
+            config.validate()
+        return config
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The unit kinds ``dims`` prunes (``"filter,column"`` -> ``("filter", "column")``)."""
+        return tuple(self.dims.split(","))
+
+    def parsed_target(self) -> Target:
+        """``target`` parsed; SettingError when it is missing or malformed."""
+        if self.target is None:
+            raise SettingError("target", "no target given", "set target, e.g. params=10x or flops=4x")
+        return Target.parse(self.target)
+
+    def validate(self) -> None:
+        """Check every value now, before any work; raises :class:`SettingError` naming the setting."""
+        target = self.parsed_target()
+        if self.dims not in DIMS:
+            raise SettingError("dims", f"unknown dims {show(self.dims)}", f"use one of {', '.join(DIMS)}")
+        if set(self.kinds) == {"irregular"} and target.objective == "flops":
+            raise SettingError("dims", "irregular sparsity does not reduce the MACs of the dense layers it "
+                               "leaves", "use a params target with dims irregular, or filter,column for flops")
+        round_targets(target.factor, self.rounds)
+        checks = [
+            ("search_mode", self.search_mode in ("annealing", "uniform"), "use annealing or uniform"),
+            ("max_r", 0 < self.max_r < 1, "use e.g. 0.95"),
+            ("latency_runs", 1 <= self.latency_runs <= 100_000, "use e.g. 20"),
+            ("amp", self.amp in AMP, f"use one of {', '.join(AMP)}"),
+            ("seed", 0 <= self.seed < 2 ** 63, "use an integer >= 0"),
+            ("admm.epochs", 0 <= self.admm.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),
+            ("retrain.epochs", 0 <= self.retrain.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),
+            ("final_retrain_epochs", self.final_retrain_epochs is None
+             or 0 <= self.final_retrain_epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}, or null"),
+            ("admm.rho_max", math.isfinite(self.admm.rho_max) and self.admm.rho_max <= 1e6, "use e.g. 1.0"),
+        ]
+        for setting, ok, fix in checks:
+            if not ok:
+                raise SettingError(setting, f"{setting}={show(getattr_dotted(self, setting))} is not valid",
+                                   fix)
+        self.search.annealing(0)
+        _check_admm(self.admm)
+        q = self.quick_eval
+        try:
+            check_batches(q.bn_batches, q.val_batches, 1)
+        except UserError as exc:
+            raise SettingError("quick_eval.bn_batches", str(exc)) from None
+        try:
+            check_purification(self.purification.tolerance, self.purification.thresholds)
+        except UserError as exc:
+            raise SettingError("purification.tolerance", str(exc)) from None
+        self.retrain.train_config()
+        if self.final_retrain_epochs is not None:
+            self.retrain.train_config(self.final_retrain_epochs)
+        if self.retrain.schedule not in SCHEDULES:  # checked even when retraining is off
+            raise SettingError("retrain.schedule", f"unknown retrain.schedule {show(self.retrain.schedule)}",
+                               f"use one of {', '.join(SCHEDULES)}")
+
+    def retrain_epochs(self, *, last: bool) -> int:
+        """Retraining epochs of a round (``last``: the final round)."""
+        return self.final_retrain_epochs if last and self.final_retrain_epochs is not None else self.retrain.epochs
+
+
+def _check_admm(config: ADMMConfig) -> None:
+    """SettingError for ADMM values that would only fail once training starts (its SGD settings)."""
+    try:
+        ADMMConfig(**dataclasses.asdict(config)).train_config(lambda name: f"admm.{name}")
+    except UserError as exc:
+        setting = str(exc).split()[0]
+        raise SettingError(setting if setting.startswith("admm.") else "admm", str(exc)) from None
+
+
+def getattr_dotted(obj: Any, dotted: str) -> Any:
+    """``getattr_dotted(config, "admm.epochs")`` -> ``config.admm.epochs``."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> Any:
+    """An instance of dataclass ``cls`` from plain data: ``base`` (default ``cls()``) with the values of
+    ``data`` put in. A nested dataclass field takes a mapping, built the same way over the default's own
+    value (so a section given in part keeps its other defaults).
+
+    Raises:
+        SettingError: ``data`` is not a mapping, names an unknown key, or holds a value whose type does not
+            fit the field's annotation (an int is a float too, a bool never a number; lists of items).
+    """
+    base = cls() if base is None else base
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise SettingError(where, f"{where} must be a mapping of settings, not {type(data).__name__}",
+                           "see the README's example config")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(key) for key in data if key not in fields)
+    if unknown:
+        raise SettingError(f"{prefix}{unknown[0]}", f"unknown setting(s) {', '.join(prefix + k for k in unknown)}",
+                           f"valid {where} settings: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        current, hint = getattr(base, key), hints[key]
+        if dataclasses.is_dataclass(current):
+            values[key] = from_dict(type(current), value, prefix=f"{prefix}{key}.", base=current)
+        elif not _fits(value, hint):
+            raise SettingError(f"{prefix}{key}", f"{prefix}{key}={show(value)} has the wrong type",
+                               f"give {_type_words(hint)}")
+        else:
+            values[key] = list(value) if isinstance(value, tuple) else value
+    try:
+        return dataclasses.replace(base, **values)
+    except UserError as exc:  # a section's own __post_init__ check (ADMMConfig, DistillationConfig)
+        named = str(exc).partition("=")[0]
+        setting = f"{prefix}{named}" if named in fields else where
+        raise SettingError(setting, f"{prefix}{exc}" if prefix else str(exc)) from None
+
+
+#: how a message asks for a value of each type (YAML spelling)
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping",
+               type(None): "null"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML fits an annotation (see :func:`from_dict`)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value if args)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_words(hint: Any) -> str:
+    """``int | None`` -> ``"an integer or null"``; ``list[float]`` -> ``"a list of numbers"``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        words = [_type_words(arg) for arg in typing.get_args(hint)]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if typing.get_origin(hint) is not None:
+        items = typing.get_args(hint)
+        return f"a list of items each {_type_words(items[0])}" if items else "a list"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+__all__ = ["AMP", "DIMS", "CompressConfig", "PurificationConfig", "QuickEvalConfig", "RetrainConfig",
+           "SearchConfig", "SettingError", "Target", "from_dict", "round_targets"]

@@ -1,0 +1,401 @@
+"""One pruning round, the only place its phases are sequenced: ADMM -> hard pruning -> purification ->
+masked retraining -> compaction (AutoCompress, Liu et al. AAAI 2020, §3 "actual pruning" of the generic
+flow). :func:`autocompress.compress` runs it once per progressive round after the rate search;
+:func:`autocompress.prune` runs it once at the caller's rates.
+
+* **ADMM** (:func:`autocompress.admm.admm_prune`): W-steps with the ADMM penalty, Z/U updates.
+* **Hard pruning + purification** (:func:`autocompress.admm.hard_prune`,
+  :func:`autocompress.purification.purify`; Ma et al. arXiv 1905.00136): unused path removal and
+  redundant weight removal checked against the validation score.
+* **Masked retraining** on the filter-compacted model (pruned channels physically removed, pruned columns
+  held at zero), which computes what the masked model computes at fewer MACs per step.
+* **Compaction** (:func:`autocompress.compaction.compact`): the physically smaller model, checked against
+  the masked one.
+
+The data-dependent parts go through a :class:`autocompress.task.Task`. A caller's own training loop
+(``train_fn(model, phase)``) receives a :class:`TrainingPhase` and is called for the ADMM and retraining
+epochs instead of the default SGD loop. Phases are stored through a :class:`PhaseStore` (in memory, or a
+run folder that makes every phase resumable); each phase draws its global randomness from a generator
+seeded by ``(seed, round, phase)`` (:func:`phase_seed`), so a resumed run ends as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import admm, metrics
+from .compaction import compact, densify
+from .config import CompressConfig
+from .distillation import Distiller
+from .errors import UserError
+from .masks import MaskEnforcer
+from .purification import purify
+from .architecture import apply_architecture, describe_architecture
+from .space import PruningSpace
+from .task import Task
+from .text import plural
+
+PHASES = ("search", "admm", "purify", "retrain", "compact")
+
+TrainFn = Callable[[nn.Module, "TrainingPhase"], Any]
+
+
+def phase_seed(seed: int, round_index: int, phase: str) -> int:
+    """Deterministic seed of one phase of one round (independent of what ran before it)."""
+    return (int(seed) * 1_000_003 + round_index * 101 + PHASES.index(phase) * 7919) % (2 ** 31)
+
+
+class TrainingPhase:
+    """What a caller's own training loop gets for one ADMM or masked-retraining phase.
+
+    ``train_fn(model, phase)`` trains ``model`` (already on the device, in train mode) for ``phase.epochs``
+    epochs with its own optimizer, schedule, loss and data, and must
+
+    * add ``phase.penalty()`` to its loss (ADMM: ``rho/2 * sum ||W - Z + U||^2``, AutoCompress §3; zero in
+      retraining), and
+    * ``phase.attach(optimizer)`` once per optimizer it steps: after every ``optimizer.step()`` the pruning
+      masks are re-applied (retraining: pruned weights and their optimizer state stay zero) and the ADMM
+      Z/U updates run on their schedule (every ``admm.update_interval`` steps; with ``None`` once per
+      ``len(train_loader)`` steps).
+
+    Optionally ``phase.distill(batch, output, loss)`` mixes in the distillation loss from the base model
+    (when ``distillation.enabled``). Attributes: ``name`` (``"admm"`` or ``"retrain"``), ``epochs``,
+    ``lr`` (the phase's configured learning rate, a suggestion), ``device``, ``round`` (1-based).
+    """
+
+    def __init__(self, name: str, *, epochs: int, lr: float, task: Task, round_index: int,
+                 schedule: admm.ADMMSchedule | None = None, enforcer: MaskEnforcer | None = None,
+                 distiller: Distiller | None = None):
+        self.name, self.epochs, self.lr, self.round = name, epochs, lr, round_index
+        self.device = task.device
+        self._task, self._schedule, self._enforcer, self._distiller = task, schedule, enforcer, distiller
+        self._handles: list = []
+        self.attached = 0
+
+    def penalty(self) -> torch.Tensor:
+        """The ADMM penalty (a scalar tensor with gradient), or 0 outside ADMM."""
+        if self._schedule is None:
+            return torch.zeros((), device=self.device)
+        return self._schedule.penalty()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Hook ``optimizer`` (masks held / ADMM updates after every step); returns it."""
+        if self._schedule is not None:
+            self._handles.append(self._schedule.attach(optimizer))
+        if self._enforcer is not None:
+            self._enforcer.attach(optimizer)
+        self.attached += 1
+        return optimizer
+
+    def distill(self, batch: Any, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` mixed with the distillation loss against the base model's output on ``batch`` (run
+        through ``forward_fn``), or ``loss`` unchanged when distillation is off."""
+        if self._distiller is None:
+            return loss
+        with torch.no_grad():
+            teacher = self._task.forward(self._distiller.teacher, batch)
+        return self._distiller(teacher, output, loss)
+
+    def close(self) -> None:
+        """Remove the hooks (the pipeline calls this after ``train_fn`` returns)."""
+        for handle in self._handles:
+            handle.remove()
+        if self._enforcer is not None:
+            self._enforcer.detach()
+
+
+@dataclass
+class RoundState:
+    """What the phases of one round share: the model being pruned, its space, the rates, the masks."""
+
+    index: int
+    target: float | None
+    model: nn.Module
+    space: PruningSpace
+    rates: dict | None = None
+    param_masks: dict | None = None
+    masks: Any = None
+    compact_model: nn.Module | None = None
+
+
+class PhaseStore:
+    """Where phase results go: this base class keeps the metrics records in memory and nothing else (no
+    phase is ever done before); :class:`autocompress.runfolder.RunFolder` stores them on disk."""
+
+    def __init__(self):
+        self._records: list[dict] = []
+
+    @property
+    def records(self) -> list[dict]:
+        """Every metrics record so far, in order."""
+        return list(self._records)
+
+    def is_done(self, round_index: Any, phase: str) -> bool:
+        """Whether the phase finished in an earlier (interrupted) run."""
+        return False
+
+    def load(self, round_index: int, phase: str) -> Any:
+        """The payload :meth:`save` stored for a finished phase."""
+        raise KeyError((round_index, phase))
+
+    def save(self, round_index: int, phase: str, payload: Any) -> None:
+        """Store a phase's payload (a plain dict of tensors / data; search: JSON data)."""
+
+    def record(self, record: dict) -> None:
+        """Append one metrics record."""
+        self._records.append(record)
+
+    def finish(self, round_index: Any, phase: str, records: list[dict]) -> None:
+        """A phase finished: its records, then the mark that it is done (a kill between the two leaves the
+        phase not done, and its records are written again once: see RunFolder)."""
+        for record in records:
+            self.record(record)
+
+
+@dataclass
+class Pipeline:
+    """The shared state of a compress or prune run and :meth:`run_round`, the round function.
+
+    Attributes:
+        task: data and callables (:class:`autocompress.task.Task`).
+        config: the run's :class:`autocompress.config.CompressConfig` (admm, purification, retrain,
+            distillation sections, seed, dims).
+        example_inputs: a tuple of tensors on the device (one forward's inputs).
+        base_model: the model before pruning (on the device; never modified).
+        store: the :class:`PhaseStore`.
+        train_fn: the caller's own training loop, or None for the default SGD loop.
+        chance: the score of a random guess (default top-1: 1 / classes), or None.
+        ignored_layers: module names never pruned.
+    """
+
+    task: Task
+    config: CompressConfig
+    example_inputs: tuple
+    base_model: nn.Module
+    store: PhaseStore = field(default_factory=PhaseStore)
+    train_fn: TrainFn | None = None
+    chance: float | None = None
+    ignored_layers: tuple = ()
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+    def __post_init__(self):
+        distillation = self.config.distillation
+        self.distiller = Distiller(self.base_model, distillation) if distillation.enabled else None
+
+    # --- counting and scoring -------------------------------------------------------------------------
+    @property
+    def example1(self) -> tuple:
+        """The example inputs cut to batch 1 (MACs are counted per input item)."""
+        return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() else t for t in self.example_inputs)
+
+    def params(self, model: nn.Module) -> int:
+        """Parameters of a compact model; with irregular pruning the non-zero ones."""
+        if "irregular" in self.config.kinds:
+            return metrics.count_nonzero_params(model)
+        return metrics.count_params(model)
+
+    def macs(self, model: nn.Module) -> int:
+        """MACs per input item (FLOPs = 2 x MACs)."""
+        return metrics.count_macs(model, self.example1)
+
+    def scored(self, value: float | None, suffix: str = "") -> dict:
+        """A score as a metrics field: ``val_top1{suffix}`` in % for the default top-1, else
+        ``val_score{suffix}`` (the caller's ``score_fn`` value)."""
+        if self.task.score_fn is None:
+            return {f"val_top1{suffix}": None if value is None else 100.0 * value}
+        return {f"val_score{suffix}": value}
+
+    def describe(self, value: float | None) -> str:
+        """A score for a log line: ``val top-1 92.31%`` for the default top-1, else ``validation score x``."""
+        if value is None:
+            return "val top-1 n/a"
+        return f"val top-1 {100 * value:.2f}%" if self.task.score_fn is None else f"validation score {value:.4g}"
+
+    def space(self, model: nn.Module) -> PruningSpace:
+        """A round's pruning space; purification needs the filter groups even when only columns (or single
+        weights) are pruned, at rate 0."""
+        dims = self.config.kinds
+        if self.config.purification.enabled:
+            dims = tuple(dict.fromkeys(("filter",) + dims))
+        return PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers)
+
+    # --- the round function ---------------------------------------------------------------------------
+    def run_round(self, state: RoundState, *, last: bool) -> None:
+        """ADMM -> hard pruning + purification -> masked retraining -> compaction of ``state.model`` at
+        ``state.rates``; phases finished before (the store says so) are restored instead of run. Afterwards
+        ``state.model`` is the round's compact model, densified (ColumnConv2d / ColumnLinear as dense layers
+        with zero columns) for the next round, and ``state.masks`` the final unit masks (None when the round
+        was finished before: its compact model is restored and nothing else)."""
+        if self.store.is_done(state.index, "compact"):
+            self._restore(state, "compact")
+            return
+        for phase in PHASES[1:]:
+            if self.store.is_done(state.index, phase):
+                self._restore(state, phase)
+                continue
+            started = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):  # e.g. dropout draws from the global generator
+                torch.manual_seed(phase_seed(self.config.seed, state.index, phase))
+                records = getattr(self, f"_{phase}")(state, last=last)
+            records.append({"event": "phase", "round": state.index, "phase": phase,
+                            "seconds": time.perf_counter() - started})
+            self.store.finish(state.index, phase, records)
+
+    def _restore(self, state: RoundState, phase: str) -> None:
+        payload = self.store.load(state.index, phase)
+        if phase == "compact":
+            state.compact_model = self.rebuild(payload)
+            state.model = densify(state.compact_model)
+            return
+        if phase == "retrain":  # its state belongs to the shrunk model
+            self._shrink(state)
+        state.model.load_state_dict(payload["state_dict"])
+        state.param_masks = payload.get("param_masks")
+
+    def _state_payload(self, state: RoundState) -> dict:
+        return {"state_dict": state.model.state_dict(), "param_masks": state.param_masks}
+
+    def _call_train_fn(self, name: str, state: RoundState, *, epochs: int, lr: float,
+                       schedule: admm.ADMMSchedule | None = None, enforcer: MaskEnforcer | None = None) -> None:
+        """Run the caller's ``train_fn`` for one training phase with a :class:`TrainingPhase`.
+
+        Raises:
+            UserError: ``train_fn`` never attached an optimizer (the masks / ADMM updates would not run).
+        """
+        phase = TrainingPhase(name, epochs=epochs, lr=lr, task=self.task, round_index=state.index,
+                              schedule=schedule, enforcer=enforcer, distiller=self.distiller)
+        state.model.train()
+        try:
+            if epochs > 0:
+                self.train_fn(state.model, phase)
+        finally:
+            phase.close()
+        if epochs > 0 and phase.attached == 0:
+            what = "ADMM updates" if name == "admm" else "pruning masks"
+            raise UserError(f"train_fn never called phase.attach(optimizer) in the {name} phase, so the {what} "
+                            "did not run", "call phase.attach(optimizer) once after creating the optimizer")
+
+    def _admm(self, state: RoundState, *, last: bool) -> list[dict]:
+        config = self.config.admm
+        if config.epochs > 0:
+            self.log(f"round {state.index}: ADMM, {plural(config.epochs, 'epoch')}")
+        loader = self.task.train_loader
+        if self.train_fn is None:
+            result = admm.admm_prune(state.model, state.space, state.rates, loader, config, task=self.task,
+                                     distiller=self.distiller, progress=self.progress, log=self.log)
+        else:
+            schedule = admm.ADMMSchedule(state.model, state.space, state.rates, config,
+                                         steps_per_epoch=_length(loader), per_epoch=False, log=self.log)
+            self._call_train_fn("admm", state, epochs=config.epochs, lr=config.lr, schedule=schedule)
+            result = schedule.result(state.model)
+        self.store.save(state.index, "admm", self._state_payload(state))
+        history = [{k: v for k, v in entry.items() if k != "residuals"} for entry in result.history]
+        return [{"event": "admm", "round": state.index, "history": history}]
+
+    def _purify(self, state: RoundState, *, last: bool) -> list[dict]:
+        masks, state.param_masks = admm.hard_prune(state.model, state.space, state.rates)
+        settings = self.config.purification
+        records = []
+        if settings.enabled:
+            result = purify(state.model, state.space, masks, example_inputs=self.example_inputs,
+                            score=self.task.score if self.task.can_score else None, chance=self.chance, tolerance=settings.tolerance,
+                            thresholds=settings.thresholds, log=self.log)
+            masks, state.param_masks = result.masks, result.param_masks
+            self.log(f"hard pruning: {self.describe(result.top1_before)}, after purification: "
+                     f"{self.describe(result.top1_after)}")
+            records.append({
+                "event": "purification", "round": state.index, "threshold": result.threshold,
+                "removed_filters": sum(result.removed_filters.values()),
+                "removed_columns": sum(result.removed_columns.values()), "folded": len(result.folded),
+                **self.scored(result.top1_before, "_before"), **self.scored(result.top1_after, "_after")})
+        state.masks = masks
+        self.store.save(state.index, "purify", self._state_payload(state))
+        return records
+
+    def _shrink(self, state: RoundState) -> None:
+        """Make masked retraining cheaper: replace ``state.model`` by its compacted, densified equivalent
+        (pruned filters / channels physically gone, pruned columns and weights still present as zeros) and
+        ``state.param_masks`` by the masks of those zeros (conv / linear weights). Same function, fewer MACs
+        per training step; deterministic, so a resumed run rebuilds the same architecture."""
+        small = densify(compact(state.model, state.param_masks, self.example_inputs).model)
+        small.train(state.model.training)
+        state.model = small
+        state.param_masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
+
+    def _retrain(self, state: RoundState, *, last: bool) -> list[dict]:
+        self._shrink(state)
+        epochs = self.config.retrain_epochs(last=last)
+        config = self.config.retrain.train_config(epochs)
+        if epochs > 0:
+            self.log(f"round {state.index}: masked retraining, {plural(epochs, 'epoch')}")
+        history: list[dict] = []
+        if self.train_fn is None:
+            history = admm.masked_retrain(state.model, state.param_masks, self.task.train_loader, config,
+                                          task=self.task, distiller=self.distiller, progress=self.progress,
+                                          log=self.log)
+        else:
+            enforcer = MaskEnforcer(state.model, state.param_masks)
+            self._call_train_fn("retrain", state, epochs=epochs, lr=config.lr, enforcer=enforcer)
+        self.store.save(state.index, "retrain", self._state_payload(state))
+        return [{"event": "retrain", "round": state.index, "history": history}]
+
+    def _compact(self, state: RoundState, *, last: bool) -> list[dict]:
+        compact_model = compact(state.model, state.param_masks, self.example_inputs).model
+        self.store.save(state.index, "compact", self.payload(compact_model))
+        record = {"event": "round", "round": state.index, "target": state.target,
+                  "params": self.params(compact_model), "macs": self.macs(compact_model),
+                  **self.scored(self.task.score(compact_model) if self.task.can_score else None),
+                  "rates": state.rates,
+                  "layers": layer_widths(self.base_model, compact_model)}
+        state.model = densify(compact_model)
+        state.compact_model = compact_model
+        return [record]
+
+    # --- compact models as plain data -----------------------------------------------------------------
+    def payload(self, compact_model: nn.Module) -> dict:
+        """A compact model as plain data: its architecture relative to the base model and its weights."""
+        return {"architecture": describe_architecture(compact_model, reference=self.base_model),
+                "state_dict": compact_model.state_dict()}
+
+    def rebuild(self, payload: dict) -> nn.Module:
+        """The compact model :meth:`payload` describes, on the device, in eval mode."""
+        model = apply_architecture(copy.deepcopy(self.base_model), payload["architecture"])
+        model.load_state_dict(payload["state_dict"])
+        return model.to(self.task.device).eval()
+
+
+def _length(loader) -> int:
+    try:
+        return len(loader)
+    except TypeError:
+        return 100
+
+
+def layer_widths(base: nn.Module, compact_model: nn.Module) -> list[dict]:
+    """Per conv / linear layer of ``base``: kept filters (output channels) and kept columns (GEMM inner
+    dimension, ``C_in/groups*prod(kernel)``; Linear: input features) in ``compact_model``, with the totals."""
+    compact_modules = dict(compact_model.named_modules())
+    rows = []
+    for name, module in base.named_modules():
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        now = compact_modules.get(name)
+        rows.append({"name": name, "filters_total": _rows(module), "columns_total": _columns(module),
+                     "filters": _rows(now) if now is not None else 0,
+                     "columns": _columns(now) if now is not None else 0})
+    return rows
+
+
+def _rows(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
+def _columns(module: nn.Module) -> int:
+    weight = module.weight
+    return int(weight[0].numel())

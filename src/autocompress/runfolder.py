@@ -1,0 +1,177 @@
+"""The run folder of a compress run: resumable phases on disk, one writer at a time.
+
+Layout (every file written atomically: a temporary file, then ``os.replace``)::
+
+    RUN_DIR/config.yaml        the resolved settings, the base model's digest, what the caller recorded
+    RUN_DIR/state.json         which (round, phase) pairs are done
+    RUN_DIR/metrics.jsonl      one JSON record per phase / round / final table (see report.py)
+    RUN_DIR/round<k>/search.json, admm.pt, purify.pt, retrain.pt, compact.pt
+    RUN_DIR/model.pt           the final compact model
+    RUN_DIR/report.html        plots and the final table
+    RUN_DIR/.lock              held (``fcntl.flock``) while a process works in the folder
+
+Guarantees: a second process on the same folder is refused at once (the lock is the kernel's, so a killed
+process never leaves a stale one); a phase's metrics records and its "done" mark are written so that a
+kill between them neither loses nor duplicates records (records carry their phase, and a phase's records
+replace any earlier copy); temporary files of interrupted writes are removed when the folder is opened; a
+damaged phase artifact is reported in one line with the phase to delete.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .atomic import atomic_torch_save, atomic_write_text
+from .errors import UserError
+from .rounds import PhaseStore
+
+
+class RunFolder(PhaseStore):
+    """The files of one compress run (see the module docstring); a :class:`autocompress.rounds.PhaseStore`.
+
+    Open it with :meth:`open` (holds the lock until :meth:`close` or the process ends).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self._lock = None
+
+    # --- opening, claiming, locking -------------------------------------------------------------------
+    def open(self) -> "RunFolder":
+        """Create the folder if needed, take its lock and remove temporary files of interrupted writes.
+
+        Raises:
+            UserError: the path is a file or a dangling link, cannot be written, or another process holds
+                the lock.
+        """
+        if self.path.is_symlink() and not self.path.exists():
+            raise UserError(f"run folder {self.path} is a dangling symbolic link", "pass another run_dir")
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run folder {self.path} exists and is not a folder", "pass another run_dir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / ".lock", "a+")
+        except OSError as exc:
+            raise UserError(f"cannot write the run folder {self.path} ({exc.strerror})",
+                            "pass a run_dir on a writable disk") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"run folder {self.path} is in use by another running process",
+                            "wait for it to finish, or pass another run_dir") from None
+        self._lock = handle
+        for leftover in self.path.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        return self
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds a (started) run: its ``config.yaml`` exists."""
+        return self.file("config.yaml").exists()
+
+    def is_empty(self) -> bool:
+        """No files besides the lock (an unclaimed folder)."""
+        return not any(p.name != ".lock" for p in self.path.iterdir()) if self.path.is_dir() else True
+
+    def read_config(self) -> dict:
+        """The stored ``config.yaml``; UserError when it is damaged."""
+        try:
+            data = yaml.safe_load(self.file("config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"{self.file('config.yaml')} is damaged ({type(exc).__name__})",
+                            "start a new run in another folder") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{self.file('config.yaml')} is damaged (not a mapping)",
+                            "start a new run in another folder")
+        return data
+
+    def claim(self, config: dict) -> None:
+        """Write ``config.yaml`` (atomically): from now on the folder holds this run."""
+        atomic_write_text(self.file("config.yaml"), yaml.safe_dump(config, sort_keys=False))
+
+    # --- files ----------------------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        """Path of ``name`` inside the run folder."""
+        return self.path / name
+
+    def phase_file(self, round_index: int, phase: str) -> Path:
+        """Artifact of one phase: ``round<k>/search.json`` or ``round<k>/<phase>.pt``."""
+        return self.path / f"round{round_index}" / (f"{phase}.json" if phase == "search" else f"{phase}.pt")
+
+    def done(self) -> list[list]:
+        """The completed ``[round, phase]`` pairs, in order; UserError when ``state.json`` is damaged."""
+        state = self.file("state.json")
+        if not state.exists():
+            return []
+        try:
+            done = json.loads(state.read_text())["done"]
+            return [list(pair) for pair in done]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{state} is damaged", "start a new run in another folder") from None
+
+    def is_done(self, round_index: Any, phase: str) -> bool:
+        return [round_index, phase] in self.done()
+
+    def load(self, round_index: int, phase: str) -> Any:
+        path = self.phase_file(round_index, phase)
+        try:
+            if phase == "search":
+                return json.loads(path.read_text())
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
+            raise UserError(f"the {phase} artifact of round {round_index} ({path}) is damaged "
+                            f"({type(exc).__name__})", f"delete {path} and the entries after "
+                            f"[{round_index}, {phase!r}] in {self.file('state.json')}, then resume") from None
+
+    def save(self, round_index: int, phase: str, payload: Any) -> None:
+        path = self.phase_file(round_index, phase)
+        if phase == "search":
+            atomic_write_text(path, json.dumps(payload, default=plain))
+        else:
+            atomic_torch_save(payload, path)
+
+    # --- metrics --------------------------------------------------------------------------------------
+    @property
+    def records(self) -> list[dict]:
+        """Every record of ``metrics.jsonl``, in order."""
+        path = self.file("metrics.jsonl")
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def record(self, record: dict) -> None:
+        self._write(self.records + [record])
+
+    def finish(self, round_index: Any, phase: str, records: list[dict]) -> None:
+        """The phase's records (replacing copies a killed earlier attempt left), then its done mark."""
+        tagged = [{**r, "_phase": [round_index, phase]} for r in records]
+        kept = [r for r in self.records if r.get("_phase") != [round_index, phase]]
+        self._write(kept + tagged)
+        done = [pair for pair in self.done() if pair != [round_index, phase]] + [[round_index, phase]]
+        atomic_write_text(self.file("state.json"), json.dumps({"done": done}))
+
+    def _write(self, records: list[dict]) -> None:
+        atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r, default=plain) + "\n" for r in records))
+
+
+def plain(value: Any) -> Any:
+    """JSON form of numpy / torch scalars and arrays (``json.dumps(default=plain)``)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
