@@ -34,7 +34,7 @@ from torch import nn
 from autocompress import compaction, projection, purification
 from autocompress.errors import UserError
 from autocompress.masks import apply_masks
-from autocompress.serialization import apply_architecture
+from autocompress.architecture import apply_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
 from autocompress.space import PruningSpace, keep_count
 
