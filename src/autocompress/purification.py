@@ -22,10 +22,16 @@ BatchNorm shift through the activation); a consumer column that read it adds ``s
 to every output. Before the channel is masked, that contribution is folded into the consumer's bias, or,
 when the consumer has no bias and feeds a BatchNorm directly, subtracted from the BatchNorm's running mean
 (exact in eval mode; in train mode BatchNorm removes a constant shift by itself). A channel whose
-contribution cannot be folded (no bias, no BatchNorm after the consumer) is kept. The fold is exact for
+contribution cannot be folded (no bias, no BatchNorm after the consumer, a value that is not constant
+because an operation between mixes channels, a transposed-conv consumer) is kept. The fold is exact for
 Linear consumers, 1x1 convolutions and unpadded convolutions; for a zero-padded convolution it is exact
 only at output positions whose receptive field lies inside the input (at the border, the padded taps
-read 0 instead of the constant), which ``tests/test_purification.py`` validates.
+read 0 instead of the constant).
+
+**The function never changes** (:func:`settle`): unused path removal is checked against the model masked
+at the requested rates (eval mode, the example inputs and a random batch, compaction's tolerance); where
+it differs (a removed channel still read by a normalisation over the channels, a fold inexact at a padded
+border), the channels of the offending groups are kept.
 """
 from __future__ import annotations
 

@@ -4,21 +4,27 @@
 AAAI 2020, §"hybrid structured pruning"):
 
 * **filter groups** (:class:`FilterGroup`) — output channels coupled through residual additions,
-  concatenation, depthwise convolutions, normalisation layers and Flatten -> Linear, found with
-  torch-pruning's ``DependencyGraph`` (Fang et al., "DepGraph", CVPR 2023). One group per coupled set;
-  its name is its root module, the first Conv2d / Linear of the set in ``named_modules`` order, and its
-  channels are the root's output channels. A rate applies once per group.
-* **column layers** (:class:`ColumnLayer`) — every Conv2d / Linear weight in the GEMM view
-  ``[F, C/groups * kh * kw]`` (Linear: ``[out, in]``); a column is one (input channel, i, j) position
-  across all filters.
+  concatenation, depthwise convolutions, normalisation layers, per-channel parameters and Flatten ->
+  Linear, found with torch-pruning's ``DependencyGraph`` (Fang et al., "DepGraph", CVPR 2023; see
+  :func:`trace_graph`: frozen layers and train-only branches are traced too). One group per coupled set;
+  its name is its root module, the first Conv / Linear of the set in ``named_modules`` order, and its
+  channels are the root's output channels. A rate applies once per group. Conv1d / Conv2d / Conv3d,
+  ConvTranspose1d/2d/3d (output channels on weight dim 1) and Linear layers take part. A one-channel
+  gate multiplied over all channels broadcasts and does not couple.
+* **column layers** (:class:`ColumnLayer`) — every Conv / Linear weight in the GEMM view
+  ``[F, C/groups * prod(k)]`` (Linear: ``[out, in]``; transposed convs: ``weight.transpose(0, 1)``); a
+  column is one (input channel, kernel position) across all filters.
 * **irregular layers** (:class:`IrregularLayer`) — every prunable weight, element by element.
 
-What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`):
-the classifier's output units (any group reaching the model output), grouped convolutions, normalisations
-that mix channels (LayerNorm, GroupNorm), modules the forward never reaches, user-ignored modules, and any
-group whose channel mapping the build cannot verify. Verification: one analysis forward with one channel
-of every group removed; every input slice the group assigns to a consumer must then be constant across
-samples (it reads nothing but the removed channel), otherwise torch-pruning mapped it wrongly.
+What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`,
+listed in docs/SUPPORT.md): the classifier's output units (any group reaching the model output), grouped
+convolutions, normalisations over the channels (LayerNorm, GroupNorm), modules the forward never reaches
+(eval or train mode), user-ignored modules, and any group whose channel mapping the build cannot verify.
+Verification: one analysis forward with a seeded random half of every group's channels removed; every
+input slice the group assigns to a consumer must then be constant across samples (it reads nothing but
+removed channels), otherwise torch-pruning mapped it wrongly (e.g. through a channel shuffle). A model
+torch-pruning cannot trace has no filter groups (the reason is under the name ``""``);
+:meth:`PruningSpace.check_dims` refuses a requested kind without units before any work.
 
 Masks (:class:`autocompress.masks.Masks`) select kept units; :meth:`PruningSpace.param_masks` expands them
 to every affected parameter and :meth:`PruningSpace.count` gives the parameters and MACs the physically
