@@ -1,8 +1,8 @@
 """Architecture fuzzer and regression nets for the pruning engine (issue 16).
 
 Every net here goes through the engine's one-shot path, driven directly (no ``prune()``):
-``PruningSpace.build`` -> ``check_dims`` -> ``projection.project`` -> ``purification.purify`` (unused path removal only, no
-validation data) -> ``compaction.compact``, in four modes (filter 0.5, column 0.5, hybrid 0.5, irregular
+``PruningSpace.build`` -> ``check_dims`` -> ``projection.project`` -> ``purification.purify`` (unused path
+removal only, no validation data) -> ``compaction.compact``, in four modes (filter 0.5, column 0.5, hybrid 0.5, irregular
 0.7) with a batch-1 and a batch-2 example. The outcome must be either a clean refusal (a one-line
 ``UserError`` naming a module or the model) or a compact model for which every invariant holds:
 

@@ -35,7 +35,8 @@ from .space import is_transposed, is_weight_layer, out_dim, trace_graph, train_o
 def densify(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnConvNd` /
     :class:`ColumnLinear` replaced by its dense equivalent (zero columns), computing the same outputs.
-    Channels removed by compaction stay removed. The next AutoCompress round prunes this model (its zero columns score lowest)."""
+    Channels removed by compaction stay removed. The next AutoCompress round prunes this model (its zero
+    columns score lowest)."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, (ColumnConv2d, ColumnConvNd, ColumnLinear)):
@@ -232,7 +233,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             group = dg.get_pruning_group(module, pruner.prune_out_channels,
                                          list(range(pruner.get_out_channels(module))))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            report["dead_channels_kept"][names[module]] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
+            report["dead_channels_kept"][names[module]] = (f"torch-pruning cannot map its channels "
+                                                           f"({type(exc).__name__})")
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
