@@ -390,3 +390,19 @@ def test_column_conv_nd_transposed_equals_conv_transpose(dims, tmp_path):
     assert column.gemm_macs(column(x)) == full * 4 // (4 * area)
     result = export_onnx(column, x[:1], tmp_path / "column.onnx")
     assert result.max_abs_diff <= result.tolerance
+
+
+def test_column_conv_nd_pickles_and_traces(tmp_path):
+    """Like ColumnConv2d: ``torch.save(model)`` round-trips and ``torch.jit.trace`` computes the same."""
+    from autocompress.compaction import ColumnConvNd
+
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 3, 3, padding=1)
+    column = ColumnConvNd.from_conv(conv, torch.tensor([0, 4, 8, 11])).eval()
+    x = torch.randn(2, 4, 7)
+    torch.save(column, tmp_path / "column.pt")
+    loaded = torch.load(tmp_path / "column.pt", weights_only=False)
+    with torch.no_grad():
+        expected = column(x)
+        assert torch.equal(loaded(x), expected)
+        assert torch.allclose(torch.jit.trace(column, x)(x), expected)

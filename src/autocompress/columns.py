@@ -373,7 +373,10 @@ class ColumnConvNd(nn.Module):
         # derived from column_index by _plan (also after load_state_dict), so not saved
         self.register_buffer("input_channels", torch.arange(self.in_channels, dtype=torch.long), persistent=False)
         self.register_buffer("dense_columns", torch.arange(self.num_columns, dtype=torch.long), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._plan())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._plan()  # a loaded column_index changes the derived buffers (no lambda hook: picklable)
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, columns: torch.Tensor) -> "ColumnConvNd":
