@@ -490,3 +490,17 @@ def test_conv1d_conv3d_and_transposed_convs_are_pruned_like_conv2d():
     assert compact.layers[5].transposed and compact.layers[5].num_columns == 4 * 8 - round(0.5 * 4 * 8)
     compact = oneshot(conv1d(), torch.randn(1, 2, 16), "column")
     assert type(compact.layers[3]).__name__ == "ColumnConvNd"
+
+
+def test_untraceable_model_refuses_filters_and_prunes_columns():
+    """torchvision's ShuffleNetV2: torch-pruning cannot trace it (ZeroDivisionError), so filter pruning is
+    refused before any work, naming the model; column and irregular pruning work (issue 16, item 4)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    assert oneshot(model, x, "filter") is None
+    space = PruningSpace.build(model, x, dims=("filter", "column"))
+    with pytest.raises(UserError, match="cannot trace ShuffleNetV2.*drop filter from dims"):
+        space.check_dims(["filter"])
+    assert oneshot(model, x, "column") is not None and oneshot(model, x, "irregular") is not None
