@@ -210,23 +210,34 @@ def test_hybrid_and_irregular_own_model():
     assert dense.report["params_after"] == sum(p.numel() for p in model.parameters())
 
 
-def test_nonzero_bn_shift_of_pruned_filter_is_inconsistent():
+def test_zero_rows_before_an_intact_batchnorm_are_kept():
+    """BN(0) is the BatchNorm's shift, not 0: such a channel is live and stays (issue 16, item 7)."""
     model, x = _mixed()
     masks = filter_masks(model, x, 0.5)
     masks["stem.1.bias"][:] = True
-    with pytest.raises(UserError, match="inconsistent masks.*stem.1.bias"):
-        compact(model, masks, x)
+    result = run(model, masks, x, exact_count=False)
+    assert result.model.stem[0].out_channels == 16 and result.model.res[3].out_channels == 16
+    assert result.model.last[0].out_channels == 5  # other groups still lose their channels
 
 
-def test_every_channel_removed_is_refused():
+def test_irregular_zero_row_before_batchnorm_compacts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    masks = irregular_masks(model, 0.5)
+    masks["0.weight"][2] = False
+    masks["0.bias"][2] = False
+    result = run(model, masks, torch.randn(2, 3, 8, 8), exact_count=False)
+    assert result.model[0].out_channels == 8 and result.report["removed_channels"] == {}
+
+
+def test_every_channel_removed_stays_dense():
     model, x = _mixed()
     masks = _ones(model)
-    masks["last.0.weight"][:] = False
-    masks["last.0.bias"][:] = False
-    masks["last.1.weight"][:] = False
-    masks["last.1.bias"][:] = False
-    with pytest.raises(UserError, match="every channel"):
-        compact(model, masks, x)
+    for name in ("last.0.weight", "last.0.bias", "last.1.weight", "last.1.bias"):
+        masks[name][:] = False
+    result = run(model, masks, x, exact_count=False)
+    assert result.model.last[0].out_channels == 10 and result.model.head[1].in_features == 160
+    assert "last.0" in result.report["dead_channels_kept"]
 
 
 def test_sigmoid_after_removed_channel_is_detected():
@@ -239,14 +250,15 @@ def test_sigmoid_after_removed_channel_is_detected():
         compact(model, masks, torch.randn(1, 3, 8, 8))
 
 
-def test_groupnorm_coupling_is_refused_by_name():
+def test_groupnorm_coupled_dead_channels_stay_dense():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     masks = _ones(model)
     for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
         masks[name][:2] = False
-    with pytest.raises(UserError, match="GroupNorm '1'.*ignored layers"):
-        compact(model, masks, torch.randn(1, 3, 8, 8))
+    result = run(model, masks, torch.randn(1, 3, 8, 8), exact_count=False)
+    assert result.model[0].out_channels == 8
+    assert "GroupNorm 1 normalises over the channels" in result.report["dead_channels_kept"]["0"]
 
 
 def test_input_model_unchanged_and_result_in_eval():
@@ -325,3 +337,72 @@ def test_space_masks_compact_and_counts_agree(name, channels, size):
     masks = space.param_masks(project(space, model, rates))
     result = run(model, masks, x)
     assert result.report["params_after"] == space.count(project(space, model, rates)).params
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_column_conv_nd_equals_conv_densifies_and_exports(dims, tmp_path):
+    """Conv1d / Conv3d column compaction (issue 16): exact, inverse of to_dense, ONNX matches PyTorch."""
+    from autocompress.compaction import ColumnConvNd
+    from autocompress.export import export_onnx
+
+    torch.manual_seed(0)
+    conv_cls = nn.Conv1d if dims == 1 else nn.Conv3d
+    conv = conv_cls(6, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect" if dims == 1 else "zeros")
+    area = 3 ** dims
+    keep = torch.tensor([0, 1, 2 * area, 3 * area - 1])  # input channel 1 of each group has no kept column
+    with torch.no_grad():
+        dropped = torch.ones(3 * area, dtype=torch.bool)
+        dropped[keep] = False
+        conv.weight.view(4, -1)[:, dropped] = 0
+    column = ColumnConvNd.from_conv(conv, keep).eval()
+    x = torch.randn(2, 6, *([9] * dims))
+    with torch.no_grad():
+        assert torch.allclose(column(x), conv(x), atol=1e-6)
+        assert torch.equal(column.to_dense().weight, conv.weight)
+    assert column.weight.shape == (4, 4) and column.input_channels.tolist() == [0, 2, 3, 5]
+    result = export_onnx(column, x[:1], tmp_path / "column.onnx")
+    assert result.max_abs_diff <= result.tolerance
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_column_conv_nd_transposed_equals_conv_transpose(dims, tmp_path):
+    """A transposed conv's GEMM view is ``weight.transpose(0, 1)`` flattened: column ``c*prod(k)+p`` is input
+    channel ``c`` at kernel position ``p`` for every output channel (issue 16)."""
+    from autocompress.compaction import ColumnConvNd
+    from autocompress.export import export_onnx
+
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d)(4, 3, 3, stride=2, padding=1, output_padding=1)
+    area = 3 ** dims
+    keep = torch.tensor([0, 2, 2 * area + 1, 4 * area - 1])  # input channel 1 has no kept column
+    with torch.no_grad():
+        grid = conv.weight.view(4, 3, area)
+        for column in range(4 * area):
+            if column not in keep.tolist():
+                grid[column // area, :, column % area] = 0
+    column = ColumnConvNd.from_conv(conv, keep).eval()
+    x = torch.randn(2, 4, *([5] * dims))
+    with torch.no_grad():
+        assert torch.allclose(column(x), conv(x), atol=1e-6)
+        assert torch.equal(column.to_dense().weight, conv.weight)
+    assert column.input_channels.tolist() == [0, 2, 3]
+    full = 2 * conv.weight.numel() * 5 ** dims  # MACs: batch x weight entries x input positions
+    assert column.gemm_macs(column(x)) == full * 4 // (4 * area)
+    result = export_onnx(column, x[:1], tmp_path / "column.onnx")
+    assert result.max_abs_diff <= result.tolerance
+
+
+def test_column_conv_nd_pickles_and_traces(tmp_path):
+    """Like ColumnConv2d: ``torch.save(model)`` round-trips and ``torch.jit.trace`` computes the same."""
+    from autocompress.compaction import ColumnConvNd
+
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 3, 3, padding=1)
+    column = ColumnConvNd.from_conv(conv, torch.tensor([0, 4, 8, 11])).eval()
+    x = torch.randn(2, 4, 7)
+    torch.save(column, tmp_path / "column.pt")
+    loaded = torch.load(tmp_path / "column.pt", weights_only=False)
+    with torch.no_grad():
+        expected = column(x)
+        assert torch.equal(loaded(x), expected)
+        assert torch.allclose(torch.jit.trace(column, x)(x), expected)

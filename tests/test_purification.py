@@ -163,3 +163,35 @@ def test_purify_skips_redundant_removal_at_chance_accuracy():
     assert any("redundant weight removal skipped" in line for line in lines)
     # only unused path removal ran: no column the 50 % projection kept was removed
     assert all(torch.equal(result.masks.columns[k], masks.columns[k]) for k in masks.columns)
+
+
+class NormalizedChain(nn.Module):
+    """conv a -> F.normalize over the channels -> conv b -> GAP -> Linear: the normalisation reads every
+    channel of a, so a channel b no longer reads still changes the others (issue 16, item 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(nn.functional.normalize(self.a(x), dim=1))).mean((2, 3)))
+
+
+def test_purification_keeps_channels_a_normalisation_reads():
+    from autocompress.compaction import compact
+    from autocompress.projection import project
+
+    torch.manual_seed(0)
+    model, x = NormalizedChain().eval(), torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter", "column"))
+    for rate in (0.8, 0.9):  # 0.8 changed the output by 3.5e-3; 0.9 crashed ("... is not constant")
+        masks = project(space, model, {"column": {"b": rate}})
+        masked = copy.deepcopy(model)
+        apply_masks(masked, space.param_masks(masks))
+        unused = (~masks.columns["b"].view(8, 9).any(1)).nonzero().flatten()
+        assert unused.numel() > 0  # b reads no column of these channels of a...
+        work = copy.deepcopy(model)
+        result = purify(work, space, masks, example_inputs=x)
+        assert bool(result.masks.filters["a"].all())  # ...but the normalisation does: they stay
+        out = compact(work, result.param_masks, x).model
+        assert torch.allclose(_out(out, x), _out(masked, x), atol=1e-6)

@@ -214,3 +214,34 @@ def test_bad_settings_are_user_errors(target, r_max):
         ActionSampler(model.units, model.cost, target, r_max=r_max)
     with pytest.raises(UserError):
         meet_target(np.ones(2), model.cost, target, r_max=r_max)
+
+
+def test_flops_target_with_irregular_units_only_is_refused_and_counts_are_the_compact_models():
+    """Irregular zeros stay in dense tensors: they remove parameters (non-zero count) but no MACs, so a FLOPs
+    target cannot be met by them (issue 16, item 8: the sampler claimed 4x for a model that got 1.006x)."""
+    from autocompress.compaction import compact
+    from autocompress.metrics import count_macs, count_nonzero_params
+    from autocompress.models import create_model
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    model, x = create_model("fmnist_cnn").eval(), torch.randn(1, 1, 28, 28)
+    space = PruningSpace.build(model, x, dims=("filter", "column", "irregular"))
+    with pytest.raises(UserError, match="irregular pruning alone"):
+        ActionSampler.from_space(space, "flops", 4.0, kinds=["irregular"])
+    sampler = ActionSampler.from_space(space, "params", 4.0, kinds=["irregular"])
+    action = sampler.initial_action()
+    assert sampler.compression(action) >= 4.0
+    masks = project(space, model, sampler.to_rates(action))
+    counts = space.count(masks)
+    assert counts.macs == space.total.macs  # irregular-only masks: no MAC drop claimed
+    result = compact(model, space.param_masks(masks), x)
+    assert count_macs(result.model, x) <= counts.macs
+    masked = sum(int(m.sum()) for m in space.param_masks(masks).values())
+    untouched = space.total.params - sum(m.numel() for m in space.param_masks(masks).values())
+    assert counts.params == masked + untouched
+    assert count_nonzero_params(result.model) <= counts.params
+    # a FLOPs target with filter / column units is met by the compact model's own MACs
+    sampler = ActionSampler.from_space(space, "flops", 4.0, kinds=["filter", "column"])
+    masks = project(space, model, sampler.to_rates(sampler.initial_action()))
+    assert count_macs(compact(model, space.param_masks(masks), x).model, x) <= space.total.macs / 4.0

@@ -158,14 +158,15 @@ def test_concat_consumer_gets_offset_input_slices():
     assert pm["bn.bias"].tolist() == [True] * 5 + [False, True]
 
 
-def test_depthwise_conv_couples_with_its_producer_and_has_no_columns():
+def test_depthwise_conv_couples_with_its_producer_and_has_kernel_position_columns():
     space = PruningSpace.build(Separable(), X, dims=("filter", "column", "irregular"))
     assert [g.name for g in space.filter_groups] == ["conv", "pw"]
     slices = _slices(space, "conv")
     assert ("dw.weight", "weight", 0) in slices and ("bn_dw.weight", "norm", 0) in slices
     assert ("pw.weight", "input", 1) in slices
-    assert "dw" not in [c.name for c in space.column_layers]
-    assert "depthwise" in space.excluded["dw"]
+    # a 3x3 depthwise conv's GEMM view [6, 9]: 9 columns (kernel positions), each shared by all filters
+    assert [(c.rows, c.size) for c in space.column_layers if c.name == "dw"] == [(6, 9)]
+    assert "dw" not in space.excluded
     assert "dw" in [w.name for w in space.irregular_layers]
 
 
@@ -280,7 +281,7 @@ def test_ignored_layers_and_bad_arguments():
 def test_exclusions_are_logged(caplog):
     with caplog.at_level("INFO", logger="autocompress.space"):
         PruningSpace.build(Separable(), X)
-    assert "dw" in caplog.text and "depthwise" in caplog.text and "classifier" in caplog.text
+    assert "not pruned: fc" in caplog.text and "classifier" in caplog.text
 
 
 def test_unreached_and_grouped_layers_are_excluded():
@@ -399,3 +400,12 @@ def test_torchvision_models_masked_equals_pruned(name):
 def test_keep_count_rounds_half_up_and_never_reaches_zero():
     assert keep_count(10, 0.25) == 7 and keep_count(4, 0.5) == 2 and keep_count(5, 0.5) == 2
     assert keep_count(3, 0.9) == 1 and keep_count(1, 0.5) == 1 and keep_count(8, 0.0) == 8
+
+
+def test_check_dims_refuses_a_kind_without_units_naming_the_module():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    space = PruningSpace.build(model, torch.randn(1, 3, 8, 8), dims=("filter", "column"))
+    space.check_dims(["column"])
+    with pytest.raises(UserError, match=r"no filter unit can be pruned in this model \(1: filter pruning: its "
+                                        r"channels are model outputs"):
+        space.check_dims(["filter", "column"])

@@ -13,18 +13,24 @@ from typing import Callable
 
 from torch import nn
 
-from .columns import ColumnConv2d, ColumnLinear
+from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import UserError
 
 FORMAT = "autocompress-architecture"
 VERSION = 1
 
 
-def _conv_args(m: nn.Conv2d) -> dict:
+def _conv_args(m: nn.modules.conv._ConvNd) -> dict:
     return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
             "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
             "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
             "padding_mode": m.padding_mode}
+
+
+def _transposed_args(m: nn.modules.conv._ConvTransposeNd) -> dict:
+    args = _conv_args(m)
+    args["output_padding"] = list(m.output_padding)
+    return args
 
 
 def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
@@ -34,16 +40,23 @@ def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
 
 #: module type -> (constructor arguments as plain data). Only these types are described / rebuilt.
 _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
+    nn.Conv1d: _conv_args,
     nn.Conv2d: _conv_args,
+    nn.Conv3d: _conv_args,
+    nn.ConvTranspose1d: _transposed_args,
+    nn.ConvTranspose2d: _transposed_args,
+    nn.ConvTranspose3d: _transposed_args,
     nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
     nn.BatchNorm1d: _norm_args,
     nn.BatchNorm2d: _norm_args,
+    nn.BatchNorm3d: _norm_args,
     nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
                              "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None},
     nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
                              "affine": m.affine},
     nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
     ColumnConv2d: ColumnConv2d.config,
+    ColumnConvNd: ColumnConvNd.config,
     ColumnLinear: ColumnLinear.config,
 }
 _TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
@@ -59,6 +72,39 @@ def _entry(module: nn.Module) -> dict | None:
     return None if describer is None else {"type": type(module).__name__, "args": describer(module)}
 
 
+def _parameter_shapes(module: nn.Module, reference: nn.Module, name: str) -> dict:
+    """Entry for a module of another type whose own parameters changed shape (free per-channel parameters
+    pruned with their channels): the shapes of its parameters, which :func:`apply_architecture` gives it
+    in place.
+
+    Raises:
+        UserError: one of its buffers changed shape too (it could not be rebuilt).
+    """
+    params = dict(module.named_parameters(recurse=False))
+    old, new = _shapes(reference), _shapes(module)
+    if any(key not in params for key in set(old) | set(new) if old.get(key) != new.get(key)):
+        raise UserError(f"module {name!r} ({type(module).__name__}) changed the shape of a buffer and cannot be "
+                        "described for saving", f"exclude the layers coupled to {name} from pruning (ignored layers)")
+    return {"type": "Parameters", "args": {"shapes": {k: list(p.shape) for k, p in params.items()}}}
+
+
+def _resize_parameters(module: nn.Module, name: str, args: object) -> None:
+    """Give ``module``'s parameters the shapes of a ``"Parameters"`` entry (values come from the state dict).
+
+    Raises:
+        UserError: the entry is not a mapping of existing parameter names to reasonably sized shapes.
+    """
+    shapes = args.get("shapes") if isinstance(args, dict) else None
+    params = dict(module.named_parameters(recurse=False)) if isinstance(module, nn.Module) else {}
+    if not isinstance(shapes, dict) or not all(
+            key in params and isinstance(shape, list) and all(isinstance(v, int) and 0 <= v <= MAX_DIMENSION
+                                                              for v in shape) for key, shape in shapes.items()):
+        raise UserError(f"the architecture entry of {name!r} cannot be built (bad parameter shapes)",
+                        "the file is damaged or was not written by autocompress")
+    for key, shape in shapes.items():
+        setattr(module, key, nn.Parameter(params[key].new_empty(shape), requires_grad=params[key].requires_grad))
+
+
 def describe_architecture(model: nn.Module, reference: nn.Module | None = None) -> dict:
     """Plain-data description of ``model``'s leaf modules (types and constructor arguments).
 
@@ -66,28 +112,26 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         model: a (compact) model.
         reference: the model it was compacted from (same module names). When given, only modules whose
             type or arguments differ from the reference's are described; otherwise every module of a
-            describable type (Conv2d, Linear, BatchNorm1d/2d, LayerNorm, GroupNorm, PReLU, ColumnConv2d,
-            ColumnLinear) is.
+            describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d, LayerNorm,
+            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear) is.
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
         "args": dict}}}`` (only str / int / float / bool / list / dict / None values).
 
     Raises:
-        UserError: a module of another type has parameters / buffers whose shapes differ from the
-            reference's (it could not be rebuilt).
+        UserError: a module of another type has buffers whose shapes differ from the reference's (it
+            could not be rebuilt). One whose own parameters changed shape (free per-channel parameters) is
+            described as ``{"type": "Parameters", "args": {"shapes": {parameter: shape}}}``.
     """
     ref_modules = dict(reference.named_modules()) if reference is not None else {}
     modules: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if not name:
-            continue
-        entry = _entry(module)
+        entry = _entry(module) if name else None
         ref = ref_modules.get(name)
         if entry is None:
             if ref is not None and _shapes(ref) != _shapes(module):
-                raise UserError(f"module {name!r} ({type(module).__name__}) changed shape and cannot be "
-                                "described for saving", f"exclude {name} from pruning (ignored layers)")
+                modules[name] = _parameter_shapes(module, ref, name)
             continue
         if reference is None or ref is None or _entry(ref) != entry:
             modules[name] = entry
@@ -126,10 +170,13 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
-            old = getattr(parent, attr)
+            old = getattr(parent, attr) if name else model
         except AttributeError as exc:
             raise UserError(f"the architecture describes module {name!r}, which the base model lacks",
                             "load it with the model name and options it was saved with") from exc
+        if entry.get("type") == "Parameters":
+            _resize_parameters(old, name, entry.get("args"))
+            continue
         cls = _TYPES.get(entry.get("type"))
         if cls is None:
             raise UserError(f"unknown module type {entry.get('type')!r} for {name!r} in the architecture",

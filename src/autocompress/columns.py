@@ -1,5 +1,6 @@
-"""Column-pruned layers: :class:`ColumnConv2d` and :class:`ColumnLinear` store only the kept columns of
-their GEMM matrix (column pruning, AutoCompress, Liu et al. AAAI 2020, §3).
+"""Column-pruned layers: :class:`ColumnConv2d`, :class:`ColumnConvNd` (Conv1d / Conv3d / ConvTranspose)
+and :class:`ColumnLinear` store only the kept columns of their GEMM matrix (column pruning, AutoCompress,
+Liu et al. AAAI 2020, §3).
 
 :mod:`autocompress.compaction` builds them from masked Conv2d / Linear layers;
 :mod:`autocompress.architecture` describes and rebuilds them for saving. They hold only tensors and plain
@@ -7,6 +8,7 @@ Python values, so compact models pickle, trace, script and export (see :class:`C
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -330,4 +332,148 @@ class ColumnLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, columns={self.num_columns}"
 
 
-__all__ = ["ColumnConv2d", "ColumnLinear", "DENSE_DENSITY_THRESHOLD", "GEMM_MIN_FILTERS"]
+_CONV_FN = {(1, False): F.conv1d, (2, False): F.conv2d, (3, False): F.conv3d,
+            (1, True): F.conv_transpose1d, (2, True): F.conv_transpose2d, (3, True): F.conv_transpose3d}
+#: (spatial dims, transposed) -> dense layer class
+CONV_LAYERS = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+             (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d}
+
+
+class ColumnConvNd(nn.Module):
+    """A Conv1d / Conv3d or a ConvTranspose1d/2d/3d (groups 1) that stores only its kept GEMM columns
+    (column pruning, AutoCompress §3).
+
+    GEMM view of a weight ``[F, C/groups, *k]`` (transposed: ``[C, F, *k]`` transposed to ``[F, C, *k]``):
+    ``[F, K]`` with ``K = C/groups * prod(k)``; column ``c * prod(k) + p`` is input channel ``c`` (within its
+    group) at flattened kernel position ``p``.
+
+    * ``weight``: Parameter ``[F, K']``; ``bias``: ``[F]`` or None;
+    * ``column_index``: sorted LongTensor buffer ``[K']`` of the kept GEMM columns.
+
+    Forward (input ``[N, C, *spatial]`` -> ``[N, F, *spatial_out]``): the input channels with a kept column
+    are gathered, the kept columns are scattered into a dense weight over them (``scatter``, exported to
+    ONNX as ScatterElements) and one dense (transposed) convolution runs — the same output as the layer
+    with the dropped columns zero. :meth:`gemm_macs` declares the kept-column MACs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], num_columns: int,
+                 stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int], groups: int = 1,
+                 bias: bool = True, padding_mode: str = "zeros", reversed_padding: Sequence[int] = (),
+                 transposed: bool = False, output_padding: Sequence[int] = ()):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self.padding_mode, self.reversed_padding = padding_mode, tuple(reversed_padding)
+        self.transposed, self.output_padding = bool(transposed), tuple(output_padding)
+        self.num_columns = int(num_columns)
+        self.weight = nn.Parameter(torch.empty(self.out_channels, self.num_columns))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        self.register_buffer("column_index", torch.arange(self.num_columns, dtype=torch.long))
+        # derived from column_index by _plan (also after load_state_dict), so not saved
+        self.register_buffer("input_channels", torch.arange(self.in_channels, dtype=torch.long), persistent=False)
+        self.register_buffer("dense_columns", torch.arange(self.num_columns, dtype=torch.long), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._plan()  # a loaded column_index changes the derived buffers (no lambda hook: picklable)
+
+    @classmethod
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, columns: torch.Tensor) -> "ColumnConvNd":
+        """Build from a dense Conv1d / Conv3d / ConvTranspose keeping GEMM columns ``columns`` (LongTensor,
+        any order)."""
+        columns = torch.sort(columns.to(torch.long).cpu()).values
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, len(columns), conv.stride,
+                     conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                     conv._reversed_padding_repeated_twice, conv.transposed, conv.output_padding)
+        with torch.no_grad():
+            module.weight.copy_(gemm_matrix(conv)[:, columns.to(conv.weight.device)])
+            if conv.bias is not None:
+                module.bias.copy_(conv.bias.detach())
+            module.column_index.copy_(columns)
+        module._plan()
+        return module.to(conv.weight.device, conv.weight.dtype)
+
+    def _plan(self) -> None:
+        """Kept input channels (all groups) and each stored column's place in the narrowed dense weight."""
+        area, per_group = math.prod(self.kernel_size), self.in_channels // self.groups
+        index = self.column_index.detach().cpu()
+        kept = torch.unique(index // area)
+        rank = torch.full((per_group,), -1, dtype=torch.long)
+        rank[kept] = torch.arange(kept.numel())
+        device = self.column_index.device
+        self.input_channels = (torch.arange(self.groups).unsqueeze(1) * per_group + kept).flatten().to(device)
+        self.dense_columns = (rank[index // area] * area + index % area).to(device)
+
+    def gemm_macs(self, output: torch.Tensor) -> int:
+        """MACs of one call that produced ``output`` ``[N, F, *spatial]``: ``N * F * K' * prod(positions)``
+        with the output positions (a transposed conv: the input positions, each scattering its taps)."""
+        spatial = output.shape[2:]
+        if self.transposed:
+            spatial = [(o - 1 - op - d * (k - 1) + 2 * p) // s + 1 for o, op, d, k, p, s in
+                       zip(spatial, self.output_padding, self.dilation, self.kernel_size, self.padding, self.stride)]
+        return int(output.shape[0] * self.out_channels * self.num_columns * math.prod(spatial))
+
+    def _dense_weight(self) -> torch.Tensor:
+        channels = self.input_channels.numel() // self.groups
+        columns = self.dense_columns.unsqueeze(0).expand(self.out_channels, -1)
+        dense = self.weight.new_zeros(self.out_channels, channels * math.prod(self.kernel_size))
+        dense = dense.scatter(1, columns, self.weight).reshape(self.out_channels, channels, *self.kernel_size)
+        return dense.transpose(0, 1) if self.transposed else dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.index_select(1, self.input_channels)
+        conv = _CONV_FN[len(self.kernel_size), self.transposed]
+        if self.transposed:
+            return conv(x, self._dense_weight(), self.bias, self.stride, self.padding, self.output_padding,
+                        self.groups, self.dilation)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
+            return conv(x, self._dense_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def to_dense(self) -> nn.modules.conv._ConvNd:
+        """The equivalent dense layer (``nn.Conv1d`` / ``nn.Conv3d`` / ``nn.ConvTranspose*``) with the
+        dropped columns as zeros."""
+        cls = CONV_LAYERS[len(self.kernel_size), self.transposed]
+        extra = {"output_padding": self.output_padding} if self.transposed else {}
+        conv = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                   dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                   padding_mode=self.padding_mode, **extra)
+        with torch.no_grad():
+            weight = torch.zeros(self.out_channels, gemm_matrix(conv).shape[1],
+                                 dtype=self.weight.dtype, device=self.weight.device)
+            weight[:, self.column_index] = self.weight
+            weight = weight.reshape(self.out_channels, -1, *self.kernel_size)
+            conv.weight.copy_(weight.transpose(0, 1) if self.transposed else weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv.to(self.weight.device, self.weight.dtype)
+
+    def config(self) -> dict:
+        """Constructor arguments as plain data (for ``serialization.describe_architecture``)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "num_columns": self.num_columns,
+                "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "padding_mode": self.padding_mode, "reversed_padding": list(self.reversed_padding),
+                "transposed": self.transposed, "output_padding": list(self.output_padding)}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"columns={self.num_columns}/{self.in_channels // self.groups * math.prod(self.kernel_size)}"
+                + (", transposed" if self.transposed else ""))
+
+
+def gemm_matrix(layer: nn.Module) -> torch.Tensor:
+    """A Conv / Linear weight in the GEMM view ``[out, K]`` (a transposed conv's ``[C, F, *k]`` transposed
+    first), detached."""
+    weight = layer.weight.detach()
+    if getattr(layer, "transposed", False):
+        weight = weight.transpose(0, 1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+__all__ = ["CONV_LAYERS", "ColumnConv2d", "ColumnConvNd", "ColumnLinear", "DENSE_DENSITY_THRESHOLD",
+           "GEMM_MIN_FILTERS", "gemm_matrix"]

@@ -8,8 +8,8 @@ of each layer's GEMM matrix. This module makes that pruning physical:
   torch-pruning's ``DependencyGraph``; coupled layers (residual adds, concatenation, depthwise convs,
   BatchNorm, Conv -> Flatten -> Linear) lose the same channels together.
 * **Columns.** A Conv2d whose GEMM view ``weight.reshape(F, C/groups*kh*kw)`` has all-zero columns is
-  replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns; a Linear with all-zero
-  input columns becomes :class:`ColumnLinear`.
+  replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns (a Conv1d / Conv3d by
+  :class:`ColumnConvNd`); a Linear with all-zero input columns becomes :class:`ColumnLinear`.
 * **Irregular** zeros stay in dense tensors (``serialization.to_sparse_state_dict`` exports them sparse).
 
 The result is checked in eval mode against the masked model; see :func:`compact`.
@@ -26,17 +26,20 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
 from .architecture import describe_architecture
-from .columns import DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnLinear
+from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
+                      ColumnLinear, gemm_matrix)
 from .errors import UserError
+from .space import is_transposed, is_weight_layer, out_dim, trace_graph, train_only_modules
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnLinear` replaced by its
-    dense equivalent (zero columns), computing the same outputs. Channels removed by compaction stay
-    removed. The next AutoCompress round prunes this model (its zero columns score lowest)."""
+    """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnConvNd` /
+    :class:`ColumnLinear` replaced by its dense equivalent (zero columns), computing the same outputs.
+    Channels removed by compaction stay removed. The next AutoCompress round prunes this model (its zero
+    columns score lowest)."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, (ColumnConv2d, ColumnLinear)):
+        if isinstance(module, (ColumnConv2d, ColumnConvNd, ColumnLinear)):
             model.set_submodule(name, module.to_dense())
     return model
 
@@ -94,7 +97,8 @@ def _zero_slices(tensor: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+            and module.groups == module.in_channels == module.out_channels > 1)
 
 
 _STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -116,97 +120,122 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
 def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], str | None]:
     """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
 
-    Returns ``(root indices to remove, reason the dead ones must be kept or None)``. Raises UserError
-    when the producers of a channel are pruned but a coupled member would still make it non-zero, or a
-    coupled member cannot lose channels exactly.
+    A channel is dead when every producer's weight row and bias entry is zero and every per-channel member
+    keeps it at zero (BatchNorm / InstanceNorm affine entries zero, depthwise bias zero, free per-channel
+    parameters zero): an all-zero conv row followed by an intact BatchNorm outputs the BatchNorm's shift, so
+    it is not dead and stays. Members whose pruned dimension has one entry while the group has more
+    broadcast over the channels (a spatial gate) and are ignored.
+
+    Returns:
+        ``(root indices to remove, reason the dead channels are kept or None)``: the channels are kept
+        (dense) when they reach a model output or pass through a structure that cannot lose channels
+        exactly (grouped convs, LayerNorm / GroupNorm, unknown modules with parameters), or are all of them.
     """
     size = len(group[0].root_idxs)
-    producers = torch.ones(size, dtype=torch.bool)
+    dead = torch.ones(size, dtype=torch.bool)
     has_producer = False
     members = []
     for item in group.items:
         dep, module, node = item.dep, item.dep.target.module, item.dep.target
-        root = torch.tensor(item.root_idxs, dtype=torch.long)
         idxs = torch.tensor(item.idxs, dtype=torch.long)
-        is_out = dg.is_out_channel_pruning_fn(dep.handler)
-        members.append((dep, module, node, root, idxs, is_out))
-        if is_out and isinstance(module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(module):
-            has_producer = True
-            dead = _zero_slices(module.weight, 0) & (_zero_slices(module.bias, 0) if module.bias is not None
-                                                     else torch.ones(module.weight.shape[0], dtype=torch.bool))
-            row = torch.zeros(size, dtype=torch.bool)
-            row[root] = dead[idxs]
-            producers &= row
-    if not has_producer or not bool(producers.any()):
-        return [], None
-    dead_roots = torch.nonzero(producers).flatten()
-    for dep, module, node, root, idxs, is_out in members:
-        name = names.get(module, str(module))
-        hit = idxs[torch.isin(root, dead_roots)]
-        if hit.numel() == 0:
+        if _broadcast(item, dg, size):
             continue
+        members.append((module, node, torch.tensor(item.root_idxs, dtype=torch.long), idxs,
+                        dg.is_out_channel_pruning_fn(dep.handler)))
+    for module, node, root, idxs, is_out in members:
+        row = torch.ones(size, dtype=torch.bool)
+        if is_out and is_weight_layer(module) and not _is_depthwise(module):
+            has_producer = True
+            zero = _zero_slices(module.weight, out_dim(module))
+            if module.bias is not None:
+                zero &= _zero_slices(module.bias, 0)
+            row[root] = zero[idxs]
+        elif is_out and not is_weight_layer(module):
+            for tensor, dim in _per_channel_tensors(module, node):
+                row[root] &= _zero_slices(tensor, dim)[idxs]
+        elif _is_depthwise(module) and module.bias is not None:
+            row[root] = _zero_slices(module.bias, 0)[idxs]
+        dead &= row
+    if not has_producer or not bool(dead.any()):
+        return [], None
+    root_name = names.get(group[0].dep.target.module)
+    for module, node, root, idxs, is_out in members:
+        if not bool(dead[root].any()):
+            continue
+        name = names.get(module, "a parameter")
         if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
             return [], f"channels are outputs of the model at {name}"
-        if isinstance(module, nn.Conv2d) and 1 < module.groups and not _is_depthwise(module):
-            raise UserError(f"removing channels through grouped conv {name!r} (groups={module.groups}) is not "
-                            "supported", f"exclude {name} and its coupled layers from filter pruning "
-                            "(ignored layers)")
+        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups and not _is_depthwise(module):
+            return [], f"they pass through grouped conv {name} (groups={module.groups})"
         if isinstance(module, _STATISTIC_NORMS):
-            raise UserError(f"removing channels normalised by {type(module).__name__} {name!r} changes its "
-                            "statistics", f"exclude the layers coupled to {name} from filter pruning "
-                            "(ignored layers)")
-        if not is_out or isinstance(module, (nn.Conv2d, nn.Linear, nn.PReLU)) and not _is_depthwise(module):
-            continue
-        if _is_depthwise(module):
-            offenders = [("bias", module.bias)] if module.bias is not None else []
-        elif isinstance(module, _PER_CHANNEL_NORMS):
-            if not module.affine:
-                raise UserError(f"{type(module).__name__} {name!r} has no affine parameters, so a removed "
-                                "channel would not output 0", f"exclude {name} from filter pruning")
-            offenders = [("weight", module.weight), ("bias", module.bias)]
-        elif isinstance(module, nn.Parameter):
-            offenders = [("", module)]
-        elif node.type in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
-                           tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND,
-                           tp.ops.OPTYPE.EXPAND) and not list(module.parameters()):
-            continue
-        else:
-            raise UserError(f"cannot remove channels through {type(module).__name__} {name!r}",
-                            f"exclude the layers coupled to {name} from filter pruning (ignored layers)")
-        dim = getattr(node, "pruning_dim", 0) if isinstance(module, nn.Parameter) else 0
-        for pname, tensor in offenders:
-            if not bool(_zero_slices(tensor, dim if dim >= 0 else tensor.dim() + dim)[hit].all()):
-                label = f"{name}.{pname}" if pname else name
-                raise UserError(f"inconsistent masks: the producers of {hit.numel()} channels of the group "
-                                f"rooted at {names.get(group[0].dep.target.module)!r} are pruned but "
-                                f"{label} is not zero on them", "mask the whole coupled group "
-                                "(PruningSpace.param_masks does), or unmask the filters")
-    if dead_roots.numel() >= size:
-        raise UserError(f"the masks remove every channel of the group rooted at "
-                        f"{names.get(group[0].dep.target.module)!r}", "keep at least one filter per layer")
-    return dead_roots.tolist(), None
+            return [], f"{type(module).__name__} {name} normalises over the channels"
+        if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, nn.PReLU)) and list(module.parameters())):
+            return [], f"they pass through {type(module).__name__} {name}"
+    if bool(dead.all()):
+        return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
+    return torch.nonzero(dead).flatten().tolist(), None
 
 
-def _remove_channels(model: nn.Module, inputs: tuple, report: dict) -> dict[str, torch.Tensor]:
+def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:
+    """A group member whose pruned dimension has one entry while the group has more (a one-channel
+    spatial gate multiplied over all channels): it does not couple, and pruning it would empty it."""
+    extent = _pruned_extent(item.dep.target.module, item.dep.target, dg.is_out_channel_pruning_fn(item.dep.handler))
+    return extent == 1 < size
+
+
+def _pruned_extent(module, node, is_out: bool) -> int | None:
+    """Length of the dimension torch-pruning prunes in ``module`` (None for parameter-free ops)."""
+    if isinstance(module, nn.Parameter):
+        return module.shape[getattr(node, "pruning_dim", 0)]
+    if is_weight_layer(module):
+        if isinstance(module, nn.Linear):
+            return module.out_features if is_out else module.in_features
+        return module.out_channels if is_out or _is_depthwise(module) else module.in_channels
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, channel dim) pairs that must be zero for a channel to stay zero through ``module``; a
+    tensor of ones marks a channel that can never stay zero (BatchNorm without affine: ``BN(0) != 0``)."""
+    if isinstance(module, nn.Parameter):
+        dim = getattr(node, "pruning_dim", 0)
+        return [(module, dim % module.dim())]
+    if isinstance(module, _PER_CHANNEL_NORMS):
+        if module.affine:
+            return [(module.weight, 0), (module.bias, 0)]
+        if module.running_mean is not None:
+            return [(torch.ones(module.num_features), 0)]
+    return []
+
+
+def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module]
+                     ) -> dict[str, torch.Tensor]:
     """Remove dead channels with torch-pruning; returns module name -> kept output channel indices."""
     names = {module: name for name, module in model.named_modules()}
-    candidates = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-                  and bool(_zero_slices(m.weight, 0).any())]
+    candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
         return {}
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
-    except Exception as exc:  # torch-pruning raises many types on untraceable models
-        raise UserError(f"torch-pruning cannot trace this model to remove channels "
-                        f"({type(exc).__name__}: {str(exc)[:160]})",
-                        "prune it with columns / irregular only, or exclude the failing layers") from exc
+        dg = trace_graph(model, inputs, train_only)
+    except UserError as exc:  # dead channels stay dense: exact, only larger
+        for module in candidates:
+            report["dead_channels_kept"][names[module]] = str(exc)
+        return {}
     plans = []
     for module in candidates:
         if module not in dg.module2node:
             report["dead_channels_kept"][names[module]] = "the layer is not in the traced graph"
             continue
         pruner = dg.get_pruner_of_module(module)
-        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        try:
+            group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                         list(range(pruner.get_out_channels(module))))
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
+            report["dead_channels_kept"][names[module]] = (f"torch-pruning cannot map its channels "
+                                                           f"({type(exc).__name__})")
+            continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
         roots, reason = _group_plan(dg, group, names)
@@ -220,13 +249,14 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict) -> dict[str,
         if not roots:
             continue
         group = dg.get_pruning_group(module, pruner.prune_out_channels, roots)
+        group._group = [item for item in group._group if not _broadcast(item, dg, pruner.get_out_channels(module))]
         for dep, idxs in group:
             target = dep.target.module
             if dg.is_out_channel_pruning_fn(dep.handler) and target in names:
                 total = pruner_out_channels(dg, target)
                 if total is not None:
                     keep = torch.ones(total, dtype=torch.bool)
-                    keep[torch.tensor(idxs, dtype=torch.long)] = False
+                    keep[torch.tensor([i for i in idxs if i < total], dtype=torch.long)] = False
                     kept[names[target]] = torch.nonzero(keep).flatten()
         group.prune()
         report["removed_channels"][names[module]] = len(roots)
@@ -239,12 +269,13 @@ def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None
     return None if pruner is None else pruner.get_out_channels(module)
 
 
-def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dict) -> None:
+def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> None:
     """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear) or module not in called:
+        if type(module) not in (*CONV_LAYERS.values(), nn.Linear) or module not in called or (
+                is_transposed(module) and module.groups > 1):
             continue
-        gemm = module.weight.detach().reshape(module.weight.shape[0], -1)
+        gemm = gemm_matrix(module)
         nonzero = (gemm != 0).any(dim=0)
         kept = torch.nonzero(nonzero).flatten().cpu()
         if kept.numel() == gemm.shape[1]:
@@ -254,11 +285,22 @@ def _compact_columns(model: nn.Module, called: dict[nn.Module, int], report: dic
             continue
         if isinstance(module, nn.Conv2d):
             replacement: nn.Module = ColumnConv2d.from_conv(module, kept)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            replacement = ColumnConvNd.from_conv(module, kept)
         else:
             replacement = ColumnLinear.from_linear(module, kept)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
         report["column_layers"][name] = [int(kept.numel()), int(gemm.shape[1])]
+
+
+def _keep_frozen(compact_model: nn.Module, original: nn.Module) -> None:
+    """Give every parameter of the compact model the ``requires_grad`` of the same-named parameter of the
+    original (torch-pruning and the column layers create fresh, trainable parameters)."""
+    flags = {name: p.requires_grad for name, p in original.named_parameters()}
+    for name, p in compact_model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
 
 
 def _count(model: nn.Module) -> int:
@@ -368,15 +410,17 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     work = copy.deepcopy(reference)
     report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
                               "dead_channels_kept": {}}
-    kept = _remove_channels(work, inputs, report)
+    train_only = train_only_modules(work, inputs)
+    kept = _remove_channels(work, inputs, report, train_only)
     work.eval()
-    called = _called_modules(work, inputs)
+    called = set(_called_modules(work, inputs)) | train_only
     _compact_columns(work, called, report)
+    _keep_frozen(work, model)
     work.eval()
     report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale, kept=kept)
     report["params_after"] = _count(work)
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 
 
-__all__ = ["ColumnConv2d", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD", "GEMM_MIN_FILTERS", "compact",
-           "verify"]
+__all__ = ["ColumnConv2d", "ColumnConvNd", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD",
+           "GEMM_MIN_FILTERS", "compact", "verify"]

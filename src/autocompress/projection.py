@@ -147,11 +147,11 @@ def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[s
     structure = space.param_masks(Masks(filters=filters, columns={}, weights={}))
     columns = {}
     for layer in space.column_layers:
-        weight = params[layer.param].detach().reshape(layer.rows, layer.size)
+        weight = layer.gemm(params[layer.param].detach())
         mask = structure.get(layer.param)
         alive = None
         if mask is not None:
-            mask = mask.view(layer.rows, layer.size)
+            mask = layer.gemm(mask)
             weight = weight * mask.to(weight.device)
             alive = mask.any(0)
         size = layer.size if alive is None else int(alive.sum())

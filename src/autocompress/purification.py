@@ -22,10 +22,16 @@ BatchNorm shift through the activation); a consumer column that read it adds ``s
 to every output. Before the channel is masked, that contribution is folded into the consumer's bias, or,
 when the consumer has no bias and feeds a BatchNorm directly, subtracted from the BatchNorm's running mean
 (exact in eval mode; in train mode BatchNorm removes a constant shift by itself). A channel whose
-contribution cannot be folded (no bias, no BatchNorm after the consumer) is kept. The fold is exact for
+contribution cannot be folded (no bias, no BatchNorm after the consumer, a value that is not constant
+because an operation between mixes channels, a transposed-conv consumer) is kept. The fold is exact for
 Linear consumers, 1x1 convolutions and unpadded convolutions; for a zero-padded convolution it is exact
 only at output positions whose receptive field lies inside the input (at the border, the padded taps
-read 0 instead of the constant), which ``tests/test_purification.py`` validates.
+read 0 instead of the constant).
+
+**The function never changes** (:func:`settle`): unused path removal is checked against the model masked
+at the requested rates (eval mode, the example inputs and a random batch, compaction's tolerance); where
+it differs (a removed channel still read by a normalisation over the channels, a fold inexact at a padded
+border), the channels of the offending groups are kept.
 """
 from __future__ import annotations
 
@@ -38,10 +44,11 @@ import torch
 from torch import nn
 
 from .analysis import analysis_mode
+from .compaction import verify
 from .errors import UserError
 from .masks import Masks, apply_masks
 from .projection import group_scores
-from .space import PruningSpace
+from .space import PruningSpace, is_transposed
 from .text import plural
 
 #: default redundant-weight thresholds, relative to the layer's mean remaining unit norm
@@ -110,9 +117,9 @@ def column_channels(space: PruningSpace) -> dict[str, list[tuple[str, torch.Tens
             layer = by_param.get(s.param)
             if s.role != "input" or layer is None:
                 continue
-            shape = space.param_shapes[s.param]
-            area = layer.size // shape[1]  # kh * kw (1 for Linear)
-            lookup = torch.full((shape[1],), -1, dtype=torch.long)
+            inputs = space.param_shapes[s.param][s.dim]  # input channels (dim 0 of a transposed conv)
+            area = layer.size // inputs  # prod(k) (1 for Linear)
+            lookup = torch.full((inputs,), -1, dtype=torch.long)
             lookup[s.index] = s.channel
             channel = lookup[torch.arange(layer.size) // area]
             columns = torch.nonzero(channel >= 0).flatten()
@@ -211,7 +218,7 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
             continue
         weight = params[layer.param].detach()
         weight = (weight * pm.get(layer.param, torch.ones_like(weight, dtype=torch.bool)).to(weight.device))
-        norms = weight.reshape(layer.rows, layer.size).to("cpu", torch.float64).pow(2).sum(0).sqrt()
+        norms = layer.gemm(weight).to("cpu", torch.float64).pow(2).sum(0).sqrt()
         masks.columns[layer.name] = _below(norms, keep, threshold)
     return masks
 
@@ -303,7 +310,13 @@ def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, ex
         delta = torch.zeros(weight.shape[0], dtype=torch.float64)
         labels, target = [], None
         for gname, _param, index, channel in entries:
-            values = _constant_values(x, index, name)
+            conv = isinstance(module, nn.modules.conv._ConvNd)
+            values = None if is_transposed(module) else _constant_values(x, index, 1 if conv else -1)
+            if values is None:  # not constant, or a transposed conv (its border taps differ): keep them
+                mask = unfoldable.setdefault(gname, torch.zeros(space.unit("filter", gname).size,
+                                                                dtype=torch.bool))
+                mask[channel] = True
+                continue
             w = weight.index_select(1, index.to(weight.device)).to("cpu", torch.float64)
             per = w.reshape(w.shape[0], w.shape[1], -1).sum(2)  # [out, n]: sum over kernel taps
             contribution = per * values.unsqueeze(0)
@@ -321,24 +334,26 @@ def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, ex
     return folds, unfoldable
 
 
-def _constant_values(x: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
-    """Float64 [n]: the (input-independent) value at consumer input positions ``index`` of ``x``.
+def _constant_values(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Float64 [n]: the (input-independent) value at consumer input positions ``index`` along ``dim`` of
+    ``x``, or None when it is not constant.
 
-    Conv inputs ``[N, C, H, W]`` are read at the centre pixel and must be constant over the batch and the
-    interior; Linear inputs ``[N, F]`` must be constant over the batch. Raises RuntimeError otherwise
-    (the channel is not dead: a bug in the group's mapping).
+    Conv inputs ``[N, C, *spatial]`` (``dim`` 1) are read at the centre position and must be constant over
+    the batch and the interior (the border may differ: padding); Linear inputs ``[..., F]`` (``dim`` -1)
+    must be constant over every leading dimension. A removed channel read after an operation that mixes
+    channels (e.g. a normalisation over the channels) is not constant.
     """
-    part = x.index_select(1, index.to(x.device)).to("cpu", torch.float64)
-    if part.dim() == 4:
-        h, w = part.shape[2:]
-        values = part[0, :, h // 2, w // 2]
-        interior = part[:, :, 1:-1, 1:-1] if h > 2 and w > 2 else part
-        spread = (interior - values.view(1, -1, 1, 1)).abs().amax() if interior.numel() else torch.tensor(0.0)
+    part = x.index_select(dim, index.to(x.device)).movedim(dim, -1).to("cpu", torch.float64)
+    if dim == 1 and part.dim() > 2:  # [N, *spatial, n]
+        spatial = part.shape[1:-1]
+        values = part[(0, *(s // 2 for s in spatial))]
+        interior = part[(slice(None), *(slice(1, -1) if s > 2 else slice(None) for s in spatial))]
     else:
-        values = part[0].reshape(-1)
-        spread = (part.reshape(part.shape[0], -1) - values).abs().amax()
+        values = part.reshape(-1, part.shape[-1])[0]
+        interior = part
+    spread = (interior - values).abs().amax() if interior.numel() else torch.tensor(0.0)
     if float(spread) > 1e-5 * (1.0 + float(values.abs().max())):
-        raise RuntimeError(f"a removed channel read by {name} is not constant (spread {float(spread):.3g})")
+        return None
     return values
 
 
@@ -368,27 +383,71 @@ def _apply_folds(model: nn.Module, folds: list[_Fold]) -> None:
             mean.sub_(fold.delta.to(mean.device, mean.dtype))
 
 
-def settle(model: nn.Module, space: PruningSpace, old: Masks, candidate: Masks, example_inputs
-           ) -> tuple[Masks, list[str]]:
-    """Unused path removal of ``candidate`` with constant folding, committed to ``model`` in place.
-
-    ``model`` must hold ``old``'s masks. Channels whose constant contribution cannot be folded are kept
-    (pinned) and the fixed point recomputed. Returns ``(final masks, folded channel labels)``; on return
-    the folds are applied and ``model`` holds the final masks.
-    """
-    pinned: dict[str, torch.Tensor] = {}
+def _fixed_point(model: nn.Module, space: PruningSpace, old: Masks, candidate: Masks, example_inputs,
+                 pinned: dict[str, torch.Tensor]) -> tuple[Masks, list[_Fold]]:
+    """Unused path removal of ``candidate`` (channels in ``pinned`` kept) and the folds it needs; channels
+    whose constant contribution cannot be folded are pinned too and the fixed point recomputed."""
+    pinned = {k: v.clone() for k, v in pinned.items()}
     for _ in range(1 + sum(g.size for g in space.filter_groups)):
         new = remove_unused_paths(space, candidate, pinned=pinned)
         folds, unfoldable = _fold_plan(model, space, old, new, example_inputs)
         if not unfoldable:
-            _apply_folds(model, folds)
-            apply_masks(model, space.param_masks(new))
-            return new, sorted({label for fold in folds for label in fold.channels})
+            return new, folds
         candidate = _copy_masks(candidate)
         for gname, mask in unfoldable.items():
             pinned[gname] = pinned.get(gname, torch.zeros_like(mask)) | mask
             candidate.filters[gname] = candidate.filters[gname] | (mask & old.filters[gname])
     raise RuntimeError("purification did not settle")  # each round pins >= 1 channel, so unreachable
+
+
+def _committed(model: nn.Module, space: PruningSpace, masks: Masks, folds: list[_Fold]) -> nn.Module:
+    """A copy of ``model`` with ``folds`` applied and ``masks`` zeroed."""
+    work = copy.deepcopy(model)
+    _apply_folds(work, folds)
+    apply_masks(work, space.param_masks(masks))
+    return work
+
+
+def _same_function(reference: nn.Module, trial: nn.Module, example_inputs) -> bool:
+    """``trial`` computes what ``reference`` computes in eval mode (compaction's tolerance), on the example
+    inputs and a seeded random batch of their shape."""
+    try:
+        verify(reference, trial, example_inputs)
+    except RuntimeError:
+        return False
+    return True
+
+
+def settle(model: nn.Module, space: PruningSpace, old: Masks, candidate: Masks, example_inputs
+           ) -> tuple[Masks, list[str]]:
+    """Unused path removal of ``candidate`` with constant folding, committed to ``model`` in place; never
+    changes the function.
+
+    ``model`` must hold ``old``'s masks. The reference is ``model`` with ``candidate``'s removals only
+    (their constants folded where possible; for the first call, ``candidate`` is ``old`` and the reference is
+    the model masked at the requested rates). Channels whose constant contribution cannot be folded are kept;
+    if the result still differs from the reference (a removed channel was read by an operation that mixes
+    channels, or a fold is inexact at a padded border), the unused channels of each group are tried one
+    group at a time and kept where removing them changes the output. Returns ``(final masks, folded channel
+    labels)``; on return the folds are applied and ``model`` holds the final masks.
+    """
+    everything = {k: v.clone() for k, v in candidate.filters.items()}
+    ref_masks, ref_folds = _fixed_point(model, space, old, candidate, example_inputs, everything)
+    reference = _committed(model, space, ref_masks, ref_folds)
+    new, folds = _fixed_point(model, space, old, candidate, example_inputs, {})
+    if not _same_function(reference, _committed(model, space, new, folds), example_inputs):
+        pinned = everything
+        for gname in [k for k in new.filters if not torch.equal(new.filters[k], ref_masks.filters[k])]:
+            trial_pins = {k: v for k, v in pinned.items() if k != gname}
+            trial, trial_folds = _fixed_point(model, space, old, candidate, example_inputs, trial_pins)
+            if _same_function(reference, _committed(model, space, trial, trial_folds), example_inputs):
+                pinned = trial_pins
+        new, folds = _fixed_point(model, space, old, candidate, example_inputs, pinned)
+        if not _same_function(reference, _committed(model, space, new, folds), example_inputs):
+            new, folds = ref_masks, ref_folds
+    _apply_folds(model, folds)
+    apply_masks(model, space.param_masks(new))
+    return new, sorted({label for fold in folds for label in fold.channels})
 
 
 def check_purification(tolerance: float, thresholds: Sequence[float]) -> None:

@@ -272,9 +272,14 @@ class ActionSampler:
         ``space.max_rate``. Units of other kinds stay at rate 0.
 
         Raises:
-            UserError: unknown objective, empty space, or an unreachable target.
+            UserError: unknown objective, empty space, a FLOPs target with irregular units only (their zeros
+                stay in dense tensors: the compact model's MACs do not drop), or an unreachable target.
         """
         units = [u for u in units_from_space(space, objective) if kinds is None or u.kind in kinds]
+        if objective == "flops" and units and all(u.kind == "irregular" for u in units):
+            raise UserError("a FLOPs target cannot be met by irregular pruning alone (its zeros stay in dense "
+                            "tensors, so the compact model's MACs do not drop)",
+                            "add filter or column units (dims), or give a params target")
         return cls(units, space_cost(space, units, objective), target,
                    r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter)
 

@@ -4,21 +4,27 @@
 AAAI 2020, §"hybrid structured pruning"):
 
 * **filter groups** (:class:`FilterGroup`) — output channels coupled through residual additions,
-  concatenation, depthwise convolutions, normalisation layers and Flatten -> Linear, found with
-  torch-pruning's ``DependencyGraph`` (Fang et al., "DepGraph", CVPR 2023). One group per coupled set;
-  its name is its root module, the first Conv2d / Linear of the set in ``named_modules`` order, and its
-  channels are the root's output channels. A rate applies once per group.
-* **column layers** (:class:`ColumnLayer`) — every Conv2d / Linear weight in the GEMM view
-  ``[F, C/groups * kh * kw]`` (Linear: ``[out, in]``); a column is one (input channel, i, j) position
-  across all filters.
+  concatenation, depthwise convolutions, normalisation layers, per-channel parameters and Flatten ->
+  Linear, found with torch-pruning's ``DependencyGraph`` (Fang et al., "DepGraph", CVPR 2023; see
+  :func:`trace_graph`: frozen layers and train-only branches are traced too). One group per coupled set;
+  its name is its root module, the first Conv / Linear of the set in ``named_modules`` order, and its
+  channels are the root's output channels. A rate applies once per group. Conv1d / Conv2d / Conv3d,
+  ConvTranspose1d/2d/3d (output channels on weight dim 1) and Linear layers take part. A one-channel
+  gate multiplied over all channels broadcasts and does not couple.
+* **column layers** (:class:`ColumnLayer`) — every Conv / Linear weight in the GEMM view
+  ``[F, C/groups * prod(k)]`` (Linear: ``[out, in]``; transposed convs: ``weight.transpose(0, 1)``); a
+  column is one (input channel, kernel position) across all filters.
 * **irregular layers** (:class:`IrregularLayer`) — every prunable weight, element by element.
 
-What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`):
-the classifier's output units (any group reaching the model output), grouped convolutions, normalisations
-that mix channels (LayerNorm, GroupNorm), modules the forward never reaches, user-ignored modules, and any
-group whose channel mapping the build cannot verify. Verification: one analysis forward with one channel
-of every group removed; every input slice the group assigns to a consumer must then be constant across
-samples (it reads nothing but the removed channel), otherwise torch-pruning mapped it wrongly.
+What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`,
+listed in docs/SUPPORT.md): the classifier's output units (any group reaching the model output), grouped
+convolutions, normalisations over the channels (LayerNorm, GroupNorm), modules the forward never reaches
+(eval or train mode), user-ignored modules, and any group whose channel mapping the build cannot verify.
+Verification: one analysis forward with a seeded random half of every group's channels removed; every
+input slice the group assigns to a consumer must then be constant across samples (it reads nothing but
+removed channels), otherwise torch-pruning mapped it wrongly (e.g. through a channel shuffle). A model
+torch-pruning cannot trace has no filter groups (the reason is under the name ``""``);
+:meth:`PruningSpace.check_dims` refuses a requested kind without units before any work.
 
 Masks (:class:`autocompress.masks.Masks`) select kept units; :meth:`PruningSpace.param_masks` expands them
 to every affected parameter and :meth:`PruningSpace.count` gives the parameters and MACs the physically
@@ -116,12 +122,15 @@ class FilterGroup:
 
 @dataclass(frozen=True)
 class ColumnLayer:
-    """Columns of one Conv2d / Linear weight in the GEMM view ``[rows, size]``.
+    """Columns of one Conv / Linear weight in the GEMM view ``[rows, size]``.
 
     Attributes:
         name: module name; param: its weight's name.
-        rows: filters (Linear: output features); size: columns (``C/groups*kh*kw``; Linear: ``in``).
+        rows: filters (Linear: output features); size: columns (``C/groups*prod(k)``; Linear: ``in``);
+            column ``c * prod(k) + p`` is input channel ``c`` at flattened kernel position ``p``.
         params: weight entries (``rows * size``); macs: MACs of the layer per forward of the example inputs.
+        transposed: a ConvTranspose weight ``[C_in, rows, *k]`` (groups 1), whose GEMM view is
+            ``weight.transpose(0, 1)`` flattened.
     """
 
     name: str
@@ -130,6 +139,23 @@ class ColumnLayer:
     size: int
     params: int
     macs: int
+    transposed: bool = False
+
+    def gemm(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the weight or a mask of its shape) in the GEMM view ``[rows, size]`` (a view unless
+        transposed)."""
+        if self.transposed:
+            return tensor.reshape(tensor.shape[0], self.rows, -1).transpose(0, 1).reshape(self.rows, self.size)
+        return tensor.reshape(self.rows, self.size)
+
+    def clear_columns(self, mask: torch.Tensor, columns: torch.Tensor) -> None:
+        """Set GEMM columns ``columns`` (int64) of ``mask`` (shaped like the weight) to False, in place."""
+        if self.transposed:
+            grid = mask.view(mask.shape[0], self.rows, -1)
+            area = grid.shape[2]
+            grid[columns // area, :, columns % area] = False
+        else:
+            mask.view(self.rows, self.size)[:, columns] = False
 
 
 @dataclass(frozen=True)
@@ -242,17 +268,18 @@ class PruningSpace:
 
         rows = layer_table(model, inputs)
         own_macs = {r.name: r.macs for r in rows}
+        train_only = train_only_modules(model, inputs)
         param_names = _param_names(model)
         layer_macs = {names[m]: (param_names[id(m.weight)], own_macs.get(names[m], 0))
-                      for m in model.modules() if _is_weight_layer(m)}
+                      for m in model.modules() if is_weight_layer(m)}
         total = Counts(params=sum(p.numel() for p in model.parameters()),
                        macs=sum(r.macs for r in rows))
 
         candidates = {}
         for module, name in names.items():
-            if not _is_weight_layer(module):
+            if not is_weight_layer(module):
                 continue
-            reason = _layer_problem(module, name, ignored, own_macs)
+            reason = _layer_problem(module, name, ignored, own_macs, module in train_only)
             if reason:
                 _exclude(excluded, name, reason)
             else:
@@ -260,7 +287,7 @@ class PruningSpace:
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
-            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs)
+            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded)
                    for n, m in candidates.items()] if "column" in dims else []
         irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
@@ -270,6 +297,21 @@ class PruningSpace:
         return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total)
+
+    def check_dims(self, dims: Sequence[str]) -> None:
+        """Refuse, before any work, pruning ``dims`` when one of these kinds has no unit in the space.
+
+        Raises:
+            UserError: naming the kind, the first excluded module and its reason (e.g. the model torch-pruning
+                cannot trace: no filter group), and the fix (other dims, or the module out of ignored layers).
+        """
+        for kind in dims:
+            if not self._units[kind]:
+                name, reason = next(((n, r) for n, r in self.excluded.items() if kind in r or "ignored" in r),
+                                    next(iter(self.excluded.items()), ("", "no Conv / Linear layer")))
+                raise UserError(f"no {kind} unit can be pruned in this model ({name or 'the model'}: {reason})",
+                                f"drop {kind} from dims, or change the model / ignored layers so that "
+                                f"{name or 'it'} can be pruned")
 
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
@@ -339,7 +381,7 @@ class PruningSpace:
         for name, keep in masks.columns.items():
             layer = self._checked_unit("column", name, keep)
             mask = entry(layer.param)
-            mask.view(layer.rows, layer.size)[:, ~keep.to("cpu", torch.bool)] = False
+            layer.clear_columns(mask, torch.nonzero(~keep.to("cpu", torch.bool)).flatten())
         for name, keep in masks.weights.items():
             layer = self._checked_unit("irregular", name, keep)
             entry(layer.param).logical_and_(keep.to("cpu", torch.bool))
@@ -358,12 +400,17 @@ class PruningSpace:
     def count(self, masks: Masks) -> Counts:
         """Parameters and MACs of the physically compacted model for ``masks``.
 
-        Parameters: every model parameter minus the removed entries (an irregularly removed weight counts
-        as removed: it is stored sparsely). MACs: for each Conv / Linear, kept weight entries x output
-        positions summed over its calls (``macs_full * kept / numel``), plus the MACs the flop counter
-        attributes to other operations (unchanged by pruning). FLOPs = 2 x MACs.
+        Parameters: the compact model's non-zero parameters, i.e. every model parameter minus the removed
+        entries (an irregularly removed weight counts as removed; it stays a zero in a dense tensor, so the
+        dense parameter count, ``metrics.count_params``, is this plus the irregular zeros). MACs: those of
+        the compact model, whose tensors are dense: for each Conv / Linear, the weight entries left by filter
+        and column pruning x output positions summed over its calls (``macs_full * kept / numel``;
+        irregular zeros are still multiplied), plus the MACs the flop counter attributes to other
+        operations (unchanged by pruning). FLOPs = 2 x MACs.
         """
-        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()})
+        structural = Masks(filters=masks.filters, columns=masks.columns, weights={})
+        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()},
+                            {name: int(mask.sum()) for name, mask in self.param_masks(structural).items()})
 
     def estimate(self, rates: Mapping[str, Mapping[str, float]]) -> Counts:
         """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
@@ -386,28 +433,32 @@ class PruningSpace:
             shape = self.param_shapes[param]
             left = [n - removed.get((param, d), 0) for d, n in enumerate(shape)]
             kept[param] = math.prod(left)
+        dense = dict(kept)
         columns = {c.param: c for c in self.column_layers}
         weights = {w.param: w for w in self.irregular_layers}
         for param in dict.fromkeys([*columns, *weights]):
             shape = self.param_shapes[param]
-            rows = shape[0] - removed.get((param, 0), 0)
+            row_dim = 1 if param in columns and columns[param].transposed else 0
+            rows = shape[row_dim] - removed.get((param, row_dim), 0)
             cols = kept.get(param, shape.numel()) // rows if rows else 0
             if param in columns:
                 cols = keep_count(cols, rates["column"].get(columns[param].name, 0.0))
             entries = rows * cols
+            dense[param] = entries
             if param in weights:
                 entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
             kept[param] = entries
-        return self._counts(kept)
+        return self._counts(kept, dense)
 
-    def _counts(self, kept: Mapping[str, int]) -> Counts:
-        """Counts of the compact model given the kept entries of each pruned parameter."""
+    def _counts(self, kept: Mapping[str, int], dense: Mapping[str, int]) -> Counts:
+        """Counts of the compact model given the non-zero entries of each pruned parameter (``kept``) and
+        the entries its dense tensors keep (``dense``: filter and column pruning only)."""
         params = self.total.params - sum(self.param_shapes[p].numel() - k for p, k in kept.items())
         macs = self.total.macs
         for weight, full in self.layer_macs.values():
-            if weight in kept:
+            if weight in dense:
                 numel = self.param_shapes[weight].numel()
-                macs -= full * (numel - kept[weight]) // numel
+                macs -= full * (numel - dense[weight]) // numel
         return Counts(params=params, macs=macs)
 
 
@@ -424,45 +475,133 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _is_weight_layer(module: nn.Module) -> bool:
+def is_weight_layer(module: nn.Module) -> bool:
+    """A Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with a weight Parameter."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
         getattr(module, "weight", None), nn.Parameter)
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """A ConvTranspose1d/2d/3d (weight ``[C_in, C_out/groups, *k]``: output channels on dim 1)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and bool(module.transposed)
+
+
+def out_dim(module: nn.Module) -> int:
+    """The weight dimension of a Conv / Linear that indexes its output channels (1 for transposed convs)."""
+    return 1 if is_transposed(module) else 0
+
+
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
+            and module.groups == module.in_channels)
 
 
-def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int]) -> str:
+def _channels(module: nn.Module, out: bool) -> int:
+    """Output (``out``) or input channels / features of a Conv / Linear."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if out else module.in_features
+    return module.out_channels if out else module.in_channels
+
+
+def _batch_of_two(inputs: tuple) -> tuple:
+    """The example inputs with a batch of (at least) two: a batch-1 tensor is repeated (train-mode
+    BatchNorm needs more than one value per channel)."""
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t
+                 for t in inputs)
+
+
+def _reached(model: nn.Module, inputs: tuple, train: bool) -> set[nn.Module]:
+    """Modules called by one forward in train or eval mode (no grad; modes, buffers and RNG restored)."""
+    called: set[nn.Module] = set()
+    handles = [m.register_forward_hook(lambda module, *_: called.add(module)) for m in model.modules()]
+    try:
+        with preserved_state(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.train(train)
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def train_only_modules(model: nn.Module, inputs: tuple) -> set[nn.Module]:
+    """Modules the forward reaches in train mode but not in eval mode (e.g. auxiliary heads), from two
+    forwards on ``inputs`` (repeated to a batch of two). Empty when the train-mode forward fails."""
+    try:
+        train = _reached(model, _batch_of_two(inputs), True)
+    except Exception:  # noqa: BLE001 - a model that cannot run in train mode has no train-only modules
+        return set()
+    return train - _reached(model, inputs, False)
+
+
+def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | None = None) -> tp.DependencyGraph:
+    """torch-pruning's DependencyGraph of ``model`` on ``inputs`` (Fang et al., CVPR 2023).
+
+    Traced in train mode, on the inputs repeated to a batch of two (train-mode BatchNorm), when some module
+    is reached only in train mode (``train_only``, default :func:`train_only_modules`), so a train-only
+    auxiliary head's inputs couple with their producers; else in eval mode on ``inputs``. Every parameter
+    temporarily requires grad (frozen layers are traced like the others; inputs are not marked, which
+    torch-pruning mis-traces). Modes, buffers, RNG and ``requires_grad`` are restored.
+
+    Raises:
+        UserError: torch-pruning cannot trace the model (names the model class and the error).
+    """
+    train = bool(train_only_modules(model, inputs) if train_only is None else train_only)
+    doubled = _batch_of_two(inputs) if train else inputs
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            for p in frozen:
+                p.requires_grad_(True)
+
+            def forward(module, args):  # torch-pruning switches to eval mode before calling this
+                module.train(train)
+                return module(*args)
+
+            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
+        raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
+                        "prune it with column / irregular units only (dims)") from exc
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
+                   train_only: bool) -> str:
     if name in ignored:
         return "ignored by request"
-    if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "transposed", False):
-        return f"{type(module).__name__} is not pruned (only Conv2d and Linear are)"
-    if own_macs.get(name, 0) == 0:
-        return "not reached by the forward pass (eval mode)"
+    if own_macs.get(name, 0) == 0 and not train_only:
+        return "not reached by the forward pass (eval or train mode)"
     return ""
 
 
 def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
                   layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str]) -> ColumnLayer | None:
-    rows = module.weight.shape[0]
-    size = module.weight[0].numel()
-    if _is_depthwise(module):
-        _exclude(excluded, name, "column pruning: depthwise convolution has one column per filter")
+    transposed = is_transposed(module)
+    if transposed and module.groups > 1:
+        _exclude(excluded, name, "column pruning: grouped transposed convolution")
         return None
+    rows = module.weight.shape[out_dim(module)]
+    size = module.weight.numel() // rows
     if size < 2:
         _exclude(excluded, name, "column pruning: a single column")
         return None
     return ColumnLayer(name=name, param=param_names[id(module.weight)], rows=rows, size=size,
-                       params=module.weight.numel(), macs=layer_macs[name][1])
+                       params=module.weight.numel(), macs=layer_macs[name][1], transposed=transposed)
 
 
-def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs) -> list[FilterGroup]:
-    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward."""
-    with preserved_state(model), torch.enable_grad():
-        traced = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
-        graph = tp.DependencyGraph().build_dependency(model, traced if len(traced) > 1 else traced[0],
-                                                      verbose=False)
+def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
+                  train_only) -> list[FilterGroup]:
+    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward.
+    A model torch-pruning cannot trace gets no filter groups (the reason is recorded under the name
+    ``""``, the model); a module whose group torch-pruning cannot enumerate is excluded by name."""
+    try:
+        graph = trace_graph(model, inputs, train_only)
+    except UserError as exc:
+        _exclude(excluded, "", f"filter pruning: {str(exc)}")
+        return []
     # modules whose output is a model output (torch-pruning adds an output node only after other ops)
     sinks = {node.module for node in graph.module2node.values() if not node.outputs}
     groups: list[FilterGroup] = []
@@ -471,12 +610,16 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     for name, module in candidates.items():
         if module in visited or module not in graph.module2node:
             continue
-        pruner = graph.get_pruner_of_module(module)
-        tp_group = graph.get_pruning_group(module, pruner.prune_out_channels,
-                                           list(range(pruner.get_out_channels(module))))
-        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks)
+        try:
+            pruner = graph.get_pruner_of_module(module)
+            size = pruner.get_out_channels(module)
+            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
+            _exclude(excluded, name, f"filter pruning: torch-pruning cannot map its channels "
+                     f"({type(exc).__name__})")
+            continue
+        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size)
         visited.update(members)
-        size = pruner.get_out_channels(module)
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
         if not problem:
@@ -491,9 +634,12 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     return _verified(model, inputs, groups, excluded)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice], set, str]:
-    """Parameter slices of one torch-pruning group, the modules whose rows it prunes, and a problem
-    ("" if the group can be pruned)."""
+def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list[Slice], set, str]:
+    """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
+    and a problem ("" if the group can be pruned).
+
+    A member whose pruned dimension has size 1 while the group has more channels is a broadcast (a
+    one-channel gate multiplied over all channels): it does not couple and is skipped."""
     slices: list[Slice] = []
     members: set = set()
     problem = ""
@@ -508,35 +654,44 @@ def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice
             continue
         if isinstance(target, nn.Parameter):
             name = param_names.get(id(target), "")
-            other = [s for d, s in enumerate(target.shape) if d != node.pruning_dim % target.dim()]
+            dim = node.pruning_dim % target.dim()
+            other = [s for d, s in enumerate(target.shape) if d != dim]
+            if target.shape[dim] == 1 < size:
+                continue
             if any(s != 1 for s in other):
                 problem = problem or f"filter pruning: free parameter {name} is not per-channel"
             else:
-                slices.append(Slice(name, name.rpartition(".")[0], "norm", node.pruning_dim % target.dim(),
-                                    index, channel))
+                slices.append(Slice(name, name.rpartition(".")[0], "norm", dim, index, channel))
             continue
         if not isinstance(target, nn.Module) or target not in names:
             continue  # torch-pruning's placeholder ops (add, cat, view, ...) own no parameters
         mname = names[target]
-        if isinstance(target, (nn.Conv2d, nn.Linear)):
+        if is_weight_layer(target):
+            dim = out_dim(target) if out_side or _is_depthwise(target) else 1 - out_dim(target)
+            extent = _channels(target, out_side or _is_depthwise(target))
+            if extent == 1 < size:
+                continue  # a broadcast, e.g. a one-channel spatial gate
             if out_side:
                 members.add(target)
             if mname not in candidates:
                 problem = problem or f"filter pruning: couples with {mname}, which is not pruned"
                 continue
-            if isinstance(target, nn.Conv2d) and target.groups > 1 and not _is_depthwise(target):
+            if isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and not _is_depthwise(target):
                 problem = problem or f"filter pruning: couples with grouped convolution {mname}"
                 continue
-            if isinstance(target, nn.Conv2d) and _is_depthwise(target) and target.out_channels != target.in_channels:
+            if _is_depthwise(target) and target.out_channels != target.in_channels:
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
+                continue
+            if bool((index >= extent).any()):
+                problem = problem or f"filter pruning: torch-pruning maps channels outside {mname}'s weight"
                 continue
             wname = param_names[id(target.weight)]
             if out_side or _is_depthwise(target):
-                slices.append(Slice(wname, mname, "weight", 0, index, channel))
+                slices.append(Slice(wname, mname, "weight", dim, index, channel))
                 if target.bias is not None:
                     slices.append(Slice(param_names[id(target.bias)], mname, "bias", 0, index, channel))
             else:
-                slices.append(Slice(wname, mname, "input", 1, index, channel))
+                slices.append(Slice(wname, mname, "input", dim, index, channel))
         elif isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             for p in (target.weight, target.bias):
                 if p is not None:
@@ -544,6 +699,9 @@ def _slices(tp_group, names, param_names, candidates, sinks) -> tuple[list[Slice
         elif isinstance(target, nn.PReLU):
             if target.num_parameters > 1:
                 slices.append(Slice(param_names[id(target.weight)], mname, "norm", 0, index, channel))
+        elif isinstance(target, (nn.LayerNorm, nn.GroupNorm)):
+            problem = problem or (f"filter pruning: {type(target).__name__} {mname} normalises over the "
+                                  "channels, so removing one changes the others")
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     merged = _merge(slices)
@@ -605,9 +763,11 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
               excluded: dict[str, str]) -> list[FilterGroup]:
     """Keep the groups whose consumer input slices read only the group's channels.
 
-    One analysis forward on two random samples with the last channel of every group removed (weights
-    zeroed, restored afterwards): every consumer input slice of that channel must be identical for both
-    samples. A slice torch-pruning mapped wrongly reads live features and differs.
+    One analysis forward on two random samples with a seeded random half of the channels of every group
+    removed (weights zeroed, restored afterwards): every consumer input slice of those channels must be
+    identical for both samples. A slice torch-pruning mapped wrongly (e.g. through a channel shuffle)
+    reads live features and differs. A random half rather than one fixed channel: a permutation rarely
+    maps it onto itself, while it maps the last (or first) channel onto itself in a channel shuffle.
     """
     if not groups:
         return groups
@@ -619,9 +779,9 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     saved: dict[str, torch.Tensor] = {}
     watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
     for g in groups:
-        last = g.size - 1
+        gone = torch.randperm(g.size, generator=gen)[:max(1, g.size // 2)]
         for s in g.slices:
-            index = s.index[s.channel == last]
+            index = s.index[torch.isin(s.channel, gone)]
             if s.param not in saved:
                 saved[s.param] = params[s.param].detach().clone()
             params[s.param].index_fill_(s.dim, index.to(params[s.param].device), 0)
@@ -642,7 +802,7 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
             params[name].copy_(value)
     bad: dict[str, str] = {}
     for consumer, checks in watched.items():
-        feature_dim = 1 if isinstance(modules[consumer], nn.Conv2d) else -1
+        feature_dim = 1 if isinstance(modules[consumer], nn.modules.conv._ConvNd) else -1
         for x in seen.get(consumer, []):
             for gname, index in checks:
                 part = x.index_select(feature_dim, index.to(x.device))

@@ -1,0 +1,506 @@
+"""Architecture fuzzer and regression nets for the pruning engine (issue 16).
+
+Every net here goes through the engine's one-shot path, driven directly (no ``prune()``):
+``PruningSpace.build`` -> ``check_dims`` -> ``projection.project`` -> ``purification.purify`` (unused path
+removal only, no validation data) -> ``compaction.compact``, in four modes (filter 0.5, column 0.5, hybrid 0.5, irregular
+0.7) with a batch-1 and a batch-2 example. The outcome must be either a clean refusal (a one-line
+``UserError`` naming a module or the model) or a compact model for which every invariant holds:
+
+* eval output equals the model masked at the *requested* rates (before purification), on the example, a
+  random batch and a second input size (tolerance ``1e-5 * max(1, max|output|)``);
+* it runs (forward and backward) in train mode with a batch of two;
+* its dense parameter count and MACs are what ``PruningSpace.count`` reports for the final masks, and each
+  filter group's root layer has exactly the kept number of output channels;
+* every parameter keeps the input model's ``requires_grad``; the model rebuilt from its architecture
+  description and state dict (what loading a saved compact model does) computes the same;
+* the input model is unchanged (parameters, buffers, train flags, ``requires_grad``).
+
+The fuzzer (hypothesis) composes random small nets from the blocks below. Its budget is
+``AUTOCOMPRESS_FUZZ_EXAMPLES`` generated nets (default 6, about a minute on two cores); set it higher for
+own runs, e.g. ``AUTOCOMPRESS_FUZZ_EXAMPLES=200``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from autocompress import compaction, projection, purification
+from autocompress.errors import UserError
+from autocompress.masks import apply_masks
+from autocompress.architecture import apply_architecture
+from autocompress.metrics import count_macs, count_nonzero_params, count_params
+from autocompress.space import PruningSpace, keep_count
+
+torch.set_num_threads(1)
+
+MODES = {"filter": (("filter",), 0.5), "column": (("column",), 0.5), "hybrid": (("filter", "column"), 0.5),
+         "irregular": (("irregular",), 0.7)}
+FUZZ_EXAMPLES = int(os.environ.get("AUTOCOMPRESS_FUZZ_EXAMPLES", "6"))
+
+
+# ------------------------------------------------------------------------------------------------ harness
+def _snapshot(model: nn.Module) -> dict:
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "training": [m.training for m in model.modules()],
+            "grad": [p.requires_grad for p in model.parameters()]}
+
+
+def _unchanged(model: nn.Module, snap: dict) -> bool:
+    state = model.state_dict()
+    return (state.keys() == snap["state"].keys()
+            and all(torch.equal(state[k], v) for k, v in snap["state"].items())
+            and [m.training for m in model.modules()] == snap["training"]
+            and [p.requires_grad for p in model.parameters()] == snap["grad"])
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if hasattr(module, "out_features") else module.out_channels
+
+
+def _names_a_module(message: str, model: nn.Module) -> bool:
+    return type(model).__name__ in message or any(name and name in message for name, _ in model.named_modules())
+
+
+def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch.Tensor | None = None):
+    """Run the one-shot path in ``mode`` and check every invariant (module docstring).
+
+    Returns ``None`` when the engine refused cleanly (the refusal is checked), else the compact model.
+    """
+    dims, rate = MODES[mode]
+    model.eval()
+    snap = _snapshot(model)
+    try:
+        space = PruningSpace.build(model, example, dims=tuple(dict.fromkeys(("filter",) + dims)))
+        space.check_dims(dims)
+        rates = {kind: {u.name: rate for u in space.units(kind)} for kind in dims}
+        masks = projection.project(space, model, rates)
+        masked = copy.deepcopy(model)
+        apply_masks(masked, space.param_masks(masks))
+        work = copy.deepcopy(model)
+        final = purification.purify(work, space, masks, example_inputs=example).masks
+        result = compaction.compact(work, space.param_masks(final), example)
+    except UserError as exc:
+        message = str(exc)
+        assert "\n" not in message and _names_a_module(message, model), message
+        assert _unchanged(model, snap)
+        return None
+    assert _unchanged(model, snap), "the input model changed"
+    compact = result.model
+    batches = [example, torch.randn(example.shape, generator=torch.Generator().manual_seed(1))]
+    if second is not None:
+        batches.append(second)
+    for x in batches:
+        assert _close(_outputs(compact, x), _outputs(masked, x)), f"{mode}: compact != masked at {tuple(x.shape)}"
+    compact.train()
+    out = compact(torch.randn(2, *example.shape[1:]))
+    sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    compact.eval()
+    counts = space.count(final)
+    if "irregular" in dims:  # whole rows / columns that irregular pruning empties are removed as well
+        dense = space.count(type(final)(filters=final.filters, columns=final.columns, weights={}))
+        assert count_params(compact) <= dense.params and count_macs(compact, example) <= counts.macs
+        assert count_nonzero_params(compact) == count_nonzero_params(work), f"{mode}: non-zero weights differ"
+    else:
+        assert count_params(compact) == counts.params, f"{mode}: parameters differ from the space's count"
+        assert count_macs(compact, example) == counts.macs, f"{mode}: MACs differ from the space's count"
+    modules = dict(compact.named_modules())
+    for group in space.filter_groups:
+        assert _out_channels(modules[group.name]) == int(final.filters[group.name].sum()), group.name
+        if "filter" in dims:
+            assert int(masks.filters[group.name].sum()) == keep_count(group.size, rate)
+    rebuilt = apply_architecture(copy.deepcopy(model), result.architecture)  # what loading a saved model does
+    rebuilt.load_state_dict(compact.state_dict())
+    assert _close(_outputs(rebuilt, example), _outputs(compact, example)), f"{mode}: rebuilt != compact"
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.requires_grad == flags[n] for n, p in compact.named_parameters() if n in flags)
+    return compact
+
+
+def check_all_modes(model_fn, shape, second_shape=None, expect_pass=()):
+    """:func:`oneshot` in every mode with a batch-1 and a batch-2 example; modes in ``expect_pass`` must
+    not be refused."""
+    for mode in MODES:
+        for batch in (1, 2):
+            torch.manual_seed(0)
+            model = model_fn()
+            x = torch.randn(batch, *shape)
+            second = torch.randn(batch, *second_shape) if second_shape else None
+            compact = oneshot(model, x, mode, second=second)
+            assert compact is not None or mode not in expect_pass, f"{mode} refused at batch {batch}"
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.bn(self.a(x))))
+
+
+class Concat(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, 4, 3, padding=1), nn.Conv2d(c, 6, 1)
+        self.out = 10
+
+    def forward(self, x):
+        return F.relu(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class UnevenSplit(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.first = max(1, c // 3)
+        self.a, self.b = nn.Conv2d(self.first, 4, 3, padding=1), nn.Conv2d(c - self.first, 4, 1)
+        self.out = 8
+
+    def forward(self, x):
+        left, right = torch.split(x, [self.first, x.shape[1] - self.first], 1)
+        return F.relu(torch.cat([self.a(left), self.b(right)], 1))
+
+
+class Separable(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.bn, self.pw = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.Conv2d(c, 8, 1)
+        self.out = 8
+
+    def forward(self, x):
+        return F.relu(self.pw(F.relu(self.bn(self.dw(x)))))
+
+
+class Grouped(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.pre, self.g = nn.Conv2d(c, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.out = 8
+
+    def forward(self, x):
+        return F.relu(self.g(F.relu(self.pre(x))))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(c, 8, 3, padding=1), nn.Linear(8, 4), nn.Linear(4, 8)
+        self.out = 8
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class SpatialGate(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn, self.gate = nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 1, 1)
+        self.out = 8
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        return x * torch.sigmoid(self.gate(x))
+
+
+class PerChannelParam(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 8, 3, padding=1)
+        self.scale, self.shift = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8) * 0.1)
+        self.out = 8
+
+    def forward(self, x):
+        return F.relu(self.conv(x) * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1))
+
+
+class ChannelNorm(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 8, 3, padding=1)
+        self.out = 8
+
+    def forward(self, x):
+        return F.normalize(self.conv(x), dim=1)
+
+
+class ChannelsLastLN(nn.Module):
+    """ConvNeXt-style: depthwise conv, permute, LayerNorm, Linear, GELU, Linear, layer scale, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.ln = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.LayerNorm(c)
+        self.pw1, self.pw2, self.gamma = nn.Linear(c, 2 * c), nn.Linear(2 * c, c), nn.Parameter(torch.full((c,), .5))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(F.gelu(self.pw1(self.ln(y)))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class UpDown(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.up, self.bn, self.down = nn.ConvTranspose2d(c, 6, 2, 2), nn.BatchNorm2d(6), nn.Conv2d(6, 8, 3, 2, 1)
+        self.out = 8
+
+    def forward(self, x):
+        return F.relu(self.down(F.relu(self.bn(self.up(x)))))
+
+
+class LinearToMap(nn.Module):
+    """Pool -> Linear -> reshape to a 4x4 feature map -> transposed conv (a generator's first layers)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc, self.up = nn.Linear(c, 6 * 16), nn.ConvTranspose2d(6, 8, 2, 2)
+        self.out = 8
+
+    def forward(self, x):
+        x = F.relu(self.fc(x.mean((2, 3)))).view(x.shape[0], 6, 4, 4)
+        return F.relu(self.up(x))
+
+
+class Interpolate(nn.Module):
+    """A strided branch brought back to the input's size (``size=`` another tensor's) and added."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(c, c, 3, 2, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = F.interpolate(F.relu(self.down(x)), size=x.shape[-2:], mode="nearest")
+        return x + self.up(y)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(F.relu(self.conv(x))))
+
+
+class AuxHead(nn.Module):
+    """A train-only auxiliary classifier (inception style): its logits are stored, the input passes on."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(c, 4, 1), nn.Linear(4, 3)
+        self.logits = None
+
+    def forward(self, x):
+        self.logits = self.fc(F.relu(self.conv(x)).mean((2, 3))) if self.training else None
+        return x
+
+
+BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, SqueezeExcite, SpatialGate, PerChannelParam,
+          ChannelNorm, ChannelsLastLN, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead]
+
+
+class Net(nn.Module):
+    """stem conv -> blocks -> global average pool -> Linear(., 3); in train mode also every auxiliary
+    head's logits (a tuple)."""
+
+    def __init__(self, blocks, frozen=(), width=6):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        layers, c = [], width
+        for block in blocks:
+            layer = block(c)
+            layers.append(layer)
+            c = getattr(layer, "out", c)
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 3)
+        for index in frozen:
+            target = self.stem if index < 0 else self.blocks[index % len(layers)]
+            for p in target.parameters():
+                p.requires_grad_(False)
+        for m in self.modules():  # non-trivial statistics, so a wrong channel mapping shows in the outputs
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        out = self.head(self.blocks(self.stem(x)).mean((2, 3)))
+        aux = [b.logits for b in self.blocks if isinstance(b, AuxHead) and b.logits is not None]
+        return (out, *aux) if self.training and aux else out
+
+
+# -------------------------------------------------------------------------------------------------- fuzzer
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=3),
+       frozen=st.lists(st.integers(-1, 2), max_size=1), seed=st.integers(0, 2 ** 16))
+def test_fuzzed_architectures_are_pruned_exactly_or_refused(blocks, frozen, seed):
+    torch.manual_seed(seed)
+    check_all_modes(lambda: Net(blocks, frozen), (3, 8, 8), (3, 12, 12))
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.__name__)
+def test_every_block_alone(block):
+    """Each block once (the fuzzer draws them at random); filter and column modes are never refused."""
+    check_all_modes(lambda: Net([block]), (3, 8, 8), (3, 12, 12), expect_pass=("column", "irregular"))
+
+
+# ------------------------------------------------------------------------ regression nets (issue 16, 1-7)
+class Sequence(nn.Module):
+    """``Net`` without the stem: blocks on the raw input."""
+
+    def __init__(self, *layers, head_in):
+        super().__init__()
+        self.layers, self.head = nn.Sequential(*layers), nn.Linear(head_in, 3)
+
+    def forward(self, x):
+        return self.head(self.layers(x).flatten(2).mean(2))
+
+
+class LinearFirst(nn.Module):
+    """Linear -> reshape to a feature map -> transposed conv -> conv (batch-1 crash, item 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.up, self.conv, self.head = nn.Linear(8, 16 * 16), nn.ConvTranspose2d(16, 8, 2, 2), \
+            nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.fc(x)).view(x.shape[0], 16, 4, 4)
+        return self.head(F.relu(self.conv(F.relu(self.up(x)))).mean((2, 3)))
+
+
+class NormThenScale(nn.Module):
+    """Channel normalisation, then a per-channel parameter applied functionally (item 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        x = F.normalize(self.conv(x), dim=1) * self.w.view(1, -1, 1, 1)
+        return self.head(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+class Shuffle(nn.Module):
+    """Channel shuffle between two convs (item 4): torch-pruning maps it wrongly; the probe must see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+ALL = tuple(MODES)
+
+
+def test_linear_reshaped_for_a_transposed_conv_at_batch_one():
+    check_all_modes(LinearFirst, (8,), expect_pass=ALL)
+    space = PruningSpace.build(LinearFirst().eval(), torch.randn(1, 8), dims=("filter",))
+    assert [g.name for g in space.filter_groups] == ["up", "conv"]
+    assert "unevenly" in space.excluded["fc"]  # 16 of its outputs form one channel of up: not a filter each
+
+
+def test_per_channel_parameter_after_channel_normalisation_at_batch_one():
+    check_all_modes(NormThenScale, (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    space = PruningSpace.build(NormThenScale().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert ("w", "norm") in [(s.param, s.role) for s in space.unit("filter", "conv").slices]
+
+
+def test_spatial_gate_does_not_couple_its_channel_with_the_features():
+    check_all_modes(lambda: Net([SpatialGate]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    space = PruningSpace.build(Net([SpatialGate]).eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    group = space.unit("filter", "blocks.0.conv")
+    assert "blocks.0.gate" in group.consumers and "blocks.0.gate" not in group.producers
+
+
+@pytest.mark.parametrize("frozen", [(-1,), (0,)])
+def test_frozen_layers_are_pruned_and_stay_frozen(frozen):
+    check_all_modes(lambda: Net([Residual, Concat], frozen), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    model = Net([Residual, Concat], frozen).eval()
+    x = torch.randn(1, 3, 8, 8)
+    frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for mode in ("filter", "column"):
+        compact = oneshot(model, x, mode)
+        assert frozen_names and frozen_names == {n for n, p in compact.named_parameters() if not p.requires_grad}
+        if mode == "filter":  # the frozen layers lose their channels (stem 6 -> 3; residual stream coupled)
+            assert compact.stem[0].out_channels == 3 and compact.blocks[0].b.out_channels == 3
+
+
+def test_channel_shuffle_is_excluded_not_miscompacted():
+    check_all_modes(Shuffle, (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    space = PruningSpace.build(Shuffle().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "could not be verified" in space.excluded["conv"]
+
+
+def test_channels_last_layernorm_block():
+    check_all_modes(lambda: Net([ChannelsLastLN]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    space = PruningSpace.build(Net([ChannelsLastLN]).eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "LayerNorm blocks.0.ln normalises over the channels" in space.excluded["stem.0"]
+    assert "blocks.0.pw1" in [g.name for g in space.filter_groups]
+
+
+def test_train_only_auxiliary_head_loses_its_input_channels_too():
+    check_all_modes(lambda: Net([Residual, AuxHead, Concat]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    model = Net([Residual, AuxHead, Concat]).eval()
+    compact = oneshot(model, torch.randn(1, 3, 8, 8), "filter")
+    assert compact.blocks[1].conv.in_channels == compact.stem[0].out_channels == 3
+    compact.train()
+    assert len(compact(torch.randn(2, 3, 8, 8))) == 2
+
+
+def test_conv1d_conv3d_and_transposed_convs_are_pruned_like_conv2d():
+    conv1d = lambda: Sequence(nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(),  # noqa: E731
+                              nn.Conv1d(8, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(), head_in=6)
+    conv3d = lambda: Sequence(nn.Conv3d(1, 6, 3, padding=1), nn.BatchNorm3d(6), nn.ReLU(),  # noqa: E731
+                              nn.Conv3d(6, 8, 3, padding="same"), nn.ReLU(), nn.ConvTranspose3d(8, 4, 2, 2),
+                              nn.ReLU(), nn.Conv3d(4, 4, 1), head_in=4)
+    check_all_modes(conv1d, (2, 16), (2, 20), expect_pass=ALL)
+    check_all_modes(conv3d, (1, 4, 4, 4), (1, 6, 6, 6), expect_pass=ALL)
+    x = torch.randn(1, 1, 4, 4, 4)
+    space = PruningSpace.build(conv3d().eval(), x, dims=("filter", "column"))
+    assert [g.name for g in space.filter_groups] == ["layers.0", "layers.3", "layers.5", "layers.7"]
+    assert [c.name for c in space.column_layers] == ["layers.0", "layers.3", "layers.5", "layers.7", "head"]
+    assert space.unit("column", "layers.5").transposed and space.unit("column", "layers.5").size == 8 * 8
+    compact = oneshot(conv3d(), x, "hybrid")
+    assert type(compact.layers[3]).__name__ == "ColumnConvNd" and compact.layers[5].in_channels == 4
+    assert compact.layers[5].transposed and compact.layers[5].num_columns == 4 * 8 - round(0.5 * 4 * 8)
+    compact = oneshot(conv1d(), torch.randn(1, 2, 16), "column")
+    assert type(compact.layers[3]).__name__ == "ColumnConvNd"
+
+
+def test_untraceable_model_refuses_filters_and_prunes_columns():
+    """torchvision's ShuffleNetV2: torch-pruning cannot trace it (ZeroDivisionError), so filter pruning is
+    refused before any work, naming the model; column and irregular pruning work (issue 16, item 4)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    assert oneshot(model, x, "filter") is None
+    space = PruningSpace.build(model, x, dims=("filter", "column"))
+    with pytest.raises(UserError, match="cannot trace ShuffleNetV2.*drop filter from dims"):
+        space.check_dims(["filter"])
+    assert oneshot(model, x, "column") is not None and oneshot(model, x, "irregular") is not None
