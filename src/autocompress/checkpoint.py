@@ -33,6 +33,7 @@ from .atomic import atomic_torch_save
 from .errors import UserError
 from .integrity import check_finite, verify_archive
 from .models import create_model
+from .sparse import from_sparse_state_dict, is_sparse, to_sparse_state_dict
 
 FORMAT = "autocompress-checkpoint"
 VERSION = 1
@@ -116,7 +117,8 @@ def _model_entry(name: str | None, class_name: str | None, kwargs: dict | None) 
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: str | None = None,
                     model_kwargs: dict | None = None, model_class: str | None = None, dataset: dict, config: Any,
-                    metrics: dict, architecture: dict | None = None, training_state: dict | None = None) -> Path:
+                    metrics: dict, architecture: dict | None = None, training_state: dict | None = None,
+                    sparse: bool = False) -> Path:
     """Write a checkpoint to ``path`` atomically (the old file stays intact until the new one is complete).
 
     Args:
@@ -131,6 +133,9 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: st
         metrics: plain-data results (top-1 as a fraction in [0, 1], losses, timings).
         architecture: compact-model description from ``architecture.describe_architecture`` or None.
         training_state: optimizer / scheduler / epoch / RNG states for resuming, or None when finished.
+        sparse: store tensors with at least half zeros in CSR form (:mod:`autocompress.sparse`), so an
+            irregularly pruned model's file size follows its non-zero count; decoded by
+            :func:`load_checkpoint`.
 
     Returns the path.
 
@@ -142,6 +147,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: st
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    if sparse:
+        state_dict = to_sparse_state_dict(state_dict)
     return atomic_torch_save({
         "format": FORMAT, "version": VERSION, "model": entry,
         "dataset": dict(dataset), "state_dict": state_dict, "config": dict(config or {}),
@@ -189,6 +196,11 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     if missing or not isinstance(ckpt["model"].get("name") or ckpt["model"].get("class"), str):
         raise UserError(f"checkpoint {path} lacks {', '.join(missing) or 'model.name (or model.class)'}",
                         "re-create it with `autocompress train`")
+    if is_sparse(ckpt.get("state_dict")):
+        try:
+            ckpt["state_dict"] = from_sparse_state_dict(ckpt["state_dict"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError):
+            raise UserError(f"checkpoint {path} has a malformed sparse state_dict", "re-create it") from None
     if not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"checkpoint {path} holds no state_dict mapping", "re-create it with `autocompress train`")
     _check_fields(ckpt, path)

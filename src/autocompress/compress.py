@@ -258,6 +258,7 @@ class Compression:
             self._search(state)
             self.pipeline.run_round(state, last=index == len(self.targets))
             model, compact_model = state.model, state.compact_model
+        self._check_target(compact_model)
         if not self.store.is_done("final", "final"):
             self.store.finish("final", "final", [self._final(compact_model)])
         return self._result(compact_model)
@@ -305,6 +306,16 @@ class Compression:
                                        lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
                                        sampler.perturb, config, on_step=on_step)
 
+    def _check_target(self, compact_model: nn.Module) -> None:
+        """A target is met or refused: UserError when the compact model's own count misses it (compaction
+        kept channels dense that the search counted as removed); the run folder keeps every phase."""
+        base = self.base_params if self.target.objective == "params" else self.base_macs
+        reached = base / max(self._count(compact_model), 1)
+        if reached < self.target.factor * (1 - 1e-3):
+            raise UserError(f"target {self.target} missed: the compact model is {reached:.3g}x (compaction kept "
+                            "channels it could not remove exactly; see the round records' dead_channels_kept)",
+                            "raise the target a little, or exclude those layers (ignored layers)")
+
     def _final(self, compact_model: nn.Module) -> dict:
         """The final table: base vs compressed (params, MACs, validation score, latency at batch 1 and 64)."""
         if self.run_dir is not None:
@@ -325,8 +336,8 @@ class Compression:
         """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
         instance: ``autocompress.load(path, model=MyNet(...))``)."""
         save_compact(path, copy.deepcopy(compact_model).cpu(), metrics={"target": str(self.target)},
-                     config=dataclasses.asdict(self.config),
-                     dataset={"input_size": list(self.example[0].shape[1:])})
+                     config=dataclasses.asdict(self.config), dataset={"input_size": list(self.example[0].shape[1:])},
+                     sparse="irregular" in self.config.kinds)
 
     def _result(self, compact_model: nn.Module) -> CompressResult:
         records = self.store.records

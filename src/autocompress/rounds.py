@@ -223,7 +223,9 @@ class Pipeline:
         dims = self.config.kinds
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
-        return PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers)
+        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers)
+        space.check_dims(self.config.kinds)
+        return space
 
     # --- the round function ---------------------------------------------------------------------------
     def run_round(self, state: RoundState, *, last: bool) -> None:
@@ -345,13 +347,18 @@ class Pipeline:
         return [{"event": "retrain", "round": state.index, "history": history}]
 
     def _compact(self, state: RoundState, *, last: bool) -> list[dict]:
-        compact_model = compact(state.model, state.param_masks, self.example_inputs).model
+        compacted = compact(state.model, state.param_masks, self.example_inputs)
+        compact_model = compacted.model
+        kept_dense = compacted.report.get("dead_channels_kept") or {}
+        if kept_dense:
+            self.log(f"round {state.index}: compaction kept dead channels dense: "
+                     + "; ".join(f"{name}: {reason}" for name, reason in kept_dense.items()))
         self.store.save(state.index, "compact", self.payload(compact_model))
         record = {"event": "round", "round": state.index, "target": state.target,
                   "params": self.params(compact_model), "macs": self.macs(compact_model),
                   **self.scored(self.task.score(compact_model) if self.task.can_score else None),
                   "rates": state.rates,
-                  "layers": layer_widths(self.base_model, compact_model)}
+                  "layers": layer_widths(self.base_model, compact_model), "dead_channels_kept": kept_dense}
         state.model = densify(compact_model)
         state.compact_model = compact_model
         return [record]

@@ -12,7 +12,6 @@ Irregular (non-structured) zeros stay in dense tensors; :func:`to_sparse_state_d
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 from .architecture import apply_architecture, describe_architecture
 from .checkpoint import class_path, import_model_class, save_checkpoint
+from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (part of this module's API)
 from .errors import UserError
 
 
@@ -59,7 +59,7 @@ def _model_source(compact_model: nn.Module, base_checkpoint: dict | None, model_
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_checkpoint: dict | None = None,
                  model_class: type | str | None = None, model_kwargs: dict | None = None,
                  dataset: dict | None = None, metrics: dict | None = None, config: Any = None,
-                 architecture: dict | None = None) -> Path:
+                 architecture: dict | None = None, sparse: bool = False) -> Path:
     """Save a compact model as an autocompress checkpoint (atomic; docs/ARCHITECTURE.md "Checkpoints").
 
     ``autocompress.load(path)`` first builds a fresh base model, as recorded in the file's ``model`` entry:
@@ -87,6 +87,7 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_chec
             ``{"input_size": [3, 32, 32]}`` for ``autocompress export``.
         metrics, config: plain data stored alongside (top-1 as a fraction, pruning settings, ...).
         architecture: the description (default: ``describe_architecture(compact_model)``, every module).
+        sparse: store mostly-zero tensors in CSR form (irregular pruning; see ``save_checkpoint``).
 
     Returns the path. The file holds the compact state_dict only, so its size is proportional to the
     remaining parameters (plus a few bytes per described module).
@@ -100,48 +101,9 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_chec
         dataset = base_checkpoint["dataset"] if base_checkpoint is not None else {}
     return save_checkpoint(path, model=compact_model, **source, dataset=dataset, config=config or {},
                            metrics=metrics or {}, architecture=architecture if architecture is not None
-                           else describe_architecture(compact_model))
+                           else describe_architecture(compact_model), sparse=sparse)
 
 
-def to_sparse_state_dict(state_dict: dict[str, torch.Tensor], *, min_sparsity: float = 0.5) -> dict:
-    """Sparse export of irregularly pruned weights: CSR with int32 indices.
-
-    A floating tensor with at least ``min_sparsity`` zeros is stored as its 2-D view ``[shape[0], -1]`` in
-    CSR form (``crow_indices`` int32 ``[rows+1]``, ``col_indices`` int32 ``[nnz]``, ``values`` ``[nnz]``);
-    at 4-byte values this is smaller than dense above 50 % zeros. Other tensors are kept as they are.
-
-    Returns ``{"format": "autocompress-sparse", "dense": {name: tensor}, "sparse": {name: {"shape": list,
-    "crow_indices", "col_indices", "values"}}}`` (plain data, loadable with ``weights_only=True``).
-    """
-    dense, sparse = {}, {}
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point() and tensor.dim() >= 1 and tensor.numel() > 0 \
-                and float((tensor == 0).float().mean()) >= min_sparsity:
-            matrix = tensor.reshape(tensor.shape[0], -1)
-            nonzero = matrix != 0
-            crow = torch.zeros(matrix.shape[0] + 1, dtype=torch.int32)
-            crow[1:] = nonzero.sum(dim=1).cumsum(0)
-            sparse[name] = {"shape": list(tensor.shape), "crow_indices": crow,
-                            "col_indices": torch.nonzero(nonzero)[:, 1].to(torch.int32),
-                            "values": matrix[nonzero].clone()}
-        else:
-            dense[name] = tensor
-    return {"format": "autocompress-sparse", "dense": dense, "sparse": sparse}
-
-
-def from_sparse_state_dict(sparse_state: dict) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_sparse_state_dict`: a dense state_dict (same names and values)."""
-    if not isinstance(sparse_state, dict) or sparse_state.get("format") != "autocompress-sparse":
-        raise UserError("not an autocompress sparse state_dict", "write it with to_sparse_state_dict")
-    state = dict(sparse_state["dense"])
-    for name, entry in sparse_state["sparse"].items():
-        shape, values = entry["shape"], entry["values"]
-        dense = values.new_zeros(shape[0], math.prod(shape[1:]))
-        rows = torch.repeat_interleave(torch.arange(shape[0]), entry["crow_indices"].long().diff())
-        dense[rows, entry["col_indices"].long()] = values
-        state[name] = dense.reshape(shape)
-    return state
 
 
 __all__ = ["apply_architecture", "describe_architecture", "from_sparse_state_dict", "save_compact",

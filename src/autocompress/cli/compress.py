@@ -247,8 +247,8 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     test = workload.loader("test")
 
     def save(path: Path, compact_model) -> None:
-        save_compact(path, compact_model.cpu(), base_checkpoint=workload.ckpt,
-                     metrics={"target": config.target}, config=library_settings)
+        save_compact(path, compact_model.cpu(), base_checkpoint=workload.ckpt, metrics={"target": config.target},
+                     config=library_settings, sparse="irregular" in config.kinds)
 
     def extra(name: str, model) -> dict:
         file = checkpoint_path if name == "base" else Path(out) / "model.pt"

@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
                "val_top1": report["score"]["after"], "test_top1": test_after, "base_test_top1": test_before}
     config = {"rates": report["rates"], "dims": list(dims), "admm": vars(admm), "retrain": vars(retrain),
               "purify": not args.no_purify, "source": str(args.checkpoint)}
-    save_compact(out, result.compact_model.cpu(), base_checkpoint=workload.ckpt, metrics=metrics, config=config)
+    save_compact(out, result.compact_model.cpu(), base_checkpoint=workload.ckpt, metrics=metrics, config=config,
+                 sparse="irregular" in dims)
     rows = [("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}",
              f"{report['compression_rate']:.2f}x"),
             ("MACs / image", f"{report['macs_before']:,}", f"{report['macs_after']:,}",
