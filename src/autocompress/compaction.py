@@ -36,11 +36,16 @@ def densify(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every :class:`ColumnConv2d` / :class:`ColumnConvNd` /
     :class:`ColumnLinear` replaced by its dense equivalent (zero columns), computing the same outputs.
     Channels removed by compaction stay removed. The next AutoCompress round prunes this model (its zero
-    columns score lowest)."""
+    columns score lowest). Frozen parameters stay frozen (``requires_grad`` as in ``model``)."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, (ColumnConv2d, ColumnConvNd, ColumnLinear)):
-            model.set_submodule(name, module.to_dense())
+            dense = module.to_dense()
+            frozen = dict(module.named_parameters())
+            for param_name, param in dense.named_parameters():
+                if param_name in frozen:
+                    param.requires_grad_(frozen[param_name].requires_grad)
+            model.set_submodule(name, dense)
     return model
 
 

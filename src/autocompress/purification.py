@@ -495,7 +495,8 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
         log(f"unused path removal: {_summary(masks, current)}")
         if result.near_chance:
             log(f"redundant weight removal skipped: the validation score {result.top1_before:.4g} is below "
-                f"{CHANCE_FACTOR:g}x chance ({chance:.4g}), so its accuracy check would accept anything")
+                f"{CHANCE_FACTOR:g}x chance ({CHANCE_FACTOR * chance:.4g}), so its accuracy check would accept "
+                "anything")
     for threshold in sorted(thresholds) if score is not None and not result.near_chance else ():
         candidate = redundant_candidates(space, model, current, threshold)
         if _same(candidate, current):

@@ -194,7 +194,7 @@ def _check_reachable(original: float, best: float, target: float, r_max: float) 
         raise UserError(
             f"target {target:g}x is unreachable: pruning every unit at the maximum rate {r_max:g} reaches "
             f"only {original / best:.3g}x",
-            "lower the target, raise the maximum rate, or add pruning dimensions (--dims)")
+            "lower the target, raise the maximum rate, or add pruning dimensions (dims)")
 
 
 def _normal(rng: np.random.Generator | torch.Generator, n: int) -> np.ndarray:
@@ -220,7 +220,7 @@ class ActionSampler:
     def __init__(self, units: Sequence[ActionUnit], cost: Cost, target: float, *, r_max: float = 0.95,
                  max_iter: int = 64):
         if not units:
-            raise UserError("the pruning space has no prunable units", "choose other --dims or another model")
+            raise UserError("the pruning space has no prunable units", "choose other dims or another model")
         self.units = tuple(units)
         self.cost = cost
         self.target = float(target)
