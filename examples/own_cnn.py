@@ -9,7 +9,7 @@ the real Fashion-MNIST (Debian's idx files) by a plain PyTorch loop over plain D
    runs the ADMM and retraining epochs through ``train_fn``; three lines of it know about the pruning
    (``phase.attach``, ``phase.penalty``, ``phase.distill``).
 
-    python examples/own_cnn.py            # 55000 / 5000 images, a few minutes on a laptop CPU
+    python examples/own_cnn.py             # 55000 / 5000 images, a few minutes on a laptop CPU
     python examples/own_cnn.py --tiny     # a smoke test (the test suite's size)
     python examples/own_cnn.py --out runs/own_cnn   # also writes model.pt (pickled) and model.ts (traced)
 """
