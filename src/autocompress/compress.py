@@ -171,6 +171,7 @@ class Compression:
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self._sampler(self.first_space, self.target.factor, 1.0)  # an unreachable target: refused now
+        self.base_score = self.task.score(base)  # a score_fn returning NaN or a non-number: refused now
         self.source, self.save, self.final_columns = source or {}, save, final_columns
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.store = self._open_store(base) if self.run_dir is not None else PhaseStore()
@@ -240,7 +241,7 @@ class Compression:
         self.base_params, self.base_macs = self.pipeline.params(base), self.pipeline.macs(base)
         if not self.store.is_done("base", "base"):
             self.store.finish("base", "base", [{"event": "base", "params": self.base_params, "macs": self.base_macs,
-                                                **self.pipeline.scored(self.task.score(base))}])
+                                                **self.pipeline.scored(self.base_score)}])
         model, space = self.first_model, self.first_space
         compact_model = None
         for index, target in enumerate(self.targets, start=1):
