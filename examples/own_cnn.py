@@ -9,7 +9,7 @@ the real Fashion-MNIST (Debian's idx files) by a plain PyTorch loop over plain D
    runs the ADMM and retraining epochs through ``train_fn``; three lines of it know about the pruning
    (``phase.attach``, ``phase.penalty``, ``phase.distill``).
 
-    python examples/own_cnn.py             # 55000 / 5000 images, a few minutes on a laptop CPU
+    python examples/own_cnn.py             # 20000 training / 2000 validation images
     python examples/own_cnn.py --tiny     # a smoke test (the test suite's size)
     python examples/own_cnn.py --out runs/own_cnn   # also writes model.pt (pickled) and model.ts (traced)
 """
@@ -35,7 +35,7 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics (of va
 SIZES = {  # training / validation / test images, network widths, base-model epochs, compress settings (None:
     # the library's defaults)
     "tiny": dict(train=384, val=256, test=512, widths=(8, 16, 32), epochs=1, config=_shared.TINY_CONFIG),
-    "full": dict(train=55000, val=5000, test=10000, widths=(32, 64, 128), epochs=3, config=None),
+    "full": dict(train=20000, val=2000, test=10000, widths=(16, 32, 64), epochs=2, config=None),
 }
 
 
@@ -56,9 +56,9 @@ class SeparableBlock(nn.Module):
 
 class MyNet(nn.Module):
     """Images ``[B, 1, 28, 28]`` -> logits ``[B, 10]``: a stem, then per stage a strided 3x3 convolution and a
-    residual separable block (widths 32, 64, 128), global average pooling and a linear classifier."""
+    residual separable block (``widths``, e.g. 16, 32, 64), global average pooling and a linear classifier."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), classes: int = 10):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
                                    nn.ReLU(), SeparableBlock(widths[0])]
