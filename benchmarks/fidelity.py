@@ -29,12 +29,12 @@ from scipy.stats import spearmanr
 
 from autocompress.admm import hard_prune, masked_retrain
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
-from autocompress.compress import Target
+from autocompress.config import DIMS, Target
 from autocompress.data import get_dataset
-from autocompress.pruning import DIMS
 from autocompress.quick_eval import QuickEvaluator
 from autocompress.sampling import ActionSampler, quiet_clipping
 from autocompress.space import PruningSpace
+from autocompress.task import Task
 from autocompress.training import TrainConfig, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,8 +69,12 @@ def fidelity(checkpoint: str, target: str, *, dims: str = "filter,column", candi
     goal = Target.parse(target)
     space = PruningSpace.build(model, example, dims=DIMS[dims])
     sampler = ActionSampler.from_space(space, goal.objective, goal.factor)
-    with_bn = QuickEvaluator(model, space, splits, bn_recalibration=True, seed=seed)
-    without_bn = QuickEvaluator(model, space, splits, bn_recalibration=False, seed=seed)
+    task = Task(train_loader=splits.loader("train", 256, shuffle=True, augment=False,
+                                           generator=torch.Generator().manual_seed(seed)),
+                val_loader=splits.loader("val", 256, shuffle=True, augment=False,
+                                         generator=torch.Generator().manual_seed(seed)))
+    with_bn = QuickEvaluator(model, space, task, bn_recalibration=True)
+    without_bn = QuickEvaluator(model, space, task, bn_recalibration=False)
     rows = []
     for index, action in enumerate(random_actions(sampler, candidates, seed)):
         began = time.perf_counter()

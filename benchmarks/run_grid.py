@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -36,6 +37,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from autocompress.atomic import atomic_write_text
 
@@ -223,9 +226,9 @@ def _splits(spec: ModelSpec, ckpt: dict):
 def one_round_settings(spec: ModelSpec, target: str) -> dict:
     """Settings of ``ac_one_round``: every round's ADMM and retraining epochs spent in one round to the
     final target, under the compress command's default rho schedule (the same total epoch budget)."""
-    from autocompress.compress import SECTION_DEFAULTS
+    from autocompress.config import default_admm
 
-    return {"rounds": 1, "admm": {**SECTION_DEFAULTS["admm"], "epochs": spec.rounds * spec.admm_epochs},
+    return {"rounds": 1, "admm": {**dataclasses.asdict(default_admm()), "epochs": spec.rounds * spec.admm_epochs},
             "retrain": {"epochs": spec.rounds * spec.retrain_epochs, "lr": 0.01}}
 
 
@@ -236,10 +239,10 @@ def final_retrain_settings(spec: ModelSpec, target: str) -> dict:
 
     At these budgets ADMM does not converge (the hard-pruned validation top-1 after it is near chance), so
     epochs buy more as retraining of the final architecture; rounds keep each search step at most 10x."""
-    from autocompress.compress import SECTION_DEFAULTS, Target
+    from autocompress.config import Target, default_admm
 
     rounds = max(1, math.ceil(math.log10(Target.parse(target).factor) - 1e-9))
-    return {"rounds": rounds, "admm": {**SECTION_DEFAULTS["admm"], "epochs": 1},
+    return {"rounds": rounds, "admm": {**dataclasses.asdict(default_admm()), "epochs": 1},
             "retrain": {"epochs": 0, "lr": 0.01}, "final_retrain_epochs": spec.epochs - rounds}
 
 
@@ -271,14 +274,17 @@ def merge_settings(settings: dict, overrides: dict) -> dict:
 def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed: int = 0) -> tuple[object, dict]:
     """One autocompress run with the method's overrides and run seed; returns (compact model, facts)."""
     import autocompress
-    from autocompress.compress import CompressConfig, Compressor
+    from autocompress.cli import main as cli
 
     settings = grid_settings(spec, target, seed)
     if method in SCHEDULES:
         settings.update(SCHEDULES[method](spec, target))
-    config = CompressConfig.from_dict(merge_settings(settings, AUTOCOMPRESS_METHODS[method][1]))
-    compressor = Compressor.start(ROOT / spec.checkpoint, config, work, progress=False)
-    compressor.run()
+    work.mkdir(parents=True, exist_ok=True)
+    config = work.parent / f"{work.name}.yaml"
+    atomic_write_text(config, yaml.safe_dump(merge_settings(settings, AUTOCOMPRESS_METHODS[method][1])))
+    if cli(["compress", str(ROOT / spec.checkpoint), "--config", str(config), "--out", str(work), "--quiet",
+            "--device", "cpu", "--resume-if-exists"]) != 0:
+        raise RuntimeError(f"autocompress compress failed for {work}")
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     phase_seconds = {}
     for record in records:
@@ -312,7 +318,7 @@ def nni_sparsity(target: str) -> float:
     next layer's input slices, so physical parameters fall faster than the mask density; on fmnist_cnn a
     trial run gave remaining ~ density ** 1.5 (density 0.32 -> 5.9x fewer parameters), hence
     ``s = 1 - factor ** (-2/3)``. The reduction reached is measured and reported, not assumed."""
-    from autocompress.compress import Target
+    from autocompress.config import Target
 
     return 1.0 - Target.parse(target).factor ** (-2.0 / 3.0)
 

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import run_grid
-    from autocompress.compress import CompressConfig, Compressor
-    from autocompress.errors import UserError
+    from autocompress.atomic import atomic_write_text
+    from autocompress.cli import main as cli
 
     if args.model not in run_grid.MODELS:
         parser.error(f"unknown model {args.model!r}; use one of {', '.join(run_grid.MODELS)}")
@@ -62,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work) / f"{args.model}_{args.target}_{args.name}"
     began = time.perf_counter()
-    try:
-        config = CompressConfig.from_dict(settings_for(args.model, args.target, overrides))
-        Compressor.start(ROOT / run_grid.MODELS[args.model].checkpoint, config, work, progress=False).run()
-    except UserError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    config = work.parent / f"{work.name}.yaml"
+    atomic_write_text(config, json.dumps(settings_for(args.model, args.target, overrides)))
+    status = cli(["compress", str(ROOT / run_grid.MODELS[args.model].checkpoint), "--config", str(config),
+                  "--out", str(work), "--quiet", "--device", "cpu", "--resume-if-exists"])
+    if status != 0:
+        parser.exit(status, f"{parser.prog}: compress failed (exit {status})\n")
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if r["event"] == "final"][-1]["rows"][1]
     print(json.dumps({"model": args.model, "target": args.target, "name": args.name, "overrides": overrides,

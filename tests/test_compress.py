@@ -1,8 +1,8 @@
-"""AutoCompress end to end (issue 4): targets, round schedule, a small real compress run on Fashion-MNIST,
-resume after an interruption, and the refusals that must come before any training."""
+"""AutoCompress end to end through the CLI adapter on real Fashion-MNIST: targets met, counts equal to the
+compact model's own, resume after an interruption equal to an uninterrupted run, and the refusals that
+must come before any training."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -13,17 +13,17 @@ import yaml
 import autocompress
 from autocompress import metrics
 from autocompress.cli import main
-from autocompress.compress import CompressConfig, Compressor, Target, round_targets
 from autocompress.data import DEBIAN_FASHION_MNIST, get_dataset
 from autocompress.errors import UserError
 from autocompress.models import create_model
+from autocompress.rounds import Pipeline
 from autocompress.space import PruningSpace
 from autocompress.training import TrainConfig, fit
 
 SMALL = {"val_size": 500, "max_train": 1500, "max_test": 500, "batch_size": 64, "latency_runs": 2,
-         "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 2, "batch_size": 128},
+         "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 2},
          "admm": {"epochs": 1, "rho_init": 0.05, "update_interval": 6}, "retrain": {"epochs": 1},
-         "purification": {"enabled": True, "thresholds": [0.05]}}
+         "purification": {"enabled": True, "thresholds": [0.05]}, "target": "params=3x", "rounds": [1.8, 3.0]}
 
 
 @pytest.fixture(scope="module")
@@ -38,39 +38,28 @@ def base_checkpoint(tmp_path_factory):
     return path
 
 
-def _config(**overrides) -> CompressConfig:
-    return CompressConfig.from_dict({**SMALL, "target": "params=3x", "rounds": [1.8, 3.0], **overrides})
+def _config_file(folder, **overrides):
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, **overrides}))
+    return path
+
+
+def _compress(checkpoint, out, *flags, **overrides) -> int:
+    config = _config_file(out.parent, **overrides)
+    return main(["compress", str(checkpoint), "--config", str(config), "--out", str(out), "--device", "cpu",
+                 "--quiet", *flags])
+
+
+def _final(out) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["event"] == "final"][-1]
 
 
 @pytest.fixture(scope="module")
 def finished_run(base_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    final = Compressor.start(base_checkpoint, _config(), out, progress=False).run()
-    return out, final
-
-
-def test_target_parsing():
-    assert Target.parse("params=20x") == Target("params", 20.0)
-    assert Target.parse(" flops = 8.5 ") == Target("flops", 8.5)
-    for bad in ("params=1x", "size=2x", "params=abc", "20x"):
-        with pytest.raises(UserError):
-            Target.parse(bad)
-
-
-def test_round_schedules():
-    assert round_targets(12, "doubling") == [2, 4, 8, 12]
-    assert round_targets(8, "doubling") == [2, 4, 8]
-    assert round_targets(1.5, "doubling") == [1.5]
-    assert round_targets(9, "2") == pytest.approx([3.0, 9.0])
-    assert round_targets(10, [3, 10]) == [3.0, 10.0]
-    for bad in ([3, 2, 10], [2, 5], [1.0, 10], "sometimes"):
-        with pytest.raises(UserError):
-            round_targets(10, bad)
-
-
-def test_unknown_setting_is_refused():
-    with pytest.raises(UserError, match="unknown compress setting"):
-        CompressConfig.from_dict({"target": "params=2x", "temperature": 3})
+    assert _compress(base_checkpoint, out) == 0
+    return out, _final(out)
 
 
 def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
@@ -84,12 +73,16 @@ def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
     assert comp_row["params"] == params and base_row["params"] == metrics.count_params(base)
     assert comp_row["macs"] == metrics.count_macs(compact, example)
     assert comp_row["test_top1"] > 30.0  # a real classifier after 3x, far above chance (10%)
+    assert comp_row["file_bytes"] == (out / "model.pt").stat().st_size
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     for event in ("base", "search", "admm", "purification", "retrain", "round", "final"):
         assert event in events
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 4 and "test top-1" in html
-    assert (out / "config.yaml").exists() and (out / "round2" / "model.pt").exists()
+    assert (out / "config.yaml").exists() and (out / "round2" / "compact.pt").exists()
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    assert stored["source"]["checkpoint"] == str(base_checkpoint.resolve())
+    assert stored["run"]["threads"] == torch.get_num_threads()
 
 
 def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
@@ -116,46 +109,48 @@ def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
         pytest.approx(search["compression"], rel=1e-9)
 
 
-@pytest.mark.parametrize("phase, round_index, written", [("retrain", 2, "round2/purify.pt"),
-                                                           ("compact", 1, "round1/retrain.pt")])
+@pytest.mark.parametrize("phase, round_index, written", [("_retrain", 2, "round2/purify.pt"),
+                                                           ("_compact", 1, "round1/retrain.pt")])
 def test_resume_after_interruption_equals_uninterrupted(finished_run, base_checkpoint, tmp_path, monkeypatch,
                                                         phase, round_index, written):
     """Interrupted before round 2's retraining, or after round 1's retraining (its state belongs to the
-    shrunk model, which the resumed run must rebuild)."""
+    shrunk model, which the resumed run must rebuild): the same model, the same table, no duplicate records."""
     out_full, final_full = finished_run
     out = tmp_path / "interrupted"
-    compressor = Compressor.start(base_checkpoint, _config(), out, progress=False)
-    original = getattr(Compressor, f"_phase_{phase}")
+    original = getattr(Pipeline, phase)
 
-    def interrupted(self, ctx, artifact):
-        if ctx.index == round_index:
+    def interrupted(self, state, *, last):
+        if state.index == round_index:
             raise KeyboardInterrupt
-        return original(self, ctx, artifact)
+        return original(self, state, last=last)
 
-    monkeypatch.setattr(Compressor, f"_phase_{phase}", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        compressor.run()
+    monkeypatch.setattr(Pipeline, phase, interrupted)
+    assert _compress(base_checkpoint, out) == 130
     assert not (out / "model.pt").exists() and (out / written).exists()
-    monkeypatch.setattr(Compressor, f"_phase_{phase}", original)
-    final = Compressor.resume(out, progress=False).run()
+    monkeypatch.setattr(Pipeline, phase, original)
+    assert main(["compress", "--resume", str(out), "--quiet"]) == 0
     full = torch.load(out_full / "model.pt", weights_only=True)["state_dict"]
     resumed = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    final = _final(out)
     assert [r["test_top1"] for r in final["rows"]] == [r["test_top1"] for r in final_full["rows"]]
+    phases = [(r["round"], r["phase"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "phase"]
+    assert len(phases) == len(set(phases)) == 10
 
 
-def test_unreachable_target_refused_before_training(base_checkpoint, tmp_path):
+def test_unreachable_target_refused_before_training(base_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
-    with pytest.raises(UserError, match="unreachable|cannot|reach"):
-        Compressor.start(base_checkpoint, _config(target="params=5000x", rounds="doubling"), out)
+    assert _compress(base_checkpoint, out, target="params=5000x", rounds="doubling") == 2
+    assert "target" in capsys.readouterr().err
     assert not (out / "round1").exists()
 
 
 def test_cli_errors_exit_2(base_checkpoint, finished_run, tmp_path, capsys):
     out, _ = finished_run
     assert main(["compress", str(base_checkpoint), "--out", str(tmp_path / "a")]) == 2
-    assert "--target" in capsys.readouterr().err
+    assert "no target given; set target" in capsys.readouterr().err
     assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["compress", "--resume", str(tmp_path / "nothing")]) == 2
@@ -174,55 +169,46 @@ def test_finished_run_resumes_to_the_same_table(finished_run, capsys):
 
 def test_flops_objective_meets_macs_target(base_checkpoint, tmp_path):
     out = tmp_path / "flops"
-    final = Compressor.start(base_checkpoint, _config(target="flops=2x", rounds="doubling",
-                                                      search={"max_evaluations": 2}), out, progress=False).run()
-    base_row, comp_row = final["rows"]
+    assert _compress(base_checkpoint, out, target="flops=2x", rounds="doubling", search={"max_evaluations": 2}) == 0
+    base_row, comp_row = _final(out)["rows"]
     compact = autocompress.load(out / "model.pt")
     macs = metrics.count_macs(compact, torch.zeros(1, 1, 28, 28))
     assert comp_row["macs"] == macs and base_row["macs"] / macs >= 2.0 * 0.99
 
 
-def test_irregular_flops_target_is_refused():
-    with pytest.raises(UserError, match="irregular"):
-        _config(target="flops=2x", dims="irregular", rounds="doubling")
-
-
-@pytest.mark.parametrize("section,settings", [("admm", {"epochs": 1, "bogus": 3}), ("quick_eval", {"bogus": 3}),
-                                              ("purification", {"enabled": True, "bogus": 3}),
-                                              ("search", {"bogus": 3})])
-def test_unknown_sub_settings_refused_up_front(section, settings):
-    with pytest.raises(UserError, match=f"unknown {section}|bad search"):
-        _config(**{section: settings})
-
-
-def test_wrong_types_refused():
-    with pytest.raises(UserError, match=r"^max_train='lots' has the wrong type; give an int or null$"):
-        _config(max_train="lots")
-    with pytest.raises(UserError, match=r"^seed=True has the wrong type; give an int$"):
-        _config(seed=True)
-    assert _config(retrain={"epochs": 0, "lr": -1}).retrain_config(last=False).epochs == 0  # 0: no retraining
-
-
-def test_non_empty_out_folder_is_never_overwritten(base_checkpoint, tmp_path):
+def test_non_empty_out_folder_is_never_overwritten(base_checkpoint, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "model.pt").write_bytes(b"precious")
-    with pytest.raises(UserError, match="not an empty folder"):
-        Compressor.start(base_checkpoint, _config(), out)
+    assert _compress(base_checkpoint, out) == 2
+    assert "is not empty" in capsys.readouterr().err
     assert (out / "model.pt").read_bytes() == b"precious"
 
 
-def test_resume_refuses_changed_flags_and_changed_base(finished_run, base_checkpoint, tmp_path, capsys):
+def test_resume_refuses_changed_flags_and_changed_base(finished_run, base_checkpoint, tmp_path, capsys,
+                                                       monkeypatch):
     out, _ = finished_run
     assert main(["compress", "--resume", str(out), "--target", "params=5x"]) == 2
     assert "--target" in capsys.readouterr().err
     copy = tmp_path / "base.pt"
     copy.write_bytes(base_checkpoint.read_bytes())
     run = tmp_path / "run"
-    Compressor.start(copy, _config(), run, progress=False)
-    copy.write_bytes(base_checkpoint.read_bytes() + b"changed")
-    with pytest.raises(UserError, match="has changed"):
-        Compressor.resume(run)
+
+    def stop(self, state, *, last):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "_admm", stop)
+    assert _compress(copy, run) == 130
+    model = autocompress.load(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    from autocompress.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(copy)
+    save_checkpoint(copy, model=model, model_name=ckpt["model"]["name"], model_kwargs=ckpt["model"]["kwargs"],
+                    dataset=ckpt["dataset"], config=ckpt["config"], metrics=ckpt["metrics"])
+    assert main(["compress", "--resume", str(run), "--quiet"]) == 2
+    assert "holds a run with other settings (model weights)" in capsys.readouterr().err
 
 
 def test_retraining_runs_on_the_shrunk_model(finished_run):
@@ -241,133 +227,102 @@ def test_retraining_runs_on_the_shrunk_model(finished_run):
         assert bool((retrained["state_dict"][name][~mask] == 0).all()), name
 
 
-def test_partial_sections_keep_the_other_defaults():
-    """Every section is resolved in full (what config.yaml shows is everything the run uses)."""
-    config = CompressConfig.from_dict({"target": "params=2x", "admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
-    assert config.admm == {"epochs": 3, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "rho_init": 0.02,
-                           "rho_growth": 1.6, "rho_max": 1.0, "update_interval": 100, "label_smoothing": 0.0}
-    assert config.retrain == {"epochs": 3, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                              "schedule": "cosine", "pct_start": 0.25, "label_smoothing": 0.0}
-    assert config.purification == {"enabled": True, "tolerance": 0.005, "thresholds": [0.01, 0.02, 0.05, 0.1, 0.2]}
-    assert config.search == {"start_temperature": 0.05, "cooling_rate": 0.85, "stop_temperature": 0.002,
-                             "perturbation_magnitude": 0.1, "max_evaluations": 30}
-    assert config.distillation == {"enabled": False, "temperature": 4.0, "alpha": 0.9}
-    assert config.quick_eval == {"bn_recalibration": True, "bn_batches": 5, "val_batches": 10, "batch_size": 256}
-    retrain = config.retrain_config(last=True)
-    assert (retrain.lr, retrain.batch_size, retrain.epochs) == (0.05, 128, 3)
-    plain = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config)))
-    assert CompressConfig.from_dict(plain) == config  # config.yaml round-trips
-
-
-@pytest.mark.parametrize("section, key", [("retrain", "batch_size"), ("retrain", "seed"), ("retrain", "device"),
-                                          ("search", "seed"), ("quick_eval", "seed")])
-def test_settings_the_run_supplies_itself_are_refused_in_sections(section, key):
-    """Batch sizes come from ``batch_size`` and seeds from ``seed``: a section key that would be ignored is
-    an error, not silently dropped."""
-    hint = "" if key == "device" else f"set {key} at the top level of the config (it serves every phase); "
-    with pytest.raises(UserError) as error:
-        CompressConfig.from_dict({"target": "params=2x", section: {key: 1}})
-    assert str(error.value).startswith(f"unknown {section} setting(s) {key}; {hint}valid {section} settings: ")
-
-
-def test_resolved_config_yaml_shows_the_quick_eval_defaults():
-    """What Compressor.start writes to config.yaml: every section with its effective values, none empty."""
-    written = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(CompressConfig(quick_eval={"val_batches": 4}))))
-    assert written["quick_eval"] == {"bn_recalibration": True, "bn_batches": 5, "val_batches": 4, "batch_size": 256}
-
-
 def test_irregular_mode_meets_target_in_nonzero_parameters(base_checkpoint, tmp_path):
     """Irregular sparsity through the whole pipeline (retraining on the shrunk model keeps the zeros): the
     target is met in non-zero parameters of the saved model."""
-    final = Compressor.start(base_checkpoint, _config(dims="irregular", target="params=4x", rounds=[4.0]),
-                             tmp_path / "irr", progress=False).run()
+    out = tmp_path / "irr"
+    assert _compress(base_checkpoint, out, dims="irregular", target="params=4x", rounds=[4.0]) == 0
+    final = _final(out)
     base = autocompress.load(base_checkpoint)
-    compact = autocompress.load(tmp_path / "irr" / "model.pt")
+    compact = autocompress.load(out / "model.pt")
     nonzero = metrics.count_nonzero_params(compact)
     assert metrics.count_params(base) / nonzero >= 4.0 * 0.99
     assert final["rows"][1]["params"] == nonzero
     assert final["rows"][1]["test_top1"] > 30.0
 
 
-def test_cli_config_without_target_and_changed_resume_if_exists(base_checkpoint, finished_run, tmp_path, capsys):
+def test_resume_if_exists_takes_only_the_same_run(base_checkpoint, finished_run, tmp_path, capsys):
     out, _ = finished_run
     no_target = tmp_path / "no_target.yaml"
     no_target.write_text("rounds: 1\n")
     assert main(["compress", str(base_checkpoint), "--config", str(no_target), "--out", str(tmp_path / "a")]) == 2
     assert "no target given" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    stored = tmp_path / "stored.yaml"  # the finished run's own settings, checkpoint fields dropped
-    stored.write_text("\n".join(line for line in (out / "config.yaml").read_text().splitlines()
-                                if not line.startswith("checkpoint")))
-    same = ["compress", str(base_checkpoint), "--config", str(stored), "--out", str(out), "--resume-if-exists"]
+    config = _config_file(tmp_path)
+    same = ["compress", str(base_checkpoint), "--config", str(config), "--out", str(out), "--resume-if-exists",
+            "--quiet", "--device", "cpu"]
     assert main(same) == 0  # unchanged: the finished run's table again
     capsys.readouterr()
     assert main(same + ["--target", "params=5x"]) == 2
     assert "other settings (target)" in capsys.readouterr().err
+    assert main(same + ["--max-train", "1000"]) == 2
+    assert "other settings (max_train)" in capsys.readouterr().err
 
 
-def test_unavailable_device_is_a_user_error(base_checkpoint, capsys):
+def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     assert main(["evaluate", str(base_checkpoint), "--device", "nonsense"]) == 2
     assert "unknown device" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(["evaluate", str(base_checkpoint), "--device", "cuda"]) == 2
+        assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--device", "cuda",
+                     "--out", str(tmp_path / "run")]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text, flags, message", [
-    ("target: params=2x\nadmm: {epochs: -1}\n", [],
-     "ADMM epochs must be >= 0, got -1; pass admm.epochs 0 or more (admm.epochs in the config file {path})"),
-    ("target: params=2x\nadmm: {epochs: -1}\n", ["--admm-epochs", "-2"],
-     "ADMM epochs must be >= 0, got -2; pass --admm-epochs 0 or more"),
+    ("target: params=2x\nadmm: {epochs: -1}\n", [], "admm.epochs=-1 must be >= 0; use 0 (one-shot projection) or "
+     "more (in the config file {path})"),
+    ("target: params=2x\n", ["--admm-epochs", "-2"], "admm.epochs=-2 must be >= 0; use 0 (one-shot projection) or "
+     "more (set by --admm-epochs)"),
     ("target: params=2x\nretrain: {lr: -1}\n", [],
-     "retrain.lr -1 is not a positive number; pass e.g. retrain.lr 0.1 (retrain.lr in the config file {path})"),
-    ("target: params=2x\nbatch_size: 0\n", [],
-     "batch_size 0 is not positive; pass batch_size >= 1 (batch_size in the config file {path})"),
+     "retrain.lr -1 is not a positive number; pass e.g. retrain.lr 0.1 (in the config file {path})"),
+    ("target: params=2x\nbatch_size: 0\n", [], "batch_size=0 is outside [1, 1e9]; give batch_size >= 1 "
+     "(in the config file {path})"),
     ("target: params=2x\ndims: weird\n", [], "unknown dims 'weird'; use one of filter,column, filter, column, "
-     "irregular, filter,column,irregular (dims in the config file {path})"),
+     "irregular, filter,column,irregular (in the config file {path})"),
     ("dims: weird\n", ["--target", "params=2x", "--dims", "filter"], None),
-    ("target: params=2x\nadmm: {epochs: two}\n", [], "admm.epochs='two' has the wrong type; give an int"),
-    ("target: params=2x\nadmm: {epochs: 1.5}\n", [], "admm.epochs=1.5 has the wrong type; give an int"),
+    ("target: params=2x\nadmm: {epochs: two}\n", [], "admm.epochs='two' has the wrong type; give an integer"),
+    ("target: params=2x\nadmm: {epochs: 1.5}\n", [], "admm.epochs=1.5 has the wrong type; give an integer"),
+    ("target: params=2x\nadmm: {epochs: 1e30}\n", [], "admm.epochs=1e+30 has the wrong type; give an integer"),
+    ("target: params=2x\nseed: 100000000000000000000000000000\n", [], "seed=100000000000000000000000000000 is "
+     "not valid; use an integer >= 0"),
     ("target: params=2x\nretrain: {lr: fast}\n", [], "retrain.lr='fast' has the wrong type; give a number"),
     ("target: params=2x\nquick_eval: {val_batches: all}\n", [],
-     "quick_eval.val_batches='all' has the wrong type; give an int or null"),
+     "quick_eval.val_batches='all' has the wrong type; give an integer or null"),
     ("target: params=2x\nsearch: {max_evaluations: 2.5}\n", [],
-     "search.max_evaluations=2.5 has the wrong type; give an int"),
+     "search.max_evaluations=2.5 has the wrong type; give an integer"),
+    ("target: params=2x\nsearch: {cooling_rate: 2}\n", [], "search.cooling_rate=2 must be in (0, 1); use e.g. 0.85"),
     ("target: params=2x\ndistillation: {alpha: high}\n", [],
      "distillation.alpha='high' has the wrong type; give a number"),
-    ("target: params=2x\n", ["--retrain-epochs", "-3"],
-     "--retrain-epochs -3 is negative; pass --retrain-epochs >= 0 (0: no retraining)"),
-    ("target: params=2x\nretrain: {epochs: -1}\n", [], "retrain.epochs -1 is negative; pass retrain.epochs >= 0 "
-     "(0: no retraining) (retrain.epochs in the config file {path})"),
+    ("target: params=2x\n", ["--retrain-epochs", "-3"], "retrain.epochs=-3 is not valid; use 0 to 10000 "
+     "(set by --retrain-epochs)"),
     ("target: params=2x\nfinal_retrain_epochs: -2\n", [],
-     "final_retrain_epochs -2 is negative; pass final_retrain_epochs >= 0 (0: no retraining)"),
+     "final_retrain_epochs=-2 is not valid; use 0 to 10000, or null"),
     ("target: params=2x\npurification: {tolerance: -1}\n", [], "purification.tolerance=-1 is not a fraction >= 0; "
-     "give the largest accepted validation top-1 drop, e.g. 0.005"),
-    ("target: params=2x\npurification: {tolerance: .nan}\n", [], "purification.tolerance=nan is not a fraction >= 0; "
      "give the largest accepted validation top-1 drop, e.g. 0.005"),
     ("target: params=2x\npurification: {thresholds: []}\n", [], "purification.thresholds=[] must be a non-empty "
      "list of numbers > 0; use e.g. [0.01, 0.02, 0.05, 0.1, 0.2]"),
-    ("target: params=2x\nadmm: {lr: -0.1}\n", [],
-     "admm.lr -0.1 is not a positive number; pass e.g. admm.lr 0.1"),
     ("target: params=2x\nadmm: {momentum: 2.0}\n", [],
      "admm.momentum 2.0 is outside [0, 1); pass e.g. admm.momentum 0.9"),
-    ("target: params=2x\nsearch: {max_evaluations: 0}\n", [],
-     "search section: max_evaluations=0 must be >= 1; use e.g. 30"),
-    ("target: params=2x\nlatency_runs: 0\n", [], "latency_runs=0 is not positive; use e.g. 20"),
-    ("target: params=2x\nval_size: 0\n", [], "val_size=0 leaves no validation split (the search and purification "
-     "score on it); use e.g. 5000"),
-    ("target: params=2x\nquick_eval: {bn_batches: 0}\n", [], "quick_eval needs >= 1 batch of >= 1 image "
-     "(bn_batches=0, val_batches=10, batch_size=256); use e.g. 5, 10 and 256"),
-    ("target: params=2x\nbatch_size: 0\nretrain: {epochs: 0}\n", [],
-     "batch_size 0 is not positive; pass batch_size >= 1 (batch_size in the config file {path})"),
+    ("target: params=2x\nlatency_runs: 0\n", [], "latency_runs=0 is not valid; use e.g. 20"),
+    ("target: params=2x\nval_size: 0\n", [], "val_size=0 is outside [1, 1e9]; give val_size >= 1"),
+    ("target: params=2x\nquick_eval: {bn_batches: 0}\n", [], "quick_eval needs >= 1 batch (bn_batches=0, "
+     "val_batches=10); use e.g. bn_batches 5 and val_batches 10"),
     ("target: params=2x\npurification: {enabled: maybe}\n", [],
      "purification.enabled='maybe' has the wrong type; give true or false"),
     ("target: params=2x\npurification: {thresholds: [0.1, x]}\n", [],
      "purification.thresholds=[0.1, 'x'] has the wrong type; give a list of items each a number"),
+    ("target: params=2x\nadmm: {rho: 3}\n", [], "unknown setting(s) admm.rho; valid admm settings: epochs, "
+     "label_smoothing, lr, momentum, rho_growth, rho_init, rho_max, update_interval, weight_decay"),
+    ("target: params=2x\nretrain: {batch_size: 3}\n", [], "unknown setting(s) retrain.batch_size; valid retrain "
+     "settings: epochs, label_smoothing, lr, momentum, nesterov, pct_start, schedule, weight_decay"),
     ("target: huge\n", ["--target", "params=2x", "--rounds", "abc"],
-     "invalid round schedule 'abc'; use 'doubling', a number of rounds, or increasing targets > 1 ending at 2"),
+     "invalid round schedule 'abc'; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
+     "ending at 2 (set by --rounds)"),
+    ("- a list\n", [], "config file {path} must hold a mapping of settings; see the README's example"),
 ])
-def test_config_file_errors_name_the_config_key(tmp_path, capsys, text, flags, message):
-    """A bad value read from --config is named by its key there; one given by a flag, by the flag."""
+def test_config_file_errors_name_the_setting(tmp_path, capsys, text, flags, message):
+    """A bad value is named by its setting (and where it came from: the config file or a flag), before
+    anything is read or written."""
     path = tmp_path / "run.yaml"
     path.write_text(text)
     assert main(["compress", str(tmp_path / "missing.pt"), "--config", str(path), *flags,
@@ -376,18 +331,20 @@ def test_config_file_errors_name_the_config_key(tmp_path, capsys, text, flags, m
     if message is None:  # the flags override every bad value of the file: it fails on the missing checkpoint
         assert "missing.pt" in err and "config file" not in err
     else:
-        assert err == f"autocompress: error: {message.format(path=path)}\n"
+        assert err.startswith(f"autocompress: error: {message.format(path=path)}")
+        assert err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 
-def test_config_file_is_read_once(tmp_path, capsys, monkeypatch):
-    path = tmp_path / "run.yaml"
-    path.write_text("rounds: 1\n")
-    loaded = []
-    real = yaml.safe_load
-    monkeypatch.setattr(yaml, "safe_load", lambda text: loaded.append(text) or real(text))
-    assert main(["compress", str(tmp_path / "missing.pt"), "--config", str(path)]) == 2
-    assert "no target given" in capsys.readouterr().err and loaded == ["rounds: 1\n"]
+def test_config_file_that_is_not_utf8_or_too_deep(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"target: \xff\xfe\n")
+    assert main(["compress", "x.pt", "--config", str(bad)]) == 2
+    assert "not valid UTF-8 YAML" in capsys.readouterr().err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 20000 + "]" * 20000 + "\n")
+    assert main(["compress", "x.pt", "--config", str(deep)]) == 2
+    assert "not valid UTF-8 YAML" in capsys.readouterr().err
 
 
 def test_resume_reads_a_moved_dataset_from_data_dir_and_ctrl_c_names_the_command(base_checkpoint, tmp_path,
@@ -397,32 +354,33 @@ def test_resume_reads_a_moved_dataset_from_data_dir_and_ctrl_c_names_the_command
     for file in DEBIAN_FASHION_MNIST.iterdir():
         os.symlink(file, data / file.name)
     run = tmp_path / "my run"
-    Compressor.start(base_checkpoint, _config(data_dir=str(data)), run, progress=False)
-    moved = data.rename(tmp_path / "moved")
-    with pytest.raises(UserError, match="Fashion-MNIST not found in"):
-        Compressor.resume(run)
-    seen = []
 
-    def interrupted(self):
-        seen.append(self.splits.data_dir)
+    def stop(self, state, *, last):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Compressor, "run", interrupted)
+    monkeypatch.setattr(Pipeline, "_admm", stop)
+    assert _compress(base_checkpoint, run, data_dir=str(data)) == 130
+    moved = data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["compress", "--resume", str(run), "--quiet"]) == 2
+    assert "Fashion-MNIST not found in" in capsys.readouterr().err
     assert main(["compress", "--resume", str(run), "--data-dir", str(moved), "--quiet"]) == 130
-    assert seen == [str(moved)]
     assert capsys.readouterr().err == (f"autocompress: interrupted; run folder {run} keeps every finished phase; "
                                        f"continue it with `autocompress compress --resume '{run}' --data-dir "
                                        f"{moved}`\n")
-    assert yaml.safe_load((run / "config.yaml").read_text())["data_dir"] == str(data)  # the run's settings
+    assert yaml.safe_load((run / "config.yaml").read_text())["source"]["data"]["data_dir"] == str(data)
 
 
 def test_relative_data_dir_is_stored_absolute(base_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(DEBIAN_FASHION_MNIST.parent)
-    Compressor.start(base_checkpoint, _config(data_dir=DEBIAN_FASHION_MNIST.name), tmp_path / "run", progress=False)
+
+    def stop(self, state, *, last):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "_admm", stop)
+    assert _compress(base_checkpoint, tmp_path / "run", data_dir=DEBIAN_FASHION_MNIST.name) == 130
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert stored["data_dir"] == os.path.abspath(DEBIAN_FASHION_MNIST)
-    monkeypatch.chdir(tmp_path)  # another working directory: the run still finds its dataset
-    assert Compressor.resume(tmp_path / "run", progress=False).splits.data_dir == stored["data_dir"]
+    assert stored["source"]["data"]["data_dir"] == os.path.abspath(DEBIAN_FASHION_MNIST)
 
 
 def _final_record(compressed_top1: float) -> dict:
@@ -432,28 +390,35 @@ def _final_record(compressed_top1: float) -> dict:
             "rows": [{"model": "base", **row}, {**row, "model": "compressed", "test_top1": compressed_top1}]}
 
 
-def test_result_at_chance_level_warns_after_the_final_table(base_checkpoint, tmp_path, monkeypatch, capsys):
+def test_result_at_chance_level_warns_after_the_final_table():
     from autocompress.cli.compress import chance_warning
 
-    monkeypatch.setattr(Compressor, "run", lambda self: _final_record(10.9))
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**SMALL, "rounds": [1.8, 3.0]}))
-    assert main(["compress", str(base_checkpoint), "--config", str(config), "--target", "params=3x",
-                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
-    captured = capsys.readouterr()
-    assert "compressed" in captured.out and "run folder:" in captured.out
-    assert captured.err == ("autocompress: warning: the compressed model's test top-1 10.90% is at chance level "
-                            "(10.00% for 10 classes): target params=3x is too aggressive for this model and budget; "
-                            "try a lower --target, or more rounds / epochs (--rounds, --admm-epochs, "
-                            "--retrain-epochs)\n")
+    assert chance_warning(_final_record(10.9), 10) == (
+        "autocompress: warning: the compressed model's test top-1 10.90% is at chance level (10.00% for 10 "
+        "classes): target params=3x is too aggressive for this model and budget; try a lower --target, or more "
+        "rounds / epochs (--rounds, --admm-epochs, --retrain-epochs, final_retrain_epochs)")
     assert chance_warning(_final_record(11.0), 10) is not None  # chance + 1 point still warns
     assert chance_warning(_final_record(11.1), 10) is None
 
 
 def test_ctrl_c_before_a_run_folder_exists_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    import autocompress.cli.compress as cli
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Compressor, "start", interrupted)
+    monkeypatch.setattr(cli, "_compress", interrupted)
     assert main(["compress", "base.pt", "--target", "params=2x", "--out", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err == "autocompress: interrupted; nothing was written\n"
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
+    from autocompress.runfolder import RunFolder
+
+    held = RunFolder(tmp_path / "run").open()
+    try:
+        with pytest.raises(UserError, match="in use by another running process"):
+            RunFolder(tmp_path / "run").open()
+    finally:
+        held.close()
+    RunFolder(tmp_path / "run").open().close()  # released: free again

@@ -13,6 +13,7 @@ from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 from autocompress.data import get_dataset
 from autocompress.masks import apply_masks
 from autocompress.models import create_model
+from autocompress.training import evaluate
 from autocompress.purification import purify, remove_unused_paths, settle
 from autocompress.space import PruningSpace
 from autocompress.training import seeded
@@ -133,13 +134,14 @@ def _purify_setup(column_rate: float):
     space = PruningSpace.build(model, torch.zeros(1, 1, 28, 28))
     from autocompress.projection import project
     masks = project(space, model, {"column": {c.name: column_rate for c in space.column_layers}})
-    return model, space, masks, splits.loader("val", 300)
+    val = splits.loader("val", 300)
+    return model, space, masks, lambda net: evaluate(net, val)["top1"]
 
 
 def test_purify_accepts_only_within_tolerance():
     model, space, masks, val = _purify_setup(column_rate=0.3)
     result = purify(copy.deepcopy(model), space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
-                    val_loader=val, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2))
+                    score=val, chance=0.1, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2))
     assert result.top1_before >= 0.2 and not result.near_chance
     assert [t["accepted"] for t in result.trials] == [True, False]  # both outcomes of the check
     for trial in result.trials:
@@ -155,7 +157,7 @@ def test_purify_skips_redundant_removal_at_chance_accuracy():
     model, space, masks, val = _purify_setup(column_rate=0.7)
     lines = []
     result = purify(copy.deepcopy(model), space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
-                    val_loader=val, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2), log=lines.append)
+                    score=val, chance=0.1, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2), log=lines.append)
     assert result.top1_before < 0.2  # 10 classes: below 2x chance
     assert result.near_chance and result.trials == [] and result.threshold is None
     assert any("redundant weight removal skipped" in line for line in lines)

@@ -27,7 +27,7 @@ from torch import nn
 
 from autocompress import metrics
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
-from autocompress.compress import Target
+from autocompress.config import Target
 from autocompress.admm import masked_retrain
 from autocompress.data import get_dataset
 from autocompress.distillation import DistillationConfig, Distiller

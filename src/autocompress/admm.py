@@ -326,7 +326,8 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
     Returns:
         :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
     """
-    schedule = ADMMSchedule(model, space, rates, config, steps_per_epoch=len(train_loader), log=log)
+    schedule = ADMMSchedule(model, space, rates, config, log=log,
+                            steps_per_epoch=len(train_loader) if config.epochs > 0 else 1)
     epoch_stats: list[dict] = []
     if config.epochs > 0:
         train_config = config.train_config()

@@ -154,6 +154,7 @@ class Compression:
                  device="auto", config=None, run_dir=None, progress: bool = True, log=None,
                  source: dict | None = None, save: Callable[[Path, nn.Module], Any] | None = None,
                  final_columns: Callable[[str, nn.Module], dict] | None = None):
+        self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
         self.config = resolve_config(config, target)
         self.target = Target.parse(self.config.target)
         self.targets = round_targets(self.target.factor, self.config.rounds)
@@ -195,7 +196,8 @@ class Compression:
 
     def _open_store(self, base: nn.Module) -> RunFolder:
         """Open (lock) the run folder and claim it for this run, or check that the run it holds is this one
-        (same settings, base model and source) and continue it at the thread count it started with."""
+        (same settings and base model) and continue it at the thread count it started with (float sums,
+        hence results, depend on it)."""
         folder = RunFolder(self.run_dir).open()
         wanted = self._stored_settings(base)
         try:
@@ -235,6 +237,7 @@ class Compression:
         finally:
             if isinstance(self.store, RunFolder):
                 self.store.close()
+            torch.set_num_threads(self.threads)
 
     def _run(self) -> CompressResult:
         base = self.pipeline.base_model

@@ -23,7 +23,7 @@ from typing import Any
 from .admm import ADMMConfig
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
-from .errors import UserError
+from .errors import SettingError, UserError
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches
 from .training import SCHEDULES, TrainConfig
@@ -36,14 +36,6 @@ AMP = ("none", "bf16", "fp16")
 #: numeric settings are bounded so that a typo (``1e30``) is refused instead of running for ever
 MAX_EPOCHS = 10_000
 MAX_EVALUATIONS = 100_000
-
-
-class SettingError(UserError):
-    """A :class:`UserError` about one setting; ``setting`` is its dotted name (``"admm.epochs"``)."""
-
-    def __init__(self, setting: str, problem: str, fix: str | None = None):
-        super().__init__(problem, fix)
-        self.setting = setting
 
 
 @dataclass
@@ -326,7 +318,9 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
     try:
         return dataclasses.replace(base, **values)
     except UserError as exc:  # a section's own __post_init__ check (ADMMConfig, DistillationConfig)
-        raise SettingError(where, f"{prefix}{exc}" if prefix else str(exc)) from None
+        named = str(exc).partition("=")[0]
+        setting = f"{prefix}{named}" if named in fields else where
+        raise SettingError(setting, f"{prefix}{exc}" if prefix else str(exc)) from None
 
 
 #: how a message asks for a value of each type (YAML spelling)

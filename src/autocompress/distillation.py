@@ -35,13 +35,13 @@ class DistillationConfig:
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
-            raise UserError(f"distillation enabled={self.enabled!r} must be true or false",
+            raise UserError(f"enabled={self.enabled!r} must be true or false",
                             "write enabled: true or enabled: false")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise UserError(f"distillation temperature={self.temperature!r} must be a number > 0",
+            raise UserError(f"temperature={self.temperature!r} must be a number > 0",
                             "use e.g. temperature: 4")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise UserError(f"distillation alpha={self.alpha!r} must be in [0, 1]", "use e.g. alpha: 0.9")
+            raise UserError(f"alpha={self.alpha!r} must be in [0, 1]", "use e.g. alpha: 0.9")
 
 
 class Distiller:

@@ -18,3 +18,12 @@ class UserError(Exception):
     def __init__(self, problem: str, fix: str | None = None):
         message = problem if fix is None else f"{problem}; {fix}"
         super().__init__(" ".join(message.split()))
+
+
+class SettingError(UserError):
+    """A :class:`UserError` about one setting; ``setting`` is its dotted name (``"admm.epochs"``, ``"device"``).
+    The library names settings; the CLI turns a setting it has a flag for into the flag's name."""
+
+    def __init__(self, setting: str, problem: str, fix: str | None = None):
+        super().__init__(problem, fix)
+        self.setting = setting

@@ -77,8 +77,8 @@ def expand_rates(space: PruningSpace, spec: Mapping, dims: Sequence[str]) -> dic
         if not isinstance(given, Mapping):
             raise UserError(f"rates[{kind!r}] must map unit names to rates", f"write `{kind}: {{name: 0.5}}`")
         if given and kind not in dims:
-            raise UserError(f"rates for {kind} units given, but --dims is {','.join(dims)}",
-                            f"add {kind} to --dims or remove the {kind} rates")
+            raise UserError(f"rates for {kind} units given, but dims is {','.join(dims)}",
+                            f"add {kind} to dims or remove the {kind} rates")
         rates[kind] = dict(given)
     if "default" in spec:
         default = check_rate(spec["default"], "the default rate")
@@ -175,7 +175,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
               "params_before": params_before, "params_after": params_after,
               "macs_before": macs_before, "macs_after": macs_after,
               "compression_rate": params_before / max(params_after, 1), "mac_reduction": macs_before / max(macs_after, 1),
-              "score": {"before": before, "purified": _fraction(purified, "val_after"), "after": after},
+              "score": {"before": before, "purified": _fraction(purified, "_after"), "after": after},
               "clipped": [c._asdict() for c in state.masks.clipped], "kept": _kept_units(state.masks),
               "records": records}
     pipeline.log(f"compact model: {params_after} parameters ({report['compression_rate']:.2f}x fewer), "
@@ -183,9 +183,10 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     return PruneResult(compact_model=compact_model, masks=state.masks, report=report)
 
 
-def _fraction(record: dict, key: str) -> float | None:
-    """A score from a metrics record (``{key}_top1`` in %, or ``{key}_score``) as the task's own value."""
-    if f"{key}_top1" in record:
-        value = record[f"{key}_top1"]
+def _fraction(record: dict, suffix: str) -> float | None:
+    """A score from a metrics record (``val_top1{suffix}`` in %, or ``val_score{suffix}``) as the task's own
+    value (top-1 as a fraction)."""
+    if f"val_top1{suffix}" in record:
+        value = record[f"val_top1{suffix}"]
         return None if value is None else value / 100.0
-    return record.get(f"{key}_score")
+    return record.get(f"val_score{suffix}")

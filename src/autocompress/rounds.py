@@ -204,11 +204,18 @@ class Pipeline:
         """MACs per input item (FLOPs = 2 x MACs)."""
         return metrics.count_macs(model, self.example1)
 
-    def scored(self, value: float | None, key: str = "val") -> dict:
-        """A score as a metrics field: ``{key}_top1`` in % for the default top-1, else ``{key}_score``."""
+    def scored(self, value: float | None, suffix: str = "") -> dict:
+        """A score as a metrics field: ``val_top1{suffix}`` in % for the default top-1, else
+        ``val_score{suffix}`` (the caller's ``score_fn`` value)."""
         if self.task.score_fn is None:
-            return {f"{key}_top1": None if value is None else 100.0 * value}
-        return {f"{key}_score": value}
+            return {f"val_top1{suffix}": None if value is None else 100.0 * value}
+        return {f"val_score{suffix}": value}
+
+    def describe(self, value: float | None) -> str:
+        """A score for a log line: ``val top-1 92.31%`` for the default top-1, else ``validation score x``."""
+        if value is None:
+            return "val top-1 n/a"
+        return f"val top-1 {100 * value:.2f}%" if self.task.score_fn is None else f"validation score {value:.4g}"
 
     def space(self, model: nn.Module) -> PruningSpace:
         """A round's pruning space; purification needs the filter groups even when only columns (or single
@@ -300,11 +307,13 @@ class Pipeline:
                             score=self.task.score if self.task.can_score else None, chance=self.chance, tolerance=settings.tolerance,
                             thresholds=settings.thresholds, log=self.log)
             masks, state.param_masks = result.masks, result.param_masks
+            self.log(f"hard pruning: {self.describe(result.top1_before)}; purified: "
+                     f"{self.describe(result.top1_after)}")
             records.append({
                 "event": "purification", "round": state.index, "threshold": result.threshold,
                 "removed_filters": sum(result.removed_filters.values()),
                 "removed_columns": sum(result.removed_columns.values()), "folded": len(result.folded),
-                **self.scored(result.top1_before, "val_before"), **self.scored(result.top1_after, "val_after")})
+                **self.scored(result.top1_before, "_before"), **self.scored(result.top1_after, "_after")})
         state.masks = masks
         self.store.save(state.index, "purify", self._state_payload(state))
         return records

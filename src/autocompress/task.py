@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .analysis import analysis_mode
-from .errors import UserError
+from .errors import SettingError, UserError
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -44,16 +44,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserError(f"device={device!r} is not a device name", "use auto, cpu, cuda or cuda:N") from None
+        raise SettingError("device", f"unknown device {str(device)!r}", "use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"device={device!r} asked for, but CUDA is not available here",
-                            "use device='cpu' (or 'auto')")
+            raise SettingError("device", f"device {str(device)!r} asked for, but CUDA is not available here",
+                               "use device cpu (or auto)")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise UserError(f"device={device!r} does not exist here ({torch.cuda.device_count()} CUDA devices)",
-                            "use device='cuda' or 'cpu'")
+            raise SettingError("device", f"device {str(device)!r} does not exist here "
+                               f"({torch.cuda.device_count()} CUDA devices)", "use device cuda or cpu")
     elif resolved.type != "cpu":
-        raise UserError(f"device={device!r} is not supported", "use auto, cpu, cuda or cuda:N")
+        raise SettingError("device", f"device {str(device)!r} is not supported", "use auto, cpu, cuda or cuda:N")
     return resolved
 
 
@@ -184,10 +184,14 @@ class Task:
 
     # --- checks before any work ---------------------------------------------------------------------
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool) -> None:
-        """Refuse, before any work, what would fail later (UserError naming the argument): a model whose
-        forward fails on ``example_inputs``, a loader that yields nothing, batches that are not
+        """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
+        infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields nothing, batches that are not
         ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss that is not a finite
         scalar, a score that is not a finite number, or no way to score at all."""
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"the model's {name} holds NaN or infinite values",
+                                "pass a trained model with finite weights")
         try:
             with analysis_mode(model):
                 model(*example_inputs)

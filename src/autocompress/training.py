@@ -136,25 +136,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return None
 
 
-def check_device(name: str) -> torch.device:
-    """``torch.device(name)``, checked: only devices usable here pass (the CPU always, CUDA when available,
-    with an existing index); a malformed name or any other device type (mps, xpu, meta, ...) raises
-    UserError."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"unknown device {name!r}", "use --device cpu (or cuda on a machine with a GPU)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} asked for, but CUDA is not available here", "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA devices)",
-                            "use --device cuda or cpu")
-    elif device.type != "cpu":
-        raise UserError(f"device {name!r} is not available here", "use --device cpu")
-    return device
-
-
 def resumable_state(ckpt: dict, path: str | os.PathLike) -> dict:
     """The ``training_state`` of checkpoint ``ckpt`` (read from ``path``) that :func:`fit` resumes from.
 
@@ -432,5 +413,5 @@ def _summary(history: list[dict]) -> dict:
             "history": list(history)}
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_device", "check_model_input",
+__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_model_input",
            "evaluate", "fit", "resumable_state", "seeded", "train_epoch"]

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"autocompress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable): makes a user's model classes and registered "
+                             "models available (the current folder is on the import path)")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
             module = importlib.import_module(f".{module_name}", __name__)
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"{__name__}.{module_name}":
                 raise
             continue  # command not built yet
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         module.add_arguments(command)
         command.set_defaults(_run=module.run, _interrupted=getattr(module, "interrupted", None))
     return parser
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        import_modules(args.imports)
         status = int(args._run(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, inside the try
         return status
@@ -70,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         left = args._interrupted(args) if args._interrupted is not None else None
         print(f"autocompress: interrupted{f'; {left}' if left else ''}", file=sys.stderr)
         return 130
+
+
+def import_modules(names: list[str]) -> None:
+    """Import each ``--import`` module (the current folder first on ``sys.path``); UserError naming the one
+    that fails."""
+    from ..errors import UserError
+
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the user's module may raise anything on import
+            raise UserError(f"--import {name} failed ({type(exc).__name__}: {str(exc)[:160]})",
+                            "pass an importable module name (e.g. mypkg.models) from the current folder or "
+                            "an installed package") from None
 
 
 def _stdout_closed() -> int:

@@ -101,7 +101,7 @@ def settings_from(args: argparse.Namespace, file_settings: dict) -> dict:
 
 def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
     """``exc`` with the flag that set its setting named (only the CLI speaks of flags)."""
-    for flag, setting in FLAG_SETTINGS.items():
+    for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items():
         if setting == exc.setting and getattr(args, flag[2:].replace("-", "_"), None) is not None:
             return UserError(f"{exc} (set by {flag})")
     where = f" (in the config file {args.config})" if getattr(args, "config", None) else ""

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
     from ..data import get_dataset, recorded_data_dir
-    from ..training import check_device, check_model_input, evaluate
+    from ..task import resolve_device
+    from ..training import check_model_input, evaluate
 
     ckpt = load_checkpoint(args.checkpoint)
     stored = ckpt["dataset"]
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # another dataset: the default carve for --split val, none needed for the test split
         val_size, seed = (5000 if args.split == "val" else 0), 0
     splits = get_dataset(name, data_dir, val_size=val_size, seed=seed)
-    model = model_from_checkpoint(ckpt).to(check_device(args.device))
+    model = model_from_checkpoint(ckpt).to(resolve_device(args.device))
     model_name = ckpt["model"]["name"]
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)
     result = evaluate(model, splits.loader(args.split, args.batch_size), progress=not (args.json or args.quiet),

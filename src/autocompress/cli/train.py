@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..data import get_dataset
     from ..models import create_model
-    from ..training import check_device, check_model_input, fit, resumable_state, seeded
+    from ..task import resolve_device
+    from ..training import check_model_input, fit, resumable_state, seeded
 
-    check_device(args.device)
+    resolve_device(args.device)
     out = _out(args)
     resume = args.resume
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,

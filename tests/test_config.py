@@ -1,0 +1,87 @@
+"""The compress settings (autocompress.config): targets, round schedules, nested typed sections with one
+from_dict, errors that name the setting."""
+from __future__ import annotations
+
+import dataclasses
+
+import hypothesis.strategies as st
+import pytest
+import yaml
+from hypothesis import given, settings
+
+from autocompress.admm import ADMMConfig
+from autocompress.config import (CompressConfig, PurificationConfig, QuickEvalConfig, RetrainConfig, SearchConfig,
+                                 SettingError, Target, round_targets)
+from autocompress.distillation import DistillationConfig
+from autocompress.errors import UserError
+
+
+def test_target_parsing():
+    assert Target.parse("params=20x") == Target("params", 20.0)
+    assert Target.parse(" flops = 8.5 ") == Target("flops", 8.5)
+    for bad in ("params=1x", "size=2x", "params=abc", "20x", "params=1e30x"):
+        with pytest.raises(SettingError) as error:
+            Target.parse(bad)
+        assert error.value.setting == "target"
+
+
+def test_round_schedules():
+    assert round_targets(12, "doubling") == [2, 4, 8, 12]
+    assert round_targets(8, "doubling") == [2, 4, 8]
+    assert round_targets(1.5, "doubling") == [1.5]
+    assert round_targets(9, "2") == pytest.approx([3.0, 9.0])
+    assert round_targets(9, 2) == pytest.approx([3.0, 9.0])
+    assert round_targets(10, [3, 10]) == [3.0, 10.0]
+    for bad in ([3, 2, 10], [2, 5], [1.0, 10], "sometimes", 1000, True):
+        with pytest.raises(SettingError):
+            round_targets(10, bad)
+
+
+def test_partial_sections_keep_the_other_defaults():
+    """A section given in part keeps its other defaults (compress's ADMM defaults included); the resolved
+    form is what config.yaml stores, and it reads back to the same config."""
+    config = CompressConfig.from_dict({"target": "params=2x", "admm": {"epochs": 3}, "retrain": {"lr": 0.05}})
+    assert config.admm == ADMMConfig(epochs=3, rho_init=0.02, rho_growth=1.6, update_interval=100)
+    assert config.retrain == RetrainConfig(lr=0.05)
+    assert config.purification == PurificationConfig()
+    assert config.search == SearchConfig()
+    assert config.distillation == DistillationConfig()
+    assert config.quick_eval == QuickEvalConfig()
+    assert config.retrain.train_config(7).epochs == 7 and config.retrain.train_config().lr == 0.05
+    plain = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config)))
+    assert plain["admm"]["rho_init"] == 0.02 and plain["quick_eval"] == {"bn_recalibration": True, "bn_batches": 5,
+                                                                        "val_batches": 10}
+    assert CompressConfig.from_dict(plain) == config  # config.yaml round-trips
+
+
+@pytest.mark.parametrize("data, setting", [
+    ({"temperature": 3}, "temperature"), ({"admm": {"bogus": 3}}, "admm.bogus"),
+    ({"admm": {"epochs": "two"}}, "admm.epochs"), ({"quick_eval": {"batch_size": 3}}, "quick_eval.batch_size"),
+    ({"search": {"seed": 1}}, "search.seed"), ({"retrain": {"device": "cpu"}}, "retrain.device"),
+    ({"admm": 3}, "admm"), ({"seed": True}, "seed"), ({"search": {"cooling_rate": 2.0}}, "search.cooling_rate"),
+    ({"dims": "weird"}, "dims"), ({"retrain": {"lr": -1.0}}, "retrain.lr"), ({"amp": "fp8"}, "amp"),
+    ({"admm": {"lr": -0.1}}, "admm.lr"), ({"target": None}, "target"),
+])
+def test_errors_name_the_setting(data, setting):
+    with pytest.raises(SettingError) as error:
+        CompressConfig.from_dict({"target": "params=2x", **data})
+    assert error.value.setting == setting
+    assert isinstance(error.value, UserError) and "\n" not in str(error.value)
+
+
+def test_irregular_flops_target_is_refused():
+    with pytest.raises(SettingError, match="irregular"):
+        CompressConfig.from_dict({"target": "flops=2x", "dims": "irregular"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["seed", "max_r", "latency_runs", "rounds", "final_retrain_epochs", "amp"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
+                                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                                 st.lists(st.integers(-3, 30), max_size=3))))
+def test_any_top_level_value_is_accepted_or_refused_in_one_line(data):
+    """Whatever plain data a config file holds: a valid config, or a SettingError (never another exception)."""
+    try:
+        CompressConfig.from_dict({"target": "params=4x", **data})
+    except SettingError as exc:
+        assert str(exc) and "\n" not in str(exc)
