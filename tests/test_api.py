@@ -179,7 +179,8 @@ def test_own_train_fn_runs_each_phase_and_masks_hold():
                                      for n, p in net.named_parameters() if n in zeros)
         seen[-1]["zeros"] = sum(int(z.sum()) for z in zeros.values())
 
-    config = {**CONFIG, "admm": {"epochs": 2}, "retrain": {"epochs": 1}}
+    # one round, so the last: its retraining runs final_retrain_epochs, not retrain.epochs
+    config = {**CONFIG, "admm": {"epochs": 2}, "retrain": {"epochs": 3}, "final_retrain_epochs": 1}
     result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
                                    val_loader=val, train_fn=train_fn, config=config, progress=False)
     assert [(s["name"], s["epochs"], s["training"]) for s in seen] == [("admm", 2, True), ("retrain", 1, True)]
@@ -301,6 +302,9 @@ def test_batches_that_are_not_pairs(no_work):
     triples = DataLoader(TensorDataset(x, y, y), batch_size=8)
     refused(no_work, r"train_loader yields list batches, not \(inputs, targets\)", train_loader=triples)
     refused(no_work, r"not \(inputs, targets\)", train_loader=dict_batches(32, 0))
+    wrong_shape = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8), y), batch_size=8)
+    refused(no_work, "the model fails on a batch of train_loader", train_loader=wrong_shape)
+    refused(no_work, "the model fails on a batch of val_loader", val_loader=wrong_shape)
 
 
 def test_scores_that_are_not_numbers(no_work):
