@@ -6,11 +6,11 @@ the real Fashion-MNIST (Debian's idx files) by a plain PyTorch loop over plain D
 
 1. the automatic path: ``autocompress.compress`` with its own SGD loop for ADMM and retraining;
 2. the own-loop path: the same training loop that trained the base model (Adam, label-smoothed cross-entropy)
-   runs the ADMM and retraining epochs through ``train_fn``; three lines of it know about the pruning
-   (``phase.attach``, ``phase.penalty``, ``phase.distill``).
+   runs the ADMM and retraining epochs through ``train_fn``: it takes an optional ``phase`` and two of its
+   statements use it (``phase.attach(optimizer)``; ``phase.distill(...) + phase.penalty()`` in the loss).
 
     python examples/own_cnn.py             # 20000 training / 2000 validation images
-    python examples/own_cnn.py --tiny     # a smoke test (the test suite's size)
+    python examples/own_cnn.py --tiny      # a smoke test (the test suite's size)
     python examples/own_cnn.py --out runs/own_cnn   # also writes model.pt (pickled) and model.ts (traced)
 """
 from __future__ import annotations
@@ -79,17 +79,17 @@ def fashion_mnist(split: str, folder: Path = FASHION_MNIST) -> TensorDataset:
     return TensorDataset((images.float().unsqueeze(1) / 255 - MEAN) / STD, labels)
 
 
-def loaders(train_size: int, val_size: int, test_size: int, seed: int = 0
+def loaders(train_size: int, val_size: int, test_size: int, folder: Path = FASHION_MNIST, seed: int = 0
             ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Shuffled training, validation (both carved from the training files, seeded, disjoint) and test (the first
     ``test_size`` test images) loaders."""
-    full = fashion_mnist("train")
+    full = fashion_mnist("train", folder)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     train = torch.utils.data.Subset(full, order[:train_size].tolist())
     val = torch.utils.data.Subset(full, order[train_size:train_size + val_size].tolist())
     return (DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)),
             DataLoader(val, batch_size=256),
-            DataLoader(torch.utils.data.Subset(fashion_mnist("t10k"), range(test_size)), batch_size=256))
+            DataLoader(torch.utils.data.Subset(fashion_mnist("t10k", folder), range(test_size)), batch_size=256))
 
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, phase: autocompress.TrainingPhase | None = None,
@@ -127,11 +127,14 @@ def top1(model: nn.Module, loader: DataLoader) -> float:
 
 
 def main(argv: list[str] | None = None) -> _shared.ExampleRun:
-    args = _shared.parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = _shared.parser(__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=FASHION_MNIST,
+                   help="folder of the Fashion-MNIST idx files (*-ubyte.gz)")
+    args = p.parse_args(argv)
     size = SIZES["tiny" if args.tiny else "full"]
     device = _shared.device_of(args.device)
     torch.manual_seed(0)
-    train_loader, val_loader, test_loader = loaders(size["train"], size["val"], size["test"])
+    train_loader, val_loader, test_loader = loaders(size["train"], size["val"], size["test"], args.data_dir)
     model = train(MyNet(size["widths"]).to(device), train_loader, size["epochs"])
     print(f"base model: test top-1 {top1(model, test_loader):.2f} %")
     example = torch.randn(1, 1, 28, 28, device=device)
