@@ -9,7 +9,7 @@ import autocompress
 from autocompress.checkpoint import FORMAT, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from autocompress.errors import UserError
 from autocompress.models import create_model
-from autocompress.training import TrainConfig
+from autocompress.training import TrainConfig, seeded
 
 DATASET = {"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10}
 
@@ -109,3 +109,23 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path):
         _save(path, training_state={"not plain data": lambda: 0})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_load_into_a_given_instance_and_model_entry_checks(tmp_path):
+    with seeded(0):
+        path, model = _save(tmp_path / "a.pt")
+        mine = create_model("fmnist_cnn", num_classes=10, width=0.25)
+        other = nn.Sequential(nn.Linear(2, 2))
+    loaded = autocompress.load(path, model=mine)
+    assert loaded is mine and not mine.training
+    assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(UserError, match="model= must be an nn.Module instance, got dict"):
+        autocompress.load(path, model={})
+    with pytest.raises(UserError, match="do not match model Sequential \\(the given instance; saved from fmnist_cnn"):
+        autocompress.load(path, model=other)
+    for names in ({}, {"model_name": "lenet5", "model_class": "torch.nn:Linear"}):
+        with pytest.raises(UserError, match="exactly one of model_name"):
+            save_checkpoint(tmp_path / "b.pt", model=model, **names, dataset=DATASET, config={}, metrics={})
+    with pytest.raises(UserError, match="model_kwargs has a non-string key 1"):
+        _save(tmp_path / "b.pt", model=model, kwargs={1: 2})
+    assert not (tmp_path / "b.pt").exists()

@@ -50,7 +50,7 @@ def test_prune_writes_a_loadable_compact_model(checkpoint, tmp_path, capsys):
     assert code == 0
     assert "parameters" in stdout and "MACs / image" in stdout and str(out) in stdout
     # every top-1 it prints, the log lines of hard pruning and retraining included, is a percentage
-    assert re.search(r"^hard pruning: val top-1 \d+\.\d\d%; purified: val top-1 \d+\.\d\d%$", stdout, re.M)
+    assert re.search(r"^hard pruning: val top-1 \d+\.\d\d%, after purification: val top-1 \d+\.\d\d%$", stdout, re.M)
     assert re.search(r"^retrain epoch 1/1: train loss \d+\.\d+, train top-1 \d+\.\d\d%$", stdout, re.M)
     assert all(re.fullmatch(r"\d+\.\d\d%", value) for value in re.findall(r"top-1\s+([^\s,]+)", stdout))
     compact = autocompress.load(out)
@@ -76,7 +76,7 @@ def test_list_units(checkpoint, capsys):
     ("filter: {nope: 0.5}\n", "valid filter names: features.0.0"),
     ("default: 1.5\n", "outside [0, 1)"),
     ("default: half\n", "the default rate is 'half', outside [0, 1); give each rate as a fraction removed"),
-    ("irregular: {classifier: 0.5}\n", "--dims"),
+    ("irregular: {classifier: 0.5}\n", "but dims is filter,column"),
     ("- 0.5\n", "does not hold a mapping"),
     ("default: [\n", "not valid YAML"),
 ])
@@ -122,9 +122,9 @@ def test_help_and_readme_document_the_rates_format(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--retrain-epochs", "-2"], "--retrain-epochs -2 is negative; pass --retrain-epochs >= 0 (0: no retraining)"),
-    (["--device", "mps"], "device 'mps' is not available here; use --device cpu"),
-    (["--device", "xpu"], "device 'xpu' is not available here; use --device cpu"),
-    (["--device", "meta"], "device 'meta' is not available here; use --device cpu"),
+    (["--device", "mps"], "device 'mps' is not available here; use auto, cpu, cuda or cuda:N (set by --device)"),
+    (["--device", "xpu"], "device 'xpu' is not available here; use auto, cpu, cuda or cuda:N (set by --device)"),
+    (["--device", "meta"], "device 'meta' is not available here; use auto, cpu, cuda or cuda:N (set by --device)"),
 ])
 def test_bad_retrain_epochs_and_devices_exit_2(checkpoint, tmp_path, capsys, flags, message):
     rates = tmp_path / "rates.yaml"

@@ -105,6 +105,10 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
     assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in _error_line(capsys)
     assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
+    assert "cifar10 images are 3x32x32 but the checkpoint expects 1x28x28" in _error_line(capsys)
+    save_checkpoint(bad, model=create_model("lenet5"), model_name="lenet5", model_kwargs={"num_classes": 10},
+                    dataset={"name": "fashion-mnist"}, config={}, metrics={})  # no input size recorded
+    assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
     assert "lenet5 cannot take cifar10 inputs of size 3x32x32" in _error_line(capsys)
 
 

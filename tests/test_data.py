@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from autocompress import data
-from autocompress.data import Augment, augment_batch, carve_validation, get_dataset, read_idx, recorded_data_dir
+from autocompress.data import (Augment, augment_batch, carve_validation, checkpoint_dataset, get_dataset, read_idx,
+                               recorded_data_dir)
 from autocompress.errors import UserError
 
 
@@ -157,46 +158,189 @@ def test_cifar_folder_holding_the_archive(cifar_folder, tmp_path):
         get_dataset("cifar10", tmp_path, val_size=2)  # no layout and no archive
 
 
-def test_recorded_data_dir(tmp_path):
+def test_recorded_data_dir_is_never_followed(tmp_path):
     recorded = {"name": "cifar10", "data_dir": str(tmp_path)}
     assert recorded_data_dir("/given", recorded, "cifar10") == "/given"
-    assert recorded_data_dir(None, recorded, "cifar10") == str(tmp_path)
-    assert recorded_data_dir(None, recorded, "fashion-mnist") is None  # another dataset: its own lookup
-    assert recorded_data_dir(None, {"name": "cifar10", "data_dir": str(tmp_path / "gone")}, "cifar10") is None
+    assert recorded_data_dir(tmp_path, recorded, "cifar10") == str(tmp_path)
+    assert recorded_data_dir(None, recorded, "cifar10") is None  # the dataset's own lookup, not the recording
+
+
+def _write_batches(folder, train_images, train_labels, test_images, test_labels, classes=None):
+    """torchvision's cifar-10-batches-py layout: the training rows spread over five batch files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(train_labels), 6).round().astype(int)
+    for i in range(5):
+        rows = slice(bounds[i], bounds[i + 1])
+        with open(folder / f"data_batch_{i + 1}", "wb") as handle:
+            pickle.dump({"data": train_images[rows], "labels": list(train_labels[rows])}, handle)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": test_images, "labels": list(test_labels)}, handle)
+    if classes is not None:
+        with open(folder / "batches.meta", "wb") as handle:
+            pickle.dump({"label_names": list(classes)}, handle)
 
 
 def test_cifar_python_batches_format(tmp_path, cifar_folder):
     reference = get_dataset("cifar10", cifar_folder, val_size=0)
-    batches = tmp_path / "cifar-10-batches-py"
-    batches.mkdir()
-    images = reference.train.images.reshape(len(reference.train), -1).numpy()
-    labels = reference.train.labels.tolist()
-    for i in range(1, 6):  # the 9 images spread over five batch files, as in torchvision's format
-        rows = slice((i - 1) * 2, i * 2 if i < 5 else None)
-        with open(batches / f"data_batch_{i}", "wb") as handle:
-            pickle.dump({"data": images[rows], "labels": labels[rows]}, handle)
-    with open(batches / "test_batch", "wb") as handle:
-        pickle.dump({"data": reference.test.images.reshape(3, -1).numpy(),
-                     "labels": reference.test.labels.tolist()}, handle)
-    with open(batches / "batches.meta", "wb") as handle:
-        pickle.dump({"label_names": list(reference.classes)}, handle)
+    _write_batches(tmp_path / "cifar-10-batches-py", reference.train.images.reshape(9, -1).numpy(),
+                   reference.train.labels.tolist(), reference.test.images.reshape(3, -1).numpy(),
+                   reference.test.labels.tolist(), reference.classes)
     splits = get_dataset("cifar10", tmp_path, val_size=0)
     assert torch.equal(splits.train.images, reference.train.images)
     assert torch.equal(splits.test.labels, reference.test.labels)
     assert splits.classes == reference.classes
 
 
+@pytest.mark.parametrize("train_labels, test_labels, needle", [
+    ([0, 1, 10, 2], [0], "the train split of cifar10 in .* has label 10, outside the 10 classes"),
+    ([0, 1, 2, 3], [-1], "the test split of cifar10 in .* has label -1, outside the 10 classes"),
+    ([0, 1, 2, 3], [], "the test split of cifar10 in .* has no images"),
+    ([], [0], "the train split of cifar10 in .* has no images"),
+])
+def test_cifar_batches_with_bad_labels_or_empty_splits(tmp_path, train_labels, test_labels, needle):
+    images = lambda n: np.zeros((n, 3072), np.uint8)  # noqa: E731
+    _write_batches(tmp_path / "cifar-10-batches-py", images(len(train_labels)), train_labels,
+                   images(len(test_labels)), test_labels)
+    with pytest.raises(UserError, match=needle) as err:
+        get_dataset("cifar10", tmp_path, val_size=0)
+    assert "\n" not in str(err.value)
+
+
+def test_cifar_batches_with_labels_and_images_of_different_counts(tmp_path):
+    _write_batches(tmp_path / "cifar-10-batches-py", np.zeros((5, 3072), np.uint8), [0, 1, 2, 3, 4],
+                   np.zeros((2, 3072), np.uint8), [0])
+    with pytest.raises(UserError, match="test_batch holds 6144 image bytes for 1 labels"):
+        get_dataset("cifar10", tmp_path, val_size=0)
+
+
+def _idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_fashion_mnist_label_out_of_range(tmp_path):
+    for prefix, labels in (("train", [0, 1, 2, 3]), ("t10k", [0, 12])):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((len(labels), 28, 28)))
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array(labels))
+    with pytest.raises(UserError, match="the test split of fashion-mnist in .* has label 12, outside the 10 classes"):
+        get_dataset("fashion-mnist", tmp_path, val_size=1)
+
+
+def test_loader_of_an_empty_split_is_refused(cifar_folder):
+    splits = get_dataset("cifar10", cifar_folder, val_size=0)
+    with pytest.raises(UserError, match="the val split of cifar10 has no images; pass val_size > 0"):
+        splits.loader("val", 4)
+
+
+def test_input_size_mismatch(cifar_folder, fmnist_small):
+    with pytest.raises(UserError, match="cifar10 images are 3x32x32 but input_size expects 1x28x28"):
+        get_dataset("cifar10", cifar_folder, val_size=0, input_size=(1, 28, 28))
+    recorded = {"name": "fashion-mnist", "input_size": [1, 28, 28], "val_size": 1000, "seed": 0}
+    with pytest.raises(UserError, match="cifar10 images are 3x32x32 but the checkpoint expects 1x28x28"):
+        checkpoint_dataset(recorded, "cifar10", cifar_folder, val_size=0)
+    fmnist_small.check_input_size([1, 28, 28])
+    fmnist_small.check_input_size(None)
+    with pytest.raises(UserError, match="fashion-mnist images are 1x28x28 but the model expects 3x28x28"):
+        fmnist_small.check_input_size((3, 28, 28))
+
+
+def test_checkpoint_dataset_uses_the_recorded_carve_and_normalisation(cifar_folder):
+    described = get_dataset("cifar10", cifar_folder, val_size=2, seed=5, mean=(0.5, 0.4, 0.3),
+                            std=(0.2, 0.25, 0.3)).describe()
+    assert described["mean"] == [0.5, 0.4, 0.3] and described["std"] == [0.2, 0.25, 0.3]
+    splits = checkpoint_dataset(described, data_dir=cifar_folder)
+    assert (splits.val_size, splits.seed, splits.mean, splits.std) == (2, 5, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    images, _ = next(iter(splits.loader("test", 3)))
+    expected = (splits.test.images.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / \
+        torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    assert torch.allclose(images, expected, atol=1e-5)
+    # an old checkpoint without normalisation gets the dataset's standard statistics
+    old = {k: v for k, v in described.items() if k not in ("mean", "std")}
+    assert checkpoint_dataset(old, data_dir=cifar_folder).mean == data.MEAN_STD["cifar10"][0]
+    with pytest.raises(UserError, match="no known dataset"):
+        checkpoint_dataset({"input_size": [3, 32, 32]}, data_dir=cifar_folder)
+    assert checkpoint_dataset({}, "cifar10", cifar_folder, val_size=1).val_size == 1  # name / carve overrides
+
+
+@pytest.mark.parametrize("mean, std", [((0.5,), (0.2, 0.2, 0.2)), ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2)),
+                                       ((0.5, float("nan"), 0.5), (0.2, 0.2, 0.2))])
+def test_bad_normalisation(cifar_folder, mean, std):
+    with pytest.raises(UserError, match="does not fit 3-channel cifar10 images"):
+        get_dataset("cifar10", cifar_folder, val_size=0, mean=mean, std=std)
+
+
 # ---------------------------------------------------------------------------------------- imagefolder
-def test_imagefolder_uses_imagenet_transforms(cifar_folder):
+def test_imagefolder_defaults_to_imagenet_transforms(cifar_folder):
     (cifar_folder / "test").rename(cifar_folder / "val")
     splits = get_dataset("imagefolder", cifar_folder, val_size=3)
     splits.num_workers = 0
     assert splits.input_size == (3, 224, 224) and splits.num_classes == 3
+    assert splits.mean == data.MEAN_STD["imagefolder"][0]
     assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 3, 3)
     images, labels = next(iter(splits.loader("test", 3)))
     assert images.shape == (3, 3, 224, 224) and labels.tolist() == [0, 1, 2]
     images, _ = next(iter(splits.loader("train", 2, generator=torch.Generator().manual_seed(0))))
     assert images.shape == (2, 3, 224, 224)
+    resize, crop = data.folder_transform((3, 224, 224), (0,) * 3, (1,) * 3, augment=False).transforms[:2]
+    assert resize.size in (256, [256]) and list(crop.size) == [224, 224]  # the standard 256 -> 224 center crop
+
+
+def _pixels(folder, split_samples, index) -> torch.Tensor:
+    return _pil_pixels(split_samples.dataset.samples[split_samples.indices[index]][0]).float()
+
+
+def test_imagefolder_at_the_recorded_32x32_size(cifar_folder):
+    """A checkpoint recorded at 3x32x32 gets the 32x32 images themselves, normalised as recorded."""
+    (cifar_folder / "test").rename(cifar_folder / "val")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    recorded = {"name": "imagefolder", "input_size": [3, 32, 32], "mean": list(mean), "std": list(std),
+                "val_size": 3, "seed": 0, "data_dir": "/elsewhere"}
+    splits = checkpoint_dataset(recorded, data_dir=cifar_folder)
+    splits.num_workers = 0
+    assert splits.input_size == (3, 32, 32) and (splits.mean, splits.std) == (mean, std)
+    images, labels = next(iter(splits.loader("test", 3)))
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    for i in range(3):
+        assert torch.allclose(images[i], (_pixels(cifar_folder, splits.test, i) / 255 - m) / s, atol=1e-5)
+    # training: a 32x32 window of the image zero-padded by 4 (black, before normalising), maybe flipped,
+    # as for cifar10
+    images, labels = next(iter(splits.loader("train", 2, shuffle=False, generator=torch.Generator().manual_seed(1))))
+    assert images.shape == (2, 3, 32, 32)
+    for i in range(2):
+        padded = (torch.nn.functional.pad(_pixels(cifar_folder, splits.train, i) / 255, (4, 4, 4, 4)) - m) / s
+        windows = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.allclose(images[i], w, atol=1e-5) or torch.allclose(images[i], w.flip(-1), atol=1e-5)
+                   for w in windows)
+    # a cifar10 checkpoint evaluated on a folder of CIFAR JPEGs: its input size and statistics
+    cifar = {"name": "cifar10", "input_size": [3, 32, 32], "mean": list(data.MEAN_STD["cifar10"][0]),
+             "std": list(data.MEAN_STD["cifar10"][1]), "val_size": 5000}
+    splits = checkpoint_dataset(cifar, "imagefolder", cifar_folder, val_size=0)
+    assert splits.input_size == (3, 32, 32) and (splits.mean, splits.std) == data.MEAN_STD["cifar10"]
+
+
+def test_imagefolder_grey_and_other_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(
+                    tmp_path / split / cls / f"{i}.png")
+    splits = get_dataset("imagefolder", tmp_path, val_size=2, input_size=(1, 28, 28))
+    splits.num_workers = 0
+    assert splits.mean == (pytest.approx(0.449),) and splits.std == (pytest.approx(0.226),)
+    images, _ = next(iter(splits.loader("test", 6)))
+    assert images.shape == (6, 1, 28, 28)
+    for i in range(6):
+        grey = torch.from_numpy(np.array(Image.open(splits.test.dataset.samples[i][0]))).float() / 255
+        assert torch.allclose(images[i, 0], (grey - splits.mean[0]) / splits.std[0], atol=1e-5)
+    splits = get_dataset("imagefolder", tmp_path, val_size=2, input_size=(3, 96, 80))
+    splits.num_workers = 0
+    assert next(iter(splits.loader("test", 2)))[0].shape == (2, 3, 96, 80)
+    assert next(iter(splits.loader("train", 2)))[0].shape == (2, 3, 96, 80)
+    for bad in ((2, 32, 32), (3, 0, 32), (3, 32)):
+        with pytest.raises(UserError, match="is not \\(channels 1 or 3, height, width\\)"):
+            get_dataset("imagefolder", tmp_path, val_size=2, input_size=bad)
 
 
 # ---------------------------------------------------------------------------------------------- errors

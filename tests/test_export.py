@@ -12,7 +12,7 @@ from autocompress.checkpoint import save_checkpoint
 from autocompress.cli import main
 from autocompress.compaction import ColumnConv2d, compact
 from autocompress.errors import UserError
-from autocompress.export import export_onnx
+from autocompress.export import export_onnx, export_program
 from autocompress.models import create_model
 from autocompress.serialization import save_compact
 from test_compaction import _mixed, column_masks, filter_masks
@@ -60,7 +60,33 @@ def test_export_rejects_tuple_input_and_writes_nothing(tmp_path):
     model, x = _mixed()
     with pytest.raises(UserError, match="one input tensor"):
         export_onnx(model, (x, x), tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(UserError, match="one input tensor"):
+        export_program(model, (x, x), tmp_path / "m.pt2")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.pt2").exists()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compact_model_torch_export_program_agrees(tmp_path, batch):
+    model, x = _mixed()
+    result = compact(model, column_masks(model, 0.6, masks=filter_masks(model, x, 0.3), skip={"head.3"}), x)
+    out = export_program(result.model, x[:batch], tmp_path / "m.pt2")
+    assert out.opset is None and out.max_abs_diff <= out.tolerance and out.checked_batch_sizes == [batch, batch + 1]
+    assert out.num_bytes == out.path.stat().st_size
+    # independent check: load the file ourselves and run it at another batch size (the batch axis is dynamic)
+    program = torch.export.load(out.path).module()
+    images = torch.randn(5, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (program(images) - result.model(images)).abs().max() <= 1e-5
+
+
+def test_torch_export_failure_is_a_user_error_and_writes_nothing(tmp_path):
+    class Branchy(nn.Module):  # data-dependent Python control flow cannot be exported
+        def forward(self, x):
+            return x * 2 if float(x.sum()) > 0 else x
+
+    with pytest.raises(UserError, match="torch.export failed"):
+        export_program(Branchy(), torch.ones(2, 3), tmp_path / "b.pt2")
+    assert not (tmp_path / "b.pt2").exists()
 
 
 def test_cli_export_compact_checkpoint(tmp_path, capsys):
@@ -72,6 +98,16 @@ def test_cli_export_compact_checkpoint(tmp_path, capsys):
     ckpt = save_compact(tmp_path / "c.pt", result.model, base_checkpoint=base)
     assert main(["export", str(ckpt), "--onnx", str(tmp_path / "c.onnx"), "--opset", "13"]) == 0
     assert "onnxruntime max |diff|" in capsys.readouterr().out and (tmp_path / "c.onnx").stat().st_size > 0
+    assert main(["export", str(ckpt), "--torch-export", str(tmp_path / "c.pt2")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {tmp_path / 'c.pt2'} (") and "loaded program max |diff|" in printed
+    images = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (torch.export.load(tmp_path / "c.pt2").module()(images) - result.model(images)).abs().max() <= 1e-5
+    assert main(["export", str(ckpt)]) == 2
+    assert "nothing to write; pass --onnx OUT.onnx and / or --torch-export OUT.pt2" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--torch-export", str(tmp_path / "c.pt2")]) == 2
+    assert "c.pt2 already exists; choose another --torch-export file name" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing.pt"), "--onnx", str(tmp_path / "x.onnx")]) == 2
     plain = save_checkpoint(tmp_path / "b.pt", model=model, model_name="lenet5", model_kwargs={"num_classes": 10},
                             dataset=base["dataset"], config={}, metrics={})

@@ -2,6 +2,8 @@
 are checked; the models are traceable by torch-pruning."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -108,24 +110,33 @@ def test_bad_options_are_user_errors():
         create_model("lenet5", num_classes=0)
 
 
-def test_register_model_registers_new_names_and_rejects_duplicates():
-    from autocompress.models import registry
-
-    @register_model("test_tiny_linear", input_size=(1, 2, 2))
-    def tiny(num_classes: int = 10, hidden: int = 3) -> nn.Module:
+def _define_tiny(hidden_default: int):
+    """Define the builder ``tiny`` afresh (as a re-run notebook cell does): a new object, same qualname."""
+    def tiny(num_classes: int = 10, hidden: int = hidden_default) -> nn.Module:
         """A tiny MLP used only by this test."""
         return nn.Sequential(nn.Flatten(), nn.Linear(4, hidden), nn.Linear(hidden, num_classes))
 
+    return tiny
+
+
+def test_register_model_registers_new_names_and_rejects_duplicates():
+    from autocompress.models import registry
+
+    register_model("test_tiny_linear", input_size=(1, 2, 2))(_define_tiny(3))
     try:
         assert "test_tiny_linear" in list_models()
         assert model_info("test_tiny_linear").description == "A tiny MLP used only by this test."
         model = create_model("test_tiny_linear", num_classes=2, hidden=5)
         assert model[1].out_features == 5 and model(torch.zeros(3, 1, 2, 2)).shape == (3, 2)
+        # re-registering the same builder (a re-run cell) is no error and takes the new definition
+        register_model("test_tiny_linear", input_size=(1, 2, 2))(_define_tiny(7))
+        assert inspect.signature(model_info("test_tiny_linear").builder).parameters["hidden"].default == 7
     finally:
         registry._REGISTRY.pop("test_tiny_linear")
-    with pytest.raises(ValueError):
-        register_model("resnet20", input_size=(3, 32, 32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="already registered to autocompress.models.resnet_cifar"):
+        register_model("resnet20", input_size=(3, 32, 32))(_define_tiny(3))
+    assert model_info("resnet20").builder.__module__ == "autocompress.models.resnet_cifar"  # untouched
+    with pytest.raises(ValueError, match="reserved"):
         register_model("torchvision:x", input_size=(3, 32, 32))
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autocompress
-from autocompress.checkpoint import save_checkpoint
+from autocompress.checkpoint import load_checkpoint, save_checkpoint
 from autocompress.compaction import ColumnConv2d, compact
 from autocompress.errors import UserError
 from autocompress.models import create_model
@@ -55,6 +55,7 @@ def test_save_load_zoo_compact_shrinks_file(tmp_path):
                                 model_kwargs={"num_classes": 10}, dataset=base["dataset"], config={}, metrics={})
     path = save_compact(tmp_path / "compact.pt", result.model, base_checkpoint=base, metrics={"top1": 0.5},
                         config={"rates": 0.5})
+    assert load_checkpoint(path)["model"] == base["model"]  # the zoo entry as it was: no class recorded
     loaded = autocompress.load(path)  # weights_only=True inside
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model(x))

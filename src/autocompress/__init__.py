@@ -14,19 +14,41 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from .compress import CompressResult, compress  # noqa: E402
-from .config import CompressConfig, SettingError  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .pruning import PruneResult, prune  # noqa: E402
-from .rounds import TrainingPhase  # noqa: E402
+from .errors import SettingError, UserError  # noqa: E402
+
+#: public names -> the module that defines them, imported on first use (``import autocompress`` and the CLI
+#: stay quick: torch and torch-pruning load only when a command needs them)
+_LAZY = {"compress": "compress", "CompressResult": "compress", "CompressConfig": "config", "prune": "pruning",
+         "PruneResult": "pruning", "TrainingPhase": "rounds"}
 
 __all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TrainingPhase", "UserError",
            "__version__", "compress", "load", "prune"]
 
 
-def load(path, map_location="cpu"):
-    """Rebuild a model saved by autocompress (a zoo checkpoint or a compact model) without unpickling
-    code. See :func:`autocompress.checkpoint.load_model`."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'autocompress' has no attribute {name!r}")
+
+
+def load(path, map_location="cpu", model=None):
+    """Rebuild a model saved by autocompress (a zoo checkpoint or a compact model) without unpickling code.
+
+    Args:
+        path: a checkpoint written by autocompress (``train``, ``prune``, ``compress`` or
+            :func:`autocompress.serialization.save_compact`).
+        map_location: where the file's tensors go (``torch.load``'s argument).
+        model: optional fresh instance of the model the checkpoint was saved from; it receives the saved
+            architecture and weights (changed in place) and is returned. Needed when the recorded class
+            cannot be imported here or its constructor arguments were not recorded. Without it the model is
+            built from the registry or by importing the recorded class (``module:qualname``, an
+            ``nn.Module`` subclass of the user's own installed code) with the recorded arguments.
+
+    Returns the model in eval mode. Raises UserError for unreadable files and models that cannot be
+    rebuilt (see :func:`autocompress.checkpoint.load_model`).
+    """
     from .checkpoint import load_model
 
-    return load_model(path, map_location=map_location)
+    return load_model(path, map_location=map_location, model=model)

@@ -3,19 +3,24 @@
 Format (docs/ARCHITECTURE.md, "Checkpoints")::
 
     {"format": "autocompress-checkpoint", "version": 1,
-     "model": {"name": "resnet20", "kwargs": {"num_classes": 10, ...}},
+     "model": {"name": "resnet20", "kwargs": {"num_classes": 10, ...}},      # a registered model, or
+              {"name": None, "class": "mypkg.nets:MyNet", "kwargs": {...}},  # the user's own class
      "dataset": {"name": "cifar10", "input_size": [3, 32, 32], "num_classes": 10, ...},
      "state_dict": {...}, "config": {...}, "metrics": {...},
-     "architecture": None | {...},     # compact models: serialization.describe_architecture(...)
+     "architecture": None | {...},     # compact models: architecture.describe_architecture(...)
      "training_state": None | {...}}   # optimizer / scheduler / epoch / RNG states, for --resume
 
-No code is pickled: a model is rebuilt from the registry (``create_model``), reshaped by
-``serialization.apply_architecture`` when it is a compact model, then filled with a strict
-``load_state_dict``.
+No code is pickled. A model is rebuilt from the registry (``create_model(name, **kwargs)``), or by
+importing the recorded class (``"module:qualname"``, which must name an ``nn.Module`` subclass: importing
+the user's own installed code is the only code a checkpoint makes autocompress run) and calling it with
+the recorded keyword arguments (plain data; ``None`` when unknown), or it is the caller's own fresh
+instance (``model=``). It is then reshaped by ``architecture.apply_architecture`` when it is a compact
+model and filled with a strict ``load_state_dict``.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -23,37 +28,121 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architecture import apply_architecture
 from .atomic import atomic_torch_save
 from .errors import UserError
+from .models import create_model
 
 FORMAT = "autocompress-checkpoint"
 VERSION = 1
 _REQUIRED = ("model", "dataset", "state_dict")
 
 
-def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: str, model_kwargs: dict,
-                    dataset: dict, config: Any, metrics: dict, architecture: dict | None = None,
-                    training_state: dict | None = None) -> Path:
+def class_path(cls: type) -> str:
+    """The import path ``"module:qualname"`` of ``cls``, as checkpoints record it (e.g.
+    ``"mypkg.nets:MyNet"``; a class defined inside a function has ``<locals>`` in it and is not importable)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _pass_instance(path: str) -> str:
+    name = path.rpartition(":")[2].rpartition(".")[2] or "MyNet"
+    return f"pass a fresh instance of the model instead: autocompress.load(path, model={name}(...))"
+
+
+def import_model_class(path: str) -> type[nn.Module]:
+    """Import the ``nn.Module`` subclass named by ``path`` (``"package.module:Qualified.Name"``).
+
+    Importing runs the module's top-level code: this is the user's own installed code (or code on
+    ``sys.path``), and the only code a checkpoint can make autocompress run; nothing is unpickled and the
+    named object must be an ``nn.Module`` subclass before anything calls it.
+
+    Raises:
+        UserError: a malformed path, a class defined inside a function, a module that cannot be imported,
+            a missing attribute, or an object that is not an ``nn.Module`` subclass (the fix: make the class
+            importable, or pass ``model=`` a fresh instance).
+    """
+    module_name, _, qualname = path.partition(":") if isinstance(path, str) else ("", "", "")
+    if not module_name or not qualname:
+        raise UserError(f"model class {path!r} is not an import path 'package.module:ClassName'",
+                        _pass_instance(str(path)))
+    if "<locals>" in qualname:
+        raise UserError(f"model class {path} is defined inside a function and cannot be imported",
+                        _pass_instance(path))
+    try:
+        found: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's module means the same here
+        raise UserError(f"cannot import module {module_name!r} of model class {path} ({type(exc).__name__}: "
+                        f"{str(exc)[:160]})", "install the package that defines it or put it on PYTHONPATH; or "
+                        + _pass_instance(path)) from exc
+    for part in qualname.split("."):
+        if not hasattr(found, part):
+            raise UserError(f"module {module_name!r} has no {qualname!r} (model class {path})",
+                            "install the version of the code the checkpoint was saved with; or "
+                            + _pass_instance(path))
+        found = getattr(found, part)
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise UserError(f"{path} is not an nn.Module subclass, refusing to build it", _pass_instance(path))
+    return found
+
+
+def _check_plain(value: Any, what: str) -> None:
+    """UserError unless ``value`` is plain data (str / int / float / bool / None, lists, tuples, dicts with
+    str keys), which ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise UserError(f"{what} has a non-string key {key!r}", f"pass {what} as plain data")
+            _check_plain(item, f"{what}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{what}[{index}]")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise UserError(f"{what} holds a {type(value).__name__}, which a checkpoint cannot store as plain data",
+                        f"pass {what} as str / int / float / bool / None values, lists and dicts")
+
+
+def _model_entry(name: str | None, class_name: str | None, kwargs: dict | None) -> dict:
+    if (name is None) == (class_name is None):
+        raise UserError("a checkpoint needs exactly one of model_name (a registered model) and model_class",
+                        "pass model_name for a zoo model, or model_class 'package.module:Name' for your own")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise UserError(f"model_kwargs must be a dict, got {type(kwargs).__name__}", "pass a dict (or None)")
+    _check_plain(kwargs, "model_kwargs")
+    if class_name is None:
+        return {"name": name, "kwargs": dict(kwargs or {})}
+    return {"name": None, "class": class_name, "kwargs": None if kwargs is None else dict(kwargs)}
+
+
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: str | None = None,
+                    model_kwargs: dict | None = None, model_class: str | None = None, dataset: dict, config: Any,
+                    metrics: dict, architecture: dict | None = None, training_state: dict | None = None) -> Path:
     """Write a checkpoint to ``path`` atomically (the old file stays intact until the new one is complete).
 
     Args:
         model: its ``state_dict`` is stored (tensors moved to CPU).
         model_name, model_kwargs: ``create_model(model_name, **model_kwargs)`` rebuilds it; the kwargs
             include ``num_classes``.
+        model_class: instead of ``model_name``, the import path ``"module:qualname"`` of the model's own
+            class (:func:`class_path`); then ``model_kwargs`` are its constructor's keyword arguments, or
+            None when unknown (loading then needs ``model=``).
         dataset: plain-data description, e.g. ``DataSplits.describe()`` (name, input_size, num_classes).
         config: training configuration, a dataclass or dict (stored as a dict).
         metrics: plain-data results (top-1 as a fraction in [0, 1], losses, timings).
-        architecture: compact-model description from ``serialization`` or None.
+        architecture: compact-model description from ``architecture.describe_architecture`` or None.
         training_state: optimizer / scheduler / epoch / RNG states for resuming, or None when finished.
 
     Returns the path.
+
+    Raises:
+        UserError: both or neither of ``model_name`` / ``model_class``, or ``model_kwargs`` that are not
+            plain data.
     """
+    entry = _model_entry(model_name, model_class, model_kwargs)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     return atomic_torch_save({
-        "format": FORMAT, "version": VERSION,
-        "model": {"name": model_name, "kwargs": dict(model_kwargs)},
+        "format": FORMAT, "version": VERSION, "model": entry,
         "dataset": dict(dataset), "state_dict": state_dict, "config": dict(config or {}),
         "metrics": dict(metrics or {}), "architecture": architecture, "training_state": training_state,
     }, path)
@@ -94,8 +183,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         raise UserError(f"checkpoint {path} has format version {ckpt.get('version')!r}, this autocompress "
                         f"reads up to {VERSION}", "upgrade autocompress")
     missing = [key for key in _REQUIRED if not isinstance(ckpt.get(key), dict)]
-    if missing or "name" not in ckpt["model"]:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing) or 'model.name'}",
+    if missing or not isinstance(ckpt["model"].get("name") or ckpt["model"].get("class"), str):
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing) or 'model.name (or model.class)'}",
                         "re-create it with `autocompress train`")
     ckpt.setdefault("architecture", None)
     ckpt.setdefault("training_state", None)
@@ -103,41 +192,77 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the model of a loaded checkpoint: ``create_model(name, **kwargs)``, then
-    ``serialization.apply_architecture`` when ``ckpt["architecture"]`` is set, then a strict
-    ``load_state_dict``. The model is returned in train mode on the CPU (or where the tensors were mapped).
+def model_label(entry: dict) -> str:
+    """How messages name the model of a checkpoint's ``model`` entry: the registered name or the class path."""
+    return entry.get("name") or entry.get("class") or "?"
+
+
+def _build_model(entry: dict) -> nn.Module:
+    """A fresh model from a checkpoint's ``model`` entry: the registry, or the recorded importable class."""
+    if entry.get("name") is not None:
+        return create_model(entry["name"], **entry["kwargs"])
+    cls = import_model_class(entry["class"])
+    if entry["kwargs"] is None:
+        raise UserError(f"the checkpoint records model class {entry['class']} but not its constructor arguments",
+                        _pass_instance(entry["class"]))
+    try:
+        return cls(**entry["kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot build {entry['class']} with the recorded arguments {entry['kwargs']} ({exc})",
+                        _pass_instance(entry["class"])) from exc
+
+
+def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model of a loaded checkpoint: a fresh model (``create_model(name, **kwargs)``, or the
+    recorded class imported and called with the recorded kwargs; see :func:`import_model_class`), or
+    ``model`` when given, then ``architecture.apply_architecture`` when ``ckpt["architecture"]`` is set,
+    then a strict ``load_state_dict``.
+
+    Args:
+        ckpt: from :func:`load_checkpoint`.
+        model: a fresh instance of the model the checkpoint was saved from (e.g. a class that cannot be
+            imported, or one whose constructor arguments were not recorded). It is changed in place: its
+            modules are replaced as the saved architecture describes and its weights overwritten.
+
+    Returns the model in train mode on the CPU (or where the tensors were mapped; a given ``model`` keeps
+    its device).
 
     Raises:
-        UserError: unknown model name / options, or weights that do not match the model's shapes or names.
+        UserError: unknown model name / options, a recorded class that cannot be imported or built (the
+            message says to pass ``model=``), ``model`` not an ``nn.Module``, or weights that do not match
+            the model's shapes or names.
     """
-    from .models import create_model
-
-    name, kwargs = ckpt["model"]["name"], ckpt["model"]["kwargs"]
-    model = create_model(name, **kwargs)
+    entry = ckpt["model"]
+    if model is None:
+        model = _build_model(entry)
+        label = f"{model_label(entry)} {entry['kwargs']}"
+    elif not isinstance(model, nn.Module):
+        raise UserError(f"model= must be an nn.Module instance, got {type(model).__name__}",
+                        f"pass a fresh instance of {model_label(entry)}")
+    else:
+        label = f"{type(model).__name__} (the given instance; saved from {model_label(entry)})"
     if ckpt.get("architecture") is not None:
-        from .serialization import apply_architecture
-
         model = apply_architecture(model, ckpt["architecture"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
-        raise UserError(f"the checkpoint's weights do not match model {name} {kwargs} ({detail[:200]})",
+        raise UserError(f"the checkpoint's weights do not match model {label} ({detail[:200]})",
                         "the checkpoint was written for another model or options; pass a matching "
                         "checkpoint") from exc
     return model
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
-    """Load a checkpoint file and rebuild its model in eval mode (used by ``autocompress.load``).
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Module | None = None) -> nn.Module:
+    """Load a checkpoint file and rebuild its model in eval mode (used by ``autocompress.load``); with
+    ``model``, that instance receives the saved architecture and weights (see :func:`model_from_checkpoint`).
 
     Raises:
         UserError: as :func:`load_checkpoint` and :func:`model_from_checkpoint`.
     """
-    model = model_from_checkpoint(load_checkpoint(path, map_location=map_location))
-    return model.eval()
+    return model_from_checkpoint(load_checkpoint(path, map_location=map_location), model=model).eval()
 
 
-__all__ = ["FORMAT", "VERSION", "load_checkpoint", "load_model", "model_from_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "VERSION", "class_path", "import_model_class", "load_checkpoint", "load_model",
+           "model_from_checkpoint", "model_label", "save_checkpoint"]

@@ -34,6 +34,7 @@ from .quick_eval import QuickEvaluator
 from .rounds import PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
 from .sampling import ActionSampler
+from .serialization import save_compact
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
 
@@ -144,8 +145,8 @@ class Compression:
     Args:
         source: plain data stored in ``config.yaml`` when the run starts (the CLI: where the checkpoint and
             the data are); not compared on resume (the settings and the base model's digest are).
-        save: ``fn(path, compact_model)`` writing the final ``model.pt`` (default: the architecture and
-            weights, loadable with ``autocompress.load``).
+        save: ``fn(path, compact_model)`` writing the final ``model.pt`` (default:
+            :func:`autocompress.serialization.save_compact`, loadable with ``autocompress.load``).
         final_columns: ``fn(name, model) -> dict`` of further columns of the final table for the ``"base"``
             and the ``"compressed"`` model (the CLI: test top-1 and file size; called after ``save``).
     """
@@ -166,6 +167,7 @@ class Compression:
         amp = None if self.config.amp == "none" else self.config.amp
         self.task = Task(device=self.device, amp=amp, **task_args)
         self.task.check(base, self.example, needs_training=True, needs_score=True)
+        self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log or (lambda _line: None))
@@ -309,16 +311,18 @@ class Compression:
             latency = {b: metrics.measure_latency(net, _batch_of(self.example, b), runs=self.config.latency_runs)
                        for b in (1, 64)}
             rows.append({"model": name, "params": self.pipeline.params(net), "macs": self.pipeline.macs(net),
-                         **self.pipeline.scored(self.task.score(net)),
+                         **self.pipeline.scored(self.base_score if name == "base" else self.task.score(net)),
                          "latency_b1_ms": latency[1].median_ms, "latency_b64_ms": latency[64].median_ms,
                          **(self.final_columns(name, net) if self.final_columns else {})})
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": self.config.latency_runs}
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
-        from .atomic import atomic_torch_save
-
-        atomic_torch_save(self.pipeline.payload(compact_model), path)
+        """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
+        instance: ``autocompress.load(path, model=MyNet(...))``)."""
+        save_compact(path, copy.deepcopy(compact_model).cpu(), metrics={"target": str(self.target)},
+                     config=dataclasses.asdict(self.config),
+                     dataset={"input_size": list(self.example[0].shape[1:])})
 
     def _result(self, compact_model: nn.Module) -> CompressResult:
         records = self.store.records

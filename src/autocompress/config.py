@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,15 +50,26 @@ class Target:
     @classmethod
     def parse(cls, text: Any) -> "Target":
         """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional). Raises SettingError (``target``)."""
-        match = re.fullmatch(r"\s*(params|flops)\s*=\s*([0-9]*\.?[0-9]+)\s*x?\s*", str(text))
+        match = re.fullmatch(r"\s*(params|flops)\s*=\s*([0-9]*\.?[0-9]+)\s*x?\s*", text) \
+            if isinstance(text, str) and len(text) < 100 else None
         if not match or not 1.0 < float(match.group(2)) < 1e9:
-            raise SettingError("target", f"cannot read target {text!r}",
+            raise SettingError("target", f"cannot read target {show(text)}",
                                "write OBJECTIVE=FACTORx with OBJECTIVE params or flops and 1 < FACTOR < 1e9, "
                                "e.g. params=20x")
         return cls(match.group(1), float(match.group(2)))
 
     def __str__(self) -> str:
         return f"{self.objective}={self.factor:g}x"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 4, 60, 60
+
+
+def show(value: Any) -> str:
+    """A short ``repr`` for messages: nested or long values are cut (``[[1, 2, ...], ...]``), so an error
+    about a YAML alias bomb or a huge value stays one short line and costs nothing."""
+    return _SHORT.repr(value)
 
 
 def round_targets(final: float, rounds: Any) -> list[float]:
@@ -76,7 +88,7 @@ def round_targets(final: float, rounds: Any) -> list[float]:
         targets = []
     if not targets or len(targets) > 100 or any(b <= a for a, b in zip(targets, targets[1:])) \
             or abs(targets[-1] - final) > 1e-6 or targets[0] <= 1:
-        raise SettingError("rounds", f"invalid round schedule {rounds!r}",
+        raise SettingError("rounds", f"invalid round schedule {show(rounds)}",
                            f"use 'doubling', a number of rounds (1-100), or increasing targets > 1 ending at "
                            f"{final:g}")
     return targets
@@ -226,7 +238,7 @@ class CompressConfig:
         """Check every value now, before any work; raises :class:`SettingError` naming the setting."""
         target = self.parsed_target()
         if self.dims not in DIMS:
-            raise SettingError("dims", f"unknown dims {self.dims!r}", f"use one of {', '.join(DIMS)}")
+            raise SettingError("dims", f"unknown dims {show(self.dims)}", f"use one of {', '.join(DIMS)}")
         if set(self.kinds) == {"irregular"} and target.objective == "flops":
             raise SettingError("dims", "irregular sparsity does not reduce the MACs of the dense layers it "
                                "leaves", "use a params target with dims irregular, or filter,column for flops")
@@ -245,7 +257,8 @@ class CompressConfig:
         ]
         for setting, ok, fix in checks:
             if not ok:
-                raise SettingError(setting, f"{setting}={getattr_dotted(self, setting)!r} is not valid", fix)
+                raise SettingError(setting, f"{setting}={show(getattr_dotted(self, setting))} is not valid",
+                                   fix)
         self.search.annealing(0)
         _check_admm(self.admm)
         q = self.quick_eval
@@ -261,7 +274,7 @@ class CompressConfig:
         if self.final_retrain_epochs is not None:
             self.retrain.train_config(self.final_retrain_epochs)
         if self.retrain.schedule not in SCHEDULES:  # checked even when retraining is off
-            raise SettingError("retrain.schedule", f"unknown retrain.schedule {self.retrain.schedule!r}",
+            raise SettingError("retrain.schedule", f"unknown retrain.schedule {show(self.retrain.schedule)}",
                                f"use one of {', '.join(SCHEDULES)}")
 
     def retrain_epochs(self, *, last: bool) -> int:
@@ -311,7 +324,7 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
         if dataclasses.is_dataclass(current):
             values[key] = from_dict(type(current), value, prefix=f"{prefix}{key}.", base=current)
         elif not _fits(value, hint):
-            raise SettingError(f"{prefix}{key}", f"{prefix}{key}={value!r} has the wrong type",
+            raise SettingError(f"{prefix}{key}", f"{prefix}{key}={show(value)} has the wrong type",
                                f"give {_type_words(hint)}")
         else:
             values[key] = list(value) if isinstance(value, tuple) else value

@@ -6,12 +6,14 @@ Three datasets (``get_dataset(name, ...)``):
   standard idx files. Lookup order: ``data_dir``, env ``AUTOCOMPRESS_DATA``, Debian's
   ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``), then torchvision's download
   into the cache folder.
-* ``cifar10``: 50k train / 10k test RGB 32x32 images, from torchvision's ``cifar-10-batches-py`` folder,
-  from an ImageFolder layout ``train/<class>/*``, ``test/<class>/*`` (e.g. JPEGs), or from a ``.tar.gz`` /
+* ``cifar10``: 50k train / 10k test RGB 32x32 images, from torchvision's ``cifar-10-batches-py`` folder
+  (read with a restricted unpickler that cannot run code: :func:`read_data_pickle`), from an ImageFolder
+  layout ``train/<class>/*``, ``test/<class>/*`` (e.g. JPEGs), or from a ``.tar.gz`` /
   ``.tar`` archive of either (extracted once into the cache folder). Decoded JPEGs are cached as one
   ``.pt`` file so later runs start in a second.
 * ``imagefolder``: any ImageFolder dataset (``train/<class>/*`` and ``val/<class>/*`` or ``test/<class>/*``,
-  ImageNet included) with the standard ImageNet transforms, served by a ``DataLoader`` with workers.
+  ImageNet included), resized to the model's ``input_size`` (default ImageNet's 3x224x224) and normalised
+  with the given mean / std (default ImageNet's), served by a ``DataLoader`` with workers.
 
 The two small datasets live in memory as ``uint8`` tensors ``[N, C, H, W]``; a batch is converted to float,
 augmented on the whole batch with a ``torch.Generator`` the caller owns, and normalised with the
@@ -22,7 +24,12 @@ Augmentation (training split only, ``augment=True``):
 
 * ``cifar10``: random 32x32 crop of the image zero-padded by 4 pixels + horizontal flip (He et al. 2016).
 * ``fashion-mnist``: horizontal flip only (light; our choice — clothes are left/right symmetric).
-* ``imagefolder``: ``RandomResizedCrop(224)`` + flip; evaluation uses ``Resize(256)`` + ``CenterCrop(224)``.
+* ``imagefolder``: see :func:`folder_transform` (at 224: ``RandomResizedCrop(224)`` + flip; evaluation
+  ``Resize(256)`` + ``CenterCrop(224)``; at 32x32: pad-4 random crop + flip, evaluation unchanged images).
+
+Checks (UserError): a train or test split without images, labels outside ``[0, classes)``, and
+:meth:`DataSplits.check_input_size` for data of another size than a model expects. A data folder recorded
+in a checkpoint is never followed (:func:`checkpoint_dataset`): the user names the data.
 
 The validation split is carved from the training set with a seeded permutation (default 5000 images,
 disjoint from the training split, never taken from the test set); the same ``(val_size, seed)`` always
@@ -199,28 +206,45 @@ class DataSplits:
 
         ``shuffle`` and ``augment`` default to True for ``"train"`` and False otherwise; all randomness
         (order, crops, flips, worker seeds) is drawn from ``generator`` (seed 0 when omitted).
-        Has ``len()`` (number of batches).
+        Has ``len()`` (number of batches). Raises UserError for a split without images.
         """
         data = self.split(split)
+        if len(data) == 0:
+            raise UserError(f"the {split} split of {self.name} has no images",
+                            "pass val_size > 0 for a validation split" if split == "val" else "check the data folder")
         shuffle = split == "train" if shuffle is None else shuffle
         augment = split == "train" if augment is None else augment
         if isinstance(data, TensorSplit):
             return TensorLoader(data, batch_size, mean=self.mean, std=self.std, shuffle=shuffle,
                                 augment=self.augment if augment else None, generator=generator,
                                 drop_last=drop_last)
-        return _folder_loader(data, batch_size, self.mean, self.std, shuffle=shuffle, augment=augment,
+        return _folder_loader(data, batch_size, self.input_size, self.mean, self.std, shuffle=shuffle, augment=augment,
                               generator=generator, drop_last=drop_last, num_workers=self.num_workers)
 
     def describe(self) -> dict:
-        """Plain-data description stored in checkpoints: name, input_size, num_classes, classes,
-        val_size, seed, data_dir."""
+        """Plain-data description stored in checkpoints: name, input_size, num_classes, classes, mean, std,
+        val_size, seed, data_dir (``data_dir`` is informative only: :func:`checkpoint_dataset` never
+        follows it)."""
         return {"name": self.name, "input_size": list(self.input_size), "num_classes": self.num_classes,
-                "classes": list(self.classes), "val_size": self.val_size, "seed": self.seed,
-                "data_dir": self.data_dir}
+                "classes": list(self.classes), "mean": list(self.mean), "std": list(self.std),
+                "val_size": self.val_size, "seed": self.seed, "data_dir": self.data_dir}
+
+    def check_input_size(self, expected: Sequence[int] | None, what: str = "the model") -> None:
+        """Raise UserError unless this dataset's ``input_size`` is ``expected`` ``(C, H, W)`` (None: no check)."""
+        if expected is not None and tuple(int(v) for v in expected) != tuple(self.input_size):
+            raise UserError(f"{self.name} images are {_size_text(self.input_size)} but {what} expects "
+                            f"{_size_text(expected)}",
+                            "use the dataset the model was trained on (imagefolder resizes to input_size)")
+
+
+def _size_text(size: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in size)
 
 
 def get_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_size: int = 5000, seed: int = 0,
-                max_train: int | None = None, max_test: int | None = None) -> DataSplits:
+                max_train: int | None = None, max_test: int | None = None,
+                input_size: Sequence[int] | None = None, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> DataSplits:
     """Load dataset ``name`` and split it into train / validation / test.
 
     Args:
@@ -231,9 +255,14 @@ def get_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_siz
         seed: seed of the validation carve and of the ``max_train`` / ``max_test`` subsets.
         max_train: keep a seeded random subset of at most this many training images (after the carve).
         max_test: keep a seeded random subset of at most this many test images.
+        input_size: ``(C, H, W)`` the model expects. ``imagefolder`` resizes / crops its images to it (C = 1
+            or 3; default ``(3, 224, 224)``); the in-memory datasets must already have it.
+        mean, std: per-channel normalisation (pixel values in [0, 1], one value per channel); default the
+            dataset's standard statistics (``MEAN_STD``).
 
     Raises:
-        UserError: unknown name, missing / empty / unreadable data folder, offline download, bad sizes.
+        UserError: unknown name, missing / empty / unreadable data folder, offline download, bad sizes,
+            a split without images, labels outside ``[0, classes)``, data of another ``input_size``.
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}", f"choose one of {', '.join(DATASETS)}")
@@ -241,32 +270,118 @@ def get_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_siz
         if value is not None and value < 1:
             raise UserError(f"{label}={value} is not positive", f"pass {label} >= 1 or leave it unset")
     if name == "imagefolder":
-        return _imagefolder(data_dir, val_size, seed, max_train, max_test)
+        size = _check_size(input_size or (3, 224, 224))
+        return _imagefolder(data_dir, val_size, seed, max_train, max_test, size,
+                            _normalisation(name, size[0], mean, std))
     if name == "fashion-mnist":
         folder, (train, test) = _fashion_mnist(data_dir)
         classes, augment = FASHION_MNIST_CLASSES, Augment(flip=True)
     else:
         folder, (train, test, classes) = _cifar10(data_dir)
         augment = Augment(pad=4, flip=True)
+    for split, data in (("train", train), ("test", test)):
+        _check_split(data, len(classes), f"the {split} split of {name} in {folder}")
     train_idx, val_idx = carve_validation(len(train), val_size, seed, max_train)
     test_idx = torch.arange(len(test)) if max_test is None else _subset(len(test), max_test, seed)
-    mean, std = MEAN_STD[name]
-    return DataSplits(
+    splits = DataSplits(
         name=name, train=_take(train, train_idx), val=_take(train, val_idx), test=_take(test, test_idx),
         num_classes=len(classes), input_size=tuple(train.images.shape[1:]), classes=tuple(classes),
-        mean=mean, std=std, augment=augment, val_size=val_size, seed=seed, data_dir=str(folder))
+        mean=(), std=(), augment=augment, val_size=val_size, seed=seed, data_dir=str(folder))
+    splits.check_input_size(input_size, "input_size")
+    splits.mean, splits.std = _normalisation(name, splits.input_size[0], mean, std)
+    return splits
+
+
+def _check_size(size: Sequence[int]) -> tuple[int, int, int]:
+    """``size`` as ``(C, H, W)`` with C in {1, 3} and positive H, W; UserError otherwise."""
+    if (len(size) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size)
+            or size[0] not in (1, 3)):
+        raise UserError(f"input_size {list(size)} is not (channels 1 or 3, height, width)",
+                        "pass input_size as [C, H, W], e.g. [3, 32, 32]")
+    return int(size[0]), int(size[1]), int(size[2])
+
+
+def _normalisation(name: str, channels: int, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` with one value per channel; the dataset's standard statistics where None (for
+    1-channel imagefolder inputs, the average of ImageNet's three channels)."""
+    default_mean, default_std = MEAN_STD[name]
+    if len(default_mean) != channels:
+        default_mean, default_std = (sum(default_mean) / 3,), (sum(default_std) / 3,)
+    mean = tuple(float(v) for v in (default_mean if mean is None else mean))
+    std = tuple(float(v) for v in (default_std if std is None else std))
+    if len(mean) != channels or len(std) != channels or not all(np.isfinite(mean + std)) or min(std) <= 0:
+        raise UserError(f"normalisation mean {list(mean)} / std {list(std)} does not fit {channels}-channel "
+                        f"{name} images", f"pass {channels} finite mean values and {channels} positive std values")
+    return mean, std
+
+
+def _check_split(split: TensorSplit, num_classes: int, where: str) -> None:
+    """UserError when ``split`` has no images or a label outside ``[0, num_classes)``."""
+    if len(split) == 0:
+        raise UserError(f"{where} has no images", "check the data files (re-download them)")
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise UserError(f"{where} has label {bad}, outside the {num_classes} classes [0, {num_classes})",
+                        "fix the labels (class indices 0..{}) or re-download the data".format(num_classes - 1))
 
 
 def recorded_data_dir(data_dir: str | os.PathLike | None, recorded: dict | None, name: str) -> str | None:
-    """The data folder to use for dataset ``name``: ``data_dir`` when given, else the folder a checkpoint
-    recorded (``checkpoint["dataset"]``) for the same dataset when it still exists, else None (the dataset's
-    own lookup order)."""
-    if data_dir is not None:
-        return str(data_dir)
+    """The data folder to use for dataset ``name``: ``data_dir`` (the user's choice) as a string, or None
+    for the dataset's own lookup order.
+
+    The folder a checkpoint recorded (``recorded["data_dir"]``) is never returned: a checkpoint is input
+    from anyone, and following its paths would let it choose which files the tool reads.
+    ``recorded`` and ``name`` are kept for call compatibility; :func:`checkpoint_dataset` is the full
+    checkpoint-aware loader.
+    """
+    del recorded, name  # deliberately unused, see above
+    return None if data_dir is None else str(data_dir)
+
+
+def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir: str | os.PathLike | None = None,
+                       *, val_size: int | None = None, seed: int | None = None, max_train: int | None = None,
+                       max_test: int | None = None) -> DataSplits:
+    """The dataset for a model described by a checkpoint's ``dataset`` entry (``DataSplits.describe()``).
+
+    Args:
+        recorded: the checkpoint's ``dataset`` dict (name, input_size, mean, std, val_size, seed, ...).
+        name: dataset to use; default the recorded one (an override for checkpoints that record none).
+        data_dir: the user's data folder, or None for the dataset's lookup order. The folder the checkpoint
+            recorded is never followed; when loading fails it is only named in the error's fix.
+        val_size, seed: validation carve; default the recorded one for the same dataset, else 5000 / 0.
+        max_train, max_test: as :func:`get_dataset`.
+
+    imagefolder images are resized to the recorded ``input_size`` and normalised with the recorded ``mean`` /
+    ``std`` (e.g. a cifar10 model evaluated on a folder of CIFAR JPEGs gets 32x32 inputs with CIFAR-10's
+    statistics). The in-memory datasets must already have the recorded ``input_size``; they use the recorded
+    normalisation when they are the recorded dataset, else their own.
+
+    Raises:
+        UserError: no dataset name, or as :func:`get_dataset` (including an ``input_size`` mismatch).
+    """
     recorded = recorded or {}
-    if recorded.get("name") == name and recorded.get("data_dir") and Path(recorded["data_dir"]).exists():
-        return str(recorded["data_dir"])
-    return None
+    name = name or recorded.get("name")
+    if name not in DATASETS:
+        raise UserError(f"no known dataset to evaluate on (recorded: {recorded.get('name')!r})",
+                        f"pass the dataset name, one of {', '.join(DATASETS)}")
+    same = name == recorded.get("name")
+    resized = name == "imagefolder"  # made to the model's input: its size and normalisation
+    kwargs = {"val_size": (recorded.get("val_size", 5000) if same else 5000) if val_size is None else val_size,
+              "seed": (recorded.get("seed", 0) if same else 0) if seed is None else seed,
+              "max_train": max_train, "max_test": max_test,
+              "input_size": recorded.get("input_size") if resized else None,
+              "mean": recorded.get("mean") if same or resized else None,
+              "std": recorded.get("std") if same or resized else None}
+    try:
+        splits = get_dataset(name, data_dir, **kwargs)
+    except UserError as exc:
+        if data_dir is not None or not same or not recorded.get("data_dir"):
+            raise
+        raise UserError(f"{exc} (the checkpoint was made with data in {recorded['data_dir']}, which is not "
+                        "read unless you pass it as the data folder)") from exc
+    splits.check_input_size(recorded.get("input_size"), "the checkpoint")
+    return splits
 
 
 def carve_validation(n: int, val_size: int, seed: int, max_train: int | None = None
@@ -433,25 +548,188 @@ def _read_cifar(folder: Path) -> tuple[TensorSplit, TensorSplit, list[str]]:
 
 
 def _read_cifar_batches(folder: Path) -> tuple[TensorSplit, TensorSplit, list[str]]:
-    """torchvision's ``cifar-10-batches-py``: pickled dicts with ``data`` uint8 [N, 3072] and ``labels``."""
+    """torchvision's ``cifar-10-batches-py``: pickled dicts with ``data`` uint8 [N, 3072] and ``labels``
+    (class names from ``batches.meta`` when present), read with :func:`read_data_pickle` (never executes
+    code from the files)."""
     def load(names: list[str]) -> TensorSplit:
         images, labels = [], []
         for file in names:
+            entry = read_data_pickle(folder / file)
             try:
-                with open(folder / file, "rb") as handle:
-                    entry = pickle.load(handle, encoding="latin1")
-                images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
-            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
-                raise UserError(f"cannot read CIFAR-10 batch {folder / file}: {exc}",
+                data = _plain_array(entry["data"], np.uint8)
+                label = _plain_array(entry.get("labels", entry.get("fine_labels")), np.int64)
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+                raise UserError(f"CIFAR-10 batch {folder / file} is not a data / labels dict ({exc})",
                                 "re-download cifar-10-python.tar.gz") from exc
+            if data.size % 3072 or label.ndim != 1 or len(label) != data.size // 3072:
+                raise UserError(f"CIFAR-10 batch {folder / file} holds {data.size} image bytes for "
+                                f"{label.size} labels (need 3072 bytes per label)",
+                                "re-download cifar-10-python.tar.gz")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(label)
         return TensorSplit(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
     classes = [f"class{i}" for i in range(10)]
     if (folder / "batches.meta").is_file():
-        with open(folder / "batches.meta", "rb") as handle:
-            classes = list(pickle.load(handle, encoding="latin1")["label_names"])
+        names = read_data_pickle(folder / "batches.meta")
+        names = names.get("label_names") if isinstance(names, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, (str, bytes)) for n in names):
+            raise UserError(f"{folder / 'batches.meta'} holds no label_names list",
+                            "re-download cifar-10-python.tar.gz")
+        classes = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
     return load([f"data_batch_{i}" for i in range(1, 6)]), load(["test_batch"]), classes
+
+
+# Reading pickled data files without running code. A pickle is a program: every callable it invokes is
+# looked up through ``Unpickler.find_class``, so an unpickler whose ``find_class`` answers only with inert
+# stand-ins of our own cannot be made to call anything else (os.system, eval, builtins.open, ...).
+# CIFAR-10's batches need exactly numpy's array reconstruction (``_reconstruct`` + ``ndarray`` + ``dtype``,
+# or ``_frombuffer`` under protocol 5, and ``_codecs.encode(text, "latin1")`` for bytes that Python 3 wrote
+# under protocol 2); those names map to the stand-ins below, which only record their
+# arguments and state. The arrays are then rebuilt by us from raw bytes with ``np.frombuffer`` after the
+# dtype is checked to be a plain number type, so no numpy code ever runs on the file's own state
+# (a dtype's or array's ``__setstate__`` is never called). Anything else is refused.
+class _DTypeStub:
+    """Stand-in for ``numpy.dtype(spec, align, copy)``; ``__setstate__`` records the byte order."""
+
+    def __init__(self, spec, align=False, copy=False):
+        self.spec, self.state = spec, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def resolve(self) -> np.dtype:
+        """The numpy dtype: a plain bool / integer / float type with the recorded byte order."""
+        spec = self.spec.decode("latin1") if isinstance(self.spec, bytes) else self.spec
+        state = self.state if isinstance(self.state, tuple) else (3, "|", None, None, None)
+        if not isinstance(spec, str) or len(state) < 5 or any(s is not None for s in state[2:5]):
+            raise ValueError(f"dtype {spec!r} is not a plain number type")
+        dtype = np.dtype(spec)
+        if dtype.kind not in "biuf" or state[1] not in ("<", ">", "|", "="):
+            raise ValueError(f"dtype {spec!r} is not a plain number type")
+        return dtype.newbyteorder(state[1]) if state[1] in "<>" else dtype
+
+
+class _ArrayStub:
+    """Stand-in for a numpy array: ``(shape, dtype stub, fortran order, raw bytes)`` as pickled."""
+
+    shape: tuple = ()
+    dtype: _DTypeStub | None = None
+    fortran: bool = False
+    raw: object = None
+
+    def __setstate__(self, state):  # ndarray.__reduce__ state: (version, shape, dtype, is_fortran, rawdata)
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("unexpected numpy array state")
+        _, self.shape, self.dtype, self.fortran, self.raw = state
+
+    def resolve(self) -> np.ndarray:
+        """The array, rebuilt from its raw bytes (a latin-1 ``str`` for Python 2 pickles)."""
+        raw = self.raw.encode("latin1") if isinstance(self.raw, str) else self.raw
+        if not isinstance(raw, (bytes, bytearray)) or not isinstance(self.dtype, _DTypeStub):
+            raise ValueError("the array holds objects, not raw numbers")
+        shape = tuple(int(n) for n in self.shape)
+        dtype = self.dtype.resolve()
+        if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"{len(raw)} bytes do not fill an array of shape {shape}")
+        return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if self.fortran else "C")
+
+
+class _Reconstruct:
+    """Stand-in for ``numpy.core.multiarray._reconstruct(ndarray, shape, dtype)``: an empty :class:`_ArrayStub`
+    (its state follows in the pickle)."""
+
+    def __new__(cls, subtype, shape, dtype):
+        if subtype is not _ArrayStub:
+            raise pickle.UnpicklingError("numpy _reconstruct of something other than an ndarray")
+        return _ArrayStub()
+
+    def __setstate__(self, state):  # reached only by a pickle that BUILDs on this class itself
+        raise pickle.UnpicklingError("unexpected state for numpy _reconstruct")
+
+
+class _FromBuffer:
+    """Stand-in for ``numpy.core.numeric._frombuffer(buffer, dtype, shape, order)`` (pickle protocol 5)."""
+
+    def __new__(cls, buffer, dtype, shape, order):
+        array = _ArrayStub()
+        array.__setstate__((1, shape, dtype, order == "F", bytes(buffer) if isinstance(buffer, bytearray) else buffer))
+        return array
+
+    def __setstate__(self, state):  # reached only by a pickle that BUILDs on this class itself
+        raise pickle.UnpicklingError("unexpected state for numpy _frombuffer")
+
+
+class _Latin1:
+    """Stand-in for ``_codecs.encode(text, "latin1")``, how Python 3 pickles ``bytes`` under protocol 2."""
+
+    def __new__(cls, text, encoding="utf-8"):
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("_codecs.encode is allowed only for latin1 text")
+        return text.encode("latin1")
+
+    def __setstate__(self, state):  # reached only by a pickle that BUILDs on this class itself
+        raise pickle.UnpicklingError("unexpected state for _codecs.encode")
+
+
+# Every stand-in is a class defining __setstate__, so a BUILD opcode aimed at the class itself fails instead
+# of setting attributes on it (pickle's "slot state" path calls setattr on objects without __setstate__).
+_SAFE_GLOBALS = {
+    **{(module, "_reconstruct"): _Reconstruct for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _FromBuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): _ArrayStub,
+    ("numpy", "dtype"): _DTypeStub,
+    ("_codecs", "encode"): _Latin1,
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a data file never needs "
+                                         "(a crafted file may run code)") from None
+
+
+def read_data_pickle(path: str | os.PathLike):
+    """Read a pickled data file (CIFAR-10's python batches) without running any code from it.
+
+    Only plain containers (dict, list, tuple, str, bytes, numbers) and numpy arrays of plain number
+    types are accepted; arrays come back as :class:`_ArrayStub` (call :func:`_plain_array` on them).
+    The reasoning is in the comment above ``_DTypeStub``: this is a restricted unpickler, chosen over a
+    hand-written opcode parser because ``find_class`` is the one door through which a pickle reaches
+    callables, and it is documented (Python's ``pickle`` docs, "Restricting Globals").
+
+    Raises:
+        UserError: unreadable file, or a pickle that refers to anything outside that list (e.g.
+            ``os.system``) or is malformed.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return _DataUnpickler(handle, encoding="latin1").load()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc}", "check the file's permissions") from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, MemoryError, RecursionError) as exc:
+        raise UserError(f"refusing data file {path}: {exc}",
+                        "use the official cifar-10-python.tar.gz or the JPEG folder layout") from exc
+
+
+def _plain_array(value, dtype) -> np.ndarray:
+    """``value`` (an :class:`_ArrayStub` or a list of ints) as a new numpy array of ``dtype``; ValueError
+    when a value does not fit ``dtype`` exactly, TypeError for anything else."""
+    if isinstance(value, _ArrayStub):
+        array = value.resolve()
+    elif isinstance(value, list) and all(isinstance(v, int) for v in value):
+        array = np.asarray(value, dtype=np.int64)
+    else:
+        raise TypeError(f"expected an array or a list of integers, got {type(value).__name__}")
+    converted = array.astype(dtype)
+    if not np.array_equal(converted, array):
+        raise ValueError(f"its values do not fit {np.dtype(dtype).name}")
+    return converted
 
 
 def _list_images(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -540,7 +818,8 @@ def extract_archive(archive: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- imagefolder
-def _imagefolder(data_dir, val_size: int, seed: int, max_train: int | None, max_test: int | None
+def _imagefolder(data_dir, val_size: int, seed: int, max_train: int | None, max_test: int | None,
+                 input_size: tuple[int, int, int], normalisation: tuple[tuple[float, ...], tuple[float, ...]]
                  ) -> DataSplits:
     if data_dir is None:
         raise UserError("the imagefolder dataset needs --data-dir",
@@ -565,10 +844,10 @@ def _imagefolder(data_dir, val_size: int, seed: int, max_train: int | None, max_
                         "both must hold the same class sub-folders")
     train_idx, val_idx = carve_validation(len(train), val_size, seed, max_train)
     test_idx = torch.arange(len(test)) if max_test is None else _subset(len(test), max_test, seed)
-    mean, std = MEAN_STD["imagefolder"]
+    mean, std = normalisation
     return DataSplits(
         name="imagefolder", train=FolderSplit(train, train_idx.tolist()), val=FolderSplit(train, val_idx.tolist()),
-        test=FolderSplit(test, test_idx.tolist()), num_classes=len(train.classes), input_size=(3, 224, 224),
+        test=FolderSplit(test, test_idx.tolist()), num_classes=len(train.classes), input_size=input_size,
         classes=tuple(train.classes), mean=mean, std=std, val_size=val_size, seed=seed, data_dir=str(root))
 
 
@@ -584,19 +863,47 @@ class _Transformed(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def _folder_loader(split: FolderSplit, batch_size: int, mean, std, *, shuffle: bool, augment: bool,
-                   generator: torch.Generator | None, drop_last: bool, num_workers: int):
+#: Inputs at most this many pixels a side are "small" (CIFAR-like): see :func:`folder_transform`.
+SMALL_SIDE = 64
+
+
+def folder_transform(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float], *, augment: bool):
+    """The torchvision transform of ``imagefolder`` images for inputs of ``input_size`` ``(C, H, W)``.
+
+    Large inputs (a side over ``SMALL_SIDE``; ImageNet's 224 by default): evaluation resizes the shorter
+    side to 8/7 of the target (224 -> 256) and center-crops ``(H, W)``; training uses
+    ``RandomResizedCrop((H, W))`` + flip (the standard ImageNet recipe). Small inputs (e.g. 32x32): the
+    crop would discard too much of a tiny image, so evaluation resizes the shorter side to the target and
+    center-crops (images already ``H x W`` are untouched) and training adds a random crop of the image
+    zero-padded by ``min(H, W) // 8`` pixels (4 at 32) + flip, as for CIFAR-10 (He et al. 2016).
+    C = 1 converts images to grey. Output: float32 ``[C, H, W]`` normalised with ``mean`` / ``std``.
+    """
     from torchvision import transforms as T
 
-    head = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if augment else [T.Resize(256), T.CenterCrop(224)]
-    transform = T.Compose([*head, T.ToTensor(), T.Normalize(mean, std)])
+    channels, height, width = (int(v) for v in input_size)
+    small = max(height, width) <= SMALL_SIDE
+    side = max(height, width) if small else round(max(height, width) * 256 / 224)
+    fit = [T.Resize(side), T.CenterCrop((height, width))]
+    if not augment:
+        head = fit
+    elif small:
+        head = [*fit, T.RandomCrop((height, width), padding=max(1, min(height, width) // 8)), T.RandomHorizontalFlip()]
+    else:
+        head = [T.RandomResizedCrop((height, width)), T.RandomHorizontalFlip()]
+    grey = [T.Grayscale(1)] if channels == 1 else []
+    return T.Compose([*grey, *head, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _folder_loader(split: FolderSplit, batch_size: int, input_size, mean, std, *, shuffle: bool, augment: bool,
+                   generator: torch.Generator | None, drop_last: bool, num_workers: int):
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} is not positive", "pass --batch-size >= 1")
     return torch.utils.data.DataLoader(
-        _Transformed(split, transform), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-        num_workers=num_workers, generator=generator if generator is not None else torch.Generator().manual_seed(0),
-        persistent_workers=False)
+        _Transformed(split, folder_transform(input_size, mean, std, augment=augment)), batch_size=batch_size,
+        shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0), persistent_workers=False)
 
 
 __all__ = ["Augment", "DataSplits", "FolderSplit", "TensorLoader", "TensorSplit", "augment_batch", "cache_dir",
-           "carve_validation", "extract_archive", "get_dataset", "read_idx"]
+           "carve_validation", "checkpoint_dataset", "extract_archive", "folder_transform", "get_dataset",
+           "read_data_pickle", "read_idx", "recorded_data_dir"]

@@ -1,11 +1,11 @@
-"""ONNX export of (compact) models, checked in onnxruntime against PyTorch.
+"""Deployable files of (compact) models, each checked against PyTorch before it is written (atomically).
 
-Uses ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``): it needs no
-onnxscript translation of our modules, folds constants (ColumnConv2d's index tensors and per-position
-weights become initializers) and supports a dynamic batch axis. One forward before tracing fills each
-ColumnConv2d's weight cache, so a "dense"-path layer is traced as one Conv with a constant weight over its
-kept input channels (and BatchNorm folds into it) rather than a per-run scatter of the stored columns.
-The file is written atomically.
+* :func:`export_onnx`: ONNX with the TorchScript-based exporter (``dynamo=False``): it needs no
+  onnxscript translation of our modules, folds constants (ColumnConv2d's index tensors and gathered
+  weights become initializers, so a "dense"-path layer is one Conv over its kept input channels and
+  BatchNorm folds into it) and supports a dynamic batch axis; checked in onnxruntime.
+* :func:`export_program`: a ``torch.export`` program (``torch.export.save``, ``.pt2``) with a dynamic
+  batch axis; checked by loading the file back (``torch.export.load``) and running it.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,31 +26,62 @@ from .errors import UserError
 
 @dataclasses.dataclass
 class ExportResult:
-    """Result of :func:`export_onnx`.
+    """Result of :func:`export_onnx` and :func:`export_program`.
 
     Attributes:
-        path: the written ``.onnx`` file.
-        max_abs_diff: max |onnxruntime - PyTorch| over the checked batches (NaN when ``check=False``).
+        path: the written ``.onnx`` / ``.pt2`` file.
+        max_abs_diff: max |exported - PyTorch| over the checked batches (NaN when ``check=False``).
         tolerance: the allowed difference, ``atol_scale * max(1, max|PyTorch output|)``.
-        opset: ONNX opset version.
+        opset: ONNX opset version (None for a ``torch.export`` program).
         num_bytes: file size in bytes.
-        checked_batch_sizes: batch sizes run in onnxruntime (the example's and one more, for the dynamic
-            batch axis).
+        checked_batch_sizes: batch sizes run (the example's and one more, for the dynamic batch axis).
     """
 
     path: Path
     max_abs_diff: float
     tolerance: float
-    opset: int
+    opset: int | None
     num_bytes: int
     checked_batch_sizes: list[int]
+
+
+def _example(example_inputs: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(example_inputs, torch.Tensor):
+        raise UserError(f"{what} takes one input tensor", "pass example_inputs as a [N, C, H, W] tensor")
+    return example_inputs.detach().cpu()
+
+
+def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor,
+             atol_scale: float, runtime: str, fix: str) -> tuple[float, float, list[int]]:
+    """Run ``model`` (eval mode) and the exported ``run`` on ``example`` and on a seeded random batch of
+    N + 1; returns ``(max abs difference, tolerance, batch sizes)``.
+
+    Raises:
+        UserError: the model outputs NaN / inf, or ``runtime`` differs beyond the tolerance.
+    """
+    generator = torch.Generator().manual_seed(0)
+    extra = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=generator, dtype=example.dtype)
+    diff, scale, sizes = 0.0, 1.0, []
+    for batch in (example, extra):
+        with analysis_mode(model):
+            expected = model(batch)
+        if not torch.isfinite(expected).all():
+            raise UserError(f"the model outputs NaN or infinite values for a batch of {batch.shape[0]}",
+                            "check the checkpoint's weights (a diverged training run?)")
+        got = run(batch)
+        scale = max(scale, float(expected.abs().max()))
+        diff = max(diff, float((got - expected).abs().max()))
+        sizes.append(int(batch.shape[0]))
+    tolerance = atol_scale * scale
+    if not diff <= tolerance:
+        raise UserError(f"{runtime} output differs from PyTorch by {diff:.3g} (tolerance {tolerance:.3g})", fix)
+    return diff, tolerance, sizes
 
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
-        model(example)  # fills ColumnConv2d's weight caches: traced as constants, not rebuilt per run
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["output"], do_constant_folding=True,
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
@@ -61,7 +93,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it in onnxruntime.
 
     Args:
-        model: a PyTorch model with one tensor input and one tensor output (e.g. a compact model).
+        model: a PyTorch model with one tensor input and one tensor output (e.g. a compact model); moved to
+            the CPU.
         example_inputs: ``[N, C, H, W]`` input used for tracing; the batch axis is exported as dynamic.
         path: output ``.onnx`` file (written atomically; nothing is written when the check fails).
         opset: ONNX opset version (>= 11).
@@ -76,9 +109,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         UserError: the exporter cannot export the model, the model outputs NaN / inf, or onnxruntime
             disagrees with PyTorch beyond the tolerance (the message gives the difference).
     """
-    if not isinstance(example_inputs, torch.Tensor):
-        raise UserError("ONNX export takes one input tensor", "pass example_inputs as a [N, C, H, W] tensor")
-    example = example_inputs.detach().cpu()
+    example = _example(example_inputs, "ONNX export")
     model = model.cpu()
     try:
         data = _onnx_bytes(model, example, opset)
@@ -90,26 +121,70 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         import onnxruntime as ort
 
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        generator = torch.Generator().manual_seed(0)
-        extra = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=generator, dtype=example.dtype)
-        diff, scale = 0.0, 1.0
-        for batch in (example, extra):
-            with analysis_mode(model):
-                expected = model(batch)
-            if not torch.isfinite(expected).all():
-                raise UserError(f"the model outputs NaN or infinite values for a batch of {batch.shape[0]}",
-                                "check the checkpoint's weights (a diverged training run?)")
-            got = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
-            scale = max(scale, float(expected.abs().max()))
-            diff = max(diff, float((got - expected).abs().max()))
-            sizes.append(int(batch.shape[0]))
-        tolerance = atol_scale * scale
-        if not diff <= tolerance:
-            raise UserError(f"onnxruntime output differs from PyTorch by {diff:.3g} (tolerance {tolerance:.3g})",
-                            "report this model; try another --opset")
+        diff, tolerance, sizes = _compare(
+            model, lambda batch: torch.from_numpy(session.run(None, {"input": batch.numpy()})[0]), example,
+            atol_scale, "onnxruntime", "report this model; try another --opset")
     written = atomic_write_bytes(path, data)
     return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=opset, num_bytes=len(data),
                         checked_batch_sizes=sizes)
 
 
-__all__ = ["ExportResult", "export_onnx"]
+def _program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    # torch.export specialises a dimension of size 1, so a batch of 1 is traced as 2 to keep it dynamic
+    traced = example if example.shape[0] > 1 else torch.cat([example, example])
+    with analysis_mode(model):
+        program = torch.export.export(model, (traced,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, *, check: bool = True,
+                   atol_scale: float = 1e-5) -> ExportResult:
+    """Export ``model`` (eval mode) as a ``torch.export`` program at ``path`` (``torch.export.save``;
+    conventionally ``.pt2``), load it back and check it against the model.
+
+    The program is the model's eval-mode forward as an ATen graph with its weights; load it with
+    ``torch.export.load(path).module()`` (no autocompress needed) or compile it ahead of time
+    (AOTInductor).
+
+    Args:
+        model: a PyTorch model with one tensor input and one tensor output; moved to the CPU.
+        example_inputs: ``[N, C, H, W]`` input used for tracing; the batch axis is exported as dynamic
+            (a batch of 1 is traced as a batch of 2, since torch.export specialises size-1 dimensions).
+        path: output file (written atomically; nothing is written when the export or the check fails).
+        check: load the written program back and run it on ``example_inputs`` and on a seeded random
+            batch of size N + 1, compared with the model.
+        atol_scale: allowed max abs difference relative to ``max(1, max|PyTorch output|)``.
+
+    Returns:
+        :class:`ExportResult` (``opset`` None).
+
+    Raises:
+        UserError: torch.export cannot trace the model, the model outputs NaN / inf, or the loaded program
+            disagrees with the model beyond the tolerance.
+    """
+    example = _example(example_inputs, "torch.export")
+    model = model.cpu()
+    try:
+        data = _program_bytes(model, example)
+    except Exception as exc:  # torch.export raises many types for untraceable code
+        raise UserError(f"torch.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})",
+                        "make the model's forward traceable (no data-dependent Python control flow), "
+                        "or export it to ONNX") from exc
+    diff, tolerance, sizes = float("nan"), float("nan"), []
+    if check:
+        loaded = torch.export.load(io.BytesIO(data)).module()
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return loaded(batch)
+
+        diff, tolerance, sizes = _compare(model, run, example, atol_scale, "the loaded torch.export program",
+                                          "report this model")
+    written = atomic_write_bytes(path, data)
+    return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=None, num_bytes=len(data),
+                        checked_batch_sizes=sizes)
+
+
+__all__ = ["ExportResult", "export_onnx", "export_program"]

@@ -56,7 +56,7 @@ def _plot_layers(rounds: list[dict], key: str, title: str) -> str | None:
     for record in rounds:
         kept = {layer["name"]: layer[key] for layer in record["layers"]}
         ax.plot(range(len(names)), [kept.get(name, 0) for name in names], marker="o", ms=3,
-                label=f"round {record['round']} ({record['target']:g}x)")
+                label=f"round {record['round']} ({_num(record['target'], 'g')}x)")
     ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7)
     ax.set_ylabel(f"kept {key}")
     ax.set_yscale("log")
@@ -103,7 +103,7 @@ def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
         if base is not None:
             ax.annotate("base", (base[key], base.get(score)), fontsize=7)
         for record in rounds:
-            ax.annotate(f"{record['target']:g}x", (record[key], record[score]), fontsize=7)
+            ax.annotate(f"{_num(record['target'], 'g')}x", (record[key], record[score]), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation top-1 (%)" if score == "val_top1" else "validation score")
@@ -111,12 +111,24 @@ def _plot_accuracy(rounds: list[dict], base: dict | None) -> str | None:
     return _figure_to_img(fig)
 
 
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` when it is a number, else ``str(value)`` (plain text, not HTML)."""
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return html.escape(str(value))
+    return _num(value, ",.2f" if isinstance(value, float) else ",")
+
+
+def _compare(base: Any, comp: Any, kind: str) -> str:
+    """The reduction-row cell of one column: ``"ratio"`` base / compressed, ``"points"`` / ``"difference"``
+    compressed - base; "-" when a value is not a number or the ratio would divide by 0."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, comp))
+    if not numbers or (kind == "ratio" and not comp):
+        return "-"
+    if kind == "ratio":
+        return f"{base / comp:.2f}x"
+    return f"{comp - base:+.2f}" + (" pts" if kind == "points" else "")
 
 
 #: the final table's columns: record key, header, how the reduction row compares base and compressed
@@ -127,26 +139,22 @@ FINAL_COLUMNS = (("test_top1", "test top-1 (%)", "points"), ("val_top1", "val to
 
 
 def final_table_rows(final: dict) -> list[list[str]]:
-    """Rows of the final comparison table (header first) from a ``final`` record: the columns of
-    :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points, differences, base / compressed
-    ratios); also used by the CLI."""
+    """Rows of the final comparison table (header first) from a ``final`` record, as plain text (the HTML
+    report escapes them): the columns of :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points,
+    differences, base / compressed ratios; "-" where a value is not a number or a ratio divides by 0); also
+    used by the CLI."""
     columns = [c for c in FINAL_COLUMNS if all(row.get(c[0]) is not None for row in final["rows"])]
     rows = [["model"] + [header for _, header, _ in columns]]
     rows += [[_fmt(row.get("model", ""))] + [_fmt(row[key]) for key, _, _ in columns] for row in final["rows"]]
     if len(final["rows"]) == 2:
         base, comp = final["rows"]
-        reduction = ["reduction"]
-        for key, _, kind in columns:
-            if kind == "ratio":
-                reduction.append(f"{base[key] / comp[key]:.2f}x" if comp[key] else "-")
-            else:
-                reduction.append(f"{comp[key] - base[key]:+.2f}" + (" pts" if kind == "points" else ""))
-        rows.append(reduction)
+        rows.append(["reduction"] + [_compare(base[key], comp[key], kind) for key, _, kind in columns])
     return rows
 
 
 def _html_table(rows: Iterable[list[str]]) -> str:
-    rows = list(rows)
+    """A table of plain-text cells (header row first); every cell is HTML-escaped."""
+    rows = [[html.escape(str(cell)) for cell in row] for row in rows]
     head = "".join(f"<th>{c}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[1:])
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -169,9 +177,9 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if finals:
         parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1])),
-                  f"<p>Latency: PyTorch on {_fmt(finals[-1].get('device', 'cpu'))}, "
-                  f"{_fmt(finals[-1].get('threads', '?'))} threads, median of "
-                  f"{_fmt(finals[-1].get('latency_runs', '?'))} runs after warm-up.</p>"]
+                  f"<p>Latency: PyTorch on {html.escape(_fmt(finals[-1].get('device', 'cpu')))}, "
+                  f"{html.escape(_fmt(finals[-1].get('threads', '?')))} threads, median of "
+                  f"{html.escape(_fmt(finals[-1].get('latency_runs', '?')))} runs after warm-up.</p>"]
     if rounds:
         score = "val_top1" if "val_top1" in rounds[0] else "val_score"
         rows = [["round", "target", "parameters", "MACs", "validation top-1 (%)" if score == "val_top1" else

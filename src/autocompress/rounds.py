@@ -35,7 +35,7 @@ from .distillation import Distiller
 from .errors import UserError
 from .masks import MaskEnforcer
 from .purification import purify
-from .serialization import apply_architecture, describe_architecture
+from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
 from .task import Task
 from .text import plural
@@ -307,7 +307,7 @@ class Pipeline:
                             score=self.task.score if self.task.can_score else None, chance=self.chance, tolerance=settings.tolerance,
                             thresholds=settings.thresholds, log=self.log)
             masks, state.param_masks = result.masks, result.param_masks
-            self.log(f"hard pruning: {self.describe(result.top1_before)}; purified: "
+            self.log(f"hard pruning: {self.describe(result.top1_before)}, after purification: "
                      f"{self.describe(result.top1_after)}")
             records.append({
                 "event": "purification", "round": state.index, "threshold": result.threshold,

@@ -1,164 +1,105 @@
 """Saving compact models without pickled code: an architecture description plus a state_dict.
 
-A compact model (see :mod:`autocompress.compaction`) differs from the zoo model it came from only in the
-shapes / types of some leaf modules (narrower Conv2d / BatchNorm2d / Linear, ColumnConv2d /
-ColumnLinear). :func:`describe_architecture` writes those modules' types and constructor arguments as plain
-data; :func:`apply_architecture` rebuilds them inside a freshly created base model, after which
-``load_state_dict(strict=True)`` fills in the weights. The checkpoint format is docs/ARCHITECTURE.md
-"Checkpoints"; files hold only the remaining parameters, so their size is proportional to them.
+:func:`save_compact` writes a checkpoint (docs/ARCHITECTURE.md "Checkpoints") holding how to build the
+model the compact one came from (a registered name, or the import path and constructor arguments of the
+user's own class), the architecture description of :mod:`autocompress.architecture` (re-exported here:
+:func:`describe_architecture`, :func:`apply_architecture`) and the compact state_dict; files hold only the
+remaining parameters, so their size is proportional to them. ``autocompress.load`` reads it back.
 
 Irregular (non-structured) zeros stay in dense tensors; :func:`to_sparse_state_dict` /
 :func:`from_sparse_state_dict` give a CSR export with int32 indices for storage.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .compaction import ColumnConv2d, ColumnLinear
+from .architecture import apply_architecture, describe_architecture
+from .checkpoint import class_path, import_model_class, save_checkpoint
 from .errors import UserError
 
-FORMAT = "autocompress-architecture"
-VERSION = 1
+
+def _constructible_without_arguments(cls: type) -> bool:
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no signature to inspect: treat the arguments as unknown
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
-def _conv_args(m: nn.Conv2d) -> dict:
-    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-            "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
-            "padding_mode": m.padding_mode}
+def _model_source(compact_model: nn.Module, base_checkpoint: dict | None, model_class: type | str | None,
+                  model_kwargs: dict | None) -> dict:
+    """``save_checkpoint`` keyword arguments saying how to build the model (see :func:`save_compact`)."""
+    if model_class is None and model_kwargs is None and base_checkpoint is not None:
+        entry = base_checkpoint["model"]
+        return {"model_name": entry.get("name"), "model_class": entry.get("class"),
+                "model_kwargs": entry.get("kwargs")}
+    if model_class is None:
+        cls = type(compact_model)
+        if model_kwargs is None and _constructible_without_arguments(cls):
+            model_kwargs = {}
+    else:
+        cls = import_model_class(model_class) if isinstance(model_class, str) else model_class
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise UserError(f"model_class must be an nn.Module subclass or its import path, got {model_class!r}",
+                            "pass the model's class, e.g. model_class=MyNet or model_class='mypkg.nets:MyNet'")
+        if not isinstance(compact_model, cls):
+            raise UserError(f"the compact model is a {type(compact_model).__name__}, not a {cls.__name__} "
+                            "(model_class)", "pass the class the compact model was built from")
+    path = model_class if isinstance(model_class, str) else class_path(cls)
+    return {"model_name": None, "model_class": path, "model_kwargs": model_kwargs}
 
 
-def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
-    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-            "track_running_stats": m.track_running_stats}
-
-
-#: module type -> (constructor arguments as plain data). Only these types are described / rebuilt.
-_DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
-    nn.Conv2d: _conv_args,
-    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
-    nn.BatchNorm1d: _norm_args,
-    nn.BatchNorm2d: _norm_args,
-    nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
-                             "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None},
-    nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
-                             "affine": m.affine},
-    nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
-    ColumnConv2d: ColumnConv2d.config,
-    ColumnLinear: ColumnLinear.config,
-}
-_TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
-
-
-def _shapes(module: nn.Module) -> dict[str, tuple]:
-    return {name: tuple(t.shape) for name, t in list(module.named_parameters(recurse=False))
-            + list(module.named_buffers(recurse=False))}
-
-
-def _entry(module: nn.Module) -> dict | None:
-    describer = _DESCRIBERS.get(type(module))
-    return None if describer is None else {"type": type(module).__name__, "args": describer(module)}
-
-
-def describe_architecture(model: nn.Module, reference: nn.Module | None = None) -> dict:
-    """Plain-data description of ``model``'s leaf modules (types and constructor arguments).
-
-    Args:
-        model: a (compact) model.
-        reference: the model it was compacted from (same module names). When given, only modules whose
-            type or arguments differ from the reference's are described; otherwise every module of a
-            describable type (Conv2d, Linear, BatchNorm1d/2d, LayerNorm, GroupNorm, PReLU, ColumnConv2d,
-            ColumnLinear) is.
-
-    Returns:
-        ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
-        "args": dict}}}`` (only str / int / float / bool / list / dict / None values).
-
-    Raises:
-        UserError: a module of another type has parameters / buffers whose shapes differ from the
-            reference's (it could not be rebuilt).
-    """
-    ref_modules = dict(reference.named_modules()) if reference is not None else {}
-    modules: dict[str, dict] = {}
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        entry = _entry(module)
-        ref = ref_modules.get(name)
-        if entry is None:
-            if ref is not None and _shapes(ref) != _shapes(module):
-                raise UserError(f"module {name!r} ({type(module).__name__}) changed shape and cannot be "
-                                "described for saving", f"exclude {name} from pruning (ignored layers)")
-            continue
-        if reference is None or ref is None or _entry(ref) != entry:
-            modules[name] = entry
-    return {"format": FORMAT, "version": VERSION, "modules": modules}
-
-
-def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
-    """Replace ``model``'s modules by freshly built ones as described by :func:`describe_architecture`.
-
-    ``model`` is a freshly created base model (e.g. ``create_model(name, **kwargs)``); it is changed in
-    place and returned, ready for ``load_state_dict(strict=True)`` (new modules are initialised with
-    PyTorch defaults on the device / dtype of the module they replace).
-
-    Raises:
-        UserError: the description is not an autocompress architecture, is from a newer version, names a
-            module the model lacks, or uses an unknown module type.
-    """
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise UserError("the checkpoint's architecture entry is not an autocompress architecture description",
-                        "re-save the compact model with autocompress")
-    if not isinstance(description.get("version"), int) or description["version"] > VERSION:
-        raise UserError(f"architecture description version {description.get('version')!r} is newer than "
-                        f"this autocompress reads ({VERSION})", "upgrade autocompress")
-    for name, entry in description.get("modules", {}).items():
-        parent_name, _, attr = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            old = getattr(parent, attr)
-        except AttributeError as exc:
-            raise UserError(f"the architecture describes module {name!r}, which the base model lacks",
-                            "load it with the model name and options it was saved with") from exc
-        cls = _TYPES.get(entry.get("type"))
-        if cls is None:
-            raise UserError(f"unknown module type {entry.get('type')!r} for {name!r} in the architecture",
-                            "upgrade autocompress")
-        new = cls(**entry["args"])
-        tensors = list(old.parameters()) + list(old.buffers()) if isinstance(old, nn.Module) else []
-        floats = [t for t in tensors if t.is_floating_point()]
-        if floats:
-            new = new.to(device=floats[0].device, dtype=floats[0].dtype)
-        setattr(parent, attr, new)
-    return model
-
-
-def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_checkpoint: dict,
-                 metrics: dict | None = None, config: Any = None, architecture: dict | None = None) -> Path:
+def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_checkpoint: dict | None = None,
+                 model_class: type | str | None = None, model_kwargs: dict | None = None,
+                 dataset: dict | None = None, metrics: dict | None = None, config: Any = None,
+                 architecture: dict | None = None) -> Path:
     """Save a compact model as an autocompress checkpoint (atomic; docs/ARCHITECTURE.md "Checkpoints").
 
+    ``autocompress.load(path)`` first builds a fresh base model, as recorded in the file's ``model`` entry:
+
+    * ``model_class`` and / or ``model_kwargs`` given: the class (``model_class``: the class or its import
+      path ``"package.module:Name"``; default ``type(compact_model)``) is recorded by import path with
+      ``model_kwargs``, its constructor's keyword arguments (plain data). Loading imports the class
+      (the user's own installed code; it must be an ``nn.Module`` subclass) and calls ``cls(**model_kwargs)``:
+      no registry is needed.
+    * otherwise ``base_checkpoint``'s entry (a registered model's name and kwargs: the zoo pipeline).
+    * otherwise ``type(compact_model)``'s import path, with no arguments when its constructor needs none;
+      when it needs some, none are recorded.
+
+    When the class cannot be imported where the file is loaded (defined inside a function, or in another
+    script's ``__main__``) or its arguments are unknown, ``autocompress.load(path, model=fresh_instance)``
+    applies the saved architecture and weights to the caller's own instance.
+
     Args:
-        compact_model: e.g. ``compaction.compact(...).model``.
-        base_checkpoint: the loaded checkpoint of the model it was compacted from; its ``model`` (name,
-            kwargs) and ``dataset`` entries are kept so ``autocompress.load`` rebuilds the base first.
+        compact_model: e.g. ``compaction.compact(...).model`` or ``pruning.prune(...).compact_model``.
+        base_checkpoint: the loaded checkpoint of the model it was compacted from; its ``model`` and
+            ``dataset`` entries are kept.
+        model_class, model_kwargs: see above; ``model_class`` must be the class of ``compact_model``
+            (compaction keeps the top-level module's class).
+        dataset: plain-data description of the data (default: ``base_checkpoint``'s, else ``{}``), e.g.
+            ``{"input_size": [3, 32, 32]}`` for ``autocompress export``.
         metrics, config: plain data stored alongside (top-1 as a fraction, pruning settings, ...).
         architecture: the description (default: ``describe_architecture(compact_model)``, every module).
 
     Returns the path. The file holds the compact state_dict only, so its size is proportional to the
     remaining parameters (plus a few bytes per described module).
-    """
-    from .checkpoint import save_checkpoint
 
-    return save_checkpoint(path, model=compact_model, model_name=base_checkpoint["model"]["name"],
-                           model_kwargs=base_checkpoint["model"].get("kwargs", {}),
-                           dataset=base_checkpoint["dataset"], config=config or {}, metrics=metrics or {},
-                           architecture=architecture if architecture is not None
+    Raises:
+        UserError: ``model_class`` is not an importable ``nn.Module`` subclass or not the compact model's
+            class, or ``model_kwargs`` are not plain data.
+    """
+    source = _model_source(compact_model, base_checkpoint, model_class, model_kwargs)
+    if dataset is None:
+        dataset = base_checkpoint["dataset"] if base_checkpoint is not None else {}
+    return save_checkpoint(path, model=compact_model, **source, dataset=dataset, config=config or {},
+                           metrics=metrics or {}, architecture=architecture if architecture is not None
                            else describe_architecture(compact_model))
 
 

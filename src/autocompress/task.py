@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from .analysis import analysis_mode
 from .errors import SettingError, UserError
+from .integrity import check_finite
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -53,7 +54,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise SettingError("device", f"device {str(device)!r} does not exist here "
                                f"({torch.cuda.device_count()} CUDA devices)", "use device cuda or cpu")
     elif resolved.type != "cpu":
-        raise SettingError("device", f"device {str(device)!r} is not supported", "use auto, cpu, cuda or cuda:N")
+        raise SettingError("device", f"device {str(device)!r} is not available here", "use auto, cpu, cuda or cuda:N")
     return resolved
 
 
@@ -188,10 +189,7 @@ class Task:
         infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields nothing, batches that are not
         ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss that is not a finite
         scalar, a score that is not a finite number, or no way to score at all."""
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise UserError(f"the model's {name} holds NaN or infinite values",
-                                "pass a trained model with finite weights")
+        check_finite(model.state_dict(), "the model")
         try:
             with analysis_mode(model):
                 model(*example_inputs)

@@ -69,12 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except UserError as exc:
-        print(f"autocompress: error: {exc}", file=sys.stderr)
+        print(f"autocompress: error: {exc}{_flag_of(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         left = args._interrupted(args) if args._interrupted is not None else None
         print(f"autocompress: interrupted{f'; {left}' if left else ''}", file=sys.stderr)
         return 130
+
+
+def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
+    """`` (set by --device)`` when ``exc`` is a SettingError about a setting the command line gave as a flag
+    of the same name (commands with their own mapping of flags to settings name the flag themselves)."""
+    from ..errors import SettingError
+
+    setting = getattr(exc, "setting", None)
+    if not isinstance(exc, SettingError) or "set by --" in str(exc) or getattr(args, str(setting), None) is None:
+        return ""
+    return f" (set by --{setting.replace('_', '-')})"
 
 
 def import_modules(names: list[str]) -> None:

@@ -1,7 +1,9 @@
 """``autocompress evaluate CHECKPOINT``: loss, top-1 (and top-5 with more than 10 classes) on a split.
 
 The dataset defaults to the one the checkpoint was trained on (same validation carve: ``val_size`` and
-``seed`` stored in the checkpoint). ``--json`` prints one JSON object instead of the summary line.
+``seed`` stored in the checkpoint; same input size and normalisation). The data folder is ``--data-dir`` or
+the dataset's lookup order, never a folder recorded in the checkpoint. ``--json`` prints one JSON object
+instead of the summary line.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress evaluate``."""
     parser.add_argument("checkpoint", help="checkpoint file (.pt)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's dataset")
-    parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists, "
-                        "else the dataset's lookup order")
+    parser.add_argument("--data-dir", help="default: the dataset's lookup order (the folder a checkpoint "
+                        "records is never read unless you pass it here)")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..data import get_dataset, recorded_data_dir
+    from ..data import checkpoint_dataset
     from ..task import resolve_device
     from ..training import check_model_input, evaluate
 
@@ -38,12 +40,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.dataset or stored.get("name")
     if name not in DATASETS:
         raise UserError(f"checkpoint {args.checkpoint} names no known dataset ({name!r})", "pass --dataset")
-    data_dir = recorded_data_dir(args.data_dir, stored, name)
-    if name == stored.get("name"):  # the same validation carve as in training
-        val_size, seed = stored.get("val_size", 5000), stored.get("seed", 0)
-    else:  # another dataset: the default carve for --split val, none needed for the test split
-        val_size, seed = (5000 if args.split == "val" else 0), 0
-    splits = get_dataset(name, data_dir, val_size=val_size, seed=seed)
+    # the recorded carve for the recorded dataset; another dataset needs none for the test split
+    val_size = 0 if name != stored.get("name") and args.split == "test" else None
+    splits = checkpoint_dataset(stored, name, args.data_dir, val_size=val_size)
     model = model_from_checkpoint(ckpt).to(resolve_device(args.device))
     model_name = ckpt["model"]["name"]
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)

@@ -1,12 +1,14 @@
-"""``autocompress export``: write a checkpoint (base or compact model) as ONNX, checked in onnxruntime.
+"""``autocompress export``: write a checkpoint (base or compact model) as ONNX, checked in onnxruntime,
+and / or as a ``torch.export`` program, checked by loading it back.
 
 Example::
 
-    autocompress export runs/demo/compress/final.pt --onnx runs/demo/final.onnx --opset 17
+    autocompress export runs/demo/compress/final.pt --onnx runs/demo/final.onnx --opset 17 \
+        --torch-export runs/demo/final.pt2
 
 The batch axis is dynamic; the input size is the checkpoint's dataset ``input_size`` (or --input-size).
-onnxruntime is run on the traced batch and a second batch size and compared with PyTorch; the file is
-written (atomically) only when they agree.
+Each file is run on the traced batch and a second batch size and compared with PyTorch; it is written
+(atomically) only when they agree.
 """
 from __future__ import annotations
 
@@ -23,20 +25,23 @@ from .inspect import parse_input_size
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``autocompress export``."""
     parser.add_argument("checkpoint", help="checkpoint (.pt) written by autocompress")
-    parser.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    parser.add_argument("--onnx", metavar="OUT.onnx", help="ONNX file to write")
+    parser.add_argument("--torch-export", metavar="OUT.pt2",
+                        help="torch.export program to write (load it with torch.export.load(path).module())")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset)")
-    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx file")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing the written files with PyTorch")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:
-    """UserError when ``--onnx`` names a folder, or an existing file without ``--overwrite``."""
+def _check_out(out: Path, flag: str, suffix: str, checkpoint: str, overwrite: bool) -> None:
+    """UserError when output ``flag`` (``--onnx``, ``--torch-export``) names a folder, or an existing file
+    without ``--overwrite``."""
     if out.is_dir():
-        raise UserError(f"--onnx {out} is a folder",
-                        f"pass a file path ending in .onnx, e.g. --onnx {out / Path(checkpoint).stem}.onnx")
+        raise UserError(f"{flag} {out} is a folder",
+                        f"pass a file path ending in {suffix}, e.g. {flag} {out / Path(checkpoint).stem}{suffix}")
     if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists", "choose another --onnx file name, or pass --overwrite to replace it")
+        raise UserError(f"{out} already exists", f"choose another {flag} file name, or pass --overwrite to replace it")
 
 
 def _check_input_size(model: nn.Module, name: str, example: torch.Tensor, recorded: list | None) -> None:
@@ -56,14 +61,26 @@ def _check_input_size(model: nn.Module, name: str, example: torch.Tensor, record
         raise UserError(f"input size {size} does not fit model {name} ({detail})", fix) from exc
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export and print the check's result. Returns 0."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..export import export_onnx
+def _summary(result, checked: bool, runtime: str) -> str:
+    opset = f", opset {result.opset}" if result.opset is not None else ""
+    check = (f"{runtime} max |diff| = {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}, "
+             f"batch sizes {result.checked_batch_sizes})" if checked else "not checked")
+    return f"wrote {result.path} ({result.num_bytes / 1e6:.2f} MB{opset}); {check}"
 
-    if args.opset < 11:
+
+def run(args: argparse.Namespace) -> int:
+    """Export and print each check's result. Returns 0."""
+    from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
+    from ..export import export_onnx, export_program
+
+    outputs = [(flag, suffix, value) for flag, suffix, value in
+               (("--onnx", ".onnx", args.onnx), ("--torch-export", ".pt2", args.torch_export)) if value]
+    if not outputs:
+        raise UserError("nothing to write", "pass --onnx OUT.onnx and / or --torch-export OUT.pt2")
+    if args.onnx and args.opset < 11:
         raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
-    _check_out(Path(args.onnx), args.checkpoint, args.overwrite)
+    for flag, suffix, value in outputs:
+        _check_out(Path(value), flag, suffix, args.checkpoint, args.overwrite)
     ckpt = load_checkpoint(args.checkpoint)
     recorded = ckpt["dataset"].get("input_size")
     size = parse_input_size(args.input_size) if args.input_size else recorded
@@ -71,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
     model = model_from_checkpoint(ckpt).eval()
     example = torch.randn((1, *[int(s) for s in size]), generator=torch.Generator().manual_seed(0))
-    _check_input_size(model, ckpt["model"]["name"], example, recorded)
-    result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
-    check = ("not checked" if args.no_check else
-             f"onnxruntime max |diff| = {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g}, "
-             f"batch sizes {result.checked_batch_sizes})")
-    print(f"wrote {result.path} ({result.num_bytes / 1e6:.2f} MB, opset {result.opset}); {check}")
+    _check_input_size(model, model_label(ckpt["model"]), example, recorded)
+    if args.onnx:
+        result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
+        print(_summary(result, not args.no_check, "onnxruntime"))
+    if args.torch_export:
+        result = export_program(model, example, args.torch_export, check=not args.no_check)
+        print(_summary(result, not args.no_check, "loaded program"))
     return 0

@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purify-tolerance", type=_tolerance, default=0.005,
                         help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--data-dir", help="default: the checkpoint's data folder if it still exists")
+    parser.add_argument("--data-dir", help="default: the dataset's lookup order (a folder the checkpoint "
+                        "records is never read unless you pass it here)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
     parser.add_argument("--max-test", type=int, help="report test top-1 on a seeded subset of this many images")
     parser.add_argument("--seed", type=int, default=0, help="data order, augmentation, dropout")

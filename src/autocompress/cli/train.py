@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint
     from ..data import get_dataset
-    from ..models import create_model
+    from ..models import create_model, model_info
     from ..task import resolve_device
     from ..training import check_model_input, fit, resumable_state, seeded
 
@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         val_size, seed = args.val_size, config.seed
 
-    splits = get_dataset(args.dataset, args.data_dir, val_size=val_size, seed=seed, max_train=args.max_train)
+    # an ImageFolder is resized to the model's own input size (a 32x32 model trains on 32x32 images)
+    input_size = model_info(args.model).input_size if args.dataset == "imagefolder" else None
+    splits = get_dataset(args.dataset, args.data_dir, val_size=val_size, seed=seed, max_train=args.max_train,
+                         input_size=input_size)
     kwargs = {"num_classes": splits.num_classes, **model_kwargs}
     with seeded(config.seed):
         model = create_model(args.model, **kwargs)

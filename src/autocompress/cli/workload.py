@@ -107,23 +107,14 @@ def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: in
             size recorded nor given, a dataset whose images do not fit the recorded input size.
     """
     from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..data import DATASETS, get_dataset, recorded_data_dir
+    from ..data import checkpoint_dataset
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     if ckpt.get("architecture") is not None:
         raise UserError(f"{path} is already a compact model", "compress or prune the trained checkpoint it came from")
     stored = ckpt.get("dataset") or {}
-    name = data.dataset or stored.get("name")
-    if name not in DATASETS:
-        raise SettingError("dataset", f"checkpoint {path} names no known dataset ({name!r})",
-                           f"give the dataset ({', '.join(DATASETS)})")
-    val_size = data.val_size or stored.get("val_size") or 5000
-    splits = get_dataset(name, recorded_data_dir(data.data_dir, stored, name), val_size=val_size,
-                         seed=stored.get("seed", seed), max_train=data.max_train, max_test=data.max_test)
-    input_size = tuple(stored.get("input_size") or splits.input_size)
-    if tuple(splits.input_size) != input_size:
-        raise UserError(f"the {name} images are {'x'.join(map(str, splits.input_size))}, but checkpoint {path} "
-                        f"records inputs of {'x'.join(map(str, input_size))}", "pass the dataset it was trained on")
+    splits = checkpoint_dataset(stored, data.dataset, data.data_dir, val_size=data.val_size,
+                                seed=stored.get("seed", seed), max_train=data.max_train, max_test=data.max_test)
     model = model_from_checkpoint(ckpt).eval()
-    return Workload(path, ckpt, model, splits, torch.zeros(1, *input_size))
+    return Workload(path, ckpt, model, splits, torch.zeros(1, *(stored.get("input_size") or splits.input_size)))

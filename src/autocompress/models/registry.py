@@ -53,17 +53,31 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
+def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """Whether two builders are the same definition: the same object, or the same module and qualified name
+    (a re-run notebook cell or a reloaded module defines a new object for the same builder)."""
+    return a is b or (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
+        (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 def register_model(name: str, *, input_size: tuple[int, int, int], default_dataset: str | None = None):
     """Decorator registering ``builder(num_classes=10, **kwargs) -> nn.Module`` under ``name``.
 
+    Registering the same builder again (same module and qualified name, e.g. a re-run notebook cell) replaces
+    the entry with the new definition and settings; it is not an error.
+
     Raises:
-        ValueError: ``name`` is already registered or uses the reserved ``torchvision:`` prefix
-            (a programming error, not user input).
+        ValueError: ``name`` is registered to a different builder or uses the reserved ``torchvision:``
+            prefix (a programming error, not user input).
     """
-    if name in _REGISTRY or name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"model name {name!r} is already registered or reserved")
+    if name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"model name {name!r} uses the reserved prefix {TORCHVISION_PREFIX!r}")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and not _same_definition(_REGISTRY[name].builder, builder):
+            old = _REGISTRY[name].builder
+            raise ValueError(f"model name {name!r} is already registered to "
+                             f"{getattr(old, '__module__', '?')}.{getattr(old, '__qualname__', old)}")
         doc = inspect.getdoc(builder) or ""
         _REGISTRY[name] = ModelInfo(name, tuple(input_size), default_dataset,
                                     doc.splitlines()[0] if doc else "", builder)

@@ -1,0 +1,135 @@
+"""Architecture descriptions: the types and constructor arguments of a compact model's modules, as plain data.
+
+A compact model (see :mod:`autocompress.compaction`) differs from the model it came from only in the
+shapes / types of some leaf modules (narrower Conv2d / BatchNorm2d / Linear, ColumnConv2d /
+ColumnLinear). :func:`describe_architecture` writes those modules' types and constructor arguments as plain
+data; :func:`apply_architecture` rebuilds them inside a freshly created base model, after which
+``load_state_dict(strict=True)`` fills in the weights (docs/ARCHITECTURE.md "Checkpoints"). Only the
+module types listed here are ever built, so applying a description runs no code named by a file.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .columns import ColumnConv2d, ColumnLinear
+from .errors import UserError
+
+FORMAT = "autocompress-architecture"
+VERSION = 1
+
+
+def _conv_args(m: nn.Conv2d) -> dict:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+            "padding_mode": m.padding_mode}
+
+
+def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+            "track_running_stats": m.track_running_stats}
+
+
+#: module type -> (constructor arguments as plain data). Only these types are described / rebuilt.
+_DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
+    nn.Conv2d: _conv_args,
+    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    nn.BatchNorm1d: _norm_args,
+    nn.BatchNorm2d: _norm_args,
+    nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                             "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None},
+    nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
+                             "affine": m.affine},
+    nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
+    ColumnConv2d: ColumnConv2d.config,
+    ColumnLinear: ColumnLinear.config,
+}
+_TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in list(module.named_parameters(recurse=False))
+            + list(module.named_buffers(recurse=False))}
+
+
+def _entry(module: nn.Module) -> dict | None:
+    describer = _DESCRIBERS.get(type(module))
+    return None if describer is None else {"type": type(module).__name__, "args": describer(module)}
+
+
+def describe_architecture(model: nn.Module, reference: nn.Module | None = None) -> dict:
+    """Plain-data description of ``model``'s leaf modules (types and constructor arguments).
+
+    Args:
+        model: a (compact) model.
+        reference: the model it was compacted from (same module names). When given, only modules whose
+            type or arguments differ from the reference's are described; otherwise every module of a
+            describable type (Conv2d, Linear, BatchNorm1d/2d, LayerNorm, GroupNorm, PReLU, ColumnConv2d,
+            ColumnLinear) is.
+
+    Returns:
+        ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
+        "args": dict}}}`` (only str / int / float / bool / list / dict / None values).
+
+    Raises:
+        UserError: a module of another type has parameters / buffers whose shapes differ from the
+            reference's (it could not be rebuilt).
+    """
+    ref_modules = dict(reference.named_modules()) if reference is not None else {}
+    modules: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        entry = _entry(module)
+        ref = ref_modules.get(name)
+        if entry is None:
+            if ref is not None and _shapes(ref) != _shapes(module):
+                raise UserError(f"module {name!r} ({type(module).__name__}) changed shape and cannot be "
+                                "described for saving", f"exclude {name} from pruning (ignored layers)")
+            continue
+        if reference is None or ref is None or _entry(ref) != entry:
+            modules[name] = entry
+    return {"format": FORMAT, "version": VERSION, "modules": modules}
+
+
+def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
+    """Replace ``model``'s modules by freshly built ones as described by :func:`describe_architecture`.
+
+    ``model`` is a freshly created base model (e.g. ``create_model(name, **kwargs)``); it is changed in
+    place and returned, ready for ``load_state_dict(strict=True)`` (new modules are initialised with
+    PyTorch defaults on the device / dtype of the module they replace).
+
+    Raises:
+        UserError: the description is not an autocompress architecture, is from a newer version, names a
+            module the model lacks, or uses an unknown module type.
+    """
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise UserError("the checkpoint's architecture entry is not an autocompress architecture description",
+                        "re-save the compact model with autocompress")
+    if not isinstance(description.get("version"), int) or description["version"] > VERSION:
+        raise UserError(f"architecture description version {description.get('version')!r} is newer than "
+                        f"this autocompress reads ({VERSION})", "upgrade autocompress")
+    for name, entry in description.get("modules", {}).items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, attr)
+        except AttributeError as exc:
+            raise UserError(f"the architecture describes module {name!r}, which the base model lacks",
+                            "load it with the model name and options it was saved with") from exc
+        cls = _TYPES.get(entry.get("type"))
+        if cls is None:
+            raise UserError(f"unknown module type {entry.get('type')!r} for {name!r} in the architecture",
+                            "upgrade autocompress")
+        new = cls(**entry["args"])
+        tensors = list(old.parameters()) + list(old.buffers()) if isinstance(old, nn.Module) else []
+        floats = [t for t in tensors if t.is_floating_point()]
+        if floats:
+            new = new.to(device=floats[0].device, dtype=floats[0].dtype)
+        setattr(parent, attr, new)
+    return model
+
+
+__all__ = ["FORMAT", "VERSION", "apply_architecture", "describe_architecture"]

@@ -1,0 +1,50 @@
+"""report.html escapes every value it reads back from metrics.jsonl (issue 15 item 6)."""
+from __future__ import annotations
+
+import json
+
+from autocompress.report import final_table_rows, write_report
+
+EVIL = "<script>alert(1)</script>"
+
+
+def _records(evil: str) -> list[dict]:
+    layers = [{"name": f"conv{i}{evil}", "filters": 8, "filters_total": 16, "columns": 20, "columns_total": 36}
+              for i in range(2)]
+    row = {"test_top1": 91.5, "params": 1000, "macs": 5000, "file_bytes": 4000, "latency_b1_ms": 1.5,
+           "latency_b64_ms": 20.0}
+    return [
+        {"event": "base", "params": 2000, "macs": 10000, "val_top1": 92.0},
+        {"event": "search", "round": evil, "trajectory": [
+            {"step": 0, "temperature": 1.0, "candidate_score": 50.0, "current_score": 50.0, "best_score": 50.0,
+             "accepted": True}]},
+        {"event": "round", "round": evil, "target": evil, "params": 1000, "macs": 5000, "val_top1": 91.0,
+         "layers": layers},
+        {"event": "final", "threads": evil, "latency_runs": evil,
+         "rows": [{**row, "model": evil}, {**row, "model": "compressed", "test_top1": evil, "params": evil}]},
+    ]
+
+
+def test_every_value_is_escaped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(EVIL)))
+    (tmp_path / "config.yaml").write_text(f"note: {EVIL}\n")
+    page = write_report(tmp_path, title=f"run {EVIL}").read_text()
+    assert "<script" not in page.lower()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    # title (twice), round, target, threads, latency runs, model, test top-1, params, config
+    assert page.count(escaped) == 10, page.count(escaped)
+    assert f"PyTorch on cpu, {escaped} threads, median of {escaped} runs" in page
+    assert f"<td>{escaped}x</td>" in page  # the round's target
+    assert "<td>reduction</td><td>-</td><td>-</td><td>1.00x</td>" in page  # numbers still compared
+
+
+def test_final_table_rows_are_plain_text():
+    """The CLI prints the same rows: they hold the values themselves, not HTML entities."""
+    rows = final_table_rows(_records("<b>")[-1])
+    assert rows[1][0] == "<b>" and rows[2][1] == "<b>" and rows[1][2] == "1,000"
+    base = {"model": "base", "test_top1": 90.0, "params": 3000, "macs": 9000, "file_bytes": 12000,
+            "latency_b1_ms": 2.0, "latency_b64_ms": 30.0}
+    comp = {"model": "compressed", "test_top1": 89.25, "params": 1000, "macs": 3000, "file_bytes": 4000,
+            "latency_b1_ms": 1.0, "latency_b64_ms": 10.0}
+    assert final_table_rows({"rows": [base, comp]})[-1] == ["reduction", "-0.75 pts", "3.00x", "3.00x", "3.00x",
+                                                            "2.00x", "3.00x"]
