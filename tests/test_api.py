@@ -4,6 +4,12 @@ here, plain ``DataLoader``s over ``TensorDataset``s of synthetic but learnable d
 refusals of bad input (before any training, nothing written)."""
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +24,9 @@ from autocompress.compress import Compression
 from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
 
+#: the function itself: ``autocompress.compress`` can name the submodule instead (see
+#: test_autocompress_compress_stays_the_function)
+COMPRESS = importlib.import_module("autocompress.compress").compress
 CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
           "quick_eval": {"bn_batches": 2, "val_batches": 2}, "latency_runs": 2}
 CLASSES = 3
@@ -69,6 +78,32 @@ def params(model: nn.Module) -> int:
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def compress_is_the_function(monkeypatch):
+    """Work around the name clash that test_autocompress_compress_stays_the_function shows, so the contract
+    tests below test the function's contract; remove once that test passes."""
+    monkeypatch.setattr(autocompress, "compress", COMPRESS)
+
+
+@pytest.mark.xfail(strict=True, reason="autocompress/__init__.py imports compress lazily (module __getattr__); the "
+                   "first import of the submodule autocompress.compress sets the package attribute 'compress' to the "
+                   "submodule, so a second autocompress.compress(...) raises TypeError: 'module' object is not "
+                   "callable")
+def test_autocompress_compress_stays_the_function():
+    """In a fresh interpreter: ``autocompress.compress`` is the function on every access, also after the
+    submodule of the same name was imported (by the first access, or by the caller)."""
+    code = ("import autocompress\n"
+            "first = autocompress.compress\n"
+            "second = autocompress.compress\n"
+            "import autocompress.compress\n"
+            "assert callable(first) and callable(second) and callable(autocompress.compress), "
+            "(type(first), type(second), type(autocompress.compress))\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
 
 # --- (1) plain DataLoaders and the default loss -------------------------------------------------------------

@@ -1,17 +1,18 @@
 """The scripts in ``examples/`` run at their ``--tiny`` size and deliver what they claim: the target met, a
 compact model in eval mode with the base model's output shape, nothing written without ``--out``, and a
-compact model that traces and pickles (``_shared.deploy``)."""
+compact model that traces and pickles (``_shared.deploy``) into files that reload to the same outputs."""
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
+
+import autocompress
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TARGETS = {"own_cnn": ("params", 4.0), "mobilenet_v2_cifar": ("flops", 2.0), "segmentation": ("params", 3.0)}
@@ -36,12 +37,13 @@ def run(tmp_path_factory):
 
     def get(name: str):
         if name not in done:
-            module, before = load(name), os.getcwd()
-            os.chdir(cwd)
-            try:
+            module = load(name)
+            with pytest.MonkeyPatch.context() as patch:
+                # autocompress.compress may name the submodule (test_api.py::test_autocompress_compress_stays_the
+                # _function): the function itself until that is fixed
+                patch.setattr(autocompress, "compress", importlib.import_module("autocompress.compress").compress)
+                patch.chdir(cwd)
                 done[name] = module, module.main(["--tiny", "--quiet", "--no-deploy"])
-            finally:
-                os.chdir(before)
             assert list(cwd.iterdir()) == [], "an example wrote files without --out"
         return done[name]
 
@@ -116,9 +118,6 @@ def test_mean_iou_of_known_predictions():
     assert module.mean_iou(Fixed(torch.zeros_like(data.masks)), loader) == pytest.approx(background / present)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="compact models do not pickle yet (ColumnConv2d's lambda hook); fixed on branch deploy "
-                          "(298f2dd): remove this mark when it is merged")
 @pytest.mark.parametrize("name", ["own_cnn", "segmentation"])
 def test_deploy(run, name, tmp_path):
     """The compact model traces and pickles; the files reload and compute what it computes."""
