@@ -101,7 +101,7 @@ def test_plural():
 def test_inspect_text_counts_in_the_singular(checkpoint, capsys):
     assert main(["inspect", str(checkpoint), "--latency-runs", "1", "--warmup", "0", "--threads", "1"]) == 0
     latency = [line for line in capsys.readouterr().out.splitlines() if line.startswith("latency")]
-    assert len(latency) == 2 and all(line.endswith(") over 1 run, 1 CPU thread") for line in latency)
+    assert len(latency) == 2 and all(line.endswith(") over 1 run on cpu, 1 CPU thread") for line in latency)
 
 
 def test_closed_stdout_exits_quietly(tmp_path):

@@ -86,7 +86,7 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "out.pt"
     out.write_bytes(b"precious")
     assert main(["train", "--model", "fmnist_cnn", "--dataset", "fashion-mnist", "--out", str(out)]) == 2
-    assert "corrupt" in _error_line(capsys) and out.read_bytes() == b"precious"
+    assert "damaged" in _error_line(capsys) and out.read_bytes() == b"precious"
 
 
 def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
@@ -95,7 +95,7 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
     assert main(["evaluate", str(bad)]) == 2
-    assert "corrupt" in _error_line(capsys)
+    assert "damaged" in _error_line(capsys)
     from autocompress.checkpoint import save_checkpoint
     from autocompress.models import create_model
 

@@ -31,6 +31,7 @@ from torch import nn
 from .architecture import apply_architecture
 from .atomic import atomic_torch_save
 from .errors import UserError
+from .integrity import check_finite, verify_archive
 from .models import create_model
 
 FORMAT = "autocompress-checkpoint"
@@ -156,8 +157,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         map_location: passed to ``torch.load``.
 
     Raises:
-        UserError: the file is missing, a folder, unreadable / corrupt, holds pickled objects (without
-            ``trust``), is not an autocompress checkpoint, or comes from a newer format version.
+        UserError: the file is missing, a folder, damaged (CRC mismatch, truncated), holds pickled objects
+            (without ``trust``), is not an autocompress checkpoint, comes from a newer format version, or
+            holds NaN / infinite weights.
     """
     path = Path(path)
     if not path.exists():
@@ -165,6 +167,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
                         "check the path, or write one with `autocompress train --out PATH`")
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file", "pass the .pt file, not a folder")
+    verify_archive(path)  # torch.load does not check the CRCs: a flipped byte would load silently
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files; all mean the same
@@ -186,6 +189,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     if missing or not isinstance(ckpt["model"].get("name") or ckpt["model"].get("class"), str):
         raise UserError(f"checkpoint {path} lacks {', '.join(missing) or 'model.name (or model.class)'}",
                         "re-create it with `autocompress train`")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"checkpoint {path} holds no state_dict mapping", "re-create it with `autocompress train`")
+    check_finite(ckpt["state_dict"], f"checkpoint {path}")
     ckpt.setdefault("architecture", None)
     ckpt.setdefault("training_state", None)
     ckpt["model"].setdefault("kwargs", {})

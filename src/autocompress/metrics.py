@@ -280,8 +280,8 @@ def example_inputs_for(input_size: Sequence[int], batch: int = 1, seed: int = 0)
 def model_summary(model: nn.Module, input_size: Sequence[int], *, latency_batches: Sequence[int] = (1, 64),
                   latency_runs: int = 30, warmup: int = 5, threads: int | None = None,
                   latency: bool = True) -> ModelSummary:
-    """Parameters, MACs / FLOPs and the per-layer table at batch 1, and (when ``latency``) the CPU
-    latency at each of ``latency_batches`` (see :func:`measure_latency`).
+    """Parameters, MACs / FLOPs and the per-layer table at batch 1, and (when ``latency``) the latency at
+    each of ``latency_batches`` (see :func:`measure_latency`) on the model's device.
 
     Args:
         input_size: one sample as (C, H, W), e.g. ``(3, 32, 32)``.
@@ -290,13 +290,14 @@ def model_summary(model: nn.Module, input_size: Sequence[int], *, latency_batche
         UserError: the model cannot take this input size; invalid latency settings.
     """
     size = tuple(int(v) for v in input_size)
-    inclusive = _inclusive_macs(model, example_inputs_for(size))
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    inclusive = _inclusive_macs(model, example_inputs_for(size).to(device))
     macs = inclusive.get("", 0)
     summary = ModelSummary(input_size=size, params=count_params(model),
                            nonzero_params=count_nonzero_params(model), macs=macs, flops=2 * macs,
                            layers=_table(model, inclusive))
     if latency:
         for batch in latency_batches:
-            summary.latency[batch] = measure_latency(model, example_inputs_for(size, batch), runs=latency_runs,
-                                                     warmup=warmup, threads=threads)
+            summary.latency[batch] = measure_latency(model, example_inputs_for(size, batch).to(device),
+                                                     runs=latency_runs, warmup=warmup, threads=threads)
     return summary

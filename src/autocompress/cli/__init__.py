@@ -27,7 +27,8 @@ COMMANDS = {
     "inspect": ("inspect", "parameters, MACs, per-layer table, file size and CPU latency of a checkpoint"),
     "prune": ("prune", "prune a checkpoint at given per-layer rates (ADMM, retraining, compaction)"),
     "compress": ("compress", "AutoCompress: search rates and prune to a target, in progressive rounds"),
-    "export": ("export", "export a checkpoint or compact model to ONNX and check it in onnxruntime"),
+    "export": ("export", "export a checkpoint or compact model to ONNX (checked in onnxruntime) and / or a "
+                         "torch.export program"),
 }
 
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
     from ..data import checkpoint_dataset
     from ..task import resolve_device
     from ..training import check_model_input, evaluate
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     val_size = 0 if name != stored.get("name") and args.split == "test" else None
     splits = checkpoint_dataset(stored, name, args.data_dir, val_size=val_size)
     model = model_from_checkpoint(ckpt).to(resolve_device(args.device))
-    model_name = ckpt["model"]["name"]
+    model_name = model_label(ckpt["model"])
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)
     result = evaluate(model, splits.loader(args.split, args.batch_size), progress=not (args.json or args.quiet),
                       desc=args.split)

@@ -8,7 +8,7 @@ Examples::
 
 MACs are counted by ``torch.utils.flop_counter`` for one image (FLOPs = 2 x MACs); latency is the
 median of ``--latency-runs`` timed forwards after a warm-up, at batch 1 and 64, with a fixed thread
-count (see :mod:`autocompress.metrics`).
+count, on ``--device`` (see :mod:`autocompress.metrics`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed forwards before timing")
     parser.add_argument("--threads", type=int, help="CPU threads for timing (default: torch's current setting)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--device", default="cpu", help="where to count and time: cpu (default), cuda, cuda:N "
+                        "or auto")
 
 
 def parse_input_size(text: str) -> tuple[int, int, int]:
@@ -63,25 +65,32 @@ def _load(args: argparse.Namespace):
         info = model_info(args.model)
         model = create_model(args.model, num_classes=args.num_classes, **parse_model_args(args.model_arg))
         return model, args.model, info.input_size, None
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
-    name = ckpt["model"]["name"]
-    size = ckpt["dataset"].get("input_size") or model_info(name).input_size
+    name = model_label(ckpt["model"])
+    size = ckpt["dataset"].get("input_size") or (args.input_size and parse_input_size(args.input_size))
+    if not size and ckpt["model"].get("name"):
+        size = model_info(ckpt["model"]["name"]).input_size
+    if not size:
+        raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
     return model, name, tuple(size), args.checkpoint
 
 
 def _report(args: argparse.Namespace) -> dict:
     from ..metrics import file_size, model_summary
+    from ..task import resolve_device
 
+    device = resolve_device(args.device)
     model, name, size, path = _load(args)
+    model = model.to(device)
     if args.input_size:
         size = parse_input_size(args.input_size)
     summary = model_summary(model, size, latency_runs=args.latency_runs, warmup=args.warmup,
                             threads=args.threads, latency=not args.no_latency)
     return {"model": name, "checkpoint": path, "file_size_bytes": file_size(path) if path else None,
-            **summary.to_dict()}
+            "device": str(device), **summary.to_dict()}
 
 
 def _millions(value: int) -> str:
@@ -101,7 +110,7 @@ def format_report(report: dict) -> str:
         lines.append(f"file size    {report['file_size_bytes']:,} bytes ({report['file_size_bytes'] / 1e6:.2f} MB)")
     for batch, result in report["latency"].items():
         lines.append(f"latency      batch {batch}: median {result['median_ms']:.2f} ms (p10 {result['p10_ms']:.2f}, "
-                     f"p90 {result['p90_ms']:.2f}) over {plural(result['runs'], 'run')}, "
+                     f"p90 {result['p90_ms']:.2f}) over {plural(result['runs'], 'run')} on {report['device']}, "
                      f"{plural(result['threads'], 'CPU thread')}")
     header = ("layer", "type", "weight shape", "params", "MACs", "zeros")
     rows = [(row["name"] or "(model)", row["type"],
