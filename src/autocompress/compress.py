@@ -174,7 +174,6 @@ class Compression:
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self._sampler(self.first_space, self.target.factor, 1.0)  # an unreachable target: refused now
-        self.base_score = self.task.score(base)  # a score_fn returning NaN or a non-number: refused now
         self.source, self.save, self.final_columns = source or {}, save, final_columns
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.store = self._open_store(base) if self.run_dir is not None else PhaseStore()
