@@ -3,6 +3,7 @@ damaged files reported in one line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -98,8 +99,6 @@ def test_a_dangling_symlink_or_a_file_is_refused(tmp_path):
 
 
 def test_a_read_only_parent_is_a_one_line_error(tmp_path):
-    import os
-
     if os.geteuid() == 0:  # root writes anywhere; use a path below a file instead
         (tmp_path / "file").write_text("x")
         target = tmp_path / "file" / "run"
@@ -110,3 +109,95 @@ def test_a_read_only_parent_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="cannot write the run folder"):
         RunFolder(target).open()
     assert time.perf_counter() - started < 2
+
+
+def test_prune_refuses_an_unwritable_out_before_any_work(tmp_path, capsys):
+    from autocompress.cli import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "rates.yaml").write_text("default: 0.5\n")
+    started = time.perf_counter()
+    code = main(["prune", "assets/fmnist_cnn_base.pt", "--rates", str(tmp_path / "rates.yaml"),
+                 "--out", str(tmp_path / "file" / "pruned.pt"), "--device", "cpu"])
+    assert code == 2 and "cannot write" in capsys.readouterr().err
+    assert time.perf_counter() - started < 20  # before any data is read or model trained
+
+
+def test_a_disk_error_during_a_command_is_one_line_with_what_is_kept(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import autocompress.cli.compress as cli
+    from autocompress.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(cli, "_compress", full_disk)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("target: params=2x\nsource: {checkpoint: base.pt}\n")
+    assert main(["compress", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "--resume" in err
+
+
+KILL_SCRIPT = '''
+import sys, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import autocompress
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(700, 1, 12, 12, generator=g)
+y = (x[:, :, :6].mean((1, 2, 3)) > 0).long() + 2 * (x[:, :, :, :6].mean((1, 2, 3)) > 0).long()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+train = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=50, shuffle=True,
+                   generator=torch.Generator().manual_seed(0))  # its own generator: reseeded per phase
+val = DataLoader(TensorDataset(x[600:], y[600:]), batch_size=100)
+config = {"rounds": [1.5, 2.0], "admm": {"epochs": 2, "update_interval": 5}, "retrain": {"epochs": 2},
+          "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 1}, "latency_runs": 1}
+result = autocompress.compress(model, x[:1], "params=2x", train_loader=train, val_loader=val, config=config,
+                               device="cpu", progress=False, run_dir=sys.argv[1])
+torch.save(result.model.state_dict(), sys.argv[2])
+'''
+
+
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The kill script, and the compact weights of its uninterrupted run."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    script = folder / "run.py"
+    script.write_text(KILL_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(folder / "full"), str(folder / "full.pt")], check=True,
+                   env=_ENV)
+    return script, torch.load(folder / "full.pt")
+
+
+
+@pytest.mark.parametrize("after", ["round1/admm.pt", "round2/purify.pt"])
+def test_kill_9_then_the_same_call_again_gives_the_uninterrupted_result(tmp_path, uninterrupted, after):
+    """A real SIGKILL of a process running autocompress.compress with a run_dir, right after a phase file
+    appears; calling it again continues and ends with the same compact weights as an uninterrupted run."""
+    import signal
+
+    script, full = uninterrupted
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "cut"), str(tmp_path / "cut.pt")],
+                               env=_ENV)
+    while process.poll() is None and not (tmp_path / "cut" / after).exists():
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "cut.pt").exists(), "the run finished before the kill"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "cut"), str(tmp_path / "cut.pt")], check=True,
+                   env=_ENV)
+    cut = torch.load(tmp_path / "cut.pt")
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    phases = [(r["round"], r["phase"]) for r in records if r["event"] == "phase"]
+    assert len(phases) == len(set(phases)) == 10  # no duplicate records after the kill

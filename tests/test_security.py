@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,41 @@ def test_check_finite_names_the_first_bad_tensor():
         model.layer2[0].conv1.weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(UserError, match="layer2.0.conv1.weight"):
         check_finite(model.state_dict(), "resnet20")
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: c["model"].update(kwargs="not a mapping"), "model.kwargs"),
+    (lambda c: c["model"]["kwargs"].update(num_classes=10 ** 10), "model.kwargs"),
+    (lambda c: c["model"]["kwargs"].update(width=1e30), "model.kwargs"),
+    (lambda c: c["dataset"].update(input_size="abc"), "dataset.input_size"),
+    (lambda c: c["dataset"].update(input_size=[1, 10 ** 9, 28]), "dataset.input_size"),
+    (lambda c: c["dataset"].update(val_size="big"), "dataset.val_size"),
+    (lambda c: c.update(architecture=["not", "a", "mapping"]), "architecture"),
+])
+def test_crafted_checkpoint_fields_are_one_line_errors(tmp_path, capsys, change, field):
+    """Each crafted field: exit 2 with one line naming the field, quickly, for every command reading it."""
+    import time
+
+    ckpt = torch.load(Path(__file__).parents[1] / "assets" / "fmnist_cnn_base.pt", weights_only=True)
+    change(ckpt)
+    path = tmp_path / "crafted.pt"
+    torch.save(ckpt, path)
+    for command in (["inspect", str(path), "--no-latency"], ["evaluate", str(path)],
+                    ["compress", str(path), "--target", "params=2x", "--out", str(tmp_path / "run")]):
+        started = time.perf_counter()
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"malformed {field} entry" in err, (command, err)
+        assert time.perf_counter() - started < 30
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unbuildable_architecture_entry_is_a_one_line_error(tmp_path):
+    from autocompress.checkpoint import model_from_checkpoint
+
+    ckpt = torch.load(Path(__file__).parents[1] / "assets" / "fmnist_cnn_base.pt", weights_only=True)
+    ckpt["architecture"] = {"format": "autocompress-architecture", "version": 1,
+                            "modules": {"features.0.0": {"type": "Conv2d", "args": {"in_channels": 10 ** 9}}}}
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    with pytest.raises(UserError, match="cannot be built"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "crafted.pt"))

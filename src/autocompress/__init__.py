@@ -14,23 +14,16 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
+# Imported eagerly: a lazy attribute named like its submodule (``autocompress.compress``) would be replaced
+# by the submodule as soon as anything imported ``autocompress.compress``.
+from .compress import CompressResult, compress  # noqa: E402
+from .config import CompressConfig  # noqa: E402
 from .errors import SettingError, UserError  # noqa: E402
-
-#: public names -> the module that defines them, imported on first use (``import autocompress`` and the CLI
-#: stay quick: torch and torch-pruning load only when a command needs them)
-_LAZY = {"compress": "compress", "CompressResult": "compress", "CompressConfig": "config", "prune": "pruning",
-         "PruneResult": "pruning", "TrainingPhase": "rounds"}
+from .pruning import PruneResult, prune  # noqa: E402
+from .rounds import TrainingPhase  # noqa: E402
 
 __all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TrainingPhase", "UserError",
            "__version__", "compress", "load", "prune"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'autocompress' has no attribute {name!r}")
 
 
 def load(path, map_location="cpu", model=None):

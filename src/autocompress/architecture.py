@@ -94,6 +94,17 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
     return {"format": FORMAT, "version": VERSION, "modules": modules}
 
 
+#: the largest size any recorded constructor argument may have (a damaged or hostile file could otherwise
+#: ask for terabytes of weights)
+MAX_DIMENSION = 1 << 20
+
+
+def _too_large(args: dict) -> bool:
+    """Whether a recorded argument is a number (or a list of numbers) beyond :data:`MAX_DIMENSION`."""
+    values = [v for value in args.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > MAX_DIMENSION for v in values)
+
+
 def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
     """Replace ``model``'s modules by freshly built ones as described by :func:`describe_architecture`.
 
@@ -123,7 +134,14 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
         if cls is None:
             raise UserError(f"unknown module type {entry.get('type')!r} for {name!r} in the architecture",
                             "upgrade autocompress")
-        new = cls(**entry["args"])
+        try:
+            if not isinstance(entry.get("args"), dict) or _too_large(entry["args"]):
+                raise TypeError("arguments are not a mapping of plain, reasonably sized values")
+            new = cls(**entry["args"])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"the architecture entry of {name!r} cannot be built ({type(exc).__name__}: "
+                            f"{str(exc)[:120]})", "the file is damaged or was not written by autocompress"
+                            ) from None
         tensors = list(old.parameters()) + list(old.buffers()) if isinstance(old, nn.Module) else []
         floats = [t for t in tensors if t.is_floating_point()]
         if floats:

@@ -191,11 +191,60 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
                         "re-create it with `autocompress train`")
     if not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"checkpoint {path} holds no state_dict mapping", "re-create it with `autocompress train`")
+    _check_fields(ckpt, path)
     check_finite(ckpt["state_dict"], f"checkpoint {path}")
     ckpt.setdefault("architecture", None)
     ckpt.setdefault("training_state", None)
     ckpt["model"].setdefault("kwargs", {})
     return ckpt
+
+
+#: bounds of recorded numbers (a damaged or hostile file must not allocate terabytes or hang)
+_MAX_CLASSES, _MAX_SIDE, _MAX_OPTION = 10 ** 6, 10 ** 5, 1 << 20
+
+
+def _check_fields(ckpt: dict, path: Path) -> None:
+    """UserError naming the first recorded field of the wrong type or an absurd size: ``model.kwargs`` (a
+    mapping of plain values, numbers within bounds), ``dataset.input_size`` (1-4 positive sides),
+    ``dataset.num_classes`` / ``val_size`` / ``seed`` (integers in range), ``architecture`` (a mapping)."""
+    model, dataset = ckpt["model"], ckpt["dataset"]
+    kwargs = model.get("kwargs", {})
+    size = dataset.get("input_size")
+    checks = [
+        ("model.kwargs", kwargs is None and model.get("class") is not None or isinstance(kwargs, dict)
+         and all(isinstance(k, str) for k in kwargs)
+         and all(_plain_within(v, _MAX_OPTION) for v in kwargs.values())),
+        ("model.kwargs.num_classes", not isinstance(kwargs, dict) or "num_classes" not in kwargs
+         or _int_in(kwargs["num_classes"], 1, _MAX_CLASSES)),
+        ("dataset.input_size", size is None or isinstance(size, (list, tuple)) and 1 <= len(size) <= 4
+         and all(_int_in(side, 1, _MAX_SIDE) for side in size)),
+        ("dataset.num_classes", dataset.get("num_classes") is None or _int_in(dataset["num_classes"], 1, _MAX_CLASSES)),
+        ("dataset.val_size", dataset.get("val_size") is None or _int_in(dataset["val_size"], 0, 10 ** 9)),
+        ("dataset.seed", dataset.get("seed") is None or _int_in(dataset["seed"], 0, 2 ** 63 - 1)),
+        ("dataset.name", dataset.get("name") is None or isinstance(dataset["name"], str)),
+        ("architecture", ckpt.get("architecture") is None or isinstance(ckpt["architecture"], dict)),
+    ]
+    for field, ok in checks:
+        if not ok:
+            raise UserError(f"checkpoint {path} has a malformed {field} entry",
+                            "the file is damaged or was not written by autocompress; re-create it")
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _plain_within(value: Any, bound: int, depth: int = 0) -> bool:
+    """A plain YAML-like value (None, bool, str, number, list, dict), numbers within ``bound``, shallow."""
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, (int, float)):
+        return abs(value) <= bound
+    if isinstance(value, (list, tuple)) and depth < 3 and len(value) <= 1000:
+        return all(_plain_within(v, bound, depth + 1) for v in value)
+    if isinstance(value, dict) and depth < 3 and len(value) <= 1000:
+        return all(isinstance(k, str) and _plain_within(v, bound, depth + 1) for k, v in value.items())
+    return False
 
 
 def model_label(entry: dict) -> str:

@@ -122,6 +122,9 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None) -> 
     else:
         config = CompressConfig.from_dict(dict(config or {}), validate=False)
     if target is not None:
+        if config.target is not None and config.target != str(target):
+            raise SettingError("target", f"target {target!r} given, but the config says target {config.target!r}",
+                               "give the target once")
         config.target = str(target)
     config.validate()
     return config
@@ -285,8 +288,7 @@ class Compression:
     def _anneal(self, state: RoundState, sampler: ActionSampler) -> AnnealingResult:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""
         settings = self.config.quick_eval
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(phase_seed(self.config.seed, state.index, "search"))
+        with self.task.seeded(phase_seed(self.config.seed, state.index, "search")):
             evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings))
         scale = 100.0 if self.task.score_fn is None else 1.0
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
@@ -295,6 +297,9 @@ class Compression:
             def on_step(step) -> None:
                 bar.update(1)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
+                self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"
+                                  f"{config.max_evaluations}, best score {step.best_score:.4g}, temperature "
+                                  f"{step.temperature:.4f}")
 
             return simulated_annealing(sampler.initial_action(),
                                        lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,

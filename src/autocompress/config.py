@@ -27,7 +27,7 @@ from .distillation import DistillationConfig
 from .errors import SettingError, UserError
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches
-from .training import SCHEDULES, TrainConfig
+from .training import SCHEDULES, SGDSettings, TrainConfig
 
 #: ``dims`` values -> unit kinds pruned
 DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
@@ -144,19 +144,13 @@ class PurificationConfig:
 
 
 @dataclass
-class RetrainConfig:
-    """Masked retraining with the default training loop (SGD, see :class:`autocompress.training.TrainConfig`,
-    whose fields these are; the batch size is the training loader's). ``epochs`` is also what a caller's
-    ``train_fn`` is asked to run."""
+class RetrainConfig(SGDSettings):
+    """Masked retraining with the default training loop: ``epochs``, ``lr`` and the
+    :class:`autocompress.training.SGDSettings` (the batch size is the training loader's). ``epochs`` is also
+    what a caller's ``train_fn`` is asked to run."""
 
     epochs: int = 3
     lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    pct_start: float = 0.25
-    label_smoothing: float = 0.0
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         """These settings as a :class:`TrainConfig` (``epochs`` overriding), validated naming
@@ -316,7 +310,7 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
     unknown = sorted(str(key) for key in data if key not in fields)
     if unknown:
         raise SettingError(f"{prefix}{unknown[0]}", f"unknown setting(s) {', '.join(prefix + k for k in unknown)}",
-                           f"valid {where} settings: {', '.join(sorted(fields))}")
+                           f"valid {prefix.rstrip('.') + ' ' if prefix else ''}settings: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():

@@ -240,8 +240,7 @@ class Pipeline:
                 self._restore(state, phase)
                 continue
             started = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # e.g. dropout draws from the global generator
-                torch.manual_seed(phase_seed(self.config.seed, state.index, phase))
+            with self.task.seeded(phase_seed(self.config.seed, state.index, phase)):
                 records = getattr(self, f"_{phase}")(state, last=last)
             records.append({"event": "phase", "round": state.index, "phase": phase,
                             "seconds": time.perf_counter() - started})

@@ -14,6 +14,7 @@ Tensors inside a batch (also nested in tuples, lists and dicts) are moved to the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ def move(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a loader draws its order from (its own and its sampler's)."""
+    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
 def _is_pair(batch: Batch) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) \
         and isinstance(batch[1], torch.Tensor)
@@ -146,6 +153,19 @@ class Task:
             taken.append(move(batch, self.device))
         return taken
 
+    @contextlib.contextmanager
+    def seeded(self, seed: int):
+        """All randomness of one phase from ``seed``: the global generators (CPU, and the task's CUDA device)
+        are forked and seeded, and a loader's own ``torch.Generator`` (``loader.generator`` or
+        ``loader.sampler.generator``, e.g. ``DataLoader(..., generator=g)``) is reseeded, so a phase run again
+        after a kill sees the same batches. The caller's global generator state is restored afterwards."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for index, generator in enumerate(_generators(self.train_loader) + _generators(self.val_loader)):
+                generator.manual_seed(seed + 7 * (index + 1))
+            yield
+
     def autocast(self):
         """The training phases' autocast context (a no-op unless ``amp`` is set and the device is CUDA)."""
         enabled = self.amp is not None and self.device.type == "cuda"
@@ -195,7 +215,8 @@ class Task:
                 model(*example_inputs)
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
             raise UserError(f"the model's forward fails on example_inputs ({_first_line(exc)})",
-                            "pass example_inputs the model accepts, e.g. torch.randn(1, 3, 32, 32)") from None
+                            "pass example_inputs the model accepts, e.g. one item of a batch of your data "
+                            "(next(iter(train_loader))[0][:1])") from None
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
                             "pass val_loader (top-1 on it is the score) or score_fn(model) -> float")
@@ -203,8 +224,13 @@ class Task:
             first = self._first(self.train_loader, "train_loader")
             self._check_batch(model, first, "train_loader")
             if needs_training:
-                with analysis_mode(model):
-                    check_loss(self.loss(model, first)[0])
+                try:
+                    with analysis_mode(model):
+                        loss = self.loss(model, first)[0]
+                except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
+                    raise UserError(f"the loss fails on a batch of train_loader ({_first_line(exc)})",
+                                    "check the targets (class indices in [0, classes)) or pass loss_fn") from None
+                check_loss(loss)
         if needs_score and self.score_fn is None:
             self._check_batch(model, self._first(self.val_loader, "val_loader"), "val_loader")
 

@@ -39,13 +39,11 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 
 
 @dataclass
-class TrainConfig:
-    """Hyperparameters of :func:`fit`.
+class SGDSettings:
+    """The SGD settings shared by training (:class:`TrainConfig`) and masked retraining
+    (:class:`autocompress.config.RetrainConfig`).
 
     Attributes:
-        epochs: passes over the training split.
-        batch_size: images per optimiser step.
-        lr: peak learning rate (cosine: initial; one-cycle: maximum).
         momentum: SGD momentum.
         nesterov: Nesterov momentum.
         weight_decay: L2 penalty on conv / linear weights (not BatchNorm, not biases).
@@ -53,6 +51,24 @@ class TrainConfig:
             ``pct_start`` of iterations, then cosine down) or ``"constant"``; stepped every iteration.
         pct_start: one-cycle warm-up fraction.
         label_smoothing: cross-entropy label smoothing in [0, 1).
+    """
+
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    pct_start: float = 0.25
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig(SGDSettings):
+    """Hyperparameters of :func:`fit`: the :class:`SGDSettings` and
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per optimiser step.
+        lr: peak learning rate (cosine: initial; one-cycle: maximum).
         seed: seeds data order, augmentation and the global RNG inside :func:`fit`.
         device: torch device for training (``"cpu"``, ``"cuda"``).
     """
@@ -60,12 +76,6 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    pct_start: float = 0.25
-    label_smoothing: float = 0.0
     seed: int = 0
     device: str = "cpu"
 

@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"autocompress: error: {exc}{_flag_of(exc, args)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full or read-only disk, a vanished folder: one line, and what is kept
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        left = args._interrupted(args) if args._interrupted is not None else None
+        print(f"autocompress: error: {exc.strerror or type(exc).__name__}{where}; free space or fix permissions "
+              f"and run it again{f'; {left}' if left else ''}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         left = args._interrupted(args) if args._interrupted is not None else None
         print(f"autocompress: interrupted{f'; {left}' if left else ''}", file=sys.stderr)

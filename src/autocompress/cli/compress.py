@@ -155,7 +155,9 @@ def _refuse_changes(args: argparse.Namespace) -> None:
 
 def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict]:
     """The checkpoint and settings a run folder's ``config.yaml`` records (``--data-dir`` replacing the
-    stored data folder)."""
+    stored data folder); the ``--import`` modules the run started with are imported again."""
+    from . import import_modules
+
     from ..runfolder import RunFolder
 
     folder = RunFolder(out)
@@ -168,6 +170,7 @@ def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict]:
     if "checkpoint" not in source:
         raise UserError(f"{out} was not started by `autocompress compress`", "resume it from Python with the "
                         "same model and settings")
+    import_modules(list(source.get("imports") or []))
     settings = {**stored, **source.get("data", {})}
     if data_dir is not None:
         settings["data_dir"] = data_dir
@@ -257,7 +260,8 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
         task_args=dict(train_loader=workload.train_loader(data.batch_size), val_loader=workload.loader("val")),
         device=args.device, config=config, run_dir=out, progress=progress,
         log=(lambda line: print(line, flush=True)) if progress else None,
-        source={"checkpoint": str(checkpoint_path), "data": dataclasses.asdict(data)},
+        source={"checkpoint": str(checkpoint_path), "data": dataclasses.asdict(data),
+                "imports": list(getattr(args, "imports", []) or [])},
         save=save, final_columns=extra)
     result = compression.run()
     return result.final, workload

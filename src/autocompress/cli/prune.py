@@ -118,6 +118,19 @@ def read_rates(path: str | None) -> dict:
     return spec
 
 
+def check_writable(out: Path) -> None:
+    """UserError now, before any work, when ``out``'s folder cannot take a file (missing, read-only, full)."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or type(exc).__name__})",
+                        "pass an --out on a writable disk") from None
+
+
 def _units_listing(space) -> str:
     lines = []
     for kind in ("filter", "column", "irregular"):
@@ -174,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     spec = read_rates(args.rates)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
+    check_writable(out)
     workload = load_workload(args.checkpoint, data, seed=args.seed)
     expand_rates(PruningSpace.build(workload.model, workload.example, dims=dims), spec, dims)  # before training
     began = time.perf_counter()
