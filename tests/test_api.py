@@ -4,7 +4,6 @@ here, plain ``DataLoader``s over ``TensorDataset``s of synthetic but learnable d
 refusals of bad input (before any training, nothing written)."""
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -24,9 +23,6 @@ from autocompress.compress import Compression
 from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
 
-#: the function itself: ``autocompress.compress`` can name the submodule instead (see
-#: test_autocompress_compress_stays_the_function)
-COMPRESS = importlib.import_module("autocompress.compress").compress
 CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
           "quick_eval": {"bn_batches": 2, "val_batches": 2}, "latency_runs": 2}
 CLASSES = 3
@@ -80,24 +76,14 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(autouse=True)
-def compress_is_the_function(monkeypatch):
-    """Work around the name clash that test_autocompress_compress_stays_the_function shows, so the contract
-    tests below test the function's contract; remove once that test passes."""
-    monkeypatch.setattr(autocompress, "compress", COMPRESS)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="autocompress/__init__.py imports compress lazily (module __getattr__); the first import "
-                   "of the submodule autocompress.compress (by autocompress.compress, CompressResult or the caller) "
-                   "sets the package attribute 'compress' to the submodule, so autocompress.compress(...) then "
-                   "raises TypeError: 'module' object is not callable")
-@pytest.mark.parametrize("before", ["autocompress.compress", "from autocompress import CompressResult",
-                                    "import autocompress.compress"])
-def test_autocompress_compress_stays_the_function(before):
-    """In a fresh interpreter, after ``before`` (which imports the submodule ``autocompress.compress``),
-    ``autocompress.compress`` is still the function."""
-    code = f"import autocompress\n{before}\nassert callable(autocompress.compress), type(autocompress.compress)\n"
+def test_autocompress_compress_stays_the_function():
+    """In a fresh interpreter ``autocompress.compress`` is the function on every access, also after the submodule
+    of the same name was imported (imported lazily, the function used to be replaced by the submodule)."""
+    code = ("import autocompress\n"
+            "first = autocompress.compress\n"
+            "from autocompress import CompressResult\n"
+            "import autocompress.compress\n"
+            "assert all(callable(f) for f in (first, autocompress.compress)), type(autocompress.compress)\n")
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
