@@ -1,0 +1,353 @@
+"""Contract tests of the in-memory API (issue 11): ``autocompress.compress`` over unregistered models defined
+here, plain ``DataLoader``s over ``TensorDataset``s of synthetic but learnable data, dict batches with
+``forward_fn`` / ``loss_fn`` / ``score_fn``, a caller's own ``train_fn``, resuming through ``run_dir``, and the
+refusals of bad input (before any training, nothing written)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import autocompress
+from autocompress import UserError
+from autocompress.compress import Compression
+from autocompress.config import SettingError
+from autocompress.rounds import Pipeline
+
+CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
+          "quick_eval": {"bn_batches": 2, "val_batches": 2}, "latency_runs": 2}
+CLASSES = 3
+
+
+class SmallCNN(nn.Module):
+    """``[B, 1, 8, 8]`` -> logits ``[B, 3]``: two conv-BN-ReLU layers, global average pooling, a linear layer."""
+
+    def __init__(self, w1: int = 8, w2: int = 8, outputs: int = CLASSES):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, w1, 3, padding=1), nn.BatchNorm2d(w1)
+        self.conv2, self.bn2 = nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2)
+        self.fc = nn.Linear(w2, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images ``[1, 8, 8]`` whose mean brightness tells their class (0, 1, 2), with noise 0.3."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (count,), generator=g)
+    return torch.randn(count, 1, 8, 8, generator=g) * 0.3 + labels.view(-1, 1, 1, 1).float(), labels
+
+
+def loaders(batch_size: int = 16) -> tuple[DataLoader, DataLoader]:
+    """Plain DataLoaders: 96 shuffled training images, 48 validation images."""
+    return (DataLoader(TensorDataset(*images(96, 0)), batch_size=batch_size, shuffle=True),
+            DataLoader(TensorDataset(*images(48, 1)), batch_size=batch_size))
+
+
+def trained(model: nn.Module, loader: DataLoader, steps: int = 12) -> nn.Module:
+    """``model`` after a few Adam steps of cross-entropy (the base a user would bring)."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _, (x, y) in zip(range(steps), loader):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_autocompress_compress_stays_the_function():
+    """In a fresh interpreter ``autocompress.compress`` is the function on every access, also after the submodule
+    of the same name was imported (imported lazily, the function used to be replaced by the submodule)."""
+    code = ("import autocompress\n"
+            "first = autocompress.compress\n"
+            "from autocompress import CompressResult\n"
+            "import autocompress.compress\n"
+            "assert all(callable(f) for f in (first, autocompress.compress)), type(autocompress.compress)\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+
+
+# --- (1) plain DataLoaders and the default loss -------------------------------------------------------------
+@settings(max_examples=3, deadline=None)
+@given(w1=st.integers(4, 12), w2=st.integers(4, 12), batch=st.integers(1, 3))
+def test_plain_loaders_default_loss(w1, w2, batch):
+    train, val = loaders()
+    torch.manual_seed(w1 * 100 + w2)
+    model = trained(SmallCNN(w1, w2), train)
+    model.train()  # the caller's mode must survive
+    before = snapshot(model)
+    example = torch.randn(batch, 1, 8, 8)
+    result = autocompress.compress(model, example, "params=2x", train_loader=train, val_loader=val,
+                                   config=CONFIG, progress=False)
+
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    compact = result.model
+    assert isinstance(compact, nn.Module) and not any(m.training for m in compact.modules())
+    assert result.compression_rate >= 2.0 * 0.99
+    assert result.compression_rate == pytest.approx(params(model) / params(compact))
+    for inputs in (example, torch.randn(5, 1, 8, 8)):
+        with torch.no_grad():
+            assert compact(inputs).shape == model.eval()(inputs).shape
+        model.train()
+    assert [r["round"] for r in result.rounds] == [1]
+    base_row, compact_row = result.final["rows"]
+    assert (base_row["params"], compact_row["params"]) == (params(model), params(compact))
+    assert 0.0 <= compact_row["val_top1"] <= 100.0
+
+
+# --- (2) dict batches: forward_fn, loss_fn, score_fn ----------------------------------------------------------
+class Regressor(SmallCNN):
+    """``[B, 1, 8, 8]`` -> ``[B, 1]``: a brightness regressor."""
+
+    def __init__(self):
+        super().__init__(8, 8, outputs=1)
+
+
+def dict_batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of 16 ``{"pixels": [16, 1, 8, 8], "level": [16, 1]}``; the level is the images' mean (learnable)."""
+    x, y = images(count, seed)
+    return [{"pixels": x[i:i + 16], "level": y[i:i + 16, None].float()} for i in range(0, count, 16)]
+
+
+def test_dict_batches_with_callables():
+    train, val = dict_batches(96, 0), dict_batches(48, 1)
+    calls = {"forward": 0, "loss": 0, "score_modes": []}
+
+    def forward_fn(model, batch):
+        calls["forward"] += 1
+        return model(batch["pixels"])
+
+    def loss_fn(model, batch):
+        calls["loss"] += 1
+        return F.mse_loss(model(batch["pixels"]), batch["level"])
+
+    def score_fn(model):
+        calls["score_modes"].append(model.training)
+        with torch.no_grad():
+            mse = sum(F.mse_loss(model(b["pixels"]), b["level"], reduction="sum") for b in val) / (16 * len(val))
+        return 1.0 / (1.0 + float(mse))
+
+    torch.manual_seed(0)
+    model = Regressor()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for batch in train * 3:
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    result = autocompress.compress(model, torch.randn(2, 1, 8, 8), "params=2x", train_loader=train,
+                                   forward_fn=forward_fn, loss_fn=loss_fn, score_fn=score_fn, config=CONFIG,
+                                   progress=False)
+    assert result.compression_rate >= 2.0 * 0.99
+    # ADMM and retraining ran the caller's loss, quick evaluation (BatchNorm batches) the caller's forward
+    assert calls["loss"] >= 2 * len(train) and calls["forward"] >= CONFIG["quick_eval"]["bn_batches"]
+    # the score is score_fn's, called on models in eval mode (search, purification, rounds, final table)
+    assert len(calls["score_modes"]) >= CONFIG["search"]["max_evaluations"] and not any(calls["score_modes"])
+    base_row, compact_row = result.final["rows"]
+    assert "val_top1" not in compact_row
+    assert compact_row["val_score"] == pytest.approx(score_fn(result.model))
+    assert base_row["val_score"] == pytest.approx(score_fn(model))
+    assert result.model(torch.randn(4, 1, 8, 8)).shape == (4, 1)
+
+
+# --- (3) a caller's own training loop -----------------------------------------------------------------------
+def test_own_train_fn_runs_each_phase_and_masks_hold():
+    train, val = loaders()
+    model = trained(SmallCNN(), train)
+    seen = []
+
+    def train_fn(net, phase):
+        zeros = {n: p.detach() == 0 for n, p in net.named_parameters() if p.dim() >= 2}
+        seen.append({"name": phase.name, "epochs": phase.epochs, "training": net.training,
+                     "penalty": phase.penalty().item()})
+        optimizer = phase.attach(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
+        for _ in range(phase.epochs):
+            for x, y in train:
+                output = net(x)
+                loss = phase.distill((x, y), output, F.cross_entropy(output, y)) + phase.penalty()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        seen[-1]["zeros_kept"] = all(bool((p.detach()[zeros[n]] == 0).all())
+                                     for n, p in net.named_parameters() if n in zeros)
+        seen[-1]["zeros"] = sum(int(z.sum()) for z in zeros.values())
+
+    # one round, so the last: its retraining runs final_retrain_epochs, not retrain.epochs
+    config = {**CONFIG, "admm": {"epochs": 2}, "retrain": {"epochs": 3}, "final_retrain_epochs": 1}
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                                   val_loader=val, train_fn=train_fn, config=config, progress=False)
+    assert [(s["name"], s["epochs"], s["training"]) for s in seen] == [("admm", 2, True), ("retrain", 1, True)]
+    admm, retrain = seen
+    assert admm["penalty"] > 0 and retrain["penalty"] == 0
+    # retraining started from the hard-pruned model: its pruned columns / weights are zeros, and stay zeros
+    # through momentum and weight decay because the optimizer was attached
+    assert retrain["zeros"] > 0 and retrain["zeros_kept"]
+    assert result.compression_rate >= 2.0 * 0.99
+
+
+def test_train_fn_that_never_attaches_is_refused():
+    train, val = loaders()
+
+    def lazy_train_fn(net, phase):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for x, y in train:
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+
+    with pytest.raises(UserError, match=r"phase\.attach"):
+        autocompress.compress(trained(SmallCNN(), train), torch.randn(1, 1, 8, 8), "params=2x",
+                              train_loader=train, val_loader=val, train_fn=lazy_train_fn, config=CONFIG,
+                              progress=False)
+
+
+# --- (4) run_dir: resume, another model refused, nothing written without it ---------------------------------
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_run_dir_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, one_thread):
+    train, val = loaders()
+    model = trained(SmallCNN(), train)
+    example = torch.randn(1, 1, 8, 8)
+    args = dict(train_loader=train, val_loader=val, config=CONFIG, progress=False)
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    reference = autocompress.compress(model, example, "params=2x", **args)
+    assert list(cwd.iterdir()) == [], "compress without run_dir wrote files"
+
+    original = Pipeline._retrain
+    interrupted = []
+
+    def retrain_once_interrupted(self, state, *, last):
+        if not interrupted:
+            interrupted.append(state.index)
+            raise KeyboardInterrupt
+        return original(self, state, last=last)
+
+    monkeypatch.setattr(Pipeline, "_retrain", retrain_once_interrupted)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        autocompress.compress(model, example, "params=2x", run_dir=run_dir, **args)
+    assert interrupted == [1] and (run_dir / "round1" / "admm.pt").is_file()
+    assert not (run_dir / "model.pt").exists()
+
+    other = trained(SmallCNN(), train, steps=3)
+    with pytest.raises(UserError, match="model weights"):
+        autocompress.compress(other, example, "params=2x", run_dir=run_dir, **args)
+
+    resumed = autocompress.compress(model, example, "params=2x", run_dir=run_dir, **args)
+    expected, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resumed.rounds[0]["rates"] == reference.rounds[0]["rates"]
+    assert resumed.compression_rate == reference.compression_rate
+    assert (run_dir / "model.pt").is_file() and (run_dir / "report.html").is_file()
+
+
+# --- (5) bad input: a UserError before any training, nothing written ----------------------------------------
+@pytest.fixture
+def no_work(monkeypatch, tmp_path):
+    """Fails the test if a search or a pruning round starts; runs in an empty working folder. Yields the path
+    of a run_dir to pass, checked afterwards to hold nothing."""
+    def started(*_args, **_kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    monkeypatch.setattr(Pipeline, "run_round", started)
+    monkeypatch.setattr(Compression, "_search", started)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run_dir = tmp_path / "run"
+    yield run_dir
+    assert list(cwd.iterdir()) == []
+    assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] in ([], [".lock"])
+
+
+def refused(run_dir, match: str, *, model=None, example=None, target="params=2x", **kwargs) -> UserError:
+    train, val = loaders()
+    args = {"train_loader": train, "val_loader": val, "config": CONFIG, **kwargs}
+    with pytest.raises(UserError, match=match) as info:
+        autocompress.compress(model or SmallCNN(), torch.randn(1, 1, 8, 8) if example is None else example,
+                              target, run_dir=run_dir, progress=False, **args)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def test_forward_failing_on_example_inputs(no_work):
+    refused(no_work, "example_inputs", example=torch.randn(1, 3, 8, 8))
+
+
+def test_empty_loaders(no_work):
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    refused(no_work, "train_loader yields no batch", train_loader=empty)
+    refused(no_work, "val_loader yields no batch", val_loader=empty)
+
+
+def test_batches_that_are_not_pairs(no_work):
+    x, y = images(32, 0)
+    triples = DataLoader(TensorDataset(x, y, y), batch_size=8)
+    refused(no_work, r"train_loader yields list batches, not \(inputs, targets\)", train_loader=triples)
+    refused(no_work, r"not \(inputs, targets\)", train_loader=dict_batches(32, 0))
+    wrong_shape = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8), y), batch_size=8)
+    refused(no_work, "the model fails on a batch of train_loader", train_loader=wrong_shape)
+    refused(no_work, "the model fails on a batch of val_loader", val_loader=wrong_shape)
+
+
+def test_scores_that_are_not_numbers(no_work):
+    refused(no_work, "score_fn returned nan", score_fn=lambda model: float("nan"), val_loader=None)
+    refused(no_work, "score_fn returned str, not a number", score_fn=lambda model: "0.9", val_loader=None)
+
+
+def test_loss_that_is_not_a_scalar(no_work):
+    refused(no_work, r"loss_fn returned \(16,\), not a scalar",
+            loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(no_work):
+    refused(no_work, "CUDA is not available", device="cuda")
+
+
+def test_unknown_setting_names_it(no_work):
+    error = refused(no_work, "unknown setting", config={**CONFIG, "admm": {"epochz": 1}})
+    assert isinstance(error, SettingError) and error.setting == "admm.epochz"
+
+
+@pytest.mark.parametrize("target", ["params=0.5x", "flops=1x", "params=-3x"])
+def test_target_not_above_one(no_work, target):
+    error = refused(no_work, "target", target=target)
+    assert isinstance(error, SettingError) and error.setting == "target"
+
