@@ -120,6 +120,25 @@ def test_plain_loaders_default_loss(w1, w2, batch):
     assert 0.0 <= compact_row["val_top1"] <= 100.0
 
 
+def test_frozen_layers_stay_frozen_and_unchanged_through_compress():
+    """A frozen first layer (requires_grad False) is pruned like the others, is never trained (its kept
+    weights equal the base's), and stays frozen in the compact model, through ADMM, retraining and the
+    densified model between rounds."""
+    train, val = loaders()
+    torch.manual_seed(3)
+    model = trained(SmallCNN(8, 8), train)
+    model.conv1.requires_grad_(False)
+    config = {**CONFIG, "rounds": [1.5, 2.0], "dims": "filter"}
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                                   config=config, progress=False, device="cpu")
+    compact = result.model
+    assert not compact.conv1.weight.requires_grad and not compact.conv1.bias.requires_grad
+    assert compact.conv2.weight.requires_grad
+    kept = [c for c in range(8) if any(torch.allclose(compact.conv1.weight[k], model.conv1.weight[c])
+                                       for k in range(compact.conv1.weight.shape[0]))]
+    assert len(kept) == compact.conv1.weight.shape[0]  # every kept filter is a base filter, untrained
+
+
 # --- (2) dict batches: forward_fn, loss_fn, score_fn ----------------------------------------------------------
 class Regressor(SmallCNN):
     """``[B, 1, 8, 8]`` -> ``[B, 1]``: a brightness regressor."""
