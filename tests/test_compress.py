@@ -239,8 +239,9 @@ def test_irregular_mode_meets_target_in_nonzero_parameters(base_checkpoint, tmp_
     assert metrics.count_params(base) / nonzero >= 4.0 * 0.99
     assert final["rows"][1]["params"] == nonzero
     assert final["rows"][1]["test_top1"] > 30.0
-    # stored sparsely: the file follows the non-zero count (CSR, int32 indices: ~8 bytes per weight)
-    assert final["rows"][1]["file_bytes"] < 0.5 * final["rows"][0]["file_bytes"]
+    # stored sparsely: the file follows the non-zero count (CSR, int32 indices: ~8 bytes per kept weight, so
+    # a quarter of the weights takes about half the dense bytes)
+    assert final["rows"][1]["file_bytes"] < 0.6 * final["rows"][0]["file_bytes"]
 
 
 def test_resume_if_exists_takes_only_the_same_run(base_checkpoint, finished_run, tmp_path, capsys):
