@@ -89,6 +89,21 @@ def test_a_truncated_phase_artifact_names_the_file_to_delete(tmp_path):
         run.close()
 
 
+def test_a_flipped_byte_in_a_phase_artifact_is_detected(tmp_path):
+    run = RunFolder(tmp_path / "run").open()
+    try:
+        run.save(1, "purify", {"state_dict": {"w": torch.arange(1000.0)}})
+        path = tmp_path / "run" / "round1" / "purify.pt"
+        data = bytearray(path.read_bytes())
+        start = data.find(torch.arange(1000.0).numpy().tobytes()[:64])
+        data[start + 100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(UserError, match="purify artifact of round 1 .* is damaged"):
+            run.load(1, "purify")
+    finally:
+        run.close()
+
+
 def test_a_dangling_symlink_or_a_file_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UserError, match="dangling symbolic link"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 from .admm import ADMMConfig
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
-from .errors import SettingError, UserError
+from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches
 from .training import SCHEDULES, SGDSettings, TrainConfig
@@ -60,16 +59,6 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.objective}={self.factor:g}x"
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 4, 60, 60
-
-
-def show(value: Any) -> str:
-    """A short ``repr`` for messages: nested or long values are cut (``[[1, 2, ...], ...]``), so an error
-    about a YAML alias bomb or a huge value stays one short line and costs nothing."""
-    return _SHORT.repr(value)
 
 
 def round_targets(final: float, rounds: Any) -> list[float]:

@@ -6,6 +6,9 @@ target, unsupported layer) is raised as :class:`UserError`. The CLI prints its m
 """
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input with a one-line message that names the problem and the fix.
@@ -27,3 +30,13 @@ class SettingError(UserError):
     def __init__(self, setting: str, problem: str, fix: str | None = None):
         super().__init__(problem, fix)
         self.setting = setting
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 4, 60, 60
+
+
+def show(value: Any) -> str:
+    """A short ``repr`` for messages: nested or long values are cut (``[[1, 2, ...], ...]``), so an error
+    about a YAML alias bomb or a huge value stays one short line and costs nothing."""
+    return _SHORT.repr(value)

@@ -30,6 +30,7 @@ import yaml
 
 from .atomic import atomic_torch_save, atomic_write_text
 from .errors import UserError
+from .integrity import verify_archive
 from .rounds import PhaseStore
 
 
@@ -131,6 +132,7 @@ class RunFolder(PhaseStore):
         try:
             if phase == "search":
                 return json.loads(path.read_text())
+            verify_archive(path)  # a flipped byte would load silently otherwise
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
             raise UserError(f"the {phase} artifact of round {round_index} ({path}) is damaged "

@@ -43,7 +43,7 @@ from torch import nn
 from torch_pruning import ops
 
 from .analysis import hooked_forward, preserved_state
-from .errors import UserError
+from .errors import UserError, show
 from .masks import Masks
 from .metrics import layer_table
 
@@ -195,7 +195,7 @@ def check_rate(rate: object, what: str) -> float:
     """``rate`` as a float when it is a number in ``[0, 1)``; otherwise UserError ``"<what> is <rate>,
     outside [0, 1)"`` (``what`` names the rate, e.g. ``"filter rate of 'conv1'"`` or ``"the default rate"``)."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-        raise UserError(f"{what} is {rate!r}, outside [0, 1)", "give each rate as a fraction removed, e.g. 0.5")
+        raise UserError(f"{what} is {show(rate)}, outside [0, 1)", "give each rate as a fraction removed, e.g. 0.5")
     return float(rate)
 
 
