@@ -2,8 +2,8 @@
 
 Every net here goes through the engine's one-shot path, driven directly (no ``prune()``):
 ``PruningSpace.build`` -> ``check_dims`` -> ``projection.project`` -> ``purification.purify`` (unused path
-removal only, no validation data) -> ``compaction.compact``, in four modes (filter 0.5, column 0.5, hybrid 0.5, irregular
-0.7) with a batch-1 and a batch-2 example. The outcome must be either a clean refusal (a one-line
+removal only, no validation data) -> ``compaction.compact``, in four modes (filter 0.5, column 0.5, hybrid
+0.5, irregular 0.7) with a batch-1 and a batch-2 example. The outcome must be either a clean refusal (a one-line
 ``UserError`` naming a module or the model) or a compact model for which every invariant holds:
 
 * eval output equals the model masked at the *requested* rates (before purification), on the example, a

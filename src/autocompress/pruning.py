@@ -174,7 +174,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     report = {"dims": list(dims), "rates": state.rates, "excluded": dict(space.excluded),
               "params_before": params_before, "params_after": params_after,
               "macs_before": macs_before, "macs_after": macs_after,
-              "compression_rate": params_before / max(params_after, 1), "mac_reduction": macs_before / max(macs_after, 1),
+              "compression_rate": params_before / max(params_after, 1),
+              "mac_reduction": macs_before / max(macs_after, 1),
               "score": {"before": before, "purified": _fraction(purified, "_after"), "after": after},
               "clipped": [c._asdict() for c in state.masks.clipped], "kept": _kept_units(state.masks),
               "records": records}

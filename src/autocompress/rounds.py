@@ -305,7 +305,8 @@ class Pipeline:
         records = []
         if settings.enabled:
             result = purify(state.model, state.space, masks, example_inputs=self.example_inputs,
-                            score=self.task.score if self.task.can_score else None, chance=self.chance, tolerance=settings.tolerance,
+                            score=self.task.score if self.task.can_score else None, chance=self.chance,
+                            tolerance=settings.tolerance,
                             thresholds=settings.thresholds, log=self.log)
             masks, state.param_masks = result.masks, result.param_masks
             self.log(f"hard pruning: {self.describe(result.top1_before)}, after purification: "

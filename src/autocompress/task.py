@@ -179,8 +179,9 @@ class Task:
         return self.score_fn is not None or self.val_loader is not None
 
     def top1(self, model: nn.Module, batches: Iterable) -> float:
-        """Top-1 (a fraction in [0, 1]) of ``model`` on ``(inputs, targets)`` batches under ``analysis_mode`` (eval mode, no
-        grad; mode and BatchNorm buffers restored). Outputs ``[B, classes, ...]``: dimension 1 is the class."""
+        """Top-1 (a fraction in [0, 1]) of ``model`` on ``(inputs, targets)`` batches under ``analysis_mode``
+        (eval mode, no grad; mode and BatchNorm buffers restored). Outputs ``[B, classes, ...]``: dimension 1
+        is the class."""
         correct = seen = 0
         with analysis_mode(model):
             for batch in batches:
@@ -206,9 +207,9 @@ class Task:
     # --- checks before any work ---------------------------------------------------------------------
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool) -> None:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
-        infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields nothing, batches that are not
-        ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss that is not a finite
-        scalar, a score that is not a finite number, or no way to score at all."""
+        infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields
+        nothing, batches that are not ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss
+        that fails on a first batch or is not a finite scalar, or no way to score at all."""
         check_finite(model.state_dict(), "the model")
         try:
             with analysis_mode(model):

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         size = (ckpt.get("dataset") or {}).get("input_size")
         if not size:
-            raise UserError(f"checkpoint {args.checkpoint} records no input size", "re-save it with `autocompress train`")
+            raise UserError(f"checkpoint {args.checkpoint} records no input size",
+                            "re-save it with `autocompress train`")
         import torch
 
         print(_units_listing(PruningSpace.build(model_from_checkpoint(ckpt).eval(), torch.zeros(1, *size), dims=dims)))
