@@ -18,7 +18,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .admm import ADMMConfig
 from .annealing import AnnealingConfig
@@ -145,15 +145,19 @@ class RetrainConfig(SGDSettings):
         """These settings as a :class:`TrainConfig` (``epochs`` overriding), validated naming
         ``retrain.<field>``."""
         values = {**dataclasses.asdict(self), **({} if epochs is None else {"epochs": epochs})}
-        return _validated(TrainConfig(**values), "retrain")
+        config = TrainConfig(**values)
+        return _naming("retrain", lambda: config.validate(epochs_flag="retrain.epochs", retraining=True,
+                                                          names=lambda field: f"retrain.{field}"))
 
 
-def _validated(config: TrainConfig, section: str) -> TrainConfig:
+def _naming(setting: str, check: Callable[[], Any]) -> Any:
+    """``check()``; a UserError it raises becomes a SettingError naming the setting its message starts with
+    (``admm.lr -0.1 is ...`` -> ``admm.lr``) when that lies under ``setting``, else ``setting`` itself."""
     try:
-        return config.validate(epochs_flag=f"{section}.epochs", retraining=True, names=lambda f: f"{section}.{f}")
+        return check()
     except UserError as exc:
-        setting = str(exc).split()[0]
-        raise SettingError(setting if setting.startswith(section) else f"{section}.epochs", str(exc)) from None
+        first = str(exc).split()[0].partition("=")[0]
+        raise SettingError(first if first.startswith(f"{setting}.") else setting, str(exc)) from None
 
 
 def default_admm() -> ADMMConfig:
@@ -243,16 +247,11 @@ class CompressConfig:
                 raise SettingError(setting, f"{setting}={show(getattr_dotted(self, setting))} is not valid",
                                    fix)
         self.search.annealing(0)
-        _check_admm(self.admm)
-        q = self.quick_eval
-        try:
-            check_batches(q.bn_batches, q.val_batches, 1)
-        except UserError as exc:
-            raise SettingError("quick_eval.bn_batches", str(exc)) from None
-        try:
-            check_purification(self.purification.tolerance, self.purification.thresholds)
-        except UserError as exc:
-            raise SettingError("purification.tolerance", str(exc)) from None
+        _naming("admm", lambda: self.admm.train_config(lambda field: f"admm.{field}"))
+        _naming("quick_eval.bn_batches", lambda: check_batches(self.quick_eval.bn_batches,
+                                                               self.quick_eval.val_batches))
+        _naming("purification.tolerance", lambda: check_purification(self.purification.tolerance,
+                                                                     self.purification.thresholds))
         self.retrain.train_config()
         if self.final_retrain_epochs is not None:
             self.retrain.train_config(self.final_retrain_epochs)
@@ -263,15 +262,6 @@ class CompressConfig:
     def retrain_epochs(self, *, last: bool) -> int:
         """Retraining epochs of a round (``last``: the final round)."""
         return self.final_retrain_epochs if last and self.final_retrain_epochs is not None else self.retrain.epochs
-
-
-def _check_admm(config: ADMMConfig) -> None:
-    """SettingError for ADMM values that would only fail once training starts (its SGD settings)."""
-    try:
-        ADMMConfig(**dataclasses.asdict(config)).train_config(lambda name: f"admm.{name}")
-    except UserError as exc:
-        setting = str(exc).split()[0]
-        raise SettingError(setting if setting.startswith("admm.") else "admm", str(exc)) from None
 
 
 def getattr_dotted(obj: Any, dotted: str) -> Any:

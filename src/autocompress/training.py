@@ -166,11 +166,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def batch_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move an image batch ``[N, C, H, W]`` to ``device`` (see :func:`autocompress.task.move`)."""
-    return move(images, device)
-
-
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, task: Task | None = None,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
@@ -277,7 +272,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc
     total_loss, correct1, correct5, seen, classes = 0.0, 0, 0, 0, 0
     with analysis_mode(model):
         for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-            images, labels = batch_to(images, device), labels.to(device)
+            images, labels = move(images, device), labels.to(device)
             logits = model(images)
             classes = logits.shape[1]
             total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
