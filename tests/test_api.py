@@ -335,6 +335,18 @@ def test_empty_loaders(no_work):
     refused(no_work, "val_loader yields no batch", val_loader=empty)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """Training pairs from a stream: a loader over it has no len()."""
+
+    def __iter__(self):
+        x, y = images(32, 0)
+        return iter(zip(x, y))
+
+
+def test_a_training_loader_without_length_needs_a_train_fn(no_work):
+    refused(no_work, r"train_loader has no len\(\)", train_loader=DataLoader(_Stream(), batch_size=8))
+
+
 def test_batches_that_are_not_pairs(no_work):
     x, y = images(32, 0)
     triples = DataLoader(TensorDataset(x, y, y), batch_size=8)

@@ -169,7 +169,7 @@ class Compression:
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
         self.task = Task(device=self.device, amp=amp, **task_args)
-        self.task.check(base, self.example, needs_training=True, needs_score=True)
+        self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,

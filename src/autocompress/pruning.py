@@ -157,7 +157,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         raise UserError("ADMM or retraining epochs are set, but train_loader is None",
                         "pass train_loader, or set admm.epochs and retrain epochs to 0")
     task = Task(train_loader, val_loader, device, forward_fn, loss_fn, score_fn)
-    task.check(base, example, needs_training=training, needs_score=False)
+    task.check(base, example, needs_training=training, needs_score=False, needs_length=train_fn is None)
     pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
                         ignored_layers=tuple(ignored_layers), progress=progress, log=log or (lambda _line: None))
     work = densify(base)

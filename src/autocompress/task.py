@@ -205,11 +205,14 @@ class Task:
         return check_score(value)
 
     # --- checks before any work ---------------------------------------------------------------------
-    def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool) -> None:
+    def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool,
+              needs_length: bool = False) -> None:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
         infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields
         nothing, batches that are not ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss
-        that fails on a first batch or is not a finite scalar, or no way to score at all."""
+        that fails on a first batch or is not a finite scalar, no way to score at all, or (``needs_length``:
+        the default training loop, whose learning-rate schedule spans epochs x batches) a training loader
+        without ``len()``."""
         check_finite(model.state_dict(), "the model")
         try:
             with analysis_mode(model):
@@ -221,6 +224,12 @@ class Task:
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
                             "pass val_loader (top-1 on it is the score) or score_fn(model) -> float")
+        if needs_training and needs_length:
+            try:
+                len(self.train_loader)
+            except TypeError:
+                raise UserError("train_loader has no len() (the default loop schedules its learning rate over "
+                                "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
             self._check_batch(model, first, "train_loader")
