@@ -296,6 +296,43 @@ def test_run_dir_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, on
     assert (run_dir / "model.pt").is_file() and (run_dir / "report.html").is_file()
 
 
+# --- (4b) purification's refit: the target met tightly, never beyond --------------------------------------
+class ThreeConv(nn.Module):
+    """``[B, 1, 8, 8]`` -> ``[B, 3]``: three 3x3 convs (16, 24, 24 channels), global pooling, a linear layer;
+    column pruning of conv2 / conv3 leaves some conv1 / conv2 filters unread (unused paths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1),
+                                              nn.Conv2d(24, 24, 3, padding=1))
+        self.fc = nn.Linear(24, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread):
+    """Unused path removal takes dead filters beyond the searched rates; the refit hard-prunes again at
+    looser rates so the compact model ends closer to the target, never beyond it (compared with the same run
+    without the refit, whose count is the searched one)."""
+    train, val = loaders()
+    model = trained(ThreeConv(), train)
+    limit = params(model) / 6
+    runs = {}
+    for refit in (False, True):
+        config = {**CONFIG, "purification": {"refit": refit, "thresholds": [1e-6]}}
+        runs[refit] = autocompress.compress(model, torch.randn(2, 1, 8, 8), "params=6x", train_loader=train,
+                                            val_loader=val, config=config, progress=False)
+    plain, refitted = params(runs[False].model), params(runs[True].model)
+    record = next(r for r in runs[True].records if r["event"] == "refit")
+    assert record["limit"] == pytest.approx(limit)
+    assert record["searched"] == plain < 0.98 * limit, "the case must leave room (unused paths removed)"
+    assert plain < record["refitted"] == refitted <= limit
+    assert runs[True].rounds[0]["rates"] != runs[False].rounds[0]["rates"]
+    assert not any(r["event"] == "refit" for r in runs[False].records)
+
+
 # --- (5) bad input: a UserError before any training, nothing written ----------------------------------------
 @pytest.fixture
 def no_work(monkeypatch, tmp_path):

@@ -31,7 +31,7 @@ from .compaction import densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
 from .quick_eval import QuickEvaluator
-from .rounds import PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
+from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
 from .sampling import ActionSampler
 from .serialization import save_compact
@@ -265,19 +265,21 @@ class Compression:
 
     def _search(self, state: RoundState) -> None:
         """The round's rates: guided simulated annealing (or one uniform rate) meeting the round's target."""
-        if self.store.is_done(state.index, "search"):
-            state.rates = self.store.load(state.index, "search")["rates"]
-            return
-        started = time.perf_counter()
         base = self.base_params if self.target.objective == "params" else self.base_macs
         base_ratio = base / self._count(state.model)
         sampler = self._sampler(state.space, state.target, base_ratio)
+        if self.store.is_done(state.index, "search"):
+            state.rates = self.store.load(state.index, "search")["rates"]
+            state.budget = self._budget(state, sampler, base, base_ratio)
+            return
+        started = time.perf_counter()
         if self.config.search_mode == "uniform":  # ablation: one rate for every unit, no search
             result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
                                      best_score=float("nan"), trajectory=[])
         else:
             result = self._anneal(state, sampler)
         state.rates = sampler.to_rates(result.best_action)
+        state.budget = self._budget(state, sampler, base, base_ratio)
         record = {"round": state.index, "target": state.target, "rates": state.rates, "best_score": result.best_score,
                   "compression": sampler.compression(result.best_action) * base_ratio}
         self.store.save(state.index, "search", {**record, "trajectory": result.trajectory})
@@ -285,6 +287,17 @@ class Compression:
         self.store.finish(state.index, "search", [
             {"event": "search", **record, "trajectory": trajectory},
             {"event": "phase", "round": state.index, "phase": "search", "seconds": time.perf_counter() - started}])
+
+    def _budget(self, state: RoundState, sampler: ActionSampler, base: int, base_ratio: float) -> Budget:
+        """The round's :class:`Budget`: at most ``base / target``; refits scale the searched rates (read back
+        from ``state.rates``) to the round's target divided by a slack."""
+        action = np.array([state.rates[unit.kind][unit.name] for unit in sampler.units])
+
+        def refit(slack: float) -> dict:
+            looser = self._sampler(state.space, state.target / slack, base_ratio)
+            return looser.to_rates(looser.meet(action))
+
+        return Budget(limit=base / state.target, count=self._count, refit=refit)
 
     def _anneal(self, state: RoundState, sampler: ActionSampler) -> AnnealingResult:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""

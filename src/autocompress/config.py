@@ -125,11 +125,18 @@ class QuickEvalConfig:
 @dataclass
 class PurificationConfig:
     """Purification (Ma et al. arXiv 1905.00136): ``enabled``, and ``tolerance`` / ``thresholds`` of
-    :func:`autocompress.purification.purify` (tolerance in the score's units: 0.005 = 0.5 points of top-1)."""
+    :func:`autocompress.purification.purify` (tolerance in the score's units: 0.005 = 0.5 points of top-1).
+
+    ``refit``: in ``compress``, when unused path removal leaves the round's model below its budget (the
+    search met the target before purification, which then removed dead units too), hard-prune the ADMM
+    weights again at rates re-fitted to the searched direction so that the purified model ends as close to
+    the round's target as the units allow, never beyond it (:meth:`autocompress.rounds.Pipeline.run_round`).
+    """
 
     enabled: bool = True
     tolerance: float = 0.005
     thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    refit: bool = True
 
 
 @dataclass

@@ -110,8 +110,29 @@ class TrainingPhase:
 
 
 @dataclass
+class Budget:
+    """What a round may end with, for purification's refit (``purification.refit``).
+
+    Attributes:
+        limit: the largest count (parameters, or MACs per input item) the round's compact model may have.
+        count: ``fn(compact model) -> int``, that count.
+        refit: ``fn(slack) -> rates``: rates along the searched direction meeting the round's target divided
+            by ``slack`` (>= 1: a looser target, larger keep counts).
+    """
+
+    limit: float
+    count: Callable[[nn.Module], int]
+    refit: Callable[[float], dict]
+
+
+REFIT_TRIES = 4  # hard-prune + purify passes at refitted rates, at most
+REFIT_CLOSE = 0.002  # a purified count within this fraction below the limit is close enough
+
+
+@dataclass
 class RoundState:
-    """What the phases of one round share: the model being pruned, its space, the rates, the masks."""
+    """What the phases of one round share: the model being pruned, its space, the rates, the masks, and
+    (``compress``) the round's :class:`Budget`."""
 
     index: int
     target: float | None
@@ -121,6 +142,7 @@ class RoundState:
     param_masks: dict | None = None
     masks: Any = None
     compact_model: nn.Module | None = None
+    budget: Budget | None = None
 
 
 class PhaseStore:
@@ -258,9 +280,10 @@ class Pipeline:
             self._shrink(state)
         state.model.load_state_dict(payload["state_dict"])
         state.param_masks = payload.get("param_masks")
+        state.rates = payload.get("rates", state.rates)
 
     def _state_payload(self, state: RoundState) -> dict:
-        return {"state_dict": state.model.state_dict(), "param_masks": state.param_masks}
+        return {"state_dict": state.model.state_dict(), "param_masks": state.param_masks, "rates": state.rates}
 
     def _call_train_fn(self, name: str, state: RoundState, *, epochs: int, lr: float,
                        schedule: admm.ADMMSchedule | None = None, enforcer: MaskEnforcer | None = None) -> None:
@@ -300,9 +323,13 @@ class Pipeline:
         return [{"event": "admm", "round": state.index, "history": history}]
 
     def _purify(self, state: RoundState, *, last: bool) -> list[dict]:
-        masks, state.param_masks = admm.hard_prune(state.model, state.space, state.rates)
         settings = self.config.purification
+        refit = settings.enabled and settings.refit and state.budget is not None
+        admm_weights = copy.deepcopy(state.model.state_dict()) if refit else None
+        masks, state.param_masks = admm.hard_prune(state.model, state.space, state.rates)
         records = []
+        if refit:
+            masks, records = self._refit(state, masks, admm_weights)
         if settings.enabled:
             result = purify(state.model, state.space, masks, example_inputs=self.example_inputs,
                             score=self.task.score if self.task.can_score else None, chance=self.chance,
@@ -319,6 +346,46 @@ class Pipeline:
         state.masks = masks
         self.store.save(state.index, "purify", self._state_payload(state))
         return records
+
+    def _refit(self, state: RoundState, masks, admm_weights: dict) -> tuple[Any, list[dict]]:
+        """Meet the round's budget tightly after unused path removal: the searched rates met it before
+        purification, which then removes dead units too (a filter whose every consumer column is pruned, ...)
+        and leaves the model smaller than asked. Re-fit the rates to a looser nominal target (fixed-point
+        steps on ``limit / purified count``), hard-prune the ADMM weights at them, and keep the largest
+        purified count within the limit (never beyond it). Unused path removal only here; redundant weight
+        removal, checked against the score, runs once afterwards on the chosen masks.
+
+        Returns ``(hard-pruning masks, records)``; ``state.model`` / ``rates`` / ``param_masks`` hold the chosen
+        hard pruning (the searched one when no refit fits better)."""
+        budget = state.budget
+        best = (self._purified_count(state, masks), state.rates, masks, state.param_masks)
+        first, count, slack = best[0], best[0], 1.0
+        for _ in range(REFIT_TRIES):
+            close = budget.limit * (1 - REFIT_CLOSE) <= count <= budget.limit
+            looser = max(1.0, slack * budget.limit / max(count, 1))
+            if close or looser == slack:
+                break
+            slack = looser
+            rates = budget.refit(slack)
+            state.model.load_state_dict(admm_weights)
+            trial, param_masks = admm.hard_prune(state.model, state.space, rates)
+            count = self._purified_count(state, trial)
+            if best[0] < count <= budget.limit:
+                best = (count, rates, trial, param_masks)
+        count, state.rates, masks, state.param_masks = best
+        state.model.load_state_dict(admm_weights)
+        admm.hard_prune(state.model, state.space, state.rates)
+        if count != first:
+            self.log(f"round {state.index}: unused path removal left {first:,} of the budget's "
+                     f"{int(budget.limit):,}; rates refitted: {count:,}")
+        return masks, [{"event": "refit", "round": state.index, "limit": budget.limit, "searched": first,
+                        "refitted": count, "slack": slack}]
+
+    def _purified_count(self, state: RoundState, masks) -> int:
+        """The budget's count of the compact model after unused path removal from ``masks`` (on a copy)."""
+        trial = copy.deepcopy(state.model)
+        result = purify(trial, state.space, masks, example_inputs=self.example_inputs)
+        return state.budget.count(compact(trial, result.param_masks, self.example_inputs).model)
 
     def _shrink(self, state: RoundState) -> None:
         """Make masked retraining cheaper: replace ``state.model`` by its compacted, densified equivalent
