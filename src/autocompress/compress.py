@@ -393,7 +393,6 @@ class Compression:
         warning = slower_warning(deployed)
         if warning:
             logging.getLogger("autocompress").warning(warning)
-            self.pipeline.log(warning)
             fields["warnings"].append(warning)
         if self.table is not None:
             estimate = self.table.estimate_model(compact_model)
