@@ -561,8 +561,10 @@ def _bracket(grid: Sequence[int], width: int) -> tuple[int, int, float]:
     return lo, hi, (width - lo) / (hi - lo)
 
 
-def _monotone(table: dict[str, float], grid_in: list[int], grid_out: list[int]) -> None:
-    """Make cells non-decreasing in both widths (running maximum), in place."""
+def _monotone(table: dict[str, float], grid_in: list[int], grid_out: list[int]) -> bool:
+    """Make cells non-decreasing in both widths over one layer's grid (running maximum), in place; returns
+    whether a cell changed."""
+    changed = False
     for i_index, cin in enumerate(grid_in):
         for o_index, cout in enumerate(grid_out):
             best = table[f"{cin},{cout}"]
@@ -570,7 +572,9 @@ def _monotone(table: dict[str, float], grid_in: list[int], grid_out: list[int]) 
                 best = max(best, table[f"{grid_in[i_index - 1]},{cout}"])
             if o_index:
                 best = max(best, table[f"{cin},{grid_out[o_index - 1]}"])
+            changed |= best != table[f"{cin},{cout}"]
             table[f"{cin},{cout}"] = best
+    return changed
 
 
 def _time_one(module: nn.Module, x: torch.Tensor, config: LatencyConfig) -> float:
@@ -670,8 +674,8 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
             for cin in grids[name][0]:
                 for cout in grids[name][1]:
                     table.setdefault(f"{cin},{cout}", table[f"{min(cin, cout)},{min(cin, cout)}"])
-    for name in specs:
-        _monotone(cells[specs[name].signature()], *grids[name])
+    while any([_monotone(cells[spec.signature()], *grids[name]) for name, spec in specs.items()]):
+        pass  # layers sharing a signature share cells: repeat until every grid is monotone (values only grow)
     column_ratio, useless = {}, []
     for name in column_names:
         spec = specs[name]
