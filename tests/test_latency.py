@@ -295,3 +295,18 @@ def test_bad_input_refused_before_any_work(tmp_path, monkeypatch, target, config
 def test_latency_target_text():
     assert str(Target.parse("latency=5ms")) == "latency=5ms" and Target.parse("latency = 2.5x").factor == 2.5
     assert Target.parse("latency=5ms").factor is None
+
+
+def test_cli_flags_set_the_latency_settings():
+    import argparse
+
+    from autocompress.cli.compress import add_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["base.pt", "--target", "latency=2x", "--channel-multiple", "8", "--latency-runtime",
+                              "torch", "--latency-threads", "2", "--latency-batch", "4"])
+    assert settings_from(args, {"latency": {"runs": 5}}) == {
+        "target": "latency=2x", "channel_multiple": 8, "latency": {"runs": 5, "runtime": "torch", "threads": 2,
+                                                                   "batch": 4}}
+    assert parser.parse_args(["base.pt", "--channel-multiple", "auto"]).channel_multiple == "auto"
