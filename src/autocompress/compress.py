@@ -27,18 +27,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, metrics, report
-from .annealing import AnnealingResult, simulated_annealing
-from .compaction import densify
 from .alignment import AUTO, check_multiple
+from .annealing import AnnealingResult, simulated_annealing
+from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
+from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, rates_dict, units_from_space
+from .sampling import ActionSampler, quiet_clipping, rates_dict, units_from_space
 from .serialization import save_compact
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
+
+
+#: measured re-fits of a latency target's search result (see Compression._calibrate)
+CALIBRATION_STEPS = 3
 
 
 @dataclass
@@ -323,14 +328,54 @@ class Compression:
                                      best_score=float("nan"), trajectory=[])
         else:
             result = self._anneal(state, sampler)
-        state.rates = sampler.to_rates(result.best_action)
+        action, calibration = result.best_action, []
+        if self.table is not None:
+            action, sampler, calibration = self._calibrate(state, action, base_ratio)
+        state.rates = sampler.to_rates(action)
         record = {"round": state.index, "target": state.target, "rates": state.rates, "best_score": result.best_score,
-                  "compression": sampler.compression(result.best_action) * base_ratio}
+                  "compression": sampler.compression(action) * base_ratio,
+                  **({"calibration": calibration} if calibration else {})}
         self.store.save(state.index, "search", {**record, "trajectory": result.trajectory})
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         self.store.finish(state.index, "search", [
             {"event": "search", **record, "trajectory": trajectory},
             {"event": "phase", "round": state.index, "phase": "search", "seconds": time.perf_counter() - started}])
+
+    def _calibrate(self, state: RoundState, action: np.ndarray, base_ratio: float
+                   ) -> tuple[np.ndarray, ActionSampler, list[dict]]:
+        """A latency target's search result, measured before any training: the round's model projected at
+        ``action`` and compacted is timed against the base in the runtime; while its speedup is below the round's
+        target, the action is re-fitted to a target raised by the shortfall (the lookup table's error), at most
+        :data:`CALIBRATION_STEPS` times. Training does not change the widths, so the final model runs at what was
+        measured here (up to noise). Returns the action, its sampler and one record per measurement."""
+        aim, steps = state.target, []
+        for _ in range(CALIBRATION_STEPS):
+            try:
+                sampler = self._sampler(state.space, aim, base_ratio)
+            except UserError as exc:
+                raise UserError(f"target {self.target} cannot be met in {self.config.latency.runtime}: the search "
+                                f"result measured {steps[-1]['measured']:.3g}x, and aiming higher fails ({exc})",
+                                "lower the target, or use another runtime / batch size") from None
+            action = sampler.meet(action)
+            speedup = self._measured_speedup(state, sampler.to_rates(action))
+            steps.append({"aimed": aim, "estimated": sampler.compression(action) * base_ratio, "measured": speedup})
+            self.pipeline.log(f"round {state.index} search: aimed at {aim:.3g}x by the lookup table, measured "
+                              f"{speedup:.3g}x")
+            if speedup >= state.target:
+                break
+            aim *= state.target / speedup
+        return action, sampler, steps
+
+    def _measured_speedup(self, state: RoundState, rates: dict) -> float:
+        """Measured speedup over the base of the round's model projected at ``rates`` and compacted (no training)."""
+        with quiet_clipping():
+            masks = project(state.space, state.model, rates)
+        candidate = compact(state.model, state.space.param_masks(masks), self.example,
+                            channel_multiple=self.multiple).model
+        settings = self.config.latency
+        timing = measure_models({"base": self.pipeline.base_model, "candidate": candidate}, self.example, settings,
+                                batches=[settings.batch])[settings.batch]
+        return timing["base"].median_ms / timing["candidate"].median_ms
 
     def _anneal(self, state: RoundState, sampler: ActionSampler) -> AnnealingResult:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""
