@@ -19,9 +19,11 @@ of the same shape share cells). A cell's time is the median of ``table_runs`` ru
 per-call overhead (a one-ReLU model timed the same way), made non-decreasing in both widths (a running
 maximum, so noise never makes a narrower layer look slower). The rest of the model (pooling, additions,
 layers the table does not model, one call's overhead) is a fixed cost: the measured base latency minus
-the table's sum at full width; when the layers timed alone add up to more than the whole model (fusion
-across layers, cache effects), the fixed cost is 0 and every layer's time is scaled down by the ratio
-instead. So the estimate equals the measured base latency at full width, is
+the table's sum at full width, scaled: the base and its narrowest reachable model (every filter group at
+the space's largest rate, aligned, compacted) are both measured, and ``fixed + scale * table sum`` is fitted
+through the two (when that needs a negative fixed cost: no fixed cost, ``scale = base / sum``). Layers timed
+alone do not add up to the whole model (fusion across layers, per-node overhead, caches); without the second
+point a resnet20 at 7x fewer MACs was under-estimated by 68 % (BENCHMARKS.md). So the estimate equals the measured base latency at full width, is
 non-increasing in every pruning rate, and is checked against the measured compact model at the end.
 
 **Columns**: a column-pruned layer (:class:`autocompress.columns.ColumnConv2d`, ``ColumnConvNd``,
@@ -65,7 +67,7 @@ GRID_POINTS = 8
 COLUMN_FRACTIONS = (0.25, 0.5, 0.75)
 #: a layer whose time at half of its columns is above ``1 - COLUMN_SAVING`` of the dense time saves nothing
 COLUMN_SAVING = 0.05
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 
 
 @dataclass
@@ -432,8 +434,8 @@ class LatencyTable:
         column_ratio: layer name -> ``[[kept fraction, time ratio to dense], ...]`` (ascending fractions,
             ending at ``[1, 1]``); column_useless: layers whose column pruning saves nothing here.
         fixed_ms: the cost of what the table does not model; base_ms: the measured base latency.
-        scale: 1, or less when the layers timed alone add up to more than the whole model (the runtime
-            fuses across layers): every layer's time is scaled by it and ``fixed_ms`` is 0.
+        scale: every layer's time is scaled by it (fitted with ``fixed_ms`` through the measured base and
+            narrowest models, see the module doc).
         overhead_ms: the runtime's per-call overhead removed from each cell.
         meta: runtime, device, threads, batch, CPU, key; cached: loaded from the cache.
     """
@@ -626,7 +628,7 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             pass  # a damaged or old cache file is measured again and replaced
     started = time.perf_counter()
-    table = _measure_table(model, x, specs, prunable, column_names, config, multiple)
+    table = _measure_table(model, x, specs, prunable, column_names, config, multiple, space)
     table.meta.update(key=key, seconds=time.perf_counter() - started)
     try:
         atomic_write_text(path, table.to_json())
@@ -650,7 +652,8 @@ def _prunable(space, specs: Mapping[str, LayerSpec]) -> dict[str, tuple[bool, bo
     return {name: (a, b) for name, (a, b) in sides.items()}
 
 
-def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfig, multiple: int) -> LatencyTable:
+def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfig, multiple: int,
+                   space) -> LatencyTable:
     batch = config.batch
     overhead = _time_one(nn.ReLU(), torch.zeros(batch, 8), config)
     grids, cells = {}, {}
@@ -687,16 +690,36 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
         column_ratio[name] = points
         if float(np.interp(0.5, *zip(*points))) > 1.0 - COLUMN_SAVING:
             useless.append(name)
-    full = measure_models({"base": model}, x[:1], config, batches=[batch], runs=max(config.runs, 3 * config.table_runs))
+    smallest = _smallest(model, x[:1], space, multiple)
+    models = {"base": model} if smallest is None else {"base": model, "smallest": smallest}
+    full = measure_models(models, x[:1], config, batches=[batch], runs=max(config.runs, 3 * config.table_runs))
     base_ms = full[batch]["base"].median_ms
     table = LatencyTable(specs=specs, grids=grids, cells=cells, column_ratio=column_ratio, column_useless=useless,
                          fixed_ms=0.0, base_ms=base_ms, overhead_ms=overhead,
                          meta={"runtime": config.runtime, "device": config.device, "threads": config.threads,
                                "batch": batch, "cpu": _cpu_name(), "multiple": multiple})
-    layers_ms = sum(table.layer_ms(n, s.in_channels, s.out_channels) for n, s in specs.items())
-    table.scale = min(1.0, base_ms / max(layers_ms, 1e-9))
-    table.fixed_ms = max(0.0, base_ms - layers_ms)
+    layers_ms = table.estimate_model(model)  # scale 1, no fixed cost yet
+    table.scale, table.fixed_ms = min(1.0, base_ms / max(layers_ms, 1e-9)), max(0.0, base_ms - layers_ms)
+    if smallest is not None:
+        small_ms, small_layers = full[batch]["smallest"].median_ms, table.estimate_model(smallest) / table.scale
+        table.meta["smallest_ms"] = small_ms
+        if base_ms > small_ms and layers_ms > small_layers:  # exact at both ends, linear in between
+            scale = (base_ms - small_ms) / (layers_ms - small_layers)
+            if base_ms - scale * layers_ms >= 0:
+                table.scale, table.fixed_ms = scale, base_ms - scale * layers_ms
     return table
+
+
+def _smallest(model: nn.Module, x: torch.Tensor, space, multiple: int) -> nn.Module | None:
+    """``model`` with every filter group projected at the space's largest rate (aligned) and compacted: the
+    narrowest model the search can reach, timed to fit the table's fixed cost (None without filter groups)."""
+    from .compaction import compact
+    from .projection import project
+
+    if not space.filter_groups:
+        return None
+    masks = project(space, model, {"filter": {g.name: space.max_rate for g in space.filter_groups}})
+    return compact(model, space.param_masks(masks), x, channel_multiple=multiple).model
 
 
 __all__ = ["COLUMN_FRACTIONS", "GRID_POINTS", "LatencyConfig", "LatencyTable", "LayerSpec", "RUNTIMES", "Timing",
