@@ -310,3 +310,14 @@ def test_cli_flags_set_the_latency_settings():
         "target": "latency=2x", "channel_multiple": 8, "latency": {"runs": 5, "runtime": "torch", "threads": 2,
                                                                    "batch": 4}}
     assert parser.parse_args(["base.pt", "--channel-multiple", "auto"]).channel_multiple == "auto"
+
+
+def test_a_model_the_runtime_cannot_take_keeps_its_result(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise UserError("deployed latency needs a model with one input tensor")
+
+    monkeypatch.setattr(sys.modules["autocompress.compress"], "measure_models", refuse)
+    train, _ = loaders()
+    final = _compress(trained(SmallCNN(8, 8), train), "params=1.5x").final
+    assert final["deployed"] is None and "deployed_b1_ms" not in final["rows"][1]
+    assert final["warnings"] == ["deployed latency not measured: deployed latency needs a model with one input tensor"]

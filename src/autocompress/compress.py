@@ -428,13 +428,21 @@ class Compression:
     def _deployed(self, compact_model: nn.Module) -> dict:
         """The final record's deployed-latency fields: interleaved base / compact timings in the deployment
         runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower,
-        and for a latency target the lookup table's estimate against the measurement."""
+        and for a latency target the lookup table's estimate against the measurement. A model the runtime cannot
+        take (several inputs, an op it cannot export) gets ``deployed: None`` and a warning saying why."""
         settings = self.config.latency
         batches = list(dict.fromkeys((*settings.batches, settings.batch)))
-        timings = measure_models({"base": self.pipeline.base_model, "compressed": compact_model}, self.example,
-                                 settings, batches=batches)
-        deployed = deployed_summary(timings, settings)
-        fields: dict[str, Any] = {"deployed": deployed, "channel_multiple": self.multiple, "warnings": []}
+        fields: dict[str, Any] = {"deployed": None, "channel_multiple": self.multiple, "warnings": []}
+        try:
+            timings = measure_models({"base": self.pipeline.base_model, "compressed": compact_model}, self.example,
+                                     settings, batches=batches)
+        except UserError as exc:  # e.g. a model of several inputs: the run's result stands, without this column
+            if self.table is not None:  # a latency target cannot be checked without it
+                raise
+            fields["warnings"].append(f"deployed latency not measured: {exc}")
+            logging.getLogger("autocompress").warning(fields["warnings"][-1])
+            return fields
+        deployed = fields["deployed"] = deployed_summary(timings, settings)
         warning = slower_warning(deployed)
         if warning:
             logging.getLogger("autocompress").warning(warning)
@@ -461,7 +469,7 @@ class Compression:
                          **self.pipeline.scored(self.base_score if name == "base" else self.task.score(net)),
                          "latency_b1_ms": latency[1].median_ms, "latency_b64_ms": latency[64].median_ms,
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
-                            for b, row in deployed["deployed"]["batches"].items()},
+                            for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": self.config.latency_runs, **deployed}
