@@ -61,23 +61,25 @@ def _classifier(model: nn.Module) -> nn.Module:
 
 
 def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float,
-                           max_layer_ratio: float = 0.95) -> nn.Module:
+                           max_layer_ratio: float = 0.95, round_to: int | None = None) -> nn.Module:
     """A copy of ``model`` with ``ratio`` of all prunable channels removed globally by group L2 magnitude.
 
     Args:
         example: ``[1, C, H, W]`` tracing input.
         ratio: global channel pruning ratio in [0, 1).
         max_layer_ratio: no layer loses more than this fraction of its channels (never pruned to zero).
+        round_to: Torch-Pruning's ``round_to``: every pruned layer keeps a multiple of this many channels.
     """
     pruned = copy.deepcopy(model).eval()
     pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, global_pruning=True, max_pruning_ratio=max_layer_ratio,
-                                  ignored_layers=[_classifier(pruned)])
+                                  ignored_layers=[_classifier(pruned)], round_to=round_to)
     pruner.step()
     return pruned
 
 
-def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14) -> TPResult:
+def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14,
+                    round_to: int | None = None) -> TPResult:
     """Bisect the global channel ratio to the smallest one whose pruned model reaches ``target``.
 
     Raises:
@@ -89,7 +91,7 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
     low, high, best, trials = 0.0, 0.95, None, 0
     for _ in range(steps):
         mid = (low + high) / 2
-        candidate = global_magnitude_prune(model, example, mid)
+        candidate = global_magnitude_prune(model, example, mid, round_to=round_to)
         trials += 1
         reduction = original / count(candidate)
         if reduction >= target.factor:
@@ -97,7 +99,7 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
         else:
             low = mid
     if best is None:
-        candidate = global_magnitude_prune(model, example, high)
+        candidate = global_magnitude_prune(model, example, high, round_to=round_to)
         reduction = original / count(candidate)
         if reduction < target.factor:
             raise ValueError(f"Torch-Pruning reaches only {reduction:.2f}x < {target}")
@@ -106,7 +108,8 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
 
 
 def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int | None, val_size: int,
-        data_dir: str | None, seed: int, out: str, distill: bool = False, progress: bool = False) -> dict:
+        data_dir: str | None, seed: int, out: str, distill: bool = False, progress: bool = False,
+        round_to: int | None = None) -> dict:
     """Prune the checkpoint's model to ``target``, fine-tune ``epochs`` epochs (SGD, cosine, ``lr``), save the
     pruned model as an autocompress checkpoint at ``out``. Returns timings and the search outcome.
 
@@ -118,7 +121,7 @@ def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int 
     splits = get_dataset(ckpt["dataset"]["name"], data_dir, val_size=val_size, seed=seed, max_train=max_train,
                          max_test=1)
     example = torch.zeros(1, *splits.input_size)
-    result = prune_to_target(model, example, Target.parse(target))
+    result = prune_to_target(model, example, Target.parse(target), round_to=round_to)
     search_seconds = time.perf_counter() - began
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     if distill:
@@ -147,10 +150,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--distill", action="store_true", help="fine-tune with distillation from the unpruned model")
+    parser.add_argument("--round-to", type=int, help="Torch-Pruning round_to: kept channels a multiple of it")
     args = parser.parse_args()
     print(json.dumps(run(args.checkpoint, args.target, epochs=args.epochs, lr=args.lr, max_train=args.max_train,
                          val_size=args.val_size, data_dir=args.data_dir, seed=args.seed, out=args.out,
-                         distill=args.distill, progress=True)))
+                         distill=args.distill, progress=True, round_to=args.round_to)))
 
 
 if __name__ == "__main__":

@@ -264,8 +264,9 @@ def model_label(entry: dict) -> str:
     return entry.get("name") or entry.get("class") or "?"
 
 
-def _build_model(entry: dict) -> nn.Module:
-    """A fresh model from a checkpoint's ``model`` entry: the registry, or the recorded importable class."""
+def build_model(entry: dict) -> nn.Module:
+    """A fresh model from a checkpoint's ``model`` entry: the registry, or the recorded importable class (for a
+    compact checkpoint: its base architecture, before compaction, with fresh weights)."""
     if entry.get("name") is not None:
         return create_model(entry["name"], **entry["kwargs"])
     cls = import_model_class(entry["class"])
@@ -301,7 +302,7 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None) -> nn.Modu
     """
     entry = ckpt["model"]
     if model is None:
-        model = _build_model(entry)
+        model = build_model(entry)
         label = f"{model_label(entry)} {entry['kwargs']}"
     elif not isinstance(model, nn.Module):
         raise UserError(f"model= must be an nn.Module instance, got {type(model).__name__}",
@@ -331,5 +332,5 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Mod
     return model_from_checkpoint(load_checkpoint(path, map_location=map_location), model=model).eval()
 
 
-__all__ = ["FORMAT", "VERSION", "class_path", "import_model_class", "load_checkpoint", "load_model",
+__all__ = ["FORMAT", "VERSION", "build_model", "class_path", "import_model_class", "load_checkpoint", "load_model",
            "model_from_checkpoint", "model_label", "save_checkpoint"]

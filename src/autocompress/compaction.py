@@ -25,6 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
+from .alignment import align_up
 from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
@@ -215,9 +216,10 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
     return []
 
 
-def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module]
-                     ) -> dict[str, torch.Tensor]:
-    """Remove dead channels with torch-pruning; returns module name -> kept output channel indices."""
+def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
+                     multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
+    channels beyond it stay, as zeros); returns module name -> kept output channel indices."""
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
@@ -247,6 +249,12 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         if reason is not None:
             report["dead_channels_kept"][names[module]] = reason
             continue
+        size = pruner.get_out_channels(module)
+        removable = size - align_up(size, size - len(roots), multiple)
+        if removable < len(roots):
+            report["dead_channels_kept"][names[module]] = (f"{len(roots) - removable} dead channel(s) kept for "
+                                                           f"a width that is a multiple of {multiple}")
+            roots = roots[:removable]
         members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
         plans.append((module, pruner, roots, members))
     kept: dict[str, torch.Tensor] = {}
@@ -380,7 +388,7 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-            atol_scale: float = 1e-5) -> CompactResult:
+            atol_scale: float = 1e-5, channel_multiple: int = 1) -> CompactResult:
     """Physically remove masked filters / channels and columns (AutoCompress, Liu et al. AAAI 2020, §3).
 
     Args:
@@ -390,6 +398,9 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
             computes the *masked* model.
         example_inputs: a tensor or tuple of tensors, e.g. ``[N, 3, 32, 32]``, for tracing and checking.
         atol_scale: output tolerance relative to ``max(1, max|masked(x)|)``.
+        channel_multiple: a group's remaining width stays an allowed width at this multiple
+            (:mod:`autocompress.alignment`): dead channels beyond it stay as zero channels (reported under
+            ``dead_channels_kept``).
 
     Steps: (a) channels whose producers' rows, biases and normalisation affine entries are all zero are
     removed with torch-pruning, coupled groups together; (b) Conv2d / Linear layers with all-zero GEMM
@@ -416,7 +427,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
                               "dead_channels_kept": {}}
     train_only = train_only_modules(work, inputs)
-    kept = _remove_channels(work, inputs, report, train_only)
+    kept = _remove_channels(work, inputs, report, train_only, channel_multiple)
     work.eval()
     called = set(_called_modules(work, inputs)) | train_only
     _compact_columns(work, called, report)

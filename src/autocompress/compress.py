@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, metrics, report
+from .alignment import AUTO, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
-from .compaction import densify
+from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
+from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
+from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler
+from .sampling import ActionSampler, quiet_clipping, rates_dict, units_from_space
 from .serialization import save_compact
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
+
+
+#: measured re-fits of a latency target's search result (see Compression._calibrate)
+CALIBRATION_STEPS = 3
 
 
 @dataclass
@@ -161,8 +169,8 @@ class Compression:
         self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
         self.config = resolve_config(config, target)
         self.target = Target.parse(self.config.target)
-        self.targets = round_targets(self.target.factor, self.config.rounds)
         self.device = resolve_device(device)
+        self.multiple, why = self.config.resolved_multiple(str(self.device))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
         self.example = as_inputs(example_inputs, self.device)
@@ -173,10 +181,16 @@ class Compression:
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
-                                 log=log or (lambda _line: None))
+                                 log=log or (lambda _line: None), channel_multiple=self.multiple)
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
-        self._sampler(self.first_space, self.target.factor, 1.0)  # an unreachable target: refused now
+        self.pipeline.log(f"channel multiple: {why}")
+        check_multiple(self.first_space, self.multiple,
+                       explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
+        self.table = self._latency_table(base) if self.target.objective == "latency" else None
+        self.factor = self._factor()
+        self.targets = round_targets(self.factor, self.config.rounds)
+        self._sampler(self.first_space, self.factor, 1.0)  # an unreachable target: refused now
         self.source, self.save, self.final_columns = source or {}, save, final_columns
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.store = self._open_store(base) if self.run_dir is not None else PhaseStore()
@@ -225,13 +239,50 @@ class Compression:
             raise
         return folder
 
-    def _sampler(self, space, target: float, base_ratio: float) -> ActionSampler:
-        """Sampler for a round's ``target`` (relative to the base) on a model ``base_ratio`` times smaller."""
-        return ActionSampler.from_space(space, self.target.objective, max(1.0, target / base_ratio),
-                                        kinds=self.config.kinds, r_max=self.config.max_r)
+    def _latency_table(self, base: nn.Module) -> LatencyTable:
+        """The lookup table of a latency target (measured, or from the cache), before any training."""
+        table = build_table(base, self.example, self.first_space, self.config.latency, multiple=self.multiple,
+                            columns="column" in self.config.kinds, log=self.pipeline.log)
+        if table.column_useless and "column" in self.config.kinds:
+            self.pipeline.log(f"latency target: column pruning saves nothing in {self.config.latency.runtime} for "
+                              f"{len(table.column_useless)} layer(s) ({', '.join(table.column_useless[:4])}...); "
+                              "their columns are not pruned")
+        return table
 
-    def _count(self, model: nn.Module) -> int:
+    def _factor(self) -> float:
+        """The target as a factor over the base: the target's own, or for ``latency=Nms`` the measured base
+        latency over N (UserError when the base is already that fast)."""
+        if self.target.ms is None:
+            return float(self.target.factor)
+        factor = self.table.base_ms / self.target.ms
+        if factor <= 1.0:
+            raise UserError(f"target {self.target}: the base model already runs in {self.table.base_ms:.3g} ms "
+                            f"({self.config.latency.runtime}, batch {self.config.latency.batch})",
+                            "give a latency below the base's, or no compression is needed")
+        return factor
+
+    def _sampler(self, space, target: float, base_ratio: float) -> ActionSampler:
+        """Sampler for a round's ``target`` (relative to the base) on a model ``base_ratio`` times smaller; a
+        latency target's cost is the lookup table's estimate (columns that save nothing are not pruned)."""
+        factor = max(1.0, target / base_ratio)
+        if self.table is None:
+            return ActionSampler.from_space(space, self.target.objective, factor, kinds=self.config.kinds,
+                                            r_max=self.config.max_r)
+        units = [u for u in units_from_space(space, "flops") if u.kind in self.config.kinds
+                 and not (u.kind == "column" and u.name in self.table.column_useless)]
+        table = self.table
+        return ActionSampler(units, lambda action: table.estimate_space(space, rates_dict(units, action)), factor,
+                             r_max=self.config.max_r)
+
+    def _count(self, model: nn.Module) -> float:
+        if self.table is not None:
+            return self.table.estimate_model(model)
         return self.pipeline.params(model) if self.target.objective == "params" else self.pipeline.macs(model)
+
+    def _base_count(self) -> float:
+        if self.table is not None:
+            return self.table.base_ms
+        return self.base_params if self.target.objective == "params" else self.base_macs
 
     # --- the run --------------------------------------------------------------------------------------
     def run(self) -> CompressResult:
@@ -261,11 +312,12 @@ class Compression:
         self._check_target(compact_model)
         if not self.store.is_done("final", "final"):
             self.store.finish("final", "final", [self._final(compact_model)])
+        self._check_latency([r for r in self.store.records if r.get("event") == "final"][-1])
         return self._result(compact_model)
 
     def _search(self, state: RoundState) -> None:
         """The round's rates: guided simulated annealing (or one uniform rate) meeting the round's target."""
-        base = self.base_params if self.target.objective == "params" else self.base_macs
+        base = self._base_count()
         base_ratio = base / self._count(state.model)
         sampler = self._sampler(state.space, state.target, base_ratio)
         if self.store.is_done(state.index, "search"):
@@ -278,19 +330,26 @@ class Compression:
                                      best_score=float("nan"), trajectory=[])
         else:
             result = self._anneal(state, sampler)
-        state.rates = sampler.to_rates(result.best_action)
+        action, calibration = result.best_action, []
+        if self.table is not None:
+            action, sampler, calibration = self._calibrate(state, action, base_ratio)
+        state.rates = sampler.to_rates(action)
         state.budget = self._budget(state, sampler, base, base_ratio)
         record = {"round": state.index, "target": state.target, "rates": state.rates, "best_score": result.best_score,
-                  "compression": sampler.compression(result.best_action) * base_ratio}
+                  "compression": sampler.compression(action) * base_ratio,
+                  **({"calibration": calibration} if calibration else {})}
         self.store.save(state.index, "search", {**record, "trajectory": result.trajectory})
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         self.store.finish(state.index, "search", [
             {"event": "search", **record, "trajectory": trajectory},
             {"event": "phase", "round": state.index, "phase": "search", "seconds": time.perf_counter() - started}])
 
-    def _budget(self, state: RoundState, sampler: ActionSampler, base: int, base_ratio: float) -> Budget:
+    def _budget(self, state: RoundState, sampler: ActionSampler, base: float, base_ratio: float) -> Budget | None:
         """The round's :class:`Budget`: at most ``base / target``; refits scale the searched rates (read back
-        from ``state.rates``) to the round's target divided by a slack."""
+        from ``state.rates``) to the round's target divided by a slack. None for a latency target: its rates
+        were measured in the runtime (:meth:`_calibrate`), and purification only makes that model faster."""
+        if self.table is not None:
+            return None
         action = np.array([state.rates[unit.kind][unit.name] for unit in sampler.units])
 
         def refit(slack: float) -> dict:
@@ -298,6 +357,42 @@ class Compression:
             return looser.to_rates(looser.meet(action))
 
         return Budget(limit=base / state.target, count=self._count, refit=refit)
+
+    def _calibrate(self, state: RoundState, action: np.ndarray, base_ratio: float
+                   ) -> tuple[np.ndarray, ActionSampler, list[dict]]:
+        """A latency target's search result, measured before any training: the round's model projected at
+        ``action`` and compacted is timed against the base in the runtime; while its speedup is below the round's
+        target, the action is re-fitted to a target raised by the shortfall (the lookup table's error), at most
+        :data:`CALIBRATION_STEPS` times. Training does not change the widths, so the final model runs at what was
+        measured here (up to noise). Returns the action, its sampler and one record per measurement."""
+        aim, steps = state.target, []
+        for _ in range(CALIBRATION_STEPS):
+            try:
+                sampler = self._sampler(state.space, aim, base_ratio)
+            except UserError as exc:
+                raise UserError(f"target {self.target} cannot be met in {self.config.latency.runtime}: the search "
+                                f"result measured {steps[-1]['measured']:.3g}x, and aiming higher fails ({exc})",
+                                "lower the target, or use another runtime / batch size") from None
+            action = sampler.meet(action)
+            speedup = self._measured_speedup(state, sampler.to_rates(action))
+            steps.append({"aimed": aim, "estimated": sampler.compression(action) * base_ratio, "measured": speedup})
+            self.pipeline.log(f"round {state.index} search: aimed at {aim:.3g}x by the lookup table, measured "
+                              f"{speedup:.3g}x")
+            if speedup >= state.target:
+                break
+            aim *= state.target / speedup
+        return action, sampler, steps
+
+    def _measured_speedup(self, state: RoundState, rates: dict) -> float:
+        """Measured speedup over the base of the round's model projected at ``rates`` and compacted (no training)."""
+        with quiet_clipping():
+            masks = project(state.space, state.model, rates)
+        candidate = compact(state.model, state.space.param_masks(masks), self.example,
+                            channel_multiple=self.multiple).model
+        settings = self.config.latency
+        timing = measure_models({"base": self.pipeline.base_model, "candidate": candidate}, self.example, settings,
+                                batches=[settings.batch])[settings.batch]
+        return timing["base"].median_ms / timing["candidate"].median_ms
 
     def _anneal(self, state: RoundState, sampler: ActionSampler) -> AnnealingResult:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""
@@ -321,19 +416,68 @@ class Compression:
 
     def _check_target(self, compact_model: nn.Module) -> None:
         """A target is met or refused: UserError when the compact model's own count misses it (compaction
-        kept channels dense that the search counted as removed); the run folder keeps every phase."""
-        base = self.base_params if self.target.objective == "params" else self.base_macs
+        kept channels dense that the search counted as removed); the run folder keeps every phase. A latency
+        target is checked on the final record's measurement (:meth:`_check_latency`)."""
+        if self.table is not None:
+            return
+        base = self._base_count()
         reached = base / max(self._count(compact_model), 1)
-        if reached < self.target.factor * (1 - 1e-3):
+        if reached < self.factor * (1 - 1e-3):
             raise UserError(f"target {self.target} missed: the compact model is {reached:.3g}x (compaction kept "
                             "channels it could not remove exactly; see the round records' dead_channels_kept)",
                             "raise the target a little, or exclude those layers (ignored layers)")
+
+    def _check_latency(self, final: dict) -> None:
+        """A latency target is met or refused: UserError when the measured speedup at the target's batch is
+        below ``(1 - latency.tolerance)`` x the target (the run folder keeps every phase and the final record)."""
+        if self.table is None:
+            return
+        settings = self.config.latency
+        measured = final["deployed"]["batches"][str(settings.batch)]
+        if measured["speedup"] < self.factor * (1 - settings.tolerance):
+            raise UserError(f"target {self.target} missed: the compact model runs in {measured['compressed_ms']:.3g} ms "
+                            f"vs {measured['base_ms']:.3g} ms for the base ({measured['speedup']:.2f}x, "
+                            f"{settings.runtime}, batch {settings.batch}, {settings.threads} thread(s); the lookup "
+                            f"table estimated {final['latency_estimate']['estimate_ms']:.3g} ms)",
+                            "raise the target a little (the table's error is in the final record), or measure on "
+                            "a quieter machine (latency.runs)")
+
+    def _deployed(self, compact_model: nn.Module) -> dict:
+        """The final record's deployed-latency fields: interleaved base / compact timings in the deployment
+        runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower,
+        and for a latency target the lookup table's estimate against the measurement. A model the runtime cannot
+        take (several inputs, an op it cannot export) gets ``deployed: None`` and a warning saying why."""
+        settings = self.config.latency
+        batches = list(dict.fromkeys((*settings.batches, settings.batch)))
+        fields: dict[str, Any] = {"deployed": None, "channel_multiple": self.multiple, "warnings": []}
+        try:
+            timings = measure_models({"base": self.pipeline.base_model, "compressed": compact_model}, self.example,
+                                     settings, batches=batches)
+        except UserError as exc:  # e.g. a model of several inputs: the run's result stands, without this column
+            if self.table is not None:  # a latency target cannot be checked without it
+                raise
+            fields["warnings"].append(f"deployed latency not measured: {exc}")
+            logging.getLogger("autocompress").warning(fields["warnings"][-1])
+            return fields
+        deployed = fields["deployed"] = deployed_summary(timings, settings)
+        warning = slower_warning(deployed)
+        if warning:
+            logging.getLogger("autocompress").warning(warning)
+            fields["warnings"].append(warning)
+        if self.table is not None:
+            estimate = self.table.estimate_model(compact_model)
+            measured = timings[settings.batch]["compressed"].median_ms
+            fields["latency_estimate"] = {"estimate_ms": estimate, "measured_ms": measured, "batch": settings.batch,
+                                          "error": (estimate - measured) / measured, "target_factor": self.factor,
+                                          "table": self.table.summary()}
+        return fields
 
     def _final(self, compact_model: nn.Module) -> dict:
         """The final table: base vs compressed (params, MACs, validation score, latency at batch 1 and 64)."""
         if self.run_dir is not None:
             path = self.run_dir / "model.pt"
             (self.save or self._save_default)(path, compact_model)
+        deployed = self._deployed(compact_model)
         rows = []
         for name, net in (("base", self.pipeline.base_model), ("compressed", compact_model)):
             latency = {b: metrics.measure_latency(net, _batch_of(self.example, b), runs=self.config.latency_runs)
@@ -341,9 +485,11 @@ class Compression:
             rows.append({"model": name, "params": self.pipeline.params(net), "macs": self.pipeline.macs(net),
                          **self.pipeline.scored(self.base_score if name == "base" else self.task.score(net)),
                          "latency_b1_ms": latency[1].median_ms, "latency_b64_ms": latency[64].median_ms,
+                         **{f"deployed_b{b}_ms": row[f"{name}_ms"]
+                            for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
-                "device": str(self.device), "latency_runs": self.config.latency_runs}
+                "device": str(self.device), "latency_runs": self.config.latency_runs, **deployed}
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
         """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given

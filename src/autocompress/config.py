@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .admm import ADMMConfig
+from .alignment import AUTO, resolve_multiple
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
+from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches
@@ -41,24 +43,31 @@ MAX_EVALUATIONS = 100_000
 @dataclass
 class Target:
     """A compression target: ``objective`` ``"params"`` (compression rate = original parameters /
-    remaining parameters) or ``"flops"`` (original MACs / remaining MACs), and the factor (x, > 1)."""
+    remaining parameters), ``"flops"`` (original MACs / remaining MACs) or ``"latency"`` (measured speedup
+    over the base in the ``latency`` settings' runtime), and the factor (x, > 1); or, for latency only, a
+    latency in milliseconds (``ms``; ``factor`` is then None until the base is measured)."""
 
     objective: str
-    factor: float
+    factor: float | None
+    ms: float | None = None
 
     @classmethod
     def parse(cls, text: Any) -> "Target":
-        """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional). Raises SettingError (``target``)."""
-        match = re.fullmatch(r"\s*(params|flops)\s*=\s*([0-9]*\.?[0-9]+)\s*x?\s*", text) \
+        """``"params=20x"`` / ``"flops=8x"`` / ``"latency=2x"`` (the ``x`` is optional) or ``"latency=5ms"``.
+        Raises SettingError (``target``)."""
+        match = re.fullmatch(r"\s*(params|flops|latency)\s*=\s*([0-9]*\.?[0-9]+)\s*(x|ms)?\s*", text) \
             if isinstance(text, str) and len(text) < 100 else None
-        if not match or not 1.0 < float(match.group(2)) < 1e9:
+        ms = bool(match) and match.group(3) == "ms"
+        if not match or (ms and match.group(1) != "latency") or not (
+                0 < float(match.group(2)) < 1e9 if ms else 1.0 < float(match.group(2)) < 1e9):
             raise SettingError("target", f"cannot read target {show(text)}",
-                               "write OBJECTIVE=FACTORx with OBJECTIVE params or flops and 1 < FACTOR < 1e9, "
-                               "e.g. params=20x")
-        return cls(match.group(1), float(match.group(2)))
+                               "write OBJECTIVE=FACTORx with OBJECTIVE params, flops or latency and 1 < FACTOR "
+                               "< 1e9 (e.g. params=20x, latency=2x), or latency=MILLISECONDSms (e.g. latency=5ms)")
+        value = float(match.group(2))
+        return cls(match.group(1), None, value) if ms else cls(match.group(1), value)
 
     def __str__(self) -> str:
-        return f"{self.objective}={self.factor:g}x"
+        return f"{self.objective}={self.ms:g}ms" if self.ms is not None else f"{self.objective}={self.factor:g}x"
 
 
 def round_targets(final: float, rounds: Any) -> list[float]:
@@ -188,7 +197,12 @@ class CompressConfig:
         max_r: largest pruning rate of any unit (the sampler's r_max), in (0, 1).
         search_mode: ``"annealing"`` (the guided search) or ``"uniform"`` (one rate for every unit; ablation).
         final_retrain_epochs: retraining epochs of the last round (None: as ``retrain.epochs``).
-        latency_runs: timed runs per latency measurement of the final table.
+        latency_runs: timed runs per PyTorch latency measurement of the final table.
+        channel_multiple: every filter group keeps a multiple of this many channels
+            (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (16 on AVX-512
+            CPUs, 8 otherwise); None (default): ``"auto"`` for a latency target, 1 for the others.
+        latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
+            table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
         search, quick_eval, admm, purification, retrain, distillation: the sections.
     """
@@ -201,6 +215,7 @@ class CompressConfig:
     search_mode: str = "annealing"
     final_retrain_epochs: int | None = None
     latency_runs: int = 20
+    channel_multiple: int | str | None = None
     amp: str = "none"
     search: SearchConfig = field(default_factory=SearchConfig)
     quick_eval: QuickEvalConfig = field(default_factory=QuickEvalConfig)
@@ -208,6 +223,7 @@ class CompressConfig:
     purification: PurificationConfig = field(default_factory=PurificationConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     @classmethod
     def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":
@@ -236,7 +252,18 @@ class CompressConfig:
         if set(self.kinds) == {"irregular"} and target.objective == "flops":
             raise SettingError("dims", "irregular sparsity does not reduce the MACs of the dense layers it "
                                "leaves", "use a params target with dims irregular, or filter,column for flops")
-        round_targets(target.factor, self.rounds)
+        if target.ms is None:
+            round_targets(target.factor, self.rounds)
+        elif isinstance(self.rounds, (list, tuple)):
+            raise SettingError("rounds", f"a target in milliseconds ({target}) has no factor to end a list of round "
+                               "targets at", "use rounds doubling or a number of rounds")
+        else:
+            round_targets(2.0, self.rounds)  # the format only: the factor is known once the base is measured
+        if target.objective == "latency" and "irregular" in self.kinds:
+            raise SettingError("dims", "irregular sparsity does not make the dense layers it leaves faster",
+                               "use dims filter or filter,column with a latency target")
+        self.resolved_multiple()
+        self.latency.validate()
         checks = [
             ("search_mode", self.search_mode in ("annealing", "uniform"), "use annealing or uniform"),
             ("max_r", 0 < self.max_r < 1, "use e.g. 0.95"),
@@ -265,6 +292,17 @@ class CompressConfig:
         if self.retrain.schedule not in SCHEDULES:  # checked even when retraining is off
             raise SettingError("retrain.schedule", f"unknown retrain.schedule {show(self.retrain.schedule)}",
                                f"use one of {', '.join(SCHEDULES)}")
+
+    def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
+        """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):
+        ``channel_multiple``, or when None, ``"auto"`` for a latency target and 1 otherwise. SettingError
+        (``channel_multiple``) for a bad value."""
+        value = self.channel_multiple
+        if value is None:
+            if self.parsed_target().objective != "latency":
+                return 1, "1 (default for a params / flops target)"
+            value = AUTO
+        return _naming("channel_multiple", lambda: resolve_multiple(value, device=device))
 
     def retrain_epochs(self, *, last: bool) -> int:
         """Retraining epochs of a round (``last``: the final round)."""

@@ -78,7 +78,9 @@ def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], exam
     return diff, tolerance, sizes
 
 
-def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
+    """ONNX bytes of ``model`` (eval mode) traced on ``example`` with a dynamic batch axis (input ``"input"``,
+    output ``"output"``; the TorchScript exporter, constants folded). Exceptions of the exporter propagate."""
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
@@ -112,7 +114,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     example = _example(example_inputs, "ONNX export")
     model = model.cpu()
     try:
-        data = _onnx_bytes(model, example, opset)
+        data = onnx_bytes(model, example, opset)
     except Exception as exc:  # the exporter raises many types for unsupported ops
         raise UserError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                         "try another --opset, or export the model before compaction") from exc
@@ -187,4 +189,4 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
                         checked_batch_sizes=sizes)
 
 
-__all__ = ["ExportResult", "export_onnx", "export_program"]
+__all__ = ["ExportResult", "export_onnx", "export_program", "onnx_bytes"]

@@ -18,7 +18,9 @@ Choices (ours; the paper is silent):
   ``with_consumers=True`` (then it is the projection of every weight entry the channel owns).
 * **Ties** are broken by index: the lower index is kept (stable sort).
 * **Keep count** ``k = max(1, size - round(rate * size))`` (:func:`autocompress.space.keep_count`); a
-  rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` and logged.
+  rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` and logged. A
+  filter group keeps that count aligned to the space's channel multiple
+  (:meth:`autocompress.space.PruningSpace.filter_keep`, :mod:`autocompress.alignment`).
 * **Hybrid**: filters first; columns are scored on the weights with removed filters / input channels
   zeroed, and the column rate counts the columns that remain after filter pruning; irregular pruning,
   when combined, acts last on the entries that remain.
@@ -136,10 +138,10 @@ def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[s
 
     def kept(kind: str, name: str, size: int) -> int:
         rate = rates[kind].get(name, 0.0)
-        k = keep_count(size, rate)
+        k = space.filter_keep(space.unit(kind, name), rate) if kind == "filter" else keep_count(size, rate)
         if removed_count(size, rate) >= size:
             clipped.append(Clip(kind, name, rate, size, k))
-            log.warning("%s rate %.4f of %s would remove all %d units; keeping 1", kind, rate, name, size)
+            log.warning("%s rate %.4f of %s would remove all %d units; keeping %d", kind, rate, name, size, k)
         return k
 
     filters = {g.name: topk_mask(group_scores(g, params, with_consumers=with_consumers),

@@ -8,9 +8,12 @@ ADMM pruning leaves structure that computes nothing useful. Two phases remove it
   removed; a kept channel whose producer weight rows are all pruned is removed; and every column that reads a
   removed channel is removed. The rules feed each other (a removed channel empties columns, which can empty
   a producer's rows when irregular masks are combined), so they are repeated to a fixed point. At least one
-  unit per layer is always kept.
+  unit per layer is always kept, and a filter group keeps an aligned width (the space's channel multiple,
+  :mod:`autocompress.alignment`): removed channels are put back, used ones first, up to the next allowed
+  width.
 * **Redundant weight removal** (:func:`purify`): filters and columns whose remaining L2 norm is below
-  ``threshold`` x the mean norm of the layer's remaining units are removed, followed by unused path removal,
+  ``threshold`` x the mean norm of the layer's remaining units are removed (a filter group back up to an
+  aligned width, largest norms first), followed by unused path removal,
   when the validation top-1 stays within ``tolerance`` of the top-1 before purification. Thresholds are
   tried in increasing order (each removes a superset of the previous one); the largest accepted one is kept.
   Our guard: when the top-1 before purification is below :data:`CHANCE_FACTOR` x chance (1 / number of
@@ -43,6 +46,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .alignment import grow_to_multiple
 from .analysis import analysis_mode
 from .compaction import verify
 from .errors import UserError
@@ -176,6 +180,7 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
             if pinned is not None and group.name in pinned:
                 new |= keep & pinned[group.name]
             new = _keep_one(new, keep, used)
+            new = grow_to_multiple(new, keep, space.channel_multiple, (used & produced).double())
             if not torch.equal(new, keep):
                 masks.filters[group.name], changed = new, True
         for layer, entries in reads.items():
@@ -211,7 +216,8 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
         masked = {s.param: params[s.param].detach() * pm[s.param].to(params[s.param].device)
                   for s in group.slices if s.role == "weight"}
         norms = group_scores(group, masked).sqrt()
-        masks.filters[group.name] = _below(norms, keep, threshold)
+        masks.filters[group.name] = grow_to_multiple(_below(norms, keep, threshold), keep,
+                                                     space.channel_multiple, norms)
     for layer in space.column_layers:
         keep = masks.columns.get(layer.name)
         if keep is None or not bool(keep.any()):

@@ -9,7 +9,10 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   "layers": [{"name", "filters", "filters_total", "columns", "columns_total"}, ...]}`` — measured on the
   round's compact model (parameters, MACs = multiply-accumulates, not FLOPs);
 * ``{"event": "final", "rows": [{"model": "base"|"compressed", "test_top1", "params", "macs",
-  "file_bytes", "latency_b1_ms", "latency_b64_ms"}, ...], "threads": int}``.
+  "file_bytes", "latency_b1_ms", "latency_b64_ms", "deployed_b1_ms", "deployed_b64_ms"}, ...], "threads": int,
+  "deployed": {"runtime", "device", "threads", "runs", "warmup", "batches": {"1": {"base_ms", "compressed_ms",
+  "speedup"}, ...}, "slower": [batch, ...]}, "channel_multiple": int, "warnings": [str, ...],
+  "latency_estimate": {...} (latency targets)}`` (:mod:`autocompress.latency`); warnings are shown loudly.
 """
 from __future__ import annotations
 
@@ -138,12 +141,43 @@ FINAL_COLUMNS = (("test_top1", "test top-1 (%)", "points"), ("val_top1", "val to
                  ("latency_b1_ms", "latency b=1 (ms)", "ratio"), ("latency_b64_ms", "latency b=64 (ms)", "ratio"))
 
 
+def deployed_columns(final: dict) -> tuple:
+    """The final table's deployed-latency columns (``deployed_b<B>_ms``, one per measured batch size), headed
+    with the runtime's name."""
+    deployed = final.get("deployed")
+    if not isinstance(deployed, dict) or not isinstance(deployed.get("batches"), dict):
+        return ()
+    runtime = _num(deployed.get("runtime"), "")
+    return tuple((f"deployed_b{b}_ms", f"{runtime} b={b} (ms)", "ratio") for b in deployed["batches"])
+
+
+def deployed_lines(final: dict) -> list[str]:
+    """Plain-text lines about deployed speed: how it was measured, the lookup table's estimate error (latency
+    targets) and every warning (e.g. the compressed model is slower than the base); also used by the CLI."""
+    deployed = final.get("deployed")
+    if not isinstance(deployed, dict):
+        return []
+    lines = [f"deployed latency: {_num(deployed.get('runtime'), '')} on {_num(deployed.get('device'), '')}, "
+             f"{_num(deployed.get('threads'), '')} thread(s), median of {_num(deployed.get('runs'), '')} interleaved "
+             f"base / compressed runs after {_num(deployed.get('warmup'), '')} warm-up runs; channel multiple "
+             f"{_num(final.get('channel_multiple'), '')}"]
+    estimate = final.get("latency_estimate")
+    if isinstance(estimate, dict):
+        error = estimate.get("error")
+        lines.append(f"latency lookup table: estimate {_num(estimate.get('estimate_ms'), '.3g')} ms vs measured "
+                     f"{_num(estimate.get('measured_ms'), '.3g')} ms at batch {_num(estimate.get('batch'), '')} "
+                     f"(error {_num(100 * error, '+.1f') if isinstance(error, (int, float)) else '?'} %)")
+    warnings = final.get("warnings")
+    return lines + [_num(w, "") for w in (warnings if isinstance(warnings, list) else [])]
+
+
 def final_table_rows(final: dict) -> list[list[str]]:
     """Rows of the final comparison table (header first) from a ``final`` record, as plain text (the HTML
     report escapes them): the columns of :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points,
     differences, base / compressed ratios; "-" where a value is not a number or a ratio divides by 0); also
     used by the CLI."""
-    columns = [c for c in FINAL_COLUMNS if all(row.get(c[0]) is not None for row in final["rows"])]
+    columns = [c for c in FINAL_COLUMNS + deployed_columns(final) if all(row.get(c[0]) is not None
+                                                                          for row in final["rows"])]
     rows = [["model"] + [header for _, header, _ in columns]]
     rows += [[_fmt(row.get("model", ""))] + [_fmt(row[key]) for key, _, _ in columns] for row in final["rows"]]
     if len(final["rows"]) == 2:
@@ -176,8 +210,12 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
     base = next((r for r in records if r.get("event") == "base"), None)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if finals:
-        parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1])),
-                  f"<p>Latency: PyTorch on {html.escape(_fmt(finals[-1].get('device', 'cpu')))}, "
+        warnings = finals[-1].get("warnings")
+        parts += [f"<p style='color:#b00;font-weight:bold;font-size:120%'>{html.escape(_num(w, ''))}</p>"
+                  for w in (warnings if isinstance(warnings, list) else [])]
+        parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1]))]
+        parts += [f"<p>{html.escape(line)}</p>" for line in deployed_lines(finals[-1])]
+        parts += [f"<p>Latency columns b=1 / b=64: PyTorch on {html.escape(_fmt(finals[-1].get('device', 'cpu')))}, "
                   f"{html.escape(_fmt(finals[-1].get('threads', '?')))} threads, median of "
                   f"{html.escape(_fmt(finals[-1].get('latency_runs', '?')))} runs after warm-up.</p>"]
     if rounds:

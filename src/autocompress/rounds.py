@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import admm, metrics
+from .alignment import misaligned_widths
 from .compaction import compact, densify
 from .config import CompressConfig
 from .distillation import Distiller
@@ -193,6 +194,7 @@ class Pipeline:
         train_fn: the caller's own training loop, or None for the default SGD loop.
         chance: the score of a random guess (default top-1: 1 / classes), or None.
         ignored_layers: module names never pruned.
+        channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
     """
 
     task: Task
@@ -203,6 +205,7 @@ class Pipeline:
     train_fn: TrainFn | None = None
     chance: float | None = None
     ignored_layers: tuple = ()
+    channel_multiple: int = 1
     progress: bool = True
     log: Callable[[str], None] = print
 
@@ -245,7 +248,8 @@ class Pipeline:
         dims = self.config.kinds
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
-        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers)
+        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers,
+                                   channel_multiple=self.channel_multiple)
         space.check_dims(self.config.kinds)
         return space
 
@@ -385,14 +389,16 @@ class Pipeline:
         """The budget's count of the compact model after unused path removal from ``masks`` (on a copy)."""
         trial = copy.deepcopy(state.model)
         result = purify(trial, state.space, masks, example_inputs=self.example_inputs)
-        return state.budget.count(compact(trial, result.param_masks, self.example_inputs).model)
+        return state.budget.count(compact(trial, result.param_masks, self.example_inputs,
+                                          channel_multiple=self.channel_multiple).model)
 
     def _shrink(self, state: RoundState) -> None:
         """Make masked retraining cheaper: replace ``state.model`` by its compacted, densified equivalent
         (pruned filters / channels physically gone, pruned columns and weights still present as zeros) and
         ``state.param_masks`` by the masks of those zeros (conv / linear weights). Same function, fewer MACs
         per training step; deterministic, so a resumed run rebuilds the same architecture."""
-        small = densify(compact(state.model, state.param_masks, self.example_inputs).model)
+        small = densify(compact(state.model, state.param_masks, self.example_inputs,
+                                channel_multiple=self.channel_multiple).model)
         small.train(state.model.training)
         state.model = small
         state.param_masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
@@ -415,8 +421,13 @@ class Pipeline:
         return [{"event": "retrain", "round": state.index, "history": history}]
 
     def _compact(self, state: RoundState, *, last: bool) -> list[dict]:
-        compacted = compact(state.model, state.param_masks, self.example_inputs)
+        compacted = compact(state.model, state.param_masks, self.example_inputs,
+                            channel_multiple=self.channel_multiple)
         compact_model = compacted.model
+        misaligned = misaligned_widths(state.space, compact_model)
+        if misaligned:  # an invariant of projection, purification and compaction together
+            raise RuntimeError(f"round {state.index}: compact widths {misaligned} are not multiples of "
+                               f"{self.channel_multiple}")
         kept_dense = compacted.report.get("dead_channels_kept") or {}
         if kept_dense:
             self.log(f"round {state.index}: compaction kept dead channels dense: "

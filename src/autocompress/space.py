@@ -42,6 +42,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
+from .alignment import aligned_keep
 from .analysis import hooked_forward, preserved_state
 from .errors import UserError, show
 from .masks import Masks
@@ -210,12 +211,14 @@ class PruningSpace:
         param_shapes: parameter name -> shape of every parameter of the model.
         layer_macs: Conv / Linear module name -> (weight name, MACs of the full weight).
         total: :class:`Counts` of the unpruned model.
+        channel_multiple: every filter group keeps an allowed width at this multiple
+            (:mod:`autocompress.alignment`; 1 = any width).
     """
 
     def __init__(self, *, filter_groups: Sequence[FilterGroup], column_layers: Sequence[ColumnLayer],
                  irregular_layers: Sequence[IrregularLayer], excluded: Mapping[str, str],
                  dims: Sequence[str], max_rate: float, param_shapes: Mapping[str, torch.Size],
-                 layer_macs: Mapping[str, tuple[str, int]], total: Counts):
+                 layer_macs: Mapping[str, tuple[str, int]], total: Counts, channel_multiple: int = 1):
         self.filter_groups = list(filter_groups)
         self.column_layers = list(column_layers)
         self.irregular_layers = list(irregular_layers)
@@ -225,6 +228,7 @@ class PruningSpace:
         self.param_shapes = dict(param_shapes)
         self.layer_macs = dict(layer_macs)
         self.total = total
+        self.channel_multiple = int(channel_multiple)
         self._units = {"filter": {u.name: u for u in self.filter_groups},
                        "column": {u.name: u for u in self.column_layers},
                        "irregular": {u.name: u for u in self.irregular_layers}}
@@ -232,7 +236,8 @@ class PruningSpace:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, model: nn.Module, example_inputs, *, dims: Sequence[str] = ("filter", "column"),
-              ignored_layers: Iterable[str] = (), max_rate: float = 0.95) -> "PruningSpace":
+              ignored_layers: Iterable[str] = (), max_rate: float = 0.95,
+              channel_multiple: int = 1) -> "PruningSpace":
         """Enumerate the prunable units of ``model``.
 
         Args:
@@ -244,6 +249,7 @@ class PruningSpace:
             ignored_layers: module names never pruned (no filter group containing them, no columns, no
                 irregular weights).
             max_rate: the search's upper bound on one unit's rate, ``0 < max_rate < 1``.
+            channel_multiple: filter groups keep widths aligned to it (:meth:`filter_keep`).
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -296,7 +302,7 @@ class PruningSpace:
         shapes = {n: p.shape for n, p in model.named_parameters()}
         return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
-                   param_shapes=shapes, layer_macs=layer_macs, total=total)
+                   param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple)
 
     def check_dims(self, dims: Sequence[str]) -> None:
         """Refuse, before any work, pruning ``dims`` when one of these kinds has no unit in the space.
@@ -312,6 +318,11 @@ class PruningSpace:
                 raise UserError(f"no {kind} unit can be pruned in this model ({name or 'the model'}: {reason})",
                                 f"drop {kind} from dims, or change the model / ignored layers so that "
                                 f"{name or 'it'} can be pruned")
+
+    def filter_keep(self, group: FilterGroup, rate: float) -> int:
+        """Channels a filter group keeps at ``rate``: :func:`keep_count`, aligned to :attr:`channel_multiple`
+        (:func:`autocompress.alignment.aligned_keep`); non-increasing in ``rate``."""
+        return aligned_keep(group.size, keep_count(group.size, rate), self.channel_multiple)
 
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
@@ -422,24 +433,15 @@ class PruningSpace:
             UserError: invalid rates (see :meth:`check_rates`).
         """
         rates = self.check_rates(rates)
-        removed: dict[tuple[str, int], int] = {}  # (param, dim) -> positions removed along dim
-        for g in self.filter_groups:
-            gone = g.size - keep_count(g.size, rates["filter"].get(g.name, 0.0))
-            for s in g.slices:
-                key = (s.param, s.dim)
-                removed[key] = removed.get(key, 0) + gone * s.index.numel() // g.size
-        kept: dict[str, int] = {}
-        for param in dict.fromkeys(p for p, _ in removed):
-            shape = self.param_shapes[param]
-            left = [n - removed.get((param, d), 0) for d, n in enumerate(shape)]
-            kept[param] = math.prod(left)
+        shapes = self.kept_shapes(rates)
+        kept = {param: math.prod(shape) for param, shape in shapes.items()}
         dense = dict(kept)
         columns = {c.param: c for c in self.column_layers}
         weights = {w.param: w for w in self.irregular_layers}
         for param in dict.fromkeys([*columns, *weights]):
             shape = self.param_shapes[param]
             row_dim = 1 if param in columns and columns[param].transposed else 0
-            rows = shape[row_dim] - removed.get((param, row_dim), 0)
+            rows = shapes[param][row_dim] if param in shapes else shape[row_dim]
             cols = kept.get(param, shape.numel()) // rows if rows else 0
             if param in columns:
                 cols = keep_count(cols, rates["column"].get(columns[param].name, 0.0))
@@ -449,6 +451,19 @@ class PruningSpace:
                 entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
             kept[param] = entries
         return self._counts(kept, dense)
+
+    def kept_shapes(self, rates: Mapping[str, Mapping[str, float]]) -> dict[str, list[int]]:
+        """Shape of every parameter a filter group touches once the groups are pruned at ``rates["filter"]``
+        (:meth:`filter_keep` channels each), from the keep counts alone; column and irregular rates do not
+        change shapes. ``rates`` must be checked (:meth:`check_rates`)."""
+        removed: dict[tuple[str, int], int] = {}  # (param, dim) -> positions removed along dim
+        for g in self.filter_groups:
+            gone = g.size - self.filter_keep(g, rates.get("filter", {}).get(g.name, 0.0))
+            for s in g.slices:
+                key = (s.param, s.dim)
+                removed[key] = removed.get(key, 0) + gone * s.index.numel() // g.size
+        return {param: [n - removed.get((param, d), 0) for d, n in enumerate(self.param_shapes[param])]
+                for param in dict.fromkeys(p for p, _ in removed)}
 
     def _counts(self, kept: Mapping[str, int], dense: Mapping[str, int]) -> Counts:
         """Counts of the compact model given the non-zero entries of each pruned parameter (``kept``) and

@@ -21,13 +21,16 @@ from ..errors import UserError
 FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "--seed": "seed",
                  "--admm-epochs": "admm.epochs", "--retrain-epochs": "retrain.epochs", "--dataset": "dataset",
                  "--data-dir": "data_dir", "--val-size": "val_size", "--max-train": "max_train",
-                 "--batch-size": "batch_size", "--amp": "amp"}
+                 "--batch-size": "batch_size", "--amp": "amp", "--channel-multiple": "channel_multiple",
+                 "--latency-runtime": "latency.runtime", "--latency-threads": "latency.threads",
+                 "--latency-batch": "latency.batch"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``autocompress compress``."""
     parser.add_argument("checkpoint", nargs="?", help="trained checkpoint (omit with --resume)")
-    parser.add_argument("--target", help="OBJECTIVE=FACTORx, e.g. params=20x or flops=8x")
+    parser.add_argument("--target", help="OBJECTIVE=FACTORx, e.g. params=20x, flops=8x or latency=2x (speedup "
+                        "measured in --latency-runtime), or latency=5ms")
     parser.add_argument("--dims", help="filter,column (hybrid, default) | filter | column | irregular")
     parser.add_argument("--rounds", help="'doubling' (default), a number of rounds, or targets '2,4,10'")
     parser.add_argument("--config", help="run.yaml with any compress setting (flags override it)")
@@ -48,7 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs per round")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast of training phases (CUDA)")
+    parser.add_argument("--channel-multiple", type=_multiple, help="every filter group keeps a multiple of N "
+                        "channels: N, or auto (16 on AVX-512 CPUs, 8 otherwise; the default for latency targets)")
+    parser.add_argument("--latency-runtime", help="deployment runtime: onnxruntime (default, CPU) or torch")
+    parser.add_argument("--latency-threads", type=int, help="threads of the deployment runtime (default 1)")
+    parser.add_argument("--latency-batch", type=int, help="batch size of a latency target (default 1)")
     parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars or phase log")
+
+
+def _multiple(text: str):
+    """``--channel-multiple``: an integer, or text (``auto``; anything else is refused by the config check)."""
+    return int(text) if text.isdigit() else text
 
 
 def _rounds(text: str):
@@ -215,12 +228,14 @@ def run(args: argparse.Namespace) -> int:
         final, workload = _compress(checkpoint, settings, out, args)
     except SettingError as exc:
         raise flag_message(exc, args) from None
-    from ..report import final_table_rows
+    from ..report import deployed_lines, final_table_rows
 
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    for line in deployed_lines(final):  # warnings included (the log has them on stderr too)
+        print(line)
     print(f"run folder: {out} (model.pt, report.html, metrics.jsonl, config.yaml)")
     warning = chance_warning(final, workload.splits.num_classes)
     if warning:

@@ -8,12 +8,16 @@ Examples::
 
 MACs are counted by ``torch.utils.flop_counter`` for one image (FLOPs = 2 x MACs); latency is the
 median of ``--latency-runs`` timed forwards after a warm-up, at batch 1 and 64, with a fixed thread
-count, on ``--device`` (see :mod:`autocompress.metrics`).
+count, on ``--device`` (see :mod:`autocompress.metrics`). The deployed latency is measured the same way in
+``--runtime`` (onnxruntime by default, ``--runtime-threads`` threads, :mod:`autocompress.latency`); for a
+compact checkpoint its base architecture (fresh weights: speed does not depend on them) is timed interleaved
+with it, and a compact model slower than its base is a loud warning.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..errors import UserError
 from ..text import plural
@@ -34,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-runs", type=int, default=30, help="timed forwards per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed forwards before timing")
     parser.add_argument("--threads", type=int, help="CPU threads for timing (default: torch's current setting)")
-    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    parser.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch", "none"),
+                        help="deployment runtime of the deployed latency (default onnxruntime; none: skip)")
+    parser.add_argument("--runtime-threads", type=int, default=1, help="threads of the deployment runtime")
     parser.add_argument("--device", default="cpu", help="where to count and time: cpu (default), cuda, cuda:N "
                         "or auto")
 
@@ -55,7 +62,8 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
 
 
 def _load(args: argparse.Namespace):
-    """-> (model, label, input size, checkpoint path or None) from the arguments."""
+    """-> (model, label, input size, checkpoint path or None, the base architecture of a compact checkpoint
+    with fresh weights or None) from the arguments."""
     from ..models import create_model, model_info
 
     if bool(args.checkpoint) == bool(args.model):
@@ -64,8 +72,8 @@ def _load(args: argparse.Namespace):
     if args.model:
         info = model_info(args.model)
         model = create_model(args.model, num_classes=args.num_classes, **parse_model_args(args.model_arg))
-        return model, args.model, info.input_size, None
-    from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
+        return model, args.model, info.input_size, None, None
+    from ..checkpoint import build_model, load_checkpoint, model_from_checkpoint, model_label
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -75,7 +83,8 @@ def _load(args: argparse.Namespace):
         size = model_info(ckpt["model"]["name"]).input_size
     if not size:
         raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
-    return model, name, tuple(size), args.checkpoint
+    base = build_model(ckpt["model"]) if ckpt.get("architecture") is not None else None
+    return model, name, tuple(size), args.checkpoint, base
 
 
 def _report(args: argparse.Namespace) -> dict:
@@ -83,14 +92,34 @@ def _report(args: argparse.Namespace) -> dict:
     from ..task import resolve_device
 
     device = resolve_device(args.device)
-    model, name, size, path = _load(args)
+    model, name, size, path, base = _load(args)
     model = model.to(device)
     if args.input_size:
         size = parse_input_size(args.input_size)
     summary = model_summary(model, size, latency_runs=args.latency_runs, warmup=args.warmup,
                             threads=args.threads, latency=not args.no_latency)
+    deployed = None if args.no_latency or args.runtime == "none" else _deployed(args, model, base, size)
     return {"model": name, "checkpoint": path, "file_size_bytes": file_size(path) if path else None,
-            "device": str(device), **summary.to_dict()}
+            "device": str(device), **summary.to_dict(), "deployed": deployed}
+
+
+def _deployed(args: argparse.Namespace, model, base, size) -> dict:
+    """Deployed latency of ``model`` (and of ``base``, interleaved, for a compact checkpoint) at batch 1 and
+    64 in ``--runtime``; with a base, the speedups and a warning when the model is slower."""
+    from ..latency import LatencyConfig, deployed_summary, measure_models, slower_warning
+    from ..metrics import example_inputs_for
+
+    device = str(args.device) if args.runtime == "torch" and str(args.device) != "auto" else "cpu"
+    config = LatencyConfig(runtime=args.runtime, device=device, threads=args.runtime_threads,
+                           runs=args.latency_runs, warmup=args.warmup)
+    config.validate()
+    models = {"compressed": model.cpu()} if base is None else {"base": base, "compressed": model.cpu()}
+    timings = measure_models(models, example_inputs_for(size), config)
+    if base is None:
+        return {"runtime": config.runtime, "threads": config.threads, "runs": config.runs,
+                "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()}}
+    summary = deployed_summary(timings, config)
+    return {**summary, "warning": slower_warning(summary)}
 
 
 def _millions(value: int) -> str:
@@ -112,6 +141,7 @@ def format_report(report: dict) -> str:
         lines.append(f"latency      batch {batch}: median {result['median_ms']:.2f} ms (p10 {result['p10_ms']:.2f}, "
                      f"p90 {result['p90_ms']:.2f}) over {plural(result['runs'], 'run')} on {report['device']}, "
                      f"{plural(result['threads'], 'CPU thread')}")
+    lines += _deployed_lines(report.get("deployed"))
     header = ("layer", "type", "weight shape", "params", "MACs", "zeros")
     rows = [(row["name"] or "(model)", row["type"],
              "x".join(map(str, row["weight_shape"])) if row["weight_shape"] else "-",
@@ -128,6 +158,23 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _deployed_lines(deployed: dict | None) -> list[str]:
+    """Text lines of the deployed latency (see :func:`_deployed`)."""
+    if not deployed:
+        return []
+    lines = []
+    for batch, row in deployed["batches"].items():
+        where = f"{deployed['runtime']}, {plural(deployed['threads'], 'thread')}, {plural(deployed['runs'], 'run')}"
+        if "model_ms" in row:
+            lines.append(f"deployed     batch {batch}: {row['model_ms']:.3f} ms ({where})")
+        else:
+            lines.append(f"deployed     batch {batch}: {row['compressed_ms']:.3f} ms, base {row['base_ms']:.3f} ms, "
+                         f"speedup {row['speedup']:.2f}x ({where}, interleaved)")
+    if deployed.get("warning"):
+        lines.append(deployed["warning"])
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the report (text or ``--json``); returns 0. Raises UserError on bad input (exit 2)."""
     if args.list_models:
@@ -140,4 +187,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = _report(args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if (report.get("deployed") or {}).get("warning"):
+        print(f"autocompress: {report['deployed']['warning']}", file=sys.stderr)
     return 0

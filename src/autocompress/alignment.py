@@ -1,0 +1,146 @@
+"""Hardware-aligned widths: every filter group keeps a multiple of ``N`` channels.
+
+Why: CPU runtimes (oneDNN under PyTorch and onnxruntime) block convolution channels by 8 (SSE / AVX2) or 16
+(AVX-512) and pad a partial block with zeros, so a width between two multiples costs as much as the next
+multiple, and some kernels lose their fast path altogether (measured in BENCHMARKS.md: a compact
+mobilenet_v2 with widths such as 21 and 59 ran slower than its base in onnxruntime).
+
+The rule (ours), for a filter group of ``size`` channels and a multiple ``N``:
+
+* the widths a group may keep are ``N, 2N, ..., floor(size / N) * N`` and ``size`` itself (all of them:
+  the original width is always allowed, so a group of 24 channels at ``N = 16`` keeps 16 or 24);
+* a group of at most ``N`` channels keeps all of them (it is exempt: it cannot be pruned to an aligned
+  width). With an explicit ``N`` a group *smaller* than ``N`` is refused before any work (see
+  :func:`check_multiple`); with ``"auto"`` it is exempt and logged;
+* a rate's keep count ``k`` (:func:`autocompress.space.keep_count`) becomes the allowed width nearest to
+  ``k`` (ties: the larger), :func:`aligned_keep`. It is non-increasing in the rate, so the search's target
+  fitting still meets a target from below.
+
+Column pruning is not aligned (it changes the GEMM's inner dimension, which runtimes do not block the same
+way); a latency target measures what it really costs instead (:mod:`autocompress.latency`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .errors import UserError, show
+
+log = logging.getLogger(__name__)
+
+#: the ``channel_multiple`` setting's word for "pick from the CPU"
+AUTO = "auto"
+
+
+def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
+    """The channel multiple ``value`` stands for, and a sentence saying why.
+
+    ``"auto"``: 8 on CUDA (tensor-core tiles), else 16 on a CPU with AVX-512 (oneDNN blocks channels by 16)
+    and 8 otherwise (SSE / AVX2 block by 8), read from ``torch.backends.cpu.get_cpu_capability()``. An int
+    ``N >= 1`` is itself (1 = no alignment).
+
+    Raises:
+        UserError: anything else (names the setting ``channel_multiple``).
+    """
+    if value == AUTO:
+        if str(device).startswith("cuda"):
+            return 8, "auto: 8 for CUDA (tensor-core tiles of 8 channels)"
+        capability = torch.backends.cpu.get_cpu_capability()
+        if "AVX512" in capability.upper():
+            return 16, f"auto: 16 (CPU capability {capability}: oneDNN blocks channels by 16)"
+        return 8, f"auto: 8 (CPU capability {capability}: oneDNN blocks channels by 8)"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise UserError(f"channel_multiple={show(value)} is not valid",
+                        "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")
+    return value, f"{value} (as set)"
+
+
+def allowed_widths(size: int, multiple: int) -> list[int]:
+    """The widths a group of ``size`` channels may keep at ``multiple`` (increasing; see the module doc)."""
+    if multiple <= 1:
+        return list(range(1, size + 1))
+    if size <= multiple:
+        return [size]
+    widths = list(range(multiple, size + 1, multiple))
+    return widths if widths[-1] == size else widths + [size]
+
+
+def aligned_keep(size: int, keep: int, multiple: int) -> int:
+    """The allowed width (:func:`allowed_widths`) nearest to ``keep`` channels of ``size``, ties to the larger."""
+    if multiple <= 1:
+        return keep
+    if size <= multiple:
+        return size
+    low = max(multiple, min(size, keep // multiple * multiple))
+    high = min(size, low + multiple) if low < keep else low
+    return high if high - keep <= keep - low else low
+
+
+def align_up(size: int, keep: int, multiple: int) -> int:
+    """The smallest allowed width of a ``size``-channel group that is at least ``keep``."""
+    if multiple <= 1:
+        return keep
+    return next(w for w in allowed_widths(size, multiple) if w >= keep)
+
+
+def is_aligned(width: int, size: int, multiple: int) -> bool:
+    """Whether ``width`` channels are an allowed width of a group of ``size`` channels."""
+    return multiple <= 1 or width == size or (width % multiple == 0 and width > 0)
+
+
+def check_multiple(space, multiple: int, *, explicit: bool) -> list[str]:
+    """Check ``multiple`` against the filter groups of ``space`` (a PruningSpace) before any work.
+
+    Returns the names of the groups of at most ``multiple`` channels (exempt: they keep every channel).
+
+    Raises:
+        UserError: with an explicit (not ``"auto"``) multiple, a filter group has fewer channels than it.
+    """
+    small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
+    smaller = [g for g in small if g.size < multiple]
+    if explicit and smaller:
+        g = smaller[0]
+        raise UserError(f"channel_multiple={multiple} is larger than filter group {g.name!r} ({g.size} channels)",
+                        f"use a multiple of at most {min(x.size for x in smaller)}, auto, or ignore that layer")
+    if small:
+        log.info("channel multiple %d: %d filter group(s) of at most %d channels keep every channel (%s)",
+                 multiple, len(small), multiple, ", ".join(g.name for g in small[:5]))
+    return [g.name for g in small]
+
+
+def grow_to_multiple(new: torch.Tensor, before: torch.Tensor, multiple: int,
+                     priority: torch.Tensor | None = None) -> torch.Tensor:
+    """``new`` (a subset of ``before``, bool [size]) with channels of ``before`` added back until its count is
+    an allowed width (:func:`align_up`) of the group: the highest ``priority`` (float [size]) first, ties
+    (or no priority) to the lowest index.
+
+    Purification uses it so that removing unused paths or redundant weights never breaks alignment (the
+    channels put back were kept in ``before``, so the function is the masked model's)."""
+    count = int(new.sum())
+    want = align_up(new.numel(), count, multiple)
+    if want == count:
+        return new
+    pool = torch.nonzero(before & ~new).flatten().tolist()
+    if priority is not None:
+        pool.sort(key=lambda i: -float(priority[i]))
+    grown = new.clone()
+    grown[pool[:want - count]] = True
+    return grown
+
+
+def misaligned_widths(space, model) -> dict[str, int]:
+    """Filter groups of ``space`` whose root module in ``model`` (the compact model) has a width that is not
+    an allowed width at ``space.channel_multiple``: group name -> width (empty when all are aligned)."""
+    bad = {}
+    for group in space.filter_groups:
+        module = model.get_submodule(group.name)
+        width = getattr(module, "out_channels", None) or getattr(module, "out_features")
+        if not is_aligned(int(width), group.size, space.channel_multiple):
+            bad[group.name] = int(width)
+    return bad
+
+
+__all__ = ["AUTO", "align_up", "aligned_keep", "allowed_widths", "check_multiple", "grow_to_multiple",
+           "is_aligned", "misaligned_widths", "resolve_multiple"]

@@ -1,0 +1,323 @@
+"""Issue 12, fast where it ships: hardware-aligned widths end to end (alignment, projection, purification,
+compaction, the search's target fitting), deployed latency in the final record, the per-layer latency lookup
+table (structure, cache), latency targets, and the refusals of bad input before any work."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+import autocompress
+from autocompress import UserError
+from autocompress.alignment import aligned_keep, allowed_widths, grow_to_multiple, resolve_multiple
+from autocompress.compaction import compact
+from autocompress.compress import Compression
+from autocompress.config import CompressConfig, SettingError, Target
+from autocompress.latency import (LatencyConfig, build_table, deployed_summary, layer_specs, measure_models,
+                                  slower_warning, table_key)
+from autocompress.masks import apply_masks
+from autocompress.projection import project
+from autocompress.purification import remove_unused_paths, settle
+from autocompress.report import final_table_rows, write_report
+from autocompress.sampling import ActionSampler
+from autocompress.space import PruningSpace
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_api import CONFIG, SmallCNN, loaders, trained  # noqa: E402
+
+FAST = {"runs": 3, "warmup": 1, "table_runs": 2, "large_batch": 4}
+
+
+class Net(nn.Module):
+    """``[B, 2, 6, 6]`` -> ``[B, 3]``: conv-BN-ReLU x2 with a residual add around the second, GAP, Linear."""
+
+    def __init__(self, w1: int, w2: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, w1, 3, padding=1, bias=False), nn.BatchNorm2d(w1)
+        self.conv2, self.bn2 = nn.Conv2d(w1, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2)
+        self.conv3, self.bn3 = nn.Conv2d(w2, w2, 1, bias=False), nn.BatchNorm2d(w2)
+        self.fc = nn.Linear(w2, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(x + self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.2)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ alignment
+@given(size=st.integers(1, 200), keep=st.integers(1, 200), multiple=st.sampled_from([1, 2, 4, 8, 16]))
+def test_aligned_keep_is_the_nearest_allowed_width(size, keep, multiple):
+    keep = min(keep, size)
+    allowed = [size] if size <= multiple else sorted({*range(multiple, size + 1, multiple), size})
+    if multiple == 1:
+        allowed = list(range(1, size + 1))
+    assert allowed_widths(size, multiple) == allowed
+    got = aligned_keep(size, keep, multiple)
+    best = min(abs(w - keep) for w in allowed)
+    assert got in allowed and abs(got - keep) == best and (got >= keep or keep + best not in allowed)
+    if keep < size:  # non-increasing in the rate = non-decreasing in the keep count
+        assert aligned_keep(size, keep + 1, multiple) >= got
+
+
+def test_auto_multiple_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_multiple("auto")[0] == 16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert resolve_multiple("auto") == (8, "auto: 8 (CPU capability AVX2: oneDNN blocks channels by 8)")
+    assert resolve_multiple("auto", device="cuda")[0] == 8 and resolve_multiple(4)[0] == 4
+
+
+def test_grow_to_multiple_puts_back_the_preferred_channels():
+    before = torch.tensor([True] * 8 + [False] * 4)
+    new = torch.zeros(12, dtype=torch.bool)
+    new[[0, 1, 2]] = True
+    grown = grow_to_multiple(new, before, 4, torch.arange(12, dtype=torch.float64))
+    assert torch.nonzero(grown).flatten().tolist() == [0, 1, 2, 7]  # 3 -> 4, the highest priority from before
+
+
+@settings(max_examples=4, deadline=None)
+@given(w1=st.integers(6, 20), w2=st.integers(6, 20), multiple=st.sampled_from([2, 4, 8]),
+       rates=st.lists(st.floats(0, 0.9), min_size=4, max_size=4), seed=st.integers(0, 3))
+def test_aligned_widths_through_projection_purification_and_compaction(w1, w2, multiple, rates, seed):
+    """Random widths, multiples and rates (high column rates empty channels, which unused path removal would
+    drop): the compact model's filter widths are allowed widths and its MACs are the space's estimate."""
+    torch.manual_seed(seed)
+    model = _randomised(Net(w1, w2), seed)
+    x = torch.randn(2, 2, 6, 6)
+    space = PruningSpace.build(model, x, channel_multiple=multiple)
+    r = {"filter": {g.name: rates[i] for i, g in enumerate(space.filter_groups)},
+         "column": {"conv2": rates[2], "conv3": rates[3]}}
+    masks = project(space, model, r)
+    for g in space.filter_groups:
+        assert int(masks.filters[g.name].sum()) in allowed_widths(g.size, multiple)
+    apply_masks(model, space.param_masks(masks))
+    final, _ = settle(model, space, masks, masks, x)
+    assert all(int(final.filters[g.name].sum()) in allowed_widths(g.size, multiple) for g in space.filter_groups)
+    result = compact(model, space.param_masks(final), x, channel_multiple=multiple)
+    widths = {"conv1": result.model.conv1, "conv2": result.model.conv2}
+    for g in space.filter_groups:
+        module = widths[g.name]
+        assert module.out_channels in allowed_widths(g.size, multiple)
+    assert space.estimate(r).macs >= space.count(final).macs  # purification only removes
+
+
+@settings(max_examples=5, deadline=None)
+@given(w1=st.integers(8, 32), w2=st.integers(8, 32), multiple=st.sampled_from([2, 4, 8]),
+       target=st.floats(1.2, 3.0))
+def test_sampler_meets_targets_from_below_with_aligned_widths(w1, w2, multiple, target):
+    model = Net(w1, w2).eval()
+    space = PruningSpace.build(model, torch.randn(1, 2, 6, 6), dims=("filter",), channel_multiple=multiple)
+    try:
+        sampler = ActionSampler.from_space(space, "flops", target)
+    except UserError as exc:  # aligned widths can make a target unreachable: then refused up front
+        assert "unreachable" in str(exc)
+        return
+    action = sampler.initial_action()
+    masks = project(space, model, sampler.to_rates(action))
+    assert space.total.macs / space.count(masks).macs >= target * (1 - 1e-9)
+    assert all(int(masks.filters[g.name].sum()) in allowed_widths(g.size, multiple) for g in space.filter_groups)
+
+
+def test_unused_path_removal_keeps_the_multiple():
+    model = _randomised(Net(8, 8), 0)
+    x = torch.randn(2, 2, 6, 6)
+    space = PruningSpace.build(model, x, channel_multiple=4)
+    masks = space.full_masks()
+    masks.columns["conv2"][: 9 * 3] = False  # nothing reads channels 0..2 of conv1 any more
+    new = remove_unused_paths(space, masks)
+    assert new.filters["conv1"].all()  # 5 used -> the next allowed width is 8: none can go
+    masks.columns["conv2"][: 9 * 5] = False  # 3 used -> 4: channel 4 (lowest unused index of the 5) comes back
+    new = remove_unused_paths(PruningSpace.build(model, x, channel_multiple=4), masks)
+    assert torch.nonzero(new.filters["conv1"]).flatten().tolist() == [0, 5, 6, 7]
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def _compress(model, target, run_dir=None, **config):
+    train, val = loaders()
+    settings_ = {**CONFIG, "latency": {**FAST, **config.pop("latency", {})}, **config}
+    return autocompress.compress(model, torch.randn(1, 1, 8, 8), target, train_loader=train, val_loader=val,
+                                 config=settings_, progress=False, run_dir=run_dir)
+
+
+def test_compress_with_aligned_widths_reports_deployed_speed(tmp_path):
+    train, _ = loaders()
+    result = _compress(trained(SmallCNN(16, 24), train), "flops=2x", tmp_path / "run", channel_multiple=8)
+    assert result.model.conv1.out_channels % 8 == 0 and result.model.conv2.out_channels in (8, 16, 24)
+    assert result.mac_reduction >= 2.0
+    final = result.final
+    assert final["channel_multiple"] == 8 and final["deployed"]["runtime"] == "onnxruntime"
+    assert set(final["deployed"]["batches"]) == {"1", "4"}
+    for batch, row in final["deployed"]["batches"].items():
+        assert row["speedup"] == pytest.approx(row["base_ms"] / row["compressed_ms"])
+        assert final["rows"][0][f"deployed_b{batch}_ms"] == row["base_ms"]
+    assert final["deployed"]["slower"] == [int(b) for b, row in final["deployed"]["batches"].items()
+                                           if row["speedup"] < 1]
+    header = final_table_rows(final)[0]
+    assert "onnxruntime b=1 (ms)" in header and "onnxruntime b=4 (ms)" in header
+    assert "deployed latency: onnxruntime on cpu, 1 thread(s)" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_slower_compact_model_is_a_loud_warning(tmp_path):
+    timings = {1: {"base": _t(1.0), "compressed": _t(2.0)}, 64: {"base": _t(10.0), "compressed": _t(5.0)}}
+    summary = deployed_summary(timings, LatencyConfig())
+    assert summary["slower"] == [1] and summary["batches"]["64"]["speedup"] == 2.0
+    warning = slower_warning(summary)
+    assert warning.startswith("WARNING: the compressed model is SLOWER than the base in onnxruntime")
+    assert "batch 1: 2 ms vs 1 ms" in warning and "batch 64" not in warning
+    row = {"params": 10, "macs": 10}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,
+                                                        "warnings": [warning]}) + "\n")
+    page = write_report(tmp_path).read_text()
+    assert "color:#b00" in page and "SLOWER than the base" in page
+
+
+def _t(ms):
+    from autocompress.latency import Timing
+
+    return Timing(ms, ms, ms, 1)
+
+
+# ------------------------------------------------------------------------------------------ lookup table
+def test_lookup_table_structure_cache_and_key(tmp_path, monkeypatch):
+    model = Net(16, 16).eval()
+    x = torch.randn(1, 2, 6, 6)
+    space = PruningSpace.build(model, x, channel_multiple=8)
+    config = LatencyConfig(**FAST, cache_dir=str(tmp_path))
+    table = build_table(model, x, space, config, multiple=8, columns=True)
+    assert not table.cached and set(table.specs) == {"conv1", "conv2", "conv3", "fc"}
+    assert table.grids["conv2"] == [[8, 16], [8, 16]] and table.grids["conv1"][0] == [2]
+    assert table.estimate_model(model) == pytest.approx(table.base_ms)  # exact at full width by construction
+    for name, (grid_in, grid_out) in table.grids.items():  # monotone in both widths
+        values = np.array([[table.layer_ms(name, i, o) for o in grid_out] for i in grid_in])
+        assert (np.diff(values, axis=0) >= 0).all() and (np.diff(values, axis=1) >= 0).all()
+    estimates = [table.estimate_space(space, {"filter": {g.name: r for g in space.filter_groups}})
+                 for r in (0.0, 0.3, 0.6)]
+    assert estimates[0] == pytest.approx(table.base_ms) and estimates[0] >= estimates[1] >= estimates[2]
+    for points in table.column_ratio.values():  # fewer columns never cost more; never more than dense
+        ratios = [r for _, r in points]
+        assert ratios == sorted(ratios) and ratios[-1] == 1.0
+    monkeypatch.setattr("autocompress.latency._measure_table", lambda *a, **k: pytest.fail("measured again"))
+    again = build_table(model, x, space, config, multiple=8, columns=True)
+    assert again.cached and again.cells == table.cells and again.base_ms == table.base_ms
+    prunable = {"conv1": (False, True)}
+    keys = {table_key(model, x, LatencyConfig(threads=t, batch=b), m, prunable, [])
+            for t, b, m in ((1, 1, 8), (2, 1, 8), (1, 4, 8), (1, 1, 16))}
+    assert len(keys) == 4
+
+
+def test_layer_specs_count_calls_and_shapes():
+    specs = layer_specs(Net(8, 8), torch.randn(1, 2, 6, 6))
+    assert specs["conv2"].spatial == (6, 6) and specs["conv3"].kernel == (1, 1) and specs["fc"].kind == "linear"
+    assert specs["conv2"].signature() != specs["conv3"].signature() and all(s.calls == 1 for s in specs.values())
+
+
+def test_measure_models_interleaves_and_reports_medians():
+    small, large = nn.Conv2d(2, 2, 1), nn.Sequential(*[nn.Conv2d(2, 64, 3, padding=1), nn.Conv2d(64, 2, 3)])
+    timings = measure_models({"small": small, "large": large}, torch.randn(1, 2, 16, 16),
+                             LatencyConfig(runs=5, warmup=1, runtime="torch"), batches=[1, 2])
+    assert set(timings) == {1, 2} and all(t.runs == 5 for row in timings.values() for t in row.values())
+    assert timings[2]["large"].median_ms > timings[2]["small"].median_ms
+
+
+def test_latency_target_end_to_end_records_the_estimate(tmp_path):
+    """A latency target runs through (met, or refused with the measurement); the estimate is recorded."""
+    train, _ = loaders()
+    model = trained(SmallCNN(32, 48), train)
+    try:
+        result = _compress(model, "latency=1.2x", tmp_path / "run", latency={"tolerance": 0.9})
+    except UserError as exc:  # a loaded machine can still miss it; the message carries the measurement
+        assert "missed: the compact model runs in" in str(exc)
+        return
+    estimate = result.final["latency_estimate"]
+    assert estimate["table"]["multiple"] == 8 and result.final["channel_multiple"] == 8
+    assert estimate["error"] == pytest.approx((estimate["estimate_ms"] - estimate["measured_ms"])
+                                              / estimate["measured_ms"])
+    assert result.model.conv1.out_channels % 8 == 0 and result.model.conv2.out_channels % 8 == 0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("target, config, setting, words", [
+    ("latency=2x", {"latency": {"runtime": "tvm"}}, "latency.runtime", "unknown latency.runtime 'tvm'"),
+    ("latency=2x", {"channel_multiple": 0}, "channel_multiple", "channel_multiple=0 is not valid"),
+    ("params=5ms", {}, "target", "cannot read target"),
+    ("latency=2x", {"dims": "irregular"}, "dims", "irregular sparsity"),
+    ("latency=5ms", {"rounds": [2, 4]}, "rounds", "has no factor"),
+    ("flops=2x", {"latency": {"device": "cuda"}}, "latency.device", "not available"),
+])
+def test_bad_settings_are_refused_by_name(target, config, setting, words):
+    with pytest.raises(SettingError) as info:
+        CompressConfig.from_dict({"target": target, **config})
+    assert info.value.setting == setting and words in str(info.value)
+
+
+def test_missing_runtime_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(SettingError, match="latency.runtime onnxruntime is not installed"):
+        CompressConfig.from_dict({"target": "flops=2x"})
+
+
+@pytest.mark.parametrize("target, config, words", [
+    ("flops=2x", {"channel_multiple": 16}, "channel_multiple=16 is larger than filter group 'conv1' (8 channels)"),
+    ("latency=50x", {}, "is unreachable"),
+    ("latency=0.0001ms", {}, "is unreachable"),
+    ("latency=1000ms", {}, "the base model already runs in"),
+])
+def test_bad_input_refused_before_any_work(tmp_path, monkeypatch, target, config, words):
+    monkeypatch.setattr("autocompress.rounds.Pipeline.run_round", lambda *a, **k: pytest.fail("work started"))
+    train, val = loaders()
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Compression(SmallCNN(8, 12), torch.randn(1, 1, 8, 8), target, task_args=dict(train_loader=train,
+                    val_loader=val), config={**CONFIG, "latency": FAST, **config}, run_dir=tmp_path / "run",
+                    progress=False).run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_latency_target_text():
+    assert str(Target.parse("latency=5ms")) == "latency=5ms" and Target.parse("latency = 2.5x").factor == 2.5
+    assert Target.parse("latency=5ms").factor is None
+
+
+def test_cli_flags_set_the_latency_settings():
+    import argparse
+
+    from autocompress.cli.compress import add_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["base.pt", "--target", "latency=2x", "--channel-multiple", "8", "--latency-runtime",
+                              "torch", "--latency-threads", "2", "--latency-batch", "4"])
+    assert settings_from(args, {"latency": {"runs": 5}}) == {
+        "target": "latency=2x", "channel_multiple": 8, "latency": {"runs": 5, "runtime": "torch", "threads": 2,
+                                                                   "batch": 4}}
+    assert parser.parse_args(["base.pt", "--channel-multiple", "auto"]).channel_multiple == "auto"
+
+
+def test_a_model_the_runtime_cannot_take_keeps_its_result(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise UserError("deployed latency needs a model with one input tensor")
+
+    monkeypatch.setattr(sys.modules["autocompress.compress"], "measure_models", refuse)
+    train, _ = loaders()
+    final = _compress(trained(SmallCNN(8, 8), train), "params=1.5x").final
+    assert final["deployed"] is None and "deployed_b1_ms" not in final["rows"][1]
+    assert final["warnings"] == ["deployed latency not measured: deployed latency needs a model with one input tensor"]
