@@ -290,7 +290,9 @@ class Compression:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""
         settings = self.config.quick_eval
         with self.task.seeded(phase_seed(self.config.seed, state.index, "search")):
-            evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings))
+            evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings),
+                                       teacher=self.pipeline.base_model,
+                                       seed=phase_seed(self.config.seed, state.index, "search"))
         scale = 100.0 if self.task.score_fn is None else 1.0
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,

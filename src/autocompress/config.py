@@ -25,7 +25,7 @@ from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
-from .quick_eval import check_batches
+from .quick_eval import check_batches, check_scorer
 from .training import SCHEDULES, SGDSettings, TrainConfig
 
 #: ``dims`` values -> unit kinds pruned
@@ -111,15 +111,25 @@ class QuickEvalConfig:
     """Quick evaluation of a candidate (:class:`autocompress.quick_eval.QuickEvaluator`).
 
     Attributes:
+        scorer: ``"bn"`` (one-shot + BatchNorm re-estimation), ``"refit"`` (+ least-squares refit of the final
+            linear layer onto the base model's logits) or ``"finetune"`` (``finetune_steps`` masked SGD steps,
+            then BatchNorm re-estimation); see :mod:`autocompress.quick_eval` and BENCHMARKS.md "Quick
+            evaluation scorers" for their rank correlation with accuracy after retraining and their cost.
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
-        bn_batches: training batches for those statistics.
+        bn_batches: training batches for those statistics (and the refit).
         val_batches: validation batches scored (the first ones of the validation loader); None: all. Unused
             with a ``score_fn``, which decides itself what it scores on.
+        finetune_steps, finetune_lr, finetune_distill: the ``"finetune"`` scorer's SGD steps (training
+            batches) per candidate, constant learning rate, and distillation from the base model.
     """
 
+    scorer: str = "bn"
     bn_recalibration: bool = True
     bn_batches: int = 5
     val_batches: int | None = 10
+    finetune_steps: int = 50
+    finetune_lr: float = 0.01
+    finetune_distill: bool = True
 
 
 @dataclass
@@ -158,6 +168,15 @@ def _naming(setting: str, check: Callable[[], Any]) -> Any:
     except UserError as exc:
         first = str(exc).split()[0].partition("=")[0]
         raise SettingError(first if first.startswith(f"{setting}.") else setting, str(exc)) from None
+
+
+def _prefixed(section: str, check: Callable[[], Any]) -> Any:
+    """``check()``; a UserError it raises about an argument (``scorer='x' ...``) is raised again naming the
+    setting (``quick_eval.scorer='x' ...``)."""
+    try:
+        return check()
+    except UserError as exc:
+        raise UserError(f"{section}.{exc}") from None
 
 
 def default_admm() -> ADMMConfig:
@@ -250,6 +269,8 @@ class CompressConfig:
         _naming("admm", lambda: self.admm.train_config(lambda field: f"admm.{field}"))
         _naming("quick_eval.bn_batches", lambda: check_batches(self.quick_eval.bn_batches,
                                                                self.quick_eval.val_batches))
+        _naming("quick_eval", lambda: _prefixed("quick_eval", lambda: check_scorer(
+            self.quick_eval.scorer, self.quick_eval.finetune_steps, self.quick_eval.finetune_lr)))
         _naming("purification.tolerance", lambda: check_purification(self.purification.tolerance,
                                                                      self.purification.thresholds))
         self.retrain.train_config()
