@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, metrics, report
 from .annealing import AnnealingResult, simulated_annealing
+from .budget import apply_budget, describe
 from .compaction import densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
@@ -126,6 +127,7 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None) -> 
             raise SettingError("target", f"target {target!r} given, but the config says target {config.target!r}",
                                "give the target once")
         config.target = str(target)
+    config = apply_budget(config)
     config.validate()
     return config
 
@@ -163,6 +165,8 @@ class Compression:
         self.target = Target.parse(self.config.target)
         self.targets = round_targets(self.target.factor, self.config.rounds)
         self.device = resolve_device(device)
+        if self.config.budget is not None:
+            (log or (lambda _line: None))(describe(self.config))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
         self.example = as_inputs(example_inputs, self.device)
@@ -195,7 +199,8 @@ class Compression:
     def _stored_settings(self, base: nn.Module) -> dict:
         return {**dataclasses.asdict(self.config),
                 "run": {"base_model_sha256": model_digest(base), "threads": torch.get_num_threads(),
-                        "device": str(self.device), "autocompress": __version__},
+                        "device": str(self.device), "autocompress": __version__,
+                        **({"schedule": describe(self.config)} if self.config.budget is not None else {})},
                 "source": self.source}
 
     def _open_store(self, base: nn.Module) -> RunFolder:

@@ -202,6 +202,9 @@ class CompressConfig:
         final_retrain_epochs: retraining epochs of the last round (None: as ``retrain.epochs``).
         latency_runs: timed runs per latency measurement of the final table.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
+        budget: training epochs in all; when set, :func:`autocompress.budget.apply_budget` derives ``rounds``,
+            ``admm.epochs``, ``retrain.epochs``, ``final_retrain_epochs`` and ``distillation.enabled`` from it
+            (and refuses those settings given with other values); None: the schedule as written.
         search, quick_eval, admm, purification, retrain, distillation: the sections.
     """
 
@@ -214,6 +217,7 @@ class CompressConfig:
     final_retrain_epochs: int | None = None
     latency_runs: int = 20
     amp: str = "none"
+    budget: int | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     quick_eval: QuickEvalConfig = field(default_factory=QuickEvalConfig)
     admm: ADMMConfig = field(default_factory=default_admm)
@@ -255,6 +259,7 @@ class CompressConfig:
             ("latency_runs", 1 <= self.latency_runs <= 100_000, "use e.g. 20"),
             ("amp", self.amp in AMP, f"use one of {', '.join(AMP)}"),
             ("seed", 0 <= self.seed < 2 ** 63, "use an integer >= 0"),
+            ("budget", self.budget is None or 1 <= self.budget <= MAX_EPOCHS, f"use 1 to {MAX_EPOCHS}, or null"),
             ("admm.epochs", 0 <= self.admm.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),
             ("retrain.epochs", 0 <= self.retrain.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),
             ("final_retrain_epochs", self.final_retrain_epochs is None
