@@ -6,8 +6,8 @@ For each ``--targets`` step (one shot from the base) it draws ``--candidates`` r
 candidate obeys the guidance and the target; the same candidates for every scorer) and records for each
 
 * the score of every scorer (:class:`autocompress.quick_eval.QuickEvaluator`, in % top-1 on the first
-  ``--val-batches`` x 256 shuffled validation images): ``none`` (one-shot, stale BatchNorm), ``bn`` (BatchNorm
-  re-estimation on ``--bn-batches`` x 64 training images), ``refit`` (bn + ridge refit of the classifier onto
+  ``--val-batches`` x 256 shuffled validation images): ``bn`` (one-shot + BatchNorm re-estimation on
+  ``--bn-batches`` x 64 training images; the issue-5 study showed one-shot without it is worse), ``refit`` (bn + ridge refit of the classifier onto
   the base's logits) and ``finetune@S`` for each S of ``--finetune-steps`` (S masked SGD steps of batch 64,
   lr 0.01, distillation from the base, then bn; all S from ONE run, :meth:`QuickEvaluator.score_along`), with
   the seconds each took (``finetune@S``: from the start of that run);
@@ -85,8 +85,7 @@ def scorers(model, space, splits, args) -> dict[str, QuickEvaluator]:
                                              generator=torch.Generator().manual_seed(args.seed)))
 
     common = dict(bn_batches=args.bn_batches, val_batches=args.val_batches, seed=args.seed)
-    return {"none": QuickEvaluator(model, space, task(), bn_recalibration=False, **common),
-            "bn": QuickEvaluator(model, space, task(), **common),
+    return {"bn": QuickEvaluator(model, space, task(), **common),
             "refit": QuickEvaluator(model, space, task(), scorer="refit", **common),
             "finetune": QuickEvaluator(model, space, task(), scorer="finetune", finetune_lr=0.01, **common)}
 
@@ -150,12 +149,12 @@ def main() -> None:
     parser.add_argument("--targets", default="params=10x,params=30x,params=3x")
     parser.add_argument("--dims", default="filter,column")
     parser.add_argument("--candidates", type=int, default=20)
-    parser.add_argument("--finetune-steps", default="25,50,100,200")
-    parser.add_argument("--bn-batches", type=int, default=20, help="training batches of 64 for BatchNorm")
-    parser.add_argument("--val-batches", type=int, default=10, help="validation batches of 256 scored")
+    parser.add_argument("--finetune-steps", default="25,50")
+    parser.add_argument("--bn-batches", type=int, default=10, help="training batches of 64 for BatchNorm")
+    parser.add_argument("--val-batches", type=int, default=5, help="validation batches of 256 scored")
     parser.add_argument("--retrain-epochs", type=int, default=1)
-    parser.add_argument("--max-train", type=int, default=4000)
-    parser.add_argument("--max-test", type=int, default=5000)
+    parser.add_argument("--max-train", type=int, default=3000)
+    parser.add_argument("--max-test", type=int, default=3000)
     parser.add_argument("--data-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
