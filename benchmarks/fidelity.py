@@ -7,8 +7,8 @@ candidate obeys the guidance and the target; the same candidates for every score
 
 * the score of every scorer (:class:`autocompress.quick_eval.QuickEvaluator`, in % top-1 on the first
   ``--val-batches`` x 256 shuffled validation images): ``bn`` (one-shot + BatchNorm re-estimation on
-  ``--bn-batches`` x 64 training images; the issue-5 study showed one-shot without it is worse), ``refit`` (bn + ridge refit of the classifier onto
-  the base's logits) and ``finetune@S`` for each S of ``--finetune-steps`` (S masked SGD steps of batch 64,
+  ``--bn-batches`` x 64 training images; the issue-5 study showed one-shot without it is worse), ``refit``
+  (bn + ridge refit of the classifier onto the base's logits) and ``finetune@S`` for each S of ``--finetune-steps`` (S masked SGD steps of batch 64,
   lr 0.01, distillation from the base, then bn; all S from ONE run, :meth:`QuickEvaluator.score_along`), with
   the seconds each took (``finetune@S``: from the start of that run);
 * the accuracy after a proxy of the round (``ac_kd`` rule: no ADMM convergence at these budgets, so hard
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -90,15 +91,31 @@ def scorers(model, space, splits, args) -> dict[str, QuickEvaluator]:
             "finetune": QuickEvaluator(model, space, task(), scorer="finetune", finetune_lr=0.01, **common)}
 
 
-def score_candidate(evaluators: dict[str, QuickEvaluator], rates: dict, steps: list[int]) -> tuple[dict, dict]:
-    """``({scorer: top-1 %}, {scorer: seconds})`` of one candidate; ``finetune@S`` for each S of ``steps``."""
-    scores, seconds = {}, {}
+def score_candidate(evaluators: dict[str, QuickEvaluator], rates: dict, steps: list[int]
+                    ) -> tuple[dict, dict, dict]:
+    """``({scorer: top-1 %}, {scorer: wall seconds}, {scorer: CPU seconds of this process})`` of one
+    candidate; ``finetune@S`` for each S of ``steps`` (CPU seconds: of the whole run, under ``finetune``)."""
+    scores, seconds, cpu = {}, {}, {}
     for name, evaluator in evaluators.items():
+        began = time.process_time()
         results = evaluator.score_along(rates, steps) if name == "finetune" else [evaluator.score(rates)]
+        cpu[name] = time.process_time() - began
         keys = [f"finetune@{s}" for s in steps] if name == "finetune" else [name]
         for key, result in zip(keys, results):
             scores[key], seconds[key] = 100.0 * result.top1, result.seconds
-    return scores, seconds
+    return scores, seconds, cpu
+
+
+def bootstrap_ci(scores: list[float], retrained: list[float], resamples: int = 1000) -> list[float]:
+    """5th and 95th percentile of Spearman over ``resamples`` seeded bootstrap resamples of the candidates
+    (resamples where either side is constant are skipped)."""
+    rng = np.random.default_rng(0)
+    x, y, values = np.asarray(scores), np.asarray(retrained), []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(x), len(x))
+        if np.ptp(x[pick]) > 0 and np.ptp(y[pick]) > 0:
+            values.append(spearmanr(x[pick], y[pick]).statistic)
+    return [float(np.percentile(values, 5)), float(np.percentile(values, 95))] if values else [math.nan] * 2
 
 
 def summary(rows: list[dict]) -> dict:
@@ -107,8 +124,14 @@ def summary(rows: list[dict]) -> dict:
     for target in dict.fromkeys(r["target"] for r in rows):
         mine = [r for r in rows if r["target"] == target]
         retrained = [r["retrained"] for r in mine]
-        out[target] = {"candidates": len(mine), "retrained_range": [min(retrained), max(retrained)], "scorers": {
+        timed = [r for r in mine if "cpu_seconds" in r]
+        cpu = {name: statistics.median(r["cpu_seconds"][name] for r in timed) for name in
+               (timed[0]["cpu_seconds"] if timed else {})}
+        out[target] = {"candidates": len(mine), "retrained_range": [min(retrained), max(retrained)],
+                       "cpu_seconds": cpu, "retrain_cpu_seconds": statistics.median(
+                           r["retrain_cpu_seconds"] for r in timed) if timed else None, "scorers": {
             key: {"spearman": float(spearmanr([r["scores"][key] for r in mine], retrained).statistic),
+                  "ci90": bootstrap_ci([r["scores"][key] for r in mine], retrained),
                   "seconds": statistics.median(r["seconds"][key] for r in mine),
                   "range": [min(r["scores"][key] for r in mine), max(r["scores"][key] for r in mine)]}
             for key in mine[0]["scores"]}}
@@ -119,11 +142,12 @@ def markdown(table: dict) -> str:
     """Rows: scorer; columns: Spearman and median seconds per candidate at each target."""
     targets = list(table)
     keys = list(next(iter(table.values()))["scorers"])
-    lines = ["| scorer | " + " | ".join(f"Spearman {t} (n={table[t]['candidates']})" for t in targets)
-             + " | " + " | ".join(f"s / candidate {t}" for t in targets) + " |",
+    lines = ["| scorer | " + " | ".join(f"Spearman {t} (n={table[t]['candidates']}; 90% bootstrap)" for t in targets)
+             + " | " + " | ".join(f"wall s / candidate {t}" for t in targets) + " |",
              "|---|" + "---|" * (2 * len(targets))]
     for key in keys:
-        cells = [f"{table[t]['scorers'][key]['spearman']:.2f}" for t in targets]
+        cells = [f"{table[t]['scorers'][key]['spearman']:.2f} ({table[t]['scorers'][key]['ci90'][0]:.2f} to "
+                 f"{table[t]['scorers'][key]['ci90'][1]:.2f})" for t in targets]
         cells += [f"{table[t]['scorers'][key]['seconds']:.1f}" for t in targets]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -159,13 +183,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="JSON-lines results (default: results/scorers_<checkpoint>.jsonl)")
+    parser.add_argument("--shard", default="0/1", help="K/N: only candidates whose index is K mod N (run N "
+                        "processes with the same --out; each appends whole lines)")
+    parser.add_argument("--summary-only", action="store_true", help="no new candidates: the table of --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.finetune_steps.split(",")]
+    shard, shards = (int(part) for part in args.shard.split("/"))
     out = Path(args.out or RESULTS / f"scorers_{Path(args.checkpoint).stem}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out)
     done = {(r["target"], r["candidate"]) for r in rows}
+    if args.summary_only:
+        print(markdown(summary(rows)))
+        return
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt).eval()
     splits = get_dataset(ckpt["dataset"]["name"], args.data_dir, val_size=5000, seed=args.seed,
@@ -176,15 +207,16 @@ def main() -> None:
         goal = Target.parse(target)
         sampler = ActionSampler.from_space(space, goal.objective, goal.factor)
         for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
-            if (target, index) in done:
+            if (target, index) in done or index % shards != shard:
                 continue
             rates = sampler.to_rates(action)
-            scores, seconds = score_candidate(evaluators, rates, steps)
-            began = time.perf_counter()
+            scores, seconds, cpu = score_candidate(evaluators, rates, steps)
+            began, began_cpu = time.perf_counter(), time.process_time()
             retrained = retrained_top1(model, space, rates, splits, args.retrain_epochs, args.seed + index)
             row = {"target": target, "candidate": index, "compression": sampler.compression(action),
-                   "scores": scores, "seconds": seconds, "retrained": retrained,
-                   "retrain_seconds": time.perf_counter() - began}
+                   "scores": scores, "seconds": seconds, "cpu_seconds": cpu, "retrained": retrained,
+                   "retrain_seconds": time.perf_counter() - began,
+                   "retrain_cpu_seconds": time.process_time() - began_cpu}
             rows.append(row)
             with open(out, "a") as handle:  # append-only log: a kill loses at most the running candidate
                 handle.write(json.dumps(row) + "\n")

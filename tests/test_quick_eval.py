@@ -162,13 +162,21 @@ def test_refit_matches_an_independent_least_squares_on_the_kept_inputs(trained):
     assert float(head.weight[:, ~kept].abs().sum()) == 0.0
 
 
-def test_refit_refuses_a_model_without_a_final_linear():
+def test_refit_refuses_a_model_without_a_final_linear_and_auto_falls_back_to_bn():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
     space = PruningSpace.build(model, torch.randn(1, 1, 8, 8))
     data = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(UserError, match="final nn.Linear"):
         QuickEvaluator(model, space, Task(data, data), scorer="refit", bn_batches=1, val_batches=1)
+    assert QuickEvaluator(model, space, Task(data, data), scorer="auto", bn_batches=1, val_batches=1).scorer == "bn"
+
+
+def test_auto_scorer_refits_a_model_ending_in_a_linear_classifier(trained):
+    model, space, splits = trained
+    auto = QuickEvaluator(model, space, task(splits, 100), scorer="auto", bn_batches=3, val_batches=2)
+    refit = QuickEvaluator(model, space, task(splits, 100), scorer="refit", bn_batches=3, val_batches=2)
+    assert auto.scorer == "refit" and auto.score(uniform(space, 0.5)).top1 == refit.score(uniform(space, 0.5)).top1
 
 
 def test_finetune_holds_the_masks_repairs_the_score_and_matches_along_its_run(trained):

@@ -298,6 +298,7 @@ class Compression:
             evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings),
                                        teacher=self.pipeline.base_model,
                                        seed=phase_seed(self.config.seed, state.index, "search"))
+        self.pipeline.log(f"round {state.index} search: quick evaluation by scorer {evaluator.scorer}")
         scale = 100.0 if self.task.score_fn is None else 1.0
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,

@@ -12,7 +12,8 @@ evaluation scorers"): ``"bn"`` only re-estimates BatchNorm statistics (the paper
 adaptive BN); ``"refit"`` then refits the final linear layer by ridge least squares onto the teacher's
 logits on the BatchNorm batches (the kept inputs of each output only); ``"finetune"`` first runs
 ``finetune_steps`` SGD steps on the pruned model with its masks held (:class:`autocompress.masks.MaskEnforcer`),
-optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm. One-shot
+optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm; ``"auto"`` is
+``"refit"`` for a model whose output comes from a final ``nn.Linear``, else ``"bn"``. One-shot
 pruning at a large step leaves every candidate near chance, where top-1 cannot rank them; a short repair
 moves them back into the range where it can.
 
@@ -42,8 +43,9 @@ from .projection import project
 from .sampling import quiet_clipping
 from .training import train_epoch
 
-#: the quick-evaluation scorers (see the module docstring)
-SCORERS = ("bn", "refit", "finetune")
+#: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"refit"`` where the model ends in a
+#: Linear classifier, else ``"bn"``)
+SCORERS = ("auto", "bn", "refit", "finetune")
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ class QuickEvaluator:
             ``bn_batches``) and the fine-tuning batches; its score scores a candidate: ``score_fn`` when the
             caller gave one, else top-1 on the first ``val_batches`` batches of the validation loader (drawn
             once, so scores are deterministic). Never a test split.
-        scorer: ``"bn"``, ``"refit"`` or ``"finetune"`` (module docstring).
+        scorer: ``"bn"``, ``"refit"`` or ``"finetune"`` (module docstring), or ``"auto"``: ``"refit"`` when the
+            model's output comes from a final ``nn.Linear``, else ``"bn"`` (:attr:`scorer` says which).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
         bn_batches: training batches for the statistics (and the refit's least squares).
         val_batches: validation batches scored; None = the whole validation loader.
@@ -146,17 +149,23 @@ class QuickEvaluator:
                  seed: int = 0):
         check_batches(bn_batches, val_batches)
         check_scorer(scorer, finetune_steps, finetune_lr)
-        self.space, self.task, self.scorer, self.seed = space, task, scorer, seed
+        self.space, self.task, self.seed = space, task, seed
         self.bn_recalibration = bn_recalibration
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
         teacher = model if teacher is None else teacher
-        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration or scorer == "refit" else []
+        refit = scorer in ("refit", "auto")
+        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration or refit else []
         self._val_data = task.batches(task.val_loader, val_batches) if task.score_fn is None else None
         self._distiller = Distiller(teacher, DistillationConfig()) if scorer == "finetune" and finetune_distill \
             else None
-        self._head = final_linear(self._model, teacher, task, self._bn_data) if scorer == "refit" else None
+        self._head = final_linear(self._model, teacher, task, self._bn_data) if refit else None
+        if scorer == "refit" and self._head is None:
+            raise UserError("quick_eval scorer 'refit' needs a model whose output [B, classes] comes straight from "
+                            "a final nn.Linear", "use scorer auto, bn or finetune for this model")
+        #: the scorer in use (``"auto"`` resolved)
+        self.scorer = ("refit" if self._head is not None else "bn") if scorer == "auto" else scorer
 
     @property
     def val_images(self) -> int | None:
@@ -296,13 +305,10 @@ class _Head:
         apply_masks(model, param_masks)
 
 
-def final_linear(model: nn.Module, teacher: nn.Module, task, batches: list) -> _Head:
+def final_linear(model: nn.Module, teacher: nn.Module, task, batches: list) -> _Head | None:
     """The ``"refit"`` scorer's head: the last ``nn.Linear`` of ``model`` whose output IS the model's output
-    ``[B, classes]`` (checked on the first batch), with the teacher's logits on ``batches`` as its targets.
-
-    Raises:
-        UserError: no such layer (the output is not a 2-D tensor, or something follows the last Linear).
-    """
+    ``[B, classes]`` (checked on the first batch), with the teacher's logits on ``batches`` as its targets;
+    None when there is no such layer (the output is not a 2-D tensor, or something follows the last Linear)."""
     output, seen = None, {}
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     handles = [m.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out))
@@ -319,8 +325,7 @@ def final_linear(model: nn.Module, teacher: nn.Module, task, batches: list) -> _
                  and isinstance(output, torch.Tensor) and output.dim() == 2 and seen[name].shape == output.shape
                  and torch.equal(seen[name], output)), None)
     if name is None:
-        raise UserError("quick_eval scorer 'refit' needs a model whose output [B, classes] comes straight from a "
-                        "final nn.Linear", "use scorer bn or finetune for this model")
+        return None
     with analysis_mode(teacher):
         targets = torch.cat([task.forward(teacher, batch).detach().double() for batch in batches])
     return _Head(name, targets)
