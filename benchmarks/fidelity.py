@@ -1,25 +1,37 @@
-"""Search fidelity (issue 5): does the quick-evaluation score rank candidates like their accuracy after a
-short retraining?
+"""Search fidelity (issues 5 and 13): which quick-evaluation scorer ranks candidates like their accuracy
+after the round's retraining, and at what cost per candidate?
 
-For ``--candidates`` random actions that meet one target (random directions through the search's own
-:class:`autocompress.sampling.ActionSampler`, so every candidate obeys the guidance and the target), it
-records
+For each ``--targets`` step (one shot from the base) it draws ``--candidates`` random actions meeting it
+(random directions through the search's own :class:`autocompress.sampling.ActionSampler`, so every
+candidate obeys the guidance and the target; the same candidates for every scorer) and records for each
 
-* the quick-evaluation score (one-shot projection + validation top-1, :class:`autocompress.quick_eval.
-  QuickEvaluator`) with and without BatchNorm re-estimation (adaptive BN, EagleEye, Li et al. ECCV 2020);
-* the validation top-1 after hard pruning at the candidate's rates and ``--retrain-epochs`` epochs of masked
-  retraining (:func:`autocompress.admm.masked_retrain`) on a seeded ``--max-train`` subset,
+* the score of every scorer (:class:`autocompress.quick_eval.QuickEvaluator`, in % top-1 on the first
+  ``--val-batches`` x 256 shuffled validation images): ``bn`` (one-shot + BatchNorm re-estimation on
+  ``--bn-batches`` x 64 training images; the issue-5 study showed one-shot without it is worse), ``refit``
+  (bn + ridge refit of the classifier onto the base's logits) and ``finetune@S`` for each S of ``--finetune-steps`` (S masked SGD steps of batch 64,
+  lr 0.01, distillation from the base, then bn; all S from ONE run, :meth:`QuickEvaluator.score_along`), with
+  the seconds each took (``finetune@S``: from the start of that run);
+* the accuracy after a proxy of the round (``ac_kd`` rule: no ADMM convergence at these budgets, so hard
+  pruning then retraining decides): hard pruning at the candidate's rates, compaction (the pipeline's
+  ``_shrink``), ``--retrain-epochs`` of masked retraining with distillation from the base (T 4, alpha 0.9;
+  batch 128, lr 0.01 cosine) on a seeded ``--max-train`` subset, then top-1 on ``--max-test`` test images
+  (never seen by any scorer). No purification.
 
-and reports Spearman's rank correlation (``scipy.stats.spearmanr``) of each score with the retrained top-1.
-Writes ``benchmarks/results/fidelity_<model>_<target>.json``.
+Rows go to a JSON-lines file as each candidate finishes (``--out``; a re-run skips the candidates it
+holds, so a killed study resumes), then Spearman's rank correlation (``scipy.stats.spearmanr``) of each
+scorer with the retrained top-1 per target, and the median seconds per candidate, are printed as a
+markdown table and written next to it (``.summary.json``).
 
-    .venv/bin/python benchmarks/fidelity.py assets/fmnist_cnn_base.pt --target params=10x --candidates 20
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity.py assets/fmnist_cnn_base.pt \\
+        --targets params=10x,params=30x,params=3x --candidates 20
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -28,9 +40,12 @@ import torch
 from scipy.stats import spearmanr
 
 from autocompress.admm import hard_prune, masked_retrain
+from autocompress.atomic import atomic_write_text
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
+from autocompress.compaction import compact, densify
 from autocompress.config import DIMS, Target
 from autocompress.data import get_dataset
+from autocompress.distillation import DistillationConfig, Distiller
 from autocompress.quick_eval import QuickEvaluator
 from autocompress.sampling import ActionSampler, quiet_clipping
 from autocompress.space import PruningSpace
@@ -48,72 +63,168 @@ def random_actions(sampler: ActionSampler, count: int, seed: int) -> list[np.nda
 
 
 def retrained_top1(model, space, rates, splits, epochs: int, seed: int) -> float:
-    """Validation top-1 (%) after hard pruning a copy of ``model`` at ``rates`` and masked retraining."""
+    """Test top-1 (%) after hard pruning a copy of ``model`` at ``rates``, compacting it (pruned filters
+    gone, pruned columns kept as zeros) and ``epochs`` of masked retraining with distillation from ``model``."""
     net = copy.deepcopy(model)
     with quiet_clipping():
         _, param_masks = hard_prune(net, space, rates)
+    example = torch.zeros(2, *splits.input_size)
+    small = densify(compact(net, param_masks, example).model)
+    masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
     loader = splits.loader("train", 128, shuffle=True, augment=True, generator=torch.Generator().manual_seed(seed))
-    masked_retrain(net, param_masks, loader, TrainConfig(epochs=epochs, lr=0.01), progress=False)
-    return 100.0 * evaluate(net, splits.loader("val", 256, shuffle=False, augment=False))["top1"]
+    masked_retrain(small, masks, loader, TrainConfig(epochs=epochs, lr=0.01), progress=False,
+                   distiller=Distiller(model, DistillationConfig(enabled=True)))
+    return 100.0 * evaluate(small, splits.loader("test", 256, shuffle=False, augment=False))["top1"]
 
 
-def fidelity(checkpoint: str, target: str, *, dims: str = "filter,column", candidates: int = 20,
-             retrain_epochs: int = 1, max_train: int = 10000, val_size: int = 5000, data_dir: str | None = None,
-             seed: int = 0) -> dict:
-    """Scores and retrained accuracies of random candidates, and the two Spearman correlations."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
-    splits = get_dataset(ckpt["dataset"]["name"], data_dir, val_size=val_size, seed=seed, max_train=max_train,
-                         max_test=1)
-    example = torch.zeros(1, *splits.input_size)
-    goal = Target.parse(target)
-    space = PruningSpace.build(model, example, dims=DIMS[dims])
-    sampler = ActionSampler.from_space(space, goal.objective, goal.factor)
-    task = Task(train_loader=splits.loader("train", 256, shuffle=True, augment=False,
-                                           generator=torch.Generator().manual_seed(seed)),
-                val_loader=splits.loader("val", 256, shuffle=True, augment=False,
-                                         generator=torch.Generator().manual_seed(seed)))
-    with_bn = QuickEvaluator(model, space, task, bn_recalibration=True)
-    without_bn = QuickEvaluator(model, space, task, bn_recalibration=False)
-    rows = []
-    for index, action in enumerate(random_actions(sampler, candidates, seed)):
-        began = time.perf_counter()
-        rates = sampler.to_rates(action)
-        rows.append({"candidate": index, "compression": sampler.compression(action),
-                     "quick_bn": 100.0 * with_bn.score(rates).top1, "quick_no_bn": 100.0 * without_bn.score(rates).top1,
-                     "retrained": retrained_top1(model, space, rates, splits, retrain_epochs, seed + index)})
-        rows[-1]["seconds"] = time.perf_counter() - began
-        print(json.dumps(rows[-1]), flush=True)
-    retrained = [r["retrained"] for r in rows]
-    result = {"checkpoint": checkpoint, "target": target, "dims": dims, "candidates": candidates,
-              "retrain_epochs": retrain_epochs, "max_train": max_train, "val_images": with_bn.val_images,
-              "spearman_bn": float(spearmanr([r["quick_bn"] for r in rows], retrained).statistic),
-              "spearman_no_bn": float(spearmanr([r["quick_no_bn"] for r in rows], retrained).statistic),
-              "rows": rows}
-    return result
+def scorers(model, space, splits, args) -> dict[str, QuickEvaluator]:
+    """The evaluators compared, each on the same data (``train`` batch 64, ``val`` batch 256, seeded)."""
+    def task() -> Task:
+        return Task(train_loader=splits.loader("train", 64, shuffle=True, augment=False,
+                                               generator=torch.Generator().manual_seed(args.seed)),
+                    val_loader=splits.loader("val", 256, shuffle=True, augment=False,
+                                             generator=torch.Generator().manual_seed(args.seed)))
+
+    common = dict(bn_batches=args.bn_batches, val_batches=args.val_batches, seed=args.seed)
+    return {"bn": QuickEvaluator(model, space, task(), **common),
+            "refit": QuickEvaluator(model, space, task(), scorer="refit", **common),
+            "finetune": QuickEvaluator(model, space, task(), scorer="finetune", finetune_lr=0.01, **common)}
+
+
+def score_candidate(evaluators: dict[str, QuickEvaluator], rates: dict, steps: list[int]
+                    ) -> tuple[dict, dict, dict]:
+    """``({scorer: top-1 %}, {scorer: wall seconds}, {scorer: CPU seconds of this process})`` of one
+    candidate; ``finetune@S`` for each S of ``steps`` (CPU seconds: of the whole run, under ``finetune``)."""
+    scores, seconds, cpu = {}, {}, {}
+    for name, evaluator in evaluators.items():
+        began = time.process_time()
+        results = evaluator.score_along(rates, steps) if name == "finetune" else [evaluator.score(rates)]
+        cpu[name] = time.process_time() - began
+        keys = [f"finetune@{s}" for s in steps] if name == "finetune" else [name]
+        for key, result in zip(keys, results):
+            scores[key], seconds[key] = 100.0 * result.top1, result.seconds
+    return scores, seconds, cpu
+
+
+def bootstrap_ci(scores: list[float], retrained: list[float], resamples: int = 1000) -> list[float]:
+    """5th and 95th percentile of Spearman over ``resamples`` seeded bootstrap resamples of the candidates
+    (resamples where either side is constant are skipped)."""
+    rng = np.random.default_rng(0)
+    x, y, values = np.asarray(scores), np.asarray(retrained), []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(x), len(x))
+        if np.ptp(x[pick]) > 0 and np.ptp(y[pick]) > 0:
+            values.append(spearmanr(x[pick], y[pick]).statistic)
+    return [float(np.percentile(values, 5)), float(np.percentile(values, 95))] if values else [math.nan] * 2
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per target: candidates, Spearman of each scorer with the retrained top-1, median seconds, ranges."""
+    out = {}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = [r for r in rows if r["target"] == target]
+        retrained = [r["retrained"] for r in mine]
+        timed = [r for r in mine if "cpu_seconds" in r]
+        cpu = {name: statistics.median(r["cpu_seconds"][name] for r in timed) for name in
+               (timed[0]["cpu_seconds"] if timed else {})}
+        out[target] = {"candidates": len(mine), "retrained_range": [min(retrained), max(retrained)],
+                       "cpu_seconds": cpu, "retrain_cpu_seconds": statistics.median(
+                           r["retrain_cpu_seconds"] for r in timed) if timed else None, "scorers": {
+            key: {"spearman": float(spearmanr([r["scores"][key] for r in mine], retrained).statistic),
+                  "ci90": bootstrap_ci([r["scores"][key] for r in mine], retrained),
+                  "seconds": statistics.median(r["seconds"][key] for r in mine),
+                  "range": [min(r["scores"][key] for r in mine), max(r["scores"][key] for r in mine)]}
+            for key in mine[0]["scores"]}}
+    return out
+
+
+def markdown(table: dict) -> str:
+    """Rows: scorer; columns: Spearman and median seconds per candidate at each target."""
+    targets = list(table)
+    keys = list(next(iter(table.values()))["scorers"])
+    lines = ["| scorer | " + " | ".join(f"Spearman {t} (n={table[t]['candidates']}; 90% bootstrap)" for t in targets)
+             + " | " + " | ".join(f"wall s / candidate {t}" for t in targets) + " |",
+             "|---|" + "---|" * (2 * len(targets))]
+    for key in keys:
+        cells = [f"{table[t]['scorers'][key]['spearman']:.2f} ({table[t]['scorers'][key]['ci90'][0]:.2f} to "
+                 f"{table[t]['scorers'][key]['ci90'][1]:.2f})" for t in targets]
+        cells += [f"{table[t]['scorers'][key]['seconds']:.1f}" for t in targets]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results file; a line cut by a kill is dropped (that candidate runs again) and the file
+    rewritten without it, so the next row starts on a line of its own."""
+    rows, lines = [], path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(rows) < len(lines):
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--target", default="params=10x")
+    parser.add_argument("--targets", default="params=10x,params=30x,params=3x")
     parser.add_argument("--dims", default="filter,column")
     parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--finetune-steps", default="25,50")
+    parser.add_argument("--bn-batches", type=int, default=10, help="training batches of 64 for BatchNorm")
+    parser.add_argument("--val-batches", type=int, default=5, help="validation batches of 256 scored")
     parser.add_argument("--retrain-epochs", type=int, default=1)
-    parser.add_argument("--max-train", type=int, default=10000)
+    parser.add_argument("--max-train", type=int, default=3000)
+    parser.add_argument("--max-test", type=int, default=3000)
     parser.add_argument("--data-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="JSON-lines results (default: results/scorers_<checkpoint>.jsonl)")
+    parser.add_argument("--shard", default="0/1", help="K/N: only candidates whose index is K mod N (run N "
+                        "processes with the same --out; each appends whole lines)")
+    parser.add_argument("--summary-only", action="store_true", help="no new candidates: the table of --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = fidelity(args.checkpoint, args.target, dims=args.dims, candidates=args.candidates,
-                      retrain_epochs=args.retrain_epochs, max_train=args.max_train, data_dir=args.data_dir,
-                      seed=args.seed)
-    name = f"fidelity_{Path(args.checkpoint).stem}_{args.target.replace('=', '')}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(result, indent=1))
-    print(f"Spearman (quick eval with BN re-estimation vs retrained top-1): {result['spearman_bn']:.3f}")
-    print(f"Spearman (quick eval without BN re-estimation vs retrained top-1): {result['spearman_no_bn']:.3f}")
+    steps = [int(s) for s in args.finetune_steps.split(",")]
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    out = Path(args.out or RESULTS / f"scorers_{Path(args.checkpoint).stem}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(out)
+    done = {(r["target"], r["candidate"]) for r in rows}
+    if args.summary_only:
+        print(markdown(summary(rows)))
+        return
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt).eval()
+    splits = get_dataset(ckpt["dataset"]["name"], args.data_dir, val_size=5000, seed=args.seed,
+                         max_train=args.max_train, max_test=args.max_test)
+    space = PruningSpace.build(model, torch.zeros(1, *splits.input_size), dims=DIMS[args.dims])
+    evaluators = scorers(model, space, splits, args)
+    for target in args.targets.split(","):
+        goal = Target.parse(target)
+        sampler = ActionSampler.from_space(space, goal.objective, goal.factor)
+        for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
+            if (target, index) in done or index % shards != shard:
+                continue
+            rates = sampler.to_rates(action)
+            scores, seconds, cpu = score_candidate(evaluators, rates, steps)
+            began, began_cpu = time.perf_counter(), time.process_time()
+            retrained = retrained_top1(model, space, rates, splits, args.retrain_epochs, args.seed + index)
+            row = {"target": target, "candidate": index, "compression": sampler.compression(action),
+                   "scores": scores, "seconds": seconds, "cpu_seconds": cpu, "retrained": retrained,
+                   "retrain_seconds": time.perf_counter() - began,
+                   "retrain_cpu_seconds": time.process_time() - began_cpu}
+            rows.append(row)
+            with open(out, "a") as handle:  # append-only log: a kill loses at most the running candidate
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    table = summary(rows)
+    settings = {k: v for k, v in vars(args).items()}
+    atomic_write_text(out.with_suffix(".summary.json"), json.dumps({"settings": settings, "table": table}, indent=1))
+    print(markdown(table))
 
 
 if __name__ == "__main__":

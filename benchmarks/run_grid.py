@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 import subprocess
@@ -233,17 +232,15 @@ def one_round_settings(spec: ModelSpec, target: str) -> dict:
 
 
 def final_retrain_settings(spec: ModelSpec, target: str) -> dict:
-    """Settings of ``ac_kd``: one round per decade of the target (10x: 1 round, 30x: 2 rounds of ~5.5x),
-    one ADMM epoch each (the compress command's default rho), no retraining between rounds, and every
-    remaining epoch of the budget in the last round's retraining.
-
-    At these budgets ADMM does not converge (the hard-pruned validation top-1 after it is near chance), so
-    epochs buy more as retraining of the final architecture; rounds keep each search step at most 10x."""
+    """Settings of ``ac_kd``: the library's budget rule (:func:`autocompress.budget.budget_schedule`: a round
+    per decade of the target, one ADMM epoch each, no retraining between rounds, the rest of the budget as
+    final retraining with distillation) for the model's epoch budget, under the compress command's default
+    rho schedule (the grid's other cells run ``GRID_RHO``)."""
+    from autocompress.budget import budget_schedule
     from autocompress.config import Target, default_admm
 
-    rounds = max(1, math.ceil(math.log10(Target.parse(target).factor) - 1e-9))
-    return {"rounds": rounds, "admm": {**dataclasses.asdict(default_admm()), "epochs": 1},
-            "retrain": {"epochs": 0, "lr": 0.01}, "final_retrain_epochs": spec.epochs - rounds}
+    schedule = budget_schedule(Target.parse(target).factor, spec.epochs)
+    return {**schedule, "admm": {**dataclasses.asdict(default_admm()), **schedule["admm"]}}
 
 
 #: variants whose round / epoch schedule differs from the grid's (same total epoch budget)

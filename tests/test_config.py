@@ -49,8 +49,9 @@ def test_partial_sections_keep_the_other_defaults():
     assert config.quick_eval == QuickEvalConfig()
     assert config.retrain.train_config(7).epochs == 7 and config.retrain.train_config().lr == 0.05
     plain = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config)))
-    assert plain["admm"]["rho_init"] == 0.02 and plain["quick_eval"] == {"bn_recalibration": True, "bn_batches": 5,
-                                                                        "val_batches": 10}
+    assert plain["admm"]["rho_init"] == 0.02 and plain["quick_eval"] == {
+        "scorer": "bn", "bn_recalibration": True, "bn_batches": 5, "val_batches": 10, "finetune_steps": 50,
+        "finetune_lr": 0.01, "finetune_distill": True}
     assert CompressConfig.from_dict(plain) == config  # config.yaml round-trips
 
 
@@ -61,6 +62,8 @@ def test_partial_sections_keep_the_other_defaults():
     ({"admm": 3}, "admm"), ({"seed": True}, "seed"), ({"search": {"cooling_rate": 2.0}}, "search.cooling_rate"),
     ({"dims": "weird"}, "dims"), ({"retrain": {"lr": -1.0}}, "retrain.lr"), ({"amp": "fp8"}, "amp"),
     ({"admm": {"lr": -0.1}}, "admm.lr"), ({"target": None}, "target"),
+    ({"quick_eval": {"scorer": "magic"}}, "quick_eval.scorer"),
+    ({"quick_eval": {"finetune_steps": 0}}, "quick_eval.finetune_steps"), ({"budget": -3}, "budget"),
 ])
 def test_errors_name_the_setting(data, setting):
     with pytest.raises(SettingError) as error:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__, metrics, report
 from .alignment import AUTO, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
+from .budget import apply_budget, describe
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
@@ -134,6 +135,7 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None) -> 
             raise SettingError("target", f"target {target!r} given, but the config says target {config.target!r}",
                                "give the target once")
         config.target = str(target)
+    config = apply_budget(config)
     config.validate()
     return config
 
@@ -171,6 +173,8 @@ class Compression:
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(device)
         self.multiple, why = self.config.resolved_multiple(str(self.device))
+        if self.config.budget is not None:
+            (log or (lambda _line: None))(describe(self.config))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
         self.example = as_inputs(example_inputs, self.device)
@@ -209,7 +213,8 @@ class Compression:
     def _stored_settings(self, base: nn.Module) -> dict:
         return {**dataclasses.asdict(self.config),
                 "run": {"base_model_sha256": model_digest(base), "threads": torch.get_num_threads(),
-                        "device": str(self.device), "autocompress": __version__},
+                        "device": str(self.device), "autocompress": __version__,
+                        **({"schedule": describe(self.config)} if self.config.budget is not None else {})},
                 "source": self.source}
 
     def _open_store(self, base: nn.Module) -> RunFolder:
@@ -398,7 +403,10 @@ class Compression:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""
         settings = self.config.quick_eval
         with self.task.seeded(phase_seed(self.config.seed, state.index, "search")):
-            evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings))
+            evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings),
+                                       teacher=self.pipeline.base_model,
+                                       seed=phase_seed(self.config.seed, state.index, "search"))
+        self.pipeline.log(f"round {state.index} search: quick evaluation by scorer {evaluator.scorer}")
         scale = 100.0 if self.task.score_fn is None else 1.0
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,

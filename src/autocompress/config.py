@@ -27,7 +27,7 @@ from .distillation import DistillationConfig
 from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
-from .quick_eval import check_batches
+from .quick_eval import check_batches, check_scorer
 from .training import SCHEDULES, SGDSettings, TrainConfig
 
 #: ``dims`` values -> unit kinds pruned
@@ -120,15 +120,25 @@ class QuickEvalConfig:
     """Quick evaluation of a candidate (:class:`autocompress.quick_eval.QuickEvaluator`).
 
     Attributes:
+        scorer: ``"bn"`` (one-shot + BatchNorm re-estimation), ``"refit"`` (+ least-squares refit of the final
+            linear layer onto the base model's logits) or ``"finetune"`` (``finetune_steps`` masked SGD steps,
+            then BatchNorm re-estimation); see :mod:`autocompress.quick_eval` and BENCHMARKS.md "Quick
+            evaluation scorers" for their rank correlation with accuracy after retraining and their cost.
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
-        bn_batches: training batches for those statistics.
+        bn_batches: training batches for those statistics (and the refit).
         val_batches: validation batches scored (the first ones of the validation loader); None: all. Unused
             with a ``score_fn``, which decides itself what it scores on.
+        finetune_steps, finetune_lr, finetune_distill: the ``"finetune"`` scorer's SGD steps (training
+            batches) per candidate, constant learning rate, and distillation from the base model.
     """
 
+    scorer: str = "bn"
     bn_recalibration: bool = True
     bn_batches: int = 5
     val_batches: int | None = 10
+    finetune_steps: int = 50
+    finetune_lr: float = 0.01
+    finetune_distill: bool = True
 
 
 @dataclass
@@ -176,6 +186,15 @@ def _naming(setting: str, check: Callable[[], Any]) -> Any:
         raise SettingError(first if first.startswith(f"{setting}.") else setting, str(exc)) from None
 
 
+def _prefixed(section: str, check: Callable[[], Any]) -> Any:
+    """``check()``; a UserError it raises about an argument (``scorer='x' ...``) is raised again naming the
+    setting (``quick_eval.scorer='x' ...``)."""
+    try:
+        return check()
+    except UserError as exc:
+        raise UserError(f"{section}.{exc}") from None
+
+
 def default_admm() -> ADMMConfig:
     """Compress's ADMM defaults: rho from 0.02 by 1.6x every 100 optimiser steps, 2 epochs. With the few
     ADMM epochs a CPU budget allows, ADMMConfig's own once-per-epoch schedule leaves rho near 1e-3 and the
@@ -204,6 +223,9 @@ class CompressConfig:
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
             table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
+        budget: training epochs in all; when set, :func:`autocompress.budget.apply_budget` derives ``rounds``,
+            ``admm.epochs``, ``retrain.epochs``, ``final_retrain_epochs`` and ``distillation.enabled`` from it
+            (and refuses those settings given with other values); None: the schedule as written.
         search, quick_eval, admm, purification, retrain, distillation: the sections.
     """
 
@@ -217,6 +239,7 @@ class CompressConfig:
     latency_runs: int = 20
     channel_multiple: int | str | None = None
     amp: str = "none"
+    budget: int | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     quick_eval: QuickEvalConfig = field(default_factory=QuickEvalConfig)
     admm: ADMMConfig = field(default_factory=default_admm)
@@ -270,6 +293,7 @@ class CompressConfig:
             ("latency_runs", 1 <= self.latency_runs <= 100_000, "use e.g. 20"),
             ("amp", self.amp in AMP, f"use one of {', '.join(AMP)}"),
             ("seed", 0 <= self.seed < 2 ** 63, "use an integer >= 0"),
+            ("budget", self.budget is None or 1 <= self.budget <= MAX_EPOCHS, f"use 1 to {MAX_EPOCHS}, or null"),
             ("admm.epochs", 0 <= self.admm.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),
             ("retrain.epochs", 0 <= self.retrain.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),
             ("final_retrain_epochs", self.final_retrain_epochs is None
@@ -284,6 +308,8 @@ class CompressConfig:
         _naming("admm", lambda: self.admm.train_config(lambda field: f"admm.{field}"))
         _naming("quick_eval.bn_batches", lambda: check_batches(self.quick_eval.bn_batches,
                                                                self.quick_eval.val_batches))
+        _naming("quick_eval", lambda: _prefixed("quick_eval", lambda: check_scorer(
+            self.quick_eval.scorer, self.quick_eval.finetune_steps, self.quick_eval.finetune_lr)))
         _naming("purification.tolerance", lambda: check_purification(self.purification.tolerance,
                                                                      self.purification.thresholds))
         self.retrain.train_config()

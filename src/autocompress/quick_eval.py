@@ -1,4 +1,4 @@
-"""Quick evaluation of a candidate action: one-shot pruning + adaptive BatchNorm + validation top-1.
+"""Quick evaluation of a candidate action: one-shot pruning, a cheap repair, validation top-1.
 
 Source: AutoCompress, Liu et al. AAAI 2020 (brief §1 step 2): score a proposal without retraining by
 pruning the current weights in one shot at the proposed rates and measuring accuracy on a held-out
@@ -7,24 +7,45 @@ re-estimated on a few training batches before scoring ("adaptive BN", EagleEye, 
 because one-shot pruning shifts every later layer's activation statistics and stale statistics make the
 score mostly noise.
 
+The repair before scoring is the ``scorer`` (beyond the paper; issue 13, measured in BENCHMARKS.md "Quick
+evaluation scorers"): ``"bn"`` only re-estimates BatchNorm statistics (the paper's one-shot score plus
+adaptive BN); ``"refit"`` then refits the final linear layer by ridge least squares onto the teacher's
+logits on the BatchNorm batches (the kept inputs of each output only); ``"finetune"`` first runs
+``finetune_steps`` SGD steps on the pruned model with its masks held (:class:`autocompress.masks.MaskEnforcer`),
+optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm; ``"auto"`` is
+``"refit"`` for a model whose output comes from a final ``nn.Linear``, else ``"bn"``. One-shot
+pruning at a large step leaves every candidate near chance, where top-1 cannot rank them; a short repair
+moves them back into the range where it can.
+
 Everything happens on a private deep copy of the model; the caller's model (weights, BatchNorm buffers,
 train/eval mode) is never touched. The training batches used for BatchNorm statistics and the validation
-subset are drawn once, with a seeded generator, so scores are deterministic. The test split is never used.
+subset are drawn once, with a seeded generator, so scores are deterministic; fine-tuning draws its batches
+under ``task.seeded(seed)``, the same ones for every candidate. The test split is never used.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from .analysis import analysis_mode
+from .distillation import DistillationConfig, Distiller
 from .errors import UserError
-from .masks import apply_masks
+from .masks import MaskEnforcer, apply_masks
 from .projection import project
 from .sampling import quiet_clipping
+from .training import train_epoch
+
+#: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"refit"`` where the model ends in a
+#: Linear classifier, else ``"bn"``)
+SCORERS = ("auto", "bn", "refit", "finetune")
 
 
 @dataclass(frozen=True)
@@ -80,34 +101,71 @@ def check_batches(bn_batches: int, val_batches: int | None, batch_size: int = 1)
                         "use e.g. bn_batches 5 and val_batches 10")
 
 
+def check_scorer(scorer: str, finetune_steps: int, finetune_lr: float) -> None:
+    """UserError naming the argument unless ``scorer`` is one of :data:`SCORERS`, ``finetune_steps`` in
+    [1, 100000] and ``finetune_lr`` a finite number > 0. Called by :class:`QuickEvaluator` and by the
+    compress config (which names them ``quick_eval.<argument>``)."""
+    if scorer not in SCORERS:
+        raise UserError(f"scorer={scorer!r} is not a quick-evaluation scorer", f"use one of {', '.join(SCORERS)}")
+    if not 1 <= finetune_steps <= 100_000:
+        raise UserError(f"finetune_steps={finetune_steps} is outside [1, 100000]", "use e.g. 50")
+    if not (math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise UserError(f"finetune_lr={finetune_lr} must be a finite number > 0", "use e.g. 0.01")
+
+
 class QuickEvaluator:
-    """Scores rate dicts by one-shot projection, optional adaptive BatchNorm and the validation score.
+    """Scores rate dicts by one-shot projection, the ``scorer``'s repair and the validation score.
 
     Args:
         model: the model to prune (not modified; a deep copy is taken now, so later changes to ``model`` are
             not seen).
         space: the :class:`~autocompress.space.PruningSpace` built on ``model``.
         task: :class:`~autocompress.task.Task`: its training loader gives the BatchNorm batches (the first
-            ``bn_batches``), its score scores a candidate: ``score_fn`` when the caller gave one, else top-1
-            on the first ``val_batches`` batches of the validation loader (drawn once, so scores are
-            deterministic). Never a test split.
+            ``bn_batches``) and the fine-tuning batches; its score scores a candidate: ``score_fn`` when the
+            caller gave one, else top-1 on the first ``val_batches`` batches of the validation loader (drawn
+            once, so scores are deterministic). Never a test split.
+        scorer: ``"bn"``, ``"refit"`` or ``"finetune"`` (module docstring), or ``"auto"``: ``"refit"`` when the
+            model's output comes from a final ``nn.Linear``, else ``"bn"`` (:attr:`scorer` says which).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
-        bn_batches: training batches for the statistics.
+        bn_batches: training batches for the statistics (and the refit's least squares).
         val_batches: validation batches scored; None = the whole validation loader.
+        finetune_steps: SGD steps of ``"finetune"`` (one per training batch; the loader is re-iterated as
+            needed); finetune_lr: their constant learning rate (momentum 0.9, no weight decay).
+        finetune_distill: ``"finetune"`` minimises the distillation loss against the teacher
+            (:class:`autocompress.distillation.DistillationConfig` defaults: T 4, alpha 0.9) instead of the
+            task's loss alone.
+        teacher: the model whose outputs ``"refit"`` and distillation aim at (default: ``model``; compress
+            passes its base model); not modified.
+        seed: seeds the fine-tuning batches' order (the same for every candidate).
 
     Raises:
-        UserError: a batch count below 1 (:func:`check_batches`).
+        UserError: a batch count below 1 (:func:`check_batches`), a bad scorer setting (:func:`check_scorer`),
+            or ``"refit"`` on a model whose output is not ``[B, classes]`` from a final ``nn.Linear``.
     """
 
-    def __init__(self, model: nn.Module, space, task, *, bn_recalibration: bool = True, bn_batches: int = 5,
-                 val_batches: int | None = 10):
+    def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
+                 bn_batches: int = 5, val_batches: int | None = 10, finetune_steps: int = 50,
+                 finetune_lr: float = 0.01, finetune_distill: bool = True, teacher: nn.Module | None = None,
+                 seed: int = 0):
         check_batches(bn_batches, val_batches)
-        self.space, self.task = space, task
+        check_scorer(scorer, finetune_steps, finetune_lr)
+        self.space, self.task, self.seed = space, task, seed
         self.bn_recalibration = bn_recalibration
+        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
-        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration else []
+        teacher = model if teacher is None else teacher
+        refit = scorer in ("refit", "auto")
+        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration or refit else []
         self._val_data = task.batches(task.val_loader, val_batches) if task.score_fn is None else None
+        self._distiller = Distiller(teacher, DistillationConfig()) if scorer == "finetune" and finetune_distill \
+            else None
+        self._head = final_linear(self._model, teacher, task, self._bn_data) if refit else None
+        if scorer == "refit" and self._head is None:
+            raise UserError("quick_eval scorer 'refit' needs a model whose output [B, classes] comes straight from "
+                            "a final nn.Linear", "use scorer auto, bn or finetune for this model")
+        #: the scorer in use (``"auto"`` resolved)
+        self.scorer = ("refit" if self._head is not None else "bn") if scorer == "auto" else scorer
 
     @property
     def val_images(self) -> int | None:
@@ -116,25 +174,158 @@ class QuickEvaluator:
 
     def pruned_model(self, rates: dict[str, dict[str, float]]) -> tuple[nn.Module, object]:
         """The private copy reset to the original weights, projected at ``rates`` and masked, with
-        BatchNorm recalibrated when enabled. Returns ``(model, masks)``; the model is reused by the next
-        call."""
+        BatchNorm recalibrated when enabled (no fine-tuning or refit). Returns ``(model, masks)``; the model
+        is reused by the next call."""
         model = self._model
         with torch.no_grad():
             model.load_state_dict(self._initial)
             with quiet_clipping():
                 masks = project(self.space, model, rates)
             apply_masks(model, self.space.param_masks(masks))
+        self._recalibrate(model)
+        return model, masks
+
+    def _recalibrate(self, model: nn.Module) -> None:
         if self.bn_recalibration:
             recalibrate_batchnorm(model, self._bn_data, self.task.forward)
         model.eval()
-        return model, masks
 
     def score(self, rates: dict[str, dict[str, float]]) -> QuickEvalResult:
         """Quick evaluation of ``rates`` (``{"filter": {group: r}, "column": {layer: r}, "irregular":
-        {layer: r}}``): the validation score and the compact model's parameters / MACs."""
+        {layer: r}}``): the validation score after the scorer's repair and the compact model's parameters /
+        MACs."""
+        return self.score_along(rates, [self.finetune_steps] if self.scorer == "finetune" else [0])[0]
+
+    def score_along(self, rates: dict[str, dict[str, float]], steps: list[int]) -> list[QuickEvalResult]:
+        """Scores of ``rates`` after each of ``steps`` (increasing) fine-tuning steps of ONE run: entry k is
+        what :meth:`score` gives with ``finetune_steps = steps[k]`` (constant learning rate, same batches),
+        ``seconds`` counted from the start. With the ``"bn"`` / ``"refit"`` scorers ``steps`` must be
+        ``[0]``. Used by ``benchmarks/fidelity.py`` to measure several step counts at the cost of the
+        largest."""
+        if self.scorer != "finetune" and list(steps) != [0]:
+            raise UserError(f"scorer {self.scorer!r} does not fine-tune", "pass steps [0]")
         start = time.perf_counter()
         model, masks = self.pruned_model(rates)
-        score = self.task.score(model, self._val_data)
+        param_masks = self.space.param_masks(masks)
         counts = self.space.count(masks)
-        return QuickEvalResult(top1=float(score), params=int(counts.params), macs=int(counts.macs),
-                               seconds=time.perf_counter() - start)
+        results = []
+        with self.task.seeded(self.seed) if self.scorer == "finetune" else contextlib.nullcontext():
+            tuner = _FineTuning(model, param_masks, self) if self.scorer == "finetune" else None
+            for target in steps:
+                if tuner is not None:
+                    tuner.run_to(target)
+                    self._recalibrate(model)
+                elif self.scorer == "refit":
+                    self._head.refit(model, param_masks, self._bn_data, self.task)
+                score = self.task.score(model, self._val_data)
+                results.append(QuickEvalResult(top1=float(score), params=int(counts.params),
+                                               macs=int(counts.macs), seconds=time.perf_counter() - start))
+            if tuner is not None:
+                tuner.close()
+        return results
+
+
+def _batch_stream(loader) -> Iterator:
+    """The loader's batches, pass after pass, for ever (stops if a pass yields nothing)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
+class _FineTuning:
+    """One candidate's masked fine-tuning run of the ``"finetune"`` scorer, advanced in pieces
+    (:meth:`run_to`): SGD (momentum 0.9, constant lr) hooked by a :class:`MaskEnforcer`, one step per batch of
+    the training loader's stream, the distillation loss when the evaluator has a teacher."""
+
+    def __init__(self, model: nn.Module, param_masks: dict[str, torch.Tensor], evaluator: QuickEvaluator):
+        self.model, self.evaluator, self.done = model, evaluator, 0
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=evaluator.finetune_lr, momentum=0.9)
+        self.enforcer = MaskEnforcer(model, param_masks).attach(self.optimizer)
+        self.stream = _batch_stream(evaluator.task.train_loader)
+
+    def run_to(self, steps: int) -> None:
+        """Train until ``steps`` steps have run in total."""
+        if steps > self.done:
+            with torch.enable_grad():
+                train_epoch(self.model, itertools.islice(self.stream, steps - self.done), self.optimizer,
+                            task=self.evaluator.task, distiller=self.evaluator._distiller, progress=False)
+            self.done = steps
+
+    def close(self) -> None:
+        self.enforcer.detach()
+
+
+class _Head:
+    """The final ``nn.Linear`` of a model and the teacher's logits on the BatchNorm batches: what the
+    ``"refit"`` scorer fits it to."""
+
+    def __init__(self, name: str, targets: torch.Tensor):
+        self.name, self.targets = name, targets
+
+    @torch.no_grad()
+    def refit(self, model: nn.Module, param_masks: dict[str, torch.Tensor], batches: list, task) -> None:
+        """Ridge least squares (float64, ridge 1e-6 x the mean diagonal of the Gram matrix) of the head's
+        weight and bias onto the teacher's logits ``[N, classes]`` from the head's inputs ``[N, features]`` on
+        ``batches`` (model in eval mode); each output row uses only its kept inputs (rows sharing a mask are
+        solved together), pruned entries stay zero."""
+        head = dict(model.named_modules())[self.name]
+        inputs: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda _m, args, _out: inputs.append(args[0].detach()))
+        try:
+            model.eval()
+            for batch in batches:
+                task.forward(model, batch)
+        finally:
+            handle.remove()
+        features = torch.cat(inputs).double()
+        targets = self.targets.to(features.device)
+        mask = param_masks.get(f"{self.name}.weight", torch.ones_like(head.weight, dtype=torch.bool)).to(
+            features.device)
+        patterns, group = torch.unique(mask, dim=0, return_inverse=True)
+        for index, pattern in enumerate(patterns):
+            rows = group == index
+            design = features[:, pattern]
+            if head.bias is not None:
+                design = torch.cat([design, torch.ones_like(design[:, :1])], 1)
+            if design.shape[1] == 0:
+                continue
+            gram = design.T @ design
+            ridge = 1e-6 * float(gram.diagonal().mean()) + 1e-12
+            solution = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
+                                          design.T @ targets[:, rows])
+            weight = head.weight.new_zeros(int(rows.sum()), head.weight.shape[1])
+            weight[:, pattern] = solution[:int(pattern.sum())].T.to(weight.dtype)
+            head.weight[rows] = weight
+            if head.bias is not None:
+                head.bias[rows] = solution[-1].to(head.bias.dtype)
+        apply_masks(model, param_masks)
+
+
+def final_linear(model: nn.Module, teacher: nn.Module, task, batches: list) -> _Head | None:
+    """The ``"refit"`` scorer's head: the last ``nn.Linear`` of ``model`` whose output IS the model's output
+    ``[B, classes]`` (checked on the first batch), with the teacher's logits on ``batches`` as its targets;
+    None when there is no such layer (the output is not a 2-D tensor, or something follows the last Linear)."""
+    output, seen = None, {}
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out))
+               for name, m in linears]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = task.forward(model.eval(), batches[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    name = next((name for name, _ in reversed(linears) if isinstance(seen.get(name), torch.Tensor)
+                 and isinstance(output, torch.Tensor) and output.dim() == 2 and seen[name].shape == output.shape
+                 and torch.equal(seen[name], output)), None)
+    if name is None:
+        return None
+    with analysis_mode(teacher):
+        targets = torch.cat([task.forward(teacher, batch).detach().double() for batch in batches])
+    return _Head(name, targets)

@@ -23,7 +23,7 @@ FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "
                  "--data-dir": "data_dir", "--val-size": "val_size", "--max-train": "max_train",
                  "--batch-size": "batch_size", "--amp": "amp", "--channel-multiple": "channel_multiple",
                  "--latency-runtime": "latency.runtime", "--latency-threads": "latency.threads",
-                 "--latency-batch": "latency.batch"}
+                 "--latency-batch": "latency.batch", "--epochs": "budget"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint's, else 5000)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
     parser.add_argument("--batch-size", type=int, help="training batch size (default 128)")
+    parser.add_argument("--epochs", type=int, help="training budget in epochs, split into rounds, ADMM and final "
+                        "retraining by the measured rule (README: budget); instead of --rounds / --*-epochs")
     parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs per round")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

@@ -1,0 +1,75 @@
+"""One training-budget setting: ``budget`` (epochs over the training loader) split into rounds, ADMM epochs
+and the final masked retraining, by the rule that measured best so far.
+
+The rule (``ac_kd``, BENCHMARKS.md session 4; not from the AutoCompress paper, whose progressive rounds
+assume a far larger budget): one round per decade of the target (10x: one round, 30x: two rounds of ~5.5x,
+1000x: three), one ADMM epoch per round, no retraining between rounds, and every remaining epoch in the
+last round's retraining, with knowledge distillation from the base model. At short budgets ADMM does not
+converge (the hard-pruned model is near chance after it), so epochs buy more as retraining of the final
+architecture, and distillation from the base adds about a point there; rounds keep each search step at most
+10x. ``benchmarks/run_grid.py`` (variant ``ac_kd``) uses the same function.
+"""
+from __future__ import annotations
+
+import math
+
+from .config import CompressConfig, SettingError, from_dict, getattr_dotted
+from .errors import show
+
+#: the name ``config.yaml`` and the log give the rule
+RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round, the rest as final retraining with " \
+       "distillation from the base"
+
+
+def budget_schedule(factor: float, budget: int) -> dict:
+    """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``) and ``budget``
+    epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
+    ``distillation.enabled`` (true), as a nested dict of :class:`CompressConfig` settings.
+
+    Raises:
+        SettingError (``budget``): fewer epochs than the rule's rounds (each needs its ADMM epoch).
+    """
+    rounds = max(1, math.ceil(math.log10(factor) - 1e-9))
+    if budget < rounds:
+        raise SettingError("budget", f"budget={budget} epochs is below the {rounds} ADMM epochs of the {rounds} "
+                           f"rounds a {factor:g}x target takes (one round per decade)", f"use budget >= {rounds}")
+    return {"rounds": rounds, "admm": {"epochs": 1}, "retrain": {"epochs": 0},
+            "final_retrain_epochs": budget - rounds, "distillation": {"enabled": True}}
+
+
+def _leaves(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``{"admm": {"epochs": 1}}`` -> ``[("admm.epochs", 1)]``."""
+    out = []
+    for key, value in settings.items():
+        out.extend(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])
+    return out
+
+
+def apply_budget(config: CompressConfig) -> CompressConfig:
+    """``config`` with the schedule its ``budget`` derives (:func:`budget_schedule`) filled in; ``config``
+    itself when ``budget`` is None. A schedule setting given together with ``budget`` is refused unless it
+    equals what the budget derives (so a resolved config, e.g. a stored ``config.yaml``, applies again
+    unchanged); one left at its default is replaced.
+
+    Raises:
+        SettingError: ``budget`` and a schedule setting that contradicts it (naming both), a budget below the
+            rule's rounds, or a missing / malformed ``target``.
+    """
+    if config.budget is None:
+        return config
+    derived = budget_schedule(config.parsed_target().factor, config.budget)
+    default = CompressConfig()
+    for name, value in _leaves(derived):
+        given = getattr_dotted(config, name)
+        if given != value and given != getattr_dotted(default, name):
+            raise SettingError("budget", f"budget={config.budget} and {name}={show(given)} both set the training "
+                               f"schedule (budget derives {name}={show(value)})",
+                               f"give budget alone, or drop budget and write the schedule ({name}, ...) yourself")
+    return from_dict(CompressConfig, derived, base=config)
+
+
+def describe(config: CompressConfig) -> str:
+    """One line for the log and ``config.yaml``: the budget and what the rule made of it."""
+    return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
+            f"round, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
+            f"final retraining epochs, distillation from the base (rule {RULE})")

@@ -1,0 +1,67 @@
+"""The one budget setting: the split the ac_kd rule gives, its refusals, and its record in config.yaml."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from autocompress.budget import apply_budget
+from autocompress.compress import Compression
+from autocompress.config import CompressConfig, SettingError
+
+
+def expected_split(factor: float, budget: int) -> tuple[int, int]:
+    """(rounds, final retraining epochs) by the rule's words: a round for each power of 10 the target
+    reaches or passes (at least one), one ADMM epoch per round, the rest retraining."""
+    rounds = 1
+    while 10 ** rounds < factor * (1 - 1e-12):
+        rounds += 1
+    return rounds, budget - rounds
+
+
+@pytest.mark.parametrize("target, budget", [("params=3x", 8), ("params=10x", 8), ("params=30x", 8),
+                                            ("flops=2x", 4), ("params=100.5x", 5), ("params=1000x", 3)])
+def test_the_budget_is_split_as_the_rule_says(target, budget):
+    config = apply_budget(CompressConfig.from_dict({"target": target, "budget": budget}, validate=False))
+    rounds, final = expected_split(float(target.split("=")[1][:-1]), budget)
+    assert (config.rounds, config.admm.epochs, config.retrain.epochs, config.final_retrain_epochs) \
+        == (rounds, 1, 0, final)
+    assert config.distillation.enabled and config.budget == budget
+    assert rounds * config.admm.epochs + config.final_retrain_epochs == budget  # every epoch spent, none more
+    config.validate()
+    assert apply_budget(config) == config  # a resolved (stored) config applies again unchanged
+
+
+def test_explicit_schedule_settings_with_a_budget_are_refused_naming_both():
+    with pytest.raises(SettingError, match=r"budget=8 and admm\.epochs=3 both set the training schedule") as info:
+        apply_budget(CompressConfig.from_dict({"target": "params=10x", "budget": 8, "admm": {"epochs": 3}},
+                                              validate=False))
+    assert info.value.setting == "budget"
+    with pytest.raises(SettingError, match="budget=8 and rounds=4 both"):
+        apply_budget(CompressConfig.from_dict({"target": "params=10x", "budget": 8, "rounds": 4}, validate=False))
+    same = apply_budget(CompressConfig.from_dict({"target": "params=10x", "budget": 8, "final_retrain_epochs": 7},
+                                                 validate=False))
+    assert same.final_retrain_epochs == 7  # equal to what the budget derives: accepted
+    with pytest.raises(SettingError, match=r"budget=1 epochs is below the 2 ADMM epochs"):
+        apply_budget(CompressConfig.from_dict({"target": "params=30x", "budget": 1}, validate=False))
+    with pytest.raises(SettingError, match="budget=0"):
+        CompressConfig.from_dict({"target": "params=10x", "budget": 0})
+
+
+def test_config_yaml_records_the_derived_schedule(tmp_path):
+    """The run folder's config.yaml is written when the run is set up (before any training)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    data = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    lines: list[str] = []
+    run = Compression(model, torch.randn(1, 1, 8, 8), "params=30x", task_args=dict(train_loader=data, val_loader=data),
+                      device="cpu", config={"budget": 6}, run_dir=tmp_path / "run", progress=False, log=lines.append)
+    run.store.close()
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    rounds, final = expected_split(30.0, 6)
+    assert (stored["budget"], stored["rounds"], stored["admm"]["epochs"], stored["retrain"]["epochs"],
+            stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, 1, 0, final, True)
+    assert stored["run"]["schedule"].startswith("budget 6 epochs -> 2 round(s)")
+    assert lines[0] == stored["run"]["schedule"] and "rule ac_kd" in lines[0]
