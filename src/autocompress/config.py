@@ -23,6 +23,7 @@ from typing import Any, Callable
 from .admm import ADMMConfig
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
+from .distributed import DistributedConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches
@@ -93,6 +94,7 @@ class SearchConfig:
     stop_temperature: float = 0.002
     perturbation_magnitude: float = 0.1
     max_evaluations: int = 30
+    candidates_per_step: int = 1
 
     def annealing(self, seed: int) -> AnnealingConfig:
         """The :class:`AnnealingConfig` of these settings and ``seed``; SettingError naming a bad field."""
@@ -183,7 +185,8 @@ class CompressConfig:
         final_retrain_epochs: retraining epochs of the last round (None: as ``retrain.epochs``).
         latency_runs: timed runs per latency measurement of the final table.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
-        search, quick_eval, admm, purification, retrain, distillation: the sections.
+        search, quick_eval, admm, purification, retrain, distillation, distributed: the sections
+            (``distributed``: :class:`autocompress.distributed.DistributedConfig`, used under torchrun).
     """
 
     target: str | None = None
@@ -201,6 +204,7 @@ class CompressConfig:
     purification: PurificationConfig = field(default_factory=PurificationConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
     def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":
