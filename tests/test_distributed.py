@@ -5,6 +5,7 @@ killed with SIGKILL, refusals (settings that differ between ranks, a world large
 without a hang; and the single-process fallbacks of :mod:`autocompress.distributed`."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import multiprocessing
@@ -164,6 +165,21 @@ def test_one_process_costs_nothing():
         assert runner is model
 
 
+def test_sync_batchnorm_view_shares_the_model():
+    """The SyncBatchNorm view (distributed.sync_batchnorm) holds the model's own parameter and buffer tensors, so
+    training it trains the model; the model keeps its BatchNorm classes. In one process SyncBatchNorm computes
+    plain BatchNorm: the outputs and the running statistics equal the model's own, step for step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    twin = copy.deepcopy(model)
+    view = distributed._sync_batchnorm_view(model)
+    assert isinstance(view[1], torch.nn.SyncBatchNorm) and type(model[1]) is torch.nn.BatchNorm2d
+    assert view[1].weight is model[1].weight and view[1].running_mean is model[1].running_mean
+    x = torch.randn(3, 2, 6, 6)
+    assert torch.equal(view.train()(x), twin.train()(x))
+    assert torch.equal(model[1].running_mean, twin[1].running_mean) and model[1].num_batches_tracked == 1
+
+
 def test_candidates_per_step_judges_the_best_of_each_step():
     """K = 3 candidates per step on a known score (minus the distance to a fixed action): every step's best
     candidate is the one judged (only it can be accepted), the bound on evaluations holds, and the decisions do
@@ -189,3 +205,28 @@ def test_candidates_per_step_judges_the_best_of_each_step():
         assert all(not step["accepted"] for j, step in enumerate(group) if j != best)
         assert all(step["candidate_score"] == pytest.approx(score(np.array(step["action"]))) for step in group)
     assert plain.best_score == max(step["candidate_score"] for step in plain.trajectory)
+
+
+@pytest.mark.skipif(not os.environ.get("AUTOCOMPRESS_TORCHRUN_TEST"),
+                    reason="~1 min: set AUTOCOMPRESS_TORCHRUN_TEST=1 (real torchrun, the CLI, Fashion-MNIST)")
+def test_cli_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m autocompress compress`` on the committed base checkpoint: rank 0 prints
+    the final table once, the run folder holds the model at the target."""
+    import subprocess
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**{k: v for k, v in CONFIG.items() if k != "target"}, "target": "params=3x",
+                                      "val_size": 500, "max_train": 1000, "max_test": 500, "batch_size": 64}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "autocompress", "compress", str(repo / "assets/fmnist_cnn_base.pt"),
+                           "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1
+    final = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
+    base, compressed = final["rows"]
+    assert base["params"] / compressed["params"] >= 3.0 * 0.99

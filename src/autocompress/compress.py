@@ -100,6 +100,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             report.html); called again with the same model and settings it continues the run there.
         progress: tqdm progress bars; log: called with one line per step (default: silent).
 
+    Under ``torch.distributed`` (called in every process of an initialised process group, e.g. under
+    ``torchrun``) the ranks score the search's candidates in parallel and train under DistributedDataParallel;
+    rank 0 owns ``run_dir``, and every rank returns the same result (:mod:`autocompress.distributed`).
+
     Returns:
         :class:`CompressResult`.
 

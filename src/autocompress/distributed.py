@@ -152,14 +152,23 @@ def lost_process(exc: BaseException) -> UserError:
                      "start the same command again to continue from the last finished phase")
 
 
+#: words of the RuntimeError messages gloo and NCCL raise when a peer is gone or a collective timed out
+_BACKEND_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
+
+
 @contextlib.contextmanager
-def collective() -> Iterator[None]:
-    """Turn the failure of a collective (``RuntimeError`` from gloo / NCCL) into :func:`lost_process`."""
+def collective(only_backend_errors: bool = False) -> Iterator[None]:
+    """Turn the failure of a collective (``RuntimeError`` from gloo / NCCL) into :func:`lost_process`;
+    ``only_backend_errors``: only errors the backend raised (for a body that also runs the caller's code)."""
     try:
         yield
     except UserError:
         raise
     except RuntimeError as exc:
+        backend = isinstance(exc, getattr(dist, "DistError", ())) \
+            or any(word in str(exc).lower() for word in _BACKEND_WORDS)
+        if only_backend_errors and not backend:
+            raise
         raise lost_process(exc) from None
 
 
@@ -393,8 +402,9 @@ def data_parallel(model: nn.Module, *, sync_batchnorm: bool = False) -> Iterator
     with collective():
         wrapped = nn.parallel.DistributedDataParallel(
             trained, device_ids=[device.index] if device.type == "cuda" else None)
+    with collective(only_backend_errors=True):  # the caller's forward / loss errors stay theirs
         yield wrapped
-        sync_module(model)
+    sync_module(model)
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DistributedConfig", "World", "all_gather_object", "broadcast_object",

@@ -8,6 +8,7 @@ not given comes from what the checkpoint recorded (dataset name, validation carv
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..config import SettingError, from_dict
 from ..errors import UserError
 
@@ -64,19 +66,27 @@ class ReseededLoader:
     """A training loader whose order and augmentation are drawn, at every new epoch, from a generator seeded
     from the global torch RNG (which the pipeline seeds per phase): a resumed phase sees the same batches.
 
+    Under ``torch.distributed`` it is sharded per rank: every rank draws the same epoch and keeps batches
+    ``rank, rank + size, ...`` (the last ``len % size`` batches of an epoch are left out, so every rank steps
+    the same number of times).
+
     Args:
         splits: :class:`autocompress.data.DataSplits`; batch_size: images per batch.
     """
 
     def __init__(self, splits, batch_size: int):
         self.splits, self.batch_size = splits, batch_size
+        self.world = distributed.world()
 
     def __len__(self) -> int:
-        return len(self.splits.loader("train", self.batch_size))
+        return len(self.splits.loader("train", self.batch_size)) // self.world.size
 
     def __iter__(self):
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        return iter(self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed)))
+        epoch = self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed))
+        if not self.world.active:
+            return iter(epoch)
+        return itertools.islice(epoch, self.world.rank, len(self) * self.world.size, self.world.size)
 
 
 @dataclass
