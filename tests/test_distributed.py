@@ -138,15 +138,18 @@ def test_resume_after_a_rank_was_killed(two_ranks, tmp_path):
     ({"rank_config": {"1": {"admm": {"epochs": 1, "update_interval": 2, "lr": 0.02}}}},
      "admm.lr differs between the processes of the run (rank 1 has another value than rank 0)"),
     ({"items": 1}, "train_loader's dataset has 1 item(s), fewer than the 2 processes"),
+    ({"run_dir": "a-file/run"}, "cannot write the run folder"),
 ])
 def test_bad_input_is_one_line_on_every_rank(tmp_path, spec, message):
-    """Settings that differ between ranks and a world larger than the data: the same one-line error on every
-    rank, before anything is written, no hang."""
-    procs = launch(tmp_path, 2, run_dir=tmp_path / "run", **spec)
+    """Settings that differ between ranks, a world larger than the data, a run folder rank 0 cannot write (its
+    parent is a file): the same one-line error on every rank, nothing written, no hang."""
+    (tmp_path / "a-file").write_text("")
+    run_dir = tmp_path / spec.pop("run_dir", "run")
+    procs = launch(tmp_path, 2, run_dir=run_dir, **spec)
     for proc in procs:
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.count("\n") == 1
-    assert not (tmp_path / "run").exists()
+    assert not run_dir.exists()
 
 
 def test_one_process_costs_nothing():
