@@ -21,10 +21,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import UserError
 from .masks import apply_masks
 from .projection import project
 from .sampling import quiet_clipping
+from .task import move
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,17 @@ def check_batches(bn_batches: int, val_batches: int | None, batch_size: int = 1)
                         "use e.g. bn_batches 5 and val_batches 10")
 
 
+def _shared_batches(task, loader, count: int | None) -> list:
+    """``task.batches(loader, count)``; under ``torch.distributed`` rank 0's batches on every rank, so a
+    candidate's score does not depend on the rank that computes it (a loader sharded per rank yields other
+    batches on each)."""
+    if not distributed.world().active:
+        return task.batches(loader, count)
+    cpu = torch.device("cpu")
+    batches = distributed.on_main(lambda: [move(batch, cpu) for batch in task.batches(loader, count)])
+    return [move(batch, task.device) for batch in batches]
+
+
 class QuickEvaluator:
     """Scores rate dicts by one-shot projection, optional adaptive BatchNorm and the validation score.
 
@@ -106,8 +119,8 @@ class QuickEvaluator:
         self.bn_recalibration = bn_recalibration
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
-        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration else []
-        self._val_data = task.batches(task.val_loader, val_batches) if task.score_fn is None else None
+        self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration else []
+        self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
 
     @property
     def val_images(self) -> int | None:
