@@ -50,7 +50,8 @@ class DistributedConfig:
             sampler (shuffled or not) is re-built per rank with a ``DistributedSampler`` for the training
             phases (per-rank batch = the loader's batch size). False: the training loader is used as given:
             the caller's loader is already sharded per rank (same number of batches on every rank). A loader
-            whose sampler is already a ``DistributedSampler`` is always used as given.
+            whose sampler is already a ``DistributedSampler`` is always used as given; a loader with a
+            ``shard(rank, size)`` method is asked for each rank's share.
         sync_batchnorm: train with ``SyncBatchNorm`` (BatchNorm statistics over the global batch); otherwise
             each rank normalises its own batch and rank 0's running statistics are kept after each phase.
     """
@@ -338,7 +339,8 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
     """The training loader of this rank.
 
     In one process, with ``shard_data=False`` or a loader already sharded (its sampler is a
-    ``DistributedSampler``): ``loader`` itself. Otherwise a ``DataLoader`` over the same map-style dataset,
+    ``DistributedSampler``): ``loader`` itself. A loader with a ``shard(rank, size)`` method: what it returns
+    (a loader of its own kind knows how to split itself). Otherwise a ``DataLoader`` over the same map-style dataset,
     batch size, collate function and workers with a ``DistributedSampler`` (shuffled when ``loader``
     shuffled; the shuffle seed drawn from the global generator now, identical on every rank when the phase
     is seeded). Checked with :func:`check_data`.
@@ -352,14 +354,16 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
         return loader
     data = torch.utils.data
     sampler = getattr(loader, "sampler", None)
-    if shard_data and not isinstance(sampler, data.DistributedSampler):
+    if shard_data and callable(getattr(loader, "shard", None)):
+        loader = loader.shard(here.rank, here.size)
+    elif shard_data and not isinstance(sampler, data.DistributedSampler):
         plain = isinstance(loader, data.DataLoader) and not isinstance(loader.dataset, data.IterableDataset) \
             and isinstance(sampler, (data.RandomSampler, data.SequentialSampler)) \
             and loader.batch_size is not None and type(loader.batch_sampler) is data.BatchSampler
         if not plain:
             raise UserError(f"{name} cannot be sharded across processes (only a DataLoader over a map-style "
-                            "dataset with the default sampler can)", f"shard {name} per rank yourself and set "
-                            "distributed.shard_data: false")
+                            "dataset with the default sampler, or a loader with shard(rank, size), can)",
+                            f"shard {name} per rank yourself and set distributed.shard_data: false")
         if _length(loader.dataset) is not None and len(loader.dataset) < here.size:
             check_data(loader, name)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))

@@ -262,8 +262,6 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     data, library_settings = DataSettings.split_from(settings)
     data.validate()
     data = data.absolute()
-    # the training loader below is sharded per rank by itself (ReseededLoader): autocompress must not re-shard it
-    library_settings["distributed"] = {**(library_settings.get("distributed") or {}), "shard_data": False}
     config = resolve_config(library_settings, None)  # every setting checked before any data is read
     workload = load_workload(checkpoint, data, seed=config.seed)
     checkpoint_path = Path(checkpoint).resolve()

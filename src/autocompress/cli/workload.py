@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from .. import distributed
 from ..config import SettingError, from_dict
 from ..errors import UserError
 
@@ -66,27 +65,28 @@ class ReseededLoader:
     """A training loader whose order and augmentation are drawn, at every new epoch, from a generator seeded
     from the global torch RNG (which the pipeline seeds per phase): a resumed phase sees the same batches.
 
-    Under ``torch.distributed`` it is sharded per rank: every rank draws the same epoch and keeps batches
-    ``rank, rank + size, ...`` (the last ``len % size`` batches of an epoch are left out, so every rank steps
-    the same number of times).
+    ``shard(rank, size)`` (called by :func:`autocompress.distributed.shard_loader` under ``torch.distributed``)
+    gives rank ``rank``'s loader: every rank draws the same epoch and keeps batches ``rank, rank + size, ...``
+    (the last ``len % size`` batches of an epoch are left out, so every rank steps the same number of times).
 
     Args:
         splits: :class:`autocompress.data.DataSplits`; batch_size: images per batch.
     """
 
-    def __init__(self, splits, batch_size: int):
-        self.splits, self.batch_size = splits, batch_size
-        self.world = distributed.world()
+    def __init__(self, splits, batch_size: int, rank: int = 0, size: int = 1):
+        self.splits, self.batch_size, self.rank, self.size = splits, batch_size, rank, size
+
+    def shard(self, rank: int, size: int) -> "ReseededLoader":
+        """This loader's share for rank ``rank`` of ``size``."""
+        return ReseededLoader(self.splits, self.batch_size, rank, size)
 
     def __len__(self) -> int:
-        return len(self.splits.loader("train", self.batch_size)) // self.world.size
+        return len(self.splits.loader("train", self.batch_size)) // self.size
 
     def __iter__(self):
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         epoch = self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed))
-        if not self.world.active:
-            return iter(epoch)
-        return itertools.islice(epoch, self.world.rank, len(self) * self.world.size, self.world.size)
+        return itertools.islice(epoch, self.rank, len(self) * self.size, self.size)
 
 
 @dataclass
