@@ -39,7 +39,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import training
+from . import distributed, training
 from .errors import UserError
 from .masks import MaskEnforcer, Masks, apply_masks
 from .projection import project
@@ -206,13 +206,15 @@ class ADMMState:
 
     @torch.no_grad()
     def update(self) -> None:
-        """One Z-step and U-step, then the rho schedule (rescaling the scaled dual ``U``)."""
+        """One Z-step and U-step, then the rho schedule (rescaling the scaled dual ``U``); under
+        ``torch.distributed`` Z and U are rank 0's on every rank afterwards."""
         w = [p.detach() for p in self.weights]
         _, self.z = self.project(torch._foreach_add(w, self.u))
         torch._foreach_add_(self.u, torch._foreach_sub(w, self.z))
         new_rho = min(self.rho * self.config.rho_growth, self.config.rho_max)
         torch._foreach_mul_(self.u, self.rho / new_rho)
         self.rho = new_rho
+        distributed.sync_tensors(self.z + self.u)  # several processes: rank 0's Z and U on every rank
         self._refresh_targets()
 
     @torch.no_grad()
@@ -301,7 +303,7 @@ class ADMMSchedule:
 
 def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
                task=None, distiller: Callable | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None) -> ADMMResult:
+               log: Callable[[str], None] | None = None, runner: nn.Module | None = None) -> ADMMResult:
     """ADMM structured pruning of ``model`` in place towards ``rates`` (AutoCompress, Liu et al. AAAI 2020,
     §3; Zhang et al. ECCV 2018).
 
@@ -322,6 +324,8 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
             the W-step (the ADMM penalty is added to it).
         progress: show tqdm progress bars in :func:`train_epoch`.
         log: called with one line per Z/U update (rho and the largest / mean primal residual).
+        runner: the module the W-steps run (``model`` wrapped in ``DistributedDataParallel``, sharing its
+            parameters: :func:`autocompress.distributed.data_parallel`); default ``model``.
 
     Returns:
         :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
@@ -336,7 +340,8 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         for epoch in range(config.epochs):
             epoch_stats.append(training.train_epoch(
-                model, train_loader, optimizer, scheduler, task=task, criterion=criterion,
+                model if runner is None else runner, train_loader, optimizer, scheduler, task=task,
+                criterion=criterion,
                 regularizer=schedule.penalty, after_step=schedule.after_step, distiller=distiller,
                 progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
             schedule.end_epoch()
@@ -360,7 +365,8 @@ def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, t
 
 def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
                    config: training.TrainConfig, *, task=None, distiller: Callable | None = None,
-                   progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+                   progress: bool = True, log: Callable[[str], None] | None = None,
+                   runner: nn.Module | None = None) -> list[dict]:
     """Masked retraining (AutoCompress §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
     cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
@@ -376,6 +382,7 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
         distiller: optional :class:`autocompress.distillation.Distiller` (its loss replaces the data loss).
         progress: tqdm progress bars.
         log: called with one line per epoch.
+        runner: the module the steps run (see :func:`admm_prune`); default ``model``.
 
     Returns:
         The per-epoch stats of :func:`autocompress.training.train_epoch`.
@@ -390,8 +397,9 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
     try:
         for epoch in range(config.epochs):
-            stats = dict(training.train_epoch(model, train_loader, optimizer, scheduler, task=task,
-                                              criterion=criterion, distiller=distiller, progress=progress,
+            stats = dict(training.train_epoch(model if runner is None else runner, train_loader, optimizer,
+                                              scheduler, task=task, criterion=criterion, distiller=distiller,
+                                              progress=progress,
                                               desc=f"retrain epoch {epoch + 1}/{config.epochs}"))
             history.append(stats)
             if log is not None:

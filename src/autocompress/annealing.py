@@ -13,6 +13,11 @@ Choices the paper leaves open (ours):
   the same decisions. A relative drop of ``T`` is accepted with probability ``1/e``.
 * **Perturbation magnitude** at step ``k`` is ``perturbation_magnitude * T_k / start_temperature``.
 * **Bounded**: at most ``max_evaluations`` calls of ``evaluate`` (the initial action included).
+* **Several candidates per step** (``candidates_per_step`` K, default 1): a step draws K neighbours of the
+  current action, scores them together (``map_fn``: e.g. one share per process,
+  :func:`autocompress.distributed.parallel_map`), and judges the best of them (the first on ties) as the
+  step's candidate. The decisions depend on the seed and the scores only, not on how or where the scores
+  were computed. With K > 1 a budget of evaluations buys fewer temperature steps.
 * **Deterministic**: one ``numpy.random.Generator(PCG64(seed))`` drives perturbations and acceptance; one
   uniform draw per step whatever the outcome, so the random stream does not depend on the scores' scale.
 * **Resumable**: the whole state (:class:`AnnealingState`, plain data incl. the generator state) is handed
@@ -42,6 +47,7 @@ class AnnealingConfig:
         perturbation_magnitude: standard deviation of the rate noise at T0 (rates are fractions).
         max_evaluations: upper bound on ``evaluate`` calls, initial action included (>= 1).
         seed: seed of the search's own random generator.
+        candidates_per_step: neighbours drawn and scored per step (>= 1); the best is judged.
     """
 
     start_temperature: float = 0.05
@@ -50,6 +56,7 @@ class AnnealingConfig:
     perturbation_magnitude: float = 0.1
     max_evaluations: int = 30
     seed: int = 0
+    candidates_per_step: int = 1
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.start_temperature) and self.start_temperature > 0):
@@ -63,6 +70,9 @@ class AnnealingConfig:
                             "use e.g. 0.1")
         if int(self.max_evaluations) < 1:
             raise UserError(f"max_evaluations={self.max_evaluations!r} must be >= 1", "use e.g. 30")
+        if not (isinstance(self.candidates_per_step, int) and 1 <= self.candidates_per_step <= 1000):
+            raise UserError(f"candidates_per_step={self.candidates_per_step!r} must be in [1, 1000]",
+                            "use 1, or e.g. the number of processes")
 
 
 @dataclass
@@ -118,7 +128,9 @@ def _record(state: AnnealingState, candidate: list[float], score: float, accepte
 def simulated_annealing(initial_action: Action, evaluate: Callable[[Action], float],
                         perturb_fn: Callable[[Action, float, np.random.Generator], Action],
                         config: AnnealingConfig, *, state: AnnealingState | None = None,
-                        on_step: Callable[[AnnealingState], None] | None = None) -> AnnealingResult:
+                        on_step: Callable[[AnnealingState], None] | None = None,
+                        map_fn: Callable[[Callable[[Action], float], list[Action]], list[float]] | None = None
+                        ) -> AnnealingResult:
     """Maximise ``evaluate`` over actions by simulated annealing (AutoCompress, Liu et al. AAAI 2020, §5 of
     the brief).
 
@@ -129,16 +141,20 @@ def simulated_annealing(initial_action: Action, evaluate: Callable[[Action], flo
             its randomness from ``rng`` only.
         config: the schedule and bounds.
         state: a state handed to ``on_step`` earlier, to resume (``initial_action`` is then ignored).
-        on_step: called with the state after every evaluation (e.g. to checkpoint it).
+        on_step: called with the state after the initial evaluation and after every step (e.g. to
+            checkpoint it).
+        map_fn: ``(evaluate, candidates) -> scores`` in the candidates' order; default a plain loop (see the
+            module docstring: several candidates per step).
     Returns:
         :class:`AnnealingResult`. ``trajectory[k]`` is ``{"step": k, "temperature": T used to judge the
         candidate, "candidate_score", "current_score" and "best_score" after the decision, "accepted": bool,
         "action": list of rates}``; step 0 is the initial action (accepted, judged at T0).
     """
     rng = np.random.Generator(np.random.PCG64(config.seed))
+    map_fn = map_fn or (lambda fn, items: [fn(item) for item in items])
     if state is None:
         action = np.asarray(initial_action, dtype=np.float64)
-        score = float(evaluate(action))
+        score = float(map_fn(evaluate, [action])[0])
         plain = action.tolist()
         state = AnnealingState(evaluations=1, temperature=config.start_temperature, current_action=plain,
                                current_score=score, best_action=plain, best_score=score,
@@ -152,21 +168,24 @@ def simulated_annealing(initial_action: Action, evaluate: Callable[[Action], flo
         rng.bit_generator.state = state.rng_state
     while state.temperature >= config.stop_temperature and state.evaluations < config.max_evaluations:
         magnitude = config.perturbation_magnitude * state.temperature / config.start_temperature
-        candidate = np.asarray(perturb_fn(np.asarray(state.current_action, dtype=np.float64), magnitude, rng),
-                               dtype=np.float64)
-        score = float(evaluate(candidate))
-        state.evaluations += 1
+        current = np.asarray(state.current_action, dtype=np.float64)
+        count = min(config.candidates_per_step, config.max_evaluations - state.evaluations)
+        candidates = [np.asarray(perturb_fn(current, magnitude, rng), dtype=np.float64) for _ in range(count)]
+        scores = [float(value) for value in map_fn(evaluate, candidates)]
+        chosen = int(np.argmax(scores))
         if state.reference == 0.0:
-            state.reference = abs(score)
-        delta = 0.0 if state.reference == 0.0 else (state.current_score - score) / state.reference
+            state.reference = abs(scores[chosen])
+        delta = 0.0 if state.reference == 0.0 else (state.current_score - scores[chosen]) / state.reference
         draw = rng.random()
         accepted = delta <= 0.0 or draw < math.exp(-delta / state.temperature)
-        plain = candidate.tolist()
         if accepted:
-            state.current_action, state.current_score = plain, score
-        if score > state.best_score:
-            state.best_action, state.best_score = plain, score
-        _record(state, plain, score, accepted)
+            state.current_action, state.current_score = candidates[chosen].tolist(), scores[chosen]
+        for index, (candidate, score) in enumerate(zip(candidates, scores)):
+            state.evaluations += 1
+            plain = candidate.tolist()
+            if score > state.best_score:
+                state.best_action, state.best_score = plain, score
+            _record(state, plain, score, accepted and index == chosen)
         state.temperature *= config.cooling_rate
         state.rng_state = rng.bit_generator.state
         if on_step is not None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, metrics, report
+from . import __version__, distributed, metrics, report
 from .alignment import AUTO, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import apply_budget, describe
@@ -34,6 +34,7 @@ from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
+from .mainstore import MainStore
 from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
@@ -108,6 +109,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             report.html); called again with the same model and settings it continues the run there.
         progress: tqdm progress bars; log: called with one line per step (default: silent).
 
+    Under ``torch.distributed`` (called in every process of an initialised process group, e.g. under
+    ``torchrun``) the ranks score the search's candidates in parallel and train under DistributedDataParallel;
+    rank 0 owns ``run_dir``, and every rank returns the same result (:mod:`autocompress.distributed`).
+
     Returns:
         :class:`CompressResult`.
 
@@ -171,7 +176,7 @@ class Compression:
         self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
         self.config = resolve_config(config, target)
         self.target = Target.parse(self.config.target)
-        self.device = resolve_device(device)
+        self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         if self.config.budget is not None:
             (log or (lambda _line: None))(describe(self.config))
@@ -181,6 +186,9 @@ class Compression:
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
         self.task = Task(device=self.device, amp=amp, **task_args)
+        self.world = distributed.world()
+        progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
+        self._check_world(base, train_fn is None)
         self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
@@ -197,10 +205,28 @@ class Compression:
         self._sampler(self.first_space, self.factor, 1.0)  # an unreachable target: refused now
         self.source, self.save, self.final_columns = source or {}, save, final_columns
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.store = self._open_store(base) if self.run_dir is not None else PhaseStore()
+        self.store = distributed.on_main(lambda: self._open_store(base), share=False) \
+            if self.run_dir is not None else PhaseStore()
+        if self.world.active:  # rank 0 owns the store; the threads of the run are rank 0's
+            self.store = MainStore(self.store if self.world.is_main else None)
+            torch.set_num_threads(distributed.broadcast_object(torch.get_num_threads()))
         self.pipeline.store = self.store
 
     # --- set-up ---------------------------------------------------------------------------------------
+    def _check_world(self, base: nn.Module, default_loop: bool) -> None:
+        """Several processes: the same settings and base model on every rank, and training data that can feed
+        every rank (:mod:`autocompress.distributed`); UserError naming what differs, before any work."""
+        if not self.world.active:
+            return
+        distributed.check_same({**dataclasses.asdict(self.config), "device type": self.device.type,
+                                "model weights": model_digest(base)})
+        if self.config.distributed.sync_batchnorm and self.device.type != "cuda":
+            raise SettingError("distributed.sync_batchnorm", "SyncBatchNorm needs CUDA devices",
+                               "set distributed.sync_batchnorm: false on the CPU")
+        if default_loop:
+            with torch.random.fork_rng(devices=[]):
+                distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data)
+
     def _chance(self, base: nn.Module) -> float | None:
         """1 / classes for the default top-1 score (the class dimension of the output), else None."""
         if self.task.score_fn is not None:
@@ -213,6 +239,7 @@ class Compression:
     def _stored_settings(self, base: nn.Module) -> dict:
         return {**dataclasses.asdict(self.config),
                 "run": {"base_model_sha256": model_digest(base), "threads": torch.get_num_threads(),
+                        "world_size": self.world.size,
                         "device": str(self.device), "autocompress": __version__,
                         **({"schedule": describe(self.config)} if self.config.budget is not None else {})},
                 "source": self.source}
@@ -233,6 +260,10 @@ class Compression:
                     raise UserError(f"run_dir {self.run_dir} holds a run with other settings "
                                     f"({', '.join(changed)})", "pass the same model and settings to continue "
                                     "it, or another run_dir")
+                started = int(stored.get("run", {}).get("world_size") or 1)
+                if started != self.world.size:
+                    raise UserError(f"run_dir {self.run_dir} holds a run of {started} process(es), not "
+                                    f"{self.world.size}", f"continue it with {started} process(es)")
                 torch.set_num_threads(int(stored["run"].get("threads") or torch.get_num_threads()))
             elif not folder.is_empty():
                 raise UserError(f"run_dir {self.run_dir} is not empty and holds no run",
@@ -295,7 +326,7 @@ class Compression:
         try:
             return self._run()
         finally:
-            if isinstance(self.store, RunFolder):
+            if isinstance(self.store, (RunFolder, MainStore)):
                 self.store.close()
             torch.set_num_threads(self.threads)
 
@@ -315,8 +346,8 @@ class Compression:
             self.pipeline.run_round(state, last=index == len(self.targets))
             model, compact_model = state.model, state.compact_model
         self._check_target(compact_model)
-        if not self.store.is_done("final", "final"):
-            self.store.finish("final", "final", [self._final(compact_model)])
+        if not self.store.is_done("final", "final"):  # rank 0 saves model.pt and measures
+            self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model))])
         self._check_latency([r for r in self.store.records if r.get("event") == "final"][-1])
         return self._result(compact_model)
 
@@ -412,7 +443,7 @@ class Compression:
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
             def on_step(step) -> None:
-                bar.update(1)
+                bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"
                                   f"{config.max_evaluations}, best score {step.best_score:.4g}, temperature "
@@ -420,7 +451,7 @@ class Compression:
 
             return simulated_annealing(sampler.initial_action(),
                                        lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
-                                       sampler.perturb, config, on_step=on_step)
+                                       sampler.perturb, config, on_step=on_step, map_fn=distributed.parallel_map)
 
     def _check_target(self, compact_model: nn.Module) -> None:
         """A target is met or refused: UserError when the compact model's own count misses it (compaction
@@ -509,7 +540,8 @@ class Compression:
     def _result(self, compact_model: nn.Module) -> CompressResult:
         records = self.store.records
         if self.run_dir is not None:
-            report.write_report(self.run_dir, title=f"autocompress {self.target}")
+            distributed.on_main(lambda: report.write_report(self.run_dir, title=f"autocompress {self.target}"),
+                                share=False)
         final = [r for r in records if r.get("event") == "final"][-1]
         base, compressed = final["rows"]
         seconds: dict[str, float] = {}

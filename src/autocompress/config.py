@@ -24,6 +24,7 @@ from .admm import ADMMConfig
 from .alignment import AUTO, resolve_multiple
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
+from .distributed import DistributedConfig
 from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
@@ -102,6 +103,7 @@ class SearchConfig:
     stop_temperature: float = 0.002
     perturbation_magnitude: float = 0.1
     max_evaluations: int = 30
+    candidates_per_step: int = 1
 
     def annealing(self, seed: int) -> AnnealingConfig:
         """The :class:`AnnealingConfig` of these settings and ``seed``; SettingError naming a bad field."""
@@ -226,7 +228,8 @@ class CompressConfig:
         budget: training epochs in all; when set, :func:`autocompress.budget.apply_budget` derives ``rounds``,
             ``admm.epochs``, ``retrain.epochs``, ``final_retrain_epochs`` and ``distillation.enabled`` from it
             (and refuses those settings given with other values); None: the schedule as written.
-        search, quick_eval, admm, purification, retrain, distillation: the sections.
+        search, quick_eval, admm, purification, retrain, distillation, distributed: the sections
+            (``distributed``: :class:`autocompress.distributed.DistributedConfig`, used under torchrun).
     """
 
     target: str | None = None
@@ -247,6 +250,7 @@ class CompressConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
     def from_dict(cls, data: dict, *, validate: bool = True) -> "CompressConfig":

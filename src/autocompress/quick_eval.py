@@ -35,12 +35,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from . import distributed
 from .analysis import analysis_mode
 from .distillation import DistillationConfig, Distiller
 from .errors import UserError
 from .masks import MaskEnforcer, apply_masks
 from .projection import project
 from .sampling import quiet_clipping
+from .task import move
 from .training import train_epoch
 
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"refit"`` where the model ends in a
@@ -113,6 +115,17 @@ def check_scorer(scorer: str, finetune_steps: int, finetune_lr: float) -> None:
         raise UserError(f"finetune_lr={finetune_lr} must be a finite number > 0", "use e.g. 0.01")
 
 
+def _shared_batches(task, loader, count: int | None) -> list:
+    """``task.batches(loader, count)``; under ``torch.distributed`` rank 0's batches on every rank, so a
+    candidate's score does not depend on the rank that computes it (a loader sharded per rank yields other
+    batches on each)."""
+    if not distributed.world().active:
+        return task.batches(loader, count)
+    cpu = torch.device("cpu")
+    batches = distributed.on_main(lambda: [move(batch, cpu) for batch in task.batches(loader, count)])
+    return [move(batch, task.device) for batch in batches]
+
+
 class QuickEvaluator:
     """Scores rate dicts by one-shot projection, the ``scorer``'s repair and the validation score.
 
@@ -156,8 +169,8 @@ class QuickEvaluator:
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
         teacher = model if teacher is None else teacher
         refit = scorer in ("refit", "auto")
-        self._bn_data = task.batches(task.train_loader, bn_batches) if bn_recalibration or refit else []
-        self._val_data = task.batches(task.val_loader, val_batches) if task.score_fn is None else None
+        self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration or refit else []
+        self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
         self._distiller = Distiller(teacher, DistillationConfig()) if scorer == "finetune" and finetune_distill \
             else None
         self._head = final_linear(self._model, teacher, task, self._bn_data) if refit else None

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import admm, metrics
+from . import admm, distributed, metrics
 from .alignment import misaligned_widths
 from .compaction import compact, densify
 from .config import CompressConfig
@@ -270,9 +270,24 @@ class Pipeline:
             started = time.perf_counter()
             with self.task.seeded(phase_seed(self.config.seed, state.index, phase)):
                 records = getattr(self, f"_{phase}")(state, last=last)
+            self._sync(state)
             records.append({"event": "phase", "round": state.index, "phase": phase,
                             "seconds": time.perf_counter() - started})
             self.store.finish(state.index, phase, records)
+
+    def _sync(self, state: RoundState) -> None:
+        """Under ``torch.distributed``: rank 0's model state and masks on every rank after a phase (a caller's
+        ``train_fn`` may step each rank differently; float sums may drift)."""
+        distributed.sync_module(state.model)
+        distributed.sync_tensors((state.param_masks or {}).values())
+
+    def _training(self):
+        """``(train loader of this rank, context yielding the module the steps run)`` of a default-loop
+        training phase: under ``torch.distributed`` the caller's loader sharded per rank and the model in
+        DistributedDataParallel (:mod:`autocompress.distributed`), else the loader and the model as they are."""
+        settings = self.config.distributed
+        loader = distributed.shard_loader(self.task.train_loader, shard_data=settings.shard_data)
+        return loader, lambda model: distributed.data_parallel(model, sync_batchnorm=settings.sync_batchnorm)
 
     def _restore(self, state: RoundState, phase: str) -> None:
         payload = self.store.load(state.index, phase)
@@ -315,8 +330,11 @@ class Pipeline:
             self.log(f"round {state.index}: ADMM, {plural(config.epochs, 'epoch')}")
         loader = self.task.train_loader
         if self.train_fn is None:
-            result = admm.admm_prune(state.model, state.space, state.rates, loader, config, task=self.task,
-                                     distiller=self.distiller, progress=self.progress, log=self.log)
+            loader, parallel = self._training()
+            with parallel(state.model) as runner:
+                result = admm.admm_prune(state.model, state.space, state.rates, loader, config, task=self.task,
+                                         distiller=self.distiller, progress=self.progress, log=self.log,
+                                         runner=runner)
         else:
             schedule = admm.ADMMSchedule(state.model, state.space, state.rates, config,
                                          steps_per_epoch=_length(loader), per_epoch=False, log=self.log)
@@ -411,9 +429,11 @@ class Pipeline:
             self.log(f"round {state.index}: masked retraining, {plural(epochs, 'epoch')}")
         history: list[dict] = []
         if self.train_fn is None:
-            history = admm.masked_retrain(state.model, state.param_masks, self.task.train_loader, config,
-                                          task=self.task, distiller=self.distiller, progress=self.progress,
-                                          log=self.log)
+            loader, parallel = self._training()
+            with parallel(state.model) as runner:
+                history = admm.masked_retrain(state.model, state.param_masks, loader, config, task=self.task,
+                                              distiller=self.distiller, progress=self.progress, log=self.log,
+                                              runner=runner)
         else:
             enforcer = MaskEnforcer(state.model, state.param_masks)
             self._call_train_fn("retrain", state, epochs=epochs, lr=config.lr, enforcer=enforcer)

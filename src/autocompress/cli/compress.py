@@ -14,6 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .. import distributed
 from ..config import SettingError
 from ..errors import UserError
 
@@ -168,11 +169,9 @@ def _refuse_changes(args: argparse.Namespace) -> None:
                         "cannot change it", f"drop {', '.join(given)}, or start a new run with --out")
 
 
-def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict]:
-    """The checkpoint and settings a run folder's ``config.yaml`` records (``--data-dir`` replacing the
-    stored data folder); the ``--import`` modules the run started with are imported again."""
-    from . import import_modules
-
+def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict, list[str]]:
+    """The checkpoint, settings and ``--import`` modules a run folder's ``config.yaml`` records (``--data-dir``
+    replacing the stored data folder)."""
     from ..runfolder import RunFolder
 
     folder = RunFolder(out)
@@ -185,11 +184,10 @@ def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict]:
     if "checkpoint" not in source:
         raise UserError(f"{out} was not started by `autocompress compress`", "resume it from Python with the "
                         "same model and settings")
-    import_modules(list(source.get("imports") or []))
     settings = {**stored, **source.get("data", {})}
     if data_dir is not None:
         settings["data_dir"] = data_dir
-    return source["checkpoint"], settings
+    return source["checkpoint"], settings, list(source.get("imports") or [])
 
 
 def _check_same_source(out: str, checkpoint: str, settings: dict) -> None:
@@ -197,7 +195,7 @@ def _check_same_source(out: str, checkpoint: str, settings: dict) -> None:
     compares the other settings and the model's weights)."""
     from .workload import DataSettings
 
-    stored_checkpoint, stored = _stored_request(out, None)
+    stored_checkpoint, stored, _ = _stored_request(out, None)
     asked, _ = DataSettings.split_from(settings)
     kept, _ = DataSettings.split_from(stored)
     changed = [name for name, value in vars(asked.absolute()).items() if getattr(kept, name) != value]
@@ -208,28 +206,51 @@ def _check_same_source(out: str, checkpoint: str, settings: dict) -> None:
                         "choose another --out, or resume it unchanged with --resume")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start or resume a run, then print the final table (and :func:`chance_warning` on stderr when the
-    result is at chance). Returns 0; a Ctrl-C is reported with :func:`interrupted`."""
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = _run_dir(args)
+def _request(args: argparse.Namespace, out: str) -> tuple[str, dict, list[str]]:
+    """The checkpoint, settings and ``--import`` modules of the run to start or resume in ``out``."""
     if args.resume:
         _refuse_changes(args)
-        checkpoint, settings = _stored_request(out, args.data_dir)
-    else:
-        if not args.checkpoint:
-            raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
-        checkpoint, settings = args.checkpoint, settings_from(args, read_config_file(args.config))
-        if (Path(out) / "config.yaml").exists():
-            if not args.resume_if_exists:
-                raise UserError(f"run folder {out} already holds a run",
-                                f"continue it with `{_resume_command(out, args)}` or choose another --out")
-            _check_same_source(out, checkpoint, settings)
+        return _stored_request(out, args.data_dir)
+    if not args.checkpoint:
+        raise UserError("no checkpoint given", "pass CHECKPOINT, or --resume RUN_DIR to continue a run")
+    checkpoint, settings = args.checkpoint, settings_from(args, read_config_file(args.config))
+    if (Path(out) / "config.yaml").exists():
+        if not args.resume_if_exists:
+            raise UserError(f"run folder {out} already holds a run",
+                            f"continue it with `{_resume_command(out, args)}` or choose another --out")
+        _check_same_source(out, checkpoint, settings)
+    return checkpoint, settings, []
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start or resume a run, then print the final table (and :func:`chance_warning` on stderr when the
+    result is at chance). Returns 0; a Ctrl-C is reported with :func:`interrupted`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process joins the process group (gloo on the CPU, NCCL on
+    CUDA with device ``cuda:LOCAL_RANK``); rank 0 reads the run folder and speaks for the run (the other ranks
+    need the checkpoint and the dataset, not the run folder)."""
+    created = distributed.init_from_env(args.device)
+    try:
+        return _start(args)
+    finally:
+        if created:
+            distributed.finish()
+
+
+def _start(args: argparse.Namespace) -> int:
+    from . import import_modules
+
+    if not args.quiet and distributed.world().is_main:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = _run_dir(args)
+    checkpoint, settings, imports = distributed.on_main(lambda: _request(args, out))
+    import_modules(imports)
     try:
         final, workload = _compress(checkpoint, settings, out, args)
     except SettingError as exc:
         raise flag_message(exc, args) from None
+    if not distributed.world().is_main:
+        return 0
     from ..report import deployed_lines, final_table_rows
 
     rows = final_table_rows(final)
@@ -271,7 +292,7 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
         file = checkpoint_path if name == "base" else Path(out) / "model.pt"
         return {"test_top1": 100.0 * evaluate(model, test)["top1"], "file_bytes": file.stat().st_size}
 
-    progress = not args.quiet
+    progress = not args.quiet and distributed.world().is_main
     compression = Compression(
         workload.model, workload.example, None,
         task_args=dict(train_loader=workload.train_loader(data.batch_size), val_loader=workload.loader("val")),

@@ -8,6 +8,7 @@ not given comes from what the checkpoint recorded (dataset name, validation carv
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,19 +65,28 @@ class ReseededLoader:
     """A training loader whose order and augmentation are drawn, at every new epoch, from a generator seeded
     from the global torch RNG (which the pipeline seeds per phase): a resumed phase sees the same batches.
 
+    ``shard(rank, size)`` (called by :func:`autocompress.distributed.shard_loader` under ``torch.distributed``)
+    gives rank ``rank``'s loader: every rank draws the same epoch and keeps batches ``rank, rank + size, ...``
+    (the last ``len % size`` batches of an epoch are left out, so every rank steps the same number of times).
+
     Args:
         splits: :class:`autocompress.data.DataSplits`; batch_size: images per batch.
     """
 
-    def __init__(self, splits, batch_size: int):
-        self.splits, self.batch_size = splits, batch_size
+    def __init__(self, splits, batch_size: int, rank: int = 0, size: int = 1):
+        self.splits, self.batch_size, self.rank, self.size = splits, batch_size, rank, size
+
+    def shard(self, rank: int, size: int) -> "ReseededLoader":
+        """This loader's share for rank ``rank`` of ``size``."""
+        return ReseededLoader(self.splits, self.batch_size, rank, size)
 
     def __len__(self) -> int:
-        return len(self.splits.loader("train", self.batch_size))
+        return len(self.splits.loader("train", self.batch_size)) // self.size
 
     def __iter__(self):
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        return iter(self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed)))
+        epoch = self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed))
+        return itertools.islice(epoch, self.rank, len(self) * self.size, self.size)
 
 
 @dataclass
