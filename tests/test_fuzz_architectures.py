@@ -79,10 +79,12 @@ def _names_a_module(message: str, model: nn.Module) -> bool:
     return type(model).__name__ in message or any(name and name in message for name, _ in model.named_modules())
 
 
-def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch.Tensor | None = None):
+def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch.Tensor | None = None,
+            refusals: list[str] | None = None):
     """Run the one-shot path in ``mode`` and check every invariant (module docstring).
 
-    Returns ``None`` when the engine refused cleanly (the refusal is checked), else the compact model.
+    Returns ``None`` when the engine refused cleanly (the refusal is checked and appended to ``refusals``),
+    else the compact model.
     """
     dims, rate = MODES[mode]
     model.eval()
@@ -101,6 +103,8 @@ def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch
         message = str(exc)
         assert "\n" not in message and _names_a_module(message, model), message
         assert _unchanged(model, snap)
+        if refusals is not None:
+            refusals.append(message)
         return None
     assert _unchanged(model, snap), "the input model changed"
     compact = result.model
@@ -125,7 +129,7 @@ def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch
     for group in space.filter_groups:
         assert _out_channels(modules[group.name]) == int(final.filters[group.name].sum()), group.name
         if "filter" in dims:
-            assert int(masks.filters[group.name].sum()) == keep_count(group.size, rate)
+            assert int(masks.filters[group.name].sum()) == group.keep(rate)
     rebuilt = apply_architecture(copy.deepcopy(model), result.architecture)  # what loading a saved model does
     rebuilt.load_state_dict(compact.state_dict())
     assert _close(_outputs(rebuilt, example), _outputs(compact, example)), f"{mode}: rebuilt != compact"

@@ -29,7 +29,7 @@ from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError
-from .space import is_transposed, is_weight_layer, out_dim, trace_graph, train_only_modules
+from .space import is_grouped, is_transposed, is_weight_layer, out_dim, tie_classes, trace_graph, train_only_modules
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -164,14 +164,17 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], 
     if not has_producer or not bool(dead.any()):
         return [], None
     root_name = names.get(group[0].dep.target.module)
+    dead, reason = _tied(dead, members, names)
+    if reason is not None:
+        return [], reason
     for module, node, root, idxs, is_out in members:
         if not bool(dead[root].any()):
             continue
         name = names.get(module, "a parameter")
         if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
             return [], f"channels are outputs of the model at {name}"
-        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups and not _is_depthwise(module):
-            return [], f"they pass through grouped conv {name} (groups={module.groups})"
+        if is_grouped(module) and module.transposed:
+            return [], f"they pass through grouped transposed conv {name} (groups={module.groups})"
         if isinstance(module, _STATISTIC_NORMS):
             return [], f"{type(module).__name__} {name} normalises over the channels"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
@@ -180,6 +183,25 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], 
     if bool(dead.all()):
         return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
     return torch.nonzero(dead).flatten().tolist(), None
+
+
+def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None]:
+    """``dead`` [size] reduced to whole tie classes of the group's grouped convolutions (a compact grouped
+    conv loses the same positions from every conv group, see ``space.FilterGroup.ties``), or a reason the
+    dead channels stay when a grouped conv also reads / writes channels outside the group."""
+    pairs = []
+    for module, _node, root, idxs, is_out in members:
+        if not is_grouped(module) or module.transposed:
+            continue
+        extent = module.out_channels if is_out else module.in_channels
+        if not torch.equal(torch.unique(idxs), torch.arange(extent)):
+            return dead, f"grouped conv {names.get(module)} also reads or writes other channels"
+        pairs.append((idxs, root, extent // module.groups))
+    if not pairs:
+        return dead, None
+    ties = tie_classes(dead.numel(), pairs)
+    dead_count = torch.zeros(int(ties.max()) + 1, dtype=torch.long).index_add_(0, ties, dead.long())
+    return (dead_count == torch.bincount(ties))[ties], None
 
 
 def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:

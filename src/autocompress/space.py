@@ -81,6 +81,11 @@ class Slice:
         index: int64 [n], positions along ``dim``.
         channel: int64 [n], the group channel (root output channel) each position belongs to; a channel
             maps to several positions for Flatten -> Linear (``H*W`` features per channel).
+        feature: int64 [n] or None: the consumer input channel of each position, when it is not ``index``:
+            a grouped convolution's input slice, whose weight dim 1 holds the channels within one conv group
+            (``index = feature % (C_in / groups)``, so ``groups`` channels share a position; the group's
+            ``ties`` remove them together).
+        groups: the consumer's conv groups (1 unless ``feature`` is set).
     """
 
     param: str
@@ -89,6 +94,29 @@ class Slice:
     dim: int
     index: torch.Tensor
     channel: torch.Tensor
+    feature: torch.Tensor | None = None
+    groups: int = 1
+
+    @property
+    def features(self) -> torch.Tensor:
+        """int64 [n]: the position of each entry in the module's input (input slices) or output features."""
+        return self.index if self.feature is None else self.feature
+
+    @property
+    def positions(self) -> int:
+        """Distinct positions along ``dim`` (fewer than entries for a grouped convolution's input slice)."""
+        return self.index.numel() if self.feature is None else int(self.index.unique().numel())
+
+    def energy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """float64 [n]: the sum of squares of the entries of ``tensor`` (shaped like the parameter) that
+        entry ``i`` owns: the slice along ``dim`` at ``index[i]``; for a grouped convolution's input slice
+        only the rows of the conv group that reads ``feature[i]``."""
+        t = tensor.detach().to("cpu", torch.float64).pow(2)
+        if self.feature is not None:  # weight [F, C_in/groups, *k] as [groups, F/groups, C_in/groups, k]
+            per_group = t.reshape(self.groups, t.shape[0] // self.groups, t.shape[1], -1).sum((1, 3))
+            return per_group.flatten()[self.feature]
+        other = [d for d in range(t.dim()) if d != self.dim]
+        return (t.sum(other) if other else t)[self.index]
 
 
 @dataclass(frozen=True)
@@ -101,6 +129,10 @@ class FilterGroup:
         slices: every parameter slice the channels own, producers and consumers.
         params: parameter entries governed (all slices together).
         macs: MACs governed per forward of the build's example inputs (weight and input slices).
+        ties: int64 [size] or None: the tie class of each channel, when channels must be removed together
+            (grouped convolutions: a compact grouped conv needs the same channels removed from every conv
+            group, so channel ``c`` is tied to ``c + j * C/groups``). All classes have the same size; a rate
+            applies to the classes (:meth:`keep`). None: every channel is its own class.
     """
 
     name: str
@@ -108,6 +140,30 @@ class FilterGroup:
     slices: tuple[Slice, ...]
     params: int
     macs: int
+    ties: torch.Tensor | None = None
+
+    @property
+    def classes(self) -> int:
+        """Number of tie classes (``size`` without ties)."""
+        return self.size if self.ties is None else int(self.ties.max()) + 1
+
+    def keep(self, rate: float) -> int:
+        """Channels kept at ``rate``: ``keep_count(classes, rate)`` whole tie classes."""
+        return self.size // self.classes * keep_count(self.classes, rate)
+
+    def class_sums(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` [size] summed over each tie class: [classes] (``scores`` itself without ties)."""
+        if self.ties is None:
+            return scores
+        return torch.zeros(self.classes, dtype=scores.dtype).index_add_(0, self.ties, scores)
+
+    def expand(self, class_keep: torch.Tensor) -> torch.Tensor:
+        """A keep mask over classes [classes] as a keep mask over channels [size]."""
+        return class_keep if self.ties is None else class_keep[self.ties]
+
+    def tie(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` [size] closed over the ties: a channel is kept when any channel of its class is."""
+        return keep if self.ties is None else self.expand(self.class_sums(keep.to(torch.long)) > 0)
 
     @property
     def producers(self) -> tuple[str, ...]:
@@ -424,10 +480,10 @@ class PruningSpace:
         rates = self.check_rates(rates)
         removed: dict[tuple[str, int], int] = {}  # (param, dim) -> positions removed along dim
         for g in self.filter_groups:
-            gone = g.size - keep_count(g.size, rates["filter"].get(g.name, 0.0))
+            gone = g.size - g.keep(rates["filter"].get(g.name, 0.0))
             for s in g.slices:
                 key = (s.param, s.dim)
-                removed[key] = removed.get(key, 0) + gone * s.index.numel() // g.size
+                removed[key] = removed.get(key, 0) + gone * s.positions // g.size
         kept: dict[str, int] = {}
         for param in dict.fromkeys(p for p, _ in removed):
             shape = self.param_shapes[param]
@@ -494,6 +550,13 @@ def out_dim(module: nn.Module) -> int:
 def _is_depthwise(module: nn.Module) -> bool:
     return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
             and module.groups == module.in_channels)
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (``1 < groups``, ``groups != in_channels``; transposed
+    ones included)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and (bool(module.transposed) or module.groups != module.in_channels))
 
 
 def _channels(module: nn.Module, out: bool) -> int:
@@ -605,6 +668,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     # modules whose output is a model output (torch-pruning adds an output node only after other ops)
     sinks = {node.module for node in graph.module2node.values() if not node.outputs}
     groups: list[FilterGroup] = []
+    modules = dict(model.named_modules())
     visited: set[nn.Module] = set()
     claimed: dict[tuple[str, int], dict[int, str]] = {}
     for name, module in candidates.items():
@@ -627,10 +691,15 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         if problem:
             _exclude(excluded, name, problem)
             continue
-        params = sum(s.index.numel() * _stride(model, s) for s in slices)
-        macs = sum(s.index.numel() * _stride(model, s) * layer_macs[s.module][1]
+        ties, problem = _ties(slices, size, modules)
+        if problem:
+            _exclude(excluded, name, problem)
+            continue
+        params = sum(s.positions * _stride(model, s) for s in slices)
+        macs = sum(s.positions * _stride(model, s) * layer_macs[s.module][1]
                    // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
-        groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs))
+        groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs,
+                                  ties=ties))
     return _verified(model, inputs, groups, excluded)
 
 
@@ -676,8 +745,8 @@ def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list
             if mname not in candidates:
                 problem = problem or f"filter pruning: couples with {mname}, which is not pruned"
                 continue
-            if isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and not _is_depthwise(target):
-                problem = problem or f"filter pruning: couples with grouped convolution {mname}"
+            if is_grouped(target) and target.transposed:
+                problem = problem or f"filter pruning: couples with grouped transposed convolution {mname}"
                 continue
             if _is_depthwise(target) and target.out_channels != target.in_channels:
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
@@ -690,6 +759,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list
                 slices.append(Slice(wname, mname, "weight", dim, index, channel))
                 if target.bias is not None:
                     slices.append(Slice(param_names[id(target.bias)], mname, "bias", 0, index, channel))
+            elif is_grouped(target):  # weight dim 1 holds the channels within one conv group
+                per_group = target.in_channels // target.groups
+                slices.append(Slice(wname, mname, "input", dim, index % per_group, channel, index, target.groups))
             else:
                 slices.append(Slice(wname, mname, "input", dim, index, channel))
         elif isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
@@ -715,10 +787,11 @@ def _merge(slices: list[Slice]) -> list[Slice]:
         key = (s.param, s.dim)
         if key in by_key:
             old = by_key[key]
-            index = torch.cat([old.index, s.index])
-            channel = torch.cat([old.channel, s.channel])
-            index, first = _unique_first(index)
-            s = Slice(old.param, old.module, old.role, old.dim, index, channel[first])
+            features = torch.cat([old.features, s.features])
+            _, first = _unique_first(features)
+            index, channel = torch.cat([old.index, s.index])[first], torch.cat([old.channel, s.channel])[first]
+            s = Slice(old.param, old.module, old.role, old.dim, index, channel,
+                      None if old.feature is None else features[first], old.groups)
         by_key[key] = s
     return list(by_key.values())
 
@@ -729,6 +802,56 @@ def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((uniq.numel(),), index.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(index.numel()), reduce="amin")
     return uniq, first
+
+
+def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module]) -> tuple[torch.Tensor | None, str]:
+    """Tie classes of a group's channels from the grouped convolutions among its slices, or a problem.
+
+    A compact grouped conv must lose the same positions from every conv group (its weight is shared by
+    position within the group), so the channels at positions ``p`` and ``p + j * C/groups`` of a grouped
+    conv's input or output are tied. Returns ``(ties int64 [size] or None, "")`` or ``(None, problem)`` when
+    the grouped conv also reads / writes channels of other groups, the classes differ in size, or there is
+    only one class."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (positions, channels, period)
+    for s in slices:
+        module = modules[s.module]
+        if not is_grouped(module) or s.role not in ("weight", "input"):
+            continue
+        extent = _channels(module, s.role == "weight")
+        if not torch.equal(torch.unique(s.features), torch.arange(extent)):
+            return None, f"filter pruning: grouped convolution {s.module} also reads or writes other channels"
+        pairs.append((s.features, s.channel, extent // module.groups))
+    if not pairs:
+        return None, ""
+    ties = tie_classes(size, pairs)
+    counts = torch.bincount(ties)
+    if not bool((counts == counts[0]).all()) or counts.numel() < 2:
+        module = next(m for m in dict.fromkeys(s.module for s in slices) if is_grouped(modules[m]))
+        return None, (f"filter pruning: grouped convolution {module} ties all channels together"
+                      if counts.numel() < 2 else f"filter pruning: grouped convolution {module} ties channels unevenly")
+    return ties, ""
+
+
+def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+    """Tie classes of ``size`` channels, int64 [size] numbered 0.. in order of first channel.
+
+    Each pair ``(positions [n], channels [n], period)`` ties the channels whose positions are equal modulo
+    ``period`` (a grouped conv's positions within its conv groups); classes are the connected sets."""
+    parent = list(range(size))
+
+    def root(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for positions, channels, period in pairs:
+        first: dict[int, int] = {}
+        for p, c in zip((positions % period).tolist(), channels.tolist()):
+            a, b = root(first.setdefault(p, c)), root(c)
+            parent[max(a, b)] = min(a, b)
+    roots = torch.tensor([root(c) for c in range(size)])
+    return torch.unique(roots, return_inverse=True)[1]
 
 
 def _uneven(slices: list[Slice], size: int) -> str:
@@ -781,12 +904,12 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     for g in groups:
         gone = torch.randperm(g.size, generator=gen)[:max(1, g.size // 2)]
         for s in g.slices:
-            index = s.index[torch.isin(s.channel, gone)]
+            hit = torch.isin(s.channel, gone)
             if s.param not in saved:
                 saved[s.param] = params[s.param].detach().clone()
-            params[s.param].index_fill_(s.dim, index.to(params[s.param].device), 0)
+            params[s.param].index_fill_(s.dim, s.index[hit].to(params[s.param].device), 0)
             if s.role == "input":
-                watched.setdefault(s.module, []).append((g.name, index))
+                watched.setdefault(s.module, []).append((g.name, s.features[hit]))
     seen: dict[str, list[torch.Tensor]] = {}
     modules = dict(model.named_modules())
 
