@@ -203,6 +203,32 @@ class Grouped(nn.Module):
         return F.relu(self.g(F.relu(self.pre(x))))
 
 
+class GroupedBottleneck(nn.Module):
+    """ResNeXt style: 1x1 -> BN -> grouped 3x3 (4 conv groups, 8 -> 12) -> BN -> 1x1 back, residual add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.bn1 = nn.Conv2d(c, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.g, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(12)
+        self.b = nn.Conv2d(12, c, 1)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.bn2(self.g(F.relu(self.bn1(self.a(x)))))))
+
+
+class GroupedChain(nn.Module):
+    """Grouped conv (2 conv groups) straight into another (4 conv groups): the ties of both combine."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pre, self.g2, self.g4 = nn.Conv2d(c, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(
+            8, 8, 1, groups=4)
+        self.out = 8
+
+    def forward(self, x):
+        return F.relu(self.g4(F.relu(self.g2(F.relu(self.pre(x))))))
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -318,8 +344,8 @@ class AuxHead(nn.Module):
         return x
 
 
-BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, SqueezeExcite, SpatialGate, PerChannelParam,
-          ChannelNorm, ChannelsLastLN, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead]
+BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
+          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead]
 
 
 class Net(nn.Module):
@@ -452,6 +478,21 @@ def test_frozen_layers_are_pruned_and_stay_frozen(frozen):
         assert frozen_names and frozen_names == {n for n, p in compact.named_parameters() if not p.requires_grad}
         if mode == "filter":  # the frozen layers lose their channels (stem 6 -> 3; residual stream coupled)
             assert compact.stem[0].out_channels == 3 and compact.blocks[0].b.out_channels == 3
+
+
+def test_grouped_convolutions_are_filter_pruned_per_conv_group():
+    """Grouped (non-depthwise) convs take part in filter groups; the ties of chained grouped convs combine
+    (g2: position c % 4; g4: c % 2 of g2's outputs), and the compact convs keep their conv groups."""
+    model, x = Net([GroupedChain]).eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",))
+    assert list(space.excluded) == ["head"]
+    assert space.unit("filter", "blocks.0.pre").ties.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert space.unit("filter", "blocks.0.g2").ties.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    compact = oneshot(model, x, "filter")
+    g2, g4 = compact.blocks[0].g2, compact.blocks[0].g4
+    assert (g2.in_channels, g2.out_channels, g2.groups, g4.in_channels, g4.out_channels, g4.groups) == (
+        4, 4, 2, 4, 4, 4)
+    check_all_modes(lambda: Net([GroupedBottleneck, Grouped]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
 
 
 def test_channel_shuffle_is_excluded_not_miscompacted():
