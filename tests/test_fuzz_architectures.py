@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 
 from autocompress import compaction, projection, purification
 from autocompress.errors import UserError
@@ -287,6 +288,18 @@ class ChannelsLastLN(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
+class ChannelsFirstLN(nn.Module):
+    """torchvision's LayerNorm2d (ConvNeXt's channels-first LayerNorm before downsampling), then a conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.conv = LayerNorm2d(c), nn.Conv2d(c, 8, 3, padding=1)
+        self.out = 8
+
+    def forward(self, x):
+        return self.conv(self.norm(x))
+
+
 class UpDown(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -345,7 +358,8 @@ class AuxHead(nn.Module):
 
 
 BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
-          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead]
+          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, UpDown, LinearToMap,
+          Interpolate, CalledTwice, AuxHead]
 
 
 class Net(nn.Module):
@@ -501,11 +515,35 @@ def test_channel_shuffle_is_excluded_not_miscompacted():
     assert "could not be verified" in space.excluded["conv"]
 
 
-def test_channels_last_layernorm_block():
-    check_all_modes(lambda: Net([ChannelsLastLN]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
-    space = PruningSpace.build(Net([ChannelsLastLN]).eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
-    assert "LayerNorm blocks.0.ln normalises over the channels" in space.excluded["stem.0"]
-    assert "blocks.0.pw1" in [g.name for g in space.filter_groups]
+def test_layernorm_coupled_channels_are_pruned_exactly():
+    """Channels a LayerNorm normalises (channels-last and torchvision's channels-first LayerNorm2d) are
+    pruned; the compact LayerNorm keeps the masked model's statistics over all channels (PaddedLayerNorm)."""
+    check_all_modes(lambda: Net([ChannelsLastLN, ChannelsFirstLN]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    model, x = Net([ChannelsLastLN, ChannelsFirstLN]).eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",))
+    stream = space.unit("filter", "stem.0")
+    assert {"blocks.0.ln", "blocks.1.norm"} <= {s.module for s in stream.slices if s.role == "norm"}
+    compact = oneshot(model, x, "filter")
+    ln, norm = compact.blocks[0].ln, compact.blocks[1].norm
+    assert type(ln).__name__ == type(norm).__name__ == "PaddedLayerNorm"
+    assert (ln.num_features, ln.width, ln.dim, norm.num_features, norm.width, norm.dim) == (3, 6, -1, 3, 6, 1)
+
+
+def test_layernorm_without_affine_or_channel_dimension_is_excluded_by_name():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.ln, self.head = nn.Conv2d(3, 8, 1), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.ln(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    space = PruningSpace.build(Plain().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "LayerNorm ln has no affine weight" in space.excluded["conv"]
+    square = Net([ChannelsFirstLN], width=8).eval()  # [N, 8, 8, 8]: which dimension holds the channels?
+    space = PruningSpace.build(square, torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "LayerNorm2d blocks.0.norm has no dimension" in space.excluded["stem.0"]
+    assert oneshot(square, torch.randn(1, 3, 8, 8), "filter") is not None
 
 
 def test_train_only_auxiliary_head_loses_its_input_channels_too():

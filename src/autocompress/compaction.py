@@ -29,6 +29,7 @@ from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError
+from .padded_norm import PaddedLayerNorm, channel_dims, is_layer_norm, padded
 from .space import is_grouped, is_transposed, is_weight_layer, out_dim, tie_classes, trace_graph, train_only_modules
 
 
@@ -106,7 +107,7 @@ def _is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels > 1)
 
 
-_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -122,7 +123,7 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
     return counts
 
 
-def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], str | None]:
+def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> tuple[list[int], str | None]:
     """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
 
     A channel is dead when every producer's weight row and bias entry is zero and every per-channel member
@@ -175,10 +176,11 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], 
             return [], f"channels are outputs of the model at {name}"
         if is_grouped(module) and module.transposed:
             return [], f"they pass through grouped transposed conv {name} (groups={module.groups})"
-        if isinstance(module, _STATISTIC_NORMS):
+        if isinstance(module, _STATISTIC_NORMS) and norm_dims.get(module) is None:
             return [], f"{type(module).__name__} {name} normalises over the channels"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
-                and not isinstance(module, (*_PER_CHANNEL_NORMS, nn.PReLU)) and list(module.parameters())):
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, nn.PReLU))
+                and list(module.parameters())):
             return [], f"they pass through {type(module).__name__} {name}"
     if bool(dead.all()):
         return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
@@ -229,6 +231,11 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
     if isinstance(module, nn.Parameter):
         dim = getattr(node, "pruning_dim", 0)
         return [(module, dim % module.dim())]
+    if is_layer_norm(module):  # at a zero input channel a LayerNorm outputs 0 only if its weight and bias are 0
+        if module.weight is None:
+            size = module.num_features if isinstance(module, PaddedLayerNorm) else module.normalized_shape[0]
+            return [(torch.ones(size), 0)]
+        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, _PER_CHANNEL_NORMS):
         if module.affine:
             return [(module.weight, 0), (module.bias, 0)]
@@ -244,6 +251,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
         return {}
+    norm_dims = channel_dims(model, inputs)
+    widths = {m: m.normalized_shape[0] for m in norm_dims if isinstance(m, nn.LayerNorm)}
     try:
         dg = trace_graph(model, inputs, train_only)
     except UserError as exc:  # dead channels stay dense: exact, only larger
@@ -265,7 +274,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
-        roots, reason = _group_plan(dg, group, names)
+        roots, reason = _group_plan(dg, group, names, norm_dims)
         if reason is not None:
             report["dead_channels_kept"][names[module]] = reason
             continue
@@ -287,6 +296,10 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     kept[names[target]] = torch.nonzero(keep).flatten()
         group.prune()
         report["removed_channels"][names[module]] = len(roots)
+    for norm, width in widths.items():  # a LayerNorm that lost channels keeps its statistics over all of them
+        if norm.normalized_shape[0] < width:
+            parent, _, attr = names[norm].rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept
 
 

@@ -46,6 +46,7 @@ from .analysis import hooked_forward, preserved_state
 from .errors import UserError, show
 from .masks import Masks
 from .metrics import layer_table
+from .padded_norm import PRUNERS, PaddedLayerNorm, channel_dims, is_layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +622,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
                 module.train(train)
                 return module(*args)
 
-            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
+                                                         customized_pruners=PRUNERS)
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
@@ -667,6 +669,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         return []
     # modules whose output is a model output (torch-pruning adds an output node only after other ops)
     sinks = {node.module for node in graph.module2node.values() if not node.outputs}
+    norm_dims = channel_dims(model, inputs)
     groups: list[FilterGroup] = []
     modules = dict(model.named_modules())
     visited: set[nn.Module] = set()
@@ -682,7 +685,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             _exclude(excluded, name, f"filter pruning: torch-pruning cannot map its channels "
                      f"({type(exc).__name__})")
             continue
-        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size)
+        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims)
         visited.update(members)
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
@@ -703,7 +706,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     return _verified(model, inputs, groups, excluded)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list[Slice], set, str]:
+def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims) -> tuple[list[Slice], set, str]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
     and a problem ("" if the group can be pruned).
 
@@ -771,13 +774,31 @@ def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list
         elif isinstance(target, nn.PReLU):
             if target.num_parameters > 1:
                 slices.append(Slice(param_names[id(target.weight)], mname, "norm", 0, index, channel))
-        elif isinstance(target, (nn.LayerNorm, nn.GroupNorm)):
-            problem = problem or (f"filter pruning: {type(target).__name__} {mname} normalises over the "
-                                  "channels, so removing one changes the others")
+        elif is_layer_norm(target) and target.weight is not None and norm_dims.get(target) is not None:
+            for p in (target.weight, target.bias):  # compaction makes it a PaddedLayerNorm (exact)
+                if p is not None:
+                    slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
+        elif isinstance(target, (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)):
+            problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     merged = _merge(slices)
     return merged, members, problem
+
+
+def _norm_problem(norm: nn.Module, norm_dims: dict) -> str:
+    """Why the channels a LayerNorm / GroupNorm normalises are not pruned (completes "<type> <name> ...")."""
+    if isinstance(norm, nn.GroupNorm):
+        return ("normalises groups of channels, so removing one changes the others' statistics; use a "
+                "per-channel norm (BatchNorm) or a LayerNorm to prune these channels")
+    if not is_layer_norm(norm):
+        return "normalises over several dimensions; prune the layers between such norms instead"
+    if norm.weight is None:
+        return "has no affine weight, so a removed channel's output is not zero; give it elementwise_affine"
+    if norm not in norm_dims:
+        return "is not called by the eval-mode forward, so its channel dimension is unknown"
+    return ("has no dimension of its input that is unambiguously the channels (several or none have its "
+            "size); feed it another input size (example_inputs)")
 
 
 def _merge(slices: list[Slice]) -> list[Slice]:
