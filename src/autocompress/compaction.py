@@ -309,8 +309,10 @@ def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None
     return None if pruner is None else pruner.get_out_channels(module)
 
 
-def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> None:
-    """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
+def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict,
+                     param_masks: dict[str, torch.Tensor]) -> None:
+    """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear. A layer
+    whose every weight is zero (e.g. a zero-initialised head) keeps the columns its mask keeps, if any."""
     for name, module in list(model.named_modules()):
         if type(module) not in (*CONV_LAYERS.values(), nn.Linear) or module not in called or (
                 is_transposed(module) and module.groups > 1):
@@ -320,7 +322,11 @@ def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> 
         kept = torch.nonzero(nonzero).flatten().cpu()
         if kept.numel() == gemm.shape[1]:
             continue
-        if kept.numel() == 0:  # e.g. a zero-initialised head: nothing to gather, the dense layer is exact
+        mask = param_masks.get(f"{name}.weight")
+        if kept.numel() == 0 and mask is not None and tuple(mask.shape) == tuple(module.weight.shape):
+            grid = mask.transpose(0, 1) if is_transposed(module) else mask
+            kept = torch.nonzero(grid.reshape(grid.shape[0], -1).any(dim=0)).flatten().cpu()
+        if kept.numel() in (0, gemm.shape[1]):  # a zero-initialised head without a mask: the dense layer is exact
             report["dead_channels_kept"][name] = "every weight is zero; the layer stays dense"
             continue
         if isinstance(module, nn.Conv2d):
@@ -454,7 +460,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     kept = _remove_channels(work, inputs, report, train_only)
     work.eval()
     called = set(_called_modules(work, inputs)) | train_only
-    _compact_columns(work, called, report)
+    _compact_columns(work, called, report, param_masks)
     _keep_frozen(work, model)
     work.eval()
     report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale, kept=kept)
