@@ -10,7 +10,9 @@ AAAI 2020, §"hybrid structured pruning"):
   its name is its root module, the first Conv / Linear of the set in ``named_modules`` order, and its
   channels are the root's output channels. A rate applies once per group. Conv1d / Conv2d / Conv3d,
   ConvTranspose1d/2d/3d (output channels on weight dim 1) and Linear layers take part. A one-channel
-  gate multiplied over all channels broadcasts and does not couple.
+  gate multiplied over all channels broadcasts and does not couple. A grouped convolution ties the channels
+  at the same position of each of its conv groups (:attr:`FilterGroup.ties`); a LayerNorm over the channels
+  couples like a BatchNorm (compaction makes it a :class:`autocompress.padded_norm.PaddedLayerNorm`).
 * **column layers** (:class:`ColumnLayer`) — every Conv / Linear weight in the GEMM view
   ``[F, C/groups * prod(k)]`` (Linear: ``[out, in]``; transposed convs: ``weight.transpose(0, 1)``); a
   column is one (input channel, kernel position) across all filters.
@@ -18,7 +20,8 @@ AAAI 2020, §"hybrid structured pruning"):
 
 What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`,
 listed in docs/SUPPORT.md): the classifier's output units (any group reaching the model output), grouped
-convolutions, normalisations over the channels (LayerNorm, GroupNorm), modules the forward never reaches
+convolutions that also read other groups' channels, GroupNorm and LayerNorms whose channel dimension is
+unknown, modules the forward never reaches
 (eval or train mode), user-ignored modules, and any group whose channel mapping the build cannot verify.
 Verification: one analysis forward with a seeded random half of every group's channels removed; every
 input slice the group assigns to a consumer must then be constant across samples (it reads nothing but
