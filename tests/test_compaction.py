@@ -305,6 +305,28 @@ def test_zoo_irregular_stays_dense(name, channels, size):
     assert not result.report["removed_channels"]
 
 
+def test_grouped_conv_loses_only_channels_dead_in_every_conv_group():
+    """A compact grouped conv loses the same positions from each conv group: dead channels 1 and 5 (position
+    1 of both groups of g) go; channel 2 alone (dead only in group 0) stays dense, exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, groups=2),
+                          nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    _randomize_bn(model)
+    masks = _ones(model)
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        masks[name][[1, 2, 5]] = False
+    x = torch.randn(1, 3, 8, 8)
+    result = run(model, masks, x, exact_count=False)
+    g = result.model[3]
+    assert (result.model[0].out_channels, g.in_channels, g.groups, g.weight.shape[1]) == (6, 6, 2, 3)
+    kept = [0, 2, 3, 4, 6, 7]  # original channels left; g's weight keeps positions 0, 2, 3 of each group
+    assert torch.equal(g.weight, model[3].weight[:, [0, 2, 3]])
+    expected = model[0].weight.detach()[kept]
+    expected[1] = 0  # channel 2: masked, kept dense
+    assert torch.equal(result.model[0].weight, expected)
+    assert result.report["removed_channels"] == {"0": 2}
+
+
 # ----------------------------------------------------------------------------------------- torchvision
 TORCHVISION = [("resnet18", 64), ("resnet50", 64), ("vgg16_bn", 32), ("mobilenet_v2", 64),
                ("densenet121", 32), ("googlenet", 64), ("efficientnet_b0", 64), ("regnet_x_400mf", 64)]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 
 from autocompress import compaction, projection, purification
 from autocompress.errors import UserError
@@ -79,10 +80,12 @@ def _names_a_module(message: str, model: nn.Module) -> bool:
     return type(model).__name__ in message or any(name and name in message for name, _ in model.named_modules())
 
 
-def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch.Tensor | None = None):
+def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch.Tensor | None = None,
+            refusals: list[str] | None = None):
     """Run the one-shot path in ``mode`` and check every invariant (module docstring).
 
-    Returns ``None`` when the engine refused cleanly (the refusal is checked), else the compact model.
+    Returns ``None`` when the engine refused cleanly (the refusal is checked and appended to ``refusals``),
+    else the compact model.
     """
     dims, rate = MODES[mode]
     model.eval()
@@ -101,6 +104,8 @@ def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch
         message = str(exc)
         assert "\n" not in message and _names_a_module(message, model), message
         assert _unchanged(model, snap)
+        if refusals is not None:
+            refusals.append(message)
         return None
     assert _unchanged(model, snap), "the input model changed"
     compact = result.model
@@ -125,7 +130,7 @@ def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch
     for group in space.filter_groups:
         assert _out_channels(modules[group.name]) == int(final.filters[group.name].sum()), group.name
         if "filter" in dims:
-            assert int(masks.filters[group.name].sum()) == keep_count(group.size, rate)
+            assert int(masks.filters[group.name].sum()) == group.keep(rate)
     rebuilt = apply_architecture(copy.deepcopy(model), result.architecture)  # what loading a saved model does
     rebuilt.load_state_dict(compact.state_dict())
     assert _close(_outputs(rebuilt, example), _outputs(compact, example)), f"{mode}: rebuilt != compact"
@@ -199,6 +204,32 @@ class Grouped(nn.Module):
         return F.relu(self.g(F.relu(self.pre(x))))
 
 
+class GroupedBottleneck(nn.Module):
+    """ResNeXt style: 1x1 -> BN -> grouped 3x3 (4 conv groups, 8 -> 12) -> BN -> 1x1 back, residual add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.bn1 = nn.Conv2d(c, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.g, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(12)
+        self.b = nn.Conv2d(12, c, 1)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.bn2(self.g(F.relu(self.bn1(self.a(x)))))))
+
+
+class GroupedChain(nn.Module):
+    """Grouped conv (2 conv groups) straight into another (4 conv groups): the ties of both combine."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pre, self.g2, self.g4 = nn.Conv2d(c, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(
+            8, 8, 1, groups=4)
+        self.out = 8
+
+    def forward(self, x):
+        return F.relu(self.g4(F.relu(self.g2(F.relu(self.pre(x))))))
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -255,6 +286,18 @@ class ChannelsLastLN(nn.Module):
         y = self.dw(x).permute(0, 2, 3, 1)
         y = self.pw2(F.gelu(self.pw1(self.ln(y)))) * self.gamma
         return x + y.permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLN(nn.Module):
+    """torchvision's LayerNorm2d (ConvNeXt's channels-first LayerNorm before downsampling), then a conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.conv = LayerNorm2d(c), nn.Conv2d(c, 8, 3, padding=1)
+        self.out = 8
+
+    def forward(self, x):
+        return self.conv(self.norm(x))
 
 
 class UpDown(nn.Module):
@@ -314,8 +357,9 @@ class AuxHead(nn.Module):
         return x
 
 
-BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, SqueezeExcite, SpatialGate, PerChannelParam,
-          ChannelNorm, ChannelsLastLN, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead]
+BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
+          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, UpDown, LinearToMap,
+          Interpolate, CalledTwice, AuxHead]
 
 
 class Net(nn.Module):
@@ -450,17 +494,56 @@ def test_frozen_layers_are_pruned_and_stay_frozen(frozen):
             assert compact.stem[0].out_channels == 3 and compact.blocks[0].b.out_channels == 3
 
 
+def test_grouped_convolutions_are_filter_pruned_per_conv_group():
+    """Grouped (non-depthwise) convs take part in filter groups; the ties of chained grouped convs combine
+    (g2: position c % 4; g4: c % 2 of g2's outputs), and the compact convs keep their conv groups."""
+    model, x = Net([GroupedChain]).eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",))
+    assert list(space.excluded) == ["head"]
+    assert space.unit("filter", "blocks.0.pre").ties.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert space.unit("filter", "blocks.0.g2").ties.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    compact = oneshot(model, x, "filter")
+    g2, g4 = compact.blocks[0].g2, compact.blocks[0].g4
+    assert (g2.in_channels, g2.out_channels, g2.groups, g4.in_channels, g4.out_channels, g4.groups) == (
+        4, 4, 2, 4, 4, 4)
+    check_all_modes(lambda: Net([GroupedBottleneck, Grouped]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+
+
 def test_channel_shuffle_is_excluded_not_miscompacted():
     check_all_modes(Shuffle, (3, 8, 8), (3, 12, 12), expect_pass=ALL)
     space = PruningSpace.build(Shuffle().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
     assert "could not be verified" in space.excluded["conv"]
 
 
-def test_channels_last_layernorm_block():
-    check_all_modes(lambda: Net([ChannelsLastLN]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
-    space = PruningSpace.build(Net([ChannelsLastLN]).eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
-    assert "LayerNorm blocks.0.ln normalises over the channels" in space.excluded["stem.0"]
-    assert "blocks.0.pw1" in [g.name for g in space.filter_groups]
+def test_layernorm_coupled_channels_are_pruned_exactly():
+    """Channels a LayerNorm normalises (channels-last and torchvision's channels-first LayerNorm2d) are
+    pruned; the compact LayerNorm keeps the masked model's statistics over all channels (PaddedLayerNorm)."""
+    check_all_modes(lambda: Net([ChannelsLastLN, ChannelsFirstLN]), (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    model, x = Net([ChannelsLastLN, ChannelsFirstLN]).eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",))
+    stream = space.unit("filter", "stem.0")
+    assert {"blocks.0.ln", "blocks.1.norm"} <= {s.module for s in stream.slices if s.role == "norm"}
+    compact = oneshot(model, x, "filter")
+    ln, norm = compact.blocks[0].ln, compact.blocks[1].norm
+    assert type(ln).__name__ == type(norm).__name__ == "PaddedLayerNorm"
+    assert (ln.num_features, ln.width, ln.dim, norm.num_features, norm.width, norm.dim) == (3, 6, -1, 3, 6, 1)
+
+
+def test_layernorm_without_affine_or_channel_dimension_is_excluded_by_name():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.ln, self.head = nn.Conv2d(3, 8, 1), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.ln(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    space = PruningSpace.build(Plain().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "LayerNorm ln has no affine weight" in space.excluded["conv"]
+    square = Net([ChannelsFirstLN], width=8).eval()  # [N, 8, 8, 8]: which dimension holds the channels?
+    space = PruningSpace.build(square, torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "LayerNorm2d blocks.0.norm has no dimension" in space.excluded["stem.0"]
+    assert oneshot(square, torch.randn(1, 3, 8, 8), "filter") is not None
 
 
 def test_train_only_auxiliary_head_loses_its_input_channels_too():

@@ -284,24 +284,52 @@ def test_exclusions_are_logged(caplog):
     assert "not pruned: fc" in caplog.text and "classifier" in caplog.text
 
 
-def test_unreached_and_grouped_layers_are_excluded():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 1)
-            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-            self.unused = nn.Linear(4, 4)
-            self.fc = nn.Linear(8, 10)
+class Odd(nn.Module):
+    """conv a (3->8) -> grouped conv g (8->8, 2 conv groups) -> pool -> fc; an unreached Linear."""
 
-        def forward(self, x):
-            return self.fc(self.g(self.a(x)).mean((2, 3)))
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.unused = nn.Linear(4, 4)
+        self.fc = nn.Linear(8, 10)
 
+    def forward(self, x):
+        return self.fc(self.g(self.a(x)).mean((2, 3)))
+
+
+def test_unreached_layers_are_excluded_and_grouped_convs_keep_columns():
     space = PruningSpace.build(Odd(), X)
-    assert space.filter_groups == []
-    assert "grouped" in space.excluded["a"] and "grouped" in space.excluded["g"]
     assert "not reached" in space.excluded["unused"]
     assert [c.name for c in space.column_layers] == ["a", "g", "fc"]
     assert space.unit("column", "g").size == 4 * 9
+
+
+def test_grouped_conv_ties_each_channel_to_the_same_position_of_the_other_conv_group():
+    torch.manual_seed(0)
+    model = Odd()
+    space = PruningSpace.build(model, X)
+    a, g = space.unit("filter", "a"), space.unit("filter", "g")
+    assert a.ties.tolist() == g.ties.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert (a.classes, a.keep(0.5), a.keep(0.2), a.keep(0.9)) == (4, 4, 6, 2)
+    read = next(s for s in a.slices if s.module == "g")  # g's weight dim 1 holds channel c at c % 4
+    assert read.index.tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and read.feature.tolist() == list(range(8))
+    keep = torch.tensor([True, False, False, True] * 2)
+    pm = space.param_masks(Masks(filters={"a": keep}, columns={}, weights={}))
+    assert pm["g.weight"][:, :, 1, 1].tolist() == [[True, False, False, True]] * 8
+    assert pm["a.weight"].flatten(1).all(1).tolist() == keep.tolist() and pm["a.bias"].tolist() == keep.tolist()
+    # projection keeps the 2 classes {c, c+4} with the largest summed squared row norms of a
+    norms = model.a.weight.detach().pow(2).flatten(1).sum(1)
+    classes = norms[:4] + norms[4:]
+    best = torch.zeros(4, dtype=torch.bool)
+    best[classes.topk(2).indices] = True
+    rates = {"filter": {"a": 0.5, "g": 0.5}}
+    masks = project(space, model, rates)
+    assert masks.filters["a"].tolist() == best.repeat(2).tolist()
+    assert space.estimate(rates) == space.count(masks)
+    # and the compact grouped conv has 2 of 4 inputs and outputs per conv group; g's entries: 4*2*9
+    assert space.count(masks).params == sum(p.numel() for p in model.parameters()) - (8 - 4) * (3 + 1) - (
+        8 * 4 * 9 - 4 * 2 * 9) - (8 - 4) - (8 - 4) * 10
 
 
 def test_param_masks_rejects_unknown_units():

@@ -15,6 +15,7 @@ from torch import nn
 
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import UserError
+from .padded_norm import PaddedLayerNorm
 
 FORMAT = "autocompress-architecture"
 VERSION = 1
@@ -58,6 +59,7 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
     ColumnConv2d: ColumnConv2d.config,
     ColumnConvNd: ColumnConvNd.config,
     ColumnLinear: ColumnLinear.config,
+    PaddedLayerNorm: PaddedLayerNorm.config,
 }
 _TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
 

@@ -30,7 +30,8 @@ from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError
-from .space import is_transposed, is_weight_layer, out_dim, trace_graph, train_only_modules
+from .padded_norm import PaddedLayerNorm, channel_dims, is_layer_norm, padded
+from .space import is_grouped, is_transposed, is_weight_layer, out_dim, tie_classes, trace_graph, train_only_modules
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -107,7 +108,7 @@ def _is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels > 1)
 
 
-_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -123,7 +124,7 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
     return counts
 
 
-def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], str | None]:
+def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> tuple[list[int], str | None]:
     """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
 
     A channel is dead when every producer's weight row and bias entry is zero and every per-channel member
@@ -165,22 +166,45 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict) -> tuple[list[int], 
     if not has_producer or not bool(dead.any()):
         return [], None
     root_name = names.get(group[0].dep.target.module)
+    dead, reason = _tied(dead, members, names)
+    if reason is not None:
+        return [], reason
     for module, node, root, idxs, is_out in members:
         if not bool(dead[root].any()):
             continue
         name = names.get(module, "a parameter")
         if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
             return [], f"channels are outputs of the model at {name}"
-        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups and not _is_depthwise(module):
-            return [], f"they pass through grouped conv {name} (groups={module.groups})"
-        if isinstance(module, _STATISTIC_NORMS):
+        if is_grouped(module) and module.transposed:
+            return [], f"they pass through grouped transposed conv {name} (groups={module.groups})"
+        if isinstance(module, _STATISTIC_NORMS) and norm_dims.get(module) is None:
             return [], f"{type(module).__name__} {name} normalises over the channels"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
-                and not isinstance(module, (*_PER_CHANNEL_NORMS, nn.PReLU)) and list(module.parameters())):
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, nn.PReLU))
+                and list(module.parameters())):
             return [], f"they pass through {type(module).__name__} {name}"
     if bool(dead.all()):
         return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
     return torch.nonzero(dead).flatten().tolist(), None
+
+
+def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None]:
+    """``dead`` [size] reduced to whole tie classes of the group's grouped convolutions (a compact grouped
+    conv loses the same positions from every conv group, see ``space.FilterGroup.ties``), or a reason the
+    dead channels stay when a grouped conv also reads / writes channels outside the group."""
+    pairs = []
+    for module, _node, root, idxs, is_out in members:
+        if not is_grouped(module) or module.transposed:
+            continue
+        extent = module.out_channels if is_out else module.in_channels
+        if not torch.equal(torch.unique(idxs), torch.arange(extent)):
+            return dead, f"grouped conv {names.get(module)} also reads or writes other channels"
+        pairs.append((idxs, root, extent // module.groups))
+    if not pairs:
+        return dead, None
+    ties = tie_classes(dead.numel(), pairs)
+    dead_count = torch.zeros(int(ties.max()) + 1, dtype=torch.long).index_add_(0, ties, dead.long())
+    return (dead_count == torch.bincount(ties))[ties], None
 
 
 def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:
@@ -208,6 +232,11 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
     if isinstance(module, nn.Parameter):
         dim = getattr(node, "pruning_dim", 0)
         return [(module, dim % module.dim())]
+    if is_layer_norm(module):  # at a zero input channel a LayerNorm outputs 0 only if its weight and bias are 0
+        if module.weight is None:
+            size = module.num_features if isinstance(module, PaddedLayerNorm) else module.normalized_shape[0]
+            return [(torch.ones(size), 0)]
+        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, _PER_CHANNEL_NORMS):
         if module.affine:
             return [(module.weight, 0), (module.bias, 0)]
@@ -224,6 +253,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
         return {}
+    norm_dims = channel_dims(model, inputs)
+    widths = {m: m.normalized_shape[0] for m in norm_dims if isinstance(m, nn.LayerNorm)}
     try:
         dg = trace_graph(model, inputs, train_only)
     except UserError as exc:  # dead channels stay dense: exact, only larger
@@ -245,7 +276,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
-        roots, reason = _group_plan(dg, group, names)
+        roots, reason = _group_plan(dg, group, names, norm_dims)
         if reason is not None:
             report["dead_channels_kept"][names[module]] = reason
             continue
@@ -273,6 +304,10 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     kept[names[target]] = torch.nonzero(keep).flatten()
         group.prune()
         report["removed_channels"][names[module]] = len(roots)
+    for norm, width in widths.items():  # a LayerNorm that lost channels keeps its statistics over all of them
+        if norm.normalized_shape[0] < width:
+            parent, _, attr = names[norm].rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept
 
 
@@ -282,8 +317,10 @@ def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None
     return None if pruner is None else pruner.get_out_channels(module)
 
 
-def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> None:
-    """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear."""
+def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict,
+                     param_masks: dict[str, torch.Tensor]) -> None:
+    """Replace Conv2d / Linear layers that have all-zero GEMM columns by ColumnConv2d / ColumnLinear. A layer
+    whose every weight is zero (e.g. a zero-initialised head) keeps the columns its mask keeps, if any."""
     for name, module in list(model.named_modules()):
         if type(module) not in (*CONV_LAYERS.values(), nn.Linear) or module not in called or (
                 is_transposed(module) and module.groups > 1):
@@ -293,7 +330,11 @@ def _compact_columns(model: nn.Module, called: set[nn.Module], report: dict) -> 
         kept = torch.nonzero(nonzero).flatten().cpu()
         if kept.numel() == gemm.shape[1]:
             continue
-        if kept.numel() == 0:  # e.g. a zero-initialised head: nothing to gather, the dense layer is exact
+        mask = param_masks.get(f"{name}.weight")
+        if kept.numel() == 0 and mask is not None and tuple(mask.shape) == tuple(module.weight.shape):
+            grid = mask.transpose(0, 1) if is_transposed(module) else mask
+            kept = torch.nonzero(grid.reshape(grid.shape[0], -1).any(dim=0)).flatten().cpu()
+        if kept.numel() in (0, gemm.shape[1]):  # a zero-initialised head without a mask: the dense layer is exact
             report["dead_channels_kept"][name] = "every weight is zero; the layer stays dense"
             continue
         if isinstance(module, nn.Conv2d):
@@ -430,7 +471,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     kept = _remove_channels(work, inputs, report, train_only, channel_multiple)
     work.eval()
     called = set(_called_modules(work, inputs)) | train_only
-    _compact_columns(work, called, report)
+    _compact_columns(work, called, report, param_masks)
     _keep_frozen(work, model)
     work.eval()
     report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale, kept=kept)

@@ -13,7 +13,9 @@ Choices (ours; the paper is silent):
 
 * **Coupled filter groups** are scored by the joint L2 norm of the group's producer weight rows (every
   Conv / Linear / depthwise-conv weight row of the channel), which is the exact projection onto "at most
-  k channels of the group's weights are non-zero". Biases and BatchNorm affine parameters are not scored
+  k channels of the group's weights are non-zero". Channels tied by a grouped convolution
+  (:attr:`autocompress.space.FilterGroup.ties`: the same positions leave every conv group) are scored
+  and kept as one unit, the sum of their squared norms: the exact projection onto that tied set. Biases and BatchNorm affine parameters are not scored
   (their scale is unrelated to the weights'). Consumer input slices are scored only with
   ``with_consumers=True`` (then it is the projection of every weight entry the channel owns).
 * **Ties** are broken by index: the lower index is kept (stable sort).
@@ -106,12 +108,8 @@ def group_scores(group: FilterGroup, params: Mapping[str, torch.Tensor], *,
     roles = ("weight", "input") if with_consumers else ("weight",)
     scores = torch.zeros(group.size, dtype=torch.float64)
     for s in group.slices:
-        if s.role not in roles:
-            continue
-        t = params[s.param].detach()
-        other = [d for d in range(t.dim()) if d != s.dim]
-        per_index = t.pow(2).sum(other).to("cpu", torch.float64) if other else t.pow(2).to("cpu", torch.float64)
-        scores.index_add_(0, s.channel, per_index[s.index])
+        if s.role in roles:
+            scores.index_add_(0, s.channel, s.energy(params[s.param]))
     return scores
 
 
@@ -138,14 +136,14 @@ def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[s
 
     def kept(kind: str, name: str, size: int) -> int:
         rate = rates[kind].get(name, 0.0)
-        k = space.filter_keep(space.unit(kind, name), rate) if kind == "filter" else keep_count(size, rate)
+        k = space.filter_keep_classes(space.unit(kind, name), rate) if kind == "filter" else keep_count(size, rate)
         if removed_count(size, rate) >= size:
             clipped.append(Clip(kind, name, rate, size, k))
             log.warning("%s rate %.4f of %s would remove all %d units; keeping %d", kind, rate, name, size, k)
         return k
 
-    filters = {g.name: topk_mask(group_scores(g, params, with_consumers=with_consumers),
-                                 kept("filter", g.name, g.size)) for g in space.filter_groups}
+    filters = {g.name: g.expand(topk_mask(g.class_sums(group_scores(g, params, with_consumers=with_consumers)),
+                                          kept("filter", g.name, g.classes))) for g in space.filter_groups}
     structure = space.param_masks(Masks(filters=filters, columns={}, weights={}))
     columns = {}
     for layer in space.column_layers:

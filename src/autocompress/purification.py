@@ -154,7 +154,7 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
         New masks: a kept channel is removed when no kept consumer entry reads it (groups with no consumer
         weight in the space are left alone) or when all its producer weight rows are pruned; a kept column
         is removed when it reads a removed channel. Every filter group and column layer keeps at least one
-        unit.
+        unit; channels tied by a grouped convolution (``FilterGroup.ties``) stay while one of them does.
     """
     masks = _copy_masks(masks)
     reads = column_channels(space)
@@ -179,8 +179,8 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
             new = keep & used & produced
             if pinned is not None and group.name in pinned:
                 new |= keep & pinned[group.name]
-            new = _keep_one(new, keep, used)
-            new = grow_to_multiple(new, keep, space.channel_multiple, (used & produced).double())
+            new = group.tie(_keep_one(new, keep, used))
+            new = group.tie(grow_to_multiple(new, keep, space.channel_multiple, (used & produced).double()))
             if not torch.equal(new, keep):
                 masks.filters[group.name], changed = new, True
         for layer, entries in reads.items():
@@ -284,7 +284,7 @@ def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, ex
             if s.role == "weight":
                 params[s.param].index_fill_(s.dim, s.index[hit].to(params[s.param].device), 0)
             elif s.role == "input" and bool(hit.any()):
-                watched.setdefault(s.module, []).append((group.name, s.param, s.index[hit], s.channel[hit]))
+                watched.setdefault(s.module, []).append((group.name, s, hit))
     modules = dict(work.named_modules())
     seen_in: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -312,12 +312,13 @@ def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, ex
         module, x = modules[name], seen_in.get(name)
         if x is None:
             continue
-        weight = params[entries[0][1]].detach()
+        weight = params[entries[0][1].param].detach()
         delta = torch.zeros(weight.shape[0], dtype=torch.float64)
         labels, target = [], None
-        for gname, _param, index, channel in entries:
+        for gname, s, hit in entries:
+            index, channel, feature = s.index[hit], s.channel[hit], s.features[hit]
             conv = isinstance(module, nn.modules.conv._ConvNd)
-            values = None if is_transposed(module) else _constant_values(x, index, 1 if conv else -1)
+            values = None if is_transposed(module) else _constant_values(x, feature, 1 if conv else -1)
             if values is None:  # not constant, or a transposed conv (its border taps differ): keep them
                 mask = unfoldable.setdefault(gname, torch.zeros(space.unit("filter", gname).size,
                                                                 dtype=torch.bool))
@@ -325,6 +326,9 @@ def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, ex
                 continue
             w = weight.index_select(1, index.to(weight.device)).to("cpu", torch.float64)
             per = w.reshape(w.shape[0], w.shape[1], -1).sum(2)  # [out, n]: sum over kernel taps
+            if s.groups > 1:  # a grouped conv: channel feature[i] reaches only the rows of its conv group
+                rows = torch.arange(w.shape[0]) // (w.shape[0] // s.groups)
+                per = per * (rows.unsqueeze(1) == (feature // weight.shape[1]).unsqueeze(0))
             contribution = per * values.unsqueeze(0)
             delta += contribution.sum(1)
             nonzero = contribution.abs().amax(0) > 0

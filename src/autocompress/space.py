@@ -10,7 +10,9 @@ AAAI 2020, §"hybrid structured pruning"):
   its name is its root module, the first Conv / Linear of the set in ``named_modules`` order, and its
   channels are the root's output channels. A rate applies once per group. Conv1d / Conv2d / Conv3d,
   ConvTranspose1d/2d/3d (output channels on weight dim 1) and Linear layers take part. A one-channel
-  gate multiplied over all channels broadcasts and does not couple.
+  gate multiplied over all channels broadcasts and does not couple. A grouped convolution ties the channels
+  at the same position of each of its conv groups (:attr:`FilterGroup.ties`); a LayerNorm over the channels
+  couples like a BatchNorm (compaction makes it a :class:`autocompress.padded_norm.PaddedLayerNorm`).
 * **column layers** (:class:`ColumnLayer`) — every Conv / Linear weight in the GEMM view
   ``[F, C/groups * prod(k)]`` (Linear: ``[out, in]``; transposed convs: ``weight.transpose(0, 1)``); a
   column is one (input channel, kernel position) across all filters.
@@ -18,7 +20,8 @@ AAAI 2020, §"hybrid structured pruning"):
 
 What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`,
 listed in docs/SUPPORT.md): the classifier's output units (any group reaching the model output), grouped
-convolutions, normalisations over the channels (LayerNorm, GroupNorm), modules the forward never reaches
+convolutions that also read other groups' channels, GroupNorm and LayerNorms whose channel dimension is
+unknown, modules the forward never reaches
 (eval or train mode), user-ignored modules, and any group whose channel mapping the build cannot verify.
 Verification: one analysis forward with a seeded random half of every group's channels removed; every
 input slice the group assigns to a consumer must then be constant across samples (it reads nothing but
@@ -47,6 +50,7 @@ from .analysis import hooked_forward, preserved_state
 from .errors import UserError, show
 from .masks import Masks
 from .metrics import layer_table
+from .padded_norm import PRUNERS, PaddedLayerNorm, channel_dims, is_layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,11 @@ class Slice:
         index: int64 [n], positions along ``dim``.
         channel: int64 [n], the group channel (root output channel) each position belongs to; a channel
             maps to several positions for Flatten -> Linear (``H*W`` features per channel).
+        feature: int64 [n] or None: the consumer input channel of each position, when it is not ``index``:
+            a grouped convolution's input slice, whose weight dim 1 holds the channels within one conv group
+            (``index = feature % (C_in / groups)``, so ``groups`` channels share a position; the group's
+            ``ties`` remove them together).
+        groups: the consumer's conv groups (1 unless ``feature`` is set).
     """
 
     param: str
@@ -90,6 +99,29 @@ class Slice:
     dim: int
     index: torch.Tensor
     channel: torch.Tensor
+    feature: torch.Tensor | None = None
+    groups: int = 1
+
+    @property
+    def features(self) -> torch.Tensor:
+        """int64 [n]: the position of each entry in the module's input (input slices) or output features."""
+        return self.index if self.feature is None else self.feature
+
+    @property
+    def positions(self) -> int:
+        """Distinct positions along ``dim`` (fewer than entries for a grouped convolution's input slice)."""
+        return self.index.numel() if self.feature is None else int(self.index.unique().numel())
+
+    def energy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """float64 [n]: the sum of squares of the entries of ``tensor`` (shaped like the parameter) that
+        entry ``i`` owns: the slice along ``dim`` at ``index[i]``; for a grouped convolution's input slice
+        only the rows of the conv group that reads ``feature[i]``."""
+        t = tensor.detach().to("cpu", torch.float64).pow(2)
+        if self.feature is not None:  # weight [F, C_in/groups, *k] as [groups, F/groups, C_in/groups, k]
+            per_group = t.reshape(self.groups, t.shape[0] // self.groups, t.shape[1], -1).sum((1, 3))
+            return per_group.flatten()[self.feature]
+        other = [d for d in range(t.dim()) if d != self.dim]
+        return (t.sum(other) if other else t)[self.index]
 
 
 @dataclass(frozen=True)
@@ -102,6 +134,10 @@ class FilterGroup:
         slices: every parameter slice the channels own, producers and consumers.
         params: parameter entries governed (all slices together).
         macs: MACs governed per forward of the build's example inputs (weight and input slices).
+        ties: int64 [size] or None: the tie class of each channel, when channels must be removed together
+            (grouped convolutions: a compact grouped conv needs the same channels removed from every conv
+            group, so channel ``c`` is tied to ``c + j * C/groups``). All classes have the same size; a rate
+            applies to the classes (:meth:`keep`). None: every channel is its own class.
     """
 
     name: str
@@ -109,6 +145,30 @@ class FilterGroup:
     slices: tuple[Slice, ...]
     params: int
     macs: int
+    ties: torch.Tensor | None = None
+
+    @property
+    def classes(self) -> int:
+        """Number of tie classes (``size`` without ties)."""
+        return self.size if self.ties is None else int(self.ties.max()) + 1
+
+    def keep(self, rate: float) -> int:
+        """Channels kept at ``rate``: ``keep_count(classes, rate)`` whole tie classes."""
+        return self.size // self.classes * keep_count(self.classes, rate)
+
+    def class_sums(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` [size] summed over each tie class: [classes] (``scores`` itself without ties)."""
+        if self.ties is None:
+            return scores
+        return torch.zeros(self.classes, dtype=scores.dtype).index_add_(0, self.ties, scores)
+
+    def expand(self, class_keep: torch.Tensor) -> torch.Tensor:
+        """A keep mask over classes [classes] as a keep mask over channels [size]."""
+        return class_keep if self.ties is None else class_keep[self.ties]
+
+    def tie(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` [size] closed over the ties: a channel is kept when any channel of its class is."""
+        return keep if self.ties is None else self.expand(self.class_sums(keep.to(torch.long)) > 0)
 
     @property
     def producers(self) -> tuple[str, ...]:
@@ -320,9 +380,17 @@ class PruningSpace:
                                 f"{name or 'it'} can be pruned")
 
     def filter_keep(self, group: FilterGroup, rate: float) -> int:
-        """Channels a filter group keeps at ``rate``: :func:`keep_count`, aligned to :attr:`channel_multiple`
-        (:func:`autocompress.alignment.aligned_keep`); non-increasing in ``rate``."""
-        return aligned_keep(group.size, keep_count(group.size, rate), self.channel_multiple)
+        """Channels a filter group keeps at ``rate``: whole tie classes (:meth:`filter_keep_classes`);
+        without ties and at multiple 1 :func:`keep_count`; non-increasing in ``rate``."""
+        return group.size // group.classes * self.filter_keep_classes(group, rate)
+
+    def filter_keep_classes(self, group: FilterGroup, rate: float) -> int:
+        """Tie classes a filter group keeps at ``rate``: :func:`keep_count` of its classes, aligned
+        (:func:`autocompress.alignment.aligned_keep`) so that the kept channels are a multiple of
+        :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels)."""
+        per = group.size // group.classes
+        multiple = self.channel_multiple // math.gcd(self.channel_multiple, per)
+        return aligned_keep(group.classes, keep_count(group.classes, rate), multiple)
 
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
@@ -461,7 +529,7 @@ class PruningSpace:
             gone = g.size - self.filter_keep(g, rates.get("filter", {}).get(g.name, 0.0))
             for s in g.slices:
                 key = (s.param, s.dim)
-                removed[key] = removed.get(key, 0) + gone * s.index.numel() // g.size
+                removed[key] = removed.get(key, 0) + gone * s.positions // g.size
         return {param: [n - removed.get((param, d), 0) for d, n in enumerate(self.param_shapes[param])]
                 for param in dict.fromkeys(p for p, _ in removed)}
 
@@ -509,6 +577,13 @@ def out_dim(module: nn.Module) -> int:
 def _is_depthwise(module: nn.Module) -> bool:
     return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
             and module.groups == module.in_channels)
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (``1 < groups``, ``groups != in_channels``; transposed
+    ones included)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and (bool(module.transposed) or module.groups != module.in_channels))
 
 
 def _channels(module: nn.Module, out: bool) -> int:
@@ -573,7 +648,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
                 module.train(train)
                 return module(*args)
 
-            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
+                                                         customized_pruners=PRUNERS)
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
@@ -619,7 +695,9 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         return []
     # modules whose output is a model output (torch-pruning adds an output node only after other ops)
     sinks = {node.module for node in graph.module2node.values() if not node.outputs}
+    norm_dims = channel_dims(model, inputs)
     groups: list[FilterGroup] = []
+    modules = dict(model.named_modules())
     visited: set[nn.Module] = set()
     claimed: dict[tuple[str, int], dict[int, str]] = {}
     for name, module in candidates.items():
@@ -633,7 +711,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             _exclude(excluded, name, f"filter pruning: torch-pruning cannot map its channels "
                      f"({type(exc).__name__})")
             continue
-        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size)
+        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims)
         visited.update(members)
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
@@ -642,14 +720,19 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         if problem:
             _exclude(excluded, name, problem)
             continue
-        params = sum(s.index.numel() * _stride(model, s) for s in slices)
-        macs = sum(s.index.numel() * _stride(model, s) * layer_macs[s.module][1]
+        ties, problem = _ties(slices, size, modules)
+        if problem:
+            _exclude(excluded, name, problem)
+            continue
+        params = sum(s.positions * _stride(model, s) for s in slices)
+        macs = sum(s.positions * _stride(model, s) * layer_macs[s.module][1]
                    // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
-        groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs))
+        groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs,
+                                  ties=ties))
     return _verified(model, inputs, groups, excluded)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list[Slice], set, str]:
+def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims) -> tuple[list[Slice], set, str]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
     and a problem ("" if the group can be pruned).
 
@@ -691,8 +774,8 @@ def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list
             if mname not in candidates:
                 problem = problem or f"filter pruning: couples with {mname}, which is not pruned"
                 continue
-            if isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1 and not _is_depthwise(target):
-                problem = problem or f"filter pruning: couples with grouped convolution {mname}"
+            if is_grouped(target) and target.transposed:
+                problem = problem or f"filter pruning: couples with grouped transposed convolution {mname}"
                 continue
             if _is_depthwise(target) and target.out_channels != target.in_channels:
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
@@ -705,6 +788,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list
                 slices.append(Slice(wname, mname, "weight", dim, index, channel))
                 if target.bias is not None:
                     slices.append(Slice(param_names[id(target.bias)], mname, "bias", 0, index, channel))
+            elif is_grouped(target):  # weight dim 1 holds the channels within one conv group
+                per_group = target.in_channels // target.groups
+                slices.append(Slice(wname, mname, "input", dim, index % per_group, channel, index, target.groups))
             else:
                 slices.append(Slice(wname, mname, "input", dim, index, channel))
         elif isinstance(target, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
@@ -714,13 +800,31 @@ def _slices(tp_group, names, param_names, candidates, sinks, size) -> tuple[list
         elif isinstance(target, nn.PReLU):
             if target.num_parameters > 1:
                 slices.append(Slice(param_names[id(target.weight)], mname, "norm", 0, index, channel))
-        elif isinstance(target, (nn.LayerNorm, nn.GroupNorm)):
-            problem = problem or (f"filter pruning: {type(target).__name__} {mname} normalises over the "
-                                  "channels, so removing one changes the others")
+        elif is_layer_norm(target) and target.weight is not None and norm_dims.get(target) is not None:
+            for p in (target.weight, target.bias):  # compaction makes it a PaddedLayerNorm (exact)
+                if p is not None:
+                    slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
+        elif isinstance(target, (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)):
+            problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     merged = _merge(slices)
     return merged, members, problem
+
+
+def _norm_problem(norm: nn.Module, norm_dims: dict) -> str:
+    """Why the channels a LayerNorm / GroupNorm normalises are not pruned (completes "<type> <name> ...")."""
+    if isinstance(norm, nn.GroupNorm):
+        return ("normalises groups of channels, so removing one changes the others' statistics; use a "
+                "per-channel norm (BatchNorm) or a LayerNorm to prune these channels")
+    if not is_layer_norm(norm):
+        return "normalises over several dimensions; prune the layers between such norms instead"
+    if norm.weight is None:
+        return "has no affine weight, so a removed channel's output is not zero; give it elementwise_affine"
+    if norm not in norm_dims:
+        return "is not called by the eval-mode forward, so its channel dimension is unknown"
+    return ("has no dimension of its input that is unambiguously the channels (several or none have its "
+            "size); feed it another input size (example_inputs)")
 
 
 def _merge(slices: list[Slice]) -> list[Slice]:
@@ -730,10 +834,11 @@ def _merge(slices: list[Slice]) -> list[Slice]:
         key = (s.param, s.dim)
         if key in by_key:
             old = by_key[key]
-            index = torch.cat([old.index, s.index])
-            channel = torch.cat([old.channel, s.channel])
-            index, first = _unique_first(index)
-            s = Slice(old.param, old.module, old.role, old.dim, index, channel[first])
+            features = torch.cat([old.features, s.features])
+            _, first = _unique_first(features)
+            index, channel = torch.cat([old.index, s.index])[first], torch.cat([old.channel, s.channel])[first]
+            s = Slice(old.param, old.module, old.role, old.dim, index, channel,
+                      None if old.feature is None else features[first], old.groups)
         by_key[key] = s
     return list(by_key.values())
 
@@ -744,6 +849,56 @@ def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((uniq.numel(),), index.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(index.numel()), reduce="amin")
     return uniq, first
+
+
+def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module]) -> tuple[torch.Tensor | None, str]:
+    """Tie classes of a group's channels from the grouped convolutions among its slices, or a problem.
+
+    A compact grouped conv must lose the same positions from every conv group (its weight is shared by
+    position within the group), so the channels at positions ``p`` and ``p + j * C/groups`` of a grouped
+    conv's input or output are tied. Returns ``(ties int64 [size] or None, "")`` or ``(None, problem)`` when
+    the grouped conv also reads / writes channels of other groups, the classes differ in size, or there is
+    only one class."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (positions, channels, period)
+    for s in slices:
+        module = modules[s.module]
+        if not is_grouped(module) or s.role not in ("weight", "input"):
+            continue
+        extent = _channels(module, s.role == "weight")
+        if not torch.equal(torch.unique(s.features), torch.arange(extent)):
+            return None, f"filter pruning: grouped convolution {s.module} also reads or writes other channels"
+        pairs.append((s.features, s.channel, extent // module.groups))
+    if not pairs:
+        return None, ""
+    ties = tie_classes(size, pairs)
+    counts = torch.bincount(ties)
+    if not bool((counts == counts[0]).all()) or counts.numel() < 2:
+        module = next(m for m in dict.fromkeys(s.module for s in slices) if is_grouped(modules[m]))
+        return None, (f"filter pruning: grouped convolution {module} ties all channels together"
+                      if counts.numel() < 2 else f"filter pruning: grouped convolution {module} ties channels unevenly")
+    return ties, ""
+
+
+def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+    """Tie classes of ``size`` channels, int64 [size] numbered 0.. in order of first channel.
+
+    Each pair ``(positions [n], channels [n], period)`` ties the channels whose positions are equal modulo
+    ``period`` (a grouped conv's positions within its conv groups); classes are the connected sets."""
+    parent = list(range(size))
+
+    def root(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for positions, channels, period in pairs:
+        first: dict[int, int] = {}
+        for p, c in zip((positions % period).tolist(), channels.tolist()):
+            a, b = root(first.setdefault(p, c)), root(c)
+            parent[max(a, b)] = min(a, b)
+    roots = torch.tensor([root(c) for c in range(size)])
+    return torch.unique(roots, return_inverse=True)[1]
 
 
 def _uneven(slices: list[Slice], size: int) -> str:
@@ -796,12 +951,12 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     for g in groups:
         gone = torch.randperm(g.size, generator=gen)[:max(1, g.size // 2)]
         for s in g.slices:
-            index = s.index[torch.isin(s.channel, gone)]
+            hit = torch.isin(s.channel, gone)
             if s.param not in saved:
                 saved[s.param] = params[s.param].detach().clone()
-            params[s.param].index_fill_(s.dim, index.to(params[s.param].device), 0)
+            params[s.param].index_fill_(s.dim, s.index[hit].to(params[s.param].device), 0)
             if s.role == "input":
-                watched.setdefault(s.module, []).append((g.name, index))
+                watched.setdefault(s.module, []).append((g.name, s.features[hit]))
     seen: dict[str, list[torch.Tensor]] = {}
     modules = dict(model.named_modules())
 
