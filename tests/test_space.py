@@ -437,3 +437,38 @@ def test_check_dims_refuses_a_kind_without_units_naming_the_module():
     with pytest.raises(UserError, match=r"no filter unit can be pruned in this model \(1: filter pruning: its "
                                         r"channels are model outputs"):
         space.check_dims(["filter", "column"])
+
+
+class WideGrouped(nn.Module):
+    """A 1x1 conv of 16 channels into a grouped conv (2 conv groups) of 16: every channel tied to its twin."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.g(self.a(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5, 0.8])
+def test_aligned_widths_through_grouped_conv_ties(multiple, rate):
+    """With a channel multiple, a tied group keeps whole tie classes whose channels add up to a multiple (two
+    channels per class here: classes in steps of multiple / 2), the projection keeps twins together, and the
+    estimate equals the count of the projected masks."""
+    torch.manual_seed(0)
+    model = WideGrouped()
+    space = PruningSpace.build(model, X, channel_multiple=multiple)
+    a = space.unit("filter", "a")
+    masks = project(space, model, {"filter": {"a": rate}})
+    kept = masks.filters["a"]
+    unaligned = 2 * keep_count(8, rate)
+    step = max(1, multiple // 2)
+    allowed = [w for w in range(2 * step, 17, 2 * step)] + [16]
+    expected = min(allowed, key=lambda w: (abs(w - unaligned), -w))
+    assert int(kept.sum()) == space.filter_keep(a, rate) == expected
+    assert int(kept.sum()) % multiple == 0 or int(kept.sum()) == 16
+    assert kept[:8].tolist() == kept[8:].tolist()
+    assert space.estimate({"filter": {"a": rate}}) == space.count(masks)
