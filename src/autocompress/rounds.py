@@ -34,7 +34,7 @@ from .compaction import compact, densify
 from .config import CompressConfig
 from .distillation import Distiller
 from .errors import UserError
-from .masks import MaskEnforcer
+from .masks import MaskEnforcer, apply_masks
 from .purification import purify
 from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
@@ -396,7 +396,7 @@ class Pipeline:
                 best = (count, rates, trial, param_masks)
         count, state.rates, masks, state.param_masks = best
         state.model.load_state_dict(admm_weights)
-        admm.hard_prune(state.model, state.space, state.rates)
+        apply_masks(state.model, state.param_masks)  # the chosen hard pruning, without projecting again
         if count != first:
             self.log(f"round {state.index}: unused path removal left {first:,} of the budget's "
                      f"{int(budget.limit):,}; rates refitted: {count:,}")
