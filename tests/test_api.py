@@ -333,6 +333,27 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread):
     assert not any(r["event"] == "refit" for r in runs[False].records)
 
 
+def test_refit_meets_the_target_after_redundant_weight_removal(one_thread):
+    """Redundant weight removal (a constant score: every threshold accepted) takes units below 0.9 x the layer's
+    mean norm beyond the searched rates; the refit hard-prunes and purifies again at looser rates, so the
+    compact model ends above the count purification alone leaves, never beyond the target."""
+    train, val = loaders()
+    model = trained(ThreeConv(), train)
+    limit = params(model) / 6
+    runs = {}
+    for refit in (False, True):
+        config = {**CONFIG, "dims": "filter",
+                  "purification": {"refit": refit, "thresholds": [0.9], "tolerance": 1.0}}
+        runs[refit] = autocompress.compress(model, torch.randn(2, 1, 8, 8), "params=6x", train_loader=train,
+                                            score_fn=lambda m: 1.0, config=config, progress=False)
+    removed = next(r for r in runs[False].records if r["event"] == "purification")["removed_filters"]
+    plain, refitted = params(runs[False].model), params(runs[True].model)
+    record = next(r for r in runs[True].records if r["event"] == "refit")
+    assert removed > 0, "the case must remove filters by redundant weight removal"
+    assert record["searched"] == plain < 0.95 * limit
+    assert plain < record["refitted"] == refitted <= limit
+
+
 # --- (5) bad input: a UserError before any training, nothing written ----------------------------------------
 @pytest.fixture
 def no_work(monkeypatch, tmp_path):

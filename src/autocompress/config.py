@@ -148,10 +148,11 @@ class PurificationConfig:
     """Purification (Ma et al. arXiv 1905.00136): ``enabled``, and ``tolerance`` / ``thresholds`` of
     :func:`autocompress.purification.purify` (tolerance in the score's units: 0.005 = 0.5 points of top-1).
 
-    ``refit``: in ``compress``, when unused path removal leaves the round's model below its budget (the
-    search met the target before purification, which then removed dead units too), hard-prune the ADMM
-    weights again at rates re-fitted to the searched direction so that the purified model ends as close to
-    the round's target as the units allow, never beyond it (:meth:`autocompress.rounds.Pipeline.run_round`).
+    ``refit``: in ``compress``, when purification leaves the round's model below its budget (the search met
+    the target before purification, which then removed dead and near-zero units too), hard-prune the ADMM
+    weights again at rates re-fitted to the searched direction and purify again (at most 4 tries), so that
+    the purified model ends as close to the round's target as the units allow, never beyond it
+    (:meth:`autocompress.rounds.Pipeline.run_round`).
     """
 
     enabled: bool = True

@@ -34,7 +34,7 @@ from .compaction import compact, densify
 from .config import CompressConfig
 from .distillation import Distiller
 from .errors import UserError
-from .masks import MaskEnforcer, apply_masks
+from .masks import MaskEnforcer
 from .purification import purify
 from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
@@ -347,16 +347,13 @@ class Pipeline:
     def _purify(self, state: RoundState, *, last: bool) -> list[dict]:
         settings = self.config.purification
         refit = settings.enabled and settings.refit and state.budget is not None
-        admm_weights = copy.deepcopy(state.model.state_dict()) if refit else None
+        admm_model = copy.deepcopy(state.model) if refit else None
         masks, state.param_masks = admm.hard_prune(state.model, state.space, state.rates)
         records = []
-        if refit:
-            masks, records = self._refit(state, masks, admm_weights)
         if settings.enabled:
-            result = purify(state.model, state.space, masks, example_inputs=self.example_inputs,
-                            score=self.task.score if self.task.can_score else None, chance=self.chance,
-                            tolerance=settings.tolerance,
-                            thresholds=settings.thresholds, log=self.log)
+            result = self._purification(state.model, state, masks, log=self.log)
+            if refit:
+                result, records = self._refit(state, result, admm_model)
             masks, state.param_masks = result.masks, result.param_masks
             self.log(f"hard pruning: {self.describe(result.top1_before)}, after purification: "
                      f"{self.describe(result.top1_after)}")
@@ -369,19 +366,27 @@ class Pipeline:
         self.store.save(state.index, "purify", self._state_payload(state))
         return records
 
-    def _refit(self, state: RoundState, masks, admm_weights: dict) -> tuple[Any, list[dict]]:
-        """Meet the round's budget tightly after unused path removal: the searched rates met it before
-        purification, which then removes dead units too (a filter whose every consumer column is pruned, ...)
-        and leaves the model smaller than asked. Re-fit the rates to a looser nominal target (fixed-point
-        steps on ``limit / purified count``), hard-prune the ADMM weights at them, and keep the largest
-        purified count within the limit (never beyond it). Unused path removal only here; redundant weight
-        removal, checked against the score, runs once afterwards on the chosen masks.
+    def _purification(self, model: nn.Module, state: RoundState, masks, *, log=None):
+        """Purification (unused path removal, then redundant weight removal checked against the score) of
+        ``model`` hard-pruned to ``masks``, in place: :func:`autocompress.purification.purify`."""
+        settings = self.config.purification
+        return purify(model, state.space, masks, example_inputs=self.example_inputs,
+                      score=self.task.score if self.task.can_score else None, chance=self.chance,
+                      tolerance=settings.tolerance, thresholds=settings.thresholds, log=log)
 
-        Returns ``(hard-pruning masks, records)``; ``state.model`` / ``rates`` / ``param_masks`` hold the chosen
-        hard pruning (the searched one when no refit fits better)."""
+    def _refit(self, state: RoundState, result, admm_model: nn.Module) -> tuple[Any, list[dict]]:
+        """Meet the round's budget tightly after purification: the searched rates met it before purification,
+        which then removes units beyond them (unused paths: a filter whose every consumer column is pruned;
+        redundant weights: units whose norm ADMM drove near zero) and leaves the model smaller than asked.
+        Re-fit the rates to a looser nominal target (fixed-point steps on ``limit / purified count``),
+        hard-prune the ADMM weights (``admm_model``) at them, purify, and keep the largest purified count
+        within the limit (never beyond it).
+
+        Returns ``(purification result, records)``; ``state.model`` / ``rates`` hold the chosen hard pruning,
+        purified (the searched one when no refit fits better)."""
         budget = state.budget
-        best = (self._purified_count(state, masks), state.rates, masks, state.param_masks)
-        first, count, slack = best[0], best[0], 1.0
+        first = count = self._count(state, state.model, result)
+        best, slack = (count, state.rates, state.model, result), 1.0
         for _ in range(REFIT_TRIES):
             close = budget.limit * (1 - REFIT_CLOSE) <= count <= budget.limit
             looser = max(1.0, slack * budget.limit / max(count, 1))
@@ -389,25 +394,22 @@ class Pipeline:
                 break
             slack = looser
             rates = budget.refit(slack)
-            state.model.load_state_dict(admm_weights)
-            trial, param_masks = admm.hard_prune(state.model, state.space, rates)
-            count = self._purified_count(state, trial)
+            trial = copy.deepcopy(admm_model)
+            masks, _ = admm.hard_prune(trial, state.space, rates)
+            trial_result = self._purification(trial, state, masks)
+            count = self._count(state, trial, trial_result)
             if best[0] < count <= budget.limit:
-                best = (count, rates, trial, param_masks)
-        count, state.rates, masks, state.param_masks = best
-        state.model.load_state_dict(admm_weights)
-        apply_masks(state.model, state.param_masks)  # the chosen hard pruning, without projecting again
+                best = (count, rates, trial, trial_result)
+        count, state.rates, state.model, result = best
         if count != first:
-            self.log(f"round {state.index}: unused path removal left {first:,} of the budget's "
+            self.log(f"round {state.index}: purification left {first:,} of the budget's "
                      f"{int(budget.limit):,}; rates refitted: {count:,}")
-        return masks, [{"event": "refit", "round": state.index, "limit": budget.limit, "searched": first,
-                        "refitted": count, "slack": slack}]
+        return result, [{"event": "refit", "round": state.index, "limit": budget.limit, "searched": first,
+                         "refitted": count, "slack": slack}]
 
-    def _purified_count(self, state: RoundState, masks) -> int:
-        """The budget's count of the compact model after unused path removal from ``masks`` (on a copy)."""
-        trial = copy.deepcopy(state.model)
-        result = purify(trial, state.space, masks, example_inputs=self.example_inputs)
-        return state.budget.count(compact(trial, result.param_masks, self.example_inputs,
+    def _count(self, state: RoundState, model: nn.Module, result) -> int:
+        """The budget's count of ``model`` purified to ``result``, compacted (a copy)."""
+        return state.budget.count(compact(model, result.param_masks, self.example_inputs,
                                           channel_multiple=self.channel_multiple).model)
 
     def _shrink(self, state: RoundState) -> None:
