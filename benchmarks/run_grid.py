@@ -83,6 +83,8 @@ class ModelSpec:
 
 
 CIFAR = str(Path.home() / ".cache" / "autocompress")
+#: the shared CIFAR-10 JPEG archive (extracted once into the cache by autocompress.data)
+CIFAR_JPEG = str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz")
 MODELS = {
     "fmnist_cnn": ModelSpec("assets/fmnist_cnn_base.pt", ("params=10x", "params=30x"), rounds=2, admm_epochs=2,
                             retrain_epochs=2, max_train=20000, max_test=None, label="fmnist_cnn (Fashion-MNIST)"),
@@ -92,6 +94,11 @@ MODELS = {
     "vgg16": ModelSpec("benchmarks/results/bases/vgg16_w025_cifar10.pt", ("params=10x", "params=30x"), rounds=2,
                        admm_epochs=1, retrain_epochs=1, max_train=10000, max_test=5000, data_dir=CIFAR,
                        label="vgg16 width 0.25 (CIFAR-10)"),
+    # issue 13's realistic grid: a base trained 40 epochs on the full training split, 15 epochs per method on
+    # it (the legacy schedule fields are used only by the grid's older methods)
+    "resnet20_e40": ModelSpec("benchmarks/results/bases/resnet20_cifar10_e40.pt", ("flops=2x", "flops=4x"),
+                              rounds=1, admm_epochs=1, retrain_epochs=14, max_train=None, max_test=None,
+                              data_dir=CIFAR_JPEG, label="resnet20 40 epochs, full CIFAR-10 (realistic)"),
 }
 
 #: the grid's ADMM rho schedule (ADMMConfig's own default: 1e-3, x2 once per epoch), kept as every cell so far
@@ -122,13 +129,17 @@ AUTOCOMPRESS_METHODS = {
               {"distillation": {"enabled": True}}),
     "ac_kd_uniform": ("variant: ac_kd's schedule with uniform rates (no search)",
                       {"distillation": {"enabled": True}, "search_mode": "uniform"}),
+    # session 7: the library's defaults under one `budget` of the model's epochs (see budget_settings)
+    "ac_budget": ("autocompress defaults, `budget` = the epoch budget", {}),
+    "ac_budget_uniform": ("ablation: `budget` with uniform rates (no search)", {"search_mode": "uniform"}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
          "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
-VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd")
+VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
+            "ac_budget", "ac_budget_uniform")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -248,6 +259,13 @@ SCHEDULES = {"ac_one_round": one_round_settings, "ac_one_round_auto": one_round_
              "ac_kd": final_retrain_settings, "ac_kd_uniform": final_retrain_settings}
 
 
+def budget_settings(settings: dict, spec: ModelSpec) -> dict:
+    """Settings of ``ac_budget``: ``settings`` without the grid's schedule (rounds, ADMM and retraining epochs
+    and rho) and with ``budget`` = the model's epoch budget, so the library's rule and defaults decide."""
+    kept = {key: value for key, value in settings.items() if key not in ("rounds", "admm", "retrain")}
+    return {**kept, "budget": spec.epochs}
+
+
 def grid_settings(spec: ModelSpec, target: str, seed: int = 0) -> dict:
     """The grid's compress settings for ``spec`` at ``target``: its data subsets, rounds, ADMM (``GRID_RHO``)
     and retraining epochs, quick evaluations per round, run ``seed``."""
@@ -276,6 +294,8 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed
     settings = grid_settings(spec, target, seed)
     if method in SCHEDULES:
         settings.update(SCHEDULES[method](spec, target))
+    if method.startswith("ac_budget"):
+        settings = budget_settings(settings, spec)
     work.mkdir(parents=True, exist_ok=True)
     config = work.parent / f"{work.name}.yaml"
     atomic_write_text(config, yaml.safe_dump(merge_settings(settings, AUTOCOMPRESS_METHODS[method][1])))
@@ -425,10 +445,10 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
     torch.set_num_threads(threads)
     spec = MODELS[model]
     work = WORK / cell_id(model, target, method, seed)
-    if work.exists():  # a killed earlier attempt: start clean
+    if work.exists() and method not in AUTOCOMPRESS_METHODS:  # a killed peer run: start clean
         import shutil
 
-        shutil.rmtree(work)
+        shutil.rmtree(work)  # (an autocompress run folder resumes from its last finished phase)
     began = time.perf_counter()
     if method in AUTOCOMPRESS_METHODS:
         compact_model, facts = run_autocompress(spec, target, method, work, seed)
