@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import tarfile
 
@@ -142,6 +143,11 @@ def test_cifar_archive_is_extracted_once(cifar_folder, tmp_path, monkeypatch):
     assert torch.equal(from_archive.train.labels, from_folder.train.labels)
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted again"))
     get_dataset("cifar10", archive, val_size=2)
+    copy = tmp_path / "elsewhere" / "small.tar.gz"  # the same content, another path and timestamp
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    os.utime(copy, (1, 1))
+    assert torch.equal(get_dataset("cifar10", copy, val_size=2).test.images, from_folder.test.images)
 
 
 def test_cifar_folder_holding_the_archive(cifar_folder, tmp_path):

@@ -795,9 +795,13 @@ def _decode(samples: list[tuple[Path, int]]) -> TensorSplit:
 
 def extract_archive(archive: Path) -> Path:
     """Extract a ``.tar`` / ``.tar.gz`` / ``.tgz`` archive once into ``cache_dir()/extracted/<name>-<hash>``
-    (atomically: a temporary folder renamed into place) and return that folder."""
-    stat = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    (atomically: a temporary folder renamed into place) and return that folder. The hash is of the archive's
+    content, so a copy elsewhere or a fresh timestamp (a re-mounted shared folder) reuses the extraction."""
+    digest = hashlib.sha256()
+    with open(archive, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    key = digest.hexdigest()[:16]
     stem = archive.name.split(".")[0] or "archive"
     target = cache_dir() / "extracted" / f"{stem}-{key}"
     if target.is_dir():
