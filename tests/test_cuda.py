@@ -89,3 +89,14 @@ def test_one_compress_round_on_cuda(fmnist_small, amp):
     assert next(result.model.parameters()).is_cuda
     assert count_params(model) / count_params(result.model) >= 3.0 * 0.99
     assert result.final["rows"][1]["val_top1"] > 40.0 and result.final["device"].startswith("cuda")
+
+
+def test_export_of_a_cuda_model_leaves_it_on_cuda(tmp_path):
+    """ONNX and torch.export run on a CPU copy: the caller's CUDA model stays where it is."""
+    from autocompress.export import export_onnx, export_program
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).cuda().eval()
+    example = torch.randn(1, 3, 8, 8)
+    export_onnx(model, example, tmp_path / "m.onnx")
+    export_program(model, example, tmp_path / "m.pt2")
+    assert all(p.is_cuda for p in model.parameters())

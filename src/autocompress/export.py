@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -90,6 +91,13 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     return buffer.getvalue()
 
 
+def on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when its parameters and buffers are on the CPU, else a CPU copy (``nn.Module.cpu()``
+    would move the caller's model)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
+
+
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, *, opset: int = 17,
                 check: bool = True, atol_scale: float = 1e-4) -> ExportResult:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it in onnxruntime.
@@ -112,7 +120,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
             disagrees with PyTorch beyond the tolerance (the message gives the difference).
     """
     example = _example(example_inputs, "ONNX export")
-    model = model.cpu()
+    model = on_cpu(model)
     try:
         data = onnx_bytes(model, example, opset)
     except Exception as exc:  # the exporter raises many types for unsupported ops
@@ -167,7 +175,7 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
             disagrees with the model beyond the tolerance.
     """
     example = _example(example_inputs, "torch.export")
-    model = model.cpu()
+    model = on_cpu(model)
     try:
         data = _program_bytes(model, example)
     except Exception as exc:  # torch.export raises many types for untraceable code
