@@ -17,6 +17,13 @@ candidate obeys the guidance and the target; the same candidates for every score
   batch 128, lr 0.01 cosine) on a seeded ``--max-train`` subset, then top-1 on ``--max-test`` test images
   (never seen by any scorer). No purification.
 
+``--picks`` (issue 13's goal "the search's pick beats uniform rates and the median of random rate vectors"):
+for each target, the rates the library would pick -- ``uniform`` (one rate per unit, the ``search_mode:
+uniform`` ablation) and ``search:<scorer>`` (guided simulated annealing scored by that scorer, the search
+settings of ``configs/demo.yaml``) -- retrained by the same proxy, once per ``--pick-seeds`` seed (the seed
+of the search and of the retraining), into ``<out stem>_picks.jsonl``; the summary compares them with the
+random candidates' median.
+
 Rows go to a JSON-lines file as each candidate finishes (``--out``; a re-run skips the candidates it
 holds, so a killed study resumes), then Spearman's rank correlation (``scipy.stats.spearmanr``) of each
 scorer with the retrained top-1 per target, and the median seconds per candidate, are printed as a
@@ -42,8 +49,9 @@ from scipy.stats import spearmanr
 from autocompress.admm import hard_prune, masked_retrain
 from autocompress.atomic import atomic_write_text
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
+from autocompress.annealing import simulated_annealing
 from autocompress.compaction import compact, densify
-from autocompress.config import DIMS, Target
+from autocompress.config import DIMS, SearchConfig, Target
 from autocompress.data import get_dataset
 from autocompress.distillation import DistillationConfig, Distiller
 from autocompress.quick_eval import QuickEvaluator
@@ -53,6 +61,8 @@ from autocompress.task import Task
 from autocompress.training import TrainConfig, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the search settings of a ``search:<scorer>`` pick (configs/demo.yaml's)
+PICK_SEARCH = {"max_evaluations": 24, "start_temperature": 0.05, "cooling_rate": 0.85, "perturbation_magnitude": 0.1}
 
 
 def random_actions(sampler: ActionSampler, count: int, seed: int) -> list[np.ndarray]:
@@ -104,6 +114,55 @@ def score_candidate(evaluators: dict[str, QuickEvaluator], rates: dict, steps: l
         for key, result in zip(keys, results):
             scores[key], seconds[key] = 100.0 * result.top1, result.seconds
     return scores, seconds, cpu
+
+
+def pick_rates(pick: str, sampler: ActionSampler, evaluators: dict[str, QuickEvaluator], seed: int
+               ) -> tuple[dict, float]:
+    """``(rates, best score)`` of a ``--picks`` entry: ``uniform`` (score NaN) or ``search:<scorer>``
+    (:func:`autocompress.annealing.simulated_annealing` from the sampler's initial action, scored in % top-1
+    by that evaluator, :data:`PICK_SEARCH` settings, seeded)."""
+    if pick == "uniform":
+        return sampler.to_rates(sampler.meet(np.ones(len(sampler.units)))), math.nan
+    evaluator = evaluators[pick.split(":", 1)[1]]
+    result = simulated_annealing(sampler.initial_action(),
+                                 lambda action: 100.0 * evaluator.score(sampler.to_rates(action)).top1,
+                                 sampler.perturb, SearchConfig(**PICK_SEARCH).annealing(seed))
+    return sampler.to_rates(result.best_action), result.best_score
+
+
+def run_picks(picks: list[str], seeds: list[int], target: str, sampler, evaluators, model, space, splits, args,
+              out: Path) -> None:
+    """Append one row per (pick, seed) not yet in ``out``: the pick's rates and best score, its retrained top-1
+    (the candidates' proxy, retraining seeded by ``seed``) and the seconds its search took."""
+    done = {(r["target"], r["pick"], r["seed"]) for r in read_rows(out)}
+    for pick in picks:
+        for seed in seeds:
+            if (target, pick, seed) in done:
+                continue
+            began = time.perf_counter()
+            rates, best = pick_rates(pick, sampler, evaluators, seed)
+            searched = time.perf_counter() - began
+            row = {"target": target, "pick": pick, "seed": seed, "best_score": best, "search_seconds": searched,
+                   "retrained": retrained_top1(model, space, rates, splits, args.retrain_epochs, seed), "rates": rates}
+            with open(out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k != "rates"}), flush=True)
+
+
+def picks_markdown(rows: list[dict], picks: list[dict]) -> str:
+    """Per target: the random candidates' median (and range) of retrained top-1, and each pick's mean over its
+    seeds (with the seeds' values)."""
+    lines = ["| target | random candidates: median (min-max) | pick | retrained top-1, mean (per seed) |",
+             "|---|---|---|---|"]
+    for target in dict.fromkeys(r["target"] for r in picks):
+        retrained = [r["retrained"] for r in rows if r["target"] == target]
+        head = (f"{statistics.median(retrained):.2f} ({min(retrained):.2f}-{max(retrained):.2f}), n={len(retrained)}"
+                if retrained else "-")
+        for pick in dict.fromkeys(r["pick"] for r in picks if r["target"] == target):
+            values = [r["retrained"] for r in picks if r["target"] == target and r["pick"] == pick]
+            lines.append(f"| {target} | {head} | {pick} | {statistics.mean(values):.2f} "
+                         f"({', '.join(f'{v:.2f}' for v in values)}) |")
+    return "\n".join(lines)
 
 
 def bootstrap_ci(scores: list[float], retrained: list[float], resamples: int = 1000) -> list[float]:
@@ -186,6 +245,8 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="K/N: only candidates whose index is K mod N (run N "
                         "processes with the same --out; each appends whole lines)")
     parser.add_argument("--summary-only", action="store_true", help="no new candidates: the table of --out")
+    parser.add_argument("--picks", default="", help="comma list of uniform, search:<scorer> (see the docstring)")
+    parser.add_argument("--pick-seeds", default="0,1,2", help="seeds of each pick's search and retraining")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.finetune_steps.split(",")]
@@ -194,8 +255,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out)
     done = {(r["target"], r["candidate"]) for r in rows}
+    picks_out = out.with_name(f"{out.stem}_picks.jsonl")
     if args.summary_only:
         print(markdown(summary(rows)))
+        if picks_out.exists():
+            print(picks_markdown(rows, read_rows(picks_out)))
         return
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt).eval()
@@ -206,6 +270,9 @@ def main() -> None:
     for target in args.targets.split(","):
         goal = Target.parse(target)
         sampler = ActionSampler.from_space(space, goal.objective, goal.factor)
+        if args.picks:
+            run_picks(args.picks.split(","), [int(v) for v in args.pick_seeds.split(",")], target, sampler,
+                      evaluators, model, space, splits, args, picks_out)
         for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
             if (target, index) in done or index % shards != shard:
                 continue
