@@ -68,6 +68,10 @@ class TrainingPhase:
     Optionally ``phase.distill(batch, output, loss)`` mixes in the distillation loss from the base model
     (when ``distillation.enabled``). Attributes: ``name`` (``"admm"`` or ``"retrain"``), ``epochs``,
     ``lr`` (the phase's configured learning rate, a suggestion), ``device``, ``round`` (1-based).
+
+    With a run folder such a phase is stored when ``train_fn`` returns; a kill during it restarts it from its
+    first epoch (its epochs, optimizer and schedule are the caller's: the default loop's phases instead resume
+    after their last finished epoch, :mod:`autocompress.epoch_checkpoint`).
     """
 
     def __init__(self, name: str, *, epochs: int, lr: float, task: Task, round_index: int,
