@@ -3,10 +3,12 @@ starts 1 or 2 of them with torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR
 
 ``python distributed_worker.py SPEC.json``: SPEC holds ``out`` (a folder for ``rank<r>.json``), ``config``
 (compress settings), ``run_dir`` (or null), ``rank_config`` (``{rank: settings merged into config}``, to make
-the ranks disagree), ``items`` (training images) and ``kill_rank_at`` (``[rank, phase]``: that rank kills
-itself with SIGKILL when the phase starts). The result file holds the search trajectory, digests of the
-parameters and masks at the end of every phase (taken before rank 0's values are broadcast), digests of Z and U
-after every ADMM update, and the final model's digest. A UserError is printed on one line, exit status 2.
+the ranks disagree), ``items`` (training images), ``kill_rank_at`` (``[rank, phase]``: that rank kills
+itself with SIGKILL when the phase starts) and ``kill_after_epoch`` (``[label, epoch]``: every rank kills itself
+once the epoch checkpoint of that epoch is saved, e.g. ``["round 1 retraining", 1]``). The result file holds
+the search trajectory, digests of the parameters and masks at the end of every phase (taken before rank 0's
+values are broadcast), digests of Z and U after every ADMM update, the epochs trained and the final model's
+digest. A UserError is printed on one line, exit status 2.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress
-from autocompress import admm, distributed, rounds
+from autocompress import admm, distributed, rounds, training
+from autocompress.epoch_checkpoint import EpochCheckpoint
 from autocompress.errors import UserError
 
 
@@ -64,7 +67,7 @@ def main(spec_path: str) -> int:
     torch.set_num_threads(1)
     distributed.init_from_env("cpu", timeout_s=60)
     rank = distributed.world().rank
-    seen: dict[str, list] = {"phases": [], "zu": []}
+    seen: dict[str, list] = {"phases": [], "zu": [], "epochs": []}
     kill = spec.get("kill_rank_at")
 
     sync, update = rounds.Pipeline._sync, admm.ADMMState.update
@@ -79,6 +82,18 @@ def main(spec_path: str) -> int:
         seen["zu"].append(distributed.digest(self.z + self.u))
 
     rounds.Pipeline._sync, admm.ADMMState.update = recorded_sync, recorded_update
+    train_epoch, save_epoch, after = training.train_epoch, EpochCheckpoint.save, spec.get("kill_after_epoch")
+
+    def recorded_train_epoch(*args, **kwargs):
+        seen["epochs"].append(kwargs.get("desc"))
+        return train_epoch(*args, **kwargs)
+
+    def save_then_kill(self, epoch, *args, **kwargs):
+        save_epoch(self, epoch, *args, **kwargs)
+        if [self.label, epoch] == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    training.train_epoch, EpochCheckpoint.save = recorded_train_epoch, save_then_kill
     if kill and kill[0] == rank:
         phase = getattr(rounds.Pipeline, f"_{kill[1]}")
         setattr(rounds.Pipeline, f"_{kill[1]}", lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL) or phase(*a, **k))
@@ -94,7 +109,7 @@ def main(spec_path: str) -> int:
     search = [r for r in result.records if r.get("event") == "search"]
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps({
         "trajectory": [step for r in search for step in r["trajectory"]], "rates": [r["rates"] for r in search],
-        "phases": seen["phases"], "zu": seen["zu"], "compression": result.compression_rate,
+        "phases": seen["phases"], "zu": seen["zu"], "epochs": seen["epochs"], "compression": result.compression_rate,
         "model": distributed.digest(result.model.state_dict().values()),
         "events": [r.get("event") for r in result.records]}))
     distributed.finish()

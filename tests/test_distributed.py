@@ -134,6 +134,23 @@ def test_resume_after_a_rank_was_killed(two_ranks, tmp_path):
     assert rank0["model"] == uninterrupted["model"] == resumed[0].results[1]["model"]
 
 
+def test_resume_inside_a_training_phase_loads_rank_0s_epoch_checkpoint_on_every_rank(two_ranks, tmp_path):
+    """Both ranks are killed right after the epoch checkpoint of retraining's epoch 1 (of 1) is saved (rank 0
+    wrote it); started again, every rank continues from rank 0's state without training that epoch again, and
+    the run ends with the uninterrupted run's model."""
+    _, (uninterrupted, _) = two_ranks
+    run = tmp_path / "run"
+    killed = launch(tmp_path, 2, run_dir=run, kill_after_epoch=["round 1 retraining", 1])
+    assert [p.returncode for p in killed] == [-9, -9]
+    assert (run / "round1" / "retrain.epoch.pt").is_file()
+    resumed = launch(tmp_path, 2, run_dir=run)
+    assert [p.returncode for p in resumed] == [0, 0], resumed[0].stderr[-2000:]
+    rank0, rank1 = resumed[0].results
+    assert rank0["epochs"] == rank1["epochs"] == []  # main restarted the phase: ["retrain epoch 1/1"]
+    assert rank0["model"] == uninterrupted["model"] == rank1["model"]
+    assert not (run / "round1" / "retrain.epoch.pt").exists()
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"rank_config": {"1": {"admm": {"epochs": 1, "update_interval": 2, "lr": 0.02}}}},
      "admm.lr differs between the processes of the run (rank 1 has another value than rank 0)"),

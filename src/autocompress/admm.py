@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import distributed, training
+from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks, apply_masks
 from .projection import project
@@ -183,6 +184,13 @@ class ADMMState:
     def _refresh_targets(self) -> None:
         self.targets = torch._foreach_sub(self.z, self.u)
 
+    def load(self, z: list[torch.Tensor], u: list[torch.Tensor], rho: float) -> None:
+        """Continue from stored ``z``, ``u`` (aligned with :attr:`names`) and ``rho``."""
+        self.z = [t.to(w.device, w.dtype) for t, w in zip(z, self.weights)]
+        self.u = [t.to(w.device, w.dtype) for t, w in zip(u, self.weights)]
+        self.rho = rho
+        self._refresh_targets()
+
     def penalty(self) -> torch.Tensor:
         """``rho/2 * sum_i ||W_i - Z_i + U_i||_F^2`` (a scalar tensor with gradient to every ``W_i``)."""
         return _ProximalPenalty.apply(self.rho, self.targets, *self.weights)
@@ -283,6 +291,16 @@ class ADMMSchedule:
             self._update()
         self.epoch += 1
 
+    def state_dict(self) -> dict:
+        """Z, U, rho, the step and epoch counters and the residual history (for an epoch checkpoint)."""
+        return {"z": self.state.z, "u": self.state.u, "rho": self.state.rho, "steps": self.steps,
+                "epoch": self.epoch, "history": self.history}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue from :meth:`state_dict`'s ``saved`` (the weights ``W`` are the model's business)."""
+        self.state.load(saved["z"], saved["u"], saved["rho"])
+        self.steps, self.epoch, self.history = saved["steps"], saved["epoch"], list(saved["history"])
+
     def result(self, model: nn.Module) -> ADMMResult:
         """The masks of ``Proj_S(W)`` now and the residual history."""
         return ADMMResult(masks=project(self.space, model, self.rates), history=self.history)
@@ -303,7 +321,8 @@ class ADMMSchedule:
 
 def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
                task=None, distiller: Callable | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None, runner: nn.Module | None = None) -> ADMMResult:
+               log: Callable[[str], None] | None = None, runner: nn.Module | None = None,
+               checkpoint: EpochCheckpoint | None = None) -> ADMMResult:
     """ADMM structured pruning of ``model`` in place towards ``rates`` (AutoCompress, Liu et al. AAAI 2020,
     §3; Zhang et al. ECCV 2018).
 
@@ -326,6 +345,9 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         log: called with one line per Z/U update (rho and the largest / mean primal residual).
         runner: the module the W-steps run (``model`` wrapped in ``DistributedDataParallel``, sharing its
             parameters: :func:`autocompress.distributed.data_parallel`); default ``model``.
+        checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint`: the state after every epoch
+            is saved to it (weights, optimiser, schedule, Z / U / rho / counters / history, random state),
+            and a stored state is continued from its next epoch.
 
     Returns:
         :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
@@ -338,13 +360,20 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         optimizer = training.build_optimizer(model, train_config)
         scheduler = training.build_scheduler(optimizer, train_config, len(train_loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        for epoch in range(config.epochs):
+        start, loop = checkpoint.resume(model, optimizer, scheduler, config.epochs) if checkpoint else (0, {})
+        if loop:
+            schedule.load_state_dict(loop["admm"])
+            epoch_stats = list(loop["epoch_stats"])
+        for epoch in range(start, config.epochs):
             epoch_stats.append(training.train_epoch(
                 model if runner is None else runner, train_loader, optimizer, scheduler, task=task,
                 criterion=criterion,
                 regularizer=schedule.penalty, after_step=schedule.after_step, distiller=distiller,
                 progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
             schedule.end_epoch()
+            if checkpoint is not None:
+                checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,
+                                {"admm": schedule.state_dict(), "epoch_stats": epoch_stats})
     result = schedule.result(model)
     result.epoch_stats = epoch_stats
     return result
@@ -366,7 +395,7 @@ def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, t
 def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
                    config: training.TrainConfig, *, task=None, distiller: Callable | None = None,
                    progress: bool = True, log: Callable[[str], None] | None = None,
-                   runner: nn.Module | None = None) -> list[dict]:
+                   runner: nn.Module | None = None, checkpoint: EpochCheckpoint | None = None) -> list[dict]:
     """Masked retraining (AutoCompress §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
     cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
@@ -383,20 +412,23 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
         progress: tqdm progress bars.
         log: called with one line per epoch.
         runner: the module the steps run (see :func:`admm_prune`); default ``model``.
+        checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint` saved after every epoch and
+            continued from (see :func:`admm_prune`).
 
     Returns:
         The per-epoch stats of :func:`autocompress.training.train_epoch`.
     """
     apply_masks(model, param_masks)
-    history: list[dict] = []
     if config.epochs <= 0:
-        return history
+        return []
     optimizer = training.build_optimizer(model, config)
     scheduler = training.build_scheduler(optimizer, config, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
+    start, loop = checkpoint.resume(model, optimizer, scheduler, config.epochs) if checkpoint else (0, {})
+    history = list(loop.get("history", []))
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(start, config.epochs):
             stats = dict(training.train_epoch(model if runner is None else runner, train_loader, optimizer,
                                               scheduler, task=task, criterion=criterion, distiller=distiller,
                                               progress=progress,
@@ -405,6 +437,8 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}{top1}")
+            if checkpoint is not None:
+                checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler, {"history": history})
     finally:
         enforcer.detach()
     return history

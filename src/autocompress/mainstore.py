@@ -35,6 +35,12 @@ class MainStore(PhaseStore):
     def save(self, round_index: int, phase: str, payload: Any) -> None:
         distributed.on_main(lambda: self.store.save(round_index, phase, payload), share=False)
 
+    def load_epoch(self, round_index: int, phase: str) -> dict | None:
+        return distributed.on_main(lambda: self.store.load_epoch(round_index, phase))
+
+    def save_epoch(self, round_index: int, phase: str, payload: dict) -> None:
+        distributed.on_main(lambda: self.store.save_epoch(round_index, phase, payload), share=False)
+
     def record(self, record: dict) -> None:
         distributed.on_main(lambda: self.store.record(record), share=False)
 

@@ -33,12 +33,13 @@ from .alignment import misaligned_widths
 from .compaction import compact, densify
 from .config import CompressConfig
 from .distillation import Distiller
+from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer
 from .purification import purify
 from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
-from .task import Task
+from .task import Task, loader_generators
 from .text import plural
 
 PHASES = ("search", "admm", "purify", "retrain", "compact")
@@ -67,6 +68,10 @@ class TrainingPhase:
     Optionally ``phase.distill(batch, output, loss)`` mixes in the distillation loss from the base model
     (when ``distillation.enabled``). Attributes: ``name`` (``"admm"`` or ``"retrain"``), ``epochs``,
     ``lr`` (the phase's configured learning rate, a suggestion), ``device``, ``round`` (1-based).
+
+    With a run folder such a phase is stored when ``train_fn`` returns; a kill during it restarts it from its
+    first epoch (its epochs, optimizer and schedule are the caller's: the default loop's phases instead resume
+    after their last finished epoch, :mod:`autocompress.epoch_checkpoint`).
     """
 
     def __init__(self, name: str, *, epochs: int, lr: float, task: Task, round_index: int,
@@ -168,6 +173,14 @@ class PhaseStore:
 
     def save(self, round_index: int, phase: str, payload: Any) -> None:
         """Store a phase's payload (a plain dict of tensors / data; search: JSON data)."""
+
+    def load_epoch(self, round_index: int, phase: str) -> dict | None:
+        """The epoch checkpoint :meth:`save_epoch` stored for an unfinished training phase, or None."""
+        return None
+
+    def save_epoch(self, round_index: int, phase: str, payload: dict) -> None:
+        """Store a training phase's state after an epoch (replacing the previous epoch's; removed by
+        :meth:`finish`): :class:`autocompress.epoch_checkpoint.EpochCheckpoint`."""
 
     def record(self, record: dict) -> None:
         """Append one metrics record."""
@@ -324,6 +337,15 @@ class Pipeline:
             raise UserError(f"train_fn never called phase.attach(optimizer) in the {name} phase, so the {what} "
                             "did not run", "call phase.attach(optimizer) once after creating the optimizer")
 
+    def _epochs(self, state: RoundState, phase: str, loader) -> EpochCheckpoint:
+        """The epoch checkpoint of a default-loop training phase (``"admm"`` or ``"retrain"``) in the store
+        (a caller's ``train_fn`` owns its epochs and optimiser: its phases resume from their start)."""
+        name = "ADMM" if phase == "admm" else "retraining"
+        return EpochCheckpoint(lambda: self.store.load_epoch(state.index, phase),
+                               lambda payload: self.store.save_epoch(state.index, phase, payload),
+                               generators=loader_generators(loader), device=self.task.device, log=self.log,
+                               label=f"round {state.index} {name}")
+
     def _admm(self, state: RoundState, *, last: bool) -> list[dict]:
         config = self.config.admm
         if config.epochs > 0:
@@ -334,7 +356,7 @@ class Pipeline:
             with parallel(state.model) as runner:
                 result = admm.admm_prune(state.model, state.space, state.rates, loader, config, task=self.task,
                                          distiller=self.distiller, progress=self.progress, log=self.log,
-                                         runner=runner)
+                                         runner=runner, checkpoint=self._epochs(state, "admm", loader))
         else:
             schedule = admm.ADMMSchedule(state.model, state.space, state.rates, config,
                                          steps_per_epoch=_length(loader), per_epoch=False, log=self.log)
@@ -435,7 +457,7 @@ class Pipeline:
             with parallel(state.model) as runner:
                 history = admm.masked_retrain(state.model, state.param_masks, loader, config, task=self.task,
                                               distiller=self.distiller, progress=self.progress, log=self.log,
-                                              runner=runner)
+                                              runner=runner, checkpoint=self._epochs(state, "retrain", loader))
         else:
             enforcer = MaskEnforcer(state.model, state.param_masks)
             self._call_train_fn("retrain", state, epochs=epochs, lr=config.lr, enforcer=enforcer)

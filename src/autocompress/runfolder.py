@@ -6,6 +6,8 @@ Layout (every file written atomically: a temporary file, then ``os.replace``)::
     RUN_DIR/state.json         which (round, phase) pairs are done
     RUN_DIR/metrics.jsonl      one JSON record per phase / round / final table (see report.py)
     RUN_DIR/round<k>/search.json, admm.pt, purify.pt, retrain.pt, compact.pt
+    RUN_DIR/round<k>/admm.epoch.pt, retrain.epoch.pt   the state after the last finished epoch of a training
+                               phase still running (removed when it finishes; at most one per phase)
     RUN_DIR/model.pt           the final compact model
     RUN_DIR/report.html        plots and the final table
     RUN_DIR/.lock              held (``fcntl.flock``) while a process works in the folder
@@ -14,7 +16,8 @@ Guarantees: a second process on the same folder is refused at once (the lock is 
 process never leaves a stale one); a phase's metrics records and its "done" mark are written so that a
 kill between them neither loses nor duplicates records (records carry their phase, and a phase's records
 replace any earlier copy); temporary files of interrupted writes are removed when the folder is opened; a
-damaged phase artifact is reported in one line with the phase to delete.
+damaged phase artifact is reported in one line with the phase to delete; a training phase killed after
+epoch k continues with epoch k + 1 (:class:`autocompress.epoch_checkpoint.EpochCheckpoint`).
 """
 from __future__ import annotations
 
@@ -113,6 +116,10 @@ class RunFolder(PhaseStore):
         """Artifact of one phase: ``round<k>/search.json`` or ``round<k>/<phase>.pt``."""
         return self.path / f"round{round_index}" / (f"{phase}.json" if phase == "search" else f"{phase}.pt")
 
+    def epoch_file(self, round_index: int, phase: str) -> Path:
+        """The epoch checkpoint of an unfinished training phase: ``round<k>/<phase>.epoch.pt``."""
+        return self.path / f"round{round_index}" / f"{phase}.epoch.pt"
+
     def done(self) -> list[list]:
         """The completed ``[round, phase]`` pairs, in order; UserError when ``state.json`` is damaged."""
         state = self.file("state.json")
@@ -146,6 +153,21 @@ class RunFolder(PhaseStore):
         else:
             atomic_torch_save(payload, path)
 
+    def load_epoch(self, round_index: int, phase: str) -> dict | None:
+        path = self.epoch_file(round_index, phase)
+        if not path.exists():
+            return None
+        try:
+            verify_archive(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
+            raise UserError(f"the epoch checkpoint of the {phase} phase of round {round_index} ({path}) is "
+                            f"damaged ({type(exc).__name__})", f"delete {path} (the phase then restarts from "
+                            "its first epoch) and resume") from None
+
+    def save_epoch(self, round_index: int, phase: str, payload: dict) -> None:
+        atomic_torch_save(payload, self.epoch_file(round_index, phase))
+
     # --- metrics --------------------------------------------------------------------------------------
     @property
     def records(self) -> list[dict]:
@@ -159,12 +181,14 @@ class RunFolder(PhaseStore):
         self._write(self.records + [record])
 
     def finish(self, round_index: Any, phase: str, records: list[dict]) -> None:
-        """The phase's records (replacing copies a killed earlier attempt left), then its done mark."""
+        """The phase's records (replacing copies a killed earlier attempt left), then its done mark, then its
+        epoch checkpoint removed (a kill before that leaves a file no finished phase reads)."""
         tagged = [{**r, "_phase": [round_index, phase]} for r in records]
         kept = [r for r in self.records if r.get("_phase") != [round_index, phase]]
         self._write(kept + tagged)
         done = [pair for pair in self.done() if pair != [round_index, phase]] + [[round_index, phase]]
         atomic_write_text(self.file("state.json"), json.dumps({"done": done}))
+        self.epoch_file(round_index, phase).unlink(missing_ok=True)
 
     def _write(self, records: list[dict]) -> None:
         atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r, default=plain) + "\n" for r in records))

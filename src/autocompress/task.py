@@ -85,7 +85,7 @@ def move(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def _generators(loader: Any) -> list[torch.Generator]:
+def loader_generators(loader: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a loader draws its order from (its own and its sampler's)."""
     found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
     return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
@@ -162,7 +162,7 @@ class Task:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for index, generator in enumerate(_generators(self.train_loader) + _generators(self.val_loader)):
+            for index, generator in enumerate(loader_generators(self.train_loader) + loader_generators(self.val_loader)):
                 generator.manual_seed(seed + 7 * (index + 1))
             yield
 
