@@ -30,7 +30,8 @@ from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError
-from .padded_norm import PaddedLayerNorm, channel_dims, is_layer_norm, padded
+from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
+                          group_size, is_group_norm, is_layer_norm, padded)
 from .space import is_grouped, is_transposed, is_weight_layer, out_dim, tie_classes, trace_graph, train_only_modules
 
 
@@ -108,7 +109,8 @@ def _is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels > 1)
 
 
-_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)
+_STATISTIC_NORMS = (nn.LayerNorm, PaddedLayerNorm)
+_GROUP_NORMS = (nn.GroupNorm, PaddedGroupNorm)
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -179,8 +181,10 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
             return [], f"they pass through grouped transposed conv {name} (groups={module.groups})"
         if isinstance(module, _STATISTIC_NORMS) and norm_dims.get(module) is None:
             return [], f"{type(module).__name__} {name} normalises over the channels"
+        if isinstance(module, _GROUP_NORMS) and not is_group_norm(module):
+            return [], f"{type(module).__name__} {name} has its own forward"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
-                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, nn.PReLU))
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, *_GROUP_NORMS, nn.PReLU))
                 and list(module.parameters())):
             return [], f"they pass through {type(module).__name__} {name}"
     if bool(dead.all()):
@@ -190,16 +194,19 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
 
 def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None]:
     """``dead`` [size] reduced to whole tie classes of the group's grouped convolutions (a compact grouped
-    conv loses the same positions from every conv group, see ``space.FilterGroup.ties``), or a reason the
-    dead channels stay when a grouped conv also reads / writes channels outside the group."""
+    conv loses the same positions from every conv group, see ``space.FilterGroup.ties``) and GroupNorms
+    without affine parameters (whole norm groups), or a reason the dead channels stay when a grouped conv
+    also reads / writes channels outside the group."""
     pairs = []
     for module, _node, root, idxs, is_out in members:
+        if is_group_norm(module) and module.weight is None:  # an all-zero norm group outputs zeros
+            pairs.append((channel_groups(module)[idxs], root))
         if not is_grouped(module) or module.transposed:
             continue
         extent = module.out_channels if is_out else module.in_channels
         if not torch.equal(torch.unique(idxs), torch.arange(extent)):
             return dead, f"grouped conv {names.get(module)} also reads or writes other channels"
-        pairs.append((idxs, root, extent // module.groups))
+        pairs.append((idxs % (extent // module.groups), root))
     if not pairs:
         return dead, None
     ties = tie_classes(dead.numel(), pairs)
@@ -236,6 +243,8 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
         if module.weight is None:
             size = module.num_features if isinstance(module, PaddedLayerNorm) else module.normalized_shape[0]
             return [(torch.ones(size), 0)]
+        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
+    if is_group_norm(module):  # without affine, whole dead norm groups output zeros (_tied)
         return [(t, 0) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, _PER_CHANNEL_NORMS):
         if module.affine:
@@ -289,6 +298,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
         plans.append((module, pruner, roots, members))
     kept: dict[str, torch.Tensor] = {}
+    norm_groups: dict[nn.Module, tuple[torch.Tensor, int]] = {}  # group norm -> (group of each remaining
+    # channel, channels per group), both of the norm as it was before pruning
     for module, pruner, roots, _ in plans:
         if not roots:
             continue
@@ -296,6 +307,11 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         group._group = [item for item in group._group if not _broadcast(item, dg, pruner.get_out_channels(module))]
         for dep, idxs in group:
             target = dep.target.module
+            if is_group_norm(target):
+                current, size = norm_groups.get(target, (channel_groups(target), group_size(target)))
+                keep = torch.ones(current.numel(), dtype=torch.bool)
+                keep[torch.tensor(sorted(set(idxs)), dtype=torch.long)] = False
+                norm_groups[target] = current[keep], size
             if dg.is_out_channel_pruning_fn(dep.handler) and target in names:
                 total = pruner_out_channels(dg, target)
                 if total is not None:
@@ -304,6 +320,9 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     kept[names[target]] = torch.nonzero(keep).flatten()
         group.prune()
         report["removed_channels"][names[module]] = len(roots)
+    for norm, (groups, size) in norm_groups.items():  # a GroupNorm that lost channels keeps its statistics
+        parent, _, attr = names[norm].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, compact_group_norm(norm, groups, size))
     for norm, width in widths.items():  # a LayerNorm that lost channels keeps its statistics over all of them
         if norm.normalized_shape[0] < width:
             parent, _, attr = names[norm].rpartition(".")
