@@ -300,6 +300,22 @@ class ChannelsFirstLN(nn.Module):
         return self.conv(self.norm(x))
 
 
+class GroupNormResidual(nn.Module):
+    """A ResNet-GN style block: grouped conv -> GroupNorm without affine (4 groups) -> conv -> GroupNorm
+    (2 groups, affine) -> residual add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(c, 8, 3, padding=1, groups=2), nn.GroupNorm(4, 8, affine=False)
+        self.conv2, self.gn2 = nn.Conv2d(8, c, 3, padding=1), nn.GroupNorm(2, c)
+        with torch.no_grad():
+            self.gn2.weight.uniform_(0.5, 1.5)
+            self.gn2.bias.normal_(0, 0.5)
+
+    def forward(self, x):
+        return F.relu(x + self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x))))))
+
+
 class UpDown(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -358,8 +374,8 @@ class AuxHead(nn.Module):
 
 
 BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
-          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, UpDown, LinearToMap,
-          Interpolate, CalledTwice, AuxHead]
+          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, GroupNormResidual, UpDown,
+          LinearToMap, Interpolate, CalledTwice, AuxHead]
 
 
 class Net(nn.Module):
@@ -527,6 +543,38 @@ def test_layernorm_coupled_channels_are_pruned_exactly():
     ln, norm = compact.blocks[0].ln, compact.blocks[1].norm
     assert type(ln).__name__ == type(norm).__name__ == "PaddedLayerNorm"
     assert (ln.num_features, ln.width, ln.dim, norm.num_features, norm.width, norm.dim) == (3, 6, -1, 3, 6, 1)
+
+
+def test_groupnorm_coupled_channels_are_pruned_exactly():
+    """Channels a GroupNorm normalises are pruned: with affine parameters channel by channel (the compact
+    norm is a PaddedGroupNorm keeping each group's statistics over its original channels), without them
+    whole norm groups (tied, also with a grouped conv's ties); the compact model prunes again in a later
+    round (torch-pruning's handler for PaddedGroupNorm)."""
+    model, x = Net([GroupNormResidual]).eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",))
+    assert list(space.excluded) == ["head"]
+    assert space.unit("filter", "blocks.0.conv1").ties.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    stream = space.unit("filter", "stem.0")
+    assert "blocks.0.gn2" in {s.module for s in stream.slices if s.role == "norm"}
+    compact = oneshot(model, x, "filter")
+    gn1, gn2 = compact.blocks[0].gn1, compact.blocks[0].gn2
+    assert type(gn1) is nn.GroupNorm and (gn1.num_groups, gn1.num_channels) == (2, 4)
+    # the stream's 6 channels: 3 classes (conv1's conv groups), 1 kept, in both norm groups of 3
+    assert type(gn2).__name__ == "PaddedGroupNorm" and (gn2.num_features, gn2.group_size) == (2, 3)
+    assert gn2.group.tolist() == [0, 1]
+    one = lambda: Sequence(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8), nn.ReLU(),  # noqa: E731
+                           nn.Conv2d(8, 6, 3, padding=1), nn.GroupNorm(6, 6, affine=False), nn.ReLU(), head_in=6)
+    check_all_modes(one, (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    compact = oneshot(one().eval(), x, "filter")
+    assert compact.layers[4].num_channels == 3 and compact.layers[1].num_features == 4
+    again = oneshot(compact, x, "filter")  # round 2 prunes the PaddedGroupNorm: 4 -> 2 of 8
+    assert (again.layers[1].num_features, again.layers[1].group_size, again.layers[4].num_channels) == (2, 8, 1)
+
+
+def test_groupnorm_without_affine_in_one_group_is_excluded_by_name():
+    model = Sequence(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8, affine=False), nn.Conv2d(8, 4, 1), head_in=4).eval()
+    space = PruningSpace.build(model, torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "GroupNorm layers.1 without affine parameters ties all channels together" in space.excluded["layers.0"]
 
 
 def test_layernorm_without_affine_or_channel_dimension_is_excluded_by_name():
