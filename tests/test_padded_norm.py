@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.architecture import apply_architecture, describe_architecture
+from autocompress.checkpoint import load_model
 from autocompress.padded_norm import PaddedGroupNorm, PaddedLayerNorm, compact_group_norm
+from autocompress.serialization import save_compact
 from autocompress.space import trace_graph
 
 KEPT = torch.tensor([0, 2, 3, 6])  # of 7 channels
@@ -104,7 +106,7 @@ def test_compact_group_norm_is_native_for_whole_groups_and_padded_otherwise():
     assert torch.allclose(part(x), F.group_norm(full, 4)[:, [2, 3, 6]], atol=1e-5)
 
 
-def test_padded_group_norm_rebuilds_from_its_description_and_state_dict():
+def test_padded_group_norm_rebuilds_from_its_description_and_state_dict(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 7, 1), _padded_group_norm())
     base = nn.Sequential(nn.Conv2d(2, 12, 1), nn.GroupNorm(3, 12))
@@ -116,6 +118,10 @@ def test_padded_group_norm_rebuilds_from_its_description_and_state_dict():
     assert rebuilt[1].group.tolist() == (GN_KEPT // 4).tolist()
     x = torch.randn(2, 2, 3, 3)
     assert torch.equal(rebuilt(x), model(x))
+    for sparse in (False, True):  # a saved file (weights_only load), dense and CSR
+        path = save_compact(tmp_path / f"gn{sparse}.pt", model, architecture=description, sparse=sparse)
+        loaded = load_model(path, model=nn.Sequential(nn.Conv2d(2, 12, 1), nn.GroupNorm(3, 12)))
+        assert type(loaded[1]) is PaddedGroupNorm and torch.equal(loaded(x), model(x))
 
 
 def test_torch_pruning_prunes_a_padded_group_norm_with_its_groups():
