@@ -74,6 +74,14 @@ TORCHVISION = {
                      (3, 139, 139), (3, 160, 160)),  # the train-mode auxiliary head needs >= 139
     "mnasnet0_5": (lambda: tv.mnasnet0_5(num_classes=10), (3, 64, 64), (3, 80, 80)),
     "vit_small": (_vit, (3, 32, 32), None),
+    # GroupNorm instead of BatchNorm (torchvision's norm_layer): 8 groups in a residual net, 32 groups after
+    # 32-group convs, one group (LayerNorm-like) around depthwise convs
+    "resnet18_gn": (lambda: tv.resnet18(num_classes=10, norm_layer=lambda c: nn.GroupNorm(8, c)), (3, 64, 64),
+                    (3, 80, 80)),
+    "resnext50_32x4d_gn": (lambda: tv.resnext50_32x4d(num_classes=10, norm_layer=lambda c: nn.GroupNorm(32, c)),
+                           (3, 64, 64), (3, 80, 80)),
+    "mobilenet_v2_gn1": (lambda: tv.mobilenet_v2(num_classes=10, norm_layer=lambda c: nn.GroupNorm(1, c)),
+                         (3, 64, 64), (3, 80, 80)),
     "swin_small": (_swin, (3, 64, 64), (3, 96, 96)),
 }
 BLOCK_NETS = {f"block_{b.__name__}": (lambda b=b: Net([b]), (3, 8, 8), (3, 12, 12)) for b in BLOCKS}

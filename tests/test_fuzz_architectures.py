@@ -635,3 +635,59 @@ def test_untraceable_model_refuses_filters_and_prunes_columns():
     with pytest.raises(UserError, match="cannot trace ShuffleNetV2.*drop filter from dims"):
         space.check_dims(["filter"])
     assert oneshot(model, x, "column") is not None and oneshot(model, x, "irregular") is not None
+
+
+class TiedWide(nn.Module):
+    """16 channels into a grouped conv of 2 conv groups (8 tie classes of 2), then a GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.g, self.gn = nn.Conv2d(16, 8, 3, padding=1, groups=2), nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.gn(self.g(F.relu(self.bn(self.a(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dead", [[0, 1, 2], [0, 1, 2, 3, 4, 5, 6]])
+def test_channel_multiple_with_grouped_conv_ties_keeps_whole_classes(dead):
+    """channel_multiple 4 with ties of 2 channels: the projection, purification (redundant weight removal
+    at a high threshold) and compaction of tie classes that emptied (3 or 7 of 8: 10 or 2 channels left,
+    aligned up to 12 or 4 by keeping whole dead classes) all leave whole classes and widths that are a
+    multiple of 4; the compact model equals the masked model."""
+    torch.manual_seed(0)
+    model, x = TiedWide().eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",), channel_multiple=4)
+    group = space.unit("filter", "a")
+    assert group.ties.tolist() == list(range(8)) * 2
+    masks = projection.project(space, model, {"filter": {"a": 0.7, "g": 0.5}})
+    work = copy.deepcopy(model)
+    apply_masks(work, space.param_masks(masks))
+    purified = purification.redundant_candidates(space, work, masks, threshold=0.9)
+    final = purification.remove_unused_paths(space, purified)
+    for name, keep in final.filters.items():
+        assert int(keep.sum()) % 4 == 0 and torch.equal(space.unit("filter", name).tie(keep), keep), name
+    hybrid = PruningSpace.build(model, x, dims=("filter", "column"), channel_multiple=4)
+    keep = hybrid.full_masks()
+    keep.filters["a"][[6, 7, 14, 15]] = False  # 6 classes kept; g's columns stop reading 3 of them
+    columns = keep.columns["g"].view(8, 9)
+    columns[[1, 2, 3]] = False
+    unused = purification.remove_unused_paths(hybrid, keep).filters["a"]
+    assert int(unused.sum()) == 8 and torch.equal(hybrid.unit("filter", "a").tie(unused), unused)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, space.param_masks(final))
+    compact = compaction.compact(model, space.param_masks(final), x, channel_multiple=4).model
+    assert compact.a.out_channels == int(final.filters["a"].sum())
+    assert _close(_outputs(compact, x), _outputs(masked, x))
+    rows = torch.ones(16, dtype=torch.bool)  # irregular pruning emptied the rows of whole tie classes
+    rows[dead + [d + 8 for d in dead]] = False
+    weights = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    for name in ("a.weight", "a.bias", "bn.weight", "bn.bias"):
+        weights[name] = rows.view(-1, *[1] * (weights[name].dim() - 1)).expand_as(weights[name]).clone()
+    result = compaction.compact(model, weights, x, channel_multiple=4)
+    width = result.model.a.out_channels
+    assert width == {3: 12, 7: 4}[len(dead)] and result.model.g.in_channels == width
+    masked = copy.deepcopy(model)
+    apply_masks(masked, weights)
+    assert _close(_outputs(result.model, x), _outputs(masked, x))

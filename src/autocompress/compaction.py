@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
-from .alignment import align_up
+from .alignment import is_aligned
 from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
@@ -126,7 +126,7 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
     return counts
 
 
-def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> tuple[list[int], str | None]:
+def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> tuple[list[list[int]], str | None]:
     """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
 
     A channel is dead when every producer's weight row and bias entry is zero and every per-channel member
@@ -136,7 +136,8 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
     broadcast over the channels (a spatial gate) and are ignored.
 
     Returns:
-        ``(root indices to remove, reason the dead channels are kept or None)``: the channels are kept
+        ``(root indices to remove, one list per tie class (:func:`_tied`; one channel each without ties),
+        reason the dead channels are kept or None)``: the channels are kept
         (dense) when they reach a model output or pass through a structure that cannot lose channels
         exactly (grouped convs, LayerNorm / GroupNorm, unknown modules with parameters), or are all of them.
     """
@@ -168,7 +169,7 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
     if not has_producer or not bool(dead.any()):
         return [], None
     root_name = names.get(group[0].dep.target.module)
-    dead, reason = _tied(dead, members, names)
+    dead, reason, ties = _tied(dead, members, names)
     if reason is not None:
         return [], reason
     for module, node, root, idxs, is_out in members:
@@ -189,14 +190,17 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
             return [], f"they pass through {type(module).__name__} {name}"
     if bool(dead.all()):
         return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
-    return torch.nonzero(dead).flatten().tolist(), None
+    classes: dict[int, list[int]] = {}
+    for c in torch.nonzero(dead).flatten().tolist():
+        classes.setdefault(c if ties is None else int(ties[c]), []).append(c)
+    return list(classes.values()), None
 
 
-def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None]:
+def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None, torch.Tensor | None]:
     """``dead`` [size] reduced to whole tie classes of the group's grouped convolutions (a compact grouped
     conv loses the same positions from every conv group, see ``space.FilterGroup.ties``) and GroupNorms
     without affine parameters (whole norm groups), or a reason the dead channels stay when a grouped conv
-    also reads / writes channels outside the group."""
+    also reads / writes channels outside the group; also the tie classes (int64 [size], None without ties)."""
     pairs = []
     for module, _node, root, idxs, is_out in members:
         if is_group_norm(module) and module.weight is None:  # an all-zero norm group outputs zeros
@@ -205,13 +209,13 @@ def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor,
             continue
         extent = module.out_channels if is_out else module.in_channels
         if not torch.equal(torch.unique(idxs), torch.arange(extent)):
-            return dead, f"grouped conv {names.get(module)} also reads or writes other channels"
+            return dead, f"grouped conv {names.get(module)} also reads or writes other channels", None
         pairs.append((idxs % (extent // module.groups), root))
     if not pairs:
-        return dead, None
+        return dead, None, None
     ties = tie_classes(dead.numel(), pairs)
     dead_count = torch.zeros(int(ties.max()) + 1, dtype=torch.long).index_add_(0, ties, dead.long())
-    return (dead_count == torch.bincount(ties))[ties], None
+    return (dead_count == torch.bincount(ties))[ties], None, ties
 
 
 def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:
@@ -285,16 +289,15 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
-        roots, reason = _group_plan(dg, group, names, norm_dims)
+        classes, reason = _group_plan(dg, group, names, norm_dims)
         if reason is not None:
             report["dead_channels_kept"][names[module]] = reason
             continue
-        size = pruner.get_out_channels(module)
-        removable = size - align_up(size, size - len(roots), multiple)
-        if removable < len(roots):
-            report["dead_channels_kept"][names[module]] = (f"{len(roots) - removable} dead channel(s) kept for "
+        roots = _aligned_removal(classes, pruner.get_out_channels(module), multiple)
+        dead = sum(len(c) for c in classes)
+        if len(roots) < dead:
+            report["dead_channels_kept"][names[module]] = (f"{dead - len(roots)} dead channel(s) kept for "
                                                            f"a width that is a multiple of {multiple}")
-            roots = roots[:removable]
         members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
         plans.append((module, pruner, roots, members))
     kept: dict[str, torch.Tensor] = {}
@@ -328,6 +331,16 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             parent, _, attr = names[norm].rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept
+
+
+def _aligned_removal(classes: list[list[int]], size: int, multiple: int) -> list[int]:
+    """The dead channels (tie classes of root indices) to remove from a group of ``size`` so that its width
+    stays an allowed width at ``multiple`` (:func:`autocompress.alignment.is_aligned`): as many whole classes
+    as allow it, the last ones kept first; sorted root indices."""
+    classes = list(classes)
+    while classes and not is_aligned(size - sum(len(c) for c in classes), size, multiple):
+        classes.pop()
+    return sorted(c for cls in classes for c in cls)
 
 
 def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None:

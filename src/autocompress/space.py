@@ -390,9 +390,13 @@ class PruningSpace:
         """Tie classes a filter group keeps at ``rate``: :func:`keep_count` of its classes, aligned
         (:func:`autocompress.alignment.aligned_keep`) so that the kept channels are a multiple of
         :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels)."""
+        return aligned_keep(group.classes, keep_count(group.classes, rate), self.class_multiple(group))
+
+    def class_multiple(self, group: FilterGroup) -> int:
+        """The multiple of tie classes that keeps :attr:`channel_multiple` channels aligned: a class holds
+        ``size / classes`` channels, so ``N / gcd(N, size / classes)`` classes (``N`` without ties)."""
         per = group.size // group.classes
-        multiple = self.channel_multiple // math.gcd(self.channel_multiple, per)
-        return aligned_keep(group.classes, keep_count(group.classes, rate), multiple)
+        return self.channel_multiple // math.gcd(self.channel_multiple, per)
 
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
