@@ -32,7 +32,8 @@ from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, Co
 from .errors import UserError
 from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
                           group_size, is_group_norm, is_layer_norm, padded)
-from .space import is_grouped, is_transposed, is_weight_layer, out_dim, tie_classes, trace_graph, train_only_modules
+from .space import (is_grouped, is_transposed, is_weight_layer, mapping_failure, out_dim, tie_classes, trace_graph,
+                    train_only_modules)
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -284,8 +285,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             group = dg.get_pruning_group(module, pruner.prune_out_channels,
                                          list(range(pruner.get_out_channels(module))))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            report["dead_channels_kept"][names[module]] = (f"torch-pruning cannot map its channels "
-                                                           f"({type(exc).__name__})")
+            report["dead_channels_kept"][names[module]] = mapping_failure(exc)
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue

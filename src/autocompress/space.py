@@ -654,8 +654,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
                 module.train(train)
                 return module(*args)
 
-            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
-                                                         customized_pruners=PRUNERS)
+            graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
+                                                          customized_pruners=PRUNERS)
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
@@ -663,6 +663,50 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     finally:
         for p in frozen:
             p.requires_grad_(False)
+    limit = 4 * max([4096] + [n for p in model.parameters() for n in p.shape])
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            dep.index_mapping = _BoundedMappings(dep.index_mapping, limit)
+    return graph
+
+
+def mapping_failure(exc: Exception) -> str:
+    """Why torch-pruning could not enumerate a group, from the exception its group query raised."""
+    detail = f": {exc}" if isinstance(exc, ChannelMappingExplodes) else ""
+    return f"torch-pruning cannot map its channels ({type(exc).__name__}{detail})"
+
+
+class ChannelMappingExplodes(RuntimeError):
+    """torch-pruning mapped a group's channels to more positions than any tensor of the model has (a
+    reshape its shape inference misreads, e.g. Swin's window partition): enumerating the group would not
+    end (hours, gigabytes), so it is abandoned at once."""
+
+
+class _BoundedMappings(list):
+    """A torch-pruning dependency's index mappings (replaced on every group query), each call checked:
+    more than ``limit`` indices raise :class:`ChannelMappingExplodes` (``limit``: four times the largest
+    parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension)."""
+
+    def __init__(self, mappings, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.extend(self._bounded(m) for m in mappings)
+
+    def __setitem__(self, index, mapping):
+        super().__setitem__(index, self._bounded(mapping))
+
+    def _bounded(self, mapping):
+        if mapping is None or getattr(mapping, "bounded", False):
+            return mapping
+
+        def call(idxs):
+            out = mapping(idxs)
+            if len(out) > self.limit:
+                raise ChannelMappingExplodes(f"{type(mapping).__name__} mapped {len(idxs)} channel indices to "
+                                             f"{len(out)}, more than any tensor dimension")
+            return out
+        call.bounded = True
+        return call
 
 
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
@@ -714,8 +758,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             size = pruner.get_out_channels(module)
             tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            _exclude(excluded, name, f"filter pruning: torch-pruning cannot map its channels "
-                     f"({type(exc).__name__})")
+            _exclude(excluded, name, f"filter pruning: {mapping_failure(exc)}")
             continue
         slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
                                                    norm_dims)
