@@ -37,7 +37,7 @@ from autocompress.errors import UserError
 from autocompress.masks import apply_masks
 from autocompress.architecture import apply_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
-from autocompress.space import PruningSpace, keep_count
+from autocompress.space import ChannelMappingExplodes, PruningSpace, keep_count, trace_graph
 
 torch.set_num_threads(1)
 
@@ -691,3 +691,36 @@ def test_channel_multiple_with_grouped_conv_ties_keeps_whole_classes(dead):
     masked = copy.deepcopy(model)
     apply_masks(masked, weights)
     assert _close(_outputs(result.model, x), _outputs(masked, x))
+
+
+class FunctionalLinear(nn.Module):
+    """A residual branch through a Linear whose weight is used functionally (``F.linear``, the module never
+    called: torchvision's Swin attention), then a BatchNorm: torch-pruning does not see the Linear read the
+    conv's channels, and the BatchNorm hides the branch from the probe of :func:`_verified`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        branch = F.linear(x.permute(0, 2, 3, 1), self.fc.weight, self.fc.bias).permute(0, 3, 1, 2)
+        return self.head(F.relu(self.bn(x + branch)).mean((2, 3)))
+
+
+def test_a_weight_read_functionally_keeps_the_channels_it_reads():
+    check_all_modes(FunctionalLinear, (3, 8, 8), (3, 12, 12), expect_pass=("column", "irregular"))
+    space = PruningSpace.build(FunctionalLinear().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "fc's weight reads its channels functionally" in space.excluded["conv"]
+
+
+def test_an_exploding_index_mapping_is_stopped():
+    """torch-pruning's index mappings are bounded: one that maps a channel set to more indices than 4x the
+    largest parameter dimension (at least 16384) raises at once (Swin's window reshapes ran for hours)."""
+    graph = trace_graph(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)).eval(), (torch.randn(1, 3, 4, 4),))
+    dep = next(d for node in graph.module2node.values() for d in node.dependencies)
+    dep.index_mapping[0] = lambda idxs: list(idxs) * 10000
+    assert dep.index_mapping[0]([1]) == [1] * 10000
+    with pytest.raises(ChannelMappingExplodes, match="mapped 2 channel indices to 20000"):
+        dep.index_mapping[0]([1, 2])

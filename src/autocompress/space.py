@@ -779,7 +779,9 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
                    // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
         groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs,
                                   ties=ties))
-    return _verified(model, inputs, groups, excluded)
+    unreached = {name: model.get_submodule(name) for name, (_, macs) in layer_macs.items()
+                 if macs == 0 and model.get_submodule(name) not in train_only}
+    return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 
 
 def _slices(tp_group, names, param_names, candidates, sinks, size,
@@ -1054,3 +1056,80 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
         else:
             kept.append(g)
     return kept
+
+
+def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, str],
+                       unreached: Mapping[str, nn.Module]) -> list[FilterGroup]:
+    """Exclude the groups whose channels a Conv / Linear weight reads functionally: its module is never
+    called, but its weight is used (``F.linear(x, self.qkv.weight)`` in torchvision's Swin). torch-pruning
+    does not see such a reader, so its input width would stay while the channels go.
+
+    Test: the gradient of the summed outputs with respect to each such weight, on the probe inputs; a group
+    with a random half of its channels removed (as in :func:`_verified`) that makes input columns of the
+    gradient exactly zero which were not zero before feeds that weight directly. One forward and backward
+    per group, only when the model has such weights."""
+    params = {name: module.weight for name, module in unreached.items()}
+    if not groups or not params:
+        return groups
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = tuple(torch.randn((2, *t.shape[1:]), generator=gen).to(t.device, t.dtype) for t in inputs)
+    model_params = dict(model.named_parameters())
+
+    def zero_columns(zeroed: Sequence[Slice]) -> dict[str, torch.Tensor]:
+        saved = {s.param: model_params[s.param].detach().clone() for s in zeroed}
+        flags = {name: p.requires_grad for name, p in params.items()}
+        try:
+            with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                with torch.no_grad():
+                    for s in zeroed:
+                        model_params[s.param].index_fill_(s.dim, s.index.to(model_params[s.param].device), 0)
+                for p in params.values():
+                    p.requires_grad_(True)
+                model.eval()
+                out = sum(t.float().sum() for t in _tensors(model(*probe)))
+                grads = torch.autograd.grad(out, list(params.values()), allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    model_params[name].copy_(value)
+            for name, p in params.items():
+                p.requires_grad_(flags[name])
+        return {n: _zero_slices(g, 1 - out_dim(unreached[n])) for n, g in zip(params, grads) if g is not None}
+
+    try:
+        before = zero_columns([])
+    except Exception:  # noqa: BLE001 - a model that cannot run a backward pass keeps its groups
+        return groups
+    if not before:
+        return groups
+    kept = []
+    for g in groups:
+        gone = torch.randperm(g.classes, generator=gen)[:max(1, g.classes // 2)]
+        hit = torch.isin(g.ties, gone) if g.ties is not None else torch.isin(torch.arange(g.size), gone)
+        removed = [Slice(s.param, s.module, s.role, s.dim, s.index[hit[s.channel]], s.channel)
+                   for s in g.slices if s.role in ("weight", "bias", "norm")]
+        after = zero_columns(removed)
+        reader = next((n for n, zero in after.items() if bool((zero & ~before[n]).any())), None)
+        if reader is None:
+            kept.append(g)
+        else:
+            _exclude(excluded, g.name, f"filter pruning: {reader}'s weight reads its channels functionally "
+                     "(the module is never called), which torch-pruning does not follow")
+    return kept
+
+
+def _zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bool [tensor.shape[dim]]: the slice along ``dim`` is entirely zero."""
+    return (tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1) == 0).all(1)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuples / lists / dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
