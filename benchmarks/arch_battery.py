@@ -72,7 +72,7 @@ TORCHVISION = {
     "googlenet": (lambda: tv.googlenet(num_classes=10, aux_logits=True, init_weights=False), (3, 64, 64),
                   (3, 80, 80)),
     "inception_v3": (lambda: tv.inception_v3(num_classes=10, aux_logits=True, init_weights=False),
-                     (3, 139, 139), (3, 160, 160)),  # the train-mode auxiliary head needs >= 139
+                     (3, 299, 299), (3, 307, 307)),  # the train-mode auxiliary head needs >= 299
     "mnasnet0_5": (lambda: tv.mnasnet0_5(num_classes=10), (3, 64, 64), (3, 80, 80)),
     "vit_small": (_vit, (3, 32, 32), None),
     # GroupNorm instead of BatchNorm (torchvision's norm_layer): 8 groups in a residual net, 32 groups after
