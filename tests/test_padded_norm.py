@@ -8,6 +8,7 @@ from torch import nn
 
 from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.checkpoint import load_model
+from autocompress.export import export_onnx
 from autocompress.padded_norm import PaddedGroupNorm, PaddedLayerNorm, compact_group_norm
 from autocompress.serialization import save_compact
 from autocompress.space import trace_graph
@@ -122,6 +123,8 @@ def test_padded_group_norm_rebuilds_from_its_description_and_state_dict(tmp_path
         path = save_compact(tmp_path / f"gn{sparse}.pt", model, architecture=description, sparse=sparse)
         loaded = load_model(path, model=nn.Sequential(nn.Conv2d(2, 12, 1), nn.GroupNorm(3, 12)))
         assert type(loaded[1]) is PaddedGroupNorm and torch.equal(loaded(x), model(x))
+    exported = export_onnx(model.eval(), x, tmp_path / "gn.onnx")  # onnxruntime's output checked against it
+    assert exported.max_abs_diff <= exported.tolerance
 
 
 def test_torch_pruning_prunes_a_padded_group_norm_with_its_groups():

@@ -177,9 +177,7 @@ class PaddedGroupNorm(nn.Module):
 
         mean = per_group(flat.sum(2)) / total
         centred = flat - mean.gather(1, index).unsqueeze(2)
-        present = torch.zeros(self.num_groups, dtype=flat.dtype, device=flat.device).index_add_(
-            0, self.group, torch.ones_like(self.group, dtype=flat.dtype))
-        missing = (self.group_size - present) * positions
+        missing = (self.group_size - per_group(torch.ones_like(flat[:, :, 0]))) * positions  # [N, G]
         var = (per_group(centred.pow(2).sum(2)) + missing * mean.pow(2)) / total
         y = (centred * torch.rsqrt(var + self.eps).gather(1, index).unsqueeze(2)).reshape(x.shape)
         if self.affine:
