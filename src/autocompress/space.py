@@ -27,7 +27,9 @@ a GroupNorm without affine parameters that has one group, modules the forward ne
 (eval or train mode), user-ignored modules, and any group whose channel mapping the build cannot verify.
 Verification: one analysis forward with a seeded random half of every group's channels removed; every
 input slice the group assigns to a consumer must then be constant across samples (it reads nothing but
-removed channels), otherwise torch-pruning mapped it wrongly (e.g. through a channel shuffle). A model
+removed channels), otherwise torch-pruning mapped it wrongly (e.g. through a channel shuffle). A group whose
+channels a weight reads functionally (its module never called, :func:`_functionally_read`) and a group
+whose index mapping explodes (:class:`ChannelMappingExplodes`) are excluded too. A model
 torch-pruning cannot trace has no filter groups (the reason is under the name ``""``);
 :meth:`PruningSpace.check_dims` refuses a requested kind without units before any work.
 
