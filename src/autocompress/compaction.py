@@ -6,7 +6,8 @@ of each layer's GEMM matrix. This module makes that pruning physical:
 * **Filters / channels.** An output channel whose producing weight rows are all zero (and whose biases
   and normalisation affine entries are zero, so the channel outputs exactly 0) is removed with
   torch-pruning's ``DependencyGraph``; coupled layers (residual adds, concatenation, depthwise convs,
-  BatchNorm, Conv -> Flatten -> Linear) lose the same channels together.
+  BatchNorm, Conv -> Flatten -> Linear) lose the same channels together; a LayerNorm / GroupNorm that
+  lost channels keeps its statistics over the original channels (:mod:`autocompress.padded_norm`).
 * **Columns.** A Conv2d whose GEMM view ``weight.reshape(F, C/groups*kh*kw)`` has all-zero columns is
   replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns (a Conv1d / Conv3d by
   :class:`ColumnConvNd`); a Linear with all-zero input columns becomes :class:`ColumnLinear`.
@@ -140,7 +141,9 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
         ``(root indices to remove, one list per tie class (:func:`_tied`; one channel each without ties),
         reason the dead channels are kept or None)``: the channels are kept
         (dense) when they reach a model output or pass through a structure that cannot lose channels
-        exactly (grouped convs, LayerNorm / GroupNorm, unknown modules with parameters), or are all of them.
+        exactly (grouped transposed convs, a LayerNorm whose channel dimension is unknown, a GroupNorm
+        subclass with its own forward, unknown modules with parameters), or are all of them; a grouped conv
+        or a GroupNorm without affine parameters removes only whole tie classes.
     """
     size = len(group[0].root_idxs)
     dead = torch.ones(size, dtype=torch.bool)
@@ -487,7 +490,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     Raises:
         UserError: masks that do not fit the model, inconsistent masks (a pruned filter whose coupled
             BatchNorm / bias is not zero), a layer pruned to zero units, or a structure that cannot lose
-            channels exactly (grouped convs, LayerNorm / GroupNorm, untraceable models): the message names
+            channels exactly (see ``dead_channels_kept``; untraceable models): the message names
             the module and the fix (exclude it via ignored layers).
         RuntimeError: the compact model's output differs from the masked model's by more than the
             tolerance (names the first diverging layer).
