@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import sys
 import time
 import traceback
@@ -71,9 +72,17 @@ TORCHVISION = {
     "googlenet": (lambda: tv.googlenet(num_classes=10, aux_logits=True, init_weights=False), (3, 64, 64),
                   (3, 80, 80)),
     "inception_v3": (lambda: tv.inception_v3(num_classes=10, aux_logits=True, init_weights=False),
-                     (3, 139, 139), (3, 160, 160)),  # the train-mode auxiliary head needs >= 139
+                     (3, 299, 299), (3, 307, 307)),  # the train-mode auxiliary head needs >= 299
     "mnasnet0_5": (lambda: tv.mnasnet0_5(num_classes=10), (3, 64, 64), (3, 80, 80)),
     "vit_small": (_vit, (3, 32, 32), None),
+    # GroupNorm instead of BatchNorm (torchvision's norm_layer): 8 groups in a residual net, 32 groups after
+    # 32-group convs, one group (LayerNorm-like) around depthwise convs
+    "resnet18_gn": (lambda: tv.resnet18(num_classes=10, norm_layer=lambda c: nn.GroupNorm(8, c)), (3, 64, 64),
+                    (3, 80, 80)),
+    "resnext50_32x4d_gn": (lambda: tv.resnext50_32x4d(num_classes=10, norm_layer=lambda c: nn.GroupNorm(32, c)),
+                           (3, 64, 64), (3, 80, 80)),
+    "mobilenet_v2_gn1": (lambda: tv.mobilenet_v2(num_classes=10, norm_layer=lambda c: nn.GroupNorm(1, c)),
+                         (3, 64, 64), (3, 80, 80)),
     "swin_small": (_swin, (3, 64, 64), (3, 96, 96)),
 }
 BLOCK_NETS = {f"block_{b.__name__}": (lambda b=b: Net([b]), (3, 8, 8), (3, 12, 12)) for b in BLOCKS}
@@ -110,9 +119,17 @@ def run_cell(name: str, mode: str) -> dict:
     return cell
 
 
-def run_torch_pruning(name: str) -> dict:
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(_signum, _frame):
+    raise _TimedOut()
+
+
+def run_torch_pruning(name: str, timeout: int = 300) -> dict:
     """Torch-Pruning 1.6 filter pruning at ratio 0.5 (classifier ignored); PASS when its result runs at the
-    example, the second size and in train mode (forward and backward)."""
+    example, the second size and in train mode (forward and backward); FAIL after ``timeout`` seconds."""
     import torch_pruning as tp
 
     build, shape, second_shape = MODELS[name]
@@ -120,6 +137,8 @@ def run_torch_pruning(name: str) -> dict:
     model = build().eval()
     example = torch.randn(1, *shape)
     start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
     try:
         ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in (3, 10)]
         heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -137,8 +156,12 @@ def run_torch_pruning(name: str) -> dict:
         sum(o.sum() for o in out if isinstance(o, torch.Tensor)).backward()
         after = sum(p.numel() for p in model.parameters())
         status, reason = "PASS", f"params {before} -> {after}"
+    except _TimedOut:
+        status, reason = "FAIL", f"did not finish in {timeout} s"
     except Exception as exc:  # noqa: BLE001
         status, reason = "FAIL", _first_line(exc)
+    finally:
+        signal.alarm(0)
     return {"status": status, "reason": reason, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -168,6 +191,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names (default: all)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tp", action="store_true", help="also run Torch-Pruning 1.6 in filter mode")
+    parser.add_argument("--tp-timeout", type=int, default=300, help="seconds before Torch-Pruning counts as FAIL")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (merged if present)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -183,7 +207,7 @@ def main() -> None:
             print(f"{name:24s} {mode:9s} {cells[mode]['status']:7s} {cells[mode]['seconds']:7.1f}s "
                   f"{cells[mode]['reason']}", flush=True)
         if args.tp:
-            cells["torch_pruning"] = run_torch_pruning(name)
+            cells["torch_pruning"] = run_torch_pruning(name, args.tp_timeout)
             print(f"{name:24s} {'TP':9s} {cells['torch_pruning']['status']:7s} "
                   f"{cells['torch_pruning']['reason']}", flush=True)
         if args.json:

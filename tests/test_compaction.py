@@ -250,15 +250,26 @@ def test_sigmoid_after_removed_channel_is_detected():
         compact(model, masks, torch.randn(1, 3, 8, 8))
 
 
-def test_groupnorm_coupled_dead_channels_stay_dense():
+def test_groupnorm_coupled_dead_channels_are_removed_exactly():
+    """With affine entries zeroed, dead channels leave (PaddedGroupNorm); without affine entries only a
+    whole dead norm group leaves (its output is exactly zero), two dead channels of a group stay dense."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     masks = _ones(model)
     for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
         masks[name][:2] = False
+    masks["3.weight"][:, :2] = False
     result = run(model, masks, torch.randn(1, 3, 8, 8), exact_count=False)
-    assert result.model[0].out_channels == 8
-    assert "GroupNorm 1 normalises over the channels" in result.report["dead_channels_kept"]["0"]
+    assert result.report["params_after"] == (6 * 27 + 6) + 2 * 6 + (4 * 6 * 9 + 4)
+    assert result.model[0].out_channels == 6 and type(result.model[1]).__name__ == "PaddedGroupNorm"
+    assert result.model[1].group.tolist() == [0, 0, 1, 1, 1, 1]
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, affine=False), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    for dead, width in ((2, 8), (4, 4)):
+        masks = _ones(plain)
+        masks["0.weight"][:dead] = masks["0.bias"][:dead] = False
+        result = run(plain, masks, torch.randn(1, 3, 8, 8), exact_count=False)
+        assert result.model[0].out_channels == width
+    assert isinstance(result.model[1], nn.GroupNorm) and result.model[1].num_groups == 1
 
 
 def test_input_model_unchanged_and_result_in_eval():

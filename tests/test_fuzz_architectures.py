@@ -37,7 +37,7 @@ from autocompress.errors import UserError
 from autocompress.masks import apply_masks
 from autocompress.architecture import apply_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
-from autocompress.space import PruningSpace, keep_count
+from autocompress.space import ChannelMappingExplodes, PruningSpace, keep_count, trace_graph
 
 torch.set_num_threads(1)
 
@@ -300,6 +300,22 @@ class ChannelsFirstLN(nn.Module):
         return self.conv(self.norm(x))
 
 
+class GroupNormResidual(nn.Module):
+    """A ResNet-GN style block: grouped conv -> GroupNorm without affine (4 groups) -> conv -> GroupNorm
+    (2 groups, affine) -> residual add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(c, 8, 3, padding=1, groups=2), nn.GroupNorm(4, 8, affine=False)
+        self.conv2, self.gn2 = nn.Conv2d(8, c, 3, padding=1), nn.GroupNorm(2, c)
+        with torch.no_grad():
+            self.gn2.weight.uniform_(0.5, 1.5)
+            self.gn2.bias.normal_(0, 0.5)
+
+    def forward(self, x):
+        return F.relu(x + self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x))))))
+
+
 class UpDown(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -358,8 +374,8 @@ class AuxHead(nn.Module):
 
 
 BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
-          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, UpDown, LinearToMap,
-          Interpolate, CalledTwice, AuxHead]
+          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, GroupNormResidual, UpDown,
+          LinearToMap, Interpolate, CalledTwice, AuxHead]
 
 
 class Net(nn.Module):
@@ -529,6 +545,38 @@ def test_layernorm_coupled_channels_are_pruned_exactly():
     assert (ln.num_features, ln.width, ln.dim, norm.num_features, norm.width, norm.dim) == (3, 6, -1, 3, 6, 1)
 
 
+def test_groupnorm_coupled_channels_are_pruned_exactly():
+    """Channels a GroupNorm normalises are pruned: with affine parameters channel by channel (the compact
+    norm is a PaddedGroupNorm keeping each group's statistics over its original channels), without them
+    whole norm groups (tied, also with a grouped conv's ties); the compact model prunes again in a later
+    round (torch-pruning's handler for PaddedGroupNorm)."""
+    model, x = Net([GroupNormResidual]).eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",))
+    assert list(space.excluded) == ["head"]
+    assert space.unit("filter", "blocks.0.conv1").ties.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    stream = space.unit("filter", "stem.0")
+    assert "blocks.0.gn2" in {s.module for s in stream.slices if s.role == "norm"}
+    compact = oneshot(model, x, "filter")
+    gn1, gn2 = compact.blocks[0].gn1, compact.blocks[0].gn2
+    assert type(gn1) is nn.GroupNorm and (gn1.num_groups, gn1.num_channels) == (2, 4)
+    # the stream's 6 channels: 3 classes (conv1's conv groups), 1 kept, in both norm groups of 3
+    assert type(gn2).__name__ == "PaddedGroupNorm" and (gn2.num_features, gn2.group_size) == (2, 3)
+    assert gn2.group.tolist() == [0, 1]
+    one = lambda: Sequence(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8), nn.ReLU(),  # noqa: E731
+                           nn.Conv2d(8, 6, 3, padding=1), nn.GroupNorm(6, 6, affine=False), nn.ReLU(), head_in=6)
+    check_all_modes(one, (3, 8, 8), (3, 12, 12), expect_pass=ALL)
+    compact = oneshot(one().eval(), x, "filter")
+    assert compact.layers[4].num_channels == 3 and compact.layers[1].num_features == 4
+    again = oneshot(compact, x, "filter")  # round 2 prunes the PaddedGroupNorm: 4 -> 2 of 8
+    assert (again.layers[1].num_features, again.layers[1].group_size, again.layers[4].num_channels) == (2, 8, 1)
+
+
+def test_groupnorm_without_affine_in_one_group_is_excluded_by_name():
+    model = Sequence(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8, affine=False), nn.Conv2d(8, 4, 1), head_in=4).eval()
+    space = PruningSpace.build(model, torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "GroupNorm layers.1 without affine parameters ties all channels together" in space.excluded["layers.0"]
+
+
 def test_layernorm_without_affine_or_channel_dimension_is_excluded_by_name():
     class Plain(nn.Module):
         def __init__(self):
@@ -587,3 +635,92 @@ def test_untraceable_model_refuses_filters_and_prunes_columns():
     with pytest.raises(UserError, match="cannot trace ShuffleNetV2.*drop filter from dims"):
         space.check_dims(["filter"])
     assert oneshot(model, x, "column") is not None and oneshot(model, x, "irregular") is not None
+
+
+class TiedWide(nn.Module):
+    """16 channels into a grouped conv of 2 conv groups (8 tie classes of 2), then a GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.g, self.gn = nn.Conv2d(16, 8, 3, padding=1, groups=2), nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.gn(self.g(F.relu(self.bn(self.a(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dead", [[0, 1, 2], [0, 1, 2, 3, 4, 5, 6]])
+def test_channel_multiple_with_grouped_conv_ties_keeps_whole_classes(dead):
+    """channel_multiple 4 with ties of 2 channels: the projection, purification (redundant weight removal
+    at a high threshold) and compaction of tie classes that emptied (3 or 7 of 8: 10 or 2 channels left,
+    aligned up to 12 or 4 by keeping whole dead classes) all leave whole classes and widths that are a
+    multiple of 4; the compact model equals the masked model."""
+    torch.manual_seed(0)
+    model, x = TiedWide().eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",), channel_multiple=4)
+    group = space.unit("filter", "a")
+    assert group.ties.tolist() == list(range(8)) * 2
+    masks = projection.project(space, model, {"filter": {"a": 0.7, "g": 0.5}})
+    work = copy.deepcopy(model)
+    apply_masks(work, space.param_masks(masks))
+    purified = purification.redundant_candidates(space, work, masks, threshold=0.9)
+    final = purification.remove_unused_paths(space, purified)
+    for name, keep in final.filters.items():
+        assert int(keep.sum()) % 4 == 0 and torch.equal(space.unit("filter", name).tie(keep), keep), name
+    hybrid = PruningSpace.build(model, x, dims=("filter", "column"), channel_multiple=4)
+    keep = hybrid.full_masks()
+    keep.filters["a"][[6, 7, 14, 15]] = False  # 6 classes kept; g's columns stop reading 3 of them
+    columns = keep.columns["g"].view(8, 9)
+    columns[[1, 2, 3]] = False
+    unused = purification.remove_unused_paths(hybrid, keep).filters["a"]
+    assert int(unused.sum()) == 8 and torch.equal(hybrid.unit("filter", "a").tie(unused), unused)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, space.param_masks(final))
+    compact = compaction.compact(model, space.param_masks(final), x, channel_multiple=4).model
+    assert compact.a.out_channels == int(final.filters["a"].sum())
+    assert _close(_outputs(compact, x), _outputs(masked, x))
+    rows = torch.ones(16, dtype=torch.bool)  # irregular pruning emptied the rows of whole tie classes
+    rows[dead + [d + 8 for d in dead]] = False
+    weights = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    for name in ("a.weight", "a.bias", "bn.weight", "bn.bias"):
+        weights[name] = rows.view(-1, *[1] * (weights[name].dim() - 1)).expand_as(weights[name]).clone()
+    result = compaction.compact(model, weights, x, channel_multiple=4)
+    width = result.model.a.out_channels
+    assert width == {3: 12, 7: 4}[len(dead)] and result.model.g.in_channels == width
+    masked = copy.deepcopy(model)
+    apply_masks(masked, weights)
+    assert _close(_outputs(result.model, x), _outputs(masked, x))
+
+
+class FunctionalLinear(nn.Module):
+    """A residual branch through a Linear whose weight is used functionally (``F.linear``, the module never
+    called: torchvision's Swin attention), then a BatchNorm: torch-pruning does not see the Linear read the
+    conv's channels, and the BatchNorm hides the branch from the probe of :func:`_verified`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        branch = F.linear(x.permute(0, 2, 3, 1), self.fc.weight, self.fc.bias).permute(0, 3, 1, 2)
+        return self.head(F.relu(self.bn(x + branch)).mean((2, 3)))
+
+
+def test_a_weight_read_functionally_keeps_the_channels_it_reads():
+    check_all_modes(FunctionalLinear, (3, 8, 8), (3, 12, 12), expect_pass=("column", "irregular"))
+    space = PruningSpace.build(FunctionalLinear().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
+    assert "fc's weight reads its channels functionally" in space.excluded["conv"]
+
+
+def test_an_exploding_index_mapping_is_stopped():
+    """torch-pruning's index mappings are bounded: one that maps a channel set to more indices than 4x the
+    largest parameter dimension (at least 16384) raises at once (Swin's window reshapes ran for hours)."""
+    graph = trace_graph(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)).eval(), (torch.randn(1, 3, 4, 4),))
+    dep = next(d for node in graph.module2node.values() for d in node.dependencies)
+    dep.index_mapping[0] = lambda idxs: list(idxs) * 10000
+    assert dep.index_mapping[0]([1]) == [1] * 10000
+    with pytest.raises(ChannelMappingExplodes, match="mapped 2 channel indices to 20000"):
+        dep.index_mapping[0]([1, 2])

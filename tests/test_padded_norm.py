@@ -1,4 +1,5 @@
-"""PaddedLayerNorm: a LayerNorm that lost channels computes what the masked LayerNorm computes."""
+"""PaddedLayerNorm / PaddedGroupNorm: a LayerNorm / GroupNorm that lost channels computes what the masked
+norm computes."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.architecture import apply_architecture, describe_architecture
-from autocompress.padded_norm import PaddedLayerNorm
+from autocompress.checkpoint import load_model
+from autocompress.export import export_onnx
+from autocompress.padded_norm import PaddedGroupNorm, PaddedLayerNorm, compact_group_norm
+from autocompress.serialization import save_compact
 from autocompress.space import trace_graph
 
 KEPT = torch.tensor([0, 2, 3, 6])  # of 7 channels
@@ -63,3 +67,72 @@ def test_torch_pruning_prunes_it_further_and_keeps_the_width():
     group.prune()
     assert (model[1].num_features, model[1].width, model[1].weight.shape[0]) == (3, 7, 3)
     assert torch.equal(model[1].weight.detach(), weight) and torch.equal(model[1].bias.detach(), bias)
+
+
+# ------------------------------------------------------------------------------------------- GroupNorm
+GN_KEPT = torch.tensor([0, 2, 3, 5, 6, 7, 11])  # of 12 channels in 3 groups of 4 (2, 3 and 2 kept)
+
+
+def _padded_group_norm() -> PaddedGroupNorm:
+    norm = PaddedGroupNorm(7, 3, 4, eps=1e-6)
+    norm.group.copy_(GN_KEPT // 4)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm
+
+
+def test_group_statistics_count_the_removed_channels_as_zeros_in_eval_and_train_mode():
+    torch.manual_seed(0)
+    norm = _padded_group_norm()
+    x = torch.randn(2, 7, 5, 3) * 3 + 1
+    full = torch.zeros(2, 12, 5, 3, dtype=torch.float64).index_copy(1, GN_KEPT, x.double())
+    w = torch.zeros(12, dtype=torch.float64).index_copy(0, GN_KEPT, norm.weight.detach().double())
+    b = torch.zeros(12, dtype=torch.float64).index_copy(0, GN_KEPT, norm.bias.detach().double())
+    expected = F.group_norm(full, 3, w, b, 1e-6).index_select(1, GN_KEPT)
+    for train in (False, True):
+        assert torch.allclose(norm.train(train)(x).double(), expected, atol=1e-5)
+    plain = F.group_norm(x, 1, norm.weight, norm.bias, 1e-6)  # one group over what is left differs
+    assert (plain.double() - expected).abs().max() > 1e-2
+
+
+def test_compact_group_norm_is_native_for_whole_groups_and_padded_otherwise():
+    native = nn.GroupNorm(4, 4, eps=1e-3)  # as torch-pruning leaves GroupNorm(4, 8) that lost 4 channels
+    whole = compact_group_norm(native, torch.tensor([1, 1, 3, 3]), 2)
+    assert type(whole) is nn.GroupNorm and (whole.num_groups, whole.num_channels, whole.eps) == (2, 4, 1e-3)
+    part = compact_group_norm(nn.GroupNorm(3, 3, affine=False), torch.tensor([1, 1, 3]), 2)
+    assert type(part) is PaddedGroupNorm and part.group.tolist() == [0, 0, 1] and part.weight is None
+    x = torch.randn(2, 3, 4)
+    full = torch.zeros(2, 8, 4).index_copy(1, torch.tensor([2, 3, 6]), x)
+    assert torch.allclose(part(x), F.group_norm(full, 4)[:, [2, 3, 6]], atol=1e-5)
+
+
+def test_padded_group_norm_rebuilds_from_its_description_and_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 7, 1), _padded_group_norm())
+    base = nn.Sequential(nn.Conv2d(2, 12, 1), nn.GroupNorm(3, 12))
+    description = describe_architecture(model, reference=base)
+    assert description["modules"]["1"] == {"type": "PaddedGroupNorm", "args": {
+        "num_features": 7, "num_groups": 3, "group_size": 4, "eps": 1e-6, "affine": True}}
+    rebuilt = apply_architecture(base, description)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt[1].group.tolist() == (GN_KEPT // 4).tolist()
+    x = torch.randn(2, 2, 3, 3)
+    assert torch.equal(rebuilt(x), model(x))
+    for sparse in (False, True):  # a saved file (weights_only load), dense and CSR
+        path = save_compact(tmp_path / f"gn{sparse}.pt", model, architecture=description, sparse=sparse)
+        loaded = load_model(path, model=nn.Sequential(nn.Conv2d(2, 12, 1), nn.GroupNorm(3, 12)))
+        assert type(loaded[1]) is PaddedGroupNorm and torch.equal(loaded(x), model(x))
+    exported = export_onnx(model.eval(), x, tmp_path / "gn.onnx")  # onnxruntime's output checked against it
+    assert exported.max_abs_diff <= exported.tolerance
+
+
+def test_torch_pruning_prunes_a_padded_group_norm_with_its_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 7, 1), _padded_group_norm(), nn.Conv2d(7, 2, 1)).eval()
+    graph = trace_graph(model, (torch.randn(1, 2, 4, 4),))
+    group = graph.get_pruning_group(model[0], graph.get_pruner_of_module(model[0]).prune_out_channels, [1, 4])
+    weight = model[1].weight.detach()[[0, 2, 3, 5, 6]].clone()
+    group.prune()
+    assert (model[1].num_features, model[1].num_groups, model[1].group_size) == (5, 3, 4)
+    assert model[1].group.tolist() == [0, 0, 1, 1, 2] and torch.equal(model[1].weight.detach(), weight)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import UserError
-from .padded_norm import PaddedLayerNorm
+from .padded_norm import PaddedGroupNorm, PaddedLayerNorm
 
 FORMAT = "autocompress-architecture"
 VERSION = 1
@@ -60,6 +60,7 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
     ColumnConvNd: ColumnConvNd.config,
     ColumnLinear: ColumnLinear.config,
     PaddedLayerNorm: PaddedLayerNorm.config,
+    PaddedGroupNorm: PaddedGroupNorm.config,
 }
 _TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
 
@@ -115,7 +116,7 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         reference: the model it was compacted from (same module names). When given, only modules whose
             type or arguments differ from the reference's are described; otherwise every module of a
             describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d, LayerNorm,
-            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear) is.
+            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear, PaddedLayerNorm, PaddedGroupNorm) is.
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,

@@ -6,7 +6,8 @@ of each layer's GEMM matrix. This module makes that pruning physical:
 * **Filters / channels.** An output channel whose producing weight rows are all zero (and whose biases
   and normalisation affine entries are zero, so the channel outputs exactly 0) is removed with
   torch-pruning's ``DependencyGraph``; coupled layers (residual adds, concatenation, depthwise convs,
-  BatchNorm, Conv -> Flatten -> Linear) lose the same channels together.
+  BatchNorm, Conv -> Flatten -> Linear) lose the same channels together; a LayerNorm / GroupNorm that
+  lost channels keeps its statistics over the original channels (:mod:`autocompress.padded_norm`).
 * **Columns.** A Conv2d whose GEMM view ``weight.reshape(F, C/groups*kh*kw)`` has all-zero columns is
   replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns (a Conv1d / Conv3d by
   :class:`ColumnConvNd`); a Linear with all-zero input columns becomes :class:`ColumnLinear`.
@@ -25,13 +26,15 @@ import torch_pruning as tp
 from torch import nn
 
 from .analysis import analysis_mode, hooked_forward
-from .alignment import align_up
+from .alignment import is_aligned
 from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError
-from .padded_norm import PaddedLayerNorm, channel_dims, is_layer_norm, padded
-from .space import is_grouped, is_transposed, is_weight_layer, out_dim, tie_classes, trace_graph, train_only_modules
+from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
+                          group_size, is_group_norm, is_layer_norm, padded)
+from .space import (is_grouped, is_transposed, is_weight_layer, mapping_failure, out_dim, tie_classes, trace_graph,
+                    train_only_modules)
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -108,7 +111,8 @@ def _is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels > 1)
 
 
-_STATISTIC_NORMS = (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)
+_STATISTIC_NORMS = (nn.LayerNorm, PaddedLayerNorm)
+_GROUP_NORMS = (nn.GroupNorm, PaddedGroupNorm)
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -124,7 +128,7 @@ def _called_modules(model: nn.Module, inputs: tuple) -> dict[nn.Module, int]:
     return counts
 
 
-def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> tuple[list[int], str | None]:
+def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> tuple[list[list[int]], str | None]:
     """Channels (root indices) of a full-index group that are dead (output exactly 0) and removable.
 
     A channel is dead when every producer's weight row and bias entry is zero and every per-channel member
@@ -134,9 +138,12 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
     broadcast over the channels (a spatial gate) and are ignored.
 
     Returns:
-        ``(root indices to remove, reason the dead channels are kept or None)``: the channels are kept
+        ``(root indices to remove, one list per tie class (:func:`_tied`; one channel each without ties),
+        reason the dead channels are kept or None)``: the channels are kept
         (dense) when they reach a model output or pass through a structure that cannot lose channels
-        exactly (grouped convs, LayerNorm / GroupNorm, unknown modules with parameters), or are all of them.
+        exactly (grouped transposed convs, a LayerNorm whose channel dimension is unknown, a GroupNorm
+        subclass with its own forward, unknown modules with parameters), or are all of them; a grouped conv
+        or a GroupNorm without affine parameters removes only whole tie classes.
     """
     size = len(group[0].root_idxs)
     dead = torch.ones(size, dtype=torch.bool)
@@ -166,7 +173,7 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
     if not has_producer or not bool(dead.any()):
         return [], None
     root_name = names.get(group[0].dep.target.module)
-    dead, reason = _tied(dead, members, names)
+    dead, reason, ties = _tied(dead, members, names)
     if reason is not None:
         return [], reason
     for module, node, root, idxs, is_out in members:
@@ -179,32 +186,40 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
             return [], f"they pass through grouped transposed conv {name} (groups={module.groups})"
         if isinstance(module, _STATISTIC_NORMS) and norm_dims.get(module) is None:
             return [], f"{type(module).__name__} {name} normalises over the channels"
+        if isinstance(module, _GROUP_NORMS) and not is_group_norm(module):
+            return [], f"{type(module).__name__} {name} has its own forward"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
-                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, nn.PReLU))
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, *_GROUP_NORMS, nn.PReLU))
                 and list(module.parameters())):
             return [], f"they pass through {type(module).__name__} {name}"
     if bool(dead.all()):
         return [], f"every channel of the group rooted at {root_name!r} is zero; the layers stay dense"
-    return torch.nonzero(dead).flatten().tolist(), None
+    classes: dict[int, list[int]] = {}
+    for c in torch.nonzero(dead).flatten().tolist():
+        classes.setdefault(c if ties is None else int(ties[c]), []).append(c)
+    return list(classes.values()), None
 
 
-def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None]:
+def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor, str | None, torch.Tensor | None]:
     """``dead`` [size] reduced to whole tie classes of the group's grouped convolutions (a compact grouped
-    conv loses the same positions from every conv group, see ``space.FilterGroup.ties``), or a reason the
-    dead channels stay when a grouped conv also reads / writes channels outside the group."""
+    conv loses the same positions from every conv group, see ``space.FilterGroup.ties``) and GroupNorms
+    without affine parameters (whole norm groups), or a reason the dead channels stay when a grouped conv
+    also reads / writes channels outside the group; also the tie classes (int64 [size], None without ties)."""
     pairs = []
     for module, _node, root, idxs, is_out in members:
+        if is_group_norm(module) and module.weight is None:  # an all-zero norm group outputs zeros
+            pairs.append((channel_groups(module)[idxs], root))
         if not is_grouped(module) or module.transposed:
             continue
         extent = module.out_channels if is_out else module.in_channels
         if not torch.equal(torch.unique(idxs), torch.arange(extent)):
-            return dead, f"grouped conv {names.get(module)} also reads or writes other channels"
-        pairs.append((idxs, root, extent // module.groups))
+            return dead, f"grouped conv {names.get(module)} also reads or writes other channels", None
+        pairs.append((idxs % (extent // module.groups), root))
     if not pairs:
-        return dead, None
+        return dead, None, None
     ties = tie_classes(dead.numel(), pairs)
     dead_count = torch.zeros(int(ties.max()) + 1, dtype=torch.long).index_add_(0, ties, dead.long())
-    return (dead_count == torch.bincount(ties))[ties], None
+    return (dead_count == torch.bincount(ties))[ties], None, ties
 
 
 def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:
@@ -236,6 +251,8 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
         if module.weight is None:
             size = module.num_features if isinstance(module, PaddedLayerNorm) else module.normalized_shape[0]
             return [(torch.ones(size), 0)]
+        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
+    if is_group_norm(module):  # without affine, whole dead norm groups output zeros (_tied)
         return [(t, 0) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, _PER_CHANNEL_NORMS):
         if module.affine:
@@ -271,24 +288,24 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             group = dg.get_pruning_group(module, pruner.prune_out_channels,
                                          list(range(pruner.get_out_channels(module))))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            report["dead_channels_kept"][names[module]] = (f"torch-pruning cannot map its channels "
-                                                           f"({type(exc).__name__})")
+            report["dead_channels_kept"][names[module]] = mapping_failure(exc)
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue
-        roots, reason = _group_plan(dg, group, names, norm_dims)
+        classes, reason = _group_plan(dg, group, names, norm_dims)
         if reason is not None:
             report["dead_channels_kept"][names[module]] = reason
             continue
-        size = pruner.get_out_channels(module)
-        removable = size - align_up(size, size - len(roots), multiple)
-        if removable < len(roots):
-            report["dead_channels_kept"][names[module]] = (f"{len(roots) - removable} dead channel(s) kept for "
+        roots = _aligned_removal(classes, pruner.get_out_channels(module), multiple)
+        dead = sum(len(c) for c in classes)
+        if len(roots) < dead:
+            report["dead_channels_kept"][names[module]] = (f"{dead - len(roots)} dead channel(s) kept for "
                                                            f"a width that is a multiple of {multiple}")
-            roots = roots[:removable]
         members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
         plans.append((module, pruner, roots, members))
     kept: dict[str, torch.Tensor] = {}
+    norm_groups: dict[nn.Module, tuple[torch.Tensor, int]] = {}  # group norm -> (group of each remaining
+    # channel, channels per group), both of the norm as it was before pruning
     for module, pruner, roots, _ in plans:
         if not roots:
             continue
@@ -296,6 +313,11 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         group._group = [item for item in group._group if not _broadcast(item, dg, pruner.get_out_channels(module))]
         for dep, idxs in group:
             target = dep.target.module
+            if is_group_norm(target):
+                current, size = norm_groups.get(target, (channel_groups(target), group_size(target)))
+                keep = torch.ones(current.numel(), dtype=torch.bool)
+                keep[torch.tensor(sorted(set(idxs)), dtype=torch.long)] = False
+                norm_groups[target] = current[keep], size
             if dg.is_out_channel_pruning_fn(dep.handler) and target in names:
                 total = pruner_out_channels(dg, target)
                 if total is not None:
@@ -304,11 +326,24 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     kept[names[target]] = torch.nonzero(keep).flatten()
         group.prune()
         report["removed_channels"][names[module]] = len(roots)
+    for norm, (groups, size) in norm_groups.items():  # a GroupNorm that lost channels keeps its statistics
+        parent, _, attr = names[norm].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, compact_group_norm(norm, groups, size))
     for norm, width in widths.items():  # a LayerNorm that lost channels keeps its statistics over all of them
         if norm.normalized_shape[0] < width:
             parent, _, attr = names[norm].rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept
+
+
+def _aligned_removal(classes: list[list[int]], size: int, multiple: int) -> list[int]:
+    """The dead channels (tie classes of root indices) to remove from a group of ``size`` so that its width
+    stays an allowed width at ``multiple`` (:func:`autocompress.alignment.is_aligned`): as many whole classes
+    as allow it, the last ones kept first; sorted root indices."""
+    classes = list(classes)
+    while classes and not is_aligned(size - sum(len(c) for c in classes), size, multiple):
+        classes.pop()
+    return sorted(c for cls in classes for c in cls)
 
 
 def pruner_out_channels(dg: tp.DependencyGraph, module: nn.Module) -> int | None:
@@ -455,7 +490,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     Raises:
         UserError: masks that do not fit the model, inconsistent masks (a pruned filter whose coupled
             BatchNorm / bias is not zero), a layer pruned to zero units, or a structure that cannot lose
-            channels exactly (grouped convs, LayerNorm / GroupNorm, untraceable models): the message names
+            channels exactly (see ``dead_channels_kept``; untraceable models): the message names
             the module and the fix (exclude it via ignored layers).
         RuntimeError: the compact model's output differs from the masked model's by more than the
             tolerance (names the first diverging layer).

@@ -1,4 +1,4 @@
-"""Layer normalisation over channels that filter pruning removed: the exact compact form.
+"""Layer and group normalisation over channels that filter pruning removed: the exact compact forms.
 
 A LayerNorm over the channels (ConvNeXt's channels-last and channels-first LayerNorms, a transformer's
 hidden-size LayerNorm) computes its mean and variance over *all* ``C`` channels. In the masked model a
@@ -13,6 +13,13 @@ there: ``mean = sum(x) / C``, ``var = (sum((x - mean)^2) + (C - C') * mean^2) / 
 the ``C`` values. The compact model therefore computes exactly what the masked model computes, in eval and
 train mode (LayerNorm has no running statistics). Compaction (:mod:`autocompress.compaction`) builds it;
 torch-pruning prunes it further in a later round through :data:`PRUNERS` (the padded width stays ``C``).
+
+A GroupNorm (``G`` groups of ``C / G`` channels) is the same per group: :class:`PaddedGroupNorm` keeps
+``G`` (or fewer: groups that lost all channels are dropped), gives every kept channel its original group and
+normalises each group over its original ``C / G`` channels x positions, the removed ones counted as zeros.
+A GroupNorm without affine parameters cannot do this (a removed channel's output ``-mean / std`` is not
+zero): its groups leave whole (:func:`autocompress.space.FilterGroup.ties`), an all-zero group outputs
+exact zeros, and the rest is an ordinary ``nn.GroupNorm(G', C')`` (:func:`compact_group_norm`).
 """
 from __future__ import annotations
 
@@ -130,5 +137,127 @@ class PaddedLayerNormPruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class PaddedGroupNorm(nn.Module):
+    """GroupNorm over ``num_features`` channels (dim 1) in ``num_groups`` groups of ``group_size`` channels,
+    some of them missing and counted as zeros (see the module docstring).
+
+    Args:
+        num_features: channels present (``C'``); num_groups: groups (``G``); group_size: channels each group
+            counts in its statistics (the original ``C / G``).
+        eps: added to the variance; affine: per-channel weight and bias, as ``nn.GroupNorm``.
+    Buffers: ``group`` int64 [C']: the group of each channel (saved in the state dict).
+    Shapes: input and output ``[N, C', *]``.
+    """
+
+    def __init__(self, num_features: int, num_groups: int, group_size: int, eps: float = 1e-5,
+                 affine: bool = True):
+        super().__init__()
+        if not 0 < num_features <= num_groups * group_size:
+            raise ValueError(f"num_features {num_features} must be in 1..num_groups * group_size")
+        self.num_features, self.num_groups, self.group_size = int(num_features), int(num_groups), int(group_size)
+        self.eps, self.affine = float(eps), bool(affine)
+        self.register_buffer("group", torch.arange(num_features) * num_groups // num_features)
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+
+    def config(self) -> dict:
+        """Constructor arguments as plain data (``architecture.describe_architecture``)."""
+        return {"num_features": self.num_features, "num_groups": self.num_groups, "group_size": self.group_size,
+                "eps": self.eps, "affine": self.affine}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        flat = x.reshape(n, self.num_features, -1)  # [N, C', S]
+        positions = flat.shape[2]
+        index = self.group.unsqueeze(0).expand(n, -1)
+        total = self.group_size * positions  # values per group, the missing channels included
+
+        def per_group(values: torch.Tensor) -> torch.Tensor:  # [N, C'] summed into [N, G]
+            return values.new_zeros(n, self.num_groups).scatter_add(1, index, values)
+
+        mean = per_group(flat.sum(2)) / total
+        centred = flat - mean.gather(1, index).unsqueeze(2)
+        missing = (self.group_size - per_group(torch.ones_like(flat[:, :, 0]))) * positions  # [N, G]
+        var = (per_group(centred.pow(2).sum(2)) + missing * mean.pow(2)) / total
+        y = (centred * torch.rsqrt(var + self.eps).gather(1, index).unsqueeze(2)).reshape(x.shape)
+        if self.affine:
+            shape = [1, self.num_features] + [1] * (x.dim() - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.num_groups}, group_size={self.group_size}, eps={self.eps}"
+
+
+def is_group_norm(module: nn.Module) -> bool:
+    """An ``nn.GroupNorm`` (or a subclass keeping its forward) or a :class:`PaddedGroupNorm`: channels
+    on dim 1 normalised in groups, which filter pruning handles (a subclass with its own forward is not)."""
+    return isinstance(module, PaddedGroupNorm) or (isinstance(module, nn.GroupNorm)
+                                                   and type(module).forward is nn.GroupNorm.forward)
+
+
+def channel_groups(norm: nn.Module) -> torch.Tensor:
+    """int64 [C]: the group of each channel of a :func:`is_group_norm` module."""
+    if isinstance(norm, PaddedGroupNorm):
+        return norm.group.detach().cpu().clone()
+    return torch.arange(norm.num_channels) // (norm.num_channels // norm.num_groups)
+
+
+def group_size(norm: nn.Module) -> int:
+    """Channels each group of a :func:`is_group_norm` module counts in its statistics."""
+    return norm.group_size if isinstance(norm, PaddedGroupNorm) else norm.num_channels // norm.num_groups
+
+
+def compact_group_norm(norm: nn.Module, groups: torch.Tensor, size: int) -> nn.Module:
+    """The exact compact form of a group normalisation that lost channels.
+
+    Args:
+        norm: the norm with its pruned weight and bias (``nn.GroupNorm`` or :class:`PaddedGroupNorm`, as
+            torch-pruning left it).
+        groups: int64 [C']: the group (in the unpruned norm) of each kept channel, non-decreasing.
+        size: channels each group counts (``C / G`` of the unpruned norm).
+    Returns:
+        ``nn.GroupNorm(G', C')`` when every kept group is complete (whole groups left), else a
+        :class:`PaddedGroupNorm` over the ``G'`` groups that kept a channel; weight, bias, eps, device and
+        ``requires_grad`` as ``norm``'s.
+    """
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    affine = norm.weight is not None
+    if bool((counts == size).all()):
+        new: nn.Module = nn.GroupNorm(counts.numel(), groups.numel(), norm.eps, affine)
+    else:
+        new = PaddedGroupNorm(groups.numel(), counts.numel(), size, norm.eps, affine)
+        new.group.copy_(inverse)
+    if affine:
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                old, param = getattr(norm, name), getattr(new, name)
+                param.copy_(old)
+                param.requires_grad_(old.requires_grad)
+        new = new.to(norm.weight.device)
+    return new
+
+
+class PaddedGroupNormPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's handler for :class:`PaddedGroupNorm`: input and output channels are the same; its
+    weight, bias and ``group`` lose the pruned entries (compaction then calls :func:`compact_group_norm`)."""
+
+    def prune_out_channels(self, layer: PaddedGroupNorm, idxs) -> PaddedGroupNorm:
+        keep = sorted(set(range(layer.num_features)) - set(idxs))
+        if layer.affine:
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.group = layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)]
+        layer.num_features = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: PaddedGroupNorm) -> int:
+        return layer.num_features
+
+    get_in_channels = get_out_channels
+
+
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``)
-PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner()}
+PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner()}

@@ -180,7 +180,7 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
             if pinned is not None and group.name in pinned:
                 new |= keep & pinned[group.name]
             new = group.tie(_keep_one(new, keep, used))
-            new = group.tie(grow_to_multiple(new, keep, space.channel_multiple, (used & produced).double()))
+            new = _grow_classes(space, group, new, keep, (used & produced).double())
             if not torch.equal(new, keep):
                 masks.filters[group.name], changed = new, True
         for layer, entries in reads.items():
@@ -196,6 +196,17 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
                 masks.columns[layer], changed = new, True
         if not changed:
             return masks
+
+
+def _grow_classes(space: PruningSpace, group, new: torch.Tensor, before: torch.Tensor,
+                  priority: torch.Tensor) -> torch.Tensor:
+    """``new`` (bool [size], closed over the group's ties, a subset of ``before``) with whole tie classes of
+    ``before`` added back until the kept channels are an aligned width
+    (:func:`autocompress.alignment.grow_to_multiple` over classes, priority summed per class; without ties
+    per channel)."""
+    classes = grow_to_multiple(group.class_sums(new.long()) > 0, group.class_sums(before.long()) > 0,
+                               space.class_multiple(group), group.class_sums(priority.double()))
+    return group.expand(classes)
 
 
 def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, threshold: float) -> Masks:
@@ -216,8 +227,8 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
         masked = {s.param: params[s.param].detach() * pm[s.param].to(params[s.param].device)
                   for s in group.slices if s.role == "weight"}
         norms = group_scores(group, masked).sqrt()
-        masks.filters[group.name] = grow_to_multiple(_below(norms, keep, threshold), keep,
-                                                     space.channel_multiple, norms)
+        masks.filters[group.name] = _grow_classes(space, group, group.tie(_below(norms, keep, threshold)), keep,
+                                                  norms)
     for layer in space.column_layers:
         keep = masks.columns.get(layer.name)
         if keep is None or not bool(keep.any()):

@@ -12,7 +12,9 @@ AAAI 2020, §"hybrid structured pruning"):
   ConvTranspose1d/2d/3d (output channels on weight dim 1) and Linear layers take part. A one-channel
   gate multiplied over all channels broadcasts and does not couple. A grouped convolution ties the channels
   at the same position of each of its conv groups (:attr:`FilterGroup.ties`); a LayerNorm over the channels
-  couples like a BatchNorm (compaction makes it a :class:`autocompress.padded_norm.PaddedLayerNorm`).
+  couples like a BatchNorm (compaction makes it a :class:`autocompress.padded_norm.PaddedLayerNorm`), and
+  so does a GroupNorm with affine parameters (a :class:`autocompress.padded_norm.PaddedGroupNorm`); a
+  GroupNorm without them ties the channels of each of its groups (whole groups leave).
 * **column layers** (:class:`ColumnLayer`) — every Conv / Linear weight in the GEMM view
   ``[F, C/groups * prod(k)]`` (Linear: ``[out, in]``; transposed convs: ``weight.transpose(0, 1)``); a
   column is one (input channel, kernel position) across all filters.
@@ -20,12 +22,14 @@ AAAI 2020, §"hybrid structured pruning"):
 
 What cannot be pruned safely is excluded by module name with a logged reason (:attr:`PruningSpace.excluded`,
 listed in docs/SUPPORT.md): the classifier's output units (any group reaching the model output), grouped
-convolutions that also read other groups' channels, GroupNorm and LayerNorms whose channel dimension is
-unknown, modules the forward never reaches
+convolutions that also read other groups' channels, LayerNorms whose channel dimension is unknown,
+a GroupNorm without affine parameters that has one group, modules the forward never reaches
 (eval or train mode), user-ignored modules, and any group whose channel mapping the build cannot verify.
 Verification: one analysis forward with a seeded random half of every group's channels removed; every
 input slice the group assigns to a consumer must then be constant across samples (it reads nothing but
-removed channels), otherwise torch-pruning mapped it wrongly (e.g. through a channel shuffle). A model
+removed channels), otherwise torch-pruning mapped it wrongly (e.g. through a channel shuffle). A group whose
+channels a weight reads functionally (its module never called, :func:`_functionally_read`) and a group
+whose index mapping explodes (:class:`ChannelMappingExplodes`) are excluded too. A model
 torch-pruning cannot trace has no filter groups (the reason is under the name ``""``);
 :meth:`PruningSpace.check_dims` refuses a requested kind without units before any work.
 
@@ -50,7 +54,7 @@ from .analysis import hooked_forward, preserved_state
 from .errors import UserError, show
 from .masks import Masks
 from .metrics import layer_table
-from .padded_norm import PRUNERS, PaddedLayerNorm, channel_dims, is_layer_norm
+from .padded_norm import PRUNERS, PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -388,9 +392,13 @@ class PruningSpace:
         """Tie classes a filter group keeps at ``rate``: :func:`keep_count` of its classes, aligned
         (:func:`autocompress.alignment.aligned_keep`) so that the kept channels are a multiple of
         :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels)."""
+        return aligned_keep(group.classes, keep_count(group.classes, rate), self.class_multiple(group))
+
+    def class_multiple(self, group: FilterGroup) -> int:
+        """The multiple of tie classes that keeps :attr:`channel_multiple` channels aligned: a class holds
+        ``size / classes`` channels, so ``N / gcd(N, size / classes)`` classes (``N`` without ties)."""
         per = group.size // group.classes
-        multiple = self.channel_multiple // math.gcd(self.channel_multiple, per)
-        return aligned_keep(group.classes, keep_count(group.classes, rate), multiple)
+        return self.channel_multiple // math.gcd(self.channel_multiple, per)
 
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
@@ -648,8 +656,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
                 module.train(train)
                 return module(*args)
 
-            return tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
-                                                         customized_pruners=PRUNERS)
+            graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
+                                                          customized_pruners=PRUNERS)
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
@@ -657,6 +665,50 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     finally:
         for p in frozen:
             p.requires_grad_(False)
+    limit = 4 * max([4096] + [n for p in model.parameters() for n in p.shape])
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            dep.index_mapping = _BoundedMappings(dep.index_mapping, limit)
+    return graph
+
+
+def mapping_failure(exc: Exception) -> str:
+    """Why torch-pruning could not enumerate a group, from the exception its group query raised."""
+    detail = f": {exc}" if isinstance(exc, ChannelMappingExplodes) else ""
+    return f"torch-pruning cannot map its channels ({type(exc).__name__}{detail})"
+
+
+class ChannelMappingExplodes(RuntimeError):
+    """torch-pruning mapped a group's channels to more positions than any tensor of the model has (a
+    reshape its shape inference misreads, e.g. Swin's window partition): enumerating the group would not
+    end (hours, gigabytes), so it is abandoned at once."""
+
+
+class _BoundedMappings(list):
+    """A torch-pruning dependency's index mappings (replaced on every group query), each call checked:
+    more than ``limit`` indices raise :class:`ChannelMappingExplodes` (``limit``: four times the largest
+    parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension)."""
+
+    def __init__(self, mappings, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.extend(self._bounded(m) for m in mappings)
+
+    def __setitem__(self, index, mapping):
+        super().__setitem__(index, self._bounded(mapping))
+
+    def _bounded(self, mapping):
+        if mapping is None or getattr(mapping, "bounded", False):
+            return mapping
+
+        def call(idxs):
+            out = mapping(idxs)
+            if len(out) > self.limit:
+                raise ChannelMappingExplodes(f"{type(mapping).__name__} mapped {len(idxs)} channel indices to "
+                                             f"{len(out)}, more than any tensor dimension")
+            return out
+        call.bounded = True
+        return call
 
 
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
@@ -708,10 +760,10 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             size = pruner.get_out_channels(module)
             tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            _exclude(excluded, name, f"filter pruning: torch-pruning cannot map its channels "
-                     f"({type(exc).__name__})")
+            _exclude(excluded, name, f"filter pruning: {mapping_failure(exc)}")
             continue
-        slices, members, problem = _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims)
+        slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
+                                                   norm_dims)
         visited.update(members)
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
@@ -720,7 +772,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         if problem:
             _exclude(excluded, name, problem)
             continue
-        ties, problem = _ties(slices, size, modules)
+        ties, problem = _ties(slices, size, modules, blocks)
         if problem:
             _exclude(excluded, name, problem)
             continue
@@ -729,17 +781,22 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
                    // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
         groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs,
                                   ties=ties))
-    return _verified(model, inputs, groups, excluded)
+    unreached = {name: model.get_submodule(name) for name, (_, macs) in layer_macs.items()
+                 if macs == 0 and model.get_submodule(name) not in train_only}
+    return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims) -> tuple[list[Slice], set, str]:
+def _slices(tp_group, names, param_names, candidates, sinks, size,
+            norm_dims) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
-    and a problem ("" if the group can be pruned).
+    a problem ("" if the group can be pruned) and the ties of GroupNorms without affine parameters
+    (``(norm group of each position, channels, norm name)``, see :func:`_ties`).
 
     A member whose pruned dimension has size 1 while the group has more channels is a broadcast (a
     one-channel gate multiplied over all channels): it does not couple and is skipped."""
     slices: list[Slice] = []
     members: set = set()
+    blocks: list[tuple[torch.Tensor, torch.Tensor, str]] = []
     problem = ""
     for item in tp_group:
         dep, idxs, root = item.dep, item.idxs, item.root_idxs
@@ -804,19 +861,24 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims) ->
             for p in (target.weight, target.bias):  # compaction makes it a PaddedLayerNorm (exact)
                 if p is not None:
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
+        elif is_group_norm(target):
+            if target.weight is None:  # no affine entries to zero: its groups leave whole (ties)
+                blocks.append((channel_groups(target)[index], channel, mname))
+            for p in (target.weight, target.bias):  # compaction makes it a PaddedGroupNorm (exact)
+                if p is not None:
+                    slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
         elif isinstance(target, (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)):
             problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     merged = _merge(slices)
-    return merged, members, problem
+    return merged, members, problem, blocks
 
 
 def _norm_problem(norm: nn.Module, norm_dims: dict) -> str:
     """Why the channels a LayerNorm / GroupNorm normalises are not pruned (completes "<type> <name> ...")."""
     if isinstance(norm, nn.GroupNorm):
-        return ("normalises groups of channels, so removing one changes the others' statistics; use a "
-                "per-channel norm (BatchNorm) or a LayerNorm to prune these channels")
+        return "has its own forward, so how it groups the channels is unknown; use nn.GroupNorm itself"
     if not is_layer_norm(norm):
         return "normalises over several dimensions; prune the layers between such norms instead"
     if norm.weight is None:
@@ -851,15 +913,19 @@ def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, first
 
 
-def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module]) -> tuple[torch.Tensor | None, str]:
-    """Tie classes of a group's channels from the grouped convolutions among its slices, or a problem.
+def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
+          blocks: Sequence[tuple[torch.Tensor, torch.Tensor, str]] = ()) -> tuple[torch.Tensor | None, str]:
+    """Tie classes of a group's channels from its grouped convolutions and GroupNorms without affine
+    parameters, or a problem.
 
     A compact grouped conv must lose the same positions from every conv group (its weight is shared by
     position within the group), so the channels at positions ``p`` and ``p + j * C/groups`` of a grouped
-    conv's input or output are tied. Returns ``(ties int64 [size] or None, "")`` or ``(None, problem)`` when
-    the grouped conv also reads / writes channels of other groups, the classes differ in size, or there is
-    only one class."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (positions, channels, period)
+    conv's input or output are tied. A GroupNorm without affine parameters outputs zeros for a removed
+    channel only when its whole norm group is removed, so the channels of each of its groups are tied
+    (``blocks``: ``(norm group of each position, channels, norm name)``). Returns ``(ties int64 [size] or
+    None, "")`` or ``(None, problem)`` when a grouped conv also reads / writes channels of other groups, the
+    classes differ in size, or there is only one class."""
+    keyed: list[tuple[torch.Tensor, torch.Tensor, str]] = list(blocks)  # (tie key, channels, module)
     for s in slices:
         module = modules[s.module]
         if not is_grouped(module) or s.role not in ("weight", "input"):
@@ -867,23 +933,27 @@ def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module]) -> tupl
         extent = _channels(module, s.role == "weight")
         if not torch.equal(torch.unique(s.features), torch.arange(extent)):
             return None, f"filter pruning: grouped convolution {s.module} also reads or writes other channels"
-        pairs.append((s.features, s.channel, extent // module.groups))
-    if not pairs:
+        keyed.append((s.features % (extent // module.groups), s.channel, s.module))
+    if not keyed:
         return None, ""
-    ties = tie_classes(size, pairs)
+    ties = tie_classes(size, [(key, channels) for key, channels, _ in keyed])
     counts = torch.bincount(ties)
     if not bool((counts == counts[0]).all()) or counts.numel() < 2:
-        module = next(m for m in dict.fromkeys(s.module for s in slices) if is_grouped(modules[m]))
-        return None, (f"filter pruning: grouped convolution {module} ties all channels together"
-                      if counts.numel() < 2 else f"filter pruning: grouped convolution {module} ties channels unevenly")
+        name = keyed[0][2]
+        what = (f"grouped convolution {name}" if is_grouped(modules[name])
+                else f"GroupNorm {name} without affine parameters")
+        if counts.numel() < 2:
+            return None, (f"filter pruning: {what} ties all channels together"
+                          + ("" if is_grouped(modules[name]) else "; give it affine=True or more groups"))
+        return None, f"filter pruning: {what} ties channels unevenly"
     return ties, ""
 
 
-def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Tie classes of ``size`` channels, int64 [size] numbered 0.. in order of first channel.
 
-    Each pair ``(positions [n], channels [n], period)`` ties the channels whose positions are equal modulo
-    ``period`` (a grouped conv's positions within its conv groups); classes are the connected sets."""
+    Each pair ``(keys [n], channels [n])`` ties the channels with equal keys (a grouped conv's positions
+    modulo its conv-group width, a GroupNorm's group of each position); classes are the connected sets."""
     parent = list(range(size))
 
     def root(c: int) -> int:
@@ -892,10 +962,10 @@ def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int
             c = parent[c]
         return c
 
-    for positions, channels, period in pairs:
+    for keys, channels in pairs:
         first: dict[int, int] = {}
-        for p, c in zip((positions % period).tolist(), channels.tolist()):
-            a, b = root(first.setdefault(p, c)), root(c)
+        for k, c in zip(keys.tolist(), channels.tolist()):
+            a, b = root(first.setdefault(k, c)), root(c)
             parent[max(a, b)] = min(a, b)
     roots = torch.tensor([root(c) for c in range(size)])
     return torch.unique(roots, return_inverse=True)[1]
@@ -949,7 +1019,9 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     saved: dict[str, torch.Tensor] = {}
     watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
     for g in groups:
-        gone = torch.randperm(g.size, generator=gen)[:max(1, g.size // 2)]
+        gone = torch.randperm(g.classes, generator=gen)[:max(1, g.classes // 2)]
+        if g.ties is not None:  # whole tie classes (a GroupNorm without affine zeroes only whole groups)
+            gone = torch.nonzero(torch.isin(g.ties, gone)).flatten()
         for s in g.slices:
             hit = torch.isin(s.channel, gone)
             if s.param not in saved:
@@ -986,3 +1058,80 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
         else:
             kept.append(g)
     return kept
+
+
+def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, str],
+                       unreached: Mapping[str, nn.Module]) -> list[FilterGroup]:
+    """Exclude the groups whose channels a Conv / Linear weight reads functionally: its module is never
+    called, but its weight is used (``F.linear(x, self.qkv.weight)`` in torchvision's Swin). torch-pruning
+    does not see such a reader, so its input width would stay while the channels go.
+
+    Test: the gradient of the summed outputs with respect to each such weight, on the probe inputs; a group
+    with a random half of its channels removed (as in :func:`_verified`) that makes input columns of the
+    gradient exactly zero which were not zero before feeds that weight directly. One forward and backward
+    per group, only when the model has such weights."""
+    params = {name: module.weight for name, module in unreached.items()}
+    if not groups or not params:
+        return groups
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = tuple(torch.randn((2, *t.shape[1:]), generator=gen).to(t.device, t.dtype) for t in inputs)
+    model_params = dict(model.named_parameters())
+
+    def zero_columns(zeroed: Sequence[Slice]) -> dict[str, torch.Tensor]:
+        saved = {s.param: model_params[s.param].detach().clone() for s in zeroed}
+        flags = {name: p.requires_grad for name, p in params.items()}
+        try:
+            with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                with torch.no_grad():
+                    for s in zeroed:
+                        model_params[s.param].index_fill_(s.dim, s.index.to(model_params[s.param].device), 0)
+                for p in params.values():
+                    p.requires_grad_(True)
+                model.eval()
+                out = sum(t.float().sum() for t in _tensors(model(*probe)))
+                grads = torch.autograd.grad(out, list(params.values()), allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    model_params[name].copy_(value)
+            for name, p in params.items():
+                p.requires_grad_(flags[name])
+        return {n: _zero_slices(g, 1 - out_dim(unreached[n])) for n, g in zip(params, grads) if g is not None}
+
+    try:
+        before = zero_columns([])
+    except Exception:  # noqa: BLE001 - a model that cannot run a backward pass keeps its groups
+        return groups
+    if not before:
+        return groups
+    kept = []
+    for g in groups:
+        gone = torch.randperm(g.classes, generator=gen)[:max(1, g.classes // 2)]
+        hit = torch.isin(g.ties, gone) if g.ties is not None else torch.isin(torch.arange(g.size), gone)
+        removed = [Slice(s.param, s.module, s.role, s.dim, s.index[hit[s.channel]], s.channel)
+                   for s in g.slices if s.role in ("weight", "bias", "norm")]
+        after = zero_columns(removed)
+        reader = next((n for n, zero in after.items() if bool((zero & ~before[n]).any())), None)
+        if reader is None:
+            kept.append(g)
+        else:
+            _exclude(excluded, g.name, f"filter pruning: {reader}'s weight reads its channels functionally "
+                     "(the module is never called), which torch-pruning does not follow")
+    return kept
+
+
+def _zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bool [tensor.shape[dim]]: the slice along ``dim`` is entirely zero."""
+    return (tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1) == 0).all(1)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuples / lists / dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
