@@ -7,7 +7,7 @@ import yaml
 from torch import nn
 
 from autocompress.budget import apply_budget
-from autocompress.compress import Compression
+from autocompress.compress import Compression, resolve_config
 from autocompress.config import CompressConfig, SettingError
 
 
@@ -47,6 +47,23 @@ def test_explicit_schedule_settings_with_a_budget_are_refused_naming_both():
         apply_budget(CompressConfig.from_dict({"target": "params=30x", "budget": 1}, validate=False))
     with pytest.raises(SettingError, match="budget=0"):
         CompressConfig.from_dict({"target": "params=10x", "budget": 0})
+
+
+@pytest.mark.parametrize("setting, name", [({"admm": {"epochs": 2}}, r"admm\.epochs=2"),
+                                           ({"retrain": {"epochs": 3}}, r"retrain\.epochs=3"),
+                                           ({"distillation": {"enabled": False}}, r"distillation\.enabled=False")])
+def test_an_explicit_setting_equal_to_its_default_still_contradicts_the_budget(setting, name):
+    """admm.epochs=2, retrain.epochs=3 and distillation.enabled=false are CompressConfig's defaults: given
+    with a budget that derives 1 / 0 / true they are refused, not silently replaced."""
+    with pytest.raises(SettingError, match=rf"budget=4 and {name} both set the training schedule"):
+        resolve_config({"target": "params=4x", "budget": 4, **setting}, None)
+    resolved = resolve_config({"target": "params=4x", "budget": 4}, None)  # not given: derived
+    assert (resolved.admm.epochs, resolved.retrain.epochs, resolved.distillation.enabled) == (1, 0, True)
+
+
+def test_a_config_that_is_not_a_mapping_is_refused():
+    with pytest.raises(SettingError, match="the config must be a mapping of settings, not str"):
+        resolve_config("rounds: 1", "params=2x")
 
 
 def test_config_yaml_records_the_derived_schedule(tmp_path):

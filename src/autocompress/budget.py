@@ -45,11 +45,18 @@ def _leaves(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def apply_budget(config: CompressConfig) -> CompressConfig:
+def given_settings(data: dict) -> set[str]:
+    """The dotted names of the settings a config's plain data gives (``{"admm": {"epochs": 2}}`` ->
+    ``{"admm.epochs"}``), for :func:`apply_budget`."""
+    return {name for name, _ in _leaves(data)}
+
+
+def apply_budget(config: CompressConfig, given: set[str] | None = None) -> CompressConfig:
     """``config`` with the schedule its ``budget`` derives (:func:`budget_schedule`) filled in; ``config``
     itself when ``budget`` is None. A schedule setting given together with ``budget`` is refused unless it
     equals what the budget derives (so a resolved config, e.g. a stored ``config.yaml``, applies again
-    unchanged); one left at its default is replaced.
+    unchanged). ``given``: the dotted names the user set (:func:`given_settings`); None when unknown (a
+    CompressConfig instance), then a setting that differs from its default counts as given.
 
     Raises:
         SettingError: ``budget`` and a schedule setting that contradicts it (naming both), a budget below the
@@ -60,9 +67,10 @@ def apply_budget(config: CompressConfig) -> CompressConfig:
     derived = budget_schedule(config.parsed_target().factor, config.budget)
     default = CompressConfig()
     for name, value in _leaves(derived):
-        given = getattr_dotted(config, name)
-        if given != value and given != getattr_dotted(default, name):
-            raise SettingError("budget", f"budget={config.budget} and {name}={show(given)} both set the training "
+        given_value = getattr_dotted(config, name)
+        explicit = name in given if given is not None else given_value != getattr_dotted(default, name)
+        if explicit and given_value != value:
+            raise SettingError("budget", f"budget={config.budget} and {name}={show(given_value)} both set the training "
                                f"schedule (budget derives {name}={show(value)})",
                                f"give budget alone, or drop budget and write the schedule ({name}, ...) yourself")
     return from_dict(CompressConfig, derived, base=config)

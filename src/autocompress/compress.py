@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
-from .budget import apply_budget, describe
+from .budget import apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .errors import UserError
@@ -131,16 +131,19 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
 
 def resolve_config(config: CompressConfig | dict | None, target: str | None) -> CompressConfig:
     """The run's validated config: ``config`` (a CompressConfig, its dict form or None) with ``target`` set."""
+    given = None  # the settings the user gave, known for plain data only
     if isinstance(config, CompressConfig):
         config = dataclasses.replace(config)
     else:
-        config = CompressConfig.from_dict(dict(config or {}), validate=False)
+        data = {} if config is None else config
+        config = CompressConfig.from_dict(data, validate=False)
+        given = given_settings(data)
     if target is not None:
         if config.target is not None and config.target != str(target):
             raise SettingError("target", f"target {target!r} given, but the config says target {config.target!r}",
                                "give the target once")
         config.target = str(target)
-    config = apply_budget(config)
+    config = apply_budget(config, given)
     config.validate()
     return config
 
