@@ -101,9 +101,10 @@ def check_multiple(space, multiple: int, *, explicit: bool) -> list[str]:
     small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
     smaller = [g for g in small if g.size < multiple]
     if explicit and smaller:
-        g = smaller[0]
-        raise UserError(f"channel_multiple={multiple} is larger than filter group {g.name!r} ({g.size} channels)",
-                        f"use a multiple of at most {min(x.size for x in smaller)}, auto, or ignore that layer")
+        g = min(smaller, key=lambda group: group.size)
+        raise UserError(f"channel_multiple={multiple} is larger than filter group {g.name!r} ({g.size} channels, "
+                        f"the smallest of {len(smaller)} such groups)",
+                        f"use a multiple of at most {g.size}, auto, or ignore those layers")
     if small:
         log.info("channel multiple %d: %d filter group(s) of at most %d channels keep every channel (%s)",
                  multiple, len(small), multiple, ", ".join(g.name for g in small[:5]))
