@@ -440,3 +440,11 @@ def test_target_not_above_one(no_work, target):
     error = refused(no_work, "target", target=target)
     assert isinstance(error, SettingError) and error.setting == "target"
 
+
+
+def test_amp_on_the_cpu_is_said_to_be_ignored():
+    train, val = loaders()
+    lines: list[str] = []
+    Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=2x", task_args=dict(train_loader=train, val_loader=val),
+                device="cpu", config={**CONFIG, "amp": "bf16"}, progress=False, log=lines.append)
+    assert "amp bf16 is ignored on cpu: autocast runs on CUDA only" in lines

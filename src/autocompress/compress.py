@@ -188,6 +188,8 @@ class Compression:
         self.example = as_inputs(example_inputs, self.device)
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
+        if amp is not None and self.device.type != "cuda":
+            (log or (lambda _line: None))(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
         self.task = Task(device=self.device, amp=amp, **task_args)
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
