@@ -116,25 +116,33 @@ def padded(norm: nn.LayerNorm, width: int, dim: int) -> PaddedLayerNorm:
     return new.to(norm.weight.device) if norm.weight is not None else new
 
 
-class PaddedLayerNormPruner(tp.pruner.function.BasePruningFunc):
-    """torch-pruning's handler for :class:`PaddedLayerNorm`: input and output channels are the same, its
-    weight and bias lose the pruned entries, the padded width stays."""
+class _PerChannelPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's handler for a padded norm: input and output channels are the same; its weight and bias
+    (when affine) lose the pruned entries, and :meth:`prune_more` whatever else the module keeps per channel."""
 
-    def prune_out_channels(self, layer: PaddedLayerNorm, idxs) -> PaddedLayerNorm:
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
         keep = sorted(set(range(layer.num_features)) - set(idxs))
         for name in ("weight", "bias"):
             param = getattr(layer, name)
             if param is not None:
                 setattr(layer, name, self._prune_parameter_and_grad(param, keep, 0))
+        self.prune_more(layer, keep)
         layer.num_features = len(keep)
         return layer
 
     prune_in_channels = prune_out_channels
 
-    def get_out_channels(self, layer: PaddedLayerNorm) -> int:
+    def prune_more(self, layer: nn.Module, keep: list[int]) -> None:
+        """Drop the other per-channel state of ``layer`` to the ``keep`` channels (none here)."""
+
+    def get_out_channels(self, layer: nn.Module) -> int:
         return layer.num_features
 
     get_in_channels = get_out_channels
+
+
+class PaddedLayerNormPruner(_PerChannelPruner):
+    """torch-pruning's handler for :class:`PaddedLayerNorm` (the padded width stays)."""
 
 
 class PaddedGroupNorm(nn.Module):
@@ -238,25 +246,12 @@ def compact_group_norm(norm: nn.Module, groups: torch.Tensor, size: int) -> nn.M
     return new
 
 
-class PaddedGroupNormPruner(tp.pruner.function.BasePruningFunc):
-    """torch-pruning's handler for :class:`PaddedGroupNorm`: input and output channels are the same; its
-    weight, bias and ``group`` lose the pruned entries (compaction then calls :func:`compact_group_norm`)."""
+class PaddedGroupNormPruner(_PerChannelPruner):
+    """torch-pruning's handler for :class:`PaddedGroupNorm`: ``group`` loses the pruned entries too
+    (compaction then calls :func:`compact_group_norm`)."""
 
-    def prune_out_channels(self, layer: PaddedGroupNorm, idxs) -> PaddedGroupNorm:
-        keep = sorted(set(range(layer.num_features)) - set(idxs))
-        if layer.affine:
-            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+    def prune_more(self, layer: PaddedGroupNorm, keep: list[int]) -> None:
         layer.group = layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)]
-        layer.num_features = len(keep)
-        return layer
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer: PaddedGroupNorm) -> int:
-        return layer.num_features
-
-    get_in_channels = get_out_channels
 
 
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``)
