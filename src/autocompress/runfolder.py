@@ -136,15 +136,8 @@ class RunFolder(PhaseStore):
 
     def load(self, round_index: int, phase: str) -> Any:
         path = self.phase_file(round_index, phase)
-        try:
-            if phase == "search":
-                return json.loads(path.read_text())
-            verify_archive(path)  # a flipped byte would load silently otherwise
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
-            raise UserError(f"the {phase} artifact of round {round_index} ({path}) is damaged "
-                            f"({type(exc).__name__})", f"delete {path} and the entries after "
-                            f"[{round_index}, {phase!r}] in {self.file('state.json')}, then resume") from None
+        return _read(path, f"the {phase} artifact of round {round_index}", f"delete {path} and the entries after "
+                     f"[{round_index}, {phase!r}] in {self.file('state.json')}, then resume")
 
     def save(self, round_index: int, phase: str, payload: Any) -> None:
         path = self.phase_file(round_index, phase)
@@ -157,13 +150,8 @@ class RunFolder(PhaseStore):
         path = self.epoch_file(round_index, phase)
         if not path.exists():
             return None
-        try:
-            verify_archive(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
-            raise UserError(f"the epoch checkpoint of the {phase} phase of round {round_index} ({path}) is "
-                            f"damaged ({type(exc).__name__})", f"delete {path} (the phase then restarts from "
-                            "its first epoch) and resume") from None
+        return _read(path, f"the epoch checkpoint of the {phase} phase of round {round_index}",
+                     f"delete {path} (the phase then restarts from its first epoch) and resume")
 
     def save_epoch(self, round_index: int, phase: str, payload: dict) -> None:
         atomic_torch_save(payload, self.epoch_file(round_index, phase))
@@ -192,6 +180,19 @@ class RunFolder(PhaseStore):
 
     def _write(self, records: list[dict]) -> None:
         atomic_write_text(self.file("metrics.jsonl"), "".join(json.dumps(r, default=plain) + "\n" for r in records))
+
+
+def _read(path: Path, what: str, fix: str) -> Any:
+    """The payload at ``path``: JSON for a ``.json`` file, else a torch archive checked entry by entry (a flipped
+    byte would load silently otherwise) and loaded with ``weights_only=True``. UserError "``what`` (path) is
+    damaged" with ``fix`` on any failure."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        verify_archive(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
+        raise UserError(f"{what} ({path}) is damaged ({type(exc).__name__})", fix) from None
 
 
 def plain(value: Any) -> Any:
