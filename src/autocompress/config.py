@@ -127,7 +127,7 @@ class QuickEvalConfig:
             the final linear layer onto the base model's logits) or ``"finetune"`` (``finetune_steps`` masked SGD
             steps, then BatchNorm re-estimation); see :mod:`autocompress.quick_eval` and BENCHMARKS.md "Quick
             evaluation scorers" for their rank correlation with accuracy after retraining and their cost (on
-            the Fashion-MNIST CNN, Spearman of refit / bn at one-shot steps of 3x, 10x, 30x: 0.79 / 0.80,
+            the Fashion-MNIST CNN, Spearman of refit / bn at one-shot steps of 3x, 10x, 30x: 0.68 / 0.82,
             0.76 / 0.25, 0.26 / 0.10, for 1.3x the CPU time of bn per candidate).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
         bn_batches: training batches for those statistics (and the refit).
@@ -182,23 +182,17 @@ class RetrainConfig(SGDSettings):
                                                           names=lambda field: f"retrain.{field}"))
 
 
-def _naming(setting: str, check: Callable[[], Any]) -> Any:
+def _naming(setting: str, check: Callable[[], Any], *, prefix: bool = False) -> Any:
     """``check()``; a UserError it raises becomes a SettingError naming the setting its message starts with
-    (``admm.lr -0.1 is ...`` -> ``admm.lr``) when that lies under ``setting``, else ``setting`` itself."""
+    (``admm.lr -0.1 is ...`` -> ``admm.lr``) when that lies under ``setting``, else ``setting`` itself.
+    ``prefix``: the message names an argument of a section's check (``scorer='x' ...``) and gets the section
+    put before it (``quick_eval.scorer='x' ...``)."""
     try:
         return check()
     except UserError as exc:
-        first = str(exc).split()[0].partition("=")[0]
-        raise SettingError(first if first.startswith(f"{setting}.") else setting, str(exc)) from None
-
-
-def _prefixed(section: str, check: Callable[[], Any]) -> Any:
-    """``check()``; a UserError it raises about an argument (``scorer='x' ...``) is raised again naming the
-    setting (``quick_eval.scorer='x' ...``)."""
-    try:
-        return check()
-    except UserError as exc:
-        raise UserError(f"{section}.{exc}") from None
+        message = f"{setting}.{exc}" if prefix else str(exc)
+        first = message.split()[0].partition("=")[0]
+        raise SettingError(first if first.startswith(f"{setting}.") else setting, message) from None
 
 
 def default_admm() -> ADMMConfig:
@@ -316,8 +310,8 @@ class CompressConfig:
         _naming("admm", lambda: self.admm.train_config(lambda field: f"admm.{field}"))
         _naming("quick_eval.bn_batches", lambda: check_batches(self.quick_eval.bn_batches,
                                                                self.quick_eval.val_batches))
-        _naming("quick_eval", lambda: _prefixed("quick_eval", lambda: check_scorer(
-            self.quick_eval.scorer, self.quick_eval.finetune_steps, self.quick_eval.finetune_lr)))
+        _naming("quick_eval", lambda: check_scorer(self.quick_eval.scorer, self.quick_eval.finetune_steps,
+                                                   self.quick_eval.finetune_lr), prefix=True)
         _naming("purification.tolerance", lambda: check_purification(self.purification.tolerance,
                                                                      self.purification.thresholds))
         self.retrain.train_config()
