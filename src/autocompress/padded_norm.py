@@ -105,8 +105,13 @@ def channel_dims(model: nn.Module, inputs: tuple) -> dict[nn.Module, int | None]
 def padded(norm: nn.LayerNorm, width: int, dim: int) -> PaddedLayerNorm:
     """A :class:`PaddedLayerNorm` with ``norm``'s (already pruned) weight, bias and eps, counting ``width``
     channels in its statistics along ``dim``; parameters keep their ``requires_grad``."""
-    new = PaddedLayerNorm(norm.normalized_shape[0], width, dim, norm.eps, norm.weight is not None,
-                          norm.bias is not None)
+    return _with_affine(PaddedLayerNorm(norm.normalized_shape[0], width, dim, norm.eps, norm.weight is not None,
+                                        norm.bias is not None), norm)
+
+
+def _with_affine(new: nn.Module, norm: nn.Module) -> nn.Module:
+    """``new`` (a norm built to replace ``norm``) with ``norm``'s weight and bias values and ``requires_grad``,
+    where ``new`` has them, moved to ``norm``'s device when ``norm`` has a weight."""
     with torch.no_grad():
         for name in ("weight", "bias"):
             old, param = getattr(norm, name), getattr(new, name)
@@ -236,14 +241,7 @@ def compact_group_norm(norm: nn.Module, groups: torch.Tensor, size: int) -> nn.M
     else:
         new = PaddedGroupNorm(groups.numel(), counts.numel(), size, norm.eps, affine)
         new.group.copy_(inverse)
-    if affine:
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                old, param = getattr(norm, name), getattr(new, name)
-                param.copy_(old)
-                param.requires_grad_(old.requires_grad)
-        new = new.to(norm.weight.device)
-    return new
+    return _with_affine(new, norm)
 
 
 class PaddedGroupNormPruner(_PerChannelPruner):
