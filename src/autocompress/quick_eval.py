@@ -322,18 +322,16 @@ def final_linear(model: nn.Module, teacher: nn.Module, task, batches: list) -> _
     """The ``"refit"`` scorer's head: the last ``nn.Linear`` of ``model`` whose output IS the model's output
     ``[B, classes]`` (checked on the first batch), with the teacher's logits on ``batches`` as its targets;
     None when there is no such layer (the output is not a 2-D tensor, or something follows the last Linear)."""
-    output, seen = None, {}
+    seen: dict[str, Any] = {}
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     handles = [m.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out))
                for name, m in linears]
-    was_training = model.training
     try:
-        with torch.no_grad():
-            output = task.forward(model.eval(), batches[0])
+        with analysis_mode(model):
+            output = task.forward(model, batches[0])
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     name = next((name for name, _ in reversed(linears) if isinstance(seen.get(name), torch.Tensor)
                  and isinstance(output, torch.Tensor) and output.dim() == 2 and seen[name].shape == output.shape
                  and torch.equal(seen[name], output)), None)
