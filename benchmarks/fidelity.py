@@ -8,8 +8,8 @@ candidate obeys the guidance and the target; the same candidates for every score
 * the score of every scorer (:class:`autocompress.quick_eval.QuickEvaluator`, in % top-1 on the first
   ``--val-batches`` x 256 shuffled validation images): ``bn`` (one-shot + BatchNorm re-estimation on
   ``--bn-batches`` x 64 training images; the issue-5 study showed one-shot without it is worse), ``refit``
-  (bn + ridge refit of the classifier onto the base's logits) and ``finetune@S`` for each S of ``--finetune-steps`` (S masked SGD steps of batch 64,
-  lr 0.01, distillation from the base, then bn; all S from ONE run, :meth:`QuickEvaluator.score_along`), with
+  (bn + ridge refit of the classifier onto the base's logits) and ``finetune@S`` for each S of
+  ``--finetune-steps`` (S masked SGD steps of batch 64, lr 0.01, distillation from the base, then bn; all S from ONE run, :meth:`QuickEvaluator.score_along`), with
   the seconds each took (``finetune@S``: from the start of that run);
 * the accuracy after a proxy of the round (``ac_kd`` rule: no ADMM convergence at these budgets, so hard
   pruning then retraining decides): hard pruning at the candidate's rates, compaction (the pipeline's

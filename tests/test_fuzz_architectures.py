@@ -581,7 +581,8 @@ def test_layernorm_without_affine_or_channel_dimension_is_excluded_by_name():
     class Plain(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.ln, self.head = nn.Conv2d(3, 8, 1), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 3)
+            self.conv, self.ln = nn.Conv2d(3, 8, 1), nn.LayerNorm(8, elementwise_affine=False)
+            self.head = nn.Linear(8, 3)
 
         def forward(self, x):
             return self.head(self.ln(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))

@@ -277,8 +277,8 @@ def test_missing_runtime_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("target, config, words", [
-    ("flops=2x", {"channel_multiple": 16}, "channel_multiple=16 is larger than filter group 'conv1' (8 channels, the smallest of 2 such groups); "
-                                                   "use a multiple of at most 8"),
+    ("flops=2x", {"channel_multiple": 16}, "channel_multiple=16 is larger than filter group 'conv1' (8 channels, "
+                                           "the smallest of 2 such groups); use a multiple of at most 8"),
     ("latency=50x", {}, "is unreachable"),
     ("latency=0.0001ms", {}, "is unreachable"),
     ("latency=1000ms", {}, "the base model already runs in"),

@@ -50,8 +50,8 @@ def _run(run_dir, *, kill_at: str | None = None, seeded_loader: bool = True):
         return original(*args, desc=desc, **kwargs)
 
     store = RunFolder(run_dir).open()
-    pipeline = Pipeline(task=Task(train), config=CompressConfig.from_dict(CONFIG, validate=False), example_inputs=(x[:1],),
-                        base_model=model, store=store, progress=False, log=lines.append)
+    pipeline = Pipeline(task=Task(train), config=CompressConfig.from_dict(CONFIG, validate=False),
+                        example_inputs=(x[:1],), base_model=model, store=store, progress=False, log=lines.append)
     work = densify(model)
     space = pipeline.space(work)
     state = RoundState(1, None, work, space, rates=expand_rates(space, {"default": 0.5}, ("filter", "column")))

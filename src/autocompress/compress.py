@@ -181,15 +181,16 @@ class Compression:
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
+        say = log or (lambda _line: None)
         if self.config.budget is not None:
-            (log or (lambda _line: None))(describe(self.config))
+            say(describe(self.config))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
         self.example = as_inputs(example_inputs, self.device)
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
         if amp is not None and self.device.type != "cuda":
-            (log or (lambda _line: None))(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
+            say(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
         self.task = Task(device=self.device, amp=amp, **task_args)
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run

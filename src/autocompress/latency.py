@@ -23,8 +23,8 @@ the table's sum at full width, scaled: the base and its narrowest reachable mode
 the space's largest rate, aligned, compacted) are both measured, and ``fixed + scale * table sum`` is fitted
 through the two (when that needs a negative fixed cost: no fixed cost, ``scale = base / sum``). Layers timed
 alone do not add up to the whole model (fusion across layers, per-node overhead, caches); without the second
-point a resnet20 at 7x fewer MACs was under-estimated by 68 % (BENCHMARKS.md). So the estimate equals the measured base latency at full width, is
-non-increasing in every pruning rate, and is checked against the measured compact model at the end.
+point a resnet20 at 7x fewer MACs was under-estimated by 68 % (BENCHMARKS.md). So the estimate equals the
+measured base latency at full width, is non-increasing in every pruning rate, and is checked against the measured compact model at the end.
 
 **Columns**: a column-pruned layer (:class:`autocompress.columns.ColumnConv2d`, ``ColumnConvNd``,
 ``ColumnLinear``) is timed as exported at full width with :data:`COLUMN_FRACTIONS` of its columns kept; its

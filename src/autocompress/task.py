@@ -162,7 +162,8 @@ class Task:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for index, generator in enumerate(loader_generators(self.train_loader) + loader_generators(self.val_loader)):
+            generators = loader_generators(self.train_loader) + loader_generators(self.val_loader)
+            for index, generator in enumerate(generators):
                 generator.manual_seed(seed + 7 * (index + 1))
             yield
 
