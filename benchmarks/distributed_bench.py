@@ -5,8 +5,8 @@ Runs ``autocompress compress`` (one round, the fmnist_cnn base on real Fashion-M
 ``python -m autocompress compress`` for 1 process, ``torchrun --nproc_per_node N -m autocompress compress`` for
 N, each process with ``OMP_NUM_THREADS=--threads``. Every run uses the same settings, so the search proposes the
 same candidates (``search.candidates_per_step``) and makes the same decisions whatever N; N processes score
-their share of each step's candidates in parallel. One ADMM epoch (DistributedDataParallel over
-``DistributedSampler``-like shards, ``--max-train`` images) is the training epoch. Times are rank 0's phase
+their share of each step's candidates in parallel. One ADMM epoch (DistributedDataParallel, each
+process taking its slice of every global batch, ``--max-train`` images) is the training epoch. Times are rank 0's phase
 records (``metrics.jsonl``: ``search`` and ``admm`` seconds), so interpreter start and data loading are not
 counted. Prints one Markdown row per process count.
 
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=17, help="search.max_evaluations")
     parser.add_argument("--candidates", type=int, default=2, help="search.candidates_per_step")
     parser.add_argument("--max-train", type=int, default=6000, help="training images (one ADMM epoch)")
-    parser.add_argument("--batch-size", type=int, default=64, help="per-process training batch")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch (global: split across the processes)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process")
     parser.add_argument("--port", type=int, default=29531, help="torchrun's master port")
     args = parser.parse_args()

@@ -185,6 +185,33 @@ def test_one_process_costs_nothing():
         assert runner is model
 
 
+@pytest.mark.parametrize("n_train, batch_size, size", [(200, 16, 2), (203, 16, 3), (201, 10, 2), (193, 64, 4)])
+def test_cli_loader_shards_split_every_global_batch(n_train, batch_size, size):
+    """The CLI's training loader under N processes: every rank steps the same number of times, and the ranks'
+    slices of each step, put together in rank order, are exactly the one-process batch of that step (same seed),
+    so N processes take the same optimizer steps as one. A last batch smaller than N is left out."""
+    from autocompress.cli.workload import ReseededLoader
+    from autocompress.data import get_dataset
+
+    splits = get_dataset("fashion-mnist", val_size=100, max_train=n_train, max_test=10)
+    whole = ReseededLoader(splits, batch_size)
+    steps = -(-n_train // batch_size)
+    assert len(whole) == steps
+    torch.manual_seed(5)
+    expected = list(whole)
+    if 0 < n_train % batch_size < size:
+        expected, steps = expected[:-1], steps - 1
+    shards = []
+    for rank in range(size):
+        torch.manual_seed(5)
+        shards.append(list(whole.shard(rank, size)))
+        assert len(shards[-1]) == len(whole.shard(rank, size)) == steps
+    for step, (images, labels) in enumerate(expected):
+        assert torch.equal(torch.cat([shard[step][0] for shard in shards]), images)
+        assert torch.equal(torch.cat([shard[step][1] for shard in shards]), labels)
+        assert min(len(shard[step][1]) for shard in shards) >= 1
+
+
 def test_sync_batchnorm_view_shares_the_model():
     """The SyncBatchNorm view (distributed.sync_batchnorm) holds the model's own parameter and buffer tensors, so
     training it trains the model; the model keeps its BatchNorm classes. In one process SyncBatchNorm computes

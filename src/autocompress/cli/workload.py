@@ -65,12 +65,15 @@ class ReseededLoader:
     """A training loader whose order and augmentation are drawn, at every new epoch, from a generator seeded
     from the global torch RNG (which the pipeline seeds per phase): a resumed phase sees the same batches.
 
-    ``shard(rank, size)`` (called by :func:`autocompress.distributed.shard_loader` under ``torch.distributed``)
-    gives rank ``rank``'s loader: every rank draws the same epoch and keeps batches ``rank, rank + size, ...``
-    (the last ``len % size`` batches of an epoch are left out, so every rank steps the same number of times).
+    ``batch_size`` is the global batch. ``shard(rank, size)`` (called by
+    :func:`autocompress.distributed.shard_loader` under ``torch.distributed``) gives rank ``rank``'s loader:
+    every rank draws the same epoch and keeps slice ``rank`` of ``size`` near-equal slices of every batch, so
+    ``size`` processes take the same optimizer steps on the same batches as one process (gradients are
+    averaged across ranks). A last batch smaller than ``size`` is left out on every rank.
 
     Args:
-        splits: :class:`autocompress.data.DataSplits`; batch_size: images per batch.
+        splits: :class:`autocompress.data.DataSplits`; batch_size: images per optimizer step, all ranks
+            together.
     """
 
     def __init__(self, splits, batch_size: int, rank: int = 0, size: int = 1):
@@ -81,12 +84,18 @@ class ReseededLoader:
         return ReseededLoader(self.splits, self.batch_size, rank, size)
 
     def __len__(self) -> int:
-        return len(self.splits.loader("train", self.batch_size)) // self.size
+        batches = len(self.splits.loader("train", self.batch_size))
+        last = len(self.splits.split("train")) % self.batch_size
+        return batches - (0 < last < self.size)
 
     def __iter__(self):
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         epoch = self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed))
-        return itertools.islice(epoch, self.rank, len(self) * self.size, self.size)
+        batches = itertools.islice(epoch, len(self))
+        if self.size == 1:
+            return batches
+        return ((images.tensor_split(self.size)[self.rank], labels.tensor_split(self.size)[self.rank])
+                for images, labels in batches)
 
 
 @dataclass
