@@ -8,6 +8,8 @@ Public API (see README.md and docs/ARCHITECTURE.md):
   given per-layer rates.
 * :class:`autocompress.CompressConfig` — every setting, as nested typed dataclasses.
 * :class:`autocompress.TrainingPhase` — what a caller's own training loop (``train_fn``) receives.
+* :func:`autocompress.deployed_form` — a compact model's column layers each stored or dense, whichever runs
+  faster in the deployment runtime (export that form).
 * :func:`autocompress.load` — rebuild a saved (compact) model without unpickling code.
 """
 from __future__ import annotations
@@ -18,12 +20,13 @@ __version__ = "0.2.0"
 # by the submodule as soon as anything imported ``autocompress.compress``.
 from .compress import CompressResult, compress  # noqa: E402
 from .config import CompressConfig  # noqa: E402
+from .deployment import deployed_form  # noqa: E402
 from .errors import SettingError, UserError  # noqa: E402
 from .pruning import PruneResult, prune  # noqa: E402
 from .rounds import TrainingPhase  # noqa: E402
 
 __all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TrainingPhase", "UserError",
-           "__version__", "compress", "load", "prune"]
+           "__version__", "compress", "deployed_form", "load", "prune"]
 
 
 def load(path, map_location="cpu", model=None):

@@ -32,6 +32,7 @@ from .annealing import AnnealingResult, simulated_annealing
 from .budget import apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
+from .deployment import deployed_form
 from .errors import UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
@@ -432,6 +433,7 @@ class Compression:
         candidate = compact(state.model, state.space.param_masks(masks), self.example,
                             channel_multiple=self.multiple).model
         settings = self.config.latency
+        candidate = deployed_form(candidate, self.example, settings).model
         timing = measure_models({"base": self.pipeline.base_model, "candidate": candidate}, self.example, settings,
                                 batches=[settings.batch])[settings.batch]
         return timing["base"].median_ms / timing["candidate"].median_ms
@@ -490,13 +492,17 @@ class Compression:
     def _deployed(self, compact_model: nn.Module) -> dict:
         """The final record's deployed-latency fields: interleaved base / compact timings in the deployment
         runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower,
-        and for a latency target the lookup table's estimate against the measurement. A model the runtime cannot
-        take (several inputs, an op it cannot export) gets ``deployed: None`` and a warning saying why."""
+        and for a latency target the lookup table's estimate against the measurement. The compact model is
+        timed in its deployed form (:func:`autocompress.deployment.deployed_form`: each column layer stored or
+        dense, whichever runs faster; ``deployed_form`` in the record). A model the runtime cannot take (several
+        inputs, an op it cannot export) gets ``deployed: None`` and a warning saying why."""
         settings = self.config.latency
         batches = list(dict.fromkeys((*settings.batches, settings.batch)))
         fields: dict[str, Any] = {"deployed": None, "channel_multiple": self.multiple, "warnings": []}
         try:
-            timings = measure_models({"base": self.pipeline.base_model, "compressed": compact_model}, self.example,
+            form = deployed_form(compact_model, self.example, settings)
+            fields["deployed_form"] = form.summary()
+            timings = measure_models({"base": self.pipeline.base_model, "compressed": form.model}, self.example,
                                      settings, batches=batches)
         except UserError as exc:  # e.g. a model of several inputs: the run's result stands, without this column
             if self.table is not None:  # a latency target cannot be checked without it

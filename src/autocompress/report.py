@@ -12,6 +12,7 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   "file_bytes", "latency_b1_ms", "latency_b64_ms", "deployed_b1_ms", "deployed_b64_ms"}, ...], "threads": int,
   "deployed": {"runtime", "device", "threads", "runs", "warmup", "batches": {"1": {"base_ms", "compressed_ms",
   "speedup"}, ...}, "slower": [batch, ...]}, "channel_multiple": int, "warnings": [str, ...],
+  "deployed_form": {"form", "column_layers", "dense_layers", "ratios"} (:mod:`autocompress.deployment`),
   "latency_estimate": {...} (latency targets)}`` (:mod:`autocompress.latency`); warnings are shown loudly.
 """
 from __future__ import annotations
@@ -161,6 +162,12 @@ def deployed_lines(final: dict) -> list[str]:
              f"{_num(deployed.get('threads'), '')} thread(s), median of {_num(deployed.get('runs'), '')} interleaved "
              f"base / compressed runs after {_num(deployed.get('warmup'), '')} warm-up runs; channel multiple "
              f"{_num(final.get('channel_multiple'), '')}"]
+    form = final.get("deployed_form")
+    if isinstance(form, dict) and form.get("column_layers"):
+        dense = form.get("dense_layers") if isinstance(form.get("dense_layers"), list) else []
+        lines.append(f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers "
+                     f"run dense, their dropped columns as zeros (faster there; same outputs)"
+                     + (f": {', '.join(map(str, dense[:6]))}{', ...' if len(dense) > 6 else ''}" if dense else ""))
     estimate = final.get("latency_estimate")
     if isinstance(estimate, dict):
         error = estimate.get("error")

@@ -8,7 +8,9 @@ Example::
 
 The batch axis is dynamic; the input size is the checkpoint's dataset ``input_size`` (or --input-size).
 Each file is run on the traced batch and a second batch size and compared with PyTorch; it is written
-(atomically) only when they agree.
+(atomically) only when they agree. Column-pruned layers are written in their deployed form (``--columns auto``:
+each layer stored or dense, whichever runs faster in onnxruntime, or in eager torch for ``--torch-export``
+alone; :mod:`autocompress.deployment`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.export program to write (load it with torch.export.load(path).module())")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset)")
+    parser.add_argument("--columns", choices=("auto", "stored", "dense"), default="auto",
+                        help="column-pruned layers as stored (kept columns only), dense (dropped columns as zeros), "
+                             "or auto: each the faster on this machine (default), timed in onnxruntime (with "
+                             "--onnx) or eager torch (--torch-export alone)")
+    parser.add_argument("--runtime-threads", type=int, default=1,
+                        help="runtime threads for --columns auto's timing (default 1)")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the written files with PyTorch")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -68,6 +76,23 @@ def _summary(result, checked: bool, runtime: str) -> str:
     return f"wrote {result.path} ({result.num_bytes / 1e6:.2f} MB{opset}); {check}"
 
 
+def _columns_form(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> nn.Module:
+    """``model`` with its column-pruned layers as ``--columns`` says (printing what ``auto`` chose)."""
+    from ..deployment import column_layer_names, deployed_form, with_dense_layers
+    from ..latency import LatencyConfig
+
+    names = column_layer_names(model)
+    if not names or args.columns == "stored":
+        return model
+    if args.columns == "dense":
+        return with_dense_layers(model, names)
+    runtime = "onnxruntime" if args.onnx else "torch"
+    form = deployed_form(model, example, LatencyConfig(runtime=runtime, threads=args.runtime_threads))
+    print(f"column-pruned layers: {len(form.dense_layers)} of {len(names)} dense (faster in {runtime}, "
+          f"{args.runtime_threads} thread(s); --columns stored keeps them all)")
+    return form.model
+
+
 def run(args: argparse.Namespace) -> int:
     """Export and print each check's result. Returns 0."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
@@ -77,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                (("--onnx", ".onnx", args.onnx), ("--torch-export", ".pt2", args.torch_export)) if value]
     if not outputs:
         raise UserError("nothing to write", "pass --onnx OUT.onnx and / or --torch-export OUT.pt2")
+    if args.runtime_threads < 1:
+        raise UserError(f"--runtime-threads {args.runtime_threads} is not positive", "pass --runtime-threads 1 or more")
     if args.onnx and args.opset < 11:
         raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
     for flag, suffix, value in outputs:
@@ -89,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt).eval()
     example = torch.randn((1, *[int(s) for s in size]), generator=torch.Generator().manual_seed(0))
     _check_input_size(model, model_label(ckpt["model"]), example, recorded)
+    model = _columns_form(model, example, args)
     if args.onnx:
         result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
         print(_summary(result, not args.no_check, "onnxruntime"))

@@ -11,7 +11,8 @@ median of ``--latency-runs`` timed forwards after a warm-up, at batch 1 and 64, 
 count, on ``--device`` (see :mod:`autocompress.metrics`). The deployed latency is measured the same way in
 ``--runtime`` (onnxruntime by default, ``--runtime-threads`` threads, :mod:`autocompress.latency`); for a
 compact checkpoint its base architecture (fresh weights: speed does not depend on them) is timed interleaved
-with it, and a compact model slower than its base is a loud warning.
+with it, and a compact model slower than its base is a loud warning. Column-pruned layers are timed in their
+deployed form (:mod:`autocompress.deployment`: each stored or dense, whichever runs faster there).
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def _report(args: argparse.Namespace) -> dict:
 def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     """Deployed latency of ``model`` (and of ``base``, interleaved, for a compact checkpoint) at batch 1 and
     64 in ``--runtime``; with a base, the speedups and a warning when the model is slower."""
+    from ..deployment import deployed_form
     from ..latency import LatencyConfig, deployed_summary, measure_models, slower_warning
     from ..metrics import example_inputs_for
 
@@ -113,13 +115,16 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     config = LatencyConfig(runtime=args.runtime, device=device, threads=args.runtime_threads,
                            runs=args.latency_runs, warmup=args.warmup)
     config.validate()
-    models = {"compressed": model.cpu()} if base is None else {"base": base, "compressed": model.cpu()}
-    timings = measure_models(models, example_inputs_for(size), config)
+    example = example_inputs_for(size)
+    form = deployed_form(model.cpu(), example, config)
+    models = {"compressed": form.model} if base is None else {"base": base, "compressed": form.model}
+    timings = measure_models(models, example, config)
     if base is None:
         return {"runtime": config.runtime, "threads": config.threads, "runs": config.runs,
-                "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()}}
+                "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()},
+                "deployed_form": form.summary()}
     summary = deployed_summary(timings, config)
-    return {**summary, "warning": slower_warning(summary)}
+    return {**summary, "warning": slower_warning(summary), "deployed_form": form.summary()}
 
 
 def _millions(value: int) -> str:
@@ -170,6 +175,10 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
         else:
             lines.append(f"deployed     batch {batch}: {row['compressed_ms']:.3f} ms, base {row['base_ms']:.3f} ms, "
                          f"speedup {row['speedup']:.2f}x ({where}, interleaved)")
+    form = deployed.get("deployed_form") or {}
+    if form.get("column_layers"):
+        lines.append(f"deployed     form: {len(form['dense_layers'])} of {form['column_layers']} column-pruned layers "
+                     "dense (faster there; `autocompress export` writes the same form)")
     if deployed.get("warning"):
         lines.append(deployed["warning"])
     return lines

@@ -1,0 +1,147 @@
+"""The deployed form of a compact model: every column-pruned layer either as stored (its kept GEMM columns
+only) or as its exact dense equivalent with the dropped columns as zeros, whichever runs faster where the
+model is deployed.
+
+Column pruning (AutoCompress, Liu et al. AAAI 2020, §3) removes GEMM columns, but whether that saves time
+depends on the runtime: in onnxruntime a column layer whose input channels are only partly kept runs a
+Gather over its input and a conv at an unaligned width, which can cost more than the dense conv it replaces
+(BENCHMARKS.md, "Deployed speed"). Both forms compute the same function, so the choice is free of accuracy:
+
+1. each column layer is timed alone on its own input (captured on the example, batch ``config.batch``) as
+   stored and as dense (:func:`autocompress.latency.measure_models`, interleaved); the faster one is chosen;
+2. the whole model is then timed in three forms, interleaved, at the final table's batch sizes: as stored,
+   every column layer dense, and the per-layer choice; the form with the lowest mean time ratio to "as
+   stored" wins (layers timed alone do not add up to the whole model, so the whole-model check decides).
+
+The parameter count of the compact model (what a params target counts) is the stored one; the dense form
+holds zeros in place of the dropped columns.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .analysis import analysis_mode
+from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
+from .errors import UserError
+from .latency import LatencyConfig, measure_models
+
+COLUMN_LAYERS = (ColumnConv2d, ColumnConvNd, ColumnLinear)
+#: the whole-model forms compared in step 2
+FORMS = ("stored", "dense", "per_layer")
+
+
+@dataclass
+class DeployedForm:
+    """Result of :func:`deployed_form`.
+
+    Attributes:
+        model: the deployed form (``model`` itself when no column layer is turned dense, else a copy).
+        dense_layers: qualified names of the column layers replaced by their dense equivalent.
+        column_layers: qualified names of every column layer of the compact model.
+        form: which whole-model form won: ``"stored"``, ``"dense"`` or ``"per_layer"`` (``"stored"`` when the
+            model has no column layer).
+        ratios: the winning step's mean time ratio to "as stored" of each form (empty without column layers).
+    """
+
+    model: nn.Module
+    dense_layers: list[str] = field(default_factory=list)
+    column_layers: list[str] = field(default_factory=list)
+    form: str = "stored"
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Plain data for the final record and the export report."""
+        return {"form": self.form, "column_layers": len(self.column_layers), "dense_layers": list(self.dense_layers),
+                "ratios": dict(self.ratios)}
+
+
+def column_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the column-pruned layers of ``model`` (ColumnConv2d, ColumnConvNd, ColumnLinear)."""
+    return [name for name, module in model.named_modules() if isinstance(module, COLUMN_LAYERS)]
+
+
+def with_dense_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` whose column layers ``names`` are replaced by their dense equivalents
+    (``to_dense()``: the same function, dropped columns as zeros); ``model`` itself when ``names`` is empty.
+
+    Raises:
+        UserError: a name that is not a column layer of ``model`` (``model`` is unchanged).
+    """
+    if not names:
+        return model
+    known = set(column_layer_names(model))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UserError(f"{unknown[0]!r} is not a column-pruned layer of this model",
+                        f"name one of {sorted(known)[:5]}")
+    result = copy.deepcopy(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = result.get_submodule(parent_name)
+        setattr(parent, child, parent.get_submodule(child).to_dense())
+    return result
+
+
+def _layer_inputs(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each named layer's input for ``example`` (eval mode, no_grad; the model's mode restored)."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _module, args, name=name: inputs.setdefault(name, args[0].detach())) for name in names]
+    try:
+        with analysis_mode(model):
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def _faster_dense(layer: nn.Module, x: torch.Tensor, config: LatencyConfig) -> bool:
+    """Whether ``layer``'s dense equivalent runs faster than the stored column layer on ``x``."""
+    timing = measure_models({"stored": layer, "dense": layer.to_dense()}, x, config, batches=[config.batch],
+                            runs=config.table_runs)[config.batch]
+    return timing["dense"].median_ms < timing["stored"].median_ms
+
+
+def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | None = None) -> DeployedForm:
+    """The faster of the stored and dense forms of each column layer in the deployment runtime.
+
+    Args:
+        model: a compact model (any nn.Module; one without column layers is returned as it is, untimed).
+        example: one input ``[B, ...]`` of the model (a tensor, or a 1-tuple); its first item is used.
+        config: runtime, threads, batch sizes and runs (:class:`autocompress.latency.LatencyConfig`; default:
+            onnxruntime, 1 thread). Validated.
+
+    Returns:
+        :class:`DeployedForm`; its ``model`` computes what ``model`` computes (up to float rounding).
+
+    Raises:
+        SettingError: an invalid or unavailable runtime (``latency.runtime``).
+        UserError: the runtime cannot take the model (several inputs, an op it cannot export).
+    """
+    config = config or LatencyConfig()
+    config.validate()
+    names = column_layer_names(model)
+    if not names:
+        return DeployedForm(model)
+    x = (example if isinstance(example, torch.Tensor) else example[0]).detach()[:1]
+    inputs = _layer_inputs(model, x, names)
+    chosen = [name for name in names if name in inputs
+              and _faster_dense(model.get_submodule(name), inputs[name], config)]
+    forms = {"stored": model, "dense": with_dense_layers(model, names), "per_layer": with_dense_layers(model, chosen)}
+    if not chosen or len(chosen) == len(names):
+        forms.pop("per_layer")
+    timings = measure_models(forms, x, config)
+    ratios = {form: sum(t[form].median_ms / t["stored"].median_ms for t in timings.values()) / len(timings)
+              for form in forms}
+    best = min(forms, key=lambda form: (ratios[form], FORMS.index(form)))
+    dense = {"stored": [], "dense": names, "per_layer": chosen}[best]
+    return DeployedForm(forms[best], list(dense), names, best, ratios)
+
+
+__all__ = ["COLUMN_LAYERS", "DeployedForm", "column_layer_names", "deployed_form", "with_dense_layers"]
