@@ -1,6 +1,7 @@
 """Training and evaluation: optimiser groups, schedules, hooks, real Fashion-MNIST learning, exact resume."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -171,3 +172,41 @@ def test_nan_loss_is_a_user_error():
     batches = [(torch.full((2, 1, 6, 6), float("nan")), torch.tensor([0, 1]))]
     with pytest.raises(UserError, match="lower the learning rate"):
         train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+
+
+def test_channels_last_scope_keeps_values_and_objects_and_restores_the_layout():
+    """Inside ``channels_last`` the conv weights are channels-last (same values, same Parameter objects, so an
+    optimiser built before still steps them); afterwards contiguous again, also after an error; a training
+    epoch under it steps the same weights as one without it (up to float rounding)."""
+    from autocompress.task import channels_last
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    weight, before = model[0].weight, model[0].weight.detach().clone()
+    with channels_last(model, None, device=torch.device("cpu")):
+        assert model[0].weight is weight and weight.is_contiguous(memory_format=torch.channels_last)
+        assert not weight.is_contiguous() and torch.equal(weight, before)
+    assert weight.is_contiguous() and torch.equal(weight, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with channels_last(model, device=torch.device("cpu")):
+            raise RuntimeError("boom")
+    assert weight.is_contiguous()
+    with channels_last(model, device=torch.device("meta")):  # not the CPU: nothing changes
+        assert weight.is_contiguous()
+    from autocompress.training import train_epoch
+
+    twin = copy.deepcopy(model)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(3)]
+    for net in (model, twin):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        if net is model:
+            train_epoch(net, data, optimizer, progress=False)
+        else:  # the same steps, by hand, contiguous throughout
+            net.train()
+            for images, labels in data:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(net(images), labels).backward()
+                optimizer.step()
+    assert model[0].weight.is_contiguous()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)

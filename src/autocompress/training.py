@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .analysis import analysis_mode
 from .errors import UserError
-from .task import Task, check_loss, move
+from .task import Task, channels_last, check_loss, move
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -199,47 +199,49 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     task = task if task is not None else Task(loader, device=_device_of(model))
     scaler = torch.amp.GradScaler(task.device.type, enabled=task.amp == "fp16" and task.device.type == "cuda")
     model.train()
-    total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
     bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
-    for batch in bar:
-        batch = move(batch, task.device)
-        with task.autocast():
-            if task.loss_fn is None:
-                output = task.forward(model, batch)
-                loss = criterion(output, batch[1])
-            else:
-                loss, output = task.loss(model, batch)
-            if distiller is not None:
-                with torch.no_grad():
-                    teacher_output = task.forward(distiller.teacher, batch)
-                loss = distiller(teacher_output, output, loss)
-            objective = loss
-            if regularizer is not None:
-                reg = regularizer()
-                objective = loss + reg
-                reg_total += float(reg.detach())
-        check_loss(loss, finite=False)
-        if not torch.isfinite(objective):
-            raise UserError(f"training loss became {float(objective.detach())} at step {steps + 1}",
-                            "lower the learning rate (lr) or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(objective).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        if after_step is not None:
-            after_step()
-        steps += 1
-        n = _batch_items(batch)
-        total_loss += float(loss.detach()) * n
-        labelled = labelled and task.loss_fn is None and isinstance(output, torch.Tensor) and output.dim() >= 2
-        if labelled:
-            correct += int((output.detach().argmax(1) == batch[1]).sum())
-        seen += n
-        if progress and (steps % 10 == 0 or steps == 1):
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"acc": f"{100 * correct / seen:.2f}%"}
-                                                               if labelled else {}))
+    total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
+    teacher = distiller.teacher if distiller is not None else None
+    with channels_last(model, teacher, device=task.device):  # restored even when a step raises
+        for batch in bar:
+            batch = move(batch, task.device)
+            with task.autocast():
+                if task.loss_fn is None:
+                    output = task.forward(model, batch)
+                    loss = criterion(output, batch[1])
+                else:
+                    loss, output = task.loss(model, batch)
+                if distiller is not None:
+                    with torch.no_grad():
+                        teacher_output = task.forward(distiller.teacher, batch)
+                    loss = distiller(teacher_output, output, loss)
+                objective = loss
+                if regularizer is not None:
+                    reg = regularizer()
+                    objective = loss + reg
+                    reg_total += float(reg.detach())
+            check_loss(loss, finite=False)
+            if not torch.isfinite(objective):
+                raise UserError(f"training loss became {float(objective.detach())} at step {steps + 1}",
+                                "lower the learning rate (lr) or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step()
+            steps += 1
+            n = _batch_items(batch)
+            total_loss += float(loss.detach()) * n
+            labelled = labelled and task.loss_fn is None and isinstance(output, torch.Tensor) and output.dim() >= 2
+            if labelled:
+                correct += int((output.detach().argmax(1) == batch[1]).sum())
+            seen += n
+            if progress and (steps % 10 == 0 or steps == 1):
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"acc": f"{100 * correct / seen:.2f}%"}
+                                                                   if labelled else {}))
     bar.close()
     result = {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1) if labelled else None,
               "images": seen}
@@ -270,7 +272,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc
     """
     device = _device_of(model)
     total_loss, correct1, correct5, seen, classes = 0.0, 0, 0, 0, 0
-    with analysis_mode(model):
+    with analysis_mode(model), channels_last(model, device=device):
         for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             images, labels = move(images, device), labels.to(device)
             logits = model(images)
