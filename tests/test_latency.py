@@ -191,6 +191,16 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     assert "color:#b00" in page and "SLOWER than the base" in page
 
 
+def test_eager_slower_warning_names_the_slower_batches():
+    from autocompress.compress import _eager_slower_warning
+
+    base, fast = {"latency_b1_ms": 1.0, "latency_b64_ms": 10.0}, {"latency_b1_ms": 0.5, "latency_b64_ms": 9.0}
+    assert _eager_slower_warning(base, fast, torch.device("cpu")) is None
+    warning = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"))
+    assert warning.startswith("WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch "
+                              "on cpu: batch 1: 1.5 ms vs 1 ms;") and "batch 64" not in warning
+
+
 def _t(ms):
     from autocompress.latency import Timing
 

@@ -539,6 +539,10 @@ class Compression:
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
+        warning = _eager_slower_warning(*rows, self.device)
+        if warning:
+            logging.getLogger("autocompress").warning(warning)
+            deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": self.config.latency_runs, **deployed}
 
@@ -565,6 +569,18 @@ class Compression:
                               compression_rate=base["params"] / max(compressed["params"], 1),
                               mac_reduction=base["macs"] / max(compressed["macs"], 1), run_dir=self.run_dir,
                               phase_seconds=seconds)
+
+
+def _eager_slower_warning(base: dict, compressed: dict, device: torch.device) -> str | None:
+    """The warning when the compact model, as stored, runs slower than the base in eager PyTorch (the final
+    table's ``latency_b<B>_ms`` columns), at batch 1 or 64."""
+    slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
+              for b in (1, 64) if compressed[f"latency_b{b}_ms"] > base[f"latency_b{b}_ms"]]
+    if not slower:
+        return None
+    return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
+            f"{'; '.join(slower)}; deploy its deployed form (autocompress.deployed_form with latency.runtime "
+            "torch, or autocompress export), and use channel_multiple (e.g. auto) or a latency target")
 
 
 def _batch_of(example: tuple, batch: int) -> tuple:
