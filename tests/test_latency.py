@@ -191,6 +191,18 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     assert "color:#b00" in page and "SLOWER than the base" in page
 
 
+def test_chance_level_validation_top1_is_a_warning():
+    from autocompress.compress import _chance_warning
+    from autocompress.config import Target
+
+    target = Target.parse("params=50x")
+    assert _chance_warning({"val_top1": 11.1}, 0.1, target) is None
+    assert _chance_warning({"val_top1": 10.5}, None, target) is None and _chance_warning({}, 0.1, target) is None
+    warning = _chance_warning({"val_top1": 10.5}, 0.1, target)
+    assert warning.startswith("WARNING: the compressed model's validation top-1 10.50% is at chance level (10.00%): "
+                              "target params=50x is too aggressive")
+
+
 def test_eager_slower_warning_names_the_slower_batches():
     from autocompress.compress import _eager_slower_warning
 

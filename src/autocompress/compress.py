@@ -539,10 +539,11 @@ class Compression:
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
-        warning = _eager_slower_warning(*rows, self.device)
-        if warning:
-            logging.getLogger("autocompress").warning(warning)
-            deployed["warnings"].append(warning)
+        for warning in (_eager_slower_warning(*rows, self.device),
+                        _chance_warning(rows[1], self.pipeline.chance, self.target)):
+            if warning:
+                logging.getLogger("autocompress").warning(warning)
+                deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": self.config.latency_runs, **deployed}
 
@@ -581,6 +582,17 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device) ->
     return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
             f"{'; '.join(slower)}; deploy its deployed form (autocompress.deployed_form with latency.runtime "
             "torch, or autocompress export), and use channel_multiple (e.g. auto) or a latency target")
+
+
+def _chance_warning(compressed: dict, chance: float | None, target: Target) -> str | None:
+    """The warning when the compact model's validation top-1 is within 1 point of a random guess (``chance``,
+    a fraction; None: not a classification score): the target was too aggressive for the model and budget."""
+    top1 = compressed.get("val_top1")
+    if chance is None or top1 is None or top1 > 100.0 * chance + 1.0:
+        return None
+    return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is at chance level "
+            f"({100.0 * chance:.2f}%): target {target} is too aggressive for this model and budget; lower the "
+            "target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)")
 
 
 def _batch_of(example: tuple, batch: int) -> tuple:
