@@ -1,6 +1,6 @@
 """Deployed-speed benchmarks (issue 12): aligned widths, the latency target and Torch-Pruning round_to=8.
 
-Two sub-commands, both measuring onnxruntime (CPU, ``--threads`` threads, batch 1 and 64, the models timed
+Three sub-commands, all measuring onnxruntime (CPU, ``--threads`` threads, batch 1 and 64, the models timed
 interleaved; :func:`autocompress.latency.measure_models`):
 
 * ``align``: no training (speed does not depend on the weights). Each model's filter groups are projected
@@ -9,6 +9,13 @@ interleaved; :func:`autocompress.latency.measure_models`):
 
       OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latency_bench.py align --models resnet20,torchvision:mobilenet_v2 \\
           --rate 0.5 --runs 50
+
+* ``form``: no training. Each model is projected at one filter rate and one column rate (hybrid pruning,
+  channel multiple ``--multiple``), compacted, and timed next to the base as stored and in its deployed form
+  (:func:`autocompress.deployed_form`: each column layer stored or dense, whichever runs faster)::
+
+      OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latency_bench.py form --models resnet20,fmnist_cnn \
+          --rate 0.3 --column-rate 0.3 --multiple 8 --runs 50
 
 * ``compare``: the same training budget for every method on a trained checkpoint, at each latency level L:
   autocompress ``latency=Lx`` (channel multiple auto), autocompress ``flops=Fx`` with channel multiple 8
@@ -70,6 +77,29 @@ def align(args: argparse.Namespace) -> None:
                    "threads": args.threads, "conv_widths": widths,
                    **{f"ort_b{b}_ms": t[label].median_ms for b, t in timings.items()}}
             print(json.dumps(row), flush=True)
+
+
+def form(args: argparse.Namespace) -> None:
+    """Project each model at filter ``--rate`` and column ``--column-rate``, compact, time base / stored /
+    deployed form interleaved (one JSON line per model)."""
+    from autocompress import deployed_form
+
+    config = LatencyConfig(threads=args.threads, runs=args.runs, warmup=5)
+    for name in args.models.split(","):
+        model, size = _model(name)
+        x = torch.randn(1, *size)
+        space = PruningSpace.build(model, x, dims=("filter", "column"), channel_multiple=args.multiple)
+        rates = {"filter": {g.name: args.rate for g in space.filter_groups},
+                 "column": {c.name: args.column_rate for c in space.column_layers}}
+        stored = compact(model, space.param_masks(project(space, model, rates)), x,
+                         channel_multiple=args.multiple).model
+        deployed = deployed_form(stored, x, config)
+        timings = measure_models({"base": model, "stored": stored, "deployed": deployed.model}, x, config)
+        row = {"model": name, "rate": args.rate, "column_rate": args.column_rate, "multiple": args.multiple,
+               "macs_reduction": metrics.count_macs(model, x) / metrics.count_macs(stored, x),
+               "threads": args.threads, "deployed_form": deployed.summary(),
+               **{f"ort_b{b}_ms": {k: v.median_ms for k, v in t.items()} for b, t in timings.items()}}
+        print(json.dumps(row), flush=True)
 
 
 def _cli_compress(args, target: str, extra: list[str], out: Path) -> dict:
@@ -150,6 +180,13 @@ def main() -> None:
     a.add_argument("--multiples", default="1,4,8,16")
     a.add_argument("--runs", type=int, default=50)
     a.add_argument("--threads", type=int, default=1)
+    f = sub.add_parser("form")
+    f.add_argument("--models", default="resnet20")
+    f.add_argument("--rate", type=float, default=0.3, help="filter pruning rate of every group")
+    f.add_argument("--column-rate", type=float, default=0.3, help="column pruning rate of every layer")
+    f.add_argument("--multiple", type=int, default=1)
+    f.add_argument("--runs", type=int, default=50)
+    f.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("compare")
     c.add_argument("checkpoint")
     c.add_argument("--data-dir")
@@ -164,7 +201,7 @@ def main() -> None:
     c.add_argument("--work", default="/tmp/latency_bench")
     c.add_argument("--out", default="/tmp/latency_bench.jsonl")
     args = parser.parse_args()
-    align(args) if args.command == "align" else compare(args)
+    {"align": align, "form": form, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":
