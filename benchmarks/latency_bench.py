@@ -30,7 +30,6 @@ interleaved; :func:`autocompress.latency.measure_models`):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys

@@ -16,9 +16,8 @@ from autocompress.columns import ColumnConv2d, ColumnLinear
 from autocompress.compaction import compact
 from autocompress.errors import SettingError, UserError
 from autocompress.latency import LatencyConfig, Timing
-from autocompress.models import create_model
-from autocompress.serialization import save_compact
 from test_compaction import _mixed, column_masks, filter_masks
+from test_export import compact_lenet_checkpoint
 
 torch.set_num_threads(1)
 FAST = LatencyConfig(runs=3, warmup=1, table_runs=2, large_batch=4)
@@ -115,13 +114,8 @@ def test_the_choice_follows_the_timings(layer_dense, whole):
 def test_cli_export_columns(tmp_path, capsys):
     """--columns dense writes every column layer as a full-width conv (no input Gather); stored keeps the kept
     columns' layout; auto prints its choice; all three agree with the compact model."""
-    model = create_model("lenet5", num_classes=10).eval()
-    x = torch.randn(2, 1, 28, 28)
-    result = compact(model, column_masks(model, 0.5, masks=filter_masks(model, x, 0.5), skip=()), x)
-    base = {"model": {"name": "lenet5", "kwargs": {"num_classes": 10}},
-            "dataset": {"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10}}
-    ckpt = save_compact(tmp_path / "c.pt", result.model, base_checkpoint=base)
-    convs = {name: m for name, m in result.model.named_modules() if isinstance(m, ColumnConv2d)}
+    _, compact_model, ckpt, _ = compact_lenet_checkpoint(tmp_path)
+    convs = {name: m for name, m in compact_model.named_modules() if isinstance(m, ColumnConv2d)}
     for columns in ("dense", "stored", "auto"):
         out = tmp_path / f"{columns}.onnx"
         assert main(["export", str(ckpt), "--onnx", str(out), "--columns", columns]) == 0

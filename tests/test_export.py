@@ -89,13 +89,19 @@ def test_torch_export_failure_is_a_user_error_and_writes_nothing(tmp_path):
     assert not (tmp_path / "b.pt2").exists()
 
 
-def test_cli_export_compact_checkpoint(tmp_path, capsys):
+def compact_lenet_checkpoint(tmp_path):
+    """A LeNet-5 with half its filters and columns pruned, compacted and saved: ``(base model, compact
+    model, checkpoint path, base checkpoint fields)``."""
     model = create_model("lenet5", num_classes=10).eval()
     x = torch.randn(2, 1, 28, 28)
     result = compact(model, column_masks(model, 0.5, masks=filter_masks(model, x, 0.5), skip=()), x)
     base = {"model": {"name": "lenet5", "kwargs": {"num_classes": 10}},
             "dataset": {"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10}}
-    ckpt = save_compact(tmp_path / "c.pt", result.model, base_checkpoint=base)
+    return model, result.model, save_compact(tmp_path / "c.pt", result.model, base_checkpoint=base), base
+
+
+def test_cli_export_compact_checkpoint(tmp_path, capsys):
+    model, compact_model, ckpt, base = compact_lenet_checkpoint(tmp_path)
     assert main(["export", str(ckpt), "--onnx", str(tmp_path / "c.onnx"), "--opset", "13"]) == 0
     assert "onnxruntime max |diff|" in capsys.readouterr().out and (tmp_path / "c.onnx").stat().st_size > 0
     assert main(["export", str(ckpt), "--torch-export", str(tmp_path / "c.pt2")]) == 0
@@ -104,7 +110,7 @@ def test_cli_export_compact_checkpoint(tmp_path, capsys):
     assert "faster in torch, 1 thread(s)" in printed
     images = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (torch.export.load(tmp_path / "c.pt2").module()(images) - result.model(images)).abs().max() <= 1e-5
+        assert (torch.export.load(tmp_path / "c.pt2").module()(images) - compact_model(images)).abs().max() <= 1e-5
     assert main(["export", str(ckpt)]) == 2
     assert "nothing to write; pass --onnx OUT.onnx and / or --torch-export OUT.pt2" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--torch-export", str(tmp_path / "c.pt2")]) == 2
