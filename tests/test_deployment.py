@@ -72,6 +72,11 @@ def test_bad_runtime_is_refused_before_any_timing():
     model, x = _compact_mixed()
     with pytest.raises(SettingError, match="latency.runtime"):
         module.deployed_form(model, x, LatencyConfig(runtime="tvm"))
+    with pytest.raises(SettingError, match="unknown setting latency.runtimes"):
+        module.deployed_form(model, x, {"runtimes": "torch"})
+    with pytest.raises(SettingError, match="latency config is a str"):
+        module.deployed_form(model, x, "torch")
+    assert module.latency_config({"runtime": "torch", "runs": 3}) == LatencyConfig(runtime="torch", runs=3)
 
 
 def _timing(ms: float) -> Timing:
@@ -84,7 +89,8 @@ def _timing(ms: float) -> Timing:
                                     "per_layer": st.floats(0.5, 2)}))
 def test_the_choice_follows_the_timings(layer_dense, whole):
     """With timings given: each layer is turned dense exactly when its dense form timed faster, and the whole
-    model takes the form with the lowest mean ratio to "as stored" (ties: stored, then dense)."""
+    model takes the form with the lowest mean ratio to "as stored" (ties: stored, then dense) when that is 5 %
+    below "as stored", else stays as stored."""
     model = nn.Sequential(*[ColumnConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), torch.arange(0, 36, 2))
                             for _ in range(3)]).eval()
     layers = {id(model[i]): dense for i, dense in enumerate(layer_dense)}
@@ -107,6 +113,7 @@ def test_the_choice_follows_the_timings(layer_dense, whole):
         forms.pop("per_layer")
     ratio = {name: whole[name] / whole["stored"] for name in forms}
     best = min(forms, key=lambda name: (ratio[name], module.FORMS.index(name)))
+    best = best if ratio[best] < 0.95 else "stored"  # another form must be 5 % faster (module.MARGIN)
     assert form.form == best and form.dense_layers == forms[best]
     assert form.ratios == pytest.approx(ratio)
 

@@ -2,11 +2,13 @@
 in * out, repeated calls count every time, never-called modules count zero."""
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
-from autocompress.metrics import (count_macs, count_params, file_size, layer_table, measure_latency,
-                                  model_summary)
+from autocompress.metrics import (count_macs, count_params, file_size, layer_table, measure_latencies,
+                                  measure_latency, model_summary)
 from autocompress.models import create_model
 
 
@@ -98,6 +100,28 @@ def test_latency_is_positive_and_restores_thread_count():
     assert torch.get_num_threads() == threads
     assert result.batch == 3 and result.threads == 1 and result.runs == 4
     assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+
+
+def test_latencies_are_interleaved_and_in_eval_mode():
+    """Several models timed together: warm-up of each, then rounds calling each once, order reversed every
+    other round; every forward in eval mode; a slower model measures slower."""
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, x):
+            calls.append((self.name, self.training))
+            time.sleep(self.seconds)
+            return x
+
+    models = {"a": Probe("a", 0.0), "b": Probe("b", 0.004)}
+    result = measure_latencies(models, torch.zeros(2, 3), runs=4, warmup=1)
+    assert [name for name, _ in calls] == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert not any(training for _, training in calls) and models["a"].training
+    assert result["a"].runs == result["b"].runs == 4 and result["b"].median_ms > result["a"].median_ms + 2
 
 
 def test_model_summary_and_file_size(tmp_path):

@@ -8,10 +8,13 @@ Gather over its input and a conv at an unaligned width, which can cost more than
 (BENCHMARKS.md, "Deployed speed"). Both forms compute the same function, so the choice is free of accuracy:
 
 1. each column layer is timed alone on its own input (captured on the example, batch ``config.batch``) as
-   stored and as dense (:func:`autocompress.latency.measure_models`, interleaved); the faster one is chosen;
+   stored and as dense (:func:`autocompress.latency.measure_models`, interleaved); dense is chosen when it is
+   faster by at least :data:`MARGIN`;
 2. the whole model is then timed in three forms, interleaved, at the final table's batch sizes: as stored,
    every column layer dense, and the per-layer choice; the form with the lowest mean time ratio to "as
-   stored" wins (layers timed alone do not add up to the whole model, so the whole-model check decides).
+   stored" wins if that ratio is below ``1 - MARGIN``, else the model stays as stored (layers timed alone do
+   not add up to the whole model, so the whole-model check decides). The margin keeps the choice stable
+   under timing noise; it is still a measurement, so two calls on a busy machine may differ.
 
 The parameter count of the compact model (what a params target counts) is the stored one; the dense form
 holds zeros in place of the dropped columns.
@@ -19,20 +22,24 @@ holds zeros in place of the dropped columns.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .analysis import analysis_mode
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
-from .errors import UserError
+from .errors import SettingError, UserError
 from .latency import LatencyConfig, measure_models
 
 COLUMN_LAYERS = (ColumnConv2d, ColumnConvNd, ColumnLinear)
 #: the whole-model forms compared in step 2
 FORMS = ("stored", "dense", "per_layer")
+#: a dense layer or another whole-model form must be this much faster than "as stored" to be chosen, so that
+#: timing noise on a busy machine does not flip the choice from run to run
+MARGIN = 0.05
 
 
 @dataclass
@@ -105,27 +112,45 @@ def _faster_dense(layer: nn.Module, x: torch.Tensor, config: LatencyConfig) -> b
     """Whether ``layer``'s dense equivalent runs faster than the stored column layer on ``x``."""
     timing = measure_models({"stored": layer, "dense": layer.to_dense()}, x, config, batches=[config.batch],
                             runs=config.table_runs)[config.batch]
-    return timing["dense"].median_ms < timing["stored"].median_ms
+    return timing["dense"].median_ms < (1 - MARGIN) * timing["stored"].median_ms
 
 
-def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | None = None) -> DeployedForm:
+def latency_config(config: LatencyConfig | Mapping[str, Any] | None) -> LatencyConfig:
+    """``config`` as a validated :class:`LatencyConfig` (None: the defaults; a mapping: its fields, as in a
+    compress config's ``latency`` section). Raises SettingError naming ``latency.<field>``."""
+    if config is None or isinstance(config, LatencyConfig):
+        config = config or LatencyConfig()
+    elif isinstance(config, Mapping):
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(LatencyConfig)})
+        if unknown:
+            raise SettingError(f"latency.{unknown[0]}", f"unknown setting latency.{unknown[0]}",
+                               "see autocompress.latency.LatencyConfig for the fields")
+        config = LatencyConfig(**config)
+    else:
+        raise SettingError("latency", f"latency config is a {type(config).__name__}",
+                           "pass a LatencyConfig or a mapping of its fields")
+    config.validate()
+    return config
+
+
+def deployed_form(model: nn.Module, example: Any,
+                  config: LatencyConfig | Mapping[str, Any] | None = None) -> DeployedForm:
     """The faster of the stored and dense forms of each column layer in the deployment runtime.
 
     Args:
         model: a compact model (any nn.Module; one without column layers is returned as it is, untimed).
         example: one input ``[B, ...]`` of the model (a tensor, or a 1-tuple); its first item is used.
-        config: runtime, threads, batch sizes and runs (:class:`autocompress.latency.LatencyConfig`; default:
-            onnxruntime, 1 thread). Validated.
+        config: runtime, threads, batch sizes and runs (:class:`autocompress.latency.LatencyConfig` or a
+            mapping of its fields; default: onnxruntime, 1 thread). Validated.
 
     Returns:
         :class:`DeployedForm`; its ``model`` computes what ``model`` computes (up to float rounding).
 
     Raises:
-        SettingError: an invalid or unavailable runtime (``latency.runtime``).
+        SettingError: an unknown or invalid setting, an unavailable runtime (``latency.runtime``).
         UserError: the runtime cannot take the model (several inputs, an op it cannot export).
     """
-    config = config or LatencyConfig()
-    config.validate()
+    config = latency_config(config)
     names = column_layer_names(model)
     if not names:
         return DeployedForm(model)
@@ -140,6 +165,7 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | None =
     ratios = {form: sum(t[form].median_ms / t["stored"].median_ms for t in timings.values()) / len(timings)
               for form in forms}
     best = min(forms, key=lambda form: (ratios[form], FORMS.index(form)))
+    best = best if ratios[best] < 1 - MARGIN else "stored"
     dense = {"stored": [], "dense": names, "per_layer": chosen}[best]
     return DeployedForm(forms[best], list(dense), names, best, ratios)
 

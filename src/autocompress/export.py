@@ -2,17 +2,21 @@
 
 * :func:`export_onnx`: ONNX with the TorchScript-based exporter (``dynamo=False``): it needs no
   onnxscript translation of our modules, folds constants (ColumnConv2d's index tensors and gathered
-  weights become initializers, so a "dense"-path layer is one Conv over its kept input channels and
-  BatchNorm folds into it) and supports a dynamic batch axis; checked in onnxruntime.
+  weights become initializers, so a "dense"-path layer is one Conv over its kept input channels) and
+  supports a dynamic batch axis; a model it cannot export goes through the ``torch.export``-based exporter
+  instead (:func:`onnx_bytes`); checked in onnxruntime.
 * :func:`export_program`: a ``torch.export`` program (``torch.export.save``, ``.pt2``) with a dynamic
   batch axis; checked by loading the file back (``torch.export.load``) and running it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -33,7 +37,8 @@ class ExportResult:
         path: the written ``.onnx`` / ``.pt2`` file.
         max_abs_diff: max |exported - PyTorch| over the checked batches (NaN when ``check=False``).
         tolerance: the allowed difference, ``atol_scale * max(1, max|PyTorch output|)``.
-        opset: ONNX opset version (None for a ``torch.export`` program).
+        opset: ONNX opset version of the file (at least 18 when the torch.export-based exporter wrote it;
+            None for a ``torch.export`` program).
         num_bytes: file size in bytes.
         checked_batch_sizes: batch sizes run (the example's and one more, for the dynamic batch axis).
     """
@@ -81,7 +86,24 @@ def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], exam
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
     """ONNX bytes of ``model`` (eval mode) traced on ``example`` with a dynamic batch axis (input ``"input"``,
-    output ``"output"``; the TorchScript exporter, constants folded). Exceptions of the exporter propagate."""
+    output ``"output"``).
+
+    The TorchScript exporter first (constants folded; its diagnostics on stderr are swallowed); when it cannot
+    export the model (an op it lacks, e.g. adaptive pooling to a size that does not divide the input), the
+    ``torch.export``-based exporter (``dynamo=True``, opset at least 18). The exception of the first exporter
+    propagates when both fail.
+    """
+    try:
+        with _stderr_silenced():
+            return _torchscript_bytes(model, example, opset)
+    except Exception as first:  # the exporter raises many types for unsupported ops
+        try:
+            return _dynamo_bytes(model, example, opset)
+        except Exception:
+            raise first from None
+
+
+def _torchscript_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
@@ -89,6 +111,42 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
                           input_names=["input"], output_names=["output"], do_constant_folding=True,
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return buffer.getvalue()
+
+
+def _dynamo_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    # torch.export specialises a dimension of size 1, so a batch of 1 is traced as 2 to keep it dynamic
+    traced = example if example.shape[0] > 1 else torch.cat([example, example])
+    buffer = io.BytesIO()
+    with analysis_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (traced,), dynamo=True, opset_version=max(opset, 18), verbose=False,
+                                    input_names=["input"], output_names=["output"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program.save(buffer)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 pointed at a temporary file within the block (the exporter's C++ code writes the
+    whole graph there when it fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def opset_of(data: bytes) -> int:
+    """The default-domain opset version of ONNX model bytes."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    return next(int(entry.version) for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def on_cpu(model: nn.Module) -> nn.Module:
@@ -125,7 +183,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         data = onnx_bytes(model, example, opset)
     except Exception as exc:  # the exporter raises many types for unsupported ops
         raise UserError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                        "try another --opset, or export the model before compaction") from exc
+                        "try another opset, or export the model before compaction") from exc
     diff, tolerance, sizes = float("nan"), float("nan"), []
     if check:
         import onnxruntime as ort
@@ -133,10 +191,10 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         diff, tolerance, sizes = _compare(
             model, lambda batch: torch.from_numpy(session.run(None, {"input": batch.numpy()})[0]), example,
-            atol_scale, "onnxruntime", "report this model; try another --opset")
+            atol_scale, "onnxruntime", "report this model; try another opset")
     written = atomic_write_bytes(path, data)
-    return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=opset, num_bytes=len(data),
-                        checked_batch_sizes=sizes)
+    return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=opset_of(data),
+                        num_bytes=len(data), checked_batch_sizes=sizes)
 
 
 def _program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:

@@ -14,11 +14,12 @@ Conventions (used everywhere in autocompress):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -245,6 +246,14 @@ def measure_latency(model: nn.Module, example_inputs, *, runs: int = 30, warmup:
     Raises:
         UserError: ``runs`` < 1, ``warmup`` < 0 or ``threads`` < 1.
     """
+    return measure_latencies({"model": model}, example_inputs, runs=runs, warmup=warmup, threads=threads)["model"]
+
+
+def measure_latencies(models: Mapping[str, nn.Module], example_inputs, *, runs: int = 30, warmup: int = 5,
+                      threads: int | None = None) -> dict[str, LatencyResult]:
+    """:func:`measure_latency` of several models on the same inputs, interleaved: after each model's warm-up,
+    every round times each model once (the order reversed every other round), so a load change on a shared
+    machine hits them alike. Returns name -> :class:`LatencyResult`; raises as :func:`measure_latency`."""
     if runs < 1 or warmup < 0 or (threads is not None and threads < 1):
         raise UserError(f"invalid latency settings runs={runs}, warmup={warmup}, threads={threads}",
                         "use runs >= 1, warmup >= 0 and threads >= 1")
@@ -252,23 +261,32 @@ def measure_latency(model: nn.Module, example_inputs, *, runs: int = 30, warmup:
     sync = torch.cuda.synchronize if any(t.is_cuda for t in inputs) else (lambda: None)
     previous = torch.get_num_threads()
     used = threads or previous
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
     torch.set_num_threads(used)
     try:
-        times = []
-        with analysis_mode(model):
-            for index in range(warmup + runs):
-                sync()
-                start = time.perf_counter()
-                model(*inputs)
-                sync()
-                if index >= warmup:
-                    times.append((time.perf_counter() - start) * 1000.0)
+        with contextlib.ExitStack() as stack:
+            for model in models.values():
+                stack.enter_context(analysis_mode(model))
+            for name in names:
+                for _ in range(warmup):
+                    models[name](*inputs)
+            for index in range(runs):
+                for name in names if index % 2 == 0 else names[::-1]:
+                    sync()
+                    start = time.perf_counter()
+                    models[name](*inputs)
+                    sync()
+                    times[name].append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(previous)
-    times.sort()
-    return LatencyResult(median_ms=statistics.median(times), p10_ms=_percentile(times, 10),
-                         p90_ms=_percentile(times, 90), batch=int(inputs[0].shape[0]), threads=used,
-                         runs=runs)
+    results = {}
+    for name, values in times.items():
+        values.sort()
+        results[name] = LatencyResult(median_ms=statistics.median(values), p10_ms=_percentile(values, 10),
+                                      p90_ms=_percentile(values, 90), batch=int(inputs[0].shape[0]), threads=used,
+                                      runs=runs)
+    return results
 
 
 def example_inputs_for(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -178,7 +178,7 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
     form = deployed.get("deployed_form") or {}
     if form.get("column_layers"):
         lines.append(f"deployed     form: {len(form['dense_layers'])} of {form['column_layers']} column-pruned layers "
-                     "dense (faster there; `autocompress export` writes the same form)")
+                     "dense (faster there; `autocompress export --columns auto` times them again)")
     if deployed.get("warning"):
         lines.append(deployed["warning"])
     return lines
