@@ -86,14 +86,16 @@ def move(batch: Batch, device: torch.device) -> Batch:
 
 
 @contextlib.contextmanager
-def channels_last(*models: nn.Module | None, device: torch.device):
+def channels_last(*models: nn.Module | None, device: torch.device, collectives: bool = True):
     """Within the block, the 4-d parameters and buffers of ``models`` (None skipped) in channels-last layout
     on the CPU, where oneDNN's convolutions with channels-last inputs and weights run 1.4-1.9x faster
     (training step / forward of the demo CNN at batch 64, BENCHMARKS.md); contiguous again afterwards.
-    Values, parameter objects and optimiser references are unchanged. Not under ``torch.distributed``
-    (collectives take contiguous tensors) nor on other devices: then nothing changes."""
+    Values, parameter objects and optimiser references are unchanged. Nothing changes on other devices, nor
+    under ``torch.distributed`` when the block may run collectives on the parameters (``collectives``:
+    DistributedDataParallel training takes contiguous tensors); a forward-only block passes False."""
     models = tuple(m for m in models if m is not None)
-    if device.type != "cpu" or _distributed_active() or not any(p.dim() == 4 for m in models for p in m.parameters()):
+    if device.type != "cpu" or (collectives and _distributed_active()) \
+            or not any(p.dim() == 4 for m in models for p in m.parameters()):
         yield
         return
     for model in models:
@@ -208,7 +210,7 @@ class Task:
         (eval mode, no grad; mode and BatchNorm buffers restored). Outputs ``[B, classes, ...]``: dimension 1
         is the class."""
         correct = seen = 0
-        with analysis_mode(model), channels_last(model, device=self.device):
+        with analysis_mode(model), channels_last(model, device=self.device, collectives=False):
             for batch in batches:
                 batch = move(batch, self.device)
                 predicted = self.forward(model, batch).argmax(1)

@@ -272,7 +272,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc
     """
     device = _device_of(model)
     total_loss, correct1, correct5, seen, classes = 0.0, 0, 0, 0, 0
-    with analysis_mode(model), channels_last(model, device=device):
+    with analysis_mode(model), channels_last(model, device=device, collectives=False):
         for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             images, labels = move(images, device), labels.to(device)
             logits = model(images)
