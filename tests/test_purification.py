@@ -157,10 +157,13 @@ def test_purify_skips_redundant_removal_at_chance_accuracy():
     model, space, masks, val = _purify_setup(column_rate=0.7)
     lines = []
     result = purify(copy.deepcopy(model), space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
-                    score=val, chance=0.1, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2), log=lines.append)
+                    score=val, chance=0.1, tolerance=0.02, thresholds=(0.3, 0.6, 0.9, 1.2), log=lines.append,
+                    describe=lambda value: f"val top-1 {100 * value:.2f}%")
     assert result.top1_before < 0.2  # 10 classes: below 2x chance
     assert result.near_chance and result.trials == [] and result.threshold is None
-    assert any("redundant weight removal skipped" in line for line in lines)
+    skipped = f"redundant weight removal skipped: val top-1 {100 * result.top1_before:.2f}% is below 2x chance " \
+              "(val top-1 20.00%)"
+    assert any(line.startswith(skipped) for line in lines), lines
     # only unused path removal ran: no column the 50 % projection kept was removed
     assert all(torch.equal(result.masks.columns[k], masks.columns[k]) for k in masks.columns)
 

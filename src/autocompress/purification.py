@@ -485,7 +485,8 @@ def check_purification(tolerance: float, thresholds: Sequence[float]) -> None:
 def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_inputs,
            score: Callable[[nn.Module], float] | None = None, chance: float | None = None,
            tolerance: float = 0.005, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-           log: Callable[[str], None] | None = None) -> PurificationResult:
+           log: Callable[[str], None] | None = None,
+           describe: Callable[[float], str] = lambda value: f"validation score {value:.4g}") -> PurificationResult:
     """Network purification and unused path removal, in place (Ma et al. arXiv 1905.00136; brief §4).
 
     Args:
@@ -502,6 +503,7 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
             fraction) relative to the score before purification.
         thresholds: redundant-weight thresholds (relative to the layer's mean remaining unit norm).
         log: called with one line per phase / threshold tried.
+        describe: a score as text for ``log`` (e.g. ``"val top-1 91.20%"`` for a top-1 fraction).
 
     Returns:
         :class:`PurificationResult`; ``model`` holds the purified masks and folded constants.
@@ -515,9 +517,8 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
     if log is not None:
         log(f"unused path removal: {_summary(masks, current)}")
         if result.near_chance:
-            log(f"redundant weight removal skipped: the validation score {result.top1_before:.4g} is below "
-                f"{CHANCE_FACTOR:g}x chance ({CHANCE_FACTOR * chance:.4g}), so its accuracy check would accept "
-                "anything")
+            log(f"redundant weight removal skipped: {describe(result.top1_before)} is below {CHANCE_FACTOR:g}x "
+                f"chance ({describe(CHANCE_FACTOR * chance)}), so its accuracy check would accept anything")
     for threshold in sorted(thresholds) if score is not None and not result.near_chance else ():
         candidate = redundant_candidates(space, model, current, threshold)
         if _same(candidate, current):
@@ -529,7 +530,7 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
         result.trials.append({"threshold": threshold, "top1": top1, "accepted": accepted})
         if log is not None:
             log(f"redundant weight removal at threshold {threshold:g}: {_summary(current, trial_masks)}, "
-                f"validation score {top1:.4g} ({'accepted' if accepted else 'rejected'})")
+                f"{describe(top1)} ({'accepted' if accepted else 'rejected'})")
         if not accepted:
             break
         model.load_state_dict(trial.state_dict())

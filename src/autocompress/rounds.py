@@ -394,7 +394,7 @@ class Pipeline:
         settings = self.config.purification
         return purify(model, state.space, masks, example_inputs=self.example_inputs,
                       score=self.task.score if self.task.can_score else None, chance=self.chance,
-                      tolerance=settings.tolerance, thresholds=settings.thresholds, log=log)
+                      tolerance=settings.tolerance, thresholds=settings.thresholds, log=log, describe=self.describe)
 
     def _refit(self, state: RoundState, result, admm_model: nn.Module) -> tuple[Any, list[dict]]:
         """Meet the round's budget tightly after purification: the searched rates met it before purification,
