@@ -172,3 +172,8 @@ def test_cli_export_to_a_folder_asks_for_a_file(tmp_path, capsys):
                                        f"in .onnx, e.g. --onnx {folder / 'lenet.onnx'}\n")
     assert main(["export", str(ckpt), "--onnx", str(folder), "--overwrite"]) == 2
     assert "is a folder" in capsys.readouterr().err and list(folder.iterdir()) == []
+    missing = tmp_path / "no" / "such" / "m.onnx"
+    assert main(["export", str(ckpt), "--onnx", str(missing)]) == 2
+    assert capsys.readouterr().err == (f"autocompress: error: --onnx {missing}: folder {missing.parent} does not "
+                                       "exist; create it first, or choose another path\n")
+    assert not (tmp_path / "no").exists()

@@ -43,11 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_out(out: Path, flag: str, suffix: str, checkpoint: str, overwrite: bool) -> None:
-    """UserError when output ``flag`` (``--onnx``, ``--torch-export``) names a folder, or an existing file
-    without ``--overwrite``."""
+    """UserError when output ``flag`` (``--onnx``, ``--torch-export``) names a folder, a file in a folder that
+    does not exist, or an existing file without ``--overwrite``."""
     if out.is_dir():
         raise UserError(f"{flag} {out} is a folder",
                         f"pass a file path ending in {suffix}, e.g. {flag} {out / Path(checkpoint).stem}{suffix}")
+    if not out.parent.is_dir():
+        raise UserError(f"{flag} {out}: folder {out.parent} does not exist", "create it first, or choose another path")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists", f"choose another {flag} file name, or pass --overwrite to replace it")
 
