@@ -347,4 +347,5 @@ def test_a_model_the_runtime_cannot_take_keeps_its_result(monkeypatch):
     train, _ = loaders()
     final = _compress(trained(SmallCNN(8, 8), train), "params=1.5x").final
     assert final["deployed"] is None and "deployed_b1_ms" not in final["rows"][1]
-    assert final["warnings"] == ["deployed latency not measured: deployed latency needs a model with one input tensor"]
+    assert final["warnings"][0] == "deployed latency not measured: deployed latency needs a model with one input tensor"
+    assert all("in eager PyTorch" in warning for warning in final["warnings"][1:])  # timing: may or may not warn
