@@ -22,7 +22,6 @@ holds zeros in place of the dropped columns.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -31,7 +30,8 @@ from torch import nn
 
 from .analysis import analysis_mode
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
-from .errors import SettingError, UserError
+from .config import from_dict
+from .errors import UserError
 from .latency import LatencyConfig, measure_models
 
 COLUMN_LAYERS = (ColumnConv2d, ColumnConvNd, ColumnLinear)
@@ -116,19 +116,11 @@ def _faster_dense(layer: nn.Module, x: torch.Tensor, config: LatencyConfig) -> b
 
 
 def latency_config(config: LatencyConfig | Mapping[str, Any] | None) -> LatencyConfig:
-    """``config`` as a validated :class:`LatencyConfig` (None: the defaults; a mapping: its fields, as in a
-    compress config's ``latency`` section). Raises SettingError naming ``latency.<field>``."""
-    if config is None or isinstance(config, LatencyConfig):
-        config = config or LatencyConfig()
-    elif isinstance(config, Mapping):
-        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(LatencyConfig)})
-        if unknown:
-            raise SettingError(f"latency.{unknown[0]}", f"unknown setting latency.{unknown[0]}",
-                               "see autocompress.latency.LatencyConfig for the fields")
-        config = LatencyConfig(**config)
-    else:
-        raise SettingError("latency", f"latency config is a {type(config).__name__}",
-                           "pass a LatencyConfig or a mapping of its fields")
+    """``config`` as a validated :class:`LatencyConfig` (None: the defaults; a mapping: its fields, read like a
+    compress config's ``latency`` section by :func:`autocompress.config.from_dict`). Raises SettingError naming
+    ``latency.<field>``."""
+    if not isinstance(config, LatencyConfig):
+        config = LatencyConfig() if config is None else from_dict(LatencyConfig, config, prefix="latency.")
     config.validate()
     return config
 
@@ -158,9 +150,9 @@ def deployed_form(model: nn.Module, example: Any,
     inputs = _layer_inputs(model, x, names)
     chosen = [name for name in names if name in inputs
               and _faster_dense(model.get_submodule(name), inputs[name], config)]
-    forms = {"stored": model, "dense": with_dense_layers(model, names), "per_layer": with_dense_layers(model, chosen)}
-    if not chosen or len(chosen) == len(names):
-        forms.pop("per_layer")
+    forms = {"stored": model, "dense": with_dense_layers(model, names)}
+    if 0 < len(chosen) < len(names):
+        forms["per_layer"] = with_dense_layers(model, chosen)
     timings = measure_models(forms, x, config)
     ratios = {form: sum(t[form].median_ms / t["stored"].median_ms for t in timings.values()) / len(timings)
               for form in forms}
