@@ -23,6 +23,10 @@ def test_target_parsing():
         with pytest.raises(SettingError) as error:
             Target.parse(bad)
         assert error.value.setting == "target"
+    assert Target.parse("latency=2x") == Target("latency", 2.0) and Target.parse("latency=5ms").ms == 5.0
+    with pytest.raises(SettingError, match="has no unit") as error:  # 5x or 5 ms: the user must say
+        Target.parse("latency=5")
+    assert "latency=5x" in str(error.value) and "latency=5ms" in str(error.value)
 
 
 def test_round_schedules():

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from autocompress.compress import CompressConfig
-from autocompress.distillation import DistillationConfig, Distiller
+from autocompress.distillation import DistillationConfig, Distiller, TeacherCache
 from autocompress.errors import UserError
+from autocompress.task import Task
 from autocompress.training import TrainConfig, build_optimizer, evaluate, train_epoch
 
 
@@ -102,3 +104,113 @@ def test_student_learns_fashion_mnist_from_soft_targets_alone(fmnist_small):
     student_top1 = evaluate(student, val)["top1"]
     assert teacher_top1 > 0.7
     assert student_top1 > teacher_top1 - 0.05
+
+
+def _forwards(model: nn.Module) -> list:
+    """A list that grows by one entry per forward of ``model``: the rows of its input."""
+    calls: list = []
+    model.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    return calls
+
+
+def _epochs(distiller, loader, cache, epochs: int, seed: int = 1) -> tuple[nn.Module, list[int]]:
+    """``epochs`` distilled epochs of a fresh student; returns it and the teacher forwards per epoch."""
+    student = _net(seed)
+    optimizer = build_optimizer(student, TrainConfig(lr=0.05))
+    calls, per_epoch = _forwards(distiller.teacher), []
+    for _ in range(epochs):
+        before = len(calls)
+        train_epoch(student, loader, optimizer, distiller=distiller, teacher_cache=cache, progress=False)
+        per_epoch.append(sum(calls[before:]))
+    return student, per_epoch
+
+
+def _loader(n: int = 40, batch: int = 8):
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(4))
+
+
+def test_teacher_cache_skips_the_teacher_on_inputs_seen_before_with_the_same_training():
+    distiller = Distiller(_net(0), DistillationConfig())
+    cache = TeacherCache()
+    cached, forwards = _epochs(distiller, _loader(), cache, 3)
+    assert forwards == [40, 0, 0] and len(cache) == 40 and cache.enabled  # teacher rows per epoch
+    plain, plain_forwards = _epochs(distiller, _loader(), None, 3)
+    assert plain_forwards == [40, 40, 40]
+    for a, b in zip(cached.parameters(), plain.parameters()):  # reshuffled batches: rows served by the cache
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Augmented:
+    """``base``'s batches, each image changed by ``fn(images, generator)`` afresh every epoch."""
+
+    def __init__(self, base, fn):
+        self.base, self.fn, self.generator = base, fn, torch.Generator().manual_seed(5)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __iter__(self):
+        return ((self.fn(x, self.generator), y) for x, y in self.base)
+
+
+def _flip(x, generator):
+    return torch.where((torch.rand(len(x), generator=generator) < 0.5)[:, None, None, None], x.flip(3), x)
+
+
+def test_teacher_cache_turns_itself_off_when_inputs_never_repeat():
+    noise = _Augmented(_loader(), lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g))
+    distiller = Distiller(_net(0), DistillationConfig())
+    cache = TeacherCache()
+    _, forwards = _epochs(distiller, noise, cache, 3)
+    assert forwards == [40, 40, 40] and not cache.enabled and len(cache) == 0 and cache.stored_bytes == 0
+
+
+def test_teacher_cache_runs_the_teacher_only_on_unseen_rows_under_a_flip():
+    distiller = Distiller(_net(0), DistillationConfig())
+    cache = TeacherCache()
+    cached, forwards = _epochs(distiller, _Augmented(_loader(), _flip), cache, 6)
+    assert forwards[0] == 40 and sum(forwards) == len(cache) <= 80 and cache.enabled  # each row computed once
+    assert 0 < forwards[1] < 40 and forwards[-1] < 10  # about half, then ever fewer
+    plain, _ = _epochs(distiller, _Augmented(_loader(), _flip), None, 6)
+    for a, b in zip(cached.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_cache_state_continues_in_a_new_cache_and_loads_weights_only(tmp_path):
+    distiller = Distiller(_net(0), DistillationConfig())
+    cache = TeacherCache()
+    _epochs(distiller, _loader(), cache, 1)
+    torch.save(cache.state_dict(), tmp_path / "cache.pt")
+    resumed = TeacherCache(state=torch.load(tmp_path / "cache.pt", weights_only=True))
+    assert len(resumed) == 40 and resumed.epochs == 1 and resumed.stored_bytes == cache.stored_bytes
+    _, forwards = _epochs(distiller, _loader(), resumed, 1)
+    assert forwards == [0]
+
+
+def test_teacher_cache_keys_rows_by_content_dtype_and_shape():
+    teacher = _net(0)
+    distiller = Distiller(teacher, DistillationConfig())
+    task = Task([])
+    cache = TeacherCache()
+    calls = _forwards(distiller.teacher)
+    x = torch.randn(4, 1, 6, 6)
+    first = distiller.teacher_output(task, (x, None), cache)
+    again = distiller.teacher_output(task, (x.flip(0).clone(), None), cache)  # same rows, other order
+    assert calls == [4] and torch.equal(again, first.flip(0))
+    distiller.teacher_output(task, (x.double().float() + 1e-3, None), cache)  # other bytes
+    distiller.teacher_output(task, (x.reshape(4, 1, 3, 12), None), cache)  # same bytes, other shape
+    assert calls == [4, 4, 4] and len(cache) == 12
+
+
+def test_teacher_cache_is_bypassed_for_a_custom_forward_and_stops_storing_at_max_bytes():
+    distiller = Distiller(_net(0), DistillationConfig())
+    x = torch.randn(6, 1, 6, 6)
+    custom = Task([], forward_fn=lambda model, batch: model(batch["x"]))
+    cache = TeacherCache()
+    distiller.teacher_output(custom, {"x": x}, cache)
+    assert len(cache) == 0
+    small = TeacherCache(max_bytes=3 * 3 * 4)  # three rows of 3 float32 logits
+    distiller.teacher_output(Task([]), (x, None), small)
+    assert len(small) == 3 and small.stored_bytes == 36

@@ -18,7 +18,7 @@ from autocompress.runfolder import RunFolder
 from autocompress.task import Task
 
 CONFIG = {"admm": {"epochs": 3, "update_interval": 4}, "retrain": {"epochs": 3},
-          "purification": {"enabled": False}}
+          "purification": {"enabled": False}, "distillation": {"enabled": True}}  # teacher cache in the checkpoint
 
 
 class Killed(Exception):
@@ -95,6 +95,8 @@ def test_a_kill_after_epoch_k_resumes_at_epoch_k_plus_1_with_the_uninterrupted_r
     assert weights is None
     phase = "admm" if kill_at.startswith("ADMM") else "retrain"
     assert sorted(p.name for p in (run_dir / "round1").glob("*.epoch.pt")) == [f"{phase}.epoch.pt"]
+    stored = torch.load(run_dir / "round1" / f"{phase}.epoch.pt", weights_only=True)["loop"]["teacher_cache"]
+    assert stored["keys"].shape == (300, 16) and stored["enabled"]  # every training image's teacher output
 
     weights, resumed, lines, records = _run(run_dir, seeded_loader=seeded_loader)
     cut = full_epochs.index(kill_at)

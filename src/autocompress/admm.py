@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import distributed, training
+from .distillation import TeacherCache
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks, apply_masks
@@ -364,16 +365,18 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         if loop:
             schedule.load_state_dict(loop["admm"])
             epoch_stats = list(loop["epoch_stats"])
+        cache = _teacher_cache(distiller, loop)
         for epoch in range(start, config.epochs):
             epoch_stats.append(training.train_epoch(
                 model if runner is None else runner, train_loader, optimizer, scheduler, task=task,
-                criterion=criterion,
-                regularizer=schedule.penalty, after_step=schedule.after_step, distiller=distiller,
-                progress=progress, desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
+                criterion=criterion, regularizer=schedule.penalty, after_step=schedule.after_step,
+                distiller=distiller, teacher_cache=cache, progress=progress,
+                desc=f"ADMM epoch {epoch + 1}/{config.epochs}"))
             schedule.end_epoch()
             if checkpoint is not None:
                 checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,
-                                {"admm": schedule.state_dict(), "epoch_stats": epoch_stats})
+                                {"admm": schedule.state_dict(), "epoch_stats": epoch_stats,
+                                 **_cache_state(cache)})
     result = schedule.result(model)
     result.epoch_stats = epoch_stats
     return result
@@ -427,18 +430,31 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
     start, loop = checkpoint.resume(model, optimizer, scheduler, config.epochs) if checkpoint else (0, {})
     history = list(loop.get("history", []))
+    cache = _teacher_cache(distiller, loop)
     try:
         for epoch in range(start, config.epochs):
             stats = dict(training.train_epoch(model if runner is None else runner, train_loader, optimizer,
                                               scheduler, task=task, criterion=criterion, distiller=distiller,
-                                              progress=progress,
+                                              teacher_cache=cache, progress=progress,
                                               desc=f"retrain epoch {epoch + 1}/{config.epochs}"))
             history.append(stats)
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}{top1}")
             if checkpoint is not None:
-                checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler, {"history": history})
+                checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,
+                                {"history": history, **_cache_state(cache)})
     finally:
         enforcer.detach()
     return history
+
+
+def _teacher_cache(distiller, loop: dict) -> TeacherCache | None:
+    """The phase's cache of teacher outputs (continued from an epoch checkpoint's ``loop`` state), or None
+    without a distiller."""
+    return TeacherCache(state=loop.get("teacher_cache")) if distiller is not None else None
+
+
+def _cache_state(cache: TeacherCache | None) -> dict:
+    """The cache's part of an epoch checkpoint's loop state."""
+    return {} if cache is None else {"teacher_cache": cache.state_dict()}

@@ -106,8 +106,9 @@ def check_multiple(space, multiple: int, *, explicit: bool) -> list[str]:
                         f"the smallest of {len(smaller)} such groups)",
                         f"use a multiple of at most {g.size}, auto, or ignore those layers")
     if small:
-        log.info("channel multiple %d: %d filter group(s) of at most %d channels keep every channel (%s)",
-                 multiple, len(small), multiple, ", ".join(g.name for g in small[:5]))
+        log.info("channel multiple %d (aligned widths): %d filter group(s) of at most %d channels keep every "
+                 "channel whatever their pruning rate, since the smallest aligned width is the whole group (%s)",
+                 multiple, len(small), multiple, ", ".join(f"{g.name}: {g.size}" for g in small[:5]))
     return [g.name for g in small]
 
 

@@ -280,7 +280,12 @@ class ColumnConv2d(nn.Module):
         kh, kw = self.kernel_size
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"columns={self.num_columns}/{self.in_channels // self.groups * kh * kw}, "
-                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, path={self.path}")
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"path={_PATH_NAMES[self.path]}")
+
+
+#: ``repr`` of the evaluation paths ("dense" alone read as if the layer ran as a full nn.Conv2d)
+_PATH_NAMES = {"dense": "conv over kept input channels", "positions": "per-position GEMM"}
 
 
 class ColumnLinear(nn.Module):

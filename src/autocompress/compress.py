@@ -433,7 +433,7 @@ class Compression:
         candidate = compact(state.model, state.space.param_masks(masks), self.example,
                             channel_multiple=self.multiple).model
         settings = self.config.latency
-        candidate = deployed_form(candidate, self.example, settings).model
+        candidate = deployed_form(candidate, self.example, settings, batches=[settings.batch]).model
         timing = measure_models({"base": self.pipeline.base_model, "candidate": candidate}, self.example, settings,
                                 batches=[settings.batch])[settings.batch]
         return timing["base"].median_ms / timing["candidate"].median_ms

@@ -54,8 +54,8 @@ class Target:
 
     @classmethod
     def parse(cls, text: Any) -> "Target":
-        """``"params=20x"`` / ``"flops=8x"`` / ``"latency=2x"`` (the ``x`` is optional) or ``"latency=5ms"``.
-        Raises SettingError (``target``)."""
+        """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional) or ``"latency=2x"`` / ``"latency=5ms"`` (a
+        latency needs its unit: a speedup or milliseconds). Raises SettingError (``target``)."""
         match = re.fullmatch(r"\s*(params|flops|latency)\s*=\s*([0-9]*\.?[0-9]+)\s*(x|ms)?\s*", text) \
             if isinstance(text, str) and len(text) < 100 else None
         ms = bool(match) and match.group(3) == "ms"
@@ -64,6 +64,10 @@ class Target:
             raise SettingError("target", f"cannot read target {show(text)}",
                                "write OBJECTIVE=FACTORx with OBJECTIVE params, flops or latency and 1 < FACTOR "
                                "< 1e9 (e.g. params=20x, latency=2x), or latency=MILLISECONDSms (e.g. latency=5ms)")
+        if match.group(1) == "latency" and match.group(3) is None:
+            raise SettingError("target", f"target {show(text)} has no unit",
+                               f"write latency={match.group(2)}x for a speedup over the base or "
+                               f"latency={match.group(2)}ms for milliseconds")
         value = float(match.group(2))
         return cls(match.group(1), None, value) if ms else cls(match.group(1), value)
 

@@ -125,8 +125,8 @@ def latency_config(config: LatencyConfig | Mapping[str, Any] | None) -> LatencyC
     return config
 
 
-def deployed_form(model: nn.Module, example: Any,
-                  config: LatencyConfig | Mapping[str, Any] | None = None) -> DeployedForm:
+def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mapping[str, Any] | None = None,
+                  batches: Sequence[int] | None = None) -> DeployedForm:
     """The faster of the stored and dense forms of each column layer in the deployment runtime.
 
     Args:
@@ -134,6 +134,8 @@ def deployed_form(model: nn.Module, example: Any,
         example: one input ``[B, ...]`` of the model (a tensor, or a 1-tuple); its first item is used.
         config: runtime, threads, batch sizes and runs (:class:`autocompress.latency.LatencyConfig` or a
             mapping of its fields; default: onnxruntime, 1 thread). Validated.
+        batches: the batch sizes whose mean time ratio decides (default ``config.batches``: 1 and the large
+            batch; a latency target's calibration passes its own batch only).
 
     Returns:
         :class:`DeployedForm`; its ``model`` computes what ``model`` computes (up to float rounding).
@@ -153,7 +155,7 @@ def deployed_form(model: nn.Module, example: Any,
     forms = {"stored": model, "dense": with_dense_layers(model, names)}
     if 0 < len(chosen) < len(names):
         forms["per_layer"] = with_dense_layers(model, chosen)
-    timings = measure_models(forms, x, config)
+    timings = measure_models(forms, x, config, batches=batches)
     ratios = {form: sum(t[form].median_ms / t["stored"].median_ms for t in timings.values()) / len(timings)
               for form in forms}
     best = min(forms, key=lambda form: (ratios[form], FORMS.index(form)))

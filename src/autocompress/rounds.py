@@ -103,9 +103,7 @@ class TrainingPhase:
         through ``forward_fn``), or ``loss`` unchanged when distillation is off."""
         if self._distiller is None:
             return loss
-        with torch.no_grad():
-            teacher = self._task.forward(self._distiller.teacher, batch)
-        return self._distiller(teacher, output, loss)
+        return self._distiller(self._distiller.teacher_output(self._task, batch), output, loss)
 
     def close(self) -> None:
         """Remove the hooks (the pipeline calls this after ``train_fn`` returns)."""

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import analysis_mode
+from .distillation import TeacherCache
 from .errors import UserError
 from .task import Task, channels_last, check_loss, move
 from .text import plural
@@ -170,7 +171,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, task: Task | None = None,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None, distiller: Callable | None = None,
-                progress: bool = True, desc: str = "") -> dict:
+                teacher_cache: TeacherCache | None = None, progress: bool = True, desc: str = "") -> dict:
     """One training epoch in train mode.
 
     Args:
@@ -185,6 +186,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         after_step: called after every optimiser step (e.g. ``MaskEnforcer.after_step``).
         distiller: a :class:`autocompress.distillation.Distiller`; its mixed loss (teacher run on the same
             batch through the task's forward) replaces the data loss.
+        teacher_cache: a :class:`autocompress.distillation.TeacherCache` serving the teacher's outputs on
+            inputs seen in earlier epochs of the phase; told when this epoch ends.
         progress: show a tqdm bar with running loss (and accuracy for ``(inputs, labels)`` batches).
 
     Returns:
@@ -212,9 +215,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 else:
                     loss, output = task.loss(model, batch)
                 if distiller is not None:
-                    with torch.no_grad():
-                        teacher_output = task.forward(distiller.teacher, batch)
-                    loss = distiller(teacher_output, output, loss)
+                    loss = distiller(distiller.teacher_output(task, batch, teacher_cache), output, loss)
                 objective = loss
                 if regularizer is not None:
                     reg = regularizer()
@@ -243,6 +244,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"acc": f"{100 * correct / seen:.2f}%"}
                                                                    if labelled else {}))
     bar.close()
+    if teacher_cache is not None:
+        teacher_cache.end_epoch()
     result = {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1) if labelled else None,
               "images": seen}
     if regularizer is not None:
