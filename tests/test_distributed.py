@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from autocompress import distributed
 from autocompress.annealing import AnnealingConfig, simulated_annealing
@@ -277,3 +277,17 @@ def test_cli_under_torchrun(tmp_path):
     final = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
     base, compressed = final["rows"]
     assert base["params"] / compressed["params"] >= 3.0 * 0.99
+
+
+def test_shard_loader_logs_what_one_step_averages(monkeypatch):
+    """Under 2 processes the log says how train_loader was sharded and the items one optimiser step averages
+    (a user's own DataLoader keeps PyTorch's per-process batch: the global batch is 2 x its batch)."""
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+    monkeypatch.setattr(distributed, "all_gather_object", lambda value: [value, value])
+    data = TensorDataset(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    lines: list[str] = []
+    distributed.shard_loader(DataLoader(data, batch_size=4, shuffle=True), log=lines.append)
+    own = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    assert distributed.shard_loader(own, log=lines.append) is own
+    assert "DistributedSampler; each optimiser step averages 2 x 4 = 8 items" in lines[0]
+    assert "sharded by the caller; each optimiser step averages 2 processes' batches (2 x 4 = 8 items" in lines[1]

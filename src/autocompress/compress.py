@@ -232,7 +232,8 @@ class Compression:
                                "set distributed.sync_batchnorm: false on the CPU")
         if default_loop:
             with torch.random.fork_rng(devices=[]):
-                distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data)
+                distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data,
+                                         log=self.pipeline.log)
 
     def _chance(self, base: nn.Module) -> float | None:
         """1 / classes for the default top-1 score (the class dimension of the output), else None."""

@@ -335,7 +335,8 @@ class _PhaseSampler(torch.utils.data.DistributedSampler):
         return super().__iter__()
 
 
-def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "train_loader") -> Iterable:
+def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "train_loader",
+                 log: Callable[[str], None] | None = None) -> Iterable:
     """The training loader of this rank.
 
     In one process, with ``shard_data=False`` or a loader already sharded (its sampler is a
@@ -344,6 +345,8 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
     batch size, collate function and workers with a ``DistributedSampler`` (shuffled when ``loader``
     shuffled; the shuffle seed drawn from the global generator now, identical on every rank when the phase
     is seeded). Checked with :func:`check_data`.
+
+    ``log`` is told how the loader was sharded and what one optimiser step averages (the global batch).
 
     Raises:
         UserError: ``loader`` cannot be sharded (not a DataLoader, an iterable-style dataset, a custom sampler
@@ -354,9 +357,16 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
         return loader
     data = torch.utils.data
     sampler = getattr(loader, "sampler", None)
+    log = log or (lambda _line: None)
+    batch = getattr(loader, "batch_size", None)
+    per_step = f"{here.size} x {batch} = {here.size * batch}" if isinstance(batch, int) else f"{here.size} batches"
     if shard_data and callable(getattr(loader, "shard", None)):
         loader = loader.shard(here.rank, here.size)
-    elif shard_data and not isinstance(sampler, data.DistributedSampler):
+        log(f"{name}: split across {here.size} processes by its own shard(rank, size)")
+    elif not shard_data or isinstance(sampler, data.DistributedSampler):
+        log(f"{name}: sharded by the caller; each optimiser step averages {here.size} processes' batches "
+            f"({per_step} items; the learning rate is the caller's to scale)")
+    else:
         plain = isinstance(loader, data.DataLoader) and not isinstance(loader.dataset, data.IterableDataset) \
             and isinstance(sampler, (data.RandomSampler, data.SequentialSampler)) \
             and loader.batch_size is not None and type(loader.batch_sampler) is data.BatchSampler
@@ -373,6 +383,8 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
                                  pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
                                  worker_init_fn=loader.worker_init_fn,
                                  persistent_workers=loader.persistent_workers)
+        log(f"{name}: sharded with a DistributedSampler; each optimiser step averages {per_step} items "
+            f"(the loader's batch on each of {here.size} processes; the learning rate is the caller's to scale)")
     check_data(loader, name)
     return loader
 
