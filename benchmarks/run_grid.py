@@ -132,14 +132,17 @@ AUTOCOMPRESS_METHODS = {
     # session 7: the library's defaults under one `budget` of the model's epochs (see budget_settings)
     "ac_budget": ("autocompress defaults, `budget` = the epoch budget", {}),
     "ac_budget_uniform": ("ablation: `budget` with uniform rates (no search)", {"search_mode": "uniform"}),
+    # session 9 (issue 12): the same with aligned widths (8 on this AVX2 CPU), against Torch-Pruning round_to=8
+    "ac_budget_aligned": ("autocompress defaults, `budget`, channel_multiple auto", {"channel_multiple": "auto"}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
-         "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)"}
+         "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)",
+         "tp_kd_r8": "reference: Torch-Pruning round_to=8 + distillation (T 4, alpha 0.9)"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
-            "ac_budget", "ac_budget_uniform")
+            "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "tp_kd_r8")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -313,9 +316,10 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed
 
 
 def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool = False,
-                      seed: int = 0) -> tuple[object, dict]:
+                      seed: int = 0, round_to: int | None = None) -> tuple[object, dict]:
     """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``
-    fine-tunes with distillation from the base (the ``tp_kd`` reference)."""
+    fine-tunes with distillation from the base (the ``tp_kd`` reference); ``round_to``: Torch-Pruning's
+    aligned widths (``tp_kd_r8``)."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
     import torch_pruning_baseline
 
@@ -325,7 +329,7 @@ def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool
     out = work / "model.pt"
     facts = torch_pruning_baseline.run(str(ROOT / spec.checkpoint), target, epochs=spec.epochs, lr=0.01,
                                        max_train=spec.max_train, val_size=spec.val_size, data_dir=spec.data_dir,
-                                       seed=seed, out=str(out), distill=distill)
+                                       seed=seed, out=str(out), distill=distill, round_to=round_to)
     facts["physical"] = "torch-pruning"
     return autocompress.load(out), facts
 
@@ -452,8 +456,9 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
     began = time.perf_counter()
     if method in AUTOCOMPRESS_METHODS:
         compact_model, facts = run_autocompress(spec, target, method, work, seed)
-    elif method in ("torch_pruning", "tp_kd"):
-        compact_model, facts = run_torch_pruning(spec, target, work, distill=method == "tp_kd", seed=seed)
+    elif method in ("torch_pruning", "tp_kd", "tp_kd_r8"):
+        compact_model, facts = run_torch_pruning(spec, target, work, distill=method != "torch_pruning", seed=seed,
+                                                 round_to=8 if method == "tp_kd_r8" else None)
     else:
         compact_model, facts = run_nni(spec, target, work)
     wall = time.perf_counter() - began
