@@ -100,9 +100,11 @@ def main(spec_path: str) -> int:
     config = {**spec["config"], **spec.get("rank_config", {}).get(str(rank), {})}
     train = DataLoader(images(spec.get("items", 64), 0), batch_size=8, shuffle=True)
     val = DataLoader(images(48, 1), batch_size=16)
+    lines: list[str] = []
     try:
         result = autocompress.compress(base_model(), torch.randn(1, 1, 8, 8), train_loader=train, val_loader=val,
-                                       device="cpu", config=config, run_dir=spec.get("run_dir"), progress=False)
+                                       device="cpu", config=config, run_dir=spec.get("run_dir"), progress=False,
+                                       log=lines.append)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -111,7 +113,7 @@ def main(spec_path: str) -> int:
         "trajectory": [step for r in search for step in r["trajectory"]], "rates": [r["rates"] for r in search],
         "phases": seen["phases"], "zu": seen["zu"], "epochs": seen["epochs"], "compression": result.compression_rate,
         "model": distributed.digest(result.model.state_dict().values()),
-        "events": [r.get("event") for r in result.records]}))
+        "events": [r.get("event") for r in result.records], "log": lines}))
     distributed.finish()
     return 0
 

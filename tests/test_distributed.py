@@ -102,6 +102,9 @@ def test_two_ranks_end_to_end(two_ranks):
               if json.loads(line)["event"] == "phase"]
     assert phases == ["search", "admm", "purify", "retrain", "compact"]
     assert json.loads((run / "state.json").read_text())["done"][-1] == ["final", "final"]
+    assert "train_loader: sharded with a DistributedSampler; each optimiser step averages 2 x 8 = 16 items " \
+        "(the loader's batch on each of 2 processes; the learning rate is the caller's to scale)" in rank0["log"]
+    assert rank1["log"] == []  # rank 0 speaks for the run
 
 
 def test_one_and_two_processes_make_the_same_search_decisions(two_ranks, tmp_path):

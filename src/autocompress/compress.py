@@ -195,7 +195,7 @@ class Compression:
         self.task = Task(device=self.device, amp=amp, **task_args)
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
-        self._check_world(base, train_fn is None)
+        self._check_world(base, train_fn is None, log or (lambda _line: None))
         self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
@@ -220,9 +220,10 @@ class Compression:
         self.pipeline.store = self.store
 
     # --- set-up ---------------------------------------------------------------------------------------
-    def _check_world(self, base: nn.Module, default_loop: bool) -> None:
+    def _check_world(self, base: nn.Module, default_loop: bool, log: Callable[[str], None]) -> None:
         """Several processes: the same settings and base model on every rank, and training data that can feed
-        every rank (:mod:`autocompress.distributed`); UserError naming what differs, before any work."""
+        every rank (:mod:`autocompress.distributed`; ``log`` is told how it is sharded); UserError naming what
+        differs, before any work."""
         if not self.world.active:
             return
         distributed.check_same({**dataclasses.asdict(self.config), "device type": self.device.type,
@@ -233,7 +234,7 @@ class Compression:
         if default_loop:
             with torch.random.fork_rng(devices=[]):
                 distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data,
-                                         log=self.pipeline.log)
+                                         log=log)
 
     def _chance(self, base: nn.Module) -> float | None:
         """1 / classes for the default top-1 score (the class dimension of the output), else None."""
