@@ -214,3 +214,16 @@ def test_teacher_cache_is_bypassed_for_a_custom_forward_and_stops_storing_at_max
     small = TeacherCache(max_bytes=3 * 3 * 4)  # three rows of 3 float32 logits
     distiller.teacher_output(Task([]), (x, None), small)
     assert len(small) == 3 and small.stored_bytes == 36
+
+
+def test_teacher_cache_turns_off_on_inputs_of_another_size():
+    """Its state is one stacked tensor of rows: outputs of another shape (a fully convolutional teacher on
+    inputs of another size) turn it off instead of failing when an epoch checkpoint saves it."""
+    teacher = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1))
+    distiller = Distiller(teacher, DistillationConfig())
+    cache = TeacherCache()
+    distiller.teacher_output(Task([]), (torch.randn(2, 1, 6, 6), None), cache)
+    assert len(cache) == 2 and cache.state_dict()["values"].shape == (2, 3, 6, 6)
+    out = distiller.teacher_output(Task([]), (torch.randn(2, 1, 8, 8), None), cache)
+    assert out.shape == (2, 3, 8, 8) and not cache.enabled and len(cache) == 0
+    assert cache.state_dict()["values"].numel() == 0

@@ -154,7 +154,7 @@ class TeacherCache:
             if not (isinstance(output, torch.Tensor) and output.shape[:1] == (len(missing),)):
                 self._turn_off()  # not one output row per input row: nothing to key
                 return output if len(missing) == len(keys) else _no_grad_forward(teacher, task, batch)
-            if len(missing) == len(keys) and self.stored_bytes >= self.max_bytes:
+            if len(missing) == len(keys) and (self.stored_bytes >= self.max_bytes or not self._fits(output)):
                 return output
             fresh = {keys[i]: row for i, row in zip(missing, output.detach())}
             for key, row in fresh.items():
@@ -180,6 +180,15 @@ class TeacherCache:
         keys = torch.tensor([list(key) for key in self._store], dtype=torch.uint8).reshape(-1, 16)
         values = torch.stack(list(self._store.values())) if self._store else torch.empty(0)
         return {"enabled": self.enabled, "epochs": self.epochs, "keys": keys, "values": values}
+
+    def _fits(self, output: torch.Tensor) -> bool:
+        """Whether ``output``'s rows have the shape and dtype of the stored ones; if not (inputs of another
+        size), the cache turns off: its state is one stacked tensor."""
+        first = next(iter(self._store.values()), None)
+        if first is None or (first.shape == output.shape[1:] and first.dtype == output.dtype):
+            return True
+        self._turn_off()
+        return False
 
     def _put(self, key: bytes, value: torch.Tensor) -> None:
         self._store[key] = value
