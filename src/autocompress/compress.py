@@ -484,10 +484,11 @@ class Compression:
         settings = self.config.latency
         measured = final["deployed"]["batches"][str(settings.batch)]
         if measured["speedup"] < self.factor * (1 - settings.tolerance):
-            raise UserError(f"target {self.target} missed: the compact model runs in {measured['compressed_ms']:.3g} ms "
-                            f"vs {measured['base_ms']:.3g} ms for the base ({measured['speedup']:.2f}x, "
-                            f"{settings.runtime}, batch {settings.batch}, {settings.threads} thread(s); the lookup "
-                            f"table estimated {final['latency_estimate']['estimate_ms']:.3g} ms)",
+            raise UserError(f"target {self.target} missed: the compact model runs in "
+                            f"{measured['compressed_ms']:.3g} ms vs {measured['base_ms']:.3g} ms for the base "
+                            f"({measured['speedup']:.2f}x, {settings.runtime}, batch {settings.batch}, "
+                            f"{settings.threads} thread(s); the lookup table estimated "
+                            f"{final['latency_estimate']['estimate_ms']:.3g} ms)",
                             "raise the target a little (the table's error is in the final record), or measure on "
                             "a quieter machine (latency.runs)")
 

@@ -24,7 +24,8 @@ the space's largest rate, aligned, compacted) are both measured, and ``fixed + s
 through the two (when that needs a negative fixed cost: no fixed cost, ``scale = base / sum``). Layers timed
 alone do not add up to the whole model (fusion across layers, per-node overhead, caches); without the second
 point a resnet20 at 7x fewer MACs was under-estimated by 68 % (BENCHMARKS.md). So the estimate equals the
-measured base latency at full width, is non-increasing in every pruning rate, and is checked against the measured compact model at the end.
+measured base latency at full width, is non-increasing in every pruning rate, and is checked against the
+measured compact model at the end.
 
 **Columns**: a column-pruned layer (:class:`autocompress.columns.ColumnConv2d`, ``ColumnConvNd``,
 ``ColumnLinear``) is timed as exported at full width with :data:`COLUMN_FRACTIONS` of its columns kept; its
@@ -525,7 +526,8 @@ class LatencyTable:
     def summary(self) -> dict:
         """Plain data for the records: size of the table, fixed cost, column findings, cache use."""
         return {"layers": len(self.specs), "cells": sum(len(c) for c in self.cells.values()),
-                "fixed_ms": self.fixed_ms, "scale": self.scale, "base_ms": self.base_ms, "overhead_ms": self.overhead_ms,
+                "fixed_ms": self.fixed_ms, "scale": self.scale, "base_ms": self.base_ms,
+                "overhead_ms": self.overhead_ms,
                 "column_useless": list(self.column_useless),
                 "column_ratio_half": {n: self.column_factor(n, 0.5) for n in self.column_ratio},
                 "cached": self.cached, **self.meta}

@@ -16,8 +16,9 @@ Choices (ours; the paper is silent):
   k channels of the group's weights are non-zero". Channels tied by a grouped convolution
   (:attr:`autocompress.space.FilterGroup.ties`: the same positions leave every conv group) are scored
   and kept as one unit, the sum of their squared norms: the exact projection onto that tied set. Biases
-  and BatchNorm affine parameters are not scored (their scale is unrelated to the weights'). Consumer input slices are scored only with
-  ``with_consumers=True`` (then it is the projection of every weight entry the channel owns).
+  and BatchNorm affine parameters are not scored (their scale is unrelated to the weights'). Consumer input
+  slices are scored only with ``with_consumers=True`` (then it is the projection of every weight entry the
+  channel owns).
 * **Ties** are broken by index: the lower index is kept (stable sort).
 * **Keep count** ``k = max(1, size - round(rate * size))`` (:func:`autocompress.space.keep_count`); a
   rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` and logged. A
