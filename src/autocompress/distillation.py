@@ -133,7 +133,7 @@ class TeacherCache:
         if state is not None:
             self.enabled, self.epochs = bool(state["enabled"]), int(state["epochs"])
             for key, value in zip(state["keys"], state["values"]):
-                self._put(bytes(key.tolist()), value)
+                self._put(key.numpy().tobytes(), value)
 
     def __len__(self) -> int:
         return len(self._store)
@@ -154,7 +154,10 @@ class TeacherCache:
             if not (isinstance(output, torch.Tensor) and output.shape[:1] == (len(missing),)):
                 self._turn_off()  # not one output row per input row: nothing to key
                 return output if len(missing) == len(keys) else _no_grad_forward(teacher, task, batch)
-            if len(missing) == len(keys) and (self.stored_bytes >= self.max_bytes or not self._fits(output)):
+            if len(missing) == len(keys) and not self._fits(output):
+                self._turn_off()  # inputs of another size: the state is one stacked tensor of equal rows
+                return output
+            if len(missing) == len(keys) and self.stored_bytes >= self.max_bytes:
                 return output
             fresh = {keys[i]: row for i, row in zip(missing, output.detach())}
             for key, row in fresh.items():
@@ -177,18 +180,16 @@ class TeacherCache:
 
     def state_dict(self) -> dict:
         """``{"enabled", "epochs", "keys": uint8 [N, 16], "values": [N, ...]}`` (loads with weights_only)."""
-        keys = torch.tensor([list(key) for key in self._store], dtype=torch.uint8).reshape(-1, 16)
-        values = torch.stack(list(self._store.values())) if self._store else torch.empty(0)
+        keys, values = torch.empty(0, 16, dtype=torch.uint8), torch.empty(0)
+        if self._store:
+            keys = torch.frombuffer(bytearray(b"".join(self._store)), dtype=torch.uint8).reshape(-1, 16)
+            values = torch.stack(list(self._store.values()))
         return {"enabled": self.enabled, "epochs": self.epochs, "keys": keys, "values": values}
 
     def _fits(self, output: torch.Tensor) -> bool:
-        """Whether ``output``'s rows have the shape and dtype of the stored ones; if not (inputs of another
-        size), the cache turns off: its state is one stacked tensor."""
+        """Whether ``output``'s rows have the shape and dtype of the stored ones (true when none is stored)."""
         first = next(iter(self._store.values()), None)
-        if first is None or (first.shape == output.shape[1:] and first.dtype == output.dtype):
-            return True
-        self._turn_off()
-        return False
+        return first is None or (first.shape == output.shape[1:] and first.dtype == output.dtype)
 
     def _put(self, key: bytes, value: torch.Tensor) -> None:
         self._store[key] = value
