@@ -41,6 +41,11 @@ def test_loss_matches_hand_computed_kl():
     assert float(distiller(t_logits, logits, hard)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_describe_states_the_mix_and_the_t_squared_factor():
+    line = Distiller(_net(0), DistillationConfig(temperature=3.0, alpha=0.25)).describe()
+    assert "0.75 x the loss on labels + 0.25 x T^2 x KL" in line and "T 3" in line and "T^2 = 9 " in line
+
+
 def test_student_equal_to_teacher_has_only_the_label_term():
     teacher = _net(0).eval()
     images = torch.randn(4, 1, 6, 6)

@@ -440,7 +440,8 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
             history.append(stats)
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
-                log(f"retrain epoch {epoch + 1}/{config.epochs}: train loss {stats['loss']:.4f}{top1}")
+                name = "train loss" if distiller is None else "distilled train loss"
+                log(f"retrain epoch {epoch + 1}/{config.epochs}: {name} {stats['loss']:.4f}{top1}")
             if checkpoint is not None:
                 checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,
                                 {"history": history, **_cache_state(cache)})

@@ -60,6 +60,13 @@ class Distiller:
         self.temperature = float(config.temperature)
         self.alpha = float(config.alpha)
 
+    def describe(self) -> str:
+        """One line for the run's log: the mixed loss and why it reads larger than a cross-entropy."""
+        t, a = self.temperature, self.alpha
+        return (f"distillation: training loss = {1 - a:g} x the loss on labels + {a:g} x T^2 x KL(teacher || "
+                f"student) at T {t:g} (Hinton et al. 2015); the T^2 = {t * t:g} factor keeps the soft term's "
+                f"gradients at the labels' scale, so the logged loss reads larger than a plain cross-entropy")
+
     def teacher_output(self, task, batch: Any, cache: TeacherCache | None = None) -> Any:
         """The teacher's output on ``batch`` (already on the device) through ``task``'s forward, without
         gradients; served from ``cache`` (a :class:`TeacherCache`) where it can be."""

@@ -223,6 +223,8 @@ class Pipeline:
     def __post_init__(self):
         distillation = self.config.distillation
         self.distiller = Distiller(self.base_model, distillation) if distillation.enabled else None
+        if self.distiller is not None:
+            self.log(self.distiller.describe())
 
     # --- counting and scoring -------------------------------------------------------------------------
     @property
