@@ -4,6 +4,7 @@ table (structure, cache), latency targets, and the refusals of bad input before 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -249,6 +250,71 @@ def test_lookup_table_structure_cache_and_key(tmp_path, monkeypatch):
     keys = {table_key(model, x, LatencyConfig(threads=t, batch=b), m, prunable, [])
             for t, b, m in ((1, 1, 8), (2, 1, 8), (1, 4, 8), (1, 1, 16))}
     assert len(keys) == 4
+
+
+def test_lookup_table_is_exact_at_base_and_narrowest_with_a_negative_fixed_cost(tmp_path, monkeypatch):
+    """Synthetic timings (a per-layer constant that the whole graph does not pay): the fit goes through both
+    measured models with a negative fixed cost; below the narrowest model the estimate stays positive and
+    continuous."""
+    def layer_time(module, x, config):  # 0.2 ms per layer plus 1e-3 ms per weight; overhead model: 0.01 ms
+        weights = sum(p.numel() for p in module.parameters())
+        return 0.01 + (0.2 + 1e-3 * weights if weights else 0.0)
+
+    def whole(models, example, config, batches=None, runs=None):
+        ms = {name: 0.5 * sum(p.numel() for p in m.parameters()) * 1e-3 + 0.1 for name, m in models.items()}
+        return {batches[0]: {name: _t(v) for name, v in ms.items()}}
+
+    monkeypatch.setattr("autocompress.latency._time_one", layer_time)
+    monkeypatch.setattr("autocompress.latency.measure_models", whole)
+    model = Net(32, 32).eval()
+    x = torch.randn(1, 2, 6, 6)
+    space = PruningSpace.build(model, x, channel_multiple=8)
+    table = build_table(model, x, space, LatencyConfig(**FAST, cache_dir=str(tmp_path)), multiple=8, columns=False)
+    from autocompress.latency import _smallest
+    smallest = _smallest(model, x, space, 8)
+    base_ms, small_ms = (0.5e-3 * sum(p.numel() for p in m.parameters()) + 0.1 for m in (model, smallest))
+    assert table.fixed_ms < 0 and table.floor_ms == pytest.approx(small_ms)
+    assert table.estimate_model(model) == pytest.approx(base_ms) and table.estimate_model(smallest) == pytest.approx(
+        small_ms)
+    layers_small = small_ms - table.fixed_ms  # the narrowest model's scaled layer sum
+    for fraction in (1.0, 0.999, 0.5, 0.1):  # below the floor: proportional, positive, continuous at it
+        assert table._total(fraction * layers_small) == pytest.approx(small_ms * fraction)
+
+
+@settings(max_examples=60, deadline=None)
+@given(target=st.floats(1.2, 6.0), error=st.floats(0.5, 2.0), power=st.floats(0.7, 1.3),
+       grain=st.sampled_from([0.0, 0.05, 0.2]))
+def test_calibration_keeps_the_least_pruned_candidate_that_meets_the_target(target, error, power, grain):
+    """A table off by a factor (and a power, and width steps): the kept candidate is the measured one with the
+    smallest speedup >= the target; the loop stops once one lands in the band, after at most 4 measurements."""
+    from autocompress.compress import CALIBRATION_BAND, calibrate
+
+    def fit(aim):  # the candidate is the speedup the table reaches (rounded up to its width steps)
+        reached = aim if not grain else math.ceil(aim / grain) * grain
+        return reached, reached
+
+    def measure(reached):
+        return error * reached ** power
+
+    kept, records = calibrate(target, fit, measure)
+    measured = [r["measured"] for r in records]
+    assert 1 <= len(records) <= 4 and records[0]["aimed"] == target
+    meeting = [m for m in measured if m >= target]
+    assert measure(kept) == (min(meeting) if meeting else measured[-1])
+    in_band = [i for i, m in enumerate(measured) if target <= m <= CALIBRATION_BAND * target]
+    assert not in_band or in_band[0] == len(records) - 1  # stops at the first measurement in the band
+    if power == 1.0 and not grain:  # an error by a constant factor is corrected in one re-fit
+        assert len(records) <= 2 and measured[-1] == pytest.approx(target)
+
+
+def test_calibration_lowers_an_overshooting_aim():
+    """A table that under-estimates the speedup (the measured one is 1.5x above) is re-aimed below the target
+    and ends inside the band instead of keeping the over-pruned first candidate."""
+    from autocompress.compress import calibrate
+
+    kept, records = calibrate(2.0, lambda aim: (aim, aim), lambda reached: 1.5 * reached)
+    assert [round(r["aimed"], 6) for r in records] == [2.0, round(2.0 / 1.5, 6)]
+    assert 1.5 * kept == pytest.approx(2.0)
 
 
 def test_layer_specs_count_calls_and_shapes():

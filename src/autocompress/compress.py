@@ -45,8 +45,35 @@ from .serialization import save_compact
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
 
-#: measured re-fits of a latency target's search result (see Compression._calibrate)
-CALIBRATION_STEPS = 3
+#: measurements of a latency target's search result (see calibrate)
+CALIBRATION_STEPS = 4
+#: a measured speedup up to this factor above a latency target ends the calibration (a closer one saves accuracy)
+CALIBRATION_BAND = 1.1
+
+
+def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure: Callable[[Any], float], *,
+              steps: int = CALIBRATION_STEPS, band: float = CALIBRATION_BAND) -> tuple[Any, list[dict]]:
+    """Close a latency target's lookup-table estimate with measurements (beyond the paper; the table is the
+    idea of HALP, Shen et al. NeurIPS 2022, the measured loop that of NetAdapt, Yang et al. ECCV 2018).
+
+    ``fit(aim)`` gives a candidate meeting the speedup ``aim`` by the table and its estimated speedup;
+    ``measure(candidate)`` its measured speedup. Starting at ``aim = target``, each step measures the candidate
+    and, unless its speedup lies in ``[target, band * target]``, re-aims by ``target / measured`` (the table's
+    error there; not below 1), at most ``steps`` measurements. Returns the least-pruned measured candidate
+    that met the target (the smallest speedup >= target; else the last one, which the final check refuses)
+    and one record per measurement (``aimed``, ``estimated``, ``measured``).
+    """
+    aim, records, kept = target, [], None
+    for _ in range(steps):
+        candidate, estimated = fit(aim)
+        speedup = measure(candidate)
+        records.append({"aimed": aim, "estimated": estimated, "measured": speedup})
+        if speedup >= target and (kept is None or speedup < kept[1]):
+            kept = (candidate, speedup)
+        if target <= speedup <= band * target:
+            break
+        aim = max(1.0, aim * target / speedup)
+    return (candidate if kept is None else kept[0]), records
 
 
 @dataclass
@@ -405,28 +432,29 @@ class Compression:
 
     def _calibrate(self, state: RoundState, action: np.ndarray, base_ratio: float
                    ) -> tuple[np.ndarray, ActionSampler, list[dict]]:
-        """A latency target's search result, measured before any training: the round's model projected at
-        ``action`` and compacted is timed against the base in the runtime; while its speedup is below the round's
-        target, the action is re-fitted to a target raised by the shortfall (the lookup table's error), at most
-        :data:`CALIBRATION_STEPS` times. Training does not change the widths, so the final model runs at what was
-        measured here (up to noise). Returns the action, its sampler and one record per measurement."""
-        aim, steps = state.target, []
-        for _ in range(CALIBRATION_STEPS):
+        """A latency target's search result, measured before any training (:func:`calibrate`): the round's
+        model projected at the search's rates re-fitted to an aim and compacted is timed against the base in
+        the runtime. Training does not change the widths, so the final model runs at what was measured here (up
+        to noise). Returns the action, its sampler and one record per measurement."""
+        def fit(aim: float) -> tuple[tuple[np.ndarray, ActionSampler, float], float]:
             try:
                 sampler = self._sampler(state.space, aim, base_ratio)
             except UserError as exc:
-                raise UserError(f"target {self.target} cannot be met in {self.config.latency.runtime}: the search "
-                                f"result measured {steps[-1]['measured']:.3g}x, and aiming higher fails ({exc})",
+                raise UserError(f"target {self.target} cannot be met in {self.config.latency.runtime}: the "
+                                f"search result needs aiming at {aim:.3g}x by the lookup table, which fails ({exc})",
                                 "lower the target, or use another runtime / batch size") from None
-            action = sampler.meet(action)
-            speedup = self._measured_speedup(state, sampler.to_rates(action))
-            steps.append({"aimed": aim, "estimated": sampler.compression(action) * base_ratio, "measured": speedup})
+            fitted = sampler.meet(action)
+            return (fitted, sampler, aim), sampler.compression(fitted) * base_ratio
+
+        def measure(candidate: tuple[np.ndarray, ActionSampler, float]) -> float:
+            fitted, sampler, aim = candidate
+            speedup = self._measured_speedup(state, sampler.to_rates(fitted))
             self.pipeline.log(f"round {state.index} search: aimed at {aim:.3g}x by the lookup table, measured "
                               f"{speedup:.3g}x")
-            if speedup >= state.target:
-                break
-            aim *= state.target / speedup
-        return action, sampler, steps
+            return speedup
+
+        (fitted, sampler, _aim), records = calibrate(state.target, fit, measure)
+        return fitted, sampler, records
 
     def _measured_speedup(self, state: RoundState, rates: dict) -> float:
         """Measured speedup over the base of the round's model projected at ``rates`` and compacted (no training)."""

@@ -21,10 +21,13 @@ maximum, so noise never makes a narrower layer look slower). The rest of the mod
 layers the table does not model, one call's overhead) is a fixed cost: the measured base latency minus
 the table's sum at full width, scaled: the base and its narrowest reachable model (every filter group at
 the space's largest rate, aligned, compacted) are both measured, and ``fixed + scale * table sum`` is fitted
-through the two (when that needs a negative fixed cost: no fixed cost, ``scale = base / sum``). Layers timed
-alone do not add up to the whole model (fusion across layers, per-node overhead, caches); without the second
-point a resnet20 at 7x fewer MACs was under-estimated by 68 % (BENCHMARKS.md). So the estimate equals the
-measured base latency at full width, is non-increasing in every pruning rate, and is checked against the
+through the two. The fixed cost may come out negative (layers timed alone carry per-layer costs that the
+whole graph does not pay); below the narrowest model (reachable only by pruning columns too) the estimate is
+proportional to the table sum through that model's measurement, so it stays positive. Layers timed alone do
+not add up to the whole model (fusion across layers, per-node overhead, caches); without the second point a
+resnet20 at 7x fewer MACs was under-estimated by 68 %, and with the fixed cost clamped at 0 a narrow one was
+over-estimated by 10-17 % (BENCHMARKS.md). So the estimate equals the measured base latency at full width and
+the narrowest model's at its widths, is non-increasing in every pruning rate, and is checked against the
 measured compact model at the end.
 
 **Columns**: a column-pruned layer (:class:`autocompress.columns.ColumnConv2d`, ``ColumnConvNd``,
@@ -68,7 +71,7 @@ GRID_POINTS = 8
 COLUMN_FRACTIONS = (0.25, 0.5, 0.75)
 #: a layer whose time at half of its columns is above ``1 - COLUMN_SAVING`` of the dense time saves nothing
 COLUMN_SAVING = 0.05
-TABLE_VERSION = 3
+TABLE_VERSION = 4
 
 
 @dataclass
@@ -434,9 +437,12 @@ class LatencyTable:
         cells: layer signature -> ``"cin,cout"`` -> milliseconds (overhead removed, monotone).
         column_ratio: layer name -> ``[[kept fraction, time ratio to dense], ...]`` (ascending fractions,
             ending at ``[1, 1]``); column_useless: layers whose column pruning saves nothing here.
-        fixed_ms: the cost of what the table does not model; base_ms: the measured base latency.
+        fixed_ms: the cost of what the table does not model (may be negative, see the module doc);
+            base_ms: the measured base latency.
         scale: every layer's time is scaled by it (fitted with ``fixed_ms`` through the measured base and
             narrowest models, see the module doc).
+        floor_ms: the measured narrowest model (0 when not measured); below it estimates are proportional to
+            the layers' sum.
         overhead_ms: the runtime's per-call overhead removed from each cell.
         meta: runtime, device, threads, batch, CPU, key; cached: loaded from the cache.
     """
@@ -451,6 +457,7 @@ class LatencyTable:
     overhead_ms: float
     meta: dict
     scale: float = 1.0
+    floor_ms: float = 0.0
     cached: bool = False
 
     # --- lookups ----------------------------------------------------------------------------------------
@@ -487,7 +494,7 @@ class LatencyTable:
         rates = space.check_rates(rates)
         shapes = space.kept_shapes(rates)
         columns = {c.name: c for c in space.column_layers}
-        total = self.fixed_ms
+        total = 0.0
         for name, spec in self.specs.items():
             param = space.layer_macs.get(name, (None,))[0]
             if param is None:
@@ -501,12 +508,12 @@ class LatencyTable:
                 cols = math.prod(shape[1:])
                 fraction = keep_count(cols, rates["column"][name]) / cols
             total += self.layer_ms(name, cin, cout, fraction)
-        return total
+        return self._total(total)
 
     def estimate_model(self, model: nn.Module) -> float:
         """Estimated latency (ms) of a (compact) model with the base model's layer names: each timed layer
         at its current widths (a column layer at its kept column fraction), plus the fixed cost."""
-        total = self.fixed_ms
+        total = 0.0
         modules = dict(model.named_modules())
         for name, spec in self.specs.items():
             m = modules.get(name)
@@ -521,12 +528,20 @@ class LatencyTable:
                 cin, cout = _widths(spec, list(m.weight.shape))
                 fraction = 1.0
             total += self.layer_ms(name, cin, cout, fraction)
-        return total
+        return self._total(total)
+
+    def _total(self, layers_ms: float) -> float:
+        """The whole model's estimate (ms) from its layers' scaled sum: ``fixed_ms + layers_ms``, and below the
+        measured narrowest model ``floor_ms`` proportional to ``layers_ms`` (continuous at the floor)."""
+        linear = self.fixed_ms + layers_ms
+        if linear >= self.floor_ms or self.floor_ms <= self.fixed_ms:
+            return linear
+        return self.floor_ms * layers_ms / (self.floor_ms - self.fixed_ms)
 
     def summary(self) -> dict:
         """Plain data for the records: size of the table, fixed cost, column findings, cache use."""
         return {"layers": len(self.specs), "cells": sum(len(c) for c in self.cells.values()),
-                "fixed_ms": self.fixed_ms, "scale": self.scale, "base_ms": self.base_ms,
+                "fixed_ms": self.fixed_ms, "scale": self.scale, "base_ms": self.base_ms, "floor_ms": self.floor_ms,
                 "overhead_ms": self.overhead_ms,
                 "column_useless": list(self.column_useless),
                 "column_ratio_half": {n: self.column_factor(n, 0.5) for n in self.column_ratio},
@@ -700,15 +715,14 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
                          fixed_ms=0.0, base_ms=base_ms, overhead_ms=overhead,
                          meta={"runtime": config.runtime, "device": config.device, "threads": config.threads,
                                "batch": batch, "cpu": _cpu_name(), "multiple": multiple})
-    layers_ms = table.estimate_model(model)  # scale 1, no fixed cost yet
+    layers_ms = table.estimate_model(model)  # the layers' plain sums: scale 1, no fixed cost yet
+    small_layers = table.estimate_model(smallest) if smallest is not None else None
     table.scale, table.fixed_ms = min(1.0, base_ms / max(layers_ms, 1e-9)), max(0.0, base_ms - layers_ms)
-    if smallest is not None:
-        small_ms, small_layers = full[batch]["smallest"].median_ms, table.estimate_model(smallest) / table.scale
-        table.meta["smallest_ms"] = small_ms
+    if small_layers is not None:
+        small_ms = full[batch]["smallest"].median_ms
         if base_ms > small_ms and layers_ms > small_layers:  # exact at both ends, linear in between
-            scale = (base_ms - small_ms) / (layers_ms - small_layers)
-            if base_ms - scale * layers_ms >= 0:
-                table.scale, table.fixed_ms = scale, base_ms - scale * layers_ms
+            table.scale = (base_ms - small_ms) / (layers_ms - small_layers)
+            table.fixed_ms, table.floor_ms = base_ms - table.scale * layers_ms, small_ms
     return table
 
 
