@@ -307,6 +307,29 @@ def test_calibration_keeps_the_least_pruned_candidate_that_meets_the_target(targ
         assert len(records) <= 2 and measured[-1] == pytest.approx(target)
 
 
+def test_latency_guidance_weights_units_by_the_time_they_govern():
+    """Each unit's guidance weight is the table's saving when it alone is pruned at 0.5, per producing layer."""
+    from autocompress.compress import latency_guidance
+    from autocompress.sampling import units_from_space
+
+    model = Net(16, 16).eval()
+    space = PruningSpace.build(model, torch.randn(1, 2, 6, 6))
+    units = units_from_space(space, "flops")
+    coef = {(u.kind, u.name): 1.0 + i for i, u in enumerate(units)}  # ms saved per unit of rate
+
+    class Table:  # a linear stand-in for LatencyTable.estimate_space
+        def estimate_space(self, _space, rates):
+            return 100.0 - sum(coef[kind, name] * r for kind, named in rates.items() for name, r in named.items())
+
+    producers = {(k, u.name): len(getattr(u, "producers", ())) or 1 for k in ("filter", "column")
+                 for u in space.units(k)}
+    assert any(p > 1 for p in producers.values())  # the residual group is produced by two layers
+    weighted = latency_guidance(units, space, Table())
+    assert [(u.kind, u.name, u.size) for u in weighted] == [(u.kind, u.name, u.size) for u in units]
+    for unit in weighted:
+        assert unit.weight == pytest.approx(0.5 * coef[unit.kind, unit.name] / producers[unit.kind, unit.name])
+
+
 def test_calibration_lowers_an_overshooting_aim():
     """A table that under-estimates the speedup (the measured one is 1.5x above) is re-aimed below the target
     and ends inside the band instead of keeping the over-pruned first candidate."""

@@ -40,7 +40,7 @@ from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, quiet_clipping, rates_dict, units_from_space
+from .sampling import ActionSampler, ActionUnit, quiet_clipping, rates_dict, units_from_space
 from .serialization import save_compact
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
@@ -49,6 +49,25 @@ from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 CALIBRATION_STEPS = 4
 #: a measured speedup up to this factor above a latency target ends the calibration (a closer one saves accuracy)
 CALIBRATION_BAND = 1.1
+
+
+def latency_guidance(units: list[ActionUnit], space, table: LatencyTable) -> list[ActionUnit]:
+    """``units`` weighted by the latency each governs instead of its MACs: the lookup table's estimated saving
+    (ms) when that unit alone is pruned at rate 0.5, per producing layer (a filter group shared by several
+    layers counts once per layer, as :func:`autocompress.sampling.guidance_weight` does for MACs). The
+    experience-based guidance of AutoCompress (Liu et al., AAAI 2020, §4: prune harder what governs more of
+    the objective) with the objective measured in the runtime, so a latency target prunes harder the layers
+    whose widths buy time there (with aligned widths at batch 1 these are not always the MAC-heavy ones)."""
+    by_name = {(kind, u.name): u for kind in ("filter", "column", "irregular") for u in space.units(kind)}
+    full = table.estimate_space(space, rates_dict(units, np.zeros(len(units))))
+    weighted = []
+    for i, unit in enumerate(units):
+        probe = np.zeros(len(units))
+        probe[i] = 0.5
+        saving = full - table.estimate_space(space, rates_dict(units, probe))
+        producers = len(getattr(by_name[unit.kind, unit.name], "producers", ())) or 1
+        weighted.append(dataclasses.replace(unit, weight=max(0.0, saving) / producers))
+    return weighted
 
 
 def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure: Callable[[Any], float], *,
@@ -343,6 +362,7 @@ class Compression:
         units = [u for u in units_from_space(space, "flops") if u.kind in self.config.kinds
                  and not (u.kind == "column" and u.name in self.table.column_useless)]
         table = self.table
+        units = latency_guidance(units, space, table)
         return ActionSampler(units, lambda action: table.estimate_space(space, rates_dict(units, action)), factor,
                              r_max=self.config.max_r)
 
