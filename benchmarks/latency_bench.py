@@ -147,9 +147,10 @@ def compare(args: argparse.Namespace) -> None:
     config = LatencyConfig(threads=args.threads, runs=args.runs, warmup=5)
     for level in [float(v) for v in args.levels.split(",")]:
         flops = f"flops={level / 0.8:.3g}x"
-        runs = {f"ac latency={level:g}x": _cli_compress(args, f"latency={level:g}x", [], work / f"ac_lat_{level:g}"),
-                f"ac latency={level:g}x filter only": _cli_compress(args, f"latency={level:g}x", ["--dims", "filter"],
-                                                                   work / f"ac_lat_filter_{level:g}"),
+        runs = {f"ac latency={level:g}x (default dims: filter)": _cli_compress(
+                    args, f"latency={level:g}x", [], work / f"ac_lat_filter_{level:g}"),
+                f"ac latency={level:g}x dims filter,column": _cli_compress(
+                    args, f"latency={level:g}x", ["--dims", "filter,column"], work / f"ac_lat_{level:g}"),
                 f"ac {flops} multiple 8": _cli_compress(args, flops, ["--channel-multiple", "8"],
                                                        work / f"ac_flops_{level:g}"),
                 f"tp {flops} round_to 8": _tp(args, flops, work / f"tp_{level:g}.pt")}

@@ -76,6 +76,15 @@ def test_errors_name_the_setting(data, setting):
     assert isinstance(error.value, UserError) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("target, dims, kinds", [
+    ("latency=2x", None, ("filter",)), ("latency=3ms", None, ("filter",)), ("flops=2x", None, ("filter", "column")),
+    ("params=8x", None, ("filter", "column")), ("latency=2x", "filter,column", ("filter", "column")),
+    ("params=8x", "filter", ("filter",))])
+def test_dims_default_depends_on_the_target(target, dims, kinds):
+    config = CompressConfig.from_dict({"target": target, "dims": dims})
+    assert config.kinds == kinds and config.resolved_dims == ",".join(kinds)
+
+
 def test_irregular_flops_target_is_refused():
     with pytest.raises(SettingError, match="irregular"):
         CompressConfig.from_dict({"target": "flops=2x", "dims": "irregular"})

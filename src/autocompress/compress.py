@@ -78,21 +78,29 @@ def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure:
     ``fit(aim)`` gives a candidate meeting the speedup ``aim`` by the table and its estimated speedup;
     ``measure(candidate)`` its measured speedup. Starting at ``aim = target``, each step measures the candidate
     and, unless its speedup lies in ``[target, band * target]``, re-aims by ``target / measured`` (the table's
-    error there; not below 1), at most ``steps`` measurements. Returns the least-pruned measured candidate
-    that met the target (the smallest speedup >= target; else the last one, which the final check refuses)
-    and one record per measurement (``aimed``, ``estimated``, ``measured``).
+    error there; not below 1), at most ``steps`` measurements; a ``fit`` that raises UserError (an aim the
+    table cannot reach) ends the loop after the first measurement. Returns the least-pruned measured candidate
+    that met the target (the smallest speedup >= target), else the fastest one, and one record per measurement
+    (``aimed``, ``estimated``, ``measured``).
     """
-    aim, records, kept = target, [], None
+    aim, records, kept, fastest = target, [], None, None
     for _ in range(steps):
-        candidate, estimated = fit(aim)
+        try:
+            candidate, estimated = fit(aim)
+        except UserError:
+            if not records:
+                raise
+            break
         speedup = measure(candidate)
         records.append({"aimed": aim, "estimated": estimated, "measured": speedup})
         if speedup >= target and (kept is None or speedup < kept[1]):
             kept = (candidate, speedup)
+        if fastest is None or speedup > fastest[1]:
+            fastest = (candidate, speedup)
         if target <= speedup <= band * target:
             break
         aim = max(1.0, aim * target / speedup)
-    return (candidate if kept is None else kept[0]), records
+    return (kept or fastest)[0], records
 
 
 @dataclass
@@ -250,6 +258,8 @@ class Compression:
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")
+        if self.config.dims is None:
+            self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
@@ -455,14 +465,10 @@ class Compression:
         """A latency target's search result, measured before any training (:func:`calibrate`): the round's
         model projected at the search's rates re-fitted to an aim and compacted is timed against the base in
         the runtime. Training does not change the widths, so the final model runs at what was measured here (up
-        to noise). Returns the action, its sampler and one record per measurement."""
+        to noise). UserError, before any training, when no measured candidate comes within ``latency.tolerance``
+        of the target. Returns the action, its sampler and one record per measurement."""
         def fit(aim: float) -> tuple[tuple[np.ndarray, ActionSampler, float], float]:
-            try:
-                sampler = self._sampler(state.space, aim, base_ratio)
-            except UserError as exc:
-                raise UserError(f"target {self.target} cannot be met in {self.config.latency.runtime}: the "
-                                f"search result needs aiming at {aim:.3g}x by the lookup table, which fails ({exc})",
-                                "lower the target, or use another runtime / batch size") from None
+            sampler = self._sampler(state.space, aim, base_ratio)
             fitted = sampler.meet(action)
             return (fitted, sampler, aim), sampler.compression(fitted) * base_ratio
 
@@ -474,6 +480,12 @@ class Compression:
             return speedup
 
         (fitted, sampler, _aim), records = calibrate(state.target, fit, measure)
+        best, settings = max(r["measured"] for r in records), self.config.latency
+        if best < state.target * (1 - settings.tolerance):
+            raise UserError(f"target {self.target} cannot be met in {settings.runtime}: the search's candidates "
+                            f"measured at most {best:.3g}x in {len(records)} measurement(s) before any training "
+                            f"(round target {state.target:.3g}x, latency.tolerance {settings.tolerance:g})",
+                            "lower the target, or use another runtime / batch size")
         return fitted, sampler, records
 
     def _measured_speedup(self, state: RoundState, rates: dict) -> float:

@@ -213,8 +213,10 @@ class CompressConfig:
 
     Attributes:
         target: e.g. ``"params=20x"`` or ``"flops=4x"`` (:class:`Target`); required.
-        dims: ``"filter,column"`` (hybrid, default), ``"filter"``, ``"column"``, ``"irregular"`` or
-            ``"filter,column,irregular"``.
+        dims: ``"filter,column"`` (hybrid), ``"filter"``, ``"column"``, ``"irregular"`` or
+            ``"filter,column,irregular"``; None (default): ``"filter"`` for a latency target (column layers
+            cost more accuracy per millisecond saved in the runtimes measured, BENCHMARKS.md), ``"filter,column"``
+            for the others (:attr:`resolved_dims`).
         rounds: ``"doubling"``, a number of rounds, or a list of increasing targets (:func:`round_targets`).
         seed: seed of every generator the run owns (per phase: :func:`autocompress.rounds.phase_seed`).
         max_r: largest pruning rate of any unit (the sampler's r_max), in (0, 1).
@@ -235,7 +237,7 @@ class CompressConfig:
     """
 
     target: str | None = None
-    dims: str = "filter,column"
+    dims: str | None = None
     rounds: Any = "doubling"
     seed: int = 0
     max_r: float = 0.95
@@ -264,8 +266,16 @@ class CompressConfig:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """The unit kinds ``dims`` prunes (``"filter,column"`` -> ``("filter", "column")``)."""
-        return tuple(self.dims.split(","))
+        """The unit kinds :attr:`resolved_dims` prunes (``"filter,column"`` -> ``("filter", "column")``)."""
+        return tuple(self.resolved_dims.split(","))
+
+    @property
+    def resolved_dims(self) -> str:
+        """``dims``, or when None ``"filter"`` for a latency target and ``"filter,column"`` otherwise."""
+        if self.dims is not None:
+            return self.dims
+        latency = self.target is not None and Target.parse(self.target).objective == "latency"
+        return "filter" if latency else "filter,column"
 
     def parsed_target(self) -> Target:
         """``target`` parsed; SettingError when it is missing or malformed."""
@@ -276,7 +286,7 @@ class CompressConfig:
     def validate(self) -> None:
         """Check every value now, before any work; raises :class:`SettingError` naming the setting."""
         target = self.parsed_target()
-        if self.dims not in DIMS:
+        if self.dims is not None and self.dims not in DIMS:
             raise SettingError("dims", f"unknown dims {show(self.dims)}", f"use one of {', '.join(DIMS)}")
         if set(self.kinds) == {"irregular"} and target.objective == "flops":
             raise SettingError("dims", "irregular sparsity does not reduce the MACs of the dense layers it "
