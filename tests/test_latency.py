@@ -245,7 +245,11 @@ def test_lookup_table_structure_cache_and_key(tmp_path, monkeypatch):
         assert ratios == sorted(ratios) and ratios[-1] == 1.0
     monkeypatch.setattr("autocompress.latency._measure_table", lambda *a, **k: pytest.fail("measured again"))
     again = build_table(model, x, space, config, multiple=8, columns=True)
-    assert again.cached and again.cells == table.cells and again.base_ms == table.base_ms
+    assert again.cached and again.cells == table.cells and again.meta["built_base_ms"] == table.base_ms
+    ratio = again.base_ms / table.base_ms  # rescaled to the base as it runs now: every estimate by one factor
+    assert again.estimate_model(model) == pytest.approx(again.base_ms)
+    assert estimates[1] * ratio == pytest.approx(
+        again.estimate_space(space, {"filter": {g.name: 0.3 for g in space.filter_groups}}))
     prunable = {"conv1": (False, True)}
     keys = {table_key(model, x, LatencyConfig(threads=t, batch=b), m, prunable, [])
             for t, b, m in ((1, 1, 8), (2, 1, 8), (1, 4, 8), (1, 1, 16))}
@@ -353,6 +357,29 @@ def test_calibration_lowers_an_overshooting_aim():
     kept, records = calibrate(2.0, lambda aim: (aim, aim), lambda reached: 1.5 * reached)
     assert [round(r["aimed"], 6) for r in records] == [2.0, round(2.0 / 1.5, 6)]
     assert 1.5 * kept == pytest.approx(2.0)
+
+
+def test_a_cached_table_is_rescaled_to_the_base_as_it_runs_now(tmp_path, monkeypatch):
+    """A table built on a busier machine (every time 10x) is loaded and rescaled to a fresh base measurement, so
+    estimates (and a latency=Nms target's factor) follow the machine as it is now."""
+    model = Net(16, 16).eval()
+    x = torch.randn(1, 2, 6, 6)
+    space = PruningSpace.build(model, x, channel_multiple=8)
+    config = LatencyConfig(**FAST, cache_dir=str(tmp_path))
+    table = build_table(model, x, space, config, multiple=8, columns=False)
+    half = {"filter": {g.name: 0.5 for g in space.filter_groups}}
+    relative = table.estimate_space(space, half) / table.base_ms
+    (path,) = list(Path(tmp_path).rglob("table-*.json"))
+    data = json.loads(path.read_text())
+    data.update(base_ms=10 * data["base_ms"], fixed_ms=10 * data["fixed_ms"], scale=10 * data["scale"],
+                floor_ms=10 * data["floor_ms"])
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr("autocompress.latency.measure_models",
+                        lambda models, example, cfg, batches=None, runs=None: {batches[0]: {"base": _t(1.25)}})
+    loaded = build_table(model, x, space, config, multiple=8, columns=False)
+    assert loaded.cached and loaded.base_ms == 1.25 and loaded.meta["built_base_ms"] == data["base_ms"]
+    assert loaded.estimate_model(model) == pytest.approx(1.25)
+    assert loaded.estimate_space(space, half) == pytest.approx(1.25 * relative)
 
 
 def test_layer_specs_count_calls_and_shapes():

@@ -38,7 +38,10 @@ target does not prune its columns (the table records it, so the report says why)
 
 The table is built once per model architecture, runtime, device, CPU, threads, batch size and channel
 multiple, and cached as JSON (atomic write) under ``cache_dir`` (default ``$AUTOCOMPRESS_CACHE`` or
-``~/.cache/autocompress``), named by a SHA-256 of all of these (:func:`table_key`).
+``~/.cache/autocompress``), named by a SHA-256 of all of these (:func:`table_key`). A table loaded from the
+cache is rescaled to a fresh measurement of the base model (:meth:`LatencyTable.rescale`): a machine busier
+or quieter than when it was built changes every time, and a ``latency=Nms`` target is converted against
+the base as it runs now.
 """
 from __future__ import annotations
 
@@ -530,6 +533,15 @@ class LatencyTable:
             total += self.layer_ms(name, cin, cout, fraction)
         return self._total(total)
 
+    def rescale(self, base_ms: float) -> None:
+        """Scale every estimate by ``base_ms / self.base_ms`` (a fresh measurement of the base model, e.g. of a
+        table loaded from the cache on a machine now more or less loaded than when it was built); the table's
+        shape (which widths cost what, relatively) is kept. ``meta["built_base_ms"]`` keeps the original."""
+        factor = base_ms / self.base_ms
+        self.meta.setdefault("built_base_ms", self.base_ms)
+        self.scale, self.fixed_ms, self.floor_ms, self.base_ms = (self.scale * factor, self.fixed_ms * factor,
+                                                                  self.floor_ms * factor, base_ms)
+
     def _total(self, layers_ms: float) -> float:
         """The whole model's estimate (ms) from its layers' scaled sum: ``fixed_ms + layers_ms``, and below the
         measured narrowest model ``floor_ms`` proportional to ``layers_ms`` (continuous at the floor)."""
@@ -640,10 +652,15 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
     if path.exists():
         try:
             table = LatencyTable.from_json(path.read_text())
-            log(f"latency table: loaded from the cache {path}")
-            return table
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            pass  # a damaged or old cache file is measured again and replaced
+            table = None  # a damaged or old cache file is measured again and replaced
+        if table is not None:
+            built = table.base_ms
+            now = measure_models({"base": model}, x[:1], config, batches=[config.batch])[config.batch]["base"]
+            table.rescale(now.median_ms)
+            log(f"latency table: loaded from the cache {path}; the base runs in {now.median_ms:.3g} ms now "
+                f"({built:.3g} ms when the table was built): estimates scaled by {now.median_ms / built:.3g}")
+            return table
     started = time.perf_counter()
     table = _measure_table(model, x, specs, prunable, column_names, config, multiple, space)
     table.meta.update(key=key, seconds=time.perf_counter() - started)
