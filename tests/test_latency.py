@@ -412,6 +412,37 @@ def test_latency_target_end_to_end_records_the_estimate(tmp_path):
     assert result.model.conv1.out_channels % 8 == 0 and result.model.conv2.out_channels % 8 == 0
 
 
+def test_a_missed_latency_target_is_timed_again_and_refused_with_the_result():
+    """Below (1 - tolerance) x target the models are timed again with 3x the runs; that decides, and a refusal
+    is a TargetMissed carrying the run's result."""
+    from types import SimpleNamespace
+
+    from autocompress import TargetMissed
+
+    def check(first, again):
+        lines, calls = [], []
+
+        def timed(model, runs):
+            calls.append(runs)
+            return {"base_ms": 1.0, "compressed_ms": 1.0 / again, "speedup": again}
+
+        fake = SimpleNamespace(table=object(), config=CompressConfig.from_dict({"target": "latency=2x"}), factor=2.0,
+                               target=Target.parse("latency=2x"), pipeline=SimpleNamespace(log=lines.append),
+                               _timed_against_base=timed)
+        result = SimpleNamespace(final={"deployed": {"batches": {"1": {"speedup": first}}},
+                                        "latency_estimate": {"estimate_ms": 0.4}})
+        Compression._check_latency(fake, result, nn.Identity())
+        return lines, calls
+
+    assert check(1.85, again=0.1) == ([], [])  # within the default tolerance 0.1: not timed again
+    lines, calls = check(1.5, again=1.9)
+    runs = 3 * LatencyConfig().runs
+    assert calls == [runs] and f"measured 1.5x, below 1.8x; timed again with {runs} runs: 1.9x" in lines[0]
+    with pytest.raises(TargetMissed, match=r"missed: .*\(1\.60x; first measured 1\.50x") as error:
+        check(1.5, again=1.6)
+    assert error.value.result.final["latency_estimate"]["estimate_ms"] == 0.4 and isinstance(error.value, UserError)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("target, config, setting, words", [
     ("latency=2x", {"latency": {"runtime": "tvm"}}, "latency.runtime", "unknown latency.runtime 'tvm'"),

@@ -21,12 +21,12 @@ __version__ = "0.2.0"
 from .compress import CompressResult, compress  # noqa: E402
 from .config import CompressConfig  # noqa: E402
 from .deployment import deployed_form  # noqa: E402
-from .errors import SettingError, UserError  # noqa: E402
+from .errors import SettingError, TargetMissed, UserError  # noqa: E402
 from .pruning import PruneResult, prune  # noqa: E402
 from .rounds import TrainingPhase  # noqa: E402
 
-__all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TrainingPhase", "UserError",
-           "__version__", "compress", "deployed_form", "load", "prune"]
+__all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TargetMissed", "TrainingPhase",
+           "UserError", "__version__", "compress", "deployed_form", "load", "prune"]
 
 
 def load(path, map_location="cpu", model=None):

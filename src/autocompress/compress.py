@@ -33,7 +33,7 @@ from .budget import apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import deployed_form
-from .errors import UserError
+from .errors import TargetMissed, UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
 from .projection import project
@@ -177,6 +177,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             cannot run, a non-scalar loss, a non-number score, an unavailable device), a target the model
             cannot reach without pruning a layer away, or a ``run_dir`` that holds another run or is in use;
             all before any training, with nothing written.
+        TargetMissed: (a UserError) a latency target the trained model misses when measured at the end,
+            twice; its ``result`` is the :class:`CompressResult` (the run folder keeps it too).
     """
     return Compression(model, example_inputs, target, task_args=dict(
         train_loader=train_loader, val_loader=val_loader, score_fn=score_fn, loss_fn=loss_fn,
@@ -414,8 +416,9 @@ class Compression:
         self._check_target(compact_model)
         if not self.store.is_done("final", "final"):  # rank 0 saves model.pt and measures
             self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model))])
-        self._check_latency([r for r in self.store.records if r.get("event") == "final"][-1])
-        return self._result(compact_model)
+        result = self._result(compact_model)
+        self._check_latency(result, compact_model)
+        return result
 
     def _search(self, state: RoundState) -> None:
         """The round's rates: guided simulated annealing (or one uniform rate) meeting the round's target."""
@@ -494,11 +497,17 @@ class Compression:
             masks = project(state.space, state.model, rates)
         candidate = compact(state.model, state.space.param_masks(masks), self.example,
                             channel_multiple=self.multiple).model
+        return self._timed_against_base(candidate)["speedup"]
+
+    def _timed_against_base(self, compact_model: nn.Module, runs: int | None = None) -> dict:
+        """``base_ms``, ``compressed_ms`` (its deployed form) and ``speedup`` at the latency target's batch,
+        interleaved in the runtime (``runs``: default ``latency.runs``)."""
         settings = self.config.latency
-        candidate = deployed_form(candidate, self.example, settings, batches=[settings.batch]).model
-        timing = measure_models({"base": self.pipeline.base_model, "candidate": candidate}, self.example, settings,
-                                batches=[settings.batch])[settings.batch]
-        return timing["base"].median_ms / timing["candidate"].median_ms
+        form = deployed_form(compact_model, self.example, settings, batches=[settings.batch]).model
+        timing = measure_models({"base": self.pipeline.base_model, "compressed": form}, self.example, settings,
+                                batches=[settings.batch], runs=runs)[settings.batch]
+        base_ms, compressed_ms = timing["base"].median_ms, timing["compressed"].median_ms
+        return {"base_ms": base_ms, "compressed_ms": compressed_ms, "speedup": base_ms / compressed_ms}
 
     def _anneal(self, state: RoundState, sampler: ActionSampler) -> AnnealingResult:
         """Guided simulated annealing over the sampler's actions, scored by quick evaluation (in % for top-1)."""
@@ -536,21 +545,30 @@ class Compression:
                             "channels it could not remove exactly; see the round records' dead_channels_kept)",
                             "raise the target a little, or exclude those layers (ignored layers)")
 
-    def _check_latency(self, final: dict) -> None:
-        """A latency target is met or refused: UserError when the measured speedup at the target's batch is
-        below ``(1 - latency.tolerance)`` x the target (the run folder keeps every phase and the final record)."""
+    def _check_latency(self, result: CompressResult, compact_model: nn.Module) -> None:
+        """A latency target is met or refused. Met when the final record's measured speedup at the target's batch
+        is at least ``(1 - latency.tolerance)`` x the target; below it, base and compact model are timed again
+        with 3x ``latency.runs`` (one noisy measurement does not refuse a trained model) and that decides.
+        Refused: :class:`TargetMissed` with both measurements, carrying ``result`` (the run folder keeps it too)."""
         if self.table is None:
             return
         settings = self.config.latency
-        measured = final["deployed"]["batches"][str(settings.batch)]
-        if measured["speedup"] < self.factor * (1 - settings.tolerance):
-            raise UserError(f"target {self.target} missed: the compact model runs in "
-                            f"{measured['compressed_ms']:.3g} ms vs {measured['base_ms']:.3g} ms for the base "
-                            f"({measured['speedup']:.2f}x, {settings.runtime}, batch {settings.batch}, "
-                            f"{settings.threads} thread(s); the lookup table estimated "
-                            f"{final['latency_estimate']['estimate_ms']:.3g} ms)",
-                            "raise the target a little (the table's error is in the final record), or measure on "
-                            "a quieter machine (latency.runs)")
+        first = result.final["deployed"]["batches"][str(settings.batch)]
+        limit = self.factor * (1 - settings.tolerance)
+        if first["speedup"] >= limit:
+            return
+        again = distributed.on_main(lambda: self._timed_against_base(compact_model, runs=3 * settings.runs))
+        self.pipeline.log(f"latency target: measured {first['speedup']:.3g}x, below {limit:.3g}x; timed again with "
+                          f"{3 * settings.runs} runs: {again['speedup']:.3g}x")
+        if again["speedup"] >= limit:
+            return
+        raise TargetMissed(f"target {self.target} missed: the compact model runs in {again['compressed_ms']:.3g} ms "
+                           f"vs {again['base_ms']:.3g} ms for the base ({again['speedup']:.2f}x; first measured "
+                           f"{first['speedup']:.2f}x; {settings.runtime}, batch {settings.batch}, {settings.threads} "
+                           f"thread(s); the lookup table estimated "
+                           f"{result.final['latency_estimate']['estimate_ms']:.3g} ms)",
+                           "the trained model is in the error's result (and the run folder); raise the target a "
+                           "little, or measure on a quieter machine (latency.runs)", result=result)
 
     def _deployed(self, compact_model: nn.Module) -> dict:
         """The final record's deployed-latency fields: interleaved base / compact timings in the deployment

@@ -32,6 +32,16 @@ class SettingError(UserError):
         self.setting = setting
 
 
+class TargetMissed(UserError):
+    """A target the trained compact model misses when measured at the end (a latency target on a machine
+    slower than during the search). ``result`` holds what the run produced (a
+    :class:`autocompress.CompressResult`: the model, its records), so nothing trained is lost."""
+
+    def __init__(self, problem: str, fix: str | None = None, *, result: Any = None):
+        super().__init__(problem, fix)
+        self.result = result
+
+
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 4, 60, 60
 
