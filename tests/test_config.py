@@ -27,6 +27,11 @@ def test_target_parsing():
     with pytest.raises(SettingError, match="has no unit") as error:  # 5x or 5 ms: the user must say
         Target.parse("latency=5")
     assert "latency=5x" in str(error.value) and "latency=5ms" in str(error.value)
+    assert Target.parse("Latency=2X") == Target("latency", 2.0) and Target.parse("latency=3MS").ms == 3.0
+    for bad, words in (("latency=0.5x", "factor must be > 1"), ("params=1x", "factor must be > 1"),
+                       ("latency=0ms", "latency must be > 0")):
+        with pytest.raises(SettingError, match=words):
+            Target.parse(bad)
 
 
 def test_round_schedules():

@@ -451,6 +451,8 @@ def test_a_missed_latency_target_is_timed_again_and_refused_with_the_result():
     ("latency=2x", {"dims": "irregular"}, "dims", "irregular sparsity"),
     ("latency=5ms", {"rounds": [2, 4]}, "rounds", "has no factor"),
     ("flops=2x", {"latency": {"device": "cuda"}}, "latency.device", "not available"),
+    ("latency=2x", {"latency": {"tolerance": 1.5}}, "latency.tolerance", "use a fraction from 0 (inclusive) to 1"),
+    ("latency=2x", {"latency": {"threads": 0}}, "latency.threads", "use an integer from 1 to 1024"),
 ])
 def test_bad_settings_are_refused_by_name(target, config, setting, words):
     with pytest.raises(SettingError) as info:

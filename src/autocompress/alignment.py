@@ -104,7 +104,8 @@ def check_multiple(space, multiple: int, *, explicit: bool) -> list[str]:
         g = min(smaller, key=lambda group: group.size)
         raise UserError(f"channel_multiple={multiple} is larger than filter group {g.name!r} ({g.size} channels, "
                         f"the smallest of {len(smaller)} such groups)",
-                        f"use a multiple of at most {g.size}, auto, or ignore those layers")
+                        f"use a multiple of at most {g.size}, or auto (groups of at most the multiple then keep every "
+                        "channel)")
     if small:
         log.info("channel multiple %d (aligned widths): %d filter group(s) of at most %d channels keep every "
                  "channel whatever their pruning rate, since the smallest aligned width is the whole group (%s)",

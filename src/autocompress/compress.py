@@ -543,7 +543,7 @@ class Compression:
         if reached < self.factor * (1 - 1e-3):
             raise UserError(f"target {self.target} missed: the compact model is {reached:.3g}x (compaction kept "
                             "channels it could not remove exactly; see the round records' dead_channels_kept)",
-                            "raise the target a little, or exclude those layers (ignored layers)")
+                            "raise the target a little")
 
     def _check_latency(self, result: CompressResult, compact_model: nn.Module) -> None:
         """A latency target is met or refused. Met when the final record's measured speedup at the target's batch

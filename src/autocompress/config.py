@@ -56,20 +56,25 @@ class Target:
     def parse(cls, text: Any) -> "Target":
         """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional) or ``"latency=2x"`` / ``"latency=5ms"`` (a
         latency needs its unit: a speedup or milliseconds). Raises SettingError (``target``)."""
-        match = re.fullmatch(r"\s*(params|flops|latency)\s*=\s*([0-9]*\.?[0-9]+)\s*(x|ms)?\s*", text) \
-            if isinstance(text, str) and len(text) < 100 else None
-        ms = bool(match) and match.group(3) == "ms"
-        if not match or (ms and match.group(1) != "latency") or not (
-                0 < float(match.group(2)) < 1e9 if ms else 1.0 < float(match.group(2)) < 1e9):
+        match = re.fullmatch(r"\s*(params|flops|latency)\s*=\s*([0-9]*\.?[0-9]+)\s*(x|ms)?\s*", text,
+                             flags=re.IGNORECASE) if isinstance(text, str) and len(text) < 100 else None
+        objective, unit = (match.group(1).lower(), (match.group(3) or "").lower() or None) if match else (None, None)
+        ms = unit == "ms"
+        if not match or (ms and objective != "latency"):
             raise SettingError("target", f"cannot read target {show(text)}",
                                "write OBJECTIVE=FACTORx with OBJECTIVE params, flops or latency and 1 < FACTOR "
                                "< 1e9 (e.g. params=20x, latency=2x), or latency=MILLISECONDSms (e.g. latency=5ms)")
-        if match.group(1) == "latency" and match.group(3) is None:
+        if not (0 < float(match.group(2)) < 1e9 if ms else 1.0 < float(match.group(2)) < 1e9):
+            raise SettingError("target", f"target {show(text)}: the {'latency' if ms else 'factor'} must be "
+                               f"{'> 0' if ms else '> 1'} and < 1e9",
+                               "a factor is how many times smaller (params, flops) or faster (latency) than the "
+                               "base, e.g. params=20x or latency=2x" if not ms else "e.g. latency=5ms")
+        if objective == "latency" and unit is None:
             raise SettingError("target", f"target {show(text)} has no unit",
                                f"write latency={match.group(2)}x for a speedup over the base or "
                                f"latency={match.group(2)}ms for milliseconds")
         value = float(match.group(2))
-        return cls(match.group(1), None, value) if ms else cls(match.group(1), value)
+        return cls(objective, None, value) if ms else cls(objective, value)
 
     def __str__(self) -> str:
         return f"{self.objective}={self.ms:g}ms" if self.ms is not None else f"{self.objective}={self.factor:g}x"

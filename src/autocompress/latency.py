@@ -117,14 +117,16 @@ class LatencyConfig:
         if not (self.device == "cpu" or (self.runtime == "torch" and str(self.device).startswith("cuda"))):
             raise SettingError("latency.device", f"latency.device={show(self.device)} is not available with "
                                f"the {self.runtime} runtime", "use cpu (or cuda with latency.runtime torch)")
-        checks = [("threads", 1 <= self.threads <= 1024), ("batch", 1 <= self.batch <= 65536),
-                  ("large_batch", 1 <= self.large_batch <= 65536), ("runs", 1 <= self.runs <= 100_000),
-                  ("warmup", 0 <= self.warmup <= 100_000), ("table_runs", 1 <= self.table_runs <= 100_000),
-                  ("tolerance", 0 <= self.tolerance < 1)]
-        for name, ok in checks:
-            if not ok:
-                raise SettingError(f"latency.{name}", f"latency.{name}={show(getattr(self, name))} is not valid",
-                                   "see the README's latency settings")
+        checks = [("threads", 1, 1024), ("batch", 1, 65536), ("large_batch", 1, 65536), ("runs", 1, 100_000),
+                  ("warmup", 0, 100_000), ("table_runs", 1, 100_000)]
+        for name, low, high in checks:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+                raise SettingError(f"latency.{name}", f"latency.{name}={show(value)} is not valid",
+                                   f"use an integer from {low} to {high}")
+        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+            raise SettingError("latency.tolerance", f"latency.tolerance={show(self.tolerance)} is not valid",
+                               "use a fraction from 0 (inclusive) to 1, e.g. 0.1: the target is met at >= 0.9 x it")
         check_runtime(self.runtime, self.device)
 
     @property
