@@ -349,6 +349,19 @@ def test_calibration_stops_when_the_table_cannot_aim_higher():
         calibrate(2.0, lambda aim: fit(aim + 1), lambda reached: reached)
 
 
+def test_calibration_floor_accepts_a_candidate_just_below_the_target():
+    """With floor 0.95 a candidate measured at 0.97 x the target ends the loop (VGG-16 at 1.5x measured 1.87x,
+    1.39x, 1.48x, 1.44x: without the floor none lay in [1.5, 1.65] and the over-pruned 1.87x was kept)."""
+    from autocompress.compress import calibrate
+
+    measured = iter([1.87, 1.39, 1.48, 1.44])
+    kept, records = calibrate(1.5, lambda aim: (aim, aim), lambda _reached: next(measured), floor=0.95)
+    assert [r["measured"] for r in records] == [1.87, 1.39, 1.48] and kept == records[2]["aimed"]
+    measured = iter([1.87, 1.39, 1.48, 1.44])
+    kept, records = calibrate(1.5, lambda aim: (aim, aim), lambda _reached: next(measured))
+    assert len(records) == 4 and kept == 1.5  # floor 1: only the first (1.87x) met it
+
+
 def test_calibration_lowers_an_overshooting_aim():
     """A table that under-estimates the speedup (the measured one is 1.5x above) is re-aimed below the target
     and ends inside the band instead of keeping the over-pruned first candidate."""

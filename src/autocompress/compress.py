@@ -71,17 +71,19 @@ def latency_guidance(units: list[ActionUnit], space, table: LatencyTable) -> lis
 
 
 def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure: Callable[[Any], float], *,
-              steps: int = CALIBRATION_STEPS, band: float = CALIBRATION_BAND) -> tuple[Any, list[dict]]:
+              steps: int = CALIBRATION_STEPS, band: float = CALIBRATION_BAND, floor: float = 1.0
+              ) -> tuple[Any, list[dict]]:
     """Close a latency target's lookup-table estimate with measurements (beyond the paper; the table is the
     idea of HALP, Shen et al. NeurIPS 2022, the measured loop that of NetAdapt, Yang et al. ECCV 2018).
 
     ``fit(aim)`` gives a candidate meeting the speedup ``aim`` by the table and its estimated speedup;
-    ``measure(candidate)`` its measured speedup. Starting at ``aim = target``, each step measures the candidate
-    and, unless its speedup lies in ``[target, band * target]``, re-aims by ``target / measured`` (the table's
-    error there; not below 1), at most ``steps`` measurements; a ``fit`` that raises UserError (an aim the
-    table cannot reach) ends the loop after the first measurement. Returns the least-pruned measured candidate
-    that met the target (the smallest speedup >= target), else the fastest one, and one record per measurement
-    (``aimed``, ``estimated``, ``measured``).
+    ``measure(candidate)`` its measured speedup; a candidate meets the target at ``floor * target`` or more
+    (``floor`` <= 1 leaves room for the measurement's noise). Starting at ``aim = target``, each step measures
+    the candidate and, unless its speedup lies in ``[floor * target, band * target]``, re-aims by
+    ``target / measured`` (the table's error there; not below 1), at most ``steps`` measurements; a ``fit``
+    that raises UserError (an aim the table cannot reach) ends the loop after the first measurement. Returns
+    the least-pruned measured candidate that met the target (the smallest such speedup), else the fastest
+    one, and one record per measurement (``aimed``, ``estimated``, ``measured``).
     """
     aim, records, kept, fastest = target, [], None, None
     for _ in range(steps):
@@ -93,11 +95,11 @@ def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure:
             break
         speedup = measure(candidate)
         records.append({"aimed": aim, "estimated": estimated, "measured": speedup})
-        if speedup >= target and (kept is None or speedup < kept[1]):
+        if speedup >= floor * target and (kept is None or speedup < kept[1]):
             kept = (candidate, speedup)
         if fastest is None or speedup > fastest[1]:
             fastest = (candidate, speedup)
-        if target <= speedup <= band * target:
+        if floor * target <= speedup <= band * target:
             break
         aim = max(1.0, aim * target / speedup)
     return (kept or fastest)[0], records
@@ -468,8 +470,10 @@ class Compression:
         """A latency target's search result, measured before any training (:func:`calibrate`): the round's
         model projected at the search's rates re-fitted to an aim and compacted is timed against the base in
         the runtime. Training does not change the widths, so the final model runs at what was measured here (up
-        to noise). UserError, before any training, when no measured candidate comes within ``latency.tolerance``
-        of the target. Returns the action, its sampler and one record per measurement."""
+        to noise). A candidate within half of ``latency.tolerance`` below the target meets it here (the final
+        check allows the whole tolerance). UserError, before any training, when no measured candidate comes
+        within ``latency.tolerance`` of the target. Returns the action, its sampler and one record per
+        measurement."""
         def fit(aim: float) -> tuple[tuple[np.ndarray, ActionSampler, float], float]:
             sampler = self._sampler(state.space, aim, base_ratio)
             fitted = sampler.meet(action)
@@ -482,8 +486,9 @@ class Compression:
                               f"{speedup:.3g}x")
             return speedup
 
-        (fitted, sampler, _aim), records = calibrate(state.target, fit, measure)
-        best, settings = max(r["measured"] for r in records), self.config.latency
+        settings = self.config.latency
+        (fitted, sampler, _aim), records = calibrate(state.target, fit, measure, floor=1 - settings.tolerance / 2)
+        best = max(r["measured"] for r in records)
         if best < state.target * (1 - settings.tolerance):
             raise UserError(f"target {self.target} cannot be met in {settings.runtime}: the search's candidates "
                             f"measured at most {best:.3g}x in {len(records)} measurement(s) before any training "

@@ -139,7 +139,7 @@ def _compare(base: Any, comp: Any, kind: str) -> str:
 FINAL_COLUMNS = (("test_top1", "test top-1 (%)", "points"), ("val_top1", "val top-1 (%)", "points"),
                  ("val_score", "val score", "difference"), ("params", "parameters", "ratio"),
                  ("macs", "MACs", "ratio"), ("file_bytes", "file (bytes)", "ratio"),
-                 ("latency_b1_ms", "latency b=1 (ms)", "ratio"), ("latency_b64_ms", "latency b=64 (ms)", "ratio"))
+                 ("latency_b1_ms", "torch b=1 (ms)", "ratio"), ("latency_b64_ms", "torch b=64 (ms)", "ratio"))
 
 
 def deployed_columns(final: dict) -> tuple:
