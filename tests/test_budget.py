@@ -33,6 +33,13 @@ def test_the_budget_is_split_as_the_rule_says(target, budget):
     assert apply_budget(config) == config  # a resolved (stored) config applies again unchanged
 
 
+def test_a_latency_target_in_milliseconds_takes_one_round():
+    """latency=Nms has no factor until the base is measured: the rule gives it one round (it crashed before)."""
+    config = apply_budget(CompressConfig.from_dict({"target": "latency=5ms", "budget": 6}))
+    assert (config.rounds, config.admm.epochs, config.final_retrain_epochs) == (1, 1, 5)
+    config.validate()
+
+
 def test_explicit_schedule_settings_with_a_budget_are_refused_naming_both():
     with pytest.raises(SettingError, match=r"budget=8 and admm\.epochs=3 both set the training schedule") as info:
         apply_budget(CompressConfig.from_dict({"target": "params=10x", "budget": 8, "admm": {"epochs": 3}},

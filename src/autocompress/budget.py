@@ -21,15 +21,16 @@ RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round, the res
        "distillation from the base"
 
 
-def budget_schedule(factor: float, budget: int) -> dict:
-    """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``) and ``budget``
+def budget_schedule(factor: float | None, budget: int) -> dict:
+    """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``; None for a
+    ``latency=Nms`` target, whose factor is known only once the base is measured: one round) and ``budget``
     epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
     ``distillation.enabled`` (true), as a nested dict of :class:`CompressConfig` settings.
 
     Raises:
         SettingError (``budget``): fewer epochs than the rule's rounds (each needs its ADMM epoch).
     """
-    rounds = max(1, math.ceil(math.log10(factor) - 1e-9))
+    rounds = 1 if factor is None else max(1, math.ceil(math.log10(factor) - 1e-9))
     if budget < rounds:
         raise SettingError("budget", f"budget={budget} epochs is below the {rounds} ADMM epochs of the {rounds} "
                            f"rounds a {factor:g}x target takes (one round per decade)", f"use budget >= {rounds}")
