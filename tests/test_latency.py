@@ -192,6 +192,19 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     assert "color:#b00" in page and "SLOWER than the base" in page
 
 
+def test_the_report_gives_the_spread_of_the_runs():
+    from autocompress.latency import Timing
+    from autocompress.report import deployed_lines
+
+    timings = {1: {"base": Timing(1.3, 1.21, 1.35, 30), "compressed": Timing(0.62, 0.6, 0.66, 30)}}
+    summary = deployed_summary(timings, LatencyConfig())
+    assert summary["batches"]["1"]["base_p10_p90_ms"] == [1.21, 1.35]
+    lines = deployed_lines({"deployed": summary})
+    assert "spread of the runs (10th-90th percentile, ms): batch 1: base 1.21-1.35, compressed 0.6-0.66" in lines
+    damaged = {"deployed": {**summary, "batches": {"1": {**summary["batches"]["1"], "base_p10_p90_ms": "x"}}}}
+    assert "batch 1: base ?, compressed 0.6-0.66" in deployed_lines(damaged)[1]
+
+
 def test_chance_level_validation_top1_is_a_warning():
     from autocompress.compress import _chance_warning
     from autocompress.config import Target

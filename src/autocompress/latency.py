@@ -282,10 +282,13 @@ def measure_models(models: Mapping[str, nn.Module], example: Any, config: Latenc
 
 
 def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfig) -> dict:
-    """Plain data for the final record: per batch the base and compressed medians (ms) and the speedup,
-    the settings, and ``slower``: the batch sizes at which the compressed model is slower than the base."""
+    """Plain data for the final record: per batch the base and compressed medians (ms), their spread (10th
+    and 90th percentiles of the runs, ms) and the speedup, the settings, and ``slower``: the batch sizes at
+    which the compressed model is slower than the base."""
     rows = {str(b): {"base_ms": t["base"].median_ms, "compressed_ms": t["compressed"].median_ms,
-                     "speedup": t["base"].median_ms / max(t["compressed"].median_ms, 1e-9)}
+                     "speedup": t["base"].median_ms / max(t["compressed"].median_ms, 1e-9),
+                     "base_p10_p90_ms": [t["base"].p10_ms, t["base"].p90_ms],
+                     "compressed_p10_p90_ms": [t["compressed"].p10_ms, t["compressed"].p90_ms]}
             for b, t in timings.items()}
     return {"runtime": config.runtime, "device": config.device, "threads": config.threads,
             "runs": config.runs, "warmup": config.warmup, "batches": rows,

@@ -152,6 +152,12 @@ def deployed_columns(final: dict) -> tuple:
     return tuple((f"deployed_b{b}_ms", f"{runtime} b={b} (ms)", "ratio") for b in deployed["batches"])
 
 
+def _span(pair) -> str:
+    """``"1.21-1.35"`` for a ``[low, high]`` pair of numbers; "?" otherwise (a damaged record)."""
+    ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)
+    return f"{pair[0]:.3g}-{pair[1]:.3g}" if ok else "?"
+
+
 def deployed_lines(final: dict) -> list[str]:
     """Plain-text lines about deployed speed: how it was measured, the lookup table's estimate error (latency
     targets) and every warning (e.g. the compressed model is slower than the base); also used by the CLI."""
@@ -162,6 +168,11 @@ def deployed_lines(final: dict) -> list[str]:
              f"{_num(deployed.get('threads'), '')} thread(s), median of {_num(deployed.get('runs'), '')} interleaved "
              f"base / compressed runs after {_num(deployed.get('warmup'), '')} warm-up runs; channel multiple "
              f"{_num(final.get('channel_multiple'), '')}"]
+    spread = [f"batch {b}: base {_span(row.get('base_p10_p90_ms'))}, compressed "
+              f"{_span(row.get('compressed_p10_p90_ms'))}" for b, row in (deployed.get("batches") or {}).items()
+              if isinstance(row, dict) and row.get("base_p10_p90_ms") is not None]
+    if spread:
+        lines.append("spread of the runs (10th-90th percentile, ms): " + "; ".join(spread))
     form = final.get("deployed_form")
     if isinstance(form, dict) and form.get("column_layers"):
         dense = form.get("dense_layers") if isinstance(form.get("dense_layers"), list) else []
