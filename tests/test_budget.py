@@ -1,12 +1,14 @@
 """The one budget setting: the split the ac_kd rule gives, its refusals, and its record in config.yaml."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from autocompress.budget import apply_budget
+from autocompress.budget import apply_budget, budget_schedule, describe
 from autocompress.compress import Compression, resolve_config
 from autocompress.config import CompressConfig, SettingError
 
@@ -73,19 +75,38 @@ def test_a_config_that_is_not_a_mapping_is_refused():
         resolve_config("rounds: 1", "params=2x")
 
 
-def test_config_yaml_records_the_derived_schedule(tmp_path):
-    """The run folder's config.yaml is written when the run is set up (before any training)."""
+@pytest.mark.parametrize("steps, admm", [(16, 0), (99, 0), (100, 1), (None, 1)])
+def test_an_epoch_of_few_steps_gets_no_admm(steps, admm):
+    """Below 100 optimiser steps per epoch the rule spends every epoch on retraining (measured: an ADMM epoch
+    of 16 steps cost 22.8 points); unknown steps keep one ADMM epoch per round."""
+    schedule = budget_schedule(30.0, 6, steps)
+    assert (schedule["rounds"], schedule["admm"]["epochs"], schedule["final_retrain_epochs"]) == (2, admm, 6 - 2 * admm)
+    config = resolve_config({"target": "params=30x", "budget": 6}, None, steps)
+    assert config.admm.epochs == admm and ("too few for ADMM" in describe(config)) == (admm == 0)
+    if admm == 0:  # the budget may then be below the number of rounds
+        assert budget_schedule(1000.0, 2, steps)["final_retrain_epochs"] == 2
+        stored = dataclasses.asdict(config)  # a resumed run's config.yaml, checked before the loader is known
+        assert resolve_config(stored, None).admm.epochs == 0 and resolve_config(stored, None, steps) == config
+        with pytest.raises(SettingError, match="budget derives admm.epochs=1"):  # the loader has grown since
+            resolve_config(stored, None, 100)
+
+
+@pytest.mark.parametrize("batches, admm", [(2, 0), (100, 1)])
+def test_config_yaml_records_the_derived_schedule(tmp_path, batches, admm):
+    """The run folder's config.yaml is written when the run is set up (before any training), with the schedule
+    the rule derives for the training loader's length."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-    data = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    data = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])) for _ in range(batches)]
     lines: list[str] = []
     run = Compression(model, torch.randn(1, 1, 8, 8), "params=30x", task_args=dict(train_loader=data, val_loader=data),
                       device="cpu", config={"budget": 6}, run_dir=tmp_path / "run", progress=False, log=lines.append)
     run.store.close()
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     rounds, final = expected_split(30.0, 6)
+    final = final if admm else 6
     assert (stored["budget"], stored["rounds"], stored["admm"]["epochs"], stored["retrain"]["epochs"],
-            stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, 1, 0, final, True)
+            stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, admm, 0, final, True)
     assert stored["run"]["schedule"].startswith("budget 6 epochs -> 2 round(s)")
     assert lines[0] == stored["run"]["schedule"] and "rule ac_kd" in lines[0]

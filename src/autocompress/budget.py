@@ -7,7 +7,10 @@ assume a far larger budget): one round per decade of the target (10x: one round,
 last round's retraining, with knowledge distillation from the base model. At short budgets ADMM does not
 converge (the hard-pruned model is near chance after it), so epochs buy more as retraining of the final
 architecture, and distillation from the base adds about a point there; rounds keep each search step at most
-10x. ``benchmarks/run_grid.py`` (variant ``ac_kd``) uses the same function.
+10x. An epoch of fewer than :data:`MIN_ADMM_STEPS` optimiser steps gets no ADMM at all (session 10: with
+16 steps per epoch the ADMM epoch cost 22.8 points of top-1 against spending it on retraining; the default
+rho schedule raises rho only every 100 steps). ``benchmarks/run_grid.py`` (variant ``ac_kd``) uses the same
+function.
 """
 from __future__ import annotations
 
@@ -17,25 +20,30 @@ from .config import CompressConfig, SettingError, from_dict, getattr_dotted
 from .errors import show
 
 #: the name ``config.yaml`` and the log give the rule
-RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round, the rest as final retraining with " \
-       "distillation from the base"
+RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
+       "optimiser steps), the rest as final retraining with distillation from the base"
+#: an epoch of fewer optimiser steps gets no ADMM under the rule (the default rho schedule's update interval)
+MIN_ADMM_STEPS = 100
 
 
-def budget_schedule(factor: float | None, budget: int) -> dict:
+def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | None = None) -> dict:
     """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``; None for a
     ``latency=Nms`` target, whose factor is known only once the base is measured: one round) and ``budget``
     epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
     ``distillation.enabled`` (true), as a nested dict of :class:`CompressConfig` settings.
+    ``steps_per_epoch``: optimiser steps of one training epoch (None: unknown); below :data:`MIN_ADMM_STEPS`
+    no round runs ADMM and every epoch is final retraining.
 
     Raises:
         SettingError (``budget``): fewer epochs than the rule's rounds (each needs its ADMM epoch).
     """
     rounds = 1 if factor is None else max(1, math.ceil(math.log10(factor) - 1e-9))
-    if budget < rounds:
+    admm = 0 if steps_per_epoch is not None and steps_per_epoch < MIN_ADMM_STEPS else 1
+    if budget < rounds * admm:
         raise SettingError("budget", f"budget={budget} epochs is below the {rounds} ADMM epochs of the {rounds} "
                            f"rounds a {factor:g}x target takes (one round per decade)", f"use budget >= {rounds}")
-    return {"rounds": rounds, "admm": {"epochs": 1}, "retrain": {"epochs": 0},
-            "final_retrain_epochs": budget - rounds, "distillation": {"enabled": True}}
+    return {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
+            "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
 
 
 def _leaves(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -52,12 +60,16 @@ def given_settings(data: dict) -> set[str]:
     return {name for name, _ in _leaves(data)}
 
 
-def apply_budget(config: CompressConfig, given: set[str] | None = None) -> CompressConfig:
+def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_per_epoch: int | None = None
+                 ) -> CompressConfig:
     """``config`` with the schedule its ``budget`` derives (:func:`budget_schedule`) filled in; ``config``
     itself when ``budget`` is None. A schedule setting given together with ``budget`` is refused unless it
     equals what the budget derives (so a resolved config, e.g. a stored ``config.yaml``, applies again
     unchanged). ``given``: the dotted names the user set (:func:`given_settings`); None when unknown (a
     CompressConfig instance), then a setting that differs from its default counts as given.
+    ``steps_per_epoch``: see :func:`budget_schedule`; when None (the loader is not known yet), a config that
+    gives ``admm.epochs`` 0 is checked against the schedule for a short loader (a stored ``config.yaml`` of
+    such a run), and the call with the loader's length checks it again.
 
     Raises:
         SettingError: ``budget`` and a schedule setting that contradicts it (naming both), a budget below the
@@ -65,7 +77,10 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None) -> Compr
     """
     if config.budget is None:
         return config
-    derived = budget_schedule(config.parsed_target().factor, config.budget)
+    derived = budget_schedule(config.parsed_target().factor, config.budget, steps_per_epoch)
+    few_steps = config.admm.epochs == 0 and (given is None or "admm.epochs" in given)
+    if steps_per_epoch is None and few_steps:  # a stored schedule derived for a short loader (checked again later)
+        derived = budget_schedule(config.parsed_target().factor, config.budget, 0)
     default = CompressConfig()
     for name, value in _leaves(derived):
         given_value = getattr_dotted(config, name)
@@ -79,6 +94,8 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None) -> Compr
 
 def describe(config: CompressConfig) -> str:
     """One line for the log and ``config.yaml``: the budget and what the rule made of it."""
+    why = (f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)"
+           if config.admm.epochs == 0 else "")
     return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
-            f"round, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
+            f"round{why}, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
             f"final retraining epochs, distillation from the base (rule {RULE})")

@@ -188,8 +188,11 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         progress=progress, log=log).run()
 
 
-def resolve_config(config: CompressConfig | dict | None, target: str | None) -> CompressConfig:
-    """The run's validated config: ``config`` (a CompressConfig, its dict form or None) with ``target`` set."""
+def resolve_config(config: CompressConfig | dict | None, target: str | None,
+                   steps_per_epoch: int | None = None) -> CompressConfig:
+    """The run's validated config: ``config`` (a CompressConfig, its dict form or None) with ``target`` set and
+    a ``budget`` applied (:func:`autocompress.budget.apply_budget`; ``steps_per_epoch``: optimiser steps of one
+    training epoch, when known)."""
     given = None  # the settings the user gave, known for plain data only
     if isinstance(config, CompressConfig):
         config = dataclasses.replace(config)
@@ -202,9 +205,17 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None) -> 
             raise SettingError("target", f"target {target!r} given, but the config says target {config.target!r}",
                                "give the target once")
         config.target = str(target)
-    config = apply_budget(config, given)
+    config = apply_budget(config, given, steps_per_epoch)
     config.validate()
     return config
+
+
+def steps_per_epoch(loader: Any) -> int | None:
+    """Batches of one pass over ``loader`` (one optimiser step each), or None when it has no length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def model_digest(model: nn.Module) -> str:
@@ -236,7 +247,7 @@ class Compression:
                  source: dict | None = None, save: Callable[[Path, nn.Module], Any] | None = None,
                  final_columns: Callable[[str, nn.Module], dict] | None = None):
         self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
-        self.config = resolve_config(config, target)
+        self.config = resolve_config(config, target, steps_per_epoch(task_args.get("train_loader")))
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))

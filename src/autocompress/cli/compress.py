@@ -297,7 +297,7 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     compression = Compression(
         workload.model, workload.example, None,
         task_args=dict(train_loader=workload.train_loader(data.batch_size), val_loader=workload.loader("val")),
-        device=args.device, config=config, run_dir=out, progress=progress,
+        device=args.device, config=library_settings, run_dir=out, progress=progress,
         log=(lambda line: print(line, flush=True)) if progress else None,
         source={"checkpoint": str(checkpoint_path), "data": dataclasses.asdict(data),
                 "imports": list(getattr(args, "imports", []) or [])},
