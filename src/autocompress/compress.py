@@ -356,9 +356,11 @@ class Compression:
         return folder
 
     def _latency_table(self, base: nn.Module) -> LatencyTable:
-        """The lookup table of a latency target (measured, or from the cache), before any training."""
-        table = build_table(base, self.example, self.first_space, self.config.latency, multiple=self.multiple,
-                            columns="column" in self.config.kinds, log=self.pipeline.log)
+        """The lookup table of a latency target (measured, or from the cache), before any training; under
+        torch.distributed rank 0 builds it and every rank uses that one (timings differ between processes)."""
+        table = distributed.on_main(lambda: build_table(base, self.example, self.first_space, self.config.latency,
+                                                        multiple=self.multiple, columns="column" in self.config.kinds,
+                                                        log=self.pipeline.log))
         if table.column_useless and "column" in self.config.kinds:
             self.pipeline.log(f"latency target: column pruning saves nothing in {self.config.latency.runtime} for "
                               f"{len(table.column_useless)} layer(s) ({', '.join(table.column_useless[:4])}...); "
@@ -491,8 +493,8 @@ class Compression:
             return (fitted, sampler, aim), sampler.compression(fitted) * base_ratio
 
         def measure(candidate: tuple[np.ndarray, ActionSampler, float]) -> float:
-            fitted, sampler, aim = candidate
-            speedup = self._measured_speedup(state, sampler.to_rates(fitted))
+            fitted, sampler, aim = candidate  # rank 0 measures, so every rank keeps the same candidate
+            speedup = distributed.on_main(lambda: self._measured_speedup(state, sampler.to_rates(fitted)))
             self.pipeline.log(f"round {state.index} search: aimed at {aim:.3g}x by the lookup table, measured "
                               f"{speedup:.3g}x")
             return speedup
