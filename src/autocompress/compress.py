@@ -40,8 +40,9 @@ from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, ActionUnit, quiet_clipping, rates_dict, units_from_space
+from .sampling import ActionSampler, ActionUnit, producer_count, quiet_clipping, rates_dict, units_from_space
 from .serialization import save_compact
+from .space import KINDS
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
 
@@ -58,14 +59,14 @@ def latency_guidance(units: list[ActionUnit], space, table: LatencyTable) -> lis
     experience-based guidance of AutoCompress (Liu et al., AAAI 2020, §4: prune harder what governs more of
     the objective) with the objective measured in the runtime, so a latency target prunes harder the layers
     whose widths buy time there (with aligned widths at batch 1 these are not always the MAC-heavy ones)."""
-    by_name = {(kind, u.name): u for kind in ("filter", "column", "irregular") for u in space.units(kind)}
+    by_name = {(kind, u.name): u for kind in KINDS for u in space.units(kind)}
     full = table.estimate_space(space, rates_dict(units, np.zeros(len(units))))
     weighted = []
     for i, unit in enumerate(units):
         probe = np.zeros(len(units))
         probe[i] = 0.5
         saving = full - table.estimate_space(space, rates_dict(units, probe))
-        producers = len(getattr(by_name[unit.kind, unit.name], "producers", ())) or 1
+        producers = producer_count(by_name[unit.kind, unit.name])
         weighted.append(dataclasses.replace(unit, weight=max(0.0, saving) / producers))
     return weighted
 
@@ -210,13 +211,6 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None,
     return config
 
 
-def steps_per_epoch(loader: Any) -> int | None:
-    """Batches of one pass over ``loader`` (one optimiser step each), or None when it has no length."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
 
 def model_digest(model: nn.Module) -> str:
     """SHA-256 of a model's state (names, shapes and values), identifying the base model of a run."""
@@ -247,7 +241,7 @@ class Compression:
                  source: dict | None = None, save: Callable[[Path, nn.Module], Any] | None = None,
                  final_columns: Callable[[str, nn.Module], dict] | None = None):
         self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
-        self.config = resolve_config(config, target, steps_per_epoch(task_args.get("train_loader")))
+        self.config = resolve_config(config, target, distributed.length(task_args.get("train_loader")))
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))

@@ -301,18 +301,19 @@ def check_data(loader: Iterable, name: str = "train_loader") -> None:
     if not here.active:
         return
     dataset = getattr(loader, "dataset", None)
-    items = _length(dataset)
+    items = length(dataset)
     if items is not None and items < here.size:
         raise UserError(f"{name}'s dataset has {items} item(s), fewer than the {here.size} processes",
                         "use fewer processes or more data")
-    batches = all_gather_object(_length(loader))
+    batches = all_gather_object(length(loader))
     if len(set(batches)) > 1:
         raise UserError(f"{name} yields a different number of batches per process ({batches})",
                         "give every process the same number of batches (e.g. a DistributedSampler), "
                         "or let autocompress shard a plain DataLoader (distributed.shard_data)")
 
 
-def _length(obj: Any) -> int | None:
+def length(obj: Any) -> int | None:
+    """``len(obj)`` (a loader's batches per pass, a dataset's items), or None when it has no length."""
     try:
         return len(obj)
     except TypeError:
@@ -374,7 +375,7 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
             raise UserError(f"{name} cannot be sharded across processes (only a DataLoader over a map-style "
                             "dataset with the default sampler, or a loader with shard(rank, size), can)",
                             f"shard {name} per rank yourself and set distributed.shard_data: false")
-        if _length(loader.dataset) is not None and len(loader.dataset) < here.size:
+        if length(loader.dataset) is not None and len(loader.dataset) < here.size:
             check_data(loader, name)
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
         sampler = _PhaseSampler(loader.dataset, shuffle=isinstance(sampler, data.RandomSampler), generator=generator)

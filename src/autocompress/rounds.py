@@ -500,10 +500,9 @@ class Pipeline:
 
 
 def _length(loader) -> int:
-    try:
-        return len(loader)
-    except TypeError:
-        return 100
+    """Batches per pass of ``loader`` for a user train_fn's ADMM schedule (100 when it has no length)."""
+    batches = distributed.length(loader)
+    return 100 if batches is None else batches
 
 
 def layer_widths(base: nn.Module, compact_model: nn.Module) -> list[dict]:

@@ -73,8 +73,13 @@ def guidance_weight(unit, attr: str) -> float:
     """What a pruning-space unit governs for the guidance: its ``attr`` (``"params"`` or ``"macs"``) per
     producing layer, i.e. divided by the number of layers whose output channels a filter group prunes
     (1 for column and irregular layers). See the module docstring."""
-    producers = len(getattr(unit, "producers", ())) or 1
-    return float(getattr(unit, attr)) / producers
+    return float(getattr(unit, attr)) / producer_count(unit)
+
+
+def producer_count(unit) -> int:
+    """Layers whose output channels a pruning-space unit prunes (a filter group's producers; 1 for column and
+    irregular layers): the guidance counts what a unit governs per producing layer."""
+    return len(getattr(unit, "producers", ())) or 1
 
 
 def order_rates(rates: np.ndarray, units: Sequence[ActionUnit]) -> np.ndarray:
