@@ -452,12 +452,18 @@ def test_a_missed_latency_target_is_timed_again_and_refused_with_the_result():
             calls.append(runs)
             return {"base_ms": 1.0, "compressed_ms": 1.0 / again, "speedup": again}
 
+        stored: list[dict] = []
         fake = SimpleNamespace(table=object(), config=CompressConfig.from_dict({"target": "latency=2x"}), factor=2.0,
                                target=Target.parse("latency=2x"), pipeline=SimpleNamespace(log=lines.append),
-                               _timed_against_base=timed)
+                               _timed_against_base=timed, store=SimpleNamespace(record=stored.append), run_dir=None)
         result = SimpleNamespace(final={"deployed": {"batches": {"1": {"speedup": first}}},
-                                        "latency_estimate": {"estimate_ms": 0.4}})
-        Compression._check_latency(fake, result, nn.Identity())
+                                        "latency_estimate": {"estimate_ms": 0.4}}, records=[])
+        try:
+            Compression._check_latency(fake, result, nn.Identity())
+        finally:
+            assert stored == result.records == ([] if not calls else [
+                {"event": "latency_recheck", "batch": 1, "runs": calls[0], "base_ms": 1.0, "compressed_ms": 1.0 / again,
+                 "speedup": again}])
         return lines, calls
 
     assert check(1.85, again=0.1) == ([], [])  # within the default tolerance 0.1: not timed again
@@ -466,6 +472,7 @@ def test_a_missed_latency_target_is_timed_again_and_refused_with_the_result():
     assert calls == [runs] and f"measured 1.5x, below 1.8x; timed again with {runs} runs: 1.9x" in lines[0]
     with pytest.raises(TargetMissed, match=r"missed: .*\(1\.60x; first measured 1\.50x") as error:
         check(1.5, again=1.6)
+    assert "in the error's result; to get this speed, ask for a little more" in str(error.value)
     assert error.value.result.final["latency_estimate"]["estimate_ms"] == 0.4 and isinstance(error.value, UserError)
 
 
