@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
@@ -148,6 +149,28 @@ def test_cifar_archive_is_extracted_once(cifar_folder, tmp_path, monkeypatch):
     copy.write_bytes(archive.read_bytes())
     os.utime(copy, (1, 1))
     assert torch.equal(get_dataset("cifar10", copy, val_size=2).test.images, from_folder.test.images)
+
+
+def test_an_archive_extracted_by_another_process_meanwhile_is_used(cifar_folder, tmp_path, monkeypatch):
+    """Two processes extracting one archive at once: the one renaming second finds the folder in place (the
+    rename fails, 'Directory not empty') and uses it; the grid's two jobs failed on this before."""
+    archive = tmp_path / "small.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(cifar_folder / split, arcname=split)
+    replace = os.replace
+
+    def other_process_first(src, dst):
+        shutil.copytree(src, dst)  # the other process's extraction lands first
+        replace(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", other_process_first)
+    folder = data.extract_archive(archive)
+    assert sorted(p.name for p in folder.iterdir()) == ["test", "train"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # the loser's copy is removed
+    monkeypatch.setattr(data.os, "replace", replace)
+    assert torch.equal(get_dataset("cifar10", archive, val_size=2).test.images,
+                       get_dataset("cifar10", cifar_folder, val_size=2).test.images)
 
 
 def test_cifar_folder_holding_the_archive(cifar_folder, tmp_path):

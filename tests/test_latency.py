@@ -375,6 +375,37 @@ def test_calibration_floor_accepts_a_candidate_just_below_the_target():
     assert len(records) == 4 and kept == 1.5  # floor 1: only the first (1.87x) met it
 
 
+def test_calibration_interpolates_once_the_target_is_bracketed():
+    """Measured speedup = aim^3 / 2.66 (a steep table error): the multiplicative re-aim goes 1.27x, 2.09x,
+    0.77x, 2.48x around a 1.5x target; once one measurement lies on each side the next aim interpolates log aim
+    against log speedup, which is exact for a power law, so the third measurement lands on the target."""
+    from autocompress.compress import calibrate
+
+    kept, records = calibrate(1.5, lambda aim: (aim, aim), lambda aim: aim ** 3 / 2.66)
+    measured = [r["measured"] for r in records]
+    assert measured[0] < 1.5 < 1.65 < measured[1] and len(records) == 3
+    assert measured[2] == pytest.approx(1.5) and kept == records[2]["aimed"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(points=st.lists(st.tuples(st.floats(1.0, 8.0), st.floats(0.5, 10.0)), min_size=1, max_size=4),
+       target=st.floats(1.2, 6.0))
+def test_next_aim_stays_inside_a_bracket(points, target):
+    """With measurements on both sides of the band, the next aim lies between the closest slow and fast aims
+    (or is their geometric mean when noise turned them around); with one side only it is the multiplicative
+    re-aim of the last point, never below 1."""
+    from autocompress.compress import next_aim
+
+    aim = next_aim(target, points, floor=0.95, band=1.1)
+    slow = [p for p in points if p[1] < 0.95 * target]
+    fast = [p for p in points if p[1] > 1.1 * target]
+    if slow and fast:
+        low, high = max(slow, key=lambda p: p[1])[0], min(fast, key=lambda p: p[1])[0]
+        assert min(low, high) * (1 - 1e-9) <= aim <= max(low, high) * (1 + 1e-9)
+    else:
+        assert aim == pytest.approx(max(1.0, points[-1][0] * target / points[-1][1]))
+
+
 def test_calibration_lowers_an_overshooting_aim():
     """A table that under-estimates the speedup (the measured one is 1.5x above) is re-aimed below the target
     and ends inside the band instead of keeping the over-pruned first candidate."""
@@ -432,10 +463,11 @@ def test_latency_target_end_to_end_records_the_estimate(tmp_path):
         assert "missed: the compact model runs in" in str(exc) or "measured at most" in str(exc)
         return
     estimate = result.final["latency_estimate"]
-    assert estimate["table"]["multiple"] == 8 and result.final["channel_multiple"] == 8
+    multiple = resolve_multiple("auto")[0]  # a latency target's default: 16 on an AVX-512 CPU, else 8
+    assert estimate["table"]["multiple"] == multiple and result.final["channel_multiple"] == multiple
     assert estimate["error"] == pytest.approx((estimate["estimate_ms"] - estimate["measured_ms"])
                                               / estimate["measured_ms"])
-    assert result.model.conv1.out_channels % 8 == 0 and result.model.conv2.out_channels % 8 == 0
+    assert result.model.conv1.out_channels % multiple == 0 and result.model.conv2.out_channels % multiple == 0
 
 
 def test_a_missed_latency_target_is_timed_again_and_refused_with_the_result():
@@ -474,6 +506,22 @@ def test_a_missed_latency_target_is_timed_again_and_refused_with_the_result():
         check(1.5, again=1.6)
     assert "in the error's result; to get this speed, ask for a little more" in str(error.value)
     assert error.value.result.final["latency_estimate"]["estimate_ms"] == 0.4 and isinstance(error.value, UserError)
+
+
+def test_an_ms_target_missed_in_absolute_ms_on_a_slower_machine_warns_with_the_drift():
+    """latency=1ms converted against a 2 ms base (a 2x speedup): the final timing finds the base at 2.4 ms and the
+    compact model at 1.2 ms, still 2x; the warning gives the absolute miss and the machine's drift (1.2x); at
+    0.9 ms, or with a factor target, there is no warning."""
+    from types import SimpleNamespace
+
+    def warning(target, base_ms, compressed_ms):
+        fake = SimpleNamespace(target=Target.parse(target), table=SimpleNamespace(base_ms=2.0), factor=2.0)
+        return Compression._ms_drift_warning(fake, {"base": _t(base_ms), "compressed": _t(compressed_ms)})
+
+    text = warning("latency=1ms", 2.4, 1.2)
+    assert "measured 1.2 ms in the final timing, above 1 ms" in text and "2.4 ms there against 2 ms" in text
+    assert "1.20x as slow" in text and "side by side: 2x" in text
+    assert warning("latency=1ms", 2.4, 0.9) is None and warning("latency=2x", 2.4, 1.2) is None
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -177,6 +177,9 @@ def test_auto_scorer_refits_a_model_ending_in_a_linear_classifier(trained):
     auto = QuickEvaluator(model, space, task(splits, 100), scorer="auto", bn_batches=3, val_batches=2)
     refit = QuickEvaluator(model, space, task(splits, 100), scorer="refit", bn_batches=3, val_batches=2)
     assert auto.scorer == "refit" and auto.score(uniform(space, 0.5)).top1 == refit.score(uniform(space, 0.5)).top1
+    assert "scorer refit (BatchNorm statistics re-estimated and the last layer refit" in auto.describe()
+    plain = QuickEvaluator(model, space, task(splits, 100), bn_recalibration=False, bn_batches=3, val_batches=2)
+    assert plain.describe().startswith("scorer bn (no re-estimation on each one-shot pruned candidate)")
 
 
 def test_finetune_holds_the_masks_repairs_the_score_and_matches_along_its_run(trained):

@@ -20,6 +20,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch_pruning as tp
@@ -27,12 +28,15 @@ from torch import nn
 
 from autocompress import metrics
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
-from autocompress.config import Target
 from autocompress.admm import masked_retrain
+from autocompress.atomic import atomic_torch_save
+from autocompress.config import Target
 from autocompress.data import get_dataset
 from autocompress.distillation import DistillationConfig, Distiller
+from autocompress.epoch_checkpoint import EpochCheckpoint
 from autocompress.serialization import save_compact
-from autocompress.training import TrainConfig, fit
+from autocompress.task import loader_generators
+from autocompress.training import TrainConfig, evaluate, fit
 
 
 @dataclass
@@ -127,12 +131,18 @@ def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int 
     if distill:
         loader = splits.loader("train", config.batch_size, shuffle=True, augment=True,
                                generator=torch.Generator().manual_seed(seed))
-        stats = masked_retrain(result.model, {}, loader, config, distiller=Distiller(model, DistillationConfig()),
-                               val_loader=splits.loader("val", 256, shuffle=False, augment=False), progress=progress)
-        history = {"val_top1": stats[-1]["val_top1"] if stats else None}
+        state = Path(f"{out}.epochs.pt")  # resumable per epoch (the pruning above is deterministic)
+        checkpoint = EpochCheckpoint(lambda: torch.load(state, weights_only=True) if state.exists() else None,
+                                     lambda payload: atomic_torch_save(payload, state),
+                                     generators=loader_generators(loader), label="Torch-Pruning fine-tuning")
+        masked_retrain(result.model, {}, loader, config, distiller=Distiller(model, DistillationConfig()),
+                       progress=progress, checkpoint=checkpoint)
+        top1 = evaluate(result.model, splits.loader("val", 256, shuffle=False, augment=False))["top1"]
+        history = {"val_top1": top1}
     else:
         history = fit(result.model, splits, config, progress=progress)
     save_compact(out, result.model, base_checkpoint=ckpt, metrics={"method": "torch-pruning"})
+    Path(f"{out}.epochs.pt").unlink(missing_ok=True)
     return {"pruning_ratio": result.pruning_ratio, "reduction": result.reduction, "trials": result.trials,
             "search_seconds": search_seconds, "epochs": epochs, "val_top1": history["val_top1"],
             "wall_seconds": time.perf_counter() - began}

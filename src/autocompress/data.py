@@ -796,7 +796,9 @@ def _decode(samples: list[tuple[Path, int]]) -> TensorSplit:
 def extract_archive(archive: Path) -> Path:
     """Extract a ``.tar`` / ``.tar.gz`` / ``.tgz`` archive once into ``cache_dir()/extracted/<name>-<hash>``
     (atomically: a temporary folder renamed into place) and return that folder. The hash is of the archive's
-    content, so a copy elsewhere or a fresh timestamp (a re-mounted shared folder) reuses the extraction."""
+    content, so a copy elsewhere or a fresh timestamp (a re-mounted shared folder) reuses the extraction.
+    Several processes extracting the same archive at once (torchrun ranks, parallel jobs) all return the folder
+    the first to finish renamed into place."""
     digest = hashlib.sha256()
     with open(archive, "rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
@@ -811,7 +813,11 @@ def extract_archive(archive: Path) -> Path:
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():  # else another process extracted the same archive first: use its folder
+                raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"cannot extract archive {archive}: {exc}",
                         "check the file (sha256sum) or pass the extracted folder") from exc

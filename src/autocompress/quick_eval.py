@@ -48,6 +48,9 @@ from .training import train_epoch
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"refit"`` where the model ends in a
 #: Linear classifier, else ``"bn"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
+#: what each resolved scorer does to a one-shot pruned candidate before scoring it (for the search's log)
+SCORER_STEPS = {"bn": "BatchNorm statistics re-estimated", "refit": "BatchNorm statistics re-estimated and the "
+                "last layer refit to the base model's outputs", "finetune": "a short masked fine-tuning"}
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,13 @@ class QuickEvaluator:
                             "a final nn.Linear", "use scorer auto, bn or finetune for this model")
         #: the scorer in use (``"auto"`` resolved)
         self.scorer = ("refit" if self._head is not None else "bn") if scorer == "auto" else scorer
+        self._steps = "no re-estimation" if self.scorer == "bn" and not bn_recalibration else SCORER_STEPS[self.scorer]
+
+    def describe(self) -> str:
+        """One line for the log: the scorer, what it does to each candidate, and that its score only ranks
+        candidates (the val top-1 right after hard pruning has none of those steps and reads much lower)."""
+        return (f"scorer {self.scorer} ({self._steps} on each one-shot pruned candidate): a score that ranks "
+                "candidates, not the val top-1 the model has after ADMM and hard pruning")
 
     @property
     def val_images(self) -> int | None:
