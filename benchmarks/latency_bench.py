@@ -103,8 +103,7 @@ def form(args: argparse.Namespace) -> None:
 
 def _cli_compress(args, target: str, extra: list[str], out: Path) -> dict:
     command = [sys.executable, "-m", "autocompress", "compress", args.checkpoint, "--target", target, "--out",
-               str(out), "--rounds", "1", "--admm-epochs", str(args.epochs), "--retrain-epochs", str(args.epochs),
-               "--max-train", str(args.max_train), "--val-size",
+               str(out), *_schedule(args), "--max-train", str(args.max_train), "--val-size",
                str(args.val_size), "--quiet", "--config", str(out.parent / "bench.yaml"), "--resume-if-exists", *extra]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
@@ -116,6 +115,14 @@ def _cli_compress(args, target: str, extra: list[str], out: Path) -> dict:
     return {"seconds": time.perf_counter() - started, "returncode": done.returncode,
             "error": done.stderr.strip().splitlines()[-1] if done.returncode else None,
             "latency_estimate": (final or {}).get("latency_estimate"), "model_path": str(out / "model.pt")}
+
+
+def _schedule(args) -> list[str]:
+    """autocompress's epochs: the budget rule's split of ``2 x --epochs`` (``--budget``), else one round of
+    ``--epochs`` ADMM and ``--epochs`` retraining epochs (the schedule of the session-10 rows)."""
+    if args.budget:
+        return ["--epochs", str(2 * args.epochs)]
+    return ["--rounds", "1", "--admm-epochs", str(args.epochs), "--retrain-epochs", str(args.epochs)]
 
 
 def _tp(args, target: str, out: Path) -> dict:
@@ -130,6 +137,10 @@ def _tp(args, target: str, out: Path) -> dict:
     done = subprocess.run(command, capture_output=True, text=True)
     return {"seconds": time.perf_counter() - started, "returncode": done.returncode,
             "error": done.stderr.strip().splitlines()[-1] if done.returncode else None, "model_path": str(out)}
+
+
+#: ``compare``'s methods, in the order of its rows (``--methods`` takes a comma-separated subset)
+METHODS = ("latency", "latency_hybrid", "flops", "tp")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -147,13 +158,15 @@ def compare(args: argparse.Namespace) -> None:
     config = LatencyConfig(threads=args.threads, runs=args.runs, warmup=5)
     for level in [float(v) for v in args.levels.split(",")]:
         flops = f"flops={level / 0.8:.3g}x"
-        runs = {f"ac latency={level:g}x (default dims: filter)": _cli_compress(
-                    args, f"latency={level:g}x", [], work / f"ac_lat_filter_{level:g}"),
-                f"ac latency={level:g}x dims filter,column": _cli_compress(
-                    args, f"latency={level:g}x", ["--dims", "filter,column"], work / f"ac_lat_{level:g}"),
-                f"ac {flops} multiple 8": _cli_compress(args, flops, ["--channel-multiple", "8"],
-                                                       work / f"ac_flops_{level:g}"),
-                f"tp {flops} round_to 8": _tp(args, flops, work / f"tp_{level:g}.pt")}
+        methods = {"latency": (f"ac latency={level:g}x (default dims: filter)", lambda: _cli_compress(
+                       args, f"latency={level:g}x", [], work / f"ac_lat_filter_{level:g}")),
+                   "latency_hybrid": (f"ac latency={level:g}x dims filter,column", lambda: _cli_compress(
+                       args, f"latency={level:g}x", ["--dims", "filter,column"], work / f"ac_lat_{level:g}")),
+                   "flops": (f"ac {flops} multiple 8", lambda: _cli_compress(
+                       args, flops, ["--channel-multiple", "8"], work / f"ac_flops_{level:g}")),
+                   "tp": (f"tp {flops} round_to 8", lambda: _tp(args, flops, work / f"tp_{level:g}.pt"))}
+        chosen = METHODS if args.methods is None else args.methods.split(",")
+        runs = {label: run() for key, (label, run) in methods.items() if key in chosen}
         models = {"base": base}
         for label, run in runs.items():  # a missed latency target is refused but its model.pt is measured too
             if Path(run["model_path"]).exists():
@@ -194,6 +207,9 @@ def main() -> None:
     c.add_argument("--data-dir")
     c.add_argument("--levels", default="1.5,2.5")
     c.add_argument("--epochs", type=int, default=1, help="ADMM and retraining epochs (Torch-Pruning: twice)")
+    c.add_argument("--budget", action="store_true",
+                   help="give autocompress a budget of 2 x --epochs epochs (the budget rule splits it) instead")
+    c.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     c.add_argument("--max-train", type=int, default=2000)
     c.add_argument("--max-test", type=int, default=2000)
     c.add_argument("--val-size", type=int, default=1000)

@@ -409,8 +409,19 @@ class Compression:
                  and not (u.kind == "column" and u.name in self.table.column_useless)]
         table = self.table
         units = latency_guidance(units, space, table)
-        return ActionSampler(units, lambda action: table.estimate_space(space, rates_dict(units, action)), factor,
-                             r_max=self.config.max_r)
+
+        def cost(action: np.ndarray) -> float:
+            return table.estimate_space(space, rates_dict(units, action))
+
+        try:
+            return ActionSampler(units, cost, factor, r_max=self.config.max_r)
+        except UserError as exc:  # unreachable: say so in the terms of a latency target
+            reached = cost(np.zeros(len(units))) / cost(np.full(len(units), self.config.max_r))
+            raise UserError(f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup "
+                            f"table the narrowest widths allowed (max_r {self.config.max_r:g}, channel multiple "
+                            f"{self.multiple}) run only {reached:.3g}x as fast as this round's model (fixed costs "
+                            "dominate a model this small or fast)",
+                            "lower the target, or give a smaller channel_multiple") from exc
 
     def _count(self, model: nn.Module) -> float:
         if self.table is not None:
