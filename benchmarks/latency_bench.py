@@ -130,7 +130,7 @@ def _tp(args, target: str, out: Path) -> dict:
         return {"seconds": None, "returncode": 0, "error": None, "model_path": str(out)}
     command = [sys.executable, str(ROOT / "benchmarks" / "peers" / "torch_pruning_baseline.py"), args.checkpoint,
                "--target", target, "--epochs", str(2 * args.epochs), "--max-train", str(args.max_train),
-               "--val-size", str(args.val_size), "--round-to", "8", "--out", str(out)]
+               "--val-size", str(args.val_size), "--round-to", str(args.tp_round_to), "--out", str(out)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     started = time.perf_counter()
@@ -158,13 +158,16 @@ def compare(args: argparse.Namespace) -> None:
     config = LatencyConfig(threads=args.threads, runs=args.runs, warmup=5)
     for level in [float(v) for v in args.levels.split(",")]:
         flops = f"flops={level / 0.8:.3g}x"
-        methods = {"latency": (f"ac latency={level:g}x (default dims: filter)", lambda: _cli_compress(
-                       args, f"latency={level:g}x", [], work / f"ac_lat_filter_{level:g}")),
+        extra = args.latency_args.split()
+        methods = {"latency": (f"ac latency={level:g}x {args.latency_args or '(default dims: filter)'}",
+                               lambda: _cli_compress(args, f"latency={level:g}x", extra,
+                                                     work / f"ac_lat_filter_{level:g}{'_'.join(['', *extra])}")),
                    "latency_hybrid": (f"ac latency={level:g}x dims filter,column", lambda: _cli_compress(
                        args, f"latency={level:g}x", ["--dims", "filter,column"], work / f"ac_lat_{level:g}")),
                    "flops": (f"ac {flops} multiple 8", lambda: _cli_compress(
                        args, flops, ["--channel-multiple", "8"], work / f"ac_flops_{level:g}")),
-                   "tp": (f"tp {flops} round_to 8", lambda: _tp(args, flops, work / f"tp_{level:g}.pt"))}
+                   "tp": (f"tp {flops} round_to {args.tp_round_to}",
+                          lambda: _tp(args, flops, work / f"tp_r{args.tp_round_to}_{level:g}.pt"))}
         chosen = METHODS if args.methods is None else args.methods.split(",")
         runs = {label: run() for key, (label, run) in methods.items() if key in chosen}
         models = {"base": base}
@@ -209,6 +212,8 @@ def main() -> None:
     c.add_argument("--epochs", type=int, default=1, help="ADMM and retraining epochs (Torch-Pruning: twice)")
     c.add_argument("--budget", action="store_true",
                    help="give autocompress a budget of 2 x --epochs epochs (the budget rule splits it) instead")
+    c.add_argument("--latency-args", default="", help="further compress flags of the latency method")
+    c.add_argument("--tp-round-to", type=int, default=8, help="Torch-Pruning's round_to")
     c.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     c.add_argument("--max-train", type=int, default=2000)
     c.add_argument("--max-test", type=int, default=2000)

@@ -525,6 +525,45 @@ def test_an_ms_target_missed_in_absolute_ms_on_a_slower_machine_warns_with_the_d
     assert warning("latency=1ms", 2.4, 0.9) is None and warning("latency=2x", 2.4, 1.2) is None
 
 
+@pytest.mark.parametrize("setting, reachable_at, outcome", [
+    (None, (8,), 8), ("auto", (8,), 8), (None, (16, 8), 16), (16, (8,), "refused"), (None, (), "refused")])
+def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(monkeypatch, setting, reachable_at,
+                                                                            outcome):
+    """On an AVX-512 CPU ``auto`` is 16; a latency target the table cannot reach at 16 (resnet20's 16-channel
+    groups cannot shrink) falls back to 8 with a new table and a log line; an explicit 16, or a target out of
+    reach at 8 too, is refused before any work."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    tables = []
+
+    def table(self, base):
+        tables.append(self.multiple)
+        return SimpleNamespace(base_ms=1.0, column_useless=[])
+
+    def sampler(self, space, target, base_ratio):
+        if self.multiple not in reachable_at:
+            raise UserError(f"unreachable at {self.multiple}")
+        return "sampler"
+
+    monkeypatch.setattr(Compression, "_latency_table", table)
+    monkeypatch.setattr(Compression, "_sampler", sampler)
+    train, val = loaders()
+    lines: list[str] = []
+    config = {**CONFIG, "latency": FAST, **({} if setting is None else {"channel_multiple": setting})}
+    build = lambda: Compression(SmallCNN(32, 32), torch.randn(1, 1, 8, 8), "latency=1.3x",  # noqa: E731
+                                task_args=dict(train_loader=train, val_loader=val), config=config, progress=False,
+                                log=lines.append)
+    if outcome == "refused":
+        with pytest.raises(UserError, match="unreachable at 8" if setting is None else "unreachable at 16"):
+            build()
+        return
+    compression = build()
+    assert compression.multiple == compression.pipeline.channel_multiple == outcome
+    assert tables == ([16] if outcome == 16 else [16, 8])
+    assert any("auto's 16 cannot reach latency=1.3x" in line for line in lines) == (outcome == 8)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("target, config, setting, words", [
     ("latency=2x", {"latency": {"runtime": "tvm"}}, "latency.runtime", "unknown latency.runtime 'tvm'"),

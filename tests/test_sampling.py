@@ -245,3 +245,49 @@ def test_flops_target_with_irregular_units_only_is_refused_and_counts_are_the_co
     sampler = ActionSampler.from_space(space, "flops", 4.0, kinds=["filter", "column"])
     masks = project(space, model, sampler.to_rates(sampler.initial_action()))
     assert count_macs(compact(model, space.param_masks(masks), x).model, x) <= space.total.macs / 4.0
+
+
+def _blocked_cost(sizes, blocks, per_channel):
+    """Cost of a rate vector where unit i's kept channels cost per_channel[i] per started block of blocks[i]
+    channels (a latency table on a CPU that pads channels to its block): non-increasing in every rate."""
+    def cost(action):
+        kept = np.ceil(np.asarray(sizes) * (1.0 - np.asarray(action)) - 1e-9)
+        return 1.0 + float(np.sum(np.ceil(kept / blocks) * blocks * per_channel))
+    return cost
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([8, 16, 32, 64]), st.sampled_from([1, 8, 16]), st.floats(0.1, 5.0)),
+                min_size=1, max_size=6), st.floats(1.05, 3.0), st.data())
+def test_give_back_keeps_the_target_and_leaves_no_free_channel(spec, target, data):
+    """After give_back the action still meets the budget, no rate rose, and lowering any unit's rate by one
+    channel would break the budget (nothing is left that costs nothing)."""
+    from autocompress.sampling import give_back
+
+    sizes, blocks, per = (np.array(v, dtype=np.float64) for v in zip(*spec))
+    cost = _blocked_cost(sizes, blocks, per)
+    budget = cost(np.zeros(len(sizes))) / target
+    start = np.array(data.draw(st.lists(st.floats(0.0, 0.95), min_size=len(sizes), max_size=len(sizes))))
+    if cost(start) > budget:  # a fit always hands over an action meeting the budget
+        start = np.full(len(sizes), 0.95)
+        if cost(start) > budget:
+            return
+    out = give_back(start, cost, budget, sizes, per)
+    assert cost(out) <= budget and np.all(out <= start + 1e-12)
+    for i in range(len(sizes)):
+        if out[i] > 0:
+            one_more = out.copy()
+            one_more[i] = max(0.0, out[i] - 1.0 / sizes[i])
+            assert cost(one_more) > budget
+
+
+def test_a_latency_like_sampler_returns_channels_inside_a_block():
+    """Two 16-channel units on a 16-channel block (pruning to 8 saves nothing) and one linear 64-channel unit:
+    the fit prunes all three proportionally; with give_back the blocked units keep all 16 channels."""
+    sizes = np.array([16.0, 16.0, 64.0])
+    cost = _blocked_cost(sizes, np.array([16.0, 16.0, 1.0]), np.array([1.0, 1.0, 1.0]))
+    units = [ActionUnit("filter", f"g{i}", int(n), 1.0) for i, n in enumerate(sizes)]
+    plain = ActionSampler(units, cost, 1.4).meet(np.full(3, 0.5))
+    kept = ActionSampler(units, cost, 1.4, give_back=True).meet(np.full(3, 0.5))
+    assert plain[0] > 0 and plain[1] > 0  # channels 9-16 of the blocked units pruned for nothing
+    assert kept[0] == kept[1] == 0.0 and cost(kept) <= cost(np.zeros(3)) / 1.4
