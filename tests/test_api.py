@@ -450,3 +450,15 @@ def test_amp_on_the_cpu_is_said_to_be_ignored():
     Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=2x", task_args=dict(train_loader=train, val_loader=val),
                 device="cpu", config={**CONFIG, "amp": "bf16"}, progress=False, log=lines.append)
     assert "amp bf16 is ignored on cpu: autocast runs on CUDA only" in lines
+
+
+@pytest.mark.parametrize("make", [lambda m: torch.jit.script(m), lambda m: torch.jit.trace(m, torch.randn(1, 1, 8, 8)),
+                                  lambda m: m.state_dict()])
+def test_a_scripted_traced_or_non_module_model_is_refused_in_one_line(make):
+    """A TorchScript module is an nn.Module whose layers cannot be pruned (it failed deep inside with
+    'requires_grad_ is not supported on ScriptModules'); it and a state dict are refused before any work."""
+    train, val = loaders()
+    with pytest.raises(UserError, match="TorchScript module|not a torch.nn.Module") as error:
+        autocompress.compress(make(SmallCNN(8, 8).eval()), torch.randn(1, 1, 8, 8), "params=2x",
+                              train_loader=train, val_loader=val, config=CONFIG, progress=False)
+    assert "\n" not in str(error.value)

@@ -274,6 +274,10 @@ class Compression:
             say(describe(self.config))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
+                            "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "
+                            "or trace the compressed model afterwards")
         self.example = as_inputs(example_inputs, self.device)
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
