@@ -55,7 +55,7 @@ from autocompress.config import DIMS, SearchConfig, Target
 from autocompress.data import get_dataset
 from autocompress.distillation import DistillationConfig, Distiller
 from autocompress.quick_eval import QuickEvaluator
-from autocompress.sampling import ActionSampler, quiet_clipping
+from autocompress.sampling import ActionSampler
 from autocompress.space import PruningSpace
 from autocompress.task import Task
 from autocompress.training import TrainConfig, evaluate
@@ -76,8 +76,7 @@ def retrained_top1(model, space, rates, splits, epochs: int, seed: int) -> float
     """Test top-1 (%) after hard pruning a copy of ``model`` at ``rates``, compacting it (pruned filters
     gone, pruned columns kept as zeros) and ``epochs`` of masked retraining with distillation from ``model``."""
     net = copy.deepcopy(model)
-    with quiet_clipping():
-        _, param_masks = hard_prune(net, space, rates)
+    _, param_masks = hard_prune(net, space, rates)
     example = torch.zeros(2, *splits.input_size)
     small = densify(compact(net, param_masks, example).model)
     masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}

@@ -450,3 +450,27 @@ def test_amp_on_the_cpu_is_said_to_be_ignored():
     Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=2x", task_args=dict(train_loader=train, val_loader=val),
                 device="cpu", config={**CONFIG, "amp": "bf16"}, progress=False, log=lines.append)
     assert "amp bf16 is ignored on cpu: autocast runs on CUDA only" in lines
+
+
+@pytest.mark.parametrize("make", [lambda m: torch.jit.script(m), lambda m: torch.jit.trace(m, torch.randn(1, 1, 8, 8)),
+                                  lambda m: m.state_dict()])
+def test_a_scripted_traced_or_non_module_model_is_refused_in_one_line(make):
+    """A TorchScript module is an nn.Module whose layers cannot be pruned (it failed deep inside with
+    'requires_grad_ is not supported on ScriptModules'); it and a state dict are refused before any work."""
+    train, val = loaders()
+    with pytest.raises(UserError, match="TorchScript module|not a torch.nn.Module") as error:
+        autocompress.compress(make(SmallCNN(8, 8).eval()), torch.randn(1, 1, 8, 8), "params=2x",
+                              train_loader=train, val_loader=val, config=CONFIG, progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_validation_labels_outside_the_model_outputs_are_refused_before_any_work():
+    """Labels shifted by 10 scored 0 % for every model and the run ended blaming its target (a fresh user's run);
+    now refused naming val_loader. In-range labels pass."""
+    train, val = loaders()
+    shifted = [(x, y + 10) for x, y in val]
+    with pytest.raises(UserError, match=rf"val_loader's labels run from 1\d to 1\d, but the model has {CLASSES} outputs"):
+        Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",
+                    task_args=dict(train_loader=train, val_loader=shifted), config=CONFIG, progress=False)
+    Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",
+                task_args=dict(train_loader=train, val_loader=val), config=CONFIG, progress=False)

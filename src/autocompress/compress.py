@@ -41,7 +41,7 @@ from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, ActionUnit, producer_count, quiet_clipping, rates_dict, units_from_space
+from .sampling import ActionSampler, ActionUnit, producer_count, rates_dict, units_from_space
 from .serialization import save_compact
 from .space import KINDS
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
@@ -171,8 +171,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         model: any trained nn.Module (not modified: a copy is compressed).
         example_inputs: a tensor ``[B, ...]`` or a tuple of tensors, one forward's inputs, batch ``B >= 1``;
             the model is traced with them and MACs are counted per input item.
-        target: ``"params=12x"`` (compression rate) or ``"flops=4x"`` (MACs reduction); may instead be
-            given as ``config["target"]``.
+        target: ``"params=12x"`` (compression rate), ``"flops=4x"`` (MACs reduction), or a measured latency
+            target ``"latency=2x"`` (speedup over the base) / ``"latency=5ms"`` in ``config["latency"]``'s runtime
+            at its batch size (default onnxruntime on the CPU, 1 thread, batch 1); may instead be given as
+            ``config["target"]``.
         train_loader: training batches, re-iterated once per epoch (ADMM, retraining, BatchNorm
             re-estimation). By default each batch is ``(inputs, targets)``.
         val_loader: validation batches; top-1 on them is the score, unless ``score_fn`` is given.
@@ -274,6 +276,10 @@ class Compression:
             say(describe(self.config))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
+                            "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "
+                            "or trace the compressed model afterwards")
         self.example = as_inputs(example_inputs, self.device)
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
@@ -564,8 +570,7 @@ class Compression:
 
     def _measured_speedup(self, state: RoundState, rates: dict) -> float:
         """Measured speedup over the base of the round's model projected at ``rates`` and compacted (no training)."""
-        with quiet_clipping():
-            masks = project(state.space, state.model, rates)
+        masks = project(state.space, state.model, rates)
         candidate = compact(state.model, state.space.param_masks(masks), self.example,
                             channel_multiple=self.multiple).model
         return self._timed_against_base(candidate)["speedup"]
@@ -717,7 +722,7 @@ class Compression:
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
         for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None),
-                        _chance_warning(rows[1], self.pipeline.chance, self.target)):
+                        _accuracy_warning(*rows, self.pipeline.chance, self.target)):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
@@ -763,15 +768,25 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *,
             + ("" if latency_target else ", and channel_multiple (e.g. auto) or a latency target"))
 
 
-def _chance_warning(compressed: dict, chance: float | None, target: Target) -> str | None:
+#: a validation top-1 this many points below the base's is a warning in the final table
+DROP_WARNING_POINTS = 5.0
+
+
+def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target: Target) -> str | None:
     """The warning when the compact model's validation top-1 is within 1 point of a random guess (``chance``,
-    a fraction; None: not a classification score): the target was too aggressive for the model and budget."""
-    top1 = compressed.get("val_top1")
-    if chance is None or top1 is None or top1 > 100.0 * chance + 1.0:
+    a fraction; None: not a classification score), or more than :data:`DROP_WARNING_POINTS` below the base's:
+    the target was too aggressive for the model and budget."""
+    top1, base_top1 = compressed.get("val_top1"), base.get("val_top1")
+    fix = "lower the target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)"
+    if top1 is None:
         return None
-    return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is at chance level "
-            f"({100.0 * chance:.2f}%): target {target} is too aggressive for this model and budget; lower the "
-            "target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)")
+    if chance is not None and top1 <= 100.0 * chance + 1.0:
+        return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is at chance level "
+                f"({100.0 * chance:.2f}%): target {target} is too aggressive for this model and budget; {fix}")
+    if base_top1 is not None and base_top1 - top1 > DROP_WARNING_POINTS:
+        return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {base_top1 - top1:.1f} points "
+                f"below the base's {base_top1:.2f}% at target {target}; {fix}")
+    return None
 
 
 def _batch_of(example: tuple, batch: int) -> tuple:

@@ -21,7 +21,8 @@ Choices (ours; the paper is silent):
   channel owns).
 * **Ties** are broken by index: the lower index is kept (stable sort).
 * **Keep count** ``k = max(1, size - round(rate * size))`` (:func:`autocompress.space.keep_count`); a
-  rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` and logged. A
+  rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` (and logged at DEBUG
+  level: the search probes many such rates). A
   filter group keeps that count aligned to the space's channel multiple
   (:meth:`autocompress.space.PruningSpace.filter_keep`, :mod:`autocompress.alignment`).
 * **Hybrid**: filters first; columns are scored on the weights with removed filters / input channels
@@ -140,7 +141,7 @@ def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[s
         k = space.filter_keep_classes(space.unit(kind, name), rate) if kind == "filter" else keep_count(size, rate)
         if removed_count(size, rate) >= size:
             clipped.append(Clip(kind, name, rate, size, k))
-            log.warning("%s rate %.4f of %s would remove all %d units; keeping %d", kind, rate, name, size, k)
+            log.debug("%s rate %.4f of %s would remove all %d units; keeping %d", kind, rate, name, size, k)
         return k
 
     filters = {g.name: g.expand(topk_mask(g.class_sums(group_scores(g, params, with_consumers=with_consumers)),

@@ -41,7 +41,6 @@ from .distillation import DistillationConfig, Distiller
 from .errors import UserError
 from .masks import MaskEnforcer, apply_masks
 from .projection import project
-from .sampling import quiet_clipping
 from .task import move
 from .training import train_epoch
 
@@ -202,8 +201,7 @@ class QuickEvaluator:
         model = self._model
         with torch.no_grad():
             model.load_state_dict(self._initial)
-            with quiet_clipping():
-                masks = project(self.space, model, rates)
+            masks = project(self.space, model, rates)
             apply_masks(model, self.space.param_masks(masks))
         self._recalibrate(model)
         return model, masks

@@ -29,17 +29,14 @@ Choices the paper leaves open (ours, exposed as arguments):
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .projection import project
 from .space import KINDS
 
 OBJECTIVES = ("params", "flops")
@@ -355,23 +352,6 @@ def units_from_space(space, objective: str) -> list[ActionUnit]:
             for u in space.units(kind)]
 
 
-class _DropClipWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "would remove all" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def quiet_clipping() -> Iterator[None]:
-    """Silence the projection's "would remove all units; keeping 1" warnings while the search probes
-    rates (many probes clip small units; the keep-1 rule is part of the counts, and the final pruning
-    still reports clipped units)."""
-    logger = logging.getLogger(project.__module__)
-    quiet = _DropClipWarnings()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def space_cost(space, units: Sequence[ActionUnit], objective: str) -> Cost:

@@ -269,7 +269,25 @@ class Task:
                                     "check the targets (class indices in [0, classes)) or pass loss_fn") from None
                 check_loss(loss)
         if needs_score and self.score_fn is None:
-            self._check_batch(model, self._first(self.val_loader, "val_loader"), "val_loader")
+            batch = self._first(self.val_loader, "val_loader")
+            self._check_batch(model, batch, "val_loader")
+            self._check_labels(model, batch)
+
+    def _check_labels(self, model: nn.Module, batch: Batch) -> None:
+        """The default top-1 compares ``output.argmax(1)`` with ``batch[1]``: labels outside ``[0, classes)``
+        would score every model 0 % (and the run blame its target); UserError naming ``val_loader``."""
+        labels = batch[1] if _is_pair(batch) else None
+        if labels is None or labels.is_floating_point() or labels.numel() == 0:
+            return
+        with analysis_mode(model):
+            output = self.forward(model, batch)
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            return
+        low, high, classes = int(labels.min()), int(labels.max()), output.shape[1]
+        if low < 0 or high >= classes:
+            raise UserError(f"val_loader's labels run from {low} to {high}, but the model has {classes} outputs "
+                            "(top-1 would be 0 % for every model)",
+                            f"give class indices in [0, {classes}), or pass score_fn(model) -> float")
 
     def _first(self, loader: Iterable, name: str) -> Batch:
         try:
