@@ -725,3 +725,11 @@ def test_an_exploding_index_mapping_is_stopped():
     assert dep.index_mapping[0]([1]) == [1] * 10000
     with pytest.raises(ChannelMappingExplodes, match="mapped 2 channel indices to 20000"):
         dep.index_mapping[0]([1, 2])
+
+
+def test_concat_then_uneven_split_is_pruned_exactly_or_refused():
+    """Found by the fuzzer in session 11's CI: the dependency graph mapped a concat's channels past the width of
+    an uneven split's producer (IndexError in compaction's dead-channel scan); those dead channels now stay
+    dense with a reason, and every invariant holds."""
+    torch.manual_seed(0)
+    check_all_modes(lambda: Net([Concat, UnevenSplit], []), (3, 8, 8), (3, 12, 12))

@@ -158,17 +158,22 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
                         dg.is_out_channel_pruning_fn(dep.handler)))
     for module, node, root, idxs, is_out in members:
         row = torch.ones(size, dtype=torch.bool)
+        slices = []  # (per-channel "all zero" mask of a tensor of this member)
         if is_out and is_weight_layer(module) and not _is_depthwise(module):
             has_producer = True
             zero = _zero_slices(module.weight, out_dim(module))
             if module.bias is not None:
                 zero &= _zero_slices(module.bias, 0)
-            row[root] = zero[idxs]
+            slices = [zero]
         elif is_out and not is_weight_layer(module):
-            for tensor, dim in _per_channel_tensors(module, node):
-                row[root] &= _zero_slices(tensor, dim)[idxs]
+            slices = [_zero_slices(tensor, dim) for tensor, dim in _per_channel_tensors(module, node)]
         elif _is_depthwise(module) and module.bias is not None:
-            row[root] = _zero_slices(module.bias, 0)[idxs]
+            slices = [_zero_slices(module.bias, 0)]
+        for zero in slices:
+            if idxs.numel() and int(idxs.max()) >= zero.numel():  # an uneven split feeding a concat
+                return [], (f"the dependency graph maps channels past the {zero.numel()} of "
+                            f"{names.get(module, 'a layer')} (a split / concat it cannot map)")
+            row[root] &= zero[idxs]
         dead &= row
     if not has_producer or not bool(dead.any()):
         return [], None
