@@ -268,6 +268,7 @@ class ActionSampler:
         self.give_back = give_back
         _check_settings(self.target, self.r_max)
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
+        self._weights = np.array([u.weight for u in self.units], dtype=np.float64)
         self.original = float(cost(np.zeros(len(self.units))))
         _check_reachable(self.original, float(cost(np.full(len(self.units), self.r_max))), self.target,
                          self.r_max)
@@ -279,8 +280,7 @@ class ActionSampler:
                              original=self.original, sizes=self._sizes, max_iter=self.max_iter)
         if not self.give_back:
             return action
-        return give_back(action, self.cost, self.original / self.target, self._sizes,
-                         np.array([u.weight for u in self.units], dtype=np.float64))
+        return give_back(action, self.cost, self.original / self.target, self._sizes, self._weights)
 
     def initial_action(self, spread: float = 0.5) -> np.ndarray:
         """The search's starting point: rates proportional to ``(weight / max weight) ** spread``.
@@ -288,7 +288,7 @@ class ActionSampler:
         ``spread=0`` gives one uniform rate; larger values prune the units that govern more weights (MACs)
         harder, following the guidance. Returns float64 [n_units] meeting the target.
         """
-        weights = np.array([u.weight for u in self.units], dtype=np.float64)
+        weights = self._weights
         top = weights.max()
         direction = np.ones_like(weights) if top <= 0 else (weights / top) ** float(spread)
         return self.meet(direction)
@@ -350,8 +350,6 @@ def units_from_space(space, objective: str) -> list[ActionUnit]:
     attr = _check_objective(objective)
     return [ActionUnit(kind, u.name, int(u.size), guidance_weight(u, attr)) for kind in KINDS
             for u in space.units(kind)]
-
-
 
 
 def space_cost(space, units: Sequence[ActionUnit], objective: str) -> Cost:

@@ -270,17 +270,15 @@ class Task:
                 check_loss(loss)
         if needs_score and self.score_fn is None:
             batch = self._first(self.val_loader, "val_loader")
-            self._check_batch(model, batch, "val_loader")
-            self._check_labels(model, batch)
+            self._check_labels(batch, self._check_batch(model, batch, "val_loader"))
 
-    def _check_labels(self, model: nn.Module, batch: Batch) -> None:
+    @staticmethod
+    def _check_labels(batch: Batch, output: Any) -> None:
         """The default top-1 compares ``output.argmax(1)`` with ``batch[1]``: labels outside ``[0, classes)``
         would score every model 0 % (and the run blame its target); UserError naming ``val_loader``."""
         labels = batch[1] if _is_pair(batch) else None
         if labels is None or labels.is_floating_point() or labels.numel() == 0:
             return
-        with analysis_mode(model):
-            output = self.forward(model, batch)
         if not isinstance(output, torch.Tensor) or output.dim() != 2:
             return
         low, high, classes = int(labels.min()), int(labels.max()), output.shape[1]
@@ -298,7 +296,9 @@ class Task:
             raise UserError(f"{name} is not iterable ({type(loader).__name__})",
                             "pass e.g. a torch.utils.data.DataLoader") from None
 
-    def _check_batch(self, model: nn.Module, batch: Batch, name: str) -> None:
+    def _check_batch(self, model: nn.Module, batch: Batch, name: str) -> Any:
+        """The model's output on ``batch`` (analysis mode); UserError naming ``name`` when the batch is not a
+        pair the default functions can run, or the forward fails."""
         needs_pair = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
         if needs_pair and not _is_pair(batch):
             raise UserError(f"{name} yields {type(batch).__name__} batches, not (inputs, targets) tensor pairs",
@@ -306,7 +306,7 @@ class Task:
                             "saying how to run them")
         try:
             with analysis_mode(model):
-                self.forward(model, batch)
+                return self.forward(model, batch)
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
             raise UserError(f"the model fails on a batch of {name} ({_first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
