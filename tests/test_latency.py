@@ -568,7 +568,46 @@ def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(mon
     compression = build()
     assert compression.multiple == compression.pipeline.channel_multiple == outcome
     assert tables == ([16] if outcome == 16 else [16, 8])
-    assert any("auto's 16 cannot reach latency=1.3x" in line for line in lines) == (outcome == 8)
+    assert any("16 (auto) cannot reach latency=1.3x; falling back to 8" in line for line in lines) == (outcome == 8)
+
+
+@pytest.mark.parametrize("target, setting, reachable_at, outcome", [
+    ("flops=2x", None, (16,), 16), ("flops=2x", None, (8, 1), 8), ("flops=2x", None, (1,), 1),
+    ("flops=2x", "auto", (1,), 1), ("flops=2x", 16, (1,), "refused"), ("flops=2x", None, (), "refused"),
+    ("params=2x", None, (1,), 1)])
+def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_1(monkeypatch, target, setting, reachable_at,
+                                                                 outcome):
+    """A flops target aims at speed, so its default multiple is ``auto`` (16 on AVX-512); one unreachable at 16
+    falls back to 8, then to 1 (any width), each logged and without a lookup table; a params target keeps 1; an
+    explicit multiple never falls back; a target out of reach at 1 is refused with the last refusal."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    tried = []
+
+    def sampler(self, space, factor, base_ratio):
+        tried.append(self.multiple)
+        assert space is self.first_space and space.channel_multiple == self.multiple
+        if self.multiple not in reachable_at:
+            raise UserError(f"unreachable at {self.multiple}")
+        return "sampler"
+
+    monkeypatch.setattr(Compression, "_sampler", sampler)
+    train, val = loaders()
+    lines: list[str] = []
+    config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
+    build = lambda: Compression(SmallCNN(32, 32), torch.randn(1, 1, 8, 8), target,  # noqa: E731
+                                task_args=dict(train_loader=train, val_loader=val), config=config, progress=False,
+                                log=lines.append)
+    if outcome == "refused":
+        with pytest.raises(UserError, match="unreachable at 1" if setting is None else "unreachable at 16"):
+            build()
+        assert tried == ([16, 8, 1] if setting is None else [16])
+        return
+    compression = build()
+    assert compression.table is None and compression.multiple == compression.pipeline.channel_multiple == outcome
+    start = 1 if target.startswith("params") else 16
+    assert tried == [m for m in (16, 8, 1) if start >= m >= outcome]
+    falls = [line for line in lines if "falling back" in line]
+    assert len(falls) == len(tried) - 1
 
 
 # ------------------------------------------------------------------------------------------ bad input

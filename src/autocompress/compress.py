@@ -47,7 +47,7 @@ from .space import KINDS
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
 
-#: the channel multiple a latency target falls back to when ``auto``'s larger one cannot reach it
+#: the channel multiple a target falls back to first when ``auto``'s larger one cannot reach it
 FALLBACK = 8
 #: measurements of a latency target's search result (see calibrate)
 CALIBRATION_STEPS = 4
@@ -381,23 +381,33 @@ class Compression:
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
-        A latency target whose channel multiple ``auto`` chose above 8 (16 on AVX-512 CPUs) and that cannot be
-        reached at it falls back to 8, the smaller block size (a model whose groups are 16 or 32 channels wide
-        can keep only 16 or 32 at 16), with a new lookup table: the target is met at a speed per MAC the log
-        warns about, rather than refused (measured: resnet20 on AVX-512, narrowest widths 1.91x at 16, 2.41x
-        at 8)."""
-        try:
-            self._sampler(self.first_space, self.factor, 1.0)
-            return
-        except UserError:
-            if self.table is None or self.config.channel_multiple not in (None, AUTO) or self.multiple <= FALLBACK:
-                raise
-            self.pipeline.log(f"channel multiple: auto's {self.multiple} cannot reach {self.target} by the lookup "
-                              f"table; falling back to {FALLBACK}, which runs slower per MAC removed on this CPU")
-        self.multiple = self.pipeline.channel_multiple = FALLBACK
-        self.first_space = self.pipeline.space(self.first_model)
-        self.table = self._latency_table(base)
-        self._sampler(self.first_space, self.factor, 1.0)
+        A channel multiple that ``auto`` chose (set, or the default of a flops / latency target) and that cannot
+        reach the target falls back to the smaller ones of :meth:`_fallbacks` in turn (a model whose groups are
+        16 or 32 channels wide can keep only 16 or 32 at 16), each logged, a latency target with a new lookup
+        table: the target is met at a speed per MAC the log warns about, rather than refused (measured: resnet20
+        on AVX-512, narrowest widths 1.91x as fast at 16, 2.41x at 8)."""
+        for fallback in [None, *self._fallbacks()]:
+            if fallback is not None:
+                self.pipeline.log(f"channel multiple: {self.multiple} (auto) cannot reach {self.target}; falling "
+                                  f"back to {fallback}, which runs slower per MAC removed on this CPU")
+                self.multiple = self.pipeline.channel_multiple = fallback
+                self.first_space = self.pipeline.space(self.first_model)
+                if self.table is not None:
+                    self.table = self._latency_table(base)
+            try:
+                self._sampler(self.first_space, self.factor, 1.0)
+                return
+            except UserError as error:
+                refusal = error
+        raise refusal
+
+    def _fallbacks(self) -> list[int]:
+        """The smaller channel multiples ``auto`` may fall back to, in order: 8 (the smaller CPU block), then for
+        a flops target 1 (any width; a latency target's table would time every width); none for a multiple
+        set explicitly."""
+        if self.config.channel_multiple not in (None, AUTO):
+            return []
+        return [m for m in (FALLBACK, *(() if self.table is not None else (1,))) if m < self.multiple]
 
     def _latency_table(self, base: nn.Module) -> LatencyTable:
         """The lookup table of a latency target (measured, or from the cache), before any training; under

@@ -230,7 +230,8 @@ class CompressConfig:
         latency_runs: timed runs per PyTorch latency measurement of the final table.
         channel_multiple: every filter group keeps a multiple of this many channels
             (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (16 on AVX-512
-            CPUs, 8 otherwise); None (default): ``"auto"`` for a latency target, 1 for the others.
+            CPUs, 8 otherwise); None (default): ``"auto"`` for a latency or flops target (speed), 1 for a params
+            target (size).
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
             table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
@@ -342,12 +343,12 @@ class CompressConfig:
 
     def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
         """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):
-        ``channel_multiple``, or when None, ``"auto"`` for a latency target and 1 otherwise. SettingError
-        (``channel_multiple``) for a bad value."""
+        ``channel_multiple``, or when None, ``"auto"`` for a latency or flops target and 1 for a params target.
+        SettingError (``channel_multiple``) for a bad value."""
         value = self.channel_multiple
         if value is None:
-            if self.parsed_target().objective != "latency":
-                return 1, "1 (default for a params / flops target)"
+            if self.parsed_target().objective == "params":
+                return 1, "1 (default for a params target)"
             value = AUTO
         return _naming("channel_multiple", lambda: resolve_multiple(value, device=device))
 

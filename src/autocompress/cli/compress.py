@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast of training phases (CUDA)")
     parser.add_argument("--channel-multiple", type=_multiple, help="every filter group keeps a multiple of N "
-                        "channels: N, or auto (16 on AVX-512 CPUs, 8 otherwise; the default for latency targets)")
+                        "channels: N, or auto (16 on AVX-512 CPUs, 8 otherwise; the default for latency and flops "
+                        "targets; 1 for params targets)")
     parser.add_argument("--latency-runtime", help="deployment runtime: onnxruntime (default, CPU) or torch")
     parser.add_argument("--latency-threads", type=int, help="threads of the deployment runtime (default 1)")
     parser.add_argument("--latency-batch", type=int, help="batch size of a latency target (default 1)")
