@@ -24,6 +24,10 @@ settings of ``configs/demo.yaml``) -- retrained by the same proxy, once per ``--
 of the search and of the retraining), into ``<out stem>_picks.jsonl``; the summary compares them with the
 random candidates' median.
 
+``--retest``: each candidate is retrained a second time with another seed (into ``<out stem>_retest.jsonl``);
+the summary then gives the proxy's own test-retest Spearman (the ceiling any scorer can reach against this
+noisy proxy) and each scorer's Spearman with the mean of the two retrainings.
+
 Rows go to a JSON-lines file as each candidate finishes (``--out``; a re-run skips the candidates it
 holds, so a killed study resumes), then Spearman's rank correlation (``scipy.stats.spearmanr``) of each
 scorer with the retrained top-1 per target, and the median seconds per candidate, are printed as a
@@ -63,6 +67,8 @@ from autocompress.training import TrainConfig, evaluate
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the search settings of a ``search:<scorer>`` pick (configs/demo.yaml's)
 PICK_SEARCH = {"max_evaluations": 24, "start_temperature": 0.05, "cooling_rate": 0.85, "perturbation_magnitude": 0.1}
+#: added to a candidate's retraining seed for its ``--retest`` retraining
+RETEST_SEED = 10_000
 
 
 def random_actions(sampler: ActionSampler, count: int, seed: int) -> list[np.ndarray]:
@@ -84,6 +90,21 @@ def retrained_top1(model, space, rates, splits, epochs: int, seed: int) -> float
     masked_retrain(small, masks, loader, TrainConfig(epochs=epochs, lr=0.01), progress=False,
                    distiller=Distiller(model, DistillationConfig(enabled=True)))
     return 100.0 * evaluate(small, splits.loader("test", 256, shuffle=False, augment=False))["top1"]
+
+
+def retest(target: str, sampler: ActionSampler, model, space, splits, args, shard: int, shards: int,
+           out: Path) -> None:
+    """Append to ``out`` a second retraining (seed + :data:`RETEST_SEED`) of each of this shard's candidates
+    of ``target`` that it does not hold yet."""
+    done = {(r["target"], r["candidate"]) for r in read_rows(out)}
+    for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
+        if (target, index) in done or index % shards != shard:
+            continue
+        top1 = retrained_top1(model, space, sampler.to_rates(action), splits, args.retrain_epochs,
+                              args.seed + index + RETEST_SEED)
+        with open(out, "a") as handle:
+            handle.write(json.dumps({"target": target, "candidate": index, "retrained": top1}) + "\n")
+        print(json.dumps({"target": target, "candidate": index, "retest": top1}), flush=True)
 
 
 def scorers(model, space, splits, args) -> dict[str, QuickEvaluator]:
@@ -176,8 +197,10 @@ def bootstrap_ci(scores: list[float], retrained: list[float], resamples: int = 1
     return [float(np.percentile(values, 5)), float(np.percentile(values, 95))] if values else [math.nan] * 2
 
 
-def summary(rows: list[dict]) -> dict:
-    """Per target: candidates, Spearman of each scorer with the retrained top-1, median seconds, ranges."""
+def summary(rows: list[dict], retests: list[dict] = ()) -> dict:
+    """Per target: candidates, Spearman of each scorer with the retrained top-1, median seconds, ranges; with
+    ``retests`` covering a target's candidates, the proxy's test-retest Spearman (``retest``) and each scorer's
+    Spearman with the mean of both retrainings (``spearman_mean2``)."""
     out = {}
     for target in dict.fromkeys(r["target"] for r in rows):
         mine = [r for r in rows if r["target"] == target]
@@ -193,6 +216,15 @@ def summary(rows: list[dict]) -> dict:
                   "seconds": statistics.median(r["seconds"][key] for r in mine),
                   "range": [min(r["scores"][key] for r in mine), max(r["scores"][key] for r in mine)]}
             for key in mine[0]["scores"]}}
+        second = {r["candidate"]: r["retrained"] for r in retests if r["target"] == target}
+        paired = [r for r in mine if r["candidate"] in second]
+        if len(paired) >= 3:
+            first, again = [r["retrained"] for r in paired], [second[r["candidate"]] for r in paired]
+            mean2 = [(a + b) / 2 for a, b in zip(first, again)]
+            out[target]["retest"] = {"candidates": len(paired), "spearman": float(spearmanr(first, again).statistic),
+                                     "ci90": bootstrap_ci(first, again)}
+            for key, entry in out[target]["scorers"].items():
+                entry["spearman_mean2"] = float(spearmanr([r["scores"][key] for r in paired], mean2).statistic)
     return out
 
 
@@ -208,6 +240,16 @@ def markdown(table: dict) -> str:
                  f"{table[t]['scorers'][key]['ci90'][1]:.2f})" for t in targets]
         cells += [f"{table[t]['scorers'][key]['seconds']:.1f}" for t in targets]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    retested = [t for t in targets if "retest" in table[t]]
+    if retested:
+        lines += ["", "| " + " | ".join(["proxy retest / scorer"] + [f"{t} (n={table[t]['retest']['candidates']})"
+                                                                       for t in retested]) + " |",
+                  "|---|" + "---|" * len(retested),
+                  "| proxy vs its own retest (ceiling) | " + " | ".join(
+                      f"{table[t]['retest']['spearman']:.2f} ({table[t]['retest']['ci90'][0]:.2f} to "
+                      f"{table[t]['retest']['ci90'][1]:.2f})" for t in retested) + " |"]
+        lines += [f"| {key} vs the mean of both | " + " | ".join(
+            f"{table[t]['scorers'][key]['spearman_mean2']:.2f}" for t in retested) + " |" for key in keys]
     return "\n".join(lines)
 
 
@@ -243,6 +285,8 @@ def main() -> None:
     parser.add_argument("--out", help="JSON-lines results (default: results/scorers_<checkpoint>.jsonl)")
     parser.add_argument("--shard", default="0/1", help="K/N: only candidates whose index is K mod N (run N "
                         "processes with the same --out; each appends whole lines)")
+    parser.add_argument("--retest", action="store_true", help="retrain each candidate a second time (another "
+                        "seed): the proxy's own test-retest Spearman")
     parser.add_argument("--summary-only", action="store_true", help="no new candidates: the table of --out")
     parser.add_argument("--picks", default="", help="comma list of uniform, search:<scorer> (see the docstring)")
     parser.add_argument("--pick-seeds", default="0,1,2", help="seeds of each pick's search and retraining")
@@ -255,8 +299,9 @@ def main() -> None:
     rows = read_rows(out)
     done = {(r["target"], r["candidate"]) for r in rows}
     picks_out = out.with_name(f"{out.stem}_picks.jsonl")
+    retest_out = out.with_name(f"{out.stem}_retest.jsonl")
     if args.summary_only:
-        print(markdown(summary(rows)))
+        print(markdown(summary(rows, read_rows(retest_out))))
         if picks_out.exists():
             print(picks_markdown(rows, read_rows(picks_out)))
         return
@@ -287,7 +332,9 @@ def main() -> None:
             with open(out, "a") as handle:  # append-only log: a kill loses at most the running candidate
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    table = summary(rows)
+        if args.retest:
+            retest(target, sampler, model, space, splits, args, shard, shards, retest_out)
+    table = summary(rows, read_rows(retest_out))
     settings = {k: v for k, v in vars(args).items()}
     atomic_write_text(out.with_suffix(".summary.json"), json.dumps({"settings": settings, "table": table}, indent=1))
     print(markdown(table))
