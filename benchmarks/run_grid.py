@@ -134,6 +134,8 @@ AUTOCOMPRESS_METHODS = {
     "ac_budget_uniform": ("ablation: `budget` with uniform rates (no search)", {"search_mode": "uniform"}),
     # session 9 (issue 12): the same with aligned widths (8 on this AVX2 CPU), against Torch-Pruning round_to=8
     "ac_budget_aligned": ("autocompress defaults, `budget`, channel_multiple auto", {"channel_multiple": "auto"}),
+    # session 12: the smaller block on an AVX-512 CPU (resnet20's 16-channel groups can shrink at 8, not at 16)
+    "ac_budget_m8": ("autocompress defaults, `budget`, channel_multiple 8", {"channel_multiple": 8}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -142,7 +144,7 @@ PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 A
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
-            "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "tp_kd_r8")
+            "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 

@@ -591,6 +591,7 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_1(monkeypatch, t
         return "sampler"
 
     monkeypatch.setattr(Compression, "_sampler", sampler)
+    monkeypatch.setattr(Compression, "_filters_fall_short", lambda self: False)
     train, val = loaders()
     lines: list[str] = []
     config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
@@ -608,6 +609,42 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_1(monkeypatch, t
     assert tried == [m for m in (16, 8, 1) if start >= m >= outcome]
     falls = [line for line in lines if "falling back" in line]
     assert len(falls) == len(tried) - 1
+
+
+class NarrowFirst(nn.Module):
+    """``[B, 1, 8, 8]`` -> ``[B, 3]``: convolutions of 16, 16 and 64 channels (3x3, padding 1), GAP, Linear: at
+    a channel multiple of 16 only the last can shrink (like resnet20's first stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("target, setting, outcome", [
+    ("flops=2x", None, 16), ("flops=3x", None, 8), ("flops=3x", "auto", 8), ("flops=3x", 16, 16),
+    ("params=3x", None, 1)])
+def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, target, setting, outcome):
+    """With filter pruning alone the narrowest widths at 16 remove 746,688 / 304,176 = 2.45x of NarrowFirst's
+    MACs (convolutions 576 x (16 + 256 + 1024) plus the Linear's 192, against 576 x (16 + 256 + 256) + 48), at
+    8 9.5x: a flops=3x target is reachable at 16 only with columns doing the rest, so ``auto`` takes 8 (and
+    logs why); 2x stays at 16; an explicit 16 stays; a params target keeps its default 1."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    train, val = loaders()
+    lines: list[str] = []
+    config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
+    compression = Compression(NarrowFirst(), torch.randn(1, 1, 8, 8), target,
+                              task_args=dict(train_loader=train, val_loader=val), config=config, progress=False,
+                              log=lines.append)
+    assert compression.multiple == compression.pipeline.channel_multiple == outcome
+    assert compression.first_space.channel_multiple == outcome
+    reason = f"16 (auto) leaves filter pruning unable to reach {target} alone; falling back to 8"
+    assert any(reason in line for line in lines) == (outcome == 8)
 
 
 # ------------------------------------------------------------------------------------------ bad input
