@@ -130,7 +130,8 @@ AUTOCOMPRESS_METHODS = {
     "ac_kd_uniform": ("variant: ac_kd's schedule with uniform rates (no search)",
                       {"distillation": {"enabled": True}, "search_mode": "uniform"}),
     # session 7: the library's defaults under one `budget` of the model's epochs (see budget_settings)
-    "ac_budget": ("autocompress defaults, `budget` = the epoch budget", {}),
+    # its rows ran when a flops target's default channel multiple was 1 (any width); pinned since session 12
+    "ac_budget": ("autocompress, `budget` = the epoch budget, channel_multiple 1", {"channel_multiple": 1}),
     "ac_budget_uniform": ("ablation: `budget` with uniform rates (no search)", {"search_mode": "uniform"}),
     # session 9 (issue 12): the same with aligned widths (8 on this AVX2 CPU), against Torch-Pruning round_to=8
     "ac_budget_aligned": ("autocompress defaults, `budget`, channel_multiple auto", {"channel_multiple": "auto"}),
