@@ -185,6 +185,8 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     warning = slower_warning(summary)
     assert warning.startswith("WARNING: the compressed model is SLOWER than the base in onnxruntime")
     assert "batch 1: 2 ms vs 1 ms" in warning and "batch 64" not in warning
+    assert "latency target" in warning and "channel_multiple" in warning
+    assert "channel_multiple" not in slower_warning(summary, aligned=True)  # auto or N already in use
     row = {"params": 10, "macs": 10}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,
                                                         "warnings": [warning]}) + "\n")

@@ -703,7 +703,7 @@ class Compression:
             logging.getLogger("autocompress").warning(fields["warnings"][-1])
             return fields
         deployed = fields["deployed"] = deployed_summary(timings, settings)
-        warning = slower_warning(deployed)
+        warning = slower_warning(deployed, aligned=self.multiple > 1)
         if warning:
             logging.getLogger("autocompress").warning(warning)
             fields["warnings"].append(warning)

@@ -295,15 +295,17 @@ def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfi
             "slower": [int(b) for b, row in rows.items() if row["speedup"] < 1.0]}
 
 
-def slower_warning(summary: dict) -> str | None:
-    """The loud warning when the compressed model is slower than the base in the deployment runtime."""
+def slower_warning(summary: dict, *, aligned: bool = False) -> str | None:
+    """The loud warning when the compressed model is slower than the base in the deployment runtime; the fix
+    it gives is a latency target, and also ``channel_multiple`` unless the widths were ``aligned`` already."""
     if not summary["slower"]:
         return None
     parts = [f"batch {b}: {summary['batches'][str(b)]['compressed_ms']:.3g} ms vs "
              f"{summary['batches'][str(b)]['base_ms']:.3g} ms" for b in summary["slower"]]
+    fix = "use a latency target (target latency=2x), which times candidates in the runtime" + (
+        "" if aligned else ", and/or channel_multiple (e.g. auto)")
     return (f"WARNING: the compressed model is SLOWER than the base in {summary['runtime']} "
-            f"({summary['threads']} thread(s)): {'; '.join(parts)}; use channel_multiple (e.g. auto) and/or a "
-            "latency target (target latency=2x)")
+            f"({summary['threads']} thread(s)): {'; '.join(parts)}; {fix}")
 
 
 # ------------------------------------------------------------------------------------------ lookup table

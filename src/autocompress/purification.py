@@ -518,7 +518,8 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
         log(f"unused path removal: {_summary(masks, current)}")
         if result.near_chance:
             log(f"redundant weight removal skipped: {describe(result.top1_before)} is below {CHANCE_FACTOR:g}x "
-                f"chance ({describe(CHANCE_FACTOR * chance)}), so its accuracy check would accept anything")
+                f"chance (it runs from {describe(CHANCE_FACTOR * chance)} up), so its accuracy check would accept "
+                "anything")
     for threshold in sorted(thresholds) if score is not None and not result.near_chance else ():
         candidate = redundant_candidates(space, model, current, threshold)
         if _same(candidate, current):
