@@ -383,8 +383,8 @@ class Compression:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
         A channel multiple that ``auto`` chose (set, or the default of a flops / latency target) falls back to
         the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
-        when it cannot reach the target, or (a flops target, a multiple above 8) when filter pruning alone
-        cannot reach it there: a model whose groups are 16 channels wide keeps them whole at 16, and the search
+        when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
+        alone cannot reach it there: a model whose groups are 16 channels wide keeps them whole at 16, and the search
         then cuts the rest to the bone (measured: resnet20 flops=4x, 15 epochs, 81.3 % at 16, 85.2 % at 8, 85.0 %
         unaligned; narrowest widths 1.91x as fast at 16 and 2.41x at 8 for a latency target)."""
         chain = [self.multiple, *self._fallbacks()]
