@@ -78,6 +78,14 @@ def random_actions(sampler: ActionSampler, count: int, seed: int) -> list[np.nda
     return [sampler.meet(rng.uniform(0.05, 1.0, len(sampler.units))) for _ in range(count)]
 
 
+def pending(sampler: ActionSampler, target: str, done: set, args, shard: int, shards: int):
+    """``(index, action)`` of this shard's random candidates (:func:`random_actions`) of ``target`` whose
+    ``(target, index)`` is not in ``done``."""
+    for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
+        if (target, index) not in done and index % shards == shard:
+            yield index, action
+
+
 def retrained_top1(model, space, rates, splits, epochs: int, seed: int) -> float:
     """Test top-1 (%) after hard pruning a copy of ``model`` at ``rates``, compacting it (pruned filters
     gone, pruned columns kept as zeros) and ``epochs`` of masked retraining with distillation from ``model``."""
@@ -97,9 +105,7 @@ def retest(target: str, sampler: ActionSampler, model, space, splits, args, shar
     """Append to ``out`` a second retraining (seed + :data:`RETEST_SEED`) of each of this shard's candidates
     of ``target`` that it does not hold yet."""
     done = {(r["target"], r["candidate"]) for r in read_rows(out)}
-    for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
-        if (target, index) in done or index % shards != shard:
-            continue
+    for index, action in pending(sampler, target, done, args, shard, shards):
         top1 = retrained_top1(model, space, sampler.to_rates(action), splits, args.retrain_epochs,
                               args.seed + index + RETEST_SEED)
         with open(out, "a") as handle:
@@ -317,9 +323,7 @@ def main() -> None:
         if args.picks:
             run_picks(args.picks.split(","), [int(v) for v in args.pick_seeds.split(",")], target, sampler,
                       evaluators, model, space, splits, args, picks_out)
-        for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
-            if (target, index) in done or index % shards != shard:
-                continue
+        for index, action in pending(sampler, target, done, args, shard, shards):
             rates = sampler.to_rates(action)
             scores, seconds, cpu = score_candidate(evaluators, rates, steps)
             began, began_cpu = time.perf_counter(), time.process_time()

@@ -235,7 +235,10 @@ def test_eager_slower_warning_names_the_slower_batches():
     warning = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"))
     assert warning.startswith("WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch "
                               "on cpu: batch 1: 1.5 ms vs 1 ms (median") and "batch 64" not in warning
-    assert warning.endswith("latency target")
+    assert warning.endswith("latency target") and "channel_multiple (e.g. auto)" in warning
+    aligned = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"),
+                                    aligned=True)
+    assert aligned.endswith("and a latency target") and "channel_multiple" not in aligned
     assert not _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"),
                                      latency_target=True).endswith("latency target")
 

@@ -750,7 +750,8 @@ class Compression:
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
-        for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None),
+        for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None,
+                                              aligned=self.multiple > 1),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target)):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
@@ -783,10 +784,12 @@ class Compression:
                               phase_seconds=seconds)
 
 
-def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *, latency_target: bool = False
-                          ) -> str | None:
+def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *, latency_target: bool = False,
+                          aligned: bool = False) -> str | None:
     """The warning when the compact model, as stored, runs more than 5 % slower than the base in eager
-    PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns), at batch 1 or 64."""
+    PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns), at batch 1 or 64; like
+    :func:`autocompress.latency.slower_warning` it suggests ``channel_multiple`` only when the widths were not
+    ``aligned`` already."""
     slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
               for b in (1, 64) if compressed[f"latency_b{b}_ms"] > 1.05 * base[f"latency_b{b}_ms"]]
     if not slower:
@@ -794,7 +797,8 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *,
     return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
             f"{'; '.join(slower)} (median of latency_runs interleaved runs); to run it in PyTorch, use "
             "autocompress.deployed_form(model, example, {'runtime': 'torch'}).model"
-            + ("" if latency_target else ", and channel_multiple (e.g. auto) or a latency target"))
+            + ("" if latency_target else ", and a latency target" if aligned
+               else ", and channel_multiple (e.g. auto) or a latency target"))
 
 
 #: a validation top-1 this many points below the base's is a warning in the final table
