@@ -76,11 +76,17 @@ def test_uniform_direction_is_as_close_as_granularity_allows():
     # budget (10010 / 4 = 2502.5) allows 49 x 49 + 10 = 2411 but not 50 x 50 + 10 = 2510
     assert model.cost(rates) == 49 * 49 + 10
     assert model.cost(rates - 1e-6) > original / 4.0
-    sampler = ActionSampler(model.units, model.cost, 4.0)  # stops the bisection at the units' granularity
+    model.calls = 0  # with unit sizes the bisection stops at the units' granularity
+    fitted = meet_target(np.ones(2), model.cost, 4.0, r_max=0.95, sizes=np.array([100, 100]))
+    assert model.calls <= 20  # r_max check + 1e-3-unit bracket: log2(0.95 / (1e-3 / 100)) = 17 steps
+    assert model.cost(fitted) == 49 * 49 + 10
+    # the sampler then gives back what the budget does not need: one unit keeps 50, as 50 x 49 + 10 = 2460
+    # fits and 50 x 50 + 10 does not; each unit's give-back bisects to half an element: <= 1 + 9 calls
+    sampler = ActionSampler(model.units, model.cost, 4.0)
     model.calls = 0
     action = sampler.initial_action(spread=0.0)
-    assert model.calls <= 20  # r_max check + 1e-3-unit bracket: log2(0.95 / (1e-3 / 100)) = 17 steps
-    assert model.cost(action) == 49 * 49 + 10
+    assert model.calls <= 20 + 2 * 10
+    assert model.cost(action) == 50 * 49 + 10
 
 
 def test_unreachable_target_names_best_compression():
@@ -125,18 +131,22 @@ def test_order_rates_leaves_ties_unconstrained():
 @settings(max_examples=60, deadline=None)
 @given(layer_sizes, st.floats(1.5, 20.0), st.floats(0.0, 0.5), st.integers(0, 2**32 - 1))
 def test_perturb_keeps_target_and_guidance(sizes, target, magnitude, seed):
+    """A neighbour is the noisy action ordered by the guidance and fitted to the target (the fit keeps the
+    order), then only lowered by the give-back, still meeting the target."""
     model = HybridModel(*zip(*sizes))
     try:
         sampler = ActionSampler(model.units, model.cost, target, r_max=0.98)
     except UserError:
         return
+    unit_sizes = np.array([u.size for u in model.units])
     action = sampler.initial_action()
-    assert ordered(action, model.units)
-    rng = np.random.default_rng(seed)
+    rng, replay = np.random.default_rng(seed), np.random.default_rng(seed)
     for _ in range(3):
+        noisy = np.clip(action + magnitude * replay.standard_normal(len(action)), 0.0, 0.98)
+        fitted = meet_target(order_rates(noisy, model.units), model.cost, target, r_max=0.98, sizes=unit_sizes)
+        assert ordered(fitted, model.units)
         action = sampler.perturb(action, magnitude, rng)
-        assert ordered(action, model.units)
-        assert np.all((action >= 0) & (action <= 0.98))
+        assert np.all((action >= 0) & (action <= fitted + 1e-12))
         assert sampler.compression(action) >= target
 
 
@@ -156,8 +166,10 @@ def test_perturb_is_deterministic_and_accepts_torch_generators():
 def test_initial_action_spread_prunes_heavy_units_harder():
     model = HybridModel([16, 64], [27, 576])
     sampler = ActionSampler(model.units, model.cost, 4.0)
-    uniform = sampler.initial_action(spread=0.0)
-    assert np.ptp(uniform) == pytest.approx(0.0)
+    uniform = sampler.initial_action(spread=0.0)  # one rate, then the give-back lowers some units' rates
+    fitted = meet_target(np.ones(4), model.cost, 4.0, r_max=0.95, sizes=np.array([u.size for u in model.units]))
+    assert np.ptp(fitted) == pytest.approx(0.0)
+    assert np.all(uniform <= fitted + 1e-12) and sampler.compression(uniform) >= 4.0
     guided = sampler.initial_action(spread=0.5)
     assert guided[1] > guided[0] and guided[3] > guided[2]
     assert rates_dict(model.units, guided) == {
@@ -179,7 +191,6 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
     assert [u.weight for u in sampler.units[: len(space.filter_groups)]] == [
         getattr(g, attr) for g in space.filter_groups]
     action = sampler.perturb(sampler.initial_action(), 0.1, np.random.default_rng(0))
-    assert ordered(action, sampler.units)
     remaining = getattr(space.count(project(space, model, sampler.to_rates(action))), attr)
     total = getattr(space.total, attr)
     assert remaining <= total / 8.0
@@ -188,6 +199,42 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
         ActionSampler.from_space(space, objective, 5000.0)  # best: 2066x / 3690x
     with pytest.raises(UserError, match="objective"):
         ActionSampler.from_space(space, "latency", 2.0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.sampled_from([16, 24, 32, 48]), min_size=2, max_size=4), st.sampled_from([8, 16]),
+       st.sampled_from([2.0, 3.0, 4.0]), st.integers(0, 2**16))
+def test_aligned_widths_meet_a_flops_target_from_below_without_overshoot(widths, multiple, target, seed):
+    """With widths aligned to 8 or 16 channels one step of a 16-channel layer halves it, so a fit that scales
+    every rate together overshoots (a plain 16-16-32-32-64 CNN: median 3.37x for flops=3x at multiple 8, before
+    the give-back). The sampler's actions meet the target by the engine's own MAC count of the projected
+    model, and no filter group can keep one more aligned block without missing it."""
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    layers, channels = [], 1
+    for width in widths:
+        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
+        channels = width
+    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(channels, 10))
+    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=multiple)
+    try:
+        sampler = ActionSampler.from_space(space, "flops", target)
+    except UserError:
+        return
+    budget = space.total.macs / target
+    action = sampler.perturb(sampler.initial_action(), 0.2, np.random.default_rng(seed))
+    rates = sampler.to_rates(action)
+    assert space.count(project(space, model, rates)).macs <= budget
+    for group in space.filter_groups:
+        kept = space.filter_keep(group, rates["filter"][group.name])
+        if kept == group.size:
+            continue
+        more = min(kept + multiple, group.size)
+        wider = {**rates, "filter": {**rates["filter"], group.name: (group.size - more) / group.size}}
+        assert space.filter_keep(group, wider["filter"][group.name]) == more
+        assert space.count(project(space, model, wider)).macs > budget
 
 
 @pytest.mark.parametrize("objective,attr", [("params", "params"), ("flops", "macs")])
@@ -283,11 +330,11 @@ def test_give_back_keeps_the_target_and_leaves_no_free_channel(spec, target, dat
 
 def test_a_latency_like_sampler_returns_channels_inside_a_block():
     """Two 16-channel units on a 16-channel block (pruning to 8 saves nothing) and one linear 64-channel unit:
-    the fit prunes all three proportionally; with give_back the blocked units keep all 16 channels."""
+    the fit prunes all three proportionally; the sampler gives back the blocked units' channels (they keep all 16)."""
     sizes = np.array([16.0, 16.0, 64.0])
     cost = _blocked_cost(sizes, np.array([16.0, 16.0, 1.0]), np.array([1.0, 1.0, 1.0]))
     units = [ActionUnit("filter", f"g{i}", int(n), 1.0) for i, n in enumerate(sizes)]
-    plain = ActionSampler(units, cost, 1.4).meet(np.full(3, 0.5))
-    kept = ActionSampler(units, cost, 1.4, give_back=True).meet(np.full(3, 0.5))
+    plain = meet_target(np.full(3, 0.5), cost, 1.4, r_max=0.95)
+    kept = ActionSampler(units, cost, 1.4).meet(np.full(3, 0.5))
     assert plain[0] > 0 and plain[1] > 0  # channels 9-16 of the blocked units pruned for nothing
     assert kept[0] == kept[1] == 0.0 and cost(kept) <= cost(np.zeros(3)) / 1.4

@@ -400,27 +400,34 @@ class Pipeline:
         """Meet the round's budget tightly after purification: the searched rates met it before purification,
         which then removes units beyond them (unused paths: a filter whose every consumer column is pruned;
         redundant weights: units whose norm ADMM drove near zero) and leaves the model smaller than asked.
-        Re-fit the rates to a looser nominal target (fixed-point steps on ``limit / purified count``),
-        hard-prune the ADMM weights (``admm_model``) at them, purify, and keep the largest purified count
-        within the limit (never beyond it).
+        Re-fit the rates to a looser nominal target, hard-prune the ADMM weights (``admm_model``) at them,
+        purify, and keep the largest purified count within the limit (never beyond it). The slack follows
+        fixed-point steps on ``limit / purified count`` inside a bracket (the largest slack within the limit,
+        the smallest beyond it), halving the bracket after a trial beyond the limit.
 
         Returns ``(purification result, records)``; ``state.model`` / ``rates`` hold the chosen hard pruning,
         purified (the searched one when no refit fits better)."""
         budget = state.budget
         first = count = self._count(state, state.model, result)
         best, slack = (count, state.rates, state.model, result), 1.0
+        within, beyond = 1.0, float("inf")  # slacks whose purified count met / missed the limit
         for _ in range(REFIT_TRIES):
-            close = budget.limit * (1 - REFIT_CLOSE) <= count <= budget.limit
-            looser = max(1.0, slack * budget.limit / max(count, 1))
-            if close or looser == slack:
+            if budget.limit * (1 - REFIT_CLOSE) <= best[0]:
                 break
-            slack = looser
+            step = slack * budget.limit / max(count, 1)
+            slack = step if count <= budget.limit and step < beyond else 0.5 * (within + beyond)
+            if not within < slack < beyond or slack - within < 1e-9:
+                break
             rates = budget.refit(slack)
             trial = copy.deepcopy(admm_model)
             masks, _ = admm.hard_prune(trial, state.space, rates)
             trial_result = self._purification(trial, state, masks)
             count = self._count(state, trial, trial_result)
-            if best[0] < count <= budget.limit:
+            if count > budget.limit:
+                beyond = slack
+                continue
+            within = slack
+            if count > best[0]:
                 best = (count, rates, trial, trial_result)
         count, state.rates, state.model, result = best
         if count != first:

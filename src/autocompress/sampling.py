@@ -185,10 +185,13 @@ def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: floa
 def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Lower each unit's rate to the smallest that keeps ``cost(action) <= budget``, units of the smallest
     guidance weight first (beyond the paper). A fit by :func:`meet_target` scales every unit's rate together,
-    so where the cost has plateaus it also prunes channels whose removal saves nothing: under a latency table
-    on an AVX-512 CPU a 16-channel layer runs as fast at 8 channels as at 16 (one block of 16), and the fit
-    took them all the same. Each unit's smallest rate is found by bisection to half a unit element
-    (``0.5 / size``); ``cost`` must be non-increasing in every rate.
+    so where the cost moves in steps it overshoots the target: with widths aligned to 8 channels a 16-channel
+    layer goes from 16 to 8 in one step (flops=4x fits of a small residual CNN reached 4.9x), and under a
+    latency table on an AVX-512 CPU a 16-channel layer runs as fast at 8 channels as at 16, yet the fit
+    pruned them all the same. Each unit's smallest rate is found by bisection to half a unit element
+    (``0.5 / size``); ``cost`` must be non-increasing in every rate. The result may break the guidance
+    order of :func:`order_rates` by what one unit's step is worth: a lighter unit keeps what a heavier one
+    could not use.
 
     Args:
         action: float [n_units] meeting ``budget``; cost: the sampler's cost; sizes, weights: float [n_units].
@@ -249,15 +252,12 @@ class ActionSampler:
         target: the round's compression target (>= 1), relative to ``cost(zeros)``.
         r_max: largest rate of any unit, in ``[0, 1)``.
         max_iter: bound on the cost evaluations of one target fit (:func:`meet_target`).
-        give_back: after each fit, lower every unit's rate as far as the target still holds
-            (:func:`give_back`): for a cost with plateaus, such as a latency table where widths inside one
-            hardware block of channels run equally fast.
     Raises:
         UserError: empty ``units`` or an unreachable target (checked on construction, before any search).
     """
 
     def __init__(self, units: Sequence[ActionUnit], cost: Cost, target: float, *, r_max: float = 0.95,
-                 max_iter: int = 64, give_back: bool = False):
+                 max_iter: int = 64):
         if not units:
             raise UserError("the pruning space has no prunable units", "choose other dims or another model")
         self.units = tuple(units)
@@ -265,7 +265,6 @@ class ActionSampler:
         self.target = float(target)
         self.r_max = float(r_max)
         self.max_iter = int(max_iter)
-        self.give_back = give_back
         _check_settings(self.target, self.r_max)
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
         self._weights = np.array([u.weight for u in self.units], dtype=np.float64)
@@ -274,19 +273,19 @@ class ActionSampler:
                          self.r_max)
 
     def meet(self, direction: np.ndarray) -> np.ndarray:
-        """Order ``direction`` by the guidance, then scale it to meet the target (:func:`meet_target`), then
-        (``give_back``) return what costs nothing (:func:`give_back`)."""
+        """Order ``direction`` by the guidance, scale it to meet the target (:func:`meet_target`), then give
+        back what the target does not need (:func:`give_back`), so the action meets the target from below as
+        closely as the units' granularity allows."""
         action = meet_target(order_rates(direction, self.units), self.cost, self.target, r_max=self.r_max,
                              original=self.original, sizes=self._sizes, max_iter=self.max_iter)
-        if not self.give_back:
-            return action
         return give_back(action, self.cost, self.original / self.target, self._sizes, self._weights)
 
     def initial_action(self, spread: float = 0.5) -> np.ndarray:
         """The search's starting point: rates proportional to ``(weight / max weight) ** spread``.
 
-        ``spread=0`` gives one uniform rate; larger values prune the units that govern more weights (MACs)
-        harder, following the guidance. Returns float64 [n_units] meeting the target.
+        ``spread=0`` gives one uniform rate (before :meth:`meet` gives back what the target does not need);
+        larger values prune the units that govern more weights (MACs) harder, following the guidance.
+        Returns float64 [n_units] meeting the target.
         """
         weights = self._weights
         top = weights.max()
