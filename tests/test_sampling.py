@@ -305,8 +305,8 @@ def _blocked_cost(sizes, blocks, per_channel):
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([8, 16, 32, 64]), st.sampled_from([1, 8, 16]), st.floats(0.1, 5.0)),
-                min_size=1, max_size=6), st.floats(1.05, 3.0), st.data())
-def test_give_back_keeps_the_target_and_leaves_no_free_channel(spec, target, data):
+                min_size=1, max_size=6), st.floats(1.05, 3.0), st.booleans(), st.data())
+def test_give_back_keeps_the_target_and_leaves_no_free_channel(spec, target, heaviest_first, data):
     """After give_back the action still meets the budget, no rate rose, and lowering any unit's rate by one
     channel would break the budget (nothing is left that costs nothing)."""
     from autocompress.sampling import give_back
@@ -319,7 +319,7 @@ def test_give_back_keeps_the_target_and_leaves_no_free_channel(spec, target, dat
         start = np.full(len(sizes), 0.95)
         if cost(start) > budget:
             return
-    out = give_back(start, cost, budget, sizes, per)
+    out = give_back(start, cost, budget, sizes, per, heaviest_first=heaviest_first)
     assert cost(out) <= budget and np.all(out <= start + 1e-12)
     for i in range(len(sizes)):
         if out[i] > 0:
@@ -335,6 +335,6 @@ def test_a_latency_like_sampler_returns_channels_inside_a_block():
     cost = _blocked_cost(sizes, np.array([16.0, 16.0, 1.0]), np.array([1.0, 1.0, 1.0]))
     units = [ActionUnit("filter", f"g{i}", int(n), 1.0) for i, n in enumerate(sizes)]
     plain = meet_target(np.full(3, 0.5), cost, 1.4, r_max=0.95)
-    kept = ActionSampler(units, cost, 1.4).meet(np.full(3, 0.5))
+    kept = ActionSampler(units, cost, 1.4, heaviest_first=False).meet(np.full(3, 0.5))
     assert plain[0] > 0 and plain[1] > 0  # channels 9-16 of the blocked units pruned for nothing
     assert kept[0] == kept[1] == 0.0 and cost(kept) <= cost(np.zeros(3)) / 1.4

@@ -471,7 +471,7 @@ class Compression:
             return table.estimate_space(space, rates_dict(units, action))
 
         try:
-            return ActionSampler(units, cost, factor, r_max=self.config.max_r)
+            return ActionSampler(units, cost, factor, r_max=self.config.max_r, heaviest_first=False)
         except UserError as exc:  # unreachable: say so in the terms of a latency target
             reached = cost(np.zeros(len(units))) / cost(np.full(len(units), self.config.max_r))
             raise UserError(f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup "
