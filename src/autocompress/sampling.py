@@ -192,10 +192,12 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
     16, yet the fit pruned them all the same. Each unit's smallest rate is found by bisection to half a unit
     element (``0.5 / size``); ``cost`` must be non-increasing in every rate.
 
-    The order matters because the first units take the whole surplus: lightest first restores small layers
-    whole (a flops target then lost 0.68 points of top-1 on average over 12 paired Fashion-MNIST runs of two
-    small CNNs at multiple 8, BENCHMARKS.md "Give-back"), heaviest first gives the surplus to the layers the
-    guidance pruned hardest (-0.03, within noise, with every target met within 0.3 %).
+    The order matters because the first units take the whole surplus. For params / flops targets at multiple
+    8, paired runs of two small CNNs on Fashion-MNIST (BENCHMARKS.md, "Session 13: give-back") gave top-1
+    -0.68 and -0.02 points against no give-back with the lightest units first (in two campaigns of 12 and 18
+    runs; small layers were restored whole), -0.03 and +0.12 with the heaviest first, so those targets give the
+    surplus to the layers the guidance pruned hardest; a latency table gives it lightest first (small layers
+    inside one hardware block cost nothing to restore there).
 
     Args:
         action: float [n_units] meeting ``budget``; cost: the sampler's cost; sizes, weights: float [n_units].
