@@ -471,7 +471,7 @@ class Compression:
             return table.estimate_space(space, rates_dict(units, action))
 
         try:
-            return ActionSampler(units, cost, factor, r_max=self.config.max_r, heaviest_first=False)
+            return ActionSampler(units, cost, factor, r_max=self.config.max_r, give_back="lightest")
         except UserError as exc:  # unreachable: say so in the terms of a latency target
             reached = cost(np.zeros(len(units))) / cost(np.full(len(units), self.config.max_r))
             raise UserError(f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup "
@@ -533,7 +533,7 @@ class Compression:
             state.budget = self._budget(state, sampler, base, base_ratio)
             return
         started = time.perf_counter()
-        if self.config.search_mode == "uniform":  # ablation: one rate for every unit (given back), no search
+        if self.config.search_mode == "uniform":  # ablation: one rate for every unit, no search
             result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
                                      best_score=float("nan"), trajectory=[])
         else:

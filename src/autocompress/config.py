@@ -226,7 +226,7 @@ class CompressConfig:
         seed: seed of every generator the run owns (per phase: :func:`autocompress.rounds.phase_seed`).
         max_r: largest pruning rate of any unit (the sampler's r_max), in (0, 1).
         search_mode: ``"annealing"`` (the guided search) or ``"uniform"`` (one rate for every unit, then the
-            sampler's give-back; ablation).
+            sampler's give-back at aligned widths; ablation).
         final_retrain_epochs: retraining epochs of the last round (None: as ``retrain.epochs``).
         latency_runs: timed runs per PyTorch latency measurement of the final table.
         channel_multiple: every filter group keeps a multiple of this many channels

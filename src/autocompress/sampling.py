@@ -192,12 +192,12 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
     16, yet the fit pruned them all the same. Each unit's smallest rate is found by bisection to half a unit
     element (``0.5 / size``); ``cost`` must be non-increasing in every rate.
 
-    The order matters because the first units take the whole surplus. For params / flops targets at multiple
-    8, paired runs of two small CNNs on Fashion-MNIST (BENCHMARKS.md, "Session 13: give-back") gave top-1
-    -0.68 and -0.02 points against no give-back with the lightest units first (in two campaigns of 12 and 18
-    runs; small layers were restored whole), -0.03 and +0.12 with the heaviest first, so those targets give the
-    surplus to the layers the guidance pruned hardest; a latency table gives it lightest first (small layers
-    inside one hardware block cost nothing to restore there).
+    The order matters because the first units take the whole surplus. For flops targets at multiple 8, paired
+    runs of two small CNNs on Fashion-MNIST (BENCHMARKS.md, "Session 13: give-back") gave top-1 -0.68 and
+    -0.02 points against no give-back with the lightest units first (in two campaigns of 12 and 18 runs; small
+    layers were restored whole), -0.03 and +0.12 with the heaviest first, so aligned params / flops targets
+    give the surplus to the layers the guidance pruned hardest; a latency table gives it lightest first (small
+    layers inside one hardware block cost nothing to restore there).
 
     Args:
         action: float [n_units] meeting ``budget``; cost: the sampler's cost; sizes, weights: float [n_units].
@@ -260,15 +260,17 @@ class ActionSampler:
         target: the round's compression target (>= 1), relative to ``cost(zeros)``.
         r_max: largest rate of any unit, in ``[0, 1)``.
         max_iter: bound on the cost evaluations of one target fit (:func:`meet_target`).
-        heaviest_first: the give-back's order (:func:`give_back`): heaviest units first (measured for params /
-            flops targets), else lightest first (a latency table, where small blocked layers cost nothing to
-            restore).
+        give_back: after each fit, give back what the target does not need (:func:`give_back`), units of the
+            ``"heaviest"`` or ``"lightest"`` guidance weight first; None: the fit as it is. :meth:`from_space`
+            gives back heaviest first at aligned widths (``channel_multiple`` > 1, where the fit overshoots);
+            a latency table gives back lightest first (small layers inside one hardware block cost nothing
+            to restore there).
     Raises:
         UserError: empty ``units`` or an unreachable target (checked on construction, before any search).
     """
 
     def __init__(self, units: Sequence[ActionUnit], cost: Cost, target: float, *, r_max: float = 0.95,
-                 max_iter: int = 64, heaviest_first: bool = True):
+                 max_iter: int = 64, give_back: str | None = None):
         if not units:
             raise UserError("the pruning space has no prunable units", "choose other dims or another model")
         self.units = tuple(units)
@@ -276,7 +278,9 @@ class ActionSampler:
         self.target = float(target)
         self.r_max = float(r_max)
         self.max_iter = int(max_iter)
-        self.heaviest_first = heaviest_first
+        if give_back not in (None, "heaviest", "lightest"):
+            raise ValueError(f"give_back must be None, 'heaviest' or 'lightest', got {give_back!r}")
+        self.give_back = give_back
         _check_settings(self.target, self.r_max)
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
         self._weights = np.array([u.weight for u in self.units], dtype=np.float64)
@@ -285,20 +289,20 @@ class ActionSampler:
                          self.r_max)
 
     def meet(self, direction: np.ndarray) -> np.ndarray:
-        """Order ``direction`` by the guidance, scale it to meet the target (:func:`meet_target`), then give
-        back what the target does not need (:func:`give_back`), so the action meets the target from below as
-        closely as the units' granularity allows."""
+        """Order ``direction`` by the guidance, scale it to meet the target (:func:`meet_target`), then (with
+        ``give_back``) give back what the target does not need (:func:`give_back`)."""
         action = meet_target(order_rates(direction, self.units), self.cost, self.target, r_max=self.r_max,
                              original=self.original, sizes=self._sizes, max_iter=self.max_iter)
+        if self.give_back is None:
+            return action
         return give_back(action, self.cost, self.original / self.target, self._sizes, self._weights,
-                         heaviest_first=self.heaviest_first)
+                         heaviest_first=self.give_back == "heaviest")
 
     def initial_action(self, spread: float = 0.5) -> np.ndarray:
         """The search's starting point: rates proportional to ``(weight / max weight) ** spread``.
 
-        ``spread=0`` gives one uniform rate (before :meth:`meet` gives back what the target does not need);
-        larger values prune the units that govern more weights (MACs) harder, following the guidance.
-        Returns float64 [n_units] meeting the target.
+        ``spread=0`` gives one uniform rate (before any give-back); larger values prune the units that govern
+        more weights (MACs) harder, following the guidance. Returns float64 [n_units] meeting the target.
         """
         weights = self._weights
         top = weights.max()
@@ -326,7 +330,10 @@ class ActionSampler:
                    r_max: float | None = None, max_iter: int = 64) -> ActionSampler:
         """A sampler over the units of ``space`` (a :class:`~autocompress.space.PruningSpace`) of the given
         ``kinds`` (default: all) with the exact cost :func:`space_cost`; ``r_max`` defaults to
-        ``space.max_rate``. Units of other kinds stay at rate 0.
+        ``space.max_rate``. Units of other kinds stay at rate 0. At aligned widths (``space.channel_multiple``
+        > 1) each fit gives back heaviest first (see :func:`give_back`); at single channels a fit lands within
+        about 1 % of the target (median 0.6 %) and giving back cost top-1 at params=10x (BENCHMARKS.md,
+        "Session 13: give-back"), so the fit stays as it is.
 
         Raises:
             UserError: unknown objective, empty space, a FLOPs target with irregular units only (their zeros
@@ -338,7 +345,8 @@ class ActionSampler:
                             "tensors, so the compact model's MACs do not drop)",
                             "add filter or column units (dims), or give a params target")
         return cls(units, space_cost(space, units, objective), target,
-                   r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter)
+                   r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,
+                   give_back="heaviest" if space.channel_multiple > 1 else None)
 
 
 def rates_dict(units: Sequence[ActionUnit], action: np.ndarray) -> dict[str, dict[str, float]]:
