@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--models", default="plain,res")
     parser.add_argument("--targets", default="flops=3x,flops=4x,flops=2x")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--multiple", type=int, default=8, help="channel_multiple of every run")
+    parser.add_argument("--multiple", type=lambda v: v if v == "auto" else int(v), default=8,
+                        help="channel_multiple of every run: an integer or auto")
     parser.add_argument("--bases", default=str(Path.home() / ".cache" / "autocompress-bench" / "give_back"))
     parser.add_argument("--out", default="benchmarks/results/give_back.jsonl")
     args = parser.parse_args()
@@ -128,6 +129,7 @@ def main() -> None:
                        "macs_x": round(result.mac_reduction, 3), "params_x": round(result.compression_rate, 3),
                        "base_top1": base_top1, "top1": evaluate(result.model.cpu().eval(), test)["top1"],
                        "ort_speedup": {b: round(v["speedup"], 2) for b, v in deployed.items()},
+                       "multiple": result.final.get("channel_multiple"),
                        "seconds": round(time.perf_counter() - began)}
                 with open(args.out, "a") as handle:
                     handle.write(json.dumps(row) + "\n")

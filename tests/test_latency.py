@@ -650,6 +650,11 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
     assert compression.first_space.channel_multiple == outcome
     reason = f"16 (auto) leaves filter pruning unable to reach {target} alone; falling back to 8"
     assert any(reason in line for line in lines) == (outcome == 8)
+    # after the fall-back a fit gives channels back on the CPU's 16-channel block only (16 -> 32, never 24)
+    sampler = compression._sampler(compression.first_space, compression.factor, 1.0)
+    filters = [w for unit, w in zip(sampler.units, sampler.widths or [None] * len(sampler.units))
+               if unit.kind == "filter"]
+    assert filters == ([[16], [16], [16, 32, 48, 64]] if outcome == 8 else [None, None, None])
 
 
 # ------------------------------------------------------------------------------------------ bad input

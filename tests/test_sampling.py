@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import isotonic_regression
 
@@ -236,6 +236,46 @@ def test_aligned_widths_meet_a_flops_target_from_below_without_overshoot(widths,
         wider = {**rates, "filter": {**rates["filter"], group.name: (group.size - more) / group.size}}
         assert space.filter_keep(group, wider["filter"][group.name]) == more
         assert space.count(project(space, model, wider)).macs > budget
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.sampled_from([16, 24, 32, 48, 64]), min_size=2, max_size=4), st.sampled_from([2.0, 3.0, 4.0]),
+       st.integers(0, 2**16))
+@example([16, 16, 32, 16], 3.0, 4721)  # steps of 8 give the 32-channel layer back to 24 (fit: 16)
+def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, target, seed):
+    """When ``auto`` falls back from the CPU's 16-channel block to multiple 8, a give-back in steps of 8 would
+    widen a layer to 24 channels, which runs as slowly as 32 there. With ``block=16`` every filter group keeps
+    the fit's width or is given back to a width on the 16-block (or its whole width), the target is still met
+    by the engine's own count, and no group can take its next 16-block width without missing the target."""
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    layers, channels = [], 1
+    for width in widths:
+        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
+        channels = width
+    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(channels, 10))
+    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=8)
+    try:
+        sampler = ActionSampler.from_space(space, "flops", target, block=16)
+    except UserError:
+        return
+    fit_only = ActionSampler(sampler.units, sampler.cost, target, r_max=sampler.r_max)
+    direction = np.random.default_rng(seed).uniform(0.05, 1.0, len(sampler.units))
+    rates, fitted = sampler.to_rates(sampler.meet(direction)), fit_only.to_rates(fit_only.meet(direction))
+    budget = space.total.macs / target
+    assert space.count(project(space, model, rates)).macs <= budget
+    for group in space.filter_groups:
+        kept = space.filter_keep(group, rates["filter"][group.name])
+        fit = space.filter_keep(group, fitted["filter"][group.name])
+        assert kept == fit or (kept > fit and (kept % 16 == 0 or kept == group.size))
+        wider = [w for w in [*range(16, group.size, 16), group.size] if w > kept]
+        if wider:
+            more = wider[0]
+            bigger = {**rates, "filter": {**rates["filter"], group.name: 1.0 - more / group.size}}
+            assert space.filter_keep(group, bigger["filter"][group.name]) == more
+            assert space.count(project(space, model, bigger)).macs > budget
 
 
 @pytest.mark.parametrize("objective,attr", [("params", "params"), ("flops", "macs")])

@@ -271,6 +271,7 @@ class Compression:
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
+        self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
         say = log or (lambda _line: None)
         if self.config.budget is not None:
             say(describe(self.config))
@@ -461,7 +462,7 @@ class Compression:
         factor = max(1.0, target / base_ratio)
         if self.table is None:
             return ActionSampler.from_space(space, self.target.objective, factor, kinds=self.config.kinds,
-                                            r_max=self.config.max_r)
+                                            r_max=self.config.max_r, block=self.block)
         units = [u for u in units_from_space(space, "flops") if u.kind in self.config.kinds
                  and not (u.kind == "column" and u.name in self.table.column_useless)]
         table = self.table

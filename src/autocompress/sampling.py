@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .space import KINDS
+from .alignment import allowed_widths
+from .space import KINDS, keep_count
 
 OBJECTIVES = ("params", "flops")
 
@@ -183,7 +184,7 @@ def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: floa
 
 
 def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, weights: np.ndarray, *,
-              heaviest_first: bool = True) -> np.ndarray:
+              heaviest_first: bool = True, widths: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
     """Lower each unit's rate to the smallest that keeps ``cost(action) <= budget``, one unit after the other
     in order of guidance weight (beyond the paper). A fit by :func:`meet_target` scales every unit's rate
     together, so where the cost moves in steps it overshoots the target: with widths aligned to 8 channels a
@@ -202,6 +203,10 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
     Args:
         action: float [n_units] meeting ``budget``; cost: the sampler's cost; sizes, weights: float [n_units].
         heaviest_first: units of the largest guidance weight first (else the smallest first).
+        widths: per unit, None or the keep counts (increasing) that unit may be given back to: it then keeps
+            the largest of them that meets ``budget``, or its rate when none above its keep count does. Used
+            to land on the CPU's channel block when the channel multiple is smaller than it (see
+            :meth:`ActionSampler.from_space`).
     Returns:
         a new float64 array [n_units], each rate <= the action's, still meeting ``budget``.
     """
@@ -209,6 +214,9 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
     weights = np.asarray(weights, dtype=np.float64)
     for i in np.argsort(-weights if heaviest_first else weights, kind="stable"):
         if out[i] <= 0.0:
+            continue
+        if widths is not None and widths[i] is not None:
+            out[i] = _widest_within(out, i, cost, budget, int(sizes[i]), widths[i])
             continue
         if cost(_with(out, i, 0.0)) <= budget:
             out[i] = 0.0
@@ -219,6 +227,22 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
             low, high = (low, mid) if cost(_with(out, i, mid)) <= budget else (mid, high)
         out[i] = high
     return out
+
+
+def _widest_within(action: np.ndarray, index: int, cost: Cost, budget: float, size: int,
+                   widths: Sequence[int]) -> float:
+    """The rate of the widest of ``widths`` above unit ``index``'s keep count that meets ``budget`` (by
+    bisection; ``cost`` is non-increasing in the rate), or the unit's rate when none does."""
+    rate = float(action[index])
+    above = [w for w in widths if w > keep_count(size, rate)]
+    low, high = 0, len(above)  # invariant: above[:low] meet the budget; above[high:] do not
+    while low < high:
+        mid = (low + high) // 2
+        if cost(_with(action, index, 1.0 - above[mid] / size)) <= budget:
+            low = mid + 1
+        else:
+            high = mid
+    return 1.0 - above[low - 1] / size if low else rate
 
 
 def _with(action: np.ndarray, index: int, rate: float) -> np.ndarray:
@@ -265,12 +289,14 @@ class ActionSampler:
             gives back heaviest first at aligned widths (``channel_multiple`` > 1, where the fit overshoots);
             a latency table gives back lightest first (small layers inside one hardware block cost nothing
             to restore there).
+        widths: per unit, None or the keep counts its give-back may land on (see :func:`give_back`).
     Raises:
         UserError: empty ``units`` or an unreachable target (checked on construction, before any search).
     """
 
     def __init__(self, units: Sequence[ActionUnit], cost: Cost, target: float, *, r_max: float = 0.95,
-                 max_iter: int = 64, give_back: str | None = None):
+                 max_iter: int = 64, give_back: str | None = None,
+                 widths: Sequence[Sequence[int] | None] | None = None):
         if not units:
             raise UserError("the pruning space has no prunable units", "choose other dims or another model")
         self.units = tuple(units)
@@ -281,6 +307,7 @@ class ActionSampler:
         if give_back not in (None, "heaviest", "lightest"):
             raise ValueError(f"give_back must be None, 'heaviest' or 'lightest', got {give_back!r}")
         self.give_back = give_back
+        self.widths = None if widths is None else tuple(widths)
         _check_settings(self.target, self.r_max)
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
         self._weights = np.array([u.weight for u in self.units], dtype=np.float64)
@@ -296,7 +323,7 @@ class ActionSampler:
         if self.give_back is None:
             return action
         return give_back(action, self.cost, self.original / self.target, self._sizes, self._weights,
-                         heaviest_first=self.give_back == "heaviest")
+                         heaviest_first=self.give_back == "heaviest", widths=self.widths)
 
     def initial_action(self, spread: float = 0.5) -> np.ndarray:
         """The search's starting point: rates proportional to ``(weight / max weight) ** spread``.
@@ -327,13 +354,15 @@ class ActionSampler:
 
     @classmethod
     def from_space(cls, space, objective: str, target: float, *, kinds: Sequence[str] | None = None,
-                   r_max: float | None = None, max_iter: int = 64) -> ActionSampler:
+                   r_max: float | None = None, max_iter: int = 64, block: int = 1) -> ActionSampler:
         """A sampler over the units of ``space`` (a :class:`~autocompress.space.PruningSpace`) of the given
         ``kinds`` (default: all) with the exact cost :func:`space_cost`; ``r_max`` defaults to
         ``space.max_rate``. Units of other kinds stay at rate 0. At aligned widths (``space.channel_multiple``
         > 1) each fit gives back heaviest first (see :func:`give_back`); at single channels a fit lands within
         about 1 % of the target (median 0.6 %) and giving back cost top-1 at params=10x (BENCHMARKS.md,
-        "Session 13: give-back"), so the fit stays as it is.
+        "Session 13: give-back"), so the fit stays as it is. With a ``block`` above the space's multiple (the
+        CPU's channel block when ``auto`` fell back to a smaller multiple) a filter group is given back only to
+        widths aligned to ``block`` (or its whole width): a 16-channel block runs 24 channels as slowly as 32.
 
         Raises:
             UserError: unknown objective, empty space, a FLOPs target with irregular units only (their zeros
@@ -344,9 +373,12 @@ class ActionSampler:
             raise UserError("a FLOPs target cannot be met by irregular pruning alone (its zeros stay in dense "
                             "tensors, so the compact model's MACs do not drop)",
                             "add filter or column units (dims), or give a params target")
+        widths = None
+        if block > space.channel_multiple > 1:
+            widths = [allowed_widths(u.size, block) if u.kind == "filter" else None for u in units]
         return cls(units, space_cost(space, units, objective), target,
                    r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,
-                   give_back="heaviest" if space.channel_multiple > 1 else None)
+                   give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths)
 
 
 def rates_dict(units: Sequence[ActionUnit], action: np.ndarray) -> dict[str, dict[str, float]]:
