@@ -202,6 +202,16 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
         ActionSampler.from_space(space, "latency", 2.0)
 
 
+def conv_chain(widths: list[int]) -> torch.nn.Sequential:
+    """``[B, 1, H, W]`` -> ``[B, 10]``: 3x3 convolutions of the given widths (ReLU between), GAP, a Linear."""
+    layers, channels = [], 1
+    for width in widths:
+        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
+        channels = width
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(channels, 10))
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.sampled_from([16, 24, 32, 48]), min_size=2, max_size=4), st.sampled_from([8, 16]),
        st.sampled_from([2.0, 3.0, 4.0]), st.integers(0, 2**16))
@@ -213,12 +223,7 @@ def test_aligned_widths_meet_a_flops_target_from_below_without_overshoot(widths,
     from autocompress.projection import project
     from autocompress.space import PruningSpace
 
-    layers, channels = [], 1
-    for width in widths:
-        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
-        channels = width
-    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(channels, 10))
+    model = conv_chain(widths)
     space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=multiple)
     try:
         sampler = ActionSampler.from_space(space, "flops", target)
@@ -250,12 +255,7 @@ def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, targ
     from autocompress.projection import project
     from autocompress.space import PruningSpace
 
-    layers, channels = [], 1
-    for width in widths:
-        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
-        channels = width
-    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(channels, 10))
+    model = conv_chain(widths)
     space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=8)
     try:
         sampler = ActionSampler.from_space(space, "flops", target, block=16)
