@@ -184,7 +184,7 @@ def meet_target(direction: np.ndarray, cost: Cost, target: float, *, r_max: floa
 
 
 def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, weights: np.ndarray, *,
-              heaviest_first: bool = True, widths: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
+              order: str = "heaviest", widths: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
     """Lower each unit's rate to the smallest that keeps ``cost(action) <= budget``, one unit after the other
     in order of guidance weight (beyond the paper). A fit by :func:`meet_target` scales every unit's rate
     together, so where the cost moves in steps it overshoots the target: with widths aligned to 8 channels a
@@ -202,7 +202,7 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
 
     Args:
         action: float [n_units] meeting ``budget``; cost: the sampler's cost; sizes, weights: float [n_units].
-        heaviest_first: units of the largest guidance weight first (else the smallest first).
+        order: ``"heaviest"``: units of the largest guidance weight first; ``"lightest"``: the smallest first.
         widths: per unit, None or the keep counts (increasing) that unit may be given back to: it then keeps
             the largest of them that meets ``budget``, or its rate when none above its keep count does. Used
             to land on the CPU's channel block when the channel multiple is smaller than it (see
@@ -212,7 +212,7 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
     """
     out = np.asarray(action, dtype=np.float64).copy()
     weights = np.asarray(weights, dtype=np.float64)
-    for i in np.argsort(-weights if heaviest_first else weights, kind="stable"):
+    for i in np.argsort(-weights if order == "heaviest" else weights, kind="stable"):
         if out[i] <= 0.0:
             continue
         if widths is not None and widths[i] is not None:
@@ -323,7 +323,7 @@ class ActionSampler:
         if self.give_back is None:
             return action
         return give_back(action, self.cost, self.original / self.target, self._sizes, self._weights,
-                         heaviest_first=self.give_back == "heaviest", widths=self.widths)
+                         order=self.give_back, widths=self.widths)
 
     def initial_action(self, spread: float = 0.5) -> np.ndarray:
         """The search's starting point: rates proportional to ``(weight / max weight) ** spread``.
