@@ -120,6 +120,41 @@ def test_plain_loaders_default_loss(w1, w2, batch):
     assert 0.0 <= compact_row["val_top1"] <= 100.0
 
 
+class ViewHead(SmallCNN):
+    """``[B, 1, 8, 8]`` -> ``[B, 3]``: SmallCNN with max pooling and a head that flattens with ``.view``, which
+    fails on a channels-last tensor (not contiguous) although the model runs in the default layout."""
+
+    def __init__(self):
+        super().__init__(8, 8)
+        self.fc = nn.Linear(8 * 4 * 4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_a_forward_that_fails_in_channels_last_layout_runs_in_the_default_one():
+    """A fresh user's model flattening with ``.view`` crashed in scoring (the library's CPU batches and weights
+    are channels-last); it is now compressed in the default layout, said in the log, and evaluated."""
+    from autocompress.task import channels_last
+    from autocompress.training import evaluate
+
+    train, val = loaders()
+    model = trained(ViewHead(), train)
+    with pytest.raises(RuntimeError, match="view size"), channels_last(model, device=torch.device("cpu")):
+        model(torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last))
+    lines: list[str] = []
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                                   val_loader=val, config=CONFIG, progress=False, log=lines.append)
+    assert any(line.startswith("channels-last layout: off") for line in lines)
+    assert result.compression_rate >= 2.0 * 0.99
+    x, y = images(48, 1)
+    with torch.no_grad():
+        expected = float((result.model(x).argmax(1) == y).float().mean())
+    assert evaluate(result.model, val)["top1"] == pytest.approx(expected)
+
+
 def test_frozen_layers_stay_frozen_and_unchanged_through_compress():
     """A frozen first layer (requires_grad False) is pruned like the others, is never trained (its kept
     weights equal the base's), and stays frozen in the compact model, through ADMM, retraining and the

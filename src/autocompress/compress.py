@@ -298,6 +298,10 @@ class Compression:
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")
+        if not self.task.layout:
+            self.pipeline.log("channels-last layout: off (the model's forward fails with channels-last tensors, e.g. "
+                              ".view on a convolution's output); training and scoring run in the default layout, "
+                              "up to ~1.5x slower on a CPU (.reshape would allow it)")
         if self.config.dims is None:
             self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
         check_multiple(self.first_space, self.multiple,

@@ -124,8 +124,9 @@ def _shared_batches(task, loader, count: int | None) -> list:
     if not distributed.world().active:
         return task.batches(loader, count)
     cpu = torch.device("cpu")
-    batches = distributed.on_main(lambda: [move(batch, cpu) for batch in task.batches(loader, count)])
-    return [move(batch, task.device) for batch in batches]
+    batches = distributed.on_main(lambda: [move(batch, cpu, layout=task.layout)
+                                           for batch in task.batches(loader, count)])
+    return [move(batch, task.device, layout=task.layout) for batch in batches]
 
 
 class QuickEvaluator:

@@ -263,9 +263,9 @@ def _check_reachable(original: float, best: float, target: float, r_max: float) 
     """UserError unless ``best`` (the count with every unit at ``r_max``) meets ``original / target``."""
     if best > original / target:
         raise UserError(
-            f"target {target:g}x is unreachable: pruning every unit at the maximum rate {r_max:g} reaches "
+            f"target {target:g}x is unreachable: pruning every unit at the maximum rate (max_r) {r_max:g} reaches "
             f"only {original / best:.3g}x",
-            "lower the target, raise the maximum rate, or add pruning dimensions (dims)")
+            "lower the target, raise max_r (below 1), or add pruning dimensions (dims)")
 
 
 def _normal(rng: np.random.Generator | torch.Generator, n: int) -> np.ndarray:

@@ -69,32 +69,34 @@ def as_inputs(example_inputs: Any, device: torch.device) -> tuple:
     return tuple(t.to(device) for t in inputs)
 
 
-def move(batch: Batch, device: torch.device) -> Batch:
+def move(batch: Batch, device: torch.device, *, layout: bool = True) -> Batch:
     """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``; 4-d float
-    tensors on the CPU in channels-last layout (oneDNN's convolutions are ~1.3-1.5x faster so; values
-    unchanged). Anything else is returned as it is."""
+    tensors on the CPU in channels-last layout unless ``layout`` is False (oneDNN's convolutions are ~1.3-1.5x
+    faster so; values unchanged). Anything else is returned as it is."""
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)
-        if batch.dim() == 4 and batch.is_floating_point() and device.type == "cpu":
+        if layout and batch.dim() == 4 and batch.is_floating_point() and device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
     if isinstance(batch, dict):
-        return {key: move(value, device) for key, value in batch.items()}
+        return {key: move(value, device, layout=layout) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(move(value, device) for value in batch)
+        return type(batch)(move(value, device, layout=layout) for value in batch)
     return batch
 
 
 @contextlib.contextmanager
-def channels_last(*models: nn.Module | None, device: torch.device, collectives: bool = True):
+def channels_last(*models: nn.Module | None, device: torch.device, collectives: bool = True,
+                  enabled: bool = True):
     """Within the block, the 4-d parameters and buffers of ``models`` (None skipped) in channels-last layout
     on the CPU, where oneDNN's convolutions with channels-last inputs and weights run 1.4-1.9x faster
     (training step / forward of the demo CNN at batch 64, BENCHMARKS.md); contiguous again afterwards.
     Values, parameter objects and optimiser references are unchanged. Nothing changes on other devices, nor
     under ``torch.distributed`` when the block may run collectives on the parameters (``collectives``:
-    DistributedDataParallel training takes contiguous tensors); a forward-only block passes False."""
+    DistributedDataParallel training takes contiguous tensors); a forward-only block passes False. With
+    ``enabled`` False (a model that fails in that layout, :func:`channels_last_works`) nothing changes."""
     models = tuple(m for m in models if m is not None)
-    if device.type != "cpu" or (collectives and _distributed_active()) \
+    if not enabled or device.type != "cpu" or (collectives and _distributed_active()) \
             or not any(p.dim() == 4 for m in models for p in m.parameters()):
         yield
         return
@@ -105,6 +107,19 @@ def channels_last(*models: nn.Module | None, device: torch.device, collectives: 
     finally:
         for model in models:
             model.to(memory_format=torch.contiguous_format)
+
+
+def channels_last_works(model: nn.Module, inputs: tuple, device: torch.device) -> bool:
+    """Whether ``model``'s forward runs on ``inputs`` (a tuple of tensors) with its weights and 4-d inputs in
+    channels-last layout (:func:`channels_last`, :func:`move`), under ``analysis_mode``. A forward that calls
+    ``.view`` on a convolution's output, e.g. ``x.view(-1, 40 * 7 * 7)``, fails there (its tensor is not
+    contiguous) although it runs in the default layout; such a model is trained and scored in that one."""
+    try:
+        with analysis_mode(model), channels_last(model, device=device, collectives=False):
+            model(*move(tuple(inputs), device))
+    except Exception:  # noqa: BLE001 - the user's forward may raise anything; the default layout is checked too
+        return False
+    return True
 
 
 def _distributed_active() -> bool:
@@ -140,6 +155,8 @@ class Task:
             output ``[B, classes, ...]`` against ``batch[1]`` (class indices).
         score_fn: ``fn(model) -> float``, higher is better; default top-1 (a fraction) on ``val_loader``.
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA.
+        layout: whether batches and weights go channels-last on the CPU (:func:`channels_last`); :meth:`check`
+            turns it off for a model whose forward fails in that layout.
     """
 
     train_loader: Iterable
@@ -149,6 +166,7 @@ class Task:
     loss_fn: LossFn | None = None
     score_fn: ScoreFn | None = None
     amp: str | None = None
+    layout: bool = True
 
     # --- running batches ----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -176,7 +194,7 @@ class Task:
         for batch in loader:
             if count is not None and len(taken) >= count:
                 break
-            taken.append(move(batch, self.device))
+            taken.append(move(batch, self.device, layout=self.layout))
         return taken
 
     @contextlib.contextmanager
@@ -210,9 +228,9 @@ class Task:
         (eval mode, no grad; mode and BatchNorm buffers restored). Outputs ``[B, classes, ...]``: dimension 1
         is the class."""
         correct = seen = 0
-        with analysis_mode(model), channels_last(model, device=self.device, collectives=False):
+        with analysis_mode(model), channels_last(model, device=self.device, collectives=False, enabled=self.layout):
             for batch in batches:
-                batch = move(batch, self.device)
+                batch = move(batch, self.device, layout=self.layout)
                 predicted = self.forward(model, batch).argmax(1)
                 correct += int((predicted == batch[1]).sum())
                 seen += batch[1].numel()
@@ -248,6 +266,7 @@ class Task:
             raise UserError(f"the model's forward fails on example_inputs ({_first_line(exc)})",
                             "pass example_inputs the model accepts, e.g. one item of a batch of your data "
                             "(next(iter(train_loader))[0][:1])") from None
+        self.layout = self.device.type != "cpu" or channels_last_works(model, example_inputs, self.device)
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
                             "pass val_loader (top-1 on it is the score) or score_fn(model) -> float")
@@ -289,7 +308,7 @@ class Task:
 
     def _first(self, loader: Iterable, name: str) -> Batch:
         try:
-            return move(next(iter(loader)), self.device)
+            return move(next(iter(loader)), self.device, layout=self.layout)
         except StopIteration:
             raise UserError(f"{name} yields no batch", f"pass a {name} over a non-empty dataset") from None
         except TypeError:

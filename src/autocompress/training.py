@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from .analysis import analysis_mode
 from .distillation import TeacherCache
 from .errors import UserError
-from .task import Task, channels_last, check_loss, move
+from .task import Task, channels_last, channels_last_works, check_loss, move
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -205,9 +206,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
     total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
     teacher = distiller.teacher if distiller is not None else None
-    with channels_last(model, teacher, device=task.device):  # restored even when a step raises
+    with channels_last(model, teacher, device=task.device, enabled=task.layout):  # restored even if a step raises
         for batch in bar:
-            batch = move(batch, task.device)
+            batch = move(batch, task.device, layout=task.layout)
             with task.autocast():
                 if task.loss_fn is None:
                     output = task.forward(model, batch)
@@ -275,9 +276,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc
     """
     device = _device_of(model)
     total_loss, correct1, correct5, seen, classes = 0.0, 0, 0, 0, 0
-    with analysis_mode(model), channels_last(model, device=device, collectives=False):
-        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-            images, labels = move(images, device), labels.to(device)
+    batches = iter(tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True))
+    first = next(batches, None)
+    batches = itertools.chain([] if first is None else [first], batches)
+    layout = first is None or channels_last_works(model, (first[0][:1],), device)
+    with analysis_mode(model), channels_last(model, device=device, collectives=False, enabled=layout):
+        for images, labels in batches:
+            images, labels = move(images, device, layout=layout), labels.to(device)
             logits = model(images)
             classes = logits.shape[1]
             total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
