@@ -201,12 +201,14 @@ def measure(base, compact_model, splits, *, threads: int = 1, runs: int = 20, re
     """Top-1 (test, %), parameters, MACs and latencies (ms) of the base and the compact model.
 
     Latencies: PyTorch (:func:`autocompress.metrics.measure_latency`) and onnxruntime at batch 1 and 64,
-    ``threads`` threads. Base and compact are timed alternately ``repeats`` times and each keeps its lowest
-    median: on a machine loaded by other processes a spike can only slow a measurement down.
+    ``threads`` threads, of the compact model as returned and (onnxruntime only, ``deployed_*`` keys; when it
+    has column layers) of its deployed form (:func:`autocompress.deployed_form`: each column layer stored or
+    dense, the faster; what ``autocompress export`` writes). The models are timed alternately ``repeats``
+    times and each keeps its lowest median: on a loaded machine a spike can only slow a measurement down.
     """
     import torch
 
-    from autocompress import metrics
+    from autocompress import deployed_form, metrics
     from autocompress.training import evaluate
 
     example = torch.zeros(1, *splits.input_size)
@@ -216,14 +218,20 @@ def measure(base, compact_model, splits, *, threads: int = 1, runs: int = 20, re
         out[f"{name}_top1"] = 100.0 * evaluate(net, test)["top1"]
         out[f"{name}_params"] = metrics.count_params(net)
         out[f"{name}_macs"] = metrics.count_macs(net, example)
+    nets = [("base", base), ("compact", compact_model)]
+    deployed = deployed_form(compact_model, example, {"threads": threads}).model
+    if deployed is not compact_model:
+        nets.append(("deployed", deployed))
     generator = torch.Generator().manual_seed(0)
     for batch in (1, 64):
         x = torch.randn(batch, *splits.input_size, generator=generator)
         n = runs if batch == 1 else max(5, runs // 2)
-        for _ in range(repeats):  # alternate base / compact; keep each one's best median (load spikes only slow)
-            for name, net in (("base", base), ("compact", compact_model)):
-                for engine, ms in (("pt", metrics.measure_latency(net, x, runs=n, threads=threads).median_ms),
-                                   ("ort", _ort_latency(net, x, n, threads))):
+        for _ in range(repeats):  # alternate the models; keep each one's best median (load spikes only slow)
+            for name, net in nets:
+                engines = ("ort",) if name == "deployed" else ("pt", "ort")
+                for engine in engines:
+                    ms = (_ort_latency(net, x, n, threads) if engine == "ort"
+                          else metrics.measure_latency(net, x, runs=n, threads=threads).median_ms)
                     key = f"{name}_{engine}_b{batch}_ms"
                     out[key] = min(out.get(key, float("inf")), ms)
     out["test_images"] = len(splits.test)
@@ -477,14 +485,17 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
 
 # ------------------------------------------------------------------------------------------------ table
 COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x",
-           "pt_b64_x", "ort_b1_x", "ort_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params",
+           "pt_b64_x", "ort_b1_x", "ort_b64_x", "ort_deployed_b1_x", "ort_deployed_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params",
            "compact_params", "base_macs", "compact_macs"]
 
 
 def row_of(record: dict) -> dict:
     """CSV row of one result record (reductions and speedups as base / compact)."""
-    def ratio(key: str) -> float:
-        return record[f"base_{key}"] / record[f"compact_{key}"]
+    def ratio(key: str, of: str = "compact") -> float:
+        return record[f"base_{key}"] / record[f"{of}_{key}"]
+
+    def deployed(batch: int) -> float | str:  # "" for records before session 14 or without column layers
+        return round(ratio(f"ort_b{batch}_ms", "deployed"), 2) if f"deployed_ort_b{batch}_ms" in record else ""
 
     search = record.get("search_seconds")
     return {"model": record["model"], "target": record["target"], "method": record["method"],
@@ -493,6 +504,7 @@ def row_of(record: dict) -> dict:
             "params_x": round(ratio("params"), 2), "macs_x": round(ratio("macs"), 2),
             "pt_b1_x": round(ratio("pt_b1_ms"), 2), "pt_b64_x": round(ratio("pt_b64_ms"), 2),
             "ort_b1_x": round(ratio("ort_b1_ms"), 2), "ort_b64_x": round(ratio("ort_b64_ms"), 2),
+            "ort_deployed_b1_x": deployed(1), "ort_deployed_b64_x": deployed(64),
             "search_s": "" if search is None else round(search, 1), "wall_s": round(record["wall_seconds"], 1),
             "epochs": record["epochs"], "physical": record.get("physical", ""),
             "base_params": record["base_params"], "compact_params": record["compact_params"],
@@ -514,9 +526,11 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         seed = f" (seed {r['seed']})" if r["seed"] else ""
+        form = (f" (deployed form {r['ort_deployed_b1_x']:.2f}x / {r['ort_deployed_b64_x']:.2f}x)"
+                if r["ort_deployed_b1_x"] != "" else "")
         lines.append(f"| {MODELS[r['model']].label} | {r['target']} | {method_label(r['method'])}{seed} | "
                      f"{r['base_top1']:.2f} -> {r['compact_top1']:.2f} | {r['params_x']:.2f}x | {r['macs_x']:.2f}x | "
-                     f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | {r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x | "
+                     f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | {r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x{form} | "
                      f"{r['search_s']} | {r['wall_s']} | {r['epochs']} | {r['physical']} |")
     return "\n".join(lines)
 
