@@ -155,6 +155,38 @@ def test_a_forward_that_fails_in_channels_last_layout_runs_in_the_default_one():
     assert evaluate(result.model, val)["top1"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_flops_target_whose_columns_deploy_dense_warns_with_the_executed_mac_reduction(monkeypatch, dense):
+    """A fresh user's flops=2x model reached 2.00x in kept-column MACs but executed 1.08x fewer MACs as deployed
+    (onnxruntime ran its column layers dense). The final record holds the deployed form's MACs and warns with
+    that reduction when it misses the target; a form that keeps the columns stored does not warn."""
+    import importlib
+
+    from autocompress import metrics
+    from autocompress.deployment import DeployedForm, column_layer_names, with_dense_layers
+
+    def form(model, example, config=None, batches=None):
+        names = column_layer_names(model)
+        return DeployedForm(with_dense_layers(model, names) if dense else model,
+                            dense_layers=names if dense else [], column_layers=names,
+                            form="dense" if dense else "stored")
+
+    monkeypatch.setattr(importlib.import_module("autocompress.compress"), "deployed_form", form)
+    train, val = loaders()
+    model = trained(SmallCNN(8, 8), train)
+    example = torch.randn(1, 1, 8, 8)
+    result = autocompress.compress(model, example, "flops=2x", train_loader=train, val_loader=val,
+                                   config={**CONFIG, "dims": "column"}, progress=False)
+    executed = metrics.count_macs(model, example) / metrics.count_macs(
+        with_dense_layers(result.model, column_layer_names(result.model)) if dense else result.model, example)
+    assert result.mac_reduction >= 2.0
+    warned = [w for w in result.final["warnings"] if "fewer MACs than the base" in w]
+    if dense:
+        assert executed < 1.1 and warned and f"executes only {executed:.3g}x" in warned[0]
+    else:
+        assert executed >= 2.0 and not warned
+
+
 def test_frozen_layers_stay_frozen_and_unchanged_through_compress():
     """A frozen first layer (requires_grad False) is pruned like the others, is never trained (its kept
     weights equal the base's), and stays frozen in the compact model, through ADMM, retraining and the

@@ -708,10 +708,12 @@ class Compression:
             logging.getLogger("autocompress").warning(fields["warnings"][-1])
             return fields
         deployed = fields["deployed"] = deployed_summary(timings, settings)
-        warning = slower_warning(deployed, aligned=self.multiple > 1)
-        if warning:
-            logging.getLogger("autocompress").warning(warning)
-            fields["warnings"].append(warning)
+        fields["deployed_macs"] = self.pipeline.macs(form.model)
+        for warning in (slower_warning(deployed, aligned=self.multiple > 1),
+                        self._dense_macs_warning(form, fields["deployed_macs"])):
+            if warning:
+                logging.getLogger("autocompress").warning(warning)
+                fields["warnings"].append(warning)
         if self.table is not None:
             estimate = self.table.estimate_model(compact_model)
             measured = timings[settings.batch]["compressed"].median_ms
@@ -723,6 +725,22 @@ class Compression:
                 logging.getLogger("autocompress").warning(warning)
                 fields["warnings"].append(warning)
         return fields
+
+    def _dense_macs_warning(self, form, deployed_macs: int) -> str | None:
+        """For a flops target: the warning when the deployed form (``form``, a DeployedForm) runs column-pruned
+        layers dense and so executes fewer than the target's reduction of MACs. The target counts the MACs of
+        the kept columns only (AutoCompress's FLOPs count), which a runtime that multiplies the layer dense does
+        not save; the warning gives the reduction the deployed model executes."""
+        if self.target.objective != "flops" or not form.dense_layers:
+            return None
+        reached = self.pipeline.macs(self.pipeline.base_model) / deployed_macs
+        if reached >= self.factor:
+            return None
+        return (f"WARNING: target {self.target} is met in the MACs of the kept columns, but "
+                f"{self.config.latency.runtime} runs {len(form.dense_layers)} of {len(form.column_layers)} "
+                f"column-pruned layers dense (faster there), so the deployed model executes only {reached:.3g}x "
+                "fewer MACs than the base; for speed give a latency target (it prunes no columns that save no time "
+                "there) or dims: filter")
 
     def _ms_drift_warning(self, timing: dict) -> str | None:
         """For a ``latency=Nms`` target, the warning when the final timing of the compact model is above N ms:
