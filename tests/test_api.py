@@ -456,6 +456,23 @@ def test_forward_failing_on_example_inputs(no_work):
     refused(no_work, "example_inputs", example=torch.randn(1, 3, 8, 8))
 
 
+class HardCodedView(ViewHead):
+    """ViewHead whose forward writes the channel count into the shape: it runs, but not with fewer channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))), 2)
+        return self.fc(x.view(-1, 8 * 4 * 4))
+
+
+@pytest.mark.parametrize("dims", ["filter,column", "filter"])
+def test_a_forward_with_a_hard_coded_channel_count_is_refused_before_any_work(no_work, dims):
+    """A fresh user's ``x.view(-1, 40 * 7 * 7)`` failed after training (the compact model's shape no longer
+    matched); it is refused before any work, with the fix."""
+    config = {**CONFIG, "dims": dims, "channel_multiple": 4}
+    error = refused(no_work, "forward fails once they are removed", model=HardCodedView(), config=config)
+    assert "x.flatten(1)" in str(error) and "shape '[-1, 128]' is invalid" in str(error)
+
+
 def test_empty_loaders(no_work):
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     refused(no_work, "train_loader yields no batch", train_loader=empty)

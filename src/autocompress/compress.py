@@ -28,13 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, check_multiple
+from .alignment import AUTO, allowed_widths, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import deployed_form
-from .errors import TargetMissed, UserError
+from .errors import TargetMissed, UserError, first_line
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
 from .projection import project
@@ -306,6 +306,7 @@ class Compression:
             self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
+        self._check_compactable()
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
@@ -412,6 +413,28 @@ class Compression:
             if last or not self._filters_fall_short():
                 return
             problem = f"leaves filter pruning unable to reach {self.target} alone"
+
+    def _check_compactable(self) -> None:
+        """UserError, before any work, when the model cannot run with fewer channels: every filter group loses
+        one step of its allowed widths (:func:`autocompress.alignment.allowed_widths`), the model is compacted
+        and run on the example inputs. A forward that writes a channel count into a shape (``x.view(-1, 40 * 7 *
+        7)``) runs masked but fails once channels are removed, which would otherwise surface after training."""
+        space = self.first_space
+        narrower = {g.name: 1.0 - widths[-2] / g.size for g in space.filter_groups
+                    if len(widths := allowed_widths(g.size, self.multiple)) > 1}
+        rates = {"filter": narrower, "column": {}, "irregular": {}}
+        if not rates["filter"]:
+            return
+        try:
+            compact(self.first_model, space.param_masks(project(space, self.first_model, rates)), self.example,
+                    channel_multiple=self.multiple)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+            raise UserError(f"filter pruning cannot remove channels from this model: its forward fails once they "
+                            f"are removed ({first_line(exc)})",
+                            "compute shapes from the input in forward (e.g. x.flatten(1) instead of "
+                            "x.view(-1, 40 * 7 * 7)), or leave filter out of dims") from None
 
     def _filters_fall_short(self) -> bool:
         """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone

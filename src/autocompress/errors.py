@@ -50,3 +50,9 @@ def show(value: Any) -> str:
     """A short ``repr`` for messages: nested or long values are cut (``[[1, 2, ...], ...]``), so an error
     about a YAML alias bomb or a huge value stays one short line and costs nothing."""
     return _SHORT.repr(value)
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (at most 160 characters of it) for a one-line error."""
+    text = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .analysis import analysis_mode
-from .errors import SettingError, UserError
+from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
 
 Batch = Any
@@ -263,7 +263,7 @@ class Task:
             with analysis_mode(model):
                 model(*example_inputs)
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
-            raise UserError(f"the model's forward fails on example_inputs ({_first_line(exc)})",
+            raise UserError(f"the model's forward fails on example_inputs ({first_line(exc)})",
                             "pass example_inputs the model accepts, e.g. one item of a batch of your data "
                             "(next(iter(train_loader))[0][:1])") from None
         self.layout = self.device.type != "cpu" or channels_last_works(model, example_inputs, self.device)
@@ -284,7 +284,7 @@ class Task:
                     with analysis_mode(model):
                         loss = self.loss(model, first)[0]
                 except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
-                    raise UserError(f"the loss fails on a batch of train_loader ({_first_line(exc)})",
+                    raise UserError(f"the loss fails on a batch of train_loader ({first_line(exc)})",
                                     "check the targets (class indices in [0, classes)) or pass loss_fn") from None
                 check_loss(loss)
         if needs_score and self.score_fn is None:
@@ -327,7 +327,7 @@ class Task:
             with analysis_mode(model):
                 return self.forward(model, batch)
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
-            raise UserError(f"the model fails on a batch of {name} ({_first_line(exc)})",
+            raise UserError(f"the model fails on a batch of {name} ({first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
                             ) from None
 
@@ -354,6 +354,3 @@ def check_score(value: Any) -> float:
     return float(value)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:160]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
