@@ -485,8 +485,8 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
 
 # ------------------------------------------------------------------------------------------------ table
 COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x",
-           "pt_b64_x", "ort_b1_x", "ort_b64_x", "ort_deployed_b1_x", "ort_deployed_b64_x", "search_s", "wall_s", "epochs", "physical", "base_params",
-           "compact_params", "base_macs", "compact_macs"]
+           "pt_b64_x", "ort_b1_x", "ort_b64_x", "ort_deployed_b1_x", "ort_deployed_b64_x", "search_s", "wall_s",
+           "epochs", "physical", "base_params", "compact_params", "base_macs", "compact_macs"]
 
 
 def row_of(record: dict) -> dict:
@@ -530,7 +530,8 @@ def markdown_table(rows: list[dict]) -> str:
                 if r["ort_deployed_b1_x"] != "" else "")
         lines.append(f"| {MODELS[r['model']].label} | {r['target']} | {method_label(r['method'])}{seed} | "
                      f"{r['base_top1']:.2f} -> {r['compact_top1']:.2f} | {r['params_x']:.2f}x | {r['macs_x']:.2f}x | "
-                     f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | {r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x{form} | "
+                     f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | "
+                     f"{r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x{form} | "
                      f"{r['search_s']} | {r['wall_s']} | {r['epochs']} | {r['physical']} |")
     return "\n".join(lines)
 

@@ -422,9 +422,9 @@ class Compression:
         space = self.first_space
         narrower = {g.name: 1.0 - widths[-2] / g.size for g in space.filter_groups
                     if len(widths := allowed_widths(g.size, self.multiple)) > 1}
-        rates = {"filter": narrower, "column": {}, "irregular": {}}
-        if not rates["filter"]:
+        if not narrower:
             return
+        rates = {"filter": narrower, "column": {}, "irregular": {}}
         try:
             compact(self.first_model, space.param_masks(project(space, self.first_model, rates)), self.example,
                     channel_multiple=self.multiple)
@@ -756,7 +756,7 @@ class Compression:
         not save; the warning gives the reduction the deployed model executes."""
         if self.target.objective != "flops" or not form.dense_layers:
             return None
-        reached = self.pipeline.macs(self.pipeline.base_model) / deployed_macs
+        reached = self.base_macs / deployed_macs
         if reached >= self.factor:
             return None
         return (f"WARNING: target {self.target} is met in the MACs of the kept columns, but "
