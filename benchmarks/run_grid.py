@@ -137,6 +137,9 @@ AUTOCOMPRESS_METHODS = {
     "ac_budget_aligned": ("autocompress defaults, `budget`, channel_multiple auto", {"channel_multiple": "auto"}),
     # session 12: the smaller block on an AVX-512 CPU (resnet20's 16-channel groups can shrink at 8, not at 16)
     "ac_budget_m8": ("autocompress defaults, `budget`, channel_multiple 8", {"channel_multiple": 8}),
+    # session 15: the defaults once a flops target counts executed MACs (no column pruning where the compact
+    # layer still multiplies the pruned columns); the rows above counted kept columns only (see --recount-macs)
+    "ac_budget_exec": ("autocompress defaults, `budget`, flops = executed MACs", {"channel_multiple": "auto"}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -145,7 +148,7 @@ PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 A
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
-            "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8")
+            "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -449,6 +452,33 @@ def remeasure_cell(model: str, target: str, method: str, seed: int = 0, *, threa
     return record
 
 
+def recount_cell(model: str, target: str, method: str, seed: int = 0) -> dict | None:
+    """Count the MACs of a finished cell's saved compact model again with the current count and update its
+    JSON: since session 15 the MACs the model executes (a column layer that runs the dense conv over its kept
+    input channels multiplies their pruned columns too); the count it was recorded with is kept as
+    ``compact_macs_recorded`` when it differs. None when the cell's saved model is gone (another machine)."""
+    import torch
+
+    import autocompress
+    from autocompress import metrics
+    from autocompress.checkpoint import load_checkpoint
+
+    spec = MODELS[model]
+    work = WORK / cell_id(model, target, method, seed)
+    if not (work / "model.pt").exists() and method != "nni":
+        return None
+    compact_model = nni_compact(spec, work) if method == "nni" else autocompress.load(work / "model.pt")
+    example = torch.zeros(1, *load_checkpoint(ROOT / spec.checkpoint)["dataset"]["input_size"])
+    path = RESULTS / "runs" / f"{cell_id(model, target, method, seed)}.json"
+    record = json.loads(path.read_text())
+    macs = metrics.count_macs(compact_model, example)
+    if macs != record["compact_macs"]:
+        record.setdefault("compact_macs_recorded", record["compact_macs"])
+        record["compact_macs"] = macs
+        atomic_write_text(path, json.dumps(record, indent=1, default=str))
+    return record
+
+
 def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: int) -> dict:
     """Run one grid cell in this process and return its result record (also written as JSON). ``seed`` is
     the run's seed (search, training order, and the training / validation subsets, the same for every method
@@ -486,7 +516,7 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
 # ------------------------------------------------------------------------------------------------ table
 COLUMNS = ["model", "target", "method", "seed", "base_top1", "compact_top1", "params_x", "macs_x", "pt_b1_x",
            "pt_b64_x", "ort_b1_x", "ort_b64_x", "ort_deployed_b1_x", "ort_deployed_b64_x", "search_s", "wall_s",
-           "epochs", "physical", "base_params", "compact_params", "base_macs", "compact_macs"]
+           "epochs", "physical", "base_params", "compact_params", "base_macs", "compact_macs", "macs_recorded_x"]
 
 
 def row_of(record: dict) -> dict:
@@ -508,7 +538,9 @@ def row_of(record: dict) -> dict:
             "search_s": "" if search is None else round(search, 1), "wall_s": round(record["wall_seconds"], 1),
             "epochs": record["epochs"], "physical": record.get("physical", ""),
             "base_params": record["base_params"], "compact_params": record["compact_params"],
-            "base_macs": record["base_macs"], "compact_macs": record["compact_macs"]}
+            "base_macs": record["base_macs"], "compact_macs": record["compact_macs"],
+            "macs_recorded_x": round(record["base_macs"] / record["compact_macs_recorded"], 2)
+            if "compact_macs_recorded" in record else ""}
 
 
 def load_rows() -> list[dict]:
@@ -528,8 +560,10 @@ def markdown_table(rows: list[dict]) -> str:
         seed = f" (seed {r['seed']})" if r["seed"] else ""
         form = (f" (deployed form {r['ort_deployed_b1_x']:.2f}x / {r['ort_deployed_b64_x']:.2f}x)"
                 if r["ort_deployed_b1_x"] != "" else "")
+        recorded = f" (recorded {r['macs_recorded_x']:.2f}x)" if r["macs_recorded_x"] != "" else ""
         lines.append(f"| {MODELS[r['model']].label} | {r['target']} | {method_label(r['method'])}{seed} | "
-                     f"{r['base_top1']:.2f} -> {r['compact_top1']:.2f} | {r['params_x']:.2f}x | {r['macs_x']:.2f}x | "
+                     f"{r['base_top1']:.2f} -> {r['compact_top1']:.2f} | {r['params_x']:.2f}x | "
+                     f"{r['macs_x']:.2f}x{recorded} | "
                      f"{r['pt_b1_x']:.2f}x / {r['pt_b64_x']:.2f}x | "
                      f"{r['ort_b1_x']:.2f}x / {r['ort_b64_x']:.2f}x{form} | "
                      f"{r['search_s']} | {r['wall_s']} | {r['epochs']} | {r['physical']} |")
@@ -619,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one log per cell (default: %(default)s)")
     parser.add_argument("--remeasure", action="store_true",
                         help="measure the selected finished cells again from their saved models (idle machine)")
+    parser.add_argument("--recount-macs", action="store_true",
+                        help="count the MACs of the selected finished cells' saved models again (executed MACs)")
     parser.add_argument("--seeds", type=_seeds, default=(0,),
                         help="comma list of run seeds (search, training order and the training / validation subsets "
                              "drawn; for one seed every method draws the same subsets); cells of seed N > 0 are "
@@ -636,6 +672,12 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             if (RESULTS / "runs" / f"{cell_id(*cell)}.json").exists():
                 print(json.dumps(row_of(remeasure_cell(*cell, threads=args.threads))), flush=True)
+    if args.recount_macs:
+        cells = plan(args.models.split(","), args.targets.split(",") if args.targets else None,
+                     args.methods.split(","), True, args.seeds).cells
+        for cell in cells:
+            if (RESULTS / "runs" / f"{cell_id(*cell)}.json").exists() and recount_cell(*cell) is None:
+                print(f"{cell_id(*cell)}: no saved model in {WORK}, not recounted", flush=True)
     if not args.table_only:
         models, methods = args.models.split(","), args.methods.split(",")
         unknown = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]

@@ -29,12 +29,13 @@ CLASSES = 3
 
 
 class SmallCNN(nn.Module):
-    """``[B, 1, 8, 8]`` -> logits ``[B, 3]``: two conv-BN-ReLU layers, global average pooling, a linear layer."""
+    """``[B, 1, 8, 8]`` -> logits ``[B, 3]``: two conv-BN-ReLU layers (``kernel`` x ``kernel``), global average
+    pooling, a linear layer."""
 
-    def __init__(self, w1: int = 8, w2: int = 8, outputs: int = CLASSES):
+    def __init__(self, w1: int = 8, w2: int = 8, outputs: int = CLASSES, kernel: int = 3):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, w1, 3, padding=1), nn.BatchNorm2d(w1)
-        self.conv2, self.bn2 = nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2)
+        self.conv1, self.bn1 = nn.Conv2d(1, w1, kernel, padding=kernel // 2), nn.BatchNorm2d(w1)
+        self.conv2, self.bn2 = nn.Conv2d(w1, w2, kernel, padding=kernel // 2), nn.BatchNorm2d(w2)
         self.fc = nn.Linear(w2, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +158,9 @@ def test_a_forward_that_fails_in_channels_last_layout_runs_in_the_default_one():
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_a_flops_target_whose_columns_deploy_dense_warns_with_the_executed_mac_reduction(monkeypatch, dense):
-    """A fresh user's flops=2x model reached 2.00x in kept-column MACs but executed 1.08x fewer MACs as deployed
-    (onnxruntime ran its column layers dense). The final record holds the deployed form's MACs and warns with
-    that reduction when it misses the target; a form that keeps the columns stored does not warn."""
+    """A flops=2x model whose 1x1 column layers are deployed as full dense layers (onnxruntime runs them faster
+    so) executes fewer MACs than the target's reduction. The final record holds the deployed form's MACs and
+    warns with that reduction when it misses the target; a form that keeps the columns stored does not warn."""
     import importlib
 
     from autocompress import metrics
@@ -173,7 +174,7 @@ def test_a_flops_target_whose_columns_deploy_dense_warns_with_the_executed_mac_r
 
     monkeypatch.setattr(importlib.import_module("autocompress.compress"), "deployed_form", form)
     train, val = loaders()
-    model = trained(SmallCNN(8, 8), train)
+    model = trained(SmallCNN(8, 8, kernel=1), train)
     example = torch.randn(1, 1, 8, 8)
     result = autocompress.compress(model, example, "flops=2x", train_loader=train, val_loader=val,
                                    config={**CONFIG, "dims": "column"}, progress=False)
@@ -185,6 +186,26 @@ def test_a_flops_target_whose_columns_deploy_dense_warns_with_the_executed_mac_r
         assert executed < 1.1 and warned and f"executes only {executed:.3g}x" in warned[0]
     else:
         assert executed >= 2.0 and not warned
+
+
+def test_a_flops_target_prunes_columns_only_where_the_compact_model_executes_fewer_macs():
+    """A fresh user's flops=2x CNN reached 2.00x counting kept columns only, but its 3x3 column layers ran the
+    dense conv over their kept input channels and it executed 1.08x fewer MACs. A flops target now counts the
+    MACs the compact model executes: no 3x3 layer of under 128 filters is column-pruned (it would save none),
+    and torch's flop counter sees the target's reduction."""
+    from autocompress import metrics
+    from autocompress.columns import ColumnConv2d
+
+    train, val = loaders()
+    model = trained(SmallCNN(8, 8), train)
+    example = torch.randn(1, 1, 8, 8)
+    result = autocompress.compress(model, example, "flops=2x", train_loader=train, val_loader=val,
+                                   config={**CONFIG, "channel_multiple": 1}, progress=False)
+    assert not [m for m in result.model.modules() if isinstance(m, ColumnConv2d) and m.kernel_size != (1, 1)]
+    assert metrics.count_macs(model, example) / metrics.count_macs(result.model, example) >= 2.0
+    with pytest.raises(UserError, match="column"):  # columns alone: only the classifier's, far from 2x
+        autocompress.compress(model, example, "flops=2x", train_loader=train, val_loader=val,
+                              config={**CONFIG, "dims": "column"}, progress=False)
 
 
 def test_frozen_layers_stay_frozen_and_unchanged_through_compress():

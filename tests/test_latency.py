@@ -631,14 +631,16 @@ class NarrowFirst(nn.Module):
         return self.fc(self.convs(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("target, setting, outcome", [
-    ("flops=2x", None, 16), ("flops=3x", None, 8), ("flops=3x", "auto", 8), ("flops=3x", 16, 16),
-    ("params=3x", None, 1)])
-def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, target, setting, outcome):
+@pytest.mark.parametrize("target, setting, outcome, reason", [
+    ("flops=2x", None, 16, None), ("flops=3x", None, 8, "cannot reach"), ("flops=3x", "auto", 8, "cannot reach"),
+    ("params=3x", "auto", 8, "leaves filter pruning unable to reach"), ("params=3x", None, 1, None)])
+def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, target, setting, outcome, reason):
     """With filter pruning alone the narrowest widths at 16 remove 746,688 / 304,176 = 2.45x of NarrowFirst's
     MACs (convolutions 576 x (16 + 256 + 1024) plus the Linear's 192, against 576 x (16 + 256 + 256) + 48), at
-    8 9.5x: a flops=3x target is reachable at 16 only with columns doing the rest, so ``auto`` takes 8 (and
-    logs why); 2x stays at 16; an explicit 16 stays; a params target keeps its default 1."""
+    8 9.5x. A flops target column-prunes none of its 3x3 convs (under 128 filters: no executed MACs saved), so
+    flops=3x cannot be reached at 16 and ``auto`` takes 8 (and logs why); 2x stays at 16. A params=3x target is
+    reachable at 16 only with columns doing the rest (filters alone: 2.47x of the parameters), so an explicit
+    ``auto`` takes 8 there too; the params default stays 1."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     train, val = loaders()
     lines: list[str] = []
@@ -648,13 +650,22 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
                               log=lines.append)
     assert compression.multiple == compression.pipeline.channel_multiple == outcome
     assert compression.first_space.channel_multiple == outcome
-    reason = f"16 (auto) leaves filter pruning unable to reach {target} alone; falling back to 8"
-    assert any(reason in line for line in lines) == (outcome == 8)
+    fallbacks = [line for line in lines if "falling back to 8" in line]
+    assert (fallbacks and f"16 (auto) {reason} {target}" in fallbacks[0]) if reason else not fallbacks
     # after the fall-back a fit gives channels back on the CPU's 16-channel block only (16 -> 32, never 24)
     sampler = compression._sampler(compression.first_space, compression.factor, 1.0)
     filters = [w for unit, w in zip(sampler.units, sampler.widths or [None] * len(sampler.units))
                if unit.kind == "filter"]
     assert filters == ([[16], [16], [16, 32, 48, 64]] if outcome == 8 else [None, None, None])
+
+
+def test_an_explicit_multiple_that_cannot_reach_a_flops_target_is_refused_naming_the_unpruned_columns():
+    """An explicit multiple does not fall back: NarrowFirst at 16 reaches 2.45x of its MACs (filters alone; its
+    3x3 convs' columns would save no executed MACs), so flops=3x is refused before any work, saying why."""
+    train, val = loaders()
+    with pytest.raises(UserError, match=r"reaches only 2.4\dx.*not column-pruned for a flops target"):
+        Compression(NarrowFirst(), torch.randn(1, 1, 8, 8), "flops=3x", task_args=dict(train_loader=train,
+                    val_loader=val), config={**CONFIG, "channel_multiple": 16}, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -224,7 +224,7 @@ def test_aligned_widths_meet_a_flops_target_from_below_without_overshoot(widths,
     from autocompress.space import PruningSpace
 
     model = conv_chain(widths)
-    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=multiple)
+    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=multiple, executed_macs_only=True)
     try:
         sampler = ActionSampler.from_space(space, "flops", target)
     except UserError:
@@ -246,7 +246,7 @@ def test_aligned_widths_meet_a_flops_target_from_below_without_overshoot(widths,
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.sampled_from([16, 24, 32, 48, 64]), min_size=2, max_size=4), st.sampled_from([2.0, 3.0, 4.0]),
        st.integers(0, 2**16))
-@example([16, 16, 32, 16], 3.0, 4721)  # steps of 8 give the 32-channel layer back to 24 (fit: 16)
+@example([16, 16, 32, 16], 2.0, 3)  # steps of 8 give the 32-channel layer back to 24 (fit: 16)
 def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, target, seed):
     """When ``auto`` falls back from the CPU's 16-channel block to multiple 8, a give-back in steps of 8 would
     widen a layer to 24 channels, which runs as slowly as 32 there. With ``block=16`` every filter group keeps
@@ -256,7 +256,7 @@ def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, targ
     from autocompress.space import PruningSpace
 
     model = conv_chain(widths)
-    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=8)
+    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=8, executed_macs_only=True)
     try:
         sampler = ActionSampler.from_space(space, "flops", target, block=16)
     except UserError:

@@ -16,6 +16,8 @@ from autocompress.masks import Masks, apply_masks
 from autocompress.models import create_model
 from autocompress.projection import project
 from autocompress.space import PruningSpace, keep_count
+from autocompress.compaction import compact
+from autocompress.metrics import count_macs
 
 
 # ----------------------------------------------------------------------------- small models
@@ -232,8 +234,9 @@ def test_count_matches_hand_computation_for_hybrid_masks():
 
 
 @pytest.mark.parametrize("name", sorted(SMALL) + ["resnet20"])
-def test_estimate_equals_count_of_the_projection(name):
-    """The search's fast estimate from rates alone equals count(project(...)) for random hybrid rates."""
+def test_estimate_bounds_count_of_the_projection(name):
+    """The search's fast estimate from rates alone gives count(project(...))'s parameters exactly and never
+    fewer MACs (a column layer whose input channels lose every column executes less than estimated)."""
     model = _randomize(create_model(name) if name == "resnet20" else SMALL[name](), seed=2)
     x = torch.randn(1, 3, 32, 32) if name == "resnet20" else X
     space = PruningSpace.build(model, x, dims=("filter", "column", "irregular"))
@@ -241,8 +244,58 @@ def test_estimate_equals_count_of_the_projection(name):
     for _ in range(5):
         rates = {kind: {u.name: float(torch.rand((), generator=gen)) * 0.99 for u in space.units(kind)}
                  for kind in ("filter", "column", "irregular")}
-        assert space.estimate(rates) == space.count(project(space, model, rates))
+        estimate, count = space.estimate(rates), space.count(project(space, model, rates))
+        assert estimate.params == count.params and estimate.macs >= count.macs
     assert space.estimate({}) == space.total
+
+
+def _center_heavy(model: nn.Module, seed: int) -> nn.Module:
+    """Random conv weights whose kernel centres dominate, so column projection keeps every input channel's
+    centre column before any other column of any channel."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+                module.weight.uniform_(-0.1, 0.1, generator=gen)
+                sign = torch.randint(0, 2, module.weight.shape[:2], generator=gen) * 2 - 1
+                module.weight[:, :, 1, 1] = sign * (1 + torch.rand(module.weight.shape[:2], generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg11"])
+def test_count_is_the_executed_macs_of_the_compact_model(name):
+    """Column-pruned 3x3 layers run the GEMM over their kept columns only with >= 128 filters and under 0.7
+    of their columns kept; otherwise the dense conv over their input channels. When every input channel keeps
+    a column (centre-heavy weights, column rates below 8/9), the estimate is exact, and both equal the MACs
+    torch's flop counter sees the compact model execute."""
+    model = _center_heavy(_randomize(create_model(name)), seed=3)
+    x = torch.randn(1, 3, 32, 32)
+    space = PruningSpace.build(model, x)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        rates = {"filter": {u.name: float(torch.rand((), generator=gen)) * 0.6 for u in space.filter_groups},
+                 "column": {u.name: float(torch.rand((), generator=gen)) * 0.85 for u in space.column_layers}}
+        masks = project(space, model, rates)
+        count = space.count(masks)
+        assert space.estimate(rates) == count
+        assert count_macs(compact(model, space.param_masks(masks), x).model, x) == count.macs
+
+
+def test_column_pruning_of_narrow_3x3_layers_saves_no_executed_macs():
+    """resnet20's 3x3 convs have at most 64 filters: pruned columns of channels that keep a column are still
+    multiplied, so column rates alone leave the MACs of the unpruned model (computed by the flop counter),
+    while the parameters fall; a space for executed MACs offers no such column unit."""
+    model = _center_heavy(_randomize(create_model("resnet20")), seed=5)
+    x = torch.randn(1, 3, 32, 32)
+    space = PruningSpace.build(model, x)
+    convs = [u for u in space.column_layers if u.area == 9]
+    count = space.count(project(space, model, {"column": {u.name: 0.5 for u in convs}}))
+    assert count.macs == count_macs(model, x) and count.params < space.total.params
+    executed = PruningSpace.build(model, x, executed_macs_only=True)
+    assert {u.name for u in executed.column_layers} == {u.name for u in space.column_layers if u.area == 1}
+    assert all(name in executed.excluded for name in (u.name for u in convs))
+    vgg = PruningSpace.build(create_model("vgg11"), x, executed_macs_only=True)
+    assert {u.rows for u in vgg.column_layers if u.area == 9} == {128, 256, 512}
 
 
 def test_full_masks_count_is_the_model_total():

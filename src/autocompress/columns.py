@@ -18,11 +18,34 @@ from torch import nn
 from .errors import UserError
 
 #: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
-#: used when fewer than this fraction of the kept input channels' columns is kept and the layer has at least
+#: used when fewer than this fraction of the layer's input channels' columns is kept and the layer has at least
 #: :data:`GEMM_MIN_FILTERS` filters; otherwise the dense conv on the kept input channels (oneDNN's direct
 #: conv beats a GEMM on narrow layers).
 DENSE_DENSITY_THRESHOLD = 0.7
 GEMM_MIN_FILTERS = 128
+
+
+def takes_gemm_path(filters: int, area: int, in_columns: int, kept_columns: int) -> bool:
+    """Whether a :class:`ColumnConv2d` with ``filters`` filters, a kernel of ``area`` positions, ``in_columns``
+    GEMM columns (its input channels per group x ``area``) and ``kept_columns`` of them kept runs the
+    per-position GEMM over the kept columns (``"positions"``) rather than the dense conv on the kept input
+    channels: a kernel larger than 1x1, ``filters >= GEMM_MIN_FILTERS`` and ``kept_columns <
+    DENSE_DENSITY_THRESHOLD * in_columns``. Shapes only, so a pruning space can predict it from rates."""
+    return area > 1 and filters >= GEMM_MIN_FILTERS and kept_columns < DENSE_DENSITY_THRESHOLD * in_columns
+
+
+def executed_columns(filters: int, area: int, in_columns: int, kept_columns: int, kept_channels: int,
+                     gemm_capable: bool) -> int:
+    """GEMM columns per filter that a compact column layer multiplies per output position: ``kept_columns``
+    on the per-position GEMM path (:func:`takes_gemm_path`, ``gemm_capable``: a :class:`ColumnConv2d`), else
+    the dense conv over the ``kept_channels`` input channels (per group) that keep a column:
+    ``kept_channels * area``, which equals ``kept_columns`` for 1x1 kernels and Linear layers (``area`` 1) and
+    counts the dropped columns of a kept channel as multiplied (they are, as zeros). MACs of the layer =
+    this x filters x output positions (Liu et al. AAAI 2020 count kept columns only, as a GEMM over them
+    would run; torch and onnxruntime run the dense conv on narrow layers)."""
+    if gemm_capable and takes_gemm_path(filters, area, in_columns, kept_columns):
+        return kept_columns
+    return kept_channels * area
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -51,9 +74,11 @@ class ColumnConv2d(nn.Module):
       by ``weight`` in one GEMM (``F*K'*Ho*Wo`` MACs, the GEMM's own count); grouped convs run one grouped
       1x1 conv per position instead, accumulated.
 
-    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C'/groups*kh*kw`` and
-    ``F >= GEMM_MIN_FILTERS`` (kernel larger than 1x1), else ``"dense"``; the choice depends only on the
-    shapes and indices, so it is deterministic. The index tensors of both paths are non-persistent buffers
+    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C/groups*kh*kw`` and
+    ``F >= GEMM_MIN_FILTERS`` (kernel larger than 1x1; :func:`takes_gemm_path`), else ``"dense"``; the choice
+    depends only on the shapes, so it is deterministic and a pruning space predicts it from rates. MACs (what
+    :func:`autocompress.metrics.count_macs` counts) are those of the path that runs
+    (:func:`executed_columns`). The index tensors of both paths are non-persistent buffers
     derived from ``column_index`` (rebuilt by ``load_state_dict``; they follow ``.to(device)``).
 
     Deployment: the module holds only tensors and plain Python values, so it pickles
@@ -111,14 +136,6 @@ class ColumnConv2d(nn.Module):
         module._build_plan()
         return module.to(conv.weight.device, conv.weight.dtype)
 
-    def gemm_macs(self, output: torch.Tensor) -> int:
-        """MACs of one call that produced ``output`` ``[N, F, Ho, Wo]``: ``N * F * K' * Ho * Wo``
-        (kept columns only). :func:`autocompress.metrics.count_macs` reports this, whichever path runs:
-        the ``"dense"`` path may also multiply the zero columns of kept input channels when that is
-        faster on the CPU; latency is measured, never derived from MACs."""
-        n, _, ho, wo = output.shape
-        return int(n * self.out_channels * self.num_columns * ho * wo)
-
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d`` ``[F, C/groups, kh, kw]`` with the dropped columns as zeros (exact
         inverse of :meth:`from_conv`); used to start the next AutoCompress round from a compact model."""
@@ -161,9 +178,8 @@ class ColumnConv2d(nn.Module):
                             f"(K={per_group * kk}, K'={index.numel()})",
                             "rebuild the layer with ColumnConv2d.from_conv")
         kept = torch.unique(channel)
-        density = index.numel() / (kept.numel() * kk)
         if self.mode == "auto":
-            gemm = kk > 1 and density < DENSE_DENSITY_THRESHOLD and self.out_channels >= GEMM_MIN_FILTERS
+            gemm = takes_gemm_path(self.out_channels, kk, per_group * kk, index.numel())
             self.path = "positions" if gemm else "dense"
         else:
             self.path = self.mode
@@ -358,7 +374,7 @@ class ColumnConvNd(nn.Module):
     Forward (input ``[N, C, *spatial]`` -> ``[N, F, *spatial_out]``): the input channels with a kept column
     are gathered, the kept columns are scattered into a dense weight over them (``scatter``, exported to
     ONNX as ScatterElements) and one dense (transposed) convolution runs — the same output as the layer
-    with the dropped columns zero. :meth:`gemm_macs` declares the kept-column MACs.
+    with the dropped columns zero; its MACs are those of that conv (:func:`executed_columns`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], num_columns: int,
@@ -409,15 +425,6 @@ class ColumnConvNd(nn.Module):
         device = self.column_index.device
         self.input_channels = (torch.arange(self.groups).unsqueeze(1) * per_group + kept).flatten().to(device)
         self.dense_columns = (rank[index // area] * area + index % area).to(device)
-
-    def gemm_macs(self, output: torch.Tensor) -> int:
-        """MACs of one call that produced ``output`` ``[N, F, *spatial]``: ``N * F * K' * prod(positions)``
-        with the output positions (a transposed conv: the input positions, each scattering its taps)."""
-        spatial = output.shape[2:]
-        if self.transposed:
-            spatial = [(o - 1 - op - d * (k - 1) + 2 * p) // s + 1 for o, op, d, k, p, s in
-                       zip(spatial, self.output_padding, self.dilation, self.kernel_size, self.padding, self.stride)]
-        return int(output.shape[0] * self.out_channels * self.num_columns * math.prod(spatial))
 
     def _dense_weight(self) -> torch.Tensor:
         channels = self.input_channels.numel() // self.groups

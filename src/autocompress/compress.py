@@ -751,15 +751,15 @@ class Compression:
 
     def _dense_macs_warning(self, form, deployed_macs: int) -> str | None:
         """For a flops target: the warning when the deployed form (``form``, a DeployedForm) runs column-pruned
-        layers dense and so executes fewer than the target's reduction of MACs. The target counts the MACs of
-        the kept columns only (AutoCompress's FLOPs count), which a runtime that multiplies the layer dense does
-        not save; the warning gives the reduction the deployed model executes."""
+        layers as full dense layers (faster there) and so executes fewer than the target's reduction of MACs.
+        The target counts the MACs the compact model executes as stored (a column layer's kept columns on its
+        GEMM path); the warning gives the reduction the deployed model executes."""
         if self.target.objective != "flops" or not form.dense_layers:
             return None
         reached = self.base_macs / deployed_macs
         if reached >= self.factor:
             return None
-        return (f"WARNING: target {self.target} is met in the MACs of the kept columns, but "
+        return (f"WARNING: target {self.target} is met by the compact model as stored, but "
                 f"{self.config.latency.runtime} runs {len(form.dense_layers)} of {len(form.column_layers)} "
                 f"column-pruned layers dense (faster there), so the deployed model executes only {reached:.3g}x "
                 "fewer MACs than the base; for speed give a latency target (it prunes no columns that save no time "

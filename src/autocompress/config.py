@@ -221,7 +221,9 @@ class CompressConfig:
         dims: ``"filter,column"`` (hybrid), ``"filter"``, ``"column"``, ``"irregular"`` or
             ``"filter,column,irregular"``; None (default): ``"filter"`` for a latency target (column layers
             cost more accuracy per millisecond saved in the runtimes measured, BENCHMARKS.md), ``"filter,column"``
-            for the others (:attr:`resolved_dims`).
+            for the others (:attr:`resolved_dims`). A flops target counts executed MACs, so it column-prunes only
+            the layers whose compact form then executes fewer (``executed_macs_only`` of
+            :meth:`autocompress.space.PruningSpace.build`).
         rounds: ``"doubling"``, a number of rounds, or a list of increasing targets (:func:`round_targets`).
         seed: seed of every generator the run owns (per phase: :func:`autocompress.rounds.phase_seed`).
         max_r: largest pruning rate of any unit (the sampler's r_max), in (0, 1).

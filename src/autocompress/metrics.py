@@ -113,9 +113,9 @@ def count_nonzero_params(model: nn.Module) -> int:
 
 def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
     """Run one analysis forward under FlopCounterMode; return module name -> MACs of all its calls,
-    children included (FLOPs / 2). Modules never called are absent. A module with a ``gemm_macs(output)``
-    method (:class:`autocompress.compaction.ColumnConv2d`) counts what it declares — the MACs of its
-    kept-column GEMM — instead of the operations its current execution path happens to run.
+    children included (FLOPs / 2). Modules never called are absent. What runs is what counts: a column layer
+    (:mod:`autocompress.columns`) that runs the dense conv over its kept input channels counts the zero
+    columns of those channels too (:func:`autocompress.columns.executed_columns`).
 
     Raises:
         UserError: the model cannot take inputs of this shape.
@@ -124,21 +124,14 @@ def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
     counter = FlopCounterMode(display=False)
     inclusive: dict[str, int] = {}
     starts: dict[str, list[int]] = {}
-    declared_surplus = [0]  # FLOPs: declared (gemm_macs) minus counted, of modules that declare theirs
     handles = []
-
-    def total() -> int:
-        return counter.get_total_flops() + declared_surplus[0]
 
     for name, module in model.named_modules():
         def pre_hook(_module, _args, name=name):
-            starts.setdefault(name, []).append(total())
+            starts.setdefault(name, []).append(counter.get_total_flops())
 
-        def post_hook(module, _args, output, name=name):
-            flops = total() - starts[name].pop()
-            if hasattr(module, "gemm_macs"):
-                declared_surplus[0] += 2 * module.gemm_macs(output) - flops
-                flops = 2 * module.gemm_macs(output)
+        def post_hook(_module, _args, _output, name=name):
+            flops = counter.get_total_flops() - starts[name].pop()
             inclusive[name] = inclusive.get(name, 0) + flops // 2
 
         handles.append(module.register_forward_pre_hook(pre_hook))

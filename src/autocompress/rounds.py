@@ -257,13 +257,17 @@ class Pipeline:
 
     def space(self, model: nn.Module) -> PruningSpace:
         """A round's pruning space; purification needs the filter groups even when only columns (or single
-        weights) are pruned, at rate 0."""
+        weights) are pruned, at rate 0. For a flops target, columns only where pruning them lowers the MACs
+        the compact model executes (``executed_macs_only``, :meth:`PruningSpace.build`)."""
         dims = self.config.kinds
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
+        flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
         space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers,
-                                   channel_multiple=self.channel_multiple)
-        space.check_dims(self.config.kinds)
+                                   channel_multiple=self.channel_multiple, executed_macs_only=flops)
+        # the default hybrid needs filter units; explicit dims need every kind they name
+        space.check_dims(self.config.kinds if self.config.dims is not None else
+                         tuple(kind for kind in self.config.kinds if kind != "column"))
         return space
 
     # --- the round function ---------------------------------------------------------------------------

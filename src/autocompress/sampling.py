@@ -38,7 +38,7 @@ import torch
 
 from .errors import UserError
 from .alignment import allowed_widths
-from .space import KINDS, keep_count
+from .space import KINDS, NO_EXECUTED_SAVING, keep_count
 
 OBJECTIVES = ("params", "flops")
 
@@ -376,9 +376,17 @@ class ActionSampler:
         widths = None
         if block > space.channel_multiple > 1:
             widths = [allowed_widths(u.size, block) if u.kind == "filter" else None for u in units]
-        return cls(units, space_cost(space, units, objective), target,
-                   r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,
-                   give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths)
+        try:
+            return cls(units, space_cost(space, units, objective), target,
+                       r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,
+                       give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths)
+        except UserError as exc:
+            skipped = [name for name, reason in space.excluded.items() if NO_EXECUTED_SAVING in reason]
+            if not skipped:
+                raise
+            raise UserError(f"{exc}; note that {len(skipped)} layer(s) are not column-pruned for a flops target "
+                            f"({skipped[0]}: {space.excluded[skipped[0]]})",
+                            "add filter to dims, or give a params target (which counts their columns)") from exc
 
 
 def rates_dict(units: Sequence[ActionUnit], action: np.ndarray) -> dict[str, dict[str, float]]:

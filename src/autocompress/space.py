@@ -51,6 +51,7 @@ from torch_pruning import ops
 
 from .alignment import aligned_keep
 from .analysis import hooked_forward, preserved_state
+from .columns import GEMM_MIN_FILTERS, executed_columns
 from .errors import UserError, show
 from .masks import Masks
 from .metrics import layer_table
@@ -196,6 +197,9 @@ class ColumnLayer:
         params: weight entries (``rows * size``); macs: MACs of the layer per forward of the example inputs.
         transposed: a ConvTranspose weight ``[C_in, rows, *k]`` (groups 1), whose GEMM view is
             ``weight.transpose(0, 1)`` flattened.
+        area: kernel positions ``prod(k)`` (1 for Linear); gemm_capable: its compact form is a
+            :class:`autocompress.columns.ColumnConv2d` (a Conv2d), which can run a GEMM over the kept
+            columns alone (:func:`autocompress.columns.executed_columns`).
     """
 
     name: str
@@ -205,6 +209,22 @@ class ColumnLayer:
     params: int
     macs: int
     transposed: bool = False
+    area: int = 1
+    gemm_capable: bool = False
+
+    def executed_entries(self, rows: int, in_columns: int, kept_columns: int, kept_channels: int) -> int:
+        """Weight entries the compact layer multiplies per output position with ``rows`` filters, ``in_columns``
+        columns left by filter pruning and ``kept_columns`` of them kept, over ``kept_channels`` input channels
+        (per group) that keep a column: ``rows`` x :func:`autocompress.columns.executed_columns`."""
+        return rows * executed_columns(rows, self.area, in_columns, kept_columns, kept_channels, self.gemm_capable)
+
+    def executed_in(self, filtered: torch.Tensor, structural: torch.Tensor) -> int:
+        """:meth:`executed_entries` of the compact layer for masks shaped like the weight: ``filtered`` after
+        filter pruning alone, ``structural`` after filter and column pruning."""
+        left, kept = self.gemm(filtered).any(0), self.gemm(structural)
+        columns = kept.any(0)
+        return self.executed_entries(int(kept.any(1).sum()), int(left.sum()), int(columns.sum()),
+                                     int(columns.view(-1, self.area).any(1).sum()))
 
     def gemm(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the weight or a mask of its shape) in the GEMM view ``[rows, size]`` (a view unless
@@ -301,7 +321,7 @@ class PruningSpace:
     @classmethod
     def build(cls, model: nn.Module, example_inputs, *, dims: Sequence[str] = ("filter", "column"),
               ignored_layers: Iterable[str] = (), max_rate: float = 0.95,
-              channel_multiple: int = 1) -> "PruningSpace":
+              channel_multiple: int = 1, executed_macs_only: bool = False) -> "PruningSpace":
         """Enumerate the prunable units of ``model``.
 
         Args:
@@ -314,6 +334,11 @@ class PruningSpace:
                 irregular weights).
             max_rate: the search's upper bound on one unit's rate, ``0 < max_rate < 1``.
             channel_multiple: filter groups keep widths aligned to it (:meth:`filter_keep`).
+            executed_macs_only: enumerate column units only where column pruning can lower the MACs the
+                compact model executes (for a flops target): 1x1 kernels, Linear layers, and Conv2d layers
+                with at least :data:`autocompress.columns.GEMM_MIN_FILTERS` filters (which can run a GEMM
+                over the kept columns); other layers run the dense conv over their kept input channels and
+                are excluded from column pruning, with the reason logged.
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -358,7 +383,7 @@ class PruningSpace:
         groups: list[FilterGroup] = []
         if "filter" in dims:
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only)
-        columns = [_column_layer(n, m, param_names, layer_macs, excluded)
+        columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only)
                    for n, m in candidates.items()] if "column" in dims else []
         irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
                                     size=m.weight.numel(), params=m.weight.numel(), macs=layer_macs[n][1])
@@ -489,21 +514,31 @@ class PruningSpace:
 
         Parameters: the compact model's non-zero parameters, i.e. every model parameter minus the removed
         entries (an irregularly removed weight counts as removed; it stays a zero in a dense tensor, so the
-        dense parameter count, ``metrics.count_params``, is this plus the irregular zeros). MACs: those of
-        the compact model, whose tensors are dense: for each Conv / Linear, the weight entries left by filter
-        and column pruning x output positions summed over its calls (``macs_full * kept / numel``;
-        irregular zeros are still multiplied), plus the MACs the flop counter attributes to other
-        operations (unchanged by pruning). FLOPs = 2 x MACs.
+        dense parameter count, ``metrics.count_params``, is this plus the irregular zeros). MACs: those the
+        compact model executes: for each Conv / Linear, the weight entries it multiplies x output positions
+        summed over its calls (``macs_full * entries / numel``): the entries left by filter pruning, and of
+        a column-pruned layer those of the path its compact form runs
+        (:func:`autocompress.columns.executed_columns`: the kept columns on the GEMM path, else every column
+        of the input channels that keep one); irregular zeros are still multiplied. Plus the MACs the flop
+        counter attributes to other operations (unchanged by pruning). FLOPs = 2 x MACs.
         """
-        structural = Masks(filters=masks.filters, columns=masks.columns, weights={})
-        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()},
-                            {name: int(mask.sum()) for name, mask in self.param_masks(structural).items()})
+        structural = self.param_masks(Masks(filters=masks.filters, columns=masks.columns, weights={}))
+        executed = {name: int(mask.sum()) for name, mask in structural.items()}
+        filtered = self.param_masks(Masks(filters=masks.filters, columns={}, weights={}))
+        for layer in self.column_layers:
+            if layer.param in structural:
+                mask = structural[layer.param]
+                executed[layer.param] = layer.executed_in(filtered.get(layer.param, torch.ones_like(mask)), mask)
+        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()}, executed)
 
     def estimate(self, rates: Mapping[str, Mapping[str, float]]) -> Counts:
         """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
         computed from the keep counts alone (no weights, no masks: fast enough for the search's cost
-        function). Equal to ``count(project(space, model, rates))`` for any weights, because the
-        projection keeps exactly :func:`keep_count` units of what remains of each unit.
+        function). The parameters equal ``count(project(space, model, rates))`` for any weights, because the
+        projection keeps exactly :func:`keep_count` units of what remains of each unit; so do the MACs,
+        except that a column layer running the dense conv over its kept input channels is counted as if
+        every input channel left by filter pruning kept a column (an upper bound: the MACs are never
+        under-counted, so a target met by the estimate is met by the model).
 
         Raises:
             UserError: invalid rates (see :meth:`check_rates`).
@@ -519,10 +554,12 @@ class PruningSpace:
             row_dim = 1 if param in columns and columns[param].transposed else 0
             rows = shapes[param][row_dim] if param in shapes else shape[row_dim]
             cols = kept.get(param, shape.numel()) // rows if rows else 0
+            entries = dense[param] = rows * cols
             if param in columns:
-                cols = keep_count(cols, rates["column"].get(columns[param].name, 0.0))
-            entries = rows * cols
-            dense[param] = entries
+                layer = columns[param]
+                kept_columns = keep_count(cols, rates["column"].get(layer.name, 0.0))
+                entries = rows * kept_columns
+                dense[param] = layer.executed_entries(rows, cols, kept_columns, min(cols // layer.area, kept_columns))
             if param in weights:
                 entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
             kept[param] = entries
@@ -543,7 +580,7 @@ class PruningSpace:
 
     def _counts(self, kept: Mapping[str, int], dense: Mapping[str, int]) -> Counts:
         """Counts of the compact model given the non-zero entries of each pruned parameter (``kept``) and
-        the entries its dense tensors keep (``dense``: filter and column pruning only)."""
+        the entries it multiplies (``dense``: filter and column pruning only, see :meth:`count`)."""
         params = self.total.params - sum(self.param_shapes[p].numel() - k for p, k in kept.items())
         macs = self.total.macs
         for weight, full in self.layer_macs.values():
@@ -720,8 +757,13 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
     return ""
 
 
+#: the reason :meth:`PruningSpace.build` gives for a layer it leaves out of column pruning with ``executed_macs_only``
+NO_EXECUTED_SAVING = "column pruning saves no executed MACs here"
+
+
 def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
-                  layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str]) -> ColumnLayer | None:
+                  layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str],
+                  executed_only: bool) -> ColumnLayer | None:
     transposed = is_transposed(module)
     if transposed and module.groups > 1:
         _exclude(excluded, name, "column pruning: grouped transposed convolution")
@@ -731,8 +773,16 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
     if size < 2:
         _exclude(excluded, name, "column pruning: a single column")
         return None
+    area = math.prod(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 1
+    gemm_capable = isinstance(module, nn.Conv2d)
+    if executed_only and area > 1 and not (gemm_capable and rows >= GEMM_MIN_FILTERS):
+        kernel = "x".join(map(str, module.kernel_size))
+        _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters: its compact form runs "
+                 "the dense conv over the kept input channels)")
+        return None
     return ColumnLayer(name=name, param=param_names[id(module.weight)], rows=rows, size=size,
-                       params=module.weight.numel(), macs=layer_macs[name][1], transposed=transposed)
+                       params=module.weight.numel(), macs=layer_macs[name][1], transposed=transposed, area=area,
+                       gemm_capable=gemm_capable)
 
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
