@@ -135,3 +135,31 @@ def test_cli_export_columns(tmp_path, capsys):
             assert widths == sorted((m.out_channels, m.in_channels) for m in convs.values())
     assert main(["export", str(ckpt), "--onnx", str(tmp_path / "z.onnx"), "--runtime-threads", "0"]) == 2
     assert "--runtime-threads 0 is not positive" in capsys.readouterr().err
+
+
+def test_cli_export_auto_writes_the_form_the_compress_run_recorded(tmp_path, capsys, monkeypatch):
+    """The model.pt of a compress run folder is exported with the dense layers that run's final record chose
+    (the form whose speed it reported) without timing again, when the runtime and threads match; other threads
+    time anew."""
+    import json
+    import shutil
+
+    _, compact_model, ckpt, _ = compact_lenet_checkpoint(tmp_path)
+    names = module.column_layer_names(compact_model)
+    chosen = names[:1]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "model.pt")
+    final = {"event": "final", "deployed": {"runtime": "onnxruntime", "threads": 1},
+             "deployed_form": {"form": "per_layer", "dense_layers": chosen, "column_layers": names}}
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "base"}) + "\n" + json.dumps(final) + "\n")
+    timed, densified = [], []
+    with_dense = module.with_dense_layers
+    monkeypatch.setattr(module, "deployed_form", lambda model, *a, **k: timed.append(1) or module.DeployedForm(model))
+    monkeypatch.setattr(module, "with_dense_layers", lambda model, layers: densified.append(list(layers)) or
+                        with_dense(model, layers))
+    assert main(["export", str(run / "model.pt"), "--onnx", str(tmp_path / "recorded.onnx")]) == 0
+    assert f"1 of {len(names)} dense, as the compress run chose" in capsys.readouterr().out
+    assert densified == [chosen] and not timed
+    assert main(["export", str(run / "model.pt"), "--onnx", str(tmp_path / "timed.onnx"), "--runtime-threads", "2"]) == 0
+    assert "as the compress run chose" not in capsys.readouterr().out and timed

@@ -10,7 +10,8 @@ The batch axis is dynamic; the input size is the checkpoint's dataset ``input_si
 Each file is run on the traced batch and a second batch size and compared with PyTorch; it is written
 (atomically) only when they agree. Column-pruned layers are written in their deployed form (``--columns auto``:
 each layer stored or dense, whichever runs faster in onnxruntime, or in eager torch for ``--torch-export``
-alone; :mod:`autocompress.deployment`).
+alone; :mod:`autocompress.deployment`); for the ``model.pt`` of a compress run folder, the choice that run
+recorded when it timed the same runtime and threads.
 """
 from __future__ import annotations
 
@@ -78,8 +79,30 @@ def _summary(result, checked: bool, runtime: str) -> str:
     return f"wrote {result.path} ({result.num_bytes / 1e6:.2f} MB{opset}); {check}"
 
 
+def _recorded_dense_layers(checkpoint: Path, runtime: str, threads: int, names: list[str]) -> list[str] | None:
+    """The column layers a compress run chose to deploy dense, when ``checkpoint`` is the ``model.pt`` of that
+    run's folder and its final record timed them in ``runtime`` with ``threads`` threads (so that ``export``
+    writes the form whose speed the run reported, not a second timing's choice); None otherwise."""
+    from ..report import read_metrics
+
+    records = checkpoint.parent / "metrics.jsonl"
+    if checkpoint.name != "model.pt" or not records.is_file():
+        return None
+    finals = [r for r in read_metrics(records) if r.get("event") == "final" and r.get("deployed_form")]
+    if not finals:
+        return None
+    final = finals[-1]
+    timed = final.get("deployed") or {}
+    dense = list(final["deployed_form"].get("dense_layers", []))
+    if (timed.get("runtime"), timed.get("threads")) != (runtime, threads) or not set(dense) <= set(names):
+        return None
+    return dense
+
+
 def _columns_form(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> nn.Module:
-    """``model`` with its column-pruned layers as ``--columns`` says (printing what ``auto`` chose)."""
+    """``model`` with its column-pruned layers as ``--columns`` says (printing what ``auto`` chose: the compress
+    run's own choice when the checkpoint is its run folder's ``model.pt`` timed in the same runtime and threads,
+    else a new timing)."""
     from ..deployment import column_layer_names, deployed_form, with_dense_layers
     from ..latency import LatencyConfig
 
@@ -89,6 +112,11 @@ def _columns_form(model: nn.Module, example: torch.Tensor, args: argparse.Namesp
     if args.columns == "dense":
         return with_dense_layers(model, names)
     runtime = "onnxruntime" if args.onnx else "torch"
+    recorded = _recorded_dense_layers(Path(args.checkpoint), runtime, args.runtime_threads, names)
+    if recorded is not None:
+        print(f"column-pruned layers: {len(recorded)} of {len(names)} dense, as the compress run chose in {runtime} "
+              f"({args.runtime_threads} thread(s), its metrics.jsonl); --columns stored / dense override it")
+        return with_dense_layers(model, recorded)
     form = deployed_form(model, example, LatencyConfig(runtime=runtime, threads=args.runtime_threads))
     print(f"column-pruned layers: {len(form.dense_layers)} of {len(names)} dense (faster in {runtime}, "
           f"{args.runtime_threads} thread(s); --columns stored keeps them all)")
