@@ -171,7 +171,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         model: any trained nn.Module (not modified: a copy is compressed).
         example_inputs: a tensor ``[B, ...]`` or a tuple of tensors, one forward's inputs, batch ``B >= 1``;
             the model is traced with them and MACs are counted per input item.
-        target: ``"params=12x"`` (compression rate), ``"flops=4x"`` (MACs reduction), or a measured latency
+        target: ``"params=12x"`` (compression rate), ``"flops=4x"`` (reduction of the MACs the compact model
+            executes, counted by ``torch.utils.flop_counter``), or a measured latency
             target ``"latency=2x"`` (speedup over the base) / ``"latency=5ms"`` in ``config["latency"]``'s runtime
             at its batch size (default onnxruntime on the CPU, 1 thread, batch 1); may instead be given as
             ``config["target"]``.
