@@ -280,8 +280,8 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
      "retrain.lr -1 is not a positive number; pass e.g. retrain.lr 0.1 (in the config file {path})"),
     ("target: params=2x\nbatch_size: 0\n", [], "batch_size=0 is outside [1, 1e9]; give batch_size >= 1 "
      "(in the config file {path})"),
-    ("target: params=2x\ndims: weird\n", [], "unknown dims 'weird'; use one of filter,column, filter, column, "
-     "irregular, filter,column,irregular (in the config file {path})"),
+    ("target: params=2x\ndims: weird\n", [], "unknown dims 'weird'; use one of filter,column | filter | column | "
+     "irregular | filter,column,irregular (in the config file {path})"),
     ("dims: weird\n", ["--target", "params=2x", "--dims", "filter"], None),
     ("target: params=2x\nadmm: {epochs: two}\n", [], "admm.epochs='two' has the wrong type; give an integer"),
     ("target: params=2x\nadmm: {epochs: 1.5}\n", [], "admm.epochs=1.5 has the wrong type; give an integer"),

@@ -18,24 +18,23 @@ from torch import nn
 from .errors import UserError
 
 #: ``ColumnConv2d`` dispatch (measured with benchmarks/column_conv.py, CPU): the kept-column GEMM path is
-#: used when fewer than this fraction of the layer's input channels' columns is kept and the layer has at least
+#: used when fewer than this fraction of the kept input channels' columns is kept and the layer has at least
 #: :data:`GEMM_MIN_FILTERS` filters; otherwise the dense conv on the kept input channels (oneDNN's direct
 #: conv beats a GEMM on narrow layers).
 DENSE_DENSITY_THRESHOLD = 0.7
 GEMM_MIN_FILTERS = 128
 
 
-def takes_gemm_path(filters: int, area: int, in_columns: int, kept_columns: int) -> bool:
-    """Whether a :class:`ColumnConv2d` with ``filters`` filters, a kernel of ``area`` positions, ``in_columns``
-    GEMM columns (its input channels per group x ``area``) and ``kept_columns`` of them kept runs the
-    per-position GEMM over the kept columns (``"positions"``) rather than the dense conv on the kept input
-    channels: a kernel larger than 1x1, ``filters >= GEMM_MIN_FILTERS`` and ``kept_columns <
-    DENSE_DENSITY_THRESHOLD * in_columns``. Shapes only, so a pruning space can predict it from rates."""
-    return area > 1 and filters >= GEMM_MIN_FILTERS and kept_columns < DENSE_DENSITY_THRESHOLD * in_columns
+def takes_gemm_path(filters: int, area: int, kept_columns: int, kept_channels: int) -> bool:
+    """Whether a :class:`ColumnConv2d` with ``filters`` filters, a kernel of ``area`` positions and
+    ``kept_columns`` GEMM columns kept over ``kept_channels`` input channels (per group) that keep a column runs
+    the per-position GEMM over the kept columns (``"positions"``) rather than the dense conv on those channels:
+    a kernel larger than 1x1, ``filters >= GEMM_MIN_FILTERS`` and ``kept_columns < DENSE_DENSITY_THRESHOLD *
+    kept_channels * area``. Removing an input channel that keeps no column (purification does) changes nothing."""
+    return area > 1 and filters >= GEMM_MIN_FILTERS and kept_columns < DENSE_DENSITY_THRESHOLD * kept_channels * area
 
 
-def executed_columns(filters: int, area: int, in_columns: int, kept_columns: int, kept_channels: int,
-                     gemm_capable: bool) -> int:
+def executed_columns(filters: int, area: int, kept_columns: int, kept_channels: int, gemm_capable: bool) -> int:
     """GEMM columns per filter that a compact column layer multiplies per output position: ``kept_columns``
     on the per-position GEMM path (:func:`takes_gemm_path`, ``gemm_capable``: a :class:`ColumnConv2d`), else
     the dense conv over the ``kept_channels`` input channels (per group) that keep a column:
@@ -43,7 +42,7 @@ def executed_columns(filters: int, area: int, in_columns: int, kept_columns: int
     counts the dropped columns of a kept channel as multiplied (they are, as zeros). MACs of the layer =
     this x filters x output positions (Liu et al. AAAI 2020 count kept columns only, as a GEMM over them
     would run; torch and onnxruntime run the dense conv on narrow layers)."""
-    if gemm_capable and takes_gemm_path(filters, area, in_columns, kept_columns):
+    if gemm_capable and takes_gemm_path(filters, area, kept_columns, kept_channels):
         return kept_columns
     return kept_channels * area
 
@@ -74,9 +73,9 @@ class ColumnConv2d(nn.Module):
       by ``weight`` in one GEMM (``F*K'*Ho*Wo`` MACs, the GEMM's own count); grouped convs run one grouped
       1x1 conv per position instead, accumulated.
 
-    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C/groups*kh*kw`` and
+    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C'/groups*kh*kw`` and
     ``F >= GEMM_MIN_FILTERS`` (kernel larger than 1x1; :func:`takes_gemm_path`), else ``"dense"``; the choice
-    depends only on the shapes, so it is deterministic and a pruning space predicts it from rates. MACs (what
+    depends only on the shapes and indices, so it is deterministic. MACs (what
     :func:`autocompress.metrics.count_macs` counts) are those of the path that runs
     (:func:`executed_columns`). The index tensors of both paths are non-persistent buffers
     derived from ``column_index`` (rebuilt by ``load_state_dict``; they follow ``.to(device)``).
@@ -179,7 +178,7 @@ class ColumnConv2d(nn.Module):
                             "rebuild the layer with ColumnConv2d.from_conv")
         kept = torch.unique(channel)
         if self.mode == "auto":
-            gemm = takes_gemm_path(self.out_channels, kk, per_group * kk, index.numel())
+            gemm = takes_gemm_path(self.out_channels, kk, index.numel(), kept.numel())
             self.path = "positions" if gemm else "dense"
         else:
             self.path = self.mode

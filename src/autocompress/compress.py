@@ -721,7 +721,8 @@ class Compression:
         batches = list(dict.fromkeys((*settings.batches, settings.batch)))
         fields: dict[str, Any] = {"deployed": None, "channel_multiple": self.multiple, "warnings": []}
         try:
-            form = deployed_form(compact_model, self.example, settings)
+            limit = self.base_macs / self.factor if self.target.objective == "flops" else None
+            form = deployed_form(compact_model, self.example, settings, max_macs=limit)
             fields["deployed_form"] = form.summary()
             timings = measure_models({"base": self.pipeline.base_model, "compressed": form.model}, self.example,
                                      settings, batches=batches)
@@ -733,11 +734,10 @@ class Compression:
             return fields
         deployed = fields["deployed"] = deployed_summary(timings, settings)
         fields["deployed_macs"] = self.pipeline.macs(form.model)
-        for warning in (slower_warning(deployed, aligned=self.multiple > 1),
-                        self._dense_macs_warning(form, fields["deployed_macs"])):
-            if warning:
-                logging.getLogger("autocompress").warning(warning)
-                fields["warnings"].append(warning)
+        warning = slower_warning(deployed, aligned=self.multiple > 1)
+        if warning:
+            logging.getLogger("autocompress").warning(warning)
+            fields["warnings"].append(warning)
         if self.table is not None:
             estimate = self.table.estimate_model(compact_model)
             measured = timings[settings.batch]["compressed"].median_ms
@@ -749,22 +749,6 @@ class Compression:
                 logging.getLogger("autocompress").warning(warning)
                 fields["warnings"].append(warning)
         return fields
-
-    def _dense_macs_warning(self, form, deployed_macs: int) -> str | None:
-        """For a flops target: the warning when the deployed form (``form``, a DeployedForm) runs column-pruned
-        layers as full dense layers (faster there) and so executes fewer than the target's reduction of MACs.
-        The target counts the MACs the compact model executes as stored (a column layer's kept columns on its
-        GEMM path); the warning gives the reduction the deployed model executes."""
-        if self.target.objective != "flops" or not form.dense_layers:
-            return None
-        reached = self.base_macs / deployed_macs
-        if reached >= self.factor:
-            return None
-        return (f"WARNING: target {self.target} is met by the compact model as stored, but "
-                f"{self.config.latency.runtime} runs {len(form.dense_layers)} of {len(form.column_layers)} "
-                f"column-pruned layers dense (faster there), so the deployed model executes only {reached:.3g}x "
-                "fewer MACs than the base; for speed give a latency target (it prunes no columns that save no time "
-                "there) or dims: filter")
 
     def _ms_drift_warning(self, timing: dict) -> str | None:
         """For a ``latency=Nms`` target, the warning when the final timing of the compact model is above N ms:
@@ -799,7 +783,8 @@ class Compression:
                          **(self.final_columns(name, net) if self.final_columns else {})})
         for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None,
                                               aligned=self.multiple > 1),
-                        _accuracy_warning(*rows, self.pipeline.chance, self.target)):
+                        _accuracy_warning(*rows, self.pipeline.chance, self.target),
+                        _overshoot_warning(*rows, self.target, self.multiple)):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
@@ -852,6 +837,10 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *,
 DROP_WARNING_POINTS = 5.0
 
 
+#: a params / flops target passed by more than this fraction is warned about (:func:`_overshoot_warning`)
+OVERSHOOT_WARNING = 0.25
+
+
 def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target: Target) -> str | None:
     """The warning when the compact model's validation top-1 is within 1 point of a random guess (``chance``,
     a fraction; None: not a classification score), or more than :data:`DROP_WARNING_POINTS` below the base's:
@@ -867,6 +856,23 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
         return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {base_top1 - top1:.1f} points "
                 f"below the base's {base_top1:.2f}% at target {target}; {fix}")
     return None
+
+
+def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: int) -> str | None:
+    """For a params / flops target: the warning when the compact model passes it by more than
+    :data:`OVERSHOOT_WARNING` (a fraction), having removed more than asked and likely lost accuracy for it: at
+    aligned widths a layer's allowed widths can be too coarse for a closer fit (a conv applied twice on a
+    32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16)."""
+    if target.objective not in ("params", "flops"):
+        return None
+    key = "params" if target.objective == "params" else "macs"
+    reached = base[key] / max(compressed[key], 1)
+    if reached <= target.factor * (1 + OVERSHOOT_WARNING):
+        return None
+    fix = (f"channel_multiple {multiple} allows only coarse widths here: set channel_multiple to a smaller "
+           "multiple (8, or 1 for any width) for a closer fit" if multiple > 1 else
+           "the round records (refit, purification) show where the surplus went")
+    return f"WARNING: target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"
 
 
 def _batch_of(example: tuple, batch: int) -> tuple:

@@ -296,7 +296,7 @@ class CompressConfig:
         """Check every value now, before any work; raises :class:`SettingError` naming the setting."""
         target = self.parsed_target()
         if self.dims is not None and self.dims not in DIMS:
-            raise SettingError("dims", f"unknown dims {show(self.dims)}", f"use one of {', '.join(DIMS)}")
+            raise SettingError("dims", f"unknown dims {show(self.dims)}", f"use one of {' | '.join(DIMS)}")
         if set(self.kinds) == {"irregular"} and target.objective == "flops":
             raise SettingError("dims", "irregular sparsity does not reduce the MACs of the dense layers it "
                                "leaves", "use a params target with dims irregular, or filter,column for flops")

@@ -33,6 +33,7 @@ from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .config import from_dict
 from .errors import UserError
 from .latency import LatencyConfig, measure_models
+from .metrics import count_macs
 
 COLUMN_LAYERS = (ColumnConv2d, ColumnConvNd, ColumnLinear)
 #: the whole-model forms compared in step 2
@@ -125,8 +126,21 @@ def latency_config(config: LatencyConfig | Mapping[str, Any] | None) -> LatencyC
     return config
 
 
+def _within(model: nn.Module, x: torch.Tensor, names: Sequence[str], max_macs: float) -> list[str]:
+    """The column layers of ``names`` that can run dense with ``model`` still executing at most ``max_macs``
+    MACs on ``x``: the ones adding the fewest MACs first (each layer's addition is independent of the others)."""
+    stored = count_macs(model, x)
+    added = {name: count_macs(with_dense_layers(model, [name]), x) - stored for name in names}
+    kept, total = set(), stored
+    for name in sorted(names, key=lambda name: added[name]):
+        if total + added[name] <= max_macs:
+            kept.add(name)
+            total += added[name]
+    return [name for name in names if name in kept]
+
+
 def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mapping[str, Any] | None = None,
-                  batches: Sequence[int] | None = None) -> DeployedForm:
+                  batches: Sequence[int] | None = None, max_macs: float | None = None) -> DeployedForm:
     """The faster of the stored and dense forms of each column layer in the deployment runtime.
 
     Args:
@@ -136,6 +150,9 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
             mapping of its fields; default: onnxruntime, 1 thread). Validated.
         batches: the batch sizes whose mean time ratio decides (default ``config.batches``: 1 and the large
             batch; a latency target's calibration passes its own batch only).
+        max_macs: MACs per input item the deployed form may execute at most (a flops target's limit: a dense
+            layer multiplies its dropped columns as zeros); layers are run dense only within it, those adding
+            the fewest MACs first, and the all-dense form only when it fits. None: no limit.
 
     Returns:
         :class:`DeployedForm`; its ``model`` computes what ``model`` computes (up to float rounding).
@@ -153,6 +170,10 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
     chosen = [name for name in names if name in inputs
               and _faster_dense(model.get_submodule(name), inputs[name], config)]
     forms = {"stored": model, "dense": with_dense_layers(model, names)}
+    if max_macs is not None:
+        chosen = _within(model, x, chosen, max_macs)
+        if count_macs(forms["dense"], x) > max_macs:
+            del forms["dense"]
     if 0 < len(chosen) < len(names):
         forms["per_layer"] = with_dense_layers(model, chosen)
     timings = measure_models(forms, x, config, batches=batches)

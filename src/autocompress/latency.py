@@ -74,8 +74,7 @@ GRID_POINTS = 8
 COLUMN_FRACTIONS = (0.25, 0.5, 0.75)
 #: a layer whose time at half of its columns is above ``1 - COLUMN_SAVING`` of the dense time saves nothing
 COLUMN_SAVING = 0.05
-#: bumped when what a table times changes (5: ColumnConv2d picks its path from its own input columns)
-TABLE_VERSION = 5
+TABLE_VERSION = 4
 
 
 @dataclass

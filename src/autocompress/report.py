@@ -13,7 +13,8 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   "deployed": {"runtime", "device", "threads", "runs", "warmup", "batches": {"1": {"base_ms", "compressed_ms",
   "speedup"}, ...}, "slower": [batch, ...]}, "channel_multiple": int, "warnings": [str, ...],
   "deployed_form": {"form", "column_layers", "dense_layers", "ratios"} (:mod:`autocompress.deployment`),
-  "deployed_macs": int (MACs the deployed form executes: its dense column layers count whole),
+  "deployed_macs": int (MACs the deployed form executes: its dense column layers count whole; within a flops
+  target's limit),
   "latency_estimate": {...} (latency targets)}`` (:mod:`autocompress.latency`); warnings are shown loudly.
 """
 from __future__ import annotations

@@ -407,20 +407,29 @@ class Pipeline:
         Re-fit the rates to a looser nominal target, hard-prune the ADMM weights (``admm_model``) at them,
         purify, and keep the largest purified count within the limit (never beyond it). The slack follows
         fixed-point steps on ``limit / purified count`` inside a bracket (the largest slack within the limit,
-        the smallest beyond it), halving the bracket after a trial beyond the limit.
+        the smallest beyond it), halving the bracket after a trial beyond the limit. When the searched rates
+        themselves end beyond the limit once compacted (the search's estimate assumes every input channel of a
+        column layer keeps a column: a wide layer whose kept columns crowd into fewer channels runs the dense
+        conv over them, not the GEMM over its kept columns), the slack steps below 1 (a tighter nominal target)
+        until a count meets the limit.
 
         Returns ``(purification result, records)``; ``state.model`` / ``rates`` hold the chosen hard pruning,
-        purified (the searched one when no refit fits better)."""
+        purified (the searched one when no refit fits better, or none meets the limit: the final target check
+        then refuses)."""
         budget = state.budget
         first = count = self._count(state, state.model, result)
-        best, slack = (count, state.rates, state.model, result), 1.0
-        within, beyond = 1.0, float("inf")  # slacks whose purified count met / missed the limit
+        searched = (count, state.rates, state.model, result)
+        best = searched if count <= budget.limit else None
+        slack = 1.0
+        # slacks whose purified count met / missed the limit
+        within, beyond = (1.0, float("inf")) if best else (0.0, 1.0)
         for _ in range(REFIT_TRIES):
-            if budget.limit * (1 - REFIT_CLOSE) <= best[0]:
+            if best and budget.limit * (1 - REFIT_CLOSE) <= best[0]:
                 break
             step = slack * budget.limit / max(count, 1)
-            slack = step if count <= budget.limit and step < beyond else 0.5 * (within + beyond)
-            if not within < slack < beyond or slack - within < 1e-9:
+            tighten = best is None and within < step < beyond  # nothing met the limit yet: step down to it
+            slack = step if tighten or count <= budget.limit and step < beyond else 0.5 * (within + beyond)
+            if not within < slack < beyond or best and slack - within < 1e-9:
                 break
             rates = budget.refit(slack)
             trial = copy.deepcopy(admm_model)
@@ -431,9 +440,9 @@ class Pipeline:
                 beyond = slack
                 continue
             within = slack
-            if count > best[0]:
+            if best is None or count > best[0]:
                 best = (count, rates, trial, trial_result)
-        count, state.rates, state.model, result = best
+        count, state.rates, state.model, result = best or searched
         if count != first:
             self.log(f"round {state.index}: purification left {first:,} of the budget's "
                      f"{int(budget.limit):,}; rates refitted: {count:,}")

@@ -38,6 +38,7 @@ import torch
 
 from .errors import UserError
 from .alignment import allowed_widths
+from .columns import GEMM_MIN_FILTERS
 from .space import KINDS, NO_EXECUTED_SAVING, keep_count
 
 OBJECTIVES = ("params", "flops")
@@ -384,9 +385,13 @@ class ActionSampler:
             skipped = [name for name, reason in space.excluded.items() if NO_EXECUTED_SAVING in reason]
             if not skipped:
                 raise
-            raise UserError(f"{exc}; note that {len(skipped)} layer(s) are not column-pruned for a flops target "
-                            f"({skipped[0]}: {space.excluded[skipped[0]]})",
-                            "add filter to dims, or give a params target (which counts their columns)") from exc
+            named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+            filters = any(u.kind == "filter" for u in units)
+            raise UserError(f"{exc} (for a flops target {len(skipped)} layer(s) are not column-pruned, kernels "
+                            f"over 1x1 with under {GEMM_MIN_FILTERS} filters whose pruned columns would still be "
+                            f"multiplied: {named})",
+                            "give a params target, which counts their columns" +
+                            ("" if filters else ", or add filter to dims")) from exc
 
 
 def rates_dict(units: Sequence[ActionUnit], action: np.ndarray) -> dict[str, dict[str, float]]:

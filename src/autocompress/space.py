@@ -212,18 +212,18 @@ class ColumnLayer:
     area: int = 1
     gemm_capable: bool = False
 
-    def executed_entries(self, rows: int, in_columns: int, kept_columns: int, kept_channels: int) -> int:
-        """Weight entries the compact layer multiplies per output position with ``rows`` filters, ``in_columns``
-        columns left by filter pruning and ``kept_columns`` of them kept, over ``kept_channels`` input channels
-        (per group) that keep a column: ``rows`` x :func:`autocompress.columns.executed_columns`."""
-        return rows * executed_columns(rows, self.area, in_columns, kept_columns, kept_channels, self.gemm_capable)
+    def executed_entries(self, rows: int, kept_columns: int, kept_channels: int) -> int:
+        """Weight entries the compact layer multiplies per output position with ``rows`` filters and
+        ``kept_columns`` columns kept over ``kept_channels`` input channels (per group) that keep a column:
+        ``rows`` x :func:`autocompress.columns.executed_columns`."""
+        return rows * executed_columns(rows, self.area, kept_columns, kept_channels, self.gemm_capable)
 
-    def executed_in(self, filtered: torch.Tensor, structural: torch.Tensor) -> int:
-        """:meth:`executed_entries` of the compact layer for masks shaped like the weight: ``filtered`` after
-        filter pruning alone, ``structural`` after filter and column pruning."""
-        left, kept = self.gemm(filtered).any(0), self.gemm(structural)
+    def executed_in(self, mask: torch.Tensor) -> int:
+        """:meth:`executed_entries` of the compact layer for a keep mask shaped like the weight (filter and
+        column pruning)."""
+        kept = self.gemm(mask)
         columns = kept.any(0)
-        return self.executed_entries(int(kept.any(1).sum()), int(left.sum()), int(columns.sum()),
+        return self.executed_entries(int(kept.any(1).sum()), int(columns.sum()),
                                      int(columns.view(-1, self.area).any(1).sum()))
 
     def gemm(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -524,21 +524,21 @@ class PruningSpace:
         """
         structural = self.param_masks(Masks(filters=masks.filters, columns=masks.columns, weights={}))
         executed = {name: int(mask.sum()) for name, mask in structural.items()}
-        filtered = self.param_masks(Masks(filters=masks.filters, columns={}, weights={}))
         for layer in self.column_layers:
             if layer.param in structural:
-                mask = structural[layer.param]
-                executed[layer.param] = layer.executed_in(filtered.get(layer.param, torch.ones_like(mask)), mask)
+                executed[layer.param] = layer.executed_in(structural[layer.param])
         return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()}, executed)
 
     def estimate(self, rates: Mapping[str, Mapping[str, float]]) -> Counts:
         """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
         computed from the keep counts alone (no weights, no masks: fast enough for the search's cost
         function). The parameters equal ``count(project(space, model, rates))`` for any weights, because the
-        projection keeps exactly :func:`keep_count` units of what remains of each unit; so do the MACs,
-        except that a column layer running the dense conv over its kept input channels is counted as if
-        every input channel left by filter pruning kept a column (an upper bound: the MACs are never
-        under-counted, so a target met by the estimate is met by the model).
+        projection keeps exactly :func:`keep_count` units of what remains of each unit; so do the MACs
+        when every input channel left by filter pruning keeps a column of each column layer (the estimate
+        assumes so). When some lose all of theirs, a layer on the dense conv over its kept channels executes
+        fewer MACs than estimated, and a layer of >= 128 filters may switch from the GEMM over its kept
+        columns to that dense conv and execute more (at most ``1 / DENSE_DENSITY_THRESHOLD`` x its kept
+        columns): the round's refit after purification meets the limit on the compact model's own count.
 
         Raises:
             UserError: invalid rates (see :meth:`check_rates`).
@@ -559,7 +559,7 @@ class PruningSpace:
                 layer = columns[param]
                 kept_columns = keep_count(cols, rates["column"].get(layer.name, 0.0))
                 entries = rows * kept_columns
-                dense[param] = layer.executed_entries(rows, cols, kept_columns, min(cols // layer.area, kept_columns))
+                dense[param] = layer.executed_entries(rows, kept_columns, min(cols // layer.area, kept_columns))
             if param in weights:
                 entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
             kept[param] = entries
