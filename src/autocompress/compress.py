@@ -33,7 +33,7 @@ from .annealing import AnnealingResult, simulated_annealing
 from .budget import apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
-from .deployment import deployed_form
+from .deployment import deployed_form, with_dense_layers
 from .errors import TargetMissed, UserError, first_line
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
@@ -155,6 +155,14 @@ class CompressResult:
     mac_reduction: float
     run_dir: Path | None = None
     phase_seconds: dict = field(default_factory=dict)
+
+    @property
+    def deployed_model(self) -> nn.Module:
+        """The deployed form the final table timed (``final["deployed_form"]``: the column layers it runs dense,
+        within a flops target's MACs; :func:`autocompress.deployment.deployed_form`), computing what ``model``
+        computes: the model to export. ``model`` itself when the final table did not time one."""
+        form = self.final.get("deployed_form") or {}
+        return with_dense_layers(self.model, form.get("dense_layers", []))
 
 
 def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str | None = None, *,
