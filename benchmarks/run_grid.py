@@ -143,6 +143,7 @@ AUTOCOMPRESS_METHODS = {
     "ac_budget_exec_uniform": ("ablation: uniform rates, `budget`, flops = executed MACs",
                                {"channel_multiple": "auto", "search_mode": "uniform"}),
     "ac_budget_exec_m1": ("autocompress, `budget`, flops = executed MACs, channel_multiple 1", {"channel_multiple": 1}),
+    "ac_budget_exec_m8": ("autocompress, `budget`, flops = executed MACs, channel_multiple 8", {"channel_multiple": 8}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -152,7 +153,7 @@ METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
-            "ac_budget_exec_uniform", "ac_budget_exec_m1")
+            "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
