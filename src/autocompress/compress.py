@@ -676,16 +676,16 @@ class Compression:
 
     def _check_target(self, compact_model: nn.Module) -> None:
         """A target is met or refused: UserError when the compact model's own count misses it (compaction
-        kept channels dense that the search counted as removed); the run folder keeps every phase. A latency
+        kept channels dense that the search counted as removed, or no refit after purification met the limit);
+        the run folder keeps every phase. A latency
         target is checked on the final record's measurement (:meth:`_check_latency`)."""
         if self.table is not None:
             return
         base = self._base_count()
         reached = base / max(self._count(compact_model), 1)
         if reached < self.factor * (1 - 1e-3):
-            raise UserError(f"target {self.target} missed: the compact model is {reached:.3g}x (compaction kept "
-                            "channels it could not remove exactly; see the round records' dead_channels_kept)",
-                            "raise the target a little")
+            raise UserError(f"target {self.target} missed: the compact model is {reached:.3g}x (see the round "
+                            "records: refit, dead_channels_kept)", "raise the target a little")
 
     def _check_latency(self, result: CompressResult, compact_model: nn.Module) -> None:
         """A latency target is met or refused. Met when the final record's measured speedup at the target's batch
