@@ -401,7 +401,8 @@ class Compression:
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
         alone cannot reach it there: a model whose groups are 16 channels wide keeps them whole at 16, and the search
         then cuts the rest to the bone (measured: resnet20 flops=4x, 15 epochs, 81.3 % at 16, 85.2 % at 8, 85.0 %
-        unaligned; narrowest widths 1.91x as fast at 16 and 2.41x at 8 for a latency target)."""
+        unaligned, with MACs counted as before session 15 (kept columns); narrowest widths 1.91x as fast at 16 and
+        2.41x at 8 for a latency target)."""
         chain = [self.multiple, *self._fallbacks()]
         for index, multiple in enumerate(chain):
             last = index == len(chain) - 1
