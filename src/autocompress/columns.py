@@ -25,13 +25,20 @@ DENSE_DENSITY_THRESHOLD = 0.7
 GEMM_MIN_FILTERS = 128
 
 
+def gemm_possible(filters: int, area: int) -> bool:
+    """Whether a :class:`ColumnConv2d` of ``filters`` filters and a kernel of ``area`` positions can ever run the
+    per-position GEMM over its kept columns (:func:`takes_gemm_path`): a kernel larger than 1x1 and
+    ``filters >= GEMM_MIN_FILTERS``."""
+    return area > 1 and filters >= GEMM_MIN_FILTERS
+
+
 def takes_gemm_path(filters: int, area: int, kept_columns: int, kept_channels: int) -> bool:
     """Whether a :class:`ColumnConv2d` with ``filters`` filters, a kernel of ``area`` positions and
     ``kept_columns`` GEMM columns kept over ``kept_channels`` input channels (per group) that keep a column runs
     the per-position GEMM over the kept columns (``"positions"``) rather than the dense conv on those channels:
     a kernel larger than 1x1, ``filters >= GEMM_MIN_FILTERS`` and ``kept_columns < DENSE_DENSITY_THRESHOLD *
     kept_channels * area``. Removing an input channel that keeps no column (purification does) changes nothing."""
-    return area > 1 and filters >= GEMM_MIN_FILTERS and kept_columns < DENSE_DENSITY_THRESHOLD * kept_channels * area
+    return gemm_possible(filters, area) and kept_columns < DENSE_DENSITY_THRESHOLD * kept_channels * area
 
 
 def executed_columns(filters: int, area: int, kept_columns: int, kept_channels: int, gemm_capable: bool) -> int:

@@ -51,7 +51,7 @@ from torch_pruning import ops
 
 from .alignment import aligned_keep
 from .analysis import hooked_forward, preserved_state
-from .columns import GEMM_MIN_FILTERS, executed_columns
+from .columns import executed_columns, gemm_possible
 from .errors import UserError, show
 from .masks import Masks
 from .metrics import layer_table
@@ -775,7 +775,7 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
         return None
     area = math.prod(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 1
     gemm_capable = isinstance(module, nn.Conv2d)
-    if executed_only and area > 1 and not (gemm_capable and rows >= GEMM_MIN_FILTERS):
+    if executed_only and area > 1 and not (gemm_capable and gemm_possible(rows, area)):
         kernel = "x".join(map(str, module.kernel_size))
         _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters: its compact form runs "
                  "the dense conv over the kept input channels)")
