@@ -144,6 +144,14 @@ AUTOCOMPRESS_METHODS = {
                                {"channel_multiple": "auto", "search_mode": "uniform"}),
     "ac_budget_exec_m1": ("autocompress, `budget`, flops = executed MACs, channel_multiple 1", {"channel_multiple": 1}),
     "ac_budget_exec_m8": ("autocompress, `budget`, flops = executed MACs, channel_multiple 8", {"channel_multiple": 8}),
+    # session 16: the budget's one ADMM epoch ends at rho 0.08 with residual 0.6 on the realistic grid (hard
+    # pruning then drops to chance); does a converged ADMM start the retraining better?
+    "ac_budget_exec_rho_auto": ("autocompress defaults, `budget`, rho reaching 1.0 halfway through the ADMM epoch",
+                                {"channel_multiple": "auto", "admm": {"update_interval": "auto"}}),
+    "ac_budget_exec_admm3": ("autocompress defaults, the budget split 3 ADMM + 12 retraining epochs",
+                             {"channel_multiple": "auto", "budget": None, "rounds": 1, "admm": {"epochs": 3},
+                              "retrain": {"epochs": 0}, "final_retrain_epochs": 12,
+                              "distillation": {"enabled": True}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -153,7 +161,8 @@ METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
-            "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8")
+            "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8", "ac_budget_exec_rho_auto",
+            "ac_budget_exec_admm3")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
