@@ -156,13 +156,15 @@ AUTOCOMPRESS_METHODS = {
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
          "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)",
-         "tp_kd_r8": "reference: Torch-Pruning round_to=8 + distillation (T 4, alpha 0.9)"}
+         "tp_kd_r8": "reference: Torch-Pruning round_to=8 + distillation (T 4, alpha 0.9)",
+         # session 16, a diagnostic: are autocompress's searched widths or its ADMM + hard pruning behind the gap?
+         "tp_kd_acwidths": "diagnostic: Torch-Pruning + distillation at the widths `ac_budget_exec` searched"}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
             "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8", "ac_budget_exec_rho_auto",
-            "ac_budget_exec_admm3")
+            "ac_budget_exec_admm3", "tp_kd_acwidths")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -344,10 +346,12 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed
 
 
 def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool = False,
-                      seed: int = 0, round_to: int | None = None) -> tuple[object, dict]:
+                      seed: int = 0, round_to: int | None = None, widths_from: Path | None = None
+                      ) -> tuple[object, dict]:
     """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``
     fine-tunes with distillation from the base (the ``tp_kd`` reference); ``round_to``: Torch-Pruning's
-    aligned widths (``tp_kd_r8``)."""
+    aligned widths (``tp_kd_r8``); ``widths_from``: an autocompress run folder whose searched widths to prune to
+    (``tp_kd_acwidths``)."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
     import torch_pruning_baseline
 
@@ -357,7 +361,8 @@ def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool
     out = work / "model.pt"
     facts = torch_pruning_baseline.run(str(ROOT / spec.checkpoint), target, epochs=spec.epochs, lr=0.01,
                                        max_train=spec.max_train, val_size=spec.val_size, data_dir=spec.data_dir,
-                                       seed=seed, out=str(out), distill=distill, round_to=round_to)
+                                       seed=seed, out=str(out), distill=distill, round_to=round_to,
+                                       widths_from=str(widths_from) if widths_from else None)
     facts["physical"] = "torch-pruning"
     return autocompress.load(out), facts
 
@@ -511,9 +516,10 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
     began = time.perf_counter()
     if method in AUTOCOMPRESS_METHODS:
         compact_model, facts = run_autocompress(spec, target, method, work, seed)
-    elif method in ("torch_pruning", "tp_kd", "tp_kd_r8"):
+    elif method in ("torch_pruning", "tp_kd", "tp_kd_r8", "tp_kd_acwidths"):
+        searched = WORK / cell_id(model, target, "ac_budget_exec", seed) if method == "tp_kd_acwidths" else None
         compact_model, facts = run_torch_pruning(spec, target, work, distill=method != "torch_pruning", seed=seed,
-                                                 round_to=8 if method == "tp_kd_r8" else None)
+                                                 round_to=8 if method == "tp_kd_r8" else None, widths_from=searched)
     else:
         compact_model, facts = run_nni(spec, target, work)
     wall = time.perf_counter() - began

@@ -83,6 +83,39 @@ def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float
     return pruned
 
 
+def prune_to_widths(model: nn.Module, example: torch.Tensor, widths: dict[str, int]) -> nn.Module:
+    """A copy of ``model`` whose named convs keep ``widths[name]`` output channels, the ones of highest group
+    L2 magnitude (Torch-Pruning's dependency graph removes the coupled channels with them). A diagnostic, not a
+    peer: it gives Torch-Pruning's channel choice and fine-tuning the widths another method's search chose.
+
+    Raises:
+        ValueError: a name that is not a conv of the model, or a width above the conv's channels.
+    """
+    pruned = copy.deepcopy(model).eval()
+    modules = dict(pruned.named_modules())
+    graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    for name, kept in widths.items():
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or not 1 <= kept <= conv.out_channels:
+            raise ValueError(f"{name}: not a conv of the model with at least {kept} output channels")
+        if kept == conv.out_channels:  # unchanged, or already narrowed through a coupled layer
+            continue
+        everything = graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(conv.out_channels)))
+        order = torch.argsort(importance(everything)).tolist()
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, order[:conv.out_channels - kept])
+        group.prune()
+    return pruned
+
+
+def searched_widths(run_dir: str) -> dict[str, int]:
+    """The kept filters of every narrowed layer in an autocompress run folder's last round (``metrics.jsonl``)."""
+    rounds = [record for line in Path(run_dir, "metrics.jsonl").read_text().splitlines() if line.strip()
+              and (record := json.loads(line)).get("event") == "round"]
+    return {layer["name"]: layer["filters"] for layer in rounds[-1]["layers"]
+            if layer["filters"] < layer["filters_total"]}
+
+
 def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14,
                     round_to: int | None = None) -> TPResult:
     """Bisect the global channel ratio to the smallest one whose pruned model reaches ``target``.
@@ -116,19 +149,27 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
 
 def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int | None, val_size: int,
         data_dir: str | None, seed: int, out: str, distill: bool = False, progress: bool = False,
-        round_to: int | None = None) -> dict:
+        round_to: int | None = None, widths_from: str | None = None) -> dict:
     """Prune the checkpoint's model to ``target``, fine-tune ``epochs`` epochs (SGD, cosine, ``lr``), save the
     pruned model as an autocompress checkpoint at ``out``. Returns timings and the search outcome.
 
     ``distill=True`` fine-tunes with autocompress's distillation from the unpruned model (T 4, alpha 0.9;
-    not part of Torch-Pruning): a reference for how much of autocompress's ``ac_kd`` gain is distillation."""
+    not part of Torch-Pruning): a reference for how much of autocompress's ``ac_kd`` gain is distillation.
+    ``widths_from``: an autocompress run folder; prune to its searched widths (:func:`prune_to_widths`)
+    instead of bisecting a global ratio to ``target``."""
     began = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     splits = get_dataset(ckpt["dataset"]["name"], data_dir, val_size=val_size, seed=seed, max_train=max_train,
                          max_test=1)
     example = torch.zeros(1, *splits.input_size)
-    result = prune_to_target(model, example, Target.parse(target), round_to=round_to)
+    if widths_from:
+        pruned = prune_to_widths(model, example, searched_widths(widths_from))
+        objective = Target.parse(target).objective
+        count = metrics.count_params if objective == "params" else (lambda m: metrics.count_macs(m, example))
+        result = TPResult(model=pruned, pruning_ratio=float("nan"), reduction=count(model) / count(pruned), trials=1)
+    else:
+        result = prune_to_target(model, example, Target.parse(target), round_to=round_to)
     search_seconds = time.perf_counter() - began
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     if distill:
@@ -164,10 +205,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--distill", action="store_true", help="fine-tune with distillation from the unpruned model")
     parser.add_argument("--round-to", type=int, help="Torch-Pruning round_to: kept channels a multiple of it")
+    parser.add_argument("--widths-from", help="an autocompress run folder: prune to its searched widths")
     args = parser.parse_args()
     print(json.dumps(run(args.checkpoint, args.target, epochs=args.epochs, lr=args.lr, max_train=args.max_train,
                          val_size=args.val_size, data_dir=args.data_dir, seed=args.seed, out=args.out,
-                         distill=args.distill, progress=True, round_to=args.round_to)))
+                         distill=args.distill, progress=True, round_to=args.round_to,
+                         widths_from=args.widths_from)))
 
 
 if __name__ == "__main__":
