@@ -596,7 +596,7 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_1(monkeypatch, t
         return "sampler"
 
     monkeypatch.setattr(Compression, "_sampler", sampler)
-    monkeypatch.setattr(Compression, "_filters_fall_short", lambda self: False)
+    monkeypatch.setattr(Compression, "_filters_cramped", lambda self: False)
     train, val = loaders()
     lines: list[str] = []
     config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
@@ -632,15 +632,18 @@ class NarrowFirst(nn.Module):
 
 
 @pytest.mark.parametrize("target, setting, outcome, reason", [
-    ("flops=2x", None, 16, None), ("flops=3x", None, 8, "cannot reach"), ("flops=3x", "auto", 8, "cannot reach"),
-    ("params=3x", "auto", 8, "leaves filter pruning unable to reach"), ("params=3x", None, 1, None)])
+    ("flops=1.2x", None, 16, None), ("flops=2x", None, 8, "leaves filter pruning too little room for"),
+    ("flops=3x", None, 8, "cannot reach"), ("flops=3x", "auto", 8, "cannot reach"),
+    ("params=1.2x", "auto", 16, None), ("params=3x", "auto", 8, "leaves filter pruning too little room for"),
+    ("params=3x", None, 1, None)])
 def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, target, setting, outcome, reason):
     """With filter pruning alone the narrowest widths at 16 remove 746,688 / 304,176 = 2.45x of NarrowFirst's
     MACs (convolutions 576 x (16 + 256 + 1024) plus the Linear's 192, against 576 x (16 + 256 + 256) + 48), at
     8 9.5x. A flops target column-prunes none of its 3x3 convs (under 128 filters: no executed MACs saved), so
-    flops=3x cannot be reached at 16 and ``auto`` takes 8 (and logs why); 2x stays at 16. A params=3x target is
-    reachable at 16 only with columns doing the rest (filters alone: 2.47x of the parameters), so an explicit
-    ``auto`` takes 8 there too; the params default stays 1."""
+    flops=3x cannot be reached at 16 and ``auto`` takes 8 (and logs why); ``auto`` keeps 16 only when those
+    widths reach twice the target (``ROOM``): 1.2x stays at 16, 2x (reachable, but only at the floor) takes 8.
+    Filters alone remove 2.47x of the parameters at 16, so an explicit ``auto`` keeps 16 for params=1.2x and
+    takes 8 for params=3x; the params default stays 1."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     train, val = loaders()
     lines: list[str] = []

@@ -49,6 +49,11 @@ from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
 
 #: the channel multiple a target falls back to first when ``auto``'s larger one cannot reach it
 FALLBACK = 8
+#: ``auto`` keeps a multiple above :data:`FALLBACK` for a params / flops target only when filter pruning alone, at
+#: the narrowest widths it allows, reaches at least this many times the target's factor; with less room the
+#: search must take every group that can shrink close to its floor (resnet20 flops=2x at 16: narrowest widths
+#: 2.14x, 83.46 % top-1 against 86.05 % at 8 for the same executed MACs, 15 epochs; BENCHMARKS.md)
+ROOM = 2.0
 #: measurements of a latency target's search result (see calibrate)
 CALIBRATION_STEPS = 4
 #: a measured speedup up to this factor above a latency target ends the calibration (a closer one saves accuracy)
@@ -399,10 +404,10 @@ class Compression:
         A channel multiple that ``auto`` chose (set, or the default of a flops / latency target) falls back to
         the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
-        alone cannot reach it there: a model whose groups are 16 channels wide keeps them whole at 16, and the search
-        then cuts the rest to the bone (measured: resnet20 flops=4x, 15 epochs, 81.3 % at 16, 85.2 % at 8, 85.0 %
-        unaligned, with MACs counted as before session 15 (kept columns); narrowest widths 1.91x as fast at 16 and
-        2.41x at 8 for a latency target)."""
+        alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
+        keeps them whole at 16, and the search then cuts the rest to the bone (measured on resnet20, 15 epochs:
+        flops=2x 83.46 % at 16 against 86.05 % at 8 for the same executed MACs, 1.19x instead of 2.05x faster in
+        onnxruntime; narrowest widths 1.91x as fast at 16 and 2.41x at 8 for a latency target)."""
         chain = [self.multiple, *self._fallbacks()]
         for index, multiple in enumerate(chain):
             last = index == len(chain) - 1
@@ -420,9 +425,10 @@ class Compression:
                     raise
                 problem = f"cannot reach {self.target}"
                 continue
-            if last or not self._filters_fall_short():
+            if last or not self._filters_cramped():
                 return
-            problem = f"leaves filter pruning unable to reach {self.target} alone"
+            problem = (f"leaves filter pruning too little room for {self.target} (its narrowest widths reach under "
+                       f"{ROOM:g}x the target)")
 
     def _check_compactable(self) -> None:
         """UserError, before any work, when the model cannot run with fewer channels: every filter group loses
@@ -446,13 +452,14 @@ class Compression:
                             "compute shapes from the input in forward (e.g. x.flatten(1) instead of "
                             "x.view(-1, 40 * 7 * 7)), or leave filter out of dims") from None
 
-    def _filters_fall_short(self) -> bool:
-        """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone
-        cannot reach the target at the narrowest widths allowed (the run's other kinds would make up the rest)."""
+    def _filters_cramped(self) -> bool:
+        """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone, at
+        the narrowest widths allowed, cannot reach :data:`ROOM` times the target's factor (the run's other kinds
+        would make up the rest, or the search would have to cut every group that can shrink to near its floor)."""
         if self.table is not None or self.multiple <= FALLBACK or "filter" not in self.config.kinds:
             return False
         try:
-            ActionSampler.from_space(self.first_space, self.target.objective, self.factor, kinds=("filter",),
+            ActionSampler.from_space(self.first_space, self.target.objective, self.factor * ROOM, kinds=("filter",),
                                      r_max=self.config.max_r)
         except UserError:
             return True
