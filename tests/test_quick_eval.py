@@ -214,3 +214,23 @@ def test_bad_scorer_settings_are_user_errors(trained):
         QuickEvaluator(model, space, task(splits, 100), scorer="finetune", finetune_steps=0)
     with pytest.raises(UserError, match="does not fine-tune"):
         QuickEvaluator(model, space, task(splits, 100), bn_batches=1, val_batches=1).score_along({}, [5])
+
+
+@pytest.mark.parametrize("scorer", ["refit", "finetune"])
+def test_rates_that_project_to_scored_masks_are_not_scored_again(trained, scorer):
+    """A search at aligned widths rounds many neighbours to one architecture: rates whose masks were scored
+    return that score without another forward; other rates score as a fresh evaluator scores them."""
+    model, space, splits = trained
+    settings = dict(scorer=scorer, finetune_steps=4, finetune_lr=0.05, bn_batches=3, val_batches=2)
+    first, same, other = uniform(space, 0.6), uniform(space, 0.6001), uniform(space, 0.3)
+    masks = [project(space, model, rates) for rates in (first, same)]
+    assert all(torch.equal(a, b) for kind in ("filters", "columns")
+               for a, b in zip(getattr(masks[0], kind).values(), getattr(masks[1], kind).values()))
+    evaluator = QuickEvaluator(model, space, task(splits, 100), **settings)
+    scored = evaluator.score(first)
+    calls = []
+    score = evaluator.task.score
+    evaluator.task.score = lambda *args: calls.append(1) or score(*args)
+    assert evaluator.score(same) == scored and not calls
+    assert evaluator.score(other).top1 == QuickEvaluator(model, space, task(splits, 100), **settings).score(other).top1
+    assert len(calls) == 1

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import itertools
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,6 +184,7 @@ class QuickEvaluator:
                             "a final nn.Linear", "use scorer auto, bn or finetune for this model")
         #: the scorer in use (``"auto"`` resolved)
         self.scorer = ("refit" if self._head is not None else "bn") if scorer == "auto" else scorer
+        self._scored: dict[tuple, list[QuickEvalResult]] = {}  # (steps, mask digest) -> results
         self._steps = "no re-estimation" if self.scorer == "bn" and not bn_recalibration else SCORER_STEPS[self.scorer]
 
     def describe(self) -> str:
@@ -199,13 +202,21 @@ class QuickEvaluator:
         """The private copy reset to the original weights, projected at ``rates`` and masked, with
         BatchNorm recalibrated when enabled (no fine-tuning or refit). Returns ``(model, masks)``; the model
         is reused by the next call."""
-        model = self._model
+        masks = self._project(rates)
+        return self._masked(masks), masks
+
+    def _project(self, rates: dict[str, dict[str, float]]):
+        """The masks of ``rates`` on the original weights (the private copy is reset to them)."""
         with torch.no_grad():
-            model.load_state_dict(self._initial)
-            masks = project(self.space, model, rates)
-            apply_masks(model, self.space.param_masks(masks))
-        self._recalibrate(model)
-        return model, masks
+            self._model.load_state_dict(self._initial)
+            return project(self.space, self._model, rates)
+
+    def _masked(self, masks) -> nn.Module:
+        """The private copy (reset by :meth:`_project`) masked by ``masks``, BatchNorm recalibrated when enabled."""
+        with torch.no_grad():
+            apply_masks(self._model, self.space.param_masks(masks))
+        self._recalibrate(self._model)
+        return self._model
 
     def _recalibrate(self, model: nn.Module) -> None:
         if self.bn_recalibration:
@@ -215,7 +226,8 @@ class QuickEvaluator:
     def score(self, rates: dict[str, dict[str, float]]) -> QuickEvalResult:
         """Quick evaluation of ``rates`` (``{"filter": {group: r}, "column": {layer: r}, "irregular":
         {layer: r}}``): the validation score after the scorer's repair and the compact model's parameters /
-        MACs."""
+        MACs. Rates that project onto masks already scored (aligned widths round many neighbours of an action
+        to the same architecture) return that score again without computing it."""
         return self.score_along(rates, [self.finetune_steps] if self.scorer == "finetune" else [0])[0]
 
     def score_along(self, rates: dict[str, dict[str, float]], steps: list[int]) -> list[QuickEvalResult]:
@@ -227,7 +239,11 @@ class QuickEvaluator:
         if self.scorer != "finetune" and list(steps) != [0]:
             raise UserError(f"scorer {self.scorer!r} does not fine-tune", "pass steps [0]")
         start = time.perf_counter()
-        model, masks = self.pruned_model(rates)
+        masks = self._project(rates)
+        key = (tuple(steps), _mask_key(masks))
+        if key in self._scored:
+            return self._scored[key]
+        model = self._masked(masks)
         param_masks = self.space.param_masks(masks)
         counts = self.space.count(masks)
         results = []
@@ -244,7 +260,19 @@ class QuickEvaluator:
                                                macs=int(counts.macs), seconds=time.perf_counter() - start))
             if tuner is not None:
                 tuner.close()
+        self._scored[key] = results
         return results
+
+
+def _mask_key(masks) -> bytes:
+    """A digest of every keep mask of ``masks`` (:class:`autocompress.masks.Masks`), in a fixed order: equal
+    masks, equal key (the scorers are deterministic in the masks)."""
+    digest = hashlib.sha256()
+    for kind in (masks.filters, masks.columns, masks.weights):
+        for name in sorted(kind):
+            digest.update(name.encode())
+            digest.update(np.packbits(kind[name].flatten().numpy()).tobytes())
+    return digest.digest()
 
 
 def _batch_stream(loader) -> Iterator:
