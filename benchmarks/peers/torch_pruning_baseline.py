@@ -116,6 +116,11 @@ def searched_widths(run_dir: str) -> dict[str, int]:
             if layer["filters"] < layer["filters_total"]}
 
 
+def _counter(objective: str, example: torch.Tensor):
+    """The model -> count function of an objective: parameters, or MACs of one forward of ``example``."""
+    return metrics.count_params if objective == "params" else (lambda m: metrics.count_macs(m, example))
+
+
 def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14,
                     round_to: int | None = None) -> TPResult:
     """Bisect the global channel ratio to the smallest one whose pruned model reaches ``target``.
@@ -125,8 +130,7 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
             0.05-step sweep reaches (with ``round_to`` the reach is not monotone in the ratio: on resnet20 at
             round_to=8 it peaks at 3.00x, ratio 0.55, and ratios >= 0.9 prune nothing).
     """
-    count = metrics.count_params if target.objective == "params" else \
-        (lambda m: metrics.count_macs(m, example))
+    count = _counter(target.objective, example)
     original = count(model)
     low, high, best, trials = 0.0, 0.95, None, 0
     for _ in range(steps):
@@ -165,8 +169,7 @@ def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int 
     example = torch.zeros(1, *splits.input_size)
     if widths_from:
         pruned = prune_to_widths(model, example, searched_widths(widths_from))
-        objective = Target.parse(target).objective
-        count = metrics.count_params if objective == "params" else (lambda m: metrics.count_macs(m, example))
+        count = _counter(Target.parse(target).objective, example)
         result = TPResult(model=pruned, pruning_ratio=float("nan"), reduction=count(model) / count(pruned), trials=1)
     else:
         result = prune_to_target(model, example, Target.parse(target), round_to=round_to)
