@@ -35,13 +35,15 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     no round runs ADMM and every epoch is final retraining.
 
     Raises:
-        SettingError (``budget``): fewer epochs than the rule's rounds (each needs its ADMM epoch).
+        SettingError (``budget``): no epoch, or fewer epochs than the rule's rounds (each needs its ADMM epoch).
     """
     rounds = 1 if factor is None else max(1, math.ceil(math.log10(factor) - 1e-9))
     admm = 0 if steps_per_epoch is not None and steps_per_epoch < MIN_ADMM_STEPS else 1
-    if budget < rounds * admm:
-        raise SettingError("budget", f"budget={budget} epochs is below the {rounds} ADMM epochs of the {rounds} "
-                           f"rounds a {factor:g}x target takes (one round per decade)", f"use budget >= {rounds}")
+    if budget < max(1, rounds * admm):
+        needs = "at least one epoch" if rounds * admm <= 1 else \
+            f"one ADMM epoch in each of the {rounds} rounds a {factor:g}x target takes (one round per decade)"
+        raise SettingError("budget", f"budget={budget} epochs is too small: the schedule needs {needs}",
+                           f"use budget >= {max(1, rounds * admm)}")
     return {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
             "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
 
