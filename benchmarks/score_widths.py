@@ -1,9 +1,9 @@
 """Quick-evaluation scores of whole width vectors (session 16, issue 13): does the search's scorer rank
 Torch-Pruning's global-magnitude widths and autocompress's searched widths the way 15 epochs of retraining do?
 
-For resnet20_e40 (the realistic grid's base) it scores, with the search's ``QuickEvaluator`` (scorers ``refit``
-and ``finetune``: 5 BatchNorm batches of 64, 10 validation batches of 256, 50 distilled steps, seed 0, filter
-units at channel multiple 1), Torch-Pruning's widths at flops=2x and 4x and the widths of the autocompress run
+For resnet20_e40 (the realistic grid's base) it scores, with ``benchmarks/fidelity.py``'s evaluators (scorers
+``refit`` and ``finetune``: 5 BatchNorm batches of 64, 10 validation batches of 256, 50 distilled steps, seed 0,
+filter units at channel multiple 1), Torch-Pruning's widths at flops=2x and 4x and the widths of the autocompress run
 folders named on the command line (their last round's kept filters)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/score_widths.py \\
@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "peers")]
 
+import fidelity  # noqa: E402
 import run_grid  # noqa: E402
 import torch_pruning_baseline as tpb  # noqa: E402
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from autocompress.config import Target  # noqa: E402
 from autocompress.data import get_dataset  # noqa: E402
-from autocompress.quick_eval import QuickEvaluator  # noqa: E402
 from autocompress.space import PruningSpace  # noqa: E402
-from autocompress.task import Task  # noqa: E402
 
 
 def main() -> None:
@@ -38,14 +38,7 @@ def main() -> None:
     example = torch.zeros(1, *splits.input_size)
     space = PruningSpace.build(model, example, dims=("filter",), executed_macs_only=True)
 
-    def task() -> Task:
-        return Task(train_loader=splits.loader("train", 64, shuffle=True, augment=False,
-                                               generator=torch.Generator().manual_seed(0)),
-                    val_loader=splits.loader("val", 256, shuffle=True, augment=False,
-                                             generator=torch.Generator().manual_seed(0)))
-
-    evaluators = {scorer: QuickEvaluator(model, space, task(), scorer=scorer, bn_batches=5, val_batches=10, seed=0,
-                                         teacher=model) for scorer in ("refit", "finetune")}
+    evaluators = fidelity.scorers(model, space, splits, SimpleNamespace(bn_batches=5, val_batches=10, seed=0))
     sizes = {group.name: group.size for group in space.filter_groups}
     candidates = {}
     for target in ("flops=2x", "flops=4x"):

@@ -39,11 +39,12 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     """
     rounds = 1 if factor is None else max(1, math.ceil(math.log10(factor) - 1e-9))
     admm = 0 if steps_per_epoch is not None and steps_per_epoch < MIN_ADMM_STEPS else 1
-    if budget < max(1, rounds * admm):
-        needs = "at least one epoch" if rounds * admm <= 1 else \
+    least = max(1, rounds * admm)
+    if budget < least:
+        needs = "at least one epoch" if least == 1 else \
             f"one ADMM epoch in each of the {rounds} rounds a {factor:g}x target takes (one round per decade)"
         raise SettingError("budget", f"budget={budget} epochs is too small: the schedule needs {needs}",
-                           f"use budget >= {max(1, rounds * admm)}")
+                           f"use budget >= {least}")
     return {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
             "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
 

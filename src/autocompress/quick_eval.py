@@ -242,7 +242,7 @@ class QuickEvaluator:
         masks = self._project(rates)
         key = (tuple(steps), _mask_key(masks))
         if key in self._scored:
-            return self._scored[key]
+            return list(self._scored[key])
         model = self._masked(masks)
         param_masks = self.space.param_masks(masks)
         counts = self.space.count(masks)
@@ -261,7 +261,7 @@ class QuickEvaluator:
             if tuner is not None:
                 tuner.close()
         self._scored[key] = results
-        return results
+        return list(results)
 
 
 def _mask_key(masks) -> bytes:
