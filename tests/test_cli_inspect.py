@@ -2,6 +2,7 @@
 (one line on stderr, exit status 2)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -78,6 +79,30 @@ def test_inspect_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     assert main(["inspect", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("autocompress: error:") and message in err and "\n" not in err
+
+
+def test_missing_user_code_points_to_import_flag(tmp_path, capsys, monkeypatch):
+    """A checkpoint of the user's own class (module in the current folder) or a model name their module registers:
+    without --import the one-line error names the flag and the module; with it the command runs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynet_ac.py").write_text("import torch.nn as nn\n\nclass MyNet(nn.Module):\n"
+                                          "    def __init__(self):\n        super().__init__()\n"
+                                          "        self.fc = nn.Linear(4, 3)\n\n"
+                                          "    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = importlib.import_module("mynet_ac").MyNet()
+    path = save_checkpoint(tmp_path / "mine.pt", model=model, model_class="mynet_ac:MyNet", model_kwargs={},
+                           dataset={}, config={}, metrics={})
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), os.getcwd())])
+    monkeypatch.delitem(sys.modules, "mynet_ac")
+    assert main(["inspect", str(path), "--input-size", "1,2,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot import module 'mynet_ac'" in err and "--import mynet_ac" in err and "\n" not in err
+    assert main(["inspect", "--model", "no_such_net_xyz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown model 'no_such_net_xyz'" in err and "--import MODULE" in err
+    assert main(["inspect", "--import", "mynet_ac", str(path), "--input-size", "1,2,2"]) == 0
+    assert "parameters   15" in capsys.readouterr().out
 
 
 def test_inspect_corrupt_and_mismatched_checkpoints_exit_2(checkpoint, tmp_path, capsys):

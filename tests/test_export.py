@@ -126,6 +126,8 @@ def test_cli_export_compact_checkpoint(tmp_path, capsys):
     images = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (torch.export.load(tmp_path / "c.pt2").module()(images) - compact_model(images)).abs().max() <= 1e-5
+    assert main(["export", str(ckpt), "--onnx", str(tmp_path / "q.onnx"), "--quiet"]) == 0
+    assert capsys.readouterr().out == "" and (tmp_path / "q.onnx").stat().st_size > 0
     assert main(["export", str(ckpt)]) == 2
     assert "nothing to write; pass --onnx OUT.onnx and / or --torch-export OUT.pt2" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--torch-export", str(tmp_path / "c.pt2")]) == 2

@@ -3,6 +3,8 @@ compaction, the search's target fitting), deployed latency in the final record, 
 table (structure, cache), latency targets, and the refusals of bad input before any work."""
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 import sys
@@ -636,7 +638,8 @@ class NarrowFirst(nn.Module):
     ("flops=3x", None, 8, "cannot reach"), ("flops=3x", "auto", 8, "cannot reach"),
     ("params=1.2x", "auto", 16, None), ("params=3x", "auto", 8, "leaves filter pruning too little room for"),
     ("params=3x", None, 1, None)])
-def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, target, setting, outcome, reason):
+def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, caplog, target, setting, outcome,
+                                                                    reason):
     """With filter pruning alone the narrowest widths at 16 remove 746,688 / 304,176 = 2.45x of NarrowFirst's
     MACs (convolutions 576 x (16 + 256 + 1024) plus the Linear's 192, against 576 x (16 + 256 + 256) + 48), at
     8 9.5x. A flops target column-prunes none of its 3x3 convs (under 128 filters: no executed MACs saved), so
@@ -648,9 +651,12 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
     train, val = loaders()
     lines: list[str] = []
     config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
-    compression = Compression(NarrowFirst(), torch.randn(1, 1, 8, 8), target,
-                              task_args=dict(train_loader=train, val_loader=val), config=config, progress=False,
-                              log=lines.append)
+    with caplog.at_level(logging.INFO, logger="autocompress.space"):
+        compression = Compression(NarrowFirst(), torch.randn(1, 1, 8, 8), target,
+                                  task_args=dict(train_loader=train, val_loader=val), config=config, progress=False,
+                                  log=lines.append)
+    excluded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not pruned")]
+    assert len(excluded) == len(set(excluded)) == (4 if target.startswith("flops") else 1)  # once, fall-back or not
     assert compression.multiple == compression.pipeline.channel_multiple == outcome
     assert compression.first_space.channel_multiple == outcome
     fallbacks = [line for line in lines if "falling back to 8" in line]
@@ -660,6 +666,22 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
     filters = [w for unit, w in zip(sampler.units, sampler.widths or [None] * len(sampler.units))
                if unit.kind == "filter"]
     assert filters == ([[16], [16], [16, 32, 48, 64]] if outcome == 8 else [None, None, None])
+    if outcome == 8:
+        assert "given back on the 16-channel block only" in fallbacks[0]
+
+
+@pytest.mark.parametrize("reached, multiple, block, words", [
+    (2.19, 8, 16, None), (2.45, 8, 16, "fell back to 8 and gave channels back on the CPU's 16-channel block only"),
+    (2.45, 16, 16, "channel_multiple 16 allows only coarse widths"), (2.45, 1, 1, "the round records")])
+def test_a_target_passed_by_more_than_a_tenth_is_warned_about_naming_the_cause(reached, multiple, block, words):
+    """A fresh user's flops=2x ended at 2.45x after ``auto`` fell back from 16 to 8 (the give-back on the
+    16-channel block could not land closer) without a word: above 1.1x the target the final record says why."""
+    from autocompress.compress import Target, _overshoot_warning
+
+    base, compressed = {"params": 1000, "macs": 24500}, {"params": 600, "macs": 10000}
+    warning = _overshoot_warning(base, {**compressed, "macs": round(24500 / reached)}, Target.parse("flops=2x"),
+                                 multiple, block)
+    assert (warning is None) if words is None else (f"is {reached:.3g}x; " in warning and words in warning)
 
 
 def test_an_explicit_multiple_that_cannot_reach_a_flops_target_is_refused_naming_the_unpruned_columns():

@@ -30,7 +30,7 @@ from torch import nn
 
 from .architecture import apply_architecture
 from .atomic import atomic_torch_save
-from .errors import UserError
+from .errors import MissingCode, UserError
 from .integrity import check_finite, verify_archive
 from .models import create_model
 from .sparse import from_sparse_state_dict, is_sparse, to_sparse_state_dict
@@ -73,9 +73,9 @@ def import_model_class(path: str) -> type[nn.Module]:
     try:
         found: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module means the same here
-        raise UserError(f"cannot import module {module_name!r} of model class {path} ({type(exc).__name__}: "
-                        f"{str(exc)[:160]})", "install the package that defines it or put it on PYTHONPATH; or "
-                        + _pass_instance(path)) from exc
+        raise MissingCode(f"cannot import module {module_name!r} of model class {path} ({type(exc).__name__}: "
+                          f"{str(exc)[:160]})", "install the package that defines it or put it on PYTHONPATH; or "
+                          + _pass_instance(path), module=module_name) from exc
     for part in qualname.split("."):
         if not hasattr(found, part):
             raise UserError(f"module {module_name!r} has no {qualname!r} (model class {path})",

@@ -413,9 +413,11 @@ class Compression:
             last = index == len(chain) - 1
             if index:
                 self.pipeline.log(f"channel multiple: {self.multiple} (auto) {problem}; falling back to {multiple}, "
-                                  "which runs slower per MAC removed on this CPU")
+                                  "which runs slower per MAC removed on this CPU" + (
+                                      f" (channels a fit does not need are given back on the {self.block}-channel "
+                                      "block only)" if self.table is None and multiple > 1 else ""))
                 self.multiple = self.pipeline.channel_multiple = multiple
-                self.first_space = self.pipeline.space(self.first_model)
+                self.first_space = self.first_space.at_multiple(multiple)
                 if self.table is not None:
                     self.table = self._latency_table(base)
             try:
@@ -800,7 +802,7 @@ class Compression:
         for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None,
                                               aligned=self.multiple > 1),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
-                        _overshoot_warning(*rows, self.target, self.multiple)):
+                        _overshoot_warning(*rows, self.target, self.multiple, self.block)):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
@@ -854,7 +856,7 @@ DROP_WARNING_POINTS = 5.0
 
 
 #: a params / flops target passed by more than this fraction is warned about (:func:`_overshoot_warning`)
-OVERSHOOT_WARNING = 0.25
+OVERSHOOT_WARNING = 0.1
 
 
 def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target: Target) -> str | None:
@@ -874,20 +876,27 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
     return None
 
 
-def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: int) -> str | None:
+def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: int, block: int) -> str | None:
     """For a params / flops target: the warning when the compact model passes it by more than
     :data:`OVERSHOOT_WARNING` (a fraction), having removed more than asked and likely lost accuracy for it: at
     aligned widths a layer's allowed widths can be too coarse for a closer fit (a conv applied twice on a
-    32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16)."""
+    32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16); after ``auto`` fell back
+    from the CPU's ``block`` to ``multiple``, channels are given back on the block only (for speed)."""
     if target.objective not in ("params", "flops"):
         return None
     key = "params" if target.objective == "params" else "macs"
     reached = base[key] / max(compressed[key], 1)
     if reached <= target.factor * (1 + OVERSHOOT_WARNING):
         return None
-    fix = (f"channel_multiple {multiple} allows only coarse widths here: set channel_multiple to a smaller "
-           "multiple (8, or 1 for any width) for a closer fit" if multiple > 1 else
-           "the round records (refit, purification) show where the surplus went")
+    if block > multiple:
+        fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
+               f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
+               f"{multiple} for a closer fit that may run slower")
+    elif multiple > 1:
+        fix = (f"channel_multiple {multiple} allows only coarse widths here: set channel_multiple to a smaller "
+               "multiple (8, or 1 for any width) for a closer fit")
+    else:
+        fix = "the round records (refit, purification) show where the surplus went"
     return f"WARNING: target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"
 
 

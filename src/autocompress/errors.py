@@ -32,6 +32,16 @@ class SettingError(UserError):
         self.setting = setting
 
 
+class MissingCode(UserError):
+    """A :class:`UserError` about code the input names but Python cannot find: a checkpoint's model class whose
+    module does not import, or a model name nobody registered. ``module`` is the module to import first, when
+    known. The CLI adds how to import it (``--import``)."""
+
+    def __init__(self, problem: str, fix: str | None = None, *, module: str | None = None):
+        super().__init__(problem, fix)
+        self.module = module
+
+
 class TargetMissed(UserError):
     """A target the trained compact model misses when measured at the end (a latency target on a machine
     slower than during the search). ``result`` holds what the run produced (a

@@ -39,6 +39,7 @@ compacted model has (MACs from :mod:`autocompress.metrics`, i.e. ``torch.utils.f
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -392,6 +393,13 @@ class PruningSpace:
         return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple)
+
+    def at_multiple(self, channel_multiple: int) -> "PruningSpace":
+        """This space with filter groups aligned to another ``channel_multiple`` (a shallow copy: the units,
+        shapes and counts do not depend on it, so nothing is traced again and no exclusion is logged twice)."""
+        other = copy.copy(self)
+        other.channel_multiple = int(channel_multiple)
+        return other
 
     def check_dims(self, dims: Sequence[str]) -> None:
         """Refuse, before any work, pruning ``dims`` when one of these kinds has no unit in the space.

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except UserError as exc:
-        print(f"autocompress: error: {exc}{_flag_of(exc, args)}", file=sys.stderr)
+        print(f"autocompress: error: {exc}{_flag_of(exc, args)}{_import_hint(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full or read-only disk, a vanished folder: one line, and what is kept
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
@@ -93,6 +93,17 @@ def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
     if not isinstance(exc, SettingError) or "set by --" in str(exc) or getattr(args, str(setting), None) is None:
         return ""
     return f" (set by --{setting.replace('_', '-')})"
+
+
+def _import_hint(exc: Exception) -> str:
+    """``; or --import MODULE ...`` when ``exc`` is a MissingCode error: the user's own code is not imported."""
+    from ..errors import MissingCode
+
+    if not isinstance(exc, MissingCode):
+        return ""
+    module = exc.module or "MODULE"
+    return (f"; or, on the command line, --import {module} (the module that defines "
+            f"{'it' if exc.module else 'or registers it'}; the current folder is on the import path)")
 
 
 def import_modules(names: list[str]) -> None:

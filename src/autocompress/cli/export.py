@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runtime threads for --columns auto's timing (default 1)")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the written files with PyTorch")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors (the exit status tells)")
 
 
 def _check_out(out: Path, flag: str, suffix: str, checkpoint: str, overwrite: bool) -> None:
@@ -114,13 +115,18 @@ def _columns_form(model: nn.Module, example: torch.Tensor, args: argparse.Namesp
     runtime = "onnxruntime" if args.onnx else "torch"
     recorded = _recorded_dense_layers(Path(args.checkpoint), runtime, args.runtime_threads, names)
     if recorded is not None:
-        print(f"column-pruned layers: {len(recorded)} of {len(names)} dense, as the compress run chose in {runtime} "
+        _say(args, f"column-pruned layers: {len(recorded)} of {len(names)} dense, as the compress run chose in {runtime} "
               f"({args.runtime_threads} thread(s), its metrics.jsonl); --columns stored / dense override it")
         return with_dense_layers(model, recorded)
     form = deployed_form(model, example, LatencyConfig(runtime=runtime, threads=args.runtime_threads))
-    print(f"column-pruned layers: {len(form.dense_layers)} of {len(names)} dense (faster in {runtime}, "
+    _say(args, f"column-pruned layers: {len(form.dense_layers)} of {len(names)} dense (faster in {runtime}, "
           f"{args.runtime_threads} thread(s); --columns stored keeps them all)")
     return form.model
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    if not args.quiet:
+        print(line)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
     model = _columns_form(model, example, args)
     if args.onnx:
         result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
-        print(_summary(result, not args.no_check, "onnxruntime"))
+        _say(args, _summary(result, not args.no_check, "onnxruntime"))
     if args.torch_export:
         result = export_program(model, example, args.torch_export, check=not args.no_check)
-        print(_summary(result, not args.no_check, "loaded program"))
+        _say(args, _summary(result, not args.no_check, "loaded program"))
     return 0

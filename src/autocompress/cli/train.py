@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     state.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     state.add_argument("--skip-if-exists", action="store_true",
                        help="if --out is a finished checkpoint, do nothing; if interrupted, resume it")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
 
 
 def parse_model_args(items: list[str]) -> dict:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import UserError
+from ..errors import MissingCode, UserError
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -110,7 +110,7 @@ def _unknown(name: str) -> UserError:
     else:
         close = difflib.get_close_matches(name, list_models(include_torchvision=True), n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return UserError(f"unknown model {name!r}{hint}",
+    return MissingCode(f"unknown model {name!r}{hint}",
                      "run `autocompress inspect --list-models` to list the model names "
                      "(any torchvision classifier as torchvision:<name>)")
 
