@@ -54,7 +54,7 @@ from autocompress.admm import hard_prune, masked_retrain
 from autocompress.atomic import atomic_write_text
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 from autocompress.annealing import simulated_annealing
-from autocompress.compaction import compact, densify
+from autocompress.compaction import shrink
 from autocompress.config import DIMS, SearchConfig, Target
 from autocompress.data import get_dataset
 from autocompress.distillation import DistillationConfig, Distiller
@@ -92,8 +92,7 @@ def retrained_top1(model, space, rates, splits, epochs: int, seed: int) -> float
     net = copy.deepcopy(model)
     _, param_masks = hard_prune(net, space, rates)
     example = torch.zeros(2, *splits.input_size)
-    small = densify(compact(net, param_masks, example).model)
-    masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
+    small, masks = shrink(net, param_masks, example)
     loader = splits.loader("train", 128, shuffle=True, augment=True, generator=torch.Generator().manual_seed(seed))
     masked_retrain(small, masks, loader, TrainConfig(epochs=epochs, lr=0.01), progress=False,
                    distiller=Distiller(model, DistillationConfig(enabled=True)))
@@ -113,8 +112,9 @@ def retest(target: str, sampler: ActionSampler, model, space, splits, args, shar
         print(json.dumps({"target": target, "candidate": index, "retest": top1}), flush=True)
 
 
-def scorers(model, space, splits, args) -> dict[str, QuickEvaluator]:
-    """The evaluators compared, each on the same data (``train`` batch 64, ``val`` batch 256, seeded)."""
+def scorers(model, space, splits, args, example_inputs=None) -> dict[str, QuickEvaluator]:
+    """The evaluators compared, each on the same data (``train`` batch 64, ``val`` batch 256, seeded); with
+    ``example_inputs`` the finetune scorer trains each candidate compacted (as ``compress`` does)."""
     def task() -> Task:
         return Task(train_loader=splits.loader("train", 64, shuffle=True, augment=False,
                                                generator=torch.Generator().manual_seed(args.seed)),
@@ -124,7 +124,8 @@ def scorers(model, space, splits, args) -> dict[str, QuickEvaluator]:
     common = dict(bn_batches=args.bn_batches, val_batches=args.val_batches, seed=args.seed)
     return {"bn": QuickEvaluator(model, space, task(), **common),
             "refit": QuickEvaluator(model, space, task(), scorer="refit", **common),
-            "finetune": QuickEvaluator(model, space, task(), scorer="finetune", finetune_lr=0.01, **common)}
+            "finetune": QuickEvaluator(model, space, task(), scorer="finetune", finetune_lr=0.01,
+                                       example_inputs=example_inputs, **common)}
 
 
 def score_candidate(evaluators: dict[str, QuickEvaluator], rates: dict, steps: list[int]

@@ -156,6 +156,9 @@ AUTOCOMPRESS_METHODS = {
     # distilled fine-tuning steps prefer Torch-Pruning's (59.4 vs 53.8 %), which retrain 1.1 points higher
     "ac_budget_exec_ft": ("autocompress defaults, `budget`, quick evaluation by 50 distilled fine-tuning steps",
                           {"channel_multiple": "auto", "quick_eval": {"scorer": "finetune"}}),
+    # session 17: the same scorer on a params target (Fashion-MNIST 30x: Torch-Pruning + KD led ac_kd by 0.5)
+    "ac_budget_ft": ("autocompress, `budget`, quick evaluation by 50 distilled fine-tuning steps",
+                     {"quick_eval": {"scorer": "finetune"}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -168,7 +171,7 @@ METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
             "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8", "ac_budget_exec_rho_auto",
-            "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft")
+            "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 

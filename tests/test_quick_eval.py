@@ -1,11 +1,14 @@
 """Quick evaluation on real Fashion-MNIST: one-shot projection + adaptive BatchNorm + validation top-1."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from autocompress import quick_eval
 from autocompress.data import get_dataset
 from autocompress.errors import UserError
 from autocompress.models import create_model
@@ -204,6 +207,77 @@ def test_finetune_holds_the_masks_repairs_the_score_and_matches_along_its_run(tr
     assert along[1].top1 > bn_only
     after, _ = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is never touched
+
+
+class FixedView(nn.Module):
+    """A conv whose output is flattened to a hard-coded size: it runs masked but not with channels removed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, stride=4), nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).reshape(-1, 8 * 7 * 7))
+
+
+@pytest.mark.parametrize("net", ["fmnist_cnn", "fixed_view"])
+def test_finetune_of_the_compacted_candidate_scores_as_the_masked_one(trained, net):
+    """With ``example_inputs`` each candidate is fine-tuned with its pruned channels removed: the same
+    function and the same updates of the kept weights as the masked model at full width (float rounding
+    aside), so the same score to within a validation image; a model that cannot lose channels (a hard-coded
+    reshape) is fine-tuned masked, exactly as without them."""
+    model, space, splits = trained
+    if net == "fixed_view":
+        with seeded(0):
+            model = FixedView()
+        space = PruningSpace.build(model, torch.randn(1, 1, 28, 28), dims=("filter",))
+    rates = uniform(space, 0.5)
+    settings = dict(scorer="finetune", finetune_steps=6, finetune_lr=0.02, bn_batches=3, val_batches=3)
+    masked = QuickEvaluator(model, space, task(splits, 100), **settings).score(rates)
+    compacted = QuickEvaluator(model, space, task(splits, 100), example_inputs=torch.randn(1, 1, 28, 28),
+                               **settings)
+    shrunk = []
+    fine_tuning = quick_eval._FineTuning
+    monkey = lambda tuned, masks, evaluator: shrunk.append(tuned) or fine_tuning(tuned, masks, evaluator)  # noqa
+    quick_eval._FineTuning = monkey
+    try:
+        result = compacted.score(rates)
+    finally:
+        quick_eval._FineTuning = fine_tuning
+    full = sum(p.numel() for p in model.parameters())
+    if net == "fixed_view":
+        assert result.top1 == masked.top1 and sum(p.numel() for p in shrunk[0].parameters()) == full
+    else:
+        assert abs(result.top1 - masked.top1) <= 1 / 300 and (result.params, result.macs) == (masked.params,
+                                                                                              masked.macs)
+        assert sum(p.numel() for p in shrunk[0].parameters()) < 0.6 * full
+
+
+def test_finetune_candidates_replay_the_first_ones_batches_and_teacher_outputs(trained, monkeypatch):
+    """Every candidate fine-tunes on the same batches (the loader is reseeded per candidate): the first draws
+    them from the loader and runs the teacher on them; later candidates replay the kept batches and the
+    teacher's cached outputs, and score exactly as a fresh evaluator scores them. Without room to keep the
+    batches, each candidate draws them again (the same ones)."""
+    model, space, splits = trained
+    drawn = []
+    stream = quick_eval._batch_stream
+    monkeypatch.setattr(quick_eval, "_batch_stream", lambda loader: (drawn.append(1) or b for b in stream(loader)))
+    teacher = copy.deepcopy(model)
+    teacher_runs = []
+    teacher.register_forward_hook(lambda *args: teacher_runs.append(1))
+    settings = dict(scorer="finetune", finetune_steps=5, finetune_lr=0.05, bn_batches=2, val_batches=2,
+                    teacher=teacher)
+    evaluator = QuickEvaluator(model, space, task(splits, 100), **settings)
+    drawn.clear(), teacher_runs.clear()
+    scores = [evaluator.score(uniform(space, rate)).top1 for rate in (0.3, 0.5, 0.7)]
+    assert len(drawn) == 5 and len(teacher_runs) == 5  # the first candidate's five steps only
+    for rate, score in zip((0.3, 0.5, 0.7), scores):
+        assert QuickEvaluator(model, space, task(splits, 100), **settings).score(uniform(space, rate)).top1 == score
+    monkeypatch.setattr(quick_eval, "KEPT_BATCH_BYTES", 0)
+    evaluator = QuickEvaluator(model, space, task(splits, 100), **settings)
+    drawn.clear()
+    assert [evaluator.score(uniform(space, rate)).top1 for rate in (0.3, 0.5, 0.7)] == scores
+    assert len(drawn) == 15
 
 
 def test_bad_scorer_settings_are_user_errors(trained):

@@ -666,7 +666,7 @@ class Compression:
         settings = self.config.quick_eval
         with self.task.seeded(phase_seed(self.config.seed, state.index, "search")):
             evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings),
-                                       teacher=self.pipeline.base_model,
+                                       teacher=self.pipeline.base_model, example_inputs=self.example,
                                        seed=phase_seed(self.config.seed, state.index, "search"))
         self.pipeline.log(f"round {state.index} search: quick evaluation by {evaluator.describe()}")
         scale = 100.0 if self.task.score_fn is None else 1.0

@@ -130,10 +130,12 @@ class TeacherCache:
         max_bytes: most bytes of teacher outputs kept.
         state: a :meth:`state_dict` to continue from (an epoch checkpoint), so that a resumed phase serves
             the same stored outputs as an uninterrupted one.
+        adaptive: turn off after an epoch of few hits (above); False for a caller whose inputs repeat by
+            construction (the quick evaluation's fine-tuning replays the same batches for every candidate).
     """
 
-    def __init__(self, max_bytes: int = 256 * 2**20, state: dict | None = None):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int = 256 * 2**20, state: dict | None = None, adaptive: bool = True):
+        self.max_bytes, self.adaptive = max_bytes, adaptive
         self.enabled, self.epochs, self.stored_bytes = True, 0, 0
         self._store: dict[bytes, torch.Tensor] = {}
         self._rows = self._hits = 0
@@ -174,9 +176,9 @@ class TeacherCache:
 
     def end_epoch(self) -> None:
         """Count a finished epoch; after the first, turn off when under ``MIN_HIT_RATE`` of its rows were
-        found."""
+        found (unless not ``adaptive``)."""
         self.epochs += 1
-        if self.epochs > 1 and self._hits < self._rows * MIN_HIT_RATE:
+        if self.adaptive and self.epochs > 1 and self._hits < self._rows * MIN_HIT_RATE:
             self._turn_off()
         self._rows = self._hits = 0
 

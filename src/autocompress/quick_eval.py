@@ -12,7 +12,9 @@ evaluation scorers"): ``"bn"`` only re-estimates BatchNorm statistics (the paper
 adaptive BN); ``"refit"`` then refits the final linear layer by ridge least squares onto the teacher's
 logits on the BatchNorm batches (the kept inputs of each output only); ``"finetune"`` first runs
 ``finetune_steps`` SGD steps on the pruned model with its masks held (:class:`autocompress.masks.MaskEnforcer`),
-optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm; ``"auto"`` is
+optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm (given example
+inputs, on the candidate compacted: the same function at fewer MACs per step; every candidate trains on the same
+batches, kept with the teacher's outputs on them after the first); ``"auto"`` is
 ``"refit"`` for a model whose output comes from a final ``nn.Linear``, else ``"bn"``. One-shot
 pruning at a large step leaves every candidate near chance, where top-1 cannot rank them; a short repair
 moves them back into the range where it can.
@@ -39,7 +41,8 @@ from torch import nn
 
 from . import distributed
 from .analysis import analysis_mode
-from .distillation import DistillationConfig, Distiller
+from .compaction import shrink
+from .distillation import DistillationConfig, Distiller, TeacherCache
 from .errors import UserError
 from .masks import MaskEnforcer, apply_masks
 from .projection import project
@@ -49,6 +52,9 @@ from .training import train_epoch
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"refit"`` where the model ends in a
 #: Linear classifier, else ``"bn"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
+#: bytes of fine-tuning batches a ``"finetune"`` evaluator keeps to replay for every candidate (beyond them the
+#: loader, reseeded, gives the same batches again at the cost of loading them)
+KEPT_BATCH_BYTES = 256 * 2**20
 #: what each resolved scorer does to a one-shot pruned candidate before scoring it (for the search's log)
 SCORER_STEPS = {"bn": "BatchNorm statistics re-estimated", "refit": "BatchNorm statistics re-estimated and the "
                 "last layer refit to the base model's outputs", "finetune": "a short masked fine-tuning"}
@@ -155,6 +161,10 @@ class QuickEvaluator:
         teacher: the model whose outputs ``"refit"`` and distillation aim at (default: ``model``; compress
             passes its base model); not modified.
         seed: seeds the fine-tuning batches' order (the same for every candidate).
+        example_inputs: one input batch (a tensor or tuple, e.g. ``[1, 3, 32, 32]``) for tracing; when given,
+            ``"finetune"`` trains each candidate compacted (:func:`autocompress.compaction.shrink`: pruned
+            channels removed, the same function at fewer MACs per step) instead of masked at full width; a
+            model that cannot be compacted is fine-tuned masked.
 
     Raises:
         UserError: a batch count below 1 (:func:`check_batches`), a bad scorer setting (:func:`check_scorer`),
@@ -164,10 +174,10 @@ class QuickEvaluator:
     def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
                  bn_batches: int = 5, val_batches: int | None = 10, finetune_steps: int = 50,
                  finetune_lr: float = 0.01, finetune_distill: bool = True, teacher: nn.Module | None = None,
-                 seed: int = 0):
+                 seed: int = 0, example_inputs: Any = None):
         check_batches(bn_batches, val_batches)
         check_scorer(scorer, finetune_steps, finetune_lr)
-        self.space, self.task, self.seed = space, task, seed
+        self.space, self.task, self.seed, self._example = space, task, seed, example_inputs
         self.bn_recalibration = bn_recalibration
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self._model = copy.deepcopy(model)
@@ -178,6 +188,11 @@ class QuickEvaluator:
         self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
         self._distiller = Distiller(teacher, DistillationConfig()) if scorer == "finetune" and finetune_distill \
             else None
+        # every candidate fine-tunes on the same batches: the first draws them, the others replay them, and the
+        # teacher's outputs on them come from a cache
+        self._teacher_cache = TeacherCache(adaptive=False) if self._distiller is not None else None
+        self._kept: list = []
+        self._kept_bytes: int | None = 0  # None: a batch did not fit (or is not all tensors), keep no more
         self._head = final_linear(self._model, teacher, task, self._bn_data) if refit else None
         if scorer == "refit" and self._head is None:
             raise UserError("quick_eval scorer 'refit' needs a model whose output [B, classes] comes straight from "
@@ -245,6 +260,8 @@ class QuickEvaluator:
             return list(self._scored[key])
         model = self._masked(masks)
         param_masks = self.space.param_masks(masks)
+        if self.scorer == "finetune" and self._example is not None:
+            model, param_masks = self._shrunk(model, param_masks)
         counts = self.space.count(masks)
         results = []
         with self.task.seeded(self.seed) if self.scorer == "finetune" else contextlib.nullcontext():
@@ -262,6 +279,40 @@ class QuickEvaluator:
                 tuner.close()
         self._scored[key] = results
         return list(results)
+
+
+    def _shrunk(self, model: nn.Module, param_masks: dict[str, torch.Tensor]
+                ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The masked candidate compacted for fine-tuning (:func:`autocompress.compaction.shrink`), or itself
+        when it cannot be compacted (an untraceable structure: fine-tuning then runs at full width)."""
+        try:
+            return shrink(model, param_masks, self._example, channel_multiple=self.space.channel_multiple)
+        except Exception:  # noqa: BLE001 - any failure leaves the masked model, the reference this equals
+            self._example = None  # the same structure fails for every candidate: stop trying
+            return model, param_masks
+
+
+    def _tuning_batches(self) -> Iterator:
+        """One candidate's fine-tuning batches: those kept (:data:`KEPT_BATCH_BYTES`) by earlier candidates,
+        then the loader's stream after them (the loader reseeded by :meth:`score_along` yields the same batches
+        for every candidate), keeping each new one while it fits."""
+        yield from list(self._kept)
+        for batch in itertools.islice(_batch_stream(self.task.train_loader), len(self._kept), None):
+            size = _nbytes(batch)
+            if self._kept_bytes is not None and size is not None and self._kept_bytes + size <= KEPT_BATCH_BYTES:
+                self._kept.append(batch)
+                self._kept_bytes += size
+            else:
+                self._kept_bytes = None
+            yield batch
+
+
+def _nbytes(batch: Any) -> int | None:
+    """Bytes of a batch's tensors (a tensor, or a tuple / list of them); None when it holds anything else."""
+    parts = batch if isinstance(batch, (tuple, list)) else (batch,)
+    if not all(isinstance(part, torch.Tensor) for part in parts):
+        return None
+    return sum(part.numel() * part.element_size() for part in parts)
 
 
 def _mask_key(masks) -> bytes:
@@ -295,14 +346,15 @@ class _FineTuning:
         self.model, self.evaluator, self.done = model, evaluator, 0
         self.optimizer = torch.optim.SGD(model.parameters(), lr=evaluator.finetune_lr, momentum=0.9)
         self.enforcer = MaskEnforcer(model, param_masks).attach(self.optimizer)
-        self.stream = _batch_stream(evaluator.task.train_loader)
+        self.stream = evaluator._tuning_batches()
 
     def run_to(self, steps: int) -> None:
         """Train until ``steps`` steps have run in total."""
         if steps > self.done:
             with torch.enable_grad():
                 train_epoch(self.model, itertools.islice(self.stream, steps - self.done), self.optimizer,
-                            task=self.evaluator.task, distiller=self.evaluator._distiller, progress=False)
+                            task=self.evaluator.task, distiller=self.evaluator._distiller,
+                            teacher_cache=self.evaluator._teacher_cache, progress=False)
             self.done = steps
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import admm, distributed, metrics
 from .alignment import misaligned_widths
-from .compaction import compact, densify
+from .compaction import compact, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
 from .epoch_checkpoint import EpochCheckpoint
@@ -459,11 +459,8 @@ class Pipeline:
         (pruned filters / channels physically gone, pruned columns and weights still present as zeros) and
         ``state.param_masks`` by the masks of those zeros (conv / linear weights). Same function, fewer MACs
         per training step; deterministic, so a resumed run rebuilds the same architecture."""
-        small = densify(compact(state.model, state.param_masks, self.example_inputs,
-                                channel_multiple=self.channel_multiple).model)
-        small.train(state.model.training)
-        state.model = small
-        state.param_masks = {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
+        state.model, state.param_masks = shrink(state.model, state.param_masks, self.example_inputs,
+                                                channel_multiple=self.channel_multiple)
 
     def _retrain(self, state: RoundState, *, last: bool) -> list[dict]:
         self._shrink(state)
