@@ -27,7 +27,7 @@ class ExampleRun:
 
 #: the settings of ``--tiny`` (the test suite's size): one round, one epoch per phase, three search evaluations
 TINY_CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
-               "quick_eval": {"bn_batches": 2, "val_batches": 2}, "latency_runs": 2}
+               "quick_eval": {"bn_batches": 2, "val_batches": 2, "finetune_steps": 5}, "latency_runs": 2}
 
 
 def parser(description: str) -> argparse.ArgumentParser:

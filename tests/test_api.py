@@ -24,7 +24,7 @@ from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
 
 CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
-          "quick_eval": {"bn_batches": 2, "val_batches": 2}, "latency_runs": 2}
+          "quick_eval": {"bn_batches": 2, "val_batches": 2, "finetune_steps": 5}, "latency_runs": 2}
 CLASSES = 3
 
 
@@ -150,6 +150,11 @@ def test_a_forward_that_fails_in_channels_last_layout_runs_in_the_default_one():
                                    val_loader=val, config=CONFIG, progress=False, log=lines.append)
     assert any(line.startswith("channels-last layout: off") for line in lines)
     assert result.compression_rate >= 2.0 * 0.99
+    # the search says why it stopped and how many distinct candidates it scored (CONFIG: 3 evaluations)
+    stop = [line for line in lines if "search: stopped after" in line]
+    scored = {line.split("best score ")[1].split(",")[0] for line in lines if "search: evaluation" in line}
+    assert len(stop) == 1 and "stopped after 3 evaluations (max_evaluations 3 reached); " in stop[0]
+    assert 1 <= int(stop[0].split("; ")[1].split()[0]) <= 3 and scored
     x, y = images(48, 1)
     with torch.no_grad():
         expected = float((result.model(x).argmax(1) == y).float().mean())

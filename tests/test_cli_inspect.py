@@ -97,7 +97,8 @@ def test_missing_user_code_points_to_import_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.delitem(sys.modules, "mynet_ac")
     assert main(["inspect", str(path), "--input-size", "1,2,2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot import module 'mynet_ac'" in err and "--import mynet_ac" in err and "\n" not in err
+    assert ("cannot import module 'mynet_ac' of model class mynet_ac:MyNet (ModuleNotFoundError: No module named "
+            "'mynet_ac'); pass --import mynet_ac (") in err and "; or install the package" in err and "\n" not in err
     assert main(["inspect", "--model", "no_such_net_xyz"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown model 'no_such_net_xyz'" in err and "--import MODULE" in err

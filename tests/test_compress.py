@@ -21,7 +21,7 @@ from autocompress.space import PruningSpace
 from autocompress.training import TrainConfig, fit
 
 SMALL = {"val_size": 500, "max_train": 1500, "max_test": 500, "batch_size": 64, "latency_runs": 2,
-         "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 2},
+         "search": {"max_evaluations": 3}, "quick_eval": {"bn_batches": 2, "val_batches": 2, "finetune_steps": 5},
          "admm": {"epochs": 1, "rho_init": 0.05, "update_interval": 6}, "retrain": {"epochs": 1},
          "purification": {"enabled": True, "thresholds": [0.05]}, "target": "params=3x", "rounds": [1.8, 3.0]}
 

@@ -26,7 +26,7 @@ from autocompress.annealing import AnnealingConfig, simulated_annealing
 WORKER = Path(__file__).with_name("distributed_worker.py")
 CONFIG = {"target": "params=2x", "rounds": 1, "admm": {"epochs": 1, "update_interval": 2}, "retrain": {"epochs": 1},
           "search": {"max_evaluations": 5, "candidates_per_step": 2},
-          "quick_eval": {"bn_batches": 2, "val_batches": 2}, "latency_runs": 2}
+          "quick_eval": {"bn_batches": 2, "val_batches": 2, "finetune_steps": 5}, "latency_runs": 2}
 
 
 def _free_port() -> int:

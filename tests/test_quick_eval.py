@@ -165,22 +165,26 @@ def test_refit_matches_an_independent_least_squares_on_the_kept_inputs(trained):
     assert float(head.weight.detach()[:, ~kept].abs().sum()) == 0.0
 
 
-def test_refit_refuses_a_model_without_a_final_linear_and_auto_falls_back_to_bn():
+def test_refit_refuses_a_model_without_a_final_linear_and_auto_fine_tunes_it():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
     space = PruningSpace.build(model, torch.randn(1, 1, 8, 8))
     data = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(UserError, match="final nn.Linear"):
         QuickEvaluator(model, space, Task(data, data), scorer="refit", bn_batches=1, val_batches=1)
-    assert QuickEvaluator(model, space, Task(data, data), scorer="auto", bn_batches=1, val_batches=1).scorer == "bn"
+    assert QuickEvaluator(model, space, Task(data, data), scorer="auto", bn_batches=1, val_batches=1).scorer == \
+        "finetune"
 
 
-def test_auto_scorer_refits_a_model_ending_in_a_linear_classifier(trained):
+def test_auto_scorer_is_a_short_distilled_fine_tuning(trained):
     model, space, splits = trained
-    auto = QuickEvaluator(model, space, task(splits, 100), scorer="auto", bn_batches=3, val_batches=2)
-    refit = QuickEvaluator(model, space, task(splits, 100), scorer="refit", bn_batches=3, val_batches=2)
-    assert auto.scorer == "refit" and auto.score(uniform(space, 0.5)).top1 == refit.score(uniform(space, 0.5)).top1
-    assert "scorer refit (BatchNorm statistics re-estimated and the last layer refit" in auto.describe()
+    settings = dict(bn_batches=3, val_batches=2, finetune_steps=4)
+    auto = QuickEvaluator(model, space, task(splits, 100), scorer="auto", **settings)
+    tuned = QuickEvaluator(model, space, task(splits, 100), scorer="finetune", **settings)
+    assert auto.scorer == "finetune" and auto.score(uniform(space, 0.5)).top1 == tuned.score(uniform(space, 0.5)).top1
+    assert "scorer finetune (a short masked fine-tuning" in auto.describe()
+    refit = QuickEvaluator(model, space, task(splits, 100), scorer="refit", **settings)
+    assert "scorer refit (BatchNorm statistics re-estimated and the last layer refit" in refit.describe()
     plain = QuickEvaluator(model, space, task(splits, 100), bn_recalibration=False, bn_batches=3, val_batches=2)
     assert plain.describe().startswith("scorer bn (no re-estimation on each one-shot pruned candidate)")
 

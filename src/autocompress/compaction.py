@@ -519,7 +519,6 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 
 
-
 def shrink(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
            channel_multiple: int = 1) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The masked ``model`` as a smaller one to train: compacted (:func:`compact`: pruned filters / channels
@@ -529,6 +528,7 @@ def shrink(model: nn.Module, param_masks: dict[str, torch.Tensor], example_input
     small = densify(compact(model, param_masks, example_inputs, channel_multiple=channel_multiple).model)
     small.train(model.training)
     return small, {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
+
 
 __all__ = ["ColumnConv2d", "ColumnConvNd", "ColumnLinear", "CompactResult", "DENSE_DENSITY_THRESHOLD",
            "GEMM_MIN_FILTERS", "compact", "shrink", "verify"]

@@ -205,7 +205,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             keep their other defaults).
         run_dir: a folder for a resumable run (config.yaml, metrics.jsonl, per-phase artifacts, model.pt,
             report.html); called again with the same model and settings it continues the run there.
-        progress: tqdm progress bars; log: called with one line per step (default: silent).
+        progress: tqdm progress bars; log: called with one line per step (default: none). Layers left out
+            of pruning (``not pruned: ...``, INFO) and the final table's warnings (WARNING, also in
+            ``result.final["warnings"]``) go to the standard ``logging`` loggers under ``autocompress``: Python
+            prints warnings to stderr until logging is configured.
 
     Under ``torch.distributed`` (called in every process of an initialised process group, e.g. under
     ``torchrun``) the ranks score the search's candidates in parallel and train under DistributedDataParallel;
@@ -680,9 +683,17 @@ class Compression:
                                   f"{config.max_evaluations}, best score {step.best_score:.4g}, temperature "
                                   f"{step.temperature:.4f}")
 
-            return simulated_annealing(sampler.initial_action(),
-                                       lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
-                                       sampler.perturb, config, on_step=on_step, map_fn=distributed.parallel_map)
+            result = simulated_annealing(sampler.initial_action(),
+                                         lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
+                                         sampler.perturb, config, on_step=on_step, map_fn=distributed.parallel_map)
+        evaluations = len(result.trajectory)
+        why = (f"max_evaluations {config.max_evaluations} reached" if evaluations >= config.max_evaluations else
+               f"the temperature fell below search.stop_temperature {config.stop_temperature:g}")
+        distinct = "" if self.world.active else (  # each rank scores its share of the candidates
+            f"; {evaluator.distinct} distinct candidates scored (the others project to widths already scored, "
+            "whose score is reused)")
+        self.pipeline.log(f"round {state.index} search: stopped after {evaluations} evaluations ({why}){distinct}")
+        return result
 
     def _check_target(self, compact_model: nn.Module) -> None:
         """A target is met or refused: UserError when the compact model's own count misses it (compaction
@@ -888,7 +899,7 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
     reached = base[key] / max(compressed[key], 1)
     if reached <= target.factor * (1 + OVERSHOOT_WARNING):
         return None
-    if block > multiple:
+    if block > multiple > 1:
         fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
                f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
                f"{multiple} for a closer fit that may run slower")

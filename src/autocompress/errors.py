@@ -39,7 +39,7 @@ class MissingCode(UserError):
 
     def __init__(self, problem: str, fix: str | None = None, *, module: str | None = None):
         super().__init__(problem, fix)
-        self.module = module
+        self.problem, self.fix, self.module = problem, fix, module
 
 
 class TargetMissed(UserError):

@@ -14,8 +14,9 @@ logits on the BatchNorm batches (the kept inputs of each output only); ``"finetu
 ``finetune_steps`` SGD steps on the pruned model with its masks held (:class:`autocompress.masks.MaskEnforcer`),
 optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm (given example
 inputs, on the candidate compacted: the same function at fewer MACs per step; every candidate trains on the same
-batches, kept with the teacher's outputs on them after the first); ``"auto"`` is
-``"refit"`` for a model whose output comes from a final ``nn.Linear``, else ``"bn"``. One-shot
+batches, kept with the teacher's outputs on them after the first); ``"auto"`` (the default) is ``"finetune"``:
+on a CIFAR-10 ResNet-20 at 4x fewer MACs its search kept an even network and 0.5 points more top-1 after 15
+epochs than ``"refit"``'s, which ranked widths that preserve the one-shot function first. One-shot
 pruning at a large step leaves every candidate near chance, where top-1 cannot rank them; a short repair
 moves them back into the range where it can.
 
@@ -49,8 +50,7 @@ from .projection import project
 from .task import move
 from .training import train_epoch
 
-#: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"refit"`` where the model ends in a
-#: Linear classifier, else ``"bn"``)
+#: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"finetune"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
 #: bytes of fine-tuning batches a ``"finetune"`` evaluator keeps to replay for every candidate (beyond them the
 #: loader, reseeded, gives the same batches again at the cost of loading them)
@@ -148,8 +148,8 @@ class QuickEvaluator:
             ``bn_batches``) and the fine-tuning batches; its score scores a candidate: ``score_fn`` when the
             caller gave one, else top-1 on the first ``val_batches`` batches of the validation loader (drawn
             once, so scores are deterministic). Never a test split.
-        scorer: ``"bn"``, ``"refit"`` or ``"finetune"`` (module docstring), or ``"auto"``: ``"refit"`` when the
-            model's output comes from a final ``nn.Linear``, else ``"bn"`` (:attr:`scorer` says which).
+        scorer: ``"bn"``, ``"refit"`` or ``"finetune"`` (module docstring), or ``"auto"``: ``"finetune"``
+            (:attr:`scorer` says which).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
         bn_batches: training batches for the statistics (and the refit's least squares).
         val_batches: validation batches scored; None = the whole validation loader.
@@ -183,7 +183,8 @@ class QuickEvaluator:
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
         teacher = model if teacher is None else teacher
-        refit = scorer in ("refit", "auto")
+        refit = scorer == "refit"
+        scorer = "finetune" if scorer == "auto" else scorer
         self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration or refit else []
         self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
         self._distiller = Distiller(teacher, DistillationConfig()) if scorer == "finetune" and finetune_distill \
@@ -198,7 +199,7 @@ class QuickEvaluator:
             raise UserError("quick_eval scorer 'refit' needs a model whose output [B, classes] comes straight from "
                             "a final nn.Linear", "use scorer auto, bn or finetune for this model")
         #: the scorer in use (``"auto"`` resolved)
-        self.scorer = ("refit" if self._head is not None else "bn") if scorer == "auto" else scorer
+        self.scorer = scorer
         self._scored: dict[tuple, list[QuickEvalResult]] = {}  # (steps, mask digest) -> results
         self._steps = "no re-estimation" if self.scorer == "bn" and not bn_recalibration else SCORER_STEPS[self.scorer]
 
@@ -207,6 +208,11 @@ class QuickEvaluator:
         candidates (the val top-1 right after hard pruning has none of those steps and reads much lower)."""
         return (f"scorer {self.scorer} ({self._steps} on each one-shot pruned candidate): a score that ranks "
                 "candidates, not the val top-1 the model has after ADMM and hard pruning")
+
+    @property
+    def distinct(self) -> int:
+        """Number of distinct candidates (masks) scored so far; rates projecting to scored masks reuse a score."""
+        return len(self._scored)
 
     @property
     def val_images(self) -> int | None:

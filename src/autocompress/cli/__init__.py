@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except UserError as exc:
-        print(f"autocompress: error: {exc}{_flag_of(exc, args)}{_import_hint(exc)}", file=sys.stderr)
+        print(f"autocompress: error: {_with_import_fix(exc)}{_flag_of(exc, args)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full or read-only disk, a vanished folder: one line, and what is kept
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
@@ -95,15 +95,18 @@ def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
     return f" (set by --{setting.replace('_', '-')})"
 
 
-def _import_hint(exc: Exception) -> str:
-    """``; or --import MODULE ...`` when ``exc`` is a MissingCode error: the user's own code is not imported."""
+def _with_import_fix(exc: Exception) -> str:
+    """The message of ``exc``; for a MissingCode error (the user's own code is not imported) the command line's
+    fix first: ``--import MODULE``, then the library's."""
     from ..errors import MissingCode
 
     if not isinstance(exc, MissingCode):
-        return ""
+        return str(exc)
     module = exc.module or "MODULE"
-    return (f"; or, on the command line, --import {module} (the module that defines "
-            f"{'it' if exc.module else 'or registers it'}; the current folder is on the import path)")
+    what = "defines it" if exc.module else "defines or registers it"
+    rest = f"; or {exc.fix}" if exc.fix else ""
+    return " ".join(f"{exc.problem}; pass --import {module} (the module that {what}; the current folder is on "
+                    f"the import path){rest}".split())
 
 
 def import_modules(names: list[str]) -> None:

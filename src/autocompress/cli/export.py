@@ -115,12 +115,13 @@ def _columns_form(model: nn.Module, example: torch.Tensor, args: argparse.Namesp
     runtime = "onnxruntime" if args.onnx else "torch"
     recorded = _recorded_dense_layers(Path(args.checkpoint), runtime, args.runtime_threads, names)
     if recorded is not None:
-        _say(args, f"column-pruned layers: {len(recorded)} of {len(names)} dense, as the compress run chose in {runtime} "
-              f"({args.runtime_threads} thread(s), its metrics.jsonl); --columns stored / dense override it")
+        _say(args, f"column-pruned layers: {len(recorded)} of {len(names)} dense, as the compress run chose in "
+                   f"{runtime} ({args.runtime_threads} thread(s), its metrics.jsonl); --columns stored / dense "
+                   "override it")
         return with_dense_layers(model, recorded)
     form = deployed_form(model, example, LatencyConfig(runtime=runtime, threads=args.runtime_threads))
     _say(args, f"column-pruned layers: {len(form.dense_layers)} of {len(names)} dense (faster in {runtime}, "
-          f"{args.runtime_threads} thread(s); --columns stored keeps them all)")
+               f"{args.runtime_threads} thread(s); --columns stored keeps them all)")
     return form.model
 
 

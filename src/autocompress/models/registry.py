@@ -111,8 +111,8 @@ def _unknown(name: str) -> UserError:
         close = difflib.get_close_matches(name, list_models(include_torchvision=True), n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return MissingCode(f"unknown model {name!r}{hint}",
-                     "run `autocompress inspect --list-models` to list the model names "
-                     "(any torchvision classifier as torchvision:<name>)")
+                       "run `autocompress inspect --list-models` to list the model names "
+                       "(any torchvision classifier as torchvision:<name>)")
 
 
 def _torchvision_builder(tv_name: str) -> Callable[..., nn.Module]:
