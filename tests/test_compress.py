@@ -150,7 +150,8 @@ def test_unreachable_target_refused_before_training(base_checkpoint, tmp_path, c
 def test_cli_errors_exit_2(base_checkpoint, finished_run, tmp_path, capsys):
     out, _ = finished_run
     assert main(["compress", str(base_checkpoint), "--out", str(tmp_path / "a")]) == 2
-    assert "no target given; set target" in capsys.readouterr().err
+    assert "no target given; set target, e.g. params=10x or flops=4x (on the command line: --target)" in \
+        capsys.readouterr().err
     assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["compress", "--resume", str(tmp_path / "nothing")]) == 2

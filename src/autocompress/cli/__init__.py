@@ -86,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
     """`` (set by --device)`` when ``exc`` is a SettingError about a setting the command line gave as a flag
-    of the same name (commands with their own mapping of flags to settings name the flag themselves)."""
+    of the same name, `` (on the command line: --target)`` when the command has such a flag but it was not given
+    (commands with their own mapping of flags to settings name the flag themselves)."""
     from ..errors import SettingError
 
     setting = getattr(exc, "setting", None)
-    if not isinstance(exc, SettingError) or "set by --" in str(exc) or getattr(args, str(setting), None) is None:
+    if not isinstance(exc, SettingError) or "set by --" in str(exc) or not hasattr(args, str(setting)):
         return ""
-    return f" (set by --{setting.replace('_', '-')})"
+    flag = f"--{setting.replace('_', '-')}"
+    return f" (set by {flag})" if getattr(args, setting) is not None else f" (on the command line: {flag})"
 
 
 def _with_import_fix(exc: Exception) -> str:
