@@ -139,6 +139,7 @@ AUTOCOMPRESS_METHODS = {
     "ac_budget_m8": ("autocompress defaults, `budget`, channel_multiple 8", {"channel_multiple": 8}),
     # session 15: the defaults once a flops target counts executed MACs (no column pruning where the compact
     # layer still multiplies the pruned columns); the rows above counted kept columns only (see --recount-macs)
+    # its rows (seeds 0, 1) ran when `auto` meant the refit scorer; since session 17 see ac_budget_exec_refit
     "ac_budget_exec": ("autocompress defaults, `budget`, flops = executed MACs", {"channel_multiple": "auto"}),
     "ac_budget_exec_uniform": ("ablation: uniform rates, `budget`, flops = executed MACs",
                                {"channel_multiple": "auto", "search_mode": "uniform"}),
@@ -159,6 +160,9 @@ AUTOCOMPRESS_METHODS = {
     # session 17: the same scorer on a params target (Fashion-MNIST 30x: Torch-Pruning + KD led ac_kd by 0.5)
     "ac_budget_ft": ("autocompress, `budget`, quick evaluation by 50 distilled fine-tuning steps",
                      {"quick_eval": {"scorer": "finetune"}}),
+    # session 17: `auto` became finetune; the refit-scored search (the default before) for paired seeds
+    "ac_budget_exec_refit": ("autocompress defaults but the refit scorer (the default until session 17)",
+                             {"channel_multiple": "auto", "quick_eval": {"scorer": "refit"}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -171,7 +175,8 @@ METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
             "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8", "ac_budget_exec_rho_auto",
-            "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft")
+            "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft",
+            "ac_budget_exec_refit")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
