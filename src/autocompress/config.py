@@ -136,8 +136,8 @@ class QuickEvalConfig:
             ``"finetune"`` (``finetune_steps`` masked SGD steps with distillation from the base, then BatchNorm
             re-estimation); see :mod:`autocompress.quick_eval` and BENCHMARKS.md "Quick evaluation scorers" and
             "Session 17" for their rank correlation with accuracy after retraining, their cost and the
-            accuracy their searches reached (CIFAR-10 ResNet-20 at flops=4x, 15 epochs, two seeds: finetune
-            83.53 % mean, refit 83.04 %; its search then takes ~0.1-0.5 of the budget's epochs of compute).
+            accuracy their searches reached (CIFAR-10 ResNet-20 at flops=4x, 15 epochs, three seeds: finetune
+            83.48-83.75 %, refit 82.90-84.11 %; on short runs the finetune search takes up to half the run).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
         bn_batches: training batches for those statistics (and the refit).
         val_batches: validation batches scored (the first ones of the validation loader); None: all. Unused
