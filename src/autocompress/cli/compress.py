@@ -118,12 +118,14 @@ def settings_from(args: argparse.Namespace, file_settings: dict) -> dict:
 
 
 def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
-    """``exc`` with the flag that set its setting named (only the CLI speaks of flags)."""
+    """``exc`` with the flag that set its setting named, or that would set it (only the CLI speaks of flags)."""
     for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items():
         if setting == exc.setting and getattr(args, flag[2:].replace("-", "_"), None) is not None:
             return UserError(f"{exc} (set by {flag})")
-    where = f" (in the config file {args.config})" if getattr(args, "config", None) else ""
-    return UserError(f"{exc}{where}")
+    if getattr(args, "config", None):
+        return UserError(f"{exc} (in the config file {args.config})")
+    flags = [flag for flag, setting in FLAG_SETTINGS.items() if setting == exc.setting]
+    return UserError(f"{exc} (on the command line: {flags[0]})" if flags else str(exc))
 
 
 def _resume_command(out: str, args: argparse.Namespace) -> str:
