@@ -94,10 +94,12 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
     for name, value in _leaves(derived):
         given_value = getattr_dotted(config, name)
         explicit = name in given if given is not None else given_value != getattr_dotted(default, name)
-        if explicit and given_value != value and name in OVERRIDABLE:
+        if not explicit or given_value == value:
+            continue
+        if name in OVERRIDABLE:
             section, _, key = name.partition(".")
             derived[section][key] = given_value
-        elif explicit and given_value != value:
+        else:
             raise SettingError("budget", f"budget={config.budget} and {name}={show(given_value)} both set the training "
                                f"schedule (budget derives {name}={show(value)})",
                                f"give budget alone, or drop budget and write the schedule ({name}, ...) yourself")

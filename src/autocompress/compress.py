@@ -41,7 +41,7 @@ from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, ActionUnit, producer_count, rates_dict, units_from_space
+from .sampling import ActionSampler, ActionUnit, on_block, producer_count, rates_dict, units_from_space
 from .serialization import save_compact
 from .space import KINDS
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
@@ -418,7 +418,7 @@ class Compression:
                 self.pipeline.log(f"channel multiple: {self.multiple} (auto) {problem}; falling back to {multiple}, "
                                   "which runs slower per MAC removed on this CPU" + (
                                       f" (channels a fit does not need are given back on the {self.block}-channel "
-                                      "block only)" if self.table is None and multiple > 1 else ""))
+                                      "block only)" if self.table is None and on_block(self.block, multiple) else ""))
                 self.multiple = self.pipeline.channel_multiple = multiple
                 self.first_space = self.first_space.at_multiple(multiple)
                 if self.table is not None:
@@ -899,7 +899,7 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
     reached = base[key] / max(compressed[key], 1)
     if reached <= target.factor * (1 + OVERSHOOT_WARNING):
         return None
-    if block > multiple > 1:
+    if on_block(block, multiple):
         fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
                f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
                f"{multiple} for a closer fit that may run slower")

@@ -287,7 +287,6 @@ class QuickEvaluator:
         self._scored[key] = results
         return list(results)
 
-
     def _shrunk(self, model: nn.Module, param_masks: dict[str, torch.Tensor]
                 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """The masked candidate compacted for fine-tuning (:func:`autocompress.compaction.shrink`), or itself
@@ -297,7 +296,6 @@ class QuickEvaluator:
         except Exception:  # noqa: BLE001 - any failure leaves the masked model, the reference this equals
             self._example = None  # the same structure fails for every candidate: stop trying
             return model, param_masks
-
 
     def _tuning_batches(self) -> Iterator:
         """One candidate's fine-tuning batches: those kept (:data:`KEPT_BATCH_BYTES`) by earlier candidates,

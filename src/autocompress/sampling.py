@@ -375,7 +375,7 @@ class ActionSampler:
                             "tensors, so the compact model's MACs do not drop)",
                             "add filter or column units (dims), or give a params target")
         widths = None
-        if block > space.channel_multiple > 1:
+        if on_block(block, space.channel_multiple):
             widths = [allowed_widths(u.size, block) if u.kind == "filter" else None for u in units]
         try:
             return cls(units, space_cost(space, units, objective), target,
@@ -392,6 +392,13 @@ class ActionSampler:
                             f"multiplied: {named})",
                             "give a params target, which counts their columns" +
                             ("" if filters else ", or add filter to dims")) from exc
+
+
+def on_block(block: int, multiple: int) -> bool:
+    """Whether a fit at channel ``multiple`` gives channels back on ``block``-aligned widths only (see
+    :meth:`ActionSampler.from_space`): a block above the multiple, itself above 1 (at single channels no fit
+    gives back)."""
+    return block > multiple > 1
 
 
 def rates_dict(units: Sequence[ActionUnit], action: np.ndarray) -> dict[str, dict[str, float]]:
