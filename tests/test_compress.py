@@ -325,7 +325,11 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("- a list\n", [], "config file {path} must hold a mapping of settings; see the README's example"),
     ("target: params=30x\nadmm: {epochs: 3}\n", ["--epochs", "8"], "budget=8 and admm.epochs=3 both set the "
      "training schedule (budget derives admm.epochs=1); give budget alone, or drop budget and write the schedule "
-     "(admm.epochs, ...) yourself (set by --epochs)"),
+     "(admm.epochs, ...) yourself (set by --epochs; admm.epochs by the config file {path})"),
+    ("target: params=30x\n", ["--epochs", "8", "--rounds", "3"], "budget=8 and rounds=3 both set the training "
+     "schedule (budget derives rounds=2); give budget alone, or drop budget and write the schedule (rounds, ...) "
+     "yourself (set by --rounds and --epochs)"),
+    ("target: params=30x\n", ["--epochs", "8", "--rounds", "2"], None),  # what the budget derives: no clash
 ])
 def test_config_file_errors_name_the_setting(tmp_path, capsys, text, flags, message):
     """A bad value is named by its setting (and where it came from: the config file or a flag), before

@@ -73,6 +73,7 @@ def test_partial_sections_keep_the_other_defaults():
     ({"admm": {"lr": -0.1}}, "admm.lr"), ({"target": None}, "target"),
     ({"quick_eval": {"scorer": "magic"}}, "quick_eval.scorer"),
     ({"quick_eval": {"finetune_steps": 0}}, "quick_eval.finetune_steps"), ({"budget": -3}, "budget"),
+    ({"search": {"guidance": "widest"}}, "search.guidance"),
 ])
 def test_errors_name_the_setting(data, setting):
     with pytest.raises(SettingError) as error:

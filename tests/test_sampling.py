@@ -295,6 +295,36 @@ def test_guidance_counts_a_residual_stream_per_producing_layer(objective, attr):
     assert 0.5 < units["conv1"].weight / units["layer1.0.conv1"].weight < 2
 
 
+def test_channel_guidance_weighs_what_one_channel_costs():
+    """Per channel, a resnet20 block's internal conv at 32x32 costs 4x the MACs of one at 8x8 though it holds a
+    quarter of the weights: in channels x 3 x 3 x output pixels for the conv that writes the channel, the same
+    for the conv that reads it. Per layer (the paper's guidance) all three stages weigh the same."""
+    from autocompress.models import create_model
+    from autocompress.space import PruningSpace
+
+    space = PruningSpace.build(create_model("resnet20"), torch.randn(1, 3, 32, 32))
+    per_channel = {u.name: u for u in ActionSampler.from_space(space, "flops", 2.0, kinds=["filter"],
+                                                               guidance="channel").units}
+    per_layer = {u.name: u for u in ActionSampler.from_space(space, "flops", 2.0, kinds=["filter"]).units}
+    by_hand = {"layer1.1.conv1": 2 * 16 * 9 * 32 * 32, "layer2.1.conv1": 2 * 32 * 9 * 16 * 16,
+               "layer3.1.conv1": 2 * 64 * 9 * 8 * 8}
+    for name, macs in by_hand.items():
+        assert per_channel[name].weight == macs
+        assert per_layer[name].weight == macs * per_channel[name].size
+    assert len({per_layer[name].weight for name in by_hand}) == 1
+    # the stream counts per producing layer and per channel
+    assert per_channel["conv1"].weight == per_layer["conv1"].weight / 16
+    # the fit prunes the 32x32 stage hardest and keeps more parameters at the same MACs
+    actions = {g: ActionSampler.from_space(space, "flops", 4.0, kinds=["filter"], guidance=g) for g in
+               ("layer", "channel")}
+    rates = {g: s.to_rates(s.initial_action())["filter"] for g, s in actions.items()}
+    assert rates["channel"]["layer1.1.conv1"] > rates["channel"]["layer2.1.conv1"] > rates["channel"]["layer3.1.conv1"]
+    counts = {g: space.estimate(actions[g].to_rates(actions[g].initial_action())) for g in actions}
+    assert counts["channel"].params > counts["layer"].params
+    with pytest.raises(UserError, match="unknown guidance 'widest'"):
+        ActionSampler.from_space(space, "flops", 2.0, guidance="widest")
+
+
 @pytest.mark.parametrize("target,r_max", [(0.5, 0.9), (float("nan"), 0.9), (4.0, 1.0), (4.0, -0.1)])
 def test_bad_settings_are_user_errors(target, r_max):
     model = HybridModel([8], [9])

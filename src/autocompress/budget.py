@@ -102,7 +102,8 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
         else:
             raise SettingError("budget", f"budget={config.budget} and {name}={show(given_value)} both set the training "
                                f"schedule (budget derives {name}={show(value)})",
-                               f"give budget alone, or drop budget and write the schedule ({name}, ...) yourself")
+                               f"give budget alone, or drop budget and write the schedule ({name}, ...) yourself",
+                               also=(name,))
     return from_dict(CompressConfig, derived, base=config)
 
 

@@ -41,7 +41,7 @@ from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, ActionUnit, on_block, producer_count, rates_dict, units_from_space
+from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, units_from_space
 from .serialization import save_compact
 from .space import KINDS
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
@@ -60,10 +60,12 @@ CALIBRATION_STEPS = 4
 CALIBRATION_BAND = 1.1
 
 
-def latency_guidance(units: list[ActionUnit], space, table: LatencyTable) -> list[ActionUnit]:
+def latency_guidance(units: list[ActionUnit], space, table: LatencyTable, guidance: str = "layer"
+                     ) -> list[ActionUnit]:
     """``units`` weighted by the latency each governs instead of its MACs: the lookup table's estimated saving
     (ms) when that unit alone is pruned at rate 0.5, per producing layer (a filter group shared by several
-    layers counts once per layer, as :func:`autocompress.sampling.guidance_weight` does for MACs). The
+    layers counts once per layer) or per layer and channel (``guidance``, see
+    :func:`autocompress.sampling.guidance_weight`). The
     experience-based guidance of AutoCompress (Liu et al., AAAI 2020, §4: prune harder what governs more of
     the objective) with the objective measured in the runtime, so a latency target prunes harder the layers
     whose widths buy time there (with aligned widths at batch 1 these are not always the MAC-heavy ones)."""
@@ -74,8 +76,8 @@ def latency_guidance(units: list[ActionUnit], space, table: LatencyTable) -> lis
         probe = np.zeros(len(units))
         probe[i] = 0.5
         saving = full - table.estimate_space(space, rates_dict(units, probe))
-        producers = producer_count(by_name[unit.kind, unit.name])
-        weighted.append(dataclasses.replace(unit, weight=max(0.0, saving) / producers))
+        weight = guidance_weight(by_name[unit.kind, unit.name], max(0.0, saving), guidance)
+        weighted.append(dataclasses.replace(unit, weight=weight))
     return weighted
 
 
@@ -511,11 +513,12 @@ class Compression:
         factor = max(1.0, target / base_ratio)
         if self.table is None:
             return ActionSampler.from_space(space, self.target.objective, factor, kinds=self.config.kinds,
-                                            r_max=self.config.max_r, block=self.block)
+                                            r_max=self.config.max_r, block=self.block,
+                                            guidance=self.config.search.guidance)
         units = [u for u in units_from_space(space, "flops") if u.kind in self.config.kinds
                  and not (u.kind == "column" and u.name in self.table.column_useless)]
         table = self.table
-        units = latency_guidance(units, space, table)
+        units = latency_guidance(units, space, table, self.config.search.guidance)
 
         def cost(action: np.ndarray) -> float:
             return table.estimate_space(space, rates_dict(units, action))

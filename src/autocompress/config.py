@@ -29,6 +29,7 @@ from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches, check_scorer
+from .sampling import GUIDANCES
 from .training import SCHEDULES, SGDSettings, TrainConfig
 
 #: ``dims`` values -> unit kinds pruned
@@ -104,9 +105,17 @@ def round_targets(final: float, rounds: Any) -> list[float]:
 
 @dataclass
 class SearchConfig:
-    """The guided simulated-annealing search (AutoCompress §"guided heuristic search"); the fields of
-    :class:`autocompress.annealing.AnnealingConfig` except its seed, which comes from the run's ``seed``."""
+    """The guided simulated-annealing search (AutoCompress §"guided heuristic search"): ``guidance`` and the
+    fields of :class:`autocompress.annealing.AnnealingConfig` except its seed, which comes from the run's
+    ``seed``.
 
+    Attributes:
+        guidance: what the experience-based guidance orders units by (:data:`autocompress.sampling.GUIDANCES`):
+            ``"layer"`` (the paper's: prune harder the layer that holds more of the target's parameters / MACs)
+            or ``"channel"`` (per channel: prune harder where one channel costs more).
+    """
+
+    guidance: str = "layer"
     start_temperature: float = 0.05
     cooling_rate: float = 0.85
     stop_temperature: float = 0.002
@@ -119,8 +128,13 @@ class SearchConfig:
         if not 1 <= self.max_evaluations <= MAX_EVALUATIONS:
             raise SettingError("search.max_evaluations", f"search.max_evaluations={self.max_evaluations} is "
                                f"outside [1, {MAX_EVALUATIONS}]", "use e.g. 30")
+        if self.guidance not in GUIDANCES:
+            raise SettingError("search.guidance", f"search.guidance={self.guidance!r} is unknown",
+                               f"use one of {', '.join(GUIDANCES)}")
+        fields = dataclasses.asdict(self)
+        del fields["guidance"]
         try:
-            return AnnealingConfig(**dataclasses.asdict(self), seed=seed)
+            return AnnealingConfig(**fields, seed=seed)
         except UserError as exc:
             name = str(exc).partition("=")[0]
             raise SettingError(f"search.{name}", f"search.{exc}") from None

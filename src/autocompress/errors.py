@@ -24,12 +24,14 @@ class UserError(Exception):
 
 
 class SettingError(UserError):
-    """A :class:`UserError` about one setting; ``setting`` is its dotted name (``"admm.epochs"``, ``"device"``).
-    The library names settings; the CLI turns a setting it has a flag for into the flag's name."""
+    """A :class:`UserError` about one setting; ``setting`` is its dotted name (``"admm.epochs"``, ``"device"``),
+    ``also`` the names of other settings that clash with it (``budget`` and ``rounds`` both set). The library
+    names settings; the CLI turns a setting it has a flag for into the flag's name."""
 
-    def __init__(self, setting: str, problem: str, fix: str | None = None):
+    def __init__(self, setting: str, problem: str, fix: str | None = None, *, also: tuple[str, ...] = ()):
         super().__init__(problem, fix)
         self.setting = setting
+        self.also = tuple(also)
 
 
 class MissingCode(UserError):

@@ -42,6 +42,11 @@ from .columns import GEMM_MIN_FILTERS
 from .space import KINDS, NO_EXECUTED_SAVING, keep_count
 
 OBJECTIVES = ("params", "flops")
+#: What the guidance orders units by: ``"layer"`` (the paper's: what a unit governs per producing layer, so
+#: the layer holding the most weights / MACs is pruned hardest) or ``"channel"`` (the same per element pruned:
+#: what removing one channel saves, so under a flops target the high-resolution layers, whose channels cost
+#: many MACs and hold few weights, are pruned hardest).
+GUIDANCES = ("layer", "channel")
 
 #: A cost maps a rate vector (float64 [n_units]) to the remaining count (parameters or MACs) of the model
 #: pruned at those rates; it must be non-increasing in every rate.
@@ -68,11 +73,13 @@ class ActionUnit:
     weight: float
 
 
-def guidance_weight(unit, attr: str) -> float:
-    """What a pruning-space unit governs for the guidance: its ``attr`` (``"params"`` or ``"macs"``) per
-    producing layer, i.e. divided by the number of layers whose output channels a filter group prunes
-    (1 for column and irregular layers). See the module docstring."""
-    return float(getattr(unit, attr)) / producer_count(unit)
+def guidance_weight(unit, governed: float, guidance: str = "layer") -> float:
+    """The guidance weight of a pruning-space unit that governs ``governed`` (its parameters, MACs or latency
+    saving): per producing layer, i.e. divided by the number of layers whose output channels a filter group
+    prunes (1 for column and irregular layers); with ``guidance="channel"`` also per element the unit prunes
+    (channel, column or weight: divided by ``unit.size``). See the module docstring and :data:`GUIDANCES`."""
+    per_layer = float(governed) / producer_count(unit)
+    return per_layer / max(int(unit.size), 1) if guidance == "channel" else per_layer
 
 
 def producer_count(unit) -> int:
@@ -355,7 +362,8 @@ class ActionSampler:
 
     @classmethod
     def from_space(cls, space, objective: str, target: float, *, kinds: Sequence[str] | None = None,
-                   r_max: float | None = None, max_iter: int = 64, block: int = 1) -> ActionSampler:
+                   r_max: float | None = None, max_iter: int = 64, block: int = 1,
+                   guidance: str = "layer") -> ActionSampler:
         """A sampler over the units of ``space`` (a :class:`~autocompress.space.PruningSpace`) of the given
         ``kinds`` (default: all) with the exact cost :func:`space_cost`; ``r_max`` defaults to
         ``space.max_rate``. Units of other kinds stay at rate 0. At aligned widths (``space.channel_multiple``
@@ -364,12 +372,13 @@ class ActionSampler:
         "Session 13: give-back"), so the fit stays as it is. With a ``block`` above the space's multiple (the
         CPU's channel block when ``auto`` fell back to a smaller multiple) a filter group is given back only to
         widths aligned to ``block`` (or its whole width): a 16-channel block runs 24 channels as slowly as 32.
+        ``guidance`` weighs the units per layer or per channel (:data:`GUIDANCES`).
 
         Raises:
-            UserError: unknown objective, empty space, a FLOPs target with irregular units only (their zeros
+            UserError: unknown objective or guidance, empty space, a FLOPs target with irregular units only (their zeros
                 stay in dense tensors: the compact model's MACs do not drop), or an unreachable target.
         """
-        units = [u for u in units_from_space(space, objective) if kinds is None or u.kind in kinds]
+        units = [u for u in units_from_space(space, objective, guidance) if kinds is None or u.kind in kinds]
         if objective == "flops" and units and all(u.kind == "irregular" for u in units):
             raise UserError("a FLOPs target cannot be met by irregular pruning alone (its zeros stay in dense "
                             "tensors, so the compact model's MACs do not drop)",
@@ -415,13 +424,20 @@ def _check_objective(objective: str) -> str:
     return "params" if objective == "params" else "macs"
 
 
-def units_from_space(space, objective: str) -> list[ActionUnit]:
+def units_from_space(space, objective: str, guidance: str = "layer") -> list[ActionUnit]:
     """The action's units for a :class:`~autocompress.space.PruningSpace`: its filter groups, column layers
     and irregular layers (in that order), weighted by the parameters (``"params"``) or MACs (``"flops"``)
-    each governs per producing layer (:func:`guidance_weight`). Raises UserError for an unknown objective."""
+    each governs per producing layer, or per producing layer and element (``guidance``, see
+    :data:`GUIDANCES` and :func:`guidance_weight`). Raises UserError for an unknown objective or guidance."""
     attr = _check_objective(objective)
-    return [ActionUnit(kind, u.name, int(u.size), guidance_weight(u, attr)) for kind in KINDS
+    _check_guidance(guidance)
+    return [ActionUnit(kind, u.name, int(u.size), guidance_weight(u, getattr(u, attr), guidance)) for kind in KINDS
             for u in space.units(kind)]
+
+
+def _check_guidance(guidance: str) -> None:
+    if guidance not in GUIDANCES:
+        raise UserError(f"unknown guidance {guidance!r}", f"use one of {', '.join(GUIDANCES)}")
 
 
 def space_cost(space, units: Sequence[ActionUnit], objective: str) -> Cost:

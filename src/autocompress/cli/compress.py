@@ -70,9 +70,11 @@ def _multiple(text: str):
 
 
 def _rounds(text: str):
-    """``--rounds``: ``"doubling"`` and a number of rounds stay text, ``"2,4,10"`` becomes a list of targets
-    (text that is neither stays text, for the config check to refuse)."""
-    if text == "doubling" or text.isdigit():
+    """``--rounds``: ``"doubling"`` stays text, a number of rounds becomes an int, ``"2,4,10"`` a list of targets
+    (text that is none of these stays text, for the config check to refuse)."""
+    if text.isdigit():
+        return int(text)
+    if text == "doubling":
         return text
     try:
         return [float(t) for t in text.split(",")]
@@ -118,10 +120,15 @@ def settings_from(args: argparse.Namespace, file_settings: dict) -> dict:
 
 
 def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
-    """``exc`` with the flag that set its setting named, or that would set it (only the CLI speaks of flags)."""
-    for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items():
-        if setting == exc.setting and getattr(args, flag[2:].replace("-", "_"), None) is not None:
-            return UserError(f"{exc} (set by {flag})")
+    """``exc`` with the flags that set its setting and the settings it clashes with named, or the flag that would
+    set it (only the CLI speaks of flags)."""
+    involved = (exc.setting, *exc.also)
+    by_flag = {setting: flag for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items()
+               if setting in involved and getattr(args, flag[2:].replace("-", "_"), None) is not None}
+    if by_flag:
+        rest = [setting for setting in involved if setting not in by_flag]
+        in_file = f"; {', '.join(rest)} by the config file {args.config}" if rest and args.config else ""
+        return UserError(f"{exc} (set by {' and '.join(by_flag.values())}{in_file})")
     if getattr(args, "config", None):
         return UserError(f"{exc} (in the config file {args.config})")
     flags = [flag for flag, setting in FLAG_SETTINGS.items() if setting == exc.setting]
