@@ -23,7 +23,9 @@ Choices the paper leaves open (ours, exposed as arguments):
   layer; a filter group that couples ``k`` producing layers (the channels of a residual stream, shared by
   every block's last conv) counts ``1/k`` of what it governs, so a stream is not taken for the largest
   "layer" and pruned hardest (resnet20 at 4x fewer MACs: 72.9 % instead of 70.7 % top-1, BENCHMARKS.md).
-  Groups of one producing layer (plain CNNs, VGG) are unchanged.
+  Groups of one producing layer (plain CNNs, VGG) are unchanged. ``guidance="channel"`` (beyond the paper)
+  divides that further by the unit's size: what pruning one channel (column, weight) saves, so under a flops
+  target a layer at high resolution, whose channels cost many MACs and hold few weights, is pruned hardest.
 * **Perturbation**: Gaussian noise of standard deviation ``magnitude`` added to every rate, clipped to
   ``[0, r_max]``, re-ordered and re-scaled to meet the target.
 """
