@@ -152,6 +152,26 @@ def test_perturb_keeps_target_and_guidance(sizes, target, magnitude, seed, back)
         assert sampler.compression(action) >= target
 
 
+@settings(max_examples=60, deadline=None)
+@given(layer_sizes, st.floats(1.5, 20.0), st.floats(1.0, 1.3), st.sampled_from([None, "heaviest", "lightest"]),
+       st.lists(st.floats(0.05, 1.0), min_size=16, max_size=16))
+def test_rescale_at_a_looser_target_keeps_every_unit_at_least_as_wide(sizes, target, slack, back, direction):
+    """Purification's refit re-aims a searched (given-back) action at a looser target: no unit loses a
+    channel to another, which re-ordering the action by the guidance would do."""
+    model = HybridModel(*zip(*sizes))
+    try:
+        strict = ActionSampler(model.units, model.cost, target, r_max=0.98, give_back=back)
+    except UserError:
+        return
+    looser = ActionSampler(model.units, model.cost, target / slack, r_max=0.98, give_back=back)
+    action = strict.meet(np.array(direction[:len(model.units)]))
+    refit = looser.rescale(action)
+    assert looser.compression(refit) >= target / slack
+    for unit, before, after in zip(model.units, action, refit):
+        assert keep(unit.size, after) >= keep(unit.size, before)
+    assert np.array_equal(looser.rescale(action), refit)
+
+
 def test_perturb_is_deterministic_and_accepts_torch_generators():
     model = HybridModel([16, 32, 64], [27, 144, 288])
     sampler = ActionSampler(model.units, model.cost, 6.0)

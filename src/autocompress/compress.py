@@ -615,7 +615,7 @@ class Compression:
 
         def refit(slack: float) -> dict:
             looser = self._sampler(state.space, state.target / slack, base_ratio)
-            return looser.to_rates(looser.meet(action))
+            return looser.to_rates(looser.rescale(action))
 
         return Budget(limit=base / state.target, count=self._count, refit=refit)
 
@@ -630,7 +630,7 @@ class Compression:
         measurement."""
         def fit(aim: float) -> tuple[tuple[np.ndarray, ActionSampler, float], float]:
             sampler = self._sampler(state.space, aim, base_ratio)
-            fitted = sampler.meet(action)
+            fitted = sampler.rescale(action)
             return (fitted, sampler, aim), sampler.compression(fitted) * base_ratio
 
         def measure(candidate: tuple[np.ndarray, ActionSampler, float]) -> float:

@@ -328,7 +328,15 @@ class ActionSampler:
     def meet(self, direction: np.ndarray) -> np.ndarray:
         """Order ``direction`` by the guidance, scale it to meet the target (:func:`meet_target`), then (with
         ``give_back``) give back what the target does not need (:func:`give_back`)."""
-        action = meet_target(order_rates(direction, self.units), self.cost, self.target, r_max=self.r_max,
+        return self.rescale(order_rates(direction, self.units))
+
+    def rescale(self, action: np.ndarray) -> np.ndarray:
+        """``action`` (e.g. another target's search result) scaled to meet this sampler's target, then given
+        back, without re-ordering: a given-back action departs from the guidance ordering on purpose (a unit at
+        an aligned width keeps the smallest rate of that width), and projecting it again would move channels
+        between layers. At a looser target than ``action`` met, every unit keeps at least the channels it kept
+        there."""
+        action = meet_target(action, self.cost, self.target, r_max=self.r_max,
                              original=self.original, sizes=self._sizes, max_iter=self.max_iter)
         if self.give_back is None:
             return action
