@@ -107,3 +107,12 @@ def test_any_top_level_value_is_accepted_or_refused_in_one_line(data):
         CompressConfig.from_dict({"target": "params=4x", **data})
     except SettingError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("target, guidance, resolved", [
+    ("flops=4x", None, "channel"), ("params=10x", None, "layer"), ("latency=2x", None, "layer"),
+    ("flops=4x", "layer", "layer"), ("params=10x", "channel", "channel")])
+def test_guidance_auto_is_per_channel_for_flops_targets_only(target, guidance, resolved):
+    search = {} if guidance is None else {"search": {"guidance": guidance}}
+    config = CompressConfig.from_dict({"target": target, **search})
+    assert config.search.guidance == (guidance or "auto") and config.resolved_guidance == resolved

@@ -514,11 +514,11 @@ class Compression:
         if self.table is None:
             return ActionSampler.from_space(space, self.target.objective, factor, kinds=self.config.kinds,
                                             r_max=self.config.max_r, block=self.block,
-                                            guidance=self.config.search.guidance)
+                                            guidance=self.config.resolved_guidance)
         units = [u for u in units_from_space(space, "flops") if u.kind in self.config.kinds
                  and not (u.kind == "column" and u.name in self.table.column_useless)]
         table = self.table
-        units = latency_guidance(units, space, table, self.config.search.guidance)
+        units = latency_guidance(units, space, table, self.config.resolved_guidance)
 
         def cost(action: np.ndarray) -> float:
             return table.estimate_space(space, rates_dict(units, action))

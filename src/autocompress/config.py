@@ -111,11 +111,13 @@ class SearchConfig:
 
     Attributes:
         guidance: what the experience-based guidance orders units by (:data:`autocompress.sampling.GUIDANCES`):
-            ``"layer"`` (the paper's: prune harder the layer that holds more of the target's parameters / MACs)
-            or ``"channel"`` (per channel: prune harder where one channel costs more).
+            ``"layer"`` (the paper's: prune harder the layer that holds more of the target's parameters / MACs),
+            ``"channel"`` (per channel: prune harder where one channel costs more), or ``"auto"`` (the default:
+            ``"channel"`` for a flops target, ``"layer"`` otherwise; see
+            :attr:`CompressConfig.resolved_guidance`).
     """
 
-    guidance: str = "layer"
+    guidance: str = "auto"
     start_temperature: float = 0.05
     cooling_rate: float = 0.85
     stop_temperature: float = 0.002
@@ -128,9 +130,9 @@ class SearchConfig:
         if not 1 <= self.max_evaluations <= MAX_EVALUATIONS:
             raise SettingError("search.max_evaluations", f"search.max_evaluations={self.max_evaluations} is "
                                f"outside [1, {MAX_EVALUATIONS}]", "use e.g. 30")
-        if self.guidance not in GUIDANCES:
+        if self.guidance not in (AUTO, *GUIDANCES):
             raise SettingError("search.guidance", f"search.guidance={self.guidance!r} is unknown",
-                               f"use one of {', '.join(GUIDANCES)}")
+                               f"use one of {', '.join((AUTO, *GUIDANCES))}")
         fields = dataclasses.asdict(self)
         del fields["guidance"]
         try:
@@ -299,6 +301,17 @@ class CompressConfig:
             return self.dims
         latency = self.target is not None and Target.parse(self.target).objective == "latency"
         return "filter" if latency else "filter,column"
+
+    @property
+    def resolved_guidance(self) -> str:
+        """``search.guidance``, or when ``"auto"`` ``"channel"`` for a flops target and ``"layer"`` for params and
+        latency targets. At equal executed MACs a CIFAR-10 ResNet-20 retrained better the more parameters it
+        kept, which the channel guidance keeps by pruning the high-resolution stage hardest (flops=2x,
+        15 epochs: 86.55 against 86.05 % top-1; BENCHMARKS.md, "Session 18")."""
+        if self.search.guidance != AUTO:
+            return self.search.guidance
+        flops = self.target is not None and Target.parse(self.target).objective == "flops"
+        return "channel" if flops else "layer"
 
     def parsed_target(self) -> Target:
         """``target`` parsed; SettingError when it is missing or malformed."""
