@@ -180,8 +180,11 @@ def test_a_flops_targets_deployed_form_runs_columns_dense_only_within_the_target
     model = trained(SmallCNN(8, 128), train)  # conv2: 128 filters, so its columns can go unexecuted
     example = torch.randn(1, 1, 8, 8)
     config = {**CONFIG, "dims": "column", "channel_multiple": 1, "purification": {"enabled": False}}
+    lines: list[str] = []
     result = autocompress.compress(model, example, target, train_loader=train, val_loader=val, config=config,
-                                   progress=False)
+                                   progress=False, log=lines.append)
+    guidance = "channel" if target == "flops=2x" else "layer"  # search.guidance auto
+    assert f"search guidance: per {guidance} (auto for a {target.split('=')[0]} target)" in lines
     names = deployment.column_layer_names(result.model)
     dense = result.final["deployed_form"]["dense_layers"]
     deployed = metrics.count_macs(result.deployed_model, example)

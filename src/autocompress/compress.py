@@ -323,6 +323,9 @@ class Compression:
                               "up to ~1.5x slower on a CPU (.reshape would allow it)")
         if self.config.dims is None:
             self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
+        if self.config.search.guidance == AUTO:
+            self.pipeline.log(f"search guidance: per {self.config.resolved_guidance} (auto for a "
+                              f"{self.target.objective} target)")
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self._check_compactable()
@@ -370,6 +373,7 @@ class Compression:
                 "run": {"base_model_sha256": model_digest(base), "threads": torch.get_num_threads(),
                         "world_size": self.world.size,
                         "device": str(self.device), "autocompress": __version__,
+                        "guidance": self.config.resolved_guidance,
                         **({"schedule": describe(self.config)} if self.config.budget is not None else {})},
                 "source": self.source}
 
