@@ -84,6 +84,7 @@ def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
     assert stored["source"]["checkpoint"] == str(base_checkpoint.resolve())
     assert stored["run"]["threads"] == torch.get_num_threads()
     assert stored["search"]["guidance"] == "auto" and stored["run"]["guidance"] == "layer"  # a params target
+    assert stored["run"]["dims"] == "filter,column" and stored["run"]["channel_multiple"] == 1
 
 
 def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):

@@ -373,6 +373,7 @@ class Compression:
                 "run": {"base_model_sha256": model_digest(base), "threads": torch.get_num_threads(),
                         "world_size": self.world.size,
                         "device": str(self.device), "autocompress": __version__,
+                        "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
                         "guidance": self.config.resolved_guidance,
                         **({"schedule": describe(self.config)} if self.config.budget is not None else {})},
                 "source": self.source}
