@@ -306,8 +306,8 @@ class CompressConfig:
     def resolved_guidance(self) -> str:
         """``search.guidance``, or when ``"auto"`` ``"channel"`` for a flops target and ``"layer"`` for params and
         latency targets. At equal executed MACs a CIFAR-10 ResNet-20 retrained better the more parameters it
-        kept, which the channel guidance keeps by pruning the high-resolution stage hardest (flops=2x,
-        15 epochs: 86.55 against 86.05 % top-1; BENCHMARKS.md, "Session 18")."""
+        kept, which the channel guidance keeps by pruning the high-resolution stage hardest (15 epochs, paired
+        seeds: flops=4x +0.73 and +0.31 points of top-1, flops=2x +0.50; BENCHMARKS.md, "Session 18")."""
         if self.search.guidance != AUTO:
             return self.search.guidance
         flops = self.target is not None and Target.parse(self.target).objective == "flops"
