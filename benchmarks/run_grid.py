@@ -167,6 +167,9 @@ AUTOCOMPRESS_METHODS = {
     # high-resolution layers (many MACs, few weights per channel) hardest
     "ac_budget_exec_ch": ("autocompress defaults, `budget`, guidance per channel (search.guidance channel)",
                           {"channel_multiple": "auto", "search": {"guidance": "channel"}}),
+    # session 18: the same guidance on a params target (auto keeps layer there)
+    "ac_budget_ch": ("autocompress, `budget`, guidance per channel (search.guidance channel)",
+                     {"search": {"guidance": "channel"}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -180,7 +183,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
             "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8", "ac_budget_exec_rho_auto",
             "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft",
-            "ac_budget_exec_refit", "ac_budget_exec_ch")
+            "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
