@@ -122,15 +122,15 @@ def settings_from(args: argparse.Namespace, file_settings: dict) -> dict:
 def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
     """``exc`` with the flags that set its setting and the settings it clashes with named, or the flag that would
     set it (only the CLI speaks of flags)."""
-    involved = (exc.setting, *exc.also)
+    involved, config = (exc.setting, *exc.also), getattr(args, "config", None)
     by_flag = {setting: flag for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items()
                if setting in involved and getattr(args, flag[2:].replace("-", "_"), None) is not None}
     if by_flag:
         rest = [setting for setting in involved if setting not in by_flag]
-        in_file = f"; {', '.join(rest)} by the config file {args.config}" if rest and args.config else ""
+        in_file = f"; {', '.join(rest)} by the config file {config}" if rest and config else ""
         return UserError(f"{exc} (set by {' and '.join(by_flag.values())}{in_file})")
-    if getattr(args, "config", None):
-        return UserError(f"{exc} (in the config file {args.config})")
+    if config:
+        return UserError(f"{exc} (in the config file {config})")
     flags = [flag for flag, setting in FLAG_SETTINGS.items() if setting == exc.setting]
     return UserError(f"{exc} (on the command line: {flags[0]})" if flags else str(exc))
 
