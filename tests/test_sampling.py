@@ -429,3 +429,49 @@ def test_a_latency_like_sampler_returns_channels_inside_a_block():
     kept = ActionSampler(units, cost, 1.4, give_back="lightest").meet(np.full(3, 0.5))
     assert plain[0] > 0 and plain[1] > 0  # channels 9-16 of the blocked units pruned for nothing
     assert kept[0] == kept[1] == 0.0 and cost(kept) <= cost(np.zeros(3)) / 1.4
+
+
+def _kept_widths(space, model, rates) -> tuple[int, ...]:
+    """The channels each filter group keeps, counted on the masks the engine projects (independent of the
+    sampler's keep counts)."""
+    from autocompress.projection import project
+
+    masks = project(space, model, rates)
+    return tuple(int(masks.filters[g.name].sum()) for g in space.filter_groups)
+
+
+@pytest.mark.parametrize("arch,target", [("resnet20", 2.0), ("resnet20", 4.0), ("cnn", 2.0)])
+def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arch, target):
+    """At widths aligned to 8 channels the fit maps small noise back onto the action, so a search whose scores
+    tie (every candidate accepted) re-proposed the same widths: resnet20 at flops=2x scored 5 distinct width
+    vectors in 20 evaluations (a real run: 3), and a 4-conv CNN 2 of the 6 its guidance allows. Drawing again
+    until the widths are new, the search scores 20 distinct resnet20 widths and every one of the CNN's."""
+    from autocompress.annealing import simulated_annealing
+    from autocompress.config import SearchConfig
+    from autocompress.models.resnet_cifar import resnet20
+    from autocompress.space import PruningSpace
+
+    if arch == "resnet20":
+        model, example = resnet20(), torch.zeros(1, 3, 32, 32)
+    else:
+        model, example = conv_chain([16, 32, 64, 64]), torch.zeros(1, 1, 28, 28)
+    space = PruningSpace.build(model, example, dims=("filter",), channel_multiple=8)
+    sampler = ActionSampler.from_space(space, "flops", target, guidance="channel")
+    rng = np.random.default_rng(0)
+    allowed = set() if arch == "resnet20" else {_kept_widths(space, model, sampler.to_rates(sampler.meet(rng.random(len(sampler.units)))))
+               for _ in range(300)}
+    scored: list[tuple[int, ...]] = []
+    seen: set = set()
+
+    def on_step(state) -> None:
+        seen.update(sampler.keeps(np.asarray(step["action"])) for step in state.trajectory)
+
+    simulated_annealing(sampler.initial_action(), lambda a: scored.append(
+        _kept_widths(space, model, sampler.to_rates(a))) or 0.0,
+        lambda a, m, r: sampler.perturb(a, m, r, avoid=seen), SearchConfig(max_evaluations=20).annealing(0),
+        on_step=on_step)
+    assert len(scored) == 20
+    if arch == "resnet20":
+        assert len(set(scored)) == 20
+    else:  # 300 random directions find every width vector its guidance allows
+        assert set(scored) == allowed, (len(allowed), len(set(scored)))

@@ -41,7 +41,7 @@ from .projection import project
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
-from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, units_from_space
+from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
 from .serialization import save_compact
 from .space import KINDS
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
@@ -529,7 +529,8 @@ class Compression:
             return table.estimate_space(space, rates_dict(units, action))
 
         try:
-            return ActionSampler(units, cost, factor, r_max=self.config.max_r, give_back="lightest")
+            return ActionSampler(units, cost, factor, r_max=self.config.max_r, give_back="lightest",
+                                 keeps=space_keeps(space, units))
         except UserError as exc:  # unreachable: say so in the terms of a latency target
             reached = cost(np.zeros(len(units))) / cost(np.full(len(units), self.config.max_r))
             raise UserError(f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup "
@@ -684,7 +685,10 @@ class Compression:
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
+            scored: set[tuple[int, ...]] = set()  # keep counts of the candidates scored so far, equal on every rank
+
             def on_step(step) -> None:
+                scored.update(sampler.keeps(np.asarray(s["action"])) for s in step.trajectory)
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"
@@ -693,7 +697,9 @@ class Compression:
 
             result = simulated_annealing(sampler.initial_action(),
                                          lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
-                                         sampler.perturb, config, on_step=on_step, map_fn=distributed.parallel_map)
+                                         lambda action, magnitude, rng: sampler.perturb(action, magnitude, rng,
+                                                                                        avoid=scored),
+                                         config, on_step=on_step, map_fn=distributed.parallel_map)
         evaluations = len(result.trajectory)
         why = (f"max_evaluations {config.max_evaluations} reached" if evaluations >= config.max_evaluations else
                f"the temperature fell below search.stop_temperature {config.stop_temperature:g}")

@@ -27,13 +27,17 @@ Choices the paper leaves open (ours, exposed as arguments):
   divides that further by the unit's size: what pruning one channel (column, weight) saves, so under a flops
   target a layer at high resolution, whose channels cost many MACs and hold few weights, is pruned hardest.
 * **Perturbation**: Gaussian noise of standard deviation ``magnitude`` added to every rate, clipped to
-  ``[0, r_max]``, re-ordered and re-scaled to meet the target.
+  ``[0, r_max]``, re-ordered and re-scaled to meet the target. Given the keep counts of an action (``keeps``,
+  :func:`space_keeps`), a neighbour that keeps the same widths as the action (or as a candidate the search
+  scored already) is drawn again with twice the magnitude (up to :data:`PERTURB_TRIES` draws): the fit and the aligned widths map small noise back onto the
+  action, and a search scoring the same widths again learns nothing (beyond the paper; a resnet20 flops=2x
+  search at channel multiple 8 scored 3 distinct candidates in 20, BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +53,10 @@ OBJECTIVES = ("params", "flops")
 #: what removing one channel saves, so under a flops target the high-resolution layers, whose channels cost
 #: many MACs and hold few weights, are pruned hardest).
 GUIDANCES = ("layer", "channel")
+
+#: Draws of one perturbation (:meth:`ActionSampler.perturb`) before it settles for a neighbour that keeps the
+#: same widths as the action; each draw doubles the noise.
+PERTURB_TRIES = 12
 
 #: A cost maps a rate vector (float64 [n_units]) to the remaining count (parameters or MACs) of the model
 #: pruned at those rates; it must be non-increasing in every rate.
@@ -300,13 +308,16 @@ class ActionSampler:
             a latency table gives back lightest first (small layers inside one hardware block cost nothing
             to restore there).
         widths: per unit, None or the keep counts its give-back may land on (see :func:`give_back`).
+        keeps: the keep counts of an action (:func:`space_keeps`), by which :meth:`perturb` tells a neighbour
+            that keeps other widths; None: every draw is a neighbour.
     Raises:
         UserError: empty ``units`` or an unreachable target (checked on construction, before any search).
     """
 
     def __init__(self, units: Sequence[ActionUnit], cost: Cost, target: float, *, r_max: float = 0.95,
                  max_iter: int = 64, give_back: str | None = None,
-                 widths: Sequence[Sequence[int] | None] | None = None):
+                 widths: Sequence[Sequence[int] | None] | None = None,
+                 keeps: Callable[[np.ndarray], tuple[int, ...]] | None = None):
         if not units:
             raise UserError("the pruning space has no prunable units", "choose other dims or another model")
         self.units = tuple(units)
@@ -318,6 +329,7 @@ class ActionSampler:
             raise ValueError(f"give_back must be None, 'heaviest' or 'lightest', got {give_back!r}")
         self.give_back = give_back
         self.widths = None if widths is None else tuple(widths)
+        self.keeps = keeps
         _check_settings(self.target, self.r_max)
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
         self._weights = np.array([u.weight for u in self.units], dtype=np.float64)
@@ -354,13 +366,22 @@ class ActionSampler:
         direction = np.ones_like(weights) if top <= 0 else (weights / top) ** float(spread)
         return self.meet(direction)
 
-    def perturb(self, action: np.ndarray, magnitude: float,
-                rng: np.random.Generator | torch.Generator) -> np.ndarray:
+    def perturb(self, action: np.ndarray, magnitude: float, rng: np.random.Generator | torch.Generator, *,
+                avoid: Collection[tuple[int, ...]] = ()) -> np.ndarray:
         """A neighbour of ``action``: rates + N(0, magnitude^2) noise, clipped to ``[0, r_max]``, projected
         onto the guidance ordering and re-scaled to meet the target exactly. The caller shrinks
-        ``magnitude`` with the temperature (brief §5). Returns float64 [n_units]."""
-        noisy = np.asarray(action, dtype=np.float64) + float(magnitude) * _normal(rng, len(self.units))
-        return self.meet(np.clip(noisy, 0.0, self.r_max))
+        ``magnitude`` with the temperature (brief §5). With ``keeps``, a draw that keeps the same widths as
+        ``action`` or as any keep counts in ``avoid`` (e.g. the candidates scored so far) is drawn again at
+        twice the magnitude, up to :data:`PERTURB_TRIES` draws (the last one is returned whatever it keeps).
+        Returns float64 [n_units]."""
+        action = np.asarray(action, dtype=np.float64)
+        seen = None if self.keeps is None else {self.keeps(action), *avoid}
+        for attempt in range(1 if seen is None else PERTURB_TRIES):
+            noisy = action + float(magnitude) * 2.0 ** attempt * _normal(rng, len(self.units))
+            candidate = self.meet(np.clip(noisy, 0.0, self.r_max))
+            if seen is None or self.keeps(candidate) not in seen:
+                break
+        return candidate
 
     def compression(self, action: np.ndarray) -> float:
         """``original / cost(action)``: the compression rate (x) the action reaches."""
@@ -399,7 +420,8 @@ class ActionSampler:
         try:
             return cls(units, space_cost(space, units, objective), target,
                        r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,
-                       give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths)
+                       give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths,
+                       keeps=space_keeps(space, units))
         except UserError as exc:
             skipped = [name for name, reason in space.excluded.items() if NO_EXECUTED_SAVING in reason]
             if not skipped:
@@ -448,6 +470,20 @@ def units_from_space(space, objective: str, guidance: str = "layer") -> list[Act
 def _check_guidance(guidance: str) -> None:
     if guidance not in GUIDANCES:
         raise UserError(f"unknown guidance {guidance!r}", f"use one of {', '.join(GUIDANCES)}")
+
+
+def space_keeps(space, units: Sequence[ActionUnit]) -> Callable[[np.ndarray], tuple[int, ...]]:
+    """The keep counts of an action over ``units`` of ``space``: per filter group the channels it keeps
+    (:meth:`~autocompress.space.PruningSpace.filter_keep`, aligned to the space's channel multiple), per column
+    or irregular unit :func:`~autocompress.space.keep_count` of its size. Two actions of equal keep counts
+    prune the same number of channels from every group (and nearly always the same columns and weights)."""
+    groups = {g.name: g for g in space.filter_groups}
+
+    def keeps(action: np.ndarray) -> tuple[int, ...]:
+        return tuple(space.filter_keep(groups[u.name], float(r)) if u.kind == "filter" else keep_count(u.size, float(r))
+                     for u, r in zip(units, action))
+
+    return keeps
 
 
 def space_cost(space, units: Sequence[ActionUnit], objective: str) -> Cost:
