@@ -52,12 +52,12 @@ def test_explicit_schedule_settings_with_a_budget_are_refused_naming_both():
     same = apply_budget(CompressConfig.from_dict({"target": "params=10x", "budget": 8, "final_retrain_epochs": 7},
                                                  validate=False))
     assert same.final_retrain_epochs == 7  # equal to what the budget derives: accepted
-    with pytest.raises(SettingError, match=r"budget=1 epochs is too small: the schedule needs one ADMM epoch in each "
-                                           r"of the 2 rounds a 30x target takes.*use budget >= 2"):
+    with pytest.raises(SettingError, match=r"budget=1 is too small: the schedule needs one ADMM epoch in each "
+                                           r"of the 2 rounds a 30x target takes.*use budget=2 or more"):
         apply_budget(CompressConfig.from_dict({"target": "params=30x", "budget": 1}, validate=False))
     for target, steps in (("params=3x", 500), ("latency=5ms", 500), ("params=30x", 10)):  # no factor; no ADMM
-        with pytest.raises(SettingError, match=r"budget=0 epochs is too small: the schedule needs at least one "
-                                               r"epoch.*use budget >= 1"):
+        with pytest.raises(SettingError, match=r"budget=0 is too small: the schedule needs at least one "
+                                               r"epoch.*use budget=1 or more"):
             budget_schedule(Target.parse(target).factor, 0, steps)
     with pytest.raises(SettingError, match="budget=0"):
         CompressConfig.from_dict({"target": "params=10x", "budget": 0})

@@ -77,6 +77,10 @@ def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     for event in ("base", "search", "admm", "purification", "retrain", "round", "final"):
         assert event in events
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for r in records if r["event"] == "retrain" for e in r["history"]]
+    # training top-1 in %, like every other record (it was a fraction); a real classifier, far above chance
+    assert epochs and all(30.0 < e["train_top1"] <= 100.0 and e["epoch"] >= 1 for e in epochs)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 4 and "test top-1" in html
     assert (out / "config.yaml").exists() and (out / "round2" / "compact.pt").exists()
@@ -277,8 +281,8 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
 @pytest.mark.parametrize("text, flags, message", [
     ("target: params=2x\nadmm: {epochs: -1}\n", [], "admm.epochs=-1 must be >= 0; use 0 (one-shot projection) or "
      "more (in the config file {path})"),
-    ("target: params=2x\n", ["--admm-epochs", "-2"], "admm.epochs=-2 must be >= 0; use 0 (one-shot projection) or "
-     "more (set by --admm-epochs)"),
+    ("target: params=2x\n", ["--admm-epochs", "-2"], "--admm-epochs -2 must be >= 0; use 0 (one-shot projection) "
+     "or more (set by --admm-epochs)"),
     ("target: params=2x\nretrain: {lr: -1}\n", [],
      "retrain.lr -1 is not a positive number; pass e.g. retrain.lr 0.1 (in the config file {path})"),
     ("target: params=2x\nbatch_size: 0\n", [], "batch_size=0 is outside [1, 1e9]; give batch_size >= 1 "
@@ -299,7 +303,7 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("target: params=2x\nsearch: {cooling_rate: 2}\n", [], "search.cooling_rate=2 must be in (0, 1); use e.g. 0.85"),
     ("target: params=2x\ndistillation: {alpha: high}\n", [],
      "distillation.alpha='high' has the wrong type; give a number"),
-    ("target: params=2x\n", ["--retrain-epochs", "-3"], "retrain.epochs=-3 is not valid; use 0 to 10000 "
+    ("target: params=2x\n", ["--retrain-epochs", "-3"], "--retrain-epochs -3 is not valid; use 0 to 10000 "
      "(set by --retrain-epochs)"),
     ("target: params=2x\nfinal_retrain_epochs: -2\n", [],
      "final_retrain_epochs=-2 is not valid; use 0 to 10000, or null"),
@@ -325,13 +329,15 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
      "invalid round schedule 'abc'; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
      "ending at 2 (set by --rounds)"),
     ("- a list\n", [], "config file {path} must hold a mapping of settings; see the README's example"),
-    ("target: params=30x\nadmm: {epochs: 3}\n", ["--epochs", "8"], "budget=8 and admm.epochs=3 both set the "
-     "training schedule (budget derives admm.epochs=1); give budget alone, or drop budget and write the schedule "
+    ("target: params=30x\nadmm: {epochs: 3}\n", ["--epochs", "8"], "--epochs 8 and admm.epochs=3 both set the "
+     "training schedule (budget derives admm.epochs=1); give --epochs 8 alone, or drop it and write the schedule "
      "(admm.epochs, ...) yourself (set by --epochs; admm.epochs by the config file {path})"),
-    ("target: params=30x\n", ["--epochs", "8", "--rounds", "3"], "budget=8 and rounds=3 both set the training "
-     "schedule (budget derives rounds=2); give budget alone, or drop budget and write the schedule (rounds, ...) "
+    ("target: params=30x\n", ["--epochs", "8", "--rounds", "3"], "--epochs 8 and --rounds 3 both set the training "
+     "schedule (budget derives --rounds 2); give --epochs 8 alone, or drop it and write the schedule (rounds, ...) "
      "yourself (set by --rounds and --epochs)"),
-    ("target: params=30x\n", ["--epochs", "8", "--rounds", "2"], None),  # what the budget derives: no clash
+    ("target: params=30x\n", ["--epochs", "8", "--rounds", "2"], None),
+    ("target: params=30x\n", ["--epochs", "1"], "--epochs 1 is too small: the schedule needs one ADMM epoch in each "
+     "of the 2 rounds a 30x target takes (one round per decade); use --epochs 2 or more (set by --epochs)"),  # what the budget derives: no clash
 ])
 def test_config_file_errors_name_the_setting(tmp_path, capsys, text, flags, message):
     """A bad value is named by its setting (and where it came from: the config file or a flag), before

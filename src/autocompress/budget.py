@@ -43,8 +43,8 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     if budget < least:
         needs = "at least one epoch" if least == 1 else \
             f"one ADMM epoch in each of the {rounds} rounds a {factor:g}x target takes (one round per decade)"
-        raise SettingError("budget", f"budget={budget} epochs is too small: the schedule needs {needs}",
-                           f"use budget >= {least}")
+        raise SettingError("budget", f"budget={budget} is too small: the schedule needs {needs}",
+                           f"use budget={least} or more")
     return {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
             "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
 
@@ -102,7 +102,8 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
         else:
             raise SettingError("budget", f"budget={config.budget} and {name}={show(given_value)} both set the training "
                                f"schedule (budget derives {name}={show(value)})",
-                               f"give budget alone, or drop budget and write the schedule ({name}, ...) yourself",
+                               f"give budget={config.budget} alone, or drop it and write the schedule ({name}, ...) "
+                               "yourself",
                                also=(name,))
     return from_dict(CompressConfig, derived, base=config)
 

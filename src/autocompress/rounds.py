@@ -479,7 +479,8 @@ class Pipeline:
             enforcer = MaskEnforcer(state.model, state.param_masks)
             self._call_train_fn("retrain", state, epochs=epochs, lr=config.lr, enforcer=enforcer)
         self.store.save(state.index, "retrain", self._state_payload(state))
-        return [{"event": "retrain", "round": state.index, "history": history}]
+        return [{"event": "retrain", "round": state.index, "history": [epoch_record(k, epoch) for k, epoch in
+                                                                        enumerate(history)]}]
 
     def _compact(self, state: RoundState, *, last: bool) -> list[dict]:
         compacted = compact(state.model, state.param_masks, self.example_inputs,
@@ -514,6 +515,15 @@ class Pipeline:
         model = apply_architecture(copy.deepcopy(self.base_model), payload["architecture"])
         model.load_state_dict(payload["state_dict"])
         return model.to(self.task.device).eval()
+
+
+def epoch_record(index: int, epoch: dict) -> dict:
+    """The metrics record of training epoch ``index`` (from 0) of ``epoch`` (:func:`autocompress.training.train_epoch`'s
+    result): ``{"epoch": from 1, "train_loss", "train_top1": in % like every other top-1 record (None without
+    labels), "images"}``."""
+    top1 = epoch.get("top1")
+    return {"epoch": index + 1, "train_loss": epoch["loss"], "train_top1": None if top1 is None else 100.0 * top1,
+            "images": epoch.get("images")}
 
 
 def _length(loader) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -120,15 +121,19 @@ def settings_from(args: argparse.Namespace, file_settings: dict) -> dict:
 
 
 def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
-    """``exc`` with the flags that set its setting and the settings it clashes with named, or the flag that would
-    set it (only the CLI speaks of flags)."""
+    """``exc`` in the command line's terms: each ``setting=value`` of a setting given by a flag written as that
+    flag (``budget=1`` -> ``--epochs 1``), the flags that set the settings involved and the settings it clashes
+    with named, or the flag that would set it (only the CLI speaks of flags)."""
     involved, config = (exc.setting, *exc.also), getattr(args, "config", None)
     by_flag = {setting: flag for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items()
                if setting in involved and getattr(args, flag[2:].replace("-", "_"), None) is not None}
     if by_flag:
+        message = str(exc)
+        for setting, flag in by_flag.items():
+            message = re.sub(rf"(?<![\w.-]){re.escape(setting)}=", f"{flag} ", message)
         rest = [setting for setting in involved if setting not in by_flag]
         in_file = f"; {', '.join(rest)} by the config file {config}" if rest and config else ""
-        return UserError(f"{exc} (set by {' and '.join(by_flag.values())}{in_file})")
+        return UserError(f"{message} (set by {' and '.join(by_flag.values())}{in_file})")
     if config:
         return UserError(f"{exc} (in the config file {config})")
     flags = [flag for flag, setting in FLAG_SETTINGS.items() if setting == exc.setting]
