@@ -602,7 +602,9 @@ class Compression:
             action, sampler, calibration = self._calibrate(state, action, base_ratio)
         state.rates = sampler.to_rates(action)
         state.budget = self._budget(state, sampler, base, base_ratio)
-        record = {"round": state.index, "target": state.target, "rates": state.rates, "best_score": result.best_score,
+        kept = {unit.name: width for unit, width in zip(sampler.units, sampler.keeps(action)) if unit.kind == "filter"}
+        record = {"round": state.index, "target": state.target, "rates": state.rates, "filters": kept,
+                  "best_score": result.best_score,
                   "compression": sampler.compression(action) * base_ratio,
                   **({"calibration": calibration} if calibration else {})}
         self.store.save(state.index, "search", {**record, "trajectory": result.trajectory})

@@ -3,8 +3,10 @@ folder's ``metrics.jsonl``.
 
 Records read (one JSON object per line, written by :mod:`autocompress.compress`):
 
-* ``{"event": "search", "round": k, "trajectory": [{"step", "temperature", "candidate_score",
-  "current_score", "best_score", "accepted"}, ...], ...}`` — one simulated-annealing run per round;
+* ``{"event": "search", "round": k, "rates": {kind: {unit: rate}}, "filters": {group: channels kept at those
+  rates (aligned to the channel multiple; before purification)}, "trajectory": [{"step", "temperature",
+  "candidate_score", "current_score", "best_score", "accepted"}, ...], ...}`` — one simulated-annealing run per
+  round;
 * ``{"event": "round", "round": k, "target": x, "params": int, "macs": int, "val_top1": float,
   "layers": [{"name", "filters", "filters_total", "columns", "columns_total"}, ...]}`` — measured on the
   round's compact model (parameters, MACs = multiply-accumulates, not FLOPs);
