@@ -174,6 +174,8 @@ AUTOCOMPRESS_METHODS = {
     # scored 3 distinct candidates in 20)
     "ac_budget_exec_new": ("autocompress defaults (guidance auto), `budget`, the search drawing unscored widths",
                            {"channel_multiple": "auto", "search": {"guidance": "auto"}}),
+    "ac_budget_new": ("autocompress defaults, `budget`, the search drawing unscored widths (session 19)",
+                      {"search": {"guidance": "auto"}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -187,7 +189,8 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget", "ac_budget_uniform", "ac_budget_aligned", "ac_budget_m8", "tp_kd_r8", "ac_budget_exec",
             "ac_budget_exec_uniform", "ac_budget_exec_m1", "ac_budget_exec_m8", "ac_budget_exec_rho_auto",
             "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft",
-            "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new")
+            "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
+            "ac_budget_new")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
