@@ -1,0 +1,160 @@
+"""Distillation from a weak (under-trained) base: does the budget's default distillation cost top-1?
+
+A user's own model is often not converged. This script builds such a base the way a fresh user did (session 17:
+a small residual CNN trained 2 epochs with Adam on 6,000 Fashion-MNIST images), compresses it with
+``autocompress.compress`` at ``flops=2x`` and ``budget: 3`` under distillation variants, and, as a reference, with
+Torch-Pruning's global magnitude pruning at the same MACs followed by the same 3 epochs of plain training.
+Each variant's result (test top-1 on 2,000 test images, MACs reduction) is one JSON line in ``--out``; variants
+already there are skipped (the run resumes).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/weak_teacher.py \
+        --variants kd,nokd,alpha0.5 --out benchmarks/results/weak_teacher.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import autocompress
+from autocompress import metrics
+from autocompress.data import get_dataset
+
+VARIANTS = {
+    "kd": {},  # the budget's default: distillation on, alpha 0.9, T 4
+    "nokd": {"distillation": {"enabled": False}},
+    "alpha0.5": {"distillation": {"alpha": 0.5}},
+}
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a 1x1 projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.short(x))
+
+
+class ResidualCNN(nn.Module):
+    """``[B, 1, 28, 28]`` -> ``[B, 10]``: a 32-channel stem, blocks of 32, 64 (stride 2), 128 (stride 2), GAP."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(Block(32, 32, 1), Block(32, 64, 2), Block(64, 128, 2))
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def loaders(seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (6,000 images, shuffled by a seeded generator), validation (2,000) and test (2,000) loaders."""
+    data = get_dataset("fashion-mnist", val_size=2000, seed=seed, max_train=6000, max_test=2000)
+
+    def tensors(split):
+        images = (split.images.float() / 255.0 - data.mean[0]) / data.std[0]
+        return TensorDataset(images, split.labels)
+
+    generator = torch.Generator().manual_seed(seed)
+    return (DataLoader(tensors(data.train), batch_size=64, shuffle=True, generator=generator),
+            DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
+
+
+def top1(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
+
+
+def train(model: nn.Module, loader: DataLoader, epochs: int, optimizer: torch.optim.Optimizer) -> None:
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+
+def weak_base(train_loader: DataLoader, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ResidualCNN()
+    train(model, train_loader, 2, torch.optim.Adam(model.parameters(), lr=1e-3))
+    return model.eval()
+
+
+def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) -> dict:
+    train_loader, val_loader, test_loader = loaders_
+    config = {"budget": 3, "seed": seed, **VARIANTS[variant]}
+    result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), "flops=2x", train_loader=train_loader,
+                                   val_loader=val_loader, config=config, progress=False, log=lambda line: None)
+    return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction}
+
+
+def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int) -> dict:
+    """Torch-Pruning global magnitude to half the MACs (by its own count), then 3 epochs of SGD as in the budget."""
+    import copy
+
+    import torch_pruning as tp
+
+    train_loader, _, test_loader = loaders_
+    model, example = copy.deepcopy(base), torch.zeros(1, 1, 28, 28)
+    base_macs = metrics.count_macs(base, example)
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       global_pruning=True, pruning_ratio=0.9, iterative_steps=200,
+                                       ignored_layers=[model.head])
+    for _ in range(200):
+        if metrics.count_macs(model, example) <= base_macs / 2:
+            break
+        pruner.step()
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    train(model, train_loader, 3, optimizer)
+    return {"top1": top1(model, test_loader), "macs_x": base_macs / metrics.count_macs(model, example)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="kd,nokd,alpha0.5,torch_pruning")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--out", default="benchmarks/results/weak_teacher.jsonl")
+    args = parser.parse_args()
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        done = {(r["variant"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        data = loaders(seed)
+        base = weak_base(data[0], seed)
+        base_top1 = top1(base, data[2])
+        for variant in args.variants.split(","):
+            if (variant, seed) in done:
+                continue
+            started = time.perf_counter()
+            row = (run_torch_pruning(base, data, seed) if variant == "torch_pruning"
+                   else run_autocompress(base, data, variant, seed))
+            row = {"variant": variant, "seed": seed, "base_top1": base_top1, **row,
+                   "seconds": round(time.perf_counter() - started, 1)}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
