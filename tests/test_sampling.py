@@ -475,3 +475,23 @@ def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arc
         assert len(set(scored)) == 20
     else:  # 300 random directions find every width vector its guidance allows
         assert set(scored) == allowed, (len(allowed), len(set(scored)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from([8, 16, 24, 32, 48]), min_size=1, max_size=4), st.sampled_from([1, 8, 16]),
+       st.data())
+def test_keep_counts_equal_the_projected_masks(widths, multiple, data):
+    """``space_keeps`` (what the search compares candidates by) gives each filter group the channels the engine's
+    projection keeps at those rates, at any channel multiple."""
+    from autocompress.projection import project
+    from autocompress.sampling import space_keeps, units_from_space
+    from autocompress.space import PruningSpace
+
+    model = conv_chain(widths)
+    space = PruningSpace.build(model, torch.randn(1, 1, 8, 8), channel_multiple=multiple)
+    units = units_from_space(space, "params")
+    action = np.array(data.draw(st.lists(st.floats(0.0, 0.9), min_size=len(units), max_size=len(units))))
+    keeps = space_keeps(space, units)(action)
+    masks = project(space, model, rates_dict(units, action))
+    filters = [(unit, kept) for unit, kept in zip(units, keeps) if unit.kind == "filter"]
+    assert filters and all(kept == int(masks.filters[unit.name].sum()) for unit, kept in filters)
