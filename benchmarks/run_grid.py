@@ -187,8 +187,12 @@ PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 A
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
          "tp_kd": "reference: Torch-Pruning + distillation (T 4, alpha 0.9)",
          "tp_kd_r8": "reference: Torch-Pruning round_to=8 + distillation (T 4, alpha 0.9)",
+         # session 19: the library's distillation default became alpha 0.5
+         "tp_kd_a05": "reference: Torch-Pruning + distillation (T 4, alpha 0.5)",
          # session 16, a diagnostic: are autocompress's searched widths or its ADMM + hard pruning behind the gap?
          "tp_kd_acwidths": "diagnostic: Torch-Pruning + distillation at the widths `ac_budget_exec` searched"}
+#: Torch-Pruning methods: the distillation alpha of their fine-tuning (None: plain fine-tuning)
+TP_DISTILL_ALPHA = {"torch_pruning": None, "tp_kd": 0.9, "tp_kd_r8": 0.9, "tp_kd_acwidths": 0.9, "tp_kd_a05": 0.5}
 METHODS = list(AUTOCOMPRESS_METHODS) + list(PEERS)
 #: opt-in methods, not part of the issue's grid
 VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "ac_kd", "ac_kd_uniform", "tp_kd",
@@ -197,7 +201,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft",
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
-            "ac_budget_exec_a05")
+            "ac_budget_exec_a05", "tp_kd_a05")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -379,11 +383,11 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed
     return autocompress.load(work / "model.pt"), facts
 
 
-def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: bool = False,
+def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: float | None = None,
                       seed: int = 0, round_to: int | None = None, widths_from: Path | None = None
                       ) -> tuple[object, dict]:
-    """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``
-    fine-tunes with distillation from the base (the ``tp_kd`` reference); ``round_to``: Torch-Pruning's
+    """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``: the
+    alpha of a fine-tuning with distillation from the base (the ``tp_kd`` references), None: plain fine-tuning; ``round_to``: Torch-Pruning's
     aligned widths (``tp_kd_r8``); ``widths_from``: an autocompress run folder whose searched widths to prune to
     (``tp_kd_acwidths``)."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
@@ -550,9 +554,9 @@ def run_cell(model: str, target: str, method: str, seed: int = 0, *, threads: in
     began = time.perf_counter()
     if method in AUTOCOMPRESS_METHODS:
         compact_model, facts = run_autocompress(spec, target, method, work, seed)
-    elif method in ("torch_pruning", "tp_kd", "tp_kd_r8", "tp_kd_acwidths"):
+    elif method in TP_DISTILL_ALPHA:
         searched = WORK / cell_id(model, target, "ac_budget_exec", seed) if method == "tp_kd_acwidths" else None
-        compact_model, facts = run_torch_pruning(spec, target, work, distill=method != "torch_pruning", seed=seed,
+        compact_model, facts = run_torch_pruning(spec, target, work, distill=TP_DISTILL_ALPHA[method], seed=seed,
                                                  round_to=8 if method == "tp_kd_r8" else None, widths_from=searched)
     else:
         compact_model, facts = run_nni(spec, target, work)

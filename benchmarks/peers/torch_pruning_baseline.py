@@ -152,13 +152,13 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
 
 
 def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int | None, val_size: int,
-        data_dir: str | None, seed: int, out: str, distill: bool = False, progress: bool = False,
+        data_dir: str | None, seed: int, out: str, distill: float | None = None, progress: bool = False,
         round_to: int | None = None, widths_from: str | None = None) -> dict:
     """Prune the checkpoint's model to ``target``, fine-tune ``epochs`` epochs (SGD, cosine, ``lr``), save the
     pruned model as an autocompress checkpoint at ``out``. Returns timings and the search outcome.
 
-    ``distill=True`` fine-tunes with autocompress's distillation from the unpruned model (T 4, alpha 0.9;
-    not part of Torch-Pruning): a reference for how much of autocompress's ``ac_kd`` gain is distillation.
+    ``distill=alpha`` fine-tunes with autocompress's distillation from the unpruned model (T 4, that alpha; not
+    part of Torch-Pruning): a reference for how much of autocompress's gain is distillation.
     ``widths_from``: an autocompress run folder; prune to its searched widths (:func:`prune_to_widths`)
     instead of bisecting a global ratio to ``target``."""
     began = time.perf_counter()
@@ -175,14 +175,14 @@ def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int 
         result = prune_to_target(model, example, Target.parse(target), round_to=round_to)
     search_seconds = time.perf_counter() - began
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
-    if distill:
+    if distill is not None:
         loader = splits.loader("train", config.batch_size, shuffle=True, augment=True,
                                generator=torch.Generator().manual_seed(seed))
         state = Path(f"{out}.epochs.pt")  # resumable per epoch (the pruning above is deterministic)
         checkpoint = EpochCheckpoint(lambda: torch.load(state, weights_only=True) if state.exists() else None,
                                      lambda payload: atomic_torch_save(payload, state),
                                      generators=loader_generators(loader), label="Torch-Pruning fine-tuning")
-        masked_retrain(result.model, {}, loader, config, distiller=Distiller(model, DistillationConfig()),
+        masked_retrain(result.model, {}, loader, config, distiller=Distiller(model, DistillationConfig(alpha=distill)),
                        progress=progress, checkpoint=checkpoint)
         top1 = evaluate(result.model, splits.loader("val", 256, shuffle=False, augment=False))["top1"]
         history = {"val_top1": top1}
@@ -206,7 +206,8 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--distill", action="store_true", help="fine-tune with distillation from the unpruned model")
+    parser.add_argument("--distill", type=float, metavar="ALPHA",
+                        help="fine-tune with distillation from the unpruned model at this alpha (e.g. 0.5)")
     parser.add_argument("--round-to", type=int, help="Torch-Pruning round_to: kept channels a multiple of it")
     parser.add_argument("--widths-from", help="an autocompress run folder: prune to its searched widths")
     args = parser.parse_args()

@@ -56,6 +56,9 @@ SCORERS = ("auto", "bn", "refit", "finetune")
 #: bytes of fine-tuning batches a ``"finetune"`` evaluator keeps to replay for every candidate (beyond them the
 #: loader, reseeded, gives the same batches again at the cost of loading them)
 KEPT_BATCH_BYTES = 256 * 2**20
+#: the ``"finetune"`` scorer's distillation (T 4, alpha 0.9): its rank correlations with accuracy after retraining
+#: were measured with it (BENCHMARKS.md, "Quick evaluation scorers"), and it does not follow the run's setting
+SCORER_DISTILLATION = DistillationConfig(enabled=True, temperature=4.0, alpha=0.9)
 #: what each resolved scorer does to a one-shot pruned candidate before scoring it (for the search's log)
 SCORER_STEPS = {"bn": "BatchNorm statistics re-estimated", "refit": "BatchNorm statistics re-estimated and the "
                 "last layer refit to the base model's outputs", "finetune": "a short masked fine-tuning"}
@@ -157,8 +160,8 @@ class QuickEvaluator:
         finetune_steps: SGD steps of ``"finetune"`` (one per training batch; the loader is re-iterated as
             needed); finetune_lr: their constant learning rate (momentum 0.9, no weight decay).
         finetune_distill: ``"finetune"`` minimises the distillation loss against the teacher
-            (:class:`autocompress.distillation.DistillationConfig` defaults: T 4, alpha 0.9) instead of the
-            task's loss alone.
+            (:data:`SCORER_DISTILLATION`: T 4, alpha 0.9, the setting its rank correlations were measured at)
+            instead of the task's loss alone.
         teacher: the model whose outputs ``"refit"`` and distillation aim at (default: ``model``; compress
             passes its base model); not modified.
         seed: seeds the fine-tuning batches' order (the same for every candidate).
@@ -188,7 +191,7 @@ class QuickEvaluator:
         scorer = "finetune" if scorer == "auto" else scorer
         self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration or refit else []
         self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
-        self._distiller = Distiller(teacher, DistillationConfig()) if scorer == "finetune" and finetune_distill \
+        self._distiller = Distiller(teacher, SCORER_DISTILLATION) if scorer == "finetune" and finetune_distill \
             else None
         # every candidate fine-tunes on the same batches: the first draws them, the others replay them, and the
         # teacher's outputs on them come from a cache
