@@ -181,7 +181,8 @@ AUTOCOMPRESS_METHODS = {
     "ac_budget_a05": ("autocompress defaults, `budget`, distillation alpha 0.5", {"distillation": {"alpha": 0.5}}),
     "ac_budget_nokd": ("autocompress defaults, `budget`, no distillation", {"distillation": {"enabled": False}}),
     "ac_budget_exec_a05": ("autocompress defaults (session 19 search), `budget`, distillation alpha 0.5",
-                           {"channel_multiple": "auto", "search": {"guidance": "auto"}, "distillation": {"alpha": 0.5}}),
+                           {"channel_multiple": "auto", "search": {"guidance": "auto"},
+                            "distillation": {"alpha": 0.5}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation

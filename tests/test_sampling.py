@@ -458,8 +458,8 @@ def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arc
     space = PruningSpace.build(model, example, dims=("filter",), channel_multiple=8)
     sampler = ActionSampler.from_space(space, "flops", target, guidance="channel")
     rng = np.random.default_rng(0)
-    allowed = set() if arch == "resnet20" else {_kept_widths(space, model, sampler.to_rates(sampler.meet(rng.random(len(sampler.units)))))
-               for _ in range(300)}
+    allowed = set() if arch == "resnet20" else {
+        _kept_widths(space, model, sampler.to_rates(sampler.meet(rng.random(len(sampler.units))))) for _ in range(300)}
     scored: list[tuple[int, ...]] = []
     seen: set = set()
 

@@ -29,9 +29,10 @@ Choices the paper leaves open (ours, exposed as arguments):
 * **Perturbation**: Gaussian noise of standard deviation ``magnitude`` added to every rate, clipped to
   ``[0, r_max]``, re-ordered and re-scaled to meet the target. Given the keep counts of an action (``keeps``,
   :func:`space_keeps`), a neighbour that keeps the same widths as the action (or as a candidate the search
-  scored already) is drawn again with twice the magnitude (up to :data:`PERTURB_TRIES` draws): the fit and the aligned widths map small noise back onto the
-  action, and a search scoring the same widths again learns nothing (beyond the paper; a resnet20 flops=2x
-  search at channel multiple 8 scored 3 distinct candidates in 20, BENCHMARKS.md).
+  scored already) is drawn again with twice the magnitude (up to :data:`PERTURB_TRIES` draws): the fit and the
+  aligned widths map small noise back onto the action, and a search scoring the same widths again learns
+  nothing (beyond the paper; a resnet20 flops=2x search at channel multiple 8 scored 3 distinct candidates in
+  20, BENCHMARKS.md, "Session 19").
 """
 from __future__ import annotations
 
