@@ -232,3 +232,19 @@ def test_teacher_cache_turns_off_on_inputs_of_another_size():
     out = distiller.teacher_output(Task([]), (torch.randn(2, 1, 8, 8), None), cache)
     assert out.shape == (2, 3, 8, 8) and not cache.enabled and len(cache) == 0
     assert cache.state_dict()["values"].numel() == 0
+
+
+def test_a_compact_model_above_its_teacher_warns_that_the_base_is_under_trained():
+    """Trained with distillation, a compact model scoring more than a point above its base says the base is
+    under-trained (a fresh user's 2-epoch CNN: 73.7 % base, 80.6 % compressed with distillation, 84.05 % without);
+    no warning below the base, within a point of it, or without distillation."""
+    from autocompress.compress import _teacher_warning
+
+    on, off = DistillationConfig(enabled=True), DistillationConfig(enabled=False)
+    warning = _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, on)
+    assert warning.startswith("WARNING: the compressed model's validation top-1 80.60% is 6.9 points above the "
+                              "base's 73.70%") and "distillation.enabled false" in warning and "alpha 0.5" in warning
+    assert _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, off) is None
+    assert _teacher_warning({"val_top1": 86.7}, {"val_top1": 86.2}, on) is None
+    assert _teacher_warning({"val_top1": 86.7}, {"val_top1": 87.6}, on) is None
+    assert _teacher_warning({"val_top1": 86.7}, {}, on) is None

@@ -829,6 +829,7 @@ class Compression:
         for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None,
                                               aligned=self.multiple > 1),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
+                        _teacher_warning(*rows, self.config.distillation),
                         _overshoot_warning(*rows, self.target, self.multiple, self.block)):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
@@ -901,6 +902,25 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
         return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {base_top1 - top1:.1f} points "
                 f"below the base's {base_top1:.2f}% at target {target}; {fix}")
     return None
+
+
+#: how many points above its distillation teacher (the base) the compact model must score for
+#: :func:`_teacher_warning` (validation sets of a few thousand images move top-1 by about a point)
+ABOVE_TEACHER_POINTS = 1.0
+
+
+def _teacher_warning(base: dict, compressed: dict, distillation) -> str | None:
+    """The warning when the compact model, trained with distillation from the base, scores more than
+    :data:`ABOVE_TEACHER_POINTS` above it on validation: the base is under-trained, and distillation pulls the
+    compact model toward it (from under-trained bases it cost 1.6 to 3.5 points at alpha 0.5, BENCHMARKS.md,
+    "Distillation from a weak base")."""
+    top1, base_top1 = compressed.get("val_top1"), base.get("val_top1")
+    if not distillation.enabled or top1 is None or base_top1 is None or top1 - base_top1 <= ABOVE_TEACHER_POINTS:
+        return None
+    return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {top1 - base_top1:.1f} points above "
+            f"the base's {base_top1:.2f}%: the base looks under-trained, and distillation (alpha "
+            f"{distillation.alpha:g}) pulls the compressed model toward it; set distillation.enabled false (with "
+            "budget too) and it may end higher")
 
 
 def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: int, block: int) -> str | None:

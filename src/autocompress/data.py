@@ -361,9 +361,12 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
         UserError: no dataset name, or as :func:`get_dataset` (including an ``input_size`` mismatch).
     """
     recorded = recorded or {}
-    name = name or recorded.get("name")
+    given, name = name, name or recorded.get("name")
+    if given is not None and given not in DATASETS:
+        raise UserError(f"unknown dataset {given!r} (the checkpoint records {recorded.get('name')!r})",
+                        f"use one of {', '.join(DATASETS)}")
     if name not in DATASETS:
-        raise UserError(f"no known dataset to evaluate on (recorded: {recorded.get('name')!r})",
+        raise UserError(f"the checkpoint records no known dataset (it records {recorded.get('name')!r})",
                         f"pass the dataset name, one of {', '.join(DATASETS)}")
     same = name == recorded.get("name")
     resized = name == "imagefolder"  # made to the model's input: its size and normalisation
