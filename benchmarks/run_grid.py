@@ -388,9 +388,9 @@ def run_torch_pruning(spec: ModelSpec, target: str, work: Path, *, distill: floa
                       seed: int = 0, round_to: int | None = None, widths_from: Path | None = None
                       ) -> tuple[object, dict]:
     """Torch-Pruning baseline (benchmarks/peers/torch_pruning_baseline.py) in this process; ``distill``: the
-    alpha of a fine-tuning with distillation from the base (the ``tp_kd`` references), None: plain fine-tuning; ``round_to``: Torch-Pruning's
-    aligned widths (``tp_kd_r8``); ``widths_from``: an autocompress run folder whose searched widths to prune to
-    (``tp_kd_acwidths``)."""
+    alpha of a fine-tuning with distillation from the base (the ``tp_kd`` references), None: plain fine-tuning;
+    ``round_to``: Torch-Pruning's aligned widths (``tp_kd_r8``); ``widths_from``: an autocompress run folder whose
+    searched widths to prune to (``tp_kd_acwidths``)."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
     import torch_pruning_baseline
 

@@ -182,8 +182,8 @@ def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int 
         checkpoint = EpochCheckpoint(lambda: torch.load(state, weights_only=True) if state.exists() else None,
                                      lambda payload: atomic_torch_save(payload, state),
                                      generators=loader_generators(loader), label="Torch-Pruning fine-tuning")
-        masked_retrain(result.model, {}, loader, config, distiller=Distiller(model, DistillationConfig(alpha=distill)),
-                       progress=progress, checkpoint=checkpoint)
+        distiller = Distiller(model, DistillationConfig(alpha=distill))
+        masked_retrain(result.model, {}, loader, config, distiller=distiller, progress=progress, checkpoint=checkpoint)
         top1 = evaluate(result.model, splits.loader("val", 256, shuffle=False, augment=False))["top1"]
         history = {"val_top1": top1}
     else:

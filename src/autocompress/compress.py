@@ -688,9 +688,12 @@ class Compression:
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
             scored: set[tuple[int, ...]] = set()  # keep counts of the candidates scored so far, equal on every rank
+            counted = 0  # trajectory entries already in `scored`
 
             def on_step(step) -> None:
-                scored.update(sampler.keeps(np.asarray(s["action"])) for s in step.trajectory)
+                nonlocal counted
+                scored.update(sampler.keeps(np.asarray(s["action"])) for s in step.trajectory[counted:])
+                counted = len(step.trajectory)
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"

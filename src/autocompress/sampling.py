@@ -56,7 +56,7 @@ OBJECTIVES = ("params", "flops")
 GUIDANCES = ("layer", "channel")
 
 #: Draws of one perturbation (:meth:`ActionSampler.perturb`) before it settles for a neighbour that keeps the
-#: same widths as the action; each draw doubles the noise.
+#: widths of the action or of a candidate to avoid; each draw doubles the noise.
 PERTURB_TRIES = 12
 
 #: A cost maps a rate vector (float64 [n_units]) to the remaining count (parameters or MACs) of the model
