@@ -8,7 +8,7 @@ Each variant's result (test top-1 on 2,000 test images, MACs reduction) is one J
 already there are skipped (the run resumes).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/weak_teacher.py \
-        --variants kd,nokd,alpha0.5 --out benchmarks/results/weak_teacher.jsonl
+        --variants kd,nokd,alpha0.5,stop --seeds 0,1 --out benchmarks/results/weak_teacher.jsonl
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ from autocompress import metrics
 from autocompress.data import get_dataset
 
 VARIANTS = {
-    "kd": {},  # the budget's default: distillation on, alpha 0.9, T 4
+    "kd": {"distillation": {"alpha": 0.9, "stop_margin": None}},  # the budget's default until session 19
     "nokd": {"distillation": {"enabled": False}},
-    "alpha0.5": {"distillation": {"alpha": 0.5}},
+    "alpha0.5": {"distillation": {"alpha": 0.5, "stop_margin": None}},  # session 19's default
+    "stop": {},  # the default since session 20: alpha 0.5, distillation stops once the student passes the base
 }
 
 
@@ -104,7 +105,9 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) 
     config = {"budget": 3, "seed": seed, **VARIANTS[variant]}
     result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), "flops=2x", train_loader=train_loader,
                                    val_loader=val_loader, config=config, progress=False, log=lambda line: None)
-    return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction}
+    retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
+    return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction,
+            "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain)}
 
 
 def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int) -> dict:

@@ -241,10 +241,111 @@ def test_a_compact_model_above_its_teacher_warns_that_the_base_is_under_trained(
     from autocompress.compress import _teacher_warning
 
     on, off = DistillationConfig(enabled=True), DistillationConfig(enabled=False)
-    warning = _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, on)
+    every_epoch = DistillationConfig(enabled=True, stop_margin=None)
+    warning = _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, on, own_loop=True)
     assert warning.startswith("WARNING: the compressed model's validation top-1 80.60% is 6.9 points above the "
                               "base's 73.70%") and "distillation.enabled false" in warning and "alpha 0.5" in warning
-    assert _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, off) is None
-    assert _teacher_warning({"val_top1": 86.7}, {"val_top1": 86.2}, on) is None
-    assert _teacher_warning({"val_top1": 86.7}, {"val_top1": 87.6}, on) is None
-    assert _teacher_warning({"val_top1": 86.7}, {}, on) is None
+    assert _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, every_epoch, own_loop=False) == warning
+    # the default loop stopped distilling once the student passed its teacher: nothing to warn about
+    assert _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, on, own_loop=False) is None
+    assert _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, off, own_loop=True) is None
+    assert _teacher_warning({"val_top1": 86.7}, {"val_top1": 86.2}, on, own_loop=True) is None
+    assert _teacher_warning({"val_top1": 86.7}, {"val_top1": 87.6}, on, own_loop=True) is None
+    assert _teacher_warning({"val_top1": 86.7}, {}, on, own_loop=True) is None
+
+
+def _retrain(distiller, release, checkpoint=None, loader=None):
+    """Three epochs of masked retraining of a fresh student (nothing masked); returns it, the history and the
+    teacher forwards per epoch."""
+    from autocompress.admm import masked_retrain
+
+    student = _net(1)
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in student.named_parameters() if p.dim() > 1}
+    calls = _forwards(distiller.teacher)
+    epochs = []
+    loader = loader or _loader()
+
+    class Counting:  # teacher forwards seen by the end of each epoch
+        def __len__(self):
+            return len(loader)
+
+        def __iter__(self):
+            yield from loader
+            epochs.append(len(calls))
+
+    history = masked_retrain(student, masks, Counting(), TrainConfig(epochs=3, lr=0.05), distiller=distiller,
+                             progress=False, release=release, checkpoint=checkpoint)
+    return student, history, epochs
+
+
+def test_retraining_stops_distilling_after_the_epoch_its_release_test_passes():
+    distiller = Distiller(_net(0), DistillationConfig(enabled=True))
+    asked = []
+    student, history, forwards = _retrain(distiller, lambda model: asked.append(model) or len(asked) == 1)
+    assert [epoch["distilled"] for epoch in history] == [True, False, False]
+    assert forwards == [5, 5, 5]  # the teacher ran in the first epoch only (5 batches)
+    assert len(asked) == 1 and asked[0] is student  # asked after distilled epochs only, never after the last
+    _, history, forwards = _retrain(distiller, lambda model: False)
+    assert [epoch["distilled"] for epoch in history] == [True, True, True] and forwards == [5, 5, 5]
+
+
+def test_a_resumed_retraining_keeps_distillation_stopped():
+    """Killed in epoch 3 after distillation stopped in epoch 1, the retraining resumes without the teacher and
+    ends with the weights of an uninterrupted run."""
+    from autocompress.epoch_checkpoint import EpochCheckpoint
+
+    distiller = Distiller(_net(0), DistillationConfig(enabled=True))
+    whole, _, _ = _retrain(distiller, lambda model: True)
+    stored: dict = {}
+
+    def checkpoint(loader):  # saves / restores the loader's shuffling generator too
+        return EpochCheckpoint(lambda: stored or None, stored.update, generators=[loader.generator])
+
+    class Killed(_Augmented):  # the batches of _loader(), raising in the third epoch
+        def __iter__(self):
+            self.epoch = getattr(self, "epoch", 0) + 1
+            if self.epoch == 3:
+                raise KeyboardInterrupt
+            yield from self.base
+
+    killed = _loader()
+    with pytest.raises(KeyboardInterrupt):
+        _retrain(distiller, lambda model: True, checkpoint(killed), loader=Killed(killed, None))
+    assert stored["epoch"] == 2 and stored["loop"]["distilling"] is False
+    again = _loader()
+    resumed, history, forwards = _retrain(distiller, lambda model: pytest.fail("asked again"), checkpoint(again),
+                                          loader=again)
+    assert [epoch["distilled"] for epoch in history] == [True, False, False] and forwards == [0]
+    for a, b in zip(resumed.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base(fmnist_small):
+    """A base trained on 30 batches is far from converged; its 2x compact model passes it on validation after
+    the first retraining epoch (40 batches), and the run trains the remaining epochs on the labels alone. The logged base
+    score is the base's validation top-1, measured here independently."""
+    import autocompress
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+                         nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    train = fmnist_small.loader("train", 64, generator=torch.Generator().manual_seed(0))
+    val = fmnist_small.loader("val", 256, shuffle=False, augment=False)
+    batches = [batch for _, batch in zip(range(40), train)]
+    optimizer = build_optimizer(base, TrainConfig(lr=0.1))
+    train_epoch(base, batches[:30], optimizer, progress=False)
+    base_top1 = 100 * evaluate(base, val)["top1"]
+    lines: list[str] = []
+    config = {"search_mode": "uniform", "rounds": 1, "admm": {"epochs": 0}, "final_retrain_epochs": 3,
+              "distillation": {"enabled": True}, "purification": {"enabled": False}, "latency_runs": 1,
+              "latency": {"runs": 1}}
+    result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), "params=2x", train_loader=batches,
+                                   val_loader=val, config=config, device="cpu", progress=False, log=lines.append)
+    retrain = next(r for r in result.records if r["event"] == "retrain")
+    assert [epoch["distilled"] for epoch in retrain["history"]] == [True, False, False]
+    checks = [line for line in lines if "against the base's" in line]
+    assert len(checks) == 1 and f"against the base's val top-1 {base_top1:.2f}%" in checks[0]
+    assert "more than distillation.stop_margin 0.01 above its teacher" in checks[0]
+    student = float(checks[0].split("val top-1 ")[1].split("%")[0])
+    assert student > base_top1 + 1.0
+    assert not any("under-trained" in warning for warning in result.final["warnings"])

@@ -398,7 +398,8 @@ def hard_prune(model: nn.Module, space, rates: dict) -> tuple[Masks, dict[str, t
 def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train_loader: Iterable,
                    config: training.TrainConfig, *, task=None, distiller: Callable | None = None,
                    progress: bool = True, log: Callable[[str], None] | None = None,
-                   runner: nn.Module | None = None, checkpoint: EpochCheckpoint | None = None) -> list[dict]:
+                   runner: nn.Module | None = None, checkpoint: EpochCheckpoint | None = None,
+                   release: Callable[[nn.Module], bool] | None = None) -> list[dict]:
     """Masked retraining (AutoCompress §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
     cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
@@ -417,9 +418,11 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
         runner: the module the steps run (see :func:`admm_prune`); default ``model``.
         checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint` saved after every epoch and
             continued from (see :func:`admm_prune`).
+        release: called with ``model`` after every epoch trained with ``distiller``; True: the remaining
+            epochs train on the data loss alone (the decision is kept in the epoch checkpoint).
 
     Returns:
-        The per-epoch stats of :func:`autocompress.training.train_epoch`.
+        The per-epoch stats of :func:`autocompress.training.train_epoch`, each with ``"distilled"`` (bool).
     """
     apply_masks(model, param_masks)
     if config.epochs <= 0:
@@ -430,21 +433,26 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     enforcer = MaskEnforcer(model, param_masks).attach(optimizer)
     start, loop = checkpoint.resume(model, optimizer, scheduler, config.epochs) if checkpoint else (0, {})
     history = list(loop.get("history", []))
+    if not loop.get("distilling", True):
+        distiller = None
     cache = _teacher_cache(distiller, loop)
     try:
         for epoch in range(start, config.epochs):
             stats = dict(training.train_epoch(model if runner is None else runner, train_loader, optimizer,
                                               scheduler, task=task, criterion=criterion, distiller=distiller,
                                               teacher_cache=cache, progress=progress,
-                                              desc=f"retrain epoch {epoch + 1}/{config.epochs}"))
+                                              desc=f"retrain epoch {epoch + 1}/{config.epochs}"),
+                         distilled=distiller is not None)
             history.append(stats)
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
                 name = "train loss" if distiller is None else "distilled train loss"
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: {name} {stats['loss']:.4f}{top1}")
+            if distiller is not None and release is not None and epoch + 1 < config.epochs and release(model):
+                distiller = cache = None
             if checkpoint is not None:
                 checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,
-                                {"history": history, **_cache_state(cache)})
+                                {"history": history, "distilling": distiller is not None, **_cache_state(cache)})
     finally:
         enforcer.detach()
     return history

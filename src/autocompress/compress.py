@@ -313,7 +313,8 @@ class Compression:
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
-                                 log=log or (lambda _line: None), channel_multiple=self.multiple)
+                                 log=log or (lambda _line: None), channel_multiple=self.multiple,
+                                 base_score=self.base_score)
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")
@@ -832,7 +833,7 @@ class Compression:
         for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None,
                                               aligned=self.multiple > 1),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
-                        _teacher_warning(*rows, self.config.distillation),
+                        _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
                         _overshoot_warning(*rows, self.target, self.multiple, self.block)):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
@@ -912,13 +913,16 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
 ABOVE_TEACHER_POINTS = 1.0
 
 
-def _teacher_warning(base: dict, compressed: dict, distillation) -> str | None:
-    """The warning when the compact model, trained with distillation from the base, scores more than
-    :data:`ABOVE_TEACHER_POINTS` above it on validation: the base is under-trained, and distillation pulls the
-    compact model toward it (from under-trained bases it cost 1.6 to 3.5 points at alpha 0.5, BENCHMARKS.md,
-    "Distillation from a weak base")."""
+def _teacher_warning(base: dict, compressed: dict, distillation, *, own_loop: bool) -> str | None:
+    """The warning when the compact model, trained with distillation from the base in every epoch (a caller's
+    ``train_fn``, or ``distillation.stop_margin`` null), scores more than :data:`ABOVE_TEACHER_POINTS` above it
+    on validation: the base is under-trained, and distillation pulls the compact model toward it (from
+    under-trained bases it cost 1.6 to 3.5 points at alpha 0.5, BENCHMARKS.md, "Distillation from a weak
+    base")."""
     top1, base_top1 = compressed.get("val_top1"), base.get("val_top1")
-    if not distillation.enabled or top1 is None or base_top1 is None or top1 - base_top1 <= ABOVE_TEACHER_POINTS:
+    every_epoch = own_loop or distillation.stop_margin is None
+    if (not distillation.enabled or not every_epoch or top1 is None or base_top1 is None
+            or top1 - base_top1 <= ABOVE_TEACHER_POINTS):
         return None
     return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {top1 - base_top1:.1f} points above "
             f"the base's {base_top1:.2f}%: the base looks under-trained, and distillation (alpha "

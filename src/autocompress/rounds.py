@@ -206,6 +206,7 @@ class Pipeline:
         chance: the score of a random guess (default top-1: 1 / classes), or None.
         ignored_layers: module names never pruned.
         channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
+        base_score: ``task.score`` of ``base_model`` when the caller has it (else measured when first needed).
     """
 
     task: Task
@@ -219,6 +220,7 @@ class Pipeline:
     channel_multiple: int = 1
     progress: bool = True
     log: Callable[[str], None] = print
+    base_score: float | None = None
 
     def __post_init__(self):
         distillation = self.config.distillation
@@ -474,13 +476,34 @@ class Pipeline:
             with parallel(state.model) as runner:
                 history = admm.masked_retrain(state.model, state.param_masks, loader, config, task=self.task,
                                               distiller=self.distiller, progress=self.progress, log=self.log,
-                                              runner=runner, checkpoint=self._epochs(state, "retrain", loader))
+                                              runner=runner, checkpoint=self._epochs(state, "retrain", loader),
+                                              release=self._release(state))
         else:
             enforcer = MaskEnforcer(state.model, state.param_masks)
             self._call_train_fn("retrain", state, epochs=epochs, lr=config.lr, enforcer=enforcer)
         self.store.save(state.index, "retrain", self._state_payload(state))
         return [{"event": "retrain", "round": state.index, "history": [epoch_record(k, epoch) for k, epoch in
                                                                         enumerate(history)]}]
+
+    def _release(self, state: RoundState) -> Callable[[nn.Module], bool] | None:
+        """The retraining's test for ending distillation (``distillation.stop_margin``): the student's validation
+        score more than the margin above the base's. None without a teacher, a margin or a validation score."""
+        margin = self.config.distillation.stop_margin
+        if self.distiller is None or margin is None or not self.task.can_score:
+            return None
+        if self.base_score is None:
+            self.base_score = self.task.score(self.base_model)
+        base = self.base_score
+
+        def release(model: nn.Module) -> bool:
+            score = self.task.score(model)
+            above = score - base > margin
+            self.log(f"round {state.index} retraining: {self.describe(score)} against the base's "
+                     f"{self.describe(base)}" + (f": more than distillation.stop_margin {margin:g} above its teacher, "
+                                                 "it trains on the labels alone from now on" if above else ""))
+            return above
+
+        return release
 
     def _compact(self, state: RoundState, *, last: bool) -> list[dict]:
         compacted = compact(state.model, state.param_masks, self.example_inputs,
@@ -520,10 +543,10 @@ class Pipeline:
 def epoch_record(index: int, epoch: dict) -> dict:
     """The metrics record of training epoch ``index`` (from 0) of ``epoch`` (:func:`autocompress.training.train_epoch`'s
     result): ``{"epoch": from 1, "train_loss", "train_top1": in % like every other top-1 record (None without
-    labels), "images"}``."""
+    labels), "images", "distilled": trained with distillation (None: a caller's train_fn)}``."""
     top1 = epoch.get("top1")
     return {"epoch": index + 1, "train_loss": epoch["loss"], "train_top1": None if top1 is None else 100.0 * top1,
-            "images": epoch.get("images")}
+            "images": epoch.get("images"), "distilled": epoch.get("distilled")}
 
 
 def _length(loader) -> int:
