@@ -453,10 +453,27 @@ class ThreeConv(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread):
+@pytest.fixture
+def refits(monkeypatch) -> dict:
+    """``{slack: rates}`` of every refit a run tries."""
+    tried: dict = {}
+    budget = Compression._budget
+
+    def spied(self, *args):
+        made = budget(self, *args)
+        if made is not None:
+            refit = made.refit
+            made.refit = lambda slack: tried.setdefault(slack, refit(slack))
+        return made
+
+    monkeypatch.setattr(Compression, "_budget", spied)
+    return tried
+
+
+def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, refits):
     """Unused path removal takes dead filters beyond the searched rates; the refit hard-prunes again at
     looser rates so the compact model ends closer to the target, never beyond it (compared with the same run
-    without the refit, whose count is the searched one)."""
+    without the refit, whose count is the searched one). The record's slack is the one of the rates kept."""
     train, val = loaders()
     torch.manual_seed(1)  # the initial weights too: the case's margins depend on them
     model = trained(ThreeConv(), train)
@@ -472,10 +489,11 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread):
     assert record["searched"] == plain < 0.98 * limit, "the case must leave room (unused paths removed)"
     assert plain < record["refitted"] == refitted <= limit
     assert runs[True].rounds[0]["rates"] != runs[False].rounds[0]["rates"]
+    assert record["slack"] > 1 and refits[record["slack"]] == runs[True].rounds[0]["rates"]
     assert not any(r["event"] == "refit" for r in runs[False].records)
 
 
-def test_refit_meets_the_target_after_redundant_weight_removal(one_thread):
+def test_refit_meets_the_target_after_redundant_weight_removal(one_thread, refits):
     """Redundant weight removal (a constant score: every threshold accepted) takes units below 0.9 x the layer's
     mean norm beyond the searched rates; the refit hard-prunes and purifies again at looser rates, so the
     compact model ends above the count purification alone leaves, never beyond the target."""
@@ -495,6 +513,7 @@ def test_refit_meets_the_target_after_redundant_weight_removal(one_thread):
     assert removed > 0, "the case must remove filters by redundant weight removal"
     assert record["searched"] == plain < 0.95 * limit
     assert plain < record["refitted"] == refitted <= limit
+    assert record["slack"] > 1 and refits[record["slack"]] == runs[True].rounds[0]["rates"]
 
 
 # --- (5) bad input: a UserError before any training, nothing written ----------------------------------------

@@ -113,6 +113,7 @@ def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
     assert counts.macs == metrics.count_macs(compact_model, x)
     assert metrics.count_params(autocompress.load(base_checkpoint)) / counts.params == \
         pytest.approx(search["compression"], rel=1e-9)
+    assert search["counted"] == "params"
     # the record's filter widths are the channels each group keeps in the projected masks
     assert search["filters"] == {g.name: int(masks.filters[g.name].sum()) for g in space.filter_groups}
 

@@ -87,7 +87,9 @@ def test_auto_multiple_follows_the_cpu(monkeypatch):
     assert resolve_multiple("auto")[0] == 16
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert resolve_multiple("auto") == (8, "auto: 8 (CPU capability AVX2: oneDNN blocks channels by 8)")
-    assert resolve_multiple("auto", device="cuda")[0] == 8 and resolve_multiple(4)[0] == 4
+    assert resolve_multiple("auto", device="cuda")[0] == 8 and resolve_multiple(4) == (4, "4 (as set)")
+    multiple, why = resolve_multiple(7)  # allowed (a model's own constraint may ask for it), but said to be slow
+    assert multiple == 7 and "not a power of two" in why and "8 or auto" in why
 
 
 def test_grow_to_multiple_puts_back_the_preferred_channels():

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from autocompress.errors import UserError
-from autocompress.runfolder import RunFolder
+from autocompress.runfolder import RunFolder, json_text
 
 
 def test_another_process_holding_the_folder_is_refused_and_a_dead_one_leaves_no_stale_lock(tmp_path):
@@ -216,3 +219,15 @@ def test_kill_9_then_the_same_call_again_gives_the_uninterrupted_result(tmp_path
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     phases = [(r["round"], r["phase"]) for r in records if r["event"] == "phase"]
     assert len(phases) == len(set(phases)) == 10  # no duplicate records after the kill
+
+
+def test_json_text_drops_float_noise_and_writes_numpy_and_torch_values():
+    assert 100 * 0.729 != 72.9 and json_text({"top1": 100 * 0.729}) == '{"top1": 72.9}'
+    assert json.loads(json_text([np.float32(0.5), np.int64(3), torch.tensor([1.5, 2.0]), (np.bool_(True),)])) == \
+        [0.5, 3, [1.5, 2.0], [True]]
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_json_text_keeps_twelve_significant_digits(value):
+    written = json.loads(json_text(value))
+    assert written == float(f"{value:.12g}") and abs(written - value) <= 5e-12 * abs(value)

@@ -606,13 +606,20 @@ class Compression:
         kept = {unit.name: width for unit, width in zip(sampler.units, sampler.keeps(action)) if unit.kind == "filter"}
         record = {"round": state.index, "target": state.target, "rates": state.rates, "filters": kept,
                   "best_score": result.best_score,
-                  "compression": sampler.compression(action) * base_ratio,
+                  "compression": sampler.compression(action) * base_ratio, "counted": self._counted(),
                   **({"calibration": calibration} if calibration else {})}
         self.store.save(state.index, "search", {**record, "trajectory": result.trajectory})
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         self.store.finish(state.index, "search", [
             {"event": "search", **record, "trajectory": trajectory},
             {"event": "phase", "round": state.index, "phase": "search", "seconds": time.perf_counter() - started}])
+
+    def _counted(self) -> str:
+        """What the search record's ``compression`` divides (base / candidate): ``"params"``, ``"macs"`` (a flops
+        target) or ``"latency estimate"`` (a latency target's lookup table)."""
+        if self.table is not None:
+            return "latency estimate"
+        return "macs" if self.target.objective == "flops" else "params"
 
     def _budget(self, state: RoundState, sampler: ActionSampler, base: float, base_ratio: float) -> Budget | None:
         """The round's :class:`Budget`: at most ``base / target``; refits scale the searched rates (read back

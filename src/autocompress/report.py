@@ -5,8 +5,17 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
 
 * ``{"event": "search", "round": k, "rates": {kind: {unit: rate}}, "filters": {group: channels kept at those
   rates (aligned to the channel multiple; before purification)}, "trajectory": [{"step", "temperature",
-  "candidate_score", "current_score", "best_score", "accepted"}, ...], ...}`` — one simulated-annealing run per
+  "candidate_score", "current_score", "best_score", "accepted"}, ...], "compression": base / chosen rates of
+  "counted" ("params", "macs" for a flops target, "latency estimate"), ...}`` — one simulated-annealing run per
   round;
+* ``{"event": "admm", "round": k, "epochs": n, "history": [{"update", "epoch", "step", "rho", "residual",
+  "max_residual"}, ...]}`` (primal residual ``||W - Z||_F / ||W||_F`` over all layers and of the largest layer,
+  at each Z/U update; empty for 0 epochs: one-shot projection);
+* ``{"event": "refit", "round": k, "limit", "searched", "refitted", "slack"}`` — after purification the
+  budget's count (params or MACs) at the searched rates and at rates refitted to ``target / slack`` (``slack``
+  > 1: a looser nominal target that fills the budget purification left unused);
+* ``{"event": "retrain", "round": k, "history": [{"epoch", "train_loss", "train_top1", "images",
+  "distilled"}, ...]}``;
 * ``{"event": "round", "round": k, "target": x, "params": int, "macs": int, "val_top1": float,
   "layers": [{"name", "filters", "filters_total", "columns", "columns_total"}, ...]}`` — measured on the
   round's compact model (parameters, MACs = multiply-accumulates, not FLOPs);

@@ -370,7 +370,9 @@ class Pipeline:
             result = schedule.result(state.model)
         self.store.save(state.index, "admm", self._state_payload(state))
         history = [{k: v for k, v in entry.items() if k != "residuals"} for entry in result.history]
-        return [{"event": "admm", "round": state.index, "history": history}]
+        # no epochs: one-shot projection; the schedule's first entry (the residual before any step) says nothing
+        return [{"event": "admm", "round": state.index, "epochs": config.epochs,
+                 "history": history if config.epochs > 0 else []}]
 
     def _purify(self, state: RoundState, *, last: bool) -> list[dict]:
         settings = self.config.purification
@@ -417,10 +419,10 @@ class Pipeline:
 
         Returns ``(purification result, records)``; ``state.model`` / ``rates`` hold the chosen hard pruning,
         purified (the searched one when no refit fits better, or none meets the limit: the final target check
-        then refuses)."""
+        then refuses). The record gives the chosen slack (1: the searched rates)."""
         budget = state.budget
         first = count = self._count(state, state.model, result)
-        searched = (count, state.rates, state.model, result)
+        searched = (count, state.rates, state.model, result, 1.0)
         best = searched if count <= budget.limit else None
         slack = 1.0
         # slacks whose purified count met / missed the limit
@@ -443,8 +445,8 @@ class Pipeline:
                 continue
             within = slack
             if best is None or count > best[0]:
-                best = (count, rates, trial, trial_result)
-        count, state.rates, state.model, result = best or searched
+                best = (count, rates, trial, trial_result, slack)
+        count, state.rates, state.model, result, slack = best or searched
         if count != first:
             self.log(f"round {state.index}: purification left {first:,} of the budget's "
                      f"{int(budget.limit):,}; rates refitted: {count:,}")

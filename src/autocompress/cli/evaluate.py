@@ -8,7 +8,6 @@ instead of the summary line.
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..data import DATASETS
 from ..text import plural
@@ -31,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
     from ..data import checkpoint_dataset
+    from ..runfolder import json_text
     from ..task import resolve_device
     from ..training import check_model_input, evaluate
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"checkpoint": str(args.checkpoint), "model": model_name, "dataset": name, "split": args.split,
               **result}
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))
     else:
         top5 = f", top-5 {100 * result['top5']:.2f}%" if "top5" in result else ""
         print(f"{model_name} on {name} {args.split}: top-1 {100 * result['top1']:.2f}%{top5}, "

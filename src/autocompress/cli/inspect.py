@@ -17,7 +17,6 @@ deployed form (:mod:`autocompress.deployment`: each stored or dense, whichever r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import UserError
@@ -194,8 +193,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:12s} {'x'.join(map(str, info.input_size)):9s} {info.description}")
         print("torchvision:<name>  any torchvision classifier, e.g. torchvision:resnet50 (no weights downloaded)")
         return 0
+    from ..runfolder import json_text
+
     report = _report(args)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json_text(report, indent=2) if args.json else format_report(report))
     if (report.get("deployed") or {}).get("warning"):
         print(f"autocompress: {report['deployed']['warning']}", file=sys.stderr)
     return 0
