@@ -322,8 +322,8 @@ def test_a_resumed_retraining_keeps_distillation_stopped():
 
 def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base(fmnist_small):
     """A base trained on 30 batches is far from converged; its 2x compact model passes it on validation after
-    the first retraining epoch (40 batches), and the run trains the remaining epochs on the labels alone. The logged base
-    score is the base's validation top-1, measured here independently."""
+    the first retraining epoch (40 batches), and the run trains the remaining epochs on the labels alone. The
+    logged base score is the base's validation top-1, measured here independently."""
     import autocompress
 
     torch.manual_seed(0)

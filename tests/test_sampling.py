@@ -461,15 +461,10 @@ def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arc
     allowed = set() if arch == "resnet20" else {
         _kept_widths(space, model, sampler.to_rates(sampler.meet(rng.random(len(sampler.units))))) for _ in range(300)}
     scored: list[tuple[int, ...]] = []
-    seen: set = set()
-
-    def on_step(state) -> None:
-        seen.update(sampler.keeps(np.asarray(step["action"])) for step in state.trajectory)
-
+    perturb, record = sampler.explorer()
     simulated_annealing(sampler.initial_action(), lambda a: scored.append(
-        _kept_widths(space, model, sampler.to_rates(a))) or 0.0,
-        lambda a, m, r: sampler.perturb(a, m, r, avoid=seen), SearchConfig(max_evaluations=20).annealing(0),
-        on_step=on_step)
+        _kept_widths(space, model, sampler.to_rates(a))) or 0.0, perturb, SearchConfig(max_evaluations=20).annealing(0),
+        on_step=record)
     assert len(scored) == 20
     if arch == "resnet20":
         assert len(set(scored)) == 20

@@ -695,13 +695,10 @@ class Compression:
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
-            scored: set[tuple[int, ...]] = set()  # keep counts of the candidates scored so far, equal on every rank
-            counted = 0  # trajectory entries already in `scored`
+            perturb, record = sampler.explorer()
 
             def on_step(step) -> None:
-                nonlocal counted
-                scored.update(sampler.keeps(np.asarray(s["action"])) for s in step.trajectory[counted:])
-                counted = len(step.trajectory)
+                record(step)
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"
@@ -710,9 +707,7 @@ class Compression:
 
             result = simulated_annealing(sampler.initial_action(),
                                          lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
-                                         lambda action, magnitude, rng: sampler.perturb(action, magnitude, rng,
-                                                                                        avoid=scored),
-                                         config, on_step=on_step, map_fn=distributed.parallel_map)
+                                         perturb, config, on_step=on_step, map_fn=distributed.parallel_map)
         evaluations = len(result.trajectory)
         why = (f"max_evaluations {config.max_evaluations} reached" if evaluations >= config.max_evaluations else
                f"the temperature fell below search.stop_temperature {config.stop_temperature:g}")

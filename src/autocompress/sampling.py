@@ -384,6 +384,22 @@ class ActionSampler:
                 break
         return candidate
 
+    def explorer(self) -> tuple[Callable, Callable]:
+        """``(perturb, record)`` for :func:`autocompress.annealing.simulated_annealing`: ``perturb(action,
+        magnitude, rng)`` is :meth:`perturb` avoiding the widths of every candidate scored so far, which
+        ``record(step)`` (call it from ``on_step``) adds from the new entries of ``step.trajectory``. The set
+        follows the trajectory alone, so every rank of a distributed search holds the same one."""
+        scored: set[tuple[int, ...]] = set()
+        counted = 0  # trajectory entries already in `scored`
+
+        def record(step) -> None:
+            nonlocal counted
+            if self.keeps is not None:
+                scored.update(self.keeps(np.asarray(entry["action"])) for entry in step.trajectory[counted:])
+            counted = len(step.trajectory)
+
+        return (lambda action, magnitude, rng: self.perturb(action, magnitude, rng, avoid=scored)), record
+
     def compression(self, action: np.ndarray) -> float:
         """``original / cost(action)``: the compression rate (x) the action reaches."""
         return self.original / float(self.cost(np.asarray(action, dtype=np.float64)))
