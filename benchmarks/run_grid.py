@@ -178,11 +178,16 @@ AUTOCOMPRESS_METHODS = {
                       {"search": {"guidance": "auto"}}),
     # session 19: distillation anchors the compact model to a weak base (benchmarks/weak_teacher.py); what does a
     # lighter or no distillation cost on a strong one?
-    "ac_budget_a05": ("autocompress defaults, `budget`, distillation alpha 0.5", {"distillation": {"alpha": 0.5}}),
+    # (distilling every epoch: distillation.stop_margin came in session 20)
+    "ac_budget_a05": ("autocompress defaults, `budget`, distillation alpha 0.5",
+                      {"distillation": {"alpha": 0.5, "stop_margin": None}}),
     "ac_budget_nokd": ("autocompress defaults, `budget`, no distillation", {"distillation": {"enabled": False}}),
     "ac_budget_exec_a05": ("autocompress defaults (session 19 search), `budget`, distillation alpha 0.5",
                            {"channel_multiple": "auto", "search": {"guidance": "auto"},
-                            "distillation": {"alpha": 0.5}}),
+                            "distillation": {"alpha": 0.5, "stop_margin": None}}),
+    # session 20: distillation stops once the student passes its teacher on validation (a weak base)
+    "ac_budget_stop": ("autocompress defaults (session 20), `budget`: distillation alpha 0.5 until the student "
+                       "passes the base", {"search": {"guidance": "auto"}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -202,7 +207,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft",
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
-            "ac_budget_exec_a05", "tp_kd_a05")
+            "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
