@@ -587,11 +587,27 @@ def test_a_training_loader_without_length_needs_a_train_fn(no_work):
 def test_batches_that_are_not_pairs(no_work):
     x, y = images(32, 0)
     triples = DataLoader(TensorDataset(x, y, y), batch_size=8)
-    refused(no_work, r"train_loader yields list batches, not \(inputs, targets\)", train_loader=triples)
-    refused(no_work, r"not \(inputs, targets\)", train_loader=dict_batches(32, 0))
+    refused(no_work, r"train_loader yields list batches of 3 items, not \(inputs, targets\)", train_loader=triples)
+    refused(no_work, r"yields dict batches, not \(inputs, targets\)", train_loader=dict_batches(32, 0))
+    labelled_by_name = [(x[:8], ["shirt"] * 8)]
+    refused(no_work, "yields tuple batches whose item 1 is a list, not", train_loader=labelled_by_name)
     wrong_shape = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8), y), batch_size=8)
     refused(no_work, "the model fails on a batch of train_loader", train_loader=wrong_shape)
     refused(no_work, "the model fails on a batch of val_loader", val_loader=wrong_shape)
+
+
+@pytest.mark.parametrize("name, form", [("score_fn", r"score_fn\(model\) -> float"),
+                                        ("log", r"log\(line\), e.g. print"), ("train_fn", r"train_fn\(model, phase\)"),
+                                        ("loss_fn", r"loss_fn\(model, batch\) -> loss"),
+                                        ("forward_fn", r"forward_fn\(model, batch\) -> output")])
+def test_functions_that_are_not_callable(no_work, name, form):
+    """A string where a function belongs (``log="print"``) failed deep inside with "'str' object is not callable"."""
+    refused(no_work, rf"^{name} is not a function \(got str\); pass {form}", **{name: "print"})
+
+
+def test_a_model_with_every_parameter_frozen_is_refused(no_work):
+    """It crashed in the search's fine-tuning ("element 0 of tensors does not require grad")."""
+    refused(no_work, "every parameter of the model has requires_grad=False", model=SmallCNN().requires_grad_(False))
 
 
 def test_scores_that_are_not_numbers(no_work):

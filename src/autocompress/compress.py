@@ -44,7 +44,7 @@ from .runfolder import RunFolder
 from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
 from .serialization import save_compact
 from .space import KINDS
-from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
+from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
 
 
 #: the channel multiple a target falls back to first when ``auto``'s larger one cannot reach it
@@ -291,6 +291,7 @@ class Compression:
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
+        check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
         say = log or (lambda _line: None)
         if self.config.budget is not None:
             say(describe(self.config))
@@ -949,8 +950,9 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
                f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
                f"{multiple} for a closer fit that may run slower")
     elif multiple > 1:
-        fix = (f"channel_multiple {multiple} allows only coarse widths here: set channel_multiple to a smaller "
-               "multiple (8, or 1 for any width) for a closer fit")
+        fix = (f"channel_multiple {multiple} may allow only coarse widths here (a smaller one, e.g. "
+               f"{max(1, multiple // 2)} or 1 for any width, fits closer); the round records (refit, purification) "
+               "show where the surplus went")
     else:
         fix = "the round records (refit, purification) show where the surplus went"
     return f"WARNING: target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"

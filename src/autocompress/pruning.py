@@ -35,7 +35,7 @@ from .masks import Masks
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .rounds import Pipeline, RoundState, TrainFn
 from .space import KINDS, PruningSpace, check_rate
-from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, resolve_device
+from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
 from .training import TrainConfig
 
 
@@ -138,6 +138,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
             handle, a training phase without ``train_loader``.
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
+    check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
     dims = tuple(dims)
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")

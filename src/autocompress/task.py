@@ -126,6 +126,20 @@ def _distributed_active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+#: the form of each function argument of ``compress`` / ``prune``, for the error when one is not callable
+FUNCTION_FORMS = {"forward_fn": "forward_fn(model, batch) -> output", "loss_fn": "loss_fn(model, batch) -> loss",
+                  "score_fn": "score_fn(model) -> float", "train_fn": "train_fn(model, phase)",
+                  "log": "log(line), e.g. print"}
+
+
+def check_functions(**functions: Any) -> None:
+    """UserError naming the first of ``functions`` (keyword = argument name) that is neither None nor callable."""
+    for name, value in functions.items():
+        if value is not None and not callable(value):
+            raise UserError(f"{name} is not a function (got {type(value).__name__})",
+                            f"pass {FUNCTION_FORMS[name]}, or None")
+
+
 def loader_generators(loader: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a loader draws its order from (its own and its sampler's)."""
     found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
@@ -135,6 +149,18 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
 def _is_pair(batch: Batch) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) \
         and isinstance(batch[1], torch.Tensor)
+
+
+def _batch_kind(batch: Batch) -> str:
+    """What a batch that is not an (inputs, targets) pair is, for an error: ``"list batches of 3 items"``,
+    ``"list batches whose item 1 is a str"``, ``"dict batches"``."""
+    kind = type(batch).__name__
+    if not isinstance(batch, (tuple, list)):
+        return f"{kind} batches"
+    if len(batch) != 2:
+        return f"{kind} batches of {len(batch)} item{'' if len(batch) == 1 else 's'}"
+    odd = next(i for i, item in enumerate(batch) if not isinstance(item, torch.Tensor))
+    return f"{kind} batches whose item {odd} is a {type(batch[odd]).__name__}"
 
 
 def _default_forward(model: nn.Module, batch: Batch) -> Any:
@@ -270,6 +296,10 @@ class Task:
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
                             "pass val_loader (top-1 on it is the score) or score_fn(model) -> float")
+        if needs_training and not any(p.requires_grad for p in model.parameters()):
+            raise UserError("every parameter of the model has requires_grad=False, so ADMM and retraining cannot "
+                            "train it", "unfreeze the layers to prune (model.requires_grad_(True)); frozen "
+                            "layers may stay frozen")
         if needs_training and needs_length:
             try:
                 len(self.train_loader)
@@ -320,7 +350,7 @@ class Task:
         pair the default functions can run, or the forward fails."""
         needs_pair = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
         if needs_pair and not _is_pair(batch):
-            raise UserError(f"{name} yields {type(batch).__name__} batches, not (inputs, targets) tensor pairs",
+            raise UserError(f"{name} yields {_batch_kind(batch)}, not (inputs, targets) tensor pairs",
                             "pass forward_fn(model, batch) and loss_fn(model, batch) (and score_fn(model)) "
                             "saying how to run them")
         try:
