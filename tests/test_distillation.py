@@ -281,11 +281,11 @@ def _retrain(distiller, release, checkpoint=None, loader=None):
 def test_retraining_stops_distilling_after_the_epoch_its_release_test_passes():
     distiller = Distiller(_net(0), DistillationConfig(enabled=True))
     asked = []
-    student, history, forwards = _retrain(distiller, lambda model: asked.append(model) or len(asked) == 1)
+    student, history, forwards = _retrain(distiller, lambda model, stats: asked.append(model) or len(asked) == 1)
     assert [epoch["distilled"] for epoch in history] == [True, False, False]
     assert forwards == [5, 5, 5]  # the teacher ran in the first epoch only (5 batches)
     assert len(asked) == 1 and asked[0] is student  # asked after distilled epochs only, never after the last
-    _, history, forwards = _retrain(distiller, lambda model: False)
+    _, history, forwards = _retrain(distiller, lambda model, stats: False)
     assert [epoch["distilled"] for epoch in history] == [True, True, True] and forwards == [5, 5, 5]
 
 
@@ -295,7 +295,7 @@ def test_a_resumed_retraining_keeps_distillation_stopped():
     from autocompress.epoch_checkpoint import EpochCheckpoint
 
     distiller = Distiller(_net(0), DistillationConfig(enabled=True))
-    whole, _, _ = _retrain(distiller, lambda model: True)
+    whole, _, _ = _retrain(distiller, lambda model, stats: True)
     stored: dict = {}
 
     def checkpoint(loader):  # saves / restores the loader's shuffling generator too
@@ -310,11 +310,11 @@ def test_a_resumed_retraining_keeps_distillation_stopped():
 
     killed = _loader()
     with pytest.raises(KeyboardInterrupt):
-        _retrain(distiller, lambda model: True, checkpoint(killed), loader=Killed(killed, None))
+        _retrain(distiller, lambda model, stats: True, checkpoint(killed), loader=Killed(killed, None))
     assert stored["epoch"] == 2 and stored["loop"]["distilling"] is False
     again = _loader()
-    resumed, history, forwards = _retrain(distiller, lambda model: pytest.fail("asked again"), checkpoint(again),
-                                          loader=again)
+    resumed, history, forwards = _retrain(distiller, lambda model, stats: pytest.fail("asked again"),
+                                          checkpoint(again), loader=again)
     assert [epoch["distilled"] for epoch in history] == [True, False, False] and forwards == [0]
     for a, b in zip(resumed.parameters(), whole.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -349,5 +349,6 @@ def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base
     assert len(checks) == 1 and f"against the base's val top-1 {base_top1:.2f}%" in checks[0]
     assert "more than distillation.stop_margin 0.01 above its teacher" in checks[0]
     student = float(checks[0].split("val top-1 ")[1].split("%")[0])
-    assert student > base_top1 + 1.0
+    assert student > base_top1 + 1.0 and retrain["history"][0]["val_top1"] == pytest.approx(student, abs=0.005)
+    assert "val_top1" not in retrain["history"][1]  # measured while distilling only
     assert not any("under-trained" in warning for warning in result.final["warnings"])

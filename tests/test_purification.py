@@ -161,8 +161,8 @@ def test_purify_skips_redundant_removal_at_chance_accuracy():
                     describe=lambda value: f"val top-1 {100 * value:.2f}%")
     assert result.top1_before < 0.2  # 10 classes: below 2x chance
     assert result.near_chance and result.trials == [] and result.threshold is None
-    skipped = f"redundant weight removal skipped: val top-1 {100 * result.top1_before:.2f}% is below 2x chance " \
-              "(it runs from val top-1 20.00% up)"
+    skipped = f"redundant weight removal skipped: the hard-pruned model's val top-1 {100 * result.top1_before:.2f}% " \
+              "is below 2x chance (val top-1 20.00%), too low for its check"
     assert any(line.startswith(skipped) for line in lines), lines
     # only unused path removal ran: no column the 50 % projection kept was removed
     assert all(torch.equal(result.masks.columns[k], masks.columns[k]) for k in masks.columns)

@@ -399,7 +399,7 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
                    config: training.TrainConfig, *, task=None, distiller: Callable | None = None,
                    progress: bool = True, log: Callable[[str], None] | None = None,
                    runner: nn.Module | None = None, checkpoint: EpochCheckpoint | None = None,
-                   release: Callable[[nn.Module], bool] | None = None) -> list[dict]:
+                   release: Callable[[nn.Module, dict], bool] | None = None) -> list[dict]:
     """Masked retraining (AutoCompress §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
     cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
@@ -418,8 +418,9 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
         runner: the module the steps run (see :func:`admm_prune`); default ``model``.
         checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint` saved after every epoch and
             continued from (see :func:`admm_prune`).
-        release: called with ``model`` after every epoch trained with ``distiller``; True: the remaining
-            epochs train on the data loss alone (the decision is kept in the epoch checkpoint).
+        release: called with ``model`` and the epoch's stats after every epoch trained with ``distiller`` but
+            the last (it may add fields to the stats, e.g. the validation score it measured); True: the
+            remaining epochs train on the data loss alone (the decision is kept in the epoch checkpoint).
 
     Returns:
         The per-epoch stats of :func:`autocompress.training.train_epoch`, each with ``"distilled"`` (bool).
@@ -448,7 +449,7 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
                 name = "train loss" if distiller is None else "distilled train loss"
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: {name} {stats['loss']:.4f}{top1}")
-            if distiller is not None and release is not None and epoch + 1 < config.epochs and release(model):
+            if distiller is not None and release is not None and epoch + 1 < config.epochs and release(model, stats):
                 distiller = cache = None
             if checkpoint is not None:
                 checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,

@@ -517,9 +517,9 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
     if log is not None:
         log(f"unused path removal: {_summary(masks, current)}")
         if result.near_chance:
-            log(f"redundant weight removal skipped: {describe(result.top1_before)} is below {CHANCE_FACTOR:g}x "
-                f"chance (it runs from {describe(CHANCE_FACTOR * chance)} up), so its accuracy check would accept "
-                "anything")
+            log(f"redundant weight removal skipped: the hard-pruned model's {describe(result.top1_before)} is "
+                f"below {CHANCE_FACTOR:g}x chance ({describe(CHANCE_FACTOR * chance)}), too low for its check "
+                "(no drop in accuracy) to tell a harmless removal from a harmful one; it runs from that level up")
     for threshold in sorted(thresholds) if score is not None and not result.near_chance else ():
         candidate = redundant_candidates(space, model, current, threshold)
         if _same(candidate, current):

@@ -487,9 +487,10 @@ class Pipeline:
         return [{"event": "retrain", "round": state.index, "history": [epoch_record(k, epoch) for k, epoch in
                                                                         enumerate(history)]}]
 
-    def _release(self, state: RoundState) -> Callable[[nn.Module], bool] | None:
+    def _release(self, state: RoundState) -> Callable[[nn.Module, dict], bool] | None:
         """The retraining's test for ending distillation (``distillation.stop_margin``): the student's validation
-        score more than the margin above the base's. None without a teacher, a margin or a validation score."""
+        score more than the margin above the base's (added to the epoch's stats). None without a teacher, a margin
+        or a validation score."""
         margin = self.config.distillation.stop_margin
         if self.distiller is None or margin is None or not self.task.can_score:
             return None
@@ -497,8 +498,9 @@ class Pipeline:
             self.base_score = self.task.score(self.base_model)
         base = self.base_score
 
-        def release(model: nn.Module) -> bool:
+        def release(model: nn.Module, stats: dict) -> bool:
             score = self.task.score(model)
+            stats.update(self.scored(score))
             above = score - base > margin
             self.log(f"round {state.index} retraining: {self.describe(score)} against the base's "
                      f"{self.describe(base)}" + (f": more than distillation.stop_margin {margin:g} above its teacher, "
@@ -545,10 +547,12 @@ class Pipeline:
 def epoch_record(index: int, epoch: dict) -> dict:
     """The metrics record of training epoch ``index`` (from 0) of ``epoch`` (:func:`autocompress.training.train_epoch`'s
     result): ``{"epoch": from 1, "train_loss", "train_top1": in % like every other top-1 record (None without
-    labels), "images", "distilled": trained with distillation (None: a caller's train_fn)}``."""
+    labels), "images", "distilled": trained with distillation (None: a caller's train_fn)}``, and ``val_top1``
+    (or ``val_score``) where distillation's stop test measured it after the epoch."""
     top1 = epoch.get("top1")
     return {"epoch": index + 1, "train_loss": epoch["loss"], "train_top1": None if top1 is None else 100.0 * top1,
-            "images": epoch.get("images"), "distilled": epoch.get("distilled")}
+            "images": epoch.get("images"), "distilled": epoch.get("distilled"),
+            **{key: epoch[key] for key in ("val_top1", "val_score") if key in epoch}}
 
 
 def _length(loader) -> int:
