@@ -30,7 +30,10 @@ VARIANTS = {
     "kd": {"distillation": {"alpha": 0.9, "stop_margin": None}},  # the budget's default until session 19
     "nokd": {"distillation": {"enabled": False}},
     "alpha0.5": {"distillation": {"alpha": 0.5, "stop_margin": None}},  # session 19's default
-    "stop": {},  # the default since session 20: alpha 0.5, distillation stops once the student passes the base
+    # the default since session 20: alpha 0.5, distillation stops once the student passes the base on validation
+    # (tested at quarters of the first retraining epoch and after each epoch; rows "stop_epoch_end": the first
+    # version of session 20, commit f653f52, tested after each epoch only)
+    "stop": {},
 }
 
 
@@ -107,7 +110,8 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) 
                                    val_loader=val_loader, config=config, progress=False, log=lambda line: None)
     retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
     return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction,
-            "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain)}
+            "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain),
+            "distilled_steps": next((epoch["distilled_steps"] for epoch in retrain if "distilled_steps" in epoch), None)}
 
 
 def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int) -> dict:

@@ -278,15 +278,30 @@ def _retrain(distiller, release, checkpoint=None, loader=None):
     return student, history, epochs
 
 
-def test_retraining_stops_distilling_after_the_epoch_its_release_test_passes():
+@pytest.mark.parametrize("passes, forwards, distilled, steps", [
+    (1, [1, 1, 1], [True, False, False], 1),  # within the first epoch (5 steps: tested after steps 1, 2 and 4)
+    (3, [4, 4, 4], [True, False, False], 4),
+    (4, [5, 5, 5], [True, False, False], None),  # after the first epoch
+    (5, [5, 5, 5], [True, True, False], None),  # after the second
+    (6, [5, 5, 5], [True, True, True], None)])  # never: 5 tests, none after the last epoch
+def test_retraining_stops_distilling_after_the_test_that_passes(passes, forwards, distilled, steps):
+    """The release test runs after steps 1, 2 and 4 of the first epoch and after each distilled epoch but the
+    last; from the one that passes on, the teacher never runs (5 batches an epoch; its outputs come from a
+    cache after the first epoch)."""
     distiller = Distiller(_net(0), DistillationConfig(enabled=True))
     asked = []
-    student, history, forwards = _retrain(distiller, lambda model, stats: asked.append(model) or len(asked) == 1)
-    assert [epoch["distilled"] for epoch in history] == [True, False, False]
-    assert forwards == [5, 5, 5]  # the teacher ran in the first epoch only (5 batches)
-    assert len(asked) == 1 and asked[0] is student  # asked after distilled epochs only, never after the last
-    _, history, forwards = _retrain(distiller, lambda model, stats: False)
-    assert [epoch["distilled"] for epoch in history] == [True, True, True] and forwards == [5, 5, 5]
+
+    def release(model, stats):
+        asked.append(model)
+        stats["tested"] = len(asked)
+        return len(asked) == passes
+
+    student, history, seen = _retrain(distiller, release)
+    assert seen == forwards and [epoch["distilled"] for epoch in history] == distilled
+    assert len(asked) == min(passes, 5) and all(model is student for model in asked)
+    assert history[0].get("distilled_steps") == steps
+    if steps is not None:  # the test's own record of the stop goes to the epoch's history
+        assert history[0]["tested"] == passes
 
 
 def test_a_resumed_retraining_keeps_distillation_stopped():
@@ -321,9 +336,9 @@ def test_a_resumed_retraining_keeps_distillation_stopped():
 
 
 def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base(fmnist_small):
-    """A base trained on 30 batches is far from converged; its 2x compact model passes it on validation after
-    the first retraining epoch (40 batches), and the run trains the remaining epochs on the labels alone. The
-    logged base score is the base's validation top-1, measured here independently."""
+    """A base trained on 30 batches is far from converged; its 2x compact model passes it on validation within
+    the first retraining epoch (40 batches), and the run trains the rest on the labels alone. The logged base
+    score is the base's validation top-1, measured here independently."""
     import autocompress
 
     torch.manual_seed(0)
@@ -346,9 +361,12 @@ def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base
     assert (admm["epochs"], admm["history"]) == (0, [])
     assert [epoch["distilled"] for epoch in retrain["history"]] == [True, False, False]
     checks = [line for line in lines if "against the base's" in line]
-    assert len(checks) == 1 and f"against the base's val top-1 {base_top1:.2f}%" in checks[0]
-    assert "more than distillation.stop_margin 0.01 above its teacher" in checks[0]
-    student = float(checks[0].split("val top-1 ")[1].split("%")[0])
+    assert all(f"against the base's val top-1 {base_top1:.2f}%" in line for line in checks)
+    stop = "more than distillation.stop_margin 0.01 above its teacher"
+    assert stop in checks[-1] and not any(stop in line for line in checks[:-1])
+    student = float(checks[-1].split("val top-1 ")[1].split("%")[0])
     assert student > base_top1 + 1.0 and retrain["history"][0]["val_top1"] == pytest.approx(student, abs=0.005)
+    # within the first epoch (tested after 10, 20 and 30 of its 40 steps)
+    assert retrain["history"][0]["distilled_steps"] == 10 * len(checks) <= 30
     assert "val_top1" not in retrain["history"][1]  # measured while distilling only
     assert not any("under-trained" in warning for warning in result.final["warnings"])

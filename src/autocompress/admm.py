@@ -419,8 +419,9 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
         checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint` saved after every epoch and
             continued from (see :func:`admm_prune`).
         release: called with ``model`` and the epoch's stats after every epoch trained with ``distiller`` but
-            the last (it may add fields to the stats, e.g. the validation score it measured); True: the
-            remaining epochs train on the data loss alone (the decision is kept in the epoch checkpoint).
+            the last, and after each of :data:`EARLY_TESTS` of the first epoch (it may add fields to the stats,
+            e.g. the validation score it measured); True: the rest trains on the data loss alone (the decision
+            is kept in the epoch checkpoint; the epoch's stats then give ``distilled_steps``).
 
     Returns:
         The per-epoch stats of :func:`autocompress.training.train_epoch`, each with ``"distilled"`` (bool).
@@ -439,11 +440,16 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     cache = _teacher_cache(distiller, loop)
     try:
         for epoch in range(start, config.epochs):
+            probe: dict = {}  # what a test within the first epoch measured
+            early = _early_release(release, model, probe, len(train_loader)) if epoch == 0 else None
             stats = dict(training.train_epoch(model if runner is None else runner, train_loader, optimizer,
                                               scheduler, task=task, criterion=criterion, distiller=distiller,
-                                              teacher_cache=cache, progress=progress,
+                                              teacher_cache=cache, stop_distilling=early, progress=progress,
                                               desc=f"retrain epoch {epoch + 1}/{config.epochs}"),
                          distilled=distiller is not None)
+            if "distilled_steps" in stats:
+                stats.update(probe)
+                distiller = cache = None
             history.append(stats)
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
@@ -457,6 +463,28 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
     finally:
         enforcer.detach()
     return history
+
+
+#: fractions of the first retraining epoch after which distillation's release test also runs (an under-trained
+#: base is often passed within the first epoch; a test costs one validation pass)
+EARLY_TESTS = (0.25, 0.5, 0.75)
+
+
+def _early_release(release: Callable[[nn.Module, dict], bool] | None, model: nn.Module, probe: dict,
+                   steps: int) -> Callable[[int], bool] | None:
+    """``stop_distilling(step)`` for the first retraining epoch of ``steps`` steps: ``release`` at each of
+    :data:`EARLY_TESTS` (what it measures goes to ``probe``); None without a release test."""
+    if release is None:
+        return None
+    at = {round(fraction * steps) for fraction in EARLY_TESTS} - {0, steps}
+
+    def stop(step: int) -> bool:
+        if step not in at:
+            return False
+        probe.clear()
+        return release(model, probe)
+
+    return stop
 
 
 def _teacher_cache(distiller, loop: dict) -> TeacherCache | None:

@@ -15,7 +15,8 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   budget's count (params or MACs) at the searched rates and at rates refitted to ``target / slack`` (``slack``
   > 1: a looser nominal target that fills the budget purification left unused);
 * ``{"event": "retrain", "round": k, "history": [{"epoch", "train_loss", "train_top1", "images",
-  "distilled", "val_top1" (after a distilled epoch but the last: distillation's stop test)}, ...]}``;
+  "distilled", "val_top1" and "distilled_steps" (distillation's stop test: its measurement, and the steps
+  distilled when it stopped distillation within the epoch)}, ...]}``;
 * ``{"event": "round", "round": k, "target": x, "params": int, "macs": int, "val_top1": float,
   "layers": [{"name", "filters", "filters_total", "columns", "columns_total"}, ...]}`` — measured on the
   round's compact model (parameters, MACs = multiply-accumulates, not FLOPs);

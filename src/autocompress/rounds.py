@@ -547,12 +547,13 @@ class Pipeline:
 def epoch_record(index: int, epoch: dict) -> dict:
     """The metrics record of training epoch ``index`` (from 0) of ``epoch`` (:func:`autocompress.training.train_epoch`'s
     result): ``{"epoch": from 1, "train_loss", "train_top1": in % like every other top-1 record (None without
-    labels), "images", "distilled": trained with distillation (None: a caller's train_fn)}``, and ``val_top1``
-    (or ``val_score``) where distillation's stop test measured it after the epoch."""
+    labels), "images", "distilled": began with distillation (None: a caller's train_fn)}``, and ``val_top1``
+    (or ``val_score``) where distillation's stop test measured it (after the epoch, or within it when it stopped
+    distillation there after ``distilled_steps`` steps)."""
     top1 = epoch.get("top1")
     return {"epoch": index + 1, "train_loss": epoch["loss"], "train_top1": None if top1 is None else 100.0 * top1,
             "images": epoch.get("images"), "distilled": epoch.get("distilled"),
-            **{key: epoch[key] for key in ("val_top1", "val_score") if key in epoch}}
+            **{key: epoch[key] for key in ("val_top1", "val_score", "distilled_steps") if key in epoch}}
 
 
 def _length(loader) -> int:

@@ -172,7 +172,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, task: Task | None = None,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None, distiller: Callable | None = None,
-                teacher_cache: TeacherCache | None = None, progress: bool = True, desc: str = "") -> dict:
+                teacher_cache: TeacherCache | None = None, stop_distilling: Callable[[int], bool] | None = None,
+                progress: bool = True, desc: str = "") -> dict:
     """One training epoch in train mode.
 
     Args:
@@ -189,12 +190,15 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             batch through the task's forward) replaces the data loss.
         teacher_cache: a :class:`autocompress.distillation.TeacherCache` serving the teacher's outputs on
             inputs seen in earlier epochs of the phase; told when this epoch ends.
+        stop_distilling: called with the step count (from 1) after every step trained with ``distiller``;
+            True: the rest of the epoch trains on the data loss alone.
         progress: show a tqdm bar with running loss (and accuracy for ``(inputs, labels)`` batches).
 
     Returns:
         ``{"loss": mean data loss per batch item (the distiller's mixed loss when given), "top1": training
         accuracy in [0, 1] (None when batches are not class-labelled pairs), "images": count}``, plus
-        ``"regularizer"`` (mean per step) when a regularizer is given.
+        ``"regularizer"`` (mean per step) when a regularizer is given and ``"distilled_steps"`` when
+        ``stop_distilling`` ended distillation within the epoch.
 
     Raises:
         UserError: the loss became NaN / infinite (learning rate too high) or is not a scalar.
@@ -205,6 +209,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     model.train()
     bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
     total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
+    distilled_steps = None
     teacher = distiller.teacher if distiller is not None else None
     with channels_last(model, teacher, device=task.device, enabled=task.layout):  # restored even if a step raises
         for batch in bar:
@@ -235,6 +240,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             if after_step is not None:
                 after_step()
             steps += 1
+            if distiller is not None and stop_distilling is not None and stop_distilling(steps):
+                distiller = teacher_cache = None
+                distilled_steps = steps
             n = _batch_items(batch)
             total_loss += float(loss.detach()) * n
             labelled = labelled and task.loss_fn is None and isinstance(output, torch.Tensor) and output.dim() >= 2
@@ -251,6 +259,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
               "images": seen}
     if regularizer is not None:
         result["regularizer"] = reg_total / max(steps, 1)
+    if distilled_steps is not None:
+        result["distilled_steps"] = distilled_steps
     return result
 
 
