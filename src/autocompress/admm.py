@@ -424,7 +424,8 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
             is kept in the epoch checkpoint; the epoch's stats then give ``distilled_steps``).
 
     Returns:
-        The per-epoch stats of :func:`autocompress.training.train_epoch`, each with ``"distilled"`` (bool).
+        The per-epoch stats of :func:`autocompress.training.train_epoch`, each with ``"distilled"`` (bool: the
+        epoch began with distillation).
     """
     apply_masks(model, param_masks)
     if config.epochs <= 0:
@@ -447,13 +448,14 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
                                               teacher_cache=cache, stop_distilling=early, progress=progress,
                                               desc=f"retrain epoch {epoch + 1}/{config.epochs}"),
                          distilled=distiller is not None)
+            name = "distilled train loss" if distiller is not None else "train loss"
             if "distilled_steps" in stats:
                 stats.update(probe)
                 distiller = cache = None
+                name = f"train loss (distilled in its first {stats['distilled_steps']} steps)"
             history.append(stats)
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
-                name = "train loss" if distiller is None else "distilled train loss"
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: {name} {stats['loss']:.4f}{top1}")
             if distiller is not None and release is not None and epoch + 1 < config.epochs and release(model, stats):
                 distiller = cache = None

@@ -34,14 +34,15 @@ class DistillationConfig:
             80.2 / 76.9 %, flops=2x in 3 epochs: 80.1 / 77.5 %, against 83.3 / 81.6 % at 0.5 and 84.9 / 83.0 %
             without distillation), and 0.5 also ended higher from a converged base (Fashion-MNIST CNN,
             params=30x in 8 epochs: 88.92 / 88.05 % against 88.06 / 87.79 % at 0.9).
-        stop_margin: masked retraining in the default loop stops distilling, for its remaining epochs, after
-            an epoch that leaves the student's validation score more than this above the teacher's (top-1 as
-            a fraction: 0.01 is one point; a ``score_fn``'s own units). A student past its teacher on held-out
+        stop_margin: masked retraining in the default loop stops distilling, for the rest of the phase, once
+            the student's validation score is more than this above the teacher's (top-1 as a fraction: 0.01 is
+            one point; a ``score_fn``'s own units), tested at quarters of the first epoch and after each epoch
+            (:data:`autocompress.admm.EARLY_TESTS`). A student past its teacher on held-out
             data has outgrown it: from an under-trained base the soft targets hold it back (BENCHMARKS.md,
             "Distillation from a weak base": flops=2x in 3 epochs from a 2-epoch Fashion-MNIST CNN at 80.2 /
             76.9 %, 83.9 / 82.9 % with the stop after the first epoch, 83.3 / 81.6 % without it, 84.9 / 83.0 %
             without distillation); wherever distillation helped, the compact model stayed below its base. None:
-            distil every epoch. Costs one validation pass per distilled retraining epoch.
+            distil every epoch. Costs one validation pass per test.
     """
 
     enabled: bool = False
