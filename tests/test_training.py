@@ -176,8 +176,9 @@ def test_nan_loss_is_a_user_error():
 
 def test_channels_last_scope_keeps_values_and_objects_and_restores_the_layout():
     """Inside ``channels_last`` the conv weights are channels-last (same values, same Parameter objects, so an
-    optimiser built before still steps them); afterwards contiguous again, also after an error; a training
-    epoch under it steps the same weights as one without it (up to float rounding)."""
+    optimiser built before still steps them); afterwards contiguous again, also after an error, and a block
+    within it keeps them channels-last; a training epoch under it steps the same weights as one without it (up
+    to float rounding)."""
     from autocompress.task import channels_last
 
     torch.manual_seed(0)
@@ -187,6 +188,11 @@ def test_channels_last_scope_keeps_values_and_objects_and_restores_the_layout():
         assert model[0].weight is weight and weight.is_contiguous(memory_format=torch.channels_last)
         assert not weight.is_contiguous() and torch.equal(weight, before)
     assert weight.is_contiguous() and torch.equal(weight, before)
+    with channels_last(model, device=torch.device("cpu")):  # a block within a block (a validation pass within
+        with channels_last(model, device=torch.device("cpu")):  # a training epoch) leaves the outer layout
+            pass
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert weight.is_contiguous()
     with pytest.raises(RuntimeError, match="boom"):
         with channels_last(model, device=torch.device("cpu")):
             raise RuntimeError("boom")

@@ -94,8 +94,10 @@ def channels_last(*models: nn.Module | None, device: torch.device, collectives: 
     Values, parameter objects and optimiser references are unchanged. Nothing changes on other devices, nor
     under ``torch.distributed`` when the block may run collectives on the parameters (``collectives``:
     DistributedDataParallel training takes contiguous tensors); a forward-only block passes False. With
-    ``enabled`` False (a model that fails in that layout, :func:`channels_last_works`) nothing changes."""
-    models = tuple(m for m in models if m is not None)
+    ``enabled`` False (a model that fails in that layout, :func:`channels_last_works`) nothing changes, nor for
+    a model already in it (a block within another, e.g. a validation pass within a training epoch, leaves the
+    outer block's layout as it found it)."""
+    models = tuple(m for m in models if m is not None and not _in_channels_last(m))
     if not enabled or device.type != "cpu" or (collectives and _distributed_active()) \
             or not any(p.dim() == 4 for m in models for p in m.parameters()):
         yield
@@ -107,6 +109,12 @@ def channels_last(*models: nn.Module | None, device: torch.device, collectives: 
     finally:
         for model in models:
             model.to(memory_format=torch.contiguous_format)
+
+
+def _in_channels_last(model: nn.Module) -> bool:
+    """Whether every 4-d parameter of ``model`` is laid out channels-last (False without any)."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
 
 def channels_last_works(model: nn.Module, inputs: tuple, device: torch.device) -> bool:
