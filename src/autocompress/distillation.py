@@ -40,7 +40,7 @@ class DistillationConfig:
             (:data:`autocompress.admm.EARLY_TESTS`). A student past its teacher on held-out
             data has outgrown it: from an under-trained base the soft targets hold it back (BENCHMARKS.md,
             "Distillation from a weak base": flops=2x in 3 epochs from a 2-epoch Fashion-MNIST CNN at 80.2 /
-            76.9 %, 83.9 / 82.9 % with the stop after the first epoch, 83.3 / 81.6 % without it, 84.9 / 83.0 %
+            76.9 %, 84.0 / 82.9 % with the stop within / after the first epoch, 83.3 / 81.6 % without it, 84.9 / 83.0 %
             without distillation); wherever distillation helped, the compact model stayed below its base. None:
             distil every epoch. Costs one validation pass per test.
     """
