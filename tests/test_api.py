@@ -455,16 +455,25 @@ class ThreeConv(nn.Module):
 
 @pytest.fixture
 def refits(monkeypatch) -> dict:
-    """``{slack: rates}`` of every refit a run tries."""
+    """``{slack: rates}`` of every refit a run tries, both as the metrics records write them (12 significant
+    digits)."""
+    from autocompress.text import tidy
+
     tried: dict = {}
     budget = Compression._budget
 
     def spied(self, *args):
         made = budget(self, *args)
         if made is not None:
-            refit = made.refit
-            made.refit = lambda slack: tried.setdefault(slack, refit(slack))
+            made.refit = recording(made.refit)
         return made
+
+    def recording(refit):
+        def refit_and_record(slack):
+            rates = refit(slack)
+            tried[tidy(slack)] = tidy(rates)
+            return rates
+        return refit_and_record
 
     monkeypatch.setattr(Compression, "_budget", spied)
     return tried

@@ -40,7 +40,7 @@ from .purification import purify
 from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
 from .task import Task, loader_generators
-from .text import plural
+from .text import plural, tidy
 
 PHASES = ("search", "admm", "purify", "retrain", "compact")
 
@@ -181,8 +181,9 @@ class PhaseStore:
         :meth:`finish`): :class:`autocompress.epoch_checkpoint.EpochCheckpoint`."""
 
     def record(self, record: dict) -> None:
-        """Append one metrics record."""
-        self._records.append(record)
+        """Append one metrics record (as :func:`autocompress.text.tidy` writes it: the same numbers as a run
+        folder's ``metrics.jsonl`` holds)."""
+        self._records.append(tidy(record))
 
     def finish(self, round_index: Any, phase: str, records: list[dict]) -> None:
         """A phase finished: its records, then the mark that it is done (a kill between the two leaves the

@@ -35,6 +35,7 @@ from .atomic import atomic_torch_save, atomic_write_text
 from .errors import UserError
 from .integrity import verify_archive
 from .rounds import PhaseStore
+from .text import tidy
 
 
 class RunFolder(PhaseStore):
@@ -142,7 +143,7 @@ class RunFolder(PhaseStore):
     def save(self, round_index: int, phase: str, payload: Any) -> None:
         path = self.phase_file(round_index, phase)
         if phase == "search":
-            atomic_write_text(path, json_text(payload))
+            atomic_write_text(path, json.dumps(payload, default=plain))  # exact: a resumed run prunes at these
         else:
             atomic_torch_save(payload, path)
 
@@ -195,24 +196,16 @@ def _read(path: Path, what: str, fix: str) -> Any:
         raise UserError(f"{what} ({path}) is damaged ({type(exc).__name__})", fix) from None
 
 
-#: significant digits of a float in the run folder's JSON: drops binary noise (``100 * 0.729`` is
-#: ``72.89999999999999``) and keeps far more than any measurement here resolves
-FLOAT_DIGITS = 12
-
-
 def json_text(value: Any, **kwargs: Any) -> str:
-    """``json.dumps`` of ``value`` (keyword arguments passed on) with floats at :data:`FLOAT_DIGITS`
-    significant digits and numpy / torch scalars and arrays as plain numbers and lists."""
-    return json.dumps(_tidy(value), **kwargs)
+    """``json.dumps`` of :func:`autocompress.text.tidy` ``(value)`` (keyword arguments passed on): floats at
+    12 significant digits, numpy / torch scalars and arrays as plain numbers and lists."""
+    return json.dumps(tidy(value), **kwargs)
 
 
-def _tidy(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, torch.Tensor, np.generic)):
-        value = value.tolist()
-    if isinstance(value, float):
-        return float(f"{value:.{FLOAT_DIGITS}g}")
-    if isinstance(value, dict):
-        return {key: _tidy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tidy(item) for item in value]
-    return value
+def plain(value: Any) -> Any:
+    """JSON form of numpy / torch scalars and arrays (``json.dumps(default=plain)``; floats kept exact)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,5 +1,14 @@
-"""Human-readable text shared by the library's logs and the command line."""
+"""Human-readable text shared by the library's logs, its metrics records and the command line."""
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+#: significant digits of a float in a metrics record or a JSON output: drops binary noise (``100 * 0.729`` is
+#: ``72.89999999999999``) and keeps far more than any measurement here resolves
+FLOAT_DIGITS = 12
 
 
 def plural(count: int, noun: str) -> str:
@@ -7,4 +16,18 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-__all__ = ["plural"]
+def tidy(value: Any) -> Any:
+    """``value`` as plain JSON data: floats at :data:`FLOAT_DIGITS` significant digits, numpy / torch scalars and
+    arrays as numbers and lists, tuples as lists, dicts and lists tidied item by item."""
+    if isinstance(value, (np.ndarray, torch.Tensor, np.generic)):
+        value = value.tolist()
+    if isinstance(value, float):
+        return float(f"{value:.{FLOAT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {key: tidy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tidy(item) for item in value]
+    return value
+
+
+__all__ = ["plural", "tidy"]
