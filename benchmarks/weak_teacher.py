@@ -111,7 +111,7 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) 
     retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
     return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction,
             "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain),
-            "distilled_steps": next((epoch["distilled_steps"] for epoch in retrain if "distilled_steps" in epoch), None)}
+            "distilled_steps": next((e["distilled_steps"] for e in retrain if "distilled_steps" in e), None)}
 
 
 def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int) -> dict:
