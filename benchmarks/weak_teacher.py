@@ -34,6 +34,9 @@ VARIANTS = {
     # (tested at quarters of the first retraining epoch and after each epoch; rows "stop_epoch_end": the first
     # version of session 20, commit f653f52, tested after each epoch only)
     "stop": {},
+    # session 20: a fresh user's Torch-Pruning fine-tuning at lr 0.05 beat the default retraining lr 0.01 on such a base
+    "stop_lr0.05": {"retrain": {"lr": 0.05}},
+    "nokd_lr0.05": {"distillation": {"enabled": False}, "retrain": {"lr": 0.05}},
 }
 
 
