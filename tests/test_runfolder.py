@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autocompress.errors import UserError
-from autocompress.runfolder import RunFolder, json_text
+from autocompress.runfolder import RunFolder
+from autocompress.text import json_text
 
 
 def test_another_process_holding_the_folder_is_refused_and_a_dead_one_leaves_no_stale_lock(tmp_path):

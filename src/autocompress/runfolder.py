@@ -27,7 +27,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -35,7 +34,7 @@ from .atomic import atomic_torch_save, atomic_write_text
 from .errors import UserError
 from .integrity import verify_archive
 from .rounds import PhaseStore
-from .text import tidy
+from .text import json_text, plain
 
 
 class RunFolder(PhaseStore):
@@ -194,18 +193,3 @@ def _read(path: Path, what: str, fix: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
         raise UserError(f"{what} ({path}) is damaged ({type(exc).__name__})", fix) from None
-
-
-def json_text(value: Any, **kwargs: Any) -> str:
-    """``json.dumps`` of :func:`autocompress.text.tidy` ``(value)`` (keyword arguments passed on): floats at
-    12 significant digits, numpy / torch scalars and arrays as plain numbers and lists."""
-    return json.dumps(tidy(value), **kwargs)
-
-
-def plain(value: Any) -> Any:
-    """JSON form of numpy / torch scalars and arrays (``json.dumps(default=plain)``; floats kept exact)."""
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

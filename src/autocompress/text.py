@@ -1,6 +1,7 @@
 """Human-readable text shared by the library's logs, its metrics records and the command line."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -16,11 +17,20 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def plain(value: Any) -> Any:
+    """JSON form of numpy / torch scalars and arrays (``json.dumps(default=plain)``; floats kept exact)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def tidy(value: Any) -> Any:
     """``value`` as plain JSON data: floats at :data:`FLOAT_DIGITS` significant digits, numpy / torch scalars and
-    arrays as numbers and lists, tuples as lists, dicts and lists tidied item by item."""
+    arrays as numbers and lists (:func:`plain`), tuples as lists, dicts and lists tidied item by item."""
     if isinstance(value, (np.ndarray, torch.Tensor, np.generic)):
-        value = value.tolist()
+        value = plain(value)
     if isinstance(value, float):
         return float(f"{value:.{FLOAT_DIGITS}g}")
     if isinstance(value, dict):
@@ -30,4 +40,10 @@ def tidy(value: Any) -> Any:
     return value
 
 
-__all__ = ["plural", "tidy"]
+def json_text(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`tidy` ``(value)`` (keyword arguments passed on): what a metrics record or a
+    command's JSON output writes."""
+    return json.dumps(tidy(value), **kwargs)
+
+
+__all__ = ["json_text", "plain", "plural", "tidy"]

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
     from ..data import checkpoint_dataset
-    from ..runfolder import json_text
+    from ..text import json_text
     from ..task import resolve_device
     from ..training import check_model_input, evaluate
 

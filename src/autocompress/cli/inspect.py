@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:12s} {'x'.join(map(str, info.input_size)):9s} {info.description}")
         print("torchvision:<name>  any torchvision classifier, e.g. torchvision:resnet50 (no weights downloaded)")
         return 0
-    from ..runfolder import json_text
+    from ..text import json_text
 
     report = _report(args)
     print(json_text(report, indent=2) if args.json else format_report(report))
