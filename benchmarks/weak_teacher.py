@@ -38,6 +38,8 @@ VARIANTS = {
     "stop_lr0.05": {"retrain": {"lr": 0.05}},
     "nokd_lr0.05": {"distillation": {"enabled": False}, "retrain": {"lr": 0.05}},
 }
+#: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
+TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
 
 
 class Block(nn.Module):
@@ -117,8 +119,9 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) 
             "distilled_steps": next((e["distilled_steps"] for e in retrain if "distilled_steps" in e), None)}
 
 
-def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int) -> dict:
-    """Torch-Pruning global magnitude to half the MACs (by its own count), then 3 epochs of SGD as in the budget."""
+def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0.01) -> dict:
+    """Torch-Pruning global magnitude to half the MACs (by its own count), then 3 epochs of SGD at ``lr`` as in the
+    budget."""
     import copy
 
     import torch_pruning as tp
@@ -134,7 +137,7 @@ def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int) -> dict:
             break
         pruner.step()
     torch.manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     train(model, train_loader, 3, optimizer)
     return {"top1": top1(model, test_loader), "macs_x": base_macs / metrics.count_macs(model, example)}
 
@@ -157,7 +160,7 @@ def main() -> None:
             if (variant, seed) in done:
                 continue
             started = time.perf_counter()
-            row = (run_torch_pruning(base, data, seed) if variant == "torch_pruning"
+            row = (run_torch_pruning(base, data, seed, **TP_VARIANTS[variant]) if variant in TP_VARIANTS
                    else run_autocompress(base, data, variant, seed))
             row = {"variant": variant, "seed": seed, "base_top1": base_top1, **row,
                    "seconds": round(time.perf_counter() - started, 1)}
