@@ -171,6 +171,12 @@ class CompressResult:
         form = self.final.get("deployed_form") or {}
         return with_dense_layers(self.model, form.get("dense_layers", []))
 
+    def summary(self) -> str:
+        """The final table as plain text, the lines the ``compress`` command prints: base vs compressed
+        parameters, MACs, validation score and latencies (ms) with a reduction row, then how deployed latency
+        was measured and every warning (``final["warnings"]``). ``print(result.summary())``."""
+        return report.final_text(self.final)
+
 
 def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str | None = None, *,
              train_loader: Iterable, val_loader: Iterable | None = None, score_fn: ScoreFn | None = None,
@@ -210,7 +216,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         progress: tqdm progress bars; log: called with one line per step (default: none). Layers left out
             of pruning (``not pruned: ...``, INFO) and the final table's warnings (WARNING, also in
             ``result.final["warnings"]``) go to the standard ``logging`` loggers under ``autocompress``: Python
-            prints warnings to stderr until logging is configured.
+            prints warnings to stderr until logging is configured. ``print(result.summary())`` prints the final
+            table and its warnings as the ``compress`` command does.
 
     Under ``torch.distributed`` (called in every process of an initialised process group, e.g. under
     ``torchrun``) the ranks score the search's candidates in parallel and train under DistributedDataParallel;

@@ -174,7 +174,7 @@ def _span(pair) -> str:
 
 def deployed_lines(final: dict) -> list[str]:
     """Plain-text lines about deployed speed: how it was measured, the lookup table's estimate error (latency
-    targets) and every warning (e.g. the compressed model is slower than the base); also used by the CLI."""
+    targets) and every warning (e.g. the compressed model is slower than the base); see :func:`final_text`."""
     deployed = final.get("deployed")
     if not isinstance(deployed, dict):
         return []
@@ -206,8 +206,8 @@ def deployed_lines(final: dict) -> list[str]:
 def final_table_rows(final: dict) -> list[list[str]]:
     """Rows of the final comparison table (header first) from a ``final`` record, as plain text (the HTML
     report escapes them): the columns of :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points,
-    differences, base / compressed ratios; "-" where a value is not a number or a ratio divides by 0); also
-    used by the CLI."""
+    differences, base / compressed ratios; "-" where a value is not a number or a ratio divides by 0); see
+    :func:`final_text`."""
     columns = [c for c in FINAL_COLUMNS + deployed_columns(final) if all(row.get(c[0]) is not None
                                                                           for row in final["rows"])]
     rows = [["model"] + [header for _, header, _ in columns]]
@@ -216,6 +216,15 @@ def final_table_rows(final: dict) -> list[list[str]]:
         base, comp = final["rows"]
         rows.append(["reduction"] + [_compare(base[key], comp[key], kind) for key, _, kind in columns])
     return rows
+
+
+def final_text(final: dict) -> str:
+    """The final table as aligned plain text (:func:`final_table_rows`, cells right-aligned in columns) followed
+    by :func:`deployed_lines` (warnings included): what the CLI prints and ``CompressResult.summary()`` returns."""
+    rows = final_table_rows(final)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "\n".join(table + deployed_lines(final))
 
 
 def _html_table(rows: Iterable[list[str]]) -> str:

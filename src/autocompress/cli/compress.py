@@ -267,14 +267,9 @@ def _start(args: argparse.Namespace) -> int:
         raise flag_message(exc, args) from None
     if not distributed.world().is_main:
         return 0
-    from ..report import deployed_lines, final_table_rows
+    from ..report import final_text
 
-    rows = final_table_rows(final)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-    for line in deployed_lines(final):  # warnings included (the log has them on stderr too)
-        print(line)
+    print(final_text(final))  # warnings included (the log has them on stderr too)
     print(f"run folder: {out} (model.pt, report.html, metrics.jsonl, config.yaml)")
     warning = chance_warning(final, workload.splits.num_classes)
     if warning:
