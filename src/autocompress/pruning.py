@@ -159,12 +159,13 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
                         "pass train_loader, or set admm.epochs and retrain epochs to 0")
     task = Task(train_loader, val_loader, device, forward_fn, loss_fn, score_fn)
     task.check(base, example, needs_training=training, needs_score=False, needs_length=train_fn is None)
+    before = task.score(base) if task.can_score else None
     pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
-                        ignored_layers=tuple(ignored_layers), progress=progress, log=log or (lambda _line: None))
+                        ignored_layers=tuple(ignored_layers), progress=progress, log=log or (lambda _line: None),
+                        base_score=before)
     work = densify(base)
     space = pipeline.space(work)
     state = RoundState(1, None, work, space, rates=expand_rates(space, rates, dims))
-    before = task.score(base) if task.can_score else None
     pipeline.run_round(state, last=True)
     compact_model = state.compact_model
     records = pipeline.store.records
