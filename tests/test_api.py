@@ -681,3 +681,36 @@ def test_validation_labels_outside_the_model_outputs_are_refused_before_any_work
                     task_args=dict(train_loader=train, val_loader=shifted), config=CONFIG, progress=False)
     Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",
                 task_args=dict(train_loader=train, val_loader=val), config=CONFIG, progress=False)
+
+
+class TwoHeads(SmallCNN):
+    """``[B, 1, 8, 8]`` -> ``(class scores [B, 3], parity scores [B, 2])``: SmallCNN with a second head."""
+
+    def __init__(self):
+        super().__init__(8, 8)
+        self.parity = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))).mean((2, 3))
+        return self.fc(h), self.parity(h)
+
+
+def test_a_model_of_two_heads_compresses_with_distillation_given_forward_fn_and_loss_fn():
+    """A fresh user's two-head model with a ``forward_fn`` (head 0) and a ``loss_fn`` (both heads) was refused in
+    the search's distilled fine-tuning, and the fix the message named (``distillation.enabled: false``) did not
+    turn that distillation off. Both distillations (the search's scorer and retraining) now run on it."""
+    train, val = loaders()
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+
+    def loss_fn(m, batch):
+        scores, parity = m(batch[0])
+        return F.cross_entropy(scores, batch[1]) + F.cross_entropy(parity, batch[1] % 2)
+
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                                   forward_fn=lambda m, batch: m(batch[0])[0], loss_fn=loss_fn,
+                                   config={**CONFIG, "distillation": {"enabled": True}}, progress=False)
+    assert result.compression_rate >= 2.0 * 0.99
+    scores, parity = result.model(torch.randn(4, 1, 8, 8))
+    assert scores.shape == (4, CLASSES) and parity.shape == (4, 2)
+    assert any(r.get("event") == "retrain" and r["history"][0]["distilled"] for r in result.records)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from autocompress.compress import CompressConfig
@@ -370,3 +371,51 @@ def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base
     assert retrain["history"][0]["distilled_steps"] == 10 * len(checks) <= 30
     assert "val_top1" not in retrain["history"][1]  # measured while distilling only
     assert not any("under-trained" in warning for warning in result.final["warnings"])
+
+
+class _TwoHeads(nn.Module):
+    """``[B, 1, 6, 6]`` -> ``(class scores [B, 3], parity scores [B, 2])``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
+        self.classes, self.parity = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.classes(h), self.parity(h)
+
+
+def test_a_loss_over_several_heads_distils_the_forward_fns_class_scores():
+    """A fresh user's two-head model with ``forward_fn`` (head 0) and ``loss_fn`` (both heads) failed in the
+    search's distilled fine-tuning: the loss's model output (a tuple) went to the soft term. The soft term now
+    compares the forward's class scores; the mixed loss of one step (lr 0: the weights stay) is computed by hand."""
+    model, images = _TwoHeads(), torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    labels = torch.arange(8) % 3
+    teacher = _TwoHeads()
+    with torch.no_grad():
+        teacher.classes.weight.mul_(2.0)
+
+    def loss_fn(m, batch):
+        scores, parity = m(batch[0])
+        return F.cross_entropy(scores, batch[1]) + F.cross_entropy(parity, batch[1] % 2)
+
+    task = Task([(images, labels)], forward_fn=lambda m, batch: m(batch[0])[0], loss_fn=loss_fn)
+    distiller = Distiller(teacher, DistillationConfig(temperature=2.0, alpha=0.5))
+    model.train()
+    with torch.no_grad():
+        hard = float(loss_fn(model, (images, labels)))
+        soft = F.kl_div(F.log_softmax(model(images)[0] / 2.0, 1), F.softmax(teacher.eval()(images)[0] / 2.0, 1),
+                        reduction="batchmean")
+    stats = train_epoch(model, [(images, labels)], torch.optim.SGD(model.parameters(), lr=0.0), task=task,
+                        distiller=distiller)
+    assert stats["loss"] == pytest.approx(0.5 * hard + 0.5 * 4.0 * float(soft), rel=1e-5)
+
+
+def test_outputs_that_cannot_be_distilled_name_the_setting_that_turns_distillation_off():
+    distiller = Distiller(_net(0), DistillationConfig(), "quick_eval.finetune_distill")
+    with pytest.raises(UserError, match=r"got a tuple; pass forward_fn returning the class scores, or set "
+                                        r"quick_eval.finetune_distill: false"):
+        distiller(torch.zeros(2, 3), (torch.zeros(2, 3), torch.zeros(2, 2)), torch.tensor(1.0))

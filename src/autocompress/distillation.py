@@ -73,12 +73,14 @@ class Distiller:
         teacher: the uncompressed model; a private deep copy is kept in eval mode with gradients off, so
             the caller's model is never modified.
         config: :class:`DistillationConfig` (``enabled`` is ignored here).
+        setting: the setting that turns this distillation off, named when the outputs cannot be distilled.
     """
 
-    def __init__(self, teacher: nn.Module, config: DistillationConfig):
+    def __init__(self, teacher: nn.Module, config: DistillationConfig, setting: str = "distillation.enabled"):
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         self.temperature = float(config.temperature)
         self.alpha = float(config.alpha)
+        self.setting = setting
 
     def describe(self) -> str:
         """One line for the run's log: the mixed loss and why it reads larger than a cross-entropy."""
@@ -111,8 +113,9 @@ class Distiller:
         """
         if not (isinstance(logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor)
                 and logits.dim() >= 2 and logits.shape == teacher_logits.shape):
-            raise UserError("distillation needs the model to output class scores [B, classes, ...]",
-                            "set distillation.enabled: false for this model")
+            raise UserError(f"distillation needs class scores [B, classes, ...] from the forward, got "
+                            f"{_kind(logits)}", f"pass forward_fn returning the class scores, or set "
+                            f"{self.setting}: false for this model")
         t = self.temperature
         per_position = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                                 reduction="none", log_target=True).sum(1)
@@ -125,6 +128,13 @@ class Distiller:
 #: each see a fresh share of the data every epoch (6 % in 8); a 32x32 random crop with 4 pixels of padding
 #: and a flip 1 / 162 (0.6 %)
 MIN_HIT_RATE = 0.05
+
+
+def _kind(output: Any) -> str:
+    """``output`` in a few words: ``a tensor of shape [8, 10]``, ``a tuple``."""
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {list(output.shape)}"
+    return f"a {type(output).__name__}"
 
 
 def _no_grad_forward(model: nn.Module, task, batch: Any) -> Any:

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -187,7 +187,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         regularizer: returns a scalar tensor added to the loss of each step (ADMM).
         after_step: called after every optimiser step (e.g. ``MaskEnforcer.after_step``).
         distiller: a :class:`autocompress.distillation.Distiller`; its mixed loss (teacher run on the same
-            batch through the task's forward) replaces the data loss.
+            batch through the task's forward) replaces the data loss. With a task's ``loss_fn`` whose model
+            output is not what the task's forward returns (a model of several heads and a ``forward_fn``
+            picking one), the student's forward runs once more per step for the soft term.
         teacher_cache: a :class:`autocompress.distillation.TeacherCache` serving the teacher's outputs on
             inputs seen in earlier epochs of the phase; told when this epoch ends.
         stop_distilling: called with the step count (from 1) after every step trained with ``distiller``;
@@ -221,7 +223,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 else:
                     loss, output = task.loss(model, batch)
                 if distiller is not None:
-                    loss = distiller(distiller.teacher_output(task, batch, teacher_cache), output, loss)
+                    soft = distiller.teacher_output(task, batch, teacher_cache)
+                    if task.loss_fn is not None and not _alike(output, soft):  # the loss saw e.g. a tuple of heads
+                        output = task.forward(model, batch)  # the forward's class scores, as the teacher's are
+                    loss = distiller(soft, output, loss)
                 objective = loss
                 if regularizer is not None:
                     reg = regularizer()
@@ -262,6 +267,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     if distilled_steps is not None:
         result["distilled_steps"] = distilled_steps
     return result
+
+
+def _alike(output: Any, teacher_output: Any) -> bool:
+    """Whether the student's ``output`` is a tensor shaped like the teacher's (what the soft term compares)."""
+    return (isinstance(output, torch.Tensor) and isinstance(teacher_output, torch.Tensor)
+            and output.shape == teacher_output.shape)
 
 
 def _batch_items(batch) -> int:
