@@ -495,8 +495,9 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
     runs = {}
     for refit in (False, True):
         config = {**CONFIG, "purification": {"refit": refit, "thresholds": [1e-6]}}
+        lines: list[str] = []
         runs[refit] = autocompress.compress(model, torch.randn(2, 1, 8, 8), "params=5x", train_loader=train,
-                                            val_loader=val, config=config, progress=False)
+                                            val_loader=val, config=config, progress=False, log=lines.append)
     plain, refitted = params(runs[False].model), params(runs[True].model)
     record = next(r for r in runs[True].records if r["event"] == "refit")
     assert record["limit"] == pytest.approx(limit)
@@ -505,6 +506,8 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
     assert runs[True].rounds[0]["rates"] != runs[False].rounds[0]["rates"]
     assert record["slack"] > 1 and refits[record["slack"]] == runs[True].rounds[0]["rates"]
     assert not any(r["event"] == "refit" for r in runs[False].records)
+    assert (f"round 1: after purification {plain:,} parameters below the round's limit of {int(limit):,}; rates "
+            f"refitted to {refitted:,}") in lines  # the last run's log: the refit's
 
 
 def test_refit_meets_the_target_after_redundant_weight_removal(one_thread, refits):
@@ -714,3 +717,24 @@ def test_a_model_of_two_heads_compresses_with_distillation_given_forward_fn_and_
     scores, parity = result.model(torch.randn(4, 1, 8, 8))
     assert scores.shape == (4, CLASSES) and parity.shape == (4, 2)
     assert any(r.get("event") == "retrain" and r["history"][0]["distilled"] for r in result.records)
+
+
+def test_a_later_round_that_cannot_reach_the_target_says_from_where(monkeypatch):
+    """A fresh user's params=1000x passed the check before any work (one round at the narrowest widths reaches
+    it) and was refused in round 3 as "target 27.8049x is unreachable", a factor they never gave. The refusal now
+    names the round, the target given and the compression the earlier rounds left."""
+    sampler = Compression._sampler
+
+    def unreachable_later(self, space, target, base_ratio):
+        if base_ratio > 1.2:  # the rounds after the first start from a smaller model
+            raise UserError(f"target {target / base_ratio:g}x is unreachable: ...", "lower the target")
+        return sampler(self, space, target, base_ratio)
+
+    monkeypatch.setattr(Compression, "_sampler", unreachable_later)
+    train, val = loaders()
+    model = trained(SmallCNN(), train)
+    config = {**CONFIG, "rounds": 2, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}
+    with pytest.raises(UserError, match=r"^round 2 cannot go on to params=4x: the model the earlier rounds left is "
+                                        r"[\d.]+x, and from it target [\d.]+x is unreachable: .*give fewer rounds"):
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=4x", train_loader=train, val_loader=val,
+                              config=config, progress=False)

@@ -595,7 +595,14 @@ class Compression:
         """The round's rates: guided simulated annealing (or one uniform rate) meeting the round's target."""
         base = self._base_count()
         base_ratio = base / self._count(state.model)
-        sampler = self._sampler(state.space, state.target, base_ratio)
+        try:
+            sampler = self._sampler(state.space, state.target, base_ratio)
+        except UserError as exc:
+            if state.index == 1:
+                raise
+            raise UserError(f"round {state.index} cannot go on to {self.target}: the model the earlier rounds left is "
+                            f"{base_ratio:.3g}x, and from it {exc}", "lower the target, or give fewer rounds "
+                            "(rounds, or a smaller budget)") from None
         if self.store.is_done(state.index, "search"):
             state.rates = self.store.load(state.index, "search")["rates"]
             state.budget = self._budget(state, sampler, base, base_ratio)
@@ -641,7 +648,8 @@ class Compression:
             looser = self._sampler(state.space, state.target / slack, base_ratio)
             return looser.to_rates(looser.rescale(action))
 
-        return Budget(limit=base / state.target, count=self._count, refit=refit)
+        return Budget(limit=base / state.target, count=self._count, refit=refit,
+                      unit="MACs" if self.target.objective == "flops" else "parameters")
 
     def _calibrate(self, state: RoundState, action: np.ndarray, base_ratio: float
                    ) -> tuple[np.ndarray, ActionSampler, list[dict]]:

@@ -191,8 +191,8 @@ class QuickEvaluator:
         scorer = "finetune" if scorer == "auto" else scorer
         self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration or refit else []
         self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
-        self._distiller = Distiller(teacher, SCORER_DISTILLATION, "quick_eval.finetune_distill") if scorer == "finetune" and finetune_distill \
-            else None
+        distils = scorer == "finetune" and finetune_distill
+        self._distiller = Distiller(teacher, SCORER_DISTILLATION, "quick_eval.finetune_distill") if distils else None
         # every candidate fine-tunes on the same batches: the first draws them, the others replay them, and the
         # teacher's outputs on them come from a cache
         self._teacher_cache = TeacherCache(adaptive=False) if self._distiller is not None else None

@@ -122,11 +122,13 @@ class Budget:
         count: ``fn(compact model) -> int``, that count.
         refit: ``fn(slack) -> rates``: rates along the searched direction meeting the round's target divided
             by ``slack`` (>= 1: a looser target, larger keep counts).
+        unit: what ``count`` counts, for log lines (``"parameters"``, ``"MACs"``).
     """
 
     limit: float
     count: Callable[[nn.Module], int]
     refit: Callable[[float], dict]
+    unit: str = "parameters"
 
 
 REFIT_TRIES = 4  # hard-prune + purify passes at refitted rates, at most
@@ -449,8 +451,9 @@ class Pipeline:
                 best = (count, rates, trial, trial_result, slack)
         count, state.rates, state.model, result, slack = best or searched
         if count != first:
-            self.log(f"round {state.index}: purification left {first:,} of the budget's "
-                     f"{int(budget.limit):,}; rates refitted: {count:,}")
+            self.log(f"round {state.index}: after purification {first:,} {budget.unit} "
+                     f"{'above' if first > budget.limit else 'below'} the round's limit of {int(budget.limit):,}; "
+                     f"rates refitted to {count:,}")
         return result, [{"event": "refit", "round": state.index, "limit": budget.limit, "searched": first,
                          "refitted": count, "slack": slack}]
 
@@ -503,9 +506,10 @@ class Pipeline:
             score = self.task.score(model)
             stats.update(self.scored(score))
             above = score - base > margin
-            self.log(f"round {state.index} retraining: {self.describe(score)} against the base's "
-                     f"{self.describe(base)}" + (f": more than distillation.stop_margin {margin:g} above its teacher, "
-                                                 "it trains on the labels alone from now on" if above else ""))
+            passed = (f": more than distillation.stop_margin {margin:g} above its teacher, it trains on the labels "
+                      "alone from now on") if above else ""
+            self.log(f"round {state.index} retraining, distillation stop test: {self.describe(score)} against the "
+                     f"base's {self.describe(base)}{passed}")
             return above
 
         return release
