@@ -69,8 +69,9 @@ def test_wrong_format_and_version(tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(UserError, match="not an autocompress checkpoint"):
         load_checkpoint(other)
-    torch.save(nn.Linear(2, 2).state_dict(), other)
-    with pytest.raises(UserError, match="not an autocompress checkpoint"):
+    torch.save(nn.Linear(2, 2).state_dict(), other)  # a user's own state_dict: told how to write theirs
+    with pytest.raises(UserError, match=r"not an autocompress checkpoint .* or write your own model's with "
+                                        r"autocompress.checkpoint.save_checkpoint\(path, model=\.\.\., "):
         load_checkpoint(other)
     path, _ = _save(tmp_path / "a.pt")
     ckpt = torch.load(path, weights_only=True)

@@ -188,7 +188,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
                         "re-create it (e.g. `autocompress train ... --resume` or train again)") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an autocompress checkpoint (no format={FORMAT!r} entry)",
-                        "pass a file written by `autocompress train` or `autocompress compress`")
+                        "pass a file written by `autocompress train` or `autocompress compress`, or write your "
+                        "own model's with autocompress.checkpoint.save_checkpoint(path, model=..., model_class="
+                        "'module:Class')")
     if not isinstance(ckpt.get("version"), int) or ckpt["version"] > VERSION:
         raise UserError(f"checkpoint {path} has format version {ckpt.get('version')!r}, this autocompress "
                         f"reads up to {VERSION}", "upgrade autocompress")
