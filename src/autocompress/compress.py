@@ -712,14 +712,19 @@ class Compression:
         with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
             perturb, record = sampler.explorer()
+            started = time.perf_counter()
 
             def on_step(step) -> None:
                 record(step)
+                first = bar.n == 0
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
+                each = (time.perf_counter() - started) / max(step.evaluations, 1)
+                cost = (f"; {each:.3g} s each, about {each * config.max_evaluations / 60:.2g} min for the search's "
+                        f"{config.max_evaluations} (search.max_evaluations)") if first else ""
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"
                                   f"{config.max_evaluations}, best score {step.best_score:.4g}, temperature "
-                                  f"{step.temperature:.4f}")
+                                  f"{step.temperature:.4f}{cost}")
 
             result = simulated_annealing(sampler.initial_action(),
                                          lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
