@@ -13,22 +13,25 @@ from autocompress.compress import Compression, resolve_config
 from autocompress.config import CompressConfig, SettingError, Target
 
 
-def expected_split(factor: float, budget: int) -> tuple[int, int]:
-    """(rounds, final retraining epochs) by the rule's words: a round for each power of 10 the target
-    reaches or passes (at least one), one ADMM epoch per round, the rest retraining."""
+def expected_split(factor: float, budget: int) -> tuple[int, int, int]:
+    """(rounds, ADMM epochs per round, final retraining epochs) by the rule's words: a round for each power of 10
+    the target reaches or passes (at least one), one ADMM epoch per round unless that leaves no epoch to retrain,
+    the rest retraining."""
     rounds = 1
     while 10 ** rounds < factor * (1 - 1e-12):
         rounds += 1
-    return rounds, budget - rounds
+    admm = 1 if budget > rounds else 0
+    return rounds, admm, budget - rounds * admm
 
 
 @pytest.mark.parametrize("target, budget", [("params=3x", 8), ("params=10x", 8), ("params=30x", 8),
-                                            ("flops=2x", 4), ("params=100.5x", 5), ("params=1000x", 3)])
+                                            ("flops=2x", 4), ("params=100.5x", 5), ("params=1000x", 3),
+                                            ("params=1000x", 4)])
 def test_the_budget_is_split_as_the_rule_says(target, budget):
     config = apply_budget(CompressConfig.from_dict({"target": target, "budget": budget}, validate=False))
-    rounds, final = expected_split(float(target.split("=")[1][:-1]), budget)
+    rounds, admm, final = expected_split(float(target.split("=")[1][:-1]), budget)
     assert (config.rounds, config.admm.epochs, config.retrain.epochs, config.final_retrain_epochs) \
-        == (rounds, 1, 0, final)
+        == (rounds, admm, 0, final)
     assert config.distillation.enabled and config.budget == budget
     assert rounds * config.admm.epochs + config.final_retrain_epochs == budget  # every epoch spent, none more
     config.validate()
@@ -52,9 +55,6 @@ def test_explicit_schedule_settings_with_a_budget_are_refused_naming_both():
     same = apply_budget(CompressConfig.from_dict({"target": "params=10x", "budget": 8, "final_retrain_epochs": 7},
                                                  validate=False))
     assert same.final_retrain_epochs == 7  # equal to what the budget derives: accepted
-    with pytest.raises(SettingError, match=r"budget=1 is too small: the schedule needs one ADMM epoch in each "
-                                           r"of the 2 rounds a 30x target takes.*use budget=2 or more"):
-        apply_budget(CompressConfig.from_dict({"target": "params=30x", "budget": 1}, validate=False))
     for target, steps in (("params=3x", 500), ("latency=5ms", 500), ("params=30x", 10)):  # no factor; no ADMM
         with pytest.raises(SettingError, match=r"budget=0 is too small: the schedule needs at least one "
                                                r"epoch.*use budget=1 or more"):
@@ -120,9 +120,23 @@ def test_config_yaml_records_the_derived_schedule(tmp_path, batches, admm):
                       device="cpu", config={"budget": 6}, run_dir=tmp_path / "run", progress=False, log=lines.append)
     run.store.close()
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    rounds, final = expected_split(30.0, 6)
+    rounds, _, final = expected_split(30.0, 6)
     final = final if admm else 6
     assert (stored["budget"], stored["rounds"], stored["admm"]["epochs"], stored["retrain"]["epochs"],
             stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, admm, 0, final, True)
     assert stored["run"]["schedule"].startswith("budget 6 epochs -> 2 round(s)")
     assert lines[0] == stored["run"]["schedule"] and "rule ac_kd" in lines[0]
+
+
+@pytest.mark.parametrize("target, budget, schedule", [("params=10x", 1, (1, 0, 1)), ("params=30x", 1, (2, 0, 1)),
+                                                      ("params=30x", 2, (2, 0, 2)), ("params=30x", 3, (2, 1, 1)),
+                                                      ("params=10x", 2, (1, 1, 1)), ("latency=5ms", 1, (1, 0, 1))])
+def test_a_budget_with_no_epoch_left_to_retrain_after_admm_gets_no_admm(target, budget, schedule):
+    """A fresh user's ``--epochs 1`` became one ADMM epoch and no retraining (a model hard-pruned after one ADMM
+    epoch is near chance); a budget of no more epochs than rounds now retrains on every epoch, and the log says
+    why."""
+    derived = budget_schedule(Target.parse(target).factor, budget, 500)
+    assert (derived["rounds"], derived["admm"]["epochs"], derived["final_retrain_epochs"]) == schedule
+    config = resolve_config({"target": target, "budget": budget}, None, 500)
+    assert ("leaves no epoch to retrain" in describe(config)) == (schedule[1] == 0)
+    assert resolve_config(dataclasses.asdict(config), None, 500) == config  # a stored config.yaml resumes

@@ -339,8 +339,8 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
      "schedule (budget derives --rounds 2); give --epochs 8 alone, or drop it and write the schedule (rounds, ...) "
      "yourself (set by --rounds and --epochs)"),
     ("target: params=30x\n", ["--epochs", "8", "--rounds", "2"], None),  # what the budget derives: no clash
-    ("target: params=30x\n", ["--epochs", "1"], "--epochs 1 is too small: the schedule needs one ADMM epoch in each "
-     "of the 2 rounds a 30x target takes (one round per decade); use --epochs 2 or more (set by --epochs)"),
+    ("target: params=30x\n", ["--epochs", "0"], "--epochs 0 is too small: the schedule needs at least one epoch; "
+     "use --epochs 1 or more (set by --epochs)"),
 ])
 def test_config_file_errors_name_the_setting(tmp_path, capsys, text, flags, message):
     """A bad value is named by its setting (and where it came from: the config file or a flag), before

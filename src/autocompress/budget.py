@@ -21,7 +21,8 @@ from .errors import show
 
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
-       "optimiser steps), the rest as final retraining with distillation from the base"
+       "optimiser steps or no epoch would be left to retrain), the rest as final retraining with distillation from " \
+       "the base"
 #: an epoch of fewer optimiser steps gets no ADMM under the rule (the default rho schedule's update interval)
 MIN_ADMM_STEPS = 100
 
@@ -32,19 +33,18 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
     ``distillation.enabled`` (true), as a nested dict of :class:`CompressConfig` settings.
     ``steps_per_epoch``: optimiser steps of one training epoch (None: unknown); below :data:`MIN_ADMM_STEPS`
-    no round runs ADMM and every epoch is final retraining.
+    no round runs ADMM and every epoch is final retraining. So too when the budget has no epoch beyond the rounds'
+    ADMM epochs: a model hard-pruned after one ADMM epoch is near chance until retrained.
 
     Raises:
-        SettingError (``budget``): no epoch, or fewer epochs than the rule's rounds (each needs its ADMM epoch).
+        SettingError (``budget``): no epoch.
     """
     rounds = 1 if factor is None else max(1, math.ceil(math.log10(factor) - 1e-9))
-    admm = 0 if steps_per_epoch is not None and steps_per_epoch < MIN_ADMM_STEPS else 1
-    least = max(1, rounds * admm)
-    if budget < least:
-        needs = "at least one epoch" if least == 1 else \
-            f"one ADMM epoch in each of the {rounds} rounds a {factor:g}x target takes (one round per decade)"
-        raise SettingError("budget", f"budget={budget} is too small: the schedule needs {needs}",
-                           f"use budget={least} or more")
+    few_steps = steps_per_epoch is not None and steps_per_epoch < MIN_ADMM_STEPS
+    admm = 0 if few_steps or budget <= rounds else 1  # ADMM without a retraining epoch after it ends near chance
+    if budget < 1:
+        raise SettingError("budget", f"budget={budget} is too small: the schedule needs at least one epoch",
+                           "use budget=1 or more")
     return {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
             "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
 
@@ -81,8 +81,8 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
     such a run), and the call with the loader's length checks it again.
 
     Raises:
-        SettingError: ``budget`` and a schedule setting that contradicts it (naming both), a budget below the
-            rule's rounds, or a missing / malformed ``target``.
+        SettingError: ``budget`` and a schedule setting that contradicts it (naming both), a budget below one
+            epoch, or a missing / malformed ``target``.
     """
     if config.budget is None:
         return config
@@ -110,8 +110,9 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
 
 def describe(config: CompressConfig) -> str:
     """One line for the log and ``config.yaml``: the budget and what the rule made of it."""
-    why = (f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)"
-           if config.admm.epochs == 0 else "")
+    why = "" if config.admm.epochs else (
+        f" (the budget leaves no epoch to retrain after {config.rounds} ADMM epoch(s))"
+        if config.budget <= config.rounds else f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)")
     return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
             f"round{why}, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
             f"final retraining epochs, "
