@@ -38,7 +38,11 @@ def expected_evaluations(config: AnnealingConfig) -> int:
 def test_terminates_on_temperature_and_on_budget():
     result = simulated_annealing(START, score, perturb, CONFIG)
     # 0.05 * 0.9^k >= 0.001 for k <= 37 (0.9^37 = 0.0203, 0.9^38 = 0.0182)
-    assert len(result.trajectory) == expected_evaluations(CONFIG) == 38
+    assert len(result.trajectory) == expected_evaluations(CONFIG) == 38 == CONFIG.planned_evaluations()
+    for changes in ({"max_evaluations": 5}, {"candidates_per_step": 3},
+                    {"candidates_per_step": 4, "cooling_rate": 0.5}):
+        config = AnnealingConfig(**{**CONFIG.__dict__, **changes})
+        assert len(simulated_annealing(START, score, perturb, config).trajectory) == config.planned_evaluations()
     calls = []
     bounded = AnnealingConfig(**{**CONFIG.__dict__, "max_evaluations": 5})
     result = simulated_annealing(START, lambda a: calls.append(1) or score(a), perturb, bounded)

@@ -510,7 +510,7 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
     assert (f"round 1: after purification {plain:,} parameters below the round's limit of {int(limit):,}; rates "
             f"refitted to {refitted:,}") in lines  # the last run's log: the refit's
     assert sum(bool(re.fullmatch(r"round 1 search: evaluation 1/3, best score [\d.]+, temperature [\d.]+; [\d.e+-]+ s "
-                                 r"each, about [\d.e+-]+ min for the search's 3 \(search.max_evaluations\)", line))
+                                 r"each, about [\d.e+-]+ min for the search's 3 \(search.max_evaluations, .*", line))
                for line in lines) == 1  # the search's cost, said once
 
 
@@ -742,3 +742,22 @@ def test_a_later_round_that_cannot_reach_the_target_says_from_where(monkeypatch)
                                         r"[\d.]+x, and from it target [\d.]+x is unreachable: .*give fewer rounds"):
         autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=4x", train_loader=train, val_loader=val,
                               config=config, progress=False)
+
+
+def test_a_model_of_two_heads_without_forward_fn_is_refused_naming_forward_fn():
+    """Without ``forward_fn`` a fresh user's two-head model was told to "check the targets ... or pass loss_fn";
+    with ``loss_fn`` alone it crashed later in top-1 (``'tuple' object has no attribute 'argmax'``)."""
+    train, val = loaders()
+    model = TwoHeads().eval()
+
+    def loss_fn(m, batch):
+        scores, parity = m(batch[0])
+        return F.cross_entropy(scores, batch[1]) + F.cross_entropy(parity, batch[1] % 2)
+
+    for kwargs, needs in (({}, r"the default loss \(cross-entropy\)"), ({"loss_fn": loss_fn},
+                                                                         r"the default score \(top-1\)")):
+        where = "train_loader" if not kwargs else "val_loader"
+        with pytest.raises(UserError, match=rf"^the forward returns a tuple on a batch of {where}, but {needs} needs "
+                                            r"class scores \[B, classes, \.\.\.\]; pass forward_fn returning them"):
+            autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                                  config=CONFIG, progress=False, **kwargs)

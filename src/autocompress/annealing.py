@@ -74,6 +74,16 @@ class AnnealingConfig:
             raise UserError(f"candidates_per_step={self.candidates_per_step!r} must be in [1, 1000]",
                             "use 1, or e.g. the number of processes")
 
+    def planned_evaluations(self) -> int:
+        """How many ``evaluate`` calls a search from scratch makes: the initial action, then
+        ``candidates_per_step`` per step while the cooled temperature stays at or above ``stop_temperature``, at
+        most ``max_evaluations``."""
+        evaluations, temperature = 1, self.start_temperature * self.cooling_rate
+        while temperature >= self.stop_temperature and evaluations < self.max_evaluations:
+            evaluations += min(self.candidates_per_step, self.max_evaluations - evaluations)
+            temperature *= self.cooling_rate
+        return evaluations
+
 
 @dataclass
 class AnnealingState:

@@ -112,7 +112,8 @@ def describe(config: CompressConfig) -> str:
     """One line for the log and ``config.yaml``: the budget and what the rule made of it."""
     why = "" if config.admm.epochs else (
         f" (the budget leaves no epoch to retrain after {config.rounds} ADMM epoch(s))"
-        if config.budget <= config.rounds else f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)")
+        if config.budget <= config.rounds
+        else f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)")
     return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
             f"round{why}, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
             f"final retraining epochs, "

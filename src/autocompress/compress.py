@@ -709,7 +709,8 @@ class Compression:
         self.pipeline.log(f"round {state.index} search: quick evaluation by {evaluator.describe()}")
         scale = 100.0 if self.task.score_fn is None else 1.0
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
-        with tqdm(total=config.max_evaluations, desc=f"round {state.index} search", disable=not self.pipeline.progress,
+        planned = config.planned_evaluations()
+        with tqdm(total=planned, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
             perturb, record = sampler.explorer()
             started = time.perf_counter()
@@ -720,11 +721,11 @@ class Compression:
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
                 each = (time.perf_counter() - started) / max(step.evaluations, 1)
-                cost = (f"; {each:.3g} s each, about {each * config.max_evaluations / 60:.2g} min for the search's "
-                        f"{config.max_evaluations} (search.max_evaluations)") if first else ""
-                self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/"
-                                  f"{config.max_evaluations}, best score {step.best_score:.4g}, temperature "
-                                  f"{step.temperature:.4f}{cost}")
+                cost = (f"; {each:.3g} s each, about {each * planned / 60:.2g} min for the search's {planned} "
+                        "(search.max_evaluations, and the temperature falling below search.stop_temperature)"
+                        ) if first else ""
+                self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/{planned}, best score "
+                                  f"{step.best_score:.4g}, temperature {step.temperature:.4f}{cost}")
 
             result = simulated_annealing(sampler.initial_action(),
                                          lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,

@@ -316,7 +316,9 @@ class Task:
                                 "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
-            self._check_batch(model, first, "train_loader")
+            output = self._check_batch(model, first, "train_loader")
+            if needs_training and self.loss_fn is None:
+                _check_class_scores(output, "train_loader", "the default loss (cross-entropy)")
             if needs_training:
                 try:
                     with analysis_mode(model):
@@ -327,7 +329,9 @@ class Task:
                 check_loss(loss)
         if needs_score and self.score_fn is None:
             batch = self._first(self.val_loader, "val_loader")
-            self._check_labels(batch, self._check_batch(model, batch, "val_loader"))
+            output = self._check_batch(model, batch, "val_loader")
+            _check_class_scores(output, "val_loader", "the default score (top-1)")
+            self._check_labels(batch, output)
 
     @staticmethod
     def _check_labels(batch: Batch, output: Any) -> None:
@@ -392,3 +396,15 @@ def check_score(value: Any) -> float:
     return float(value)
 
 
+
+
+def _check_class_scores(output: Any, name: str, what: str) -> None:
+    """UserError naming ``forward_fn`` when the forward's ``output`` on a batch of ``name`` is not a tensor of class
+    scores ``[B, classes, ...]``, which ``what`` needs (a model of several heads returns a tuple)."""
+    if isinstance(output, torch.Tensor) and output.dim() >= 2:
+        return
+    got = f"a tensor of shape {list(output.shape)}" if isinstance(output, torch.Tensor) else \
+        f"a {type(output).__name__}"
+    raise UserError(f"the forward returns {got} on a batch of {name}, but {what} needs class scores "
+                    "[B, classes, ...]", "pass forward_fn returning them (e.g. lambda model, batch: "
+                    "model(batch[0])[0] for the first of several heads), and loss_fn / score_fn for the rest")
