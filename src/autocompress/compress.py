@@ -717,13 +717,13 @@ class Compression:
 
             def on_step(step) -> None:
                 record(step)
-                first = bar.n == 0
+                cost = ""
+                if bar.n == 0:  # the first step: what the whole search will cost
+                    each = (time.perf_counter() - started) / step.evaluations
+                    cost = (f"; {each:.3g} s each, about {each * planned / 60:.2g} min for the search's {planned} "
+                            "(search.max_evaluations, and the temperature falling below search.stop_temperature)")
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
-                each = (time.perf_counter() - started) / max(step.evaluations, 1)
-                cost = (f"; {each:.3g} s each, about {each * planned / 60:.2g} min for the search's {planned} "
-                        "(search.max_evaluations, and the temperature falling below search.stop_temperature)"
-                        ) if first else ""
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/{planned}, best score "
                                   f"{step.best_score:.4g}, temperature {step.temperature:.4f}{cost}")
 

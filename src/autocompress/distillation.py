@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UserError
+from .text import kind_of
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ class Distiller:
             return cache.output(self.teacher, task, batch)
         return _no_grad_forward(self.teacher, task, batch)
 
+    @staticmethod
+    def comparable(teacher_logits: Any, logits: Any) -> bool:
+        """Whether the soft term can compare ``logits`` with ``teacher_logits``: tensors of one shape
+        ``[B, classes, ...]``."""
+        return (isinstance(logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor)
+                and logits.dim() >= 2 and logits.shape == teacher_logits.shape)
+
     def __call__(self, teacher_logits: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
         """Mixed loss ``(1 - alpha) * hard_loss + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``.
 
@@ -111,10 +119,9 @@ class Distiller:
         Raises:
             UserError: the outputs are not tensors of the same shape with a class dimension.
         """
-        if not (isinstance(logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor)
-                and logits.dim() >= 2 and logits.shape == teacher_logits.shape):
+        if not self.comparable(teacher_logits, logits):
             raise UserError(f"distillation needs class scores [B, classes, ...] from the forward, got "
-                            f"{_kind(logits)}", f"pass forward_fn returning the class scores, or set "
+                            f"{kind_of(logits)}", f"pass forward_fn returning the class scores, or set "
                             f"{self.setting}: false for this model")
         t = self.temperature
         per_position = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
@@ -128,13 +135,6 @@ class Distiller:
 #: each see a fresh share of the data every epoch (6 % in 8); a 32x32 random crop with 4 pixels of padding
 #: and a flip 1 / 162 (0.6 %)
 MIN_HIT_RATE = 0.05
-
-
-def _kind(output: Any) -> str:
-    """``output`` in a few words: ``a tensor of shape [8, 10]``, ``a tuple``."""
-    if isinstance(output, torch.Tensor):
-        return f"a tensor of shape {list(output.shape)}"
-    return f"a {type(output).__name__}"
 
 
 def _no_grad_forward(model: nn.Module, task, batch: Any) -> Any:

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from .analysis import analysis_mode
 from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
+from .text import kind_of
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -403,8 +404,6 @@ def _check_class_scores(output: Any, name: str, what: str) -> None:
     scores ``[B, classes, ...]``, which ``what`` needs (a model of several heads returns a tuple)."""
     if isinstance(output, torch.Tensor) and output.dim() >= 2:
         return
-    got = f"a tensor of shape {list(output.shape)}" if isinstance(output, torch.Tensor) else \
-        f"a {type(output).__name__}"
-    raise UserError(f"the forward returns {got} on a batch of {name}, but {what} needs class scores "
+    raise UserError(f"the forward returns {kind_of(output)} on a batch of {name}, but {what} needs class scores "
                     "[B, classes, ...]", "pass forward_fn returning them (e.g. lambda model, batch: "
                     "model(batch[0])[0] for the first of several heads), and loss_fn / score_fn for the rest")

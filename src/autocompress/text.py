@@ -40,10 +40,17 @@ def tidy(value: Any) -> Any:
     return value
 
 
+def kind_of(value: Any) -> str:
+    """``value`` in a few words, for an error: ``"a tensor of shape [8, 10]"``, ``"a tuple"``."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 def json_text(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`tidy` ``(value)`` (keyword arguments passed on): what a metrics record or a
     command's JSON output writes."""
     return json.dumps(tidy(value), **kwargs)
 
 
-__all__ = ["json_text", "plain", "plural", "tidy"]
+__all__ = ["json_text", "kind_of", "plain", "plural", "tidy"]

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -224,7 +224,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                     loss, output = task.loss(model, batch)
                 if distiller is not None:
                     soft = distiller.teacher_output(task, batch, teacher_cache)
-                    if task.loss_fn is not None and not _alike(output, soft):  # the loss saw e.g. a tuple of heads
+                    if task.loss_fn is not None and not distiller.comparable(soft, output):  # e.g. a tuple of heads
                         output = task.forward(model, batch)  # the forward's class scores, as the teacher's are
                     loss = distiller(soft, output, loss)
                 objective = loss
@@ -267,12 +267,6 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     if distilled_steps is not None:
         result["distilled_steps"] = distilled_steps
     return result
-
-
-def _alike(output: Any, teacher_output: Any) -> bool:
-    """Whether the student's ``output`` is a tensor shaped like the teacher's (what the soft term compares)."""
-    return (isinstance(output, torch.Tensor) and isinstance(teacher_output, torch.Tensor)
-            and output.shape == teacher_output.shape)
 
 
 def _batch_items(batch) -> int:
