@@ -241,7 +241,11 @@ def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
     warned = [w for w in result.final["warnings"] if "is passed by far" in w]
     assert reached > 2.5 and warned and f"{reached:.3g}x" in warned[0] and "channel_multiple 16" in warned[0]
     summary = result.summary().splitlines()  # what a library caller prints: the CLI's table and its warnings
-    header, base_line, compact_line = summary[:3]
+    headline, header, base_line, compact_line = summary[:4]
+    phases = [r for r in result.records if r.get("event") == "phase"]
+    total = sum(r["seconds"] for r in phases)
+    assert headline.startswith("target flops=2x; ") and f"{total:,.0f} s in the phases" in headline
+    assert {r["phase"] for r in phases} == set(result.phase_seconds) and "search" in result.phase_seconds
     assert header.split()[0] == "model" and base_line.split()[0] == "base" and compact_line.split()[0] == "compressed"
     assert f"{metrics.count_params(result.model):,}" in compact_line.split()
     assert warned[0] in summary

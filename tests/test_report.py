@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from autocompress.report import final_table_rows, write_report
+from autocompress.report import final_table_rows, headline, phase_seconds, write_report
 
 EVIL = "<script>alert(1)</script>"
 
@@ -20,7 +20,7 @@ def _records(evil: str) -> list[dict]:
              "accepted": True}]},
         {"event": "round", "round": evil, "target": evil, "params": 1000, "macs": 5000, "val_top1": 91.0,
          "layers": layers},
-        {"event": "final", "threads": evil, "latency_runs": evil,
+        {"event": "final", "threads": evil, "latency_runs": evil, "target": evil, "phase_seconds": {evil: 1.0},
          "rows": [{**row, "model": evil}, {**row, "model": "compressed", "test_top1": evil, "params": evil}]},
     ]
 
@@ -31,8 +31,8 @@ def test_every_value_is_escaped(tmp_path):
     page = write_report(tmp_path, title=f"run {EVIL}").read_text()
     assert "<script" not in page.lower()
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
-    # title (twice), round, target, threads, latency runs, model, test top-1, params, config
-    assert page.count(escaped) == 10, page.count(escaped)
+    # title (twice), final target and phase, round, target, threads, latency runs, model, test top-1, params, config
+    assert page.count(escaped) == 12, page.count(escaped)
     assert f"PyTorch on cpu, {escaped} threads, median of {escaped} runs" in page
     assert f"<td>{escaped}x</td>" in page  # the round's target
     assert "<td>reduction</td><td>-</td><td>-</td><td>1.00x</td>" in page  # numbers still compared
@@ -48,3 +48,16 @@ def test_final_table_rows_are_plain_text():
             "latency_b1_ms": 1.0, "latency_b64_ms": 10.0}
     assert final_table_rows({"rows": [base, comp]})[-1] == ["reduction", "-0.75 pts", "3.00x", "3.00x", "3.00x",
                                                             "2.00x", "3.00x"]
+
+
+def test_the_headline_names_the_target_and_sums_the_phases_of_every_round():
+    records = [{"event": "phase", "round": 1, "phase": "search", "seconds": 100.4},
+               {"event": "phase", "round": 1, "phase": "retrain", "seconds": 20.0},
+               {"event": "round", "round": 1},
+               {"event": "phase", "round": 2, "phase": "search", "seconds": 1200.2}]
+    seconds = phase_seconds(records)
+    assert list(seconds) == ["search", "retrain"] and seconds["search"] == 100.4 + 1200.2
+    assert headline({"target": "flops=2x", "phase_seconds": seconds}) == (
+        "target flops=2x; 1,321 s in the phases: search 1,301 s, retrain 20 s")
+    assert headline({"target": "params=30x"}) == "target params=30x"  # a record from before phase_seconds
+    assert headline({"target": "params=30x", "phase_seconds": {"search": "?", "admm": True}}) == "target params=30x"

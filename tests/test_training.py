@@ -216,3 +216,50 @@ def test_channels_last_scope_keeps_values_and_objects_and_restores_the_layout():
     assert model[0].weight.is_contiguous()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+class _Strided1x1(nn.Module):
+    """A stem of ``width`` channels, then a 1x1 convolution of stride 2 (a ResNet shortcut's form)."""
+
+    def __init__(self, width: int, groups: int = 1):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.short = nn.Conv2d(width, 16, 1, stride=2, groups=groups)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.short(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("width, groups, channels_last_trained", [
+    (4, 1, False), (7, 1, False), (15, 1, False), (16, 1, True), (24, 1, True), (32, 4, False), (32, 2, True)])
+def test_a_strided_1x1_convolution_of_few_input_channels_trains_in_the_default_layout(width, groups,
+                                                                                      channels_last_trained):
+    """oneDNN computes the weight gradient of a channels-last 1x1 convolution with a stride above 1 and fewer input
+    channels per group than its channel block wrongly (oneDNN issue 6035: a crash at 1 thread, a hang at 2, on
+    this project's AVX2 machine with torch 2.14.1). A training epoch runs such a model in the default layout
+    (the convolution's input and the 3x3 weights contiguous) and others channels-last; both step the weights
+    as plain contiguous steps do."""
+    from autocompress.task import channels_last_trains
+
+    torch.manual_seed(0)
+    model = _Strided1x1(width, groups)
+    assert channels_last_trains(model) is channels_last_trained
+    seen = []
+    model.short.register_forward_hook(lambda module, args, out: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous(),
+         model.stem.weight.is_contiguous(memory_format=torch.channels_last) and not model.stem.weight.is_contiguous())))
+    twin = copy.deepcopy(model)
+    data = [(torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.randint(0, 3, (4,)))
+            for _ in range(2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_epoch(model, data, optimizer, progress=False)
+    assert seen == [(channels_last_trained, channels_last_trained)] * 2
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    twin.train()
+    for images, labels in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(twin(images.contiguous()), labels).backward()
+        optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name

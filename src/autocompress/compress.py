@@ -863,7 +863,8 @@ class Compression:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
-                "device": str(self.device), "latency_runs": self.config.latency_runs, **deployed}
+                "device": str(self.device), "latency_runs": self.config.latency_runs,
+                "phase_seconds": report.phase_seconds(self.store.records), **deployed}
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
         """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
@@ -879,15 +880,11 @@ class Compression:
                                 share=False)
         final = [r for r in records if r.get("event") == "final"][-1]
         base, compressed = final["rows"]
-        seconds: dict[str, float] = {}
-        for r in records:
-            if r.get("event") == "phase":
-                seconds[r["phase"]] = seconds.get(r["phase"], 0.0) + r["seconds"]
         return CompressResult(model=compact_model.eval(), rounds=[r for r in records if r.get("event") == "round"],
                               final=final, records=records,
                               compression_rate=base["params"] / max(compressed["params"], 1),
                               mac_reduction=base["macs"] / max(compressed["macs"], 1), run_dir=self.run_dir,
-                              phase_seconds=seconds)
+                              phase_seconds=report.phase_seconds(records))
 
 
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *, latency_target: bool = False,

@@ -218,13 +218,37 @@ def final_table_rows(final: dict) -> list[list[str]]:
     return rows
 
 
+def phase_seconds(records: Iterable[dict]) -> dict[str, float]:
+    """``{phase: seconds}`` summed over the ``phase`` records of every round (``search``, ``admm``, ``purify``,
+    ``retrain``, ``compact``), in the order they first ran."""
+    seconds: dict[str, float] = {}
+    for record in records:
+        if record.get("event") == "phase":
+            seconds[record["phase"]] = seconds.get(record["phase"], 0.0) + record["seconds"]
+    return seconds
+
+
+def headline(final: dict) -> str:
+    """``"target flops=2x; 490 s in the phases: search 330 s, ..."``: the target and where the run's time went
+    (``final["phase_seconds"]``; a final record written before it was recorded gives the target alone)."""
+    seconds = final.get("phase_seconds")
+    line = f"target {_num(final.get('target'), '')}"
+    numbers = {phase: s for phase, s in (seconds.items() if isinstance(seconds, dict) else ())
+               if isinstance(s, (int, float)) and not isinstance(s, bool)}
+    if not numbers:
+        return line
+    parts = ", ".join(f"{phase} {s:,.0f} s" for phase, s in numbers.items())
+    return f"{line}; {sum(numbers.values()):,.0f} s in the phases: {parts}"
+
+
 def final_text(final: dict) -> str:
-    """The final table as aligned plain text (:func:`final_table_rows`, cells right-aligned in columns) followed
-    by :func:`deployed_lines` (warnings included): what the CLI prints and ``CompressResult.summary()`` returns."""
+    """:func:`headline`, the final table as aligned plain text (:func:`final_table_rows`, cells right-aligned in
+    columns), then :func:`deployed_lines` (warnings included): what the CLI prints and
+    ``CompressResult.summary()`` returns."""
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
-    return "\n".join(table + deployed_lines(final))
+    return "\n".join([headline(final)] + table + deployed_lines(final))
 
 
 def _html_table(rows: Iterable[list[str]]) -> str:
@@ -254,7 +278,8 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
         warnings = finals[-1].get("warnings")
         parts += [f"<p style='color:#b00;font-weight:bold;font-size:120%'>{html.escape(_num(w, ''))}</p>"
                   for w in (warnings if isinstance(warnings, list) else [])]
-        parts += ["<h2>Result</h2>", _html_table(final_table_rows(finals[-1]))]
+        parts += ["<h2>Result</h2>", f"<p>{html.escape(headline(finals[-1]))}</p>",
+                  _html_table(final_table_rows(finals[-1]))]
         parts += [f"<p>{html.escape(line)}</p>" for line in deployed_lines(finals[-1])]
         parts += [f"<p>Latency columns b=1 / b=64: PyTorch on {html.escape(_fmt(finals[-1].get('device', 'cpu')))}, "
                   f"{html.escape(_fmt(finals[-1].get('threads', '?')))} threads, median of "

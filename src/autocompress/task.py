@@ -72,12 +72,12 @@ def as_inputs(example_inputs: Any, device: torch.device) -> tuple:
 
 def move(batch: Batch, device: torch.device, *, layout: bool = True) -> Batch:
     """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``; 4-d float
-    tensors on the CPU in channels-last layout unless ``layout`` is False (oneDNN's convolutions are ~1.3-1.5x
-    faster so; values unchanged). Anything else is returned as it is."""
+    tensors on the CPU in channels-last layout (oneDNN's convolutions are ~1.3-1.5x faster so; values unchanged),
+    or in the default contiguous layout when ``layout`` is False. Anything else is returned as it is."""
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)
-        if layout and batch.dim() == 4 and batch.is_floating_point() and device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        if batch.dim() == 4 and batch.is_floating_point() and device.type == "cpu":
+            batch = batch.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
         return batch
     if isinstance(batch, dict):
         return {key: move(value, device, layout=layout) for key, value in batch.items()}
@@ -128,6 +128,28 @@ def channels_last_works(model: nn.Module, inputs: tuple, device: torch.device) -
             model(*move(tuple(inputs), device))
     except Exception:  # noqa: BLE001 - the user's forward may raise anything; the default layout is checked too
         return False
+    return True
+
+
+#: oneDNN's channels-last backward-weights of a 1x1 convolution with a stride above 1 and fewer input channels per
+#: group than its channel block (8 with AVX2, 16 with AVX-512) writes past its workspace: a crash, a hang or wrong
+#: gradients (oneDNN issue #6035, open; torch 2.14.1 crashed so on an AVX2 AMD EPYC, session 22)
+ONEDNN_CHANNEL_BLOCK = 16
+
+
+def channels_last_trains(model: nn.Module) -> bool:
+    """Whether ``model`` may train in channels-last layout on the CPU: False when it holds a 2-d convolution
+    (``nn.Conv2d`` or any module with its ``kernel_size``, ``stride``, ``in_channels`` and ``groups``) of
+    kernel 1x1, a stride above 1 and fewer than :data:`ONEDNN_CHANNEL_BLOCK` input channels per group, whose
+    gradient oneDNN computes wrongly in that layout; such a model trains in the default one."""
+    for module in model.modules():
+        kernel, stride = getattr(module, "kernel_size", None), getattr(module, "stride", None)
+        channels, groups = getattr(module, "in_channels", None), getattr(module, "groups", None)
+        if not (isinstance(kernel, tuple) and isinstance(stride, tuple) and len(kernel) == len(stride) == 2
+                and isinstance(channels, int) and isinstance(groups, int) and groups >= 1):
+            continue
+        if kernel == (1, 1) and max(stride) > 1 and channels // groups < ONEDNN_CHANNEL_BLOCK:
+            return False
     return True
 
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .analysis import analysis_mode
 from .distillation import TeacherCache
 from .errors import UserError
-from .task import Task, channels_last, channels_last_works, check_loss, move
+from .task import Task, channels_last, channels_last_trains, channels_last_works, check_loss, move
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -178,7 +178,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
     Args:
         loader: yields batches; by default ``(inputs [B, ...], labels int64 [B])``, any batch with a
-            ``task`` that says how to run it. Batches move to the task's device (default: the model's).
+            ``task`` that says how to run it. Batches move to the task's device (default: the model's); on
+            the CPU they and the weights go channels-last where the task's model runs so and
+            :func:`autocompress.task.channels_last_trains` allows it.
         scheduler: stepped after every optimiser step (per-iteration schedule).
         task: :class:`autocompress.task.Task` (forward / loss of a batch, device, autocast); default: the
             ``(inputs, labels)`` convention on the model's device.
@@ -213,9 +215,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
     distilled_steps = None
     teacher = distiller.teacher if distiller is not None else None
-    with channels_last(model, teacher, device=task.device, enabled=task.layout):  # restored even if a step raises
+    layout = task.layout and channels_last_trains(model)
+    with channels_last(model, teacher, device=task.device, enabled=layout):  # restored even if a step raises
         for batch in bar:
-            batch = move(batch, task.device, layout=task.layout)
+            batch = move(batch, task.device, layout=layout)
             with task.autocast():
                 if task.loss_fn is None:
                     output = task.forward(model, batch)
