@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,6 +54,8 @@ def _rank(rank: int, ranks: int, port: int, spec_file: Path, log: Path) -> None:
     status = 1
     try:
         status = _load_worker().main(str(spec_file))
+    except BaseException:  # noqa: BLE001 - os._exit below would end the process before Python printed it
+        traceback.print_exc()
     finally:
         sys.stderr.flush()
         os._exit(status)

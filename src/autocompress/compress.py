@@ -586,7 +586,8 @@ class Compression:
             model, compact_model = state.model, state.compact_model
         self._check_target(compact_model)
         if not self.store.is_done("final", "final"):  # rank 0 saves model.pt and measures
-            self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model))])
+            seconds = report.phase_seconds(self.store.records)  # a collective: every rank reads the records
+            self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model, seconds))])
         result = self._result(compact_model)
         self._check_latency(result, compact_model)
         return result
@@ -837,8 +838,9 @@ class Compression:
                 f"machine ran {base_now / self.table.base_ms:.2f}x as slow); the target is checked as that speedup "
                 f"over the base timed side by side: {base_now / compressed:.3g}x")
 
-    def _final(self, compact_model: nn.Module) -> dict:
-        """The final table: base vs compressed (params, MACs, validation score, latency at batch 1 and 64)."""
+    def _final(self, compact_model: nn.Module, phase_seconds: dict[str, float]) -> dict:
+        """The final table: base vs compressed (params, MACs, validation score, latency at batch 1 and 64), and
+        ``phase_seconds`` (:func:`autocompress.report.phase_seconds`)."""
         if self.run_dir is not None:
             path = self.run_dir / "model.pt"
             (self.save or self._save_default)(path, compact_model)
@@ -864,7 +866,7 @@ class Compression:
                 deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": self.config.latency_runs,
-                "phase_seconds": report.phase_seconds(self.store.records), **deployed}
+                "phase_seconds": phase_seconds, **deployed}
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
         """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
