@@ -59,5 +59,7 @@ def test_the_headline_names_the_target_and_sums_the_phases_of_every_round():
     assert list(seconds) == ["search", "retrain"] and seconds["search"] == 100.4 + 1200.2
     assert headline({"target": "flops=2x", "phase_seconds": seconds}) == (
         "target flops=2x; 1,321 s in the phases: search 1,301 s, retrain 20 s")
+    assert headline({"target": "flops=2x", "phase_seconds": {"search": 0.44, "retrain": 9.96}}) == (
+        "target flops=2x; 10 s in the phases: search 0.4 s, retrain 10.0 s")
     assert headline({"target": "params=30x"}) == "target params=30x"  # a record from before phase_seconds
     assert headline({"target": "params=30x", "phase_seconds": {"search": "?", "admm": True}}) == "target params=30x"

@@ -237,8 +237,13 @@ def headline(final: dict) -> str:
                if isinstance(s, (int, float)) and not isinstance(s, bool)}
     if not numbers:
         return line
-    parts = ", ".join(f"{phase} {s:,.0f} s" for phase, s in numbers.items())
-    return f"{line}; {sum(numbers.values()):,.0f} s in the phases: {parts}"
+    parts = ", ".join(f"{phase} {_seconds(s)}" for phase, s in numbers.items())
+    return f"{line}; {_seconds(sum(numbers.values()))} in the phases: {parts}"
+
+
+def _seconds(seconds: float) -> str:
+    """``"1,301 s"``, or ``"0.4 s"`` below 10 s."""
+    return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def final_text(final: dict) -> str:
