@@ -37,6 +37,10 @@ VARIANTS = {
     # session 20: a fresh user's Torch-Pruning fine-tuning at lr 0.05 beat the default retraining lr 0.01 on such a base
     "stop_lr0.05": {"retrain": {"lr": 0.05}},
     "nokd_lr0.05": {"distillation": {"enabled": False}, "retrain": {"lr": 0.05}},
+    # session 22: what the search buys at a 3-epoch budget, where it costs several times the retraining
+    "search1": {"search": {"max_evaluations": 1}},  # the search's starting action only
+    "search8": {"search": {"max_evaluations": 8}},
+    "search5": {"search": {"max_evaluations": 5}},  # what the budget derives since session 22 (3 x 94 steps / 50)
 }
 #: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
 TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
@@ -116,7 +120,8 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) 
     retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
     return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction,
             "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain),
-            "distilled_steps": next((e["distilled_steps"] for e in retrain if "distilled_steps" in e), None)}
+            "distilled_steps": next((e["distilled_steps"] for e in retrain if "distilled_steps" in e), None),
+            "phase_seconds": {phase: round(s, 1) for phase, s in result.phase_seconds.items()}}
 
 
 def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0.01) -> dict:

@@ -6,9 +6,11 @@ import dataclasses
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from autocompress.budget import apply_budget, budget_schedule, describe, given_settings
+from autocompress.budget import apply_budget, budget_schedule, describe, given_settings, search_evaluations
 from autocompress.compress import Compression, resolve_config
 from autocompress.config import CompressConfig, SettingError, Target
 
@@ -140,3 +142,33 @@ def test_a_budget_with_no_epoch_left_to_retrain_after_admm_gets_no_admm(target, 
     config = resolve_config({"target": target, "budget": budget}, None, 500)
     assert ("leaves no epoch to retrain" in describe(config)) == (schedule[1] == 0)
     assert resolve_config(dataclasses.asdict(config), None, 500) == config  # a stored config.yaml resumes
+
+
+@settings(max_examples=200, deadline=None)
+@given(budget=st.integers(1, 400), steps=st.integers(1, 5000), rounds=st.integers(1, 4),
+       finetune=st.integers(1, 500))
+def test_the_search_fine_tunes_within_the_budgets_steps(budget, steps, rounds, finetune):
+    """Evaluations per round: the most whose fine-tuning steps over every round stay within the budget's optimiser
+    steps, at least one, at most the default 30."""
+    n = search_evaluations(budget * steps, rounds, finetune)
+    assert 1 <= n <= 30
+    assert n == 1 or n * rounds * finetune <= budget * steps
+    assert n == 30 or (n + 1) * rounds * finetune > budget * steps
+
+
+@pytest.mark.parametrize("target, budget, steps, scorer, given, evaluations", [
+    ("flops=2x", 3, 94, "auto", None, 5),        # a fresh user's 3 epochs of 94 steps: 282 steps, 50 per candidate
+    ("params=30x", 8, 313, "auto", None, 25),    # two rounds: 2504 steps / (2 x 50)
+    ("flops=2x", 15, 391, "finetune", None, 30),  # the realistic grid: the default
+    ("flops=2x", 3, 94, "bn", None, 30),         # a scorer that does not fine-tune: the default
+    ("flops=2x", 3, 94, "auto", 12, 12),         # the caller's own setting stays
+    ("flops=2x", 3, None, "auto", None, 30),     # the loader's length not known yet
+])
+def test_a_short_budget_gets_a_short_search(target, budget, steps, scorer, given, evaluations):
+    data = {"target": target, "budget": budget, "quick_eval": {"scorer": scorer}}
+    if given is not None:
+        data["search"] = {"max_evaluations": given}
+    config = resolve_config(data, None, steps)
+    assert config.search.max_evaluations == evaluations
+    assert f"a search of at most {evaluations} evaluations per round" in describe(config)
+    assert resolve_config(dataclasses.asdict(config), None, steps) == config  # a stored config.yaml resumes

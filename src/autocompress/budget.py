@@ -9,8 +9,9 @@ converge (the hard-pruned model is near chance after it), so epochs buy more as 
 architecture, and distillation from the base adds about a point there; rounds keep each search step at most
 10x. An epoch of fewer than :data:`MIN_ADMM_STEPS` optimiser steps gets no ADMM at all (session 10: with
 16 steps per epoch the ADMM epoch cost 22.8 points of top-1 against spending it on retraining; the default
-rho schedule raises rho only every 100 steps). ``benchmarks/run_grid.py`` (variant ``ac_kd``) uses the same
-function.
+rho schedule raises rho only every 100 steps). The search's fine-tuning scorer gets at most
+:data:`SEARCH_SHARE` of the budget's optimiser steps (fewer evaluations on short budgets).
+``benchmarks/run_grid.py`` (variant ``ac_kd``) uses the same function.
 """
 from __future__ import annotations
 
@@ -18,16 +19,23 @@ import math
 
 from .config import CompressConfig, SettingError, from_dict, getattr_dotted
 from .errors import show
+from .quick_eval import resolved_scorer
 
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
        "optimiser steps or no epoch would be left to retrain), the rest as final retraining with distillation from " \
-       "the base"
+       "the base; the search fine-tunes its candidates for at most as many steps as the budget trains"
 #: an epoch of fewer optimiser steps gets no ADMM under the rule (the default rho schedule's update interval)
 MIN_ADMM_STEPS = 100
+#: the search's fine-tuning scorer may take at most this share of the budget's optimiser steps (its fine-tuning
+#: steps per candidate x evaluations, over every round): at a 3-epoch budget of 94 steps an epoch, 20
+#: evaluations took 2-3x the retraining's time and scored no better than the starting action (BENCHMARKS.md,
+#: session 22); at 8 epochs and more the default's 20 evaluations fit
+SEARCH_SHARE = 1.0
 
 
-def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | None = None) -> dict:
+def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | None = None,
+                    finetune_steps: int | None = None) -> dict:
     """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``; None for a
     ``latency=Nms`` target, whose factor is known only once the base is measured: one round) and ``budget``
     epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
@@ -35,6 +43,9 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     ``steps_per_epoch``: optimiser steps of one training epoch (None: unknown); below :data:`MIN_ADMM_STEPS`
     no round runs ADMM and every epoch is final retraining. So too when the budget has no epoch beyond the rounds'
     ADMM epochs: a model hard-pruned after one ADMM epoch is near chance until retrained.
+    ``finetune_steps``: the search scorer's fine-tuning steps per candidate (None: a scorer that does not
+    fine-tune); with ``steps_per_epoch`` known it also derives ``search.max_evaluations``
+    (:func:`search_evaluations`).
 
     Raises:
         SettingError (``budget``): no epoch.
@@ -45,8 +56,20 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     if budget < 1:
         raise SettingError("budget", f"budget={budget} is too small: the schedule needs at least one epoch",
                            "use budget=1 or more")
-    return {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
-            "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
+    schedule = {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
+                "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
+    if steps_per_epoch is not None and finetune_steps:
+        schedule["search"] = {"max_evaluations": search_evaluations(budget * steps_per_epoch, rounds,
+                                                                    finetune_steps)}
+    return schedule
+
+
+def search_evaluations(budget_steps: int, rounds: int, finetune_steps: int) -> int:
+    """Evaluations per round's search within :data:`SEARCH_SHARE` of ``budget_steps`` (the budget's optimiser
+    steps) at ``finetune_steps`` fine-tuning steps per candidate over ``rounds`` searches: at least 1, at most
+    ``search.max_evaluations``' default."""
+    default = CompressConfig().search.max_evaluations
+    return max(1, min(default, int(SEARCH_SHARE * budget_steps / (rounds * finetune_steps))))
 
 
 def _leaves(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -58,8 +81,8 @@ def _leaves(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 #: derived settings a caller may still set with ``budget`` (distillation from a weak base can cost more than it
-#: gives: a fresh user's 2-epoch, 79.6 % base lost 4.6 points of top-1 to it at flops=2x)
-OVERRIDABLE = ("distillation.enabled",)
+#: gives: a fresh user's 2-epoch, 79.6 % base lost 4.6 points of top-1 to it at flops=2x; a longer search)
+OVERRIDABLE = ("distillation.enabled", "search.max_evaluations")
 
 
 def given_settings(data: dict) -> set[str]:
@@ -86,7 +109,9 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
     """
     if config.budget is None:
         return config
-    derived = budget_schedule(config.parsed_target().factor, config.budget, steps_per_epoch)
+    tunes = resolved_scorer(config.quick_eval.scorer) == "finetune"
+    derived = budget_schedule(config.parsed_target().factor, config.budget, steps_per_epoch,
+                              config.quick_eval.finetune_steps if tunes else None)
     few_steps = config.admm.epochs == 0 and (given is None or "admm.epochs" in given)
     if steps_per_epoch is None and few_steps:  # a stored schedule derived for a short loader (checked again later)
         derived = budget_schedule(config.parsed_target().factor, config.budget, 0)
@@ -117,4 +142,5 @@ def describe(config: CompressConfig) -> str:
     return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
             f"round{why}, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
             f"final retraining epochs, "
-            f"{'distillation from the base' if config.distillation.enabled else 'no distillation (set)'} (rule {RULE})")
+            f"{'distillation from the base' if config.distillation.enabled else 'no distillation (set)'}, a search of "
+            f"at most {config.search.max_evaluations} evaluations per round (rule {RULE})")

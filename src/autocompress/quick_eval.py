@@ -53,6 +53,13 @@ from .training import train_epoch
 
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"finetune"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
+
+
+def resolved_scorer(scorer: str) -> str:
+    """The scorer ``scorer`` names: ``"auto"`` is ``"finetune"``."""
+    return "finetune" if scorer == "auto" else scorer
+
+
 #: bytes of fine-tuning batches a ``"finetune"`` evaluator keeps to replay for every candidate (beyond them the
 #: loader, reseeded, gives the same batches again at the cost of loading them)
 KEPT_BATCH_BYTES = 256 * 2**20
@@ -188,7 +195,7 @@ class QuickEvaluator:
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
         teacher = model if teacher is None else teacher
         refit = scorer == "refit"
-        scorer = "finetune" if scorer == "auto" else scorer
+        scorer = resolved_scorer(scorer)
         self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration or refit else []
         self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
         distils = scorer == "finetune" and finetune_distill
