@@ -168,6 +168,21 @@ def test_purify_skips_redundant_removal_at_chance_accuracy():
     assert all(torch.equal(result.masks.columns[k], masks.columns[k]) for k in masks.columns)
 
 
+def test_purify_without_an_accepted_removal_scores_once_and_the_score_stands():
+    """Unused path removal and its folds compute what the hard-pruned model computed (settle), so without an
+    accepted redundant removal the score before purification is the score after it: one validation pass, not
+    two (a refit runs up to five purifications; on a weak base they were a fifth of a 3-epoch run)."""
+    for rate, thresholds in ((0.7, (0.3,)), (0.3, (1e6,))):  # skipped near chance; every removal rejected
+        model, space, masks, val = _purify_setup(column_rate=rate)
+        calls = []
+        purified = copy.deepcopy(model)
+        result = purify(purified, space, masks, example_inputs=torch.zeros(1, 1, 28, 28),
+                        score=lambda net: calls.append(net) or val(net), chance=0.1, tolerance=0.02,
+                        thresholds=thresholds)
+        assert result.threshold is None and len(calls) == 1 + len(result.trials)
+        assert result.top1_after == result.top1_before == val(purified)
+
+
 class NormalizedChain(nn.Module):
     """conv a -> F.normalize over the channels -> conv b -> GAP -> Linear: the normalisation reads every
     channel of a, so a channel b no longer reads still changes the others (issue 16, item 8)."""

@@ -537,8 +537,8 @@ def purify(model: nn.Module, space: PruningSpace, masks: Masks, *, example_input
         model.load_state_dict(trial.state_dict())
         current, result.threshold, result.top1_after = trial_masks, threshold, top1
         folded += trial_folded
-    if score is not None and result.top1_after is None:
-        result.top1_after = score(model)
+    if score is not None and result.top1_after is None:  # no removal accepted: unused path removal and its folds
+        result.top1_after = result.top1_before  # compute what the hard-pruned model did (settle), so its score stands
     result.masks, result.param_masks, result.folded = current, space.param_masks(current), sorted(set(folded))
     result.removed_filters = {k: int(masks.filters[k].sum() - current.filters[k].sum()) for k in current.filters}
     result.removed_columns = {k: int(masks.columns[k].sum() - current.columns[k].sum()) for k in current.columns}
