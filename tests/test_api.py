@@ -592,6 +592,36 @@ def test_a_forward_with_a_hard_coded_channel_count_is_refused_before_any_work(no
     assert "x.flatten(1)" in str(error) and "shape '[-1, 128]' is invalid" in str(error)
 
 
+class CatChunk(nn.Module):
+    """Two convs concatenated, then split in halves by position (``chunk``), a conv on the second half: a fresh
+    user's model. Pruning one producer moves the split, so the compact model breaks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+        self.c, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = torch.cat([self.a(x), self.b(x)], 1).chunk(2, dim=1)
+        return self.fc(torch.cat([first, self.c(second)], 1).mean((2, 3)))
+
+
+def test_a_split_of_concatenated_channels_is_refused_before_any_work_by_compress_and_prune(no_work):
+    """``compress`` refused it naming only a hard-coded shape as the cause; ``prune`` ran ADMM and then failed in
+    compaction with a raw RuntimeError. Both now refuse before training, naming the split and the fixes."""
+    error = refused(no_work, "forward fails once they are removed", model=CatChunk(),
+                    config={**CONFIG, "dims": "filter", "channel_multiple": 4})
+    assert "chunk / split" in str(error) and "ignored_layers" in str(error)
+    train, val = loaders()
+    batches = []
+    counted = DataLoader(TensorDataset(*images(96, 0)), batch_size=16,
+                         collate_fn=lambda items: batches.append(1) or torch.utils.data.default_collate(items))
+    with pytest.raises(UserError, match="forward fails once they are removed.*chunk / split"):
+        autocompress.prune(CatChunk(), {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), train_loader=counted,
+                           val_loader=val, dims=("filter",), progress=False)
+    assert len(batches) <= 1  # the argument checks' first batch, no ADMM step
+
+
 def test_empty_loaders(no_work):
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     refused(no_work, "train_loader yields no batch", train_loader=empty)

@@ -24,7 +24,8 @@ from .quick_eval import resolved_scorer
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
        "optimiser steps or no epoch would be left to retrain), the rest as final retraining with distillation from " \
-       "the base; the search fine-tunes its candidates for at most as many steps as the budget trains"
+       "the base; the search fine-tunes its candidates for at most as many steps as the budget trains (one " \
+       "candidate at least)"
 #: an epoch of fewer optimiser steps gets no ADMM under the rule (the default rho schedule's update interval)
 MIN_ADMM_STEPS = 100
 #: the search's fine-tuning scorer may take at most this share of the budget's optimiser steps (its fine-tuning

@@ -30,7 +30,7 @@ from .alignment import is_aligned
 from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
-from .errors import UserError
+from .errors import UserError, first_line
 from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
                           group_size, is_group_norm, is_layer_norm, padded)
 from .space import (is_grouped, is_transposed, is_weight_layer, mapping_failure, out_dim, tie_classes, trace_graph,
@@ -466,6 +466,25 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
         if diff >= worst:
             worst, worst_tol = diff, tol
     return worst, worst_tol
+
+
+def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
+                      channel_multiple: int = 1) -> None:
+    """UserError, meant for before any training, when ``model`` masked to ``param_masks`` cannot be compacted
+    and run on ``example_inputs`` (a copy is compacted; ``model`` is unchanged). A forward that writes a channel
+    count into a shape (``x.view(-1, 40 * 7 * 7)``), or splits channels by position (``chunk`` / ``split``) after
+    a concatenation whose parts lose channels unevenly, runs masked but fails once channels are removed, which
+    would otherwise surface after training."""
+    try:
+        compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+        raise UserError(f"filter pruning cannot remove channels from this model: its forward fails once they are "
+                        f"removed ({first_line(exc)})",
+                        "compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * "
+                        "7)); where it splits concatenated channels (chunk / split), leave filter out of dims, or "
+                        "use autocompress.prune with the concatenated layers in ignored_layers") from None
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,

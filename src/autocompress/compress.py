@@ -31,10 +31,10 @@ from . import __version__, distributed, metrics, report
 from .alignment import AUTO, allowed_widths, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import apply_budget, describe, given_settings
-from .compaction import compact, densify
+from .compaction import check_compactable, compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import deployed_form, with_dense_layers
-from .errors import TargetMissed, UserError, first_line
+from .errors import TargetMissed, UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
 from .projection import project
@@ -462,16 +462,8 @@ class Compression:
         if not narrower:
             return
         rates = {"filter": narrower, "column": {}, "irregular": {}}
-        try:
-            compact(self.first_model, space.param_masks(project(space, self.first_model, rates)), self.example,
-                    channel_multiple=self.multiple)
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
-            raise UserError(f"filter pruning cannot remove channels from this model: its forward fails once they "
-                            f"are removed ({first_line(exc)})",
-                            "compute shapes from the input in forward (e.g. x.flatten(1) instead of "
-                            "x.view(-1, 40 * 7 * 7)), or leave filter out of dims") from None
+        check_compactable(self.first_model, space.param_masks(project(space, self.first_model, rates)), self.example,
+                          channel_multiple=self.multiple)
 
     def _filters_cramped(self) -> bool:
         """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone, at

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from .admm import ADMMConfig
-from .compaction import densify
+from .compaction import check_compactable, densify
 from .config import CompressConfig, PurificationConfig, RetrainConfig
 from .errors import UserError
 from .masks import Masks
+from .projection import project
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .rounds import Pipeline, RoundState, TrainFn
 from .space import KINDS, PruningSpace, check_rate
@@ -166,6 +167,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     work = densify(base)
     space = pipeline.space(work)
     state = RoundState(1, None, work, space, rates=expand_rates(space, rates, dims))
+    check_compactable(work, space.param_masks(project(space, work, state.rates)), example,
+                      channel_multiple=pipeline.channel_multiple)
     pipeline.run_round(state, last=True)
     compact_model = state.compact_model
     records = pipeline.store.records
