@@ -796,3 +796,22 @@ def test_a_model_of_two_heads_without_forward_fn_is_refused_naming_forward_fn():
                                             r"class scores \[B, classes, \.\.\.\]; pass forward_fn returning them"):
             autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
                                   config=CONFIG, progress=False, **kwargs)
+
+
+def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
+    """A fresh user's 64x64 example for 32x32 data ran to the end with MACs and latency of 64x64 inputs and no
+    word; the run now warns before any work, naming both shapes."""
+    train, val = loaders()
+    model = SmallCNN()
+    with caplog.at_level("WARNING", logger="autocompress"):
+        autocompress.compress(model, torch.randn(1, 1, 16, 16), "params=2x", train_loader=train, val_loader=val,
+                              config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()]
+    assert warned == ["WARNING: example_inputs has shape [1, 1, 16, 16] and train_loader's inputs [16, 1, 8, 8]: "
+                      "MACs, FLOPs and latency are counted at the example's size; pass an example of the size the "
+                      "model will run at (e.g. next(iter(train_loader))[0][:1])"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="autocompress"):
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                              config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
+    assert not [r for r in caplog.records if "example_inputs has shape" in r.getMessage()]

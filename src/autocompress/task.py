@@ -308,13 +308,14 @@ class Task:
 
     # --- checks before any work ---------------------------------------------------------------------
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool,
-              needs_length: bool = False) -> None:
+              needs_length: bool = False) -> list[str]:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
         infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields
         nothing, batches that are not ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss
         that fails on a first batch or is not a finite scalar, no way to score at all, or (``needs_length``:
         the default training loop, whose learning-rate schedule spans epochs x batches) a training loader
-        without ``len()``."""
+        without ``len()``. Returns warnings about what it accepts but the caller may not mean
+        (:func:`input_size_warning`)."""
         check_finite(model.state_dict(), "the model")
         try:
             with analysis_mode(model):
@@ -337,8 +338,10 @@ class Task:
             except TypeError:
                 raise UserError("train_loader has no len() (the default loop schedules its learning rate over "
                                 "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
+        warnings = []
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
+            warnings += [w for w in [input_size_warning(first, example_inputs)] if w]
             output = self._check_batch(model, first, "train_loader")
             if needs_training and self.loss_fn is None:
                 _check_class_scores(output, "train_loader", "the default loss (cross-entropy)")
@@ -355,6 +358,7 @@ class Task:
             output = self._check_batch(model, batch, "val_loader")
             _check_class_scores(output, "val_loader", "the default score (top-1)")
             self._check_labels(batch, output)
+        return warnings
 
     @staticmethod
     def _check_labels(batch: Batch, output: Any) -> None:
@@ -395,6 +399,21 @@ class Task:
             raise UserError(f"the model fails on a batch of {name} ({first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
                             ) from None
+
+
+def input_size_warning(batch: Batch, example_inputs: tuple) -> str | None:
+    """The warning when a training ``batch``'s inputs differ in shape from ``example_inputs`` past the batch
+    dimension (32x32 images against a 64x64 example): parameters do not depend on it, but MACs, latency and the
+    compaction checks are measured at the example's size. None for batches that are not ``(tensor, targets)``
+    pairs or several example inputs."""
+    if not _is_pair(batch) or not isinstance(batch[0], torch.Tensor) or len(example_inputs) != 1:
+        return None
+    data, example = batch[0], example_inputs[0]
+    if data.shape[1:] == example.shape[1:]:
+        return None
+    return (f"WARNING: example_inputs has shape {list(example.shape)} and train_loader's inputs {list(data.shape)}: "
+            f"MACs, FLOPs and latency are counted at the example's size; pass an example of the size the model "
+            f"will run at (e.g. next(iter(train_loader))[0][:1])")
 
 
 def check_loss(loss: Any, *, finite: bool = True) -> torch.Tensor:
