@@ -41,6 +41,7 @@ VARIANTS = {
     "search1": {"search": {"max_evaluations": 1}},  # the search's starting action only
     "search8": {"search": {"max_evaluations": 8}},
     "search5": {"search": {"max_evaluations": 5}},  # what the budget derives since session 22 (3 x 94 steps / 50)
+    "uniform": {"search_mode": "uniform"},  # no search: one rate for every unit (a fresh user's 2 points, session 22)
 }
 #: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
 TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
