@@ -228,6 +228,11 @@ def test_chance_level_or_a_large_drop_in_validation_top1_is_a_warning():
                            "base's 86.10% at target params=50x; lower the target, or give more")
     assert _accuracy_warning({"val_top1": 86.1}, {"val_top1": 81.2}, 0.1, target) is None  # 4.9 points
     assert _accuracy_warning({"val_top1": None}, {"val_top1": 50.0}, None, target) is None
+    # a base at chance (a fresh user's validation loader at the wrong resolution): the target is not blamed
+    broken = _accuracy_warning({"val_top1": 4.69}, {"val_top1": 10.94}, 0.1, target)
+    assert broken == ("WARNING: the base's validation top-1 4.69% is at chance level (10.00%): the validation data or "
+                      "the base looks broken, so the compressed model's 10.94% says nothing about the target; check "
+                      "val_loader's inputs and labels against the training data")
 
 
 def test_eager_slower_warning_names_the_slower_batches():

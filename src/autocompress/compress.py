@@ -911,11 +911,16 @@ OVERSHOOT_WARNING = 0.1
 def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target: Target) -> str | None:
     """The warning when the compact model's validation top-1 is within 1 point of a random guess (``chance``,
     a fraction; None: not a classification score), or more than :data:`DROP_WARNING_POINTS` below the base's:
-    the target was too aggressive for the model and budget."""
+    the target was too aggressive for the model and budget. When the base itself scores within 1 point of chance,
+    the warning says so instead (the validation data or the base looks broken, and no target is to blame)."""
     top1, base_top1 = compressed.get("val_top1"), base.get("val_top1")
     fix = "lower the target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)"
     if top1 is None:
         return None
+    if chance is not None and base_top1 is not None and base_top1 <= 100.0 * chance + 1.0:
+        return (f"WARNING: the base's validation top-1 {base_top1:.2f}% is at chance level ({100.0 * chance:.2f}%): "
+                f"the validation data or the base looks broken, so the compressed model's {top1:.2f}% says nothing "
+                "about the target; check val_loader's inputs and labels against the training data")
     if chance is not None and top1 <= 100.0 * chance + 1.0:
         return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is at chance level "
                 f"({100.0 * chance:.2f}%): target {target} is too aggressive for this model and budget; {fix}")
