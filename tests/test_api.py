@@ -800,7 +800,7 @@ def test_a_model_of_two_heads_without_forward_fn_is_refused_naming_forward_fn():
 
 def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
     """A fresh user's 64x64 example for 32x32 data ran to the end with MACs and latency of 64x64 inputs and no
-    word; the run now warns before any work, naming both shapes."""
+    word; compress and prune now warn before any work, naming both shapes."""
     train, val = loaders()
     model = SmallCNN()
     with caplog.at_level("WARNING", logger="autocompress"):
@@ -815,3 +815,8 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
         autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
                               config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
     assert not [r for r in caplog.records if "example_inputs has shape" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="autocompress"):  # prune() checks the batches it will train on too
+        autocompress.prune(model, {"default": 0.5}, example_inputs=torch.randn(1, 1, 16, 16), train_loader=train,
+                           val_loader=val, dims=("filter",), admm=autocompress.admm.ADMMConfig(epochs=1),
+                           retrain=autocompress.training.TrainConfig(epochs=0), progress=False)
+    assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == warned

@@ -317,9 +317,7 @@ class Compression:
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
-        for warning in self.task.check(base, self.example, needs_training=True, needs_score=True,
-                                       needs_length=train_fn is None):
-            logging.getLogger("autocompress").warning(warning)
+        self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,

@@ -15,6 +15,7 @@ Tensors inside a batch (also nested in tuples, lists and dicts) are moved to the
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -308,14 +309,14 @@ class Task:
 
     # --- checks before any work ---------------------------------------------------------------------
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool,
-              needs_length: bool = False) -> list[str]:
+              needs_length: bool = False) -> None:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
         infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields
         nothing, batches that are not ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss
         that fails on a first batch or is not a finite scalar, no way to score at all, or (``needs_length``:
         the default training loop, whose learning-rate schedule spans epochs x batches) a training loader
-        without ``len()``. Returns warnings about what it accepts but the caller may not mean
-        (:func:`input_size_warning`)."""
+        without ``len()``. What it accepts but the caller may not mean is logged as a warning on the
+        ``autocompress`` logger (:func:`input_size_warning`)."""
         check_finite(model.state_dict(), "the model")
         try:
             with analysis_mode(model):
@@ -338,10 +339,11 @@ class Task:
             except TypeError:
                 raise UserError("train_loader has no len() (the default loop schedules its learning rate over "
                                 "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
-        warnings = []
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
-            warnings += [w for w in [input_size_warning(first, example_inputs)] if w]
+            warning = input_size_warning(first, example_inputs)
+            if warning:
+                logging.getLogger("autocompress").warning(warning)
             output = self._check_batch(model, first, "train_loader")
             if needs_training and self.loss_fn is None:
                 _check_class_scores(output, "train_loader", "the default loss (cross-entropy)")
@@ -358,7 +360,6 @@ class Task:
             output = self._check_batch(model, batch, "val_loader")
             _check_class_scores(output, "val_loader", "the default score (top-1)")
             self._check_labels(batch, output)
-        return warnings
 
     @staticmethod
     def _check_labels(batch: Batch, output: Any) -> None:
