@@ -106,10 +106,19 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, optimizer: torch.op
             optimizer.step()
 
 
-def weak_base(train_loader: DataLoader, seed: int) -> nn.Module:
+def weak_base(train_loader: DataLoader, seed: int, epochs: int = 2) -> nn.Module:
+    """The base: Adam at lr 1e-3 for ``epochs`` (2: the fresh user's weak base; more: a base closer to converged,
+    with the lr decayed by a cosine schedule)."""
     torch.manual_seed(seed)
     model = ResidualCNN()
-    train(model, train_loader, 2, torch.optim.Adam(model.parameters(), lr=1e-3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if epochs <= 2:
+        train(model, train_loader, epochs, optimizer)
+        return model.eval()
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    for _ in range(epochs):
+        train(model, train_loader, 1, optimizer)
+        schedule.step()
     return model.eval()
 
 
@@ -153,22 +162,26 @@ def main() -> None:
     parser.add_argument("--variants", default="kd,nokd,alpha0.5,torch_pruning")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="benchmarks/results/weak_teacher.jsonl")
+    parser.add_argument("--base-epochs", type=int, default=2,
+                        help="epochs that train the base (2: the weak base; 15: close to converged)")
     args = parser.parse_args()
     out = Path(args.out)
     done = set()
     if out.exists():
-        done = {(r["variant"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
+        rows = map(json.loads, out.read_text().splitlines())
+        done = {(r["variant"], r["seed"], r.get("base_epochs", 2)) for r in rows}
     for seed in (int(s) for s in args.seeds.split(",")):
         data = loaders(seed)
-        base = weak_base(data[0], seed)
+        base = weak_base(data[0], seed, args.base_epochs)
         base_top1 = top1(base, data[2])
         for variant in args.variants.split(","):
-            if (variant, seed) in done:
+            if (variant, seed, args.base_epochs) in done:
                 continue
             started = time.perf_counter()
             row = (run_torch_pruning(base, data, seed, **TP_VARIANTS[variant]) if variant in TP_VARIANTS
                    else run_autocompress(base, data, variant, seed))
-            row = {"variant": variant, "seed": seed, "base_top1": base_top1, **row,
+            row = {"variant": variant, "seed": seed, "base_epochs": args.base_epochs, "base_top1": base_top1,
+                   **row,
                    "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(row), flush=True)
             with out.open("a") as f:

@@ -622,6 +622,39 @@ def test_a_split_of_concatenated_channels_is_refused_before_any_work_by_compress
     assert len(batches) <= 1  # the argument checks' first batch, no ADMM step
 
 
+class StemCatChunk(CatChunk):
+    """CatChunk behind a conv stem (1 -> 8 channels) that feeds both concatenated layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.relu(self.stem(x)))
+
+
+def test_the_split_hints_fix_works_the_concatenated_layers_in_ignored_layers_stay_whole():
+    """The refusal above names ``ignored_layers``; with the concatenated layers there, compress runs, keeps them
+    whole (and ``c``, which torch-pruning couples with them through the split) and prunes the stem to the target."""
+    train, val = loaders()
+    model = trained(StemCatChunk(), train)
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=1.5x", train_loader=train,
+                                   val_loader=val, config={**CONFIG, "dims": "filter", "ignored_layers": ["a", "b"]},
+                                   progress=False)
+    compact = result.model
+    for name in ("a", "b", "c", "fc"):
+        assert compact.get_submodule(name).weight.shape[0] == model.get_submodule(name).weight.shape[0]
+    assert compact.stem.out_channels < model.stem.out_channels
+    assert params(model) / params(compact) >= 1.5
+
+
+def test_an_ignored_layer_that_names_no_module_is_refused_before_any_work(no_work):
+    error = refused(no_work, r"ignored_layers=\['conv3'\] names no module of SmallCNN",
+                    config={**CONFIG, "ignored_layers": ["conv1", "conv3"]})
+    assert error.setting == "ignored_layers"
+
+
 def test_empty_loaders(no_work):
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     refused(no_work, "train_loader yields no batch", train_loader=empty)

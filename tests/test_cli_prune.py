@@ -72,6 +72,14 @@ def test_list_units(checkpoint, capsys):
     assert "excluded:" in stdout and "classifier" in stdout.split("excluded:")[1]
 
 
+def test_ignore_keeps_a_layer_out_and_a_wrong_name_exits_2_naming_the_flag(checkpoint, capsys):
+    code, stdout, _ = _run(capsys, checkpoint, "--list-units", "--ignore", "features.0")
+    assert code == 0 and "features.0.0: ignored by request" in stdout.split("excluded:")[1]
+    assert "features.0.0  (" not in stdout
+    code, _, err = _run(capsys, checkpoint, "--list-units", "--ignore", "features.9")
+    assert code == 2 and "--ignore ['features.9'] names no module of" in err
+
+
 @pytest.mark.parametrize("text, message", [
     ("filter: {nope: 0.5}\n", "valid filter names: features.0.0"),
     ("default: 1.5\n", "outside [0, 1)"),

@@ -168,6 +168,10 @@ def test_cli_errors_exit_2(base_checkpoint, finished_run, tmp_path, capsys):
                  str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("autocompress: error:") for line in err)
+    assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--ignore", "features.0", "--ignore",
+                 "head", "--out", str(tmp_path / "c")]) == 2
+    assert "--ignore ['head'] names no module of" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "round1").exists()
 
 
 def test_finished_run_resumes_to_the_same_table(finished_run, capsys):

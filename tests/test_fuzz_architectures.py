@@ -37,7 +37,8 @@ from autocompress.errors import UserError
 from autocompress.masks import apply_masks
 from autocompress.architecture import apply_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
-from autocompress.space import ChannelMappingExplodes, PruningSpace, keep_count, trace_graph
+from autocompress.space import (ChannelMappingExplodes, PruningSpace, ignored_modules, is_weight_layer, keep_count,
+                               out_dim, trace_graph)
 
 torch.set_num_threads(1)
 
@@ -81,8 +82,9 @@ def _names_a_module(message: str, model: nn.Module) -> bool:
 
 
 def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch.Tensor | None = None,
-            refusals: list[str] | None = None):
-    """Run the one-shot path in ``mode`` and check every invariant (module docstring).
+            refusals: list[str] | None = None, ignored: tuple[str, ...] = ()):
+    """Run the one-shot path in ``mode`` and check every invariant (module docstring); the ``ignored`` modules
+    (``ignored_layers``) keep their output channels and every weight.
 
     Returns ``None`` when the engine refused cleanly (the refusal is checked and appended to ``refusals``),
     else the compact model.
@@ -91,7 +93,8 @@ def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch
     model.eval()
     snap = _snapshot(model)
     try:
-        space = PruningSpace.build(model, example, dims=tuple(dict.fromkeys(("filter",) + dims)))
+        space = PruningSpace.build(model, example, dims=tuple(dict.fromkeys(("filter",) + dims)),
+                                   ignored_layers=ignored)
         space.check_dims(dims)
         rates = {kind: {u.name: rate for u in space.units(kind)} for kind in dims}
         masks = projection.project(space, model, rates)
@@ -127,6 +130,13 @@ def oneshot(model: nn.Module, example: torch.Tensor, mode: str, *, second: torch
         assert count_params(compact) == counts.params, f"{mode}: parameters differ from the space's count"
         assert count_macs(compact, example) == counts.macs, f"{mode}: MACs differ from the space's count"
     modules = dict(compact.named_modules())
+    for name in ignored_modules(model, ignored):
+        module = model.get_submodule(name)
+        if is_weight_layer(module):
+            assert _out_channels(modules[name]) == _out_channels(module), f"ignored {name} lost channels"
+            weight = work.get_submodule(name).weight.movedim(out_dim(module), 0)
+            assert bool(weight.ne(0).flatten(1).any(1).all()), f"ignored {name} lost filters"
+            assert name not in [u.name for kind in dims for u in space.units(kind)]
     for group in space.filter_groups:
         assert _out_channels(modules[group.name]) == int(final.filters[group.name].sum()), group.name
         if "filter" in dims:
@@ -414,6 +424,18 @@ class Net(nn.Module):
 def test_fuzzed_architectures_are_pruned_exactly_or_refused(blocks, frozen, seed):
     torch.manual_seed(seed)
     check_all_modes(lambda: Net(blocks, frozen), (3, 8, 8), (3, 12, 12))
+
+
+@settings(max_examples=max(FUZZ_EXAMPLES, 10), deadline=None, suppress_health_check=list(HealthCheck))
+@given(blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=3), seed=st.integers(0, 2 ** 16),
+       data=st.data())
+def test_ignored_layers_keep_their_channels_and_weights_and_the_rest_is_pruned_exactly(blocks, seed, data):
+    torch.manual_seed(seed)
+    model = Net(blocks)
+    layers = [name for name, module in model.named_modules() if is_weight_layer(module)]
+    ignored = tuple(data.draw(st.lists(st.sampled_from(layers), min_size=1, max_size=3, unique=True)))
+    for mode in ("filter", "hybrid"):
+        oneshot(copy.deepcopy(model), torch.randn(2, 3, 8, 8), mode, ignored=ignored)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.__name__)

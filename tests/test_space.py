@@ -7,15 +7,17 @@ import copy
 import pytest
 import torch
 import torch_pruning as tp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autocompress.analysis import analysis_mode
-from autocompress.errors import UserError
+from autocompress.errors import SettingError, UserError
 from autocompress.masks import Masks, apply_masks
 from autocompress.models import create_model
 from autocompress.projection import project
-from autocompress.space import PruningSpace, keep_count
+from autocompress.space import PruningSpace, ignored_modules, keep_count
 from autocompress.compaction import compact
 from autocompress.metrics import count_macs
 
@@ -322,14 +324,49 @@ def test_units_expose_size_params_and_macs():
 
 
 def test_ignored_layers_and_bad_arguments():
+    """An ignored layer keeps its filters, columns and weights; its input channels follow a pruned producer (as
+    Torch-Pruning's ``ignored_layers``); a group that would remove an ignored module's own channels (its
+    BatchNorm's entries) is not pruned."""
     space = PruningSpace.build(Chain(), X, ignored_layers=["conv2"])
     assert "conv2" not in [c.name for c in space.column_layers]
-    assert [g.name for g in space.filter_groups] == ["fc1"]  # conv1's group reads into conv2
-    assert "ignored" in space.excluded["conv2"] and "conv2" in space.excluded["conv1"]
+    assert [(g.name, g.consumers) for g in space.filter_groups] == [("conv1", ("conv2",)), ("fc1", ("fc",))]
+    assert "ignored" in space.excluded["conv2"]
+    space = PruningSpace.build(Chain(), X, ignored_layers=["bn1"])
+    assert [g.name for g in space.filter_groups] == ["conv2", "fc1"]
+    assert space.excluded["conv1"] == "filter pruning: its channels are also bn1's, which is in ignored_layers"
     with pytest.raises(UserError, match="nonexistent"):
         PruningSpace.build(Chain(), X, ignored_layers=["nonexistent"])
     with pytest.raises(UserError, match="channels"):
         PruningSpace.build(Chain(), X, dims=("channels",))
+
+
+def _module_tree(draw, depth: int = 0) -> nn.Module:
+    """A tree of containers (and Linear leaves) whose sibling names share prefixes (``a``, ``a1``, ``ab``)."""
+    if depth == 3 or not draw(st.booleans()):
+        return nn.Linear(2, 2)
+    module = nn.Module()
+    for name in draw(st.lists(st.sampled_from(["a", "a1", "ab", "b"]), unique=True, min_size=1, max_size=3)):
+        module.add_module(name, _module_tree(draw, depth + 1))
+    return module
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_ignored_modules_cover_each_named_module_and_every_module_below_it(data):
+    """Computed independently by module identity: the modules of each named module's ``.modules()``."""
+    model = nn.Sequential(_module_tree(data.draw), _module_tree(data.draw))
+    names = [name for name, _ in model.named_modules() if name]
+    wanted = data.draw(st.lists(st.sampled_from(names), max_size=3))
+    covered = {id(m) for name in wanted for m in model.get_submodule(name).modules()}
+    assert ignored_modules(model, wanted) == {name for name, m in model.named_modules() if id(m) in covered}
+
+
+@pytest.mark.parametrize("wanted", [["nonexistent"], ["conv1", "conv"], [""]])
+def test_an_ignored_layer_that_names_no_module_is_refused_naming_the_setting(wanted):
+    with pytest.raises(SettingError, match="names no module of Chain") as info:
+        ignored_modules(Chain(), wanted)
+    assert info.value.setting == "ignored_layers"
+    assert ignored_modules(Chain(), "conv1") == {"conv1"}  # one name as a string
 
 
 def test_exclusions_are_logged(caplog):

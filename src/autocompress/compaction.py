@@ -483,8 +483,8 @@ def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], ex
         raise UserError(f"filter pruning cannot remove channels from this model: its forward fails once they are "
                         f"removed ({first_line(exc)})",
                         "compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * "
-                        "7)); where it splits concatenated channels (chunk / split), leave filter out of dims, or "
-                        "use autocompress.prune with the concatenated layers in ignored_layers") from None
+                        "7)); where it splits concatenated channels (chunk / split), put the layers whose outputs are "
+                        "concatenated in ignored_layers, or leave filter out of dims") from None
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,

@@ -43,7 +43,7 @@ from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_see
 from .runfolder import RunFolder
 from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
 from .serialization import save_compact
-from .space import KINDS
+from .space import KINDS, ignored_modules
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
 
 
@@ -309,6 +309,7 @@ class Compression:
                             "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "
                             "or trace the compressed model afterwards")
         self.example = as_inputs(example_inputs, self.device)
+        ignored_modules(model, self.config.ignored_layers)  # a wrong name is refused before any work
         base = copy.deepcopy(model).to(self.device).eval()
         amp = None if self.config.amp == "none" else self.config.amp
         if amp is not None and self.device.type != "cuda":

@@ -254,6 +254,9 @@ class CompressConfig:
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
             table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
+        ignored_layers: module names never pruned: each keeps its output channels, columns and weights (its input
+            channels follow a pruned producer, as in Torch-Pruning); a container's name covers every module below
+            it (e.g. a head ``["head"]``); checked against ``model.named_modules()`` before any work.
         budget: training epochs in all; when set, :func:`autocompress.budget.apply_budget` derives ``rounds``,
             ``admm.epochs``, ``retrain.epochs``, ``final_retrain_epochs`` and ``distillation.enabled`` from it
             (and refuses those settings given with other values); None: the schedule as written.
@@ -272,6 +275,7 @@ class CompressConfig:
     channel_multiple: int | str | None = None
     amp: str = "none"
     budget: int | None = None
+    ignored_layers: list[str] = field(default_factory=list)
     search: SearchConfig = field(default_factory=SearchConfig)
     quick_eval: QuickEvalConfig = field(default_factory=QuickEvalConfig)
     admm: ADMMConfig = field(default_factory=default_admm)

@@ -35,7 +35,7 @@ from .masks import Masks
 from .projection import project
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .rounds import Pipeline, RoundState, TrainFn
-from .space import KINDS, PruningSpace, check_rate
+from .space import KINDS, PruningSpace, check_rate, ignored_modules
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
 from .training import TrainConfig
 
@@ -122,7 +122,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         purify: run purification (unused path removal + redundant weight removal).
         purify_tolerance, purify_thresholds: see :func:`autocompress.purification.purify`.
         seed: seed of the global generator per phase (dropout, a DataLoader's shuffling).
-        ignored_layers: module names never pruned.
+        ignored_layers: module names never pruned (``CompressConfig.ignored_layers``).
         progress: tqdm bars; log: called with one line per step.
 
     Returns:
@@ -146,7 +146,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     retrain = retrain if retrain is not None else RetrainConfig(epochs=10, lr=0.01)
     if isinstance(retrain, TrainConfig):
         retrain = RetrainConfig(**{f.name: getattr(retrain, f.name) for f in dataclasses.fields(RetrainConfig)})
-    config = CompressConfig(dims=",".join(dims), seed=seed, admm=admm if admm is not None else ADMMConfig(),
+    ignored_layers = sorted(ignored_modules(model, ignored_layers))  # a wrong name is refused before any work
+    config = CompressConfig(dims=",".join(dims), seed=seed, ignored_layers=ignored_layers,
+                            admm=admm if admm is not None else ADMMConfig(),
                             retrain=retrain, purification=PurificationConfig(purify, purify_tolerance,
                                                                              list(purify_thresholds)))
     check_purification(purify_tolerance, purify_thresholds)
@@ -162,7 +164,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     task.check(base, example, needs_training=training, needs_score=False, needs_length=train_fn is None)
     before = task.score(base) if task.can_score else None
     pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
-                        ignored_layers=tuple(ignored_layers), progress=progress, log=log or (lambda _line: None),
+                        progress=progress, log=log or (lambda _line: None),
                         base_score=before)
     work = densify(base)
     space = pipeline.space(work)

@@ -207,7 +207,6 @@ class Pipeline:
         store: the :class:`PhaseStore`.
         train_fn: the caller's own training loop, or None for the default SGD loop.
         chance: the score of a random guess (default top-1: 1 / classes), or None.
-        ignored_layers: module names never pruned.
         channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
         base_score: ``task.score`` of ``base_model`` when the caller has it (else measured when first needed).
     """
@@ -219,7 +218,6 @@ class Pipeline:
     store: PhaseStore = field(default_factory=PhaseStore)
     train_fn: TrainFn | None = None
     chance: float | None = None
-    ignored_layers: tuple = ()
     channel_multiple: int = 1
     progress: bool = True
     log: Callable[[str], None] = print
@@ -268,7 +266,7 @@ class Pipeline:
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
         flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
-        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.ignored_layers,
+        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
                                    channel_multiple=self.channel_multiple, executed_macs_only=flops)
         # the default hybrid needs filter units; explicit dims need every kind they name
         space.check_dims(self.config.kinds if self.config.dims is not None else

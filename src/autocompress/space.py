@@ -53,7 +53,7 @@ from torch_pruning import ops
 from .alignment import aligned_keep
 from .analysis import hooked_forward, preserved_state
 from .columns import executed_columns, gemm_possible
-from .errors import UserError, show
+from .errors import SettingError, UserError, show
 from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PRUNERS, PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm
@@ -331,8 +331,10 @@ class PruningSpace:
                 are counted per forward of these inputs (batch included, like
                 :func:`autocompress.metrics.count_macs`).
             dims: unit kinds to enumerate, a subset of :data:`KINDS`.
-            ignored_layers: module names never pruned (no filter group containing them, no columns, no
-                irregular weights).
+            ignored_layers: module names never pruned: they keep their output channels (no filter group removes
+                them, nor a BatchNorm's entries), columns and weights, while their input channels follow a pruned
+                producer (as Torch-Pruning's ``ignored_layers``); a container's name covers every module below it
+                (:func:`ignored_modules`).
             max_rate: the search's upper bound on one unit's rate, ``0 < max_rate < 1``.
             channel_multiple: filter groups keep widths aligned to it (:meth:`filter_keep`).
             executed_macs_only: enumerate column units only where column pruning can lower the MACs the
@@ -354,11 +356,7 @@ class PruningSpace:
         if not 0 < max_rate < 1:
             raise UserError(f"max_rate {max_rate} is outside (0, 1)", "pass e.g. max_rate=0.95")
         names = {m: n for n, m in model.named_modules()}
-        ignored = set(ignored_layers)
-        unknown = sorted(ignored - set(names.values()))
-        if unknown:
-            raise UserError(f"ignored layer(s) {unknown} are not modules of the model",
-                            "use names from model.named_modules()")
+        ignored = ignored_modules(model, ignored_layers)
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         excluded: dict[str, str] = {}
 
@@ -383,7 +381,8 @@ class PruningSpace:
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
-            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only)
+            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
+                                   ignored)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only)
                    for n, m in candidates.items()] if "column" in dims else []
         irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
@@ -639,6 +638,23 @@ def is_grouped(module: nn.Module) -> bool:
             and (bool(module.transposed) or module.groups != module.in_channels))
 
 
+def ignored_modules(model: nn.Module, ignored_layers: Iterable[str]) -> set[str]:
+    """Names of the modules of ``model`` that ``ignored_layers`` covers: each named module and every module below
+    it (``"head"`` covers ``"head.0"`` and ``"head.fc"``); one name may be given as a string.
+
+    Raises:
+        SettingError: (``ignored_layers``) a name that is not a module of ``model``, or the root ``""`` (ignoring
+            it would prune nothing).
+    """
+    wanted = list(dict.fromkeys([ignored_layers] if isinstance(ignored_layers, str) else ignored_layers))
+    names = [name for name, _ in model.named_modules()]
+    unknown = [name for name in wanted if name == "" or name not in names]
+    if unknown:
+        raise SettingError("ignored_layers", f"ignored_layers={unknown} names no module of {type(model).__name__}",
+                           "use names from model.named_modules(), e.g. the classifier's")
+    return {name for name in names for prefix in wanted if name == prefix or name.startswith(prefix + ".")}
+
+
 def _channels(module: nn.Module, out: bool) -> int:
     """Output (``out``) or input channels / features of a Conv / Linear."""
     if isinstance(module, nn.Linear):
@@ -794,8 +810,9 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
 
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
-                  train_only) -> list[FilterGroup]:
-    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward.
+                  train_only, ignored: set[str] = frozenset()) -> list[FilterGroup]:
+    """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward; a group
+    that would remove an ``ignored`` module's own channels is excluded (its input channels may go).
     A model torch-pruning cannot trace gets no filter groups (the reason is recorded under the name
     ``""``, the model); a module whose group torch-pruning cannot enumerate is excluded by name."""
     try:
@@ -821,7 +838,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             _exclude(excluded, name, f"filter pruning: {mapping_failure(exc)}")
             continue
         slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
-                                                   norm_dims)
+                                                   norm_dims, ignored)
         visited.update(members)
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
@@ -844,14 +861,15 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks, size,
-            norm_dims) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
+def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims,
+            ignored: set[str] = frozenset()) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
     a problem ("" if the group can be pruned) and the ties of GroupNorms without affine parameters
     (``(norm group of each position, channels, norm name)``, see :func:`_ties`).
 
     A member whose pruned dimension has size 1 while the group has more channels is a broadcast (a
-    one-channel gate multiplied over all channels): it does not couple and is skipped."""
+    one-channel gate multiplied over all channels): it does not couple and is skipped. An ``ignored`` module
+    keeps its own channels (a problem when the group would remove them) but reads fewer input channels."""
     slices: list[Slice] = []
     members: set = set()
     blocks: list[tuple[torch.Tensor, torch.Tensor, str]] = []
@@ -871,7 +889,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size,
             other = [s for d, s in enumerate(target.shape) if d != dim]
             if target.shape[dim] == 1 < size:
                 continue
-            if any(s != 1 for s in other):
+            if name.rpartition(".")[0] in ignored:
+                problem = problem or _ignored_problem(name)
+            elif any(s != 1 for s in other):
                 problem = problem or f"filter pruning: free parameter {name} is not per-channel"
             else:
                 slices.append(Slice(name, name.rpartition(".")[0], "norm", dim, index, channel))
@@ -879,6 +899,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size,
         if not isinstance(target, nn.Module) or target not in names:
             continue  # torch-pruning's placeholder ops (add, cat, view, ...) own no parameters
         mname = names[target]
+        if mname in ignored and not is_weight_layer(target) and _holds_tensors(target):
+            problem = problem or _ignored_problem(mname)  # e.g. a BatchNorm's entries of the channels
+            continue
         if is_weight_layer(target):
             dim = out_dim(target) if out_side or _is_depthwise(target) else 1 - out_dim(target)
             extent = _channels(target, out_side or _is_depthwise(target))
@@ -886,7 +909,10 @@ def _slices(tp_group, names, param_names, candidates, sinks, size,
                 continue  # a broadcast, e.g. a one-channel spatial gate
             if out_side:
                 members.add(target)
-            if mname not in candidates:
+            if mname in ignored and (out_side or _is_depthwise(target)):
+                problem = problem or _ignored_problem(mname)
+                continue
+            if mname not in candidates and mname not in ignored:
                 problem = problem or f"filter pruning: couples with {mname}, which is not pruned"
                 continue
             if is_grouped(target) and target.transposed:
@@ -931,6 +957,16 @@ def _slices(tp_group, names, param_names, candidates, sinks, size,
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     merged = _merge(slices)
     return merged, members, problem, blocks
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    """``module`` has parameters or buffers of its own (a norm's per-channel entries; not a ReLU, Dropout, ...)."""
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def _ignored_problem(name: str) -> str:
+    """Why a group that would remove the channels of ``name``, in ``ignored_layers``, is not pruned."""
+    return f"filter pruning: its channels are also {name}'s, which is in ignored_layers"
 
 
 def _norm_problem(norm: nn.Module, norm_dims: dict) -> str:

@@ -25,7 +25,11 @@ FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "
                  "--data-dir": "data_dir", "--val-size": "val_size", "--max-train": "max_train",
                  "--batch-size": "batch_size", "--amp": "amp", "--channel-multiple": "channel_multiple",
                  "--latency-runtime": "latency.runtime", "--latency-threads": "latency.threads",
-                 "--latency-batch": "latency.batch", "--epochs": "budget"}
+                 "--latency-batch": "latency.batch", "--epochs": "budget", "--ignore": "ignored_layers"}
+
+#: help of ``--ignore`` (compress and prune)
+IGNORE_HELP = ("a module never pruned, by its name in model.named_modules() (a container covers the modules below "
+               "it); repeat for several")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel-multiple", type=_multiple, help="every filter group keeps a multiple of N "
                         "channels: N, or auto (16 on AVX-512 CPUs, 8 otherwise; the default for latency and flops "
                         "targets; 1 for params targets)")
+    parser.add_argument("--ignore", action="append", metavar="MODULE", help=IGNORE_HELP)
     parser.add_argument("--latency-runtime", help="deployment runtime: onnxruntime (default, CPU) or torch")
     parser.add_argument("--latency-threads", type=int, help="threads of the deployment runtime (default 1)")
     parser.add_argument("--latency-batch", type=int, help="batch size of a latency target (default 1)")

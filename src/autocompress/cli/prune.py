@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import UserError
 from ..text import plural
+from .compress import IGNORE_HELP
 
 _DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregular")
 _UNIT_NOUNS = {"filter": "channel", "column": "column", "irregular": "weight"}
@@ -71,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", choices=_DIMS, default="filter,column", metavar="DIMS",
                         help=f"unit kinds to prune: {' | '.join(_DIMS)} (default filter,column)")
     parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
+    parser.add_argument("--ignore", action="append", default=[], metavar="MODULE", help=IGNORE_HELP)
     parser.add_argument("--admm-epochs", type=int, default=10, help="ADMM W-step epochs (0: one-shot)")
     parser.add_argument("--admm-lr", type=float, default=admm.lr)
     parser.add_argument("--rho-init", type=float, default=admm.rho_init,
@@ -173,6 +175,13 @@ def run(args: argparse.Namespace) -> int:
     retrain = TrainConfig(epochs=args.retrain_epochs, lr=args.retrain_lr, batch_size=args.batch_size,
                           seed=args.seed).validate(epochs_flag="--retrain-epochs", retraining=True)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "-pruned.pt")
+
+    def space_of(model, example) -> PruningSpace:
+        try:
+            return PruningSpace.build(model, example, dims=dims, ignored_layers=args.ignore)
+        except SettingError as exc:  # a wrong --ignore name
+            raise flag_message(exc, args) from None
+
     if args.list_units:
         from ..checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -183,19 +192,20 @@ def run(args: argparse.Namespace) -> int:
                             "re-save it with `autocompress train`")
         import torch
 
-        print(_units_listing(PruningSpace.build(model_from_checkpoint(ckpt).eval(), torch.zeros(1, *size), dims=dims)))
+        print(_units_listing(space_of(model_from_checkpoint(ckpt).eval(), torch.zeros(1, *size))))
         return 0
     spec = read_rates(args.rates)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
     check_writable(out)
     workload = load_workload(args.checkpoint, data, seed=args.seed)
-    expand_rates(PruningSpace.build(workload.model, workload.example, dims=dims), spec, dims)  # before training
+    expand_rates(space_of(workload.model, workload.example), spec, dims)  # before training
     began = time.perf_counter()
     result = prune(workload.model, spec, example_inputs=workload.example,
                    train_loader=workload.train_loader(args.batch_size), val_loader=workload.loader("val"),
                    device=device, dims=dims, admm=admm, retrain=retrain, purify=not args.no_purify,
-                   purify_tolerance=args.purify_tolerance, seed=args.seed, progress=not args.no_progress,
+                   purify_tolerance=args.purify_tolerance, seed=args.seed, ignored_layers=args.ignore,
+                   progress=not args.no_progress,
                    log=lambda line: print(line, flush=True))
     report = result.report
     test = workload.loader("test")
@@ -205,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                "compression_rate": report["compression_rate"], "mac_reduction": report["mac_reduction"],
                "val_top1": report["score"]["after"], "test_top1": test_after, "base_test_top1": test_before}
     config = {"rates": report["rates"], "dims": list(dims), "admm": vars(admm), "retrain": vars(retrain),
-              "purify": not args.no_purify, "source": str(args.checkpoint)}
+              "purify": not args.no_purify, "ignored_layers": args.ignore, "source": str(args.checkpoint)}
     save_compact(out, result.compact_model.cpu(), base_checkpoint=workload.ckpt, metrics=metrics, config=config,
                  sparse="irregular" in dims)
     rows = [("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}",
