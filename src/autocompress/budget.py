@@ -21,11 +21,6 @@ from .config import CompressConfig, SettingError, from_dict, getattr_dotted
 from .errors import show
 from .quick_eval import resolved_scorer
 
-#: the name ``config.yaml`` and the log give the rule
-RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
-       "optimiser steps or no epoch would be left to retrain), the rest as final retraining with distillation from " \
-       "the base; the search fine-tunes its candidates for at most as many steps as the budget trains (one " \
-       "candidate at least)"
 #: an epoch of fewer optimiser steps gets no ADMM under the rule (the default rho schedule's update interval)
 MIN_ADMM_STEPS = 100
 #: the search's fine-tuning scorer may take at most this share of the budget's optimiser steps (its fine-tuning
@@ -33,6 +28,15 @@ MIN_ADMM_STEPS = 100
 #: evaluations took 2-3x the retraining's time and scored no better than the starting action (BENCHMARKS.md,
 #: session 22); at 8 epochs and more the default's 20 evaluations fit
 SEARCH_SHARE = 1.0
+#: a search allowed fewer evaluations than this scores its guided start only: at 5 and 8 evaluations the search
+#: never left its start (a weak and a converged base, 4 seeds each at budget 3: the same pick, the same top-1, at
+#: 35-100 s more; BENCHMARKS.md, sessions 22-23); at 20 it moved on 2 of 4 seeds
+MIN_MOVING_EVALUATIONS = 10
+#: the name ``config.yaml`` and the log give the rule
+RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
+       "optimiser steps or no epoch would be left to retrain), the rest as final retraining with distillation from " \
+       "the base; the search fine-tunes its candidates for at most as many steps as the budget trains, and scores " \
+       f"only its guided start when that allows fewer than {MIN_MOVING_EVALUATIONS} evaluations"
 
 
 def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | None = None,
@@ -67,10 +71,12 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
 
 def search_evaluations(budget_steps: int, rounds: int, finetune_steps: int) -> int:
     """Evaluations per round's search within :data:`SEARCH_SHARE` of ``budget_steps`` (the budget's optimiser
-    steps) at ``finetune_steps`` fine-tuning steps per candidate over ``rounds`` searches: at least 1, at most
-    ``search.max_evaluations``' default."""
+    steps) at ``finetune_steps`` fine-tuning steps per candidate over ``rounds`` searches, at most
+    ``search.max_evaluations``' default; 1 (the guided start, scored) when fewer than
+    :data:`MIN_MOVING_EVALUATIONS` fit."""
     default = CompressConfig().search.max_evaluations
-    return max(1, min(default, int(SEARCH_SHARE * budget_steps / (rounds * finetune_steps))))
+    fits = min(default, int(SEARCH_SHARE * budget_steps / (rounds * finetune_steps)))
+    return fits if fits >= MIN_MOVING_EVALUATIONS else 1
 
 
 def _leaves(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -143,5 +149,12 @@ def describe(config: CompressConfig) -> str:
     return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
             f"round{why}, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
             f"final retraining epochs, "
-            f"{'distillation from the base' if config.distillation.enabled else 'no distillation (set)'}, a search of "
-            f"at most {config.search.max_evaluations} evaluations per round (rule {RULE})")
+            f"{'distillation from the base' if config.distillation.enabled else 'no distillation (set)'}, "
+            f"{_search(config.search.max_evaluations)} (rule {RULE})")
+
+
+def _search(evaluations: int) -> str:
+    """What the schedule line says of a search of at most ``evaluations`` evaluations per round."""
+    if evaluations == 1:
+        return "a search that scores its guided start only"
+    return f"a search of at most {evaluations} evaluations per round"

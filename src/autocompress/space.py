@@ -861,8 +861,8 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 
 
-def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims,
-            ignored: set[str] = frozenset()) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
+def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ignored: set[str] = frozenset()
+            ) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
     a problem ("" if the group can be pruned) and the ties of GroupNorms without affine parameters
     (``(norm group of each position, channels, norm name)``, see :func:`_ties`).
