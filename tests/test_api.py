@@ -638,10 +638,12 @@ def test_the_split_hints_fix_works_the_concatenated_layers_in_ignored_layers_sta
     """The refusal above names ``ignored_layers``; with the concatenated layers there, compress runs, keeps them
     whole (and ``c``, which torch-pruning couples with them through the split) and prunes the stem to the target."""
     train, val = loaders()
-    model = trained(StemCatChunk(), train)
+    model, lines = trained(StemCatChunk(), train), []
     result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=1.5x", train_loader=train,
                                    val_loader=val, config={**CONFIG, "dims": "filter", "ignored_layers": ["a", "b"]},
-                                   progress=False)
+                                   progress=False, log=lines.append)
+    assert "ignored_layers: 2 layer(s) keep their filters and weights (a, b; their input channels follow pruned " \
+           "producers); 1 filter group(s) not pruned because they would remove channels of ignored modules (c)" in lines
     compact = result.model
     for name in ("a", "b", "c", "fc"):
         assert compact.get_submodule(name).weight.shape[0] == model.get_submodule(name).weight.shape[0]

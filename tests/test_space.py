@@ -17,7 +17,7 @@ from autocompress.errors import SettingError, UserError
 from autocompress.masks import Masks, apply_masks
 from autocompress.models import create_model
 from autocompress.projection import project
-from autocompress.space import PruningSpace, ignored_modules, keep_count
+from autocompress.space import PruningSpace, ignored_modules, ignored_summary, keep_count
 from autocompress.compaction import compact
 from autocompress.metrics import count_macs
 
@@ -331,9 +331,12 @@ def test_ignored_layers_and_bad_arguments():
     assert "conv2" not in [c.name for c in space.column_layers]
     assert [(g.name, g.consumers) for g in space.filter_groups] == [("conv1", ("conv2",)), ("fc1", ("fc",))]
     assert "ignored" in space.excluded["conv2"]
-    space = PruningSpace.build(Chain(), X, ignored_layers=["bn1"])
-    assert [g.name for g in space.filter_groups] == ["conv2", "fc1"]
+    space = PruningSpace.build(Chain(), X, ignored_layers=["bn1", "fc1"])
+    assert [g.name for g in space.filter_groups] == ["conv2"]
     assert space.excluded["conv1"] == "filter pruning: its channels are also bn1's, which is in ignored_layers"
+    assert ignored_summary(space) == ("ignored_layers: 1 layer(s) keep their filters and weights (fc1; their input "
+                                      "channels follow pruned producers); 1 filter group(s) not pruned because they "
+                                      "would remove channels of ignored modules (conv1)")
     with pytest.raises(UserError, match="nonexistent"):
         PruningSpace.build(Chain(), X, ignored_layers=["nonexistent"])
     with pytest.raises(UserError, match="channels"):
@@ -361,11 +364,12 @@ def test_ignored_modules_cover_each_named_module_and_every_module_below_it(data)
     assert ignored_modules(model, wanted) == {name for name, m in model.named_modules() if id(m) in covered}
 
 
-@pytest.mark.parametrize("wanted", [["nonexistent"], ["conv1", "conv"], [""]])
+@pytest.mark.parametrize("wanted", [["nonexistent"], ["conv1", "fc_1"], [""]])
 def test_an_ignored_layer_that_names_no_module_is_refused_naming_the_setting(wanted):
     with pytest.raises(SettingError, match="names no module of Chain") as info:
         ignored_modules(Chain(), wanted)
     assert info.value.setting == "ignored_layers"
+    assert ("did you mean ['fc1']?" in str(info.value)) == (wanted == ["conv1", "fc_1"])
     assert ignored_modules(Chain(), "conv1") == {"conv1"}  # one name as a string
 
 

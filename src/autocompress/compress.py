@@ -43,7 +43,7 @@ from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_see
 from .runfolder import RunFolder
 from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
 from .serialization import save_compact
-from .space import KINDS, ignored_modules
+from .space import KINDS, ignored_modules, ignored_summary
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
 
 
@@ -327,6 +327,8 @@ class Compression:
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")
+        if self.config.ignored_layers:
+            self.pipeline.log(ignored_summary(self.first_space))
         if not self.task.layout:
             self.pipeline.log("channels-last layout: off (the model's forward fails with channels-last tensors, e.g. "
                               ".view on a convolution's output); training and scoring run in the default layout, "
@@ -712,7 +714,7 @@ class Compression:
             def on_step(step) -> None:
                 record(step)
                 cost = ""
-                if bar.n == 0:  # the first step: what the whole search will cost
+                if bar.n == 0 and planned > 1:  # the first step: what the whole search will cost
                     each = (time.perf_counter() - started) / step.evaluations
                     cost = (f"; {each:.3g} s each, about {each * planned / 60:.2g} min for the search's {planned} "
                             "(search.max_evaluations, and the temperature falling below search.stop_temperature)")

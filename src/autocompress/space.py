@@ -40,6 +40,7 @@ compacted model has (MACs from :mod:`autocompress.metrics`, i.e. ``torch.utils.f
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import math
 from dataclasses import dataclass
@@ -650,9 +651,24 @@ def ignored_modules(model: nn.Module, ignored_layers: Iterable[str]) -> set[str]
     names = [name for name, _ in model.named_modules()]
     unknown = [name for name in wanted if name == "" or name not in names]
     if unknown:
+        close = [match for name in unknown for match in difflib.get_close_matches(name, names, n=1)]
         raise SettingError("ignored_layers", f"ignored_layers={unknown} names no module of {type(model).__name__}",
-                           "use names from model.named_modules(), e.g. the classifier's")
+                           f"did you mean {close}? (names from model.named_modules())" if close else
+                           "use names from model.named_modules()")
     return {name for name in names for prefix in wanted if name == prefix or name.startswith(prefix + ".")}
+
+
+def ignored_summary(space: "PruningSpace") -> str:
+    """One log line: the layers ``ignored_layers`` keeps whole and the filter groups left unpruned because they
+    would remove an ignored module's channels (roots named; see :meth:`PruningSpace.build`)."""
+    kept = [name for name, reason in space.excluded.items() if reason == IGNORED]
+    coupled = [name for name, reason in space.excluded.items() if reason.endswith("which is in ignored_layers")]
+    line = (f"ignored_layers: {len(kept)} layer(s) keep their filters and weights ({', '.join(kept)}; their input "
+            "channels follow pruned producers)")
+    if coupled:
+        line += (f"; {len(coupled)} filter group(s) not pruned because they would remove channels of ignored "
+                 f"modules ({', '.join(coupled)})")
+    return line
 
 
 def _channels(module: nn.Module, out: bool) -> int:
@@ -772,10 +788,14 @@ class _BoundedMappings(list):
         return call
 
 
+#: the exclusion reason of a layer in ``ignored_layers``
+IGNORED = "ignored by request"
+
+
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
                    train_only: bool) -> str:
     if name in ignored:
-        return "ignored by request"
+        return IGNORED
     if own_macs.get(name, 0) == 0 and not train_only:
         return "not reached by the forward pass (eval or train mode)"
     return ""
