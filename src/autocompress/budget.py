@@ -28,9 +28,10 @@ MIN_ADMM_STEPS = 100
 #: evaluations took 2-3x the retraining's time and scored no better than the starting action (BENCHMARKS.md,
 #: session 22); at 8 epochs and more the default's 20 evaluations fit
 SEARCH_SHARE = 1.0
-#: a search allowed fewer evaluations than this scores its guided start only: at 5 and 8 evaluations the search
-#: never left its start (a weak and a converged base, 4 seeds each at budget 3: the same pick, the same top-1, at
-#: 35-100 s more; BENCHMARKS.md, sessions 22-23); at 20 it moved on 2 of 4 seeds
+#: a search allowed fewer evaluations than this scores its guided start only: at 5 evaluations (budget 3, 4 seeds
+#: each) it ended within one test image of its start on a weak base and left it on 1 of 4 seeds of a converged
+#: base (-0.70), at 35-100 s more than the start alone (BENCHMARKS.md, sessions 22-23); 20-evaluation searches
+#: on longer budgets moved from their start in most grid cells
 MIN_MOVING_EVALUATIONS = 10
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \

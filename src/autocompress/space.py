@@ -662,7 +662,7 @@ def ignored_summary(space: "PruningSpace") -> str:
     """One log line: the layers ``ignored_layers`` keeps whole and the filter groups left unpruned because they
     would remove an ignored module's channels (roots named; see :meth:`PruningSpace.build`)."""
     kept = [name for name, reason in space.excluded.items() if reason == IGNORED]
-    coupled = [name for name, reason in space.excluded.items() if reason.endswith("which is in ignored_layers")]
+    coupled = [name for name, reason in space.excluded.items() if reason.endswith(IGNORED_COUPLING)]
     line = (f"ignored_layers: {len(kept)} layer(s) keep their filters and weights ({', '.join(kept)}; their input "
             "channels follow pruned producers)")
     if coupled:
@@ -790,6 +790,8 @@ class _BoundedMappings(list):
 
 #: the exclusion reason of a layer in ``ignored_layers``
 IGNORED = "ignored by request"
+#: how the exclusion reason of a group that would remove an ignored module's channels ends
+IGNORED_COUPLING = "which is in ignored_layers"
 
 
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
@@ -986,7 +988,7 @@ def _holds_tensors(module: nn.Module) -> bool:
 
 def _ignored_problem(name: str) -> str:
     """Why a group that would remove the channels of ``name``, in ``ignored_layers``, is not pruned."""
-    return f"filter pruning: its channels are also {name}'s, which is in ignored_layers"
+    return f"filter pruning: its channels are also {name}'s, {IGNORED_COUPLING}"
 
 
 def _norm_problem(norm: nn.Module, norm_dims: dict) -> str:
