@@ -42,6 +42,9 @@ VARIANTS = {
     "search8": {"search": {"max_evaluations": 8}},
     "search5": {"search": {"max_evaluations": 5}},  # what the budget derives since session 22 (3 x 94 steps / 50)
     "uniform": {"search_mode": "uniform"},  # no search: one rate for every unit (a fresh user's 2 points, session 22)
+    # session 24: with >= 100 steps an epoch the budget spends an epoch per round on ADMM; the same schedule with
+    # that epoch spent on retraining instead (written out: the budget refuses admm.epochs; see schedule())
+    "noadmm": {"admm": {"epochs": 0}},
 }
 #: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
 TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
@@ -74,8 +77,9 @@ class ResidualCNN(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
-def loaders(seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (6,000 images, shuffled by a seeded generator), validation (2,000) and test (2,000) loaders."""
+def loaders(seed: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (6,000 images in batches of ``batch_size``, shuffled by a seeded generator), validation (2,000) and
+    test (2,000) loaders."""
     data = get_dataset("fashion-mnist", val_size=2000, seed=seed, max_train=6000, max_test=2000)
 
     def tensors(split):
@@ -83,7 +87,7 @@ def loaders(seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
         return TensorDataset(images, split.labels)
 
     generator = torch.Generator().manual_seed(seed)
-    return (DataLoader(tensors(data.train), batch_size=64, shuffle=True, generator=generator),
+    return (DataLoader(tensors(data.train), batch_size=batch_size, shuffle=True, generator=generator),
             DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
 
 
@@ -122,21 +126,38 @@ def weak_base(train_loader: DataLoader, seed: int, epochs: int = 2) -> nn.Module
     return model.eval()
 
 
-def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int) -> dict:
+def schedule(variant: str, budget: int, steps_per_epoch: int) -> dict:
+    """The variant's settings over ``budget`` epochs: the budget's own schedule, or, for a variant that sets
+    ``admm.epochs`` (which the budget refuses), the budget's schedule written out with that setting and the
+    freed epochs moved to the final retraining."""
+    settings = VARIANTS[variant]
+    if "admm" not in settings:
+        return {"budget": budget, **settings}
+    from autocompress.budget import budget_schedule
+    from autocompress.config import CompressConfig
+
+    written = budget_schedule(2.0, budget, steps_per_epoch, CompressConfig().quick_eval.finetune_steps)
+    written["final_retrain_epochs"] = budget - written["rounds"] * settings["admm"]["epochs"]
+    return {**written, **settings}
+
+
+def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int, budget: int = 3) -> dict:
     train_loader, val_loader, test_loader = loaders_
-    config = {"budget": 3, "seed": seed, **VARIANTS[variant]}
+    config = {"seed": seed, **schedule(variant, budget, len(train_loader))}
     result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), "flops=2x", train_loader=train_loader,
                                    val_loader=val_loader, config=config, progress=False, log=lambda line: None)
     retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
+    purified = next((r for r in result.records if r["event"] == "purification"), {})
     return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction,
+            "admm_epochs": sum(r["epochs"] for r in result.records if r["event"] == "admm"), "hard_pruned_val": purified.get("val_top1_before"),
             "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain),
             "distilled_steps": next((e["distilled_steps"] for e in retrain if "distilled_steps" in e), None),
             "phase_seconds": {phase: round(s, 1) for phase, s in result.phase_seconds.items()}}
 
 
-def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0.01) -> dict:
-    """Torch-Pruning global magnitude to half the MACs (by its own count), then 3 epochs of SGD at ``lr`` as in the
-    budget."""
+def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0.01, budget: int = 3) -> dict:
+    """Torch-Pruning global magnitude to half the MACs (by its own count), then ``budget`` epochs of SGD at ``lr``
+    as in the budget."""
     import copy
 
     import torch_pruning as tp
@@ -153,7 +174,7 @@ def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0
         pruner.step()
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    train(model, train_loader, 3, optimizer)
+    train(model, train_loader, budget, optimizer)
     return {"top1": top1(model, test_loader), "macs_x": base_macs / metrics.count_macs(model, example)}
 
 
@@ -164,23 +185,28 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/weak_teacher.jsonl")
     parser.add_argument("--base-epochs", type=int, default=2,
                         help="epochs that train the base (2: the weak base; 15: close to converged)")
+    parser.add_argument("--budget", type=int, default=3, help="the compression's training budget in epochs")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="training batch size (64: 94 steps an epoch, below the budget's 100 for ADMM; 32: 188)")
     args = parser.parse_args()
+    setup = {"base_epochs": args.base_epochs, "budget": args.budget, "batch_size": args.batch_size}
     out = Path(args.out)
     done = set()
     if out.exists():
         rows = map(json.loads, out.read_text().splitlines())
-        done = {(r["variant"], r["seed"], r.get("base_epochs", 2)) for r in rows}
+        done = {(r["variant"], r["seed"], r.get("base_epochs", 2), r.get("budget", 3), r.get("batch_size", 64))
+                for r in rows}
     for seed in (int(s) for s in args.seeds.split(",")):
-        data = loaders(seed)
+        data = loaders(seed, args.batch_size)
         base = weak_base(data[0], seed, args.base_epochs)
         base_top1 = top1(base, data[2])
         for variant in args.variants.split(","):
-            if (variant, seed, args.base_epochs) in done:
+            if (variant, seed, *setup.values()) in done:
                 continue
             started = time.perf_counter()
-            row = (run_torch_pruning(base, data, seed, **TP_VARIANTS[variant]) if variant in TP_VARIANTS
-                   else run_autocompress(base, data, variant, seed))
-            row = {"variant": variant, "seed": seed, "base_epochs": args.base_epochs, "base_top1": base_top1,
+            row = (run_torch_pruning(base, data, seed, budget=args.budget, **TP_VARIANTS[variant])
+                   if variant in TP_VARIANTS else run_autocompress(base, data, variant, seed, args.budget))
+            row = {"variant": variant, "seed": seed, **setup, "base_top1": base_top1,
                    **row,
                    "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(row), flush=True)

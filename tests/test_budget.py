@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from autocompress.budget import apply_budget, budget_schedule, describe, given_settings, search_evaluations
+from autocompress.budget import RULE, apply_budget, budget_schedule, describe, given_settings, search_evaluations
 from autocompress.compress import Compression, resolve_config
 from autocompress.config import CompressConfig, SettingError, Target
 
@@ -126,8 +126,8 @@ def test_config_yaml_records_the_derived_schedule(tmp_path, batches, admm):
     final = final if admm else 6
     assert (stored["budget"], stored["rounds"], stored["admm"]["epochs"], stored["retrain"]["epochs"],
             stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, admm, 0, final, True)
-    assert stored["run"]["schedule"].startswith("budget 6 epochs -> 2 round(s)")
-    assert lines[0] == stored["run"]["schedule"] and "rule ac_kd" in lines[0]
+    assert stored["run"]["schedule"].startswith("budget 6 epochs (rule ac_kd) -> 2 round(s)")
+    assert lines[0] == stored["run"]["schedule"] and stored["run"]["rule"] == RULE and RULE not in lines[0]
 
 
 @pytest.mark.parametrize("target, budget, schedule", [("params=10x", 1, (1, 0, 1)), ("params=30x", 1, (2, 0, 1)),

@@ -142,16 +142,17 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
 
 
 def describe(config: CompressConfig) -> str:
-    """One line for the log and ``config.yaml``: the budget and what the rule made of it."""
+    """One line for the log and ``config.yaml`` (``run.schedule``): the budget and what the rule made of it,
+    naming the rule (its words: :data:`RULE`, ``run.rule`` in ``config.yaml``)."""
     why = "" if config.admm.epochs else (
         f" (the budget leaves no epoch to retrain after {config.rounds} ADMM epoch(s))"
         if config.budget <= config.rounds
         else f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)")
-    return (f"budget {config.budget} epochs -> {config.rounds} round(s), {config.admm.epochs} ADMM epoch per "
-            f"round{why}, {config.retrain.epochs} retraining epochs between rounds, {config.final_retrain_epochs} "
-            f"final retraining epochs, "
+    return (f"budget {config.budget} epochs (rule {RULE.partition(':')[0]}) -> {config.rounds} round(s), "
+            f"{config.admm.epochs} ADMM epoch per round{why}, {config.retrain.epochs} retraining epochs between "
+            f"rounds, {config.final_retrain_epochs} final retraining epochs, "
             f"{'distillation from the base' if config.distillation.enabled else 'no distillation (set)'}, "
-            f"{_search(config.search.max_evaluations)} (rule {RULE})")
+            f"{_search(config.search.max_evaluations)}")
 
 
 def _search(evaluations: int) -> str:

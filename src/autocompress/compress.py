@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, allowed_widths, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
-from .budget import apply_budget, describe, given_settings
+from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import check_compactable, compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import deployed_form, with_dense_layers
@@ -387,7 +387,8 @@ class Compression:
                         "device": str(self.device), "autocompress": __version__,
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
                         "guidance": self.config.resolved_guidance,
-                        **({"schedule": describe(self.config)} if self.config.budget is not None else {})},
+                        **({"schedule": describe(self.config), "rule": RULE} if self.config.budget is not None
+                           else {})},
                 "source": self.source}
 
     def _open_store(self, base: nn.Module) -> RunFolder:
