@@ -191,6 +191,11 @@ AUTOCOMPRESS_METHODS = {
     # session 21: a weak base retrained 0.7 points higher at retraining lr 0.05; what does it do on converged ones?
     "ac_budget_lr05": ("autocompress defaults (session 20), `budget`, retraining lr 0.05",
                        {"search": {"guidance": "auto"}, "retrain": {"lr": 0.05}}),
+    # session 24: one ADMM epoch of a short budget left the hard-pruned model where one-shot pruning leaves it
+    # (benchmarks/weak_teacher.py); the budget's split with that epoch spent on retraining instead
+    "ac_budget_noadmm": ("autocompress defaults (session 20), the budget split 0 ADMM + 15 retraining epochs",
+                         {"search": {"guidance": "auto"}, "budget": None, "rounds": 1, "admm": {"epochs": 0},
+                          "retrain": {"epochs": 0}, "final_retrain_epochs": 15, "distillation": {"enabled": True}}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -210,7 +215,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_admm3", "tp_kd_acwidths", "ac_budget_exec_ft", "ac_budget_ft",
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
-            "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop", "ac_budget_lr05")
+            "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop", "ac_budget_lr05", "ac_budget_noadmm")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 

@@ -42,9 +42,11 @@ VARIANTS = {
     "search8": {"search": {"max_evaluations": 8}},
     "search5": {"search": {"max_evaluations": 5}},  # what the budget derives since session 22 (3 x 94 steps / 50)
     "uniform": {"search_mode": "uniform"},  # no search: one rate for every unit (a fresh user's 2 points, session 22)
-    # session 24: with >= 100 steps an epoch the budget spends an epoch per round on ADMM; the same schedule with
-    # that epoch spent on retraining instead (written out: the budget refuses admm.epochs; see schedule())
+    # session 24: with 100-799 steps an epoch the budget spent an epoch per round on ADMM (the rows "stop" at
+    # batch 32 ran so); the schedule written out (the budget refuses admm.epochs; see schedule()) with that epoch
+    # spent on retraining (what the budget derives since), or on ADMM as before
     "noadmm": {"admm": {"epochs": 0}},
+    "admm1": {"admm": {"epochs": 1}},
 }
 #: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
 TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
@@ -149,7 +151,8 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int, 
     retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
     purified = next((r for r in result.records if r["event"] == "purification"), {})
     return {"top1": top1(result.model, test_loader), "macs_x": result.mac_reduction,
-            "admm_epochs": sum(r["epochs"] for r in result.records if r["event"] == "admm"), "hard_pruned_val": purified.get("val_top1_before"),
+            "admm_epochs": sum(r["epochs"] for r in result.records if r["event"] == "admm"),
+            "hard_pruned_val": purified.get("val_top1_before"),
             "distilled_epochs": sum(bool(epoch["distilled"]) for epoch in retrain), "retrain_epochs": len(retrain),
             "distilled_steps": next((e["distilled_steps"] for e in retrain if "distilled_steps" in e), None),
             "phase_seconds": {phase: round(s, 1) for phase, s in result.phase_seconds.items()}}

@@ -855,3 +855,55 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
                            val_loader=val, dims=("filter",), admm=autocompress.admm.ADMMConfig(epochs=1),
                            retrain=autocompress.training.TrainConfig(epochs=0), progress=False)
     assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == warned
+
+
+@pytest.mark.parametrize("batch_size, batch_norm, warned", [(4, True, True), (7, True, True), (8, True, False),
+                                                             (4, False, False)])
+def test_batches_too_small_for_batch_norm_are_warned_about(caplog, batch_size, batch_norm, warned):
+    """A fresh user's batches of 1 ended at 31.9 % with advice about the target only: below 8 items a batch of
+    a model with BatchNorm is warned about before any work."""
+    train, val = loaders(batch_size)
+    model = SmallCNN()
+    if not batch_norm:
+        model.bn1, model.bn2 = nn.Identity(), nn.Identity()
+    with caplog.at_level("WARNING", logger="autocompress"):
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                              config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
+    messages = [r.getMessage() for r in caplog.records if "BatchNorm layers" in r.getMessage()]
+    assert messages == ([f"WARNING: train_loader's batches hold {batch_size} item(s) and the model has BatchNorm "
+                         "layers, whose statistics from so few items are noisy in retraining and BatchNorm "
+                         "re-estimation; use batches of 8 or more"] if warned else [])
+
+
+def test_a_one_evaluation_search_takes_its_guided_start_unscored(monkeypatch):
+    """With ``search.max_evaluations: 1`` (what a short budget derives) the round takes the annealing's starting
+    action without building or calling the quick evaluation (a fresh user's one-step epochs of 20,000 images
+    spent minutes fine-tuning the one candidate); the rates are the ones the annealing starts from."""
+    import importlib
+
+    from autocompress.annealing import AnnealingResult
+
+    compress_module = importlib.import_module("autocompress.compress")  # the package's name is the function
+
+    train, val = loaders()
+    model = trained(SmallCNN(), train)
+
+    def start_only(initial, evaluate, perturb, config, **kwargs):  # the annealing's start, returned unscored
+        return AnnealingResult(best_action=initial, best_score=float("nan"), trajectory=[])
+
+    monkeypatch.setattr(compress_module, "simulated_annealing", start_only)
+    expected = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                                     val_loader=val, config=CONFIG, progress=False, log=lambda line: None)
+
+    def unused(*args, **kwargs):
+        raise AssertionError("the quick evaluation was built for a one-candidate search")
+
+    monkeypatch.setattr(compress_module, "QuickEvaluator", unused)
+    monkeypatch.setattr(compress_module, "simulated_annealing", unused)
+    lines: list[str] = []
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                                   config={**CONFIG, "search": {"max_evaluations": 1}}, progress=False,
+                                   log=lines.append)
+    assert result.rounds[0]["rates"] == expected.rounds[0]["rates"] and result.compression_rate >= 2.0 * 0.99
+    assert any("search: the guided start, not scored (search.max_evaluations 1" in line for line in lines)
+    assert not any("search: evaluation" in line or "quick evaluation by" in line for line in lines)

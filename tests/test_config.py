@@ -32,6 +32,8 @@ def test_target_parsing():
                        ("latency=0ms", "latency must be > 0")):
         with pytest.raises(SettingError, match=words):
             Target.parse(bad)
+    with pytest.raises(SettingError, match="a MACs reduction is a flops target; write flops=3x "):
+        Target.parse("MACs=3x")  # a fresh user's guess (session 24)
 
 
 def test_round_schedules():

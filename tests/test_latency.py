@@ -239,16 +239,17 @@ def test_eager_slower_warning_names_the_slower_batches():
     from autocompress.compress import _eager_slower_warning
 
     base, fast = {"latency_b1_ms": 1.0, "latency_b64_ms": 10.0}, {"latency_b1_ms": 0.5, "latency_b64_ms": 9.0}
-    assert _eager_slower_warning(base, fast, torch.device("cpu")) is None
-    assert _eager_slower_warning(base, {"latency_b1_ms": 1.04, "latency_b64_ms": 10.4}, torch.device("cpu")) is None
-    warning = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"))
+    assert _eager_slower_warning(base, fast, torch.device("cpu"), 7) is None
+    assert _eager_slower_warning(base, {"latency_b1_ms": 1.04, "latency_b64_ms": 10.4}, torch.device("cpu"), 7) is None
+    warning = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"), 7)
     assert warning.startswith("WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch "
-                              "on cpu: batch 1: 1.5 ms vs 1 ms (median") and "batch 64" not in warning
+                              "on cpu: batch 1: 1.5 ms vs 1 ms (median of 7 interleaved runs")
+    assert "batch 64" not in warning
     assert warning.endswith("latency target") and "channel_multiple (e.g. auto)" in warning
-    aligned = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"),
+    aligned = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"), 7,
                                     aligned=True)
     assert aligned.endswith("and a latency target") and "channel_multiple" not in aligned
-    assert not _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"),
+    assert not _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"), 7,
                                      latency_target=True).endswith("latency target")
 
 

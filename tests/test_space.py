@@ -534,6 +534,20 @@ def test_check_dims_refuses_a_kind_without_units_naming_the_module():
         space.check_dims(["filter", "column"])
 
 
+def test_check_dims_names_every_ignored_module_that_leaves_no_unit():
+    """A fresh user ignored four blocks and was told of the first only (session 24): up to three are named, with
+    a count of the rest."""
+    layers = [m for _ in range(5) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    space = PruningSpace.build(model, torch.randn(1, 4, 8, 8), dims=("filter",),
+                               ignored_layers=["0", "2", "4", "6", "8"])
+    with pytest.raises(UserError) as error:
+        space.check_dims(["filter"])
+    message = str(error.value)
+    assert "(0: ignored by request; 2: ignored by request; 4: ignored by request; and 3 more)" in message  # +head
+    assert "so that one of them can be pruned" in message
+
+
 class WideGrouped(nn.Module):
     """A 1x1 conv of 16 channels into a grouped conv (2 conv groups) of 16: every channel tied to its twin."""
 

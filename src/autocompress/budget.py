@@ -7,9 +7,11 @@ assume a far larger budget): one round per decade of the target (10x: one round,
 last round's retraining, with knowledge distillation from the base model. At short budgets ADMM does not
 converge (the hard-pruned model is near chance after it), so epochs buy more as retraining of the final
 architecture, and distillation from the base adds about a point there; rounds keep each search step at most
-10x. An epoch of fewer than :data:`MIN_ADMM_STEPS` optimiser steps gets no ADMM at all (session 10: with
-16 steps per epoch the ADMM epoch cost 22.8 points of top-1 against spending it on retraining; the default
-rho schedule raises rho only every 100 steps). The search's fine-tuning scorer gets at most
+10x. An epoch of fewer than :data:`MIN_ADMM_STEPS` optimiser steps gets no ADMM at all: within so short an
+epoch the default rho schedule (0.02, x1.6 every 100 steps) stays far below 1, the weights barely move toward
+their projection, and hard pruning after it lands where one-shot pruning of the base does, one retraining
+epoch fewer (BENCHMARKS.md sessions 10 and 24: 16 steps cost 22.8 points of top-1; 188 steps 0.78 points on a
+weak base and nothing on a converged one). The search's fine-tuning scorer gets at most
 :data:`SEARCH_SHARE` of the budget's optimiser steps (fewer evaluations on short budgets).
 ``benchmarks/run_grid.py`` (variant ``ac_kd``) uses the same function.
 """
@@ -21,23 +23,26 @@ from .config import CompressConfig, SettingError, from_dict, getattr_dotted
 from .errors import show
 from .quick_eval import resolved_scorer
 
-#: an epoch of fewer optimiser steps gets no ADMM under the rule (the default rho schedule's update interval)
-MIN_ADMM_STEPS = 100
+#: an epoch of fewer optimiser steps gets no ADMM under the rule: the default rho schedule (0.02, x1.6 every 100
+#: steps) reaches 0.86 after 800 steps; one ADMM epoch of 859 steps brought the hard-pruned model to 89.9 % (the
+#: demo, base 93.3 %), of 188-390 steps it left it at 10-23 %, as one-shot pruning does (sessions 6, 16 and 24)
+MIN_ADMM_STEPS = 800
 #: the search's fine-tuning scorer may take at most this share of the budget's optimiser steps (its fine-tuning
 #: steps per candidate x evaluations, over every round): at a 3-epoch budget of 94 steps an epoch, 20
 #: evaluations took 2-3x the retraining's time and scored no better than the starting action (BENCHMARKS.md,
 #: session 22); at 8 epochs and more the default's 20 evaluations fit
 SEARCH_SHARE = 1.0
-#: a search allowed fewer evaluations than this scores its guided start only: at 5 evaluations (budget 3, 4 seeds
+#: a search allowed fewer evaluations than this takes its guided start, unscored: at 5 evaluations (budget 3, 4 seeds
 #: each) it ended within one test image of its start on a weak base and left it on 1 of 4 seeds of a converged
 #: base (-0.70), at 35-100 s more than the start alone (BENCHMARKS.md, sessions 22-23); 20-evaluation searches
 #: on longer budgets moved from their start in most grid cells
 MIN_MOVING_EVALUATIONS = 10
 #: the name ``config.yaml`` and the log give the rule
-RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than 100 " \
-       "optimiser steps or no epoch would be left to retrain), the rest as final retraining with distillation from " \
-       "the base; the search fine-tunes its candidates for at most as many steps as the budget trains, and scores " \
-       f"only its guided start when that allows fewer than {MIN_MOVING_EVALUATIONS} evaluations"
+RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than " \
+       f"{MIN_ADMM_STEPS} optimiser steps or no epoch would be left to retrain), the rest as final retraining " \
+       "with distillation from the base; the search fine-tunes its candidates for at most as many steps as the " \
+       f"budget trains, and takes its guided start unscored when that allows fewer than {MIN_MOVING_EVALUATIONS} " \
+       "evaluations"
 
 
 def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | None = None,
@@ -73,7 +78,7 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
 def search_evaluations(budget_steps: int, rounds: int, finetune_steps: int) -> int:
     """Evaluations per round's search within :data:`SEARCH_SHARE` of ``budget_steps`` (the budget's optimiser
     steps) at ``finetune_steps`` fine-tuning steps per candidate over ``rounds`` searches, at most
-    ``search.max_evaluations``' default; 1 (the guided start, scored) when fewer than
+    ``search.max_evaluations``' default; 1 (the guided start, not scored) when fewer than
     :data:`MIN_MOVING_EVALUATIONS` fit."""
     default = CompressConfig().search.max_evaluations
     fits = min(default, int(SEARCH_SHARE * budget_steps / (rounds * finetune_steps)))
@@ -158,5 +163,5 @@ def describe(config: CompressConfig) -> str:
 def _search(evaluations: int) -> str:
     """What the schedule line says of a search of at most ``evaluations`` evaluations per round."""
     if evaluations == 1:
-        return "a search that scores its guided start only"
+        return "no search: the guided start, not scored"
     return f"a search of at most {evaluations} evaluations per round"

@@ -608,6 +608,10 @@ class Compression:
         if self.config.search_mode == "uniform":  # ablation: one rate for every unit, no search
             result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
                                      best_score=float("nan"), trajectory=[])
+        elif self.config.search.max_evaluations == 1:  # one candidate: nothing to compare, so nothing to score
+            self.pipeline.log(f"round {state.index} search: the guided start, not scored (search.max_evaluations "
+                              "1: no candidate to compare it with)")
+            result = AnnealingResult(best_action=sampler.initial_action(), best_score=float("nan"), trajectory=[])
         else:
             result = self._anneal(state, sampler)
         action, calibration = result.best_action, []
@@ -852,7 +856,8 @@ class Compression:
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
-        for warning in (_eager_slower_warning(*rows, self.device, latency_target=self.table is not None,
+        for warning in (_eager_slower_warning(*rows, self.device, self.config.latency_runs,
+                                              latency_target=self.table is not None,
                                               aligned=self.multiple > 1),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
@@ -885,10 +890,11 @@ class Compression:
                               phase_seconds=report.phase_seconds(records))
 
 
-def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *, latency_target: bool = False,
-                          aligned: bool = False) -> str | None:
+def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
+                          latency_target: bool = False, aligned: bool = False) -> str | None:
     """The warning when the compact model, as stored, runs more than 5 % slower than the base in eager
-    PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns), at batch 1 or 64; like
+    PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at batch 1 or 64;
+    like
     :func:`autocompress.latency.slower_warning` it suggests ``channel_multiple`` only when the widths were not
     ``aligned`` already."""
     slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
@@ -896,7 +902,7 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, *,
     if not slower:
         return None
     return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
-            f"{'; '.join(slower)} (median of latency_runs interleaved runs); to run it in PyTorch, use "
+            f"{'; '.join(slower)} (median of {runs} interleaved runs, setting latency_runs); to run it in PyTorch, use "
             "autocompress.deployed_form(model, example, {'runtime': 'torch'}).model"
             + ("" if latency_target else ", and a latency target" if aligned
                else ", and channel_multiple (e.g. auto) or a latency target"))

@@ -61,6 +61,10 @@ class Target:
                              flags=re.IGNORECASE) if isinstance(text, str) and len(text) < 100 else None
         objective, unit = (match.group(1).lower(), (match.group(3) or "").lower() or None) if match else (None, None)
         ms = unit == "ms"
+        if not match and isinstance(text, str) and re.match(r"\s*macs\s*=", text, flags=re.IGNORECASE):
+            raise SettingError("target", f"cannot read target {show(text)}: a MACs reduction is a flops target",
+                               f"write {re.sub(r'(?i)macs', 'flops', text.strip(), count=1)} (the factor is the "
+                               "same for FLOPs and MACs: FLOPs = 2 x MACs)")
         if not match or (ms and objective != "latency"):
             raise SettingError("target", f"cannot read target {show(text)}",
                                "write OBJECTIVE=FACTORx with OBJECTIVE params, flops or latency and 1 < FACTOR "

@@ -405,16 +405,20 @@ class PruningSpace:
         """Refuse, before any work, pruning ``dims`` when one of these kinds has no unit in the space.
 
         Raises:
-            UserError: naming the kind, the first excluded module and its reason (e.g. the model torch-pruning
-                cannot trace: no filter group), and the fix (other dims, or the module out of ignored layers).
+            UserError: naming the kind, up to three excluded modules and their reasons (e.g. the model
+                torch-pruning cannot trace: no filter group), and the fix (other dims, or the modules out of
+                ignored layers).
         """
         for kind in dims:
             if not self._units[kind]:
-                name, reason = next(((n, r) for n, r in self.excluded.items() if kind in r or "ignored" in r),
-                                    next(iter(self.excluded.items()), ("", "no Conv / Linear layer")))
-                raise UserError(f"no {kind} unit can be pruned in this model ({name or 'the model'}: {reason})",
-                                f"drop {kind} from dims, or change the model / ignored layers so that "
-                                f"{name or 'it'} can be pruned")
+                why = ([(n, r) for n, r in self.excluded.items() if kind in r or "ignored" in r]
+                       or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
+                named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
+                more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
+                which = why[0][0] or "it" if len(why) == 1 else "one of them"
+                raise UserError(f"no {kind} unit can be pruned in this model ({named}{more})",
+                                f"drop {kind} from dims, or change the model / ignored layers so that {which} can "
+                                "be pruned")
 
     def filter_keep(self, group: FilterGroup, rate: float) -> int:
         """Channels a filter group keeps at ``rate``: whole tie classes (:meth:`filter_keep_classes`);
