@@ -847,8 +847,7 @@ class Compression:
         deployed = self._deployed(compact_model)
         rows = []
         models = {"base": self.pipeline.base_model, "compressed": compact_model}
-        latency = {b: metrics.measure_latencies(models, _batch_of(self.example, b), runs=self.config.latency_runs)
-                   for b in (1, 64)}
+        latency, runs = self._eager_latencies(models)
         for name, net in models.items():
             rows.append({"model": name, "params": self.pipeline.params(net), "macs": self.pipeline.macs(net),
                          **self.pipeline.scored(self.base_score if name == "base" else self.task.score(net)),
@@ -856,7 +855,7 @@ class Compression:
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
-        for warning in (_eager_slower_warning(*rows, self.device, self.config.latency_runs,
+        for warning in (_eager_slower_warning(*rows, self.device, runs,
                                               latency_target=self.table is not None,
                                               aligned=self.multiple > 1),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
@@ -866,8 +865,20 @@ class Compression:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
-                "device": str(self.device), "latency_runs": self.config.latency_runs,
+                "device": str(self.device), "latency_runs": runs,
                 "phase_seconds": phase_seconds, **deployed}
+
+    def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
+        """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
+        of ``latency_runs``; when the compressed model looks more than :data:`EAGER_SLOWER` times slower at either
+        batch, both batches are timed again with 3x the runs and that measurement stands (one noisy measurement
+        on a shared machine made a fresh user's SLOWER warning). Returns ``{batch: {name: Timing}}`` and the runs
+        behind it."""
+        for runs in (self.config.latency_runs, 3 * self.config.latency_runs):
+            latency = {b: metrics.measure_latencies(models, _batch_of(self.example, b), runs=runs) for b in (1, 64)}
+            if all(t["compressed"].median_ms <= EAGER_SLOWER * t["base"].median_ms for t in latency.values()):
+                break
+        return latency, runs
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
         """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
@@ -890,15 +901,18 @@ class Compression:
                               phase_seconds=report.phase_seconds(records))
 
 
+#: the compact model runs "slower" in eager PyTorch beyond this ratio to the base's latency (5 %: noise below)
+EAGER_SLOWER = 1.05
+
+
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
                           latency_target: bool = False, aligned: bool = False) -> str | None:
-    """The warning when the compact model, as stored, runs more than 5 % slower than the base in eager
-    PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at batch 1 or 64;
-    like
-    :func:`autocompress.latency.slower_warning` it suggests ``channel_multiple`` only when the widths were not
-    ``aligned`` already."""
+    """The warning when the compact model, as stored, runs more than :data:`EAGER_SLOWER` times slower than the
+    base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at
+    batch 1 or 64; like :func:`autocompress.latency.slower_warning` it suggests ``channel_multiple`` only when the
+    widths were not ``aligned`` already."""
     slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
-              for b in (1, 64) if compressed[f"latency_b{b}_ms"] > 1.05 * base[f"latency_b{b}_ms"]]
+              for b in (1, 64) if compressed[f"latency_b{b}_ms"] > EAGER_SLOWER * base[f"latency_b{b}_ms"]]
     if not slower:
         return None
     return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
