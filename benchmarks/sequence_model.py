@@ -1,0 +1,172 @@
+"""A fresh user's 1D-convolution sequence classifier (session 24): which default costs the points that Torch-Pruning
+wins by at ``flops=2x`` and a 4-epoch budget?
+
+The model reads each Fashion-MNIST image as a sequence of 28 rows of 28 features: a Conv1d stem, three dilated
+residual blocks with squeeze-excitation gates, a stride-2 Conv1d, one more gated block, global average pooling and a
+Linear head (487,714 parameters, 8.78 M MACs). The base trains for 8 epochs (SGD, one-cycle lr 0.05) on 10,000
+training images; 2,000 more validate, 4,000 test images score. Each variant is ``autocompress.compress`` with
+``budget: 4`` and its overrides, or (``torch_pruning``) Torch-Pruning's global magnitude pruning to the same MACs
+followed by 4 epochs of the base's own training loop. One JSON line per (variant, seed) in ``--out``; rows already
+there are skipped.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/sequence_model.py \\
+        --variants default,nokd,torch_pruning --seeds 0,1,2 --out benchmarks/results/sequence_model.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import autocompress
+from autocompress import metrics
+from autocompress.data import get_dataset
+
+VARIANTS = {"default": {}, "nokd": {"distillation": {"enabled": False}}, "m1": {"channel_multiple": 1},
+            "lr0.05": {"retrain": {"lr": 0.05}}, "uniform": {"search_mode": "uniform"}}
+EXAMPLE = torch.zeros(1, 28, 28)
+
+
+class Gate(nn.Module):
+    """Squeeze-excitation over the channels of ``[B, C, L]``."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(channels, channels // reduction), nn.Linear(channels // reduction, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(-1))))).unsqueeze(-1)
+
+
+class Block(nn.Module):
+    """Dilated conv-BN-ReLU, conv-BN, gate, residual add, ReLU."""
+
+    def __init__(self, channels: int, dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2, self.bn2 = nn.Conv1d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm1d(channels)
+        self.gate = Gate(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.gate(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))))
+
+
+class SequenceNet(nn.Module):
+    """``[B, 28, 28]`` (rows, columns) -> ``[B, 10]``, the rows as the sequence."""
+
+    def __init__(self, width: int = 96):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(28, width, 3, padding=1, bias=False), nn.BatchNorm1d(width), nn.ReLU())
+        self.blocks = nn.Sequential(Block(width, 1), Block(width, 2), Block(width, 4))
+        self.down = nn.Sequential(nn.Conv1d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm1d(2 * width), nn.ReLU())
+        self.block4 = Block(2 * width)
+        self.head = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block4(self.down(self.blocks(self.stem(x.transpose(1, 2)))))
+        return self.head(x.mean(-1))
+
+
+def loaders(seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (10,000 images, batches of 128 shuffled by a seeded generator), validation (2,000), test (4,000)."""
+    data = get_dataset("fashion-mnist", val_size=2000, seed=0, max_train=10000, max_test=4000)
+
+    def sequences(split):
+        return TensorDataset((split.images.float().squeeze(1) / 255.0 - data.mean[0]) / data.std[0], split.labels)
+
+    generator = torch.Generator().manual_seed(seed)
+    return (DataLoader(sequences(data.train), batch_size=128, shuffle=True, generator=generator),
+            DataLoader(sequences(data.val), batch_size=256), DataLoader(sequences(data.test), batch_size=500))
+
+
+def top1(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return 100.0 * correct / len(loader.dataset)
+
+
+def train(model: nn.Module, loader: DataLoader, epochs: int) -> None:
+    """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a one-cycle lr peaking at 0.05: the user's own loop."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.05, total_steps=epochs * len(loader), pct_start=0.15)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            schedule.step()
+
+
+def base_model(path: Path) -> nn.Module:
+    """The base: trained once (seed 0, 8 epochs) and kept at ``path``."""
+    model = SequenceNet()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    torch.manual_seed(0)
+    train(model, loaders(0)[0], 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def run_autocompress(base: nn.Module, data: tuple, variant: str, seed: int) -> dict:
+    result = autocompress.compress(base, EXAMPLE, "flops=2x", train_loader=data[0], val_loader=data[1],
+                                   config={"budget": 4, "seed": seed, **VARIANTS[variant]}, device="cpu",
+                                   progress=False, log=lambda line: None)
+    return {"top1": top1(result.model, data[2]), "macs_x": result.mac_reduction, "params_x": result.compression_rate}
+
+
+def run_torch_pruning(base: nn.Module, data: tuple, seed: int) -> dict:
+    """Torch-Pruning global magnitude pruning (head kept) to half the MACs, then 4 epochs of :func:`train`."""
+    import torch_pruning as tp
+
+    model, base_macs = copy.deepcopy(base), metrics.count_macs(base, EXAMPLE)
+    pruner = tp.pruner.MagnitudePruner(model, EXAMPLE, importance=tp.importance.MagnitudeImportance(p=2),
+                                       global_pruning=True, pruning_ratio=0.9, iterative_steps=200,
+                                       ignored_layers=[model.head])
+    while metrics.count_macs(model, EXAMPLE) > base_macs / 2:
+        pruner.step()
+    torch.manual_seed(seed)
+    train(model, data[0], 4)
+    return {"top1": top1(model, data[2]), "macs_x": base_macs / metrics.count_macs(model, EXAMPLE),
+            "params_x": sum(p.numel() for p in base.parameters()) / sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="default,nokd,torch_pruning")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--base", default=str(Path.home() / ".cache/autocompress-bench/sequence_net_base.pt"))
+    parser.add_argument("--out", default="benchmarks/results/sequence_model.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    done = {(r["variant"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    base = base_model(Path(args.base))
+    for seed in (int(s) for s in args.seeds.split(",")):
+        data = loaders(seed)
+        for variant in (v for v in args.variants.split(",") if (v, seed) not in done):
+            started = time.perf_counter()
+            row = run_torch_pruning(base, data, seed) if variant == "torch_pruning" else \
+                run_autocompress(base, data, variant, seed)
+            row = {"variant": variant, "seed": seed, "base_top1": top1(base, data[2]), **row,
+                   "seconds": round(time.perf_counter() - started, 1)}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
