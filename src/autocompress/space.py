@@ -415,7 +415,7 @@ class PruningSpace:
                        or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
                 named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
                 more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
-                which = why[0][0] or "it" if len(why) == 1 else "one of them"
+                which = (why[0][0] or "it") if len(why) == 1 else "one of them"
                 raise UserError(f"no {kind} unit can be pruned in this model ({named}{more})",
                                 f"drop {kind} from dims, or change the model / ignored layers so that {which} can "
                                 "be pruned")
