@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import autocompress
 from autocompress import metrics
 from autocompress.data import get_dataset
+from weak_teacher import append_row, top1  # a sibling script: benchmarks/ is on sys.path when run as a script
 
 VARIANTS = {"default": {}, "nokd": {"distillation": {"enabled": False}}, "m1": {"channel_multiple": 1},
             "lr0.05": {"retrain": {"lr": 0.05}}, "uniform": {"search_mode": "uniform"}}
@@ -86,13 +87,6 @@ def loaders(seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
     generator = torch.Generator().manual_seed(seed)
     return (DataLoader(sequences(data.train), batch_size=128, shuffle=True, generator=generator),
             DataLoader(sequences(data.val), batch_size=256), DataLoader(sequences(data.test), batch_size=500))
-
-
-def top1(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
-    return 100.0 * correct / len(loader.dataset)
 
 
 def train(model: nn.Module, loader: DataLoader, epochs: int) -> None:
@@ -163,9 +157,7 @@ def main() -> None:
                 run_autocompress(base, data, variant, seed)
             row = {"variant": variant, "seed": seed, "base_top1": top1(base, data[2]), **row,
                    "seconds": round(time.perf_counter() - started, 1)}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(out, row)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,13 @@ def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0
     return {"top1": top1(model, test_loader), "macs_x": base_macs / metrics.count_macs(model, example)}
 
 
+def append_row(out: Path, row: dict) -> None:
+    """Print ``row`` and append it to ``out`` as one JSON line (a rerun skips the rows already there)."""
+    print(json.dumps(row), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="kd,nokd,alpha0.5,torch_pruning")
@@ -212,9 +219,7 @@ def main() -> None:
             row = {"variant": variant, "seed": seed, **setup, "base_top1": base_top1,
                    **row,
                    "seconds": round(time.perf_counter() - started, 1)}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(out, row)
 
 
 if __name__ == "__main__":
