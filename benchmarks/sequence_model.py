@@ -29,6 +29,7 @@ import autocompress
 from autocompress import metrics
 from autocompress.data import get_dataset
 from weak_teacher import append_row, top1  # a sibling script: benchmarks/ is on sys.path when run as a script
+from weak_teacher import train as train_steps
 
 VARIANTS = {"default": {}, "nokd": {"distillation": {"enabled": False}}, "m1": {"channel_multiple": 1},
             "lr0.05": {"retrain": {"lr": 0.05}}, "uniform": {"search_mode": "uniform"}}
@@ -93,22 +94,16 @@ def train(model: nn.Module, loader: DataLoader, epochs: int) -> None:
     """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a one-cycle lr peaking at 0.05: the user's own loop."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.05, total_steps=epochs * len(loader), pct_start=0.15)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
+    train_steps(model, loader, epochs, optimizer, schedule)
 
 
 def base_model(path: Path) -> nn.Module:
-    """The base: trained once (seed 0, 8 epochs) and kept at ``path``."""
+    """The base: trained once (initialised and trained under seed 0, 8 epochs) and kept at ``path``."""
+    torch.manual_seed(0)  # torch's default seed differs per process: the initialisation needs it too
     model = SequenceNet()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    torch.manual_seed(0)
     train(model, loaders(0)[0], 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

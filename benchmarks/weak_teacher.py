@@ -103,13 +103,17 @@ def top1(model: nn.Module, loader: DataLoader) -> float:
     return 100.0 * correct / total
 
 
-def train(model: nn.Module, loader: DataLoader, epochs: int, optimizer: torch.optim.Optimizer) -> None:
+def train(model: nn.Module, loader: DataLoader, epochs: int, optimizer: torch.optim.Optimizer,
+          schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """``epochs`` of cross-entropy steps; ``schedule`` (if given) steps after every optimiser step."""
     model.train()
     for _ in range(epochs):
         for x, y in loader:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
 
 
 def weak_base(train_loader: DataLoader, seed: int, epochs: int = 2) -> nn.Module:

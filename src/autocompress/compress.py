@@ -756,8 +756,8 @@ class Compression:
     def _check_latency(self, result: CompressResult, compact_model: nn.Module) -> None:
         """A latency target is met or refused. Met when the final record's measured speedup at the target's batch
         is at least ``(1 - latency.tolerance)`` x the target; below it, base and compact model are timed again
-        with 3x ``latency.runs`` (one noisy measurement does not refuse a trained model) and that decides; the
-        second timing is a ``latency_recheck`` record (metrics and ``result.records``). Refused:
+        with :data:`RECHECK_RUNS` x ``latency.runs`` (one noisy measurement does not refuse a trained model) and
+        that decides; the second timing is a ``latency_recheck`` record (metrics and ``result.records``). Refused:
         :class:`TargetMissed` with both measurements, carrying ``result`` (and the run folder, when there is one)."""
         if self.table is None:
             return
@@ -766,10 +766,11 @@ class Compression:
         limit = self.factor * (1 - settings.tolerance)
         if first["speedup"] >= limit:
             return
-        again = distributed.on_main(lambda: self._timed_against_base(compact_model, runs=3 * settings.runs))
+        runs = RECHECK_RUNS * settings.runs
+        again = distributed.on_main(lambda: self._timed_against_base(compact_model, runs=runs))
         self.pipeline.log(f"latency target: measured {first['speedup']:.3g}x, below {limit:.3g}x; timed again with "
-                          f"{3 * settings.runs} runs: {again['speedup']:.3g}x")
-        recheck = {"event": "latency_recheck", "batch": settings.batch, "runs": 3 * settings.runs, **again}
+                          f"{runs} runs: {again['speedup']:.3g}x")
+        recheck = {"event": "latency_recheck", "batch": settings.batch, "runs": runs, **again}
         self.store.record(recheck)
         result.records.append(recheck)
         if again["speedup"] >= limit:
@@ -871,10 +872,10 @@ class Compression:
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
         of ``latency_runs``; when the compressed model looks more than :data:`EAGER_SLOWER` times slower at either
-        batch, both batches are timed again with 3x the runs and that measurement stands (one noisy measurement
-        on a shared machine made a fresh user's SLOWER warning). Returns ``{batch: {name: Timing}}`` and the runs
-        behind it."""
-        for runs in (self.config.latency_runs, 3 * self.config.latency_runs):
+        batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that measurement stands (one
+        noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
+        ``{batch: {name: Timing}}`` and the runs behind it."""
+        for runs in (self.config.latency_runs, RECHECK_RUNS * self.config.latency_runs):
             latency = {b: metrics.measure_latencies(models, _batch_of(self.example, b), runs=runs) for b in (1, 64)}
             if all(t["compressed"].median_ms <= EAGER_SLOWER * t["base"].median_ms for t in latency.values()):
                 break
@@ -903,6 +904,8 @@ class Compression:
 
 #: the compact model runs "slower" in eager PyTorch beyond this ratio to the base's latency (5 %: noise below)
 EAGER_SLOWER = 1.05
+#: a timing that would refuse a latency target or warn of a slower model is repeated with this many times the runs
+RECHECK_RUNS = 3
 
 
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
