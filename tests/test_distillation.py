@@ -290,16 +290,19 @@ def test_retraining_stops_distilling_after_the_test_that_passes(passes, forwards
     last; from the one that passes on, the teacher never runs (5 batches an epoch; its outputs come from a
     cache after the first epoch)."""
     distiller = Distiller(_net(0), DistillationConfig(enabled=True))
-    asked = []
+    asked, at = [], []
 
-    def release(model, stats):
+    def release(model, stats, when):
         asked.append(model)
         stats["tested"] = len(asked)
+        at.append(when)
         return len(asked) == passes
 
     student, history, seen = _retrain(distiller, release)
     assert seen == forwards and [epoch["distilled"] for epoch in history] == distilled
     assert len(asked) == min(passes, 5) and all(model is student for model in asked)
+    assert at == ["at step 1/5 of epoch 1", "at step 2/5 of epoch 1", "at step 4/5 of epoch 1", "after epoch 1/3",
+                  "after epoch 2/3"][:passes]
     assert history[0].get("distilled_steps") == steps
     if steps is not None:  # the test's own record of the stop goes to the epoch's history
         assert history[0]["tested"] == passes
@@ -311,7 +314,7 @@ def test_a_resumed_retraining_keeps_distillation_stopped():
     from autocompress.epoch_checkpoint import EpochCheckpoint
 
     distiller = Distiller(_net(0), DistillationConfig(enabled=True))
-    whole, _, _ = _retrain(distiller, lambda model, stats: True)
+    whole, _, _ = _retrain(distiller, lambda model, stats, when: True)
     stored: dict = {}
 
     def checkpoint(loader):  # saves / restores the loader's shuffling generator too
@@ -326,10 +329,10 @@ def test_a_resumed_retraining_keeps_distillation_stopped():
 
     killed = _loader()
     with pytest.raises(KeyboardInterrupt):
-        _retrain(distiller, lambda model, stats: True, checkpoint(killed), loader=Killed(killed, None))
+        _retrain(distiller, lambda model, stats, when: True, checkpoint(killed), loader=Killed(killed, None))
     assert stored["epoch"] == 2 and stored["loop"]["distilling"] is False
     again = _loader()
-    resumed, history, forwards = _retrain(distiller, lambda model, stats: pytest.fail("asked again"),
+    resumed, history, forwards = _retrain(distiller, lambda model, stats, when: pytest.fail("asked again"),
                                           checkpoint(again), loader=again)
     assert [epoch["distilled"] for epoch in history] == [True, False, False] and forwards == [0]
     for a, b in zip(resumed.parameters(), whole.parameters()):

@@ -13,8 +13,8 @@ from autocompress.checkpoint import load_checkpoint
 from autocompress.data import TensorSplit
 from autocompress.errors import UserError
 from autocompress.models import create_model
-from autocompress.training import (TrainConfig, build_optimizer, build_scheduler, check_model_input, evaluate,
-                                   fit, seeded, train_epoch)
+from autocompress.training import (TrainConfig, above_bars, build_optimizer, build_scheduler, check_model_input,
+                                   evaluate, fit, seeded, train_epoch)
 
 
 def _tiny():
@@ -263,3 +263,24 @@ def test_a_strided_1x1_convolution_of_few_input_channels_trains_in_the_default_l
         optimizer.step()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_line_logged_during_an_epoch_stands_above_the_progress_bar(capsys, wrapped):
+    """above_bars clears the bar before the line (the line starts after a carriage return, not after the bar's
+    text) and redraws the bar after it; a plain print lands inside the bar."""
+    import sys
+
+    from tqdm import tqdm
+
+    log = above_bars(print) if wrapped else print
+    with tqdm(total=3, file=sys.stdout, desc="retrain epoch 1/2", mininterval=0) as bar:
+        bar.update(1)
+        log("distillation stop test at step 1/3 of epoch 1")
+        bar.update(1)
+    out = capsys.readouterr().out
+    before, after = out.split("distillation stop test at step 1/3 of epoch 1\n")
+    assert "retrain epoch 1/2" in before and "retrain epoch 1/2" in after
+    assert before.endswith("\r") is wrapped  # cleared: the bar's text erased, the cursor back at column 0
+    if wrapped:
+        assert before.split("\r")[-2].strip() == ""

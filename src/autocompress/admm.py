@@ -399,7 +399,7 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
                    config: training.TrainConfig, *, task=None, distiller: Callable | None = None,
                    progress: bool = True, log: Callable[[str], None] | None = None,
                    runner: nn.Module | None = None, checkpoint: EpochCheckpoint | None = None,
-                   release: Callable[[nn.Module, dict], bool] | None = None) -> list[dict]:
+                   release: Callable[[nn.Module, dict, str], bool] | None = None) -> list[dict]:
     """Masked retraining (AutoCompress §3): fine-tune ``model`` in place with the pruned entries held at zero
     through every optimiser step (weights, biases, BatchNorm affine; momentum / Adam state of pruned entries
     cleared) by :class:`autocompress.masks.MaskEnforcer` hooked on the optimiser.
@@ -418,9 +418,10 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
         runner: the module the steps run (see :func:`admm_prune`); default ``model``.
         checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint` saved after every epoch and
             continued from (see :func:`admm_prune`).
-        release: called with ``model`` and the epoch's stats after every epoch trained with ``distiller`` but
-            the last, and after each of :data:`EARLY_TESTS` of the first epoch (it may add fields to the stats,
-            e.g. the validation score it measured); True: the rest trains on the data loss alone (the decision
+        release: called with ``model``, the epoch's stats and when it runs (``"after epoch 1/3"``, ``"at step
+            25/100 of epoch 1"``) after every epoch trained with ``distiller`` but the last, and after each of
+            :data:`EARLY_TESTS` of the first epoch (it may add fields to the stats, e.g. the validation score it
+            measured); True: the rest trains on the data loss alone (the decision
             is kept in the epoch checkpoint; the epoch's stats then give ``distilled_steps``).
 
     Returns:
@@ -457,7 +458,8 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
             if log is not None:
                 top1 = "" if stats["top1"] is None else f", train top-1 {100 * stats['top1']:.2f}%"
                 log(f"retrain epoch {epoch + 1}/{config.epochs}: {name} {stats['loss']:.4f}{top1}")
-            if distiller is not None and release is not None and epoch + 1 < config.epochs and release(model, stats):
+            if distiller is not None and release is not None and epoch + 1 < config.epochs \
+                    and release(model, stats, f"after epoch {epoch + 1}/{config.epochs}"):
                 distiller = cache = None
             if checkpoint is not None:
                 checkpoint.save(epoch + 1, config.epochs, model, optimizer, scheduler,
@@ -472,7 +474,7 @@ def masked_retrain(model: nn.Module, param_masks: dict[str, torch.Tensor], train
 EARLY_TESTS = (0.25, 0.5, 0.75)
 
 
-def _early_release(release: Callable[[nn.Module, dict], bool] | None, model: nn.Module, probe: dict,
+def _early_release(release: Callable[[nn.Module, dict, str], bool] | None, model: nn.Module, probe: dict,
                    steps: int) -> Callable[[int], bool] | None:
     """``stop_distilling(step)`` for the first retraining epoch of ``steps`` steps: ``release`` at each of
     :data:`EARLY_TESTS` (what it measures goes to ``probe``); None without a release test."""
@@ -484,7 +486,7 @@ def _early_release(release: Callable[[nn.Module, dict], bool] | None, model: nn.
         if step not in at:
             return False
         probe.clear()
-        return release(model, probe)
+        return release(model, probe, f"at step {step}/{steps} of epoch 1")
 
     return stop
 

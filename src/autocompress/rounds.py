@@ -41,6 +41,7 @@ from .architecture import apply_architecture, describe_architecture
 from .space import PruningSpace
 from .task import Task, loader_generators
 from .text import plural, tidy
+from .training import above_bars
 
 PHASES = ("search", "admm", "purify", "retrain", "compact")
 
@@ -224,6 +225,8 @@ class Pipeline:
     base_score: float | None = None
 
     def __post_init__(self):
+        if self.progress:
+            self.log = above_bars(self.log)
         distillation = self.config.distillation
         self.distiller = Distiller(self.base_model, distillation) if distillation.enabled else None
         if self.distiller is not None:
@@ -382,6 +385,8 @@ class Pipeline:
         masks, state.param_masks = admm.hard_prune(state.model, state.space, state.rates)
         records = []
         if settings.enabled:
+            self.log(f"round {state.index}: hard pruning at the round's rates, then purification (unused path and "
+                     "redundant weight removal)")
             result = self._purification(state.model, state, masks, log=self.log)
             if refit:
                 result, records = self._refit(state, result, admm_model)
@@ -489,7 +494,7 @@ class Pipeline:
         return [{"event": "retrain", "round": state.index, "history": [epoch_record(k, epoch) for k, epoch in
                                                                         enumerate(history)]}]
 
-    def _release(self, state: RoundState) -> Callable[[nn.Module, dict], bool] | None:
+    def _release(self, state: RoundState) -> Callable[[nn.Module, dict, str], bool] | None:
         """The retraining's test for ending distillation (``distillation.stop_margin``): the student's validation
         score more than the margin above the base's (added to the epoch's stats). None without a teacher, a margin
         or a validation score."""
@@ -500,14 +505,14 @@ class Pipeline:
             self.base_score = self.task.score(self.base_model)
         base = self.base_score
 
-        def release(model: nn.Module, stats: dict) -> bool:
+        def release(model: nn.Module, stats: dict, when: str) -> bool:
             score = self.task.score(model)
             stats.update(self.scored(score))
             above = score - base > margin
             passed = (f": more than distillation.stop_margin {margin:g} above its teacher, it trains on the labels "
                       "alone from now on") if above else ""
-            self.log(f"round {state.index} retraining, distillation stop test: {self.describe(score)} against the "
-                     f"base's {self.describe(base)}{passed}")
+            self.log(f"round {state.index} retraining, distillation stop test {when}: {self.describe(score)} against "
+                     f"the base's {self.describe(base)}{passed}")
             return above
 
         return release

@@ -40,6 +40,16 @@ from .text import plural
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
+def above_bars(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` writing while the progress bars are cleared, then redrawn (``tqdm.external_write_mode``): a line
+    logged within an epoch stands on its own line above the bar instead of inside it."""
+    def write(line: str) -> None:
+        with tqdm.external_write_mode():
+            log(line)
+
+    return write
+
+
 @dataclass
 class SGDSettings:
     """The SGD settings shared by training (:class:`TrainConfig`) and masked retraining
