@@ -6,11 +6,13 @@ residual blocks with squeeze-excitation gates, a stride-2 Conv1d, one more gated
 Linear head (487,714 parameters, 8.78 M MACs). The base trains for 8 epochs (SGD, one-cycle lr 0.05) on 10,000
 training images; 2,000 more validate, 4,000 test images score. Each variant is ``autocompress.compress`` with
 ``budget: 4`` and its overrides, or (``torch_pruning``) Torch-Pruning's global magnitude pruning to the same MACs
-followed by 4 epochs of the base's own training loop. One JSON line per (variant, seed) in ``--out``; rows already
-there are skipped.
+followed by 4 epochs of the base's own training loop; ``tp_widths`` runs our pipeline from Torch-Pruning's
+global-magnitude widths (does the width allocation decide the gap?). One JSON line per (variant, seed) in ``--out``;
+rows already there are skipped.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/sequence_model.py \\
-        --variants default,nokd,torch_pruning --seeds 0,1,2 --out benchmarks/results/sequence_model.jsonl
+        --variants default,nokd,torch_pruning,filter,tp_widths,onecycle --seeds 0,1,2 \\
+        --out benchmarks/results/sequence_model.jsonl
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import copy
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,11 +32,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import autocompress
 from autocompress import metrics
 from autocompress.data import get_dataset
+from autocompress.sampling import ActionSampler
 from weak_teacher import append_row, top1  # a sibling script: benchmarks/ is on sys.path when run as a script
 from weak_teacher import train as train_steps
 
 VARIANTS = {"default": {}, "nokd": {"distillation": {"enabled": False}}, "m1": {"channel_multiple": 1},
-            "lr0.05": {"retrain": {"lr": 0.05}}, "uniform": {"search_mode": "uniform"}}
+            "lr0.05": {"retrain": {"lr": 0.05}}, "uniform": {"search_mode": "uniform"}, "filter": {"dims": "filter"},
+            "tp_widths": {"dims": "filter"}, "onecycle": {"retrain": {"lr": 0.05, "schedule": "onecycle",
+                                                                      "pct_start": 0.15}}}
 EXAMPLE = torch.zeros(1, 28, 28)
 
 
@@ -111,14 +118,18 @@ def base_model(path: Path) -> nn.Module:
 
 
 def run_autocompress(base: nn.Module, data: tuple, variant: str, seed: int) -> dict:
-    result = autocompress.compress(base, EXAMPLE, "flops=2x", train_loader=data[0], val_loader=data[1],
-                                   config={"budget": 4, "seed": seed, **VARIANTS[variant]}, device="cpu",
-                                   progress=False, log=lambda line: None)
+    """``compress`` with ``budget: 4`` and the variant's settings; ``tp_widths`` starts (and, with the budget's
+    single candidate, ends) its search at the per-layer widths Torch-Pruning's global magnitude ranking keeps."""
+    start = tp_start(base) if variant == "tp_widths" else ActionSampler.initial_action
+    with mock.patch.object(ActionSampler, "initial_action", start):
+        result = autocompress.compress(base, EXAMPLE, "flops=2x", train_loader=data[0], val_loader=data[1],
+                                       config={"budget": 4, "seed": seed, **VARIANTS[variant]}, device="cpu",
+                                       progress=False, log=lambda line: None)
     return {"top1": top1(result.model, data[2]), "macs_x": result.mac_reduction, "params_x": result.compression_rate}
 
 
-def run_torch_pruning(base: nn.Module, data: tuple, seed: int) -> dict:
-    """Torch-Pruning global magnitude pruning (head kept) to half the MACs, then 4 epochs of :func:`train`."""
+def tp_global(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` pruned by Torch-Pruning's global magnitude ranking (head kept) to half the MACs."""
     import torch_pruning as tp
 
     model, base_macs = copy.deepcopy(base), metrics.count_macs(base, EXAMPLE)
@@ -127,6 +138,25 @@ def run_torch_pruning(base: nn.Module, data: tuple, seed: int) -> dict:
                                        ignored_layers=[model.head])
     while metrics.count_macs(model, EXAMPLE) > base_macs / 2:
         pruner.step()
+    return model
+
+
+def tp_start(base: nn.Module):
+    """An ``ActionSampler.initial_action`` returning the filter rates of :func:`tp_global`'s widths (each filter
+    group's root layer as Torch-Pruning left it)."""
+    modules = dict(tp_global(base).named_modules())
+    widths = {name: getattr(m, "out_channels", getattr(m, "out_features", None)) for name, m in modules.items()}
+
+    def start(sampler: ActionSampler, spread: float = 0.5) -> np.ndarray:
+        return np.array([1.0 - widths[unit.name] / unit.size for unit in sampler.units])
+
+    return start
+
+
+def run_torch_pruning(base: nn.Module, data: tuple, seed: int) -> dict:
+    """Torch-Pruning global magnitude pruning (head kept) to half the MACs, then 4 epochs of :func:`train`."""
+    base_macs = metrics.count_macs(base, EXAMPLE)
+    model = tp_global(base)
     torch.manual_seed(seed)
     train(model, data[0], 4)
     return {"top1": top1(model, data[2]), "macs_x": base_macs / metrics.count_macs(model, EXAMPLE),

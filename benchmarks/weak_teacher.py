@@ -47,6 +47,10 @@ VARIANTS = {
     # spent on retraining (what the budget derives since), or on ADMM as before
     "noadmm": {"admm": {"epochs": 0}},
     "admm1": {"admm": {"epochs": 1}},
+    # session 25: retraining on the schedule of a fresh user's loop (one-cycle, 15 % warm-up to lr 0.05), which won
+    # +0.3 on their sequence model
+    "onecycle": {"retrain": {"lr": 0.05, "schedule": "onecycle", "pct_start": 0.15}},
+    "onecycle_lr0.01": {"retrain": {"schedule": "onecycle", "pct_start": 0.15}},
 }
 #: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
 TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
