@@ -584,12 +584,74 @@ class HardCodedView(ViewHead):
 
 
 @pytest.mark.parametrize("dims", ["filter,column", "filter"])
-def test_a_forward_with_a_hard_coded_channel_count_is_refused_before_any_work(no_work, dims):
+def test_a_group_feeding_a_hard_coded_channel_count_is_left_out_before_any_work(dims):
     """A fresh user's ``x.view(-1, 40 * 7 * 7)`` failed after training (the compact model's shape no longer
-    matched); it is refused before any work, with the fix."""
-    config = {**CONFIG, "dims": dims, "channel_multiple": 4}
-    error = refused(no_work, "forward fails once they are removed", model=HardCodedView(), config=config)
-    assert "x.flatten(1)" in str(error) and "shape '[-1, 128]' is invalid" in str(error)
+    matched). The probe before any work finds the group that breaks it (conv2's channels are the view's), leaves
+    it out with the reason logged, and keeps conv1's group prunable."""
+    train, val = loaders()
+    lines: list[str] = []
+    run = Compression(HardCodedView(), torch.randn(1, 1, 8, 8), "params=1.2x",
+                      task_args=dict(train_loader=train, val_loader=val), device="cpu",
+                      config={**CONFIG, "dims": dims, "channel_multiple": 4}, progress=False, log=lines.append)
+    assert list(run.pipeline.incompactable) == ["conv2"]
+    assert [group.name for group in run.first_space.filter_groups] == ["conv1"]
+    line = next(line for line in lines if line.startswith("not pruned: conv2"))
+    assert "shape '[-1, 128]' is invalid" in line and "left out as if in ignored_layers" in line
+    assert "the compact model breaks" in run.first_space.excluded["conv2"]
+
+
+class ChannelNorm(nn.Module):
+    """ConvNeXt's channels-first LayerNorm as the official code writes it (its own module, not an nn.LayerNorm):
+    it mixes the channels it normalises, so removing some changes the others."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(1, keepdim=True)
+        scaled = centred / torch.sqrt(centred.pow(2).mean(1, keepdim=True) + 1e-6)
+        return self.weight[:, None, None] * scaled + self.bias[:, None, None]
+
+
+class NormedCNN(SmallCNN):
+    def __init__(self):
+        super().__init__(8, 8)
+        self.norm = ChannelNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(self.norm(F.relu(self.bn1(self.conv1(x)))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_group_feeding_a_channel_mixing_module_of_the_users_is_left_out():
+    """A fresh user's ConvNeXt with its own channels-first LayerNorm was refused whole; now only the group whose
+    channels the norm mixes (conv1's) is left out, named with the first layer whose output changed."""
+    train, val = loaders()
+    lines: list[str] = []
+    run = Compression(NormedCNN(), torch.randn(1, 1, 8, 8), "params=1.2x",
+                      task_args=dict(train_loader=train, val_loader=val), device="cpu",
+                      config={**CONFIG, "channel_multiple": 4}, progress=False, log=lines.append)
+    assert list(run.pipeline.incompactable) == ["conv1"]
+    assert [group.name for group in run.first_space.filter_groups] == ["conv2"]
+    assert "from layer 'conv2' on (a module before it mixes channels or has f(0) != 0)" in run.pipeline.incompactable["conv1"]
+
+
+class OneGroupView(nn.Module):
+    """One conv whose channels a hard-coded ``view`` reads: the model's only filter group breaks it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8 * 8 * 8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).view(-1, 8 * 8 * 8))
+
+
+def test_a_model_whose_every_group_breaks_it_is_refused_before_any_work(no_work):
+    error = refused(no_work, "forward fails once they are removed", model=OneGroupView(),
+                    config={**CONFIG, "dims": "filter", "channel_multiple": 4})
+    assert "x.flatten(1)" in str(error) and "shape '[-1, 512]' is invalid" in str(error)
 
 
 class CatChunk(nn.Module):
@@ -608,7 +670,8 @@ class CatChunk(nn.Module):
 
 def test_a_split_of_concatenated_channels_is_refused_before_any_work_by_compress_and_prune(no_work):
     """``compress`` refused it naming only a hard-coded shape as the cause; ``prune`` ran ADMM and then failed in
-    compaction with a raw RuntimeError. Both now refuse before training, naming the split and the fixes."""
+    compaction with a raw RuntimeError. Both now refuse before training (every filter group alone breaks the
+    split), naming the split and the fixes."""
     error = refused(no_work, "forward fails once they are removed", model=CatChunk(),
                     config={**CONFIG, "dims": "filter", "channel_multiple": 4})
     assert "chunk / split" in str(error) and "ignored_layers" in str(error)

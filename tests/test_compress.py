@@ -327,7 +327,7 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("target: params=2x\npurification: {enabled: maybe}\n", [],
      "purification.enabled='maybe' has the wrong type; give true or false"),
     ("target: params=2x\npurification: {thresholds: [0.1, x]}\n", [],
-     "purification.thresholds=[0.1, 'x'] has the wrong type; give a list of items each a number"),
+     "purification.thresholds=[0.1, 'x'] has the wrong type; give a list of numbers"),
     ("target: params=2x\nadmm: {rho: 3}\n", [], "unknown setting(s) admm.rho; valid admm settings: epochs, "
      "label_smoothing, lr, momentum, rho_growth, rho_init, rho_max, update_interval, weight_decay"),
     ("target: params=2x\nretrain: {batch_size: 3}\n", [], "unknown setting(s) retrain.batch_size; valid retrain "

@@ -228,6 +228,13 @@ def test_json_text_drops_float_noise_and_writes_numpy_and_torch_values():
         [0.5, 3, [1.5, 2.0], [True]]
 
 
+def test_json_text_is_strict_json_non_finite_floats_are_null():
+    """A fresh user's strict JSON reader rejected ``"best_score": NaN`` (a search that scored nothing)."""
+    text = json_text({"best_score": float("nan"), "steps": [float("inf"), -float("inf"), 1.0], "x": np.float64("nan")})
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written")) == \
+        {"best_score": None, "steps": [None, None, 1.0], "x": None}
+
+
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_json_text_keeps_twelve_significant_digits(value):
     written = json.loads(json_text(value))

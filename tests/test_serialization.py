@@ -92,3 +92,44 @@ def test_sparse_state_dict_round_trip_and_size():
                  for t in (e["crow_indices"], e["col_indices"], e["values"]))
     dense = sum(state[k].numel() * 4 for k in sparse["sparse"])
     assert nbytes < 0.45 * dense
+
+
+class _ScaledBlock(nn.Module):
+    """A residual branch scaled by a free per-channel parameter of a non-leaf module (ConvNeXt's layer scale)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x + self.gamma[:, None, None] * self.conv(x)
+
+
+class _LayerScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), _ScaledBlock(8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def test_a_compact_model_with_layer_scale_loads_onto_a_fresh_instance(tmp_path):
+    """The stream's pruned channels shrink ``body.gamma`` (a parameter of a module no description type
+    covers); the saved file records its shape, so loading onto a fresh instance gives the compact model."""
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    torch.manual_seed(0)
+    model, x = _LayerScaled().eval(), torch.randn(2, 3, 6, 6)
+    space = PruningSpace.build(model, (x,), dims=("filter",))
+    masks = project(space, model, {"filter": {group.name: 0.5 for group in space.filter_groups}})
+    result = compact(model, space.param_masks(masks), x)
+    assert result.model.body.gamma.shape == (4,)
+    path = save_compact(tmp_path / "compact.pt", result.model)
+    loaded = autocompress.load(path, model=_LayerScaled())
+    assert loaded.body.gamma.shape == (4,)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))

@@ -88,7 +88,13 @@ def _parameter_shapes(module: nn.Module, reference: nn.Module, name: str) -> dic
     if any(key not in params for key in set(old) | set(new) if old.get(key) != new.get(key)):
         raise UserError(f"module {name!r} ({type(module).__name__}) changed the shape of a buffer and cannot be "
                         "described for saving", f"exclude the layers coupled to {name} from pruning (ignored layers)")
-    return {"type": "Parameters", "args": {"shapes": {k: list(p.shape) for k, p in params.items()}}}
+    return _own_parameters(module)
+
+
+def _own_parameters(module: nn.Module) -> dict:
+    """A ``"Parameters"`` entry: the shapes of ``module``'s own parameters (not its children's)."""
+    return {"type": "Parameters", "args": {"shapes": {k: list(p.shape) for k, p in
+                                                      module.named_parameters(recurse=False)}}}
 
 
 def _resize_parameters(module: nn.Module, name: str, args: object) -> None:
@@ -116,7 +122,9 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         reference: the model it was compacted from (same module names). When given, only modules whose
             type or arguments differ from the reference's are described; otherwise every module of a
             describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d, LayerNorm,
-            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear, PaddedLayerNorm, PaddedGroupNorm) is.
+            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear, PaddedLayerNorm, PaddedGroupNorm) is,
+            and every other module's own parameters by shape (a ``"Parameters"`` entry: free per-channel
+            parameters such as a layer scale shrink with the channels they scale).
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
@@ -135,6 +143,8 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         if entry is None:
             if ref is not None and _shapes(ref) != _shapes(module):
                 modules[name] = _parameter_shapes(module, ref, name)
+            elif reference is None and next(module.parameters(recurse=False), None) is not None:
+                modules[name] = _own_parameters(module)  # e.g. a layer scale: nothing tells whether it shrank
             continue
         if reference is None or ref is None or _entry(ref) != entry:
             modules[name] = entry

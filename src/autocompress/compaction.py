@@ -459,13 +459,26 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
         tol = atol_scale * scale
         if diff > tol or diff != diff:
             layer = _first_divergence(reference, compact_model, batch, kept or {}, atol_scale)
-            raise RuntimeError(f"compact model differs from the masked model by {diff:.3g} (tolerance {tol:.3g})"
-                               + (f"; first diverging layer: {layer!r}" if layer else "")
-                               + " (an activation with f(0) != 0 after a removed channel? fold its constant "
-                               "output into the consumer's bias first, see purification)")
+            raise RuntimeError(f"compact model differs from the masked one by {diff:.3g} (tolerance {tol:.3g})"
+                               + (f" from layer {layer!r} on" if layer else "")
+                               + " (a module before it mixes channels or has f(0) != 0)")
         if diff >= worst:
             worst, worst_tol = diff, tol
     return worst, worst_tol
+
+
+def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
+                       channel_multiple: int = 1) -> str | None:
+    """Why ``model`` masked to ``param_masks`` cannot be compacted and run on ``example_inputs`` (the error's type
+    and first line), or None when it can; a copy is compacted, ``model`` is unchanged. A UserError (a problem of
+    the inputs, not of the model) propagates."""
+    try:
+        compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+        return first_line(exc)
+    return None
 
 
 def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
@@ -475,16 +488,14 @@ def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], ex
     count into a shape (``x.view(-1, 40 * 7 * 7)``), or splits channels by position (``chunk`` / ``split``) after
     a concatenation whose parts lose channels unevenly, runs masked but fails once channels are removed, which
     would otherwise surface after training."""
-    try:
-        compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+    failure = compaction_failure(model, param_masks, example_inputs, channel_multiple=channel_multiple)
+    if failure is not None:
         raise UserError(f"filter pruning cannot remove channels from this model: its forward fails once they are "
-                        f"removed ({first_line(exc)})",
+                        f"removed ({failure})",
                         "compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * "
-                        "7)); where it splits concatenated channels (chunk / split), put the layers whose outputs are "
-                        "concatenated in ignored_layers, or leave filter out of dims") from None
+                        "7)); where it splits concatenated channels (chunk / split) or a module of its own mixes "
+                        "channels (a normalisation over them), put the layers feeding it in ignored_layers, or leave "
+                        "filter out of dims") from None
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,

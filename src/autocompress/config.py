@@ -443,6 +443,7 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
 #: how a message asks for a value of each type (YAML spelling)
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping",
                type(None): "null"}
+_LIST_WORDS = {int: "integers", float: "numbers", str: "names (text), e.g. ['head']"}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -468,7 +469,7 @@ def _type_words(hint: Any) -> str:
         return ", ".join(words[:-1]) + " or " + words[-1]
     if typing.get_origin(hint) is not None:
         items = typing.get_args(hint)
-        return f"a list of items each {_type_words(items[0])}" if items else "a list"
+        return f"a list of {_LIST_WORDS.get(items[0], 'items each ' + _type_words(items[0]))}" if items else "a list"
     return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 

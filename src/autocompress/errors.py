@@ -65,6 +65,6 @@ def show(value: Any) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """``"TypeName: first line of the message"`` (at most 160 characters of it) for a one-line error."""
-    text = (str(exc).strip().splitlines() or [""])[0][:160]
+    """``"TypeName: first line of the message"`` (at most 200 characters of it) for a one-line error."""
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -210,6 +210,9 @@ class Pipeline:
         chance: the score of a random guess (default top-1: 1 / classes), or None.
         channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
         base_score: ``task.score`` of ``base_model`` when the caller has it (else measured when first needed).
+        incompactable: filter groups (root layer -> why) whose channels cannot be removed without breaking the
+            compact model (``compress``'s probe before any work); every space leaves them out, their root layers
+            as if in ``ignored_layers``.
     """
 
     task: Task
@@ -223,6 +226,7 @@ class Pipeline:
     progress: bool = True
     log: Callable[[str], None] = print
     base_score: float | None = None
+    incompactable: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.progress:
@@ -269,8 +273,11 @@ class Pipeline:
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
         flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
-        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
+        space = PruningSpace.build(model, self.example_inputs, dims=dims,
+                                   ignored_layers=[*self.config.ignored_layers, *self.incompactable],
                                    channel_multiple=self.channel_multiple, executed_macs_only=flops)
+        space.excluded.update({name: f"filter pruning: the compact model breaks once its channels are removed ({why})"
+                               for name, why in self.incompactable.items()})
         # the default hybrid needs filter units; explicit dims need every kind they name
         space.check_dims(self.config.kinds if self.config.dims is not None else
                          tuple(kind for kind in self.config.kinds if kind != "column"))

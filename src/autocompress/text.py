@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,13 @@ def plain(value: Any) -> Any:
 
 
 def tidy(value: Any) -> Any:
-    """``value`` as plain JSON data: floats at :data:`FLOAT_DIGITS` significant digits, numpy / torch scalars and
-    arrays as numbers and lists (:func:`plain`), tuples as lists, dicts and lists tidied item by item."""
+    """``value`` as plain JSON data: floats at :data:`FLOAT_DIGITS` significant digits (NaN and infinities, which
+    strict JSON lacks, as None: e.g. the score of a search that scored nothing), numpy / torch scalars and arrays as
+    numbers and lists (:func:`plain`), tuples as lists, dicts and lists tidied item by item."""
     if isinstance(value, (np.ndarray, torch.Tensor, np.generic)):
         value = plain(value)
     if isinstance(value, float):
-        return float(f"{value:.{FLOAT_DIGITS}g}")
+        return float(f"{value:.{FLOAT_DIGITS}g}") if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: tidy(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
