@@ -301,6 +301,30 @@ def test_column_pruning_of_narrow_3x3_layers_saves_no_executed_macs():
     assert {u.rows for u in vgg.column_layers if u.area == 9} == {128, 256, 512}
 
 
+class TokenMLP(nn.Module):
+    """``[B, 1, 8, 8]`` -> patches as 16 tokens of 4 features -> an MLP over every token -> mean -> a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], 16, 4)
+        return self.head(self.fc2(torch.relu(self.fc1(tokens))).mean(1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_linear_applied_at_every_token_has_no_column_unit_for_executed_macs(batch):
+    """Its compact form would gather the kept columns at each of the 16 tokens (a compact ConvNeXt spent 62 % of
+    its onnxruntime time in such gathers); the classifier, applied once an item, keeps its column unit."""
+    model, x = TokenMLP(), torch.randn(batch, 1, 8, 8)
+    assert {u.name for u in PruningSpace.build(model, x).column_layers} == {"fc1", "fc2", "head"}
+    executed = PruningSpace.build(model, x, executed_macs_only=True)
+    assert {u.name for u in executed.column_layers} == {"head"}
+    assert "a Linear applied at 16 positions an item" in executed.excluded["fc2"]
+    assert {g.name for g in executed.filter_groups} == {"fc1", "fc2"}  # their channels stay prunable as filters
+
+
 def test_full_masks_count_is_the_model_total():
     model = Residual()
     space = PruningSpace.build(model, X, dims=("filter", "column", "irregular"))

@@ -342,7 +342,9 @@ class PruningSpace:
                 compact model executes (for a flops target): 1x1 kernels, Linear layers, and Conv2d layers
                 with at least :data:`autocompress.columns.GEMM_MIN_FILTERS` filters (which can run a GEMM
                 over the kept columns); other layers run the dense conv over their kept input channels and
-                are excluded from column pruning, with the reason logged.
+                are excluded from column pruning, with the reason logged. A Linear applied at several positions
+                of an input item (tokens, the pixels of a channels-last tensor) is excluded too: its compact
+                form gathers the kept columns at every position, which costs more time than it saves.
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -384,7 +386,8 @@ class PruningSpace:
         if "filter" in dims:
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
                                    ignored)
-        columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only)
+        batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
+        columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only, batch)
                    for n, m in candidates.items()] if "column" in dims else []
         irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
                                     size=m.weight.numel(), params=m.weight.numel(), macs=layer_macs[n][1])
@@ -809,11 +812,16 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
 
 #: the reason :meth:`PruningSpace.build` gives for a layer it leaves out of column pruning with ``executed_macs_only``
 NO_EXECUTED_SAVING = "column pruning saves no executed MACs here"
+#: the reason for a Linear applied at several positions of an item (tokens, pixels of a channels-last tensor): an
+#: onnxruntime profile of a compact ConvNeXt spent 62 % of its time gathering such layers' kept columns, and the
+#: model ran 2.5x slower than its base at half the MACs (BENCHMARKS.md, "Session 25"); filter pruning of the
+#: layer that produces those channels removes them without a gather
+GATHERED = "column pruning costs more than it saves here"
 
 
 def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
                   layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str],
-                  executed_only: bool) -> ColumnLayer | None:
+                  executed_only: bool, batch: int = 1) -> ColumnLayer | None:
     transposed = is_transposed(module)
     if transposed and module.groups > 1:
         _exclude(excluded, name, "column pruning: grouped transposed convolution")
@@ -829,6 +837,11 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
         kernel = "x".join(map(str, module.kernel_size))
         _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters: its compact form runs "
                  "the dense conv over the kept input channels)")
+        return None
+    positions = layer_macs[name][1] / max(1, batch * module.weight.numel())
+    if executed_only and isinstance(module, nn.Linear) and positions > 1:
+        _exclude(excluded, name, f"{GATHERED} (a Linear applied at {positions:.3g} positions an item: its compact "
+                 "form gathers the kept input columns at each, slower than the MACs saved)")
         return None
     return ColumnLayer(name=name, param=param_names[id(module.weight)], rows=rows, size=size,
                        params=module.weight.numel(), macs=layer_macs[name][1], transposed=transposed, area=area,
