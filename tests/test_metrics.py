@@ -135,3 +135,20 @@ def test_model_summary_and_file_size(tmp_path):
     path = tmp_path / "blob.bin"
     path.write_bytes(b"x" * 1234)
     assert file_size(path) == 1234
+
+
+def test_multihead_attention_is_counted_off_its_fused_fast_path():
+    """In eval mode under no_grad nn.MultiheadAttention runs a fused op the flop counter skipped (a fresh user's
+    ViT was counted at half its MACs); counted now: 5 tokens x 16 -> 48 (in_proj) and 16 -> 16 (out_proj)."""
+    attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    assert count_macs(Attend(), torch.randn(1, 5, 16)) >= 5 * 16 * 48 + 5 * 16 * 16
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
