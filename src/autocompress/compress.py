@@ -898,7 +898,7 @@ class Compression:
         ``{batch: {name: Timing}}`` and the runs behind it."""
         for runs in (self.config.latency_runs, RECHECK_RUNS * self.config.latency_runs):
             latency = {b: metrics.measure_latencies(models, _batch_of(self.example, b), runs=runs) for b in (1, 64)}
-            if all(t["compressed"].median_ms <= EAGER_SLOWER * t["base"].median_ms for t in latency.values()):
+            if not any(_eager_slower(t["compressed"].median_ms, t["base"].median_ms) for t in latency.values()):
                 break
         return latency, runs
 
@@ -929,6 +929,11 @@ EAGER_SLOWER = 1.05
 RECHECK_RUNS = 3
 
 
+def _eager_slower(compressed_ms: float, base_ms: float) -> bool:
+    """Whether a compact model's eager latency counts as slower than its base's (:data:`EAGER_SLOWER`)."""
+    return compressed_ms > EAGER_SLOWER * base_ms
+
+
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
                           latency_target: bool = False, aligned: bool = False) -> str | None:
     """The warning when the compact model, as stored, runs more than :data:`EAGER_SLOWER` times slower than the
@@ -936,7 +941,7 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, ru
     batch 1 or 64; like :func:`autocompress.latency.slower_warning` it suggests ``channel_multiple`` only when the
     widths were not ``aligned`` already."""
     slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
-              for b in (1, 64) if compressed[f"latency_b{b}_ms"] > EAGER_SLOWER * base[f"latency_b{b}_ms"]]
+              for b in (1, 64) if _eager_slower(compressed[f"latency_b{b}_ms"], base[f"latency_b{b}_ms"])]
     if not slower:
         return None
     return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "

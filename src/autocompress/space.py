@@ -838,8 +838,8 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
         _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters: its compact form runs "
                  "the dense conv over the kept input channels)")
         return None
-    positions = layer_macs[name][1] / max(1, batch * module.weight.numel())
-    if executed_only and isinstance(module, nn.Linear) and positions > 1:
+    if executed_only and isinstance(module, nn.Linear) and \
+            (positions := layer_macs[name][1] / max(1, batch * module.weight.numel())) > 1:
         _exclude(excluded, name, f"{GATHERED} (a Linear applied at {positions:.3g} positions an item: its compact "
                  "form gathers the kept input columns at each, slower than the MACs saved)")
         return None
