@@ -595,9 +595,12 @@ def test_a_group_feeding_a_hard_coded_channel_count_is_left_out_before_any_work(
                       config={**CONFIG, "dims": dims, "channel_multiple": 4}, progress=False, log=lines.append)
     assert list(run.pipeline.incompactable) == ["conv2"]
     assert [group.name for group in run.first_space.filter_groups] == ["conv1"]
-    line = next(line for line in lines if line.startswith("not pruned: conv2"))
-    assert "shape '[-1, 128]' is invalid" in line and "left out as if in ignored_layers" in line
+    line = next(line for line in lines if line.startswith("not filter-pruned: conv2"))
+    assert "shape '[-1, 128]' is invalid" in line and "keep their channels" in line
     assert "the compact model breaks" in run.first_space.excluded["conv2"]
+    # only its channels are kept: unlike an ignored layer, conv2's columns stay prunable
+    columns = [layer.name for layer in run.first_space.column_layers]
+    assert columns == (["conv1", "conv2", "fc"] if "column" in dims else [])
 
 
 class ChannelNorm(nn.Module):

@@ -367,6 +367,18 @@ def test_ignored_layers_and_bad_arguments():
         PruningSpace.build(Chain(), X, dims=("channels",))
 
 
+def test_a_group_left_out_keeps_its_channels_only():
+    """``left_out`` removes one filter group, with the reason given, and nothing else: unlike ``ignored_layers``
+    its layers keep their column units and the groups coupled to it are unaffected."""
+    full = PruningSpace.build(Chain(), X)
+    space = PruningSpace.build(Chain(), X, left_out={"conv2": "filter pruning: the compact model breaks"})
+    assert [g.name for g in full.filter_groups] == ["conv1", "conv2", "fc1"]
+    assert [g.name for g in space.filter_groups] == ["conv1", "fc1"]
+    assert [c.name for c in space.column_layers] == [c.name for c in full.column_layers]
+    assert space.excluded["conv2"] == "filter pruning: the compact model breaks"
+    assert "ignored" not in " ".join(space.excluded.values())
+
+
 def _module_tree(draw, depth: int = 0) -> nn.Module:
     """A tree of containers (and Linear leaves) whose sibling names share prefixes (``a``, ``a1``, ``ab``)."""
     if depth == 3 or not draw(st.booleans()):

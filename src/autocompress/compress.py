@@ -484,8 +484,8 @@ class Compression:
             if not failing or len(failing) == len(narrower) and "filter" in self.config.kinds:
                 raise
             for name, why in failing.items():
-                self.pipeline.log(f"not pruned: {name} and the layers coupled to it: the compact model breaks once "
-                                  f"their channels are removed ({why}); left out as if in ignored_layers")
+                self.pipeline.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
+                                  f"compact model breaks once they are removed ({why})")
             self.pipeline.incompactable.update(failing)
             self.first_space = self.pipeline.space(self.first_model)
             self._check_compactable()

@@ -211,8 +211,8 @@ class Pipeline:
         channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
         base_score: ``task.score`` of ``base_model`` when the caller has it (else measured when first needed).
         incompactable: filter groups (root layer -> why) whose channels cannot be removed without breaking the
-            compact model (``compress``'s probe before any work); every space leaves them out, their root layers
-            as if in ``ignored_layers``.
+            compact model (``compress``'s probe before any work); every space leaves them out (their layers'
+            columns stay prunable).
     """
 
     task: Task
@@ -273,11 +273,10 @@ class Pipeline:
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
         flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
-        space = PruningSpace.build(model, self.example_inputs, dims=dims,
-                                   ignored_layers=[*self.config.ignored_layers, *self.incompactable],
-                                   channel_multiple=self.channel_multiple, executed_macs_only=flops)
-        space.excluded.update({name: f"filter pruning: the compact model breaks once its channels are removed ({why})"
-                               for name, why in self.incompactable.items()})
+        left_out = {name: f"filter pruning: the compact model breaks once its channels are removed ({why})"
+                    for name, why in self.incompactable.items()}
+        space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
+                                   channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out)
         # the default hybrid needs filter units; explicit dims need every kind they name
         space.check_dims(self.config.kinds if self.config.dims is not None else
                          tuple(kind for kind in self.config.kinds if kind != "column"))

@@ -323,7 +323,8 @@ class PruningSpace:
     @classmethod
     def build(cls, model: nn.Module, example_inputs, *, dims: Sequence[str] = ("filter", "column"),
               ignored_layers: Iterable[str] = (), max_rate: float = 0.95,
-              channel_multiple: int = 1, executed_macs_only: bool = False) -> "PruningSpace":
+              channel_multiple: int = 1, executed_macs_only: bool = False,
+              left_out: Mapping[str, str] | None = None) -> "PruningSpace":
         """Enumerate the prunable units of ``model``.
 
         Args:
@@ -345,6 +346,9 @@ class PruningSpace:
                 are excluded from column pruning, with the reason logged. A Linear applied at several positions
                 of an input item (tokens, the pixels of a channels-last tensor) is excluded too: its compact
                 form gathers the kept columns at every position, which costs more time than it saves.
+            left_out: filter groups to leave out, by name (their root layer, as in :attr:`filter_groups`) -> the
+                reason recorded in ``excluded``; unlike ``ignored_layers`` their layers' columns and weights stay
+                prunable (e.g. groups whose removal breaks the compact model, found by a probe).
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -385,7 +389,7 @@ class PruningSpace:
         groups: list[FilterGroup] = []
         if "filter" in dims:
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
-                                   ignored)
+                                   ignored, left_out or {})
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only, batch)
                    for n, m in candidates.items()] if "column" in dims else []
@@ -849,9 +853,10 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
 
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
-                  train_only, ignored: set[str] = frozenset()) -> list[FilterGroup]:
+                  train_only, ignored: set[str], left_out: Mapping[str, str]) -> list[FilterGroup]:
     """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward; a group
-    that would remove an ``ignored`` module's own channels is excluded (its input channels may go).
+    that would remove an ``ignored`` module's own channels is excluded (its input channels may go), and a group
+    named in ``left_out`` is excluded with the reason given there.
     A model torch-pruning cannot trace gets no filter groups (the reason is recorded under the name
     ``""``, the model); a module whose group torch-pruning cannot enumerate is excluded by name."""
     try:
@@ -879,6 +884,8 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
                                                    norm_dims, ignored)
         visited.update(members)
+        if name in left_out:
+            problem = left_out[name]
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
         if not problem:
