@@ -249,7 +249,7 @@ def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
     assert {r["phase"] for r in phases} == set(result.phase_seconds) and "search" in result.phase_seconds
     assert header.split()[0] == "model" and base_line.split()[0] == "base" and compact_line.split()[0] == "compressed"
     assert f"{metrics.count_params(result.model):,}" in compact_line.split()
-    assert warned[0] in summary
+    assert f"WARNING: {warned[0]}" in summary
 
 
 def test_a_flops_target_prunes_columns_only_where_the_compact_model_executes_fewer_macs():
@@ -909,7 +909,7 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
         autocompress.compress(model, torch.randn(1, 1, 16, 16), "params=2x", train_loader=train, val_loader=val,
                               config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
     warned = [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()]
-    assert warned == ["WARNING: example_inputs has shape [1, 1, 16, 16] and train_loader's inputs [16, 1, 8, 8]: "
+    assert warned == ["example_inputs has shape [1, 1, 16, 16] and train_loader's inputs [16, 1, 8, 8]: "
                       "MACs, FLOPs and latency are counted at the example's size; pass an example of the size the "
                       "model will run at (e.g. next(iter(train_loader))[0][:1])"]
     caplog.clear()
@@ -937,7 +937,7 @@ def test_batches_too_small_for_batch_norm_are_warned_about(caplog, batch_size, b
         autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
                               config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
     messages = [r.getMessage() for r in caplog.records if "BatchNorm layers" in r.getMessage()]
-    assert messages == ([f"WARNING: train_loader's batches hold {batch_size} item(s) and the model has BatchNorm "
+    assert messages == ([f"train_loader's batches hold {batch_size} item(s) and the model has BatchNorm "
                          "layers, whose statistics from so few items are noisy in retraining and BatchNorm "
                          "re-estimation; use batches of 8 or more"] if warned else [])
 

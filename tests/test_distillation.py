@@ -244,7 +244,7 @@ def test_a_compact_model_above_its_teacher_warns_that_the_base_is_under_trained(
     on, off = DistillationConfig(enabled=True), DistillationConfig(enabled=False)
     every_epoch = DistillationConfig(enabled=True, stop_margin=None)
     warning = _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, on, own_loop=True)
-    assert warning.startswith("WARNING: the compressed model's validation top-1 80.60% is 6.9 points above the "
+    assert warning.startswith("the compressed model's validation top-1 80.60% is 6.9 points above the "
                               "base's 73.70%") and "distillation.enabled false" in warning and "alpha 0.5" in warning
     assert _teacher_warning({"val_top1": 73.7}, {"val_top1": 80.6}, every_epoch, own_loop=False) == warning
     # the default loop stopped distilling once the student passed its teacher: nothing to warn about

@@ -7,6 +7,7 @@ import logging
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from autocompress.latency import (LatencyConfig, build_table, deployed_summary, 
 from autocompress.masks import apply_masks
 from autocompress.projection import project
 from autocompress.purification import remove_unused_paths, settle
-from autocompress.report import final_table_rows, write_report
+from autocompress.cli.compress import LevelPrefix
+from autocompress.report import final_table_rows, final_text, write_report
 from autocompress.sampling import ActionSampler
 from autocompress.space import PruningSpace
 
@@ -187,7 +189,7 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     summary = deployed_summary(timings, LatencyConfig())
     assert summary["slower"] == [1] and summary["batches"]["64"]["speedup"] == 2.0
     warning = slower_warning(summary)
-    assert warning.startswith("WARNING: the compressed model is SLOWER than the base in onnxruntime")
+    assert warning.startswith("the compressed model is SLOWER than the base in onnxruntime")
     assert "batch 1: 2 ms vs 1 ms" in warning and "batch 64" not in warning
     assert "latency target" in warning and "channel_multiple" in warning
     assert "channel_multiple" not in slower_warning(summary, aligned=True)  # auto or N already in use
@@ -195,7 +197,27 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,
                                                         "warnings": [warning]}) + "\n")
     page = write_report(tmp_path).read_text()
-    assert "color:#b00" in page and "SLOWER than the base" in page
+    assert "color:#b00" in page and "WARNING: the compressed model is SLOWER than the base" in page
+
+
+def test_warnings_carry_their_level_once(caplog):
+    """A fresh user's own logging format (``%(levelname)s %(name)s: %(message)s``) printed "WARNING autocompress:
+    WARNING: ...": a warning's text holds no level; the CLI's log format and the printed table add it once."""
+    timings = {1: {"base": _t(1.0), "compressed": _t(2.0)}, 64: {"base": _t(10.0), "compressed": _t(5.0)}}
+    summary = deployed_summary(timings, LatencyConfig())
+    warning = slower_warning(summary)
+    record = logging.LogRecord("autocompress", logging.WARNING, __file__, 1, warning, None, None)
+    assert LevelPrefix().format(record) == f"WARNING: {warning}"
+    record.levelno, record.levelname = logging.INFO, "INFO"
+    assert LevelPrefix().format(record) == warning
+    script = ("import logging; from autocompress.cli.compress import configure_logging; configure_logging(); "
+              "logging.getLogger('onnx_ir.passes').info('pass'); logging.getLogger('autocompress').info('round 1'); "
+              "logging.getLogger('autocompress').warning('slower')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stderr == "round 1\nWARNING: slower\n"  # the exporter's INFO lines flooded the CLI's log
+    lines = final_text({"event": "final", "rows": [{"params": 10, "macs": 10}] * 2, "deployed": summary,
+                        "warnings": [warning]})
+    assert lines.splitlines()[-1] == f"WARNING: {warning}"
 
 
 def test_the_report_gives_the_spread_of_the_runs():
@@ -220,17 +242,17 @@ def test_chance_level_or_a_large_drop_in_validation_top1_is_a_warning():
     assert _accuracy_warning(base, {"val_top1": 10.5}, None, target) is None
     assert _accuracy_warning(base, {}, 0.1, target) is None
     warning = _accuracy_warning(base, {"val_top1": 10.5}, 0.1, target)
-    assert warning.startswith("WARNING: the compressed model's validation top-1 10.50% is at chance level (10.00%): "
+    assert warning.startswith("the compressed model's validation top-1 10.50% is at chance level (10.00%): "
                               "target params=50x is too aggressive")
     # more than 5 points below the base (a fresh user lost 12.8 points at latency=2x and nothing warned)
     drop = _accuracy_warning({"val_top1": 86.1}, {"val_top1": 73.3}, 0.1, target)
-    assert drop.startswith("WARNING: the compressed model's validation top-1 73.30% is 12.8 points below the "
+    assert drop.startswith("the compressed model's validation top-1 73.30% is 12.8 points below the "
                            "base's 86.10% at target params=50x; lower the target, or give more")
     assert _accuracy_warning({"val_top1": 86.1}, {"val_top1": 81.2}, 0.1, target) is None  # 4.9 points
     assert _accuracy_warning({"val_top1": None}, {"val_top1": 50.0}, None, target) is None
     # a base at chance (a fresh user's validation loader at the wrong resolution): the target is not blamed
     broken = _accuracy_warning({"val_top1": 4.69}, {"val_top1": 10.94}, 0.1, target)
-    assert broken == ("WARNING: the base's validation top-1 4.69% is at chance level (10.00%): the validation data or "
+    assert broken == ("the base's validation top-1 4.69% is at chance level (10.00%): the validation data or "
                       "the base looks broken, so the compressed model's 10.94% says nothing about the target; check "
                       "val_loader's inputs and labels against the training data")
 
@@ -242,7 +264,7 @@ def test_eager_slower_warning_names_the_slower_batches():
     assert _eager_slower_warning(base, fast, torch.device("cpu"), 7) is None
     assert _eager_slower_warning(base, {"latency_b1_ms": 1.04, "latency_b64_ms": 10.4}, torch.device("cpu"), 7) is None
     warning = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"), 7)
-    assert warning.startswith("WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch "
+    assert warning.startswith("the compressed model as stored is SLOWER than the base in eager PyTorch "
                               "on cpu: batch 1: 1.5 ms vs 1 ms (median of 7 interleaved runs")
     assert "batch 64" not in warning
     assert warning.endswith("latency target") and "channel_multiple (e.g. auto)" in warning

@@ -854,7 +854,7 @@ class Compression:
         if self.target.ms is None or timing["compressed"].median_ms <= self.target.ms:
             return None
         base_now, compressed = timing["base"].median_ms, timing["compressed"].median_ms
-        return (f"WARNING: target {self.target}: the compressed model measured {compressed:.3g} ms in the final "
+        return (f"target {self.target}: the compressed model measured {compressed:.3g} ms in the final "
                 f"timing, above {self.target.ms:g} ms; the base measured {base_now:.3g} ms there against "
                 f"{self.table.base_ms:.3g} ms when the target was converted to a {self.factor:.3g}x speedup (the "
                 f"machine ran {base_now / self.table.base_ms:.2f}x as slow); the target is checked as that speedup "
@@ -944,7 +944,7 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, ru
               for b in (1, 64) if _eager_slower(compressed[f"latency_b{b}_ms"], base[f"latency_b{b}_ms"])]
     if not slower:
         return None
-    return (f"WARNING: the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
+    return (f"the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
             f"{'; '.join(slower)} (median of {runs} interleaved runs, setting latency_runs); to run it in PyTorch, use "
             "autocompress.deployed_form(model, example, {'runtime': 'torch'}).model"
             + ("" if latency_target else ", and a latency target" if aligned
@@ -969,14 +969,14 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
     if top1 is None:
         return None
     if chance is not None and base_top1 is not None and base_top1 <= 100.0 * chance + 1.0:
-        return (f"WARNING: the base's validation top-1 {base_top1:.2f}% is at chance level ({100.0 * chance:.2f}%): "
+        return (f"the base's validation top-1 {base_top1:.2f}% is at chance level ({100.0 * chance:.2f}%): "
                 f"the validation data or the base looks broken, so the compressed model's {top1:.2f}% says nothing "
                 "about the target; check val_loader's inputs and labels against the training data")
     if chance is not None and top1 <= 100.0 * chance + 1.0:
-        return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is at chance level "
+        return (f"the compressed model's validation top-1 {top1:.2f}% is at chance level "
                 f"({100.0 * chance:.2f}%): target {target} is too aggressive for this model and budget; {fix}")
     if base_top1 is not None and base_top1 - top1 > DROP_WARNING_POINTS:
-        return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {base_top1 - top1:.1f} points "
+        return (f"the compressed model's validation top-1 {top1:.2f}% is {base_top1 - top1:.1f} points "
                 f"below the base's {base_top1:.2f}% at target {target}; {fix}")
     return None
 
@@ -997,7 +997,7 @@ def _teacher_warning(base: dict, compressed: dict, distillation, *, own_loop: bo
     if (not distillation.enabled or not every_epoch or top1 is None or base_top1 is None
             or top1 - base_top1 <= ABOVE_TEACHER_POINTS):
         return None
-    return (f"WARNING: the compressed model's validation top-1 {top1:.2f}% is {top1 - base_top1:.1f} points above "
+    return (f"the compressed model's validation top-1 {top1:.2f}% is {top1 - base_top1:.1f} points above "
             f"the base's {base_top1:.2f}%: the base looks under-trained, and distillation (alpha "
             f"{distillation.alpha:g}) pulls the compressed model toward it; set distillation.enabled false (with "
             "budget too) and it may end higher")
@@ -1025,7 +1025,7 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
                "show where the surplus went")
     else:
         fix = "the round records (refit, purification) show where the surplus went"
-    return f"WARNING: target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"
+    return f"target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"
 
 
 def _batch_of(example: tuple, batch: int) -> tuple:

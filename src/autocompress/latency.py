@@ -304,7 +304,7 @@ def slower_warning(summary: dict, *, aligned: bool = False) -> str | None:
              f"{summary['batches'][str(b)]['base_ms']:.3g} ms" for b in summary["slower"]]
     fix = "use a latency target (target latency=2x), which times candidates in the runtime" + (
         "" if aligned else ", and/or channel_multiple (e.g. auto)")
-    return (f"WARNING: the compressed model is SLOWER than the base in {summary['runtime']} "
+    return (f"the compressed model is SLOWER than the base in {summary['runtime']} "
             f"({summary['threads']} thread(s)): {'; '.join(parts)}; {fix}")
 
 

@@ -200,7 +200,7 @@ def deployed_lines(final: dict) -> list[str]:
                      f"{_num(estimate.get('measured_ms'), '.3g')} ms at batch {_num(estimate.get('batch'), '')} "
                      f"(error {_num(100 * error, '+.1f') if isinstance(error, (int, float)) else '?'} %)")
     warnings = final.get("warnings")
-    return lines + [_num(w, "") for w in (warnings if isinstance(warnings, list) else [])]
+    return lines + [f"WARNING: {_num(w, '')}" for w in (warnings if isinstance(warnings, list) else [])]
 
 
 def final_table_rows(final: dict) -> list[list[str]]:
@@ -281,7 +281,7 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if finals:
         warnings = finals[-1].get("warnings")
-        parts += [f"<p style='color:#b00;font-weight:bold;font-size:120%'>{html.escape(_num(w, ''))}</p>"
+        parts += [f"<p style='color:#b00;font-weight:bold;font-size:120%'>WARNING: {html.escape(_num(w, ''))}</p>"
                   for w in (warnings if isinstance(warnings, list) else [])]
         parts += ["<h2>Result</h2>", f"<p>{html.escape(headline(finals[-1]))}</p>",
                   _html_table(final_table_rows(finals[-1]))]

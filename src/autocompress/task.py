@@ -412,7 +412,7 @@ def input_size_warning(batch: Batch, example_inputs: tuple) -> str | None:
     data, example = batch[0], example_inputs[0]
     if data.shape[1:] == example.shape[1:]:
         return None
-    return (f"WARNING: example_inputs has shape {list(example.shape)} and train_loader's inputs {list(data.shape)}: "
+    return (f"example_inputs has shape {list(example.shape)} and train_loader's inputs {list(data.shape)}: "
             f"MACs, FLOPs and latency are counted at the example's size; pass an example of the size the model "
             f"will run at (e.g. next(iter(train_loader))[0][:1])")
 
@@ -431,7 +431,7 @@ def small_batch_warning(batch: Batch, model: nn.Module) -> str | None:
     size = batch[0].shape[0]
     if size >= MIN_BATCH_NORM_BATCH or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return None
-    return (f"WARNING: train_loader's batches hold {size} item(s) and the model has BatchNorm layers, whose "
+    return (f"train_loader's batches hold {size} item(s) and the model has BatchNorm layers, whose "
             f"statistics from so few items are noisy in retraining and BatchNorm re-estimation; use batches of "
             f"{MIN_BATCH_NORM_BATCH} or more")
 

@@ -258,11 +258,29 @@ def run(args: argparse.Namespace) -> int:
             distributed.finish()
 
 
+class LevelPrefix(logging.Formatter):
+    """The log as the CLI prints it: messages as they are, warnings and errors led by their level
+    (``WARNING: the compressed model is SLOWER ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def configure_logging() -> None:
+    """The CLI's log on stderr: autocompress's INFO lines and every library's warnings (:class:`LevelPrefix`);
+    other libraries' INFO lines (the ONNX exporter's passes) stay out."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(LevelPrefix())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("autocompress").setLevel(logging.INFO)
+
+
 def _start(args: argparse.Namespace) -> int:
     from . import import_modules
 
     if not args.quiet and distributed.world().is_main:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        configure_logging()
     out = _run_dir(args)
     checkpoint, settings, imports = distributed.on_main(lambda: _request(args, out))
     import_modules(imports)

@@ -179,7 +179,7 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
         lines.append(f"deployed     form: {len(form['dense_layers'])} of {form['column_layers']} column-pruned layers "
                      "dense (faster there; `autocompress export --columns auto` times them again)")
     if deployed.get("warning"):
-        lines.append(deployed["warning"])
+        lines.append(f"WARNING: {deployed['warning']}")
     return lines
 
 
@@ -198,5 +198,5 @@ def run(args: argparse.Namespace) -> int:
     report = _report(args)
     print(json_text(report, indent=2) if args.json else format_report(report))
     if (report.get("deployed") or {}).get("warning"):
-        print(f"autocompress: {report['deployed']['warning']}", file=sys.stderr)
+        print(f"autocompress: warning: {report['deployed']['warning']}", file=sys.stderr)
     return 0
