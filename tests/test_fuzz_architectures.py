@@ -755,3 +755,44 @@ def test_concat_then_uneven_split_is_pruned_exactly_or_refused():
     dense with a reason, and every invariant holds."""
     torch.manual_seed(0)
     check_all_modes(lambda: Net([Concat, UnevenSplit], []), (3, 8, 8), (3, 12, 12))
+
+
+class TinyViT(nn.Module):
+    """A vision transformer written as timm writes one: patch conv, class token, a learned position embedding
+    ``[1, tokens, C]`` added to the tokens, pre-norm attention whose qkv Linear is reshaped into heads, an MLP.
+    The heads' output is reshaped to ``(n, t, -1)``: timm writes ``(B, N, C)`` with ``C`` the stream's width, which
+    breaks once the stream is narrower than the heads (``compress`` then leaves the stream's group out)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, patch: int = 4, size: int = 16):
+        super().__init__()
+        tokens = (size // patch) ** 2 + 1
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token, self.pos_embed = nn.Parameter(torch.randn(1, 1, dim)), nn.Parameter(torch.randn(1, tokens, dim))
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.norm, self.head, self.heads = nn.LayerNorm(dim), nn.Linear(dim, 3), heads
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        n, t = x.shape[:2]
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, -1))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_a_vision_transformers_token_stream_is_filter_pruned_with_its_position_embedding():
+    """Helper 32's ViT: the position embedding ``[1, tokens, C]`` was refused as "not per-channel", so the token
+    stream (patch_embed's channels) could never be pruned. It is sliced along C like any per-channel entry; the
+    qkv output stays whole (the head reshape reads its channel count), the MLP's hidden channels are pruned."""
+    space = PruningSpace.build(TinyViT().eval(), torch.randn(1, 3, 16, 16))
+    assert {g.name: g.size for g in space.filter_groups} == {"patch_embed": 16, "fc1": 32}
+    stream = next(g for g in space.filter_groups if g.name == "patch_embed")
+    assert {s.param for s in stream.slices} >= {"cls_token", "pos_embed", "norm1.weight", "proj.weight", "fc2.bias"}
+    # every entry of the parameters that read or write the stream (qkv, fc1 and head by their input columns)
+    coupled = {"patch_embed.weight", "patch_embed.bias", "cls_token", "pos_embed", "qkv.weight", "fc1.weight",
+               "head.weight"}
+    assert stream.params == sum(p.numel() for n, p in TinyViT().named_parameters()
+                                if n in coupled or n.startswith(("norm", "proj.", "fc2.")))
+    check_all_modes(TinyViT, (3, 16, 16), expect_pass=ALL)

@@ -932,14 +932,11 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
         if isinstance(target, nn.Parameter):
             name = param_names.get(id(target), "")
             dim = node.pruning_dim % target.dim()
-            other = [s for d, s in enumerate(target.shape) if d != dim]
             if target.shape[dim] == 1 < size:
                 continue
             if name.rpartition(".")[0] in ignored:
                 problem = problem or _ignored_problem(name)
-            elif any(s != 1 for s in other):
-                problem = problem or f"filter pruning: free parameter {name} is not per-channel"
-            else:
+            else:  # per channel, or several entries per channel (a position embedding [1, tokens, C])
                 slices.append(Slice(name, name.rpartition(".")[0], "norm", dim, index, channel))
             continue
         if not isinstance(target, nn.Module) or target not in names:
