@@ -150,5 +150,17 @@ def test_multihead_attention_is_counted_off_its_fused_fast_path():
         def forward(self, x):
             return self.attention(x, x, x, need_weights=False)[0]
 
-    assert count_macs(Attend(), torch.randn(1, 5, 16)) >= 5 * 16 * 48 + 5 * 16 * 16
+    products = 2 * 2 * 5 * 5 * 8  # Q K^T and (.) V: 2 heads of 8 dims, 5 x 5 scores
+    assert count_macs(Attend(), torch.randn(1, 5, 16)) == 5 * 16 * 48 + 5 * 16 * 16 + products
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+class Attention(nn.Module):
+    def forward(self, x):  # [N, heads, tokens, dims], attending to itself
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_scaled_dot_product_attention_is_counted_on_cpu():
+    """A fresh user's ViT with ``F.scaled_dot_product_attention``: its CPU kernel had no flop formula, so none of
+    its products counted. Each of ``Q K^T`` and ``(.) V`` costs N x heads x tokens x tokens x dims MACs."""
+    assert count_macs(Attention(), torch.randn(3, 2, 7, 8)) == 2 * 3 * 2 * 7 * 7 * 8

@@ -5,7 +5,8 @@ Conventions (used everywhere in autocompress):
 * **Parameters** count the elements of ``model.parameters()`` (BatchNorm running statistics and other
   buffers are not parameters).
 * **MACs** (multiply-accumulates) come from :class:`torch.utils.flop_counter.FlopCounterMode`, which
-  counts convolutions and matrix products (``conv``, ``mm``, ``addmm``, ``bmm``, attention). It reports
+  counts convolutions and matrix products (``conv``, ``mm``, ``addmm``, ``bmm``, attention; on CPU
+  ``F.scaled_dot_product_attention`` by :data:`CPU_ATTENTION`). It reports
   FLOPs = 2 x MACs, so MACs = FLOPs / 2. A convolution costs
   ``C_out * C_in / groups * kh * kw * H_out * W_out`` MACs per sample, a Linear ``in * out``.
   BatchNorm, activations, pooling and residual additions are not counted (the usual convention).
@@ -23,7 +24,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .analysis import analysis_mode
 from .errors import UserError
@@ -124,6 +125,17 @@ def _attention_counted() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """FLOPs of ``F.scaled_dot_product_attention``'s CPU kernel: the two products ``Q K^T`` and ``(.) V``
+    (``torch.utils.flop_counter.sdpa_flop_count``), the formula torch registers for its GPU kernels only."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: FlopCounterMode's formulas for the ops it leaves uncounted on CPU: a fresh user's ViT with
+#: ``F.scaled_dot_product_attention`` counted none of its attention products there
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
     """Run one analysis forward under FlopCounterMode; return module name -> MACs of all its calls,
     children included (FLOPs / 2). Modules never called are absent. What runs is what counts: a column layer
@@ -134,7 +146,7 @@ def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
         UserError: the model cannot take inputs of this shape.
     """
     inputs = _as_tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     inclusive: dict[str, int] = {}
     starts: dict[str, list[int]] = {}
     handles = []
