@@ -110,6 +110,10 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, capsys, cifar_folder):
                     dataset={"name": "fashion-mnist"}, config={}, metrics={})  # no input size recorded
     assert main(["evaluate", str(bad), "--dataset", "cifar10", "--data-dir", str(cifar_folder)]) == 2
     assert "lenet5 cannot take cifar10 inputs of size 3x32x32" in _error_line(capsys)
+    save_checkpoint(bad, model=create_model("lenet5"), model_name="lenet5", model_kwargs={"num_classes": 10},
+                    dataset={}, config={}, metrics={})  # a model saved by the library: no dataset recorded
+    assert main(["evaluate", str(bad)]) == 2
+    assert _error_line(capsys).endswith("(on the command line: --dataset)")  # helper 32 had to guess the flag
 
 
 def test_train_counts_one_epoch_in_the_singular(tmp_path, capsys):

@@ -56,7 +56,7 @@ import torch
 from torch.nn import functional as F
 
 from .atomic import atomic_torch_save
-from .errors import UserError
+from .errors import SettingError, UserError
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -358,7 +358,8 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
     normalisation when they are the recorded dataset, else their own.
 
     Raises:
-        UserError: no dataset name, or as :func:`get_dataset` (including an ``input_size`` mismatch).
+        SettingError: no dataset name (setting ``dataset``).
+        UserError: as :func:`get_dataset` (including an ``input_size`` mismatch).
     """
     recorded = recorded or {}
     given, name = name, name or recorded.get("name")
@@ -366,8 +367,8 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
         raise UserError(f"unknown dataset {given!r} (the checkpoint records {recorded.get('name')!r})",
                         f"use one of {', '.join(DATASETS)}")
     if name not in DATASETS:
-        raise UserError(f"the checkpoint records no known dataset (it records {recorded.get('name')!r})",
-                        f"pass the dataset name, one of {', '.join(DATASETS)}")
+        records = f"no known dataset (it records {recorded['name']!r})" if recorded.get("name") else "no dataset"
+        raise SettingError("dataset", f"the checkpoint records {records}", f"name it: dataset, one of {', '.join(DATASETS)}")
     same = name == recorded.get("name")
     resized = name == "imagefolder"  # made to the model's input: its size and normalisation
     kwargs = {"val_size": (recorded.get("val_size", 5000) if same else 5000) if val_size is None else val_size,
