@@ -368,7 +368,8 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
                         f"use one of {', '.join(DATASETS)}")
     if name not in DATASETS:
         records = f"no known dataset (it records {recorded['name']!r})" if recorded.get("name") else "no dataset"
-        raise SettingError("dataset", f"the checkpoint records {records}", f"name it: dataset, one of {', '.join(DATASETS)}")
+        raise SettingError("dataset", f"the checkpoint records {records}",
+                           f"name it: dataset, one of {', '.join(DATASETS)}")
     same = name == recorded.get("name")
     resized = name == "imagefolder"  # made to the model's input: its size and normalisation
     kwargs = {"val_size": (recorded.get("val_size", 5000) if same else 5000) if val_size is None else val_size,
