@@ -222,6 +222,31 @@ def test_real_space_targets_are_met_by_the_engine_counts(objective, attr):
         ActionSampler.from_space(space, "latency", 2.0)
 
 
+def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help():
+    """Helper 32's ViT was refused at flops=2x with "add pruning dimensions (dims)" (filter and column were on)
+    and only a small conv's columns named; the token stream, left out of filter pruning, was the cause. The
+    refusal names the layers left out of filter pruning, the heaviest first with its reason (not the classifier,
+    whose outputs are never pruned), and suggests only the kinds missing from dims."""
+    from autocompress.models import create_model
+    from autocompress.space import PruningSpace
+
+    model = create_model("fmnist_cnn")
+    names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
+    space = PruningSpace.build(model, torch.randn(1, 1, 28, 28), left_out={names[0]: "filter pruning: it breaks"},
+                               ignored_layers=[names[1]])
+    with pytest.raises(UserError) as info:
+        ActionSampler.from_space(space, "flops", 5000.0, kinds=("filter",))
+    heavy, light = sorted(names[:2], key=lambda name: -space.layer_macs[name][1])
+    reason = {names[0]: "it breaks", names[1]: space.excluded[names[1]]}[heavy]
+    message = str(info.value)
+    assert f"(not filter-pruned: {heavy} ({reason}), {light}; every reason is logged" in message
+    assert names[-1] not in message  # the classifier
+    assert message.endswith("lower the target, raise max_r (below 1), add column to dims")
+    with pytest.raises(UserError) as info:
+        ActionSampler.from_space(space, "params", 5000.0, kinds=("filter", "column", "irregular"))
+    assert str(info.value).endswith("lower the target, raise max_r (below 1)")
+
+
 def conv_chain(widths: list[int]) -> torch.nn.Sequential:
     """``[B, 1, H, W]`` -> ``[B, 10]``: 3x3 convolutions of the given widths (ReLU between), GAP, a Linear."""
     layers, channels = [], 1

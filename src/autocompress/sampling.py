@@ -46,7 +46,7 @@ import torch
 from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
-from .space import KINDS, NO_EXECUTED_SAVING, keep_count
+from .space import IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
 
 OBJECTIVES = ("params", "flops")
 #: What the guidance orders units by: ``"layer"`` (the paper's: what a unit governs per producing layer, so
@@ -278,13 +278,45 @@ def _check_settings(target: float, r_max: float) -> None:
         raise UserError(f"maximum rate r_max={r_max!r} is outside [0, 1)", "use e.g. r_max=0.95")
 
 
+class Unreachable(UserError):
+    """The target is beyond the reach of every unit at the maximum rate: ``reached`` is the factor that (x).
+    ``held`` says what holds the rest back and ``fixes`` adds to the usual fixes (lower the target, raise max_r)."""
+
+    def __init__(self, target: float, reached: float, r_max: float, held: str = "", fixes: Sequence[str] = ()):
+        super().__init__(f"target {target:g}x is unreachable: pruning every unit at the maximum rate (max_r) "
+                         f"{r_max:g} reaches only {reached:.3g}x{held}",
+                         ", ".join(["lower the target", "raise max_r (below 1)", *fixes]))
+        self.target, self.reached, self.r_max = target, reached, r_max
+
+
 def _check_reachable(original: float, best: float, target: float, r_max: float) -> None:
-    """UserError unless ``best`` (the count with every unit at ``r_max``) meets ``original / target``."""
+    """:class:`Unreachable` unless ``best`` (the count with every unit at ``r_max``) meets ``original / target``."""
     if best > original / target:
-        raise UserError(
-            f"target {target:g}x is unreachable: pruning every unit at the maximum rate (max_r) {r_max:g} reaches "
-            f"only {original / best:.3g}x",
-            "lower the target, raise max_r (below 1), or add pruning dimensions (dims)")
+        raise Unreachable(target, original / best, r_max)
+
+
+def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[str, list[str]]:
+    """What holds a target back in ``space`` (the layers whose filters or, for a flops target, columns it leaves
+    out, the heaviest first; a classifier's outputs are not named) and the fixes that widen the space: kinds
+    that would lower the objective but are not in ``kinds``, a params target when columns were left out for
+    flops."""
+    def heaviest(names: list[str], why: bool = False) -> str:
+        names = sorted(names, key=lambda name: -space.layer_macs.get(name, ("", 0))[1])
+        reason = space.excluded[names[0]].split("; column pruning")[0].removeprefix("filter pruning: ")
+        first = f"{names[0]} ({reason})" if why else names[0]
+        return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    filters = [name for name, why in space.excluded.items() if name and (why.startswith(IGNORED) or "filter pruning"
+                                                                          in why and "model outputs" not in why)]
+    columns = [name for name, why in space.excluded.items() if NO_EXECUTED_SAVING in why]
+    held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
+        [f"not column-pruned for a flops target (kernels over 1x1 with under {GEMM_MIN_FILTERS} filters, whose "
+         f"pruned columns would still be multiplied): {heaviest(columns)}"] if columns else [])
+    useful = ("filter", "column") if objective == "flops" else KINDS
+    fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds]
+    if columns:
+        fixes.append("give a params target, which counts their columns")
+    return (f" ({'; '.join(held)}; every reason is logged at INFO by autocompress.space)" if held else ""), fixes
 
 
 def _normal(rng: np.random.Generator | torch.Generator, n: int) -> np.ndarray:
@@ -439,17 +471,8 @@ class ActionSampler:
                        r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,
                        give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths,
                        keeps=space_keeps(space, units))
-        except UserError as exc:
-            skipped = [name for name, reason in space.excluded.items() if NO_EXECUTED_SAVING in reason]
-            if not skipped:
-                raise
-            named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-            filters = any(u.kind == "filter" for u in units)
-            raise UserError(f"{exc} (for a flops target {len(skipped)} layer(s) are not column-pruned, kernels "
-                            f"over 1x1 with under {GEMM_MIN_FILTERS} filters whose pruned columns would still be "
-                            f"multiplied: {named})",
-                            "give a params target, which counts their columns" +
-                            ("" if filters else ", or add filter to dims")) from exc
+        except Unreachable as exc:
+            raise Unreachable(exc.target, exc.reached, exc.r_max, *_held_back(space, objective, kinds)) from None
 
 
 def on_block(block: int, multiple: int) -> bool:
