@@ -95,8 +95,12 @@ def test_a_kill_after_epoch_k_resumes_at_epoch_k_plus_1_with_the_uninterrupted_r
     assert weights is None
     phase = "admm" if kill_at.startswith("ADMM") else "retrain"
     assert sorted(p.name for p in (run_dir / "round1").glob("*.epoch.pt")) == [f"{phase}.epoch.pt"]
-    stored = torch.load(run_dir / "round1" / f"{phase}.epoch.pt", weights_only=True)["loop"]["teacher_cache"]
+    checkpoint = torch.load(run_dir / "round1" / f"{phase}.epoch.pt", weights_only=True)
+    stored = checkpoint["loop"]["teacher_cache"]
     assert stored["keys"].shape == (300, 16) and stored["enabled"]  # every training image's teacher output
+    # the phase's time counts the earlier process's epochs (helper 31's resumed run said only the last process's)
+    assert 0 < checkpoint["seconds"] < 60
+    torch.save({**checkpoint, "seconds": 1000.0}, run_dir / "round1" / f"{phase}.epoch.pt")
 
     weights, resumed, lines, records = _run(run_dir, seeded_loader=seeded_loader)
     cut = full_epochs.index(kill_at)
@@ -105,6 +109,8 @@ def test_a_kill_after_epoch_k_resumes_at_epoch_k_plus_1_with_the_uninterrupted_r
     assert weights.keys() == full_weights.keys()
     assert all(torch.equal(weights[k], full_weights[k]) for k in weights)
     assert _untimed(records) == full_records  # ADMM residual history, epoch losses, round record
+    seconds = {r["phase"]: r["seconds"] for r in records if r.get("event") == "phase"}
+    assert 1000 < seconds[phase] < 1060 and all(s < 60 for name, s in seconds.items() if name != phase)
     assert not list(run_dir.rglob("*.epoch.pt"))  # removed when its phase finished
 
 

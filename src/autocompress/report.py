@@ -230,7 +230,8 @@ def final_table_rows(final: dict) -> list[list[str]]:
 
 def phase_seconds(records: Iterable[dict]) -> dict[str, float]:
     """``{phase: seconds}`` summed over the ``phase`` records of every round (``search``, ``admm``, ``purify``,
-    ``retrain``, ``compact``), in the order they first ran."""
+    ``retrain``, ``compact``), in the order they first ran; a phase resumed from an epoch checkpoint counts the
+    epochs kept from the earlier processes too."""
     seconds: dict[str, float] = {}
     for record in records:
         if record.get("event") == "phase":

@@ -227,6 +227,8 @@ class Pipeline:
     log: Callable[[str], None] = print
     base_score: float | None = None
     incompactable: dict[str, str] = field(default_factory=dict)
+    _phase_started: float = field(default=0.0, init=False, repr=False)
+    _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
         if self.progress:
@@ -296,13 +298,17 @@ class Pipeline:
             if self.store.is_done(state.index, phase):
                 self._restore(state, phase)
                 continue
-            started = time.perf_counter()
+            self._phase_started, self._earlier_seconds = time.perf_counter(), 0.0
             with self.task.seeded(phase_seed(self.config.seed, state.index, phase)):
                 records = getattr(self, f"_{phase}")(state, last=last)
             self._sync(state)
-            records.append({"event": "phase", "round": state.index, "phase": phase,
-                            "seconds": time.perf_counter() - started})
+            records.append({"event": "phase", "round": state.index, "phase": phase, "seconds": self._phase_seconds()})
             self.store.finish(state.index, phase, records)
+
+    def _phase_seconds(self) -> float:
+        """Seconds the running phase has taken: in this process, plus, when it resumed from an epoch checkpoint,
+        those of the epochs kept from earlier processes (a killed epoch's time is lost with its work)."""
+        return time.perf_counter() - self._phase_started + self._earlier_seconds
 
     def _sync(self, state: RoundState) -> None:
         """Under ``torch.distributed``: rank 0's model state and masks on every rank after a phase (a caller's
@@ -357,8 +363,16 @@ class Pipeline:
         """The epoch checkpoint of a default-loop training phase (``"admm"`` or ``"retrain"``) in the store
         (a caller's ``train_fn`` owns its epochs and optimiser: its phases resume from their start)."""
         name = "ADMM" if phase == "admm" else "retraining"
-        return EpochCheckpoint(lambda: self.store.load_epoch(state.index, phase),
-                               lambda payload: self.store.save_epoch(state.index, phase, payload),
+
+        def load() -> dict | None:
+            stored = self.store.load_epoch(state.index, phase)
+            self._earlier_seconds = 0.0 if stored is None else stored.get("seconds", 0.0)
+            return stored
+
+        def save(payload: dict) -> None:
+            self.store.save_epoch(state.index, phase, {**payload, "seconds": self._phase_seconds()})
+
+        return EpochCheckpoint(load, save,
                                generators=loader_generators(loader), device=self.task.device, log=self.log,
                                label=f"round {state.index} {name}")
 
