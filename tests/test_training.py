@@ -284,3 +284,24 @@ def test_a_line_logged_during_an_epoch_stands_above_the_progress_bar(capsys, wra
     assert before.endswith("\r") is wrapped  # cleared: the bar's text erased, the cursor back at column 0
     if wrapped:
         assert before.split("\r")[-2].strip() == ""
+
+
+def test_without_a_log_nothing_clears_the_progress_bars(capsys):
+    """A caller who gives no log gets none: the pipeline's silent log is not wrapped by above_bars, so a line
+    logged during an epoch does not clear and redraw the bar for nothing."""
+    import sys
+
+    from tqdm import tqdm
+
+    from autocompress.config import CompressConfig
+    from autocompress.rounds import Pipeline
+    from autocompress.task import Task
+
+    pipeline = Pipeline(task=Task(None), config=CompressConfig.from_dict({}, validate=False),
+                        example_inputs=(torch.zeros(1, 1),), base_model=nn.Linear(1, 1), progress=True, log=None)
+    with tqdm(total=2, file=sys.stdout, desc="retrain epoch 1/2", mininterval=0) as bar:
+        bar.update(1)
+        before = capsys.readouterr().out
+        pipeline.log("a line nobody reads")
+        assert capsys.readouterr().out == ""  # nothing written: no clear, no redraw
+    assert before

@@ -322,7 +322,7 @@ class Compression:
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
-                                 log=log or (lambda _line: None), channel_multiple=self.multiple,
+                                 log=log, channel_multiple=self.multiple,
                                  base_score=self.base_score)
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)

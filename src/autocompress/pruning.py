@@ -164,7 +164,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     task.check(base, example, needs_training=training, needs_score=False, needs_length=train_fn is None)
     before = task.score(base) if task.can_score else None
     pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
-                        progress=progress, log=log or (lambda _line: None),
+                        progress=progress, log=log,
                         base_score=before)
     work = densify(base)
     space = pipeline.space(work)

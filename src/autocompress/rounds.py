@@ -195,6 +195,10 @@ class PhaseStore:
             self.record(record)
 
 
+def _silent(_line: str) -> None:
+    """The log of a caller who gave none."""
+
+
 @dataclass
 class Pipeline:
     """The shared state of a compress or prune run and :meth:`run_round`, the round function.
@@ -209,6 +213,8 @@ class Pipeline:
         train_fn: the caller's own training loop, or None for the default SGD loop.
         chance: the score of a random guess (default top-1: 1 / classes), or None.
         channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
+        progress: progress bars on; lines logged then are written above them (:func:`autocompress.training.above_bars`).
+        log: called with each log line; None: nothing is logged.
         base_score: ``task.score`` of ``base_model`` when the caller has it (else measured when first needed).
         incompactable: filter groups (root layer -> why) whose channels cannot be removed without breaking the
             compact model (``compress``'s probe before any work); every space leaves them out (their layers'
@@ -224,14 +230,16 @@ class Pipeline:
     chance: float | None = None
     channel_multiple: int = 1
     progress: bool = True
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] | None = print
     base_score: float | None = None
     incompactable: dict[str, str] = field(default_factory=dict)
     _phase_started: float = field(default=0.0, init=False, repr=False)
     _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
-        if self.progress:
+        if self.log is None:
+            self.log = _silent
+        elif self.progress:
             self.log = above_bars(self.log)
         distillation = self.config.distillation
         self.distiller = Distiller(self.base_model, distillation) if distillation.enabled else None
