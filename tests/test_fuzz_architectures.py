@@ -796,3 +796,18 @@ def test_a_vision_transformers_token_stream_is_filter_pruned_with_its_position_e
     assert stream.params == sum(p.numel() for n, p in TinyViT().named_parameters()
                                 if n in coupled or n.startswith(("norm", "proj.", "fc2.")))
     check_all_modes(TinyViT, (3, 16, 16), expect_pass=ALL)
+
+
+def test_a_free_parameter_that_is_not_per_channel_still_leaves_its_group_out():
+    """Swin's relative position bias table ``[positions, heads]`` is a free parameter torch-pruning maps onto the
+    stream's channels: several entries per position, and fewer positions than the group's channels. Allowing
+    position embeddings ``[1, tokens, C]`` (above) must not let it be sliced (an IndexError out of the space)."""
+    import torchvision
+
+    model = torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=[4, 4],
+        num_classes=10).eval()
+    space = PruningSpace.build(model, torch.randn(1, 3, 64, 64))
+    assert space.excluded["features.4.reduction"] == ("filter pruning: free parameter "
+                                                      "features.5.1.attn.relative_position_bias_table is not per-channel")
+    assert "features.4.reduction" not in [g.name for g in space.filter_groups]

@@ -934,8 +934,12 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
             dim = node.pruning_dim % target.dim()
             if target.shape[dim] == 1 < size:
                 continue
+            several = any(s != 1 for d, s in enumerate(target.shape) if d != dim)
             if name.rpartition(".")[0] in ignored:
                 problem = problem or _ignored_problem(name)
+            elif index.numel() and int(index.max()) >= target.shape[dim] or several and target.shape[dim] != size:
+                # (Swin's relative position bias table [positions, heads], mapped onto the stream's channels)
+                problem = problem or f"filter pruning: free parameter {name} is not per-channel"
             else:  # per channel, or several entries per channel (a position embedding [1, tokens, C])
                 slices.append(Slice(name, name.rpartition(".")[0], "norm", dim, index, channel))
             continue
