@@ -340,12 +340,13 @@ class PruningSpace:
             max_rate: the search's upper bound on one unit's rate, ``0 < max_rate < 1``.
             channel_multiple: filter groups keep widths aligned to it (:meth:`filter_keep`).
             executed_macs_only: enumerate column units only where column pruning can lower the MACs the
-                compact model executes (for a flops target): 1x1 kernels, Linear layers, and Conv2d layers
-                with at least :data:`autocompress.columns.GEMM_MIN_FILTERS` filters (which can run a GEMM
-                over the kept columns); other layers run the dense conv over their kept input channels and
-                are excluded from column pruning, with the reason logged. A Linear applied at several positions
-                of an input item (tokens, the pixels of a channels-last tensor) is excluded too: its compact
-                form gathers the kept columns at every position, which costs more time than it saves.
+                compact model executes, and pays for it (for a flops target): Linear layers and 1x1 kernels
+                applied at one position of an input item, and Conv2d layers with at least
+                :data:`autocompress.columns.GEMM_MIN_FILTERS` filters (which can run a GEMM over the kept
+                columns); other layers larger than 1x1 run the dense conv over their kept input channels, and a
+                Linear or 1x1 kernel applied at several positions (tokens, pixels) gathers its kept input
+                channels at every position, which costs more time than it saves: they are excluded from column
+                pruning, with the reason logged.
             left_out: filter groups to leave out, by name (their root layer, as in :attr:`filter_groups`) -> the
                 reason recorded in ``excluded``; unlike ``ignored_layers`` their layers' columns and weights stay
                 prunable (e.g. groups whose removal breaks the compact model, found by a probe).
@@ -816,10 +817,12 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
 
 #: the reason :meth:`PruningSpace.build` gives for a layer it leaves out of column pruning with ``executed_macs_only``
 NO_EXECUTED_SAVING = "column pruning saves no executed MACs here"
-#: the reason for a Linear applied at several positions of an item (tokens, pixels of a channels-last tensor): an
-#: onnxruntime profile of a compact ConvNeXt spent 62 % of its time gathering such layers' kept columns, and the
-#: model ran 2.5x slower than its base at half the MACs (BENCHMARKS.md, "Session 25"); filter pruning of the
-#: layer that produces those channels removes them without a gather
+#: the reason for a Linear or 1x1 convolution applied at several positions of an item (tokens, pixels): its
+#: compact form gathers the kept input channels at every position. An onnxruntime profile of a compact ConvNeXt
+#: spent 62 % of its time gathering Linear layers' kept columns, and the model ran 2.5x slower than its base at
+#: half the MACs; a fresh user's MobileNet-style net with nine column-pruned 1x1 convs ran 0.64x as fast as its
+#: base at batch 1 (BENCHMARKS.md, sessions 25 and 26); filter pruning of the layer that produces those channels
+#: removes them without a gather
 GATHERED = "column pruning costs more than it saves here"
 
 
@@ -842,9 +845,10 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
         _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters: its compact form runs "
                  "the dense conv over the kept input channels)")
         return None
-    if executed_only and isinstance(module, nn.Linear) and \
+    if executed_only and area == 1 and \
             (positions := layer_macs[name][1] / max(1, batch * module.weight.numel())) > 1:
-        _exclude(excluded, name, f"{GATHERED} (a Linear applied at {positions:.3g} positions an item: its compact "
+        what = "Linear" if isinstance(module, nn.Linear) else "1x1 convolution"
+        _exclude(excluded, name, f"{GATHERED} (a {what} applied at {positions:.3g} positions an item: its compact "
                  "form gathers the kept input columns at each, slower than the MACs saved)")
         return None
     return ColumnLayer(name=name, param=param_names[id(module.weight)], rows=rows, size=size,
