@@ -141,3 +141,18 @@ def test_closed_stdout_exits_quietly(tmp_path):
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (1, b"")
+
+
+def test_the_slower_hint_suggests_a_channel_multiple_only_for_unaligned_widths():
+    """A fresh user's compact model (channel multiple auto: 16) was told "and/or channel_multiple (e.g. auto)":
+    inspect reads the widths pruned against the base; multiples of 8 mean a multiple was in use."""
+    from torch import nn
+
+    from autocompress.cli.inspect import _aligned
+
+    def net(a: int, b: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, a, 3), nn.Conv2d(a, b, 3), nn.ConvTranspose2d(b, 8, 2), nn.Linear(8, 4))
+
+    base = net(32, 48)
+    assert _aligned(net(16, 24), base) and _aligned(net(32, 40), base)
+    assert not _aligned(net(16, 20), base) and not _aligned(net(32, 48), base)  # unaligned / nothing pruned

@@ -406,6 +406,40 @@ def test_calibration_stops_when_the_table_cannot_aim_higher():
         calibrate(2.0, lambda aim: fit(aim + 1), lambda reached: reached)
 
 
+def test_a_refused_calibration_says_why_it_measured_once():
+    """A fresh user's latency=1.3x was refused "in 1 measurement(s)" while the README says up to 4: the re-aim
+    (1.3 x 1.3 / 1.08 = 1.56x) was beyond the table's narrowest widths. The refusal says so."""
+    from types import SimpleNamespace
+
+    def sampler(space, aim, base_ratio):
+        if aim > 1.4:
+            raise UserError("target unreachable", "lower it")
+        return SimpleNamespace(rescale=lambda action: action, compression=lambda action: aim,
+                               to_rates=lambda action: {})
+
+    lines: list[str] = []
+    fake = SimpleNamespace(_sampler=sampler, _measured_speedup=lambda state, rates: 1.08,
+                           pipeline=SimpleNamespace(log=lines.append), target=Target.parse("latency=1.3x"),
+                           config=CompressConfig.from_dict({"target": "latency=1.3x"}))
+    with pytest.raises(UserError) as info:
+        Compression._calibrate(fake, SimpleNamespace(index=1, target=1.3, space=None), None, 1.0)
+    assert lines == ["round 1 search: aimed at 1.3x by the lookup table, measured 1.08x"]
+    assert ("measured at most 1.08x in 1 measurement(s) before any training (round target 1.3x, latency.tolerance "
+            "0.1); the faster aim the measurements called for is beyond the lookup table's narrowest widths; lower "
+            "the target") in str(info.value)
+
+
+@given(st.floats(1.01, 100.0), st.floats(1e-7, 0.2))
+def test_a_reach_short_of_the_target_never_prints_as_the_target(target, shortfall):
+    """A helper read "target 1.5x is unreachable: ... reaches only 1.5x" (1.497x rounded to 3 digits)."""
+    from autocompress.text import short_of
+
+    reached = target * (1 - shortfall)
+    text = short_of(reached, target)
+    assert text != f"{target:g}" and text != f"{target:.3g}"
+    assert float(text) == pytest.approx(reached, rel=5e-3)
+
+
 def test_calibration_floor_accepts_a_candidate_just_below_the_target():
     """With floor 0.95 a candidate measured at 0.97 x the target ends the loop (VGG-16 at 1.5x measured 1.87x,
     1.39x, 1.48x, 1.44x: without the floor none lay in [1.5, 1.65] and the over-pruned 1.87x was kept)."""

@@ -45,6 +45,7 @@ from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rate
 from .serialization import save_compact
 from .space import KINDS, ignored_modules, ignored_summary
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
+from .text import short_of
 
 
 #: the channel multiple a target falls back to first when ``auto``'s larger one cannot reach it
@@ -561,8 +562,8 @@ class Compression:
             reached = cost(np.zeros(len(units))) / cost(np.full(len(units), self.config.max_r))
             raise UserError(f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup "
                             f"table the narrowest widths allowed (max_r {self.config.max_r:g}, channel multiple "
-                            f"{self.multiple}) run only {reached:.3g}x as fast as this round's model (fixed costs "
-                            "dominate a model this small or fast)",
+                            f"{self.multiple}) run only {short_of(reached, factor)}x as fast as this round's model "
+                            "(fixed costs dominate a model this small or fast)",
                             "lower the target" + (", or give a smaller channel_multiple" if self.multiple > 1
                                                   else "")) from exc
 
@@ -698,9 +699,11 @@ class Compression:
         (fitted, sampler, _aim), records = calibrate(state.target, fit, measure, floor=1 - settings.tolerance / 2)
         best = max(r["measured"] for r in records)
         if best < state.target * (1 - settings.tolerance):
+            stopped = ("; the faster aim the measurements called for is beyond the lookup table's narrowest widths"
+                       if len(records) < CALIBRATION_STEPS else "")
             raise UserError(f"target {self.target} cannot be met in {settings.runtime}: the search's candidates "
                             f"measured at most {best:.3g}x in {len(records)} measurement(s) before any training "
-                            f"(round target {state.target:.3g}x, latency.tolerance {settings.tolerance:g})",
+                            f"(round target {state.target:.3g}x, latency.tolerance {settings.tolerance:g}){stopped}",
                             "lower the target, or use another runtime / batch size")
         return fitted, sampler, records
 

@@ -47,6 +47,7 @@ from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
 from .space import IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
+from .text import short_of
 
 OBJECTIVES = ("params", "flops")
 #: What the guidance orders units by: ``"layer"`` (the paper's: what a unit governs per producing layer, so
@@ -284,7 +285,7 @@ class Unreachable(UserError):
 
     def __init__(self, target: float, reached: float, r_max: float, held: str = "", fixes: Sequence[str] = ()):
         super().__init__(f"target {target:g}x is unreachable: pruning every unit at the maximum rate (max_r) "
-                         f"{r_max:g} reaches only {reached:.3g}x{held}",
+                         f"{r_max:g} reaches only {short_of(reached, target)}x{held}",
                          ", ".join(["lower the target", "raise max_r (below 1)", *fixes]))
         self.target, self.reached, self.r_max = target, reached, r_max
 

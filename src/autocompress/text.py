@@ -18,6 +18,16 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def short_of(reached: float, target: float) -> str:
+    """``reached`` (< ``target``) in 3 significant digits, or more when 3 would print it as the target: a speedup
+    of 1.497x against a 1.5x target reads "1.497", not "1.5"."""
+    for digits in range(3, 10):
+        text = f"{reached:.{digits}g}"
+        if text not in (f"{target:.{digits}g}", f"{target:g}"):
+            return text
+    return repr(reached)
+
+
 def plain(value: Any) -> Any:
     """JSON form of numpy / torch scalars and arrays (``json.dumps(default=plain)``; floats kept exact)."""
     if isinstance(value, np.generic):

@@ -123,7 +123,21 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
                 "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()},
                 "deployed_form": form.summary()}
     summary = deployed_summary(timings, config)
-    return {**summary, "warning": slower_warning(summary), "deployed_form": form.summary()}
+    return {**summary, "warning": slower_warning(summary, aligned=_aligned(model, base)),
+            "deployed_form": form.summary()}
+
+
+def _aligned(model, base) -> bool:
+    """Whether every output width pruned in ``model`` (against ``base``, layer by layer) is a multiple of 8: the
+    widths of a run with a channel multiple (auto or 8), for which the slower warning does not suggest one."""
+    from ..space import is_weight_layer, out_dim
+
+    def widths(net) -> dict[str, int]:
+        return {name: m.weight.shape[out_dim(m)] for name, m in net.named_modules() if is_weight_layer(m)}
+
+    before = widths(base)
+    pruned = [width for name, width in widths(model).items() if before.get(name, width) != width]
+    return bool(pruned) and all(width % 8 == 0 for width in pruned)
 
 
 def _millions(value: int) -> str:
