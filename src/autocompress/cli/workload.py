@@ -117,6 +117,16 @@ class Workload:
         """Validation or test batches in order, without augmentation."""
         return self.splits.loader(split, EVAL_BATCH, shuffle=False, augment=False)
 
+    def carve_warning(self) -> str | None:
+        """The warning for a checkpoint that records no validation carve (trained outside ``autocompress train``):
+        the validation images, carved from the training split here, may be images the model trained on."""
+        if (self.ckpt.get("dataset") or {}).get("val_size") is not None or not self.splits.val_size:
+            return None
+        return (f"the checkpoint records no validation carve, so validation is {self.splits.val_size} images carved "
+                f"from the training split (seed {self.splits.seed}); if the model trained on them, validation scores "
+                "read high (the search, the distillation stop test and the final table's val column see them); the "
+                "test split stays clean")
+
 
 def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: int = 0) -> Workload:
     """Read ``checkpoint`` (``weights_only``), rebuild its model and load its dataset.
