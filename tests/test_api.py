@@ -197,7 +197,8 @@ def test_a_flops_targets_deployed_form_runs_columns_dense_only_within_the_target
     else:
         assert dense == names
     # helper 32 read 1.93x fewer MACs in the table and 1.41x in the timed form: the summary says both
-    executed = f"it executes {deployed:,} MACs, {metrics.count_macs(model, example) / deployed:.2f}x fewer than the base"
+    fewer = metrics.count_macs(model, example) / deployed
+    executed = f"it executes {deployed:,} MACs, {fewer:.2f}x fewer than the base"
     assert (executed in result.summary()) == bool(dense)
 
 
