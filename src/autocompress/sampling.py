@@ -46,7 +46,7 @@ import torch
 from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
-from .space import IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
+from .space import GATHERED, IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
 from .text import short_of
 
 OBJECTIVES = ("params", "flops")
@@ -309,10 +309,11 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
 
     filters = [name for name, why in space.excluded.items() if name and (why.startswith(IGNORED) or "filter pruning"
                                                                           in why and "model outputs" not in why)]
-    columns = [name for name, why in space.excluded.items() if NO_EXECUTED_SAVING in why]
+    columns = [name for name, why in space.excluded.items() if NO_EXECUTED_SAVING in why or GATHERED in why]
     held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
         [f"not column-pruned for a flops target (kernels over 1x1 with under {GEMM_MIN_FILTERS} filters, whose "
-         f"pruned columns would still be multiplied): {heaviest(columns)}"] if columns else [])
+         "pruned columns would still be multiplied, and 1x1 / Linear layers applied at several positions, which "
+         f"would gather their kept columns at each): {heaviest(columns)}"] if columns else [])
     useful = ("filter", "column") if objective == "flops" else KINDS
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds]
     if columns:
