@@ -151,7 +151,8 @@ def format_report(report: dict) -> str:
                                                    if report["checkpoint"] else " (fresh initialisation)"),
              f"input        {size} per image",
              f"parameters   {_millions(report['params'])}, nonzero {_millions(report['nonzero_params'])}",
-             f"MACs         {_millions(report['macs'])} per image (multiply-accumulates, torch.utils.flop_counter)",
+             f"MACs         {_millions(report['macs'])} per image (multiply-accumulates, torch.utils.flop_counter; "
+             "on CPU also F.scaled_dot_product_attention)",
              f"FLOPs        {_millions(report['flops'])} per image (FLOPs = 2 x MACs)"]
     if report["file_size_bytes"] is not None:
         lines.append(f"file size    {report['file_size_bytes']:,} bytes ({report['file_size_bytes'] / 1e6:.2f} MB)")
