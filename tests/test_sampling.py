@@ -228,7 +228,7 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
     refusal names the layers left out of filter pruning, the heaviest first with its reason (not the classifier,
     whose outputs are never pruned), and suggests only the kinds missing from dims."""
     from autocompress.models import create_model
-    from autocompress.space import PruningSpace
+    from autocompress.space import BREAKS, PruningSpace
 
     model = create_model("fmnist_cnn")
     names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -245,6 +245,15 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
     with pytest.raises(UserError) as info:
         ActionSampler.from_space(space, "params", 5000.0, kinds=("filter", "column", "irregular"))
     assert str(info.value).endswith("lower the target, raise max_r (below 1)")
+    # helper 34's ViT: the group its reshape broke came after a heavier one; the fixable one is named first now
+    broken = f"filter pruning: {BREAKS} (RuntimeError: shape '[1, 50, 3, 4, 12]' is invalid)"
+    space = PruningSpace.build(model, torch.randn(1, 1, 28, 28), left_out={light: broken},
+                               ignored_layers=[heavy])
+    with pytest.raises(UserError) as info:
+        ActionSampler.from_space(space, "params", 5000.0, kinds=("filter", "column", "irregular"))
+    assert f"(not filter-pruned: {light} ({broken.removeprefix('filter pruning: ')}), {heavy};" in str(info.value)
+    assert str(info.value).endswith("write the channel counts in your forward's reshapes as -1, so that they follow "
+                                    "pruned channels")
 
 
 def conv_chain(widths: list[int]) -> torch.nn.Sequential:

@@ -38,7 +38,7 @@ from .errors import UserError
 from .masks import MaskEnforcer
 from .purification import purify
 from .architecture import apply_architecture, describe_architecture
-from .space import PruningSpace
+from .space import BREAKS, PruningSpace
 from .task import Task, loader_generators
 from .text import plural, tidy
 from .training import above_bars
@@ -283,7 +283,7 @@ class Pipeline:
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
         flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
-        left_out = {name: f"filter pruning: the compact model breaks once its channels are removed ({why})"
+        left_out = {name: f"filter pruning: {BREAKS} ({why})"
                     for name, why in self.incompactable.items()}
         space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
                                    channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out)

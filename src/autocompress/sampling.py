@@ -46,7 +46,7 @@ import torch
 from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
-from .space import GATHERED, IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
+from .space import BREAKS, GATHERED, IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
 from .text import short_of
 
 OBJECTIVES = ("params", "flops")
@@ -298,11 +298,12 @@ def _check_reachable(original: float, best: float, target: float, r_max: float) 
 
 def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[str, list[str]]:
     """What holds a target back in ``space`` (the layers whose filters or, for a flops target, columns it leaves
-    out, the heaviest first; a classifier's outputs are not named) and the fixes that widen the space: kinds
-    that would lower the objective but are not in ``kinds``, a params target when columns were left out for
-    flops."""
-    def heaviest(names: list[str], why: bool = False) -> str:
-        names = sorted(names, key=lambda name: -space.layer_macs.get(name, ("", 0))[1])
+    out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named)
+    and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds``, a params
+    target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
+    def heaviest(names: list[str], why: bool = False) -> str:  # groups the forward breaks first: the user can fix them
+        names = sorted(names, key=lambda name: (BREAKS not in space.excluded[name],
+                                                -space.layer_macs.get(name, ("", 0))[1]))
         reason = space.excluded[names[0]].split("; column pruning")[0].removeprefix("filter pruning: ")
         first = f"{names[0]} ({reason})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -318,6 +319,8 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds]
     if columns:
         fixes.append("give a params target, which counts their columns")
+    if any(BREAKS in space.excluded[name] for name in filters):
+        fixes.append("write the channel counts in your forward's reshapes as -1, so that they follow pruned channels")
     return (f" ({'; '.join(held)}; every reason is logged at INFO by autocompress.space)" if held else ""), fixes
 
 

@@ -817,6 +817,9 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
 
 #: the reason :meth:`PruningSpace.build` gives for a layer it leaves out of column pruning with ``executed_macs_only``
 NO_EXECUTED_SAVING = "column pruning saves no executed MACs here"
+#: the reason for a filter group left out because the compact model breaks without its channels (``left_out`` of
+#: :meth:`PruningSpace.build`, found by ``compress``'s probe): a channel count written into a reshape, mostly
+BREAKS = "the compact model breaks once its channels are removed"
 #: the reason for a Linear or 1x1 convolution applied at several positions of an item (tokens, pixels): its
 #: compact form gathers the kept input channels at every position. An onnxruntime profile of a compact ConvNeXt
 #: spent 62 % of its time gathering Linear layers' kept columns, and the model ran 2.5x slower than its base at
