@@ -242,6 +242,7 @@ def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
     result = autocompress.compress(model, example, "flops=2x", train_loader=train, val_loader=val,
                                    config={**CONFIG, "channel_multiple": 16, "dims": "filter"}, progress=False)
     reached = metrics.count_macs(model, example) / metrics.count_macs(result.model, example)
+    assert result.final["not_filter_pruned"] == {}  # recorded (the table names the layers left out, if any)
     warned = [w for w in result.final["warnings"] if "is passed by far" in w]
     assert reached > 2.5 and warned and f"{reached:.3g}x" in warned[0] and "channel_multiple 16" in warned[0]
     summary = result.summary().splitlines()  # what a library caller prints: the CLI's table and its warnings

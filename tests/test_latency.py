@@ -216,7 +216,8 @@ def test_warnings_carry_their_level_once(caplog):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stderr == "round 1\nWARNING: slower\n"  # the exporter's INFO lines flooded the CLI's log
     lines = final_text({"event": "final", "rows": [{"params": 10, "macs": 10}] * 2, "deployed": summary,
-                        "warnings": [warning]})
+                        "warnings": [warning], "not_filter_pruned": {"conv2": "the compact model breaks (x)"}})
+    assert "\nnot filter-pruned: conv2 (the compact model breaks (x))\n" in lines  # also without INFO logging
     assert lines.splitlines()[-1] == f"WARNING: {warning}"
 
 

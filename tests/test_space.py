@@ -401,6 +401,12 @@ def test_a_group_left_out_keeps_its_channels_only():
     assert [c.name for c in space.column_layers] == [c.name for c in full.column_layers]
     assert space.excluded["conv2"] == "filter pruning: the compact model breaks"
     assert "ignored" not in " ".join(space.excluded.values())
+    # what the final table names (not the classifier, whose outputs no peer prunes either)
+    assert "fc" in full.excluded and full.not_filter_pruned() == {}
+    assert space.not_filter_pruned() == {"conv2": "the compact model breaks"}
+    ignored = PruningSpace.build(Chain(), X, ignored_layers=["bn1", "fc1"])
+    assert ignored.not_filter_pruned() == {"fc1": "ignored by request",
+                                           "conv1": "its channels are also bn1's, which is in ignored_layers"}
 
 
 def _module_tree(draw, depth: int = 0) -> nn.Module:

@@ -891,7 +891,7 @@ class Compression:
                 deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": runs,
-                "phase_seconds": phase_seconds, **deployed}
+                "phase_seconds": phase_seconds, "not_filter_pruned": self.first_space.not_filter_pruned(), **deployed}
 
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians

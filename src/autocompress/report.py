@@ -26,7 +26,8 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   "speedup"}, ...}, "slower": [batch, ...]}, "channel_multiple": int, "warnings": [str, ...],
   "deployed_form": {"form", "column_layers", "dense_layers", "ratios"} (:mod:`autocompress.deployment`),
   "deployed_macs": int (MACs the deployed form executes: its dense column layers count whole; within a flops
-  target's limit),
+  target's limit), "not_filter_pruned": {layer: reason} (:meth:`autocompress.space.PruningSpace.not_filter_pruned`
+  of the first round's space),
   "latency_estimate": {...} (latency targets)}`` (:mod:`autocompress.latency`); warnings are shown loudly.
 """
 from __future__ import annotations
@@ -182,6 +183,17 @@ def _executed(final: dict, dense: list) -> str:
     return f"; it executes {executed:,} MACs, {base / executed:.2f}x fewer than the base"
 
 
+def left_out_lines(final: dict) -> list[str]:
+    """One line naming the layers left out of filter pruning and why (the first three; a classifier is not named),
+    or none: what a caller without INFO logging would not see otherwise."""
+    left = final.get("not_filter_pruned")
+    if not isinstance(left, dict) or not left:
+        return []
+    named = "; ".join(f"{name} ({_num(why, '')})" for name, why in list(left.items())[:3])
+    more = f"; and {len(left) - 3} more (metrics.jsonl, the final record)" if len(left) > 3 else ""
+    return [f"not filter-pruned: {named}{more}"]
+
+
 def deployed_lines(final: dict) -> list[str]:
     """Plain-text lines about deployed speed: how it was measured, the lookup table's estimate error (latency
     targets) and every warning (e.g. the compressed model is slower than the base); see :func:`final_text`."""
@@ -259,12 +271,12 @@ def _seconds(seconds: float) -> str:
 
 def final_text(final: dict) -> str:
     """:func:`headline`, the final table as aligned plain text (:func:`final_table_rows`, cells right-aligned in
-    columns), then :func:`deployed_lines` (warnings included): what the CLI prints and
+    columns), then :func:`left_out_lines` and :func:`deployed_lines` (warnings included): what the CLI prints and
     ``CompressResult.summary()`` returns."""
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
-    return "\n".join([headline(final)] + table + deployed_lines(final))
+    return "\n".join([headline(final)] + table + left_out_lines(final) + deployed_lines(final))
 
 
 def _html_table(rows: Iterable[list[str]]) -> str:
@@ -296,7 +308,7 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
                   for w in (warnings if isinstance(warnings, list) else [])]
         parts += ["<h2>Result</h2>", f"<p>{html.escape(headline(finals[-1]))}</p>",
                   _html_table(final_table_rows(finals[-1]))]
-        parts += [f"<p>{html.escape(line)}</p>" for line in deployed_lines(finals[-1])]
+        parts += [f"<p>{html.escape(line)}</p>" for line in left_out_lines(finals[-1]) + deployed_lines(finals[-1])]
         parts += [f"<p>Latency columns b=1 / b=64: PyTorch on {html.escape(_fmt(finals[-1].get('device', 'cpu')))}, "
                   f"{html.escape(_fmt(finals[-1].get('threads', '?')))} threads, median of "
                   f"{html.escape(_fmt(finals[-1].get('latency_runs', '?')))} runs after warm-up.</p>"]

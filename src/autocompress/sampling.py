@@ -46,7 +46,7 @@ import torch
 from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
-from .space import BREAKS, GATHERED, IGNORED, KINDS, NO_EXECUTED_SAVING, keep_count
+from .space import BREAKS, GATHERED, KINDS, NO_EXECUTED_SAVING, keep_count
 from .text import short_of
 
 OBJECTIVES = ("params", "flops")
@@ -301,15 +301,15 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named)
     and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds``, a params
     target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
+    left = space.not_filter_pruned()
+
     def heaviest(names: list[str], why: bool = False) -> str:  # groups the forward breaks first: the user can fix them
         names = sorted(names, key=lambda name: (BREAKS not in space.excluded[name],
                                                 -space.layer_macs.get(name, ("", 0))[1]))
-        reason = space.excluded[names[0]].split("; column pruning")[0].removeprefix("filter pruning: ")
-        first = f"{names[0]} ({reason})" if why else names[0]
+        first = f"{names[0]} ({left[names[0]]})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    filters = [name for name, why in space.excluded.items() if name and (why.startswith(IGNORED) or "filter pruning"
-                                                                          in why and "model outputs" not in why)]
+    filters = list(left)
     columns = [name for name, why in space.excluded.items() if NO_EXECUTED_SAVING in why or GATHERED in why]
     held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
         [f"not column-pruned for a flops target (kernels over 1x1 with under {GEMM_MIN_FILTERS} filters, whose "

@@ -402,6 +402,18 @@ class PruningSpace:
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple)
 
+    def not_filter_pruned(self) -> dict[str, str]:
+        """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
+        layers, groups the compact model breaks without, channels torch-pruning cannot map, ...; not the layers
+        whose channels are model outputs (the classifier, never pruned anywhere)."""
+        left = {}
+        for name, why in self.excluded.items():
+            reason = why.split("; column pruning")[0]
+            if name and (reason.startswith(IGNORED) or reason.startswith("filter pruning") and
+                         "model outputs" not in reason):
+                left[name] = reason.removeprefix("filter pruning: ")
+        return left
+
     def at_multiple(self, channel_multiple: int) -> "PruningSpace":
         """This space with filter groups aligned to another ``channel_multiple`` (a shallow copy: the units,
         shapes and counts do not depend on it, so nothing is traced again and no exclusion is logged twice)."""
