@@ -283,8 +283,7 @@ class Pipeline:
         if self.config.purification.enabled:
             dims = tuple(dict.fromkeys(("filter",) + dims))
         flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
-        left_out = {name: f"filter pruning: {BREAKS} ({why})"
-                    for name, why in self.incompactable.items()}
+        left_out = {name: f"filter pruning: {BREAKS} ({why})" for name, why in self.incompactable.items()}
         space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
                                    channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out)
         # the default hybrid needs filter units; explicit dims need every kind they name

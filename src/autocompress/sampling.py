@@ -280,8 +280,9 @@ def _check_settings(target: float, r_max: float) -> None:
 
 
 class Unreachable(UserError):
-    """The target is beyond the reach of every unit at the maximum rate: ``reached`` is the factor that (x).
-    ``held`` says what holds the rest back and ``fixes`` adds to the usual fixes (lower the target, raise max_r)."""
+    """The target is beyond the reach of every unit at the maximum rate: ``reached`` is the factor that maximum
+    reaches (x). ``held`` says what holds the rest back and ``fixes`` adds to the usual fixes (lower the target,
+    raise max_r)."""
 
     def __init__(self, target: float, reached: float, r_max: float, held: str = "", fixes: Sequence[str] = ()):
         super().__init__(f"target {target:g}x is unreachable: pruning every unit at the maximum rate (max_r) "

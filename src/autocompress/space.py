@@ -843,7 +843,7 @@ GATHERED = "column pruning costs more than it saves here"
 
 def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
                   layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str],
-                  executed_only: bool, batch: int = 1) -> ColumnLayer | None:
+                  executed_only: bool, batch: int) -> ColumnLayer | None:
     transposed = is_transposed(module)
     if transposed and module.groups > 1:
         _exclude(excluded, name, "column pruning: grouped transposed convolution")
