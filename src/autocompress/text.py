@@ -19,11 +19,11 @@ def plural(count: int, noun: str) -> str:
 
 
 def short_of(reached: float, target: float) -> str:
-    """``reached`` (< ``target``) in 3 significant digits, or more when 3 would print it as the target: a speedup
-    of 1.497x against a 1.5x target reads "1.497", not "1.5"."""
-    for digits in range(3, 10):
+    """``reached`` (< ``target``) in 3 significant digits, or more until it reads below the target and unlike the
+    target as printed (``f"{target:g}"``): a speedup of 1.497x against a 1.5x target reads "1.497", not "1.5"."""
+    for digits in range(3, 18):
         text = f"{reached:.{digits}g}"
-        if text not in (f"{target:.{digits}g}", f"{target:g}"):
+        if float(text) < target and text != f"{target:g}":
             return text
     return repr(reached)
 
