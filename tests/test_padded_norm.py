@@ -2,8 +2,12 @@
 norm computes."""
 from __future__ import annotations
 
+import onnx
+import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from autocompress.architecture import apply_architecture, describe_architecture
@@ -29,7 +33,7 @@ def _masked_reference(x_kept: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def test_statistics_count_the_removed_channels_as_zeros():
     torch.manual_seed(0)
-    for dim, shape in ((-1, (2, 5, 4)), (1, (2, 4, 3, 3))):
+    for dim, shape in ((-1, (2, 5, 4)), (2, (2, 5, 4)), (1, (2, 4, 3, 3))):  # (the last dim: one fused layer_norm)
         norm = PaddedLayerNorm(4, 7, dim, eps=1e-6)
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5)
@@ -75,7 +79,7 @@ GN_KEPT = torch.tensor([0, 2, 3, 5, 6, 7, 11])  # of 12 channels in 3 groups of 
 
 def _padded_group_norm() -> PaddedGroupNorm:
     norm = PaddedGroupNorm(7, 3, 4, eps=1e-6)
-    norm.group.copy_(GN_KEPT // 4)
+    norm.regroup(GN_KEPT // 4)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.normal_()
@@ -136,3 +140,38 @@ def test_torch_pruning_prunes_a_padded_group_norm_with_its_groups():
     group.prune()
     assert (model[1].num_features, model[1].num_groups, model[1].group_size) == (5, 3, 4)
     assert model[1].group.tolist() == [0, 0, 1, 1, 2] and torch.equal(model[1].weight.detach(), weight)
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31 - 1), st.booleans())
+def test_any_kept_subset_of_any_groups_computes_the_masked_group_norm(groups, size, seed, affine):
+    """compact_group_norm on random kept channels (groups left whole, in part or not at all) against F.group_norm
+    over the full width with the removed channels as zeros, in float64, in train and eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    width = groups * size
+    kept = torch.randperm(width, generator=gen)[:int(torch.randint(1, width + 1, (1,), generator=gen))].sort().values
+    norm = compact_group_norm(nn.GroupNorm(1, kept.numel(), eps=1e-6, affine=affine), kept // size, size).double()
+    weight = torch.rand(kept.numel(), generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(kept.numel(), generator=gen, dtype=torch.float64)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(weight), norm.bias.copy_(bias)
+    x = torch.randn(3, kept.numel(), 4, 2, generator=gen, dtype=torch.float64) * 2 + 1
+    full = torch.zeros(3, width, 4, 2, dtype=torch.float64).index_copy(1, kept, x)
+    w, b = (torch.zeros(width, dtype=torch.float64).index_copy(0, kept, t) for t in (weight, bias))
+    expected = F.group_norm(full, groups, w if affine else None, b if affine else None, 1e-6).index_select(1, kept)
+    for train in (False, True):
+        assert torch.allclose(norm.train(train)(x), expected, atol=1e-9)
+
+
+def test_a_group_over_its_size_is_refused_and_onnx_runs_one_norm_op(tmp_path):
+    """regroup checks its groups; the exported graph gathers the padded layout (no scatter: onnxruntime's
+    ScatterND made an earlier form slower than the base at batch 1, BENCHMARKS.md session 26)."""
+    norm = _padded_group_norm()
+    with pytest.raises(ValueError, match="at most 4 channels each"):
+        norm.regroup(torch.tensor([0, 0, 0, 0, 0, 1, 2]))
+    x = torch.randn(2, 7, 5, 3)
+    exported = export_onnx(nn.Sequential(norm).eval(), x, tmp_path / "gn.onnx")
+    assert exported.max_abs_diff <= exported.tolerance
+    ops = {node.op_type for node in onnx.load(tmp_path / "gn.onnx").graph.node}
+    assert not {op for op in ops if op.startswith("Scatter")} and "Gather" in ops

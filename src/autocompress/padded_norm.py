@@ -11,12 +11,18 @@ normalises over ``C' < C`` channels instead and changes every output (docs/SUPPO
 holds the ``C'`` kept weights and biases and normalises along one dimension as if ``C - C'`` zeros were
 there: ``mean = sum(x) / C``, ``var = (sum((x - mean)^2) + (C - C') * mean^2) / C``, the biased variance of
 the ``C`` values. The compact model therefore computes exactly what the masked model computes, in eval and
-train mode (LayerNorm has no running statistics). Compaction (:mod:`autocompress.compaction`) builds it;
+train mode (LayerNorm has no running statistics). Over the last dimension it pads the input with the
+``C - C'`` zeros and calls one fused ``layer_norm`` (one LayerNormalization op in ONNX); over another
+dimension it computes the two sums above. Compaction (:mod:`autocompress.compaction`) builds it;
 torch-pruning prunes it further in a later round through :data:`PRUNERS` (the padded width stays ``C``).
 
 A GroupNorm (``G`` groups of ``C / G`` channels) is the same per group: :class:`PaddedGroupNorm` keeps
 ``G`` (or fewer: groups that lost all channels are dropped), gives every kept channel its original group and
-normalises each group over its original ``C / G`` channels x positions, the removed ones counted as zeros.
+normalises each group over its original ``C / G`` channels x positions, the removed ones counted as zeros:
+its forward gathers each group's kept channels followed by zeros into ``G x C / G`` channels, calls one fused
+``group_norm`` and gathers the kept channels back (in onnxruntime at batch 1 an earlier form of a dozen
+scatter / gather ops ran a compact net 0.64x as fast as its base, this one 1.05-1.09x: BENCHMARKS.md, session
+27).
 A GroupNorm without affine parameters cannot do this (a removed channel's output ``-mean / std`` is not
 zero): its groups leave whole (:func:`autocompress.space.FilterGroup.ties`), an all-zero group outputs
 exact zeros, and the rest is an ordinary ``nn.GroupNorm(G', C')`` (:func:`compact_group_norm`).
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch_pruning as tp
+import torch.nn.functional as F
 from torch import nn
 
 from .analysis import hooked_forward
@@ -57,9 +64,14 @@ class PaddedLayerNorm(nn.Module):
                 "elementwise_affine": self.elementwise_affine, "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        missing = self.width - self.num_features
+        if self.dim in (-1, x.dim() - 1):  # the missing channels as zeros, one fused layer_norm, the kept ones read
+            y = F.layer_norm(F.pad(x, (0, missing)), (self.width,), _padded(self.weight, missing),
+                             _padded(self.bias, missing), self.eps)
+            return y[..., :self.num_features]
         mean = x.sum(self.dim, keepdim=True) / self.width
         centred = x - mean
-        var = (centred.pow(2).sum(self.dim, keepdim=True) + (self.width - self.num_features) * mean.pow(2)) / self.width
+        var = (centred.pow(2).sum(self.dim, keepdim=True) + missing * mean.pow(2)) / self.width
         y = centred * torch.rsqrt(var + self.eps)
         shape = [1] * x.dim()
         shape[self.dim] = self.num_features
@@ -71,6 +83,11 @@ class PaddedLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, width={self.width}, dim={self.dim}, eps={self.eps}"
+
+
+def _padded(param: torch.Tensor | None, missing: int) -> torch.Tensor | None:
+    """``param`` [C'] followed by ``missing`` zeros (None stays None)."""
+    return None if param is None else F.pad(param, (0, missing))
 
 
 def is_layer_norm(module: nn.Module) -> bool:
@@ -158,7 +175,9 @@ class PaddedGroupNorm(nn.Module):
         num_features: channels present (``C'``); num_groups: groups (``G``); group_size: channels each group
             counts in its statistics (the original ``C / G``).
         eps: added to the variance; affine: per-channel weight and bias, as ``nn.GroupNorm``.
-    Buffers: ``group`` int64 [C']: the group of each channel (saved in the state dict).
+    Buffers: ``group`` int64 [C']: the group of each channel (saved in the state dict); the padded layout
+        derived from it (``padded_at``, ``source``: :meth:`regroup`, not saved). Set groups with
+        :meth:`regroup` only (loading a state dict calls it).
     Shapes: input and output ``[N, C', *]``.
     """
 
@@ -169,9 +188,39 @@ class PaddedGroupNorm(nn.Module):
             raise ValueError(f"num_features {num_features} must be in 1..num_groups * group_size")
         self.num_features, self.num_groups, self.group_size = int(num_features), int(num_groups), int(group_size)
         self.eps, self.affine = float(eps), bool(affine)
-        self.register_buffer("group", torch.arange(num_features) * num_groups // num_features)
+        self.register_buffer("group", None)
+        self.register_buffer("source", None, persistent=False)
+        self.register_buffer("padded_at", None, persistent=False)
+        self.regroup(torch.arange(num_features) * num_groups // num_features)
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+
+    def regroup(self, group: torch.Tensor) -> None:
+        """Set ``group`` (int64 [C']: each kept channel's group, each of 0..G-1 at most ``group_size`` times;
+        ``num_features`` becomes ``C'``) and the padded layout the forward reads from it: ``padded_at`` [C'] (each
+        channel's position among ``G * group_size``, its group's channels first) and ``source`` [G * group_size]
+        (the channel at each position, ``C'`` where a missing channel counts as zero). On ``group``'s device.
+
+        Raises:
+            ValueError: a group outside 0..G-1 or over ``group_size`` channels.
+        """
+        group = group.detach().to(torch.long).clone()
+        counts = torch.bincount(group, minlength=self.num_groups)
+        if group.dim() != 1 or not group.numel() or counts.numel() > self.num_groups or \
+                bool((counts > self.group_size).any()) or bool((group < 0).any()):
+            raise ValueError(f"group {group.tolist()} must give every channel one of {self.num_groups} groups, "
+                             f"at most {self.group_size} channels each")
+        one_hot = F.one_hot(group, self.num_groups)  # [C', G]
+        rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # of each channel within its group
+        self.num_features = group.numel()
+        self.group, self.padded_at = group, group * self.group_size + rank
+        self.source = torch.full((self.num_groups * self.group_size,), self.num_features, dtype=torch.long,
+                                 device=group.device).scatter(0, self.padded_at, torch.arange(self.num_features,
+                                                                                              device=group.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.regroup(self.group.clone())
 
     def config(self) -> dict:
         """Constructor arguments as plain data (``architecture.describe_architecture``)."""
@@ -179,24 +228,12 @@ class PaddedGroupNorm(nn.Module):
                 "eps": self.eps, "affine": self.affine}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        flat = x.reshape(n, self.num_features, -1)  # [N, C', S]
-        positions = flat.shape[2]
-        index = self.group.unsqueeze(0).expand(n, -1)
-        total = self.group_size * positions  # values per group, the missing channels included
-
-        def per_group(values: torch.Tensor) -> torch.Tensor:  # [N, C'] summed into [N, G]
-            return values.new_zeros(n, self.num_groups).scatter_add(1, index, values)
-
-        mean = per_group(flat.sum(2)) / total
-        centred = flat - mean.gather(1, index).unsqueeze(2)
-        missing = (self.group_size - per_group(torch.ones_like(flat[:, :, 0]))) * positions  # [N, G]
-        var = (per_group(centred.pow(2).sum(2)) + missing * mean.pow(2)) / total
-        y = (centred * torch.rsqrt(var + self.eps).gather(1, index).unsqueeze(2)).reshape(x.shape)
-        if self.affine:
-            shape = [1, self.num_features] + [1] * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        # each group's kept channels followed by zeros up to group_size, one fused group_norm, the kept ones read
+        zero = F.pad(x, (0, 0) * (x.dim() - 2) + (0, 1))  # channel C' is zeros
+        weight, bias = (None if p is None else F.pad(p, (0, 1)).index_select(0, self.source)
+                        for p in (self.weight, self.bias))
+        y = F.group_norm(zero.index_select(1, self.source), self.num_groups, weight, bias, self.eps)
+        return y.index_select(1, self.padded_at)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.num_groups}, group_size={self.group_size}, eps={self.eps}"
@@ -240,7 +277,7 @@ def compact_group_norm(norm: nn.Module, groups: torch.Tensor, size: int) -> nn.M
         new: nn.Module = nn.GroupNorm(counts.numel(), groups.numel(), norm.eps, affine)
     else:
         new = PaddedGroupNorm(groups.numel(), counts.numel(), size, norm.eps, affine)
-        new.group.copy_(inverse)
+        new.regroup(inverse)
     return _with_affine(new, norm)
 
 
@@ -249,7 +286,7 @@ class PaddedGroupNormPruner(_PerChannelPruner):
     (compaction then calls :func:`compact_group_norm`)."""
 
     def prune_more(self, layer: PaddedGroupNorm, keep: list[int]) -> None:
-        layer.group = layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)]
+        layer.regroup(layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)])
 
 
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``)
