@@ -304,8 +304,8 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
     left = space.not_filter_pruned()
 
-    def heaviest(names: list[str], why: bool = False) -> str:  # groups the forward breaks first: the user can fix them
-        names = sorted(names, key=lambda name: (BREAKS not in space.excluded[name],
+    def heaviest(names: list[str], why: bool = False) -> str:  # filter groups the forward breaks first: fixable
+        names = sorted(names, key=lambda name: (why and BREAKS not in space.excluded[name],
                                                 -space.layer_macs.get(name, ("", 0))[1]))
         first = f"{names[0]} ({left[names[0]]})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
