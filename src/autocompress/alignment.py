@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: the ``channel_multiple`` setting's word for "pick from the CPU"
 AUTO = "auto"
+#: the multiples ``auto`` picks from: 8 (CUDA, SSE / AVX2 CPUs) and 16 (AVX-512 CPUs)
+AUTO_MULTIPLES = (8, 16)
 
 
 def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
@@ -45,12 +47,13 @@ def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
         UserError: anything else (names the setting ``channel_multiple``).
     """
     if value == AUTO:
+        small, large = AUTO_MULTIPLES
         if str(device).startswith("cuda"):
-            return 8, "auto: 8 for CUDA (tensor-core tiles of 8 channels)"
+            return small, f"auto: {small} for CUDA (tensor-core tiles of {small} channels)"
         capability = torch.backends.cpu.get_cpu_capability()
         if "AVX512" in capability.upper():
-            return 16, f"auto: 16 (CPU capability {capability}: oneDNN blocks channels by 16)"
-        return 8, f"auto: 8 (CPU capability {capability}: oneDNN blocks channels by 8)"
+            return large, f"auto: {large} (CPU capability {capability}: oneDNN blocks channels by {large})"
+        return small, f"auto: {small} (CPU capability {capability}: oneDNN blocks channels by {small})"
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         raise UserError(f"channel_multiple={show(value)} is not valid",
                         "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")
@@ -148,5 +151,5 @@ def misaligned_widths(space, model) -> dict[str, int]:
     return bad
 
 
-__all__ = ["AUTO", "align_up", "aligned_keep", "allowed_widths", "check_multiple", "grow_to_multiple",
+__all__ = ["AUTO", "AUTO_MULTIPLES", "align_up", "aligned_keep", "allowed_widths", "check_multiple", "grow_to_multiple",
            "is_aligned", "misaligned_widths", "resolve_multiple"]

@@ -128,8 +128,10 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
 
 
 def _aligned(model, base) -> bool:
-    """Whether every output width pruned in ``model`` (against ``base``, layer by layer) is a multiple of 8: the
-    widths of a run with a channel multiple (auto or 8), for which the slower warning does not suggest one."""
+    """Whether every output width pruned in ``model`` (against ``base``, layer by layer) is a multiple of the
+    smallest multiple ``auto`` picks (8): the widths of a run with a channel multiple (auto, 8 or 16), for which
+    the slower warning does not suggest one."""
+    from ..alignment import AUTO_MULTIPLES
     from ..space import is_weight_layer, out_dim
 
     def widths(net) -> dict[str, int]:
@@ -137,7 +139,7 @@ def _aligned(model, base) -> bool:
 
     before = widths(base)
     pruned = [width for name, width in widths(model).items() if before.get(name, width) != width]
-    return bool(pruned) and all(width % 8 == 0 for width in pruned)
+    return bool(pruned) and all(width % min(AUTO_MULTIPLES) == 0 for width in pruned)
 
 
 def _millions(value: int) -> str:
