@@ -199,24 +199,23 @@ class PaddedGroupNorm(nn.Module):
         """Set ``group`` (int64 [C']: each kept channel's group, each of 0..G-1 at most ``group_size`` times;
         ``num_features`` becomes ``C'``) and the padded layout the forward reads from it: ``padded_at`` [C'] (each
         channel's position among ``G * group_size``, its group's channels first) and ``source`` [G * group_size]
-        (the channel at each position, ``C'`` where a missing channel counts as zero). On ``group``'s device.
+        (the channel at each position, ``C'`` where a missing channel counts as zero), on ``group``'s device.
 
         Raises:
             ValueError: a group outside 0..G-1 or over ``group_size`` channels.
         """
-        group = group.detach().to(torch.long).clone()
-        counts = torch.bincount(group, minlength=self.num_groups)
-        if group.dim() != 1 or not group.numel() or counts.numel() > self.num_groups or \
-                bool((counts > self.group_size).any()) or bool((group < 0).any()):
+        device, group = group.device, group.detach().cpu().to(torch.long)  # (CPU: deterministic, tiny)
+        if group.dim() != 1 or not group.numel() or int(group.min()) < 0 or int(group.max()) >= self.num_groups or \
+                int(F.one_hot(group, self.num_groups).sum(0).max()) > self.group_size:
             raise ValueError(f"group {group.tolist()} must give every channel one of {self.num_groups} groups, "
                              f"at most {self.group_size} channels each")
         one_hot = F.one_hot(group, self.num_groups)  # [C', G]
         rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # of each channel within its group
+        padded_at = group * self.group_size + rank
+        source = torch.full((self.num_groups * self.group_size,), group.numel()).scatter(
+            0, padded_at, torch.arange(group.numel()))
         self.num_features = group.numel()
-        self.group, self.padded_at = group, group * self.group_size + rank
-        self.source = torch.full((self.num_groups * self.group_size,), self.num_features, dtype=torch.long,
-                                 device=group.device).scatter(0, self.padded_at, torch.arange(self.num_features,
-                                                                                              device=group.device))
+        self.group, self.padded_at, self.source = (t.to(device) for t in (group, padded_at, source))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
