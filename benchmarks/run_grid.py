@@ -194,8 +194,14 @@ AUTOCOMPRESS_METHODS = {
     # session 24: one ADMM epoch of a short budget left the hard-pruned model where one-shot pruning leaves it
     # (benchmarks/weak_teacher.py); the budget's split with that epoch spent on retraining instead
     "ac_budget_noadmm": ("autocompress defaults (session 20), the budget split 0 ADMM + 15 retraining epochs",
-                         {"search": {"guidance": "auto"}, "budget": None, "rounds": 1, "admm": {"epochs": 0},
-                          "retrain": {"epochs": 0}, "final_retrain_epochs": 15, "distillation": {"enabled": True}}),
+                         {"search": {"guidance": "auto", "start": "guided"}, "budget": None, "rounds": 1,
+                          "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
+                          "distillation": {"enabled": True}}),
+    # session 27: the search starts from one global threshold on the filters' relative magnitudes
+    "ac_budget_magnitude": ("autocompress, the budget split 0 ADMM + 15 retraining epochs, magnitude start",
+                            {"search": {"guidance": "auto", "start": "magnitude"}, "budget": None, "rounds": 1,
+                             "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
+                             "distillation": {"enabled": True}}),
     # session 25: retraining on a one-cycle schedule (15 % warm-up to lr 0.05) was +0.21 on converged small bases
     # (4 seeds, benchmarks/weak_teacher.py) and +0.14 on a fresh user's sequence model (3 seeds)
     "ac_budget_onecycle": ("autocompress defaults (session 24), `budget`, retraining one-cycle to lr 0.05",
@@ -221,7 +227,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
             "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop", "ac_budget_lr05", "ac_budget_noadmm",
-            "ac_budget_onecycle")
+            "ac_budget_onecycle", "ac_budget_magnitude")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 

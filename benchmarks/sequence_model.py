@@ -39,7 +39,8 @@ from weak_teacher import train as train_steps
 VARIANTS = {"default": {}, "nokd": {"distillation": {"enabled": False}}, "m1": {"channel_multiple": 1},
             "lr0.05": {"retrain": {"lr": 0.05}}, "uniform": {"search_mode": "uniform"}, "filter": {"dims": "filter"},
             "tp_widths": {"dims": "filter"}, "onecycle": {"retrain": {"lr": 0.05, "schedule": "onecycle",
-                                                                      "pct_start": 0.15}}}
+                                                                      "pct_start": 0.15}},
+            "magnitude": {"search": {"start": "magnitude"}}}  # session 27
 EXAMPLE = torch.zeros(1, 28, 28)
 
 
@@ -117,12 +118,12 @@ def base_model(path: Path) -> nn.Module:
     return model.eval()
 
 
-def run_autocompress(base: nn.Module, data: tuple, variant: str, seed: int) -> dict:
+def run_autocompress(base: nn.Module, data: tuple, variant: str, seed: int, target: str = "flops=2x") -> dict:
     """``compress`` with ``budget: 4`` and the variant's settings; ``tp_widths`` starts (and, with the budget's
     single candidate, ends) its search at the per-layer widths Torch-Pruning's global magnitude ranking keeps."""
     start = tp_start(base) if variant == "tp_widths" else ActionSampler.initial_action
     with mock.patch.object(ActionSampler, "initial_action", start):
-        result = autocompress.compress(base, EXAMPLE, "flops=2x", train_loader=data[0], val_loader=data[1],
+        result = autocompress.compress(base, EXAMPLE, target, train_loader=data[0], val_loader=data[1],
                                        config={"budget": 4, "seed": seed, **VARIANTS[variant]}, device="cpu",
                                        progress=False, log=lambda line: None)
     return {"top1": top1(result.model, data[2]), "macs_x": result.mac_reduction, "params_x": result.compression_rate}
@@ -169,18 +170,22 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--base", default=str(Path.home() / ".cache/autocompress-bench/sequence_net_base.pt"))
     parser.add_argument("--out", default="benchmarks/results/sequence_model.jsonl")
+    parser.add_argument("--target", default="flops=2x", help="autocompress's target (Torch-Pruning: flops=2x only)")
     args = parser.parse_args()
+    if args.target != "flops=2x" and "torch_pruning" in args.variants.split(","):
+        parser.error("torch_pruning runs at flops=2x only")
     torch.set_num_threads(1)
     out = Path(args.out)
-    done = {(r["variant"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    rows = map(json.loads, out.read_text().splitlines()) if out.exists() else []
+    done = {(r["variant"], r["seed"], r.get("target", "flops=2x")) for r in rows}
     base = base_model(Path(args.base))
     for seed in (int(s) for s in args.seeds.split(",")):
         data = loaders(seed)
-        for variant in (v for v in args.variants.split(",") if (v, seed) not in done):
+        for variant in (v for v in args.variants.split(",") if (v, seed, args.target) not in done):
             started = time.perf_counter()
             row = run_torch_pruning(base, data, seed) if variant == "torch_pruning" else \
-                run_autocompress(base, data, variant, seed)
-            row = {"variant": variant, "seed": seed, "base_top1": top1(base, data[2]), **row,
+                run_autocompress(base, data, variant, seed, args.target)
+            row = {"variant": variant, "seed": seed, "target": args.target, "base_top1": top1(base, data[2]), **row,
                    "seconds": round(time.perf_counter() - started, 1)}
             append_row(out, row)
 

@@ -2,8 +2,9 @@
 
 A user's own model is often not converged. This script builds such a base the way a fresh user did (session 17:
 a small residual CNN trained 2 epochs with Adam on 6,000 Fashion-MNIST images), compresses it with
-``autocompress.compress`` at ``flops=2x`` and ``budget: 3`` under distillation variants, and, as a reference, with
-Torch-Pruning's global magnitude pruning at the same MACs followed by the same 3 epochs of plain training.
+``autocompress.compress`` at ``flops=2x`` (``--target``) and ``budget: 3`` under distillation variants, and, as a
+reference, with Torch-Pruning's global magnitude pruning at the same MACs followed by the same 3 epochs of plain
+training.
 Each variant's result (test top-1 on 2,000 test images, MACs reduction) is one JSON line in ``--out``; variants
 already there are skipped (the run resumes).
 
@@ -51,6 +52,8 @@ VARIANTS = {
     # +0.3 on their sequence model
     "onecycle": {"retrain": {"lr": 0.05, "schedule": "onecycle", "pct_start": 0.15}},
     "onecycle_lr0.01": {"retrain": {"schedule": "onecycle", "pct_start": 0.15}},
+    # session 27: the search (here its one unscored candidate) starts from one global magnitude threshold
+    "magnitude": {"search": {"start": "magnitude"}},
 }
 #: Torch-Pruning references: their fine-tuning settings (session 21: a fresh user fine-tuned at lr 0.05)
 TP_VARIANTS = {"torch_pruning": {}, "torch_pruning_lr0.05": {"lr": 0.05}}
@@ -136,7 +139,7 @@ def weak_base(train_loader: DataLoader, seed: int, epochs: int = 2) -> nn.Module
     return model.eval()
 
 
-def schedule(variant: str, budget: int, steps_per_epoch: int) -> dict:
+def schedule(variant: str, budget: int, steps_per_epoch: int, target: str = "flops=2x") -> dict:
     """The variant's settings over ``budget`` epochs: the budget's own schedule, or, for a variant that sets
     ``admm.epochs`` (which the budget refuses), the budget's schedule written out with that setting and the
     freed epochs moved to the final retraining."""
@@ -146,15 +149,17 @@ def schedule(variant: str, budget: int, steps_per_epoch: int) -> dict:
     from autocompress.budget import budget_schedule
     from autocompress.config import CompressConfig
 
-    written = budget_schedule(2.0, budget, steps_per_epoch, CompressConfig().quick_eval.finetune_steps)
+    factor = CompressConfig(target=target).parsed_target().factor
+    written = budget_schedule(factor, budget, steps_per_epoch, CompressConfig().quick_eval.finetune_steps)
     written["final_retrain_epochs"] = budget - written["rounds"] * settings["admm"]["epochs"]
     return {**written, **settings}
 
 
-def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int, budget: int = 3) -> dict:
+def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int, budget: int = 3,
+                     target: str = "flops=2x") -> dict:
     train_loader, val_loader, test_loader = loaders_
-    config = {"seed": seed, **schedule(variant, budget, len(train_loader))}
-    result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), "flops=2x", train_loader=train_loader,
+    config = {"seed": seed, **schedule(variant, budget, len(train_loader), target)}
+    result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), target, train_loader=train_loader,
                                    val_loader=val_loader, config=config, progress=False, log=lambda line: None)
     retrain = [epoch for r in result.records if r["event"] == "retrain" for epoch in r["history"]]
     purified = next((r for r in result.records if r["event"] == "purification"), {})
@@ -166,9 +171,12 @@ def run_autocompress(base: nn.Module, loaders_: tuple, variant: str, seed: int, 
             "phase_seconds": {phase: round(s, 1) for phase, s in result.phase_seconds.items()}}
 
 
-def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0.01, budget: int = 3) -> dict:
-    """Torch-Pruning global magnitude to half the MACs (by its own count), then ``budget`` epochs of SGD at ``lr``
-    as in the budget."""
+def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0.01, budget: int = 3,
+                      target: str = "flops=2x") -> dict:
+    """Torch-Pruning global magnitude to the target's MACs (counted by ``metrics.count_macs``), then ``budget``
+    epochs of SGD at ``lr`` as in the budget."""
+    from autocompress.config import CompressConfig
+
     import copy
 
     import torch_pruning as tp
@@ -179,8 +187,9 @@ def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0
     pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                                        global_pruning=True, pruning_ratio=0.9, iterative_steps=200,
                                        ignored_layers=[model.head])
+    factor = CompressConfig(target=target).parsed_target().factor
     for _ in range(200):
-        if metrics.count_macs(model, example) <= base_macs / 2:
+        if metrics.count_macs(model, example) <= base_macs / factor:
             break
         pruner.step()
     torch.manual_seed(seed)
@@ -204,16 +213,18 @@ def main() -> None:
     parser.add_argument("--base-epochs", type=int, default=2,
                         help="epochs that train the base (2: the weak base; 15: close to converged)")
     parser.add_argument("--budget", type=int, default=3, help="the compression's training budget in epochs")
+    parser.add_argument("--target", default="flops=2x", help="a flops target (rows before session 27: flops=2x)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="training batch size (64: 94 steps an epoch, below the budget's 100 for ADMM; 32: 188)")
     args = parser.parse_args()
-    setup = {"base_epochs": args.base_epochs, "budget": args.budget, "batch_size": args.batch_size}
+    setup = {"base_epochs": args.base_epochs, "budget": args.budget, "batch_size": args.batch_size,
+             "target": args.target}
     out = Path(args.out)
     done = set()
     if out.exists():
         rows = map(json.loads, out.read_text().splitlines())
-        done = {(r["variant"], r["seed"], r.get("base_epochs", 2), r.get("budget", 3), r.get("batch_size", 64))
-                for r in rows}
+        done = {(r["variant"], r["seed"], r.get("base_epochs", 2), r.get("budget", 3), r.get("batch_size", 64),
+                 r.get("target", "flops=2x")) for r in rows}
     for seed in (int(s) for s in args.seeds.split(",")):
         data = loaders(seed, args.batch_size)
         base = weak_base(data[0], seed, args.base_epochs)
@@ -222,8 +233,8 @@ def main() -> None:
             if (variant, seed, *setup.values()) in done:
                 continue
             started = time.perf_counter()
-            row = (run_torch_pruning(base, data, seed, budget=args.budget, **TP_VARIANTS[variant])
-                   if variant in TP_VARIANTS else run_autocompress(base, data, variant, seed, args.budget))
+            row = (run_torch_pruning(base, data, seed, budget=args.budget, target=args.target, **TP_VARIANTS[variant])
+                   if variant in TP_VARIANTS else run_autocompress(base, data, variant, seed, args.budget, args.target))
             row = {"variant": variant, "seed": seed, **setup, "base_top1": base_top1,
                    **row,
                    "seconds": round(time.perf_counter() - started, 1)}

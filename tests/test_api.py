@@ -981,6 +981,39 @@ def test_a_one_evaluation_search_takes_its_guided_start_unscored(monkeypatch):
     assert not any("search: evaluation" in line or "quick evaluation by" in line for line in lines)
 
 
+def test_search_start_magnitude_takes_the_samplers_magnitude_action_on_the_base(monkeypatch):
+    """search.start magnitude: the rates are the sampler's magnitude action on the base's relative importance;
+    the default (guided) never calls it; an unknown start is refused naming the setting."""
+    from autocompress.config import SettingError
+    from autocompress.sampling import ActionSampler
+
+    train, val = loaders()
+    model = trained(SmallCNN(), train)
+    starts = []
+    magnitude = ActionSampler.magnitude_action
+
+    def recorded(sampler, importance):
+        action = magnitude(sampler, importance)
+        starts.append(sampler.to_rates(action))
+        return action
+
+    monkeypatch.setattr(ActionSampler, "magnitude_action", recorded)
+    lines: list[str] = []
+    config = {**CONFIG, "search": {"max_evaluations": 1, "start": "magnitude"}}
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
+                                   config=config, progress=False, log=lines.append)
+    assert len(starts) == 1 and result.rounds[0]["rates"]["filter"] == pytest.approx(starts[0]["filter"])
+    assert result.mac_reduction >= 2.0 * 0.99
+    assert any("search: the magnitude start, not scored" in line for line in lines)
+    guided = autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
+                                   config={**CONFIG, "search": {"max_evaluations": 1}}, progress=False,
+                                   log=lambda line: None)
+    assert len(starts) == 1 and guided.rounds[0]["rates"] != result.rounds[0]["rates"]
+    with pytest.raises(SettingError, match=r"search.start='widest' is unknown.*guided, magnitude"):
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
+                              config={**CONFIG, "search": {"start": "widest"}}, progress=False)
+
+
 @pytest.mark.parametrize("recheck_ms, warned", [(1.0, False), (2.0, True)])
 def test_a_slower_eager_timing_is_timed_again_before_the_warning(monkeypatch, recheck_ms, warned):
     """A fresh user's SLOWER warning came from one noisy 1-thread measurement (2.03 vs 1.11 ms; 0.76 vs 1.03 ms on

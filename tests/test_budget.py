@@ -150,7 +150,7 @@ def test_a_budget_with_no_epoch_left_to_retrain_after_admm_gets_no_admm(target, 
        finetune=st.integers(1, 500))
 def test_the_search_fine_tunes_within_the_budgets_steps(budget, steps, rounds, finetune):
     """Evaluations per round: the most whose fine-tuning steps over every round stay within the budget's optimiser
-    steps, at most the default 30; one (the guided start) when fewer than 10 fit."""
+    steps, at most the default 30; one (the start) when fewer than 10 fit."""
     n = search_evaluations(budget * steps, rounds, finetune)
     assert n == 1 or 10 <= n <= 30
     assert n == 1 or n * rounds * finetune <= budget * steps
@@ -173,5 +173,5 @@ def test_a_short_budget_gets_a_short_search(target, budget, steps, scorer, given
     config = resolve_config(data, None, steps)
     assert config.search.max_evaluations == evaluations
     assert (f"a search of at most {evaluations} evaluations per round" if evaluations > 1 else
-            "no search: the guided start, not scored") in describe(config)
+            "no search: the start (search.start), not scored") in describe(config)
     assert resolve_config(dataclasses.asdict(config), None, steps) == config  # a stored config.yaml resumes

@@ -12,7 +12,7 @@ from torch import nn
 
 from autocompress.errors import UserError
 from autocompress.projection import (group_scores, project, project_columns, project_irregular, project_rows,
-                                     topk_mask)
+                                     relative_importance, topk_mask)
 from autocompress.space import PruningSpace, keep_count
 
 # small matrices with repeated values (ties) and zeros
@@ -132,6 +132,21 @@ def test_coupled_group_uses_the_joint_norm_of_all_producers():
     # scoring the consumer slices too changes the joint norm by c's input columns
     with_c = expected + params["c.weight"].detach().pow(2).sum((0, 2, 3)).double()
     assert torch.allclose(group_scores(group, params, with_consumers=True), with_c)
+
+
+def test_relative_importance_is_each_channels_joint_norm_over_its_groups_mean():
+    """The magnitude start's scale: the joint L2 norm of a channel's producer rows, over the group's mean norm."""
+    model = Residual()
+    a = torch.tensor([3.0, 2.9, 0.0, 1.0]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)
+    b = torch.tensor([1.0, 0.0, 2.9, 3.0]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)
+    _set(model, **{"a.weight": a, "b.weight": b})
+    norms = (a.pow(2).sum((1, 2, 3)) + b.pow(2).sum((1, 2, 3))).double().sqrt()
+    importance = relative_importance(PruningSpace.build(model, X), model)
+    assert set(importance) == {"a", "c"}
+    assert torch.allclose(importance["a"], norms / norms.mean()) and importance["a"].mean().item() == pytest.approx(1)
+    _set(model, **{"c.weight": torch.zeros_like(model.c.weight)})
+    zero = relative_importance(PruningSpace.build(model, X), model)["c"]
+    assert torch.equal(zero, torch.ones(3, dtype=torch.float64))
 
 
 def test_hybrid_scores_columns_after_filter_pruning_and_counts_remaining_columns():

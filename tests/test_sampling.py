@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import isotonic_regression
 
@@ -183,6 +183,44 @@ def test_perturb_is_deterministic_and_accepts_torch_generators():
     t1 = sampler.perturb(a0, 0.1, torch.Generator().manual_seed(5))
     t2 = sampler.perturb(a0, 0.1, torch.Generator().manual_seed(5))
     np.testing.assert_array_equal(t1, t2)
+
+
+def test_magnitude_action_prunes_below_one_threshold_across_units():
+    """Equal-cost channels: the two weakest channels overall (both in l0, far below its mean) go first, however
+    l1's own weakest channel compares with l0's mean; columns keep everything."""
+    model = HybridModel([4, 4], [1, 1])  # cost 10 + 4 + 4: removing two channels is 18 / 16 = 1.125x
+    sampler = ActionSampler(model.units, model.cost, 18 / 16)
+    importance = {"l0": torch.tensor([0.1, 0.1, 1.9, 1.9], dtype=torch.float64),
+                  "l1": torch.tensor([0.8, 1.0, 1.0, 1.2], dtype=torch.float64)}
+    action = sampler.magnitude_action(importance)
+    assert [keep(4, action[0]), keep(4, action[1])] == [2, 4] and (action[2:] < 1e-3).all()  # (the fit's floor)
+    assert sampler.compression(action) >= 18 / 16
+    # three channels: the next weakest is l1's 0.8
+    action = ActionSampler(model.units, model.cost, 18 / 15).magnitude_action(importance)
+    assert [keep(4, action[0]), keep(4, action[1])] == [2, 3]
+    # beyond what the filters reach at the maximum rate (one channel each left), where columns would reach it,
+    # there is no magnitude start: 10 + 2 x 1 x 2 = 14 channels x columns left against 26 / 2 = 13 asked for
+    wider = HybridModel([4, 4], [2, 2])
+    assert ActionSampler(wider.units, wider.cost, 2.0).magnitude_action(importance) is None
+    assert ActionSampler(model.units, model.cost, 1.2).magnitude_action({}) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_sizes, st.floats(1.1, 4.0), st.integers(0, 2**31 - 1))
+def test_magnitude_action_meets_the_target_or_declines(sizes, target, seed):
+    model = HybridModel(*zip(*sizes))
+    gen = torch.Generator().manual_seed(seed)
+    importance = {u.name: torch.rand(u.size, generator=gen, dtype=torch.float64) * 2
+                  for u in model.units if u.kind == "filter"}
+    assume(model.cost(np.full(len(model.units), 0.9)) <= model.cost(np.zeros(len(model.units))) / target)
+    sampler = ActionSampler(model.units, model.cost, target, r_max=0.9)
+    filters_only = np.array([0.9 if u.kind == "filter" else 0.0 for u in model.units])
+    action = sampler.magnitude_action(importance)
+    if sampler.compression(filters_only) < target:
+        assert action is None
+    else:
+        assert action is not None and sampler.compression(action) >= target * (1 - 1e-9)
+        assert ((action >= 0) & (action <= 0.9)).all()
 
 
 def test_initial_action_spread_prunes_heavy_units_harder():

@@ -32,16 +32,16 @@ MIN_ADMM_STEPS = 800
 #: evaluations took 2-3x the retraining's time and scored no better than the starting action (BENCHMARKS.md,
 #: session 22); at 8 epochs and more the default's 20 evaluations fit
 SEARCH_SHARE = 1.0
-#: a search allowed fewer evaluations than this takes its guided start, unscored: at 5 evaluations (budget 3, 4 seeds
-#: each) it ended within one test image of its start on a weak base and left it on 1 of 4 seeds of a converged
-#: base (-0.70), at 35-100 s more than the start alone (BENCHMARKS.md, sessions 22-23); 20-evaluation searches
-#: on longer budgets moved from their start in most grid cells
+#: a search allowed fewer evaluations than this takes its start (``search.start``), unscored: at 5 evaluations
+#: (budget 3, 4 seeds each) it ended within one test image of its start on a weak base and left it on 1 of 4
+#: seeds of a converged base (-0.70), at 35-100 s more than the start alone (BENCHMARKS.md, sessions 22-23);
+#: 20-evaluation searches on longer budgets moved from their start in most grid cells
 MIN_MOVING_EVALUATIONS = 10
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than " \
        f"{MIN_ADMM_STEPS} optimiser steps or no epoch would be left to retrain), the rest as final retraining " \
        "with distillation from the base; the search fine-tunes its candidates for at most as many steps as the " \
-       f"budget trains, and takes its guided start unscored when that allows fewer than {MIN_MOVING_EVALUATIONS} " \
+       f"budget trains, and takes its start unscored when that allows fewer than {MIN_MOVING_EVALUATIONS} " \
        "evaluations"
 
 
@@ -78,7 +78,7 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
 def search_evaluations(budget_steps: int, rounds: int, finetune_steps: int) -> int:
     """Evaluations per round's search within :data:`SEARCH_SHARE` of ``budget_steps`` (the budget's optimiser
     steps) at ``finetune_steps`` fine-tuning steps per candidate over ``rounds`` searches, at most
-    ``search.max_evaluations``' default; 1 (the guided start, not scored) when fewer than
+    ``search.max_evaluations``' default; 1 (the start, not scored) when fewer than
     :data:`MIN_MOVING_EVALUATIONS` fit."""
     default = CompressConfig().search.max_evaluations
     fits = min(default, int(SEARCH_SHARE * budget_steps / (rounds * finetune_steps)))
@@ -163,5 +163,5 @@ def describe(config: CompressConfig) -> str:
 def _search(evaluations: int) -> str:
     """What the schedule line says of a search of at most ``evaluations`` evaluations per round."""
     if evaluations == 1:
-        return "no search: the guided start, not scored"
+        return "no search: the start (search.start), not scored"
     return f"a search of at most {evaluations} evaluations per round"

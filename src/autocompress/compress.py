@@ -37,7 +37,7 @@ from .deployment import deployed_form, with_dense_layers
 from .errors import TargetMissed, UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
-from .projection import project
+from .projection import project, relative_importance
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
@@ -631,9 +631,10 @@ class Compression:
             result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
                                      best_score=float("nan"), trajectory=[])
         elif self.config.search.max_evaluations == 1:  # one candidate: nothing to compare, so nothing to score
-            self.pipeline.log(f"round {state.index} search: the guided start, not scored (search.max_evaluations "
-                              "1: no candidate to compare it with)")
-            result = AnnealingResult(best_action=sampler.initial_action(), best_score=float("nan"), trajectory=[])
+            self.pipeline.log(f"round {state.index} search: the {self.config.search.start} start, not scored "
+                              "(search.max_evaluations 1: no candidate to compare it with)")
+            result = AnnealingResult(best_action=self._start(state, sampler), best_score=float("nan"),
+                                     trajectory=[])
         else:
             result = self._anneal(state, sampler)
         action, calibration = result.best_action, []
@@ -651,6 +652,18 @@ class Compression:
         self.store.finish(state.index, "search", [
             {"event": "search", **record, "trajectory": trajectory},
             {"event": "phase", "round": state.index, "phase": "search", "seconds": time.perf_counter() - started}])
+
+    def _start(self, state: RoundState, sampler: ActionSampler) -> np.ndarray:
+        """The round's starting action (``search.start``): the guided start (:meth:`ActionSampler.initial_action`),
+        or the magnitude start on the round's model (:meth:`ActionSampler.magnitude_action`; the guided one when
+        the filters alone cannot meet the round's target, logged)."""
+        if self.config.search.start == "magnitude":
+            action = sampler.magnitude_action(relative_importance(state.space, state.model))
+            if action is not None:
+                return action
+            self.pipeline.log(f"round {state.index} search: the filters alone cannot meet the round's target, so it "
+                              "starts from the guided start (search.start)")
+        return sampler.initial_action()
 
     def _counted(self) -> str:
         """What the search record's ``compression`` divides (base / candidate): ``"params"``, ``"macs"`` (a flops
@@ -752,7 +765,7 @@ class Compression:
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/{planned}, best score "
                                   f"{step.best_score:.4g}, temperature {step.temperature:.4f}{cost}")
 
-            result = simulated_annealing(sampler.initial_action(),
+            result = simulated_annealing(self._start(state, sampler),
                                          lambda action: scale * evaluator.score(sampler.to_rates(action)).top1,
                                          perturb, config, on_step=on_step, map_fn=distributed.parallel_map)
         evaluations = len(result.trajectory)

@@ -29,7 +29,7 @@ from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import check_batches, check_scorer
-from .sampling import GUIDANCES
+from .sampling import GUIDANCES, STARTS
 from .training import SCHEDULES, SGDSettings, TrainConfig
 
 #: ``dims`` values -> unit kinds pruned
@@ -119,9 +119,17 @@ class SearchConfig:
             ``"channel"`` (per channel: prune harder where one channel costs more), or ``"auto"`` (the default:
             ``"channel"`` for a flops target, ``"layer"`` otherwise; see
             :attr:`CompressConfig.resolved_guidance`).
+        start: the search's starting action (:data:`autocompress.sampling.STARTS`): ``"guided"`` (the default:
+            rates that follow the guidance) or ``"magnitude"`` (one global threshold on the filters' weight
+            magnitudes relative to each layer's mean, as a global magnitude ranking prunes; filter units only, the
+            guided start when they cannot meet the target alone). A search of one evaluation ends where it starts.
+            Measured at flops=4x with a 3-4 epoch budget (one candidate, three seeds each): +1.28 points of
+            top-1 on a small residual CNN, -0.36 on a fresh user's SE / dilated Conv1d net, -0.50 on the CIFAR-10
+            ResNet-20 (BENCHMARKS.md, "Session 27"), so it is not the default.
     """
 
     guidance: str = "auto"
+    start: str = "guided"
     start_temperature: float = 0.05
     cooling_rate: float = 0.85
     stop_temperature: float = 0.002
@@ -137,8 +145,11 @@ class SearchConfig:
         if self.guidance not in (AUTO, *GUIDANCES):
             raise SettingError("search.guidance", f"search.guidance={self.guidance!r} is unknown",
                                f"use one of {', '.join((AUTO, *GUIDANCES))}")
+        if self.start not in STARTS:
+            raise SettingError("search.start", f"search.start={self.start!r} is unknown",
+                               f"use one of {', '.join(STARTS)}")
         fields = dataclasses.asdict(self)
-        del fields["guidance"]
+        del fields["guidance"], fields["start"]
         try:
             return AnnealingConfig(**fields, seed=seed)
         except UserError as exc:

@@ -116,6 +116,22 @@ def group_scores(group: FilterGroup, params: Mapping[str, torch.Tensor], *,
 
 
 @torch.no_grad()
+def relative_importance(space: PruningSpace, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each filter group's channel importance relative to the group's own mean, the scale one global threshold
+    can rank all groups on (Torch-Pruning's global magnitude ranking normalises by the mean likewise): the L2
+    norm of each channel class's producer weights (:func:`group_scores`, summed over tied channels) divided by
+    the mean of the group's norms. float64 [classes] by group name; ones for a group whose weights are all zero.
+    """
+    params = dict(model.named_parameters())
+    out = {}
+    for group in space.filter_groups:
+        norms = group.class_sums(group_scores(group, params)).sqrt()
+        mean = float(norms.mean())
+        out[group.name] = norms / mean if mean > 0 else torch.ones_like(norms)
+    return out
+
+
+@torch.no_grad()
 def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[str, float]], *,
             with_consumers: bool = False) -> Masks:
     """Project ``model``'s current weights onto the structured-sparse sets given by ``rates``.

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,12 @@ OBJECTIVES = ("params", "flops")
 #: what removing one channel saves, so under a flops target the high-resolution layers, whose channels cost
 #: many MACs and hold few weights, are pruned hardest).
 GUIDANCES = ("layer", "channel")
+#: Where the search starts (``search.start``): ``"guided"`` (:meth:`ActionSampler.initial_action`: rates that
+#: follow the guidance) or ``"magnitude"`` (:meth:`ActionSampler.magnitude_action`: one global threshold on the
+#: weights' relative magnitudes).
+STARTS = ("guided", "magnitude")
+#: threshold halvings of :meth:`ActionSampler.magnitude_action` (the rates step by whole channels long before)
+BISECTIONS = 50
 
 #: Draws of one perturbation (:meth:`ActionSampler.perturb`) before it settles for a neighbour that keeps the
 #: widths of the action or of a candidate to avoid; each draw doubles the noise.
@@ -404,6 +410,33 @@ class ActionSampler:
         top = weights.max()
         direction = np.ones_like(weights) if top <= 0 else (weights / top) ** float(spread)
         return self.meet(direction)
+
+    def magnitude_action(self, importance: Mapping[str, torch.Tensor]) -> np.ndarray | None:
+        """A start read from the weights: each filter unit's rate is the share of its channels whose importance
+        (relative to the unit's mean: :func:`autocompress.projection.relative_importance`) lies below one
+        threshold shared by every unit, as a global magnitude ranking prunes; the threshold is bisected to the
+        target, then the action is fitted exactly (:meth:`rescale`, with give-back; not re-ordered by the
+        guidance). Other units keep rate 0. Returns float64 [n_units], or None when the filter units at the
+        maximum rate cannot meet the target alone (or there are none).
+        """
+        filters = [(i, importance[u.name].numpy()) for i, u in enumerate(self.units)
+                   if u.kind == "filter" and u.name in importance]
+        if not filters:
+            return None
+
+        def action(threshold: float) -> np.ndarray:
+            rates = np.zeros(len(self.units))
+            for i, values in filters:
+                rates[i] = min(float(np.mean(values < threshold)), self.r_max)
+            return rates
+
+        low, high = 0.0, 1.0 + max(float(values.max()) for _, values in filters)
+        if self.compression(action(high)) < self.target:
+            return None
+        for _ in range(BISECTIONS):
+            middle = (low + high) / 2
+            low, high = (low, middle) if self.compression(action(middle)) >= self.target else (middle, high)
+        return self.rescale(action(high))
 
     def perturb(self, action: np.ndarray, magnitude: float, rng: np.random.Generator | torch.Generator, *,
                 avoid: Collection[tuple[int, ...]] = ()) -> np.ndarray:
