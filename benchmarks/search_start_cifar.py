@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import autocompress
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 from autocompress.data import get_dataset
+from weak_teacher import append_row, top1  # a sibling script: benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "benchmarks" / "results" / "bases" / "resnet20_cifar10_e40.pt"
@@ -39,16 +40,6 @@ def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoad
     shuffle = torch.Generator().manual_seed(seed)
     return (DataLoader(tensors(data.train), batch_size=64, shuffle=True, generator=shuffle),
             DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
-
-
-def top1(model: torch.nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / total
 
 
 def main() -> None:
@@ -76,9 +67,7 @@ def main() -> None:
             row = {"start": start, "seed": seed, **setup, "base_top1": top1(base, test),
                    "top1": top1(result.model, test), "macs_x": result.mac_reduction,
                    "seconds": round(time.perf_counter() - began, 1)}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(out, row)
 
 
 if __name__ == "__main__":
