@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from autocompress.report import final_table_rows, headline, phase_seconds, write_report
+from autocompress.report import final_table_rows, final_text, headline, phase_seconds, validation_lines, write_report
 
 EVIL = "<script>alert(1)</script>"
 
@@ -63,3 +63,15 @@ def test_the_headline_names_the_target_and_sums_the_phases_of_every_round():
         "target flops=2x; 10 s in the phases: search 0.4 s, retrain 10.0 s")
     assert headline({"target": "params=30x"}) == "target params=30x"  # a record from before phase_seconds
     assert headline({"target": "params=30x", "phase_seconds": {"search": "?", "admm": True}}) == "target params=30x"
+
+
+def test_validation_columns_are_marked_as_the_runs_own_data_when_no_test_column_is_there():
+    """A fresh user read "+0.50 pts" in the val column as test accuracy gained (-0.25 on their test set)."""
+    base = {"model": "base", "val_top1": 86.9, "params": 3000, "macs": 9000}
+    comp = {"model": "compressed", "val_top1": 87.4, "params": 1000, "macs": 3000}
+    line = validation_lines({"rows": [base, comp]})
+    assert line == ["val columns: the validation data the run also decided with (search scores, the distillation "
+                    "stop test), so they lean optimistic; score the model on held-out test data"]
+    assert line[0] in final_text({"target": "flops=3x", "rows": [base, comp]}).splitlines()
+    assert validation_lines({"rows": [{**base, "test_top1": 1.0}, {**comp, "test_top1": 1.0}]}) == []
+    assert validation_lines({"rows": [{"model": "base", "params": 1}, {"model": "compressed", "params": 1}]}) == []

@@ -33,10 +33,11 @@ from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import check_compactable, compact, compaction_failure, densify
 from .config import CompressConfig, SettingError, Target, round_targets
-from .deployment import deployed_form, with_dense_layers
+from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
 from .errors import TargetMissed, UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
+from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
 from .quick_eval import QuickEvaluator
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
@@ -893,9 +894,11 @@ class Compression:
                          **{f"deployed_b{b}_ms": row[f"{name}_ms"]
                             for b, row in (deployed["deployed"] or {"batches": {}})["batches"].items()},
                          **(self.final_columns(name, net) if self.final_columns else {})})
+        modules = list(compact_model.modules())
         for warning in (_eager_slower_warning(*rows, self.device, runs,
-                                              latency_target=self.table is not None,
-                                              aligned=self.multiple > 1),
+                                              latency_target=self.table is not None, aligned=self.multiple > 1,
+                                              column_layers=any(isinstance(m, COLUMN_LAYERS) for m in modules),
+                                              padded_norms=sum(isinstance(m, PADDED_NORMS) for m in modules)),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
                         _overshoot_warning(*rows, self.target, self.multiple, self.block)):
@@ -951,20 +954,26 @@ def _eager_slower(compressed_ms: float, base_ms: float) -> bool:
 
 
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
-                          latency_target: bool = False, aligned: bool = False) -> str | None:
+                          latency_target: bool = False, aligned: bool = False, column_layers: bool = True,
+                          padded_norms: int = 0) -> str | None:
     """The warning when the compact model, as stored, runs more than :data:`EAGER_SLOWER` times slower than the
     base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at
-    batch 1 or 64; like :func:`autocompress.latency.slower_warning` it suggests ``channel_multiple`` only when the
-    widths were not ``aligned`` already."""
+    batch 1 or 64. Its fixes: the torch deployed form only when the model has ``column_layers`` (it changes
+    nothing else), ``channel_multiple`` only when the widths were not ``aligned`` already, a latency target unless
+    it was one; ``padded_norms`` (the model's PaddedLayerNorm / PaddedGroupNorm count) are named as a cost."""
     slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
               for b in (1, 64) if _eager_slower(compressed[f"latency_b{b}_ms"], base[f"latency_b{b}_ms"])]
     if not slower:
         return None
+    fixes = ["autocompress.deployed_form(model, example, {'runtime': 'torch'}).model"] if column_layers else []
+    if not latency_target:
+        fixes.append("a latency target" if aligned else "channel_multiple (e.g. auto) or a latency target")
+    norms = (f"; its {padded_norms} padded norm(s) (PaddedLayerNorm / PaddedGroupNorm: the exact form of a norm that "
+             "lost channels) run as several small ops each in eager PyTorch and as one norm op each in onnxruntime "
+             "(autocompress.export.export_onnx)") if padded_norms else ""
     return (f"the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
-            f"{'; '.join(slower)} (median of {runs} interleaved runs, setting latency_runs); to run it in PyTorch, use "
-            "autocompress.deployed_form(model, example, {'runtime': 'torch'}).model"
-            + ("" if latency_target else ", and a latency target" if aligned
-               else ", and channel_multiple (e.g. auto) or a latency target"))
+            f"{'; '.join(slower)} (median of {runs} interleaved runs, setting latency_runs){norms}"
+            + (f"; to run it faster in PyTorch, use {' and '.join(fixes)}" if fixes else ""))
 
 
 #: a validation top-1 this many points below the base's is a warning in the final table

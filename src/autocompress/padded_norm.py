@@ -288,5 +288,7 @@ class PaddedGroupNormPruner(_PerChannelPruner):
         layer.regroup(layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)])
 
 
+#: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
+PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``)
 PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner()}
