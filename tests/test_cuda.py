@@ -40,6 +40,29 @@ def test_column_conv_on_cuda_equals_masked_conv_on_cpu(mode):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_padded_group_norm_on_cuda_equals_the_cpu_and_regroups_there():
+    """The padded layout (``source``, ``padded_at``) follows the module to the GPU, and a state dict loaded
+    there (deterministic algorithms on: regroup computes on the CPU) lays the groups out again."""
+    from autocompress.padded_norm import PaddedGroupNorm
+
+    norm = PaddedGroupNorm(7, 3, 4)
+    norm.regroup(torch.tensor([0, 0, 1, 1, 1, 2, 2]))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(2, 7, 5, 5)
+    gpu = copy.deepcopy(norm).cuda()
+    assert gpu.source.is_cuda and gpu.padded_at.is_cuda
+    assert torch.allclose(gpu(x.cuda()).cpu(), norm(x), atol=1e-5)
+    torch.use_deterministic_algorithms(True)
+    try:
+        fresh = PaddedGroupNorm(7, 3, 4).cuda()
+        fresh.load_state_dict(norm.state_dict())
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert fresh.group.is_cuda and torch.allclose(fresh(x.cuda()).cpu(), norm(x), atol=1e-5)
+
+
 def _one_epoch(splits, device: str) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("fmnist_cnn", num_classes=10)
