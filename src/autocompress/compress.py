@@ -94,7 +94,7 @@ def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure:
     (``floor`` <= 1 leaves room for the measurement's noise). Starting at ``aim = target``, each step measures
     the candidate and, unless its speedup lies in ``[floor * target, band * target]``, re-aims
     (:func:`next_aim`), at most ``steps`` measurements; a ``fit`` that raises UserError (an aim the table cannot
-    reach) ends the loop after the first measurement. Returns the least-pruned measured candidate that met the
+    reach) ends the loop after the first measurement, and so does a re-aim at an aim already measured. Returns the least-pruned measured candidate that met the
     target (the smallest such speedup), else the fastest one, and one record per measurement (``aimed``,
     ``estimated``, ``measured``).
     """
@@ -115,6 +115,8 @@ def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure:
         if floor * target <= speedup <= band * target:
             break
         aim = next_aim(target, [(r["aimed"], r["measured"]) for r in records], floor=floor, band=band)
+        if any(math.isclose(aim, r["aimed"]) for r in records):  # (an aim clamped at 1) nothing new to measure
+            break
     return (kept or fastest)[0], records
 
 
