@@ -94,9 +94,9 @@ def calibrate(target: float, fit: Callable[[float], tuple[Any, float]], measure:
     (``floor`` <= 1 leaves room for the measurement's noise). Starting at ``aim = target``, each step measures
     the candidate and, unless its speedup lies in ``[floor * target, band * target]``, re-aims
     (:func:`next_aim`), at most ``steps`` measurements; a ``fit`` that raises UserError (an aim the table cannot
-    reach) ends the loop after the first measurement, and so does a re-aim at an aim already measured. Returns the least-pruned measured candidate that met the
-    target (the smallest such speedup), else the fastest one, and one record per measurement (``aimed``,
-    ``estimated``, ``measured``).
+    reach) ends the loop after the first measurement, and so does a re-aim at an aim already measured. Returns
+    the least-pruned measured candidate that met the target (the smallest such speedup), else the fastest one,
+    and one record per measurement (``aimed``, ``estimated``, ``measured``).
     """
     aim, records, kept, fastest = target, [], None, None
     for _ in range(steps):
