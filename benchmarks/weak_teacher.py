@@ -147,10 +147,10 @@ def schedule(variant: str, budget: int, steps_per_epoch: int, target: str = "flo
     if "admm" not in settings:
         return {"budget": budget, **settings}
     from autocompress.budget import budget_schedule
-    from autocompress.config import CompressConfig
+    from autocompress.config import CompressConfig, Target
 
-    factor = CompressConfig(target=target).parsed_target().factor
-    written = budget_schedule(factor, budget, steps_per_epoch, CompressConfig().quick_eval.finetune_steps)
+    written = budget_schedule(Target.parse(target).factor, budget, steps_per_epoch,
+                              CompressConfig().quick_eval.finetune_steps)
     written["final_retrain_epochs"] = budget - written["rounds"] * settings["admm"]["epochs"]
     return {**written, **settings}
 
@@ -175,11 +175,11 @@ def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0
                       target: str = "flops=2x") -> dict:
     """Torch-Pruning global magnitude to the target's MACs (counted by ``metrics.count_macs``), then ``budget``
     epochs of SGD at ``lr`` as in the budget."""
-    from autocompress.config import CompressConfig
-
     import copy
 
     import torch_pruning as tp
+
+    from autocompress.config import Target
 
     train_loader, _, test_loader = loaders_
     model, example = copy.deepcopy(base), torch.zeros(1, 1, 28, 28)
@@ -187,7 +187,7 @@ def run_torch_pruning(base: nn.Module, loaders_: tuple, seed: int, lr: float = 0
     pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                                        global_pruning=True, pruning_ratio=0.9, iterative_steps=200,
                                        ignored_layers=[model.head])
-    factor = CompressConfig(target=target).parsed_target().factor
+    factor = Target.parse(target).factor
     for _ in range(200):
         if metrics.count_macs(model, example) <= base_macs / factor:
             break

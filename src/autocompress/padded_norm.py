@@ -205,11 +205,12 @@ class PaddedGroupNorm(nn.Module):
             ValueError: a group outside 0..G-1 or over ``group_size`` channels.
         """
         device, group = group.device, group.detach().cpu().to(torch.long)  # (CPU: deterministic, tiny)
-        if group.dim() != 1 or not group.numel() or int(group.min()) < 0 or int(group.max()) >= self.num_groups or \
-                int(F.one_hot(group, self.num_groups).sum(0).max()) > self.group_size:
+        in_range = group.dim() == 1 and group.numel() > 0 and 0 <= int(group.min()) and \
+            int(group.max()) < self.num_groups
+        one_hot = F.one_hot(group, self.num_groups) if in_range else None  # [C', G]
+        if one_hot is None or int(one_hot.sum(0).max()) > self.group_size:
             raise ValueError(f"group {group.tolist()} must give every channel one of {self.num_groups} groups, "
                              f"at most {self.group_size} channels each")
-        one_hot = F.one_hot(group, self.num_groups)  # [C', G]
         rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # of each channel within its group
         padded_at = group * self.group_size + rank
         source = torch.full((self.num_groups * self.group_size,), group.numel()).scatter(
