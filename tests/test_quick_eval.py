@@ -312,3 +312,27 @@ def test_rates_that_project_to_scored_masks_are_not_scored_again(trained, scorer
     assert evaluator.score(same) == scored and not calls
     assert evaluator.score(other).top1 == QuickEvaluator(model, space, task(splits, 100), **settings).score(other).top1
     assert len(calls) == 1
+
+
+def test_spread_batches_cover_a_loader_and_fall_back_to_the_first_without_a_length():
+    batches = [torch.full((2,), float(i)) for i in range(10)]
+    picked = Task(batches, batches).batches(batches, 3, spread=True)
+    assert [int(b[0]) for b in picked] == [0, 3, 6]
+    assert len(Task(batches, batches).batches(batches, 12, spread=True)) == 10
+    assert [int(b[0]) for b in Task(batches, batches).batches(iter(batches), 3, spread=True)] == [0, 1, 2]
+    assert [int(b[0]) for b in Task(batches, batches).batches(batches, 3)] == [0, 1, 2]
+
+
+def test_a_validation_loader_in_class_order_is_scored_on_every_class(trained):
+    """An unshuffled loader sorted by class (an ImageFolder's order): the score reads batches spread over all of
+    it, so it equals top-1 on those batches and sees the classes from first to last, where the first batches hold
+    two or three."""
+    model, space, splits = trained
+    images, labels = (torch.cat(parts) for parts in zip(*splits.loader("val", 100, shuffle=False, augment=False)))
+    order = labels.argsort(stable=True)
+    ordered = [(images[order[i:i + 50]], labels[order[i:i + 50]]) for i in range(0, 1000, 50)]  # 20 batches
+    evaluator = QuickEvaluator(model, space, Task(ordered, ordered), bn_recalibration=False, val_batches=5)
+    spread = [ordered[i] for i in (0, 4, 8, 12, 16)]
+    assert evaluator.score(uniform(space, 0.0)).top1 == pytest.approx(evaluate(model, spread)["top1"], abs=1e-9)
+    seen = torch.cat([y for _, y in spread]).unique()
+    assert len(seen) >= 5 and int(seen.max()) >= 8 and len(torch.cat([y for _, y in ordered[:5]]).unique()) <= 3

@@ -171,7 +171,7 @@ class QuickEvalConfig:
             83.48-83.75 %, refit 82.90-84.11 %; on short runs the finetune search takes up to half the run).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
         bn_batches: training batches for those statistics (and the refit).
-        val_batches: validation batches scored (the first ones of the validation loader); None: all. Unused
+        val_batches: validation batches scored (spread evenly over the validation loader); None: all. Unused
             with a ``score_fn``, which decides itself what it scores on.
         finetune_steps, finetune_lr, finetune_distill: the ``"finetune"`` scorer's SGD steps (training
             batches) per candidate, constant learning rate, and distillation from the base model.

@@ -136,15 +136,15 @@ def check_scorer(scorer: str, finetune_steps: int, finetune_lr: float) -> None:
         raise UserError(f"finetune_lr={finetune_lr} must be a finite number > 0", "use e.g. 0.01")
 
 
-def _shared_batches(task, loader, count: int | None) -> list:
-    """``task.batches(loader, count)``; under ``torch.distributed`` rank 0's batches on every rank, so a
-    candidate's score does not depend on the rank that computes it (a loader sharded per rank yields other
-    batches on each)."""
+def _shared_batches(task, loader, count: int | None, *, spread: bool = False) -> list:
+    """``task.batches(loader, count, spread=spread)``; under ``torch.distributed`` rank 0's batches on every
+    rank, so a candidate's score does not depend on the rank that computes it (a loader sharded per rank yields
+    other batches on each)."""
     if not distributed.world().active:
-        return task.batches(loader, count)
+        return task.batches(loader, count, spread=spread)
     cpu = torch.device("cpu")
     batches = distributed.on_main(lambda: [move(batch, cpu, layout=task.layout)
-                                           for batch in task.batches(loader, count)])
+                                           for batch in task.batches(loader, count, spread=spread)])
     return [move(batch, task.device, layout=task.layout) for batch in batches]
 
 
@@ -157,8 +157,9 @@ class QuickEvaluator:
         space: the :class:`~autocompress.space.PruningSpace` built on ``model``.
         task: :class:`~autocompress.task.Task`: its training loader gives the BatchNorm batches (the first
             ``bn_batches``) and the fine-tuning batches; its score scores a candidate: ``score_fn`` when the
-            caller gave one, else top-1 on the first ``val_batches`` batches of the validation loader (drawn
-            once, so scores are deterministic). Never a test split.
+            caller gave one, else top-1 on ``val_batches`` batches spread evenly over the validation loader
+            (:meth:`~autocompress.task.Task.batches` with ``spread``: a loader in class order gives every class;
+            drawn once, so scores are deterministic). Never a test split.
         scorer: ``"bn"``, ``"refit"`` or ``"finetune"`` (module docstring), or ``"auto"``: ``"finetune"``
             (:attr:`scorer` says which).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
@@ -197,7 +198,8 @@ class QuickEvaluator:
         refit = scorer == "refit"
         scorer = resolved_scorer(scorer)
         self._bn_data = _shared_batches(task, task.train_loader, bn_batches) if bn_recalibration or refit else []
-        self._val_data = _shared_batches(task, task.val_loader, val_batches) if task.score_fn is None else None
+        self._val_data = (_shared_batches(task, task.val_loader, val_batches, spread=True)
+                          if task.score_fn is None else None)
         distils = scorer == "finetune" and finetune_distill
         self._distiller = Distiller(teacher, SCORER_DISTILLATION, "quick_eval.finetune_distill") if distils else None
         # every candidate fine-tunes on the same batches: the first draws them, the others replay them, and the

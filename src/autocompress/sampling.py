@@ -308,16 +308,16 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named)
     and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds``, a params
     target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
-    left = space.not_filter_pruned()
+    left, excluded = space.not_filter_pruned(), space.excluded
 
     def heaviest(names: list[str], why: bool = False) -> str:  # filter groups the forward breaks first: fixable
-        names = sorted(names, key=lambda name: (why and BREAKS not in space.excluded[name],
+        names = sorted(names, key=lambda name: (why and BREAKS not in excluded[name],
                                                 -space.layer_macs.get(name, ("", 0))[1]))
         first = f"{names[0]} ({left[names[0]]})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     filters = list(left)
-    columns = [name for name, why in space.excluded.items() if NO_EXECUTED_SAVING in why or GATHERED in why]
+    columns = [name for name, why in excluded.items() if NO_EXECUTED_SAVING in why or GATHERED in why]
     held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
         [f"not column-pruned for a flops target (kernels over 1x1 with under {GEMM_MIN_FILTERS} filters, whose "
          "pruned columns would still be multiplied, and 1x1 / Linear layers applied at several positions, which "
@@ -326,7 +326,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds]
     if columns:
         fixes.append("give a params target, which counts their columns")
-    if any(BREAKS in space.excluded[name] for name in filters):
+    if any(BREAKS in excluded[name] for name in filters):
         fixes.append("write the channel counts in your forward's reshapes as -1, so that they follow pruned channels")
     return (f" ({'; '.join(held)}; every reason is logged at INFO by autocompress.space)" if held else ""), fixes
 

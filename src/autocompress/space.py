@@ -291,7 +291,9 @@ class PruningSpace:
 
     Attributes:
         filter_groups / column_layers / irregular_layers: the units, in module order.
-        excluded: module name -> reason it (or one of its unit kinds) is not prunable.
+        exclusions: module name -> the reasons it (or one of its unit kinds) is not prunable, one per finding
+            (a filter-pruning reason starts with ``"filter pruning: "``, a column-pruning one with
+            ``"column pruning"``, one for the whole layer with neither); :attr:`excluded` joins them.
         dims: the unit kinds enumerated.
         max_rate: the largest rate the search proposes for one unit (not enforced by projections).
         param_shapes: parameter name -> shape of every parameter of the model.
@@ -302,13 +304,13 @@ class PruningSpace:
     """
 
     def __init__(self, *, filter_groups: Sequence[FilterGroup], column_layers: Sequence[ColumnLayer],
-                 irregular_layers: Sequence[IrregularLayer], excluded: Mapping[str, str],
+                 irregular_layers: Sequence[IrregularLayer], excluded: Mapping[str, Sequence[str]],
                  dims: Sequence[str], max_rate: float, param_shapes: Mapping[str, torch.Size],
                  layer_macs: Mapping[str, tuple[str, int]], total: Counts, channel_multiple: int = 1):
         self.filter_groups = list(filter_groups)
         self.column_layers = list(column_layers)
         self.irregular_layers = list(irregular_layers)
-        self.excluded = dict(excluded)
+        self.exclusions = {name: tuple(reasons) for name, reasons in excluded.items()}
         self.dims = tuple(dims)
         self.max_rate = max_rate
         self.param_shapes = dict(param_shapes)
@@ -366,7 +368,7 @@ class PruningSpace:
         names = {m: n for n, m in model.named_modules()}
         ignored = ignored_modules(model, ignored_layers)
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        excluded: dict[str, str] = {}
+        excluded: dict[str, list[str]] = {}
 
         rows = layer_table(model, inputs)
         own_macs = {r.name: r.macs for r in rows}
@@ -402,16 +404,22 @@ class PruningSpace:
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple)
 
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Module name -> why it (or one of its unit kinds) is not prunable: its :attr:`exclusions` joined by
+        ``"; "`` (what logs, reports and ``metrics.jsonl`` show)."""
+        return {name: "; ".join(reasons) for name, reasons in self.exclusions.items()}
+
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
         layers, groups the compact model breaks without, channels torch-pruning cannot map, ...; not the layers
         whose channels are model outputs (the classifier, never pruned anywhere)."""
         left = {}
-        for name, why in self.excluded.items():
-            reason = why.split("; column pruning")[0]
-            if name and (reason.startswith(IGNORED) or reason.startswith("filter pruning") and
-                         "model outputs" not in reason):
-                left[name] = reason.removeprefix("filter pruning: ")
+        for name, reasons in self.exclusions.items():
+            why = [r.removeprefix(FILTER_PRUNING) for r in reasons
+                   if r == IGNORED or r.startswith(FILTER_PRUNING) and r != MODEL_OUTPUTS]
+            if name and why:
+                left[name] = why[0]
         return left
 
     def at_multiple(self, channel_multiple: int) -> "PruningSpace":
@@ -429,10 +437,11 @@ class PruningSpace:
                 torch-pruning cannot trace: no filter group), and the fix (other dims, or the modules out of
                 ignored layers).
         """
+        excluded = self.excluded
         for kind in dims:
             if not self._units[kind]:
-                why = ([(n, r) for n, r in self.excluded.items() if kind in r or "ignored" in r]
-                       or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
+                why = ([(n, r) for n, r in excluded.items() if kind in r or IGNORED in r]
+                       or list(excluded.items())[:1] or [("", "no Conv / Linear layer")])
                 named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
                 more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
                 which = (why[0][0] or "it") if len(why) == 1 else "one of them"
@@ -623,9 +632,9 @@ class PruningSpace:
 
 
 # ---------------------------------------------------------------------- helpers
-def _exclude(excluded: dict[str, str], name: str, reason: str) -> None:
+def _exclude(excluded: dict[str, list[str]], name: str, reason: str) -> None:
     log.info("not pruned: %s: %s", name or "<model>", reason)
-    excluded[name] = f"{excluded[name]}; {reason}" if name in excluded else reason
+    excluded.setdefault(name, []).append(reason)
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -685,8 +694,8 @@ def ignored_modules(model: nn.Module, ignored_layers: Iterable[str]) -> set[str]
 def ignored_summary(space: "PruningSpace") -> str:
     """One log line: the layers ``ignored_layers`` keeps whole and the filter groups left unpruned because they
     would remove an ignored module's channels (roots named; see :meth:`PruningSpace.build`)."""
-    kept = [name for name, reason in space.excluded.items() if reason == IGNORED]
-    coupled = [name for name, reason in space.excluded.items() if reason.endswith(IGNORED_COUPLING)]
+    kept = [name for name, reasons in space.exclusions.items() if IGNORED in reasons]
+    coupled = [name for name, reasons in space.exclusions.items() if any(r.endswith(IGNORED_COUPLING) for r in reasons)]
     line = (f"ignored_layers: {len(kept)} layer(s) keep their filters and weights ({', '.join(kept)}; their input "
             "channels follow pruned producers)")
     if coupled:
@@ -814,6 +823,10 @@ class _BoundedMappings(list):
 
 #: the exclusion reason of a layer in ``ignored_layers``
 IGNORED = "ignored by request"
+#: how every reason for leaving a layer out of filter pruning begins
+FILTER_PRUNING = "filter pruning: "
+#: the reason for the groups whose channels are model outputs (a classifier: never pruned, so never reported)
+MODEL_OUTPUTS = f"{FILTER_PRUNING}its channels are model outputs (classifier)"
 #: how the exclusion reason of a group that would remove an ignored module's channels ends
 IGNORED_COUPLING = "which is in ignored_layers"
 
@@ -842,7 +855,7 @@ GATHERED = "column pruning costs more than it saves here"
 
 
 def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
-                  layer_macs: dict[str, tuple[str, int]], excluded: dict[str, str],
+                  layer_macs: dict[str, tuple[str, int]], excluded: dict[str, list[str]],
                   executed_only: bool, batch: int) -> ColumnLayer | None:
     transposed = is_transposed(module)
     if transposed and module.groups > 1:
@@ -946,7 +959,7 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
         channel = torch.as_tensor(list(root), dtype=torch.long)
         out_side = dep.handler.__name__ == "prune_out_channels"
         if node.type == ops.OPTYPE.OUTPUT or (target in sinks and out_side):
-            problem = problem or "filter pruning: its channels are model outputs (classifier)"
+            problem = problem or MODEL_OUTPUTS
             continue
         if isinstance(target, nn.Parameter):
             name = param_names.get(id(target), "")
@@ -1160,7 +1173,7 @@ def _stride(model: nn.Module, s: Slice) -> int:
 
 @torch.no_grad()
 def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
-              excluded: dict[str, str]) -> list[FilterGroup]:
+              excluded: dict[str, list[str]]) -> list[FilterGroup]:
     """Keep the groups whose consumer input slices read only the group's channels.
 
     One analysis forward on two random samples with a seeded random half of the channels of every group
@@ -1220,7 +1233,7 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     return kept
 
 
-def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, str],
+def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, list[str]],
                        unreached: Mapping[str, nn.Module]) -> list[FilterGroup]:
     """Exclude the groups whose channels a Conv / Linear weight reads functionally: its module is never
     called, but its weight is used (``F.linear(x, self.qkv.weight)`` in torchvision's Swin). torch-pruning

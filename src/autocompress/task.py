@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .analysis import analysis_mode
+from .distributed import length
 from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
 from .text import kind_of
@@ -246,13 +247,20 @@ class Task:
             handle.remove()
         return loss, (seen[-1] if seen else None)
 
-    def batches(self, loader: Iterable, count: int | None) -> list[Batch]:
-        """The first ``count`` batches of ``loader`` (all when None), moved to the device."""
+    def batches(self, loader: Iterable, count: int | None, *, spread: bool = False) -> list[Batch]:
+        """The first ``count`` batches of ``loader`` (all when None), moved to the device; with ``spread``,
+        ``count`` batches evenly spaced over the loader instead (batch ``i * len(loader) // count`` for each
+        ``i < count``, the loader read up to the last of them): a validation loader in dataset order (an
+        ``ImageFolder`` without shuffling is sorted by class) then gives batches of every part of it, where its
+        first batches hold only the first classes. A loader without ``len()`` gives its first ``count``."""
+        total = length(loader) if spread and count is not None else None
+        wanted = {i * total // count for i in range(count)} if total is not None and total > count else None
         taken = []
-        for batch in loader:
+        for index, batch in enumerate(loader):
             if count is not None and len(taken) >= count:
                 break
-            taken.append(move(batch, self.device, layout=self.layout))
+            if wanted is None or index in wanted:
+                taken.append(move(batch, self.device, layout=self.layout))
         return taken
 
     @contextlib.contextmanager
