@@ -66,8 +66,8 @@ class PaddedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         missing = self.width - self.num_features
         if self.dim in (-1, x.dim() - 1):  # the missing channels as zeros, one fused layer_norm, the kept ones read
-            weight, bias = _affine(self, lambda p: F.pad(p, (0, missing)))
-            y = F.layer_norm(F.pad(x, (0, missing)), (self.width,), weight, bias, self.eps)
+            y = F.layer_norm(F.pad(x, (0, missing)), (self.width,), _padded(self.weight, missing),
+                             _padded(self.bias, missing), self.eps)
             return y[..., :self.num_features]
         mean = x.sum(self.dim, keepdim=True) / self.width
         centred = x - mean
@@ -85,25 +85,9 @@ class PaddedLayerNorm(nn.Module):
         return f"{self.num_features}, width={self.width}, dim={self.dim}, eps={self.eps}"
 
 
-def _affine(norm: nn.Module, layout, *layout_from: torch.Tensor) -> tuple:
-    """``(layout(norm.weight), layout(norm.bias))`` (None stays None): the affine parameters in the layout a
-    padded norm's fused op reads. Reused from the previous call while the parameters and ``layout_from`` (the
-    tensors ``layout`` reads) hold the same storage, unmodified (the cache keeps that storage alive and
-    compares its address, shape and version counter), so an eval forward runs only the norm's own ops; rebuilt every
-    call where autograd records (trainable parameters with grad enabled) or a tracer or compiler (ONNX export,
-    ``torch.export``) reads the forward."""
-    params = (norm.weight, norm.bias)
-    tensors = [t for t in (*params, *layout_from) if t is not None]
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return tuple(None if p is None else layout(p) for p in params)
-    cached = norm.__dict__.get("_affine_cache")
-    if cached is None or len(cached[0]) != len(tensors) or any(
-            held.data_ptr() != t.data_ptr() or version != t._version or held.shape != t.shape
-            for (held, version), t in zip(cached[0], tensors)):
-        cached = norm.__dict__["_affine_cache"] = ([(t.detach(), t._version) for t in tensors],
-                                                    tuple(None if p is None else layout(p) for p in params))
-    return cached[1]
+def _padded(param: torch.Tensor | None, missing: int) -> torch.Tensor | None:
+    """``param`` [C'] followed by ``missing`` zeros (None stays None)."""
+    return None if param is None else F.pad(param, (0, missing))
 
 
 def is_layer_norm(module: nn.Module) -> bool:
@@ -246,7 +230,8 @@ class PaddedGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # each group's kept channels followed by zeros up to group_size, one fused group_norm, the kept ones read
         zero = F.pad(x, (0, 0) * (x.dim() - 2) + (0, 1))  # channel C' is zeros
-        weight, bias = _affine(self, lambda p: F.pad(p, (0, 1)).index_select(0, self.source), self.source)
+        weight, bias = (None if p is None else F.pad(p, (0, 1)).index_select(0, self.source)
+                        for p in (self.weight, self.bias))
         y = F.group_norm(zero.index_select(1, self.source), self.num_groups, weight, bias, self.eps)
         return y.index_select(1, self.padded_at)
 
