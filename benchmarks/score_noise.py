@@ -13,7 +13,8 @@ score read on ``k`` chunks; the correlation between the mean of the other chunks
         benchmarks/results/bases/resnet20_cifar10_e40.pt --data-dir ../shared/datasets/cifar10-jpeg.tar.gz \\
         --target flops=2x --candidates 20 --out OUT.jsonl
 
-Rows go to ``--out`` as each candidate finishes (a re-run resumes); the summary is printed at the end.
+Rows go to ``--out`` as each candidate finishes (a re-run resumes; a candidate whose widths were scored already gets
+no chunks and another is drawn, up to ``--candidates`` distinct ones); the summary is printed at the end.
 """
 from __future__ import annotations
 
@@ -59,18 +60,18 @@ def chunk_scores(evaluator: QuickEvaluator, rates: dict, chunks: int, size: int)
 def summary(rows: list[dict]) -> dict:
     """Reliability of a one-chunk score (mean Spearman over chunk pairs), its Spearman-Brown projection to every
     chunk count, the leave-one-chunk-out check and the spread of scores across and within candidates."""
-    scores = np.array([row["chunks"] for row in rows])  # [candidates, chunks]
+    scores = np.array([row["chunks"] for row in rows if row["chunks"]])  # [candidates, chunks]
     k = scores.shape[1]
     pairs = [spearmanr(scores[:, a], scores[:, b])[0] for a, b in itertools.combinations(range(k), 2)]
     one = float(np.mean(pairs))
     rest = [spearmanr(scores[:, a], np.delete(scores, a, 1).mean(1))[0] for a in range(k)]
-    return {"candidates": len(rows), "chunks": k, "reliability_one_chunk": one, "pairs": [float(p) for p in pairs],
+    return {"candidates": len(scores), "chunks": k, "reliability_one_chunk": one, "pairs": [float(p) for p in pairs],
             "spearman_brown": {n: n * one / (1 + (n - 1) * one) for n in range(1, k + 1)},
             "one_chunk_vs_mean_of_others": float(np.mean(rest)),
             "sd_across_candidates": float(scores.mean(1).std(ddof=1)),
             "sd_within_candidate": float(np.sqrt(scores.var(1, ddof=1).mean())),
             "score_range": [float(scores[:, 0].min()), float(scores[:, 0].max())],
-            "median_seconds": statistics.median(row["seconds"] for row in rows)}
+            "median_seconds": statistics.median(row["seconds"] for row in rows if row["chunks"])}
 
 
 def main() -> None:
@@ -106,13 +107,15 @@ def main() -> None:
     evaluator = QuickEvaluator(model, space, task, scorer="auto", val_batches=args.chunks * args.val_batches,
                                seed=args.seed, example_inputs=example)
     done = {row["candidate"] for row in rows}
-    for index, action in enumerate(random_actions(sampler, args.candidates, args.seed)):
+    for index, action in enumerate(random_actions(sampler, 5 * args.candidates, args.seed)):
+        if sum(bool(row["chunks"]) for row in rows) >= args.candidates:
+            break
         if index in done:
             continue
         began = time.perf_counter()
         row = {"target": args.target, "candidate": index, "compression": sampler.compression(action),
                "chunks": chunk_scores(evaluator, sampler.to_rates(action), args.chunks, args.val_batches),
-               "seconds": time.perf_counter() - began}
+               "seconds": time.perf_counter() - began}  # chunks []: the widths of a candidate scored already
         rows.append(row)
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -783,6 +783,54 @@ def test_loss_that_is_not_a_scalar(no_work):
             loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none"))
 
 
+
+def test_regression_targets_are_refused_by_the_default_loss_and_score(no_work):
+    """A fresh user's denoiser (output [B, 1, 28, 28], float targets) trained on a cross-entropy of 0 and scored a
+    "top-1" of 12,450 % without an error. Class scores need >= 2 classes, and targets class indices of the output's
+    shape without dim 1 (or, for the loss, class probabilities); anything else is refused before any work."""
+    x, y = images(32, 0)
+    levels = DataLoader(TensorDataset(x, y[:, None].float()), batch_size=8)
+    mse = lambda model, batch: F.mse_loss(model(batch[0]), batch[1])  # noqa: E731
+    refused(no_work, r"output \[8, 1\] has 1 class on dimension 1 on a batch of train_loader, .*pass loss_fn",
+            model=Regressor(), train_loader=levels, val_loader=levels)
+    refused(no_work, r"output \[8, 1\] has 1 class on dimension 1 on a batch of val_loader, .*pass score_fn",
+            model=Regressor(), train_loader=levels, val_loader=levels, loss_fn=mse)
+    one_hot = DataLoader(TensorDataset(x, F.one_hot(y, CLASSES).float()), batch_size=8)
+    refused(no_work, r"targets are float32 \[8, 3\], not class indices for the output \[8, 3\] on a batch of "
+            "val_loader", val_loader=one_hot)
+    refused(no_work, r"targets are float32 \[8, 3\], not class indices or class probabilities",
+            train_loader=DataLoader(TensorDataset(x, 2 * F.one_hot(y, CLASSES).float()), batch_size=8))
+    column = DataLoader(TensorDataset(x, y[:, None]), batch_size=8)  # top-1 would compare [8] with [8, 1]
+    refused(no_work, r"targets \[8, 1\] are not one class index per output \[8\] on a batch of val_loader",
+            val_loader=column)
+
+
+def test_soft_class_probabilities_train_with_the_default_loss():
+    """Class probabilities (mixup, soft labels) are cross-entropy targets: accepted for training."""
+    x, y = images(32, 0)
+    soft = DataLoader(TensorDataset(x, 0.8 * F.one_hot(y, CLASSES).float() + 0.2 / CLASSES), batch_size=8)
+    _, val = loaders()
+    Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", task_args=dict(train_loader=soft,
+                val_loader=val), device="cpu", config=CONFIG, progress=False)
+
+
+def test_distillation_is_turned_off_for_an_output_without_class_scores():
+    """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
+    the loss was only halved), so the run turns it off, says so, and stores it off."""
+    train, val = dict_batches(96, 0), dict_batches(48, 1)
+    lines: list[str] = []
+    run = Compression(Regressor(), torch.randn(2, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=train, forward_fn=lambda m, b: m(b["pixels"]),
+                                     loss_fn=lambda m, b: F.mse_loss(m(b["pixels"]), b["level"]),
+                                     score_fn=lambda m: 0.5), config={"budget": 2}, log=lines.append)
+    assert not run.config.distillation.enabled and not run.config.quick_eval.finetune_distill
+    assert run.pipeline.distiller is None
+    assert any(line.startswith("distillation from the base is off: the forward returns a tensor of shape [16, 1]")
+               for line in lines)
+    classifier = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                             task_args=dict(zip(("train_loader", "val_loader"), loaders())), config={"budget": 2})
+    assert classifier.config.distillation.enabled and classifier.pipeline.distiller is not None
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda(no_work):
     refused(no_work, "CUDA is not available", device="cuda")

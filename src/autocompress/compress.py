@@ -29,24 +29,26 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, allowed_widths, check_multiple
+from .analysis import analysis_mode
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import check_compactable, compact, compaction_failure, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
+from .distillation import distillable
 from .errors import TargetMissed, UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
-from .quick_eval import QuickEvaluator
+from .quick_eval import QuickEvaluator, resolved_scorer
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
 from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
 from .serialization import save_compact
 from .space import KINDS, ignored_modules, ignored_summary
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
-from .text import short_of
+from .text import kind_of, short_of
 
 
 #: the channel multiple a target falls back to first when ``auto``'s larger one cannot reach it
@@ -324,6 +326,7 @@ class Compression:
         self._check_world(base, train_fn is None, log or (lambda _line: None))
         self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
+        self._check_distillation(base, say)
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log, channel_multiple=self.multiple,
@@ -374,6 +377,29 @@ class Compression:
             with torch.random.fork_rng(devices=[]):
                 distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data,
                                          log=log)
+
+    def _check_distillation(self, base: nn.Module, say: Callable[[str], None]) -> None:
+        """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning,
+        when the forward's output on a training batch holds no class scores to distil (:func:`distillable`: a
+        regression output of one channel, a dict): its soft term would be 0 or fail mid-run. The settings
+        stored for the run (``config.yaml``) say it is off."""
+        quick = self.config.quick_eval
+        scorer_distils = resolved_scorer(quick.scorer) == "finetune" and quick.finetune_distill
+        if not (self.config.distillation.enabled or scorer_distils):
+            return
+        with analysis_mode(base):
+            output = self.task.forward(base, self.task.batches(self.task.train_loader, 1)[0])
+        if distillable(output):
+            return
+        self.config = dataclasses.replace(
+            self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),
+            quick_eval=dataclasses.replace(quick, finetune_distill=False))
+        warning = (f"distillation from the base is off: the forward returns {kind_of(output)} on a training batch, "
+                   "not class scores [B, classes >= 2, ...] whose softened outputs it compares (distillation.enabled "
+                   "and quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
+                   "alone (pass forward_fn returning class scores to distil)")
+        logging.getLogger("autocompress").warning(warning)
+        say(warning)
 
     def _chance(self, base: nn.Module) -> float | None:
         """1 / classes for the default top-1 score (the class dimension of the output), else None."""

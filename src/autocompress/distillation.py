@@ -27,7 +27,8 @@ class DistillationConfig:
     """Settings of the distillation loss.
 
     Attributes:
-        enabled: use the teacher at all.
+        enabled: use the teacher at all (``compress`` turns it off, with a warning, when the forward returns no
+            class scores: :func:`distillable`).
         temperature: softmax temperature ``T`` (> 0) of both teacher and student logits.
         alpha: weight in [0, 1] of the distillation term; the label cross-entropy gets ``1 - alpha``. The
             default 0.5 (0.9 until session 19 of BENCHMARKS.md, "Distillation from a weak base"): at 0.9 the
@@ -99,10 +100,10 @@ class Distiller:
 
     @staticmethod
     def comparable(teacher_logits: Any, logits: Any) -> bool:
-        """Whether the soft term can compare ``logits`` with ``teacher_logits``: tensors of one shape
-        ``[B, classes, ...]``."""
-        return (isinstance(logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor)
-                and logits.dim() >= 2 and logits.shape == teacher_logits.shape)
+        """Whether the soft term can compare ``logits`` with ``teacher_logits``: class scores of one shape
+        (:func:`distillable`)."""
+        return distillable(logits) and isinstance(teacher_logits, torch.Tensor) and \
+            logits.shape == teacher_logits.shape
 
     def __call__(self, teacher_logits: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
         """Mixed loss ``(1 - alpha) * hard_loss + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``.
@@ -120,7 +121,7 @@ class Distiller:
             UserError: the outputs are not tensors of the same shape with a class dimension.
         """
         if not self.comparable(teacher_logits, logits):
-            raise UserError(f"distillation needs class scores [B, classes, ...] from the forward, got "
+            raise UserError(f"distillation needs class scores [B, classes >= 2, ...] from the forward, got "
                             f"{kind_of(logits)}", f"pass forward_fn returning the class scores, or set "
                             f"{self.setting}: false for this model")
         t = self.temperature
@@ -128,6 +129,13 @@ class Distiller:
                                 reduction="none", log_target=True).sum(1)
         soft = per_position.mean()
         return (1.0 - self.alpha) * hard_loss + self.alpha * t * t * soft
+
+
+def distillable(output: Any) -> bool:
+    """Whether a forward's ``output`` holds class scores the soft term can compare: a tensor ``[B, classes,
+    ...]`` with at least 2 classes (a softmax over one class is constant, so its KL divergence is 0 and the
+    distillation would only scale the loss down)."""
+    return isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[1] >= 2
 
 
 #: :class:`TeacherCache` turns off after an epoch (past the first) finding fewer of its rows stored. A

@@ -355,6 +355,9 @@ class Task:
             output = self._check_batch(model, first, "train_loader")
             if needs_training and self.loss_fn is None:
                 _check_class_scores(output, "train_loader", "the default loss (cross-entropy)")
+                _check_class_targets(output, first[1], "train_loader", "the default loss (cross-entropy)",
+                                     "pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and "
+                                     "batch[1] for regression)")
             if needs_training:
                 try:
                     with analysis_mode(model):
@@ -367,6 +370,9 @@ class Task:
             batch = self._first(self.val_loader, "val_loader")
             output = self._check_batch(model, batch, "val_loader")
             _check_class_scores(output, "val_loader", "the default score (top-1)")
+            _check_class_targets(output, batch[1], "val_loader", "the default score (top-1)",
+                                 "pass score_fn(model) -> float, higher is better (e.g. minus the validation loss, "
+                                 "or PSNR)", probabilities=False)
             self._check_labels(batch, output)
 
     @staticmethod
@@ -466,6 +472,34 @@ def check_score(value: Any) -> float:
     return float(value)
 
 
+
+
+def _check_class_targets(output: torch.Tensor, targets: Any, name: str, what: str, fix: str, *,
+                         probabilities: bool = True) -> None:
+    """UserError naming ``name`` unless ``targets`` are what ``what`` compares class scores ``output``
+    ``[B, classes, ...]`` with: at least 2 classes (cross-entropy and the arg-max over one class are constant:
+    a loss of 0, a top-1 of 100 %), and class indices of ``output``'s shape without dimension 1, or (with
+    ``probabilities``: cross-entropy's soft targets) class probabilities of ``output``'s shape. Regression targets
+    (an image to restore, a value per item) are neither, and would train on a zero or meaningless loss or score
+    above 100 % without an error."""
+    classes, shape = output.shape[1], tuple(output.shape)
+    if classes < 2:
+        problem = f"the forward's output {list(shape)} has {classes} class on dimension 1"
+    elif not isinstance(targets, torch.Tensor):
+        problem = f"the targets (batch[1]) are {kind_of(targets)}"
+    elif not targets.is_floating_point():
+        want = shape[:1] + shape[2:]
+        problem = (None if tuple(targets.shape) == want else
+                   f"the targets {list(targets.shape)} are not one class index per output {list(want)}")
+    elif probabilities and tuple(targets.shape) == shape and bool((targets >= 0).all()) and \
+            bool(torch.allclose(targets.sum(1), torch.ones((), device=targets.device, dtype=targets.dtype),
+                                atol=1e-3)):
+        problem = None
+    else:
+        problem = (f"the targets are {str(targets.dtype).removeprefix('torch.')} {list(targets.shape)}, not class "
+                   f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
+    if problem:
+        raise UserError(f"{problem} on a batch of {name}, but {what} needs class scores and class targets", fix)
 
 
 def _check_class_scores(output: Any, name: str, what: str) -> None:
