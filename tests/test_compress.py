@@ -324,7 +324,7 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("target: params=2x\nlatency_runs: 0\n", [], "latency_runs=0 is not valid; use e.g. 20"),
     ("target: params=2x\nval_size: 0\n", [], "val_size=0 is outside [1, 1e9]; give val_size >= 1"),
     ("target: params=2x\nquick_eval: {bn_batches: 0}\n", [], "quick_eval needs >= 1 batch (bn_batches=0, "
-     "val_batches=10); use e.g. bn_batches 5 and val_batches 10"),
+     "val_batches=30); use e.g. bn_batches 5 and val_batches 30"),
     ("target: params=2x\npurification: {enabled: maybe}\n", [],
      "purification.enabled='maybe' has the wrong type; give true or false"),
     ("target: params=2x\npurification: {thresholds: [0.1, x]}\n", [],

@@ -61,7 +61,7 @@ def test_partial_sections_keep_the_other_defaults():
     assert config.retrain.train_config(7).epochs == 7 and config.retrain.train_config().lr == 0.05
     plain = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config)))
     assert plain["admm"]["rho_init"] == 0.02 and plain["quick_eval"] == {
-        "scorer": "auto", "bn_recalibration": True, "bn_batches": 5, "val_batches": 10, "finetune_steps": 50,
+        "scorer": "auto", "bn_recalibration": True, "bn_batches": 5, "val_batches": 30, "finetune_steps": 50,
         "finetune_lr": 0.01, "finetune_distill": True}
     assert CompressConfig.from_dict(plain) == config  # config.yaml round-trips
 

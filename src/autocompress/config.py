@@ -28,7 +28,7 @@ from .distributed import DistributedConfig
 from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
-from .quick_eval import check_batches, check_scorer
+from .quick_eval import VAL_BATCHES, check_batches, check_scorer
 from .sampling import GUIDANCES, STARTS
 from .training import SCHEDULES, SGDSettings, TrainConfig
 
@@ -172,7 +172,9 @@ class QuickEvalConfig:
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
         bn_batches: training batches for those statistics (and the refit).
         val_batches: validation batches scored (spread evenly over the validation loader); None: all. Unused
-            with a ``score_fn``, which decides itself what it scores on.
+            with a ``score_fn``, which decides itself what it scores on. The default 30
+            (:data:`autocompress.quick_eval.VAL_BATCHES`; 10 until session 28) halves the share of a score's
+            spread that is its sample of images (BENCHMARKS.md, session 28).
         finetune_steps, finetune_lr, finetune_distill: the ``"finetune"`` scorer's SGD steps (training
             batches) per candidate, constant learning rate, and distillation from the base model.
     """
@@ -180,7 +182,7 @@ class QuickEvalConfig:
     scorer: str = "auto"
     bn_recalibration: bool = True
     bn_batches: int = 5
-    val_batches: int | None = 10
+    val_batches: int | None = VAL_BATCHES
     finetune_steps: int = 50
     finetune_lr: float = 0.01
     finetune_distill: bool = True

@@ -116,12 +116,20 @@ def recalibrate_batchnorm(model: nn.Module, batches: list, forward: Callable[[nn
     model.eval()
 
 
+#: validation batches a candidate's score reads by default. Rank correlation of the default score with itself
+#: across disjoint validation chunks of 10 batches of 128 (20 random candidates of the realistic CIFAR-10
+#: ResNet-20, ``benchmarks/score_noise.py``): 0.55 at flops=2x and 0.75 at flops=4x, so half the score's spread
+#: at 2x was which images it read; at 30 batches (Spearman-Brown) 0.79 and 0.90, for 6 % more CPU per candidate
+#: (BENCHMARKS.md, session 28)
+VAL_BATCHES = 30
+
+
 def check_batches(bn_batches: int, val_batches: int | None, batch_size: int = 1) -> None:
     """UserError unless every count of a quick evaluation is >= 1 (``val_batches`` may be None: the whole
     validation loader). Called by :class:`QuickEvaluator` and, before any work, by the compress config."""
     if bn_batches < 1 or batch_size < 1 or (val_batches is not None and val_batches < 1):
         raise UserError(f"quick_eval needs >= 1 batch (bn_batches={bn_batches}, val_batches={val_batches})",
-                        "use e.g. bn_batches 5 and val_batches 10")
+                        "use e.g. bn_batches 5 and val_batches 30")
 
 
 def check_scorer(scorer: str, finetune_steps: int, finetune_lr: float) -> None:
@@ -164,7 +172,7 @@ class QuickEvaluator:
             (:attr:`scorer` says which).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
         bn_batches: training batches for the statistics (and the refit's least squares).
-        val_batches: validation batches scored; None = the whole validation loader.
+        val_batches: validation batches scored (:data:`VAL_BATCHES`); None = the whole validation loader.
         finetune_steps: SGD steps of ``"finetune"`` (one per training batch; the loader is re-iterated as
             needed); finetune_lr: their constant learning rate (momentum 0.9, no weight decay).
         finetune_distill: ``"finetune"`` minimises the distillation loss against the teacher
@@ -184,7 +192,7 @@ class QuickEvaluator:
     """
 
     def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
-                 bn_batches: int = 5, val_batches: int | None = 10, finetune_steps: int = 50,
+                 bn_batches: int = 5, val_batches: int | None = VAL_BATCHES, finetune_steps: int = 50,
                  finetune_lr: float = 0.01, finetune_distill: bool = True, teacher: nn.Module | None = None,
                  seed: int = 0, example_inputs: Any = None):
         check_batches(bn_batches, val_batches)
