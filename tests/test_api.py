@@ -814,19 +814,18 @@ def test_soft_class_probabilities_train_with_the_default_loss():
                 val_loader=val), device="cpu", config=CONFIG, progress=False)
 
 
-def test_distillation_is_turned_off_for_an_output_without_class_scores():
+def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
     the loss was only halved), so the run turns it off, says so, and stores it off."""
     train, val = dict_batches(96, 0), dict_batches(48, 1)
-    lines: list[str] = []
     run = Compression(Regressor(), torch.randn(2, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                       task_args=dict(train_loader=train, forward_fn=lambda m, b: m(b["pixels"]),
                                      loss_fn=lambda m, b: F.mse_loss(m(b["pixels"]), b["level"]),
-                                     score_fn=lambda m: 0.5), config={"budget": 2}, log=lines.append)
+                                     score_fn=lambda m: 0.5), config={"budget": 2})
     assert not run.config.distillation.enabled and not run.config.quick_eval.finetune_distill
     assert run.pipeline.distiller is None
-    assert any(line.startswith("distillation from the base is off: the forward returns a tensor of shape [16, 1]")
-               for line in lines)
+    assert any(r.levelname == "WARNING" and r.getMessage().startswith(
+        "distillation from the base is off: the forward returns a tensor of shape [16, 1]") for r in caplog.records)
     classifier = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                              task_args=dict(zip(("train_loader", "val_loader"), loaders())), config={"budget": 2})
     assert classifier.config.distillation.enabled and classifier.pipeline.distiller is not None

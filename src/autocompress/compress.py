@@ -326,7 +326,7 @@ class Compression:
         self._check_world(base, train_fn is None, log or (lambda _line: None))
         self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
-        self._check_distillation(base, say)
+        self._check_distillation(base)
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log, channel_multiple=self.multiple,
@@ -378,9 +378,9 @@ class Compression:
                 distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data,
                                          log=log)
 
-    def _check_distillation(self, base: nn.Module, say: Callable[[str], None]) -> None:
-        """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning,
-        when the forward's output on a training batch holds no class scores to distil (:func:`distillable`: a
+    def _check_distillation(self, base: nn.Module) -> None:
+        """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning on
+        the ``autocompress`` logger, when the forward's output on a training batch holds no class scores to distil (:func:`distillable`: a
         regression output of one channel, a dict): its soft term would be 0 or fail mid-run. The settings
         stored for the run (``config.yaml``) say it is off."""
         quick = self.config.quick_eval
@@ -399,7 +399,6 @@ class Compression:
                    "and quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
                    "alone (pass forward_fn returning class scores to distil)")
         logging.getLogger("autocompress").warning(warning)
-        say(warning)
 
     def _chance(self, base: nn.Module) -> float | None:
         """1 / classes for the default top-1 score (the class dimension of the output), else None."""
