@@ -380,9 +380,9 @@ class Compression:
 
     def _check_distillation(self, base: nn.Module) -> None:
         """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning on
-        the ``autocompress`` logger, when the forward's output on a training batch holds no class scores to distil (:func:`distillable`: a
-        regression output of one channel, a dict): its soft term would be 0 or fail mid-run. The settings
-        stored for the run (``config.yaml``) say it is off."""
+        the ``autocompress`` logger, when the forward's output on a training batch holds no class scores to distil
+        (:func:`distillable`: a regression output of one channel, a dict): its soft term would be 0 or fail
+        mid-run. The settings stored for the run (``config.yaml``) say it is off."""
         quick = self.config.quick_eval
         scorer_distils = resolved_scorer(quick.scorer) == "finetune" and quick.finetune_distill
         if not (self.config.distillation.enabled or scorer_distils):

@@ -695,7 +695,8 @@ def ignored_summary(space: "PruningSpace") -> str:
     """One log line: the layers ``ignored_layers`` keeps whole and the filter groups left unpruned because they
     would remove an ignored module's channels (roots named; see :meth:`PruningSpace.build`)."""
     kept = [name for name, reasons in space.exclusions.items() if IGNORED in reasons]
-    coupled = [name for name, reasons in space.exclusions.items() if any(r.endswith(IGNORED_COUPLING) for r in reasons)]
+    coupled = [name for name, reasons in space.exclusions.items()
+               if any(r.endswith(IGNORED_COUPLING) for r in reasons)]
     line = (f"ignored_layers: {len(kept)} layer(s) keep their filters and weights ({', '.join(kept)}; their input "
             "channels follow pruned producers)")
     if coupled:
