@@ -6,8 +6,9 @@ BatchNorm re-estimation, the candidate trained compacted, as ``compress`` does);
 is then read on ``--chunks`` disjoint chunks of ``--val-batches`` validation batches of 128, drawn in a seeded
 random order (the default score read 10 batches until session 28, 30 since). Across candidates, the Spearman
 correlation between two chunks' scores is the score's test-retest reliability at that validation size: no scorer
-can rank candidates like their retrained accuracy better than the square root of it (Spearman's attenuation). Spearman-Brown (``k r / (1 + (k - 1) r)``) gives the reliability of a
-score read on ``k`` chunks; the correlation between the mean of the other chunks and one chunk checks it.
+can rank candidates like their retrained accuracy better than the square root of it (Spearman's attenuation).
+Spearman-Brown (``k r / (1 + (k - 1) r)``) gives the reliability of a score read on ``k`` chunks; the correlation
+between the mean of the other chunks and one chunk checks it.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/score_noise.py \\
         benchmarks/results/bases/resnet20_cifar10_e40.pt --data-dir ../shared/datasets/cifar10-jpeg.tar.gz \\
