@@ -123,3 +123,24 @@ def test_export_of_a_cuda_model_leaves_it_on_cuda(tmp_path):
     export_onnx(model, example, tmp_path / "m.onnx")
     export_program(model, example, tmp_path / "m.pt2")
     assert all(p.is_cuda for p in model.parameters())
+
+
+def test_quick_evaluation_keeps_its_validation_batches_on_the_cpu_and_scores_as_there():
+    """The scored validation batches stay on the CPU (30 ImageNet batches of 256 are 4.6 GB) and move to the GPU
+    batch by batch: the score on CUDA equals the one on the CPU."""
+    from autocompress.quick_eval import QuickEvaluator
+    from autocompress.space import PruningSpace
+    from autocompress.task import Task
+
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", width=0.25).eval()
+    data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(6)]
+    space = PruningSpace.build(model, torch.randn(1, 1, 28, 28))
+    rates = {"filter": {g.name: 0.5 for g in space.filter_groups}}
+    scores = {}
+    for device in ("cpu", "cuda"):
+        task = Task(data, data, device=torch.device(device))
+        evaluator = QuickEvaluator(copy.deepcopy(model).to(device), space, task, bn_recalibration=False, val_batches=3)
+        assert all(not x.is_cuda for x, _ in evaluator._val_data)
+        scores[device] = evaluator.score(rates).top1
+    assert scores["cuda"] == pytest.approx(scores["cpu"], abs=1 / 48 + 1e-9)

@@ -247,8 +247,10 @@ class Task:
             handle.remove()
         return loss, (seen[-1] if seen else None)
 
-    def batches(self, loader: Iterable, count: int | None, *, spread: bool = False) -> list[Batch]:
-        """The first ``count`` batches of ``loader`` (all when None), moved to the device; with ``spread``,
+    def batches(self, loader: Iterable, count: int | None, *, spread: bool = False,
+                device: torch.device | None = None) -> list[Batch]:
+        """The first ``count`` batches of ``loader`` (all when None), moved to ``device`` (default: the task's
+        device); with ``spread``,
         ``count`` batches evenly spaced over the loader instead (batch ``i * len(loader) // count`` for each
         ``i < count``, the loader read up to the last of them): a validation loader in dataset order (an
         ``ImageFolder`` without shuffling is sorted by class) then gives batches of every part of it, where its
@@ -260,7 +262,7 @@ class Task:
             if count is not None and len(taken) >= count:
                 break
             if wanted is None or index in wanted:
-                taken.append(move(batch, self.device, layout=self.layout))
+                taken.append(move(batch, self.device if device is None else device, layout=self.layout))
         return taken
 
     @contextlib.contextmanager
