@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, allowed_widths, check_multiple
-from .analysis import analysis_mode
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import check_compactable, compact, compaction_failure, densify
@@ -324,9 +323,10 @@ class Compression:
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
-        self.task.check(base, self.example, needs_training=True, needs_score=True, needs_length=train_fn is None)
+        train_output = self.task.check(base, self.example, needs_training=True, needs_score=True,
+                                       needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
-        self._check_distillation(base)
+        self._check_distillation(train_output)
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log, channel_multiple=self.multiple,
@@ -378,18 +378,14 @@ class Compression:
                 distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data,
                                          log=log)
 
-    def _check_distillation(self, base: nn.Module) -> None:
+    def _check_distillation(self, output: Any) -> None:
         """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning on
-        the ``autocompress`` logger, when the forward's output on a training batch holds no class scores to distil
-        (:func:`distillable`: a regression output of one channel, a dict): its soft term would be 0 or fail
-        mid-run. The settings stored for the run (``config.yaml``) say it is off."""
+        the ``autocompress`` logger, when the base's forward ``output`` on a training batch (:meth:`Task.check`'s)
+        holds no class scores to distil (:func:`distillable`: a regression output of one channel, a dict): its
+        soft term would be 0 or fail mid-run. The settings stored for the run (``config.yaml``) say it is off."""
         quick = self.config.quick_eval
         scorer_distils = resolved_scorer(quick.scorer) == "finetune" and quick.finetune_distill
-        if not (self.config.distillation.enabled or scorer_distils):
-            return
-        with analysis_mode(base):
-            output = self.task.forward(base, self.task.batches(self.task.train_loader, 1)[0])
-        if distillable(output):
+        if not (self.config.distillation.enabled or scorer_distils) or distillable(output):
             return
         self.config = dataclasses.replace(
             self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),

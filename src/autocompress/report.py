@@ -282,15 +282,19 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
+def note_lines(final: dict) -> list[str]:
+    """The lines under the final table: :func:`validation_lines`, :func:`left_out_lines`, then
+    :func:`deployed_lines` (warnings included)."""
+    return validation_lines(final) + left_out_lines(final) + deployed_lines(final)
+
+
 def final_text(final: dict) -> str:
     """:func:`headline`, the final table as aligned plain text (:func:`final_table_rows`, cells right-aligned in
-    columns), then :func:`validation_lines`, :func:`left_out_lines` and :func:`deployed_lines` (warnings
-    included): what the CLI prints and ``CompressResult.summary()`` returns."""
+    columns), then :func:`note_lines`: what the CLI prints and ``CompressResult.summary()`` returns."""
     rows = final_table_rows(final)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
-    return "\n".join([headline(final)] + table + validation_lines(final) + left_out_lines(final)
-                     + deployed_lines(final))
+    return "\n".join([headline(final)] + table + note_lines(final))
 
 
 def _html_table(rows: Iterable[list[str]]) -> str:
@@ -322,8 +326,7 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
                   for w in (warnings if isinstance(warnings, list) else [])]
         parts += ["<h2>Result</h2>", f"<p>{html.escape(headline(finals[-1]))}</p>",
                   _html_table(final_table_rows(finals[-1]))]
-        parts += [f"<p>{html.escape(line)}</p>" for line in validation_lines(finals[-1]) + left_out_lines(finals[-1])
-                  + deployed_lines(finals[-1])]
+        parts += [f"<p>{html.escape(line)}</p>" for line in note_lines(finals[-1])]
         parts += [f"<p>Latency columns b=1 / b=64: PyTorch on {html.escape(_fmt(finals[-1].get('device', 'cpu')))}, "
                   f"{html.escape(_fmt(finals[-1].get('threads', '?')))} threads, median of "
                   f"{html.escape(_fmt(finals[-1].get('latency_runs', '?')))} runs after warm-up.</p>"]

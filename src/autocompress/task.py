@@ -319,14 +319,19 @@ class Task:
 
     # --- checks before any work ---------------------------------------------------------------------
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool,
-              needs_length: bool = False) -> None:
+              needs_length: bool = False) -> Any:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
         infinite weights or buffers, a model whose forward fails on ``example_inputs``, a loader that yields
         nothing, batches that are not ``(inputs, targets)`` pairs without ``forward_fn`` / ``loss_fn``, a loss
         that fails on a first batch or is not a finite scalar, no way to score at all, or (``needs_length``:
         the default training loop, whose learning-rate schedule spans epochs x batches) a training loader
         without ``len()``. What it accepts but the caller may not mean is logged as a warning on the
-        ``autocompress`` logger (:func:`input_size_warning`, :func:`small_batch_warning`)."""
+        ``autocompress`` logger (:func:`input_size_warning`, :func:`small_batch_warning`).
+
+        Returns:
+            The forward's output on the first training batch (analysis mode), or None when neither training nor
+            the default score needed that batch.
+        """
         check_finite(model.state_dict(), "the model")
         try:
             with analysis_mode(model):
@@ -349,15 +354,16 @@ class Task:
             except TypeError:
                 raise UserError("train_loader has no len() (the default loop schedules its learning rate over "
                                 "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
+        train_output = None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
             for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model)):
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
-            output = self._check_batch(model, first, "train_loader")
+            train_output = self._check_batch(model, first, "train_loader")
             if needs_training and self.loss_fn is None:
-                _check_class_scores(output, "train_loader", "the default loss (cross-entropy)")
-                _check_class_targets(output, first[1], "train_loader", "the default loss (cross-entropy)",
+                _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
+                _check_class_targets(train_output, first[1], "train_loader", "the default loss (cross-entropy)",
                                      "pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and "
                                      "batch[1] for regression)")
             if needs_training:
@@ -376,6 +382,7 @@ class Task:
                                  "pass score_fn(model) -> float, higher is better (e.g. minus the validation loss, "
                                  "or PSNR)", probabilities=False)
             self._check_labels(batch, output)
+        return train_output
 
     @staticmethod
     def _check_labels(batch: Batch, output: Any) -> None:
