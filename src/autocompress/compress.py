@@ -774,7 +774,7 @@ class Compression:
         planned = config.planned_evaluations()
         with tqdm(total=planned, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
-            perturb, record = sampler.explorer()
+            perturb, record = sampler.explorer(config.perturbation_magnitude)
             started = time.perf_counter()
 
             def on_step(step) -> None:

@@ -33,6 +33,9 @@ Choices the paper leaves open (ours, exposed as arguments):
   aligned widths map small noise back onto the action, and a search scoring the same widths again learns
   nothing (beyond the paper; a resnet20 flops=2x search at channel multiple 8 scored 3 distinct candidates in
   20, BENCHMARKS.md, "Session 19").
+* **Local moves** (beyond the paper): as the temperature falls, a growing share of the search's moves are
+  swaps (:meth:`ActionSampler.swap`): one unit a width wider, another pruned just enough more to meet the
+  target, the rest unchanged; a Gaussian move re-fit to the target changes most units at once.
 """
 from __future__ import annotations
 
@@ -244,15 +247,20 @@ def give_back(action: np.ndarray, cost: Cost, budget: float, sizes: np.ndarray, 
         if widths is not None and widths[i] is not None:
             out[i] = _widest_within(out, i, cost, budget, int(sizes[i]), widths[i])
             continue
-        if cost(_with(out, i, 0.0)) <= budget:
-            out[i] = 0.0
-            continue
-        low, high = 0.0, out[i]  # invariant: rate `high` meets the budget, rate `low` does not
-        while high - low > 0.5 / max(sizes[i], 1.0):
-            mid = 0.5 * (low + high)
-            low, high = (low, mid) if cost(_with(out, i, mid)) <= budget else (mid, high)
-        out[i] = high
+        out[i] = _lowest_within(out, i, cost, budget, 0.0, out[i], sizes[i])
     return out
+
+
+def _lowest_within(action: np.ndarray, index: int, cost: Cost, budget: float, low: float, high: float,
+                   size: float) -> float:
+    """The smallest rate of unit ``index`` in ``[low, high]`` whose action meets ``budget`` (rate ``high`` must),
+    by bisection to half a unit element (``0.5 / size``); ``cost`` is non-increasing in the rate."""
+    if cost(_with(action, index, low)) <= budget:
+        return low
+    while high - low > 0.5 / max(size, 1.0):  # invariant: rate `high` meets the budget, rate `low` does not
+        mid = 0.5 * (low + high)
+        low, high = (low, mid) if cost(_with(action, index, mid)) <= budget else (mid, high)
+    return high
 
 
 def _widest_within(action: np.ndarray, index: int, cost: Cost, budget: float, size: int,
@@ -455,11 +463,71 @@ class ActionSampler:
                 break
         return candidate
 
-    def explorer(self) -> tuple[Callable, Callable]:
-        """``(perturb, record)`` for :func:`autocompress.annealing.simulated_annealing`: ``perturb(action,
-        magnitude, rng)`` is :meth:`perturb` avoiding the widths of every candidate scored so far, which
-        ``record(step)`` (call it from ``on_step``) adds from the new entries of ``step.trajectory``. The set
-        follows the trajectory alone, so every rank of a distributed search holds the same one."""
+    def swap(self, action: np.ndarray, rng: np.random.Generator, *,
+             avoid: Collection[tuple[int, ...]] = ()) -> np.ndarray | None:
+        """A local neighbour of ``action`` (beyond the paper): one unit one width wider (its next keep count
+        up), another unit pruned just enough more to meet the target again, then given back (with
+        ``give_back``); every other unit keeps its rate. The unit to widen is drawn from ``rng``; the one to
+        prune is the one that leaves the least of the target's budget unused (a coarse unit that overshoots
+        wastes capacity), the next one when that gives widths already scored, up to :data:`PERTURB_TRIES`
+        candidates built. Where widths are coarse (aligned to 8 or 16 channels) a Gaussian move re-fit to the
+        target changes most units at once (a resnet20 search at flops=4x moved 3-9 of 12 filter groups a
+        step, and none of 19 moves scored above its start, BENCHMARKS.md, "Session 29"); a swap moves two.
+        The guidance ordering is not imposed on it.
+
+        Returns:
+            float64 [n_units] meeting the target, other widths than the action's and those in ``avoid``; None
+            without ``keeps`` or when no candidate tried gives new widths.
+        """
+        if self.keeps is None:
+            return None
+        action = np.asarray(action, dtype=np.float64)
+        seen = {self.keeps(action), *avoid}
+        budget, built = self.original / self.target, 0
+        for grow in rng.permutation(len(self.units)):
+            wider = self._one_width_wider(action, int(grow))
+            for candidate in () if wider is None else self._refits(wider, int(grow), budget):
+                if self.give_back is not None:
+                    candidate = give_back(candidate, self.cost, budget, self._sizes, self._weights,
+                                          order=self.give_back, widths=self.widths)
+                if self.keeps(candidate) not in seen:
+                    return candidate
+                built += 1
+                if built == PERTURB_TRIES:
+                    return None
+        return None
+
+    def _refits(self, action: np.ndarray, skip: int, budget: float) -> list[np.ndarray]:
+        """``action`` with one unit other than ``skip`` at the smallest rate that meets ``budget``, one candidate
+        per unit that can, those that leave the least budget unused first (float64 [n_units] each)."""
+        fits = []
+        for index in range(len(self.units)):
+            if index != skip and self.cost(_with(action, index, self.r_max)) <= budget:
+                fits.append(_with(action, index, _lowest_within(action, index, self.cost, budget,
+                                                                float(action[index]), self.r_max, self._sizes[index])))
+        return sorted(fits, key=lambda fit: -self.cost(fit))
+
+    def _one_width_wider(self, action: np.ndarray, index: int) -> np.ndarray | None:
+        """``action`` with unit ``index`` at the largest rate that keeps more of it (its next width up), found
+        by bisection on :attr:`keeps`; None when the unit is whole already."""
+        kept = self.keeps(action)[index]
+        low, high = 0.0, float(action[index])  # invariant: rate `low` keeps more than `kept`, `high` does not
+        if self.keeps(_with(action, index, low))[index] <= kept:
+            return None
+        while high - low > 0.25 / max(self._sizes[index], 1.0):
+            mid = 0.5 * (low + high)
+            low, high = (mid, high) if self.keeps(_with(action, index, mid))[index] > kept else (low, mid)
+        return _with(action, index, low)
+
+    def explorer(self, magnitude: float) -> tuple[Callable, Callable]:
+        """``(perturb, record)`` for :func:`autocompress.annealing.simulated_annealing`. ``perturb(action,
+        step_magnitude, rng)`` is a local :meth:`swap` with probability ``1 - step_magnitude / magnitude`` (the
+        search's starting magnitude: the share of local moves grows as the temperature falls), else (or when no
+        swap gives new widths) a Gaussian :meth:`perturb`, then a swap after all when that finds no new widths;
+        both avoid the widths of every candidate scored so
+        far, which ``record(step)`` (call it from ``on_step``) adds from the new entries of
+        ``step.trajectory``. The set follows the trajectory alone, so every rank of a distributed search holds
+        the same one."""
         scored: set[tuple[int, ...]] = set()
         counted = 0  # trajectory entries already in `scored`
 
@@ -469,7 +537,18 @@ class ActionSampler:
                 scored.update(self.keeps(np.asarray(entry["action"])) for entry in step.trajectory[counted:])
             counted = len(step.trajectory)
 
-        return (lambda action, magnitude, rng: self.perturb(action, magnitude, rng, avoid=scored)), record
+        def perturb(action: np.ndarray, step_magnitude: float, rng: np.random.Generator) -> np.ndarray:
+            global_share = step_magnitude / magnitude if magnitude > 0 else 0.0
+            local = self.swap(action, rng, avoid=scored) if rng.random() >= global_share else None
+            if local is not None:
+                return local
+            moved = self.perturb(action, step_magnitude, rng, avoid=scored)
+            if self.keeps is None or self.keeps(moved) not in {self.keeps(action), *scored}:
+                return moved
+            local = self.swap(action, rng, avoid=scored)  # the Gaussian found no new widths: a swap may
+            return moved if local is None else local
+
+        return perturb, record
 
     def compression(self, action: np.ndarray) -> float:
         """``original / cost(action)``: the compression rate (x) the action reaches."""
