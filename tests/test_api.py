@@ -805,6 +805,32 @@ def test_regression_targets_are_refused_by_the_default_loss_and_score(no_work):
             val_loader=column)
 
 
+class PixelClassifier(nn.Module):
+    """``[B, 1, 8, 8]`` -> class scores per pixel ``[B, 3, 8, 8]``: two 3x3 convs (a segmentation net)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, CLASSES, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_class_indices_outside_the_outputs_classes_are_refused_before_any_work(no_work):
+    """Class indices the output has no score for are refused naming the loader, for the default loss and score
+    and for per-pixel class maps too (the check used to run on [B, classes] outputs of the validation set only; a
+    per-pixel map scored 0 % for every model)."""
+    x, y = images(32, 0)
+    maps = y[:, None, None].expand(-1, 8, 8)
+    pixels = lambda labels: DataLoader(TensorDataset(x, labels), batch_size=8)  # noqa: E731
+    refused(no_work, r"run from [3-5] to [3-5], outside the output's 3 classes \(dimension 1\) on a batch of "
+            "val_loader", model=PixelClassifier(), train_loader=pixels(maps), val_loader=pixels(maps + 3))
+    refused(no_work, r"run from -1 to 1, outside the output's 3 classes \(dimension 1\) on a batch of train_loader",
+            model=PixelClassifier(), train_loader=pixels(maps - 1), val_loader=pixels(maps))
+    Compression(PixelClassifier(), torch.randn(1, 1, 8, 8), "params=1.2x", device="cpu", config=CONFIG,
+                task_args=dict(train_loader=pixels(maps), val_loader=pixels(maps)), progress=False)
+
+
 def test_soft_class_probabilities_train_with_the_default_loss():
     """Class probabilities (mixup, soft labels) are cross-entropy targets: accepted for training."""
     x, y = images(32, 0)
@@ -872,7 +898,7 @@ def test_validation_labels_outside_the_model_outputs_are_refused_before_any_work
     now refused naming val_loader. In-range labels pass."""
     train, val = loaders()
     shifted = [(x, y + 10) for x, y in val]
-    with pytest.raises(UserError, match=rf"val_loader's labels run from 1\d to 1\d, but the model has {CLASSES} outputs"):
+    with pytest.raises(UserError, match=rf"run from 1\d to 1\d, outside the output's {CLASSES} classes .* of val_loader"):
         Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",
                     task_args=dict(train_loader=train, val_loader=shifted), config=CONFIG, progress=False)
     Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",

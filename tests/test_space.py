@@ -600,6 +600,18 @@ def test_check_dims_refuses_a_kind_without_units_naming_the_module():
         space.check_dims(["filter", "column"])
 
 
+def test_check_dims_gives_the_reasons_of_the_refused_kind_only():
+    """A column reason mentioning "filters" was listed as a reason for no filter unit (session 28's review):
+    each kind's refusal gives that kind's reasons and those of every kind."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    space = PruningSpace.build(model, torch.randn(1, 3, 8, 8), dims=("filter", "column"), executed_macs_only=True)
+    assert "4 filters" in space.excluded["0"]
+    with pytest.raises(UserError) as error:
+        space.check_dims(["filter"])
+    assert "(0: filter pruning: its channels are model outputs (classifier))" in str(error.value)
+    assert space.reasons("column") == {"0": (space.exclusions["0"][1],)}
+
+
 def test_check_dims_names_every_ignored_module_that_leaves_no_unit():
     """A fresh user ignored four blocks and was told of the first only (session 24): up to three are named, with
     a count of the rest."""

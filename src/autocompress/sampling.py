@@ -49,7 +49,7 @@ import torch
 from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
-from .space import BREAKS, GATHERED, KINDS, NO_EXECUTED_SAVING, keep_count
+from .space import BREAKS, FILTER_PRUNING, GATHERED, KINDS, NO_EXECUTED_SAVING, keep_count
 from .text import short_of
 
 OBJECTIVES = ("params", "flops")
@@ -316,16 +316,19 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named)
     and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds``, a params
     target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
-    left, excluded = space.not_filter_pruned(), space.excluded
+    left = space.not_filter_pruned()
+    broken = {name for name, reasons in space.reasons("filter").items()
+              if any(r.startswith(FILTER_PRUNING + BREAKS) for r in reasons)}
 
     def heaviest(names: list[str], why: bool = False) -> str:  # filter groups the forward breaks first: fixable
-        names = sorted(names, key=lambda name: (why and BREAKS not in excluded[name],
+        names = sorted(names, key=lambda name: (why and name not in broken,
                                                 -space.layer_macs.get(name, ("", 0))[1]))
         first = f"{names[0]} ({left[names[0]]})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     filters = list(left)
-    columns = [name for name, why in excluded.items() if NO_EXECUTED_SAVING in why or GATHERED in why]
+    columns = [name for name, reasons in space.reasons("column").items()
+               if any(r.startswith((NO_EXECUTED_SAVING, GATHERED)) for r in reasons)]
     held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
         [f"not column-pruned for a flops target (kernels over 1x1 with under {GEMM_MIN_FILTERS} filters, whose "
          "pruned columns would still be multiplied, and 1x1 / Linear layers applied at several positions, which "
@@ -334,7 +337,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds]
     if columns:
         fixes.append("give a params target, which counts their columns")
-    if any(BREAKS in excluded[name] for name in filters):
+    if broken:
         fixes.append("write the channel counts in your forward's reshapes as -1, so that they follow pruned channels")
     return (f" ({'; '.join(held)}; every reason is logged at INFO by autocompress.space)" if held else ""), fixes
 

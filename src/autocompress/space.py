@@ -410,6 +410,15 @@ class PruningSpace:
         ``"; "`` (what logs, reports and ``metrics.jsonl`` show)."""
         return {name: "; ".join(reasons) for name, reasons in self.exclusions.items()}
 
+    def reasons(self, kind: str) -> dict[str, tuple[str, ...]]:
+        """Module name -> the reasons of :attr:`exclusions` that keep ``kind`` (``"filter"``, ``"column"`` or
+        ``"irregular"``) from it: those of that kind (``"filter pruning: ..."``) and those of every kind (ignored,
+        not reached by the forward pass); modules without one are left out."""
+        own = [f"{other} pruning" for other in KINDS]
+        found = {name: tuple(r for r in reasons if r.startswith(f"{kind} pruning") or not r.startswith(tuple(own)))
+                 for name, reasons in self.exclusions.items()}
+        return {name: why for name, why in found.items() if why}
+
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
         layers, groups the compact model breaks without, channels torch-pruning cannot map, ...; not the layers
@@ -437,11 +446,10 @@ class PruningSpace:
                 torch-pruning cannot trace: no filter group), and the fix (other dims, or the modules out of
                 ignored layers).
         """
-        excluded = self.excluded
         for kind in dims:
             if not self._units[kind]:
-                why = ([(n, r) for n, r in excluded.items() if kind in r or IGNORED in r]
-                       or list(excluded.items())[:1] or [("", "no Conv / Linear layer")])
+                why = ([(name, "; ".join(reasons)) for name, reasons in self.reasons(kind).items()]
+                       or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
                 named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
                 more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
                 which = (why[0][0] or "it") if len(why) == 1 else "one of them"

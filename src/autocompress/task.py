@@ -381,23 +381,7 @@ class Task:
             _check_class_targets(output, batch[1], "val_loader", "the default score (top-1)",
                                  "pass score_fn(model) -> float, higher is better (e.g. minus the validation loss, "
                                  "or PSNR)", probabilities=False)
-            self._check_labels(batch, output)
         return train_output
-
-    @staticmethod
-    def _check_labels(batch: Batch, output: Any) -> None:
-        """The default top-1 compares ``output.argmax(1)`` with ``batch[1]``: labels outside ``[0, classes)``
-        would score every model 0 % (and the run blame its target); UserError naming ``val_loader``."""
-        labels = batch[1] if _is_pair(batch) else None
-        if labels is None or labels.is_floating_point() or labels.numel() == 0:
-            return
-        if not isinstance(output, torch.Tensor) or output.dim() != 2:
-            return
-        low, high, classes = int(labels.min()), int(labels.max()), output.shape[1]
-        if low < 0 or high >= classes:
-            raise UserError(f"val_loader's labels run from {low} to {high}, but the model has {classes} outputs "
-                            "(top-1 would be 0 % for every model)",
-                            f"give class indices in [0, {classes}), or pass score_fn(model) -> float")
 
     def _first(self, loader: Iterable, name: str) -> Batch:
         try:
@@ -498,8 +482,8 @@ def _check_class_targets(output: torch.Tensor, targets: Any, name: str, what: st
         problem = f"the targets (batch[1]) are {kind_of(targets)}"
     elif not targets.is_floating_point():
         want = shape[:1] + shape[2:]
-        problem = (None if tuple(targets.shape) == want else
-                   f"the targets {list(targets.shape)} are not one class index per output {list(want)}")
+        problem = (f"the targets {list(targets.shape)} are not one class index per output {list(want)}"
+                   if tuple(targets.shape) != want else _outside_classes(targets, classes))
     elif probabilities and tuple(targets.shape) == shape and bool((targets >= 0).all()) and \
             bool(torch.allclose(targets.sum(1), torch.ones((), device=targets.device, dtype=targets.dtype),
                                 atol=1e-3)):
@@ -509,6 +493,18 @@ def _check_class_targets(output: torch.Tensor, targets: Any, name: str, what: st
                    f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
     if problem:
         raise UserError(f"{problem} on a batch of {name}, but {what} needs class scores and class targets", fix)
+
+
+def _outside_classes(targets: torch.Tensor, classes: int) -> str | None:
+    """What is wrong with integer class ``targets`` whose values leave ``[0, classes)`` (a top-1 of 0 % for every
+    model, a loss that fails on the device), or None."""
+    if targets.numel() == 0:
+        return None
+    low, high = int(targets.min()), int(targets.max())
+    if 0 <= low and high < classes:
+        return None
+    return (f"the class indices (batch[1]) run from {low} to {high}, outside the output's {classes} classes "
+            "(dimension 1)")
 
 
 def _check_class_scores(output: Any, name: str, what: str) -> None:
