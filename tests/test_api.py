@@ -840,6 +840,40 @@ def test_soft_class_probabilities_train_with_the_default_loss():
                 val_loader=val), device="cpu", config=CONFIG, progress=False)
 
 
+def test_a_callers_loss_trains_with_adamw_in_every_default_loop_phase(monkeypatch, tmp_path):
+    """SGD's steps grow with the loss's scale (a fresh user's mean squared error of ~0.008 barely moved their
+    denoiser); with a ``loss_fn`` of the caller's, ``retrain.optimizer: auto`` picks AdamW at lr 0.001 for the
+    ADMM W-step, the retraining and the search's fine-tuning, and config.yaml says so. Without one: SGD at 0.01."""
+    import yaml
+    from autocompress import quick_eval, training
+
+    built, steps = [], []
+    build = training.build_optimizer
+    monkeypatch.setattr(training, "build_optimizer", lambda model, config: built.append(
+        (config.optimizer, config.lr)) or build(model, config))
+    original = quick_eval._FineTuning.__init__
+
+    def tuning(self, *args):
+        original(self, *args)
+        steps.append((type(self.optimizer).__name__, self.optimizer.defaults["lr"]))
+
+    monkeypatch.setattr(quick_eval._FineTuning, "__init__", tuning)
+    train, val = loaders()
+    run = Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=train, val_loader=val, loss_fn=lambda model, batch: F.cross_entropy(
+                          model(batch[0]), batch[1])), config={**CONFIG, "distillation": {"enabled": False}},
+                      run_dir=tmp_path / "run")
+    run.run()
+    assert built == [("adamw", 0.001), ("adamw", 0.001)]  # ADMM, then retraining
+    assert steps and set(steps) == {("AdamW", 0.001)}
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["retrain"]["optimizer"] == "adamw" and stored["quick_eval"]["finetune_lr"] == 0.001
+    built.clear()
+    Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                task_args=dict(train_loader=train, val_loader=val), config=CONFIG).run()
+    assert built == [("sgd", 0.01), ("sgd", 0.01)]
+
+
 def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
     the loss was only halved), so the run turns it off, says so, and stores it off."""
@@ -898,7 +932,8 @@ def test_validation_labels_outside_the_model_outputs_are_refused_before_any_work
     now refused naming val_loader. In-range labels pass."""
     train, val = loaders()
     shifted = [(x, y + 10) for x, y in val]
-    with pytest.raises(UserError, match=rf"run from 1\d to 1\d, outside the output's {CLASSES} classes .* of val_loader"):
+    with pytest.raises(UserError, match=rf"run from 1\d to 1\d, outside the output's {CLASSES} classes .* "
+                                        "of val_loader"):
         Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",
                     task_args=dict(train_loader=train, val_loader=shifted), config=CONFIG, progress=False)
     Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=2x",

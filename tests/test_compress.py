@@ -332,7 +332,7 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("target: params=2x\nadmm: {rho: 3}\n", [], "unknown setting(s) admm.rho; valid admm settings: epochs, "
      "label_smoothing, lr, momentum, rho_growth, rho_init, rho_max, update_interval, weight_decay"),
     ("target: params=2x\nretrain: {batch_size: 3}\n", [], "unknown setting(s) retrain.batch_size; valid retrain "
-     "settings: epochs, label_smoothing, lr, momentum, nesterov, pct_start, schedule, weight_decay"),
+     "settings: epochs, label_smoothing, lr, momentum, nesterov, optimizer, pct_start, schedule, weight_decay"),
     ("target: huge\n", ["--target", "params=2x", "--rounds", "abc"],
      "invalid round schedule 'abc'; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
      "ending at 2 (set by --rounds)"),

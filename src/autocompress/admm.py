@@ -57,7 +57,8 @@ class ADMMConfig:
 
     Attributes:
         epochs: W-step epochs in total (passes over the training loader).
-        lr: SGD learning rate of the W-step (cosine-annealed over ``epochs``).
+        lr: learning rate of the W-step (cosine-annealed over ``epochs``); None: the optimiser's fine-tuning rate
+            (:data:`autocompress.training.FINE_TUNING_LR`).
         momentum: SGD momentum.
         weight_decay: L2 weight decay of the W-step.
         rho_init: penalty ``rho`` at the first W-step (brief: 1e-3 to 1e-4).
@@ -69,7 +70,7 @@ class ADMMConfig:
     """
 
     epochs: int = 10
-    lr: float = 0.01
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     rho_init: float = 1e-3
@@ -103,10 +104,13 @@ class ADMMConfig:
         updates = math.ceil(math.log(self.rho_max / self.rho_init) / math.log(self.rho_growth) - 1e-9)
         return max(1, int(ramp // updates))
 
-    def train_config(self, names: Callable[[str], str] | None = None) -> training.TrainConfig:
-        """The W-step's SGD settings as a :class:`autocompress.training.TrainConfig` (cosine schedule),
-        validated; ``names`` names a bad value in the UserError (see ``TrainConfig.validate``)."""
-        return training.TrainConfig(epochs=max(1, self.epochs), lr=self.lr, momentum=self.momentum,
+    def train_config(self, names: Callable[[str], str] | None = None,
+                     optimizer: str = "sgd") -> training.TrainConfig:
+        """The W-step's settings with ``optimizer`` (:data:`autocompress.training.OPTIMIZERS`) as a
+        :class:`autocompress.training.TrainConfig` (cosine schedule), validated; ``names`` names a bad value in the
+        UserError (see ``TrainConfig.validate``)."""
+        lr = training.FINE_TUNING_LR.get(optimizer, 0.0) if self.lr is None else self.lr
+        return training.TrainConfig(epochs=max(1, self.epochs), lr=lr, optimizer=optimizer, momentum=self.momentum,
                                     nesterov=self.momentum > 0, weight_decay=self.weight_decay,
                                     label_smoothing=self.label_smoothing, schedule="cosine").validate(names=names)
 
@@ -323,14 +327,14 @@ class ADMMSchedule:
 def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, config: ADMMConfig, *,
                task=None, distiller: Callable | None = None, progress: bool = True,
                log: Callable[[str], None] | None = None, runner: nn.Module | None = None,
-               checkpoint: EpochCheckpoint | None = None) -> ADMMResult:
+               checkpoint: EpochCheckpoint | None = None, optimizer_name: str = "sgd") -> ADMMResult:
     """ADMM structured pruning of ``model`` in place towards ``rates`` (AutoCompress, Liu et al. AAAI 2020,
     §3; Zhang et al. ECCV 2018).
 
-    Runs ``config.epochs`` W-step epochs of SGD on ``loss + rho/2 * sum ||W - Z + U||^2`` through
-    :func:`autocompress.training.train_epoch`, with a Z-step (``Z = Proj_S(W + U)``), U-step
-    (``U += W - Z``) and rho update every ``config.update_interval`` steps (or every epoch)
-    (:class:`ADMMSchedule`). The weights are not hard-pruned here: call :func:`hard_prune` afterwards.
+    Runs ``config.epochs`` W-step epochs of ``optimizer_name`` (SGD or AdamW) on
+    ``loss + rho/2 * sum ||W - Z + U||^2`` through :func:`autocompress.training.train_epoch`, with a Z-step
+    (``Z = Proj_S(W + U)``), U-step (``U += W - Z``) and rho update every ``config.update_interval`` steps (or
+    every epoch) (:class:`ADMMSchedule`). The weights are not hard-pruned here: call :func:`hard_prune` afterwards.
 
     Args:
         model: network in training mode or not (restored to training mode for the W-steps).
@@ -349,6 +353,7 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
         checkpoint: an :class:`autocompress.epoch_checkpoint.EpochCheckpoint`: the state after every epoch
             is saved to it (weights, optimiser, schedule, Z / U / rho / counters / history, random state),
             and a stored state is continued from its next epoch.
+        optimizer_name: the W-step's optimiser, one of :data:`autocompress.training.OPTIMIZERS`.
 
     Returns:
         :class:`ADMMResult` with the masks of ``Proj_S(W)`` and the residual history.
@@ -357,7 +362,7 @@ def admm_prune(model: nn.Module, space, rates: dict, train_loader: Iterable, con
                             steps_per_epoch=len(train_loader) if config.epochs > 0 else 1)
     epoch_stats: list[dict] = []
     if config.epochs > 0:
-        train_config = config.train_config()
+        train_config = config.train_config(optimizer=optimizer_name)
         optimizer = training.build_optimizer(model, train_config)
         scheduler = training.build_scheduler(optimizer, train_config, len(train_loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

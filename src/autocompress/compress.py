@@ -211,7 +211,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             against ``batch[1]``).
         forward_fn: ``fn(model, batch) -> output`` (default ``model(batch[0])``).
         train_fn: ``fn(model, phase)``: the caller's own training loop for the ADMM and retraining epochs
-            (see :class:`autocompress.rounds.TrainingPhase`); default: SGD as configured.
+            (see :class:`autocompress.rounds.TrainingPhase`); default: the library's loop (``retrain.optimizer``:
+            SGD, or AdamW with a ``loss_fn``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the model, the
             teacher, the example inputs and every batch are moved there.
         config: a :class:`autocompress.config.CompressConfig` or its dict form (sections given in part
@@ -320,6 +321,7 @@ class Compression:
         if amp is not None and self.device.type != "cuda":
             say(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
         self.task = Task(device=self.device, amp=amp, **task_args)
+        self.config = self.config.for_loss(own_loss=self.task.loss_fn is not None)
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
@@ -766,6 +768,7 @@ class Compression:
         settings = self.config.quick_eval
         with self.task.seeded(phase_seed(self.config.seed, state.index, "search")):
             evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings),
+                                       optimizer=self.config.retrain.optimizer,
                                        teacher=self.pipeline.base_model, example_inputs=self.example,
                                        seed=phase_seed(self.config.seed, state.index, "search"))
         self.pipeline.log(f"round {state.index} search: quick evaluation by {evaluator.describe()}")

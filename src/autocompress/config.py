@@ -30,7 +30,7 @@ from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import VAL_BATCHES, check_batches, check_scorer
 from .sampling import GUIDANCES, STARTS
-from .training import SCHEDULES, SGDSettings, TrainConfig
+from .training import FINE_TUNING_LR, OPTIMIZERS, SCHEDULES, OptimizerSettings, TrainConfig
 
 #: ``dims`` values -> unit kinds pruned
 DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
@@ -164,7 +164,7 @@ class QuickEvalConfig:
     Attributes:
         scorer: ``"auto"`` (the default: ``"finetune"``), ``"bn"`` (one-shot + BatchNorm re-estimation),
             ``"refit"`` (+ least-squares refit of the final linear layer onto the base model's logits) or
-            ``"finetune"`` (``finetune_steps`` masked SGD steps with distillation from the base, then BatchNorm
+            ``"finetune"`` (``finetune_steps`` masked optimiser steps with distillation from the base, then BatchNorm
             re-estimation); see :mod:`autocompress.quick_eval` and BENCHMARKS.md "Quick evaluation scorers" and
             "Session 17" for their rank correlation with accuracy after retraining, their cost and the
             accuracy their searches reached (CIFAR-10 ResNet-20 at flops=4x, 15 epochs, three seeds: finetune
@@ -175,8 +175,10 @@ class QuickEvalConfig:
             with a ``score_fn``, which decides itself what it scores on. The default 30
             (:data:`autocompress.quick_eval.VAL_BATCHES`; 10 until session 28) halves the share of a score's
             spread that is its sample of images (BENCHMARKS.md, session 28).
-        finetune_steps, finetune_lr, finetune_distill: the ``"finetune"`` scorer's SGD steps (training
-            batches) per candidate, constant learning rate, and distillation from the base model.
+        finetune_steps, finetune_lr, finetune_distill: the ``"finetune"`` scorer's optimiser steps (training
+            batches) per candidate (with the retraining's optimiser, ``retrain.optimizer``), constant learning
+            rate (None: that optimiser's :data:`autocompress.training.FINE_TUNING_LR`), and distillation from the
+            base model.
     """
 
     scorer: str = "auto"
@@ -184,7 +186,7 @@ class QuickEvalConfig:
     bn_batches: int = 5
     val_batches: int | None = VAL_BATCHES
     finetune_steps: int = 50
-    finetune_lr: float = 0.01
+    finetune_lr: float | None = None
     finetune_distill: bool = True
 
 
@@ -207,18 +209,28 @@ class PurificationConfig:
 
 
 @dataclass
-class RetrainConfig(SGDSettings):
+class RetrainConfig(OptimizerSettings):
     """Masked retraining with the default training loop: ``epochs``, ``lr`` and the
-    :class:`autocompress.training.SGDSettings` (the batch size is the training loader's). ``epochs`` is also
-    what a caller's ``train_fn`` is asked to run."""
+    :class:`autocompress.training.OptimizerSettings` (the batch size is the training loader's). ``epochs`` is also
+    what a caller's ``train_fn`` is asked to run.
 
+    ``optimizer`` is the default loop's optimiser for every phase (retraining, the ADMM W-step, the search's
+    fine-tuning scorer): ``"sgd"``, ``"adamw"`` or ``"auto"`` (the default: SGD with the default cross-entropy
+    loss, AdamW with a caller's ``loss_fn``, whose scale SGD's steps would follow; see
+    :meth:`CompressConfig.for_loss`). ``lr`` None: the optimiser's :data:`autocompress.training.FINE_TUNING_LR`
+    (SGD 0.01, AdamW 0.001)."""
+
+    optimizer: str = AUTO
     epochs: int = 3
-    lr: float = 0.01
+    lr: float | None = None
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
-        """These settings as a :class:`TrainConfig` (``epochs`` overriding), validated naming
-        ``retrain.<field>``."""
-        values = {**dataclasses.asdict(self), **({} if epochs is None else {"epochs": epochs})}
+        """These settings as a :class:`TrainConfig` (``epochs`` overriding; ``"auto"`` checked as SGD), validated
+        naming ``retrain.<field>``."""
+        optimizer = "sgd" if self.optimizer == AUTO else self.optimizer
+        values = {**dataclasses.asdict(self), "optimizer": optimizer,
+                  "lr": FINE_TUNING_LR.get(optimizer, 0.0) if self.lr is None else self.lr,
+                  **({} if epochs is None else {"epochs": epochs})}
         config = TrainConfig(**values)
         return _naming("retrain", lambda: config.validate(epochs_flag="retrain.epochs", retraining=True,
                                                           names=lambda field: f"retrain.{field}"))
@@ -323,6 +335,26 @@ class CompressConfig:
         latency = self.target is not None and Target.parse(self.target).objective == "latency"
         return "filter" if latency else "filter,column"
 
+    def for_loss(self, own_loss: bool) -> "CompressConfig":
+        """This config with ``retrain.optimizer`` resolved (``"auto"``: ``"adamw"`` when ``own_loss``, the caller's
+        ``loss_fn``, else ``"sgd"``) and the unset learning rates (``retrain.lr``, ``admm.lr``,
+        ``quick_eval.finetune_lr``) at that optimiser's :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps
+        grow with the loss's scale: a fresh user's denoiser (mean squared error ~0.008, a hundredth of a
+        cross-entropy) retrained with SGD at lr 0.01 for 3 epochs ended 1.9 dB below the same epochs of AdamW
+        (BENCHMARKS.md, "Session 29"); SGD stays the default for the cross-entropy, as measured on CIFAR-10."""
+        optimizer = self.retrain.optimizer
+        if optimizer == AUTO:
+            optimizer = "adamw" if own_loss else "sgd"
+        lr = FINE_TUNING_LR[optimizer]
+
+        def pick(value: float | None) -> float:
+            return lr if value is None else value
+
+        return dataclasses.replace(
+            self, retrain=dataclasses.replace(self.retrain, optimizer=optimizer, lr=pick(self.retrain.lr)),
+            admm=dataclasses.replace(self.admm, lr=pick(self.admm.lr)),
+            quick_eval=dataclasses.replace(self.quick_eval, finetune_lr=pick(self.quick_eval.finetune_lr)))
+
     @property
     def resolved_guidance(self) -> str:
         """``search.guidance``, or when ``"auto"`` ``"channel"`` for a flops target and ``"layer"`` for params and
@@ -378,6 +410,9 @@ class CompressConfig:
                 raise SettingError(setting, f"{setting}={show(getattr_dotted(self, setting))} is not valid",
                                    fix)
         self.search.annealing(0)
+        if self.retrain.optimizer not in (AUTO, *OPTIMIZERS):  # checked even when retraining is off
+            raise SettingError("retrain.optimizer", f"unknown retrain.optimizer {show(self.retrain.optimizer)}",
+                               f"use one of {', '.join((AUTO, *OPTIMIZERS))}")
         _naming("admm", lambda: self.admm.train_config(lambda field: f"admm.{field}"))
         _naming("quick_eval.bn_batches", lambda: check_batches(self.quick_eval.bn_batches,
                                                                self.quick_eval.val_batches))

@@ -11,14 +11,14 @@ The repair before scoring is the ``scorer`` (beyond the paper; issue 13, measure
 evaluation scorers"): ``"bn"`` only re-estimates BatchNorm statistics (the paper's one-shot score plus
 adaptive BN); ``"refit"`` then refits the final linear layer by ridge least squares onto the teacher's
 logits on the BatchNorm batches (the kept inputs of each output only); ``"finetune"`` first runs
-``finetune_steps`` SGD steps on the pruned model with its masks held (:class:`autocompress.masks.MaskEnforcer`),
-optionally with distillation from the teacher (Hinton et al. 2015), then re-estimates BatchNorm (given example
-inputs, on the candidate compacted: the same function at fewer MACs per step; every candidate trains on the same
-batches, kept with the teacher's outputs on them after the first); ``"auto"`` (the default) is ``"finetune"``:
-on a CIFAR-10 ResNet-20 at 4x fewer MACs its search kept an even network on three seeds and 83.48-83.75 % top-1
-after 15 epochs, against 82.90-84.11 % for ``"refit"``'s, which ranks widths that preserve the one-shot function
-first; it needs no final Linear. One-shot
-pruning at a large step leaves every candidate near chance, where top-1 cannot rank them; a short repair
+``finetune_steps`` optimiser steps (SGD or AdamW) on the pruned model with its masks held
+(:class:`autocompress.masks.MaskEnforcer`), optionally with distillation from the teacher (Hinton et al. 2015),
+then re-estimates BatchNorm (given example inputs, on the candidate compacted: the same function at fewer MACs
+per step; every candidate trains on the same batches, kept with the teacher's outputs on them after the first);
+``"auto"`` (the default) is ``"finetune"``: on a CIFAR-10 ResNet-20 at 4x fewer MACs its search kept an even
+network on three seeds and 83.48-83.75 % top-1 after 15 epochs, against 82.90-84.11 % for ``"refit"``'s, which
+ranks widths that preserve the one-shot function first; it needs no final Linear. One-shot pruning at a large step
+leaves every candidate near chance, where top-1 cannot rank them; a short repair
 moves them back into the range where it can.
 
 Everything happens on a private deep copy of the model; the caller's model (weights, BatchNorm buffers,
@@ -49,7 +49,7 @@ from .errors import UserError
 from .masks import MaskEnforcer, apply_masks
 from .projection import project
 from .task import move
-from .training import train_epoch
+from .training import FINE_TUNING_LR, OPTIMIZERS, train_epoch
 
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"finetune"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
@@ -132,15 +132,15 @@ def check_batches(bn_batches: int, val_batches: int | None, batch_size: int = 1)
                         "use e.g. bn_batches 5 and val_batches 30")
 
 
-def check_scorer(scorer: str, finetune_steps: int, finetune_lr: float) -> None:
+def check_scorer(scorer: str, finetune_steps: int, finetune_lr: float | None) -> None:
     """UserError naming the argument unless ``scorer`` is one of :data:`SCORERS`, ``finetune_steps`` in
-    [1, 100000] and ``finetune_lr`` a finite number > 0. Called by :class:`QuickEvaluator` and by the
+    [1, 100000] and ``finetune_lr`` None or a finite number > 0. Called by :class:`QuickEvaluator` and by the
     compress config (which names them ``quick_eval.<argument>``)."""
     if scorer not in SCORERS:
         raise UserError(f"scorer={scorer!r} is not a quick-evaluation scorer", f"use one of {', '.join(SCORERS)}")
     if not 1 <= finetune_steps <= 100_000:
         raise UserError(f"finetune_steps={finetune_steps} is outside [1, 100000]", "use e.g. 50")
-    if not (math.isfinite(finetune_lr) and finetune_lr > 0):
+    if finetune_lr is not None and not (math.isfinite(finetune_lr) and finetune_lr > 0):
         raise UserError(f"finetune_lr={finetune_lr} must be a finite number > 0", "use e.g. 0.01")
 
 
@@ -173,8 +173,10 @@ class QuickEvaluator:
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye; beyond the paper).
         bn_batches: training batches for the statistics (and the refit's least squares).
         val_batches: validation batches scored (:data:`VAL_BATCHES`); None = the whole validation loader.
-        finetune_steps: SGD steps of ``"finetune"`` (one per training batch; the loader is re-iterated as
-            needed); finetune_lr: their constant learning rate (momentum 0.9, no weight decay).
+        finetune_steps: optimiser steps of ``"finetune"`` (one per training batch; the loader is re-iterated as
+            needed); finetune_lr: their constant learning rate (None: ``optimizer``'s
+            :data:`autocompress.training.FINE_TUNING_LR`); optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``,
+            without weight decay.
         finetune_distill: ``"finetune"`` minimises the distillation loss against the teacher
             (:data:`SCORER_DISTILLATION`: T 4, alpha 0.9, the setting its rank correlations were measured at)
             instead of the task's loss alone.
@@ -193,13 +195,17 @@ class QuickEvaluator:
 
     def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
                  bn_batches: int = 5, val_batches: int | None = VAL_BATCHES, finetune_steps: int = 50,
-                 finetune_lr: float = 0.01, finetune_distill: bool = True, teacher: nn.Module | None = None,
-                 seed: int = 0, example_inputs: Any = None):
+                 finetune_lr: float | None = None, finetune_distill: bool = True, optimizer: str = "sgd",
+                 teacher: nn.Module | None = None, seed: int = 0, example_inputs: Any = None):
         check_batches(bn_batches, val_batches)
         check_scorer(scorer, finetune_steps, finetune_lr)
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer={optimizer!r} is unknown", f"use one of {', '.join(OPTIMIZERS)}")
+        self.optimizer = optimizer
         self.space, self.task, self.seed, self._example = space, task, seed, example_inputs
         self.bn_recalibration = bn_recalibration
-        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.finetune_steps = finetune_steps
+        self.finetune_lr = FINE_TUNING_LR[optimizer] if finetune_lr is None else finetune_lr
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
         teacher = model if teacher is None else teacher
@@ -365,12 +371,15 @@ def _batch_stream(loader) -> Iterator:
 
 class _FineTuning:
     """One candidate's masked fine-tuning run of the ``"finetune"`` scorer, advanced in pieces
-    (:meth:`run_to`): SGD (momentum 0.9, constant lr) hooked by a :class:`MaskEnforcer`, one step per batch of
-    the training loader's stream, the distillation loss when the evaluator has a teacher."""
+    (:meth:`run_to`): SGD (momentum 0.9) or AdamW at a constant lr, no weight decay, hooked by a
+    :class:`MaskEnforcer`, one step per batch of the training loader's stream, the distillation loss when the
+    evaluator has a teacher."""
 
     def __init__(self, model: nn.Module, param_masks: dict[str, torch.Tensor], evaluator: QuickEvaluator):
         self.model, self.evaluator, self.done = model, evaluator, 0
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=evaluator.finetune_lr, momentum=0.9)
+        self.optimizer = (torch.optim.AdamW(model.parameters(), lr=evaluator.finetune_lr, weight_decay=0.0)
+                          if evaluator.optimizer == "adamw" else
+                          torch.optim.SGD(model.parameters(), lr=evaluator.finetune_lr, momentum=0.9))
         self.enforcer = MaskEnforcer(model, param_masks).attach(self.optimizer)
         self.stream = evaluator._tuning_batches()
 

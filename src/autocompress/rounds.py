@@ -14,7 +14,7 @@ flow). :func:`autocompress.compress` runs it once per progressive round after th
 
 The data-dependent parts go through a :class:`autocompress.task.Task`. A caller's own training loop
 (``train_fn(model, phase)``) receives a :class:`TrainingPhase` and is called for the ADMM and retraining
-epochs instead of the default SGD loop. Phases are stored through a :class:`PhaseStore` (in memory, or a
+epochs instead of the default loop. Phases are stored through a :class:`PhaseStore` (in memory, or a
 run folder that makes every phase resumable); each phase draws its global randomness from a generator
 seeded by ``(seed, round, phase)`` (:func:`phase_seed`), so a resumed run ends as an uninterrupted one.
 """
@@ -210,7 +210,7 @@ class Pipeline:
         example_inputs: a tuple of tensors on the device (one forward's inputs).
         base_model: the model before pruning (on the device; never modified).
         store: the :class:`PhaseStore`.
-        train_fn: the caller's own training loop, or None for the default SGD loop.
+        train_fn: the caller's own training loop, or None for the default loop (``retrain.optimizer``).
         chance: the score of a random guess (default top-1: 1 / classes), or None.
         channel_multiple: filter groups keep widths aligned to it (:mod:`autocompress.alignment`).
         progress: progress bars on; lines logged then are written above them (:func:`autocompress.training.above_bars`).
@@ -393,7 +393,8 @@ class Pipeline:
             with parallel(state.model) as runner:
                 result = admm.admm_prune(state.model, state.space, state.rates, loader, config, task=self.task,
                                          distiller=self.distiller, progress=self.progress, log=self.log,
-                                         runner=runner, checkpoint=self._epochs(state, "admm", loader))
+                                         runner=runner, checkpoint=self._epochs(state, "admm", loader),
+                                         optimizer_name=self.config.retrain.optimizer)
         else:
             schedule = admm.ADMMSchedule(state.model, state.space, state.rates, config,
                                          steps_per_epoch=_length(loader), per_epoch=False, log=self.log)

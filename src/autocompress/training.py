@@ -1,4 +1,4 @@
-"""Training and evaluation: SGD (momentum / Nesterov), cosine or one-cycle schedule, label smoothing.
+"""Training and evaluation: SGD (momentum / Nesterov) or AdamW, cosine or one-cycle schedule, label smoothing.
 
 * :func:`train_epoch` runs one epoch with hooks for the pruning engine: ``regularizer()`` (ADMM's
   ``rho/2 * ||W - Z + U||^2``, AutoCompress, Liu et al. AAAI 2020, §3) is added to the loss, and
@@ -38,6 +38,12 @@ from .task import Task, channels_last, channels_last_trains, channels_last_works
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
+#: the optimisers of the default loop: ``"sgd"`` (momentum / Nesterov, L2 weight decay) or ``"adamw"`` (Adam with
+#: decoupled weight decay, Loshchilov & Hutter 2019; its steps do not grow with the loss's scale)
+OPTIMIZERS = ("sgd", "adamw")
+#: the learning rate of fine-tuning a trained network with each optimiser (masked retraining, the ADMM W-step, the
+#: search's fine-tuning scorer) unless one is set
+FINE_TUNING_LR = {"sgd": 0.01, "adamw": 0.001}
 
 
 def above_bars(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -51,20 +57,23 @@ def above_bars(log: Callable[[str], None]) -> Callable[[str], None]:
 
 
 @dataclass
-class SGDSettings:
-    """The SGD settings shared by training (:class:`TrainConfig`) and masked retraining
+class OptimizerSettings:
+    """The optimiser settings shared by training (:class:`TrainConfig`) and masked retraining
     (:class:`autocompress.config.RetrainConfig`).
 
     Attributes:
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum.
-        weight_decay: L2 penalty on conv / linear weights (not BatchNorm, not biases).
+        optimizer: one of :data:`OPTIMIZERS`.
+        momentum: SGD momentum (AdamW: unused).
+        nesterov: Nesterov momentum (SGD).
+        weight_decay: SGD's L2 penalty or AdamW's decoupled decay, on conv / linear weights (not BatchNorm, not
+            biases).
         schedule: ``"cosine"`` (lr to 0 over all iterations), ``"onecycle"`` (warm-up over the first
             ``pct_start`` of iterations, then cosine down) or ``"constant"``; stepped every iteration.
         pct_start: one-cycle warm-up fraction.
         label_smoothing: cross-entropy label smoothing in [0, 1).
     """
 
+    optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -74,8 +83,8 @@ class SGDSettings:
 
 
 @dataclass
-class TrainConfig(SGDSettings):
-    """Hyperparameters of :func:`fit`: the :class:`SGDSettings` and
+class TrainConfig(OptimizerSettings):
+    """Hyperparameters of :func:`fit`: the :class:`OptimizerSettings` and
 
     Attributes:
         epochs: passes over the training split.
@@ -105,13 +114,15 @@ class TrainConfig(SGDSettings):
             return self
         n = names or (lambda field: "--" + field.replace("_", "-"))
         checks = [
+            (self.optimizer in OPTIMIZERS, f"{n('optimizer')} {self.optimizer!r} is unknown",
+             f"use one of {', '.join(OPTIMIZERS)}"),
             (self.batch_size >= 1, f"{n('batch_size')} {self.batch_size} is not positive",
              f"pass {n('batch_size')} >= 1"),
             (self.lr > 0 and math.isfinite(self.lr), f"{n('lr')} {self.lr} is not a positive number",
              f"pass e.g. {n('lr')} 0.1"),
             (0 <= self.momentum < 1, f"{n('momentum')} {self.momentum} is outside [0, 1)",
              f"pass e.g. {n('momentum')} 0.9"),
-            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs momentum > 0",
+            (not self.nesterov or self.momentum > 0 or self.optimizer != "sgd", "Nesterov momentum needs momentum > 0",
              f"pass {n('momentum')} 0.9 or drop {n('nesterov')}"),
             (self.weight_decay >= 0, f"{n('weight_decay')} {self.weight_decay} is negative", "pass e.g. 5e-4"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}"),
@@ -131,17 +142,19 @@ class TrainConfig(SGDSettings):
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD with two parameter groups: weights with >= 2 dims get ``config.weight_decay``; BatchNorm
-    parameters and biases (< 2 dims) get none. Frozen parameters are left out."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """``config.optimizer`` (SGD or AdamW) with two parameter groups: weights with >= 2 dims get
+    ``config.weight_decay``; BatchNorm parameters and biases (< 2 dims) get none. Frozen parameters are left
+    out."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov)
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
@@ -456,5 +469,5 @@ def _summary(history: list[dict]) -> dict:
             "history": list(history)}
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "build_optimizer", "build_scheduler", "check_model_input",
-           "evaluate", "fit", "resumable_state", "seeded", "train_epoch"]
+__all__ = ["FINE_TUNING_LR", "OPTIMIZERS", "OptimizerSettings", "SCHEDULES", "TrainConfig", "build_optimizer",
+           "build_scheduler", "check_model_input", "evaluate", "fit", "resumable_state", "seeded", "train_epoch"]
