@@ -578,6 +578,28 @@ def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arc
     assert len(scored) == 20 and len(set(scored)) == 20
 
 
+def test_the_explorer_moves_locally_as_the_magnitude_falls():
+    """At the starting magnitude every move of the explorer is Gaussian (it re-fits every unit); at a magnitude
+    near 0 every move is a swap, changing the widths of two filter groups at most (without give-back)."""
+    from autocompress.space import PruningSpace
+
+    model = conv_chain([32, 32, 48, 48, 32])
+    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), dims=("filter",), channel_multiple=8)
+    sampler = ActionSampler.from_space(space, "flops", 2.0)
+    sampler.give_back = None
+    perturb, _ = sampler.explorer(0.1)
+    start = sampler.initial_action()
+    rng = np.random.default_rng(0)
+
+    def changed(action) -> int:
+        return sum(a != b for a, b in zip(sampler.keeps(start), sampler.keeps(action)))
+
+    local = [changed(perturb(start, 1e-9, rng)) for _ in range(20)]
+    assert all(1 <= count <= 2 for count in local)
+    wide = [changed(perturb(start, 0.1, rng)) for _ in range(20)]
+    assert max(wide) > 2
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.sampled_from([8, 16, 24, 32, 48]), min_size=1, max_size=4), st.sampled_from([1, 8, 16]),
        st.data())
