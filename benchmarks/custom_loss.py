@@ -75,13 +75,19 @@ def mse(model: nn.Module, batch) -> torch.Tensor:
     return F.mse_loss(model(batch[0]), batch[1])
 
 
-def psnr(model: nn.Module, batches) -> float:
-    """Peak signal-to-noise ratio (dB, peak 1) of the model's outputs over ``batches`` (eval mode, no grad)."""
+def summed(model: nn.Module, batches, per_batch) -> float:
+    """The sum of ``per_batch(output, target)`` over ``batches``, in eval mode under no_grad (mode restored)."""
     was = model.training
     model.eval()
     with torch.no_grad():
-        error = sum(F.mse_loss(model(x).clamp(0, 1), y, reduction="sum").item() for x, y in batches)
+        total = sum(float(per_batch(model(x), y)) for x, y in batches)
     model.train(was)
+    return total
+
+
+def psnr(model: nn.Module, batches) -> float:
+    """Peak signal-to-noise ratio (dB, peak 1) of the model's outputs over ``batches``."""
+    error = summed(model, batches, lambda out, y: F.mse_loss(out.clamp(0, 1), y, reduction="sum"))
     return 10 * math.log10(sum(y.numel() for _, y in batches) / error)
 
 
@@ -93,24 +99,29 @@ def adamw_epochs(model: nn.Module, batches, epochs: int, lr: float, *, onecycle:
     steps = epochs * len(batches)
     schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps) if onecycle else
                 torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps))
+    fit_epochs(model, batches, epochs, optimizer, schedule, mse)
+
+
+def fit_epochs(model: nn.Module, batches, epochs: int, optimizer, schedule, loss) -> None:
+    """``epochs`` passes over ``batches`` in a seeded order, one ``optimizer`` and ``schedule`` step a batch."""
     order = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
         for index in torch.randperm(len(batches), generator=order).tolist():
             optimizer.zero_grad()
-            mse(model, batches[index]).backward()
+            loss(model, batches[index]).backward()
             optimizer.step()
             schedule.step()
 
 
-def denoiser_base(path: Path, train) -> nn.Module:
+def denoiser_base(path: Path, batches) -> nn.Module:
     """The denoiser trained as its user did (AdamW one-cycle to 3e-3, 6 epochs), cached at ``path``."""
     torch.manual_seed(0)
     model = Denoiser()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
-    adamw_epochs(model, train, 6, 3e-3, onecycle=True)
+    adamw_epochs(model, batches, 6, 3e-3, onecycle=True)
     torch.save(model.state_dict(), path)
     return model
 
@@ -120,16 +131,12 @@ def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
 
 
 def top1(model: nn.Module, batches) -> float:
-    """Top-1 (%) over ``batches`` (eval mode, no grad)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        right = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
-    model.train(was)
+    """Top-1 (%) over ``batches``."""
+    right = summed(model, batches, lambda out, y: (out.argmax(1) == y).sum())
     return 100.0 * right / sum(len(y) for _, y in batches)
 
 
-def classifier_base(path: Path, train) -> nn.Module:
+def classifier_base(path: Path, batches) -> nn.Module:
     """``fmnist_cnn`` (width 0.5) trained with SGD (lr 0.05 cosine, Nesterov, wd 5e-4, 4 epochs), cached."""
     from autocompress.models import create_model
     from autocompress.training import TrainConfig, build_optimizer, build_scheduler
@@ -141,21 +148,14 @@ def classifier_base(path: Path, train) -> nn.Module:
         return model
     config = TrainConfig(epochs=4, lr=0.05)
     optimizer = build_optimizer(model, config)
-    schedule = build_scheduler(optimizer, config, len(train))
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(config.epochs):
-        for index in torch.randperm(len(train), generator=order).tolist():
-            optimizer.zero_grad()
-            cross_entropy(model, train[index]).backward()
-            optimizer.step()
-            schedule.step()
+    schedule = build_scheduler(optimizer, config, len(batches))
+    fit_epochs(model, batches, config.epochs, optimizer, schedule, cross_entropy)
     torch.save(model.state_dict(), path)
     return model
 
 
 def setup(task: str, out: Path) -> dict:
-    """The task's base model, batches (train / val / test), loss, score and example input."""
+    """The task's base model, batches (train / val / test), loss and score."""
     splits = get_dataset("fashion-mnist", val_size=2000, max_train=10000, max_test=2000)
     if task == "denoise":
         train, val = noisy_pairs(splits.train.images, 1), noisy_pairs(splits.val.images, 2)[:8]
