@@ -474,8 +474,9 @@ class ActionSampler:
         prune is the one that leaves the least of the target's budget unused (a coarse unit that overshoots
         wastes capacity), the next one when that gives widths already scored, up to :data:`PERTURB_TRIES`
         candidates built. Where widths are coarse (aligned to 8 or 16 channels) a Gaussian move re-fit to the
-        target changes most units at once (a resnet20 search at flops=4x moved 3-9 of 12 filter groups a
-        step, and none of 19 moves scored above its start, BENCHMARKS.md, "Session 29"); a swap moves two.
+        target changes most units at once (a resnet20 search at flops=4x changed the rates of 5-12 of its 12
+        filter groups a move, and none of 19 moves scored above its start, BENCHMARKS.md, "Session 29"); a swap
+        moves two.
         The guidance ordering is not imposed on it.
 
         Returns:
@@ -527,10 +528,9 @@ class ActionSampler:
         step_magnitude, rng)`` is a local :meth:`swap` with probability ``1 - step_magnitude / magnitude`` (the
         search's starting magnitude: the share of local moves grows as the temperature falls), else (or when no
         swap gives new widths) a Gaussian :meth:`perturb`, then a swap after all when that finds no new widths;
-        both avoid the widths of every candidate scored so
-        far, which ``record(step)`` (call it from ``on_step``) adds from the new entries of
-        ``step.trajectory``. The set follows the trajectory alone, so every rank of a distributed search holds
-        the same one."""
+        both avoid the widths of every candidate scored so far, which ``record(step)`` (call it from ``on_step``)
+        adds from the new entries of ``step.trajectory``. The set follows the trajectory alone, so every rank of
+        a distributed search holds the same one."""
         scored: set[tuple[int, ...]] = set()
         counted = 0  # trajectory entries already in `scored`
 
