@@ -840,10 +840,11 @@ def test_soft_class_probabilities_train_with_the_default_loss():
                 val_loader=val), device="cpu", config=CONFIG, progress=False)
 
 
-def test_a_callers_loss_trains_with_adamw_in_every_default_loop_phase(monkeypatch, tmp_path):
+def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, tmp_path):
     """SGD's steps grow with the loss's scale (a fresh user's mean squared error of ~0.008 barely moved their
-    denoiser); with a ``loss_fn`` of the caller's, ``retrain.optimizer: auto`` picks AdamW at lr 0.001 for the
-    ADMM W-step, the retraining and the search's fine-tuning, and config.yaml says so. Without one: SGD at 0.01."""
+    denoiser); for a task whose targets are not class indices ``retrain.optimizer: auto`` picks AdamW at lr 0.001
+    for the ADMM W-step, the retraining and the search's fine-tuning, and config.yaml says so. A classifier, with
+    the default loss or its own cross-entropy, trains with SGD at 0.01."""
     import yaml
     from autocompress import quick_eval, training
 
@@ -859,19 +860,21 @@ def test_a_callers_loss_trains_with_adamw_in_every_default_loop_phase(monkeypatc
 
     monkeypatch.setattr(quick_eval._FineTuning, "__init__", tuning)
     train, val = loaders()
-    run = Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
-                      task_args=dict(train_loader=train, val_loader=val, loss_fn=lambda model, batch: F.cross_entropy(
-                          model(batch[0]), batch[1])), config={**CONFIG, "distillation": {"enabled": False}},
-                      run_dir=tmp_path / "run")
+    x, y = images(96, 0)
+    levels = DataLoader(TensorDataset(x, y[:, None].float()), batch_size=16)
+    run = Compression(Regressor(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=levels, loss_fn=lambda model, batch: F.mse_loss(model(batch[0]),
+                                     batch[1]), score_fn=lambda model: 0.5), config=CONFIG, run_dir=tmp_path / "run")
     run.run()
     assert built == [("adamw", 0.001), ("adamw", 0.001)]  # ADMM, then retraining
     assert steps and set(steps) == {("AdamW", 0.001)}
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert stored["retrain"]["optimizer"] == "adamw" and stored["quick_eval"]["finetune_lr"] == 0.001
-    built.clear()
-    Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
-                task_args=dict(train_loader=train, val_loader=val), config=CONFIG).run()
-    assert built == [("sgd", 0.01), ("sgd", 0.01)]
+    for loss in (None, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])):
+        built.clear()
+        Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                    task_args=dict(train_loader=train, val_loader=val, loss_fn=loss), config=CONFIG).run()
+        assert built == [("sgd", 0.01), ("sgd", 0.01)]
 
 
 def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):

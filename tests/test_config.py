@@ -66,18 +66,18 @@ def test_partial_sections_keep_the_other_defaults():
     assert CompressConfig.from_dict(plain) == config  # config.yaml round-trips
 
 
-def test_the_optimizer_follows_the_loss_and_sets_the_unset_learning_rates():
-    """``retrain.optimizer: auto`` is SGD for the default cross-entropy and AdamW for a caller's loss (SGD's steps
-    scale with the loss); learning rates left unset take that optimiser's fine-tuning rate, set ones stay."""
+def test_the_optimizer_follows_the_task_and_sets_the_unset_learning_rates():
+    """``retrain.optimizer: auto`` is SGD for a classifier and AdamW for other tasks (SGD's steps scale with the
+    loss); learning rates left unset take that optimiser's fine-tuning rate, set ones stay."""
     config = CompressConfig.from_dict({"target": "params=2x", "admm": {"lr": 0.2}})
-    default, own = config.for_loss(own_loss=False), config.for_loss(own_loss=True)
+    default, own = config.for_task(classifies=True), config.for_task(classifies=False)
     assert (default.retrain.optimizer, default.retrain.lr, default.quick_eval.finetune_lr) == ("sgd", 0.01, 0.01)
     assert (own.retrain.optimizer, own.retrain.lr, own.quick_eval.finetune_lr) == ("adamw", 0.001, 0.001)
     assert default.admm.lr == own.admm.lr == 0.2
     assert own.retrain.train_config(2).optimizer == "adamw" and own.admm.train_config(optimizer="adamw").lr == 0.2
-    chosen = CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "sgd"}}).for_loss(own_loss=True)
+    chosen = CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "sgd"}}).for_task(False)
     assert (chosen.retrain.optimizer, chosen.retrain.lr) == ("sgd", 0.01)
-    assert own.for_loss(own_loss=True) == own  # resolving twice changes nothing (a resumed run compares them)
+    assert own.for_task(classifies=True) == own  # resolving twice changes nothing (a resumed run compares them)
     with pytest.raises(SettingError, match=r"unknown retrain.optimizer 'adam'.*use one of auto, sgd, adamw") as error:
         CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "adam"}})
     assert error.value.setting == "retrain.optimizer"

@@ -212,7 +212,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         forward_fn: ``fn(model, batch) -> output`` (default ``model(batch[0])``).
         train_fn: ``fn(model, phase)``: the caller's own training loop for the ADMM and retraining epochs
             (see :class:`autocompress.rounds.TrainingPhase`); default: the library's loop (``retrain.optimizer``:
-            SGD, or AdamW with a ``loss_fn``).
+            SGD for a classifier, AdamW otherwise).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the model, the
             teacher, the example inputs and every batch are moved there.
         config: a :class:`autocompress.config.CompressConfig` or its dict form (sections given in part
@@ -321,13 +321,13 @@ class Compression:
         if amp is not None and self.device.type != "cuda":
             say(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
         self.task = Task(device=self.device, amp=amp, **task_args)
-        self.config = self.config.for_loss(own_loss=self.task.loss_fn is not None)
         self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
         train_output = self.task.check(base, self.example, needs_training=True, needs_score=True,
                                        needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
+        self.config = self.config.for_task(self.task.classifies)
         self._check_distillation(train_output)
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,

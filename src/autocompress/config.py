@@ -215,9 +215,9 @@ class RetrainConfig(OptimizerSettings):
     what a caller's ``train_fn`` is asked to run.
 
     ``optimizer`` is the default loop's optimiser for every phase (retraining, the ADMM W-step, the search's
-    fine-tuning scorer): ``"sgd"``, ``"adamw"`` or ``"auto"`` (the default: SGD with the default cross-entropy
-    loss, AdamW with a caller's ``loss_fn``, whose scale SGD's steps would follow; see
-    :meth:`CompressConfig.for_loss`). ``lr`` None: the optimiser's :data:`autocompress.training.FINE_TUNING_LR`
+    fine-tuning scorer): ``"sgd"``, ``"adamw"`` or ``"auto"`` (the default: SGD for a classifier, whose targets
+    are class indices, AdamW for any other task, whose loss's scale SGD's steps would follow; see
+    :meth:`CompressConfig.for_task`). ``lr`` None: the optimiser's :data:`autocompress.training.FINE_TUNING_LR`
     (SGD 0.01, AdamW 0.001)."""
 
     optimizer: str = AUTO
@@ -335,16 +335,17 @@ class CompressConfig:
         latency = self.target is not None and Target.parse(self.target).objective == "latency"
         return "filter" if latency else "filter,column"
 
-    def for_loss(self, own_loss: bool) -> "CompressConfig":
-        """This config with ``retrain.optimizer`` resolved (``"auto"``: ``"adamw"`` when ``own_loss``, the caller's
-        ``loss_fn``, else ``"sgd"``) and the unset learning rates (``retrain.lr``, ``admm.lr``,
-        ``quick_eval.finetune_lr``) at that optimiser's :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps
-        grow with the loss's scale: a fresh user's denoiser (mean squared error ~0.008, a hundredth of a
-        cross-entropy) retrained with SGD at lr 0.01 for 3 epochs ended 1.9 dB below the same epochs of AdamW
-        (BENCHMARKS.md, "Session 29"); SGD stays the default for the cross-entropy, as measured on CIFAR-10."""
+    def for_task(self, classifies: bool) -> "CompressConfig":
+        """This config with ``retrain.optimizer`` resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training
+        targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), else ``"adamw"``)
+        and the unset learning rates (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``) at that optimiser's
+        :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps grow with the loss's scale: an AdamW-trained
+        denoiser (mean squared error ~0.008) retrained with SGD at lr 0.01 for 3 epochs ended 1.96 dB below the
+        same epochs of AdamW, while an SGD-trained classifier given its cross-entropy as ``loss_fn`` lost 1.5
+        points of top-1 with AdamW (BENCHMARKS.md, "Session 29")."""
         optimizer = self.retrain.optimizer
         if optimizer == AUTO:
-            optimizer = "adamw" if own_loss else "sgd"
+            optimizer = "sgd" if classifies else "adamw"
         lr = FINE_TUNING_LR[optimizer]
 
         def pick(value: float | None) -> float:

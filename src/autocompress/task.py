@@ -216,6 +216,8 @@ class Task:
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA.
         layout: whether batches and weights go channels-last on the CPU (:func:`channels_last`); :meth:`check`
             turns it off for a model whose forward fails in that layout.
+        classifies: set by :meth:`check`: the first training batch is an ``(inputs, targets)`` pair whose targets
+            are class indices (or class probabilities) for the forward's output ``[B, classes >= 2, ...]``.
     """
 
     train_loader: Iterable
@@ -226,6 +228,7 @@ class Task:
     score_fn: ScoreFn | None = None
     amp: str | None = None
     layout: bool = True
+    classifies: bool = False
 
     # --- running batches ----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -361,6 +364,8 @@ class Task:
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
             train_output = self._check_batch(model, first, "train_loader")
+            self.classifies = (isinstance(train_output, torch.Tensor) and train_output.dim() >= 2 and _is_pair(first)
+                               and class_target_problem(train_output, first[1]) is None)
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
                 _check_class_targets(train_output, first[1], "train_loader", "the default loss (cross-entropy)",
@@ -469,30 +474,35 @@ def check_score(value: Any) -> float:
 
 def _check_class_targets(output: torch.Tensor, targets: Any, name: str, what: str, fix: str, *,
                          probabilities: bool = True) -> None:
-    """UserError naming ``name`` unless ``targets`` are what ``what`` compares class scores ``output``
-    ``[B, classes, ...]`` with: at least 2 classes (cross-entropy and the arg-max over one class are constant:
-    a loss of 0, a top-1 of 100 %), and class indices of ``output``'s shape without dimension 1, or (with
-    ``probabilities``: cross-entropy's soft targets) class probabilities of ``output``'s shape. Regression targets
-    (an image to restore, a value per item) are neither, and would train on a zero or meaningless loss or score
-    above 100 % without an error."""
-    classes, shape = output.shape[1], tuple(output.shape)
-    if classes < 2:
-        problem = f"the forward's output {list(shape)} has {classes} class on dimension 1"
-    elif not isinstance(targets, torch.Tensor):
-        problem = f"the targets (batch[1]) are {kind_of(targets)}"
-    elif not targets.is_floating_point():
-        want = shape[:1] + shape[2:]
-        problem = (f"the targets {list(targets.shape)} are not one class index per output {list(want)}"
-                   if tuple(targets.shape) != want else _outside_classes(targets, classes))
-    elif probabilities and tuple(targets.shape) == shape and bool((targets >= 0).all()) and \
-            bool(torch.allclose(targets.sum(1), torch.ones((), device=targets.device, dtype=targets.dtype),
-                                atol=1e-3)):
-        problem = None
-    else:
-        problem = (f"the targets are {str(targets.dtype).removeprefix('torch.')} {list(targets.shape)}, not class "
-                   f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
+    """UserError naming ``name`` when :func:`class_target_problem` finds one: ``what`` (the default loss or
+    score) needs class scores and class targets; ``fix`` says what to pass instead."""
+    problem = class_target_problem(output, targets, probabilities=probabilities)
     if problem:
         raise UserError(f"{problem} on a batch of {name}, but {what} needs class scores and class targets", fix)
+
+
+def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: bool = True) -> str | None:
+    """What keeps ``targets`` from being class targets for class scores ``output`` ``[B, classes, ...]``, or None:
+    at least 2 classes (cross-entropy and the arg-max over one class are constant: a loss of 0, a top-1 of 100 %),
+    and class indices in ``[0, classes)`` of ``output``'s shape without dimension 1, or (with ``probabilities``:
+    cross-entropy's soft targets) class probabilities of ``output``'s shape. Regression targets (an image to
+    restore, a value per item) are neither, and would train on a zero or meaningless loss or score above 100 %
+    without an error."""
+    classes, shape = output.shape[1], tuple(output.shape)
+    if classes < 2:
+        return f"the forward's output {list(shape)} has {classes} class on dimension 1"
+    if not isinstance(targets, torch.Tensor):
+        return f"the targets (batch[1]) are {kind_of(targets)}"
+    if not targets.is_floating_point():
+        want = shape[:1] + shape[2:]
+        return (f"the targets {list(targets.shape)} are not one class index per output {list(want)}"
+                if tuple(targets.shape) != want else _outside_classes(targets, classes))
+    if probabilities and tuple(targets.shape) == shape and bool((targets >= 0).all()) and \
+            bool(torch.allclose(targets.sum(1), torch.ones((), device=targets.device, dtype=targets.dtype),
+                                atol=1e-3)):
+        return None
+    return (f"the targets are {str(targets.dtype).removeprefix('torch.')} {list(targets.shape)}, not class "
+            f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
 
 
 def _outside_classes(targets: torch.Tensor, classes: int) -> str | None:
