@@ -178,7 +178,10 @@ def setup(task: str, out: Path) -> dict:
 
 
 def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int) -> dict:
-    base, train, val, score = data["base"], data["train"], data["val"], data["score"]
+    """One compress run; ``seed`` also orders the training batches (the default loop iterates a list in order)."""
+    base, val, score = data["base"], data["val"], data["score"]
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)) if seed else None
+    train = data["train"] if order is None else [data["train"][i] for i in order.tolist()]
     model = copy.deepcopy(base)
     config: dict = {"budget": budget, "seed": seed}
     loss_fn, train_fn = data["loss"], None

@@ -206,7 +206,9 @@ class Pipeline:
     Attributes:
         task: data and callables (:class:`autocompress.task.Task`).
         config: the run's :class:`autocompress.config.CompressConfig` (admm, purification, retrain,
-            distillation sections, seed, dims).
+            distillation sections, seed, dims); kept with ``retrain.optimizer`` and the unset learning rates
+            resolved for the task (:meth:`~autocompress.config.CompressConfig.for_task`, by ``task.classifies``,
+            which :meth:`autocompress.task.Task.check` sets).
         example_inputs: a tuple of tensors on the device (one forward's inputs).
         base_model: the model before pruning (on the device; never modified).
         store: the :class:`PhaseStore`.
@@ -237,6 +239,7 @@ class Pipeline:
     _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
+        self.config = self.config.for_task(self.task.classifies)  # the default loop's optimiser and rates
         if self.log is None:
             self.log = _silent
         elif self.progress:
