@@ -784,6 +784,19 @@ def test_loss_that_is_not_a_scalar(no_work):
 
 
 
+def test_a_config_object_is_checked_as_its_dict_form_is(no_work):
+    """A fresh user's ``CompressConfig(budget=1, retrain={"optimizer": "adamw"})`` crashed ("'dict' object has no
+    attribute 'epochs'") and ``CompressConfig(budget="x")`` failed on a comparison: an object is read back as plain
+    data, so its sections may be dicts and its values get the dict form's SettingErrors."""
+    from autocompress.compress import resolve_config
+    from autocompress.config import CompressConfig
+
+    config = resolve_config(CompressConfig(budget=1, retrain={"optimizer": "adamw"}), "params=2x")
+    assert config.retrain.optimizer == "adamw" and config.budget == 1
+    error = refused(no_work, r"budget='x' has the wrong type", config=CompressConfig(budget="x"))
+    assert error.setting == "budget"
+
+
 def test_regression_targets_are_refused_by_the_default_loss_and_score(no_work):
     """A fresh user's denoiser (output [B, 1, 28, 28], float targets) trained on a cross-entropy of 0 and scored a
     "top-1" of 12,450 % without an error. Class scores need >= 2 classes, and targets class indices of the output's

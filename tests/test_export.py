@@ -179,3 +179,46 @@ def test_cli_export_to_a_folder_asks_for_a_file(tmp_path, capsys):
     assert capsys.readouterr().err == (f"autocompress: error: --onnx {missing}: folder {missing.parent} does not "
                                        "exist; create it first, or choose another path\n")
     assert not (tmp_path / "no").exists()
+
+
+class TwoHeads(nn.Module):
+    """``[B, 1, 8, 8]`` -> ``(logits [B, 3], (pooled image [B, 1, 4, 4],))``: class scores and an auxiliary head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU())
+        self.classes = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+        self.aux = nn.Sequential(nn.Conv2d(6, 1, 1), nn.AvgPool2d(2))
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.classes(features), (self.aux(features),)
+
+
+def test_a_model_of_several_outputs_exports_every_output_with_a_dynamic_batch(tmp_path):
+    """A fresh user's two-head model (logits and an auxiliary map) crashed the export's check ("isfinite():
+    argument 'input' must be Tensor, not tuple"); every output is now exported, named, batch-dynamic and checked."""
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.randn(2, 1, 8, 8)
+    result = export_onnx(model, x, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["output", "output_1"]
+    batch = torch.randn(5, 1, 8, 8)
+    logits, aux = session.run(None, {"input": batch.numpy()})
+    with torch.no_grad():
+        want_logits, (want_aux,) = model(batch)
+    assert np.allclose(logits, want_logits.numpy(), atol=1e-5) and np.allclose(aux, want_aux.numpy(), atol=1e-5)
+    assert aux.shape == (5, 1, 4, 4) and result.max_abs_diff <= result.tolerance
+    program = export_program(model, x, tmp_path / "m.pt2")
+    assert program.max_abs_diff <= program.tolerance
+
+
+def test_a_model_returning_a_dict_is_refused_by_export_and_writes_nothing(tmp_path):
+    class Named(TwoHeads):
+        def forward(self, x):
+            logits, (aux,) = super().forward(x)
+            return {"logits": logits, "aux": aux}
+
+    with pytest.raises(UserError, match="the model returns dict values that are not all tensors.*wrapper module"):
+        export_onnx(Named(), torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -70,8 +70,9 @@ def test_validation_columns_are_marked_as_the_runs_own_data_when_no_test_column_
     base = {"model": "base", "val_top1": 86.9, "params": 3000, "macs": 9000}
     comp = {"model": "compressed", "val_top1": 87.4, "params": 1000, "macs": 3000}
     line = validation_lines({"rows": [base, comp]})
-    assert line == ["val columns: the validation data the run also decided with (search scores, the distillation "
-                    "stop test), so they lean optimistic; score the model on held-out test data"]
+    assert line == ["val columns: the validation data the run also decided with (whichever ran of the search's "
+                    "scores, purification's tolerance and the distillation stop test), so they lean optimistic; "
+                    "score the model on held-out test data"]
     assert line[0] in final_text({"target": "flops=3x", "rows": [base, comp]}).splitlines()
     assert validation_lines({"rows": [{**base, "test_top1": 1.0}, {**comp, "test_top1": 1.0}]}) == []
     assert validation_lines({"rows": [{"model": "base", "params": 1}, {"model": "compressed", "params": 1}]}) == []

@@ -253,8 +253,8 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None,
     a ``budget`` applied (:func:`autocompress.budget.apply_budget`; ``steps_per_epoch``: optimiser steps of one
     training epoch, when known)."""
     given = None  # the settings the user gave, known for plain data only
-    if isinstance(config, CompressConfig):
-        config = dataclasses.replace(config)
+    if isinstance(config, CompressConfig):  # read back as plain data: its sections and values are checked alike
+        config = CompressConfig.from_dict(dataclasses.asdict(config), validate=False)
     else:
         data = {} if config is None else config
         config = CompressConfig.from_dict(data, validate=False)

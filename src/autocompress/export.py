@@ -57,10 +57,42 @@ def _example(example_inputs: torch.Tensor, what: str) -> torch.Tensor:
     return example_inputs.detach().cpu()
 
 
-def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor,
+def outputs(model: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors ``model`` (eval mode, no grad) returns for ``batch``, flattened in order as an exporter orders
+    a model's outputs (:func:`flat_outputs`)."""
+    with analysis_mode(model):
+        return flat_outputs(model(batch))
+
+
+def flat_outputs(output) -> list[torch.Tensor]:
+    """The tensors of a forward's ``output`` (a tensor, or nested tuples / lists of tensors), flattened in order.
+
+    Raises:
+        UserError: an output that is not a tensor (a dict, None, a number).
+    """
+    leaves = _tensors(output)
+    if leaves is None:
+        raise UserError(f"the model returns {type(output).__name__} values that are not all tensors, which an "
+                        "exported graph cannot return", "export a wrapper module whose forward returns the tensors "
+                        "(a tensor, or a tuple of tensors)")
+    return leaves
+
+
+def _tensors(output) -> list[torch.Tensor] | None:
+    """The tensors of nested tuples / lists, in order, or None when something else is in them."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if not isinstance(output, (tuple, list)):
+        return None
+    leaves = [_tensors(item) for item in output]
+    return None if any(leaf is None for leaf in leaves) else [t for leaf in leaves for t in leaf]
+
+
+def _compare(model: nn.Module, run: Callable[[torch.Tensor], list[torch.Tensor]], example: torch.Tensor,
              atol_scale: float, runtime: str, fix: str) -> tuple[float, float, list[int]]:
-    """Run ``model`` (eval mode) and the exported ``run`` on ``example`` and on a seeded random batch of
-    N + 1; returns ``(max abs difference, tolerance, batch sizes)``.
+    """Run ``model`` (eval mode) and the exported ``run`` (its output tensors, in :func:`outputs`' order) on
+    ``example`` and on a seeded random batch of N + 1; returns ``(max abs difference over every output,
+    tolerance, batch sizes)``.
 
     Raises:
         UserError: the model outputs NaN / inf, or ``runtime`` differs beyond the tolerance.
@@ -69,14 +101,16 @@ def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], exam
     extra = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=generator, dtype=example.dtype)
     diff, scale, sizes = 0.0, 1.0, []
     for batch in (example, extra):
-        with analysis_mode(model):
-            expected = model(batch)
-        if not torch.isfinite(expected).all():
+        expected = outputs(model, batch)
+        if not all(torch.isfinite(tensor).all() for tensor in expected):
             raise UserError(f"the model outputs NaN or infinite values for a batch of {batch.shape[0]}",
                             "check the checkpoint's weights (a diverged training run?)")
         got = run(batch)
-        scale = max(scale, float(expected.abs().max()))
-        diff = max(diff, float((got - expected).abs().max()))
+        if len(got) != len(expected):
+            raise UserError(f"{runtime} returns {len(got)} outputs where the model returns {len(expected)}", fix)
+        for want, have in zip(expected, got):
+            scale = max(scale, float(want.abs().max()) if want.numel() else 0.0)
+            diff = max(diff, float((have - want).abs().max()) if want.numel() else 0.0)
         sizes.append(int(batch.shape[0]))
     tolerance = atol_scale * scale
     if not diff <= tolerance:
@@ -86,7 +120,7 @@ def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], exam
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
     """ONNX bytes of ``model`` (eval mode) traced on ``example`` with a dynamic batch axis (input ``"input"``,
-    output ``"output"``).
+    outputs ``"output"``, ``"output_1"``, ... in :func:`outputs`' order).
 
     The TorchScript exporter first (constants folded; its diagnostics on stderr are swallowed); when it cannot
     export the model (an op it lacks, e.g. adaptive pooling to a size that does not divide the input), the
@@ -103,13 +137,19 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
             raise first from None
 
 
+def _output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    count = len(outputs(model, example))
+    return ["output", *(f"output_{index}" for index in range(1, count))]
+
+
 def _torchscript_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
+    names = _output_names(model, example)
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["output"], do_constant_folding=True,
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                          input_names=["input"], output_names=names, do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in ["input", *names]})
     return buffer.getvalue()
 
 
@@ -120,7 +160,7 @@ def _dynamo_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (traced,), dynamo=True, opset_version=max(opset, 18), verbose=False,
-                                    input_names=["input"], output_names=["output"],
+                                    input_names=["input"], output_names=_output_names(model, example),
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
         program.save(buffer)
     return buffer.getvalue()
@@ -161,8 +201,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it in onnxruntime.
 
     Args:
-        model: a PyTorch model with one tensor input and one tensor output (e.g. a compact model); moved to
-            the CPU.
+        model: a PyTorch model with one tensor input and a tensor (or a tuple of tensors) as output (e.g. a
+            compact model); moved to the CPU.
         example_inputs: ``[N, C, H, W]`` input used for tracing; the batch axis is exported as dynamic.
         path: output ``.onnx`` file (written atomically; nothing is written when the check fails).
         opset: ONNX opset version (>= 11).
@@ -190,7 +230,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
 
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         diff, tolerance, sizes = _compare(
-            model, lambda batch: torch.from_numpy(session.run(None, {"input": batch.numpy()})[0]), example,
+            model, lambda batch: [torch.from_numpy(a) for a in session.run(None, {"input": batch.numpy()})], example,
             atol_scale, "onnxruntime", "report this model; try another opset")
     written = atomic_write_bytes(path, data)
     return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=opset_of(data),
@@ -217,7 +257,8 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
     (AOTInductor).
 
     Args:
-        model: a PyTorch model with one tensor input and one tensor output; moved to the CPU.
+        model: a PyTorch model with one tensor input and a tensor (or a tuple of tensors) as output; moved to
+            the CPU.
         example_inputs: ``[N, C, H, W]`` input used for tracing; the batch axis is exported as dynamic
             (a batch of 1 is traced as a batch of 2, since torch.export specialises size-1 dimensions).
         path: output file (written atomically; nothing is written when the export or the check fails).
@@ -244,9 +285,9 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
     if check:
         loaded = torch.export.load(io.BytesIO(data)).module()
 
-        def run(batch: torch.Tensor) -> torch.Tensor:
+        def run(batch: torch.Tensor) -> list[torch.Tensor]:
             with torch.no_grad():
-                return loaded(batch)
+                return flat_outputs(loaded(batch))
 
         diff, tolerance, sizes = _compare(model, run, example, atol_scale, "the loaded torch.export program",
                                           "report this model")
@@ -255,4 +296,4 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
                         checked_batch_sizes=sizes)
 
 
-__all__ = ["ExportResult", "export_onnx", "export_program", "onnx_bytes"]
+__all__ = ["ExportResult", "export_onnx", "export_program", "flat_outputs", "onnx_bytes", "outputs"]
