@@ -118,7 +118,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
             (``epochs=0``); without ``val_loader`` and ``score_fn`` purification only removes unused paths.
         dims: unit kinds pruned, a subset of ``("filter", "column", "irregular")``.
         admm: ADMM settings (default :class:`ADMMConfig`); ``epochs=0`` is one-shot projection.
-        retrain: masked retraining settings (default 10 epochs at lr 0.01); ``epochs=0`` skips it.
+        retrain: masked retraining settings (default 10 epochs of ``retrain.optimizer: auto``: SGD at lr 0.01 for
+            a classifier, AdamW at 0.001 otherwise); ``epochs=0`` skips it.
         purify: run purification (unused path removal + redundant weight removal).
         purify_tolerance, purify_thresholds: see :func:`autocompress.purification.purify`.
         seed: seed of the global generator per phase (dropout, a DataLoader's shuffling).
@@ -143,7 +144,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     dims = tuple(dims)
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
-    retrain = retrain if retrain is not None else RetrainConfig(epochs=10, lr=0.01)
+    retrain = retrain if retrain is not None else RetrainConfig(epochs=10)
     if isinstance(retrain, TrainConfig):
         retrain = RetrainConfig(**{f.name: getattr(retrain, f.name) for f in dataclasses.fields(RetrainConfig)})
     ignored_layers = sorted(ignored_modules(model, ignored_layers))  # a wrong name is refused before any work

@@ -185,8 +185,8 @@ def _executed(final: dict, dense: list) -> str:
 
 def validation_lines(final: dict) -> list[str]:
     """A line saying that the validation columns score data the run also chose with (the search's scores,
-    purification's tolerance, the distillation stop test), when the table has no held-out test column: a fresh user read "+0.50 pts" there as
-    the test accuracy gained (it was -0.25 on their test set)."""
+    purification's tolerance, the distillation stop test), when the table has no held-out test column: a fresh
+    user read "+0.50 pts" there as the test accuracy gained (it was -0.25 on their test set)."""
     rows = final.get("rows")
     if not isinstance(rows, list) or not rows or not isinstance(rows[-1], dict) or "test_top1" in rows[-1]:
         return []
