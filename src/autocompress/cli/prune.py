@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-units", action="store_true", help="print the prunable units and exit")
     parser.add_argument("--ignore", action="append", default=[], metavar="MODULE", help=IGNORE_HELP)
     parser.add_argument("--admm-epochs", type=int, default=10, help="ADMM W-step epochs (0: one-shot)")
-    parser.add_argument("--admm-lr", type=float, default=admm.lr)
+    parser.add_argument("--admm-lr", type=float, default=admm.lr,
+                        help="W-step learning rate (default: the optimiser's fine-tuning rate, 0.01 for SGD)")
     parser.add_argument("--rho-init", type=float, default=admm.rho_init,
                         help=f"ADMM penalty at the start (default {admm.rho_init}, as compress)")
     parser.add_argument("--rho-growth", type=float, default=admm.rho_growth,
