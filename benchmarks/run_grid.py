@@ -198,6 +198,11 @@ AUTOCOMPRESS_METHODS = {
                           "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
                           "distillation": {"enabled": True}}),
     # session 27: the search starts from one global threshold on the filters' relative magnitudes
+    # session 29: local swaps join the search's moves as the temperature falls (search.moves: mixed)
+    "ac_budget_mixed": ("autocompress, the budget split 0 ADMM + 15 retraining epochs, local and Gaussian moves",
+                        {"search": {"guidance": "auto", "start": "guided", "moves": "mixed"}, "budget": None,
+                         "rounds": 1, "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
+                         "distillation": {"enabled": True}}),
     "ac_budget_magnitude": ("autocompress, the budget split 0 ADMM + 15 retraining epochs, magnitude start",
                             {"search": {"guidance": "auto", "start": "magnitude"}, "budget": None, "rounds": 1,
                              "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
@@ -227,7 +232,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
             "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop", "ac_budget_lr05", "ac_budget_noadmm",
-            "ac_budget_onecycle", "ac_budget_magnitude")
+            "ac_budget_onecycle", "ac_budget_magnitude", "ac_budget_mixed")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 

@@ -135,3 +135,11 @@ def test_guidance_auto_is_per_channel_for_flops_targets_only(target, guidance, r
     search = {} if guidance is None else {"search": {"guidance": guidance}}
     config = CompressConfig.from_dict({"target": target, **search})
     assert config.search.guidance == (guidance or "auto") and config.resolved_guidance == resolved
+
+
+def test_search_moves_are_gaussian_by_default_and_an_unknown_one_is_refused():
+    assert CompressConfig.from_dict({"target": "params=2x"}).search.moves == "gaussian"
+    assert CompressConfig.from_dict({"target": "params=2x", "search": {"moves": "mixed"}}).search.moves == "mixed"
+    with pytest.raises(SettingError, match=r"search.moves='local' is unknown; use one of gaussian, mixed") as error:
+        CompressConfig.from_dict({"target": "params=2x", "search": {"moves": "local"}})
+    assert error.value.setting == "search.moves"

@@ -552,13 +552,15 @@ def _kept_widths(space, model, rates) -> tuple[int, ...]:
     return tuple(int(masks.filters[g.name].sum()) for g in space.filter_groups)
 
 
-@pytest.mark.parametrize("arch,target", [("resnet20", 2.0), ("resnet20", 4.0), ("cnn", 2.0)])
-def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arch, target):
+@pytest.mark.parametrize("arch,target,moves", [("resnet20", 2.0, "gaussian"), ("resnet20", 4.0, "gaussian"),
+                                               ("cnn", 2.0, "gaussian"), ("resnet20", 4.0, "mixed"),
+                                               ("cnn", 2.0, "mixed")])
+def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arch, target, moves):
     """At widths aligned to 8 channels the fit maps small noise back onto the action, so a search whose scores
     tie (every candidate accepted) re-proposed the same widths: resnet20 at flops=2x scored 5 distinct width
     vectors in 20 evaluations (a real run: 3), and a 4-conv CNN 2 of the 5 its guidance allows. Drawing again
-    until the widths are new, and swapping a width between two units where the Gaussian moves have run out, the search
-    scores 20 distinct widths."""
+    until the widths are new, the search scores 20 distinct resnet20 widths and every one of the CNN's; with
+    ``moves="mixed"``, whose swaps leave the guidance's widths, 20 distinct widths of the CNN too."""
     from autocompress.annealing import simulated_annealing
     from autocompress.config import SearchConfig
     from autocompress.models.resnet_cifar import resnet20
@@ -570,16 +572,23 @@ def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arc
         model, example = conv_chain([16, 32, 64, 64]), torch.zeros(1, 1, 28, 28)
     space = PruningSpace.build(model, example, dims=("filter",), channel_multiple=8)
     sampler = ActionSampler.from_space(space, "flops", target, guidance="channel")
+    rng = np.random.default_rng(0)
+    allowed = {_kept_widths(space, model, sampler.to_rates(sampler.meet(rng.random(len(sampler.units)))))
+               for _ in range(300 if arch == "cnn" and moves == "gaussian" else 0)}
     scored: list[tuple[int, ...]] = []
     config = SearchConfig(max_evaluations=20).annealing(0)
-    perturb, record = sampler.explorer(config.perturbation_magnitude)
+    perturb, record = sampler.explorer(config.perturbation_magnitude, moves)
     simulated_annealing(sampler.initial_action(), lambda a: scored.append(
         _kept_widths(space, model, sampler.to_rates(a))) or 0.0, perturb, config, on_step=record)
-    assert len(scored) == 20 and len(set(scored)) == 20
+    assert len(scored) == 20
+    if allowed:  # 300 random directions find every width vector its guidance allows
+        assert set(scored) == allowed, (len(allowed), len(set(scored)))
+    else:
+        assert len(set(scored)) == 20
 
 
 def test_the_explorer_moves_locally_as_the_magnitude_falls():
-    """At the starting magnitude every move of the explorer is Gaussian (it re-fits every unit); at a magnitude
+    """With ``moves="mixed"``: at the starting magnitude every move of the explorer is Gaussian (it re-fits every unit); at a magnitude
     near 0 every move is a swap, changing the widths of two filter groups at most (without give-back)."""
     from autocompress.space import PruningSpace
 
@@ -587,7 +596,7 @@ def test_the_explorer_moves_locally_as_the_magnitude_falls():
     space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), dims=("filter",), channel_multiple=8)
     sampler = ActionSampler.from_space(space, "flops", 2.0)
     sampler.give_back = None
-    perturb, _ = sampler.explorer(0.1)
+    perturb, _ = sampler.explorer(0.1, "mixed")
     start = sampler.initial_action()
     rng = np.random.default_rng(0)
 

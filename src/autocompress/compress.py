@@ -777,7 +777,7 @@ class Compression:
         planned = config.planned_evaluations()
         with tqdm(total=planned, desc=f"round {state.index} search", disable=not self.pipeline.progress,
                   leave=False) as bar:
-            perturb, record = sampler.explorer(config.perturbation_magnitude)
+            perturb, record = sampler.explorer(config.perturbation_magnitude, self.config.search.moves)
             started = time.perf_counter()
 
             def on_step(step) -> None:

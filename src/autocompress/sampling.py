@@ -33,9 +33,9 @@ Choices the paper leaves open (ours, exposed as arguments):
   aligned widths map small noise back onto the action, and a search scoring the same widths again learns
   nothing (beyond the paper; a resnet20 flops=2x search at channel multiple 8 scored 3 distinct candidates in
   20, BENCHMARKS.md, "Session 19").
-* **Local moves** (beyond the paper): as the temperature falls, a growing share of the search's moves are
-  swaps (:meth:`ActionSampler.swap`): one unit a width wider, another pruned just enough more to meet the
-  target, the rest unchanged; a Gaussian move re-fit to the target changes most units at once.
+* **Local moves** (beyond the paper; ``moves="mixed"``, not the default): as the temperature falls, a growing share
+  of the search's moves are swaps (:meth:`ActionSampler.swap`): one unit a width wider, another pruned just enough
+  more to meet the target, the rest unchanged; a Gaussian move re-fit to the target changes most units at once.
 """
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ GUIDANCES = ("layer", "channel")
 #: follow the guidance) or ``"magnitude"`` (:meth:`ActionSampler.magnitude_action`: one global threshold on the
 #: weights' relative magnitudes).
 STARTS = ("guided", "magnitude")
+#: The search's moves (``search.moves``): ``"gaussian"`` (:meth:`ActionSampler.perturb`: noise on every rate, re-fit
+#: to the target) or ``"mixed"`` (a growing share of :meth:`ActionSampler.swap` as the temperature falls).
+MOVES = ("gaussian", "mixed")
 #: threshold halvings of :meth:`ActionSampler.magnitude_action` (the rates step by whole channels long before)
 BISECTIONS = 50
 
@@ -523,14 +526,14 @@ class ActionSampler:
             low, high = (mid, high) if self.keeps(_with(action, index, mid))[index] > kept else (low, mid)
         return _with(action, index, low)
 
-    def explorer(self, magnitude: float) -> tuple[Callable, Callable]:
+    def explorer(self, magnitude: float, moves: str = "gaussian") -> tuple[Callable, Callable]:
         """``(perturb, record)`` for :func:`autocompress.annealing.simulated_annealing`. ``perturb(action,
-        step_magnitude, rng)`` is a local :meth:`swap` with probability ``1 - step_magnitude / magnitude`` (the
-        search's starting magnitude: the share of local moves grows as the temperature falls), else (or when no
-        swap gives new widths) a Gaussian :meth:`perturb`, then a swap after all when that finds no new widths;
-        both avoid the widths of every candidate scored so far, which ``record(step)`` (call it from ``on_step``)
-        adds from the new entries of ``step.trajectory``. The set follows the trajectory alone, so every rank of
-        a distributed search holds the same one."""
+        step_magnitude, rng)`` is a Gaussian :meth:`perturb`; with ``moves="mixed"`` it is a local :meth:`swap`
+        with probability ``1 - step_magnitude / magnitude`` (the search's starting magnitude: the share of local
+        moves grows as the temperature falls), else (or when no swap gives new widths) a Gaussian move, then a
+        swap after all when that finds no new widths. Both avoid the widths of every candidate scored so far,
+        which ``record(step)`` (call it from ``on_step``) adds from the new entries of ``step.trajectory``. The set
+        follows the trajectory alone, so every rank of a distributed search holds the same one."""
         scored: set[tuple[int, ...]] = set()
         counted = 0  # trajectory entries already in `scored`
 
@@ -540,18 +543,21 @@ class ActionSampler:
                 scored.update(self.keeps(np.asarray(entry["action"])) for entry in step.trajectory[counted:])
             counted = len(step.trajectory)
 
-        def perturb(action: np.ndarray, step_magnitude: float, rng: np.random.Generator) -> np.ndarray:
+        def gaussian(action: np.ndarray, step_magnitude: float, rng) -> np.ndarray:
+            return self.perturb(action, step_magnitude, rng, avoid=scored)
+
+        def mixed(action: np.ndarray, step_magnitude: float, rng: np.random.Generator) -> np.ndarray:
             global_share = step_magnitude / magnitude if magnitude > 0 else 0.0
             local = self.swap(action, rng, avoid=scored) if rng.random() >= global_share else None
             if local is not None:
                 return local
-            moved = self.perturb(action, step_magnitude, rng, avoid=scored)
+            moved = gaussian(action, step_magnitude, rng)
             if self.keeps is None or self.keeps(moved) not in {self.keeps(action), *scored}:
                 return moved
             local = self.swap(action, rng, avoid=scored)  # the Gaussian found no new widths: a swap may
             return moved if local is None else local
 
-        return perturb, record
+        return (mixed if moves == "mixed" else gaussian), record
 
     def compression(self, action: np.ndarray) -> float:
         """``original / cost(action)``: the compression rate (x) the action reaches."""
