@@ -890,6 +890,23 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
         assert built == [("sgd", 0.01), ("sgd", 0.01)]
 
 
+def test_distillation_is_turned_off_for_a_regressor_of_several_values(caplog):
+    """A fresh user's regressor of 4 values per image was distilled with a KL divergence of softmaxes over its
+    values (its output has >= 2 channels): float targets of the output's shape that are no class probabilities
+    say it regresses, so distillation is off (and the default loop trains with AdamW)."""
+    x, _ = images(96, 0)
+    values = torch.rand(96, CLASSES, generator=torch.Generator().manual_seed(0))  # rows do not sum to 1
+    train = DataLoader(TensorDataset(x, values), batch_size=16)
+    run = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=train, loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+                                     score_fn=lambda m: 0.5), config={"budget": 2})
+    assert not run.config.distillation.enabled and not run.config.quick_eval.finetune_distill
+    assert run.config.retrain.optimizer == "adamw"
+    assert any(r.getMessage().startswith("distillation from the base is off: the forward returns a tensor of shape "
+                                         "[16, 3] on a training batch, whose training targets (batch[1]) are not "
+                                         "class indices") for r in caplog.records)
+
+
 def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
     the loss was only halved), so the run turns it off, says so, and stores it off."""

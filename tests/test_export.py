@@ -58,13 +58,15 @@ def test_both_column_conv_paths_export(tmp_path, mode):
 
 def test_a_model_the_torchscript_exporter_refuses_goes_through_torch_export(tmp_path, capfd):
     """Adaptive average pooling from 7x7 to 3x3 (not a divisor) is refused by the TorchScript exporter, which
-    prints its whole graph on stderr; the torch.export-based exporter writes it (opset >= 18), stderr stays
-    quiet, and onnxruntime agrees with PyTorch at other batch sizes."""
+    prints its whole graph ("Torch IR graph at exception", on stdout in torch 2.14); the torch.export-based
+    exporter writes it (opset >= 18), stdout and stderr stay quiet (a fresh user saw ~60 lines per export), and
+    onnxruntime agrees with PyTorch at other batch sizes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 2))
     out = export_onnx(model.eval(), torch.randn(1, 1, 7, 7), tmp_path / "a.onnx")
     assert out.max_abs_diff <= out.tolerance and out.opset >= 18
-    assert "graph" not in capfd.readouterr().err
+    printed = capfd.readouterr()
+    assert "graph" not in printed.err and "graph" not in printed.out
     session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
     batch = torch.randn(4, 1, 7, 7)
     with torch.no_grad():

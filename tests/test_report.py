@@ -76,3 +76,12 @@ def test_validation_columns_are_marked_as_the_runs_own_data_when_no_test_column_
     assert line[0] in final_text({"target": "flops=3x", "rows": [base, comp]}).splitlines()
     assert validation_lines({"rows": [{**base, "test_top1": 1.0}, {**comp, "test_top1": 1.0}]}) == []
     assert validation_lines({"rows": [{"model": "base", "params": 1}, {"model": "compressed", "params": 1}]}) == []
+
+
+def test_a_callers_small_score_keeps_its_digits_in_the_final_table():
+    """A fresh user's score (minus a validation MSE of ~0.0006) read "-0.00" for both models and "+0.00" as the
+    difference at two decimals; a caller's score keeps 4 significant digits."""
+    base = {"model": "base", "val_score": -0.000634, "params": 3000, "macs": 9000}
+    comp = {"model": "compressed", "val_score": -0.000272, "params": 1000, "macs": 3000}
+    text = final_text({"target": "flops=3x", "rows": [base, comp]})
+    assert "-0.000634" in text and "-0.000272" in text and "+0.000362" in text

@@ -383,18 +383,23 @@ class Compression:
     def _check_distillation(self, output: Any) -> None:
         """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning on
         the ``autocompress`` logger, when the base's forward ``output`` on a training batch (:meth:`Task.check`'s)
-        holds no class scores to distil (:func:`distillable`: a regression output of one channel, a dict): its
-        soft term would be 0 or fail mid-run. The settings stored for the run (``config.yaml``) say it is off."""
+        holds no class scores to distil (:func:`distillable`: a regression output of one channel, a dict: its soft
+        term would be 0 or fail mid-run), or when the batch's targets say it regresses (``Task.classifies`` False:
+        a softmax over a regressor's values means nothing). The settings stored for the run (``config.yaml``) say
+        it is off."""
         quick = self.config.quick_eval
         scorer_distils = resolved_scorer(quick.scorer) == "finetune" and quick.finetune_distill
-        if not (self.config.distillation.enabled or scorer_distils) or distillable(output):
+        classes = distillable(output)
+        if not (self.config.distillation.enabled or scorer_distils) or (classes and self.task.classifies is not False):
             return
         self.config = dataclasses.replace(
             self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),
             quick_eval=dataclasses.replace(quick, finetune_distill=False))
+        why = ("whose training targets (batch[1]) are not class indices or probabilities for it (a regression)"
+               if classes else "not class scores [B, classes >= 2, ...]")
         warning = (f"distillation from the base is off: the forward returns {kind_of(output)} on a training batch, "
-                   "not class scores [B, classes >= 2, ...] whose softened outputs it compares (distillation.enabled "
-                   "and quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
+                   f"{why}, and distillation compares softened class scores (distillation.enabled and "
+                   "quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
                    "alone (pass forward_fn returning class scores to distil)")
         logging.getLogger("autocompress").warning(warning)
 

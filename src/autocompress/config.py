@@ -345,9 +345,10 @@ class CompressConfig:
         latency = self.target is not None and Target.parse(self.target).objective == "latency"
         return "filter" if latency else "filter,column"
 
-    def for_task(self, classifies: bool) -> "CompressConfig":
+    def for_task(self, classifies: bool | None) -> "CompressConfig":
         """This config with ``retrain.optimizer`` resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training
-        targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), else ``"adamw"``)
+        targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), else ``"adamw"``,
+        also when they cannot be read)
         and the unset learning rates (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``) at that optimiser's
         :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps grow with the loss's scale: an AdamW-trained
         denoiser (mean squared error ~0.008) retrained with SGD at lr 0.01 for 3 epochs ended 1.96 dB below the

@@ -128,7 +128,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     propagates when both fail.
     """
     try:
-        with _stderr_silenced():
+        with _output_silenced():
             return _torchscript_bytes(model, example, opset)
     except Exception as first:  # the exporter raises many types for unsupported ops
         try:
@@ -167,18 +167,24 @@ def _dynamo_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
-    """File descriptor 2 pointed at a temporary file within the block (the exporter's C++ code writes the
-    whole graph there when it fails)."""
+def _output_silenced():
+    """File descriptors 1 and 2 pointed at a temporary file within the block: when the TorchScript exporter
+    fails (e.g. adaptive pooling to a size that does not divide the input) it prints the whole graph, ~60 lines
+    of "Torch IR graph at exception" on stdout for a small CNN, before the fallback exports the model."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [os.dup(1), os.dup(2)]
     with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy_ in zip((1, 2), saved):
+                os.dup2(copy_, fd)
+                os.close(copy_)
 
 
 def opset_of(data: bytes) -> int:

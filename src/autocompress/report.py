@@ -139,6 +139,11 @@ def _fmt(value: Any) -> str:
     return _num(value, ",.2f" if isinstance(value, float) else ",")
 
 
+def _fmt_score(value: Any) -> str:
+    """A caller's score: 4 significant digits (a validation MSE of 0.000634 read "-0.00" at two decimals)."""
+    return _num(value, ".4g")
+
+
 def _compare(base: Any, comp: Any, kind: str) -> str:
     """The reduction-row cell of one column: ``"ratio"`` base / compressed, ``"points"`` / ``"difference"``
     compressed - base; "-" when a value is not a number or the ratio would divide by 0."""
@@ -147,7 +152,9 @@ def _compare(base: Any, comp: Any, kind: str) -> str:
         return "-"
     if kind == "ratio":
         return f"{base / comp:.2f}x"
-    return f"{comp - base:+.2f}" + (" pts" if kind == "points" else "")
+    if kind == "difference":
+        return f"{comp - base:+.4g}"
+    return f"{comp - base:+.2f} pts"
 
 
 #: the final table's columns: record key, header, how the reduction row compares base and compressed
@@ -247,7 +254,8 @@ def final_table_rows(final: dict) -> list[list[str]]:
     columns = [c for c in FINAL_COLUMNS + deployed_columns(final) if all(row.get(c[0]) is not None
                                                                           for row in final["rows"])]
     rows = [["model"] + [header for _, header, _ in columns]]
-    rows += [[_fmt(row.get("model", ""))] + [_fmt(row[key]) for key, _, _ in columns] for row in final["rows"]]
+    rows += [[_fmt(row.get("model", ""))] + [(_fmt_score if key == "val_score" else _fmt)(row[key])
+                                              for key, _, _ in columns] for row in final["rows"]]
     if len(final["rows"]) == 2:
         base, comp = final["rows"]
         rows.append(["reduction"] + [_compare(base[key], comp[key], kind) for key, _, kind in columns])
@@ -336,7 +344,7 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
         rows = [["round", "target", "parameters", "MACs", "validation top-1 (%)" if score == "val_top1" else
                  "validation score"]]
         rows += [[_fmt(r["round"]), f"{_fmt(r['target'])}x", _fmt(r["params"]), _fmt(r["macs"]),
-                  _fmt(r.get(score))] for r in rounds]
+                  (_fmt if score == "val_top1" else _fmt_score)(r.get(score))] for r in rounds]
         parts += ["<h2>Rounds</h2>", _html_table(rows)]
     for plot in (_plot_accuracy(rounds, base), _plot_layers(rounds, "filters", "kept filters per layer"),
                  _plot_layers(rounds, "columns", "kept columns per layer")):

@@ -216,8 +216,10 @@ class Task:
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA.
         layout: whether batches and weights go channels-last on the CPU (:func:`channels_last`); :meth:`check`
             turns it off for a model whose forward fails in that layout.
-        classifies: set by :meth:`check`: the first training batch is an ``(inputs, targets)`` pair whose targets
-            are class indices (or class probabilities) for the forward's output ``[B, classes >= 2, ...]``.
+        classifies: set by :meth:`check` from the first training batch: True when it is an ``(inputs, targets)``
+            pair whose targets are class indices (or class probabilities) for the forward's output
+            ``[B, classes >= 2, ...]``, False when its targets are another tensor (regression), None when its
+            targets cannot be read (batches of another form).
     """
 
     train_loader: Iterable
@@ -228,7 +230,7 @@ class Task:
     score_fn: ScoreFn | None = None
     amp: str | None = None
     layout: bool = True
-    classifies: bool = False
+    classifies: bool | None = None
 
     # --- running batches ----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -364,8 +366,10 @@ class Task:
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
             train_output = self._check_batch(model, first, "train_loader")
-            self.classifies = (isinstance(train_output, torch.Tensor) and train_output.dim() >= 2 and _is_pair(first)
-                               and class_target_problem(train_output, first[1]) is None)
+            targets = first[1] if _is_pair(first) else None
+            self.classifies = None if not isinstance(targets, torch.Tensor) else (
+                isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
+                and class_target_problem(train_output, targets) is None)
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
                 _check_class_targets(train_output, first[1], "train_loader", "the default loss (cross-entropy)",
