@@ -109,8 +109,8 @@ class ADMMConfig:
         """The W-step's settings with ``optimizer`` (:data:`autocompress.training.OPTIMIZERS`) as a
         :class:`autocompress.training.TrainConfig` (cosine schedule), validated; ``names`` names a bad value in the
         UserError (see ``TrainConfig.validate``)."""
-        lr = training.FINE_TUNING_LR.get(optimizer, 0.0) if self.lr is None else self.lr
-        return training.TrainConfig(epochs=max(1, self.epochs), lr=lr, optimizer=optimizer, momentum=self.momentum,
+        return training.TrainConfig(epochs=max(1, self.epochs), lr=training.fine_tuning_lr(self.lr, optimizer),
+                                    optimizer=optimizer, momentum=self.momentum,
                                     nesterov=self.momentum > 0, weight_decay=self.weight_decay,
                                     label_smoothing=self.label_smoothing, schedule="cosine").validate(names=names)
 

@@ -30,7 +30,7 @@ from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import VAL_BATCHES, check_batches, check_scorer
 from .sampling import GUIDANCES, MOVES, STARTS
-from .training import FINE_TUNING_LR, OPTIMIZERS, SCHEDULES, OptimizerSettings, TrainConfig
+from .training import OPTIMIZERS, SCHEDULES, OptimizerSettings, TrainConfig, fine_tuning_lr
 
 #: ``dims`` values -> unit kinds pruned
 DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
@@ -239,7 +239,7 @@ class RetrainConfig(OptimizerSettings):
         naming ``retrain.<field>``."""
         optimizer = "sgd" if self.optimizer == AUTO else self.optimizer
         values = {**dataclasses.asdict(self), "optimizer": optimizer,
-                  "lr": FINE_TUNING_LR.get(optimizer, 0.0) if self.lr is None else self.lr,
+                  "lr": fine_tuning_lr(self.lr, optimizer),
                   **({} if epochs is None else {"epochs": epochs})}
         config = TrainConfig(**values)
         return _naming("retrain", lambda: config.validate(epochs_flag="retrain.epochs", retraining=True,
@@ -357,15 +357,12 @@ class CompressConfig:
         optimizer = self.retrain.optimizer
         if optimizer == AUTO:
             optimizer = "sgd" if classifies else "adamw"
-        lr = FINE_TUNING_LR[optimizer]
-
-        def pick(value: float | None) -> float:
-            return lr if value is None else value
-
         return dataclasses.replace(
-            self, retrain=dataclasses.replace(self.retrain, optimizer=optimizer, lr=pick(self.retrain.lr)),
-            admm=dataclasses.replace(self.admm, lr=pick(self.admm.lr)),
-            quick_eval=dataclasses.replace(self.quick_eval, finetune_lr=pick(self.quick_eval.finetune_lr)))
+            self, retrain=dataclasses.replace(self.retrain, optimizer=optimizer,
+                                              lr=fine_tuning_lr(self.retrain.lr, optimizer)),
+            admm=dataclasses.replace(self.admm, lr=fine_tuning_lr(self.admm.lr, optimizer)),
+            quick_eval=dataclasses.replace(self.quick_eval,
+                                           finetune_lr=fine_tuning_lr(self.quick_eval.finetune_lr, optimizer)))
 
     @property
     def resolved_guidance(self) -> str:

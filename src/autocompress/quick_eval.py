@@ -49,7 +49,7 @@ from .errors import UserError
 from .masks import MaskEnforcer, apply_masks
 from .projection import project
 from .task import move
-from .training import FINE_TUNING_LR, OPTIMIZERS, train_epoch
+from .training import TrainConfig, build_optimizer, fine_tuning_lr, train_epoch
 
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"finetune"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
@@ -190,7 +190,8 @@ class QuickEvaluator:
 
     Raises:
         UserError: a batch count below 1 (:func:`check_batches`), a bad scorer setting (:func:`check_scorer`),
-            or ``"refit"`` on a model whose output is not ``[B, classes]`` from a final ``nn.Linear``.
+            an unknown ``optimizer``, or ``"refit"`` on a model whose output is not ``[B, classes]`` from a final
+            ``nn.Linear``.
     """
 
     def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
@@ -199,13 +200,11 @@ class QuickEvaluator:
                  teacher: nn.Module | None = None, seed: int = 0, example_inputs: Any = None):
         check_batches(bn_batches, val_batches)
         check_scorer(scorer, finetune_steps, finetune_lr)
-        if optimizer not in OPTIMIZERS:
-            raise UserError(f"optimizer={optimizer!r} is unknown", f"use one of {', '.join(OPTIMIZERS)}")
-        self.optimizer = optimizer
+        self._tuning = TrainConfig(epochs=1, lr=fine_tuning_lr(finetune_lr, optimizer), optimizer=optimizer,
+                                   momentum=0.9, nesterov=False, weight_decay=0.0).validate(names=lambda field: field)
         self.space, self.task, self.seed, self._example = space, task, seed, example_inputs
         self.bn_recalibration = bn_recalibration
         self.finetune_steps = finetune_steps
-        self.finetune_lr = FINE_TUNING_LR[optimizer] if finetune_lr is None else finetune_lr
         self._model = copy.deepcopy(model)
         self._initial = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
         teacher = model if teacher is None else teacher
@@ -377,9 +376,7 @@ class _FineTuning:
 
     def __init__(self, model: nn.Module, param_masks: dict[str, torch.Tensor], evaluator: QuickEvaluator):
         self.model, self.evaluator, self.done = model, evaluator, 0
-        self.optimizer = (torch.optim.AdamW(model.parameters(), lr=evaluator.finetune_lr, weight_decay=0.0)
-                          if evaluator.optimizer == "adamw" else
-                          torch.optim.SGD(model.parameters(), lr=evaluator.finetune_lr, momentum=0.9))
+        self.optimizer = build_optimizer(model, evaluator._tuning)
         self.enforcer = MaskEnforcer(model, param_masks).attach(self.optimizer)
         self.stream = evaluator._tuning_batches()
 

@@ -46,6 +46,12 @@ OPTIMIZERS = ("sgd", "adamw")
 FINE_TUNING_LR = {"sgd": 0.01, "adamw": 0.001}
 
 
+def fine_tuning_lr(lr: float | None, optimizer: str) -> float:
+    """``lr``, or when None ``optimizer``'s :data:`FINE_TUNING_LR` (0 for an unknown optimiser, which
+    :meth:`TrainConfig.validate` then refuses by name)."""
+    return FINE_TUNING_LR.get(optimizer, 0.0) if lr is None else lr
+
+
 def above_bars(log: Callable[[str], None]) -> Callable[[str], None]:
     """``log`` writing while the progress bars are cleared, then redrawn (``tqdm.external_write_mode``): a line
     logged within an epoch stands on its own line above the bar instead of inside it."""
@@ -470,4 +476,5 @@ def _summary(history: list[dict]) -> dict:
 
 
 __all__ = ["FINE_TUNING_LR", "OPTIMIZERS", "OptimizerSettings", "SCHEDULES", "TrainConfig", "build_optimizer",
-           "build_scheduler", "check_model_input", "evaluate", "fit", "resumable_state", "seeded", "train_epoch"]
+           "build_scheduler", "check_model_input", "evaluate", "fine_tuning_lr", "fit", "resumable_state", "seeded",
+           "train_epoch"]
