@@ -875,14 +875,17 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
     train, val = loaders()
     x, y = images(96, 0)
     levels = DataLoader(TensorDataset(x, y[:, None].float()), batch_size=16)
+    lines: list[str] = []
     run = Compression(Regressor(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
-                      task_args=dict(train_loader=levels, loss_fn=lambda model, batch: F.mse_loss(model(batch[0]),
+                      log=lines.append, task_args=dict(train_loader=levels, loss_fn=lambda model, batch: F.mse_loss(model(batch[0]),
                                      batch[1]), score_fn=lambda model: 0.5), config=CONFIG, run_dir=tmp_path / "run")
     run.run()
     assert built == [("adamw", 0.001), ("adamw", 0.001)]  # ADMM, then retraining
     assert steps and set(steps) == {("AdamW", 0.001)}
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert stored["retrain"]["optimizer"] == "adamw" and stored["quick_eval"]["finetune_lr"] == 0.001
+    assert ("default training loop: adamw, lr 0.001 (retraining), 0.001 (ADMM), 0.001 (search fine-tuning) "
+            "(retrain.optimizer auto: the training targets are not class indices for the output)") in lines
     for loss in (None, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])):
         built.clear()
         Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,

@@ -422,3 +422,43 @@ def test_outputs_that_cannot_be_distilled_name_the_setting_that_turns_distillati
     with pytest.raises(UserError, match=r"got a tuple; pass forward_fn returning the class scores, or set "
                                         r"quick_eval.finetune_distill: false"):
         distiller(torch.zeros(2, 3), (torch.zeros(2, 3), torch.zeros(2, 2)), torch.tensor(1.0))
+
+
+def _scored_pipeline(score_fn, distillation: dict | None = None):
+    """A Pipeline over a Linear base whose caller's ``score_fn`` reads the model's ``score`` attribute."""
+    from types import SimpleNamespace
+
+    from autocompress.config import CompressConfig
+    from autocompress.rounds import Pipeline
+
+    base = nn.Linear(1, 1)
+    config = CompressConfig.from_dict({"distillation": {"enabled": True, **(distillation or {})}}, validate=False)
+    lines: list[str] = []
+    pipeline = Pipeline(task=Task(None, score_fn=score_fn), config=config, example_inputs=(torch.zeros(1, 1),),
+                        base_model=base, progress=False, log=lines.append)
+    return pipeline, SimpleNamespace(index=1), lines
+
+
+@pytest.mark.parametrize("base_score", [-6e-4, 30.0])
+def test_the_stop_margin_of_a_callers_score_is_a_fraction_of_the_base_score(base_score):
+    """A fresh user's regressor scored by minus its validation MSE (6e-4): an absolute margin of 0.01 never
+    fired. The margin is now 1 % of |base score|: a student 1.2 % of it above the base stops distilling, one
+    0.8 % above does not (and so for a PSNR of 30 dB)."""
+    def score_fn(model):
+        return getattr(model, "score", base_score)
+
+    pipeline, state, lines = _scored_pipeline(score_fn)
+    release = pipeline._release(state)
+    student = nn.Linear(1, 1)
+    student.score = base_score + 0.008 * abs(base_score)
+    assert release(student, {}, "after epoch 1") is False
+    student.score = base_score + 0.012 * abs(base_score)
+    stats: dict = {}
+    assert release(student, stats, "after epoch 2") is True and stats == {"val_score": student.score}
+    assert f"stop_margin 0.01 x |base score| = {0.01 * abs(base_score):.3g} above its teacher" in lines[-1]
+
+
+def test_the_top1_stop_margin_stays_in_points():
+    """The default top-1 (a fraction) keeps its meaning: 0.01 = one point, whatever the base's top-1."""
+    pipeline, _, _ = _scored_pipeline(None)
+    assert pipeline.score_scale == 1.0

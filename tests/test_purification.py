@@ -213,3 +213,26 @@ def test_purification_keeps_channels_a_normalisation_reads():
         assert bool(result.masks.filters["a"].all())  # ...but the normalisation does: they stay
         out = compact(work, result.param_masks, x).model
         assert torch.allclose(_out(out, x), _out(masked, x), atol=1e-6)
+
+
+def test_a_callers_score_is_purified_within_a_fraction_of_its_base_score():
+    """``purification.tolerance`` of a ``score_fn`` is a fraction of |base score|: the demo base's top-1 scaled by
+    1e-3 (scores ~2e-4) with tolerance 0.02 / base top-1 accepts what 0.02 points of plain top-1 accept (the first
+    threshold, not the second); the old absolute tolerance accepted every threshold of so small a score."""
+    from types import SimpleNamespace
+
+    from autocompress.config import CompressConfig
+    from autocompress.rounds import Pipeline
+    from autocompress.task import Task
+
+    model, space, masks, val = _purify_setup(column_rate=0.3)
+    base_top1 = val(model)
+    tolerance = 0.02 / base_top1
+    config = CompressConfig.from_dict({"purification": {"tolerance": tolerance, "thresholds": [0.3, 0.6, 0.9, 1.2]}},
+                                      validate=False)
+    pipeline = Pipeline(task=Task(None, score_fn=lambda net: 1e-3 * val(net)), config=config,
+                        example_inputs=(torch.zeros(1, 1, 28, 28),), base_model=model, progress=False, log=None)
+    result = pipeline._purification(copy.deepcopy(model), SimpleNamespace(space=space), masks)
+    assert [t["accepted"] for t in result.trials] == [True, False]
+    for trial in result.trials:
+        assert trial["accepted"] == (trial["top1"] >= result.top1_before - tolerance * 1e-3 * base_top1)

@@ -328,11 +328,14 @@ class Compression:
                                        needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self._check_distillation(train_output)
+        asked = self.config.retrain.optimizer
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log, channel_multiple=self.multiple,
                                  base_score=self.base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
+        if train_fn is None:
+            self.pipeline.log(self.config.describe_loop(asked, self.task.classifies))
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")

@@ -203,7 +203,9 @@ class QuickEvalConfig:
 @dataclass
 class PurificationConfig:
     """Purification (Ma et al. arXiv 1905.00136): ``enabled``, and ``tolerance`` / ``thresholds`` of
-    :func:`autocompress.purification.purify` (tolerance in the score's units: 0.005 = 0.5 points of top-1).
+    :func:`autocompress.purification.purify`. ``tolerance``: the largest accepted drop of the validation score, as
+    a fraction of :attr:`autocompress.rounds.Pipeline.score_scale` (top-1: 0.005 = 0.5 points; a ``score_fn``:
+    0.5 % of the base model's ``|score|``, so one setting holds for an MSE of 6e-4 and a PSNR of 30 dB).
 
     ``refit``: in ``compress``, when purification leaves the round's model below its budget (the search met
     the target before purification, which then removed dead and near-zero units too), hard-prune the ADMM
@@ -363,6 +365,17 @@ class CompressConfig:
             admm=dataclasses.replace(self.admm, lr=fine_tuning_lr(self.admm.lr, optimizer)),
             quick_eval=dataclasses.replace(self.quick_eval,
                                            finetune_lr=fine_tuning_lr(self.quick_eval.finetune_lr, optimizer)))
+
+    def describe_loop(self, asked: str, classifies: bool | None) -> str:
+        """A log line on the default training loop of this config resolved by :meth:`for_task`: its optimiser,
+        learning rates, and why ``auto`` chose the optimiser (``asked``: ``retrain.optimizer`` as given)."""
+        why = ""
+        if asked == AUTO:
+            targets = ("class indices or probabilities for the output" if classifies else
+                       "not class indices for the output" if classifies is False else "not readable as class indices")
+            why = f" (retrain.optimizer auto: the training targets are {targets})"
+        return (f"default training loop: {self.retrain.optimizer}, lr {self.retrain.lr:g} (retraining), "
+                f"{self.admm.lr:g} (ADMM), {self.quick_eval.finetune_lr:g} (search fine-tuning){why}")
 
     @property
     def resolved_guidance(self) -> str:

@@ -272,6 +272,18 @@ class Pipeline:
             return {f"val_top1{suffix}": None if value is None else 100.0 * value}
         return {f"val_score{suffix}": value}
 
+    @property
+    def score_scale(self) -> float:
+        """What ``purification.tolerance`` and ``distillation.stop_margin`` are fractions of: 1 for the default
+        top-1 (a fraction: 0.005 = half a point), the base model's ``|score_fn|`` for a caller's score (0.005 =
+        0.5 % of it: the same settings hold for an MSE of 6e-4 and a PSNR of 30 dB; 0 for a base scoring 0, then
+        no drop is tolerated). Measures the base's score when the caller did not give it."""
+        if self.task.score_fn is None:
+            return 1.0
+        if self.base_score is None:
+            self.base_score = self.task.score(self.base_model)
+        return abs(self.base_score)
+
     def describe(self, value: float | None) -> str:
         """A score for a log line: ``val top-1 92.31%`` for the default top-1, else ``validation score x``."""
         if value is None:
@@ -437,9 +449,11 @@ class Pipeline:
         """Purification (unused path removal, then redundant weight removal checked against the score) of
         ``model`` hard-pruned to ``masks``, in place: :func:`autocompress.purification.purify`."""
         settings = self.config.purification
+        scored = self.task.can_score
         return purify(model, state.space, masks, example_inputs=self.example_inputs,
-                      score=self.task.score if self.task.can_score else None, chance=self.chance,
-                      tolerance=settings.tolerance, thresholds=settings.thresholds, log=log, describe=self.describe)
+                      score=self.task.score if scored else None, chance=self.chance,
+                      tolerance=settings.tolerance * self.score_scale if scored else settings.tolerance,
+                      thresholds=settings.thresholds, log=log, describe=self.describe)
 
     def _refit(self, state: RoundState, result, admm_model: nn.Module) -> tuple[Any, list[dict]]:
         """Meet the round's budget tightly after purification: the searched rates met it before purification,
@@ -532,16 +546,18 @@ class Pipeline:
         margin = self.config.distillation.stop_margin
         if self.distiller is None or margin is None or not self.task.can_score:
             return None
+        scale = self.score_scale
         if self.base_score is None:
             self.base_score = self.task.score(self.base_model)
         base = self.base_score
+        of_base = "" if self.task.score_fn is None else f" x |base score| = {margin * scale:.3g}"
 
         def release(model: nn.Module, stats: dict, when: str) -> bool:
             score = self.task.score(model)
             stats.update(self.scored(score))
-            above = score - base > margin
-            passed = (f": more than distillation.stop_margin {margin:g} above its teacher, it trains on the labels "
-                      "alone from now on") if above else ""
+            above = score - base > margin * scale
+            passed = (f": more than distillation.stop_margin {margin:g}{of_base} above its teacher, it trains on "
+                      "the labels alone from now on") if above else ""
             self.log(f"round {state.index} retraining, distillation stop test {when}: {self.describe(score)} against "
                      f"the base's {self.describe(base)}{passed}")
             return above
