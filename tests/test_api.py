@@ -608,6 +608,40 @@ def test_a_group_feeding_a_hard_coded_channel_count_is_left_out_before_any_work(
     assert columns == (["conv1", "conv2", "fc"] if "column" in dims else [])
 
 
+def test_prune_leaves_out_a_group_feeding_a_hard_coded_channel_count():
+    """A fresh user's prune() with a default rate was refused for the whole model ("filter pruning cannot remove
+    channels from this model") where compress leaves the one group out: prune() probes the same way, prunes
+    conv1's filters, keeps conv2's channels, and the compact model computes what the masked one does (the output
+    is checked on a fresh batch against the model masked by the returned masks). A rate naming conv2 is refused
+    with the reason."""
+    import copy
+
+    from autocompress.admm import ADMMConfig
+    from autocompress.pruning import prune
+    from autocompress.training import TrainConfig
+
+    model, example = HardCodedView(), torch.randn(1, 1, 8, 8)
+    lines: list[str] = []
+    result = prune(model, {"default": 0.5}, example_inputs=example, dims=("filter",), retrain=TrainConfig(epochs=0),
+                   admm=ADMMConfig(epochs=0), purify=False, device="cpu", progress=False, log=lines.append)
+    assert result.report["kept"]["filters"] == {"conv1": [4, 8]}
+    assert "the compact model breaks" in result.report["excluded"]["conv2"]
+    assert any(line.startswith("not filter-pruned: conv2") for line in lines)
+    masked = copy.deepcopy(model).eval()
+    keep = result.masks.filters["conv1"]
+    with torch.no_grad():
+        for param in (masked.conv1.weight, masked.conv1.bias, masked.bn1.weight, masked.bn1.bias):
+            if param is not None:
+                param[~keep] = 0
+        batch = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(result.compact_model(batch), masked(batch), rtol=1e-5, atol=1e-5)
+    assert result.compact_model.conv1.out_channels == 4 and result.compact_model.conv2.out_channels == 8
+    with pytest.raises(UserError, match=r"filter unit 'conv2' is left out of the pruning space \(filter pruning: "
+                                        r"the compact model breaks"):
+        prune(model, {"filter": {"conv2": 0.5}}, example_inputs=example, dims=("filter",),
+              retrain=TrainConfig(epochs=0), admm=ADMMConfig(epochs=0), purify=False, device="cpu", progress=False)
+
+
 class ChannelNorm(nn.Module):
     """ConvNeXt's channels-first LayerNorm as the official code writes it (its own module, not an nn.LayerNorm):
     it mixes the channels it normalises, so removing some changes the others."""

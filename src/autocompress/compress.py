@@ -28,10 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, allowed_widths, check_multiple
+from .alignment import AUTO, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
-from .compaction import check_compactable, compact, compaction_failure, densify
+from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
 from .distillation import distillable
@@ -352,7 +352,7 @@ class Compression:
                               f"{self.target.objective} target)")
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
-        self._check_compactable()
+        self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
@@ -489,41 +489,6 @@ class Compression:
                 return
             problem = (f"leaves filter pruning too little room for {self.target} (its narrowest widths reach under "
                        f"{ROOM:g}x the target)")
-
-    def _check_compactable(self) -> None:
-        """Before any work, whether the model runs with fewer channels: every filter group loses one step of its
-        allowed widths (:func:`autocompress.alignment.allowed_widths`), the model is compacted and run on the
-        example inputs. A forward that writes a channel count into a shape (``x.view(-1, 40 * 7 * 7)``), or a
-        module of the user's that mixes channels (a normalisation over them), runs masked but breaks once channels
-        are removed, which would otherwise surface after training. When it breaks, each group is probed alone and
-        those that break it are left out of pruning (:attr:`autocompress.rounds.Pipeline.incompactable`, logged).
-
-        Raises:
-            UserError: the model breaks although no group alone does, or (filter pruning asked for) every group
-                does.
-        """
-        space = self.first_space
-        narrower = {g.name: 1.0 - widths[-2] / g.size for g in space.filter_groups
-                    if len(widths := allowed_widths(g.size, self.multiple)) > 1}
-        if not narrower:
-            return
-
-        def masks(rates: dict[str, float]) -> dict[str, torch.Tensor]:
-            return space.param_masks(project(space, self.first_model, {"filter": rates, "column": {}, "irregular": {}}))
-
-        try:
-            check_compactable(self.first_model, masks(narrower), self.example, channel_multiple=self.multiple)
-        except UserError:
-            failing = {name: why for name, rate in narrower.items() if (why := compaction_failure(
-                self.first_model, masks({name: rate}), self.example, channel_multiple=self.multiple))}
-            if not failing or len(failing) == len(narrower) and "filter" in self.config.kinds:
-                raise
-            for name, why in failing.items():
-                self.pipeline.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
-                                  f"compact model breaks once they are removed ({why})")
-            self.pipeline.incompactable.update(failing)
-            self.first_space = self.pipeline.space(self.first_model)
-            self._check_compactable()
 
     def _filters_cramped(self) -> bool:
         """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone, at

@@ -136,8 +136,10 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         ``records`` (the phase records, as in a compress run's ``metrics.jsonl``).
 
     Raises:
-        UserError: bad rates / dims / names / settings / arguments, a model the space or compaction cannot
-            handle, a training phase without ``train_loader``.
+        UserError: bad rates / dims / names / settings / arguments (a rate naming a unit left out of the space
+            says why), a model the space or compaction cannot handle, a training phase without ``train_loader``.
+            A filter group whose channels the compact model cannot lose (a channel count written into a shape)
+            is left out before any work, as in ``compress`` (logged; ``report["excluded"]``).
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
@@ -168,7 +170,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
                         progress=progress, log=log,
                         base_score=before)
     work = densify(base)
-    space = pipeline.space(work)
+    space = pipeline.compactable_space(work)
     state = RoundState(1, None, work, space, rates=expand_rates(space, rates, dims))
     check_compactable(work, space.param_masks(project(space, work, state.rates)), example,
                       channel_multiple=pipeline.channel_multiple)

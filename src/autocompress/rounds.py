@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from . import admm, distributed, metrics
-from .alignment import misaligned_widths
-from .compaction import compact, densify, shrink
+from .alignment import allowed_widths, misaligned_widths
+from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer
+from .projection import project
 from .purification import purify
 from .architecture import apply_architecture, describe_architecture
 from .space import BREAKS, PruningSpace
@@ -305,6 +306,43 @@ class Pipeline:
         space.check_dims(self.config.kinds if self.config.dims is not None else
                          tuple(kind for kind in self.config.kinds if kind != "column"))
         return space
+
+    def compactable_space(self, model: nn.Module, space: PruningSpace | None = None) -> PruningSpace:
+        """``space`` (default: :meth:`space` of ``model``) without the filter groups whose channels cannot be removed, found before any
+        work: every filter group loses one step of its allowed widths (:func:`autocompress.alignment.allowed_widths`),
+        the model is compacted and run on the example inputs. A forward that writes a channel count into a shape
+        (``x.view(-1, 40 * 7 * 7)``), or a module of the caller's that mixes channels (a normalisation over them),
+        runs masked but breaks once channels are removed, which would otherwise surface after training. When it
+        breaks, each group is probed alone; those that break it are left out (:attr:`incompactable`, logged) and
+        the rest probed again.
+
+        Raises:
+            UserError: the model breaks although no group alone does, or (filter pruning asked for) every group
+                does.
+        """
+        space = space if space is not None else self.space(model)
+        while True:
+            narrower = {g.name: 1.0 - widths[-2] / g.size for g in space.filter_groups
+                        if len(widths := allowed_widths(g.size, self.channel_multiple)) > 1}
+            if not narrower:
+                return space
+
+            def masks(rates: dict[str, float]) -> dict[str, torch.Tensor]:
+                return space.param_masks(project(space, model, {"filter": rates, "column": {}, "irregular": {}}))
+
+            try:
+                check_compactable(model, masks(narrower), self.example_inputs, channel_multiple=self.channel_multiple)
+                return space
+            except UserError:
+                failing = {name: why for name, rate in narrower.items() if (why := compaction_failure(
+                    model, masks({name: rate}), self.example_inputs, channel_multiple=self.channel_multiple))}
+                if not failing or len(failing) == len(narrower) and "filter" in self.config.kinds:
+                    raise
+            for name, why in failing.items():
+                self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the compact "
+                         f"model breaks once they are removed ({why})")
+            self.incompactable.update(failing)
+            space = self.space(model)
 
     # --- the round function ---------------------------------------------------------------------------
     def run_round(self, state: RoundState, *, last: bool) -> None:

@@ -498,6 +498,9 @@ class PruningSpace:
                 raise UserError(f"unknown pruning kind {kind!r} in the rates", f"use {', '.join(KINDS)}")
             valid = self._units[kind]
             for name, rate in per_unit.items():
+                if name not in valid and (why := self.reasons(kind).get(name)):
+                    raise UserError(f"{kind} unit {name!r} is left out of the pruning space ({'; '.join(why)})",
+                                    f"drop its {kind} rate (a default rate skips it)")
                 if name not in valid:
                     listing = ", ".join(valid) if valid else "(none: this space has no such units)"
                     raise UserError(f"{kind} unit {name!r} is not in the pruning space",
