@@ -167,6 +167,19 @@ def test_config_and_input_errors():
         check_model_input(create_model("lenet5"), (1, 28, 28), 100, "lenet5", "fashion-mnist")
 
 
+class _TwoOutputs(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10], x.mean()
+
+
+def test_a_model_of_several_outputs_is_sent_to_the_library_not_to_num_classes():
+    """A fresh user's two-head model was told to rebuild it with num_classes by ``autocompress evaluate``."""
+    with pytest.raises(UserError, match=r"outputs a tuple, not one tensor of class scores \(2, 10\).*use the library "
+                                        r"\(autocompress.compress with forward_fn") as info:
+        check_model_input(_TwoOutputs(), (1, 28, 28), 10, "mine", "fashion-mnist")
+    assert "num_classes" not in str(info.value)
+
+
 def test_nan_loss_is_a_user_error():
     model = _tiny()
     batches = [(torch.full((2, 1, 6, 6), float("nan")), torch.tensor([0, 1]))]

@@ -361,9 +361,13 @@ def check_model_input(model: nn.Module, input_size: tuple[int, ...], num_classes
         raise UserError(f"model {model_name} cannot take {dataset} inputs of size {size} ({detail})",
                         "choose a model made for this input size (see `autocompress inspect --list-models`)"
                         ) from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"model {model_name} outputs {shape} for {dataset} inputs of size {size}, "
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"model {model_name} outputs a {type(out).__name__}, not one tensor of class scores "
+                        f"(2, {num_classes}), for {dataset} inputs of size {size}",
+                        "the command line scores one output of class scores; for a model of several outputs use "
+                        "the library (autocompress.compress with forward_fn picking the class scores, or score_fn)")
+    if tuple(out.shape) != (2, num_classes):
+        raise UserError(f"model {model_name} outputs {tuple(out.shape)} for {dataset} inputs of size {size}, "
                         f"expected (2, {num_classes})", "build it with num_classes of the dataset")
 
 
