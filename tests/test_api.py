@@ -970,6 +970,18 @@ def test_unknown_setting_names_it(no_work):
     assert isinstance(error, SettingError) and error.setting == "admm.epochz"
 
 
+@pytest.mark.parametrize("config, guess", [
+    ({"bugdet": 3}, "(bugdet: did you mean budget?)"), ({"retrian": {}}, "(retrian: did you mean retrain?)"),
+    ({"alpha": 0.5}, "(alpha: did you mean distillation.alpha?)"),
+    ({"lr": 0.1}, "(lr: did you mean admm.lr or retrain.lr?)"),
+    ({"retrain": {"optimiser": "sgd"}}, "(retrain.optimiser: did you mean retrain.optimizer?)")])
+def test_a_mistyped_or_misplaced_setting_gets_a_guess(no_work, config, guess):
+    """A fresh user's mistyped key was answered by the list of valid names only: a name spelled alike, or a
+    section's setting of that name given a level up, is now suggested; a key like none gets no guess."""
+    assert guess in str(refused(no_work, "unknown setting", config=config))
+    assert "did you mean" not in str(refused(no_work, "unknown setting", config={"zzz": 1}))
+
+
 @pytest.mark.parametrize("target", ["params=0.5x", "flops=1x", "params=-3x"])
 def test_target_not_above_one(no_work, target):
     error = refused(no_work, "target", target=target)

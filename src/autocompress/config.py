@@ -13,6 +13,7 @@ that flag's name (``autocompress.cli.compress``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -472,6 +473,16 @@ def getattr_dotted(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def _did_you_mean(key: str, settings: Any, prefix: str) -> list[str]:
+    """The settings of the dataclass instance ``settings`` a mistyped ``key`` may have meant: names spelled alike
+    (``retrian`` -> ``retrain``), and a section's setting of that name given a level up (``epochs`` ->
+    ``retrain.epochs``)."""
+    names = [f.name for f in dataclasses.fields(settings)]
+    nested = [f"{name}.{key}" for name in names if dataclasses.is_dataclass(section := getattr(settings, name))
+              and key in {f.name for f in dataclasses.fields(section)}]
+    return [prefix + name for name in difflib.get_close_matches(key, names, n=2, cutoff=0.75) + nested]
+
+
 def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> Any:
     """An instance of dataclass ``cls`` from plain data: ``base`` (default ``cls()``) with the values of
     ``data`` put in. A nested dataclass field takes a mapping, built the same way over the default's own
@@ -489,7 +500,10 @@ def from_dict(cls: type, data: Any, *, prefix: str = "", base: Any = None) -> An
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(key) for key in data if key not in fields)
     if unknown:
-        raise SettingError(f"{prefix}{unknown[0]}", f"unknown setting(s) {', '.join(prefix + k for k in unknown)}",
+        guesses = "".join(f" ({prefix}{key}: did you mean {' or '.join(guess)}?)"
+                          for key in unknown if (guess := _did_you_mean(key, base, prefix)))
+        raise SettingError(f"{prefix}{unknown[0]}", f"unknown setting(s) {', '.join(prefix + k for k in unknown)}"
+                           f"{guesses}",
                            f"valid {prefix.rstrip('.') + ' ' if prefix else ''}settings: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {}
