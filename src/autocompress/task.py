@@ -367,14 +367,14 @@ class Task:
                     logging.getLogger("autocompress").warning(warning)
             train_output = self._check_batch(model, first, "train_loader")
             targets = first[1] if _is_pair(first) else None
-            self.classifies = None if not isinstance(targets, torch.Tensor) else (
-                isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
-                and class_target_problem(train_output, targets) is None)
+            scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
+            problem = class_target_problem(train_output, targets) if scores else None
+            self.classifies = None if not isinstance(targets, torch.Tensor) else scores and problem is None
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
-                _check_class_targets(train_output, first[1], "train_loader", "the default loss (cross-entropy)",
-                                     "pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and "
-                                     "batch[1] for regression)")
+                _refuse_class_targets(problem, "train_loader", "the default loss (cross-entropy)",
+                                      "pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and "
+                                      "batch[1] for regression)")
             if needs_training:
                 try:
                     with analysis_mode(model):
@@ -387,9 +387,9 @@ class Task:
             batch = self._first(self.val_loader, "val_loader")
             output = self._check_batch(model, batch, "val_loader")
             _check_class_scores(output, "val_loader", "the default score (top-1)")
-            _check_class_targets(output, batch[1], "val_loader", "the default score (top-1)",
-                                 "pass score_fn(model) -> float, higher is better (e.g. minus the validation loss, "
-                                 "or PSNR)", probabilities=False)
+            _refuse_class_targets(class_target_problem(output, batch[1], probabilities=False), "val_loader",
+                                  "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
+                                  "minus the validation loss, or PSNR)")
         return train_output
 
     def _first(self, loader: Iterable, name: str) -> Batch:
@@ -476,11 +476,9 @@ def check_score(value: Any) -> float:
 
 
 
-def _check_class_targets(output: torch.Tensor, targets: Any, name: str, what: str, fix: str, *,
-                         probabilities: bool = True) -> None:
-    """UserError naming ``name`` when :func:`class_target_problem` finds one: ``what`` (the default loss or
-    score) needs class scores and class targets; ``fix`` says what to pass instead."""
-    problem = class_target_problem(output, targets, probabilities=probabilities)
+def _refuse_class_targets(problem: str | None, name: str, what: str, fix: str) -> None:
+    """UserError naming ``name`` for a ``problem`` :func:`class_target_problem` found on one of its batches:
+    ``what`` (the default loss or score) needs class scores and class targets; ``fix`` says what to pass instead."""
     if problem:
         raise UserError(f"{problem} on a batch of {name}, but {what} needs class scores and class targets", fix)
 
