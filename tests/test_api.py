@@ -911,8 +911,9 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
     levels = DataLoader(TensorDataset(x, y[:, None].float()), batch_size=16)
     lines: list[str] = []
     run = Compression(Regressor(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
-                      log=lines.append, task_args=dict(train_loader=levels, score_fn=lambda model: 0.5,
-                                                       loss_fn=lambda model, batch: F.mse_loss(model(batch[0]), batch[1])),
+                      log=lines.append, task_args=dict(
+                          train_loader=levels, score_fn=lambda model: 0.5,
+                          loss_fn=lambda model, batch: F.mse_loss(model(batch[0]), batch[1])),
                       config=CONFIG, run_dir=tmp_path / "run")
     run.run()
     assert built == [("adamw", 0.001), ("adamw", 0.001)]  # ADMM, then retraining

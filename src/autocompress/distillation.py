@@ -39,12 +39,12 @@ class DistillationConfig:
         stop_margin: masked retraining in the default loop stops distilling, for the rest of the phase, once
             the student's validation score is more than this above the teacher's (top-1 as a fraction: 0.01 is
             one point; a ``score_fn``: a fraction of the base's ``|score|``, 0.01 = 1 % of it), tested at quarters
-            of the first epoch and after each epoch (:data:`autocompress.admm.EARLY_TESTS`). A student past its teacher on held-out
-            data has outgrown it: from an under-trained base the soft targets hold it back (BENCHMARKS.md,
-            "Distillation from a weak base": flops=2x in 3 epochs from a 2-epoch Fashion-MNIST CNN at 80.2 /
-            76.9 %, 84.0 / 82.9 % with the stop within / after the first epoch, 83.3 / 81.6 % without it, 84.9 / 83.0 %
-            without distillation); wherever distillation helped, the compact model stayed below its base. None:
-            distil every epoch. Costs one validation pass per test.
+            of the first epoch and after each epoch (:data:`autocompress.admm.EARLY_TESTS`). A student past its
+            teacher on held-out data has outgrown it: from an under-trained base the soft targets hold it back
+            (BENCHMARKS.md, "Distillation from a weak base": flops=2x in 3 epochs from a 2-epoch Fashion-MNIST CNN
+            at 80.2 / 76.9 %, 84.0 / 82.9 % with the stop within / after the first epoch, 83.3 / 81.6 % without
+            it, 84.9 / 83.0 % without distillation); wherever distillation helped, the compact model stayed below
+            its base. None: distil every epoch. Costs one validation pass per test.
     """
 
     enabled: bool = False

@@ -310,11 +310,11 @@ class Pipeline:
     def compactable_space(self, model: nn.Module, space: PruningSpace | None = None) -> PruningSpace:
         """``space`` (default: :meth:`space` of ``model``) without the filter groups whose channels cannot be
         removed, found before any work: every filter group loses one step of its allowed widths
-        (:func:`autocompress.alignment.allowed_widths`), the model is compacted and run on the example inputs. A forward that writes a channel count into a shape
-        (``x.view(-1, 40 * 7 * 7)``), or a module of the caller's that mixes channels (a normalisation over them),
-        runs masked but breaks once channels are removed, which would otherwise surface after training. When it
-        breaks, each group is probed alone; those that break it are left out (:attr:`incompactable`, logged) and
-        the rest probed again.
+        (:func:`autocompress.alignment.allowed_widths`), the model is compacted and run on the example inputs. A
+        forward that writes a channel count into a shape (``x.view(-1, 40 * 7 * 7)``), or a module of the
+        caller's that mixes channels (a normalisation over them), runs masked but breaks once channels are
+        removed, which would otherwise surface after training. When it breaks, each group is probed alone; those
+        that break it are left out (:attr:`incompactable`, logged) and the rest probed again.
 
         Raises:
             UserError: the model breaks although no group alone does, or (filter pruning asked for) every group
