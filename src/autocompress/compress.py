@@ -977,6 +977,8 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, ru
 
 #: a validation top-1 this many points below the base's is a warning in the final table
 DROP_WARNING_POINTS = 5.0
+#: a caller's validation score (``score_fn``) this fraction of the base's ``|score|`` below it is a warning too
+DROP_WARNING_FRACTION = 0.05
 
 
 #: a params / flops target passed by more than this fraction is warned about (:func:`_overshoot_warning`)
@@ -987,9 +989,14 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
     """The warning when the compact model's validation top-1 is within 1 point of a random guess (``chance``,
     a fraction; None: not a classification score), or more than :data:`DROP_WARNING_POINTS` below the base's:
     the target was too aggressive for the model and budget. When the base itself scores within 1 point of chance,
-    the warning says so instead (the validation data or the base looks broken, and no target is to blame)."""
+    the warning says so instead (the validation data or the base looks broken, and no target is to blame). A
+    caller's score (``val_score``): more than :data:`DROP_WARNING_FRACTION` of the base's ``|score|`` below it."""
     top1, base_top1 = compressed.get("val_top1"), base.get("val_top1")
     fix = "lower the target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)"
+    score, base_score = compressed.get("val_score"), base.get("val_score")
+    if score is not None and base_score is not None and base_score - score > DROP_WARNING_FRACTION * abs(base_score):
+        return (f"the compressed model's validation score {score:.4g} is {100 * (base_score - score) / abs(base_score):.0f}"
+                f" % of the base's |score| below it ({base_score:.4g}) at target {target}; {fix}")
     if top1 is None:
         return None
     if chance is not None and base_top1 is not None and base_top1 <= 100.0 * chance + 1.0:
