@@ -4,6 +4,7 @@ here, plain ``DataLoader``s over ``TensorDataset``s of synthetic but learnable d
 refusals of bad input (before any training, nothing written)."""
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -576,6 +577,32 @@ def refused(run_dir, match: str, *, model=None, example=None, target="params=2x"
     return info.value
 
 
+def _validation_loss(val):
+    def loss(model):
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in val) / len(val.dataset)
+    return loss
+
+
+def test_a_loss_passed_as_score_fn_is_refused_before_any_work(no_work):
+    """A fresh user passed their validation loss as ``score_fn``: the run ranked candidates, purified and stopped
+    distilling backwards without a word. The model with its weights zeroed (a constant output) scores a higher
+    "loss" than the trained base, which a higher-is-better score never does; minus the same loss passes."""
+    train, val = loaders()
+    base = trained(SmallCNN(), train, steps=30)
+    loss = _validation_loss(val)
+    error = refused(no_work, "score_fn scores the model with every weight zeroed", model=base, score_fn=loss)
+    assert "above the model's own" in str(error) and "minus the validation loss" in str(error)
+    blank = copy.deepcopy(base)
+    with torch.no_grad():
+        for param in blank.parameters():
+            if param.dim() >= 2:
+                param.zero_()
+    assert loss(blank.eval()) > loss(base.eval())  # what the check sees, computed here by hand
+    from autocompress.task import Task
+    Task(train, score_fn=lambda model: -loss(model)).check_score_direction(base, -loss(base))  # no error
+
+
 def test_forward_failing_on_example_inputs(no_work):
     refused(no_work, "example_inputs", example=torch.randn(1, 3, 8, 8))
 
@@ -614,8 +641,6 @@ def test_prune_leaves_out_a_group_feeding_a_hard_coded_channel_count():
     conv1's filters, keeps conv2's channels, and the compact model computes what the masked one does (the output
     is checked on a fresh batch against the model masked by the returned masks). A rate naming conv2 is refused
     with the reason."""
-    import copy
-
     from autocompress.admm import ADMMConfig
     from autocompress.pruning import prune
     from autocompress.training import TrainConfig

@@ -202,8 +202,9 @@ def test_rate_validation_names_the_problem():
     space = PruningSpace.build(model, X, dims=("filter",))
     with pytest.raises(UserError, match=r"'nope'.*valid filter names: a, c"):
         project(space, model, {"filter": {"nope": 0.5}})
-    with pytest.raises(UserError, match=r"'fc'.*valid filter names"):
-        project(space, model, {"filter": {"fc": 0.5}})  # the classifier is excluded
+    with pytest.raises(UserError, match=r"filter unit 'fc' is left out of the pruning space \(filter pruning: its "
+                                        r"channels are model outputs \(classifier\)\); drop its filter rate"):
+        project(space, model, {"filter": {"fc": 0.5}})  # the classifier is excluded, and the reason said
     for bad in (1.0, -0.1, float("nan"), "0.5"):
         with pytest.raises(UserError, match="outside"):
             project(space, model, {"filter": {"a": bad}})

@@ -327,6 +327,7 @@ class Compression:
         train_output = self.task.check(base, self.example, needs_training=True, needs_score=True,
                                        needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
+        self.task.check_score_direction(base, self.base_score)
         self._check_distillation(train_output)
         asked = self.config.retrain.optimizer
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,

@@ -166,6 +166,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     task = Task(train_loader, val_loader, device, forward_fn, loss_fn, score_fn)
     task.check(base, example, needs_training=training, needs_score=False, needs_length=train_fn is None)
     before = task.score(base) if task.can_score else None
+    if before is not None:
+        task.check_score_direction(base, before)
     pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
                         progress=progress, log=log,
                         base_score=before)

@@ -15,6 +15,7 @@ Tensors inside a batch (also nested in tuples, lists and dicts) are moved to the
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import numbers
@@ -323,6 +324,33 @@ class Task:
         return check_score(value)
 
     # --- checks before any work ---------------------------------------------------------------------
+    def check_score_direction(self, model: nn.Module, base_score: float) -> None:
+        """Refuse a ``score_fn`` that scores a copy of ``model`` with every weight zeroed (each parameter of two
+        or more dimensions: a constant output) above ``base_score``, the model's own score: the score is
+        lower-is-better (a fresh user passed their validation loss, and the run ranked, purified and stopped
+        distilling backwards without a word), or the base predicts no better than a constant. Nothing is checked
+        for the default top-1, nor when ``score_fn`` fails or returns no finite number on the copy.
+
+        Raises:
+            UserError (naming ``score_fn``): the zeroed copy scores higher.
+        """
+        if self.score_fn is None:
+            return
+        blank = copy.deepcopy(model)
+        with torch.no_grad():
+            for param in blank.parameters():
+                if param.dim() >= 2:
+                    param.zero_()
+        try:
+            value = self.score(blank)
+        except Exception:  # noqa: BLE001 - a score_fn may fail on a constant output (e.g. a degenerate metric)
+            return
+        if value > base_score:
+            raise UserError(f"score_fn scores the model with every weight zeroed (a constant output) {value:.4g}, "
+                            f"above the model's own {base_score:.4g}: the score must be higher-is-better",
+                            "return e.g. minus the validation loss, or accuracy / mIoU / PSNR (if the model is "
+                            "really no better than a constant output, train it first)")
+
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool,
               needs_length: bool = False) -> Any:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
