@@ -603,6 +603,14 @@ def test_a_loss_passed_as_score_fn_is_refused_before_any_work(no_work):
     Task(train, score_fn=lambda model: -loss(model)).check_score_direction(base, -loss(base))  # no error
 
 
+def test_a_loss_fn_of_the_wrong_signature_is_told_its_signature(no_work):
+    """A fresh user's ``loss_fn=lambda out, y: ...`` failed with "check the targets ... or pass loss_fn" although
+    they had passed one: the message now gives loss_fn's signature."""
+    error = refused(no_work, r"the loss fails on a batch of train_loader \(TypeError: ",
+                    loss_fn=lambda out, y: F.cross_entropy(out, y))
+    assert "loss_fn is called as loss_fn(model, batch)" in str(error) and "check the targets" not in str(error)
+
+
 def test_forward_failing_on_example_inputs(no_work):
     refused(no_work, "example_inputs", example=torch.randn(1, 3, 8, 8))
 

@@ -408,8 +408,10 @@ class Task:
                     with analysis_mode(model):
                         loss = self.loss(model, first)[0]
                 except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
-                    raise UserError(f"the loss fails on a batch of train_loader ({first_line(exc)})",
-                                    "check the targets (class indices in [0, classes)) or pass loss_fn") from None
+                    fix = ("loss_fn is called as loss_fn(model, batch) with a batch of train_loader and returns a "
+                           "scalar tensor: check it on one batch" if self.loss_fn is not None else
+                           "check the targets (class indices in [0, classes)) or pass loss_fn")
+                    raise UserError(f"the loss fails on a batch of train_loader ({first_line(exc)})", fix) from None
                 check_loss(loss)
         if needs_score and self.score_fn is None:
             batch = self._first(self.val_loader, "val_loader")
