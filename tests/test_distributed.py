@@ -294,6 +294,61 @@ def test_shard_loader_logs_what_one_step_averages(monkeypatch):
     lines: list[str] = []
     distributed.shard_loader(DataLoader(data, batch_size=4, shuffle=True), log=lines.append)
     own = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=0))
-    assert distributed.shard_loader(own, log=lines.append) is own
+    assert distributed.shard_loader(own, log=lines.append).loader is own  # set to a new epoch every pass (below)
     assert "DistributedSampler; each optimiser step averages 2 x 4 = 8 items" in lines[0]
     assert "sharded by the caller; each optimiser step averages 2 processes' batches (2 x 4 = 8 items" in lines[1]
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_a_callers_distributed_sampler_gets_a_new_epoch_every_pass(monkeypatch, size):
+    """A fresh user's own DistributedSampler replayed one order in every epoch (nobody called set_epoch): the
+    default loop's loader sets a new epoch before each pass, drawn from the global generator, so two passes
+    differ, every rank (the same seed) agrees on the permutation it shards, and a reseeded phase replays it.
+    The orders are checked against the sampler's own permutation for the drawn epoch, computed here."""
+    if size == 2:
+        monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+        monkeypatch.setattr(distributed, "all_gather_object", lambda value: [value, value])
+    data = TensorDataset(torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long))
+
+    def orders(rank: int) -> list[list[int]]:
+        own = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, num_replicas=2, rank=rank, seed=3))
+        torch.manual_seed(11)
+        loader = distributed.shard_loader(own)
+        assert len(loader) == 4 and loader.dataset is data
+        return [[int(x) for batch, _ in loader for x in batch[:, 0]] for _ in range(2)]
+
+    first, second = orders(0)
+    assert first != second and orders(0) == [first, second]
+    other_first, _ = orders(1)
+    assert sorted(first + other_first) == list(range(40))  # the two ranks split one permutation
+    torch.manual_seed(11)
+    epoch = int(torch.randint(0, 2 ** 31 - 1, (1,)))
+    permutation = torch.randperm(40, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+    assert first == permutation[0::2]
+
+
+def test_ranks_given_another_budget_are_told_budget_not_what_it_derives(monkeypatch):
+    """A fresh user gave rank 1 another ``budget`` and was told ``final_retrain_epochs`` differs (the first
+    derived setting in the config's order): the target and the budget are compared first. The ranks' hashes are
+    simulated (rank 1's budget and what it derives differ); only rank 0 speaks before the check."""
+    from autocompress.compress import Compression
+    from autocompress.config import SettingError
+
+    gathered = []
+
+    def gather(hashes):
+        other = {key: ("x" if key in ("budget", "final_retrain_epochs") else value) for key, value in hashes.items()}
+        gathered.append(hashes)
+        return [hashes, other]
+
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(1, 2))
+    monkeypatch.setattr(distributed, "all_gather_object", gather)
+    data = TensorDataset(torch.randn(32, 1, 6, 6), torch.arange(32) % 2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    lines: list[str] = []
+    with pytest.raises(SettingError, match=r"^budget differs between the processes of the run") as info:
+        Compression(model, torch.randn(1, 1, 6, 6), "params=2x", task_args=dict(
+            train_loader=DataLoader(data, batch_size=8), val_loader=DataLoader(data, batch_size=8)),
+            config={"budget": 2}, device="cpu", progress=False, log=lines.append)
+    assert info.value.setting == "budget" and list(gathered[0])[:2] == ["target", "budget"]
+    assert lines == []  # rank 1 logs nothing, not even the budget's schedule

@@ -305,7 +305,7 @@ class Compression:
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
-        say = log or (lambda _line: None)
+        say = log if log is not None and distributed.world().is_main else (lambda _line: None)
         if self.config.budget is not None:
             say(describe(self.config))
         if not isinstance(model, nn.Module):
@@ -374,7 +374,8 @@ class Compression:
         differs, before any work."""
         if not self.world.active:
             return
-        distributed.check_same({**dataclasses.asdict(self.config), "device type": self.device.type,
+        given = {"target": self.config.target, "budget": self.config.budget}  # named before what they derive
+        distributed.check_same({**given, **dataclasses.asdict(self.config), "device type": self.device.type,
                                 "model weights": model_digest(base)})
         if self.config.distributed.sync_batchnorm and self.device.type != "cuda":
             raise SettingError("distributed.sync_batchnorm", "SyncBatchNorm needs CUDA devices",

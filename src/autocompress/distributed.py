@@ -28,6 +28,7 @@ import datetime
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -336,12 +337,42 @@ class _PhaseSampler(torch.utils.data.DistributedSampler):
         return super().__iter__()
 
 
+class _EpochedLoader:
+    """A caller's loader whose ``DistributedSampler`` gets ``set_epoch`` before every pass, as a training loop of
+    one's own would call it: without it the sampler replays one order in every epoch (a fresh user's 2-process
+    run did). The epoch number is drawn from the global generator, which each phase seeds alike on every rank and
+    an epoch checkpoint saves, so the ranks agree and a resumed epoch replays its order. Everything else is the
+    loader's (``len``, attributes)."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+
+    def __iter__(self):
+        self.loader.sampler.set_epoch(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["loader"], name)
+
+
+def _epoched(loader: Iterable) -> Iterable:
+    """``loader``, as an :class:`_EpochedLoader` when its sampler is a caller's ``DistributedSampler``."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and not isinstance(sampler, _PhaseSampler):
+        return _EpochedLoader(loader)
+    return loader
+
+
 def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "train_loader",
                  log: Callable[[str], None] | None = None) -> Iterable:
     """The training loader of this rank.
 
     In one process, with ``shard_data=False`` or a loader already sharded (its sampler is a
-    ``DistributedSampler``): ``loader`` itself. A loader with a ``shard(rank, size)`` method: what it returns
+    ``DistributedSampler``): ``loader`` itself (a caller's ``DistributedSampler`` set to a new epoch before every
+    pass: :class:`_EpochedLoader`). A loader with a ``shard(rank, size)`` method: what it returns
     (a loader of its own kind knows how to split itself). Otherwise a ``DataLoader`` over the same map-style dataset,
     batch size, collate function and workers with a ``DistributedSampler`` (shuffled when ``loader``
     shuffled; the shuffle seed drawn from the global generator now, identical on every rank when the phase
@@ -355,7 +386,7 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
     """
     here = world()
     if not here.active:
-        return loader
+        return _epoched(loader)
     data = torch.utils.data
     sampler = getattr(loader, "sampler", None)
     log = log or (lambda _line: None)
@@ -365,6 +396,7 @@ def shard_loader(loader: Iterable, *, shard_data: bool = True, name: str = "trai
         loader = loader.shard(here.rank, here.size)
         log(f"{name}: split across {here.size} processes by its own shard(rank, size)")
     elif not shard_data or isinstance(sampler, data.DistributedSampler):
+        loader = _epoched(loader)
         log(f"{name}: sharded by the caller; each optimiser step averages {here.size} processes' batches "
             f"({per_step} items; the learning rate is the caller's to scale)")
     else:
@@ -419,7 +451,10 @@ def data_parallel(model: nn.Module, *, sync_batchnorm: bool = False) -> Iterator
     with collective():
         wrapped = nn.parallel.DistributedDataParallel(
             trained, device_ids=[device.index] if device.type == "cuda" else None)
-    with collective(only_backend_errors=True):  # the caller's forward / loss errors stay theirs
+    with collective(only_backend_errors=True), warnings.catch_warnings():  # forward / loss errors stay the caller's
+        # a compacted 1x1 conv's weight [C_out, C_in, 1, 1] in channels-last has strides its gradient's bucket view
+        # does not share: DDP warns once per such layer on every rank; one extra copy, nothing to act on
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         yield wrapped
     sync_module(model)
 
