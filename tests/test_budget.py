@@ -131,6 +131,28 @@ def test_config_yaml_records_the_derived_schedule(tmp_path, batches, admm):
     assert lines[0] == stored["run"]["schedule"] and stored["run"]["rule"] == RULE and RULE not in lines[0]
 
 
+def test_a_loader_without_a_length_is_refused_before_a_schedule_is_logged():
+    """A fresh user's loader without len() first read a budget split assuming some length (1 ADMM epoch, a
+    30-evaluation search), then was refused: the schedule is logged once the loader is checked."""
+    from autocompress.errors import UserError
+
+    def batches():
+        for _ in range(3):
+            yield torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+
+    class NoLength:
+        def __iter__(self):
+            return batches()
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 3))
+    lines: list[str] = []
+    with pytest.raises(UserError, match=r"train_loader has no len\(\)"):
+        Compression(model, torch.randn(1, 1, 8, 8), "params=2x", task_args=dict(train_loader=NoLength(),
+                    val_loader=list(batches())), device="cpu", config={"budget": 3}, progress=False,
+                    log=lines.append)
+    assert not any("rule ac_kd" in line for line in lines)
+
+
 @pytest.mark.parametrize("target, budget, schedule", [("params=10x", 1, (1, 0, 1)), ("params=30x", 1, (2, 0, 1)),
                                                       ("params=30x", 2, (2, 0, 2)), ("params=30x", 3, (2, 1, 1)),
                                                       ("params=10x", 2, (1, 1, 1)), ("latency=5ms", 1, (1, 0, 1))])

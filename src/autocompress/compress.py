@@ -306,8 +306,6 @@ class Compression:
         self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
         say = log if log is not None and distributed.world().is_main else (lambda _line: None)
-        if self.config.budget is not None:
-            say(describe(self.config))
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
         if isinstance(model, torch.jit.ScriptModule):
@@ -328,6 +326,8 @@ class Compression:
                                        needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.task.check_score_direction(base, self.base_score)
+        if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
+            say(describe(self.config))
         self._check_distillation(train_output)
         asked = self.config.retrain.optimizer
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
