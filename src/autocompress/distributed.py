@@ -452,8 +452,8 @@ def data_parallel(model: nn.Module, *, sync_batchnorm: bool = False) -> Iterator
         wrapped = nn.parallel.DistributedDataParallel(
             trained, device_ids=[device.index] if device.type == "cuda" else None)
     with collective(only_backend_errors=True), warnings.catch_warnings():  # forward / loss errors stay the caller's
-        # a compacted 1x1 conv's weight [C_out, C_in, 1, 1] in channels-last has strides its gradient's bucket view
-        # does not share: DDP warns once per such layer on every rank; one extra copy, nothing to act on
+        # a compacted 1x1 conv's weight gradient (a fresh user's [80, 45, 1, 1]) can come with other strides than
+        # DDP's bucket view of it: DDP warns once per such layer on every rank; one extra copy, nothing to act on
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         yield wrapped
     sync_module(model)
