@@ -377,9 +377,15 @@ def test_own_train_fn_runs_each_phase_and_masks_hold():
 
     # one round, so the last: its retraining runs final_retrain_epochs, not retrain.epochs
     config = {**CONFIG, "admm": {"epochs": 2}, "retrain": {"epochs": 3}, "final_retrain_epochs": 1}
+    lines: list[str] = []
     result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
-                                   val_loader=val, train_fn=train_fn, config=config, progress=False)
+                                   val_loader=val, train_fn=train_fn, config=config, progress=False,
+                                   log=lines.append)
     assert [(s["name"], s["epochs"], s["training"]) for s in seen] == [("admm", 2, True), ("retrain", 1, True)]
+    # a fresh user resuming a run read nothing of the phase restarting: each phase says so when it starts
+    assert [line for line in lines if ": train_fn, " in line] == [
+        "round 1 ADMM: train_fn, 2 epochs (a run killed within it repeats the phase from its start)",
+        "round 1 retraining: train_fn, 1 epoch (a run killed within it repeats the phase from its start)"]
     admm, retrain = seen
     assert admm["penalty"] > 0 and retrain["penalty"] == 0
     # retraining started from the hard-pruned model: its pruned columns / weights are zeros, and stay zeros

@@ -408,6 +408,9 @@ class Pipeline:
         """
         phase = TrainingPhase(name, epochs=epochs, lr=lr, task=self.task, round_index=state.index,
                               schedule=schedule, enforcer=enforcer, distiller=self.distiller)
+        if epochs > 0:
+            self.log(f"round {state.index} {'ADMM' if name == 'admm' else 'retraining'}: train_fn, "
+                     f"{plural(epochs, 'epoch')} (a run killed within it repeats the phase from its start)")
         state.model.train()
         try:
             if epochs > 0:
