@@ -588,8 +588,9 @@ def test_the_search_scores_a_new_width_at_every_evaluation_while_one_is_left(arc
 
 
 def test_the_explorer_moves_locally_as_the_magnitude_falls():
-    """With ``moves="mixed"``: at the starting magnitude every move of the explorer is Gaussian (it re-fits every unit); at a magnitude
-    near 0 every move is a swap, changing the widths of two filter groups at most (without give-back)."""
+    """With ``moves="mixed"``: at the starting magnitude every move of the explorer is Gaussian (it re-fits every
+    unit); at a magnitude near 0 every move is a swap, changing the widths of two filter groups at most (without
+    give-back)."""
     from autocompress.space import PruningSpace
 
     model = conv_chain([32, 32, 48, 48, 32])

@@ -305,7 +305,8 @@ class Compression:
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
-        say = log if log is not None and distributed.world().is_main else (lambda _line: None)
+        self.world = distributed.world()
+        say = log if log is not None and self.world.is_main else (lambda _line: None)
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
         if isinstance(model, torch.jit.ScriptModule):
@@ -319,7 +320,6 @@ class Compression:
         if amp is not None and self.device.type != "cuda":
             say(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
         self.task = Task(device=self.device, amp=amp, **task_args)
-        self.world = distributed.world()
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
         train_output = self.task.check(base, self.example, needs_training=True, needs_score=True,
@@ -997,8 +997,9 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
     fix = "lower the target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)"
     score, base_score = compressed.get("val_score"), base.get("val_score")
     if score is not None and base_score is not None and base_score - score > DROP_WARNING_FRACTION * abs(base_score):
-        return (f"the compressed model's validation score {score:.4g} is {100 * (base_score - score) / abs(base_score):.0f}"
-                f" % of the base's |score| below it ({base_score:.4g}) at target {target}; {fix}")
+        drop = 100 * (base_score - score) / abs(base_score)
+        return (f"the compressed model's validation score {score:.4g} is {drop:.0f} % of the base's |score| below it "
+                f"({base_score:.4g}) at target {target}; {fix}")
     if top1 is None:
         return None
     if chance is not None and base_top1 is not None and base_top1 <= 100.0 * chance + 1.0:

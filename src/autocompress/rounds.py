@@ -279,11 +279,13 @@ class Pipeline:
         top-1 (a fraction: 0.005 = half a point), the base model's ``|score_fn|`` for a caller's score (0.005 =
         0.5 % of it: the same settings hold for an MSE of 6e-4 and a PSNR of 30 dB; 0 for a base scoring 0, then
         no drop is tolerated). Measures the base's score when the caller did not give it."""
-        if self.task.score_fn is None:
-            return 1.0
+        return 1.0 if self.task.score_fn is None else abs(self._base_score())
+
+    def _base_score(self) -> float:
+        """``base_score``, measured (``task.score`` of the base model) the first time it is needed."""
         if self.base_score is None:
             self.base_score = self.task.score(self.base_model)
-        return abs(self.base_score)
+        return self.base_score
 
     def describe(self, value: float | None) -> str:
         """A score for a log line: ``val top-1 92.31%`` for the default top-1, else ``validation score x``."""
@@ -587,10 +589,7 @@ class Pipeline:
         margin = self.config.distillation.stop_margin
         if self.distiller is None or margin is None or not self.task.can_score:
             return None
-        scale = self.score_scale
-        if self.base_score is None:
-            self.base_score = self.task.score(self.base_model)
-        base = self.base_score
+        scale, base = self.score_scale, self._base_score()
         of_base = "" if self.task.score_fn is None else f" x |base score| = {margin * scale:.3g}"
 
         def release(model: nn.Module, stats: dict, when: str) -> bool:

@@ -394,10 +394,10 @@ class Task:
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
             train_output = self._check_batch(model, first, "train_loader")
-            targets = first[1] if _is_pair(first) else None
+            targets = first[1] if isinstance(first, (tuple, list)) and len(first) == 2 else None
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
             problem = class_target_problem(train_output, targets) if scores else None
-            self.classifies = None if not isinstance(targets, torch.Tensor) else scores and problem is None
+            self.classifies = scores and problem is None if _is_pair(first) else None
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
                 _refuse_class_targets(problem, "train_loader", "the default loss (cross-entropy)",
