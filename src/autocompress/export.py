@@ -127,24 +127,26 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     ``torch.export``-based exporter (``dynamo=True``, opset at least 18). The exception of the first exporter
     propagates when both fail.
     """
+    names = _output_names(model, example)
     try:
         with _output_silenced():
-            return _torchscript_bytes(model, example, opset)
+            return _torchscript_bytes(model, example, opset, names)
     except Exception as first:  # the exporter raises many types for unsupported ops
         try:
-            return _dynamo_bytes(model, example, opset)
+            return _dynamo_bytes(model, example, opset, names)
         except Exception:
             raise first from None
 
 
 def _output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """``["output", "output_1", ...]``, one name per tensor ``model`` returns for ``example`` (UserError: a
+    value that is not a tensor, :func:`flat_outputs`)."""
     count = len(outputs(model, example))
     return ["output", *(f"output_{index}" for index in range(1, count))]
 
 
-def _torchscript_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+def _torchscript_bytes(model: nn.Module, example: torch.Tensor, opset: int, names: list[str]) -> bytes:
     buffer = io.BytesIO()
-    names = _output_names(model, example)
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
@@ -153,14 +155,14 @@ def _torchscript_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> b
     return buffer.getvalue()
 
 
-def _dynamo_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+def _dynamo_bytes(model: nn.Module, example: torch.Tensor, opset: int, names: list[str]) -> bytes:
     # torch.export specialises a dimension of size 1, so a batch of 1 is traced as 2 to keep it dynamic
     traced = example if example.shape[0] > 1 else torch.cat([example, example])
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (traced,), dynamo=True, opset_version=max(opset, 18), verbose=False,
-                                    input_names=["input"], output_names=_output_names(model, example),
+                                    input_names=["input"], output_names=names,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
         program.save(buffer)
     return buffer.getvalue()
