@@ -476,6 +476,54 @@ class ThreeConv(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class PoolChoiceCNN(nn.Module):
+    """Mean or max pooling by a constructor choice it keeps no attribute of (``keep``: kept as ``self.pool``)."""
+
+    def __init__(self, pool: str = "mean", keep: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, CLASSES)
+        self._max = pool == "max"
+        if keep:
+            self.pool, self.keep = pool, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(x.amax((2, 3)) if self._max else x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_model_pt_loads_as_the_model_compressed_or_asks_for_the_instance(tmp_path, one_thread, keep):
+    """A model built with other arguments than its class's defaults: ``model.pt`` records them where the model
+    keeps them, else none, and ``autocompress.load`` then asks for ``model=`` instead of building
+    ``PoolChoiceCNN()``, which pools otherwise (the file used to record ``{}`` and load it silently)."""
+    train, val = loaders()
+    model = trained(PoolChoiceCNN("max", keep=keep), train)
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                                   config=CONFIG, run_dir=tmp_path / "run", progress=False)
+    path, x = tmp_path / "run" / "model.pt", images(8, 2)[0]
+    if keep:
+        loaded = autocompress.load(path)
+    else:
+        with pytest.raises(UserError, match="constructor arguments"):
+            autocompress.load(path)
+        loaded = autocompress.load(path, model=PoolChoiceCNN("max"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model.eval()(x))
+
+
+def test_a_changed_setting_of_a_run_folder_is_named_leaf_by_leaf():
+    from autocompress.compress import ABSENT, setting_changes
+
+    stored = {"alpha": 0.9, "temperature": 4.0, "old": False}
+    assert setting_changes(stored, {"alpha": 0.5, "temperature": 4.0, "new": 1}, "distillation") == [
+        "distillation.alpha: 0.9 in the folder, 0.5 now",
+        "distillation.old is a setting in the folder only (a folder of another autocompress version?)",
+        "distillation.new is a setting in this run only (a folder of another autocompress version?)"]
+    assert setting_changes(stored, dict(stored), "distillation") == []
+    assert setting_changes(ABSENT, 3, "budget") == [
+        "budget is a setting in this run only (a folder of another autocompress version?)"]
+
+
 @pytest.fixture
 def refits(monkeypatch) -> dict:
     """``{slack: rates}`` of every refit a run tries, both as the metrics records write them (12 significant
@@ -615,6 +663,12 @@ def test_a_loss_fn_of_the_wrong_signature_is_told_its_signature(no_work):
     error = refused(no_work, r"the loss fails on a batch of train_loader \(TypeError: ",
                     loss_fn=lambda out, y: F.cross_entropy(out, y))
     assert "loss_fn is called as loss_fn(model, batch)" in str(error) and "check the targets" not in str(error)
+
+
+def test_a_loss_fn_returning_a_python_number_is_told_to_return_the_tensor(no_work):
+    error = refused(no_work, "loss_fn returned float, not a scalar tensor",
+                    loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]).item())
+    assert "not .item()" in str(error) and ".mean()" not in str(error)
 
 
 def test_forward_failing_on_example_inputs(no_work):

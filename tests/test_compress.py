@@ -271,7 +271,8 @@ def test_resume_if_exists_takes_only_the_same_run(base_checkpoint, finished_run,
     assert main(same) == 0  # unchanged: the finished run's table again
     capsys.readouterr()
     assert main(same + ["--seed", "7"]) == 2
-    assert "other settings (seed)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings (seed: " in err and ", 7 now)" in err
     assert main(same + ["--max-train", "1000"]) == 2
     assert "other settings (max_train)" in capsys.readouterr().err
 

@@ -5,6 +5,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import autocompress
@@ -133,3 +135,61 @@ def test_a_compact_model_with_layer_scale_loads_onto_a_fresh_instance(tmp_path):
     assert loaded.body.gamma.shape == (4,)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model(x))
+
+
+class _Pooled(nn.Module):
+    """Max or mean pooling by a constructor choice it keeps no attribute of: ``_Pooled()`` given the weights of
+    ``_Pooled(pool="mean")`` computes something else."""
+
+    def __init__(self, pool: str = "max", width: int = 8):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, width, 3, padding=1), nn.Linear(width, 4)
+        self._max = pool == "max"
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.head(x.amax((2, 3)) if self._max else x.mean((2, 3)))
+
+
+class _Kept(_Pooled):
+    """The same, keeping its arguments as attributes of the same names (as many model classes do)."""
+
+    def __init__(self, pool: str = "max", width: int = 8):
+        super().__init__(pool, width)
+        self.pool, self.width = pool, width
+
+
+class _Required(_Kept):
+    def __init__(self, width: int, pool: str = "max"):
+        super().__init__(pool, width)
+
+
+@settings(max_examples=12, deadline=None)
+@given(pool=st.sampled_from(["max", "mean"]), width=st.integers(2, 9), keeps=st.booleans())
+def test_constructor_arguments_rebuild_the_model_or_are_none(pool, width, keeps):
+    """Recorded arguments rebuild a model computing its outputs; a model its class's defaults do not rebuild
+    and whose arguments cannot be read back gets None (``_Pooled()`` takes a width-8 model's weights, so
+    ``_Pooled(pool="mean")`` would load as a max-pooling model with no error)."""
+    from autocompress.serialization import constructor_arguments
+
+    torch.manual_seed(0)
+    model, x = (_Kept if keeps else _Pooled)(pool, width).eval(), torch.randn(2, 3, 5, 5)
+    kwargs = constructor_arguments(model, (x,))
+    defaults = (pool, width) == ("max", 8)
+    if keeps:
+        assert kwargs == {key: value for key, value in {"pool": pool, "width": width}.items()
+                          if value != {"pool": "max", "width": 8}[key]}
+    else:
+        assert kwargs == ({} if defaults else None)
+    if kwargs is not None:
+        fresh = type(model)(**kwargs).eval()
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(fresh(x), model(x))
+
+
+def test_constructor_arguments_read_a_required_argument_back():
+    from autocompress.serialization import constructor_arguments
+
+    assert constructor_arguments(_Required(5, pool="mean"), (torch.randn(1, 3, 4, 4),)) == {"width": 5,
+                                                                                          "pool": "mean"}

@@ -17,7 +17,7 @@ from autocompress.errors import SettingError, UserError
 from autocompress.masks import Masks, apply_masks
 from autocompress.models import create_model
 from autocompress.projection import project
-from autocompress.space import PruningSpace, ignored_modules, ignored_summary, keep_count
+from autocompress.space import FUSED_ATTENTION, PruningSpace, ignored_modules, ignored_summary, keep_count
 from autocompress.compaction import compact
 from autocompress.metrics import count_macs
 
@@ -439,10 +439,29 @@ def test_an_ignored_layer_that_names_no_module_is_refused_naming_the_setting(wan
     assert ignored_modules(Chain(), "conv1") == {"conv1"}  # one name as a string
 
 
-def test_exclusions_are_logged(caplog):
+def test_exclusions_are_logged_once_by_a_run(caplog):
     with caplog.at_level("INFO", logger="autocompress.space"):
-        PruningSpace.build(Separable(), X)
+        space = PruningSpace.build(Separable(), X)
+        assert "not pruned" not in caplog.text  # a run builds several spaces of one model
+        space.log_exclusions()
     assert "not pruned: fc" in caplog.text and "classifier" in caplog.text
+
+
+def test_a_multihead_attention_projection_read_by_its_fused_forward_is_said_to_be():
+    """``out_proj`` of ``nn.MultiheadAttention`` runs inside ``F.multi_head_attention_forward`` as a weight, never
+    called: it was reported "not reached by the forward pass"."""
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), \
+                nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.embed(x)
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    space = PruningSpace.build(Encoder(), (torch.randn(2, 5, 4),))
+    assert space.excluded["attn.out_proj"] == FUSED_ATTENTION
 
 
 class Odd(nn.Module):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from autocompress.checkpoint import load_checkpoint
 from autocompress.data import TensorSplit
@@ -318,3 +319,19 @@ def test_without_a_log_nothing_clears_the_progress_bars(capsys):
         pipeline.log("a line nobody reads")
         assert capsys.readouterr().out == ""  # nothing written: no clear, no redraw
     assert before
+
+
+@pytest.mark.parametrize("targets", ["indices", "one-hot", "per-pixel"])
+def test_the_training_top1_reads_class_indices_and_probabilities_and_skips_dense_outputs(targets):
+    """Class probabilities count against their most probable class (they crashed the epoch); per-pixel class
+    maps of a dense output report no top-1 (they counted pixels per image)."""
+    torch.manual_seed(0)
+    dense = targets == "per-pixel"
+    model = nn.Conv2d(1, 3, 1) if dense else nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, labels = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8, 4, 4) if dense else (8,))
+    y = F.one_hot(labels, 3).float() if targets == "one-hot" else labels
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == labels).float().mean().item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: the expected top-1 holds
+    result = train_epoch(model, [(x, y)], optimizer, progress=False)
+    assert result["top1"] is None if dense else result["top1"] == pytest.approx(expected)

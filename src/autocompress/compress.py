@@ -44,7 +44,7 @@ from .quick_eval import QuickEvaluator, resolved_scorer
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder
 from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
-from .serialization import save_compact
+from .serialization import constructor_arguments, save_compact
 from .space import KINDS, ignored_modules, ignored_summary
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
 from .text import kind_of, short_of
@@ -281,6 +281,25 @@ def model_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+#: a setting one side of :func:`setting_changes` does not have
+ABSENT = object()
+
+
+def setting_changes(stored: Any, wanted: Any, name: str) -> list[str]:
+    """How a run folder's stored setting ``name`` differs from this run's, leaf by leaf: ``["distillation.alpha:
+    0.9 in the folder, 0.5 now"]``; a setting only one side has (``ABSENT`` on the other) is said to be one of
+    another autocompress version's. Empty when they are equal."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return [change for key in dict.fromkeys([*stored, *wanted])
+                for change in setting_changes(stored.get(key, ABSENT), wanted.get(key, ABSENT), f"{name}.{key}")]
+    if stored == wanted:
+        return []
+    if stored is ABSENT or wanted is ABSENT:
+        side = "the folder" if wanted is ABSENT else "this run"
+        return [f"{name} is a setting in {side} only (a folder of another autocompress version?)"]
+    return [f"{name}: {stored!r} in the folder, {wanted!r} now"]
+
+
 class Compression:
     """One compress run (what :func:`compress` does), split in steps; adapters (the CLI) use it to keep a
     record of their own in the run folder (``source``) and to save the final model their way (``save``).
@@ -354,6 +373,8 @@ class Compression:
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)
+        if self.world.is_main:
+            self.first_space.log_exclusions()
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
@@ -437,13 +458,14 @@ class Compression:
         try:
             if folder.holds_run():
                 stored = folder.read_config()
-                changed = [key for key in wanted if key not in ("run", "source") and stored.get(key) != wanted[key]]
+                changed = [change for key in wanted if key not in ("run", "source")
+                           for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
                 if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
                     changed.insert(0, "model weights")
                 if changed:
                     raise UserError(f"run_dir {self.run_dir} holds a run with other settings "
-                                    f"({', '.join(changed)})", "pass the same model and settings to continue "
-                                    "it, or another run_dir")
+                                    f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})",
+                                    "pass the same model and settings to continue it, or another run_dir")
                 started = int(stored.get("run", {}).get("world_size") or 1)
                 if started != self.world.size:
                     raise UserError(f"run_dir {self.run_dir} holds a run of {started} process(es), not "
@@ -923,11 +945,19 @@ class Compression:
         return latency, runs
 
     def _save_default(self, path: Path, compact_model: nn.Module) -> None:
-        """``model.pt`` loadable with ``autocompress.load`` (the model's class by import path, or onto a given
-        instance: ``autocompress.load(path, model=MyNet(...))``)."""
-        save_compact(path, copy.deepcopy(compact_model).cpu(), metrics={"target": str(self.target)},
-                     config=dataclasses.asdict(self.config), dataset={"input_size": list(self.example[0].shape[1:])},
-                     sparse="irregular" in self.config.kinds)
+        """``model.pt`` loadable with ``autocompress.load``: the model's class by import path with the constructor
+        arguments that rebuild the base (:func:`~autocompress.serialization.constructor_arguments`), or none
+        recorded, and then onto a given instance: ``autocompress.load(path, model=MyNet(...))``."""
+        cls = type(compact_model)
+        kwargs = constructor_arguments(self.pipeline.base_model, self.example)
+        if kwargs is None:
+            self.pipeline.log(f"model.pt: {cls.__name__}'s constructor arguments are not recorded ({cls.__name__}() "
+                              f"with the model's weights does not compute its outputs, and they could not be read "
+                              f"back from its attributes): load it with autocompress.load(path, "
+                              f"model={cls.__name__}(...)) built as the model you compressed")
+        save_compact(path, copy.deepcopy(compact_model).cpu(), model_class=cls, model_kwargs=kwargs,
+                     metrics={"target": str(self.target)}, config=dataclasses.asdict(self.config),
+                     dataset={"input_size": list(self.example[0].shape[1:])}, sparse="irregular" in self.config.kinds)
 
     def _result(self, compact_model: nn.Module) -> CompressResult:
         records = self.store.records

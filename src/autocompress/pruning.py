@@ -173,6 +173,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
                         base_score=before)
     work = densify(base)
     space = pipeline.compactable_space(work)
+    space.log_exclusions()
     state = RoundState(1, None, work, space, rates=expand_rates(space, rates, dims))
     check_compactable(work, space.param_masks(project(space, work, state.rates)), example,
                       channel_multiple=pipeline.channel_multiple)

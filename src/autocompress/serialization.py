@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analysis import analysis_mode
 from .architecture import apply_architecture, describe_architecture
 from .checkpoint import class_path, import_model_class, save_checkpoint
-from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (part of this module's API)
 from .errors import UserError
+from .export import flat_outputs
+from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (part of this module's API)
 
 
 def _constructible_without_arguments(cls: type) -> bool:
@@ -31,6 +33,73 @@ def _constructible_without_arguments(cls: type) -> bool:
     except (TypeError, ValueError):  # no signature to inspect: treat the arguments as unknown
         return False
     return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
+
+
+def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | None:
+    """Keyword arguments with which ``type(model)`` rebuilds ``model``, for a checkpoint's ``model`` entry.
+
+    A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict) and then
+    computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval mode, no grad; relative
+    difference <= 1e-4). Tried in order: no arguments (when the constructor needs none), then the constructor's
+    parameters read back from ``model``'s attributes of the same name where they hold plain data (str, int,
+    float, bool, None, lists / tuples / dicts of them; a class that keeps ``self.width = width``).
+
+    Returns None when neither rebuilds it, e.g. ``MyNet(pool="mean")`` whose ``MyNet()`` pools otherwise and
+    keeps no ``pool`` attribute: a checkpoint recording ``{}`` there would load a model computing something
+    else; with None, ``autocompress.load`` asks for ``model=``. Never raises for the caller's constructor or
+    forward (a failure means "does not rebuild").
+    """
+    cls = type(model)
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return None
+    named = {name: p for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    read = {name: getattr(model, name) for name in named if _plain(getattr(model, name, _MISSING))}
+    read = {name: value for name, value in read.items() if named[name].default is named[name].empty
+            or not _equal(value, named[name].default)}
+    candidates = [{}] if _constructible_without_arguments(cls) else []
+    if read and all(name in read for name, p in named.items() if p.default is p.empty):
+        candidates.append(read)
+    return next((kwargs for kwargs in candidates if _rebuilds(cls, kwargs, model, example_inputs)), None)
+
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _plain(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a default whose == is not a truth value
+        return False
+
+
+def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) -> bool:
+    """Whether ``cls(**kwargs)`` with ``model``'s state_dict computes ``model``'s outputs on ``example_inputs``."""
+    try:
+        fresh = cls(**kwargs)
+        fresh.load_state_dict(model.state_dict())
+        device = next(iter(model.state_dict().values()), torch.empty(0)).device
+        fresh.to(device)
+        with analysis_mode(model), analysis_mode(fresh):
+            want, got = flat_outputs(model(*example_inputs)), flat_outputs(fresh(*example_inputs))
+    except Exception:  # the caller's constructor or forward, whatever it raises: not rebuilt
+        return False
+    return len(want) == len(got) and all(_close(a.float(), b.float()) for a, b in zip(want, got))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    return a.numel() == 0 or float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
 
 
 def _model_source(compact_model: nn.Module, base_checkpoint: dict | None, model_class: type | str | None,
@@ -106,5 +175,5 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_chec
 
 
 
-__all__ = ["apply_architecture", "describe_architecture", "from_sparse_state_dict", "save_compact",
-           "to_sparse_state_dict"]
+__all__ = ["apply_architecture", "constructor_arguments", "describe_architecture", "from_sparse_state_dict",
+           "save_compact", "to_sparse_state_dict"]

@@ -379,11 +379,13 @@ class PruningSpace:
         total = Counts(params=sum(p.numel() for p in model.parameters()),
                        macs=sum(r.macs for r in rows))
 
+        attention = {module for parent in model.modules() if isinstance(parent, nn.MultiheadAttention)
+                     for module in parent.modules() if module is not parent}
         candidates = {}
         for module, name in names.items():
             if not is_weight_layer(module):
                 continue
-            reason = _layer_problem(module, name, ignored, own_macs, module in train_only)
+            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention)
             if reason:
                 _exclude(excluded, name, reason)
             else:
@@ -418,6 +420,12 @@ class PruningSpace:
         found = {name: tuple(r for r in reasons if r.startswith(f"{kind} pruning") or not r.startswith(tuple(own)))
                  for name, reasons in self.exclusions.items()}
         return {name: why for name, why in found.items() if why}
+
+    def log_exclusions(self) -> None:
+        """Log each layer left out of pruning with its reasons (INFO, logger ``autocompress.space``: ``not pruned:
+        <name>: <reasons>``); a run calls it once, for the space of its base model."""
+        for name, reason in self.excluded.items():
+            log.info("not pruned: %s: %s", name or "<model>", reason)
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
@@ -644,7 +652,6 @@ class PruningSpace:
 
 # ---------------------------------------------------------------------- helpers
 def _exclude(excluded: dict[str, list[str]], name: str, reason: str) -> None:
-    log.info("not pruned: %s: %s", name or "<model>", reason)
     excluded.setdefault(name, []).append(reason)
 
 
@@ -844,12 +851,19 @@ IGNORED_COUPLING = "which is in ignored_layers"
 
 
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
-                   train_only: bool) -> str:
+                   train_only: bool, attention: set[nn.Module]) -> str:
     if name in ignored:
         return IGNORED
+    if own_macs.get(name, 0) == 0 and module in attention:
+        return FUSED_ATTENTION
     if own_macs.get(name, 0) == 0 and not train_only:
         return "not reached by the forward pass (eval or train mode)"
     return ""
+
+
+#: the reason for a layer of ``nn.MultiheadAttention`` its fused forward reads without calling it (``out_proj``)
+FUSED_ATTENTION = ("nn.MultiheadAttention's fused forward reads its weights without calling it, and the attention "
+                   "heads' channels are kept")
 
 
 #: the reason :meth:`PruningSpace.build` gives for a layer it leaves out of column pruning with ``executed_macs_only``

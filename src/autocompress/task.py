@@ -487,7 +487,9 @@ def check_loss(loss: Any, *, finite: bool = True) -> torch.Tensor:
     otherwise."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise UserError(f"loss_fn returned {shape}, not a scalar tensor", "reduce the loss, e.g. .mean()")
+        fix = ("return the loss tensor itself (not .item() or float(): training needs its graph)"
+               if isinstance(loss, (int, float)) else "reduce the loss, e.g. .mean()")
+        raise UserError(f"loss_fn returned {shape}, not a scalar tensor", fix)
     if finite and not torch.isfinite(loss.detach()).all():
         raise UserError(f"the loss is {float(loss.detach())}", "check the data and loss_fn, or lower the lr")
     return loss

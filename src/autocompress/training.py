@@ -229,7 +229,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
     Returns:
         ``{"loss": mean data loss per batch item (the distiller's mixed loss when given), "top1": training
-        accuracy in [0, 1] (None when batches are not class-labelled pairs), "images": count}``, plus
+        accuracy in [0, 1] (None unless the default loss reads class scores ``[B, classes]`` against class
+        indices or probabilities: :func:`_hits`), "images": count}``, plus
         ``"regularizer"`` (mean per step) when a regularizer is given and ``"distilled_steps"`` when
         ``stop_distilling`` ended distillation within the epoch.
 
@@ -282,9 +283,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 distilled_steps = steps
             n = _batch_items(batch)
             total_loss += float(loss.detach()) * n
-            labelled = labelled and task.loss_fn is None and isinstance(output, torch.Tensor) and output.dim() >= 2
+            hits = _hits(output, batch[1]) if labelled and task.loss_fn is None else None
+            labelled = hits is not None
             if labelled:
-                correct += int((output.detach().argmax(1) == batch[1]).sum())
+                correct += hits
             seen += n
             if progress and (steps % 10 == 0 or steps == 1):
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", **({"acc": f"{100 * correct / seen:.2f}%"}
@@ -378,6 +380,19 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _hits(output, targets) -> int | None:
+    """Correct top-1 predictions of class scores ``[B, classes]`` against class indices ``[B]`` or class
+    probabilities ``[B, classes]`` (their most probable class); None for anything else (dense outputs, a
+    caller's targets)."""
+    if not (isinstance(output, torch.Tensor) and output.dim() == 2 and isinstance(targets, torch.Tensor)):
+        return None
+    if targets.shape == output.shape[:1] and not targets.is_floating_point():
+        return int((output.detach().argmax(1) == targets).sum())
+    if targets.shape == output.shape and targets.is_floating_point():
+        return int((output.detach().argmax(1) == targets.argmax(1)).sum())
+    return None
 
 
 def fit(model: nn.Module, splits, config: TrainConfig, *, checkpoint_path: str | os.PathLike | None = None,
