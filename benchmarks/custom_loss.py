@@ -9,19 +9,23 @@ concatenated, a 1x1 head and a global residual), trained with AdamW one-cycle, t
 
 * ``default``: the library's defaults;
 * ``sgd`` / ``adamw``: ``retrain.optimizer`` (and the ADMM and quick-evaluation fine-tuning optimiser) set to it;
-* ``own_loop``: the caller's own AdamW loop as ``train_fn`` (the loop that trained the base, cosine from 1e-3).
+* ``own_loop``: the caller's own AdamW loop as ``train_fn`` (the loop that trained the base, cosine from 1e-3);
+* ``nokd``: distillation off; ``adamw_nokd``: AdamW and distillation off.
 
 ``--task classify`` asks the other side: Fashion-MNIST classification by ``fmnist_cnn`` (width 0.5) trained with
 SGD (lr 0.05 cosine, 4 epochs), top-1 as ``score_fn``; variants ``default`` (no ``loss_fn``), ``sgd`` / ``adamw``
 (the cross-entropy as ``loss_fn``, the optimiser set) and ``auto`` (the cross-entropy as ``loss_fn``, the default
 optimiser). ``--task classify_adamw``: the same classifier trained with AdamW (one-cycle to 3e-3, 4 epochs).
+``--task segment``: per-pixel classes (background or the item's class, 11 in all) of the noisy image by the same
+U-Net with an 11-channel head, trained 2 epochs with AdamW (an under-trained base, as a fresh user's segmentation
+net was in session 30), the per-pixel cross-entropy as ``loss_fn``, mean IoU as ``score_fn``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/custom_loss.py --variants default,own_loop \\
         --seeds 0 --out benchmarks/results/custom_loss.jsonl   # --task classify: the same file
 
-The bases are cached beside ``--out`` (``<out>.base.pt``, ``<out>.classifier_{sgd,adamw}.pt``); rows are appended
-to ``--out`` as each run ends (a rerun skips the (task, variant, seed) rows already there). ``test``: PSNR (dB) or
-top-1 (%) on 2,000 test images.
+The bases are cached beside ``--out`` (``<out>.base.pt``, ``<out>.classifier_{sgd,adamw}.pt``,
+``<out>.segmenter.pt``); rows are appended to ``--out`` as each run ends (a rerun skips the (task, variant,
+seed) rows already there). ``test``: PSNR (dB), top-1 (%) or mean IoU on 2,000 test images.
 """
 from __future__ import annotations
 
@@ -43,13 +47,16 @@ from autocompress.data import get_dataset
 
 NOISE = 0.3
 BATCH = 64
+SEGMENT_CLASSES = 11  # background + the 10 Fashion-MNIST classes
 
 
 class Denoiser(nn.Module):
-    """``[B, 1, 28, 28]`` noisy image -> ``[B, 1, 28, 28]`` clean image estimate."""
+    """``[B, 1, 28, 28]`` noisy image -> ``[B, 1, 28, 28]`` clean image estimate (``classes``: ``[B, classes, 28,
+    28]`` per-pixel class scores instead, without the global residual)."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, classes: int | None = None):
         super().__init__()
+        self.residual = classes is None
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU())
         self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                                    nn.Conv2d(width, width, 3, padding=1))
@@ -57,11 +64,13 @@ class Denoiser(nn.Module):
                                   nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GroupNorm(4, 2 * width), nn.ReLU(),
                                   nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GroupNorm(4, 2 * width), nn.ReLU())
         self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
-        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 1))
+        self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, classes or 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = torch.relu(self.stem(x) + self.block(self.stem(x)))
-        return x + self.head(torch.cat([self.up(self.down(skip)), skip], 1))
+        out = self.head(torch.cat([self.up(self.down(skip)), skip], 1))
+        return x + out if self.residual else out
 
 
 def noisy_pairs(images: torch.Tensor, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,6 +137,42 @@ def denoiser_base(path: Path, batches) -> nn.Module:
     return model
 
 
+def segment_pairs(images: torch.Tensor, labels: torch.Tensor, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (noisy image ``[B, 1, 28, 28]``, per-pixel class map ``[B, 28, 28]``): 0 where the clean pixel is
+    below 0.1 (background), else the image's class + 1 (``SEGMENT_CLASSES`` classes)."""
+    clean = images.float() / 255.0
+    noisy = clean + NOISE * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    maps = torch.where(clean[:, 0] >= 0.1, labels.view(-1, 1, 1) + 1, 0).long()
+    return [(noisy[i:i + BATCH], maps[i:i + BATCH]) for i in range(0, len(clean), BATCH)]
+
+
+def miou(model: nn.Module, batches) -> float:
+    """Mean intersection over union of the per-pixel argmax over the classes present in prediction or target."""
+    was = model.training
+    model.eval()
+    inter, union = torch.zeros(SEGMENT_CLASSES), torch.zeros(SEGMENT_CLASSES)
+    with torch.no_grad():
+        for x, y in batches:
+            pred = model(x).argmax(1)
+            for c in range(SEGMENT_CLASSES):
+                inter[c] += ((pred == c) & (y == c)).sum()
+                union[c] += ((pred == c) | (y == c)).sum()
+    model.train(was)
+    return float((inter[union > 0] / union[union > 0]).mean())
+
+
+def segmenter_base(path: Path, batches, epochs: int) -> nn.Module:
+    """The U-Net with per-pixel class scores, trained with AdamW one-cycle to 3e-3 for ``epochs``, cached."""
+    torch.manual_seed(0)
+    model = Denoiser(classes=SEGMENT_CLASSES)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    adamw_epochs(model, batches, epochs, 3e-3, onecycle=True, loss=cross_entropy)
+    torch.save(model.state_dict(), path)
+    return model
+
+
 def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
@@ -159,13 +204,21 @@ def classifier_base(path: Path, batches, optimizer: str) -> nn.Module:
     return model
 
 
-def setup(task: str, out: Path) -> dict:
-    """The task's base model, batches (train / val / test), loss and score."""
+def setup(task: str, out: Path, segment_epochs: int = 2) -> dict:
+    """The task's base model, batches (train / val / test), loss and score (``segment_epochs``: the segmenter's
+    training epochs; 2 leave it under-trained, as a fresh user's segmentation net was in session 30)."""
     splits = get_dataset("fashion-mnist", val_size=2000, max_train=10000, max_test=2000)
     if task == "denoise":
         train, val = noisy_pairs(splits.train.images, 1), noisy_pairs(splits.val.images, 2)[:8]
         return {"train": train, "val": val, "test": noisy_pairs(splits.test.images, 3), "loss": mse,
                 "score": psnr, "base": denoiser_base(out.with_suffix(".base.pt"), train)}
+
+    if task == "segment":
+        def maps(split, seed):
+            return segment_pairs(split.images, split.labels, seed)
+        train = maps(splits.train, 1)
+        return {"train": train, "val": maps(splits.val, 2)[:8], "test": maps(splits.test, 3), "loss": cross_entropy,
+                "score": miou, "base": segmenter_base(out.with_suffix(".segmenter.pt"), train, segment_epochs)}
 
     def labelled(split) -> list:
         images = (split.images.float() / 255.0 - splits.mean[0]) / splits.std[0]
@@ -177,6 +230,12 @@ def setup(task: str, out: Path) -> dict:
             "score": top1, "base": base}
 
 
+#: variants' settings over the defaults (the default loop, the task's loss)
+SETTINGS = {"sgd": {"retrain": {"optimizer": "sgd"}}, "adamw": {"retrain": {"optimizer": "adamw"}},
+            "nokd": {"distillation": {"enabled": False}},
+            "adamw_nokd": {"retrain": {"optimizer": "adamw"}, "distillation": {"enabled": False}}}
+
+
 def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int) -> dict:
     """One compress run; ``seed`` also orders the training batches (the default loop iterates a list in order)."""
     base, val, score = data["base"], data["val"], data["score"]
@@ -185,13 +244,12 @@ def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int
     model = copy.deepcopy(base)
     config: dict = {"budget": budget, "seed": seed}
     loss_fn, train_fn = data["loss"], None
-    if variant in ("sgd", "adamw"):
-        config["retrain"] = {"optimizer": variant}
-    elif variant == "default" and task.startswith("classify"):
+    if variant == "default" and task.startswith("classify"):
         loss_fn = None
     elif variant == "own_loop":
         def train_fn(net, phase):
-            adamw_epochs(net, train, phase.epochs, 1e-3, onecycle=False, attach=phase.attach)
+            adamw_epochs(net, train, phase.epochs, 1e-3, onecycle=False, attach=phase.attach, loss=loss_fn)
+    config.update(SETTINGS.get(variant, {}))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         result = autocompress.compress(model, torch.zeros(1, 1, 28, 28), target, train_loader=train,
@@ -206,14 +264,16 @@ def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("denoise", "classify", "classify_adamw"), default="denoise")
+    parser.add_argument("--task", choices=("denoise", "classify", "classify_adamw", "segment"), default="denoise")
     parser.add_argument("--variants", default="default,own_loop")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--target", default="flops=2x")
     parser.add_argument("--budget", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--segment-epochs", type=int, default=2,
+                        help="the segmenter's training epochs (its base is cached beside --out: one --out per value)")
     args = parser.parse_args()
-    data = setup(args.task, args.out)
+    data = setup(args.task, args.out, args.segment_epochs)
     done = set()
     if args.out.exists():
         rows = map(json.loads, args.out.read_text().splitlines())

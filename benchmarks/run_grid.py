@@ -207,6 +207,12 @@ AUTOCOMPRESS_METHODS = {
                             {"search": {"guidance": "auto", "start": "magnitude"}, "budget": None, "rounds": 1,
                              "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
                              "distillation": {"enabled": True}}),
+    # session 31: the refit scorer ranked 20 flops=2x candidates at Spearman 0.90 against the default's 0.79
+    # (session 30, 30 validation batches); paired with ac_budget_noadmm's seeds (same schedule and search)
+    "ac_budget_refit": ("autocompress, the budget split 0 ADMM + 15 retraining epochs, the refit scorer",
+                        {"search": {"guidance": "auto", "start": "guided"}, "budget": None, "rounds": 1,
+                         "admm": {"epochs": 0}, "retrain": {"epochs": 0}, "final_retrain_epochs": 15,
+                         "distillation": {"enabled": True}, "quick_eval": {"scorer": "refit"}}),
     # session 25: retraining on a one-cycle schedule (15 % warm-up to lr 0.05) was +0.21 on converged small bases
     # (4 seeds, benchmarks/weak_teacher.py) and +0.14 on a fresh user's sequence model (3 seeds)
     "ac_budget_onecycle": ("autocompress defaults (session 24), `budget`, retraining one-cycle to lr 0.05",
@@ -232,7 +238,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
             "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop", "ac_budget_lr05", "ac_budget_noadmm",
-            "ac_budget_onecycle", "ac_budget_magnitude", "ac_budget_mixed")
+            "ac_budget_onecycle", "ac_budget_magnitude", "ac_budget_mixed", "ac_budget_refit")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
