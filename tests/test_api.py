@@ -506,6 +506,10 @@ def test_model_pt_loads_as_the_model_compressed_or_asks_for_the_instance(tmp_pat
     else:
         with pytest.raises(UserError, match="constructor arguments"):
             autocompress.load(path)
+        with pytest.raises(UserError, match="computes outputs differing by up to"):
+            autocompress.load(path, model=PoolChoiceCNN("mean"))  # the saved weights fit, the pooling differs
+        assert not torch.equal(autocompress.load(path, model=PoolChoiceCNN("mean"), check=False)(x),
+                               result.model.eval()(x))
         loaded = autocompress.load(path, model=PoolChoiceCNN("max"))
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model.eval()(x))
@@ -967,8 +971,9 @@ def test_class_indices_outside_the_outputs_classes_are_refused_before_any_work(n
             "val_loader", model=PixelClassifier(), train_loader=pixels(maps), val_loader=pixels(maps + 3))
     refused(no_work, r"run from -1 to 1, outside the output's 3 classes \(dimension 1\) on a batch of train_loader",
             model=PixelClassifier(), train_loader=pixels(maps - 1), val_loader=pixels(maps))
-    Compression(PixelClassifier(), torch.randn(1, 1, 8, 8), "params=1.2x", device="cpu", config=CONFIG,
-                task_args=dict(train_loader=pixels(maps), val_loader=pixels(maps)), progress=False)
+    run = Compression(PixelClassifier(), torch.randn(1, 1, 8, 8), "params=1.2x", device="cpu", config=CONFIG,
+                      task_args=dict(train_loader=pixels(maps), val_loader=pixels(maps)), progress=False)
+    assert run.task.positions and run.task.classifies and run.config.retrain.optimizer == "adamw"  # session 31
 
 
 def test_soft_class_probabilities_train_with_the_default_loss():

@@ -78,6 +78,9 @@ def test_the_optimizer_follows_the_task_and_sets_the_unset_learning_rates():
     chosen = CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "sgd"}}).for_task(False)
     assert (chosen.retrain.optimizer, chosen.retrain.lr) == ("sgd", 0.01)
     assert own.for_task(classifies=True) == own  # resolving twice changes nothing (a resumed run compares them)
+    dense = config.for_task(classifies=True, positions=True)  # per-pixel classes: a segmenter
+    assert (dense.retrain.optimizer, dense.retrain.lr) == ("adamw", 0.001)
+    assert "class indices per position of a dense output" in dense.describe_loop("auto", True, True)
     with pytest.raises(SettingError, match=r"unknown retrain.optimizer 'adam'.*use one of auto, sgd, adamw") as error:
         CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "adam"}})
     assert error.value.setting == "retrain.optimizer"

@@ -193,3 +193,27 @@ def test_constructor_arguments_read_a_required_argument_back():
 
     assert constructor_arguments(_Required(5, pool="mean"), (torch.randn(1, 3, 4, 4),)) == {"width": 5,
                                                                                           "pool": "mean"}
+
+
+def test_a_saved_model_is_loaded_only_where_it_computes_its_saved_outputs(tmp_path):
+    """The file keeps the model's outputs on a seeded input of ``dataset.input_size``; an instance that takes
+    the weights but pools otherwise is refused (it used to load silently), a tampered check is refused as
+    malformed, and a file without a check (no input size) loads as before."""
+    torch.manual_seed(0)
+    model, x = _Pooled("mean").eval(), torch.randn(3, 3, 5, 5)
+    path = save_compact(tmp_path / "m.pt", model, dataset={"input_size": [3, 5, 5]})
+    check = load_checkpoint(path)["check"]
+    assert check["input_size"] == [3, 5, 5] and check["outputs"][0]["shape"] == [2, 4]
+    with torch.no_grad():
+        assert torch.equal(autocompress.load(path, model=_Pooled("mean"))(x), model(x))
+    with pytest.raises(UserError, match="computes outputs differing by up to .* other constructor arguments"):
+        autocompress.load(path, model=_Pooled("max"))
+    autocompress.load(path, model=_Pooled("max"), check=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["check"]["outputs"][0]["head"] = "x"
+    torch.save(ckpt, tmp_path / "tampered.pt")
+    with pytest.raises(UserError, match="malformed check entry"):
+        autocompress.load(tmp_path / "tampered.pt", model=_Pooled("mean"))
+    bare = save_compact(tmp_path / "bare.pt", model)
+    assert load_checkpoint(bare)["check"] is None
+    autocompress.load(bare, model=_Pooled("max"))  # nothing to check against

@@ -29,7 +29,7 @@ __all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "T
            "UserError", "__version__", "compress", "deployed_form", "load", "prune"]
 
 
-def load(path, map_location="cpu", model=None):
+def load(path, map_location="cpu", model=None, check=True):
     """Rebuild a model saved by autocompress (a zoo checkpoint or a compact model) without unpickling code.
 
     Args:
@@ -41,10 +41,12 @@ def load(path, map_location="cpu", model=None):
             cannot be imported here or its constructor arguments were not recorded. Without it the model is
             built from the registry or by importing the recorded class (``module:qualname``, an
             ``nn.Module`` subclass of the user's own installed code) with the recorded arguments.
+        check: verify that the rebuilt model computes the saved model's outputs on the file's seeded check
+            input (files written by ``compress`` and ``save_compact`` carry one); False loads without it.
 
     Returns the model in eval mode. Raises UserError for unreadable files and models that cannot be
     rebuilt (see :func:`autocompress.checkpoint.load_model`).
     """
     from .checkpoint import load_model
 
-    return load_model(path, map_location=map_location, model=model)
+    return load_model(path, map_location=map_location, model=model, check=check)

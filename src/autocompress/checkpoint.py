@@ -8,7 +8,8 @@ Format (docs/ARCHITECTURE.md, "Checkpoints")::
      "dataset": {"name": "cifar10", "input_size": [3, 32, 32], "num_classes": 10, ...},
      "state_dict": {...}, "config": {...}, "metrics": {...},
      "architecture": None | {...},     # compact models: architecture.describe_architecture(...)
-     "training_state": None | {...}}   # optimizer / scheduler / epoch / RNG states, for --resume
+     "training_state": None | {...},   # optimizer / scheduler / epoch / RNG states, for --resume
+     "check": None | {...}}            # outputs on a seeded input: integrity.output_check, verified on load
 
 No code is pickled. A model is rebuilt from the registry (``create_model(name, **kwargs)``), or by
 importing the recorded class (``"module:qualname"``, which must name an ``nn.Module`` subclass: importing
@@ -31,7 +32,7 @@ from torch import nn
 from .architecture import apply_architecture
 from .atomic import atomic_torch_save
 from .errors import MissingCode, UserError
-from .integrity import check_finite, verify_archive
+from .integrity import check_finite, verify_archive, verify_outputs
 from .models import create_model
 from .sparse import from_sparse_state_dict, is_sparse, to_sparse_state_dict
 
@@ -118,7 +119,7 @@ def _model_entry(name: str | None, class_name: str | None, kwargs: dict | None) 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: str | None = None,
                     model_kwargs: dict | None = None, model_class: str | None = None, dataset: dict, config: Any,
                     metrics: dict, architecture: dict | None = None, training_state: dict | None = None,
-                    sparse: bool = False) -> Path:
+                    sparse: bool = False, check: dict | None = None) -> Path:
     """Write a checkpoint to ``path`` atomically (the old file stays intact until the new one is complete).
 
     Args:
@@ -136,6 +137,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: st
         sparse: store tensors with at least half zeros in CSR form (:mod:`autocompress.sparse`), so an
             irregularly pruned model's file size follows its non-zero count; decoded by
             :func:`load_checkpoint`.
+        check: :func:`autocompress.integrity.output_check` of the model, which loading verifies (None: none).
 
     Returns the path.
 
@@ -153,6 +155,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: st
         "format": FORMAT, "version": VERSION, "model": entry,
         "dataset": dict(dataset), "state_dict": state_dict, "config": dict(config or {}),
         "metrics": dict(metrics or {}), "architecture": architecture, "training_state": training_state,
+        "check": check,
     }, path)
 
 
@@ -209,6 +212,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     check_finite(ckpt["state_dict"], f"checkpoint {path}")
     ckpt.setdefault("architecture", None)
     ckpt.setdefault("training_state", None)
+    ckpt.setdefault("check", None)
     ckpt["model"].setdefault("kwargs", {})
     return ckpt
 
@@ -237,11 +241,23 @@ def _check_fields(ckpt: dict, path: Path) -> None:
         ("dataset.seed", dataset.get("seed") is None or _int_in(dataset["seed"], 0, 2 ** 63 - 1)),
         ("dataset.name", dataset.get("name") is None or isinstance(dataset["name"], str)),
         ("architecture", ckpt.get("architecture") is None or isinstance(ckpt["architecture"], dict)),
+        ("check", ckpt.get("check") is None or _check_entry(ckpt["check"])),
     ]
     for field, ok in checks:
         if not ok:
             raise UserError(f"checkpoint {path} has a malformed {field} entry",
                             "the file is damaged or was not written by autocompress; re-create it")
+
+
+def _check_entry(check: Any) -> bool:
+    """Whether ``check`` has the form :func:`autocompress.integrity.output_check` writes."""
+    size, outputs = (check.get("input_size"), check.get("outputs")) if isinstance(check, dict) else (None, None)
+    return isinstance(size, list) and 1 <= len(size) <= 4 and all(_int_in(side, 1, _MAX_SIDE) for side in size) \
+        and isinstance(outputs, list) and len(outputs) <= 1000 and all(
+            isinstance(out, dict) and isinstance(out.get("shape"), list) and len(out["shape"]) <= 8
+            and all(_int_in(side, 0, 2 ** 40) for side in out["shape"])
+            and isinstance(out.get("abs_sum"), (int, float)) and isinstance(out.get("head"), list)
+            and len(out["head"]) <= 1000 and all(isinstance(v, (int, float)) for v in out["head"]) for out in outputs)
 
 
 def _int_in(value: Any, low: int, high: int) -> bool:
@@ -282,7 +298,7 @@ def build_model(entry: dict) -> nn.Module:
                         _pass_instance(entry["class"])) from exc
 
 
-def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None) -> nn.Module:
+def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: bool = True) -> nn.Module:
     """Rebuild the model of a loaded checkpoint: a fresh model (``create_model(name, **kwargs)``, or the
     recorded class imported and called with the recorded kwargs; see :func:`import_model_class`), or
     ``model`` when given, then ``architecture.apply_architecture`` when ``ckpt["architecture"]`` is set,
@@ -293,6 +309,9 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None) -> nn.Modu
         model: a fresh instance of the model the checkpoint was saved from (e.g. a class that cannot be
             imported, or one whose constructor arguments were not recorded). It is changed in place: its
             modules are replaced as the saved architecture describes and its weights overwritten.
+        check: verify the rebuilt model's outputs against the checkpoint's output check where it has one
+            (:func:`autocompress.integrity.verify_outputs`; ``autocompress compress`` and ``save_compact`` store
+            one): the same weights in a model built with other constructor arguments compute something else.
 
     Returns the model in train mode on the CPU (or where the tensors were mapped; a given ``model`` keeps
     its device).
@@ -300,7 +319,7 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None) -> nn.Modu
     Raises:
         UserError: unknown model name / options, a recorded class that cannot be imported or built (the
             message says to pass ``model=``), ``model`` not an ``nn.Module``, or weights that do not match
-            the model's shapes or names.
+            the model's shapes or names, or a rebuilt model whose outputs differ from the saved one's.
     """
     entry = ckpt["model"]
     if model is None:
@@ -321,17 +340,21 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None) -> nn.Modu
         raise UserError(f"the checkpoint's weights do not match model {label} ({detail[:200]})",
                         "the checkpoint was written for another model or options; pass a matching "
                         "checkpoint") from exc
+    if check and ckpt.get("check"):
+        verify_outputs(model, ckpt["check"], f"model {label}")
     return model
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Module | None = None) -> nn.Module:
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Module | None = None, *,
+               check: bool = True) -> nn.Module:
     """Load a checkpoint file and rebuild its model in eval mode (used by ``autocompress.load``); with
-    ``model``, that instance receives the saved architecture and weights (see :func:`model_from_checkpoint`).
+    ``model``, that instance receives the saved architecture and weights; ``check``: verify its outputs (see
+    :func:`model_from_checkpoint`).
 
     Raises:
         UserError: as :func:`load_checkpoint` and :func:`model_from_checkpoint`.
     """
-    return model_from_checkpoint(load_checkpoint(path, map_location=map_location), model=model).eval()
+    return model_from_checkpoint(load_checkpoint(path, map_location=map_location), model=model, check=check).eval()
 
 
 __all__ = ["FORMAT", "VERSION", "build_model", "class_path", "import_model_class", "load_checkpoint", "load_model",

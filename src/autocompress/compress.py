@@ -355,7 +355,7 @@ class Compression:
                                  base_score=self.base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
         if train_fn is None:
-            self.pipeline.log(self.config.describe_loop(asked, self.task.classifies))
+            self.pipeline.log(self.config.describe_loop(asked, self.task.classifies, self.task.positions))
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")
@@ -950,11 +950,14 @@ class Compression:
         recorded, and then onto a given instance: ``autocompress.load(path, model=MyNet(...))``."""
         cls = type(compact_model)
         kwargs = constructor_arguments(self.pipeline.base_model, self.example)
+        load = f"load it with autocompress.load(path, model={cls.__name__}(...)) built as the model you compressed"
         if kwargs is None:
             self.pipeline.log(f"model.pt: {cls.__name__}'s constructor arguments are not recorded ({cls.__name__}() "
                               f"with the model's weights does not compute its outputs, and they could not be read "
-                              f"back from its attributes): load it with autocompress.load(path, "
-                              f"model={cls.__name__}(...)) built as the model you compressed")
+                              f"back from its attributes): {load}")
+        if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+            self.pipeline.log(f"model.pt: {cls.__name__} is defined in the script that ran (or in a function), so "
+                              f"another process cannot import it by name: {load}, or define it in a module")
         save_compact(path, copy.deepcopy(compact_model).cpu(), model_class=cls, model_kwargs=kwargs,
                      metrics={"target": str(self.target)}, config=dataclasses.asdict(self.config),
                      dataset={"input_size": list(self.example[0].shape[1:])}, sparse="irregular" in self.config.kinds)

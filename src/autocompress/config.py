@@ -348,18 +348,20 @@ class CompressConfig:
         latency = self.target is not None and Target.parse(self.target).objective == "latency"
         return "filter" if latency else "filter,column"
 
-    def for_task(self, classifies: bool | None) -> "CompressConfig":
+    def for_task(self, classifies: bool | None, positions: bool = False) -> "CompressConfig":
         """This config with ``retrain.optimizer`` resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training
-        targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), else ``"adamw"``,
-        also when they cannot be read)
+        targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), and the output holds
+        one class vector per item (not ``positions``: :attr:`autocompress.task.Task.positions`), else
+        ``"adamw"``, also when they cannot be read)
         and the unset learning rates (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``) at that optimiser's
         :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps grow with the loss's scale: an AdamW-trained
         denoiser (mean squared error ~0.008) retrained with SGD at lr 0.01 for 3 epochs ended 1.96 dB below the
         same epochs of AdamW, while an SGD-trained classifier given its cross-entropy as ``loss_fn`` lost 1.5
-        points of top-1 with AdamW (BENCHMARKS.md, "Session 29")."""
+        points of top-1 with AdamW (BENCHMARKS.md, "Session 29"); a per-pixel cross-entropy averages over many
+        easy positions, and a segmentation U-Net kept 3.7 mIoU points more with AdamW (session 31)."""
         optimizer = self.retrain.optimizer
         if optimizer == AUTO:
-            optimizer = "sgd" if classifies else "adamw"
+            optimizer = "sgd" if classifies and not positions else "adamw"
         return dataclasses.replace(
             self, retrain=dataclasses.replace(self.retrain, optimizer=optimizer,
                                               lr=fine_tuning_lr(self.retrain.lr, optimizer)),
@@ -367,13 +369,15 @@ class CompressConfig:
             quick_eval=dataclasses.replace(self.quick_eval,
                                            finetune_lr=fine_tuning_lr(self.quick_eval.finetune_lr, optimizer)))
 
-    def describe_loop(self, asked: str, classifies: bool | None) -> str:
+    def describe_loop(self, asked: str, classifies: bool | None, positions: bool = False) -> str:
         """A log line on the default training loop of this config resolved by :meth:`for_task`: its optimiser,
         learning rates, and why ``auto`` chose the optimiser (``asked``: ``retrain.optimizer`` as given)."""
         why = ""
         if asked == AUTO:
-            targets = ("class indices or probabilities for the output" if classifies else
-                       "not class indices for the output" if classifies is False else "not readable as class indices")
+            targets = ("class indices per position of a dense output (a per-pixel loss's mean gives SGD small steps)"
+                       if classifies and positions else "class indices or probabilities for the output" if classifies
+                       else "not class indices for the output" if classifies is False
+                       else "not readable as class indices")
             why = f" (retrain.optimizer auto: the training targets are {targets})"
         return (f"default training loop: {self.retrain.optimizer}, lr {self.retrain.lr:g} (retraining), "
                 f"{self.admm.lr:g} (ADMM), {self.quick_eval.finetune_lr:g} (search fine-tuning){why}")

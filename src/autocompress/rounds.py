@@ -38,6 +38,7 @@ from .errors import UserError
 from .masks import MaskEnforcer
 from .projection import project
 from .purification import purify
+from .quick_eval import recalibrate_batchnorm
 from .architecture import apply_architecture, describe_architecture
 from .space import BREAKS, PruningSpace
 from .task import Task, loader_generators
@@ -47,6 +48,10 @@ from .training import above_bars
 PHASES = ("search", "admm", "purify", "retrain", "compact")
 
 TrainFn = Callable[[nn.Module, "TrainingPhase"], Any]
+
+
+#: training batches the BatchNorm statistics are re-estimated on after each masked retraining
+BN_REESTIMATE_BATCHES = 50
 
 
 def phase_seed(seed: int, round_index: int, phase: str) -> int:
@@ -240,7 +245,7 @@ class Pipeline:
     _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
-        self.config = self.config.for_task(self.task.classifies)  # the default loop's optimiser and rates
+        self.config = self.config.for_task(self.task.classifies, self.task.positions)  # the loop's optimiser, rates
         if self.log is None:
             self.log = _silent
         elif self.progress:
@@ -578,9 +583,33 @@ class Pipeline:
         else:
             enforcer = MaskEnforcer(state.model, state.param_masks)
             self._call_train_fn("retrain", state, epochs=epochs, lr=config.lr, enforcer=enforcer)
+        reestimated = self._reestimate_batchnorm(state) if epochs > 0 else []
         self.store.save(state.index, "retrain", self._state_payload(state))
         return [{"event": "retrain", "round": state.index, "history": [epoch_record(k, epoch) for k, epoch in
-                                                                        enumerate(history)]}]
+                                                                        enumerate(history)]}, *reestimated]
+
+    def _reestimate_batchnorm(self, state: RoundState) -> list[dict]:
+        """BatchNorm running statistics of the retrained ``state.model`` re-estimated as an exact average over
+        :data:`BN_REESTIMATE_BATCHES` training batches (adaptive BatchNorm: Li et al., "EagleEye", ECCV 2020, §3.2),
+        kept when the validation score rises. A short retraining leaves statistics that lag the weights where a
+        model's BatchNorm momentum is small (torchvision's MobileNetV3: 0.01, about 100 steps of memory; a fresh
+        user's 3-epoch run read 53.5 % test top-1, 77.2 % once re-estimated). Returns the record ([] without
+        BatchNorm layers or a score)."""
+        if not self.task.can_score or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                              for m in state.model.modules()):
+            return []
+        trial = copy.deepcopy(state.model)
+        batches = self.task.batches(self.task.train_loader, BN_REESTIMATE_BATCHES)
+        recalibrate_batchnorm(trial, batches, self.task.forward)
+        before, after = self.task.score(state.model), self.task.score(trial)
+        kept = after > before
+        if kept:
+            state.model.load_state_dict(trial.state_dict())
+        self.log(f"round {state.index}: BatchNorm statistics re-estimated on {len(batches)} training batch"
+                 f"{'' if len(batches) == 1 else 'es'}: {self.describe(before)} -> {self.describe(after)}, "
+                 f"{'re-estimated statistics kept' if kept else 'the retraining statistics kept'}")
+        return [{"event": "batchnorm", "round": state.index, "batches": len(batches), **self.scored(before, "_before"),
+                 **self.scored(after, "_after"), "kept": kept}]
 
     def _release(self, state: RoundState) -> Callable[[nn.Module, dict, str], bool] | None:
         """The retraining's test for ending distillation (``distillation.stop_margin``): the student's validation

@@ -24,6 +24,7 @@ from .architecture import apply_architecture, describe_architecture
 from .checkpoint import class_path, import_model_class, save_checkpoint
 from .errors import UserError
 from .export import flat_outputs
+from .integrity import output_check
 from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (part of this module's API)
 
 
@@ -158,6 +159,9 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_chec
         architecture: the description (default: ``describe_architecture(compact_model)``, every module).
         sparse: store mostly-zero tensors in CSR form (irregular pruning; see ``save_checkpoint``).
 
+    With ``dataset["input_size"]`` the file also holds the model's outputs on a seeded input of that size
+    (:func:`autocompress.integrity.output_check`), which ``autocompress.load`` verifies after rebuilding it.
+
     Returns the path. The file holds the compact state_dict only, so its size is proportional to the
     remaining parameters (plus a few bytes per described module).
 
@@ -170,7 +174,8 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, base_chec
         dataset = base_checkpoint["dataset"] if base_checkpoint is not None else {}
     return save_checkpoint(path, model=compact_model, **source, dataset=dataset, config=config or {},
                            metrics=metrics or {}, architecture=architecture if architecture is not None
-                           else describe_architecture(compact_model), sparse=sparse)
+                           else describe_architecture(compact_model), sparse=sparse,
+                           check=output_check(compact_model, dataset.get("input_size")))
 
 
 

@@ -221,6 +221,8 @@ class Task:
             pair whose targets are class indices (or class probabilities) for the forward's output
             ``[B, classes >= 2, ...]``, False when its targets are another tensor (regression), None when its
             targets cannot be read (batches of another form).
+        positions: set by :meth:`check`: the forward's class scores have positions beyond the class dimension
+            (``[B, classes, H, W]``: per-pixel or per-token classes).
     """
 
     train_loader: Iterable
@@ -232,6 +234,7 @@ class Task:
     amp: str | None = None
     layout: bool = True
     classifies: bool | None = None
+    positions: bool = False
 
     # --- running batches ----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -398,6 +401,7 @@ class Task:
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
             problem = class_target_problem(train_output, targets) if scores else None
             self.classifies = scores and problem is None if _is_pair(first) else None
+            self.positions = scores and train_output.dim() > 2
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
                 _refuse_class_targets(problem, "train_loader", "the default loss (cross-entropy)",
