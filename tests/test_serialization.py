@@ -188,6 +188,27 @@ def test_constructor_arguments_rebuild_the_model_or_are_none(pool, width, keeps)
             assert torch.equal(fresh(x), model(x))
 
 
+class _Scaled(_Kept):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * super().forward(x)
+
+
+def test_constructor_arguments_are_only_values_a_checkpoint_reads_back(tmp_path):
+    """An attribute above the bound the loader accepts for ``model.kwargs`` (2**20) is not recorded: the file
+    would be refused as malformed when loaded."""
+    from autocompress.serialization import constructor_arguments
+
+    x = torch.randn(1, 3, 4, 4)
+    assert constructor_arguments(_Scaled(2.0), (x,)) == {"scale": 2.0}
+    assert constructor_arguments(_Scaled(1e7), (x,)) is None
+    path = save_compact(tmp_path / "m.pt", _Scaled(2.0), model_kwargs={"scale": 2.0})
+    assert autocompress.load(path).scale == 2.0
+
+
 def test_constructor_arguments_read_a_required_argument_back():
     from autocompress.serialization import constructor_arguments
 

@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (else its first buffer; a model holding neither: the CPU)."""
+    tensor = next(model.parameters(), None)
+    tensor = tensor if tensor is not None else next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
     """Restore each module's ``training`` flag and all buffers on exit (no eval / no_grad switch)."""

@@ -231,7 +231,7 @@ def _check_fields(ckpt: dict, path: Path) -> None:
     checks = [
         ("model.kwargs", kwargs is None and model.get("class") is not None or isinstance(kwargs, dict)
          and all(isinstance(k, str) for k in kwargs)
-         and all(_plain_within(v, _MAX_OPTION) for v in kwargs.values())),
+         and all(storable_option(v) for v in kwargs.values())),
         ("model.kwargs.num_classes", not isinstance(kwargs, dict) or "num_classes" not in kwargs
          or _int_in(kwargs["num_classes"], 1, _MAX_CLASSES)),
         ("dataset.input_size", size is None or isinstance(size, (list, tuple)) and 1 <= len(size) <= 4
@@ -262,6 +262,12 @@ def _check_entry(check: Any) -> bool:
 
 def _int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def storable_option(value: Any) -> bool:
+    """Whether ``value`` can be a recorded constructor argument (``model.kwargs``) that :func:`load_checkpoint`
+    reads back: plain YAML-like data, numbers within 2**20, nested at most 3 deep."""
+    return _plain_within(value, _MAX_OPTION)
 
 
 def _plain_within(value: Any, bound: int, depth: int = 0) -> bool:
@@ -358,4 +364,4 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Mod
 
 
 __all__ = ["FORMAT", "VERSION", "build_model", "class_path", "import_model_class", "load_checkpoint", "load_model",
-           "model_from_checkpoint", "model_label", "save_checkpoint"]
+           "model_from_checkpoint", "model_label", "save_checkpoint", "storable_option"]

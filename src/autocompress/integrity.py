@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, model_device
 from .errors import UserError
 from .export import flat_outputs
 
@@ -114,8 +114,7 @@ def output_check(model: nn.Module, input_size) -> dict | None:
     eval mode)."""
     if not input_size:
         return None
-    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
-    inputs = _check_input(input_size, device)
+    inputs = _check_input(input_size, model_device(model))
     if inputs is None:
         return None
     try:
@@ -130,8 +129,7 @@ def output_check(model: nn.Module, input_size) -> dict | None:
 def verify_outputs(model: nn.Module, check: dict, label: str) -> None:
     """UserError unless ``model`` computes the outputs ``check`` (:func:`output_check`) recorded, within
     :data:`CHECK_TOLERANCE` of their scale; ``label`` names the model in the message."""
-    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
-    inputs = _check_input(check["input_size"], device)
+    inputs = _check_input(check["input_size"], model_device(model))
     if inputs is None:
         return
     got = _fingerprint(model, inputs)

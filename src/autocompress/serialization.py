@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, model_device
 from .architecture import apply_architecture, describe_architecture
-from .checkpoint import class_path, import_model_class, save_checkpoint
+from .checkpoint import class_path, import_model_class, save_checkpoint, storable_option
 from .errors import UserError
 from .export import flat_outputs
 from .integrity import output_check
@@ -42,8 +42,8 @@ def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | Non
     A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict) and then
     computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval mode, no grad; relative
     difference <= 1e-4). Tried in order: no arguments (when the constructor needs none), then the constructor's
-    parameters read back from ``model``'s attributes of the same name where they hold plain data (str, int,
-    float, bool, None, lists / tuples / dicts of them; a class that keeps ``self.width = width``).
+    parameters read back from ``model``'s attributes of the same name where a checkpoint can record them
+    (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
 
     Returns None when neither rebuilds it, e.g. ``MyNet(pool="mean")`` whose ``MyNet()`` pools otherwise and
     keeps no ``pool`` attribute: a checkpoint recording ``{}`` there would load a model computing something
@@ -56,7 +56,7 @@ def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | Non
     except (TypeError, ValueError):
         return None
     named = {name: p for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    read = {name: getattr(model, name) for name in named if _plain(getattr(model, name, _MISSING))}
+    read = {name: getattr(model, name) for name in named if storable_option(getattr(model, name, _MISSING))}
     read = {name: value for name, value in read.items() if named[name].default is named[name].empty
             or not _equal(value, named[name].default)}
     candidates = [{}] if _constructible_without_arguments(cls) else []
@@ -66,14 +66,6 @@ def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | Non
 
 
 _MISSING = object()
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(isinstance(key, str) and _plain(item) for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_plain(item) for item in value)
-    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -88,8 +80,7 @@ def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) 
     try:
         fresh = cls(**kwargs)
         fresh.load_state_dict(model.state_dict())
-        device = next(iter(model.state_dict().values()), torch.empty(0)).device
-        fresh.to(device)
+        fresh.to(model_device(model))
         with analysis_mode(model), analysis_mode(fresh):
             want, got = flat_outputs(model(*example_inputs)), flat_outputs(fresh(*example_inputs))
     except Exception:  # the caller's constructor or forward, whatever it raises: not rebuilt

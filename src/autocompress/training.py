@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, model_device
 from .distillation import TeacherCache
 from .errors import UserError
 from .task import Task, channels_last, channels_last_trains, channels_last_works, check_loss, move
@@ -192,11 +192,6 @@ def resumable_state(ckpt: dict, path: str | os.PathLike) -> dict:
     return state
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, task: Task | None = None,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
@@ -238,7 +233,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         UserError: the loss became NaN / infinite (learning rate too high) or is not a scalar.
     """
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-    task = task if task is not None else Task(loader, device=_device_of(model))
+    task = task if task is not None else Task(loader, device=model_device(model))
     scaler = torch.amp.GradScaler(task.device.type, enabled=task.amp == "fp16" and task.device.type == "cuda")
     model.train()
     bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
@@ -323,7 +318,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False, desc
         ``{"loss": mean cross-entropy per image, "top1": fraction in [0, 1], "images": count}`` plus
         ``"top5"`` when the model has more than 10 outputs.
     """
-    device = _device_of(model)
+    device = model_device(model)
     total_loss, correct1, correct5, seen, classes = 0.0, 0, 0, 0, 0
     batches = iter(tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True))
     first = next(batches, None)
@@ -354,7 +349,7 @@ def check_model_input(model: nn.Module, input_size: tuple[int, ...], num_classes
         UserError: the model cannot take inputs of that size, or does not output ``[2, num_classes]``.
     """
     size = "x".join(map(str, input_size))
-    example = torch.zeros(2, *input_size, device=_device_of(model))
+    example = torch.zeros(2, *input_size, device=model_device(model))
     try:
         with analysis_mode(model):
             out = model(example)
