@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -559,9 +560,85 @@ def test_batchnorm_statistics_left_behind_by_the_retraining_are_re_estimated(mon
     result = autocompress.compress(trained(SmallCNN(), train), torch.randn(1, 1, 8, 8), "params=2x",
                                    train_loader=train, val_loader=val, config=CONFIG, progress=False,
                                    train_fn=train_fn if own_loop else None)
-    event = next(r for r in result.records if r.get("event") == "batchnorm")
+    event = next(r for r in result.records if r.get("event") == "batchnorm" and r["round"] == 1)
     assert event["kept"] and event["batches"] == len(train) and event["val_top1_after"] > event["val_top1_before"]
     assert result.rounds[-1]["val_top1"] == pytest.approx(event["val_top1_after"], abs=1e-6)
+
+
+def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread):
+    """The loaders' sizes are stored with the settings; other training data is refused before any work."""
+    train, val = loaders()
+    model, example = trained(SmallCNN(), train), torch.randn(1, 1, 8, 8)
+    args = dict(val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
+    autocompress.compress(model, example, "params=2x", train_loader=train, **args)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert stored == {"train_loader": {"batches": 6, "items": 96}, "val_loader": {"batches": 3, "items": 48}}
+    fewer = DataLoader(TensorDataset(*images(64, 0)), batch_size=16, shuffle=True)
+    with pytest.raises(UserError, match=r"other settings \(data\.train_loader\.batches: 6 in the folder, 4 now; "
+                                        r"data\.train_loader\.items: 96 in the folder, 64 now\)"):
+        autocompress.compress(model, example, "params=2x", train_loader=fewer, **args)
+
+
+def re_estimated(model: nn.Module, train: DataLoader) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are the exact average over every batch of ``train``
+    (the batches' means and unbiased variances, in any order), computed here without the library."""
+    model = copy.deepcopy(model)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    with torch.no_grad():
+        for x, _ in train:
+            model(x)
+    return model.eval()
+
+
+def top1_percent(model: nn.Module, val: DataLoader) -> float:
+    model.eval()
+    with torch.no_grad():
+        return 100.0 * sum(int((model(x).argmax(1) == y).sum()) for x, y in val) / len(val.dataset)
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_a_base_with_stale_batchnorm_statistics_is_re_estimated_before_the_run(tmp_path, monkeypatch, one_thread,
+                                                                              stale):
+    """A base whose running variances are 100 times too large (a base trained briefly at a small BatchNorm
+    momentum) scores near chance; the run re-estimates them first and prunes, distils from and compares against
+    that base, and says so. A base whose statistics already fit keeps them."""
+    train, val = loaders()
+    train = DataLoader(train.dataset, batch_size=train.batch_size)  # the same batches here as in the run
+    model = trained(SmallCNN(), train, steps=30)
+    if stale:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.mul_(100.0)
+    else:
+        model = re_estimated(model, train)
+    given = copy.deepcopy(model.state_dict())
+    from autocompress import rounds
+
+    teachers = []  # the running variance of the first BatchNorm of each teacher distilled from
+    distiller = rounds.Distiller
+    monkeypatch.setattr(rounds, "Distiller", lambda teacher, *args: teachers.append(
+        teacher.bn1.running_var.clone()) or distiller(teacher, *args))
+    config = {**CONFIG, "distillation": {"enabled": True}}
+    args = dict(train_loader=train, val_loader=val, config=config, progress=False, run_dir=tmp_path / "run")
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **args)
+    event = next(r for r in result.records if r.get("event") == "batchnorm" and r["round"] == 0)
+    own = top1_percent(model, val)
+    base_row = result.final["rows"][0]
+    assert event["val_top1_before"] == pytest.approx(own)
+    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # the caller's model untouched
+    warned = [w for w in result.final["warnings"] if "BatchNorm statistics did not fit" in w]
+    if stale:
+        assert event["kept"] and event["val_top1_after"] > own + 1.0
+        assert base_row["val_top1"] == pytest.approx(top1_percent(re_estimated(model, train), val))
+        assert len(warned) == 1
+        assert torch.allclose(teachers[-1], re_estimated(model, train).bn1.running_var, rtol=1e-4)
+    else:
+        assert not event["kept"] and base_row["val_top1"] == pytest.approx(own) and not warned
+    again = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **args)  # the same run, resumed
+    assert again.final["rows"] == result.final["rows"]
 
 
 @pytest.fixture

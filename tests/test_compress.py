@@ -198,6 +198,7 @@ def test_non_empty_out_folder_is_never_overwritten(base_checkpoint, tmp_path, ca
     assert _compress(base_checkpoint, out) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "model.pt").read_bytes() == b"precious"
+    assert [p.name for p in out.iterdir()] == ["model.pt"]  # no lock file left behind either
 
 
 def test_resume_refuses_changed_flags_and_changed_base(finished_run, base_checkpoint, tmp_path, capsys,

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autocompress.errors import UserError
-from autocompress.runfolder import RunFolder
+from autocompress.runfolder import RunFolder, run_dir_path
 from autocompress.text import json_text
 
 
@@ -239,3 +239,25 @@ def test_json_text_is_strict_json_non_finite_floats_are_null():
 def test_json_text_keeps_twelve_significant_digits(value):
     written = json.loads(json_text(value))
     assert written == float(f"{value:.12g}") and abs(written - value) <= 5e-12 * abs(value)
+
+
+@pytest.mark.parametrize("given_dir, problem", [("", "an empty string"), ("  ", "an empty string"), (3, "is a int")])
+def test_a_run_dir_that_names_no_folder_is_refused(given_dir, problem):
+    with pytest.raises(UserError, match=problem):
+        run_dir_path(given_dir)
+
+
+def test_an_abandoned_folder_loses_only_the_lock_it_was_given(tmp_path):
+    """A refused run removes the lock file it created in a caller's folder; a lock file that was there before,
+    or one of a folder holding a run, stays."""
+    (tmp_path / "mine.txt").write_text("precious")
+    RunFolder(tmp_path).open().abandon()
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+    (tmp_path / ".lock").write_text("")
+    RunFolder(tmp_path).open().abandon()
+    assert (tmp_path / ".lock").exists()
+    claimed = tmp_path / "run"
+    folder = RunFolder(claimed).open()
+    folder.claim({"seed": 0})
+    folder.abandon()
+    assert (claimed / ".lock").exists() and (claimed / "config.yaml").exists()

@@ -42,7 +42,7 @@ from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
 from .quick_eval import QuickEvaluator, resolved_scorer
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
-from .runfolder import RunFolder
+from .runfolder import RunFolder, run_dir_path
 from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
 from .serialization import constructor_arguments, save_compact
 from .space import KINDS, ignored_modules, ignored_summary
@@ -306,7 +306,8 @@ class Compression:
 
     Args:
         source: plain data stored in ``config.yaml`` when the run starts (the CLI: where the checkpoint and
-            the data are); not compared on resume (the settings and the base model's digest are).
+            the data are); not compared on resume (the settings, the base model's digest and the
+            loaders' sizes are).
         save: ``fn(path, compact_model)`` writing the final ``model.pt`` (default:
             :func:`autocompress.serialization.save_compact`, loadable with ``autocompress.load``).
         final_columns: ``fn(name, model) -> dict`` of further columns of the final table for the ``"base"``
@@ -318,6 +319,7 @@ class Compression:
                  source: dict | None = None, save: Callable[[Path, nn.Module], Any] | None = None,
                  final_columns: Callable[[str, nn.Module], dict] | None = None):
         self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
+        self.run_dir = run_dir_path(run_dir)
         self.config = resolve_config(config, target, distributed.length(task_args.get("train_loader")))
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
@@ -335,6 +337,7 @@ class Compression:
         self.example = as_inputs(example_inputs, self.device)
         ignored_modules(model, self.config.ignored_layers)  # a wrong name is refused before any work
         base = copy.deepcopy(model).to(self.device).eval()
+        self.base_digest = model_digest(base)  # the caller's weights, before any BatchNorm re-estimation
         amp = None if self.config.amp == "none" else self.config.amp
         if amp is not None and self.device.type != "cuda":
             say(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
@@ -354,6 +357,8 @@ class Compression:
                                  log=log, channel_multiple=self.multiple,
                                  base_score=self.base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
+        self.base_records = self.pipeline.reestimate_base_batchnorm()
+        self.base_score = self.pipeline.base_score
         if train_fn is None:
             self.pipeline.log(self.config.describe_loop(asked, self.task.classifies, self.task.positions))
         self.first_model = densify(base)
@@ -380,7 +385,6 @@ class Compression:
         self.targets = round_targets(self.factor, self.config.rounds)
         self._check_reachable(base)  # an unreachable target: refused now
         self.source, self.save, self.final_columns = source or {}, save, final_columns
-        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.store = distributed.on_main(lambda: self._open_store(base), share=False) \
             if self.run_dir is not None else PhaseStore()
         if self.world.active:  # rank 0 owns the store; the threads of the run are rank 0's
@@ -397,7 +401,7 @@ class Compression:
             return
         given = {"target": self.config.target, "budget": self.config.budget}  # named before what they derive
         distributed.check_same({**given, **dataclasses.asdict(self.config), "device type": self.device.type,
-                                "model weights": model_digest(base)})
+                                "model weights": self.base_digest})
         if self.config.distributed.sync_batchnorm and self.device.type != "cuda":
             raise SettingError("distributed.sync_batchnorm", "SyncBatchNorm needs CUDA devices",
                                "set distributed.sync_batchnorm: false on the CPU")
@@ -440,14 +444,21 @@ class Compression:
 
     def _stored_settings(self, base: nn.Module) -> dict:
         return {**dataclasses.asdict(self.config),
-                "run": {"base_model_sha256": model_digest(base), "threads": torch.get_num_threads(),
+                "run": {"base_model_sha256": self.base_digest, "threads": torch.get_num_threads(),
                         "world_size": self.world.size,
                         "device": str(self.device), "autocompress": __version__,
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
                         "guidance": self.config.resolved_guidance,
                         **({"schedule": describe(self.config), "rule": RULE} if self.config.budget is not None
                            else {})},
-                "source": self.source}
+                "source": self.source, "data": self._data_sizes()}
+
+    def _data_sizes(self) -> dict:
+        """Batches and items of the training and validation loaders (None where they have no length): a run
+        folder continued with other data is refused (sizes only: a loader's content may be drawn at random)."""
+        return {name: {"batches": distributed.length(loader),
+                       "items": distributed.length(getattr(loader, "dataset", None))}
+                for name, loader in (("train_loader", self.task.train_loader), ("val_loader", self.task.val_loader))}
 
     def _open_store(self, base: nn.Module) -> RunFolder:
         """Open (lock) the run folder and claim it for this run, or check that the run it holds is this one
@@ -458,7 +469,9 @@ class Compression:
         try:
             if folder.holds_run():
                 stored = folder.read_config()
-                changed = [change for key in wanted if key not in ("run", "source")
+                compared = [key for key in wanted if key not in ("run", "source")
+                            and (key != "data" or "data" in stored)]  # folders of earlier versions hold no sizes
+                changed = [change for key in compared
                            for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
                 if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
                     changed.insert(0, "model weights")
@@ -477,7 +490,7 @@ class Compression:
             else:
                 folder.claim(wanted)
         except BaseException:
-            folder.close()
+            folder.abandon()
             raise
         return folder
 
@@ -615,7 +628,7 @@ class Compression:
         self.base_params, self.base_macs = self.pipeline.params(base), self.pipeline.macs(base)
         if not self.store.is_done("base", "base"):
             self.store.finish("base", "base", [{"event": "base", "params": self.base_params, "macs": self.base_macs,
-                                                **self.pipeline.scored(self.base_score)}])
+                                                **self.pipeline.scored(self.base_score)}, *self.base_records])
         model, space = self.first_model, self.first_space
         compact_model = None
         for index, target in enumerate(self.targets, start=1):
@@ -924,13 +937,26 @@ class Compression:
                                               padded_norms=sum(isinstance(m, PADDED_NORMS) for m in modules)),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
-                        _overshoot_warning(*rows, self.target, self.multiple, self.block)):
+                        _overshoot_warning(*rows, self.target, self.multiple, self.block),
+                        self._base_batchnorm_warning()):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": runs,
                 "phase_seconds": phase_seconds, "not_filter_pruned": self.first_space.not_filter_pruned(), **deployed}
+
+    def _base_batchnorm_warning(self) -> str | None:
+        """A warning when the base's own BatchNorm statistics were replaced before the run
+        (:meth:`~autocompress.rounds.Pipeline.reestimate_base_batchnorm`): the base row is the re-estimated base."""
+        record = next((r for r in self.base_records if r.get("kept")), None)
+        if record is None:
+            return None
+        before, after = (self.pipeline.describe(self.pipeline.score_of(record, suffix)) for suffix in ("_before", "_after"))
+        return (f"the base model's BatchNorm statistics did not fit its weights ({before} on them, {after} once "
+                f"re-estimated on {record['batches']} training batches): the run pruned and distilled from the "
+                "re-estimated base, and the base row is that model; train the base longer or with a larger BatchNorm "
+                "momentum, or re-estimate its statistics before deploying it")
 
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians

@@ -131,7 +131,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         original and of the compact model; with ``irregular`` in ``dims`` the non-zero ones),
         ``macs_before`` / ``macs_after`` (MACs per input item; FLOPs = 2 x MACs), ``compression_rate``,
         ``mac_reduction``, ``score`` (validation score -- top-1 as a fraction unless ``score_fn`` --
-        ``before``, ``purified`` and ``after``, measured on the compact model; None without a score),
+        ``before``, ``purified`` and ``after``, measured on the compact model; None without a score; ``before``
+        is the base's score once its BatchNorm statistics were re-estimated where that raised it by more than a
+        point: :meth:`autocompress.rounds.Pipeline.reestimate_base_batchnorm`, a ``batchnorm`` record of round 0),
         ``rates``, ``clipped``, ``kept`` (per unit: ``[kept, total]``), ``excluded`` (module -> reason),
         ``records`` (the phase records, as in a compress run's ``metrics.jsonl``).
 
@@ -171,6 +173,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     pipeline = Pipeline(task=task, config=config, example_inputs=example, base_model=base, train_fn=train_fn,
                         progress=progress, log=log,
                         base_score=before)
+    base_records = pipeline.reestimate_base_batchnorm()
+    before = pipeline.base_score
     work = densify(base)
     space = pipeline.compactable_space(work)
     space.log_exclusions()
@@ -179,7 +183,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
                       channel_multiple=pipeline.channel_multiple)
     pipeline.run_round(state, last=True)
     compact_model = state.compact_model
-    records = pipeline.store.records
+    records = [*base_records, *pipeline.store.records]
     purified = next((r for r in records if r.get("event") == "purification"), {})
     after = task.score(compact_model) if task.can_score else None
     params_before, params_after = pipeline.params(base), pipeline.params(compact_model)
@@ -189,18 +193,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
               "macs_before": macs_before, "macs_after": macs_after,
               "compression_rate": params_before / max(params_after, 1),
               "mac_reduction": macs_before / max(macs_after, 1),
-              "score": {"before": before, "purified": _fraction(purified, "_after"), "after": after},
+              "score": {"before": before, "purified": pipeline.score_of(purified, "_after"), "after": after},
               "clipped": [c._asdict() for c in state.masks.clipped], "kept": _kept_units(state.masks),
               "records": records}
     pipeline.log(f"compact model: {params_after} parameters ({report['compression_rate']:.2f}x fewer), "
                  f"{macs_after} MACs ({report['mac_reduction']:.2f}x fewer)")
     return PruneResult(compact_model=compact_model, masks=state.masks, report=report)
-
-
-def _fraction(record: dict, suffix: str) -> float | None:
-    """A score from a metrics record (``val_top1{suffix}`` in %, or ``val_score{suffix}``) as the task's own
-    value (top-1 as a fraction)."""
-    if f"val_top1{suffix}" in record:
-        value = record[f"val_top1{suffix}"]
-        return None if value is None else value / 100.0
-    return record.get(f"val_score{suffix}")

@@ -52,6 +52,13 @@ TrainFn = Callable[[nn.Module, "TrainingPhase"], Any]
 
 #: training batches the BatchNorm statistics are re-estimated on after each masked retraining
 BN_REESTIMATE_BATCHES = 50
+#: the base model's re-estimated BatchNorm statistics replace its own only when its validation score rises by more
+#: than this fraction of the score scale (top-1: one point), not on the noise of a well-trained base's score
+BASE_BN_GAIN = 0.01
+
+
+def _training_batches(count: int) -> str:
+    return f"{count} training batch{'' if count == 1 else 'es'}"
 
 
 def phase_seed(seed: int, round_index: int, phase: str) -> int:
@@ -250,10 +257,14 @@ class Pipeline:
             self.log = _silent
         elif self.progress:
             self.log = above_bars(self.log)
-        distillation = self.config.distillation
-        self.distiller = Distiller(self.base_model, distillation) if distillation.enabled else None
+        self.distiller = self._distiller()
         if self.distiller is not None:
             self.log(self.distiller.describe())
+
+    def _distiller(self) -> Distiller | None:
+        """The distillation loss from ``base_model`` (a private copy of it), or None when distillation is off."""
+        distillation = self.config.distillation
+        return Distiller(self.base_model, distillation) if distillation.enabled else None
 
     # --- counting and scoring -------------------------------------------------------------------------
     @property
@@ -277,6 +288,15 @@ class Pipeline:
         if self.task.score_fn is None:
             return {f"val_top1{suffix}": None if value is None else 100.0 * value}
         return {f"val_score{suffix}": value}
+
+    @staticmethod
+    def score_of(record: dict, suffix: str = "") -> float | None:
+        """The score a metrics record holds (:meth:`scored`'s field ``val_top1{suffix}`` in %, or
+        ``val_score{suffix}``) as the task's own value (top-1 as a fraction); None when it holds none."""
+        if f"val_top1{suffix}" in record:
+            value = record[f"val_top1{suffix}"]
+            return None if value is None else value / 100.0
+        return record.get(f"val_score{suffix}")
 
     @property
     def score_scale(self) -> float:
@@ -595,21 +615,61 @@ class Pipeline:
         model's BatchNorm momentum is small (torchvision's MobileNetV3: 0.01, about 100 steps of memory; a fresh
         user's 3-epoch run read 53.5 % test top-1, 77.2 % once re-estimated). Returns the record ([] without
         BatchNorm layers or a score)."""
-        if not self.task.can_score or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                              for m in state.model.modules()):
+        found = self._reestimated(state.model)
+        if found is None:
             return []
-        trial = copy.deepcopy(state.model)
-        batches = self.task.batches(self.task.train_loader, BN_REESTIMATE_BATCHES)
-        recalibrate_batchnorm(trial, batches, self.task.forward)
+        trial, batches = found
         before, after = self.task.score(state.model), self.task.score(trial)
         kept = after > before
         if kept:
             state.model.load_state_dict(trial.state_dict())
-        self.log(f"round {state.index}: BatchNorm statistics re-estimated on {len(batches)} training batch"
-                 f"{'' if len(batches) == 1 else 'es'}: {self.describe(before)} -> {self.describe(after)}, "
+        self.log(f"round {state.index}: BatchNorm statistics re-estimated on {_training_batches(batches)}: "
+                 f"{self.describe(before)} -> {self.describe(after)}, "
                  f"{'re-estimated statistics kept' if kept else 'the retraining statistics kept'}")
-        return [{"event": "batchnorm", "round": state.index, "batches": len(batches), **self.scored(before, "_before"),
-                 **self.scored(after, "_after"), "kept": kept}]
+        return [self._batchnorm_record(state.index, batches, before, after, kept)]
+
+    def reestimate_base_batchnorm(self) -> list[dict]:
+        """The base model's BatchNorm statistics re-estimated before any work, as after each retraining
+        (:meth:`_reestimate_batchnorm`), and kept when its validation score rises by more than
+        :data:`BASE_BN_GAIN` x :attr:`score_scale`: then ``base_model``, ``base_score`` and the distillation teacher
+        are the re-estimated base, and every comparison (the search's teacher, the final table) is against it.
+        A base trained briefly with a small BatchNorm momentum scores near chance on its own statistics, and a
+        compressed model re-estimated after retraining would otherwise read as a gain of tens of points, its
+        distillation a teacher that guesses. Seeded by ``(seed, round 0)``, so a resumed run re-estimates the same
+        statistics; under ``torch.distributed`` rank 0's decision and statistics hold on every rank. Returns the
+        ``batchnorm`` record of round 0 ([] without BatchNorm layers, a score or training data)."""
+        with self.task.seeded(phase_seed(self.config.seed, 0, "retrain")):
+            found = self._reestimated(self.base_model)
+        if found is None:
+            return []
+        trial, batches = found
+        before, after = self._base_score(), self.task.score(trial)
+        kept = distributed.broadcast_object(after - before > BASE_BN_GAIN * self.score_scale)
+        if kept:
+            self.base_model.load_state_dict(trial.state_dict())
+            distributed.sync_module(self.base_model)
+            self.base_score = after = distributed.broadcast_object(after)
+            self.distiller = self._distiller()
+        self.log(f"base model: BatchNorm statistics re-estimated on {_training_batches(batches)}: "
+                 f"{self.describe(before)} -> {self.describe(after)}, " + (
+                     "the re-estimated base is what the run prunes, distils from and compares against" if kept else
+                     f"its own statistics kept (a rise above {BASE_BN_GAIN:g} x the score scale would replace them)"))
+        return [self._batchnorm_record(0, batches, before, after, kept)]
+
+    def _reestimated(self, model: nn.Module) -> tuple[nn.Module, int] | None:
+        """A copy of ``model`` with BatchNorm statistics re-estimated on :data:`BN_REESTIMATE_BATCHES` training
+        batches, and the batches read; None without BatchNorm layers, a score or a training loader."""
+        if not self.task.can_score or self.task.train_loader is None or not any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return None
+        trial = copy.deepcopy(model)
+        batches = self.task.batches(self.task.train_loader, BN_REESTIMATE_BATCHES)
+        recalibrate_batchnorm(trial, batches, self.task.forward)
+        return trial, len(batches)
+
+    def _batchnorm_record(self, round_index: int, batches: int, before: float, after: float, kept: bool) -> dict:
+        return {"event": "batchnorm", "round": round_index, "batches": batches, **self.scored(before, "_before"),
+                **self.scored(after, "_after"), "kept": kept}
 
     def _release(self, state: RoundState) -> Callable[[nn.Module, dict, str], bool] | None:
         """The retraining's test for ending distillation (``distillation.stop_margin``): the student's validation

@@ -37,6 +37,22 @@ from .rounds import PhaseStore
 from .text import json_text, plain
 
 
+def run_dir_path(run_dir: Any) -> Path | None:
+    """``run_dir`` as a path (None: no run folder).
+
+    Raises:
+        UserError: ``run_dir`` is not a str or path, or an empty string (which would name the current folder).
+    """
+    if run_dir is None:
+        return None
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise UserError(f"run_dir is a {type(run_dir).__name__}", "pass a folder path (str or pathlib.Path) or None")
+    if not str(run_dir).strip():
+        raise UserError("run_dir is an empty string, which would be the current folder",
+                        "pass a folder path ('.' for the current folder), or None for no run folder")
+    return Path(run_dir)
+
+
 class RunFolder(PhaseStore):
     """The files of one compress run (see the module docstring); a :class:`autocompress.rounds.PhaseStore`.
 
@@ -47,6 +63,7 @@ class RunFolder(PhaseStore):
         super().__init__()
         self.path = Path(path)
         self._lock = None
+        self._new_lock = False  # open() created the lock file
 
     # --- opening, claiming, locking -------------------------------------------------------------------
     def open(self) -> "RunFolder":
@@ -60,6 +77,7 @@ class RunFolder(PhaseStore):
             raise UserError(f"run folder {self.path} is a dangling symbolic link", "pass another run_dir")
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run folder {self.path} exists and is not a folder", "pass another run_dir")
+        new_lock = not (self.path / ".lock").exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.path / ".lock", "a+")
@@ -73,6 +91,7 @@ class RunFolder(PhaseStore):
             raise UserError(f"run folder {self.path} is in use by another running process",
                             "wait for it to finish, or pass another run_dir") from None
         self._lock = handle
+        self._new_lock = new_lock
         for leftover in self.path.rglob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         return self
@@ -82,6 +101,13 @@ class RunFolder(PhaseStore):
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def abandon(self) -> None:
+        """Release the lock and, when :meth:`open` created the lock file and the folder holds no run, remove it:
+        a run refused on a caller's folder (one holding other files) leaves it as it found it."""
+        self.close()
+        if self._new_lock and not self.holds_run():
+            self.file(".lock").unlink(missing_ok=True)
 
     def holds_run(self) -> bool:
         """Whether the folder holds a (started) run: its ``config.yaml`` exists."""
