@@ -156,3 +156,43 @@ def test_the_slower_hint_suggests_a_channel_multiple_only_for_unaligned_widths()
     base = net(32, 48)
     assert _aligned(net(16, 24), base) and _aligned(net(32, 40), base)
     assert not _aligned(net(16, 20), base) and not _aligned(net(32, 48), base)  # unaligned / nothing pruned
+
+
+class _Pooling(torch.nn.Module):
+    """A class of the user's whose constructor arguments it keeps no attribute of: a checkpoint of it records
+    its class but not how to build it."""
+
+    def __init__(self, width: int, pool: str):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.Linear(width, 4)
+        self._mean = pool == "mean"
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.head(x.mean((2, 3)) if self._mean else x.amax((2, 3)))
+
+
+def test_model_arg_gives_a_checkpoint_of_your_own_class_its_constructor_arguments(tmp_path, capsys):
+    """The command line's fix for a checkpoint that records a class but not its arguments (the library's:
+    ``model=`` an instance): ``--model-arg`` items, checked against the outputs the checkpoint stored."""
+    from autocompress.serialization import save_compact
+
+    torch.manual_seed(0)
+    path = save_compact(tmp_path / "own.pt", _Pooling(6, "mean"), dataset={"input_size": [3, 5, 5]})
+    fast = ["--latency-runs", "2", "--warmup", "0", "--threads", "1", "--json"]
+    assert main(["inspect", str(path), *fast]) == 2
+    err = capsys.readouterr().err
+    assert "records model class test_cli_inspect:_Pooling but not its constructor arguments" in err
+    assert "--model-arg KEY=VALUE" in err
+    assert main(["inspect", str(path), "--model-arg", "width=6", "--model-arg", "pool=mean", *fast]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 6 * 3 * 9 + 6 + 6 * 4 + 4
+    assert main(["inspect", str(path), "--model-arg", "width=6", "--model-arg", "pool=max", *fast]) == 2
+    assert "computes outputs differing" in (err := capsys.readouterr().err) and "pass the --model-arg values" in err
+    assert main(["inspect", str(path), "--model-arg", "width", *fast]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_model_arg_for_a_zoo_checkpoint_is_refused(checkpoint, capsys):
+    assert main(["evaluate", str(checkpoint), "--model-arg", "width=0.5"]) == 2
+    assert "--model-arg: the checkpoint holds zoo model 'fmnist_cnn', whose options it records" in \
+        capsys.readouterr().err

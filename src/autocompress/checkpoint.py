@@ -31,7 +31,7 @@ from torch import nn
 
 from .architecture import apply_architecture
 from .atomic import atomic_torch_save
-from .errors import MissingCode, UserError
+from .errors import MissingArguments, MissingCode, UserError
 from .integrity import check_finite, verify_archive, verify_outputs
 from .models import create_model
 from .sparse import from_sparse_state_dict, is_sparse, to_sparse_state_dict
@@ -295,13 +295,33 @@ def build_model(entry: dict) -> nn.Module:
         return create_model(entry["name"], **entry["kwargs"])
     cls = import_model_class(entry["class"])
     if entry["kwargs"] is None:
-        raise UserError(f"the checkpoint records model class {entry['class']} but not its constructor arguments",
-                        _pass_instance(entry["class"]))
+        raise MissingArguments(f"the checkpoint records model class {entry['class']} but not its constructor "
+                               "arguments", _pass_instance(entry["class"]))
     try:
         return cls(**entry["kwargs"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot build {entry['class']} with the recorded arguments {entry['kwargs']} ({exc})",
                         _pass_instance(entry["class"])) from exc
+
+
+def with_constructor_arguments(ckpt: dict, kwargs: Any) -> dict:
+    """A copy of a loaded checkpoint whose model entry holds ``kwargs``: the constructor arguments of its
+    recorded class, for a checkpoint that records none (or other ones; :func:`model_from_checkpoint` then checks
+    the rebuilt model's outputs against the checkpoint's output check where it has one).
+
+    Raises:
+        UserError: the checkpoint is of a zoo model (its options are recorded), or ``kwargs`` is not a dict of
+            plain data.
+    """
+    entry = ckpt["model"]
+    if entry.get("name") is not None:
+        raise UserError(f"the checkpoint holds zoo model {entry['name']!r}, whose options it records",
+                        "leave out the constructor arguments")
+    if not isinstance(kwargs, dict):
+        raise UserError(f"constructor arguments must be a dict of name -> value, got {type(kwargs).__name__}",
+                        "pass a mapping such as {\"width\": 64}")
+    _check_plain(kwargs, "the constructor arguments")
+    return {**ckpt, "model": {**entry, "kwargs": dict(kwargs)}}
 
 
 def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: bool = True) -> nn.Module:
@@ -364,4 +384,4 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Mod
 
 
 __all__ = ["FORMAT", "VERSION", "build_model", "class_path", "import_model_class", "load_checkpoint", "load_model",
-           "model_from_checkpoint", "model_label", "save_checkpoint", "storable_option"]
+           "model_from_checkpoint", "model_label", "save_checkpoint", "storable_option", "with_constructor_arguments"]

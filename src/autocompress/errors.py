@@ -44,6 +44,20 @@ class MissingCode(UserError):
         self.problem, self.fix, self.module = problem, fix, module
 
 
+class MissingArguments(UserError):
+    """A :class:`UserError`: a checkpoint names its model's class but not the constructor arguments that rebuild
+    it. The library's fix is a fresh instance (``model=``); the CLI adds its own (``--model-arg``)."""
+
+
+class OutputMismatch(UserError):
+    """A :class:`UserError`: a model rebuilt from a checkpoint does not compute the outputs the checkpoint stored
+    (built with other constructor arguments or code). ``problem`` is what differs; the CLI states its own fix."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(problem, fix)
+        self.problem = problem
+
+
 class TargetMissed(UserError):
     """A target the trained compact model misses when measured at the end (a latency target on a machine
     slower than during the search). ``result`` holds what the run produced (a

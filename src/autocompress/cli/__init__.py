@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (repeatable): makes a user's model classes and registered "
                              "models available (the current folder is on the import path)")
+    common.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="model constructor option, value parsed as YAML (repeatable), e.g. width=0.5: a zoo "
+                             "model's, or your own class's for a checkpoint that records its class but not them")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
             module = importlib.import_module(f".{module_name}", __name__)
@@ -99,9 +102,14 @@ def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
 
 def _with_import_fix(exc: Exception) -> str:
     """The message of ``exc``; for a MissingCode error (the user's own code is not imported) the command line's
-    fix first: ``--import MODULE``, then the library's."""
-    from ..errors import MissingCode
+    fix first: ``--import MODULE``, then the library's; for MissingArguments the library's, then
+    ``--model-arg``; for OutputMismatch the command line's alone."""
+    from ..errors import MissingArguments, MissingCode, OutputMismatch
 
+    if isinstance(exc, OutputMismatch):
+        return f"{exc.problem}; pass the --model-arg values you built it with (or your own model class's code)"
+    if isinstance(exc, MissingArguments):
+        return f"{exc}; or pass them: --model-arg KEY=VALUE for each argument you built it with"
     if not isinstance(exc, MissingCode):
         return str(exc)
     module = exc.module or "MODULE"
@@ -109,6 +117,49 @@ def _with_import_fix(exc: Exception) -> str:
     rest = f"; or {exc.fix}" if exc.fix else ""
     return " ".join(f"{exc.problem}; pass --import {module} (the module that {what}; the current folder is on "
                     f"the import path){rest}".split())
+
+
+def parse_model_args(items: list[str]) -> dict:
+    """``--model-arg`` items ``["width=0.5", "depth=20"]`` -> ``{"width": 0.5, "depth": 20}`` (values parsed as
+    YAML).
+
+    Raises:
+        UserError: an item without ``=`` or with an unparsable value.
+    """
+    import yaml
+
+    from ..errors import UserError
+
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model-arg {item!r} is not KEY=VALUE", "write e.g. --model-arg width=0.5")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--model-arg {item!r} has an unparsable value", "quote it as YAML") from exc
+    return kwargs
+
+
+def read_checkpoint(path: str | os.PathLike, model_args: list[str]) -> dict:
+    """``load_checkpoint(path)``; with ``--model-arg`` items, those as the constructor arguments of the model
+    class it records (:func:`autocompress.checkpoint.with_constructor_arguments`: for a checkpoint of the
+    caller's own class that records none).
+
+    Raises:
+        UserError: as ``load_checkpoint``; a bad item, or items for a zoo model's checkpoint (named ``--model-arg``).
+    """
+    from ..checkpoint import load_checkpoint, with_constructor_arguments
+    from ..errors import UserError
+
+    ckpt = load_checkpoint(path)
+    if not model_args:
+        return ckpt
+    try:
+        return with_constructor_arguments(ckpt, parse_model_args(model_args))
+    except UserError as exc:
+        raise UserError(f"--model-arg: {exc}") from None
 
 
 def import_modules(names: list[str]) -> None:

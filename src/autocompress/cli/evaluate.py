@@ -28,13 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
+    from . import read_checkpoint
+    from ..checkpoint import model_from_checkpoint, model_label
     from ..data import checkpoint_dataset
     from ..text import json_text
     from ..task import resolve_device
     from ..training import check_model_input, evaluate
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint, args.model_arg)
     stored = ckpt["dataset"]
     name = args.dataset or stored.get("name")
     # the recorded carve for the recorded dataset; another dataset needs none for the test split

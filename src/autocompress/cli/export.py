@@ -132,7 +132,8 @@ def _say(args: argparse.Namespace, line: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and print each check's result. Returns 0."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint, model_label
+    from . import read_checkpoint
+    from ..checkpoint import model_from_checkpoint, model_label
     from ..export import export_onnx, export_program
 
     outputs = [(flag, suffix, value) for flag, suffix, value in
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
     for flag, suffix, value in outputs:
         _check_out(Path(value), flag, suffix, args.checkpoint, args.overwrite)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint, args.model_arg)
     recorded = ckpt["dataset"].get("input_size")
     size = parse_input_size(args.input_size) if args.input_size else recorded
     if not size:

@@ -21,7 +21,7 @@ import sys
 
 from ..errors import UserError
 from ..text import plural
-from .train import parse_model_args
+from . import parse_model_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="checkpoint (.pt) written by autocompress")
     parser.add_argument("--model", help="inspect a freshly initialised zoo model instead of a checkpoint")
     parser.add_argument("--num-classes", type=int, default=10, help="with --model: classifier outputs")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --model: constructor option, value parsed as YAML (repeatable)")
     parser.add_argument("--list-models", action="store_true", help="list the zoo's model names and exit")
     parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset, "
                         "else the model's registered input size)")
@@ -73,9 +71,10 @@ def _load(args: argparse.Namespace):
         info = model_info(args.model)
         model = create_model(args.model, num_classes=args.num_classes, **parse_model_args(args.model_arg))
         return model, args.model, info.input_size, None, None
-    from ..checkpoint import build_model, load_checkpoint, model_from_checkpoint, model_label
+    from . import read_checkpoint
+    from ..checkpoint import build_model, model_from_checkpoint, model_label
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint, args.model_arg)
     model = model_from_checkpoint(ckpt)
     name = model_label(ckpt["model"])
     size = ckpt["dataset"].get("input_size") or (args.input_size and parse_input_size(args.input_size))

@@ -184,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
             raise flag_message(exc, args) from None
 
     if args.list_units:
-        from ..checkpoint import load_checkpoint, model_from_checkpoint
+        from . import read_checkpoint
+        from ..checkpoint import model_from_checkpoint
 
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = read_checkpoint(args.checkpoint, args.model_arg)
         size = (ckpt.get("dataset") or {}).get("input_size")
         if not size:
             raise UserError(f"checkpoint {args.checkpoint} records no input size",
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
     check_writable(out)
-    workload = load_workload(args.checkpoint, data, seed=args.seed)
+    workload = load_workload(args.checkpoint, data, seed=args.seed, model_args=args.model_arg)
     expand_rates(space_of(workload.model, workload.example), spec, dims)  # before training
     began = time.perf_counter()
     result = prune(workload.model, spec, example_inputs=workload.example,

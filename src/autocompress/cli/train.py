@@ -11,8 +11,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import yaml
-
 from ..data import DATASETS
 from ..errors import UserError
 from ..text import plural
@@ -40,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=_DEFAULTS.device, help="torch device (cpu, cuda)")
     parser.add_argument("--val-size", type=int, default=5000, help="images carved from the training set")
     parser.add_argument("--max-train", type=int, help="train on a seeded subset of this many images")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="model constructor option, value parsed as YAML (repeatable), e.g. width=0.5")
     parser.add_argument("--out", help="checkpoint path (default: runs/<model>_<dataset>.pt)")
     state = parser.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -50,26 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
 
 
-def parse_model_args(items: list[str]) -> dict:
-    """``["width=0.5", "depth=20"]`` -> ``{"width": 0.5, "depth": 20}`` (values parsed as YAML).
-
-    Raises:
-        UserError: an item without ``=`` or with an unparsable value.
-    """
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--model-arg {item!r} is not KEY=VALUE", "write e.g. --model-arg width=0.5")
-        try:
-            kwargs[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise UserError(f"--model-arg {item!r} has an unparsable value", "quote it as YAML") from exc
-    return kwargs
-
-
 def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises UserError on bad input (the CLI prints one line and exits 2)."""
+    from . import parse_model_args
     from ..checkpoint import load_checkpoint
     from ..data import get_dataset
     from ..models import create_model, model_info

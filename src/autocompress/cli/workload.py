@@ -128,18 +128,21 @@ class Workload:
                 "test split stays clean")
 
 
-def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: int = 0) -> Workload:
-    """Read ``checkpoint`` (``weights_only``), rebuild its model and load its dataset.
+def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: int = 0,
+                  model_args: list[str] = ()) -> Workload:
+    """Read ``checkpoint`` (``weights_only``; ``model_args``: ``--model-arg`` items, :func:`read_checkpoint`), rebuild
+    its model and load its dataset.
 
     Raises:
         UserError: an unreadable checkpoint, a compact model (prune the trained one), no dataset or input
             size recorded nor given, a dataset whose images do not fit the recorded input size.
     """
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from . import read_checkpoint
+    from ..checkpoint import model_from_checkpoint
     from ..data import checkpoint_dataset
 
     path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path, model_args)
     if ckpt.get("architecture") is not None:
         raise UserError(f"{path} is already a compact model", "compress or prune the trained checkpoint it came from")
     stored = ckpt.get("dataset") or {}
