@@ -101,3 +101,17 @@ def test_irregular_report_counts_nonzero_parameters(splits):
     nonzero = sum(int((p != 0).sum()) for p in result.compact_model.parameters())
     assert result.report["params_after"] == nonzero < count_params(result.compact_model)
     assert result.report["compression_rate"] == pytest.approx(result.report["params_before"] / nonzero)
+
+
+def test_dims_in_the_config_s_text_form_prune_the_same_units():
+    """``dims="filter,column"`` (the config's spelling) is the tuple ``("filter", "column")``, not its letters."""
+    results = []
+    for dims in ("filter, column", ("filter", "column")):
+        with seeded(0):
+            model = create_model("fmnist_cnn", width=0.25)
+        results.append(prune(model, {"default": 0.5}, example_inputs=torch.zeros(1, 1, 28, 28), device="cpu",
+                             dims=dims, admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False,
+                             progress=False).report)
+    assert results[0]["dims"] == ["filter", "column"] and results[0]["params_after"] == results[1]["params_after"]
+    with pytest.raises(UserError, match="unknown pruning dimensions"):
+        prune(create_model("fmnist_cnn", width=0.25), {}, example_inputs=torch.zeros(1, 1, 28, 28), dims="filters")

@@ -116,7 +116,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         train_loader, val_loader, score_fn, loss_fn, forward_fn, train_fn, device: as
             :func:`autocompress.compress`. ``train_loader`` may be None when ADMM and retraining are off
             (``epochs=0``); without ``val_loader`` and ``score_fn`` purification only removes unused paths.
-        dims: unit kinds pruned, a subset of ``("filter", "column", "irregular")``.
+        dims: unit kinds pruned, a subset of ``("filter", "column", "irregular")``, or the config's text form
+            (``"filter,column"``).
         admm: ADMM settings (default :class:`ADMMConfig`); ``epochs=0`` is one-shot projection.
         retrain: masked retraining settings (default 10 epochs of ``retrain.optimizer: auto``: SGD at lr 0.01 for
             a classifier, AdamW at 0.001 otherwise); ``epochs=0`` skips it.
@@ -145,7 +146,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
-    dims = tuple(dims)
+    dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
     retrain = retrain if retrain is not None else RetrainConfig(epochs=10)
