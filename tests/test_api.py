@@ -1084,9 +1084,13 @@ def test_class_indices_outside_the_outputs_classes_are_refused_before_any_work(n
             "val_loader", model=PixelClassifier(), train_loader=pixels(maps), val_loader=pixels(maps + 3))
     refused(no_work, r"run from -1 to 1, outside the output's 3 classes \(dimension 1\) on a batch of train_loader",
             model=PixelClassifier(), train_loader=pixels(maps - 1), val_loader=pixels(maps))
-    run = Compression(PixelClassifier(), torch.randn(1, 1, 8, 8), "params=1.2x", device="cpu", config=CONFIG,
+    lines = []
+    run = Compression(PixelClassifier(), torch.randn(1, 1, 8, 8), "params=1.2x", device="cpu",
+                      config={**CONFIG, "distillation": {"enabled": "auto"}}, log=lines.append,
                       task_args=dict(train_loader=pixels(maps), val_loader=pixels(maps)), progress=False)
     assert run.task.positions and run.task.classifies and run.config.retrain.optimizer == "adamw"  # session 31
+    assert run.config.distillation.enabled is False and run.pipeline.distiller is None  # session 32
+    assert sum(line.startswith("distillation from the base: off (distillation.enabled auto") for line in lines) == 1
 
 
 def test_soft_class_probabilities_train_with_the_default_loss():

@@ -73,7 +73,7 @@ def test_an_explicit_setting_equal_to_its_default_still_contradicts_the_budget(s
     with pytest.raises(SettingError, match=rf"budget=4 and {name} both set the training schedule"):
         resolve_config({"target": "params=4x", "budget": 4, **setting}, None)
     resolved = resolve_config({"target": "params=4x", "budget": 4}, None)  # not given: derived
-    assert (resolved.admm.epochs, resolved.retrain.epochs, resolved.distillation.enabled) == (1, 0, True)
+    assert (resolved.admm.epochs, resolved.retrain.epochs, resolved.distillation.enabled) == (1, 0, "auto")
 
 
 def test_a_budget_keeps_distillation_off_when_the_caller_turns_it_off():

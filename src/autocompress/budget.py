@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from .alignment import AUTO
 from .config import CompressConfig, SettingError, from_dict, getattr_dotted
 from .errors import show
 from .quick_eval import resolved_scorer
@@ -40,7 +41,7 @@ MIN_MOVING_EVALUATIONS = 10
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than " \
        f"{MIN_ADMM_STEPS} optimiser steps or no epoch would be left to retrain), the rest as final retraining " \
-       "with distillation from the base; the search fine-tunes its candidates for at most as many steps as the " \
+       "with distillation from the base where the output holds one class vector per item; the search fine-tunes its candidates for at most as many steps as the " \
        f"budget trains, and takes its start unscored when that allows fewer than {MIN_MOVING_EVALUATIONS} " \
        "evaluations"
 
@@ -50,7 +51,7 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``; None for a
     ``latency=Nms`` target, whose factor is known only once the base is measured: one round) and ``budget``
     epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
-    ``distillation.enabled`` (true), as a nested dict of :class:`CompressConfig` settings.
+    ``distillation.enabled`` (``"auto"``: from the base for class scores per item), as a nested dict of :class:`CompressConfig` settings.
     ``steps_per_epoch``: optimiser steps of one training epoch (None: unknown); below :data:`MIN_ADMM_STEPS`
     no round runs ADMM and every epoch is final retraining. So too when the budget has no epoch beyond the rounds'
     ADMM epochs: a model hard-pruned after one ADMM epoch is near chance until retrained.
@@ -68,7 +69,7 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
         raise SettingError("budget", f"budget={budget} is too small: the schedule needs at least one epoch",
                            "use budget=1 or more")
     schedule = {"rounds": rounds, "admm": {"epochs": admm}, "retrain": {"epochs": 0},
-                "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": True}}
+                "final_retrain_epochs": budget - rounds * admm, "distillation": {"enabled": AUTO}}
     if steps_per_epoch is not None and finetune_steps:
         schedule["search"] = {"max_evaluations": search_evaluations(budget * steps_per_epoch, rounds,
                                                                     finetune_steps)}
@@ -156,8 +157,15 @@ def describe(config: CompressConfig) -> str:
     return (f"budget {config.budget} epochs (rule {RULE.partition(':')[0]}) -> {config.rounds} round(s), "
             f"{config.admm.epochs} ADMM epoch per round{why}, {config.retrain.epochs} retraining epochs between "
             f"rounds, {config.final_retrain_epochs} final retraining epochs, "
-            f"{'distillation from the base' if config.distillation.enabled else 'no distillation (set)'}, "
+            f"{_distillation(config.distillation.enabled)}, "
             f"{_search(config.search.max_evaluations)}")
+
+
+def _distillation(enabled: bool | str) -> str:
+    """What the schedule line says of ``distillation.enabled``."""
+    if enabled == AUTO:
+        return "distillation from the base for class scores per item (auto)"
+    return "distillation from the base" if enabled else "no distillation (set)"
 
 
 def _search(evaluations: int) -> str:

@@ -34,7 +34,7 @@ from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
-from .distillation import distillable
+from .distillation import AUTO_RULE, distillable
 from .errors import TargetMissed, UserError
 from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
@@ -348,9 +348,9 @@ class Compression:
                                        needs_length=train_fn is None)
         self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.task.check_score_direction(base, self.base_score)
+        self._check_distillation(train_output, say)
         if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
             say(describe(self.config))
-        self._check_distillation(train_output)
         asked = self.config.retrain.optimizer
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
@@ -410,13 +410,19 @@ class Compression:
                 distributed.shard_loader(self.task.train_loader, shard_data=self.config.distributed.shard_data,
                                          log=log)
 
-    def _check_distillation(self, output: Any) -> None:
-        """Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off, with a warning on
+    def _check_distillation(self, output: Any, say: Callable[[str], None]) -> None:
+        """``distillation.enabled: auto`` resolved for the task (:meth:`CompressConfig.with_distillation_for`; off
+        is said with ``say``). Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off,
+        with a warning on
         the ``autocompress`` logger, when the base's forward ``output`` on a training batch (:meth:`Task.check`'s)
         holds no class scores to distil (:func:`distillable`: a regression output of one channel, a dict: its soft
         term would be 0 or fail mid-run), or when the batch's targets say it regresses (``Task.classifies`` False:
         a softmax over a regressor's values means nothing). The settings stored for the run (``config.yaml``) say
         it is off."""
+        if self.config.distillation.enabled == AUTO:
+            self.config = self.config.with_distillation_for(self.task.classifies, self.task.positions)
+            if not self.config.distillation.enabled:
+                say(f"distillation from the base: off ({AUTO_RULE})")
         quick = self.config.quick_eval
         scorer_distils = resolved_scorer(quick.scorer) == "finetune" and quick.finetune_distill
         classes = distillable(output)

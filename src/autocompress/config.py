@@ -349,7 +349,8 @@ class CompressConfig:
         return "filter" if latency else "filter,column"
 
     def for_task(self, classifies: bool | None, positions: bool = False) -> "CompressConfig":
-        """This config with ``retrain.optimizer`` resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training
+        """This config with ``distillation.enabled`` (:meth:`with_distillation_for`) and ``retrain.optimizer``
+        resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training
         targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), and the output holds
         one class vector per item (not ``positions``: :attr:`autocompress.task.Task.positions`), else
         ``"adamw"``, also when they cannot be read)
@@ -363,11 +364,21 @@ class CompressConfig:
         if optimizer == AUTO:
             optimizer = "sgd" if classifies and not positions else "adamw"
         return dataclasses.replace(
-            self, retrain=dataclasses.replace(self.retrain, optimizer=optimizer,
+            self.with_distillation_for(classifies, positions),
+            retrain=dataclasses.replace(self.retrain, optimizer=optimizer,
                                               lr=fine_tuning_lr(self.retrain.lr, optimizer)),
             admm=dataclasses.replace(self.admm, lr=fine_tuning_lr(self.admm.lr, optimizer)),
             quick_eval=dataclasses.replace(self.quick_eval,
                                            finetune_lr=fine_tuning_lr(self.quick_eval.finetune_lr, optimizer)))
+
+    def with_distillation_for(self, classifies: bool | None, positions: bool = False) -> "CompressConfig":
+        """This config with ``distillation.enabled: auto`` resolved (:data:`autocompress.distillation.AUTO_RULE`):
+        false for class scores per position (``positions``) or targets that are not class indices (``classifies``
+        False: a regression), else true."""
+        if self.distillation.enabled != AUTO:
+            return self
+        return dataclasses.replace(self, distillation=dataclasses.replace(
+            self.distillation, enabled=classifies is not False and not positions))
 
     def describe_loop(self, asked: str, classifies: bool | None, positions: bool = False) -> str:
         """A log line on the default training loop of this config resolved by :meth:`for_task`: its optimiser,

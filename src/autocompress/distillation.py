@@ -18,8 +18,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .alignment import AUTO
 from .errors import UserError
 from .text import kind_of
+
+#: what ``distillation.enabled: auto`` does, and why (the log says it when it turns distillation off)
+AUTO_RULE = ("distillation.enabled auto: on for class scores per item, off for class scores per position and "
+             "regression; from a segmentation U-Net, flops=2x in 3 epochs (BENCHMARKS.md, sessions 31-32), it cost "
+             "3.8 mIoU points from an under-trained base and gained nothing from a trained one")
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,9 @@ class DistillationConfig:
 
     Attributes:
         enabled: use the teacher at all (``compress`` turns it off, with a warning, when the forward returns no
-            class scores: :func:`distillable`).
+            class scores: :func:`distillable`). ``"auto"`` (what a ``budget`` derives): on when the training targets
+            are class indices or probabilities for one class vector per item, off for class scores per position
+            (segmentation) and regression, resolved by ``CompressConfig.for_task`` (:data:`AUTO_RULE`).
         temperature: softmax temperature ``T`` (> 0) of both teacher and student logits.
         alpha: weight in [0, 1] of the distillation term; the label cross-entropy gets ``1 - alpha``. The
             default 0.5 (0.9 until session 19 of BENCHMARKS.md, "Distillation from a weak base"): at 0.9 the
@@ -47,15 +55,15 @@ class DistillationConfig:
             its base. None: distil every epoch. Costs one validation pass per test.
     """
 
-    enabled: bool = False
+    enabled: bool | str = False
     temperature: float = 4.0
     alpha: float = 0.5
     stop_margin: float | None = 0.01
 
     def __post_init__(self):
-        if not isinstance(self.enabled, bool):
-            raise UserError(f"enabled={self.enabled!r} must be true or false",
-                            "write enabled: true or enabled: false")
+        if not isinstance(self.enabled, bool) and self.enabled != AUTO:
+            raise UserError(f"enabled={self.enabled!r} must be true, false or auto",
+                            "write enabled: true, enabled: false or enabled: auto")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise UserError(f"temperature={self.temperature!r} must be a number > 0",
                             "use e.g. temperature: 4")
