@@ -571,7 +571,7 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread)
     model, example = trained(SmallCNN(), train), torch.randn(1, 1, 8, 8)
     args = dict(val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
     autocompress.compress(model, example, "params=2x", train_loader=train, **args)
-    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["run"]["data"]
     assert stored == {"train_loader": {"batches": 6, "items": 96}, "val_loader": {"batches": 3, "items": 48}}
     fewer = DataLoader(TensorDataset(*images(64, 0)), batch_size=16, shuffle=True)
     with pytest.raises(UserError, match=r"other settings \(data\.train_loader\.batches: 6 in the folder, 4 now; "
@@ -746,6 +746,16 @@ def refused(run_dir, match: str, *, model=None, example=None, target="params=2x"
                               target, run_dir=run_dir, progress=False, **args)
     assert "\n" not in str(info.value)
     return info.value
+
+
+def test_a_missing_train_loader_or_a_dataset_for_a_loader_is_refused_naming_it(no_work):
+    """``train_loader=None`` read as "train_loader has no len()"; a Dataset passed for a loader failed later on
+    its single items' shapes (a fresh user's report)."""
+    train, val = loaders()
+    refused(no_work, r"train_loader is None, and the run trains .*; pass a DataLoader", train_loader=None)
+    refused(no_work, r"train_loader is a TensorDataset, a Dataset: it yields single items, not batches; wrap it: "
+            r"DataLoader\(dataset, batch_size=64, shuffle=True\)", train_loader=train.dataset)
+    refused(no_work, r"val_loader is a TensorDataset, a Dataset: .*shuffle=False", val_loader=val.dataset)
 
 
 def _validation_loss(val):

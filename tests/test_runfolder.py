@@ -153,7 +153,7 @@ def test_a_disk_error_during_a_command_is_one_line_with_what_is_kept(tmp_path, c
 
     monkeypatch.setattr(cli, "_compress", full_disk)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("target: params=2x\nsource: {checkpoint: base.pt}\n")
+    (tmp_path / "run" / "config.yaml").write_text("target: params=2x\nsource: {checkpoint: base.pt}\nrun: {}\n")
     assert main(["compress", "--resume", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "--resume" in err
@@ -261,3 +261,16 @@ def test_an_abandoned_folder_loses_only_the_lock_it_was_given(tmp_path):
     folder.claim({"seed": 0})
     folder.abandon()
     assert (claimed / ".lock").exists() and (claimed / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("text", ["lr: 0.1\nepochs: 3\n", "- a\n- b\n"])
+def test_a_config_yaml_of_the_caller_s_own_is_not_taken_for_a_run(tmp_path, text):
+    """A folder holding the caller's own ``config.yaml`` is refused as no run's (it read as "damaged" or as a run
+    of other settings), and the lock file the attempt created is gone."""
+    (tmp_path / "config.yaml").write_text(text)
+    folder = RunFolder(tmp_path).open()
+    with pytest.raises(UserError, match=r"config.yaml is not the config.yaml of an autocompress run \(or it is "
+                                        r"damaged\); pass an empty or new folder"):
+        folder.read_config()
+    folder.abandon()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

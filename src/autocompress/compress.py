@@ -455,9 +455,10 @@ class Compression:
                         "device": str(self.device), "autocompress": __version__,
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
                         "guidance": self.config.resolved_guidance,
+                        "data": self._data_sizes(),
                         **({"schedule": describe(self.config), "rule": RULE} if self.config.budget is not None
                            else {})},
-                "source": self.source, "data": self._data_sizes()}
+                "source": self.source}
 
     def _data_sizes(self) -> dict:
         """Batches and items of the training and validation loaders (None where they have no length): a run
@@ -475,10 +476,10 @@ class Compression:
         try:
             if folder.holds_run():
                 stored = folder.read_config()
-                compared = [key for key in wanted if key not in ("run", "source")
-                            and (key != "data" or "data" in stored)]  # folders of earlier versions hold no sizes
-                changed = [change for key in compared
+                changed = [change for key in wanted if key not in ("run", "source")
                            for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
+                if "data" in stored.get("run", {}):  # folders of earlier versions hold no sizes
+                    changed += setting_changes(stored["run"]["data"], wanted["run"]["data"], "data")
                 if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
                     changed.insert(0, "model weights")
                 if changed:
@@ -958,7 +959,8 @@ class Compression:
         record = next((r for r in self.base_records if r.get("kept")), None)
         if record is None:
             return None
-        before, after = (self.pipeline.describe(self.pipeline.score_of(record, suffix)) for suffix in ("_before", "_after"))
+        before, after = (self.pipeline.describe(self.pipeline.score_of(record, suffix))
+                         for suffix in ("_before", "_after"))
         return (f"the base model's BatchNorm statistics did not fit its weights ({before} on them, {after} once "
                 f"re-estimated on {record['batches']} training batches): the run pruned and distilled from the "
                 "re-estimated base, and the base row is that model; train the base longer or with a larger BatchNorm "

@@ -64,6 +64,7 @@ class RunFolder(PhaseStore):
         self.path = Path(path)
         self._lock = None
         self._new_lock = False  # open() created the lock file
+        self._claimed = False  # claim() wrote config.yaml
 
     # --- opening, claiming, locking -------------------------------------------------------------------
     def open(self) -> "RunFolder":
@@ -103,10 +104,10 @@ class RunFolder(PhaseStore):
             self._lock = None
 
     def abandon(self) -> None:
-        """Release the lock and, when :meth:`open` created the lock file and the folder holds no run, remove it:
-        a run refused on a caller's folder (one holding other files) leaves it as it found it."""
+        """Release the lock and, when :meth:`open` created the lock file and this process claimed no run here,
+        remove it: a run refused on a caller's folder (one holding other files) leaves it as it found it."""
         self.close()
-        if self._new_lock and not self.holds_run():
+        if self._new_lock and not self._claimed:
             self.file(".lock").unlink(missing_ok=True)
 
     def holds_run(self) -> bool:
@@ -124,14 +125,15 @@ class RunFolder(PhaseStore):
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise UserError(f"{self.file('config.yaml')} is damaged ({type(exc).__name__})",
                             "start a new run in another folder") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{self.file('config.yaml')} is damaged (not a mapping)",
-                            "start a new run in another folder")
+        if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
+            raise UserError(f"{self.file('config.yaml')} is not the config.yaml of an autocompress run (or it is "
+                            "damaged)", "pass an empty or new folder for the run")
         return data
 
     def claim(self, config: dict) -> None:
         """Write ``config.yaml`` (atomically): from now on the folder holds this run."""
         atomic_write_text(self.file("config.yaml"), yaml.safe_dump(config, sort_keys=False))
+        self._claimed = True
 
     # --- files ----------------------------------------------------------------------------------------
     def file(self, name: str) -> Path:

@@ -354,6 +354,18 @@ class Task:
                             "return e.g. minus the validation loss, or accuracy / mIoU / PSNR (if the model is "
                             "really no better than a constant output, train it first)")
 
+    def _check_loaders(self, needs_training: bool) -> None:
+        """UserError naming the loader: ``train_loader`` None where training is needed, or a map-style Dataset
+        given for a loader (it yields single items, not batches)."""
+        if needs_training and self.train_loader is None:
+            raise UserError("train_loader is None, and the run trains (ADMM, retraining, the search's fine-tuning)",
+                            "pass a DataLoader of (inputs, targets) batches")
+        for name, loader in (("train_loader", self.train_loader), ("val_loader", self.val_loader)):
+            data = torch.utils.data
+            if isinstance(loader, data.Dataset) and not isinstance(loader, data.IterableDataset):
+                raise UserError(f"{name} is a {type(loader).__name__}, a Dataset: it yields single items, not batches",
+                                f"wrap it: DataLoader(dataset, batch_size=64, shuffle={name == 'train_loader'})")
+
     def check(self, model: nn.Module, example_inputs: tuple, *, needs_training: bool, needs_score: bool,
               needs_length: bool = False) -> Any:
         """Refuse, before any work, what would fail later (UserError naming the argument): a model with NaN /
@@ -369,6 +381,7 @@ class Task:
             the default score needed that batch.
         """
         check_finite(model.state_dict(), "the model")
+        self._check_loaders(needs_training)
         try:
             with analysis_mode(model):
                 model(*example_inputs)
