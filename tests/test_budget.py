@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -194,6 +195,8 @@ def test_a_short_budget_gets_a_short_search(target, budget, steps, scorer, given
         data["search"] = {"max_evaluations": given}
     config = resolve_config(data, None, steps)
     assert config.search.max_evaluations == evaluations
-    assert (f"a search of at most {evaluations} evaluations per round" if evaluations > 1 else
+    cooled = 1 + math.floor(math.log(0.002 / 0.05) / math.log(0.85))  # the default temperatures end it at 20
+    assert cooled == 20
+    assert (f"a search of at most {min(evaluations, cooled)} evaluations per round" if evaluations > 1 else
             "no search: the start (search.start), not scored") in describe(config)
     assert resolve_config(dataclasses.asdict(config), None, steps) == config  # a stored config.yaml resumes

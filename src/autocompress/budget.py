@@ -158,7 +158,7 @@ def describe(config: CompressConfig) -> str:
             f"{config.admm.epochs} ADMM epoch per round{why}, {config.retrain.epochs} retraining epochs between "
             f"rounds, {config.final_retrain_epochs} final retraining epochs, "
             f"{_distillation(config.distillation.enabled)}, "
-            f"{_search(config.search.max_evaluations)}")
+            f"{_search(config.search.annealing(config.seed).planned_evaluations())}")
 
 
 def _distillation(enabled: bool | str) -> str:
@@ -169,7 +169,8 @@ def _distillation(enabled: bool | str) -> str:
 
 
 def _search(evaluations: int) -> str:
-    """What the schedule line says of a search of at most ``evaluations`` evaluations per round."""
+    """What the schedule line says of a search of at most ``evaluations`` evaluations per round (the annealing's
+    plan: ``search.max_evaluations`` or fewer where the temperature schedule ends first)."""
     if evaluations == 1:
         return "no search: the start (search.start), not scored"
     return f"a search of at most {evaluations} evaluations per round"

@@ -802,8 +802,11 @@ class Compression:
                 cost = ""
                 if bar.n == 0 and planned > 1:  # the first step: what the whole search will cost
                     each = (time.perf_counter() - started) / step.evaluations
+                    bound = ("search.max_evaluations" if planned >= config.max_evaluations else
+                             f"the temperature falling below search.stop_temperature {config.stop_temperature:g} "
+                             f"first; search.max_evaluations {config.max_evaluations} is not reached")
                     cost = (f"; {each:.3g} s each, about {each * planned / 60:.2g} min for the search's {planned} "
-                            "(search.max_evaluations, and the temperature falling below search.stop_temperature)")
+                            f"({bound})")
                 bar.update(step.evaluations - bar.n)
                 bar.set_postfix(best=f"{step.best_score:.4g}", T=f"{step.temperature:.4f}")
                 self.pipeline.log(f"round {state.index} search: evaluation {step.evaluations}/{planned}, best score "
