@@ -1122,7 +1122,8 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
     if on_block(block, multiple):
         fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
                f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
-               f"{multiple} for a closer fit that may run slower")
+               f"{multiple}, or a smaller one (e.g. {max(1, multiple // 2)} or 1 for any width) where {multiple} "
+               "is still too coarse, for a closer fit that may run slower")
     elif multiple > 1:
         fix = (f"channel_multiple {multiple} may allow only coarse widths here (a smaller one, e.g. "
                f"{max(1, multiple // 2)} or 1 for any width, fits closer); the round records (refit, purification) "
