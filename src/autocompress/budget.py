@@ -41,9 +41,9 @@ MIN_MOVING_EVALUATIONS = 10
 #: the name ``config.yaml`` and the log give the rule
 RULE = "ac_kd: a round per decade of the target, 1 ADMM epoch per round (none when an epoch has fewer than " \
        f"{MIN_ADMM_STEPS} optimiser steps or no epoch would be left to retrain), the rest as final retraining " \
-       "with distillation from the base where the output holds one class vector per item; the search fine-tunes its candidates for at most as many steps as the " \
-       f"budget trains, and takes its start unscored when that allows fewer than {MIN_MOVING_EVALUATIONS} " \
-       "evaluations"
+       "with distillation from the base where the output holds one class vector per item; the search fine-tunes " \
+       "its candidates for at most as many steps as the budget trains, and takes its start unscored when that " \
+       f"allows fewer than {MIN_MOVING_EVALUATIONS} evaluations"
 
 
 def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | None = None,
@@ -51,7 +51,8 @@ def budget_schedule(factor: float | None, budget: int, steps_per_epoch: int | No
     """The settings the rule derives for a target ``factor`` (e.g. 30.0 for ``params=30x``; None for a
     ``latency=Nms`` target, whose factor is known only once the base is measured: one round) and ``budget``
     epochs: ``rounds``, ``admm.epochs``, ``retrain.epochs`` (0), ``final_retrain_epochs`` and
-    ``distillation.enabled`` (``"auto"``: from the base for class scores per item), as a nested dict of :class:`CompressConfig` settings.
+    ``distillation.enabled`` (``"auto"``: from the base for class scores per item), as a nested dict of
+    :class:`CompressConfig` settings.
     ``steps_per_epoch``: optimiser steps of one training epoch (None: unknown); below :data:`MIN_ADMM_STEPS`
     no round runs ADMM and every epoch is final retraining. So too when the budget has no epoch beyond the rounds'
     ADMM epochs: a model hard-pruned after one ADMM epoch is near chance until retrained.
