@@ -566,9 +566,12 @@ def test_batchnorm_statistics_left_behind_by_the_retraining_are_re_estimated(mon
 
 
 def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread):
-    """The loaders' sizes are stored with the settings; other training data is refused before any work."""
+    """The loaders' sizes are stored with the settings; other training data is refused before any work. Other
+    validation data of the same size is refused by the base's score (its BatchNorm statistics fit: kept)."""
     train, val = loaders()
-    model, example = trained(SmallCNN(), train), torch.randn(1, 1, 8, 8)
+    train = DataLoader(train.dataset, batch_size=16)
+    torch.manual_seed(1)  # a base scoring 81.25 % on val, 75.0 % on the other images below
+    model, example = re_estimated(trained(SmallCNN(), train, steps=2), train), torch.randn(1, 1, 8, 8)
     args = dict(val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
     autocompress.compress(model, example, "params=2x", train_loader=train, **args)
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["run"]["data"]
@@ -577,6 +580,14 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread)
     with pytest.raises(UserError, match=r"other settings \(data\.train_loader\.batches: 6 in the folder, 4 now; "
                                         r"data\.train_loader\.items: 96 in the folder, 64 now\)"):
         autocompress.compress(model, example, "params=2x", train_loader=fewer, **args)
+    other = DataLoader(TensorDataset(*images(48, 2)), batch_size=16)  # the same size, other images
+    now, then = top1_percent(model, other), top1_percent(model, val)
+    assert now != then
+    with pytest.raises(UserError, match=rf"was started on other validation data: the base model scores val top-1 "
+                                        rf"{now:.2f}% on it now, val top-1 {then:.2f}% when the run started"):
+        autocompress.compress(model, example, "params=2x", train_loader=train, **{**args, "val_loader": other})
+    again = autocompress.compress(model, example, "params=2x", train_loader=train, **args)  # the same data: resumes
+    assert again.final["rows"][0]["val_top1"] == pytest.approx(then)
 
 
 def re_estimated(model: nn.Module, train: DataLoader) -> nn.Module:

@@ -636,6 +636,8 @@ class Compression:
         if not self.store.is_done("base", "base"):
             self.store.finish("base", "base", [{"event": "base", "params": self.base_params, "macs": self.base_macs,
                                                 **self.pipeline.scored(self.base_score)}, *self.base_records])
+        else:
+            self._check_same_validation()
         model, space = self.first_model, self.first_space
         compact_model = None
         for index, target in enumerate(self.targets, start=1):
@@ -652,6 +654,19 @@ class Compression:
         result = self._result(compact_model)
         self._check_latency(result, compact_model)
         return result
+
+    def _check_same_validation(self) -> None:
+        """A continued run scores its base as when it started, within :data:`VALIDATION_DRIFT` of the score scale;
+        else UserError: the validation data (or ``score_fn``) differ, and the run's stored scores and choices were
+        made on other data (the run folder compares the loaders' sizes, not their content)."""
+        stored = next((r for r in self.store.records if r.get("event") == "base"), None)
+        then = None if stored is None else self.pipeline.score_of(stored)
+        if then is None or abs(then - self.base_score) <= VALIDATION_DRIFT * self.pipeline.score_scale:
+            return
+        raise UserError(f"run_dir {self.run_dir} was started on other validation data: the base model scores "
+                        f"{self.pipeline.describe(self.base_score)} on it now, {self.pipeline.describe(then)} "
+                        "when the run started", "pass the val_loader / score_fn the run started with, or another "
+                        "run_dir")
 
     def _search(self, state: RoundState) -> None:
         """The round's rates: guided simulated annealing (or one uniform rate) meeting the round's target."""
@@ -1013,6 +1028,9 @@ class Compression:
                               phase_seconds=report.phase_seconds(records))
 
 
+#: a continued run's base may score this much (a fraction of the score scale: top-1 0.1 point, 5 images of 5,000)
+#: away from its score when the run started (float sums at another thread count can flip a near tie)
+VALIDATION_DRIFT = 0.001
 #: the compact model runs "slower" in eager PyTorch beyond this ratio to the base's latency (5 %: noise below)
 EAGER_SLOWER = 1.05
 #: a timing that would refuse a latency target or warn of a slower model is repeated with this many times the runs
