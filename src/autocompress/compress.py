@@ -236,8 +236,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         UserError: bad settings (:class:`autocompress.config.SettingError` names the setting), bad
             arguments (a forward that fails on ``example_inputs``, an empty loader, batches the defaults
             cannot run, a non-scalar loss, a non-number score, an unavailable device), a target the model
-            cannot reach without pruning a layer away, or a ``run_dir`` that holds another run or is in use;
-            all before any training, with nothing written.
+            cannot reach without pruning a layer away, a missing ``train_loader`` or a Dataset given for a
+            loader, or a ``run_dir`` that holds another run (other settings, weights or loader sizes; its base
+            scoring otherwise on ``val_loader``), holds files of no run, or is in use; all before any training,
+            with nothing written.
         TargetMissed: (a UserError) a latency target the trained model misses when measured at the end,
             twice; its ``result`` is the :class:`CompressResult` (the run folder keeps it too).
     """
@@ -980,9 +982,9 @@ class Compression:
         before, after = (self.pipeline.describe(self.pipeline.score_of(record, suffix))
                          for suffix in ("_before", "_after"))
         return (f"the base model's BatchNorm statistics did not fit its weights ({before} on them, {after} once "
-                f"re-estimated on {record['batches']} training batches): the run pruned and distilled from the "
-                "re-estimated base, and the base row is that model; train the base longer or with a larger BatchNorm "
-                "momentum, or re-estimate its statistics before deploying it")
+                f"re-estimated on {record['batches']} training batches): the run started from (and distilled from, "
+                "where it distils) the re-estimated base, and the base row is that model; train the base longer or "
+                "with a larger BatchNorm momentum, or re-estimate its statistics before deploying it")
 
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
