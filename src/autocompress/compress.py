@@ -348,8 +348,8 @@ class Compression:
         self._check_world(base, train_fn is None, log or (lambda _line: None))
         train_output = self.task.check(base, self.example, needs_training=True, needs_score=True,
                                        needs_length=train_fn is None)
-        self.base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
-        self.task.check_score_direction(base, self.base_score)
+        base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
+        self.task.check_score_direction(base, base_score)
         self._check_distillation(train_output, say)
         if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
             say(describe(self.config))
@@ -357,10 +357,9 @@ class Compression:
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log, channel_multiple=self.multiple,
-                                 base_score=self.base_score)
+                                 base_score=base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
         self.base_records = self.pipeline.reestimate_base_batchnorm()
-        self.base_score = self.pipeline.base_score
         if train_fn is None:
             self.pipeline.log(self.config.describe_loop(asked, self.task.classifies, self.task.positions))
         self.first_model = densify(base)
@@ -393,6 +392,12 @@ class Compression:
             self.store = MainStore(self.store if self.world.is_main else None)
             torch.set_num_threads(distributed.broadcast_object(torch.get_num_threads()))
         self.pipeline.store = self.store
+
+    @property
+    def base_score(self) -> float:
+        """The base model's validation score (``task.score``), of the re-estimated base where
+        :meth:`~autocompress.rounds.Pipeline.reestimate_base_batchnorm` replaced its BatchNorm statistics."""
+        return self.pipeline.base_score
 
     # --- set-up ---------------------------------------------------------------------------------------
     def _check_world(self, base: nn.Module, default_loop: bool, log: Callable[[str], None]) -> None:
@@ -469,6 +474,20 @@ class Compression:
                        "items": distributed.length(getattr(loader, "dataset", None))}
                 for name, loader in (("train_loader", self.task.train_loader), ("val_loader", self.task.val_loader))}
 
+    def _check_same_validation(self, records: list[dict]) -> None:
+        """A continued run scores its base as when it started (its ``base`` record among the folder's
+        ``records``), within :data:`VALIDATION_DRIFT` of the score scale; else UserError: the validation data (or
+        ``score_fn``) differ, and the run's stored scores and choices were made on other data (the run folder
+        compares the loaders' sizes, not their content)."""
+        stored = next((r for r in records if r.get("event") == "base"), None)
+        then = None if stored is None else self.pipeline.score_of(stored)
+        if then is None or abs(then - self.base_score) <= VALIDATION_DRIFT * self.pipeline.score_scale:
+            return
+        raise UserError(f"run_dir {self.run_dir} was started on other validation data: the base model scores "
+                        f"{self.pipeline.describe(self.base_score)} on it now, {self.pipeline.describe(then)} "
+                        "when the run started", "pass the val_loader / score_fn the run started with, or another "
+                        "run_dir")
+
     def _open_store(self, base: nn.Module) -> RunFolder:
         """Open (lock) the run folder and claim it for this run, or check that the run it holds is this one
         (same settings and base model) and continue it at the thread count it started with (float sums,
@@ -492,6 +511,7 @@ class Compression:
                 if started != self.world.size:
                     raise UserError(f"run_dir {self.run_dir} holds a run of {started} process(es), not "
                                     f"{self.world.size}", f"continue it with {started} process(es)")
+                self._check_same_validation(folder.records)
                 torch.set_num_threads(int(stored["run"].get("threads") or torch.get_num_threads()))
             elif not folder.is_empty():
                 raise UserError(f"run_dir {self.run_dir} is not empty and holds no run",
@@ -638,8 +658,6 @@ class Compression:
         if not self.store.is_done("base", "base"):
             self.store.finish("base", "base", [{"event": "base", "params": self.base_params, "macs": self.base_macs,
                                                 **self.pipeline.scored(self.base_score)}, *self.base_records])
-        else:
-            self._check_same_validation()
         model, space = self.first_model, self.first_space
         compact_model = None
         for index, target in enumerate(self.targets, start=1):
@@ -656,19 +674,6 @@ class Compression:
         result = self._result(compact_model)
         self._check_latency(result, compact_model)
         return result
-
-    def _check_same_validation(self) -> None:
-        """A continued run scores its base as when it started, within :data:`VALIDATION_DRIFT` of the score scale;
-        else UserError: the validation data (or ``score_fn``) differ, and the run's stored scores and choices were
-        made on other data (the run folder compares the loaders' sizes, not their content)."""
-        stored = next((r for r in self.store.records if r.get("event") == "base"), None)
-        then = None if stored is None else self.pipeline.score_of(stored)
-        if then is None or abs(then - self.base_score) <= VALIDATION_DRIFT * self.pipeline.score_scale:
-            return
-        raise UserError(f"run_dir {self.run_dir} was started on other validation data: the base model scores "
-                        f"{self.pipeline.describe(self.base_score)} on it now, {self.pipeline.describe(then)} "
-                        "when the run started", "pass the val_loader / score_fn the run started with, or another "
-                        "run_dir")
 
     def _search(self, state: RoundState) -> None:
         """The round's rates: guided simulated annealing (or one uniform rate) meeting the round's target."""

@@ -350,10 +350,9 @@ class CompressConfig:
 
     def for_task(self, classifies: bool | None, positions: bool = False) -> "CompressConfig":
         """This config with ``distillation.enabled`` (:meth:`with_distillation_for`) and ``retrain.optimizer``
-        resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training
-        targets are class indices for the output (:attr:`autocompress.task.Task.classifies`), and the output holds
-        one class vector per item (not ``positions``: :attr:`autocompress.task.Task.positions`), else
-        ``"adamw"``, also when they cannot be read)
+        resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training targets are class indices for the output
+        (:attr:`autocompress.task.Task.classifies`), and the output holds one class vector per item (not
+        ``positions``: :attr:`autocompress.task.Task.positions`), else ``"adamw"``, also when they cannot be read)
         and the unset learning rates (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``) at that optimiser's
         :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps grow with the loss's scale: an AdamW-trained
         denoiser (mean squared error ~0.008) retrained with SGD at lr 0.01 for 3 epochs ended 1.96 dB below the

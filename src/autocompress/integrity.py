@@ -16,13 +16,12 @@ They raise :class:`~autocompress.errors.UserError` with a one-line message.
 """
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
 from pathlib import Path
 from typing import Mapping
-
-import math
 
 import torch
 from torch import nn
@@ -89,9 +88,6 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
                             "use an earlier checkpoint of the run, or re-train with a lower learning rate")
 
 
-__all__ = ["check_finite", "verify_archive"]
-
-
 def _check_input(input_size, device: torch.device) -> torch.Tensor | None:
     shape = (CHECK_BATCH, *(int(side) for side in input_size))
     if math.prod(shape) > CHECK_MAX_ELEMENTS:
@@ -150,3 +146,6 @@ def verify_outputs(model: nn.Module, check: dict, label: str) -> None:
                              "built with other constructor arguments or code than the model saved",
                              "pass model= an instance built as the model you compressed (or check=False to load "
                              "it anyway)")
+
+
+__all__ = ["check_finite", "output_check", "verify_archive", "verify_outputs"]

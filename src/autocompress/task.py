@@ -360,8 +360,8 @@ class Task:
         if needs_training and self.train_loader is None:
             raise UserError("train_loader is None, and the run trains (ADMM, retraining, the search's fine-tuning)",
                             "pass a DataLoader of (inputs, targets) batches")
+        data = torch.utils.data
         for name, loader in (("train_loader", self.train_loader), ("val_loader", self.val_loader)):
-            data = torch.utils.data
             if isinstance(loader, data.Dataset) and not isinstance(loader, data.IterableDataset):
                 raise UserError(f"{name} is a {type(loader).__name__}, a Dataset: it yields single items, not batches",
                                 f"wrap it: DataLoader(dataset, batch_size=64, shuffle={name == 'train_loader'})")
