@@ -1467,3 +1467,28 @@ def test_a_slower_eager_timing_is_timed_again_before_the_warning(monkeypatch, re
     assert result.final["latency_runs"] == 6 and result.final["rows"][1]["latency_b1_ms"] == recheck_ms
     slower = [w for w in result.final["warnings"] if "SLOWER than the base in eager PyTorch" in w]
     assert bool(slower) == warned and all("(median of 6 interleaved runs" in w for w in slower)
+
+
+def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_unclaimed(tmp_path, monkeypatch,
+                                                                                        one_thread):
+    """Other settings for a folder holding a run are refused before the set-up's work (the base's BatchNorm
+    re-estimation, the pruning space); a set-up that fails (an unreachable target) leaves a new folder as it was,
+    without ``config.yaml`` or lock, and the caller's thread count as it was; a later run claims the folder."""
+    train, val = loaders()
+    model, example = trained(SmallCNN(), train, steps=2), torch.randn(1, 1, 8, 8)
+    args = dict(train_loader=train, val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match="target 1000x is unreachable"):
+        autocompress.compress(model, example, "params=1000x", **args)
+    assert list((tmp_path / "run").iterdir()) == [] and torch.get_num_threads() == 1
+    autocompress.compress(model, example, "params=2x", **args)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["target"] == "params=2x"
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("the set-up's work ran before the folder's refusal")
+
+    monkeypatch.setattr(Pipeline, "reestimate_base_batchnorm", no_work)
+    monkeypatch.setattr(Pipeline, "space", no_work)
+    with pytest.raises(UserError, match=r"holds a run with other settings \(target: 'params=2x' in the folder, "
+                                        r"'params=3x' now\)"):
+        autocompress.compress(model, example, "params=3x", **args)

@@ -247,19 +247,19 @@ def test_a_run_dir_that_names_no_folder_is_refused(given_dir, problem):
         run_dir_path(given_dir)
 
 
-def test_an_abandoned_folder_loses_only_the_lock_it_was_given(tmp_path):
+def test_a_released_folder_loses_only_the_lock_it_was_given(tmp_path):
     """A refused run removes the lock file it created in a caller's folder; a lock file that was there before,
     or one of a folder holding a run, stays."""
     (tmp_path / "mine.txt").write_text("precious")
-    RunFolder(tmp_path).open().abandon()
+    RunFolder(tmp_path).open().release()
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
     (tmp_path / ".lock").write_text("")
-    RunFolder(tmp_path).open().abandon()
+    RunFolder(tmp_path).open().release()
     assert (tmp_path / ".lock").exists()
     claimed = tmp_path / "run"
     folder = RunFolder(claimed).open()
     folder.claim({"seed": 0})
-    folder.abandon()
+    folder.release()
     assert (claimed / ".lock").exists() and (claimed / "config.yaml").exists()
 
 
@@ -272,5 +272,5 @@ def test_a_config_yaml_of_the_caller_s_own_is_not_taken_for_a_run(tmp_path, text
     with pytest.raises(UserError, match=r"config.yaml is not the config.yaml of an autocompress run \(or it is "
                                         r"damaged\); pass an empty or new folder"):
         folder.read_config()
-    folder.abandon()
+    folder.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

@@ -359,9 +359,28 @@ class Compression:
                                  log=log, channel_multiple=self.multiple,
                                  base_score=base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
-        self.base_records = self.pipeline.reestimate_base_batchnorm()
         if train_fn is None:
             self.pipeline.log(self.config.describe_loop(asked, self.task.classifies, self.task.positions))
+        self.source, self.save, self.final_columns = source or {}, save, final_columns
+        self.folder = distributed.on_main(self._open_folder, share=False) if self.run_dir is not None else None
+        if self.world.active:  # rank 0 owns the run folder; the threads of the run are rank 0's
+            torch.set_num_threads(distributed.broadcast_object(torch.get_num_threads()))
+        try:
+            self._prepare(base, why)
+        except BaseException:
+            self._release()
+            raise
+        store = self.folder if self.folder is not None else PhaseStore()
+        self.store = MainStore(store if self.world.is_main else None) if self.world.active else store
+        self.pipeline.store = self.store
+
+    def _prepare(self, base: nn.Module, why: str) -> None:
+        """The set-up that costs work, after the run folder's refusals (:meth:`_open_folder`): the base's
+        BatchNorm re-estimation, the pruning space, a latency target's lookup table, the reachability of the
+        target; then the run folder is claimed for a new run (its ``config.yaml``)."""
+        self.base_records = self.pipeline.reestimate_base_batchnorm()
+        if self.run_dir is not None:
+            distributed.on_main(self._check_same_validation, share=False)
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
         self.pipeline.log(f"channel multiple: {why}")
@@ -385,13 +404,8 @@ class Compression:
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
         self._check_reachable(base)  # an unreachable target: refused now
-        self.source, self.save, self.final_columns = source or {}, save, final_columns
-        self.store = distributed.on_main(lambda: self._open_store(base), share=False) \
-            if self.run_dir is not None else PhaseStore()
-        if self.world.active:  # rank 0 owns the store; the threads of the run are rank 0's
-            self.store = MainStore(self.store if self.world.is_main else None)
-            torch.set_num_threads(distributed.broadcast_object(torch.get_num_threads()))
-        self.pipeline.store = self.store
+        if self.run_dir is not None:
+            distributed.on_main(self._claim_folder, share=False)
 
     @property
     def base_score(self) -> float:
@@ -455,7 +469,7 @@ class Compression:
             output = self.task.forward(base.eval(), batch)
         return 1.0 / output.shape[1] if isinstance(output, torch.Tensor) and output.dim() >= 2 else None
 
-    def _stored_settings(self, base: nn.Module) -> dict:
+    def _stored_settings(self) -> dict:
         return {**dataclasses.asdict(self.config),
                 "run": {"base_model_sha256": self.base_digest, "threads": torch.get_num_threads(),
                         "world_size": self.world.size,
@@ -474,29 +488,18 @@ class Compression:
                        "items": distributed.length(getattr(loader, "dataset", None))}
                 for name, loader in (("train_loader", self.task.train_loader), ("val_loader", self.task.val_loader))}
 
-    def _check_same_validation(self, records: list[dict]) -> None:
-        """A continued run scores its base as when it started (its ``base`` record among the folder's
-        ``records``), within :data:`VALIDATION_DRIFT` of the score scale; else UserError: the validation data (or
-        ``score_fn``) differ, and the run's stored scores and choices were made on other data (the run folder
-        compares the loaders' sizes, not their content)."""
-        stored = next((r for r in records if r.get("event") == "base"), None)
-        then = None if stored is None else self.pipeline.score_of(stored)
-        if then is None or abs(then - self.base_score) <= VALIDATION_DRIFT * self.pipeline.score_scale:
-            return
-        raise UserError(f"run_dir {self.run_dir} was started on other validation data: the base model scores "
-                        f"{self.pipeline.describe(self.base_score)} on it now, {self.pipeline.describe(then)} "
-                        "when the run started", "pass the val_loader / score_fn the run started with, or another "
-                        "run_dir")
+    def _open_folder(self) -> RunFolder:
+        """Open (lock) the run folder before any work. A folder holding a run continues it only with the same
+        settings, base model, loader sizes and number of processes, at the thread count it started with (float
+        sums, hence results, depend on it); a folder holding other files is refused. An empty folder is claimed
+        once the set-up has succeeded (:meth:`_claim_folder`).
 
-    def _open_store(self, base: nn.Module) -> RunFolder:
-        """Open (lock) the run folder and claim it for this run, or check that the run it holds is this one
-        (same settings and base model) and continue it at the thread count it started with (float sums,
-        hence results, depend on it)."""
+        Raises:
+            UserError: what differs, or the folder cannot be used (the lock file it created is removed)."""
         folder = RunFolder(self.run_dir).open()
-        wanted = self._stored_settings(base)
         try:
             if folder.holds_run():
-                stored = folder.read_config()
+                stored, wanted = folder.read_config(), self._stored_settings()
                 changed = [change for key in wanted if key not in ("run", "source")
                            for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
                 if "data" in stored.get("run", {}):  # folders of earlier versions hold no sizes
@@ -511,17 +514,42 @@ class Compression:
                 if started != self.world.size:
                     raise UserError(f"run_dir {self.run_dir} holds a run of {started} process(es), not "
                                     f"{self.world.size}", f"continue it with {started} process(es)")
-                self._check_same_validation(folder.records)
                 torch.set_num_threads(int(stored["run"].get("threads") or torch.get_num_threads()))
             elif not folder.is_empty():
                 raise UserError(f"run_dir {self.run_dir} is not empty and holds no run",
                                 "pass an empty or new folder")
-            else:
-                folder.claim(wanted)
         except BaseException:
-            folder.abandon()
+            folder.release()
             raise
         return folder
+
+    def _check_same_validation(self) -> None:
+        """A continued run scores its base as when it started (the ``base`` record of its folder), within
+        :data:`VALIDATION_DRIFT` of the score scale; else UserError: the validation data (or ``score_fn``) differ,
+        and the run's stored scores and choices were made on other data (the run folder compares the loaders'
+        sizes, not their content). Nothing to compare in a new folder."""
+        records = self.folder.records if self.folder.holds_run() else []
+        stored = next((r for r in records if r.get("event") == "base"), None)
+        then = None if stored is None else self.pipeline.score_of(stored)
+        if then is None or abs(then - self.base_score) <= VALIDATION_DRIFT * self.pipeline.score_scale:
+            return
+        raise UserError(f"run_dir {self.run_dir} was started on other validation data: the base model scores "
+                        f"{self.pipeline.describe(self.base_score)} on it now, {self.pipeline.describe(then)} "
+                        "when the run started", "pass the val_loader / score_fn the run started with, or another "
+                        "run_dir")
+
+    def _claim_folder(self) -> None:
+        """A new run's folder holds its settings from now on (``config.yaml``, with the channel multiple and the
+        schedule the set-up resolved)."""
+        if not self.folder.holds_run():
+            self.folder.claim(self._stored_settings())
+
+    def _release(self) -> None:
+        """Release the run folder (rank 0's; a lock file it created for a run that never started is removed)
+        and restore the caller's thread count."""
+        if self.folder is not None:
+            self.folder.release()
+        torch.set_num_threads(self.threads)
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
@@ -648,9 +676,7 @@ class Compression:
         try:
             return self._run()
         finally:
-            if isinstance(self.store, (RunFolder, MainStore)):
-                self.store.close()
-            torch.set_num_threads(self.threads)
+            self._release()
 
     def _run(self) -> CompressResult:
         base = self.pipeline.base_model

@@ -47,11 +47,5 @@ class MainStore(PhaseStore):
     def finish(self, round_index: Any, phase: str, records: list[dict]) -> None:
         distributed.on_main(lambda: self.store.finish(round_index, phase, records), share=False)
 
-    def close(self) -> None:
-        """Release rank 0's store (its run folder's lock)."""
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
-
 
 __all__ = ["MainStore"]

@@ -103,9 +103,10 @@ class RunFolder(PhaseStore):
             self._lock.close()
             self._lock = None
 
-    def abandon(self) -> None:
-        """Release the lock and, when :meth:`open` created the lock file and this process claimed no run here,
-        remove it: a run refused on a caller's folder (one holding other files) leaves it as it found it."""
+    def release(self) -> None:
+        """Release the lock and, when :meth:`open` created the lock file and this process claimed no run here
+        (:meth:`claim`), remove it: a run refused on a caller's folder (one holding other files) leaves it as it
+        found it."""
         self.close()
         if self._new_lock and not self._claimed:
             self.file(".lock").unlink(missing_ok=True)
