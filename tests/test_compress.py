@@ -89,7 +89,11 @@ def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
     assert stored["source"]["checkpoint"] == str(base_checkpoint.resolve())
     assert stored["run"]["threads"] == torch.get_num_threads()
     assert stored["search"]["guidance"] == "auto" and stored["run"]["guidance"] == "layer"  # a params target
-    assert stored["run"]["dims"] == "filter,column" and stored["run"]["channel_multiple"] == 1
+    assert stored["run"]["dims"] == "filter,column" and stored["run"]["channel_multiple"] == 4  # a params target
+    base_convs = {name: m for name, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for name, conv in compact.named_modules():  # every filter group kept a multiple of 4 channels, or all of them
+        if name in base_convs:
+            assert conv.out_channels % 4 == 0 or conv.out_channels == base_convs[name].out_channels, name
 
 
 def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
@@ -104,11 +108,12 @@ def test_search_estimate_equals_measured_counts(finished_run, base_checkpoint):
     search = next(r for r in records if r["event"] == "search" and r["round"] == 1)
     model = autocompress.load(base_checkpoint)
     x = torch.zeros(1, 1, 28, 28)
-    space = PruningSpace.build(model, x, dims=("filter", "column"))
+    multiple = yaml.safe_load((out / "config.yaml").read_text())["run"]["channel_multiple"]
+    space = PruningSpace.build(model, x, dims=("filter", "column"), channel_multiple=multiple)
     masks = project(space, model, search["rates"])
     param_masks = space.param_masks(masks)
     apply_masks(model, param_masks)
-    compact_model = compact(model, param_masks, x).model
+    compact_model = compact(model, param_masks, x, channel_multiple=multiple).model
     counts = space.count(masks)
     assert counts.params == metrics.count_params(compact_model)
     assert counts.macs == metrics.count_macs(compact_model, x)

@@ -248,14 +248,16 @@ def test_a_run_dir_that_names_no_folder_is_refused(given_dir, problem):
 
 
 def test_a_released_folder_loses_only_the_lock_it_was_given(tmp_path):
-    """A refused run removes the lock file it created in a caller's folder; a lock file that was there before,
-    or one of a folder holding a run, stays."""
+    """A refused run removes the lock file it created in a caller's folder, and a folder it created; a lock file
+    that was there before, or one of a folder holding a run, stays."""
     (tmp_path / "mine.txt").write_text("precious")
     RunFolder(tmp_path).open().release()
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
     (tmp_path / ".lock").write_text("")
     RunFolder(tmp_path).open().release()
     assert (tmp_path / ".lock").exists()
+    RunFolder(tmp_path / "new" / "run").open().release()
+    assert not (tmp_path / "new" / "run").exists()
     claimed = tmp_path / "run"
     folder = RunFolder(claimed).open()
     folder.claim({"seed": 0})

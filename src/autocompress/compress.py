@@ -553,7 +553,8 @@ class Compression:
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
-        A channel multiple that ``auto`` chose (set, or the default of a flops / latency target) falls back to
+        A channel multiple that ``auto`` chose (set, or the default of a flops / latency target), or a params
+        target's default (:data:`~autocompress.alignment.PARAMS_MULTIPLE`), falls back to
         the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
         alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
@@ -564,7 +565,8 @@ class Compression:
         for index, multiple in enumerate(chain):
             last = index == len(chain) - 1
             if index:
-                self.pipeline.log(f"channel multiple: {self.multiple} (auto) {problem}; falling back to {multiple}, "
+                chosen = AUTO if self.target.objective != "params" or self.config.channel_multiple else "default"
+                self.pipeline.log(f"channel multiple: {self.multiple} ({chosen}) {problem}; falling back to {multiple}, "
                                   "which runs slower per MAC removed on this CPU" + (
                                       f" (channels a fit does not need are given back on the {self.block}-channel "
                                       "block only)" if self.table is None and on_block(self.block, multiple) else ""))
@@ -598,9 +600,9 @@ class Compression:
         return False
 
     def _fallbacks(self) -> list[int]:
-        """The smaller channel multiples ``auto`` may fall back to, in order: 8 (the smaller CPU block), then for
-        a flops target 1 (any width; a latency target's table would time every width); none for a multiple
-        set explicitly."""
+        """The smaller channel multiples ``auto`` or a params target's default may fall back to, in order: 8 (the
+        smaller CPU block), then for a flops or params target 1 (any width; a latency target's table would time
+        every width); none for a multiple set explicitly."""
         if self.config.channel_multiple not in (None, AUTO):
             return []
         return [m for m in (FALLBACK, *(() if self.table is not None else (1,))) if m < self.multiple]

@@ -64,6 +64,7 @@ class RunFolder(PhaseStore):
         self.path = Path(path)
         self._lock = None
         self._new_lock = False  # open() created the lock file
+        self._new_folder = False  # open() created the folder
         self._claimed = False  # claim() wrote config.yaml
 
     # --- opening, claiming, locking -------------------------------------------------------------------
@@ -78,7 +79,7 @@ class RunFolder(PhaseStore):
             raise UserError(f"run folder {self.path} is a dangling symbolic link", "pass another run_dir")
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run folder {self.path} exists and is not a folder", "pass another run_dir")
-        new_lock = not (self.path / ".lock").exists()
+        new_folder, new_lock = not self.path.exists(), not (self.path / ".lock").exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.path / ".lock", "a+")
@@ -92,7 +93,7 @@ class RunFolder(PhaseStore):
             raise UserError(f"run folder {self.path} is in use by another running process",
                             "wait for it to finish, or pass another run_dir") from None
         self._lock = handle
-        self._new_lock = new_lock
+        self._new_lock, self._new_folder = new_lock, new_folder
         for leftover in self.path.rglob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         return self
@@ -104,12 +105,15 @@ class RunFolder(PhaseStore):
             self._lock = None
 
     def release(self) -> None:
-        """Release the lock and, when :meth:`open` created the lock file and this process claimed no run here
-        (:meth:`claim`), remove it: a run refused on a caller's folder (one holding other files) leaves it as it
-        found it."""
+        """Release the lock and, when this process claimed no run here (:meth:`claim`), remove the lock file and
+        the folder where :meth:`open` created them: a refused run leaves the caller's disk as it found it."""
         self.close()
-        if self._new_lock and not self._claimed:
+        if self._claimed:
+            return
+        if self._new_lock:
             self.file(".lock").unlink(missing_ok=True)
+        if self._new_folder and self.is_empty():
+            self.path.rmdir()
 
     def holds_run(self) -> bool:
         """Whether the folder holds a (started) run: its ``config.yaml`` exists."""

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast of training phases (CUDA)")
     parser.add_argument("--channel-multiple", type=_multiple, help="every filter group keeps a multiple of N "
                         "channels: N, or auto (16 on AVX-512 CPUs, 8 otherwise; the default for latency and flops "
-                        "targets; 1 for params targets)")
+                        "targets; 4 for params targets, 1 = any width)")
     parser.add_argument("--ignore", action="append", metavar="MODULE", help=IGNORE_HELP)
     parser.add_argument("--latency-runtime", help="deployment runtime: onnxruntime (default, CPU) or torch")
     parser.add_argument("--latency-threads", type=int, help="threads of the deployment runtime (default 1)")

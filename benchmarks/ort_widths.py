@@ -1,0 +1,135 @@
+"""Benchmark: onnxruntime latency of filter-pruned models at any width and at widths on a grid of 4 / 8 / 16.
+
+Why: onnxruntime's CPU convolutions run in its blocked channel layout (NCHWc) only when a convolution's input
+and output channels are multiples of 4 (read from the optimised graphs: ``--show-layout``); any other width
+sends the layer, and a layout conversion on each side, to the plain kernels. A params target's compact model
+used to keep any width (``channel_multiple`` 1); this measures what that cost and what the default of a
+params target (:data:`autocompress.alignment.PARAMS_MULTIPLE`) buys.
+
+Models (random init, BatchNorm statistics randomised; latency does not depend on the values): ``dwse``, a
+small depthwise-separable CNN with squeeze-excitation (the kind of network fresh users brought, 1x28x28),
+and zoo models (``fmnist_cnn``, ``resnet20``: 3x32x32). Each is filter-pruned uniformly at every ``--rates``
+through the engine (``PruningSpace.build`` at the channel multiple -> ``project`` -> ``compact``, output
+checked against the masked model), so the aligned models are the widths the library would keep at that
+multiple. Timing: :func:`autocompress.latency.measure_models` (onnxruntime, 1 thread, batch ``--batch``; every
+model of one rate interleaved with the base), median of ``--runs``; speedup = base / model.
+
+    .venv/bin/python benchmarks/ort_widths.py --models dwse,fmnist_cnn,resnet20 --rates 0.1,0.15,0.25,0.4
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from autocompress.compaction import compact
+from autocompress.latency import LatencyConfig, measure_models
+from autocompress.metrics import count_macs
+from autocompress.models import create_model
+from autocompress.projection import project
+from autocompress.pruning import expand_rates
+from autocompress.space import PruningSpace
+from autocompress.training import seeded
+
+MULTIPLES = (1, 4, 8, 16)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gates from the pooled input: ``x * sigmoid(fc2(relu(fc1(mean(x)))))``, ``[B, C, H, W]``."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion, 3x3 depthwise, squeeze-excitation, 1x1 projection; a skip when the shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.body = nn.Sequential(_conv_bn(cin, hidden), nn.ReLU(), _conv_bn(hidden, hidden, 3, stride, hidden),
+                                  nn.ReLU(), SqueezeExcite(hidden), _conv_bn(hidden, cout))
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.skip else self.body(x)
+
+
+def dwse() -> nn.Module:
+    """The depthwise / squeeze-excitation CNN (122k parameters, 1x28x28 inputs, 10 classes)."""
+    return nn.Sequential(_conv_bn(1, 32, 3), nn.ReLU(), InvertedResidual(32, 32, 1), InvertedResidual(32, 48, 2),
+                         InvertedResidual(48, 48, 1), InvertedResidual(48, 64, 2), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, 10))
+
+
+def model_and_example(name: str, generator: torch.Generator) -> tuple[nn.Module, torch.Tensor]:
+    with seeded(0):
+        model = dwse() if name == "dwse" else create_model(name)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            n = norm.num_features
+            norm.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+            norm.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    size = (1, 28, 28) if name in ("dwse", "fmnist_cnn", "lenet5") else (3, 32, 32)
+    return model.eval(), torch.randn(1, *size, generator=generator)
+
+
+def filter_pruned(model: nn.Module, rate: float, example: torch.Tensor, multiple: int) -> nn.Module:
+    """The compact model after uniform filter pruning at ``rate`` with every group aligned to ``multiple``."""
+    space = PruningSpace.build(model, example, dims=("filter",), channel_multiple=multiple)
+    masks = project(space, model, expand_rates(space, {"default": rate}, ("filter",)))
+    return compact(model, space.param_masks(masks), example, channel_multiple=multiple).model.eval()
+
+
+def nchwc_share(model: nn.Module, example: torch.Tensor) -> str:
+    """How many of the optimised graph's convolutions run in onnxruntime's blocked layout."""
+    import onnx
+    import onnxruntime as ort
+
+    from autocompress.export import onnx_bytes
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = "/tmp/ort_widths_optimised.onnx"
+    ort.InferenceSession(onnx_bytes(model, example), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    convs = [n for n in nodes if "Conv" in n.op_type]
+    return f"{sum(n.domain == 'com.microsoft.nchwc' for n in convs)}/{len(convs)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="dwse,fmnist_cnn,resnet20")
+    parser.add_argument("--rates", default="0.1,0.15,0.25,0.4")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    config = LatencyConfig(runtime="onnxruntime", threads=1, batch=args.batch, runs=args.runs)
+    generator = torch.Generator().manual_seed(0)
+    print("| model | rate | multiple | MACs reduction | NCHWc convs | base ms | pruned ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        base, example = model_and_example(name, generator)
+        base_macs = count_macs(base, example)
+        for rate in (float(r) for r in args.rates.split(",")):
+            pruned = {m: filter_pruned(base, rate, example, m) for m in MULTIPLES}
+            times = measure_models({"base": base, **{str(m): p for m, p in pruned.items()}}, example, config,
+                                   batches=[args.batch])[args.batch]
+            for m, model in pruned.items():
+                base_ms, ms = times["base"].median_ms, times[str(m)].median_ms
+                print(f"| {name} | {rate:g} | {m} | {base_macs / count_macs(model, example):.2f}x | "
+                      f"{nchwc_share(model, example)} | {base_ms:.3f} | {ms:.3f} | {base_ms / ms:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
