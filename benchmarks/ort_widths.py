@@ -4,7 +4,7 @@ Why: onnxruntime's CPU convolutions run in its blocked channel layout (NCHWc) on
 and output channels are multiples of 4 (read from the optimised graphs: ``--show-layout``); any other width
 sends the layer, and a layout conversion on each side, to the plain kernels. A params target's compact model
 used to keep any width (``channel_multiple`` 1); this measures what that cost and what the default of a
-params target (:data:`autocompress.alignment.PARAMS_MULTIPLE`) buys.
+params target (:data:`autocompress.alignment.LAYOUT_MULTIPLE`) buys.
 
 Models (random init, BatchNorm statistics randomised; latency does not depend on the values): ``dwse``, a
 small depthwise-separable CNN with squeeze-excitation (the kind of network fresh users brought, 1x28x28),

@@ -684,13 +684,14 @@ def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(mon
 
 @pytest.mark.parametrize("target, setting, reachable_at, outcome", [
     ("flops=2x", None, (16,), 16), ("flops=2x", None, (8, 1), 8), ("flops=2x", None, (1,), 1),
+    ("flops=2x", None, (4, 1), 4),
     ("flops=2x", "auto", (1,), 1), ("flops=2x", 16, (1,), "refused"), ("flops=2x", None, (), "refused"),
     ("params=2x", None, (1,), 1), ("params=2x", None, (4, 1), 4)])
-def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_1(monkeypatch, target, setting, reachable_at,
+def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeypatch, target, setting, reachable_at,
                                                                  outcome):
     """A flops target aims at speed, so its default multiple is ``auto`` (16 on AVX-512); one unreachable at 16
-    falls back to 8, then to 1 (any width), each logged and without a lookup table; a params target's default is 4,
-    falling back to 1; an explicit multiple never falls back; a target out of reach at 1 is refused with the last
+    falls back to 8, then 4 (onnxruntime's layout), then 1 (any width), each logged and without a lookup table; a
+    params target's default is 4, falling back to 1; an explicit multiple never falls back; a target out of reach at 1 is refused with the last
     refusal."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     tried = []
@@ -713,12 +714,12 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_1(monkeypatch, t
     if outcome == "refused":
         with pytest.raises(UserError, match="unreachable at 1" if setting is None else "unreachable at 16"):
             build()
-        assert tried == ([16, 8, 1] if setting is None else [16])
+        assert tried == ([16, 8, 4, 1] if setting is None else [16])
         return
     compression = build()
     assert compression.table is None and compression.multiple == compression.pipeline.channel_multiple == outcome
     start = 4 if target.startswith("params") else 16
-    assert tried == [m for m in (16, 8, 4, 1) if start >= m >= outcome and (m != 4 or start == 4)]
+    assert tried == [m for m in (16, 8, 4, 1) if start >= m >= outcome]
     falls = [line for line in lines if "falling back" in line]
     assert len(falls) == len(tried) - 1
     assert not falls or falls[0].startswith(f"channel multiple: {start} ({'default' if start == 4 else 'auto'}) ")

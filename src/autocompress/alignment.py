@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 #: the multiples ``auto`` picks from: 8 (CUDA, SSE / AVX2 CPUs) and 16 (AVX-512 CPUs)
 AUTO_MULTIPLES = (8, 16)
-#: the default multiple of a params target: onnxruntime's CPU convolutions run in its blocked channel layout
-#: (NCHWc) only when their input and output channels are multiples of 4; a width off that grid sends the layer
+#: the finest multiple that keeps onnxruntime's CPU convolutions in its blocked channel layout (NCHWc), which
+#: they take only when their input and output channels are multiples of 4: a width off that grid sends the layer
 #: (and a layout conversion on each side) to the plain kernels. Measured (BENCHMARKS.md, "Session 33"): a small
 #: depthwise / squeeze-excitation CNN filter-pruned at any width ran 1.6-6x slower than its base at batch 1,
-#: the same widths rounded up to multiples of 4 as fast as the base or faster.
-PARAMS_MULTIPLE = 4
+#: the same rates at multiples of 4 as fast as the base or faster. The default of a params target, and the
+#: last fall-back before 1 of ``auto`` under a flops target.
+LAYOUT_MULTIPLE = 4
 
 
 def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
@@ -157,5 +158,5 @@ def misaligned_widths(space, model) -> dict[str, int]:
     return bad
 
 
-__all__ = ["AUTO", "AUTO_MULTIPLES", "PARAMS_MULTIPLE", "align_up", "aligned_keep", "allowed_widths", "check_multiple", "grow_to_multiple",
+__all__ = ["AUTO", "AUTO_MULTIPLES", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths", "check_multiple", "grow_to_multiple",
            "is_aligned", "misaligned_widths", "resolve_multiple"]

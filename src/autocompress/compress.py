@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, check_multiple
+from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
@@ -554,7 +554,7 @@ class Compression:
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
         A channel multiple that ``auto`` chose (set, or the default of a flops / latency target), or a params
-        target's default (:data:`~autocompress.alignment.PARAMS_MULTIPLE`), falls back to
+        target's default (:data:`~autocompress.alignment.LAYOUT_MULTIPLE`), falls back to
         the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
         alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
@@ -601,11 +601,12 @@ class Compression:
 
     def _fallbacks(self) -> list[int]:
         """The smaller channel multiples ``auto`` or a params target's default may fall back to, in order: 8 (the
-        smaller CPU block), then for a flops or params target 1 (any width; a latency target's table would time
-        every width); none for a multiple set explicitly."""
+        smaller CPU block), then for a flops or params target :data:`~autocompress.alignment.LAYOUT_MULTIPLE` and 1
+        (any width; a latency target's table would time every width); none for a multiple set explicitly."""
         if self.config.channel_multiple not in (None, AUTO):
             return []
-        return [m for m in (FALLBACK, *(() if self.table is not None else (1,))) if m < self.multiple]
+        finer = () if self.table is not None else (LAYOUT_MULTIPLE, 1)
+        return [m for m in (FALLBACK, *finer) if m < self.multiple]
 
     def _latency_table(self, base: nn.Module) -> LatencyTable:
         """The lookup table of a latency target (measured, or from the cache), before any training; under

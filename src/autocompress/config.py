@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .admm import ADMMConfig
-from .alignment import AUTO, PARAMS_MULTIPLE, resolve_multiple
+from .alignment import AUTO, LAYOUT_MULTIPLE, resolve_multiple
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
 from .distributed import DistributedConfig
@@ -292,7 +292,7 @@ class CompressConfig:
         channel_multiple: every filter group keeps a multiple of this many channels
             (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (16 on AVX-512
             CPUs, 8 otherwise); None (default): ``"auto"`` for a latency or flops target (speed), 4 for a params
-            target (size; :data:`autocompress.alignment.PARAMS_MULTIPLE`: the finest width grid on which
+            target (size; :data:`autocompress.alignment.LAYOUT_MULTIPLE`: the finest width grid on which
             onnxruntime's CPU convolutions keep their fast layout), falling back to 1 where 4 cannot reach the
             target.
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
@@ -469,13 +469,13 @@ class CompressConfig:
     def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
         """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):
         ``channel_multiple``, or when None, ``"auto"`` for a latency or flops target and
-        :data:`~autocompress.alignment.PARAMS_MULTIPLE` for a params target. SettingError (``channel_multiple``)
+        :data:`~autocompress.alignment.LAYOUT_MULTIPLE` for a params target. SettingError (``channel_multiple``)
         for a bad value."""
         value = self.channel_multiple
         if value is None:
             if self.parsed_target().objective == "params":
-                return PARAMS_MULTIPLE, (f"{PARAMS_MULTIPLE} (default for a params target: onnxruntime's CPU "
-                                         f"convolutions keep their fast layout at multiples of {PARAMS_MULTIPLE} "
+                return LAYOUT_MULTIPLE, (f"{LAYOUT_MULTIPLE} (default for a params target: onnxruntime's CPU "
+                                         f"convolutions keep their fast layout at multiples of {LAYOUT_MULTIPLE} "
                                          "channels; channel_multiple: 1 allows any width)")
             value = AUTO
         return _naming("channel_multiple", lambda: resolve_multiple(value, device=device))
