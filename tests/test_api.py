@@ -583,8 +583,9 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread)
     other = DataLoader(TensorDataset(*images(48, 2)), batch_size=16)  # the same size, other images
     now, then = top1_percent(model, other), top1_percent(model, val)
     assert now != then
-    with pytest.raises(UserError, match=rf"was started on other validation data: the base model scores val top-1 "
-                                        rf"{now:.2f}% on it now, val top-1 {then:.2f}% when the run started"):
+    with pytest.raises(UserError, match=rf"was started on other data: the base model scores val top-1 {now:.2f}% on "
+                                        rf"the validation data now, val top-1 {then:.2f}% when the run started; "
+                                        r"pass the val_loader / score_fn the run started with"):
         autocompress.compress(model, example, "params=2x", train_loader=train, **{**args, "val_loader": other})
     again = autocompress.compress(model, example, "params=2x", train_loader=train, **args)  # the same data: resumes
     assert again.final["rows"][0]["val_top1"] == pytest.approx(then)
@@ -1492,3 +1493,22 @@ def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_u
     with pytest.raises(UserError, match=r"holds a run with other settings \(target: 'params=2x' in the folder, "
                                         r"'params=3x' now\)"):
         autocompress.compress(model, example, "params=3x", **args)
+
+
+def test_other_training_data_is_named_where_the_base_was_re_estimated_on_it(tmp_path, one_thread):
+    """A base whose BatchNorm statistics were replaced by ones re-estimated on training batches scores otherwise
+    on the same validation data when a continued run brings other training data of the same size: the refusal
+    names the training data too (a fresh user read "other validation data" and had changed only the training)."""
+    train, val = loaders()
+    train = DataLoader(train.dataset, batch_size=16)
+    torch.manual_seed(1)
+    model = trained(SmallCNN(), train, steps=2)
+    _stale_statistics(model)
+    args = dict(val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
+    autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, **args)
+    x, y = train.dataset.tensors
+    brighter = DataLoader(TensorDataset(3.0 * x, y), batch_size=16)  # the same size, other images
+    with pytest.raises(UserError, match=r"was started on other data: .* \(its BatchNorm statistics are re-estimated "
+                                        r"on training batches, so other training data changes its score too\); "
+                                        r"pass the train_loader / val_loader / score_fn the run started with"):
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=brighter, **args)

@@ -83,7 +83,9 @@ def test_wrong_format_and_version(tmp_path):
 def test_pickled_objects_are_refused_unless_trusted(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"format": FORMAT, "version": 1, "model": nn.Linear(2, 2)}, path)
-    with pytest.raises(UserError, match="pickled Python objects"):
+    with pytest.raises(UserError, match=r"holds pickled Python objects \(torch.nn.modules.linear.Linear\), not plain "
+                                        r"data; if you trust its source, load it in Python with torch.load\(path, "
+                                        r"weights_only=False\) and write the model with .*save_checkpoint"):
         load_checkpoint(path)
     with pytest.raises(UserError, match="lacks"):  # trusted, unpickled, but still not a valid checkpoint
         load_checkpoint(path, trust=True)

@@ -175,6 +175,7 @@ class _Pooling(torch.nn.Module):
 def test_model_arg_gives_a_checkpoint_of_your_own_class_its_constructor_arguments(tmp_path, capsys):
     """The command line's fix for a checkpoint that records a class but not its arguments (the library's:
     ``model=`` an instance): ``--model-arg`` items, checked against the outputs the checkpoint stored."""
+    from autocompress.checkpoint import save_checkpoint
     from autocompress.serialization import save_compact
 
     torch.manual_seed(0)
@@ -183,7 +184,15 @@ def test_model_arg_gives_a_checkpoint_of_your_own_class_its_constructor_argument
     assert main(["inspect", str(path), *fast]) == 2
     err = capsys.readouterr().err
     assert "records model class test_cli_inspect:_Pooling but not its constructor arguments" in err
-    assert "--model-arg KEY=VALUE" in err
+    assert "--model-arg KEY=VALUE" in err and "autocompress.load(" not in err  # no Python-only fix on the CLI
+    plain = save_checkpoint(tmp_path / "plain.pt", model=_Pooling(6, "mean"), model_class="test_cli_inspect:_Pooling",
+                            dataset={"input_size": [3, 5, 5]}, config={}, metrics={})  # no architecture recorded
+    for file, given, problem in (
+            (path, ["width=6"], "cannot build test_cli_inspect:_Pooling with the arguments {'width': 6}"),
+            (plain, ["width=4", "pool=mean"], "the checkpoint's weights do not match model")):
+        assert main(["inspect", str(file), *[f for g in given for f in ("--model-arg", g)], *fast]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "pass the --model-arg values" in err and "autocompress.load(" not in err, err
     assert main(["inspect", str(path), "--model-arg", "width=6", "--model-arg", "pool=mean", *fast]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == 6 * 3 * 9 + 6 + 6 * 4 + 4
     assert main(["inspect", str(path), "--model-arg", "width=6", "--model-arg", "pool=max", *fast]) == 2
@@ -196,3 +205,13 @@ def test_model_arg_for_a_zoo_checkpoint_is_refused(checkpoint, capsys):
     assert main(["evaluate", str(checkpoint), "--model-arg", "width=0.5"]) == 2
     assert "--model-arg: the checkpoint holds zoo model 'fmnist_cnn', whose options it records" in \
         capsys.readouterr().err
+
+
+def test_model_arg_replaces_only_the_recorded_arguments_it_names():
+    from autocompress.checkpoint import with_constructor_arguments
+
+    ckpt = {"model": {"name": None, "class": "m:Net", "kwargs": {"width": 6, "pool": "mean"}}, "state_dict": {}}
+    assert with_constructor_arguments(ckpt, {"pool": "max"})["model"]["kwargs"] == {"width": 6, "pool": "max"}
+    assert ckpt["model"]["kwargs"] == {"width": 6, "pool": "mean"}  # the loaded checkpoint is left as it was
+    none = {**ckpt, "model": {**ckpt["model"], "kwargs": None}}
+    assert with_constructor_arguments(none, {"width": 3})["model"]["kwargs"] == {"width": 3}

@@ -281,6 +281,10 @@ def test_resume_if_exists_takes_only_the_same_run(base_checkpoint, finished_run,
     assert "other settings (seed: " in err and ", 7 now)" in err
     assert main(same + ["--max-train", "1000"]) == 2
     assert "other settings (max_train)" in capsys.readouterr().err
+    stored = yaml.safe_load((out / "config.yaml").read_text())["target"]
+    assert main(same[:-4] + ["--target", "params=7x"]) == 2  # without --resume-if-exists: which run it holds
+    assert f"run folder {out} already holds a run (of target {stored}, not params=7x); continue that run with " \
+        in capsys.readouterr().err
 
 
 def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
@@ -474,3 +478,11 @@ def test_a_checkpoint_without_a_recorded_carve_is_warned_about():
     assert text.startswith("the checkpoint records no validation carve, so validation is 3000 images carved from "
                            "the training split (seed 2)")
     assert warning({"name": "fashion-mnist", "val_size": 3000}) is None and warning({}, val_size=0) is None
+
+
+def test_resume_of_a_folder_without_a_run_says_what_is_missing(tmp_path, capsys):
+    assert main(["compress", "--resume", str(tmp_path / "nothere")]) == 2
+    assert f"run folder {tmp_path / 'nothere'} does not exist; start one with" in capsys.readouterr().err
+    assert main(["compress", "--resume", str(tmp_path)]) == 2
+    assert f"{tmp_path} holds no compress run (no config.yaml)" in capsys.readouterr().err
+    assert not (tmp_path / "nothere").exists()

@@ -232,6 +232,11 @@ def test_the_report_gives_the_spread_of_the_runs():
     assert "spread of the runs (10th-90th percentile, ms): batch 1: base 1.21-1.35, compressed 0.6-0.66" in lines
     damaged = {"deployed": {**summary, "batches": {"1": {**summary["batches"]["1"], "base_p10_p90_ms": "x"}}}}
     assert "batch 1: base ?, compressed 0.6-0.66" in deployed_lines(damaged)[1]
+    stored = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": []}})
+    assert stored[-1] == "deployed form: the 3 column-pruned layers run as stored (their kept columns only: faster " \
+                         "than dense there)"
+    dense = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": ["a", "b"]}})
+    assert dense[-1].startswith("deployed form: 2 of 3 column-pruned layers run dense") and dense[-1].endswith(": a, b")
 
 
 def test_chance_level_or_a_large_drop_in_validation_top1_is_a_warning():

@@ -166,7 +166,7 @@ def _distillation(enabled: bool | str) -> str:
     """What the schedule line says of ``distillation.enabled``."""
     if enabled == AUTO:
         return "distillation from the base for class scores per item (auto)"
-    return "distillation from the base" if enabled else "no distillation (set)"
+    return "distillation from the base" if enabled else "no distillation"
 
 
 def _search(evaluations: int) -> str:

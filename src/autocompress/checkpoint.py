@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from .architecture import apply_architecture
 from .atomic import atomic_torch_save
-from .errors import MissingArguments, MissingCode, UserError
+from .errors import MissingArguments, MissingCode, ModelMismatch, UserError
 from .integrity import check_finite, verify_archive, verify_outputs
 from .models import create_model
 from .sparse import from_sparse_state_dict, is_sparse, to_sparse_state_dict
@@ -47,9 +48,13 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+#: how the fix of passing the model itself begins (a Python-only fix: the CLI leaves it out of its messages)
+INSTANCE_FIX = "pass a fresh instance of the model instead"
+
+
 def _pass_instance(path: str) -> str:
     name = path.rpartition(":")[2].rpartition(".")[2] or "MyNet"
-    return f"pass a fresh instance of the model instead: autocompress.load(path, model={name}(...))"
+    return f"{INSTANCE_FIX}: autocompress.load(path, model={name}(...))"
 
 
 def import_model_class(path: str) -> type[nn.Module]:
@@ -181,12 +186,13 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files; all mean the same
-        unsafe = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if unsafe:
-            raise UserError(f"checkpoint {path} holds pickled Python objects, not plain data ({unsafe[0][:160]})",
-                            "re-save it with autocompress; if you trust its source, load it in Python with "
-                            "autocompress.checkpoint.load_checkpoint(path, trust=True) and save it again"
-                            ) from exc
+            raise UserError(f"checkpoint {path} holds pickled Python objects ({unsafe.group(1)}), not plain data",
+                            "if you trust its source, load it in Python with torch.load(path, weights_only=False) "
+                            "and write the model with autocompress.checkpoint.save_checkpoint(path, model=..., "
+                            "model_class='module:Class', ...) (a pickled autocompress checkpoint: "
+                            "load_checkpoint(path, trust=True), then save_checkpoint)") from exc
         raise UserError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__})",
                         "re-create it (e.g. `autocompress train ... --resume` or train again)") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -300,14 +306,15 @@ def build_model(entry: dict) -> nn.Module:
     try:
         return cls(**entry["kwargs"])
     except (TypeError, ValueError) as exc:
-        raise UserError(f"cannot build {entry['class']} with the recorded arguments {entry['kwargs']} ({exc})",
-                        _pass_instance(entry["class"])) from exc
+        raise ModelMismatch(f"cannot build {entry['class']} with the arguments {entry['kwargs']} ({exc})",
+                            _pass_instance(entry["class"])) from exc
 
 
 def with_constructor_arguments(ckpt: dict, kwargs: Any) -> dict:
-    """A copy of a loaded checkpoint whose model entry holds ``kwargs``: the constructor arguments of its
-    recorded class, for a checkpoint that records none (or other ones; :func:`model_from_checkpoint` then checks
-    the rebuilt model's outputs against the checkpoint's output check where it has one).
+    """A copy of a loaded checkpoint whose model entry holds ``kwargs`` among the constructor arguments of its
+    recorded class: for a checkpoint that records none, or to replace some of the recorded ones (a name in
+    ``kwargs`` wins; :func:`model_from_checkpoint` then checks the rebuilt model's outputs against the
+    checkpoint's output check where it has one).
 
     Raises:
         UserError: the checkpoint is of a zoo model (its options are recorded), or ``kwargs`` is not a dict of
@@ -321,7 +328,7 @@ def with_constructor_arguments(ckpt: dict, kwargs: Any) -> dict:
         raise UserError(f"constructor arguments must be a dict of name -> value, got {type(kwargs).__name__}",
                         "pass a mapping such as {\"width\": 64}")
     _check_plain(kwargs, "the constructor arguments")
-    return {**ckpt, "model": {**entry, "kwargs": dict(kwargs)}}
+    return {**ckpt, "model": {**entry, "kwargs": {**(entry.get("kwargs") or {}), **kwargs}}}
 
 
 def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: bool = True) -> nn.Module:
@@ -347,7 +354,7 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: 
             message says to pass ``model=``), ``model`` not an ``nn.Module``, or weights that do not match
             the model's shapes or names, or a rebuilt model whose outputs differ from the saved one's.
     """
-    entry = ckpt["model"]
+    entry, model_given = ckpt["model"], model is not None
     if model is None:
         model = build_model(entry)
         label = f"{model_label(entry)} {entry['kwargs']}"
@@ -363,9 +370,10 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: 
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
-        raise UserError(f"the checkpoint's weights do not match model {label} ({detail[:200]})",
-                        "the checkpoint was written for another model or options; pass a matching "
-                        "checkpoint") from exc
+        error = ModelMismatch if model_given or entry.get("name") is None else UserError
+        raise error(f"the checkpoint's weights do not match model {label} ({detail[:200]})",
+                    "the checkpoint was written for another model or options; pass a matching checkpoint" + (
+                        "" if model_given else " or the constructor arguments it was built with")) from exc
     if check and ckpt.get("check"):
         verify_outputs(model, ckpt["check"], f"model {label}")
     return model

@@ -526,17 +526,23 @@ class Compression:
     def _check_same_validation(self) -> None:
         """A continued run scores its base as when it started (the ``base`` record of its folder), within
         :data:`VALIDATION_DRIFT` of the score scale; else UserError: the validation data (or ``score_fn``) differ,
-        and the run's stored scores and choices were made on other data (the run folder compares the loaders'
-        sizes, not their content). Nothing to compare in a new folder."""
+        or the training data where the base's BatchNorm statistics were re-estimated on it, and the run's stored
+        scores and choices were made on other data (the run folder compares the loaders' sizes, not their
+        content). Nothing to compare in a new folder."""
         records = self.folder.records if self.folder.holds_run() else []
         stored = next((r for r in records if r.get("event") == "base"), None)
         then = None if stored is None else self.pipeline.score_of(stored)
         if then is None or abs(then - self.base_score) <= VALIDATION_DRIFT * self.pipeline.score_scale:
             return
-        raise UserError(f"run_dir {self.run_dir} was started on other validation data: the base model scores "
-                        f"{self.pipeline.describe(self.base_score)} on it now, {self.pipeline.describe(then)} "
-                        "when the run started", "pass the val_loader / score_fn the run started with, or another "
-                        "run_dir")
+        trained = any(r.get("event") == "batchnorm" and r.get("round") == 0 and r.get("kept")
+                      for r in [*records, *self.base_records])  # then or now: statistics from training batches
+        raise UserError(f"run_dir {self.run_dir} was started on other data: the base model scores "
+                        f"{self.pipeline.describe(self.base_score)} on the validation data now, "
+                        f"{self.pipeline.describe(then)} when the run started" + (
+                            " (its BatchNorm statistics are re-estimated on training batches, so other training "
+                            "data changes its score too)" if trained else ""),
+                        "pass the " + ("train_loader / " if trained else "") + "val_loader / score_fn the run "
+                        "started with, or another run_dir")
 
     def _claim_folder(self) -> None:
         """A new run's folder holds its settings from now on (``config.yaml``, with the channel multiple and the

@@ -16,11 +16,13 @@ class UserError(Exception):
     Args:
         problem: what is wrong, e.g. ``"checkpoint runs/a.pt is not a zip archive"``.
         fix: what to do about it, e.g. ``"re-save it with `autocompress train`"``. Optional.
+    Both are kept as attributes (the CLI states its own fix for some subclasses).
     """
 
     def __init__(self, problem: str, fix: str | None = None):
         message = problem if fix is None else f"{problem}; {fix}"
         super().__init__(" ".join(message.split()))
+        self.problem, self.fix = problem, fix
 
 
 class SettingError(UserError):
@@ -41,7 +43,7 @@ class MissingCode(UserError):
 
     def __init__(self, problem: str, fix: str | None = None, *, module: str | None = None):
         super().__init__(problem, fix)
-        self.problem, self.fix, self.module = problem, fix, module
+        self.module = module
 
 
 class MissingArguments(UserError):
@@ -49,13 +51,11 @@ class MissingArguments(UserError):
     it. The library's fix is a fresh instance (``model=``); the CLI adds its own (``--model-arg``)."""
 
 
-class OutputMismatch(UserError):
-    """A :class:`UserError`: a model rebuilt from a checkpoint does not compute the outputs the checkpoint stored
-    (built with other constructor arguments or code). ``problem`` is what differs; the CLI states its own fix."""
-
-    def __init__(self, problem: str, fix: str | None = None):
-        super().__init__(problem, fix)
-        self.problem = problem
+class ModelMismatch(UserError):
+    """A :class:`UserError`: a model rebuilt from a checkpoint of the caller's own class is not the one it stores:
+    its constructor arguments do not build it, its weights' shapes differ, or it does not compute the outputs the
+    checkpoint stored (built with other constructor arguments or code). ``problem`` is what differs; the CLI
+    states its own fix (``--model-arg``)."""
 
 
 class TargetMissed(UserError):

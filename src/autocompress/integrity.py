@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .analysis import analysis_mode, model_device
-from .errors import OutputMismatch, UserError
+from .errors import ModelMismatch, UserError
 from .export import flat_outputs
 
 #: batch of the seeded standard-normal input an output check runs (seed 0), and the most input elements it draws
@@ -142,7 +142,7 @@ def verify_outputs(model: nn.Module, check: dict, label: str) -> None:
                 problem = f"outputs differing by up to {diff:.3g} from the saved model's (scale {scale:.3g})"
                 break
     if problem is not None:
-        raise OutputMismatch(f"the loaded {label} computes {problem} on the checkpoint's check input: it was "
+        raise ModelMismatch(f"the loaded {label} computes {problem} on the checkpoint's check input: it was "
                              "built with other constructor arguments or code than the model saved",
                              "pass model= an instance built as the model you compressed (or check=False to load "
                              "it anyway)")

@@ -233,9 +233,12 @@ def deployed_lines(final: dict) -> list[str]:
     form = final.get("deployed_form")
     if isinstance(form, dict) and form.get("column_layers"):
         dense = form.get("dense_layers") if isinstance(form.get("dense_layers"), list) else []
-        lines.append(f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers "
-                     f"run dense, their dropped columns as zeros (faster there; same outputs{_executed(final, dense)})"
-                     + (f": {', '.join(map(str, dense[:6]))}{', ...' if len(dense) > 6 else ''}" if dense else ""))
+        lines.append(
+            f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers run dense, "
+            f"their dropped columns as zeros (faster there; same outputs{_executed(final, dense)}): "
+            f"{', '.join(map(str, dense[:6]))}{', ...' if len(dense) > 6 else ''}" if dense else
+            f"deployed form: the {_num(form.get('column_layers'), '')} column-pruned layers run as stored (their kept "
+            "columns only: faster than dense there)")
     estimate = final.get("latency_estimate")
     if isinstance(estimate, dict):
         error = estimate.get("error")

@@ -102,19 +102,21 @@ def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
 
 def _with_import_fix(exc: Exception) -> str:
     """The message of ``exc``; for a MissingCode error (the user's own code is not imported) the command line's
-    fix first: ``--import MODULE``, then the library's; for MissingArguments the library's, then
-    ``--model-arg``; for OutputMismatch the command line's alone."""
-    from ..errors import MissingArguments, MissingCode, OutputMismatch
+    fix first: ``--import MODULE``, then the library's fixes but passing the model itself (Python only); for
+    MissingArguments and ModelMismatch the command line's alone (``--model-arg``)."""
+    from ..checkpoint import INSTANCE_FIX
+    from ..errors import MissingArguments, MissingCode, ModelMismatch
 
-    if isinstance(exc, OutputMismatch):
+    if isinstance(exc, ModelMismatch):
         return f"{exc.problem}; pass the --model-arg values you built it with (or your own model class's code)"
     if isinstance(exc, MissingArguments):
-        return f"{exc}; or pass them: --model-arg KEY=VALUE for each argument you built it with"
+        return f"{exc.problem}; pass them: --model-arg KEY=VALUE for each argument you built it with"
     if not isinstance(exc, MissingCode):
         return str(exc)
     module = exc.module or "MODULE"
     what = "defines it" if exc.module else "defines or registers it"
-    rest = f"; or {exc.fix}" if exc.fix else ""
+    fixes = [part for part in (exc.fix or "").split("; or ") if part and not part.startswith(INSTANCE_FIX)]
+    rest = f"; or {'; or '.join(fixes)}" if fixes else ""
     return " ".join(f"{exc.problem}; pass --import {module} (the module that {what}; the current folder is on "
                     f"the import path){rest}".split())
 

@@ -197,7 +197,8 @@ def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict, list[str
 
     folder = RunFolder(out)
     if not folder.holds_run():
-        raise UserError(f"{out} holds no compress run (no config.yaml)",
+        raise UserError(f"{out} holds no compress run (no config.yaml)" if Path(out).exists() else
+                        f"run folder {out} does not exist",
                         "start one with `autocompress compress CHECKPOINT --target ... --out DIR`")
     stored = folder.read_config()
     source = stored.pop("source", None) or {}
@@ -237,8 +238,10 @@ def _request(args: argparse.Namespace, out: str) -> tuple[str, dict, list[str]]:
     checkpoint, settings = args.checkpoint, settings_from(args, read_config_file(args.config))
     if (Path(out) / "config.yaml").exists():
         if not args.resume_if_exists:
-            raise UserError(f"run folder {out} already holds a run",
-                            f"continue it with `{_resume_command(out, args)}` or choose another --out")
+            then, now = _stored_request(out, None)[1].get("target"), settings.get("target")
+            which = f"of target {then}" + (f", not {now}" if now not in (None, then) else "")
+            raise UserError(f"run folder {out} already holds a run ({which})",
+                            f"continue that run with `{_resume_command(out, args)}` or choose another --out")
         _check_same_source(out, checkpoint, settings)
     return checkpoint, settings, []
 
