@@ -692,12 +692,12 @@ def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(mon
     ("flops=2x", None, (4, 1), 4),
     ("flops=2x", "auto", (1,), 1), ("flops=2x", 16, (1,), "refused"), ("flops=2x", None, (), "refused"),
     ("params=2x", None, (1,), 1), ("params=2x", None, (4, 1), 4)])
-def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeypatch, target, setting, reachable_at,
-                                                                 outcome):
+def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeypatch, target, setting,
+                                                                          reachable_at, outcome):
     """A flops target aims at speed, so its default multiple is ``auto`` (16 on AVX-512); one unreachable at 16
     falls back to 8, then 4 (onnxruntime's layout), then 1 (any width), each logged and without a lookup table; a
-    params target's default is 4, falling back to 1; an explicit multiple never falls back; a target out of reach at 1 is refused with the last
-    refusal."""
+    params target's default is 4, falling back to 1; an explicit multiple never falls back; a target out of reach
+    at 1 is refused with the last refusal."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     tried = []
 

@@ -158,5 +158,5 @@ def misaligned_widths(space, model) -> dict[str, int]:
     return bad
 
 
-__all__ = ["AUTO", "AUTO_MULTIPLES", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths", "check_multiple", "grow_to_multiple",
-           "is_aligned", "misaligned_widths", "resolve_multiple"]
+__all__ = ["AUTO", "AUTO_MULTIPLES", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths", "check_multiple",
+           "grow_to_multiple", "is_aligned", "misaligned_widths", "resolve_multiple"]

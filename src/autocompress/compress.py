@@ -572,8 +572,8 @@ class Compression:
             last = index == len(chain) - 1
             if index:
                 chosen = AUTO if self.target.objective != "params" or self.config.channel_multiple else "default"
-                self.pipeline.log(f"channel multiple: {self.multiple} ({chosen}) {problem}; falling back to {multiple}, "
-                                  "which runs slower per MAC removed on this CPU" + (
+                self.pipeline.log(f"channel multiple: {self.multiple} ({chosen}) {problem}; falling back to "
+                                  f"{multiple}, which runs slower per MAC removed on this CPU" + (
                                       f" (channels a fit does not need are given back on the {self.block}-channel "
                                       "block only)" if self.table is None and on_block(self.block, multiple) else ""))
                 self.multiple = self.pipeline.channel_multiple = multiple
