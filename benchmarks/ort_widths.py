@@ -1,10 +1,10 @@
 """Benchmark: onnxruntime latency of filter-pruned models at any width and at widths on a grid of 4 / 8 / 16.
 
 Why: onnxruntime's CPU convolutions run in its blocked channel layout (NCHWc) only when a convolution's input
-and output channels are multiples of 4 (read from the optimised graphs: ``--show-layout``); any other width
-sends the layer, and a layout conversion on each side, to the plain kernels. A params target's compact model
-used to keep any width (``channel_multiple`` 1); this measures what that cost and what the default of a
-params target (:data:`autocompress.alignment.LAYOUT_MULTIPLE`) buys.
+channels are multiples of 4 (read from the optimised graphs: :func:`autocompress.latency.blocked_convolutions`,
+the "NCHWc convs" column); any other width sends the layer, and a layout conversion on each side, to the plain
+kernels. A params target's compact model used to keep any width (``channel_multiple`` 1); this measures what
+that cost and what the default of a params target (:data:`autocompress.alignment.LAYOUT_MULTIPLE`) buys.
 
 Models (random init, BatchNorm statistics randomised; latency does not depend on the values): ``dwse``, a
 small depthwise-separable CNN with squeeze-excitation (the kind of network fresh users brought, 1x28x28),
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from autocompress.compaction import compact
-from autocompress.latency import LatencyConfig, measure_models
+from autocompress.latency import LatencyConfig, blocked_convolutions, measure_models
 from autocompress.metrics import count_macs
 from autocompress.models import create_model
 from autocompress.projection import project
@@ -92,21 +92,6 @@ def filter_pruned(model: nn.Module, rate: float, example: torch.Tensor, multiple
     return compact(model, space.param_masks(masks), example, channel_multiple=multiple).model.eval()
 
 
-def nchwc_share(model: nn.Module, example: torch.Tensor) -> str:
-    """How many of the optimised graph's convolutions run in onnxruntime's blocked layout."""
-    import onnx
-    import onnxruntime as ort
-
-    from autocompress.export import onnx_bytes
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = "/tmp/ort_widths_optimised.onnx"
-    ort.InferenceSession(onnx_bytes(model, example), options, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(options.optimized_model_filepath).graph.node
-    convs = [n for n in nodes if "Conv" in n.op_type]
-    return f"{sum(n.domain == 'com.microsoft.nchwc' for n in convs)}/{len(convs)}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="dwse,fmnist_cnn,resnet20")
@@ -127,8 +112,9 @@ def main() -> None:
                                    batches=[args.batch])[args.batch]
             for m, model in pruned.items():
                 base_ms, ms = times["base"].median_ms, times[str(m)].median_ms
-                print(f"| {name} | {rate:g} | {m} | {base_macs / count_macs(model, example):.2f}x | "
-                      f"{nchwc_share(model, example)} | {base_ms:.3f} | {ms:.3f} | {base_ms / ms:.2f}x |", flush=True)
+                blocked = "/".join(map(str, blocked_convolutions(model, example)))
+                print(f"| {name} | {rate:g} | {m} | {base_macs / count_macs(model, example):.2f}x | {blocked} | "
+                      f"{base_ms:.3f} | {ms:.3f} | {base_ms / ms:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def test_inspect_checkpoint_json(checkpoint, capsys):
     assert set(report["latency"]) == {"1", "64"}
     assert report["latency"]["64"]["batch"] == 64 and report["latency"]["1"]["threads"] == 1
     assert report["latency"]["1"]["median_ms"] > 0
+    # fmnist_cnn at width 0.25: five convolutions whose inputs (1 from the image, then 8, 8, 16, 16) are all on
+    # onnxruntime's 4-channel grid
+    assert report["deployed"]["blocked_convolutions"] == {"compressed": [5, 5]}
 
 
 def test_inspect_resnet20_text(capsys):
@@ -126,8 +129,11 @@ def test_plural():
 
 def test_inspect_text_counts_in_the_singular(checkpoint, capsys):
     assert main(["inspect", str(checkpoint), "--latency-runs", "1", "--warmup", "0", "--threads", "1"]) == 0
-    latency = [line for line in capsys.readouterr().out.splitlines() if line.startswith("latency")]
+    out = capsys.readouterr().out.splitlines()
+    latency = [line for line in out if line.startswith("latency")]
     assert len(latency) == 2 and all(line.endswith(") over 1 run on cpu, 1 CPU thread") for line in latency)
+    assert "layout       onnxruntime runs 5 of 5 convolutions in its blocked channel layout (NCHWc) (grouped ones, " \
+           "and ones with 16 or more input channels that are not a multiple of 4, run outside it)" in out
 
 
 def test_closed_stdout_exits_quietly(tmp_path):

@@ -880,3 +880,16 @@ def test_a_model_the_runtime_cannot_take_keeps_its_result(monkeypatch):
     # timing (and the tiny model's accuracy, coarse units and briefly trained BatchNorm) may or may not warn
     assert all("in eager PyTorch" in warning or "validation top-1" in warning or "is passed by far" in warning
                or "BatchNorm statistics did not fit" in warning for warning in final["warnings"][1:])
+
+
+@pytest.mark.parametrize("widths, blocked", [((3, 27, 16, 8), 2), ((3, 28, 16, 8), 3), ((3, 12, 20, 8), 3),
+                                             ((3, 16, 5, 6), 3), ((3, 16, 18, 5), 2), ((3, 30, 22, 5), 1)])
+def test_blocked_convolutions_counts_the_ones_on_the_4_channel_grid(widths, blocked):
+    """onnxruntime takes a convolution into its blocked layout where its input channels are a multiple of 4 or
+    fewer than a block (16 on AVX-512, 8 on AVX2: 3 and 5 here); 27, 18, 30
+    and 22 input channels are not, so the layer after such a width runs outside it (read from onnxruntime's
+    optimised graph)."""
+    from autocompress.latency import blocked_convolutions
+
+    layers = [m for cin, cout in zip(widths, widths[1:]) for m in (nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())]
+    assert blocked_convolutions(nn.Sequential(*layers).eval(), torch.randn(1, 3, 12, 12)) == (blocked, 3)

@@ -172,20 +172,7 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
     """
     example = _single_input(example)
     if runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        from .export import onnx_bytes
-
-        try:
-            data = onnx_bytes(copy.deepcopy(model).cpu().eval(), example.detach().cpu()[:1], 17)
-        except Exception as exc:  # the exporter raises many types for unsupported ops
-            raise UserError(f"the model cannot be exported to ONNX for latency ({type(exc).__name__})",
-                            "use latency.runtime torch") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        session = _onnx_session(model, example, threads)
         name = session.get_inputs()[0].name
 
         def bind_onnx(x: torch.Tensor) -> Callable[[], Any]:
@@ -207,6 +194,51 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
         return run
 
     return bind_torch
+
+
+def _onnx_session(model: nn.Module, example: torch.Tensor, threads: int, optimized: str | None = None):
+    """An onnxruntime CPU session of ``model`` (a copy, exported on ``example[:1]`` with a dynamic batch axis),
+    every graph optimisation on, ``threads`` intra-op threads; ``optimized``: where onnxruntime writes the
+    optimised graph. UserError when the model cannot be exported."""
+    import onnxruntime as ort
+
+    from .export import onnx_bytes
+
+    try:
+        data = onnx_bytes(copy.deepcopy(model).cpu().eval(), example.detach().cpu()[:1], 17)
+    except Exception as exc:  # the exporter raises many types for unsupported ops
+        raise UserError(f"the model cannot be exported to ONNX for latency ({type(exc).__name__})",
+                        "use latency.runtime torch") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # writing a graph optimised for this CPU is what is asked here
+    if optimized is not None:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
+    """How many of ``model``'s convolutions onnxruntime runs in its blocked channel layout (NCHWc) on this CPU,
+    and how many convolutions its optimised graph holds: ``(blocked, convolutions)``. It moves a convolution
+    there only where its input channels are a multiple of 4 or fewer than its channel block (16 on AVX-512),
+    and it is not grouped (depthwise is); the others run the plain kernels, with a layout conversion on each side, which
+    made filter-pruned models at any width up to 2.6x slower than their base at batch 1 (BENCHMARKS.md,
+    "Session 33"; :data:`autocompress.alignment.LAYOUT_MULTIPLE`). Only onnxruntime's CPU provider on x86.
+
+    Raises:
+        UserError: the model cannot be exported or takes more than one input.
+    """
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/optimized.onnx"
+        _onnx_session(model, _single_input(example), 1, path)
+        nodes = [node for node in onnx.load(path).graph.node if "Conv" in node.op_type]
+    return sum(node.domain == "com.microsoft.nchwc" for node in nodes), len(nodes)
 
 
 @dataclass
@@ -763,5 +795,5 @@ def _smallest(model: nn.Module, x: torch.Tensor, space, multiple: int) -> nn.Mod
 
 
 __all__ = ["COLUMN_FRACTIONS", "GRID_POINTS", "LatencyConfig", "LatencyTable", "LayerSpec", "RUNTIMES", "Timing",
-           "build_table", "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models",
-           "runner", "slower_warning", "table_key", "time_runners"]
+           "blocked_convolutions", "build_table", "cache_folder", "check_runtime", "deployed_summary", "layer_specs",
+           "measure_models", "runner", "slower_warning", "table_key", "time_runners"]

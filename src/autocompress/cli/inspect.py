@@ -12,7 +12,9 @@ count, on ``--device`` (see :mod:`autocompress.metrics`). The deployed latency i
 ``--runtime`` (onnxruntime by default, ``--runtime-threads`` threads, :mod:`autocompress.latency`); for a
 compact checkpoint its base architecture (fresh weights: speed does not depend on them) is timed interleaved
 with it, and a compact model slower than its base is a loud warning. Column-pruned layers are timed in their
-deployed form (:mod:`autocompress.deployment`: each stored or dense, whichever runs faster there).
+deployed form (:mod:`autocompress.deployment`: each stored or dense, whichever runs faster there). In
+onnxruntime the report also counts the convolutions it runs in its blocked channel layout
+(:func:`autocompress.latency.blocked_convolutions`; widths off its grid run slower).
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     """Deployed latency of ``model`` (and of ``base``, interleaved, for a compact checkpoint) at batch 1 and
     64 in ``--runtime``; with a base, the speedups and a warning when the model is slower."""
     from ..deployment import deployed_form
-    from ..latency import LatencyConfig, deployed_summary, measure_models, slower_warning
+    from ..latency import LatencyConfig, blocked_convolutions, deployed_summary, measure_models, slower_warning
     from ..metrics import example_inputs_for
 
     device = str(args.device) if args.runtime == "torch" and str(args.device) != "auto" else "cpu"
@@ -117,13 +119,15 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     form = deployed_form(model.cpu(), example, config)
     models = {"compressed": form.model} if base is None else {"base": base, "compressed": form.model}
     timings = measure_models(models, example, config)
+    layout = {name: list(blocked_convolutions(m, example)) for name, m in models.items()} \
+        if config.runtime == "onnxruntime" else None
     if base is None:
         return {"runtime": config.runtime, "threads": config.threads, "runs": config.runs,
                 "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()},
-                "deployed_form": form.summary()}
+                "deployed_form": form.summary(), "blocked_convolutions": layout}
     summary = deployed_summary(timings, config)
     return {**summary, "warning": slower_warning(summary, aligned=_aligned(model, base)),
-            "deployed_form": form.summary()}
+            "deployed_form": form.summary(), "blocked_convolutions": layout}
 
 
 def _aligned(model, base) -> bool:
@@ -190,6 +194,14 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
         else:
             lines.append(f"deployed     batch {batch}: {row['compressed_ms']:.3f} ms, base {row['base_ms']:.3f} ms, "
                          f"speedup {row['speedup']:.2f}x ({where}, interleaved)")
+    layout = deployed.get("blocked_convolutions")
+    if layout:
+        line = (f"layout       onnxruntime runs {layout['compressed'][0]} of {layout['compressed'][1]} convolutions in its "
+                "blocked channel layout (NCHWc)")
+        if "base" in layout:
+            line += f"; the base {layout['base'][0]} of {layout['base'][1]}"
+        lines.append(line + " (grouped ones, and ones with 16 or more input channels that are not a multiple of 4, "
+                            "run outside it)")
     form = deployed.get("deployed_form") or {}
     if form.get("column_layers"):
         lines.append(f"deployed     form: {len(form['dense_layers'])} of {form['column_layers']} column-pruned layers "
