@@ -36,10 +36,10 @@ AUTO = "auto"
 AUTO_MULTIPLES = (8, 16)
 #: the finest multiple that keeps onnxruntime's CPU convolutions in its blocked channel layout (NCHWc), which
 #: they take only when their input channels (the width of the layer before) are multiples of 4 (or fewer than a
-#: block, 16 on AVX-512): a width off that grid sends the layer (and a layout conversion on each side) to the plain kernels
-#: (:func:`autocompress.latency.blocked_convolutions` counts them). Measured (BENCHMARKS.md, "Session 33"): three
-#: CNNs filter-pruned at any width ran 0.39-0.98x their base's speed at batch 1 wherever widths fell off the grid,
-#: the same rates at multiples of 4 0.79-1.50x (16: 1.07-2.31x). The default of a params target, and the last
+#: block, 16 on AVX-512): a width off that grid sends the layer (and a layout conversion on each side) to the plain
+#: kernels (:func:`autocompress.latency.blocked_convolutions` counts them). Measured (BENCHMARKS.md, "Session
+#: 33"): three CNNs filter-pruned at any width ran 0.39-0.98x their base's speed at batch 1 wherever widths fell
+#: off the grid, the same rates at multiples of 4 0.79-1.50x (16: 1.07-2.31x). The default of a params target, and the last
 #: fall-back before 1 of ``auto`` under a flops target.
 LAYOUT_MULTIPLE = 4
 

@@ -196,8 +196,9 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
                          f"speedup {row['speedup']:.2f}x ({where}, interleaved)")
     layout = deployed.get("blocked_convolutions")
     if layout:
-        line = (f"layout       onnxruntime runs {layout['compressed'][0]} of {layout['compressed'][1]} convolutions in its "
-                "blocked channel layout (NCHWc)")
+        blocked, convolutions = layout["compressed"]
+        line = (f"layout       onnxruntime runs {blocked} of {convolutions} convolutions in its blocked channel "
+                "layout (NCHWc)")
         if "base" in layout:
             line += f"; the base {layout['base'][0]} of {layout['base'][1]}"
         lines.append(line + " (grouped ones, and ones with 16 or more input channels that are not a multiple of 4, "
