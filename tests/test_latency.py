@@ -193,11 +193,43 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     assert "batch 1: 2 ms vs 1 ms" in warning and "batch 64" not in warning
     assert "latency target" in warning and "channel_multiple" in warning
     assert "channel_multiple" not in slower_warning(summary, aligned=True)  # auto or N already in use
+    off_grid = slower_warning(summary, layout={"base": (5, 5), "compressed": (2, 5)})
+    assert "batch 1: 2 ms vs 1 ms (it runs 2 of its 5 convolutions in onnxruntime's blocked channel layout, the " \
+           "base 5 of 5: widths of 16 or more channels that are not a multiple of 4 run outside it); use" in off_grid
+    assert slower_warning(summary, layout={"base": (3, 5), "compressed": (3, 5)}) == warning  # not the cause
     row = {"params": 10, "macs": 10}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,
                                                         "warnings": [warning]}) + "\n")
     page = write_report(tmp_path).read_text()
     assert "color:#b00" in page and "WARNING: the compressed model is SLOWER than the base" in page
+
+
+def test_a_slower_compressed_model_s_warning_counts_its_convolutions_in_the_blocked_layout(monkeypatch):
+    """When the compressed model times slower in onnxruntime, the run's warning says how many of its convolutions
+    onnxruntime runs in its blocked layout against the base, where that is fewer (widths off the 4-channel grid at
+    channel_multiple 1); the counts are the optimised graphs' (recounted here)."""
+    import importlib
+
+    from autocompress.latency import blocked_convolutions
+
+    compress_module = importlib.import_module("autocompress.compress")  # the module, not the function
+
+    def slower(models, example, config, batches=None, runs=None):  # every batch: the compact model at twice
+        return {b: {"base": _t(1.0), "compressed": _t(2.0)} for b in batches or config.batches}
+
+    monkeypatch.setattr(compress_module, "measure_models", slower)
+    train, _ = loaders()
+    base = trained(SmallCNN(32, 32), train)
+    result = _compress(base, "params=2x", channel_multiple=1)
+    example = torch.randn(1, 1, 8, 8)
+    base_layout, layout = blocked_convolutions(base, example), blocked_convolutions(result.deployed_model, example)
+    warning = next(w for w in result.final["warnings"] if "SLOWER" in w)
+    named = (f"(it runs {layout[0]} of its {layout[1]} convolutions in onnxruntime's blocked channel layout, the base "
+             f"{base_layout[0]} of {base_layout[1]}")
+    widths = [result.model.conv1.out_channels, result.model.conv2.out_channels]
+    assert (named in warning) == (layout[1] - layout[0] > base_layout[1] - base_layout[0]), (widths, warning)
+    if any(w >= 16 and w % 4 for w in widths[:1]):  # conv2 reads an off-grid width (here: 25 channels)
+        assert named in warning
 
 
 def test_warnings_carry_their_level_once(caplog):

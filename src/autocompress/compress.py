@@ -36,7 +36,7 @@ from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
 from .distillation import AUTO_RULE, distillable
 from .errors import TargetMissed, UserError
-from .latency import LatencyTable, build_table, deployed_summary, measure_models, slower_warning
+from .latency import LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models, slower_warning
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -950,7 +950,10 @@ class Compression:
             return fields
         deployed = fields["deployed"] = deployed_summary(timings, settings)
         fields["deployed_macs"] = self.pipeline.macs(form.model)
-        warning = slower_warning(deployed, aligned=self.multiple > 1)
+        layout = {name: blocked_convolutions(model, self.example) for name, model in
+                  (("base", self.pipeline.base_model), ("compressed", form.model))} \
+            if deployed["slower"] and settings.runtime == "onnxruntime" else None
+        warning = slower_warning(deployed, aligned=self.multiple > 1, layout=layout)
         if warning:
             logging.getLogger("autocompress").warning(warning)
             fields["warnings"].append(warning)

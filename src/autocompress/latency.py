@@ -327,17 +327,25 @@ def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfi
             "slower": [int(b) for b, row in rows.items() if row["speedup"] < 1.0]}
 
 
-def slower_warning(summary: dict, *, aligned: bool = False) -> str | None:
+def slower_warning(summary: dict, *, aligned: bool = False, layout: Mapping[str, Sequence[int]] | None = None
+                   ) -> str | None:
     """The loud warning when the compressed model is slower than the base in the deployment runtime; the fix
-    it gives is a latency target, and also ``channel_multiple`` unless the widths were ``aligned`` already."""
+    it gives is a latency target, and also ``channel_multiple`` unless the widths were ``aligned`` already.
+    ``layout``: :func:`blocked_convolutions` of the ``"base"`` and the ``"compressed"`` model (onnxruntime); the
+    warning names it where the compressed model runs more convolutions outside the blocked layout."""
     if not summary["slower"]:
         return None
     parts = [f"batch {b}: {summary['batches'][str(b)]['compressed_ms']:.3g} ms vs "
              f"{summary['batches'][str(b)]['base_ms']:.3g} ms" for b in summary["slower"]]
     fix = "use a latency target (target latency=2x), which times candidates in the runtime" + (
         "" if aligned else ", and/or channel_multiple (e.g. auto)")
+    why = ""
+    if layout and layout["compressed"][1] - layout["compressed"][0] > layout["base"][1] - layout["base"][0]:
+        why = (f" (it runs {layout['compressed'][0]} of its {layout['compressed'][1]} convolutions in onnxruntime's "
+               f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: widths of 16 or more "
+               "channels that are not a multiple of 4 run outside it)")
     return (f"the compressed model is SLOWER than the base in {summary['runtime']} "
-            f"({summary['threads']} thread(s)): {'; '.join(parts)}; {fix}")
+            f"({summary['threads']} thread(s)): {'; '.join(parts)}{why}; {fix}")
 
 
 # ------------------------------------------------------------------------------------------ lookup table

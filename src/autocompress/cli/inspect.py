@@ -126,7 +126,7 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
                 "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()},
                 "deployed_form": form.summary(), "blocked_convolutions": layout}
     summary = deployed_summary(timings, config)
-    return {**summary, "warning": slower_warning(summary, aligned=_aligned(model, base)),
+    return {**summary, "warning": slower_warning(summary, aligned=_aligned(model, base), layout=layout),
             "deployed_form": form.summary(), "blocked_convolutions": layout}
 
 
