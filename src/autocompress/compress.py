@@ -237,9 +237,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             arguments (a forward that fails on ``example_inputs``, an empty loader, batches the defaults
             cannot run, a non-scalar loss, a non-number score, an unavailable device), a target the model
             cannot reach without pruning a layer away, a missing ``train_loader`` or a Dataset given for a
-            loader, or a ``run_dir`` that holds another run (other settings, weights or loader sizes; its base
-            scoring otherwise on ``val_loader``), holds files of no run, or is in use; all before any training,
-            with nothing written.
+            loader, or a ``run_dir`` that holds another run (other settings, weights or loader sizes, refused
+            before any other work; its base scoring otherwise on ``val_loader``, or on the training data its
+            BatchNorm statistics were re-estimated on), holds files of no run, or is in use; all before any
+            training, with nothing written (a folder or lock file the call created is removed).
         TargetMissed: (a UserError) a latency target the trained model misses when measured at the end,
             twice; its ``result`` is the :class:`CompressResult` (the run folder keeps it too).
     """
