@@ -132,8 +132,9 @@ def test_inspect_text_counts_in_the_singular(checkpoint, capsys):
     out = capsys.readouterr().out.splitlines()
     latency = [line for line in out if line.startswith("latency")]
     assert len(latency) == 2 and all(line.endswith(") over 1 run on cpu, 1 CPU thread") for line in latency)
-    assert "layout       onnxruntime runs 5 of 5 convolutions in its blocked channel layout (NCHWc) (grouped ones, " \
-           "and ones with 16 or more input channels that are not a multiple of 4, run outside it)" in out
+    assert "layout       onnxruntime runs 5 of 5 convolutions in its blocked channel layout (NCHWc) (grouped " \
+           "convolutions other than depthwise, and ones with 16 or more input channels that are not a multiple of 4, " \
+           "run outside it)" in out
 
 
 def test_closed_stdout_exits_quietly(tmp_path):
@@ -189,7 +190,8 @@ def test_model_arg_gives_a_checkpoint_of_your_own_class_its_constructor_argument
     fast = ["--latency-runs", "2", "--warmup", "0", "--threads", "1", "--json"]
     assert main(["inspect", str(path), *fast]) == 2
     err = capsys.readouterr().err
-    assert "records model class test_cli_inspect:_Pooling but not its constructor arguments" in err
+    assert "records model class test_cli_inspect:_Pooling but not its constructor arguments (its constructor takes " \
+           "width, pool)" in err
     assert "--model-arg KEY=VALUE" in err and "autocompress.load(" not in err  # no Python-only fix on the CLI
     plain = save_checkpoint(tmp_path / "plain.pt", model=_Pooling(6, "mean"), model_class="test_cli_inspect:_Pooling",
                             dataset={"input_size": [3, 5, 5]}, config={}, metrics={})  # no architecture recorded

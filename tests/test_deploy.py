@@ -228,7 +228,8 @@ def test_unknown_constructor_arguments_need_a_fresh_instance(tiny_module, images
     path = save_compact(tmp_path / "sized.pt", compact)  # SizedNet() needs `width`: no arguments recorded
     assert load_checkpoint(path)["model"] == {"name": None, "class": f"{MODULE}:SizedNet", "kwargs": None}
     with pytest.raises(UserError, match=f"records model class {MODULE}:SizedNet but not its constructor "
-                                        r"arguments; pass a fresh instance .*autocompress.load\(path, model=SizedNet"):
+                                        r"arguments \(its constructor takes width\); pass a fresh instance "
+                                        r".*autocompress.load\(path, model=SizedNet"):
         autocompress.load(path)
     mine = module.SizedNet(6)
     assert autocompress.load(path, model=mine) is mine and _close(_eager(mine, images), _eager(compact, images))

@@ -267,6 +267,8 @@ def test_the_report_gives_the_spread_of_the_runs():
     stored = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": []}})
     assert stored[-1] == "deployed form: the 3 column-pruned layers run as stored (their kept columns only: faster " \
                          "than dense there)"
+    one = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 1, "dense_layers": []}})
+    assert one[-1].startswith("deployed form: the column-pruned layer run as stored")
     dense = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": ["a", "b"]}})
     assert dense[-1].startswith("deployed form: 2 of 3 column-pruned layers run dense") and dense[-1].endswith(": a, b")
 

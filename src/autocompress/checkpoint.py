@@ -294,6 +294,20 @@ def model_label(entry: dict) -> str:
     return entry.get("name") or entry.get("class") or "?"
 
 
+def _parameters(cls: type) -> str:
+    """`` (its constructor takes width, blocks=2)``: the named parameters of ``cls.__init__`` (defaults as
+    written), or "" when Python cannot read them."""
+    import inspect
+
+    try:
+        found = [p for p in inspect.signature(cls).parameters.values()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return ""
+    named = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in found]
+    return f" (its constructor takes {', '.join(named)})" if named else ""
+
+
 def build_model(entry: dict) -> nn.Module:
     """A fresh model from a checkpoint's ``model`` entry: the registry, or the recorded importable class (for a
     compact checkpoint: its base architecture, before compaction, with fresh weights)."""
@@ -302,7 +316,7 @@ def build_model(entry: dict) -> nn.Module:
     cls = import_model_class(entry["class"])
     if entry["kwargs"] is None:
         raise MissingArguments(f"the checkpoint records model class {entry['class']} but not its constructor "
-                               "arguments", _pass_instance(entry["class"]))
+                               f"arguments{_parameters(cls)}", _pass_instance(entry["class"]))
     try:
         return cls(**entry["kwargs"])
     except (TypeError, ValueError) as exc:

@@ -37,7 +37,7 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .atomic import atomic_write_text
 
@@ -63,7 +63,7 @@ def _figure_to_img(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{data}">'
 
 
-def _plot_layers(rounds: list[dict], key: str, title: str) -> str | None:
+def _plotcolumn_layers_text(rounds: list[dict], key: str, title: str) -> str | None:
     import matplotlib.pyplot as plt
 
     layers = [layer for layer in rounds[0]["layers"] if layer.get(f"{key}_total")] if rounds else []
@@ -137,6 +137,12 @@ def _num(value: Any, spec: str) -> str:
 
 def _fmt(value: Any) -> str:
     return _num(value, ",.2f" if isinstance(value, float) else ",")
+
+
+def _fmt_ms(value: Any) -> str:
+    """A latency in ms: 3 significant digits below 10 ms (a small model's 0.0412 ms read "0.04" at two
+    decimals, base and compressed alike), else two decimals."""
+    return _num(value, ".3g" if isinstance(value, float) and abs(value) < 10 else ",.2f")
 
 
 def _fmt_score(value: Any) -> str:
@@ -237,8 +243,8 @@ def deployed_lines(final: dict) -> list[str]:
             f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers run dense, "
             f"their dropped columns as zeros (faster there; same outputs{_executed(final, dense)}): "
             f"{', '.join(map(str, dense[:6]))}{', ...' if len(dense) > 6 else ''}" if dense else
-            f"deployed form: the {_num(form.get('column_layers'), '')} column-pruned layers run as stored (their kept "
-            "columns only: faster than dense there)")
+            f"deployed form: {column_layers_text(form.get('column_layers'))} run as stored (their kept columns only: faster "
+            "than dense there)")
     estimate = final.get("latency_estimate")
     if isinstance(estimate, dict):
         error = estimate.get("error")
@@ -249,6 +255,16 @@ def deployed_lines(final: dict) -> list[str]:
     return lines + [f"WARNING: {_num(w, '')}" for w in (warnings if isinstance(warnings, list) else [])]
 
 
+def column_layers_text(count: Any) -> str:
+    """``"the 3 column-pruned layers"`` / ``"the column-pruned layer"``."""
+    return "the column-pruned layer" if count == 1 else f"the {_num(count, '')} column-pruned layers"
+
+
+def _cell(key: str) -> Callable[[Any], str]:
+    """How the final table writes a value of column ``key``."""
+    return _fmt_score if key == "val_score" else _fmt_ms if key.endswith("_ms") else _fmt
+
+
 def final_table_rows(final: dict) -> list[list[str]]:
     """Rows of the final comparison table (header first) from a ``final`` record, as plain text (the HTML
     report escapes them): the columns of :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points,
@@ -257,8 +273,7 @@ def final_table_rows(final: dict) -> list[list[str]]:
     columns = [c for c in FINAL_COLUMNS + deployed_columns(final) if all(row.get(c[0]) is not None
                                                                           for row in final["rows"])]
     rows = [["model"] + [header for _, header, _ in columns]]
-    rows += [[_fmt(row.get("model", ""))] + [(_fmt_score if key == "val_score" else _fmt)(row[key])
-                                              for key, _, _ in columns] for row in final["rows"]]
+    rows += [[_fmt(row.get("model", ""))] + [_cell(key)(row[key]) for key, _, _ in columns] for row in final["rows"]]
     if len(final["rows"]) == 2:
         base, comp = final["rows"]
         rows.append(["reduction"] + [_compare(base[key], comp[key], kind) for key, _, kind in columns])
@@ -349,8 +364,8 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
         rows += [[_fmt(r["round"]), f"{_fmt(r['target'])}x", _fmt(r["params"]), _fmt(r["macs"]),
                   (_fmt if score == "val_top1" else _fmt_score)(r.get(score))] for r in rounds]
         parts += ["<h2>Rounds</h2>", _html_table(rows)]
-    for plot in (_plot_accuracy(rounds, base), _plot_layers(rounds, "filters", "kept filters per layer"),
-                 _plot_layers(rounds, "columns", "kept columns per layer")):
+    for plot in (_plot_accuracy(rounds, base), _plotcolumn_layers_text(rounds, "filters", "kept filters per layer"),
+                 _plotcolumn_layers_text(rounds, "columns", "kept columns per layer")):
         if plot:
             parts.append(plot)
     if searches:

@@ -184,6 +184,8 @@ def format_report(report: dict) -> str:
 
 def _deployed_lines(deployed: dict | None) -> list[str]:
     """Text lines of the deployed latency (see :func:`_deployed`)."""
+    from ..report import column_layers_text
+
     if not deployed:
         return []
     lines = []
@@ -201,12 +203,15 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
                 "layout (NCHWc)")
         if "base" in layout:
             line += f"; the base {layout['base'][0]} of {layout['base'][1]}"
-        lines.append(line + " (grouped ones, and ones with 16 or more input channels that are not a multiple of 4, "
-                            "run outside it)")
+        lines.append(line + " (grouped convolutions other than depthwise, and ones with 16 or more input channels "
+                            "that are not a multiple of 4, run outside it)")
     form = deployed.get("deployed_form") or {}
     if form.get("column_layers"):
-        lines.append(f"deployed     form: {len(form['dense_layers'])} of {form['column_layers']} column-pruned layers "
-                     "dense (faster there; `autocompress export --columns auto` times them again)")
+        dense = len(form["dense_layers"])
+        lines.append(f"deployed     form: {dense} of {form['column_layers']} column-pruned layers dense (faster there; "
+                     "`autocompress export --columns auto` times them again)" if dense else
+                     f"deployed     form: {column_layers_text(form['column_layers'])} run as stored (faster than dense "
+                     "there)")
     if deployed.get("warning"):
         lines.append(f"WARNING: {deployed['warning']}")
     return lines
