@@ -459,6 +459,8 @@ def test_run_dir_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, on
     assert resumed.rounds[0]["rates"] == reference.rounds[0]["rates"]
     assert resumed.compression_rate == reference.compression_rate
     assert (run_dir / "model.pt").is_file() and (run_dir / "report.html").is_file()
+    stored = autocompress.checkpoint.load_checkpoint(run_dir / "model.pt")["metrics"]
+    assert stored["base_params"] == sum(p.numel() for p in model.parameters())  # `inspect` checks its base by it
 
 
 # --- (4b) purification's refit: the target met tightly, never beyond --------------------------------------

@@ -207,6 +207,17 @@ def test_model_arg_gives_a_checkpoint_of_your_own_class_its_constructor_argument
     assert "computes outputs differing" in (err := capsys.readouterr().err) and "pass the --model-arg values" in err
     assert main(["inspect", str(path), "--model-arg", "width", *fast]) == 2
     assert "is not KEY=VALUE" in capsys.readouterr().err
+    # a compact model's own shapes are recorded, so other arguments still load it; the base it is timed against
+    # is built from them, and compress records the base's parameter count to check it
+    base_params = sum(p.numel() for p in _Pooling(6, "mean").parameters())
+    pruned = save_compact(tmp_path / "pruned.pt", _Pooling(6, "mean"), dataset={"input_size": [3, 5, 5]},
+                          metrics={"base_params": base_params})
+    assert main(["inspect", str(pruned), "--model-arg", "width=8", "--model-arg", "pool=mean", *fast]) == 2
+    err = capsys.readouterr().err
+    assert (f"the base model built as test_cli_inspect:_Pooling {{'width': 8, 'pool': 'mean'}} has "
+            f"{8 * 3 * 9 + 8 + 8 * 4 + 4:,} parameters, the model this one was pruned from {base_params:,}; pass the "
+            "--model-arg values you built it with") in err
+    assert main(["inspect", str(pruned), "--model-arg", "width=6", "--model-arg", "pool=mean", *fast]) == 0
 
 
 def test_model_arg_for_a_zoo_checkpoint_is_refused(checkpoint, capsys):

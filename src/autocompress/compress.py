@@ -1057,7 +1057,8 @@ class Compression:
             self.pipeline.log(f"model.pt: {cls.__name__} is defined in the script that ran (or in a function), so "
                               f"another process cannot import it by name: {load}, or define it in a module")
         save_compact(path, copy.deepcopy(compact_model).cpu(), model_class=cls, model_kwargs=kwargs,
-                     metrics={"target": str(self.target)}, config=dataclasses.asdict(self.config),
+                     metrics={"target": str(self.target), "base_params": self.base_params},
+                     config=dataclasses.asdict(self.config),
                      dataset={"input_size": list(self.example[0].shape[1:])}, sparse="irregular" in self.config.kinds)
 
     def _result(self, compact_model: nn.Module) -> CompressResult:

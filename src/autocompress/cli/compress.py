@@ -309,6 +309,7 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     import dataclasses
 
     from ..compress import Compression, resolve_config
+    from ..metrics import count_params
     from ..serialization import save_compact
     from ..training import evaluate
     from .workload import DataSettings, load_workload
@@ -324,7 +325,8 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     test = workload.loader("test")
 
     def save(path: Path, compact_model) -> None:
-        save_compact(path, compact_model.cpu(), base_checkpoint=workload.ckpt, metrics={"target": config.target},
+        save_compact(path, compact_model.cpu(), base_checkpoint=workload.ckpt,
+                     metrics={"target": config.target, "base_params": count_params(workload.model)},
                      config=library_settings, sparse="irregular" in config.kinds)
 
     def extra(name: str, model) -> dict:

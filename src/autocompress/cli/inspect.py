@@ -85,7 +85,24 @@ def _load(args: argparse.Namespace):
     if not size:
         raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
     base = build_model(ckpt["model"]) if ckpt.get("architecture") is not None else None
+    _check_base(base, ckpt)
     return model, name, tuple(size), args.checkpoint, base
+
+
+def _check_base(base, ckpt: dict) -> None:
+    """ModelMismatch when the base architecture built for a compact checkpoint (fresh, from its recorded class and
+    constructor arguments) has another parameter count than the model it was pruned from (``base_params`` in the
+    checkpoint's metrics, written by ``compress``): the compact model itself is right (its shapes are recorded),
+    but it would be timed against another base."""
+    from ..errors import ModelMismatch
+    from ..metrics import count_params
+
+    recorded = (ckpt.get("metrics") or {}).get("base_params")
+    if base is None or not isinstance(recorded, int) or count_params(base) == recorded:
+        return
+    raise ModelMismatch(f"the base model built as {ckpt['model'].get('class') or ckpt['model'].get('name')} "
+                        f"{ckpt['model']['kwargs']} has {count_params(base):,} parameters, the model this one was "
+                        f"pruned from {recorded:,}", "pass the constructor arguments it was built with")
 
 
 def _report(args: argparse.Namespace) -> dict:
