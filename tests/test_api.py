@@ -589,8 +589,12 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread)
                                         rf"the validation data now, val top-1 {then:.2f}% when the run started; "
                                         r"pass the val_loader / score_fn the run started with"):
         autocompress.compress(model, example, "params=2x", train_loader=train, **{**args, "val_loader": other})
-    again = autocompress.compress(model, example, "params=2x", train_loader=train, **args)  # the same data: resumes
+    lines: list[str] = []
+    again = autocompress.compress(model, example, "params=2x", train_loader=train, log=lines.append,
+                                  **args)  # the same data: resumes
     assert again.final["rows"][0]["val_top1"] == pytest.approx(then)
+    assert f"run_dir {tmp_path / 'run'} holds this run, finished (the same settings, base weights and loader sizes; " \
+           "training data is compared by its size only): its result is read back, nothing runs" in lines
 
 
 def re_estimated(model: nn.Module, train: DataLoader) -> nn.Module:

@@ -364,6 +364,8 @@ class Compression:
             self.pipeline.log(self.config.describe_loop(asked, self.task.classifies, self.task.positions))
         self.source, self.save, self.final_columns = source or {}, save, final_columns
         self.folder = distributed.on_main(self._open_folder, share=False) if self.run_dir is not None else None
+        if self.folder is not None and self.folder.holds_run():
+            self.pipeline.log(self._continued())
         if self.world.active:  # rank 0 owns the run folder; the threads of the run are rank 0's
             torch.set_num_threads(distributed.broadcast_object(torch.get_num_threads()))
         try:
@@ -523,6 +525,15 @@ class Compression:
             folder.release()
             raise
         return folder
+
+    def _continued(self) -> str:
+        """The log line of a continued run: what its folder holds and that finished phases are not run again."""
+        same = "the same settings, base weights and loader sizes; training data is compared by its size only"
+        if self.folder.is_done("final", "final"):
+            return f"run_dir {self.run_dir} holds this run, finished ({same}): its result is read back, nothing runs"
+        done = len(self.folder.done())
+        return (f"run_dir {self.run_dir} holds this run ({same}): continuing it, {done} finished phase(s) read back "
+                "and not run again")
 
     def _check_same_validation(self) -> None:
         """A continued run scores its base as when it started (the ``base`` record of its folder), within
