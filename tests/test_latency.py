@@ -725,13 +725,13 @@ def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(mon
     ("flops=2x", None, (16,), 16), ("flops=2x", None, (8, 1), 8), ("flops=2x", None, (1,), 1),
     ("flops=2x", None, (4, 1), 4),
     ("flops=2x", "auto", (1,), 1), ("flops=2x", 16, (1,), "refused"), ("flops=2x", None, (), "refused"),
-    ("params=2x", None, (1,), 1), ("params=2x", None, (4, 1), 4)])
+    ("params=2x", None, (1,), 1), ("params=2x", None, (4, 1), 4), ("params=2x", None, (8, 4, 1), 8)])
 def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeypatch, target, setting,
                                                                           reachable_at, outcome):
     """A flops target aims at speed, so its default multiple is ``auto`` (16 on AVX-512); one unreachable at 16
     falls back to 8, then 4 (onnxruntime's layout), then 1 (any width), each logged and without a lookup table; a
-    params target's default is 4, falling back to 1; an explicit multiple never falls back; a target out of reach
-    at 1 is refused with the last refusal."""
+    params target's default is ``auto`` too; an explicit multiple never falls back; a target out of reach at 1 is
+    refused with the last refusal."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     tried = []
 
@@ -757,11 +757,10 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeyp
         return
     compression = build()
     assert compression.table is None and compression.multiple == compression.pipeline.channel_multiple == outcome
-    start = 4 if target.startswith("params") else 16
-    assert tried == [m for m in (16, 8, 4, 1) if start >= m >= outcome]
+    assert tried == [m for m in (16, 8, 4, 1) if m >= outcome]
     falls = [line for line in lines if "falling back" in line]
     assert len(falls) == len(tried) - 1
-    assert not falls or falls[0].startswith(f"channel multiple: {start} ({'default' if start == 4 else 'auto'}) ")
+    assert not falls or falls[0].startswith("channel multiple: 16 (auto) ")
 
 
 class NarrowFirst(nn.Module):
@@ -783,7 +782,7 @@ class NarrowFirst(nn.Module):
     ("flops=1.2x", None, 16, None), ("flops=2x", None, 8, "leaves filter pruning too little room for"),
     ("flops=3x", None, 8, "cannot reach"), ("flops=3x", "auto", 8, "cannot reach"),
     ("params=1.2x", "auto", 16, None), ("params=3x", "auto", 8, "leaves filter pruning too little room for"),
-    ("params=3x", None, 4, None)])
+    ("params=3x", None, 8, "leaves filter pruning too little room for")])
 def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, caplog, target, setting, outcome,
                                                                     reason):
     """With filter pruning alone the narrowest widths at 16 remove 746,688 / 304,176 = 2.45x of NarrowFirst's
@@ -792,7 +791,7 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
     flops=3x cannot be reached at 16 and ``auto`` takes 8 (and logs why); ``auto`` keeps 16 only when those
     widths reach twice the target (``ROOM``): 1.2x stays at 16, 2x (reachable, but only at the floor) takes 8.
     Filters alone remove 2.47x of the parameters at 16, so an explicit ``auto`` keeps 16 for params=1.2x and
-    takes 8 for params=3x; the params default stays at 4 (the room check is for multiples above 8)."""
+    takes 8 for params=3x, as the params default (``auto`` too) does."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     train, val = loaders()
     lines: list[str] = []

@@ -39,8 +39,8 @@ AUTO_MULTIPLES = (8, 16)
 #: block, 16 on AVX-512): a width off that grid sends the layer (and a layout conversion on each side) to the plain
 #: kernels (:func:`autocompress.latency.blocked_convolutions` counts them). Measured (BENCHMARKS.md, "Session
 #: 33"): three CNNs filter-pruned at any width ran 0.39-0.98x their base's speed at batch 1 wherever widths fell
-#: off the grid, the same rates at multiples of 4 0.79-1.50x (16: 1.07-2.31x). The default of a params target,
-#: and the last fall-back before 1 of ``auto`` under a flops target.
+#: off the grid, the same rates at multiples of 4 0.79-1.50x (16: 1.07-2.31x). ``auto``'s last fall-back before 1
+#: under a params or flops target.
 LAYOUT_MULTIPLE = 4
 
 

@@ -571,9 +571,7 @@ class Compression:
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
-        A channel multiple that ``auto`` chose (set, or the default of a flops / latency target), or a params
-        target's default (:data:`~autocompress.alignment.LAYOUT_MULTIPLE`), falls back to
-        the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
+        A channel multiple that ``auto`` chose (set, or the default) falls back to the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
         alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
         keeps them whole at 16, and the search then cuts the rest to the bone (measured on resnet20, 15 epochs:
@@ -583,8 +581,7 @@ class Compression:
         for index, multiple in enumerate(chain):
             last = index == len(chain) - 1
             if index:
-                chosen = AUTO if self.target.objective != "params" or self.config.channel_multiple else "default"
-                self.pipeline.log(f"channel multiple: {self.multiple} ({chosen}) {problem}; falling back to "
+                self.pipeline.log(f"channel multiple: {self.multiple} (auto) {problem}; falling back to "
                                   f"{multiple}, which runs slower per MAC removed on this CPU" + (
                                       f" (channels a fit does not need are given back on the {self.block}-channel "
                                       "block only)" if self.table is None and on_block(self.block, multiple) else ""))
@@ -618,9 +615,9 @@ class Compression:
         return False
 
     def _fallbacks(self) -> list[int]:
-        """The smaller channel multiples ``auto`` or a params target's default may fall back to, in order: 8 (the
-        smaller CPU block), then for a flops or params target :data:`~autocompress.alignment.LAYOUT_MULTIPLE` and 1
-        (any width; a latency target's table would time every width); none for a multiple set explicitly."""
+        """The smaller channel multiples ``auto`` may fall back to, in order: 8 (the smaller CPU block), then for a
+        flops or params target :data:`~autocompress.alignment.LAYOUT_MULTIPLE` and 1 (any width; a latency target's
+        table would time every width); none for a multiple set explicitly."""
         if self.config.channel_multiple not in (None, AUTO):
             return []
         finer = () if self.table is not None else (LAYOUT_MULTIPLE, 1)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .admm import ADMMConfig
-from .alignment import AUTO, LAYOUT_MULTIPLE, resolve_multiple
+from .alignment import AUTO, resolve_multiple
 from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
 from .distributed import DistributedConfig
@@ -291,10 +291,11 @@ class CompressConfig:
         latency_runs: timed runs per PyTorch latency measurement of the final table.
         channel_multiple: every filter group keeps a multiple of this many channels
             (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (16 on AVX-512
-            CPUs, 8 otherwise); None (default): ``"auto"`` for a latency or flops target (speed), 4 for a params
-            target (size; :data:`autocompress.alignment.LAYOUT_MULTIPLE`: the finest width grid on which
-            onnxruntime's CPU convolutions keep their fast layout), falling back to 1 where 4 cannot reach the
-            target.
+            CPUs, 8 otherwise, falling back to 8, :data:`autocompress.alignment.LAYOUT_MULTIPLE` and 1 where the
+            target needs it; a latency target to 8 only); None (default): ``"auto"`` for every target. Widths
+            off onnxruntime's 4-channel grid ran up to 2.6x slower than the base; on the Fashion-MNIST demo
+            (params=10x) ``auto`` kept the top-1 of any width (92.37 against 92.23 %) at 1.91x the base's
+            onnxruntime speed instead of 1.25x (BENCHMARKS.md, "Session 33").
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
             table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
@@ -468,16 +469,8 @@ class CompressConfig:
 
     def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
         """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):
-        ``channel_multiple``, or when None, ``"auto"`` for a latency or flops target and
-        :data:`~autocompress.alignment.LAYOUT_MULTIPLE` for a params target. SettingError (``channel_multiple``)
-        for a bad value."""
-        value = self.channel_multiple
-        if value is None:
-            if self.parsed_target().objective == "params":
-                return LAYOUT_MULTIPLE, (f"{LAYOUT_MULTIPLE} (default for a params target: onnxruntime's CPU "
-                                         f"convolutions keep their fast layout at multiples of {LAYOUT_MULTIPLE} "
-                                         "channels; channel_multiple: 1 allows any width)")
-            value = AUTO
+        ``channel_multiple``, or ``"auto"`` when None. SettingError (``channel_multiple``) for a bad value."""
+        value = AUTO if self.channel_multiple is None else self.channel_multiple
         return _naming("channel_multiple", lambda: resolve_multiple(value, device=device))
 
     def retrain_epochs(self, *, last: bool) -> int:
