@@ -571,7 +571,8 @@ class Compression:
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
-        A channel multiple that ``auto`` chose (set, or the default) falls back to the smaller ones of :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
+        A channel multiple that ``auto`` chose (set, or the default) falls back to the smaller ones of
+        :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
         alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
         keeps them whole at 16, and the search then cuts the rest to the bone (measured on resnet20, 15 epochs:
