@@ -63,7 +63,7 @@ def _figure_to_img(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{data}">'
 
 
-def _plotcolumn_layers_text(rounds: list[dict], key: str, title: str) -> str | None:
+def _plot_layers(rounds: list[dict], key: str, title: str) -> str | None:
     import matplotlib.pyplot as plt
 
     layers = [layer for layer in rounds[0]["layers"] if layer.get(f"{key}_total")] if rounds else []
@@ -364,8 +364,8 @@ def write_report(run_dir: str | Path, *, title: str = "autocompress run") -> Pat
         rows += [[_fmt(r["round"]), f"{_fmt(r['target'])}x", _fmt(r["params"]), _fmt(r["macs"]),
                   (_fmt if score == "val_top1" else _fmt_score)(r.get(score))] for r in rounds]
         parts += ["<h2>Rounds</h2>", _html_table(rows)]
-    for plot in (_plot_accuracy(rounds, base), _plotcolumn_layers_text(rounds, "filters", "kept filters per layer"),
-                 _plotcolumn_layers_text(rounds, "columns", "kept columns per layer")):
+    for plot in (_plot_accuracy(rounds, base), _plot_layers(rounds, "filters", "kept filters per layer"),
+                 _plot_layers(rounds, "columns", "kept columns per layer")):
         if plot:
             parts.append(plot)
     if searches:
