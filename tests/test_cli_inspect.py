@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import autocompress
+from autocompress import UserError
 from autocompress.checkpoint import save_checkpoint
 from autocompress.cli import main
 from autocompress.text import plural
@@ -102,6 +104,10 @@ def test_missing_user_code_points_to_import_flag(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert ("cannot import module 'mynet_ac' of model class mynet_ac:MyNet (ModuleNotFoundError: No module named "
             "'mynet_ac'); pass --import mynet_ac (") in err and "; or install the package" in err and "\n" not in err
+    assert err.endswith("or put it on PYTHONPATH") and "autocompress.load(" not in err  # the Python-only fix left out
+    with pytest.raises(UserError, match=r"or put it on PYTHONPATH; or pass a fresh instance of the model instead: "
+                                        r"autocompress.load\(path, model=MyNet\(...\)\)$"):
+        autocompress.load(path)  # the library's message keeps it
     assert main(["inspect", "--model", "no_such_net_xyz"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown model 'no_such_net_xyz'" in err and "--import MODULE" in err

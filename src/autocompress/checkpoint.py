@@ -48,13 +48,9 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-#: how the fix of passing the model itself begins (a Python-only fix: the CLI leaves it out of its messages)
-INSTANCE_FIX = "pass a fresh instance of the model instead"
-
-
 def _pass_instance(path: str) -> str:
     name = path.rpartition(":")[2].rpartition(".")[2] or "MyNet"
-    return f"{INSTANCE_FIX}: autocompress.load(path, model={name}(...))"
+    return f"pass a fresh instance of the model instead: autocompress.load(path, model={name}(...))"
 
 
 def import_model_class(path: str) -> type[nn.Module]:
@@ -80,8 +76,8 @@ def import_model_class(path: str) -> type[nn.Module]:
         found: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module means the same here
         raise MissingCode(f"cannot import module {module_name!r} of model class {path} ({type(exc).__name__}: "
-                          f"{str(exc)[:160]})", "install the package that defines it or put it on PYTHONPATH; or "
-                          + _pass_instance(path), module=module_name) from exc
+                          f"{str(exc)[:160]})", "install the package that defines it or put it on PYTHONPATH",
+                          module=module_name, instance=_pass_instance(path)) from exc
     for part in qualname.split("."):
         if not hasattr(found, part):
             raise UserError(f"module {module_name!r} has no {qualname!r} (model class {path})",

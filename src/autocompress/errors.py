@@ -39,11 +39,13 @@ class SettingError(UserError):
 class MissingCode(UserError):
     """A :class:`UserError` about code the input names but Python cannot find: a checkpoint's model class whose
     module does not import, or a model name nobody registered. ``module`` is the module to import first, when
-    known. The CLI adds how to import it (``--import``)."""
+    known. ``instance``: a fix only Python can take (passing the model itself), in the message but not in ``fix``.
+    The CLI adds how to import it (``--import``) and leaves ``instance`` out."""
 
-    def __init__(self, problem: str, fix: str | None = None, *, module: str | None = None):
-        super().__init__(problem, fix)
-        self.module = module
+    def __init__(self, problem: str, fix: str | None = None, *, module: str | None = None,
+                 instance: str | None = None):
+        super().__init__(problem, "; or ".join(part for part in (fix, instance) if part) or None)
+        self.fix, self.module = fix, module
 
 
 class MissingArguments(UserError):

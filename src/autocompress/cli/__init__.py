@@ -102,9 +102,8 @@ def _flag_of(exc: Exception, args: argparse.Namespace) -> str:
 
 def _with_import_fix(exc: Exception) -> str:
     """The message of ``exc``; for a MissingCode error (the user's own code is not imported) the command line's
-    fix first: ``--import MODULE``, then the library's fixes but passing the model itself (Python only); for
+    fix first: ``--import MODULE``, then the library's (without its Python-only ``instance`` fix); for
     MissingArguments and ModelMismatch the command line's alone (``--model-arg``)."""
-    from ..checkpoint import INSTANCE_FIX
     from ..errors import MissingArguments, MissingCode, ModelMismatch
 
     if isinstance(exc, ModelMismatch):
@@ -115,8 +114,7 @@ def _with_import_fix(exc: Exception) -> str:
         return str(exc)
     module = exc.module or "MODULE"
     what = "defines it" if exc.module else "defines or registers it"
-    fixes = [part for part in (exc.fix or "").split("; or ") if part and not part.startswith(INSTANCE_FIX)]
-    rest = f"; or {'; or '.join(fixes)}" if fixes else ""
+    rest = f"; or {exc.fix}" if exc.fix else ""
     return " ".join(f"{exc.problem}; pass --import {module} (the module that {what}; the current folder is on "
                     f"the import path){rest}".split())
 
