@@ -94,15 +94,18 @@ def _check_base(base, ckpt: dict) -> None:
     constructor arguments) has another parameter count than the model it was pruned from (``base_params`` in the
     checkpoint's metrics, written by ``compress``): the compact model itself is right (its shapes are recorded),
     but it would be timed against another base."""
+    from ..checkpoint import model_label
     from ..errors import ModelMismatch
     from ..metrics import count_params
 
     recorded = (ckpt.get("metrics") or {}).get("base_params")
-    if base is None or not isinstance(recorded, int) or count_params(base) == recorded:
+    if base is None or not isinstance(recorded, int):
         return
-    raise ModelMismatch(f"the base model built as {ckpt['model'].get('class') or ckpt['model'].get('name')} "
-                        f"{ckpt['model']['kwargs']} has {count_params(base):,} parameters, the model this one was "
-                        f"pruned from {recorded:,}", "pass the constructor arguments it was built with")
+    built = count_params(base)
+    if built != recorded:
+        raise ModelMismatch(f"the base model built as {model_label(ckpt['model'])} {ckpt['model']['kwargs']} has "
+                            f"{built:,} parameters, the model this one was pruned from {recorded:,}",
+                            "pass the constructor arguments it was built with")
 
 
 def _report(args: argparse.Namespace) -> dict:
