@@ -49,11 +49,12 @@ def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
-def filter_pruned(model: nn.Module, rate: float, example: torch.Tensor) -> nn.Module:
-    """The compact model after uniform filter pruning at ``rate`` (every filter group) through the engine."""
-    space = PruningSpace.build(model, example, dims=("filter",))
+def filter_pruned(model: nn.Module, rate: float, example: torch.Tensor, multiple: int = 1) -> nn.Module:
+    """The compact model after uniform filter pruning at ``rate`` (every filter group) through the engine, every
+    group's width aligned to ``multiple`` channels (1: any width)."""
+    space = PruningSpace.build(model, example, dims=("filter",), channel_multiple=multiple)
     masks = project(space, model, expand_rates(space, {"default": rate}, ("filter",)))
-    return compact(model, space.param_masks(masks), example).model
+    return compact(model, space.param_masks(masks), example, channel_multiple=multiple).model
 
 
 def variant(model: nn.Module, kind: str) -> nn.Module:

@@ -23,14 +23,11 @@ import argparse
 import torch
 from torch import nn
 
-from autocompress.compaction import compact
 from autocompress.latency import LatencyConfig, blocked_convolutions, measure_models
 from autocompress.metrics import count_macs
 from autocompress.models import create_model
-from autocompress.projection import project
-from autocompress.pruning import expand_rates
-from autocompress.space import PruningSpace
 from autocompress.training import seeded
+from filter_speedup import filter_pruned, randomise_batchnorm  # benchmarks/ is the script's folder
 
 MULTIPLES = (1, 4, 8, 16)
 
@@ -76,20 +73,9 @@ def dwse() -> nn.Module:
 def model_and_example(name: str, generator: torch.Generator) -> tuple[nn.Module, torch.Tensor]:
     with seeded(0):
         model = dwse() if name == "dwse" else create_model(name)
-    with torch.no_grad():
-        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-            n = norm.num_features
-            norm.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-            norm.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    randomise_batchnorm(model, generator)
     size = (1, 28, 28) if name in ("dwse", "fmnist_cnn", "lenet5") else (3, 32, 32)
     return model.eval(), torch.randn(1, *size, generator=generator)
-
-
-def filter_pruned(model: nn.Module, rate: float, example: torch.Tensor, multiple: int) -> nn.Module:
-    """The compact model after uniform filter pruning at ``rate`` with every group aligned to ``multiple``."""
-    space = PruningSpace.build(model, example, dims=("filter",), channel_multiple=multiple)
-    masks = project(space, model, expand_rates(space, {"default": rate}, ("filter",)))
-    return compact(model, space.param_masks(masks), example, channel_multiple=multiple).model.eval()
 
 
 def main() -> None:
@@ -107,7 +93,7 @@ def main() -> None:
         base, example = model_and_example(name, generator)
         base_macs = count_macs(base, example)
         for rate in (float(r) for r in args.rates.split(",")):
-            pruned = {m: filter_pruned(base, rate, example, m) for m in MULTIPLES}
+            pruned = {m: filter_pruned(base, rate, example, m).eval() for m in MULTIPLES}
             times = measure_models({"base": base, **{str(m): p for m, p in pruned.items()}}, example, config,
                                    batches=[args.batch])[args.batch]
             for m, model in pruned.items():
