@@ -26,7 +26,7 @@ from autocompress.compaction import compact
 from autocompress.compress import Compression
 from autocompress.config import CompressConfig, SettingError, Target
 from autocompress.latency import (LatencyConfig, build_table, deployed_summary, layer_specs, measure_models,
-                                  slower_warning, table_key)
+                                  speed_warning, table_key)
 from autocompress.masks import apply_masks
 from autocompress.projection import project
 from autocompress.purification import remove_unused_paths, settle
@@ -188,20 +188,66 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     timings = {1: {"base": _t(1.0), "compressed": _t(2.0)}, 64: {"base": _t(10.0), "compressed": _t(5.0)}}
     summary = deployed_summary(timings, LatencyConfig())
     assert summary["slower"] == [1] and summary["batches"]["64"]["speedup"] == 2.0
-    warning = slower_warning(summary)
+    warning = speed_warning(summary)
     assert warning.startswith("the compressed model is SLOWER than the base in onnxruntime")
     assert "batch 1: 2 ms vs 1 ms" in warning and "batch 64" not in warning
     assert "latency target" in warning and "channel_multiple" in warning
-    assert "channel_multiple" not in slower_warning(summary, aligned=True)  # auto or N already in use
-    off_grid = slower_warning(summary, layout={"base": (5, 5), "compressed": (2, 5)})
+    assert "channel_multiple" not in speed_warning(summary, aligned=True)  # auto or N already in use
+    off_grid = speed_warning(summary, layout={"base": (5, 5), "compressed": (2, 5)})
     assert "batch 1: 2 ms vs 1 ms (it runs 2 of its 5 convolutions in onnxruntime's blocked channel layout, the " \
            "base 5 of 5: widths of 16 or more channels that are not a multiple of 4 run outside it); use" in off_grid
-    assert slower_warning(summary, layout={"base": (3, 5), "compressed": (3, 5)}) == warning  # not the cause
+    assert speed_warning(summary, layout={"base": (3, 5), "compressed": (3, 5)}) == warning  # not the cause
     row = {"params": 10, "macs": 10}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,
                                                         "warnings": [warning]}) + "\n")
     page = write_report(tmp_path).read_text()
     assert "color:#b00" in page and "WARNING: the compressed model is SLOWER than the base" in page
+
+
+def test_a_barely_faster_model_at_many_fewer_macs_is_warned_about():
+    """A fresh user's params target gave 1.01x in onnxruntime at 1.9x fewer MACs with no word about it: under
+    LITTLE_SPEEDUP at FEWER_MACS times fewer MACs or more, the warning names the batches and the MACs factor."""
+    from autocompress.latency import FEWER_MACS, LITTLE_SPEEDUP
+
+    timings = {1: {"base": _t(1.0), "compressed": _t(0.95)}, 64: {"base": _t(10.0), "compressed": _t(5.0)}}
+    summary = deployed_summary(timings, LatencyConfig())
+    assert summary["slower"] == [] and 1.0 < 1 / 0.95 < LITTLE_SPEEDUP
+    assert speed_warning(summary) is None  # no MACs factor given: only a slower model is warned about
+    assert speed_warning(summary, macs_factor=FEWER_MACS - 0.01) is None  # few MACs removed: little speed expected
+    warning = speed_warning(summary, macs_factor=2.0)
+    assert warning.startswith("the compressed model is barely faster than the base at 2x fewer MACs (MACs count "
+                              "operations, not time) in onnxruntime (1 thread(s)): batch 1: 0.95 ms vs 1 ms (1.05x); "
+                              "use a latency target"), warning
+    assert "batch 64" not in warning and "channel_multiple" in warning
+    assert "blocked channel layout" in speed_warning(summary, macs_factor=2.0,
+                                                     layout={"base": (5, 5), "compressed": (2, 5)})
+    fast = deployed_summary({1: {"base": _t(1.0), "compressed": _t(1 / LITTLE_SPEEDUP)}}, LatencyConfig())
+    assert speed_warning(fast, macs_factor=10.0) is None  # LITTLE_SPEEDUP itself is fast enough
+
+
+def test_a_params_target_s_run_warns_when_its_model_is_barely_faster(monkeypatch):
+    """Wiring: the final record of a params target whose deployed model has FEWER_MACS times fewer MACs than the
+    base or more carries the barely-faster warning, with that factor (timings patched to 1.02x at every batch)."""
+    import importlib
+
+    from autocompress.latency import FEWER_MACS
+    from autocompress.metrics import count_macs
+
+    compress_module = importlib.import_module("autocompress.compress")
+
+    def barely(models, example, config, batches=None, runs=None):
+        return {b: {"base": _t(1.02), "compressed": _t(1.0)} for b in batches or config.batches}
+
+    monkeypatch.setattr(compress_module, "measure_models", barely)
+    train, _ = loaders()
+    base = trained(SmallCNN(32, 32), train)
+    result = _compress(base, "params=4x")
+    example = torch.randn(1, 1, 8, 8)
+    factor = count_macs(base, example) / count_macs(result.deployed_model, example)
+    warned = [w for w in result.final["warnings"] if "barely faster" in w]
+    assert factor >= FEWER_MACS  # params=4x of this CNN removes well over 1.5x of its MACs
+    assert len(warned) == 1, result.final["warnings"]
+    assert f"at {factor:.3g}x fewer MACs" in warned[0]
 
 
 def test_a_slower_compressed_model_s_warning_counts_its_convolutions_in_the_blocked_layout(monkeypatch):
@@ -237,7 +283,7 @@ def test_warnings_carry_their_level_once(caplog):
     WARNING: ...": a warning's text holds no level; the CLI's log format and the printed table add it once."""
     timings = {1: {"base": _t(1.0), "compressed": _t(2.0)}, 64: {"base": _t(10.0), "compressed": _t(5.0)}}
     summary = deployed_summary(timings, LatencyConfig())
-    warning = slower_warning(summary)
+    warning = speed_warning(summary)
     record = logging.LogRecord("autocompress", logging.WARNING, __file__, 1, warning, None, None)
     assert LevelPrefix().format(record) == f"WARNING: {warning}"
     record.levelno, record.levelname = logging.INFO, "INFO"

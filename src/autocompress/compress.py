@@ -36,7 +36,7 @@ from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
 from .distillation import AUTO_RULE, distillable
 from .errors import TargetMissed, UserError
-from .latency import LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models, slower_warning
+from .latency import LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models, speed_warning
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -938,7 +938,8 @@ class Compression:
 
     def _deployed(self, compact_model: nn.Module) -> dict:
         """The final record's deployed-latency fields: interleaved base / compact timings in the deployment
-        runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower,
+        runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower
+        (or, for a params / flops target, barely faster at many fewer MACs: :func:`~autocompress.latency.speed_warning`),
         and for a latency target the lookup table's estimate against the measurement. The compact model is
         timed in its deployed form (:func:`autocompress.deployment.deployed_form`: each column layer stored or
         dense, whichever runs faster; ``deployed_form`` in the record). A model the runtime cannot take (several
@@ -960,10 +961,12 @@ class Compression:
             return fields
         deployed = fields["deployed"] = deployed_summary(timings, settings)
         fields["deployed_macs"] = self.pipeline.macs(form.model)
-        layout = {name: blocked_convolutions(model, self.example) for name, model in
-                  (("base", self.pipeline.base_model), ("compressed", form.model))} \
-            if deployed["slower"] and settings.runtime == "onnxruntime" else None
-        warning = slower_warning(deployed, aligned=self.multiple > 1, layout=layout)
+        macs_factor = self.base_macs / max(fields["deployed_macs"], 1) if self.table is None else None
+        warning = speed_warning(deployed, macs_factor=macs_factor, aligned=self.multiple > 1)
+        if warning and settings.runtime == "onnxruntime":
+            layout = {name: blocked_convolutions(model, self.example) for name, model in
+                      (("base", self.pipeline.base_model), ("compressed", form.model))}
+            warning = speed_warning(deployed, macs_factor=macs_factor, aligned=self.multiple > 1, layout=layout)
         if warning:
             logging.getLogger("autocompress").warning(warning)
             fields["warnings"].append(warning)

@@ -327,16 +327,31 @@ def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfi
             "slower": [int(b) for b, row in rows.items() if row["speedup"] < 1.0]}
 
 
-def slower_warning(summary: dict, *, aligned: bool = False, layout: Mapping[str, Sequence[int]] | None = None
-                   ) -> str | None:
-    """The loud warning when the compressed model is slower than the base in the deployment runtime; the fix
-    it gives is a latency target, and also ``channel_multiple`` unless the widths were ``aligned`` already.
-    ``layout``: :func:`blocked_convolutions` of the ``"base"`` and the ``"compressed"`` model (onnxruntime); the
-    warning names it where the compressed model runs more convolutions outside the blocked layout."""
-    if not summary["slower"]:
-        return None
-    parts = [f"batch {b}: {summary['batches'][str(b)]['compressed_ms']:.3g} ms vs "
-             f"{summary['batches'][str(b)]['base_ms']:.3g} ms" for b in summary["slower"]]
+#: a compressed model under this speedup over its base, at :data:`FEWER_MACS` times fewer MACs or more, is warned
+#: about (:func:`speed_warning`): the MACs it lost did not turn into speed where it is deployed
+LITTLE_SPEEDUP = 1.1
+FEWER_MACS = 1.5
+
+
+def speed_warning(summary: dict, *, macs_factor: float | None = None, aligned: bool = False,
+                  layout: Mapping[str, Sequence[int]] | None = None) -> str | None:
+    """The loud warning when the compressed model is slower than the base in the deployment runtime, or (given
+    ``macs_factor``, the base's MACs over the deployed model's) when it runs under :data:`LITTLE_SPEEDUP` times as
+    fast at :data:`FEWER_MACS` times fewer MACs or more; None when neither. The fix it gives is a latency target,
+    and also ``channel_multiple`` unless the widths were ``aligned`` already. ``layout``:
+    :func:`blocked_convolutions` of the ``"base"`` and the ``"compressed"`` model (onnxruntime); the warning names
+    it where the compressed model runs more convolutions outside the blocked layout."""
+    rows = summary["batches"]
+    if summary["slower"]:
+        batches, head = summary["slower"], "the compressed model is SLOWER than the base"
+    else:
+        batches = [int(b) for b, row in rows.items() if row["speedup"] < LITTLE_SPEEDUP]
+        if not batches or macs_factor is None or macs_factor < FEWER_MACS:
+            return None
+        head = (f"the compressed model is barely faster than the base at {macs_factor:.3g}x fewer MACs (MACs count "
+                "operations, not time)")
+    parts = [f"batch {b}: {rows[str(b)]['compressed_ms']:.3g} ms vs {rows[str(b)]['base_ms']:.3g} ms"
+             + ("" if summary["slower"] else f" ({rows[str(b)]['speedup']:.2f}x)") for b in batches]
     fix = "use a latency target (target latency=2x), which times candidates in the runtime" + (
         "" if aligned else ", and/or channel_multiple (e.g. auto)")
     why = ""
@@ -344,8 +359,7 @@ def slower_warning(summary: dict, *, aligned: bool = False, layout: Mapping[str,
         why = (f" (it runs {layout['compressed'][0]} of its {layout['compressed'][1]} convolutions in onnxruntime's "
                f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: widths of 16 or more "
                "channels that are not a multiple of 4 run outside it)")
-    return (f"the compressed model is SLOWER than the base in {summary['runtime']} "
-            f"({summary['threads']} thread(s)): {'; '.join(parts)}{why}; {fix}")
+    return f"{head} in {summary['runtime']} ({summary['threads']} thread(s)): {'; '.join(parts)}{why}; {fix}"
 
 
 # ------------------------------------------------------------------------------------------ lookup table
@@ -804,4 +818,4 @@ def _smallest(model: nn.Module, x: torch.Tensor, space, multiple: int) -> nn.Mod
 
 __all__ = ["COLUMN_FRACTIONS", "GRID_POINTS", "LatencyConfig", "LatencyTable", "LayerSpec", "RUNTIMES", "Timing",
            "blocked_convolutions", "build_table", "cache_folder", "check_runtime", "deployed_summary", "layer_specs",
-           "measure_models", "runner", "slower_warning", "table_key", "time_runners"]
+           "measure_models", "runner", "speed_warning", "table_key", "time_runners"]

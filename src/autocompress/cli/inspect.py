@@ -126,10 +126,11 @@ def _report(args: argparse.Namespace) -> dict:
 
 def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     """Deployed latency of ``model`` (and of ``base``, interleaved, for a compact checkpoint) at batch 1 and
-    64 in ``--runtime``; with a base, the speedups and a warning when the model is slower."""
+    64 in ``--runtime``; with a base, the speedups and a warning when the model is slower or barely faster at
+    many fewer MACs (:func:`autocompress.latency.speed_warning`)."""
     from ..deployment import deployed_form
-    from ..latency import LatencyConfig, blocked_convolutions, deployed_summary, measure_models, slower_warning
-    from ..metrics import example_inputs_for
+    from ..latency import LatencyConfig, blocked_convolutions, deployed_summary, measure_models, speed_warning
+    from ..metrics import count_macs, example_inputs_for
 
     device = str(args.device) if args.runtime == "torch" and str(args.device) != "auto" else "cpu"
     config = LatencyConfig(runtime=args.runtime, device=device, threads=args.runtime_threads,
@@ -146,7 +147,9 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
                 "batches": {str(b): {"model_ms": t["compressed"].median_ms} for b, t in timings.items()},
                 "deployed_form": form.summary(), "blocked_convolutions": layout}
     summary = deployed_summary(timings, config)
-    return {**summary, "warning": slower_warning(summary, aligned=_aligned(model, base), layout=layout),
+    macs_factor = count_macs(base, example) / max(count_macs(form.model, example), 1)
+    warning = speed_warning(summary, macs_factor=macs_factor, aligned=_aligned(model, base), layout=layout)
+    return {**summary, "warning": warning,
             "deployed_form": form.summary(), "blocked_convolutions": layout}
 
 
