@@ -3,7 +3,8 @@
 The dataset defaults to the one the checkpoint was trained on (same validation carve: ``val_size`` and
 ``seed`` stored in the checkpoint; same input size and normalisation). The data folder is ``--data-dir`` or
 the dataset's lookup order, never a folder recorded in the checkpoint. ``--json`` prints one JSON object
-instead of the summary line.
+instead of the summary line: checkpoint, model, dataset, split, ``loss`` (mean cross-entropy per image), ``top1``
+(and ``top5``) as fractions in [0, 1] (the summary line and a run's ``val_top1`` fields are in %), ``images``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar; "
+                        "top1 / top5 as fractions in [0, 1], not %%)")
     parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
 
 
