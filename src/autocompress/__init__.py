@@ -37,7 +37,9 @@ def load(path, map_location="cpu", model=None, check=True):
             :func:`autocompress.serialization.save_compact`).
         map_location: where the file's tensors go (``torch.load``'s argument).
         model: optional fresh instance of the model the checkpoint was saved from; it receives the saved
-            architecture and weights (changed in place) and is returned. Needed when the recorded class
+            architecture and weights (changed in place: its layers get the compact widths, while plain
+            attributes of your own, such as a ``self.width`` set in ``__init__``, keep their constructor values)
+            and is returned. Needed when the recorded class
             cannot be imported here or its constructor arguments were not recorded. Without it the model is
             built from the registry or by importing the recorded class (``module:qualname``, an
             ``nn.Module`` subclass of the user's own installed code) with the recorded arguments.
