@@ -35,7 +35,7 @@ def test_every_value_is_escaped(tmp_path):
     assert page.count(escaped) == 12, page.count(escaped)
     assert f"PyTorch on cpu, {escaped} threads, median of {escaped} runs" in page
     assert f"<td>{escaped}x</td>" in page  # the round's target
-    assert "<td>reduction</td><td>-</td><td>-</td><td>1.00x</td>" in page  # numbers still compared
+    assert "<td>compressed vs base</td><td>-</td><td>-</td><td>1.00x fewer</td>" in page  # numbers still compared
 
 
 def test_final_table_rows_are_plain_text():
@@ -46,8 +46,12 @@ def test_final_table_rows_are_plain_text():
             "latency_b1_ms": 2.0, "latency_b64_ms": 30.0}
     comp = {"model": "compressed", "test_top1": 89.25, "params": 1000, "macs": 3000, "file_bytes": 4000,
             "latency_b1_ms": 1.0, "latency_b64_ms": 10.0}
-    assert final_table_rows({"rows": [base, comp]})[-1] == ["reduction", "-0.75 pts", "3.00x", "3.00x", "3.00x",
-                                                            "2.00x", "3.00x"]
+    assert final_table_rows({"rows": [base, comp]})[-1] == ["compressed vs base", "-0.75 pts", "3.00x fewer",
+                                                            "3.00x fewer", "3.00x smaller", "2.00x faster",
+                                                            "3.00x faster"]
+    slower = {**comp, "latency_b1_ms": 2.5, "params": 0}  # below 1: the inverse and the opposite word; 0: no ratio
+    assert final_table_rows({"rows": [base, slower]})[-1][2] == "-"
+    assert final_table_rows({"rows": [base, slower]})[-1][5] == "1.25x slower"
 
 
 def test_the_headline_names_the_target_and_sums_the_phases_of_every_round():

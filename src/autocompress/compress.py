@@ -178,7 +178,7 @@ class CompressResult:
 
     def summary(self) -> str:
         """The final table as plain text, the lines the ``compress`` command prints: base vs compressed
-        parameters, MACs, validation score and latencies (ms) with a reduction row, then how deployed latency
+        parameters, MACs, validation score and latencies (ms) with a "compressed vs base" row, then how deployed latency
         was measured and every warning (``final["warnings"]``). ``print(result.summary())``."""
         return report.final_text(self.final)
 

@@ -150,24 +150,29 @@ def _fmt_score(value: Any) -> str:
     return _num(value, ".4g")
 
 
+#: the comparison row's word for a ratio column whose base / compressed ratio is >= 1, and its opposite below 1
+RATIO_WORDS = {"fewer": "more", "smaller": "larger", "faster": "slower"}
+
+
 def _compare(base: Any, comp: Any, kind: str) -> str:
-    """The reduction-row cell of one column: ``"ratio"`` base / compressed, ``"points"`` / ``"difference"``
-    compressed - base; "-" when a value is not a number or the ratio would divide by 0."""
+    """The comparison-row cell of one column: a ratio kind (a key of :data:`RATIO_WORDS`) base / compressed
+    with its word ("3.00x fewer"; below 1 the inverse with the opposite word: "1.25x slower"), ``"points"`` /
+    ``"difference"`` compressed - base; "-" when a value is not a number or a ratio would divide by 0."""
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, comp))
-    if not numbers or (kind == "ratio" and not comp):
+    if not numbers or (kind in RATIO_WORDS and not (base and comp)):
         return "-"
-    if kind == "ratio":
-        return f"{base / comp:.2f}x"
+    if kind in RATIO_WORDS:
+        return f"{base / comp:.2f}x {kind}" if base >= comp else f"{comp / base:.2f}x {RATIO_WORDS[kind]}"
     if kind == "difference":
         return f"{comp - base:+.4g}"
     return f"{comp - base:+.2f} pts"
 
 
-#: the final table's columns: record key, header, how the reduction row compares base and compressed
+#: the final table's columns: record key, header, how the comparison row compares base and compressed
 FINAL_COLUMNS = (("test_top1", "test top-1 (%)", "points"), ("val_top1", "val top-1 (%)", "points"),
-                 ("val_score", "val score", "difference"), ("params", "parameters", "ratio"),
-                 ("macs", "MACs", "ratio"), ("file_bytes", "file (bytes)", "ratio"),
-                 ("latency_b1_ms", "torch b=1 (ms)", "ratio"), ("latency_b64_ms", "torch b=64 (ms)", "ratio"))
+                 ("val_score", "val score", "difference"), ("params", "parameters", "fewer"),
+                 ("macs", "MACs", "fewer"), ("file_bytes", "file (bytes)", "smaller"),
+                 ("latency_b1_ms", "torch b=1 (ms)", "faster"), ("latency_b64_ms", "torch b=64 (ms)", "faster"))
 
 
 def deployed_columns(final: dict) -> tuple:
@@ -177,7 +182,7 @@ def deployed_columns(final: dict) -> tuple:
     if not isinstance(deployed, dict) or not isinstance(deployed.get("batches"), dict):
         return ()
     runtime = _num(deployed.get("runtime"), "")
-    return tuple((f"deployed_b{b}_ms", f"{runtime} b={b} (ms)", "ratio") for b in deployed["batches"])
+    return tuple((f"deployed_b{b}_ms", f"{runtime} b={b} (ms)", "faster") for b in deployed["batches"])
 
 
 def _span(pair) -> str:
@@ -267,8 +272,9 @@ def _cell(key: str) -> Callable[[Any], str]:
 
 def final_table_rows(final: dict) -> list[list[str]]:
     """Rows of the final comparison table (header first) from a ``final`` record, as plain text (the HTML
-    report escapes them): the columns of :data:`FINAL_COLUMNS` its rows hold, and a reduction row (points,
-    differences, base / compressed ratios; "-" where a value is not a number or a ratio divides by 0); see
+    report escapes them): the columns of :data:`FINAL_COLUMNS` its rows hold, and a "compressed vs base" row
+    (:func:`_compare`: points, differences, "3.00x fewer" / "2.00x faster" ratios; "-" where a value is not a
+    number or a ratio divides by 0); see
     :func:`final_text`."""
     columns = [c for c in FINAL_COLUMNS + deployed_columns(final) if all(row.get(c[0]) is not None
                                                                           for row in final["rows"])]
@@ -276,7 +282,7 @@ def final_table_rows(final: dict) -> list[list[str]]:
     rows += [[_fmt(row.get("model", ""))] + [_cell(key)(row[key]) for key, _, _ in columns] for row in final["rows"]]
     if len(final["rows"]) == 2:
         base, comp = final["rows"]
-        rows.append(["reduction"] + [_compare(base[key], comp[key], kind) for key, _, kind in columns])
+        rows.append(["compressed vs base"] + [_compare(base[key], comp[key], kind) for key, _, kind in columns])
     return rows
 
 
