@@ -216,6 +216,36 @@ def test_constructor_arguments_read_a_required_argument_back():
                                                                                           "pool": "mean"}
 
 
+class _Dropped(_Pooled):
+    """A Dropout rate by a constructor choice: eval outputs are the same at any rate, training is not."""
+
+    def __init__(self, dropout: float = 0.5, keep: bool = False):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        if keep:
+            self.dropout = dropout
+
+    def forward(self, x):
+        return self.drop(super().forward(x))
+
+
+@settings(max_examples=8, deadline=None)
+@given(dropout=st.sampled_from([0.0, 0.1, 0.3, 0.5]), keep=st.booleans())
+def test_constructor_arguments_keep_a_dropout_rate_that_outputs_do_not_show(dropout, keep):
+    """``MyNet(dropout=0.3)`` computes ``MyNet()``'s eval outputs from the same weights, so outputs alone recorded
+    ``{}`` and a reloaded model trained at dropout 0.5: recorded arguments now also rebuild each module's
+    settings (read back from an attribute of the same name), or none are recorded."""
+    from autocompress.serialization import constructor_arguments
+
+    kwargs = constructor_arguments(_Dropped(dropout, keep).eval(), (torch.randn(1, 3, 4, 4),))
+    if dropout == 0.5:
+        assert kwargs == {}  # the default rate: nothing to record, kept or not
+    else:
+        assert kwargs == ({"dropout": dropout} if keep else None)
+    if kwargs is not None:
+        assert _Dropped(**kwargs).drop.p == dropout
+
+
 def test_a_saved_model_is_loaded_only_where_it_computes_its_saved_outputs(tmp_path):
     """The file keeps the model's outputs on a seeded input of ``dataset.input_size``; an instance that takes
     the weights but pools otherwise is refused (it used to load silently), a tampered check is refused as

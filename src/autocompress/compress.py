@@ -1063,8 +1063,9 @@ class Compression:
         load = f"load it with autocompress.load(path, model={cls.__name__}(...)) built as the model you compressed"
         if kwargs is None:
             self.pipeline.log(f"model.pt: {cls.__name__}'s constructor arguments are not recorded ({cls.__name__}() "
-                              f"with the model's weights does not compute its outputs, and they could not be read "
-                              f"back from its attributes): {load}")
+                              f"with the model's weights does not compute its outputs or has other layer settings, "
+                              f"such as a Dropout rate, and they could not be read back from its attributes): "
+                              f"{load}")
         if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
             self.pipeline.log(f"model.pt: {cls.__name__} is defined in the script that ran (or in a function), so "
                               f"another process cannot import it by name: {load}, or define it in a module")

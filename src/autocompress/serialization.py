@@ -39,14 +39,15 @@ def _constructible_without_arguments(cls: type) -> bool:
 def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | None:
     """Keyword arguments with which ``type(model)`` rebuilds ``model``, for a checkpoint's ``model`` entry.
 
-    A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict) and then
-    computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval mode, no grad; relative
-    difference <= 1e-4). Tried in order: no arguments (when the constructor needs none), then the constructor's
+    A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict), prints
+    as ``model`` does (the same modules with the same settings: a Dropout rate or BatchNorm momentum that only
+    training sees) and then computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval
+    mode, no grad; relative difference <= 1e-4). Tried in order: no arguments (when the constructor needs none), then the constructor's
     parameters read back from ``model``'s attributes of the same name where a checkpoint can record them
     (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
 
     Returns None when neither rebuilds it, e.g. ``MyNet(pool="mean")`` whose ``MyNet()`` pools otherwise and
-    keeps no ``pool`` attribute: a checkpoint recording ``{}`` there would load a model computing something
+    keeps no ``pool`` attribute, or ``MyNet(dropout=0.3)`` keeping no ``dropout`` attribute: a checkpoint recording ``{}`` there would load a model computing something
     else; with None, ``autocompress.load`` asks for ``model=``. Never raises for the caller's constructor or
     forward (a failure means "does not rebuild").
     """
@@ -76,9 +77,12 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) -> bool:
-    """Whether ``cls(**kwargs)`` with ``model``'s state_dict computes ``model``'s outputs on ``example_inputs``."""
+    """Whether ``cls(**kwargs)`` prints as ``model`` and with ``model``'s state_dict computes its outputs on
+    ``example_inputs``."""
     try:
         fresh = cls(**kwargs)
+        if str(fresh) != str(model):  # other module settings (nn.Module's repr lists each module's)
+            return False
         fresh.load_state_dict(model.state_dict())
         fresh.to(model_device(model))
         with analysis_mode(model), analysis_mode(fresh):
