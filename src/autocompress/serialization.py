@@ -42,14 +42,15 @@ def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | Non
     A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict), prints
     as ``model`` does (the same modules with the same settings: a Dropout rate or BatchNorm momentum that only
     training sees) and then computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval
-    mode, no grad; relative difference <= 1e-4). Tried in order: no arguments (when the constructor needs none), then the constructor's
-    parameters read back from ``model``'s attributes of the same name where a checkpoint can record them
-    (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
+    mode, no grad; relative difference <= 1e-4). Tried in order: no arguments (when the constructor needs none),
+    then the constructor's parameters read back from ``model``'s attributes of the same name where a checkpoint
+    can record them (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
 
     Returns None when neither rebuilds it, e.g. ``MyNet(pool="mean")`` whose ``MyNet()`` pools otherwise and
-    keeps no ``pool`` attribute, or ``MyNet(dropout=0.3)`` keeping no ``dropout`` attribute: a checkpoint recording ``{}`` there would load a model computing something
-    else; with None, ``autocompress.load`` asks for ``model=``. Never raises for the caller's constructor or
-    forward (a failure means "does not rebuild").
+    keeps no ``pool`` attribute, or ``MyNet(dropout=0.3)`` keeping no ``dropout`` attribute: a checkpoint
+    recording ``{}`` there would load a model computing (or training) otherwise; with None, ``autocompress.load``
+    asks for ``model=``. Never raises for the caller's constructor or forward (a failure means "does not
+    rebuild").
     """
     cls = type(model)
     try:
