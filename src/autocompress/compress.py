@@ -940,9 +940,10 @@ class Compression:
         """The final record's deployed-latency fields: interleaved base / compact timings in the deployment
         runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower
         (or, for a params / flops target, barely faster at many fewer MACs:
-        :func:`~autocompress.latency.speed_warning`), and for a latency target the lookup table's estimate against the measurement. The compact model is
-        timed in its deployed form (:func:`autocompress.deployment.deployed_form`: each column layer stored or
-        dense, whichever runs faster; ``deployed_form`` in the record). A model the runtime cannot take (several
+        :func:`~autocompress.latency.speed_warning`), and for a latency target the lookup table's estimate against
+        the measurement. The compact model is timed in its deployed form
+        (:func:`autocompress.deployment.deployed_form`: each column layer stored or dense, whichever runs faster;
+        ``deployed_form`` in the record). A model the runtime cannot take (several
         inputs, an op it cannot export) gets ``deployed: None`` and a warning saying why."""
         settings = self.config.latency
         batches = list(dict.fromkeys((*settings.batches, settings.batch)))
