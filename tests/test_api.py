@@ -802,6 +802,15 @@ def test_a_loss_passed_as_score_fn_is_refused_before_any_work(no_work):
     Task(train, score_fn=lambda model: -loss(model)).check_score_direction(base, -loss(base))  # no error
 
 
+def test_a_score_fn_that_does_not_depend_on_the_model_is_refused_before_any_work(no_work):
+    """A fresh user's ``score_fn=lambda m: 5.0`` ran a whole compression in which every decision was a tie: the
+    zeroed model scoring as high as the base is refused like one scoring higher."""
+    train, _ = loaders()
+    error = refused(no_work, "score_fn scores the model with every weight zeroed", model=trained(SmallCNN(), train,
+                    steps=30), score_fn=lambda model: 5.0)
+    assert "5, as high as the model's own 5: the score must be higher-is-better and depend on the model" in str(error)
+
+
 def test_a_loss_fn_of_the_wrong_signature_is_told_its_signature(no_work):
     """A fresh user's ``loss_fn=lambda out, y: ...`` failed with "check the targets ... or pass loss_fn" although
     they had passed one: the message now gives loss_fn's signature."""
@@ -1225,6 +1234,18 @@ def test_a_mistyped_or_misplaced_setting_gets_a_guess(no_work, config, guess):
     section's setting of that name given a level up, is now suggested; a key like none gets no guess."""
     assert guess in str(refused(no_work, "unknown setting", config=config))
     assert "did you mean" not in str(refused(no_work, "unknown setting", config={"zzz": 1}))
+
+
+@pytest.mark.parametrize("key", ["device", "run_dir", "progress", "score_fn"])
+def test_an_argument_of_compress_given_as_a_setting_is_told_where_it_goes(no_work, key):
+    """A fresh user's ``config={"device": "cuda"}`` was asked "did you mean latency.device?": an argument of
+    compress in the config names the argument (CallArgument, a SettingError)."""
+    from autocompress.errors import CallArgument
+
+    message = f"{key} is an argument of autocompress.compress, not a config setting; pass it to compress: " \
+              f"compress(..., {key}=...)"
+    error = refused(no_work, f"^{re.escape(message)}$", config={**CONFIG, key: "cpu"})
+    assert isinstance(error, CallArgument) and error.setting == key
 
 
 @pytest.mark.parametrize("target", ["params=0.5x", "flops=1x", "params=-3x"])

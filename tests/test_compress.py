@@ -304,6 +304,8 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
 @pytest.mark.parametrize("text, flags, message", [
     ("target: params=2x\nadmm: {epochs: -1}\n", [], "admm.epochs=-1 must be >= 0; use 0 (one-shot projection) or "
      "more (in the config file {path})"),
+    ("target: params=2x\ndevice: cpu\n", ["--device", "cpu"], "device is not a config setting (in the config file "
+     "{path}); give it as --device"),
     ("target: params=2x\n", ["--admm-epochs", "-2"], "--admm-epochs -2 must be >= 0; use 0 (one-shot projection) "
      "or more (set by --admm-epochs)"),
     ("target: params=2x\nretrain: {lr: -1}\n", [],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -35,8 +36,9 @@ from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
 from .distillation import AUTO_RULE, distillable
-from .errors import TargetMissed, UserError
-from .latency import LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models, speed_warning
+from .errors import CallArgument, TargetMissed, UserError
+from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
+                      speed_warning)
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -250,6 +252,19 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         progress=progress, log=log).run()
 
 
+def _check_call_arguments(data: Any) -> None:
+    """:class:`~autocompress.errors.CallArgument` for a config mapping holding an argument of :func:`compress` that is not a setting (a fresh
+    user's ``config={"device": "cuda"}`` was asked whether they meant ``latency.device``)."""
+    if not isinstance(data, dict):
+        return
+    arguments = set(inspect.signature(compress).parameters) - {"config"} - {
+        field.name for field in dataclasses.fields(CompressConfig)}
+    named = sorted(str(key) for key in data if key in arguments)
+    if named:
+        raise CallArgument(named[0], f"{named[0]} is an argument of autocompress.compress, not a config setting",
+                           f"pass it to compress: compress(..., {named[0]}=...)")
+
+
 def resolve_config(config: CompressConfig | dict | None, target: str | None,
                    steps_per_epoch: int | None = None) -> CompressConfig:
     """The run's validated config: ``config`` (a CompressConfig, its dict form or None) with ``target`` set and
@@ -260,6 +275,7 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None,
         config = CompressConfig.from_dict(dataclasses.asdict(config), validate=False)
     else:
         data = {} if config is None else config
+        _check_call_arguments(data)
         config = CompressConfig.from_dict(data, validate=False)
         given = given_settings(data)
     if target is not None:
@@ -939,7 +955,7 @@ class Compression:
     def _deployed(self, compact_model: nn.Module) -> dict:
         """The final record's deployed-latency fields: interleaved base / compact timings in the deployment
         runtime (:func:`autocompress.latency.measure_models`), a loud warning when the compact model is slower
-        (or, for a params / flops target, barely faster at many fewer MACs:
+        (or, for a params / flops target, not much faster at many fewer MACs:
         :func:`~autocompress.latency.speed_warning`), and for a latency target the lookup table's estimate against
         the measurement. The compact model is timed in its deployed form
         (:func:`autocompress.deployment.deployed_form`: each column layer stored or dense, whichever runs faster;
@@ -1045,7 +1061,7 @@ class Compression:
 
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
-        of ``latency_runs``; when the compressed model looks more than :data:`EAGER_SLOWER` times slower at either
+        of ``latency_runs``; when the compressed model looks more than :data:`autocompress.latency.SLOWER` times slower at either
         batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that measurement stands (one
         noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
         ``{batch: {name: Timing}}`` and the runs behind it."""
@@ -1092,21 +1108,19 @@ class Compression:
 #: a continued run's base may score this much (a fraction of the score scale: top-1 0.1 point, 5 images of 5,000)
 #: away from its score when the run started (float sums at another thread count can flip a near tie)
 VALIDATION_DRIFT = 0.001
-#: the compact model runs "slower" in eager PyTorch beyond this ratio to the base's latency (5 %: noise below)
-EAGER_SLOWER = 1.05
 #: a timing that would refuse a latency target or warn of a slower model is repeated with this many times the runs
 RECHECK_RUNS = 3
 
 
 def _eager_slower(compressed_ms: float, base_ms: float) -> bool:
-    """Whether a compact model's eager latency counts as slower than its base's (:data:`EAGER_SLOWER`)."""
-    return compressed_ms > EAGER_SLOWER * base_ms
+    """Whether a compact model's eager latency counts as slower than its base's (:data:`autocompress.latency.SLOWER`)."""
+    return compressed_ms > SLOWER * base_ms
 
 
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
                           latency_target: bool = False, aligned: bool = False, column_layers: bool = True,
                           padded_norms: int = 0) -> str | None:
-    """The warning when the compact model, as stored, runs more than :data:`EAGER_SLOWER` times slower than the
+    """The warning when the compact model, as stored, runs more than :data:`autocompress.latency.SLOWER` times slower than the
     base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at
     batch 1 or 64. Its fixes: the torch deployed form only when the model has ``column_layers`` (it changes
     nothing else), ``channel_multiple`` only when the widths were not ``aligned`` already, a latency target unless

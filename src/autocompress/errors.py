@@ -36,6 +36,11 @@ class SettingError(UserError):
         self.also = tuple(also)
 
 
+class CallArgument(SettingError):
+    """A :class:`SettingError`: a config names an argument of ``autocompress.compress`` (``device``, ``run_dir``)
+    as if it were a setting. The CLI names its flag for it instead."""
+
+
 class MissingCode(UserError):
     """A :class:`UserError` about code the input names but Python cannot find: a checkpoint's model class whose
     module does not import, or a model name nobody registered. ``module`` is the module to import first, when

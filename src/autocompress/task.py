@@ -329,13 +329,14 @@ class Task:
     # --- checks before any work ---------------------------------------------------------------------
     def check_score_direction(self, model: nn.Module, base_score: float) -> None:
         """Refuse a ``score_fn`` that scores a copy of ``model`` with every weight zeroed (each parameter of two
-        or more dimensions: a constant output) above ``base_score``, the model's own score: the score is
+        or more dimensions: a constant output) at or above ``base_score``, the model's own score: the score is
         lower-is-better (a fresh user passed their validation loss, and the run ranked, purified and stopped
-        distilling backwards without a word), or the base predicts no better than a constant. Nothing is checked
-        for the default top-1, nor when ``score_fn`` fails or returns no finite number on the copy.
+        distilling backwards without a word), does not depend on the model (another passed a constant: every
+        decision of the run is a tie), or the base predicts no better than a constant. Nothing is checked for the
+        default top-1, nor when ``score_fn`` fails or returns no finite number on the copy.
 
         Raises:
-            UserError (naming ``score_fn``): the zeroed copy scores higher.
+            UserError (naming ``score_fn``): the zeroed copy scores as high or higher.
         """
         if self.score_fn is None:
             return
@@ -348,9 +349,11 @@ class Task:
             value = self.score(blank)
         except Exception:  # noqa: BLE001 - a score_fn may fail on a constant output (e.g. a degenerate metric)
             return
-        if value > base_score:
+        if value >= base_score:
+            where = "above" if value > base_score else "as high as"
             raise UserError(f"score_fn scores the model with every weight zeroed (a constant output) {value:.4g}, "
-                            f"above the model's own {base_score:.4g}: the score must be higher-is-better",
+                            f"{where} the model's own {base_score:.4g}: the score must be higher-is-better and "
+                            "depend on the model",
                             "return e.g. minus the validation loss, or accuracy / mIoU / PSNR (if the model is "
                             "really no better than a constant output, train it first)")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..config import SettingError
-from ..errors import UserError
+from ..errors import CallArgument, UserError
 
 #: flag -> the setting it sets (``section.key`` for a key of a section)
 FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "--seed": "seed",
@@ -130,6 +130,10 @@ def flag_message(exc: SettingError, args: argparse.Namespace) -> UserError:
     flag (``budget=1`` -> ``--epochs 1``), the flags that set the settings involved and the settings it clashes
     with named, or the flag that would set it (only the CLI speaks of flags)."""
     involved, config = (exc.setting, *exc.also), getattr(args, "config", None)
+    if isinstance(exc, CallArgument):  # e.g. device: in the config file
+        flag = {"device": "--device", "run_dir": "--out"}.get(exc.setting)
+        where = f" (in the config file {config})" if config else ""
+        return UserError(f"{exc.setting} is not a config setting{where}", f"give it as {flag}" if flag else "remove it")
     by_flag = {setting: flag for flag, setting in {**FLAG_SETTINGS, "--device": "device"}.items()
                if setting in involved and getattr(args, flag[2:].replace("-", "_"), None) is not None}
     if by_flag:

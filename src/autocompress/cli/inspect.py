@@ -126,7 +126,7 @@ def _report(args: argparse.Namespace) -> dict:
 
 def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     """Deployed latency of ``model`` (and of ``base``, interleaved, for a compact checkpoint) at batch 1 and
-    64 in ``--runtime``; with a base, the speedups and a warning when the model is slower or barely faster at
+    64 in ``--runtime``; with a base, the speedups and a warning when the model is slower or not much faster at
     many fewer MACs (:func:`autocompress.latency.speed_warning`)."""
     from ..deployment import deployed_form
     from ..latency import LatencyConfig, blocked_convolutions, deployed_summary, measure_models, speed_warning
