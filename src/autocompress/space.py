@@ -1027,7 +1027,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
                 continue
             if bool((index >= extent).any()):
-                problem = problem or f"filter pruning: torch-pruning maps channels outside {mname}'s weight"
+                problem = problem or (f"filter pruning: its channels cannot be followed into {mname} (torch-pruning "
+                                      "maps them outside its weight, as after a torch.split of a layer's output); "
+                                      "these channels stay, other layers are pruned as usual")
                 continue
             wname = param_names[id(target.weight)]
             if out_side or _is_depthwise(target):
