@@ -31,6 +31,13 @@ CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search"
 CLASSES = 3
 
 
+def weights_present(model: nn.Module) -> float:
+    """A score of 1 for a model with any nonzero weight, 0 for one whose every weight is zero: the same for every
+    model a run makes (every purification threshold passes), while the zeroed model the run checks the score's
+    direction with scores below the base (a constant score is refused)."""
+    return float(any(bool(p.any()) for p in model.parameters() if p.dim() >= 2))
+
+
 class SmallCNN(nn.Module):
     """``[B, 1, 8, 8]`` -> logits ``[B, 3]``: two conv-BN-ReLU layers (``kernel`` x ``kernel``), global average
     pooling, a linear layer."""
@@ -715,8 +722,8 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
 
 
 def test_refit_meets_the_target_after_redundant_weight_removal(one_thread, refits):
-    """Redundant weight removal (a constant score: every threshold accepted) takes units below 0.9 x the layer's
-    mean norm beyond the searched rates; the refit hard-prunes and purifies again at looser rates, so the
+    """Redundant weight removal (a score constant over the run's models: every threshold accepted) takes units
+    below 0.9 x the layer's mean norm beyond the searched rates; the refit hard-prunes and purifies again at looser rates, so the
     compact model ends above the count purification alone leaves, never beyond the target."""
     train, val = loaders()
     torch.manual_seed(0)  # the initial weights too: the case's margins depend on them
@@ -727,7 +734,7 @@ def test_refit_meets_the_target_after_redundant_weight_removal(one_thread, refit
         config = {**CONFIG, "dims": "filter", "channel_multiple": 1,  # the case's margins are at any width
                   "purification": {"refit": refit, "thresholds": [0.9], "tolerance": 1.0}}
         runs[refit] = autocompress.compress(model, torch.randn(2, 1, 8, 8), "params=6x", train_loader=train,
-                                            score_fn=lambda m: 1.0, config=config, progress=False)
+                                            score_fn=weights_present, config=config, progress=False)
     removed = next(r for r in runs[False].records if r["event"] == "purification")["removed_filters"]
     plain, refitted = params(runs[False].model), params(runs[True].model)
     record = next(r for r in runs[True].records if r["event"] == "refit")
@@ -735,6 +742,45 @@ def test_refit_meets_the_target_after_redundant_weight_removal(one_thread, refit
     assert record["searched"] == plain < 0.95 * limit
     assert plain < record["refitted"] == refitted <= limit
     assert record["slack"] > 1 and refits[record["slack"]] == runs[True].rounds[0]["rates"]
+
+
+def test_a_refit_trial_at_widths_tried_already_is_not_purified_again(one_thread, monkeypatch):
+    """Rates that round to the same aligned widths hard-prune to the same masks, whose purification (a full
+    validation pass or more) gives the same count: a fresh user's refit purified 2 of its 4 trials twice (54-117 s
+    of an otherwise empty purify phase). Each hard pruning is purified once, and the run ends as it does when
+    every trial is purified (the cache keyed off)."""
+    from autocompress import rounds
+
+    train, val = loaders()
+    torch.manual_seed(1)  # the initial weights too: the case's repeats depend on them
+    model = trained(ThreeConv(), train)
+    keys, purified = [], []
+    key, purification = rounds._masks_key, rounds.Pipeline._purification
+
+    def recorded_key(param_masks, cached=True):
+        keys.append(key(param_masks))
+        return keys[-1] if cached else object()  # an object equal to no other: every trial purified
+
+    def counted(self, *args, **kwargs):
+        purified.append(1)
+        return purification(self, *args, **kwargs)
+
+    monkeypatch.setattr(rounds.Pipeline, "_purification", counted)
+    runs = {}
+    for cached in (True, False):
+        keys.clear(), purified.clear()
+        monkeypatch.setattr(rounds, "_masks_key", lambda param_masks, cached=cached: recorded_key(param_masks, cached))
+        runs[cached] = autocompress.compress(model, torch.randn(2, 1, 8, 8), "flops=3x", train_loader=train,
+                                             val_loader=val, config={**CONFIG, "channel_multiple": 8},
+                                             progress=False, log=lambda line: None)
+        if cached:
+            assert len(keys) > len(set(keys)), "the case must repeat a trial's widths"
+            assert len(purified) == len(set(keys))
+    record = [next(r for r in runs[c].records if r["event"] == "refit") for c in (True, False)]
+    assert record[0] == record[1] and len(purified) == len(keys) > len(set(keys))  # keyed off: each purified
+    assert runs[True].rounds[0]["rates"] == runs[False].rounds[0]["rates"]
+    for a, b in zip(runs[True].model.state_dict().values(), runs[False].model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # --- (5) bad input: a UserError before any training, nothing written ----------------------------------------
@@ -1164,7 +1210,7 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
     lines: list[str] = []
     run = Compression(Regressor(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                       log=lines.append, task_args=dict(
-                          train_loader=levels, score_fn=lambda model: 0.5,
+                          train_loader=levels, score_fn=weights_present,
                           loss_fn=lambda model, batch: F.mse_loss(model(batch[0]), batch[1])),
                       config=CONFIG, run_dir=tmp_path / "run")
     run.run()
@@ -1190,7 +1236,7 @@ def test_distillation_is_turned_off_for_a_regressor_of_several_values(caplog):
     train = DataLoader(TensorDataset(x, values), batch_size=16)
     run = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                       task_args=dict(train_loader=train, loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
-                                     score_fn=lambda m: 0.5), config={"budget": 2})
+                                     score_fn=weights_present), config={"budget": 2})
     assert not run.config.distillation.enabled and not run.config.quick_eval.finetune_distill
     assert run.config.retrain.optimizer == "adamw"
     assert any(r.getMessage().startswith("distillation from the base is off: the forward returns a tensor of shape "
@@ -1205,7 +1251,7 @@ def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     run = Compression(Regressor(), torch.randn(2, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                       task_args=dict(train_loader=train, forward_fn=lambda m, b: m(b["pixels"]),
                                      loss_fn=lambda m, b: F.mse_loss(m(b["pixels"]), b["level"]),
-                                     score_fn=lambda m: 0.5), config={"budget": 2})
+                                     score_fn=weights_present), config={"budget": 2})
     assert not run.config.distillation.enabled and not run.config.quick_eval.finetune_distill
     assert run.pipeline.distiller is None
     assert any(r.levelname == "WARNING" and r.getMessage().startswith(

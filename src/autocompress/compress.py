@@ -253,8 +253,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
 
 
 def _check_call_arguments(data: Any) -> None:
-    """:class:`~autocompress.errors.CallArgument` for a config mapping holding an argument of :func:`compress` that is not a setting (a fresh
-    user's ``config={"device": "cuda"}`` was asked whether they meant ``latency.device``)."""
+    """:class:`~autocompress.errors.CallArgument` for a config mapping holding an argument of :func:`compress`
+    that is not a setting (a fresh user's ``config={"device": "cuda"}`` was asked whether they meant
+    ``latency.device``)."""
     if not isinstance(data, dict):
         return
     arguments = set(inspect.signature(compress).parameters) - {"config"} - {
@@ -1061,8 +1062,8 @@ class Compression:
 
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
-        of ``latency_runs``; when the compressed model looks more than :data:`autocompress.latency.SLOWER` times slower at either
-        batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that measurement stands (one
+        of ``latency_runs``; when the compressed model looks more than :data:`autocompress.latency.SLOWER` times
+        slower at either batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that measurement stands (one
         noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
         ``{batch: {name: Timing}}`` and the runs behind it."""
         for runs in (self.config.latency_runs, RECHECK_RUNS * self.config.latency_runs):
@@ -1113,7 +1114,8 @@ RECHECK_RUNS = 3
 
 
 def _eager_slower(compressed_ms: float, base_ms: float) -> bool:
-    """Whether a compact model's eager latency counts as slower than its base's (:data:`autocompress.latency.SLOWER`)."""
+    """Whether a compact model's eager latency counts as slower than its base's
+    (:data:`autocompress.latency.SLOWER`)."""
     return compressed_ms > SLOWER * base_ms
 
 

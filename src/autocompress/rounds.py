@@ -541,6 +541,8 @@ class Pipeline:
         then refuses). The record gives the chosen slack (1: the searched rates)."""
         budget = state.budget
         first = count = self._count(state, state.model, result)
+        counts = {_masks_key(state.param_masks): count}  # hard pruning -> purified count (a trial whose rates
+        # round to widths tried already purifies to the same count: helper 47's refit repeated 2 of its 4 trials)
         searched = (count, state.rates, state.model, result, 1.0)
         best = searched if count <= budget.limit else None
         slack = 1.0
@@ -556,14 +558,18 @@ class Pipeline:
                 break
             rates = budget.refit(slack)
             trial = copy.deepcopy(admm_model)
-            masks, _ = admm.hard_prune(trial, state.space, rates)
-            trial_result = self._purification(trial, state, masks)
-            count = self._count(state, trial, trial_result)
+            masks, param_masks = admm.hard_prune(trial, state.space, rates)
+            key = _masks_key(param_masks)
+            seen = key in counts  # then its count is within best's or beyond the limit: nothing new to keep
+            if not seen:
+                trial_result = self._purification(trial, state, masks)
+                counts[key] = self._count(state, trial, trial_result)
+            count = counts[key]
             if count > budget.limit:
                 beyond = slack
                 continue
             within = slack
-            if best is None or count > best[0]:
+            if not seen and (best is None or count > best[0]):
                 best = (count, rates, trial, trial_result, slack)
         count, state.rates, state.model, result, slack = best or searched
         if count != first:
@@ -726,6 +732,11 @@ class Pipeline:
         model = apply_architecture(copy.deepcopy(self.base_model), payload["architecture"])
         model.load_state_dict(payload["state_dict"])
         return model.to(self.task.device).eval()
+
+
+def _masks_key(param_masks: dict[str, torch.Tensor]) -> tuple:
+    """A hashable form of a hard pruning's per-parameter masks (equal keys: the same pruned weights)."""
+    return tuple((name, tuple(mask.shape), mask.cpu().numpy().tobytes()) for name, mask in sorted(param_masks.items()))
 
 
 def epoch_record(index: int, epoch: dict) -> dict:
