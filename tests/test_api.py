@@ -723,8 +723,8 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
 
 def test_refit_meets_the_target_after_redundant_weight_removal(one_thread, refits):
     """Redundant weight removal (a score constant over the run's models: every threshold accepted) takes units
-    below 0.9 x the layer's mean norm beyond the searched rates; the refit hard-prunes and purifies again at looser rates, so the
-    compact model ends above the count purification alone leaves, never beyond the target."""
+    below 0.9 x the layer's mean norm beyond the searched rates; the refit hard-prunes and purifies again at
+    looser rates, so the compact model ends above the count purification alone leaves, never beyond the target."""
     train, val = loaders()
     torch.manual_seed(0)  # the initial weights too: the case's margins depend on them
     model = trained(ThreeConv(), train)

@@ -1063,8 +1063,8 @@ class Compression:
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
         of ``latency_runs``; when the compressed model looks more than :data:`autocompress.latency.SLOWER` times
-        slower at either batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that measurement stands (one
-        noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
+        slower at either batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that
+        measurement stands (one noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
         ``{batch: {name: Timing}}`` and the runs behind it."""
         for runs in (self.config.latency_runs, RECHECK_RUNS * self.config.latency_runs):
             latency = {b: metrics.measure_latencies(models, _batch_of(self.example, b), runs=runs) for b in (1, 64)}
@@ -1122,8 +1122,8 @@ def _eager_slower(compressed_ms: float, base_ms: float) -> bool:
 def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, runs: int, *,
                           latency_target: bool = False, aligned: bool = False, column_layers: bool = True,
                           padded_norms: int = 0) -> str | None:
-    """The warning when the compact model, as stored, runs more than :data:`autocompress.latency.SLOWER` times slower than the
-    base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at
+    """The warning when the compact model, as stored, runs more than :data:`autocompress.latency.SLOWER` times
+    slower than the base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at
     batch 1 or 64. Its fixes: the torch deployed form only when the model has ``column_layers`` (it changes
     nothing else), ``channel_multiple`` only when the widths were not ``aligned`` already, a latency target unless
     it was one; ``padded_norms`` (the model's PaddedLayerNorm / PaddedGroupNorm count) are named as a cost."""
