@@ -215,9 +215,9 @@ def test_a_model_not_much_faster_at_many_fewer_macs_is_warned_about():
     assert speed_warning(summary) is None  # no MACs factor given: only a slower model is warned about
     assert speed_warning(summary, macs_factor=FEWER_MACS - 0.01) is None  # few MACs removed: little speed expected
     warning = speed_warning(summary, macs_factor=2.0)
-    assert warning.startswith("the compressed model is not much faster than the base (under 1.1x) at 2x fewer MACs "
-                              "(MACs count operations, not time) in onnxruntime (1 thread(s)): batch 1: 0.95 ms vs 1 ms "
-                              "(1.05x); use a latency target"), warning
+    assert warning.startswith("the compressed model is not much faster than the base (under 1.1x) at 2x fewer "
+                              "MACs (MACs count operations, not time) in onnxruntime (1 thread(s)): batch 1: 0.95 ms "
+                              "vs 1 ms (1.05x); use a latency target"), warning
     assert "batch 64" not in warning and "channel_multiple" in warning
     assert "blocked channel layout" in speed_warning(summary, macs_factor=2.0,
                                                      layout={"base": (5, 5), "compressed": (2, 5)})

@@ -1123,10 +1123,10 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, ru
                           latency_target: bool = False, aligned: bool = False, column_layers: bool = True,
                           padded_norms: int = 0) -> str | None:
     """The warning when the compact model, as stored, runs more than :data:`autocompress.latency.SLOWER` times
-    slower than the base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of ``runs``), at
-    batch 1 or 64. Its fixes: the torch deployed form only when the model has ``column_layers`` (it changes
-    nothing else), ``channel_multiple`` only when the widths were not ``aligned`` already, a latency target unless
-    it was one; ``padded_norms`` (the model's PaddedLayerNorm / PaddedGroupNorm count) are named as a cost."""
+    slower than the base in eager PyTorch (the final table's interleaved ``latency_b<B>_ms`` columns, medians of
+    ``runs``), at batch 1 or 64. Its fixes: the torch deployed form only when the model has ``column_layers`` (it
+    changes nothing else), ``channel_multiple`` only when the widths were not ``aligned`` already, a latency target
+    unless it was one; ``padded_norms`` (the model's PaddedLayerNorm / PaddedGroupNorm count) are named as a cost."""
     slower = [f"batch {b}: {compressed[f'latency_b{b}_ms']:.3g} ms vs {base[f'latency_b{b}_ms']:.3g} ms"
               for b in (1, 64) if _eager_slower(compressed[f"latency_b{b}_ms"], base[f"latency_b{b}_ms"])]
     if not slower:
