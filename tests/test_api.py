@@ -1227,6 +1227,20 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
         assert built == [("sgd", 0.01), ("sgd", 0.01)]
 
 
+def test_a_budget_run_s_summary_says_the_schedule_it_made():
+    """A fresh user's budget of 3 epochs ran no ADMM and no search, said only in the log's first lines: the final
+    record and the summary carry the schedule line the log starts with; an explicit schedule gets none."""
+    train, val = loaders()
+    base, lines = trained(SmallCNN(), train), []
+    result = autocompress.compress(base, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                                   config={"budget": 1, "latency_runs": 2}, progress=False, log=lines.append)
+    schedule = next(line for line in lines if line.startswith("budget 1 epochs (rule "))
+    assert result.final["schedule"] == schedule and f"schedule: {schedule}" in result.summary()
+    explicit = autocompress.compress(base, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                                     val_loader=val, config=CONFIG, progress=False, log=lambda line: None)
+    assert explicit.final["schedule"] is None and "schedule:" not in explicit.summary()
+
+
 def test_distillation_is_turned_off_for_a_regressor_of_several_values(caplog):
     """A fresh user's regressor of 4 values per image was distilled with a KL divergence of softmaxes over its
     values (its output has >= 2 channels): float targets of the output's shape that are no class probabilities

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from autocompress.report import final_table_rows, final_text, headline, phase_seconds, validation_lines, write_report
+from autocompress.report import (final_table_rows, final_text, headline, note_lines, phase_seconds, validation_lines,
+                                 write_report)
 
 EVIL = "<script>alert(1)</script>"
 
@@ -52,6 +53,15 @@ def test_final_table_rows_are_plain_text():
     slower = {**comp, "latency_b1_ms": 2.5, "params": 0}  # below 1: the inverse and the opposite word; 0: no ratio
     assert final_table_rows({"rows": [base, slower]})[-1][2] == "-"
     assert final_table_rows({"rows": [base, slower]})[-1][5] == "1.25x slower"
+
+
+def test_the_schedule_a_budget_made_is_a_line_under_the_table():
+    """A fresh user's budget of 3 epochs ran no ADMM and no search, said only in the log's first lines."""
+    base = {"model": "base", "params": 30, "macs": 90}
+    final = {"rows": [base, {**base, "model": "compressed"}], "schedule": "budget 3 epochs (rule ac_kd) -> 1 round(s)"}
+    assert note_lines(final)[0] == "schedule: budget 3 epochs (rule ac_kd) -> 1 round(s)"
+    assert "schedule: budget 3" in final_text(final)
+    assert not any(line.startswith("schedule") for line in note_lines({**final, "schedule": None}))
 
 
 def test_the_headline_names_the_target_and_sums_the_phases_of_every_round():

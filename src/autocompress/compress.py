@@ -1045,7 +1045,8 @@ class Compression:
                 deployed["warnings"].append(warning)
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": runs,
-                "phase_seconds": phase_seconds, "not_filter_pruned": self.first_space.not_filter_pruned(), **deployed}
+                "phase_seconds": phase_seconds, "not_filter_pruned": self.first_space.not_filter_pruned(),
+                "schedule": describe(self.config) if self.config.budget is not None else None, **deployed}
 
     def _base_batchnorm_warning(self) -> str | None:
         """A warning when the base's own BatchNorm statistics were replaced before the run

@@ -27,7 +27,7 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   "deployed_form": {"form", "column_layers", "dense_layers", "ratios"} (:mod:`autocompress.deployment`),
   "deployed_macs": int (MACs the deployed form executes: its dense column layers count whole; within a flops
   target's limit), "not_filter_pruned": {layer: reason} (:meth:`autocompress.space.PruningSpace.not_filter_pruned`
-  of the first round's space),
+  of the first round's space), "schedule": str or None (what a ``budget`` made: :func:`autocompress.budget.describe`),
   "latency_estimate": {...} (latency targets)}`` (:mod:`autocompress.latency`); warnings are shown loudly.
 """
 from __future__ import annotations
@@ -315,10 +315,17 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
+def schedule_lines(final: dict) -> list[str]:
+    """The schedule a ``budget`` made (rounds, ADMM and retraining epochs, the search), or none: a fresh user's
+    budget of 3 epochs ran no ADMM and no search, said only in the log's first lines."""
+    schedule = final.get("schedule")
+    return [f"schedule: {schedule}"] if isinstance(schedule, str) else []
+
+
 def note_lines(final: dict) -> list[str]:
-    """The lines under the final table: :func:`validation_lines`, :func:`left_out_lines`, then
-    :func:`deployed_lines` (warnings included)."""
-    return validation_lines(final) + left_out_lines(final) + deployed_lines(final)
+    """The lines under the final table: :func:`schedule_lines`, :func:`validation_lines`, :func:`left_out_lines`,
+    then :func:`deployed_lines` (warnings included)."""
+    return schedule_lines(final) + validation_lines(final) + left_out_lines(final) + deployed_lines(final)
 
 
 def final_text(final: dict) -> str:
