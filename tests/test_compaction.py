@@ -250,6 +250,20 @@ def test_sigmoid_after_removed_channel_is_detected():
         compact(model, masks, torch.randn(1, 3, 8, 8))
 
 
+def test_a_divergence_after_a_channels_last_layer_is_named_not_a_crash():
+    """The check's diagnostic indexed dimension 1 of every non-Linear output: a LayerNorm on ``[B, T, C]`` (time
+    there) made it crash with "INDICES element is out of DATA bounds" and hid the real message. The kept channels
+    are read in the one dimension whose size differs by their count."""
+    from autocompress.compaction import _kept_channels
+
+    output, kept = torch.randn(2, 7, 128), torch.tensor([1, 16, 28, 42, 67, 116])
+    assert torch.equal(_kept_channels(output, torch.Size([2, 7, 6]), kept), output[..., kept])  # channels last
+    conv = torch.randn(2, 128, 7)
+    assert torch.equal(_kept_channels(conv, torch.Size([2, 6, 7]), kept), conv[:, kept])  # channels first
+    assert _kept_channels(output, torch.Size([2, 5, 6]), kept) is None  # two dimensions differ: not compared
+    assert _kept_channels(output, torch.Size([2, 7, 5]), kept) is None  # not the kept count
+
+
 def test_groupnorm_coupled_dead_channels_are_removed_exactly():
     """With affine entries zeroed, dead channels leave (PaddedGroupNorm); without affine entries only a
     whole dead norm group leaves (its output is exactly zero), two dead channels of a group stay dense."""

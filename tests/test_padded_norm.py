@@ -164,6 +164,44 @@ def test_any_kept_subset_of_any_groups_computes_the_masked_group_norm(groups, si
         assert torch.allclose(norm.train(train)(x), expected, atol=1e-9)
 
 
+class _SequenceNet(nn.Module):
+    """``[B, T, F]`` -> logits: a Conv1d to ``width`` channels, a LayerNorm over them on channels-last data (a
+    transpose each side), a Linear head on the time mean (a fresh user's sequence classifier)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv1d(6, width, 3, padding=1), nn.LayerNorm(width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.conv(x.transpose(1, 2))
+        return self.head(torch.relu(self.norm(x.transpose(1, 2))).mean(1))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(16, 160), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(width, kept, seed):
+    """torch-pruning 1.6.0 gave a LayerNorm that kept few of many channels its weight and bias in a set's order
+    (6 of 128: a fresh user's compact model differed by 0.67): random kept channels of a Conv1d -> LayerNorm
+    (channels-last) -> Linear, compacted, against the masked model and against the weights kept in order."""
+    from autocompress.compaction import compact
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _SequenceNet(width).eval()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
+        model.norm.bias.copy_(torch.randn(width, generator=gen))
+    keep = torch.zeros(width, dtype=torch.bool)
+    keep[torch.randperm(width, generator=gen)[:min(kept, width)]] = True
+    masks = {"conv.weight": keep[:, None, None].expand(-1, 6, 3).clone(), "conv.bias": keep.clone(),
+             "norm.weight": keep.clone(), "norm.bias": keep.clone()}
+    result = compact(model, masks, torch.randn(2, 7, 6))  # raises where it differs from the masked model
+    norm = result.model.norm
+    assert isinstance(norm, PaddedLayerNorm) and norm.num_features == int(keep.sum()) and norm.width == width
+    assert torch.equal(norm.weight.detach(), model.norm.weight.detach()[keep])
+    assert torch.equal(norm.bias.detach(), model.norm.bias.detach()[keep])
+
+
 def test_a_group_over_its_size_is_refused_and_onnx_runs_one_norm_op(tmp_path):
     """regroup checks its groups; the exported graph gathers the padded layout (no scatter: onnxruntime's
     ScatterND made an earlier form slower than the base at batch 1, BENCHMARKS.md session 26)."""

@@ -420,6 +420,18 @@ def _layer_outputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Tensor]:
     return outputs
 
 
+def _kept_channels(output: torch.Tensor, shape: torch.Size, kept: torch.Tensor) -> torch.Tensor | None:
+    """``output`` (a layer's output in the masked model) at the ``kept`` channels of the one dimension in which
+    it differs from ``shape`` (the compact layer's output) by exactly that many channels: dimension 1 of a conv,
+    the last of a Linear or of a LayerNorm on channels-last data; None when no single dimension fits."""
+    if output.dim() != len(shape):
+        return None
+    differ = [d for d in range(output.dim()) if output.shape[d] != shape[d]]
+    if len(differ) != 1 or shape[differ[0]] != kept.numel():
+        return None
+    return output.index_select(differ[0], kept.to(output.device))
+
+
 def _first_divergence(reference: nn.Module, compact: nn.Module, inputs: tuple, kept: dict,
                       atol_scale: float) -> str | None:
     """Name of the first layer (in the reference's execution order) whose output differs."""
@@ -428,10 +440,9 @@ def _first_divergence(reference: nn.Module, compact: nn.Module, inputs: tuple, k
         new = new_out.get(name)
         if new is None:
             continue
-        if name in kept and ref.dim() >= 2 and new.shape != ref.shape:
-            ref = ref.index_select(1 if not isinstance(compact.get_submodule(name), (nn.Linear, ColumnLinear))
-                                   else ref.dim() - 1, kept[name].to(ref.device))
-        if new.shape != ref.shape:
+        if name in kept and new.shape != ref.shape:
+            ref = _kept_channels(ref, new.shape, kept[name])
+        if ref is None or new.shape != ref.shape:
             continue
         if float((new - ref).abs().max()) > atol_scale * max(1.0, float(ref.abs().max())):
             return name

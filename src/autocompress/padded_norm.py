@@ -291,5 +291,30 @@ class PaddedGroupNormPruner(_PerChannelPruner):
 
 #: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
 PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
-#: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``)
-PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner()}
+class LayerNormPruner(tp.pruner.function.LayernormPruner):
+    """torch-pruning's handler for ``nn.LayerNorm`` with the kept entries in channel order. torch-pruning 1.6.0
+    builds them from a set and calls ``sort()`` on a tensor without keeping the result, so a LayerNorm that kept
+    few of many channels (6 of 128) had its weight and bias in the set's order: the compact model computed
+    something else and a fresh user's latency target failed its compaction check."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        dim = self.pruning_dim
+        if len(layer.normalized_shape) < -dim:
+            return layer
+        keep = sorted(set(range(layer.normalized_shape[dim])) - set(idxs))
+        for name in ("weight", "bias"):
+            param = getattr(layer, name)
+            if layer.elementwise_affine and param is not None:
+                setattr(layer, name, self._prune_parameter_and_grad(param, keep, dim))
+        shape = list(layer.normalized_shape)
+        shape[dim] = len(keep)
+        layer.normalized_shape = tuple(shape)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
+#: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``), and for
+#: ``nn.LayerNorm`` (:class:`LayerNormPruner`)
+PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner(),
+           nn.LayerNorm: LayerNormPruner()}
