@@ -271,6 +271,10 @@ def test_input_size_mismatch(cifar_folder, fmnist_small):
     fmnist_small.check_input_size(None)
     with pytest.raises(UserError, match="fashion-mnist images are 1x28x28 but the model expects 3x28x28"):
         fmnist_small.check_input_size((3, 28, 28))
+    # a fresh user's sequence model ([T, F] per sample) was told to use the dataset it was trained on
+    with pytest.raises(UserError, match=r"fashion-mnist images are 1x28x28 \(C x H x W\) but the model takes inputs of "
+                       r"2 dimension\(s\) \(28x28\); wrap the model in a module whose forward takes the images"):
+        fmnist_small.check_input_size((28, 28))
 
 
 def test_checkpoint_dataset_uses_the_recorded_carve_and_normalisation(cifar_folder):

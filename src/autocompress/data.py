@@ -232,6 +232,11 @@ class DataSplits:
     def check_input_size(self, expected: Sequence[int] | None, what: str = "the model") -> None:
         """Raise UserError unless this dataset's ``input_size`` is ``expected`` ``(C, H, W)`` (None: no check)."""
         if expected is not None and tuple(int(v) for v in expected) != tuple(self.input_size):
+            if len(expected) != len(self.input_size):  # another layout, not another dataset (a sequence model)
+                raise UserError(f"{self.name} images are {_size_text(self.input_size)} (C x H x W) but {what} "
+                                f"takes inputs of {len(expected)} dimension(s) ({_size_text(expected)})",
+                                "wrap the model in a module whose forward takes the images and reshapes them, "
+                                "or call autocompress.compress with your own loaders")
             raise UserError(f"{self.name} images are {_size_text(self.input_size)} but {what} expects "
                             f"{_size_text(expected)}",
                             "use the dataset the model was trained on (imagefolder resizes to input_size)")
