@@ -8,6 +8,7 @@ Python values, so compact models pickle, trace, script and export (see :class:`C
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -378,8 +379,8 @@ class ColumnConvNd(nn.Module):
     * ``column_index``: sorted LongTensor buffer ``[K']`` of the kept GEMM columns.
 
     Forward (input ``[N, C, *spatial]`` -> ``[N, F, *spatial_out]``): the input channels with a kept column
-    are gathered, the kept columns are scattered into a dense weight over them (``scatter``, exported to
-    ONNX as ScatterElements) and one dense (transposed) convolution runs — the same output as the layer
+    are gathered, the kept columns are scattered into a dense weight over them (``scatter``; exported in the
+    :meth:`gathered` form, that weight built once) and one dense (transposed) convolution runs — the same output as the layer
     with the dropped columns zero; its MACs are those of that conv (:func:`executed_columns`).
     """
 
@@ -439,6 +440,22 @@ class ColumnConvNd(nn.Module):
         dense = dense.scatter(1, columns, self.weight).reshape(self.out_channels, channels, *self.kernel_size)
         return dense.transpose(0, 1) if self.transposed else dense
 
+    def gathered(self) -> "GatheredConv":
+        """The same function as a :class:`GatheredConv`: the dense weight over the kept input channels built
+        once (an exported graph then holds that weight, not the stored columns, their int64 places and a
+        zero weight to scatter them into: a fresh user's ONNX file was 1.1x smaller than its base's at 4x fewer
+        parameters)."""
+        cls = CONV_LAYERS[len(self.kernel_size), self.transposed]
+        extra = {"output_padding": self.output_padding} if self.transposed else {}
+        conv = cls(self.input_channels.numel(), self.out_channels, self.kernel_size, stride=self.stride,
+                   padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                   padding_mode=self.padding_mode, **extra).to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self._dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return GatheredConv(self.input_channels.clone(), conv)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.index_select(1, self.input_channels)
         conv = _CONV_FN[len(self.kernel_size), self.transposed]
@@ -493,5 +510,33 @@ def gemm_matrix(layer: nn.Module) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+class GatheredConv(nn.Module):
+    """A dense convolution over some input channels: ``conv(x[:, channels])`` (input ``[N, C, *spatial]``,
+    ``channels`` LongTensor buffer ``[C']``, ``conv`` a Conv1d/2d/3d or ConvTranspose taking ``C'`` channels).
+    The export form of a :class:`ColumnConvNd` (:meth:`ColumnConvNd.gathered`; ONNX: one Gather and one Conv)."""
+
+    def __init__(self, channels: torch.Tensor, conv: nn.Module):
+        super().__init__()
+        self.register_buffer("channels", channels.to(torch.long))
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.index_select(1, self.channels))
+
+
+def export_form(model: nn.Module) -> nn.Module:
+    """``model`` with each :class:`ColumnConvNd` as its :meth:`~ColumnConvNd.gathered` form: a copy, or
+    ``model`` itself where it has none. The same function; what ONNX and ``torch.export`` files hold."""
+    if isinstance(model, ColumnConvNd):
+        return model.gathered()
+    names = [name for name, module in model.named_modules() if isinstance(module, ColumnConvNd)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        model.set_submodule(name, model.get_submodule(name).gathered())
+    return model
+
+
 __all__ = ["CONV_LAYERS", "ColumnConv2d", "ColumnConvNd", "ColumnLinear", "DENSE_DENSITY_THRESHOLD",
-           "GEMM_MIN_FILTERS", "gemm_matrix"]
+           "GEMM_MIN_FILTERS", "GatheredConv", "export_form", "gemm_matrix"]

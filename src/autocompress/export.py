@@ -26,6 +26,7 @@ from torch import nn
 
 from .analysis import analysis_mode
 from .atomic import atomic_write_bytes
+from .columns import export_form
 from .errors import UserError
 
 
@@ -122,12 +123,14 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     """ONNX bytes of ``model`` (eval mode) traced on ``example`` with a dynamic batch axis (input ``"input"``,
     outputs ``"output"``, ``"output_1"``, ... in :func:`outputs`' order).
 
-    The TorchScript exporter first (constants folded; its diagnostics on stderr are swallowed); when it cannot
+    Column-pruned convolutions other than 2-D ones are exported in their gathered form
+    (:func:`autocompress.columns.export_form`). The TorchScript exporter first (constants folded; its diagnostics on stderr are swallowed); when it cannot
     export the model (an op it lacks, e.g. adaptive pooling to a size that does not divide the input), the
     ``torch.export``-based exporter (``dynamo=True``, opset at least 18). The exception of the first exporter
     propagates when both fail.
     """
     names = _output_names(model, example)
+    model = export_form(model)
     try:
         with _output_silenced():
             return _torchscript_bytes(model, example, opset, names)
@@ -248,6 +251,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
 def _program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     # torch.export specialises a dimension of size 1, so a batch of 1 is traced as 2 to keep it dynamic
     traced = example if example.shape[0] > 1 else torch.cat([example, example])
+    model = export_form(model)
     with analysis_mode(model):
         program = torch.export.export(model, (traced,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     buffer = io.BytesIO()
