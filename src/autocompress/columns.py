@@ -380,8 +380,8 @@ class ColumnConvNd(nn.Module):
 
     Forward (input ``[N, C, *spatial]`` -> ``[N, F, *spatial_out]``): the input channels with a kept column
     are gathered, the kept columns are scattered into a dense weight over them (``scatter``; exported in the
-    :meth:`gathered` form, that weight built once) and one dense (transposed) convolution runs — the same output as the layer
-    with the dropped columns zero; its MACs are those of that conv (:func:`executed_columns`).
+    :meth:`gathered` form, that weight built once) and one dense (transposed) convolution runs — the same output
+    as the layer with the dropped columns zero; its MACs are those of that conv (:func:`executed_columns`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], num_columns: int,
