@@ -126,8 +126,8 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     Column-pruned convolutions other than 2-D ones are exported in their gathered form
     (:func:`autocompress.columns.export_form`). The TorchScript exporter first (constants folded; its
     diagnostics on stderr are swallowed); when it cannot export the model (an op it lacks, e.g. adaptive pooling
-    to a size that does not divide the input), the ``torch.export``-based exporter (``dynamo=True``, opset at least 18). The exception of the first exporter
-    propagates when both fail.
+    to a size that does not divide the input), the ``torch.export``-based exporter (``dynamo=True``, opset at
+    least 18). The exception of the first exporter propagates when both fail.
     """
     names = _output_names(model, example)
     model = export_form(model)
