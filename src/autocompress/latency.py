@@ -342,10 +342,10 @@ def speed_warning(summary: dict, *, macs_factor: float | None = None, aligned: b
     """The loud warning when the compressed model is slower than the base in the deployment runtime (``slower``
     of :func:`deployed_summary`), or (given ``macs_factor``, the base's MACs over the deployed model's) when it
     runs under :data:`LITTLE_SPEEDUP` times as fast at :data:`FEWER_MACS` times fewer MACs or more; None when
-    neither. The fix it gives is a latency target,
-    and also ``channel_multiple`` unless the widths were ``aligned`` already. ``layout``:
-    :func:`blocked_convolutions` of the ``"base"`` and the ``"compressed"`` model (onnxruntime); the warning names
-    it where the compressed model runs more convolutions outside the blocked layout."""
+    neither. The fix it gives is a latency target, and also ``channel_multiple`` unless the widths were
+    ``aligned`` already. ``layout``: :func:`blocked_convolutions` of the ``"base"`` and the ``"compressed"`` model
+    (onnxruntime); the warning names it where the compressed model runs more convolutions outside the blocked
+    layout."""
     rows = summary["batches"]
     if summary["slower"]:
         batches, head = summary["slower"], "the compressed model is SLOWER than the base"

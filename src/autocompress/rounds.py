@@ -542,7 +542,7 @@ class Pipeline:
         budget = state.budget
         first = count = self._count(state, state.model, result)
         counts = {_masks_key(state.param_masks): count}  # hard pruning -> purified count (a trial whose rates
-        # round to widths tried already purifies to the same count: helper 47's refit repeated 2 of its 4 trials)
+        # round to widths tried already purifies to the same count: a fresh user's refit repeated 2 of 4 trials)
         searched = (count, state.rates, state.model, result, 1.0)
         best = searched if count <= budget.limit else None
         slack = 1.0
