@@ -124,7 +124,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: st
     """Write a checkpoint to ``path`` atomically (the old file stays intact until the new one is complete).
 
     Args:
-        model: its ``state_dict`` is stored (tensors moved to CPU).
+        model: its ``state_dict`` is stored (tensors copied to CPU, each in its own storage: a view saves only
+            its own elements).
         model_name, model_kwargs: ``create_model(model_name, **model_kwargs)`` rebuilds it; the kwargs
             include ``num_classes``.
         model_class: instead of ``model_name``, the import path ``"module:qualname"`` of the model's own
@@ -149,7 +150,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, model_name: st
     entry = _model_entry(model_name, model_class, model_kwargs)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
-    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    # cloned: a tensor that views a larger storage (a slice) would save all of it (a resumed run's file was larger)
+    state_dict = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
     if sparse:
         state_dict = to_sparse_state_dict(state_dict)
     return atomic_torch_save({
