@@ -246,6 +246,31 @@ def test_constructor_arguments_keep_a_dropout_rate_that_outputs_do_not_show(drop
         assert _Dropped(**kwargs).drop.p == dropout
 
 
+class _Printed(_Pooled):
+    """A module whose printed form shows a learned value (its ``extra_repr``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.scale * super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale.detach()):.4f}"
+
+
+def test_constructor_arguments_compare_printed_settings_with_the_weights_loaded():
+    """The printed-settings comparison runs after the weights are loaded: a module printing a learned value
+    (here a trained scale) is still rebuilt by its constructor's defaults."""
+    from autocompress.serialization import constructor_arguments
+
+    model = _Printed()
+    with torch.no_grad():
+        model.scale.fill_(2.5)
+    assert constructor_arguments(model.eval(), (torch.randn(1, 3, 4, 4),)) == {}
+
+
 def test_a_saved_model_is_loaded_only_where_it_computes_its_saved_outputs(tmp_path):
     """The file keeps the model's outputs on a seeded input of ``dataset.input_size``; an instance that takes
     the weights but pools otherwise is refused (it used to load silently), a tampered check is refused as

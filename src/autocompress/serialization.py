@@ -82,9 +82,9 @@ def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) 
     ``example_inputs``."""
     try:
         fresh = cls(**kwargs)
-        if str(fresh) != str(model):  # other module settings (nn.Module's repr lists each module's)
-            return False
         fresh.load_state_dict(model.state_dict())
+        if str(fresh) != str(model):  # other module settings (nn.Module's repr lists each module's; after the
+            return False  # weights are loaded, so a module printing a value of its own compares equal)
         fresh.to(model_device(model))
         with analysis_mode(model), analysis_mode(fresh):
             want, got = flat_outputs(model(*example_inputs)), flat_outputs(fresh(*example_inputs))
