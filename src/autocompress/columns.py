@@ -445,16 +445,22 @@ class ColumnConvNd(nn.Module):
         once (an exported graph then holds that weight, not the stored columns, their int64 places and a
         zero weight to scatter them into: a fresh user's ONNX file was 1.1x smaller than its base's at 4x fewer
         parameters)."""
-        cls = CONV_LAYERS[len(self.kernel_size), self.transposed]
-        extra = {"output_padding": self.output_padding} if self.transposed else {}
-        conv = cls(self.input_channels.numel(), self.out_channels, self.kernel_size, stride=self.stride,
-                   padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-                   padding_mode=self.padding_mode, **extra).to(self.weight.device, self.weight.dtype)
+        conv = self._conv(self.input_channels.numel())
         with torch.no_grad():
             conv.weight.copy_(self._dense_weight())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return GatheredConv(self.input_channels.clone(), conv)
+
+    def _conv(self, in_channels: int) -> nn.modules.conv._ConvNd:
+        """A fresh dense (transposed) convolution with this layer's settings taking ``in_channels`` channels, on
+        its device and dtype: :meth:`to_dense` (every input channel) and :meth:`gathered` (the kept ones) fill
+        it."""
+        cls = CONV_LAYERS[len(self.kernel_size), self.transposed]
+        extra = {"output_padding": self.output_padding} if self.transposed else {}
+        return cls(in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                   dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                   padding_mode=self.padding_mode, **extra).to(self.weight.device, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.index_select(1, self.input_channels)
@@ -470,11 +476,7 @@ class ColumnConvNd(nn.Module):
     def to_dense(self) -> nn.modules.conv._ConvNd:
         """The equivalent dense layer (``nn.Conv1d`` / ``nn.Conv3d`` / ``nn.ConvTranspose*``) with the
         dropped columns as zeros."""
-        cls = CONV_LAYERS[len(self.kernel_size), self.transposed]
-        extra = {"output_padding": self.output_padding} if self.transposed else {}
-        conv = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-                   dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-                   padding_mode=self.padding_mode, **extra)
+        conv = self._conv(self.in_channels)
         with torch.no_grad():
             weight = torch.zeros(self.out_channels, gemm_matrix(conv).shape[1],
                                  dtype=self.weight.dtype, device=self.weight.device)
@@ -483,7 +485,7 @@ class ColumnConvNd(nn.Module):
             conv.weight.copy_(weight.transpose(0, 1) if self.transposed else weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv.to(self.weight.device, self.weight.dtype)
+        return conv
 
     def config(self) -> dict:
         """Constructor arguments as plain data (for ``serialization.describe_architecture``)."""
