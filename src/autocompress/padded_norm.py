@@ -289,8 +289,6 @@ class PaddedGroupNormPruner(_PerChannelPruner):
         layer.regroup(layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)])
 
 
-#: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
-PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
 class LayerNormPruner(tp.pruner.function.LayernormPruner):
     """torch-pruning's handler for ``nn.LayerNorm`` with the kept entries in channel order. torch-pruning 1.6.0
     builds them from a set and calls ``sort()`` on a tensor without keeping the result, so a LayerNorm that kept
@@ -314,6 +312,8 @@ class LayerNormPruner(tp.pruner.function.LayernormPruner):
     prune_in_channels = prune_out_channels
 
 
+#: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
+PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``), and for
 #: ``nn.LayerNorm`` (:class:`LayerNormPruner`)
 PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner(),
