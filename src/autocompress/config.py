@@ -294,8 +294,8 @@ class CompressConfig:
             CPUs, 8 otherwise, falling back to 8, :data:`autocompress.alignment.LAYOUT_MULTIPLE` and 1 where the
             target needs it; a latency target to 8 only); None (default): ``"auto"`` for every target. Widths
             off onnxruntime's 4-channel grid ran up to 2.6x slower than the base; on the Fashion-MNIST demo
-            (params=10x) ``auto`` kept the top-1 of any width (92.37 against 92.23 %) at 1.91x the base's
-            onnxruntime speed instead of 1.25x (BENCHMARKS.md, "Session 33").
+            (params=10x, three seeds) ``auto`` kept the top-1 of any width within noise (92.17 against 92.28 %)
+            at 1.85x the base's onnxruntime speed instead of 1.21x (BENCHMARKS.md, "Session 34").
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
             table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
