@@ -137,7 +137,8 @@ def test_inspect_text_counts_in_the_singular(checkpoint, capsys):
     assert main(["inspect", str(checkpoint), "--latency-runs", "1", "--warmup", "0", "--threads", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     latency = [line for line in out if line.startswith("latency")]
-    assert len(latency) == 2 and all(line.endswith(") over 1 run on cpu, 1 CPU thread") for line in latency)
+    assert len(latency) == 2
+    assert all(line.endswith(") over 1 run in eager PyTorch on cpu, 1 CPU thread") for line in latency)
     assert "layout       onnxruntime runs 5 of 5 convolutions in its blocked channel layout (NCHWc) (grouped " \
            "convolutions other than depthwise, and ones with 16 or more input channels that are not a multiple of 4, " \
            "run outside it)" in out

@@ -316,8 +316,8 @@ def test_the_report_gives_the_spread_of_the_runs():
     damaged = {"deployed": {**summary, "batches": {"1": {**summary["batches"]["1"], "base_p10_p90_ms": "x"}}}}
     assert "batch 1: base ?, compressed 0.6-0.66" in deployed_lines(damaged)[1]
     stored = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": []}})
-    assert stored[-1] == "deployed form: the 3 column-pruned layers run as stored (their kept columns only: faster " \
-                         "than dense there)"
+    assert stored[-1] == "deployed form: the 3 column-pruned layers run as stored (over their kept columns, or the " \
+                         "input channels that keep one: faster than dense there)"
     one = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 1, "dense_layers": []}})
     assert one[-1].startswith("deployed form: the column-pruned layer run as stored")
     dense = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": ["a", "b"]}})

@@ -248,8 +248,8 @@ def deployed_lines(final: dict) -> list[str]:
             f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers run dense, "
             f"their dropped columns as zeros (faster there; same outputs{_executed(final, dense)}): "
             f"{', '.join(map(str, dense[:6]))}{', ...' if len(dense) > 6 else ''}" if dense else
-            f"deployed form: {column_layers_text(form.get('column_layers'))} run as stored (their kept columns only: "
-            "faster than dense there)")
+            f"deployed form: {column_layers_text(form.get('column_layers'))} run as stored (over their kept "
+            "columns, or the input channels that keep one: faster than dense there)")
     estimate = final.get("latency_estimate")
     if isinstance(estimate, dict):
         error = estimate.get("error")

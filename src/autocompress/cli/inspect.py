@@ -186,8 +186,8 @@ def format_report(report: dict) -> str:
         lines.append(f"file size    {report['file_size_bytes']:,} bytes ({report['file_size_bytes'] / 1e6:.2f} MB)")
     for batch, result in report["latency"].items():
         lines.append(f"latency      batch {batch}: median {result['median_ms']:.2f} ms (p10 {result['p10_ms']:.2f}, "
-                     f"p90 {result['p90_ms']:.2f}) over {plural(result['runs'], 'run')} on {report['device']}, "
-                     f"{plural(result['threads'], 'CPU thread')}")
+                     f"p90 {result['p90_ms']:.2f}) over {plural(result['runs'], 'run')} in eager PyTorch on "
+                     f"{report['device']}, {plural(result['threads'], 'CPU thread')}")
     lines += _deployed_lines(report.get("deployed"))
     header = ("layer", "type", "weight shape", "params", "MACs", "zeros")
     rows = [(row["name"] or "(model)", row["type"],

@@ -1,0 +1,279 @@
+"""Short budgets on users' own models: autocompress against Torch-Pruning fine-tuned with the user's loop.
+
+Fresh users compress their own model with a target and ``budget: 3-4`` and compare it with Torch-Pruning
+fine-tuned for as many epochs of *their* loop (sessions 34: 0.6-1.7 points behind on two such models, one seed
+each). This script plays such users on CIFAR-10: four architectures written the way users write them (a residual
+CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
+residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches), each trained as a
+base with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over ``--max-train``
+seeded training images, batch 64: fewer than 800 steps an epoch, so the budget runs no ADMM and no search),
+then compressed to ``--target`` with ``--budget`` epochs by each method:
+
+* ``ac``: ``autocompress.compress`` with the target and the budget only (its default loop);
+* ``ac_own``: the same with ``train_fn`` = the user's loop (AdamW lr 1e-3, cosine over the phase), so against
+  ``tp_own`` only the pruned structure differs;
+* ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation;
+  ``ac_magnitude``: ``search.start: magnitude``; ``ac_any``: ``channel_multiple: 1``;
+* ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
+  ``--budget`` epochs of the user's loop (what a user compares with).
+
+Top-1 on the full 10,000-image test split (standard error ~0.45 points at 60-70 %). Bases are cached in
+``--cache``; one JSON line per (model, method, seed, target, budget) in ``--out``, rows already there skipped.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/short_budget.py --models resnet,vgg,mobile,resnext \\
+        --methods ac,ac_own,tp_own --seeds 0,1 --out benchmarks/results/short_budget.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks" / "peers")]
+
+import autocompress  # noqa: E402
+from autocompress import metrics  # noqa: E402
+from autocompress.config import Target  # noqa: E402
+from autocompress.data import get_dataset  # noqa: E402
+from torch_pruning_baseline import prune_to_target  # noqa: E402
+
+ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+EXAMPLE = torch.zeros(1, 3, 32, 32)
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """A 32-channel stem, residual blocks 32 / 64 (stride 2) / 128 (stride 2), global pooling, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 32)
+        self.layers = nn.Sequential(Residual(32, 32, 1), Residual(32, 64, 2), Residual(64, 128, 2))
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+class VGG(nn.Module):
+    """conv 32-32, pool, 64-64, pool, 128, pool; a hidden Linear of 256 with Dropout 0.3; Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 32), conv_bn(32, 32), nn.MaxPool2d(2), conv_bn(32, 64),
+                                      conv_bn(64, 64), nn.MaxPool2d(2), conv_bn(64, 128), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128 * 16, 256), nn.ReLU(inplace=True),
+                                        nn.Dropout(0.3), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.body = nn.Sequential(conv_bn(cin, hidden, kernel=1), conv_bn(hidden, hidden, stride, groups=hidden),
+                                  nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class Mobile(nn.Module):
+    """A MobileNetV2-style net: stem 16, inverted residuals 16-24(s2)-24-48(s2)-48, 1x1 to 192, pooling."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [(16, 16, 1), (16, 24, 2), (24, 24, 1), (24, 48, 2), (48, 48, 1)]
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(*(InvertedResidual(*w) for w in widths))
+        self.head = conv_bn(48, 192, kernel=1)
+        self.fc = nn.Linear(192, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1).flatten(1))
+
+
+class Inception(nn.Module):
+    """Two branches concatenated: a 1x1 conv and a 1x1 -> grouped 3x3 conv."""
+
+    def __init__(self, cin: int, each: int, stride: int):
+        super().__init__()
+        self.one = conv_bn(cin, each, stride, kernel=1)
+        self.three = nn.Sequential(conv_bn(cin, each, kernel=1), conv_bn(each, each, stride, groups=8))
+
+    def forward(self, x):
+        return torch.cat([self.one(x), self.three(x)], 1)
+
+
+class ResNeXt(nn.Module):
+    """Stem 32, a grouped bottleneck with a residual, two Inception-style blocks (stride 2), Dropout, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 32)
+        self.bottleneck = nn.Sequential(conv_bn(32, 64, kernel=1), conv_bn(64, 64, groups=8),
+                                        nn.Conv2d(64, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.mix = nn.Sequential(Inception(32, 48, 2), Inception(96, 64, 2))
+        self.drop, self.fc = nn.Dropout(0.2), nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.bottleneck(x))
+        return self.fc(self.drop(F.adaptive_avg_pool2d(self.mix(x), 1).flatten(1)))
+
+
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt}
+
+AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
+              "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1}}
+
+
+def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Seeded train subset (batches of 64, shuffled by a seeded generator), 2,000 validation images carved from
+    the training split, the full test split."""
+    data = get_dataset("cifar10", ARCHIVE, val_size=2000, seed=seed, max_train=max_train)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (data.mean, data.std))
+
+    def tensors(split) -> TensorDataset:
+        return TensorDataset((split.images.float() / 255.0 - mean) / std, split.labels)
+
+    return (DataLoader(tensors(data.train), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed)),
+            DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
+
+
+def top1(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
+
+
+def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, flips: bool = False,
+              attach=lambda optimizer: optimizer, penalty=lambda: 0.0) -> None:
+    """The user's loop: AdamW (weight decay 5e-4) at ``lr`` on a cosine schedule over ``epochs``,
+    cross-entropy; ``flips``: random horizontal flips of half of each batch (seeded by the caller)."""
+    optimizer = attach(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            if flips:
+                flip = torch.rand(len(x)) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            optimizer.zero_grad()
+            (F.cross_entropy(model(x), y) + penalty()).backward()
+            optimizer.step()
+            schedule.step()
+
+
+def base_model(name: str, train: DataLoader, epochs: int, cache: Path) -> nn.Module:
+    """The model trained by the user's loop (lr 2e-3, flips), cached as ``cache/NAME_eEPOCHS.pt``."""
+    path = cache / f"{name}_e{epochs}.pt"
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    user_loop(model, train, epochs, 2e-3, flips=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, target: str, budget: int) -> dict:
+    train, val, test = data
+    train_fn = None
+    if method == "ac_own":
+        def train_fn(model, phase):
+            user_loop(model, train, phase.epochs, 1e-3, attach=phase.attach, penalty=phase.penalty)
+    result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val, train_fn=train_fn,
+                                   device="cpu", progress=False, log=lambda line: None,
+                                   config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})
+    return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
+            "params_x": result.compression_rate, "schedule": result.final.get("schedule")}
+
+
+def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budget: int) -> dict:
+    train, _, test = data
+    pruned = prune_to_target(copy.deepcopy(base), EXAMPLE, Target.parse(target)).model
+    torch.manual_seed(seed)
+    user_loop(pruned, train, budget, 1e-3)
+    return {"top1": top1(pruned, test),
+            "macs_x": metrics.count_macs(base, EXAMPLE) / metrics.count_macs(pruned, EXAMPLE),
+            "params_x": metrics.count_params(base) / metrics.count_params(pruned)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default="ac,ac_own,tp_own")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--target", default="flops=2x")
+    parser.add_argument("--budget", type=int, default=3)
+    parser.add_argument("--base-epochs", type=int, default=10)
+    parser.add_argument("--max-train", type=int, default=10000)
+    parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "results" / "short_budget_bases"))
+    parser.add_argument("--out", default="benchmarks/results/short_budget.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {(r["model"], r["method"], r["seed"], r["target"], r["budget"]) for r in rows}
+    data = loaders(0, args.max_train)
+    for name in args.models.split(","):
+        base = base_model(name, data[0], args.base_epochs, Path(args.cache))
+        base_top1 = top1(base, data[2])
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for method in args.methods.split(","):
+                if (name, method, seed, args.target, args.budget) in done:
+                    continue
+                torch.manual_seed(seed)
+                data = (DataLoader(data[0].dataset, batch_size=64, shuffle=True,
+                                   generator=torch.Generator().manual_seed(seed)), *data[1:])
+                began = time.perf_counter()
+                row = (run_torch_pruning(base, data, seed, args.target, args.budget) if method == "tp_own"
+                       else run_autocompress(base, data, method, seed, args.target, args.budget))
+                row = {"model": name, "method": method, "seed": seed, "target": args.target, "budget": args.budget,
+                       "base_top1": base_top1, "base_macs": metrics.count_macs(base, EXAMPLE),
+                       "base_params": metrics.count_params(base), **row,
+                       "seconds": round(time.perf_counter() - began, 1)}
+                print(json.dumps(row), flush=True)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
