@@ -1,7 +1,7 @@
 """Short budgets on users' own models: autocompress against Torch-Pruning fine-tuned with the user's loop.
 
 Fresh users compress their own model with a target and ``budget: 3-4`` and compare it with Torch-Pruning
-fine-tuned for as many epochs of *their* loop (sessions 34: 0.6-1.7 points behind on two such models, one seed
+fine-tuned for as many epochs of *their* loop (session 34: 0.6-1.7 points behind on two such models, one seed
 each). This script plays such users on CIFAR-10: four architectures written the way users write them (a residual
 CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
 residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches), each trained as a
@@ -13,7 +13,8 @@ then compressed to ``--target`` with ``--budget`` epochs by each method:
 * ``ac_own``: the same with ``train_fn`` = the user's loop (AdamW lr 1e-3, cosine over the phase), so against
   ``tp_own`` only the pruned structure differs;
 * ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation;
-  ``ac_magnitude``: ``search.start: magnitude``; ``ac_any``: ``channel_multiple: 1``;
+  ``ac_magnitude``: ``search.start: magnitude``; ``ac_any`` / ``ac_m4`` / ``ac_m8``: ``channel_multiple`` 1 / 4 /
+  8; ``ac_adamw``: ``retrain.optimizer: adamw``;
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with).
 
@@ -154,7 +155,9 @@ class ResNeXt(nn.Module):
 MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
-              "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1}}
+              "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
+              "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
+              "ac_adamw": {"retrain": {"optimizer": "adamw"}}}
 
 
 def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -200,9 +203,11 @@ def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, f
 
 
 def base_model(name: str, train: DataLoader, epochs: int, cache: Path) -> nn.Module:
-    """The model trained by the user's loop (lr 2e-3, flips), cached as ``cache/NAME_eEPOCHS.pt``."""
+    """The model trained by the user's loop (lr 2e-3, flips; ``train`` reseeded), cached as
+    ``cache/NAME_eEPOCHS.pt``."""
     path = cache / f"{name}_e{epochs}.pt"
     torch.manual_seed(0)
+    train.generator.manual_seed(0)
     model = MODELS[name]()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -252,17 +257,17 @@ def main() -> None:
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     done = {(r["model"], r["method"], r["seed"], r["target"], r["budget"]) for r in rows}
-    data = loaders(0, args.max_train)
+    train, val, test = loaders(0, args.max_train)
     for name in args.models.split(","):
-        base = base_model(name, data[0], args.base_epochs, Path(args.cache))
-        base_top1 = top1(base, data[2])
+        base = base_model(name, train, args.base_epochs, Path(args.cache))
+        base_top1 = top1(base, test)
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
                 if (name, method, seed, args.target, args.budget) in done:
                     continue
                 torch.manual_seed(seed)
-                data = (DataLoader(data[0].dataset, batch_size=64, shuffle=True,
-                                   generator=torch.Generator().manual_seed(seed)), *data[1:])
+                data = (DataLoader(train.dataset, batch_size=64, shuffle=True,
+                                   generator=torch.Generator().manual_seed(seed)), val, test)
                 began = time.perf_counter()
                 row = (run_torch_pruning(base, data, seed, args.target, args.budget) if method == "tp_own"
                        else run_autocompress(base, data, method, seed, args.target, args.budget))

@@ -115,36 +115,41 @@ def _set(model, **weights):
     return model
 
 
-def test_coupled_group_uses_the_joint_norm_of_all_producers():
+def test_coupled_group_uses_the_joint_norm_of_all_producers_and_consumers():
     model = Residual()
-    # a alone prefers channels 0,1; b alone prefers 2,3; jointly 0 and 3 are largest
+    # a alone prefers channels 0,1; b alone prefers 2,3; jointly 0 and 3 are largest (c reads nothing yet)
     a = torch.tensor([3.0, 2.9, 0.0, 1.0]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)
     b = torch.tensor([1.0, 0.0, 2.9, 3.0]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)
-    _set(model, **{"a.weight": a, "b.weight": b})
+    _set(model, **{"a.weight": a, "b.weight": b, "c.weight": torch.zeros(3, 4, 3, 3)})
     space = PruningSpace.build(model, X)
     assert [g.name for g in space.filter_groups] == ["a", "c"]
     group = space.unit("filter", "a")
     params = dict(model.named_parameters())
-    expected = (a.pow(2).sum((1, 2, 3)) + b.pow(2).sum((1, 2, 3))).double()
+    producers = (a.pow(2).sum((1, 2, 3)) + b.pow(2).sum((1, 2, 3))).double()
+    assert torch.allclose(group_scores(group, params), producers)
+    assert project(space, model, {"filter": {"a": 0.5}}).filters["a"].tolist() == [True, False, False, True]
+    # the consumer's input columns count too: c reading channels 1 and 2 strongly outweighs the producers
+    reads = torch.tensor([0.0, 4.0, 4.0, 0.0]).view(1, 4, 1, 1).repeat(3, 1, 3, 3)
+    _set(model, **{"c.weight": reads})
+    params = dict(model.named_parameters())
+    expected = producers + reads.pow(2).sum((0, 2, 3)).double()
     assert torch.allclose(group_scores(group, params), expected)
-    masks = project(space, model, {"filter": {"a": 0.5}})
-    assert masks.filters["a"].tolist() == [True, False, False, True]
-    # scoring the consumer slices too changes the joint norm by c's input columns
-    with_c = expected + params["c.weight"].detach().pow(2).sum((0, 2, 3)).double()
-    assert torch.allclose(group_scores(group, params, with_consumers=True), with_c)
+    assert project(space, model, {"filter": {"a": 0.5}}).filters["a"].tolist() == [False, True, True, False]
 
 
 def test_relative_importance_is_each_channels_joint_norm_over_its_groups_mean():
-    """The magnitude start's scale: the joint L2 norm of a channel's producer rows, over the group's mean norm."""
+    """The magnitude start's scale: the joint L2 norm of the weights a channel owns (producer rows and consumer
+    input columns), over the group's mean norm."""
     model = Residual()
     a = torch.tensor([3.0, 2.9, 0.0, 1.0]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)
     b = torch.tensor([1.0, 0.0, 2.9, 3.0]).view(4, 1, 1, 1).repeat(1, 2, 1, 1)
     _set(model, **{"a.weight": a, "b.weight": b})
-    norms = (a.pow(2).sum((1, 2, 3)) + b.pow(2).sum((1, 2, 3))).double().sqrt()
+    c = model.c.weight.detach()
+    norms = (a.pow(2).sum((1, 2, 3)) + b.pow(2).sum((1, 2, 3)) + c.pow(2).sum((0, 2, 3))).double().sqrt()
     importance = relative_importance(PruningSpace.build(model, X), model)
     assert set(importance) == {"a", "c"}
     assert torch.allclose(importance["a"], norms / norms.mean()) and importance["a"].mean().item() == pytest.approx(1)
-    _set(model, **{"c.weight": torch.zeros_like(model.c.weight)})
+    _set(model, **{"c.weight": torch.zeros_like(model.c.weight), "fc.weight": torch.zeros_like(model.fc.weight)})
     zero = relative_importance(PruningSpace.build(model, X), model)["c"]
     assert torch.equal(zero, torch.ones(3, dtype=torch.float64))
 

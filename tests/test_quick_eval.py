@@ -72,9 +72,10 @@ def test_top1_degrades_with_rates_counts_match_and_model_untouched(trained):
         assert (result.params, result.macs) == (expected.params, expected.macs)
         assert result.seconds > 0
         scores[rate] = result.top1
-    # measured: 0.68, 0.57, 0.31, 0.07 on the first 500 validation images (0.1 = chance)
+    # measured: 0.70, 0.61, 0.47, 0.12 on the first 500 validation images (0.1 = chance; 0.57, 0.31, 0.07 at
+    # 0.1 / 0.3 / 0.9 when the projection scored the producer rows alone)
     assert scores[0.0] > scores[0.1] + 0.03 and scores[0.1] > scores[0.3] + 0.1
-    assert scores[0.3] < scores[0.0] - 0.3 and scores[0.9] < 0.2
+    assert scores[0.3] < scores[0.0] - 0.2 and scores[0.9] < 0.2
     assert evaluator.score(uniform(space, 0.1)).top1 == scores[0.1]  # deterministic
     after_state, after_modes = snapshot(model)
     assert after_modes == before_modes

@@ -498,8 +498,11 @@ def test_grouped_conv_ties_each_channel_to_the_same_position_of_the_other_conv_g
     pm = space.param_masks(Masks(filters={"a": keep}, columns={}, weights={}))
     assert pm["g.weight"][:, :, 1, 1].tolist() == [[True, False, False, True]] * 8
     assert pm["a.weight"].flatten(1).all(1).tolist() == keep.tolist() and pm["a.bias"].tolist() == keep.tolist()
-    # projection keeps the 2 classes {c, c+4} with the largest summed squared row norms of a
-    norms = model.a.weight.detach().pow(2).flatten(1).sum(1)
+    # projection keeps the 2 classes {c, c+4} with the largest summed squared norms of a's rows and of the
+    # input columns of g that read them (channel f: input position f % 4 of the 4 rows of conv group f // 4)
+    g_weight = model.g.weight.detach()
+    reads = torch.stack([g_weight[f // 4 * 4:f // 4 * 4 + 4, f % 4].pow(2).sum() for f in range(8)])
+    norms = model.a.weight.detach().pow(2).flatten(1).sum(1) + reads
     classes = norms[:4] + norms[4:]
     best = torch.zeros(4, dtype=torch.bool)
     best[classes.topk(2).indices] = True

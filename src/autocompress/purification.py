@@ -212,8 +212,9 @@ def _grow_classes(space: PruningSpace, group, new: torch.Tensor, before: torch.T
 def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, threshold: float) -> Masks:
     """Masks with the redundant filters / columns removed (brief §4 b).
 
-    A kept filter-group channel whose joint producer-weight L2 norm is below ``threshold`` x the mean norm
-    of the group's kept channels is removed; likewise a kept column whose remaining L2 norm (over the
+    A kept filter-group channel whose joint L2 norm (of the weights it owns: producer rows and consumer input
+    columns, :func:`autocompress.projection.group_scores`) is below ``threshold`` x the mean norm of the group's
+    kept channels is removed; likewise a kept column whose remaining L2 norm (over the
     kept entries) is below ``threshold`` x the mean of the layer's kept columns. At least one unit per layer
     stays (the largest). ``model``'s weights are read, not modified.
     """
@@ -225,7 +226,7 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
         if keep is None or not bool(keep.any()):
             continue
         masked = {s.param: params[s.param].detach() * pm[s.param].to(params[s.param].device)
-                  for s in group.slices if s.role == "weight"}
+                  for s in group.slices if s.role in ("weight", "input")}
         norms = group_scores(group, masked).sqrt()
         masks.filters[group.name] = _grow_classes(space, group, group.tie(_below(norms, keep, threshold)), keep,
                                                   norms)
