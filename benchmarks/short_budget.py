@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from autocompress import metrics  # noqa: E402
 from autocompress.config import Target  # noqa: E402
 from autocompress.data import get_dataset  # noqa: E402
 from torch_pruning_baseline import prune_to_target  # noqa: E402
+from weak_teacher import top1  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 EXAMPLE = torch.zeros(1, 3, 32, 32)
@@ -172,16 +172,6 @@ def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoad
     return (DataLoader(tensors(data.train), batch_size=64, shuffle=True,
                        generator=torch.Generator().manual_seed(seed)),
             DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
-
-
-def top1(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / total
 
 
 def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, flips: bool = False,
