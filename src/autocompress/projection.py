@@ -104,12 +104,18 @@ def project_irregular(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return weight * keep.to(weight.device), keep
 
 
+#: the slice roles a channel's score counts: producer weight rows and consumer input columns (not biases or
+#: norm parameters; see the module docstring)
+SCORED_ROLES = ("weight", "input")
+
+
 def group_scores(group: FilterGroup, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Squared joint L2 norm of each channel of a filter group, float64 [group.size]: the sum, over the group's
-    producer weight slices and consumer input slices, of the squared entries that belong to each channel."""
+    slices of :data:`SCORED_ROLES` (``params`` needs only their parameters), of the squared entries that belong
+    to each channel."""
     scores = torch.zeros(group.size, dtype=torch.float64)
     for s in group.slices:
-        if s.role in ("weight", "input"):
+        if s.role in SCORED_ROLES:
             scores.index_add_(0, s.channel, s.energy(params[s.param]))
     return scores
 

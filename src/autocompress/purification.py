@@ -51,7 +51,7 @@ from .analysis import analysis_mode
 from .compaction import verify
 from .errors import UserError
 from .masks import Masks, apply_masks
-from .projection import group_scores
+from .projection import SCORED_ROLES, group_scores
 from .space import PruningSpace, is_transposed
 from .text import plural
 
@@ -226,7 +226,7 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
         if keep is None or not bool(keep.any()):
             continue
         masked = {s.param: params[s.param].detach() * pm[s.param].to(params[s.param].device)
-                  for s in group.slices if s.role in ("weight", "input")}
+                  for s in group.slices if s.role in SCORED_ROLES}
         norms = group_scores(group, masked).sqrt()
         masks.filters[group.name] = _grow_classes(space, group, group.tie(_below(norms, keep, threshold)), keep,
                                                   norms)
