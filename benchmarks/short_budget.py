@@ -14,7 +14,8 @@ then compressed to ``--target`` with ``--budget`` epochs by each method:
   ``tp_own`` only the pruned structure differs;
 * ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation;
   ``ac_magnitude``: ``search.start: magnitude``; ``ac_any`` / ``ac_m4`` / ``ac_m8``: ``channel_multiple`` 1 / 4 /
-  8; ``ac_adamw``: ``retrain.optimizer: adamw``;
+  8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s default ``auto`` probes both
+  on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``;
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with).
 
@@ -157,7 +158,8 @@ MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt}
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
-              "ac_adamw": {"retrain": {"optimizer": "adamw"}}}
+              "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
+              "ac_stop0": {"distillation": {"stop_margin": 0.0}}}
 
 
 def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -217,8 +219,9 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val, train_fn=train_fn,
                                    device="cpu", progress=False, log=lambda line: None,
                                    config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})
+    chosen = next((r for r in result.records if r.get("event") == "optimizer"), None)
     return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
-            "params_x": result.compression_rate, "schedule": result.final.get("schedule")}
+            "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen}
 
 
 def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budget: int) -> dict:

@@ -1189,7 +1189,8 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
     """SGD's steps grow with the loss's scale (a fresh user's mean squared error of ~0.008 barely moved their
     denoiser); for a task whose targets are not class indices ``retrain.optimizer: auto`` picks AdamW at lr 0.001
     for the ADMM W-step, the retraining and the search's fine-tuning, and config.yaml says so. A classifier, with
-    the default loss or its own cross-entropy, trains with SGD at 0.01."""
+    the default loss or its own cross-entropy, in a run too short for the optimiser probe, trains with SGD at
+    0.01."""
     import yaml
     from autocompress import quick_eval, training
 
@@ -1225,6 +1226,46 @@ def test_a_regressor_trains_with_adamw_in_every_default_loop_phase(monkeypatch, 
         Compression(SmallCNN(8, 8), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                     task_args=dict(train_loader=train, val_loader=val, loss_fn=loss), config=CONFIG).run()
         assert built == [("sgd", 0.01), ("sgd", 0.01)]
+
+
+def test_a_classifier_trains_with_the_probe_s_choice_in_every_phase_and_a_resumed_run_reads_it(monkeypatch,
+                                                                                               tmp_path):
+    """``retrain.optimizer: auto`` for a classifier: the probe (on the base hard-pruned at the search's start)
+    chooses before the search, its record says which and on what losses, the search's fine-tuning, the ADMM
+    W-step and the retraining all train with the choice, and a run continued from its folder reads the choice
+    back instead of probing again. (The probe's minimum run length is lifted: this run is a few dozen steps.)"""
+    from autocompress import optimizer_probe, report, rounds, training
+
+    monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
+    probes, built = [], []
+    probe = optimizer_probe.probe_optimizers
+    monkeypatch.setattr(rounds, "probe_optimizers", lambda *a, **k: probes.append(probe(*a, **k)) or probes[-1])
+    build = training.build_optimizer
+    monkeypatch.setattr(training, "build_optimizer", lambda model, config: built.append(
+        (config.optimizer, config.lr)) or build(model, config))
+    train, val = loaders()
+    lines: list[str] = []
+    base = trained(SmallCNN(8, 8), train)
+
+    def run() -> Compression:
+        compression = Compression(base, torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                                  log=lines.append, task_args=dict(train_loader=train, val_loader=val),
+                                  config=CONFIG, run_dir=tmp_path / "run")
+        compression.run()
+        return compression
+
+    first = run()
+    choice = probes[0].choice
+    lr = training.FINE_TUNING_LR[choice]
+    assert len(probes) == 1 and len(built) >= 2 and set(built) == {(choice, lr)}  # ADMM, retraining
+    assert first.config.retrain.optimizer == choice and first.config.admm.lr == lr
+    record = next(r for r in first.store.records if r.get("event") == "optimizer")
+    assert record["choice"] == choice and record["probe"]["held_out_loss"] == pytest.approx(probes[0].losses)
+    assert report.phase_seconds(first.store.records)["optimizer"] > 0  # the probe's time is a phase of the run
+    assert probes[0].describe() in lines
+    second = run()
+    assert len(probes) == 1 and second.config.retrain.optimizer == choice
+    assert f"retrain.optimizer auto: {choice} (as this run recorded)" in lines
 
 
 def test_a_budget_run_s_summary_says_the_schedule_it_made():
@@ -1562,7 +1603,9 @@ def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_u
                                                                                         one_thread):
     """Other settings for a folder holding a run are refused before the set-up's work (the base's BatchNorm
     re-estimation, the pruning space); a set-up that fails (an unreachable target) leaves a new folder as it was,
-    without ``config.yaml`` or lock, and the caller's thread count as it was; a later run claims the folder."""
+    without ``config.yaml`` or lock, and the caller's thread count as it was; a later run claims the folder. A
+    folder another version of the library wrote says so (fresh user 50 read "other settings" they never changed:
+    the default ``retrain.optimizer`` had changed)."""
     train, val = loaders()
     model, example = trained(SmallCNN(), train, steps=2), torch.randn(1, 1, 8, 8)
     args = dict(train_loader=train, val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
@@ -1580,6 +1623,12 @@ def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_u
     monkeypatch.setattr(Pipeline, "space", no_work)
     with pytest.raises(UserError, match=r"holds a run with other settings \(target: 'params=2x' in the folder, "
                                         r"'params=3x' now\)"):
+        autocompress.compress(model, example, "params=3x", **args)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    stored["run"]["autocompress"] = "0.2.0"  # a folder an earlier version wrote, whose defaults differed
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(UserError, match=rf"holds a run of autocompress 0.2.0 \(this is {autocompress.__version__}, "
+                                        r"whose defaults may differ\) with other settings \(target"):
         autocompress.compress(model, example, "params=3x", **args)
 
 

@@ -67,11 +67,14 @@ def test_partial_sections_keep_the_other_defaults():
 
 
 def test_the_optimizer_follows_the_task_and_sets_the_unset_learning_rates():
-    """``retrain.optimizer: auto`` is SGD for a classifier and AdamW for other tasks (SGD's steps scale with the
-    loss); learning rates left unset take that optimiser's fine-tuning rate, set ones stay."""
+    """``retrain.optimizer: auto`` is AdamW for a task whose targets are not class indices (SGD's steps scale with
+    the loss) and stays open for a classifier (the probe chooses), unless a learning rate is set: a rate belongs to
+    one optimiser, so SGD, the rule before the probe. Learning rates left unset take the chosen optimiser's
+    fine-tuning rate, set ones stay."""
     config = CompressConfig.from_dict({"target": "params=2x", "admm": {"lr": 0.2}})
     default, own = config.for_task(classifies=True), config.for_task(classifies=False)
     assert (default.retrain.optimizer, default.retrain.lr, default.quick_eval.finetune_lr) == ("sgd", 0.01, 0.01)
+    assert "no probe, as admm.lr is set" in default.describe_loop(config, True)
     assert (own.retrain.optimizer, own.retrain.lr, own.quick_eval.finetune_lr) == ("adamw", 0.001, 0.001)
     assert default.admm.lr == own.admm.lr == 0.2
     assert own.retrain.train_config(2).optimizer == "adamw" and own.admm.train_config(optimizer="adamw").lr == 0.2
@@ -80,7 +83,14 @@ def test_the_optimizer_follows_the_task_and_sets_the_unset_learning_rates():
     assert own.for_task(classifies=True) == own  # resolving twice changes nothing (a resumed run compares them)
     dense = config.for_task(classifies=True, positions=True)  # per-pixel classes: a segmenter
     assert (dense.retrain.optimizer, dense.retrain.lr) == ("adamw", 0.001)
-    assert "class indices per position of a dense output" in dense.describe_loop("auto", True, True)
+    assert "class indices per position of a dense output" in dense.describe_loop(config, True, True)
+    unset = CompressConfig.from_dict({"target": "params=2x"})
+    pending = unset.for_task(classifies=True)
+    assert (pending.retrain.optimizer, pending.retrain.lr, pending.admm.lr) == ("auto", None, None)
+    assert "short probe" in pending.describe_loop(unset, True) and pending.for_task(True) == pending
+    settled = pending.with_optimizer("adamw")
+    assert (settled.retrain.optimizer, settled.retrain.lr, settled.admm.lr, settled.quick_eval.finetune_lr) == (
+        "adamw", 0.001, 0.001, 0.001)
     with pytest.raises(SettingError, match=r"unknown retrain.optimizer 'adam'.*use one of auto, sgd, adamw") as error:
         CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "adam"}})
     assert error.value.setting == "retrain.optimizer"

@@ -214,7 +214,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         forward_fn: ``fn(model, batch) -> output`` (default ``model(batch[0])``).
         train_fn: ``fn(model, phase)``: the caller's own training loop for the ADMM and retraining epochs
             (see :class:`autocompress.rounds.TrainingPhase`); default: the library's loop (``retrain.optimizer``:
-            SGD for a classifier, AdamW otherwise).
+            for a classifier SGD or AdamW as a short probe on the pruned model finds, AdamW otherwise).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the model, the
             teacher, the example inputs and every batch are moved there.
         config: a :class:`autocompress.config.CompressConfig` or its dict form (sections given in part
@@ -371,14 +371,14 @@ class Compression:
         self._check_distillation(train_output, say)
         if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
             say(describe(self.config))
-        asked = self.config.retrain.optimizer
+        given = self.config
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
                                  log=log, channel_multiple=self.multiple,
                                  base_score=base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
         if train_fn is None:
-            self.pipeline.log(self.config.describe_loop(asked, self.task.classifies, self.task.positions))
+            self.pipeline.log(self.config.describe_loop(given, self.task.classifies, self.task.positions))
         self.source, self.save, self.final_columns = source or {}, save, final_columns
         self.folder = distributed.on_main(self._open_folder, share=False) if self.run_dir is not None else None
         if self.folder is not None and self.folder.holds_run():
@@ -527,7 +527,10 @@ class Compression:
                 if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
                     changed.insert(0, "model weights")
                 if changed:
-                    raise UserError(f"run_dir {self.run_dir} holds a run with other settings "
+                    version = stored.get("run", {}).get("autocompress")
+                    other = f" of autocompress {version} (this is {__version__}, whose defaults may differ)" \
+                        if version != __version__ else ""
+                    raise UserError(f"run_dir {self.run_dir} holds a run{other} with other settings "
                                     f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})",
                                     "pass the same model and settings to continue it, or another run_dir")
                 started = int(stored.get("run", {}).get("world_size") or 1)
@@ -749,6 +752,8 @@ class Compression:
             raise UserError(f"round {state.index} cannot go on to {self.target}: the model the earlier rounds left is "
                             f"{base_ratio:.3g}x, and from it {exc}", "lower the target, or give fewer rounds "
                             "(rounds, or a smaller budget)") from None
+        if self.config.retrain.optimizer == AUTO:  # the search's fine-tuning scorer trains with it: settled first
+            self._settle_optimizer(state, sampler)
         if self.store.is_done(state.index, "search"):
             state.rates = self.store.load(state.index, "search")["rates"]
             state.budget = self._budget(state, sampler, base, base_ratio)
@@ -779,6 +784,19 @@ class Compression:
         self.store.finish(state.index, "search", [
             {"event": "search", **record, "trajectory": trajectory},
             {"event": "phase", "round": state.index, "phase": "search", "seconds": time.perf_counter() - started}])
+
+    def _settle_optimizer(self, state: RoundState, sampler: ActionSampler) -> None:
+        """``retrain.optimizer: auto`` for a classifier, chosen by the probe on the base hard-pruned at the first
+        round's start (uniform rates for ``search_mode: uniform``):
+        :meth:`autocompress.rounds.Pipeline.settle_optimizer`."""
+        uniform = self.config.search_mode == "uniform"
+
+        def start() -> dict:
+            return sampler.to_rates(sampler.meet(np.ones(len(sampler.units))) if uniform
+                                    else self._start(state, sampler))
+
+        self.pipeline.settle_optimizer(state, rounds=len(self.targets), rates=start)
+        self.config = self.pipeline.config
 
     def _start(self, state: RoundState, sampler: ActionSampler) -> np.ndarray:
         """The round's starting action (``search.start``): the guided start (:meth:`ActionSampler.initial_action`),

@@ -31,7 +31,7 @@ from .errors import SettingError, UserError, show
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import VAL_BATCHES, check_batches, check_scorer
 from .sampling import GUIDANCES, MOVES, STARTS
-from .training import OPTIMIZERS, SCHEDULES, OptimizerSettings, TrainConfig, fine_tuning_lr
+from .training import FINE_TUNING_LR, OPTIMIZERS, SCHEDULES, OptimizerSettings, TrainConfig, fine_tuning_lr
 
 #: ``dims`` values -> unit kinds pruned
 DIMS = {"filter,column": ("filter", "column"), "filter": ("filter",), "column": ("column",),
@@ -228,9 +228,10 @@ class RetrainConfig(OptimizerSettings):
     what a caller's ``train_fn`` is asked to run.
 
     ``optimizer`` is the default loop's optimiser for every phase (retraining, the ADMM W-step, the search's
-    fine-tuning scorer): ``"sgd"``, ``"adamw"`` or ``"auto"`` (the default: SGD for a classifier, whose targets
-    are class indices, AdamW for any other task, whose loss's scale SGD's steps would follow; see
-    :meth:`CompressConfig.for_task`). ``lr`` None: the optimiser's :data:`autocompress.training.FINE_TUNING_LR`
+    fine-tuning scorer): ``"sgd"``, ``"adamw"`` or ``"auto"`` (the default: for a classifier, whose targets
+    are class indices, the one that retrains the pruned model better in a short probe before the first round
+    (:mod:`autocompress.optimizer_probe`); AdamW for any other task, whose loss's scale SGD's steps would follow;
+    see :meth:`CompressConfig.for_task`). ``lr`` None: the optimiser's :data:`autocompress.training.FINE_TUNING_LR`
     (SGD 0.01, AdamW 0.001)."""
 
     optimizer: str = AUTO
@@ -353,22 +354,40 @@ class CompressConfig:
 
     def for_task(self, classifies: bool | None, positions: bool = False) -> "CompressConfig":
         """This config with ``distillation.enabled`` (:meth:`with_distillation_for`) and ``retrain.optimizer``
-        resolved (``"auto"``: ``"sgd"`` when ``classifies``, the training targets are class indices for the output
-        (:attr:`autocompress.task.Task.classifies`), and the output holds one class vector per item (not
-        ``positions``: :attr:`autocompress.task.Task.positions`), else ``"adamw"``, also when they cannot be read)
-        and the unset learning rates (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``) at that optimiser's
-        :data:`autocompress.training.FINE_TUNING_LR`. SGD's steps grow with the loss's scale: an AdamW-trained
-        denoiser (mean squared error ~0.008) retrained with SGD at lr 0.01 for 3 epochs ended 1.96 dB below the
-        same epochs of AdamW, while an SGD-trained classifier given its cross-entropy as ``loss_fn`` lost 1.5
-        points of top-1 with AdamW (BENCHMARKS.md, "Session 29"); a per-pixel cross-entropy averages over many
-        easy positions, and a segmentation U-Net kept 3.7 mIoU points more with AdamW (session 31)."""
+        resolved where the task decides it (:meth:`with_optimizer`). ``"auto"``: ``"adamw"`` unless
+        ``classifies``, the training targets are class indices for the output (:attr:`autocompress.task.Task.
+        classifies`), and the output holds one class vector per item (not ``positions``:
+        :attr:`autocompress.task.Task.positions`); for such a classifier it stays ``"auto"``, chosen later by a
+        probe on the pruned model (:mod:`autocompress.optimizer_probe`), or ``"sgd"`` when a learning rate is set
+        (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``: a rate belongs to one optimiser). SGD's steps
+        grow with the loss's scale: an AdamW-trained denoiser (mean squared error ~0.008) retrained with SGD at
+        lr 0.01 for 3 epochs ended 1.96 dB below the same epochs of AdamW (BENCHMARKS.md, "Session 29"); a
+        per-pixel cross-entropy averages over many easy positions, and a segmentation U-Net kept 3.7 mIoU points
+        more with AdamW (session 31). For classifiers neither optimiser wins everywhere (session 36)."""
         optimizer = self.retrain.optimizer
+        if optimizer == AUTO and not (classifies and not positions):
+            optimizer = "adamw"
+        elif optimizer == AUTO and self.pinned_lrs:
+            optimizer = "sgd"
+        return self.with_distillation_for(classifies, positions).with_optimizer(optimizer)
+
+    @property
+    def pinned_lrs(self) -> list[str]:
+        """The learning-rate settings given explicitly (None: the optimiser's fine-tuning rate)."""
+        rates = {"retrain.lr": self.retrain.lr, "admm.lr": self.admm.lr,
+                 "quick_eval.finetune_lr": self.quick_eval.finetune_lr}
+        return [name for name, value in rates.items() if value is not None]
+
+    def with_optimizer(self, optimizer: str) -> "CompressConfig":
+        """This config with ``retrain.optimizer`` set to ``optimizer`` and the unset learning rates
+        (``retrain.lr``, ``admm.lr``, ``quick_eval.finetune_lr``) at its
+        :data:`autocompress.training.FINE_TUNING_LR`; ``"auto"`` (still to be chosen) leaves them unset."""
         if optimizer == AUTO:
-            optimizer = "sgd" if classifies and not positions else "adamw"
+            return dataclasses.replace(self, retrain=dataclasses.replace(self.retrain, optimizer=AUTO))
         return dataclasses.replace(
-            self.with_distillation_for(classifies, positions),
+            self,
             retrain=dataclasses.replace(self.retrain, optimizer=optimizer,
-                                              lr=fine_tuning_lr(self.retrain.lr, optimizer)),
+                                        lr=fine_tuning_lr(self.retrain.lr, optimizer)),
             admm=dataclasses.replace(self.admm, lr=fine_tuning_lr(self.admm.lr, optimizer)),
             quick_eval=dataclasses.replace(self.quick_eval,
                                            finetune_lr=fine_tuning_lr(self.quick_eval.finetune_lr, optimizer)))
@@ -382,16 +401,22 @@ class CompressConfig:
         return dataclasses.replace(self, distillation=dataclasses.replace(
             self.distillation, enabled=classifies is not False and not positions))
 
-    def describe_loop(self, asked: str, classifies: bool | None, positions: bool = False) -> str:
+    def describe_loop(self, given: "CompressConfig", classifies: bool | None, positions: bool = False) -> str:
         """A log line on the default training loop of this config resolved by :meth:`for_task`: its optimiser,
-        learning rates, and why ``auto`` chose the optimiser (``asked``: ``retrain.optimizer`` as given)."""
+        learning rates, and why ``auto`` chose the optimiser (``given``: the config before :meth:`for_task`)."""
+        if self.retrain.optimizer == AUTO:
+            rates = " or ".join(f"{name} (lr {lr:g})" for name, lr in FINE_TUNING_LR.items())
+            return (f"default training loop: {rates}, whichever retrains the pruned model better in a short probe "
+                    "before the first round (retrain.optimizer auto, class targets)")
         why = ""
-        if asked == AUTO:
+        if given.retrain.optimizer == AUTO:
             targets = ("class indices per position of a dense output (a per-pixel loss's mean gives SGD small steps)"
                        if classifies and positions else "class indices or probabilities for the output" if classifies
                        else "not class indices for the output" if classifies is False
                        else "not readable as class indices")
-            why = f" (retrain.optimizer auto: the training targets are {targets})"
+            pinned = (f"; no probe, as {', '.join(given.pinned_lrs)} is set (set retrain.optimizer with it)"
+                      if classifies and not positions else "")
+            why = f" (retrain.optimizer auto: the training targets are {targets}{pinned})"
         return (f"default training loop: {self.retrain.optimizer}, lr {self.retrain.lr:g} (retraining), "
                 f"{self.admm.lr:g} (ADMM), {self.quick_eval.finetune_lr:g} (search fine-tuning){why}")
 

@@ -119,8 +119,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         dims: unit kinds pruned, a subset of ``("filter", "column", "irregular")``, or the config's text form
             (``"filter,column"``).
         admm: ADMM settings (default :class:`ADMMConfig`); ``epochs=0`` is one-shot projection.
-        retrain: masked retraining settings (default 10 epochs of ``retrain.optimizer: auto``: SGD at lr 0.01 for
-            a classifier, AdamW at 0.001 otherwise); ``epochs=0`` skips it.
+        retrain: masked retraining settings (default 10 epochs of ``retrain.optimizer: auto``: for a classifier
+            SGD at lr 0.01 or AdamW at 0.001 as a short probe on the pruned model finds, AdamW otherwise);
+            ``epochs=0`` skips it.
         purify: run purification (unused path removal + redundant weight removal).
         purify_tolerance, purify_thresholds: see :func:`autocompress.purification.purify`.
         seed: seed of the global generator per phase (dropout, a DataLoader's shuffling).

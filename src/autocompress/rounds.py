@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from . import admm, distributed, metrics
-from .alignment import allowed_widths, misaligned_widths
+from .alignment import AUTO, allowed_widths, misaligned_widths
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer
+from .optimizer_probe import MIN_TRAINING_STEPS, ProbeResult, probe_optimizers
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -221,7 +222,8 @@ class Pipeline:
         config: the run's :class:`autocompress.config.CompressConfig` (admm, purification, retrain,
             distillation sections, seed, dims); kept with ``retrain.optimizer`` and the unset learning rates
             resolved for the task (:meth:`~autocompress.config.CompressConfig.for_task`, by ``task.classifies``,
-            which :meth:`autocompress.task.Task.check` sets).
+            which :meth:`autocompress.task.Task.check` sets), or for a classifier by :meth:`settle_optimizer`
+            before the first round.
         example_inputs: a tuple of tensors on the device (one forward's inputs).
         base_model: the model before pruning (on the device; never modified).
         store: the :class:`PhaseStore`.
@@ -253,6 +255,8 @@ class Pipeline:
 
     def __post_init__(self):
         self.config = self.config.for_task(self.task.classifies, self.task.positions)  # the loop's optimiser, rates
+        if self.train_fn is not None and self.config.retrain.optimizer == AUTO:  # the caller's loop owns it: no
+            self.config = self.config.with_optimizer("sgd")  # probe; the phases suggest SGD's lr, as before
         if self.log is None:
             self.log = _silent
         elif self.progress:
@@ -371,6 +375,56 @@ class Pipeline:
             self.incompactable.update(failing)
             space = self.space(model)
 
+    # --- the default loop's optimiser --------------------------------------------------------------------
+    def settle_optimizer(self, state: RoundState, rounds: int = 1,
+                         rates: Callable[[], dict] | None = None) -> None:
+        """Resolve ``retrain.optimizer: auto`` left open by :meth:`~autocompress.config.CompressConfig.for_task`
+        (a classifier, no learning rate set): by the probe of :func:`autocompress.optimizer_probe.probe_optimizers`
+        on ``state.model`` hard-pruned at ``rates()`` (default ``state.rates``; a copy), SGD when the run's
+        ``rounds`` train fewer than :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` optimiser steps, or as
+        a run folder recorded it (its ``optimizer`` record). A no-op once resolved."""
+        if self.config.retrain.optimizer != AUTO:
+            return
+        if self.store.is_done("base", "optimizer"):
+            choice = next(r["choice"] for r in self.store.records if r.get("event") == "optimizer")
+            self.log(f"retrain.optimizer auto: {choice} (as this run recorded)")
+        else:
+            steps = self._training_steps(rounds)
+            if steps < MIN_TRAINING_STEPS:
+                records = [{"event": "optimizer", "choice": "sgd", "probe": None}]
+                self.log(f"retrain.optimizer auto: sgd (not probed: the run trains {steps} optimiser steps, under the "
+                         f"{MIN_TRAINING_STEPS} that keep the probe under a quarter of them)")
+            else:
+                records = self._probe_records(state, rates() if rates is not None else state.rates)
+            self.store.finish("base", "optimizer", records)
+            choice = records[0]["choice"]
+        self.config = self.config.with_optimizer(choice)
+
+    def _probe_records(self, state: RoundState, rates: dict) -> list[dict]:
+        """The probe on ``state.model`` hard-pruned at ``rates`` (rank 0's; logged): its record and its time as
+        a ``phase`` record (``optimizer``, round 0)."""
+        started = time.perf_counter()
+        result = distributed.on_main(lambda: self._probe_optimizers(state, rates))
+        self.log(result.describe())
+        return [result.record(), {"event": "phase", "round": 0, "phase": "optimizer",
+                                  "seconds": time.perf_counter() - started}]
+
+    def _training_steps(self, rounds: int) -> int:
+        """Optimiser steps of the default loop over ``rounds`` rounds (ADMM and retraining epochs)."""
+        epochs = rounds * self.config.admm.epochs + (rounds - 1) * self.config.retrain_epochs(last=False) + \
+            self.config.retrain_epochs(last=True)
+        return epochs * _length(self.task.train_loader)
+
+    def _probe_optimizers(self, state: RoundState, rates: dict) -> ProbeResult:
+        """:func:`~autocompress.optimizer_probe.probe_optimizers` on a copy of ``state.model`` hard-pruned at
+        ``rates`` and shrunk as the retraining's model is (:meth:`_shrink`), both copies on the same batches."""
+        model = copy.deepcopy(state.model)
+        _, param_masks = admm.hard_prune(model, state.space, rates)
+        model, param_masks = shrink(model, param_masks, self.example_inputs, channel_multiple=self.channel_multiple)
+        seed = phase_seed(self.config.seed, 0, "retrain")  # round 0: before the rounds
+        return probe_optimizers(model, param_masks, self.task, settings=self.config.retrain.train_config(1),
+                                distiller=self.distiller, same_batches=lambda: self.task.seeded(seed))
+
     # --- the round function ---------------------------------------------------------------------------
     def run_round(self, state: RoundState, *, last: bool) -> None:
         """ADMM -> hard pruning + purification -> masked retraining -> compaction of ``state.model`` at
@@ -381,6 +435,7 @@ class Pipeline:
         if self.store.is_done(state.index, "compact"):
             self._restore(state, "compact")
             return
+        self.settle_optimizer(state)
         for phase in PHASES[1:]:
             if self.store.is_done(state.index, phase):
                 self._restore(state, phase)

@@ -38,6 +38,12 @@ from .task import Task, channels_last, channels_last_trains, channels_last_works
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite (a learning rate too high for the network or the loss)."""
+
+
 #: the optimisers of the default loop: ``"sgd"`` (momentum / Nesterov, L2 weight decay) or ``"adamw"`` (Adam with
 #: decoupled weight decay, Loshchilov & Hutter 2019; its steps do not grow with the loss's scale)
 OPTIMIZERS = ("sgd", "adamw")
@@ -230,7 +236,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         ``stop_distilling`` ended distillation within the epoch.
 
     Raises:
-        UserError: the loss became NaN / infinite (learning rate too high) or is not a scalar.
+        Diverged: the loss became NaN / infinite (learning rate too high). UserError: it is not a scalar.
     """
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     task = task if task is not None else Task(loader, device=model_device(model))
@@ -262,7 +268,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                     reg_total += float(reg.detach())
             check_loss(loss, finite=False)
             if not torch.isfinite(objective):
-                raise UserError(f"training loss became {float(objective.detach())} at step {steps + 1}",
+                raise Diverged(f"training loss became {float(objective.detach())} at step {steps + 1}",
                                 "lower the learning rate (lr) or check the data")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()

@@ -1,0 +1,131 @@
+"""Choosing the default loop's optimiser for a pruned classifier by a short probe (beyond the paper).
+
+AutoCompress (Liu et al., AAAI 2020) retrains with one fixed optimiser. Which of SGD (momentum, lr 0.01) and
+AdamW (lr 0.001) recovers a hard-pruned network better depends on the network and on how its weights were
+trained, and no rule read from the task found it: at ``flops=2x`` in 3 epochs AdamW retrained four AdamW-trained
+CIFAR-10 classifiers up to 1.1 points better, SGD two Fashion-MNIST classifiers 0.8-1.5 points better (one of
+them AdamW-trained). The probe trains two copies of the pruned model for the same few batches, one per
+optimiser, each with a cosine schedule from its fine-tuning rate to zero (a retraining in miniature), then
+compares their data loss on the training batches that follow (held out from both). The lower loss wins, SGD
+only by more than the probe's noise (:data:`TIE`).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .distillation import Distiller
+from .masks import MaskEnforcer
+from .task import Task, move
+from .training import (FINE_TUNING_LR, OPTIMIZERS, Diverged, TrainConfig, build_optimizer, build_scheduler,
+                       train_epoch)
+
+#: optimiser steps each copy trains, and training batches after them on which the copies' losses are compared
+PROBE_STEPS = 40
+HELD_OUT_BATCHES = 20
+#: a run training fewer optimiser steps in all is not probed (the probe would cost over a quarter of its
+#: training): SGD, the rule before the probe
+MIN_TRAINING_STEPS = 8 * PROBE_STEPS
+#: SGD is chosen only when its held-out loss is lower than AdamW's by more than this fraction of it; within it
+#: the two are a tie, which goes to AdamW. The probe's own spread: the same probe from two seeds moved the
+#: optimisers' loss difference by ~1 % of it; in the near ties measured (0.1-1 % apart) AdamW retrained better in
+#: 4 of 5 (BENCHMARKS.md, session 36)
+TIE = 0.01
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The probe's outcome: ``choice`` (one of :data:`autocompress.training.OPTIMIZERS`), ``losses`` (optimiser
+    -> mean data loss per held-out batch; ``inf`` where training diverged), ``steps`` and ``held_out`` (batches
+    trained and compared)."""
+
+    choice: str
+    losses: dict[str, float]
+    steps: int
+    held_out: int
+
+    def record(self) -> dict:
+        """The probe as a metrics record (``metrics.jsonl``)."""
+        return {"event": "optimizer", "choice": self.choice, "probe": {
+            "held_out_loss": self.losses, "steps": self.steps, "held_out_batches": self.held_out}}
+
+    def describe(self) -> str:
+        """One log line: the choice and the losses it was made on."""
+        losses = ", ".join(f"{name} {loss:.4g}" for name, loss in self.losses.items())
+        return (f"retrain.optimizer auto: {self.choice} (a probe of {self.steps} steps per optimiser from the "
+                f"pruned model; data loss on the next {self.held_out} training batches: {losses})")
+
+
+def probe_optimizers(model: nn.Module, param_masks: dict[str, torch.Tensor], task: Task, *,
+                     settings: TrainConfig, distiller: Distiller | None = None,
+                     same_batches: Callable[[], object], steps: int = PROBE_STEPS,
+                     held_out: int = HELD_OUT_BATCHES) -> ProbeResult:
+    """Train a copy of ``model`` per optimiser for ``steps`` training batches and compare their data loss on the
+    next ``held_out`` batches of ``task.train_loader``.
+
+    Args:
+        model: the hard-pruned model (not modified); param_masks: parameter name -> BoolTensor (True = kept),
+            kept zero in each copy (:class:`autocompress.masks.MaskEnforcer`).
+        task: the run's task (loss, forward, device; batches from ``task.train_loader``).
+        settings: momentum, Nesterov, weight decay and label smoothing of the retraining (``optimizer`` and ``lr``
+            are the probe's: each optimiser at its :data:`autocompress.training.FINE_TUNING_LR`, cosine to zero
+            over ``steps``).
+        distiller: the run's distillation loss, trained with as the retraining will; the comparison is on the
+            data loss alone.
+        same_batches: a context manager factory (``task.seeded(seed)``) entered around each copy's pass so that
+            both see the same batches in the same order.
+        steps, held_out: batches trained and compared (both >= 1).
+
+    Returns:
+        :class:`ProbeResult`: SGD where its loss is more than :data:`TIE` below AdamW's, else AdamW.
+
+    Raises:
+        UserError: the loss is not a scalar tensor (as the retraining would raise); a loss that becomes NaN or
+            infinite is that optimiser's ``inf``, not an error.
+    """
+    losses = {}
+    for name in OPTIMIZERS:
+        config = TrainConfig(**{**vars(settings), "optimizer": name, "lr": FINE_TUNING_LR[name], "epochs": 1})
+        with same_batches():
+            losses[name] = _trained_loss(copy.deepcopy(model), param_masks, task, config, distiller, steps, held_out)
+    choice = "sgd" if losses["sgd"] < (1 - TIE) * losses["adamw"] else "adamw"
+    return ProbeResult(choice=choice, losses=losses, steps=steps, held_out=held_out)
+
+
+def _trained_loss(model: nn.Module, param_masks: dict[str, torch.Tensor], task: Task, config: TrainConfig,
+                  distiller: Distiller | None, steps: int, held_out: int) -> float:
+    """Mean data loss per batch of ``model`` on the ``held_out`` training batches after ``steps`` steps of
+    ``config``'s optimiser (``inf`` when the loss became NaN or infinite)."""
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps)
+    MaskEnforcer(model, param_masks).attach(optimizer)
+    batches = iter(_endless(task.train_loader))
+    try:
+        train_epoch(model, itertools.islice(batches, steps), optimizer, scheduler, task=task, distiller=distiller,
+                    criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), progress=False)
+    except Diverged:
+        return math.inf
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in itertools.islice(batches, held_out):
+            loss, _ = task.loss(model, move(batch, task.device, layout=False))
+            total += float(loss)
+    return total / held_out if math.isfinite(total) else math.inf
+
+
+def _endless(loader: Iterable) -> Iterable:
+    """``loader``'s batches, epoch after epoch (a loader shorter than the probe is read again)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return

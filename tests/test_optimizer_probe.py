@@ -1,0 +1,106 @@
+"""The optimiser probe: which of SGD and AdamW retrains a pruned model better, from the same batches."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autocompress.optimizer_probe import probe_optimizers
+from autocompress.task import Task
+from autocompress.training import TrainConfig
+
+
+def regression(scale: float) -> tuple[nn.Module, Task]:
+    """A bias-free linear model from zero towards the weights (3, -2, 1, 0.5) on shuffled Gaussian inputs, its
+    loss the mean squared error times ``scale`` (the scale SGD's steps follow and AdamW's do not)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.tensor([[3.0], [-2.0], [1.0], [0.5]])
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator())
+    model = nn.Linear(4, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    return model, Task(loader, loss_fn=lambda net, batch: scale * F.mse_loss(net(batch[0]), batch[1]))
+
+
+def independent_loss(model: nn.Module, task: Task, name: str, steps: int, held_out: int) -> float:
+    """The probe of one optimiser written out: SGD (lr 0.01, Nesterov momentum 0.9) or AdamW (lr 0.001), no
+    weight decay, a cosine schedule to zero over ``steps`` steps on the loader's first batches (reseeded as the
+    probe reseeds them, epoch after epoch), then the mean loss over the next ``held_out`` batches."""
+    model = copy.deepcopy(model)
+    lr = 0.01 if name == "sgd" else 0.001
+    optimizer = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True) if name == "sgd"
+                 else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0))
+    batches = []
+    with task.seeded(5):
+        while len(batches) < steps + held_out:  # a loader shorter than the probe is read again
+            batches.extend(task.train_loader)
+    batches = batches[:steps + held_out]
+    for step, (x, y) in enumerate(batches[:steps]):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 + math.cos(math.pi * step / steps)) / 2
+        loss = task.loss_fn(model, (x, y))
+        if not torch.isfinite(loss):
+            return math.inf
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        total = sum(float(task.loss_fn(model, batch)) for batch in batches[steps:])
+    return total / held_out if math.isfinite(total) else math.inf
+
+
+@pytest.mark.parametrize("scale, winner", [(1e-4, "adamw"), (1.0, "sgd"), (1e4, "adamw")])
+def test_the_probe_trains_each_optimiser_on_the_same_batches_and_compares_the_next_ones(scale, winner):
+    """Each optimiser's held-out loss equals the same steps written out independently; the lower one wins. A
+    loss scaled by 1e-4 barely moves SGD (AdamW wins), at scale 1 SGD's steps of 0.01 x the gradient reach the
+    weights in the steps AdamW's ~0.001 per step cannot, and at 1e4 SGD diverges (an infinite loss, AdamW wins).
+    The loader's 32 batches are fewer than the probe's 36: it is read again."""
+    model, task = regression(scale)
+    before = model.weight.detach().clone()
+    result = probe_optimizers(model, {}, task, settings=TrainConfig(weight_decay=0.0),
+                              same_batches=lambda: task.seeded(5), steps=30, held_out=6)
+    assert torch.equal(model.weight, before)  # the probe trains copies
+    for name in ("sgd", "adamw"):
+        assert result.losses[name] == pytest.approx(independent_loss(model, task, name, 30, 6), rel=1e-4)
+    assert result.choice == winner and (result.steps, result.held_out) == (30, 6)
+    assert math.isinf(result.losses["sgd"]) == (scale == 1e4)
+    assert result.record()["probe"]["held_out_loss"] == result.losses
+    assert f"retrain.optimizer auto: {winner}" in result.describe()
+
+
+def test_the_probe_keeps_pruned_weights_at_zero_in_both_copies(monkeypatch):
+    """The copies train under the pruning masks: a masked weight stays zero whatever the optimiser."""
+    from autocompress import optimizer_probe
+
+    trained = []
+    original = optimizer_probe._trained_loss
+
+    def keep(model, *args):
+        loss = original(model, *args)
+        trained.append(model.weight.detach().clone())
+        return loss
+
+    monkeypatch.setattr(optimizer_probe, "_trained_loss", keep)
+    model, task = regression(1.0)
+    mask = torch.tensor([[True, False, True, False]])
+    probe_optimizers(model, {"weight": mask}, task, settings=TrainConfig(weight_decay=0.0),
+                     same_batches=lambda: task.seeded(5), steps=10, held_out=2)
+    assert len(trained) == 2
+    for weight in trained:
+        assert torch.all(weight[~mask] == 0) and torch.all(weight[mask] != 0)
+
+
+@pytest.mark.parametrize("sgd, choice", [(0.995, "adamw"), (0.989, "sgd"), (1.2, "adamw")])
+def test_sgd_must_beat_adamw_by_more_than_the_probe_s_noise(monkeypatch, sgd, choice):
+    """Held-out losses within 1 % of each other are a tie, which goes to AdamW; SGD wins only below 0.99 x
+    AdamW's loss."""
+    from autocompress import optimizer_probe
+
+    monkeypatch.setattr(optimizer_probe, "_trained_loss", lambda model, masks, task, config, *rest: {
+        "sgd": sgd, "adamw": 1.0}[config.optimizer])
+    model, task = regression(1.0)
+    result = probe_optimizers(model, {}, task, settings=TrainConfig(), same_batches=lambda: task.seeded(5))
+    assert result.choice == choice and result.losses == {"sgd": sgd, "adamw": 1.0}
