@@ -29,7 +29,8 @@ def test_target_parsing():
     assert "latency=5x" in str(error.value) and "latency=5ms" in str(error.value)
     assert Target.parse("Latency=2X") == Target("latency", 2.0) and Target.parse("latency=3MS").ms == 3.0
     for bad, words in (("latency=0.5x", "factor must be > 1"), ("params=1x", "factor must be > 1"),
-                       ("latency=0ms", "latency must be > 0")):
+                       ("flops=-2x", "factor must be > 1"), ("latency=-5ms", "latency must be > 0"),
+                       ("latency=0ms", "latency must be > 0")):  # a negative number is read, then refused
         with pytest.raises(SettingError, match=words):
             Target.parse(bad)
     with pytest.raises(SettingError, match="a MACs reduction is a flops target; write flops=3x "):

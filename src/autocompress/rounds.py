@@ -393,7 +393,7 @@ class Pipeline:
             if steps < MIN_TRAINING_STEPS:
                 records = [{"event": "optimizer", "choice": "sgd", "probe": None}]
                 self.log(f"retrain.optimizer auto: sgd (not probed: the run trains {steps} optimiser steps, under the "
-                         f"{MIN_TRAINING_STEPS} that keep the probe under a quarter of them)")
+                         f"{MIN_TRAINING_STEPS} the probe needs to be worth its time)")
             else:
                 records = self._probe_records(state, rates() if rates is not None else state.rates)
             self.store.finish("base", "optimizer", records)

@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-runtime", help="deployment runtime: onnxruntime (default, CPU) or torch")
     parser.add_argument("--latency-threads", type=int, help="threads of the deployment runtime (default 1)")
     parser.add_argument("--latency-batch", type=int, help="batch size of a latency target (default 1)")
-    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars or phase log")
+    parser.add_argument("--quiet", "--no-progress", action="store_true",
+                        help="no progress bars or phase log (bars are drawn only when stderr is a terminal)")
 
 
 def _multiple(text: str):
@@ -337,12 +338,13 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
         file = checkpoint_path if name == "base" else Path(out) / "model.pt"
         return {"test_top1": 100.0 * evaluate(model, test)["top1"], "file_bytes": file.stat().st_size}
 
-    progress = not args.quiet and distributed.world().is_main
+    speaks = not args.quiet and distributed.world().is_main
     compression = Compression(
         workload.model, workload.example, None,
         task_args=dict(train_loader=workload.train_loader(data.batch_size), val_loader=workload.loader("val")),
-        device=args.device, config=library_settings, run_dir=out, progress=progress,
-        log=(lambda line: print(line, flush=True)) if progress else None,
+        device=args.device, config=library_settings, run_dir=out,
+        progress=speaks and sys.stderr.isatty(),  # bars on a terminal; a redirected log gets the lines alone
+        log=(lambda line: print(line, flush=True)) if speaks else None,
         source={"checkpoint": str(checkpoint_path), "data": dataclasses.asdict(data),
                 "imports": list(getattr(args, "imports", []) or [])},
         save=save, final_columns=extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                    train_loader=workload.train_loader(args.batch_size), val_loader=workload.loader("val"),
                    device=device, dims=dims, admm=admm, retrain=retrain, purify=not args.no_purify,
                    purify_tolerance=args.purify_tolerance, seed=args.seed, ignored_layers=args.ignore,
-                   progress=not args.no_progress,
+                   progress=not args.no_progress and sys.stderr.isatty(),  # bars on a terminal only
                    log=lambda line: print(line, flush=True))
     report = result.report
     test = workload.loader("test")
