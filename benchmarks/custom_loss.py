@@ -260,9 +260,10 @@ def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int
                                        val_loader=val, loss_fn=loss_fn, score_fn=lambda net: score(net, val),
                                        train_fn=train_fn, config=config, run_dir=folder, progress=False)
         stored = yaml.safe_load((Path(folder) / "config.yaml").read_text())
-    probed = next((r["choice"] for r in result.records if r.get("event") == "optimizer"), None)
+    probe = next((r for r in result.records if r.get("event") == "optimizer"), {})
     return {"task": task, "variant": variant, "seed": seed, "target": target, "budget": budget,
-            "optimizer": None if train_fn else probed or stored["retrain"]["optimizer"],
+            "optimizer": None if train_fn else probe.get("choice") or stored["retrain"]["optimizer"],
+            "probe_loss": (probe.get("probe") or {}).get("held_out_loss"),
             "distilled": stored["distillation"]["enabled"], "test": score(result.model, data["test"]),
             "base_test": score(base, data["test"]), "macs_reduction": result.mac_reduction,
             "compression_rate": result.compression_rate, "minutes": (time.perf_counter() - started) / 60}

@@ -221,7 +221,8 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
                                    config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})
     chosen = next((r for r in result.records if r.get("event") == "optimizer"), None)
     return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
-            "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen}
+            "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen,
+            "phase_seconds": result.phase_seconds}
 
 
 def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budget: int) -> dict:

@@ -254,6 +254,7 @@ def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
     assert result.final["not_filter_pruned"] == {}  # recorded (the table names the layers left out, if any)
     warned = [w for w in result.final["warnings"] if "is passed by far" in w]
     assert reached > 2.5 and warned and f"{reached:.3g}x" in warned[0] and "channel_multiple 16" in warned[0]
+    assert "channel_multiple 1 (any width) fits closest" in warned[0]  # not "e.g. 8": 8 gave 16 too (user 50)
     summary = result.summary().splitlines()  # what a library caller prints: the CLI's table and its warnings
     headline, header, base_line, compact_line = summary[:4]
     phases = [r for r in result.records if r.get("event") == "phase"]

@@ -265,8 +265,8 @@ def test_finetune_candidates_replay_the_first_ones_batches_and_teacher_outputs(t
     batches, each candidate draws them again (the same ones)."""
     model, space, splits = trained
     drawn = []
-    stream = quick_eval._batch_stream
-    monkeypatch.setattr(quick_eval, "_batch_stream", lambda loader: (drawn.append(1) or b for b in stream(loader)))
+    stream = quick_eval.batch_stream
+    monkeypatch.setattr(quick_eval, "batch_stream", lambda loader: (drawn.append(1) or b for b in stream(loader)))
     teacher = copy.deepcopy(model)
     teacher_runs = []
     teacher.register_forward_hook(lambda *args: teacher_runs.append(1))

@@ -1233,15 +1233,17 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
     reached = base[key] / max(compressed[key], 1)
     if reached <= target.factor * (1 + OVERSHOOT_WARNING):
         return None
+    closer = (f"channel_multiple 1 (any width) fits closest; one between 1 and {multiple} only where one of "
+              "its widths lies between the target and the width taken (a fresh user's 32-channel layer at 2x: 16 "
+              "at multiple 16 and 8 alike, 22 at 1)")
     if on_block(block, multiple):
         fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
                f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
-               f"{multiple}, or a smaller one (e.g. {max(1, multiple // 2)} or 1 for any width) where {multiple} "
-               "is still too coarse, for a closer fit that may run slower")
+               f"{multiple}, or where that is still too coarse a smaller one for a closer fit that may run slower: "
+               f"{closer}")
     elif multiple > 1:
-        fix = (f"channel_multiple {multiple} may allow only coarse widths here (a smaller one, e.g. "
-               f"{max(1, multiple // 2)} or 1 for any width, fits closer); the round records (refit, purification) "
-               "show where the surplus went")
+        fix = (f"channel_multiple {multiple} may allow only coarse widths here: {closer}; the round records (refit, "
+               "purification) show where the surplus went")
     else:
         fix = "the round records (refit, purification) show where the surplus went"
     return f"target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"

@@ -15,7 +15,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,8 +23,8 @@ from torch import nn
 from .distillation import Distiller
 from .masks import MaskEnforcer
 from .task import Task, move
-from .training import (FINE_TUNING_LR, OPTIMIZERS, Diverged, TrainConfig, build_optimizer, build_scheduler,
-                       train_epoch)
+from .training import (FINE_TUNING_LR, OPTIMIZERS, Diverged, TrainConfig, batch_stream, build_optimizer,
+                       build_scheduler, train_epoch)
 
 #: optimiser steps each copy trains, and training batches after them on which the copies' losses are compared
 PROBE_STEPS = 40
@@ -107,7 +107,7 @@ def _trained_loss(model: nn.Module, param_masks: dict[str, torch.Tensor], task: 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
     MaskEnforcer(model, param_masks).attach(optimizer)
-    batches = iter(_endless(task.train_loader))
+    batches = batch_stream(task.train_loader)  # a loader shorter than the probe is read again
     try:
         train_epoch(model, itertools.islice(batches, steps), optimizer, scheduler, task=task, distiller=distiller,
                     criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), progress=False)
@@ -120,14 +120,3 @@ def _trained_loss(model: nn.Module, param_masks: dict[str, torch.Tensor], task: 
             loss, _ = task.loss(model, move(batch, task.device, layout=False))
             total += float(loss)
     return total / held_out if math.isfinite(total) else math.inf
-
-
-def _endless(loader: Iterable) -> Iterable:
-    """``loader``'s batches, epoch after epoch (a loader shorter than the probe is read again)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            return

@@ -49,7 +49,7 @@ from .errors import UserError
 from .masks import MaskEnforcer, apply_masks
 from .projection import project
 from .task import move
-from .training import TrainConfig, build_optimizer, fine_tuning_lr, train_epoch
+from .training import TrainConfig, batch_stream, build_optimizer, fine_tuning_lr, train_epoch
 
 #: the quick-evaluation scorers (see the module docstring; ``"auto"``: ``"finetune"``)
 SCORERS = ("auto", "bn", "refit", "finetune")
@@ -328,7 +328,7 @@ class QuickEvaluator:
         then the loader's stream after them (the loader reseeded by :meth:`score_along` yields the same batches
         for every candidate), keeping each new one while it fits."""
         yield from list(self._kept)
-        for batch in itertools.islice(_batch_stream(self.task.train_loader), len(self._kept), None):
+        for batch in itertools.islice(batch_stream(self.task.train_loader), len(self._kept), None):
             size = _nbytes(batch)
             if self._kept_bytes is not None and size is not None and self._kept_bytes + size <= KEPT_BATCH_BYTES:
                 self._kept.append(batch)
@@ -356,16 +356,6 @@ def _mask_key(masks) -> bytes:
             digest.update(np.packbits(kind[name].flatten().numpy()).tobytes())
     return digest.digest()
 
-
-def _batch_stream(loader) -> Iterator:
-    """The loader's batches, pass after pass, for ever (stops if a pass yields nothing)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            return
 
 
 class _FineTuning:

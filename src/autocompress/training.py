@@ -198,6 +198,17 @@ def resumable_state(ckpt: dict, path: str | os.PathLike) -> dict:
     return state
 
 
+def batch_stream(loader: Iterable) -> Iterator:
+    """The loader's batches, pass after pass, for ever (stops if a pass yields nothing)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, task: Task | None = None,
                 criterion: nn.Module | None = None, regularizer: Callable[[], torch.Tensor] | None = None,
