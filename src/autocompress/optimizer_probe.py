@@ -5,10 +5,10 @@ AdamW (lr 0.001) recovers a hard-pruned network better depends on the network an
 trained, and no rule read from the task found it: at ``flops=2x`` in 3 epochs AdamW retrained three of four
 AdamW-trained CIFAR-10 classifiers 0.25-1.1 points better, SGD an SGD-trained Fashion-MNIST CNN 0.35 points
 better and the same CNN AdamW-trained as well as AdamW (BENCHMARKS.md, sessions 35-36; 0.8-1.5 points better in
-session 29, before the channel scoring changed). The probe trains two copies of the pruned model for the same few batches, one per
-optimiser, each with a cosine schedule from its fine-tuning rate to zero (a retraining in miniature), then
-compares their data loss on the training batches that follow (held out from both). The lower loss wins, SGD
-only by more than the probe's noise (:data:`TIE`).
+session 29, before the channel scoring changed). The probe trains two copies of the pruned model for the same
+few batches, one per optimiser, each with a cosine schedule from its fine-tuning rate to zero (a retraining in
+miniature), then compares their data loss on the training batches that follow (held out from both). The lower
+loss wins, SGD only by more than the probe's noise (:data:`TIE`).
 """
 from __future__ import annotations
 
