@@ -760,8 +760,8 @@ class Compression:
             return
         started = time.perf_counter()
         if self.config.search_mode == "uniform":  # ablation: one rate for every unit, no search
-            result = AnnealingResult(best_action=sampler.meet(np.ones(len(sampler.units))),
-                                     best_score=float("nan"), trajectory=[])
+            result = AnnealingResult(best_action=self._first_action(state, sampler), best_score=float("nan"),
+                                     trajectory=[])
         elif self.config.search.max_evaluations == 1:  # one candidate: nothing to compare, so nothing to score
             self.pipeline.log(f"round {state.index} search: the {self.config.search.start} start, not scored "
                               "(search.max_evaluations 1: no candidate to compare it with)")
@@ -789,14 +789,16 @@ class Compression:
         """``retrain.optimizer: auto`` for a classifier, chosen by the probe on the base hard-pruned at the first
         round's start (uniform rates for ``search_mode: uniform``):
         :meth:`autocompress.rounds.Pipeline.settle_optimizer`."""
-        uniform = self.config.search_mode == "uniform"
-
-        def start() -> dict:
-            return sampler.to_rates(sampler.meet(np.ones(len(sampler.units))) if uniform
-                                    else self._start(state, sampler))
-
-        self.pipeline.settle_optimizer(state, rounds=len(self.targets), rates=start)
+        self.pipeline.settle_optimizer(state, rounds=len(self.targets),
+                                       rates=lambda: sampler.to_rates(self._first_action(state, sampler)))
         self.config = self.pipeline.config
+
+    def _first_action(self, state: RoundState, sampler: ActionSampler) -> np.ndarray:
+        """The action the round starts from: one rate for every unit under ``search_mode: uniform`` (the
+        ablation's result), else the search's start (:meth:`_start`)."""
+        if self.config.search_mode == "uniform":
+            return sampler.meet(np.ones(len(sampler.units)))
+        return self._start(state, sampler)
 
     def _start(self, state: RoundState, sampler: ActionSampler) -> np.ndarray:
         """The round's starting action (``search.start``): the guided start (:meth:`ActionSampler.initial_action`),

@@ -357,7 +357,6 @@ def _mask_key(masks) -> bytes:
     return digest.digest()
 
 
-
 class _FineTuning:
     """One candidate's masked fine-tuning run of the ``"finetune"`` scorer, advanced in pieces
     (:meth:`run_to`): SGD (momentum 0.9) or AdamW at a constant lr, no weight decay, hooked by a

@@ -38,18 +38,16 @@ from .task import Task, channels_last, channels_last_trains, channels_last_works
 from .text import plural
 
 SCHEDULES = ("cosine", "onecycle", "constant")
-
-
-class Diverged(UserError):
-    """The training loss became NaN or infinite (a learning rate too high for the network or the loss)."""
-
-
 #: the optimisers of the default loop: ``"sgd"`` (momentum / Nesterov, L2 weight decay) or ``"adamw"`` (Adam with
 #: decoupled weight decay, Loshchilov & Hutter 2019; its steps do not grow with the loss's scale)
 OPTIMIZERS = ("sgd", "adamw")
 #: the learning rate of fine-tuning a trained network with each optimiser (masked retraining, the ADMM W-step, the
 #: search's fine-tuning scorer) unless one is set
 FINE_TUNING_LR = {"sgd": 0.01, "adamw": 0.001}
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite (a learning rate too high for the network or the loss)."""
 
 
 def fine_tuning_lr(lr: float | None, optimizer: str) -> float:
@@ -280,7 +278,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             check_loss(loss, finite=False)
             if not torch.isfinite(objective):
                 raise Diverged(f"training loss became {float(objective.detach())} at step {steps + 1}",
-                                "lower the learning rate (lr) or check the data")
+                               "lower the learning rate (lr) or check the data")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             scaler.step(optimizer)
