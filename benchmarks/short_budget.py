@@ -2,12 +2,13 @@
 
 Fresh users compress their own model with a target and ``budget: 3-4`` and compare it with Torch-Pruning
 fine-tuned for as many epochs of *their* loop (session 34: 0.6-1.7 points behind on two such models, one seed
-each). This script plays such users on CIFAR-10: four architectures written the way users write them (a residual
+each). This script plays such users on CIFAR-10: five architectures written the way users write them (a residual
 CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
-residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches), each trained as a
-base with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over ``--max-train``
-seeded training images, batch 64: fewer than 800 steps an epoch, so the budget runs no ADMM and no search),
-then compressed to ``--target`` with ``--budget`` epochs by each method:
+residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
+of LayerNorms and depthwise 7x7 convolutions), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
+random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
+an epoch, so the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by
+each method:
 
 * ``ac``: ``autocompress.compress`` with the target and the budget only (its default loop);
 * ``ac_own``: the same with ``train_fn`` = the user's loop (AdamW lr 1e-3, cosine over the phase), so against
@@ -15,7 +16,8 @@ then compressed to ``--target`` with ``--budget`` epochs by each method:
 * ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation;
   ``ac_magnitude``: ``search.start: magnitude``; ``ac_any`` / ``ac_m4`` / ``ac_m8``: ``channel_multiple`` 1 / 4 /
   8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s default ``auto`` probes both
-  on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``;
+  on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``; ``ac_padded``:
+  ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with).
 
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models.convnext import LayerNorm2d
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks" / "peers")]
@@ -153,13 +156,44 @@ class ResNeXt(nn.Module):
         return self.fc(self.drop(F.adaptive_avg_pool2d(self.mix(x), 1).flatten(1)))
 
 
-MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt}
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, a LayerNorm over the channels on channels-last data, Linear 4x, GELU, Linear, residual."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(width, width, 7, padding=3, groups=width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(self.dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """A ConvNeXt-style net: a 2x2 patchify stem to 32 channels and torchvision's channels-first LayerNorm2d,
+    two blocks at each of 32 / 64 / 128 channels, a LayerNorm2d + 2x2 stride-2 conv between stages, pooling,
+    LayerNorm, Linear (no BatchNorm: every channel of the residual stream passes LayerNorms)."""
+
+    def __init__(self):
+        super().__init__()
+        widths, layers = (32, 64, 128), []
+        for i, width in enumerate(widths):
+            layers += [nn.Sequential(nn.Conv2d(3, width, 2, 2), LayerNorm2d(width)) if i == 0 else
+                       nn.Sequential(LayerNorm2d(widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, 2))]
+            layers += [ConvNeXtBlock(width), ConvNeXtBlock(width)]
+        self.features = nn.Sequential(*layers)
+        self.norm, self.fc = nn.LayerNorm(widths[-1]), nn.Linear(widths[-1], 10)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.features(x).mean((2, 3))))
+
+
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
-              "ac_stop0": {"distillation": {"stop_margin": 0.0}}}
+              "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"}}
 
 
 def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoader]:

@@ -1650,3 +1650,63 @@ def test_other_training_data_is_named_where_the_base_was_re_estimated_on_it(tmp_
                                         r"on training batches, so other training data changes its score too\); "
                                         r"pass the train_loader / val_loader / score_fn the run started with"):
         autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=brighter, **args)
+
+
+class LayerNormCNN(nn.Module):
+    """``[B, 1, 8, 8]`` -> logits: conv1 (8 channels), a LayerNorm over them on channels-last data, GELU,
+    conv2, global average pooling, a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm = nn.Conv2d(1, 8, 3, padding=1), nn.LayerNorm(8)
+        self.conv2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_prune_compacts_a_layer_norm_to_a_plain_one_over_the_kept_channels_or_to_the_padded_form():
+    """``layer_norm`` (default ``kept``): the LayerNorm that lost conv1's channels is a plain LayerNorm over the
+    kept ones, and without retraining the compact model computes conv1 -> LayerNorm over those channels alone ->
+    conv2 -> head, written out here from the base's weights; ``padded`` keeps the masked model's statistics."""
+    from autocompress.admm import ADMMConfig
+    from autocompress.padded_norm import PaddedLayerNorm
+    from autocompress.pruning import prune
+    from autocompress.training import TrainConfig
+
+    torch.manual_seed(0)
+    model, example = LayerNormCNN().eval(), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    settings = dict(example_inputs=example, dims=("filter",), retrain=TrainConfig(epochs=0),
+                    admm=ADMMConfig(epochs=0), purify=False, device="cpu", progress=False)
+    result = prune(model, {"filter": {"conv1": 0.5}}, **settings)
+    keep = result.masks.filters["conv1"]
+    assert type(result.compact_model.norm) is nn.LayerNorm and result.compact_model.norm.normalized_shape == (4,)
+    batch = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = F.conv2d(batch, model.conv1.weight[keep], model.conv1.bias[keep], padding=1).permute(0, 2, 3, 1)
+        x = F.gelu(F.layer_norm(x, (4,), model.norm.weight[keep], model.norm.bias[keep])).permute(0, 3, 1, 2)
+        x = F.relu(F.conv2d(x, model.conv2.weight[:, keep], model.conv2.bias, padding=1)).mean((2, 3))
+        torch.testing.assert_close(result.compact_model(batch), model.fc(x), rtol=1e-5, atol=1e-5)
+    padded = prune(model, {"filter": {"conv1": 0.5}}, layer_norm="padded", **settings).compact_model
+    assert isinstance(padded.norm, PaddedLayerNorm) and (padded.norm.num_features, padded.norm.width) == (4, 8)
+    with pytest.raises(UserError, match="unknown layer_norm 'plain'"):
+        prune(model, {"filter": {"conv1": 0.5}}, layer_norm="plain", **settings)
+
+
+def test_compress_retrains_and_returns_plain_layer_norms_unless_told_padded():
+    from autocompress.padded_norm import PaddedLayerNorm
+
+    train, val = loaders()
+    for form, kind in (("kept", nn.LayerNorm), ("padded", PaddedLayerNorm)):
+        result = autocompress.compress(trained(LayerNormCNN(), train), torch.randn(1, 1, 8, 8), "params=1.5x",
+                                       train_loader=train, val_loader=val, device="cpu", progress=False,
+                                       log=lambda line: None, config={**CONFIG, "dims": "filter",
+                                                                      "channel_multiple": 1, "layer_norm": form})
+        assert type(result.model.norm) is kind and result.model.conv1.out_channels < 8
+    with pytest.raises(SettingError, match="layer_norm"):
+        autocompress.compress(LayerNormCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", train_loader=train,
+                              val_loader=val, device="cpu", config={"layer_norm": "plain"})

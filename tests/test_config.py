@@ -125,7 +125,7 @@ def test_distillation_enabled_takes_auto_and_refuses_other_text():
     ({"search": {"seed": 1}}, "search.seed"), ({"retrain": {"device": "cpu"}}, "retrain.device"),
     ({"admm": 3}, "admm"), ({"seed": True}, "seed"), ({"search": {"cooling_rate": 2.0}}, "search.cooling_rate"),
     ({"dims": "weird"}, "dims"), ({"retrain": {"lr": -1.0}}, "retrain.lr"), ({"amp": "fp8"}, "amp"),
-    ({"admm": {"lr": -0.1}}, "admm.lr"), ({"target": None}, "target"),
+    ({"layer_norm": "plain"}, "layer_norm"), ({"admm": {"lr": -0.1}}, "admm.lr"), ({"target": None}, "target"),
     ({"quick_eval": {"scorer": "magic"}}, "quick_eval.scorer"),
     ({"quick_eval": {"finetune_steps": 0}}, "quick_eval.finetune_steps"), ({"budget": -3}, "budget"),
     ({"search": {"guidance": "widest"}}, "search.guidance"),

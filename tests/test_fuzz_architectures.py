@@ -565,6 +565,14 @@ def test_layernorm_coupled_channels_are_pruned_exactly():
     ln, norm = compact.blocks[0].ln, compact.blocks[1].norm
     assert type(ln).__name__ == type(norm).__name__ == "PaddedLayerNorm"
     assert (ln.num_features, ln.width, ln.dim, norm.num_features, norm.width, norm.dim) == (3, 6, -1, 3, 6, 1)
+    # layer_norm: kept -- each stays its own class over the 3 kept channels; compact() checks the function
+    # against the masked model whose two LayerNorms normalise over their kept channels (else it raises)
+    masks = space.param_masks(projection.project(space, model, {"filter": {"stem.0": 0.5}}))
+    result = compaction.compact(model, masks, x, layer_norm="kept")
+    ln, norm = result.model.blocks[0].ln, result.model.blocks[1].norm
+    assert type(ln) is nn.LayerNorm and type(norm) is LayerNorm2d
+    assert ln.normalized_shape == norm.normalized_shape == (3,)
+    assert result.report["layer_norms_over_kept"] == ["blocks.0.ln", "blocks.1.norm"]
 
 
 def test_groupnorm_coupled_channels_are_pruned_exactly():

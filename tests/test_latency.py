@@ -387,6 +387,7 @@ def test_eager_slower_warning_names_the_slower_batches():
     assert "deployed_form" not in plain and plain.endswith("; to run it faster in PyTorch, use a latency target")
     assert ("(median of 7 interleaved runs, setting latency_runs); its 6 padded norm(s) (PaddedLayerNorm / "
             "PaddedGroupNorm: the exact form of a norm that lost channels) run as several small ops each") in plain
+    assert "layer_norm: kept compacts a LayerNorm to a plain one" in plain
     bare = _eager_slower_warning(base, {"latency_b1_ms": 1.5, "latency_b64_ms": 9.0}, torch.device("cpu"), 7,
                                  latency_target=True, column_layers=False)
     assert bare.endswith("(median of 7 interleaved runs, setting latency_runs)")

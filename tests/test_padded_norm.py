@@ -202,6 +202,40 @@ def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(
     assert torch.equal(norm.bias.detach(), model.norm.bias.detach()[keep])
 
 
+@settings(max_examples=12, deadline=None)
+@given(st.integers(4, 96), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_layer_norm_kept_compacts_to_a_plain_layer_norm_over_the_kept_channels(width, kept, seed):
+    """``layer_norm: kept``: the compact LayerNorm is a plain ``nn.LayerNorm`` of the kept channels (weights in
+    order), and the compact model computes conv -> LayerNorm over the kept channels alone -> head, written out
+    here from the base's weights; the padded form of the same masks computes something else."""
+    from autocompress.compaction import compact
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _SequenceNet(width).eval()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
+        model.norm.bias.copy_(torch.randn(width, generator=gen))
+    keep = torch.zeros(width, dtype=torch.bool)
+    keep[torch.randperm(width, generator=gen)[:min(kept, width - 1)]] = True
+    masks = {"conv.weight": keep[:, None, None].expand(-1, 6, 3).clone(), "conv.bias": keep.clone(),
+             "norm.weight": keep.clone(), "norm.bias": keep.clone()}
+    x = torch.randn(2, 7, 6, generator=gen)
+    result = compact(model, masks, x, layer_norm="kept")
+    norm = result.model.norm
+    assert type(norm) is nn.LayerNorm and norm.normalized_shape == (int(keep.sum()),)
+    assert result.report["layer_norms_over_kept"] == ["norm"]
+    assert torch.equal(norm.weight.detach(), model.norm.weight.detach()[keep])
+    with torch.no_grad():
+        h = F.conv1d(x.transpose(1, 2), model.conv.weight[keep], model.conv.bias[keep], padding=1).transpose(1, 2)
+        h = F.layer_norm(h, (int(keep.sum()),), model.norm.weight[keep], model.norm.bias[keep], model.norm.eps)
+        expected = F.linear(torch.relu(h).mean(1), model.head.weight[:, keep], model.head.bias)
+        assert torch.allclose(result.model(x), expected, atol=1e-5)
+        if 1 < keep.sum():  # one channel normalises to its bias either way
+            padded = compact(model, masks, x).model
+            assert not torch.allclose(padded(x), expected, atol=1e-3)
+
+
 def test_a_group_over_its_size_is_refused_and_onnx_runs_one_norm_op(tmp_path):
     """regroup checks its groups; the exported graph gathers the padded layout (no scatter: onnxruntime's
     ScatterND made an earlier form slower than the base at batch 1, BENCHMARKS.md session 26)."""

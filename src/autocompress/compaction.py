@@ -32,7 +32,7 @@ from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, Co
                       ColumnLinear, gemm_matrix)
 from .errors import UserError, first_line
 from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
-                          group_size, is_group_norm, is_layer_norm, padded)
+                          group_size, is_group_norm, is_layer_norm, kept_statistics, padded)
 from .space import (is_grouped, is_transposed, is_weight_layer, mapping_failure, out_dim, tie_classes, trace_graph,
                     train_only_modules)
 
@@ -268,13 +268,16 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
 
 
 def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
-                     multiple: int = 1) -> dict[str, torch.Tensor]:
+                     multiple: int = 1, layer_norm: str = "padded"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
-    channels beyond it stay, as zeros); returns module name -> kept output channel indices."""
+    channels beyond it stay, as zeros). A LayerNorm that lost channels becomes a :class:`PaddedLayerNorm`
+    (``layer_norm: padded``) or stays a plain LayerNorm over the kept ones (``kept``). Returns module name ->
+    kept output channel indices, and for those plain LayerNorms name -> (kept indices, channel dimension)."""
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
-        return {}
+        return {}, {}
     norm_dims = channel_dims(model, inputs)
     widths = {m: m.normalized_shape[0] for m in norm_dims if isinstance(m, nn.LayerNorm)}
     try:
@@ -282,7 +285,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     except UserError as exc:  # dead channels stay dense: exact, only larger
         for module in candidates:
             report["dead_channels_kept"][names[module]] = str(exc)
-        return {}
+        return {}, {}
     plans = []
     for module in candidates:
         if module not in dg.module2node:
@@ -334,11 +337,16 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     for norm, (groups, size) in norm_groups.items():  # a GroupNorm that lost channels keeps its statistics
         parent, _, attr = names[norm].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, compact_group_norm(norm, groups, size))
-    for norm, width in widths.items():  # a LayerNorm that lost channels keeps its statistics over all of them
-        if norm.normalized_shape[0] < width:
-            parent, _, attr = names[norm].rpartition(".")
+    plain = {}
+    for norm, width in widths.items():  # a LayerNorm that lost channels: statistics over all of them, or the kept
+        if norm.normalized_shape[0] == width:
+            continue
+        parent, _, attr = names[norm].rpartition(".")
+        if layer_norm == "padded":
             setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
-    return kept
+        else:
+            plain[names[norm]] = (kept[names[norm]], norm_dims[norm])
+    return kept, plain
 
 
 def _aligned_removal(classes: list[list[int]], size: int, multiple: int) -> list[int]:
@@ -510,7 +518,7 @@ def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], ex
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-            atol_scale: float = 1e-5, channel_multiple: int = 1) -> CompactResult:
+            atol_scale: float = 1e-5, channel_multiple: int = 1, layer_norm: str = "padded") -> CompactResult:
     """Physically remove masked filters / channels and columns (AutoCompress, Liu et al. AAAI 2020, §3).
 
     Args:
@@ -523,6 +531,12 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
         channel_multiple: a group's remaining width stays an allowed width at this multiple
             (:mod:`autocompress.alignment`): dead channels beyond it stay as zero channels (reported under
             ``dead_channels_kept``).
+        layer_norm: ``"padded"``: a LayerNorm that lost channels keeps its statistics over all of them
+            (:class:`autocompress.padded_norm.PaddedLayerNorm`, exactly the masked model); ``"kept"``: it stays a
+            plain LayerNorm over the kept channels, and the check compares with the masked model whose such
+            LayerNorms normalise over their kept channels alone (:func:`autocompress.padded_norm.kept_statistics`;
+            their names in the report's ``layer_norms_over_kept``). For a model about to be retrained
+            (:func:`shrink`), never for a trained one.
 
     Steps: (a) channels whose producers' rows, biases and normalisation affine entries are all zero are
     removed with torch-pruning, coupled groups together; (b) Conv2d / Linear layers with all-zero GEMM
@@ -549,24 +563,29 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
                               "dead_channels_kept": {}}
     train_only = train_only_modules(work, inputs)
-    kept = _remove_channels(work, inputs, report, train_only, channel_multiple)
+    kept, plain = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm)
+    report["layer_norms_over_kept"] = sorted(plain)
     work.eval()
     called = set(_called_modules(work, inputs)) | train_only
     _compact_columns(work, called, report, param_masks)
     _keep_frozen(work, model)
     work.eval()
-    report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale, kept=kept)
+    with kept_statistics(reference, plain):
+        report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale,
+                                                             kept=kept)
     report["params_after"] = _count(work)
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 
 
 def shrink(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-           channel_multiple: int = 1) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+           channel_multiple: int = 1, layer_norm: str = "padded") -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The masked ``model`` as a smaller one to train: compacted (:func:`compact`: pruned filters / channels
     physically gone) and densified (:func:`densify`: pruned columns and weights still there as zeros), in
     ``model``'s train / eval mode, with the masks of those zeros (every parameter of 2+ dimensions: True where
-    non-zero). Same function, fewer MACs per training step; deterministic. Raises what :func:`compact` raises."""
-    small = densify(compact(model, param_masks, example_inputs, channel_multiple=channel_multiple).model)
+    non-zero). Same function (with ``layer_norm: kept``, LayerNorms that lost channels normalise over the kept
+    ones from now on), fewer MACs per training step; deterministic. Raises what :func:`compact` raises."""
+    small = densify(compact(model, param_masks, example_inputs, channel_multiple=channel_multiple,
+                            layer_norm=layer_norm).model)
     small.train(model.training)
     return small, {name: p.detach() != 0 for name, p in small.named_parameters() if p.dim() >= 2}
 

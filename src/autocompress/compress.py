@@ -891,7 +891,8 @@ class Compression:
             evaluator = QuickEvaluator(state.model, state.space, self.task, **dataclasses.asdict(settings),
                                        optimizer=self.config.retrain.optimizer,
                                        teacher=self.pipeline.base_model, example_inputs=self.example,
-                                       seed=phase_seed(self.config.seed, state.index, "search"))
+                                       seed=phase_seed(self.config.seed, state.index, "search"),
+                                       layer_norm=self.config.layer_norm)
         self.pipeline.log(f"round {state.index} search: quick evaluation by {evaluator.describe()}")
         scale = 100.0 if self.task.score_fn is None else 1.0
         config = self.config.search.annealing(phase_seed(self.config.seed, state.index, "search"))
@@ -1157,7 +1158,8 @@ def _eager_slower_warning(base: dict, compressed: dict, device: torch.device, ru
         fixes.append("a latency target" if aligned else "channel_multiple (e.g. auto) or a latency target")
     norms = (f"; its {padded_norms} padded norm(s) (PaddedLayerNorm / PaddedGroupNorm: the exact form of a norm that "
              "lost channels) run as several small ops each in eager PyTorch and as one norm op each in onnxruntime "
-             "(autocompress.export.export_onnx)") if padded_norms else ""
+             "(autocompress.export.export_onnx); layer_norm: kept compacts a LayerNorm to a plain one") \
+        if padded_norms else ""
     return (f"the compressed model as stored is SLOWER than the base in eager PyTorch on {device}: "
             f"{'; '.join(slower)} (median of {runs} interleaved runs, setting latency_runs){norms}"
             + (f"; to run it faster in PyTorch, use {' and '.join(fixes)}" if fixes else ""))

@@ -28,6 +28,7 @@ from .distillation import DistillationConfig
 from .distributed import DistributedConfig
 from .latency import LatencyConfig
 from .errors import SettingError, UserError, show
+from .padded_norm import LAYER_NORM_FORMS
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import VAL_BATCHES, check_batches, check_scorer
 from .sampling import GUIDANCES, MOVES, STARTS
@@ -297,6 +298,13 @@ class CompressConfig:
             off onnxruntime's 4-channel grid ran up to 2.6x slower than the base; on the Fashion-MNIST demo
             (params=10x, three seeds) ``auto`` kept the top-1 of any width within noise (92.17 against 92.28 %)
             at 1.85x the base's onnxruntime speed instead of 1.21x (BENCHMARKS.md, "Session 34").
+        layer_norm: how a LayerNorm over channels that filter pruning narrows is compacted
+            (:data:`autocompress.padded_norm.LAYER_NORM_FORMS`): ``"kept"`` (default) a plain LayerNorm over the
+            channels it keeps, which it normalises over from the retraining on (the model is shrunk to its kept
+            channels before retraining: :func:`autocompress.compaction.shrink`), so the compact model computes
+            exactly what was retrained at its width's speed; ``"padded"`` statistics over all its original
+            channels, the removed ones counted as zeros (:class:`autocompress.padded_norm.PaddedLayerNorm`: the
+            hard-pruned model's own function, a Pad and a Slice around each LayerNorm in ONNX).
         latency: where deployed latency is measured (:class:`autocompress.latency.LatencyConfig`): the final
             table's deployed columns and a latency target.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA (ignored on CPU).
@@ -319,6 +327,7 @@ class CompressConfig:
     final_retrain_epochs: int | None = None
     latency_runs: int = 20
     channel_multiple: int | str | None = None
+    layer_norm: str = "kept"
     amp: str = "none"
     budget: int | None = None
     ignored_layers: list[str] = field(default_factory=list)
@@ -462,6 +471,7 @@ class CompressConfig:
             ("max_r", 0 < self.max_r < 1, "use e.g. 0.95"),
             ("latency_runs", 1 <= self.latency_runs <= 100_000, "use e.g. 20"),
             ("amp", self.amp in AMP, f"use one of {', '.join(AMP)}"),
+            ("layer_norm", self.layer_norm in LAYER_NORM_FORMS, f"use one of {', '.join(LAYER_NORM_FORMS)}"),
             ("seed", 0 <= self.seed < 2 ** 63, "use an integer >= 0"),
             ("budget", self.budget is None or 1 <= self.budget <= MAX_EPOCHS, f"use 1 to {MAX_EPOCHS}, or null"),
             ("admm.epochs", 0 <= self.admm.epochs <= MAX_EPOCHS, f"use 0 to {MAX_EPOCHS}"),

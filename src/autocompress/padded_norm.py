@@ -16,6 +16,13 @@ train mode (LayerNorm has no running statistics). Over the last dimension it pad
 dimension it computes the two sums above. Compaction (:mod:`autocompress.compaction`) builds it;
 torch-pruning prunes it further in a later round through :data:`PRUNERS` (the padded width stays ``C``).
 
+The other form (``layer_norm: kept``, :data:`LAYER_NORM_FORMS`) is a plain LayerNorm over the ``C'`` kept
+channels, whose statistics differ from the masked model's: compaction makes it only where the function may
+change, when the hard-pruned model is shrunk before its retraining (:func:`autocompress.compaction.shrink`),
+and checks it against the masked model with each such LayerNorm normalising over its kept channels alone
+(:func:`kept_statistics`). The retrained model then already is what the compact model computes, and runs as
+fast as its width (onnxruntime: no Pad / Slice around each LayerNormalization).
+
 A GroupNorm (``G`` groups of ``C / G`` channels) is the same per group: :class:`PaddedGroupNorm` keeps
 ``G`` (or fewer: groups that lost all channels are dropped), gives every kept channel its original group and
 normalises each group over its original ``C / G`` channels x positions, the removed ones counted as zeros:
@@ -28,6 +35,9 @@ zero): its groups leave whole (:func:`autocompress.space.FilterGroup.ties`), an 
 exact zeros, and the rest is an ordinary ``nn.GroupNorm(G', C')`` (:func:`compact_group_norm`).
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
 
 import torch
 import torch_pruning as tp
@@ -83,6 +93,44 @@ class PaddedLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, width={self.width}, dim={self.dim}, eps={self.eps}"
+
+
+#: ``layer_norm`` settings: how a LayerNorm that loses channels is compacted before retraining (see the module
+#: docstring): ``"kept"`` a plain LayerNorm over the kept channels, ``"padded"`` a :class:`PaddedLayerNorm`
+LAYER_NORM_FORMS = ("kept", "padded")
+
+
+@contextlib.contextmanager
+def kept_statistics(model: nn.Module, norms: Mapping[str, tuple[torch.Tensor, int]]) -> Iterator[None]:
+    """Within the block, each LayerNorm of ``model`` named in ``norms`` (module name -> (int64 indices of the
+    channels it keeps, the channel dimension of its input)) computes what a plain LayerNorm over those channels
+    computes: mean and biased variance over the kept channels alone, then its own weight and bias (a removed
+    channel's weight and bias are zero, so its output stays zero). A forward hook replaces the output; it is
+    removed on exit."""
+    handles = [model.get_submodule(name).register_forward_hook(_kept_norm_hook(indices, dim))
+               for name, (indices, dim) in norms.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _kept_norm_hook(indices: torch.Tensor, dim: int):
+    def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        axis = dim % x.dim()
+        kept = x.index_select(axis, indices.to(x.device))
+        mean = kept.mean(axis, keepdim=True)
+        y = (x - mean) * torch.rsqrt(kept.var(axis, unbiased=False, keepdim=True) + module.eps)
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        if module.weight is not None:
+            y = y * module.weight.view(shape)
+        if module.bias is not None:
+            y = y + module.bias.view(shape)
+        return y
+    return hook
 
 
 def _padded(param: torch.Tensor | None, missing: int) -> torch.Tensor | None:

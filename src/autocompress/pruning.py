@@ -33,6 +33,7 @@ from .config import CompressConfig, PurificationConfig, RetrainConfig
 from .errors import UserError
 from .masks import Masks
 from .projection import project
+from .padded_norm import LAYER_NORM_FORMS
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .rounds import Pipeline, RoundState, TrainFn
 from .space import KINDS, PruningSpace, check_rate, ignored_modules
@@ -101,7 +102,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
           dims: Sequence[str] = ("filter", "column"), admm: ADMMConfig | None = None,
           retrain: TrainConfig | RetrainConfig | None = None, purify: bool = True, purify_tolerance: float = 0.005,
           purify_thresholds: Sequence[float] = DEFAULT_THRESHOLDS, seed: int = 0,
-          ignored_layers: Sequence[str] = (), progress: bool = True,
+          ignored_layers: Sequence[str] = (), layer_norm: str = "kept", progress: bool = True,
           log: Callable[[str], None] | None = None) -> PruneResult:
     """Prune ``model`` at ``rates`` and compact it: one round of AutoCompress's actual pruning (Liu et al.
     AAAI 2020, §3) without the search -- ADMM, hard pruning, purification, masked retraining, compaction
@@ -126,6 +127,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         purify_tolerance, purify_thresholds: see :func:`autocompress.purification.purify`.
         seed: seed of the global generator per phase (dropout, a DataLoader's shuffling).
         ignored_layers: module names never pruned (``CompressConfig.ignored_layers``).
+        layer_norm: ``"kept"`` or ``"padded"``: a LayerNorm that loses channels normalises over the kept ones
+            from the retraining on, or over all its original ones (``CompressConfig.layer_norm``).
         progress: tqdm bars; log: called with one line per step.
 
     Returns:
@@ -154,7 +157,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     if isinstance(retrain, TrainConfig):
         retrain = RetrainConfig(**{f.name: getattr(retrain, f.name) for f in dataclasses.fields(RetrainConfig)})
     ignored_layers = sorted(ignored_modules(model, ignored_layers))  # a wrong name is refused before any work
-    config = CompressConfig(dims=",".join(dims), seed=seed, ignored_layers=ignored_layers,
+    if layer_norm not in LAYER_NORM_FORMS:
+        raise UserError(f"unknown layer_norm {layer_norm!r}", f"use one of {', '.join(LAYER_NORM_FORMS)}")
+    config = CompressConfig(dims=",".join(dims), seed=seed, ignored_layers=ignored_layers, layer_norm=layer_norm,
                             admm=admm if admm is not None else ADMMConfig(),
                             retrain=retrain, purification=PurificationConfig(purify, purify_tolerance,
                                                                              list(purify_thresholds)))

@@ -187,6 +187,8 @@ class QuickEvaluator:
             ``"finetune"`` trains each candidate compacted (:func:`autocompress.compaction.shrink`: pruned
             channels removed, the same function at fewer MACs per step) instead of masked at full width; a
             model that cannot be compacted is fine-tuned masked.
+        layer_norm: how that compaction treats a LayerNorm that lost channels (``"kept"`` or ``"padded"``:
+            :data:`autocompress.padded_norm.LAYER_NORM_FORMS`), as the retraining will.
 
     Raises:
         UserError: a batch count below 1 (:func:`check_batches`), a bad scorer setting (:func:`check_scorer`),
@@ -197,12 +199,14 @@ class QuickEvaluator:
     def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
                  bn_batches: int = 5, val_batches: int | None = VAL_BATCHES, finetune_steps: int = 50,
                  finetune_lr: float | None = None, finetune_distill: bool = True, optimizer: str = "sgd",
-                 teacher: nn.Module | None = None, seed: int = 0, example_inputs: Any = None):
+                 teacher: nn.Module | None = None, seed: int = 0, example_inputs: Any = None,
+                 layer_norm: str = "padded"):
         check_batches(bn_batches, val_batches)
         check_scorer(scorer, finetune_steps, finetune_lr)
         self._tuning = TrainConfig(epochs=1, lr=fine_tuning_lr(finetune_lr, optimizer), optimizer=optimizer,
                                    momentum=0.9, nesterov=False, weight_decay=0.0).validate(names=lambda field: field)
         self.space, self.task, self.seed, self._example = space, task, seed, example_inputs
+        self.layer_norm = layer_norm
         self.bn_recalibration = bn_recalibration
         self.finetune_steps = finetune_steps
         self._model = copy.deepcopy(model)
@@ -318,7 +322,8 @@ class QuickEvaluator:
         """The masked candidate compacted for fine-tuning (:func:`autocompress.compaction.shrink`), or itself
         when it cannot be compacted (an untraceable structure: fine-tuning then runs at full width)."""
         try:
-            return shrink(model, param_masks, self._example, channel_multiple=self.space.channel_multiple)
+            return shrink(model, param_masks, self._example, channel_multiple=self.space.channel_multiple,
+                          layer_norm=self.layer_norm)
         except Exception:  # noqa: BLE001 - any failure leaves the masked model, the reference this equals
             self._example = None  # the same structure fails for every candidate: stop trying
             return model, param_masks

@@ -420,7 +420,8 @@ class Pipeline:
         ``rates`` and shrunk as the retraining's model is (:meth:`_shrink`), both copies on the same batches."""
         model = copy.deepcopy(state.model)
         _, param_masks = admm.hard_prune(model, state.space, rates)
-        model, param_masks = shrink(model, param_masks, self.example_inputs, channel_multiple=self.channel_multiple)
+        model, param_masks = shrink(model, param_masks, self.example_inputs, channel_multiple=self.channel_multiple,
+                                    layer_norm=self.config.layer_norm)
         seed = phase_seed(self.config.seed, 0, "retrain")  # round 0: before the rounds
         return probe_optimizers(model, param_masks, self.task, settings=self.config.retrain.train_config(1),
                                 distiller=self.distiller, same_batches=lambda: self.task.seeded(seed))
@@ -642,10 +643,12 @@ class Pipeline:
     def _shrink(self, state: RoundState) -> None:
         """Make masked retraining cheaper: replace ``state.model`` by its compacted, densified equivalent
         (pruned filters / channels physically gone, pruned columns and weights still present as zeros) and
-        ``state.param_masks`` by the masks of those zeros (conv / linear weights). Same function, fewer MACs
-        per training step; deterministic, so a resumed run rebuilds the same architecture."""
+        ``state.param_masks`` by the masks of those zeros (conv / linear weights). Same function (but for the
+        LayerNorms that lost channels under ``layer_norm: kept``), fewer MACs per training step; deterministic,
+        so a resumed run rebuilds the same architecture."""
         state.model, state.param_masks = shrink(state.model, state.param_masks, self.example_inputs,
-                                                channel_multiple=self.channel_multiple)
+                                                channel_multiple=self.channel_multiple,
+                                                layer_norm=self.config.layer_norm)
 
     def _retrain(self, state: RoundState, *, last: bool) -> list[dict]:
         self._shrink(state)
