@@ -4,8 +4,10 @@ Two small models with normalisation layers that filter pruning narrows: a Mobile
 (inverted residuals, squeeze-excitation; 28x28 inputs) and a ViT with pre-norm LayerNorm blocks (4x4 patches,
 width 64, heads reshaped with -1). Each is compressed to ``flops=2x`` with ``budget: 1`` on random images (the
 speed is what is measured here; the accuracy means nothing), then the base and the compact model are timed side by
-side in onnxruntime (1 thread, median over interleaved repeats) at batch 1 and 64. Compare two versions of the
-library by running this script under each one's ``PYTHONPATH``.
+side in onnxruntime (1 thread, median over interleaved repeats) at batch 1 and 64. A model with LayerNorms is
+compressed twice, ``layer_norm: kept`` (plain LayerNorms over the kept channels) and ``padded``
+(``PaddedLayerNorm``), at the same widths. Compare two versions of the library by running this script under each
+one's ``PYTHONPATH``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/padded_norm_speed.py
 """
@@ -24,6 +26,7 @@ from torch import nn
 
 import autocompress
 from autocompress.export import onnx_bytes
+from autocompress.padded_norm import LAYER_NORM_FORMS
 
 
 class InvertedResidual(nn.Module):
@@ -121,12 +124,17 @@ def main() -> None:
     labels = torch.randint(0, 10, (64,))
     loader = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 64, 16)]
     for name, base in (("groupnorm_net", GroupNormNet()), ("tiny_vit", TinyViT())):
-        result = autocompress.compress(base.eval(), images[:1], "flops=2x", train_loader=loader, val_loader=loader,
-                                       device="cpu", config={"budget": 1}, progress=False)
-        norms = sorted({type(m).__name__ for m in result.model.modules() if "Norm" in type(m).__name__})
-        models = {"base": base.eval(), "compact": result.model.eval()}
-        rows = result.final["rows"]
-        print(f"{name}: {', '.join(norms)}; MACs {rows[0]['macs'] / rows[1]['macs']:.2f}x fewer", flush=True)
+        forms = LAYER_NORM_FORMS if any(isinstance(m, nn.LayerNorm) for m in base.modules()) else ("kept",)
+        models = {"base": base.eval()}
+        for form in forms:  # the same seed and target: the same widths, only the LayerNorms' form differs
+            result = autocompress.compress(base.eval(), images[:1], "flops=2x", train_loader=loader,
+                                           val_loader=loader, device="cpu", progress=False,
+                                           config={"budget": 1, "layer_norm": form})
+            models[f"compact ({form})" if len(forms) > 1 else "compact"] = result.model.eval()
+            norms = sorted({type(m).__name__ for m in result.model.modules() if "Norm" in type(m).__name__})
+            rows = result.final["rows"]
+            print(f"{name}, layer_norm {form}: {', '.join(norms)}; MACs {rows[0]['macs'] / rows[1]['macs']:.2f}x "
+                  "fewer", flush=True)
         with torch.no_grad():
             for batch, runs in ((1, 200), (64, 20)):
                 x = torch.randn(batch, 1, 28, 28)
@@ -135,8 +143,8 @@ def main() -> None:
                                                         for k, s in sessions.items()}),
                                        ("torch", {k: partial(m, x) for k, m in models.items()})):
                     ms = median_ms(calls, runs)
-                    print(f"  {runtime} batch {batch}: base {ms['base']:.3f} ms, compact {ms['compact']:.3f} ms, "
-                          f"{ms['base'] / ms['compact']:.2f}x", flush=True)
+                    compacts = ", ".join(f"{k} {ms[k]:.3f} ms ({ms['base'] / ms[k]:.2f}x)" for k in ms if k != "base")
+                    print(f"  {runtime} batch {batch}: base {ms['base']:.3f} ms, {compacts}", flush=True)
 
 
 if __name__ == "__main__":

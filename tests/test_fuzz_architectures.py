@@ -35,7 +35,7 @@ from torchvision.models.convnext import LayerNorm2d
 from autocompress import compaction, projection, purification
 from autocompress.errors import UserError
 from autocompress.masks import apply_masks
-from autocompress.architecture import apply_architecture
+from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
 from autocompress.space import (ChannelMappingExplodes, PruningSpace, ignored_modules, is_weight_layer, keep_count,
                                out_dim, trace_graph)
@@ -573,6 +573,10 @@ def test_layernorm_coupled_channels_are_pruned_exactly():
     assert type(ln) is nn.LayerNorm and type(norm) is LayerNorm2d
     assert ln.normalized_shape == norm.normalized_shape == (3,)
     assert result.report["layer_norms_over_kept"] == ["blocks.0.ln", "blocks.1.norm"]
+    rebuilt = apply_architecture(copy.deepcopy(model), describe_architecture(result.model, reference=model))
+    rebuilt.load_state_dict(result.model.state_dict())
+    assert rebuilt.blocks[1].norm.normalized_shape == (3,)
+    assert torch.equal(rebuilt.eval()(x), result.model(x))
 
 
 def test_groupnorm_coupled_channels_are_pruned_exactly():

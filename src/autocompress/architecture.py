@@ -98,7 +98,8 @@ def _own_parameters(module: nn.Module) -> dict:
 
 
 def _resize_parameters(module: nn.Module, name: str, args: object) -> None:
-    """Give ``module``'s parameters the shapes of a ``"Parameters"`` entry (values come from the state dict).
+    """Give ``module``'s parameters the shapes of a ``"Parameters"`` entry (values come from the state dict), and a
+    LayerNorm subclass over one dimension the ``normalized_shape`` of its weight.
 
     Raises:
         UserError: the entry is not a mapping of existing parameter names to reasonably sized shapes.
@@ -112,6 +113,8 @@ def _resize_parameters(module: nn.Module, name: str, args: object) -> None:
                         "the file is damaged or was not written by autocompress")
     for key, shape in shapes.items():
         setattr(module, key, nn.Parameter(params[key].new_empty(shape), requires_grad=params[key].requires_grad))
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and "weight" in shapes:
+        module.normalized_shape = tuple(shapes["weight"])  # a subclass (LayerNorm2d) over its kept channels
 
 
 def describe_architecture(model: nn.Module, reference: nn.Module | None = None) -> dict:
