@@ -426,9 +426,10 @@ def test_lookup_table_structure_cache_and_key(tmp_path, monkeypatch):
     assert estimates[1] * ratio == pytest.approx(
         again.estimate_space(space, {"filter": {g.name: 0.3 for g in space.filter_groups}}))
     prunable = {"conv1": (False, True)}
-    keys = {table_key(model, x, LatencyConfig(threads=t, batch=b), m, prunable, [])
-            for t, b, m in ((1, 1, 8), (2, 1, 8), (1, 4, 8), (1, 1, 16))}
-    assert len(keys) == 4
+    keys = {table_key(model, x, LatencyConfig(threads=t, batch=b), m, prunable, [], form)
+            for t, b, m, form in ((1, 1, 8, "padded"), (2, 1, 8, "padded"), (1, 4, 8, "padded"), (1, 1, 16, "padded"),
+                                  (1, 1, 8, "kept"))}
+    assert len(keys) == 5
 
 
 def test_lookup_table_is_exact_at_base_and_narrowest_with_a_negative_fixed_cost(tmp_path, monkeypatch):
@@ -450,7 +451,7 @@ def test_lookup_table_is_exact_at_base_and_narrowest_with_a_negative_fixed_cost(
     space = PruningSpace.build(model, x, channel_multiple=8)
     table = build_table(model, x, space, LatencyConfig(**FAST, cache_dir=str(tmp_path)), multiple=8, columns=False)
     from autocompress.latency import _smallest
-    smallest = _smallest(model, x, space, 8)
+    smallest = _smallest(model, x, space, 8, "kept")
     base_ms, small_ms = (0.5e-3 * sum(p.numel() for p in m.parameters()) + 0.1 for m in (model, smallest))
     assert table.fixed_ms < 0 and table.floor_ms == pytest.approx(small_ms)
     assert table.estimate_model(model) == pytest.approx(base_ms) and table.estimate_model(smallest) == pytest.approx(
@@ -979,3 +980,25 @@ def test_blocked_convolutions_counts_the_ones_on_the_4_channel_grid(widths, bloc
 
     layers = [m for cin, cout in zip(widths, widths[1:]) for m in (nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())]
     assert blocked_convolutions(nn.Sequential(*layers).eval(), torch.randn(1, 3, 12, 12)) == (blocked, 3)
+
+
+def test_the_narrowest_model_the_table_times_has_the_run_s_layer_norm_form():
+    """A latency target times what the run will ship: with ``layer_norm: kept`` the narrowest model (the table's
+    fixed cost) has plain LayerNorms, with ``padded`` PaddedLayerNorms (a Pad and a Slice around each)."""
+    from autocompress.latency import _smallest
+    from autocompress.padded_norm import PaddedLayerNorm
+    from autocompress.space import PruningSpace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(3, 32, 3, padding=1), nn.LayerNorm(32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    space = PruningSpace.build(model, x, dims=("filter",), channel_multiple=8)
+    kept, padded = (_smallest(model, x, space, 8, form).norm for form in ("kept", "padded"))
+    assert type(kept) is nn.LayerNorm and kept.normalized_shape[0] < 32
+    assert isinstance(padded, PaddedLayerNorm) and (padded.num_features, padded.width) == (kept.normalized_shape[0], 32)

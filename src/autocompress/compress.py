@@ -649,7 +649,7 @@ class Compression:
         torch.distributed rank 0 builds it and every rank uses that one (timings differ between processes)."""
         table = distributed.on_main(lambda: build_table(base, self.example, self.first_space, self.config.latency,
                                                         multiple=self.multiple, columns="column" in self.config.kinds,
-                                                        log=self.pipeline.log))
+                                                        layer_norm=self.config.layer_norm, log=self.pipeline.log))
         if table.column_useless and "column" in self.config.kinds:
             self.pipeline.log(f"latency target: column pruning saves nothing in {self.config.latency.runtime} for "
                               f"{len(table.column_useless)} layer(s) ({', '.join(table.column_useless[:4])}...); "
@@ -868,10 +868,11 @@ class Compression:
         return fitted, sampler, records
 
     def _measured_speedup(self, state: RoundState, rates: dict) -> float:
-        """Measured speedup over the base of the round's model projected at ``rates`` and compacted (no training)."""
+        """Measured speedup over the base of the round's model projected at ``rates`` and compacted (no training; its
+        LayerNorms in the run's ``layer_norm`` form, as the final model will have them)."""
         masks = project(state.space, state.model, rates)
         candidate = compact(state.model, state.space.param_masks(masks), self.example,
-                            channel_multiple=self.multiple).model
+                            channel_multiple=self.multiple, layer_norm=self.config.layer_norm).model
         return self._timed_against_base(candidate)["speedup"]
 
     def _timed_against_base(self, compact_model: nn.Module, runs: int | None = None) -> dict:

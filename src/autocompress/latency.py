@@ -472,9 +472,9 @@ def _cpu_name() -> str:
 
 
 def table_key(model: nn.Module, example_inputs: Any, config: LatencyConfig, multiple: int,
-              prunable: Mapping[str, tuple[bool, bool]], columns: Sequence[str]) -> str:
+              prunable: Mapping[str, tuple[bool, bool]], columns: Sequence[str], layer_norm: str = "padded") -> str:
     """SHA-256 (hex) naming a lookup table: the model's architecture (its module tree and input shape), what
-    is prunable, the runtime and its version, device, CPU, threads, batch and channel multiple."""
+    is prunable, the runtime and its version, device, CPU, threads, batch, channel multiple and LayerNorm form."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     version = torch.__version__
     if config.runtime == "onnxruntime":
@@ -483,7 +483,7 @@ def table_key(model: nn.Module, example_inputs: Any, config: LatencyConfig, mult
         version += f"/ort {onnxruntime.__version__}"
     parts = [TABLE_VERSION, repr(model), [list(t.shape[1:]) for t in inputs], config.runtime, config.device,
              _cpu_name(), torch.backends.cpu.get_cpu_capability(), config.threads, config.batch,
-             config.table_runs, multiple, sorted(prunable.items()), sorted(columns), version]
+             config.table_runs, multiple, sorted(prunable.items()), sorted(columns), version, layer_norm]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -697,7 +697,8 @@ def _column_layer(spec: LayerSpec, fraction: float) -> nn.Module:
 
 
 def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyConfig, *, multiple: int,
-                columns: bool, log: Callable[[str], None] = lambda _l: None) -> LatencyTable:
+                columns: bool, layer_norm: str = "padded", log: Callable[[str], None] = lambda _l: None
+                ) -> LatencyTable:
     """The lookup table of ``model`` (the base model) in ``config``'s runtime at ``config.batch``, loaded
     from the cache when it holds one for the same key (:func:`table_key`), else measured and cached.
 
@@ -706,6 +707,8 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
         space: the model's :class:`~autocompress.space.PruningSpace` (which sides of which layers prune).
         multiple: the run's channel multiple (the widths timed).
         columns: time column pruning too (the run prunes columns).
+        layer_norm: the form the run compacts a LayerNorm that lost channels to (``"kept"`` or ``"padded"``):
+            the narrowest model, timed for the table's fixed cost, is compacted so.
     Raises:
         UserError: a model with several inputs, or one the runtime cannot take.
     """
@@ -713,7 +716,7 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
     specs = layer_specs(model, x[:1])
     prunable = _prunable(space, specs)
     column_names = [c.name for c in space.column_layers if c.name in specs] if columns else []
-    key = table_key(model, x, config, multiple, prunable, column_names)
+    key = table_key(model, x, config, multiple, prunable, column_names, layer_norm)
     path = cache_folder(config) / f"table-{key[:24]}.json"
     if path.exists():
         try:
@@ -728,7 +731,7 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
                 f"({built:.3g} ms when the table was built): estimates scaled by {now.median_ms / built:.3g}")
             return table
     started = time.perf_counter()
-    table = _measure_table(model, x, specs, prunable, column_names, config, multiple, space)
+    table = _measure_table(model, x, specs, prunable, column_names, config, multiple, space, layer_norm)
     table.meta.update(key=key, seconds=time.perf_counter() - started)
     try:
         atomic_write_text(path, table.to_json())
@@ -753,7 +756,7 @@ def _prunable(space, specs: Mapping[str, LayerSpec]) -> dict[str, tuple[bool, bo
 
 
 def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfig, multiple: int,
-                   space) -> LatencyTable:
+                   space, layer_norm: str) -> LatencyTable:
     batch = config.batch
     overhead = _time_one(nn.ReLU(), torch.zeros(batch, 8), config)
     grids, cells = {}, {}
@@ -790,7 +793,7 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
         column_ratio[name] = points
         if float(np.interp(0.5, *zip(*points))) > 1.0 - COLUMN_SAVING:
             useless.append(name)
-    smallest = _smallest(model, x[:1], space, multiple)
+    smallest = _smallest(model, x[:1], space, multiple, layer_norm)
     models = {"base": model} if smallest is None else {"base": model, "smallest": smallest}
     full = measure_models(models, x[:1], config, batches=[batch], runs=max(config.runs, 3 * config.table_runs))
     base_ms = full[batch]["base"].median_ms
@@ -809,16 +812,17 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
     return table
 
 
-def _smallest(model: nn.Module, x: torch.Tensor, space, multiple: int) -> nn.Module | None:
-    """``model`` with every filter group projected at the space's largest rate (aligned) and compacted: the
-    narrowest model the search can reach, timed to fit the table's fixed cost (None without filter groups)."""
+def _smallest(model: nn.Module, x: torch.Tensor, space, multiple: int, layer_norm: str) -> nn.Module | None:
+    """``model`` with every filter group projected at the space's largest rate (aligned) and compacted (its
+    LayerNorms in the ``layer_norm`` form): the narrowest model the search can reach, timed to fit the table's
+    fixed cost (None without filter groups)."""
     from .compaction import compact
     from .projection import project
 
     if not space.filter_groups:
         return None
     masks = project(space, model, {"filter": {g.name: space.max_rate for g in space.filter_groups}})
-    return compact(model, space.param_masks(masks), x, channel_multiple=multiple).model
+    return compact(model, space.param_masks(masks), x, channel_multiple=multiple, layer_norm=layer_norm).model
 
 
 __all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LITTLE_SPEEDUP", "LatencyConfig", "LatencyTable",
