@@ -272,7 +272,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
     """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
     channels beyond it stay, as zeros). A LayerNorm that lost channels becomes a :class:`PaddedLayerNorm`
-    (``layer_norm: padded``) or stays a plain LayerNorm over the kept ones (``kept``). Returns module name ->
+    (``layer_norm: padded``, or where its kept channels are not known) or stays a plain LayerNorm over the kept
+    ones (``kept``). Returns module name ->
     kept output channel indices, and for those plain LayerNorms name -> (kept indices, channel dimension)."""
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
@@ -341,11 +342,12 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     for norm, width in widths.items():  # a LayerNorm that lost channels: statistics over all of them, or the kept
         if norm.normalized_shape[0] == width:
             continue
-        parent, _, attr = names[norm].rpartition(".")
-        if layer_norm == "padded":
-            setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
-        else:
-            plain[names[norm]] = (kept[names[norm]], norm_dims[norm])
+        name = names[norm]
+        if layer_norm == "kept" and name in kept:
+            plain[name] = (kept[name], norm_dims[norm])
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept, plain
 
 
