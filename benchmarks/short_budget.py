@@ -19,7 +19,11 @@ each method:
   on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``; ``ac_padded``:
   ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
-  ``--budget`` epochs of the user's loop (what a user compares with).
+  ``--budget`` epochs of the user's loop (what a user compares with); ``tp_own16``: the same at ``round_to=16``
+  (widths on onnxruntime's AVX-512 channel block, as ``channel_multiple: auto`` keeps ours).
+
+Each row also gives ``ort_b1_speedup``: the base's onnxruntime latency over the compressed model's (batch 1, 1
+thread, interleaved medians of 200 runs; under load a ratio, not an absolute speed).
 
 Top-1 on the full 10,000-image test split (standard error ~0.45 points at 60-70 %). Bases are cached in
 ``--cache``; one JSON line per (model, method, seed, target, budget) in ``--out``, rows already there skipped.
@@ -49,6 +53,7 @@ import autocompress  # noqa: E402
 from autocompress import metrics  # noqa: E402
 from autocompress.config import Target  # noqa: E402
 from autocompress.data import get_dataset  # noqa: E402
+from autocompress.latency import LatencyConfig, measure_models  # noqa: E402
 from torch_pruning_baseline import prune_to_target  # noqa: E402
 from weak_teacher import top1  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -194,6 +199,8 @@ AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd"
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"}}
+#: Torch-Pruning methods: each one's ``round_to`` (channel counts kept a multiple of it; None: any)
+TP_ROUND_TO = {"tp_own": None, "tp_own16": 16}
 
 
 def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -256,17 +263,25 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     chosen = next((r for r in result.records if r.get("event") == "optimizer"), None)
     return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
             "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen,
-            "phase_seconds": result.phase_seconds}
+            "phase_seconds": result.phase_seconds}, result.model
 
 
-def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budget: int) -> dict:
+def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budget: int,
+                      round_to: int | None = None) -> tuple[dict, nn.Module]:
     train, _, test = data
-    pruned = prune_to_target(copy.deepcopy(base), EXAMPLE, Target.parse(target)).model
+    pruned = prune_to_target(copy.deepcopy(base), EXAMPLE, Target.parse(target), round_to=round_to).model
     torch.manual_seed(seed)
     user_loop(pruned, train, budget, 1e-3)
     return {"top1": top1(pruned, test),
             "macs_x": metrics.count_macs(base, EXAMPLE) / metrics.count_macs(pruned, EXAMPLE),
-            "params_x": metrics.count_params(base) / metrics.count_params(pruned)}
+            "params_x": metrics.count_params(base) / metrics.count_params(pruned)}, pruned
+
+
+def ort_speedup(base: nn.Module, model: nn.Module) -> float:
+    """Base / compressed onnxruntime latency at batch 1, 1 thread (interleaved medians of 200 runs)."""
+    timing = measure_models({"base": base, "compressed": model}, EXAMPLE, LatencyConfig(threads=1), batches=[1],
+                            runs=200)[1]
+    return timing["base"].median_ms / timing["compressed"].median_ms
 
 
 def main() -> None:
@@ -297,12 +312,14 @@ def main() -> None:
                 data = (DataLoader(train.dataset, batch_size=64, shuffle=True,
                                    generator=torch.Generator().manual_seed(seed)), val, test)
                 began = time.perf_counter()
-                row = (run_torch_pruning(base, data, seed, args.target, args.budget) if method == "tp_own"
-                       else run_autocompress(base, data, method, seed, args.target, args.budget))
+                row, model = (run_torch_pruning(base, data, seed, args.target, args.budget, TP_ROUND_TO[method])
+                              if method in TP_ROUND_TO else
+                              run_autocompress(base, data, method, seed, args.target, args.budget))
                 row = {"model": name, "method": method, "seed": seed, "target": args.target, "budget": args.budget,
                        "base_top1": base_top1, "base_macs": metrics.count_macs(base, EXAMPLE),
                        "base_params": metrics.count_params(base), **row,
-                       "seconds": round(time.perf_counter() - began, 1)}
+                       "seconds": round(time.perf_counter() - began, 1),
+                       "ort_b1_speedup": ort_speedup(base, model.eval())}
                 print(json.dumps(row), flush=True)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
