@@ -177,6 +177,22 @@ class _SequenceNet(nn.Module):
         return self.head(torch.relu(self.norm(x.transpose(1, 2))).mean(1))
 
 
+def _sequence_net_masked(width: int, kept: int, seed: int):
+    """A seeded :class:`_SequenceNet` (LayerNorm weight in [0.5, 1.5), bias normal), ``kept`` random channels of
+    its conv / LayerNorm, the masks removing the others, and the generator for further draws."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _SequenceNet(width).eval()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
+        model.norm.bias.copy_(torch.randn(width, generator=gen))
+    keep = torch.zeros(width, dtype=torch.bool)
+    keep[torch.randperm(width, generator=gen)[:kept]] = True
+    masks = {"conv.weight": keep[:, None, None].expand(-1, 6, 3).clone(), "conv.bias": keep.clone(),
+             "norm.weight": keep.clone(), "norm.bias": keep.clone()}
+    return model, keep, masks, gen
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.integers(16, 160), st.integers(1, 12), st.integers(0, 2**31 - 1))
 def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(width, kept, seed):
@@ -185,16 +201,7 @@ def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(
     (channels-last) -> Linear, compacted, against the masked model and against the weights kept in order."""
     from autocompress.compaction import compact
 
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = _SequenceNet(width).eval()
-    with torch.no_grad():
-        model.norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
-        model.norm.bias.copy_(torch.randn(width, generator=gen))
-    keep = torch.zeros(width, dtype=torch.bool)
-    keep[torch.randperm(width, generator=gen)[:min(kept, width)]] = True
-    masks = {"conv.weight": keep[:, None, None].expand(-1, 6, 3).clone(), "conv.bias": keep.clone(),
-             "norm.weight": keep.clone(), "norm.bias": keep.clone()}
+    model, keep, masks, _ = _sequence_net_masked(width, min(kept, width), seed)
     result = compact(model, masks, torch.randn(2, 7, 6))  # raises where it differs from the masked model
     norm = result.model.norm
     assert isinstance(norm, PaddedLayerNorm) and norm.num_features == int(keep.sum()) and norm.width == width
@@ -210,16 +217,7 @@ def test_layer_norm_kept_compacts_to_a_plain_layer_norm_over_the_kept_channels(w
     here from the base's weights; the padded form of the same masks computes something else."""
     from autocompress.compaction import compact
 
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = _SequenceNet(width).eval()
-    with torch.no_grad():
-        model.norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
-        model.norm.bias.copy_(torch.randn(width, generator=gen))
-    keep = torch.zeros(width, dtype=torch.bool)
-    keep[torch.randperm(width, generator=gen)[:min(kept, width - 1)]] = True
-    masks = {"conv.weight": keep[:, None, None].expand(-1, 6, 3).clone(), "conv.bias": keep.clone(),
-             "norm.weight": keep.clone(), "norm.bias": keep.clone()}
+    model, keep, masks, gen = _sequence_net_masked(width, min(kept, width - 1), seed)
     x = torch.randn(2, 7, 6, generator=gen)
     result = compact(model, masks, x, layer_norm="kept")
     norm = result.model.norm
