@@ -164,25 +164,34 @@ def test_any_kept_subset_of_any_groups_computes_the_masked_group_norm(groups, si
         assert torch.allclose(norm.train(train)(x), expected, atol=1e-9)
 
 
-class _SequenceNet(nn.Module):
-    """``[B, T, F]`` -> logits: a Conv1d to ``width`` channels, a LayerNorm over them on channels-last data (a
-    transpose each side), a Linear head on the time mean (a fresh user's sequence classifier)."""
+class _Fp32LayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass with its own forward, computed in float32 (as timm's and many users' are): torch-pruning
+    prunes it with its own handler unless told otherwise."""
 
-    def __init__(self, width: int):
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).type_as(x)
+
+
+class _SequenceNet(nn.Module):
+    """``[B, T, F]`` -> logits: a Conv1d to ``width`` channels, a LayerNorm (``norm``: its class) over them on
+    channels-last data (a transpose each side), a Linear head on the time mean (a fresh user's sequence
+    classifier)."""
+
+    def __init__(self, width: int, norm: type = nn.LayerNorm):
         super().__init__()
-        self.conv, self.norm, self.head = nn.Conv1d(6, width, 3, padding=1), nn.LayerNorm(width), nn.Linear(width, 3)
+        self.conv, self.norm, self.head = nn.Conv1d(6, width, 3, padding=1), norm(width), nn.Linear(width, 3)
 
     def forward(self, x):
         x = self.conv(x.transpose(1, 2))
         return self.head(torch.relu(self.norm(x.transpose(1, 2))).mean(1))
 
 
-def _sequence_net_masked(width: int, kept: int, seed: int):
+def _sequence_net_masked(width: int, kept: int, seed: int, norm: type = nn.LayerNorm):
     """A seeded :class:`_SequenceNet` (LayerNorm weight in [0.5, 1.5), bias normal), ``kept`` random channels of
     its conv / LayerNorm, the masks removing the others, and the generator for further draws."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = _SequenceNet(width).eval()
+    model = _SequenceNet(width, norm).eval()
     with torch.no_grad():
         model.norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
         model.norm.bias.copy_(torch.randn(width, generator=gen))
@@ -193,15 +202,18 @@ def _sequence_net_masked(width: int, kept: int, seed: int):
     return model, keep, masks, gen
 
 
+NORMS = st.sampled_from([nn.LayerNorm, _Fp32LayerNorm])
+
+
 @settings(max_examples=12, deadline=None)
-@given(st.integers(16, 160), st.integers(1, 12), st.integers(0, 2**31 - 1))
-def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(width, kept, seed):
-    """torch-pruning 1.6.0 gave a LayerNorm that kept few of many channels its weight and bias in a set's order
-    (6 of 128: a fresh user's compact model differed by 0.67): random kept channels of a Conv1d -> LayerNorm
-    (channels-last) -> Linear, compacted, against the masked model and against the weights kept in order."""
+@given(st.integers(16, 160), st.integers(1, 12), st.integers(0, 2**31 - 1), NORMS)
+def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(width, kept, seed, norm_class):
+    """torch-pruning 1.6.0 gave a LayerNorm (or a subclass) that kept few of many channels its weight and bias in
+    a set's order (6 of 128: a fresh user's compact model differed by 0.67): random kept channels of a Conv1d ->
+    LayerNorm (channels-last) -> Linear, compacted, against the masked model and the weights kept in order."""
     from autocompress.compaction import compact
 
-    model, keep, masks, _ = _sequence_net_masked(width, min(kept, width), seed)
+    model, keep, masks, _ = _sequence_net_masked(width, min(kept, width), seed, norm_class)
     result = compact(model, masks, torch.randn(2, 7, 6))  # raises where it differs from the masked model
     norm = result.model.norm
     assert isinstance(norm, PaddedLayerNorm) and norm.num_features == int(keep.sum()) and norm.width == width
@@ -210,18 +222,18 @@ def test_a_layer_norm_keeping_few_of_many_channels_compacts_to_the_masked_model(
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.integers(4, 96), st.integers(1, 12), st.integers(0, 2**31 - 1))
-def test_layer_norm_kept_compacts_to_a_plain_layer_norm_over_the_kept_channels(width, kept, seed):
-    """``layer_norm: kept``: the compact LayerNorm is a plain ``nn.LayerNorm`` of the kept channels (weights in
-    order), and the compact model computes conv -> LayerNorm over the kept channels alone -> head, written out
+@given(st.integers(8, 96), st.integers(1, 12), st.integers(0, 2**31 - 1), NORMS)
+def test_layer_norm_kept_compacts_to_a_plain_layer_norm_over_the_kept_channels(width, kept, seed, norm_class):
+    """``layer_norm: kept``: the compact LayerNorm is a plain LayerNorm of its class over the kept channels (weights
+    in order), and the compact model computes conv -> LayerNorm over the kept channels alone -> head, written out
     here from the base's weights; the padded form of the same masks computes something else."""
     from autocompress.compaction import compact
 
-    model, keep, masks, gen = _sequence_net_masked(width, min(kept, width - 1), seed)
+    model, keep, masks, gen = _sequence_net_masked(width, min(kept, width - 1), seed, norm_class)
     x = torch.randn(2, 7, 6, generator=gen)
     result = compact(model, masks, x, layer_norm="kept")
     norm = result.model.norm
-    assert type(norm) is nn.LayerNorm and norm.normalized_shape == (int(keep.sum()),)
+    assert type(norm) is norm_class and norm.normalized_shape == (int(keep.sum()),)
     assert result.report["layer_norms_over_kept"] == ["norm"]
     assert torch.equal(norm.weight.detach(), model.norm.weight.detach()[keep])
     with torch.no_grad():

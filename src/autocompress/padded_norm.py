@@ -360,6 +360,14 @@ class LayerNormPruner(tp.pruner.function.LayernormPruner):
     prune_in_channels = prune_out_channels
 
 
+def pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
+    """torch-pruning's customized pruners for ``model``: :data:`PRUNERS`, and :class:`LayerNormPruner` for
+    every subclass of ``nn.LayerNorm`` in it (torchvision's ``LayerNorm2d``, a caller's own), which torch-pruning
+    would otherwise prune with its own handler, keeping the weight and bias in a set's order."""
+    subclasses = {type(m) for m in model.modules() if isinstance(m, nn.LayerNorm) and type(m) not in PRUNERS}
+    return {**PRUNERS, **{cls: PRUNERS[nn.LayerNorm] for cls in subclasses}}
+
+
 #: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
 PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``), and for

@@ -57,7 +57,7 @@ from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
 from .masks import Masks
 from .metrics import layer_table
-from .padded_norm import PRUNERS, PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm
+from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
 
 log = logging.getLogger(__name__)
 
@@ -786,7 +786,7 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
                 return module(*args)
 
             graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
-                                                          customized_pruners=PRUNERS)
+                                                          customized_pruners=pruners(model))
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
