@@ -56,6 +56,40 @@ def test_both_column_conv_paths_export(tmp_path, mode):
         assert conv_weights == sorted((8, c, 3, 3) for c in channels)
 
 
+class _Tokens(nn.Module):
+    """A ViT-style stem: a column conv on the per-position GEMM path, tokens ``[B, N, C]``, then a reshape that
+    reads the batch size from the shape (``B, N, C = x.shape``), as a fresh user's attention did."""
+
+    def __init__(self, stem: nn.Module):
+        super().__init__()
+        self.stem = stem
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        return x.reshape(b, n, 4, c // 4).sum(-1)
+
+
+def test_a_per_position_column_conv_keeps_the_batch_dynamic_for_shapes_read_downstream(tmp_path):
+    """Its GEMM was a matmul over flattened positions, which the TorchScript exporter traced with the batch size
+    folded in as a constant: a fresh user's compact ViT exported at batch 1 failed at batch 2 (onnxruntime:
+    "Input shape:{2,64,128}, requested shape:{1,64,4,32}"), and the final table's timing at batch 64 crashed
+    a finished run; a shape-agnostic reshape silently mixed the batch items."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 128, 2, stride=2)
+    layer = ColumnConv2d.from_conv(conv, torch.randperm(32)[:20], mode="positions")
+    assert layer.path == "positions"
+    model = _Tokens(layer).eval()
+    out = export_onnx(model, torch.randn(1, 8, 16, 16), tmp_path / "t.onnx")  # checked at other batch sizes
+    session = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    batch = torch.randn(3, 8, 16, 16)
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    got = session.run(None, {"input": batch.numpy()})[0]
+    assert got.shape == expected.shape == (3, 64, 4)
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
 def test_a_model_the_torchscript_exporter_refuses_goes_through_torch_export(tmp_path, capfd):
     """Adaptive average pooling from 7x7 to 3x3 (not a divisor) is refused by the TorchScript exporter, which
     prints its whole graph ("Torch IR graph at exception", on stdout in torch 2.14); the torch.export-based

@@ -1002,3 +1002,23 @@ def test_the_narrowest_model_the_table_times_has_the_run_s_layer_norm_form():
     kept, padded = (_smallest(model, x, space, 8, form).norm for form in ("kept", "padded"))
     assert type(kept) is nn.LayerNorm and kept.normalized_shape[0] < 32
     assert isinstance(padded, PaddedLayerNorm) and (padded.num_features, padded.width) == (kept.normalized_shape[0], 32)
+
+
+def test_a_model_onnxruntime_cannot_run_at_another_batch_is_a_user_error_naming_the_batch():
+    """A forward that writes the batch size into a reshape exports at batch 1 and fails in onnxruntime at 64: a
+    fresh user's finished run died in the final table's timing with onnxruntime's raw error; it is now a
+    UserError (the final table warns and keeps the run's result)."""
+    from autocompress.latency import runner
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(x).reshape(1, 4)
+
+    bind = runner(Fixed().eval(), torch.randn(1, 6), "onnxruntime")
+    bind(torch.randn(1, 6))()
+    with pytest.raises(UserError, match=r"onnxruntime cannot run the exported model at batch 64 \("):
+        bind(torch.randn(64, 6))

@@ -288,9 +288,9 @@ class ColumnConv2d(nn.Module):
         for i, j, _, _, first, end in self._positions:
             view = x[:, :, i * dh: height - (kh - 1 - i) * dh: sh, j * dw: width - (kw - 1 - j) * dw: sw]
             shifted.append(view if end < 0 else view.index_select(1, self.position_channels[first:end]))
-        if self.groups == 1:  # one GEMM: [F, K'] @ [N, K', Ho*Wo], the kept-column im2col built directly
-            cols = torch.cat(shifted, dim=1)
-            out = torch.matmul(self.weight, cols.flatten(2)).unflatten(2, cols.shape[2:])
+        if self.groups == 1:  # one GEMM as a 1x1 conv [F, K', 1, 1] over the kept-column im2col [N, K', Ho, Wo]
+            # (a matmul over flattened positions exported to ONNX with the batch size folded in as a constant)
+            out = F.conv2d(torch.cat(shifted, dim=1), self.weight[:, :, None, None])
         else:  # grouped: one grouped 1x1 conv per kernel position, accumulated
             out = F.conv2d(shifted[0], weights[0], None, 1, 0, 1, self.groups)
             for view, weight in zip(shifted[1:], weights[1:]):

@@ -65,7 +65,7 @@ from .alignment import allowed_widths
 from .analysis import analysis_mode, hooked_forward
 from .atomic import atomic_write_text
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
-from .errors import SettingError, UserError, show
+from .errors import SettingError, UserError, first_line, show
 
 RUNTIMES = ("onnxruntime", "torch")
 #: at most this many widths per side of a layer's table (evenly spread over the allowed widths)
@@ -168,7 +168,8 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
     :func:`time_runners` does).
 
     Raises:
-        UserError: the model cannot be exported (onnxruntime) or takes more than one input.
+        UserError: the model cannot be exported (onnxruntime) or takes more than one input; the bound function's
+            binding, when onnxruntime cannot run the exported model on that input (names the batch size).
     """
     example = _single_input(example)
     if runtime == "onnxruntime":
@@ -177,6 +178,12 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
 
         def bind_onnx(x: torch.Tensor) -> Callable[[], Any]:
             feed = {name: x.detach().cpu().contiguous().numpy()}
+            try:
+                session.run(None, feed)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (e.g. a Reshape that fails)
+                raise UserError(f"onnxruntime cannot run the exported model at batch {x.shape[0]} ({first_line(exc)})",
+                                "compute shapes in the forward from the input (x.shape, -1) rather than writing "
+                                "numbers that held at export") from None
             return lambda: session.run(None, feed)
 
         return bind_onnx
