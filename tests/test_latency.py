@@ -928,10 +928,12 @@ def test_missing_runtime_is_refused(monkeypatch):
 def test_bad_input_refused_before_any_work(tmp_path, monkeypatch, target, config, words):
     monkeypatch.setattr("autocompress.rounds.Pipeline.run_round", lambda *a, **k: pytest.fail("work started"))
     train, val = loaders()
-    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")) as info:
         Compression(SmallCNN(8, 12), torch.randn(1, 1, 8, 8), target, task_args=dict(train_loader=train,
                     val_loader=val), config={**CONFIG, "latency": FAST, **config}, run_dir=tmp_path / "run",
                     progress=False).run()
+    if config:  # the CLI turns a SettingError into its flag's name (--channel-multiple)
+        assert isinstance(info.value, SettingError) and info.value.setting == "channel_multiple"
     assert not (tmp_path / "run").exists()
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError, show
+from .errors import SettingError, UserError, show
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +110,17 @@ def check_multiple(space, multiple: int, *, explicit: bool) -> list[str]:
     Returns the names of the groups of at most ``multiple`` channels (exempt: they keep every channel).
 
     Raises:
-        UserError: with an explicit (not ``"auto"``) multiple, a filter group has fewer channels than it.
+        SettingError (``channel_multiple``): with an explicit (not ``"auto"``) multiple, a filter group has fewer
+            channels than it.
     """
     small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
     smaller = [g for g in small if g.size < multiple]
     if explicit and smaller:
         g = min(smaller, key=lambda group: group.size)
-        raise UserError(f"channel_multiple={multiple} is larger than filter group {g.name!r} ({g.size} channels, "
-                        f"the smallest of {len(smaller)} such groups)",
-                        f"use a multiple of at most {g.size}, or auto (groups of at most the multiple then keep every "
-                        "channel)")
+        raise SettingError("channel_multiple", f"channel_multiple={multiple} is larger than filter group {g.name!r} "
+                           f"({g.size} channels, the smallest of {len(smaller)} such groups)",
+                           f"use a multiple of at most {g.size}, or auto (groups of at most the multiple then keep "
+                           "every channel)")
     if small:
         log.info("channel multiple %d (aligned widths): %d filter group(s) of at most %d channels keep every "
                  "channel whatever their pruning rate, since the smallest aligned width is the whole group (%s)",

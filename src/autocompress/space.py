@@ -1028,8 +1028,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                 continue
             if bool((index >= extent).any()):
                 problem = problem or (f"filter pruning: its channels cannot be followed into {mname} (torch-pruning "
-                                      "maps them outside its weight, as after a torch.split of a layer's output); "
-                                      "these channels stay, other layers are pruned as usual")
+                                      "maps them outside its weight, as after a torch.split or chunk of a layer's "
+                                      "output, e.g. an attention's qkv projection chunked into q, k and v); these "
+                                      "channels stay, other layers are pruned as usual")
                 continue
             wname = param_names[id(target.weight)]
             if out_side or _is_depthwise(target):
