@@ -233,7 +233,8 @@ class SharedConv(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem, self.conv, self.fc = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 3)
+        self.stem, self.conv = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
