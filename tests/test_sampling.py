@@ -8,6 +8,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import isotonic_regression
 
+import autocompress
 from autocompress.errors import UserError
 from autocompress.sampling import ActionSampler, ActionUnit, meet_target, order_rates, rates_dict
 
@@ -94,8 +95,9 @@ def test_unreachable_target_names_best_compression():
     model = HybridModel([4], [9], fixed=0)
     with pytest.raises(UserError, match=r"target 50x is unreachable.*reaches only 3.6x"):
         meet_target(np.ones(2), model.cost, 50.0, r_max=0.5)
-    with pytest.raises(UserError, match="unreachable"):
+    with pytest.raises(autocompress.Unreachable, match="unreachable") as info:  # public: a caller may catch it
         ActionSampler(model.units, model.cost, 50.0, r_max=0.5)
+    assert isinstance(info.value, UserError) and info.value.reached == pytest.approx(3.6)
 
 
 def test_high_target_terminates_with_tiny_units():

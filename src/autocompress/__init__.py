@@ -24,9 +24,10 @@ from .deployment import deployed_form  # noqa: E402
 from .errors import SettingError, TargetMissed, UserError  # noqa: E402
 from .pruning import PruneResult, prune  # noqa: E402
 from .rounds import TrainingPhase  # noqa: E402
+from .sampling import Unreachable  # noqa: E402
 
 __all__ = ["CompressConfig", "CompressResult", "PruneResult", "SettingError", "TargetMissed", "TrainingPhase",
-           "UserError", "__version__", "compress", "deployed_form", "load", "prune"]
+           "Unreachable", "UserError", "__version__", "compress", "deployed_form", "load", "prune"]
 
 
 def load(path, map_location="cpu", model=None, check=True):
