@@ -285,6 +285,9 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
     with pytest.raises(UserError) as info:
         ActionSampler.from_space(space, "params", 5000.0, kinds=("filter", "column", "irregular"))
     assert str(info.value).endswith("lower the target, raise max_r (below 1)")
+    with pytest.raises(UserError) as info:  # column pruning alone: the filter exclusions hold nothing back
+        ActionSampler.from_space(space, "params", 5000.0, kinds=("column",))
+    assert "not filter-pruned" not in str(info.value) and "add filter to dims" in str(info.value)
     # helper 34's ViT: the group its reshape broke came after a heavier one; the fixable one is named first now
     broken = f"filter pruning: {BREAKS} (RuntimeError: shape '[1, 50, 3, 4, 12]' is invalid)"
     space = PruningSpace.build(model, torch.randn(1, 1, 28, 28), left_out={light: broken},

@@ -329,7 +329,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
         first = f"{names[0]} ({left[names[0]]})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    filters = list(left)
+    filters = list(left) if kinds is None or "filter" in kinds else []  # without filter pruning: not the cause
     columns = [name for name, reasons in space.reasons("column").items()
                if any(r.startswith((NO_EXECUTED_SAVING, GATHERED)) for r in reasons)]
     held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
