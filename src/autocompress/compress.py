@@ -592,20 +592,20 @@ class Compression:
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
         A channel multiple that ``auto`` chose (set, or the default) falls back to the smaller ones of
-        :meth:`_fallbacks` in turn, each logged (a latency target with a new lookup table),
+        :meth:`_fallbacks` in turn, each logged once one reaches the target (a latency target with a new lookup table),
         when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
         alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
         keeps them whole at 16, and the search then cuts the rest to the bone (measured on resnet20, 15 epochs:
         flops=2x 83.46 % at 16 against 86.05 % at 8 for the same executed MACs, 1.19x instead of 2.05x faster in
         onnxruntime; narrowest widths 1.91x as fast at 16 and 2.41x at 8 for a latency target)."""
-        chain = [self.multiple, *self._fallbacks()]
+        chain, said = [self.multiple, *self._fallbacks()], []  # fall-backs are logged once one reaches the target
         for index, multiple in enumerate(chain):
             last = index == len(chain) - 1
             if index:
-                self.pipeline.log(f"channel multiple: {self.multiple} (auto) {problem}; falling back to "
-                                  f"{multiple}, which runs slower per MAC removed on this CPU" + (
-                                      f" (channels a fit does not need are given back on the {self.block}-channel "
-                                      "block only)" if self.table is None and on_block(self.block, multiple) else ""))
+                said.append(f"channel multiple: {self.multiple} (auto) {problem}; falling back to "
+                            f"{multiple}, which runs slower per MAC removed on this CPU" + (
+                                f" (channels a fit does not need are given back on the {self.block}-channel "
+                                "block only)" if self.table is None and on_block(self.block, multiple) else ""))
                 self.multiple = self.pipeline.channel_multiple = multiple
                 self.first_space = self.first_space.at_multiple(multiple)
                 if self.table is not None:
@@ -618,6 +618,8 @@ class Compression:
                 problem = f"cannot reach {self.target}"
                 continue
             if last or not self._filters_cramped():
+                for line in said:
+                    self.pipeline.log(line)
                 return
             problem = (f"leaves filter pruning too little room for {self.target} (its narrowest widths reach under "
                        f"{ROOM:g}x the target)")
