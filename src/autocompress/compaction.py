@@ -273,8 +273,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
     channels beyond it stay, as zeros). A LayerNorm that lost channels becomes a :class:`PaddedLayerNorm`
     (``layer_norm: padded``, or where its kept channels are not known) or stays a plain LayerNorm over the kept
-    ones (``kept``). Returns module name ->
-    kept output channel indices, and for those plain LayerNorms name -> (kept indices, channel dimension)."""
+    ones (``kept``). Returns module name -> kept output channel indices, and for those plain LayerNorms name ->
+    (kept indices, channel dimension)."""
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:

@@ -82,14 +82,7 @@ class PaddedLayerNorm(nn.Module):
         mean = x.sum(self.dim, keepdim=True) / self.width
         centred = x - mean
         var = (centred.pow(2).sum(self.dim, keepdim=True) + missing * mean.pow(2)) / self.width
-        y = centred * torch.rsqrt(var + self.eps)
-        shape = [1] * x.dim()
-        shape[self.dim] = self.num_features
-        if self.weight is not None:
-            y = y * self.weight.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
-        return y
+        return _affine(centred * torch.rsqrt(var + self.eps), self.weight, self.bias, self.dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, width={self.width}, dim={self.dim}, eps={self.eps}"
@@ -121,16 +114,20 @@ def _kept_norm_hook(indices: torch.Tensor, dim: int):
         x = args[0]
         axis = dim % x.dim()
         kept = x.index_select(axis, indices.to(x.device))
-        mean = kept.mean(axis, keepdim=True)
-        y = (x - mean) * torch.rsqrt(kept.var(axis, unbiased=False, keepdim=True) + module.eps)
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        if module.weight is not None:
-            y = y * module.weight.view(shape)
-        if module.bias is not None:
-            y = y + module.bias.view(shape)
-        return y
+        mean, var = kept.mean(axis, keepdim=True), kept.var(axis, unbiased=False, keepdim=True)
+        return _affine((x - mean) * torch.rsqrt(var + module.eps), module.weight, module.bias, axis)
     return hook
+
+
+def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``y`` normalised along ``dim``, times ``weight`` and plus ``bias`` (each [C] along ``dim``; None: none)."""
+    shape = [1] * y.dim()
+    shape[dim] = -1
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
 
 
 def _padded(param: torch.Tensor | None, missing: int) -> torch.Tensor | None:
