@@ -275,10 +275,11 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     (``layer_norm: padded``, or where its kept channels are not known) or stays a plain LayerNorm over the kept
     ones (``kept``). Returns module name -> kept output channel indices, and for those plain LayerNorms name ->
     (kept indices, channel dimension)."""
+    fused = _remove_fused_qkv(model, inputs, report, train_only, multiple)
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
-        return {}, {}
+        return fused, {}
     norm_dims = channel_dims(model, inputs)
     widths = {m: m.normalized_shape[0] for m in norm_dims if isinstance(m, nn.LayerNorm)}
     try:
@@ -312,7 +313,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                                                            f"a width that is a multiple of {multiple}")
         members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
         plans.append((module, pruner, roots, members))
-    kept: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = dict(fused)
     norm_groups: dict[nn.Module, tuple[torch.Tensor, int]] = {}  # group norm -> (group of each remaining
     # channel, channels per group), both of the norm as it was before pruning
     for module, pruner, roots, _ in plans:
@@ -349,6 +350,69 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept, plain
+
+
+def _dead_triples(module: nn.Module) -> torch.Tensor | None:
+    """bool [D]: the channels ``c`` whose rows ``c``, ``D + c`` and ``2 D + c`` (and bias entries) are all zero in a
+    Linear of ``3 D`` outputs (a fused query-key-value projection); None for other layers or when none is."""
+    if type(module) is not nn.Linear or module.out_features % 3 or module.out_features < 6:
+        return None
+    zero = _zero_slices(module.weight, 0)
+    if module.bias is not None:
+        zero &= _zero_slices(module.bias, 0)
+    dead = zero.view(3, -1).all(0)
+    return dead if bool(dead.any()) else None
+
+
+def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
+                      multiple: int) -> dict[str, torch.Tensor]:
+    """Remove the dead channels of fused query-key-value projections (:func:`autocompress.space._fused_qkv`: a
+    Linear of ``3 D`` outputs whose only consumer with weights is a Linear of ``D`` inputs): rows ``c``, ``D + c``,
+    ``2 D + c`` of the projection and input ``c`` of its consumer, where the rows are all zero and the remaining
+    width is an allowed width at ``multiple``. torch-pruning's graph maps these channels unevenly, so they are
+    sliced here. Returns the projection's name -> its kept rows."""
+    dead = {m: d for m in model.modules() if (d := _dead_triples(m)) is not None}
+    if not dead:
+        return {}
+    names = {module: name for name, module in model.named_modules()}
+    try:
+        dg = trace_graph(model, inputs, train_only)
+    except UserError:  # torch-pruning's pass reports it
+        return {}
+    kept = {}
+    for module, gone in dead.items():
+        width = module.out_features // 3
+        out = _qkv_consumer(dg, module, width)
+        remaining = width - int(gone.sum())
+        if out is None or not remaining or not is_aligned(remaining, width, multiple):
+            why = ("no single Linear of its width reads it" if out is None else "every channel is zero" if not remaining
+                   else f"{int(gone.sum())} dead channel(s) kept for a width that is a multiple of {multiple}")
+            report["dead_channels_kept"][names[module]] = why
+            continue
+        rows = (~gone).repeat(3)
+        module.weight = nn.Parameter(module.weight.detach()[rows], requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.detach()[rows], requires_grad=module.bias.requires_grad)
+        module.out_features = 3 * remaining
+        out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
+        out.in_features = remaining
+        kept[names[module]] = torch.nonzero(rows).flatten()
+        report["removed_channels"][names[module]] = width - remaining
+    return kept
+
+
+def _qkv_consumer(dg: tp.DependencyGraph, module: nn.Linear, width: int) -> nn.Linear | None:
+    """The only layer with weights (besides ``module``) in ``module``'s torch-pruning group, when it is a Linear
+    of ``width`` inputs reading the group's channels; else None."""
+    try:
+        group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
+                                     list(range(module.out_features)))
+    except Exception:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
+        return None
+    layers = {dep.target.module for dep, _ in group
+              if is_weight_layer(dep.target.module) and dep.target.module is not module}
+    out = next(iter(layers)) if len(layers) == 1 else None
+    return out if type(out) is nn.Linear and out.in_features == width else None
 
 
 def _aligned_removal(classes: list[list[int]], size: int, multiple: int) -> list[int]:

@@ -23,6 +23,9 @@ Choices (ours; the paper is silent):
   pruning (a short budget: no ADMM) of four CIFAR-10 models at the same widths, then 3 epochs of AdamW: +0.56
   points of top-1 on average over five model / seed pairs (-0.11 to +1.24) against scoring the producer rows
   alone (BENCHMARKS.md, "Session 35").
+* **Heads.** A group whose channels are an attention's heads (:attr:`autocompress.space.FilterGroup.heads`)
+  keeps the ``k / heads`` highest-scoring channels of each head, the exact projection onto "each head keeps
+  ``k / heads`` channels".
 * **Ties** are broken by index: the lower index is kept (stable sort).
 * **Keep count** ``k = max(1, size - round(rate * size))`` (:func:`autocompress.space.keep_count`); a
   rate that would keep nothing keeps one unit and is reported in :attr:`Masks.clipped` (and logged at DEBUG
@@ -120,6 +123,15 @@ def group_scores(group: FilterGroup, params: Mapping[str, torch.Tensor]) -> torc
     return scores
 
 
+def _group_topk(group, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask [classes] of a filter group's ``k`` highest-scoring classes; for a group with heads
+    (:attr:`autocompress.space.FilterGroup.heads`) the ``k / heads`` highest of each head."""
+    if group.heads == 1:
+        return topk_mask(scores, k)
+    per = scores.view(group.heads, -1)
+    return torch.cat([topk_mask(row, k // group.heads) for row in per])
+
+
 @torch.no_grad()
 def relative_importance(space: PruningSpace, model: nn.Module) -> dict[str, torch.Tensor]:
     """Each filter group's channel importance relative to the group's own mean, the scale one global threshold
@@ -163,8 +175,8 @@ def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[s
             log.debug("%s rate %.4f of %s would remove all %d units; keeping %d", kind, rate, name, size, k)
         return k
 
-    filters = {g.name: g.expand(topk_mask(g.class_sums(group_scores(g, params)),
-                                          kept("filter", g.name, g.classes))) for g in space.filter_groups}
+    filters = {g.name: g.expand(_group_topk(g, g.class_sums(group_scores(g, params)),
+                                            kept("filter", g.name, g.classes))) for g in space.filter_groups}
     structure = space.param_masks(Masks(filters=filters, columns={}, weights={}))
     columns = {}
     for layer in space.column_layers:

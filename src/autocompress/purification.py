@@ -154,7 +154,8 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
         New masks: a kept channel is removed when no kept consumer entry reads it (groups with no consumer
         weight in the space are left alone) or when all its producer weight rows are pruned; a kept column
         is removed when it reads a removed channel. Every filter group and column layer keeps at least one
-        unit; channels tied by a grouped convolution (``FilterGroup.ties``) stay while one of them does.
+        unit; channels tied by a grouped convolution (``FilterGroup.ties``) stay while one of them does. A
+        group of attention heads (``FilterGroup.heads``) keeps its mask: a head cannot lose a channel alone.
     """
     masks = _copy_masks(masks)
     reads = column_channels(space)
@@ -163,7 +164,7 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
         pm = space.param_masks(masks)
         for group in space.filter_groups:
             keep = masks.filters.get(group.name)
-            if keep is None:
+            if keep is None or group.heads > 1:  # a head cannot lose a channel alone; its dead ones stay zero
                 continue
             used = torch.zeros(group.size, dtype=torch.bool)
             produced = torch.zeros(group.size, dtype=torch.bool)
@@ -216,14 +217,15 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
     columns, :func:`autocompress.projection.group_scores`) is below ``threshold`` x the mean norm of the group's
     kept channels is removed; likewise a kept column whose remaining L2 norm (over the
     kept entries) is below ``threshold`` x the mean of the layer's kept columns. At least one unit per layer
-    stays (the largest). ``model``'s weights are read, not modified.
+    stays (the largest); a group of attention heads (``FilterGroup.heads``) keeps its mask. ``model``'s weights
+    are read, not modified.
     """
     masks = _copy_masks(masks)
     params = dict(model.named_parameters())
     pm = space.param_masks(masks)
     for group in space.filter_groups:
         keep = masks.filters.get(group.name)
-        if keep is None or not bool(keep.any()):
+        if keep is None or not bool(keep.any()) or group.heads > 1:
             continue
         masked = {s.param: params[s.param].detach() * pm[s.param].to(params[s.param].device)
                   for s in group.slices if s.role in SCORED_ROLES}

@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from . import admm, distributed, metrics
-from .alignment import AUTO, allowed_widths, misaligned_widths
+from .alignment import AUTO, misaligned_widths
+from .attention import head_count
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
@@ -236,6 +237,8 @@ class Pipeline:
         incompactable: filter groups (root layer -> why) whose channels cannot be removed without breaking the
             compact model (``compress``'s probe before any work); every space leaves them out (their layers'
             columns stay prunable).
+        heads: filter groups (root layer -> head count) that compact only when each of their heads keeps equally
+            many channels (the same probe, :func:`autocompress.attention.head_count`); every space keeps them so.
     """
 
     task: Task
@@ -250,6 +253,7 @@ class Pipeline:
     log: Callable[[str], None] | None = print
     base_score: float | None = None
     incompactable: dict[str, str] = field(default_factory=dict)
+    heads: dict[str, int] = field(default_factory=dict)
     _phase_started: float = field(default=0.0, init=False, repr=False)
     _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
@@ -332,7 +336,8 @@ class Pipeline:
         flops = self.config.target is not None and self.config.parsed_target().objective == "flops"
         left_out = {name: f"filter pruning: {BREAKS} ({why})" for name, why in self.incompactable.items()}
         space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
-                                   channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out)
+                                   channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out,
+                                   heads=self.heads)
         # the default hybrid needs filter units; explicit dims need every kind they name
         space.check_dims(self.config.kinds if self.config.dims is not None else
                          tuple(kind for kind in self.config.kinds if kind != "column"))
@@ -345,7 +350,9 @@ class Pipeline:
         forward that writes a channel count into a shape (``x.view(-1, 40 * 7 * 7)``), or a module of the
         caller's that mixes channels (a normalisation over them), runs masked but breaks once channels are
         removed, which would otherwise surface after training. When it breaks, each group is probed alone; those
-        that break it are left out (:attr:`incompactable`, logged) and the rest probed again.
+        that break it are left out (:attr:`incompactable`, logged) and the rest probed again, except those whose
+        channels compact once each of a number of heads keeps equally many (an attention's projections split into
+        heads by shape: :func:`autocompress.attention.head_count`; :attr:`heads`, logged).
 
         Raises:
             UserError: the model breaks although no group alone does, or (filter pruning asked for) every group
@@ -354,7 +361,7 @@ class Pipeline:
         space = space if space is not None else self.space(model)
         while True:
             narrower = {g.name: 1.0 - widths[-2] / g.size for g in space.filter_groups
-                        if len(widths := allowed_widths(g.size, self.channel_multiple)) > 1}
+                        if len(widths := space.widths(g)) > 1}
             if not narrower:
                 return space
 
@@ -364,16 +371,33 @@ class Pipeline:
             try:
                 check_compactable(model, masks(narrower), self.example_inputs, channel_multiple=self.channel_multiple)
                 return space
-            except UserError:
+            except UserError as exc:
                 failing = {name: why for name, rate in narrower.items() if (why := compaction_failure(
                     model, masks({name: rate}), self.example_inputs, channel_multiple=self.channel_multiple))}
-                if not failing or len(failing) == len(narrower) and "filter" in self.config.kinds:
+                if not failing:
                     raise
+                error = exc
+            headed = self._find_heads(model, space, failing)
+            if not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
+                raise error
             for name, why in failing.items():
-                self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the compact "
-                         f"model breaks once they are removed ({why})")
-            self.incompactable.update(failing)
+                if name not in headed:
+                    self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
+                             f"compact model breaks once they are removed ({why})")
+                    self.incompactable[name] = why
             space = self.space(model)
+
+    def _find_heads(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, int]:
+        """The groups of ``failing`` (names) that compact once each of their heads keeps equally many channels
+        (:func:`autocompress.attention.head_count`; not those already in :attr:`heads`), added to :attr:`heads`
+        and logged: name -> head count."""
+        found = {name: heads for name in failing if name not in self.heads and
+                 (heads := head_count(model, space, space.unit("filter", name), self.example_inputs)) is not None}
+        for name, heads in found.items():
+            self.log(f"filter-pruned by heads: {name} and the layers coupled to it keep equally many channels in each "
+                     f"of {heads} heads (the forward splits them into heads by shape)")
+        self.heads.update(found)
+        return found
 
     # --- the default loop's optimiser --------------------------------------------------------------------
     def settle_optimizer(self, state: RoundState, rounds: int = 1,

@@ -43,7 +43,7 @@ import copy
 import difflib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -51,7 +51,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
-from .alignment import aligned_keep
+from .alignment import aligned_keep, allowed_widths
 from .analysis import hooked_forward, preserved_state
 from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
@@ -145,6 +145,10 @@ class FilterGroup:
             (grouped convolutions: a compact grouped conv needs the same channels removed from every conv
             group, so channel ``c`` is tied to ``c + j * C/groups``). All classes have the same size; a rate
             applies to the classes (:meth:`keep`). None: every channel is its own class.
+        heads: the channels form this many consecutive blocks of ``size / heads`` that must keep equally many
+            channels each, any of them (the heads of an attention whose forward splits its projections into
+            heads by shape, e.g. ``q.view(B, N, heads, -1)``: a compact head is as wide as the others); 1: no
+            such constraint. Found by a probe (:func:`autocompress.attention.head_count`); never with ``ties``.
     """
 
     name: str
@@ -153,6 +157,7 @@ class FilterGroup:
     params: int
     macs: int
     ties: torch.Tensor | None = None
+    heads: int = 1
 
     @property
     def classes(self) -> int:
@@ -326,7 +331,8 @@ class PruningSpace:
     def build(cls, model: nn.Module, example_inputs, *, dims: Sequence[str] = ("filter", "column"),
               ignored_layers: Iterable[str] = (), max_rate: float = 0.95,
               channel_multiple: int = 1, executed_macs_only: bool = False,
-              left_out: Mapping[str, str] | None = None) -> "PruningSpace":
+              left_out: Mapping[str, str] | None = None, heads: Mapping[str, int] | None = None
+              ) -> "PruningSpace":
         """Enumerate the prunable units of ``model``.
 
         Args:
@@ -352,6 +358,8 @@ class PruningSpace:
             left_out: filter groups to leave out, by name (their root layer, as in :attr:`filter_groups`) -> the
                 reason recorded in ``excluded``; unlike ``ignored_layers`` their layers' columns and weights stay
                 prunable (e.g. groups whose removal breaks the compact model, found by a probe).
+            heads: filter groups, by name, whose channels form this many heads that must keep equally many
+                channels each (:attr:`FilterGroup.heads`, found by :func:`autocompress.attention.head_count`).
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -395,6 +403,7 @@ class PruningSpace:
         if "filter" in dims:
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
                                    ignored, left_out or {})
+            groups = [_with_heads(g, (heads or {}).get(g.name, 1)) for g in groups]
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only, batch)
                    for n, m in candidates.items()] if "column" in dims else []
@@ -473,8 +482,24 @@ class PruningSpace:
     def filter_keep_classes(self, group: FilterGroup, rate: float) -> int:
         """Tie classes a filter group keeps at ``rate``: :func:`keep_count` of its classes, aligned
         (:func:`autocompress.alignment.aligned_keep`) so that the kept channels are a multiple of
-        :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels)."""
+        :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels). A group with
+        :attr:`FilterGroup.heads` keeps ``heads`` times the aligned keep count of one head."""
+        if group.heads > 1:
+            per = group.size // group.heads
+            return group.heads * aligned_keep(per, keep_count(per, rate), self.head_multiple(group))
         return aligned_keep(group.classes, keep_count(group.classes, rate), self.class_multiple(group))
+
+    def head_multiple(self, group: FilterGroup) -> int:
+        """The multiple of one head's channels that keeps :attr:`channel_multiple` channels aligned over the
+        group's ``heads`` heads: ``N / gcd(N, heads)``."""
+        return self.channel_multiple // math.gcd(self.channel_multiple, group.heads)
+
+    def widths(self, group: FilterGroup) -> list[int]:
+        """The group's allowed widths (channels kept), ascending: :func:`autocompress.alignment.allowed_widths`
+        at :attr:`channel_multiple`, or for a group with heads ``heads`` times a head's allowed widths."""
+        if group.heads > 1:
+            return [group.heads * w for w in allowed_widths(group.size // group.heads, self.head_multiple(group))]
+        return allowed_widths(group.size, self.channel_multiple)
 
     def class_multiple(self, group: FilterGroup) -> int:
         """The multiple of tie classes that keeps :attr:`channel_multiple` channels aligned: a class holds
@@ -946,8 +971,12 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             problem = left_out[name]
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
+        if not problem and (problem := _uneven(slices, size)):
+            fused = _fused_qkv(module, slices, size, modules, param_names)
+            if fused:
+                slices, size, problem = fused, size // 3, ""
         if not problem:
-            problem = _uneven(slices, size) or _claim(claimed, name, slices)
+            problem = _claim(claimed, name, slices)
         if problem:
             _exclude(excluded, name, problem)
             continue
@@ -963,6 +992,44 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     unreached = {name: model.get_submodule(name) for name, (_, macs) in layer_macs.items()
                  if macs == 0 and model.get_submodule(name) not in train_only}
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
+
+
+def _fused_qkv(module: nn.Module, slices: list[Slice], size: int, modules: dict[str, nn.Module],
+               param_names: dict[int, str]) -> list[Slice] | None:
+    """The slices of an attention's fused query-key-value projection, when ``module`` (a Linear of ``size`` =
+    ``3 D`` outputs: ``q``, ``k`` and ``v`` as consecutive thirds, split by ``chunk(3)`` or ``reshape(B, N, 3,
+    heads, -1)``) feeds, among layers with weights, only one Linear of ``D`` inputs (the output projection, reading
+    ``v``'s channels through the heads): channel ``c`` is rows ``c``, ``D + c`` and ``2 D + c`` of the projection
+    (the score term ``q_c k_c`` and value channel ``c``) and input ``c`` of the output projection. None otherwise.
+    torch-pruning maps these channels unevenly (its graph does not follow the thirds through the attention); the
+    exactness of the compact model is left to the compaction probe (equal heads, :mod:`autocompress.attention`)."""
+    if type(module) is not nn.Linear or size % 3 or size < 6:
+        return None
+    width = size // 3
+    consumers = [s for s in slices if s.role == "input"]
+    others = [s for s in slices if s.role != "input" and modules[s.module] is not module]
+    if others or len({s.module for s in consumers}) != 1:
+        return None
+    out = modules[consumers[0].module]
+    if type(out) is not nn.Linear or out.in_features != width:
+        return None
+    name = next(s.module for s in slices if s.role == "weight")
+    channels = torch.arange(width)
+    rows, triple = torch.cat([channels, channels + width, channels + 2 * width]), channels.repeat(3)
+    fused = [Slice(param_names[id(module.weight)], name, "weight", 0, rows, triple)]
+    if module.bias is not None:
+        fused.append(Slice(param_names[id(module.bias)], name, "bias", 0, rows, triple))
+    return fused + [Slice(consumers[0].param, consumers[0].module, "input", 1, channels, channels)]
+
+
+def _with_heads(group: FilterGroup, heads: int) -> FilterGroup:
+    """``group`` with :attr:`FilterGroup.heads` set. Raises ValueError for a count that does not split it into
+    heads of two channels or more, or a group with ties."""
+    if heads == 1:
+        return group
+    if heads < 1 or group.size % heads or group.size // heads < 2 or group.ties is not None:
+        raise ValueError(f"group {group.name} of {group.size} channels cannot form {heads} heads")
+    return replace(group, heads=heads)
 
 
 def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ignored: set[str] = frozenset()

@@ -1,0 +1,96 @@
+"""Attention heads in filter groups: how many heads a group's channels form, found by compacting a copy.
+
+A multi-head attention whose query, key and value projections are separate layers
+(``q = self.q(x).view(B, N, heads, -1)``, likewise ``k`` and ``v``, then ``self.out(o.reshape(B, N, -1))``)
+couples the channels of all four: torch-pruning's dependency graph puts channel ``c`` of ``q``, ``k`` and ``v``
+and input ``c`` of ``out`` in one filter group, and removing them together is exact for the scores
+(``q . k`` loses the term of ``c``) and for the output (``out`` loses the input that read ``v``'s channel ``c``).
+It is exact for the compact model only when every head keeps equally many channels: the forward splits the
+projections into heads by shape, so a compact head must be as wide as the others, and a channel must stay in its
+own head. The group then keeps ``k / heads`` channels of each head
+(:attr:`autocompress.space.FilterGroup.heads`).
+
+The forward's head count is read from nothing but the model's behaviour: :func:`head_count` compacts copies
+of the model with seeded random channels removed in equal numbers from each of ``h`` consecutive blocks and
+keeps the first ``h`` whose compact model computes what the masked one does (:func:`autocompress.compaction.
+compaction_failure`). A count written into an attribute of the layer's parent (``num_heads``, ``heads``, ...) is
+tried first; then every divisor of the group's size, smallest first (a multiple of the true count passes too,
+a stricter constraint; a divisor of it fails, as its blocks mix heads). The scaled dot-product's scale must not
+follow the head width (``F.scaled_dot_product_attention`` without ``scale=``: the compact model would scale by
+the narrower width): such a group fails every count and keeps its channels.
+
+Not from the AutoCompress paper (Liu et al., AAAI 2020), which prunes convolutional networks; head-width pruning
+of transformers in this form follows the structured pruning of attention projections in Torch-Pruning (Fang et
+al., "DepGraph", CVPR 2023), which takes the head count from its caller.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .alignment import allowed_widths
+from .compaction import compaction_failure
+from .masks import Masks
+from .space import FilterGroup, PruningSpace
+
+#: attribute names under which attention modules commonly store their head count (timm, Hugging Face, torch)
+HEAD_ATTRIBUTES = ("num_heads", "heads", "n_heads", "n_head", "nhead", "num_attention_heads")
+
+
+def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, example_inputs: Any, *,
+               seed: int = 0) -> int | None:
+    """The number of equal heads ``group``'s channels form, or None when no count compacts exactly.
+
+    Args:
+        model: the model the space describes (not modified; copies are compacted).
+        space: its :class:`~autocompress.space.PruningSpace` (its ``channel_multiple`` applies).
+        group: one of ``space``'s filter groups (without ties), e.g. one whose narrower width breaks the compact
+            model.
+        example_inputs: a tensor or tuple of tensors, one forward's inputs.
+        seed: seed of the random channels removed.
+    Returns:
+        ``h`` (2 <= h <= size / 2), or None.
+    Raises:
+        UserError: the example inputs do not fit the model (from the compaction).
+    """
+    if group.ties is not None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    for heads in candidate_counts(model, space, group):
+        widths = allowed_widths(group.size // heads, space.channel_multiple // math.gcd(space.channel_multiple, heads))
+        if len(widths) < 2:
+            continue
+        if all(_compacts(model, space, group, heads, width, gen, example_inputs) for width in {widths[0], widths[-2]}):
+            return heads
+    return None
+
+
+def candidate_counts(model: nn.Module, space: PruningSpace, group: FilterGroup) -> list[int]:
+    """Head counts to try for ``group``: those written into a head-count attribute (:data:`HEAD_ATTRIBUTES`) of
+    a parent of its producers, then every divisor ``h`` of its size with at least two channels per head,
+    ascending; each once."""
+    size = group.size
+    divisors = [h for h in range(2, size // 2 + 1) if size % h == 0]
+    named = []
+    for producer in group.producers:
+        parent = producer.rpartition(".")[0]
+        module = model.get_submodule(parent) if parent else model
+        named += [value for attr in HEAD_ATTRIBUTES if isinstance(value := getattr(module, attr, None), int)
+                  and not isinstance(value, bool)]
+    return list(dict.fromkeys([h for h in named if h in divisors] + divisors))
+
+
+def _compacts(model: nn.Module, space: PruningSpace, group: FilterGroup, heads: int, width: int,
+              gen: torch.Generator, example_inputs: Any) -> bool:
+    """Whether ``model`` with ``width`` random channels kept in each of ``heads`` blocks of ``group`` compacts
+    and computes the masked model's outputs."""
+    per = group.size // heads
+    keep = torch.zeros(heads, per, dtype=torch.bool)
+    for row in keep:
+        row[torch.randperm(per, generator=gen)[:width]] = True
+    masks = Masks(filters={group.name: keep.flatten()}, columns={}, weights={})
+    return compaction_failure(model, space.param_masks(masks), example_inputs,
+                              channel_multiple=space.channel_multiple) is None
