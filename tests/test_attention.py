@@ -1,0 +1,183 @@
+"""Attention heads as filter groups: the head count is found, each head keeps equally many channels, and the
+compact model computes what the masked one does (fused qkv by reshape or chunk, separate q / k / v)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from autocompress.admm import ADMMConfig
+from autocompress.alignment import allowed_widths
+from autocompress.architecture import apply_architecture, describe_architecture
+from autocompress.attention import head_count
+from autocompress.compaction import compact
+from autocompress.masks import Masks
+from autocompress.projection import project
+from autocompress.pruning import prune
+from autocompress.space import PruningSpace
+from autocompress.training import TrainConfig
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over ``[B, N, C]`` tokens, written three ways: ``fused`` (one qkv Linear,
+    ``reshape(B, N, 3, heads, -1)``), ``chunk`` (one qkv Linear, ``chunk(3)`` then ``view(B, N, heads, -1)``),
+    ``separate`` (q, k and v Linears). ``scale``: ``"fixed"`` (``head_dim ** -0.5`` stored at init), ``"sdpa"``
+    (``F.scaled_dot_product_attention``'s default, which follows the head width) or ``"sdpa_fixed"``."""
+
+    def __init__(self, dim: int, width: int, heads: int, layout: str, bias: bool = True, scale: str = "fixed",
+                 named: bool = True):
+        super().__init__()
+        if named:
+            self.num_heads = heads
+        self._heads, self.layout, self.scale_kind = heads, layout, scale
+        self.scale = (width // heads) ** -0.5
+        if layout == "separate":
+            self.q, self.k, self.v = (nn.Linear(dim, width, bias=bias) for _ in range(3))
+        else:
+            self.qkv = nn.Linear(dim, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        h = self._heads
+        if self.layout == "fused":
+            q, k, v = self.qkv(x).reshape(B, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            parts = self.qkv(x).chunk(3, dim=-1) if self.layout == "chunk" else (self.q(x), self.k(x), self.v(x))
+            q, k, v = (t.view(B, N, h, -1).transpose(1, 2) for t in parts)
+        if self.scale_kind == "fixed":
+            out = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale if self.scale_kind == "sdpa_fixed" else None)
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class TokenNet(nn.Module):
+    """Embedding -> pre-norm attention block with an MLP -> mean over tokens -> classifier."""
+
+    def __init__(self, attention: Attention, features: int = 5, dim: int = 12, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = attention
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attn(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def _root(layout: str) -> str:
+    return "attn.q" if layout == "separate" else "attn.qkv"
+
+
+def _masked(model: nn.Module, param_masks: dict[str, torch.Tensor]) -> nn.Module:
+    """The model with every masked entry zeroed, written out here (not the compaction's own masking)."""
+    masked = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, param in masked.named_parameters():
+            if name in param_masks:
+                param.mul_(param_masks[name].to(param.dtype))
+    return masked
+
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 4), head_dim=st.integers(2, 4), layout=st.sampled_from(["fused", "chunk", "separate"]),
+       bias=st.booleans(), named=st.booleans(), multiple=st.sampled_from([1, 2, 4]), seed=st.integers(0, 10_000))
+def test_each_head_keeps_equally_many_channels_and_the_compact_model_equals_the_masked_one(
+        heads, head_dim, layout, bias, named, multiple, seed):
+    torch.manual_seed(seed)
+    width = heads * head_dim
+    model = TokenNet(Attention(12, width, heads, layout, bias=bias, named=named)).eval()
+    x = torch.randn(2, 7, 5)
+    space = PruningSpace.build(model, x, channel_multiple=multiple)
+    root = _root(layout)
+    group = space.unit("filter", root)
+    assert group.size == width
+    found = head_count(model, space, group, x)
+    if heads > 1 and len(allowed_widths(head_dim, multiple // math.gcd(multiple, heads))) < 2:
+        assert found is None  # a head cannot lose a channel at this multiple
+        return
+    if heads == 1:  # any equal split is a valid constraint for one head; none may be needed
+        assert found is None or width % found == 0
+        found = found or 1
+    else:
+        assert found is not None and found % heads == 0  # the true count, or a stricter multiple of it
+    space = PruningSpace.build(model, x, channel_multiple=multiple, heads={root: found} if found > 1 else {})
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(width, generator=gen)
+    per = width // found
+    keep_per = space.filter_keep(space.unit("filter", root), float(torch.rand(1, generator=gen)) * 0.9) // found
+    keep = torch.zeros(found, per, dtype=torch.bool)
+    for row, s in zip(keep, scores.view(found, per)):
+        row[s.argsort(descending=True)[:keep_per]] = True
+    masks = Masks(filters={root: keep.flatten()}, columns={}, weights={})
+    param_masks = space.param_masks(masks)
+    result = compact(model, param_masks, x, channel_multiple=multiple)
+    kept = int(keep.sum())
+    attn = result.model.attn
+    assert (attn.q.out_features if layout == "separate" else attn.qkv.out_features // 3) == kept
+    assert attn.proj.in_features == kept
+    probe = torch.randn(3, 9, 5)  # other batch and token counts than the example
+    with torch.no_grad():
+        expected, got = _masked(model, param_masks)(probe), result.model(probe)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    rebuilt = apply_architecture(TokenNet(Attention(12, width, heads, layout, bias=bias, named=named)),
+                                 describe_architecture(result.model, reference=model))
+    rebuilt.load_state_dict(result.model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(probe), got, atol=1e-6)
+
+
+def test_projection_keeps_the_strongest_channels_of_each_head():
+    torch.manual_seed(0)
+    model = TokenNet(Attention(12, 8, 2, "fused")).eval()
+    with torch.no_grad():  # head 0's channels 0 and 1, head 1's channels 4 and 7 the strongest
+        model.attn.qkv.weight.mul_(0.01)
+        for c in (0, 1, 4, 7):
+            model.attn.qkv.weight[[c, 8 + c, 16 + c]] *= 100
+    x = torch.randn(2, 7, 5)
+    space = PruningSpace.build(model, x, heads={"attn.qkv": 2})
+    masks = project(space, model, {"filter": {"attn.qkv": 0.5}, "column": {}, "irregular": {}})
+    assert torch.nonzero(masks.filters["attn.qkv"]).flatten().tolist() == [0, 1, 4, 7]
+
+
+def test_a_scale_that_follows_the_head_width_keeps_the_heads_whole():
+    """``F.scaled_dot_product_attention`` without ``scale=`` scales a narrower head differently: no head count
+    compacts exactly; with ``scale=`` given, the count is found."""
+    x = torch.randn(2, 7, 5)
+    for scale, expected in (("sdpa", None), ("sdpa_fixed", 2)):
+        torch.manual_seed(0)
+        model = TokenNet(Attention(12, 8, 2, "fused", scale=scale)).eval()
+        space = PruningSpace.build(model, x)
+        assert head_count(model, space, space.unit("filter", "attn.qkv"), x) == expected
+
+
+@pytest.mark.parametrize("layout", ["fused", "separate"])
+def test_prune_finds_the_heads_and_returns_a_compact_model_with_narrower_heads(layout):
+    torch.manual_seed(0)
+    model = TokenNet(Attention(12, 16, 4, layout, named=False), dim=12).eval()
+    x = torch.randn(2, 7, 5)
+    lines = []
+    result = prune(model, {"filter": {_root(layout): 0.5}}, example_inputs=x, device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
+                   log=lines.append)
+    attn = result.compact_model.attn
+    assert attn.proj.in_features == 8
+    assert any(f"filter-pruned by heads: {_root(layout)}" in line and "4 heads" in line for line in lines)
+    torch.manual_seed(1)
+    probe = torch.randn(2, 7, 5)
+    space = PruningSpace.build(model, x, heads={_root(layout): 4})
+    param_masks = space.param_masks(project(space, model, {"filter": {_root(layout): 0.5}, "column": {},
+                                                            "irregular": {}}))
+    with torch.no_grad():
+        assert torch.allclose(result.compact_model(probe), _masked(model, param_masks)(probe), atol=1e-5)
