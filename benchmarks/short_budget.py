@@ -5,7 +5,8 @@ fine-tuned for as many epochs of *their* loop (session 34: 0.6-1.7 points behind
 each). This script plays such users on CIFAR-10: five architectures written the way users write them (a residual
 CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
 residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
-of LayerNorms and depthwise 7x7 convolutions), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
+of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv
+projections), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
 random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
 an epoch, so the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by
 each method:
@@ -18,6 +19,8 @@ each method:
   8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s default ``auto`` probes both
   on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``; ``ac_padded``:
   ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
+  ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
+  as before session 38; the ``vit`` model);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with); ``tp_own16``: the same at ``round_to=16``
   (widths on onnxruntime's AVX-512 channel block, as ``channel_multiple: auto`` keeps ours).
@@ -39,6 +42,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -50,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks" / "peers")]
 
 import autocompress  # noqa: E402
-from autocompress import metrics  # noqa: E402
+from autocompress import metrics, rounds  # noqa: E402
 from autocompress.config import Target  # noqa: E402
 from autocompress.data import get_dataset  # noqa: E402
 from autocompress.latency import LatencyConfig, measure_models  # noqa: E402
@@ -192,13 +196,60 @@ class ConvNeXt(nn.Module):
         return self.fc(self.norm(self.features(x).mean((2, 3))))
 
 
-MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt}
+class Attention(nn.Module):
+    """Multi-head self-attention as users write it: one qkv Linear chunked into q, k and v, each viewed into
+    ``heads`` heads with ``-1``, the scale stored at init, an output Linear."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (width // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        out = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm, attention, residual; LayerNorm, MLP 2x with GELU, residual."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(width), Attention(width, heads), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A hybrid vision transformer: a conv stem (3x3 stride 2 to 48 channels, BatchNorm, ReLU, 2x2 stride 2 to 128)
+    to 8x8 tokens, a learned position embedding, four blocks of width 128 with 4 heads, LayerNorm, mean over
+    tokens, Linear."""
+
+    def __init__(self, width: int = 128, heads: int = 4, depth: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 48, 2), nn.Conv2d(48, width, 2, 2))
+        self.pos = nn.Parameter(torch.zeros(1, 64, width))
+        self.blocks = nn.Sequential(*(ViTBlock(width, heads) for _ in range(depth)))
+        self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(self.norm(self.blocks(x)).mean(1))
+
+
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
-              "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"}}
+              "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
+              "ac_noheads": {}}
 #: Torch-Pruning methods: each one's ``round_to`` (channel counts kept a multiple of it; None: any)
 TP_ROUND_TO = {"tp_own": None, "tp_own16": 16}
 
@@ -257,9 +308,11 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     if method == "ac_own":
         def train_fn(model, phase):
             user_loop(model, train, phase.epochs, 1e-3, attach=phase.attach, penalty=phase.penalty)
-    result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val, train_fn=train_fn,
-                                   device="cpu", progress=False, log=lambda line: None,
-                                   config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})
+    heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
+    with mock.patch.object(rounds, "head_count", heads):
+        result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,
+                                       train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
+                                       config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})
     chosen = next((r for r in result.records if r.get("event") == "optimizer"), None)
     return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
             "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen,

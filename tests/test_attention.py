@@ -15,7 +15,7 @@ from torch import nn
 from autocompress.admm import ADMMConfig
 from autocompress.alignment import allowed_widths
 from autocompress.architecture import apply_architecture, describe_architecture
-from autocompress.attention import head_count
+from autocompress.attention import HEAD_HINT, head_count
 from autocompress.compaction import compact
 from autocompress.masks import Masks
 from autocompress.projection import project
@@ -181,3 +181,14 @@ def test_prune_finds_the_heads_and_returns_a_compact_model_with_narrower_heads(l
                                                             "irregular": {}}))
     with torch.no_grad():
         assert torch.allclose(result.compact_model(probe), _masked(model, param_masks)(probe), atol=1e-5)
+
+
+def test_prune_says_how_to_have_heads_pruned_when_the_scale_follows_the_head_width():
+    torch.manual_seed(0)
+    model = TokenNet(Attention(12, 8, 2, "fused", scale="sdpa")).eval()
+    lines = []
+    result = prune(model, {"default": 0.5}, example_inputs=torch.randn(2, 7, 5), device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
+                   log=lines.append)
+    assert result.compact_model.attn.proj.in_features == 8  # the heads keep their channels
+    assert any(line.startswith("not filter-pruned: attn.qkv") and HEAD_HINT in line for line in lines)

@@ -68,6 +68,19 @@ def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, exampl
     return None
 
 
+#: added to the reason an attention-shaped group (:func:`attention_shaped`) keeps its channels
+HEAD_HINT = ("if these are attention heads: write the head width as -1 in the forward's reshapes and pass scale= "
+             "to F.scaled_dot_product_attention (its default scale follows the head width)")
+
+
+def attention_shaped(model: nn.Module, group: FilterGroup) -> bool:
+    """Whether ``group`` looks like an attention's projections: only Linear layers, one to three of them writing
+    the channels (a fused qkv, or q, k and v) and one reading them (the output projection)."""
+    layers = [model.get_submodule(name) for name in (*group.producers, *group.consumers)]
+    return (all(isinstance(layer, nn.Linear) for layer in layers) and 1 <= len(group.producers) <= 3
+            and len(group.consumers) == 1)
+
+
 def candidate_counts(model: nn.Module, space: PruningSpace, group: FilterGroup) -> list[int]:
     """Head counts to try for ``group``: those written into a head-count attribute (:data:`HEAD_ATTRIBUTES`) of
     a parent of its producers, then every divisor ``h`` of its size with at least two channels per head,
