@@ -28,11 +28,13 @@ class Attention(nn.Module):
     """Multi-head self-attention over ``[B, N, C]`` tokens, written three ways: ``fused`` (one qkv Linear,
     ``reshape(B, N, 3, heads, -1)``), ``chunk`` (one qkv Linear, ``chunk(3)`` then ``view(B, N, heads, -1)``),
     ``separate`` (q, k and v Linears). ``scale``: ``"fixed"`` (``head_dim ** -0.5`` stored at init), ``"sdpa"``
-    (``F.scaled_dot_product_attention``'s default, which follows the head width) or ``"sdpa_fixed"``."""
+    (``F.scaled_dot_product_attention``'s default, which follows the head width) or ``"sdpa_fixed"``.
+    ``stored``: the head width is an attribute the reshape reads (it cannot narrow)."""
 
     def __init__(self, dim: int, width: int, heads: int, layout: str, bias: bool = True, scale: str = "fixed",
-                 named: bool = True):
+                 named: bool = True, stored: bool = False):
         super().__init__()
+        self.head_dim = width // heads if stored else -1
         if named:
             self.num_heads = heads
         self._heads, self.layout, self.scale_kind = heads, layout, scale
@@ -47,10 +49,10 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         h = self._heads
         if self.layout == "fused":
-            q, k, v = self.qkv(x).reshape(B, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.qkv(x).reshape(B, N, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             parts = self.qkv(x).chunk(3, dim=-1) if self.layout == "chunk" else (self.q(x), self.k(x), self.v(x))
-            q, k, v = (t.view(B, N, h, -1).transpose(1, 2) for t in parts)
+            q, k, v = (t.view(B, N, h, self.head_dim).transpose(1, 2) for t in parts)
         if self.scale_kind == "fixed":
             out = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v
         else:
@@ -92,12 +94,13 @@ def _masked(model: nn.Module, param_masks: dict[str, torch.Tensor]) -> nn.Module
 
 @settings(max_examples=25, deadline=None)
 @given(heads=st.integers(1, 4), head_dim=st.integers(2, 4), layout=st.sampled_from(["fused", "chunk", "separate"]),
-       bias=st.booleans(), named=st.booleans(), multiple=st.sampled_from([1, 2, 4]), seed=st.integers(0, 10_000))
+       bias=st.booleans(), named=st.booleans(), multiple=st.sampled_from([1, 2, 4]),
+       scale=st.sampled_from(["fixed", "sdpa", "sdpa_fixed"]), seed=st.integers(0, 10_000))
 def test_each_head_keeps_equally_many_channels_and_the_compact_model_equals_the_masked_one(
-        heads, head_dim, layout, bias, named, multiple, seed):
+        heads, head_dim, layout, bias, named, multiple, scale, seed):
     torch.manual_seed(seed)
     width = heads * head_dim
-    model = TokenNet(Attention(12, width, heads, layout, bias=bias, named=named)).eval()
+    model = TokenNet(Attention(12, width, heads, layout, bias=bias, named=named, scale=scale)).eval()
     x = torch.randn(2, 7, 5)
     space = PruningSpace.build(model, x, channel_multiple=multiple)
     root = _root(layout)
@@ -131,7 +134,7 @@ def test_each_head_keeps_equally_many_channels_and_the_compact_model_equals_the_
     with torch.no_grad():
         expected, got = _masked(model, param_masks)(probe), result.model(probe)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
-    rebuilt = apply_architecture(TokenNet(Attention(12, width, heads, layout, bias=bias, named=named)),
+    rebuilt = apply_architecture(TokenNet(Attention(12, width, heads, layout, bias=bias, named=named, scale=scale)),
                                  describe_architecture(result.model, reference=model))
     rebuilt.load_state_dict(result.model.state_dict())
     with torch.no_grad():
@@ -151,15 +154,38 @@ def test_projection_keeps_the_strongest_channels_of_each_head():
     assert torch.nonzero(masks.filters["attn.qkv"]).flatten().tolist() == [0, 1, 4, 7]
 
 
-def test_a_scale_that_follows_the_head_width_keeps_the_heads_whole():
-    """``F.scaled_dot_product_attention`` without ``scale=`` scales a narrower head differently: no head count
-    compacts exactly; with ``scale=`` given, the count is found."""
+def test_a_head_width_the_forward_reads_from_an_attribute_keeps_the_heads_whole():
+    """``reshape(B, N, 3, heads, self.head_dim)`` cannot run narrower heads: no head count compacts, with ``-1``
+    the count is found."""
     x = torch.randn(2, 7, 5)
-    for scale, expected in (("sdpa", None), ("sdpa_fixed", 2)):
+    for stored, expected in ((True, None), (False, 2)):
         torch.manual_seed(0)
-        model = TokenNet(Attention(12, 8, 2, "fused", scale=scale)).eval()
+        model = TokenNet(Attention(12, 8, 2, "fused", stored=stored)).eval()
         space = PruningSpace.build(model, x)
         assert head_count(model, space, space.unit("filter", "attn.qkv"), x) == expected
+
+
+def test_a_scale_that_follows_the_head_width_stays_at_the_full_width_s_value():
+    """``F.scaled_dot_product_attention(q, k, v)`` divides by the narrower head width's root: the compaction scales
+    the query rows by sqrt(d' / d) (fused: the first third of qkv; separate: q), and only then."""
+    x = torch.randn(2, 7, 5)
+    for layout in ("fused", "separate"):
+        for scale, rescaled in (("sdpa", True), ("fixed", False)):
+            torch.manual_seed(0)
+            model = TokenNet(Attention(12, 8, 2, layout, scale=scale)).eval()
+            root = _root(layout)
+            space = PruningSpace.build(model, x, heads={root: 2})
+            param_masks = space.param_masks(project(space, model, {"filter": {root: 0.5}}))
+            result = compact(model, param_masks, x)
+            query = "attn.q" if layout == "separate" else "attn.qkv"
+            assert result.report.get("queries_rescaled", []) == ([query] if rescaled else [])
+            weight, full = result.model.get_submodule(query).weight, model.get_submodule(query).weight
+            kept = torch.nonzero(param_masks[f"{query}.weight"].all(1)).flatten()[:2]  # head 0's query rows
+            factor = 0.5 ** 0.5 if rescaled else 1.0  # head width 4 -> 2
+            assert torch.allclose(weight[:2], full[kept] * factor)
+            probe = torch.randn(3, 9, 5)
+            with torch.no_grad():
+                assert torch.allclose(result.model(probe), _masked(model, param_masks)(probe), atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["fused", "separate"])
@@ -183,9 +209,9 @@ def test_prune_finds_the_heads_and_returns_a_compact_model_with_narrower_heads(l
         assert torch.allclose(result.compact_model(probe), _masked(model, param_masks)(probe), atol=1e-5)
 
 
-def test_prune_says_how_to_have_heads_pruned_when_the_scale_follows_the_head_width():
+def test_prune_says_how_to_have_heads_pruned_when_the_head_width_is_stored():
     torch.manual_seed(0)
-    model = TokenNet(Attention(12, 8, 2, "fused", scale="sdpa")).eval()
+    model = TokenNet(Attention(12, 8, 2, "fused", stored=True)).eval()
     lines = []
     result = prune(model, {"default": 0.5}, example_inputs=torch.randn(2, 7, 5), device="cpu", dims=("filter",),
                    admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,

@@ -798,8 +798,7 @@ def test_a_vision_transformers_token_stream_is_filter_pruned_with_its_position_e
     """Helper 32's ViT: the position embedding ``[1, tokens, C]`` was refused as "not per-channel", so the token
     stream (patch_embed's channels) could never be pruned. It is sliced along C like any per-channel entry; the
     MLP's hidden channels are pruned. The fused qkv is a group of its own (rows c, 16 + c, 32 + c and proj's input
-    c), which the compress probe leaves out here: the default scale of F.scaled_dot_product_attention follows the
-    head width (tests/test_attention.py)."""
+    c), whose two heads only the compress probe finds (tests/test_attention.py): the one-shot path here ignores it."""
     space = PruningSpace.build(TinyViT().eval(), torch.randn(1, 3, 16, 16))
     assert {g.name: g.size for g in space.filter_groups} == {"patch_embed": 16, "qkv": 16, "fc1": 32}
     stream = next(g for g in space.filter_groups if g.name == "patch_embed")

@@ -66,7 +66,8 @@ def _classifier(model: nn.Module) -> nn.Module:
 
 
 def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float,
-                           max_layer_ratio: float = 0.95, round_to: int | None = None) -> nn.Module:
+                           max_layer_ratio: float = 0.95, round_to: int | None = None,
+                           ignored: tuple[str, ...] = ()) -> nn.Module:
     """A copy of ``model`` with ``ratio`` of all prunable channels removed globally by group L2 magnitude.
 
     Args:
@@ -74,11 +75,14 @@ def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float
         ratio: global channel pruning ratio in [0, 1).
         max_layer_ratio: no layer loses more than this fraction of its channels (never pruned to zero).
         round_to: Torch-Pruning's ``round_to``: every pruned layer keeps a multiple of this many channels.
+        ignored: names of further modules for Torch-Pruning's ``ignored_layers`` (e.g. the chunked qkv projections
+            of a ViT, on which its importance fails with an IndexError).
     """
     pruned = copy.deepcopy(model).eval()
+    layers = [_classifier(pruned)] + [pruned.get_submodule(name) for name in ignored]
     pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, global_pruning=True, max_pruning_ratio=max_layer_ratio,
-                                  ignored_layers=[_classifier(pruned)], round_to=round_to)
+                                  ignored_layers=layers, round_to=round_to)
     pruner.step()
     return pruned
 
@@ -122,7 +126,7 @@ def _counter(objective: str, example: torch.Tensor):
 
 
 def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14,
-                    round_to: int | None = None) -> TPResult:
+                    round_to: int | None = None, ignored: tuple[str, ...] = ()) -> TPResult:
     """Bisect the global channel ratio to the smallest one whose pruned model reaches ``target``.
 
     Raises:
@@ -135,7 +139,7 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, 
     low, high, best, trials = 0.0, 0.95, None, 0
     for _ in range(steps):
         mid = (low + high) / 2
-        candidate = global_magnitude_prune(model, example, mid, round_to=round_to)
+        candidate = global_magnitude_prune(model, example, mid, round_to=round_to, ignored=ignored)
         trials += 1
         reduction = original / count(candidate)
         if reduction >= target.factor:

@@ -15,9 +15,10 @@ of the model with seeded random channels removed in equal numbers from each of `
 keeps the first ``h`` whose compact model computes what the masked one does (:func:`autocompress.compaction.
 compaction_failure`). A count written into an attribute of the layer's parent (``num_heads``, ``heads``, ...) is
 tried first; then every divisor of the group's size, smallest first (a multiple of the true count passes too,
-a stricter constraint; a divisor of it fails, as its blocks mix heads). The scaled dot-product's scale must not
-follow the head width (``F.scaled_dot_product_attention`` without ``scale=``: the compact model would scale by
-the narrower width): such a group fails every count and keeps its channels.
+a stricter constraint; a divisor of it fails, as its blocks mix heads). A scale that follows the head width
+(``F.scaled_dot_product_attention`` without ``scale=`` divides the scores by the square root of the narrower
+width) is kept at the original width's value by the compaction, which scales the query rows by
+``sqrt(d' / d)`` when the compact model differs without it (:func:`autocompress.compaction.compact`).
 
 Not from the AutoCompress paper (Liu et al., AAAI 2020), which prunes convolutional networks; head-width pruning
 of transformers in this form follows the structured pruning of attention projections in Torch-Pruning (Fang et
@@ -69,8 +70,8 @@ def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, exampl
 
 
 #: added to the reason an attention-shaped group (:func:`attention_shaped`) keeps its channels
-HEAD_HINT = ("if these are attention heads: write the head width as -1 in the forward's reshapes and pass scale= "
-             "to F.scaled_dot_product_attention (its default scale follows the head width)")
+HEAD_HINT = ("if these are attention heads: write the head width as -1 in the forward's reshapes (a head width "
+             "stored in an attribute, or a module over it such as a LayerNorm of q and k, cannot narrow)")
 
 
 def attention_shaped(model: nn.Module, group: FilterGroup) -> bool:

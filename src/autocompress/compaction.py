@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -269,17 +270,17 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
 
 def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
                      multiple: int = 1, layer_norm: str = "padded"
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]], list[Query]]:
     """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
     channels beyond it stay, as zeros). A LayerNorm that lost channels becomes a :class:`PaddedLayerNorm`
     (``layer_norm: padded``, or where its kept channels are not known) or stays a plain LayerNorm over the kept
-    ones (``kept``). Returns module name -> kept output channel indices, and for those plain LayerNorms name ->
-    (kept indices, channel dimension)."""
-    fused = _remove_fused_qkv(model, inputs, report, train_only, multiple)
+    ones (``kept``). Returns module name -> kept output channel indices, for those plain LayerNorms name ->
+    (kept indices, channel dimension), and the query rows of the attentions whose heads narrowed (:data:`Query`)."""
+    kept, queries = _remove_fused_qkv(model, inputs, report, train_only, multiple)
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
-        return fused, {}
+        return kept, {}, queries
     norm_dims = channel_dims(model, inputs)
     widths = {m: m.normalized_shape[0] for m in norm_dims if isinstance(m, nn.LayerNorm)}
     try:
@@ -287,7 +288,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     except UserError as exc:  # dead channels stay dense: exact, only larger
         for module in candidates:
             report["dead_channels_kept"][names[module]] = str(exc)
-        return {}, {}
+        return kept, {}, queries
     plans = []
     for module in candidates:
         if module not in dg.module2node:
@@ -313,7 +314,6 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                                                            f"a width that is a multiple of {multiple}")
         members = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
         plans.append((module, pruner, roots, members))
-    kept: dict[str, torch.Tensor] = dict(fused)
     norm_groups: dict[nn.Module, tuple[torch.Tensor, int]] = {}  # group norm -> (group of each remaining
     # channel, channels per group), both of the norm as it was before pruning
     for module, pruner, roots, _ in plans:
@@ -334,7 +334,10 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     keep = torch.ones(total, dtype=torch.bool)
                     keep[torch.tensor([i for i in idxs if i < total], dtype=torch.long)] = False
                     kept[names[target]] = torch.nonzero(keep).flatten()
+        query = _separate_query(dg, group, names)
         group.prune()
+        if query is not None:
+            queries.append((query[0], query[0].out_features, math.sqrt(query[0].out_features / query[1])))
         report["removed_channels"][names[module]] = len(roots)
     for norm, (groups, size) in norm_groups.items():  # a GroupNorm that lost channels keeps its statistics
         parent, _, attr = names[norm].rpartition(".")
@@ -349,7 +352,39 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             continue
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
-    return kept, plain
+    return kept, plain, queries
+
+
+#: the query rows of an attention whose heads narrowed: (the Linear writing them, rows from the first, the factor
+#: ``sqrt(new head width / old)`` that keeps a scale following the head width (``F.scaled_dot_product_attention``
+#: without ``scale=``) at the old width's value: ``q . k / sqrt(d')`` times it is ``q . k / sqrt(d)``)
+Query = tuple[nn.Linear, int, float]
+
+
+def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[nn.Linear, int] | None:
+    """For a torch-pruning group that looks like an attention's separate projections (two or three Linears of equal
+    width writing its channels -- q, k and v -- and one Linear reading them), the first of them in the model's
+    order (``names``: module -> name, in that order; the queries, or the keys: scaling either scales the scores)
+    and its width before pruning; else None."""
+    order = {module: i for i, module in enumerate(names)}
+    writers, readers = set(), set()
+    for dep, _ in group:
+        target = dep.target.module
+        if is_weight_layer(target):
+            (writers if dg.is_out_channel_pruning_fn(dep.handler) else readers).add(target)
+    if not (2 <= len(writers) <= 3 and len(readers) == 1) or any(type(m) is not nn.Linear for m in writers | readers):
+        return None
+    first = min(writers, key=order.__getitem__)
+    return (first, first.out_features) if len({m.out_features for m in writers}) == 1 else None
+
+
+def _rescale_queries(queries: list[Query]) -> None:
+    """Multiply each attention's query rows (weights and bias) by its factor (:data:`Query`)."""
+    with torch.no_grad():
+        for module, rows, factor in queries:
+            module.weight[:rows].mul_(factor)
+            if module.bias is not None:
+                module.bias[:rows].mul_(factor)
 
 
 def _dead_triples(module: nn.Module) -> torch.Tensor | None:
@@ -365,21 +400,21 @@ def _dead_triples(module: nn.Module) -> torch.Tensor | None:
 
 
 def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
-                      multiple: int) -> dict[str, torch.Tensor]:
+                      multiple: int) -> tuple[dict[str, torch.Tensor], list[Query]]:
     """Remove the dead channels of fused query-key-value projections (:func:`autocompress.space._fused_qkv`: a
     Linear of ``3 D`` outputs whose only consumer with weights is a Linear of ``D`` inputs): rows ``c``, ``D + c``,
     ``2 D + c`` of the projection and input ``c`` of its consumer, where the rows are all zero and the remaining
     width is an allowed width at ``multiple``. torch-pruning's graph maps these channels unevenly, so they are
-    sliced here. Returns the projection's name -> its kept rows."""
+    sliced here. Returns the projection's name -> its kept rows, and the query rows of each (the first third)."""
     dead = {m: d for m in model.modules() if (d := _dead_triples(m)) is not None}
     if not dead:
-        return {}
+        return {}, []
     names = {module: name for name, module in model.named_modules()}
     try:
         dg = trace_graph(model, inputs, train_only)
     except UserError:  # torch-pruning's pass reports it
-        return {}
-    kept = {}
+        return {}, []
+    kept, queries = {}, []
     for module, gone in dead.items():
         width = module.out_features // 3
         out = _qkv_consumer(dg, module, width)
@@ -397,8 +432,9 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
         out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
         out.in_features = remaining
         kept[names[module]] = torch.nonzero(rows).flatten()
+        queries.append((module, remaining, math.sqrt(remaining / width)))
         report["removed_channels"][names[module]] = width - remaining
-    return kept
+    return kept, queries
 
 
 def _qkv_consumer(dg: tp.DependencyGraph, module: nn.Linear, width: int) -> nn.Linear | None:
@@ -629,7 +665,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
                               "dead_channels_kept": {}}
     train_only = train_only_modules(work, inputs)
-    kept, plain = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm)
+    kept, plain, queries = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm)
     report["layer_norms_over_kept"] = sorted(plain)
     work.eval()
     called = set(_called_modules(work, inputs)) | train_only
@@ -637,8 +673,17 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     _keep_frozen(work, model)
     work.eval()
     with kept_statistics(reference, plain):
-        report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale,
-                                                             kept=kept)
+        try:
+            report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale,
+                                                                 kept=kept)
+        except RuntimeError:
+            if not queries:
+                raise
+            _rescale_queries(queries)  # the attentions' scale follows the head width
+            report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale,
+                                                                 kept=kept)
+            report["queries_rescaled"] = sorted(name for name, module in work.named_modules()
+                                                if any(module is query for query, _, _ in queries))
     report["params_after"] = _count(work)
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 

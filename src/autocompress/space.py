@@ -886,6 +886,12 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
     return ""
 
 
+#: the start of the reasons a group's channel mapping cannot be used: torch-pruning maps them outside a consumer's
+#: weight, or gives them different numbers of positions in one parameter (both after a fused qkv's split)
+UNFOLLOWABLE = "filter pruning: its channels cannot be followed into"
+UNEVEN = "filter pruning: channels map unevenly into"
+
+
 #: the reason for a layer of ``nn.MultiheadAttention`` its fused forward reads without calling it (``out_proj``)
 FUSED_ATTENTION = ("nn.MultiheadAttention's fused forward reads its weights without calling it, and the attention "
                    "heads' channels are kept")
@@ -971,8 +977,9 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             problem = left_out[name]
         if not problem and size < 2:
             problem = "filter pruning: a single output channel"
-        if not problem and (problem := _uneven(slices, size)):
-            fused = _fused_qkv(module, slices, size, modules, param_names)
+        problem = problem or _uneven(slices, size)
+        if problem.startswith((UNFOLLOWABLE, UNEVEN)):
+            fused = _fused_qkv(module, tp_group, size, names, param_names, candidates, ignored)
             if fused:
                 slices, size, problem = fused, size // 3, ""
         if not problem:
@@ -994,32 +1001,38 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 
 
-def _fused_qkv(module: nn.Module, slices: list[Slice], size: int, modules: dict[str, nn.Module],
-               param_names: dict[int, str]) -> list[Slice] | None:
+def _fused_qkv(module: nn.Module, tp_group, size: int, names: dict, param_names: dict[int, str],
+               candidates: Mapping[str, nn.Module], ignored: set[str]) -> list[Slice] | None:
     """The slices of an attention's fused query-key-value projection, when ``module`` (a Linear of ``size`` =
     ``3 D`` outputs: ``q``, ``k`` and ``v`` as consecutive thirds, split by ``chunk(3)`` or ``reshape(B, N, 3,
-    heads, -1)``) feeds, among layers with weights, only one Linear of ``D`` inputs (the output projection, reading
-    ``v``'s channels through the heads): channel ``c`` is rows ``c``, ``D + c`` and ``2 D + c`` of the projection
-    (the score term ``q_c k_c`` and value channel ``c``) and input ``c`` of the output projection. None otherwise.
-    torch-pruning maps these channels unevenly (its graph does not follow the thirds through the attention); the
-    exactness of the compact model is left to the compaction probe (equal heads, :mod:`autocompress.attention`)."""
-    if type(module) is not nn.Linear or size % 3 or size < 6:
+    heads, -1)``) is the only layer with parameters writing its torch-pruning group and one prunable Linear of ``D``
+    inputs (the output projection, reading ``v``'s channels through the heads) the only one reading it: channel
+    ``c`` is rows ``c``, ``D + c`` and ``2 D + c`` of the projection (the score term ``q_c k_c`` and value channel
+    ``c``) and input ``c`` of the output projection. None otherwise. torch-pruning maps these channels unevenly or
+    outside the output projection's weight (its graph does not follow the thirds through the attention); the
+    compact model's exactness is left to the compaction probe (equal heads, :mod:`autocompress.attention`)."""
+    if type(module) is not nn.Linear or size % 3 or size < 6 or names[module] in ignored:
         return None
-    width = size // 3
-    consumers = [s for s in slices if s.role == "input"]
-    others = [s for s in slices if s.role != "input" and modules[s.module] is not module]
-    if others or len({s.module for s in consumers}) != 1:
+    readers = set()
+    for item in tp_group:
+        target = item.dep.target.module
+        if isinstance(target, nn.Parameter):
+            return None  # a free parameter of the channels
+        if target is module or not isinstance(target, nn.Module) or not list(target.parameters(recurse=False)):
+            continue  # the projection itself, or a parameter-free op of the graph
+        if not is_weight_layer(target) or item.dep.handler.__name__ == "prune_out_channels":
+            return None
+        readers.add(target)
+    out = next(iter(readers)) if len(readers) == 1 else None
+    if type(out) is not nn.Linear or out.in_features != size // 3 or names[out] not in candidates:
         return None
-    out = modules[consumers[0].module]
-    if type(out) is not nn.Linear or out.in_features != width:
-        return None
-    name = next(s.module for s in slices if s.role == "weight")
+    width, name = size // 3, names[module]
     channels = torch.arange(width)
     rows, triple = torch.cat([channels, channels + width, channels + 2 * width]), channels.repeat(3)
     fused = [Slice(param_names[id(module.weight)], name, "weight", 0, rows, triple)]
     if module.bias is not None:
         fused.append(Slice(param_names[id(module.bias)], name, "bias", 0, rows, triple))
-    return fused + [Slice(consumers[0].param, consumers[0].module, "input", 1, channels, channels)]
+    return fused + [Slice(param_names[id(out.weight)], names[out], "input", 1, channels, channels)]
 
 
 def _with_heads(group: FilterGroup, heads: int) -> FilterGroup:
@@ -1094,7 +1107,7 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
                 continue
             if bool((index >= extent).any()):
-                problem = problem or (f"filter pruning: its channels cannot be followed into {mname} (torch-pruning "
+                problem = problem or (f"{UNFOLLOWABLE} {mname} (torch-pruning "
                                       "maps them outside its weight, as after a torch.split or chunk of a layer's "
                                       "output, e.g. an attention's qkv projection chunked into q, k and v); these "
                                       "channels stay, other layers are pruned as usual")
@@ -1245,7 +1258,7 @@ def _uneven(slices: list[Slice], size: int) -> str:
     for s in slices:
         per_channel = torch.bincount(s.channel, minlength=size)
         if not bool((per_channel == per_channel[0]).all()):
-            return f"filter pruning: channels map unevenly into {s.param}"
+            return f"{UNEVEN} {s.param}"
     return ""
 
 
