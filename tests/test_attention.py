@@ -218,3 +218,64 @@ def test_prune_says_how_to_have_heads_pruned_when_the_head_width_is_stored():
                    log=lines.append)
     assert result.compact_model.attn.proj.in_features == 8  # the heads keep their channels
     assert any(line.startswith("not filter-pruned: attn.qkv") and HEAD_HINT in line for line in lines)
+
+
+class VFirst(Attention):
+    """Separate projections defined v, k, q (the first in module order writes the values)."""
+
+    def __init__(self, width: int, heads: int):
+        nn.Module.__init__(self)
+        self._heads, self.layout, self.scale_kind, self.head_dim = heads, "separate", "sdpa", -1
+        self.v, self.k, self.q = (nn.Linear(12, width) for _ in range(3))
+        self.proj = nn.Linear(width, 12)
+
+
+def test_the_queries_are_rescaled_when_the_values_are_defined_first():
+    torch.manual_seed(0)
+    model = TokenNet(VFirst(8, 2)).eval()
+    x = torch.randn(2, 7, 5)
+    space = PruningSpace.build(model, x)
+    root = space.unit("filter", "attn.v")
+    assert head_count(model, space, root, x) == 2
+    space = PruningSpace.build(model, x, heads={"attn.v": 2})
+    param_masks = space.param_masks(project(space, model, {"filter": {"attn.v": 0.5}}))
+    result = compact(model, param_masks, x)
+    assert result.report["queries_rescaled"] == ["attn.k"]  # the keys: scaling them scales the scores
+    probe = torch.randn(3, 9, 5)
+    with torch.no_grad():
+        assert torch.allclose(result.model(probe), _masked(model, param_masks)(probe), atol=1e-5)
+
+
+def test_a_stale_head_count_attribute_does_not_name_the_heads():
+    """``num_heads = 4`` on an attention whose forward splits into 2 heads: 4 compacts (a stricter split), the
+    count reported is the forward's 2."""
+    torch.manual_seed(0)
+    attention = Attention(12, 8, 2, "fused")
+    attention.num_heads = 4
+    model = TokenNet(attention).eval()
+    x = torch.randn(2, 7, 5)
+    space = PruningSpace.build(model, x)
+    assert head_count(model, space, space.unit("filter", "attn.qkv"), x) == 2
+
+
+class QKNorm(Attention):
+    """Separate projections with a LayerNorm over each head's queries and keys."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(12, width, heads, "separate")
+        self.q_norm, self.k_norm = nn.LayerNorm(width // heads), nn.LayerNorm(width // heads)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (t.view(B, N, self._heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_a_norm_over_each_head_leaves_the_heads_whole_with_a_reason():
+    """Torch-pruning maps the 8 channels onto the 4 entries of the per-head LayerNorm: the group is left out (it
+    raised an IndexError out of the space's probe before)."""
+    model = TokenNet(QKNorm(8, 2)).eval()
+    space = PruningSpace.build(model, torch.randn(2, 7, 5))
+    assert "attn.q" not in [g.name for g in space.filter_groups]
+    assert "map past the 4 entries of attn.q_norm.weight" in space.excluded["attn.q"]

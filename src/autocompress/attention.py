@@ -15,7 +15,8 @@ of the model with seeded random channels removed in equal numbers from each of `
 keeps the first ``h`` whose compact model computes what the masked one does (:func:`autocompress.compaction.
 compaction_failure`). A count written into an attribute of the layer's parent (``num_heads``, ``heads``, ...) is
 tried first; then every divisor of the group's size, smallest first (a multiple of the true count passes too,
-a stricter constraint; a divisor of it fails, as its blocks mix heads). A scale that follows the head width
+a stricter constraint, so a passing count is refined to its smallest passing divisor; a divisor of the true count
+fails, as its blocks mix heads). A scale that follows the head width
 (``F.scaled_dot_product_attention`` without ``scale=`` divides the scores by the square root of the narrower
 width) is kept at the original width's value by the compaction, which scales the query rows by
 ``sqrt(d' / d)`` when the compact model differs without it (:func:`autocompress.compaction.compact`).
@@ -53,25 +54,35 @@ def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, exampl
         example_inputs: a tensor or tuple of tensors, one forward's inputs.
         seed: seed of the random channels removed.
     Returns:
-        ``h`` (2 <= h <= size / 2), or None.
+        ``h`` (2 <= h <= size / 2), or None. A count that compacts is a multiple of the forward's (blocks within
+        heads); the smallest of its divisors that compacts is returned, so a stale head-count attribute (a multiple
+        of the forward's count) does not name the heads.
     Raises:
         UserError: the example inputs do not fit the model (from the compaction).
     """
     if group.ties is not None:
         return None
     gen = torch.Generator().manual_seed(seed)
+    tried: dict[int, bool] = {}
+
+    def compacts(heads: int) -> bool:
+        if heads not in tried:
+            widths = allowed_widths(group.size // heads,
+                                    space.channel_multiple // math.gcd(space.channel_multiple, heads))
+            tried[heads] = len(widths) > 1 and all(_compacts(model, space, group, heads, width, gen, example_inputs)
+                                                   for width in {widths[0], widths[-2]})
+        return tried[heads]
+
     for heads in candidate_counts(model, space, group):
-        widths = allowed_widths(group.size // heads, space.channel_multiple // math.gcd(space.channel_multiple, heads))
-        if len(widths) < 2:
-            continue
-        if all(_compacts(model, space, group, heads, width, gen, example_inputs) for width in {widths[0], widths[-2]}):
-            return heads
+        if compacts(heads):  # a multiple of the forward's count: its smallest passing divisor is that count
+            return next((d for d in range(2, heads) if heads % d == 0 and group.size // d >= 2 and compacts(d)), heads)
     return None
 
 
 #: added to the reason an attention-shaped group (:func:`attention_shaped`) keeps its channels
-HEAD_HINT = ("if these are attention heads: write the head width as -1 in the forward's reshapes (a head width "
-             "stored in an attribute, or a module over it such as a LayerNorm of q and k, cannot narrow)")
+HEAD_HINT = ("if these are attention heads, no split into equal heads compacts exactly either: the head width must "
+             "be -1 in the forward's reshapes, and an attribute holding it or a module over it (a LayerNorm of q and "
+             "k) cannot narrow")
 
 
 def attention_shaped(model: nn.Module, group: FilterGroup) -> bool:

@@ -337,7 +337,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         query = _separate_query(dg, group, names)
         group.prune()
         if query is not None:
-            queries.append((query[0], query[0].out_features, math.sqrt(query[0].out_features / query[1])))
+            writers, before = query
+            queries.append((writers, writers[0].out_features, math.sqrt(writers[0].out_features / before)))
         report["removed_channels"][names[module]] = len(roots)
     for norm, (groups, size) in norm_groups.items():  # a GroupNorm that lost channels keeps its statistics
         parent, _, attr = names[norm].rpartition(".")
@@ -355,17 +356,18 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     return kept, plain, queries
 
 
-#: the query rows of an attention whose heads narrowed: (the Linear writing them, rows from the first, the factor
-#: ``sqrt(new head width / old)`` that keeps a scale following the head width (``F.scaled_dot_product_attention``
-#: without ``scale=``) at the old width's value: ``q . k / sqrt(d')`` times it is ``q . k / sqrt(d)``)
-Query = tuple[nn.Linear, int, float]
+#: the query rows of an attention whose heads narrowed: (the Linears that may write them, the rows from the first,
+#: the factor ``sqrt(new head width / old)`` that keeps a scale following the head width
+#: (``F.scaled_dot_product_attention`` without ``scale=``) at the old width's value: ``q . k / sqrt(d')`` times
+#: it is ``q . k / sqrt(d)``). A fused qkv has one candidate (its first third); separate projections two, the first
+#: two of q, k and v in module order: one of them writes the queries or the keys (scaling either scales the scores)
+Query = tuple[tuple[nn.Linear, ...], int, float]
 
 
-def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[nn.Linear, int] | None:
+def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[tuple[nn.Linear, ...], int] | None:
     """For a torch-pruning group that looks like an attention's separate projections (two or three Linears of equal
-    width writing its channels -- q, k and v -- and one Linear reading them), the first of them in the model's
-    order (``names``: module -> name, in that order; the queries, or the keys: scaling either scales the scores)
-    and its width before pruning; else None."""
+    width writing its channels -- q, k and v -- and one Linear reading them), the first two of them in the model's
+    order (``names``: module -> name, in that order) and their width before pruning; else None."""
     order = {module: i for i, module in enumerate(names)}
     writers, readers = set(), set()
     for dep, _ in group:
@@ -374,17 +376,35 @@ def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[nn.Line
             (writers if dg.is_out_channel_pruning_fn(dep.handler) else readers).add(target)
     if not (2 <= len(writers) <= 3 and len(readers) == 1) or any(type(m) is not nn.Linear for m in writers | readers):
         return None
-    first = min(writers, key=order.__getitem__)
-    return (first, first.out_features) if len({m.out_features for m in writers}) == 1 else None
+    ordered = sorted(writers, key=order.__getitem__)
+    return (tuple(ordered[:2]), ordered[0].out_features) if len({m.out_features for m in writers}) == 1 else None
 
 
-def _rescale_queries(queries: list[Query]) -> None:
-    """Multiply each attention's query rows (weights and bias) by its factor (:data:`Query`)."""
-    with torch.no_grad():
-        for module, rows, factor in queries:
-            module.weight[:rows].mul_(factor)
-            if module.bias is not None:
-                module.bias[:rows].mul_(factor)
+def _rescaled(reference: nn.Module, work: nn.Module, inputs: tuple, queries: list[Query], atol_scale: float,
+              kept: dict) -> tuple[float, float, list[nn.Linear]]:
+    """Verify ``work`` with each attention's query rows multiplied by its factor (:data:`Query`), trying the first
+    candidate of every attention, then the second where there is one (a ``v`` defined before ``q`` and ``k``);
+    ``work`` keeps the rows that verified (its own rows after a failure). Returns :func:`verify`'s result and the Linears rescaled. Raises what
+    :func:`verify` raises for the last try."""
+    tries = max(len(candidates) for candidates, _, _ in queries)
+    for attempt in range(tries):
+        chosen = [(candidates[min(attempt, len(candidates) - 1)], rows, factor) for candidates, rows, factor in queries]
+        saved = [(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m, _, _ in chosen]
+        with torch.no_grad():
+            for module, rows, factor in chosen:
+                module.weight[:rows].mul_(factor)
+                if module.bias is not None:
+                    module.bias[:rows].mul_(factor)
+        try:
+            return (*verify(reference, work, inputs, atol_scale=atol_scale, kept=kept), [m for m, _, _ in chosen])
+        except RuntimeError:
+            with torch.no_grad():
+                for (module, _, _), (weight, bias) in zip(chosen, saved):
+                    module.weight.copy_(weight)
+                    if bias is not None:
+                        module.bias.copy_(bias)
+            if attempt == tries - 1:
+                raise
 
 
 def _dead_triples(module: nn.Module) -> torch.Tensor | None:
@@ -432,7 +452,7 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
         out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
         out.in_features = remaining
         kept[names[module]] = torch.nonzero(rows).flatten()
-        queries.append((module, remaining, math.sqrt(remaining / width)))
+        queries.append(((module,), remaining, math.sqrt(remaining / width)))
         report["removed_channels"][names[module]] = width - remaining
     return kept, queries
 
@@ -679,11 +699,10 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
         except RuntimeError:
             if not queries:
                 raise
-            _rescale_queries(queries)  # the attentions' scale follows the head width
-            report["max_abs_diff"], report["tolerance"] = verify(reference, work, inputs, atol_scale=atol_scale,
-                                                                 kept=kept)
+            *check, rescaled = _rescaled(reference, work, inputs, queries, atol_scale, kept)  # the scale follows
+            report["max_abs_diff"], report["tolerance"] = check  # the head width
             report["queries_rescaled"] = sorted(name for name, module in work.named_modules()
-                                                if any(module is query for query, _, _ in queries))
+                                                if any(module is query for query in rescaled))
     report["params_after"] = _count(work)
     return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
 

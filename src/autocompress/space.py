@@ -973,6 +973,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
                                                    norm_dims, ignored)
         visited.update(members)
+        problem = problem or _past_extent(model, slices)
         if name in left_out:
             problem = left_out[name]
         if not problem and size < 2:
@@ -999,6 +1000,18 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     unreached = {name: model.get_submodule(name) for name, (_, macs) in layer_macs.items()
                  if macs == 0 and model.get_submodule(name) not in train_only}
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
+
+
+def _past_extent(model: nn.Module, slices: list[Slice]) -> str:
+    """"" or a problem if torch-pruning maps a group's channels past the end of a parameter's dimension (a norm over
+    each attention head, ``LayerNorm(head_dim)`` on q and k, reads the channels of every head at the same
+    entries)."""
+    for s in slices:
+        extent = model.get_parameter(s.param).shape[s.dim]
+        if s.index.numel() and int(s.index.max()) >= extent:
+            return (f"filter pruning: its channels map past the {extent} entries of {s.param} (a module over part "
+                    f"of them, e.g. a norm over each attention head)")
+    return ""
 
 
 def _fused_qkv(module: nn.Module, tp_group, size: int, names: dict, param_names: dict[int, str],
