@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autocompress.optimizer_probe import probe_optimizers
+import autocompress
+from autocompress.optimizer_probe import probe_optimizers, unprobed_choice
+from autocompress.padded_norm import PaddedLayerNorm
 from autocompress.task import Task
 from autocompress.training import TrainConfig
 
@@ -104,3 +106,28 @@ def test_sgd_must_beat_adamw_by_more_than_the_probe_s_noise(monkeypatch, sgd, ch
     model, task = regression(1.0)
     result = probe_optimizers(model, {}, task, settings=TrainConfig(), same_batches=lambda: task.seeded(5))
     assert result.choice == choice and result.losses == {"sgd": sgd, "adamw": 1.0}
+
+
+class MyNorm(nn.LayerNorm):
+    """A user's own LayerNorm subclass."""
+
+
+@pytest.mark.parametrize("norm, choice", [(nn.LayerNorm(6), "adamw"), (MyNorm(6), "adamw"),
+                                          (PaddedLayerNorm(6, 8), "adamw"),
+                                          (nn.BatchNorm1d(6), "sgd"), (nn.Identity(), "sgd")])
+def test_a_run_too_short_to_probe_takes_adamw_for_a_model_with_layer_norms(norm, choice):
+    assert unprobed_choice(nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 3)))[0] == choice
+
+
+def test_a_short_run_of_a_layer_norm_classifier_says_it_retrains_with_adamw():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 3))
+    lines: list[str] = []
+    result = autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
+                                   device="cpu", progress=False, log=lines.append,
+                                   config={"budget": 1, "latency_runs": 2})
+    assert any(line.startswith("retrain.optimizer auto: adamw (not probed: the run trains 6 optimiser steps")
+               and "LayerNorms" in line for line in lines)
+    assert next(r for r in result.records if r.get("event") == "optimizer")["choice"] == "adamw"

@@ -23,6 +23,7 @@ from torch import nn
 
 from .distillation import Distiller
 from .masks import MaskEnforcer
+from .padded_norm import PaddedLayerNorm
 from .task import Task, move
 from .training import (FINE_TUNING_LR, OPTIMIZERS, Diverged, TrainConfig, batch_stream, build_optimizer,
                        build_scheduler, train_epoch)
@@ -30,16 +31,26 @@ from .training import (FINE_TUNING_LR, OPTIMIZERS, Diverged, TrainConfig, batch_
 #: optimiser steps each copy trains, and training batches after them on which the copies' losses are compared
 PROBE_STEPS = 40
 HELD_OUT_BATCHES = 20
-#: a run training fewer optimiser steps in all is not probed: SGD, the rule before the probe. The probe (two
-#: copies x PROBE_STEPS steps with the teacher's forwards, 2 x HELD_OUT_BATCHES evaluations) takes about as long
-#: as 140 retraining steps (CIFAR-10 VGG, 1 thread: 11-17 s against 44-52 s for 471 steps), over 40 % of a
-#: shorter run's training
+#: a run training fewer optimiser steps in all is not probed (:func:`unprobed_choice`). The probe (two copies x
+#: PROBE_STEPS steps with the teacher's forwards, 2 x HELD_OUT_BATCHES evaluations) takes about as long as 140
+#: retraining steps (CIFAR-10 VGG, 1 thread: 11-17 s against 44-52 s for 471 steps), over 40 % of a shorter run's
+#: training
 MIN_TRAINING_STEPS = 8 * PROBE_STEPS
 #: SGD is chosen only when its held-out loss is lower than AdamW's by more than this fraction of it; within it
 #: the two are a tie, which goes to AdamW. The probe's own spread: the same probe from two seeds moved the
 #: optimisers' loss difference by ~1 % of it; in the near ties measured (0.1-1 % apart) AdamW retrained better in
 #: 4 of 5 (BENCHMARKS.md, session 36)
 TIE = 0.01
+
+
+def unprobed_choice(model: nn.Module) -> tuple[str, str]:
+    """The optimiser of a run too short to probe (:data:`MIN_TRAINING_STEPS`) and why: AdamW for a model with a
+    LayerNorm (a transformer's or a ConvNeXt's normalisation, trained with AdamW by their recipes), else SGD (the
+    rule before the probe). Measured at ``flops=2x`` with 279-314 optimiser steps (BENCHMARKS.md, session 38):
+    AdamW retrained two ViTs 0.5 and 1.1 points better and a ConvNeXt 0.16 better."""
+    if any(isinstance(m, (nn.LayerNorm, PaddedLayerNorm)) for m in model.modules()):
+        return "adamw", "the model has LayerNorms, whose networks train with AdamW"
+    return "sgd", "SGD for a network without LayerNorms"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .distillation import Distiller
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer
-from .optimizer_probe import MIN_TRAINING_STEPS, ProbeResult, probe_optimizers
+from .optimizer_probe import MIN_TRAINING_STEPS, ProbeResult, probe_optimizers, unprobed_choice
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -406,9 +406,9 @@ class Pipeline:
                          rates: Callable[[], dict] | None = None) -> None:
         """Resolve ``retrain.optimizer: auto`` left open by :meth:`~autocompress.config.CompressConfig.for_task`
         (a classifier, no learning rate set): by the probe of :func:`autocompress.optimizer_probe.probe_optimizers`
-        on ``state.model`` hard-pruned at ``rates()`` (default ``state.rates``; a copy), SGD when the run's
-        ``rounds`` train fewer than :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` optimiser steps, or as
-        a run folder recorded it (its ``optimizer`` record). A no-op once resolved."""
+        on ``state.model`` hard-pruned at ``rates()`` (default ``state.rates``; a copy), by
+        :func:`~autocompress.optimizer_probe.unprobed_choice` when the run's ``rounds`` train fewer than
+        :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` optimiser steps, or as a run folder recorded it (its ``optimizer`` record). A no-op once resolved."""
         if self.config.retrain.optimizer != AUTO:
             return
         if self.store.is_done("base", "optimizer"):
@@ -417,9 +417,10 @@ class Pipeline:
         else:
             steps = self._training_steps(rounds)
             if steps < MIN_TRAINING_STEPS:
-                records = [{"event": "optimizer", "choice": "sgd", "probe": None}]
-                self.log(f"retrain.optimizer auto: sgd (not probed: the run trains {steps} optimiser steps, under the "
-                         f"{MIN_TRAINING_STEPS} the probe needs to be worth its time)")
+                choice, why = unprobed_choice(state.model)
+                records = [{"event": "optimizer", "choice": choice, "probe": None}]
+                self.log(f"retrain.optimizer auto: {choice} (not probed: the run trains {steps} optimiser steps, under "
+                         f"the {MIN_TRAINING_STEPS} the probe needs to be worth its time; {why})")
             else:
                 records = self._probe_records(state, rates() if rates is not None else state.rates)
             self.store.finish("base", "optimizer", records)
