@@ -447,6 +447,27 @@ def test_exclusions_are_logged_once_by_a_run(caplog):
     assert "not pruned: fc" in caplog.text and "classifier" in caplog.text
 
 
+def test_layers_left_out_for_one_reason_are_logged_on_one_line(caplog):
+    """A ViT's Linears applied at every token are left out of column pruning for the same reason: one line names
+    them all, instead of one line each."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.b(torch.relu(self.a(x))).mean(1))
+
+    space = PruningSpace.build(Tokens(), torch.randn(1, 5, 4), executed_macs_only=True)
+    shared = space.excluded["a"]
+    assert space.excluded["b"] == shared
+    with caplog.at_level("INFO", logger="autocompress.space"):
+        space.log_exclusions()
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"not pruned (2 layers): {shared}: a, b" in lines
+    assert sum(line.startswith("not pruned") for line in lines) == len(set(space.excluded.values()))
+
+
 def test_a_multihead_attention_projection_read_by_its_fused_forward_is_said_to_be():
     """``out_proj`` of ``nn.MultiheadAttention`` runs inside ``F.multi_head_attention_forward`` as a weight, never
     called: it was reported "not reached by the forward pass"."""

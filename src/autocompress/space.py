@@ -431,10 +431,18 @@ class PruningSpace:
         return {name: why for name, why in found.items() if why}
 
     def log_exclusions(self) -> None:
-        """Log each layer left out of pruning with its reasons (INFO, logger ``autocompress.space``: ``not pruned:
-        <name>: <reasons>``); a run calls it once, for the space of its base model."""
+        """Log the layers left out of pruning with their reasons (INFO, logger ``autocompress.space``), one line per
+        reason: ``not pruned: <name>: <reasons>``, or ``not pruned (<n> layers): <reasons>: <name>, <name>, ...``
+        when several layers share it (a transformer's Linears applied at every token); a run calls it once, for the
+        space of its base model."""
+        by_reason: dict[str, list[str]] = {}
         for name, reason in self.excluded.items():
-            log.info("not pruned: %s: %s", name or "<model>", reason)
+            by_reason.setdefault(reason, []).append(name or "<model>")
+        for reason, names in by_reason.items():
+            if len(names) == 1:
+                log.info("not pruned: %s: %s", names[0], reason)
+            else:
+                log.info("not pruned (%d layers): %s: %s", len(names), reason, ", ".join(names))
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
