@@ -11,6 +11,8 @@ of each layer's GEMM matrix. This module makes that pruning physical:
 * **Columns.** A Conv2d whose GEMM view ``weight.reshape(F, C/groups*kh*kw)`` has all-zero columns is
   replaced by :class:`ColumnConv2d`, which stores only the ``K'`` kept columns (a Conv1d / Conv3d by
   :class:`ColumnConvNd`); a Linear with all-zero input columns becomes :class:`ColumnLinear`.
+* **Attention heads.** A fused query-key-value Linear loses rows ``c``, ``D + c`` and ``2 D + c`` with input ``c``
+  of its output projection; a scale that follows the head width keeps its old value through the query rows.
 * **Irregular** zeros stay in dense tensors (``serialization.to_sparse_state_dict`` exports them sparse).
 
 The result is checked in eval mode against the masked model; see :func:`compact`.
@@ -384,8 +386,8 @@ def _rescaled(reference: nn.Module, work: nn.Module, inputs: tuple, queries: lis
               kept: dict) -> tuple[float, float, list[nn.Linear]]:
     """Verify ``work`` with each attention's query rows multiplied by its factor (:data:`Query`), trying the first
     candidate of every attention, then the second where there is one (a ``v`` defined before ``q`` and ``k``);
-    ``work`` keeps the rows that verified (its own rows after a failure). Returns :func:`verify`'s result and the Linears rescaled. Raises what
-    :func:`verify` raises for the last try."""
+    ``work`` keeps the rows that verified (its own rows after a failure). Returns :func:`verify`'s result and the
+    Linears rescaled. Raises what :func:`verify` raises for the last try."""
     tries = max(len(candidates) for candidates, _, _ in queries)
     for attempt in range(tries):
         chosen = [(candidates[min(attempt, len(candidates) - 1)], rows, factor) for candidates, rows, factor in queries]
@@ -661,10 +663,13 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
             (:func:`shrink`), never for a trained one.
 
     Steps: (a) channels whose producers' rows, biases and normalisation affine entries are all zero are
-    removed with torch-pruning, coupled groups together; (b) Conv2d / Linear layers with all-zero GEMM
+    removed with torch-pruning, coupled groups together (a fused qkv projection's channels are sliced here:
+    :func:`autocompress.space.PruningSpace` groups them itself); (b) Conv2d / Linear layers with all-zero GEMM
     columns become :class:`ColumnConv2d` / :class:`ColumnLinear`; (c) remaining (irregular) zeros stay
     dense. Finally the result is checked in eval mode against the masked model on ``example_inputs`` and a
-    seeded random batch.
+    seeded random batch; where it differs and attention heads narrowed, the queries are scaled by
+    ``sqrt(new head width / old)`` (a scale that follows the head width, ``F.scaled_dot_product_attention`` without
+    ``scale=``) and checked again (``queries_rescaled`` in the report).
 
     Returns:
         :class:`CompactResult` (model in eval mode).

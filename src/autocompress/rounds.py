@@ -408,7 +408,8 @@ class Pipeline:
         (a classifier, no learning rate set): by the probe of :func:`autocompress.optimizer_probe.probe_optimizers`
         on ``state.model`` hard-pruned at ``rates()`` (default ``state.rates``; a copy), by
         :func:`~autocompress.optimizer_probe.unprobed_choice` when the run's ``rounds`` train fewer than
-        :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` optimiser steps, or as a run folder recorded it (its ``optimizer`` record). A no-op once resolved."""
+        :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` optimiser steps, or as a run folder recorded it
+        (its ``optimizer`` record). A no-op once resolved."""
         if self.config.retrain.optimizer != AUTO:
             return
         if self.store.is_done("base", "optimizer"):
