@@ -279,3 +279,26 @@ def test_a_norm_over_each_head_leaves_the_heads_whole_with_a_reason():
     space = PruningSpace.build(model, torch.randn(2, 7, 5))
     assert "attn.q" not in [g.name for g in space.filter_groups]
     assert "map past the 4 entries of attn.q_norm.weight" in space.excluded["attn.q"]
+
+
+@pytest.mark.parametrize("layout, scale", [("fused", "fixed"), ("chunk", "sdpa"), ("separate", "sdpa_fixed")])
+def test_the_space_counts_the_macs_of_the_attention_products_the_heads_lose(layout, scale):
+    """The score and value products (N^2 D MACs each per item) shrink with the head width: with the group's
+    ``free_macs`` the space's count of the masks equals the flop counter's count of the compact model, and the
+    estimate from rates equals the count."""
+    from autocompress.attention import free_macs
+    from autocompress.metrics import count_macs
+
+    torch.manual_seed(0)
+    model = TokenNet(Attention(12, 16, 4, layout, scale=scale)).eval()
+    x = torch.randn(2, 7, 5)
+    root = _root(layout)
+    space = PruningSpace.build(model, x, heads={root: 4})
+    extra = free_macs(model, space, space.unit("filter", root), 4, x)
+    assert extra == 2 * 2 * 7 * 7 * 16  # batch 2: q k^T and attn v, 7 tokens, 16 channels
+    space = PruningSpace.build(model, x, heads={root: 4}, free_macs={root: extra})
+    for rate in (0.25, 0.5, 0.75):
+        rates = {"filter": {root: rate, "embed": 0.25}, "column": {}, "irregular": {}}
+        masks = project(space, model, rates)
+        compact_model = compact(model, space.param_masks(masks), x).model
+        assert space.count(masks).macs == count_macs(compact_model, x) == space.estimate(rates).macs

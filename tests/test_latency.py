@@ -855,7 +855,8 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
                                   task_args=dict(train_loader=train, val_loader=val), config=config, progress=False,
                                   log=lines.append)
     excluded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not pruned")]
-    assert len(excluded) == len(set(excluded)) == (4 if target.startswith("flops") else 1)  # once, fall-back or not
+    # once, fall-back or not; two of the four layers left out share a reason, logged on one line
+    assert len(excluded) == len(set(excluded)) == (3 if target.startswith("flops") else 1)
     assert compression.multiple == compression.pipeline.channel_multiple == outcome
     assert compression.first_space.channel_multiple == outcome
     fallbacks = [line for line in lines if "falling back to 8" in line]

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from .alignment import allowed_widths
-from .compaction import compaction_failure
+from .compaction import compact, compaction_failure
 from .masks import Masks
+from .metrics import count_macs
 from .space import FilterGroup, PruningSpace
 
 #: attribute names under which attention modules commonly store their head count (timm, Hugging Face, torch)
@@ -77,6 +78,30 @@ def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, exampl
         if compacts(heads):  # a multiple of the forward's count: its smallest passing divisor is that count
             return next((d for d in range(2, heads) if heads % d == 0 and group.size // d >= 2 and compacts(d)), heads)
     return None
+
+
+def free_macs(model: nn.Module, space: PruningSpace, group: FilterGroup, heads: int, example_inputs: Any) -> int:
+    """MACs per forward of ``example_inputs`` outside weight layers that shrink with ``group``'s channels (the
+    attention's score and value products: ``N^2 D`` MACs each per item for ``N`` tokens and ``D`` channels), for
+    :attr:`autocompress.space.FilterGroup.free_macs`: a copy keeping the narrowest allowed width of each of the
+    ``heads`` heads is compacted, and the MACs it loses beyond what :meth:`~autocompress.space.PruningSpace.count`
+    attributes to the weight layers are scaled to the whole group (linear in the channels). 0 when no head can lose
+    a channel.
+
+    Raises:
+        UserError / RuntimeError: as :func:`autocompress.compaction.compact` (the group compacts: ``head_count``
+            found ``heads``).
+    """
+    per = group.size // heads
+    width = allowed_widths(per, space.channel_multiple // math.gcd(space.channel_multiple, heads))[0]
+    if width == per:
+        return 0
+    keep = torch.zeros(heads, per, dtype=torch.bool)
+    keep[:, :width] = True
+    masks = Masks(filters={group.name: keep.flatten()}, columns={}, weights={})
+    small = compact(model, space.param_masks(masks), example_inputs, channel_multiple=space.channel_multiple).model
+    beyond = space.count(masks).macs - count_macs(small, example_inputs)
+    return max(0, round(beyond * group.size / (group.size - heads * width)))
 
 
 #: added to the reason an attention-shaped group (:func:`attention_shaped`) keeps its channels

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import admm, distributed, metrics
 from .alignment import AUTO, misaligned_widths
-from .attention import HEAD_HINT, attention_shaped, head_count
+from .attention import HEAD_HINT, attention_shaped, free_macs, head_count
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
@@ -239,6 +239,8 @@ class Pipeline:
             columns stay prunable).
         heads: filter groups (root layer -> head count) that compact only when each of their heads keeps equally
             many channels (the same probe, :func:`autocompress.attention.head_count`); every space keeps them so.
+        free_macs: those groups (root layer -> MACs per forward of the example inputs) of their attentions' score
+            and value products (:func:`autocompress.attention.free_macs`), which every space counts with them.
     """
 
     task: Task
@@ -254,6 +256,7 @@ class Pipeline:
     base_score: float | None = None
     incompactable: dict[str, str] = field(default_factory=dict)
     heads: dict[str, int] = field(default_factory=dict)
+    free_macs: dict[str, int] = field(default_factory=dict)
     _phase_started: float = field(default=0.0, init=False, repr=False)
     _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
@@ -337,7 +340,7 @@ class Pipeline:
         left_out = {name: f"filter pruning: {BREAKS} ({why})" for name, why in self.incompactable.items()}
         space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
                                    channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out,
-                                   heads=self.heads)
+                                   heads=self.heads, free_macs=self.free_macs)
         # the default hybrid needs filter units; explicit dims need every kind they name
         space.check_dims(self.config.kinds if self.config.dims is not None else
                          tuple(kind for kind in self.config.kinds if kind != "column"))
@@ -392,12 +395,13 @@ class Pipeline:
     def _find_heads(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, int]:
         """The groups of ``failing`` (names) that compact once each of their heads keeps equally many channels
         (:func:`autocompress.attention.head_count`; not those already in :attr:`heads`), added to :attr:`heads`
-        and logged: name -> head count."""
+        (their products' MACs to :attr:`free_macs`) and logged: name -> head count."""
         found = {name: heads for name in failing if name not in self.heads and
                  (heads := head_count(model, space, space.unit("filter", name), self.example_inputs)) is not None}
         for name, heads in found.items():
             self.log(f"filter-pruned by heads: {name} and the layers coupled to it keep equally many channels in each "
                      f"of {heads} heads (the forward splits them into heads by shape)")
+            self.free_macs[name] = free_macs(model, space, space.unit("filter", name), heads, self.example_inputs)
         self.heads.update(found)
         return found
 

@@ -149,6 +149,10 @@ class FilterGroup:
             channels each, any of them (the heads of an attention whose forward splits its projections into
             heads by shape, e.g. ``q.view(B, N, heads, -1)``: a compact head is as wide as the others); 1: no
             such constraint. Found by a probe (:func:`autocompress.attention.head_count`); never with ``ties``.
+        free_macs: MACs per forward of operations without weights that shrink in proportion to the channels (an
+            attention's score and value products, ``2 N^2 D`` an item for ``N`` tokens), which :meth:`PruningSpace.
+            count` and :meth:`~PruningSpace.estimate` remove with them (measured by
+            :func:`autocompress.attention.free_macs`); included in :attr:`macs`.
     """
 
     name: str
@@ -158,6 +162,7 @@ class FilterGroup:
     macs: int
     ties: torch.Tensor | None = None
     heads: int = 1
+    free_macs: int = 0
 
     @property
     def classes(self) -> int:
@@ -331,8 +336,8 @@ class PruningSpace:
     def build(cls, model: nn.Module, example_inputs, *, dims: Sequence[str] = ("filter", "column"),
               ignored_layers: Iterable[str] = (), max_rate: float = 0.95,
               channel_multiple: int = 1, executed_macs_only: bool = False,
-              left_out: Mapping[str, str] | None = None, heads: Mapping[str, int] | None = None
-              ) -> "PruningSpace":
+              left_out: Mapping[str, str] | None = None, heads: Mapping[str, int] | None = None,
+              free_macs: Mapping[str, int] | None = None) -> "PruningSpace":
         """Enumerate the prunable units of ``model``.
 
         Args:
@@ -360,6 +365,7 @@ class PruningSpace:
                 prunable (e.g. groups whose removal breaks the compact model, found by a probe).
             heads: filter groups, by name, whose channels form this many heads that must keep equally many
                 channels each (:attr:`FilterGroup.heads`, found by :func:`autocompress.attention.head_count`).
+            free_macs: filter groups, by name -> :attr:`FilterGroup.free_macs` (e.g. an attention's products).
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -403,7 +409,7 @@ class PruningSpace:
         if "filter" in dims:
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
                                    ignored, left_out or {})
-            groups = [_with_heads(g, (heads or {}).get(g.name, 1)) for g in groups]
+            groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only, batch)
                    for n, m in candidates.items()] if "column" in dims else []
@@ -613,14 +619,17 @@ class PruningSpace:
         a column-pruned layer those of the path its compact form runs
         (:func:`autocompress.columns.executed_columns`: the kept columns on the GEMM path, else every column
         of the input channels that keep one); irregular zeros are still multiplied. Plus the MACs the flop
-        counter attributes to other operations (unchanged by pruning). FLOPs = 2 x MACs.
+        counter attributes to other operations, unchanged by pruning except a group's
+        :attr:`FilterGroup.free_macs` (in proportion to its removed channels). FLOPs = 2 x MACs.
         """
         structural = self.param_masks(Masks(filters=masks.filters, columns=masks.columns, weights={}))
         executed = {name: int(mask.sum()) for name, mask in structural.items()}
         for layer in self.column_layers:
             if layer.param in structural:
                 executed[layer.param] = layer.executed_in(structural[layer.param])
-        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()}, executed)
+        kept = {g.name: int(masks.filters[g.name].sum()) for g in self.filter_groups if g.name in masks.filters}
+        return self._counts({name: int(mask.sum()) for name, mask in self.param_masks(masks).items()}, executed,
+                            kept)
 
     def estimate(self, rates: Mapping[str, Mapping[str, float]]) -> Counts:
         """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
@@ -656,7 +665,8 @@ class PruningSpace:
             if param in weights:
                 entries = keep_count(entries, rates["irregular"].get(weights[param].name, 0.0))
             kept[param] = entries
-        return self._counts(kept, dense)
+        return self._counts(kept, dense, {g.name: self.filter_keep(g, rates["filter"].get(g.name, 0.0))
+                                          for g in self.filter_groups})
 
     def kept_shapes(self, rates: Mapping[str, Mapping[str, float]]) -> dict[str, list[int]]:
         """Shape of every parameter a filter group touches once the groups are pruned at ``rates["filter"]``
@@ -671,11 +681,13 @@ class PruningSpace:
         return {param: [n - removed.get((param, d), 0) for d, n in enumerate(self.param_shapes[param])]
                 for param in dict.fromkeys(p for p, _ in removed)}
 
-    def _counts(self, kept: Mapping[str, int], dense: Mapping[str, int]) -> Counts:
-        """Counts of the compact model given the non-zero entries of each pruned parameter (``kept``) and
-        the entries it multiplies (``dense``: filter and column pruning only, see :meth:`count`)."""
+    def _counts(self, kept: Mapping[str, int], dense: Mapping[str, int], channels: Mapping[str, int]) -> Counts:
+        """Counts of the compact model given the non-zero entries of each pruned parameter (``kept``), the
+        entries it multiplies (``dense``: filter and column pruning only, see :meth:`count`) and the channels each
+        filter group keeps (``channels``, for :attr:`FilterGroup.free_macs`)."""
         params = self.total.params - sum(self.param_shapes[p].numel() - k for p, k in kept.items())
-        macs = self.total.macs
+        macs = self.total.macs - sum(g.free_macs * (g.size - channels[g.name]) // g.size
+                                     for g in self.filter_groups if g.free_macs and g.name in channels)
         for weight, full in self.layer_macs.values():
             if weight in dense:
                 numel = self.param_shapes[weight].numel()
@@ -1056,14 +1068,15 @@ def _fused_qkv(module: nn.Module, tp_group, size: int, names: dict, param_names:
     return fused + [Slice(param_names[id(out.weight)], names[out], "input", 1, channels, channels)]
 
 
-def _with_heads(group: FilterGroup, heads: int) -> FilterGroup:
-    """``group`` with :attr:`FilterGroup.heads` set. Raises ValueError for a count that does not split it into
-    heads of two channels or more, or a group with ties."""
-    if heads == 1:
-        return group
-    if heads < 1 or group.size % heads or group.size // heads < 2 or group.ties is not None:
+def _with_heads(group: FilterGroup, heads: int, free_macs: int = 0) -> FilterGroup:
+    """``group`` with :attr:`FilterGroup.heads` and :attr:`FilterGroup.free_macs` set (the latter added to its
+    ``macs``). Raises ValueError for a count that does not split it into heads of two channels or more, or a group
+    with ties."""
+    if heads != 1 and (heads < 1 or group.size % heads or group.size // heads < 2 or group.ties is not None):
         raise ValueError(f"group {group.name} of {group.size} channels cannot form {heads} heads")
-    return replace(group, heads=heads)
+    if heads == 1 and not free_macs:
+        return group
+    return replace(group, heads=heads, free_macs=free_macs, macs=group.macs + free_macs)
 
 
 def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ignored: set[str] = frozenset()
