@@ -302,3 +302,67 @@ def test_the_space_counts_the_macs_of_the_attention_products_the_heads_lose(layo
         masks = project(space, model, rates)
         compact_model = compact(model, space.param_masks(masks), x).model
         assert space.count(masks).macs == count_macs(compact_model, x) == space.estimate(rates).macs
+
+
+class TokenIds(nn.Module):
+    """A text classifier: token ids -> Embedding, a padding mask, separate q / k / v attention with SDPA's
+    ``attn_mask``, mean over the kept tokens."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.emb, self.heads = nn.Embedding(vocab, dim), heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.cls = nn.Linear(dim, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != 0
+        x = self.emb(ids)
+        B, N, _ = x.shape
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.out(o.transpose(1, 2).reshape(B, N, -1))
+        m = mask.unsqueeze(-1).float()
+        return self.cls((x * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def test_a_token_id_model_s_heads_are_pruned_from_integer_example_inputs():
+    """Integer example inputs (token ids) were refused ("filter pruning needs float example inputs"): the space's
+    probes draw ids from the example's own range."""
+    torch.manual_seed(0)
+    model = TokenIds().eval()
+    ids = torch.randint(1, 20, (2, 9))
+    ids[:, 7:] = 0
+    lines = []
+    result = prune(model, {"filter": {"q": 0.5}}, example_inputs=ids, device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
+                   log=lines.append)
+    assert result.compact_model.out.in_features == 8
+    assert any(line.startswith("filter-pruned by heads: q") for line in lines)
+    space = PruningSpace.build(model, ids, heads={"q": 4})
+    param_masks = space.param_masks(project(space, model, {"filter": {"q": 0.5}}))
+    probe = torch.randint(0, 20, (3, 11))
+    with torch.no_grad():
+        assert torch.allclose(result.compact_model(probe), _masked(model, param_masks)(probe), atol=1e-5)
+
+
+def test_heads_are_found_when_the_weakest_channels_happen_to_be_spread_evenly():
+    """The one-step-narrower probe removes the weakest channels; when they are one per head (here at channel
+    multiple 2: channels 0 and 4 of two heads of 4) the unbalanced head split went unseen, and a run broke after
+    training began. The probe also removes the first channels."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autocompress.compress import Compression
+
+    torch.manual_seed(0)
+    model = TokenNet(Attention(12, 8, 2, "separate", named=False)).eval()
+    with torch.no_grad():  # channel 0 of each head (0 and 4) the weakest of its group
+        for layer in (model.attn.q, model.attn.k, model.attn.v):
+            layer.weight[[0, 4]] *= 1e-3
+        model.attn.proj.weight[:, [0, 4]] *= 1e-3
+    data = TensorDataset(torch.randn(32, 7, 5), torch.randint(0, 3, (32,)))
+    lines = []
+    run = Compression(model, torch.randn(2, 7, 5), "params=1.2x", device="cpu", progress=False, log=lines.append,
+                      task_args=dict(train_loader=DataLoader(data, batch_size=8), val_loader=DataLoader(data)),
+                      config={"channel_multiple": 2, "budget": 1})
+    assert run.pipeline.heads == {"attn.q": 2}
+    assert any(line.startswith("filter-pruned by heads: attn.q") for line in lines)

@@ -36,7 +36,7 @@ from .config import CompressConfig
 from .distillation import Distiller
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
-from .masks import MaskEnforcer
+from .masks import MaskEnforcer, Masks
 from .optimizer_probe import MIN_TRAINING_STEPS, ProbeResult, probe_optimizers, unprobed_choice
 from .projection import project
 from .purification import purify
@@ -214,6 +214,13 @@ def _silent(_line: str) -> None:
     """The log of a caller who gave none."""
 
 
+def _weakest(model: nn.Module, space: PruningSpace, widths: Mapping[str, int], names) -> dict[str, torch.Tensor]:
+    """Parameter masks of ``model`` with the filter groups ``names`` projected to their ``widths`` (name -> channels
+    kept): each loses its weakest channels."""
+    rates = {name: 1.0 - widths[name] / space.unit("filter", name).size for name in names}
+    return space.param_masks(project(space, model, {"filter": rates, "column": {}, "irregular": {}}))
+
+
 @dataclass
 class Pipeline:
     """The shared state of a compress or prune run and :meth:`run_round`, the round function.
@@ -349,7 +356,8 @@ class Pipeline:
     def compactable_space(self, model: nn.Module, space: PruningSpace | None = None) -> PruningSpace:
         """``space`` (default: :meth:`space` of ``model``) without the filter groups whose channels cannot be
         removed, found before any work: every filter group loses one step of its allowed widths
-        (:func:`autocompress.alignment.allowed_widths`), the model is compacted and run on the example inputs. A
+        (:meth:`~autocompress.space.PruningSpace.widths`), its weakest channels and then its first ones
+        (:meth:`_breaking`), the model is compacted and run on the example inputs. A
         forward that writes a channel count into a shape (``x.view(-1, 40 * 7 * 7)``), or a module of the
         caller's that mixes channels (a normalisation over them), runs masked but breaks once channels are
         removed, which would otherwise surface after training. When it breaks, each group is probed alone; those
@@ -363,26 +371,16 @@ class Pipeline:
         """
         space = space if space is not None else self.space(model)
         while True:
-            narrower = {g.name: 1.0 - widths[-2] / g.size for g in space.filter_groups
-                        if len(widths := space.widths(g)) > 1}
+            narrower = {g.name: widths[-2] for g in space.filter_groups if len(widths := space.widths(g)) > 1}
             if not narrower:
                 return space
-
-            def masks(rates: dict[str, float]) -> dict[str, torch.Tensor]:
-                return space.param_masks(project(space, model, {"filter": rates, "column": {}, "irregular": {}}))
-
-            try:
-                check_compactable(model, masks(narrower), self.example_inputs, channel_multiple=self.channel_multiple)
+            failing = self._breaking(model, space, narrower)
+            if not failing:
                 return space
-            except UserError as exc:
-                failing = {name: why for name, rate in narrower.items() if (why := compaction_failure(
-                    model, masks({name: rate}), self.example_inputs, channel_multiple=self.channel_multiple))}
-                if not failing:
-                    raise
-                error = exc
             headed = self._find_heads(model, space, failing)
             if not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
-                raise error
+                check_compactable(model, _weakest(model, space, narrower, narrower), self.example_inputs,
+                                  channel_multiple=self.channel_multiple)
             for name, why in failing.items():
                 if name not in headed:
                     if attention_shaped(model, space.unit("filter", name)):
@@ -391,6 +389,39 @@ class Pipeline:
                              f"compact model breaks once they are removed ({why})")
                     self.incompactable[name] = why
             space = self.space(model)
+
+    def _breaking(self, model: nn.Module, space: PruningSpace, narrower: Mapping[str, int]) -> dict[str, str]:
+        """The filter groups of ``narrower`` (name -> width) whose compact model breaks at that width (name ->
+        why; empty: nothing breaks). The weakest channels (the projection's)
+        are removed from all groups at once, then from each alone if that breaks; an attention-shaped group
+        (:func:`autocompress.attention.attention_shaped`) that passes loses its first channels too, alone
+        (:meth:`~autocompress.space.PruningSpace.leading_removal`: its weakest channels may by chance be spread
+        evenly over its heads, and other groups' removals can hide the uneven split).
+
+        Raises:
+            UserError: the model breaks although no group alone does.
+        """
+        def weakest(names) -> dict[str, torch.Tensor]:
+            return _weakest(model, space, narrower, names)
+
+        def leading(name: str) -> dict[str, torch.Tensor]:
+            keep = space.leading_removal(space.unit("filter", name), narrower[name])
+            return space.param_masks(Masks(filters={name: keep}, columns={}, weights={}))
+
+        def failure(masks: dict[str, torch.Tensor]) -> str | None:
+            return compaction_failure(model, masks, self.example_inputs, channel_multiple=self.channel_multiple)
+
+        failing = {}
+        if failure(weakest(narrower)) is not None:
+            failing = {name: why for name in narrower if (why := failure(weakest([name])))}
+            if not failing:
+                check_compactable(model, weakest(narrower), self.example_inputs,
+                                  channel_multiple=self.channel_multiple)
+        for name in narrower:
+            if name not in failing and attention_shaped(model, space.unit("filter", name)) \
+                    and (why := failure(leading(name))):
+                failing[name] = why
+        return failing
 
     def _find_heads(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, int]:
         """The groups of ``failing`` (names) that compact once each of their heads keeps equally many channels

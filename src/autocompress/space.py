@@ -521,6 +521,19 @@ class PruningSpace:
         per = group.size // group.classes
         return self.channel_multiple // math.gcd(self.channel_multiple, per)
 
+    def leading_removal(self, group: FilterGroup, width: int) -> torch.Tensor:
+        """bool [size]: a keep mask of ``width`` channels (an allowed width, :meth:`widths`) that removes the
+        group's first channels: its first tie classes, or the first channels of each head. A probe's removal that
+        no weights chose: it splits any structure of consecutive channels (heads) unevenly, where the weakest
+        channels may by chance be spread evenly."""
+        if group.heads > 1:
+            keep = torch.zeros(group.heads, group.size // group.heads, dtype=torch.bool)
+            keep[:, keep.shape[1] - width // group.heads:] = True
+            return keep.flatten()
+        classes = torch.zeros(group.classes, dtype=torch.bool)
+        classes[group.classes - width * group.classes // group.size:] = True
+        return group.expand(classes)
+
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
         """The units of one kind (``"filter"``, ``"column"`` or ``"irregular"``), in module order."""
@@ -1314,6 +1327,21 @@ def _stride(model: nn.Module, s: Slice) -> int:
     return math.prod(shape) // shape[s.dim]
 
 
+def probe_inputs(inputs: tuple, gen: torch.Generator) -> tuple:
+    """Two random samples shaped like one item of each example input (``[2, ...]``): standard normal for floats,
+    integers drawn from the example's own range for integer inputs (token ids an embedding reads), random
+    values for booleans (masks)."""
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        shape = (2, *t.shape[1:])
+        if t.dtype == torch.bool:
+            return (torch.rand(shape, generator=gen) < 0.5).to(t.device)
+        if not t.is_floating_point() and not t.is_complex():
+            low, high = int(t.min()), int(t.max())
+            return torch.randint(low, high + 1, shape, generator=gen).to(t.device, t.dtype)
+        return torch.randn(shape, generator=gen).to(t.device, t.dtype)
+    return tuple(sample(t) for t in inputs)
+
+
 @torch.no_grad()
 def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
               excluded: dict[str, list[str]]) -> list[FilterGroup]:
@@ -1327,10 +1355,8 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     """
     if not groups:
         return groups
-    if not all(t.is_floating_point() for t in inputs):
-        raise UserError("filter pruning needs float example inputs", "pass e.g. torch.randn(1, 3, 32, 32)")
     gen = torch.Generator().manual_seed(_PROBE_SEED)
-    probe = tuple(torch.randn((2, *t.shape[1:]), generator=gen).to(t.device, t.dtype) for t in inputs)
+    probe = probe_inputs(inputs, gen)
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
@@ -1390,7 +1416,7 @@ def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup
     if not groups or not params:
         return groups
     gen = torch.Generator().manual_seed(_PROBE_SEED)
-    probe = tuple(torch.randn((2, *t.shape[1:]), generator=gen).to(t.device, t.dtype) for t in inputs)
+    probe = probe_inputs(inputs, gen)
     model_params = dict(model.named_parameters())
 
     def zero_columns(zeroed: Sequence[Slice]) -> dict[str, torch.Tensor]:
