@@ -27,13 +27,12 @@ al., "DepGraph", CVPR 2023), which takes the head count from its caller.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .alignment import allowed_widths
 from .compaction import compact, compaction_failure
 from .masks import Masks
 from .metrics import count_macs
@@ -68,8 +67,7 @@ def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, exampl
 
     def compacts(heads: int) -> bool:
         if heads not in tried:
-            widths = allowed_widths(group.size // heads,
-                                    space.channel_multiple // math.gcd(space.channel_multiple, heads))
+            widths = head_widths(space, group, heads)
             tried[heads] = len(widths) > 1 and all(_compacts(model, space, group, heads, width, gen, example_inputs)
                                                    for width in {widths[0], widths[-2]})
         return tried[heads]
@@ -78,6 +76,12 @@ def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, exampl
         if compacts(heads):  # a multiple of the forward's count: its smallest passing divisor is that count
             return next((d for d in range(2, heads) if heads % d == 0 and group.size // d >= 2 and compacts(d)), heads)
     return None
+
+
+def head_widths(space: PruningSpace, group: FilterGroup, heads: int) -> list[int]:
+    """The widths one of ``heads`` heads of ``group`` may keep (ascending), as
+    :meth:`~autocompress.space.PruningSpace.widths` gives them once the group has that many heads."""
+    return [width // heads for width in space.widths(replace(group, heads=heads))]
 
 
 def free_macs(model: nn.Module, space: PruningSpace, group: FilterGroup, heads: int, example_inputs: Any) -> int:
@@ -93,7 +97,7 @@ def free_macs(model: nn.Module, space: PruningSpace, group: FilterGroup, heads: 
             found ``heads``).
     """
     per = group.size // heads
-    width = allowed_widths(per, space.channel_multiple // math.gcd(space.channel_multiple, heads))[0]
+    width = head_widths(space, group, heads)[0]
     if width == per:
         return 0
     keep = torch.zeros(heads, per, dtype=torch.bool)

@@ -36,8 +36,8 @@ from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, Co
 from .errors import UserError, first_line
 from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
                           group_size, is_group_norm, is_layer_norm, kept_statistics, padded)
-from .space import (is_grouped, is_transposed, is_weight_layer, mapping_failure, out_dim, tie_classes, trace_graph,
-                    train_only_modules)
+from .space import (fused_qkv_output, fused_qkv_width, is_grouped, is_transposed, is_weight_layer, mapping_failure,
+                    out_dim, tie_classes, trace_graph, train_only_modules)
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -370,7 +370,6 @@ def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[tuple[n
     """For a torch-pruning group that looks like an attention's separate projections (two or three Linears of equal
     width writing its channels -- q, k and v -- and one Linear reading them), the first two of them in the model's
     order (``names``: module -> name, in that order) and their width before pruning; else None."""
-    order = {module: i for i, module in enumerate(names)}
     writers, readers = set(), set()
     for dep, _ in group:
         target = dep.target.module
@@ -378,6 +377,7 @@ def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[tuple[n
             (writers if dg.is_out_channel_pruning_fn(dep.handler) else readers).add(target)
     if not (2 <= len(writers) <= 3 and len(readers) == 1) or any(type(m) is not nn.Linear for m in writers | readers):
         return None
+    order = {module: i for i, module in enumerate(names)}
     ordered = sorted(writers, key=order.__getitem__)
     return (tuple(ordered[:2]), ordered[0].out_features) if len({m.out_features for m in writers}) == 1 else None
 
@@ -411,8 +411,9 @@ def _rescaled(reference: nn.Module, work: nn.Module, inputs: tuple, queries: lis
 
 def _dead_triples(module: nn.Module) -> torch.Tensor | None:
     """bool [D]: the channels ``c`` whose rows ``c``, ``D + c`` and ``2 D + c`` (and bias entries) are all zero in a
-    Linear of ``3 D`` outputs (a fused query-key-value projection); None for other layers or when none is."""
-    if type(module) is not nn.Linear or module.out_features % 3 or module.out_features < 6:
+    Linear of ``3 D`` outputs (a fused query-key-value projection, :func:`autocompress.space.fused_qkv_width`); None
+    for other layers or when none is."""
+    if fused_qkv_width(module) is None:
         return None
     zero = _zero_slices(module.weight, 0)
     if module.bias is not None:
@@ -423,8 +424,8 @@ def _dead_triples(module: nn.Module) -> torch.Tensor | None:
 
 def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
                       multiple: int) -> tuple[dict[str, torch.Tensor], list[Query]]:
-    """Remove the dead channels of fused query-key-value projections (:func:`autocompress.space._fused_qkv`: a
-    Linear of ``3 D`` outputs whose only consumer with weights is a Linear of ``D`` inputs): rows ``c``, ``D + c``,
+    """Remove the dead channels of fused query-key-value projections (a Linear of ``3 D`` outputs read by one
+    Linear of ``D`` inputs, :func:`autocompress.space.fused_qkv_output`): rows ``c``, ``D + c``,
     ``2 D + c`` of the projection and input ``c`` of its consumer, where the rows are all zero and the remaining
     width is an allowed width at ``multiple``. torch-pruning's graph maps these channels unevenly, so they are
     sliced here. Returns the projection's name -> its kept rows, and the query rows of each (the first third)."""
@@ -439,7 +440,7 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
     kept, queries = {}, []
     for module, gone in dead.items():
         width = module.out_features // 3
-        out = _qkv_consumer(dg, module, width)
+        out = _qkv_output(dg, module)
         remaining = width - int(gone.sum())
         if out is None or not remaining or not is_aligned(remaining, width, multiple):
             why = ("no single Linear of its width reads it" if out is None else "every channel is zero" if not remaining
@@ -459,18 +460,14 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
     return kept, queries
 
 
-def _qkv_consumer(dg: tp.DependencyGraph, module: nn.Linear, width: int) -> nn.Linear | None:
-    """The only layer with weights (besides ``module``) in ``module``'s torch-pruning group, when it is a Linear
-    of ``width`` inputs reading the group's channels; else None."""
+def _qkv_output(dg: tp.DependencyGraph, module: nn.Linear) -> nn.Linear | None:
+    """:func:`autocompress.space.fused_qkv_output` of ``module`` on ``dg``: its output projection, or None."""
     try:
         group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
                                      list(range(module.out_features)))
     except Exception:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
         return None
-    layers = {dep.target.module for dep, _ in group
-              if is_weight_layer(dep.target.module) and dep.target.module is not module}
-    out = next(iter(layers)) if len(layers) == 1 else None
-    return out if type(out) is nn.Linear and out.in_features == width else None
+    return fused_qkv_output(module, group)
 
 
 def _aligned_removal(classes: list[list[int]], size: int, multiple: int) -> list[int]:
@@ -704,8 +701,9 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
         except RuntimeError:
             if not queries:
                 raise
-            *check, rescaled = _rescaled(reference, work, inputs, queries, atol_scale, kept)  # the scale follows
-            report["max_abs_diff"], report["tolerance"] = check  # the head width
+            # the scale follows the head width (F.scaled_dot_product_attention without scale=)
+            *check, rescaled = _rescaled(reference, work, inputs, queries, atol_scale, kept)
+            report["max_abs_diff"], report["tolerance"] = check
             report["queries_rescaled"] = sorted(name for name, module in work.named_modules()
                                                 if any(module is query for query in rescaled))
     report["params_after"] = _count(work)

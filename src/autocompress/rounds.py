@@ -214,13 +214,6 @@ def _silent(_line: str) -> None:
     """The log of a caller who gave none."""
 
 
-def _weakest(model: nn.Module, space: PruningSpace, widths: Mapping[str, int], names) -> dict[str, torch.Tensor]:
-    """Parameter masks of ``model`` with the filter groups ``names`` projected to their ``widths`` (name -> channels
-    kept): each loses its weakest channels."""
-    rates = {name: 1.0 - widths[name] / space.unit("filter", name).size for name in names}
-    return space.param_masks(project(space, model, {"filter": rates, "column": {}, "irregular": {}}))
-
-
 @dataclass
 class Pipeline:
     """The shared state of a compress or prune run and :meth:`run_round`, the round function.
@@ -374,13 +367,12 @@ class Pipeline:
             narrower = {g.name: widths[-2] for g in space.filter_groups if len(widths := space.widths(g)) > 1}
             if not narrower:
                 return space
-            failing = self._breaking(model, space, narrower)
+            failing, error = self._breaking(model, space, narrower)
             if not failing:
                 return space
             headed = self._find_heads(model, space, failing)
-            if not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
-                check_compactable(model, _weakest(model, space, narrower, narrower), self.example_inputs,
-                                  channel_multiple=self.channel_multiple)
+            if error is not None and not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
+                raise error
             for name, why in failing.items():
                 if name not in headed:
                     if attention_shaped(model, space.unit("filter", name)):
@@ -390,19 +382,22 @@ class Pipeline:
                     self.incompactable[name] = why
             space = self.space(model)
 
-    def _breaking(self, model: nn.Module, space: PruningSpace, narrower: Mapping[str, int]) -> dict[str, str]:
+    def _breaking(self, model: nn.Module, space: PruningSpace, narrower: Mapping[str, int]
+                  ) -> tuple[dict[str, str], UserError | None]:
         """The filter groups of ``narrower`` (name -> width) whose compact model breaks at that width (name ->
-        why; empty: nothing breaks). The weakest channels (the projection's)
-        are removed from all groups at once, then from each alone if that breaks; an attention-shaped group
-        (:func:`autocompress.attention.attention_shaped`) that passes loses its first channels too, alone
-        (:meth:`~autocompress.space.PruningSpace.leading_removal`: its weakest channels may by chance be spread
-        evenly over its heads, and other groups' removals can hide the uneven split).
+        why; empty: nothing breaks), and the error of all of them losing their weakest channels together (None when
+        that compacts). The weakest channels (the projection's) are removed from all groups at once, then from each
+        alone if that breaks; an attention-shaped group (:func:`autocompress.attention.attention_shaped`) that
+        passes loses its first channels too, alone (:meth:`~autocompress.space.PruningSpace.leading_removal`: its
+        weakest channels may by chance be spread evenly over its heads, and other groups' removals can hide the
+        uneven split).
 
         Raises:
             UserError: the model breaks although no group alone does.
         """
         def weakest(names) -> dict[str, torch.Tensor]:
-            return _weakest(model, space, narrower, names)
+            rates = {name: 1.0 - narrower[name] / space.unit("filter", name).size for name in names}
+            return space.param_masks(project(space, model, {"filter": rates, "column": {}, "irregular": {}}))
 
         def leading(name: str) -> dict[str, torch.Tensor]:
             keep = space.leading_removal(space.unit("filter", name), narrower[name])
@@ -411,17 +406,19 @@ class Pipeline:
         def failure(masks: dict[str, torch.Tensor]) -> str | None:
             return compaction_failure(model, masks, self.example_inputs, channel_multiple=self.channel_multiple)
 
-        failing = {}
-        if failure(weakest(narrower)) is not None:
+        failing, error = {}, None
+        try:
+            check_compactable(model, weakest(narrower), self.example_inputs, channel_multiple=self.channel_multiple)
+        except UserError as exc:
             failing = {name: why for name in narrower if (why := failure(weakest([name])))}
             if not failing:
-                check_compactable(model, weakest(narrower), self.example_inputs,
-                                  channel_multiple=self.channel_multiple)
+                raise
+            error = exc
         for name in narrower:
             if name not in failing and attention_shaped(model, space.unit("filter", name)) \
                     and (why := failure(leading(name))):
                 failing[name] = why
-        return failing
+        return failing, error
 
     def _find_heads(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, int]:
         """The groups of ``failing`` (names) that compact once each of their heads keeps equally many channels

@@ -1013,7 +1013,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             problem = "filter pruning: a single output channel"
         problem = problem or _uneven(slices, size)
         if problem.startswith((UNFOLLOWABLE, UNEVEN)):
-            fused = _fused_qkv(module, tp_group, size, names, param_names, candidates, ignored)
+            fused = _fused_qkv(module, tp_group, names, param_names, candidates, ignored)
             if fused:
                 slices, size, problem = fused, size // 3, ""
         if not problem:
@@ -1047,32 +1047,49 @@ def _past_extent(model: nn.Module, slices: list[Slice]) -> str:
     return ""
 
 
-def _fused_qkv(module: nn.Module, tp_group, size: int, names: dict, param_names: dict[int, str],
-               candidates: Mapping[str, nn.Module], ignored: set[str]) -> list[Slice] | None:
-    """The slices of an attention's fused query-key-value projection, when ``module`` (a Linear of ``size`` =
-    ``3 D`` outputs: ``q``, ``k`` and ``v`` as consecutive thirds, split by ``chunk(3)`` or ``reshape(B, N, 3,
-    heads, -1)``) is the only layer with parameters writing its torch-pruning group and one prunable Linear of ``D``
-    inputs (the output projection, reading ``v``'s channels through the heads) the only one reading it: channel
-    ``c`` is rows ``c``, ``D + c`` and ``2 D + c`` of the projection (the score term ``q_c k_c`` and value channel
-    ``c``) and input ``c`` of the output projection. None otherwise. torch-pruning maps these channels unevenly or
-    outside the output projection's weight (its graph does not follow the thirds through the attention); the
-    compact model's exactness is left to the compaction probe (equal heads, :mod:`autocompress.attention`)."""
-    if type(module) is not nn.Linear or size % 3 or size < 6 or names[module] in ignored:
+def fused_qkv_width(module: nn.Module) -> int | None:
+    """``D`` when ``module`` may be an attention's fused query-key-value projection: a Linear (exactly) of ``3 D``
+    outputs, ``D >= 2`` (``q``, ``k`` and ``v`` as consecutive thirds); else None."""
+    if type(module) is not nn.Linear or module.out_features % 3 or module.out_features < 6:
+        return None
+    return module.out_features // 3
+
+
+def fused_qkv_output(module: nn.Module, tp_group) -> nn.Linear | None:
+    """The output projection of a fused qkv ``module`` (:func:`fused_qkv_width`), from ``module``'s torch-pruning
+    group of its output channels: the only other member with parameters, a Linear of ``D`` inputs reading them
+    (``v``'s channels, through the heads); None when there is another (a free parameter, a norm, a second
+    writer) or it is no such Linear."""
+    width = fused_qkv_width(module)
+    if width is None:
         return None
     readers = set()
-    for item in tp_group:
-        target = item.dep.target.module
+    for dep, _ in tp_group:
+        target = dep.target.module
         if isinstance(target, nn.Parameter):
             return None  # a free parameter of the channels
         if target is module or not isinstance(target, nn.Module) or not list(target.parameters(recurse=False)):
             continue  # the projection itself, or a parameter-free op of the graph
-        if not is_weight_layer(target) or item.dep.handler.__name__ == "prune_out_channels":
+        if not is_weight_layer(target) or dep.handler.__name__ == "prune_out_channels":
             return None
         readers.add(target)
     out = next(iter(readers)) if len(readers) == 1 else None
-    if type(out) is not nn.Linear or out.in_features != size // 3 or names[out] not in candidates:
+    return out if type(out) is nn.Linear and out.in_features == width else None
+
+
+def _fused_qkv(module: nn.Module, tp_group, names: dict, param_names: dict[int, str],
+               candidates: Mapping[str, nn.Module], ignored: set[str]) -> list[Slice] | None:
+    """The slices of an attention's fused query-key-value projection (:func:`fused_qkv_output`; ``q``, ``k`` and
+    ``v`` split by ``chunk(3)`` or ``reshape(B, N, 3, heads, -1)``), neither ignored and its output projection
+    prunable: channel ``c`` is rows ``c``, ``D + c`` and ``2 D + c`` of the projection (the score term ``q_c k_c``
+    and value channel ``c``) and input ``c`` of the output projection. None otherwise. torch-pruning maps these
+    channels unevenly or outside the output projection's weight (its graph does not follow the thirds through the
+    attention); the compact model's exactness is left to the compaction probe (equal heads,
+    :mod:`autocompress.attention`)."""
+    out = fused_qkv_output(module, tp_group)
+    if out is None or names[module] in ignored or names[out] not in candidates:
         return None
-    width, name = size // 3, names[module]
+    width, name = out.in_features, names[module]
     channels = torch.arange(width)
     rows, triple = torch.cat([channels, channels + width, channels + 2 * width]), channels.repeat(3)
     fused = [Slice(param_names[id(module.weight)], name, "weight", 0, rows, triple)]
@@ -1327,7 +1344,7 @@ def _stride(model: nn.Module, s: Slice) -> int:
     return math.prod(shape) // shape[s.dim]
 
 
-def probe_inputs(inputs: tuple, gen: torch.Generator) -> tuple:
+def _probe_inputs(inputs: tuple, gen: torch.Generator) -> tuple:
     """Two random samples shaped like one item of each example input (``[2, ...]``): standard normal for floats,
     integers drawn from the example's own range for integer inputs (token ids an embedding reads), random
     values for booleans (masks)."""
@@ -1356,7 +1373,7 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     if not groups:
         return groups
     gen = torch.Generator().manual_seed(_PROBE_SEED)
-    probe = probe_inputs(inputs, gen)
+    probe = _probe_inputs(inputs, gen)
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
@@ -1416,7 +1433,7 @@ def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup
     if not groups or not params:
         return groups
     gen = torch.Generator().manual_seed(_PROBE_SEED)
-    probe = probe_inputs(inputs, gen)
+    probe = _probe_inputs(inputs, gen)
     model_params = dict(model.named_parameters())
 
     def zero_columns(zeroed: Sequence[Slice]) -> dict[str, torch.Tensor]:
