@@ -15,6 +15,7 @@ from torch import nn
 
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import UserError
+from .multihead import SplitMultiheadAttention, unnest
 from .padded_norm import PaddedGroupNorm, PaddedLayerNorm
 
 FORMAT = "autocompress-architecture"
@@ -61,6 +62,7 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
     ColumnLinear: ColumnLinear.config,
     PaddedLayerNorm: PaddedLayerNorm.config,
     PaddedGroupNorm: PaddedGroupNorm.config,
+    SplitMultiheadAttention: SplitMultiheadAttention.config,
 }
 _TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
 
@@ -210,6 +212,7 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
         if floats:
             new = new.to(device=floats[0].device, dtype=floats[0].dtype)
         setattr(parent, attr, new)
+    unnest(model)
     return model
 
 

@@ -37,6 +37,7 @@ from .distillation import Distiller
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
+from .multihead import split_multihead_attention
 from .optimizer_probe import MIN_TRAINING_STEPS, ProbeResult, probe_optimizers, unprobed_choice
 from .projection import project
 from .purification import purify
@@ -261,6 +262,9 @@ class Pipeline:
     _earlier_seconds: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
+        for name, why in split_multihead_attention(self.base_model).items():  # heads and stream become prunable
+            (self.log or _silent)(f"not split into Linear layers: {name}: {why}; its heads and the channels it reads "
+                                  "are not pruned")
         self.config = self.config.for_task(self.task.classifies, self.task.positions)  # the loop's optimiser, rates
         if self.train_fn is not None and self.config.retrain.optimizer == AUTO:  # the caller's loop owns it: no
             self.config = self.config.with_optimizer("sgd")  # probe; the phases suggest SGD's lr, as before

@@ -25,6 +25,7 @@ from .checkpoint import class_path, import_model_class, save_checkpoint, storabl
 from .errors import UserError
 from .export import flat_outputs
 from .integrity import output_check
+from .multihead import SplitMultiheadAttention, split_multihead_attention
 from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (part of this module's API)
 
 
@@ -82,6 +83,8 @@ def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) 
     ``example_inputs``."""
     try:
         fresh = cls(**kwargs)
+        if any(isinstance(m, SplitMultiheadAttention) for m in model.modules()):
+            split_multihead_attention(fresh)  # as the pipeline did to its base model
         fresh.load_state_dict(model.state_dict())
         if str(fresh) != str(model):  # other module settings (nn.Module's repr lists each module's; after the
             return False  # weights are loaded, so a module printing a value of its own compares equal)
