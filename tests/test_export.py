@@ -107,6 +107,22 @@ def test_a_model_the_torchscript_exporter_refuses_goes_through_torch_export(tmp_
         assert np.abs(session.run(None, {"input": batch.numpy()})[0] - model(batch).numpy()).max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_a_token_id_model_exports_and_runs_on_other_ids(tmp_path, dtype):
+    """The export check drew its second batch with torch.randn in the input's dtype, which fails for integers (a
+    fresh user's token transformers): the ids are drawn from the example's range."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(40, 3)).eval()
+    ids = torch.tensor([[0, 3, 9, 2, 5]], dtype=dtype)
+    for out in (export_onnx(model, ids, tmp_path / "m.onnx"), export_program(model, ids, tmp_path / "m.pt2")):
+        assert out.max_abs_diff <= out.tolerance and out.checked_batch_sizes == [1, 2]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1), dtype=dtype)
+    with torch.no_grad():
+        expected = model(other).numpy()
+    assert np.abs(session.run(None, {"input": other.numpy()})[0] - expected).max() <= 1e-5
+
+
 def test_export_rejects_tuple_input_and_writes_nothing(tmp_path):
     model, x = _mixed()
     with pytest.raises(UserError, match="one input tensor"):

@@ -13,8 +13,10 @@ import autocompress
 from autocompress.admm import ADMMConfig
 from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.multihead import UNSPLIT_REASONS, SplitMultiheadAttention, split_multihead_attention
-from autocompress.pruning import prune
+from autocompress.projection import project
+from autocompress.pruning import expand_rates, prune
 from autocompress.serialization import save_compact
+from autocompress.space import PruningSpace
 from autocompress.training import TrainConfig
 
 
@@ -98,21 +100,41 @@ def test_split_keeps_the_encoder_s_function_and_leaves_attentions_with_appended_
         assert torch.allclose(model(ids, padding), original(ids, padding), atol=1e-5)
 
 
-def test_prune_narrows_an_encoder_s_heads_and_the_saved_model_rebuilds_from_a_fresh_instance(tmp_path):
+def _masked(model: nn.Module, param_masks: dict[str, torch.Tensor]) -> nn.Module:
+    """The model with every masked entry zeroed, written out here (not the compaction's own masking)."""
+    masked = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, param in masked.named_parameters():
+            if name in param_masks:
+                param.mul_(param_masks[name].to(param.dtype))
+    return masked
+
+
+def test_prune_narrows_an_encoder_s_heads_and_token_stream_and_the_saved_model_rebuilds_from_a_fresh_instance(
+        tmp_path):
     torch.manual_seed(0)
     model = TokenEncoder().eval()
     lines = []
-    result = prune(model, {"default": 0.5}, example_inputs=_inputs(0)[0], device="cpu", dims=("filter",),
+    rates = {"default": 0.5}
+    result = prune(model, rates, example_inputs=_inputs(0)[0], device="cpu", dims=("filter",),
                    admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
-                   log=lines.append)
+                   layer_norm="padded", log=lines.append)  # padded: the norms keep the masked model's statistics
     compact = result.compact_model
-    assert [line for line in lines if line.startswith("filter-pruned by heads") and "4 heads" in line]
+    assert len([line for line in lines if line.startswith("filter-pruned by heads") and "4 heads" in line]) == 2
+    assert compact.embed.embedding_dim == compact.embed.weight.shape[1] == 16  # the token stream, through the table
     for layer in compact.encoder.layers:
         attention = layer.self_attn
         assert attention.q_proj.out_features == attention.v_proj.out_features == 16  # 4 heads of 4 (of 8)
-        assert attention.out_proj.in_features == 16 and attention.out_proj.out_features == 32
+        assert attention.out_proj.in_features == 16 and attention.out_proj.out_features == 16
         assert attention.scale == 8 ** -0.5  # the scores keep the original head width's scale
     ids, padding = _inputs(1)
+    split = copy.deepcopy(model)
+    split_multihead_attention(split)
+    heads = {f"encoder.layers.{i}.self_attn.q_proj": 4 for i in range(2)}
+    space = PruningSpace.build(split, (ids,), dims=("filter",), heads=heads)
+    masked = _masked(split, space.param_masks(project(space, split, expand_rates(space, rates, ("filter",)))))
+    with torch.no_grad():
+        assert torch.allclose(compact(ids), masked(ids), atol=1e-5)
     rebuilt = apply_architecture(TokenEncoder(), describe_architecture(compact))
     rebuilt.load_state_dict(compact.state_dict())
     rebuilt.eval()

@@ -55,3 +55,18 @@ def hooked_forward(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, Calla
     finally:
         for handle in handles:
             handle.remove()
+
+
+def random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A random input of ``batch`` items shaped like ``example``'s items (``[batch, *example.shape[1:]]``, its
+    dtype and device) from ``generator``: standard normal for floats, integers drawn from ``example``'s own range
+    for integer inputs (token ids an embedding reads), ``example``'s own items drawn at random for booleans (masks
+    keep their pattern: a random one may mask every key of a row, whose attention is then NaN)."""
+    shape = (batch, *example.shape[1:])
+    if example.dtype == torch.bool:
+        items = torch.randint(0, max(example.shape[0], 1), (batch,), generator=generator)
+        return example[items.to(example.device)] if example.dim() else example
+    if not example.is_floating_point() and not example.is_complex():
+        low, high = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
+        return torch.randint(low, high + 1, shape, generator=generator).to(example.device, example.dtype)
+    return torch.randn(shape, generator=generator).to(example.device, example.dtype)

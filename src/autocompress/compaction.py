@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .analysis import analysis_mode, hooked_forward
+from .analysis import analysis_mode, hooked_forward, random_like
 from .alignment import is_aligned
 from .architecture import describe_architecture
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
@@ -197,7 +197,8 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
         if isinstance(module, _GROUP_NORMS) and not is_group_norm(module):
             return [], f"{type(module).__name__} {name} has its own forward"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
-                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, *_GROUP_NORMS, nn.PReLU))
+                and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, *_GROUP_NORMS, nn.PReLU,
+                                            nn.Embedding))
                 and list(module.parameters())):
             return [], f"they pass through {type(module).__name__} {name}"
     if bool(dead.all()):
@@ -260,6 +261,8 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
             size = module.num_features if isinstance(module, PaddedLayerNorm) else module.normalized_shape[0]
             return [(torch.ones(size), 0)]
         return [(t, 0) for t in (module.weight, module.bias) if t is not None]
+    if isinstance(module, nn.Embedding):  # a token table [vocab, C]: column c outputs channel c
+        return [(module.weight, 1)]
     if is_group_norm(module):  # without affine, whole dead norm groups output zeros (_tied)
         return [(t, 0) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, _PER_CHANNEL_NORMS):
@@ -532,8 +535,8 @@ def _count(model: nn.Module) -> int:
 
 def _random_like(inputs: tuple, seed: int = 0) -> tuple:
     generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
-                 if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+    return tuple(random_like(t, t.shape[0], generator) if isinstance(t, torch.Tensor) and t.dim() else t
+                 for t in inputs)
 
 
 def _layer_outputs(model: nn.Module, inputs: tuple) -> dict[str, torch.Tensor]:

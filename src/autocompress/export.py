@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, random_like
 from .atomic import atomic_write_bytes
 from .columns import export_form
 from .errors import UserError
@@ -99,7 +99,7 @@ def _compare(model: nn.Module, run: Callable[[torch.Tensor], list[torch.Tensor]]
         UserError: the model outputs NaN / inf, or ``runtime`` differs beyond the tolerance.
     """
     generator = torch.Generator().manual_seed(0)
-    extra = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=generator, dtype=example.dtype)
+    extra = random_like(example, example.shape[0] + 1, generator)
     diff, scale, sizes = 0.0, 1.0, []
     for batch in (example, extra):
         expected = outputs(model, batch)

@@ -52,7 +52,7 @@ from torch import nn
 from torch_pruning import ops
 
 from .alignment import aligned_keep, allowed_widths
-from .analysis import hooked_forward, preserved_state
+from .analysis import hooked_forward, preserved_state, random_like
 from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
 from .masks import Masks
@@ -1190,6 +1190,8 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
             for p in (target.weight, target.bias):
                 if p is not None:
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
+        elif isinstance(target, nn.Embedding) and out_side:  # a token table [vocab, C]: column c is channel c
+            slices.append(Slice(param_names[id(target.weight)], mname, "norm", 1, index, channel))
         elif isinstance(target, nn.PReLU):
             if target.num_parameters > 1:
                 slices.append(Slice(param_names[id(target.weight)], mname, "norm", 0, index, channel))
@@ -1345,18 +1347,9 @@ def _stride(model: nn.Module, s: Slice) -> int:
 
 
 def _probe_inputs(inputs: tuple, gen: torch.Generator) -> tuple:
-    """Two random samples shaped like one item of each example input (``[2, ...]``): standard normal for floats,
-    integers drawn from the example's own range for integer inputs (token ids an embedding reads), random
-    values for booleans (masks)."""
-    def sample(t: torch.Tensor) -> torch.Tensor:
-        shape = (2, *t.shape[1:])
-        if t.dtype == torch.bool:
-            return (torch.rand(shape, generator=gen) < 0.5).to(t.device)
-        if not t.is_floating_point() and not t.is_complex():
-            low, high = int(t.min()), int(t.max())
-            return torch.randint(low, high + 1, shape, generator=gen).to(t.device, t.dtype)
-        return torch.randn(shape, generator=gen).to(t.device, t.dtype)
-    return tuple(sample(t) for t in inputs)
+    """Two random samples shaped like one item of each example input (``[2, ...]``, :func:`~autocompress.analysis.
+    random_like`)."""
+    return tuple(random_like(t, 2, gen) for t in inputs)
 
 
 @torch.no_grad()
