@@ -6,7 +6,7 @@ each). This script plays such users on CIFAR-10: five architectures written the 
 CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
 residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
 of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv
-projections), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
+projections, the same transformer written with ``nn.TransformerEncoder``), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
 random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
 an epoch, so the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by
 each method:
@@ -20,7 +20,8 @@ each method:
   on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``; ``ac_padded``:
   ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
   ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
-  as before session 38; the ``vit`` model);
+  as before session 38; the ``vit`` model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before
+  session 39: its heads and the stream it reads are not pruned; the ``mhavit`` model);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with); ``tp_own16``: the same at ``round_to=16``
   (widths on onnxruntime's AVX-512 channel block, as ``channel_multiple: auto`` keeps ours).
@@ -242,14 +243,34 @@ class ViT(nn.Module):
         return self.fc(self.norm(self.blocks(x)).mean(1))
 
 
-MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT}
+class EncoderViT(nn.Module):
+    """The same hybrid vision transformer written with ``nn.TransformerEncoder`` (pre-norm
+    ``nn.TransformerEncoderLayer``: ``nn.MultiheadAttention``, MLP 2x with GELU, no dropout) instead of blocks of
+    one's own."""
+
+    def __init__(self, width: int = 128, heads: int = 4, depth: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 48, 2), nn.Conv2d(48, width, 2, 2))
+        self.pos = nn.Parameter(torch.zeros(1, 64, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(self.norm(self.encoder(x)).mean(1))
+
+
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT,
+          "mhavit": EncoderViT}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
-              "ac_noheads": {}}
+              "ac_noheads": {}, "ac_unsplit": {}}
 #: TP_IGNORED_NOTE: Torch-Pruning 1.6's importance fails on the ``vit`` model's chunked qkv projections (IndexError:
 #: index 128 is out of bounds), with or without ``num_heads`` and ``prune_head_dims``; they are in its
 #: ``ignored_layers`` (what a user is left with), which also keeps the token stream whole.
@@ -312,7 +333,8 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
         def train_fn(model, phase):
             user_loop(model, train, phase.epochs, 1e-3, attach=phase.attach, penalty=phase.penalty)
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
-    with mock.patch.object(rounds, "head_count", heads):
+    split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
+    with mock.patch.object(rounds, "head_count", heads), mock.patch.object(rounds, "split_multihead_attention", split):
         result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,
                                        train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
                                        config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})

@@ -80,9 +80,10 @@ def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float
     """
     pruned = copy.deepcopy(model).eval()
     layers = [_classifier(pruned)] + [pruned.get_submodule(name) for name in ignored]
+    heads = {m: m.num_heads for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)}  # as its README
     pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, global_pruning=True, max_pruning_ratio=max_layer_ratio,
-                                  ignored_layers=layers, round_to=round_to)
+                                  ignored_layers=layers, round_to=round_to, num_heads=heads)
     pruner.step()
     return pruned
 
