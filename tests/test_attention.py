@@ -366,3 +366,24 @@ def test_heads_are_found_when_the_weakest_channels_happen_to_be_spread_evenly():
                       config={"channel_multiple": 2, "budget": 1})
     assert run.pipeline.heads == {"attn.q": 2}
     assert any(line.startswith("filter-pruned by heads: attn.q") for line in lines)
+
+
+def test_heads_the_channel_multiple_cannot_narrow_are_kept_with_the_multiple_that_narrows_them():
+    """3 heads of 16 channels at channel multiple 16: a head can keep only multiples of 16, so none narrows, and the
+    reason told a fresh user to write the head width as -1, which their reshape already did."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autocompress.compress import Compression
+
+    torch.manual_seed(0)
+    model = TokenNet(Attention(32, 48, 3, "fused"), dim=32).eval()
+    data = TensorDataset(torch.randn(32, 7, 5), torch.randint(0, 3, (32,)))
+    lines = []
+    run = Compression(model, torch.randn(2, 7, 5), "params=1.05x", device="cpu", progress=False, log=lines.append,
+                      task_args=dict(train_loader=DataLoader(data, batch_size=8), val_loader=DataLoader(data)),
+                      config={"channel_multiple": 16, "budget": 1})
+    assert run.pipeline.heads == {}
+    reason = ("its 3 heads of 16 channels cannot narrow at channel multiple 16 (each head keeps a multiple of 16 "
+              "channels); channel_multiple: 8 narrows them")
+    assert [line for line in lines if line.startswith("not filter-pruned: attn.qkv") and line.endswith(f"{reason})")]
+    assert run.pipeline.incompactable["attn.qkv"].endswith(reason)

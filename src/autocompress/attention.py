@@ -27,12 +27,14 @@ al., "DepGraph", CVPR 2023), which takes the head count from its caller.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .alignment import allowed_widths
 from .compaction import compact, compaction_failure
 from .masks import Masks
 from .metrics import count_macs
@@ -126,15 +128,41 @@ def candidate_counts(model: nn.Module, space: PruningSpace, group: FilterGroup) 
     """Head counts to try for ``group``: those written into a head-count attribute (:data:`HEAD_ATTRIBUTES`) of
     a parent of its producers, then every divisor ``h`` of its size with at least two channels per head,
     ascending; each once."""
-    size = group.size
-    divisors = [h for h in range(2, size // 2 + 1) if size % h == 0]
+    return list(dict.fromkeys(named_counts(model, group) + _divisors(group.size)))
+
+
+def _divisors(size: int) -> list[int]:
+    """Head counts of at least two channels each that divide ``size``, ascending."""
+    return [h for h in range(2, size // 2 + 1) if size % h == 0]
+
+
+def named_counts(model: nn.Module, group: FilterGroup) -> list[int]:
+    """The head counts written into a head-count attribute (:data:`HEAD_ATTRIBUTES`) of a parent of ``group``'s
+    producers that divide its size into heads of at least two channels."""
     named = []
     for producer in group.producers:
         parent = producer.rpartition(".")[0]
         module = model.get_submodule(parent) if parent else model
         named += [value for attr in HEAD_ATTRIBUTES if isinstance(value := getattr(module, attr, None), int)
                   and not isinstance(value, bool)]
-    return list(dict.fromkeys([h for h in named if h in divisors] + divisors))
+    return [h for h in dict.fromkeys(named) if h in _divisors(group.size)]
+
+
+def unaligned_heads(model: nn.Module, space: PruningSpace, group: FilterGroup) -> str | None:
+    """Why ``group``'s heads cannot narrow at the space's channel multiple, when a head-count attribute names ``h``
+    heads and the multiple leaves each head no narrower width (3 heads of 16 channels at multiple 16: a head
+    could keep only multiples of 16); None otherwise. The reason names the largest power-of-two multiple that
+    narrows them."""
+    for heads in named_counts(model, group):
+        if len(head_widths(space, group, heads)) > 1:
+            continue
+        per, multiple = group.size // heads, space.channel_multiple
+        halvings = (multiple >> k for k in range(1, multiple.bit_length()))
+        finer = next((m for m in halvings if len(allowed_widths(per, m // math.gcd(m, heads))) > 1), 1)
+        return (f"its {heads} heads of {per} channels cannot narrow at channel multiple {multiple} (each head keeps a "
+                f"multiple of {space.head_multiple(replace(group, heads=heads))} channels); channel_multiple: "
+                f"{finer} narrows them")
+    return None
 
 
 def _compacts(model: nn.Module, space: PruningSpace, group: FilterGroup, heads: int, width: int,

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import admm, distributed, metrics
 from .alignment import AUTO, misaligned_widths
-from .attention import HEAD_HINT, attention_shaped, free_macs, head_count
+from .attention import HEAD_HINT, attention_shaped, free_macs, head_count, unaligned_heads
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
@@ -379,8 +379,9 @@ class Pipeline:
                 raise error
             for name, why in failing.items():
                 if name not in headed:
-                    if attention_shaped(model, space.unit("filter", name)):
-                        why = f"{why}; {HEAD_HINT}"
+                    group = space.unit("filter", name)
+                    if attention_shaped(model, group):
+                        why = f"{why}; {unaligned_heads(model, space, group) or HEAD_HINT}"
                     self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
                              f"compact model breaks once they are removed ({why})")
                     self.incompactable[name] = why
