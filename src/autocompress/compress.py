@@ -380,6 +380,7 @@ class Compression:
         if train_fn is None:
             self.pipeline.log(self.config.describe_loop(given, self.task.classifies, self.task.positions))
         self.source, self.save, self.final_columns = source or {}, save, final_columns
+        self._start_choice: str | None = None  # search.start auto, once settled (_search)
         self.folder = distributed.on_main(self._open_folder, share=False) if self.run_dir is not None else None
         if self.folder is not None and self.folder.holds_run():
             self.pipeline.log(self._continued())
@@ -754,6 +755,11 @@ class Compression:
             raise UserError(f"round {state.index} cannot go on to {self.target}: the model the earlier rounds left is "
                             f"{base_ratio:.3g}x, and from it {exc}", "lower the target, or give fewer rounds "
                             "(rounds, or a smaller budget)") from None
+        if self.config.search.start == AUTO and self.config.search.max_evaluations == 1 and \
+                self.config.search_mode != "uniform":  # no search: the start is the round's rates
+            self._start_choice = self.pipeline.settle_start(state, lambda: self._starts(state, sampler),
+                                                            rounds=len(self.targets))
+            self.config = self.pipeline.config  # the optimiser, when the start's probe settled it
         if self.config.retrain.optimizer == AUTO:  # the search's fine-tuning scorer trains with it: settled first
             self._settle_optimizer(state, sampler)
         if self.store.is_done(state.index, "search"):
@@ -765,7 +771,7 @@ class Compression:
             result = AnnealingResult(best_action=self._first_action(state, sampler), best_score=float("nan"),
                                      trajectory=[])
         elif self.config.search.max_evaluations == 1:  # one candidate: nothing to compare, so nothing to score
-            self.pipeline.log(f"round {state.index} search: the {self.config.search.start} start, not scored "
+            self.pipeline.log(f"round {state.index} search: the {self._start_name()} start, not scored "
                               "(search.max_evaluations 1: no candidate to compare it with)")
             result = AnnealingResult(best_action=self._start(state, sampler), best_score=float("nan"),
                                      trajectory=[])
@@ -802,11 +808,27 @@ class Compression:
             return sampler.meet(np.ones(len(sampler.units)))
         return self._start(state, sampler)
 
+    def _start_name(self) -> str:
+        """``search.start``, or for ``auto`` the start the probe chose (:meth:`_search`; guided before it, and for a
+        search)."""
+        start = self.config.search.start
+        return (self._start_choice or "guided") if start == AUTO else start
+
+    def _starts(self, state: RoundState, sampler: ActionSampler) -> dict[str, dict]:
+        """The rates of the guided and magnitude starts (start name -> rates): the guided one alone when the
+        magnitude start cannot meet the round's target with filters or keeps the guided one's widths."""
+        guided = sampler.initial_action()
+        starts = {"guided": sampler.to_rates(guided)}
+        magnitude = sampler.magnitude_action(relative_importance(state.space, state.model))
+        if magnitude is not None and list(sampler.keeps(magnitude)) != list(sampler.keeps(guided)):
+            starts["magnitude"] = sampler.to_rates(magnitude)
+        return starts
+
     def _start(self, state: RoundState, sampler: ActionSampler) -> np.ndarray:
-        """The round's starting action (``search.start``): the guided start (:meth:`ActionSampler.initial_action`),
+        """The round's starting action (:meth:`_start_name`): the guided start (:meth:`ActionSampler.initial_action`),
         or the magnitude start on the round's model (:meth:`ActionSampler.magnitude_action`; the guided one when
         the filters alone cannot meet the round's target, logged)."""
-        if self.config.search.start == "magnitude":
+        if self._start_name() == "magnitude":
             action = sampler.magnitude_action(relative_importance(state.space, state.model))
             if action is not None:
                 return action

@@ -31,7 +31,7 @@ from .errors import SettingError, UserError, show
 from .padded_norm import LAYER_NORM_FORMS
 from .purification import DEFAULT_THRESHOLDS, check_purification
 from .quick_eval import VAL_BATCHES, check_batches, check_scorer
-from .sampling import GUIDANCES, MOVES, STARTS
+from .sampling import GUIDANCES, MOVES, START_SETTINGS
 from .training import FINE_TUNING_LR, OPTIMIZERS, SCHEDULES, OptimizerSettings, TrainConfig, fine_tuning_lr
 
 #: ``dims`` values -> unit kinds pruned
@@ -121,13 +121,16 @@ class SearchConfig:
             ``"channel"`` (per channel: prune harder where one channel costs more), or ``"auto"`` (the default:
             ``"channel"`` for a flops target, ``"layer"`` otherwise; see
             :attr:`CompressConfig.resolved_guidance`).
-        start: the search's starting action (:data:`autocompress.sampling.STARTS`): ``"guided"`` (the default:
-            rates that follow the guidance) or ``"magnitude"`` (one global threshold on the filters' weight
-            magnitudes relative to each layer's mean, as a global magnitude ranking prunes; filter units only, the
-            guided start when they cannot meet the target alone). A search of one evaluation ends where it starts.
-            Measured at flops=4x with a 3-4 epoch budget (one candidate, three seeds each): +1.28 points of
+        start: the search's starting action (:data:`autocompress.sampling.START_SETTINGS`): ``"guided"`` (rates
+            that follow the guidance), ``"magnitude"`` (one global threshold on the filters' weight magnitudes
+            relative to each layer's mean, as a global magnitude ranking prunes; filter units only, the guided start
+            when they cannot meet the target alone) or ``"auto"`` (the default: a search of one evaluation, which
+            ends where it starts, starts from whichever of the two the optimiser probe's held-out loss prefers,
+            :meth:`autocompress.rounds.Pipeline.settle_start`; a longer search starts guided). Measured at flops=4x
+            with a 3-4 epoch budget (one candidate, three seeds each), magnitude against guided: +1.28 points of
             top-1 on a small residual CNN, -0.36 on a fresh user's SE / dilated Conv1d net, -0.50 on the CIFAR-10
-            ResNet-20 (BENCHMARKS.md, "Session 27"), so it is not the default.
+            ResNet-20 (BENCHMARKS.md, "Session 27"); +3.38 on a fresh user's token transformer at flops=2x
+            ("Session 39").
         moves: the search's moves (:data:`autocompress.sampling.MOVES`): ``"gaussian"`` (the default: the paper's
             noise on every rate, re-fit to the target) or ``"mixed"`` (a growing share of local swaps as the
             temperature falls: one unit a width wider, one other pruned just enough; beyond the paper). Measured on
@@ -137,7 +140,7 @@ class SearchConfig:
     """
 
     guidance: str = "auto"
-    start: str = "guided"
+    start: str = AUTO
     moves: str = "gaussian"
     start_temperature: float = 0.05
     cooling_rate: float = 0.85
@@ -154,9 +157,9 @@ class SearchConfig:
         if self.guidance not in (AUTO, *GUIDANCES):
             raise SettingError("search.guidance", f"search.guidance={self.guidance!r} is unknown",
                                f"use one of {', '.join((AUTO, *GUIDANCES))}")
-        if self.start not in STARTS:
+        if self.start not in START_SETTINGS:
             raise SettingError("search.start", f"search.start={self.start!r} is unknown",
-                               f"use one of {', '.join(STARTS)}")
+                               f"use one of {', '.join(START_SETTINGS)}")
         if self.moves not in MOVES:
             raise SettingError("search.moves", f"search.moves={self.moves!r} is unknown",
                                f"use one of {', '.join(MOVES)}")

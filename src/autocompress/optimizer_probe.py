@@ -9,6 +9,13 @@ session 29, before the channel scoring changed). The probe trains two copies of 
 few batches, one per optimiser, each with a cosine schedule from its fine-tuning rate to zero (a retraining in
 miniature), then compares their data loss on the training batches that follow (held out from both). The lower
 loss wins, SGD only by more than the probe's noise (:data:`TIE`).
+
+The same probe chooses where a round without a search starts (``search.start: auto``, :func:`choose_start`): the
+guided start (rates that follow the guidance) or the magnitude start (one global threshold on relative channel
+magnitudes), by the loss each start's pruned model reaches with its better optimiser. On a fresh user's token
+transformer the guided start halved the token stream and kept every MLP whole (26 % top-1 once hard-pruned, 75.06 %
+after 3 epochs), the magnitude start did the opposite (56 %, 78.44 %), and the probe's losses were 0.997 and 0.627
+(BENCHMARKS.md, session 39).
 """
 from __future__ import annotations
 
@@ -81,7 +88,38 @@ def probe_optimizers(model: nn.Module, param_masks: dict[str, torch.Tensor], tas
                      same_batches: Callable[[], object], steps: int = PROBE_STEPS,
                      held_out: int = HELD_OUT_BATCHES) -> ProbeResult:
     """Train a copy of ``model`` per optimiser for ``steps`` training batches and compare their data loss on the
-    next ``held_out`` batches of ``task.train_loader``.
+    next ``held_out`` batches of ``task.train_loader`` (:func:`probe_losses`).
+
+    Returns:
+        :class:`ProbeResult`: SGD where its loss is more than :data:`TIE` below AdamW's, else AdamW
+        (:func:`choose_optimizer`).
+
+    Raises:
+        UserError: as :func:`probe_losses`.
+    """
+    losses = probe_losses(model, param_masks, task, settings=settings, distiller=distiller,
+                          same_batches=same_batches, steps=steps, held_out=held_out)
+    return ProbeResult(choice=choose_optimizer(losses), losses=losses, steps=steps, held_out=held_out)
+
+
+def choose_optimizer(losses: dict[str, float]) -> str:
+    """SGD where its held-out loss is more than :data:`TIE` below AdamW's, else AdamW."""
+    return "sgd" if losses["sgd"] < (1 - TIE) * losses["adamw"] else "adamw"
+
+
+def choose_start(losses: dict[str, dict[str, float]]) -> str:
+    """``"magnitude"`` where the magnitude start's best held-out loss (over the optimisers probed) is more than
+    :data:`TIE` below the guided start's, else ``"guided"`` (the start measured better on convolutional networks,
+    BENCHMARKS.md, sessions 27 and 37). ``losses``: start -> optimiser -> loss (:func:`probe_losses`)."""
+    best = {start: min(by_optimizer.values()) for start, by_optimizer in losses.items()}
+    return "magnitude" if "magnitude" in best and best["magnitude"] < (1 - TIE) * best["guided"] else "guided"
+
+
+def probe_losses(model: nn.Module, param_masks: dict[str, torch.Tensor], task: Task, *,
+                 settings: TrainConfig, optimizers: tuple[str, ...] = OPTIMIZERS, distiller: Distiller | None = None,
+                 same_batches: Callable[[], object], steps: int = PROBE_STEPS,
+                 held_out: int = HELD_OUT_BATCHES) -> dict[str, float]:
+    """The data loss per held-out batch of a copy of ``model`` trained ``steps`` batches by each of ``optimizers``.
 
     Args:
         model: the hard-pruned model (not modified); param_masks: parameter name -> BoolTensor (True = kept),
@@ -90,26 +128,25 @@ def probe_optimizers(model: nn.Module, param_masks: dict[str, torch.Tensor], tas
         settings: momentum, Nesterov, weight decay and label smoothing of the retraining (``optimizer`` and ``lr``
             are the probe's: each optimiser at its :data:`autocompress.training.FINE_TUNING_LR`, cosine to zero
             over ``steps``).
+        optimizers: names of :data:`autocompress.training.OPTIMIZERS` to train with.
         distiller: the run's distillation loss, trained with as the retraining will; the comparison is on the
             data loss alone.
         same_batches: a context manager factory (``task.seeded(seed)``) entered around each copy's pass so that
-            both see the same batches in the same order.
+            every copy sees the same batches in the same order.
         steps, held_out: batches trained and compared (both >= 1).
 
     Returns:
-        :class:`ProbeResult`: SGD where its loss is more than :data:`TIE` below AdamW's, else AdamW.
+        optimiser -> mean data loss per held-out batch (``inf`` where the loss became NaN or infinite).
 
     Raises:
-        UserError: the loss is not a scalar tensor (as the retraining would raise); a loss that becomes NaN or
-            infinite is that optimiser's ``inf``, not an error.
+        UserError: the loss is not a scalar tensor (as the retraining would raise).
     """
     losses = {}
-    for name in OPTIMIZERS:
+    for name in optimizers:
         config = TrainConfig(**{**vars(settings), "optimizer": name, "lr": FINE_TUNING_LR[name], "epochs": 1})
         with same_batches():
             losses[name] = _trained_loss(copy.deepcopy(model), param_masks, task, config, distiller, steps, held_out)
-    choice = "sgd" if losses["sgd"] < (1 - TIE) * losses["adamw"] else "adamw"
-    return ProbeResult(choice=choice, losses=losses, steps=steps, held_out=held_out)
+    return losses
 
 
 def _trained_loss(model: nn.Module, param_masks: dict[str, torch.Tensor], task: Task, config: TrainConfig,

@@ -38,7 +38,8 @@ from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
-from .optimizer_probe import MIN_TRAINING_STEPS, ProbeResult, probe_optimizers, unprobed_choice
+from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, ProbeResult, choose_optimizer,
+                              choose_start, probe_losses, probe_optimizers, unprobed_choice)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -46,7 +47,7 @@ from .architecture import apply_architecture, describe_architecture
 from .space import BREAKS, PruningSpace
 from .task import Task, loader_generators
 from .text import plural, tidy
-from .training import above_bars
+from .training import OPTIMIZERS, above_bars
 
 PHASES = ("search", "admm", "purify", "retrain", "compact")
 
@@ -465,6 +466,46 @@ class Pipeline:
             choice = records[0]["choice"]
         self.config = self.config.with_optimizer(choice)
 
+    def settle_start(self, state: RoundState, starts: Callable[[], dict[str, dict]], rounds: int = 1) -> str:
+        """``search.start: auto`` for rounds without a search: the start whose hard-pruned copy of ``state.model``
+        reaches the lower data loss in the optimiser probe (:func:`autocompress.optimizer_probe.choose_start`),
+        which also settles ``retrain.optimizer: auto`` on it (both optimisers probed from each start); the guided
+        start without a probe when ``starts()`` (start name -> rates) offers one start or the run trains fewer than
+        :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` steps. As a run folder recorded it (its ``start``
+        record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
+        if self.store.is_done("base", "start"):
+            choice = next(r["choice"] for r in self.store.records if r.get("event") == "start")
+            self.log(f"search.start auto: {choice} (as this run recorded)")
+            return choice
+        candidates = starts()
+        steps = self._training_steps(rounds)
+        if len(candidates) < 2 or steps < MIN_TRAINING_STEPS:
+            why = (f"the run trains {steps} optimiser steps, under the {MIN_TRAINING_STEPS} the probe needs to be "
+                   "worth its time" if len(candidates) > 1 else "the magnitude start keeps the same widths or cannot "
+                   "meet the target with filters alone")
+            self.log(f"search.start auto: guided (not probed: {why})")
+            self.store.finish("base", "start", [{"event": "start", "choice": "guided", "probe": None}])
+            return "guided"
+        optimizers = OPTIMIZERS if self.config.retrain.optimizer == AUTO else (self.config.retrain.optimizer,)
+        started = time.perf_counter()
+        losses = distributed.on_main(lambda: {name: self._probe_losses(state, rates, optimizers)
+                                              for name, rates in candidates.items()})
+        choice = choose_start(losses)
+        shown = "; ".join(f"{name} " + ", ".join(f"{o} {loss:.4g}" for o, loss in by.items())
+                          for name, by in losses.items())
+        self.log(f"search.start auto: {choice} (a probe of {PROBE_STEPS} steps from each start's pruned model; data "
+                 f"loss on the next {HELD_OUT_BATCHES} training batches: {shown})")
+        probe = {"held_out_loss": losses, "steps": PROBE_STEPS, "held_out_batches": HELD_OUT_BATCHES}
+        phase = {"event": "phase", "round": 0, "phase": "optimizer", "seconds": time.perf_counter() - started}
+        if self.config.retrain.optimizer == AUTO:
+            result = ProbeResult(choice=choose_optimizer(losses[choice]), losses=losses[choice], steps=PROBE_STEPS,
+                                 held_out=HELD_OUT_BATCHES)
+            self.log(result.describe())
+            self.store.finish("base", "optimizer", [result.record()])
+            self.config = self.config.with_optimizer(result.choice)
+        self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": probe}, phase])
+        return choice
+
     def _probe_records(self, state: RoundState, rates: dict) -> list[dict]:
         """The probe on ``state.model`` hard-pruned at ``rates`` (rank 0's; logged): its record and its time as
         a ``phase`` record (``optimizer``, round 0)."""
@@ -481,15 +522,28 @@ class Pipeline:
         return epochs * _length(self.task.train_loader)
 
     def _probe_optimizers(self, state: RoundState, rates: dict) -> ProbeResult:
-        """:func:`~autocompress.optimizer_probe.probe_optimizers` on a copy of ``state.model`` hard-pruned at
-        ``rates`` and shrunk as the retraining's model is (:meth:`_shrink`), both copies on the same batches."""
+        """:func:`~autocompress.optimizer_probe.probe_optimizers` on ``state.model`` hard-pruned at ``rates``
+        (:meth:`_probe_arguments`)."""
+        model, param_masks, settings = self._probe_arguments(state, rates)
+        return probe_optimizers(model, param_masks, self.task, **settings)
+
+    def _probe_losses(self, state: RoundState, rates: dict, optimizers: tuple[str, ...]) -> dict[str, float]:
+        """:func:`~autocompress.optimizer_probe.probe_losses` of ``optimizers`` on ``state.model`` hard-pruned at
+        ``rates`` (:meth:`_probe_arguments`)."""
+        model, param_masks, settings = self._probe_arguments(state, rates)
+        return probe_losses(model, param_masks, self.task, optimizers=optimizers, **settings)
+
+    def _probe_arguments(self, state: RoundState, rates: dict) -> tuple[nn.Module, dict, dict]:
+        """A copy of ``state.model`` hard-pruned at ``rates`` and shrunk as the retraining's model is
+        (:meth:`_shrink`), its parameter masks, and the probe's keyword arguments: the retraining's settings and
+        distillation, every copy on the same batches."""
         model = copy.deepcopy(state.model)
         _, param_masks = admm.hard_prune(model, state.space, rates)
         model, param_masks = shrink(model, param_masks, self.example_inputs, channel_multiple=self.channel_multiple,
                                     layer_norm=self.config.layer_norm)
         seed = phase_seed(self.config.seed, 0, "retrain")  # round 0: before the rounds
-        return probe_optimizers(model, param_masks, self.task, settings=self.config.retrain.train_config(1),
-                                distiller=self.distiller, same_batches=lambda: self.task.seeded(seed))
+        return model, param_masks, {"settings": self.config.retrain.train_config(1), "distiller": self.distiller,
+                                    "same_batches": lambda: self.task.seeded(seed)}
 
     # --- the round function ---------------------------------------------------------------------------
     def run_round(self, state: RoundState, *, last: bool) -> None:

@@ -62,6 +62,9 @@ GUIDANCES = ("layer", "channel")
 #: follow the guidance) or ``"magnitude"`` (:meth:`ActionSampler.magnitude_action`: one global threshold on the
 #: weights' relative magnitudes).
 STARTS = ("guided", "magnitude")
+#: ``search.start`` values: a start, or ``"auto"`` (a round without a search starts from whichever start the
+#: optimiser probe's loss prefers, :meth:`autocompress.rounds.Pipeline.settle_start`; a search starts guided)
+START_SETTINGS = ("auto", *STARTS)
 #: The search's moves (``search.moves``): ``"gaussian"`` (:meth:`ActionSampler.perturb`: noise on every rate, re-fit
 #: to the target) or ``"mixed"`` (a growing share of :meth:`ActionSampler.swap` as the temperature falls).
 MOVES = ("gaussian", "mixed")
