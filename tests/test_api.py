@@ -1270,6 +1270,55 @@ def test_a_classifier_trains_with_the_probe_s_choice_in_every_phase_and_a_resume
     assert f"retrain.optimizer auto: {choice} (as this run recorded)" in lines
 
 
+@pytest.mark.parametrize("lower", ["guided", "magnitude"])
+def test_a_run_without_a_search_starts_where_the_probe_s_loss_is_lower_and_a_resumed_run_reads_it(
+        monkeypatch, tmp_path, lower):
+    """``search.start: auto`` with one evaluation (no search): both starts' pruned models are probed with both
+    optimisers, the round's rates are those of the start whose loss is lower, the optimiser is settled on that
+    start's losses without a second probe, and a run continued from its folder reads both choices back. (The
+    probe's losses are given here; its minimum run length is lifted.)"""
+    from autocompress import rounds
+
+    monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
+    probed = []
+
+    def losses(model, param_masks, task, *, optimizers, **_settings):
+        start = ("guided", "magnitude")[len(probed) % 2]  # the guided start is probed first
+        probed.append(optimizers)
+        return {name: (0.5 if start == lower else 1.0) + (0.1 if name == "sgd" else 0.0) for name in optimizers}
+
+    monkeypatch.setattr(rounds, "probe_losses", losses)
+    monkeypatch.setattr(rounds, "probe_optimizers", lambda *a, **k: pytest.fail("the optimiser was probed again"))
+    train, val = loaders()
+    base, lines = trained(SmallCNN(16, 16), train), []
+    with torch.no_grad():  # channels 8-15 of conv2 weak: the magnitude start prunes them, the guided one conv1's
+        base.conv2.weight[8:] *= 0.01
+        base.fc.weight[:, 8:] *= 0.01
+
+    def run(start: str, folder=None) -> dict:
+        compression = Compression(base, torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                                  log=lines.append, task_args=dict(train_loader=train, val_loader=val),
+                                  config={**CONFIG, "search": {"max_evaluations": 1, "start": start},
+                                          "admm": {"epochs": 0}, "retrain": {
+                                              "epochs": 0, "optimizer": "auto" if start == "auto" else "sgd"}},
+                                  run_dir=folder)
+        compression.run()
+        return compression
+
+    auto = run("auto", tmp_path / "run")
+    assert probed == [("sgd", "adamw"), ("sgd", "adamw")] and auto.config.retrain.optimizer == "adamw"
+    record = next(r for r in auto.store.records if r.get("event") == "start")
+    assert record["choice"] == lower and record["probe"]["held_out_loss"][lower] == {"sgd": 0.6, "adamw": 0.5}
+    assert f"round 1 search: the {lower} start, not scored (search.max_evaluations 1: no candidate to compare it " \
+           "with)" in lines
+    rates = {start: next(r for r in run(start).store.records if r.get("event") == "search")["rates"]
+             for start in ("guided", "magnitude")}
+    assert rates["guided"] != rates["magnitude"]  # the two starts differ on this model
+    assert next(r for r in auto.store.records if r.get("event") == "search")["rates"] == rates[lower]
+    run("auto", tmp_path / "run")
+    assert len(probed) == 2 and f"search.start auto: {lower} (as this run recorded)" in lines
+
+
 def test_a_budget_run_s_summary_says_the_schedule_it_made():
     """A fresh user's budget of 3 epochs ran no ADMM and no search, said only in the log's first lines: the final
     record and the summary carry the schedule line the log starts with; an explicit schedule gets none."""

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress
-from autocompress.optimizer_probe import probe_optimizers, unprobed_choice
+from autocompress.optimizer_probe import choose_start, probe_optimizers, unprobed_choice
 from autocompress.padded_norm import PaddedLayerNorm
 from autocompress.task import Task
 from autocompress.training import TrainConfig
@@ -131,3 +131,10 @@ def test_a_short_run_of_a_layer_norm_classifier_says_it_retrains_with_adamw():
     assert any(line.startswith("retrain.optimizer auto: adamw (not probed: the run trains 6 optimiser steps")
                and "LayerNorms" in line for line in lines)
     assert next(r for r in result.records if r.get("event") == "optimizer")["choice"] == "adamw"
+
+
+def test_the_magnitude_start_is_chosen_only_when_its_best_loss_is_lower_by_more_than_the_tie():
+    guided = {"sgd": 1.0, "adamw": 0.8}
+    assert choose_start({"guided": guided, "magnitude": {"sgd": 0.79, "adamw": 0.9}}) == "magnitude"
+    assert choose_start({"guided": guided, "magnitude": {"sgd": 0.795, "adamw": 0.9}}) == "guided"  # within 1 %
+    assert choose_start({"guided": guided}) == "guided"
