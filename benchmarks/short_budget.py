@@ -339,8 +339,10 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
                                        train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
                                        config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})
     chosen = next((r for r in result.records if r.get("event") == "optimizer"), None)
+    start = next((r["choice"] for r in result.records if r.get("event") == "start"), None)
     return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
             "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen,
+            "start": start,
             "phase_seconds": result.phase_seconds}, result.model
 
 

@@ -126,34 +126,40 @@ def _counter(objective: str, example: torch.Tensor):
     return metrics.count_params if objective == "params" else (lambda m: metrics.count_macs(m, example))
 
 
-def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 14,
+def prune_to_target(model: nn.Module, example: torch.Tensor, target: Target, *, steps: int = 8,
                     round_to: int | None = None, ignored: tuple[str, ...] = ()) -> TPResult:
-    """Bisect the global channel ratio to the smallest one whose pruned model reaches ``target``.
+    """The pruned model that reaches ``target`` most narrowly: global channel ratios swept in steps of 0.05, then
+    ``steps`` bisections in each step where the reach crosses the target, the least reduction that reaches it
+    kept. The reach is not monotone in the ratio: with ``round_to`` on resnet20 at round_to=8 it peaks at 3.00x,
+    ratio 0.55, and ratios >= 0.9 prune nothing; on a ViT of ``nn.MultiheadAttention`` with head counts given it
+    jumps from 2.95x at 0.55 to 30.6x at 0.65.
 
     Raises:
-        ValueError: no ratio the bisection tried reaches the target; the message gives the most any ratio of a
-            0.05-step sweep reaches (with ``round_to`` the reach is not monotone in the ratio: on resnet20 at
-            round_to=8 it peaks at 3.00x, ratio 0.55, and ratios >= 0.9 prune nothing).
+        ValueError: no swept ratio reaches the target; the message gives the most any reaches.
     """
     count = _counter(target.objective, example)
     original = count(model)
-    low, high, best, trials = 0.0, 0.95, None, 0
-    for _ in range(steps):
-        mid = (low + high) / 2
-        candidate = global_magnitude_prune(model, example, mid, round_to=round_to, ignored=ignored)
-        trials += 1
-        reduction = original / count(candidate)
-        if reduction >= target.factor:
-            high, best = mid, (candidate, mid, reduction)
-        else:
-            low = mid
-    if best is None:  # the reach is not monotone in the ratio with round_to: sweep before refusing
-        reach = {r: original / count(global_magnitude_prune(model, example, r, round_to=round_to))
-                 for r in np.arange(0.05, 0.951, 0.05)}
-        ratio = max(reach, key=reach.get)
-        raise ValueError(f"Torch-Pruning (round_to={round_to}) reaches at most {reach[ratio]:.2f}x (global ratio "
+    tried: dict[float, tuple[nn.Module, float]] = {}
+
+    def reach(ratio: float) -> float:
+        candidate = global_magnitude_prune(model, example, ratio, round_to=round_to, ignored=ignored)
+        tried[ratio] = (candidate, original / count(candidate))
+        return tried[ratio][1]
+
+    ratios = [0.0] + [float(r) for r in np.arange(0.05, 0.951, 0.05)]
+    reaches = [1.0] + [reach(r) for r in ratios[1:]]
+    for low, high, below, above in zip(ratios, ratios[1:], reaches, reaches[1:]):
+        if below < target.factor <= above:  # bisect the crossing
+            for _ in range(steps):
+                mid = (low + high) / 2
+                low, high = (mid, high) if reach(mid) < target.factor else (low, mid)
+    hits = {r: found for r, found in tried.items() if found[1] >= target.factor}
+    if not hits:
+        ratio = max(tried, key=lambda r: tried[r][1])
+        raise ValueError(f"Torch-Pruning (round_to={round_to}) reaches at most {tried[ratio][1]:.2f}x (global ratio "
                          f"{ratio:.2f}; swept 0.05-0.95) < {target}")
-    return TPResult(model=best[0], pruning_ratio=best[1], reduction=best[2], trials=trials)
+    ratio = min(hits, key=lambda r: (hits[r][1], r))
+    return TPResult(model=hits[ratio][0], pruning_ratio=ratio, reduction=hits[ratio][1], trials=len(tried))
 
 
 def run(checkpoint: str, target: str, *, epochs: int, lr: float, max_train: int | None, val_size: int,
