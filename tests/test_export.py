@@ -191,6 +191,39 @@ def test_cli_export_compact_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "b.onnx").exists()
 
 
+class TokenClassifier(nn.Module):
+    """Token ids ``[B, 5]`` -> logits ``[B, 3]`` (an Embedding of 10 ids, flattened, a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(40, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(ids).flatten(1))
+
+
+def test_cli_inspect_and_export_a_token_model_with_the_recorded_input_dtype(tmp_path, capsys):
+    """A fresh user's token transformer's model.pt could not be inspected or exported: the CLI fed float inputs
+    and blamed the input size. The checkpoint records the example's dtype and range (written by compress), and
+    the CLI draws ids in that range."""
+    from autocompress.metrics import input_kind
+
+    torch.manual_seed(0)
+    model = TokenClassifier().eval()
+    ids = torch.tensor([[0, 3, 9, 2, 5]])
+    assert input_kind(ids) == {"input_dtype": "int64", "input_range": [0, 9]} and input_kind(ids.float()) == {}
+    path = save_compact(tmp_path / "tok.pt", model, model_class=TokenClassifier, model_kwargs={},
+                        dataset={"input_size": [5], **input_kind(ids)})
+    assert main(["inspect", str(path), "--no-latency"]) == 0
+    assert "MACs" in capsys.readouterr().out
+    assert main(["export", str(path), "--onnx", str(tmp_path / "tok.onnx")]) == 0
+    assert "onnxruntime max |diff|" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "tok.onnx"), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert np.abs(session.run(None, {"input": other.numpy()})[0] - model(other).numpy()).max() <= 1e-5
+
+
 def test_nan_model_is_refused_and_nothing_written(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with torch.no_grad():

@@ -59,14 +59,23 @@ def hooked_forward(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, Calla
 
 def random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
     """A random input of ``batch`` items shaped like ``example``'s items (``[batch, *example.shape[1:]]``, its
-    dtype and device) from ``generator``: standard normal for floats, integers drawn from ``example``'s own range
-    for integer inputs (token ids an embedding reads), ``example``'s own items drawn at random for booleans (masks
-    keep their pattern: a random one may mask every key of a row, whose attention is then NaN)."""
-    shape = (batch, *example.shape[1:])
+    dtype and device) from ``generator``: :func:`random_inputs` in ``example``'s own range for numbers, and
+    ``example``'s own items drawn at random for booleans (masks keep their pattern: a random one may mask every key
+    of a row, whose attention is then NaN)."""
     if example.dtype == torch.bool:
         items = torch.randint(0, max(example.shape[0], 1), (batch,), generator=generator)
         return example[items.to(example.device)] if example.dim() else example
-    if not example.is_floating_point() and not example.is_complex():
-        low, high = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
-        return torch.randint(low, high + 1, shape, generator=generator).to(example.device, example.dtype)
-    return torch.randn(shape, generator=generator).to(example.device, example.dtype)
+    integer = not example.is_floating_point() and not example.is_complex()
+    low, high = (int(example.min()), int(example.max())) if integer and example.numel() else (0, 0)
+    return random_inputs((batch, *example.shape[1:]), example.dtype, generator, low, high).to(example.device)
+
+
+def random_inputs(shape: tuple, dtype: torch.dtype, generator: torch.Generator, low: int = 0,
+                  high: int = 0) -> torch.Tensor:
+    """A random tensor of ``shape`` and ``dtype`` from ``generator``: standard normal for floats, integers in
+    ``[low, high]`` (token ids an embedding reads), random values for booleans."""
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) < 0.5
+    if not dtype.is_floating_point and not dtype.is_complex:
+        return torch.randint(low, high + 1, shape, generator=generator).to(dtype)
+    return torch.randn(shape, generator=generator).to(dtype)

@@ -1137,7 +1137,8 @@ class Compression:
         save_compact(path, copy.deepcopy(compact_model).cpu(), model_class=cls, model_kwargs=kwargs,
                      metrics={"target": str(self.target), "base_params": self.base_params},
                      config=dataclasses.asdict(self.config),
-                     dataset={"input_size": list(self.example[0].shape[1:])}, sparse="irregular" in self.config.kinds)
+                     dataset={"input_size": list(self.example[0].shape[1:]), **metrics.input_kind(self.example[0])},
+                     sparse="irregular" in self.config.kinds)
 
     def _result(self, compact_model: nn.Module) -> CompressResult:
         records = self.store.records

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, random_inputs
 from .errors import UserError
 
 @dataclass(frozen=True)
@@ -307,33 +307,53 @@ def measure_latencies(models: Mapping[str, nn.Module], example_inputs, *, runs: 
     return results
 
 
-def example_inputs_for(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """A standard-normal input ``[batch, *input_size]`` from a seeded generator (for counting/timing)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((batch, *input_size), generator=generator)
+def example_inputs_for(input_size: Sequence[int], batch: int = 1, seed: int = 0, *,
+                       kind: Mapping | None = None) -> torch.Tensor:
+    """A random input ``[batch, *input_size]`` from a seeded generator (for counting/timing): standard normal, or
+    of the dtype and range ``kind`` records (:func:`input_kind`: token ids, masks)."""
+    kind = kind or {}
+    dtype = getattr(torch, kind.get("input_dtype", "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"the recorded input dtype {kind.get('input_dtype')!r} is not a torch dtype",
+                        "the checkpoint is damaged or was not written by autocompress")
+    low, high = (kind.get("input_range") or [0, 0])[:2]
+    return random_inputs((batch, *input_size), dtype, torch.Generator().manual_seed(seed), int(low), int(high))
+
+
+def input_kind(example: torch.Tensor) -> dict:
+    """What a checkpoint records of an example input beyond its size (:func:`example_inputs_for` reads it back):
+    nothing for floats, ``{"input_dtype": "int64", "input_range": [low, high]}`` for integers (token ids),
+    ``{"input_dtype": "bool"}`` for booleans."""
+    if example.is_floating_point() or example.is_complex():
+        return {}
+    dtype = str(example.dtype).removeprefix("torch.")
+    if example.dtype == torch.bool:
+        return {"input_dtype": dtype}
+    return {"input_dtype": dtype, "input_range": [int(example.min()), int(example.max())]}
 
 
 def model_summary(model: nn.Module, input_size: Sequence[int], *, latency_batches: Sequence[int] = (1, 64),
                   latency_runs: int = 30, warmup: int = 5, threads: int | None = None,
-                  latency: bool = True) -> ModelSummary:
+                  latency: bool = True, kind: Mapping | None = None) -> ModelSummary:
     """Parameters, MACs / FLOPs and the per-layer table at batch 1, and (when ``latency``) the latency at
     each of ``latency_batches`` (see :func:`measure_latency`) on the model's device.
 
     Args:
         input_size: one sample as (C, H, W), e.g. ``(3, 32, 32)``.
+        kind: the inputs' dtype and range when they are not floats (:func:`input_kind`, e.g. token ids).
 
     Raises:
         UserError: the model cannot take this input size; invalid latency settings.
     """
     size = tuple(int(v) for v in input_size)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    inclusive = _inclusive_macs(model, example_inputs_for(size).to(device))
+    inclusive = _inclusive_macs(model, example_inputs_for(size, kind=kind).to(device))
     macs = inclusive.get("", 0)
     summary = ModelSummary(input_size=size, params=count_params(model),
                            nonzero_params=count_nonzero_params(model), macs=macs, flops=2 * macs,
                            layers=_table(model, inclusive))
     if latency:
         for batch in latency_batches:
-            summary.latency[batch] = measure_latency(model, example_inputs_for(size, batch).to(device),
+            summary.latency[batch] = measure_latency(model, example_inputs_for(size, batch, kind=kind).to(device),
                                                      runs=latency_runs, warmup=warmup, threads=threads)
     return summary

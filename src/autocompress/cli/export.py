@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from . import read_checkpoint
     from ..checkpoint import model_from_checkpoint, model_label
     from ..export import export_onnx, export_program
+    from ..metrics import example_inputs_for
 
     outputs = [(flag, suffix, value) for flag, suffix, value in
                (("--onnx", ".onnx", args.onnx), ("--torch-export", ".pt2", args.torch_export)) if value]
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if not size:
         raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
     model = model_from_checkpoint(ckpt).eval()
-    example = torch.randn((1, *[int(s) for s in size]), generator=torch.Generator().manual_seed(0))
+    example = example_inputs_for([int(s) for s in size], kind=ckpt["dataset"])  # token ids where it records them
     _check_input_size(model, model_label(ckpt["model"]), example, recorded)
     model = _columns_form(model, example, args)
     if args.onnx:

@@ -72,7 +72,7 @@ def _load(args: argparse.Namespace):
     if args.model:
         info = model_info(args.model)
         model = create_model(args.model, num_classes=args.num_classes, **parse_model_args(args.model_arg))
-        return model, args.model, info.input_size, None, None
+        return model, args.model, info.input_size, None, None, {}
     from . import read_checkpoint
     from ..checkpoint import build_model, model_from_checkpoint, model_label
 
@@ -86,7 +86,7 @@ def _load(args: argparse.Namespace):
         raise UserError(f"checkpoint {args.checkpoint} records no input size", "pass --input-size C,H,W")
     base = build_model(ckpt["model"]) if ckpt.get("architecture") is not None else None
     _check_base(base, ckpt)
-    return model, name, tuple(size), args.checkpoint, base
+    return model, name, tuple(size), args.checkpoint, base, ckpt["dataset"]
 
 
 def _check_base(base, ckpt: dict) -> None:
@@ -113,18 +113,18 @@ def _report(args: argparse.Namespace) -> dict:
     from ..task import resolve_device
 
     device = resolve_device(args.device)
-    model, name, size, path, base = _load(args)
+    model, name, size, path, base, kind = _load(args)
     model = model.to(device)
     if args.input_size:
         size = parse_input_size(args.input_size)
     summary = model_summary(model, size, latency_runs=args.latency_runs, warmup=args.warmup,
-                            threads=args.threads, latency=not args.no_latency)
-    deployed = None if args.no_latency or args.runtime == "none" else _deployed(args, model, base, size)
+                            threads=args.threads, latency=not args.no_latency, kind=kind)
+    deployed = None if args.no_latency or args.runtime == "none" else _deployed(args, model, base, size, kind)
     return {"model": name, "checkpoint": path, "file_size_bytes": file_size(path) if path else None,
             "device": str(device), **summary.to_dict(), "deployed": deployed}
 
 
-def _deployed(args: argparse.Namespace, model, base, size) -> dict:
+def _deployed(args: argparse.Namespace, model, base, size, kind: dict) -> dict:
     """Deployed latency of ``model`` (and of ``base``, interleaved, for a compact checkpoint) at batch 1 and
     64 in ``--runtime``; with a base, the speedups and a warning when the model is slower or not much faster at
     many fewer MACs (:func:`autocompress.latency.speed_warning`)."""
@@ -136,7 +136,7 @@ def _deployed(args: argparse.Namespace, model, base, size) -> dict:
     config = LatencyConfig(runtime=args.runtime, device=device, threads=args.runtime_threads,
                            runs=args.latency_runs, warmup=args.warmup)
     config.validate()
-    example = example_inputs_for(size)
+    example = example_inputs_for(size, kind=kind)
     form = deployed_form(model.cpu(), example, config)
     models = {"compressed": form.model} if base is None else {"base": base, "compressed": form.model}
     timings = measure_models(models, example, config)
