@@ -12,7 +12,7 @@ loss wins, SGD only by more than the probe's noise (:data:`TIE`).
 
 The same probe chooses where a round without a search starts (``search.start: auto``, :func:`choose_start`): the
 guided start (rates that follow the guidance) or the magnitude start (one global threshold on relative channel
-magnitudes), by the loss each start's pruned model reaches with its better optimiser. On a fresh user's token
+magnitudes), by the loss each start's pruned model reaches with one optimiser. On a fresh user's token
 transformer the guided start halved the token stream and kept every MLP whole (26 % top-1 once hard-pruned, 75.06 %
 after 3 epochs), the magnitude start did the opposite (56 %, 78.44 %), and the probe's losses were 0.997 and 0.627
 (BENCHMARKS.md, session 39).

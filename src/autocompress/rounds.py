@@ -468,8 +468,8 @@ class Pipeline:
 
     def settle_start(self, state: RoundState, starts: Callable[[], dict[str, dict]], rounds: int = 1) -> str:
         """``search.start: auto`` for rounds without a search: the start whose hard-pruned copy of ``state.model``
-        reaches the lower data loss in the optimiser probe (:func:`autocompress.optimizer_probe.choose_start`),
-        which also settles ``retrain.optimizer: auto`` on it (both optimisers probed from each start); the guided
+        reaches the lower data loss in the optimiser probe (:meth:`_probe_starts`), which also settles
+        ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
         start without a probe when ``starts()`` (start name -> rates) offers one start or the run trains fewer than
         :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` steps. As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
@@ -486,11 +486,8 @@ class Pipeline:
             self.log(f"search.start auto: guided (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": "guided", "probe": None}])
             return "guided"
-        optimizers = OPTIMIZERS if self.config.retrain.optimizer == AUTO else (self.config.retrain.optimizer,)
         started = time.perf_counter()
-        losses = distributed.on_main(lambda: {name: self._probe_losses(state, rates, optimizers)
-                                              for name, rates in candidates.items()})
-        choice = choose_start(losses)
+        choice, losses = distributed.on_main(lambda: self._probe_starts(state, candidates))
         shown = "; ".join(f"{name} " + ", ".join(f"{o} {loss:.4g}" for o, loss in by.items())
                           for name, by in losses.items())
         self.log(f"search.start auto: {choice} (a probe of {PROBE_STEPS} steps from each start's pruned model; data "
@@ -505,6 +502,21 @@ class Pipeline:
             self.config = self.config.with_optimizer(result.choice)
         self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": probe}, phase])
         return choice
+
+    def _probe_starts(self, state: RoundState, candidates: dict[str, dict]) -> tuple[str, dict[str, dict]]:
+        """The start :func:`~autocompress.optimizer_probe.choose_start` takes among ``candidates`` (start name ->
+        rates) by the loss each reaches with one optimiser (``retrain.optimizer``, or while it is ``auto`` the one a
+        run too short to probe would take, :func:`~autocompress.optimizer_probe.unprobed_choice`), with the other
+        optimiser probed too on the chosen start while ``auto``; and the losses (start -> optimiser -> loss)."""
+        auto = self.config.retrain.optimizer == AUTO
+        first = unprobed_choice(state.model)[0] if auto else self.config.retrain.optimizer
+        losses = {name: self._probe_losses(state, rates, (first,)) for name, rates in candidates.items()}
+        choice = choose_start(losses)
+        if auto:
+            losses[choice].update(self._probe_losses(state, candidates[choice], tuple(o for o in OPTIMIZERS
+                                                                                      if o != first)))
+            losses[choice] = {name: losses[choice][name] for name in OPTIMIZERS}
+        return choice, losses
 
     def _probe_records(self, state: RoundState, rates: dict) -> list[dict]:
         """The probe on ``state.model`` hard-pruned at ``rates`` (rank 0's; logged): its record and its time as
