@@ -21,7 +21,8 @@ each method:
   ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
   ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
   as before session 38; the ``vit`` model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before
-  session 39: its heads and the stream it reads are not pruned; the ``mhavit`` model);
+  session 39: its heads and the stream it reads are not pruned; the ``mhavit`` model); ``ac_uniform``: one rate
+  for every unit (``search_mode: uniform``);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with); ``tp_own16``: the same at ``round_to=16``
   (widths on onnxruntime's AVX-512 channel block, as ``channel_multiple: auto`` keeps ours).
@@ -270,7 +271,7 @@ AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd"
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
-              "ac_noheads": {}, "ac_unsplit": {}}
+              "ac_noheads": {}, "ac_unsplit": {}, "ac_uniform": {"search_mode": "uniform"}}
 #: TP_IGNORED_NOTE: Torch-Pruning 1.6's importance fails on the ``vit`` model's chunked qkv projections (IndexError:
 #: index 128 is out of bounds), with or without ``num_heads`` and ``prune_head_dims``; they are in its
 #: ``ignored_layers`` (what a user is left with), which also keeps the token stream whole.
