@@ -1593,7 +1593,7 @@ def test_a_one_evaluation_search_takes_its_guided_start_unscored(monkeypatch):
 
 def test_search_start_magnitude_takes_the_samplers_magnitude_action_on_the_base(monkeypatch):
     """search.start magnitude: the rates are the sampler's magnitude action on the base's relative importance;
-    the default (guided) never calls it; an unknown start is refused naming the setting."""
+    the guided start never calls it; an unknown start is refused naming the setting."""
     from autocompress.config import SettingError
     from autocompress.sampling import ActionSampler
 
@@ -1616,10 +1616,10 @@ def test_search_start_magnitude_takes_the_samplers_magnitude_action_on_the_base(
     assert result.mac_reduction >= 2.0 * 0.99
     assert any("search: the magnitude start, not scored" in line for line in lines)
     guided = autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
-                                   config={**CONFIG, "search": {"max_evaluations": 1}}, progress=False,
-                                   log=lambda line: None)
+                                   config={**CONFIG, "search": {"max_evaluations": 1, "start": "guided"}},
+                                   progress=False, log=lambda line: None)
     assert len(starts) == 1 and guided.rounds[0]["rates"] != result.rounds[0]["rates"]
-    with pytest.raises(SettingError, match=r"search.start='widest' is unknown.*guided, magnitude"):
+    with pytest.raises(SettingError, match=r"search.start='widest' is unknown.*auto, guided, magnitude"):
         autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
                               config={**CONFIG, "search": {"start": "widest"}}, progress=False)
 

@@ -164,3 +164,19 @@ def test_scaled_dot_product_attention_is_counted_on_cpu():
     """A fresh user's ViT with ``F.scaled_dot_product_attention``: its CPU kernel had no flop formula, so none of
     its products counted. Each of ``Q K^T`` and ``(.) V`` costs N x heads x tokens x tokens x dims MACs."""
     assert count_macs(Attention(), torch.randn(3, 2, 7, 8)) == 2 * 3 * 2 * 7 * 7 * 8
+
+
+def test_macs_of_a_model_feeding_a_learned_query_expanded_to_the_batch():
+    """A learned query parameter expanded to the batch and fed to a layer (DETR / Perceiver-style decoders) made the
+    flop counter fail ("Expected gradient function to be set": under no_grad the view requires grad without a
+    grad_fn), and with it every analysis of the model."""
+
+    class Queries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.proj, self.head = nn.Parameter(torch.randn(1, 3, 8)), nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.proj(self.query.expand(x.shape[0], -1, -1)).mean(1) + self.head(x)
+
+    assert count_macs(Queries(), torch.randn(2, 8)) == 2 * (3 * 8 * 4 + 8 * 4)  # per item: 3 queries x 8 x 4, 8 x 4

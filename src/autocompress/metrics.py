@@ -164,7 +164,8 @@ def _inclusive_macs(model: nn.Module, example_inputs) -> dict[str, int]:
     try:
         with analysis_mode(model), _attention_counted(), counter:
             try:
-                model(*inputs)
+                with torch.enable_grad():  # under no_grad a view of a parameter (a learned query expanded to the
+                    model(*inputs)  # batch) requires grad without a grad_fn, which the counter's module hooks refuse
             except (RuntimeError, AssertionError, ValueError) as exc:
                 shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
