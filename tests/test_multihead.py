@@ -18,6 +18,7 @@ from autocompress.pruning import expand_rates, prune
 from autocompress.serialization import save_compact
 from autocompress.space import PruningSpace
 from autocompress.training import TrainConfig
+from test_attention import _masked
 
 
 @settings(max_examples=60, deadline=None)
@@ -98,16 +99,6 @@ def test_split_keeps_the_encoder_s_function_and_leaves_attentions_with_appended_
     model.train(), original.train()
     with torch.no_grad():  # training mode with a padding mask: the encoders' ordinary paths
         assert torch.allclose(model(ids, padding), original(ids, padding), atol=1e-5)
-
-
-def _masked(model: nn.Module, param_masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The model with every masked entry zeroed, written out here (not the compaction's own masking)."""
-    masked = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for name, param in masked.named_parameters():
-            if name in param_masks:
-                param.mul_(param_masks[name].to(param.dtype))
-    return masked
 
 
 def test_prune_narrows_an_encoder_s_heads_and_token_stream_and_the_saved_model_rebuilds_from_a_fresh_instance(
