@@ -755,8 +755,9 @@ class Compression:
             raise UserError(f"round {state.index} cannot go on to {self.target}: the model the earlier rounds left is "
                             f"{base_ratio:.3g}x, and from it {exc}", "lower the target, or give fewer rounds "
                             "(rounds, or a smaller budget)") from None
+        # no search: the start is the round's rates, chosen once on the first round's model (or read back)
         if self.config.search.start == AUTO and self.config.search.max_evaluations == 1 and \
-                self.config.search_mode != "uniform":  # no search: the start is the round's rates
+                self.config.search_mode != "uniform" and self._start_choice is None:
             self._start_choice = self.pipeline.settle_start(state, lambda: self._starts(state, sampler),
                                                             rounds=len(self.targets))
             self.config = self.pipeline.config  # the optimiser, when the start's probe settled it
