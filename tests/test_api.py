@@ -1143,8 +1143,14 @@ def test_regression_targets_are_refused_by_the_default_loss_and_score(no_work):
     refused(no_work, r"targets are float32 \[8, 3\], not class indices or class probabilities",
             train_loader=DataLoader(TensorDataset(x, 2 * F.one_hot(y, CLASSES).float()), batch_size=8))
     column = DataLoader(TensorDataset(x, y[:, None]), batch_size=8)  # top-1 would compare [8] with [8, 1]
-    refused(no_work, r"targets \[8, 1\] are not one class index per output \[8\] on a batch of val_loader",
-            val_loader=column)
+    refused(no_work, r"targets \(batch\[1\]\) \[8, 1\] are not one class index per output \[8\] on a batch of "
+            "val_loader", val_loader=column)
+    # a fresh user's batches (ids, mask, label): the default score read the mask as the targets
+    masked = DataLoader(TensorDataset(x, torch.ones(32, 5, dtype=torch.long), y), batch_size=8)
+    refused(no_work, r"targets \(batch\[1\]\) \[8, 5\] are not .* \(batches of 3 items: the default score reads "
+            r"batch\[1\] as the targets\)", train_loader=masked, val_loader=masked,
+            forward_fn=lambda model, batch: model(batch[0]),
+            loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[2]))
 
 
 class PixelClassifier(nn.Module):

@@ -437,9 +437,11 @@ class Task:
             batch = self._first(self.val_loader, "val_loader")
             output = self._check_batch(model, batch, "val_loader")
             _check_class_scores(output, "val_loader", "the default score (top-1)")
+            items = f" (batches of {len(batch)} items: the default score reads batch[1] as the targets)" \
+                if isinstance(batch, (tuple, list)) and len(batch) > 2 else ""
             _refuse_class_targets(class_target_problem(output, batch[1], probabilities=False), "val_loader",
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
-                                  "minus the validation loss, or PSNR)")
+                                  f"minus the validation loss, or PSNR){items}")
         return train_output
 
     def _first(self, loader: Iterable, name: str) -> Batch:
@@ -549,7 +551,7 @@ def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: b
         return f"the targets (batch[1]) are {kind_of(targets)}"
     if not targets.is_floating_point():
         want = shape[:1] + shape[2:]
-        return (f"the targets {list(targets.shape)} are not one class index per output {list(want)}"
+        return (f"the targets (batch[1]) {list(targets.shape)} are not one class index per output {list(want)}"
                 if tuple(targets.shape) != want else _outside_classes(targets, classes))
     if probabilities and tuple(targets.shape) == shape and bool((targets >= 0).all()) and \
             bool(torch.allclose(targets.sum(1), torch.ones((), device=targets.device, dtype=targets.dtype),
