@@ -145,7 +145,8 @@ def named_counts(model: nn.Module, group: FilterGroup) -> list[int]:
         module = model.get_submodule(parent) if parent else model
         named += [value for attr in HEAD_ATTRIBUTES if isinstance(value := getattr(module, attr, None), int)
                   and not isinstance(value, bool)]
-    return [h for h in dict.fromkeys(named) if h in _divisors(group.size)]
+    divisors = _divisors(group.size)
+    return [h for h in dict.fromkeys(named) if h in divisors]
 
 
 def unaligned_heads(model: nn.Module, space: PruningSpace, group: FilterGroup) -> str | None:

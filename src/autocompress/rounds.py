@@ -212,6 +212,13 @@ class PhaseStore:
             self.record(record)
 
 
+def _too_short(steps: int) -> str:
+    """Why a run of ``steps`` optimiser steps is not probed (:data:`~autocompress.optimizer_probe.
+    MIN_TRAINING_STEPS`)."""
+    return (f"the run trains {steps} optimiser steps, under the {MIN_TRAINING_STEPS} the probe needs to be worth "
+            "its time")
+
+
 def _silent(_line: str) -> None:
     """The log of a caller who gave none."""
 
@@ -458,8 +465,7 @@ class Pipeline:
             if steps < MIN_TRAINING_STEPS:
                 choice, why = unprobed_choice(state.model)
                 records = [{"event": "optimizer", "choice": choice, "probe": None}]
-                self.log(f"retrain.optimizer auto: {choice} (not probed: the run trains {steps} optimiser steps, under "
-                         f"the {MIN_TRAINING_STEPS} the probe needs to be worth its time; {why})")
+                self.log(f"retrain.optimizer auto: {choice} (not probed: {_too_short(steps)}; {why})")
             else:
                 records = self._probe_records(state, rates() if rates is not None else state.rates)
             self.store.finish("base", "optimizer", records)
@@ -477,12 +483,11 @@ class Pipeline:
             choice = next(r["choice"] for r in self.store.records if r.get("event") == "start")
             self.log(f"search.start auto: {choice} (as this run recorded)")
             return choice
-        candidates = starts()
         steps = self._training_steps(rounds)
-        if len(candidates) < 2 or steps < MIN_TRAINING_STEPS:
-            why = (f"the run trains {steps} optimiser steps, under the {MIN_TRAINING_STEPS} the probe needs to be "
-                   "worth its time" if len(candidates) > 1 else "the magnitude start keeps the same widths or cannot "
-                   "meet the target with filters alone")
+        candidates = starts() if steps >= MIN_TRAINING_STEPS else {}
+        if len(candidates) < 2:
+            why = (_too_short(steps) if steps < MIN_TRAINING_STEPS else "the magnitude start keeps the same widths "
+                   "or cannot meet the target with filters alone")
             self.log(f"search.start auto: guided (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": "guided", "probe": None}])
             return "guided"
