@@ -6,7 +6,7 @@ each). This script plays such users on CIFAR-10: five architectures written the 
 CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
 residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
 of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv
-projections, the same transformer written with ``nn.TransformerEncoder``), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
+projections, the same transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
 random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
 an epoch, so the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by
 each method:
@@ -22,7 +22,8 @@ each method:
   ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
   as before session 38; the ``vit`` model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before
   session 39: its heads and the stream it reads are not pruned; the ``mhavit`` model); ``ac_uniform``: one rate
-  for every unit (``search_mode: uniform``);
+  for every unit (``search_mode: uniform``); ``ac_keepwidth``: no width attribute follows a narrowed group (before
+  session 40: the ``tvvit`` model's token stream, whose width its forward reads from ``self.hidden_dim``, is kept);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with); ``tp_own16``: the same at ``round_to=16``
   (widths on onnxruntime's AVX-512 channel block, as ``channel_multiple: auto`` keeps ours).
@@ -51,12 +52,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.vision_transformer import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks" / "peers")]
 
 import autocompress  # noqa: E402
-from autocompress import metrics, rounds  # noqa: E402
+from autocompress import compaction, metrics, rounds  # noqa: E402
 from autocompress.config import Target  # noqa: E402
 from autocompress.data import get_dataset  # noqa: E402
 from autocompress.latency import LatencyConfig, measure_models  # noqa: E402
@@ -263,15 +265,22 @@ class EncoderViT(nn.Module):
         return self.fc(self.norm(self.encoder(x)).mean(1))
 
 
+def TorchvisionViT() -> nn.Module:  # noqa: N802 - a model class to the caller
+    """torchvision's ``VisionTransformer`` as a user builds it for 32x32 images (patches of 4, 4 layers of 4 heads,
+    width 128, MLP 256, no dropout): its forward writes the width into a reshape (``self.hidden_dim``)."""
+    return VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256,
+                             num_classes=10)
+
+
 MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT,
-          "mhavit": EncoderViT}
+          "mhavit": EncoderViT, "tvvit": TorchvisionViT}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
-              "ac_noheads": {}, "ac_unsplit": {}, "ac_uniform": {"search_mode": "uniform"}}
+              "ac_noheads": {}, "ac_unsplit": {}, "ac_uniform": {"search_mode": "uniform"}, "ac_keepwidth": {}}
 #: TP_IGNORED_NOTE: Torch-Pruning 1.6's importance fails on the ``vit`` model's chunked qkv projections (IndexError:
 #: index 128 is out of bounds), with or without ``num_heads`` and ``prune_head_dims``; they are in its
 #: ``ignored_layers`` (what a user is left with), which also keeps the token stream whole.
@@ -335,7 +344,9 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
             user_loop(model, train, phase.epochs, 1e-3, attach=phase.attach, penalty=phase.penalty)
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
-    with mock.patch.object(rounds, "head_count", heads), mock.patch.object(rounds, "split_multihead_attention", split):
+    widths = (lambda model, narrowed: {}) if method == "ac_keepwidth" else compaction.width_attributes
+    with mock.patch.object(rounds, "head_count", heads), mock.patch.object(rounds, "split_multihead_attention", split), \
+            mock.patch.object(compaction, "width_attributes", widths):
         result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,
                                        train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
                                        config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})

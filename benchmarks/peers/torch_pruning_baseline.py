@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from autocompress import metrics
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
@@ -81,10 +83,14 @@ def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float
     pruned = copy.deepcopy(model).eval()
     layers = [_classifier(pruned)] + [pruned.get_submodule(name) for name in ignored]
     heads = {m: m.num_heads for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)}  # as its README
+    if isinstance(pruned, VisionTransformer):  # as its torchvision example: widths a multiple of the head count
+        heads, round_to = {}, math.lcm(round_to or 1, pruned.encoder.layers[0].num_heads)
     pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, global_pruning=True, max_pruning_ratio=max_layer_ratio,
                                   ignored_layers=layers, round_to=round_to, num_heads=heads)
     pruner.step()
+    if isinstance(pruned, VisionTransformer):  # as its torchvision example: the width its forward reads from here
+        pruned.hidden_dim = pruned.conv_proj.out_channels
     return pruned
 
 

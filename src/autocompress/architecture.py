@@ -19,7 +19,9 @@ from .multihead import SplitMultiheadAttention, unnest
 from .padded_norm import PaddedGroupNorm, PaddedLayerNorm
 
 FORMAT = "autocompress-architecture"
-VERSION = 1
+#: the newest description version this reads: 2 added ``"attributes"``; a description without them is written as 1,
+#: which autocompress 0.5 reads too
+VERSION = 2
 
 
 def _conv_args(m: nn.modules.conv._ConvNd) -> dict:
@@ -73,6 +75,37 @@ _TYPES = {cls.__name__: cls for cls in _DESCRIBERS}
 def _shapes(module: nn.Module) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in list(module.named_parameters(recurse=False))
             + list(module.named_buffers(recurse=False))}
+
+
+def describable(module: nn.Module) -> bool:
+    """Whether ``module``'s type is one a description rebuilds from constructor arguments."""
+    return type(module) in _DESCRIBERS
+
+
+#: the module attribute naming the int attributes compaction set to a narrowed width
+#: (:func:`autocompress.compaction.width_attributes`): a description records and restores them
+WIDTH_ATTRIBUTES = "_autocompress_width_attributes"
+
+
+def mark_width_attribute(module: nn.Module, attr: str) -> None:
+    """Record that ``module.<attr>`` holds a narrowed width (a description then keeps its value)."""
+    setattr(module, WIDTH_ATTRIBUTES, tuple(sorted({*getattr(module, WIDTH_ATTRIBUTES, ()), attr})))
+
+
+def _set_attributes(module: nn.Module, name: str, values: object) -> None:
+    """Set a description's ``"attributes"`` entry of module ``name``.
+
+    Raises:
+        UserError: the entry does not name existing int attributes with reasonably sized int values.
+    """
+    if not isinstance(values, dict) or not all(
+            type(getattr(module, key, None)) is int and type(value) is int and 0 <= value <= MAX_DIMENSION
+            for key, value in values.items()):
+        raise UserError(f"the architecture's attributes of {name!r} cannot be set (not int attributes of it)",
+                        "the file is damaged or was not written by autocompress")
+    for key, value in values.items():
+        setattr(module, key, value)
+        mark_width_attribute(module, key)
 
 
 def _entry(module: nn.Module) -> dict | None:
@@ -136,7 +169,10 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
-        "args": dict}}}`` (only str / int / float / bool / list / dict / None values).
+        "args": dict}}}`` (only str / int / float / bool / list / dict / None values); where compaction set int
+        attributes to a narrowed width (a width the forward writes into a shape, such as torchvision's
+        ``VisionTransformer.hidden_dim``: :func:`mark_width_attribute`), version 2 with ``"attributes": {name:
+        {attribute: value}}``.
 
     Raises:
         UserError: a module of another type has buffers whose shapes differ from the reference's (it
@@ -145,9 +181,12 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
     """
     ref_modules = dict(reference.named_modules()) if reference is not None else {}
     modules: dict[str, dict] = {}
+    attributes: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
         entry = _entry(module) if name else None
         ref = ref_modules.get(name)
+        if WIDTH_ATTRIBUTES in vars(module):
+            attributes[name] = {attr: getattr(module, attr) for attr in getattr(module, WIDTH_ATTRIBUTES)}
         if entry is None:
             if ref is not None and _shapes(ref) != _shapes(module):
                 modules[name] = _parameter_shapes(module, ref, name)
@@ -156,7 +195,9 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
             continue
         if reference is None or ref is None or _entry(ref) != entry:
             modules[name] = entry
-    return {"format": FORMAT, "version": VERSION, "modules": modules}
+    if not attributes:
+        return {"format": FORMAT, "version": 1, "modules": modules}
+    return {"format": FORMAT, "version": VERSION, "modules": modules, "attributes": attributes}
 
 
 #: the largest size any recorded constructor argument may have (a damaged or hostile file could otherwise
@@ -215,8 +256,20 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
         if floats:
             new = new.to(device=floats[0].device, dtype=floats[0].dtype)
         setattr(parent, attr, new)
+    attributes = description.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise UserError("the architecture's attributes are not a mapping of module names",
+                        "the file is damaged or was not written by autocompress")
+    for name, values in attributes.items():
+        try:
+            module = model.get_submodule(name) if name else model
+        except AttributeError as exc:
+            raise UserError(f"the architecture sets attributes of module {name!r}, which the base model lacks",
+                            "load it with the model name and options it was saved with") from exc
+        _set_attributes(module, name, values)
     unnest(model)
     return model
 
 
-__all__ = ["FORMAT", "VERSION", "apply_architecture", "describe_architecture"]
+__all__ = ["FORMAT", "VERSION", "apply_architecture", "describable", "describe_architecture",
+           "mark_width_attribute"]

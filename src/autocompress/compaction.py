@@ -30,7 +30,7 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward, random_like
 from .alignment import is_aligned
-from .architecture import describe_architecture
+from .architecture import describable, describe_architecture, mark_width_attribute
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError, first_line
@@ -274,13 +274,14 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
 
 
 def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
-                     multiple: int = 1, layer_norm: str = "padded"
+                     multiple: int = 1, layer_norm: str = "padded", narrowed: list[Narrowed] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]], list[Query]]:
     """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
     channels beyond it stay, as zeros). A LayerNorm that lost channels becomes a :class:`PaddedLayerNorm`
     (``layer_norm: padded``, or where its kept channels are not known) or stays a plain LayerNorm over the kept
     ones (``kept``). Returns module name -> kept output channel indices, for those plain LayerNorms name ->
-    (kept indices, channel dimension), and the query rows of the attentions whose heads narrowed (:data:`Query`)."""
+    (kept indices, channel dimension), and the query rows of the attentions whose heads narrowed (:data:`Query`);
+    appends each group that narrowed to ``narrowed`` (:data:`Narrowed`)."""
     kept, queries = _remove_fused_qkv(model, inputs, report, train_only, multiple)
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
@@ -340,6 +341,10 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     keep[torch.tensor([i for i in idxs if i < total], dtype=torch.long)] = False
                     kept[names[target]] = torch.nonzero(keep).flatten()
         query = _separate_query(dg, group, names)
+        if narrowed is not None:
+            width = pruner.get_out_channels(module)
+            narrowed.append((width, width - len(roots), {names[dep.target.module] for dep, _ in group
+                                                         if dep.target.module in names}))
         group.prune()
         if query is not None:
             writers, before = query
@@ -359,6 +364,72 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, padded(norm, width, norm_dims[norm]))
     return kept, plain, queries
+
+
+#: a channel group that narrowed: (its width before, after, the names of the layers it couples)
+Narrowed = tuple[int, int, set[str]]
+
+
+def _scope(names: set[str]) -> str:
+    """The name of the smallest module holding every module of ``names`` and not one of them ("" for the
+    model)."""
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    scope = ".".join(common)
+    return scope.rpartition(".")[0] if scope in names else scope
+
+
+def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> dict[tuple[str, str], tuple[int, int]]:
+    """The int attributes of ``model``'s modules that may hold a narrowed group's width, a channel count its
+    forward writes into a shape (torchvision's ``VisionTransformer.hidden_dim`` in ``x.reshape(n,
+    self.hidden_dim, -1)``): ``(module name, attribute) -> (width before, after)``. Candidates are the public int
+    attributes equal to the width before, of the modules under the smallest one holding the group's layers, and of
+    types :mod:`autocompress.architecture` does not describe (a Linear's ``in_features`` is torch-pruning's to
+    update). An attribute two groups would set to different widths is left out."""
+    modules = dict(model.named_modules())
+    found: dict[tuple[str, str], tuple[int, int]] = {}
+    clashes = set()
+    for before, after, members in narrowed:
+        scope = _scope(members)
+        for name, module in modules.items():
+            if (scope and name != scope and not name.startswith(scope + ".")) or describable(module):
+                continue
+            for attr, value in vars(module).items():
+                if attr.startswith("_") or type(value) is not int or value != before:
+                    continue
+                if found.setdefault((name, attr), (before, after)) != (before, after):
+                    clashes.add((name, attr))
+    return {key: value for key, value in found.items() if key not in clashes}
+
+
+def _set_attributes(model: nn.Module, attributes: dict[tuple[str, str], tuple[int, int]], index: int) -> None:
+    """Set each attribute of :func:`width_attributes` to its width before (``index`` 0) or after (1)."""
+    for (name, attr), widths in attributes.items():
+        setattr(model.get_submodule(name) if name else model, attr, widths[index])
+
+
+def _runs(model: nn.Module, inputs: tuple, attributes: dict[tuple[str, str], tuple[int, int]]
+          ) -> tuple[dict[nn.Module, int], dict[tuple[str, str], tuple[int, int]]]:
+    """:func:`_called_modules` of the compact ``model``, as it is and, where its forward raises, with the candidate
+    width attributes (:func:`width_attributes`) set to the narrowed widths: each alone, then all of them (the
+    check against the masked model follows). Returns the calls and the attributes ``model`` keeps set (empty: none).
+    Raises what the first forward raised when no try runs."""
+    tries = [{}] + [{key: value} for key, value in attributes.items()] + ([attributes] if len(attributes) > 1 else [])
+    first = None
+    for patch in tries:
+        _set_attributes(model, patch, 1)
+        try:
+            return _called_modules(model, inputs), patch
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the caller's forward may raise anything on the old width
+            first = first or exc
+            _set_attributes(model, patch, 0)
+    raise first
 
 
 #: the query rows of an attention whose heads narrowed: (the Linears that may write them, the rows from the first,
@@ -690,11 +761,17 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     report: dict[str, Any] = {"params_before": _count(model), "removed_channels": {}, "column_layers": {},
                               "dead_channels_kept": {}}
     train_only = train_only_modules(work, inputs)
-    kept, plain, queries = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm)
+    narrowed: list[Narrowed] = []
+    kept, plain, queries = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm, narrowed)
     report["layer_norms_over_kept"] = sorted(plain)
     work.eval()
-    called = set(_called_modules(work, inputs)) | train_only
-    _compact_columns(work, called, report, param_masks)
+    called, attributes = _runs(work, inputs, width_attributes(work, narrowed))
+    for name, attr in attributes:
+        mark_width_attribute(work.get_submodule(name) if name else work, attr)
+    if attributes:
+        report["width_attributes"] = {f"{name}.{attr}" if name else attr: widths[1]
+                                      for (name, attr), widths in sorted(attributes.items())}
+    _compact_columns(work, set(called) | train_only, report, param_masks)
     _keep_frozen(work, model)
     work.eval()
     with kept_statistics(reference, plain):

@@ -1,0 +1,120 @@
+"""Compaction of a group whose width the forward writes into a shape through an int attribute (torchvision's
+``VisionTransformer.hidden_dim``): the attribute follows the narrowed width, and saved models restore it.
+
+Masks are built by hand (a stream channel is dead when every layer writing it has a zero row, bias and affine
+entry); the expected output is the masked model's, computed by the model itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+import autocompress
+from autocompress.admm import ADMMConfig
+from autocompress.architecture import apply_architecture, describe_architecture
+from autocompress.compaction import compact
+from autocompress.errors import UserError
+from autocompress.pruning import prune
+from autocompress.serialization import save_compact
+from autocompress.training import TrainConfig
+
+torch.set_num_threads(1)
+
+
+class Patches(nn.Module):
+    """A patch embedding whose forward writes the token width into a shape; ``size`` is an unrelated int."""
+
+    def __init__(self, width: int = 12, size: int = 4):
+        super().__init__()
+        self.width, self.size = width, size
+        self.embed = nn.Conv2d(3, width, 2, stride=2)
+        self.norm = nn.LayerNorm(width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).reshape(x.shape[0], self.width, -1).transpose(1, 2)
+        tokens = tokens + self.mix(self.norm(tokens))
+        return self.head(tokens.mean(1))
+
+
+def _stream_masks(model: Patches, removed: list[int]) -> dict[str, torch.Tensor]:
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    for name in ("embed.weight", "embed.bias", "norm.weight", "norm.bias", "mix.weight", "mix.bias"):
+        masks[name][removed] = False
+    return masks
+
+
+def _masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(masks[name])
+    return model.eval()
+
+
+@settings(max_examples=25, deadline=None)
+@given(width=st.integers(2, 12), data=st.data())
+def test_a_width_written_into_a_shape_follows_the_narrowed_stream(width, data):
+    removed = sorted(data.draw(st.sets(st.integers(0, width - 1), min_size=1, max_size=width - 1)))
+    torch.manual_seed(width)
+    model = Patches(width, size=width)  # an unrelated attribute equal to the width stays as it is
+    masks = _stream_masks(model, removed)
+    x = torch.randn(3, 3, 8, 8)
+    result = compact(model, masks, (x,))
+    small = result.model
+    assert small.embed.out_channels == small.width == width - len(removed)
+    assert small.size == width and result.report["width_attributes"] == {"width": width - len(removed)}
+    assert model.width == width  # the model compacted is untouched
+    with torch.no_grad():
+        assert torch.allclose(small(x), _masked(model, masks)(x), atol=1e-5)
+
+
+def test_the_width_attribute_is_saved_and_restored_on_a_fresh_instance(tmp_path):
+    torch.manual_seed(0)
+    model = Patches(12)
+    small = compact(model, _stream_masks(model, [0, 3, 4, 9, 11]), torch.randn(2, 3, 8, 8)).model
+    description = describe_architecture(small)
+    assert description["version"] == 2 and description["attributes"] == {"": {"width": 7}}
+    rebuilt = apply_architecture(Patches(12), description)
+    rebuilt.load_state_dict(small.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), small(x))
+    assert describe_architecture(rebuilt, reference=Patches(12))["attributes"] == {"": {"width": 7}}  # kept
+    loaded = autocompress.load(save_compact(tmp_path / "small.pt", small, model_class=Patches, model_kwargs={}),
+                               model=Patches(12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    assert describe_architecture(Patches(12), reference=Patches(12))["version"] == 1  # nothing narrowed
+
+
+@pytest.mark.parametrize("attributes, problem", [
+    ({"": {"width": "7"}}, "cannot be set"), ({"": {"embed": 3}}, "cannot be set"),
+    ({"": {"width": 1 << 30}}, "cannot be set"), ({"nowhere": {"width": 3}}, "lacks"), ([1], "not a mapping")])
+def test_a_damaged_attributes_entry_is_refused(attributes, problem):
+    description = {"format": "autocompress-architecture", "version": 2, "modules": {}, "attributes": attributes}
+    with pytest.raises(UserError, match=problem):
+        apply_architecture(Patches(12), description)
+
+
+def test_prune_narrows_torchvision_vision_transformer_s_hidden_width():
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    lines = []
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, {"default": 0.5}, example_inputs=x, device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
+                   log=lines.append)
+    small = result.compact_model
+    assert not [line for line in lines if line.startswith("not filter-pruned: conv_proj")]
+    assert small.hidden_dim == small.conv_proj.out_channels == small.class_token.shape[-1] < 32
+    rebuilt = apply_architecture(VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2,
+                                                   hidden_dim=32, mlp_dim=64, num_classes=10),
+                                 describe_architecture(small))
+    rebuilt.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), small(x))
