@@ -370,6 +370,22 @@ class CalledTwice(nn.Module):
         return F.relu(self.conv(F.relu(self.conv(x))))
 
 
+class TokenMixer(nn.Module):
+    """Pixels as tokens through a LayerNorm and a Linear, residual; the forward writes the width, stored as an int
+    attribute, into its reshapes (torchvision's ``VisionTransformer.hidden_dim``)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.width = c
+        self.proj, self.norm, self.fc = nn.Conv2d(c, c, 1), nn.LayerNorm(c), nn.Linear(c, c)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        tokens = self.proj(x).reshape(n, self.width, h * w).transpose(1, 2)
+        tokens = tokens + self.fc(self.norm(tokens))
+        return tokens.transpose(1, 2).reshape(n, self.width, h, w)
+
+
 class AuxHead(nn.Module):
     """A train-only auxiliary classifier (inception style): its logits are stored, the input passes on."""
 
@@ -385,7 +401,7 @@ class AuxHead(nn.Module):
 
 BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
           SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, GroupNormResidual, UpDown,
-          LinearToMap, Interpolate, CalledTwice, AuxHead]
+          LinearToMap, Interpolate, CalledTwice, AuxHead, TokenMixer]
 
 
 class Net(nn.Module):

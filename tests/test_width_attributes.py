@@ -118,3 +118,47 @@ def test_prune_narrows_torchvision_vision_transformer_s_hidden_width():
     rebuilt.load_state_dict(small.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), small(x))
+
+
+class Mixer(nn.Module):
+    """A block whose forward writes its own width, stored as ``width``, into reshapes; the stream feeding it has
+    that width too."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.proj = nn.Conv2d(width, width, 1)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        tokens = self.proj(x).reshape(n, self.width, h * w).transpose(1, 2)
+        tokens = torch.relu(self.fc(tokens))
+        return tokens.transpose(1, 2).reshape(n, -1, h, w)
+
+
+class Stacked(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.mixer = Mixer(width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.head(self.mixer(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_block_s_width_attribute_follows_its_own_group_not_the_stream_feeding_it():
+    torch.manual_seed(0)
+    model = Stacked(8)
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    for name in ("stem.weight", "stem.bias"):
+        masks[name][[1, 2, 5]] = False  # the stream feeding the block: 8 -> 5
+    for name in ("mixer.proj.weight", "mixer.proj.bias"):
+        masks[name][[0, 7]] = False  # the block's own width: 8 -> 6 (also the reshape's width)
+    x = torch.randn(2, 3, 6, 6)
+    result = compact(model, masks, (x,))
+    assert result.model.stem.out_channels == 5 and result.model.mixer.width == result.model.mixer.proj.out_channels == 6
+    assert result.report["width_attributes"] == {"mixer.width": 6}
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), _masked(model, masks)(x), atol=1e-5)

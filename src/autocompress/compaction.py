@@ -383,27 +383,25 @@ def _scope(names: set[str]) -> str:
     return scope.rpartition(".")[0] if scope in names else scope
 
 
-def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> dict[tuple[str, str], tuple[int, int]]:
+def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[tuple[tuple[str, str], tuple[int, int]]]:
     """The int attributes of ``model``'s modules that may hold a narrowed group's width, a channel count its
     forward writes into a shape (torchvision's ``VisionTransformer.hidden_dim`` in ``x.reshape(n,
-    self.hidden_dim, -1)``): ``(module name, attribute) -> (width before, after)``. Candidates are the public int
-    attributes equal to the width before, of the modules under the smallest one holding the group's layers, and of
-    types :mod:`autocompress.architecture` does not describe (a Linear's ``in_features`` is torch-pruning's to
-    update). An attribute two groups would set to different widths is left out."""
+    self.hidden_dim, -1)``): ``((module name, attribute), (width before, after))``, those of the groups whose
+    layers sit under the smallest module first (a block's own width before the stream's that feeds it). Candidates
+    are the public int attributes equal to a group's width before, of the modules under the smallest one holding
+    the group's layers, and of types :mod:`autocompress.architecture` does not describe (a Linear's
+    ``in_features`` is torch-pruning's to update)."""
     modules = dict(model.named_modules())
-    found: dict[tuple[str, str], tuple[int, int]] = {}
-    clashes = set()
+    found = []
     for before, after, members in narrowed:
         scope = _scope(members)
         for name, module in modules.items():
             if (scope and name != scope and not name.startswith(scope + ".")) or describable(module):
                 continue
-            for attr, value in vars(module).items():
-                if attr.startswith("_") or type(value) is not int or value != before:
-                    continue
-                if found.setdefault((name, attr), (before, after)) != (before, after):
-                    clashes.add((name, attr))
-    return {key: value for key, value in found.items() if key not in clashes}
+            found += [(-(scope.count(".") + 1 if scope else 0), (name, attr), (before, after))
+                      for attr, value in vars(module).items()
+                      if not attr.startswith("_") and type(value) is int and value == before]
+    return [(key, widths) for _, key, widths in sorted(set(found))]
 
 
 def _set_attributes(model: nn.Module, attributes: dict[tuple[str, str], tuple[int, int]], index: int) -> None:
@@ -412,22 +410,28 @@ def _set_attributes(model: nn.Module, attributes: dict[tuple[str, str], tuple[in
         setattr(model.get_submodule(name) if name else model, attr, widths[index])
 
 
-def _runs(model: nn.Module, inputs: tuple, attributes: dict[tuple[str, str], tuple[int, int]]
+def _runs(model: nn.Module, inputs: tuple, narrowed: list[Narrowed]
           ) -> tuple[dict[nn.Module, int], dict[tuple[str, str], tuple[int, int]]]:
     """:func:`_called_modules` of the compact ``model``, as it is and, where its forward raises, with the candidate
-    width attributes (:func:`width_attributes`) set to the narrowed widths: each alone, then all of them (the
-    check against the masked model follows). Returns the calls and the attributes ``model`` keeps set (empty: none).
-    Raises what the first forward raised when no try runs."""
-    tries = [{}] + [{key: value} for key, value in attributes.items()] + ([attributes] if len(attributes) > 1 else [])
-    first = None
-    for patch in tries:
+    width attributes of the ``narrowed`` groups (:func:`width_attributes`) set to the narrowed widths: each alone,
+    then all of them (the first candidate of each attribute; the check against the masked model follows). Returns
+    the calls and the attributes ``model`` keeps set (empty: none). Raises what the first forward raised when no
+    try runs."""
+    try:
+        return _called_modules(model, inputs), {}
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the caller's forward may raise anything on the old width
+        first = exc
+    candidates = width_attributes(model, narrowed)
+    every = dict(reversed(candidates))
+    for patch in [{key: widths} for key, widths in candidates] + ([every] if len(candidates) > 1 else []):
         _set_attributes(model, patch, 1)
         try:
             return _called_modules(model, inputs), patch
         except UserError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the caller's forward may raise anything on the old width
-            first = first or exc
+        except Exception:  # noqa: BLE001
             _set_attributes(model, patch, 0)
     raise first
 
@@ -765,7 +769,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     kept, plain, queries = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm, narrowed)
     report["layer_norms_over_kept"] = sorted(plain)
     work.eval()
-    called, attributes = _runs(work, inputs, width_attributes(work, narrowed))
+    called, attributes = _runs(work, inputs, narrowed)
     for name, attr in attributes:
         mark_width_attribute(work.get_submodule(name) if name else work, attr)
     if attributes:
