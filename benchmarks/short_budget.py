@@ -344,7 +344,7 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
             user_loop(model, train, phase.epochs, 1e-3, attach=phase.attach, penalty=phase.penalty)
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
-    widths = (lambda model, narrowed: {}) if method == "ac_keepwidth" else compaction.width_attributes
+    widths = (lambda model, narrowed: []) if method == "ac_keepwidth" else compaction.width_attributes
     with mock.patch.object(rounds, "head_count", heads), mock.patch.object(rounds, "split_multihead_attention", split), \
             mock.patch.object(compaction, "width_attributes", widths):
         result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,

@@ -5,11 +5,15 @@ Masks are built by hand (a stream channel is dead when every layer writing it ha
 entry); the expected output is the masked model's, computed by the model itself."""
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.vision_transformer import VisionTransformer
 
 import autocompress
@@ -17,8 +21,10 @@ from autocompress.admm import ADMMConfig
 from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.compaction import compact
 from autocompress.errors import UserError
-from autocompress.pruning import prune
+from autocompress.projection import project
+from autocompress.pruning import expand_rates, prune
 from autocompress.serialization import save_compact
+from autocompress.space import PruningSpace
 from autocompress.training import TrainConfig
 
 torch.set_num_threads(1)
@@ -162,3 +168,96 @@ def test_a_block_s_width_attribute_follows_its_own_group_not_the_stream_feeding_
     assert result.report["width_attributes"] == {"mixer.width": 6}
     with torch.no_grad():
         assert torch.allclose(result.model(x), _masked(model, masks)(x), atol=1e-5)
+
+
+class StoredHeadsAttention(nn.Module):
+    """Self-attention as Hugging Face's BERT writes it: the head count, the head width and the whole width stored
+    as attributes and written into views; the scale from the stored head width."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, width // heads
+        self.all_head_size = heads * self.attention_head_size
+        self.query, self.key, self.value = (nn.Linear(width, self.all_head_size) for _ in range(3))
+        self.dense = nn.Linear(self.all_head_size, width)
+
+    def _heads(self, x):
+        return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(self, x):
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)
+        context = (scores.softmax(-1) @ v).transpose(1, 2).contiguous()
+        return x + self.dense(context.view(*context.shape[:-2], self.all_head_size))
+
+
+class StoredHeadsEncoder(nn.Module):
+    def __init__(self, features: int = 6, width: int = 16, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.attention = StoredHeadsAttention(width, heads)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(self.embed(x)).mean(1))
+
+
+def test_stored_head_widths_follow_heads_narrowed_by_the_pipeline():
+    torch.manual_seed(0)
+    model = StoredHeadsEncoder().eval()
+    x = torch.randn(2, 5, 6)
+    lines = []
+    rates = {"default": 0.5}
+    result = prune(model, rates, example_inputs=x, device="cpu", dims=("filter",), admm=ADMMConfig(epochs=0),
+                   retrain=TrainConfig(epochs=0), purify=False, progress=False, log=lines.append)
+    assert [line for line in lines if line.startswith("filter-pruned by heads: attention.query") and "4 heads" in line]
+    attention = result.compact_model.attention
+    assert attention.query.out_features == attention.all_head_size == 4 * attention.attention_head_size < 16
+    assert attention.num_attention_heads == 4
+    space = PruningSpace.build(model, (x,), dims=("filter",), heads={"attention.query": 4})
+    masked = _masked_copy(model, space.param_masks(project(space, model, expand_rates(space, rates, ("filter",)))))
+    with torch.no_grad():
+        assert torch.allclose(result.compact_model(x), masked(x), atol=1e-5)
+    rebuilt = apply_architecture(StoredHeadsEncoder(), describe_architecture(result.compact_model))
+    rebuilt.load_state_dict(result.compact_model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), result.compact_model(x))
+
+
+def _masked_copy(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    return _masked(copy.deepcopy(model), {name: masks.get(name, torch.ones_like(p, dtype=torch.bool))
+                                          for name, p in model.named_parameters()})
+
+
+class FusedStoredHeadsAttention(nn.Module):
+    """timm's ViT attention (a fused qkv Linear viewed with a stored head width), its output viewed with -1."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, width // heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        context = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(context.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_fused_qkv_s_stored_head_width_follows_its_heads():
+    torch.manual_seed(0)
+    model = StoredHeadsEncoder()
+    model.attention = FusedStoredHeadsAttention(16, 4)
+    x = torch.randn(2, 5, 6)
+    lines = []
+    result = prune(model.eval(), {"default": 0.5}, example_inputs=x, device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
+                   log=lines.append)
+    attention = result.compact_model.attention
+    assert attention.qkv.out_features == 3 * 4 * attention.head_dim and attention.head_dim < 4
+    assert not [line for line in lines if "not filter-pruned: attention.qkv" in line]
+    space = PruningSpace.build(model, (x,), dims=("filter",), heads={"attention.qkv": 4})
+    rates = expand_rates(space, {"default": 0.5}, ("filter",))
+    masked = _masked_copy(model, space.param_masks(project(space, model, rates)))
+    with torch.no_grad():
+        assert torch.allclose(result.compact_model(x), masked(x), atol=1e-5)

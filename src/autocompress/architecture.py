@@ -92,6 +92,12 @@ def mark_width_attribute(module: nn.Module, attr: str) -> None:
     setattr(module, WIDTH_ATTRIBUTES, tuple(sorted({*getattr(module, WIDTH_ATTRIBUTES, ()), attr})))
 
 
+def width_attribute_values(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Module name -> {attribute: value} of the attributes :func:`mark_width_attribute` marked in ``model``."""
+    return {name: {attr: getattr(module, attr) for attr in vars(module)[WIDTH_ATTRIBUTES]}
+            for name, module in model.named_modules() if WIDTH_ATTRIBUTES in vars(module)}
+
+
 def _set_attributes(module: nn.Module, name: str, values: object) -> None:
     """Set a description's ``"attributes"`` entry of module ``name``.
 
@@ -181,12 +187,9 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
     """
     ref_modules = dict(reference.named_modules()) if reference is not None else {}
     modules: dict[str, dict] = {}
-    attributes: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
         entry = _entry(module) if name else None
         ref = ref_modules.get(name)
-        if WIDTH_ATTRIBUTES in vars(module):
-            attributes[name] = {attr: getattr(module, attr) for attr in getattr(module, WIDTH_ATTRIBUTES)}
         if entry is None:
             if ref is not None and _shapes(ref) != _shapes(module):
                 modules[name] = _parameter_shapes(module, ref, name)
@@ -195,6 +198,7 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
             continue
         if reference is None or ref is None or _entry(ref) != entry:
             modules[name] = entry
+    attributes = width_attribute_values(model)
     if not attributes:
         return {"format": FORMAT, "version": 1, "modules": modules}
     return {"format": FORMAT, "version": VERSION, "modules": modules, "attributes": attributes}
@@ -272,4 +276,4 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
 
 
 __all__ = ["FORMAT", "VERSION", "apply_architecture", "describable", "describe_architecture",
-           "mark_width_attribute"]
+           "mark_width_attribute", "width_attribute_values"]

@@ -19,6 +19,7 @@ The result is checked in eval mode against the masked model; see :func:`compact`
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -30,7 +31,7 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward, random_like
 from .alignment import is_aligned
-from .architecture import describable, describe_architecture, mark_width_attribute
+from .architecture import describable, describe_architecture, mark_width_attribute, width_attribute_values
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError, first_line
@@ -282,7 +283,10 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     ones (``kept``). Returns module name -> kept output channel indices, for those plain LayerNorms name ->
     (kept indices, channel dimension), and the query rows of the attentions whose heads narrowed (:data:`Query`);
     appends each group that narrowed to ``narrowed`` (:data:`Narrowed`)."""
-    kept, queries = _remove_fused_qkv(model, inputs, report, train_only, multiple)
+    kept, queries = _remove_fused_qkv(model, inputs, report, train_only, multiple, narrowed)
+    if narrowed:  # the trace below runs the forward: a head width stored in an attribute follows first
+        with contextlib.suppress(Exception):
+            _runs(model, inputs, narrowed)
     names = {module: name for name, module in model.named_modules()}
     candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
     if not candidates:
@@ -383,12 +387,18 @@ def _scope(names: set[str]) -> str:
     return scope.rpartition(".")[0] if scope in names else scope
 
 
-def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[tuple[tuple[str, str], tuple[int, int]]]:
+#: a candidate of :func:`width_attributes`: ((module name, attribute), (value before, after), whether it is a head
+#: width)
+WidthAttribute = tuple[tuple[str, str], tuple[int, int], bool]
+
+
+def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[WidthAttribute]:
     """The int attributes of ``model``'s modules that may hold a narrowed group's width, a channel count its
     forward writes into a shape (torchvision's ``VisionTransformer.hidden_dim`` in ``x.reshape(n,
-    self.hidden_dim, -1)``): ``((module name, attribute), (width before, after))``, those of the groups whose
-    layers sit under the smallest module first (a block's own width before the stream's that feeds it). Candidates
-    are the public int attributes equal to a group's width before, of the modules under the smallest one holding
+    self.hidden_dim, -1)``; an attention's head width, ``view(B, N, self.num_heads, self.head_size)``), as
+    :data:`WidthAttribute`; those of the groups whose layers sit under the smallest module first (a block's own
+    width before the stream's that feeds it), widths before head widths. Candidates are the public int attributes
+    that hold a group's width or head width (:func:`_widths_held`), of the modules under the smallest one holding
     the group's layers, and of types :mod:`autocompress.architecture` does not describe (a Linear's
     ``in_features`` is torch-pruning's to update)."""
     modules = dict(model.named_modules())
@@ -398,41 +408,63 @@ def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[tuple[t
         for name, module in modules.items():
             if (scope and name != scope and not name.startswith(scope + ".")) or describable(module):
                 continue
-            found += [(-(scope.count(".") + 1 if scope else 0), (name, attr), (before, after))
-                      for attr, value in vars(module).items()
-                      if not attr.startswith("_") and type(value) is int and value == before]
-    return [(key, widths) for _, key, widths in sorted(set(found))]
+            depth = -(scope.count(".") + 1 if scope else 0)
+            found += [(depth, head, (name, attr), widths) for attr, widths, head in _widths_held(module, before, after)]
+    return [(key, widths, head) for _, head, key, widths in sorted(set(found))]
+
+
+def _widths_held(module: nn.Module, before: int, after: int) -> list[tuple[str, tuple[int, int], bool]]:
+    """``module``'s public int attributes that hold a group's width (equal to ``before``: -> ``after``) or its
+    head width (times another of them, a head count ``h``, equal to ``before``: -> ``after / h``, where whole),
+    with whether it is the latter."""
+    ints = {k: v for k, v in vars(module).items() if not k.startswith("_") and type(v) is int}
+    held = [(attr, (before, after), False) for attr, value in ints.items() if value == before]
+    return held + [(attr, (value, after // heads), True) for attr, value in ints.items() for heads in set(ints.values())
+                   if 1 < heads < before and value * heads == before and after % heads == 0]
 
 
 def _set_attributes(model: nn.Module, attributes: dict[tuple[str, str], tuple[int, int]], index: int) -> None:
-    """Set each attribute of :func:`width_attributes` to its width before (``index`` 0) or after (1)."""
+    """Set each attribute of :func:`width_attributes` to its value before (``index`` 0) or after (1)."""
     for (name, attr), widths in attributes.items():
         setattr(model.get_submodule(name) if name else model, attr, widths[index])
 
 
-def _runs(model: nn.Module, inputs: tuple, narrowed: list[Narrowed]
-          ) -> tuple[dict[nn.Module, int], dict[tuple[str, str], tuple[int, int]]]:
-    """:func:`_called_modules` of the compact ``model``, as it is and, where its forward raises, with the candidate
-    width attributes of the ``narrowed`` groups (:func:`width_attributes`) set to the narrowed widths: each alone,
-    then all of them (the first candidate of each attribute; the check against the masked model follows). Returns
-    the calls and the attributes ``model`` keeps set (empty: none). Raises what the first forward raised when no
-    try runs."""
+def _patches(candidates: list[WidthAttribute]) -> list[dict[tuple[str, str], tuple[int, int]]]:
+    """The sets of :func:`width_attributes` candidates :func:`_runs` tries, in order: each alone; every width
+    together with each head width in turn (an attention's whole and head widths: Hugging Face's ``all_head_size``
+    and ``attention_head_size``); all together (the first candidate of each attribute)."""
+    widths = dict(reversed([(key, value) for key, value, head in candidates if not head]))
+    heads = [(key, value) for key, value, head in candidates if head]
+    tries = [{key: value} for key, value, _ in candidates]
+    tries += [{**widths, key: value} for key, value in heads if widths and key not in widths]
+    every = dict(reversed([(key, value) for key, value, _ in candidates]))
+    return tries + ([every] if every and every not in tries else [])
+
+
+def _runs(model: nn.Module, inputs: tuple, narrowed: list[Narrowed]) -> dict[nn.Module, int]:
+    """:func:`_called_modules` of the compact ``model``, as it is and, where its forward raises, with candidate
+    width attributes of the ``narrowed`` groups (:func:`width_attributes`) set to the narrowed widths
+    (:func:`_patches`; the check against the masked model follows); those that made it run stay set and are marked
+    (:func:`autocompress.architecture.mark_width_attribute`). Raises what the first forward raised when no try
+    runs."""
     try:
-        return _called_modules(model, inputs), {}
+        return _called_modules(model, inputs)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the caller's forward may raise anything on the old width
         first = exc
-    candidates = width_attributes(model, narrowed)
-    every = dict(reversed(candidates))
-    for patch in [{key: widths} for key, widths in candidates] + ([every] if len(candidates) > 1 else []):
+    for patch in _patches(width_attributes(model, narrowed)):
         _set_attributes(model, patch, 1)
         try:
-            return _called_modules(model, inputs), patch
+            called = _called_modules(model, inputs)
         except UserError:
             raise
         except Exception:  # noqa: BLE001
             _set_attributes(model, patch, 0)
+            continue
+        for name, attr in patch:
+            mark_width_attribute(model.get_submodule(name) if name else model, attr)
+        return called
     raise first
 
 
@@ -501,12 +533,14 @@ def _dead_triples(module: nn.Module) -> torch.Tensor | None:
 
 
 def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
-                      multiple: int) -> tuple[dict[str, torch.Tensor], list[Query]]:
+                      multiple: int, narrowed: list[Narrowed] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[Query]]:
     """Remove the dead channels of fused query-key-value projections (a Linear of ``3 D`` outputs read by one
     Linear of ``D`` inputs, :func:`autocompress.space.fused_qkv_output`): rows ``c``, ``D + c``,
     ``2 D + c`` of the projection and input ``c`` of its consumer, where the rows are all zero and the remaining
     width is an allowed width at ``multiple``. torch-pruning's graph maps these channels unevenly, so they are
-    sliced here. Returns the projection's name -> its kept rows, and the query rows of each (the first third)."""
+    sliced here. Returns the projection's name -> its kept rows, and the query rows of each (the first third);
+    appends each to ``narrowed`` (:data:`Narrowed`: the width of q, k and v each)."""
     dead = {m: d for m in model.modules() if (d := _dead_triples(m)) is not None}
     if not dead:
         return {}, []
@@ -533,6 +567,8 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
         out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
         out.in_features = remaining
         kept[names[module]] = torch.nonzero(rows).flatten()
+        if narrowed is not None:
+            narrowed.append((width, remaining, {names[module], names[out]}))
         queries.append(((module,), remaining, math.sqrt(remaining / width)))
         report["removed_channels"][names[module]] = width - remaining
     return kept, queries
@@ -769,12 +805,11 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     kept, plain, queries = _remove_channels(work, inputs, report, train_only, channel_multiple, layer_norm, narrowed)
     report["layer_norms_over_kept"] = sorted(plain)
     work.eval()
-    called, attributes = _runs(work, inputs, narrowed)
-    for name, attr in attributes:
-        mark_width_attribute(work.get_submodule(name) if name else work, attr)
-    if attributes:
-        report["width_attributes"] = {f"{name}.{attr}" if name else attr: widths[1]
-                                      for (name, attr), widths in sorted(attributes.items())}
+    called = _runs(work, inputs, narrowed)
+    held = width_attribute_values(work)
+    if held:
+        report["width_attributes"] = {f"{name}.{attr}" if name else attr: value
+                                      for name, values in held.items() for attr, value in values.items()}
     _compact_columns(work, set(called) | train_only, report, param_masks)
     _keep_frozen(work, model)
     work.eval()
