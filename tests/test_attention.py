@@ -29,7 +29,7 @@ class Attention(nn.Module):
     ``reshape(B, N, 3, heads, -1)``), ``chunk`` (one qkv Linear, ``chunk(3)`` then ``view(B, N, heads, -1)``),
     ``separate`` (q, k and v Linears). ``scale``: ``"fixed"`` (``head_dim ** -0.5`` stored at init), ``"sdpa"``
     (``F.scaled_dot_product_attention``'s default, which follows the head width) or ``"sdpa_fixed"``.
-    ``stored``: the head width is an attribute the reshape reads (it cannot narrow)."""
+    ``stored``: the head width is an attribute the reshape reads (it narrows with a public head count, ``named``)."""
 
     def __init__(self, dim: int, width: int, heads: int, layout: str, bias: bool = True, scale: str = "fixed",
                  named: bool = True, stored: bool = False):
@@ -154,13 +154,14 @@ def test_projection_keeps_the_strongest_channels_of_each_head():
     assert torch.nonzero(masks.filters["attn.qkv"]).flatten().tolist() == [0, 1, 4, 7]
 
 
-def test_a_head_width_the_forward_reads_from_an_attribute_keeps_the_heads_whole():
-    """``reshape(B, N, 3, heads, self.head_dim)`` cannot run narrower heads: no head count compacts, with ``-1``
-    the count is found."""
+def test_a_head_width_the_forward_reads_from_an_attribute_narrows_next_to_a_stored_head_count():
+    """``reshape(B, N, 3, heads, self.head_dim)`` runs narrower heads once ``head_dim`` follows them, which the
+    compaction finds from ``num_heads`` (``head_dim * num_heads`` = the width); without a public head count no
+    count compacts; with ``-1`` the count is found."""
     x = torch.randn(2, 7, 5)
-    for stored, expected in ((True, None), (False, 2)):
+    for stored, named, expected in ((True, True, 2), (True, False, None), (False, True, 2), (False, False, 2)):
         torch.manual_seed(0)
-        model = TokenNet(Attention(12, 8, 2, "fused", stored=stored)).eval()
+        model = TokenNet(Attention(12, 8, 2, "fused", stored=stored, named=named)).eval()
         space = PruningSpace.build(model, x)
         assert head_count(model, space, space.unit("filter", "attn.qkv"), x) == expected
 
@@ -209,15 +210,21 @@ def test_prune_finds_the_heads_and_returns_a_compact_model_with_narrower_heads(l
         assert torch.allclose(result.compact_model(probe), _masked(model, param_masks)(probe), atol=1e-5)
 
 
-def test_prune_says_how_to_have_heads_pruned_when_the_head_width_is_stored():
+@pytest.mark.parametrize("named", [True, False])
+def test_prune_narrows_stored_head_widths_or_says_how_to_have_them_pruned(named):
     torch.manual_seed(0)
-    model = TokenNet(Attention(12, 8, 2, "fused", stored=True)).eval()
+    model = TokenNet(Attention(12, 8, 2, "fused", stored=True, named=named)).eval()
     lines = []
     result = prune(model, {"default": 0.5}, example_inputs=torch.randn(2, 7, 5), device="cpu", dims=("filter",),
                    admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False,
                    log=lines.append)
-    assert result.compact_model.attn.proj.in_features == 8  # the heads keep their channels
-    assert any(line.startswith("not filter-pruned: attn.qkv") and HEAD_HINT in line for line in lines)
+    attention = result.compact_model.attn
+    if named:  # head_dim follows the heads: 2 heads of 2
+        assert attention.proj.in_features == 4 and attention.head_dim == 2
+        assert describe_architecture(result.compact_model)["attributes"] == {"attn": {"head_dim": 2}}
+    else:  # the heads keep their channels
+        assert attention.proj.in_features == 8
+        assert any(line.startswith("not filter-pruned: attn.qkv") and HEAD_HINT in line for line in lines)
 
 
 class VFirst(Attention):

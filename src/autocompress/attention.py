@@ -111,9 +111,9 @@ def free_macs(model: nn.Module, space: PruningSpace, group: FilterGroup, heads: 
 
 
 #: added to the reason an attention-shaped group (:func:`attention_shaped`) keeps its channels
-HEAD_HINT = ("if these are attention heads, no split into equal heads compacts exactly either: the head width must "
-             "be -1 in the forward's reshapes, and an attribute holding it or a module over it (a LayerNorm of q and "
-             "k) cannot narrow")
+HEAD_HINT = ("if these are attention heads, no split into equal heads compacts exactly either: write the head width "
+             "as -1 in the forward's reshapes, or store the head count next to a stored head width (self.num_heads); "
+             "a module over the head width (a LayerNorm of q and k) cannot narrow")
 
 
 def attention_shaped(model: nn.Module, group: FilterGroup) -> bool:
