@@ -13,6 +13,9 @@ of each layer's GEMM matrix. This module makes that pruning physical:
   :class:`ColumnConvNd`); a Linear with all-zero input columns becomes :class:`ColumnLinear`.
 * **Attention heads.** A fused query-key-value Linear loses rows ``c``, ``D + c`` and ``2 D + c`` with input ``c``
   of its output projection; a scale that follows the head width keeps its old value through the query rows.
+* **Widths in attributes.** Where the compact forward fails because it writes a width stored in an int attribute
+  into a shape (torchvision's ``VisionTransformer.hidden_dim``, a stored head width), that attribute follows the
+  narrowed width (:func:`width_attributes`); saved architectures restore it.
 * **Irregular** zeros stay in dense tensors (``serialization.to_sparse_state_dict`` exports them sparse).
 
 The result is checked in eval mode against the masked model; see :func:`compact`.
@@ -275,7 +278,7 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
 
 
 def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
-                     multiple: int = 1, layer_norm: str = "padded", narrowed: list[Narrowed] | None = None
+                     multiple: int, layer_norm: str, narrowed: list[Narrowed]
                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]], list[Query]]:
     """Remove dead channels with torch-pruning, leaving each group an aligned width at ``multiple`` (dead
     channels beyond it stay, as zeros). A LayerNorm that lost channels becomes a :class:`PaddedLayerNorm`
@@ -345,10 +348,9 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                     keep[torch.tensor([i for i in idxs if i < total], dtype=torch.long)] = False
                     kept[names[target]] = torch.nonzero(keep).flatten()
         query = _separate_query(dg, group, names)
-        if narrowed is not None:
-            width = pruner.get_out_channels(module)
-            narrowed.append((width, width - len(roots), {names[dep.target.module] for dep, _ in group
-                                                         if dep.target.module in names}))
+        width = pruner.get_out_channels(module)
+        narrowed.append((width, width - len(roots), {names[dep.target.module] for dep, _ in group
+                                                     if dep.target.module in names}))
         group.prune()
         if query is not None:
             writers, before = query
@@ -533,8 +535,7 @@ def _dead_triples(module: nn.Module) -> torch.Tensor | None:
 
 
 def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
-                      multiple: int, narrowed: list[Narrowed] | None = None
-                      ) -> tuple[dict[str, torch.Tensor], list[Query]]:
+                      multiple: int, narrowed: list[Narrowed]) -> tuple[dict[str, torch.Tensor], list[Query]]:
     """Remove the dead channels of fused query-key-value projections (a Linear of ``3 D`` outputs read by one
     Linear of ``D`` inputs, :func:`autocompress.space.fused_qkv_output`): rows ``c``, ``D + c``,
     ``2 D + c`` of the projection and input ``c`` of its consumer, where the rows are all zero and the remaining
@@ -567,8 +568,7 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
         out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
         out.in_features = remaining
         kept[names[module]] = torch.nonzero(rows).flatten()
-        if narrowed is not None:
-            narrowed.append((width, remaining, {names[module], names[out]}))
+        narrowed.append((width, remaining, {names[module], names[out]}))
         queries.append(((module,), remaining, math.sqrt(remaining / width)))
         report["removed_channels"][names[module]] = width - remaining
     return kept, queries
@@ -775,7 +775,9 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
 
     Steps: (a) channels whose producers' rows, biases and normalisation affine entries are all zero are
     removed with torch-pruning, coupled groups together (a fused qkv projection's channels are sliced here:
-    :func:`autocompress.space.PruningSpace` groups them itself); (b) Conv2d / Linear layers with all-zero GEMM
+    :func:`autocompress.space.PruningSpace` groups them itself), and where the compact forward then fails, int
+    attributes holding a narrowed width follow it (:func:`width_attributes`; named in the report's
+    ``width_attributes``); (b) Conv2d / Linear layers with all-zero GEMM
     columns become :class:`ColumnConv2d` / :class:`ColumnLinear`; (c) remaining (irregular) zeros stay
     dense. Finally the result is checked in eval mode against the masked model on ``example_inputs`` and a
     seeded random batch; where it differs and attention heads narrowed, the queries are scaled by
