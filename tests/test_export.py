@@ -123,12 +123,47 @@ def test_a_token_id_model_exports_and_runs_on_other_ids(tmp_path, dtype):
     assert np.abs(session.run(None, {"input": other.numpy()})[0] - expected).max() <= 1e-5
 
 
-def test_export_rejects_tuple_input_and_writes_nothing(tmp_path):
+class MaskedMean(nn.Module):
+    """Token ids and a padding mask, two inputs: the mean of the unmasked tokens' embeddings, classified."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        weights = mask.to(self.fc.weight.dtype).unsqueeze(-1)
+        return self.fc((self.embed(ids) * weights).sum(1) / weights.sum(1).clamp(min=1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_model_of_two_inputs_exports_with_both_batch_axes_dynamic(tmp_path, batch):
+    torch.manual_seed(0)
+    model = MaskedMean().eval()
+    ids, mask = torch.randint(0, 10, (batch, 5)), torch.rand(batch, 5) < 0.7
+    for out in (export_onnx(model, (ids, mask), tmp_path / "m.onnx"),
+                export_program(model, [ids, mask], tmp_path / "m.pt2")):
+        assert out.max_abs_diff <= out.tolerance and out.checked_batch_sizes == [batch, batch + 1]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input", "input_1"]
+    other_ids, other_mask = torch.randint(0, 10, (4, 5)), torch.rand(4, 5) < 0.5
+    with torch.no_grad():
+        expected = model(other_ids, other_mask).numpy()
+    got = session.run(None, {"input": other_ids.numpy(), "input_1": other_mask.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-5
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(program(other_ids, other_mask), model(other_ids, other_mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("inputs, problem", [
+    (lambda x: (x, x[:1]), "different batch sizes"), (lambda x: (x, None), "a tensor or a tuple of tensors"),
+    (lambda x: {"x": x}, "a tensor or a tuple of tensors"), (lambda x: (), "a tensor or a tuple of tensors")])
+def test_export_refuses_inputs_it_cannot_take_and_writes_nothing(tmp_path, inputs, problem):
     model, x = _mixed()
-    with pytest.raises(UserError, match="one input tensor"):
-        export_onnx(model, (x, x), tmp_path / "m.onnx")
-    with pytest.raises(UserError, match="one input tensor"):
-        export_program(model, (x, x), tmp_path / "m.pt2")
+    with pytest.raises(UserError, match=problem):
+        export_onnx(model, inputs(x), tmp_path / "m.onnx")
+    with pytest.raises(UserError, match=problem):
+        export_program(model, inputs(x), tmp_path / "m.pt2")
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.pt2").exists()
 
 

@@ -52,17 +52,38 @@ class ExportResult:
     checked_batch_sizes: list[int]
 
 
-def _example(example_inputs: torch.Tensor, what: str) -> torch.Tensor:
-    if not isinstance(example_inputs, torch.Tensor):
-        raise UserError(f"{what} takes one input tensor", "pass example_inputs as a [N, C, H, W] tensor")
-    return example_inputs.detach().cpu()
+#: what an export takes as one forward's inputs: a tensor, or a tuple of tensors (positional arguments, all with
+#: the batch axis first)
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def outputs(model: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors ``model`` (eval mode, no grad) returns for ``batch``, flattened in order as an exporter orders
-    a model's outputs (:func:`flat_outputs`)."""
+def _example(example_inputs: Inputs, what: str) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple of CPU tensors of one batch size.
+
+    Raises:
+        UserError: not a tensor or a non-empty tuple / list of tensors, or tensors of different batch sizes.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, (tuple, list)) or not inputs or not all(
+            isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs):
+        raise UserError(f"{what} takes a tensor or a tuple of tensors as the model's inputs",
+                        "pass example_inputs as a [N, C, H, W] tensor, or a tuple of [N, ...] tensors")
+    if len({t.shape[0] for t in inputs}) > 1:
+        raise UserError(f"{what}'s example inputs have different batch sizes {[t.shape[0] for t in inputs]}",
+                        "give every input the batch axis first, of one size")
+    return tuple(t.detach().cpu() for t in inputs)
+
+
+def input_names(count: int) -> list[str]:
+    """The exported graph's input names: ``"input"``, then ``"input_1"``, ``"input_2"``, ... for further inputs."""
+    return ["input", *(f"input_{index}" for index in range(1, count))]
+
+
+def outputs(model: nn.Module, batch: Inputs) -> list[torch.Tensor]:
+    """The tensors ``model`` (eval mode, no grad) returns for ``batch`` (a tensor or a tuple of them, the forward's
+    arguments), flattened in order as an exporter orders a model's outputs (:func:`flat_outputs`)."""
     with analysis_mode(model):
-        return flat_outputs(model(batch))
+        return flat_outputs(model(*((batch,) if isinstance(batch, torch.Tensor) else batch)))
 
 
 def flat_outputs(output) -> list[torch.Tensor]:
@@ -89,22 +110,23 @@ def _tensors(output) -> list[torch.Tensor] | None:
     return None if any(leaf is None for leaf in leaves) else [t for leaf in leaves for t in leaf]
 
 
-def _compare(model: nn.Module, run: Callable[[torch.Tensor], list[torch.Tensor]], example: torch.Tensor,
-             atol_scale: float, runtime: str, fix: str) -> tuple[float, float, list[int]]:
+def _compare(model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]],
+             example: tuple[torch.Tensor, ...], atol_scale: float, runtime: str, fix: str
+             ) -> tuple[float, float, list[int]]:
     """Run ``model`` (eval mode) and the exported ``run`` (its output tensors, in :func:`outputs`' order) on
-    ``example`` and on a seeded random batch of N + 1; returns ``(max abs difference over every output,
-    tolerance, batch sizes)``.
+    ``example`` (the forward's inputs) and on a seeded random batch of N + 1 of each; returns ``(max abs difference
+    over every output, tolerance, batch sizes)``.
 
     Raises:
         UserError: the model outputs NaN / inf, or ``runtime`` differs beyond the tolerance.
     """
     generator = torch.Generator().manual_seed(0)
-    extra = random_like(example, example.shape[0] + 1, generator)
+    extra = tuple(random_like(tensor, tensor.shape[0] + 1, generator) for tensor in example)
     diff, scale, sizes = 0.0, 1.0, []
     for batch in (example, extra):
         expected = outputs(model, batch)
         if not all(torch.isfinite(tensor).all() for tensor in expected):
-            raise UserError(f"the model outputs NaN or infinite values for a batch of {batch.shape[0]}",
+            raise UserError(f"the model outputs NaN or infinite values for a batch of {batch[0].shape[0]}",
                             "check the checkpoint's weights (a diverged training run?)")
         got = run(batch)
         if len(got) != len(expected):
@@ -112,16 +134,16 @@ def _compare(model: nn.Module, run: Callable[[torch.Tensor], list[torch.Tensor]]
         for want, have in zip(expected, got):
             scale = max(scale, float(want.abs().max()) if want.numel() else 0.0)
             diff = max(diff, float((have - want).abs().max()) if want.numel() else 0.0)
-        sizes.append(int(batch.shape[0]))
+        sizes.append(int(batch[0].shape[0]))
     tolerance = atol_scale * scale
     if not diff <= tolerance:
         raise UserError(f"{runtime} output differs from PyTorch by {diff:.3g} (tolerance {tolerance:.3g})", fix)
     return diff, tolerance, sizes
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
-    """ONNX bytes of ``model`` (eval mode) traced on ``example`` with a dynamic batch axis (input ``"input"``,
-    outputs ``"output"``, ``"output_1"``, ... in :func:`outputs`' order).
+def onnx_bytes(model: nn.Module, example: Inputs, opset: int = 17) -> bytes:
+    """ONNX bytes of ``model`` (eval mode) traced on ``example`` (a tensor or a tuple of them) with a dynamic batch
+    axis (inputs :func:`input_names`, outputs ``"output"``, ``"output_1"``, ... in :func:`outputs`' order).
 
     Column-pruned convolutions other than 2-D ones are exported in their gathered form
     (:func:`autocompress.columns.export_form`). The TorchScript exporter first (constants folded; its
@@ -129,6 +151,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     to a size that does not divide the input), the ``torch.export``-based exporter (``dynamo=True``, opset at
     least 18). The exception of the first exporter propagates when both fail.
     """
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     names = _output_names(model, example)
     model = export_form(model)
     try:
@@ -141,32 +164,43 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
             raise first from None
 
 
-def _output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+def _output_names(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
     """``["output", "output_1", ...]``, one name per tensor ``model`` returns for ``example`` (UserError: a
     value that is not a tensor, :func:`flat_outputs`)."""
     count = len(outputs(model, example))
     return ["output", *(f"output_{index}" for index in range(1, count))]
 
 
-def _torchscript_bytes(model: nn.Module, example: torch.Tensor, opset: int, names: list[str]) -> bytes:
+def _torchscript_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str]) -> bytes:
     buffer = io.BytesIO()
+    inputs = input_names(len(example))
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=names, do_constant_folding=True,
-                          dynamic_axes={name: {0: "batch"} for name in ["input", *names]})
+        torch.onnx.export(model, example, buffer, dynamo=False, opset_version=opset,
+                          input_names=inputs, output_names=names, do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in [*inputs, *names]})
     return buffer.getvalue()
 
 
-def _dynamo_bytes(model: nn.Module, example: torch.Tensor, opset: int, names: list[str]) -> bytes:
-    # torch.export specialises a dimension of size 1, so a batch of 1 is traced as 2 to keep it dynamic
-    traced = example if example.shape[0] > 1 else torch.cat([example, example])
+def _traced(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``example``, a batch of 1 doubled: torch.export specialises a dimension of size 1, so it is traced as 2 to
+    keep the batch axis dynamic."""
+    return example if example[0].shape[0] > 1 else tuple(torch.cat([t, t]) for t in example)
+
+
+def _batch_axes(count: int) -> tuple[dict, ...]:
+    """torch.export's dynamic shapes: one batch dimension, the first of every input."""
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} for _ in range(count))
+
+
+def _dynamo_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str]) -> bytes:
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (traced,), dynamo=True, opset_version=max(opset, 18), verbose=False,
-                                    input_names=["input"], output_names=names,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.onnx.export(model, _traced(example), dynamo=True, opset_version=max(opset, 18),
+                                    verbose=False, input_names=input_names(len(example)), output_names=names,
+                                    dynamic_shapes=_batch_axes(len(example)))
         program.save(buffer)
     return buffer.getvalue()
 
@@ -207,14 +241,16 @@ def on_cpu(model: nn.Module) -> nn.Module:
     return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
 
 
-def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, *, opset: int = 17,
+def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, *, opset: int = 17,
                 check: bool = True, atol_scale: float = 1e-4) -> ExportResult:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it in onnxruntime.
 
     Args:
-        model: a PyTorch model with one tensor input and a tensor (or a tuple of tensors) as output (e.g. a
+        model: a PyTorch model with tensor inputs and a tensor (or a tuple of tensors) as output (e.g. a
             compact model); moved to the CPU.
-        example_inputs: ``[N, C, H, W]`` input used for tracing; the batch axis is exported as dynamic.
+        example_inputs: ``[N, C, H, W]`` input used for tracing, or a tuple of ``[N, ...]`` tensors (the
+            forward's arguments: token ids and a padding mask; graph inputs :func:`input_names`); the batch axis is
+            exported as dynamic.
         path: output ``.onnx`` file (written atomically; nothing is written when the check fails).
         opset: ONNX opset version (>= 11).
         check: run onnxruntime (CPU) on ``example_inputs`` and on a seeded random batch of size N + 1 and
@@ -241,25 +277,24 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
 
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         diff, tolerance, sizes = _compare(
-            model, lambda batch: [torch.from_numpy(a) for a in session.run(None, {"input": batch.numpy()})], example,
+            model, lambda batch: [torch.from_numpy(a) for a in session.run(
+                None, dict(zip(input_names(len(batch)), (t.numpy() for t in batch))))], example,
             atol_scale, "onnxruntime", "report this model; try another opset")
     written = atomic_write_bytes(path, data)
     return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=opset_of(data),
                         num_bytes=len(data), checked_batch_sizes=sizes)
 
 
-def _program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    # torch.export specialises a dimension of size 1, so a batch of 1 is traced as 2 to keep it dynamic
-    traced = example if example.shape[0] > 1 else torch.cat([example, example])
+def _program_bytes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> bytes:
     model = export_form(model)
     with analysis_mode(model):
-        program = torch.export.export(model, (traced,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(model, _traced(example), dynamic_shapes=_batch_axes(len(example)))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
 
 
-def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike, *, check: bool = True,
+def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, *, check: bool = True,
                    atol_scale: float = 1e-5) -> ExportResult:
     """Export ``model`` (eval mode) as a ``torch.export`` program at ``path`` (``torch.export.save``;
     conventionally ``.pt2``), load it back and check it against the model.
@@ -269,10 +304,11 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
     (AOTInductor).
 
     Args:
-        model: a PyTorch model with one tensor input and a tensor (or a tuple of tensors) as output; moved to
+        model: a PyTorch model with tensor inputs and a tensor (or a tuple of tensors) as output; moved to
             the CPU.
-        example_inputs: ``[N, C, H, W]`` input used for tracing; the batch axis is exported as dynamic
-            (a batch of 1 is traced as a batch of 2, since torch.export specialises size-1 dimensions).
+        example_inputs: ``[N, C, H, W]`` input used for tracing, or a tuple of ``[N, ...]`` tensors (the forward's
+            arguments); the batch axis is exported as dynamic (a batch of 1 is traced as a batch of 2, since
+            torch.export specialises size-1 dimensions).
         path: output file (written atomically; nothing is written when the export or the check fails).
         check: load the written program back and run it on ``example_inputs`` and on a seeded random
             batch of size N + 1, compared with the model.
@@ -297,9 +333,9 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
     if check:
         loaded = torch.export.load(io.BytesIO(data)).module()
 
-        def run(batch: torch.Tensor) -> list[torch.Tensor]:
+        def run(batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             with torch.no_grad():
-                return flat_outputs(loaded(batch))
+                return flat_outputs(loaded(*batch))
 
         diff, tolerance, sizes = _compare(model, run, example, atol_scale, "the loaded torch.export program",
                                           "report this model")
@@ -308,4 +344,4 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | o
                         checked_batch_sizes=sizes)
 
 
-__all__ = ["ExportResult", "export_onnx", "export_program", "flat_outputs", "onnx_bytes", "outputs"]
+__all__ = ["ExportResult", "export_onnx", "export_program", "flat_outputs", "input_names", "onnx_bytes", "outputs"]
