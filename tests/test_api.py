@@ -1521,6 +1521,33 @@ def test_a_model_of_two_heads_without_forward_fn_is_refused_naming_forward_fn():
                                   config=CONFIG, progress=False, **kwargs)
 
 
+def test_a_dict_output_s_refusal_names_its_first_key_and_an_unbatched_example_is_refused(no_work):
+    """Fresh user 54: the refusal of a dict-returning model suggested ``model(batch[0])[0]`` (a KeyError); an
+    example without the batch dimension, broadcast by their model's buffer, ran on to a raw RuntimeError."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+
+        def forward(self, x):
+            return {"logits": self.net(x), "features": x.mean((2, 3))}
+
+    refused(no_work, r"^the forward returns a dict .*lambda model, batch: model\(batch\[0\]\)\['logits'\] for "
+            r"the dict's first entry", model=Named())
+
+    class Broadcasting(SmallCNN):  # subtracts a [1, 1, 1, 1] mean, so a [1, 8, 8] example runs
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(1, 1, 1, 1))
+
+        def forward(self, x):
+            return super().forward(x - self.mean)
+
+    refused(no_work, r"^example_inputs has shape \[1, 8, 8\], one item of train_loader's inputs \[\d+, 1, 8, 8\] "
+            r"without the batch dimension; pass a batch of one: example_inputs.unsqueeze\(0\)",
+            model=Broadcasting(), example=torch.randn(1, 8, 8))
+
+
 def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
     """A fresh user's 64x64 example for 32x32 data ran to the end with MACs and latency of 64x64 inputs and no
     word; compress and prune now warn before any work, naming both shapes."""

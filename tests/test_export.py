@@ -339,6 +339,13 @@ def test_a_model_returning_a_dict_is_refused_by_export_and_writes_nothing(tmp_pa
             logits, (aux,) = super().forward(x)
             return {"logits": logits, "aux": aux}
 
-    with pytest.raises(UserError, match="the model returns dict values that are not all tensors.*wrapper module"):
-        export_onnx(Named(), torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
+    class WithNone(TwoHeads):
+        def forward(self, x):
+            logits, _ = super().forward(x)
+            return logits, (None,)
+
+    for model, what in ((Named(), r"a dict, which"), (WithNone(), r"a tuple holding NoneType values, which")):
+        for export in (export_onnx, export_program):  # the outputs' reason, not "torch.onnx.export failed"
+            with pytest.raises(UserError, match=rf"^the model returns {what}.*wrapper module.*\['logits'\]"):
+                export(model, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()

@@ -1026,3 +1026,14 @@ def test_a_model_onnxruntime_cannot_run_at_another_batch_is_a_user_error_naming_
     bind(torch.randn(1, 6))()
     with pytest.raises(UserError, match=r"onnxruntime cannot run the exported model at batch 64 \("):
         bind(torch.randn(64, 6))
+
+
+def test_a_float64_model_onnxruntime_cannot_load_is_a_user_error_naming_the_fix():
+    """Fresh user 54's float64 model ran its whole compression, then onnxruntime's "NOT_IMPLEMENTED ... Conv(11)"
+    came out raw at the final timing and the result was lost; now it is the UserError the final table turns into a
+    warning."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).double().eval()
+    with pytest.raises(UserError, match=r"^onnxruntime cannot load the exported model \(.*NOT_IMPLEMENTED.*\); "
+                                        r"use latency.runtime torch"):
+        measure_models({"model": model}, torch.randn(1, 1, 8, 8, dtype=torch.float64), LatencyConfig(runs=2),
+                       batches=[1])

@@ -26,20 +26,22 @@ DENSE_DENSITY_THRESHOLD = 0.7
 GEMM_MIN_FILTERS = 128
 
 
-def gemm_possible(filters: int, area: int) -> bool:
-    """Whether a :class:`ColumnConv2d` of ``filters`` filters and a kernel of ``area`` positions can ever run the
-    per-position GEMM over its kept columns (:func:`takes_gemm_path`): a kernel larger than 1x1 and
-    ``filters >= GEMM_MIN_FILTERS``."""
-    return area > 1 and filters >= GEMM_MIN_FILTERS
+def gemm_possible(filters: int, area: int, groups: int = 1) -> bool:
+    """Whether a :class:`ColumnConv2d` of ``filters`` filters, a kernel of ``area`` positions and ``groups`` conv
+    groups can ever run the per-position GEMM over its kept columns (:func:`takes_gemm_path`): a kernel larger
+    than 1x1, ``filters >= GEMM_MIN_FILTERS`` and one group. A grouped conv's per-position form (a grouped 1x1 conv
+    per kernel position) ran 2.6-17x slower than its dense conv in onnxruntime (1 thread, batch 1: grouped 3x3
+    convs of 8 and 32 groups, depthwise 3x3 and 5x5; BENCHMARKS.md, session 40), so it never runs unasked."""
+    return area > 1 and filters >= GEMM_MIN_FILTERS and groups == 1
 
 
-def takes_gemm_path(filters: int, area: int, kept_columns: int, kept_channels: int) -> bool:
-    """Whether a :class:`ColumnConv2d` with ``filters`` filters, a kernel of ``area`` positions and
-    ``kept_columns`` GEMM columns kept over ``kept_channels`` input channels (per group) that keep a column runs
-    the per-position GEMM over the kept columns (``"positions"``) rather than the dense conv on those channels:
-    a kernel larger than 1x1, ``filters >= GEMM_MIN_FILTERS`` and ``kept_columns < DENSE_DENSITY_THRESHOLD *
-    kept_channels * area``. Removing an input channel that keeps no column (purification does) changes nothing."""
-    return gemm_possible(filters, area) and kept_columns < DENSE_DENSITY_THRESHOLD * kept_channels * area
+def takes_gemm_path(filters: int, area: int, kept_columns: int, kept_channels: int, groups: int = 1) -> bool:
+    """Whether a :class:`ColumnConv2d` with ``filters`` filters, a kernel of ``area`` positions, ``groups`` conv
+    groups and ``kept_columns`` GEMM columns kept over ``kept_channels`` input channels (per group) that keep a
+    column runs the per-position GEMM over the kept columns (``"positions"``) rather than the dense conv on those
+    channels: :func:`gemm_possible` and ``kept_columns < DENSE_DENSITY_THRESHOLD * kept_channels * area``.
+    Removing an input channel that keeps no column (purification does) changes nothing."""
+    return gemm_possible(filters, area, groups) and kept_columns < DENSE_DENSITY_THRESHOLD * kept_channels * area
 
 
 def executed_columns(filters: int, area: int, kept_columns: int, kept_channels: int, gemm_capable: bool) -> int:
@@ -81,8 +83,9 @@ class ColumnConv2d(nn.Module):
       by ``weight`` in one GEMM (``F*K'*Ho*Wo`` MACs, the GEMM's own count); grouped convs run one grouped
       1x1 conv per position instead, accumulated.
 
-    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C'/groups*kh*kw`` and
-    ``F >= GEMM_MIN_FILTERS`` (kernel larger than 1x1; :func:`takes_gemm_path`), else ``"dense"``; the choice
+    ``mode="auto"`` picks ``"positions"`` when ``K' < DENSE_DENSITY_THRESHOLD * C'/groups*kh*kw``,
+    ``F >= GEMM_MIN_FILTERS`` and the conv is not grouped (kernel larger than 1x1; :func:`takes_gemm_path`), else
+    ``"dense"``; the choice
     depends only on the shapes and indices, so it is deterministic. MACs (what
     :func:`autocompress.metrics.count_macs` counts) are those of the path that runs
     (:func:`executed_columns`). The index tensors of both paths are non-persistent buffers
@@ -186,7 +189,7 @@ class ColumnConv2d(nn.Module):
                             "rebuild the layer with ColumnConv2d.from_conv")
         kept = torch.unique(channel)
         if self.mode == "auto":
-            gemm = takes_gemm_path(self.out_channels, kk, index.numel(), kept.numel())
+            gemm = takes_gemm_path(self.out_channels, kk, index.numel(), kept.numel(), self.groups)
             self.path = "positions" if gemm else "dense"
         else:
             self.path = self.mode

@@ -94,10 +94,23 @@ def flat_outputs(output) -> list[torch.Tensor]:
     """
     leaves = _tensors(output)
     if leaves is None:
-        raise UserError(f"the model returns {type(output).__name__} values that are not all tensors, which an "
-                        "exported graph cannot return", "export a wrapper module whose forward returns the tensors "
-                        "(a tensor, or a tuple of tensors)")
+        what = (f"a {type(output).__name__}" if not isinstance(output, (tuple, list)) else
+                f"a {type(output).__name__} holding {type(_not_tensor(output)).__name__} values")
+        raise UserError(f"the model returns {what}, which an exported graph cannot return (tensors, or tuples of "
+                        "them)", "export a wrapper module whose forward returns the tensors (e.g. "
+                        "model(x)['logits'] for a dict)")
     return leaves
+
+
+def _not_tensor(output):
+    """The first item of nested tuples / lists that is neither a tensor nor a tuple / list."""
+    for item in output:
+        if isinstance(item, (tuple, list)):
+            if (inner := _not_tensor(item)) is not None:
+                return inner
+        elif not isinstance(item, torch.Tensor):
+            return item
+    return None
 
 
 def _tensors(output) -> list[torch.Tensor] | None:
@@ -268,6 +281,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     model = on_cpu(model)
     try:
         data = onnx_bytes(model, example, opset)
+    except UserError:  # the model's outputs: the reason is its own
+        raise
     except Exception as exc:  # the exporter raises many types for unsupported ops
         raise UserError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                         "try another opset, or export the model before compaction") from exc

@@ -206,7 +206,7 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
 def _onnx_session(model: nn.Module, example: torch.Tensor, threads: int, optimized: str | None = None):
     """An onnxruntime CPU session of ``model`` (a copy, exported on ``example[:1]`` with a dynamic batch axis),
     every graph optimisation on, ``threads`` intra-op threads; ``optimized``: where onnxruntime writes the
-    optimised graph. UserError when the model cannot be exported."""
+    optimised graph. UserError when the model cannot be exported or onnxruntime cannot load it."""
     import onnxruntime as ort
 
     from .export import onnx_bytes
@@ -223,7 +223,12 @@ def _onnx_session(model: nn.Module, example: torch.Tensor, threads: int, optimiz
     options.log_severity_level = 3  # writing a graph optimised for this CPU is what is asked here
     if optimized is not None:
         options.optimized_model_filepath = optimized
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (an op it lacks for a dtype)
+        raise UserError(f"onnxruntime cannot load the exported model ({first_line(exc)})",
+                        "use latency.runtime torch (a float64 model: onnxruntime's CPU convolutions take float32)"
+                        ) from None
 
 
 def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:

@@ -210,8 +210,9 @@ class ColumnLayer:
         transposed: a ConvTranspose weight ``[C_in, rows, *k]`` (groups 1), whose GEMM view is
             ``weight.transpose(0, 1)`` flattened.
         area: kernel positions ``prod(k)`` (1 for Linear); gemm_capable: its compact form is a
-            :class:`autocompress.columns.ColumnConv2d` (a Conv2d), which can run a GEMM over the kept
-            columns alone (:func:`autocompress.columns.executed_columns`).
+            :class:`autocompress.columns.ColumnConv2d` that can run a GEMM over the kept columns alone (an
+            ungrouped Conv2d: :func:`autocompress.columns.gemm_possible`;
+            :func:`~autocompress.columns.executed_columns`).
     """
 
     name: str
@@ -957,11 +958,12 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
         _exclude(excluded, name, "column pruning: a single column")
         return None
     area = math.prod(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else 1
-    gemm_capable = isinstance(module, nn.Conv2d)
-    if executed_only and area > 1 and not (gemm_capable and gemm_possible(rows, area)):
+    gemm_capable = isinstance(module, nn.Conv2d) and gemm_possible(rows, area, module.groups)
+    if executed_only and area > 1 and not gemm_capable:
         kernel = "x".join(map(str, module.kernel_size))
-        _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters: its compact form runs "
-                 "the dense conv over the kept input channels)")
+        groups = f" in {module.groups} groups" if module.groups > 1 else ""
+        _exclude(excluded, name, f"{NO_EXECUTED_SAVING} (a {kernel} kernel, {rows} filters{groups}: its compact "
+                 "form runs the dense conv over the kept input channels)")
         return None
     if executed_only and area == 1 and \
             (positions := layer_macs[name][1] / max(1, batch * module.weight.numel())) > 1:

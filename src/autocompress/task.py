@@ -409,6 +409,7 @@ class Task:
         train_output = None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
+            _refuse_unbatched_example(first, example_inputs)
             for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model)):
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
@@ -468,6 +469,19 @@ class Task:
             raise UserError(f"the model fails on a batch of {name} ({first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
                             ) from None
+
+
+def _refuse_unbatched_example(batch: Batch, example_inputs: tuple) -> None:
+    """UserError when the one tensor of ``example_inputs`` is shaped like one item of the training ``batch``'s
+    inputs, without the batch dimension (``[3, 32, 32]`` against ``[64, 3, 32, 32]``): a forward that broadcasts
+    it runs, and the counts and checks later fail or read the channels as the batch."""
+    if not _is_pair(batch) or not isinstance(batch[0], torch.Tensor) or len(example_inputs) != 1:
+        return
+    data, example = batch[0], example_inputs[0]
+    if isinstance(example, torch.Tensor) and data.dim() == example.dim() + 1 and data.shape[1:] == example.shape:
+        raise UserError(f"example_inputs has shape {list(example.shape)}, one item of train_loader's inputs "
+                        f"{list(data.shape)} without the batch dimension",
+                        "pass a batch of one: example_inputs.unsqueeze(0) (e.g. next(iter(train_loader))[0][:1])")
 
 
 def input_size_warning(batch: Batch, example_inputs: tuple) -> str | None:
@@ -578,6 +592,8 @@ def _check_class_scores(output: Any, name: str, what: str) -> None:
     scores ``[B, classes, ...]``, which ``what`` needs (a model of several heads returns a tuple)."""
     if isinstance(output, torch.Tensor) and output.dim() >= 2:
         return
+    first = (f"model(batch[0])[{next(iter(output))!r}] for the dict's first entry"
+             if isinstance(output, dict) and output else "model(batch[0])[0] for the first of several heads")
     raise UserError(f"the forward returns {kind_of(output)} on a batch of {name}, but {what} needs class scores "
-                    "[B, classes, ...]", "pass forward_fn returning them (e.g. lambda model, batch: "
-                    "model(batch[0])[0] for the first of several heads), and loss_fn / score_fn for the rest")
+                    f"[B, classes, ...]", f"pass forward_fn returning them (e.g. lambda model, batch: {first}), and "
+                    "loss_fn / score_fn for the rest")
