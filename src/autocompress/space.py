@@ -849,7 +849,9 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
-                        "prune it with column / irregular units only (dims)") from exc
+                        "prune it with column / irregular units only (dims); a channel shuffle written as view + "
+                        "transpose (ShuffleNet) is a known cause: written as an index gather, x[:, perm], it traces"
+                        ) from exc
     finally:
         for p in frozen:
             p.requires_grad_(False)
