@@ -6,8 +6,8 @@ each). This script plays such users on CIFAR-10: five architectures written the 
 CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
 residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
 of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv
-projections, the same transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine,
-random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
+projections, the same transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``),
+each trained as a base with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
 an epoch, so the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by
 each method:
 
@@ -345,7 +345,8 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
     widths = (lambda model, narrowed: []) if method == "ac_keepwidth" else compaction.width_attributes
-    with mock.patch.object(rounds, "head_count", heads), mock.patch.object(rounds, "split_multihead_attention", split), \
+    with mock.patch.object(rounds, "head_count", heads), \
+            mock.patch.object(rounds, "split_multihead_attention", split), \
             mock.patch.object(compaction, "width_attributes", widths):
         result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,
                                        train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
