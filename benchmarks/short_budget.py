@@ -7,8 +7,9 @@ CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNe
 residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
 of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv
 projections, the same transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``),
-each trained as a base with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps
-an epoch, so the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by
+each trained as a base with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over
+``--max-train`` seeded training images, batch 64: fewer than 800 steps an epoch, so the budget runs no ADMM and no
+search), then compressed to ``--target`` with ``--budget`` epochs by
 each method:
 
 * ``ac``: ``autocompress.compress`` with the target and the budget only (its default loop);
