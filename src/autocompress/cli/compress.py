@@ -324,8 +324,9 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     data = data.absolute()
     config = resolve_config(library_settings, None)  # every setting checked before any data is read
     workload = load_workload(checkpoint, data, seed=config.seed, model_args=args.model_arg)
-    if (warning := workload.carve_warning()) and distributed.world().is_main:
-        logging.getLogger("autocompress").warning(warning)
+    for warning in (workload.carve_warning(), workload.normalisation_warning()):
+        if warning and distributed.world().is_main:
+            logging.getLogger("autocompress").warning(warning)
     checkpoint_path = Path(checkpoint).resolve()
     test = workload.loader("test")
 
