@@ -30,8 +30,9 @@ def gemm_possible(filters: int, area: int, groups: int = 1) -> bool:
     """Whether a :class:`ColumnConv2d` of ``filters`` filters, a kernel of ``area`` positions and ``groups`` conv
     groups can ever run the per-position GEMM over its kept columns (:func:`takes_gemm_path`): a kernel larger
     than 1x1, ``filters >= GEMM_MIN_FILTERS`` and one group. A grouped conv's per-position form (a grouped 1x1 conv
-    per kernel position) ran 2.6-17x slower than its dense conv in onnxruntime (1 thread, batch 1: grouped 3x3
-    convs of 8 and 32 groups, depthwise 3x3 and 5x5; BENCHMARKS.md, session 40), so it never runs unasked."""
+    per kernel position) ran 2-20x slower than its dense conv in onnxruntime and 3.5-105x in eager PyTorch (1
+    thread, batch 1: grouped 3x3 convs of 8 and 32 groups, depthwise 3x3 and 5x5;
+    ``benchmarks/grouped_column_paths.py``, BENCHMARKS.md session 40), so it never runs unasked."""
     return area > 1 and filters >= GEMM_MIN_FILTERS and groups == 1
 
 
