@@ -18,7 +18,7 @@ each method:
 * ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation;
   ``ac_magnitude``: ``search.start: magnitude``; ``ac_any`` / ``ac_m4`` / ``ac_m8``: ``channel_multiple`` 1 / 4 /
   8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s default ``auto`` probes both
-  on these classifiers, session 36); ``ac_stop0``: ``distillation.stop_margin: 0``; ``ac_padded``:
+  on these classifiers, session 36); ``ac_stop0`` / ``ac_stopm1``: ``distillation.stop_margin: 0`` / ``-0.01``; ``ac_padded``:
   ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
   ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
   as before session 38; the ``vit`` model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before
@@ -281,7 +281,8 @@ AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd"
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
-              "ac_noheads": {}, "ac_unsplit": {}, "ac_uniform": {"search_mode": "uniform"}, "ac_keepwidth": {}}
+              "ac_noheads": {}, "ac_unsplit": {}, "ac_uniform": {"search_mode": "uniform"}, "ac_keepwidth": {},
+              "ac_stopm1": {"distillation": {"stop_margin": -0.01}}}
 #: TP_IGNORED_NOTE: Torch-Pruning 1.6's importance fails on the ``vit`` model's chunked qkv projections (IndexError:
 #: index 128 is out of bounds), with or without ``num_heads`` and ``prune_head_dims``; they are in its
 #: ``ignored_layers`` (what a user is left with), which also keeps the token stream whole.

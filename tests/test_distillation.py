@@ -466,3 +466,13 @@ def test_the_top1_stop_margin_stays_in_points():
     """The default top-1 (a fraction) keeps its meaning: 0.01 = one point, whatever the base's top-1."""
     pipeline, _, _ = _scored_pipeline(None)
     assert pipeline.score_scale == 1.0
+
+
+@pytest.mark.parametrize("margin, accepted", [(0.01, True), (0.0, True), (-0.01, True), (None, True), (-1.0, False),
+                                               (float("inf"), False), (True, False), ("0.01", False)])
+def test_the_stop_margin_may_be_negative_but_above_minus_one(margin, accepted):
+    if accepted:
+        assert DistillationConfig(stop_margin=margin).stop_margin == margin
+        return
+    with pytest.raises(UserError, match=r"stop_margin=.* must be a number above -1 or null"):
+        DistillationConfig(stop_margin=margin)
