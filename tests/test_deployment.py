@@ -161,5 +161,32 @@ def test_cli_export_auto_writes_the_form_the_compress_run_recorded(tmp_path, cap
     assert main(["export", str(run / "model.pt"), "--onnx", str(tmp_path / "recorded.onnx")]) == 0
     assert f"1 of {len(names)} dense, as the compress run chose" in capsys.readouterr().out
     assert densified == [chosen] and not timed
-    assert main(["export", str(run / "model.pt"), "--onnx", str(tmp_path / "timed.onnx"), "--runtime-threads", "2"]) == 0
+    assert main(["export", str(run / "model.pt"), "--onnx", str(tmp_path / "timed.onnx"),
+                 "--runtime-threads", "2"]) == 0
     assert "as the compress run chose" not in capsys.readouterr().out and timed
+
+
+def test_layers_faster_dense_but_over_a_flops_limit_are_held_stored_and_named():
+    """Fresh user 54's depthwise convs ran 10-18x faster dense, but dense they exceeded the flops target, and the
+    final table said "as stored ... faster than dense there"; they are now named as held by the MACs."""
+    from autocompress.metrics import count_macs
+
+    model = nn.Sequential(ColumnConv2d.from_conv(nn.Conv2d(4, 128, 3, padding=1), torch.arange(0, 36, 2)),
+                          ColumnConv2d.from_conv(nn.Conv2d(128, 128, 3, padding=1), torch.arange(0, 1152, 2))).eval()
+    assert [layer.path for layer in model] == ["positions", "positions"]  # dense, they multiply more columns
+    x = torch.zeros(1, 4, 6, 6)
+
+    def fake_measure(models, example, config, batches=None, runs=None):
+        if models["stored"] is model:
+            return {1: {name: _timing(1.0) for name in models}}
+        return {1: {"stored": _timing(2.0), "dense": _timing(1.0)}}  # every layer faster dense
+
+    original = module.measure_models
+    module.measure_models = fake_measure
+    try:
+        capped = module.deployed_form(model, x, FAST, max_macs=count_macs(model, x))
+        free = module.deployed_form(model, x, FAST)
+    finally:
+        module.measure_models = original
+    assert capped.form == "stored" and capped.dense_layers == [] and capped.held == ["0", "1"]
+    assert capped.summary()["held_by_macs"] == ["0", "1"] and free.held == []

@@ -322,6 +322,11 @@ def test_the_report_gives_the_spread_of_the_runs():
     assert one[-1].startswith("deployed form: the column-pruned layer run as stored")
     dense = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": ["a", "b"]}})
     assert dense[-1].startswith("deployed form: 2 of 3 column-pruned layers run dense") and dense[-1].endswith(": a, b")
+    held = deployed_lines({"deployed": summary, "deployed_form": {"column_layers": 3, "dense_layers": [],
+                                                                  "held_by_macs": ["dw1", "dw2"]}})
+    assert held[-1] == ("deployed form: the 3 column-pruned layers run as stored (over their kept columns, or the "
+                        "input channels that keep one); 2 ran faster dense alone but stay as stored: dense, they would "
+                        "execute more MACs than the flops target allows (dw1, dw2)")
 
 
 def test_chance_level_or_a_large_drop_in_validation_top1_is_a_warning():

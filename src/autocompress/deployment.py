@@ -54,6 +54,8 @@ class DeployedForm:
         form: which whole-model form won: ``"stored"``, ``"dense"`` or ``"per_layer"`` (``"stored"`` when the
             model has no column layer).
         ratios: the winning step's mean time ratio to "as stored" of each form (empty without column layers).
+        held: the column layers that ran faster dense alone but stay stored, as dense they would execute more
+            MACs than ``max_macs`` allows (a flops target's limit).
     """
 
     model: nn.Module
@@ -61,11 +63,12 @@ class DeployedForm:
     column_layers: list[str] = field(default_factory=list)
     form: str = "stored"
     ratios: dict[str, float] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """Plain data for the final record and the export report."""
         return {"form": self.form, "column_layers": len(self.column_layers), "dense_layers": list(self.dense_layers),
-                "ratios": dict(self.ratios)}
+                "ratios": dict(self.ratios), "held_by_macs": list(self.held)}
 
 
 def column_layer_names(model: nn.Module) -> list[str]:
@@ -170,6 +173,7 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
     chosen = [name for name in names if name in inputs
               and _faster_dense(model.get_submodule(name), inputs[name], config)]
     forms = {"stored": model, "dense": with_dense_layers(model, names)}
+    faster = chosen
     if max_macs is not None:
         chosen = _within(model, x, chosen, max_macs)
         if count_macs(forms["dense"], x) > max_macs:
@@ -182,7 +186,7 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
     best = min(forms, key=lambda form: (ratios[form], FORMS.index(form)))
     best = best if ratios[best] < 1 - MARGIN else "stored"
     dense = {"stored": [], "dense": names, "per_layer": chosen}[best]
-    return DeployedForm(forms[best], list(dense), names, best, ratios)
+    return DeployedForm(forms[best], list(dense), names, best, ratios, [n for n in faster if n not in chosen])
 
 
 __all__ = ["COLUMN_LAYERS", "DeployedForm", "column_layer_names", "deployed_form", "with_dense_layers"]

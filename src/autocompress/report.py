@@ -226,6 +226,28 @@ def left_out_lines(final: dict) -> list[str]:
     return [f"not filter-pruned: {named}{more}"]
 
 
+def _names(names: list) -> str:
+    return f"{', '.join(map(str, names[:6]))}{', ...' if len(names) > 6 else ''}"
+
+
+def _form_line(final: dict, form: dict) -> str:
+    """The final table's line on the deployed form (``deployed_form`` of the final record): the column layers run
+    dense or as stored, and those held stored by a flops target's MACs."""
+    dense = form.get("dense_layers") if isinstance(form.get("dense_layers"), list) else []
+    held = form.get("held_by_macs") if isinstance(form.get("held_by_macs"), list) else []
+    if dense:
+        line = (f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers run "
+                f"dense, their dropped columns as zeros (faster there; same outputs{_executed(final, dense)}): "
+                f"{_names(dense)}")
+    else:
+        line = (f"deployed form: {column_layers_text(form.get('column_layers'))} run as stored (over their kept "
+                f"columns, or the input channels that keep one{'' if held else ': faster than dense there'})")
+    if held:
+        line += (f"; {len(held)} ran faster dense alone but stay as stored: dense, they would execute more MACs than "
+                 f"the flops target allows ({_names(held)})")
+    return line
+
+
 def deployed_lines(final: dict) -> list[str]:
     """Plain-text lines about deployed speed: how it was measured, the lookup table's estimate error (latency
     targets) and every warning (e.g. the compressed model is slower than the base); see :func:`final_text`."""
@@ -243,13 +265,7 @@ def deployed_lines(final: dict) -> list[str]:
         lines.append("spread of the runs (10th-90th percentile, ms): " + "; ".join(spread))
     form = final.get("deployed_form")
     if isinstance(form, dict) and form.get("column_layers"):
-        dense = form.get("dense_layers") if isinstance(form.get("dense_layers"), list) else []
-        lines.append(
-            f"deployed form: {len(dense)} of {_num(form.get('column_layers'), '')} column-pruned layers run dense, "
-            f"their dropped columns as zeros (faster there; same outputs{_executed(final, dense)}): "
-            f"{', '.join(map(str, dense[:6]))}{', ...' if len(dense) > 6 else ''}" if dense else
-            f"deployed form: {column_layers_text(form.get('column_layers'))} run as stored (over their kept "
-            "columns, or the input channels that keep one: faster than dense there)")
+        lines.append(_form_line(final, form))
     estimate = final.get("latency_estimate")
     if isinstance(estimate, dict):
         error = estimate.get("error")
