@@ -98,7 +98,7 @@ def width_attribute_values(model: nn.Module) -> dict[str, dict[str, int]]:
             for name, module in model.named_modules() if WIDTH_ATTRIBUTES in vars(module)}
 
 
-def _set_attributes(module: nn.Module, name: str, values: object) -> None:
+def _apply_attributes(module: nn.Module, name: str, values: object) -> None:
     """Set a description's ``"attributes"`` entry of module ``name``.
 
     Raises:
@@ -270,7 +270,7 @@ def apply_architecture(model: nn.Module, description: dict) -> nn.Module:
         except AttributeError as exc:
             raise UserError(f"the architecture sets attributes of module {name!r}, which the base model lacks",
                             "load it with the model name and options it was saved with") from exc
-        _set_attributes(module, name, values)
+        _apply_attributes(module, name, values)
     unnest(model)
     return model
 
