@@ -261,3 +261,51 @@ def test_a_fused_qkv_s_stored_head_width_follows_its_heads():
     masked = _masked_copy(model, space.param_masks(project(space, model, rates)))
     with torch.no_grad():
         assert torch.allclose(result.compact_model(x), masked(x), atol=1e-5)
+
+
+class StoredHeadsStack(nn.Module):
+    """Two BERT-style layers whose stream is as wide as their attentions (``hidden_size`` = ``all_head_size``), the
+    width also stored on the model; mask-free."""
+
+    def __init__(self, width: int = 16, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.hidden_size = width
+        self.embed = nn.Linear(6, width)
+        self.layers = nn.ModuleList(StoredHeadsAttention(width, heads) for _ in range(layers))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("heads, narrowed", [(4, (0,)), (4, (1,)), (4, (0, 1)), (2, (0, 1))])
+def test_stored_head_widths_of_several_layers_follow_their_own_heads_and_not_the_stream(heads, narrowed):
+    """Fresh user 55's Hugging Face-style encoders crashed mid-run ("shape '[1, 64, 4, 16]' is invalid"): with the
+    stream as wide as the attentions, the stream's candidates offered an attention whose heads kept their width the
+    stream's new width, and a head count was offered as a head width. Each layer's heads keep their count; only the
+    attributes the forward needs change."""
+    torch.manual_seed(0)
+    model = StoredHeadsStack(16, heads).eval()
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    per = 16 // heads
+    for name in ("embed.weight", "embed.bias"):  # the stream 16 -> 12
+        masks[name][[0, 5, 9, 14]] = False
+    for index, layer in enumerate(model.layers):
+        masks[f"layers.{index}.dense.weight"][[0, 5, 9, 14]] = False  # the stream's writers, with embed
+        masks[f"layers.{index}.dense.bias"][[0, 5, 9, 14]] = False
+        if index in narrowed:  # one channel of each head
+            for proj in ("query", "key", "value"):
+                for part in ("weight", "bias"):
+                    masks[f"layers.{index}.{proj}.{part}"][[h * per for h in range(heads)]] = False
+    x = torch.randn(2, 5, 6)
+    result = compact(model, masks, (x,))
+    for index, layer in enumerate(result.model.layers):
+        width = 16 - heads if index in narrowed else 16
+        assert layer.query.out_features == layer.all_head_size == width and layer.dense.out_features == 12
+        assert layer.num_attention_heads == heads and layer.attention_head_size == width // heads
+    assert result.model.hidden_size == 16  # the forward does not read it
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), _masked(model, masks)(x), atol=1e-5)

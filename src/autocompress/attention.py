@@ -35,13 +35,10 @@ import torch
 from torch import nn
 
 from .alignment import allowed_widths
-from .compaction import compact, compaction_failure
+from .compaction import HEAD_ATTRIBUTES, compact, compaction_failure
 from .masks import Masks
 from .metrics import count_macs
 from .space import FilterGroup, PruningSpace
-
-#: attribute names under which attention modules commonly store their head count (timm, Hugging Face, torch)
-HEAD_ATTRIBUTES = ("num_heads", "heads", "n_heads", "n_head", "nhead", "num_attention_heads")
 
 
 def head_count(model: nn.Module, space: PruningSpace, group: FilterGroup, example_inputs: Any, *,

@@ -350,7 +350,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         query = _separate_query(dg, group, names)
         width = pruner.get_out_channels(module)
         narrowed.append((width, width - len(roots), {names[dep.target.module] for dep, _ in group
-                                                     if dep.target.module in names}))
+                                                     if dep.target.module in names}, query is not None))
         group.prune()
         if query is not None:
             writers, before = query
@@ -372,8 +372,9 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
     return kept, plain, queries
 
 
-#: a channel group that narrowed: (its width before, after, the names of the layers it couples)
-Narrowed = tuple[int, int, set[str]]
+#: a channel group that narrowed: (its width before, after, the names of the layers it couples, whether they look
+#: like an attention's query / key / value projections)
+Narrowed = tuple[int, int, set[str], bool]
 
 
 def _scope(names: set[str]) -> str:
@@ -389,9 +390,13 @@ def _scope(names: set[str]) -> str:
     return scope.rpartition(".")[0] if scope in names else scope
 
 
-#: a candidate of :func:`width_attributes`: ((module name, attribute), (value before, after), whether it is a head
-#: width)
-WidthAttribute = tuple[tuple[str, str], tuple[int, int], bool]
+#: attribute names under which attention modules commonly store their head count (timm, Hugging Face, torch)
+HEAD_ATTRIBUTES = ("num_heads", "heads", "n_heads", "n_head", "nhead", "num_attention_heads")
+
+
+#: a candidate of :func:`width_attributes`: ((module name, attribute), (value before, after), the index of its
+#: group in the narrowed groups)
+WidthAttribute = tuple[tuple[str, str], tuple[int, int], int]
 
 
 def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[WidthAttribute]:
@@ -400,29 +405,32 @@ def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[WidthAt
     self.hidden_dim, -1)``; an attention's head width, ``view(B, N, self.num_heads, self.head_size)``), as
     :data:`WidthAttribute`; those of the groups whose layers sit under the smallest module first (a block's own
     width before the stream's that feeds it), widths before head widths. Candidates are the public int attributes
-    that hold a group's width or head width (:func:`_widths_held`), of the modules under the smallest one holding
-    the group's layers, and of types :mod:`autocompress.architecture` does not describe (a Linear's
-    ``in_features`` is torch-pruning's to update)."""
+    that hold a group's width or, for an attention's projections, its head width (:func:`_widths_held`), of the
+    modules under the smallest one holding the group's layers, and of types :mod:`autocompress.architecture` does
+    not describe (a Linear's ``in_features`` is torch-pruning's to update)."""
     modules = dict(model.named_modules())
     found = []
-    for before, after, members in narrowed:
+    for group, (before, after, members, attention) in enumerate(narrowed):
         scope = _scope(members)
         for name, module in modules.items():
             if (scope and name != scope and not name.startswith(scope + ".")) or describable(module):
                 continue
             depth = -(scope.count(".") + 1 if scope else 0)
-            found += [(depth, head, (name, attr), widths) for attr, widths, head in _widths_held(module, before, after)]
-    return [(key, widths, head) for _, head, key, widths in sorted(set(found))]
+            found += [(depth, head, (name, attr), widths, group)
+                      for attr, widths, head in _widths_held(module, before, after, attention)]
+    return [(key, widths, group) for _, _, key, widths, group in sorted(set(found))]
 
 
-def _widths_held(module: nn.Module, before: int, after: int) -> list[tuple[str, tuple[int, int], bool]]:
-    """``module``'s public int attributes that hold a group's width (equal to ``before``: -> ``after``) or its
-    head width (times another of them, a head count ``h``, equal to ``before``: -> ``after / h``, where whole),
-    with whether it is the latter."""
+def _widths_held(module: nn.Module, before: int, after: int, heads: bool) -> list[tuple[str, tuple[int, int], bool]]:
+    """``module``'s public int attributes that hold a group's width (equal to ``before``: -> ``after``) or, with
+    ``heads`` (an attention's projections), its head width (times another of them, a head count ``h``, equal to
+    ``before``: -> ``after / h``, where whole; never a head count named as one, :data:`HEAD_ATTRIBUTES`: narrower
+    heads keep their count), with whether it is the latter."""
     ints = {k: v for k, v in vars(module).items() if not k.startswith("_") and type(v) is int}
     held = [(attr, (before, after), False) for attr, value in ints.items() if value == before]
-    return held + [(attr, (value, after // heads), True) for attr, value in ints.items() for heads in set(ints.values())
-                   if 1 < heads < before and value * heads == before and after % heads == 0]
+    return held + [(attr, (value, after // count), True) for attr, value in ints.items() for count in set(ints.values())
+                   if heads and attr not in HEAD_ATTRIBUTES and 1 < count < before and value * count == before
+                   and after % count == 0]
 
 
 def _set_attributes(model: nn.Module, attributes: dict[tuple[str, str], tuple[int, int]], index: int) -> None:
@@ -432,15 +440,20 @@ def _set_attributes(model: nn.Module, attributes: dict[tuple[str, str], tuple[in
 
 
 def _patches(candidates: list[WidthAttribute]) -> list[dict[tuple[str, str], tuple[int, int]]]:
-    """The sets of :func:`width_attributes` candidates :func:`_runs` tries, in order: each alone; every width
-    together with each head width in turn (an attention's whole and head widths: Hugging Face's ``all_head_size``
-    and ``attention_head_size``); all together (the first candidate of each attribute)."""
-    widths = dict(reversed([(key, value) for key, value, head in candidates if not head]))
-    heads = [(key, value) for key, value, head in candidates if head]
+    """The sets of :func:`width_attributes` candidates :func:`_runs` tries, in order: each alone; those of every
+    group together (the first candidate of each attribute: several attentions' whole and head widths at once,
+    Hugging Face's ``all_head_size`` and ``attention_head_size`` in every layer); those of every group but one, for
+    each group (a stream as wide as an attention whose heads kept their width offers that attention's whole width
+    its own new width)."""
+    def together(groups: set[int]) -> dict[tuple[str, str], tuple[int, int]]:
+        return dict(reversed([(key, value) for key, value, group in candidates if group in groups]))
+
+    groups = {group for _, _, group in candidates}
     tries = [{key: value} for key, value, _ in candidates]
-    tries += [{**widths, key: value} for key, value in heads if widths and key not in widths]
-    every = dict(reversed([(key, value) for key, value, _ in candidates]))
-    return tries + ([every] if every and every not in tries else [])
+    for patch in [together(groups)] + [together(groups - {left}) for left in sorted(groups)]:
+        if len(patch) > 1 and patch not in tries:
+            tries.append(patch)
+    return tries
 
 
 def _runs(model: nn.Module, inputs: tuple, narrowed: list[Narrowed]) -> dict[nn.Module, int]:
@@ -457,17 +470,29 @@ def _runs(model: nn.Module, inputs: tuple, narrowed: list[Narrowed]) -> dict[nn.
         first = exc
     for patch in _patches(width_attributes(model, narrowed)):
         _set_attributes(model, patch, 1)
-        try:
-            called = _called_modules(model, inputs)
-        except UserError:
-            raise
-        except Exception:  # noqa: BLE001
+        if _called(model, inputs) is None:
             _set_attributes(model, patch, 0)
             continue
+        for key in list(patch) if len(patch) > 1 else []:  # only those needed stay set
+            _set_attributes(model, {key: patch[key]}, 0)
+            if _called(model, inputs) is None:
+                _set_attributes(model, {key: patch[key]}, 1)
+            else:
+                del patch[key]
         for name, attr in patch:
             mark_width_attribute(model.get_submodule(name) if name else model, attr)
-        return called
+        return _called_modules(model, inputs)
     raise first
+
+
+def _called(model: nn.Module, inputs: tuple) -> dict[nn.Module, int] | None:
+    """:func:`_called_modules`, or None when the forward raises (a UserError propagates)."""
+    try:
+        return _called_modules(model, inputs)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - the caller's forward may raise anything on the old width
+        return None
 
 
 #: the query rows of an attention whose heads narrowed: (the Linears that may write them, the rows from the first,
@@ -568,7 +593,7 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
         out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
         out.in_features = remaining
         kept[names[module]] = torch.nonzero(rows).flatten()
-        narrowed.append((width, remaining, {names[module], names[out]}))
+        narrowed.append((width, remaining, {names[module], names[out]}, True))
         queries.append(((module,), remaining, math.sqrt(remaining / width)))
         report["removed_channels"][names[module]] = width - remaining
     return kept, queries
