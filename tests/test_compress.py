@@ -504,6 +504,7 @@ def test_a_checkpoint_without_recorded_normalisation_is_warned_about():
         "on them (compare the base's score here with yours), and for other inputs compress it through the Python API "
         "with your own loaders")
     assert warning({"name": "cifar10", "mean": [0.5] * 3, "std": [0.25] * 3}) is None
+    assert warning({"name": "cifar10", "val_size": 5000}) is None  # autocompress train's (the demo's base)
 
 
 def test_resume_of_a_folder_without_a_run_says_what_is_missing(tmp_path, capsys):
