@@ -360,7 +360,8 @@ def test_compress_stops_distilling_once_the_student_passes_an_under_trained_base
     base_top1 = 100 * evaluate(base, val)["top1"]
     lines: list[str] = []
     config = {"search_mode": "uniform", "rounds": 1, "admm": {"epochs": 0}, "final_retrain_epochs": 3,
-              "distillation": {"enabled": True}, "purification": {"enabled": False}, "latency_runs": 1,
+              "distillation": {"enabled": True, "stop_margin": 0.01}, "purification": {"enabled": False},
+              "latency_runs": 1,
               "latency": {"runs": 1}, "channel_multiple": 1}  # the case's margins are at any width
     result = autocompress.compress(base, torch.zeros(1, 1, 28, 28), "params=2x", train_loader=batches,
                                    val_loader=val, config=config, device="cpu", progress=False, log=lines.append)
@@ -451,7 +452,7 @@ def test_the_stop_margin_of_a_callers_score_is_a_fraction_of_the_base_score(base
     def score_fn(model):
         return getattr(model, "score", base_score)
 
-    pipeline, state, lines = _scored_pipeline(score_fn)
+    pipeline, state, lines = _scored_pipeline(score_fn, {"stop_margin": 0.01})
     release = pipeline._release(state)
     student = nn.Linear(1, 1)
     student.score = base_score + 0.008 * abs(base_score)
@@ -471,6 +472,7 @@ def test_the_top1_stop_margin_stays_in_points():
 @pytest.mark.parametrize("margin, accepted", [(0.01, True), (0.0, True), (-0.01, True), (None, True), (-1.0, False),
                                                (float("inf"), False), (True, False), ("0.01", False)])
 def test_the_stop_margin_may_be_negative_but_above_minus_one(margin, accepted):
+    assert DistillationConfig().stop_margin == 0.0  # the default: once the student passes its teacher at all
     if accepted:
         assert DistillationConfig(stop_margin=margin).stop_margin == margin
         return
