@@ -117,6 +117,8 @@ def test_prune_narrows_torchvision_vision_transformer_s_hidden_width():
                    log=lines.append)
     small = result.compact_model
     assert not [line for line in lines if line.startswith("not filter-pruned: conv_proj")]
+    assert f"round 1: widths the forward reads from attributes follow the pruned channels: hidden_dim = " \
+           f"{small.hidden_dim}" in lines  # fresh user 55 found them only by printing the modules
     assert small.hidden_dim == small.conv_proj.out_channels == small.class_token.shape[-1] < 32
     rebuilt = apply_architecture(VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2,
                                                    hidden_dim=32, mlp_dim=64, num_classes=10),

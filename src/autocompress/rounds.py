@@ -905,12 +905,17 @@ class Pipeline:
         if kept_dense:
             self.log(f"round {state.index}: compaction kept dead channels dense: "
                      + "; ".join(f"{name}: {reason}" for name, reason in kept_dense.items()))
+        attributes = compacted.report.get("width_attributes") or {}
+        if attributes:
+            self.log(f"round {state.index}: widths the forward reads from attributes follow the pruned channels: "
+                     + ", ".join(f"{name} = {value}" for name, value in attributes.items()))
         self.store.save(state.index, "compact", self.payload(compact_model))
         record = {"event": "round", "round": state.index, "target": state.target,
                   "params": self.params(compact_model), "macs": self.macs(compact_model),
                   **self.scored(self.task.score(compact_model) if self.task.can_score else None),
                   "rates": state.rates,
-                  "layers": layer_widths(self.base_model, compact_model), "dead_channels_kept": kept_dense}
+                  "layers": layer_widths(self.base_model, compact_model), "dead_channels_kept": kept_dense,
+                  "width_attributes": attributes}
         state.model = densify(compact_model)
         state.compact_model = compact_model
         return [record]
