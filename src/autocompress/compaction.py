@@ -412,10 +412,10 @@ def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[WidthAt
     found = []
     for group, (before, after, members, attention) in enumerate(narrowed):
         scope = _scope(members)
+        depth = -(scope.count(".") + 1 if scope else 0)
         for name, module in modules.items():
             if (scope and name != scope and not name.startswith(scope + ".")) or describable(module):
                 continue
-            depth = -(scope.count(".") + 1 if scope else 0)
             found += [(depth, head, (name, attr), widths, group)
                       for attr, widths, head in _widths_held(module, before, after, attention)]
     return [(key, widths, group) for _, _, key, widths, group in sorted(set(found))]
@@ -470,18 +470,21 @@ def _runs(model: nn.Module, inputs: tuple, narrowed: list[Narrowed]) -> dict[nn.
         first = exc
     for patch in _patches(width_attributes(model, narrowed)):
         _set_attributes(model, patch, 1)
-        if _called(model, inputs) is None:
+        called = _called(model, inputs)
+        if called is None:
             _set_attributes(model, patch, 0)
             continue
         for key in list(patch) if len(patch) > 1 else []:  # only those needed stay set
             _set_attributes(model, {key: patch[key]}, 0)
-            if _called(model, inputs) is None:
-                _set_attributes(model, {key: patch[key]}, 1)
+            without = _called(model, inputs)
+            if without is None:
+                _set_attributes(model, {key: patch[key]}, 1)  # back to the set ``called`` ran with
             else:
+                called = without
                 del patch[key]
         for name, attr in patch:
             mark_width_attribute(model.get_submodule(name) if name else model, attr)
-        return _called_modules(model, inputs)
+        return called
     raise first
 
 
