@@ -218,6 +218,9 @@ AUTOCOMPRESS_METHODS = {
     "ac_budget_onecycle": ("autocompress defaults (session 24), `budget`, retraining one-cycle to lr 0.05",
                            {"search": {"guidance": "auto"},
                             "retrain": {"lr": 0.05, "schedule": "onecycle", "pct_start": 0.15}}),
+    # session 41: the library as shipped, given only the target, the data and `budget` (no grid schedule, dims,
+    # guidance or search size: see defaults_settings)
+    "ac_defaults": ("autocompress as shipped: only the target and `budget`", {}),
 }
 PEERS = {"torch_pruning": "Torch-Pruning global magnitude", "nni": "NNI 2.10.1 AutoCompressPruner",
          # a reference, not a peer as shipped: Torch-Pruning's model fine-tuned with autocompress's distillation
@@ -238,7 +241,7 @@ VARIANTS = ("ac_fast_rho", "ac_distill", "ac_one_round", "ac_one_round_auto", "a
             "ac_budget_exec_refit", "ac_budget_exec_ch", "ac_budget_ch", "ac_budget_exec_new",
             "ac_budget_new", "ac_budget_a05", "ac_budget_nokd",
             "ac_budget_exec_a05", "tp_kd_a05", "ac_budget_stop", "ac_budget_lr05", "ac_budget_noadmm",
-            "ac_budget_onecycle", "ac_budget_magnitude", "ac_budget_mixed", "ac_budget_refit")
+            "ac_budget_onecycle", "ac_budget_magnitude", "ac_budget_mixed", "ac_budget_refit", "ac_defaults")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 ABLATIONS = [m for m in AUTOCOMPRESS_METHODS if m != "autocompress"]
 
@@ -373,6 +376,13 @@ def budget_settings(settings: dict, spec: ModelSpec) -> dict:
     return {**kept, "budget": spec.epochs}
 
 
+def defaults_settings(settings: dict, spec: ModelSpec) -> dict:
+    """Settings of ``ac_defaults``: the target, seed, data subsets and latency runs of ``settings`` and
+    ``budget`` = the model's epoch budget; every other setting is the library's default."""
+    kept = ("target", "seed", "data_dir", "val_size", "max_train", "max_test", "latency_runs")
+    return {**{key: settings[key] for key in kept}, "budget": spec.epochs}
+
+
 def grid_settings(spec: ModelSpec, target: str, seed: int = 0) -> dict:
     """The grid's compress settings for ``spec`` at ``target``: its data subsets, rounds, ADMM (``GRID_RHO``)
     and retraining epochs, quick evaluations per round, run ``seed``; the paper's per-layer guidance, with which
@@ -404,6 +414,8 @@ def run_autocompress(spec: ModelSpec, target: str, method: str, work: Path, seed
         settings.update(SCHEDULES[method](spec, target))
     if method.startswith("ac_budget"):
         settings = budget_settings(settings, spec)
+    if method == "ac_defaults":
+        settings = defaults_settings(settings, spec)
     work.mkdir(parents=True, exist_ok=True)
     config = work.parent / f"{work.name}.yaml"
     atomic_write_text(config, yaml.safe_dump(merge_settings(settings, AUTOCOMPRESS_METHODS[method][1])))

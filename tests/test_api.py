@@ -1088,6 +1088,61 @@ def test_batches_that_are_not_pairs(no_work):
     refused(no_work, "the model fails on a batch of val_loader", val_loader=wrong_shape)
 
 
+class Scaled(nn.Module):
+    """Two inputs, images ``[B, 1, 8, 8]`` and a brightness scale ``[B, 1]``: SmallCNN on the scaled images."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN()
+
+    def forward(self, x, scale):
+        return self.net(x * scale[:, :, None, None])
+
+
+def _scaled_loader(count: int, seed: int, **kwargs) -> DataLoader:
+    """``(images, scale, labels)`` batches; scale 0.5 or 2, images divided by it (so its product tells the class)."""
+    x, y = images(count, seed)
+    scale = 0.5 + 1.5 * (torch.arange(count) % 2).float()[:, None]
+    return DataLoader(TensorDataset(x / scale[:, :, None, None], scale, y), batch_size=16, **kwargs)
+
+
+def test_a_model_of_two_inputs_trains_on_batches_of_both_and_the_targets():
+    """Fresh user 55's token ids, padding mask and labels needed forward_fn, loss_fn and score_fn together, and
+    their two-input model got no onnxruntime latency: batches ``(input_1, ..., input_N, targets)`` for an
+    example of N tensors now run ``model(input_1, ..., input_N)`` against the last item."""
+    train, val = _scaled_loader(96, 0, shuffle=True), _scaled_loader(48, 1)
+    model = Scaled()
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _, (x, scale, y) in zip(range(12), train):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x, scale), y).backward()
+        optimizer.step()
+    example = (torch.randn(1, 1, 8, 8), torch.ones(1, 1))
+    result = autocompress.compress(model, example, "params=2x", train_loader=train, val_loader=val, config=CONFIG,
+                                   progress=False)
+    correct = 0
+    with torch.no_grad():
+        for x, scale, y in val:
+            correct += int((result.model.eval()(x, scale).argmax(1) == y).sum())
+    assert result.final["rows"][1]["val_top1"] == pytest.approx(100.0 * correct / 48)
+    assert result.compression_rate >= 2.0 * 0.99 and result.final["deployed"]["runtime"] == "onnxruntime"
+
+
+def test_batches_of_several_inputs_are_refused_naming_where_the_targets_are(no_work):
+    x, y = images(32, 0)
+    triples = DataLoader(TensorDataset(x, torch.ones(32, 1), y), batch_size=8)
+    refused(no_work, r"list batches of 3 items, not \(inputs, targets\) tensor pairs; pass forward_fn.* or "
+            r"example_inputs as a tuple of the batch's first 2 tensors when the model takes them all",
+            train_loader=triples)
+    two = (torch.randn(1, 1, 8, 8), torch.ones(1, 1))
+    refused(no_work, r"yields list batches of 2 items, not tuples of 2 input tensors and the targets", model=Scaled(),
+            example=two)
+    column = DataLoader(TensorDataset(x, torch.ones(32, 1), y[:, None]), batch_size=8)
+    refused(no_work, r"targets \(batch\[2\]\) \[8, 1\] are not one class index per output \[8\] on a batch of "
+            "train_loader", model=Scaled(), example=two, train_loader=column)
+
+
 @pytest.mark.parametrize("name, form", [("score_fn", r"score_fn\(model\) -> float"),
                                         ("log", r"log\(line\), e.g. print"), ("train_fn", r"train_fn\(model, phase\)"),
                                         ("loss_fn", r"loss_fn\(model, batch\) -> loss"),

@@ -349,3 +349,102 @@ def test_a_model_returning_a_dict_is_refused_by_export_and_writes_nothing(tmp_pa
             with pytest.raises(UserError, match=rf"^the model returns {what}.*wrapper module.*\['logits'\]"):
                 export(model, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class Tagger(nn.Module):
+    """Token ids ``[B, T]`` and a padding mask ``[B, T]`` -> per-token class scores ``[B, T, 3]`` and the masked
+    mean's scores ``[B, 3]``: a learned position table of 8 rows, so a sequence may be shorter than 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.position, self.fc = nn.Embedding(10, 8), nn.Parameter(torch.randn(8, 8)), nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        tokens = self.fc(self.embed(ids) + self.position[:ids.shape[1]])
+        weights = mask.to(tokens.dtype).unsqueeze(-1)
+        return tokens, (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+SEQUENCE = {"input": {1: "sequence"}, "input_1": {1: "sequence"}, "output": {1: "sequence"}}
+
+
+def test_a_sequence_axis_exports_dynamic_when_named(tmp_path):
+    """Fresh user 55: the ONNX sequence axis was fixed at the example's length; only the batch axis was dynamic."""
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    ids, mask = torch.randint(0, 10, (2, 6)), torch.rand(2, 6) < 0.7
+    onnx_result = export_onnx(model, (ids, mask), tmp_path / "m.onnx", dynamic_axes=SEQUENCE)
+    program_result = export_program(model, (ids, mask), tmp_path / "m.pt2", dynamic_axes=SEQUENCE)
+    assert onnx_result.max_abs_diff <= onnx_result.tolerance and program_result.checked_batch_sizes == [2, 3]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    for length in (3, 8):
+        other_ids, other_mask = torch.randint(0, 10, (4, length)), torch.rand(4, length) < 0.5
+        other_mask[:, 0] = True
+        with torch.no_grad():
+            expected = model(other_ids, other_mask)
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(program(other_ids, other_mask), expected))
+        got = session.run(None, {"input": other_ids.numpy(), "input_1": other_mask.numpy()})
+        assert got[0].shape == (4, length, 3)
+        assert max(np.abs(a - b.numpy()).max() for a, b in zip(got, expected)) <= 1e-5
+    fixed = export_onnx(model, (ids, mask), tmp_path / "fixed.onnx")  # without it the length stays 6
+    with pytest.raises(Exception):
+        ort.InferenceSession(str(fixed.path), providers=["CPUExecutionProvider"]).run(
+            None, {"input": ids[:, :3].numpy(), "input_1": mask[:, :3].numpy()})
+
+
+@pytest.mark.parametrize("axes, problem", [
+    ({"tokens": {1: "sequence"}}, r"names 'tokens', not an input or output of the graph; use the graph's names: "
+                                  r"inputs input, input_1; outputs output, output_1"),
+    ({"input": {2: "sequence"}}, r"has axis 2, not an axis past the batch of input \(it has 2\)"),
+    ({"input": {0: "sequence"}}, r"has axis 0, not an axis past the batch"),
+    ({"input": {1: ""}}, r"dynamic_axes\['input'\]\[1\] is '', not an axis name"),
+    ({"input": [1]}, r"dynamic_axes\['input'\] is a list, not a dict of axis -> name"),
+    ({"input": {1: "sequence"}, "input_1": {1: "sequence"}}, r"axis 'sequence' has sizes 6 and 5")])
+def test_bad_dynamic_axes_are_refused_and_nothing_is_written(tmp_path, axes, problem):
+    class TwoSequences(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+        def forward(self, ids, mask):
+            scores = self.fc(self.embed(ids).mean(1) + mask.float().mean(1, keepdim=True))
+            return scores, scores.softmax(1)
+
+    ids, mask = torch.randint(0, 10, (2, 6)), torch.rand(2, 5) < 0.7
+    model = TwoSequences().eval()
+    for export, name in ((export_onnx, "m.onnx"), (export_program, "m.pt2")):
+        with pytest.raises(UserError, match=problem):
+            export(model, (ids, mask), tmp_path / name, dynamic_axes=axes)
+        assert not (tmp_path / name).exists()
+    with pytest.raises(UserError, match=r"dynamic axis 'sequence' \(input axis 1\) has size 1"):
+        export_onnx(model, (ids[:, :1], mask[:, :1]), tmp_path / "m.onnx", dynamic_axes={"input": {1: "sequence"}})
+
+
+class Pooled(nn.Module):
+    """Images ``[B, 3, H, W]`` of any size -> ``[B, 4]``: a conv, global average pooling, a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_cli_export_keeps_the_axes_it_is_told_dynamic(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    path = save_compact(tmp_path / "p.pt", model, model_class=Pooled, model_kwargs={},
+                        dataset={"input_size": [3, 16, 16]})
+    assert main(["export", str(path), "--onnx", str(tmp_path / "p.onnx"), "--dynamic-axes", "2,3"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randn(2, 3, 24, 20)
+    with torch.no_grad():
+        assert np.abs(session.run(None, {"input": images.numpy()})[0] - model(images).numpy()).max() <= 1e-5
+    capsys.readouterr()
+    assert main(["export", str(path), "--onnx", str(tmp_path / "q.onnx"), "--dynamic-axes", "h,w"]) == 2
+    assert "--dynamic-axes h,w is not a comma list of axes; pass e.g. --dynamic-axes 2,3" in capsys.readouterr().err
+    assert main(["export", str(path), "--onnx", str(tmp_path / "q.onnx"), "--dynamic-axes", "4"]) == 2
+    assert "has axis 4, not an axis past the batch of input (it has 4)" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()

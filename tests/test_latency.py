@@ -25,7 +25,7 @@ from autocompress.alignment import aligned_keep, allowed_widths, grow_to_multipl
 from autocompress.compaction import compact
 from autocompress.compress import Compression
 from autocompress.config import CompressConfig, SettingError, Target
-from autocompress.latency import (LatencyConfig, build_table, deployed_summary, layer_specs, measure_models,
+from autocompress.latency import (LatencyConfig, build_table, deployed_summary, layer_specs, measure_models, runner,
                                   SLOWER, speed_warning, table_key)
 from autocompress.masks import apply_masks
 from autocompress.projection import project
@@ -966,13 +966,13 @@ def test_cli_flags_set_the_latency_settings():
 
 def test_a_model_the_runtime_cannot_take_keeps_its_result(monkeypatch):
     def refuse(*_args, **_kwargs):
-        raise UserError("deployed latency needs a model with one input tensor")
+        raise UserError("the model cannot be exported to ONNX for latency (RuntimeError)")
 
     monkeypatch.setattr(sys.modules["autocompress.compress"], "measure_models", refuse)
     train, _ = loaders()
     final = _compress(trained(SmallCNN(8, 8), train), "params=1.5x").final
     assert final["deployed"] is None and "deployed_b1_ms" not in final["rows"][1]
-    assert final["warnings"][0] == "deployed latency not measured: deployed latency needs a model with one input tensor"
+    assert final["warnings"][0] == "deployed latency not measured: the model cannot be exported to ONNX for latency (RuntimeError)"
     # timing (and the tiny model's accuracy, coarse units and briefly trained BatchNorm) may or may not warn
     assert all("in eager PyTorch" in warning or "validation top-1" in warning or "is passed by far" in warning
                or "BatchNorm statistics did not fit" in warning for warning in final["warnings"][1:])
@@ -1042,3 +1042,60 @@ def test_a_float64_model_onnxruntime_cannot_load_is_a_user_error_naming_the_fix(
                                         r"use latency.runtime torch"):
         measure_models({"model": model}, torch.randn(1, 1, 8, 8, dtype=torch.float64), LatencyConfig(runs=2),
                        batches=[1])
+
+
+class TokenClassifier(nn.Module):
+    """Token ids ``[B, T]`` and a padding mask ``[B, T]``, two forward arguments -> ``[B, 3]``: the masked mean of
+    the tokens' embeddings through two Linear layers."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Embedding(20, 16), nn.Linear(16, hidden), nn.Linear(hidden, 3)
+
+    def forward(self, ids, mask):
+        weights = mask.to(self.fc1.weight.dtype).unsqueeze(-1)
+        pooled = (self.embed(ids) * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.fc2(torch.relu(self.fc1(pooled)))
+
+
+def _tokens(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 20, (batch, 6), generator=generator), torch.rand(batch, 6, generator=generator) < 0.7
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_a_model_of_two_inputs_is_timed_with_both(runtime):
+    torch.manual_seed(0)
+    model, example = TokenClassifier().eval(), _tokens(2)
+    timings = measure_models({"base": model, "narrow": TokenClassifier(8).eval()}, example,
+                             LatencyConfig(runtime=runtime, **FAST))
+    assert set(timings) == {1, 4} and all(set(t) == {"base", "narrow"} for t in timings.values())
+    assert all(t.runs == 3 and t.median_ms > 0 for per_batch in timings.values() for t in per_batch.values())
+    if runtime == "onnxruntime":  # the session computes the model's output on inputs bound at another batch
+        other = _tokens(5, seed=1)
+        with torch.no_grad():
+            expected = model(*other).numpy()
+        assert np.abs(runner(model, example, runtime)(other)()[0] - expected).max() <= 1e-5
+
+
+def test_deployed_form_of_a_two_input_model_computes_what_it_computes():
+    from autocompress.columns import ColumnLinear
+    from autocompress.deployment import deployed_form
+
+    torch.manual_seed(0)
+    model = TokenClassifier().eval()
+    model.fc1 = ColumnLinear.from_linear(model.fc1, torch.tensor([0, 2, 5, 7, 11, 15]))
+    example = _tokens(3)
+    form = deployed_form(model, example, {"runtime": "onnxruntime", **FAST})
+    assert form.column_layers == ["fc1"]
+    with torch.no_grad():
+        assert torch.allclose(form.model(*example), model(*example), atol=1e-6)
+
+
+def test_bad_inputs_to_time_are_refused_naming_the_problem():
+    model = TokenClassifier().eval()
+    ids, mask = _tokens(2)
+    with pytest.raises(UserError, match="different batch sizes"):
+        measure_models({"base": model}, (ids, mask[:1]), LatencyConfig(**FAST))
+    with pytest.raises(UserError, match="a tensor or a tuple of tensors"):
+        measure_models({"base": model}, (ids, None), LatencyConfig(**FAST))

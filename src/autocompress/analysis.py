@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (else its first buffer; a model holding neither: the CPU)."""
@@ -79,3 +81,21 @@ def random_inputs(shape: tuple, dtype: torch.dtype, generator: torch.Generator, 
     if not dtype.is_floating_point and not dtype.is_complex:
         return torch.randint(low, high + 1, shape, generator=generator).to(dtype)
     return torch.randn(shape, generator=generator).to(dtype)
+
+
+def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` (a tensor ``[B, ...]`` or a tuple / list of them) as a tuple of detached tensors of one
+    batch size ``B`` (on their devices); ``what`` names the caller in the error (e.g. ``"ONNX export"``).
+
+    Raises:
+        UserError: not a tensor or a non-empty tuple / list of tensors, or tensors of different batch sizes.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, (tuple, list)) or not inputs or not all(
+            isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs):
+        raise UserError(f"{what} takes a tensor or a tuple of tensors as the model's inputs",
+                        "pass example_inputs as a [N, C, H, W] tensor, or a tuple of [N, ...] tensors")
+    if len({t.shape[0] for t in inputs}) > 1:
+        raise UserError(f"{what}'s example inputs have different batch sizes {[t.shape[0] for t in inputs]}",
+                        "give every input the batch axis first, of one size")
+    return tuple(t.detach() for t in inputs)

@@ -205,13 +205,15 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             at its batch size (default onnxruntime on the CPU, 1 thread, batch 1); may instead be given as
             ``config["target"]``.
         train_loader: training batches, re-iterated once per epoch (ADMM, retraining, BatchNorm
-            re-estimation). By default each batch is ``(inputs, targets)``.
+            re-estimation). By default each batch is ``(inputs, targets)``, or ``(input_1, ..., input_N, targets)``
+            where ``example_inputs`` is a tuple of N tensors (e.g. token ids and a padding mask).
         val_loader: validation batches; top-1 on them is the score, unless ``score_fn`` is given.
         score_fn: ``fn(model) -> float``, higher is better, replacing validation top-1 (e.g. mean IoU);
             called in eval mode under no_grad.
         loss_fn: ``fn(model, batch) -> scalar loss`` (default: cross-entropy of ``forward_fn``'s output
-            against ``batch[1]``).
-        forward_fn: ``fn(model, batch) -> output`` (default ``model(batch[0])``).
+            against the targets, ``batch[1]`` (``batch[N]`` for N inputs)).
+        forward_fn: ``fn(model, batch) -> output`` (default ``model(batch[0])``, ``model(*batch[:N])`` for N
+            inputs).
         train_fn: ``fn(model, phase)``: the caller's own training loop for the ADMM and retraining epochs
             (see :class:`autocompress.rounds.TrainingPhase`); default: the library's loop (``retrain.optimizer``:
             for a classifier SGD or AdamW as a short probe on the pruned model finds, AdamW otherwise).
@@ -473,8 +475,8 @@ class Compression:
         self.config = dataclasses.replace(
             self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),
             quick_eval=dataclasses.replace(quick, finetune_distill=False))
-        why = ("whose training targets (batch[1]) are not class indices or probabilities for it (a regression)"
-               if classes else "not class scores [B, classes >= 2, ...]")
+        why = (f"whose training targets (batch[{self.task.inputs}]) are not class indices or probabilities for it "
+               "(a regression)" if classes else "not class scores [B, classes >= 2, ...]")
         warning = (f"distillation from the base is off: the forward returns {kind_of(output)} on a training batch, "
                    f"{why}, and distillation compares softened class scores (distillation.enabled and "
                    "quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
@@ -1007,8 +1009,8 @@ class Compression:
         :func:`~autocompress.latency.speed_warning`), and for a latency target the lookup table's estimate against
         the measurement. The compact model is timed in its deployed form
         (:func:`autocompress.deployment.deployed_form`: each column layer stored or dense, whichever runs faster;
-        ``deployed_form`` in the record). A model the runtime cannot take (several
-        inputs, an op it cannot export) gets ``deployed: None`` and a warning saying why."""
+        ``deployed_form`` in the record). A model the runtime cannot take (an op it cannot export, a shape
+        written into the forward) gets ``deployed: None`` and a warning saying why."""
         settings = self.config.latency
         batches = list(dict.fromkeys((*settings.batches, settings.batch)))
         fields: dict[str, Any] = {"deployed": None, "channel_multiple": self.multiple, "warnings": []}
@@ -1018,7 +1020,7 @@ class Compression:
             fields["deployed_form"] = form.summary()
             timings = measure_models({"base": self.pipeline.base_model, "compressed": form.model}, self.example,
                                      settings, batches=batches)
-        except UserError as exc:  # e.g. a model of several inputs: the run's result stands, without this column
+        except UserError as exc:  # e.g. an op the exporter lacks: the run's result stands, without this column
             if self.table is not None:  # a latency target cannot be checked without it
                 raise
             fields["warnings"].append(f"deployed latency not measured: {exc}")

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, example_tuple
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .config import from_dict
 from .errors import UserError
@@ -98,14 +98,16 @@ def with_dense_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
     return result
 
 
-def _layer_inputs(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Each named layer's input for ``example`` (eval mode, no_grad; the model's mode restored)."""
+def _layer_inputs(model: nn.Module, example: tuple[torch.Tensor, ...], names: Sequence[str]
+                  ) -> dict[str, torch.Tensor]:
+    """Each named layer's input for ``example`` (the forward's arguments; eval mode, no_grad; the model's mode
+    restored)."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(name).register_forward_pre_hook(
         lambda _module, args, name=name: inputs.setdefault(name, args[0].detach())) for name in names]
     try:
         with analysis_mode(model):
-            model(example)
+            model(*example)
     finally:
         for hook in hooks:
             hook.remove()
@@ -129,7 +131,7 @@ def latency_config(config: LatencyConfig | Mapping[str, Any] | None) -> LatencyC
     return config
 
 
-def _within(model: nn.Module, x: torch.Tensor, names: Sequence[str], max_macs: float) -> list[str]:
+def _within(model: nn.Module, x: tuple[torch.Tensor, ...], names: Sequence[str], max_macs: float) -> list[str]:
     """The column layers of ``names`` that can run dense with ``model`` still executing at most ``max_macs``
     MACs on ``x``: the ones adding the fewest MACs first (each layer's addition is independent of the others)."""
     stored = count_macs(model, x)
@@ -148,7 +150,8 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
 
     Args:
         model: a compact model (any nn.Module; one without column layers is returned as it is, untimed).
-        example: one input ``[B, ...]`` of the model (a tensor, or a 1-tuple); its first item is used.
+        example: one input ``[B, ...]`` of the model (a tuple of them for several forward arguments); the first
+            item of each is used.
         config: runtime, threads, batch sizes and runs (:class:`autocompress.latency.LatencyConfig` or a
             mapping of its fields; default: onnxruntime, 1 thread). Validated.
         batches: the batch sizes whose mean time ratio decides (default ``config.batches``: 1 and the large
@@ -162,13 +165,14 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
 
     Raises:
         SettingError: an unknown or invalid setting, an unavailable runtime (``latency.runtime``).
-        UserError: the runtime cannot take the model (several inputs, an op it cannot export).
+        UserError: ``example`` is not tensors of one batch size, or the runtime cannot take the model (an op it
+            cannot export).
     """
     config = latency_config(config)
     names = column_layer_names(model)
     if not names:
         return DeployedForm(model)
-    x = (example if isinstance(example, torch.Tensor) else example[0]).detach()[:1]
+    x = tuple(t[:1] for t in example_tuple(example, "deployed_form"))
     inputs = _layer_inputs(model, x, names)
     chosen = [name for name in names if name in inputs
               and _faster_dense(model.get_submodule(name), inputs[name], config)]

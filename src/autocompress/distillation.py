@@ -257,7 +257,7 @@ class TeacherCache:
     @staticmethod
     def _keys(task, batch: Any) -> list[bytes] | None:
         """Digests of the batch's input rows, or None when the batch is not cacheable."""
-        if task.forward_fn is not None or not isinstance(batch, (tuple, list)) or not batch:
+        if task.forward_fn is not None or task.inputs != 1 or not isinstance(batch, (tuple, list)) or not batch:
             return None
         inputs = batch[0]
         if not isinstance(inputs, torch.Tensor) or inputs.device.type != "cpu" or inputs.dim() < 1:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .analysis import analysis_mode, random_like
+from .analysis import analysis_mode, example_tuple, random_like
 from .atomic import atomic_write_bytes
 from .columns import export_form
 from .errors import UserError
@@ -57,26 +57,68 @@ class ExportResult:
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def _example(example_inputs: Inputs, what: str) -> tuple[torch.Tensor, ...]:
-    """``example_inputs`` as a tuple of CPU tensors of one batch size.
+#: the axes an export keeps dynamic beyond the batch axis: graph input (or ONNX output) name -> axis -> axis name,
+#: as torch.onnx.export's ``dynamic_axes`` (e.g. ``{"input": {1: "sequence"}, "input_1": {1: "sequence"}}``)
+Axes = dict[str, dict[int, str]]
+
+
+def checked_axes(axes: Axes | None, example: tuple[torch.Tensor, ...], outputs_count: int = 0) -> Axes:
+    """``axes`` checked against ``example`` (the forward's inputs) and completed with the batch axis of every input
+    and of the ``outputs_count`` outputs: name -> {axis: axis name}, axis 0 ``"batch"``.
 
     Raises:
-        UserError: not a tensor or a non-empty tuple / list of tensors, or tensors of different batch sizes.
+        UserError: an unknown name (not an input or output of the graph), an axis that is not an int in
+            ``[1, dims)`` of its input, an axis name that is not a non-empty str, an input axis of size 1 in the
+            example (torch.export fixes those), or one axis name on input axes of different sizes in the example.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs or not all(
-            isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs):
-        raise UserError(f"{what} takes a tensor or a tuple of tensors as the model's inputs",
-                        "pass example_inputs as a [N, C, H, W] tensor, or a tuple of [N, ...] tensors")
-    if len({t.shape[0] for t in inputs}) > 1:
-        raise UserError(f"{what}'s example inputs have different batch sizes {[t.shape[0] for t in inputs]}",
-                        "give every input the batch axis first, of one size")
-    return tuple(t.detach().cpu() for t in inputs)
+    inputs, outputs_ = input_names(len(example)), _names("output", outputs_count)
+    done: Axes = {name: {0: "batch"} for name in [*inputs, *outputs_]}
+    sizes: dict[str, int] = {}
+    for name, entry in (axes or {}).items():
+        if name not in done:
+            raise UserError(f"dynamic_axes names {name!r}, not an input or output of the graph",
+                            f"use the graph's names: inputs {', '.join(inputs)}; outputs {', '.join(outputs_)}")
+        if not isinstance(entry, dict):
+            raise UserError(f"dynamic_axes[{name!r}] is a {type(entry).__name__}, not a dict of axis -> name",
+                            f"pass e.g. {{{name!r}: {{1: 'sequence'}}}}")
+        for axis, label in entry.items():
+            dims = example[inputs.index(name)].dim() if name in inputs else None
+            if isinstance(axis, bool) or not isinstance(axis, int) or axis < 1 or (dims is not None and axis >= dims):
+                raise UserError(f"dynamic_axes[{name!r}] has axis {axis!r}, not an axis past the batch of "
+                                f"{name}" + (f" (it has {dims})" if dims is not None else ""),
+                                "name axes 1, 2, ... (axis 0, the batch, is always dynamic)")
+            if not isinstance(label, str) or not label:
+                raise UserError(f"dynamic_axes[{name!r}][{axis}] is {label!r}, not an axis name",
+                                f"name the axis, e.g. {{{axis}: 'sequence'}}")
+            if dims is not None:
+                size = int(example[inputs.index(name)].shape[axis])
+                if size < 2:
+                    raise UserError(f"dynamic axis {label!r} ({name} axis {axis}) has size 1 in example_inputs",
+                                    "give an example of size 2 or more on a dynamic axis")
+                if sizes.setdefault(label, size) != size:
+                    raise UserError(f"dynamic axis {label!r} has sizes {sizes[label]} and {size} in example_inputs",
+                                    "give axes that share a name one size in the example, or name them apart")
+            done[name][axis] = label
+    return done
+
+
+def _shrunk(tensor: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
+    """``tensor`` one shorter on each of its dynamic ``axes`` past the batch (of size > 1): its last position
+    dropped, so a padding mask keeps its pattern and a learned position table is not overrun."""
+    for axis in axes:
+        if axis and tensor.shape[axis] > 1:
+            tensor = tensor.narrow(axis, 0, tensor.shape[axis] - 1)
+    return tensor
+
+
+def _names(first: str, count: int) -> list[str]:
+    """``[first, first_1, first_2, ...]``, ``count`` names."""
+    return [first, *(f"{first}_{index}" for index in range(1, count))][:count]
 
 
 def input_names(count: int) -> list[str]:
     """The exported graph's input names: ``"input"``, then ``"input_1"``, ``"input_2"``, ... for further inputs."""
-    return ["input", *(f"input_{index}" for index in range(1, count))]
+    return _names("input", count)
 
 
 def outputs(model: nn.Module, batch: Inputs) -> list[torch.Tensor]:
@@ -124,17 +166,18 @@ def _tensors(output) -> list[torch.Tensor] | None:
 
 
 def _compare(model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]],
-             example: tuple[torch.Tensor, ...], atol_scale: float, runtime: str, fix: str
+             example: tuple[torch.Tensor, ...], atol_scale: float, runtime: str, fix: str, axes: Axes
              ) -> tuple[float, float, list[int]]:
     """Run ``model`` (eval mode) and the exported ``run`` (its output tensors, in :func:`outputs`' order) on
-    ``example`` (the forward's inputs) and on a seeded random batch of N + 1 of each; returns ``(max abs difference
-    over every output, tolerance, batch sizes)``.
+    ``example`` (the forward's inputs) and on a seeded random batch of N + 1 of each, one shorter on each further
+    dynamic axis of ``axes``; returns ``(max abs difference over every output, tolerance, batch sizes)``.
 
     Raises:
         UserError: the model outputs NaN / inf, or ``runtime`` differs beyond the tolerance.
     """
     generator = torch.Generator().manual_seed(0)
-    extra = tuple(random_like(tensor, tensor.shape[0] + 1, generator) for tensor in example)
+    extra = tuple(_shrunk(random_like(tensor, tensor.shape[0] + 1, generator), axes[name])
+                  for name, tensor in zip(input_names(len(example)), example))
     diff, scale, sizes = 0.0, 1.0, []
     for batch in (example, extra):
         expected = outputs(model, batch)
@@ -154,9 +197,10 @@ def _compare(model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], list[to
     return diff, tolerance, sizes
 
 
-def onnx_bytes(model: nn.Module, example: Inputs, opset: int = 17) -> bytes:
+def onnx_bytes(model: nn.Module, example: Inputs, opset: int = 17, axes: Axes | None = None) -> bytes:
     """ONNX bytes of ``model`` (eval mode) traced on ``example`` (a tensor or a tuple of them) with a dynamic batch
-    axis (inputs :func:`input_names`, outputs ``"output"``, ``"output_1"``, ... in :func:`outputs`' order).
+    axis (inputs :func:`input_names`, outputs ``"output"``, ``"output_1"``, ... in :func:`outputs`' order) and the
+    dynamic ``axes`` (:func:`checked_axes`' result; None: the batch axes only).
 
     Column-pruned convolutions other than 2-D ones are exported in their gathered form
     (:func:`autocompress.columns.export_form`). The TorchScript exporter first (constants folded; its
@@ -166,13 +210,14 @@ def onnx_bytes(model: nn.Module, example: Inputs, opset: int = 17) -> bytes:
     """
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     names = _output_names(model, example)
+    axes = checked_axes(None, example, len(names)) if axes is None else axes
     model = export_form(model)
     try:
         with _output_silenced():
-            return _torchscript_bytes(model, example, opset, names)
+            return _torchscript_bytes(model, example, opset, names, axes)
     except Exception as first:  # the exporter raises many types for unsupported ops
         try:
-            return _dynamo_bytes(model, example, opset, names)
+            return _dynamo_bytes(model, example, opset, names, axes)
         except Exception:
             raise first from None
 
@@ -180,18 +225,18 @@ def onnx_bytes(model: nn.Module, example: Inputs, opset: int = 17) -> bytes:
 def _output_names(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
     """``["output", "output_1", ...]``, one name per tensor ``model`` returns for ``example`` (UserError: a
     value that is not a tensor, :func:`flat_outputs`)."""
-    count = len(outputs(model, example))
-    return ["output", *(f"output_{index}" for index in range(1, count))]
+    return _names("output", len(outputs(model, example)))
 
 
-def _torchscript_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str]) -> bytes:
+def _torchscript_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str],
+                       axes: Axes) -> bytes:
     buffer = io.BytesIO()
     inputs = input_names(len(example))
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation / tracer notes
         torch.onnx.export(model, example, buffer, dynamo=False, opset_version=opset,
                           input_names=inputs, output_names=names, do_constant_folding=True,
-                          dynamic_axes={name: {0: "batch"} for name in [*inputs, *names]})
+                          dynamic_axes=axes)
     return buffer.getvalue()
 
 
@@ -201,19 +246,23 @@ def _traced(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return example if example[0].shape[0] > 1 else tuple(torch.cat([t, t]) for t in example)
 
 
-def _batch_axes(count: int) -> tuple[dict, ...]:
-    """torch.export's dynamic shapes: one batch dimension, the first of every input."""
+def _dynamic_shapes(axes: Axes, count: int) -> tuple[dict, ...]:
+    """torch.export's dynamic shapes of ``count`` inputs from :func:`checked_axes`' ``axes``: one ``Dim`` named
+    ``batch``, the first axis of every input, and ``Dim.AUTO`` on each further dynamic axis (torch.export infers
+    its range and which axes are equal: a learned table of 8 positions caps a sequence at 8)."""
     batch = torch.export.Dim("batch")
-    return tuple({0: batch} for _ in range(count))
+    return tuple({axis: batch if axis == 0 else torch.export.Dim.AUTO for axis in axes[name]}
+                 for name in input_names(count))
 
 
-def _dynamo_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str]) -> bytes:
+def _dynamo_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str],
+                  axes: Axes) -> bytes:
     buffer = io.BytesIO()
     with analysis_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, _traced(example), dynamo=True, opset_version=max(opset, 18),
                                     verbose=False, input_names=input_names(len(example)), output_names=names,
-                                    dynamic_shapes=_batch_axes(len(example)))
+                                    dynamic_shapes=_dynamic_shapes(axes, len(example)))
         program.save(buffer)
     return buffer.getvalue()
 
@@ -255,7 +304,7 @@ def on_cpu(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, *, opset: int = 17,
-                check: bool = True, atol_scale: float = 1e-4) -> ExportResult:
+                check: bool = True, atol_scale: float = 1e-4, dynamic_axes: Axes | None = None) -> ExportResult:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it in onnxruntime.
 
     Args:
@@ -266,21 +315,26 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
             exported as dynamic.
         path: output ``.onnx`` file (written atomically; nothing is written when the check fails).
         opset: ONNX opset version (>= 11).
-        check: run onnxruntime (CPU) on ``example_inputs`` and on a seeded random batch of size N + 1 and
-            compare with PyTorch.
+        check: run onnxruntime (CPU) on ``example_inputs`` and on a seeded random batch of size N + 1 (one
+            shorter on each dynamic axis of ``dynamic_axes``) and compare with PyTorch.
         atol_scale: allowed max abs difference relative to ``max(1, max|PyTorch output|)``.
+        dynamic_axes: further dynamic axes, as torch.onnx.export's: graph input or output name -> {axis: axis
+            name}, e.g. ``{"input": {1: "sequence"}, "input_1": {1: "sequence"}, "output": {1: "sequence"}}``
+            for token ids, a padding mask and per-token scores (:func:`checked_axes`).
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
-        UserError: the exporter cannot export the model, the model outputs NaN / inf, or onnxruntime
-            disagrees with PyTorch beyond the tolerance (the message gives the difference).
+        UserError: bad ``dynamic_axes`` (:func:`checked_axes`), the exporter cannot export the model, the model
+            outputs NaN / inf, or onnxruntime disagrees with PyTorch beyond the tolerance (the message gives the
+            difference).
     """
-    example = _example(example_inputs, "ONNX export")
+    example = tuple(t.cpu() for t in example_tuple(example_inputs, "ONNX export"))
     model = on_cpu(model)
+    axes = checked_axes(dynamic_axes, example, len(outputs(model, example)))
     try:
-        data = onnx_bytes(model, example, opset)
+        data = onnx_bytes(model, example, opset, axes)
     except UserError:  # the model's outputs: the reason is its own
         raise
     except Exception as exc:  # the exporter raises many types for unsupported ops
@@ -294,23 +348,23 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
         diff, tolerance, sizes = _compare(
             model, lambda batch: [torch.from_numpy(a) for a in session.run(
                 None, dict(zip(input_names(len(batch)), (t.numpy() for t in batch))))], example,
-            atol_scale, "onnxruntime", "report this model; try another opset")
+            atol_scale, "onnxruntime", "report this model; try another opset", axes)
     written = atomic_write_bytes(path, data)
     return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=opset_of(data),
                         num_bytes=len(data), checked_batch_sizes=sizes)
 
 
-def _program_bytes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> bytes:
+def _program_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], axes: Axes) -> bytes:
     model = export_form(model)
     with analysis_mode(model):
-        program = torch.export.export(model, _traced(example), dynamic_shapes=_batch_axes(len(example)))
+        program = torch.export.export(model, _traced(example), dynamic_shapes=_dynamic_shapes(axes, len(example)))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
 
 
 def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, *, check: bool = True,
-                   atol_scale: float = 1e-5) -> ExportResult:
+                   atol_scale: float = 1e-5, dynamic_axes: Axes | None = None) -> ExportResult:
     """Export ``model`` (eval mode) as a ``torch.export`` program at ``path`` (``torch.export.save``;
     conventionally ``.pt2``), load it back and check it against the model.
 
@@ -326,20 +380,24 @@ def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.Path
             torch.export specialises size-1 dimensions).
         path: output file (written atomically; nothing is written when the export or the check fails).
         check: load the written program back and run it on ``example_inputs`` and on a seeded random
-            batch of size N + 1, compared with the model.
+            batch of size N + 1 (one shorter on each dynamic axis of ``dynamic_axes``), compared with the model.
         atol_scale: allowed max abs difference relative to ``max(1, max|PyTorch output|)``.
+        dynamic_axes: further dynamic input axes, named as :func:`export_onnx`'s (inputs ``"input"``,
+            ``"input_1"``, ...; an output's axes follow from its inputs' here); torch.export infers each axis' range
+            (``Dim.AUTO``).
 
     Returns:
         :class:`ExportResult` (``opset`` None).
 
     Raises:
-        UserError: torch.export cannot trace the model, the model outputs NaN / inf, or the loaded program
+        UserError: bad ``dynamic_axes`` (:func:`checked_axes`), torch.export cannot trace the model, the model outputs NaN / inf, or the loaded program
             disagrees with the model beyond the tolerance.
     """
-    example = _example(example_inputs, "torch.export")
+    example = tuple(t.cpu() for t in example_tuple(example_inputs, "torch.export"))
     model = on_cpu(model)
+    axes = checked_axes(dynamic_axes, example, len(outputs(model, example)))
     try:
-        data = _program_bytes(model, example)
+        data = _program_bytes(model, example, axes)
     except Exception as exc:  # torch.export raises many types for untraceable code
         raise UserError(f"torch.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})",
                         "make the model's forward traceable (no data-dependent Python control flow), "
@@ -353,10 +411,10 @@ def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.Path
                 return flat_outputs(loaded(*batch))
 
         diff, tolerance, sizes = _compare(model, run, example, atol_scale, "the loaded torch.export program",
-                                          "report this model")
+                                          "report this model", axes)
     written = atomic_write_bytes(path, data)
     return ExportResult(path=written, max_abs_diff=diff, tolerance=tolerance, opset=None, num_bytes=len(data),
                         checked_batch_sizes=sizes)
 
 
-__all__ = ["ExportResult", "export_onnx", "export_program", "flat_outputs", "input_names", "onnx_bytes", "outputs"]
+__all__ = ["Axes", "ExportResult", "checked_axes", "export_onnx", "export_program", "flat_outputs", "input_names", "onnx_bytes", "outputs"]

@@ -62,10 +62,11 @@ import torch
 from torch import nn
 
 from .alignment import allowed_widths
-from .analysis import analysis_mode, hooked_forward
+from .analysis import analysis_mode, example_tuple, hooked_forward
 from .atomic import atomic_write_text
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import SettingError, UserError, first_line, show
+from .export import input_names, onnx_bytes
 
 RUNTIMES = ("onnxruntime", "torch")
 #: at most this many widths per side of a layer's table (evenly spread over the allowed widths)
@@ -149,18 +150,20 @@ def check_runtime(runtime: str, device: str = "cpu") -> None:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _single_input(example: Any) -> torch.Tensor:
-    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
-        raise UserError("deployed latency needs a model with one input tensor",
-                        "measure a model that takes one tensor, or use latency.runtime torch")
-    return inputs[0]
+def _inputs(example: Any) -> tuple[torch.Tensor, ...]:
+    """``example`` (a tensor ``[B, ...]`` or a tuple of them, one per forward argument) as a tuple of tensors."""
+    return example_tuple(example, "deployed latency")
 
 
-def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str = "cpu",
-           threads: int = 1) -> Callable[[torch.Tensor], Callable[[], Any]]:
-    """Prepare ``model`` for ``runtime`` once; the result binds an input ``[B, ...]`` (any batch ``B``) and
-    returns a function running one forward on it.
+def _at_batch(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """Each input's first item repeated ``batch`` times (``[batch, ...]``)."""
+    return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in inputs)
+
+
+def runner(model: nn.Module, example: Any, runtime: str, *, device: str = "cpu",
+           threads: int = 1) -> Callable[[Any], Callable[[], Any]]:
+    """Prepare ``model`` for ``runtime`` once; the result binds inputs like ``example`` (a tensor ``[B, ...]`` or
+    a tuple of them, one per forward argument, at any batch ``B``) and returns a function running one forward.
 
     onnxruntime: the model (a copy, on the CPU) is exported once, traced on ``example``, with a dynamic
     batch axis; the bound function runs the session. torch: the model and inputs are moved to ``device``;
@@ -168,34 +171,37 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
     :func:`time_runners` does).
 
     Raises:
-        UserError: the model cannot be exported (onnxruntime) or takes more than one input; the bound function's
-            binding, when onnxruntime cannot run the exported model on that input (names the batch size).
+        UserError: the model cannot be exported (onnxruntime), or ``example`` is not tensors of one batch size;
+            the bound function's binding, when onnxruntime cannot run the exported model on that input (names the
+            batch size).
     """
-    example = _single_input(example)
+    example = _inputs(example)
     if runtime == "onnxruntime":
         session = _onnx_session(model, example, threads)
-        name = session.get_inputs()[0].name
+        graph_inputs = {graph_input.name for graph_input in session.get_inputs()}
 
-        def bind_onnx(x: torch.Tensor) -> Callable[[], Any]:
-            feed = {name: x.detach().cpu().contiguous().numpy()}
+        def bind_onnx(x: Any) -> Callable[[], Any]:
+            xs = _inputs(x)
+            feed = {name: t.cpu().contiguous().numpy() for name, t in zip(input_names(len(xs)), xs)
+                    if name in graph_inputs}
             try:
                 session.run(None, feed)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (e.g. a Reshape that fails)
-                raise UserError(f"onnxruntime cannot run the exported model at batch {x.shape[0]} ({first_line(exc)})",
-                                "compute shapes in the forward from the input (x.shape, -1) rather than writing "
-                                "numbers that held at export") from None
+                raise UserError(f"onnxruntime cannot run the exported model at batch {xs[0].shape[0]} "
+                                f"({first_line(exc)})", "compute shapes in the forward from the input (x.shape, -1) "
+                                "rather than writing numbers that held at export") from None
             return lambda: session.run(None, feed)
 
         return bind_onnx
     on_device = copy.deepcopy(model).to(device).eval()
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
-    def bind_torch(x: torch.Tensor) -> Callable[[], Any]:
-        x = x.detach().to(device)
+    def bind_torch(x: Any) -> Callable[[], Any]:
+        xs = tuple(t.to(device) for t in _inputs(x))
 
         def run() -> None:
             with torch.no_grad():
-                on_device(x)
+                on_device(*xs)
             sync()
 
         return run
@@ -203,16 +209,15 @@ def runner(model: nn.Module, example: torch.Tensor, runtime: str, *, device: str
     return bind_torch
 
 
-def _onnx_session(model: nn.Module, example: torch.Tensor, threads: int, optimized: str | None = None):
-    """An onnxruntime CPU session of ``model`` (a copy, exported on ``example[:1]`` with a dynamic batch axis),
-    every graph optimisation on, ``threads`` intra-op threads; ``optimized``: where onnxruntime writes the
-    optimised graph. UserError when the model cannot be exported or onnxruntime cannot load it."""
+def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: int,
+                  optimized: str | None = None):
+    """An onnxruntime CPU session of ``model`` (a copy, exported on the first item of each ``example`` input with a
+    dynamic batch axis), every graph optimisation on, ``threads`` intra-op threads; ``optimized``: where
+    onnxruntime writes the optimised graph. UserError when the model cannot be exported or onnxruntime cannot load it."""
     import onnxruntime as ort
 
-    from .export import onnx_bytes
-
     try:
-        data = onnx_bytes(copy.deepcopy(model).cpu().eval(), example.detach().cpu()[:1], 17)
+        data = onnx_bytes(copy.deepcopy(model).cpu().eval(), tuple(t.cpu() for t in _at_batch(example, 1)), 17)
     except Exception as exc:  # the exporter raises many types for unsupported ops
         raise UserError(f"the model cannot be exported to ONNX for latency ({type(exc).__name__})",
                         "use latency.runtime torch") from exc
@@ -240,7 +245,7 @@ def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
     "Session 33"; :data:`autocompress.alignment.LAYOUT_MULTIPLE`). Only onnxruntime's CPU provider on x86.
 
     Raises:
-        UserError: the model cannot be exported or takes more than one input.
+        UserError: the model cannot be exported, or ``example`` is not tensors of one batch size.
     """
     import tempfile
 
@@ -248,7 +253,7 @@ def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
 
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/optimized.onnx"
-        _onnx_session(model, _single_input(example), 1, path)
+        _onnx_session(model, _inputs(example), 1, path)
         nodes = [node for node in onnx.load(path).graph.node if "Conv" in node.op_type]
     return sum(node.domain == "com.microsoft.nchwc" for node in nodes), len(nodes)
 
@@ -305,21 +310,22 @@ def measure_models(models: Mapping[str, nn.Module], example: Any, config: Latenc
     """Deployed latency of several models (e.g. ``{"base": m0, "compressed": m1}``), interleaved.
 
     Args:
-        example: one forward's input ``[B, ...]``; its first item is repeated to each batch size.
+        example: one forward's input ``[B, ...]`` (a tuple of them for several forward arguments); its first item
+            is repeated to each batch size.
         config: runtime, device, threads, warm-up and runs (:class:`LatencyConfig`).
         batches: batch sizes (default ``config.batches``: 1 and ``large_batch``); runs: default ``config.runs``.
     Returns:
         batch -> model name -> :class:`Timing` (milliseconds).
     Raises:
-        UserError: a model with several inputs, or one the runtime cannot take.
+        UserError: inputs that are not tensors of one batch size, or a model the runtime cannot take.
     """
-    x = _single_input(example)
+    inputs = _inputs(example)
     with _Threads(config.threads):
-        bound = {name: runner(m, x, config.runtime, device=config.device, threads=config.threads)
+        bound = {name: runner(m, inputs, config.runtime, device=config.device, threads=config.threads)
                  for name, m in models.items()}
     out = {}
     for batch in batches or config.batches:
-        xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
+        xb = _at_batch(inputs, batch)
         out[batch] = time_runners({name: bind(xb) for name, bind in bound.items()}, runs=runs or config.runs,
                                   warmup=config.warmup, threads=config.threads)
     return out
@@ -715,17 +721,17 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
     from the cache when it holds one for the same key (:func:`table_key`), else measured and cached.
 
     Args:
-        example_inputs: one forward's input ``[B, ...]`` (one tensor).
+        example_inputs: one forward's input ``[B, ...]`` (a tuple of them for several forward arguments).
         space: the model's :class:`~autocompress.space.PruningSpace` (which sides of which layers prune).
         multiple: the run's channel multiple (the widths timed).
         columns: time column pruning too (the run prunes columns).
         layer_norm: the form the run compacts a LayerNorm that lost channels to (``"kept"`` or ``"padded"``):
             the narrowest model, timed for the table's fixed cost, is compacted so.
     Raises:
-        UserError: a model with several inputs, or one the runtime cannot take.
+        UserError: inputs that are not tensors of one batch size, or a model the runtime cannot take.
     """
-    x = _single_input(example_inputs)
-    specs = layer_specs(model, x[:1])
+    x = _at_batch(_inputs(example_inputs), 1)
+    specs = layer_specs(model, x)
     prunable = _prunable(space, specs)
     column_names = [c.name for c in space.column_layers if c.name in specs] if columns else []
     key = table_key(model, x, config, multiple, prunable, column_names, layer_norm)
@@ -737,7 +743,7 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
             table = None  # a damaged or old cache file is measured again and replaced
         if table is not None:
             built = table.base_ms
-            now = measure_models({"base": model}, x[:1], config, batches=[config.batch])[config.batch]["base"]
+            now = measure_models({"base": model}, x, config, batches=[config.batch])[config.batch]["base"]
             table.rescale(now.median_ms)
             log(f"latency table: loaded from the cache {path}; the base runs in {now.median_ms:.3g} ms now "
                 f"({built:.3g} ms when the table was built): estimates scaled by {now.median_ms / built:.3g}")
@@ -805,9 +811,9 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
         column_ratio[name] = points
         if float(np.interp(0.5, *zip(*points))) > 1.0 - COLUMN_SAVING:
             useless.append(name)
-    smallest = _smallest(model, x[:1], space, multiple, layer_norm)
+    smallest = _smallest(model, x, space, multiple, layer_norm)
     models = {"base": model} if smallest is None else {"base": model, "smallest": smallest}
-    full = measure_models(models, x[:1], config, batches=[batch], runs=max(config.runs, 3 * config.table_runs))
+    full = measure_models(models, x, config, batches=[batch], runs=max(config.runs, 3 * config.table_runs))
     base_ms = full[batch]["base"].median_ms
     table = LatencyTable(specs=specs, grids=grids, cells=cells, column_ratio=column_ratio, column_useless=useless,
                          fixed_ms=0.0, base_ms=base_ms, overhead_ms=overhead,
@@ -824,7 +830,7 @@ def _measure_table(model, x, specs, prunable, column_names, config: LatencyConfi
     return table
 
 
-def _smallest(model: nn.Module, x: torch.Tensor, space, multiple: int, layer_norm: str) -> nn.Module | None:
+def _smallest(model: nn.Module, x: tuple[torch.Tensor, ...], space, multiple: int, layer_norm: str) -> nn.Module | None:
     """``model`` with every filter group projected at the space's largest rate (aligned) and compacted (its
     LayerNorms in the ``layer_norm`` form): the narrowest model the search can reach, timed to fit the table's
     fixed cost (None without filter groups)."""

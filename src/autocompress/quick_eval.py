@@ -248,7 +248,9 @@ class QuickEvaluator:
     @property
     def val_images(self) -> int | None:
         """Number of validation images each candidate is scored on (None with a caller's ``score_fn``)."""
-        return None if self._val_data is None else sum(int(batch[1].numel()) for batch in self._val_data)
+        if self._val_data is None:
+            return None
+        return sum(int(self.task.targets(batch).numel()) for batch in self._val_data)
 
     def pruned_model(self, rates: dict[str, dict[str, float]]) -> tuple[nn.Module, object]:
         """The private copy reset to the original weights, projected at ``rates`` and masked, with

@@ -7,7 +7,9 @@ re-estimation, ADMM W-steps, purification's accuracy check, masked retraining, d
 here knows about datasets, files or the CLI.
 
 Batches are ``(inputs, targets)`` pairs by default: ``forward`` runs ``model(inputs)``, the loss is the
-cross-entropy of the output against ``targets`` and the score is validation top-1 (a fraction). Any other batch
+cross-entropy of the output against ``targets`` and the score is validation top-1 (a fraction). A model of N
+inputs (``example_inputs`` a tuple of N tensors, e.g. token ids and a padding mask) takes batches
+``(input_1, ..., input_N, targets)`` and runs ``model(input_1, ..., input_N)``. Any other batch
 (a dict, a tuple of several tensors, ...) works when the caller says how to run it (``forward_fn``) and how
 to compute its loss (``loss_fn``); ``score_fn`` replaces top-1 (a fraction) (e.g. mean IoU of a segmentation net).
 Tensors inside a batch (also nested in tuples, lists and dicts) are moved to the task's device.
@@ -185,20 +187,16 @@ def _is_pair(batch: Batch) -> bool:
         and isinstance(batch[1], torch.Tensor)
 
 
-def _batch_kind(batch: Batch) -> str:
-    """What a batch that is not an (inputs, targets) pair is, for an error: ``"list batches of 3 items"``,
+def _batch_kind(batch: Batch, items: int = 2) -> str:
+    """What a batch that is not a tuple of ``items`` tensors is, for an error: ``"list batches of 3 items"``,
     ``"list batches whose item 1 is a str"``, ``"dict batches"``."""
     kind = type(batch).__name__
     if not isinstance(batch, (tuple, list)):
         return f"{kind} batches"
-    if len(batch) != 2:
+    if len(batch) != items:
         return f"{kind} batches of {len(batch)} item{'' if len(batch) == 1 else 's'}"
     odd = next(i for i, item in enumerate(batch) if not isinstance(item, torch.Tensor))
     return f"{kind} batches whose item {odd} is a {type(batch[odd]).__name__}"
-
-
-def _default_forward(model: nn.Module, batch: Batch) -> Any:
-    return model(batch[0])
 
 
 @dataclass
@@ -210,9 +208,9 @@ class Task:
             BatchNorm re-estimation of quick evaluation draw from it.
         val_loader: iterable of validation batches, or None when ``score_fn`` is given.
         device: where the model, the teacher and every batch live.
-        forward_fn: ``fn(model, batch) -> output``; default ``model(batch[0])``.
+        forward_fn: ``fn(model, batch) -> output``; default ``model(*batch[:inputs])`` (``model(batch[0])``).
         loss_fn: ``fn(model, batch) -> scalar loss tensor``; default cross-entropy of ``forward_fn``'s
-            output ``[B, classes, ...]`` against ``batch[1]`` (class indices).
+            output ``[B, classes, ...]`` against the targets ``batch[inputs]`` (class indices; ``batch[1]``).
         score_fn: ``fn(model) -> float``, higher is better; default top-1 (a fraction) on ``val_loader``.
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast of the training phases on CUDA.
         layout: whether batches and weights go channels-last on the CPU (:func:`channels_last`); :meth:`check`
@@ -223,6 +221,8 @@ class Task:
             targets cannot be read (batches of another form).
         positions: set by :meth:`check`: the forward's class scores have positions beyond the class dimension
             (``[B, classes, H, W]``: per-pixel or per-token classes).
+        inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
+            default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
     """
 
     train_loader: Iterable
@@ -235,11 +235,24 @@ class Task:
     layout: bool = True
     classifies: bool | None = None
     positions: bool = False
+    inputs: int = 1
 
     # --- running batches ----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         """The model's output on a batch already on the device."""
-        return (self.forward_fn or _default_forward)(model, batch)
+        if self.forward_fn is not None:
+            return self.forward_fn(model, batch)
+        return model(*batch[:self.inputs])
+
+    def default_form(self, batch: Batch) -> bool:
+        """Whether ``batch`` is what the default functions take: a tuple / list of :attr:`inputs` tensors and
+        the targets (a tensor)."""
+        return isinstance(batch, (tuple, list)) and len(batch) == self.inputs + 1 \
+            and all(isinstance(item, torch.Tensor) for item in batch)
+
+    def targets(self, batch: Batch) -> Any:
+        """The targets of a batch in the default form (:meth:`default_form`): its item :attr:`inputs`."""
+        return batch[self.inputs]
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
         """``(loss, output)`` of one batch (on the device). With a caller's ``loss_fn`` the output is what
@@ -247,7 +260,7 @@ class Task:
         called the model)."""
         if self.loss_fn is None:
             output = self.forward(model, batch)
-            return F.cross_entropy(output, batch[1]), output
+            return F.cross_entropy(output, self.targets(batch)), output
         seen: list = []
         handle = model.register_forward_hook(lambda _m, _args, out: seen.append(out))
         try:
@@ -309,8 +322,9 @@ class Task:
             for batch in batches:
                 batch = move(batch, self.device, layout=self.layout)
                 predicted = self.forward(model, batch).argmax(1)
-                correct += int((predicted == batch[1]).sum())
-                seen += batch[1].numel()
+                targets = self.targets(batch)
+                correct += int((predicted == targets).sum())
+                seen += targets.numel()
         return correct / max(seen, 1)
 
     def score(self, model: nn.Module, batches: Iterable | None = None) -> float:
@@ -384,6 +398,7 @@ class Task:
             the default score needed that batch.
         """
         check_finite(model.state_dict(), "the model")
+        self.inputs = len(example_inputs)
         self._check_loaders(needs_training)
         try:
             with analysis_mode(model):
@@ -414,16 +429,16 @@ class Task:
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
             train_output = self._check_batch(model, first, "train_loader")
-            targets = first[1] if isinstance(first, (tuple, list)) and len(first) == 2 else None
+            targets = self.targets(first) if self.default_form(first) else None
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
-            problem = class_target_problem(train_output, targets) if scores else None
-            self.classifies = scores and problem is None if _is_pair(first) else None
+            problem = class_target_problem(train_output, targets, where=self._where) if scores else None
+            self.classifies = scores and problem is None if self.default_form(first) else None
             self.positions = scores and train_output.dim() > 2
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
                 _refuse_class_targets(problem, "train_loader", "the default loss (cross-entropy)",
                                       "pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and "
-                                      "batch[1] for regression)")
+                                      f"{self._where} for regression)")
             if needs_training:
                 try:
                     with analysis_mode(model):
@@ -438,9 +453,11 @@ class Task:
             batch = self._first(self.val_loader, "val_loader")
             output = self._check_batch(model, batch, "val_loader")
             _check_class_scores(output, "val_loader", "the default score (top-1)")
-            items = f" (batches of {len(batch)} items: the default score reads batch[1] as the targets)" \
-                if isinstance(batch, (tuple, list)) and len(batch) > 2 else ""
-            _refuse_class_targets(class_target_problem(output, batch[1], probabilities=False), "val_loader",
+            items = f" (batches of {len(batch)} items: the default score reads {self._where} as the targets)" \
+                if isinstance(batch, (tuple, list)) and len(batch) > self.inputs + 1 else ""
+            targets = batch[self.inputs] if isinstance(batch, (tuple, list)) and len(batch) > self.inputs else None
+            _refuse_class_targets(class_target_problem(output, targets, probabilities=False, where=self._where),
+                                  "val_loader",
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
                                   f"minus the validation loss, or PSNR){items}")
         return train_output
@@ -454,14 +471,25 @@ class Task:
             raise UserError(f"{name} is not iterable ({type(loader).__name__})",
                             "pass e.g. a torch.utils.data.DataLoader") from None
 
+    @property
+    def _where(self) -> str:
+        """Where the default functions read a batch's targets, for messages: ``"batch[1]"``."""
+        return f"batch[{self.inputs}]"
+
     def _check_batch(self, model: nn.Module, batch: Batch, name: str) -> Any:
-        """The model's output on ``batch`` (analysis mode); UserError naming ``name`` when the batch is not a
-        pair the default functions can run, or the forward fails."""
-        needs_pair = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
-        if needs_pair and not _is_pair(batch):
-            raise UserError(f"{name} yields {_batch_kind(batch)}, not (inputs, targets) tensor pairs",
+        """The model's output on ``batch`` (analysis mode); UserError naming ``name`` when the batch is not in
+        the form the default functions can run (:meth:`default_form`), or the forward fails."""
+        needs_default = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
+        if needs_default and not self.default_form(batch):
+            form = "(inputs, targets) tensor pairs" if self.inputs == 1 else \
+                f"tuples of {self.inputs} input tensors and the targets"
+            several = isinstance(batch, (tuple, list)) and len(batch) > 2 and self.inputs == 1 \
+                and all(isinstance(item, torch.Tensor) for item in batch)
+            also = (f", or example_inputs as a tuple of the batch's first {len(batch) - 1} tensors when the model "
+                    "takes them all and the last is the targets") if several else ""
+            raise UserError(f"{name} yields {_batch_kind(batch, self.inputs + 1)}, not {form}",
                             "pass forward_fn(model, batch) and loss_fn(model, batch) (and score_fn(model)) "
-                            "saying how to run them")
+                            f"saying how to run them{also}")
         try:
             with analysis_mode(model):
                 return self.forward(model, batch)
@@ -551,22 +579,23 @@ def _refuse_class_targets(problem: str | None, name: str, what: str, fix: str) -
         raise UserError(f"{problem} on a batch of {name}, but {what} needs class scores and class targets", fix)
 
 
-def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: bool = True) -> str | None:
+def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: bool = True,
+                         where: str = "batch[1]") -> str | None:
     """What keeps ``targets`` from being class targets for class scores ``output`` ``[B, classes, ...]``, or None:
     at least 2 classes (cross-entropy and the arg-max over one class are constant: a loss of 0, a top-1 of 100 %),
     and class indices in ``[0, classes)`` of ``output``'s shape without dimension 1, or (with ``probabilities``:
     cross-entropy's soft targets) class probabilities of ``output``'s shape. Regression targets (an image to
     restore, a value per item) are neither, and would train on a zero or meaningless loss or score above 100 %
-    without an error."""
+    without an error. ``where`` names the targets' place in the batch in the message."""
     classes, shape = output.shape[1], tuple(output.shape)
     if classes < 2:
         return f"the forward's output {list(shape)} has {classes} class on dimension 1"
     if not isinstance(targets, torch.Tensor):
-        return f"the targets (batch[1]) are {kind_of(targets)}"
+        return f"the targets ({where}) are {kind_of(targets)}"
     if not targets.is_floating_point():
         want = shape[:1] + shape[2:]
-        return (f"the targets (batch[1]) {list(targets.shape)} are not one class index per output {list(want)}"
-                if tuple(targets.shape) != want else _outside_classes(targets, classes))
+        return (f"the targets ({where}) {list(targets.shape)} are not one class index per output {list(want)}"
+                if tuple(targets.shape) != want else _outside_classes(targets, classes, where))
     if probabilities and tuple(targets.shape) == shape and bool((targets >= 0).all()) and \
             bool(torch.allclose(targets.sum(1), torch.ones((), device=targets.device, dtype=targets.dtype),
                                 atol=1e-3)):
@@ -575,7 +604,7 @@ def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: b
             f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
 
 
-def _outside_classes(targets: torch.Tensor, classes: int) -> str | None:
+def _outside_classes(targets: torch.Tensor, classes: int, where: str) -> str | None:
     """What is wrong with integer class ``targets`` whose values leave ``[0, classes)`` (a top-1 of 0 % for every
     model, a loss that fails on the device), or None."""
     if targets.numel() == 0:
@@ -583,7 +612,7 @@ def _outside_classes(targets: torch.Tensor, classes: int) -> str | None:
     low, high = int(targets.min()), int(targets.max())
     if 0 <= low and high < classes:
         return None
-    return (f"the class indices (batch[1]) run from {low} to {high}, outside the output's {classes} classes "
+    return (f"the class indices ({where}) run from {low} to {high}, outside the output's {classes} classes "
             "(dimension 1)")
 
 

@@ -262,7 +262,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             with task.autocast():
                 if task.loss_fn is None:
                     output = task.forward(model, batch)
-                    loss = criterion(output, batch[1])
+                    loss = criterion(output, task.targets(batch))
                 else:
                     loss, output = task.loss(model, batch)
                 if distiller is not None:
@@ -293,7 +293,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 distilled_steps = steps
             n = _batch_items(batch)
             total_loss += float(loss.detach()) * n
-            hits = _hits(output, batch[1]) if labelled and task.loss_fn is None else None
+            hits = _hits(output, task.targets(batch)) if labelled and task.loss_fn is None else None
             labelled = hits is not None
             if labelled:
                 correct += hits

@@ -6,7 +6,8 @@ Example::
     autocompress export runs/demo/compress/final.pt --onnx runs/demo/final.onnx --opset 17 \
         --torch-export runs/demo/final.pt2
 
-The batch axis is dynamic; the input size is the checkpoint's dataset ``input_size`` (or --input-size).
+The batch axis is dynamic (and the axes of --dynamic-axes); the input size is the checkpoint's dataset
+``input_size`` (or --input-size).
 Each file is run on the traced batch and a second batch size and compared with PyTorch; it is written
 (atomically) only when they agree. Column-pruned layers are written in their deployed form (``--columns auto``:
 each layer stored or dense, whichever runs faster in onnxruntime, or in eager torch for ``--torch-export``
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.export program to write (load it with torch.export.load(path).module())")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     parser.add_argument("--input-size", help="one input as C,H,W (default: the checkpoint's dataset)")
+    parser.add_argument("--dynamic-axes", metavar="AXES",
+                        help="comma list of the input's axes past the batch to keep dynamic too, e.g. 2,3 for an "
+                             "image's height and width, 1 for a token sequence (the batch axis always is)")
     parser.add_argument("--columns", choices=("auto", "stored", "dense"), default="auto",
                         help="column-pruned layers as stored (kept columns only), dense (dropped columns as zeros), "
                              "or auto: each the faster on this machine (default), timed in onnxruntime (with "
@@ -125,6 +129,18 @@ def _columns_form(model: nn.Module, example: torch.Tensor, args: argparse.Namesp
     return form.model
 
 
+def parse_axes(text: str | None) -> dict[str, dict[int, str]] | None:
+    """``--dynamic-axes 2,3`` as export's ``dynamic_axes`` (``{"input": {2: "axis_2", 3: "axis_3"}}``); None for
+    None. UserError unless a comma list of integers."""
+    if text is None:
+        return None
+    try:
+        axes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--dynamic-axes {text} is not a comma list of axes", "pass e.g. --dynamic-axes 2,3") from None
+    return {"input": {axis: f"axis_{axis}" for axis in axes}}
+
+
 def _say(args: argparse.Namespace, line: str) -> None:
     if not args.quiet:
         print(line)
@@ -147,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--opset {args.opset} is too old", "use --opset 11 or newer (default 17)")
     for flag, suffix, value in outputs:
         _check_out(Path(value), flag, suffix, args.checkpoint, args.overwrite)
+    axes = parse_axes(args.dynamic_axes)
     ckpt = read_checkpoint(args.checkpoint, args.model_arg)
     recorded = ckpt["dataset"].get("input_size")
     size = parse_input_size(args.input_size) if args.input_size else recorded
@@ -157,9 +174,9 @@ def run(args: argparse.Namespace) -> int:
     _check_input_size(model, model_label(ckpt["model"]), example, recorded)
     model = _columns_form(model, example, args)
     if args.onnx:
-        result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check)
+        result = export_onnx(model, example, args.onnx, opset=args.opset, check=not args.no_check, dynamic_axes=axes)
         _say(args, _summary(result, not args.no_check, "onnxruntime"))
     if args.torch_export:
-        result = export_program(model, example, args.torch_export, check=not args.no_check)
+        result = export_program(model, example, args.torch_export, check=not args.no_check, dynamic_axes=axes)
         _say(args, _summary(result, not args.no_check, "loaded program"))
     return 0
