@@ -116,7 +116,7 @@ def test_prune_narrows_an_encoder_s_heads_and_token_stream_and_the_saved_model_r
     for layer in compact.encoder.layers:
         attention = layer.self_attn
         assert attention.q_proj.out_features == attention.v_proj.out_features == 16  # 4 heads of 4 (of 8)
-        assert attention.out_proj.in_features == 16 and attention.out_proj.out_features == 16
+        assert attention.out_proj.in_features == 16 and attention.out_proj.out_features == attention.embed_dim == 16
         assert attention.scale == 8 ** -0.5  # the scores keep the original head width's scale
     ids, padding = _inputs(1)
     split = copy.deepcopy(model)

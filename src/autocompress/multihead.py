@@ -51,16 +51,21 @@ class SplitMultiheadAttention(nn.Module):
         super().__init__()
         head_dim = head_dim if head_dim is not None else embed_dim // num_heads
         inner = num_heads * head_dim
-        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.num_heads, self.dropout, self.batch_first = num_heads, dropout, batch_first
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(kdim or embed_dim, inner, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, inner, bias=bias)
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
 
+    @property
+    def embed_dim(self) -> int:
+        """``E``, the output's channels: ``out_proj``'s, so it follows pruning of the stream."""
+        return self.out_proj.out_features
+
     def config(self) -> dict:
         """Constructor arguments as plain data (:mod:`autocompress.architecture`)."""
-        return {"embed_dim": self.out_proj.out_features, "num_heads": self.num_heads, "dropout": self.dropout,
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads, "dropout": self.dropout,
                 "bias": self.q_proj.bias is not None, "kdim": self.k_proj.in_features,
                 "vdim": self.v_proj.in_features, "batch_first": self.batch_first,
                 "head_dim": self.q_proj.out_features // self.num_heads, "scale": self.scale}
