@@ -972,7 +972,8 @@ def test_a_model_the_runtime_cannot_take_keeps_its_result(monkeypatch):
     train, _ = loaders()
     final = _compress(trained(SmallCNN(8, 8), train), "params=1.5x").final
     assert final["deployed"] is None and "deployed_b1_ms" not in final["rows"][1]
-    assert final["warnings"][0] == "deployed latency not measured: the model cannot be exported to ONNX for latency (RuntimeError)"
+    assert final["warnings"][0] == ("deployed latency not measured: the model cannot be exported to ONNX for latency "
+                                    "(RuntimeError)")
     # timing (and the tiny model's accuracy, coarse units and briefly trained BatchNorm) may or may not warn
     assert all("in eager PyTorch" in warning or "validation top-1" in warning or "is passed by far" in warning
                or "BatchNorm statistics did not fit" in warning for warning in final["warnings"][1:])

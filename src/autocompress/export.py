@@ -390,8 +390,8 @@ def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.Path
         :class:`ExportResult` (``opset`` None).
 
     Raises:
-        UserError: bad ``dynamic_axes`` (:func:`checked_axes`), torch.export cannot trace the model, the model outputs NaN / inf, or the loaded program
-            disagrees with the model beyond the tolerance.
+        UserError: bad ``dynamic_axes`` (:func:`checked_axes`), torch.export cannot trace the model, the model
+            outputs NaN / inf, or the loaded program disagrees with the model beyond the tolerance.
     """
     example = tuple(t.cpu() for t in example_tuple(example_inputs, "torch.export"))
     model = on_cpu(model)
@@ -417,4 +417,5 @@ def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.Path
                         checked_batch_sizes=sizes)
 
 
-__all__ = ["Axes", "ExportResult", "checked_axes", "export_onnx", "export_program", "flat_outputs", "input_names", "onnx_bytes", "outputs"]
+__all__ = ["Axes", "ExportResult", "checked_axes", "export_onnx", "export_program", "flat_outputs", "input_names",
+           "onnx_bytes", "outputs"]

@@ -213,7 +213,8 @@ def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: 
                   optimized: str | None = None):
     """An onnxruntime CPU session of ``model`` (a copy, exported on the first item of each ``example`` input with a
     dynamic batch axis), every graph optimisation on, ``threads`` intra-op threads; ``optimized``: where
-    onnxruntime writes the optimised graph. UserError when the model cannot be exported or onnxruntime cannot load it."""
+    onnxruntime writes the optimised graph. UserError when the model cannot be exported or onnxruntime cannot load
+    it."""
     import onnxruntime as ort
 
     try:
