@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autocompress.admm import ADMMConfig
-from autocompress.alignment import allowed_widths
+from autocompress.alignment import allowed_widths, misaligned_widths
 from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.attention import HEAD_HINT, head_count
 from autocompress.compaction import compact
@@ -130,6 +130,7 @@ def test_each_head_keeps_equally_many_channels_and_the_compact_model_equals_the_
     attn = result.model.attn
     assert (attn.q.out_features if layout == "separate" else attn.qkv.out_features // 3) == kept
     assert attn.proj.in_features == kept
+    assert misaligned_widths(space, result.model) == {}
     probe = torch.randn(3, 9, 5)  # other batch and token counts than the example
     with torch.no_grad():
         expected, got = _masked(model, param_masks)(probe), result.model(probe)
@@ -394,3 +395,25 @@ def test_heads_the_channel_multiple_cannot_narrow_are_kept_with_the_multiple_tha
               "channels); channel_multiple: 8 narrows them")
     assert [line for line in lines if line.startswith("not filter-pruned: attn.qkv") and line.endswith(f"{reason})")]
     assert run.pipeline.incompactable["attn.qkv"].endswith(reason)
+
+
+@pytest.mark.parametrize("layout", ["fused", "chunk"])
+@pytest.mark.parametrize("kept_per_head", [20, 16])
+def test_a_fused_qkv_s_kept_channels_are_its_rows_over_three_in_the_width_check(layout, kept_per_head):
+    """Fresh user 56: 3 heads of 20 channels in a fused qkv at channel multiple 16, left whole, failed the compact
+    widths' check after the whole training budget ("compact widths {'qkv': 180} are not multiples of 16"): the
+    check read the projection's 180 rows as 180 channels of a 60-channel group."""
+    torch.manual_seed(0)
+    model = TokenNet(Attention(12, 60, 3, layout), dim=12).eval()
+    x = torch.randn(2, 7, 5)
+    root = _root(layout)
+    space = PruningSpace.build(model, x, channel_multiple=16, heads={root: 3})
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[:, :kept_per_head] = True
+    result = compact(model, space.param_masks(Masks(filters={root: keep.flatten()}, columns={}, weights={})), x,
+                     channel_multiple=16)
+    assert result.model.attn.qkv.out_features == 9 * kept_per_head
+    assert misaligned_widths(space, result.model) == {}
+    misshapen = copy.deepcopy(result.model)
+    misshapen.attn.qkv = nn.Linear(12, 3 * 50)  # 50 channels: not 60 and not a multiple of 16
+    assert misaligned_widths(space, misshapen) == {root: 50}

@@ -149,14 +149,18 @@ def grow_to_multiple(new: torch.Tensor, before: torch.Tensor, multiple: int,
 
 
 def misaligned_widths(space, model) -> dict[str, int]:
-    """Filter groups of ``space`` whose root module in ``model`` (the compact model) has a width that is not
-    an allowed width at ``space.channel_multiple``: group name -> width (empty when all are aligned)."""
+    """Filter groups of ``space`` whose kept channels in ``model`` (the compact model) are not an allowed width at
+    ``space.channel_multiple``: group name -> kept channels (empty when all are aligned). The root module's output
+    width counts them, divided by the root rows each channel owns (3 for an attention's fused query-key-value
+    projection, whose ``q``, ``k`` and ``v`` rows of a channel are one group channel)."""
     bad = {}
     for group in space.filter_groups:
         module = model.get_submodule(group.name)
-        width = getattr(module, "out_channels", None) or getattr(module, "out_features")
-        if not is_aligned(int(width), group.size, space.channel_multiple):
-            bad[group.name] = int(width)
+        width = int(getattr(module, "out_channels", None) or getattr(module, "out_features"))
+        rows = next((len(s.index) for s in group.slices if s.module == group.name and s.role == "weight"), group.size)
+        kept = width * group.size // max(rows, 1)
+        if not is_aligned(kept, group.size, space.channel_multiple):
+            bad[group.name] = kept
     return bad
 
 
