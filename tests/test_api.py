@@ -1143,6 +1143,18 @@ def test_batches_of_several_inputs_are_refused_naming_where_the_targets_are(no_w
             "train_loader", model=Scaled(), example=two, train_loader=column)
 
 
+def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):
+    """Fresh user 56: token ids ``[L, B]`` (PyTorch transformers' default layout) next to a ``[B, L]`` mask were
+    accepted and failed inside the model's attention (``shape '[1, 1, 1, 2]' is invalid for input of size 32``)."""
+    seq_first = [(torch.randn(6, 8, 4), torch.randint(0, 3, (8,)))] * 2
+    refused(no_work, r"^example_inputs has shape \[6, 1, 4\] and train_loader's inputs \[6, 8, 4\]: their batch looks "
+            r"to be axis 1, .*; put the batch axis first", model=nn.Linear(4, 3), example=torch.randn(6, 1, 4),
+            train_loader=seq_first, val_loader=seq_first)
+    refused(no_work, r"^example_inputs' tensors \[\[16, 1\], \[1, 16\]\] have different sizes on axis 0, which "
+            r"autocompress reads as the batch; put the batch axis first", model=Scaled(),
+            example=(torch.randint(0, 5, (16, 1)), torch.ones(1, 16)))
+
+
 @pytest.mark.parametrize("name, form", [("score_fn", r"score_fn\(model\) -> float"),
                                         ("log", r"log\(line\), e.g. print"), ("train_fn", r"train_fn\(model, phase\)"),
                                         ("loss_fn", r"loss_fn\(model, batch\) -> loss"),

@@ -702,3 +702,52 @@ def test_aligned_widths_through_grouped_conv_ties(multiple, rate):
     assert int(kept.sum()) % multiple == 0 or int(kept.sum()) == 16
     assert kept[:8].tolist() == kept[8:].tolist()
     assert space.estimate({"filter": {"a": rate}}) == space.count(masks)
+
+
+class MaskedPool(nn.Module):
+    """Tokens ``[B, N, 4]`` and an additive float mask ``[B, N]`` (0 kept, -inf dropped) -> ``[B, 3]``: the mean of
+    the kept tokens' features (0 / 0 where a row keeps none), two Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        kept = (mask == 0).to(x.dtype).unsqueeze(-1)
+        return self.fc2((torch.relu(self.fc1(x)) * kept).sum(1) / kept.sum(1))
+
+
+def test_an_additive_float_mask_keeps_its_pattern_in_the_build_s_random_inputs():
+    """Fresh user 56: the build's probe drew their float mask as normal noise, every token read as masked, and the
+    build failed on "atol must be greater than or equal to zero, but got -nan"."""
+    from autocompress.analysis import random_like
+
+    mask = torch.zeros(3, 6)
+    mask[0, 4:], mask[1, 1:], mask[2, :2] = float("-inf"), float("-inf"), float("-inf")
+    generator = torch.Generator().manual_seed(0)
+    for example in (mask, (mask == 0).float(), (mask == 0).float() * -10000.0):
+        drawn = random_like(example, 5, generator)
+        assert drawn.shape == (5, 6) and all(any(torch.equal(row, item) for item in example) for row in drawn)
+    for data in (torch.zeros(2, 6), torch.arange(12.0).view(2, 6)):  # not masks: normal noise as before
+        assert torch.unique(random_like(data, 4, generator)).numel() == 24
+    x = torch.randn(3, 6, 4)
+    space = PruningSpace.build(MaskedPool(), (x, mask))
+    assert [g.name for g in space.filter_groups] == ["fc1"]
+
+
+def test_a_forward_that_is_not_finite_on_random_inputs_is_refused_naming_the_layer():
+    class Logs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).log())
+
+    model = Logs()
+    with torch.no_grad():
+        model.fc1.weight.abs_()
+        model.fc1.bias.fill_(1.0)
+    with pytest.raises(UserError, match=r"^the model computes NaN or infinite values at fc2's input on random inputs "
+                                        r"shaped like example_inputs .*; make the forward finite for any input"):
+        PruningSpace.build(model, torch.rand(2, 4))

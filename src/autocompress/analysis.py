@@ -62,14 +62,23 @@ def hooked_forward(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, Calla
 def random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
     """A random input of ``batch`` items shaped like ``example``'s items (``[batch, *example.shape[1:]]``, its
     dtype and device) from ``generator``: :func:`random_inputs` in ``example``'s own range for numbers, and
-    ``example``'s own items drawn at random for booleans (masks keep their pattern: a random one may mask every key
-    of a row, whose attention is then NaN)."""
-    if example.dtype == torch.bool:
+    ``example``'s own items drawn at random for masks (booleans, and floats of two values or with infinities, such
+    as an additive mask of 0 and -inf): masks keep their pattern, where a random one may mask every key of a row,
+    whose attention (or a masked mean) is then NaN."""
+    if example.dtype == torch.bool or _float_mask(example):
         items = torch.randint(0, max(example.shape[0], 1), (batch,), generator=generator)
         return example[items.to(example.device)] if example.dim() else example
     integer = not example.is_floating_point() and not example.is_complex()
     low, high = (int(example.min()), int(example.max())) if integer and example.numel() else (0, 0)
     return random_inputs((batch, *example.shape[1:]), example.dtype, generator, low, high).to(example.device)
+
+
+def _float_mask(example: torch.Tensor) -> bool:
+    """Whether floating ``example`` looks like a mask: non-finite values (an additive mask's -inf), or exactly two
+    distinct values (0 / 1, 0 / -10000)."""
+    if not example.is_floating_point() or not example.numel():
+        return False
+    return not bool(torch.isfinite(example).all()) or torch.unique(example).numel() == 2
 
 
 def random_inputs(shape: tuple, dtype: torch.dtype, generator: torch.Generator, low: int = 0,

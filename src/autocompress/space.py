@@ -1404,6 +1404,11 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
         for x in seen.get(consumer, []):
             for gname, index in checks:
                 part = x.index_select(feature_dim, index.to(x.device))
+                if not bool(torch.isfinite(part).all()):
+                    raise UserError(f"the model computes NaN or infinite values at {consumer}'s input on random "
+                                    "inputs shaped like example_inputs (numbers drawn in their range, masks from "
+                                    "their own items)", "make the forward finite for any input, e.g. a masked "
+                                    "mean's divisor clamped: mask.sum(1).clamp(min=1)")
                 if not torch.allclose(part[0], part[1], rtol=0, atol=1e-6 * (1 + part.abs().max().item())):
                     bad.setdefault(gname, consumer)
     kept = []

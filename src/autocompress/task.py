@@ -66,12 +66,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def as_inputs(example_inputs: Any, device: torch.device) -> tuple:
-    """``example_inputs`` as a tuple of tensors on ``device``; UserError unless each has a batch >= 1."""
+    """``example_inputs`` as a tuple of tensors on ``device``; UserError unless each has a batch >= 1, the same
+    for all (axis 0: a sequence-first tensor ``[L, B]`` next to a ``[B, L]`` mask is refused)."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(inputs, (tuple, list)) or not inputs \
             or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] >= 1 for t in inputs):
         raise UserError("example_inputs must be a tensor [B, ...] or a tuple of them, with batch B >= 1",
                         "pass e.g. torch.randn(1, 3, 32, 32)")
+    if len({t.shape[0] for t in inputs}) > 1:
+        raise UserError(f"example_inputs' tensors {[list(t.shape) for t in inputs]} have different sizes on axis 0, "
+                        "which autocompress reads as the batch", BATCH_FIRST)
     return tuple(t.to(device) for t in inputs)
 
 
@@ -425,6 +429,7 @@ class Task:
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
             _refuse_unbatched_example(first, example_inputs)
+            _refuse_sequence_first(first, example_inputs)
             for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model)):
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
@@ -497,6 +502,25 @@ class Task:
             raise UserError(f"the model fails on a batch of {name} ({first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
                             ) from None
+
+
+#: how to give inputs the batch axis first
+BATCH_FIRST = ("put the batch axis first in every input and in the batches (token ids [B, L]; batch_first=True for "
+               "nn.TransformerEncoderLayer and nn.MultiheadAttention)")
+
+
+def _refuse_sequence_first(batch: Batch, example_inputs: tuple) -> None:
+    """UserError when an input of a default-form training ``batch`` ``[L, B, ...]`` is the example's ``[L, 1, ...]``
+    with more than one item on axis 1: the batch is on axis 1 (PyTorch's transformers default to sequence first),
+    where autocompress reads axis 0, and the run would fail later inside the model or count the wrong batch."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != len(example_inputs) + 1:
+        return
+    for data, example in zip(batch, example_inputs):
+        if isinstance(data, torch.Tensor) and data.dim() == example.dim() >= 2 and \
+                data.shape[0] == example.shape[0] > 1 and example.shape[1] == 1 < data.shape[1]:
+            raise UserError(f"example_inputs has shape {list(example.shape)} and train_loader's inputs "
+                            f"{list(data.shape)}: their batch looks to be axis 1, and autocompress reads axis 0 as "
+                            "the batch", BATCH_FIRST)
 
 
 def _refuse_unbatched_example(batch: Batch, example_inputs: tuple) -> None:
