@@ -50,14 +50,30 @@ MIN_TRAINING_STEPS = 8 * PROBE_STEPS
 TIE = 0.01
 
 
+def _layer_normed(model: nn.Module) -> bool:
+    """Whether ``model`` has a LayerNorm (a transformer's or a ConvNeXt's normalisation)."""
+    return any(isinstance(m, (nn.LayerNorm, PaddedLayerNorm)) for m in model.modules())
+
+
 def unprobed_choice(model: nn.Module) -> tuple[str, str]:
     """The optimiser of a run too short to probe (:data:`MIN_TRAINING_STEPS`) and why: AdamW for a model with a
     LayerNorm (a transformer's or a ConvNeXt's normalisation, trained with AdamW by their recipes), else SGD (the
     rule before the probe). Measured at ``flops=2x`` with 279-314 optimiser steps (BENCHMARKS.md, session 38):
     AdamW retrained two ViTs 0.5 and 1.1 points better and a ConvNeXt 0.16 better."""
-    if any(isinstance(m, (nn.LayerNorm, PaddedLayerNorm)) for m in model.modules()):
+    if _layer_normed(model):
         return "adamw", "the model has LayerNorms, whose networks train with AdamW"
     return "sgd", "SGD for a network without LayerNorms"
+
+
+def unprobed_start(model: nn.Module) -> tuple[str, str]:
+    """The start of a run too short to probe (:data:`MIN_TRAINING_STEPS`) and why: the magnitude start for a model
+    with a LayerNorm, the guided one otherwise. Where the probe ran it took the magnitude start for every
+    LayerNorm network (two ViTs, a ViT of nn.MultiheadAttention, a ConvNeXt) and the guided one for the CNNs but
+    one seed (BENCHMARKS.md, sessions 39-40); unprobed at 282 steps, two token transformers of a fresh user retrained
+    1.9 and 1.1 points higher from it (flops=2x, three seeds each; session 41)."""
+    if _layer_normed(model):
+        return "magnitude", "the model has LayerNorms, whose networks the probe starts from the magnitude start"
+    return "guided", "the guided start for a network without LayerNorms"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
 from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, ProbeResult, choose_optimizer,
-                              choose_start, probe_losses, probe_optimizers, unprobed_choice)
+                              choose_start, probe_losses, probe_optimizers, unprobed_choice, unprobed_start)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -476,7 +476,8 @@ class Pipeline:
         """``search.start: auto`` for rounds without a search: the start whose hard-pruned copy of ``state.model``
         reaches the lower data loss in the optimiser probe (:meth:`_probe_starts`), which also settles
         ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
-        start without a probe when ``starts()`` (start name -> rates) offers one start or the run trains fewer than
+        start without a probe when ``starts()`` (start name -> rates) offers one start, and
+        :func:`~autocompress.optimizer_probe.unprobed_start` when the run trains fewer than
         :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` steps. As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
         if self.store.is_done("base", "start"):
@@ -484,13 +485,14 @@ class Pipeline:
             self.log(f"search.start auto: {choice} (as this run recorded)")
             return choice
         steps = self._training_steps(rounds)
-        candidates = starts() if steps >= MIN_TRAINING_STEPS else {}
-        if len(candidates) < 2:
-            why = (_too_short(steps) if steps < MIN_TRAINING_STEPS else "the magnitude start keeps the same widths "
-                   "or cannot meet the target with filters alone")
-            self.log(f"search.start auto: guided (not probed: {why})")
-            self.store.finish("base", "start", [{"event": "start", "choice": "guided", "probe": None}])
-            return "guided"
+        candidates = starts()
+        if len(candidates) < 2 or steps < MIN_TRAINING_STEPS:
+            choice, why = unprobed_start(state.model) if len(candidates) > 1 else ("guided", "")
+            why = (f"{_too_short(steps)}; {why}" if len(candidates) > 1 else "the magnitude start keeps the same "
+                   "widths or cannot meet the target with filters alone")
+            self.log(f"search.start auto: {choice} (not probed: {why})")
+            self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": None}])
+            return choice
         started = time.perf_counter()
         choice, losses = distributed.on_main(lambda: self._probe_starts(state, candidates))
         shown = "; ".join(f"{name} " + ", ".join(f"{o} {loss:.4g}" for o, loss in by.items())
