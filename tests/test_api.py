@@ -5,6 +5,7 @@ refusals of bad input (before any training, nothing written)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import subprocess
@@ -1141,6 +1142,45 @@ def test_batches_of_several_inputs_are_refused_naming_where_the_targets_are(no_w
     column = DataLoader(TensorDataset(x, torch.ones(32, 1), y[:, None]), batch_size=8)
     refused(no_work, r"targets \(batch\[2\]\) \[8, 1\] are not one class index per output \[8\] on a batch of "
             "train_loader", model=Scaled(), example=two, train_loader=column)
+
+
+@dataclasses.dataclass
+class Scores:
+    """A Hugging Face-style output: the class scores and an optional loss (None without labels)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class ScoresOut(SmallCNN):
+    """SmallCNN of ``width`` channels a layer (stored, so a saved model records it) returning :class:`Scores` (with
+    the loss when given labels)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__(width, width)
+        self.width = width
+
+    def forward(self, x, labels=None):
+        logits = super().forward(x)
+        return Scores(logits, None if labels is None else F.cross_entropy(logits, labels))
+
+
+def test_a_model_returning_a_dataclass_prunes_its_filters_and_is_timed_and_saved(tmp_path):
+    """Fresh user 57: torch-pruning could not trace a model returning a dataclass ("'ClsOutput' object is not
+    iterable"), so no filter could be pruned; its deployed latency was not measured ("cannot be exported to ONNX
+    for latency (UserError)") and its constructor arguments were not recorded."""
+    train, val = loaders()
+    model = ScoresOut(16)
+    model.load_state_dict(trained(SmallCNN(16, 16), train).state_dict())
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
+                                   forward_fn=lambda m, b: m(b[0]).logits,
+                                   loss_fn=lambda m, b: m(b[0], labels=b[1]).loss, config=CONFIG, progress=False,
+                                   run_dir=tmp_path / "run")
+    assert result.model.conv1.out_channels < 16 or result.model.conv2.out_channels < 16
+    assert result.final["deployed"]["runtime"] == "onnxruntime" and result.mac_reduction >= 2.0 * 0.99
+    loaded, x = autocompress.load(tmp_path / "run" / "model.pt"), torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x).logits, result.model(x).logits)
 
 
 def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):

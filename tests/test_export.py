@@ -12,7 +12,7 @@ from autocompress.checkpoint import save_checkpoint
 from autocompress.cli import main
 from autocompress.compaction import ColumnConv2d, compact
 from autocompress.errors import UserError
-from autocompress.export import export_onnx, export_program
+from autocompress.export import export_onnx, export_program, flat_outputs
 from autocompress.models import create_model
 from autocompress.serialization import save_compact
 from test_compaction import _mixed, column_masks, filter_masks
@@ -448,3 +448,26 @@ def test_cli_export_keeps_the_axes_it_is_told_dynamic(tmp_path, capsys):
     assert main(["export", str(path), "--onnx", str(tmp_path / "q.onnx"), "--dynamic-axes", "4"]) == 2
     assert "has axis 4, not an axis past the batch of input (it has 4)" in capsys.readouterr().err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_output_tensors_reads_every_output_form_that_flat_outputs_refuses():
+    """What tracing, the compaction check and the saved-model checks compare: every tensor of an output, in order,
+    whatever holds them (an exported graph returns tensors only: :func:`flat_outputs` refuses the rest)."""
+    import dataclasses
+    from collections import OrderedDict
+
+    from autocompress.analysis import output_tensors
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        loss: torch.Tensor | None = None
+        extra: tuple = ()
+
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    for output, want in ((a, [a]), ((a, [b, None]), [a, b]), (OrderedDict(logits=a, hidden=(b, c)), [a, b, c]),
+                         (Out(a), [a]), (Out(a, b, (c, "name", 3)), [a, b, c]), ({"x": None}, []), (None, [])):
+        got = output_tensors(output)
+        assert len(got) == len(want) and all(x is y for x, y in zip(got, want))
+    with pytest.raises(UserError, match="returns a dict"):
+        flat_outputs({"logits": a})

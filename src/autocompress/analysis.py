@@ -7,7 +7,9 @@ body raised.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -90,6 +92,21 @@ def random_inputs(shape: tuple, dtype: torch.dtype, generator: torch.Generator, 
     if not dtype.is_floating_point and not dtype.is_complex:
         return torch.randint(low, high + 1, shape, generator=generator).to(dtype)
     return torch.randn(shape, generator=generator).to(dtype)
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's ``output``, in order: a tensor, or tensors nested in tuples, lists, mappings (their
+    values: a dict, Hugging Face's ``ModelOutput``) and dataclass instances (their fields); anything else (None, a
+    number, a string) holds none."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        output = [getattr(output, field.name) for field in dataclasses.fields(output)]
+    elif isinstance(output, Mapping):
+        output = list(output.values())
+    elif not isinstance(output, (tuple, list)):
+        return []
+    return [t for item in output for t in output_tensors(item)]
 
 
 def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tuple[torch.Tensor, ...]:

@@ -32,7 +32,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .analysis import analysis_mode, hooked_forward, random_like
+from .analysis import analysis_mode, hooked_forward, output_tensors, random_like
 from .alignment import is_aligned
 from .architecture import describable, describe_architecture, mark_width_attribute, width_attribute_values
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
@@ -82,14 +82,6 @@ class CompactResult:
 
 def _as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def _flat_outputs(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    return [t for item in output for t in _flat_outputs(item)]
 
 
 def _apply_masks(model: nn.Module, param_masks: dict[str, torch.Tensor]) -> None:
@@ -732,7 +724,7 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
     worst, worst_tol = 0.0, 0.0
     for batch in (inputs, _random_like(inputs)):
         with analysis_mode(reference), analysis_mode(compact_model):
-            ref, new = _flat_outputs(reference(*batch)), _flat_outputs(compact_model(*batch))
+            ref, new = output_tensors(reference(*batch)), output_tensors(compact_model(*batch))
         if [tuple(t.shape) for t in ref] != [tuple(t.shape) for t in new]:
             raise RuntimeError(f"compact model output shapes {[tuple(t.shape) for t in new]} differ from the "
                                f"masked model's {[tuple(t.shape) for t in ref]}")

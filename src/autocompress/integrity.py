@@ -26,9 +26,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .analysis import analysis_mode, model_device
+from .analysis import analysis_mode, model_device, output_tensors
 from .errors import ModelMismatch, UserError
-from .export import flat_outputs
 
 #: batch of the seeded standard-normal input an output check runs (seed 0), and the most input elements it draws
 CHECK_BATCH, CHECK_MAX_ELEMENTS = 2, 1 << 22
@@ -97,7 +96,7 @@ def _check_input(input_size, device: torch.device) -> torch.Tensor | None:
 
 def _fingerprint(model: nn.Module, inputs: torch.Tensor) -> list[dict]:
     with analysis_mode(model):
-        outputs = flat_outputs(model(inputs))
+        outputs = output_tensors(model(inputs))
     return [{"shape": list(out.shape), "abs_sum": float(out.float().abs().sum()),
              "head": out.detach().float().flatten()[:CHECK_VALUES].cpu().tolist()} for out in outputs]
 

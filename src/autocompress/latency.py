@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from .alignment import allowed_widths
-from .analysis import analysis_mode, example_tuple, hooked_forward
+from .analysis import analysis_mode, example_tuple, hooked_forward, output_tensors
 from .atomic import atomic_write_text
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import SettingError, UserError, first_line, show
@@ -209,6 +209,18 @@ def runner(model: nn.Module, example: Any, runtime: str, *, device: str = "cpu",
     return bind_torch
 
 
+class _TensorsOut(nn.Module):
+    """``model`` returning the tensors of its output as a tuple (:func:`~autocompress.analysis.output_tensors`): a
+    forward that returns a dict or a dataclass (Hugging Face's outputs) is timed as the tensors it computes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return tuple(output_tensors(self.model(*inputs)))
+
+
 def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: int,
                   optimized: str | None = None):
     """An onnxruntime CPU session of ``model`` (a copy, exported on the first item of each ``example`` input with a
@@ -218,9 +230,10 @@ def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: 
     import onnxruntime as ort
 
     try:
-        data = onnx_bytes(copy.deepcopy(model).cpu().eval(), tuple(t.cpu() for t in _at_batch(example, 1)), 17)
+        data = onnx_bytes(_TensorsOut(copy.deepcopy(model).cpu().eval()),
+                          tuple(t.cpu() for t in _at_batch(example, 1)), 17)
     except Exception as exc:  # the exporter raises many types for unsupported ops
-        raise UserError(f"the model cannot be exported to ONNX for latency ({type(exc).__name__})",
+        raise UserError(f"the model cannot be exported to ONNX for latency ({first_line(exc)})",
                         "use latency.runtime torch") from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1

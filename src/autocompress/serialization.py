@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis import analysis_mode, model_device
+from .analysis import analysis_mode, model_device, output_tensors
 from .architecture import apply_architecture, describe_architecture
 from .checkpoint import class_path, import_model_class, save_checkpoint, storable_option
 from .errors import UserError
-from .export import flat_outputs
 from .integrity import output_check
 from .multihead import SplitMultiheadAttention, split_multihead_attention
 from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (part of this module's API)
@@ -90,7 +89,7 @@ def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) 
             return False  # weights are loaded, so a module printing a value of its own compares equal)
         fresh.to(model_device(model))
         with analysis_mode(model), analysis_mode(fresh):
-            want, got = flat_outputs(model(*example_inputs)), flat_outputs(fresh(*example_inputs))
+            want, got = output_tensors(model(*example_inputs)), output_tensors(fresh(*example_inputs))
     except Exception:  # the caller's constructor or forward, whatever it raises: not rebuilt
         return False
     return len(want) == len(got) and all(_close(a.float(), b.float()) for a, b in zip(want, got))

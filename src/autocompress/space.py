@@ -52,7 +52,7 @@ from torch import nn
 from torch_pruning import ops
 
 from .alignment import aligned_keep, allowed_widths
-from .analysis import hooked_forward, preserved_state, random_like
+from .analysis import hooked_forward, output_tensors, preserved_state, random_like
 from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
 from .masks import Masks
@@ -842,7 +842,7 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
 
             def forward(module, args):  # torch-pruning switches to eval mode before calling this
                 module.train(train)
-                return module(*args)
+                return output_tensors(module(*args))  # a dataclass or ModelOutput holds the tensors it traces
 
             graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
                                                           customized_pruners=pruners(model))
