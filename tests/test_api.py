@@ -1183,6 +1183,35 @@ def test_a_model_returning_a_dataclass_prunes_its_filters_and_is_timed_and_saved
         assert torch.equal(loaded.eval()(x).logits, result.model(x).logits)
 
 
+class TiedProjection(nn.Module):
+    """``[B, 1, 8, 8]`` -> ``[B, 3]``: a conv, then ``proj`` applied, its weight transposed read by the forward itself
+    (weight tying), and ``proj`` again."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.proj, self.fc = nn.Conv2d(1, 16, 3, padding=1), nn.Linear(16, 32, bias=False), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = F.relu(self.proj(F.relu(self.stem(x)).mean((2, 3))))
+        return self.fc(F.relu(self.proj(F.linear(h, self.proj.weight.t()))))
+
+
+def test_a_layer_whose_weight_the_forward_reads_keeps_its_columns():
+    """Fresh user 57: column pruning made ``proj`` a column layer whose narrower weight the tied use then read, and
+    the run crashed in purification ("INDICES element is out of DATA bounds, id=13 axis_dim=13")."""
+    train, val = loaders()
+    lines: list[str] = []
+    result = autocompress.compress(trained(TiedProjection(), train), torch.randn(1, 1, 8, 8), "params=1.5x",
+                                   train_loader=train, val_loader=val, config=CONFIG, progress=False,
+                                   log=lines.append)
+    assert any(line.startswith("not column-pruned: proj keeps its columns: the compact model breaks once its columns "
+                               "are removed (RuntimeError: ") for line in lines)
+    assert isinstance(result.model.proj, nn.Linear) and result.compression_rate >= 1.5 * 0.99
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert result.model(x).shape == (4, 3)
+
+
 def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):
     """Fresh user 56: token ids ``[L, B]`` (PyTorch transformers' default layout) next to a ``[B, L]`` mask were
     accepted and failed inside the model's attention (``shape '[1, 1, 1, 2]' is invalid for input of size 32``)."""

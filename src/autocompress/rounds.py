@@ -212,6 +212,10 @@ class PhaseStore:
             self.record(record)
 
 
+#: why a layer's columns are left out when its compact model breaks without them
+COLUMNS_BREAK = "the compact model breaks once its columns are removed"
+
+
 def _too_short(steps: int) -> str:
     """Why a run of ``steps`` optimiser steps is not probed (:data:`~autocompress.optimizer_probe.
     MIN_TRAINING_STEPS`)."""
@@ -246,6 +250,8 @@ class Pipeline:
         incompactable: filter groups (root layer -> why) whose channels cannot be removed without breaking the
             compact model (``compress``'s probe before any work); every space leaves them out (their layers'
             columns stay prunable).
+        incompactable_columns: layers (name -> why) whose columns cannot be removed without breaking the compact
+            model (the same probe); every space keeps their columns.
         heads: filter groups (root layer -> head count) that compact only when each of their heads keeps equally
             many channels (the same probe, :func:`autocompress.attention.head_count`); every space keeps them so.
         free_macs: those groups (root layer -> MACs per forward of the example inputs) of their attentions' score
@@ -264,6 +270,7 @@ class Pipeline:
     log: Callable[[str], None] | None = print
     base_score: float | None = None
     incompactable: dict[str, str] = field(default_factory=dict)
+    incompactable_columns: dict[str, str] = field(default_factory=dict)
     heads: dict[str, int] = field(default_factory=dict)
     free_macs: dict[str, int] = field(default_factory=dict)
     _phase_started: float = field(default=0.0, init=False, repr=False)
@@ -352,7 +359,9 @@ class Pipeline:
         left_out = {name: f"filter pruning: {BREAKS} ({why})" for name, why in self.incompactable.items()}
         space = PruningSpace.build(model, self.example_inputs, dims=dims, ignored_layers=self.config.ignored_layers,
                                    channel_multiple=self.channel_multiple, executed_macs_only=flops, left_out=left_out,
-                                   heads=self.heads, free_macs=self.free_macs)
+                                   heads=self.heads, free_macs=self.free_macs,
+                                   columns_left_out={name: f"column pruning: {COLUMNS_BREAK} ({why})"
+                                                     for name, why in self.incompactable_columns.items()})
         # the default hybrid needs filter units; explicit dims need every kind they name
         space.check_dims(self.config.kinds if self.config.dims is not None else
                          tuple(kind for kind in self.config.kinds if kind != "column"))
@@ -377,11 +386,9 @@ class Pipeline:
         space = space if space is not None else self.space(model)
         while True:
             narrower = {g.name: widths[-2] for g in space.filter_groups if len(widths := space.widths(g)) > 1}
-            if not narrower:
-                return space
-            failing, error = self._breaking(model, space, narrower)
+            failing, error = self._breaking(model, space, narrower) if narrower else ({}, None)
             if not failing:
-                return space
+                return self._compactable_columns(model, space)
             headed = self._find_heads(model, space, failing)
             if error is not None and not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
                 raise error
@@ -394,6 +401,27 @@ class Pipeline:
                              f"compact model breaks once they are removed ({why})")
                     self.incompactable[name] = why
             space = self.space(model)
+
+    def _compactable_columns(self, model: nn.Module, space: PruningSpace) -> PruningSpace:
+        """``space`` without the column layers whose compact model breaks once half their columns are removed (all
+        at once, then each alone if that breaks; left out: :attr:`incompactable_columns`, logged): a forward that
+        reads a layer's weight itself (weight tying, ``F.linear(h, self.proj.weight.t())``) gets the compact
+        layer's narrower weight."""
+        names = [c.name for c in space.column_layers]
+
+        def failure(chosen) -> str | None:
+            rates = {"filter": {}, "column": {name: 0.5 for name in chosen}, "irregular": {}}
+            return compaction_failure(model, space.param_masks(project(space, model, rates)), self.example_inputs,
+                                      channel_multiple=self.channel_multiple)
+
+        if not names or failure(names) is None:
+            return space
+        for name in names:
+            why = failure([name])
+            if why is not None:
+                self.log(f"not column-pruned: {name} keeps its columns: {COLUMNS_BREAK} ({why})")
+                self.incompactable_columns[name] = why
+        return self.space(model)
 
     def _breaking(self, model: nn.Module, space: PruningSpace, narrower: Mapping[str, int]
                   ) -> tuple[dict[str, str], UserError | None]:

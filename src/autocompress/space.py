@@ -338,7 +338,8 @@ class PruningSpace:
               ignored_layers: Iterable[str] = (), max_rate: float = 0.95,
               channel_multiple: int = 1, executed_macs_only: bool = False,
               left_out: Mapping[str, str] | None = None, heads: Mapping[str, int] | None = None,
-              free_macs: Mapping[str, int] | None = None) -> "PruningSpace":
+              free_macs: Mapping[str, int] | None = None,
+              columns_left_out: Mapping[str, str] | None = None) -> "PruningSpace":
         """Enumerate the prunable units of ``model``.
 
         Args:
@@ -367,6 +368,8 @@ class PruningSpace:
             heads: filter groups, by name, whose channels form this many heads that must keep equally many
                 channels each (:attr:`FilterGroup.heads`, found by :func:`autocompress.attention.head_count`).
             free_macs: filter groups, by name -> :attr:`FilterGroup.free_macs` (e.g. an attention's products).
+            columns_left_out: layers whose columns stay whole, by name -> the reason recorded in ``excluded`` (e.g.
+                a layer whose weight the forward also reads outside the layer, found by a probe).
         Returns:
             the space; exclusions are logged (``logging``, this module's logger) and kept in ``excluded``.
         Raises:
@@ -412,8 +415,10 @@ class PruningSpace:
                                    ignored, left_out or {})
             groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
+        for name, reason in (columns_left_out or {}).items():
+            _exclude(excluded, name, reason)
         columns = [_column_layer(n, m, param_names, layer_macs, excluded, executed_macs_only, batch)
-                   for n, m in candidates.items()] if "column" in dims else []
+                   for n, m in candidates.items() if n not in (columns_left_out or {})] if "column" in dims else []
         irregular = [IrregularLayer(name=n, param=param_names[id(m.weight)], shape=tuple(m.weight.shape),
                                     size=m.weight.numel(), params=m.weight.numel(), macs=layer_macs[n][1])
                      for n, m in candidates.items()] if "irregular" in dims else []
