@@ -492,3 +492,22 @@ def test_column_conv_nd_pickles_and_traces(tmp_path):
         expected = column(x)
         assert torch.equal(loaded(x), expected)
         assert torch.allclose(torch.jit.trace(column, x)(x), expected)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 4), nn.Conv2d(3, 4, 3), nn.Conv1d(3, 4, 3)])
+def test_a_float64_column_layer_turns_dense_in_float64(layer):
+    """Fresh user 57: a float64 model crashed when its column layers turned dense before retraining ("Index put
+    requires the source and destination dtypes match"); a Conv1d came back float32."""
+    from autocompress.columns import ColumnConv2d, ColumnConvNd, ColumnLinear
+
+    layer = layer.double()
+    keep = torch.tensor([0, 2, 5])
+    with torch.no_grad():
+        flat = layer.weight.view(layer.weight.shape[0], -1)
+        dropped = torch.ones(flat.shape[1], dtype=torch.bool)
+        dropped[keep] = False
+        flat[:, dropped] = 0
+    kind = ColumnLinear.from_linear if isinstance(layer, nn.Linear) else \
+        ColumnConv2d.from_conv if isinstance(layer, nn.Conv2d) else ColumnConvNd.from_conv
+    dense = kind(layer, keep).to_dense()
+    assert dense.weight.dtype == torch.float64 and torch.equal(dense.weight, layer.weight)

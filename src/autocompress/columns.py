@@ -344,13 +344,14 @@ class ColumnLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear`` ``[out, in]`` with the dropped input features as zero columns."""
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                           dtype=self.weight.dtype)
         with torch.no_grad():
             linear.weight.zero_()
             linear.weight[:, self.column_index] = self.weight
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear.to(self.weight.device, self.weight.dtype)
+        return linear
 
     def config(self) -> dict:
         """Constructor arguments as plain data."""
@@ -489,7 +490,7 @@ class ColumnConvNd(nn.Module):
             conv.weight.copy_(weight.transpose(0, 1) if self.transposed else weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return conv.to(self.weight.device, self.weight.dtype)
 
     def config(self) -> dict:
         """Constructor arguments as plain data (for ``serialization.describe_architecture``)."""
