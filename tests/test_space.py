@@ -751,3 +751,28 @@ def test_a_forward_that_is_not_finite_on_random_inputs_is_refused_naming_the_lay
     with pytest.raises(UserError, match=r"^the model computes NaN or infinite values at fc2's input on random inputs "
                                         r"shaped like example_inputs .*; make the forward finite for any input"):
         PruningSpace.build(model, torch.rand(2, 4))
+
+
+def test_a_layer_of_the_caller_s_own_with_weights_is_named_as_not_pruned(caplog):
+    """Fresh user 57: a conv written with nn.Parameter and F.conv2d was left out silently (a 4x target then
+    unreachable, no message naming the layer)."""
+    import logging
+
+    import torch.nn.functional as F
+
+    class OwnConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 1, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight, padding=1)
+
+    model = nn.Sequential(OwnConv(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 3))
+    with caplog.at_level(logging.INFO, logger="autocompress.space"):
+        space = PruningSpace.build(model, torch.randn(1, 1, 6, 6))
+        space.log_exclusions()
+    reason = "OwnConv is a layer of its own with weights, not a Conv / Linear: build it from nn.Conv2d / nn.Linear"
+    assert reason in space.excluded["0"]
+    assert f"not pruned: 0: {reason} to have it pruned" in caplog.text
+    assert not any("of its own" in space.excluded.get(name, "") for name in ("2", "4"))  # PyTorch's layers

@@ -402,6 +402,9 @@ class PruningSpace:
         candidates = {}
         for module, name in names.items():
             if not is_weight_layer(module):
+                if _own_weight_layer(module):
+                    _exclude(excluded, name, f"{type(module).__name__} is a layer of its own with weights, not a "
+                                             "Conv / Linear: build it from nn.Conv2d / nn.Linear to have it pruned")
                 continue
             reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention)
             if reason:
@@ -715,6 +718,15 @@ class PruningSpace:
 
 
 # ---------------------------------------------------------------------- helpers
+def _own_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a caller's class (neither PyTorch's nor autocompress's) holding a weight matrix or kernel
+    (a parameter of two or more dimensions) itself, e.g. a conv written with ``nn.Parameter`` and ``F.conv2d``: no
+    unit prunes it, which the run names."""
+    home = type(module).__module__
+    return not home.startswith(("torch.", "autocompress.")) and any(
+        p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
 def _exclude(excluded: dict[str, list[str]], name: str, reason: str) -> None:
     excluded.setdefault(name, []).append(reason)
 
