@@ -515,9 +515,12 @@ class Pipeline:
         steps = self._training_steps(rounds)
         candidates = starts()
         if len(candidates) < 2 or steps < MIN_TRAINING_STEPS:
-            choice, why = unprobed_start(state.model) if len(candidates) > 1 else ("guided", "")
-            why = (f"{_too_short(steps)}; {why}" if len(candidates) > 1 else "the magnitude start keeps the same "
-                   "widths or cannot meet the target with filters alone")
+            if len(candidates) < 2:
+                choice, why = "guided", "the magnitude start keeps the same widths or cannot meet the target with " \
+                    "filters alone"
+            else:
+                choice, rule = unprobed_start(state.model)
+                why = f"{_too_short(steps)}; {rule}"
             self.log(f"search.start auto: {choice} (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": None}])
             return choice
