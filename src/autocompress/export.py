@@ -209,8 +209,11 @@ def onnx_bytes(model: nn.Module, example: Inputs, opset: int = 17, axes: Axes | 
     least 18). The exception of the first exporter propagates when both fail.
     """
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    names = _output_names(model, example)
-    axes = checked_axes(None, example, len(names)) if axes is None else axes
+    if axes is None:
+        names = _output_names(model, example)
+        axes = checked_axes(None, example, len(names))
+    else:  # checked_axes names every output: the model is not run again for them
+        names = [name for name in axes if name not in input_names(len(example))]
     model = export_form(model)
     try:
         with _output_silenced():

@@ -434,10 +434,11 @@ class Task:
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
             train_output = self._check_batch(model, first, "train_loader")
-            targets = self.targets(first) if self.default_form(first) else None
+            default = self.default_form(first)
+            targets = self.targets(first) if default else None
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
             problem = class_target_problem(train_output, targets, where=self._where) if scores else None
-            self.classifies = scores and problem is None if self.default_form(first) else None
+            self.classifies = scores and problem is None if default else None
             self.positions = scores and train_output.dim() > 2
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
