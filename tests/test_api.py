@@ -1930,3 +1930,32 @@ def test_compress_retrains_and_returns_plain_layer_norms_unless_told_padded():
     with pytest.raises(SettingError, match="layer_norm"):
         autocompress.compress(LayerNormCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", train_loader=train,
                               val_loader=val, device="cpu", config={"layer_norm": "plain"})
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel, lambda m: nn.DataParallel(torch.compile(m))])
+def test_a_compiled_or_data_parallel_model_is_compressed_as_the_module_it_holds(tmp_path, one_thread, wrap):
+    """``torch.compile`` / ``DataParallel`` wrappers (fresh user 57): the eager module is compressed and returned,
+    saved under its own names and class (``load(path)`` needs no ``model=``), and a wrapper given to ``load``
+    gets the module it holds filled. Nothing is compiled (the wrappers are never called)."""
+    from autocompress.checkpoint import _receiver
+
+    train, val = loaders()
+    model, lines = trained(SmallCNN(), train), []
+    result = autocompress.compress(wrap(model), torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                                   val_loader=val, config=CONFIG, run_dir=tmp_path / "run", progress=False,
+                                   log=lines.append)
+    assert type(result.model) is SmallCNN
+    assert any("compressing the SmallCNN it holds" in line for line in lines)
+    x = images(8, 2)[0]
+    with torch.no_grad():
+        expected = result.model.eval()(x)
+        assert torch.equal(autocompress.load(tmp_path / "run" / "model.pt")(x), expected)
+        wrapper = wrap(SmallCNN())
+        assert autocompress.load(tmp_path / "run" / "model.pt", model=wrapper) is wrapper
+        eager = wrapper
+        while not isinstance(eager, SmallCNN):
+            eager = eager.module if isinstance(eager, nn.DataParallel) else eager._orig_mod
+        assert torch.equal(eager(x), expected)
+    legacy = wrap(SmallCNN())  # a file saved from the wrapper itself (autocompress 0.6.0) fills the wrapper
+    assert _receiver(legacy, legacy.state_dict()) is legacy
+    assert _receiver(legacy, SmallCNN().state_dict()) is not legacy

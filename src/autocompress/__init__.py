@@ -43,7 +43,8 @@ def load(path, map_location="cpu", model=None, check=True):
             and is returned. Needed when the recorded class
             cannot be imported here or its constructor arguments were not recorded. Without it the model is
             built from the registry or by importing the recorded class (``module:qualname``, an
-            ``nn.Module`` subclass of the user's own installed code) with the recorded arguments.
+            ``nn.Module`` subclass of the user's own installed code) with the recorded arguments. A
+            ``torch.compile`` (or ``DataParallel``) wrapper is returned with the module it holds filled.
         check: verify that the rebuilt model computes the saved model's outputs on the file's seeded check
             input (files written by ``compress`` and ``save_compact`` carry one); False loads without it.
 

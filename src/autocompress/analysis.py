@@ -109,6 +109,29 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return [t for item in output for t in output_tensors(item)]
 
 
+def eager_module(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """The eager ``nn.Module`` a wrapper of the caller's holds, and a line saying so (None when ``model`` is one):
+    a ``torch.compile`` result (its ``_orig_mod``), ``nn.DataParallel`` or ``DistributedDataParallel`` (their
+    ``.module``), unwrapped as often as nested. Pruning replaces layers and a compiled graph or a replicating
+    wrapper would keep the old ones; the caller compiles or wraps the compressed model again."""
+    wrappers = []
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            wrappers.append(("torch.compile", "_orig_mod"))
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            wrappers.append((type(model).__name__, "module"))
+            model = model.module
+        else:
+            break
+    if not wrappers:
+        return model, None
+    path = "model." + ".".join(attr for _, attr in wrappers)
+    names = " and ".join(name for name, _ in wrappers)
+    return model, (f"model is wrapped by {names}: compressing the {type(model).__name__} it holds ({path}); "
+                   f"the compressed model is that eager module: apply {names} to it again")
+
+
 def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` (a tensor ``[B, ...]`` or a tuple / list of them) as a tuple of detached tensors of one
     batch size ``B`` (on their devices); ``what`` names the caller in the error (e.g. ``"ONNX export"``).

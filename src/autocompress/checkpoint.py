@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analysis import eager_module
 from .architecture import apply_architecture
 from .atomic import atomic_torch_save
 from .errors import MissingArguments, MissingCode, ModelMismatch, UserError
@@ -375,6 +376,7 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: 
                         f"pass a fresh instance of {model_label(entry)}")
     else:
         label = f"{type(model).__name__} (the given instance; saved from {model_label(entry)})"
+    given, model = model, _receiver(model, ckpt["state_dict"])
     if ckpt.get("architecture") is not None:
         model = apply_architecture(model, ckpt["architecture"])
     try:
@@ -388,7 +390,18 @@ def model_from_checkpoint(ckpt: dict, model: nn.Module | None = None, *, check: 
                         "" if model_given else " or the constructor arguments it was built with")) from exc
     if check and ckpt.get("check"):
         verify_outputs(model, ckpt["check"], f"model {label}")
-    return model
+    return given
+
+
+def _receiver(model: nn.Module, state_dict: dict) -> nn.Module:
+    """The module of a given ``model`` that receives a checkpoint: the eager module a ``torch.compile`` /
+    ``DataParallel`` wrapper holds (compressed as such, :func:`autocompress.analysis.eager_module`), unless the
+    file's weights carry more of the wrapper's names (saved from the wrapper itself, ``_orig_mod.*``)."""
+    eager, wrapped = eager_module(model)
+    if wrapped is None:
+        return model
+    names = set(state_dict)
+    return model if len(names & set(model.state_dict())) > len(names & set(eager.state_dict())) else eager
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu", model: nn.Module | None = None, *,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
+from .analysis import eager_module
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
@@ -196,7 +197,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
     physical compaction.
 
     Args:
-        model: any trained nn.Module (not modified: a copy is compressed).
+        model: any trained nn.Module (not modified: a copy is compressed); a ``torch.compile``,
+            ``nn.DataParallel`` or ``DistributedDataParallel`` wrapper is compressed as the module it holds, and the
+            result is that eager module (compile or wrap it again).
         example_inputs: a tensor ``[B, ...]`` or a tuple of tensors, one forward's inputs, batch ``B >= 1``;
             the model is traced with them and MACs are counted per input item.
         target: ``"params=12x"`` (compression rate), ``"flops=4x"`` (reduction of the MACs the compact model
@@ -352,6 +355,9 @@ class Compression:
         say = log if log is not None and self.world.is_main else (lambda _line: None)
         if not isinstance(model, nn.Module):
             raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
+        model, wrapped = eager_module(model)
+        if wrapped is not None:
+            say(wrapped)
         if isinstance(model, torch.jit.ScriptModule):
             raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
                             "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .admm import ADMMConfig
+from .analysis import eager_module
 from .compaction import check_compactable, densify
 from .config import CompressConfig, PurificationConfig, RetrainConfig
 from .errors import UserError
@@ -109,7 +110,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     (:meth:`autocompress.rounds.Pipeline.run_round`, the round function :func:`autocompress.compress` runs).
 
     Args:
-        model: a trained network (not modified: a copy is pruned).
+        model: a trained network (not modified: a copy is pruned); a ``torch.compile`` / ``DataParallel`` /
+            ``DistributedDataParallel`` wrapper is pruned as the module it holds (rates name its layers).
         rates: ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}`` (see
             :func:`expand_rates` for the ``default`` form); names as in ``PruningSpace``.
         example_inputs: one batch the model accepts (a tensor ``[B, ...]`` or a tuple), e.g.
@@ -150,6 +152,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
+    model, wrapped = eager_module(model)
+    if wrapped is not None and log is not None:
+        log(wrapped)
     dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
