@@ -1219,8 +1219,8 @@ def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):
     refused(no_work, r"^example_inputs has shape \[6, 1, 4\] and train_loader's inputs \[6, 8, 4\]: their batch looks "
             r"to be axis 1, .*; put the batch axis first", model=nn.Linear(4, 3), example=torch.randn(6, 1, 4),
             train_loader=seq_first, val_loader=seq_first)
-    refused(no_work, r"^example_inputs' tensors \[\[16, 1\], \[1, 16\]\] have different sizes on axis 0, which "
-            r"autocompress reads as the batch; put the batch axis first", model=Scaled(),
+    refused(no_work, r"^example_inputs of compress \[\[16, 1\], \[1, 16\]\] have different batch sizes \(axis 0\); "
+            r"put the batch axis first", model=Scaled(),
             example=(torch.randint(0, 5, (16, 1)), torch.ones(1, 16)))
 
 

@@ -155,9 +155,12 @@ def test_a_model_of_two_inputs_exports_with_both_batch_axes_dynamic(tmp_path, ba
         assert torch.allclose(program(other_ids, other_mask), model(other_ids, other_mask), atol=1e-6)
 
 
+NOT_INPUTS = r"must be a tensor \[B, ...\] or a tuple of them"
+
+
 @pytest.mark.parametrize("inputs, problem", [
-    (lambda x: (x, x[:1]), "different batch sizes"), (lambda x: (x, None), "a tensor or a tuple of tensors"),
-    (lambda x: {"x": x}, "a tensor or a tuple of tensors"), (lambda x: (), "a tensor or a tuple of tensors")])
+    (lambda x: (x, x[:1]), "different batch sizes"), (lambda x: (x, None), NOT_INPUTS),
+    (lambda x: {"x": x}, NOT_INPUTS), (lambda x: (), NOT_INPUTS), (lambda x: x[:0], NOT_INPUTS)])
 def test_export_refuses_inputs_it_cannot_take_and_writes_nothing(tmp_path, inputs, problem):
     model, x = _mixed()
     with pytest.raises(UserError, match=problem):

@@ -1098,5 +1098,5 @@ def test_bad_inputs_to_time_are_refused_naming_the_problem():
     ids, mask = _tokens(2)
     with pytest.raises(UserError, match="different batch sizes"):
         measure_models({"base": model}, (ids, mask[:1]), LatencyConfig(**FAST))
-    with pytest.raises(UserError, match="a tensor or a tuple of tensors"):
+    with pytest.raises(UserError, match=r"must be a tensor \[B, ...\] or a tuple of them"):
         measure_models({"base": model}, (ids, None), LatencyConfig(**FAST))

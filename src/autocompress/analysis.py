@@ -109,6 +109,11 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return [t for item in output for t in output_tensors(item)]
 
 
+#: the fix for inputs whose batch is not axis 0
+BATCH_FIRST = ("put the batch axis first in every input and in the batches (token ids [B, L]; batch_first=True for "
+               "nn.TransformerEncoderLayer and nn.MultiheadAttention)")
+
+
 def eager_module(model: nn.Module) -> tuple[nn.Module, str | None]:
     """The eager ``nn.Module`` a wrapper of the caller's holds, and a line saying so (None when ``model`` is one):
     a ``torch.compile`` result (its ``_orig_mod``), ``nn.DataParallel`` or ``DistributedDataParallel`` (their
@@ -134,17 +139,18 @@ def eager_module(model: nn.Module) -> tuple[nn.Module, str | None]:
 
 def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` (a tensor ``[B, ...]`` or a tuple / list of them) as a tuple of detached tensors of one
-    batch size ``B`` (on their devices); ``what`` names the caller in the error (e.g. ``"ONNX export"``).
+    batch size ``B >= 1`` (on their devices); ``what`` names the caller in the error (e.g. ``"ONNX export"``).
 
     Raises:
-        UserError: not a tensor or a non-empty tuple / list of tensors, or tensors of different batch sizes.
+        UserError: not a tensor or a non-empty tuple / list of tensors with a batch axis, or tensors of different
+            sizes on axis 0 (a sequence-first ``[L, B]`` tensor next to a ``[B, L]`` mask).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(inputs, (tuple, list)) or not inputs or not all(
-            isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs):
-        raise UserError(f"{what} takes a tensor or a tuple of tensors as the model's inputs",
-                        "pass example_inputs as a [N, C, H, W] tensor, or a tuple of [N, ...] tensors")
+            isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] >= 1 for t in inputs):
+        raise UserError(f"example_inputs of {what} must be a tensor [B, ...] or a tuple of them, with batch B >= 1",
+                        "pass e.g. torch.randn(1, 3, 32, 32), or a tuple of [B, ...] tensors")
     if len({t.shape[0] for t in inputs}) > 1:
-        raise UserError(f"{what}'s example inputs have different batch sizes {[t.shape[0] for t in inputs]}",
-                        "give every input the batch axis first, of one size")
+        raise UserError(f"example_inputs of {what} {[list(t.shape) for t in inputs]} have different batch sizes "
+                        "(axis 0)", BATCH_FIRST)
     return tuple(t.detach() for t in inputs)

@@ -362,7 +362,7 @@ class Compression:
             raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
                             "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "
                             "or trace the compressed model afterwards")
-        self.example = as_inputs(example_inputs, self.device)
+        self.example = as_inputs(example_inputs, self.device, "compress")
         ignored_modules(model, self.config.ignored_layers)  # a wrong name is refused before any work
         base = copy.deepcopy(model).to(self.device).eval()
         self.base_digest = model_digest(base)  # the caller's weights, before any BatchNorm re-estimation

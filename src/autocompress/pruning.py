@@ -171,7 +171,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     check_purification(purify_tolerance, purify_thresholds)
     retrain.train_config()
     device = resolve_device(device)
-    example = as_inputs(example_inputs, device)
+    example = as_inputs(example_inputs, device, "prune")
     base = copy.deepcopy(model).to(device).eval()
     training = config.admm.epochs > 0 or retrain.epochs > 0
     if training and train_loader is None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .analysis import analysis_mode
+from .analysis import BATCH_FIRST, analysis_mode, example_tuple
 from .distributed import length
 from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
@@ -65,18 +65,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def as_inputs(example_inputs: Any, device: torch.device) -> tuple:
-    """``example_inputs`` as a tuple of tensors on ``device``; UserError unless each has a batch >= 1, the same
-    for all (axis 0: a sequence-first tensor ``[L, B]`` next to a ``[B, L]`` mask is refused)."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs \
-            or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] >= 1 for t in inputs):
-        raise UserError("example_inputs must be a tensor [B, ...] or a tuple of them, with batch B >= 1",
-                        "pass e.g. torch.randn(1, 3, 32, 32)")
-    if len({t.shape[0] for t in inputs}) > 1:
-        raise UserError(f"example_inputs' tensors {[list(t.shape) for t in inputs]} have different sizes on axis 0, "
-                        "which autocompress reads as the batch", BATCH_FIRST)
-    return tuple(t.to(device) for t in inputs)
+def as_inputs(example_inputs: Any, device: torch.device, what: str) -> tuple:
+    """``example_inputs`` as a tuple of tensors on ``device`` (checked by
+    :func:`autocompress.analysis.example_tuple`, ``what`` naming the caller)."""
+    return tuple(t.to(device) for t in example_tuple(example_inputs, what))
 
 
 def move(batch: Batch, device: torch.device, *, layout: bool = True) -> Batch:
@@ -506,10 +498,6 @@ class Task:
 
 
 #: how to give inputs the batch axis first
-BATCH_FIRST = ("put the batch axis first in every input and in the batches (token ids [B, L]; batch_first=True for "
-               "nn.TransformerEncoderLayer and nn.MultiheadAttention)")
-
-
 def _refuse_sequence_first(batch: Batch, example_inputs: tuple) -> None:
     """UserError when an input of a default-form training ``batch`` ``[L, B, ...]`` is the example's ``[L, 1, ...]``
     with more than one item on axis 1: the batch is on axis 1 (PyTorch's transformers default to sequence first),
