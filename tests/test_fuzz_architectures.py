@@ -841,3 +841,115 @@ def test_a_free_parameter_that_is_not_per_channel_still_leaves_its_group_out():
     table = "features.5.1.attn.relative_position_bias_table"
     assert space.excluded["features.4.reduction"] == f"filter pruning: free parameter {table} is not per-channel"
     assert "features.4.reduction" not in [g.name for g in space.filter_groups]
+
+
+# ------------------------------------------------------------------------------- fuzzer with attention blocks
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+def _pixels(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tokens.transpose(1, 2).reshape(like.shape[0], -1, *like.shape[2:])
+
+
+class PixelAttention(nn.Module):
+    """Pixels as tokens through a pre-norm ``nn.MultiheadAttention`` (batch first, two heads), residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(c), nn.MultiheadAttention(c, 2, batch_first=True)
+
+    def forward(self, x):
+        t = _tokens(x)
+        q = self.norm(t)
+        return _pixels(t + self.attn(q, q, q, need_weights=False)[0], x)
+
+
+class QKVAttention(nn.Module):
+    """A fused qkv Linear split into two heads by a view, scaled dot-product attention, an output projection."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        t = _tokens(x)
+        n, length = t.shape[:2]
+        q, k, v = self.qkv(t).view(n, length, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, -1)
+        return _pixels(t + self.proj(heads), x)
+
+
+class EncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` (two heads, batch first, pre- or post-norm) over the pixels as tokens."""
+
+    def __init__(self, c, norm_first=True):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(c, 2, 2 * c, dropout=0.0, batch_first=True, norm_first=norm_first)
+
+    def forward(self, x):
+        return _pixels(self.layer(_tokens(x)), x)
+
+
+class PostNormEncoderLayer(EncoderLayer):
+    def __init__(self, c):
+        super().__init__(c, norm_first=False)
+
+
+ATTENTION = [PixelAttention, QKVAttention, EncoderLayer, PostNormEncoderLayer]
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(attention=st.sampled_from(ATTENTION), blocks=st.lists(st.sampled_from(BLOCKS + ATTENTION), max_size=2),
+       place=st.integers(0, 2), mode=st.sampled_from(["filter", "column", "hybrid"]), seed=st.integers(0, 2 ** 16))
+def test_fuzzed_nets_with_attention_are_pruned_exactly_by_prune_or_refused(attention, blocks, place, mode, seed):
+    """Random nets holding attention (the pipeline splits ``nn.MultiheadAttention`` and finds the heads) through
+    :func:`autocompress.prune` at rate 0.5: a clean refusal naming a module, or a compact model (``prune`` itself
+    refuses one that differs from the masked model) with fewer parameters, as many as reported, that trains and
+    whose saved form rebuilds to the same outputs; the input model is unchanged."""
+    from autocompress import prune
+    from autocompress.admm import ADMMConfig
+    from autocompress.training import TrainConfig
+
+    torch.manual_seed(seed)
+    blocks = list(blocks)
+    blocks.insert(min(place, len(blocks)), attention)
+    model, x = Net(blocks, width=8).eval(), torch.randn(2, 3, 4, 4)
+    snap, (dims, rate) = _snapshot(model), MODES[mode]
+    try:
+        result = prune(model, {"default": rate}, example_inputs=x, device="cpu", dims=dims, admm=ADMMConfig(epochs=0),
+                       retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    except UserError as exc:
+        assert "\n" not in str(exc) and _names_a_module(str(exc), model), str(exc)
+        return
+    finally:
+        assert _unchanged(model, snap), "the input model changed"
+    compact, report = result.compact_model, result.report
+    assert count_params(compact) == report["params_after"] < report["params_before"] == count_params(model)
+    assert count_macs(compact, x[:1]) == report["macs_after"]  # per input item
+    compact.train()
+    out = compact(torch.randn(2, 3, 4, 4))
+    out.sum().backward()
+    rebuilt = apply_architecture(Net(blocks, width=8), describe_architecture(compact))
+    rebuilt.load_state_dict(compact.state_dict())
+    probe = torch.randn(3, 3, 4, 4)
+    assert _close(_outputs(rebuilt, probe), _outputs(compact, probe)), "rebuilt != compact"
+
+
+@pytest.mark.parametrize("block", [ChannelsLastLN, PixelAttention])
+def test_a_layernorm_after_a_concatenation_keeps_the_channels_both_removals_left(block):
+    """Found by the attention fuzzer: a LayerNorm reading a concatenation of two convolutions loses channels in
+    each one's removal; its kept channels (what ``layer_norm: kept`` normalises over) were those of the second
+    removal alone, as indices of the already narrowed norm, and ``prune`` refused its own compact model."""
+    from autocompress import prune
+    from autocompress.admm import ADMMConfig
+    from autocompress.training import TrainConfig
+
+    torch.manual_seed(0)
+    model, x = Net([Concat, block], width=8).eval(), torch.randn(2, 3, 4, 4)
+    result = prune(model, {"default": 0.5}, example_inputs=x, device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    assert result.report["kept"]["filters"]["blocks.0.a"] == [2, 4]  # both halves of the concatenation narrowed
+    assert result.report["kept"]["filters"]["blocks.0.b"] == [3, 6]
+    norm = next(m for m in result.compact_model.blocks[1].modules() if isinstance(m, nn.LayerNorm))
+    assert norm.normalized_shape[0] == result.compact_model.head.in_features == 5

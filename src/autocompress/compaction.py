@@ -269,6 +269,13 @@ def _per_channel_tensors(module, node) -> list[tuple[torch.Tensor, int]]:
     return []
 
 
+def _composed(before: torch.Tensor | None, now: torch.Tensor, width: int) -> torch.Tensor:
+    """A module's kept output channels, as indices of its original width, after one more removal kept ``now`` of
+    its current ``width`` channels: a module in several groups' removals (a LayerNorm after a concatenation of
+    two convolutions' outputs loses channels of each) keeps ``before[now]``."""
+    return now if before is None or before.numel() != width else before[now]
+
+
 def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: set[nn.Module],
                      multiple: int, layer_norm: str, narrowed: list[Narrowed]
                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]], list[Query]]:
@@ -338,7 +345,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
                 if total is not None:
                     keep = torch.ones(total, dtype=torch.bool)
                     keep[torch.tensor([i for i in idxs if i < total], dtype=torch.long)] = False
-                    kept[names[target]] = torch.nonzero(keep).flatten()
+                    kept[names[target]] = _composed(kept.get(names[target]), torch.nonzero(keep).flatten(), total)
         query = _separate_query(dg, group, names)
         width = pruner.get_out_channels(module)
         narrowed.append((width, width - len(roots), {names[dep.target.module] for dep, _ in group
