@@ -929,7 +929,7 @@ def test_fuzzed_nets_with_attention_are_pruned_exactly_by_prune_or_refused(atten
     assert count_macs(compact, x[:1]) == report["macs_after"]  # per input item
     compact.train()
     out = compact(torch.randn(2, 3, 4, 4))
-    out.sum().backward()
+    sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     rebuilt = apply_architecture(Net(blocks, width=8), describe_architecture(compact))
     rebuilt.load_state_dict(compact.state_dict())
     probe = torch.randn(3, 3, 4, 4)
@@ -953,3 +953,21 @@ def test_a_layernorm_after_a_concatenation_keeps_the_channels_both_removals_left
     assert result.report["kept"]["filters"]["blocks.0.b"] == [3, 6]
     norm = next(m for m in result.compact_model.blocks[1].modules() if isinstance(m, nn.LayerNorm))
     assert norm.normalized_shape[0] == result.compact_model.head.in_features == 5
+
+
+def test_a_fused_qkv_whose_heads_narrow_and_columns_go_keeps_the_attention_scale():
+    """Found by the attention fuzzer: the queries are rescaled for a scale that follows the head width
+    (``F.scaled_dot_product_attention`` without ``scale=``), but when the qkv Linear was also column-pruned the
+    rescaling reached the dense layer its column layer had replaced, and every hybrid prune was refused."""
+    from autocompress import prune
+    from autocompress.admm import ADMMConfig
+    from autocompress.columns import ColumnLinear
+    from autocompress.training import TrainConfig
+
+    torch.manual_seed(0)
+    model, x = Net([QKVAttention], width=8).eval(), torch.randn(2, 3, 4, 4)
+    rates = {"filter": {"blocks.0.qkv": 0.5}, "column": {"blocks.0.qkv": 0.5}}
+    result = prune(model, rates, example_inputs=x, device="cpu", dims=("filter", "column"), admm=ADMMConfig(epochs=0),
+                   retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    qkv = result.compact_model.blocks[0].qkv
+    assert isinstance(qkv, ColumnLinear) and qkv.out_features == 12 and result.compact_model.blocks[0].proj.in_features == 4

@@ -839,7 +839,10 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
     if held:
         report["width_attributes"] = {f"{name}.{attr}" if name else attr: value
                                       for name, values in held.items() for attr, value in values.items()}
+    names = {module: name for name, module in work.named_modules()}
     _compact_columns(work, set(called) | train_only, report, param_masks)
+    queries = [(tuple(work.get_submodule(names[m]) for m in writers), rows, factor)  # column layers replaced some
+               for writers, rows, factor in queries]
     _keep_frozen(work, model)
     work.eval()
     with kept_statistics(reference, plain):
