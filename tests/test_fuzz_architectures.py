@@ -970,4 +970,5 @@ def test_a_fused_qkv_whose_heads_narrow_and_columns_go_keeps_the_attention_scale
     result = prune(model, rates, example_inputs=x, device="cpu", dims=("filter", "column"), admm=ADMMConfig(epochs=0),
                    retrain=TrainConfig(epochs=0), purify=False, progress=False)
     qkv = result.compact_model.blocks[0].qkv
-    assert isinstance(qkv, ColumnLinear) and qkv.out_features == 12 and result.compact_model.blocks[0].proj.in_features == 4
+    assert isinstance(qkv, ColumnLinear) and qkv.out_features == 12  # two heads of 2 channels for q, k and v
+    assert result.compact_model.blocks[0].proj.in_features == 4
