@@ -972,3 +972,19 @@ def test_a_fused_qkv_whose_heads_narrow_and_columns_go_keeps_the_attention_scale
     qkv = result.compact_model.blocks[0].qkv
     assert isinstance(qkv, ColumnLinear) and qkv.out_features == 12  # two heads of 2 channels for q, k and v
     assert result.compact_model.blocks[0].proj.in_features == 4
+
+
+def test_an_attention_whose_scale_follows_the_head_width_beside_one_whose_scale_is_stored():
+    """Found by the attention fuzzer: a fused-qkv attention whose scale follows the head width (its queries must be
+    rescaled) before an ``nn.TransformerEncoderLayer`` (split with its scale stored: its rows must stay) was refused,
+    since the rescaling was tried for every attention at once; each attention now takes its own option."""
+    from autocompress import prune
+    from autocompress.admm import ADMMConfig
+    from autocompress.training import TrainConfig
+
+    torch.manual_seed(0)
+    model, x = Net([QKVAttention, EncoderLayer], width=8).eval(), torch.randn(2, 3, 4, 4)
+    result = prune(model, {"default": 0.5}, example_inputs=x, device="cpu", dims=("filter",),
+                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    kept = result.report["kept"]["filters"]
+    assert kept["blocks.0.qkv"] == kept["blocks.1.layer.self_attn.q_proj"] == [4, 8]

@@ -523,29 +523,39 @@ def _separate_query(dg: tp.DependencyGraph, group, names: dict) -> tuple[tuple[n
 
 def _rescaled(reference: nn.Module, work: nn.Module, inputs: tuple, queries: list[Query], atol_scale: float,
               kept: dict) -> tuple[float, float, list[nn.Linear]]:
-    """Verify ``work`` with each attention's query rows multiplied by its factor (:data:`Query`), trying the first
-    candidate of every attention, then the second where there is one (a ``v`` defined before ``q`` and ``k``);
-    ``work`` keeps the rows that verified (its own rows after a failure). Returns :func:`verify`'s result and the
-    Linears rescaled. Raises what :func:`verify` raises for the last try."""
-    tries = max(len(candidates) for candidates, _, _ in queries)
-    for attempt in range(tries):
-        chosen = [(candidates[min(attempt, len(candidates) - 1)], rows, factor) for candidates, rows, factor in queries]
-        saved = [(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m, _, _ in chosen]
-        with torch.no_grad():
-            for module, rows, factor in chosen:
-                module.weight[:rows].mul_(factor)
-                if module.bias is not None:
-                    module.bias[:rows].mul_(factor)
-        try:
-            return (*verify(reference, work, inputs, atol_scale=atol_scale, kept=kept), [m for m, _, _ in chosen])
-        except RuntimeError:
-            with torch.no_grad():
-                for (module, _, _), (weight, bias) in zip(chosen, saved):
-                    module.weight.copy_(weight)
-                    if bias is not None:
-                        module.bias.copy_(bias)
-            if attempt == tries - 1:
-                raise
+    """Verify ``work`` with the query rows of the attentions whose scale follows the head width multiplied by
+    their factor (:data:`Query`). Which attentions those are is not known: one whose scale is stored at the old
+    width (``self.scale``, :class:`~autocompress.multihead.SplitMultiheadAttention`) must keep its rows, and a ``v``
+    defined before ``q`` and ``k`` makes the second candidate the one. So each attention in turn (twice over) takes
+    the option -- its own rows or one candidate rescaled -- under which the model's output differs least from the
+    reference's, the others as chosen so far. ``work`` keeps the chosen rows. Returns :func:`verify`'s result and
+    the Linears rescaled; raises what :func:`verify` raises."""
+    original = {id(m): _rows(m) for candidates, _, _ in queries for m in candidates}
+    choice: list[nn.Linear | None] = [None] * len(queries)
+    for _ in range(2):
+        for index, (candidates, rows, factor) in enumerate(queries):
+            tried = []
+            for option in (None, *candidates):
+                for module in candidates:
+                    _set_rows(module, original[id(module)], rows, factor if module is option else 1.0)
+                tried.append((_difference(reference, work, inputs), option))
+            choice[index] = min(tried, key=lambda item: item[0])[1]
+            for module in candidates:
+                _set_rows(module, original[id(module)], rows, factor if module is choice[index] else 1.0)
+    return (*verify(reference, work, inputs, atol_scale=atol_scale, kept=kept), [m for m in choice if m is not None])
+
+
+def _rows(module: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()
+
+
+def _set_rows(module: nn.Linear, saved: tuple[torch.Tensor, torch.Tensor | None], rows: int, factor: float) -> None:
+    """``module``'s weight and bias as ``saved``, their first ``rows`` rows times ``factor``."""
+    with torch.no_grad():
+        for param, value in zip((module.weight, module.bias), saved):
+            if param is not None:
+                param.copy_(value)
+                param[:rows].mul_(factor)
 
 
 def _dead_triples(module: nn.Module) -> torch.Tensor | None:
@@ -719,6 +729,28 @@ def _first_divergence(reference: nn.Module, compact: nn.Module, inputs: tuple, k
     return None
 
 
+def _output_difference(reference: nn.Module, compact_model: nn.Module, batch: tuple) -> tuple[float, float]:
+    """The largest absolute difference of the two models' outputs on ``batch`` (eval mode, no grad; NaN stays NaN)
+    and the largest ``|reference output|`` (at least 1). Raises RuntimeError when the output shapes differ."""
+    with analysis_mode(reference), analysis_mode(compact_model):
+        ref, new = output_tensors(reference(*batch)), output_tensors(compact_model(*batch))
+    if [tuple(t.shape) for t in ref] != [tuple(t.shape) for t in new]:
+        raise RuntimeError(f"compact model output shapes {[tuple(t.shape) for t in new]} differ from the "
+                           f"masked model's {[tuple(t.shape) for t in ref]}")
+    scale = max([1.0] + [float(t.abs().max()) for t in ref if t.numel()])
+    return max([0.0] + [float((a - b).abs().max()) for a, b in zip(ref, new) if a.numel()]), scale
+
+
+def _difference(reference: nn.Module, compact_model: nn.Module, inputs: tuple) -> float:
+    """The largest output difference relative to the output's scale, on ``inputs`` and :func:`verify`'s random
+    batch (NaN counts as infinite)."""
+    worst = 0.0
+    for batch in (inputs, _random_like(inputs)):
+        diff, scale = _output_difference(reference, compact_model, batch)
+        worst = max(worst, diff / scale if diff == diff else math.inf)
+    return worst
+
+
 def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, *, atol_scale: float = 1e-5,
            kept: dict | None = None) -> tuple[float, float]:
     """Check ``compact_model`` computes what ``reference`` computes in eval mode, on ``example_inputs`` and
@@ -730,13 +762,7 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
     inputs = _as_tuple(example_inputs)
     worst, worst_tol = 0.0, 0.0
     for batch in (inputs, _random_like(inputs)):
-        with analysis_mode(reference), analysis_mode(compact_model):
-            ref, new = output_tensors(reference(*batch)), output_tensors(compact_model(*batch))
-        if [tuple(t.shape) for t in ref] != [tuple(t.shape) for t in new]:
-            raise RuntimeError(f"compact model output shapes {[tuple(t.shape) for t in new]} differ from the "
-                               f"masked model's {[tuple(t.shape) for t in ref]}")
-        scale = max([1.0] + [float(t.abs().max()) for t in ref if t.numel()])
-        diff = max([0.0] + [float((a - b).abs().max()) for a, b in zip(ref, new) if a.numel()])
+        diff, scale = _output_difference(reference, compact_model, batch)
         tol = atol_scale * scale
         if diff > tol or diff != diff:
             layer = _first_divergence(reference, compact_model, batch, kept or {}, atol_scale)
