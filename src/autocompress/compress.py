@@ -616,7 +616,9 @@ class Compression:
                                 f" (channels a fit does not need are given back on the {self.block}-channel "
                                 "block only)" if self.table is None and on_block(self.block, multiple) else ""))
                 self.multiple = self.pipeline.channel_multiple = multiple
-                self.first_space = self.first_space.at_multiple(multiple)
+                # groups the coarser multiple kept whole may narrow now: their compaction is probed again
+                self.first_space = self.pipeline.compactable_space(self.first_model,
+                                                                   self.first_space.at_multiple(multiple))
                 if self.table is not None:
                     self.table = self._latency_table(base)
             try:
