@@ -424,6 +424,46 @@ def test_bad_dynamic_axes_are_refused_and_nothing_is_written(tmp_path, axes, pro
         export_onnx(model, (ids[:, :1], mask[:, :1]), tmp_path / "m.onnx", dynamic_axes={"input": {1: "sequence"}})
 
 
+class TinyUNet(nn.Module):
+    """``[B, 3, H, W]`` -> ``[B, 2, H, W]`` for even ``H`` and ``W``: a conv, 2x2 max pooling, a conv, nearest
+    upsampling, concatenation with the first conv's output (the sizes must match: odd sizes fail), a 1x1 conv.
+    With ``fixed``, a learned ``[1, 4, 6, 6]`` bias is added after the first conv too (runs at 6x6 only)."""
+
+    def __init__(self, fixed: bool = False):
+        super().__init__()
+        self.down, self.mid, self.out = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.bias = nn.Parameter(torch.randn(1, 4, 6, 6)) if fixed else None
+
+    def forward(self, x):
+        skip = torch.relu(self.down(x)) + (0 if self.bias is None else self.bias)
+        low = nn.functional.interpolate(torch.relu(self.mid(nn.functional.max_pool2d(skip, 2))), scale_factor=2.0)
+        return self.out(torch.cat([skip, low], 1))
+
+
+IMAGE = {"input": {2: "height", 3: "width"}, "output": {2: "height", 3: "width"}}
+
+
+def test_image_height_and_width_export_dynamic_for_a_net_that_runs_at_even_sizes_only(tmp_path):
+    """Fresh user 58: the check ran a U-Net one pixel smaller (odd), where its own forward fails; it now runs it
+    twice as large there. A model that runs at neither is refused naming the sizes, and nothing is written."""
+    torch.manual_seed(0)
+    model, x = TinyUNet().eval(), torch.randn(1, 3, 6, 6)
+    onnx_result = export_onnx(model, x, tmp_path / "m.onnx", dynamic_axes=IMAGE)
+    program_result = export_program(model, x, tmp_path / "m.pt2", dynamic_axes={"input": IMAGE["input"]})
+    assert onnx_result.checked_batch_sizes == program_result.checked_batch_sizes == [1, 2]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    other = torch.randn(3, 3, 10, 16)
+    with torch.no_grad():
+        expected = model(other).numpy()
+    assert np.abs(session.run(None, {"input": other.numpy()})[0] - expected).max() <= 1e-5
+    fixed = TinyUNet(fixed=True).eval()
+    for export, name in ((export_onnx, "f.onnx"), (export_program, "f.pt2")):
+        with pytest.raises(UserError, match=r"runs the model at other sizes, and it fails at \[\[3, 5, 5\]\] or "
+                                            r"\[\[3, 12, 12\]\] \(RuntimeError: "):
+            export(fixed, x, tmp_path / name, dynamic_axes={"input": IMAGE["input"]})
+        assert not (tmp_path / name).exists()
+
+
 class Pooled(nn.Module):
     """Images ``[B, 3, H, W]`` of any size -> ``[B, 4]``: a conv, global average pooling, a Linear."""
 

@@ -111,6 +111,42 @@ def _shrunk(tensor: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
     return tensor
 
 
+def _doubled(tensor: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
+    """``tensor`` twice as long on each of its dynamic ``axes`` past the batch (itself twice over): a size every
+    stride that divides the example's size divides too (a U-Net's pooling and upsampling)."""
+    for axis in axes:
+        if axis:
+            tensor = torch.cat([tensor, tensor], axis)
+    return tensor
+
+
+def _other_batch(model: nn.Module, example: tuple[torch.Tensor, ...], axes: Axes
+                 ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """A seeded random batch of N + 1 of each input, one shorter on each further dynamic axis of ``axes`` or, where
+    the model cannot run at that size, twice as long; and the model's outputs on it (:func:`outputs`).
+
+    Raises:
+        UserError: the model runs at neither size (the sizes and its error on the longer one).
+    """
+    names = input_names(len(example))
+    changes = (_shrunk, _doubled) if any(len(axes[name]) > 1 for name in names) else (_shrunk,)
+    tried = []
+    for change in changes:
+        generator = torch.Generator().manual_seed(0)
+        batch = tuple(change(random_like(tensor, tensor.shape[0] + 1, generator), axes[name])
+                      for name, tensor in zip(names, example))
+        try:
+            return batch, outputs(model, batch)
+        except Exception as exc:  # noqa: BLE001 - the caller's forward may raise anything
+            if len(changes) == 1:
+                raise
+            tried.append((batch, exc))
+    shapes = " or ".join(str([list(t.shape[1:]) for t in batch]) for batch, _ in tried)
+    raise UserError(f"the check of the dynamic axes runs the model at other sizes, and it fails at {shapes} "
+                    f"({type(tried[-1][1]).__name__}: {str(tried[-1][1]).splitlines()[0][:160]})",
+                    "leave those axes static, or export with check=False") from tried[-1][1]
+
+
 def _names(first: str, count: int) -> list[str]:
     """``[first, first_1, first_2, ...]``, ``count`` names."""
     return [first, *(f"{first}_{index}" for index in range(1, count))][:count]
@@ -169,18 +205,15 @@ def _compare(model: nn.Module, run: Callable[[tuple[torch.Tensor, ...]], list[to
              example: tuple[torch.Tensor, ...], atol_scale: float, runtime: str, fix: str, axes: Axes
              ) -> tuple[float, float, list[int]]:
     """Run ``model`` (eval mode) and the exported ``run`` (its output tensors, in :func:`outputs`' order) on
-    ``example`` (the forward's inputs) and on a seeded random batch of N + 1 of each, one shorter on each further
-    dynamic axis of ``axes``; returns ``(max abs difference over every output, tolerance, batch sizes)``.
+    ``example`` (the forward's inputs) and on :func:`_other_batch` (N + 1 of each, at other sizes on further
+    dynamic axes of ``axes``); returns ``(max abs difference over every output, tolerance, batch sizes)``.
 
     Raises:
-        UserError: the model outputs NaN / inf, or ``runtime`` differs beyond the tolerance.
+        UserError: the model outputs NaN / inf or runs at no other size of a dynamic axis, or ``runtime``
+            differs beyond the tolerance.
     """
-    generator = torch.Generator().manual_seed(0)
-    extra = tuple(_shrunk(random_like(tensor, tensor.shape[0] + 1, generator), axes[name])
-                  for name, tensor in zip(input_names(len(example)), example))
     diff, scale, sizes = 0.0, 1.0, []
-    for batch in (example, extra):
-        expected = outputs(model, batch)
+    for batch, expected in ((example, outputs(model, example)), _other_batch(model, example, axes)):
         if not all(torch.isfinite(tensor).all() for tensor in expected):
             raise UserError(f"the model outputs NaN or infinite values for a batch of {batch[0].shape[0]}",
                             "check the checkpoint's weights (a diverged training run?)")
@@ -319,7 +352,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
         path: output ``.onnx`` file (written atomically; nothing is written when the check fails).
         opset: ONNX opset version (>= 11).
         check: run onnxruntime (CPU) on ``example_inputs`` and on a seeded random batch of size N + 1 (one
-            shorter on each dynamic axis of ``dynamic_axes``) and compare with PyTorch.
+            shorter on each dynamic axis of ``dynamic_axes``, or twice as long where the model cannot run one
+            shorter: a U-Net's height and width) and compare with PyTorch.
         atol_scale: allowed max abs difference relative to ``max(1, max|PyTorch output|)``.
         dynamic_axes: further dynamic axes, as torch.onnx.export's: graph input or output name -> {axis: axis
             name}, e.g. ``{"input": {1: "sequence"}, "input_1": {1: "sequence"}, "output": {1: "sequence"}}``
@@ -383,7 +417,8 @@ def export_program(model: nn.Module, example_inputs: Inputs, path: str | os.Path
             torch.export specialises size-1 dimensions).
         path: output file (written atomically; nothing is written when the export or the check fails).
         check: load the written program back and run it on ``example_inputs`` and on a seeded random
-            batch of size N + 1 (one shorter on each dynamic axis of ``dynamic_axes``), compared with the model.
+            batch of size N + 1 (one shorter on each dynamic axis of ``dynamic_axes``, or twice as long where the
+            model cannot run one shorter), compared with the model.
         atol_scale: allowed max abs difference relative to ``max(1, max|PyTorch output|)``.
         dynamic_axes: further dynamic input axes, named as :func:`export_onnx`'s (inputs ``"input"``,
             ``"input_1"``, ...; an output's axes follow from its inputs' here); torch.export infers each axis' range
