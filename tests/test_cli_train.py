@@ -182,3 +182,21 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_written(tmp_path, c
     assert main([*TINY, "--out", str(out)]) == 130
     assert capsys.readouterr().err == f"autocompress: interrupted; nothing was written ({out} does not exist)\n"
     assert not out.exists()
+
+
+def test_evaluate_warns_of_a_checkpoint_that_records_no_input_normalisation(tmp_path, capsys):
+    """Fresh user 58: their [0, 1]-input model read 16.8 % in ``evaluate`` (79.6 % in their pipeline) and nothing
+    said the CLI normalised its inputs; recorded mean 0 / std 1 gives their inputs, and no warning."""
+    from autocompress.checkpoint import save_checkpoint
+    from autocompress.models import create_model
+
+    model = create_model("fmnist_cnn", num_classes=10, width=0.25)
+    dataset = {"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10}
+    for name, extra in (("plain.pt", {}), ("recorded.pt", {"mean": [0.0], "std": [1.0]})):
+        save_checkpoint(tmp_path / name, model=model, model_name="fmnist_cnn",
+                        model_kwargs={"num_classes": 10, "width": 0.25}, dataset={**dataset, **extra}, config={},
+                        metrics={})
+        assert main(["evaluate", str(tmp_path / name), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("autocompress: warning: the checkpoint records no input normalisation, so images are scaled to "
+                "[0, 1] and normalised with fashion-mnist's mean (0.286) and std (0.353) here" in err) == (not extra)

@@ -491,6 +491,7 @@ def test_a_checkpoint_without_recorded_normalisation_is_warned_about():
     and nothing said which normalisation the CLI applied; a checkpoint recording it gets no warning."""
     from types import SimpleNamespace
 
+    from autocompress.cli.compress import _inputs_warning
     from autocompress.cli.workload import Workload
 
     splits = SimpleNamespace(name="cifar10", mean=(0.4914, 0.4822, 0.4463), std=(0.247, 0.2434, 0.2616))
@@ -501,10 +502,20 @@ def test_a_checkpoint_without_recorded_normalisation_is_warned_about():
     assert warning({"name": "cifar10"}) == (
         "the checkpoint records no input normalisation, so images are scaled to [0, 1] and normalised with cifar10's "
         "mean (0.491, 0.482, 0.446) and std (0.247, 0.243, 0.262) here; a model trained on other inputs scores lower "
-        "on them (compare the base's score here with yours), and for other inputs compress it through the Python API "
-        "with your own loaders")
+        "on them (compare the base's score here with yours): record the normalisation it was trained with as the "
+        "checkpoint's dataset mean and std (0 and 1 for [0, 1] inputs), or compress it through the Python API with "
+        "your own loaders")
     assert warning({"name": "cifar10", "mean": [0.5] * 3, "std": [0.25] * 3}) is None
     assert warning({"name": "cifar10", "val_size": 5000}) is None  # autocompress train's (the demo's base)
+    workload = Workload(Path("mine.pt"), {"dataset": {"name": "cifar10"}}, None, splits, None)
+    replaced = {"warnings": ["the base model's BatchNorm statistics did not fit its weights (...)"]}
+    assert _inputs_warning(replaced, workload) == ("autocompress: warning: the base's BatchNorm statistics did not "
+                                                   f"fit the inputs here, and {workload.normalisation_warning()}; the "
+                                                   "compressed model expects the inputs here")
+    assert _inputs_warning({"warnings": []}, workload) is None  # fresh user 58: repeated only where it bit
+    recorded = Workload(Path("mine.pt"), {"dataset": {"name": "cifar10", "mean": [0] * 3, "std": [1] * 3}}, None,
+                        splits, None)
+    assert _inputs_warning(replaced, recorded) is None
 
 
 def test_resume_of_a_folder_without_a_run_says_what_is_missing(tmp_path, capsys):

@@ -1115,8 +1115,9 @@ class Compression:
                          for suffix in ("_before", "_after"))
         return (f"the base model's BatchNorm statistics did not fit its weights ({before} on them, {after} once "
                 f"re-estimated on {record['batches']} training batches): the run started from (and distilled from, "
-                "where it distils) the re-estimated base, and the base row is that model; train the base longer or "
-                "with a larger BatchNorm momentum, or re-estimate its statistics before deploying it")
+                "where it distils) the re-estimated base, and the base row is that model; check that the inputs "
+                "here are those it was trained on (the same normalisation), else train the base longer or with a "
+                "larger BatchNorm momentum, or re-estimate its statistics before deploying it")
 
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians

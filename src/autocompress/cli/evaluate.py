@@ -9,6 +9,7 @@ instead of the summary line: checkpoint, model, dataset, split, ``loss`` (mean c
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..data import DATASETS
 from ..text import plural
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..text import json_text
     from ..task import resolve_device
     from ..training import check_model_input, evaluate
+    from .workload import normalisation_warning
 
     ckpt = read_checkpoint(args.checkpoint, args.model_arg)
     stored = ckpt["dataset"]
@@ -43,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     # the recorded carve for the recorded dataset; another dataset needs none for the test split
     val_size = 0 if name != stored.get("name") and args.split == "test" else None
     splits = checkpoint_dataset(stored, name, args.data_dir, val_size=val_size)
+    warning = normalisation_warning(stored, splits) if name == stored.get("name") else None
+    if warning:
+        print(f"autocompress: warning: {warning}", file=sys.stderr)
     model = model_from_checkpoint(ckpt).to(resolve_device(args.device))
     model_name = model_label(ckpt["model"])
     check_model_input(model, splits.input_size, splits.num_classes, model_name, name)

@@ -127,20 +127,25 @@ class Workload:
                 "read high (the search, the distillation stop test and the final table's val column see them); the "
                 "test split stays clean")
 
-
     def normalisation_warning(self) -> str | None:
-        """The warning for a checkpoint that records no input normalisation and no validation carve (trained
-        outside ``autocompress train``, which records its carve and normalises so): the inputs are normalised here
-        with the dataset's mean and std, which a model trained on other inputs reads as shifted data (a fresh
-        user's base read 56.2 % here against 58.5 % in their pipeline)."""
-        dataset = self.ckpt.get("dataset") or {}
-        if (dataset.get("mean") is not None and dataset.get("std") is not None) or dataset.get("val_size") is not None:
-            return None  # recorded, or written by autocompress train (its carve), which normalises so
-        mean, std = (", ".join(f"{v:.3g}" for v in values) for values in (self.splits.mean, self.splits.std))
-        return (f"the checkpoint records no input normalisation, so images are scaled to [0, 1] and normalised "
-                f"with {self.splits.name}'s mean ({mean}) and std ({std}) here; a model trained on other inputs "
-                "scores lower on them (compare the base's score here with yours), and for other inputs compress "
-                "it through the Python API with your own loaders")
+        """:func:`normalisation_warning` for this checkpoint and data."""
+        return normalisation_warning(self.ckpt.get("dataset") or {}, self.splits)
+
+
+def normalisation_warning(dataset: dict, splits) -> str | None:
+    """The warning for a checkpoint (its ``dataset`` entry) that records no input normalisation and no validation
+    carve (trained outside ``autocompress train``, which records its carve and normalises so): the inputs are
+    normalised here with the dataset's mean and std (``splits``: :class:`autocompress.data.DataSplits`), which a
+    model trained on other inputs reads as shifted data (a fresh user's base read 56.2 % here against 58.5 % in their
+    pipeline; fresh user 58's [0, 1]-input model 16.8 % against 79.6 %)."""
+    if (dataset.get("mean") is not None and dataset.get("std") is not None) or dataset.get("val_size") is not None:
+        return None  # recorded, or written by autocompress train (its carve), which normalises so
+    mean, std = (", ".join(f"{v:.3g}" for v in values) for values in (splits.mean, splits.std))
+    return (f"the checkpoint records no input normalisation, so images are scaled to [0, 1] and normalised "
+            f"with {splits.name}'s mean ({mean}) and std ({std}) here; a model trained on other inputs "
+            "scores lower on them (compare the base's score here with yours): record the normalisation it was "
+            "trained with as the checkpoint's dataset mean and std (0 and 1 for [0, 1] inputs), or compress it "
+            "through the Python API with your own loaders")
 
 
 def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: int = 0,
