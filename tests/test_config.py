@@ -164,13 +164,15 @@ def test_any_top_level_value_is_accepted_or_refused_in_one_line(data):
         assert str(exc) and "\n" not in str(exc)
 
 
-@pytest.mark.parametrize("target, guidance, resolved", [
-    ("flops=4x", None, "channel"), ("params=10x", None, "layer"), ("latency=2x", None, "layer"),
-    ("flops=4x", "layer", "layer"), ("params=10x", "channel", "channel")])
-def test_guidance_auto_is_per_channel_for_flops_targets_only(target, guidance, resolved):
+@pytest.mark.parametrize("target, guidance, positions, resolved", [
+    ("flops=4x", None, False, "channel"), ("flops=4x", None, True, "layer"), ("params=10x", None, False, "layer"),
+    ("latency=2x", None, False, "layer"), ("flops=4x", "layer", False, "layer"),
+    ("params=10x", "channel", False, "channel"), ("flops=4x", "channel", True, "channel")])
+def test_guidance_auto_is_per_channel_for_flops_targets_of_per_item_outputs_only(target, guidance, positions,
+                                                                                  resolved):
     search = {} if guidance is None else {"search": {"guidance": guidance}}
     config = CompressConfig.from_dict({"target": target, **search})
-    assert config.search.guidance == (guidance or "auto") and config.resolved_guidance == resolved
+    assert config.search.guidance == (guidance or "auto") and config.resolved_guidance(positions) == resolved
 
 
 def test_search_moves_are_gaussian_by_default_and_an_unknown_one_is_refused():

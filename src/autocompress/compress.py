@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
-from .analysis import eager_module
+from .analysis import eager_module, output_tensors
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
@@ -377,6 +377,8 @@ class Compression:
         base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.task.check_score_direction(base, base_score)
         self._check_distillation(train_output, say)
+        self.positions = any(t.dim() > 2 for t in output_tensors(train_output))  # dense prediction, token outputs
+        self.guidance = self.config.resolved_guidance(self.positions)
         if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
             say(describe(self.config))
         given = self.config
@@ -422,8 +424,8 @@ class Compression:
         if self.config.dims is None:
             self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
         if self.config.search.guidance == AUTO:
-            self.pipeline.log(f"search guidance: per {self.config.resolved_guidance} (auto for a "
-                              f"{self.target.objective} target)")
+            self.pipeline.log(f"search guidance: per {self.guidance} (auto for a {self.target.objective} target" + (
+                " of a model whose outputs have positions" if self.positions else "") + ")")
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)
@@ -504,7 +506,7 @@ class Compression:
                         "world_size": self.world.size,
                         "device": str(self.device), "autocompress": __version__,
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
-                        "guidance": self.config.resolved_guidance,
+                        "guidance": self.guidance,
                         "data": self._data_sizes(),
                         **({"schedule": describe(self.config), "rule": RULE} if self.config.budget is not None
                            else {})},
@@ -691,11 +693,11 @@ class Compression:
         if self.table is None:
             return ActionSampler.from_space(space, self.target.objective, factor, kinds=self.config.kinds,
                                             r_max=self.config.max_r, block=self.block,
-                                            guidance=self.config.resolved_guidance)
+                                            guidance=self.guidance)
         units = [u for u in units_from_space(space, "flops") if u.kind in self.config.kinds
                  and not (u.kind == "column" and u.name in self.table.column_useless)]
         table = self.table
-        units = latency_guidance(units, space, table, self.config.resolved_guidance)
+        units = latency_guidance(units, space, table, self.guidance)
 
         def cost(action: np.ndarray) -> float:
             return table.estimate_space(space, rates_dict(units, action))

@@ -119,8 +119,8 @@ class SearchConfig:
         guidance: what the experience-based guidance orders units by (:data:`autocompress.sampling.GUIDANCES`):
             ``"layer"`` (the paper's: prune harder the layer that holds more of the target's parameters / MACs),
             ``"channel"`` (per channel: prune harder where one channel costs more), or ``"auto"`` (the default:
-            ``"channel"`` for a flops target, ``"layer"`` otherwise; see
-            :attr:`CompressConfig.resolved_guidance`).
+            ``"channel"`` for a flops target of a model with outputs per item, ``"layer"`` otherwise; see
+            :meth:`CompressConfig.resolved_guidance`).
         start: the search's starting action (:data:`autocompress.sampling.START_SETTINGS`): ``"guided"`` (rates
             that follow the guidance), ``"magnitude"`` (one global threshold on the filters' weight magnitudes
             relative to each layer's mean, as a global magnitude ranking prunes; filter units only, the guided start
@@ -432,16 +432,18 @@ class CompressConfig:
         return (f"default training loop: {self.retrain.optimizer}, lr {self.retrain.lr:g} (retraining), "
                 f"{self.admm.lr:g} (ADMM), {self.quick_eval.finetune_lr:g} (search fine-tuning){why}")
 
-    @property
-    def resolved_guidance(self) -> str:
-        """``search.guidance``, or when ``"auto"`` ``"channel"`` for a flops target and ``"layer"`` for params and
-        latency targets. At equal executed MACs a CIFAR-10 ResNet-20 retrained better the more parameters it
-        kept, which the channel guidance keeps by pruning the high-resolution stage hardest (15 epochs, paired
-        seeds: flops=4x +0.73 and +0.31 points of top-1, flops=2x +0.50; BENCHMARKS.md, "Session 18")."""
+    def resolved_guidance(self, positions: bool = False) -> str:
+        """``search.guidance``, or when ``"auto"`` ``"channel"`` for a flops target of a model whose outputs are per
+        item and ``"layer"`` otherwise (params and latency targets; ``positions``: outputs with positions, e.g.
+        per-pixel class scores ``[B, C, H, W]``). At equal executed MACs a CIFAR-10 ResNet-20 retrained better the
+        more parameters it kept, which the channel guidance keeps by pruning the high-resolution stage hardest (15
+        epochs, paired seeds: flops=4x +0.73 and +0.31 points of top-1, flops=2x +0.50; BENCHMARKS.md, "Session 18");
+        a segmentation U-Net, whose high-resolution channels carry its output's detail, lost 2.5-17 points of mean
+        IoU with it at flops=2x ("Session 42")."""
         if self.search.guidance != AUTO:
             return self.search.guidance
         flops = self.target is not None and Target.parse(self.target).objective == "flops"
-        return "channel" if flops else "layer"
+        return "channel" if flops and not positions else "layer"
 
     def parsed_target(self) -> Target:
         """``target`` parsed; SettingError when it is missing or malformed."""
