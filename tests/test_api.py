@@ -2019,3 +2019,34 @@ def test_a_flops_target_guides_per_channel_for_outputs_per_item_and_per_layer_fo
     assert compression.guidance == ("layer" if dense else "channel")
     assert (f"search guidance: per {compression.guidance} (auto for a flops target"
             + (" of a model whose outputs have positions)" if dense else ")")) in lines
+
+
+def test_segmentation_targets_with_an_ignore_label_are_refused_with_ignore_index_as_the_fix(no_work, caplog):
+    """Fresh user 58: per-pixel targets holding 255 (unlabelled pixels) were refused with ``F.mse_loss ... for
+    regression`` as the fix, and with their own loss_fn the log called the task a regression."""
+    images_, labels = images(64, 0)
+    targets = labels.view(-1, 1, 1).expand(-1, 8, 8).clone()
+    targets[:, 0] = 255
+    train = DataLoader(TensorDataset(images_, targets), batch_size=16)
+    refused(no_work, r"the class indices \(batch\[1\]\) run from 0 to 255, outside the output's 3 classes .*; if 255 "
+            r"marks items to ignore, pass loss_fn\(model, batch\) -> F.cross_entropy\(output, batch\[1\], "
+            r"ignore_index=255\) and a score_fn that skips them$", model=PixelClasses(), target="flops=2x",
+            train_loader=train, val_loader=None, score_fn=weights_present)
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1], ignore_index=255)
+
+    Compression(PixelClasses(), torch.randn(1, 1, 8, 8), "flops=2x", config=CONFIG, progress=False,
+                task_args=dict(train_loader=train, loss_fn=loss_fn, score_fn=weights_present))
+    assert "whose training targets (batch[1]) hold 255 besides its class indices (an ignore label)" in caplog.text
+
+
+class KeywordOnly(SmallCNN):
+    def forward(self, x, *, gain):
+        return super().forward(x * gain)
+
+
+def test_a_forward_with_a_required_keyword_argument_is_refused_with_a_wrapper_as_the_fix(no_work):
+    """Fresh user 58: example_inputs cannot carry keyword arguments, and the fix said to pass other inputs."""
+    refused(no_work, r"forward fails on example_inputs \(TypeError: .*required keyword-only argument: 'gain'\); "
+            r"example_inputs are the forward's positional arguments: compress a wrapper nn.Module", model=KeywordOnly())

@@ -483,8 +483,11 @@ class Compression:
         self.config = dataclasses.replace(
             self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),
             quick_eval=dataclasses.replace(quick, finetune_distill=False))
-        why = (f"whose training targets (batch[{self.task.inputs}]) are not class indices or probabilities for it "
-               "(a regression)" if classes else "not class scores [B, classes >= 2, ...]")
+        targets = f"training targets (batch[{self.task.inputs}])"
+        why = ("not class scores [B, classes >= 2, ...]" if not classes else
+               f"whose {targets} hold {self.task.ignore_label} besides its class indices (an ignore label)"
+               if self.task.ignore_label is not None else
+               f"whose {targets} are not class indices or probabilities for it (a regression)")
         warning = (f"distillation from the base is off: the forward returns {kind_of(output)} on a training batch, "
                    f"{why}, and distillation compares softened class scores (distillation.enabled and "
                    "quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "

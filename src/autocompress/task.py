@@ -217,6 +217,8 @@ class Task:
             targets cannot be read (batches of another form).
         positions: set by :meth:`check`: the forward's class scores have positions beyond the class dimension
             (``[B, classes, H, W]``: per-pixel or per-token classes).
+        ignore_label: set by :meth:`check`: the one value the training targets hold besides the output's class
+            indices (:func:`ignore_label_of`), else None.
         inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
             default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
     """
@@ -231,6 +233,7 @@ class Task:
     layout: bool = True
     classifies: bool | None = None
     positions: bool = False
+    ignore_label: int | None = None
     inputs: int = 1
 
     # --- running batches ----------------------------------------------------------------------------
@@ -400,9 +403,12 @@ class Task:
             with analysis_mode(model):
                 model(*example_inputs)
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
-            raise UserError(f"the model's forward fails on example_inputs ({first_line(exc)})",
-                            "pass example_inputs the model accepts, e.g. one item of a batch of your data "
-                            "(next(iter(train_loader))[0][:1])") from None
+            keyword = isinstance(exc, TypeError) and "required keyword-only argument" in str(exc)
+            raise UserError(f"the model's forward fails on example_inputs ({first_line(exc)})", (
+                "example_inputs are the forward's positional arguments: compress a wrapper nn.Module whose "
+                "forward(*inputs) calls the model with its keyword arguments" if keyword else
+                "pass example_inputs the model accepts, e.g. one item of a batch of your data "
+                "(next(iter(train_loader))[0][:1])")) from None
         self.layout = self.device.type != "cpu" or channels_last_works(model, example_inputs, self.device)
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
@@ -432,11 +438,15 @@ class Task:
             problem = class_target_problem(train_output, targets, where=self._where) if scores else None
             self.classifies = scores and problem is None if default else None
             self.positions = scores and train_output.dim() > 2
+            self.ignore_label = ignore_label_of(train_output, targets)
             if needs_training and self.loss_fn is None:
                 _check_class_scores(train_output, "train_loader", "the default loss (cross-entropy)")
-                _refuse_class_targets(problem, "train_loader", "the default loss (cross-entropy)",
-                                      "pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and "
-                                      f"{self._where} for regression)")
+                _refuse_class_targets(problem, "train_loader", "the default loss (cross-entropy)", (
+                    f"if {self.ignore_label} marks items to ignore, pass loss_fn(model, batch) -> "
+                    f"F.cross_entropy(output, {self._where}, ignore_index={self.ignore_label}) and a score_fn that "
+                    "skips them" if self.ignore_label is not None else
+                    f"pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and {self._where} for "
+                    "regression)"))
             if needs_training:
                 try:
                     with analysis_mode(model):
@@ -615,6 +625,17 @@ def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: b
         return None
     return (f"the targets are {str(targets.dtype).removeprefix('torch.')} {list(targets.shape)}, not class "
             f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
+
+
+def ignore_label_of(output: Any, targets: Any) -> int | None:
+    """The one value outside ``[0, classes)`` that integer ``targets`` of class indices' shape for class scores
+    ``output`` ``[B, classes, ...]`` hold besides class indices (an ignore label: 255 for a segmentation's
+    unlabelled pixels), or None."""
+    if not (isinstance(output, torch.Tensor) and output.dim() >= 2 and isinstance(targets, torch.Tensor)) \
+            or targets.is_floating_point() or tuple(targets.shape) != tuple(output.shape[:1] + output.shape[2:]):
+        return None
+    outside = targets[(targets < 0) | (targets >= output.shape[1])].unique()
+    return int(outside[0]) if outside.numel() == 1 else None
 
 
 def _outside_classes(targets: torch.Tensor, classes: int, where: str) -> str | None:
