@@ -2050,3 +2050,19 @@ def test_a_forward_with_a_required_keyword_argument_is_refused_with_a_wrapper_as
     """Fresh user 58: example_inputs cannot carry keyword arguments, and the fix said to pass other inputs."""
     refused(no_work, r"forward fails on example_inputs \(TypeError: .*required keyword-only argument: 'gain'\); "
             r"example_inputs are the forward's positional arguments: compress a wrapper nn.Module", model=KeywordOnly())
+
+
+def test_a_layer_cut_to_one_or_two_channels_is_named_in_the_final_warnings():
+    """Fresh user 58: with the groups after it left out of filter pruning, a flops target cut a 16-channel stem to
+    1 channel (-5.5 points) and only the generic accuracy warning spoke."""
+    from autocompress.compress import _bottleneck_warning
+    from autocompress.space import PruningSpace
+
+    space = PruningSpace.build(SmallCNN(16, 16), torch.randn(1, 1, 8, 8))
+    assert _bottleneck_warning(space, SmallCNN(16, 16)) is None and _bottleneck_warning(space, SmallCNN(3, 8)) is None
+    assert _bottleneck_warning(space, SmallCNN(1, 2)) == (
+        "the compact model keeps 2 channels or fewer in conv1 (1 of 16), conv2 (2 of 16), a bottleneck every later "
+        "layer reads through: lower the target, or make more layers prunable (ignored_layers, the reasons logged)")
+    left_out = PruningSpace.build(SmallCNN(16, 16), torch.randn(1, 1, 8, 8), ignored_layers=["conv2"])
+    assert "; 1 layer(s) left out of filter pruning (the final record's not_filter_pruned) put the target on the " \
+           "few that can shrink:" in _bottleneck_warning(left_out, SmallCNN(1, 16))

@@ -60,6 +60,8 @@ FALLBACK = 8
 #: search must take every group that can shrink close to its floor (resnet20 flops=2x at 16: narrowest widths
 #: 2.14x, 83.46 % top-1 against 86.05 % at 8 for the same executed MACs, 15 epochs; BENCHMARKS.md)
 ROOM = 2.0
+#: a filter group the compact model keeps at this many channels or fewer is named in the final table's warnings
+BOTTLENECK = 2
 #: measurements of a latency target's search result (see calibrate)
 CALIBRATION_STEPS = 4
 #: a measured speedup up to this factor above a latency target ends the calibration (a closer one saves accuracy)
@@ -1101,7 +1103,7 @@ class Compression:
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
                         _overshoot_warning(*rows, self.target, self.multiple, self.block),
-                        self._base_batchnorm_warning()):
+                        _bottleneck_warning(self.first_space, compact_model), self._base_batchnorm_warning()):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
@@ -1294,6 +1296,25 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
     else:
         fix = "the round records (refit, purification) show where the surplus went"
     return f"target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"
+
+
+def _bottleneck_warning(space, compact_model: nn.Module) -> str | None:
+    """The warning naming the filter groups of ``space`` (the first round's) that ``compact_model`` keeps at
+    :data:`BOTTLENECK` channels or fewer out of 8 or more: every later layer reads through them (fresh user 58: the
+    target fell on the few groups that could shrink, a stem went from 16 channels to 1, -5.5 points)."""
+    modules = dict(compact_model.named_modules())
+    narrow = []
+    for group in space.filter_groups:
+        width = getattr(modules.get(group.name), "out_channels", getattr(modules.get(group.name), "out_features", None))
+        if width is not None and group.size >= 8 and width <= BOTTLENECK:
+            narrow.append(f"{group.name} ({width} of {group.size})")
+    if not narrow:
+        return None
+    left_out = space.not_filter_pruned()
+    return (f"the compact model keeps {BOTTLENECK} channels or fewer in {', '.join(narrow)}, a bottleneck every later "
+            "layer reads through" + (f"; {len(left_out)} layer(s) left out of filter pruning (the final record's "
+                                     "not_filter_pruned) put the target on the few that can shrink" if left_out else "")
+            + ": lower the target, or make more layers prunable (ignored_layers, the reasons logged)")
 
 
 def _batch_of(example: tuple, batch: int) -> tuple:
