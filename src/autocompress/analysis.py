@@ -154,3 +154,9 @@ def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tup
         raise UserError(f"example_inputs of {what} {[list(t.shape) for t in inputs]} have different batch sizes "
                         "(axis 0)", BATCH_FIRST)
     return tuple(t.detach() for t in inputs)
+
+
+def at_batch(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """Each input's first item repeated ``batch`` times (``[batch, ...]``, contiguous): latency is timed at batch 1
+    and 64 from any example."""
+    return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in inputs)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
-from .analysis import eager_module, output_tensors
+from .analysis import at_batch, eager_module, output_tensors
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
@@ -1133,7 +1133,7 @@ class Compression:
         measurement stands (one noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
         ``{batch: {name: Timing}}`` and the runs behind it."""
         for runs in (self.config.latency_runs, RECHECK_RUNS * self.config.latency_runs):
-            latency = {b: metrics.measure_latencies(models, _batch_of(self.example, b), runs=runs) for b in (1, 64)}
+            latency = {b: metrics.measure_latencies(models, at_batch(self.example, b), runs=runs) for b in (1, 64)}
             if not any(_eager_slower(t["compressed"].median_ms, t["base"].median_ms) for t in latency.values()):
                 break
         return latency, runs
@@ -1315,11 +1315,6 @@ def _bottleneck_warning(space, compact_model: nn.Module) -> str | None:
             "layer reads through" + (f"; {len(left_out)} layer(s) left out of filter pruning (the final record's "
                                      "not_filter_pruned) put the target on the few that can shrink" if left_out else "")
             + ": lower the target, or make more layers prunable (ignored_layers, the reasons logged)")
-
-
-def _batch_of(example: tuple, batch: int) -> tuple:
-    """The example inputs with their first item repeated to ``batch`` items."""
-    return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in example)
 
 
 __all__ = ["CompressConfig", "CompressResult", "Compression", "SettingError", "compress", "resolve_config"]

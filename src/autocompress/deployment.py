@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .analysis import analysis_mode, example_tuple
+from .analysis import analysis_mode, at_batch, example_tuple
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .config import from_dict
 from .errors import UserError
@@ -172,7 +172,7 @@ def deployed_form(model: nn.Module, example: Any, config: LatencyConfig | Mappin
     names = column_layer_names(model)
     if not names:
         return DeployedForm(model)
-    x = tuple(t[:1] for t in example_tuple(example, "deployed_form"))
+    x = at_batch(example_tuple(example, "deployed_form"), 1)
     inputs = _layer_inputs(model, x, names)
     chosen = [name for name in names if name in inputs
               and _faster_dense(model.get_submodule(name), inputs[name], config)]

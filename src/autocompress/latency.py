@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from .alignment import allowed_widths
-from .analysis import analysis_mode, example_tuple, hooked_forward, output_tensors
+from .analysis import analysis_mode, at_batch, example_tuple, hooked_forward, output_tensors
 from .atomic import atomic_write_text
 from .columns import ColumnConv2d, ColumnConvNd, ColumnLinear
 from .errors import SettingError, UserError, first_line, show
@@ -155,11 +155,6 @@ def _inputs(example: Any) -> tuple[torch.Tensor, ...]:
     return example_tuple(example, "deployed latency")
 
 
-def _at_batch(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
-    """Each input's first item repeated ``batch`` times (``[batch, ...]``)."""
-    return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in inputs)
-
-
 def runner(model: nn.Module, example: Any, runtime: str, *, device: str = "cpu",
            threads: int = 1) -> Callable[[Any], Callable[[], Any]]:
     """Prepare ``model`` for ``runtime`` once; the result binds inputs like ``example`` (a tensor ``[B, ...]`` or
@@ -231,7 +226,7 @@ def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: 
 
     try:
         data = onnx_bytes(_TensorsOut(copy.deepcopy(model).cpu().eval()),
-                          tuple(t.cpu() for t in _at_batch(example, 1)), 17)
+                          tuple(t.cpu() for t in at_batch(example, 1)), 17)
     except Exception as exc:  # the exporter raises many types for unsupported ops
         raise UserError(f"the model cannot be exported to ONNX for latency ({first_line(exc)})",
                         "use latency.runtime torch") from exc
@@ -339,7 +334,7 @@ def measure_models(models: Mapping[str, nn.Module], example: Any, config: Latenc
                  for name, m in models.items()}
     out = {}
     for batch in batches or config.batches:
-        xb = _at_batch(inputs, batch)
+        xb = at_batch(inputs, batch)
         out[batch] = time_runners({name: bind(xb) for name, bind in bound.items()}, runs=runs or config.runs,
                                   warmup=config.warmup, threads=config.threads)
     return out
@@ -744,7 +739,7 @@ def build_table(model: nn.Module, example_inputs: Any, space, config: LatencyCon
     Raises:
         UserError: inputs that are not tensors of one batch size, or a model the runtime cannot take.
     """
-    x = _at_batch(_inputs(example_inputs), 1)
+    x = at_batch(_inputs(example_inputs), 1)
     specs = layer_specs(model, x)
     prunable = _prunable(space, specs)
     column_names = [c.name for c in space.column_layers if c.name in specs] if columns else []
