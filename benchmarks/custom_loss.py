@@ -10,7 +10,10 @@ concatenated, a 1x1 head and a global residual), trained with AdamW one-cycle, t
 * ``default``: the library's defaults;
 * ``sgd`` / ``adamw``: ``retrain.optimizer`` (and the ADMM and quick-evaluation fine-tuning optimiser) set to it;
 * ``own_loop``: the caller's own AdamW loop as ``train_fn`` (the loop that trained the base, cosine from 1e-3);
-* ``nokd``: distillation off; ``adamw_nokd``: AdamW and distillation off.
+* ``nokd``: distillation off; ``adamw_nokd``: AdamW and distillation off;
+* ``channel`` / ``layer``: ``search.guidance`` set to it;
+* ``tp_own``: not autocompress: Torch-Pruning's global group magnitude to the target, then ``own_loop``'s loop for
+  the budget's epochs (the peer a user compares with).
 
 ``--task classify`` asks the other side: Fashion-MNIST classification by ``fmnist_cnn`` (width 0.5) trained with
 SGD (lr 0.05 cosine, 4 epochs), top-1 as ``score_fn``; variants ``default`` (no ``loss_fn``), ``sgd`` / ``adamw``
@@ -33,6 +36,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +48,8 @@ from torch import nn
 
 import autocompress
 from autocompress.data import get_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 
 NOISE = 0.3
 BATCH = 64
@@ -237,11 +243,41 @@ def setup(task: str, out: Path, segment_epochs: int = 2) -> dict:
 SETTINGS = {"sgd": {"retrain": {"optimizer": "sgd"}, "distillation": {"enabled": True}},
             "adamw": {"retrain": {"optimizer": "adamw"}, "distillation": {"enabled": True}},
             "nokd": {"distillation": {"enabled": False}},
-            "adamw_nokd": {"retrain": {"optimizer": "adamw"}, "distillation": {"enabled": False}}}
+            "adamw_nokd": {"retrain": {"optimizer": "adamw"}, "distillation": {"enabled": False}},
+            "channel": {"search": {"guidance": "channel"}}, "layer": {"search": {"guidance": "layer"}}}
+#: the output layer Torch-Pruning must keep whole (``tp_own``; a classifier's last Linear is kept anyway)
+OUTPUTS = {"denoise": ("head.2",), "segment": ("head.2",)}
+
+
+def torch_pruning_run(seed: int, task: str, data: dict, target: str, budget: int) -> dict:
+    """``tp_own``: Torch-Pruning's global L2 group magnitude bisected to ``target``
+    (``benchmarks/peers/torch_pruning_baseline.py``), then ``budget`` epochs of the caller's loop (AdamW, cosine
+    from 1e-3, the task's loss: ``own_loop``'s), the batches in the seed's order."""
+    from torch_pruning_baseline import prune_to_target  # benchmarks/peers
+
+    from autocompress.config import Target
+    from autocompress.metrics import count_macs, count_params
+
+    base = data["base"]
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)) if seed else None
+    train = data["train"] if order is None else [data["train"][i] for i in order.tolist()]
+    started, example = time.perf_counter(), torch.zeros(1, 1, 28, 28)
+    torch.manual_seed(seed)
+    pruned = prune_to_target(base.eval(), example, Target.parse(target), ignored=OUTPUTS.get(task, ())).model
+    adamw_epochs(pruned, train, budget, 1e-3, onecycle=False, loss=data["loss"])
+    return {"task": task, "variant": "tp_own", "seed": seed, "target": target, "budget": budget, "optimizer": "adamw",
+            "probe_loss": None, "distilled": False, "test": data["score"](pruned, data["test"]),
+            "base_test": data["score"](base, data["test"]),
+            "macs_reduction": count_macs(base, example) / count_macs(pruned, example),
+            "compression_rate": count_params(base) / count_params(pruned),
+            "minutes": (time.perf_counter() - started) / 60}
 
 
 def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int) -> dict:
-    """One compress run; ``seed`` also orders the training batches (the default loop iterates a list in order)."""
+    """One compress run (``tp_own``: :func:`torch_pruning_run`); ``seed`` also orders the training batches (the
+    default loop iterates a list in order)."""
+    if variant == "tp_own":
+        return torch_pruning_run(seed, task, data, target, budget)
     base, val, score = data["base"], data["val"], data["score"]
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)) if seed else None
     train = data["train"] if order is None else [data["train"][i] for i in order.tolist()]

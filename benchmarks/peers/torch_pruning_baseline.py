@@ -59,12 +59,13 @@ class TPResult:
     trials: int
 
 
-def _classifier(model: nn.Module) -> nn.Module:
-    """The last Linear layer (its outputs are the classes: never pruned)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the model has no Linear classifier to protect")
-    return linears[-1]
+def _output_layers(model: nn.Module, ignored: tuple[str, ...]) -> list[nn.Module]:
+    """The layers never pruned: the last Linear (its outputs are the classes) and the ``ignored`` ones (the
+    output layer of a model without a Linear, e.g. a segmentation net's last conv)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:] + [model.get_submodule(n) for n in ignored]
+    if not layers:
+        raise ValueError("the model has no Linear classifier to protect: name its output layer in ignored")
+    return layers
 
 
 def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float,
@@ -81,7 +82,7 @@ def global_magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float
             of a ViT, on which its importance fails with an IndexError).
     """
     pruned = copy.deepcopy(model).eval()
-    layers = [_classifier(pruned)] + [pruned.get_submodule(name) for name in ignored]
+    layers = _output_layers(pruned, ignored)
     heads = {m: m.num_heads for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)}  # as its README
     if isinstance(pruned, VisionTransformer):  # as its torchvision example: widths a multiple of the head count
         heads, round_to = {}, math.lcm(round_to or 1, pruned.encoder.layers[0].num_heads)
