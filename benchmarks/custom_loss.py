@@ -21,14 +21,15 @@ SGD (lr 0.05 cosine, 4 epochs), top-1 as ``score_fn``; variants ``default`` (no 
 optimiser). ``--task classify_adamw``: the same classifier trained with AdamW (one-cycle to 3e-3, 4 epochs).
 ``--task segment``: per-pixel classes (background or the item's class, 11 in all) of the noisy image by the same
 U-Net with an 11-channel head, trained 2 epochs with AdamW (an under-trained base, as a fresh user's segmentation
-net was in session 30), the per-pixel cross-entropy as ``loss_fn``, mean IoU as ``score_fn``.
+net was in session 30), the per-pixel cross-entropy as ``loss_fn``, mean IoU as ``score_fn``. ``--task
+segment_unet``: the same task with fresh user 58's BatchNorm U-Net (:class:`UNet`, session 42).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/custom_loss.py --variants default,own_loop \\
         --seeds 0 --out benchmarks/results/custom_loss.jsonl   # --task classify: the same file
 
 The bases are cached beside ``--out`` (``<out>.base.pt``, ``<out>.classifier_{sgd,adamw}.pt``,
-``<out>.segmenter.pt``); rows are appended to ``--out`` as each run ends (a rerun skips the (task, variant,
-seed) rows already there). ``test``: PSNR (dB), top-1 (%) or mean IoU on 2,000 test images.
+``<out>.segmenter.pt``, ``<out>.unet.pt``); rows are appended to ``--out`` as each run ends (a rerun skips the
+(task, variant, seed) rows already there). ``test``: PSNR (dB), top-1 (%) or mean IoU on 2,000 test images.
 """
 from __future__ import annotations
 
@@ -77,6 +78,33 @@ class Denoiser(nn.Module):
         skip = torch.relu(self.stem(x) + self.block(self.stem(x)))
         out = self.head(torch.cat([self.up(self.down(skip)), skip], 1))
         return x + out if self.residual else out
+
+
+def conv_bn_relu(inputs: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs),
+                         nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """``[B, 1, 28, 28]`` -> per-pixel class scores ``[B, classes, 28, 28]``: fresh user 58's segmentation net (session
+    42). Two conv-BN-ReLU at 28x28 (``width``), max pooling, two at 14x14 (``2 width``), pooling, two at 7x7
+    (``4 width``), a transposed conv up concatenated with the 14x14 features, one conv-BN-ReLU, nearest upsampling
+    concatenated with the 28x28 features, two conv-BN-ReLU, a 1x1 head."""
+
+    def __init__(self, width: int = 16, classes: int = SEGMENT_CLASSES):
+        super().__init__()
+        self.e1 = nn.Sequential(conv_bn_relu(1, width), conv_bn_relu(width, width))
+        self.e2 = nn.Sequential(conv_bn_relu(width, 2 * width), conv_bn_relu(2 * width, 2 * width))
+        self.mid = nn.Sequential(conv_bn_relu(2 * width, 4 * width), conv_bn_relu(4 * width, 4 * width))
+        self.up2, self.d2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2), conv_bn_relu(4 * width, 2 * width)
+        self.d1 = nn.Sequential(conv_bn_relu(3 * width, width), conv_bn_relu(width, width))
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.e1(x)
+        e2 = self.e2(F.max_pool2d(e1, 2))
+        d2 = self.d2(torch.cat([e2, self.up2(self.mid(F.max_pool2d(e2, 2)))], 1))
+        return self.head(self.d1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1)))
 
 
 def noisy_pairs(images: torch.Tensor, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -167,10 +195,11 @@ def miou(model: nn.Module, batches) -> float:
     return float((inter[union > 0] / union[union > 0]).mean())
 
 
-def segmenter_base(path: Path, batches, epochs: int) -> nn.Module:
-    """The U-Net with per-pixel class scores, trained with AdamW one-cycle to 3e-3 for ``epochs``, cached."""
+def segmenter_base(path: Path, batches, epochs: int, unet: bool = False) -> nn.Module:
+    """The U-Net with per-pixel class scores (``unet``: :class:`UNet`, else the :class:`Denoiser` with a class head),
+    trained with AdamW one-cycle to 3e-3 for ``epochs``, cached."""
     torch.manual_seed(0)
-    model = Denoiser(classes=SEGMENT_CLASSES)
+    model = UNet() if unet else Denoiser(classes=SEGMENT_CLASSES)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
@@ -219,12 +248,13 @@ def setup(task: str, out: Path, segment_epochs: int = 2) -> dict:
         return {"train": train, "val": val, "test": noisy_pairs(splits.test.images, 3), "loss": mse,
                 "score": psnr, "base": denoiser_base(out.with_suffix(".base.pt"), train)}
 
-    if task == "segment":
+    if task in ("segment", "segment_unet"):
         def maps(split, seed):
             return segment_pairs(split.images, split.labels, seed)
-        train = maps(splits.train, 1)
+        train, unet = maps(splits.train, 1), task == "segment_unet"
+        base = segmenter_base(out.with_suffix(".unet.pt" if unet else ".segmenter.pt"), train, segment_epochs, unet)
         return {"train": train, "val": maps(splits.val, 2)[:8], "test": maps(splits.test, 3), "loss": cross_entropy,
-                "score": miou, "base": segmenter_base(out.with_suffix(".segmenter.pt"), train, segment_epochs)}
+                "score": miou, "base": base}
 
     def labelled(split) -> list:
         images = (split.images.float() / 255.0 - splits.mean[0]) / splits.std[0]
@@ -246,7 +276,7 @@ SETTINGS = {"sgd": {"retrain": {"optimizer": "sgd"}, "distillation": {"enabled":
             "adamw_nokd": {"retrain": {"optimizer": "adamw"}, "distillation": {"enabled": False}},
             "channel": {"search": {"guidance": "channel"}}, "layer": {"search": {"guidance": "layer"}}}
 #: the output layer Torch-Pruning must keep whole (``tp_own``; a classifier's last Linear is kept anyway)
-OUTPUTS = {"denoise": ("head.2",), "segment": ("head.2",)}
+OUTPUTS = {"denoise": ("head.2",), "segment": ("head.2",), "segment_unet": ("head",)}
 
 
 def torch_pruning_run(seed: int, task: str, data: dict, target: str, budget: int) -> dict:
@@ -307,7 +337,8 @@ def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("denoise", "classify", "classify_adamw", "segment"), default="denoise")
+    parser.add_argument("--task", choices=("denoise", "classify", "classify_adamw", "segment", "segment_unet"),
+                        default="denoise")
     parser.add_argument("--variants", default="default,own_loop")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--target", default="flops=2x")
