@@ -941,6 +941,8 @@ def test_bad_input_refused_before_any_work(tmp_path, monkeypatch, target, config
                     progress=False).run()
     if config:  # the CLI turns a SettingError into its flag's name (--channel-multiple)
         assert isinstance(info.value, SettingError) and info.value.setting == "channel_multiple"
+    # fresh user 59: the README's ``except autocompress.Unreachable`` missed an unreachable latency target
+    assert isinstance(info.value, autocompress.Unreachable) == ("cannot be reached" in words)
     assert not (tmp_path / "run").exists()
 
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from autocompress import compaction, rounds
 from autocompress.admm import ADMMConfig
@@ -115,3 +116,18 @@ def test_dims_in_the_config_s_text_form_prune_the_same_units():
     assert results[0]["dims"] == ["filter", "column"] and results[0]["params_after"] == results[1]["params_after"]
     with pytest.raises(UserError, match="unknown pruning dimensions"):
         prune(create_model("fmnist_cnn", width=0.25), {}, example_inputs=torch.zeros(1, 1, 28, 28), dims="filters")
+
+
+def test_prune_takes_its_settings_as_a_config_file_s_sections_and_names_a_bad_one():
+    """Fresh user 59: ``admm={"epochs": 0}`` (as ``compress``'s config takes it) raised an AttributeError, the result
+    had ``compact_model`` where ``compress``'s has ``model``, and printing it dumped every mask."""
+    from autocompress.errors import SettingError
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    result = prune(model, {"filter": {"0": 0.5}}, example_inputs=x, device="cpu", dims=("filter",),
+                   admm={"epochs": 0}, retrain={"epochs": 0}, purify=False, progress=False)
+    assert result.model is result.compact_model and result.model[0].out_channels == 4
+    assert "masks" not in repr(result) and "report" not in repr(result)
+    with pytest.raises(SettingError, match=r"admm\.epoch"):
+        prune(model, {"filter": {"0": 0.5}}, example_inputs=x, device="cpu", admm={"epoch": 0}, progress=False)

@@ -46,7 +46,8 @@ from .projection import project, relative_importance
 from .quick_eval import QuickEvaluator, resolved_scorer
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder, run_dir_path
-from .sampling import ActionSampler, ActionUnit, guidance_weight, on_block, rates_dict, space_keeps, units_from_space
+from .sampling import (ActionSampler, ActionUnit, Unreachable, guidance_weight, on_block, rates_dict, space_keeps,
+                       units_from_space)
 from .serialization import constructor_arguments, save_compact
 from .space import KINDS, ignored_modules, ignored_summary
 from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
@@ -712,12 +713,12 @@ class Compression:
                                  keeps=space_keeps(space, units))
         except UserError as exc:  # unreachable: say so in the terms of a latency target
             reached = cost(np.zeros(len(units))) / cost(np.full(len(units), self.config.max_r))
-            raise UserError(f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup "
-                            f"table the narrowest widths allowed (max_r {self.config.max_r:g}, channel multiple "
-                            f"{self.multiple}) run only {short_of(reached, factor)}x as fast as this round's model "
-                            "(fixed costs dominate a model this small or fast)",
-                            "lower the target" + (", or give a smaller channel_multiple" if self.multiple > 1
-                                                  else "")) from exc
+            raise Unreachable(factor, reached, self.config.max_r, problem=(
+                f"target {self.target} cannot be reached in {self.config.latency.runtime}: by the lookup table the "
+                f"narrowest widths allowed (max_r {self.config.max_r:g}, channel multiple {self.multiple}) run only "
+                f"{short_of(reached, factor)}x as fast as this round's model (fixed costs dominate a model this small "
+                "or fast)"), fix="lower the target" + (", or give a smaller channel_multiple" if self.multiple > 1
+                                                       else "")) from exc
 
     def _count(self, model: nn.Module) -> float:
         if self.table is not None:

@@ -30,7 +30,7 @@ from torch import nn
 from .admm import ADMMConfig
 from .analysis import eager_module
 from .compaction import check_compactable, densify
-from .config import CompressConfig, PurificationConfig, RetrainConfig
+from .config import CompressConfig, PurificationConfig, RetrainConfig, from_dict
 from .errors import UserError
 from .masks import Masks
 from .projection import project
@@ -54,8 +54,13 @@ class PruneResult:
     """
 
     compact_model: nn.Module
-    masks: Masks
-    report: dict = field(default_factory=dict)
+    masks: Masks = field(repr=False)
+    report: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """:attr:`compact_model` (the name :class:`autocompress.CompressResult` gives it)."""
+        return self.compact_model
 
 
 def expand_rates(space: PruningSpace, spec: Mapping, dims: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -100,8 +105,9 @@ def _kept_units(masks: Masks) -> dict[str, dict[str, list[int]]]:
 def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Iterable | None = None,
           val_loader: Iterable | None = None, score_fn: ScoreFn | None = None, loss_fn: LossFn | None = None,
           forward_fn: ForwardFn | None = None, train_fn: TrainFn | None = None, device: str | torch.device = "auto",
-          dims: Sequence[str] = ("filter", "column"), admm: ADMMConfig | None = None,
-          retrain: TrainConfig | RetrainConfig | None = None, purify: bool = True, purify_tolerance: float = 0.005,
+          dims: Sequence[str] = ("filter", "column"), admm: ADMMConfig | Mapping | None = None,
+          retrain: TrainConfig | RetrainConfig | Mapping | None = None, purify: bool = True,
+          purify_tolerance: float = 0.005,
           purify_thresholds: Sequence[float] = DEFAULT_THRESHOLDS, seed: int = 0,
           ignored_layers: Sequence[str] = (), layer_norm: str = "kept", progress: bool = True,
           log: Callable[[str], None] | None = None) -> PruneResult:
@@ -121,10 +127,11 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
             (``epochs=0``); without ``val_loader`` and ``score_fn`` purification only removes unused paths.
         dims: unit kinds pruned, a subset of ``("filter", "column", "irregular")``, or the config's text form
             (``"filter,column"``).
-        admm: ADMM settings (default :class:`ADMMConfig`); ``epochs=0`` is one-shot projection.
+        admm: ADMM settings (default :class:`ADMMConfig`: 10 epochs), or a dict of them as a config file's ``admm``
+            section (``{"epochs": 0}``: one-shot projection).
         retrain: masked retraining settings (default 10 epochs of ``retrain.optimizer: auto``: for a classifier
-            SGD at lr 0.01 or AdamW at 0.001 as a short probe on the pruned model finds, AdamW otherwise);
-            ``epochs=0`` skips it.
+            SGD at lr 0.01 or AdamW at 0.001 as a short probe on the pruned model finds, AdamW otherwise), or a
+            dict of them as a config file's ``retrain`` section; ``epochs=0`` skips it.
         purify: run purification (unused path removal + redundant weight removal).
         purify_tolerance, purify_thresholds: see :func:`autocompress.purification.purify`.
         seed: seed of the global generator per phase (dropout, a DataLoader's shuffling).
@@ -158,7 +165,11 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
+    if isinstance(admm, Mapping):  # as a config file's section
+        admm = from_dict(ADMMConfig, dict(admm), prefix="admm.")
     retrain = retrain if retrain is not None else RetrainConfig(epochs=10)
+    if isinstance(retrain, Mapping):
+        retrain = from_dict(RetrainConfig, dict(retrain), prefix="retrain.", base=RetrainConfig(epochs=10))
     if isinstance(retrain, TrainConfig):
         retrain = RetrainConfig(**{f.name: getattr(retrain, f.name) for f in dataclasses.fields(RetrainConfig)})
     ignored_layers = sorted(ignored_modules(model, ignored_layers))  # a wrong name is refused before any work

@@ -302,12 +302,14 @@ def _check_settings(target: float, r_max: float) -> None:
 class Unreachable(UserError):
     """The target is beyond the reach of every unit at the maximum rate: ``reached`` is the factor that maximum
     reaches (x). ``held`` says what holds the rest back and ``fixes`` adds to the usual fixes (lower the target,
-    raise max_r)."""
+    raise max_r); ``problem`` and ``fix`` replace the message's two parts (a latency target's, in the runtime's
+    terms)."""
 
-    def __init__(self, target: float, reached: float, r_max: float, held: str = "", fixes: Sequence[str] = ()):
-        super().__init__(f"target {target:g}x is unreachable: pruning every unit at the maximum rate (max_r) "
-                         f"{r_max:g} reaches only {short_of(reached, target)}x{held}",
-                         ", ".join(["lower the target", "raise max_r (below 1)", *fixes]))
+    def __init__(self, target: float, reached: float, r_max: float, held: str = "", fixes: Sequence[str] = (), *,
+                 problem: str | None = None, fix: str | None = None):
+        super().__init__(problem or f"target {target:g}x is unreachable: pruning every unit at the maximum rate "
+                         f"(max_r) {r_max:g} reaches only {short_of(reached, target)}x{held}",
+                         fix or ", ".join(["lower the target", "raise max_r (below 1)", *fixes]))
         self.target, self.reached, self.r_max = target, reached, r_max
 
 
