@@ -719,6 +719,8 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
     assert not any(r["event"] == "refit" for r in runs[False].records)
     assert (f"round 1: after purification {plain:,} parameters below the round's limit of {int(limit):,}; rates "
             f"refitted to {refitted:,}") in lines  # the last run's log: the refit's
+    # fresh user 59 read two top-1 of the hard-pruned model: the searched rates' (purification) and the refitted ones'
+    assert any(line.startswith("hard pruning at the refitted rates: val top-1 ") for line in lines)
     assert sum(bool(re.fullmatch(r"round 1 search: evaluation 1/3, best score [\d.]+, temperature [\d.]+; [\d.e+-]+ s "
                                  r"each, about [\d.e+-]+ min for the search's 3 \(search.max_evaluations\)", line))
                for line in lines) == 1  # the search's cost, said once

@@ -727,8 +727,9 @@ class Pipeline:
             if refit:
                 result, records = self._refit(state, result, admm_model)
             masks, state.param_masks = result.masks, result.param_masks
-            self.log(f"hard pruning: {self.describe(result.top1_before)}, after purification: "
-                     f"{self.describe(result.top1_after)}")
+            refitted = any(r["refitted"] != r["searched"] for r in records)
+            self.log(f"hard pruning{' at the refitted rates' if refitted else ''}: "
+                     f"{self.describe(result.top1_before)}, after purification: {self.describe(result.top1_after)}")
             records.append({
                 "event": "purification", "round": state.index, "threshold": result.threshold,
                 "removed_filters": sum(result.removed_filters.values()),
