@@ -2068,3 +2068,13 @@ def test_a_layer_cut_to_one_or_two_channels_is_named_in_the_final_warnings():
     left_out = PruningSpace.build(SmallCNN(16, 16), torch.randn(1, 1, 8, 8), ignored_layers=["conv2"])
     assert "; 1 layer(s) left out of filter pruning (the final record's not_filter_pruned) put the target on the " \
            "few that can shrink:" in _bottleneck_warning(left_out, SmallCNN(1, 16))
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_the_fix(no_work):
+    """Fresh user 59: a model built under ``torch.device("meta")`` got torch's "Cannot copy out of meta tensor"."""
+    with torch.device("meta"):
+        model = SmallCNN()
+    refused(no_work, r"^the model's parameters are on the meta device \(shapes without values\); load its weights "
+            r"first: model.to_empty\(device='cpu'\), then model.load_state_dict\(...\)$", model=model)
+    with pytest.raises(UserError, match="meta device"):
+        autocompress.prune(model, {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), progress=False)

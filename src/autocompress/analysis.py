@@ -137,6 +137,14 @@ def eager_module(model: nn.Module) -> tuple[nn.Module, str | None]:
                    f"the compressed model is that eager module: apply {names} to it again")
 
 
+def refuse_meta(model: nn.Module) -> None:
+    """UserError for a model whose parameters or buffers are on the meta device (shapes without values: built under
+    ``torch.device("meta")`` and not loaded), which nothing can copy, run or prune."""
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise UserError("the model's parameters are on the meta device (shapes without values)",
+                        "load its weights first: model.to_empty(device='cpu'), then model.load_state_dict(...)")
+
+
 def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` (a tensor ``[B, ...]`` or a tuple / list of them) as a tuple of detached tensors of one
     batch size ``B >= 1`` (on their devices); ``what`` names the caller in the error (e.g. ``"ONNX export"``).

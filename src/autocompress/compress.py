@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
-from .analysis import at_batch, eager_module, output_tensors
+from .analysis import at_batch, eager_module, output_tensors, refuse_meta
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
@@ -361,6 +361,7 @@ class Compression:
         model, wrapped = eager_module(model)
         if wrapped is not None:
             say(wrapped)
+        refuse_meta(model)
         if isinstance(model, torch.jit.ScriptModule):
             raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
                             "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "

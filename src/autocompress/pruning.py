@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .admm import ADMMConfig
-from .analysis import eager_module
+from .analysis import eager_module, refuse_meta
 from .compaction import check_compactable, densify
 from .config import CompressConfig, PurificationConfig, RetrainConfig, from_dict
 from .errors import UserError
@@ -162,6 +162,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     model, wrapped = eager_module(model)
     if wrapped is not None and log is not None:
         log(wrapped)
+    refuse_meta(model)
     dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
