@@ -2,7 +2,9 @@
 
 :func:`analysis_mode` puts a model in eval mode under ``torch.no_grad()`` and, on exit, restores every
 module's train/eval flag and every buffer (BatchNorm running statistics and batch counters), even when the
-body raised.
+body raised. The caller's model and example inputs are read here for every entry point too: the eager module a
+wrapper holds (:func:`eager_module`), a model without values (:func:`refuse_meta`), the inputs as a tuple of one
+batch size (:func:`example_tuple`, :func:`at_batch`).
 """
 from __future__ import annotations
 
