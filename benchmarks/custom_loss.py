@@ -279,6 +279,14 @@ SETTINGS = {"sgd": {"retrain": {"optimizer": "sgd"}, "distillation": {"enabled":
 OUTPUTS = {"denoise": ("head.2",), "segment": ("head.2",), "segment_unet": ("head",)}
 
 
+def seeded_order(batches: list, seed: int) -> list:
+    """``batches`` in the order seed ``seed`` draws (seed 0: as they are); the default loop iterates a list in
+    order, so the seed orders the training batches of every method alike."""
+    if not seed:
+        return batches
+    return [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()]
+
+
 def torch_pruning_run(seed: int, task: str, data: dict, target: str, budget: int) -> dict:
     """``tp_own``: Torch-Pruning's global L2 group magnitude bisected to ``target``
     (``benchmarks/peers/torch_pruning_baseline.py``), then ``budget`` epochs of the caller's loop (AdamW, cosine
@@ -289,8 +297,7 @@ def torch_pruning_run(seed: int, task: str, data: dict, target: str, budget: int
     from autocompress.metrics import count_macs, count_params
 
     base = data["base"]
-    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)) if seed else None
-    train = data["train"] if order is None else [data["train"][i] for i in order.tolist()]
+    train = seeded_order(data["train"], seed)
     started, example = time.perf_counter(), torch.zeros(1, 1, 28, 28)
     torch.manual_seed(seed)
     pruned = prune_to_target(base.eval(), example, Target.parse(target), ignored=OUTPUTS.get(task, ())).model
@@ -309,8 +316,7 @@ def run(variant: str, seed: int, task: str, data: dict, target: str, budget: int
     if variant == "tp_own":
         return torch_pruning_run(seed, task, data, target, budget)
     base, val, score = data["base"], data["val"], data["score"]
-    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(seed)) if seed else None
-    train = data["train"] if order is None else [data["train"][i] for i in order.tolist()]
+    train = seeded_order(data["train"], seed)
     model = copy.deepcopy(base)
     config: dict = {"budget": budget, "seed": seed}
     loss_fn, train_fn = data["loss"], None

@@ -1,6 +1,7 @@
 """Architecture fuzzer and regression nets for the pruning engine (issue 16).
 
-Every net here goes through the engine's one-shot path, driven directly (no ``prune()``):
+Every net here but the attention fuzzer's (at the end: through ``prune()``, :func:`one_round`, whose space splits
+``nn.MultiheadAttention`` and finds heads) goes through the engine's one-shot path, driven directly:
 ``PruningSpace.build`` -> ``check_dims`` -> ``projection.project`` -> ``purification.purify`` (unused path
 removal only, no validation data) -> ``compaction.compact``, in four modes (filter 0.5, column 0.5, hybrid
 0.5, irregular 0.7) with a batch-1 and a batch-2 example. The outcome must be either a clean refusal (a one-line
@@ -32,11 +33,13 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 
-from autocompress import compaction, projection, purification
+from autocompress import compaction, projection, prune, purification
+from autocompress.admm import ADMMConfig
 from autocompress.errors import UserError
 from autocompress.masks import apply_masks
 from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
+from autocompress.training import TrainConfig
 from autocompress.space import (ChannelMappingExplodes, PruningSpace, ignored_modules, is_weight_layer, keep_count,
                                out_dim, trace_graph)
 
@@ -844,6 +847,13 @@ def test_a_free_parameter_that_is_not_per_channel_still_leaves_its_group_out():
 
 
 # ------------------------------------------------------------------------------- fuzzer with attention blocks
+def one_round(model: nn.Module, rates: dict, x: torch.Tensor, dims: tuple[str, ...]):
+    """:func:`autocompress.prune` at ``rates`` with no training and no purification: the pipeline's own space
+    (``nn.MultiheadAttention`` split, heads found by its probe), hard pruning, compaction and its verification."""
+    return prune(model, rates, example_inputs=x, device="cpu", dims=dims, admm=ADMMConfig(epochs=0),
+                 retrain=TrainConfig(epochs=0), purify=False, progress=False)
+
+
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
@@ -907,18 +917,13 @@ def test_fuzzed_nets_with_attention_are_pruned_exactly_by_prune_or_refused(atten
     :func:`autocompress.prune` at rate 0.5: a clean refusal naming a module, or a compact model (``prune`` itself
     refuses one that differs from the masked model) with fewer parameters, as many as reported, that trains and
     whose saved form rebuilds to the same outputs; the input model is unchanged."""
-    from autocompress import prune
-    from autocompress.admm import ADMMConfig
-    from autocompress.training import TrainConfig
-
     torch.manual_seed(seed)
     blocks = list(blocks)
     blocks.insert(min(place, len(blocks)), attention)
     model, x = Net(blocks, width=8).eval(), torch.randn(2, 3, 4, 4)
     snap, (dims, rate) = _snapshot(model), MODES[mode]
     try:
-        result = prune(model, {"default": rate}, example_inputs=x, device="cpu", dims=dims, admm=ADMMConfig(epochs=0),
-                       retrain=TrainConfig(epochs=0), purify=False, progress=False)
+        result = one_round(model, {"default": rate}, x, dims)
     except UserError as exc:
         assert "\n" not in str(exc) and _names_a_module(str(exc), model), str(exc)
         return
@@ -941,14 +946,9 @@ def test_a_layernorm_after_a_concatenation_keeps_the_channels_both_removals_left
     """Found by the attention fuzzer: a LayerNorm reading a concatenation of two convolutions loses channels in
     each one's removal; its kept channels (what ``layer_norm: kept`` normalises over) were those of the second
     removal alone, as indices of the already narrowed norm, and ``prune`` refused its own compact model."""
-    from autocompress import prune
-    from autocompress.admm import ADMMConfig
-    from autocompress.training import TrainConfig
-
     torch.manual_seed(0)
     model, x = Net([Concat, block], width=8).eval(), torch.randn(2, 3, 4, 4)
-    result = prune(model, {"default": 0.5}, example_inputs=x, device="cpu", dims=("filter",),
-                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    result = one_round(model, {"default": 0.5}, x, ("filter",))
     assert result.report["kept"]["filters"]["blocks.0.a"] == [2, 4]  # both halves of the concatenation narrowed
     assert result.report["kept"]["filters"]["blocks.0.b"] == [3, 6]
     norm = next(m for m in result.compact_model.blocks[1].modules() if isinstance(m, nn.LayerNorm))
@@ -959,16 +959,12 @@ def test_a_fused_qkv_whose_heads_narrow_and_columns_go_keeps_the_attention_scale
     """Found by the attention fuzzer: the queries are rescaled for a scale that follows the head width
     (``F.scaled_dot_product_attention`` without ``scale=``), but when the qkv Linear was also column-pruned the
     rescaling reached the dense layer its column layer had replaced, and every hybrid prune was refused."""
-    from autocompress import prune
-    from autocompress.admm import ADMMConfig
     from autocompress.columns import ColumnLinear
-    from autocompress.training import TrainConfig
 
     torch.manual_seed(0)
     model, x = Net([QKVAttention], width=8).eval(), torch.randn(2, 3, 4, 4)
     rates = {"filter": {"blocks.0.qkv": 0.5}, "column": {"blocks.0.qkv": 0.5}}
-    result = prune(model, rates, example_inputs=x, device="cpu", dims=("filter", "column"), admm=ADMMConfig(epochs=0),
-                   retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    result = one_round(model, rates, x, ("filter", "column"))
     qkv = result.compact_model.blocks[0].qkv
     assert isinstance(qkv, ColumnLinear) and qkv.out_features == 12  # two heads of 2 channels for q, k and v
     assert result.compact_model.blocks[0].proj.in_features == 4
@@ -978,13 +974,8 @@ def test_an_attention_whose_scale_follows_the_head_width_beside_one_whose_scale_
     """Found by the attention fuzzer: a fused-qkv attention whose scale follows the head width (its queries must be
     rescaled) before an ``nn.TransformerEncoderLayer`` (split with its scale stored: its rows must stay) was refused,
     since the rescaling was tried for every attention at once; each attention now takes its own option."""
-    from autocompress import prune
-    from autocompress.admm import ADMMConfig
-    from autocompress.training import TrainConfig
-
     torch.manual_seed(0)
     model, x = Net([QKVAttention, EncoderLayer], width=8).eval(), torch.randn(2, 3, 4, 4)
-    result = prune(model, {"default": 0.5}, example_inputs=x, device="cpu", dims=("filter",),
-                   admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False, progress=False)
+    result = one_round(model, {"default": 0.5}, x, ("filter",))
     kept = result.report["kept"]["filters"]
     assert kept["blocks.0.qkv"] == kept["blocks.1.layer.self_attn.q_proj"] == [4, 8]

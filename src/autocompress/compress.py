@@ -381,8 +381,10 @@ class Compression:
         base_score = self.task.score(base)  # a score_fn returning NaN / text is refused here, before work
         self.task.check_score_direction(base, base_score)
         self._check_distillation(train_output, say)
-        self.positions = any(t.dim() > 2 for t in output_tensors(train_output))  # dense prediction, token outputs
-        self.guidance = self.config.resolved_guidance(self.positions)
+        # outputs with positions (dense prediction, per-token scores) in any tensor the forward returns, where
+        # task.positions reads a class-score tensor only
+        self.dense_output = any(t.dim() > 2 for t in output_tensors(train_output))
+        self.guidance = self.config.resolved_guidance(self.dense_output)
         if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
             say(describe(self.config))
         given = self.config
@@ -429,7 +431,7 @@ class Compression:
             self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
         if self.config.search.guidance == AUTO:
             self.pipeline.log(f"search guidance: per {self.guidance} (auto for a {self.target.objective} target" + (
-                " of a model whose outputs have positions" if self.positions else "") + ")")
+                " of a model whose outputs have positions" if self.dense_output else "") + ")")
         check_multiple(self.first_space, self.multiple,
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)

@@ -27,7 +27,7 @@ from torch import nn
 from .analysis import analysis_mode, example_tuple, random_like
 from .atomic import atomic_write_bytes
 from .columns import export_form
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ def _other_batch(model: nn.Module, example: tuple[torch.Tensor, ...], axes: Axes
             tried.append((batch, exc))
     shapes = " or ".join(str([list(t.shape[1:]) for t in batch]) for batch, _ in tried)
     raise UserError(f"the check of the dynamic axes runs the model at other sizes, and it fails at {shapes} "
-                    f"({type(tried[-1][1]).__name__}: {str(tried[-1][1]).splitlines()[0][:160]})",
+                    f"({first_line(tried[-1][1])})",
                     "leave those axes static, or export with check=False") from tried[-1][1]
 
 
