@@ -1570,6 +1570,10 @@ def test_a_scripted_traced_or_non_module_model_is_refused_in_one_line(make):
         autocompress.compress(make(SmallCNN(8, 8).eval()), torch.randn(1, 1, 8, 8), "params=2x",
                               train_loader=train, val_loader=val, config=CONFIG, progress=False)
     assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="TorchScript module|not a torch.nn.Module") as error:  # prune hit
+        autocompress.prune(make(SmallCNN(8, 8).eval()), {"default": 0.5},  # 'str' has no attribute 'requires_grad'
+                           example_inputs=torch.randn(1, 1, 8, 8), progress=False)
+    assert "\n" not in str(error.value)
 
 
 def test_validation_labels_outside_the_model_outputs_are_refused_before_any_work():

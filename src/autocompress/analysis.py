@@ -3,7 +3,7 @@
 :func:`analysis_mode` puts a model in eval mode under ``torch.no_grad()`` and, on exit, restores every
 module's train/eval flag and every buffer (BatchNorm running statistics and batch counters), even when the
 body raised. The caller's model and example inputs are read here for every entry point too: the eager module a
-wrapper holds (:func:`eager_module`), a model without values (:func:`refuse_meta`), the inputs as a tuple of one
+wrapper holds (:func:`eager_module`), a model without values or layers to replace (:func:`prunable_model`), the inputs as a tuple of one
 batch size (:func:`example_tuple`, :func:`at_batch`).
 """
 from __future__ import annotations
@@ -139,12 +139,28 @@ def eager_module(model: nn.Module) -> tuple[nn.Module, str | None]:
                    f"the compressed model is that eager module: apply {names} to it again")
 
 
-def refuse_meta(model: nn.Module) -> None:
-    """UserError for a model whose parameters or buffers are on the meta device (shapes without values: built under
-    ``torch.device("meta")`` and not loaded), which nothing can copy, run or prune."""
+def prunable_model(model: object, say: Callable[[str], None]) -> nn.Module:
+    """The eager ``nn.Module`` that ``compress`` and ``prune`` work on: ``model`` itself or the module a wrapper holds
+    (:func:`eager_module`, told to ``say``), checked before any work.
+
+    Raises:
+        UserError: ``model`` is not an ``nn.Module`` (a state dict), is TorchScript (``torch.jit.script`` / ``trace``:
+            its layers cannot be replaced), or has its parameters or buffers on the meta device (shapes without
+            values: built under ``torch.device("meta")`` and not loaded), which nothing can copy, run or prune.
+    """
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
+    model, wrapped = eager_module(model)
+    if wrapped is not None:
+        say(wrapped)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
+                        "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "
+                        "or trace the compressed model afterwards")
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise UserError("the model's parameters are on the meta device (shapes without values)",
                         "load its weights first: model.to_empty(device='cpu'), then model.load_state_dict(...)")
+    return model
 
 
 def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tuple[torch.Tensor, ...]:

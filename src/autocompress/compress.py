@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
 from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
-from .analysis import at_batch, eager_module, output_tensors, refuse_meta
+from .analysis import at_batch, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
@@ -356,16 +356,7 @@ class Compression:
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
         self.world = distributed.world()
         say = log if log is not None and self.world.is_main else (lambda _line: None)
-        if not isinstance(model, nn.Module):
-            raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
-        model, wrapped = eager_module(model)
-        if wrapped is not None:
-            say(wrapped)
-        refuse_meta(model)
-        if isinstance(model, torch.jit.ScriptModule):
-            raise UserError(f"model is a TorchScript module ({type(model).__name__}: torch.jit.script / trace), "
-                            "whose layers cannot be pruned", "pass the eager nn.Module it was made from, and script "
-                            "or trace the compressed model afterwards")
+        model = prunable_model(model, say)
         self.example = as_inputs(example_inputs, self.device, "compress")
         ignored_modules(model, self.config.ignored_layers)  # a wrong name is refused before any work
         base = copy.deepcopy(model).to(self.device).eval()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .admm import ADMMConfig
-from .analysis import eager_module, refuse_meta
+from .analysis import prunable_model
 from .compaction import check_compactable, densify
 from .config import CompressConfig, PurificationConfig, RetrainConfig, from_dict
 from .errors import UserError
@@ -152,17 +152,15 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         ``records`` (the phase records, as in a compress run's ``metrics.jsonl``).
 
     Raises:
-        UserError: bad rates / dims / names / settings / arguments (a rate naming a unit left out of the space
-            says why), a model the space or compaction cannot handle, a training phase without ``train_loader``.
+        UserError: a model that is not an eager ``nn.Module`` with values (a state dict, TorchScript, meta
+            tensors: :func:`autocompress.analysis.prunable_model`), bad rates / dims / names / settings / arguments
+            (a rate naming a unit left out of the space says why), a model the space or compaction cannot handle, a training phase without ``train_loader``.
             A filter group whose channels the compact model cannot lose (a channel count written into a shape)
             is left out before any work, as in ``compress`` (logged; ``report["excluded"]``).
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
-    model, wrapped = eager_module(model)
-    if wrapped is not None and log is not None:
-        log(wrapped)
-    refuse_meta(model)
+    model = prunable_model(model, log if log is not None else (lambda _line: None))
     dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
         raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
