@@ -154,8 +154,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     Raises:
         UserError: a model that is not an eager ``nn.Module`` with values (a state dict, TorchScript, meta
             tensors: :func:`autocompress.analysis.prunable_model`), bad rates / dims / names / settings / arguments
-            (a rate naming a unit left out of the space says why), a model the space or compaction cannot handle, a training phase without ``train_loader``.
-            A filter group whose channels the compact model cannot lose (a channel count written into a shape)
+            (a rate naming a unit left out of the space says why), a model the space or compaction cannot handle,
+            a training phase without ``train_loader``. A filter group whose channels the compact model cannot lose (a channel count written into a shape)
             is left out before any work, as in ``compress`` (logged; ``report["excluded"]``).
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
