@@ -155,8 +155,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         UserError: a model that is not an eager ``nn.Module`` with values (a state dict, TorchScript, meta
             tensors: :func:`autocompress.analysis.prunable_model`), bad rates / dims / names / settings / arguments
             (a rate naming a unit left out of the space says why), a model the space or compaction cannot handle,
-            a training phase without ``train_loader``. A filter group whose channels the compact model cannot lose (a channel count written into a shape)
-            is left out before any work, as in ``compress`` (logged; ``report["excluded"]``).
+            a training phase without ``train_loader``. A filter group whose channels the compact model cannot
+            lose (a channel count written into a shape) is left out before any work, as in ``compress`` (logged;
+            ``report["excluded"]``).
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
