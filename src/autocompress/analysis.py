@@ -3,8 +3,8 @@
 :func:`analysis_mode` puts a model in eval mode under ``torch.no_grad()`` and, on exit, restores every
 module's train/eval flag and every buffer (BatchNorm running statistics and batch counters), even when the
 body raised. The caller's model and example inputs are read here for every entry point too: the eager module a
-wrapper holds (:func:`eager_module`), a model without values or layers to replace (:func:`prunable_model`), the inputs as a tuple of one
-batch size (:func:`example_tuple`, :func:`at_batch`).
+wrapper holds (:func:`eager_module`), the checks of a model to prune (:func:`prunable_model`), the inputs as a
+tuple of one batch size (:func:`example_tuple`, :func:`at_batch`).
 """
 from __future__ import annotations
 
