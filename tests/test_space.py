@@ -506,6 +506,36 @@ def test_unreached_layers_are_excluded_and_grouped_convs_keep_columns():
     assert space.unit("column", "g").size == 4 * 9
 
 
+class Gated(nn.Module):
+    """conv a (3->16) -> conv b (16->32) split in two halves by chunk: ``glu`` multiplies them (a GLU gate, read
+    by conv c), else each half feeds its own conv (c, d) and the two are concatenated."""
+
+    def __init__(self, glu: bool):
+        super().__init__()
+        self.glu = glu
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 32, 3, padding=1)
+        self.c, self.d = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8 if glu else 16, 10)
+
+    def forward(self, x):
+        first, second = self.b(torch.relu(self.a(x))).chunk(2, dim=1)
+        y = self.c(first * torch.sigmoid(second)) if self.glu else torch.cat([self.c(first), self.d(second)], 1)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_a_layer_whose_output_is_chunked_is_left_out_naming_the_split_and_the_fix(glu):
+    """Fresh user 59: a GLU gate (chunk(2, dim=1)) was left out as "channels map unevenly into c3.weight", which
+    named neither the chunk nor a way out; removing channels of b would move the chunk's split point."""
+    space = PruningSpace.build(Gated(glu), X)
+    consumer = "c" if glu else "d"  # torch-pruning follows the gate's second half only; the split's second part
+    assert space.excluded["b"] == (
+        f"filter pruning: channels map unevenly into {consumer}.weight: 16 of the 32 channels reach it (the output "
+        "is split into parts whose sizes the forward fixes, e.g. by chunk for a GLU gate); compute each part with "
+        "its own layer to prune them")
+    assert "a" in {u.name for u in space.units("filter")}
+
+
 def test_grouped_conv_ties_each_channel_to_the_same_position_of_the_other_conv_group():
     torch.manual_seed(0)
     model = Odd()

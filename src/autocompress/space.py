@@ -1344,8 +1344,14 @@ def _uneven(slices: list[Slice], size: int) -> str:
     """"" or a problem if some slice gives the group's channels different numbers of positions."""
     for s in slices:
         per_channel = torch.bincount(s.channel, minlength=size)
-        if not bool((per_channel == per_channel[0]).all()):
-            return f"{UNEVEN} {s.param}"
+        if bool((per_channel == per_channel[0]).all()):
+            continue
+        reaching = int((per_channel > 0).sum())
+        if bool((per_channel[per_channel > 0] == per_channel.max()).all()):  # the rest reach it not at all
+            return (f"{UNEVEN} {s.param}: {reaching} of the {size} channels reach it (the output is split into "
+                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate); compute each part with its "
+                    "own layer to prune them")
+        return f"{UNEVEN} {s.param}"
     return ""
 
 
