@@ -536,6 +536,27 @@ def test_a_layer_whose_output_is_chunked_is_left_out_naming_the_split_and_the_fi
     assert "a" in {u.name for u in space.units("filter")}
 
 
+class Recurrent(nn.Module):
+    """conv a (3->16) -> conv b (16->16) read as 16 features per step by a GRU (12 hidden) -> fc on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 16, 3, padding=1), nn.Conv1d(16, 16, 3, padding=1)
+        self.gru, self.fc = nn.GRU(16, 12, batch_first=True), nn.Linear(12, 10)
+
+    def forward(self, x):
+        out, _ = self.gru(self.b(torch.relu(self.a(x))).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+def test_a_group_torch_pruning_cannot_map_names_the_layers_its_graph_does_not_follow():
+    """Fresh user 58: the channels feeding a GRU were left out as "torch-pruning cannot map its channels
+    (IndexError)", naming no layer; torch-pruning traces a GRU op by op, not as a layer."""
+    space = PruningSpace.build(Recurrent(), (torch.randn(2, 3, 10),))
+    assert space.excluded["b"] == ("filter pruning: torch-pruning cannot map its channels (IndexError; layers it "
+                                   "does not follow: GRU gru)")
+
+
 def test_grouped_conv_ties_each_channel_to_the_same_position_of_the_other_conv_group():
     torch.manual_seed(0)
     model = Odd()

@@ -311,7 +311,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
             group = dg.get_pruning_group(module, pruner.prune_out_channels,
                                          list(range(pruner.get_out_channels(module))))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            report["dead_channels_kept"][names[module]] = mapping_failure(exc)
+            report["dead_channels_kept"][names[module]] = mapping_failure(exc, model, dg)
             continue
         if any(module is plan_module or module in plan_members for plan_module, _, _, plan_members in plans):
             continue

@@ -879,9 +879,15 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     return graph
 
 
-def mapping_failure(exc: Exception) -> str:
-    """Why torch-pruning could not enumerate a group, from the exception its group query raised."""
+def mapping_failure(exc: Exception, model: nn.Module, graph: tp.DependencyGraph) -> str:
+    """Why torch-pruning could not enumerate a group, from the exception its group query raised, naming the layers
+    with weights of their own that its graph lacks (it traces their ops one by one, e.g. a GRU's, and their channel
+    mappings are the usual cause)."""
     detail = f": {exc}" if isinstance(exc, ChannelMappingExplodes) else ""
+    unfollowed = [f"{type(module).__name__} {name}" for name, module in model.named_modules()
+                  if name and module not in graph.module2node and any(True for _ in module.parameters(recurse=False))]
+    if unfollowed:
+        detail += f"; layers it does not follow: {', '.join(unfollowed[:3])}{', ...' if len(unfollowed) > 3 else ''}"
     return f"torch-pruning cannot map its channels ({type(exc).__name__}{detail})"
 
 
@@ -1022,7 +1028,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             size = pruner.get_out_channels(module)
             tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
         except Exception as exc:  # noqa: BLE001 - torch-pruning's index mapping fails on some graphs
-            _exclude(excluded, name, f"filter pruning: {mapping_failure(exc)}")
+            _exclude(excluded, name, f"filter pruning: {mapping_failure(exc, model, graph)}")
             continue
         slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
                                                    norm_dims, ignored)
