@@ -119,6 +119,10 @@ def test_recalibrate_batchnorm_computes_exact_batch_statistics():
     torch.testing.assert_close(model[1].running_mean, mean)
     torch.testing.assert_close(model[1].running_var, var)
     assert model[1].momentum == 0.1 and not model.training and not model[2].training
+    model[1].requires_grad_(False)  # frozen by the caller: its statistics stay
+    before = model[1].running_mean.clone()
+    recalibrate_batchnorm(model, [(x + 1, y) for x, y in batches])
+    assert torch.equal(model[1].running_mean, before)
 
 
 def test_bad_batch_counts_are_user_errors(trained):

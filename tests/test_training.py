@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from autocompress.analysis import train_mode, trained_norms
 from autocompress.checkpoint import load_checkpoint
 from autocompress.data import TensorSplit
 from autocompress.errors import UserError
@@ -335,3 +336,25 @@ def test_the_training_top1_reads_class_indices_and_probabilities_and_skips_dense
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: the expected top-1 holds
     result = train_epoch(model, [(x, y)], optimizer, progress=False)
     assert result["top1"] is None if dense else result["top1"] == pytest.approx(expected)
+
+
+def test_frozen_batchnorm_keeps_its_statistics_through_training():
+    """Fresh user 58: a BatchNorm frozen by the caller (requires_grad=False, as for a pretrained backbone) had its
+    running statistics changed by retraining. It now normalises with them in eval mode; the others train, and a
+    BatchNorm without affine parameters (nothing to freeze) trains too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                          nn.BatchNorm2d(4, affine=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model[1].requires_grad_(False)
+    assert trained_norms(model) == [model[4], model[5]]
+    before = copy.deepcopy(model.state_dict())
+    loader = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
+    train_epoch(model, loader, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                progress=False)
+    after = model.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight"):
+        assert torch.equal(after[key], before[key]), key
+    for key in ("4.running_mean", "5.running_var", "4.weight"):
+        assert not torch.equal(after[key], before[key]), key
+    assert model.training and not model[1].training and model[4].training and model[5].training
+    assert train_mode(model.eval()) is model and model[0].training and not model[1].training

@@ -43,6 +43,25 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
                     buf.copy_(buffers[name])
 
 
+def trained_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers whose running statistics training and re-estimation may change: every one except those
+    the caller froze (affine parameters all with ``requires_grad=False``: a frozen pretrained backbone), which keep
+    their statistics as the caller's own loop with them in eval mode would (:func:`train_mode`)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not (m.affine and not any(p.requires_grad for p in m.parameters(recurse=False)))]
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, with the BatchNorm layers the caller froze (:func:`trained_norms`) in eval mode, so that
+    training normalises with their running statistics and leaves them unchanged. Returns ``model``."""
+    model.train()
+    trained = set(trained_norms(model))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in trained:
+            m.eval()
+    return model
+
+
 @contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode + ``torch.no_grad()`` for the body; mode and buffers restored afterwards."""

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .analysis import analysis_mode
+from .analysis import analysis_mode, trained_norms
 from .compaction import shrink
 from .distillation import DistillationConfig, Distiller, TeacherCache
 from .errors import UserError
@@ -91,15 +91,15 @@ class QuickEvalResult:
 
 def recalibrate_batchnorm(model: nn.Module, batches: list, forward: Callable[[nn.Module, Any], Any] | None = None
                           ) -> None:
-    """Re-estimate every BatchNorm layer's running mean / variance on ``batches`` (adaptive BN, EagleEye,
-    Li et al. ECCV 2020).
+    """Re-estimate the BatchNorm layers' running mean / variance on ``batches`` (adaptive BN, EagleEye, Li et al.
+    ECCV 2020); frozen ones keep theirs (:func:`autocompress.analysis.trained_norms`).
 
     Statistics are reset and accumulated as an exact average over the batches (``momentum=None``); only
     BatchNorm layers run in train mode (dropout etc. stay in eval). ``forward(model, batch)`` runs a batch
     (default ``model(batch[0])``). Afterwards the model is in eval mode. Modifies ``model`` in place: use on a
     copy.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = trained_norms(model)
     if not norms:
         return
     momenta = [m.momentum for m in norms]

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import admm, distributed, metrics
 from .alignment import AUTO, misaligned_widths
+from .analysis import trained_norms, train_mode
 from .attention import HEAD_HINT, attention_shaped, free_macs, head_count, unaligned_heads
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
@@ -663,7 +664,7 @@ class Pipeline:
         if epochs > 0:
             self.log(f"round {state.index} {'ADMM' if name == 'admm' else 'retraining'}: train_fn, "
                      f"{plural(epochs, 'epoch')} (a run killed within it repeats the phase from its start)")
-        state.model.train()
+        train_mode(state.model)
         try:
             if epochs > 0:
                 self.train_fn(state.model, phase)
@@ -892,9 +893,9 @@ class Pipeline:
 
     def _reestimated(self, model: nn.Module) -> tuple[nn.Module, int] | None:
         """A copy of ``model`` with BatchNorm statistics re-estimated on :data:`BN_REESTIMATE_BATCHES` training
-        batches, and the batches read; None without BatchNorm layers, a score or a training loader."""
-        if not self.task.can_score or self.task.train_loader is None or not any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        batches, and the batches read; None without BatchNorm layers to re-estimate (frozen ones keep theirs:
+        :func:`autocompress.analysis.trained_norms`), a score or a training loader."""
+        if not self.task.can_score or self.task.train_loader is None or not trained_norms(model):
             return None
         trial = copy.deepcopy(model)
         batches = self.task.batches(self.task.train_loader, BN_REESTIMATE_BATCHES)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import analysis_mode, model_device
+from .analysis import analysis_mode, model_device, train_mode
 from .distillation import TeacherCache
 from .errors import UserError
 from .task import Task, channels_last, channels_last_trains, channels_last_works, check_loss, move
@@ -213,7 +213,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 after_step: Callable[[], None] | None = None, distiller: Callable | None = None,
                 teacher_cache: TeacherCache | None = None, stop_distilling: Callable[[int], bool] | None = None,
                 progress: bool = True, desc: str = "") -> dict:
-    """One training epoch in train mode.
+    """One training epoch in train mode (:func:`autocompress.analysis.train_mode`: frozen BatchNorm layers in eval).
 
     Args:
         loader: yields batches; by default ``(inputs [B, ...], labels int64 [B])``, any batch with a
@@ -250,7 +250,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     task = task if task is not None else Task(loader, device=model_device(model))
     scaler = torch.amp.GradScaler(task.device.type, enabled=task.amp == "fp16" and task.device.type == "cuda")
-    model.train()
+    train_mode(model)
     bar = tqdm(loader, desc=desc or "train", disable=not progress, leave=False, dynamic_ncols=True)
     total_loss, correct, seen, reg_total, steps, labelled = 0.0, 0, 0, 0.0, 0, True
     distilled_steps = None
