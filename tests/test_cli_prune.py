@@ -62,6 +62,9 @@ def test_prune_writes_a_loadable_compact_model(checkpoint, tmp_path, capsys):
     # never overwrite without --overwrite
     code, _, err = _run(capsys, checkpoint, "--rates", rates, "--out", out)
     assert code == 2 and "already exists" in err
+    code, _, err = _run(capsys, checkpoint, "--rates", rates, "--out", out.parent, "--overwrite")  # a folder
+    assert code == 2 and err.strip().endswith(f"--out {out.parent} is a folder; prune writes one model file; pass "
+                                              f"a file path such as {out.parent / 'pruned.pt'}")
 
 
 def test_list_units(checkpoint, capsys):

@@ -210,6 +210,21 @@ def test_non_empty_out_folder_is_never_overwritten(base_checkpoint, tmp_path, ca
     assert [p.name for p in out.iterdir()] == ["model.pt"]  # no lock file left behind either
 
 
+def test_an_out_naming_a_model_file_is_refused_before_any_work(base_checkpoint, tmp_path, capsys):
+    """compress --out names a run folder, prune --out a file: a user gave compress --out model.pt and found a
+    folder called model.pt; now refused (an existing file is left as it was)."""
+    new, existing = tmp_path / "small.pt", tmp_path / "kept.pt"
+    existing.write_bytes(b"precious")
+    assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--out", str(new)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"autocompress: error: --out {new} names a model file, but a run is a folder (config.yaml, the phases, "
+        f"model.pt: the compressed model); pass a folder path such as {tmp_path / 'small'}; the model is written as "
+        "its model.pt")
+    assert main(["compress", str(base_checkpoint), "--target", "params=2x", "--out", str(existing)]) == 2
+    assert f"--out {existing} is a file, but a run is a folder" in capsys.readouterr().err
+    assert not new.exists() and existing.read_bytes() == b"precious"
+
+
 def test_resume_refuses_changed_flags_and_changed_base(finished_run, base_checkpoint, tmp_path, capsys,
                                                        monkeypatch):
     out, _ = finished_run

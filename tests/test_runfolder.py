@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from hypothesis import given
@@ -241,10 +243,20 @@ def test_json_text_keeps_twelve_significant_digits(value):
     assert written == float(f"{value:.12g}") and abs(written - value) <= 5e-12 * abs(value)
 
 
-@pytest.mark.parametrize("given_dir, problem", [("", "an empty string"), ("  ", "an empty string"), (3, "is a int")])
+@pytest.mark.parametrize("given_dir, problem", [("", "an empty string"), ("  ", "an empty string"), (3, "is a int"),
+                                                ("run.pt", "names a model file"), ("x/m.ONNX", "names a model file")])
 def test_a_run_dir_that_names_no_folder_is_refused(given_dir, problem):
     with pytest.raises(UserError, match=problem):
         run_dir_path(given_dir)
+
+
+def test_a_run_dir_that_is_a_file_is_refused_and_a_folder_named_like_one_is_taken(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(UserError, match=rf"^run_dir {tmp_path / 'notes'} is a file, but a run is a folder"):
+        run_dir_path(tmp_path / "notes")
+    (tmp_path / "old.pt").mkdir()  # an existing folder is a folder, whatever its name
+    assert run_dir_path(tmp_path / "old.pt") == tmp_path / "old.pt"
+    assert run_dir_path("runs/c12") == Path("runs/c12")
 
 
 def test_a_released_folder_loses_only_the_lock_it_was_given(tmp_path):

@@ -37,11 +37,17 @@ from .rounds import PhaseStore
 from .text import json_text, plain
 
 
+#: name endings of model files, which a run folder's name is refused with (the model is RUN_DIR/model.pt)
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx", ".pt2", ".bin", ".safetensors")
+
+
 def run_dir_path(run_dir: Any) -> Path | None:
     """``run_dir`` as a path (None: no run folder).
 
     Raises:
-        UserError: ``run_dir`` is not a str or path, or an empty string (which would name the current folder).
+        UserError: ``run_dir`` is not a str or path, an empty string (which would name the current folder), an
+            existing file, or a new name ending like a model file (``.pt``, ``.onnx``, ...: the compressed model
+            is ``RUN_DIR/model.pt``).
     """
     if run_dir is None:
         return None
@@ -50,7 +56,12 @@ def run_dir_path(run_dir: Any) -> Path | None:
     if not str(run_dir).strip():
         raise UserError("run_dir is an empty string, which would be the current folder",
                         "pass a folder path ('.' for the current folder), or None for no run folder")
-    return Path(run_dir)
+    path = Path(run_dir)
+    if path.is_file() or (not path.exists() and path.suffix.lower() in MODEL_FILE_SUFFIXES):
+        raise UserError(f"run_dir {path} {'is a file' if path.is_file() else 'names a model file'}, but a run is "
+                        "a folder (config.yaml, the phases, model.pt: the compressed model)",
+                        f"pass a folder path such as {path.with_suffix('')}; the model is written as its model.pt")
+    return path
 
 
 class RunFolder(PhaseStore):

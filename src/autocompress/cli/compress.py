@@ -290,6 +290,12 @@ def _start(args: argparse.Namespace) -> int:
     if not args.quiet and distributed.world().is_main:
         configure_logging()
     out = _run_dir(args)
+    try:  # a file given for the run folder, before any work
+        from ..runfolder import run_dir_path
+
+        run_dir_path(out)
+    except UserError as exc:
+        raise UserError(re.sub(r"^run_dir ", "--resume " if args.resume else "--out ", str(exc))) from None
     checkpoint, settings, imports = distributed.on_main(lambda: _request(args, out))
     import_modules(imports)
     try:

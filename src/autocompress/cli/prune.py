@@ -123,8 +123,13 @@ def read_rates(path: str | None) -> dict:
 
 
 def check_writable(out: Path) -> None:
-    """UserError now, before any work, when ``out``'s folder cannot take a file (missing, read-only, full)."""
+    """UserError now, before any work, when ``out`` is a folder or its folder cannot take a file (missing,
+    read-only, full)."""
     import tempfile
+
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; prune writes one model file",
+                        f"pass a file path such as {out / 'pruned.pt'}")
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +203,9 @@ def run(args: argparse.Namespace) -> int:
         print(_units_listing(space_of(model_from_checkpoint(ckpt).eval(), torch.zeros(1, *size))))
         return 0
     spec = read_rates(args.rates)
+    check_writable(out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
-    check_writable(out)
     workload = load_workload(args.checkpoint, data, seed=args.seed, model_args=args.model_arg)
     expand_rates(space_of(workload.model, workload.example), spec, dims)  # before training
     began = time.perf_counter()
