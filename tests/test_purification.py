@@ -11,10 +11,10 @@ from torch import nn
 from autocompress.analysis import analysis_mode
 from autocompress.checkpoint import load_checkpoint, model_from_checkpoint
 from autocompress.data import get_dataset
-from autocompress.masks import apply_masks
+from autocompress.masks import Masks, apply_masks
 from autocompress.models import create_model
 from autocompress.training import evaluate
-from autocompress.purification import purify, remove_unused_paths, settle
+from autocompress.purification import PurificationResult, purify, remove_unused_paths, settle
 from autocompress.space import PruningSpace
 from autocompress.training import seeded
 
@@ -236,3 +236,17 @@ def test_a_callers_score_is_purified_within_a_fraction_of_its_base_score():
     assert [t["accepted"] for t in result.trials] == [True, False]
     for trial in result.trials:
         assert trial["accepted"] == (trial["top1"] >= result.top1_before - tolerance * 1e-3 * base_top1)
+
+
+def test_the_deepest_cuts_beyond_the_rates_are_named_by_the_fraction_removed():
+    """Fresh user 59: purification left c1 with 4 of 32 channels, past the search's largest rate, and no log line
+    said so; the round's log now names its deepest cuts."""
+    keep = lambda kept, total: torch.arange(total) < kept  # noqa: E731
+    masks = Masks(filters={"c1": keep(4, 32), "c2": keep(30, 32)}, columns={"fc": keep(20, 36), "c3": keep(9, 9)},
+                  weights={})
+    result = PurificationResult(masks=masks, param_masks={}, removed_filters={"c1": 12, "c2": 2},
+                                removed_columns={"fc": 6, "c3": 0})
+    assert result.largest_removals() == ("12 channels of c1 (4 of 32 kept), 6 columns of fc (20 of 36 kept), "
+                                         "2 channels of c2 (30 of 32 kept)")
+    assert result.largest_removals(1) == "12 channels of c1 (4 of 32 kept)"
+    assert PurificationResult(masks=masks, param_masks={}).largest_removals() == ""

@@ -89,6 +89,16 @@ class PurificationResult:
     trials: list[dict] = field(default_factory=list)
     near_chance: bool = False
 
+    def largest_removals(self, count: int = 3) -> str:
+        """The ``count`` units purification cut deepest beyond the rates (by the fraction it removed), e.g.
+        ``"28 channels of c1 (4 of 32 kept), 6 columns of fc (20 of 36 kept)"``; "" when it removed nothing."""
+        cuts = [(removed / self.masks.filters[name].numel(), f"{removed} channels of {name}", self.masks.filters[name])
+                for name, removed in self.removed_filters.items() if removed > 0]
+        cuts += [(removed / self.masks.columns[name].numel(), f"{removed} columns of {name}", self.masks.columns[name])
+                 for name, removed in self.removed_columns.items() if removed > 0]
+        cuts.sort(key=lambda cut: -cut[0])
+        return ", ".join(f"{what} ({int(mask.sum())} of {mask.numel()} kept)" for _, what, mask in cuts[:count])
+
 
 #: redundant weight removal needs a validation top-1 of at least this multiple of chance (1 / classes)
 CHANCE_FACTOR = 2.0

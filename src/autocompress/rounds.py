@@ -729,8 +729,10 @@ class Pipeline:
                 result, records = self._refit(state, result, admm_model)
             masks, state.param_masks = result.masks, result.param_masks
             refitted = any(r["refitted"] != r["searched"] for r in records)
+            cuts = result.largest_removals()
             self.log(f"hard pruning{' at the refitted rates' if refitted else ''}: "
-                     f"{self.describe(result.top1_before)}, after purification: {self.describe(result.top1_after)}")
+                     f"{self.describe(result.top1_before)}, after purification: {self.describe(result.top1_after)}"
+                     + (f", which cut beyond the rates most in {cuts}" if cuts else ""))
             records.append({
                 "event": "purification", "round": state.index, "threshold": result.threshold,
                 "removed_filters": sum(result.removed_filters.values()),
