@@ -194,6 +194,26 @@ def test_auto_scorer_is_a_short_distilled_fine_tuning(trained):
     assert plain.describe().startswith("scorer bn (no re-estimation on each one-shot pruned candidate)")
 
 
+def test_finetune_plus_refit_scores_the_mean_of_the_two_scorers(trained):
+    """The combined scorer is the mean of what the two scorers give alone, at every step of its run; it needs the
+    refit's final Linear."""
+    model, space, splits = trained
+    settings = dict(bn_batches=3, val_batches=2, finetune_steps=4)
+    rates = uniform(space, 0.5)
+    both = QuickEvaluator(model, space, task(splits, 100), scorer="finetune+refit", **settings)
+    tuned = QuickEvaluator(model, space, task(splits, 100), scorer="finetune", **settings).score_along(rates, [2, 4])
+    refit = QuickEvaluator(model, space, task(splits, 100), scorer="refit", **settings).score(rates).top1
+    assert [r.top1 for r in both.score_along(rates, [2, 4])] == [(t.top1 + refit) / 2 for t in tuned]
+    assert both.score(rates).top1 == (tuned[1].top1 + refit) / 2
+    assert "scorer finetune+refit (the mean of the scores after a short masked fine-tuning and after a refit" in \
+        both.describe()
+    headless = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    data = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(UserError, match="scorer 'finetune\\+refit' needs a model whose output"):
+        QuickEvaluator(headless, PruningSpace.build(headless, torch.randn(1, 1, 8, 8)), Task(data, data),
+                       scorer="finetune+refit", bn_batches=1, val_batches=1)
+
+
 def test_finetune_holds_the_masks_repairs_the_score_and_matches_along_its_run(trained):
     model, space, splits = trained
     rates = uniform(space, 0.6)

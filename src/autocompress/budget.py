@@ -22,7 +22,7 @@ import math
 from .alignment import AUTO
 from .config import CompressConfig, SettingError, from_dict, getattr_dotted
 from .errors import show
-from .quick_eval import resolved_scorer
+from .quick_eval import fine_tunes
 
 #: an epoch of fewer optimiser steps gets no ADMM under the rule: the default rho schedule (0.02, x1.6 every 100
 #: steps) reaches 0.86 after 800 steps; one ADMM epoch of 859 steps brought the hard-pruned model to 89.9 % (the
@@ -124,7 +124,7 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
     """
     if config.budget is None:
         return config
-    tunes = resolved_scorer(config.quick_eval.scorer) == "finetune"
+    tunes = fine_tunes(config.quick_eval.scorer)
     derived = budget_schedule(config.parsed_target().factor, config.budget, steps_per_epoch,
                               config.quick_eval.finetune_steps if tunes else None)
     few_steps = config.admm.epochs == 0 and (given is None or "admm.epochs" in given)

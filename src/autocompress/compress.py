@@ -43,7 +43,7 @@ from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, d
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
-from .quick_eval import QuickEvaluator, resolved_scorer
+from .quick_eval import QuickEvaluator, fine_tunes
 from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder, run_dir_path
 from .sampling import (ActionSampler, ActionUnit, Unreachable, guidance_weight, on_block, rates_dict, space_keeps,
@@ -473,7 +473,7 @@ class Compression:
             if not self.config.distillation.enabled:
                 say(f"distillation from the base: off ({AUTO_RULE})")
         quick = self.config.quick_eval
-        scorer_distils = resolved_scorer(quick.scorer) == "finetune" and quick.finetune_distill
+        scorer_distils = fine_tunes(quick.scorer) and quick.finetune_distill
         classes = distillable(output)
         if not (self.config.distillation.enabled or scorer_distils) or (classes and self.task.classifies is not False):
             return
