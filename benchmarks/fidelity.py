@@ -204,11 +204,27 @@ def bootstrap_ci(scores: list[float], retrained: list[float], resamples: int = 1
     return [float(np.percentile(values, 5)), float(np.percentile(values, 95))] if values else [math.nan] * 2
 
 
+def with_combined(rows: list[dict]) -> list[dict]:
+    """``rows`` with the library's ``finetune+refit`` score added to each row that has a refit and a finetune
+    score: their mean (finetune at its largest step count), timed as both together. It is what the scorer of that
+    name computes for the same candidate (``QuickEvaluator.score_along``: the same refit, the same fine-tuning)."""
+    out = []
+    for row in rows:
+        tuned = sorted((k for k in row["scores"] if k.startswith("finetune@")), key=lambda k: int(k.split("@")[1]))
+        if "refit" in row["scores"] and tuned and "finetune+refit" not in row["scores"]:
+            row = {**row, "scores": {**row["scores"], "finetune+refit": (row["scores"]["refit"]
+                                                                        + row["scores"][tuned[-1]]) / 2},
+                   "seconds": {**row["seconds"], "finetune+refit": row["seconds"]["refit"]
+                               + row["seconds"][tuned[-1]]}}
+        out.append(row)
+    return out
+
+
 def summary(rows: list[dict], retests: list[dict] = ()) -> dict:
     """Per target: candidates, Spearman of each scorer with the retrained top-1, median seconds, ranges; with
     ``retests`` covering a target's candidates, the proxy's test-retest Spearman (``retest``) and each scorer's
     Spearman with the mean of both retrainings (``spearman_mean2``)."""
-    out = {}
+    out, rows = {}, with_combined(rows)
     for target in dict.fromkeys(r["target"] for r in rows):
         mine = [r for r in rows if r["target"] == target]
         retrained = [r["retrained"] for r in mine]
