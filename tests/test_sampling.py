@@ -288,6 +288,12 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
     with pytest.raises(UserError) as info:  # column pruning alone: the filter exclusions hold nothing back
         ActionSampler.from_space(space, "params", 5000.0, kinds=("column",))
     assert "not filter-pruned" not in str(info.value) and "add filter to dims" in str(info.value)
+    import torchvision  # fresh user 60: a model torch-pruning cannot trace was told to add the filter pruning
+    shuffle = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()  # that the space had just refused
+    with pytest.raises(UserError) as info:
+        ActionSampler.from_space(PruningSpace.build(shuffle, torch.randn(1, 3, 32, 32)), "flops", 5000.0,
+                                 kinds=("column",))
+    assert str(info.value).endswith("lower the target, raise max_r (below 1)")
     # helper 34's ViT: the group its reshape broke came after a heavier one; the fixable one is named first now
     broken = f"filter pruning: {BREAKS} (RuntimeError: shape '[1, 50, 3, 4, 12]' is invalid)"
     space = PruningSpace.build(model, torch.randn(1, 1, 28, 28), left_out={light: broken},

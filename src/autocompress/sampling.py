@@ -322,7 +322,8 @@ def _check_reachable(original: float, best: float, target: float, r_max: float) 
 def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[str, list[str]]:
     """What holds a target back in ``space`` (the layers whose filters or, for a flops target, columns it leaves
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named)
-    and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds``, a params
+    and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds`` (not filter
+    pruning where the model cannot be traced for it), a params
     target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
     left = space.not_filter_pruned()
     broken = {name for name, reasons in space.reasons("filter").items()
@@ -342,7 +343,9 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
          "pruned columns would still be multiplied, and 1x1 / Linear layers applied at several positions, which "
          f"would gather their kept columns at each): {heaviest(columns)}"] if columns else [])
     useful = ("filter", "column") if objective == "flops" else KINDS
-    fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds]
+    untraced = space.reasons("filter").get("", ())  # the whole model is out of filter pruning (not traceable)
+    fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds
+             and not (kind == "filter" and untraced)]
     if columns:
         fixes.append("give a params target, which counts their columns")
     if broken:
