@@ -1084,6 +1084,11 @@ def test_batches_that_are_not_pairs(no_work):
     triples = DataLoader(TensorDataset(x, y, y), batch_size=8)
     refused(no_work, r"train_loader yields list batches of 3 items, not \(inputs, targets\)", train_loader=triples)
     refused(no_work, r"yields dict batches, not \(inputs, targets\)", train_loader=dict_batches(32, 0))
+    refused(no_work, r"^val_loader yields dict batches, in which the default score \(top-1\) finds no targets \(it "
+            r"reads batch\[1\] of a tuple batch\); pass score_fn\(model\) -> float, higher is better",  # fresh user 60
+            train_loader=dict_batches(32, 0), val_loader=dict_batches(32, 1),
+            forward_fn=lambda model, batch: model(batch["pixels"]),
+            loss_fn=lambda model, batch: F.cross_entropy(model(batch["pixels"]), batch["level"].long().flatten()))
     labelled_by_name = [(x[:8], ["shirt"] * 8)]
     refused(no_work, "yields tuple batches whose item 1 is a list, not", train_loader=labelled_by_name)
     wrong_shape = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8), y), batch_size=8)

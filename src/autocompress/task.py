@@ -463,7 +463,11 @@ class Task:
             _check_class_scores(output, "val_loader", "the default score (top-1)")
             items = f" (batches of {len(batch)} items: the default score reads {self._where} as the targets)" \
                 if isinstance(batch, (tuple, list)) and len(batch) > self.inputs + 1 else ""
-            targets = batch[self.inputs] if isinstance(batch, (tuple, list)) and len(batch) > self.inputs else None
+            if not isinstance(batch, (tuple, list)) or len(batch) <= self.inputs:
+                raise UserError(f"val_loader yields {_batch_kind(batch, self.inputs + 1)}, in which the default score "
+                                f"(top-1) finds no targets (it reads {self._where} of a tuple batch)",
+                                "pass score_fn(model) -> float, higher is better (e.g. top-1 on your loader)")
+            targets = batch[self.inputs]
             _refuse_class_targets(class_target_problem(output, targets, probabilities=False, where=self._where),
                                   "val_loader",
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
