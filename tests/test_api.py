@@ -2079,6 +2079,48 @@ def test_a_layer_cut_to_one_or_two_channels_is_named_in_the_final_warnings():
            "few that can shrink:" in _bottleneck_warning(left_out, SmallCNN(1, 16))
 
 
+def test_irregular_pruning_of_a_never_trained_model_meets_its_params_target():
+    """Fresh user 60: a freshly initialised CNN's BatchNorm biases (all zero) were counted as pruned weights, so the
+    round met params=4x before retraining gave them values and the run then refused its own model (3.97x)."""
+    torch.manual_seed(0)
+    model = SmallCNN(16, 16)
+    assert not any(bool(m.bias.any()) for m in (model.bn1, model.bn2))
+    train, val = loaders()
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=4x", train_loader=train,
+                                   val_loader=val, config={**CONFIG, "dims": "irregular", "admm": {"epochs": 0}},
+                                   progress=False)
+    sparse = sum(int(p.count_nonzero()) if p.dim() >= 2 else p.numel() for p in result.model.parameters())
+    assert any(bool(m.bias.any()) for m in (result.model.bn1, result.model.bn2))  # retraining gave them values
+    assert sum(p.numel() for p in model.parameters()) / sparse >= 4.0 * (1 - 1e-3)
+
+
+def test_a_params_target_the_compact_model_misses_is_refused_with_the_trained_model(tmp_path, monkeypatch):
+    """A compact model over the target's count (compaction keeping channels the search removed) was refused with a
+    plain UserError and no model ("raise the target a little"); now TargetMissed carries the result, the run
+    folder keeps model.pt, and the fix names a target to ask for."""
+    real = Pipeline.run_round
+
+    def kept_more(self, state, *, last):  # 2,000 parameters more than the rounds counted
+        real(self, state, last=last)
+        state.compact_model.register_parameter("kept", nn.Parameter(torch.zeros(2000)))
+
+    monkeypatch.setattr(Pipeline, "run_round", kept_more)
+    train, val = loaders()
+    model = SmallCNN(16, 16)
+    with pytest.raises(autocompress.TargetMissed) as info:
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                              config=CONFIG, run_dir=tmp_path / "run", progress=False)
+    result = info.value.result
+    base = sum(p.numel() for p in model.parameters())
+    reached = base / sum(p.numel() for p in result.model.parameters())
+    assert str(info.value) == (
+        f"target params=2x missed: the trained compact model has {base / reached:,.0f} parameters, {reached:.4g}x "
+        "fewer than the base (see the round records: refit, dead_channels_kept); the trained model is in the "
+        f"error's result and in {tmp_path / 'run'}; to meet the target, run again asking for slightly more (e.g. "
+        f"params={2 * 2 / reached:.3g}x)")
+    assert (tmp_path / "run" / "model.pt").exists() and reached < 2
+
+
 def test_a_model_on_the_meta_device_is_refused_naming_the_fix(no_work):
     """Fresh user 59: a model built under ``torch.device("meta")`` got torch's "Cannot copy out of meta tensor"."""
     with torch.device("meta"):

@@ -252,7 +252,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             BatchNorm statistics were re-estimated on), holds files of no run, or is in use; all before any
             training, with nothing written (a folder or lock file the call created is removed).
         TargetMissed: (a UserError) a latency target the trained model misses when measured at the end,
-            twice; its ``result`` is the :class:`CompressResult` (the run folder keeps it too).
+            twice, or a params / flops target its compact model misses (channels compaction had to keep); its
+            ``result`` is the :class:`CompressResult` (the run folder keeps it too).
     """
     return Compression(model, example_inputs, target, task_args=dict(
         train_loader=train_loader, val_loader=val_loader, score_fn=score_fn, loss_fn=loss_fn,
@@ -747,11 +748,11 @@ class Compression:
             self._search(state)
             self.pipeline.run_round(state, last=index == len(self.targets))
             model, compact_model = state.model, state.compact_model
-        self._check_target(compact_model)
         if not self.store.is_done("final", "final"):  # rank 0 saves model.pt and measures
             seconds = report.phase_seconds(self.store.records)  # a collective: every rank reads the records
             self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model, seconds))])
         result = self._result(compact_model)
+        self._check_target(result, compact_model)
         self._check_latency(result, compact_model)
         return result
 
@@ -967,18 +968,23 @@ class Compression:
         self.pipeline.log(f"round {state.index} search: stopped after {evaluations} evaluations ({why}){distinct}")
         return result
 
-    def _check_target(self, compact_model: nn.Module) -> None:
-        """A target is met or refused: UserError when the compact model's own count misses it (compaction
-        kept channels dense that the search counted as removed, or no refit after purification met the limit);
-        the run folder keeps every phase. A latency
-        target is checked on the final record's measurement (:meth:`_check_latency`)."""
+    def _check_target(self, result: CompressResult, compact_model: nn.Module) -> None:
+        """A target is met or refused: :class:`TargetMissed` carrying ``result`` when the compact model's own count
+        misses it (compaction kept channels dense that the search counted as removed, or no refit after
+        purification met the limit); the run folder keeps every phase and the model. A latency target is checked
+        on the final record's measurement (:meth:`_check_latency`)."""
         if self.table is not None:
             return
-        base = self._base_count()
-        reached = base / max(self._count(compact_model), 1)
+        reached = self._base_count() / max(self._count(compact_model), 1)
         if reached < self.factor * (1 - 1e-3):
-            raise UserError(f"target {self.target} missed: the compact model is {reached:.3g}x (see the round "
-                            "records: refit, dead_channels_kept)", "raise the target a little")
+            unit = "MACs" if self.target.objective == "flops" else "parameters"
+            raise TargetMissed(f"target {self.target} missed: the trained compact model has "
+                               f"{self._count(compact_model):,.0f} {unit}, {reached:.4g}x fewer than the base (see "
+                               "the round records: refit, dead_channels_kept)",
+                               f"the trained model is in the error's result"
+                               f"{'' if self.run_dir is None else f' and in {self.run_dir}'}; to meet the target, "
+                               f"run again asking for slightly more (e.g. {self.target.objective}="
+                               f"{self.factor * self.factor / reached:.3g}x)", result=result)
 
     def _check_latency(self, result: CompressResult, compact_model: nn.Module) -> None:
         """A latency target is met or refused. Met when the final record's measured speedup at the target's batch

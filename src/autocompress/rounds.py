@@ -304,9 +304,10 @@ class Pipeline:
         return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() else t for t in self.example_inputs)
 
     def params(self, model: nn.Module) -> int:
-        """Parameters of a compact model; with irregular pruning the non-zero ones."""
+        """Parameters of a compact model; with irregular pruning those a sparse format stores
+        (:func:`autocompress.metrics.count_sparse_params`)."""
         if "irregular" in self.config.kinds:
-            return metrics.count_nonzero_params(model)
+            return metrics.count_sparse_params(model)
         return metrics.count_params(model)
 
     def macs(self, model: nn.Module) -> int:
