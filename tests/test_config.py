@@ -28,9 +28,11 @@ def test_target_parsing():
         Target.parse("latency=5")
     assert "latency=5x" in str(error.value) and "latency=5ms" in str(error.value)
     assert Target.parse("Latency=2X") == Target("latency", 2.0) and Target.parse("latency=3MS").ms == 3.0
+    assert Target.parse("params=1e1x") == Target("params", 10.0)  # scientific notation is a number too
     for bad, words in (("latency=0.5x", "factor must be > 1"), ("params=1x", "factor must be > 1"),
                        ("flops=-2x", "factor must be > 1"), ("latency=-5ms", "latency must be > 0"),
-                       ("latency=0ms", "latency must be > 0")):  # a negative number is read, then refused
+                       ("latency=0ms", "latency must be > 0"), ("params=1e9x", "factor must be > 1 and < 1e9"),
+                       ("flops=2.5e-1x", "factor must be > 1")):  # a negative number is read, then refused
         with pytest.raises(SettingError, match=words):
             Target.parse(bad)
     with pytest.raises(SettingError, match="a MACs reduction is a flops target; write flops=3x "):

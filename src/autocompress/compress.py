@@ -364,7 +364,8 @@ class Compression:
         self.base_digest = model_digest(base)  # the caller's weights, before any BatchNorm re-estimation
         amp = None if self.config.amp == "none" else self.config.amp
         if amp is not None and self.device.type != "cuda":
-            say(f"amp {amp} is ignored on {self.device.type}: autocast runs on CUDA only")
+            logging.getLogger("autocompress").warning(f"amp {amp} is ignored on {self.device.type}: autocast runs "
+                                                      "on CUDA only")  # a setting asked for and not applied
         self.task = Task(device=self.device, amp=amp, **task_args)
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))

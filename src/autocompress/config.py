@@ -59,7 +59,7 @@ class Target:
     def parse(cls, text: Any) -> "Target":
         """``"params=20x"`` / ``"flops=8x"`` (the ``x`` is optional) or ``"latency=2x"`` / ``"latency=5ms"`` (a
         latency needs its unit: a speedup or milliseconds). Raises SettingError (``target``)."""
-        match = re.fullmatch(r"\s*(params|flops|latency)\s*=\s*(-?[0-9]*\.?[0-9]+)\s*(x|ms)?\s*", text,
+        match = re.fullmatch(r"\s*(params|flops|latency)\s*=\s*(-?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(x|ms)?\s*", text,
                              flags=re.IGNORECASE) if isinstance(text, str) and len(text) < 100 else None
         objective, unit = (match.group(1).lower(), (match.group(3) or "").lower() or None) if match else (None, None)
         ms = unit == "ms"
