@@ -142,7 +142,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
 
     Returns:
         :class:`PruneResult`. ``report`` holds ``params_before`` / ``params_after`` (parameters of the
-        original and of the compact model; with ``irregular`` in ``dims`` the non-zero ones),
+        original and of the compact model; with ``irregular`` in ``dims`` those a sparse format stores:
+        :func:`autocompress.metrics.count_sparse_params`),
         ``macs_before`` / ``macs_after`` (MACs per input item; FLOPs = 2 x MACs), ``compression_rate``,
         ``mac_reduction``, ``score`` (validation score -- top-1 as a fraction unless ``score_fn`` --
         ``before``, ``purified`` and ``after``, measured on the compact model; None without a score; ``before``
