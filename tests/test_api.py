@@ -1470,6 +1470,27 @@ def test_a_run_without_a_search_starts_where_the_probe_s_loss_is_lower_and_a_res
     assert len(probed) == 3 and f"search.start auto: {lower} (as this run recorded)" in lines
 
 
+def test_the_start_probe_says_it_trains_with_the_library_s_loop_when_the_caller_has_a_train_fn(monkeypatch):
+    """Fresh user 60 read "guided sgd 0.84; magnitude sgd 1.26" while their own loop trained with Adam: the line
+    now says which loop the probe ran."""
+    from autocompress import rounds
+
+    monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
+    monkeypatch.setattr(rounds, "probe_losses", lambda model, masks, task, *, optimizers, **_: {
+        name: 1.0 for name in optimizers})
+    train, val, lines = *loaders(), []
+    base = trained(SmallCNN(16, 16), train)
+    with torch.no_grad():
+        base.conv2.weight[8:] *= 0.01
+        base.fc.weight[:, 8:] *= 0.01
+    Compression(base, torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False, log=lines.append,
+                task_args=dict(train_loader=train, val_loader=val), train_fn=lambda net, phase: None,
+                config={**CONFIG, "search": {"max_evaluations": 1, "start": "auto"}, "admm": {"epochs": 0},
+                        "retrain": {"epochs": 0}}).run()
+    line = next(line for line in lines if line.startswith("search.start auto:"))
+    assert line.endswith("guided sgd 1; magnitude sgd 1; the library's loop, not train_fn, trains the probe)"), line
+
+
 def test_a_budget_run_s_summary_says_the_schedule_it_made():
     """A fresh user's budget of 3 epochs ran no ADMM and no search, said only in the log's first lines: the final
     record and the summary carry the schedule line the log starts with; an explicit schedule gets none."""

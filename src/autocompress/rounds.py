@@ -530,8 +530,9 @@ class Pipeline:
         choice, losses = distributed.on_main(lambda: self._probe_starts(state, candidates))
         shown = "; ".join(f"{name} " + ", ".join(f"{o} {loss:.4g}" for o, loss in by.items())
                           for name, by in losses.items())
+        loop = "; the library's loop, not train_fn, trains the probe" if self.train_fn is not None else ""
         self.log(f"search.start auto: {choice} (a probe of {PROBE_STEPS} steps from each start's pruned model; data "
-                 f"loss on the next {HELD_OUT_BATCHES} training batches: {shown})")
+                 f"loss on the next {HELD_OUT_BATCHES} training batches: {shown}{loop})")
         probe = {"held_out_loss": losses, "steps": PROBE_STEPS, "held_out_batches": HELD_OUT_BATCHES}
         phase = {"event": "phase", "round": 0, "phase": "optimizer", "seconds": time.perf_counter() - started}
         if self.config.retrain.optimizer == AUTO:
