@@ -206,8 +206,8 @@ class QuickEvaluator:
 
     Raises:
         UserError: a batch count below 1 (:func:`check_batches`), a bad scorer setting (:func:`check_scorer`),
-            an unknown ``optimizer``, or ``"refit"`` / ``"finetune+refit"`` on a model whose output is not ``[B, classes]`` from a final
-            ``nn.Linear``.
+            an unknown ``optimizer``, or ``"refit"`` / ``"finetune+refit"`` on a model whose output is not
+            ``[B, classes]`` from a final ``nn.Linear``.
     """
 
     def __init__(self, model: nn.Module, space, task, *, scorer: str = "bn", bn_recalibration: bool = True,
