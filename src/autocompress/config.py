@@ -178,12 +178,13 @@ class QuickEvalConfig:
 
     Attributes:
         scorer: ``"auto"`` (the default: ``"finetune"``), ``"bn"`` (one-shot + BatchNorm re-estimation),
-            ``"refit"`` (+ least-squares refit of the final linear layer onto the base model's logits) or
+            ``"refit"`` (+ least-squares refit of the final linear layer onto the base model's logits),
             ``"finetune"`` (``finetune_steps`` masked optimiser steps with distillation from the base, then BatchNorm
             re-estimation) or ``"finetune+refit"`` (the mean of the two scores); see :mod:`autocompress.quick_eval`
             and BENCHMARKS.md "Quick evaluation scorers", "Session 17" and "Session 43" for their rank correlation
-            with accuracy after retraining, their cost and the accuracy their searches reached (CIFAR-10 ResNet-20 at flops=4x, 15 epochs, three seeds: finetune
-            83.48-83.75 %, refit 82.90-84.11 %; on short runs the finetune search takes up to half the run).
+            with accuracy after retraining, their cost and the accuracy their searches reached (CIFAR-10 ResNet-20
+            at flops=4x, 15 epochs, three seeds: finetune 83.48-83.75 %, refit 82.90-84.11 %; on short runs the
+            finetune search takes up to half the run).
         bn_recalibration: re-estimate BatchNorm statistics before scoring (EagleEye, ECCV 2020).
         bn_batches: training batches for those statistics (and the refit).
         val_batches: validation batches scored (spread evenly over the validation loader); None: all. Unused
