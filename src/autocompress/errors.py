@@ -68,8 +68,8 @@ class ModelMismatch(UserError):
 class TargetMissed(UserError):
     """A target the trained compact model misses when measured at the end (a latency target on a machine
     slower than during the search, a params / flops count that compaction could not reach). ``result`` holds what
-    the run produced (a
-    :class:`autocompress.CompressResult`: the model, its records), so nothing trained is lost."""
+    the run produced (a :class:`autocompress.CompressResult`: the model, its records), so nothing trained is
+    lost."""
 
     def __init__(self, problem: str, fix: str | None = None, *, result: Any = None):
         super().__init__(problem, fix)
