@@ -43,21 +43,26 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
                     buf.copy_(buffers[name])
 
 
+def _frozen_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm layer the caller froze: affine parameters all with ``requires_grad=False``
+    (a frozen pretrained backbone)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and not any(
+        p.requires_grad for p in module.parameters(recurse=False))
+
+
 def trained_norms(model: nn.Module) -> list[nn.Module]:
     """The BatchNorm layers whose running statistics training and re-estimation may change: every one except those
-    the caller froze (affine parameters all with ``requires_grad=False``: a frozen pretrained backbone), which keep
-    their statistics as the caller's own loop with them in eval mode would (:func:`train_mode`)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not (m.affine and not any(p.requires_grad for p in m.parameters(recurse=False)))]
+    the caller froze (:func:`_frozen_norm`), which keep their statistics as the caller's own loop with them in eval
+    mode would (:func:`train_mode`)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _frozen_norm(m)]
 
 
 def train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, with the BatchNorm layers the caller froze (:func:`trained_norms`) in eval mode, so that
+    """``model.train()``, with the BatchNorm layers the caller froze (:func:`_frozen_norm`) in eval mode, so that
     training normalises with their running statistics and leaves them unchanged. Returns ``model``."""
     model.train()
-    trained = set(trained_norms(model))
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in trained:
+        if _frozen_norm(m):
             m.eval()
     return model
 

@@ -976,11 +976,12 @@ class Compression:
         on the final record's measurement (:meth:`_check_latency`)."""
         if self.table is not None:
             return
-        reached = self._base_count() / max(self._count(compact_model), 1)
+        count = self._count(compact_model)  # a flops target's count runs a traced forward: once
+        reached = self._base_count() / max(count, 1)
         if reached < self.factor * (1 - 1e-3):
             unit = "MACs" if self.target.objective == "flops" else "parameters"
             raise TargetMissed(f"target {self.target} missed: the trained compact model has "
-                               f"{self._count(compact_model):,.0f} {unit}, {reached:.4g}x fewer than the base (see "
+                               f"{count:,.0f} {unit}, {reached:.4g}x fewer than the base (see "
                                "the round records: refit, dead_channels_kept)",
                                f"the trained model is in the error's result"
                                f"{'' if self.run_dir is None else f' and in {self.run_dir}'}; to meet the target, "

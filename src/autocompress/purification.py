@@ -92,10 +92,10 @@ class PurificationResult:
     def largest_removals(self, count: int = 3) -> str:
         """The ``count`` units purification cut deepest beyond the rates (by the fraction it removed), e.g.
         ``"28 channels of c1 (4 of 32 kept), 6 columns of fc (20 of 36 kept)"``; "" when it removed nothing."""
-        cuts = [(removed / self.masks.filters[name].numel(), f"{removed} channels of {name}", self.masks.filters[name])
-                for name, removed in self.removed_filters.items() if removed > 0]
-        cuts += [(removed / self.masks.columns[name].numel(), f"{removed} columns of {name}", self.masks.columns[name])
-                 for name, removed in self.removed_columns.items() if removed > 0]
+        kinds = (("channels", self.removed_filters, self.masks.filters),
+                 ("columns", self.removed_columns, self.masks.columns))
+        cuts = [(removed / masks[name].numel(), f"{removed} {noun} of {name}", masks[name])
+                for noun, removals, masks in kinds for name, removed in removals.items() if removed > 0]
         cuts.sort(key=lambda cut: -cut[0])
         return ", ".join(f"{what} ({int(mask.sum())} of {mask.numel()} kept)" for _, what, mask in cuts[:count])
 

@@ -41,8 +41,8 @@ from .text import json_text, plain
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx", ".pt2", ".bin", ".safetensors")
 
 
-def run_dir_path(run_dir: Any) -> Path | None:
-    """``run_dir`` as a path (None: no run folder).
+def run_dir_path(run_dir: Any, name: str = "run_dir") -> Path | None:
+    """``run_dir`` as a path (None: no run folder); ``name`` is what the messages call it (the CLI: its flag).
 
     Raises:
         UserError: ``run_dir`` is not a str or path, an empty string (which would name the current folder), an
@@ -52,13 +52,13 @@ def run_dir_path(run_dir: Any) -> Path | None:
     if run_dir is None:
         return None
     if not isinstance(run_dir, (str, os.PathLike)):
-        raise UserError(f"run_dir is a {type(run_dir).__name__}", "pass a folder path (str or pathlib.Path) or None")
+        raise UserError(f"{name} is a {type(run_dir).__name__}", "pass a folder path (str or pathlib.Path) or None")
     if not str(run_dir).strip():
-        raise UserError("run_dir is an empty string, which would be the current folder",
+        raise UserError(f"{name} is an empty string, which would be the current folder",
                         "pass a folder path ('.' for the current folder), or None for no run folder")
     path = Path(run_dir)
     if path.is_file() or (not path.exists() and path.suffix.lower() in MODEL_FILE_SUFFIXES):
-        raise UserError(f"run_dir {path} {'is a file' if path.is_file() else 'names a model file'}, but a run is "
+        raise UserError(f"{name} {path} {'is a file' if path.is_file() else 'names a model file'}, but a run is "
                         "a folder (config.yaml, the phases, model.pt: the compressed model)",
                         f"pass a folder path such as {path.with_suffix('')}; the model is written as its model.pt")
     return path

@@ -323,8 +323,8 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     """What holds a target back in ``space`` (the layers whose filters or, for a flops target, columns it leaves
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named)
     and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds`` (not filter
-    pruning where the model cannot be traced for it), a params
-    target when columns were left out for flops, reshapes written with -1 when the compact model broke."""
+    pruning where the model cannot be traced for it), a params target when columns were left out for flops,
+    reshapes written with -1 when the compact model broke."""
     left = space.not_filter_pruned()
     broken = {name for name, reasons in space.reasons("filter").items()
               if any(r.startswith(FILTER_PRUNING + BREAKS) for r in reasons)}

@@ -290,12 +290,9 @@ def _start(args: argparse.Namespace) -> int:
     if not args.quiet and distributed.world().is_main:
         configure_logging()
     out = _run_dir(args)
-    try:  # a file given for the run folder, before any work
-        from ..runfolder import run_dir_path
+    from ..runfolder import run_dir_path
 
-        run_dir_path(out)
-    except UserError as exc:
-        raise UserError(re.sub(r"^run_dir ", "--resume " if args.resume else "--out ", str(exc))) from None
+    run_dir_path(out, "--resume" if args.resume else "--out")  # a file given for the run folder, before any work
     checkpoint, settings, imports = distributed.on_main(lambda: _request(args, out))
     import_modules(imports)
     try:
