@@ -129,7 +129,7 @@ def test_a_short_run_of_a_layer_norm_classifier_says_it_retrains_with_adamw():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
     train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 3))
+    model = nn.Sequential(nn.Linear(8, 48), nn.LayerNorm(48), nn.ReLU(), nn.Linear(48, 3))
     lines: list[str] = []
     result = autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
                                    device="cpu", progress=False, log=lines.append,

@@ -235,14 +235,15 @@ def test_count_matches_hand_computation_for_hybrid_masks():
     assert abs(counter.get_total_flops() // 2 - hand_macs) <= 0.01 * hand_macs
 
 
+@pytest.mark.parametrize("multiple", [1, 4])
 @pytest.mark.parametrize("name", sorted(SMALL) + ["resnet20"])
-def test_estimate_bounds_count_of_the_projection(name):
+def test_estimate_bounds_count_of_the_projection(name, multiple):
     """The search's fast estimate from rates alone gives count(project(...))'s parameters exactly and, for
     layers under 128 filters (the dense conv over kept channels), never fewer MACs (a column layer whose input
-    channels lose every column executes less than estimated)."""
+    channels lose every column executes less than estimated); at any channel multiple."""
     model = _randomize(create_model(name) if name == "resnet20" else SMALL[name](), seed=2)
     x = torch.randn(1, 3, 32, 32) if name == "resnet20" else X
-    space = PruningSpace.build(model, x, dims=("filter", "column", "irregular"))
+    space = PruningSpace.build(model, x, dims=("filter", "column", "irregular"), channel_multiple=multiple)
     gen = torch.Generator().manual_seed(9)
     for _ in range(5):
         rates = {kind: {u.name: float(torch.rand((), generator=gen)) * 0.99 for u in space.units(kind)}
@@ -250,6 +251,50 @@ def test_estimate_bounds_count_of_the_projection(name):
         estimate, count = space.estimate(rates), space.count(project(space, model, rates))
         assert estimate.params == count.params and estimate.macs >= count.macs
     assert space.estimate({}) == space.total
+
+
+class PointwiseHead(nn.Module):
+    """A 3x3 conv, a 1x1 conv and a Linear: column layers of kernel area 9, 1 and 1."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.point = nn.Conv2d(width, width + 3, 1)
+        self.fc = nn.Linear(width + 3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.point(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(width=st.integers(5, 40), multiple=st.sampled_from([1, 4, 8]), seed=st.integers(0, 10**6),
+       dims=st.sampled_from([("column",), ("filter", "column")]))
+def test_column_layers_of_kernel_area_one_keep_aligned_widths(width, multiple, seed, dims):
+    """A 1x1 conv or Linear keeps a multiple of the channel multiple of its remaining input channels (or all of
+    them), the nearest to what the rate asks (ties to the larger); a 3x3 layer keeps the rate's count; the
+    estimate's parameters equal the projection's and the compact 1x1 conv reads an aligned width."""
+    model = _randomize(PointwiseHead(width), seed=seed % 97)
+    x = torch.randn(1, 3, 6, 6)
+    space = PruningSpace.build(model, x, dims=dims, channel_multiple=multiple)
+    gen = torch.Generator().manual_seed(seed)
+    rates = {kind: {u.name: float(torch.rand((), generator=gen)) * 0.9 for u in space.units(kind)} for kind in dims}
+    masks = project(space, model, rates)
+    structure = space.param_masks(Masks(filters=masks.filters, columns={}, weights={}))  # filter pruning's
+    remaining = {}
+    for layer in space.column_layers:
+        remaining[layer.name] = left = (int(layer.gemm(structure[layer.param]).any(0).sum())
+                                        if layer.param in structure else layer.size)
+        kept, asked = int(masks.columns[layer.name].sum()), keep_count(left, rates["column"][layer.name])
+        if layer.area > 1 or multiple == 1:
+            assert kept == asked
+        else:
+            allowed = [w for w in range(1, left + 1) if w % multiple == 0 or w == left]
+            assert kept == min(allowed, key=lambda w: (abs(w - asked), -w))
+    assert space.estimate(rates).params == space.count(masks).params
+    point = compact(model, space.param_masks(masks), x).model.point  # a ColumnConv2d unless it keeps all
+    read = point.dense_input.numel() if hasattr(point, "dense_input") else point.in_channels
+    assert read == int(masks.columns["point"].sum())
+    assert read % multiple == 0 or read == remaining["point"]
 
 
 def _center_heavy(model: nn.Module, seed: int) -> nn.Module:

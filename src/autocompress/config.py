@@ -295,7 +295,8 @@ class CompressConfig:
             sampler's give-back at aligned widths; ablation).
         final_retrain_epochs: retraining epochs of the last round (None: as ``retrain.epochs``).
         latency_runs: timed runs per PyTorch latency measurement of the final table.
-        channel_multiple: every filter group keeps a multiple of this many channels
+        channel_multiple: every filter group keeps a multiple of this many channels, and every column-pruned
+            layer of kernel area 1 (1x1 conv, Linear) a multiple of this many input channels
             (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (16 on AVX-512
             CPUs, 8 otherwise, falling back to 8, :data:`autocompress.alignment.LAYOUT_MULTIPLE` and 1 where the
             target needs it; a latency target to 8 only); None (default): ``"auto"`` for every target. Widths

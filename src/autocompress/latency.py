@@ -585,8 +585,6 @@ class LatencyTable:
         """Estimated latency (ms) of the model of ``space`` pruned at ``rates`` (the engine's rates dict):
         each timed layer at the widths :meth:`PruningSpace.kept_shapes` gives and its kept column fraction,
         plus the fixed cost. Non-increasing in every rate."""
-        from .space import keep_count
-
         rates = space.check_rates(rates)
         shapes = space.kept_shapes(rates)
         columns = {c.name: c for c in space.column_layers}
@@ -602,7 +600,7 @@ class LatencyTable:
             layer = columns.get(name)
             if layer is not None and rates["column"].get(name, 0.0) > 0:
                 cols = math.prod(shape[1:])
-                fraction = keep_count(cols, rates["column"][name]) / cols
+                fraction = space.column_keep(layer, cols, rates["column"][name]) / cols
             total += self.layer_ms(name, cin, cout, fraction)
         return self._total(total)
 

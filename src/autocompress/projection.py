@@ -169,7 +169,9 @@ def project(space: PruningSpace, model: nn.Module, rates: Mapping[str, Mapping[s
 
     def kept(kind: str, name: str, size: int) -> int:
         rate = rates[kind].get(name, 0.0)
-        k = space.filter_keep_classes(space.unit(kind, name), rate) if kind == "filter" else keep_count(size, rate)
+        unit = space.unit(kind, name)
+        k = (space.filter_keep_classes(unit, rate) if kind == "filter" else
+             space.column_keep(unit, size, rate) if kind == "column" else keep_count(size, rate))
         if removed_count(size, rate) >= size:
             clipped.append(Clip(kind, name, rate, size, k))
             log.debug("%s rate %.4f of %s would remove all %d units; keeping %d", kind, rate, name, size, k)

@@ -650,13 +650,18 @@ def _check_guidance(guidance: str) -> None:
 def space_keeps(space, units: Sequence[ActionUnit]) -> Callable[[np.ndarray], tuple[int, ...]]:
     """The keep counts of an action over ``units`` of ``space``: per filter group the channels it keeps
     (:meth:`~autocompress.space.PruningSpace.filter_keep`, aligned to the space's channel multiple), per column
-    or irregular unit :func:`~autocompress.space.keep_count` of its size. Two actions of equal keep counts
+    unit :meth:`~autocompress.space.PruningSpace.column_keep` of its size, per irregular unit
+    :func:`~autocompress.space.keep_count` of its size. Two actions of equal keep counts
     prune the same number of channels from every group (and nearly always the same columns and weights)."""
-    groups = {g.name: g for g in space.filter_groups}
+    def keep(unit: ActionUnit, rate: float) -> int:
+        if unit.kind == "filter":
+            return space.filter_keep(space.unit("filter", unit.name), rate)
+        if unit.kind == "column":
+            return space.column_keep(space.unit("column", unit.name), unit.size, rate)
+        return keep_count(unit.size, rate)
 
     def keeps(action: np.ndarray) -> tuple[int, ...]:
-        return tuple(space.filter_keep(groups[u.name], float(r)) if u.kind == "filter" else keep_count(u.size, float(r))
-                     for u, r in zip(units, action))
+        return tuple(keep(u, float(r)) for u, r in zip(units, action))
 
     return keeps
 

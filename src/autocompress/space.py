@@ -512,6 +512,16 @@ class PruningSpace:
             return group.heads * aligned_keep(per, keep_count(per, rate), self.head_multiple(group))
         return aligned_keep(group.classes, keep_count(group.classes, rate), self.class_multiple(group))
 
+    def column_keep(self, layer: ColumnLayer, size: int, rate: float) -> int:
+        """Columns ``layer`` keeps of its ``size`` remaining ones (what filter pruning left) at ``rate``:
+        :func:`keep_count`, for a layer of kernel area 1 (a 1x1 conv or a Linear, whose columns are its input
+        channels or features) aligned (:func:`autocompress.alignment.aligned_keep`) to :attr:`channel_multiple`:
+        its compact form gathers the kept channels and runs a conv of that width, which onnxruntime keeps in its
+        blocked channel layout only at aligned widths (unaligned: 0.87-1.04x the base's speed on a column-pruned
+        regnet_x_400mf, 16-aligned 0.98-1.17x; BENCHMARKS.md, "Session 44"). Non-increasing in ``rate``."""
+        keep = keep_count(size, rate)
+        return aligned_keep(size, keep, self.channel_multiple) if layer.area == 1 else keep
+
     def head_multiple(self, group: FilterGroup) -> int:
         """The multiple of one head's channels that keeps :attr:`channel_multiple` channels aligned over the
         group's ``heads`` heads: ``N / gcd(N, heads)``."""
@@ -657,7 +667,8 @@ class PruningSpace:
         """:meth:`count` of the masks that :func:`autocompress.projection.project` returns for ``rates``,
         computed from the keep counts alone (no weights, no masks: fast enough for the search's cost
         function). The parameters equal ``count(project(space, model, rates))`` for any weights, because the
-        projection keeps exactly :func:`keep_count` units of what remains of each unit; so do the MACs
+        projection keeps exactly :func:`keep_count` units of what remains of each unit (:meth:`filter_keep` /
+        :meth:`column_keep` aligned); so do the MACs
         when every input channel left by filter pruning keeps a column of each column layer (the estimate
         assumes so). When some lose all of theirs, a layer on the dense conv over its kept channels executes
         fewer MACs than estimated, and a layer of >= 128 filters may switch from the GEMM over its kept
@@ -681,7 +692,7 @@ class PruningSpace:
             entries = dense[param] = rows * cols
             if param in columns:
                 layer = columns[param]
-                kept_columns = keep_count(cols, rates["column"].get(layer.name, 0.0))
+                kept_columns = self.column_keep(layer, cols, rates["column"].get(layer.name, 0.0))
                 entries = rows * kept_columns
                 dense[param] = layer.executed_entries(rows, kept_columns, min(cols // layer.area, kept_columns))
             if param in weights:
