@@ -195,7 +195,7 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     assert "channel_multiple" not in speed_warning(summary, aligned=True)  # auto or N already in use
     off_grid = speed_warning(summary, layout={"base": (5, 5), "compressed": (2, 5)})
     assert "batch 1: 2 ms vs 1 ms (it runs 2 of its 5 convolutions in onnxruntime's blocked channel layout, the " \
-           "base 5 of 5: widths of 16 or more channels that are not a multiple of 4 run outside it); use" in off_grid
+           "base 5 of 5: input widths of 16 or more channels that are not a multiple of 4, and grouped " in off_grid
     assert speed_warning(summary, layout={"base": (3, 5), "compressed": (3, 5)}) == warning  # not the cause
     row = {"params": 10, "macs": 10}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,

@@ -249,8 +249,9 @@ def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
     """How many of ``model``'s convolutions onnxruntime runs in its blocked channel layout (NCHWc) on this CPU,
     and how many convolutions its optimised graph holds: ``(blocked, convolutions)``. It moves a convolution
     there only where its input channels are a multiple of 4 or fewer than its channel block (16 on AVX-512),
-    and it is not grouped (depthwise is); the others run the plain kernels, with a layout conversion on each side, which
-    made filter-pruned models at any width up to 2.6x slower than their base at batch 1 (BENCHMARKS.md,
+    and, for a grouped convolution other than depthwise, where its input and output channels per group are
+    multiples of the block (measured: 16 per group ran blocked, 8, 12 and 24 did not); the others run the
+    plain kernels, with a layout conversion on each side, which made filter-pruned models at any width up to 2.6x slower than their base at batch 1 (BENCHMARKS.md,
     "Session 33"; :data:`autocompress.alignment.LAYOUT_MULTIPLE`). Only onnxruntime's CPU provider on x86.
 
     Raises:
@@ -389,8 +390,9 @@ def speed_warning(summary: dict, *, macs_factor: float | None = None, aligned: b
     why = ""
     if layout and layout["compressed"][1] - layout["compressed"][0] > layout["base"][1] - layout["base"][0]:
         why = (f" (it runs {layout['compressed'][0]} of its {layout['compressed'][1]} convolutions in onnxruntime's "
-               f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: widths of 16 or more "
-               "channels that are not a multiple of 4 run outside it)")
+               f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: input widths of 16 or "
+               "more channels that are not a multiple of 4, and grouped convolutions whose channels per group are "
+               "not a multiple of the CPU's channel block (16 on AVX-512), run outside it)")
     return f"{head} in {summary['runtime']} ({summary['threads']} thread(s)): {'; '.join(parts)}{why}; {fix}"
 
 
