@@ -135,3 +135,30 @@ def test_prune_takes_its_settings_as_a_config_file_s_sections_and_names_a_bad_on
     assert "masks" not in repr(result) and "report" not in repr(result)
     with pytest.raises(SettingError, match=r"admm\.epoch"):
         prune(model, {"filter": {"0": 0.5}}, example_inputs=x, device="cpu", admm={"epoch": 0}, progress=False)
+
+
+def test_prune_reads_a_compress_config_s_round_settings_and_refuses_the_others():
+    """Fresh user 60 passed ``config={"admm": ..., "retrain": ...}`` as to ``compress`` and got a TypeError: the
+    config's round settings give the same model as the keyword arguments; a compress-only setting, or a setting
+    given both ways, is refused naming it, before any work."""
+    from autocompress import CompressConfig
+    from autocompress.errors import SettingError
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    rates = {"filter": {"0": 0.5}, "column": {"2": 0.5}}
+    by_keywords = prune(model, rates, example_inputs=x, device="cpu", dims="filter,column", admm={"epochs": 0},
+                        retrain={"epochs": 0}, purify=False, progress=False)
+    settings = {"dims": "filter,column", "admm": {"epochs": 0}, "retrain": {"epochs": 0},
+                "purification": {"enabled": False}}
+    for config in (settings, CompressConfig.from_dict(settings, validate=False)):
+        by_config = prune(model, rates, example_inputs=x, device="cpu", config=config, progress=False)
+        assert by_config.report["kept"] == by_keywords.report["kept"]
+        assert torch.equal(by_config.model(x), by_keywords.model(x))
+    with pytest.raises(SettingError, match=r"prune does not use budget") as info:
+        prune(model, rates, example_inputs=x, config={"budget": 3, "admm": {"epochs": 0}}, progress=False)
+    assert info.value.setting == "budget"
+    with pytest.raises(SettingError, match=r"admm is given both as prune's keyword argument and in config"):
+        prune(model, rates, example_inputs=x, admm={"epochs": 0}, config={"admm": {"epochs": 0}}, progress=False)
+    with pytest.raises(SettingError, match=r"retrain\.epoch"):
+        prune(model, rates, example_inputs=x, config={"retrain": {"epoch": 0}}, progress=False)

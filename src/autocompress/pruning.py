@@ -31,7 +31,7 @@ from .admm import ADMMConfig
 from .analysis import prunable_model
 from .compaction import check_compactable, densify
 from .config import CompressConfig, PurificationConfig, RetrainConfig, from_dict
-from .errors import UserError
+from .errors import SettingError, UserError
 from .masks import Masks
 from .projection import project
 from .padded_norm import LAYER_NORM_FORMS
@@ -102,6 +102,35 @@ def _kept_units(masks: Masks) -> dict[str, dict[str, list[int]]]:
             "weights": {k: [int(v.sum()), v.numel()] for k, v in masks.weights.items()}}
 
 
+#: the settings of a :class:`~autocompress.config.CompressConfig` that :func:`prune` reads from its ``config``
+ROUND_SETTINGS = ("dims", "seed", "ignored_layers", "layer_norm", "admm", "retrain", "purification")
+
+
+def round_settings(config: CompressConfig | Mapping, keywords: Sequence[str] = ()) -> CompressConfig:
+    """``config`` (a CompressConfig, or a dict as a config file holds it, ``retrain`` defaulting to 10 epochs) as
+    :func:`prune` reads it: only :data:`ROUND_SETTINGS` may differ from :class:`CompressConfig`'s defaults.
+
+    Raises:
+        SettingError: an unknown or ill-typed setting (:func:`autocompress.config.from_dict`); a setting
+            outside :data:`ROUND_SETTINGS`; one of them named in ``keywords`` (the keyword arguments given
+            beside ``config``).
+    """
+    default = CompressConfig(retrain=RetrainConfig(epochs=10))
+    if isinstance(config, Mapping):
+        config = from_dict(CompressConfig, dict(config), base=default)
+    elif not isinstance(config, CompressConfig):
+        raise SettingError("config", f"config must be a CompressConfig or a dict of settings, not "
+                           f"{type(config).__name__}", "pass config={'admm': {'epochs': 0}, ...}")
+    for f in dataclasses.fields(CompressConfig):
+        if f.name not in ROUND_SETTINGS and getattr(config, f.name) != getattr(default, f.name):
+            raise SettingError(f.name, f"prune does not use {f.name} (it prunes at the given rates, in one round)",
+                               f"drop {f.name} from config, or call autocompress.compress for a target")
+    if keywords:
+        raise SettingError(keywords[0], f"{keywords[0]} is given both as prune's keyword argument and in config",
+                           f"give {keywords[0]} in one place")
+    return config
+
+
 def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Iterable | None = None,
           val_loader: Iterable | None = None, score_fn: ScoreFn | None = None, loss_fn: LossFn | None = None,
           forward_fn: ForwardFn | None = None, train_fn: TrainFn | None = None, device: str | torch.device = "auto",
@@ -110,7 +139,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
           purify_tolerance: float = 0.005,
           purify_thresholds: Sequence[float] = DEFAULT_THRESHOLDS, seed: int = 0,
           ignored_layers: Sequence[str] = (), layer_norm: str = "kept", progress: bool = True,
-          log: Callable[[str], None] | None = None) -> PruneResult:
+          log: Callable[[str], None] | None = None, config: CompressConfig | Mapping | None = None) -> PruneResult:
     """Prune ``model`` at ``rates`` and compact it: one round of AutoCompress's actual pruning (Liu et al.
     AAAI 2020, §3) without the search -- ADMM, hard pruning, purification, masked retraining, compaction
     (:meth:`autocompress.rounds.Pipeline.run_round`, the round function :func:`autocompress.compress` runs).
@@ -139,6 +168,11 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         layer_norm: ``"kept"`` or ``"padded"``: a LayerNorm that loses channels normalises over the kept ones
             from the retraining on, or over all its original ones (``CompressConfig.layer_norm``).
         progress: tqdm bars; log: called with one line per step.
+        config: the round's settings as :func:`autocompress.compress` takes them (a
+            :class:`~autocompress.config.CompressConfig` or a dict as a config file holds it): its
+            :data:`ROUND_SETTINGS` (``dims``, ``seed``, ``ignored_layers``, ``layer_norm``, ``admm``, ``retrain``,
+            ``purification``) replace the keyword arguments of the same names, which then stay at their defaults;
+            a section it omits keeps compress's default (``admm``: 2 epochs; ``retrain``: prune's 10 epochs).
 
     Returns:
         :class:`PruneResult`. ``report`` holds ``params_before`` / ``params_after`` (parameters of the
@@ -153,6 +187,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         ``records`` (the phase records, as in a compress run's ``metrics.jsonl``).
 
     Raises:
+        SettingError: ``config`` holds a setting prune does not use (``target``, ``budget``, ``search``, ...: it
+            prunes at ``rates`` in one round), or one that a keyword argument also gives.
         UserError: a model that is not an eager ``nn.Module`` with values (a state dict, TorchScript, meta
             tensors: :func:`autocompress.analysis.prunable_model`), bad rates / dims / names / settings / arguments
             (a rate naming a unit left out of the space says why), a model the space or compaction cannot handle,
@@ -162,6 +198,17 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         RuntimeError: the compact model differs from the masked one (a bug; names the layer).
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
+    if config is not None:
+        given = {"dims": dims != ("filter", "column"), "admm": admm is not None, "retrain": retrain is not None,
+                 "purification": (purify, purify_tolerance, tuple(purify_thresholds)) != (True, 0.005,
+                                                                                     DEFAULT_THRESHOLDS),
+                 "seed": seed != 0, "ignored_layers": bool(ignored_layers), "layer_norm": layer_norm != "kept"}
+        round_config = round_settings(config, [name for name, changed in given.items() if changed])
+        dims, seed, ignored_layers, layer_norm = (round_config.resolved_dims, round_config.seed,
+                                                  round_config.ignored_layers, round_config.layer_norm)
+        admm, retrain, purification = round_config.admm, round_config.retrain, round_config.purification
+        purify, purify_tolerance, purify_thresholds = (purification.enabled, purification.tolerance,
+                                                       purification.thresholds)
     model = prunable_model(model, log if log is not None else (lambda _line: None))
     dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
