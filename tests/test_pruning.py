@@ -160,5 +160,7 @@ def test_prune_reads_a_compress_config_s_round_settings_and_refuses_the_others()
     assert info.value.setting == "budget"
     with pytest.raises(SettingError, match=r"admm is given both as prune's keyword argument and in config"):
         prune(model, rates, example_inputs=x, admm={"epochs": 0}, config={"admm": {"epochs": 0}}, progress=False)
+    with pytest.raises(SettingError, match=r"purification is given both"):
+        prune(model, rates, example_inputs=x, purify=False, ignored_layers=[], config=settings, progress=False)
     with pytest.raises(SettingError, match=r"retrain\.epoch"):
         prune(model, rates, example_inputs=x, config={"retrain": {"epoch": 0}}, progress=False)

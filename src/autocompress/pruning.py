@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -131,6 +132,19 @@ def round_settings(config: CompressConfig | Mapping, keywords: Sequence[str] = (
     return config
 
 
+def _keywords_given(values: Mapping[str, object]) -> list[str]:
+    """The :data:`ROUND_SETTINGS` that :func:`prune`'s keyword arguments ``values`` (name -> value) set away from
+    their defaults (``purify*`` set ``purification``)."""
+    defaults = inspect.signature(prune).parameters
+
+    def same(value, default) -> bool:
+        return tuple(value) == tuple(default) if isinstance(default, tuple) else value == default
+
+    given = {"purification" if name.startswith("purify") else name for name, value in values.items()
+             if not same(value, defaults[name].default)}
+    return [name for name in ROUND_SETTINGS if name in given]
+
+
 def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Iterable | None = None,
           val_loader: Iterable | None = None, score_fn: ScoreFn | None = None, loss_fn: LossFn | None = None,
           forward_fn: ForwardFn | None = None, train_fn: TrainFn | None = None, device: str | torch.device = "auto",
@@ -199,11 +213,9 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     """
     check_functions(score_fn=score_fn, loss_fn=loss_fn, forward_fn=forward_fn, train_fn=train_fn, log=log)
     if config is not None:
-        given = {"dims": dims != ("filter", "column"), "admm": admm is not None, "retrain": retrain is not None,
-                 "purification": (purify, purify_tolerance, tuple(purify_thresholds)) != (True, 0.005,
-                                                                                     DEFAULT_THRESHOLDS),
-                 "seed": seed != 0, "ignored_layers": bool(ignored_layers), "layer_norm": layer_norm != "kept"}
-        round_config = round_settings(config, [name for name, changed in given.items() if changed])
+        round_config = round_settings(config, _keywords_given(dict(
+            dims=dims, admm=admm, retrain=retrain, purify=purify, purify_tolerance=purify_tolerance,
+            purify_thresholds=purify_thresholds, seed=seed, ignored_layers=ignored_layers, layer_norm=layer_norm)))
         dims, seed, ignored_layers, layer_norm = (round_config.resolved_dims, round_config.seed,
                                                   round_config.ignored_layers, round_config.layer_norm)
         admm, retrain, purification = round_config.admm, round_config.retrain, round_config.purification
