@@ -15,21 +15,35 @@ multiple. Timing: :func:`autocompress.latency.measure_models` (onnxruntime, 1 th
 model of one rate interleaved with the base), median of ``--runs``; speedup = base / model.
 
     .venv/bin/python benchmarks/ort_widths.py --models dwse,fmnist_cnn,resnet20 --rates 0.1,0.15,0.25,0.4
+
+``--kind column`` (session 44) column-prunes instead: every column unit of a flops target's space
+(``executed_macs_only``: 1x1 kernels and Linear layers at one position of an input item, wide Conv2d layers) at the
+rate, a layer of kernel area 1 keeping as many input channels as the rate gives (multiple 1) or the nearest multiple
+of 4 / 16 (what :meth:`autocompress.space.PruningSpace.column_keep` keeps at that ``channel_multiple``). Models may
+also be torchvision names (10 classes, 3x32x32), e.g. fresh user 60's ``regnet_x_400mf``, whose column-pruned 1x1
+convolutions kept widths off the grid:
+
+    .venv/bin/python benchmarks/ort_widths.py --kind column --models regnet_x_400mf --rates 0.27,0.43,0.5
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+import torchvision
 from torch import nn
 
+from autocompress.alignment import aligned_keep
+from autocompress.compaction import compact
 from autocompress.latency import LatencyConfig, blocked_convolutions, measure_models
 from autocompress.metrics import count_macs
 from autocompress.models import create_model
+from autocompress.projection import project
+from autocompress.space import PruningSpace, keep_count
 from autocompress.training import seeded
 from filter_speedup import filter_pruned, randomise_batchnorm  # benchmarks/ is the script's folder
 
-MULTIPLES = (1, 4, 8, 16)
+MULTIPLES = {"filter": (1, 4, 8, 16), "column": (1, 4, 16)}
 
 
 class SqueezeExcite(nn.Module):
@@ -72,10 +86,26 @@ def dwse() -> nn.Module:
 
 def model_and_example(name: str, generator: torch.Generator) -> tuple[nn.Module, torch.Tensor]:
     with seeded(0):
-        model = dwse() if name == "dwse" else create_model(name)
+        model = (dwse() if name == "dwse" else getattr(torchvision.models, name)(num_classes=10)
+                 if hasattr(torchvision.models, name) else create_model(name))
     randomise_batchnorm(model, generator)
     size = (1, 28, 28) if name in ("dwse", "fmnist_cnn", "lenet5") else (3, 32, 32)
     return model.eval(), torch.randn(1, *size, generator=generator)
+
+
+def column_pruned(model: nn.Module, rate: float, example: torch.Tensor, multiple: int) -> nn.Module:
+    """The compact model after column pruning at ``rate`` of every column unit of a flops target's space, a layer
+    of kernel area 1 keeping the multiple of ``multiple`` input channels nearest the rate's count."""
+    space = PruningSpace.build(model, example, dims=("column",), executed_macs_only=True)
+    rates = {}
+    for layer in space.column_layers:
+        keep = keep_count(layer.size, rate)
+        rates[layer.name] = 1 - (aligned_keep(layer.size, keep, multiple) if layer.area == 1 else keep) / layer.size
+    masks = project(space, model, {"column": rates})
+    return compact(model, space.param_masks(masks), example).model
+
+
+PRUNERS = {"filter": filter_pruned, "column": column_pruned}
 
 
 def main() -> None:
@@ -84,6 +114,7 @@ def main() -> None:
     parser.add_argument("--rates", default="0.1,0.15,0.25,0.4")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--kind", choices=sorted(PRUNERS), default="filter")
     args = parser.parse_args()
     config = LatencyConfig(runtime="onnxruntime", threads=1, batch=args.batch, runs=args.runs)
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +124,7 @@ def main() -> None:
         base, example = model_and_example(name, generator)
         base_macs = count_macs(base, example)
         for rate in (float(r) for r in args.rates.split(",")):
-            pruned = {m: filter_pruned(base, rate, example, m).eval() for m in MULTIPLES}
+            pruned = {m: PRUNERS[args.kind](base, rate, example, m).eval() for m in MULTIPLES[args.kind]}
             times = measure_models({"base": base, **{str(m): p for m, p in pruned.items()}}, example, config,
                                    batches=[args.batch])[args.batch]
             for m, model in pruned.items():

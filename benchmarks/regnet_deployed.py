@@ -40,7 +40,8 @@ def tensors(split, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor,
 def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        return 100 * sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500)) / len(y)
+        hits = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500))
+    return 100 * hits / len(y)
 
 
 def trained_base(name: str, train: DataLoader, epochs: int, cache: Path) -> torch.nn.Module:

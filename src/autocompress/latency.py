@@ -251,8 +251,9 @@ def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
     there only where its input channels are a multiple of 4 or fewer than its channel block (16 on AVX-512),
     and, for a grouped convolution other than depthwise, where its input and output channels per group are
     multiples of the block (measured: 16 per group ran blocked, 8, 12 and 24 did not); the others run the
-    plain kernels, with a layout conversion on each side, which made filter-pruned models at any width up to 2.6x slower than their base at batch 1 (BENCHMARKS.md,
-    "Session 33"; :data:`autocompress.alignment.LAYOUT_MULTIPLE`). Only onnxruntime's CPU provider on x86.
+    plain kernels, with a layout conversion on each side, which made filter-pruned models at any width up to 2.6x
+    slower than their base at batch 1 (BENCHMARKS.md, "Session 33"; :data:`autocompress.alignment.LAYOUT_MULTIPLE`;
+    grouped: "Session 44"). Only onnxruntime's CPU provider on x86.
 
     Raises:
         UserError: the model cannot be exported, or ``example`` is not tensors of one batch size.
