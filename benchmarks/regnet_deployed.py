@@ -20,11 +20,11 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress
+import weak_teacher  # benchmarks/ is the script's folder
 from autocompress.data import get_dataset
 from autocompress.latency import blocked_convolutions
 from autocompress.training import seeded
@@ -37,13 +37,6 @@ def tensors(split, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor,
     return (split.images.float() / 255 - mean) / std, split.labels
 
 
-def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        hits = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500))
-    return 100 * hits / len(y)
-
-
 def trained_base(name: str, train: DataLoader, epochs: int, cache: Path) -> torch.nn.Module:
     """``torchvision.models.<name>(num_classes=10)`` trained ``epochs`` epochs (cached state dict)."""
     with seeded(0):
@@ -53,14 +46,8 @@ def trained_base(name: str, train: DataLoader, epochs: int, cache: Path) -> torc
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * len(train))
-    model.train()
-    for _ in range(epochs):
-        for x, y in train:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
+    weak_teacher.train(model, train, epochs, optimizer,
+                       torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * len(train)))
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
@@ -81,6 +68,7 @@ def main() -> None:
     (xtr, ytr), (xva, yva), (xte, yte) = (tensors(s, mean, std) for s in (splits.train, splits.val, splits.test))
     train = DataLoader(TensorDataset(xtr, ytr), batch_size=128, shuffle=True,
                        generator=torch.Generator().manual_seed(0))
+    test = DataLoader(TensorDataset(xte, yte), batch_size=500)
     base = trained_base(args.model, train, args.base_epochs, args.cache)
     example = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     result = autocompress.compress(base, example, args.target, train_loader=train,
@@ -89,8 +77,8 @@ def main() -> None:
     print(result.summary())
     for name, model in (("base", base), ("compressed", result.deployed_model)):
         blocked, convolutions = blocked_convolutions(model, example)
-        print(f"{name}: test top-1 {top1(model, xte, yte):.2f} %, onnxruntime runs {blocked} of {convolutions} "
-              "convolutions in its blocked layout")
+        print(f"{name}: test top-1 {weak_teacher.top1(model, test):.2f} %, onnxruntime runs {blocked} of "
+              f"{convolutions} convolutions in its blocked layout")
 
 
 if __name__ == "__main__":

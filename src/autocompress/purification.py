@@ -226,8 +226,9 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
     A kept filter-group channel whose joint L2 norm (of the weights it owns: producer rows and consumer input
     columns, :func:`autocompress.projection.group_scores`) is below ``threshold`` x the mean norm of the group's
     kept channels is removed; likewise a kept column whose remaining L2 norm (over the
-    kept entries) is below ``threshold`` x the mean of the layer's kept columns. At least one unit per layer
-    stays (the largest); a group of attention heads (``FilterGroup.heads``) keeps its mask. ``model``'s weights
+    kept entries) is below ``threshold`` x the mean of the layer's kept columns, the strongest of them put back
+    until the kept count is aligned (:meth:`~autocompress.space.PruningSpace.column_multiple`). At least one unit
+    per layer stays (the largest); a group of attention heads (``FilterGroup.heads``) keeps its mask. ``model``'s weights
     are read, not modified.
     """
     masks = _copy_masks(masks)
@@ -249,7 +250,8 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
         weight = params[layer.param].detach()
         weight = (weight * pm.get(layer.param, torch.ones_like(weight, dtype=torch.bool)).to(weight.device))
         norms = layer.gemm(weight).to("cpu", torch.float64).pow(2).sum(0).sqrt()
-        masks.columns[layer.name] = _below(norms, keep, threshold)
+        masks.columns[layer.name] = grow_to_multiple(_below(norms, keep, threshold), keep,
+                                                     space.column_multiple(layer), norms)
     return masks
 
 

@@ -519,8 +519,12 @@ class PruningSpace:
         its compact form gathers the kept channels and runs a conv of that width, which onnxruntime keeps in its
         blocked channel layout only at aligned widths (unaligned: 0.87-1.04x the base's speed on a column-pruned
         regnet_x_400mf, 16-aligned 0.98-1.17x; BENCHMARKS.md, "Session 44"). Non-increasing in ``rate``."""
-        keep = keep_count(size, rate)
-        return aligned_keep(size, keep, self.channel_multiple) if layer.area == 1 else keep
+        return aligned_keep(size, keep_count(size, rate), self.column_multiple(layer))
+
+    def column_multiple(self, layer: ColumnLayer) -> int:
+        """The multiple a column layer's kept columns are aligned to: :attr:`channel_multiple` for a layer of
+        kernel area 1 (its columns are input channels), else 1."""
+        return self.channel_multiple if layer.area == 1 else 1
 
     def head_multiple(self, group: FilterGroup) -> int:
         """The multiple of one head's channels that keeps :attr:`channel_multiple` channels aligned over the
