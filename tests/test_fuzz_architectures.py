@@ -768,6 +768,8 @@ def test_a_weight_read_functionally_keeps_the_channels_it_reads():
     check_all_modes(FunctionalLinear, (3, 8, 8), (3, 12, 12), expect_pass=("column", "irregular"))
     space = PruningSpace.build(FunctionalLinear().eval(), torch.randn(1, 3, 8, 8), dims=("filter",))
     assert "fc's weight reads its channels functionally" in space.excluded["conv"]
+    assert "its weight is read functionally (the module is never called)" in space.exclusions["fc"]  # not warned
+    assert space.unreached_warning() is None  # about as an unseen branch
 
 
 def test_an_exploding_index_mapping_is_stopped():

@@ -872,3 +872,76 @@ def test_a_layer_of_the_caller_s_own_with_weights_is_named_as_not_pruned(caplog)
     assert reason in space.excluded["0"]
     assert f"not pruned: 0: {reason} to have it pruned" in caplog.text
     assert not any("of its own" in space.excluded.get(name, "") for name in ("2", "4"))  # PyTorch's layers
+
+
+class TiedLM(nn.Module):
+    """A token model whose head shares its weight with the embedding (``head.weight = emb.weight``)."""
+
+    def __init__(self, vocab: int = 30, width: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head(h + self.mlp(h))
+
+
+class SharedConvs(nn.Module):
+    """Two convolutions sharing one weight, between a prunable stem and head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3)
+        self.c2.weight = self.c1.weight
+        self.pre, self.fc = nn.Conv2d(16, 24, 1), nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(torch.relu(self.stem(x))))))
+        return self.fc(torch.relu(self.pre(x)).mean((2, 3)))
+
+
+def test_tied_weights_keep_their_shape_and_stay_tied():
+    """Fresh user 61: ``c2.weight = c1.weight`` and a head tied to its embedding came back untied, the two copies of
+    different shapes. Layers sharing a parameter are left out naming the tie, and every group touching them keeps
+    its channels; the compact model holds one shared tensor and computes the masked model."""
+    lm, ids = TiedLM().eval(), torch.randint(0, 30, (1, 7), generator=torch.Generator().manual_seed(0))
+    convs, x = _randomize(SharedConvs()).eval(), torch.randn(1, 3, 12, 12)
+    for model, example, untouched in ((lm, ids, ["emb", "head"]), (convs, x, ["stem", "c1", "c2"])):
+        space = PruningSpace.build(model, example, dims=("filter", "column", "irregular"))
+        tied = [name for name in untouched if name in space.excluded and "(tied)" in space.excluded[name]]
+        assert tied == [n for n in untouched if n in ("head", "c1", "c2")]
+        assert not [g.name for g in space.filter_groups if {s.module for s in g.slices} & set(untouched)]
+        assert space.filter_groups and not {u.name for kind in ("column", "irregular") for u in space.units(kind)} \
+            & set(tied)
+        rates = {kind: {u.name: 0.5 for u in space.units(kind)} for kind in ("filter", "column", "irregular")}
+        masks = space.param_masks(project(space, model, rates))
+        small = compact(model, masks, example).model
+        pairs = {"emb": "head"} if model is lm else {"c1": "c2"}
+        for a, b in pairs.items():
+            assert small.get_submodule(a).weight is small.get_submodule(b).weight
+        masked = copy.deepcopy(model)
+        apply_masks(masked, masks)
+        with torch.no_grad():
+            assert torch.allclose(small(example), masked(example), atol=1e-5)
+
+
+def test_a_layer_the_example_never_reaches_is_warned_about():
+    """Fresh user 61: a branch taken only by some inputs is never traced, so its input channels were pruned and the
+    compact model failed on those inputs without a word. The space names it in a warning."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 5)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return self.fc((self.a(x) if x.mean() > -1e9 else self.b(x)).mean((2, 3)))
+
+    space = PruningSpace.build(Branchy().eval(), torch.randn(1, 1, 12, 12))
+    assert space.unreached_warning().startswith("the forward of the example inputs never calls b: the compact model")
+    assert PruningSpace.build(Chain().eval(), X).unreached_warning() is None

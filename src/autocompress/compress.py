@@ -1106,7 +1106,8 @@ class Compression:
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
                         _overshoot_warning(*rows, self.target, self.multiple, self.block),
-                        _bottleneck_warning(self.first_space, compact_model), self._base_batchnorm_warning()):
+                        _bottleneck_warning(self.first_space, compact_model), self.first_space.unreached_warning(),
+                        self._base_batchnorm_warning()):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)

@@ -245,6 +245,11 @@ def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: 
                         ) from None
 
 
+#: which convolutions onnxruntime runs outside its blocked channel layout (:func:`blocked_convolutions`), in words
+LAYOUT_RULE = ("input widths of 16 or more channels that are not a multiple of 4, and grouped convolutions whose "
+               "channels per group are not a multiple of the CPU's channel block (16 on AVX-512), run outside it")
+
+
 def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
     """How many of ``model``'s convolutions onnxruntime runs in its blocked channel layout (NCHWc) on this CPU,
     and how many convolutions its optimised graph holds: ``(blocked, convolutions)``. It moves a convolution
@@ -391,9 +396,7 @@ def speed_warning(summary: dict, *, macs_factor: float | None = None, aligned: b
     why = ""
     if layout and layout["compressed"][1] - layout["compressed"][0] > layout["base"][1] - layout["base"][0]:
         why = (f" (it runs {layout['compressed'][0]} of its {layout['compressed'][1]} convolutions in onnxruntime's "
-               f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: input widths of 16 or "
-               "more channels that are not a multiple of 4, and grouped convolutions whose channels per group are "
-               "not a multiple of the CPU's channel block (16 on AVX-512), run outside it)")
+               f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: {LAYOUT_RULE})")
     return f"{head} in {summary['runtime']} ({summary['threads']} thread(s)): {'; '.join(parts)}{why}; {fix}"
 
 
@@ -853,7 +856,7 @@ def _smallest(model: nn.Module, x: tuple[torch.Tensor, ...], space, multiple: in
     return compact(model, space.param_masks(masks), x, channel_multiple=multiple, layer_norm=layer_norm).model
 
 
-__all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LITTLE_SPEEDUP", "LatencyConfig", "LatencyTable",
-           "LayerSpec", "RUNTIMES", "SLOWER", "Timing", "blocked_convolutions", "build_table", "cache_folder",
-           "check_runtime", "deployed_summary", "layer_specs", "measure_models", "runner", "speed_warning", "table_key",
+__all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LAYOUT_RULE", "LITTLE_SPEEDUP", "LatencyConfig",
+           "LatencyTable", "LayerSpec", "RUNTIMES", "SLOWER", "Timing", "blocked_convolutions", "build_table",
+           "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models", "runner", "speed_warning", "table_key",
            "time_runners"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -261,6 +262,11 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     work = densify(base)
     space = pipeline.compactable_space(work)
     space.log_exclusions()
+    warning = space.unreached_warning()
+    if warning is not None and log is not None:
+        log(f"WARNING: {warning}")
+    elif warning is not None:
+        logging.getLogger("autocompress").warning(warning)
     state = RoundState(1, None, work, space, rates=expand_rates(space, rates, dims))
     check_compactable(work, space.param_masks(project(space, work, state.rates)), example,
                       channel_multiple=pipeline.channel_multiple)

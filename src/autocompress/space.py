@@ -400,13 +400,14 @@ class PruningSpace:
         attention = {module for parent in model.modules() if isinstance(parent, nn.MultiheadAttention)
                      for module in parent.modules() if module is not parent}
         candidates = {}
+        shared = shared_parameters(model)
         for module, name in names.items():
             if not is_weight_layer(module):
                 if _own_weight_layer(module):
                     _exclude(excluded, name, f"{type(module).__name__} is a layer of its own with weights, not a "
                                              "Conv / Linear: build it from nn.Conv2d / nn.Linear to have it pruned")
                 continue
-            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention)
+            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared)
             if reason:
                 _exclude(excluded, name, reason)
             else:
@@ -435,6 +436,21 @@ class PruningSpace:
         """Module name -> why it (or one of its unit kinds) is not prunable: its :attr:`exclusions` joined by
         ``"; "`` (what logs, reports and ``metrics.jsonl`` show)."""
         return {name: "; ".join(reasons) for name, reasons in self.exclusions.items()}
+
+    def unreached_warning(self) -> str | None:
+        """The warning naming the weight layers the example inputs' forward never calls nor reads the weights of
+        (fresh user 61: a branch taken only by some inputs), or None (also without filter groups): torch-pruning's
+        graph does not see them, so the channels they read may be pruned, and the compact model is checked on the
+        example's path only."""
+        unreached = [name for name, reasons in self.exclusions.items()
+                     if UNREACHED in reasons and READ_FUNCTIONALLY not in reasons]
+        if not unreached or not self.filter_groups:
+            return None
+        more = f" and {len(unreached) - 3} more" if len(unreached) > 3 else ""
+        return (f"the forward of the example inputs never calls {', '.join(unreached[:3])}{more}: the compact model "
+                "computes the masked one on the example's path only, and an input whose forward reaches them (a "
+                "branch taken by some inputs) may fail or compute otherwise; pass example inputs that reach every "
+                "layer, or list the layers whose channels they read in ignored_layers")
 
     def reasons(self, kind: str) -> dict[str, tuple[str, ...]]:
         """Module name -> the reasons of :attr:`exclusions` that keep ``kind`` (``"filter"``, ``"column"`` or
@@ -949,15 +965,40 @@ MODEL_OUTPUTS = f"{FILTER_PRUNING}its channels are model outputs (classifier)"
 IGNORED_COUPLING = "which is in ignored_layers"
 
 
+def shared_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Modules that hold a parameter another module holds too (tied weights, e.g. ``c2.weight = c1.weight`` or a
+    language model's head tied to its embedding): module name -> the names of the other modules holding it, in
+    module order. Pruning one of them would give the shared tensor two shapes."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    shared: dict[str, list[str]] = {}
+    for names in owners.values():
+        for name in names if len(names) > 1 else ():
+            shared.setdefault(name, []).extend(other for other in names if other != name and
+                                               other not in shared.get(name, []))
+    return shared
+
+
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
-                   train_only: bool, attention: set[nn.Module]) -> str:
+                   train_only: bool, attention: set[nn.Module], shared: Mapping[str, list[str]]) -> str:
     if name in ignored:
         return IGNORED
+    if name in shared:
+        return (f"its weights are shared with {', '.join(shared[name])} (tied): pruning would give them two shapes, "
+                "so the tied layers and the channels they read or write keep their size")
     if own_macs.get(name, 0) == 0 and module in attention:
         return FUSED_ATTENTION
     if own_macs.get(name, 0) == 0 and not train_only:
-        return "not reached by the forward pass (eval or train mode)"
+        return UNREACHED
     return ""
+
+
+#: the reason for a weight layer the forward of the example inputs does not call (in eval or train mode)
+UNREACHED = "not reached by the forward pass (eval or train mode)"
+#: the reason added for such a layer whose weight the forward reads functionally (``F.linear(x, self.qkv.weight)``)
+READ_FUNCTIONALLY = "its weight is read functionally (the module is never called)"
 
 
 #: the start of the reasons a group's channel mapping cannot be used: torch-pruning maps them outside a consumer's
@@ -1507,6 +1548,8 @@ def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup
         before = zero_columns([])
     except Exception:  # noqa: BLE001 - a model that cannot run a backward pass keeps its groups
         return groups
+    for name in before:
+        _exclude(excluded, name, READ_FUNCTIONALLY)
     if not before:
         return groups
     kept = []

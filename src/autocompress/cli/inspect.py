@@ -207,6 +207,7 @@ def format_report(report: dict) -> str:
 
 def _deployed_lines(deployed: dict | None) -> list[str]:
     """Text lines of the deployed latency (see :func:`_deployed`)."""
+    from ..latency import LAYOUT_RULE
     from ..report import column_layers_text
 
     if not deployed:
@@ -226,8 +227,7 @@ def _deployed_lines(deployed: dict | None) -> list[str]:
                 "layout (NCHWc)")
         if "base" in layout:
             line += f"; the base {layout['base'][0]} of {layout['base'][1]}"
-        lines.append(line + " (grouped convolutions other than depthwise, and ones with 16 or more input channels "
-                            "that are not a multiple of 4, run outside it)")
+        lines.append(f"{line} ({LAYOUT_RULE})")
     form = deployed.get("deployed_form") or {}
     if form.get("column_layers"):
         dense = len(form["dense_layers"])
