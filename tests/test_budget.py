@@ -164,7 +164,7 @@ def test_a_budget_with_no_epoch_left_to_retrain_after_admm_gets_no_admm(target, 
     derived = budget_schedule(Target.parse(target).factor, budget, 1000)
     assert (derived["rounds"], derived["admm"]["epochs"], derived["final_retrain_epochs"]) == schedule
     config = resolve_config({"target": target, "budget": budget}, None, 1000)
-    assert ("leaves no epoch to retrain" in describe(config)) == (schedule[1] == 0)
+    assert ("ADMM epoch per round (none: " in describe(config)) == (schedule[1] == 0)
     assert resolve_config(dataclasses.asdict(config), None, 1000) == config  # a stored config.yaml resumes
 
 

@@ -152,7 +152,7 @@ def describe(config: CompressConfig) -> str:
     """One line for the log and ``config.yaml`` (``run.schedule``): the budget and what the rule made of it,
     naming the rule (its words: :data:`RULE`, ``run.rule`` in ``config.yaml``)."""
     why = "" if config.admm.epochs else (
-        f" (the budget leaves no epoch to retrain after {config.rounds} ADMM epoch(s))"
+        f" (none: {config.rounds} ADMM epoch(s) would leave the budget no epoch to retrain)"
         if config.budget <= config.rounds
         else f" (an epoch has fewer than {MIN_ADMM_STEPS} optimiser steps: too few for ADMM)")
     return (f"budget {config.budget} epochs (rule {RULE.partition(':')[0]}) -> {config.rounds} round(s), "
