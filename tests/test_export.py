@@ -514,3 +514,14 @@ def test_output_tensors_reads_every_output_form_that_flat_outputs_refuses():
         assert len(got) == len(want) and all(x is y for x, y in zip(got, want))
     with pytest.raises(UserError, match="returns a dict"):
         flat_outputs({"logits": a})
+
+
+def test_a_dict_example_is_refused_naming_the_wrapper_that_takes_tensors(tmp_path):
+    """Fresh user 61: a model whose forward takes a dict was refused with the fix "pass torch.randn(1, 3, 32, 32)",
+    which it cannot take; the fix now names a wrapper."""
+    model, x = _mixed()
+    for example in ({"image": x}, ({"image": x},)):
+        with pytest.raises(UserError, match=NOT_INPUTS) as info:
+            export_onnx(model, example, tmp_path / "m.onnx")
+        assert "needs a wrapper taking tensors, e.g. forward(self, image): return self.model({'image': image})" \
+            in str(info.value)

@@ -198,8 +198,13 @@ def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tup
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(inputs, (tuple, list)) or not inputs or not all(
             isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] >= 1 for t in inputs):
+        fix = "pass e.g. torch.randn(1, 3, 32, 32), or a tuple of [B, ...] tensors"
+        if isinstance(example_inputs, dict) or (isinstance(inputs, (tuple, list)) and any(
+                isinstance(t, dict) for t in inputs)):  # fresh user 61: a forward that takes a dict
+            fix = ("a model whose forward takes a dict needs a wrapper taking tensors, e.g. forward(self, image): "
+                   "return self.model({'image': image}); compress the wrapper and pass the tensors")
         raise UserError(f"example_inputs of {what} must be a tensor [B, ...] or a tuple of them, with batch B >= 1",
-                        "pass e.g. torch.randn(1, 3, 32, 32), or a tuple of [B, ...] tensors")
+                        fix)
     if len({t.shape[0] for t in inputs}) > 1:
         raise UserError(f"example_inputs of {what} {[list(t.shape) for t in inputs]} have different batch sizes "
                         "(axis 0)", BATCH_FIRST)
