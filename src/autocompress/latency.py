@@ -858,5 +858,5 @@ def _smallest(model: nn.Module, x: tuple[torch.Tensor, ...], space, multiple: in
 
 __all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LAYOUT_RULE", "LITTLE_SPEEDUP", "LatencyConfig",
            "LatencyTable", "LayerSpec", "RUNTIMES", "SLOWER", "Timing", "blocked_convolutions", "build_table",
-           "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models", "runner", "speed_warning", "table_key",
-           "time_runners"]
+           "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models", "runner",
+           "speed_warning", "table_key", "time_runners"]

@@ -228,8 +228,8 @@ def redundant_candidates(space: PruningSpace, model: nn.Module, masks: Masks, th
     kept channels is removed; likewise a kept column whose remaining L2 norm (over the
     kept entries) is below ``threshold`` x the mean of the layer's kept columns, the strongest of them put back
     until the kept count is aligned (:meth:`~autocompress.space.PruningSpace.column_multiple`). At least one unit
-    per layer stays (the largest); a group of attention heads (``FilterGroup.heads``) keeps its mask. ``model``'s weights
-    are read, not modified.
+    per layer stays (the largest); a group of attention heads (``FilterGroup.heads``) keeps its mask. ``model``'s
+    weights are read, not modified.
     """
     masks = _copy_masks(masks)
     params = dict(model.named_parameters())

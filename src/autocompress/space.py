@@ -973,12 +973,11 @@ def shared_parameters(model: nn.Module) -> dict[str, list[str]]:
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), []).append(name)
-    shared: dict[str, list[str]] = {}
+    shared: dict[str, dict[str, None]] = {}  # an ordered set of the others per module
     for names in owners.values():
         for name in names if len(names) > 1 else ():
-            shared.setdefault(name, []).extend(other for other in names if other != name and
-                                               other not in shared.get(name, []))
-    return shared
+            shared.setdefault(name, {}).update(dict.fromkeys(other for other in names if other != name))
+    return {name: list(others) for name, others in shared.items()}
 
 
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
