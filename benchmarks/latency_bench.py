@@ -17,6 +17,13 @@ interleaved; :func:`autocompress.latency.measure_models`):
       OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latency_bench.py form --models resnet20,fmnist_cnn \
           --rate 0.3 --column-rate 0.3 --multiple 8 --runs 50
 
+* ``timing``: no training. Each model projected at one filter rate (multiple 16) and compacted, timed next to the
+  base three ways: alternating call by call, in blocks of calls (the final table's way since session 45), and each
+  model alone::
+
+      OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latency_bench.py timing \\
+          --models torchvision:resnet18,resnet20 --rate 0.5 --runs 50 --repeats 3
+
 * ``compare``: the same training budget for every method on a trained checkpoint, at each latency level L:
   autocompress ``latency=Lx`` (channel multiple auto), autocompress ``flops=Fx`` with channel multiple 8
   (F = L / 0.8, the MACs reduction that the issue's goal of 0.8 speedup per MACs reduction needs) and
@@ -99,6 +106,33 @@ def form(args: argparse.Namespace) -> None:
                "threads": args.threads, "deployed_form": deployed.summary(),
                **{f"ort_b{b}_ms": {k: v.median_ms for k, v in t.items()} for b, t in timings.items()}}
         print(json.dumps(row), flush=True)
+
+
+def timing(args: argparse.Namespace) -> None:
+    """Project each model at ``--rate`` (channel multiple 16), compact, and time base and compact in onnxruntime three
+    ways, ``--repeats`` times: one call each in turn (``block`` 1, the final table until session 45), in blocks of
+    :data:`~autocompress.latency.RUN_BLOCK` calls (``time_runners``'s default) and each model alone (all its runs,
+    then the other's: what a service running one model sees). One JSON line per model and repeat."""
+    from autocompress.latency import runner, time_runners
+
+    for name in args.models.split(","):
+        model, size = _model(name)
+        x = torch.randn(1, *size)
+        space = PruningSpace.build(model, x, dims=("filter",), channel_multiple=16)
+        masks = project(space, model, {"filter": {g.name: args.rate for g in space.filter_groups}})
+        models = {"base": model, "compact": compact(model, space.param_masks(masks), x, channel_multiple=16).model}
+        for batch in (1, 64):
+            calls = {label: runner(m, x, "onnxruntime", threads=args.threads)(x.expand(batch, *size).contiguous())
+                     for label, m in models.items()}
+            for repeat in range(args.repeats):
+                kw = dict(runs=args.runs, warmup=5, threads=args.threads)
+                ways = {"alternating": time_runners(calls, block=1, **kw), "blocks": time_runners(calls, **kw),
+                        "alone": {label: time_runners({label: call}, block=args.runs, **kw)[label]
+                                  for label, call in calls.items()}}
+                row = {"model": name, "rate": args.rate, "batch": batch, "repeat": repeat, "threads": args.threads,
+                       **{way: {"base_ms": t["base"].median_ms, "compact_ms": t["compact"].median_ms,
+                                "speedup": t["base"].median_ms / t["compact"].median_ms} for way, t in ways.items()}}
+                print(json.dumps(row), flush=True)
 
 
 def _cli_compress(args, target: str, extra: list[str], out: Path) -> dict:
@@ -205,6 +239,12 @@ def main() -> None:
     f.add_argument("--multiple", type=int, default=1)
     f.add_argument("--runs", type=int, default=50)
     f.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("timing")
+    t.add_argument("--models", default="torchvision:resnet18,resnet20")
+    t.add_argument("--rate", type=float, default=0.5)
+    t.add_argument("--runs", type=int, default=50)
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("compare")
     c.add_argument("checkpoint")
     c.add_argument("--data-dir")
@@ -224,7 +264,7 @@ def main() -> None:
     c.add_argument("--work", default="/tmp/latency_bench")
     c.add_argument("--out", default="/tmp/latency_bench.jsonl")
     args = parser.parse_args()
-    {"align": align, "form": form, "compare": compare}[args.command](args)
+    {"align": align, "form": form, "timing": timing, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress
-from autocompress.optimizer_probe import choose_start, probe_optimizers, unprobed_choice, unprobed_start
+from autocompress.optimizer_probe import UNPROBED_START_WHY, choose_start, probe_optimizers, unprobed_choice
 from autocompress.padded_norm import PaddedLayerNorm
 from autocompress.task import Task
 from autocompress.training import TrainConfig
@@ -119,27 +119,23 @@ def test_a_run_too_short_to_probe_takes_adamw_for_a_model_with_layer_norms(norm,
     assert unprobed_choice(nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 3)))[0] == choice
 
 
-@pytest.mark.parametrize("norm, choice", [(nn.LayerNorm(6), "magnitude"), (PaddedLayerNorm(6, 8), "magnitude"),
-                                          (nn.BatchNorm1d(6), "guided"), (nn.Identity(), "guided")])
-def test_a_run_too_short_to_probe_starts_from_the_magnitude_start_for_a_model_with_layer_norms(norm, choice):
-    assert unprobed_start(nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 3)))[0] == choice
-
-
-def test_a_short_run_of_a_layer_norm_classifier_says_it_retrains_with_adamw():
+@pytest.mark.parametrize("norm, optimizer, why", [
+    (nn.LayerNorm(48), "adamw", "the model has LayerNorms, whose networks train with AdamW"),
+    (nn.BatchNorm1d(48), "sgd", "SGD for a network without LayerNorms")])
+def test_a_short_run_says_its_unprobed_optimiser_and_starts_from_the_magnitude_start(norm, optimizer, why):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
     train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(nn.Linear(8, 48), nn.LayerNorm(48), nn.ReLU(), nn.Linear(48, 3))
+    model = nn.Sequential(nn.Linear(8, 48), norm, nn.ReLU(), nn.Linear(48, 3))
     lines: list[str] = []
     result = autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
                                    device="cpu", progress=False, log=lines.append,
                                    config={"budget": 1, "latency_runs": 2})
-    assert any(line.startswith("retrain.optimizer auto: adamw (not probed: the run trains 6 optimiser steps")
-               and "LayerNorms" in line for line in lines)
-    assert next(r for r in result.records if r.get("event") == "optimizer")["choice"] == "adamw"
+    assert any(line.startswith(f"retrain.optimizer auto: {optimizer} (not probed: the run trains 6 optimiser steps")
+               and line.endswith(f"{why})") for line in lines), lines
+    assert next(r for r in result.records if r.get("event") == "optimizer")["choice"] == optimizer
     assert any(line.startswith("search.start auto: magnitude (not probed: the run trains 6 optimiser steps")
-               and line.endswith("the model has LayerNorms, whose networks the probe starts from the magnitude start)")
-               for line in lines)
+               and line.endswith(f"{UNPROBED_START_WHY})") for line in lines), lines
     assert next(r for r in result.records if r.get("event") == "start")["choice"] == "magnitude"
 
 

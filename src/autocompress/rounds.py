@@ -39,8 +39,9 @@ from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
-from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, ProbeResult, choose_optimizer,
-                              choose_start, probe_losses, probe_optimizers, unprobed_choice, unprobed_start)
+from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, UNPROBED_START, UNPROBED_START_WHY,
+                              ProbeResult, choose_optimizer, choose_start, probe_losses, probe_optimizers,
+                              unprobed_choice)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -507,7 +508,7 @@ class Pipeline:
         reaches the lower data loss in the optimiser probe (:meth:`_probe_starts`), which also settles
         ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
         start without a probe when ``starts()`` (start name -> rates) offers one start, and
-        :func:`~autocompress.optimizer_probe.unprobed_start` when the run trains fewer than
+        :data:`~autocompress.optimizer_probe.UNPROBED_START` when the run trains fewer than
         :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` steps. As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
         if self.store.is_done("base", "start"):
@@ -521,8 +522,7 @@ class Pipeline:
                 choice, why = "guided", "the magnitude start keeps the same widths or cannot meet the target with " \
                     "filters alone"
             else:
-                choice, rule = unprobed_start(state.model)
-                why = f"{_too_short(steps)}; {rule}"
+                choice, why = UNPROBED_START, f"{_too_short(steps)}; {UNPROBED_START_WHY}"
             self.log(f"search.start auto: {choice} (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": None}])
             return choice
