@@ -1020,7 +1020,8 @@ def test_the_narrowest_model_the_table_times_has_the_run_s_layer_norm_form():
 @given(names=st.integers(1, 3), runs=st.integers(1, 40), block=st.integers(1, 12), warmup=st.integers(0, 3))
 def test_runners_are_timed_in_blocks_of_calls_in_a_row_each_after_an_untimed_call(names, runs, block, warmup):
     """Fresh user 61: alternating the models call by call evicted each other's weights and understated a resnet18's
-    speedup (1.6x against 2.9x timed alone); each model now runs ``block`` timed calls in a row."""
+    speedup (1.6x against 2.9x timed alone); each model now runs ``block`` timed calls in a row, each block after
+    an untimed call, the order reversed every other round."""
     calls: list[str] = []
     runners = {name: (lambda name=name: calls.append(name)) for name in "abc"[:names]}
     timings = time_runners(runners, runs=runs, warmup=warmup, threads=1, block=block)

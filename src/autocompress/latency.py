@@ -319,9 +319,10 @@ def time_runners(runs_of: Mapping[str, Callable[[], Any]], *, runs: int, warmup:
     has ``runs`` timed calls. Returns name -> :class:`Timing` (milliseconds).
 
     Blocks, not one call each: a deployed model runs alone with its weights warm in the caches. Alternating every
-    call evicted the other model's weights and measured a torchvision resnet18 compressed 1.6x faster where, timed
-    alone, it was 2.9x faster (a fresh user, BENCHMARKS.md "Session 45"); the rounds still share a load change on
-    a busy machine between the models."""
+    call evicted the other model's weights: a torchvision resnet18 at 32x32, every group at rate 0.5, measured
+    3.7-4.1x faster than its base at batch 1 that way, 8.1-9.0x in blocks and 8.2-9.0x timed alone (onnxruntime,
+    1 thread; batch 64 and a CIFAR resnet20 the same all three ways; BENCHMARKS.md, "Session 45"). The rounds
+    still share a load change on a busy machine between the models."""
     names = list(runs_of)
     times: dict[str, list[float]] = {name: [] for name in names}
     with _Threads(threads):
