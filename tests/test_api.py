@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
 import yaml
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress
 from autocompress import UserError
-from autocompress.compress import Compression
+from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
 
@@ -227,7 +228,8 @@ def test_a_round_whose_purification_switches_a_column_layer_to_dense_refits_tigh
                                    config={**CONFIG, "dims": "column", "channel_multiple": 1}, progress=False)
     refit = next(r for r in result.records if r.get("event") == "refit")
     assert refit["searched"] > refit["limit"] >= refit["refitted"] and refit["slack"] < 1
-    assert metrics.count_macs(model, example) / metrics.count_macs(result.model, example) >= 2.0
+    reached = metrics.count_macs(model, example) / metrics.count_macs(result.model, example)
+    assert reached >= 2.0 * (1 - TARGET_TOLERANCE)
 
 
 class SharedConv(nn.Module):
@@ -269,6 +271,28 @@ def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
     assert f"{metrics.count_params(result.model):,}" in compact_line.split()
     assert f"WARNING: {warned[0]}" in summary
 
+
+
+@pytest.mark.parametrize("target, factor", [("flops=2x", 2.0), ("params=2x", 2.0)])
+def test_a_target_a_hair_short_at_halved_widths_is_met_there_not_passed_by_far(target, factor):
+    """Fresh user 61: halving a 32-64-channel CNN's every layer but its classifier left flops=2x 0.02 % short (the
+    classifier kept its MACs), so the fit took the next widths at multiple 16, 16 and 48 channels: 2.61x. A target
+    is met within TARGET_TOLERANCE (as the final check always allowed): 16 and 64 channels now."""
+    from autocompress import metrics
+
+    train, val = loaders()
+    model = trained(SmallCNN(32, 64), train)
+    example = torch.randn(1, 1, 8, 8)
+    count = metrics.count_macs if target.startswith("flops") else (lambda m, _x: metrics.count_params(m))
+    halved = count(SmallCNN(16, 64), example) if target.startswith("flops") else None
+    result = autocompress.compress(model, example, target, train_loader=train, val_loader=val,
+                                   config={**CONFIG, "channel_multiple": 16, "admm": {"epochs": 0},
+                                           "search": {"max_evaluations": 1}}, progress=False)
+    reached = count(model, example) / count(result.model, example)
+    assert factor * (1 - TARGET_TOLERANCE) <= reached < factor * 1.1, reached
+    assert not [w for w in result.final["warnings"] if "is passed by far" in w]
+    if halved is not None:  # the exact fit: the first layer halved, which halves the second's MACs
+        assert count(model, example) / halved < factor and count(result.model, example) <= halved
 
 def test_a_flops_target_prunes_columns_only_where_the_compact_model_executes_fewer_macs():
     """A fresh user's flops=2x CNN reached 2.00x counting kept columns only, but its 3x3 column layers ran the
@@ -703,7 +727,7 @@ def test_refit_meets_the_target_tightly_after_unused_path_removal(one_thread, re
     train, val = loaders()
     torch.manual_seed(3)  # the initial weights too: the case's margins depend on them
     model = trained(ThreeConv(), train)
-    limit = params(model) / 5
+    limit = params(model) / (5 * (1 - TARGET_TOLERANCE))
     runs = {}
     for refit in (False, True):
         config = {**CONFIG, "channel_multiple": 1, "purification": {"refit": refit, "thresholds": [1e-6]}}
@@ -1760,6 +1784,42 @@ def test_batches_too_small_for_batch_norm_are_warned_about(caplog, batch_size, b
                          "re-estimation; use batches of 8 or more"] if warned else [])
 
 
+@settings(max_examples=12, deadline=None)
+@given(items=st.integers(9, 80), batch_size=st.integers(2, 16), pooled=st.booleans(), drop_last=st.booleans())
+@hypothesis.example(items=33, batch_size=16, pooled=True, drop_last=False)
+def test_a_last_batch_of_one_item_is_refused_before_any_work_where_batch_norm_cannot_train_on_it(
+        items, batch_size, pooled, drop_last):
+    """Fresh user 62: 1,025 items in batches of 64 and a BatchNorm1d stopped in BatchNorm re-estimation with
+    PyTorch's "Expected more than 1 value per channel". Refused with the fix where the last batch holds one item
+    and a BatchNorm sees one value per channel there (after global pooling), not where it sees positions too or
+    the loader drops the last batch."""
+    from autocompress.task import refuse_single_item_batch
+
+    head = [nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6)] if pooled else [nn.Flatten(), nn.Linear(4, 6)]
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          *head, nn.ReLU(), nn.Linear(6, 3)).eval()
+    before = copy.deepcopy(model.state_dict())
+    loader = DataLoader(TensorDataset(*images(items, 0)), batch_size=batch_size, drop_last=drop_last)
+    refused = items % batch_size == 1 and pooled and not drop_last
+    if refused:
+        with pytest.raises(UserError, match=rf"^train_loader's last batch holds 1 item \({items} items in batches of "
+                                            rf"{batch_size}\), and the model's BatchNorm cannot train on one \(.*\); "
+                                            "pass drop_last=True to the DataLoader"):
+            refuse_single_item_batch(loader, model, (torch.randn(1, 1, 8, 8),))
+    else:
+        refuse_single_item_batch(loader, model, (torch.randn(1, 1, 8, 8),))
+    assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compress_refuses_a_last_batch_of_one_item_its_batch_norm_cannot_train_on():
+    train = DataLoader(TensorDataset(*images(97, 0)), batch_size=16)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6),
+                          nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with pytest.raises(UserError, match=r"^train_loader's last batch holds 1 item \(97 items in batches of 16\)"):
+        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=train,
+                              config=CONFIG, progress=False)
+
+
 def test_a_one_evaluation_search_takes_its_guided_start_unscored(monkeypatch):
     """With ``search.max_evaluations: 1`` (what a short budget derives) the round takes the annealing's starting
     action without building or calling the quick evaluation (a fresh user's one-step epochs of 20,000 images
@@ -1796,7 +1856,8 @@ def test_a_one_evaluation_search_takes_its_guided_start_unscored(monkeypatch):
 
 def test_search_start_magnitude_takes_the_samplers_magnitude_action_on_the_base(monkeypatch):
     """search.start magnitude: the rates are the sampler's magnitude action on the base's relative importance;
-    the guided start never calls it; an unknown start is refused naming the setting."""
+    the guided start never calls it; an unknown start is refused naming the setting. At any width (channel
+    multiple 1): at 8 the two starts of this CNN take the same widths."""
     from autocompress.config import SettingError
     from autocompress.sampling import ActionSampler
 
@@ -1812,14 +1873,14 @@ def test_search_start_magnitude_takes_the_samplers_magnitude_action_on_the_base(
 
     monkeypatch.setattr(ActionSampler, "magnitude_action", recorded)
     lines: list[str] = []
-    config = {**CONFIG, "search": {"max_evaluations": 1, "start": "magnitude"}}
+    config = {**CONFIG, "channel_multiple": 1, "search": {"max_evaluations": 1, "start": "magnitude"}}
     result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
                                    config=config, progress=False, log=lines.append)
     assert len(starts) == 1 and result.rounds[0]["rates"]["filter"] == pytest.approx(starts[0]["filter"])
     assert result.mac_reduction >= 2.0 * 0.99
     assert any("search: the magnitude start, not scored" in line for line in lines)
     guided = autocompress.compress(model, torch.randn(1, 1, 8, 8), "flops=2x", train_loader=train, val_loader=val,
-                                   config={**CONFIG, "search": {"max_evaluations": 1, "start": "guided"}},
+                                   config={**config, "search": {"max_evaluations": 1, "start": "guided"}},
                                    progress=False, log=lambda line: None)
     assert len(starts) == 1 and guided.rounds[0]["rates"] != result.rounds[0]["rates"]
     with pytest.raises(SettingError, match=r"search.start='widest' is unknown.*auto, guided, magnitude"):

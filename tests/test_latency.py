@@ -23,7 +23,7 @@ import autocompress
 from autocompress import UserError
 from autocompress.alignment import aligned_keep, allowed_widths, grow_to_multiple, resolve_multiple
 from autocompress.compaction import compact
-from autocompress.compress import Compression
+from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import CompressConfig, SettingError, Target
 from autocompress.latency import (LatencyConfig, build_table, deployed_summary, layer_specs, measure_models, runner,
                                   SLOWER, speed_warning, table_key, time_runners)
@@ -170,7 +170,7 @@ def test_compress_with_aligned_widths_reports_deployed_speed(tmp_path):
     train, _ = loaders()
     result = _compress(trained(SmallCNN(16, 24), train), "flops=2x", tmp_path / "run", channel_multiple=8)
     assert result.model.conv1.out_channels % 8 == 0 and result.model.conv2.out_channels in (8, 16, 24)
-    assert result.mac_reduction >= 2.0
+    assert result.mac_reduction >= 2.0 * (1 - TARGET_TOLERANCE)
     final = result.final
     assert final["channel_multiple"] == 8 and final["deployed"]["runtime"] == "onnxruntime"
     assert set(final["deployed"]["batches"]) == {"1", "4"}

@@ -123,6 +123,7 @@ def test_a_run_too_short_to_probe_takes_adamw_for_a_model_with_layer_norms(norm,
     (nn.LayerNorm(48), "adamw", "the model has LayerNorms, whose networks train with AdamW"),
     (nn.BatchNorm1d(48), "sgd", "SGD for a network without LayerNorms")])
 def test_a_short_run_says_its_unprobed_optimiser_and_starts_from_the_magnitude_start(norm, optimizer, why):
+    """At any width (channel multiple 1): at 16 the one group's widths are 16, 32 and 48, and both starts take 32."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
     train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -130,7 +131,7 @@ def test_a_short_run_says_its_unprobed_optimiser_and_starts_from_the_magnitude_s
     lines: list[str] = []
     result = autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
                                    device="cpu", progress=False, log=lines.append,
-                                   config={"budget": 1, "latency_runs": 2})
+                                   config={"budget": 1, "latency_runs": 2, "channel_multiple": 1})
     assert any(line.startswith(f"retrain.optimizer auto: {optimizer} (not probed: the run trains 6 optimiser steps")
                and line.endswith(f"{why})") for line in lines), lines
     assert next(r for r in result.records if r.get("event") == "optimizer")["choice"] == optimizer

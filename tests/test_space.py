@@ -10,6 +10,7 @@ import torch_pruning as tp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from autocompress.analysis import analysis_mode
@@ -854,8 +855,6 @@ def test_a_layer_of_the_caller_s_own_with_weights_is_named_as_not_pruned(caplog)
     unreachable, no message naming the layer)."""
     import logging
 
-    import torch.nn.functional as F
-
     class OwnConv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -926,6 +925,57 @@ def test_tied_weights_keep_their_shape_and_stay_tied():
         apply_masks(masked, masks)
         with torch.no_grad():
             assert torch.allclose(small(example), masked(example), atol=1e-5)
+
+
+class StandardizedConv(nn.Conv2d):
+    """A conv that standardises its own weight in its own forward (weight standardisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std() + 1e-5)
+        return F.conv2d(x, weight, self.bias, padding=1)
+
+
+class ReadTwice(nn.Module):
+    """``conv`` called as a module and its weight read again by ``F.conv2d`` on its own output (dilated), between a
+    prunable stem and prunable layers after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), \
+            nn.Conv2d(16, 16, 3, padding=1)
+        self.std, self.pre, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(24, 24, 1), nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(torch.relu(self.stem(x))))
+        x = torch.relu(F.conv2d(torch.relu(self.conv(x)), self.conv.weight, None, padding=2, dilation=2))
+        return self.fc(torch.relu(self.pre(torch.relu(self.std(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ignored", [(), ("conv",)])
+def test_a_layer_whose_weight_is_also_read_outside_it_keeps_its_channels(ignored):
+    """Fresh user 62: ``F.conv2d(x, self.conv.weight)`` beside ``self.conv(x)`` had the whole model refused, blaming
+    views and splits (and with ``conv`` in ignored_layers the layer feeding it broke the other read). The layer is
+    left out naming the read, every group touching it keeps its channels (ignored or not), and the compact model
+    computes the masked one; a layer reading its own weight in its own forward, or tied layers, are not such reads."""
+    from autocompress.space import READ_OUTSIDE, weights_read_outside
+
+    model, x = _randomize(ReadTwice()).eval(), torch.randn(1, 3, 10, 10)
+    assert weights_read_outside(model, (x,)) == {"conv"}
+    assert weights_read_outside(_randomize(SharedConvs()).eval(), (x,)) == set()
+    assert weights_read_outside(nn.Sequential(StandardizedConv(3, 4, 3), nn.Conv2d(4, 4, 1)).eval(), (x,)) == set()
+    space = PruningSpace.build(model, x, dims=("filter", "column"), ignored_layers=list(ignored))
+    assert space.excluded["conv"] == READ_OUTSIDE
+    assert not [g.name for g in space.filter_groups if "conv" in {s.module for s in g.slices}]
+    assert {g.name for g in space.filter_groups} == {"stem", "std", "pre"}  # c1 feeds conv
+    assert "conv" not in {u.name for u in space.units("column")} and "std" in {u.name for u in space.units("column")}
+    rates = {kind: {u.name: 0.5 for u in space.units(kind)} for kind in ("filter", "column")}
+    masks = space.param_masks(project(space, model, rates))
+    small = compact(model, masks, x).model
+    masked = copy.deepcopy(model)
+    apply_masks(masked, masks)
+    with torch.no_grad():
+        assert torch.allclose(small(x), masked(x), atol=1e-5)
+    assert small.std.out_channels < 24
 
 
 def test_a_layer_the_example_never_reaches_is_warned_about():

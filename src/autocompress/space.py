@@ -49,10 +49,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
 
 from .alignment import aligned_keep, allowed_widths
-from .analysis import hooked_forward, output_tensors, preserved_state, random_like
+from .analysis import analysis_mode, hooked_forward, output_tensors, preserved_state, random_like
 from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
 from .masks import Masks
@@ -400,14 +402,15 @@ class PruningSpace:
         attention = {module for parent in model.modules() if isinstance(parent, nn.MultiheadAttention)
                      for module in parent.modules() if module is not parent}
         candidates = {}
-        shared = shared_parameters(model)
+        shared, outside = shared_parameters(model), weights_read_outside(model, inputs)
         for module, name in names.items():
             if not is_weight_layer(module):
                 if _own_weight_layer(module):
                     _exclude(excluded, name, f"{type(module).__name__} is a layer of its own with weights, not a "
                                              "Conv / Linear: build it from nn.Conv2d / nn.Linear to have it pruned")
                 continue
-            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared)
+            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared,
+                                    outside)
             if reason:
                 _exclude(excluded, name, reason)
             else:
@@ -415,8 +418,9 @@ class PruningSpace:
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
+            ignored_outputs = ignored - set(shared) - outside  # the others keep the channels they read too
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
-                                   ignored, left_out or {})
+                                   ignored_outputs, left_out or {})
             groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
         for name, reason in (columns_left_out or {}).items():
@@ -980,13 +984,69 @@ def shared_parameters(model: nn.Module) -> dict[str, list[str]]:
     return {name: list(others) for name, others in shared.items()}
 
 
+class _OutsideReads(TorchFunctionMode):
+    """Records the weight layers (``owners``: id of a weight -> the names of the layers holding it, several where
+    tied) whose weight a torch function receives while none of them runs (``active``: the names of the layers being
+    called, kept by hooks)."""
+
+    def __init__(self, owners: Mapping[int, set[str]]):
+        super().__init__()
+        self.owners, self.active, self.called, self.found = owners, [], set(), set()
+
+    def enter(self, name: str) -> None:
+        """The layer ``name`` starts its call (a forward pre-hook)."""
+        self.active.append(name)
+        self.called.add(name)
+
+    def leave(self) -> None:
+        """The innermost layer's call ends (a forward hook; returns None, which keeps the layer's output)."""
+        self.active.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in tree_flatten((args, kwargs))[0]:
+            names = self.owners.get(id(value), set()) if isinstance(value, torch.Tensor) else set()
+            if not names & set(self.active):
+                self.found |= names
+        return func(*args, **kwargs)
+
+
+def weights_read_outside(model: nn.Module, inputs: tuple) -> set[str]:
+    """The Conv / Linear layers the forward calls whose weight it also reads outside their own call
+    (``F.conv2d(x, self.conv.weight)`` beside ``self.conv(x)``), from one analysis forward on ``inputs`` that
+    watches every torch function's arguments. torch-pruning follows the layer's own call only, so removing its
+    channels breaks the other read (fresh user 62's model was refused whole, blaming views and splits). Empty
+    when the forward fails (it is refused elsewhere)."""
+    layers = {name: module for name, module in model.named_modules() if is_weight_layer(module)}
+    owners: dict[int, set[str]] = {}
+    for name, module in layers.items():
+        owners.setdefault(id(module.weight), set()).add(name)
+    mode = _OutsideReads(owners)
+    handles = []
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(lambda *_, name=name: mode.enter(name)))
+        handles.append(module.register_forward_hook(lambda *_: mode.leave()))
+    try:
+        with analysis_mode(model), mode:
+            model(*inputs)
+    except Exception:  # noqa: BLE001 - the model's forward is checked (and refused) elsewhere
+        return set()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return mode.found & mode.called  # a layer never called but read is UNREACHED and READ_FUNCTIONALLY
+
+
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
-                   train_only: bool, attention: set[nn.Module], shared: Mapping[str, list[str]]) -> str:
-    if name in ignored:
-        return IGNORED
-    if name in shared:
+                   train_only: bool, attention: set[nn.Module], shared: Mapping[str, list[str]],
+                   outside: set[str]) -> str:
+    if name in shared:  # before ignored_layers, which leaves the channels the layer reads prunable
         return (f"its weights are shared with {', '.join(shared[name])} (tied): pruning would give them two shapes, "
                 "so the tied layers and the channels they read or write keep their size")
+    if name in outside:
+        return READ_OUTSIDE
+    if name in ignored:
+        return IGNORED
     if own_macs.get(name, 0) == 0 and module in attention:
         return FUSED_ATTENTION
     if own_macs.get(name, 0) == 0 and not train_only:
@@ -998,6 +1058,9 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
 UNREACHED = "not reached by the forward pass (eval or train mode)"
 #: the reason added for such a layer whose weight the forward reads functionally (``F.linear(x, self.qkv.weight)``)
 READ_FUNCTIONALLY = "its weight is read functionally (the module is never called)"
+#: the reason for a layer the forward calls whose weight it also reads outside that call (:func:`weights_read_outside`)
+READ_OUTSIDE = ("its weight is also read outside the layer (as F.conv2d(x, self.conv.weight) beside self.conv(x)), "
+                "which torch-pruning does not follow: the layer and the channels it reads or writes keep their size")
 
 
 #: the start of the reasons a group's channel mapping cannot be used: torch-pruning maps them outside a consumer's

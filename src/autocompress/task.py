@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .analysis import BATCH_FIRST, analysis_mode, example_tuple
+from .analysis import BATCH_FIRST, analysis_mode, at_batch, example_tuple, trained_norms
 from .distributed import length
 from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
@@ -423,6 +423,8 @@ class Task:
             except TypeError:
                 raise UserError("train_loader has no len() (the default loop schedules its learning rate over "
                                 "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
+        if needs_training:
+            refuse_single_item_batch(self.train_loader, model, example_inputs)
         train_output = None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
@@ -571,6 +573,37 @@ def small_batch_warning(batch: Batch, model: nn.Module) -> str | None:
     return (f"train_loader's batches hold {size} item(s) and the model has BatchNorm layers, whose "
             f"statistics from so few items are noisy in retraining and BatchNorm re-estimation; use batches of "
             f"{MIN_BATCH_NORM_BATCH} or more")
+
+
+def refuse_single_item_batch(loader: Any, model: nn.Module, example_inputs: tuple) -> None:
+    """UserError, before any work, when ``loader`` (a DataLoader keeping its last batch) ends each epoch with a
+    batch of one item and ``model`` cannot train on one: BatchNorm over a single value per channel (BatchNorm1d on
+    ``[1, C]``, a BatchNorm after global pooling) raises in training mode (a fresh user's 1,025 items in batches of
+    64 stopped in BatchNorm re-estimation with PyTorch's own error). Tried on a copy of ``model`` with its trained
+    BatchNorm layers (:func:`autocompress.analysis.trained_norms`) in training mode on ``example_inputs`` (one item
+    of each ``[1, ...]``), under no_grad."""
+    data = torch.utils.data
+    if not isinstance(loader, data.DataLoader) or loader.batch_size is None or loader.drop_last:
+        return
+    try:
+        items = len(loader.sampler)
+    except TypeError:  # an iterable-style dataset: its length is unknown
+        return
+    trial = copy.deepcopy(model).eval()
+    norms = trained_norms(trial)
+    if items % loader.batch_size != 1 or not norms:
+        return
+    for norm in norms:
+        norm.train()
+    try:
+        with torch.no_grad():
+            trial(*at_batch(example_inputs, 1))
+    except ValueError as exc:  # what BatchNorm raises; anything else the run itself reports where it happens
+        raise UserError(f"train_loader's last batch holds 1 item ({items} items in batches of {loader.batch_size}), "
+                        f"and the model's BatchNorm cannot train on one ({first_line(exc)})",
+                        "pass drop_last=True to the DataLoader, or a batch_size that leaves 2 or more") from None
+    except Exception:  # noqa: BLE001 - the user's forward may raise anything in training mode
+        return
 
 
 def check_loss(loss: Any, *, finite: bool = True) -> torch.Tensor:
