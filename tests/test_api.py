@@ -1244,6 +1244,48 @@ def test_a_layer_whose_weight_the_forward_reads_keeps_its_columns():
         assert result.model(x).shape == (4, 3)
 
 
+class DilatedReuse(nn.Module):
+    """``[B, 1, 8, 8]`` -> ``[B, 3]``: ``conv`` called, then its weight read again by a dilated ``F.conv2d`` on its own
+    output; with ``others``, a stem before ``c1`` and a prunable 1x1 conv after (else only ``c1`` and ``conv``)."""
+
+    def __init__(self, others: bool = True):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()) if others else nn.Identity()
+        self.c1, self.conv = nn.Conv2d(8 if others else 1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.after = nn.Conv2d(16, 24, 1) if others else nn.Identity()
+        self.fc = nn.Linear(24 if others else 16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c1(self.stem(x)))
+        x = F.relu(F.conv2d(F.relu(self.conv(x)), self.conv.weight, None, padding=2, dilation=2))
+        return self.fc(F.relu(self.after(x)).mean((2, 3)))
+
+
+def test_groups_breaking_a_weight_read_outside_its_layer_are_left_out_naming_the_read():
+    """Fresh user 62: ``F.conv2d(x, self.conv.weight)`` beside ``self.conv(x)`` had the whole model refused with
+    advice about views and splits. The groups whose removal breaks that read (c1's: the weight's input channels,
+    conv's: its output channels) are left out naming it, the others pruned; where no group is left, the refusal names
+    the read and the fix."""
+    train, val = loaders()
+    lines: list[str] = []
+    torch.manual_seed(0)
+    result = autocompress.prune(trained(DilatedReuse(), train), {"default": 0.5},
+                                example_inputs=torch.randn(1, 1, 8, 8), train_loader=train, val_loader=val,
+                                progress=False, log=lines.append,
+                                config={"dims": "filter", "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
+    read = "conv's weight is also read outside the layer"
+    left_out = {line.split()[2] for line in lines if line.startswith("not filter-pruned:") and read in line}
+    assert left_out == {"c1", "conv"}
+    assert result.model.stem[0].out_channels < 8 and result.model.after.out_channels < 24  # the others: pruned
+    assert result.model.c1.out_channels == 16 and result.model.conv.weight.shape[:2] == (16, 16)
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match=rf"^filter pruning cannot remove channels from this model: .*; {read} .*; "
+                                        "call the layer rather than read its weight"):
+        autocompress.prune(DilatedReuse(others=False).eval(), {"default": 0.5},
+                           example_inputs=torch.randn(1, 1, 8, 8), train_loader=train, val_loader=val, progress=False,
+                           config={"dims": "filter", "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
+
+
 def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):
     """Fresh user 56: token ids ``[L, B]`` (PyTorch transformers' default layout) next to a ``[B, L]`` mask were
     accepted and failed inside the model's attention (``shape '[1, 1, 1, 2]' is invalid for input of size 32``)."""

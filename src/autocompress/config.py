@@ -245,7 +245,14 @@ class RetrainConfig(OptimizerSettings):
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         """These settings as a :class:`TrainConfig` (``epochs`` overriding; ``"auto"`` checked as SGD), validated
-        naming ``retrain.<field>``."""
+        naming ``retrain.<field>``; the optimiser's and the schedule's names are checked even when retraining is off
+        (0 epochs)."""
+        if self.optimizer not in (AUTO, *OPTIMIZERS):
+            raise SettingError("retrain.optimizer", f"unknown retrain.optimizer {show(self.optimizer)}",
+                               f"use one of {', '.join((AUTO, *OPTIMIZERS))}")
+        if self.schedule not in SCHEDULES:
+            raise SettingError("retrain.schedule", f"unknown retrain.schedule {show(self.schedule)}",
+                               f"use one of {', '.join(SCHEDULES)}")
         optimizer = "sgd" if self.optimizer == AUTO else self.optimizer
         values = {**dataclasses.asdict(self), "optimizer": optimizer,
                   "lr": fine_tuning_lr(self.lr, optimizer),
@@ -492,9 +499,6 @@ class CompressConfig:
                 raise SettingError(setting, f"{setting}={show(getattr_dotted(self, setting))} is not valid",
                                    fix)
         self.search.annealing(0)
-        if self.retrain.optimizer not in (AUTO, *OPTIMIZERS):  # checked even when retraining is off
-            raise SettingError("retrain.optimizer", f"unknown retrain.optimizer {show(self.retrain.optimizer)}",
-                               f"use one of {', '.join((AUTO, *OPTIMIZERS))}")
         _naming("admm", lambda: self.admm.train_config(lambda field: f"admm.{field}"))
         _naming("quick_eval.bn_batches", lambda: check_batches(self.quick_eval.bn_batches,
                                                                self.quick_eval.val_batches))
@@ -505,9 +509,6 @@ class CompressConfig:
         self.retrain.train_config()
         if self.final_retrain_epochs is not None:
             self.retrain.train_config(self.final_retrain_epochs)
-        if self.retrain.schedule not in SCHEDULES:  # checked even when retraining is off
-            raise SettingError("retrain.schedule", f"unknown retrain.schedule {show(self.retrain.schedule)}",
-                               f"use one of {', '.join(SCHEDULES)}")
 
     def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
         """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):

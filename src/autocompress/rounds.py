@@ -46,7 +46,7 @@ from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
 from .architecture import apply_architecture, describe_architecture
-from .space import BREAKS, PruningSpace
+from .space import BREAKS, PruningSpace, weights_read_outside
 from .task import Task, loader_generators
 from .text import plural, tidy
 from .training import OPTIMIZERS, above_bars
@@ -393,17 +393,36 @@ class Pipeline:
             if not failing:
                 return self._compactable_columns(model, space)
             headed = self._find_heads(model, space, failing)
+            reads = self._read_outside(model, space, failing)
             if error is not None and not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
-                raise error
+                if not reads:
+                    raise error
+                raise UserError(f"{error.problem}; {'; '.join(dict.fromkeys(reads.values()))}",
+                                "call the layer rather than read its weight (a layer of its own for the other "
+                                "use), or leave filter out of dims")
             for name, why in failing.items():
                 if name not in headed:
                     group = space.unit("filter", name)
                     if attention_shaped(model, group):
                         why = f"{why}; {unaligned_heads(model, space, group) or HEAD_HINT}"
+                    if name in reads:
+                        why = f"{why}; {reads[name]}"
                     self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
                              f"compact model breaks once they are removed ({why})")
                     self.incompactable[name] = why
             space = self.space(model)
+
+    def _read_outside(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, str]:
+        """The groups of ``failing`` that touch a layer whose weight the forward also reads outside the layer
+        (:func:`autocompress.space.weights_read_outside`), name -> words naming that read."""
+        outside = weights_read_outside(model, self.example_inputs)
+        reads = {}
+        for name in failing:
+            layer = next((s.module for s in space.unit("filter", name).slices if s.module in outside), None)
+            if layer is not None:
+                reads[name] = (f"{layer}'s weight is also read outside the layer (as F.conv2d(x, self.conv.weight) "
+                               "beside self.conv(x)), which torch-pruning does not follow")
+        return reads
 
     def _compactable_columns(self, model: nn.Module, space: PruningSpace) -> PruningSpace:
         """``space`` without the column layers whose compact model breaks once half their columns are removed (all

@@ -402,15 +402,14 @@ class PruningSpace:
         attention = {module for parent in model.modules() if isinstance(parent, nn.MultiheadAttention)
                      for module in parent.modules() if module is not parent}
         candidates = {}
-        shared, outside = shared_parameters(model), weights_read_outside(model, inputs)
+        shared = shared_parameters(model)
         for module, name in names.items():
             if not is_weight_layer(module):
                 if _own_weight_layer(module):
                     _exclude(excluded, name, f"{type(module).__name__} is a layer of its own with weights, not a "
                                              "Conv / Linear: build it from nn.Conv2d / nn.Linear to have it pruned")
                 continue
-            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared,
-                                    outside)
+            reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared)
             if reason:
                 _exclude(excluded, name, reason)
             else:
@@ -418,9 +417,8 @@ class PruningSpace:
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
-            ignored_outputs = ignored - set(shared) - outside  # the others keep the channels they read too
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
-                                   ignored_outputs, left_out or {})
+                                   ignored, left_out or {})
             groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
         for name, reason in (columns_left_out or {}).items():
@@ -1014,9 +1012,12 @@ class _OutsideReads(TorchFunctionMode):
 def weights_read_outside(model: nn.Module, inputs: tuple) -> set[str]:
     """The Conv / Linear layers the forward calls whose weight it also reads outside their own call
     (``F.conv2d(x, self.conv.weight)`` beside ``self.conv(x)``), from one analysis forward on ``inputs`` that
-    watches every torch function's arguments. torch-pruning follows the layer's own call only, so removing its
-    channels breaks the other read (fresh user 62's model was refused whole, blaming views and splits). Empty
-    when the forward fails (it is refused elsewhere)."""
+    watches every torch function's arguments. torch-pruning follows the layer's own call only, so removing the
+    channels the layer reads or writes may break the other read (a dilated conv over the layer's own output did;
+    a tied transposed read, ``F.linear(h, self.proj.weight.t())``, did not), which the compaction probe finds
+    (:meth:`autocompress.rounds.Pipeline.compactable_space`); this names the read in its messages (fresh user
+    62's model was refused whole, blaming views and splits). Empty when the forward fails (it is refused
+    elsewhere)."""
     layers = {name: module for name, module in model.named_modules() if is_weight_layer(module)}
     owners: dict[int, set[str]] = {}
     for name, module in layers.items():
@@ -1038,15 +1039,12 @@ def weights_read_outside(model: nn.Module, inputs: tuple) -> set[str]:
 
 
 def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: dict[str, int],
-                   train_only: bool, attention: set[nn.Module], shared: Mapping[str, list[str]],
-                   outside: set[str]) -> str:
-    if name in shared:  # before ignored_layers, which leaves the channels the layer reads prunable
-        return (f"its weights are shared with {', '.join(shared[name])} (tied): pruning would give them two shapes, "
-                "so the tied layers and the channels they read or write keep their size")
-    if name in outside:
-        return READ_OUTSIDE
+                   train_only: bool, attention: set[nn.Module], shared: Mapping[str, list[str]]) -> str:
     if name in ignored:
         return IGNORED
+    if name in shared:
+        return (f"its weights are shared with {', '.join(shared[name])} (tied): pruning would give them two shapes, "
+                "so the tied layers and the channels they read or write keep their size")
     if own_macs.get(name, 0) == 0 and module in attention:
         return FUSED_ATTENTION
     if own_macs.get(name, 0) == 0 and not train_only:
@@ -1058,9 +1056,6 @@ def _layer_problem(module: nn.Module, name: str, ignored: set[str], own_macs: di
 UNREACHED = "not reached by the forward pass (eval or train mode)"
 #: the reason added for such a layer whose weight the forward reads functionally (``F.linear(x, self.qkv.weight)``)
 READ_FUNCTIONALLY = "its weight is read functionally (the module is never called)"
-#: the reason for a layer the forward calls whose weight it also reads outside that call (:func:`weights_read_outside`)
-READ_OUTSIDE = ("its weight is also read outside the layer (as F.conv2d(x, self.conv.weight) beside self.conv(x)), "
-                "which torch-pruning does not follow: the layer and the channels it reads or writes keep their size")
 
 
 #: the start of the reasons a group's channel mapping cannot be used: torch-pruning maps them outside a consumer's
