@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .admm import ADMMConfig
 from .alignment import AUTO, resolve_multiple
@@ -154,15 +154,9 @@ class SearchConfig:
         if not 1 <= self.max_evaluations <= MAX_EVALUATIONS:
             raise SettingError("search.max_evaluations", f"search.max_evaluations={self.max_evaluations} is "
                                f"outside [1, {MAX_EVALUATIONS}]", "use e.g. 30")
-        if self.guidance not in (AUTO, *GUIDANCES):
-            raise SettingError("search.guidance", f"search.guidance={self.guidance!r} is unknown",
-                               f"use one of {', '.join((AUTO, *GUIDANCES))}")
-        if self.start not in START_SETTINGS:
-            raise SettingError("search.start", f"search.start={self.start!r} is unknown",
-                               f"use one of {', '.join(START_SETTINGS)}")
-        if self.moves not in MOVES:
-            raise SettingError("search.moves", f"search.moves={self.moves!r} is unknown",
-                               f"use one of {', '.join(MOVES)}")
+        check_choice("search.guidance", self.guidance, (AUTO, *GUIDANCES))
+        check_choice("search.start", self.start, START_SETTINGS)
+        check_choice("search.moves", self.moves, MOVES)
         fields = dataclasses.asdict(self)
         del fields["guidance"], fields["start"], fields["moves"]
         try:
@@ -247,12 +241,8 @@ class RetrainConfig(OptimizerSettings):
         """These settings as a :class:`TrainConfig` (``epochs`` overriding; ``"auto"`` checked as SGD), validated
         naming ``retrain.<field>``; the optimiser's and the schedule's names are checked even when retraining is off
         (0 epochs)."""
-        if self.optimizer not in (AUTO, *OPTIMIZERS):
-            raise SettingError("retrain.optimizer", f"unknown retrain.optimizer {show(self.optimizer)}",
-                               f"use one of {', '.join((AUTO, *OPTIMIZERS))}")
-        if self.schedule not in SCHEDULES:
-            raise SettingError("retrain.schedule", f"unknown retrain.schedule {show(self.schedule)}",
-                               f"use one of {', '.join(SCHEDULES)}")
+        check_choice("retrain.optimizer", self.optimizer, (AUTO, *OPTIMIZERS))
+        check_choice("retrain.schedule", self.schedule, SCHEDULES)
         optimizer = "sgd" if self.optimizer == AUTO else self.optimizer
         values = {**dataclasses.asdict(self), "optimizer": optimizer,
                   "lr": fine_tuning_lr(self.lr, optimizer),
@@ -260,6 +250,12 @@ class RetrainConfig(OptimizerSettings):
         config = TrainConfig(**values)
         return _naming("retrain", lambda: config.validate(epochs_flag="retrain.epochs", retraining=True,
                                                           names=lambda field: f"retrain.{field}"))
+
+
+def check_choice(setting: str, value: Any, choices: Sequence[str]) -> None:
+    """SettingError naming ``setting`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise SettingError(setting, f"{setting}={show(value)} is unknown", f"use one of {', '.join(choices)}")
 
 
 def _naming(setting: str, check: Callable[[], Any], *, prefix: bool = False) -> Any:
