@@ -94,7 +94,8 @@ def test_the_optimizer_follows_the_task_and_sets_the_unset_learning_rates():
     settled = pending.with_optimizer("adamw")
     assert (settled.retrain.optimizer, settled.retrain.lr, settled.admm.lr, settled.quick_eval.finetune_lr) == (
         "adamw", 0.001, 0.001, 0.001)
-    with pytest.raises(SettingError, match=r"retrain.optimizer='adam' is unknown; use one of auto, sgd, adamw") as error:
+    with pytest.raises(SettingError, match=r"retrain.optimizer='adam' is unknown; use one of auto, sgd, adamw") as \
+            error:
         CompressConfig.from_dict({"target": "params=2x", "retrain": {"optimizer": "adam"}})
     assert error.value.setting == "retrain.optimizer"
 
