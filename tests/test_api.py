@@ -1286,6 +1286,38 @@ def test_groups_breaking_a_weight_read_outside_its_layer_are_left_out_naming_the
                            config={"dims": "filter", "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
 
 
+class ConvLSTM(nn.Module):
+    """``[B, 8, 6, 6]`` -> ``[B, 3]``: a conv whose channels an LSTM reads as features (its filters cannot be pruned),
+    then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.rnn, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.LSTM(16, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(self.conv(x).flatten(2).transpose(1, 2))[0][:, -1])
+
+
+def test_default_dims_prune_columns_alone_where_no_filter_unit_can_be_pruned():
+    """Fresh users 61 and 62: a conv feeding an LSTM left no filter unit, and the default ``filter,column`` was
+    refused ("drop filter from dims") although the user had chosen no dims. The default prunes the columns alone and
+    says why; explicit dims naming filter are still refused."""
+    from autocompress import metrics
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
+    model, lines = ConvLSTM().eval(), []
+    result = autocompress.compress(model, torch.randn(1, 8, 6, 6), "params=1.3x", train_loader=data, val_loader=data,
+                                   config={**CONFIG, "admm": {"epochs": 0}}, progress=False, log=lines.append)
+    assert any(line.startswith("dims: filter,column (default for a params target); no filter unit can be pruned in "
+                               "this model (conv: filter pruning: couples with LSTM rnn") and line.endswith(
+        "): columns only") for line in lines), lines
+    assert metrics.count_params(model) / metrics.count_params(result.model) >= 1.3 * (1 - TARGET_TOLERANCE)
+    with pytest.raises(UserError, match=r"^no filter unit can be pruned in this model \(conv: .*; drop filter from"):
+        autocompress.compress(model, torch.randn(1, 8, 6, 6), "params=1.3x", train_loader=data, val_loader=data,
+                              config={**CONFIG, "dims": "filter,column"}, progress=False)
+
+
 def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):
     """Fresh user 56: token ids ``[L, B]`` (PyTorch transformers' default layout) next to a ``[B, L]`` mask were
     accepted and failed inside the model's attention (``shape '[1, 1, 1, 2]' is invalid for input of size 32``)."""

@@ -425,7 +425,9 @@ class Compression:
                               ".view on a convolution's output); training and scoring run in the default layout, "
                               "up to ~1.5x slower on a CPU (.reshape would allow it)")
         if self.config.dims is None:
-            self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)")
+            self.pipeline.log(f"dims: {self.config.resolved_dims} (default for a {self.target.objective} target)" + (
+                "" if self.first_space.units("filter") else f"; no filter unit can be pruned in this model "
+                f"({self.first_space.missing('filter')[0]}): columns only"))
         if self.config.search.guidance == AUTO:
             self.pipeline.log(f"search guidance: per {self.guidance} (auto for a {self.target.objective} target" + (
                 " of a model whose outputs have positions" if self.dense_output else "") + ")")
@@ -647,7 +649,8 @@ class Compression:
         """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone, at
         the narrowest widths allowed, cannot reach :data:`ROOM` times the target's factor (the run's other kinds
         would make up the rest, or the search would have to cut every group that can shrink to near its floor)."""
-        if self.table is not None or self.multiple <= FALLBACK or "filter" not in self.config.kinds:
+        if self.table is not None or self.multiple <= FALLBACK or not self.first_space.units("filter") \
+                or "filter" not in self.config.kinds:
             return False
         try:
             ActionSampler.from_space(self.first_space, self.target.objective, self.factor * ROOM, kinds=("filter",),

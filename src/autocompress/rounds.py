@@ -365,9 +365,10 @@ class Pipeline:
                                    heads=self.heads, free_macs=self.free_macs,
                                    columns_left_out={name: f"column pruning: {COLUMNS_BREAK} ({why})"
                                                      for name, why in self.incompactable_columns.items()})
-        # the default hybrid needs filter units; explicit dims need every kind they name
-        space.check_dims(self.config.kinds if self.config.dims is not None else
-                         tuple(kind for kind in self.config.kinds if kind != "column"))
+        # explicit dims need every kind they name; the default, one unit of any of its kinds (filter first)
+        default = self.config.dims is None
+        space.check_dims(self.config.kinds[:1] if default and not any(map(space.units, self.config.kinds)) else
+                         () if default else self.config.kinds)
         return space
 
     def compactable_space(self, model: nn.Module, space: PruningSpace | None = None) -> PruningSpace:

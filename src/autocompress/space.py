@@ -506,14 +506,20 @@ class PruningSpace:
         """
         for kind in dims:
             if not self._units[kind]:
-                why = ([(name, "; ".join(reasons)) for name, reasons in self.reasons(kind).items()]
-                       or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
-                named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
-                more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
-                which = (why[0][0] or "it") if len(why) == 1 else "one of them"
-                raise UserError(f"no {kind} unit can be pruned in this model ({named}{more})",
+                named, which = self.missing(kind)
+                raise UserError(f"no {kind} unit can be pruned in this model ({named})",
                                 f"drop {kind} from dims, or change the model / ignored layers so that {which} can "
                                 "be pruned")
+
+    def missing(self, kind: str) -> tuple[str, str]:
+        """Why the space has no unit of ``kind``: up to three excluded modules with their reasons (``"c: filter
+        pruning: couples with LSTM rnn, ...; fc: ..."``), and how to name them in a fix (``"c"`` or ``"one of
+        them"``)."""
+        why = ([(name, "; ".join(reasons)) for name, reasons in self.reasons(kind).items()]
+               or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
+        named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
+        more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
+        return named + more, (why[0][0] or "it") if len(why) == 1 else "one of them"
 
     def filter_keep(self, group: FilterGroup, rate: float) -> int:
         """Channels a filter group keeps at ``rate``: whole tie classes (:meth:`filter_keep_classes`);
