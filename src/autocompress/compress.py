@@ -1233,8 +1233,6 @@ DROP_WARNING_POINTS = 5.0
 DROP_WARNING_FRACTION = 0.05
 
 
-
-
 def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target: Target) -> str | None:
     """The warning when the compact model's validation top-1 is within 1 point of a random guess (``chance``,
     a fraction; None: not a classification score), or more than :data:`DROP_WARNING_POINTS` below the base's:

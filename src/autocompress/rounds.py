@@ -365,10 +365,10 @@ class Pipeline:
                                    heads=self.heads, free_macs=self.free_macs,
                                    columns_left_out={name: f"column pruning: {COLUMNS_BREAK} ({why})"
                                                      for name, why in self.incompactable_columns.items()})
-        # explicit dims need every kind they name; the default, one unit of any of its kinds (filter first)
-        default = self.config.dims is None
-        space.check_dims(self.config.kinds[:1] if default and not any(map(space.units, self.config.kinds)) else
-                         () if default else self.config.kinds)
+        if self.config.dims is not None:
+            space.check_dims(self.config.kinds)  # explicit dims need every kind they name
+        elif not any(map(space.units, self.config.kinds)):  # the default needs a unit of any of its kinds
+            space.check_dims(self.config.kinds[:1])  # refused naming filter's exclusions, which say the most
         return space
 
     def compactable_space(self, model: nn.Module, space: PruningSpace | None = None) -> PruningSpace:

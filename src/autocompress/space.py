@@ -519,7 +519,7 @@ class PruningSpace:
                or list(self.excluded.items())[:1] or [("", "no Conv / Linear layer")])
         named = "; ".join(f"{name or 'the model'}: {reason}" for name, reason in why[:3])
         more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
-        return named + more, (why[0][0] or "it") if len(why) == 1 else "one of them"
+        return named + more, ((why[0][0] or "it") if len(why) == 1 else "one of them")
 
     def filter_keep(self, group: FilterGroup, rate: float) -> int:
         """Channels a filter group keeps at ``rate``: whole tie classes (:meth:`filter_keep_classes`);
