@@ -1858,40 +1858,61 @@ def test_batches_too_small_for_batch_norm_are_warned_about(caplog, batch_size, b
                          "re-estimation; use batches of 8 or more"] if warned else [])
 
 
-@settings(max_examples=12, deadline=None)
-@given(items=st.integers(9, 80), batch_size=st.integers(2, 16), pooled=st.booleans(), drop_last=st.booleans())
-@hypothesis.example(items=33, batch_size=16, pooled=True, drop_last=False)
-def test_a_last_batch_of_one_item_is_refused_before_any_work_where_batch_norm_cannot_train_on_it(
-        items, batch_size, pooled, drop_last):
+@settings(max_examples=16, deadline=None)
+@given(items=st.integers(9, 80), batch_size=st.integers(1, 16), pooled=st.booleans(), drop_last=st.booleans(),
+       sampled=st.booleans())
+@hypothesis.example(items=33, batch_size=16, pooled=True, drop_last=False, sampled=False)
+@hypothesis.example(items=20, batch_size=1, pooled=True, drop_last=False, sampled=True)
+def test_a_batch_of_one_item_is_refused_before_any_work_where_batch_norm_cannot_train_on_it(
+        items, batch_size, pooled, drop_last, sampled):
     """Fresh user 62: 1,025 items in batches of 64 and a BatchNorm1d stopped in BatchNorm re-estimation with
-    PyTorch's "Expected more than 1 value per channel". Refused with the fix where the last batch holds one item
-    and a BatchNorm sees one value per channel there (after global pooling), not where it sees positions too or
-    the loader drops the last batch."""
+    PyTorch's "Expected more than 1 value per channel". Refused with the fix where a batch holds one item (the last
+    one kept, or batch_size 1; fresh user 63: also a loader built on a BatchSampler) and a BatchNorm sees one value
+    per channel there (after global pooling), not where it sees positions too or the loader drops the last batch."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
     from autocompress.task import refuse_single_item_batch
 
     head = [nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6)] if pooled else [nn.Flatten(), nn.Linear(4, 6)]
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           *head, nn.ReLU(), nn.Linear(6, 3)).eval()
     before = copy.deepcopy(model.state_dict())
-    loader = DataLoader(TensorDataset(*images(items, 0)), batch_size=batch_size, drop_last=drop_last)
-    refused = items % batch_size == 1 and pooled and not drop_last
-    if refused:
-        with pytest.raises(UserError, match=rf"^train_loader's last batch holds 1 item \({items} items in batches of "
-                                            rf"{batch_size}\), and the model's BatchNorm cannot train on one \(.*\); "
-                                            "pass drop_last=True to the DataLoader"):
+    data = TensorDataset(*images(items, 0))
+    loader = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), batch_size, drop_last)) if sampled \
+        else DataLoader(data, batch_size=batch_size, drop_last=drop_last)
+    one = "batches hold 1 item \\(batch_size 1\\)" if batch_size == 1 else \
+        rf"last batch holds 1 item \({items} items in batches of {batch_size}\)"
+    if (batch_size == 1 or items % batch_size == 1) and pooled and not drop_last:
+        with pytest.raises(UserError, match=rf"^train_loader's {one}, and the model's BatchNorm cannot train on one "
+                                            r"\(.*\); pass drop_last=True to the DataLoader"):
             refuse_single_item_batch(loader, model, (torch.randn(1, 1, 8, 8),))
     else:
         refuse_single_item_batch(loader, model, (torch.randn(1, 1, 8, 8),))
     assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class TrainOnlyHead(nn.Module):
+    """A classifier whose auxiliary head, with a BatchNorm1d after pooling, runs in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3)
+        self.aux = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return self.fc(h) + (self.aux(h) if self.training else 0)
+
+
 def test_compress_refuses_a_last_batch_of_one_item_its_batch_norm_cannot_train_on():
+    """Also where only a training-mode branch holds that BatchNorm (fresh user 63)."""
     train = DataLoader(TensorDataset(*images(97, 0)), batch_size=16)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6),
                           nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
-    with pytest.raises(UserError, match=r"^train_loader's last batch holds 1 item \(97 items in batches of 16\)"):
-        autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=train,
-                              config=CONFIG, progress=False)
+    for net in (model, TrainOnlyHead().eval()):
+        with pytest.raises(UserError, match=r"^train_loader's last batch holds 1 item \(97 items in batches of 16\)"):
+            autocompress.compress(net, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=train,
+                                  config=CONFIG, progress=False)
 
 
 def test_a_one_evaluation_search_takes_its_guided_start_unscored(monkeypatch):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .analysis import BATCH_FIRST, analysis_mode, at_batch, example_tuple, trained_norms
+from .analysis import BATCH_FIRST, analysis_mode, at_batch, example_tuple, train_mode, trained_norms
 from .distributed import length
 from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
@@ -575,32 +575,41 @@ def small_batch_warning(batch: Batch, model: nn.Module) -> str | None:
             f"{MIN_BATCH_NORM_BATCH} or more")
 
 
-def refuse_single_item_batch(loader: Any, model: nn.Module, example_inputs: tuple) -> None:
-    """UserError, before any work, when ``loader`` (a DataLoader keeping its last batch) ends each epoch with a
-    batch of one item and ``model`` cannot train on one: BatchNorm over a single value per channel (BatchNorm1d on
-    ``[1, C]``, a BatchNorm after global pooling) raises in training mode (a fresh user's 1,025 items in batches of
-    64 stopped in BatchNorm re-estimation with PyTorch's own error). Tried on a copy of ``model`` with its trained
-    BatchNorm layers (:func:`autocompress.analysis.trained_norms`) in training mode on ``example_inputs`` (one item
-    of each ``[1, ...]``), under no_grad."""
-    data = torch.utils.data
-    if not isinstance(loader, data.DataLoader) or loader.batch_size is None or loader.drop_last:
-        return
+def _one_item_batches(loader: Any) -> str | None:
+    """How a DataLoader's training batches come to hold one item, in words (every batch at ``batch_size`` 1, or the
+    last one where it keeps it); None for other loaders, or where the count is unknown."""
+    batches = getattr(loader, "batch_sampler", None)
+    if not isinstance(loader, torch.utils.data.DataLoader) or not isinstance(batches, torch.utils.data.BatchSampler) \
+            or batches.drop_last:
+        return None
     try:
-        items = len(loader.sampler)
+        items = len(batches.sampler)
     except TypeError:  # an iterable-style dataset: its length is unknown
+        return None
+    if batches.batch_size == 1:
+        return "train_loader's batches hold 1 item (batch_size 1)"
+    if items % batches.batch_size == 1:
+        return f"train_loader's last batch holds 1 item ({items} items in batches of {batches.batch_size})"
+    return None
+
+
+def refuse_single_item_batch(loader: Any, model: nn.Module, example_inputs: tuple) -> None:
+    """UserError, before any work, when ``loader`` (a DataLoader, its batch size given or a ``BatchSampler``) makes
+    batches of one item (``batch_size`` 1, or a last batch it keeps) and ``model`` cannot train on one: BatchNorm
+    over a single value per channel (BatchNorm1d on ``[1, C]``, a BatchNorm after global pooling) raises in training
+    mode (a fresh user's 1,025 items in batches of 64 stopped in BatchNorm re-estimation with PyTorch's own error).
+    Tried on a copy of ``model`` in training mode (:func:`autocompress.analysis.train_mode`: a training-only branch
+    runs too) on ``example_inputs`` (one item of each ``[1, ...]``), under no_grad, the global RNG restored."""
+    how = _one_item_batches(loader)
+    if how is None or not trained_norms(model):
         return
-    trial = copy.deepcopy(model).eval()
-    norms = trained_norms(trial)
-    if items % loader.batch_size != 1 or not norms:
-        return
-    for norm in norms:
-        norm.train()
+    trial = train_mode(copy.deepcopy(model))
+    devices = sorted({p.device.index or 0 for p in trial.parameters() if p.is_cuda})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             trial(*at_batch(example_inputs, 1))
     except ValueError as exc:  # what BatchNorm raises; anything else the run itself reports where it happens
-        raise UserError(f"train_loader's last batch holds 1 item ({items} items in batches of {loader.batch_size}), "
-                        f"and the model's BatchNorm cannot train on one ({first_line(exc)})",
+        raise UserError(f"{how}, and the model's BatchNorm cannot train on one ({first_line(exc)})",
                         "pass drop_last=True to the DataLoader, or a batch_size that leaves 2 or more") from None
     except Exception:  # noqa: BLE001 - the user's forward may raise anything in training mode
         return
