@@ -2103,8 +2103,9 @@ def test_prune_compacts_a_layer_norm_to_a_plain_one_over_the_kept_channels_or_to
         torch.testing.assert_close(result.compact_model(batch), model.fc(x), rtol=1e-5, atol=1e-5)
     padded = prune(model, {"filter": {"conv1": 0.5}}, layer_norm="padded", **settings).compact_model
     assert isinstance(padded.norm, PaddedLayerNorm) and (padded.norm.num_features, padded.norm.width) == (4, 8)
-    with pytest.raises(UserError, match="unknown layer_norm 'plain'"):
+    with pytest.raises(SettingError, match="^layer_norm='plain' is unknown; use one of") as error:
         prune(model, {"filter": {"conv1": 0.5}}, layer_norm="plain", **settings)
+    assert error.value.setting == "layer_norm"  # fresh user 63: a plain UserError in prune, a SettingError in compress
 
 
 def test_compress_retrains_and_returns_plain_layer_norms_unless_told_padded():

@@ -12,7 +12,7 @@ from autocompress.admm import ADMMConfig
 from autocompress.analysis import analysis_mode
 from autocompress.compaction import ColumnConv2d
 from autocompress.data import get_dataset
-from autocompress.errors import UserError
+from autocompress.errors import SettingError, UserError
 from autocompress.masks import apply_masks
 from autocompress.metrics import count_params
 from autocompress.models import create_model
@@ -118,14 +118,14 @@ def test_dims_in_the_config_s_text_form_prune_the_same_units():
                              dims=dims, admm=ADMMConfig(epochs=0), retrain=TrainConfig(epochs=0), purify=False,
                              progress=False).report)
     assert results[0]["dims"] == ["filter", "column"] and results[0]["params_after"] == results[1]["params_after"]
-    with pytest.raises(UserError, match="unknown pruning dimensions"):
+    with pytest.raises(SettingError, match="^dims='filters' names an unknown pruning dimension; choose from") as error:
         prune(create_model("fmnist_cnn", width=0.25), {}, example_inputs=torch.zeros(1, 1, 28, 28), dims="filters")
+    assert error.value.setting == "dims"
 
 
 def test_prune_takes_its_settings_as_a_config_file_s_sections_and_names_a_bad_one():
     """Fresh user 59: ``admm={"epochs": 0}`` (as ``compress``'s config takes it) raised an AttributeError, the result
     had ``compact_model`` where ``compress``'s has ``model``, and printing it dumped every mask."""
-    from autocompress.errors import SettingError
 
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3)).eval()
     x = torch.randn(2, 1, 8, 8)

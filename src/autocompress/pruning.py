@@ -32,8 +32,8 @@ from torch import nn
 from .admm import ADMMConfig
 from .analysis import prunable_model
 from .compaction import check_compactable, densify
-from .config import CompressConfig, PurificationConfig, RetrainConfig, from_dict
-from .errors import SettingError, UserError
+from .config import CompressConfig, PurificationConfig, RetrainConfig, check_choice, from_dict
+from .errors import SettingError, UserError, show
 from .masks import Masks
 from .projection import project
 from .padded_norm import LAYER_NORM_FORMS
@@ -225,7 +225,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     model = prunable_model(model, log if log is not None else (lambda _line: None))
     dims = tuple(d.strip() for d in dims.split(",")) if isinstance(dims, str) else tuple(dims)  # as in the config
     if not dims or any(d not in KINDS for d in dims):
-        raise UserError(f"unknown pruning dimensions {list(dims)}", f"choose from {', '.join(KINDS)}")
+        raise SettingError("dims", f"dims={show(','.join(dims))} names an unknown pruning dimension",
+                           f"choose from {', '.join(KINDS)}")
     if isinstance(admm, Mapping):  # as a config file's section
         admm = from_dict(ADMMConfig, dict(admm), prefix="admm.")
     retrain = retrain if retrain is not None else RetrainConfig(epochs=10)
@@ -234,8 +235,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     if isinstance(retrain, TrainConfig):
         retrain = RetrainConfig(**{f.name: getattr(retrain, f.name) for f in dataclasses.fields(RetrainConfig)})
     ignored_layers = sorted(ignored_modules(model, ignored_layers))  # a wrong name is refused before any work
-    if layer_norm not in LAYER_NORM_FORMS:
-        raise UserError(f"unknown layer_norm {layer_norm!r}", f"use one of {', '.join(LAYER_NORM_FORMS)}")
+    check_choice("layer_norm", layer_norm, LAYER_NORM_FORMS)
     config = CompressConfig(dims=",".join(dims), seed=seed, ignored_layers=ignored_layers, layer_norm=layer_norm,
                             admm=admm if admm is not None else ADMMConfig(),
                             retrain=retrain, purification=PurificationConfig(purify, purify_tolerance,
