@@ -75,10 +75,13 @@ def analysis_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-def hooked_forward(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, Callable]) -> None:
+def hooked_forward(model: nn.Module, inputs: tuple, hooks: dict[nn.Module, Callable],
+                   pre_hooks: dict[nn.Module, Callable] | None = None) -> None:
     """One analysis forward of ``model(*inputs)`` (see :func:`analysis_mode`) with ``hooks[module]``
-    registered as a forward hook ``fn(module, args, output)`` on each listed module, removed afterwards."""
-    handles = [module.register_forward_hook(fn) for module, fn in hooks.items()]
+    registered as a forward hook ``fn(module, args, output)`` on each listed module (and ``pre_hooks[module]`` as a
+    forward pre-hook ``fn(module, args)``), removed afterwards."""
+    handles = [module.register_forward_pre_hook(fn) for module, fn in (pre_hooks or {}).items()]
+    handles += [module.register_forward_hook(fn) for module, fn in hooks.items()]
     try:
         with analysis_mode(model):
             model(*inputs)

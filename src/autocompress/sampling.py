@@ -289,11 +289,11 @@ def _widest_within(action: np.ndarray, index: int, cost: Cost, budget: float, si
     return 1.0 - above[low - 1] / size if low else rate
 
 
-def _scatter(where: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """A float64 array shaped like the bool mask ``where``, ``values`` at its True positions, 0 elsewhere."""
-    out = np.zeros(len(where))
-    out[where] = values
-    return out
+def _guided_direction(weights: np.ndarray, spread: float) -> np.ndarray:
+    """Relative rates ``(weight / max weight) ** spread`` (float64, like ``weights``); uniform when no weight is
+    positive."""
+    top = weights.max()
+    return np.ones_like(weights) if top <= 0 else (weights / top) ** float(spread)
 
 
 def _with(action: np.ndarray, index: int, rate: float) -> np.ndarray:
@@ -431,8 +431,12 @@ class ActionSampler:
         an aligned width keeps the smallest rate of that width), and projecting it again would move channels
         between layers. At a looser target than ``action`` met, every unit keeps at least the channels it kept
         there."""
-        action = meet_target(action, self.cost, self.target, r_max=self.r_max,
-                             original=self.original, sizes=self._sizes, max_iter=self.max_iter)
+        return self._given_back(meet_target(action, self.cost, self.target, r_max=self.r_max,
+                                            original=self.original, sizes=self._sizes, max_iter=self.max_iter))
+
+    def _given_back(self, action: np.ndarray) -> np.ndarray:
+        """``action`` (meeting the target) with what the target does not need given back (:func:`give_back`, with
+        this sampler's order and widths); ``action`` itself without ``give_back``."""
         if self.give_back is None:
             return action
         return give_back(action, self.cost, self.original / self.target, self._sizes, self._weights,
@@ -444,10 +448,7 @@ class ActionSampler:
         ``spread=0`` gives one uniform rate (before any give-back); larger values prune the units that govern
         more weights (MACs) harder, following the guidance. Returns float64 [n_units] meeting the target.
         """
-        weights = self._weights
-        top = weights.max()
-        direction = np.ones_like(weights) if top <= 0 else (weights / top) ** float(spread)
-        return self.meet(direction)
+        return self.meet(_guided_direction(self._weights, spread))
 
     def magnitude_action(self, importance: Mapping[str, torch.Tensor]) -> np.ndarray | None:
         """A start read from the weights: each filter unit's rate is the share of its channels whose importance
@@ -491,22 +492,19 @@ class ActionSampler:
         rest = np.array([u.kind != "filter" and action[i] == 0.0 for i, u in enumerate(self.units)])
         if not rest.any():
             return None
-        weights = self._weights[rest]
-        direction = np.sqrt(weights / weights.max()) if weights.max() > 0 else np.ones(int(rest.sum()))
 
-        def cost(rates: np.ndarray) -> float:
-            return self.cost(np.where(rest, _scatter(rest, rates), action))
+        def filled(rates: np.ndarray) -> np.ndarray:
+            out = action.copy()
+            out[rest] = rates
+            return out
 
         try:
-            rates = meet_target(direction, cost, self.target, r_max=self.r_max, original=self.original,
-                                sizes=self._sizes[rest], max_iter=self.max_iter)
+            rates = meet_target(_guided_direction(self._weights[rest], 0.5), lambda r: self.cost(filled(r)),
+                                self.target, r_max=self.r_max, original=self.original, sizes=self._sizes[rest],
+                                max_iter=self.max_iter)
         except Unreachable:
             return None
-        filled = np.where(rest, _scatter(rest, rates), action)
-        if self.give_back is None:
-            return filled
-        return give_back(filled, self.cost, self.original / self.target, self._sizes, self._weights,
-                         order=self.give_back, widths=self.widths)
+        return self._given_back(filled(rates))
 
     def perturb(self, action: np.ndarray, magnitude: float, rng: np.random.Generator | torch.Generator, *,
                 avoid: Collection[tuple[int, ...]] = ()) -> np.ndarray:
@@ -550,9 +548,7 @@ class ActionSampler:
         for grow in rng.permutation(len(self.units)):
             wider = self._one_width_wider(action, int(grow))
             for candidate in () if wider is None else self._refits(wider, int(grow), budget):
-                if self.give_back is not None:
-                    candidate = give_back(candidate, self.cost, budget, self._sizes, self._weights,
-                                          order=self.give_back, widths=self.widths)
+                candidate = self._given_back(candidate)
                 if self.keeps(candidate) not in seen:
                     return candidate
                 built += 1

@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
 
 from .alignment import aligned_keep, allowed_widths
-from .analysis import analysis_mode, hooked_forward, output_tensors, preserved_state, random_like
+from .analysis import hooked_forward, output_tensors, preserved_state, random_like
 from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
 from .masks import Masks
@@ -1029,18 +1029,12 @@ def weights_read_outside(model: nn.Module, inputs: tuple) -> set[str]:
     for name, module in layers.items():
         owners.setdefault(id(module.weight), set()).add(name)
     mode = _OutsideReads(owners)
-    handles = []
-    for name, module in layers.items():
-        handles.append(module.register_forward_pre_hook(lambda *_, name=name: mode.enter(name)))
-        handles.append(module.register_forward_hook(lambda *_: mode.leave()))
     try:
-        with analysis_mode(model), mode:
-            model(*inputs)
+        with mode:
+            hooked_forward(model, inputs, {module: lambda *_: mode.leave() for module in layers.values()},
+                           {module: lambda *_, name=name: mode.enter(name) for name, module in layers.items()})
     except Exception:  # noqa: BLE001 - the model's forward is checked (and refused) elsewhere
         return set()
-    finally:
-        for handle in handles:
-            handle.remove()
     return mode.found & mode.called  # a layer never called but read is UNREACHED and READ_FUNCTIONALLY
 
 
