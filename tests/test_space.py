@@ -843,11 +843,50 @@ def test_a_forward_that_is_not_finite_on_random_inputs_is_refused_naming_the_lay
 
     model = Logs()
     with torch.no_grad():
-        model.fc1.weight.abs_()
-        model.fc1.bias.fill_(1.0)
+        model.fc1.weight.copy_(-model.fc1.weight.abs())  # negative outputs for positive inputs: log is NaN
     with pytest.raises(UserError, match=r"^the model computes NaN or infinite values at fc2's input on random inputs "
                                         r"shaped like example_inputs .*; make the forward finite for any input"):
         PruningSpace.build(model, torch.rand(2, 4))
+
+
+class _NormScaled(nn.Module):
+    """c2's outputs divided by the norm of its own filters (fresh user 63), or logged (positive weights and bias)."""
+
+    def __init__(self, use_log: bool):
+        super().__init__()
+        self.use_log = use_log
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+        if use_log:
+            with torch.no_grad():
+                self.c2.weight.abs_()
+                self.c2.bias.fill_(1.0)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        if self.use_log:
+            a = self.c2(h).log()
+        else:
+            a = self.c2(h) / self.c2.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c3(a)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("use_log", [False, True])
+def test_a_group_whose_removal_alone_makes_the_forward_not_finite_is_left_out_naming_why(use_log, caplog):
+    """Fresh user 63: dividing by a layer's filter norms was refused whole as "NaN on random inputs" (the
+    probe's own zeroed filters give 0 / 0); that group is left out, the others pruned."""
+    import logging
+
+    model = _NormScaled(use_log)
+    before = copy.deepcopy(model.state_dict())
+    with caplog.at_level(logging.INFO, logger="autocompress.space"):
+        space = PruningSpace.build(model, torch.rand(1, 3, 6, 6))
+        space.log_exclusions()
+    assert [g.name for g in space.filter_groups] == ["c1", "c3"]
+    read = "; c2's weight is also read outside the layer" if not use_log else ""
+    assert (f"not pruned: c2: filter pruning: removing its channels makes c3's input NaN or infinite (a division by "
+            f"their weights' norm, a log of their outputs){read}") in caplog.messages
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_layer_of_the_caller_s_own_with_weights_is_named_as_not_pruned(caplog):

@@ -1508,38 +1508,26 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     identical for both samples. A slice torch-pruning mapped wrongly (e.g. through a channel shuffle)
     reads live features and differs. A random half rather than one fixed channel: a permutation rarely
     maps it onto itself, while it maps the last (or first) channel onto itself in a channel shuffle.
+
+    A group whose removed channels alone make a consumer's input NaN or infinite (the forward divides by the
+    norm of the layer's filters, or takes a log of its outputs) cannot be pruned: it is left out, naming the
+    consumer, and the rest verified again.
+
+    Raises:
+        UserError: the forward is NaN or infinite on the random samples with no channel removed.
     """
     if not groups:
         return groups
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     probe = _probe_inputs(inputs, gen)
-    params = dict(model.named_parameters())
-    saved: dict[str, torch.Tensor] = {}
+    removed = {g.name: _removed_half(g, gen) for g in groups}
     watched: dict[str, list[tuple[str, torch.Tensor]]] = {}  # consumer -> (group, input index)
     for g in groups:
-        gone = torch.randperm(g.classes, generator=gen)[:max(1, g.classes // 2)]
-        if g.ties is not None:  # whole tie classes (a GroupNorm without affine zeroes only whole groups)
-            gone = torch.nonzero(torch.isin(g.ties, gone)).flatten()
         for s in g.slices:
-            hit = torch.isin(s.channel, gone)
-            if s.param not in saved:
-                saved[s.param] = params[s.param].detach().clone()
-            params[s.param].index_fill_(s.dim, s.index[hit].to(params[s.param].device), 0)
             if s.role == "input":
-                watched.setdefault(s.module, []).append((g.name, s.features[hit]))
-    seen: dict[str, list[torch.Tensor]] = {}
+                watched.setdefault(s.module, []).append((g.name, s.features[removed[g.name][s.channel]]))
     modules = dict(model.named_modules())
-
-    def hook(name):
-        def fn(_module, args, _output):
-            seen.setdefault(name, []).append(args[0].detach())
-        return fn
-
-    try:
-        hooked_forward(model, probe, {modules[name]: hook(name) for name in watched})
-    finally:
-        for name, value in saved.items():
-            params[name].copy_(value)
+    seen = _consumer_inputs(model, probe, [(s, removed[g.name]) for g in groups for s in g.slices], watched)
     bad: dict[str, str] = {}
     for consumer, checks in watched.items():
         feature_dim = 1 if isinstance(modules[consumer], nn.modules.conv._ConvNd) else -1
@@ -1547,10 +1535,8 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
             for gname, index in checks:
                 part = x.index_select(feature_dim, index.to(x.device))
                 if not bool(torch.isfinite(part).all()):
-                    raise UserError(f"the model computes NaN or infinite values at {consumer}'s input on random "
-                                    "inputs shaped like example_inputs (numbers drawn in their range, masks from "
-                                    "their own items)", "make the forward finite for any input, e.g. a masked "
-                                    "mean's divisor clamped: mask.sum(1).clamp(min=1)")
+                    return _verified(model, inputs, _finite(model, inputs, probe, groups, removed, watched,
+                                                            excluded), excluded)
                 if not torch.allclose(part[0], part[1], rtol=0, atol=1e-6 * (1 + part.abs().max().item())):
                     bad.setdefault(gname, consumer)
     kept = []
@@ -1560,6 +1546,79 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
                      "could not be verified")
         else:
             kept.append(g)
+    return kept
+
+
+def _removed_half(group: FilterGroup, gen: torch.Generator) -> torch.Tensor:
+    """``[group.size]`` bool: a seeded random half of the group's channels (whole tie classes: a GroupNorm without
+    affine zeroes only whole groups)."""
+    gone = torch.randperm(group.classes, generator=gen)[:max(1, group.classes // 2)]
+    return torch.isin(group.ties, gone) if group.ties is not None else torch.isin(torch.arange(group.size), gone)
+
+
+def _consumer_inputs(model: nn.Module, probe: tuple, zeroed: Sequence[tuple[Slice, torch.Tensor]],
+                     consumers: Iterable[str]) -> dict[str, list[torch.Tensor]]:
+    """The inputs each of ``consumers`` receives in one analysis forward on ``probe`` with the entries of each slice
+    whose channel is flagged in its ``[size]`` bool mask zeroed (restored afterwards); consumer -> one tensor per
+    call."""
+    params = dict(model.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    for s, gone in zeroed:
+        if s.param not in saved:
+            saved[s.param] = params[s.param].detach().clone()
+        params[s.param].index_fill_(s.dim, s.index[gone[s.channel]].to(params[s.param].device), 0)
+    seen: dict[str, list[torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def fn(_module, args, _output):
+            seen.setdefault(name, []).append(args[0].detach())
+        return fn
+
+    try:
+        hooked_forward(model, probe, {modules[name]: hook(name) for name in consumers})
+    finally:
+        for name, value in saved.items():
+            params[name].copy_(value)
+    return seen
+
+
+def _finite(model: nn.Module, inputs: tuple, probe: tuple, groups: list[FilterGroup],
+            removed: Mapping[str, torch.Tensor], consumers: Iterable[str],
+            excluded: dict[str, list[str]]) -> list[FilterGroup]:
+    """``groups`` without those whose removed half alone makes a consumer's input NaN or infinite (left out, naming
+    the consumer and any read of the group's weights outside their layers); refused when the forward is not
+    finite with nothing removed."""
+    def broken(zeroed) -> str | None:
+        seen = _consumer_inputs(model, probe, zeroed, consumers)
+        return next((name for name, xs in seen.items() for x in xs if not bool(torch.isfinite(x).all())), None)
+
+    consumer = broken([])
+    kept = [] if consumer is not None else _finite_alone(model, inputs, groups, excluded, lambda g: broken(
+        [(s, removed[g.name]) for s in g.slices]))
+    if consumer is not None or len(kept) == len(groups):  # not finite as it is, or only with several groups removed
+        consumer = consumer or broken([(s, removed[g.name]) for g in groups for s in g.slices])
+        raise UserError(f"the model computes NaN or infinite values at {consumer}'s input on random inputs shaped "
+                        "like example_inputs (numbers drawn in their range, masks from their own items)",
+                        "make the forward finite for any input, e.g. a masked mean's divisor clamped: "
+                        "mask.sum(1).clamp(min=1)")
+    return kept
+
+
+def _finite_alone(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, list[str]],
+                  broken) -> list[FilterGroup]:
+    """``groups`` without those for which ``broken(group)`` names a consumer (left out naming it)."""
+    outside = weights_read_outside(model, inputs)
+    kept = []
+    for g in groups:
+        consumer = broken(g)
+        if consumer is None:
+            kept.append(g)
+            continue
+        reads = sorted({s.module for s in g.slices} & outside)
+        read = f"; {', '.join(reads)}'s weight is also read outside the layer" if reads else ""
+        _exclude(excluded, g.name, f"filter pruning: removing its channels makes {consumer}'s input NaN or infinite "
+                 f"(a division by their weights' norm, a log of their outputs){read}")
     return kept
 
 
@@ -1611,8 +1670,7 @@ def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup
         return groups
     kept = []
     for g in groups:
-        gone = torch.randperm(g.classes, generator=gen)[:max(1, g.classes // 2)]
-        hit = torch.isin(g.ties, gone) if g.ties is not None else torch.isin(torch.arange(g.size), gone)
+        hit = _removed_half(g, gen)
         removed = [Slice(s.param, s.module, s.role, s.dim, s.index[hit[s.channel]], s.channel)
                    for s in g.slices if s.role in ("weight", "bias", "norm")]
         after = zero_columns(removed)
