@@ -1237,7 +1237,8 @@ def test_a_layer_whose_weight_the_forward_reads_keeps_its_columns():
                                    train_loader=train, val_loader=val, config=CONFIG, progress=False,
                                    log=lines.append)
     assert any(line.startswith("not column-pruned: proj keeps its columns: the compact model breaks once its columns "
-                               "are removed (RuntimeError: ") for line in lines)
+                               "are removed (RuntimeError: ") and "; proj's weight is also read outside the layer (as "
+               "F.conv2d(x, self.conv.weight) beside self.conv(x)))" in line for line in lines)  # fresh user 63: named
     assert isinstance(result.model.proj, nn.Linear) and result.compression_rate >= 1.5 * 0.99
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

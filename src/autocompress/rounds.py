@@ -421,8 +421,7 @@ class Pipeline:
         for name in failing:
             layer = next((s.module for s in space.unit("filter", name).slices if s.module in outside), None)
             if layer is not None:
-                reads[name] = (f"{layer}'s weight is also read outside the layer (as F.conv2d(x, self.conv.weight) "
-                               "beside self.conv(x)), which torch-pruning does not follow")
+                reads[name] = f"{_read_words(layer)}, which torch-pruning does not follow"
         return reads
 
     def _compactable_columns(self, model: nn.Module, space: PruningSpace) -> PruningSpace:
@@ -439,9 +438,11 @@ class Pipeline:
 
         if not names or failure(names) is None:
             return space
+        outside = weights_read_outside(model, self.example_inputs)
         for name in names:
             why = failure([name])
             if why is not None:
+                why = f"{why}; {_read_words(name)}" if name in outside else why
                 self.log(f"not column-pruned: {name} keeps its columns: {COLUMNS_BREAK} ({why})")
                 self.incompactable_columns[name] = why
         return self.space(model)
@@ -1037,3 +1038,9 @@ def _rows(module: nn.Module) -> int:
 def _columns(module: nn.Module) -> int:
     weight = module.weight
     return int(weight[0].numel())
+
+
+def _read_words(layer: str) -> str:
+    """The words naming a read of ``layer``'s weight outside its own call
+    (:func:`autocompress.space.weights_read_outside`)."""
+    return f"{layer}'s weight is also read outside the layer (as F.conv2d(x, self.conv.weight) beside self.conv(x))"
