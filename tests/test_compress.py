@@ -148,8 +148,9 @@ def test_resume_after_interruption_equals_uninterrupted(finished_run, base_check
     assert not (out / "model.pt").exists() and (out / written).exists()
     monkeypatch.setattr(Pipeline, phase, original)
     assert main(["compress", "--resume", str(out), "--quiet"]) == 0
-    full = torch.load(out_full / "model.pt", weights_only=True)["state_dict"]
-    resumed = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    full_file, resumed_file = (torch.load(path / "model.pt", weights_only=True) for path in (out_full, out))
+    assert resumed_file["config"] == full_file["config"] and full_file["config"]["rounds"] == [1.8, 3.0]  # user 61
+    full, resumed = full_file["state_dict"], resumed_file["state_dict"]
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     final = _final(out)
@@ -499,6 +500,23 @@ def test_a_checkpoint_without_a_recorded_carve_is_warned_about():
     assert text.startswith("the checkpoint records no validation carve, so validation is 3000 images carved from "
                            "the training split (seed 2)")
     assert warning({"name": "fashion-mnist", "val_size": 3000}) is None and warning({}, val_size=0) is None
+
+
+def test_a_setting_error_on_a_checkpoint_without_a_carve_is_one_line(tmp_path, capsys, caplog):
+    """Fresh user 61: a checkpoint written as the README shows (no carve recorded) printed the carve warning
+    before a one-line error (``--ignore nosuchlayer``), which became two lines; the warnings now follow the
+    settings' checks."""
+    from autocompress.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "mine.pt", model=create_model("fmnist_cnn", num_classes=10, width=0.5),
+                           model_name="fmnist_cnn", model_kwargs={"num_classes": 10, "width": 0.5},
+                           dataset={"name": "fashion-mnist", "input_size": [1, 28, 28], "num_classes": 10,
+                                    "mean": [0.0], "std": [1.0]}, config={}, metrics={})
+    assert main(["compress", str(path), "--target", "params=2x", "--ignore", "nosuchlayer", "--max-train", "600",
+                 "--val-size", "100", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autocompress: error: --ignore ['nosuchlayer'] names no module of")
+    assert not caplog.records  # the carve and normalisation warnings: none before the error
 
 
 def test_a_checkpoint_without_recorded_normalisation_is_warned_about():

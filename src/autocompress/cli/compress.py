@@ -338,16 +338,14 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     data = data.absolute()
     config = resolve_config(library_settings, None)  # every setting checked before any data is read
     workload = load_workload(checkpoint, data, seed=config.seed, model_args=args.model_arg)
-    for warning in (workload.carve_warning(), workload.normalisation_warning()):
-        if warning and distributed.world().is_main:
-            logging.getLogger("autocompress").warning(warning)
     checkpoint_path = Path(checkpoint).resolve()
     test = workload.loader("test")
 
     def save(path: Path, compact_model) -> None:
         save_compact(path, compact_model.cpu(), base_checkpoint=workload.ckpt,
                      metrics={"target": config.target, "base_params": count_params(workload.model)},
-                     config=library_settings, sparse="irregular" in config.kinds)
+                     config=dataclasses.asdict(compression.config),  # resolved: a resumed run stores the same
+                     sparse="irregular" in config.kinds)
 
     def extra(name: str, model) -> dict:
         file = checkpoint_path if name == "base" else Path(out) / "model.pt"
@@ -363,5 +361,8 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
         source={"checkpoint": str(checkpoint_path), "data": dataclasses.asdict(data),
                 "imports": list(getattr(args, "imports", []) or [])},
         save=save, final_columns=extra)
+    for warning in (workload.carve_warning(), workload.normalisation_warning()):  # after the settings' checks
+        if warning and distributed.world().is_main:
+            logging.getLogger("autocompress").warning(warning)
     result = compression.run()
     return result.final, workload
