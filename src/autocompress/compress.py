@@ -1300,9 +1300,9 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
               "at multiple 16 and 8 alike, 22 at 1)")
     if on_block(block, multiple):
         fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
-               f"block only (a width between blocks runs as slowly as the next block): set channel_multiple: "
-               f"{multiple}, or where that is still too coarse a smaller one for a closer fit that may run slower: "
-               f"{closer}")
+               f"block only (a width between blocks runs as slowly as the next block); a closer fit, which may run "
+               f"slower, needs a width between the target and the width taken: {closer}; channel_multiple: "
+               f"{multiple} gives channels back at its own widths, which helps only where one of them lies there")
     elif multiple > 1:
         fix = (f"channel_multiple {multiple} may allow only coarse widths here: {closer}; the round records (refit, "
                "purification) show where the surplus went")
