@@ -127,9 +127,12 @@ def test_config_yaml_records_the_derived_schedule(tmp_path, batches, admm):
     rounds, _, final = expected_split(30.0, 6)
     final = final if admm else 6
     assert (stored["budget"], stored["rounds"], stored["admm"]["epochs"], stored["retrain"]["epochs"],
-            stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, admm, 0, final, True)
+            stored["final_retrain_epochs"], stored["distillation"]["enabled"]) == (6, rounds, admm, 0, final, False)
+    # distillation.enabled auto resolved: off, as this untrained base scores its training batches (the validation
+    # data here) no higher than validation (session 46's fit gap)
     assert stored["run"]["schedule"].startswith("budget 6 epochs (rule ac_kd) -> 2 round(s)")
-    assert lines[0] == stored["run"]["schedule"] and stored["run"]["rule"] == RULE and RULE not in lines[0]
+    assert lines[0].startswith("distillation from the base: off (distillation.enabled auto: the base scores 0.0 ")
+    assert lines[1] == stored["run"]["schedule"] and stored["run"]["rule"] == RULE and RULE not in lines[1]
 
 
 def test_a_loader_without_a_length_is_refused_before_a_schedule_is_logged():

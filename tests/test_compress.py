@@ -367,7 +367,7 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("target: params=2x\nretrain: {batch_size: 3}\n", [], "unknown setting(s) retrain.batch_size; valid retrain "
      "settings: epochs, label_smoothing, lr, momentum, nesterov, optimizer, pct_start, schedule, weight_decay"),
     ("target: huge\n", ["--target", "params=2x", "--rounds", "abc"],
-     "rounds='abc' is not a round schedule; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
+     "--rounds 'abc' is not a round schedule; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
      "ending at 2 (set by --rounds)"),
     ("- a list\n", [], "config file {path} must hold a mapping of settings; see the README's example"),
     ("target: params=30x\nadmm: {epochs: 3}\n", ["--epochs", "8"], "--epochs 8 and admm.epochs=3 both set the "

@@ -27,6 +27,15 @@ AUTO_RULE = ("distillation.enabled auto: on for class scores per item, off for c
              "regression; from a segmentation U-Net, flops=2x in 3 epochs (BENCHMARKS.md, sessions 31-32), it cost "
              "3.8 mIoU points from an under-trained base and gained nothing from a trained one")
 
+#: ``distillation.enabled: auto`` is off for a classifier whose base scores fewer than this many points of top-1
+#: higher on its training batches (eval mode) than on validation: a base that has not fitted its training data
+#: (stopped early) is a teacher its student outgrows within the budget, and its soft targets hold the student back.
+#: Measured (BENCHMARKS.md, "Session 46"): distillation cost 0.5-1.2 points from bases with gaps of 1.5 and 1.7
+#: (a fresh user's 1-D audio net; a 2-epoch Fashion-MNIST CNN, four seeds), about 0.2 at a gap of 3.0 (fresh user
+#: 62's net, three seeds), and gained 0.4 at gaps of 4.0 (the demo's base, params=30x) and 9.1 (resnet20, 40
+#: epochs, flops=2x).
+FIT_GAP_POINTS = 2.5
+
 
 @dataclass(frozen=True)
 class DistillationConfig:
