@@ -46,7 +46,8 @@ def test_round_schedules():
     assert round_targets(9, "2") == pytest.approx([3.0, 9.0])
     assert round_targets(9, 2) == pytest.approx([3.0, 9.0])
     assert round_targets(10, [3, 10]) == [3.0, 10.0]
-    for bad in ([3, 2, 10], [2, 5], [1.0, 10], "sometimes", 1000, True):
+    for bad in ([3, 2, 10], [2, 5], [1.0, 10], "sometimes", 1000, True,
+                [float("nan")], [1.5, float("nan"), 10], [float("inf")]):  # NaN passed every comparison (user 65)
         with pytest.raises(SettingError):
             round_targets(10, bad)
 

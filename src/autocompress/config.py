@@ -101,8 +101,8 @@ def round_targets(final: float, rounds: Any) -> list[float]:
         targets = [float(t) for t in rounds][:101]
     except (TypeError, ValueError):
         targets = []
-    if not targets or len(targets) > 100 or any(b <= a for a, b in zip(targets, targets[1:])) \
-            or abs(targets[-1] - final) > 1e-6 or targets[0] <= 1:
+    if not targets or len(targets) > 100 or not all(map(math.isfinite, targets)) \
+            or any(b <= a for a, b in zip(targets, targets[1:])) or abs(targets[-1] - final) > 1e-6 or targets[0] <= 1:
         raise SettingError("rounds", f"rounds={show(rounds)} is not a round schedule",
                            f"use 'doubling', a number of rounds (1-100), or increasing targets > 1 ending at "
                            f"{final:g}")
