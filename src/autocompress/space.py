@@ -1588,38 +1588,31 @@ def _finite(model: nn.Module, inputs: tuple, probe: tuple, groups: list[FilterGr
             excluded: dict[str, list[str]]) -> list[FilterGroup]:
     """``groups`` without those whose removed half alone makes a consumer's input NaN or infinite (left out, naming
     the consumer and any read of the group's weights outside their layers); refused when the forward is not
-    finite with nothing removed."""
-    def broken(zeroed) -> str | None:
-        seen = _consumer_inputs(model, probe, zeroed, consumers)
+    finite with nothing removed, or only with several groups removed together."""
+    def broken(chosen: Iterable[FilterGroup]) -> str | None:
+        seen = _consumer_inputs(model, probe, [(s, removed[g.name]) for g in chosen for s in g.slices], consumers)
         return next((name for name, xs in seen.items() for x in xs if not bool(torch.isfinite(x).all())), None)
 
     consumer = broken([])
-    kept = [] if consumer is not None else _finite_alone(model, inputs, groups, excluded, lambda g: broken(
-        [(s, removed[g.name]) for s in g.slices]))
-    if consumer is not None or len(kept) == len(groups):  # not finite as it is, or only with several groups removed
-        consumer = consumer or broken([(s, removed[g.name]) for g in groups for s in g.slices])
-        raise UserError(f"the model computes NaN or infinite values at {consumer}'s input on random inputs shaped "
-                        "like example_inputs (numbers drawn in their range, masks from their own items)",
-                        "make the forward finite for any input, e.g. a masked mean's divisor clamped: "
-                        "mask.sum(1).clamp(min=1)")
-    return kept
-
-
-def _finite_alone(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, list[str]],
-                  broken) -> list[FilterGroup]:
-    """``groups`` without those for which ``broken(group)`` names a consumer (left out naming it)."""
-    outside = weights_read_outside(model, inputs)
-    kept = []
-    for g in groups:
-        consumer = broken(g)
-        if consumer is None:
-            kept.append(g)
-            continue
-        reads = sorted({s.module for s in g.slices} & outside)
-        read = f"; {', '.join(reads)}'s weight is also read outside the layer" if reads else ""
-        _exclude(excluded, g.name, f"filter pruning: removing its channels makes {consumer}'s input NaN or infinite "
-                 f"(a division by their weights' norm, a log of their outputs){read}")
-    return kept
+    if consumer is None:
+        outside = weights_read_outside(model, inputs)
+        kept = []
+        for g in groups:
+            alone = broken([g])
+            if alone is None:
+                kept.append(g)
+                continue
+            reads = sorted({s.module for s in g.slices} & outside)
+            read = f"; {', '.join(reads)}'s weight is also read outside the layer" if reads else ""
+            _exclude(excluded, g.name, f"filter pruning: removing its channels makes {alone}'s input NaN or "
+                     f"infinite (a division by their weights' norm, a log of their outputs){read}")
+        if len(kept) < len(groups):
+            return kept
+        consumer = broken(groups)
+    raise UserError(f"the model computes NaN or infinite values at {consumer}'s input on random inputs shaped "
+                    "like example_inputs (numbers drawn in their range, masks from their own items)",
+                    "make the forward finite for any input, e.g. a masked mean's divisor clamped: "
+                    "mask.sum(1).clamp(min=1)")
 
 
 def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, list[str]],
