@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 import time
@@ -515,15 +516,18 @@ class Compression:
 
     def _fit_gap(self, base: nn.Module, base_score: float) -> float | None:
         """Points of top-1 by which ``base`` scores higher on up to :data:`FIT_GAP_BATCHES` training batches (eval
-        mode, drawn as the run's seed draws them) than on validation (``base_score``, a fraction); rank 0's value on
-        every rank. None for a caller's ``score_fn`` or targets that are not class indices per item."""
+        mode, drawn as the run's seed draws them, one on the device at a time) than on validation (``base_score``, a
+        fraction); rank 0's value on every rank. None for a caller's ``score_fn`` or targets that are not class
+        indices per item (read on the first batch)."""
         if self.task.score_fn is not None or self.task.classifies is not True or self.task.positions:
             return None
         with self.task.seeded(self.config.seed):
-            batches = self.task.batches(self.task.train_loader, FIT_GAP_BATCHES)
-        if not batches or any(self.task.targets(b).dim() != 1 for b in batches):
-            return None
-        return distributed.broadcast_object(100.0 * (self.task.top1(base, batches) - base_score))
+            batches = itertools.islice(self.task.train_loader, FIT_GAP_BATCHES)
+            first = next(batches, None)
+            if first is None or self.task.targets(first).dim() != 1:
+                return None
+            train_top1 = self.task.top1(base, itertools.chain([first], batches))
+        return distributed.broadcast_object(100.0 * (train_top1 - base_score))
 
     def _chance(self, base: nn.Module) -> float | None:
         """1 / classes for the default top-1 score (the class dimension of the output), else None."""
