@@ -304,11 +304,19 @@ def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoad
             DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
 
 
-def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, flips: bool = False,
-              attach=lambda optimizer: optimizer, penalty=lambda: 0.0) -> None:
-    """The user's loop: AdamW (weight decay 5e-4) at ``lr`` on a cosine schedule over ``epochs``,
-    cross-entropy; ``flips``: random horizontal flips of half of each batch (seeded by the caller)."""
-    optimizer = attach(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4))
+#: the user's optimisers (``--base-optimizer``): name -> (constructor, base training lr, fine-tuning lr)
+USER_OPTIMIZERS = {
+    "adamw": (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=5e-4), 2e-3, 1e-3),
+    "sgd": (lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
+            0.05, 0.01)}
+
+
+def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, optimizer: str = "adamw",
+              flips: bool = False, attach=lambda optimizer: optimizer, penalty=lambda: 0.0) -> None:
+    """The user's loop: ``optimizer`` (:data:`USER_OPTIMIZERS`, weight decay 5e-4) at ``lr`` on a cosine schedule
+    over ``epochs``, cross-entropy; ``flips``: random horizontal flips of half of each batch (seeded by the
+    caller)."""
+    optimizer = attach(USER_OPTIMIZERS[optimizer][0](model.parameters(), lr))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
     model.train()
     for _ in range(epochs):
@@ -322,28 +330,30 @@ def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, f
             schedule.step()
 
 
-def base_model(name: str, train: DataLoader, epochs: int, cache: Path) -> nn.Module:
-    """The model trained by the user's loop (lr 2e-3, flips; ``train`` reseeded), cached as
-    ``cache/NAME_eEPOCHS.pt``."""
-    path = cache / f"{name}_e{epochs}.pt"
+def base_model(name: str, train: DataLoader, epochs: int, cache: Path, optimizer: str = "adamw") -> nn.Module:
+    """The model trained by the user's loop (``optimizer`` at its base lr, flips; ``train`` reseeded), cached as
+    ``cache/NAME_eEPOCHS.pt`` (AdamW) or ``cache/NAME_OPTIMIZER_eEPOCHS.pt``."""
+    path = cache / (f"{name}_e{epochs}.pt" if optimizer == "adamw" else f"{name}_{optimizer}_e{epochs}.pt")
     torch.manual_seed(0)
     train.generator.manual_seed(0)
     model = MODELS[name]()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    user_loop(model, train, epochs, 2e-3, flips=True)
+    user_loop(model, train, epochs, USER_OPTIMIZERS[optimizer][1], optimizer=optimizer, flips=True)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
 
 
-def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, target: str, budget: int) -> dict:
+def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, target: str, budget: int,
+                     optimizer: str = "adamw") -> dict:
     train, val, test = data
     train_fn = None
     if method == "ac_own":
         def train_fn(model, phase):
-            user_loop(model, train, phase.epochs, 1e-3, attach=phase.attach, penalty=phase.penalty)
+            user_loop(model, train, phase.epochs, USER_OPTIMIZERS[optimizer][2], optimizer=optimizer,
+                      attach=phase.attach, penalty=phase.penalty)
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
     widths = (lambda model, narrowed: []) if method == "ac_keepwidth" else compaction.width_attributes
@@ -362,13 +372,13 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
 
 
 def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budget: int,
-                      round_to: int | None = None) -> tuple[dict, nn.Module]:
+                      round_to: int | None = None, optimizer: str = "adamw") -> tuple[dict, nn.Module]:
     train, _, test = data
     ignored = tuple(name for name, _ in base.named_modules() if name.endswith(".qkv"))  # see TP_IGNORED_NOTE
     pruned = prune_to_target(copy.deepcopy(base), EXAMPLE, Target.parse(target), round_to=round_to,
                              ignored=ignored).model
     torch.manual_seed(seed)
-    user_loop(pruned, train, budget, 1e-3)
+    user_loop(pruned, train, budget, USER_OPTIMIZERS[optimizer][2], optimizer=optimizer)
     return {"top1": top1(pruned, test),
             "macs_x": metrics.count_macs(base, EXAMPLE) / metrics.count_macs(pruned, EXAMPLE),
             "params_x": metrics.count_params(base) / metrics.count_params(pruned)}, pruned
@@ -390,29 +400,35 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=3)
     parser.add_argument("--base-epochs", type=int, default=10)
     parser.add_argument("--max-train", type=int, default=10000)
+    parser.add_argument("--base-optimizer", default="adamw", choices=sorted(USER_OPTIMIZERS),
+                        help="the user's optimiser: trains the base and fine-tunes ac_own / tp_own")
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "results" / "short_budget_bases"))
     parser.add_argument("--out", default="benchmarks/results/short_budget.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["model"], r["method"], r["seed"], r["target"], r["budget"]) for r in rows}
+    done = {(r["model"], r["method"], r["seed"], r["target"], r["budget"], r.get("base_optimizer", "adamw"))
+            for r in rows}
     train, val, test = loaders(0, args.max_train)
     for name in args.models.split(","):
-        base = base_model(name, train, args.base_epochs, Path(args.cache))
+        base = base_model(name, train, args.base_epochs, Path(args.cache), args.base_optimizer)
         base_top1 = top1(base, test)
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
-                if (name, method, seed, args.target, args.budget) in done:
+                if (name, method, seed, args.target, args.budget, args.base_optimizer) in done:
                     continue
                 torch.manual_seed(seed)
                 data = (DataLoader(train.dataset, batch_size=64, shuffle=True,
                                    generator=torch.Generator().manual_seed(seed)), val, test)
                 began = time.perf_counter()
-                row, model = (run_torch_pruning(base, data, seed, args.target, args.budget, TP_ROUND_TO[method])
+                row, model = (run_torch_pruning(base, data, seed, args.target, args.budget, TP_ROUND_TO[method],
+                                                args.base_optimizer)
                               if method in TP_ROUND_TO else
-                              run_autocompress(base, data, method, seed, args.target, args.budget))
+                              run_autocompress(base, data, method, seed, args.target, args.budget,
+                                               args.base_optimizer))
                 row = {"model": name, "method": method, "seed": seed, "target": args.target, "budget": args.budget,
+                       "base_optimizer": args.base_optimizer,
                        "base_top1": base_top1, "base_macs": metrics.count_macs(base, EXAMPLE),
                        "base_params": metrics.count_params(base), **row,
                        "seconds": round(time.perf_counter() - began, 1),

@@ -1355,6 +1355,26 @@ def test_loss_that_is_not_a_scalar(no_work):
             loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none"))
 
 
+class LogOfInputs(nn.Module):
+    """Finite weights, NaN outputs on data with negative values (a log of the raw inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = SmallCNN()
+
+    def forward(self, x):
+        return self.body(torch.log(x))
+
+
+def test_a_model_computing_nan_on_the_data_is_refused_before_training(no_work):
+    """A base whose forward is NaN on the data (finite weights) read "the loss is nan; ... or lower the lr", as if
+    training had diverged; a finite output with a NaN loss named the learning rate too."""
+    refused(no_work, r"^the model's output on a first batch of train_loader holds \d+ NaN values, before any "
+            r"training; check the batch .* and the forward \(a log", model=LogOfInputs())
+    refused(no_work, r"^the loss on a first batch of train_loader is nan, before any training; check the batch's "
+            "targets and loss_fn$", loss_fn=lambda model, batch: model(batch[0]).sum() * float("nan"))
+
+
 
 def test_a_config_object_is_checked_as_its_dict_form_is(no_work):
     """A fresh user's ``CompressConfig(budget=1, retrain={"optimizer": "adamw"})`` crashed ("'dict' object has no

@@ -1643,7 +1643,7 @@ def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup
                 for p in params.values():
                     p.requires_grad_(True)
                 model.eval()
-                out = sum(t.float().sum() for t in _tensors(model(*probe)))
+                out = sum(t.float().sum() for t in output_tensors(model(*probe)))
                 grads = torch.autograd.grad(out, list(params.values()), allow_unused=True)
         finally:
             with torch.no_grad():
@@ -1679,15 +1679,3 @@ def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup
 def _zero_slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """Bool [tensor.shape[dim]]: the slice along ``dim`` is entirely zero."""
     return (tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1) == 0).all(1)
-
-
-def _tensors(output) -> list[torch.Tensor]:
-    """The tensors of a model output (a tensor, or nested tuples / lists / dicts of them)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    return []
-

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .analysis import BATCH_FIRST, analysis_mode, at_batch, example_tuple, train_mode, trained_norms
+from .analysis import BATCH_FIRST, analysis_mode, at_batch, example_tuple, output_tensors, train_mode, \
+    trained_norms
 from .distributed import length
 from .errors import SettingError, UserError, first_line
 from .integrity import check_finite
@@ -506,11 +507,17 @@ class Task:
                             f"saying how to run them{also}")
         try:
             with analysis_mode(model):
-                return self.forward(model, batch)
+                output = self.forward(model, batch)
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
             raise UserError(f"the model fails on a batch of {name} ({first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
                             ) from None
+        nan = sum(int(torch.isnan(t).sum()) for t in output_tensors(output) if t.is_floating_point() or t.is_complex())
+        if nan:
+            raise UserError(f"the model's output on a first batch of {name} holds {nan} NaN values, before any "
+                            "training", "check the batch (missing values, normalisation) and the forward (a log, "
+                            "sqrt or division of values that can be negative or zero)")
+        return output
 
 
 #: how to give inputs the batch axis first
@@ -624,7 +631,8 @@ def check_loss(loss: Any, *, finite: bool = True) -> torch.Tensor:
                if isinstance(loss, (int, float)) else "reduce the loss, e.g. .mean()")
         raise UserError(f"loss_fn returned {shape}, not a scalar tensor", fix)
     if finite and not torch.isfinite(loss.detach()).all():
-        raise UserError(f"the loss is {float(loss.detach())}", "check the data and loss_fn, or lower the lr")
+        raise UserError(f"the loss on a first batch of train_loader is {float(loss.detach())}, before any training",
+                        "check the batch's targets and loss_fn")
     return loss
 
 
