@@ -377,6 +377,9 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
      "schedule (budget derives --rounds 2); give --epochs 8 alone, or drop it and write the schedule (rounds, ...) "
      "yourself (set by --rounds and --epochs)"),
     ("target: params=30x\n", ["--epochs", "8", "--rounds", "2"], None),  # what the budget derives: no clash
+    ("target: params=30x\n", ["--epochs", "8", "--rounds", "x"],  # a bad value is named before any clash
+     "--rounds 'x' is not a round schedule; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
+     "ending at 30 (set by --rounds)"),
     ("target: params=30x\n", ["--epochs", "0"], "--epochs 0 is too small: the schedule needs at least one epoch; "
      "use --epochs 1 or more (set by --epochs)"),
 ])

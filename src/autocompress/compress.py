@@ -298,10 +298,10 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None,
             raise SettingError("target", f"target {target!r} given, but the config says target {config.target!r}",
                                "give the target once")
         config.target = str(target)
+    dataclasses.replace(config, budget=None).validate()  # the settings a budget derives are compared valid
     config = apply_budget(config, given, steps_per_epoch)
     config.validate()
     return config
-
 
 
 def model_digest(model: nn.Module) -> str:
