@@ -493,6 +493,10 @@ class Compression:
                     f"of top-1 higher on training batches than on validation, under {FIT_GAP_POINTS:g}: it has not "
                     "fitted its training data, and its student would outgrow it; set distillation.enabled true to "
                     "distil)")
+            elif gap is not None:
+                say(f"distillation from the base: on (distillation.enabled auto: the base scores {gap:.1f} points "
+                    f"of top-1 higher on training batches than on validation, {FIT_GAP_POINTS:g} or more: it has "
+                    "fitted its training data)")
             elif not self.config.distillation.enabled:
                 say(f"distillation from the base: off ({AUTO_RULE})")
         quick = self.config.quick_eval
