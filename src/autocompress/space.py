@@ -1611,8 +1611,8 @@ def _finite(model: nn.Module, inputs: tuple, probe: tuple, groups: list[FilterGr
         consumer = broken(groups)
     raise UserError(f"the model computes NaN or infinite values at {consumer}'s input on random inputs shaped "
                     "like example_inputs (numbers drawn in their range, masks from their own items)",
-                    "make the forward finite for any input, e.g. a masked mean's divisor clamped: "
-                    "mask.sum(1).clamp(min=1)")
+                    "make the forward finite for any input: clamp what a log, sqrt or division reads, e.g. "
+                    "x.clamp(min=1e-6).log(), mask.sum(1).clamp(min=1)")
 
 
 def _functionally_read(model: nn.Module, inputs: tuple, groups: list[FilterGroup], excluded: dict[str, list[str]],
