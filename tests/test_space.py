@@ -845,7 +845,8 @@ def test_a_forward_that_is_not_finite_on_random_inputs_is_refused_naming_the_lay
     with torch.no_grad():
         model.fc1.weight.copy_(-model.fc1.weight.abs())  # negative outputs for positive inputs: log is NaN
     with pytest.raises(UserError, match=r"^the model computes NaN or infinite values at fc2's input on random inputs "
-                                        r"shaped like example_inputs .*; make the forward finite for any input: clamp what a log, sqrt or division reads"):
+                                        r"shaped like example_inputs .*; make the forward finite for any input: "
+                                        r"clamp what a log, sqrt or division reads"):
         PruningSpace.build(model, torch.rand(2, 4))
 
 
