@@ -137,6 +137,53 @@ def test_a_compact_model_with_layer_scale_loads_onto_a_fresh_instance(tmp_path):
         assert torch.equal(loaded(x), result.model(x))
 
 
+class _InstanceNormed(nn.Module):
+    def __init__(self, **norm):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, **norm)
+        self.c2, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.n1(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [{"affine": True}, {}])
+def test_a_compact_model_with_a_narrowed_instance_norm_loads_as_it_computes(tmp_path, norm):
+    """Fresh user 66: an InstanceNorm2d narrowed with its channels was saved by the shapes of its parameters alone,
+    and the loaded model failed ("expected input's size at dim=1 to match num_features (64), but got: 32")."""
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    torch.manual_seed(0)
+    model, x = _InstanceNormed(**norm).eval(), torch.randn(2, 3, 6, 6)
+    space = PruningSpace.build(model, (x,), dims=("filter",))
+    masks = project(space, model, {"filter": {group.name: 0.5 for group in space.filter_groups}})
+    result = compact(model, space.param_masks(masks), x)
+    assert result.model.n1.num_features == 4
+    loaded = autocompress.load(save_compact(tmp_path / "compact.pt", result.model), model=_InstanceNormed(**norm))
+    assert loaded.n1.num_features == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+
+
+def test_a_compact_model_its_description_does_not_rebuild_is_refused(monkeypatch):
+    """A narrowed module of a type the description does not cover (as InstanceNorm2d was) is caught where it is
+    compacted, before a file that loads broken is written (the run's compaction probe, before any training,
+    leaves such groups out as it leaves out those whose compact forward fails)."""
+    from autocompress import architecture
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    torch.manual_seed(0)
+    model, x = _InstanceNormed(affine=True).eval(), torch.randn(2, 3, 6, 6)
+    space = PruningSpace.build(model, (x,), dims=("filter",))
+    masks = project(space, model, {"filter": {group.name: 0.5 for group in space.filter_groups}})
+    monkeypatch.delitem(architecture._DESCRIBERS, nn.InstanceNorm2d)
+    with pytest.raises(RuntimeError, match=r"^the compact model rebuilt from its saved description fails \(.*"
+                                           r"num_features"):
+        compact(model, space.param_masks(masks), x)
+
+
 class _Pooled(nn.Module):
     """Max or mean pooling by a constructor choice it keeps no attribute of: ``_Pooled()`` given the weights of
     ``_Pooled(pool="mean")`` computes something else."""

@@ -54,6 +54,9 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
     nn.BatchNorm1d: _norm_args,
     nn.BatchNorm2d: _norm_args,
     nn.BatchNorm3d: _norm_args,
+    nn.InstanceNorm1d: _norm_args,
+    nn.InstanceNorm2d: _norm_args,
+    nn.InstanceNorm3d: _norm_args,
     nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
                              "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None},
     nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
@@ -168,9 +171,9 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
         model: a (compact) model.
         reference: the model it was compacted from (same module names). When given, only modules whose
             type or arguments differ from the reference's are described; otherwise every module of a
-            describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d, LayerNorm,
-            GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear, PaddedLayerNorm, PaddedGroupNorm) is,
-            and every other module's own parameters by shape (a ``"Parameters"`` entry: free per-channel
+            describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d,
+            InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear,
+            PaddedLayerNorm, PaddedGroupNorm) is, and every other module's own parameters by shape (a ``"Parameters"`` entry: free per-channel
             parameters such as a layer scale shrink with the channels they scale).
 
     Returns:

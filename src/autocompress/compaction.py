@@ -34,7 +34,8 @@ from torch import nn
 
 from .analysis import analysis_mode, hooked_forward, output_tensors, random_like
 from .alignment import is_aligned
-from .architecture import describable, describe_architecture, mark_width_attribute, width_attribute_values
+from .architecture import (apply_architecture, describable, describe_architecture, mark_width_attribute,
+                           width_attribute_values)
 from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, ColumnConv2d, ColumnConvNd,
                       ColumnLinear, gemm_matrix)
 from .errors import UserError, first_line
@@ -884,7 +885,26 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
             report["queries_rescaled"] = sorted(name for name, module in work.named_modules()
                                                 if any(module is query for query in rescaled))
     report["params_after"] = _count(work)
-    return CompactResult(model=work, architecture=describe_architecture(work, reference=model), report=report)
+    architecture = describe_architecture(work, reference=model)
+    _check_rebuilds(model, work, architecture, inputs)
+    return CompactResult(model=work, architecture=architecture, report=report)
+
+
+def _check_rebuilds(model: nn.Module, compact_model: nn.Module, architecture: dict, inputs: tuple) -> None:
+    """RuntimeError unless a copy of ``model`` rebuilt from ``architecture`` (:func:`~autocompress.architecture.
+    apply_architecture`, as ``autocompress.load`` rebuilds a saved file) and given ``compact_model``'s weights
+    computes its outputs on ``inputs`` exactly: a narrowed module of a type the description does not cover, whose
+    constructor argument (a feature count its forward checks) only its parameters' shapes would record, would
+    otherwise be saved into a file that loads broken."""
+    try:
+        rebuilt = apply_architecture(copy.deepcopy(model), architecture)
+        rebuilt.load_state_dict(compact_model.state_dict())
+        diff, scale = _output_difference(compact_model, rebuilt, inputs)
+    except Exception as exc:  # noqa: BLE001 - the rebuilt model's forward may raise anything
+        raise RuntimeError(f"the compact model rebuilt from its saved description fails ({first_line(exc)})"
+                           ) from None
+    if not diff <= 1e-5 * scale:
+        raise RuntimeError(f"the compact model rebuilt from its saved description differs by {diff:.3g}")
 
 
 def shrink(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
