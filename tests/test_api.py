@@ -245,9 +245,10 @@ class SharedConv(nn.Module):
         return self.fc(F.relu(self.conv(F.relu(self.conv(x)))).mean((2, 3)))
 
 
-def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
+def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about(caplog):
     """A fresh user's conv applied twice on 32 channels went to 16 at multiple 16 (the only narrower width): a
-    flops=2x target ended at 3.94x without a word. The final record warns, naming the multiple."""
+    flops=2x target ended at 3.94x without a word. The final record warns, naming the multiple, and so does the
+    round once its rates are chosen, before retraining (fresh user 66 learnt it only at the end)."""
     from autocompress import metrics
 
     train, val = loaders()
@@ -259,6 +260,9 @@ def test_a_target_passed_by_far_at_coarse_aligned_widths_is_warned_about():
     assert result.final["not_filter_pruned"] == {}  # recorded (the table names the layers left out, if any)
     warned = [w for w in result.final["warnings"] if "is passed by far" in w]
     assert reached > 2.5 and warned and f"{reached:.3g}x" in warned[0] and "channel_multiple 16" in warned[0]
+    early = [r.getMessage() for r in caplog.records if r.getMessage().startswith("before retraining, ")]
+    assert early == [f"before retraining, target flops=2x is passed by far: round 1's rates give {reached:.3g}x; "
+                     + warned[0].split("x; ", 1)[1]]
     assert "channel_multiple 1 (any width) fits closest" in warned[0]  # not "e.g. 8": 8 gave 16 too (user 50)
     summary = result.summary().splitlines()  # what a library caller prints: the CLI's table and its warnings
     headline, header, base_line, compact_line = summary[:4]
@@ -1355,6 +1359,18 @@ def test_loss_that_is_not_a_scalar(no_work):
             loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none"))
 
 
+def test_a_channel_multiple_off_the_kernels_blocks_is_warned_before_any_work(no_work, caplog):
+    """Fresh user 66's ``--channel-multiple 7`` ran 160 s, then warned that the model was 2x slower than its base;
+    the log had said "not a power of two" at the start, but no warning did."""
+    train, val = loaders()
+    with pytest.raises(AssertionError, match="work started"):
+        autocompress.compress(SmallCNN(), torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                              config={**CONFIG, "channel_multiple": 7}, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.name == "autocompress"]
+    assert any(w.startswith("channel_multiple 7 is not a power of two: CPU and GPU kernels block channels by 4, 8 "
+                            "or 16") and w.endswith("8 or auto for speed") for w in warned), warned
+
+
 class LogOfInputs(nn.Module):
     """Finite weights, NaN outputs on data with negative values (a log of the raw inputs)."""
 
@@ -1550,6 +1566,7 @@ def test_a_run_without_a_search_starts_where_the_probe_s_loss_is_lower_and_a_res
     from autocompress import rounds
 
     monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
+    monkeypatch.setattr(rounds, "MIN_START_PROBE_STEPS", 0)
     probed = []
 
     def losses(model, param_masks, task, *, optimizers, **_settings):
@@ -1595,6 +1612,7 @@ def test_the_start_probe_says_it_trains_with_the_library_s_loop_when_the_caller_
     from autocompress import rounds
 
     monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
+    monkeypatch.setattr(rounds, "MIN_START_PROBE_STEPS", 0)
     monkeypatch.setattr(rounds, "probe_losses", lambda model, masks, task, *, optimizers, **_: {
         name: 1.0 for name in optimizers})
     train, val, lines = *loaders(), []

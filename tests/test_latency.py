@@ -887,10 +887,11 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
 def test_a_target_passed_by_more_than_a_tenth_is_warned_about_naming_the_cause(reached, multiple, block, words):
     """A fresh user's flops=2x ended at 2.45x after ``auto`` fell back from 16 to 8 (the give-back on the
     16-channel block could not land closer) without a word: above 1.1x the target the final record says why."""
-    from autocompress.compress import Target, _overshoot_warning
+    from autocompress.compress import Target, _overshoot_warning, _reduction
 
     base, compressed = {"params": 1000, "macs": 24500}, {"params": 600, "macs": 10000}
-    warning = _overshoot_warning(base, {**compressed, "macs": round(24500 / reached)}, Target.parse("flops=2x"),
+    target = Target.parse("flops=2x")
+    warning = _overshoot_warning(_reduction(base, {**compressed, "macs": round(24500 / reached)}, target), target,
                                  multiple, block)
     assert (warning is None) if words is None else (f"is {reached:.3g}x; " in warning and words in warning)
 

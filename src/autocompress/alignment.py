@@ -66,9 +66,13 @@ def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
         raise UserError(f"channel_multiple={show(value)} is not valid",
                         "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")
     if value & (value - 1):
-        return value, (f"{value} (as set; not a power of two: CPU and GPU kernels block channels by 4, 8 or 16, so "
-                       "these widths run no faster than any other; 8 or auto for speed)")
+        return value, f"{value} (as set; {NOT_BLOCKED})"
     return value, f"{value} (as set)"
+
+
+#: why a channel multiple that is not a power of two gains no speed (said before any work)
+NOT_BLOCKED = ("not a power of two: CPU and GPU kernels block channels by 4, 8 or 16, so these widths run no faster "
+               "than any other and the compressed model may run slower than its base; 8 or auto for speed")
 
 
 def allowed_widths(size: int, multiple: int) -> list[int]:

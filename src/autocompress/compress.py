@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, LAYOUT_MULTIPLE, check_multiple
+from .alignment import AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, check_multiple
 from .analysis import at_batch, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
@@ -371,6 +371,8 @@ class Compression:
         if amp is not None and self.device.type != "cuda":
             logging.getLogger("autocompress").warning(f"amp {amp} is ignored on {self.device.type}: autocast runs "
                                                       "on CUDA only")  # a setting asked for and not applied
+        if self.multiple & (self.multiple - 1):  # said before any work: the run would end in a SLOWER warning
+            logging.getLogger("autocompress").warning(f"channel_multiple {self.multiple} is {NOT_BLOCKED}")
         self.task = Task(device=self.device, amp=amp, **task_args)
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
@@ -848,6 +850,10 @@ class Compression:
                   "best_score": result.best_score,
                   "compression": sampler.compression(action) * base_ratio, "counted": self._counted(),
                   **({"calibration": calibration} if calibration else {})}
+        early = _overshoot_warning(record["compression"], self.target, self.multiple, self.block,
+                                   what=f"round {state.index}'s rates give")
+        if early:  # known before the round trains; the final table says it again of the compact model
+            logging.getLogger("autocompress").warning(f"before retraining, {early}")
         self.store.save(state.index, "search", {**record, "trajectory": result.trajectory})
         trajectory = [{k: v for k, v in step.items() if k != "action"} for step in result.trajectory]
         self.store.finish(state.index, "search", [
@@ -1152,7 +1158,7 @@ class Compression:
                                               padded_norms=sum(isinstance(m, PADDED_NORMS) for m in modules)),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
-                        _overshoot_warning(*rows, self.target, self.multiple, self.block),
+                        _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block),
                         _bottleneck_warning(self.first_space, compact_model), self.first_space.unreached_warning(),
                         self._base_batchnorm_warning()):
             if warning:
@@ -1322,17 +1328,15 @@ def _teacher_warning(base: dict, compressed: dict, distillation, *, own_loop: bo
             "budget too) and it may end higher")
 
 
-def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: int, block: int) -> str | None:
-    """For a params / flops target: the warning when the compact model passes it by more than
-    :data:`~autocompress.sampling.FAR` (a fraction), having removed more than asked and likely lost accuracy for it: at
-    aligned widths a layer's allowed widths can be too coarse for a closer fit (a conv applied twice on a
-    32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16); after ``auto`` fell back
-    from the CPU's ``block`` to ``multiple``, channels are given back on the block only (for speed)."""
-    if target.objective not in ("params", "flops"):
-        return None
-    key = "params" if target.objective == "params" else "macs"
-    reached = base[key] / max(compressed[key], 1)
-    if reached <= target.factor * (1 + FAR):
+def _overshoot_warning(reached: float, target: Target, multiple: int, block: int, *,
+                       what: str = "the compact model is") -> str | None:
+    """For a params / flops target: the warning when a model ``reached`` (params or MACs reduction, x) passes it by
+    more than :data:`~autocompress.sampling.FAR` (a fraction), having removed more than asked and likely lost
+    accuracy for it: at aligned widths a layer's allowed widths can be too coarse for a closer fit (a conv applied
+    twice on a 32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16); after ``auto`` fell
+    back from the CPU's ``block`` to ``multiple``, channels are given back on the block only (for speed). ``what``
+    names the model in the message."""
+    if target.objective not in ("params", "flops") or reached <= target.factor * (1 + FAR):
         return None
     closer = (f"channel_multiple 1 (any width) fits closest; one between 1 and {multiple} only where one of "
               "its widths lies between the target and the width taken (a fresh user's 32-channel layer at 2x: 16 "
@@ -1347,7 +1351,14 @@ def _overshoot_warning(base: dict, compressed: dict, target: Target, multiple: i
                "purification) show where the surplus went")
     else:
         fix = "the round records (refit, purification) show where the surplus went"
-    return f"target {target} is passed by far: the compact model is {reached:.3g}x; {fix}"
+    return f"target {target} is passed by far: {what} {reached:.3g}x; {fix}"
+
+
+def _reduction(base: dict, compressed: dict, target: Target) -> float:
+    """The params or MACs reduction (x) of the final table's ``compressed`` row against ``base`` that ``target``
+    counts (MACs for flops and latency)."""
+    key = "params" if target.objective == "params" else "macs"
+    return base[key] / max(compressed[key], 1)
 
 
 def _bottleneck_warning(space, compact_model: nn.Module) -> str | None:

@@ -38,11 +38,17 @@ from .training import (FINE_TUNING_LR, OPTIMIZERS, Diverged, TrainConfig, batch_
 #: optimiser steps each copy trains, and training batches after them on which the copies' losses are compared
 PROBE_STEPS = 40
 HELD_OUT_BATCHES = 20
-#: a run training fewer optimiser steps in all is not probed (:func:`unprobed_choice`). The probe (two copies x
-#: PROBE_STEPS steps with the teacher's forwards, 2 x HELD_OUT_BATCHES evaluations) takes about as long as 140
-#: retraining steps (CIFAR-10 VGG, 1 thread: 11-17 s against 44-52 s for 471 steps), over 40 % of a shorter run's
-#: training
-MIN_TRAINING_STEPS = 8 * PROBE_STEPS
+#: a run training fewer optimiser steps in all does not probe its optimiser (:func:`unprobed_choice`). The probe
+#: (two copies x PROBE_STEPS steps with the teacher's forwards, 2 x HELD_OUT_BATCHES evaluations) takes about as
+#: long as 140 retraining steps (CIFAR-10 VGG, 1 thread: 11-17 s against 44-52 s for 471 steps): 88 % of a 160-step
+#: run's training, 59 % of a 237-step one's. At 237-314 steps it chose the optimiser that retrained better (or one
+#: within 0.1 point) in 17 of 20 runs on eight CIFAR-10 and two Fashion-MNIST CNNs, +0.30 points on average over
+#: SGD alone (AdamW up to 1.3 better, SGD up to 0.85); probes of 10 and 20 steps chose so in 15 of 20 (+0.26,
+#: +0.16; BENCHMARKS.md, session 47)
+MIN_TRAINING_STEPS = 4 * PROBE_STEPS
+#: a run training fewer optimiser steps in all does not probe its start (:data:`UNPROBED_START`): the start probe
+#: trains three copies (one per start, then the other optimiser on the chosen one)
+MIN_START_PROBE_STEPS = 8 * PROBE_STEPS
 #: SGD is chosen only when its held-out loss is lower than AdamW's by more than this fraction of it; within it
 #: the two are a tie, which goes to AdamW. The probe's own spread: the same probe from two seeds moved the
 #: optimisers' loss difference by ~1 % of it; in the near ties measured (0.1-1 % apart) AdamW retrained better in
@@ -65,7 +71,7 @@ def unprobed_choice(model: nn.Module) -> tuple[str, str]:
     return "sgd", "SGD for a network without LayerNorms"
 
 
-#: the start of a run too short to probe (:data:`MIN_TRAINING_STEPS`), and why. Unprobed, the magnitude start
+#: the start of a run too short to probe (:data:`MIN_START_PROBE_STEPS`), and why. Unprobed, the magnitude start
 #: retrained as well as the guided one or better on every network measured: two token transformers +1.9 and +1.1
 #: points (flops=2x, 282 steps, three seeds each; session 41), a torchvision resnet18 +1.33 and regnet_x_400mf
 #: +0.63 (three seeds each), two small CIFAR-10 CNNs +0.10 and 0.00 (two seeds each; BENCHMARKS.md, session 44)

@@ -39,9 +39,9 @@ from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
-from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, UNPROBED_START, UNPROBED_START_WHY,
-                              ProbeResult, choose_optimizer, choose_start, probe_losses, probe_optimizers,
-                              unprobed_choice)
+from .optimizer_probe import (HELD_OUT_BATCHES, MIN_START_PROBE_STEPS, MIN_TRAINING_STEPS, PROBE_STEPS,
+                              UNPROBED_START, UNPROBED_START_WHY, ProbeResult, choose_optimizer, choose_start,
+                              probe_losses, probe_optimizers, unprobed_choice)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -218,11 +218,9 @@ class PhaseStore:
 COLUMNS_BREAK = "the compact model breaks once its columns are removed"
 
 
-def _too_short(steps: int) -> str:
-    """Why a run of ``steps`` optimiser steps is not probed (:data:`~autocompress.optimizer_probe.
-    MIN_TRAINING_STEPS`)."""
-    return (f"the run trains {steps} optimiser steps, under the {MIN_TRAINING_STEPS} the probe needs to be worth "
-            "its time")
+def _too_short(steps: int, minimum: int) -> str:
+    """Why a run of ``steps`` optimiser steps is not probed, ``minimum`` being the fewest a probe needs."""
+    return f"the run trains {steps} optimiser steps, under the {minimum} the probe needs to be worth its time"
 
 
 def _silent(_line: str) -> None:
@@ -517,7 +515,8 @@ class Pipeline:
             if steps < MIN_TRAINING_STEPS:
                 choice, why = unprobed_choice(state.model)
                 records = [{"event": "optimizer", "choice": choice, "probe": None}]
-                self.log(f"retrain.optimizer auto: {choice} (not probed: {_too_short(steps)}; {why})")
+                self.log(f"retrain.optimizer auto: {choice} (not probed: {_too_short(steps, MIN_TRAINING_STEPS)}; "
+                         f"{why})")
             else:
                 records = self._probe_records(state, rates() if rates is not None else state.rates)
             self.store.finish("base", "optimizer", records)
@@ -530,7 +529,7 @@ class Pipeline:
         ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
         start without a probe when ``starts()`` (start name -> rates) offers one start, and
         :data:`~autocompress.optimizer_probe.UNPROBED_START` when the run trains fewer than
-        :data:`~autocompress.optimizer_probe.MIN_TRAINING_STEPS` steps. As a run folder recorded it (its ``start``
+        :data:`~autocompress.optimizer_probe.MIN_START_PROBE_STEPS` steps. As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
         if self.store.is_done("base", "start"):
             choice = next(r["choice"] for r in self.store.records if r.get("event") == "start")
@@ -538,12 +537,12 @@ class Pipeline:
             return choice
         steps = self._training_steps(rounds)
         candidates = starts()
-        if len(candidates) < 2 or steps < MIN_TRAINING_STEPS:
+        if len(candidates) < 2 or steps < MIN_START_PROBE_STEPS:
             if len(candidates) < 2:
                 choice, why = "guided", "the magnitude start keeps the same widths or cannot meet the target with " \
                     "filters alone"
             else:
-                choice, why = UNPROBED_START, f"{_too_short(steps)}; {UNPROBED_START_WHY}"
+                choice, why = UNPROBED_START, f"{_too_short(steps, MIN_START_PROBE_STEPS)}; {UNPROBED_START_WHY}"
             self.log(f"search.start auto: {choice} (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": None}])
             return choice
