@@ -19,7 +19,8 @@ each method:
   ``ac_magnitude``: ``search.start: magnitude``; ``ac_any`` / ``ac_m4`` / ``ac_m8``: ``channel_multiple`` 1 / 4 /
   8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s default ``auto`` probes both
   on these classifiers, session 36); ``ac_stop0`` / ``ac_stopm1``: ``distillation.stop_margin: 0`` (the default
-  since session 40) / ``-0.01``; ``ac_padded``: ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep their statistics over all channels);
+  since session 40) / ``-0.01``; ``ac_padded``: ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep
+  their statistics over all channels);
   ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
   as before session 38; the ``vit`` model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before
   session 39: its heads and the stream it reads are not pruned; the ``mhavit`` model); ``ac_uniform``: one rate

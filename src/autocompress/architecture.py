@@ -173,8 +173,9 @@ def describe_architecture(model: nn.Module, reference: nn.Module | None = None) 
             type or arguments differ from the reference's are described; otherwise every module of a
             describable type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d,
             InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, PReLU, ColumnConv2d, ColumnConvNd, ColumnLinear,
-            PaddedLayerNorm, PaddedGroupNorm) is, and every other module's own parameters by shape (a ``"Parameters"`` entry: free per-channel
-            parameters such as a layer scale shrink with the channels they scale).
+            PaddedLayerNorm, PaddedGroupNorm) is, and every other module's own parameters by shape (a
+            ``"Parameters"`` entry: free per-channel parameters such as a layer scale shrink with the channels they
+            scale).
 
     Returns:
         ``{"format": "autocompress-architecture", "version": 1, "modules": {name: {"type": str,
