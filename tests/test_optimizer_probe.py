@@ -166,6 +166,26 @@ def test_a_run_of_160_to_319_steps_probes_its_optimiser_at_the_unprobed_start(ba
                                    "under the 160") for line in lines), lines
 
 
+@pytest.mark.parametrize("magnitude, why", [
+    (lambda sampler: None, "the magnitude start cannot meet the target with filters alone"),
+    (lambda sampler: sampler.initial_action(), "the magnitude start keeps the guided start's widths")])
+def test_a_run_with_one_start_says_why_the_magnitude_start_is_not_a_candidate(monkeypatch, magnitude, why):
+    """Fresh user 67 read "the magnitude start keeps the same widths or cannot meet the target with filters alone"
+    and could not tell which: the line names the one that holds."""
+    from autocompress.sampling import ActionSampler
+
+    monkeypatch.setattr(ActionSampler, "magnitude_action", lambda self, importance: magnitude(self))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Linear(8, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 3))
+    lines: list[str] = []
+    autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
+                          device="cpu", progress=False, log=lines.append,
+                          config={"budget": 1, "latency_runs": 2, "channel_multiple": 1})
+    assert f"search.start auto: guided (not probed: {why})" in lines, lines
+
+
 def test_the_magnitude_start_is_chosen_only_when_its_best_loss_is_lower_by_more_than_the_tie():
     guided = {"sgd": 1.0, "adamw": 0.8}
     assert choose_start({"guided": guided, "magnitude": {"sgd": 0.79, "adamw": 0.9}}) == "magnitude"

@@ -108,28 +108,30 @@ def is_aligned(width: int, size: int, multiple: int) -> bool:
     return multiple <= 1 or width == size or (width % multiple == 0 and width > 0)
 
 
-def check_multiple(space, multiple: int, *, explicit: bool) -> list[str]:
+def check_multiple(space, multiple: int, *, explicit: bool) -> None:
     """Check ``multiple`` against the filter groups of ``space`` (a PruningSpace) before any work.
-
-    Returns the names of the groups of at most ``multiple`` channels (exempt: they keep every channel).
 
     Raises:
         SettingError (``channel_multiple``): with an explicit (not ``"auto"``) multiple, a filter group has fewer
             channels than it.
     """
-    small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
-    smaller = [g for g in small if g.size < multiple]
+    smaller = [g for g in space.filter_groups if g.size < multiple] if multiple > 1 else []
     if explicit and smaller:
         g = min(smaller, key=lambda group: group.size)
         raise SettingError("channel_multiple", f"channel_multiple={multiple} is larger than filter group {g.name!r} "
                            f"({g.size} channels, the smallest of {len(smaller)} such groups)",
                            f"use a multiple of at most {g.size}, or auto (groups of at most the multiple then keep "
                            "every channel)")
+
+
+def log_whole_groups(space, multiple: int) -> None:
+    """Log (INFO) the filter groups of ``space`` of at most ``multiple`` channels, the run's final multiple (after
+    ``auto``'s fall-backs): they keep every channel, since their smallest aligned width is the whole group."""
+    small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
     if small:
         log.info("channel multiple %d (aligned widths): %d filter group(s) of at most %d channels keep every "
                  "channel whatever their pruning rate, since the smallest aligned width is the whole group (%s)",
                  multiple, len(small), multiple, ", ".join(f"{g.name}: {g.size}" for g in small[:5]))
-    return [g.name for g in small]
 
 
 def grow_to_multiple(new: torch.Tensor, before: torch.Tensor, multiple: int,

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, check_multiple
+from .alignment import AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, check_multiple, log_whole_groups
 from .analysis import at_batch, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
@@ -443,6 +443,7 @@ class Compression:
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
         self._check_reachable(base)  # an unreachable target: refused now
+        log_whole_groups(self.first_space, self.multiple)  # at the multiple a fall-back settled on
         if self.run_dir is not None:
             distributed.on_main(self._claim_folder, share=False)
 
@@ -881,15 +882,19 @@ class Compression:
         start = self.config.search.start
         return (self._start_choice or "guided") if start == AUTO else start
 
-    def _starts(self, state: RoundState, sampler: ActionSampler) -> dict[str, dict]:
-        """The rates of the guided and magnitude starts (start name -> rates): the guided one alone when the
-        magnitude start cannot meet the round's target with filters or keeps the guided one's widths."""
+    def _starts(self, state: RoundState, sampler: ActionSampler) -> tuple[dict[str, dict], str]:
+        """The rates of the guided and magnitude starts (start name -> rates), and why the magnitude start is not
+        among them ("" when it is): it cannot meet the round's target with filters alone, or it keeps the guided
+        one's widths."""
         guided = sampler.initial_action()
         starts = {"guided": sampler.to_rates(guided)}
         magnitude = sampler.magnitude_action(relative_importance(state.space, state.model))
-        if magnitude is not None and list(sampler.keeps(magnitude)) != list(sampler.keeps(guided)):
-            starts["magnitude"] = sampler.to_rates(magnitude)
-        return starts
+        if magnitude is None:
+            return starts, "the magnitude start cannot meet the target with filters alone"
+        if list(sampler.keeps(magnitude)) == list(sampler.keeps(guided)):
+            return starts, "the magnitude start keeps the guided start's widths"
+        starts["magnitude"] = sampler.to_rates(magnitude)
+        return starts, ""
 
     def _start(self, state: RoundState, sampler: ActionSampler) -> np.ndarray:
         """The round's starting action (:meth:`_start_name`): the guided start (:meth:`ActionSampler.initial_action`),

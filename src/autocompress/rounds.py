@@ -523,11 +523,13 @@ class Pipeline:
             choice = records[0]["choice"]
         self.config = self.config.with_optimizer(choice)
 
-    def settle_start(self, state: RoundState, starts: Callable[[], dict[str, dict]], rounds: int = 1) -> str:
+    def settle_start(self, state: RoundState, starts: Callable[[], tuple[dict[str, dict], str]],
+                     rounds: int = 1) -> str:
         """``search.start: auto`` for rounds without a search: the start whose hard-pruned copy of ``state.model``
         reaches the lower data loss in the optimiser probe (:meth:`_probe_starts`), which also settles
         ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
-        start without a probe when ``starts()`` (start name -> rates) offers one start, and
+        start without a probe when ``starts()`` (start name -> rates, and why the magnitude start is not among
+        them) offers one start, and
         :data:`~autocompress.optimizer_probe.UNPROBED_START` when the run trains fewer than
         :data:`~autocompress.optimizer_probe.MIN_START_PROBE_STEPS` steps. As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
@@ -536,11 +538,10 @@ class Pipeline:
             self.log(f"search.start auto: {choice} (as this run recorded)")
             return choice
         steps = self._training_steps(rounds)
-        candidates = starts()
+        candidates, alone = starts()
         if len(candidates) < 2 or steps < MIN_START_PROBE_STEPS:
             if len(candidates) < 2:
-                choice, why = "guided", "the magnitude start keeps the same widths or cannot meet the target with " \
-                    "filters alone"
+                choice, why = "guided", alone
             else:
                 choice, why = UNPROBED_START, f"{_too_short(steps, MIN_START_PROBE_STEPS)}; {UNPROBED_START_WHY}"
             self.log(f"search.start auto: {choice} (not probed: {why})")
