@@ -47,6 +47,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 from unittest import mock
 
 import torch
@@ -305,11 +306,19 @@ def loaders(seed: int, max_train: int) -> tuple[DataLoader, DataLoader, DataLoad
             DataLoader(tensors(data.val), batch_size=256), DataLoader(tensors(data.test), batch_size=256))
 
 
-#: the user's optimisers (``--base-optimizer``): name -> (constructor, base training lr, fine-tuning lr)
+class UserOptimizer(NamedTuple):
+    """One of the user's optimisers: how to build it, its lr for training a base and for fine-tuning."""
+
+    build: Callable
+    base_lr: float
+    fine_tune_lr: float
+
+
+#: the user's optimisers (``--base-optimizer``)
 USER_OPTIMIZERS = {
-    "adamw": (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=5e-4), 2e-3, 1e-3),
-    "sgd": (lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
-            0.05, 0.01)}
+    "adamw": UserOptimizer(lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=5e-4), 2e-3, 1e-3),
+    "sgd": UserOptimizer(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                                                             weight_decay=5e-4), 0.05, 0.01)}
 
 
 def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, optimizer: str = "adamw",
@@ -317,7 +326,7 @@ def user_loop(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *, o
     """The user's loop: ``optimizer`` (:data:`USER_OPTIMIZERS`, weight decay 5e-4) at ``lr`` on a cosine schedule
     over ``epochs``, cross-entropy; ``flips``: random horizontal flips of half of each batch (seeded by the
     caller)."""
-    optimizer = attach(USER_OPTIMIZERS[optimizer][0](model.parameters(), lr))
+    optimizer = attach(USER_OPTIMIZERS[optimizer].build(model.parameters(), lr))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
     model.train()
     for _ in range(epochs):
@@ -341,7 +350,7 @@ def base_model(name: str, train: DataLoader, epochs: int, cache: Path, optimizer
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    user_loop(model, train, epochs, USER_OPTIMIZERS[optimizer][1], optimizer=optimizer, flips=True)
+    user_loop(model, train, epochs, USER_OPTIMIZERS[optimizer].base_lr, optimizer=optimizer, flips=True)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
@@ -353,7 +362,7 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     train_fn = None
     if method == "ac_own":
         def train_fn(model, phase):
-            user_loop(model, train, phase.epochs, USER_OPTIMIZERS[optimizer][2], optimizer=optimizer,
+            user_loop(model, train, phase.epochs, USER_OPTIMIZERS[optimizer].fine_tune_lr, optimizer=optimizer,
                       attach=phase.attach, penalty=phase.penalty)
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
@@ -379,7 +388,7 @@ def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budg
     pruned = prune_to_target(copy.deepcopy(base), EXAMPLE, Target.parse(target), round_to=round_to,
                              ignored=ignored).model
     torch.manual_seed(seed)
-    user_loop(pruned, train, budget, USER_OPTIMIZERS[optimizer][2], optimizer=optimizer)
+    user_loop(pruned, train, budget, USER_OPTIMIZERS[optimizer].fine_tune_lr, optimizer=optimizer)
     return {"top1": top1(pruned, test),
             "macs_x": metrics.count_macs(base, EXAMPLE) / metrics.count_macs(pruned, EXAMPLE),
             "params_x": metrics.count_params(base) / metrics.count_params(pruned)}, pruned

@@ -65,9 +65,15 @@ def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         raise UserError(f"channel_multiple={show(value)} is not valid",
                         "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")
-    if value & (value - 1):
+    if not blocked(value):
         return value, f"{value} (as set; {NOT_BLOCKED})"
     return value, f"{value} (as set)"
+
+
+def blocked(multiple: int) -> bool:
+    """Whether widths at ``multiple`` land on the channel blocks CPU and GPU kernels run fast (a power of two; 1,
+    any width, counts: it asks for no alignment)."""
+    return not multiple & (multiple - 1)
 
 
 #: why a channel multiple that is not a power of two gains no speed (said before any work)

@@ -886,16 +886,18 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
                                                 if any(module is query for query in rescaled))
     report["params_after"] = _count(work)
     architecture = describe_architecture(work, reference=model)
-    _check_rebuilds(model, work, architecture, inputs)
+    _check_rebuilds(model, work, architecture, inputs, atol_scale)
     return CompactResult(model=work, architecture=architecture, report=report)
 
 
-def _check_rebuilds(model: nn.Module, compact_model: nn.Module, architecture: dict, inputs: tuple) -> None:
+def _check_rebuilds(model: nn.Module, compact_model: nn.Module, architecture: dict, inputs: tuple,
+                    atol_scale: float) -> None:
     """RuntimeError unless a copy of ``model`` rebuilt from ``architecture`` (:func:`~autocompress.architecture.
     apply_architecture`, as ``autocompress.load`` rebuilds a saved file) and given ``compact_model``'s weights
-    computes its outputs on ``inputs`` exactly: a narrowed module of a type the description does not cover, whose
-    constructor argument (a feature count its forward checks) only its parameters' shapes would record, would
-    otherwise be saved into a file that loads broken."""
+    computes its outputs on ``inputs`` (within :func:`verify`'s tolerance, ``atol_scale`` of their scale): a
+    narrowed module of a type the description does not cover, whose constructor argument (a feature count its
+    forward checks) only its parameters' shapes would record, would otherwise be saved into a file that loads
+    broken."""
     try:
         rebuilt = apply_architecture(copy.deepcopy(model), architecture)
         rebuilt.load_state_dict(compact_model.state_dict())
@@ -903,7 +905,7 @@ def _check_rebuilds(model: nn.Module, compact_model: nn.Module, architecture: di
     except Exception as exc:  # noqa: BLE001 - the rebuilt model's forward may raise anything
         raise RuntimeError(f"the compact model rebuilt from its saved description fails ({first_line(exc)})"
                            ) from None
-    if not diff <= 1e-5 * scale:
+    if not diff <= atol_scale * scale:
         raise RuntimeError(f"the compact model rebuilt from its saved description differs by {diff:.3g}")
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, check_multiple, log_whole_groups
+from .alignment import AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, log_whole_groups
 from .analysis import at_batch, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
@@ -371,7 +371,7 @@ class Compression:
         if amp is not None and self.device.type != "cuda":
             logging.getLogger("autocompress").warning(f"amp {amp} is ignored on {self.device.type}: autocast runs "
                                                       "on CUDA only")  # a setting asked for and not applied
-        if self.multiple & (self.multiple - 1):  # said before any work: the run would end in a SLOWER warning
+        if not blocked(self.multiple):  # said before any work: the run would end in a SLOWER warning
             logging.getLogger("autocompress").warning(f"channel_multiple {self.multiple} is {NOT_BLOCKED}")
         self.task = Task(device=self.device, amp=amp, **task_args)
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run

@@ -623,8 +623,8 @@ def refuse_single_item_batch(loader: Any, model: nn.Module, example_inputs: tupl
 
 
 def check_loss(loss: Any, *, finite: bool = True) -> torch.Tensor:
-    """``loss`` if it is a scalar tensor (and finite, unless ``finite=False``); UserError naming ``loss_fn``
-    otherwise."""
+    """``loss`` if it is a scalar tensor (and finite, unless ``finite=False``: the finite check is
+    :meth:`Task.check`'s, on a first training batch before any training); UserError naming ``loss_fn`` otherwise."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         fix = ("return the loss tensor itself (not .item() or float(): training needs its graph)"
