@@ -147,19 +147,27 @@ class _InstanceNormed(nn.Module):
         return self.fc(self.c2(torch.relu(self.n1(self.c1(x)))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("norm", [{"affine": True}, {}])
+@pytest.mark.parametrize("norm", [{"affine": True}, {}, {"affine": True, "track_running_stats": True}])
 def test_a_compact_model_with_a_narrowed_instance_norm_loads_as_it_computes(tmp_path, norm):
     """Fresh user 66: an InstanceNorm2d narrowed with its channels was saved by the shapes of its parameters alone,
-    and the loaded model failed ("expected input's size at dim=1 to match num_features (64), but got: 32")."""
+    and the loaded model failed ("expected input's size at dim=1 to match num_features (64), but got: 32").
+    With running statistics, torch-pruning left them at 8 entries and the narrowed norm refused every forward."""
     from autocompress.projection import project
     from autocompress.space import PruningSpace
 
     torch.manual_seed(0)
-    model, x = _InstanceNormed(**norm).eval(), torch.randn(2, 3, 6, 6)
+    model, x = _InstanceNormed(**norm), torch.randn(2, 3, 6, 6)
+    model(torch.randn(4, 3, 6, 6) * 3 + 1)  # training mode: running statistics away from their 0 / 1 start
+    model.eval()
     space = PruningSpace.build(model, (x,), dims=("filter",))
     masks = project(space, model, {"filter": {group.name: 0.5 for group in space.filter_groups}})
     result = compact(model, space.param_masks(masks), x)
     assert result.model.n1.num_features == 4
+    if norm.get("track_running_stats"):
+        kept = [next(i for i, row in enumerate(model.c1.weight) if torch.equal(row, kept_row))
+                for kept_row in result.model.c1.weight]
+        assert torch.equal(result.model.n1.running_mean, model.n1.running_mean[kept])
+        assert torch.equal(result.model.n1.running_var, model.n1.running_var[kept])
     loaded = autocompress.load(save_compact(tmp_path / "compact.pt", result.model), model=_InstanceNormed(**norm))
     assert loaded.n1.num_features == 4
     with torch.no_grad():

@@ -184,8 +184,9 @@ def _with_affine(new: nn.Module, norm: nn.Module) -> nn.Module:
 
 
 class _PerChannelPruner(tp.pruner.function.BasePruningFunc):
-    """torch-pruning's handler for a padded norm: input and output channels are the same; its weight and bias
-    (when affine) lose the pruned entries, and :meth:`prune_more` whatever else the module keeps per channel."""
+    """torch-pruning's handler for a per-channel norm: input and output channels are the same; its weight and
+    bias (when affine) lose the pruned entries, and :meth:`prune_more` whatever else the module keeps per
+    channel."""
 
     def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
         keep = sorted(set(range(layer.num_features)) - set(idxs))
@@ -334,6 +335,19 @@ class PaddedGroupNormPruner(_PerChannelPruner):
         layer.regroup(layer.group[torch.tensor(keep, dtype=torch.long, device=layer.group.device)])
 
 
+class InstanceNormPruner(_PerChannelPruner):
+    """torch-pruning's handler for ``nn.InstanceNorm1d/2d/3d``: with ``track_running_stats=True`` the running
+    mean and variance lose the pruned entries too. torch-pruning 1.6.0's own handler narrows only the weight and
+    bias, so the narrowed module refused every eval-mode forward ("running_mean should contain 15 elements not
+    16") and the channels of a fresh user's InstanceNorm with running statistics were left unpruned."""
+
+    def prune_more(self, layer: nn.Module, keep: list[int]) -> None:
+        for name in ("running_mean", "running_var"):
+            stat = getattr(layer, name)
+            if stat is not None:
+                setattr(layer, name, stat[torch.tensor(keep, dtype=torch.long, device=stat.device)].clone())
+
+
 class LayerNormPruner(tp.pruner.function.LayernormPruner):
     """torch-pruning's handler for ``nn.LayerNorm`` with the kept entries in channel order. torch-pruning 1.6.0
     builds them from a set and calls ``sort()`` on a tensor without keeping the result, so a LayerNorm that kept
@@ -358,16 +372,20 @@ class LayerNormPruner(tp.pruner.function.LayernormPruner):
 
 
 def pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
-    """torch-pruning's customized pruners for ``model``: :data:`PRUNERS`, and :class:`LayerNormPruner` for
-    every subclass of ``nn.LayerNorm`` in it (torchvision's ``LayerNorm2d``, a caller's own), which torch-pruning
-    would otherwise prune with its own handler, keeping the weight and bias in a set's order."""
-    subclasses = {type(m) for m in model.modules() if isinstance(m, nn.LayerNorm) and type(m) not in PRUNERS}
-    return {**PRUNERS, **{cls: PRUNERS[nn.LayerNorm] for cls in subclasses}}
+    """torch-pruning's customized pruners for ``model``: :data:`PRUNERS`, :class:`LayerNormPruner` for every
+    subclass of ``nn.LayerNorm`` in it (torchvision's ``LayerNorm2d``, a caller's own), which torch-pruning
+    would otherwise prune with its own handler, keeping the weight and bias in a set's order, and
+    :class:`InstanceNormPruner` for every InstanceNorm type in it (torch-pruning looks pruners up by exact type)."""
+    norms = {type(m): PRUNERS[nn.LayerNorm] for m in model.modules()
+             if isinstance(m, nn.LayerNorm) and type(m) not in PRUNERS}
+    norms.update({type(m): InstanceNormPruner() for m in model.modules()
+                  if isinstance(m, nn.modules.instancenorm._InstanceNorm)})
+    return {**PRUNERS, **norms}
 
 
 #: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
 PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
 #: torch-pruning customized pruners for the modules of this file (``DependencyGraph.build_dependency``), and for
-#: ``nn.LayerNorm`` (:class:`LayerNormPruner`)
+#: ``nn.LayerNorm`` (:class:`LayerNormPruner`); :func:`pruners` adds the InstanceNorm types of a model
 PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner(),
            nn.LayerNorm: LayerNormPruner()}
