@@ -37,7 +37,7 @@ from .budget import RULE, apply_budget, describe, given_settings
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
-from .distillation import AUTO_RULE, FIT_GAP_POINTS, distillable
+from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable
 from .errors import CallArgument, TargetMissed, UserError
 from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
                       speed_warning)
@@ -474,7 +474,8 @@ class Compression:
     def _check_distillation(self, output: Any, say: Callable[[str], None], base: nn.Module,
                             base_score: float) -> None:
         """``distillation.enabled: auto`` resolved for the task (:meth:`CompressConfig.with_distillation_for`, and
-        off for a base that has not fitted its training data: :meth:`_fit_gap`; off is said with ``say``).
+        off for a base that has not fitted its training data past what it generalises: :meth:`_fit_gap`,
+        :data:`~autocompress.distillation.FIT_SHARE`; off is said with ``say``).
         Distillation (``distillation.enabled``, ``quick_eval.finetune_distill``) turned off,
         with a warning on
         the ``autocompress`` logger, when the base's forward ``output`` on a training batch (:meth:`Task.check`'s)
@@ -484,23 +485,9 @@ class Compression:
         it is off."""
         if self.config.distillation.enabled == AUTO:
             self.config = self.config.with_distillation_for(self.task.classifies, self.task.positions)
-            gap = self._fit_gap(base, base_score) if self.config.distillation.enabled else None
-            if gap is not None and gap < -FIT_GAP_POINTS:
-                say(f"distillation from the base: on (distillation.enabled auto: the base scores {-gap:.1f} points "
-                    "of top-1 lower on training batches than on validation: they are augmented or drawn unlike "
-                    "validation, so they cannot tell whether it has fitted its training data)")
-            elif gap is not None and gap < FIT_GAP_POINTS:
-                self.config = dataclasses.replace(self.config, distillation=dataclasses.replace(
-                    self.config.distillation, enabled=False))
-                say(f"distillation from the base: off (distillation.enabled auto: the base scores {gap:.1f} points "
-                    f"of top-1 higher on training batches than on validation, under {FIT_GAP_POINTS:g}: it has not "
-                    "fitted its training data, and its student would outgrow it; set distillation.enabled true to "
-                    "distil)")
-            elif gap is not None:
-                say(f"distillation from the base: on (distillation.enabled auto: the base scores {gap:.1f} points "
-                    f"of top-1 higher on training batches than on validation, {FIT_GAP_POINTS:g} or more: it has "
-                    "fitted its training data)")
-            elif not self.config.distillation.enabled:
+            if self.config.distillation.enabled:
+                self._distil_by_fit(base, base_score, say)
+            else:
                 say(f"distillation from the base: off ({AUTO_RULE})")
         quick = self.config.quick_eval
         scorer_distils = fine_tunes(quick.scorer) and quick.finetune_distill
@@ -520,6 +507,32 @@ class Compression:
                    "quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
                    "alone (pass forward_fn returning class scores to distil)")
         logging.getLogger("autocompress").warning(warning)
+
+    def _distil_by_fit(self, base: nn.Module, base_score: float, say: Callable[[str], None]) -> None:
+        """Distillation kept on, or turned off, by the base's fit share on the training batches
+        (:data:`~autocompress.distillation.FIT_SHARE`), said with ``say``; unchanged where :meth:`_fit_gap` cannot
+        measure it."""
+        gap = self._fit_gap(base, base_score)
+        if gap is None:
+            return
+        if gap < -UNLIKE_POINTS:
+            say(f"distillation from the base: on (distillation.enabled auto: the base scores {-gap:.1f} points "
+                "of top-1 lower on training batches than on validation: they are augmented or drawn unlike "
+                "validation, so they cannot tell whether it has fitted its training data)")
+            return
+        errors = 100.0 * (1.0 - base_score)
+        share = gap / errors if errors > 0 else 0.0
+        fit = (f"the base scores {gap:.1f} points of top-1 higher on training batches than on validation, "
+               f"{share:.0%} of its {errors:.1f}% validation error")
+        if share >= FIT_SHARE:
+            say(f"distillation from the base: on (distillation.enabled auto: {fit}, {FIT_SHARE:.0%} or more: it has "
+                "fitted its training data)")
+            return
+        self.config = dataclasses.replace(self.config, distillation=dataclasses.replace(
+            self.config.distillation, enabled=False))
+        say(f"distillation from the base: off (distillation.enabled auto: {fit}, under {FIT_SHARE:.0%}: it has not "
+            "fitted its training data past what it generalises, and its soft targets would hold its student back; "
+            "set distillation.enabled true to distil)")
 
     def _fit_gap(self, base: nn.Module, base_score: float) -> float | None:
         """Points of top-1 by which ``base`` scores higher on up to :data:`FIT_GAP_BATCHES` training batches (eval
