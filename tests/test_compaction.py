@@ -511,3 +511,30 @@ def test_a_float64_column_layer_turns_dense_in_float64(layer):
         ColumnConv2d.from_conv if isinstance(layer, nn.Conv2d) else ColumnConvNd.from_conv
     dense = kind(layer, keep).to_dense()
     assert dense.weight.dtype == torch.float64 and torch.equal(dense.weight, layer.weight)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_norm_returning_a_view_followed_by_an_in_place_activation_loses_its_channels_with_its_conv(inplace):
+    """Fresh user 68: ``InstanceNorm2d(track_running_stats=True)`` (its eval output is a view) followed by
+    ``nn.ReLU(inplace=True)``; torch-pruning's graph lost the norm (the in-place op rewrote the node of its output),
+    so compaction cut the conv to 44 channels, kept the norm at 64 and the forward failed. Traced out of place,
+    the norm loses the same channels, its running statistics with them, and the compact model computes the masked
+    one; the caller's modules stay in place."""
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True, track_running_stats=True),
+                          nn.ReLU(inplace=inplace), nn.Conv2d(16, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    model(torch.randn(4, 3, 8, 8) * 2 + 1)  # training mode: running statistics away from their 0 / 1 start
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, (x,), dims=("filter",))
+    rates = {"filter": {group.name: 0.5 for group in space.filter_groups}, "column": {}, "irregular": {}}
+    masks = space.param_masks(project(space, model, rates))
+    result = compact(model, masks, x)
+    assert result.model[0].out_channels == result.model[1].num_features == 8
+    assert result.model[1].running_mean.shape == (8,) and model[2].inplace is inplace
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), _masked(model, masks)(x), atol=1e-5)

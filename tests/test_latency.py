@@ -1038,6 +1038,28 @@ def test_runners_are_timed_in_blocks_of_calls_in_a_row_each_after_an_untimed_cal
     assert {name: t.runs for name, t in timings.items()} == {name: runs for name in order}
 
 
+def test_a_model_the_torchscript_exporter_cannot_export_at_any_batch_is_timed_through_torch_export():
+    """Fresh user 68: an ``InstanceNorm2d(track_running_stats=True)`` has no TorchScript ONNX export with a dynamic
+    batch ("ONNX export of instance_norm training for unknown batch size"); ``export_onnx`` fell back to the
+    torch.export-based exporter, but the latency path, which wraps the model in a forward of ``*inputs``, passed
+    torch.export dynamic shapes of the wrong structure and refused a latency target. Timed now at batch 1 and 3,
+    computing what the model computes."""
+    from autocompress.latency import _onnx_session
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+    model(torch.randn(4, 1, 8, 8) + 1)
+    model.eval()
+    session = _onnx_session(model, (torch.randn(1, 1, 8, 8),), 1)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 8, 8)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(out), model(x), atol=1e-5)
+    bind = runner(model, torch.randn(1, 1, 8, 8), "onnxruntime")
+    bind(torch.randn(64, 1, 8, 8))()
+
+
 def test_a_model_onnxruntime_cannot_run_at_another_batch_is_a_user_error_naming_the_batch(capfd):
     """A forward that writes the batch size into a reshape exports at batch 1 and fails in onnxruntime at 64: a
     fresh user's finished run died in the final table's timing with onnxruntime's raw error; it is now a

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import os
 import sys
@@ -282,13 +283,16 @@ def _traced(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return example if example[0].shape[0] > 1 else tuple(torch.cat([t, t]) for t in example)
 
 
-def _dynamic_shapes(axes: Axes, count: int) -> tuple[dict, ...]:
+def _dynamic_shapes(model: nn.Module, axes: Axes, count: int) -> tuple:
     """torch.export's dynamic shapes of ``count`` inputs from :func:`checked_axes`' ``axes``: one ``Dim`` named
     ``batch``, the first axis of every input, and ``Dim.AUTO`` on each further dynamic axis (torch.export infers
-    its range and which axes are equal: a learned table of 8 positions caps a sequence at 8)."""
+    its range and which axes are equal: a learned table of 8 positions caps a sequence at 8). For a forward that
+    takes its inputs as ``*inputs`` they are one entry, as torch.export binds them (a tuple of the inputs' specs)."""
     batch = torch.export.Dim("batch")
-    return tuple({axis: batch if axis == 0 else torch.export.Dim.AUTO for axis in axes[name]}
-                 for name in input_names(count))
+    specs = tuple({axis: batch if axis == 0 else torch.export.Dim.AUTO for axis in axes[name]}
+                  for name in input_names(count))
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    return (specs,) if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL else specs
 
 
 def _dynamo_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, names: list[str],
@@ -298,7 +302,7 @@ def _dynamo_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], opset: in
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, _traced(example), dynamo=True, opset_version=max(opset, 18),
                                     verbose=False, input_names=input_names(len(example)), output_names=names,
-                                    dynamic_shapes=_dynamic_shapes(axes, len(example)))
+                                    dynamic_shapes=_dynamic_shapes(model, axes, len(example)))
         program.save(buffer)
     return buffer.getvalue()
 
@@ -394,7 +398,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
 def _program_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], axes: Axes) -> bytes:
     model = export_form(model)
     with analysis_mode(model):
-        program = torch.export.export(model, _traced(example), dynamic_shapes=_dynamic_shapes(axes, len(example)))
+        program = torch.export.export(model, _traced(example),
+                                      dynamic_shapes=_dynamic_shapes(model, axes, len(example)))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

@@ -39,6 +39,7 @@ compacted model has (MACs from :mod:`autocompress.metrics`, i.e. ``torch.utils.f
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import logging
@@ -876,6 +877,23 @@ def train_only_modules(model: nn.Module, inputs: tuple) -> set[nn.Module]:
     return train - _reached(model, inputs, False)
 
 
+@contextlib.contextmanager
+def _out_of_place(model: nn.Module):
+    """``model``'s modules with ``inplace=True`` (ReLU, ReLU6, LeakyReLU, Hardswish, Dropout, ...) out of place
+    within the block. torch-pruning maps a module to the autograd node of its output; an in-place op on that output
+    rewrites the node when the output is a view (InstanceNorm with running statistics returns one), and the module
+    dropped out of its group: a fresh user's ``InstanceNorm2d`` followed by ``ReLU(inplace=True)`` kept 64 features
+    while its conv lost channels, and compaction failed."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for module in changed:
+        module.inplace = False
+    try:
+        yield
+    finally:
+        for module in changed:
+            module.inplace = True
+
+
 def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | None = None) -> tp.DependencyGraph:
     """torch-pruning's DependencyGraph of ``model`` on ``inputs`` (Fang et al., CVPR 2023).
 
@@ -883,7 +901,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     is reached only in train mode (``train_only``, default :func:`train_only_modules`), so a train-only
     auxiliary head's inputs couple with their producers; else in eval mode on ``inputs``. Every parameter
     temporarily requires grad (frozen layers are traced like the others; inputs are not marked, which
-    torch-pruning mis-traces). Modes, buffers, RNG and ``requires_grad`` are restored.
+    torch-pruning mis-traces), and modules that work in place (``nn.ReLU(inplace=True)``) out of place
+    (:func:`_out_of_place`). Modes, buffers, RNG, ``requires_grad`` and ``inplace`` are restored.
 
     Raises:
         UserError: torch-pruning cannot trace the model (names the model class and the error).
@@ -892,7 +911,7 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     doubled = _batch_of_two(inputs) if train else inputs
     frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
-        with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        with preserved_state(model), torch.enable_grad(), torch.random.fork_rng(devices=[]), _out_of_place(model):
             for p in frozen:
                 p.requires_grad_(True)
 
