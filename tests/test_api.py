@@ -1672,7 +1672,8 @@ def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     assert any(r.levelname == "WARNING" and r.getMessage().startswith(
         "distillation from the base is off: the forward returns a tensor of shape [16, 1]") for r in caplog.records)
     classifier = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
-                             task_args=dict(zip(("train_loader", "val_loader"), loaders())), config={"budget": 2})
+                             task_args=dict(zip(("train_loader", "val_loader"), loaders())),
+                             config={"budget": 2, "distillation": {"enabled": True}})  # auto: by the fit share
     assert classifier.config.distillation.enabled and classifier.pipeline.distiller is not None
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

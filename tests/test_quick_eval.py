@@ -177,8 +177,11 @@ def test_refit_refuses_a_model_without_a_final_linear_and_auto_fine_tunes_it():
     data = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(UserError, match="final nn.Linear"):
         QuickEvaluator(model, space, Task(data, data), scorer="refit", bn_batches=1, val_batches=1)
-    assert QuickEvaluator(model, space, Task(data, data), scorer="auto", bn_batches=1, val_batches=1).scorer == \
-        "finetune"
+    auto = QuickEvaluator(model, space, Task(data, data), scorer="auto", bn_batches=1, val_batches=1)
+    assert auto.scorer == "finetune" and auto.describe().endswith(
+        "not the val top-1 the model has after ADMM and hard pruning")
+    scored = QuickEvaluator(model, space, Task(data, data, score_fn=lambda m: 1.0), bn_batches=1, val_batches=1)
+    assert scored.describe().endswith("not the validation score the model has after ADMM and hard pruning")  # PSNR
 
 
 def test_auto_scorer_is_a_short_distilled_fine_tuning(trained):

@@ -55,6 +55,21 @@ def test_final_table_rows_are_plain_text():
     assert final_table_rows({"rows": [base, slower]})[-1][5] == "1.25x slower"
 
 
+def test_a_torch_latency_runtime_heads_its_columns_apart_from_the_eager_ones():
+    """Fresh user 68: with ``latency.runtime: torch`` the final table had two pairs of columns both headed
+    ``torch b=1 (ms)  torch b=64 (ms)`` (the eager timing of the compact model and the runtime's of the deployed
+    form) with different numbers."""
+    from autocompress.report import deployed_columns
+
+    base = {"model": "base", "params": 30, "latency_b1_ms": 2.0, "deployed_b1_ms": 1.9}
+    comp = {"model": "compressed", "params": 10, "latency_b1_ms": 1.0, "deployed_b1_ms": 0.8}
+    for runtime, header in (("torch", "deployed torch b=1 (ms)"), ("onnxruntime", "onnxruntime b=1 (ms)")):
+        final = {"rows": [base, comp], "deployed": {"runtime": runtime, "batches": {"1": {}}}}
+        assert [column[1] for column in deployed_columns(final)] == [header]
+        headers = final_table_rows(final)[0]
+        assert len(headers) == len(set(headers)) and header in headers and "torch b=1 (ms)" in headers
+
+
 def test_the_schedule_a_budget_made_is_a_line_under_the_table():
     """A fresh user's budget of 3 epochs ran no ADMM and no search, said only in the log's first lines."""
     base = {"model": "base", "params": 30, "macs": 90}

@@ -251,8 +251,9 @@ class QuickEvaluator:
     def describe(self) -> str:
         """One line for the log: the scorer, what it does to each candidate, and that its score only ranks
         candidates (the val top-1 right after hard pruning has none of those steps and reads much lower)."""
+        measure = "val top-1" if self.task.score_fn is None else "validation score"
         return (f"scorer {self.scorer} ({self._steps} on each one-shot pruned candidate): a score that ranks "
-                "candidates, not the val top-1 the model has after ADMM and hard pruning")
+                f"candidates, not the {measure} the model has after ADMM and hard pruning")
 
     @property
     def distinct(self) -> int:

@@ -177,12 +177,13 @@ FINAL_COLUMNS = (("test_top1", "test top-1 (%)", "points"), ("val_top1", "val to
 
 def deployed_columns(final: dict) -> tuple:
     """The final table's deployed-latency columns (``deployed_b<B>_ms``, one per measured batch size), headed
-    with the runtime's name."""
+    with the runtime's name (``deployed torch`` for the torch runtime, whose eager columns are there too)."""
     deployed = final.get("deployed")
     if not isinstance(deployed, dict) or not isinstance(deployed.get("batches"), dict):
         return ()
     runtime = _num(deployed.get("runtime"), "")
-    return tuple((f"deployed_b{b}_ms", f"{runtime} b={b} (ms)", "faster") for b in deployed["batches"])
+    label = "deployed torch" if runtime == "torch" else runtime  # apart from the eager columns' "torch b=1 (ms)"
+    return tuple((f"deployed_b{b}_ms", f"{label} b={b} (ms)", "faster") for b in deployed["batches"])
 
 
 def _span(pair) -> str:
