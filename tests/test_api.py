@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 import re
@@ -604,6 +605,38 @@ def test_batchnorm_statistics_left_behind_by_the_retraining_are_re_estimated(mon
     event = next(r for r in result.records if r.get("event") == "batchnorm" and r["round"] == 1)
     assert event["kept"] and event["batches"] == len(train) and event["val_top1_after"] > event["val_top1_before"]
     assert result.rounds[-1]["val_top1"] == pytest.approx(event["val_top1_after"], abs=1e-6)
+
+
+@pytest.mark.parametrize("attach_late", [False, True])
+def test_a_train_fn_that_trains_without_attaching_is_stopped_at_its_second_forward(one_thread, attach_late):
+    """Fresh user 68: a ``train_fn`` that never called ``phase.attach`` was told so only after its whole phase
+    (its retraining lost, a phase restarting from its beginning on resume). It is now stopped at its second
+    training forward with gradients, before any step could matter; one forward first (a dry run that builds lazy
+    modules) is allowed, and a loop attaching after it trains on."""
+    forwards = []
+
+    def train_fn(net, phase):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for step, (x, y) in enumerate(itertools.islice(itertools.cycle(train), 6)):
+            if attach_late and step == 1:
+                phase.attach(optimizer)
+            forwards.append(step)
+            loss = F.cross_entropy(net(x), y) + phase.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    train, val = loaders()
+    args = dict(train_loader=train, val_loader=val, config=CONFIG, progress=False, train_fn=train_fn)
+    if attach_late:
+        autocompress.compress(trained(SmallCNN(), train), torch.randn(1, 1, 8, 8), "params=2x", **args)
+        assert len(forwards) > 6
+        return
+    with pytest.raises(UserError, match=r"^train_fn trains without calling phase.attach\(optimizer\) in the "
+                                        r"(admm|retrain) phase, so the (ADMM updates|pruning masks) do not run; call "
+                                        r"phase.attach\(optimizer\) once after creating the optimizer$"):
+        autocompress.compress(trained(SmallCNN(), train), torch.randn(1, 1, 8, 8), "params=2x", **args)
+    assert forwards == [0, 1]
 
 
 def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread):

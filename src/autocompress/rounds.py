@@ -72,6 +72,11 @@ def phase_seed(seed: int, round_index: int, phase: str) -> int:
     return (int(seed) * 1_000_003 + round_index * 101 + PHASES.index(phase) * 7919) % (2 ** 31)
 
 
+#: training-mode forwards with gradients a ``train_fn`` may run before it attaches its optimizer
+#: (:meth:`TrainingPhase.watch`)
+UNATTACHED_FORWARDS = 1
+
+
 class TrainingPhase:
     """What a caller's own training loop gets for one ADMM or masked-retraining phase.
 
@@ -92,6 +97,10 @@ class TrainingPhase:
     With a run folder such a phase is stored when ``train_fn`` returns; a kill during it restarts it from its
     first epoch (its epochs, optimizer and schedule are the caller's: the default loop's phases instead resume
     after their last finished epoch, :mod:`autocompress.epoch_checkpoint`).
+
+    A ``train_fn`` that trains without attaching an optimizer is stopped at its second training-mode forward with
+    gradients (:meth:`watch`; one is allowed first, a dry run that builds lazy modules): a UserError, not a
+    whole phase trained without masks.
     """
 
     def __init__(self, name: str, *, epochs: int, lr: float, task: Task, round_index: int,
@@ -102,6 +111,7 @@ class TrainingPhase:
         self._task, self._schedule, self._enforcer, self._distiller = task, schedule, enforcer, distiller
         self._handles: list = []
         self.attached = 0
+        self._unattached_forwards = 0
 
     def penalty(self) -> torch.Tensor:
         """The ADMM penalty (a scalar tensor with gradient), or 0 outside ADMM."""
@@ -124,6 +134,23 @@ class TrainingPhase:
         if self._distiller is None:
             return loss
         return self._distiller(self._distiller.teacher_output(self._task, batch), output, loss)
+
+    def watch(self, model: nn.Module) -> None:
+        """Hook ``model`` so that a training-mode forward with gradients beyond :data:`UNATTACHED_FORWARDS`
+        while no optimizer is attached raises :meth:`unattached`'s UserError (removed by :meth:`close`)."""
+        def check(module: nn.Module, args: Any, output: Any) -> None:
+            if module.training and torch.is_grad_enabled() and not self.attached:
+                self._unattached_forwards += 1
+                if self._unattached_forwards > UNATTACHED_FORWARDS:
+                    raise self.unattached()
+
+        self._handles.append(model.register_forward_hook(check))
+
+    def unattached(self) -> UserError:
+        """The error of a phase trained without :meth:`attach`."""
+        what = "ADMM updates" if self.name == "admm" else "pruning masks"
+        return UserError(f"train_fn trains without calling phase.attach(optimizer) in the {self.name} phase, so "
+                         f"the {what} do not run", "call phase.attach(optimizer) once after creating the optimizer")
 
     def close(self) -> None:
         """Remove the hooks (the pipeline calls this after ``train_fn`` returns)."""
@@ -688,15 +715,14 @@ class Pipeline:
             self.log(f"round {state.index} {'ADMM' if name == 'admm' else 'retraining'}: train_fn, "
                      f"{plural(epochs, 'epoch')} (a run killed within it repeats the phase from its start)")
         train_mode(state.model)
+        phase.watch(state.model)
         try:
             if epochs > 0:
                 self.train_fn(state.model, phase)
         finally:
             phase.close()
         if epochs > 0 and phase.attached == 0:
-            what = "ADMM updates" if name == "admm" else "pruning masks"
-            raise UserError(f"train_fn never called phase.attach(optimizer) in the {name} phase, so the {what} "
-                            "did not run", "call phase.attach(optimizer) once after creating the optimizer")
+            raise phase.unattached()
 
     def _epochs(self, state: RoundState, phase: str, loader) -> EpochCheckpoint:
         """The epoch checkpoint of a default-loop training phase (``"admm"`` or ``"retrain"``) in the store
