@@ -884,10 +884,12 @@ def _out_of_place(model: nn.Module):
     rewrites the node when the output is a view (InstanceNorm with running statistics returns one), and the module
     dropped out of its group: a fresh user's ``InstanceNorm2d`` followed by ``ReLU(inplace=True)`` kept 64 features
     while its conv lost channels, and compaction failed."""
-    changed = [m for m in model.modules() if getattr(m, "inplace", None) is True]
-    for module in changed:
-        module.inplace = False
+    changed = []
     try:
+        for module in model.modules():
+            if getattr(module, "inplace", None) is True and isinstance(module.__dict__.get("inplace"), bool):
+                module.inplace = False  # a plain attribute (torch.nn's activations, Dropout), not a property
+                changed.append(module)
         yield
     finally:
         for module in changed:
