@@ -376,11 +376,8 @@ def pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
     subclass of ``nn.LayerNorm`` in it (torchvision's ``LayerNorm2d``, a caller's own), which torch-pruning
     would otherwise prune with its own handler, keeping the weight and bias in a set's order, and
     :class:`InstanceNormPruner` for every InstanceNorm type in it (torch-pruning looks pruners up by exact type)."""
-    norms = {type(m): PRUNERS[nn.LayerNorm] for m in model.modules()
-             if isinstance(m, nn.LayerNorm) and type(m) not in PRUNERS}
-    norms.update({type(m): InstanceNormPruner() for m in model.modules()
-                  if isinstance(m, nn.modules.instancenorm._InstanceNorm)})
-    return {**PRUNERS, **norms}
+    found = {type(m): pruner for m in model.modules() for base, pruner in _NORM_PRUNERS if isinstance(m, base)}
+    return {**PRUNERS, **found}
 
 
 #: the padded norm modules (what compaction makes of a LayerNorm / GroupNorm that lost channels)
@@ -389,3 +386,5 @@ PADDED_NORMS = (PaddedLayerNorm, PaddedGroupNorm)
 #: ``nn.LayerNorm`` (:class:`LayerNormPruner`); :func:`pruners` adds the InstanceNorm types of a model
 PRUNERS = {PaddedLayerNorm: PaddedLayerNormPruner(), PaddedGroupNorm: PaddedGroupNormPruner(),
            nn.LayerNorm: LayerNormPruner()}
+#: the norm types :func:`pruners` gives our pruner for every subclass of (torch-pruning looks them up by exact type)
+_NORM_PRUNERS = ((nn.LayerNorm, PRUNERS[nn.LayerNorm]), (nn.modules.instancenorm._InstanceNorm, InstanceNormPruner()))

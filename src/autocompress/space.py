@@ -887,8 +887,8 @@ def _out_of_place(model: nn.Module):
     changed = []
     try:
         for module in model.modules():
-            if getattr(module, "inplace", None) is True and isinstance(module.__dict__.get("inplace"), bool):
-                module.inplace = False  # a plain attribute (torch.nn's activations, Dropout), not a property
+            if module.__dict__.get("inplace") is True:  # a plain attribute (torch.nn's activations), not a property
+                module.inplace = False
                 changed.append(module)
         yield
     finally:
