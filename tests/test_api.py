@@ -1040,6 +1040,56 @@ def test_a_group_feeding_a_channel_mixing_module_of_the_users_is_left_out():
     assert "from layer 'conv2' on (a module before it mixes channels or has f(0) != 0)" in why
 
 
+class GroupedAfterViewNorm(nn.Module):
+    """Fresh user 68's denoiser in small: a conv, an InstanceNorm with running statistics (its eval output is a
+    view), an in-place ReLU, a grouped 1x1 conv (4 conv groups: conv1's channels are tied in classes of 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(16, affine=True, track_running_stats=True)
+        self.relu = nn.ReLU(inplace=True)
+        self.grouped, self.fc = nn.Conv2d(16, 8, 1, groups=4), nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.grouped(self.relu(self.norm(self.conv1(x))))).mean((2, 3)))
+
+
+def test_the_compaction_probe_narrows_tied_groups_by_whole_classes(monkeypatch):
+    """The start-of-run probe narrows each group to a width compaction realises: with its ties (classes of 4
+    channels), conv1's next width is 12, not 15, at which compaction removed no channel and a group that breaks
+    passed. Traced as torch-pruning maps it without our out-of-place tracing (the norm falls out of the group),
+    the group breaks once its channels go, and the probe now leaves it out before any training."""
+    import contextlib
+
+    from autocompress import space as space_module
+
+    monkeypatch.setattr(space_module, "_out_of_place", contextlib.nullcontext)
+    train, val = loaders()
+    run = Compression(GroupedAfterViewNorm(), torch.randn(1, 1, 8, 8), "params=1.2x",
+                      task_args=dict(train_loader=train, val_loader=val), device="cpu",
+                      config={**CONFIG, "channel_multiple": 1}, progress=False, log=[].append)
+    assert list(run.pipeline.incompactable) == ["conv1"]
+    assert "num_features" in run.pipeline.incompactable["conv1"]
+
+
+def test_compaction_failure_names_a_narrowed_layer_whose_channels_stay():
+    """A layer whose removed channels compaction keeps as zeros (here: they are the model's outputs) fails the
+    probe when the masks narrow it, with compaction's reason; layers not named as narrowed are not checked."""
+    from autocompress.compaction import DEAD_KEPT, compaction_failure
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 1))
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    masks["2.weight"][:2] = False
+    masks["2.bias"][:2] = False
+    x = torch.randn(1, 1, 8, 8)
+    assert compaction_failure(model, masks, x) is None
+    failure = compaction_failure(model, masks, x, narrowed={"2"})
+    assert failure == f"{DEAD_KEPT} (2: channels are outputs of the model at 2)"
+    with pytest.raises(UserError, match=r"^filter pruning cannot remove channels from this model: compaction keeps"):
+        autocompress.compaction.check_compactable(model, masks, x, narrowed={"2"})
+
+
 class OneGroupView(nn.Module):
     """One conv whose channels a hard-coded ``view`` reads: the model's only filter group breaks it."""
 

@@ -748,6 +748,37 @@ def test_channel_multiple_with_grouped_conv_ties_keeps_whole_classes(dead):
     assert _close(_outputs(result.model, x), _outputs(masked, x))
 
 
+class TiedBy(nn.Module):
+    """``width`` channels into a grouped 1x1 conv of ``groups`` conv groups (tie classes of ``groups`` channels)."""
+
+    def __init__(self, width: int, groups: int):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.g, self.fc = nn.Conv2d(width, 2 * groups, 1, groups=groups), nn.Linear(2 * groups, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.g(F.relu(self.bn(self.a(x))))).mean((2, 3)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups=st.sampled_from([2, 3, 4]), per_group=st.integers(2, 6), multiple=st.sampled_from([1, 2, 4, 8]))
+def test_allowed_widths_of_a_tied_group_are_the_widths_compaction_realises(groups, per_group, multiple):
+    """A group tied by a grouped conv: its allowed widths (what the start-of-run probe narrows to) are exactly the
+    widths the projection keeps at some rate, each a whole number of tie classes, and compaction removes the
+    channels down to each of them (at a width that is not, it removed none and the probe saw nothing)."""
+    torch.manual_seed(groups * 10 + per_group)
+    model, x = TiedBy(groups * per_group, groups).eval(), torch.randn(1, 3, 6, 6)
+    space = PruningSpace.build(model, x, dims=("filter",), channel_multiple=multiple)
+    group = space.unit("filter", "a")
+    widths = space.widths(group)
+    rates = [i / 200 for i in range(201)]
+    assert widths == sorted({space.filter_keep(group, r) for r in rates})
+    assert all(w % groups == 0 for w in widths) and widths[-1] == group.size  # a class: one channel per conv group
+    for width in widths[:-1]:
+        masks = space.param_masks(projection.project(space, model, {"filter": {"a": 1 - width / group.size}}))
+        assert compaction.compact(model, masks, x, channel_multiple=multiple).model.a.out_channels == width
+
+
 class FunctionalLinear(nn.Module):
     """A residual branch through a Linear whose weight is used functionally (``F.linear``, the module never
     called: torchvision's Swin attention), then a BatchNorm: torch-pruning does not see the Linear read the

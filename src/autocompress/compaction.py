@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -775,35 +776,53 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
     return worst, worst_tol
 
 
+#: how :func:`compaction_failure` begins when compaction runs but keeps the channels the masks removed
+DEAD_KEPT = "compaction keeps them as zeros"
+
+
 def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-                       channel_multiple: int = 1) -> str | None:
+                       channel_multiple: int = 1, narrowed: Collection[str] = ()) -> str | None:
     """Why ``model`` masked to ``param_masks`` cannot be compacted and run on ``example_inputs`` (the error's type
-    and first line), or None when it can; a copy is compacted, ``model`` is unchanged. A UserError (a problem of
-    the inputs, not of the model) propagates."""
+    and first line), or why a layer of ``narrowed`` (names of layers whose output channels the masks remove) keeps
+    them all (:data:`DEAD_KEPT`, with the report's ``dead_channels_kept`` reason: the compact model would be no
+    smaller there), or None; a copy is compacted, ``model`` is unchanged. A UserError (a problem of the inputs,
+    not of the model) propagates."""
     try:
-        compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
+        result = compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
         return first_line(exc)
-    return None
+    before, after = dict(model.named_modules()), dict(result.model.named_modules())
+    why = [f"{name}: {result.report['dead_channels_kept'].get(name, 'no reason reported')}" for name in narrowed
+           if name in after and _out_width(after[name]) == _out_width(before[name])]
+    return f"{DEAD_KEPT} ({'; '.join(why)})" if why else None
+
+
+def _out_width(layer: nn.Module) -> int:
+    return int(layer.weight.shape[out_dim(layer)])
 
 
 def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-                      channel_multiple: int = 1) -> None:
+                      channel_multiple: int = 1, narrowed: Collection[str] = ()) -> None:
     """UserError, meant for before any training, when ``model`` masked to ``param_masks`` cannot be compacted
-    and run on ``example_inputs`` (a copy is compacted; ``model`` is unchanged). A forward that writes a channel
-    count into a shape (``x.view(-1, 40 * 7 * 7)``), or splits channels by position (``chunk`` / ``split``) after
-    a concatenation whose parts lose channels unevenly, runs masked but fails once channels are removed, which
-    would otherwise surface after training."""
-    failure = compaction_failure(model, param_masks, example_inputs, channel_multiple=channel_multiple)
-    if failure is not None:
-        raise UserError(f"filter pruning cannot remove channels from this model: its forward fails once they are "
-                        f"removed ({failure})",
-                        "compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * "
-                        "7)); where it splits concatenated channels (chunk / split) or a module of its own mixes "
-                        "channels (a normalisation over them), put the layers feeding it in ignored_layers, or leave "
-                        "filter out of dims") from None
+    and run on ``example_inputs``, or keeps channels ``narrowed`` layers lose (:func:`compaction_failure`;
+    a copy is compacted; ``model`` is unchanged). A forward that writes a channel count into a shape
+    (``x.view(-1, 40 * 7 * 7)``), or splits channels by position (``chunk`` / ``split``) after a concatenation
+    whose parts lose channels unevenly, runs masked but fails once channels are removed, which would otherwise
+    surface after training."""
+    failure = compaction_failure(model, param_masks, example_inputs, channel_multiple=channel_multiple,
+                                 narrowed=narrowed)
+    if failure is None:
+        return
+    problem = "filter pruning cannot remove channels from this model: "
+    if failure.startswith(DEAD_KEPT):
+        raise UserError(problem + failure, "put those layers in ignored_layers, or leave filter out of dims")
+    raise UserError(f"{problem}its forward fails once they are removed ({failure})",
+                    "compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * "
+                    "7)); where it splits concatenated channels (chunk / split) or a module of its own mixes "
+                    "channels (a normalisation over them), put the layers feeding it in ignored_layers, or leave "
+                    "filter out of dims") from None
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,

@@ -474,8 +474,9 @@ class Pipeline:
 
     def _breaking(self, model: nn.Module, space: PruningSpace, narrower: Mapping[str, int]
                   ) -> tuple[dict[str, str], UserError | None]:
-        """The filter groups of ``narrower`` (name -> width) whose compact model breaks at that width (name ->
-        why; empty: nothing breaks), and the error of all of them losing their weakest channels together (None when
+        """The filter groups of ``narrower`` (name -> width) whose compact model breaks at that width, or keeps their
+        removed channels as zeros (:func:`autocompress.compaction.compaction_failure`; name -> why; empty: nothing
+        breaks), and the error of all of them losing their weakest channels together (None when
         that compacts). The weakest channels (the projection's) are removed from all groups at once, then from each
         alone if that breaks; an attention-shaped group (:func:`autocompress.attention.attention_shaped`) that
         passes loses its first channels too, alone (:meth:`~autocompress.space.PruningSpace.leading_removal`: its
@@ -493,20 +494,25 @@ class Pipeline:
             keep = space.leading_removal(space.unit("filter", name), narrower[name])
             return space.param_masks(Masks(filters={name: keep}, columns={}, weights={}))
 
-        def failure(masks: dict[str, torch.Tensor]) -> str | None:
-            return compaction_failure(model, masks, self.example_inputs, channel_multiple=self.channel_multiple)
+        def producers(names) -> set[str]:
+            return {layer for name in names for layer in space.unit("filter", name).producers}
+
+        def failure(masks: dict[str, torch.Tensor], names) -> str | None:
+            return compaction_failure(model, masks, self.example_inputs, channel_multiple=self.channel_multiple,
+                                      narrowed=producers(names))
 
         failing, error = {}, None
         try:
-            check_compactable(model, weakest(narrower), self.example_inputs, channel_multiple=self.channel_multiple)
+            check_compactable(model, weakest(narrower), self.example_inputs, channel_multiple=self.channel_multiple,
+                              narrowed=producers(narrower))
         except UserError as exc:
-            failing = {name: why for name in narrower if (why := failure(weakest([name])))}
+            failing = {name: why for name in narrower if (why := failure(weakest([name]), [name]))}
             if not failing:
                 raise
             error = exc
         for name in narrower:
             if name not in failing and attention_shaped(model, space.unit("filter", name)) \
-                    and (why := failure(leading(name))):
+                    and (why := failure(leading(name), [name])):
                 failing[name] = why
         return failing, error
 

@@ -557,11 +557,14 @@ class PruningSpace:
         return self.channel_multiple // math.gcd(self.channel_multiple, group.heads)
 
     def widths(self, group: FilterGroup) -> list[int]:
-        """The group's allowed widths (channels kept), ascending: :func:`autocompress.alignment.allowed_widths`
-        at :attr:`channel_multiple`, or for a group with heads ``heads`` times a head's allowed widths."""
+        """The group's allowed widths (channels kept), ascending, the values :meth:`filter_keep` takes: whole tie
+        classes (:func:`autocompress.alignment.allowed_widths` of its classes at :meth:`class_multiple`, times the
+        channels of a class; a grouped conv's 64 channels in 4 conv groups: 4, 8, .., 64), or for a group with
+        heads ``heads`` times a head's allowed widths."""
         if group.heads > 1:
             return [group.heads * w for w in allowed_widths(group.size // group.heads, self.head_multiple(group))]
-        return allowed_widths(group.size, self.channel_multiple)
+        per = group.size // group.classes
+        return [per * w for w in allowed_widths(group.classes, self.class_multiple(group))]
 
     def class_multiple(self, group: FilterGroup) -> int:
         """The multiple of tie classes that keeps :attr:`channel_multiple` channels aligned: a class holds
