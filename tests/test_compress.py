@@ -522,6 +522,40 @@ def test_a_setting_error_on_a_checkpoint_without_a_carve_is_one_line(tmp_path, c
     assert not caplog.records  # the carve and normalisation warnings: none before the error
 
 
+class ImageOut(torch.nn.Module):
+    """A denoiser: one image in, one image out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("command", ["compress", "prune"])
+def test_a_model_that_is_no_classifier_is_refused_by_the_command_line_with_the_python_fix(tmp_path, capsys,
+                                                                                         command):
+    """Fresh user 68's denoiser through the CLI was refused by the library's check with a fix the CLI cannot take
+    (``pass loss_fn``); the CLI now says at once that it compresses classifiers and where other tasks go."""
+    from autocompress.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "denoiser.pt", model=ImageOut(), model_class="test_compress:ImageOut",
+                           model_kwargs={}, dataset={"name": "fashion-mnist", "input_size": [1, 28, 28],
+                                                     "num_classes": 10, "mean": [0.0], "std": [1.0]},
+                           config={}, metrics={})
+    (tmp_path / "rates.yaml").write_text("default: 0.5\n")
+    target = ["--target", "params=2x"] if command == "compress" else ["--rates", str(tmp_path / "rates.yaml")]
+    assert main([command, str(path), *target, "--max-train", "600", "--val-size", "100",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"autocompress: error: {path}'s model outputs a tensor of shape [1, 1, 28, 28] for one image, not "
+                   "scores of the 10 classes of fashion-mnist: the command line compresses classifiers of its "
+                   "datasets; for another task call autocompress.compress from Python with your own loaders, "
+                   "loss_fn and score_fn (README: 'Your model, your data')"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_without_recorded_normalisation_is_warned_about():
     """Fresh user 54's checkpoint of their own CIFAR-10 pipeline read 56.2 % in the CLI against 58.5 % in theirs,
     and nothing said which normalisation the CLI applied; a checkpoint recording it gets no warning."""

@@ -1,6 +1,7 @@
 """Compact models saved as architecture description + state_dict, rebuilt without unpickling code."""
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
@@ -11,8 +12,9 @@ from torch import nn
 
 import autocompress
 from autocompress.checkpoint import load_checkpoint, save_checkpoint
-from autocompress.compaction import ColumnConv2d, compact
+from autocompress.compaction import ColumnConv2d, compact, shrink
 from autocompress.errors import UserError
+from autocompress.masks import apply_masks
 from autocompress.models import create_model
 from autocompress.serialization import (apply_architecture, describe_architecture, from_sparse_state_dict,
                                         save_compact, to_sparse_state_dict)
@@ -190,6 +192,13 @@ def test_a_compact_model_its_description_does_not_rebuild_is_refused(monkeypatch
     with pytest.raises(RuntimeError, match=r"^the compact model rebuilt from its saved description fails \(.*"
                                            r"num_features"):
         compact(model, space.param_masks(masks), x)
+    # a model compacted to be trained or measured, never saved, skips the rebuild (shrink: the quick evaluation's
+    # candidates, the model retrained); it still computes the masked model
+    small, _ = shrink(model, space.param_masks(masks), x)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, space.param_masks(masks))
+    with torch.no_grad():
+        assert small.n1.num_features == 4 and torch.allclose(small(x), masked(x), atol=1e-5)
 
 
 class _Pooled(nn.Module):

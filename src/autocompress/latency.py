@@ -871,7 +871,8 @@ def _smallest(model: nn.Module, x: tuple[torch.Tensor, ...], space, multiple: in
     if not space.filter_groups:
         return None
     masks = project(space, model, {"filter": {g.name: space.max_rate for g in space.filter_groups}})
-    return compact(model, space.param_masks(masks), x, channel_multiple=multiple, layer_norm=layer_norm).model
+    return compact(model, space.param_masks(masks), x, channel_multiple=multiple, layer_norm=layer_norm,
+                   check_rebuild=False).model
 
 
 __all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LAYOUT_RULE", "LITTLE_SPEEDUP", "LatencyConfig",

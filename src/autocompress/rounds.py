@@ -866,7 +866,7 @@ class Pipeline:
     def _count(self, state: RoundState, model: nn.Module, result) -> int:
         """The budget's count of ``model`` purified to ``result``, compacted (a copy)."""
         return state.budget.count(compact(model, result.param_masks, self.example_inputs,
-                                          channel_multiple=self.channel_multiple).model)
+                                          channel_multiple=self.channel_multiple, check_rebuild=False).model)
 
     def _shrink(self, state: RoundState) -> None:
         """Make masked retraining cheaper: replace ``state.model`` by its compacted, densified equivalent

@@ -169,4 +169,27 @@ def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: in
     splits = checkpoint_dataset(stored, data.dataset, data.data_dir, val_size=data.val_size,
                                 seed=stored.get("seed", seed), max_train=data.max_train, max_test=data.max_test)
     model = model_from_checkpoint(ckpt).eval()
-    return Workload(path, ckpt, model, splits, torch.zeros(1, *(stored.get("input_size") or splits.input_size)))
+    example = torch.zeros(1, *(stored.get("input_size") or splits.input_size))
+    _refuse_non_classifier(path, model, example, splits)
+    return Workload(path, ckpt, model, splits, example)
+
+
+def _refuse_non_classifier(path: Path, model, example: torch.Tensor, splits) -> None:
+    """UserError when ``model``'s output on ``example`` is not one row of at least ``splits.num_classes`` class
+    scores: the command line trains and scores with its datasets' labels (cross-entropy, top-1), so a denoiser's
+    or a detector's output would be refused later with fixes only the Python API takes (``loss_fn``). A forward
+    that fails is left to the library's checks, which name it."""
+    from ..analysis import analysis_mode
+
+    try:
+        with analysis_mode(model):
+            output = model(example)
+    except Exception:  # noqa: BLE001 - reported by the library's own check of a batch
+        return
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[1] >= splits.num_classes:
+        return
+    what = f"a tensor of shape {list(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+    raise UserError(f"{path}'s model outputs {what} for one image, not scores of the {splits.num_classes} classes of "
+                    f"{splits.name}: the command line compresses classifiers of its datasets",
+                    "for another task call autocompress.compress from Python with your own loaders, loss_fn and "
+                    "score_fn (README: 'Your model, your data')")
