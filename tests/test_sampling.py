@@ -294,6 +294,10 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
         ActionSampler.from_space(PruningSpace.build(shuffle, torch.randn(1, 3, 32, 32)), "flops", 5000.0,
                                  kinds=("column",))
     assert str(info.value).endswith("lower the target, raise max_r (below 1)")
+    with pytest.raises(UserError) as info:  # with filter pruning asked for, the model it cannot trace is named
+        ActionSampler.from_space(PruningSpace.build(shuffle, torch.randn(1, 3, 32, 32)), "flops", 5000.0)
+    assert "(not filter-pruned: the model (torch-pruning cannot trace ShuffleNetV2 (" in str(info.value)
+    assert "written as an index gather, x[:, perm], it traces); every reason is logged" in str(info.value)
     # helper 34's ViT: the group its reshape broke came after a heavier one; the fixable one is named first now
     broken = f"filter pruning: {BREAKS} (RuntimeError: shape '[1, 50, 3, 4, 12]' is invalid)"
     space = PruningSpace.build(model, torch.randn(1, 1, 28, 28), left_out={light: broken},

@@ -743,6 +743,25 @@ def _output_difference(reference: nn.Module, compact_model: nn.Module, batch: tu
     return max([0.0] + [float((a - b).abs().max()) for a, b in zip(ref, new) if a.numel()]), scale
 
 
+def _exact_difference(reference: nn.Module, compact_model: nn.Module, batch: tuple,
+                      atol_scale: float) -> tuple[float, float]:
+    """:func:`_output_difference` on ``batch``, in float64 where the float32 one exceeds ``atol_scale`` of the scale.
+    A compact layer sums fewer terms, in another order, with other kernels: its float32 rounding differs from the
+    masked layer's and grows with depth (up to 4e-5 of the output's scale after torchvision's regnet_x_400mf and
+    resnext50_32x4d at random initialisation); in float64 that is ~1e-12, while a structural error stays at the
+    scale of the output. The float32 result where the models do not run in float64 (an op without it, a forward
+    that casts its inputs)."""
+    diff, scale = _output_difference(reference, compact_model, batch)
+    if diff <= atol_scale * scale:
+        return diff, scale
+    try:
+        wide = [copy.deepcopy(model).double() for model in (reference, compact_model)]
+        return _output_difference(*wide, tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                               else t for t in batch))
+    except Exception:  # noqa: BLE001 - no float64 forward: the float32 difference decides
+        return diff, scale
+
+
 def _difference(reference: nn.Module, compact_model: nn.Module, inputs: tuple) -> float:
     """The largest output difference relative to the output's scale, on ``inputs`` and :func:`verify`'s random
     batch (NaN counts as infinite)."""
@@ -756,7 +775,8 @@ def _difference(reference: nn.Module, compact_model: nn.Module, inputs: tuple) -
 def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, *, atol_scale: float = 1e-5,
            kept: dict | None = None) -> tuple[float, float]:
     """Check ``compact_model`` computes what ``reference`` computes in eval mode, on ``example_inputs`` and
-    on a seeded random batch of the same shape.
+    on a seeded random batch of the same shape (in float64 where float32 rounding exceeds the tolerance:
+    :func:`_exact_difference`).
 
     Returns ``(max abs difference, tolerance)`` with tolerance ``atol_scale * max(1, max|reference(x)|)``.
     Raises RuntimeError naming the first diverging layer when the difference exceeds the tolerance.
@@ -764,7 +784,7 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
     inputs = _as_tuple(example_inputs)
     worst, worst_tol = 0.0, 0.0
     for batch in (inputs, _random_like(inputs)):
-        diff, scale = _output_difference(reference, compact_model, batch)
+        diff, scale = _exact_difference(reference, compact_model, batch, atol_scale)
         tol = atol_scale * scale
         if diff > tol or diff != diff:
             layer = _first_divergence(reference, compact_model, batch, kept or {}, atol_scale)

@@ -351,15 +351,17 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
         first = f"{names[0]} ({left[names[0]]})" if why else names[0]
         return ", ".join([first, *names[1:3]]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    filters = list(left) if kinds is None or "filter" in kinds else []  # without filter pruning: not the cause
+    asked = kinds is None or "filter" in kinds  # without filter pruning its exclusions are not the cause
+    filters = list(left) if asked else []
+    untraced = space.reasons("filter").get("", ())  # the whole model is out of filter pruning (not traceable)
     columns = [name for name, reasons in space.reasons("column").items()
                if any(r.startswith((NO_EXECUTED_SAVING, GATHERED)) for r in reasons)]
-    held = ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
+    held = ([f"not filter-pruned: the model ({untraced[0].removeprefix(FILTER_PRUNING)})"] if untraced and asked
+            else []) + ([f"not filter-pruned: {heaviest(filters, why=True)}"] if filters else []) + (
         [f"not column-pruned for a flops target (kernels over 1x1 with under {GEMM_MIN_FILTERS} filters, whose "
          "pruned columns would still be multiplied, and 1x1 / Linear layers applied at several positions, which "
          f"would gather their kept columns at each): {heaviest(columns)}"] if columns else [])
     useful = ("filter", "column") if objective == "flops" else KINDS
-    untraced = space.reasons("filter").get("", ())  # the whole model is out of filter pruning (not traceable)
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds
              and not (kind == "filter" and untraced)]
     if columns:
