@@ -12,12 +12,17 @@ with a batch-1 example and a batch-2 second input of another size. A cell is
 * **REFUSED**: a one-line ``UserError`` naming a module (the reason is printed);
 * **FAIL**: anything else (the exception's first line is printed).
 
+With ``--probe`` it also runs the start of a ``compress`` run (``Compression`` at ``flops=2x``, ``budget: 1``,
+``channel_multiple: 1``, 16 random images of the example's shape as both loaders): the compaction probe that leaves
+out, before any training, the filter groups whose compact model breaks (PASS: none left out; LEFT OUT: the groups
+and why; REFUSED: a one-line ``UserError``, e.g. an unreachable target; FAIL: anything else).
+
 With ``--tp`` it also runs Torch-Pruning 1.6 (``MagnitudePruner``, L2 magnitude, ratio 0.5, the classifier
 ignored) on each model and checks that its result runs at both sizes and in train mode; a refusal of ours
 is acceptable only where that fails too (or where Torch-Pruning's result is inexact, see docs/SUPPORT.md).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/arch_battery.py [--models a,b] [--modes m]
-        [--tp] [--json benchmarks/results/arch_battery.json]
+        [--tp] [--probe] [--json benchmarks/results/arch_battery.json]
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from autocompress.atomic import atomic_write_text  # noqa: E402
+from autocompress.errors import UserError  # noqa: E402
 from autocompress.space import PruningSpace, is_weight_layer  # noqa: E402
 from test_fuzz_architectures import BLOCKS, MODES, Net, oneshot  # noqa: E402
 
@@ -119,6 +125,33 @@ def run_cell(name: str, mode: str) -> dict:
     return cell
 
 
+def run_probe(name: str) -> dict:
+    """The start of a ``compress`` run on ``name`` (see the module doc): ``{"status": PASS|LEFT OUT|FAIL, "reason",
+    "seconds"}``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autocompress.compress import Compression
+
+    build, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    images = DataLoader(TensorDataset(torch.randn(16, *shape), torch.randint(0, 3, (16,))), batch_size=8)
+    start = time.perf_counter()
+    try:
+        run = Compression(model, torch.randn(1, *shape), "flops=2x", task_args=dict(train_loader=images,
+                          val_loader=images), device="cpu", config={"budget": 1, "channel_multiple": 1},
+                          progress=False, log=lambda _line: None)
+        left = run.pipeline.incompactable
+        status = "LEFT OUT" if left else "PASS"
+        reason = "; ".join(f"{group}: {why}" for group, why in left.items()) or \
+            f"{len(run.first_space.filter_groups)} filter groups"
+    except UserError as exc:
+        status, reason = "REFUSED", _first_line(exc)
+    except Exception as exc:  # noqa: BLE001 - a battery records every failure
+        status, reason = "FAIL", _first_line(exc)
+    return {"status": status, "reason": reason, "seconds": round(time.perf_counter() - start, 1)}
+
+
 class _TimedOut(Exception):
     pass
 
@@ -167,20 +200,24 @@ def run_torch_pruning(name: str, timeout: int = 300) -> dict:
 
 def table(results: dict) -> str:
     """Markdown table: model x mode status (+ Torch-Pruning), then the reasons of non-PASS cells."""
-    modes = list(MODES)
+    modes = [mode for mode in MODES if any(mode in cells for cells in results.values())]
     has_tp = any("torch_pruning" in r for r in results.values())
-    head = ["model", *modes] + (["Torch-Pruning 1.6 (filter)"] if has_tp else [])
+    has_probe = any("probe" in r for r in results.values())
+    head = ["model", *modes] + (["start-of-run probe"] if has_probe else []) + (
+        ["Torch-Pruning 1.6 (filter)"] if has_tp else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for name, cells in results.items():
         row = [name] + [cells[m]["status"] if m in cells else "-" for m in modes]
+        if has_probe:
+            row.append(cells.get("probe", {}).get("status", "-"))
         if has_tp:
             row.append(cells.get("torch_pruning", {}).get("status", "-"))
         lines.append("| " + " | ".join(row) + " |")
         for key, cell in cells.items():
             if cell["status"] != "PASS" or key == "filter":
                 notes.append(f"* {name} / {key}: {cell['status']}: {cell['reason']}")
-    counts = {s: sum(c["status"] == s for cells in results.values() for k, c in cells.items() if k in modes)
+    counts = {s: sum(c["status"] == s for cells in results.values() for k, c in cells.items() if k in modes or k == "probe")
               for s in ("PASS", "REFUSED", "FAIL")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     return "\n".join(lines + ["", f"Cells: {summary}.", ""] + notes) + "\n"
@@ -191,6 +228,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names (default: all)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tp", action="store_true", help="also run Torch-Pruning 1.6 in filter mode")
+    parser.add_argument("--probe", action="store_true", help="also run the start of a compress run (its probe)")
     parser.add_argument("--tp-timeout", type=int, default=300, help="seconds before Torch-Pruning counts as FAIL")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (merged if present)")
     args = parser.parse_args()
@@ -202,10 +240,13 @@ def main() -> None:
     results: dict = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     for name in names:
         cells = results.setdefault(name, {})
-        for mode in args.modes.split(","):
+        for mode in filter(None, args.modes.split(",")):  # --modes "" with --probe: the probe alone
             cells[mode] = run_cell(name, mode)
             print(f"{name:24s} {mode:9s} {cells[mode]['status']:7s} {cells[mode]['seconds']:7.1f}s "
                   f"{cells[mode]['reason']}", flush=True)
+        if args.probe:
+            cells["probe"] = run_probe(name)
+            print(f"{name:24s} {'probe':9s} {cells['probe']['status']:7s} {cells['probe']['reason']}", flush=True)
         if args.tp:
             cells["torch_pruning"] = run_torch_pruning(name, args.tp_timeout)
             print(f"{name:24s} {'TP':9s} {cells['torch_pruning']['status']:7s} "

@@ -639,6 +639,42 @@ def test_a_train_fn_that_trains_without_attaching_is_stopped_at_its_second_forwa
     assert forwards == [0, 1]
 
 
+@pytest.mark.parametrize("mistake", ["optimizer over the base", "no penalty"])
+def test_a_train_fn_that_would_not_train_or_would_skip_admm_is_stopped(one_thread, mistake):
+    """Fresh user 69: an optimizer built over the base model's parameters was attached and the phase trained
+    nothing (told only by a final "below the base" warning); an ADMM phase whose loss lacked ``phase.penalty()`` ran
+    without ADMM's pull, silently. The first is refused at ``phase.attach``, the second after
+    ``UNPENALISED_FORWARDS`` training forwards of the ADMM phase, before the phase could matter."""
+    from autocompress.rounds import UNPENALISED_FORWARDS
+
+    train, val = loaders()
+    base = trained(SmallCNN(), train)
+    forwards = []
+
+    def train_fn(net, phase):
+        params = base.parameters() if mistake == "optimizer over the base" else net.parameters()
+        optimizer = phase.attach(torch.optim.SGD(params, lr=0.01))
+        for x, y in itertools.islice(itertools.cycle(train), 20):
+            forwards.append(phase.name)
+            loss = F.cross_entropy(net(x), y) + (0 if mistake == "no penalty" else phase.penalty())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    args = dict(train_loader=train, val_loader=val, config=CONFIG, progress=False, train_fn=train_fn)
+    if mistake == "optimizer over the base":
+        with pytest.raises(UserError, match=r"^the optimizer given to phase.attach in the admm phase holds none of the "
+                                            r"parameters of the model train_fn is training .*; create the optimizer "
+                                            r"inside train_fn over model.parameters\(\) of the model it is given$"):
+            autocompress.compress(base, torch.randn(1, 1, 8, 8), "params=2x", **args)
+        assert forwards == []
+        return
+    with pytest.raises(UserError, match=r"^train_fn trains without adding phase.penalty\(\) to its loss in the admm "
+                                        r"phase, .*; add phase.penalty\(\) to the loss of every training step$"):
+        autocompress.compress(base, torch.randn(1, 1, 8, 8), "params=2x", **args)
+    assert forwards == ["admm"] * (UNPENALISED_FORWARDS + 1)
+
+
 def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread):
     """The loaders' sizes are stored with the settings; other training data is refused before any work. Other
     validation data of the same size is refused by the base's score (its BatchNorm statistics fit: kept)."""

@@ -75,6 +75,9 @@ def phase_seed(seed: int, round_index: int, phase: str) -> int:
 #: training-mode forwards with gradients a ``train_fn`` may run before it attaches its optimizer
 #: (:meth:`TrainingPhase.watch`)
 UNATTACHED_FORWARDS = 1
+#: training-mode forwards with gradients an ADMM phase's ``train_fn`` may run before its first ``phase.penalty()``
+#: (a loop accumulating gradients over up to this many batches may add it once per optimiser step)
+UNPENALISED_FORWARDS = 8
 
 
 class TrainingPhase:
@@ -99,8 +102,10 @@ class TrainingPhase:
     after their last finished epoch, :mod:`autocompress.epoch_checkpoint`).
 
     A ``train_fn`` that trains without attaching an optimizer is stopped at its second training-mode forward with
-    gradients (:meth:`watch`; one is allowed first, a dry run that builds lazy modules): a UserError, not a
-    whole phase trained without masks.
+    gradients (:meth:`watch`; one is allowed first, a dry run that builds lazy modules), one that attaches an
+    optimizer over none of the model's parameters (built over the base model) at the attach, and an ADMM phase's
+    that never calls ``phase.penalty()`` after :data:`UNPENALISED_FORWARDS` forwards: a UserError, not a whole phase
+    trained without masks, without training, or without ADMM.
     """
 
     def __init__(self, name: str, *, epochs: int, lr: float, task: Task, round_index: int,
@@ -111,16 +116,31 @@ class TrainingPhase:
         self._task, self._schedule, self._enforcer, self._distiller = task, schedule, enforcer, distiller
         self._handles: list = []
         self.attached = 0
-        self._unattached_forwards = 0
+        self._unattached_forwards = self._forwards = self._penalties = 0
+        self._model: nn.Module | None = None
 
     def penalty(self) -> torch.Tensor:
         """The ADMM penalty (a scalar tensor with gradient), or 0 outside ADMM."""
+        self._penalties += 1
         if self._schedule is None:
             return torch.zeros((), device=self.device)
         return self._schedule.penalty()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Hook ``optimizer`` (masks held / ADMM updates after every step); returns it."""
+        """Hook ``optimizer`` (masks held / ADMM updates after every step); returns it.
+
+        Raises:
+            UserError: ``optimizer`` holds none of the trainable parameters of the model being trained (the model
+                :meth:`watch` hooked).
+        """
+        if self._model is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            trainable = [p for p in self._model.parameters() if p.requires_grad]
+            if trainable and not any(id(p) in held for p in trainable):
+                raise UserError(f"the optimizer given to phase.attach in the {self.name} phase holds none of the "
+                                "parameters of the model train_fn is training (built over another model, such as the "
+                                "base?), so the model would not train", "create the optimizer inside train_fn over "
+                                "model.parameters() of the model it is given")
         if self._schedule is not None:
             self._handles.append(self._schedule.attach(optimizer))
         if self._enforcer is not None:
@@ -137,12 +157,23 @@ class TrainingPhase:
 
     def watch(self, model: nn.Module) -> None:
         """Hook ``model`` so that a training-mode forward with gradients beyond :data:`UNATTACHED_FORWARDS`
-        while no optimizer is attached raises :meth:`unattached`'s UserError (removed by :meth:`close`)."""
+        while no optimizer is attached raises :meth:`unattached`'s UserError, and in ADMM one beyond
+        :data:`UNPENALISED_FORWARDS` before any ``phase.penalty()`` call a UserError saying so (removed by
+        :meth:`close`); :meth:`attach` checks optimizers against ``model``'s parameters."""
+        self._model = model
+
         def check(module: nn.Module, args: Any, output: Any) -> None:
-            if module.training and torch.is_grad_enabled() and not self.attached:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            self._forwards += 1
+            if not self.attached:
                 self._unattached_forwards += 1
                 if self._unattached_forwards > UNATTACHED_FORWARDS:
                     raise self.unattached()
+            if self._schedule is not None and not self._penalties and self._forwards > UNPENALISED_FORWARDS:
+                raise UserError("train_fn trains without adding phase.penalty() to its loss in the admm phase, so "
+                                "ADMM does not pull the weights towards their pruned values and hard pruning will "
+                                "lose more", "add phase.penalty() to the loss of every training step")
 
         self._handles.append(model.register_forward_hook(check))
 
