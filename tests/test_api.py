@@ -675,9 +675,11 @@ def test_a_train_fn_that_would_not_train_or_would_skip_admm_is_stopped(one_threa
     assert forwards == ["admm"] * (UNPENALISED_FORWARDS + 1)
 
 
-def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread):
+def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread, monkeypatch):
     """The loaders' sizes are stored with the settings; other training data is refused before any work. Other
-    validation data of the same size is refused by the base's score (its BatchNorm statistics fit: kept)."""
+    validation data of the same size is refused by the base's score (its BatchNorm statistics fit: kept). A
+    setting the data decide (``distillation.enabled: auto``) that differs says the data differ (fresh user 69 was
+    told of "other settings" they had never set)."""
     train, val = loaders()
     train = DataLoader(train.dataset, batch_size=16)
     torch.manual_seed(1)  # a base scoring 81.25 % on val, 75.0 % on the other images below
@@ -703,6 +705,16 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread)
     assert again.final["rows"][0]["val_top1"] == pytest.approx(then)
     assert f"run_dir {tmp_path / 'run'} holds this run, finished (the same settings, base weights and loader sizes; " \
            "training data is compared by its size only): its result is read back, nothing runs" in lines
+    # training batches that the base fits less (a fit gap of 0 points instead of 30) turn distillation off
+    args["config"] = {**CONFIG, "distillation": {"enabled": "auto"}}
+    args["run_dir"] = tmp_path / "auto"
+    monkeypatch.setattr(Compression, "_fit_gap", lambda self, base, score: 30.0)
+    autocompress.compress(model, example, "params=2x", train_loader=train, **args)
+    monkeypatch.setattr(Compression, "_fit_gap", lambda self, base, score: 0.0)
+    with pytest.raises(UserError, match=r"was started on other data: the settings it decides differ "
+                                        r"\(distillation\.enabled: True in the folder, False now, set auto\); pass "
+                                        r"the train_loader / val_loader the run started with"):
+        autocompress.compress(model, example, "params=2x", train_loader=train, **args)
 
 
 def re_estimated(model: nn.Module, train: DataLoader) -> nn.Module:

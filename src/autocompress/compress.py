@@ -360,6 +360,7 @@ class Compression:
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
+        self.from_data: set[str] = set()  # settings given as auto that the base's data decide
         self.world = distributed.world()
         say = log if log is not None and self.world.is_main else (lambda _line: None)
         model = prunable_model(model, say)
@@ -484,6 +485,7 @@ class Compression:
         a softmax over a regressor's values means nothing). The settings stored for the run (``config.yaml``) say
         it is off."""
         if self.config.distillation.enabled == AUTO:
+            self.from_data.add("distillation.enabled")
             self.config = self.config.with_distillation_for(self.task.classifies, self.task.positions)
             if self.config.distillation.enabled:
                 self._distil_by_fit(base, base_score, say)
@@ -595,6 +597,12 @@ class Compression:
                     changed += setting_changes(stored["run"]["data"], wanted["run"]["data"], "data")
                 if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
                     changed.insert(0, "model weights")
+                from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
+                if changed and from_data == changed:  # only what the data decide: the data differ
+                    raise UserError(f"run_dir {self.run_dir} was started on other data: the settings it decides "
+                                    f"differ ({'; '.join(changed)}, set auto)",
+                                    "pass the train_loader / val_loader the run started with, or another run_dir")
+                changed = sorted(changed, key=lambda change: (not change.startswith("data."), change in from_data))
                 if changed:
                     version = stored.get("run", {}).get("autocompress")
                     other = f" of autocompress {version} (this is {__version__}, whose defaults may differ)" \
