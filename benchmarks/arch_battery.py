@@ -15,14 +15,15 @@ with a batch-1 example and a batch-2 second input of another size. A cell is
 With ``--probe`` it also runs the start of a ``compress`` run (``Compression`` at ``flops=2x``, ``budget: 1``,
 ``channel_multiple: 1``, 16 random images of the example's shape as both loaders): the compaction probe that leaves
 out, before any training, the filter groups whose compact model breaks (PASS: none left out; LEFT OUT: the groups
-and why; REFUSED: a one-line ``UserError``, e.g. an unreachable target; FAIL: anything else).
+and why; REFUSED: a one-line ``UserError``, e.g. an unreachable target; FAIL: anything else); ``--probe-seed``
+draws other weights and images.
 
 With ``--tp`` it also runs Torch-Pruning 1.6 (``MagnitudePruner``, L2 magnitude, ratio 0.5, the classifier
 ignored) on each model and checks that its result runs at both sizes and in train mode; a refusal of ours
 is acceptable only where that fails too (or where Torch-Pruning's result is inexact, see docs/SUPPORT.md).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/arch_battery.py [--models a,b] [--modes m]
-        [--tp] [--probe] [--json benchmarks/results/arch_battery.json]
+        [--tp] [--probe [--probe-seed S]] [--json benchmarks/results/arch_battery.json]
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def _swin():
 #: name -> (constructor, example shape without batch, second shape or None)
 TORCHVISION = {
     "resnet18": (lambda: tv.resnet18(num_classes=10), (3, 64, 64), (3, 80, 80)),
+    "resnet50": (lambda: tv.resnet50(num_classes=10), (3, 64, 64), (3, 80, 80)),
     "resnext50_32x4d": (lambda: tv.resnext50_32x4d(num_classes=10), (3, 64, 64), (3, 80, 80)),
     "regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=10), (3, 64, 64), (3, 80, 80)),
     "regnet_y_400mf": (lambda: tv.regnet_y_400mf(num_classes=10), (3, 64, 64), (3, 80, 80)),
@@ -125,15 +127,15 @@ def run_cell(name: str, mode: str) -> dict:
     return cell
 
 
-def run_probe(name: str) -> dict:
-    """The start of a ``compress`` run on ``name`` (see the module doc): ``{"status": PASS|LEFT OUT|FAIL, "reason",
-    "seconds"}``."""
+def run_probe(name: str, seed: int = 0) -> dict:
+    """The start of a ``compress`` run on ``name`` (see the module doc), its weights and images drawn after
+    ``torch.manual_seed(seed)``: ``{"status": PASS|LEFT OUT|REFUSED|FAIL, "reason", "seconds"}``."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from autocompress.compress import Compression
 
     build, shape, _ = MODELS[name]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build().eval()
     images = DataLoader(TensorDataset(torch.randn(16, *shape), torch.randint(0, 3, (16,))), batch_size=8)
     start = time.perf_counter()
@@ -229,6 +231,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tp", action="store_true", help="also run Torch-Pruning 1.6 in filter mode")
     parser.add_argument("--probe", action="store_true", help="also run the start of a compress run (its probe)")
+    parser.add_argument("--probe-seed", type=int, default=0, help="torch seed of the probe's model and images")
     parser.add_argument("--tp-timeout", type=int, default=300, help="seconds before Torch-Pruning counts as FAIL")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (merged if present)")
     args = parser.parse_args()
@@ -245,7 +248,7 @@ def main() -> None:
             print(f"{name:24s} {mode:9s} {cells[mode]['status']:7s} {cells[mode]['seconds']:7.1f}s "
                   f"{cells[mode]['reason']}", flush=True)
         if args.probe:
-            cells["probe"] = run_probe(name)
+            cells["probe"] = run_probe(name, args.probe_seed)
             print(f"{name:24s} {'probe':9s} {cells['probe']['status']:7s} {cells['probe']['reason']}", flush=True)
         if args.tp:
             cells["torch_pruning"] = run_torch_pruning(name, args.tp_timeout)

@@ -639,12 +639,13 @@ def test_a_train_fn_that_trains_without_attaching_is_stopped_at_its_second_forwa
     assert forwards == [0, 1]
 
 
-@pytest.mark.parametrize("mistake", ["optimizer over the base", "no penalty"])
+@pytest.mark.parametrize("mistake", ["optimizer over the base", "no penalty", "no training"])
 def test_a_train_fn_that_would_not_train_or_would_skip_admm_is_stopped(one_thread, mistake):
     """Fresh user 69: an optimizer built over the base model's parameters was attached and the phase trained
     nothing (told only by a final "below the base" warning); an ADMM phase whose loss lacked ``phase.penalty()`` ran
     without ADMM's pull, silently. The first is refused at ``phase.attach``, the second after
-    ``UNPENALISED_FORWARDS`` training forwards of the ADMM phase, before the phase could matter."""
+    ``UNPENALISED_FORWARDS`` training forwards of the ADMM phase, before the phase could matter. A train_fn that
+    returns without training was told it "trains without calling phase.attach"; now that it did not train."""
     from autocompress.rounds import UNPENALISED_FORWARDS
 
     train, val = loaders()
@@ -652,6 +653,9 @@ def test_a_train_fn_that_would_not_train_or_would_skip_admm_is_stopped(one_threa
     forwards = []
 
     def train_fn(net, phase):
+        if mistake == "no training":
+            net.eval()
+            return
         params = base.parameters() if mistake == "optimizer over the base" else net.parameters()
         optimizer = phase.attach(torch.optim.SGD(params, lr=0.01))
         for x, y in itertools.islice(itertools.cycle(train), 20):
@@ -668,6 +672,12 @@ def test_a_train_fn_that_would_not_train_or_would_skip_admm_is_stopped(one_threa
                                             r"inside train_fn over model.parameters\(\) of the model it is given$"):
             autocompress.compress(base, torch.randn(1, 1, 8, 8), "params=2x", **args)
         assert forwards == []
+        return
+    if mistake == "no training":
+        with pytest.raises(UserError, match=r"^train_fn returned from the admm phase without training \(no "
+                                            r"training-mode forward with gradients\) or attaching an optimizer; train "
+                                            r"for phase.epochs \(1\) epochs in model.train\(\) mode"):
+            autocompress.compress(base, torch.randn(1, 1, 8, 8), "params=2x", **args)
         return
     with pytest.raises(UserError, match=r"^train_fn trains without adding phase.penalty\(\) to its loss in the admm "
                                         r"phase, .*; add phase.penalty\(\) to the loss of every training step$"):
@@ -1085,7 +1095,8 @@ def test_a_group_feeding_a_channel_mixing_module_of_the_users_is_left_out():
     assert list(run.pipeline.incompactable) == ["conv1"]
     assert [group.name for group in run.first_space.filter_groups] == ["conv2"]
     why = run.pipeline.incompactable["conv1"]
-    assert "from layer 'conv2' on (a module before it mixes channels or has f(0) != 0)" in why
+    assert "from layer 'conv2' on (a module before it mixes channels or has f(0) != 0, or the forward branches on a " \
+           "channel count)" in why
 
 
 class GroupedAfterViewNorm(nn.Module):
@@ -2414,20 +2425,35 @@ def test_a_forward_with_a_required_keyword_argument_is_refused_with_a_wrapper_as
             r"example_inputs are the forward's positional arguments: compress a wrapper nn.Module", model=KeywordOnly())
 
 
-def test_a_layer_cut_to_one_or_two_channels_is_named_in_the_final_warnings():
+def test_a_layer_cut_to_one_or_two_channels_is_named_before_retraining_and_in_the_final_warnings(caplog):
     """Fresh user 58: with the groups after it left out of filter pruning, a flops target cut a 16-channel stem to
-    1 channel (-5.5 points) and only the generic accuracy warning spoke."""
-    from autocompress.compress import _bottleneck_warning
+    1 channel (-5.5 points) and only the generic accuracy warning spoke; fresh user 69: it spoke after retraining,
+    though the search's rates had said so before."""
+    from autocompress.compress import _bottleneck_warning, _compact_widths
     from autocompress.space import PruningSpace
 
     space = PruningSpace.build(SmallCNN(16, 16), torch.randn(1, 1, 8, 8))
-    assert _bottleneck_warning(space, SmallCNN(16, 16)) is None and _bottleneck_warning(space, SmallCNN(3, 8)) is None
-    assert _bottleneck_warning(space, SmallCNN(1, 2)) == (
+
+    def warning(compact: nn.Module, in_space: PruningSpace = space) -> str | None:
+        return _bottleneck_warning(in_space, _compact_widths(in_space, compact))
+
+    assert warning(SmallCNN(16, 16)) is None and warning(SmallCNN(3, 8)) is None
+    assert warning(SmallCNN(1, 2)) == (
         "the compact model keeps 2 channels or fewer in conv1 (1 of 16), conv2 (2 of 16), a bottleneck every later "
         "layer reads through: lower the target, or make more layers prunable (ignored_layers, the reasons logged)")
     left_out = PruningSpace.build(SmallCNN(16, 16), torch.randn(1, 1, 8, 8), ignored_layers=["conv2"])
     assert "; 1 layer(s) left out of filter pruning (the final record's not_filter_pruned) put the target on the " \
-           "few that can shrink:" in _bottleneck_warning(left_out, SmallCNN(1, 16))
+           "few that can shrink:" in warning(SmallCNN(1, 16), left_out)
+    train, val = loaders()
+    with caplog.at_level(logging.WARNING, logger="autocompress"):
+        autocompress.compress(SmallCNN(16, 16), torch.randn(1, 1, 8, 8), "flops=8x", train_loader=train,
+                              val_loader=val, progress=False,
+                              config={**CONFIG, "ignored_layers": ["conv2"], "channel_multiple": 1})
+    early = [r.getMessage() for r in caplog.records if r.getMessage().startswith("before retraining, round 1's rates "
+                                                                                  "keep 2 channels or fewer in conv1 (")]
+    final = [r.getMessage() for r in caplog.records if "the compact model keeps 2 channels or fewer in conv1" in
+             r.getMessage()]
+    assert len(early) == 1 and final
 
 
 def test_irregular_pruning_of_a_never_trained_model_meets_its_params_target():

@@ -740,6 +740,23 @@ def test_an_ms_target_missed_in_absolute_ms_on_a_slower_machine_warns_with_the_d
     assert warning("latency=1ms", 2.4, 0.9) is None and warning("latency=2x", 2.4, 1.2) is None
 
 
+def test_a_latency_target_passed_by_far_in_the_final_timing_is_warned_about():
+    """Fresh user 69: latency=2x, measured 2.16x by the search before training and 2.58x in the final table, with no
+    warning (params and flops targets passed by more than FAR are warned about); at 2.2x (FAR: 10 % above) or
+    without a latency target, nothing."""
+    from types import SimpleNamespace
+
+    def warning(speedup, table=object()):
+        fake = SimpleNamespace(table=table, config=CompressConfig.from_dict({"target": "latency=2x"}), factor=2.0,
+                               target=Target.parse("latency=2x"))
+        return Compression._latency_overshoot_warning(fake, {"deployed": {"batches": {"1": {"speedup": speedup}}}})
+
+    assert warning(2.58).startswith("target latency=2x is passed by far: the compact model measures 2.58x at batch 1 "
+                                    "here, while the search, which timed its candidates before training, took it for "
+                                    "one within the target's tolerance")
+    assert warning(2.2) is None and warning(2.58, table=None) is None
+
+
 @pytest.mark.parametrize("setting, reachable_at, outcome", [
     (None, (8,), 8), ("auto", (8,), 8), (None, (16, 8), 16), (16, (8,), "refused"), (None, (), "refused")])
 def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(monkeypatch, setting, reachable_at,

@@ -180,6 +180,11 @@ class TrainingPhase:
     def unattached(self) -> UserError:
         """The error of a phase trained without :meth:`attach`."""
         what = "ADMM updates" if self.name == "admm" else "pruning masks"
+        if not self._forwards:  # returned without a training-mode forward with gradients
+            return UserError(f"train_fn returned from the {self.name} phase without training (no training-mode "
+                             "forward with gradients) or attaching an optimizer",
+                             f"train for phase.epochs ({self.epochs}) epochs in model.train() mode, calling "
+                             "phase.attach(optimizer) once after creating the optimizer")
         return UserError(f"train_fn trains without calling phase.attach(optimizer) in the {self.name} phase, so "
                          f"the {what} do not run", "call phase.attach(optimizer) once after creating the optimizer")
 

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for timing (default: torch's current setting)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     parser.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch", "none"),
-                        help="deployment runtime of the deployed latency (default onnxruntime; none: skip)")
+                        help="runtime of the deployed latency columns (default onnxruntime; none: skip them; "
+                        "the eager PyTorch latency stays: --no-latency skips every timing)")
     parser.add_argument("--runtime-threads", type=int, default=1, help="threads of the deployment runtime")
     parser.add_argument("--device", default="cpu", help="where to count and time: cpu (default), cuda, cuda:N "
                         "or auto")
