@@ -869,7 +869,7 @@ def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inpu
             (:func:`shrink`), never for a trained one.
         check_rebuild: also check that the model rebuilt from the result's ``architecture`` (as
             ``autocompress.load`` rebuilds a saved file) computes the same (a deep copy and one more forward:
-            17-37 % of a call on torchvision's resnet18 / mobilenet_v2 / resnet50); off for a model that is
+            15-37 % of a call on torchvision's resnet18 / mobilenet_v2 / resnet50); off for a model that is
             trained or measured, never saved (:func:`shrink`).
 
     Steps: (a) channels whose producers' rows, biases and normalisation affine entries are all zero are
