@@ -2000,16 +2000,19 @@ def test_a_dict_output_s_refusal_names_its_first_key_and_an_unbatched_example_is
 
 def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
     """A fresh user's 64x64 example for 32x32 data ran to the end with MACs and latency of 64x64 inputs and no
-    word; compress and prune now warn before any work, naming both shapes."""
+    word; compress and prune now warn before any work, naming both shapes, and compress again with the final table
+    (fresh user 70: the summary's warnings left it out)."""
     train, val = loaders()
     model = SmallCNN()
     with caplog.at_level("WARNING", logger="autocompress"):
-        autocompress.compress(model, torch.randn(1, 1, 16, 16), "params=2x", train_loader=train, val_loader=val,
-                              config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
+        result = autocompress.compress(model, torch.randn(1, 1, 16, 16), "params=2x", train_loader=train,
+                                       val_loader=val, progress=False,
+                                       config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
     warned = [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()]
-    assert warned == ["example_inputs has shape [1, 1, 16, 16] and train_loader's inputs [16, 1, 8, 8]: "
-                      "MACs, FLOPs and latency are counted at the example's size; pass an example of the size the "
-                      "model will run at (e.g. next(iter(train_loader))[0][:1])"]
+    words = ("example_inputs has shape [1, 1, 16, 16] and train_loader's inputs [16, 1, 8, 8]: MACs, FLOPs and "
+             "latency are counted at the example's size; pass an example of the size the model will run at (e.g. "
+             "next(iter(train_loader))[0][:1])")
+    assert warned == [words, words] and words in result.final["warnings"] and words in result.summary()
     caplog.clear()
     with caplog.at_level("WARNING", logger="autocompress"):
         autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
@@ -2019,7 +2022,7 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
         autocompress.prune(model, {"default": 0.5}, example_inputs=torch.randn(1, 1, 16, 16), train_loader=train,
                            val_loader=val, dims=("filter",), admm=autocompress.admm.ADMMConfig(epochs=1),
                            retrain=autocompress.training.TrainConfig(epochs=0), progress=False)
-    assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == warned
+    assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == [words]
 
 
 @pytest.mark.parametrize("batch_size, batch_norm, warned", [(4, True, True), (7, True, True), (8, True, False),
@@ -2037,7 +2040,7 @@ def test_batches_too_small_for_batch_norm_are_warned_about(caplog, batch_size, b
     messages = [r.getMessage() for r in caplog.records if "BatchNorm layers" in r.getMessage()]
     assert messages == ([f"train_loader's batches hold {batch_size} item(s) and the model has BatchNorm "
                          "layers, whose statistics from so few items are noisy in retraining and BatchNorm "
-                         "re-estimation; use batches of 8 or more"] if warned else [])
+                         "re-estimation; use batches of 8 or more"] * 2 if warned else [])  # before work, and final
 
 
 @settings(max_examples=16, deadline=None)

@@ -1188,7 +1188,7 @@ class Compression:
                         _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block),
                         self._latency_overshoot_warning(deployed),
                         _bottleneck_warning(self.first_space, _compact_widths(self.first_space, compact_model)),
-                        self.first_space.unreached_warning(), self._base_batchnorm_warning()):
+                        self.first_space.unreached_warning(), self._base_batchnorm_warning(), *self.task.warnings):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)

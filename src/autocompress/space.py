@@ -1492,8 +1492,8 @@ def _uneven(slices: list[Slice], size: int) -> str:
         reaching = int((per_channel > 0).sum())
         if bool((per_channel[per_channel > 0] == per_channel.max()).all()):  # the rest reach it not at all
             return (f"{UNEVEN} {s.param}: {reaching} of the {size} channels reach it (the output is split into "
-                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate); compute each part with its "
-                    "own layer to prune them")
+                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate, or a concatenation of branches "
+                    "is added to the tensor the layer reads); compute each part with its own layer to prune them")
         return f"{UNEVEN} {s.param}"
     return ""
 

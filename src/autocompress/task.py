@@ -21,7 +21,7 @@ import copy
 import logging
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -222,6 +222,8 @@ class Task:
             indices (:func:`ignore_label_of`), else None.
         inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
             default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
+        warnings: set by :meth:`check`: what it warned about on the ``autocompress`` logger (an example input of
+            another size than the batches', batches too small for BatchNorm), for the run's final warnings.
     """
 
     train_loader: Iterable
@@ -236,6 +238,7 @@ class Task:
     positions: bool = False
     ignore_label: int | None = None
     inputs: int = 1
+    warnings: list[str] = field(default_factory=list)
 
     # --- running batches ----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> Any:
@@ -434,6 +437,7 @@ class Task:
             for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model)):
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
+                    self.warnings.append(warning)
             train_output = self._check_batch(model, first, "train_loader")
             default = self.default_form(first)
             targets = self.targets(first) if default else None
