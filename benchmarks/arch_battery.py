@@ -219,8 +219,8 @@ def table(results: dict) -> str:
         for key, cell in cells.items():
             if cell["status"] != "PASS" or key == "filter":
                 notes.append(f"* {name} / {key}: {cell['status']}: {cell['reason']}")
-    counts = {s: sum(c["status"] == s for cells in results.values() for k, c in cells.items() if k in modes or k == "probe")
-              for s in ("PASS", "REFUSED", "FAIL")}
+    counted = [c for cells in results.values() for k, c in cells.items() if k in modes or k == "probe"]
+    counts = {s: sum(c["status"] == s for c in counted) for s in ("PASS", "REFUSED", "FAIL")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     return "\n".join(lines + ["", f"Cells: {summary}.", ""] + notes) + "\n"
 

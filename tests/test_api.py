@@ -2452,8 +2452,8 @@ def test_a_layer_cut_to_one_or_two_channels_is_named_before_retraining_and_in_th
         autocompress.compress(SmallCNN(16, 16), torch.randn(1, 1, 8, 8), "flops=8x", train_loader=train,
                               val_loader=val, progress=False,
                               config={**CONFIG, "ignored_layers": ["conv2"], "channel_multiple": 1})
-    early = [r.getMessage() for r in caplog.records if r.getMessage().startswith("before retraining, round 1's rates "
-                                                                                  "keep 2 channels or fewer in conv1 (")]
+    early = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("before retraining, round 1's rates keep 2 channels or fewer in conv1 (")]
     final = [r.getMessage() for r in caplog.records if "the compact model keeps 2 channels or fewer in conv1" in
              r.getMessage()]
     assert len(early) == 1 and final
