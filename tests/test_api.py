@@ -702,6 +702,12 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread,
     with pytest.raises(UserError, match=r"other settings \(data\.train_loader\.batches: 6 in the folder, 4 now; "
                                         r"data\.train_loader\.items: 96 in the folder, 64 now\)"):
         autocompress.compress(model, example, "params=2x", train_loader=fewer, **args)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.conv1.weight.add_(1.0)
+    with pytest.raises(UserError, match=r"other settings \(model weights; data\.train_loader\.batches: 6 in the "
+                                        r"folder, 4 now; "):  # the weights first, then the data
+        autocompress.compress(changed, example, "params=2x", train_loader=fewer, **args)
     other = DataLoader(TensorDataset(*images(48, 2)), batch_size=16)  # the same size, other images
     now, then = top1_percent(model, other), top1_percent(model, val)
     assert now != then

@@ -162,19 +162,23 @@ def grow_to_multiple(new: torch.Tensor, before: torch.Tensor, multiple: int,
 
 def misaligned_widths(space, model) -> dict[str, int]:
     """Filter groups of ``space`` whose kept channels in ``model`` (the compact model) are not an allowed width at
-    ``space.channel_multiple``: group name -> kept channels (empty when all are aligned). The root module's output
-    width counts them, divided by the root rows each channel owns (3 for an attention's fused query-key-value
-    projection, whose ``q``, ``k`` and ``v`` rows of a channel are one group channel)."""
+    ``space.channel_multiple``: group name -> kept channels (:func:`kept_channels`; empty when all are aligned)."""
     bad = {}
     for group in space.filter_groups:
-        module = model.get_submodule(group.name)
-        width = int(getattr(module, "out_channels", None) or getattr(module, "out_features"))
-        rows = next((len(s.index) for s in group.slices if s.module == group.name and s.role == "weight"), group.size)
-        kept = width * group.size // max(rows, 1)
+        kept = kept_channels(group, model.get_submodule(group.name))
         if not is_aligned(kept, group.size, space.channel_multiple):
             bad[group.name] = kept
     return bad
 
 
+def kept_channels(group, module) -> int:
+    """The channels of filter ``group`` that ``module`` (its root layer, in the compact model) keeps: the layer's
+    output width divided by the root rows each channel owns (3 for an attention's fused query-key-value projection,
+    whose ``q``, ``k`` and ``v`` rows of a channel are one group channel)."""
+    width = int(getattr(module, "out_channels", None) or getattr(module, "out_features"))
+    rows = next((len(s.index) for s in group.slices if s.module == group.name and s.role == "weight"), group.size)
+    return width * group.size // max(rows, 1)
+
+
 __all__ = ["AUTO", "AUTO_MULTIPLES", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths", "check_multiple",
-           "grow_to_multiple", "is_aligned", "misaligned_widths", "resolve_multiple"]
+           "grow_to_multiple", "is_aligned", "kept_channels", "misaligned_widths", "resolve_multiple"]

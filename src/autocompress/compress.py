@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, log_whole_groups
+from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, kept_channels,
+                        log_whole_groups)
 from .analysis import at_batch, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings
@@ -595,14 +596,14 @@ class Compression:
                            for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
                 if "data" in stored.get("run", {}):  # folders of earlier versions hold no sizes
                     changed += setting_changes(stored["run"]["data"], wanted["run"]["data"], "data")
+                from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
+                changed.sort(key=lambda change: (not change.startswith("data."), change in from_data))
                 if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
                     changed.insert(0, "model weights")
-                from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
                 if changed and from_data == changed:  # only what the data decide: the data differ
                     raise UserError(f"run_dir {self.run_dir} was started on other data: the settings it decides "
                                     f"differ ({'; '.join(changed)}, set auto)",
                                     "pass the train_loader / val_loader the run started with, or another run_dir")
-                changed = sorted(changed, key=lambda change: (not change.startswith("data."), change in from_data))
                 if changed:
                     version = stored.get("run", {}).get("autocompress")
                     other = f" of autocompress {version} (this is {__version__}, whose defaults may differ)" \
@@ -1423,15 +1424,11 @@ def _bottleneck_warning(space, widths: Mapping[str, int], what: str = "the compa
 
 
 def _compact_widths(space, compact_model: nn.Module) -> dict[str, int]:
-    """The channels ``compact_model`` keeps of each filter group of ``space`` (read off the group's first layer)."""
+    """The channels ``compact_model`` keeps of each filter group of ``space`` whose root layer it still has
+    (:func:`autocompress.alignment.kept_channels`)."""
     modules = dict(compact_model.named_modules())
-    widths = {}
-    for group in space.filter_groups:
-        layer = modules.get(group.name)
-        width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
-        if width is not None:
-            widths[group.name] = width
-    return widths
+    return {group.name: kept_channels(group, modules[group.name]) for group in space.filter_groups
+            if group.name in modules}
 
 
 __all__ = ["CompressConfig", "CompressResult", "Compression", "SettingError", "compress", "resolve_config"]

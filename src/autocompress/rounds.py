@@ -116,7 +116,7 @@ class TrainingPhase:
         self._task, self._schedule, self._enforcer, self._distiller = task, schedule, enforcer, distiller
         self._handles: list = []
         self.attached = 0
-        self._unattached_forwards = self._forwards = self._penalties = 0
+        self._forwards = self._penalties = 0  # training-mode forwards with gradients; phase.penalty() calls
         self._model: nn.Module | None = None
 
     def penalty(self) -> torch.Tensor:
@@ -166,10 +166,8 @@ class TrainingPhase:
             if not (module.training and torch.is_grad_enabled()):
                 return
             self._forwards += 1
-            if not self.attached:
-                self._unattached_forwards += 1
-                if self._unattached_forwards > UNATTACHED_FORWARDS:
-                    raise self.unattached()
+            if not self.attached and self._forwards > UNATTACHED_FORWARDS:  # every forward so far was unattached
+                raise self.unattached()
             if self._schedule is not None and not self._penalties and self._forwards > UNPENALISED_FORWARDS:
                 raise UserError("train_fn trains without adding phase.penalty() to its loss in the admm phase, so "
                                 "ADMM does not pull the weights towards their pruned values and hard pruning will "
