@@ -29,6 +29,7 @@ from autocompress import UserError
 from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
+from autocompress.task import Task
 
 CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
           "quick_eval": {"bn_batches": 2, "val_batches": 2, "finetune_steps": 5}, "latency_runs": 2}
@@ -2203,8 +2204,9 @@ def test_a_slower_eager_timing_is_timed_again_before_the_warning(monkeypatch, re
 
 def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_unclaimed(tmp_path, monkeypatch,
                                                                                         one_thread):
-    """Other settings for a folder holding a run are refused before the set-up's work (the base's BatchNorm
-    re-estimation, the pruning space); a set-up that fails (an unreachable target) leaves a new folder as it was,
+    """Other settings for a folder holding a run are refused before the set-up's work (the base scored, its
+    BatchNorm re-estimation, the pruning space; a folder of an earlier version, which holds no settings as given,
+    after the base is scored); a set-up that fails (an unreachable target) leaves a new folder as it was,
     without ``config.yaml`` or lock, and the caller's thread count as it was; a later run claims the folder. A
     folder another version of the library wrote says so (fresh user 50 read "other settings" they never changed:
     the default ``retrain.optimizer`` had changed)."""
@@ -2217,15 +2219,32 @@ def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_u
     assert list((tmp_path / "run").iterdir()) == [] and torch.get_num_threads() == 1
     autocompress.compress(model, example, "params=2x", **args)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["target"] == "params=2x"
+    autocompress.compress(model, example, "params=2x", **{**args, "run_dir": tmp_path / "new"})
 
     def no_work(*_args, **_kwargs):
         raise AssertionError("the set-up's work ran before the folder's refusal")
 
     monkeypatch.setattr(Pipeline, "reestimate_base_batchnorm", no_work)
     monkeypatch.setattr(Pipeline, "space", no_work)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["run"]["given"]["target"] == "params=2x" and stored["run"]["given"]["dims"] is None
+    del stored["run"]["given"]  # a folder of version 0.9.0: refused once the settings are resolved
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))
     with pytest.raises(UserError, match=r"holds a run with other settings \(target: 'params=2x' in the folder, "
                                         r"'params=3x' now\)"):
         autocompress.compress(model, example, "params=3x", **args)
+    (tmp_path / "run" / "config.yaml").write_bytes((tmp_path / "new" / "config.yaml").read_bytes())
+    monkeypatch.setattr(Task, "score", no_work)
+    monkeypatch.setattr(Task, "check", no_work)
+    with pytest.raises(UserError, match=r"holds a run with other settings \(target: 'params=2x' in the folder, "
+                                        r"'params=3x' now\)"):
+        autocompress.compress(model, example, "params=3x", **args)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.conv1.weight.add_(1.0)
+    with pytest.raises(UserError, match=r"holds a run with other settings \(model weights; seed: 0 in the folder, "
+                                        r"1 now\)"):
+        autocompress.compress(changed, example, "params=2x", **{**args, "config": {**CONFIG, "seed": 1}})
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     stored["run"]["autocompress"] = "0.2.0"  # a folder an earlier version wrote, whose defaults differed
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))

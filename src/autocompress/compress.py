@@ -356,6 +356,7 @@ class Compression:
         self.threads = torch.get_num_threads()  # a resumed run works at its own thread count, then restores this
         self.run_dir = run_dir_path(run_dir)
         self.config = resolve_config(config, target, distributed.length(task_args.get("train_loader")))
+        self.given = dataclasses.asdict(self.config)  # before the data, the model and the device resolve any auto
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
@@ -376,6 +377,8 @@ class Compression:
         if not blocked(self.multiple):  # said before any work: the run would end in a SLOWER warning
             logging.getLogger("autocompress").warning(f"channel_multiple {self.multiple} is {NOT_BLOCKED}")
         self.task = Task(device=self.device, amp=amp, **task_args)
+        if self.run_dir is not None:  # another run's folder is refused before the base is scored
+            distributed.on_main(self._refuse_other_given, share=False)
         progress, log = (progress, log) if self.world.is_main else (False, None)  # rank 0 speaks for the run
         self._check_world(base, train_fn is None, log or (lambda _line: None))
         train_output = self.task.check(base, self.example, needs_training=True, needs_score=True,
@@ -568,7 +571,7 @@ class Compression:
                         "device": str(self.device), "autocompress": __version__,
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
                         "guidance": self.guidance,
-                        "data": self._data_sizes(),
+                        "data": self._data_sizes(), "given": self.given,
                         **({"schedule": describe(self.config), "rule": RULE} if self.config.budget is not None
                            else {})},
                 "source": self.source}
@@ -594,27 +597,7 @@ class Compression:
                 stored, wanted = folder.read_config(), self._stored_settings()
                 changed = [change for key in wanted if key not in ("run", "source")
                            for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
-                if "data" in stored.get("run", {}):  # folders of earlier versions hold no sizes
-                    changed += setting_changes(stored["run"]["data"], wanted["run"]["data"], "data")
-                from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
-                changed.sort(key=lambda change: (not change.startswith("data."), change in from_data))
-                if stored.get("run", {}).get("base_model_sha256") != wanted["run"]["base_model_sha256"]:
-                    changed.insert(0, "model weights")
-                if changed and from_data == changed:  # only what the data decide: the data differ
-                    raise UserError(f"run_dir {self.run_dir} was started on other data: the settings it decides "
-                                    f"differ ({'; '.join(changed)}, set auto)",
-                                    "pass the train_loader / val_loader the run started with, or another run_dir")
-                if changed:
-                    version = stored.get("run", {}).get("autocompress")
-                    other = f" of autocompress {version} (this is {__version__}, whose defaults may differ)" \
-                        if version != __version__ else ""
-                    raise UserError(f"run_dir {self.run_dir} holds a run{other} with other settings "
-                                    f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})",
-                                    "pass the same model and settings to continue it, or another run_dir")
-                started = int(stored.get("run", {}).get("world_size") or 1)
-                if started != self.world.size:
-                    raise UserError(f"run_dir {self.run_dir} holds a run of {started} process(es), not "
-                                    f"{self.world.size}", f"continue it with {started} process(es)")
+                self._refuse_changes(stored, changed)
                 torch.set_num_threads(int(stored["run"].get("threads") or torch.get_num_threads()))
             elif not folder.is_empty():
                 raise UserError(f"run_dir {self.run_dir} is not empty and holds no run",
@@ -623,6 +606,45 @@ class Compression:
             folder.release()
             raise
         return folder
+
+    def _refuse_other_given(self) -> None:
+        """Before the base is scored: a run folder holding a run started with other settings as given (before
+        the data, the model and the device resolved their ``auto`` values; folders of version 0.9.0 and earlier
+        hold none), other base weights, loader sizes or number of processes is refused (:meth:`_refuse_changes`).
+        What the given settings resolve to is compared once resolved (:meth:`_open_folder`)."""
+        folder = RunFolder(self.run_dir)
+        if not folder.holds_run():
+            return
+        stored = folder.read_config()
+        if "given" in stored["run"]:
+            self._refuse_changes(stored, [change.removeprefix("given.") for change in
+                                          setting_changes(stored["run"]["given"], self.given, "given")])
+
+    def _refuse_changes(self, stored: dict, changed: list[str]) -> None:
+        """UserError naming what differs between a run folder's ``config.yaml`` (``stored``) and this call: the
+        base model's weights first, then the loaders' sizes, the settings (``changed``), and last the settings
+        the data decide (:attr:`from_data`: alone, the data differ); or the number of processes."""
+        if "data" in stored["run"]:  # folders of earlier versions hold no sizes
+            changed = changed + setting_changes(stored["run"]["data"], self._data_sizes(), "data")
+        from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
+        changed = sorted(changed, key=lambda change: (not change.startswith("data."), change in from_data))
+        if stored["run"].get("base_model_sha256") != self.base_digest:
+            changed.insert(0, "model weights")
+        if changed and from_data == changed:  # only what the data decide: the data differ
+            raise UserError(f"run_dir {self.run_dir} was started on other data: the settings it decides "
+                            f"differ ({'; '.join(changed)}, set auto)",
+                            "pass the train_loader / val_loader the run started with, or another run_dir")
+        if changed:
+            version = stored["run"].get("autocompress")
+            other = f" of autocompress {version} (this is {__version__}, whose defaults may differ)" \
+                if version != __version__ else ""
+            raise UserError(f"run_dir {self.run_dir} holds a run{other} with other settings "
+                            f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})",
+                            "pass the same model and settings to continue it, or another run_dir")
+        started = int(stored["run"].get("world_size") or 1)
+        if started != self.world.size:
+            raise UserError(f"run_dir {self.run_dir} holds a run of {started} process(es), not "
+                            f"{self.world.size}", f"continue it with {started} process(es)")
 
     def _continued(self) -> str:
         """The log line of a continued run: what its folder holds and that finished phases are not run again."""
