@@ -1,31 +1,32 @@
 """Short budgets on users' own models: autocompress against Torch-Pruning fine-tuned with the user's loop.
 
 Fresh users compress their own model with a target and ``budget: 3-4`` and compare it with Torch-Pruning
-fine-tuned for as many epochs of *their* loop (session 34: 0.6-1.7 points behind on two such models, one seed
-each). This script plays such users on CIFAR-10: five architectures written the way users write them (a residual
-CNN, a VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
-residuals, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net
-of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv
-projections, the same transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``),
-each trained as a base with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over
-``--max-train`` seeded training images, batch 64: fewer than 800 steps an epoch, so the budget runs no ADMM and no
-search), then compressed to ``--target`` with ``--budget`` epochs by
-each method:
+fine-tuned for as many epochs of *their* loop (session 34: 0.6-1.7 points behind on two such models, one seed each).
+This script plays such users on CIFAR-10: five architectures written the way users write them (a residual CNN, a
+VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
+residuals, the same with squeeze-and-excitation, Hardswish and pooled features concatenated, a ResNeXt /
+Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net of LayerNorms and
+depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv projections, the same
+transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``), each trained as a base
+with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over ``--max-train`` seeded
+training images, batch 64: fewer than 800 steps an epoch, so the budget runs no ADMM and no search), then compressed
+to ``--target`` with ``--budget`` epochs by each method:
 
 * ``ac``: ``autocompress.compress`` with the target and the budget only (its default loop);
 * ``ac_own``: the same with ``train_fn`` = the user's loop (AdamW lr 1e-3, cosine over the phase), so against
   ``tp_own`` only the pruned structure differs;
-* ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation;
-  ``ac_magnitude``: ``search.start: magnitude``; ``ac_any`` / ``ac_m4`` / ``ac_m8``: ``channel_multiple`` 1 / 4 /
-  8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s default ``auto`` probes both
-  on these classifiers, session 36); ``ac_stop0`` / ``ac_stopm1``: ``distillation.stop_margin: 0`` (the default
-  since session 40) / ``-0.01``; ``ac_padded``: ``layer_norm: padded`` (the ``convnext`` model's LayerNorms keep
-  their statistics over all channels);
-  ``ac_noheads``: the attention heads' channels kept (:func:`autocompress.attention.head_count` finds no count,
-  as before session 38; the ``vit`` model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before
-  session 39: its heads and the stream it reads are not pruned; the ``mhavit`` model); ``ac_uniform``: one rate
-  for every unit (``search_mode: uniform``); ``ac_keepwidth``: no width attribute follows a narrowed group (before
-  session 40: the ``tvvit`` model's token stream, whose width its forward reads from ``self.hidden_dim``, is kept);
+* ``ac_filter``: ``dims: filter`` (no column pruning); ``ac_nokd``: no distillation; ``ac_magnitude`` /
+  ``ac_guided``: ``search.start: magnitude`` / ``guided``; ``ac_probe``: ``search.start: auto`` probed at any number
+  of steps (the probe of the two starts, which shorter runs skip); ``ac_any`` / ``ac_m4`` / ``ac_m8``:
+  ``channel_multiple`` 1 / 4 / 8; ``ac_adamw`` / ``ac_sgd``: ``retrain.optimizer: adamw`` / ``sgd`` (``ac``'s
+  default ``auto`` probes both on these classifiers, session 36); ``ac_stop0`` / ``ac_stopm1``:
+  ``distillation.stop_margin: 0`` (the default since session 40) / ``-0.01``; ``ac_padded``: ``layer_norm: padded``
+  (the ``convnext`` model's LayerNorms keep their statistics over all channels); ``ac_noheads``: the attention
+  heads' channels kept (:func:`autocompress.attention.head_count` finds no count, as before session 38; the ``vit``
+  model); ``ac_unsplit``: ``nn.MultiheadAttention`` left as it is (before session 39: its heads and the stream it
+  reads are not pruned; the ``mhavit`` model); ``ac_uniform``: one rate for every unit (``search_mode: uniform``);
+  ``ac_keepwidth``: no width attribute follows a narrowed group (before session 40: the ``tvvit`` model's token
+  stream, whose width its forward reads from ``self.hidden_dim``, is kept);
 * ``tp_own``: Torch-Pruning 1.6 global L2 group magnitude bisected to the target (the last Linear kept), then
   ``--budget`` epochs of the user's loop (what a user compares with); ``tp_own16``: the same at ``round_to=16``
   (widths on onnxruntime's AVX-512 channel block, as ``channel_multiple: auto`` keeps ours).
@@ -141,6 +142,46 @@ class Mobile(nn.Module):
 
     def forward(self, x):
         return self.fc(F.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1).flatten(1))
+
+
+class SEInvertedResidual(nn.Module):
+    """An inverted residual as MobileNetV3 writes it: 1x1 expansion, depthwise 3x3, Hardswish, a
+    squeeze-and-excitation gate (mean over positions, 1x1 down to a quarter, ReLU, 1x1 up, Hardsigmoid), 1x1
+    projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.gate = nn.Sequential(nn.Conv2d(hidden, hidden // 4, 1), nn.ReLU(), nn.Conv2d(hidden // 4, hidden, 1),
+                                  nn.Hardsigmoid())
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = self.depthwise(self.expand(x))
+        h = self.project(h * self.gate(h.mean((2, 3), keepdim=True)))
+        return x + h if self.residual else h
+
+
+class MobileSE(nn.Module):
+    """A MobileNetV3-style net as fresh user 70 wrote one: stem 16 (Hardswish), squeeze-and-excitation inverted
+    residuals 16-24(s2)-24-40(s2)-40-80(s2)-80, 1x1 to 256, average- and max-pooled features concatenated,
+    Dropout, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [(16, 16, 1), (16, 24, 2), (24, 24, 1), (24, 40, 2), (40, 40, 1), (40, 80, 2), (80, 80, 1)]
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.blocks = nn.Sequential(*(SEInvertedResidual(*w) for w in widths))
+        self.head = nn.Sequential(nn.Conv2d(80, 256, 1, bias=False), nn.BatchNorm2d(256), nn.Hardswish())
+        self.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 10))
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
 
 
 class Inception(nn.Module):
@@ -275,11 +316,13 @@ def TorchvisionViT() -> nn.Module:  # noqa: N802 - a model class to the caller
                              num_classes=10)
 
 
-MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT,
-          "mhavit": EncoderViT, "tvvit": TorchvisionViT}
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "mobile_se": MobileSE, "resnext": ResNeXt,
+          "convnext": ConvNeXt, "vit": ViT, "mhavit": EncoderViT, "tvvit": TorchvisionViT}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
-              "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_any": {"channel_multiple": 1},
+              "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_guided": {"search": {"start": "guided"}},
+              "ac_probe": {},
+              "ac_any": {"channel_multiple": 1},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
@@ -367,9 +410,11 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
     widths = (lambda model, narrowed: []) if method == "ac_keepwidth" else compaction.width_attributes
+    probe_from = 0 if method == "ac_probe" else rounds.MIN_START_PROBE_STEPS
     with mock.patch.object(rounds, "head_count", heads), \
             mock.patch.object(rounds, "split_multihead_attention", split), \
-            mock.patch.object(compaction, "width_attributes", widths):
+            mock.patch.object(compaction, "width_attributes", widths), \
+            mock.patch.object(rounds, "MIN_START_PROBE_STEPS", probe_from):
         result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,
                                        train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
                                        config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})

@@ -36,7 +36,7 @@ from torchvision.models.convnext import LayerNorm2d
 from autocompress import compaction, projection, prune, purification
 from autocompress.admm import ADMMConfig
 from autocompress.errors import UserError
-from autocompress.masks import apply_masks
+from autocompress.masks import Masks, apply_masks
 from autocompress.architecture import apply_architecture, describe_architecture
 from autocompress.metrics import count_macs, count_nonzero_params, count_params
 from autocompress.training import TrainConfig
@@ -183,6 +183,32 @@ class Concat(nn.Module):
 
     def forward(self, x):
         return F.relu(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class ConcatResidual(nn.Module):
+    """Two branches of unequal widths concatenated, normalised and added to the stream they read (fresh user 70's
+    block): each branch produces a part of the stream's channels."""
+
+    def __init__(self, c):
+        super().__init__()
+        first = max(1, c // 3)
+        self.a, self.b, self.bn = nn.Conv2d(c, first, 1), nn.Conv2d(c, c - first, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class Gated(nn.Module):
+    """A GLU gate: one convolution's output chunked into halves, one gating the other (their sizes fixed by
+    ``chunk``)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * c, 1)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, 1)
+        return a * torch.sigmoid(b)
 
 
 class UnevenSplit(nn.Module):
@@ -402,7 +428,7 @@ class AuxHead(nn.Module):
         return x
 
 
-BLOCKS = [Residual, Concat, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
+BLOCKS = [Residual, Concat, ConcatResidual, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
           SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, GroupNormResidual, UpDown,
           LinearToMap, Interpolate, CalledTwice, AuxHead, TokenMixer]
 
@@ -1012,3 +1038,59 @@ def test_an_attention_whose_scale_follows_the_head_width_beside_one_whose_scale_
     result = one_round(model, {"default": 0.5}, x, ("filter",))
     kept = result.report["kept"]["filters"]
     assert kept["blocks.0.qkv"] == kept["blocks.1.layer.self_attn.q_proj"] == [4, 8]
+
+
+def test_a_concatenation_added_to_the_stream_it_reads_is_pruned_and_a_chunked_gate_is_not():
+    """The stream of a stem -> [1x1, 3x3] -> cat -> BatchNorm -> + stem block is one filter group whose channels the
+    branches produce a part each: pruning it removes channels from both branches and the compact model equals the
+    masked one (Torch-Pruning prunes this block; it was left out as "channels map unevenly"). A GLU gate's halves,
+    whose sizes ``chunk`` fixes, stay out of filter pruning."""
+    torch.manual_seed(0)
+    model = Net([ConcatResidual], width=12)
+    space = PruningSpace.build(model, torch.randn(2, 3, 8, 8))
+    stream = next(g for g in space.filter_groups if g.name == "stem.0")
+    produced = {s.param: sorted(set(s.channel.tolist())) for s in stream.slices if s.role == "weight" and s.dim == 0}
+    assert produced == {"stem.0.weight": list(range(12)), "blocks.0.a.weight": list(range(4)),
+                        "blocks.0.b.weight": list(range(4, 12))}
+    compact = oneshot(model, torch.randn(2, 3, 8, 8), "filter")
+    kept = int(stream.keep(MODES["filter"][1]))
+    assert compact.stem[0].out_channels == kept < 12
+    assert compact.blocks[0].a.out_channels + compact.blocks[0].b.out_channels == kept
+    only_a = torch.ones(12, dtype=torch.bool)
+    only_a[:2] = False  # channels of branch a alone: branch b keeps its own, which is no failure
+    masks = space.param_masks(Masks(filters={"stem.0": only_a}, columns={}, weights={}))
+    assert compaction.compaction_failure(model, masks, torch.randn(2, 3, 8, 8), narrowed=stream.producers) is None
+    gated = PruningSpace.build(Net([Gated], width=12), torch.randn(2, 3, 8, 8))
+    assert "blocks.0.conv" not in [g.name for g in gated.filter_groups]
+    assert "by chunk for a GLU gate" in " ".join(gated.exclusions["blocks.0.conv"])
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.75, 0.9])
+def test_a_branch_whose_channels_all_score_lowest_keeps_one(rate):
+    """A branch of a concatenation whose channels all score below the other's keeps its strongest channel once
+    the stream is narrowed (the projection swaps it for the weakest kept channel of the other branch: the count
+    stays; the stream keeps a channel of each branch at the least), and again after purification's redundant-filter removal (it comes back): a compact branch with no
+    channel has no weights to compute its output (the projection had emptied it; compaction then failed)."""
+    torch.manual_seed(0)
+    model = Net([ConcatResidual], width=12).eval()
+    with torch.no_grad():
+        model.blocks[0].a.weight.mul_(1e-3)
+        model.blocks[0].a.bias.mul_(1e-3)
+    example = torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, example)
+    stream = space.unit("filter", "stem.0")
+    masks = projection.project(space, model, {"filter": {"stem.0": rate}, "column": {}, "irregular": {}})
+    keep = masks.filters["stem.0"]
+    scores = projection.group_scores(stream, dict(model.named_parameters()))
+    branch_a, branch_b = torch.arange(4), torch.arange(4, 12)
+    kept = max(2, keep_count(12, rate))  # a channel of each branch at the least
+    assert int(keep.sum()) == kept == space.filter_keep(stream, rate) and int(keep[branch_a].sum()) == 1
+    assert bool(keep[branch_a[scores[branch_a].argmax()]]) and space.widths(stream)[0] == 2
+    assert torch.equal(keep[branch_b].nonzero().flatten() + 4,  # the strongest of b but one
+                       branch_b[scores[branch_b].argsort(descending=True)[:kept - 1]].sort().values)
+    purified = purification.redundant_candidates(space, model, masks, threshold=0.5)
+    assert int(purified.filters["stem.0"][branch_a].sum()) == 1
+    masked = copy.deepcopy(model)
+    apply_masks(masked, space.param_masks(purified))
+    compact = compaction.compact(copy.deepcopy(model), space.param_masks(purified), example).model
+    assert compact.blocks[0].a.out_channels == 1 and _close(_outputs(compact, example), _outputs(masked, example))

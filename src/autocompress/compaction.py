@@ -804,9 +804,9 @@ DEAD_KEPT = "compaction keeps them as zeros"
 def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
                        channel_multiple: int = 1, narrowed: Collection[str] = ()) -> str | None:
     """Why ``model`` masked to ``param_masks`` cannot be compacted and run on ``example_inputs`` (the error's type
-    and first line), or why a layer of ``narrowed`` (names of layers whose output channels the masks remove) keeps
-    them all (:data:`DEAD_KEPT`, with the report's ``dead_channels_kept`` reason: the compact model would be no
-    smaller there), or None; a copy is compacted, ``model`` is unchanged. A UserError (a problem of the inputs,
+    and first line), or why a layer of ``narrowed`` (names of layers whose output channels the masks may remove)
+    whose weight's mask removes a row keeps them all (:data:`DEAD_KEPT`, with the report's ``dead_channels_kept``
+    reason: the compact model would be no smaller there), or None; a copy is compacted, ``model`` is unchanged. A UserError (a problem of the inputs,
     not of the model) propagates."""
     try:
         result = compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
@@ -816,12 +816,19 @@ def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], e
         return first_line(exc)
     before, after = dict(model.named_modules()), dict(result.model.named_modules())
     why = [f"{name}: {result.report['dead_channels_kept'].get(name, 'no reason reported')}" for name in narrowed
-           if name in after and _out_width(after[name]) == _out_width(before[name])]
+           if name in after and _out_width(after[name]) == _out_width(before[name])
+           and _rows_removed(before[name], param_masks.get(f"{name}.weight"))]
     return f"{DEAD_KEPT} ({'; '.join(why)})" if why else None
 
 
 def _out_width(layer: nn.Module) -> int:
     return int(layer.weight.shape[out_dim(layer)])
+
+
+def _rows_removed(layer: nn.Module, mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` (of ``layer``'s weight; None: nothing masked) removes a whole output channel: a branch of
+    a concatenation may keep all of its own while the group loses others."""
+    return mask is not None and not bool(mask.movedim(out_dim(layer), 0).flatten(1).any(1).all())
 
 
 def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,

@@ -211,12 +211,14 @@ def remove_unused_paths(space: PruningSpace, masks: Masks, *,
 
 def _grow_classes(space: PruningSpace, group, new: torch.Tensor, before: torch.Tensor,
                   priority: torch.Tensor) -> torch.Tensor:
-    """``new`` (bool [size], closed over the group's ties, a subset of ``before``) with whole tie classes of
-    ``before`` added back until the kept channels are an aligned width
+    """``new`` (bool [size], closed over the group's ties, a subset of ``before``) with a class of ``before`` added
+    back in each part left without one (:meth:`~autocompress.space.FilterGroup.keep_parts`), and whole tie classes
+    of ``before`` until the kept channels are an aligned width
     (:func:`autocompress.alignment.grow_to_multiple` over classes, priority summed per class; without ties
     per channel)."""
-    classes = grow_to_multiple(group.class_sums(new.long()) > 0, group.class_sums(before.long()) > 0,
-                               space.class_multiple(group), group.class_sums(priority.double()))
+    kept, before = group.class_sums(new.long()) > 0, group.class_sums(before.long()) > 0
+    kept = group.keep_parts(kept, group.class_sums(priority.double()), before=before)
+    classes = grow_to_multiple(kept, before, space.class_multiple(group), group.class_sums(priority.double()))
     return group.expand(classes)
 
 

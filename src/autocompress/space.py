@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -54,7 +55,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
 
-from .alignment import aligned_keep, allowed_widths
+from .alignment import align_up, aligned_keep, allowed_widths
 from .analysis import hooked_forward, output_tensors, preserved_state, random_like
 from .columns import executed_columns, gemm_possible
 from .errors import SettingError, UserError, show
@@ -189,6 +190,41 @@ class FilterGroup:
     def tie(self, keep: torch.Tensor) -> torch.Tensor:
         """``keep`` [size] closed over the ties: a channel is kept when any channel of its class is."""
         return keep if self.ties is None else self.expand(self.class_sums(keep.to(torch.long)) > 0)
+
+    @functools.cached_property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The tie classes (int64 [n], sorted) of each layer that produces only part of the group's channels: a
+        branch of a concatenation the group's stream holds (a stem -> [1x1, 3x3] -> cat -> + stem block). A
+        compact branch keeps at least one channel: one with none has no weights to compute its output."""
+        found = {}
+        for s in self.slices:
+            channels = torch.unique(s.channel)
+            if s.role == "weight" and channels.numel() < self.size:
+                classes = channels if self.ties is None else torch.unique(self.ties[channels])
+                found[tuple(classes.tolist())] = classes
+        return tuple(found.values())
+
+    def keep_parts(self, keep: torch.Tensor, scores: torch.Tensor, *,
+                   before: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep`` (bool [classes]) with a class of every part kept (:attr:`parts`, the branches of a
+        concatenation): a part left without one gets its highest-scoring class (``scores`` float [classes]).
+        Without ``before`` the count stays: the lowest-scoring kept class of a part that keeps others (or of no
+        part) makes room, where there is one. With ``before`` (bool [classes], a superset of ``keep``:
+        purification's mask before it removed classes) the class comes back from ``before`` and the count grows."""
+        keep = keep.clone()
+        for part in self.parts:
+            allowed = part if before is None else part[before[part]]
+            if allowed.numel() == 0 or bool(keep[part].any()):
+                continue
+            keep[allowed[scores[allowed].argmax()]] = True
+            if before is None:
+                spare = keep.clone()
+                for other in self.parts:
+                    if int(keep[other].sum()) <= 1:
+                        spare[other] = False
+                if bool(spare.any()):
+                    keep[torch.where(spare, scores.double(), float("inf")).argmin()] = False
+        return keep
 
     @property
     def producers(self) -> tuple[str, ...]:
@@ -530,12 +566,14 @@ class PruningSpace:
     def filter_keep_classes(self, group: FilterGroup, rate: float) -> int:
         """Tie classes a filter group keeps at ``rate``: :func:`keep_count` of its classes, aligned
         (:func:`autocompress.alignment.aligned_keep`) so that the kept channels are a multiple of
-        :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels). A group with
-        :attr:`FilterGroup.heads` keeps ``heads`` times the aligned keep count of one head."""
+        :attr:`channel_multiple` (a class of a grouped conv holds ``size / classes`` channels), and at least one
+        class of each of its :attr:`~FilterGroup.parts`. A group with :attr:`FilterGroup.heads` keeps ``heads``
+        times the aligned keep count of one head."""
         if group.heads > 1:
             per = group.size // group.heads
             return group.heads * aligned_keep(per, keep_count(per, rate), self.head_multiple(group))
-        return aligned_keep(group.classes, keep_count(group.classes, rate), self.class_multiple(group))
+        return max(aligned_keep(group.classes, keep_count(group.classes, rate), self.class_multiple(group)),
+                   self._fewest_classes(group))
 
     def column_keep(self, layer: ColumnLayer, size: int, rate: float) -> int:
         """Columns ``layer`` keeps of its ``size`` remaining ones (what filter pruning left) at ``rate``:
@@ -560,11 +598,16 @@ class PruningSpace:
         """The group's allowed widths (channels kept), ascending, the values :meth:`filter_keep` takes: whole tie
         classes (:func:`autocompress.alignment.allowed_widths` of its classes at :meth:`class_multiple`, times the
         channels of a class; a grouped conv's 64 channels in 4 conv groups: 4, 8, .., 64), or for a group with
-        heads ``heads`` times a head's allowed widths."""
+        heads ``heads`` times a head's allowed widths; at least one class of each part."""
         if group.heads > 1:
             return [group.heads * w for w in allowed_widths(group.size // group.heads, self.head_multiple(group))]
-        per = group.size // group.classes
-        return [per * w for w in allowed_widths(group.classes, self.class_multiple(group))]
+        per, fewest = group.size // group.classes, self._fewest_classes(group)
+        return [per * w for w in allowed_widths(group.classes, self.class_multiple(group)) if w >= fewest]
+
+    def _fewest_classes(self, group: FilterGroup) -> int:
+        """The fewest tie classes a group keeps: an allowed count holding one class of each of its
+        :attr:`~FilterGroup.parts` (1 without parts)."""
+        return align_up(group.classes, max(1, len(group.parts)), self.class_multiple(group))
 
     def class_multiple(self, group: FilterGroup) -> int:
         """The multiple of tie classes that keeps :attr:`channel_multiple` channels aligned: a class holds
@@ -574,7 +617,8 @@ class PruningSpace:
 
     def leading_removal(self, group: FilterGroup, width: int) -> torch.Tensor:
         """bool [size]: a keep mask of ``width`` channels (an allowed width, :meth:`widths`) that removes the
-        group's first channels: its first tie classes, or the first channels of each head. A probe's removal that
+        group's first channels: its first tie classes (every part keeps its last: :meth:`FilterGroup.keep_parts`),
+        or the first channels of each head. A probe's removal that
         no weights chose: it splits any structure of consecutive channels (heads) unevenly, where the weakest
         channels may by chance be spread evenly."""
         if group.heads > 1:
@@ -583,7 +627,7 @@ class PruningSpace:
             return keep.flatten()
         classes = torch.zeros(group.classes, dtype=torch.bool)
         classes[group.classes - width * group.classes // group.size:] = True
-        return group.expand(classes)
+        return group.expand(group.keep_parts(classes, torch.arange(group.classes, dtype=torch.float64)))
 
     # ------------------------------------------------------------------ lookup
     def units(self, kind: str) -> list[Unit]:
@@ -1484,17 +1528,22 @@ def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -
 
 
 def _uneven(slices: list[Slice], size: int) -> str:
-    """"" or a problem if some slice gives the group's channels different numbers of positions."""
+    """"" or a problem if some slice gives the group's channels different numbers of positions. A layer that
+    produces part of the group's channels (an output-side slice reaching some channels once each, the rest not at
+    all) is one branch of a concatenation: the branches lose their channels independently, as the compact
+    concatenation does (a stem -> [1x1, 3x3] -> cat -> + stem block); a layer that reads part of them (an input
+    slice) reads a split whose sizes the forward fixes (``chunk`` for a GLU gate)."""
     for s in slices:
         per_channel = torch.bincount(s.channel, minlength=size)
         if bool((per_channel == per_channel[0]).all()):
             continue
         reaching = int((per_channel > 0).sum())
-        if bool((per_channel[per_channel > 0] == per_channel.max()).all()):  # the rest reach it not at all
+        if not bool((per_channel[per_channel > 0] == per_channel.max()).all()):
+            return f"{UNEVEN} {s.param}"
+        if s.role == "input" or per_channel.max() > 1:  # the rest reach it not at all
             return (f"{UNEVEN} {s.param}: {reaching} of the {size} channels reach it (the output is split into "
-                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate, or a concatenation of branches "
-                    "is added to the tensor the layer reads); compute each part with its own layer to prune them")
-        return f"{UNEVEN} {s.param}"
+                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate); compute each part with its "
+                    "own layer to prune them")
     return ""
 
 
