@@ -2032,6 +2032,25 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
     assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == [words]
 
 
+@pytest.mark.parametrize("same", ["loader", "dataset", None])
+def test_validation_data_that_is_the_training_data_is_warned_about(caplog, same):
+    """A fresh user passed ``val_loader=train_loader`` and read the final val top-1 as held-out accuracy: a
+    validation loader that is the training loader, or reads its dataset, is warned about before any work and in
+    the final warnings; a loader over another dataset object is not."""
+    train, val = loaders()
+    val = {"loader": train, "dataset": DataLoader(train.dataset, batch_size=32), None: val}[same]
+    with caplog.at_level("WARNING", logger="autocompress"):
+        result = autocompress.compress(SmallCNN(), torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                                       val_loader=val, progress=False,
+                                       config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("val_loader reads the training")]
+    words = ("val_loader reads the training data (" + ("it is train_loader" if same == "loader" else
+             "its dataset is train_loader's") + "): the search, purification and the distillation decide on data "
+             "the model trains on, and validation scores lean optimistic; pass held-out data (e.g. "
+             "torch.utils.data.random_split of the training set)")
+    assert warned == ([words, words] if same else []) and (words in result.final["warnings"]) == bool(same)
+
+
 @pytest.mark.parametrize("batch_size, batch_norm, warned", [(4, True, True), (7, True, True), (8, True, False),
                                                              (4, False, False)])
 def test_batches_too_small_for_batch_norm_are_warned_about(caplog, batch_size, batch_norm, warned):

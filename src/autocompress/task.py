@@ -394,7 +394,8 @@ class Task:
         that fails on a first batch or is not a finite scalar, no way to score at all, or (``needs_length``:
         the default training loop, whose learning-rate schedule spans epochs x batches) a training loader
         without ``len()``. What it accepts but the caller may not mean is logged as a warning on the
-        ``autocompress`` logger (:func:`input_size_warning`, :func:`small_batch_warning`).
+        ``autocompress`` logger (:func:`input_size_warning`, :func:`small_batch_warning`,
+        :func:`shared_data_warning`).
 
         Returns:
             The forward's output on the first training batch (analysis mode), or None when neither training nor
@@ -434,7 +435,8 @@ class Task:
             first = self._first(self.train_loader, "train_loader")
             _refuse_unbatched_example(first, example_inputs)
             _refuse_sequence_first(first, example_inputs)
-            for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model)):
+            for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model),
+                            shared_data_warning(self.train_loader, self.val_loader)):
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
                     self.warnings.append(warning)
@@ -584,6 +586,22 @@ def small_batch_warning(batch: Batch, model: nn.Module) -> str | None:
     return (f"train_loader's batches hold {size} item(s) and the model has BatchNorm layers, whose "
             f"statistics from so few items are noisy in retraining and BatchNorm re-estimation; use batches of "
             f"{MIN_BATCH_NORM_BATCH} or more")
+
+
+def shared_data_warning(train_loader: Any, val_loader: Any) -> str | None:
+    """The warning when ``val_loader`` reads the training data (it is ``train_loader``, or a loader over the same
+    dataset object): every decision on the validation score (the search's candidates, purification's
+    tolerance, the distillation stop test, the fit gap of ``distillation.enabled: auto``) is then taken on data the
+    model trains on, and its final validation top-1 leans further optimistic. None otherwise (data held out in
+    another object is not compared)."""
+    dataset = getattr(val_loader, "dataset", None)
+    if val_loader is None or not (val_loader is train_loader or
+                                  (dataset is not None and dataset is getattr(train_loader, "dataset", None))):
+        return None
+    return ("val_loader reads the training data (" + ("it is train_loader" if val_loader is train_loader else
+            "its dataset is train_loader's") + "): the search, purification and the distillation decide on data "
+            "the model trains on, and validation scores lean optimistic; pass held-out data (e.g. torch.utils.data."
+            "random_split of the training set)")
 
 
 def _one_item_batches(loader: Any) -> str | None:
