@@ -2,15 +2,15 @@
 
 Fresh users compress their own model with a target and ``budget: 3-4`` and compare it with Torch-Pruning
 fine-tuned for as many epochs of *their* loop (session 34: 0.6-1.7 points behind on two such models, one seed each).
-This script plays such users on CIFAR-10: five architectures written the way users write them (a residual CNN, a
-VGG-style net with a hidden fully connected layer and Dropout, a MobileNet-style net of depthwise inverted
-residuals, the same with squeeze-and-excitation, Hardswish and pooled features concatenated, a ResNeXt /
-Inception-style net of grouped convolutions and concatenated branches, a ConvNeXt-style net of LayerNorms and
-depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and chunked qkv projections, the same
-transformer written with ``nn.TransformerEncoder``, torchvision's ``VisionTransformer``), each trained as a base
-with the user's loop (AdamW, lr 2e-3, cosine, random flips; ``--base-epochs`` epochs over ``--max-train`` seeded
-training images, batch 64: fewer than 800 steps an epoch, so the budget runs no ADMM and no search), then compressed
-to ``--target`` with ``--budget`` epochs by each method:
+This script plays such users on CIFAR-10: five architectures written the way users write them (a residual CNN, the
+same of concatenated branches added to the stream they read, a VGG-style net with a hidden fully connected layer and
+Dropout, a MobileNet-style net of depthwise inverted residuals, the same with squeeze-and-excitation, Hardswish and
+pooled features concatenated, a ResNeXt / Inception-style net of grouped convolutions and concatenated branches, a
+ConvNeXt-style net of LayerNorms and depthwise 7x7 convolutions, a hybrid vision transformer with a conv stem and
+chunked qkv projections, the same transformer written with ``nn.TransformerEncoder``, torchvision's
+``VisionTransformer``), each trained as a base with the user's loop (AdamW, lr 2e-3, cosine, random flips;
+``--base-epochs`` epochs over ``--max-train`` seeded training images, batch 64: fewer than 800 steps an epoch, so
+the budget runs no ADMM and no search), then compressed to ``--target`` with ``--budget`` epochs by each method:
 
 * ``ac``: ``autocompress.compress`` with the target and the budget only (its default loop);
 * ``ac_own``: the same with ``train_fn`` = the user's loop (AdamW lr 1e-3, cosine over the phase), so against
@@ -115,6 +115,33 @@ class VGG(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class CatBranches(nn.Module):
+    """Fresh user 70's block: a 1x1 and a 3x3 branch (three quarters and a quarter of the width) concatenated,
+    normalised and added to the stream they read."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.wide, self.narrow = conv_bn(width, width * 3 // 4, kernel=1), conv_bn(width, width // 4)
+        self.norm = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return F.relu(x + self.norm(torch.cat([self.wide(x), self.narrow(x)], 1)))
+
+
+class CatResNet(nn.Module):
+    """A 32-channel stem, two CatBranches blocks at 32, a stride-2 conv to 64, two blocks, a stride-2 conv to 128,
+    one block, global pooling, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 32), CatBranches(32), CatBranches(32), conv_bn(32, 64, 2),
+                                      CatBranches(64), CatBranches(64), conv_bn(64, 128, 2), CatBranches(128))
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
 class InvertedResidual(nn.Module):
@@ -316,8 +343,8 @@ def TorchvisionViT() -> nn.Module:  # noqa: N802 - a model class to the caller
                              num_classes=10)
 
 
-MODELS = {"resnet": ResNet, "vgg": VGG, "mobile": Mobile, "mobile_se": MobileSE, "resnext": ResNeXt,
-          "convnext": ConvNeXt, "vit": ViT, "mhavit": EncoderViT, "tvvit": TorchvisionViT}
+MODELS = {"resnet": ResNet, "catres": CatResNet, "vgg": VGG, "mobile": Mobile, "mobile_se": MobileSE,
+          "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT, "mhavit": EncoderViT, "tvvit": TorchvisionViT}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_guided": {"search": {"start": "guided"}},
