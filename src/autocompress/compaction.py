@@ -806,8 +806,8 @@ def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], e
     """Why ``model`` masked to ``param_masks`` cannot be compacted and run on ``example_inputs`` (the error's type
     and first line), or why a layer of ``narrowed`` (names of layers whose output channels the masks may remove)
     whose weight's mask removes a row keeps them all (:data:`DEAD_KEPT`, with the report's ``dead_channels_kept``
-    reason: the compact model would be no smaller there), or None; a copy is compacted, ``model`` is unchanged. A UserError (a problem of the inputs,
-    not of the model) propagates."""
+    reason: the compact model would be no smaller there), or None; a copy is compacted, ``model`` is unchanged. A
+    UserError (a problem of the inputs, not of the model) propagates."""
     try:
         result = compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
     except UserError:

@@ -125,8 +125,8 @@ def group_scores(group: FilterGroup, params: Mapping[str, torch.Tensor]) -> torc
 
 def _group_topk(group, scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep mask [classes] of a filter group's ``k`` highest-scoring classes, with every part kept
-    (:meth:`~autocompress.space.FilterGroup.keep_parts`); for a group with heads (:attr:`autocompress.space.FilterGroup.heads`) the
-    ``k / heads`` highest of each head."""
+    (:meth:`~autocompress.space.FilterGroup.keep_parts`); for a group with heads
+    (:attr:`autocompress.space.FilterGroup.heads`) the ``k / heads`` highest of each head."""
     if group.heads == 1:
         return group.keep_parts(topk_mask(scores, k), scores)
     per = scores.view(group.heads, -1)

@@ -618,9 +618,8 @@ class PruningSpace:
     def leading_removal(self, group: FilterGroup, width: int) -> torch.Tensor:
         """bool [size]: a keep mask of ``width`` channels (an allowed width, :meth:`widths`) that removes the
         group's first channels: its first tie classes (every part keeps its last: :meth:`FilterGroup.keep_parts`),
-        or the first channels of each head. A probe's removal that
-        no weights chose: it splits any structure of consecutive channels (heads) unevenly, where the weakest
-        channels may by chance be spread evenly."""
+        or the first channels of each head. A probe's removal that no weights chose: it splits any structure of
+        consecutive channels (heads) unevenly, where the weakest channels may by chance be spread evenly."""
         if group.heads > 1:
             keep = torch.zeros(group.heads, group.size // group.heads, dtype=torch.bool)
             keep[:, keep.shape[1] - width // group.heads:] = True
