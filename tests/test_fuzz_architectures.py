@@ -428,9 +428,9 @@ class AuxHead(nn.Module):
         return x
 
 
-BLOCKS = [Residual, Concat, ConcatResidual, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain, SqueezeExcite,
-          SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN, GroupNormResidual, UpDown,
-          LinearToMap, Interpolate, CalledTwice, AuxHead, TokenMixer]
+BLOCKS = [Residual, Concat, ConcatResidual, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain,
+          SqueezeExcite, SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN,
+          GroupNormResidual, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead, TokenMixer]
 
 
 class Net(nn.Module):
@@ -1067,10 +1067,11 @@ def test_a_concatenation_added_to_the_stream_it_reads_is_pruned_and_a_chunked_ga
 
 @pytest.mark.parametrize("rate", [0.5, 0.75, 0.9])
 def test_a_branch_whose_channels_all_score_lowest_keeps_one(rate):
-    """A branch of a concatenation whose channels all score below the other's keeps its strongest channel once
-    the stream is narrowed (the projection swaps it for the weakest kept channel of the other branch: the count
-    stays; the stream keeps a channel of each branch at the least), and again after purification's redundant-filter removal (it comes back): a compact branch with no
-    channel has no weights to compute its output (the projection had emptied it; compaction then failed)."""
+    """A branch of a concatenation whose channels all score below the other's keeps its strongest channel once the
+    stream is narrowed (the projection swaps it for the weakest kept channel of the other branch: the count
+    stays; the stream keeps a channel of each branch at the least), and again after purification's
+    redundant-filter removal (it comes back): a compact branch with no channel has no weights to compute its
+    output (the projection had emptied it; compaction then failed)."""
     torch.manual_seed(0)
     model = Net([ConcatResidual], width=12).eval()
     with torch.no_grad():
