@@ -1093,7 +1093,8 @@ class NormedCNN(SmallCNN):
 
 def test_a_group_feeding_a_channel_mixing_module_of_the_users_is_left_out():
     """A fresh user's ConvNeXt with its own channels-first LayerNorm was refused whole; now only the group whose
-    channels the norm mixes (conv1's) is left out, named with the first layer whose output changed."""
+    channels the norm mixes (conv1's) is left out, named with the first layer whose output changed and with the
+    norm (fresh user 71 read only the layer, and the message's end was cut off mid-word)."""
     train, val = loaders()
     lines: list[str] = []
     run = Compression(NormedCNN(), torch.randn(1, 1, 8, 8), "params=1.2x",
@@ -1102,8 +1103,10 @@ def test_a_group_feeding_a_channel_mixing_module_of_the_users_is_left_out():
     assert list(run.pipeline.incompactable) == ["conv1"]
     assert [group.name for group in run.first_space.filter_groups] == ["conv2"]
     why = run.pipeline.incompactable["conv1"]
-    assert "from layer 'conv2' on (a module before it mixes channels or has f(0) != 0, or the forward branches on a " \
-           "channel count)" in why
+    assert "from layer 'conv2' on: a module before it mixes channels, has f(0) != 0 or branches on a channel " \
+           "count; norm (ChannelNorm) is a module of your own with per-channel parameters, which may compute over " \
+           "the channels (a normalisation): one that subclasses nn.LayerNorm (as torchvision's LayerNorm2d does) or " \
+           "nn.GroupNorm is pruned" in why
 
 
 class GroupedAfterViewNorm(nn.Module):
@@ -2032,6 +2035,22 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
     assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == [words]
 
 
+def test_compress_leaves_the_callers_generators_as_they_were():
+    """A fresh user found their loader's ``torch.Generator`` reseeded after ``compress``: each phase reseeds it
+    (so a phase run again sees the same batches), and the call now restores it, with the global generator (which
+    each iteration of a DataLoader without a generator of its own draws from)."""
+    _, val = loaders()
+    own = torch.Generator().manual_seed(123)
+    train = DataLoader(TensorDataset(*images(96, 0)), batch_size=16, shuffle=True, generator=own)
+    next(iter(train))  # the caller has drawn from it already
+    model = SmallCNN()
+    torch.manual_seed(5)
+    loader_state, global_state = own.get_state(), torch.get_rng_state()
+    autocompress.compress(model, torch.zeros(1, 1, 8, 8), "params=2x", train_loader=train, val_loader=val,
+                          progress=False, config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 1}})
+    assert torch.equal(own.get_state(), loader_state) and torch.equal(torch.get_rng_state(), global_state)
+
+
 @pytest.mark.parametrize("same", ["loader", "dataset", None])
 def test_validation_data_that_is_the_training_data_is_warned_about(caplog, same):
     """A fresh user passed ``val_loader=train_loader`` and read the final val top-1 as held-out accuracy: a
@@ -2264,6 +2283,11 @@ def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_u
     with pytest.raises(UserError, match=r"holds a run with other settings \(model weights; seed: 0 in the folder, "
                                         r"1 now\)"):
         autocompress.compress(changed, example, "params=2x", **{**args, "config": {**CONFIG, "seed": 1}})
+    other = copy.deepcopy(model)
+    other.drop_path = 0.3  # fresh user 71 continued a run with the model built at another drop-path rate
+    with pytest.raises(UserError, match=r"other settings \(model structure \(its printed form, or an attribute of a "
+                                        r"module of your own such as a drop-path rate\)\)"):
+        autocompress.compress(other, example, "params=2x", **args)
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     stored["run"]["autocompress"] = "0.2.0"  # a folder an earlier version wrote, whose defaults differed
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autocompress.compaction import ColumnConv2d, ColumnLinear, compact, densify
-from autocompress.errors import UserError
+from autocompress.errors import FIRST_LINE, UserError, first_line
 from autocompress.models import create_model
 
 torch.set_num_threads(1)  # 2 threads on the shared 2-core machine spin-wait (~100x slower)
@@ -576,3 +576,14 @@ def test_float32_rounding_is_not_taken_for_a_compaction_error():
     model.conv.register_forward_hook(lambda _m, _i, out: out + 1)  # f(0) != 0: removing channels changes the output
     with pytest.raises(RuntimeError, match=r"^compact model differs from the masked one by .* \(tolerance 1e-05\)"):
         compact(model, masks, x)
+
+
+def test_a_long_error_line_is_cut_at_a_word():
+    """``first_line`` keeps an error's first line whole up to FIRST_LINE characters and cuts a longer one at a
+    space, marked with "...": fresh user 71 read a hint cut mid-word ("a channel coun)")."""
+    words = " ".join(f"word{i:03d}" for i in range(60))  # 479 characters
+    cut = first_line(RuntimeError(f"{words}\nsecond line"))
+    assert cut.startswith("RuntimeError: word000 word001") and cut.endswith(" ...")
+    kept = cut.removeprefix("RuntimeError: ").removesuffix(" ...")
+    assert words.startswith(kept + " ") and len(kept) <= FIRST_LINE and len(kept) > FIRST_LINE - 8
+    assert first_line(ValueError("short")) == "ValueError: short" and first_line(KeyError()) == "KeyError"

@@ -49,6 +49,25 @@ def test_macs_match_hand_counts_per_layer():
     assert rows["grouped"].weight_shape == (6, 2, 3, 1) and rows["grouped"].params == 36
 
 
+class Stages(nn.Module):
+    """Layers kept in an ``nn.ModuleList`` the forward indexes (ConvNeXt's ``downsample_layers``): the list itself
+    is never called; a scaling of the input is the model's own computation (no MACs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Sequential(nn.Linear(4, 6)), nn.Linear(6, 3)])
+
+    def forward(self, x):
+        return self.stages[1](self.stages[0](2 * x))
+
+
+def test_a_module_list_the_forward_indexes_owns_no_macs_and_its_parent_not_its_layers():
+    """A fresh user's ``inspect`` table gave ``downsample_layers`` (a ModuleList) -1,146,880 MACs and the model
+    nearly all of them: the list, never called itself, counted none while its layers did."""
+    rows = {row.name: row for row in layer_table(Stages(), torch.randn(2, 4))}
+    assert {name: row.macs for name, row in rows.items()} == {"stages.0.0": 2 * 4 * 6, "stages.1": 2 * 6 * 3}
+
+
 def test_count_params_excludes_buffers():
     model = Probe()
     assert count_params(model) == (4 * 9 + 4) + 6 * 2 * 3 + 2 * 6 + (6 * 3 + 3) + (100 * 100 + 100)

@@ -790,8 +790,7 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
             layer = _first_divergence(reference, compact_model, batch, kept or {}, atol_scale)
             raise RuntimeError(f"compact model differs from the masked one by {diff:.3g} (tolerance {tol:.3g})"
                                + (f" from layer {layer!r} on" if layer else "")
-                               + " (a module before it mixes channels or has f(0) != 0, or the forward branches on a "
-                               "channel count)")
+                               + ": a module before it mixes channels, has f(0) != 0 or branches on a channel count")
         if diff >= worst:
             worst, worst_tol = diff, tol
     return worst, worst_tol

@@ -52,7 +52,7 @@ from .sampling import (FAR, ActionSampler, ActionUnit, Unreachable, guidance_wei
                        units_from_space)
 from .serialization import constructor_arguments, save_compact
 from .space import KINDS, ignored_modules, ignored_summary
-from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, resolve_device
+from .task import ForwardFn, LossFn, ScoreFn, Task, as_inputs, check_functions, kept_randomness, resolve_device
 from .text import kind_of, short_of
 
 
@@ -261,10 +261,11 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             twice, or a params / flops target its compact model misses (channels compaction had to keep); its
             ``result`` is the :class:`CompressResult` (the run folder keeps it too).
     """
-    return Compression(model, example_inputs, target, task_args=dict(
-        train_loader=train_loader, val_loader=val_loader, score_fn=score_fn, loss_fn=loss_fn,
-        forward_fn=forward_fn), train_fn=train_fn, device=device, config=config, run_dir=run_dir,
-        progress=progress, log=log).run()
+    with kept_randomness(train_loader, val_loader):  # the caller's generators draw on as before
+        return Compression(model, example_inputs, target, task_args=dict(
+            train_loader=train_loader, val_loader=val_loader, score_fn=score_fn, loss_fn=loss_fn,
+            forward_fn=forward_fn), train_fn=train_fn, device=device, config=config, run_dir=run_dir,
+            progress=progress, log=log).run()
 
 
 def _check_call_arguments(data: Any) -> None:
@@ -314,6 +315,24 @@ def model_digest(model: nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def structure_digest(model: nn.Module) -> str:
+    """SHA-256 of what a model is besides its weights: its printed form (layer types and their settings, such as a
+    Dropout's ``p``) and the public scalar attributes of its modules of the caller's own classes (defined outside
+    torch: a ``drop_path`` rate a block keeps), which a forward in training mode may read."""
+    own = [f"{name}.{key}={value!r}" for name, module in model.named_modules()
+           if not type(module).__module__.startswith("torch")
+           for key, value in sorted(vars(module).items()) if not key.startswith("_") and key != "training"
+           and _plain(value)]
+    return hashlib.sha256("\n".join([repr(model), *own]).encode()).hexdigest()
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a number, string, bool or None, or a tuple / list of them."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 #: a setting one side of :func:`setting_changes` does not have
@@ -370,6 +389,7 @@ class Compression:
         ignored_modules(model, self.config.ignored_layers)  # a wrong name is refused before any work
         base = copy.deepcopy(model).to(self.device).eval()
         self.base_digest = model_digest(base)  # the caller's weights, before any BatchNorm re-estimation
+        self.structure = structure_digest(model)
         amp = None if self.config.amp == "none" else self.config.amp
         if amp is not None and self.device.type != "cuda":
             logging.getLogger("autocompress").warning(f"amp {amp} is ignored on {self.device.type}: autocast runs "
@@ -566,7 +586,8 @@ class Compression:
 
     def _stored_settings(self) -> dict:
         return {**dataclasses.asdict(self.config),
-                "run": {"base_model_sha256": self.base_digest, "threads": torch.get_num_threads(),
+                "run": {"base_model_sha256": self.base_digest, "base_structure_sha256": self.structure,
+                        "threads": torch.get_num_threads(),
                         "world_size": self.world.size,
                         "device": str(self.device), "autocompress": __version__,
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
@@ -622,12 +643,16 @@ class Compression:
 
     def _refuse_changes(self, stored: dict, changed: list[str]) -> None:
         """UserError naming what differs between a run folder's ``config.yaml`` (``stored``) and this call: the
-        base model's weights first, then the loaders' sizes, the settings (``changed``), and last the settings
-        the data decide (:attr:`from_data`: alone, the data differ); or the number of processes."""
+        base model's weights first, its structure (:func:`structure_digest`), then the loaders' sizes, the settings
+        (``changed``), and last the settings the data decide (:attr:`from_data`: alone, the data differ); or the
+        number of processes."""
         if "data" in stored["run"]:  # folders of earlier versions hold no sizes
             changed = changed + setting_changes(stored["run"]["data"], self._data_sizes(), "data")
         from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
         changed = sorted(changed, key=lambda change: (not change.startswith("data."), change in from_data))
+        if stored["run"].get("base_structure_sha256", self.structure) != self.structure:  # none before 0.9.1
+            changed.insert(0, "model structure (its printed form, or an attribute of a module of your own such as a "
+                              "drop-path rate)")
         if stored["run"].get("base_model_sha256") != self.base_digest:
             changed.insert(0, "model weights")
         if changed and from_data == changed:  # only what the data decide: the data differ

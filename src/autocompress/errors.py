@@ -87,6 +87,13 @@ def show(value: Any) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """``"TypeName: first line of the message"`` (at most 200 characters of it) for a one-line error."""
-    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    """``"TypeName: first line of the message"`` for a one-line error: at most :data:`FIRST_LINE` characters of
+    it, cut at a space with ``...`` where longer."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if len(text) > FIRST_LINE:
+        text = text[:FIRST_LINE].rsplit(" ", 1)[0] + " ..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: the most characters of an error's first line :func:`first_line` keeps
+FIRST_LINE = 240

@@ -198,13 +198,16 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 
 
 def _own_macs(model: nn.Module, inclusive: dict[str, int]) -> dict[str, int]:
-    """Module name -> MACs of its own computation (its inclusive MACs minus its direct children's)."""
-    own = {}
-    for name, module in model.named_modules():
+    """Module name -> MACs of its own computation (its inclusive MACs minus its direct children's). A container the
+    forward never calls (an ``nn.ModuleList`` indexed by its parent, whose children run alone) includes its
+    children's MACs, so that it owns none and its parent not theirs."""
+    inclusive = dict(inclusive)
+    totals: dict[str, int] = {}
+    for name, module in reversed(list(model.named_modules())):  # children before their parents
         prefix = f"{name}." if name else ""
-        children = sum(inclusive.get(prefix + child, 0) for child, _ in module.named_children())
-        own[name] = inclusive.get(name, 0) - children
-    return own
+        totals[name] = sum(inclusive.get(prefix + child, 0) for child, _ in module.named_children())
+        inclusive.setdefault(name, totals[name])
+    return {name: inclusive[name] - totals[name] for name, _ in model.named_modules()}
 
 
 def _zero_fraction(weight: torch.Tensor) -> float:

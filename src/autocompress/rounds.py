@@ -46,7 +46,7 @@ from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
 from .architecture import apply_architecture, describe_architecture
-from .space import BREAKS, PruningSpace, weights_read_outside
+from .space import BREAKS, PruningSpace, is_weight_layer, weights_read_outside
 from .task import Task, loader_generators
 from .text import plural, tidy
 from .training import OPTIMIZERS, above_bars
@@ -467,6 +467,8 @@ class Pipeline:
                         why = f"{why}; {unaligned_heads(model, space, group) or HEAD_HINT}"
                     if name in reads:
                         why = f"{why}; {reads[name]}"
+                    if (own := _own_channel_modules(model, group)):
+                        why = f"{why}; {own}"
                     self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
                              f"compact model breaks once they are removed ({why})")
                     self.incompactable[name] = why
@@ -1104,6 +1106,21 @@ def _rows(module: nn.Module) -> int:
 def _columns(module: nn.Module) -> int:
     weight = module.weight
     return int(weight[0].numel())
+
+
+def _own_channel_modules(model: nn.Module, group) -> str:
+    """Words naming the modules of the caller's own classes (defined outside torch) that hold parameters of
+    ``group``'s channels, besides weight layers: a channels-first LayerNorm written as a plain ``nn.Module`` (the
+    official ConvNeXt's) normalises over the channels, so removing some changes the others ("" where none)."""
+    names = [name for name in dict.fromkeys(s.module for s in group.slices if s.role != "input")
+             if not type(module := model.get_submodule(name)).__module__.startswith("torch")
+             and not is_weight_layer(module)]
+    if not names:
+        return ""
+    shown = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" for name in names[:3])
+    return (f"{shown} {'is a module' if len(names) == 1 else 'are modules'} of your own with per-channel parameters, "
+            "which may compute over the channels (a normalisation): one that subclasses nn.LayerNorm (as "
+            "torchvision's LayerNorm2d does) or nn.GroupNorm is pruned")
 
 
 def _read_words(layer: str) -> str:

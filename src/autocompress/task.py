@@ -22,7 +22,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -177,6 +177,23 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a loader draws its order from (its own and its sampler's)."""
     found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
     return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+@contextlib.contextmanager
+def kept_randomness(*loaders: Any) -> Iterator[None]:
+    """The global torch generators (CPU, and CUDA where initialised) and the loaders' own ``torch.Generator``
+    objects (:func:`loader_generators`) as they were before the body, which reseeds them (:meth:`Task.seeded`) and
+    draws from them (a DataLoader without a generator of its own draws each iteration's seed from the global one):
+    the caller draws on as if it had not run."""
+    generators = [g for loader in loaders for g in loader_generators(loader)]
+    states = [g.get_state() for g in generators]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
 
 
 def _is_pair(batch: Batch) -> bool:
