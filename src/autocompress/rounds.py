@@ -32,6 +32,7 @@ from . import admm, distributed, metrics
 from .alignment import AUTO, misaligned_widths
 from .analysis import trained_norms, train_mode
 from .attention import HEAD_HINT, attention_shaped, free_macs, head_count, unaligned_heads
+from .channel_norms import standard_channel_norms
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller
@@ -341,6 +342,11 @@ class Pipeline:
         for name, why in split_multihead_attention(self.base_model).items():  # heads and stream become prunable
             (self.log or _silent)(f"not split into Linear layers: {name}: {why}; its heads and the channels it reads "
                                   "are not pruned")
+        replaced = standard_channel_norms(self.base_model)  # the channels they normalise become prunable
+        if replaced:
+            shown = ", ".join(f"{name} ({kind})" for name, kind in replaced.items())
+            (self.log or _silent)(f"computed as torch's LayerNorm: {shown}: modules of your own that normalise over "
+                                  "the channels, replaced with their weights so that those channels are pruned")
         self.config = self.config.for_task(self.task.classifies, self.task.positions)  # the loop's optimiser, rates
         if self.train_fn is not None and self.config.retrain.optimizer == AUTO:  # the caller's loop owns it: no
             self.config = self.config.with_optimizer("sgd")  # probe; the phases suggest SGD's lr, as before

@@ -21,6 +21,7 @@ from torch import nn
 
 from .analysis import analysis_mode, model_device, output_tensors
 from .architecture import apply_architecture, describe_architecture
+from .channel_norms import standard_channel_norms
 from .checkpoint import class_path, import_model_class, save_checkpoint, storable_option
 from .errors import UserError
 from .integrity import output_check
@@ -84,6 +85,7 @@ def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) 
         fresh = cls(**kwargs)
         if any(isinstance(m, SplitMultiheadAttention) for m in model.modules()):
             split_multihead_attention(fresh)  # as the pipeline did to its base model
+        standard_channel_norms(fresh)  # likewise
         fresh.load_state_dict(model.state_dict())
         if str(fresh) != str(model):  # other module settings (nn.Module's repr lists each module's; after the
             return False  # weights are loaded, so a module printing a value of its own compares equal)
