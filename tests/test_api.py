@@ -1119,8 +1119,9 @@ def test_a_layer_norm_of_the_users_own_is_computed_as_torch_s_and_its_channels_p
 
 def test_a_group_feeding_a_channel_mixing_module_of_the_users_is_left_out():
     """A fresh user's ConvNeXt with its own channels-first norm was refused whole; now only the group whose
-    channels the norm mixes (conv1's) is left out (a root-mean-square norm: a LayerNorm is replaced by torch's), named with the first layer whose output changed and with the
-    norm (fresh user 71 read only the layer, and the message's end was cut off mid-word)."""
+    channels the norm mixes (conv1's) is left out (a root-mean-square norm: a LayerNorm is replaced by torch's),
+    named with the first layer whose output changed and with the norm (fresh user 71 read only the layer, and the
+    message's end was cut off mid-word)."""
     train, val = loaders()
     lines: list[str] = []
     run = Compression(NormedCNN(), torch.randn(1, 1, 8, 8), "params=1.2x",
