@@ -121,16 +121,17 @@ class SearchConfig:
             ``"channel"`` (per channel: prune harder where one channel costs more), or ``"auto"`` (the default:
             ``"channel"`` for a flops target of a model with outputs per item, ``"layer"`` otherwise; see
             :meth:`CompressConfig.resolved_guidance`).
-        start: the search's starting action (:data:`autocompress.sampling.START_SETTINGS`): ``"guided"`` (rates
-            that follow the guidance), ``"magnitude"`` (one global threshold on the filters' weight magnitudes
-            relative to each layer's mean, as a global magnitude ranking prunes; filter units only, the guided start
-            when they cannot meet the target alone) or ``"auto"`` (the default: a search of one evaluation, which
-            ends where it starts, starts from whichever of the two the optimiser probe's held-out loss prefers,
-            :meth:`autocompress.rounds.Pipeline.settle_start`; a longer search starts guided). Measured at flops=4x
-            with a 3-4 epoch budget (one candidate, three seeds each), magnitude against guided: +1.28 points of
-            top-1 on a small residual CNN, -0.36 on a fresh user's SE / dilated Conv1d net, -0.50 on the CIFAR-10
-            ResNet-20 (BENCHMARKS.md, "Session 27"); +3.38 on a fresh user's token transformer at flops=2x
-            ("Session 39").
+        start: the search's starting action (:data:`autocompress.sampling.START_SETTINGS`): ``"guided"`` (rates that
+            follow the guidance), ``"magnitude"`` (one global threshold on the filters' weight magnitudes relative
+            to each layer's mean, as a global magnitude ranking prunes; filter units only, the guided start when
+            they cannot meet the target alone) or ``"auto"`` (the default: a search of one evaluation, which ends
+            where it starts, starts from whichever of the two the optimiser probe's held-out loss prefers,
+            :meth:`autocompress.rounds.Pipeline.settle_start`; a run too short to probe takes the magnitude start
+            under a 3x round target, the guided one from it: :func:`autocompress.optimizer_probe.unprobed_start`; a
+            longer search starts guided). Measured at flops=4x with a 3-4 epoch budget (one candidate, three seeds
+            each), magnitude against guided: +1.28 points of top-1 on a small residual CNN, -0.36 on a fresh user's
+            SE / dilated Conv1d net, -0.50 on the CIFAR-10 ResNet-20 (BENCHMARKS.md, "Session 27"); +3.38 on a fresh
+            user's token transformer at flops=2x ("Session 39").
         moves: the search's moves (:data:`autocompress.sampling.MOVES`): ``"gaussian"`` (the default: the paper's
             noise on every rate, re-fit to the target) or ``"mixed"`` (a growing share of local swaps as the
             temperature falls: one unit a width wider, one other pruned just enough; beyond the paper). Measured on

@@ -46,7 +46,7 @@ HELD_OUT_BATCHES = 20
 #: SGD alone (AdamW up to 1.3 better, SGD up to 0.85); probes of 10 and 20 steps chose so in 15 of 20 (+0.26,
 #: +0.16; BENCHMARKS.md, session 47)
 MIN_TRAINING_STEPS = 4 * PROBE_STEPS
-#: a run training fewer optimiser steps in all does not probe its start (:data:`UNPROBED_START`): the start probe
+#: a run training fewer optimiser steps in all does not probe its start (:func:`unprobed_start`): the start probe
 #: trains three copies (one per start, then the other optimiser on the chosen one)
 MIN_START_PROBE_STEPS = 8 * PROBE_STEPS
 #: SGD is chosen only when its held-out loss is lower than AdamW's by more than this fraction of it; within it
@@ -71,13 +71,24 @@ def unprobed_choice(model: nn.Module) -> tuple[str, str]:
     return "sgd", "SGD for a network without LayerNorms"
 
 
-#: the start of a run too short to probe (:data:`MIN_START_PROBE_STEPS`), and why. Unprobed, the magnitude start
-#: retrained as well as the guided one or better on every network measured: two token transformers +1.9 and +1.1
-#: points (flops=2x, 282 steps, three seeds each; session 41), a torchvision resnet18 +1.33 and regnet_x_400mf
-#: +0.63 (three seeds each), two small CIFAR-10 CNNs +0.10 and 0.00 (two seeds each; BENCHMARKS.md, session 44)
-UNPROBED_START = "magnitude"
-UNPROBED_START_WHY = "the magnitude start, which retrained as well as the guided one or better on every network " \
-    "measured unprobed"
+#: from this round target on (its reduction factor), a run too short to probe its start starts guided
+GUIDED_FROM = 3.0
+
+
+def unprobed_start(factor: float | None) -> tuple[str, str]:
+    """The start of a run too short to probe (:data:`MIN_START_PROBE_STEPS`) for a round reducing its model
+    ``factor`` times, and why. Below :data:`GUIDED_FROM` the magnitude start (one global threshold), which retrained
+    as well as the guided one or better on every network measured unprobed at flops=2x: two token transformers +1.9
+    and +1.1 points (282 steps, three seeds each; BENCHMARKS.md, session 41), a torchvision resnet18 +1.33 and
+    regnet_x_400mf +0.63 (three seeds each), two small CIFAR-10 CNNs +0.10 and 0.00 (two seeds each; session 44).
+    From it the guided start, which spreads the pruning over the layers where one threshold empties some: at
+    flops=4x (314 steps) +1.14 points on a MobileNetV3-style CIFAR-10 net (three seeds), +1.3 on a MobileNetV2-style
+    one and +1.9 on a fresh user's (one seed each; session 50)."""
+    if factor is not None and factor >= GUIDED_FROM:
+        return "guided", (f"a round target of {factor:.3g}x, {GUIDED_FROM:g}x or more: the guided start, which "
+                          "retrained better than the magnitude start at flops=4x on every network measured unprobed")
+    return "magnitude", ("the magnitude start, which retrained as well as the guided one or better at flops=2x on "
+                         "every network measured unprobed")
 
 
 @dataclass(frozen=True)

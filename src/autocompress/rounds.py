@@ -41,8 +41,8 @@ from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
 from .optimizer_probe import (HELD_OUT_BATCHES, MIN_START_PROBE_STEPS, MIN_TRAINING_STEPS, PROBE_STEPS,
-                              UNPROBED_START, UNPROBED_START_WHY, ProbeResult, choose_optimizer, choose_start,
-                              probe_losses, probe_optimizers, unprobed_choice)
+                              ProbeResult, choose_optimizer, choose_start, probe_losses, probe_optimizers,
+                              unprobed_choice, unprobed_start)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -605,7 +605,7 @@ class Pipeline:
         ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
         start without a probe when ``starts()`` (start name -> rates, and why the magnitude start is not among
         them) offers one start, and
-        :data:`~autocompress.optimizer_probe.UNPROBED_START` when the run trains fewer than
+        :func:`~autocompress.optimizer_probe.unprobed_start` of the round's target when the run trains fewer than
         :data:`~autocompress.optimizer_probe.MIN_START_PROBE_STEPS` steps. As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
         if self.store.is_done("base", "start"):
@@ -618,7 +618,8 @@ class Pipeline:
             if len(candidates) < 2:
                 choice, why = "guided", alone
             else:
-                choice, why = UNPROBED_START, f"{_too_short(steps, MIN_START_PROBE_STEPS)}; {UNPROBED_START_WHY}"
+                choice, why = unprobed_start(state.target)
+                why = f"{_too_short(steps, MIN_START_PROBE_STEPS)}; {why}"
             self.log(f"search.start auto: {choice} (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": None}])
             return choice
