@@ -650,7 +650,7 @@ class Compression:
             changed = changed + setting_changes(stored["run"]["data"], self._data_sizes(), "data")
         from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
         changed = sorted(changed, key=lambda change: (not change.startswith("data."), change in from_data))
-        if stored["run"].get("base_structure_sha256", self.structure) != self.structure:  # none before 0.9.1
+        if stored["run"].get("base_structure_sha256", self.structure) != self.structure:  # none before 0.10.0
             changed.insert(0, "model structure (its printed form, or an attribute of a module of your own such as a "
                               "drop-path rate)")
         if stored["run"].get("base_model_sha256") != self.base_digest:
