@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from autocompress.budget import RULE, apply_budget, budget_schedule, describe, given_settings, search_evaluations
+from autocompress.budget import (RULE, apply_budget, budget_schedule, describe, given_settings, search_evaluations,
+                                 search_share_warning)
 from autocompress.compress import Compression, resolve_config
 from autocompress.config import CompressConfig, SettingError, Target
 
@@ -203,3 +204,21 @@ def test_a_short_budget_gets_a_short_search(target, budget, steps, scorer, given
     assert (f"a search of at most {min(evaluations, cooled)} evaluations per round" if evaluations > 1 else
             "no search: the start (search.start), not scored") in describe(config)
     assert resolve_config(dataclasses.asdict(config), None, steps) == config  # a stored config.yaml resumes
+
+
+def test_a_hand_written_schedule_whose_search_outweighs_its_training_is_warned_about(caplog):
+    """Fresh user 71's 2-epoch schedule (no budget) spent 267 s of 321 s in a 20-evaluation search: a schedule
+    without budget whose search fine-tunes more steps than it trains is warned about before any work; the budget
+    setting keeps the search within the training's steps."""
+    config = CompressConfig(target="flops=2x", rounds=1)
+    planned = config.search.annealing(0).planned_evaluations()
+    searched = planned * config.quick_eval.finetune_steps
+    warning = search_share_warning(config, searched - 1)
+    assert warning == (f"the search fine-tunes its candidates for {searched} optimiser steps ({planned} evaluations x "
+                       f"{config.quick_eval.finetune_steps} steps x 1 round(s)), more than the {searched - 1} the "
+                       "schedule trains: set budget (which keeps the search within the training's steps), or lower "
+                       "search.max_evaluations or quick_eval.finetune_steps")
+    assert search_share_warning(config, searched) is None
+    assert search_share_warning(dataclasses.replace(config, budget=2), 1) is None
+    no_finetune = dataclasses.replace(config, quick_eval=dataclasses.replace(config.quick_eval, scorer="bn"))
+    assert search_share_warning(no_finetune, 1) is None

@@ -34,7 +34,7 @@ from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multi
                         log_whole_groups)
 from .analysis import at_batch, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
-from .budget import RULE, apply_budget, describe, given_settings
+from .budget import RULE, apply_budget, describe, given_settings, search_share_warning
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
@@ -418,6 +418,9 @@ class Compression:
                                  log=log, channel_multiple=self.multiple,
                                  base_score=base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
+        if train_fn is None and (warning := search_share_warning(self.config, self.pipeline.training_steps(
+                self.config.rounds))):
+            logging.getLogger("autocompress").warning(warning)  # before any work
         if train_fn is None:
             self.pipeline.log(self.config.describe_loop(given, self.task.classifies, self.task.positions))
         self.source, self.save, self.final_columns = source or {}, save, final_columns

@@ -586,7 +586,7 @@ class Pipeline:
             choice = next(r["choice"] for r in self.store.records if r.get("event") == "optimizer")
             self.log(f"retrain.optimizer auto: {choice} (as this run recorded)")
         else:
-            steps = self._training_steps(rounds)
+            steps = self.training_steps(rounds)
             if steps < MIN_TRAINING_STEPS:
                 choice, why = unprobed_choice(state.model)
                 records = [{"event": "optimizer", "choice": choice, "probe": None}]
@@ -612,7 +612,7 @@ class Pipeline:
             choice = next(r["choice"] for r in self.store.records if r.get("event") == "start")
             self.log(f"search.start auto: {choice} (as this run recorded)")
             return choice
-        steps = self._training_steps(rounds)
+        steps = self.training_steps(rounds)
         candidates, alone = starts()
         if len(candidates) < 2 or steps < MIN_START_PROBE_STEPS:
             if len(candidates) < 2:
@@ -665,7 +665,7 @@ class Pipeline:
         return [result.record(), {"event": "phase", "round": 0, "phase": "optimizer",
                                   "seconds": time.perf_counter() - started}]
 
-    def _training_steps(self, rounds: int) -> int:
+    def training_steps(self, rounds: int) -> int:
         """Optimiser steps of the default loop over ``rounds`` rounds (ADMM and retraining epochs)."""
         epochs = rounds * self.config.admm.epochs + (rounds - 1) * self.config.retrain_epochs(last=False) + \
             self.config.retrain_epochs(last=True)
