@@ -213,12 +213,13 @@ def test_a_hand_written_schedule_whose_search_outweighs_its_training_is_warned_a
     config = CompressConfig(target="flops=2x", rounds=1)
     planned = config.search.annealing(0).planned_evaluations()
     searched = planned * config.quick_eval.finetune_steps
-    warning = search_share_warning(config, searched - 1)
+    warning = search_share_warning(config, 1, searched - 1)
     assert warning == (f"the search fine-tunes its candidates for {searched} optimiser steps ({planned} evaluations x "
                        f"{config.quick_eval.finetune_steps} steps x 1 round(s)), more than the {searched - 1} the "
                        "schedule trains: set budget (which keeps the search within the training's steps), or lower "
                        "search.max_evaluations or quick_eval.finetune_steps")
-    assert search_share_warning(config, searched) is None
-    assert search_share_warning(dataclasses.replace(config, budget=2), 1) is None
+    assert search_share_warning(config, 1, searched) is None
+    assert search_share_warning(dataclasses.replace(config, budget=2), 1, 1) is None
     no_finetune = dataclasses.replace(config, quick_eval=dataclasses.replace(config.quick_eval, scorer="bn"))
-    assert search_share_warning(no_finetune, 1) is None
+    assert search_share_warning(no_finetune, 1, 1) is None
+    assert "x 2 round(s)" in search_share_warning(config, 2, searched)

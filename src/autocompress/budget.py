@@ -87,20 +87,20 @@ def search_evaluations(budget_steps: int, rounds: int, finetune_steps: int) -> i
     return fits if fits >= MIN_MOVING_EVALUATIONS else 1
 
 
-def search_share_warning(config: CompressConfig, training_steps: int) -> str | None:
-    """The warning for a schedule written by hand (no ``budget``) whose search fine-tunes its candidates for more
-    optimiser steps than the schedule trains (``training_steps``), past :data:`SEARCH_SHARE` of them (a fresh
-    user's 2-epoch schedule spent 267 s of 321 s in its search); None otherwise, or for a scorer that does not
-    fine-tune."""
+def search_share_warning(config: CompressConfig, rounds: int, training_steps: int) -> str | None:
+    """The warning for a schedule written by hand (no ``budget``) of ``rounds`` rounds whose search fine-tunes its
+    candidates for more optimiser steps than the schedule trains (``training_steps``), past :data:`SEARCH_SHARE` of
+    them (a fresh user's 2-epoch schedule spent 267 s of 321 s in its search); None otherwise, or for a scorer
+    that does not fine-tune."""
     quick = config.quick_eval
     if config.budget is not None or not fine_tunes(quick.scorer):
         return None
     evaluations = config.search.annealing(config.seed).planned_evaluations()
-    searched = config.rounds * evaluations * quick.finetune_steps
+    searched = rounds * evaluations * quick.finetune_steps
     if evaluations < 2 or searched <= SEARCH_SHARE * training_steps:
         return None
     return (f"the search fine-tunes its candidates for {searched} optimiser steps ({evaluations} evaluations x "
-            f"{quick.finetune_steps} steps x {config.rounds} round(s)), more than the {training_steps} the schedule "
+            f"{quick.finetune_steps} steps x {rounds} round(s)), more than the {training_steps} the schedule "
             "trains: set budget (which keeps the search within the training's steps), or lower "
             "search.max_evaluations or quick_eval.finetune_steps")
 

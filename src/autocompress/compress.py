@@ -418,9 +418,6 @@ class Compression:
                                  log=log, channel_multiple=self.multiple,
                                  base_score=base_score)
         self.config = self.pipeline.config  # the optimiser resolved for the task
-        if train_fn is None and (warning := search_share_warning(self.config, self.pipeline.training_steps(
-                self.config.rounds))):
-            logging.getLogger("autocompress").warning(warning)  # before any work
         if train_fn is None:
             self.pipeline.log(self.config.describe_loop(given, self.task.classifies, self.task.positions))
         self.source, self.save, self.final_columns = source or {}, save, final_columns
@@ -470,6 +467,9 @@ class Compression:
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
+        if self.pipeline.train_fn is None and (warning := search_share_warning(
+                self.config, len(self.targets), self.pipeline.training_steps(len(self.targets)))):
+            logging.getLogger("autocompress").warning(warning)  # before any work
         self._check_reachable(base)  # an unreachable target: refused now
         log_whole_groups(self.first_space, self.multiple)  # at the multiple a fall-back settled on
         if self.run_dir is not None:
