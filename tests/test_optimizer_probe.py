@@ -119,19 +119,27 @@ def test_a_run_too_short_to_probe_takes_adamw_for_a_model_with_layer_norms(norm,
     assert unprobed_choice(nn.Sequential(nn.Linear(4, 6), norm, nn.Linear(6, 3)))[0] == choice
 
 
+def short_run(items: int, batch_size: int, norm: nn.Module, target: str) -> tuple:
+    """``compress`` of a Linear(8, 48) -> ``norm`` -> ReLU -> Linear(48, 3) on ``items`` random items at ``target``
+    with ``budget: 1`` (one epoch of ``items / batch_size`` steps) at channel multiple 1: the result and the log."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(items, 8, generator=g), torch.randint(0, 3, (items,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    lines: list[str] = []
+    result = autocompress.compress(nn.Sequential(nn.Linear(8, 48), norm, nn.ReLU(), nn.Linear(48, 3)),
+                                   torch.randn(1, 8), target, train_loader=train, val_loader=train, device="cpu",
+                                   progress=False, log=lines.append,
+                                   config={"budget": 1, "latency_runs": 2, "channel_multiple": 1})
+    return result, lines
+
+
 @pytest.mark.parametrize("norm, optimizer, why", [
     (nn.LayerNorm(48), "adamw", "the model has LayerNorms, whose networks train with AdamW"),
     (nn.BatchNorm1d(48), "sgd", "SGD for a network without LayerNorms")])
 def test_a_short_run_says_its_unprobed_optimiser_and_starts_from_the_magnitude_start(norm, optimizer, why):
     """At any width (channel multiple 1): at 16 the one group's widths are 16, 32 and 48, and both starts take 32."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
-    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(nn.Linear(8, 48), norm, nn.ReLU(), nn.Linear(48, 3))
-    lines: list[str] = []
-    result = autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
-                                   device="cpu", progress=False, log=lines.append,
-                                   config={"budget": 1, "latency_runs": 2, "channel_multiple": 1})
+    result, lines = short_run(96, 16, norm, "params=1.5x")
     assert any(line.startswith(f"retrain.optimizer auto: {optimizer} (not probed: the run trains 6 optimiser steps")
                and line.endswith(f"{why})") for line in lines), lines
     assert next(r for r in result.records if r.get("event") == "optimizer")["choice"] == optimizer
@@ -145,14 +153,7 @@ def test_a_short_run_at_a_deep_target_starts_guided():
     (BENCHMARKS.md, session 50): a run too short to probe its start takes the guided one from a 3x round target."""
     assert unprobed_start(2.99)[0] == unprobed_start(None)[0] == "magnitude"
     assert unprobed_start(3.0)[0] == unprobed_start(10.0)[0] == "guided"
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
-    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(nn.Linear(8, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 3))
-    lines: list[str] = []
-    result = autocompress.compress(model, torch.randn(1, 8), "params=3x", train_loader=train, val_loader=train,
-                                   device="cpu", progress=False, log=lines.append,
-                                   config={"budget": 1, "latency_runs": 2, "channel_multiple": 1})
+    result, lines = short_run(96, 16, nn.BatchNorm1d(48), "params=3x")
     assert "search.start auto: guided (not probed: the run trains 6 optimiser steps, under the 320 the probe needs " \
            "to be worth its time; a round target of 3x, 3x or more: the guided start, which retrained better than " \
            "the magnitude start at flops=4x on every network measured unprobed)" in lines, lines
@@ -164,14 +165,7 @@ def test_a_run_of_160_to_319_steps_probes_its_optimiser_at_the_unprobed_start(ba
     """On CIFAR-10 and Fashion-MNIST CNNs at 237-314 steps the optimiser the probe chose retrained up to 1.3 points
     better than the unprobed SGD (BENCHMARKS.md, session 47): from 160 steps the optimiser is probed (40 steps per
     optimiser, 20 held-out batches) on the magnitude start, which stays unprobed below 320 steps."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(2 * batches, 8, generator=g), torch.randint(0, 3, (2 * batches,), generator=g)
-    train = DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(nn.Linear(8, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 3))
-    lines: list[str] = []
-    result = autocompress.compress(model, torch.randn(1, 8), "params=1.5x", train_loader=train, val_loader=train,
-                                   device="cpu", progress=False, log=lines.append,
-                                   config={"budget": 1, "latency_runs": 2, "channel_multiple": 1})
+    result, lines = short_run(2 * batches, 2, nn.BatchNorm1d(48), "params=1.5x")
     assert any(line.startswith(f"search.start auto: magnitude (not probed: the run trains {batches} optimiser "
                                "steps, under the 320") for line in lines), lines
     record = next(r for r in result.records if r.get("event") == "optimizer")
