@@ -25,8 +25,8 @@ from autocompress.alignment import aligned_keep, allowed_widths, grow_to_multipl
 from autocompress.compaction import compact
 from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import CompressConfig, SettingError, Target
-from autocompress.latency import (LatencyConfig, build_table, deployed_summary, layer_specs, measure_models, runner,
-                                  SLOWER, speed_warning, table_key, time_runners)
+from autocompress.latency import (LatencyConfig, Timing, build_table, deployed_summary, layer_specs, measure_models,
+                                  noisy_timing_warning, runner, SLOWER, speed_warning, table_key, time_runners)
 from autocompress.masks import apply_masks
 from autocompress.projection import project
 from autocompress.purification import remove_unused_paths, settle
@@ -1165,3 +1165,21 @@ def test_bad_inputs_to_time_are_refused_naming_the_problem():
         measure_models({"base": model}, (ids, mask[:1]), LatencyConfig(**FAST))
     with pytest.raises(UserError, match=r"must be a tensor \[B, ...\] or a tuple of them"):
         measure_models({"base": model}, (ids, None), LatencyConfig(**FAST))
+
+
+def test_timings_that_spread_widely_are_warned_about():
+    """Two fresh users read 1.79x and 3.57x from a loaded machine (base timings spreading 0.42-4.3 ms and
+    0.27-0.80 ms between the 10th and 90th percentile) where their own interleaved timing gave 1.37x: a spread of
+    more than NOISY x is warned about, naming the batch, the model and the spread."""
+    def timing(low: float, high: float) -> Timing:
+        return Timing(median_ms=(low + high) / 2, p10_ms=low, p90_ms=high, runs=30)
+
+    config = LatencyConfig()
+    quiet = deployed_summary({1: {"base": timing(0.0609, 0.0622), "compressed": timing(0.0392, 0.0409)}}, config)
+    assert noisy_timing_warning(quiet) is None and noisy_timing_warning(None) is None
+    loaded = deployed_summary({1: {"base": timing(0.421, 4.3), "compressed": timing(0.2, 0.25)},
+                               64: {"base": timing(8.0, 8.5), "compressed": timing(2.0, 4.1)}}, config)
+    assert noisy_timing_warning(loaded) == (
+        "the deployed timings were noisy (10th-90th percentile: batch 1: base 0.421-4.3 ms; batch 64: compressed "
+        "2-4.1 ms), so the speedups in the table are uncertain: time the models again on an idle machine "
+        "(autocompress inspect, or more latency.runs) before relying on them")

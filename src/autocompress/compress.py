@@ -41,7 +41,7 @@ from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
 from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable
 from .errors import CallArgument, TargetMissed, UserError
 from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
-                      speed_warning)
+                      noisy_timing_warning, speed_warning)
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -1237,7 +1237,7 @@ class Compression:
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
                         _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block),
-                        self._latency_overshoot_warning(deployed),
+                        self._latency_overshoot_warning(deployed), noisy_timing_warning(deployed["deployed"]),
                         _bottleneck_warning(self.first_space, _compact_widths(self.first_space, compact_model)),
                         self.first_space.unreached_warning(), self._base_batchnorm_warning(), *self.task.warnings):
             if warning:

@@ -380,6 +380,24 @@ def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfi
                        if t["compressed"].median_ms > SLOWER * t["base"].median_ms]}
 
 
+def noisy_timing_warning(summary: dict | None) -> str | None:
+    """The warning when a :func:`deployed_summary`'s timings spread so widely (a 90th percentile over
+    :data:`NOISY` times the 10th, for the base or the compressed model at some batch) that its speedups are
+    uncertain: two fresh users read 1.79x and 3.57x from a loaded machine where their own interleaved timing gave
+    1.37x (base spreads 0.42-4.3 ms and 0.27-0.80 ms); None otherwise."""
+    rows = (summary or {}).get("batches", {})
+    noisy = [f"batch {batch}: {name} {low:.3g}-{high:.3g} ms" for batch, row in rows.items()
+             for name in ("base", "compressed") for low, high in [row[f"{name}_p10_p90_ms"]] if high > NOISY * low]
+    if not noisy:
+        return None
+    return (f"the deployed timings were noisy (10th-90th percentile: {'; '.join(noisy)}), so the speedups in the "
+            "table are uncertain: time the models again on an idle machine (autocompress inspect, or more "
+            "latency.runs) before relying on them")
+
+
+#: a timing whose 90th percentile passes this many times its 10th makes :func:`noisy_timing_warning` warn (on a
+#: quiet machine the spread was 1.02-1.1x, under another job's load 1.4-1.5x)
+NOISY = 2.0
 #: a compressed model taking more than this times its base's time counts as slower (5 %: timing noise below; a
 #: fresh user was warned of "113 ms vs 113 ms")
 SLOWER = 1.05
