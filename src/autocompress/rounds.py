@@ -1116,11 +1116,12 @@ def _columns(module: nn.Module) -> int:
 
 
 def _own_channel_modules(model: nn.Module, group) -> str:
-    """Words naming the modules of the caller's own classes (defined outside torch) that hold parameters of
-    ``group``'s channels, besides weight layers: a channels-first LayerNorm written as a plain ``nn.Module`` (the
-    official ConvNeXt's) normalises over the channels, so removing some changes the others ("" where none)."""
+    """Words naming the modules of the caller's own classes (defined outside torch and autocompress) that hold
+    parameters of ``group``'s channels, besides weight layers: a norm over the channels written as a plain
+    ``nn.Module`` (an RMS norm; a LayerNorm is replaced by torch's) mixes the channels, so removing some changes
+    the others ("" where none)."""
     names = [name for name in dict.fromkeys(s.module for s in group.slices if s.role != "input")
-             if not type(module := model.get_submodule(name)).__module__.startswith("torch")
+             if not type(module := model.get_submodule(name)).__module__.startswith(("torch", "autocompress"))
              and not is_weight_layer(module)]
     if not names:
         return ""
