@@ -149,13 +149,14 @@ def test_a_short_run_says_its_unprobed_optimiser_and_starts_from_the_magnitude_s
 
 
 def test_a_short_run_at_a_deep_target_starts_guided():
-    """At flops=4x the guided start retrained 1.1-1.9 points better than the magnitude start on three CIFAR-10 nets
-    (BENCHMARKS.md, session 50): a run too short to probe its start takes the guided one from a 3x round target."""
-    assert unprobed_start(2.99)[0] == unprobed_start(None)[0] == "magnitude"
-    assert unprobed_start(3.0)[0] == unprobed_start(10.0)[0] == "guided"
-    result, lines = short_run(96, 16, nn.BatchNorm1d(48), "params=3x")
+    """At flops=4x the guided start retrained 1.1-1.9 points better than the magnitude start on three CIFAR-10 nets,
+    at 3x 1.35 worse (BENCHMARKS.md, session 50): a run too short to probe its start takes the guided one from a 4x
+    round target."""
+    assert unprobed_start(3.99)[0] == unprobed_start(None)[0] == "magnitude"
+    assert unprobed_start(4.0)[0] == unprobed_start(10.0)[0] == "guided"
+    result, lines = short_run(96, 16, nn.BatchNorm1d(48), "params=4x")
     assert "search.start auto: guided (not probed: the run trains 6 optimiser steps, under the 320 the probe needs " \
-           "to be worth its time; a round target of 3x, 3x or more: the guided start, which retrained better than " \
+           "to be worth its time; a round target of 4x, 4x or more: the guided start, which retrained better than " \
            "the magnitude start at flops=4x on every network measured unprobed)" in lines, lines
     assert next(r for r in result.records if r.get("event") == "start")["choice"] == "guided"
 
