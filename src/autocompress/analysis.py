@@ -26,6 +26,12 @@ def model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def callers_class(module: nn.Module) -> bool:
+    """Whether ``module``'s class is the caller's own: defined outside PyTorch, torchvision and autocompress, so
+    nothing but its forward says what it computes."""
+    return not type(module).__module__.startswith(("torch", "autocompress"))
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
     """Restore each module's ``training`` flag and all buffers on exit (no eval / no_grad switch)."""

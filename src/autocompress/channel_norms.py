@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 
-from .analysis import analysis_mode
+from .analysis import analysis_mode, callers_class
 
 #: the eps values tried for a module that keeps none in an ``eps`` attribute (the official ConvNeXt's, torch's)
 EPS_TRIED = (1e-6, 1e-5)
@@ -30,10 +30,10 @@ MATCH = 1e-5
 
 
 def standard_channel_norms(model: nn.Module) -> dict[str, str]:
-    """Replace, in place, each module of ``model`` of the caller's own class (defined outside torch) that computes
-    a LayerNorm over the channels (:func:`layer_norm_form`) by the torch module computing it, with its weights:
-    torchvision's ``LayerNorm2d`` for one normalising dimension 1 of ``[B, C, ...]`` inputs, ``nn.LayerNorm`` for
-    one normalising the last dimension.
+    """Replace, in place, each module of ``model`` of the caller's own class
+    (:func:`~autocompress.analysis.callers_class`) that computes a LayerNorm over the channels
+    (:func:`layer_norm_form`) by the torch module computing it, with its weights: torchvision's ``LayerNorm2d`` for
+    one normalising dimension 1 of ``[B, C, ...]`` inputs, ``nn.LayerNorm`` for one normalising the last dimension.
 
     Returns:
         the replaced modules: name -> ``"LayerNorm2d"`` or ``"LayerNorm"``.
@@ -70,7 +70,7 @@ def layer_norm_form(module: nn.Module) -> tuple[str, float] | None:
     :data:`EPS_TRIED` that matches."""
     params = dict(module.named_parameters(recurse=False))
     weight, bias = params.get("weight"), params.get("bias")
-    if type(module).__module__.startswith("torch") or weight is None or weight.dim() != 1 \
+    if not callers_class(module) or weight is None or weight.dim() != 1 \
             or set(params) - {"weight", "bias"} or (bias is not None and bias.shape != weight.shape) \
             or next(module.children(), None) is not None or next(module.buffers(recurse=False), None) is not None:
         return None

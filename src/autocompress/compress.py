@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed, metrics, report
 from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, kept_channels,
                         log_whole_groups)
-from .analysis import at_batch, output_tensors, prunable_model
+from .analysis import at_batch, callers_class, output_tensors, prunable_model
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings, search_share_warning
 from .compaction import compact, densify
@@ -319,10 +319,11 @@ def model_digest(model: nn.Module) -> str:
 
 def structure_digest(model: nn.Module) -> str:
     """SHA-256 of what a model is besides its weights: its printed form (layer types and their settings, such as a
-    Dropout's ``p``) and the public scalar attributes of its modules of the caller's own classes (defined outside
-    torch: a ``drop_path`` rate a block keeps), which a forward in training mode may read."""
+    Dropout's ``p``) and the public scalar attributes of its modules of the caller's own classes
+    (:func:`~autocompress.analysis.callers_class`: a ``drop_path`` rate a block keeps), which a forward in training
+    mode may read."""
     own = [f"{name}.{key}={value!r}" for name, module in model.named_modules()
-           if not type(module).__module__.startswith("torch")
+           if callers_class(module)
            for key, value in sorted(vars(module).items()) if not key.startswith("_") and key != "training"
            and _plain(value)]
     return hashlib.sha256("\n".join([repr(model), *own]).encode()).hexdigest()

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import admm, distributed, metrics
 from .alignment import AUTO, misaligned_widths
-from .analysis import trained_norms, train_mode
+from .analysis import callers_class, trained_norms, train_mode
 from .attention import HEAD_HINT, attention_shaped, free_macs, head_count, unaligned_heads
 from .channel_norms import standard_channel_norms
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
@@ -1116,13 +1116,12 @@ def _columns(module: nn.Module) -> int:
 
 
 def _own_channel_modules(model: nn.Module, group) -> str:
-    """Words naming the modules of the caller's own classes (defined outside torch and autocompress) that hold
+    """Words naming the modules of the caller's own classes (:func:`~autocompress.analysis.callers_class`) that hold
     parameters of ``group``'s channels, besides weight layers: a norm over the channels written as a plain
     ``nn.Module`` (an RMS norm; a LayerNorm is replaced by torch's) mixes the channels, so removing some changes
     the others ("" where none)."""
     names = [name for name in dict.fromkeys(s.module for s in group.slices if s.role != "input")
-             if not type(module := model.get_submodule(name)).__module__.startswith(("torch", "autocompress"))
-             and not is_weight_layer(module)]
+             if callers_class(module := model.get_submodule(name)) and not is_weight_layer(module)]
     if not names:
         return ""
     shown = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" for name in names[:3])
