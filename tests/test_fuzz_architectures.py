@@ -198,6 +198,22 @@ class ConcatResidual(nn.Module):
         return x + self.bn(torch.cat([self.a(x), self.b(x)], 1))
 
 
+class Ghost(nn.Module):
+    """A ghost module (GhostNet) added to the stream it reads: a 1x1 layer's output concatenated with a depthwise
+    convolution of it, cut to the stream's width (an odd width drops the last depthwise channel)."""
+
+    def __init__(self, c):
+        super().__init__()
+        half = (c + 1) // 2
+        self.primary, self.bn = nn.Conv2d(c, half, 1), nn.BatchNorm2d(half)
+        self.cheap = nn.Conv2d(half, half, 3, padding=1, groups=half)
+        self.width = c
+
+    def forward(self, x):
+        a = F.relu(self.bn(self.primary(x)))
+        return x + torch.cat([a, self.cheap(a)], 1)[:, :self.width]
+
+
 class Gated(nn.Module):
     """A GLU gate: one convolution's output chunked into halves, one gating the other (their sizes fixed by
     ``chunk``)."""
@@ -428,7 +444,7 @@ class AuxHead(nn.Module):
         return x
 
 
-BLOCKS = [Residual, Concat, ConcatResidual, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain,
+BLOCKS = [Residual, Concat, ConcatResidual, Ghost, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain,
           SqueezeExcite, SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN,
           GroupNormResidual, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead, TokenMixer]
 
@@ -1063,6 +1079,25 @@ def test_a_concatenation_added_to_the_stream_it_reads_is_pruned_and_a_chunked_ga
     gated = PruningSpace.build(Net([Gated], width=12), torch.randn(2, 3, 8, 8))
     assert "blocks.0.conv" not in [g.name for g in gated.filter_groups]
     assert "by chunk for a GLU gate" in " ".join(gated.exclusions["blocks.0.conv"])
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_a_ghost_modules_stream_is_pruned_in_pairs_of_a_channel_and_its_depthwise_copy(blocks):
+    """A ghost module (GhostNet) adds cat([a, depthwise(a)]) to the stream it reads: stream channel ``j`` and
+    ``j + 6`` are one channel of the depthwise conv, so they leave together. torch-pruning records ``j`` at some
+    layers of such a block and ``j + 6`` at others (it visits each once); the stream was left out as "could not be
+    verified" and is now one group of 6 tie classes, whose compact model equals the masked one."""
+    torch.manual_seed(0)
+    model = Net([Ghost] * blocks, width=12)
+    space = PruningSpace.build(model, torch.randn(2, 3, 8, 8))
+    stream = space.unit("filter", "stem.0")
+    assert stream.ties.tolist() == list(range(6)) * 2 and stream.parts == ()
+    assert set(stream.producers) == {"stem.0"} | {f"blocks.{i}.{layer}" for i in range(blocks)
+                                                  for layer in ("primary", "cheap")}
+    compact = oneshot(model, torch.randn(2, 3, 8, 8), "filter")
+    kept = stream.keep(MODES["filter"][1])
+    assert compact.stem[0].out_channels == kept == 6
+    assert all(b.primary.out_channels == b.cheap.out_channels == 3 for b in compact.blocks)
 
 
 @pytest.mark.parametrize("rate, shares", [(0.5, (2, 4)), (0.75, (1, 2)), (0.9, (1, 1))])

@@ -14,7 +14,9 @@ AAAI 2020, §"hybrid structured pruning"):
   at the same position of each of its conv groups (:attr:`FilterGroup.ties`); a LayerNorm over the channels
   couples like a BatchNorm (compaction makes it a :class:`autocompress.padded_norm.PaddedLayerNorm`), and
   so does a GroupNorm with affine parameters (a :class:`autocompress.padded_norm.PaddedGroupNorm`); a
-  GroupNorm without them ties the channels of each of its groups (whole groups leave).
+  GroupNorm without them ties the channels of each of its groups (whole groups leave); two channels that reach
+  one channel of one tensor by two paths are tied (a ghost module's ``cat([a, depthwise(a)])``,
+  :func:`_reached_twice`).
 * **column layers** (:class:`ColumnLayer`) — every Conv / Linear weight in the GEMM view
   ``[F, C/groups * prod(k)]`` (Linear: ``[out, in]``; transposed convs: ``weight.transpose(0, 1)``); a
   column is one (input channel, kernel position) across all filters.
@@ -199,8 +201,8 @@ class FilterGroup:
         found = {}
         for s in self.slices:
             channels = torch.unique(s.channel)
-            if s.role == "weight" and channels.numel() < self.size:
-                classes = channels if self.ties is None else torch.unique(self.ties[channels])
+            classes = channels if self.ties is None else torch.unique(self.ties[channels])
+            if s.role == "weight" and classes.numel() < self.classes:
                 found[tuple(classes.tolist())] = classes
         return tuple(found.values())
 
@@ -1221,8 +1223,8 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
         problem = problem or _uneven(slices, size)
         if problem.startswith((UNFOLLOWABLE, UNEVEN)):
             fused = _fused_qkv(module, tp_group, names, param_names, candidates, ignored)
-            if fused:
-                slices, size, problem = fused, size // 3, ""
+            if fused:  # q, k and v channels: torch-pruning's ties of the 3 * size outputs do not apply
+                slices, size, problem, blocks = fused, size // 3, "", []
         if not problem:
             problem = _claim(claimed, name, slices)
         if problem:
@@ -1319,8 +1321,9 @@ def _with_heads(group: FilterGroup, heads: int, free_macs: int = 0) -> FilterGro
 def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ignored: set[str] = frozenset()
             ) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
-    a problem ("" if the group can be pruned) and the ties of GroupNorms without affine parameters
-    (``(norm group of each position, channels, norm name)``, see :func:`_ties`).
+    a problem ("" if the group can be pruned) and the ties of GroupNorms without affine parameters and of
+    channels torch-pruning records at one channel of one tensor (``(tie key of each position, channels, what ties
+    them)``, see :func:`_ties` and :func:`_reached_twice`).
 
     A member whose pruned dimension has size 1 while the group has more channels is a broadcast (a
     one-channel gate multiplied over all channels): it does not couple and is skipped. An ``ignored`` module
@@ -1408,7 +1411,7 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
         elif is_group_norm(target):
             if target.weight is None:  # no affine entries to zero: its groups leave whole (ties)
-                blocks.append((channel_groups(target)[index], channel, mname))
+                blocks.append((channel_groups(target)[index], channel, f"GroupNorm {mname} without affine parameters"))
             for p in (target.weight, target.bias):  # compaction makes it a PaddedGroupNorm (exact)
                 if p is not None:
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
@@ -1416,8 +1419,7 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
             problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
-    merged = _merge(slices)
-    return merged, members, problem, blocks
+    return _merge(slices), members, problem, blocks + _reached_twice(tp_group, size)
 
 
 def _holds_tensors(module: nn.Module) -> bool:
@@ -1460,6 +1462,58 @@ def _merge(slices: list[Slice]) -> list[Slice]:
     return list(by_key.values())
 
 
+_SAME_CHANNELS = (ops.OPTYPE.BN, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.PRELU, ops.OPTYPE.IN)
+
+
+def _same_channels(node) -> bool:
+    """Whether torch-pruning's ``node`` outputs its inputs' channels at the same positions (a norm, an element-wise
+    op, a depthwise conv, a slice of the channels' first ones)."""
+    if node.type == ops.OPTYPE.SLICE:
+        op = node.module
+        return op.dim == 1 and not op.start and op.step in (None, 1)
+    return node.type in _SAME_CHANNELS
+
+
+def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """Ties of the ``size`` group channels that reach one channel of one tensor by two paths: ``(slot of each
+    reach, channel, what ties them)`` (:func:`tie_classes`), or none.
+
+    torch-pruning visits each node of a group once and records the group channel of the path it came by. A ghost
+    module (GhostNet, Han et al., CVPR 2020) concatenates a layer's output ``a`` with a depthwise convolution of it,
+    so channel ``j`` of ``a`` and channel ``|a| + j`` of the concatenation are one channel of the depthwise conv: the
+    group records ``j`` at some nodes of the block and ``|a| + j`` at others. A slot is a channel position of a
+    node's output (or of a layer's input); slots of a node that keeps its input's channel positions
+    (:func:`_same_channels`) are the slots of its inputs; group channels recorded at one slot are tied."""
+    parent: dict = {}
+
+    def root(slot):
+        while parent.setdefault(slot, slot) != slot:
+            slot = parent[slot] = parent[parent[slot]]
+        return slot
+
+    reached: dict = {}
+    nodes: dict = {}
+    for item in tp_group:
+        node, out_side = item.dep.target, item.dep.handler.__name__ == "prune_out_channels"
+        if any(int(channel) >= size for channel in item.root_idxs):
+            continue  # a reshape's mapping onto several channels per position (tokens x channels)
+        for i, channel in zip(item.idxs, item.root_idxs):
+            reached.setdefault((id(node), out_side, int(i)), set()).add(int(channel))
+            if out_side:
+                nodes.setdefault(id(node), (node, set()))[1].add(int(i))
+    for node, positions in nodes.values():
+        if _same_channels(node):
+            for source in node.inputs:
+                for i in positions:
+                    parent[root((id(node), True, i))] = root((id(source), True, i))
+    slots = {slot: n for n, slot in enumerate(dict.fromkeys(root(slot) for slot in reached))}
+    keys = [slots[root(slot)] for slot, channels in reached.items() for _ in channels]
+    channels = [c for cs in reached.values() for c in cs]
+    if len(set(zip(keys, channels))) == len(set(keys)):
+        return []
+    return [(torch.tensor(keys), torch.tensor(channels), "a layer and a depthwise convolution of it, concatenated,")]
+
+
 def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unique values of ``index`` (sorted) and the position of each one's first occurrence."""
     uniq, inverse = torch.unique(index, return_inverse=True)
@@ -1477,10 +1531,11 @@ def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
     position within the group), so the channels at positions ``p`` and ``p + j * C/groups`` of a grouped
     conv's input or output are tied. A GroupNorm without affine parameters outputs zeros for a removed
     channel only when its whole norm group is removed, so the channels of each of its groups are tied
-    (``blocks``: ``(norm group of each position, channels, norm name)``). Returns ``(ties int64 [size] or
-    None, "")`` or ``(None, problem)`` when a grouped conv also reads / writes channels of other groups, the
-    classes differ in size, or there is only one class."""
-    keyed: list[tuple[torch.Tensor, torch.Tensor, str]] = list(blocks)  # (tie key, channels, module)
+    (``blocks``: ``(norm group of each position, channels, what ties them)``, and the channels that reach one
+    tensor channel by two paths, :func:`_reached_twice`). Returns ``(ties int64 [size] or None, "")`` or ``(None, problem)``
+    when a grouped conv also reads / writes channels of other groups, the classes differ in size, or there is only
+    one class."""
+    keyed: list[tuple[torch.Tensor, torch.Tensor, str]] = list(blocks)  # (tie key, channels, what ties them)
     for s in slices:
         module = modules[s.module]
         if not is_grouped(module) or s.role not in ("weight", "input"):
@@ -1488,18 +1543,16 @@ def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
         extent = _channels(module, s.role == "weight")
         if not torch.equal(torch.unique(s.features), torch.arange(extent)):
             return None, f"filter pruning: grouped convolution {s.module} also reads or writes other channels"
-        keyed.append((s.features % (extent // module.groups), s.channel, s.module))
+        keyed.append((s.features % (extent // module.groups), s.channel, f"grouped convolution {s.module}"))
     if not keyed:
         return None, ""
     ties = tie_classes(size, [(key, channels) for key, channels, _ in keyed])
     counts = torch.bincount(ties)
     if not bool((counts == counts[0]).all()) or counts.numel() < 2:
-        name = keyed[0][2]
-        what = (f"grouped convolution {name}" if is_grouped(modules[name])
-                else f"GroupNorm {name} without affine parameters")
+        what = keyed[0][2]
         if counts.numel() < 2:
             return None, (f"filter pruning: {what} ties all channels together"
-                          + ("" if is_grouped(modules[name]) else "; give it affine=True or more groups"))
+                          + ("; give it affine=True or more groups" if what.startswith("GroupNorm") else ""))
         return None, f"filter pruning: {what} ties channels unevenly"
     return ties, ""
 
