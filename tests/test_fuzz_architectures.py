@@ -444,8 +444,8 @@ class AuxHead(nn.Module):
         return x
 
 
-BLOCKS = [Residual, Concat, ConcatResidual, Ghost, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck, GroupedChain,
-          SqueezeExcite, SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN,
+BLOCKS = [Residual, Concat, ConcatResidual, Ghost, Gated, UnevenSplit, Separable, Grouped, GroupedBottleneck,
+          GroupedChain, SqueezeExcite, SpatialGate, PerChannelParam, ChannelNorm, ChannelsLastLN, ChannelsFirstLN,
           GroupNormResidual, UpDown, LinearToMap, Interpolate, CalledTwice, AuxHead, TokenMixer]
 
 
