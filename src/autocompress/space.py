@@ -1533,8 +1533,8 @@ def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
     channel only when its whole norm group is removed, so the channels of each of its groups are tied
     (``blocks``: ``(norm group of each position, channels, what ties them)``, and the channels that reach one
     tensor channel by two paths, :func:`_reached_twice`). Returns ``(ties int64 [size] or None, "")`` or
-    ``(None, problem)`` when a grouped conv also reads / writes channels of other groups, the classes differ in size, or there is only
-    one class."""
+    ``(None, problem)`` when a grouped conv also reads / writes channels of other groups, the classes differ in
+    size, or there is only one class."""
     keyed: list[tuple[torch.Tensor, torch.Tensor, str]] = list(blocks)  # (tie key, channels, what ties them)
     for s in slices:
         module = modules[s.module]
