@@ -283,14 +283,20 @@ def test_constructor_arguments_read_a_required_argument_back():
 class _Dropped(_Pooled):
     """A Dropout rate by a constructor choice: eval outputs are the same at any rate, training is not."""
 
-    def __init__(self, dropout: float = 0.5, keep: bool = False):
+    def __init__(self, dropout: float = 0.5):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        if keep:
-            self.dropout = dropout
 
     def forward(self, x):
         return self.drop(super().forward(x))
+
+
+class _KeptDropped(_Dropped):
+    """:class:`_Dropped` keeping its rate in an attribute of the constructor argument's name."""
+
+    def __init__(self, dropout: float = 0.5):
+        super().__init__(dropout)
+        self.dropout = dropout
 
 
 @settings(max_examples=8, deadline=None)
@@ -301,13 +307,63 @@ def test_constructor_arguments_keep_a_dropout_rate_that_outputs_do_not_show(drop
     settings (read back from an attribute of the same name), or none are recorded."""
     from autocompress.serialization import constructor_arguments
 
-    kwargs = constructor_arguments(_Dropped(dropout, keep).eval(), (torch.randn(1, 3, 4, 4),))
+    cls = _KeptDropped if keep else _Dropped
+    kwargs = constructor_arguments(cls(dropout).eval(), (torch.randn(1, 3, 4, 4),))
     if dropout == 0.5:
         assert kwargs == {}  # the default rate: nothing to record, kept or not
     else:
         assert kwargs == ({"dropout": dropout} if keep else None)
     if kwargs is not None:
-        assert _Dropped(**kwargs).drop.p == dropout
+        assert cls(**kwargs).drop.p == dropout
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth written by the caller (as in the official ConvNeXt): its printed form does not show the rate,
+    and eval outputs do not depend on it."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1) >= self.drop_prob
+        return x * keep / (1 - self.drop_prob)
+
+
+class _WithDropPath(_Pooled):
+    def __init__(self, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.drop_path = _DropPath(drop_path_rate)
+
+    def forward(self, x):
+        return self.drop_path(super().forward(x))
+
+
+class _KeepsDropPath(_WithDropPath):
+    def __init__(self, drop_path_rate: float = 0.0):
+        super().__init__(drop_path_rate)
+        self.drop_path_rate = drop_path_rate
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.2])
+def test_constructor_arguments_keep_a_drop_path_rate_a_module_of_the_callers_keeps(rate, keep):
+    """Fresh user 71: ``MyNet(drop_path=0.05)`` prints and computes (in eval mode) as ``MyNet()``, so the checkpoint
+    recorded ``{}`` and the loaded model trained without stochastic depth. Its modules' scalar attributes
+    (``drop_prob``) are compared too: the rate is recorded where the model keeps it, or nothing is (``load`` then
+    asks for the model), as for an attribute set after construction, which no constructor call rebuilds."""
+    from autocompress.serialization import constructor_arguments
+
+    cls = _KeepsDropPath if keep else _WithDropPath
+    model = cls(rate).eval()
+    recorded = {} if rate == 0.0 else {"drop_path_rate": rate} if keep else None
+    assert constructor_arguments(model, (torch.randn(1, 3, 4, 4),)) == recorded
+    if recorded is not None:
+        assert cls(**recorded).drop_path.drop_prob == rate
+    model.head_rate = rate  # set after construction
+    assert constructor_arguments(model, (torch.randn(1, 3, 4, 4),)) is None
 
 
 class _Printed(_Pooled):

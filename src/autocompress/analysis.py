@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -30,6 +31,25 @@ def callers_class(module: nn.Module) -> bool:
     """Whether ``module``'s class is the caller's own: defined outside PyTorch, torchvision and autocompress, so
     nothing but its forward says what it computes."""
     return not type(module).__module__.startswith(("torch", "autocompress"))
+
+
+def structure_digest(model: nn.Module) -> str:
+    """SHA-256 of what a model is besides its weights: its printed form (layer types and their settings, such as a
+    Dropout's ``p``) and the public scalar attributes of its modules of the caller's own classes
+    (:func:`callers_class`: a ``drop_path`` rate a block keeps), which a forward in training
+    mode may read."""
+    own = [f"{name}.{key}={value!r}" for name, module in model.named_modules()
+           if callers_class(module)
+           for key, value in sorted(vars(module).items()) if not key.startswith("_") and key != "training"
+           and _plain(value)]
+    return hashlib.sha256("\n".join([repr(model), *own]).encode()).hexdigest()
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a number, string, bool or None, or a tuple / list of them."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed, metrics, report
 from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, kept_channels,
                         log_whole_groups)
-from .analysis import at_batch, callers_class, output_tensors, prunable_model
+from .analysis import at_batch, output_tensors, prunable_model, structure_digest
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings, search_share_warning
 from .compaction import compact, densify
@@ -315,25 +315,6 @@ def model_digest(model: nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def structure_digest(model: nn.Module) -> str:
-    """SHA-256 of what a model is besides its weights: its printed form (layer types and their settings, such as a
-    Dropout's ``p``) and the public scalar attributes of its modules of the caller's own classes
-    (:func:`~autocompress.analysis.callers_class`: a ``drop_path`` rate a block keeps), which a forward in training
-    mode may read."""
-    own = [f"{name}.{key}={value!r}" for name, module in model.named_modules()
-           if callers_class(module)
-           for key, value in sorted(vars(module).items()) if not key.startswith("_") and key != "training"
-           and _plain(value)]
-    return hashlib.sha256("\n".join([repr(model), *own]).encode()).hexdigest()
-
-
-def _plain(value: Any) -> bool:
-    """Whether ``value`` is a number, string, bool or None, or a tuple / list of them."""
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
 
 
 #: a setting one side of :func:`setting_changes` does not have
@@ -647,7 +628,7 @@ class Compression:
 
     def _refuse_changes(self, stored: dict, changed: list[str]) -> None:
         """UserError naming what differs between a run folder's ``config.yaml`` (``stored``) and this call: the
-        base model's weights first, its structure (:func:`structure_digest`), then the loaders' sizes, the settings
+        base model's weights first, its structure (:func:`~autocompress.analysis.structure_digest`), then the loaders' sizes, the settings
         (``changed``), and last the settings the data decide (:attr:`from_data`: alone, the data differ); or the
         number of processes."""
         if "data" in stored["run"]:  # folders of earlier versions hold no sizes
@@ -1303,7 +1284,8 @@ class Compression:
         if kwargs is None:
             self.pipeline.log(f"model.pt: {cls.__name__}'s constructor arguments are not recorded ({cls.__name__}() "
                               f"with the model's weights does not compute its outputs or has other layer settings, "
-                              f"such as a Dropout rate, and they could not be read back from its attributes): "
+                              f"such as a Dropout or drop-path rate, and they could not be read back from its "
+                              f"attributes): "
                               f"{load}")
         if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
             self.pipeline.log(f"model.pt: {cls.__name__} is defined in the script that ran (or in a function), so "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis import analysis_mode, model_device, output_tensors
+from .analysis import analysis_mode, model_device, output_tensors, structure_digest
 from .architecture import apply_architecture, describe_architecture
 from .channel_norms import standard_channel_norms
 from .checkpoint import class_path, import_model_class, save_checkpoint, storable_option
@@ -40,15 +40,17 @@ def _constructible_without_arguments(cls: type) -> bool:
 def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | None:
     """Keyword arguments with which ``type(model)`` rebuilds ``model``, for a checkpoint's ``model`` entry.
 
-    A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict), prints
-    as ``model`` does (the same modules with the same settings: a Dropout rate or BatchNorm momentum that only
-    training sees) and then computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval
+    A candidate rebuilds it when a fresh ``type(model)(**kwargs)`` takes ``model``'s state_dict (strict), has
+    ``model``'s structure (:func:`~autocompress.analysis.structure_digest`: the same modules with the same settings,
+    a Dropout rate or BatchNorm momentum that only training sees, and the same scalar attributes of the caller's own
+    modules, a drop-path rate its forward reads in training) and then computes ``model``'s outputs on ``example_inputs`` (a tuple of input tensors; eval
     mode, no grad; relative difference <= 1e-4). Tried in order: no arguments (when the constructor needs none),
     then the constructor's parameters read back from ``model``'s attributes of the same name where a checkpoint
     can record them (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
 
     Returns None when neither rebuilds it, e.g. ``MyNet(pool="mean")`` whose ``MyNet()`` pools otherwise and
-    keeps no ``pool`` attribute, or ``MyNet(dropout=0.3)`` keeping no ``dropout`` attribute: a checkpoint
+    keeps no ``pool`` attribute, ``MyNet(dropout=0.3)`` or ``MyNet(drop_path=0.1)`` keeping no attribute of that
+    name, or a model given an attribute after it was built (no constructor call sets it): a checkpoint
     recording ``{}`` there would load a model computing (or training) otherwise; with None, ``autocompress.load``
     asks for ``model=``. Never raises for the caller's constructor or forward (a failure means "does not
     rebuild").
@@ -79,7 +81,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) -> bool:
-    """Whether ``cls(**kwargs)`` prints as ``model`` and with ``model``'s state_dict computes its outputs on
+    """Whether ``cls(**kwargs)`` has ``model``'s structure and with ``model``'s state_dict computes its outputs on
     ``example_inputs``."""
     try:
         fresh = cls(**kwargs)
@@ -87,8 +89,8 @@ def _rebuilds(cls: type, kwargs: dict, model: nn.Module, example_inputs: tuple) 
             split_multihead_attention(fresh)  # as the pipeline did to its base model
         standard_channel_norms(fresh)  # likewise
         fresh.load_state_dict(model.state_dict())
-        if str(fresh) != str(model):  # other module settings (nn.Module's repr lists each module's; after the
-            return False  # weights are loaded, so a module printing a value of its own compares equal)
+        if structure_digest(fresh) != structure_digest(model):  # other module settings (after the weights are
+            return False  # loaded, so a module printing a value of its own compares equal)
         fresh.to(model_device(model))
         with analysis_mode(model), analysis_mode(fresh):
             want, got = output_tensors(model(*example_inputs)), output_tensors(fresh(*example_inputs))
