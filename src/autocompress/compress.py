@@ -628,9 +628,9 @@ class Compression:
 
     def _refuse_changes(self, stored: dict, changed: list[str]) -> None:
         """UserError naming what differs between a run folder's ``config.yaml`` (``stored``) and this call: the
-        base model's weights first, its structure (:func:`~autocompress.analysis.structure_digest`), then the loaders' sizes, the settings
-        (``changed``), and last the settings the data decide (:attr:`from_data`: alone, the data differ); or the
-        number of processes."""
+        base model's weights first, its structure (:func:`~autocompress.analysis.structure_digest`), then the
+        loaders' sizes, the settings (``changed``), and last the settings the data decide (:attr:`from_data`: alone,
+        the data differ); or the number of processes."""
         if "data" in stored["run"]:  # folders of earlier versions hold no sizes
             changed = changed + setting_changes(stored["run"]["data"], self._data_sizes(), "data")
         from_data = [change for change in changed if change.partition(":")[0] in self.from_data]
