@@ -46,7 +46,8 @@ def constructor_arguments(model: nn.Module, example_inputs: tuple) -> dict | Non
     modules, a drop-path rate its forward reads in training) and then computes ``model``'s outputs on
     ``example_inputs`` (a tuple of input tensors; eval mode, no grad; relative difference <= 1e-4). Tried in
     order: no arguments (when the constructor needs none), then the constructor's parameters read back from
-    ``model``'s attributes of the same name where a checkpoint can record them (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
+    ``model``'s attributes of the same name where a checkpoint can record them
+    (:func:`~autocompress.checkpoint.storable_option`; a class that keeps ``self.width = width``).
 
     Returns None when neither rebuilds it, e.g. ``MyNet(pool="mean")`` whose ``MyNet()`` pools otherwise and
     keeps no ``pool`` attribute, ``MyNet(dropout=0.3)`` or ``MyNet(drop_path=0.1)`` keeping no attribute of that
