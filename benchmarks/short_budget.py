@@ -211,6 +211,72 @@ class MobileSE(nn.Module):
         return self.fc(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
 
 
+class SqueezeExcite(nn.Module):
+    """Mean over positions, 1x1 down to a quarter (8 at the least), ReLU, 1x1 up, Hardsigmoid, times the input."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        squeezed = max(8, width // 4)
+        self.gate = nn.Sequential(nn.Conv2d(width, squeezed, 1), nn.ReLU(), nn.Conv2d(squeezed, width, 1),
+                                  nn.Hardsigmoid())
+
+    def forward(self, x):
+        return x * self.gate(x.mean((2, 3), keepdim=True))
+
+
+class GhostModule(nn.Module):
+    """A ghost module (GhostNet, Han et al. CVPR 2020): a 1x1 conv to half the width, a depthwise 3x3 of it, both
+    concatenated and cut to ``out`` channels."""
+
+    def __init__(self, cin: int, out: int, relu: bool = True):
+        super().__init__()
+        self.out, half = out, (out + 1) // 2
+        act = nn.ReLU() if relu else nn.Identity()
+        self.primary = nn.Sequential(nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), act)
+        self.cheap = nn.Sequential(nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+                                   act)
+
+    def forward(self, x):
+        a = self.primary(x)
+        return torch.cat([a, self.cheap(a)], 1)[:, :self.out]
+
+
+class GhostBottleneck(nn.Module):
+    """Ghost module (expand), a depthwise 3x3 where it strides, squeeze-and-excitation (optional), ghost module
+    (project, no ReLU), plus the input (a depthwise + 1x1 shortcut where the shape changes)."""
+
+    def __init__(self, cin: int, mid: int, out: int, stride: int = 1, se: bool = False):
+        super().__init__()
+        self.expand = GhostModule(cin, mid)
+        self.dw = (nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid))
+                   if stride > 1 else nn.Identity())
+        self.se = SqueezeExcite(mid) if se else nn.Identity()
+        self.project = GhostModule(mid, out, relu=False)
+        self.shortcut = nn.Identity() if stride == 1 and cin == out else nn.Sequential(
+            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, out, 1, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        return self.project(self.se(self.dw(self.expand(x)))) + self.shortcut(x)
+
+
+class Ghost(nn.Module):
+    """A GhostNet-style net as fresh user 72 wrote one: stem 16, ghost bottlenecks 16-24(s2)-24-40(s2, SE)-40(SE)
+    -80(s2)-80, 1x1 to 256, average pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = [(16, 16, 16, 1, False), (16, 48, 24, 2, False), (24, 72, 24, 1, False), (24, 72, 40, 2, True),
+               (40, 120, 40, 1, True), (40, 240, 80, 2, False), (80, 200, 80, 1, False)]
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(*(GhostBottleneck(*c) for c in cfg))
+        self.head = nn.Sequential(nn.Conv2d(80, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU())
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
 class Inception(nn.Module):
     """Two branches concatenated: a 1x1 conv and a 1x1 -> grouped 3x3 conv."""
 
@@ -343,13 +409,14 @@ def TorchvisionViT() -> nn.Module:  # noqa: N802 - a model class to the caller
                              num_classes=10)
 
 
-MODELS = {"resnet": ResNet, "catres": CatResNet, "vgg": VGG, "mobile": Mobile, "mobile_se": MobileSE,
+MODELS = {"resnet": ResNet, "catres": CatResNet, "vgg": VGG, "mobile": Mobile, "mobile_se": MobileSE, "ghost": Ghost,
           "resnext": ResNeXt, "convnext": ConvNeXt, "vit": ViT, "mhavit": EncoderViT, "tvvit": TorchvisionViT}
 
 AC_CONFIGS = {"ac": {}, "ac_own": {}, "ac_filter": {"dims": "filter"}, "ac_nokd": {"distillation": {"enabled": False}},
               "ac_magnitude": {"search": {"start": "magnitude"}}, "ac_guided": {"search": {"start": "guided"}},
               "ac_probe": {},
               "ac_any": {"channel_multiple": 1},
+              "ac_any_magnitude": {"channel_multiple": 1, "search": {"start": "magnitude"}},
               "ac_m4": {"channel_multiple": 4}, "ac_m8": {"channel_multiple": 8},
               "ac_adamw": {"retrain": {"optimizer": "adamw"}}, "ac_sgd": {"retrain": {"optimizer": "sgd"}},
               "ac_stop0": {"distillation": {"stop_margin": 0.0}}, "ac_padded": {"layer_norm": "padded"},
