@@ -504,11 +504,11 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     heads = (lambda *args: None) if method == "ac_noheads" else rounds.head_count
     split = (lambda model: {}) if method == "ac_unsplit" else rounds.split_multihead_attention
     widths = (lambda model, narrowed: []) if method == "ac_keepwidth" else compaction.width_attributes
-    probe_from = 0 if method == "ac_probe" else rounds.MIN_START_PROBE_STEPS
+    probe_from = (lambda factor: 0) if method == "ac_probe" else rounds.start_probe_steps
     with mock.patch.object(rounds, "head_count", heads), \
             mock.patch.object(rounds, "split_multihead_attention", split), \
             mock.patch.object(compaction, "width_attributes", widths), \
-            mock.patch.object(rounds, "MIN_START_PROBE_STEPS", probe_from):
+            mock.patch.object(rounds, "start_probe_steps", probe_from):
         result = autocompress.compress(base, EXAMPLE, target, train_loader=train, val_loader=val,
                                        train_fn=train_fn, device="cpu", progress=False, log=lambda line: None,
                                        config={"budget": budget, "seed": seed, **AC_CONFIGS[method]})

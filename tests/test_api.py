@@ -1745,7 +1745,7 @@ def test_a_run_without_a_search_starts_where_the_probe_s_loss_is_lower_and_a_res
     from autocompress import rounds
 
     monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
-    monkeypatch.setattr(rounds, "MIN_START_PROBE_STEPS", 0)
+    monkeypatch.setattr(rounds, "start_probe_steps", lambda factor: 0)
     probed = []
 
     def losses(model, param_masks, task, *, optimizers, **_settings):
@@ -1791,7 +1791,7 @@ def test_the_start_probe_says_it_trains_with_the_library_s_loop_when_the_caller_
     from autocompress import rounds
 
     monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
-    monkeypatch.setattr(rounds, "MIN_START_PROBE_STEPS", 0)
+    monkeypatch.setattr(rounds, "start_probe_steps", lambda factor: 0)
     monkeypatch.setattr(rounds, "probe_losses", lambda model, masks, task, *, optimizers, **_: {
         name: 1.0 for name in optimizers})
     train, val, lines = *loaders(), []

@@ -126,9 +126,9 @@ class SearchConfig:
             to each layer's mean, as a global magnitude ranking prunes; filter units only, the guided start when
             they cannot meet the target alone) or ``"auto"`` (the default: a search of one evaluation, which ends
             where it starts, starts from whichever of the two the optimiser probe's held-out loss prefers,
-            :meth:`autocompress.rounds.Pipeline.settle_start`; a run too short to probe takes the magnitude start
-            under a 4x round target, the guided one from it: :func:`autocompress.optimizer_probe.unprobed_start`; a
-            longer search starts guided). Measured at flops=4x with a 3-4 epoch budget (one candidate, three seeds
+            :meth:`autocompress.rounds.Pipeline.settle_start`; a run too short to probe (under 320 optimiser steps, or
+            160 at a round target of 4x or more: :func:`autocompress.optimizer_probe.start_probe_steps`) takes the
+            magnitude start; a longer search starts guided). Measured at flops=4x with a 3-4 epoch budget (one candidate, three seeds
             each), magnitude against guided: +1.28 points of top-1 on a small residual CNN, -0.36 on a fresh user's
             SE / dilated Conv1d net, -0.50 on the CIFAR-10 ResNet-20 (BENCHMARKS.md, "Session 27"); +3.38 on a fresh
             user's token transformer at flops=2x ("Session 39").

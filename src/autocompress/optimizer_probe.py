@@ -46,8 +46,9 @@ HELD_OUT_BATCHES = 20
 #: SGD alone (AdamW up to 1.3 better, SGD up to 0.85); probes of 10 and 20 steps chose so in 15 of 20 (+0.26,
 #: +0.16; BENCHMARKS.md, session 47)
 MIN_TRAINING_STEPS = 4 * PROBE_STEPS
-#: a run training fewer optimiser steps in all does not probe its start (:func:`unprobed_start`): the start probe
-#: trains three copies (one per start, then the other optimiser on the chosen one)
+#: a run training fewer optimiser steps in all does not probe its start below a :data:`DEEP_TARGET`
+#: (:func:`start_probe_steps`; :func:`unprobed_start`): the start probe trains three copies (one per start, then
+#: the other optimiser on the chosen one)
 MIN_START_PROBE_STEPS = 8 * PROBE_STEPS
 #: SGD is chosen only when its held-out loss is lower than AdamW's by more than this fraction of it; within it
 #: the two are a tie, which goes to AdamW. The probe's own spread: the same probe from two seeds moved the
@@ -71,25 +72,34 @@ def unprobed_choice(model: nn.Module) -> tuple[str, str]:
     return "sgd", "SGD for a network without LayerNorms"
 
 
-#: from this round target on (its reduction factor), a run too short to probe its start starts guided
-GUIDED_FROM = 4.0
+#: from this round target on (its reduction factor) a run probes its start from :data:`MIN_TRAINING_STEPS` steps
+#: (:func:`start_probe_steps`)
+DEEP_TARGET = 4.0
 
 
-def unprobed_start(factor: float | None) -> tuple[str, str]:
-    """The start of a run too short to probe (:data:`MIN_START_PROBE_STEPS`) for a round reducing its model
-    ``factor`` times, and why. Below :data:`GUIDED_FROM` the magnitude start (one global threshold), which retrained
-    as well as the guided one or better on every network measured unprobed at flops=2x: two token transformers +1.9
-    and +1.1 points (282 steps, three seeds each; BENCHMARKS.md, session 41), a torchvision resnet18 +1.33 and
-    regnet_x_400mf +0.63 (three seeds each), two small CIFAR-10 CNNs +0.10 and 0.00 (two seeds each; session 44);
-    at flops=3x +1.35 on a MobileNetV3-style CIFAR-10 net (two seeds; session 50). From it the guided start, which
-    spreads the pruning over the layers where one threshold empties some: at flops=4x (314 steps) +1.14 points on
-    that net (three seeds), +1.25 on a MobileNetV2-style one (three seeds) and +1.9 on a fresh user's (one seed;
-    session 50). The change lies between 3x and 4x on those nets, where nothing was measured."""
-    if factor is not None and factor >= GUIDED_FROM:
-        return "guided", (f"a round target of {factor:.3g}x, {GUIDED_FROM:g}x or more: the guided start, which "
-                          "retrained better than the magnitude start at flops=4x on every network measured unprobed")
+def start_probe_steps(factor: float | None) -> int:
+    """The fewest optimiser steps with which a run probes its start (:func:`choose_start`) for a round reducing its
+    model ``factor`` times: :data:`MIN_START_PROBE_STEPS`, and at a :data:`DEEP_TARGET` or deeper
+    :data:`MIN_TRAINING_STEPS` (as the optimiser), where the better start depends on the network and on its
+    trained weights by 1-5 points of top-1 either way: at flops=4x with 314 steps the guided start retrained 1.14,
+    1.25 and 1.9 points better on three MobileNet-style CIFAR-10 nets (session 50), the magnitude start 1.73 and
+    1.96 better on a residual CNN and 4.58 better on one of those MobileNet-style nets trained again (session 51;
+    BENCHMARKS.md), and the probe chose the better one in each run measured, for about a quarter more run time.
+    Below a deep target the magnitude start retrained as well or better on every network measured
+    (:func:`unprobed_start`), so a short run saves the probe there."""
+    return MIN_TRAINING_STEPS if factor is not None and factor >= DEEP_TARGET else MIN_START_PROBE_STEPS
+
+
+def unprobed_start() -> tuple[str, str]:
+    """The start of a run too short to probe it (:func:`start_probe_steps`), and why: the magnitude start (one
+    global threshold), which retrained as well as the guided one or better on every network measured unprobed at
+    flops=2x: two token transformers +1.9 and +1.1 points (282 steps, three seeds each; BENCHMARKS.md, session 41),
+    a torchvision resnet18 +1.33 and regnet_x_400mf +0.63 (three seeds each), two small CIFAR-10 CNNs +0.10 and 0.00
+    (two seeds each; session 44); at flops=3x +1.35 on a MobileNetV3-style CIFAR-10 net (two seeds; session 50) and
+    +0.44 on a residual CNN (two seeds; session 51). At flops=4x it lost 1.1-1.9 points on three nets and won 1.7-4.6
+    on two (sessions 50, 51), where the guided start lost more when it lost."""
     return "magnitude", ("the magnitude start, which retrained as well as the guided one or better at flops=2x and "
-                         "3x on every network measured unprobed")
+                         "3x on every network measured unprobed, and lost less than it where it lost at 4x")
 
 
 @dataclass(frozen=True)

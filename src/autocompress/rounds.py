@@ -40,9 +40,9 @@ from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
-from .optimizer_probe import (HELD_OUT_BATCHES, MIN_START_PROBE_STEPS, MIN_TRAINING_STEPS, PROBE_STEPS,
-                              ProbeResult, choose_optimizer, choose_start, probe_losses, probe_optimizers,
-                              unprobed_choice, unprobed_start)
+from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, ProbeResult, choose_optimizer,
+                              choose_start, probe_losses, probe_optimizers, start_probe_steps, unprobed_choice,
+                              unprobed_start)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -605,8 +605,8 @@ class Pipeline:
         ``retrain.optimizer: auto`` on it (the other optimiser probed on the chosen start); the guided
         start without a probe when ``starts()`` (start name -> rates, and why the magnitude start is not among
         them) offers one start, and
-        :func:`~autocompress.optimizer_probe.unprobed_start` of the round's target when the run trains fewer than
-        :data:`~autocompress.optimizer_probe.MIN_START_PROBE_STEPS` steps. As a run folder recorded it (its ``start``
+        :func:`~autocompress.optimizer_probe.unprobed_start` when the run is too short to probe it at the round's
+        target (:func:`~autocompress.optimizer_probe.start_probe_steps`). As a run folder recorded it (its ``start``
         record) once settled. Returns ``"guided"`` or ``"magnitude"``."""
         if self.store.is_done("base", "start"):
             choice = next(r["choice"] for r in self.store.records if r.get("event") == "start")
@@ -614,12 +614,13 @@ class Pipeline:
             return choice
         steps = self.training_steps(rounds)
         candidates, alone = starts()
-        if len(candidates) < 2 or steps < MIN_START_PROBE_STEPS:
+        fewest = start_probe_steps(state.target)
+        if len(candidates) < 2 or steps < fewest:
             if len(candidates) < 2:
                 choice, why = "guided", alone
             else:
-                choice, why = unprobed_start(state.target)
-                why = f"{_too_short(steps, MIN_START_PROBE_STEPS)}; {why}"
+                choice, why = unprobed_start()
+                why = f"{_too_short(steps, fewest)}; {why}"
             self.log(f"search.start auto: {choice} (not probed: {why})")
             self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": None}])
             return choice
