@@ -129,9 +129,9 @@ class SearchConfig:
             :meth:`autocompress.rounds.Pipeline.settle_start`; a run too short to probe (under 320 optimiser steps, or
             160 at a round target of 4x or more: :func:`autocompress.optimizer_probe.start_probe_steps`) takes the
             magnitude start; a longer search starts guided). Measured at flops=4x with a 3-4 epoch budget (one
-            candidate, three seeds each), magnitude against guided: +1.28 points of top-1 on a small residual CNN, -0.36 on a fresh user's
-            SE / dilated Conv1d net, -0.50 on the CIFAR-10 ResNet-20 (BENCHMARKS.md, "Session 27"); +3.38 on a fresh
-            user's token transformer at flops=2x ("Session 39").
+            candidate, three seeds each), magnitude against guided: +1.28 points of top-1 on a small residual CNN,
+            -0.36 on a fresh user's SE / dilated Conv1d net, -0.50 on the CIFAR-10 ResNet-20 (BENCHMARKS.md,
+            "Session 27"); +3.38 on a fresh user's token transformer at flops=2x ("Session 39").
         moves: the search's moves (:data:`autocompress.sampling.MOVES`): ``"gaussian"`` (the default: the paper's
             noise on every rate, re-fit to the target) or ``"mixed"`` (a growing share of local swaps as the
             temperature falls: one unit a width wider, one other pruned just enough; beyond the paper). Measured on
