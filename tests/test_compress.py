@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,31 @@ def test_cli_errors_exit_2(base_checkpoint, finished_run, tmp_path, capsys):
                  "head", "--out", str(tmp_path / "c")]) == 2
     assert "--ignore ['head'] names no module of" in capsys.readouterr().err
     assert not (tmp_path / "c" / "round1").exists()
+
+
+def test_resume_continues_a_run_whose_auto_setting_the_data_resolved(base_checkpoint, tmp_path, monkeypatch):
+    """Fresh user 73: ``--resume`` passed the settings ``config.yaml`` holds resolved (``distillation.enabled: true``,
+    which the base's fit decided), and the run folder, which compares them with the settings as given
+    (``run.given``: ``auto``), refused "holds a run with other settings (distillation.enabled: 'auto' in the folder,
+    True now)". ``--resume`` passes the settings as the run was given them."""
+    monkeypatch.setattr(sys.modules["autocompress.compress"], "FIT_SHARE", 0.0)  # distillation on for this base
+    small = {key: SMALL[key] for key in ("val_size", "max_train", "max_test", "batch_size", "latency_runs")}
+    out = tmp_path / "run"
+    original = Pipeline._compact
+
+    def interrupted(self, state, *, last):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "_compact", interrupted)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**small, "target": "params=2x", "budget": 1}))
+    assert main(["compress", str(base_checkpoint), "--config", str(config), "--out", str(out), "--device", "cpu",
+                 "--quiet"]) == 130
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    assert stored["distillation"]["enabled"] is True and stored["run"]["given"]["distillation"]["enabled"] == "auto"
+    monkeypatch.setattr(Pipeline, "_compact", original)
+    assert main(["compress", "--resume", str(out), "--quiet"]) == 0
+    assert (out / "model.pt").exists()
 
 
 def test_finished_run_resumes_to_the_same_table(finished_run, capsys):

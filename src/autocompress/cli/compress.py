@@ -197,7 +197,9 @@ def _refuse_changes(args: argparse.Namespace) -> None:
 
 def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict, list[str]]:
     """The checkpoint, settings and ``--import`` modules a run folder's ``config.yaml`` records (``--data-dir``
-    replacing the stored data folder)."""
+    replacing the stored data folder): the settings as the run was given them (``run.given``; a setting given as
+    ``auto`` stays ``auto``, which the library compares with what the folder holds), or in folders of 0.9.0 and
+    earlier the resolved ones."""
     from ..runfolder import RunFolder
 
     folder = RunFolder(out)
@@ -207,11 +209,11 @@ def _stored_request(out: str, data_dir: str | None) -> tuple[str, dict, list[str
                         "start one with `autocompress compress CHECKPOINT --target ... --out DIR`")
     stored = folder.read_config()
     source = stored.pop("source", None) or {}
-    stored.pop("run", None)
+    run = stored.pop("run", None) or {}
     if "checkpoint" not in source:
         raise UserError(f"{out} was not started by `autocompress compress`", "resume it from Python with the "
                         "same model and settings")
-    settings = {**stored, **source.get("data", {})}
+    settings = {**run.get("given", stored), **source.get("data", {})}
     if data_dir is not None:
         settings["data_dir"] = data_dir
     return source["checkpoint"], settings, list(source.get("imports") or [])
