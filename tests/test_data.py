@@ -151,6 +151,24 @@ def test_cifar_archive_is_extracted_once(cifar_folder, tmp_path, monkeypatch):
     assert torch.equal(get_dataset("cifar10", copy, val_size=2).test.images, from_folder.test.images)
 
 
+def test_cifar_without_a_folder_is_read_where_an_earlier_run_extracted_its_archive(cifar_folder, tmp_path,
+                                                                                    monkeypatch):
+    """Fresh user 73: ``autocompress evaluate`` without ``--data-dir`` said "CIFAR-10 not found in ~/.cache/
+    autocompress/cifar10, ~/.cache/autocompress" while the compress run had extracted the archive into the cache's
+    ``extracted/cifar10-jpeg-<hash>``: that folder is searched too."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("AUTOCOMPRESS_DATA", raising=False)
+    with pytest.raises(UserError, match="CIFAR-10 not found in"):
+        get_dataset("cifar10", None, val_size=2)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(cifar_folder / split, arcname=split)
+    given = get_dataset("cifar10", archive, val_size=2)
+    found = get_dataset("cifar10", None, val_size=2)
+    assert torch.equal(found.test.images, given.test.images) and torch.equal(found.train.labels, given.train.labels)
+
+
 def test_an_archive_extracted_by_another_process_meanwhile_is_used(cifar_folder, tmp_path, monkeypatch):
     """Two processes extracting one archive at once: the one renaming second finds the folder in place (the
     rename fails, 'Directory not empty') and uses it; the grid's two jobs failed on this before."""

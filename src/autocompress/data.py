@@ -521,6 +521,7 @@ def _cifar10(data_dir) -> tuple[Path, tuple[TensorSplit, TensorSplit, list[str]]
     if data_dir is None:
         candidates = [Path(os.environ["AUTOCOMPRESS_DATA"])] if os.environ.get("AUTOCOMPRESS_DATA") else []
         candidates += [cache_dir() / "cifar10", cache_dir()]
+        candidates += sorted((cache_dir() / "extracted").glob("cifar*"))  # archives given before (extract_archive)
         for folder in candidates:
             if _cifar_layout(folder) is not None:
                 return folder, _read_cifar(folder)
