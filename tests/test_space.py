@@ -488,9 +488,9 @@ def test_an_ignored_layer_that_names_no_module_is_refused_naming_the_setting(wan
 def test_exclusions_are_logged_once_by_a_run(caplog):
     with caplog.at_level("INFO", logger="autocompress.space"):
         space = PruningSpace.build(Separable(), X)
-        assert "not pruned" not in caplog.text  # a run builds several spaces of one model
+        assert "-pruned" not in caplog.text  # a run builds several spaces of one model
         space.log_exclusions()
-    assert "not pruned: fc" in caplog.text and "classifier" in caplog.text
+    assert "not filter-pruned: fc: its channels are model outputs (classifier)" in caplog.text
 
 
 def test_layers_left_out_for_one_reason_are_logged_on_one_line(caplog):
@@ -510,8 +510,9 @@ def test_layers_left_out_for_one_reason_are_logged_on_one_line(caplog):
     with caplog.at_level("INFO", logger="autocompress.space"):
         space.log_exclusions()
     lines = [r.getMessage() for r in caplog.records]
-    assert f"not pruned (2 layers): {shared}: a, b" in lines
-    assert sum(line.startswith("not pruned") for line in lines) == len(set(space.excluded.values()))
+    assert shared.startswith("column pruning ")  # fresh user 73 read "not pruned" of layers filter-pruned
+    assert f"not column-pruned (2 layers): {shared.removeprefix('column pruning ')}: a, b" in lines
+    assert sum(line.startswith("not ") for line in lines) == len(set(space.excluded.values()))
 
 
 def test_a_multihead_attention_projection_read_by_its_fused_forward_is_said_to_be():
@@ -885,7 +886,7 @@ def test_a_group_whose_removal_alone_makes_the_forward_not_finite_is_left_out_na
         space.log_exclusions()
     assert [g.name for g in space.filter_groups] == ["c1", "c3"]
     read = "; c2's weight is also read outside the layer" if not use_log else ""
-    assert (f"not pruned: c2: filter pruning: removing its channels makes c3's input NaN or infinite (a division by "
+    assert (f"not filter-pruned: c2: removing its channels makes c3's input NaN or infinite (a division by "
             f"their weights' norm, a log of their outputs){read}") in caplog.messages
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

@@ -504,17 +504,22 @@ class PruningSpace:
 
     def log_exclusions(self) -> None:
         """Log the layers left out of pruning with their reasons (INFO, logger ``autocompress.space``), one line per
-        reason: ``not pruned: <name>: <reasons>``, or ``not pruned (<n> layers): <reasons>: <name>, <name>, ...``
-        when several layers share it (a transformer's Linears applied at every token); a run calls it once, for the
-        space of its base model."""
+        reason: ``not filter-pruned: <name>: <reasons>`` (``column-``, ``irregular-``; ``not pruned`` for a reason of
+        every kind, such as a layer of one's own), or ``not column-pruned (<n> layers): <reasons>: <name>, <name>,
+        ...`` when several layers share it (a transformer's Linears applied at every token); a run calls it once,
+        for the space of its base model."""
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.excluded.items():
             by_reason.setdefault(reason, []).append(name or "<model>")
         for reason, names in by_reason.items():
+            kind = next((kind for kind in KINDS if reason.startswith(f"{kind} pruning")), None)
+            what = "not pruned" if kind is None else f"not {kind}-pruned"
+            if kind is not None:
+                reason = reason.removeprefix(f"{kind} pruning").removeprefix(":").strip()
             if len(names) == 1:
-                log.info("not pruned: %s: %s", names[0], reason)
+                log.info("%s: %s: %s", what, names[0], reason)
             else:
-                log.info("not pruned (%d layers): %s: %s", len(names), reason, ", ".join(names))
+                log.info("%s (%d layers): %s: %s", what, len(names), reason, ", ".join(names))
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
