@@ -236,8 +236,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
         run_dir: a folder for a resumable run (config.yaml, metrics.jsonl, per-phase artifacts, model.pt,
             report.html); called again with the same model and settings it continues the run there.
         progress: tqdm progress bars; log: called with one line per step (default: none). Layers left out
-            of pruning (``not filter-pruned: ...``, ``not column-pruned: ...``, INFO) and the final table's warnings (WARNING, also in
-            ``result.final["warnings"]``) go to the standard ``logging`` loggers under ``autocompress``: Python
+            of pruning (``not filter-pruned: ...``, ``not column-pruned: ...``, INFO) and the final table's
+            warnings (WARNING, also in ``result.final["warnings"]``) go to the standard ``logging`` loggers under ``autocompress``: Python
             prints warnings to stderr until logging is configured. ``print(result.summary())`` prints the final
             table and its warnings as the ``compress`` command does.
 

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="trained checkpoint (omit with --resume)")
     parser.add_argument("--target", help="OBJECTIVE=FACTORx, e.g. params=20x, flops=8x or latency=2x (speedup "
                         "measured in --latency-runtime), or latency=5ms")
-    parser.add_argument("--dims", help="filter,column (hybrid; the default for params / flops targets) | filter (the default for "
-                        "latency targets) | column | irregular")
+    parser.add_argument("--dims", help="filter,column (hybrid; the default for params / flops targets) | filter "
+                        "(the default for latency targets) | column | irregular")
     parser.add_argument("--rounds", help="'doubling' (default), a number of rounds, or targets '2,4,10'")
     parser.add_argument("--config", help="run.yaml with any compress setting (flags override it)")
     parser.add_argument("--out", help="run folder (default runs/compress-<checkpoint name>)")
