@@ -237,9 +237,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             report.html); called again with the same model and settings it continues the run there.
         progress: tqdm progress bars; log: called with one line per step (default: none). Layers left out
             of pruning (``not filter-pruned: ...``, ``not column-pruned: ...``, INFO) and the final table's
-            warnings (WARNING, also in ``result.final["warnings"]``) go to the standard ``logging`` loggers under ``autocompress``: Python
-            prints warnings to stderr until logging is configured. ``print(result.summary())`` prints the final
-            table and its warnings as the ``compress`` command does.
+            warnings (WARNING, also in ``result.final["warnings"]``) go to the standard ``logging`` loggers under
+            ``autocompress``: Python prints warnings to stderr until logging is configured.
+            ``print(result.summary())`` prints the final table and its warnings as the ``compress`` command does.
 
     Under ``torch.distributed`` (called in every process of an initialised process group, e.g. under
     ``torchrun``) the ranks score the search's candidates in parallel and train under DistributedDataParallel;
