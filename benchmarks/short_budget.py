@@ -571,17 +571,21 @@ def main() -> None:
                 data = (DataLoader(train.dataset, batch_size=64, shuffle=True,
                                    generator=torch.Generator().manual_seed(seed)), val, test)
                 began = time.perf_counter()
-                row, model = (run_torch_pruning(base, data, seed, args.target, args.budget, TP_ROUND_TO[method],
-                                                args.base_optimizer)
-                              if method in TP_ROUND_TO else
-                              run_autocompress(base, data, method, seed, args.target, args.budget,
-                                               args.base_optimizer))
                 row = {"model": name, "method": method, "seed": seed, "target": args.target, "budget": args.budget,
                        "base_optimizer": args.base_optimizer,
                        "base_top1": base_top1, "base_macs": metrics.count_macs(base, EXAMPLE),
-                       "base_params": metrics.count_params(base), **row,
-                       "seconds": round(time.perf_counter() - began, 1),
-                       "ort_b1_speedup": ort_speedup(base, model.eval())}
+                       "base_params": metrics.count_params(base)}
+                try:
+                    result, model = (run_torch_pruning(base, data, seed, args.target, args.budget,
+                                                       TP_ROUND_TO[method], args.base_optimizer)
+                                     if method in TP_ROUND_TO else
+                                     run_autocompress(base, data, method, seed, args.target, args.budget,
+                                                      args.base_optimizer))
+                except ValueError as exc:  # e.g. Torch-Pruning cannot reach the target: recorded, the campaign goes on
+                    row.update(top1=None, error=str(exc))
+                else:
+                    row.update(result, seconds=round(time.perf_counter() - began, 1),
+                               ort_b1_speedup=ort_speedup(base, model.eval()))
                 print(json.dumps(row), flush=True)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
