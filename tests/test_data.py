@@ -167,6 +167,14 @@ def test_cifar_without_a_folder_is_read_where_an_earlier_run_extracted_its_archi
     given = get_dataset("cifar10", archive, val_size=2)
     found = get_dataset("cifar10", None, val_size=2)
     assert torch.equal(found.test.images, given.test.images) and torch.equal(found.train.labels, given.train.labels)
+    other = tmp_path / "cifar10-other.tar.gz"  # a second extraction: which one is meant is not guessed
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(cifar_folder / "test", arcname="train")
+        tar.add(cifar_folder / "test", arcname="test")
+    get_dataset("cifar10", other, val_size=2)
+    with pytest.raises(UserError, match=r"CIFAR-10 not found in .* \(archives extracted before: cifar10-jpeg-\w+, "
+                                        r"cifar10-other-\w+, in "):
+        get_dataset("cifar10", None, val_size=2)
 
 
 def test_an_archive_extracted_by_another_process_meanwhile_is_used(cifar_folder, tmp_path, monkeypatch):

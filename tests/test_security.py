@@ -90,6 +90,7 @@ def test_crafted_checkpoint_data_folder_is_not_followed(tmp_path, capsys, monkey
     _evil_batches(tmp_path / "evil" / "cifar-10-batches-py", _System(f"touch {marker}"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AUTOCOMPRESS_DATA", raising=False)
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))  # no CIFAR-10 extracted by other tests
     (tmp_path / "rates.yaml").write_text("default: 0.5\n")
     for recorded in (str(tmp_path / "evil"), "evil"):
         ckpt = tmp_path / "m.pt"

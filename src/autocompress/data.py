@@ -521,11 +521,15 @@ def _cifar10(data_dir) -> tuple[Path, tuple[TensorSplit, TensorSplit, list[str]]
     if data_dir is None:
         candidates = [Path(os.environ["AUTOCOMPRESS_DATA"])] if os.environ.get("AUTOCOMPRESS_DATA") else []
         candidates += [cache_dir() / "cifar10", cache_dir()]
-        candidates += sorted((cache_dir() / "extracted").glob("cifar*"))  # archives given before (extract_archive)
+        extracted = [folder for folder in sorted((cache_dir() / "extracted").glob("cifar*"))
+                     if _cifar_layout(folder) is not None]  # archives given before (extract_archive)
+        candidates += extracted if len(extracted) == 1 else []  # several: which one is not ours to guess
         for folder in candidates:
             if _cifar_layout(folder) is not None:
                 return folder, _read_cifar(folder)
-        raise UserError(f"CIFAR-10 not found in {', '.join(map(str, candidates))}", _CIFAR_FIX)
+        several = f" (archives extracted before: {', '.join(f.name for f in extracted)}, in {extracted[0].parent})" \
+            if len(extracted) > 1 else ""
+        raise UserError(f"CIFAR-10 not found in {', '.join(map(str, candidates))}{several}", _CIFAR_FIX)
     path = Path(data_dir)
     if not path.exists():
         raise UserError(f"CIFAR-10 data {path} does not exist", _CIFAR_FIX)
