@@ -133,11 +133,16 @@ def test_cifar_image_folder_decodes_like_pil_and_caches(cifar_folder, isolated_c
     assert images.shape == (4, 3, 32, 32) and labels.max() < 3
 
 
+def _archive(path, cifar_folder, train: str = "train"):
+    """``path``: a .tar.gz of ``cifar_folder``'s ``train`` (or another split as train) and ``test`` folders."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(cifar_folder / train, arcname="train")
+        tar.add(cifar_folder / "test", arcname="test")
+    return path
+
+
 def test_cifar_archive_is_extracted_once(cifar_folder, tmp_path, monkeypatch):
-    archive = tmp_path / "small.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(cifar_folder / split, arcname=split)
+    archive = _archive(tmp_path / "small.tar.gz", cifar_folder)
     from_folder = get_dataset("cifar10", cifar_folder, val_size=2)
     from_archive = get_dataset("cifar10", archive, val_size=2)
     assert torch.equal(from_archive.test.images, from_folder.test.images)
@@ -160,18 +165,11 @@ def test_cifar_without_a_folder_is_read_where_an_earlier_run_extracted_its_archi
     monkeypatch.delenv("AUTOCOMPRESS_DATA", raising=False)
     with pytest.raises(UserError, match="CIFAR-10 not found in"):
         get_dataset("cifar10", None, val_size=2)
-    archive = tmp_path / "cifar10-jpeg.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(cifar_folder / split, arcname=split)
-    given = get_dataset("cifar10", archive, val_size=2)
+    given = get_dataset("cifar10", _archive(tmp_path / "cifar10-jpeg.tar.gz", cifar_folder), val_size=2)
     found = get_dataset("cifar10", None, val_size=2)
     assert torch.equal(found.test.images, given.test.images) and torch.equal(found.train.labels, given.train.labels)
-    other = tmp_path / "cifar10-other.tar.gz"  # a second extraction: which one is meant is not guessed
-    with tarfile.open(other, "w:gz") as tar:
-        tar.add(cifar_folder / "test", arcname="train")
-        tar.add(cifar_folder / "test", arcname="test")
-    get_dataset("cifar10", other, val_size=2)
+    # a second extraction: which one is meant is not guessed
+    get_dataset("cifar10", _archive(tmp_path / "cifar10-other.tar.gz", cifar_folder, train="test"), val_size=2)
     with pytest.raises(UserError, match=r"CIFAR-10 not found in .* \(archives extracted before: cifar10-jpeg-\w+, "
                                         r"cifar10-other-\w+, in "):
         get_dataset("cifar10", None, val_size=2)
@@ -180,10 +178,7 @@ def test_cifar_without_a_folder_is_read_where_an_earlier_run_extracted_its_archi
 def test_an_archive_extracted_by_another_process_meanwhile_is_used(cifar_folder, tmp_path, monkeypatch):
     """Two processes extracting one archive at once: the one renaming second finds the folder in place (the
     rename fails, 'Directory not empty') and uses it; the grid's two jobs failed on this before."""
-    archive = tmp_path / "small.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(cifar_folder / split, arcname=split)
+    archive = _archive(tmp_path / "small.tar.gz", cifar_folder)
     replace = os.replace
 
     def other_process_first(src, dst):
@@ -204,9 +199,7 @@ def test_cifar_folder_holding_the_archive(cifar_folder, tmp_path):
     shelf = tmp_path / "datasets"
     shelf.mkdir()
     (shelf / "SHA256SUMS").write_text("")
-    with tarfile.open(shelf / "cifar10-jpeg.tar.gz", "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(cifar_folder / split, arcname=split)
+    _archive(shelf / "cifar10-jpeg.tar.gz", cifar_folder)
     from_shelf = get_dataset("cifar10", shelf, val_size=2)
     assert torch.equal(from_shelf.test.images, get_dataset("cifar10", cifar_folder, val_size=2).test.images)
     with pytest.raises(UserError, match="neither"):
