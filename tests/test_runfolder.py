@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -89,7 +90,13 @@ def test_a_truncated_phase_artifact_names_the_file_to_delete(tmp_path):
         run.save(1, "admm", {"state_dict": {"w": torch.ones(100)}})
         path = tmp_path / "run" / "round1" / "admm.pt"
         path.write_bytes(path.read_bytes()[:200])
-        with pytest.raises(UserError, match=r"admm artifact of round 1 .* is damaged .*delete"):
+        state = tmp_path / "run" / "state.json"
+        # fresh user 74 followed "the entries after [1, 'admm']" and the same error came back: the entry goes too
+        fix = f"delete {path} and, in {state}, the entry [1, 'admm'] with every entry after it, then resume"
+        with pytest.raises(UserError, match=r"admm artifact of round 1 .* is damaged; " + re.escape(fix)):
+            run.load(1, "admm")
+        path.unlink()
+        with pytest.raises(UserError, match=r"admm artifact of round 1 .* is missing; " + re.escape(fix)):
             run.load(1, "admm")
     finally:
         run.close()

@@ -180,8 +180,9 @@ class RunFolder(PhaseStore):
 
     def load(self, round_index: int, phase: str) -> Any:
         path = self.phase_file(round_index, phase)
-        return _read(path, f"the {phase} artifact of round {round_index}", f"delete {path} and the entries after "
-                     f"[{round_index}, {phase!r}] in {self.file('state.json')}, then resume")
+        return _read(path, f"the {phase} artifact of round {round_index}", f"delete {path} and, in "
+                     f"{self.file('state.json')}, the entry [{round_index}, {phase!r}] with every entry after it, then "
+                     "resume: the run does those phases again")
 
     def save(self, round_index: int, phase: str, payload: Any) -> None:
         path = self.phase_file(round_index, phase)
@@ -229,11 +230,13 @@ class RunFolder(PhaseStore):
 def _read(path: Path, what: str, fix: str) -> Any:
     """The payload at ``path``: JSON for a ``.json`` file, else a torch archive checked entry by entry (a flipped
     byte would load silently otherwise) and loaded with ``weights_only=True``. UserError "``what`` (path) is
-    damaged" with ``fix`` on any failure."""
+    missing" or "... is damaged" with ``fix`` on any failure."""
+    if not path.is_file():
+        raise UserError(f"{what} ({path}) is missing", fix)
     try:
         if path.suffix == ".json":
             return json.loads(path.read_text())
         verify_archive(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any damage of the file ends here
-        raise UserError(f"{what} ({path}) is damaged ({type(exc).__name__})", fix) from None
+    except Exception:  # noqa: BLE001 - any damage of the file ends here
+        raise UserError(f"{what} ({path}) is damaged", fix) from None
