@@ -494,7 +494,12 @@ def test_run_dir_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, on
     with pytest.raises(UserError, match="model weights"):
         autocompress.compress(other, example, "params=2x", run_dir=run_dir, **args)
 
-    resumed = autocompress.compress(model, example, "params=2x", run_dir=run_dir, **args)
+    torch.set_num_threads(2)  # the run goes on at the one thread it started with, and says so (fresh user 74)
+    lines: list[str] = []
+    resumed = autocompress.compress(model, example, "params=2x", run_dir=run_dir, log=lines.append, **args)
+    assert torch.get_num_threads() == 2
+    assert any(f"run_dir {run_dir} holds this run" in line and "continuing it, at the 1 thread(s) it started with "
+               "(not 2)," in line for line in lines), lines
     expected, got = reference.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

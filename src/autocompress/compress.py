@@ -662,8 +662,10 @@ class Compression:
         if self.folder.is_done("final", "final"):
             return f"run_dir {self.run_dir} holds this run, finished ({same}): its result is read back, nothing runs"
         done = len(self.folder.done())
-        return (f"run_dir {self.run_dir} holds this run ({same}): continuing it, {done} finished phase(s) read back "
-                "and not run again")
+        threads = torch.get_num_threads()  # the run's own (_open_folder), which its results depend on
+        at = f", at the {threads} thread(s) it started with (not {self.threads})" if threads != self.threads else ""
+        return (f"run_dir {self.run_dir} holds this run ({same}): continuing it{at}, {done} finished phase(s) read "
+                "back and not run again")
 
     def _check_same_validation(self) -> None:
         """A continued run scores its base as when it started (the ``base`` record of its folder), within
