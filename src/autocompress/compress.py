@@ -1287,8 +1287,7 @@ class Compression:
             self.pipeline.log(f"model.pt: {cls.__name__}'s constructor arguments are not recorded ({cls.__name__}() "
                               f"with the model's weights does not compute its outputs or has other layer settings, "
                               f"such as a Dropout or drop-path rate, and they could not be read back from its "
-                              f"attributes): "
-                              f"{load}")
+                              f"attributes): {load}")
         if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
             self.pipeline.log(f"model.pt: {cls.__name__} is defined in the script that ran (or in a function), so "
                               f"another process cannot import it by name: {load}, or define it in a module")

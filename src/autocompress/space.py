@@ -1324,18 +1324,18 @@ def _with_heads(group: FilterGroup, heads: int, free_macs: int = 0) -> FilterGro
 
 
 def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ignored: set[str] = frozenset()
-            ) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
+            ) -> tuple[list[Slice], set, str, list[tuple[torch.Tensor, torch.Tensor, str, str]]]:
     """Parameter slices of one torch-pruning group of ``size`` channels, the modules whose rows it prunes,
     a problem ("" if the group can be pruned) and the ties of GroupNorms without affine parameters and of
     channels torch-pruning records at one channel of one tensor (``(tie key of each position, channels, what ties
-    them)``, see :func:`_ties` and :func:`_reached_twice`).
+    them, how to untie them)``, see :func:`_ties` and :func:`_reached_twice`).
 
     A member whose pruned dimension has size 1 while the group has more channels is a broadcast (a
     one-channel gate multiplied over all channels): it does not couple and is skipped. An ``ignored`` module
     keeps its own channels (a problem when the group would remove them) but reads fewer input channels."""
     slices: list[Slice] = []
     members: set = set()
-    blocks: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+    blocks: list[tuple[torch.Tensor, torch.Tensor, str, str]] = []
     problem = ""
     for item in tp_group:
         dep, idxs, root = item.dep, item.idxs, item.root_idxs
@@ -1416,7 +1416,8 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
         elif is_group_norm(target):
             if target.weight is None:  # no affine entries to zero: its groups leave whole (ties)
-                blocks.append((channel_groups(target)[index], channel, f"GroupNorm {mname} without affine parameters"))
+                blocks.append((channel_groups(target)[index], channel, f"GroupNorm {mname} without affine parameters",
+                               "give it affine=True or more groups"))
             for p in (target.weight, target.bias):  # compaction makes it a PaddedGroupNorm (exact)
                 if p is not None:
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
@@ -1479,9 +1480,9 @@ def _same_channels(node) -> bool:
     return node.type in _SAME_CHANNELS
 
 
-def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor, str, str]]:
     """Ties of the ``size`` group channels that reach one channel of one tensor by two paths: ``(slot of each
-    reach, channel, what ties them)`` (:func:`tie_classes`), or none.
+    reach, channel, what ties them, "")`` (:func:`tie_classes`), or none.
 
     torch-pruning visits each node of a group once and records the group channel of the path it came by. A ghost
     module (GhostNet, Han et al., CVPR 2020) concatenates a layer's output ``a`` with a depthwise convolution of it,
@@ -1489,13 +1490,7 @@ def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor
     group records ``j`` at some nodes of the block and ``|a| + j`` at others. A slot is a channel position of a
     node's output (or of a layer's input); slots of a node that keeps its input's channel positions
     (:func:`_same_channels`) are the slots of its inputs; group channels recorded at one slot are tied."""
-    parent: dict = {}
-
-    def root(slot):
-        while parent.setdefault(slot, slot) != slot:
-            slot = parent[slot] = parent[parent[slot]]
-        return slot
-
+    sets = _DisjointSets()
     reached: dict = {}
     nodes: dict = {}
     for item in tp_group:
@@ -1510,13 +1505,14 @@ def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor
         if _same_channels(node):
             for source in node.inputs:
                 for i in positions:
-                    parent[root((id(node), True, i))] = root((id(source), True, i))
-    slots = {slot: n for n, slot in enumerate(dict.fromkeys(root(slot) for slot in reached))}
-    keys = [slots[root(slot)] for slot, channels in reached.items() for _ in channels]
+                    sets.union((id(node), True, i), (id(source), True, i))
+    slots = {slot: n for n, slot in enumerate(dict.fromkeys(sets.find(slot) for slot in reached))}
+    keys = [slots[sets.find(slot)] for slot, channels in reached.items() for _ in channels]
     channels = [c for cs in reached.values() for c in cs]
     if len(set(zip(keys, channels))) == len(set(keys)):
         return []
-    return [(torch.tensor(keys), torch.tensor(channels), "a layer and a depthwise convolution of it, concatenated,")]
+    return [(torch.tensor(keys), torch.tensor(channels), "a layer and a depthwise convolution of it, concatenated,",
+             "")]
 
 
 def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1528,7 +1524,7 @@ def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
-          blocks: Sequence[tuple[torch.Tensor, torch.Tensor, str]] = ()) -> tuple[torch.Tensor | None, str]:
+          blocks: Sequence[tuple[torch.Tensor, torch.Tensor, str, str]] = ()) -> tuple[torch.Tensor | None, str]:
     """Tie classes of a group's channels from its grouped convolutions and GroupNorms without affine
     parameters, or a problem.
 
@@ -1536,11 +1532,11 @@ def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
     position within the group), so the channels at positions ``p`` and ``p + j * C/groups`` of a grouped
     conv's input or output are tied. A GroupNorm without affine parameters outputs zeros for a removed
     channel only when its whole norm group is removed, so the channels of each of its groups are tied
-    (``blocks``: ``(norm group of each position, channels, what ties them)``, and the channels that reach one
-    tensor channel by two paths, :func:`_reached_twice`). Returns ``(ties int64 [size] or None, "")`` or
-    ``(None, problem)`` when a grouped conv also reads / writes channels of other groups, the classes differ in
+    (``blocks``: ``(norm group of each position, channels, what ties them, how to untie them)``, and the channels
+    that reach one tensor channel by two paths, :func:`_reached_twice`). Returns ``(ties int64 [size] or None,
+    "")`` or ``(None, problem)`` when a grouped conv also reads / writes channels of other groups, the classes differ in
     size, or there is only one class."""
-    keyed: list[tuple[torch.Tensor, torch.Tensor, str]] = list(blocks)  # (tie key, channels, what ties them)
+    keyed: list[tuple[torch.Tensor, torch.Tensor, str, str]] = list(blocks)  # (tie key, channels, what, fix)
     for s in slices:
         module = modules[s.module]
         if not is_grouped(module) or s.role not in ("weight", "input"):
@@ -1548,16 +1544,15 @@ def _ties(slices: list[Slice], size: int, modules: dict[str, nn.Module],
         extent = _channels(module, s.role == "weight")
         if not torch.equal(torch.unique(s.features), torch.arange(extent)):
             return None, f"filter pruning: grouped convolution {s.module} also reads or writes other channels"
-        keyed.append((s.features % (extent // module.groups), s.channel, f"grouped convolution {s.module}"))
+        keyed.append((s.features % (extent // module.groups), s.channel, f"grouped convolution {s.module}", ""))
     if not keyed:
         return None, ""
-    ties = tie_classes(size, [(key, channels) for key, channels, _ in keyed])
+    ties = tie_classes(size, [(key, channels) for key, channels, _, _ in keyed])
     counts = torch.bincount(ties)
     if not bool((counts == counts[0]).all()) or counts.numel() < 2:
-        what = keyed[0][2]
+        _, _, what, fix = keyed[0]
         if counts.numel() < 2:
-            return None, (f"filter pruning: {what} ties all channels together"
-                          + ("; give it affine=True or more groups" if what.startswith("GroupNorm") else ""))
+            return None, f"filter pruning: {what} ties all channels together" + (f"; {fix}" if fix else "")
         return None, f"filter pruning: {what} ties channels unevenly"
     return ties, ""
 
@@ -1567,21 +1562,32 @@ def tie_classes(size: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -
 
     Each pair ``(keys [n], channels [n])`` ties the channels with equal keys (a grouped conv's positions
     modulo its conv-group width, a GroupNorm's group of each position); classes are the connected sets."""
-    parent = list(range(size))
-
-    def root(c: int) -> int:
-        while parent[c] != c:
-            parent[c] = parent[parent[c]]
-            c = parent[c]
-        return c
-
+    sets = _DisjointSets()
     for keys, channels in pairs:
         first: dict[int, int] = {}
         for k, c in zip(keys.tolist(), channels.tolist()):
-            a, b = root(first.setdefault(k, c)), root(c)
-            parent[max(a, b)] = min(a, b)
-    roots = torch.tensor([root(c) for c in range(size)])
+            sets.union(first.setdefault(k, c), c)
+    roots = torch.tensor([sets.find(c) for c in range(size)])
     return torch.unique(roots, return_inverse=True)[1]
+
+
+class _DisjointSets:
+    """Union-find over hashable, ordered items (channels; :func:`_reached_twice`'s slots): each set's root is its
+    smallest item, so :func:`tie_classes` numbers classes in order of first channel."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, item):
+        """The root of ``item``'s set (``item`` itself when never joined)."""
+        while self.parent.setdefault(item, item) != item:
+            item = self.parent[item] = self.parent[self.parent[item]]
+        return item
+
+    def union(self, a, b) -> None:
+        """Join the sets of ``a`` and ``b``."""
+        a, b = self.find(a), self.find(b)
+        self.parent[max(a, b)] = min(a, b)
 
 
 def _uneven(slices: list[Slice], size: int) -> str:
