@@ -309,7 +309,8 @@ def test_checkpoint_dataset_uses_the_recorded_carve_and_normalisation(cifar_fold
     # an old checkpoint without normalisation gets the dataset's standard statistics
     old = {k: v for k, v in described.items() if k not in ("mean", "std")}
     assert checkpoint_dataset(old, data_dir=cifar_folder).mean == data.MEAN_STD["cifar10"][0]
-    with pytest.raises(UserError, match="the checkpoint records no dataset"):
+    with pytest.raises(UserError, match=r"the checkpoint records no dataset \(a model compressed through the "
+                                        r"Python API records only its input\); name the dataset to evaluate on"):
         checkpoint_dataset({"input_size": [3, 32, 32]}, data_dir=cifar_folder)
     with pytest.raises(UserError, match=r"unknown dataset 'mnist' \(the checkpoint records 'cifar10'\); use one of"):
         checkpoint_dataset(described, "mnist", cifar_folder)

@@ -270,7 +270,11 @@ def test_recorded_import_paths_must_name_module_classes(tmp_path):
     model = nn.Linear(3, 2)
     cases = {"collections:OrderedDict": "is not an nn.Module subclass, refusing to build it",
              "os:getcwd": "is not an nn.Module subclass", "no_such_package_xyz:Net": "cannot import module",
-             "torch.nn:NoSuchLayer": "has no 'NoSuchLayer'", "torch.nn.Linear": "is not an import path"}
+             "torch.nn:NoSuchLayer": "has no 'NoSuchLayer'", "torch.nn.Linear": "is not an import path",
+             # fresh user 74: a class of the saving script; no version of the code to install brings it back
+             "__main__:NoSuchNet": r"model class __main__:NoSuchNet was defined in the script that saved the "
+                                   r"checkpoint \(its __main__\), which no other process can import; pass a fresh "
+                                   r"instance .*model=NoSuchNet\(\.\.\.\)\), in Python; or define the class"}
     for class_path, message in cases.items():
         path = save_checkpoint(tmp_path / "c.pt", model=model, model_class=class_path,
                                model_kwargs={"in_features": 3, "out_features": 2}, dataset={}, config={}, metrics={})

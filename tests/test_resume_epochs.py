@@ -2,6 +2,8 @@
 epoch k + 1 (not the phase's first epoch) and ends with the weights and records of an uninterrupted run."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -25,15 +27,17 @@ class Killed(Exception):
     """Stands for a kill of the process."""
 
 
-def _run(run_dir, *, kill_at: str | None = None, seeded_loader: bool = True):
+def _run(run_dir, *, kill_at: str | None = None, seeded_loader: bool = True, flipped: bool = False):
     """One pruning round (ADMM, hard pruning, masked retraining, compaction: the round function of
     ``autocompress.compress``) of a tiny CNN with dropout (global-generator draws every step) at rate 0.5,
     with its phases in the run folder ``run_dir``; with ``kill_at`` (an epoch's progress label, e.g.
-    ``"ADMM epoch 3/3"``) it raises :class:`Killed` when that epoch starts. Returns ``(the compact model's
+    ``"ADMM epoch 3/3"``) it raises :class:`Killed` when that epoch starts; ``flipped``: the classes in reverse
+    order (other training data, so other weights after ADMM). Returns ``(the compact model's
     state_dict or None, the epochs trained, the log lines, the records)``."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 1, 8, 8, generator=g)
     y = (x[:, :, :4].mean((1, 2, 3)) > 0).long() + 2 * (x[:, :, :, :4].mean((1, 2, 3)) > 0).long()
+    y = 3 - y if flipped else y
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -140,3 +144,37 @@ def test_an_epoch_checkpoint_of_another_phase_length_or_loader_is_refused():
         EpochCheckpoint(lambda: stored, stored.update, generators=[torch.Generator()]).resume(model, optimizer,
                                                                                                None, 5)
     assert EpochCheckpoint(lambda: stored, stored.update).resume(model, optimizer, None, 5) == (2, {"history": [1, 2]})
+
+
+def test_an_epoch_checkpoint_of_a_phase_that_started_from_other_weights_is_set_aside(tmp_path):
+    """Fresh user 74: with state.json deleted, a retraining epoch checkpoint an earlier run left was resumed from
+    although ADMM, done again, had given other weights (here: on other labels). It is set aside, said so, and the
+    run ends as an uninterrupted one on the new data."""
+    full_weights, full_epochs, _, _ = _run(tmp_path / "full", flipped=True)
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, kill_at="retrain epoch 2/3")[0] is None
+    (run_dir / "state.json").unlink()
+    weights, epochs, lines, _ = _run(run_dir, flipped=True)
+    assert "round 1 retraining: the epoch checkpoint after epoch 1/3 is of a phase that started from other " \
+           "weights (left by an earlier run of this folder); starting from epoch 1" in lines
+    assert not any("resuming" in line for line in lines) and epochs == full_epochs
+    assert all(torch.equal(weights[k], full_weights[k]) for k in full_weights)
+
+
+def test_an_epoch_checkpoint_resumes_only_onto_the_weights_its_phase_started_from():
+    model, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stored, lines = {}, []
+    first = EpochCheckpoint(lambda: None, lambda state: stored.update(copy.deepcopy(state)))  # as on disk
+    assert first.resume(model, optimizer, None, 5) == (0, {})
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)  # an epoch trained
+    first.save(1, 5, model, optimizer, None, {"history": [1]})
+    model.load_state_dict(start)
+    again = EpochCheckpoint(lambda: stored, stored.update, log=lines.append)
+    assert again.resume(other, optimizer, None, 5) == (0, {}) and again.resumed is None
+    assert lines == ["training: the epoch checkpoint after epoch 1/5 is of a phase that started from other weights "
+                     "(left by an earlier run of this folder); starting from epoch 1"]
+    assert again.resume(model, optimizer, None, 5) == (1, {"history": [1]}) and again.resumed is stored
+    assert torch.equal(model.weight, start["weight"] + 1.0)

@@ -45,6 +45,18 @@ def structure_digest(model: nn.Module) -> str:
     return hashlib.sha256("\n".join([repr(model), *own]).encode()).hexdigest()
 
 
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, shapes and values of its ``state_dict``): it identifies the base model of
+    a run and the weights a training phase started from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _plain(value: Any) -> bool:
     """Whether ``value`` is a number, string, bool or None, or a tuple / list of them."""
     if isinstance(value, (tuple, list)):

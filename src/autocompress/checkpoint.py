@@ -62,8 +62,8 @@ def import_model_class(path: str) -> type[nn.Module]:
     named object must be an ``nn.Module`` subclass before anything calls it.
 
     Raises:
-        UserError: a malformed path, a class defined inside a function, a module that cannot be imported,
-            a missing attribute, or an object that is not an ``nn.Module`` subclass (the fix: make the class
+        UserError: a malformed path, a class defined inside a function or in another process's ``__main__``, a
+            module that cannot be imported, a missing attribute, or an object that is not an ``nn.Module`` subclass (the fix: make the class
             importable, or pass ``model=`` a fresh instance).
     """
     module_name, _, qualname = path.partition(":") if isinstance(path, str) else ("", "", "")
@@ -80,6 +80,10 @@ def import_model_class(path: str) -> type[nn.Module]:
                           f"{str(exc)[:160]})", "install the package that defines it or put it on PYTHONPATH",
                           module=module_name, instance=_pass_instance(path)) from exc
     for part in qualname.split("."):
+        if not hasattr(found, part) and module_name == "__main__":
+            raise UserError(f"model class {path} was defined in the script that saved the checkpoint (its __main__), "
+                            "which no other process can import", _pass_instance(path) + ", in Python; or define "
+                            "the class in a module of its own and save the model again")
         if not hasattr(found, part):
             raise UserError(f"module {module_name!r} has no {qualname!r} (model class {path})",
                             "install the version of the code the checkpoint was saved with; or "

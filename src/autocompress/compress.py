@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import inspect
 import itertools
 import logging
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed, metrics, report
 from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, kept_channels,
                         log_whole_groups)
-from .analysis import at_batch, output_tensors, prunable_model, structure_digest
+from .analysis import at_batch, model_digest, output_tensors, prunable_model, structure_digest
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings, search_share_warning
 from .compaction import compact, densify
@@ -304,17 +303,6 @@ def resolve_config(config: CompressConfig | dict | None, target: str | None,
     config = apply_budget(config, given, steps_per_epoch)
     config.validate()
     return config
-
-
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's state (names, shapes and values), identifying the base model of a run."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 #: a setting one side of :func:`setting_changes` does not have

@@ -372,9 +372,11 @@ def checkpoint_dataset(recorded: dict | None, name: str | None = None, data_dir:
         raise UserError(f"unknown dataset {given!r} (the checkpoint records {recorded.get('name')!r})",
                         f"use one of {', '.join(DATASETS)}")
     if name not in DATASETS:
-        records = f"no known dataset (it records {recorded['name']!r})" if recorded.get("name") else "no dataset"
+        records = f"no known dataset (it records {recorded['name']!r})" if recorded.get("name") else \
+            "no dataset (a model compressed through the Python API records only its input)"
         raise SettingError("dataset", f"the checkpoint records {records}",
-                           f"name it: dataset, one of {', '.join(DATASETS)}")
+                           f"name the dataset to evaluate on: dataset, one of {', '.join(DATASETS)} (imagefolder: a "
+                           "folder of one subfolder per class)")
     same = name == recorded.get("name")
     resized = name == "imagefolder"  # made to the model's input: its size and normalisation
     kwargs = {"val_size": (recorded.get("val_size", 5000) if same else 5000) if val_size is None else val_size,

@@ -10,7 +10,10 @@ torch generators (the CPU's, and the task's CUDA device's) and the training load
 generator, saved too). A loop that finds a stored state (:meth:`EpochCheckpoint.resume`) loads all of it and
 continues at the next epoch, so a run killed after epoch k ends as an uninterrupted one: the same batches in
 the same order, the same dropout masks, the same optimiser steps (bit for bit on the CPU at the same thread
-count).
+count). A stored state also holds the digest of the weights its phase started from
+(:func:`autocompress.analysis.model_digest`): a state whose phase started from other weights (a file an earlier
+run of the folder left behind, its phases since done again from other inputs) is set aside, said in the log, and
+the phase starts from its first epoch.
 
 Where the state lives is the caller's (``load()`` / ``save(state)``): the pipeline's phase store, one file
 per phase in the run folder, written atomically and removed when the phase finishes; under
@@ -25,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .analysis import model_digest
 from .errors import UserError
 
 
@@ -49,6 +53,8 @@ class EpochCheckpoint:
         self.generators = list(generators)
         self.device = torch.device(device)
         self.log, self.label = log, label
+        self.start: str | None = None  # digest of the weights the phase started from (set by resume)
+        self.resumed: dict | None = None  # the state resume loaded (None: the phase starts from its first epoch)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None, epochs: int) -> tuple[int, dict]:
@@ -56,13 +62,18 @@ class EpochCheckpoint:
         generators. Call it after everything the phase sets up, right before its first epoch.
 
         Returns:
-            ``(epochs already done, the loop's own state)``; ``(0, {})`` when nothing is stored.
+            ``(epochs already done, the loop's own state)``; ``(0, {})`` when nothing is stored, or when the
+            stored state's phase started from other weights than ``model``'s now (logged).
 
         Raises:
             UserError: the stored state is of a phase with another number of epochs, or of a loader with
                 another number of generators.
         """
-        state = self._load()
+        self.start, state = model_digest(model), self._load()
+        if state is not None and state.get("start") not in (None, self.start):
+            self._say(f"the epoch checkpoint after epoch {state['epoch']}/{state['epochs']} is of a phase that "
+                      "started from other weights (left by an earlier run of this folder); starting from epoch 1")
+            state = None
         if state is None:
             return 0, {}
         if state["epochs"] != epochs or not 0 < state["epoch"] <= epochs:
@@ -78,18 +89,23 @@ class EpochCheckpoint:
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         self._set_random(state["random"])
-        if self.log is not None:
-            self.log(f"{self.label}: resuming after epoch {state['epoch']}/{epochs}")
+        self.resumed = state
+        self._say(f"resuming after epoch {state['epoch']}/{epochs}")
         return state["epoch"], state["loop"]
 
     def save(self, epoch: int, epochs: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler | None, loop: dict[str, Any]) -> None:
         """Store the state after epoch ``epoch`` (1-based) of ``epochs``: ``model``, ``optimizer``,
-        ``scheduler``, the random generators, and ``loop`` (the loop's own state, returned by :meth:`resume`)."""
-        self._save({"epoch": epoch, "epochs": epochs, "model": model.state_dict(),
+        ``scheduler``, the random generators, ``loop`` (the loop's own state, returned by :meth:`resume`) and the
+        digest of the weights the phase started from (call :meth:`resume` first)."""
+        self._save({"epoch": epoch, "epochs": epochs, "start": self.start, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "random": self._random(), "loop": loop})
+
+    def _say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(f"{self.label}: {line}")
 
     def _random(self) -> dict:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

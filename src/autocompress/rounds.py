@@ -336,7 +336,7 @@ class Pipeline:
     heads: dict[str, int] = field(default_factory=dict)
     free_macs: dict[str, int] = field(default_factory=dict)
     _phase_started: float = field(default=0.0, init=False, repr=False)
-    _earlier_seconds: float = field(default=0.0, init=False, repr=False)
+    _epoch_checkpoint: EpochCheckpoint | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         for name, why in split_multihead_attention(self.base_model).items():  # heads and stream become prunable
@@ -711,7 +711,7 @@ class Pipeline:
             if self.store.is_done(state.index, phase):
                 self._restore(state, phase)
                 continue
-            self._phase_started, self._earlier_seconds = time.perf_counter(), 0.0
+            self._phase_started, self._epoch_checkpoint = time.perf_counter(), None
             with self.task.seeded(phase_seed(self.config.seed, state.index, phase)):
                 records = getattr(self, f"_{phase}")(state, last=last)
             self._sync(state)
@@ -721,7 +721,8 @@ class Pipeline:
     def _phase_seconds(self) -> float:
         """Seconds the running phase has taken: in this process, plus, when it resumed from an epoch checkpoint,
         those of the epochs kept from earlier processes (a killed epoch's time is lost with its work)."""
-        return time.perf_counter() - self._phase_started + self._earlier_seconds
+        resumed = self._epoch_checkpoint.resumed if self._epoch_checkpoint is not None else None
+        return time.perf_counter() - self._phase_started + (resumed or {}).get("seconds", 0.0)
 
     def _sync(self, state: RoundState) -> None:
         """Under ``torch.distributed``: rank 0's model state and masks on every rank after a phase (a caller's
@@ -779,17 +780,13 @@ class Pipeline:
         (a caller's ``train_fn`` owns its epochs and optimiser: its phases resume from their start)."""
         name = "ADMM" if phase == "admm" else "retraining"
 
-        def load() -> dict | None:
-            stored = self.store.load_epoch(state.index, phase)
-            self._earlier_seconds = 0.0 if stored is None else stored.get("seconds", 0.0)
-            return stored
-
         def save(payload: dict) -> None:
             self.store.save_epoch(state.index, phase, {**payload, "seconds": self._phase_seconds()})
 
-        return EpochCheckpoint(load, save,
-                               generators=loader_generators(loader), device=self.task.device, log=self.log,
-                               label=f"round {state.index} {name}")
+        self._epoch_checkpoint = EpochCheckpoint(lambda: self.store.load_epoch(state.index, phase), save,
+                                                 generators=loader_generators(loader), device=self.task.device,
+                                                 log=self.log, label=f"round {state.index} {name}")
+        return self._epoch_checkpoint
 
     def _admm(self, state: RoundState, *, last: bool) -> list[dict]:
         config = self.config.admm
