@@ -1036,6 +1036,8 @@ def test_a_group_feeding_a_hard_coded_channel_count_is_left_out_before_any_work(
     line = next(line for line in lines if line.startswith("not filter-pruned: conv2"))
     assert "shape '[-1, 128]' is invalid" in line and "keep their channels" in line
     assert "the compact model breaks" in run.first_space.excluded["conv2"]
+    # fresh user 73: the layers left out reach log= too, not only the INFO logger
+    assert "not filter-pruned: fc: its channels are model outputs (classifier)" in lines
     # only its channels are kept: unlike an ignored layer, conv2's columns stay prunable
     columns = [layer.name for layer in run.first_space.column_layers]
     assert columns == (["conv1", "conv2", "fc"] if "column" in dims else [])

@@ -22,7 +22,7 @@ way); a latency target measures what it really costs instead (:mod:`autocompress
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -130,14 +130,18 @@ def check_multiple(space, multiple: int, *, explicit: bool) -> None:
                            "every channel)")
 
 
-def log_whole_groups(space, multiple: int) -> None:
-    """Log (INFO) the filter groups of ``space`` of at most ``multiple`` channels, the run's final multiple (after
-    ``auto``'s fall-backs): they keep every channel, since their smallest aligned width is the whole group."""
+def log_whole_groups(space, multiple: int, also: Callable[[str], None] | None = None) -> None:
+    """Log (INFO, and to ``also``, a run's ``log`` callable, when given) the filter groups of ``space`` of at most
+    ``multiple`` channels, the run's final multiple (after ``auto``'s fall-backs): they keep every channel, since
+    their smallest aligned width is the whole group."""
     small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
     if small:
-        log.info("channel multiple %d (aligned widths): %d filter group(s) of at most %d channels keep every "
-                 "channel whatever their pruning rate, since the smallest aligned width is the whole group (%s)",
-                 multiple, len(small), multiple, ", ".join(f"{g.name}: {g.size}" for g in small[:5]))
+        line = (f"channel multiple {multiple} (aligned widths): {len(small)} filter group(s) of at most {multiple} "
+                "channels keep every channel whatever their pruning rate, since the smallest aligned width is the "
+                f"whole group ({', '.join(f'{g.name}: {g.size}' for g in small[:5])})")
+        log.info("%s", line)
+        if also is not None:
+            also(line)
 
 
 def grow_to_multiple(new: torch.Tensor, before: torch.Tensor, multiple: int,

@@ -480,6 +480,10 @@ class Pipeline:
                     self.incompactable[name] = why
             space = self.space(model)
 
+    def probe_said(self) -> set[str]:
+        """The layers :meth:`compactable_space` left out and named in the log (their filters or columns)."""
+        return {*self.incompactable, *self.incompactable_columns}
+
     def _read_outside(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, str]:
         """The groups of ``failing`` that touch a layer whose weight the forward also reads outside the layer
         (:func:`autocompress.space.weights_read_outside`), name -> words naming that read."""

@@ -48,7 +48,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
@@ -502,9 +502,10 @@ class PruningSpace:
                  for name, reasons in self.exclusions.items()}
         return {name: why for name, why in found.items() if why}
 
-    def log_exclusions(self) -> None:
-        """Log the layers left out of pruning with their reasons (INFO, logger ``autocompress.space``), one line per
-        reason: ``not filter-pruned: <name>: <reasons>`` (``column-``, ``irregular-``; ``not pruned`` for a reason of
+    def log_exclusions(self, also: Callable[[str], None] | None = None, said: Collection[str] = ()) -> None:
+        """Log the layers left out of pruning with their reasons (INFO, logger ``autocompress.space``, and to
+        ``also``, a run's ``log`` callable, when given, but for the layers of ``said``: those the run's log named
+        already), one line per reason: ``not filter-pruned: <name>: <reasons>`` (``column-``, ``irregular-``; ``not pruned`` for a reason of
         every kind, such as a layer of one's own), or ``not column-pruned (<n> layers): <reasons>: <name>, <name>,
         ...`` when several layers share it (a transformer's Linears applied at every token); a run calls it once,
         for the space of its base model."""
@@ -512,14 +513,16 @@ class PruningSpace:
         for name, reason in self.excluded.items():
             by_reason.setdefault(reason, []).append(name or "<model>")
         for reason, names in by_reason.items():
+            tell = also is not None and not set(names) <= set(said)
             kind = next((kind for kind in KINDS if reason.startswith(f"{kind} pruning")), None)
             what = "not pruned" if kind is None else f"not {kind}-pruned"
             if kind is not None:
                 reason = reason.removeprefix(f"{kind} pruning").removeprefix(":").strip()
-            if len(names) == 1:
-                log.info("%s: %s: %s", what, names[0], reason)
-            else:
-                log.info("%s (%d layers): %s: %s", what, len(names), reason, ", ".join(names))
+            line = f"{what}: {names[0]}: {reason}" if len(names) == 1 else \
+                f"{what} ({len(names)} layers): {reason}: {', '.join(names)}"
+            log.info("%s", line)
+            if tell:
+                also(line)
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
