@@ -437,6 +437,28 @@ def test_own_train_fn_runs_each_phase_and_masks_hold():
     assert result.compression_rate >= 2.0 * 0.99
 
 
+def test_train_fn_distilling_a_whole_tuple_is_told_to_pass_what_forward_fn_returns():
+    """Fresh user 75 followed the README's loop with a two-head model: ``phase.distill(batch, out, loss)`` got the
+    whole tuple, and the error advised a forward_fn returning the class scores, which theirs already did."""
+    train, val = loaders()
+
+    def train_fn(net, phase):
+        optimizer = phase.attach(torch.optim.SGD(net.parameters(), lr=0.05))
+        for x, y in train:
+            logits = net(x)
+            loss = phase.distill((x, y), (logits, logits.sum(1)), F.cross_entropy(logits, y)) + phase.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    with pytest.raises(UserError, match=r"phase\.distill\(batch, output, loss\) got a tuple as output, but forward_fn "
+                                        r"gives a tensor of shape \[\d+, 3\] for the base model on this batch; pass "
+                                        r"as output the part .* \(e\.g\. output\[0\] of a model returning a tuple\)"):
+        autocompress.compress(trained(SmallCNN(), train), torch.randn(1, 1, 8, 8), "params=2x", train_loader=train,
+                              val_loader=val, train_fn=train_fn, progress=False,
+                              config={**CONFIG, "distillation": {"enabled": True}})
+
+
 def test_train_fn_that_never_attaches_is_refused():
     train, val = loaders()
 

@@ -1135,3 +1135,40 @@ def test_each_branch_keeps_its_share_and_purification_gives_one_back(rate, share
     apply_masks(masked, space.param_masks(back))
     compact = compaction.compact(copy.deepcopy(model), space.param_masks(back), example).model
     assert compact.blocks[0].a.out_channels == 1 and _close(_outputs(compact, example), _outputs(masked, example))
+
+
+class ConcatPooled(nn.Module):
+    """Fresh user 75's detector head: two branches (12 and 8 channels) pooled to ``size`` x ``size`` (average and
+    max), flattened, concatenated in ``order`` and classified by one Linear; with ``box``, a second head reads
+    branch ``a`` through a conv of its own."""
+
+    def __init__(self, order: str, size: int, box: bool):
+        super().__init__()
+        self.order, self.size, self.box = order, size, box
+        self.stem, self.a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+        self.down, self.b = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(20 * size * size, 3)
+        self.box_conv, self.box_fc = nn.Conv2d(12, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        a, b = F.relu(self.a(h)), F.relu(self.b(F.relu(self.down(h))))
+        pooled = {"a": F.adaptive_avg_pool2d(a, self.size).flatten(1), "b": F.adaptive_max_pool2d(b, self.size)
+                  .view(len(b), -1)}
+        logits = self.fc(torch.cat([pooled[key] for key in self.order], 1))
+        return (logits, self.box_fc(F.relu(self.box_conv(a)).mean((2, 3)))) if self.box else logits
+
+
+@pytest.mark.parametrize("order, size, box", [("ab", 1, False), ("ba", 1, True), ("ab", 2, True), ("ba", 2, False)])
+def test_pooled_maps_flattened_and_concatenated_into_a_linear_are_pruned(order, size, box):
+    """torch-pruning infers a flatten's stride from the channel counts around it, and a concatenation after it
+    misleads it (the whole Linear's input over one branch's channels): the second branch's channels pointed past the
+    Linear's input and the branch was left out ("cannot be followed into fc", or "map unevenly into a.weight"), and
+    Torch-Pruning itself raises IndexError on it. The stride now comes from the traced shapes: both branches are
+    pruned and the compact model equals the masked one."""
+    model, example = ConcatPooled(order, size, box), torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, example)
+    assert {"a", "b"} <= {g.name for g in space.filter_groups} and not {"a", "b"} & set(space.excluded)
+    compact = oneshot(model, example, "filter")
+    assert compact.a.out_channels < 12 and compact.b.out_channels < 8
+    assert compact.fc.in_features == (compact.a.out_channels + compact.b.out_channels) * size * size

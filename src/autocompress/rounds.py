@@ -35,7 +35,7 @@ from .attention import HEAD_HINT, attention_shaped, free_macs, head_count, unali
 from .channel_norms import standard_channel_norms
 from .compaction import check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
-from .distillation import Distiller
+from .distillation import Distiller, distillable
 from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
@@ -49,7 +49,7 @@ from .quick_eval import recalibrate_batchnorm
 from .architecture import apply_architecture, describe_architecture
 from .space import BREAKS, PruningSpace, is_weight_layer, weights_read_outside
 from .task import Task, loader_generators
-from .text import plural, tidy
+from .text import kind_of, plural, tidy
 from .training import OPTIMIZERS, above_bars
 
 PHASES = ("search", "admm", "purify", "retrain", "compact")
@@ -151,10 +151,21 @@ class TrainingPhase:
 
     def distill(self, batch: Any, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` mixed with the distillation loss against the base model's output on ``batch`` (run
-        through ``forward_fn``), or ``loss`` unchanged when distillation is off."""
+        through ``forward_fn``), or ``loss`` unchanged when distillation is off.
+
+        Raises:
+            UserError: ``output`` is not what ``forward_fn`` gives for the model (e.g. a two-head model's whole
+                tuple where ``forward_fn`` returns its class scores).
+        """
         if self._distiller is None:
             return loss
-        return self._distiller(self._distiller.teacher_output(self._task, batch), output, loss)
+        teacher = self._distiller.teacher_output(self._task, batch)
+        if not self._distiller.comparable(teacher, output) and distillable(teacher):
+            raise UserError(f"phase.distill(batch, output, loss) got {kind_of(output)} as output, but forward_fn "
+                            f"gives {kind_of(teacher)} for the base model on this batch",
+                            "pass as output the part of the model's output that forward_fn returns (e.g. output[0] "
+                            "of a model returning a tuple)")
+        return self._distiller(teacher, output, loss)
 
     def watch(self, model: nn.Module) -> None:
         """Hook ``model`` so that a training-mode forward with gradients beyond :data:`UNATTACHED_FORWARDS`

@@ -56,6 +56,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from .alignment import align_up, aligned_keep, allowed_widths
 from .analysis import hooked_forward, output_tensors, preserved_state, random_like
@@ -973,9 +974,12 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
             for p in frozen:
                 p.requires_grad_(True)
 
+            traced = _TracedShapes()
+
             def forward(module, args):  # torch-pruning switches to eval mode before calling this
                 module.train(train)
-                return output_tensors(module(*args))  # a dataclass or ModelOutput holds the tensors it traces
+                with traced:
+                    return output_tensors(module(*args))  # a dataclass or ModelOutput holds the tensors it traces
 
             graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
                                                           customized_pruners=pruners(model))
@@ -988,11 +992,71 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     finally:
         for p in frozen:
             p.requires_grad_(False)
+    pinned = _pin_flattens(graph, traced)
     limit = 4 * max([4096] + [n for p in model.parameters() for n in p.shape])
     for node in graph.module2node.values():
         for dep in node.dependencies:
-            dep.index_mapping = _BoundedMappings(dep.index_mapping, limit)
+            dep.index_mapping = _BoundedMappings(dep.index_mapping, limit, pinned.get(id(dep), UNPINNED))
     return graph
+
+
+class _TracedShapes(TorchFunctionMode):
+    """Records what torch-pruning infers about a forward's reshapes and concatenations from the channel counts around
+    them, from the tensors themselves: ``reshapes`` (the autograd node of a view's or reshape's output, which
+    torch-pruning's reshape node holds -> (input shape, output shape)) and ``cats`` (that of a concatenation along
+    dimension 1 -> its inputs' sizes there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.cats: dict[object, list[int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        node = out.grad_fn if isinstance(out, torch.Tensor) else None
+        name = type(node).__name__.lower()
+        if node is None or not args:
+            return out
+        if isinstance(args[0], torch.Tensor) and ("view" in name or "reshape" in name):
+            self.reshapes[node] = (tuple(args[0].shape), tuple(out.shape))
+        elif name.startswith("catbackward") and out.dim() > 1:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim % out.dim() == 1:
+                self.cats[node] = [int(t.shape[1]) for t in args[0]]
+        return out
+
+
+def _pin_flattens(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[int, object]:
+    """The channel mapping of every flatten of ``graph`` (``[N, C, *S] -> [N, C * prod(S)]``: channel ``j`` is
+    features ``j * prod(S)`` to ``(j + 1) * prod(S) - 1``) from the traced shapes: id of a dependency -> its reshape
+    mapping (None: channels kept), which :class:`_BoundedMappings` pins (torch-pruning infers it again on every group
+    query). Torch-pruning reads the stride from the channel counts of the layers around the flatten, and a
+    concatenation after it misleads it (fresh user 75: pooled maps of 64 and 48 channels flattened and concatenated
+    into a Linear got strides 1 and 2, so the second map's channels pointed past the Linear's input). Its other
+    reshapes keep its mapping; a concatenation's input sizes are set from the trace too (:func:`_set_concat_sizes`)."""
+    pinned = {}
+    for node in graph.module2node.values():
+        before, after = traced.reshapes.get(node.grad_fn, ((), ()))
+        if node.type != ops.OPTYPE.RESHAPE or len(before) < 3 or after != (before[0], math.prod(before[1:])):
+            continue
+        stride = math.prod(before[2:])
+        for source in node.inputs:
+            for dep, reverse in [(d, True) for d in node.dependencies if d.target is source] + \
+                    [(d, False) for d in source.dependencies if d.target is node]:
+                pinned[id(dep)] = _FlattenIndexMapping(stride=stride, reverse=reverse) if stride > 1 else None
+    _set_concat_sizes(graph, traced)
+    return pinned
+
+
+def _set_concat_sizes(graph: tp.DependencyGraph, traced: _TracedShapes) -> None:
+    """Give each concatenation along channels the sizes of its inputs the trace saw, which torch-pruning otherwise
+    infers from the layers before them: a flattened map's layer's channel count, not its features (a 12-channel map
+    pooled to 2 x 2 is 48 features; the offsets of every later input were wrong, or missing)."""
+    for node in graph.module2node.values():
+        sizes = traced.cats.get(node.grad_fn)
+        if node.type == ops.OPTYPE.CONCAT and sizes is not None and len(sizes) == len(node.inputs):
+            node.module.concat_sizes = sizes
 
 
 def mapping_failure(exc: Exception, model: nn.Module, graph: tp.DependencyGraph) -> str:
@@ -1013,18 +1077,24 @@ class ChannelMappingExplodes(RuntimeError):
     end (hours, gigabytes), so it is abandoned at once."""
 
 
+#: no reshape mapping of :func:`_pin_flattens` for a dependency (torch-pruning's own applies)
+UNPINNED = object()
+
+
 class _BoundedMappings(list):
     """A torch-pruning dependency's index mappings (replaced on every group query), each call checked:
     more than ``limit`` indices raise :class:`ChannelMappingExplodes` (``limit``: four times the largest
-    parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension)."""
+    parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension).
+    ``reshape``: a reshape mapping (index 0) that the queries do not replace (:func:`_pin_flattens`)."""
 
-    def __init__(self, mappings, limit: int):
+    def __init__(self, mappings, limit: int, reshape=UNPINNED):
         super().__init__()
-        self.limit = limit
-        self.extend(self._bounded(m) for m in mappings)
+        self.limit, self.pinned = limit, reshape is not UNPINNED
+        self.extend(self._bounded(m) for m in ([reshape, *mappings[1:]] if self.pinned else mappings))
 
     def __setitem__(self, index, mapping):
-        super().__setitem__(index, self._bounded(mapping))
+        if not (self.pinned and index == 0):
+            super().__setitem__(index, self._bounded(mapping))
 
     def _bounded(self, mapping):
         if mapping is None or getattr(mapping, "bounded", False):
