@@ -436,6 +436,35 @@ def test_distillation_auto_is_off_for_a_base_that_has_not_fitted_its_training_da
         "distillation.enabled true to distil)"])
 
 
+def test_distillation_auto_says_it_stays_on_where_the_fit_share_is_not_read():
+    """Fresh user 75 (a score_fn of their own) found no fit-share line in the log, which the README says is given
+    either way: where the share is not read, the log says distillation stays on and why."""
+    from autocompress.compress import Compression
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    data = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    lines: list[str] = []
+
+    def score_fn(model):  # minus the loss: the zeroed model (uniform scores) scores lower than a trained one
+        return -float(sum(F.cross_entropy(model(x), y) for x, y in data))
+
+    optimizer = torch.optim.SGD(base.parameters(), lr=0.5)
+    for _ in range(30):
+        for x, y in data:
+            optimizer.zero_grad()
+            F.cross_entropy(base(x), y).backward()
+            optimizer.step()
+    compression = Compression(base, torch.zeros(1, 1, 6, 6), "params=1.5x",
+                              task_args=dict(train_loader=data, score_fn=score_fn),
+                              config={"budget": 1}, device="cpu", progress=False, log=lines.append)
+    assert compression.config.distillation.enabled is True
+    assert [line for line in lines if line.startswith("distillation from the base: ")] == [
+        "distillation from the base: on (distillation.enabled auto: the base's fit share is read with the default "
+        "top-1 score on class-index targets, not with a score_fn or other targets; set distillation.enabled false to "
+        "train without it)"]
+
+
 class _TwoHeads(nn.Module):
     """``[B, 1, 6, 6]`` -> ``(class scores [B, 3], parity scores [B, 2])``."""
 

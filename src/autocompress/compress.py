@@ -513,6 +513,9 @@ class Compression:
         measure it."""
         gap = self._fit_gap(base, base_score)
         if gap is None:
+            say("distillation from the base: on (distillation.enabled auto: the base's fit share is read with the "
+                "default top-1 score on class-index targets, not with a score_fn or other targets; set "
+                "distillation.enabled false to train without it)")
             return
         if gap < -UNLIKE_POINTS:
             say(f"distillation from the base: on (distillation.enabled auto: the base scores {-gap:.1f} points "
