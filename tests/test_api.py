@@ -1246,21 +1246,29 @@ class CatChunk(nn.Module):
         return self.fc(torch.cat([first, self.c(second)], 1).mean((2, 3)))
 
 
-def test_a_split_of_concatenated_channels_is_refused_before_any_work_by_compress_and_prune(no_work):
+def test_a_split_of_concatenated_channels_is_left_out_before_any_work_by_compress_and_prune(no_work):
     """``compress`` refused it naming only a hard-coded shape as the cause; ``prune`` ran ADMM and then failed in
-    compaction with a raw RuntimeError. Both now refuse before training (every filter group alone breaks the
-    split), naming the split and the fixes."""
-    error = refused(no_work, "forward fails once they are removed", model=CatChunk(),
-                    config={**CONFIG, "dims": "filter", "channel_multiple": 4})
+    compaction with a raw RuntimeError. The groups whose removal moves the split (a's and b's channels) are left out
+    before training, naming the break; c's channels, which the split does not read, are pruned (since session 52's
+    concatenation sizes from the trace: before, torch-pruning coupled every channel into one group, and the model
+    was refused). A target c alone cannot reach is refused with the split's fix."""
+    error = refused(no_work, r"target 2x is unreachable: .*not filter-pruned: a \(the compact model breaks once its "
+                    r"channels are removed", model=CatChunk(), config={**CONFIG, "dims": "filter", "channel_multiple": 4})
     assert "chunk / split" in str(error) and "ignored_layers" in str(error)
+
+
+def test_prune_leaves_out_the_groups_that_move_a_split_of_concatenated_channels():
     train, val = loaders()
     batches = []
     counted = DataLoader(TensorDataset(*images(96, 0)), batch_size=16,
                          collate_fn=lambda items: batches.append(1) or torch.utils.data.default_collate(items))
-    with pytest.raises(UserError, match="forward fails once they are removed.*chunk / split"):
-        autocompress.prune(CatChunk(), {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), train_loader=counted,
-                           val_loader=val, dims=("filter",), progress=False)
-    assert len(batches) <= 1  # the argument checks' first batch, no ADMM step
+    result = autocompress.prune(CatChunk(), {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8),
+                                train_loader=counted, val_loader=val, progress=False,
+                                config={"dims": "filter", "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
+    assert len(batches) <= 1  # the argument checks' first batch: no training
+    compact = result.model
+    assert (compact.a.out_channels, compact.b.out_channels, compact.c.out_channels) == (8, 8, 4)
+    assert "the compact model breaks" in result.report["excluded"]["a"]
 
 
 class StemCatChunk(CatChunk):
@@ -1277,18 +1285,19 @@ class StemCatChunk(CatChunk):
 
 def test_the_split_hints_fix_works_the_concatenated_layers_in_ignored_layers_stay_whole():
     """The refusal above names ``ignored_layers``; with the concatenated layers there, compress runs, keeps them
-    whole (and ``c``, which torch-pruning couples with them through the split) and prunes the stem to the target."""
+    whole and prunes the stem and ``c`` (which torch-pruning coupled with them through the split before session 52)
+    to the target."""
     train, val = loaders()
     model, lines = trained(StemCatChunk(), train), []
     result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=1.5x", train_loader=train,
                                    val_loader=val, config={**CONFIG, "dims": "filter", "ignored_layers": ["a", "b"]},
                                    progress=False, log=lines.append)
     assert "ignored_layers: 2 layer(s) keep their filters and weights (a, b; their input channels follow pruned " \
-           "producers); 1 filter group(s) not pruned because they would remove channels of ignored modules (c)" in lines
+           "producers)" in lines
     compact = result.model
-    for name in ("a", "b", "c", "fc"):
+    for name in ("a", "b", "fc"):
         assert compact.get_submodule(name).weight.shape[0] == model.get_submodule(name).weight.shape[0]
-    assert compact.stem.out_channels < model.stem.out_channels
+    assert compact.stem.out_channels < model.stem.out_channels and compact.c.out_channels < model.c.out_channels
     assert params(model) / params(compact) >= 1.5
 
 

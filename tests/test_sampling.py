@@ -305,8 +305,10 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
     with pytest.raises(UserError) as info:
         ActionSampler.from_space(space, "params", 5000.0, kinds=("filter", "column", "irregular"))
     assert f"(not filter-pruned: {light} ({broken.removeprefix('filter pruning: ')}), {heavy};" in str(info.value)
-    assert str(info.value).endswith("write the channel counts in your forward's reshapes as -1, so that they follow "
-                                    "pruned channels")
+    assert str(info.value).endswith("compute shapes from the input in forward (e.g. x.flatten(1) instead of "
+                                    "x.view(-1, 40 * 7 * 7)); where it splits concatenated channels (chunk / split) or "
+                                    "a module of its own mixes channels (a normalisation over them), put the layers "
+                                    "feeding it in ignored_layers")
 
 
 def conv_chain(widths: list[int]) -> torch.nn.Sequential:

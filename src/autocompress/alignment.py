@@ -131,7 +131,7 @@ def check_multiple(space, multiple: int, *, explicit: bool) -> None:
 
 
 def log_whole_groups(space, multiple: int, also: Callable[[str], None] | None = None) -> None:
-    """Log (INFO, and to ``also``, a run's ``log`` callable, when given) the filter groups of ``space`` of at most
+    """Log (to ``also``, a run's ``log`` callable, or without one at INFO) the filter groups of ``space`` of at most
     ``multiple`` channels, the run's final multiple (after ``auto``'s fall-backs): they keep every channel, since
     their smallest aligned width is the whole group."""
     small = [g for g in space.filter_groups if g.size <= multiple] if multiple > 1 else []
@@ -139,9 +139,7 @@ def log_whole_groups(space, multiple: int, also: Callable[[str], None] | None = 
         line = (f"channel multiple {multiple} (aligned widths): {len(small)} filter group(s) of at most {multiple} "
                 "channels keep every channel whatever their pruning rate, since the smallest aligned width is the "
                 f"whole group ({', '.join(f'{g.name}: {g.size}' for g in small[:5])})")
-        log.info("%s", line)
-        if also is not None:
-            also(line)
+        (also or log.info)(line)
 
 
 def grow_to_multiple(new: torch.Tensor, before: torch.Tensor, multiple: int,

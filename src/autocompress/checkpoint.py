@@ -63,8 +63,8 @@ def import_model_class(path: str) -> type[nn.Module]:
 
     Raises:
         UserError: a malformed path, a class defined inside a function or in another process's ``__main__``, a
-            module that cannot be imported, a missing attribute, or an object that is not an ``nn.Module`` subclass (the fix: make the class
-            importable, or pass ``model=`` a fresh instance).
+            module that cannot be imported, a missing attribute, or an object that is not an ``nn.Module``
+            subclass (the fix: make the class importable, or pass ``model=`` a fresh instance).
     """
     module_name, _, qualname = path.partition(":") if isinstance(path, str) else ("", "", "")
     if not module_name or not qualname:

@@ -42,8 +42,8 @@ from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, Co
 from .errors import UserError, first_line
 from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
                           group_size, is_group_norm, is_layer_norm, kept_statistics, padded)
-from .space import (fused_qkv_output, fused_qkv_width, is_grouped, is_transposed, is_weight_layer, mapping_failure,
-                    out_dim, tie_classes, trace_graph, train_only_modules)
+from .space import (BREAKS_FIX, fused_qkv_output, fused_qkv_width, is_grouped, is_transposed, is_weight_layer,
+                    mapping_failure, out_dim, tie_classes, trace_graph, train_only_modules)
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -846,10 +846,7 @@ def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], ex
     if failure.startswith(DEAD_KEPT):
         raise UserError(problem + failure, "put those layers in ignored_layers, or leave filter out of dims")
     raise UserError(f"{problem}its forward fails once they are removed ({failure})",
-                    "compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * "
-                    "7)); where it splits concatenated channels (chunk / split) or a module of its own mixes "
-                    "channels (a normalisation over them), put the layers feeding it in ignored_layers, or leave "
-                    "filter out of dims") from None
+                    f"{BREAKS_FIX}, or leave filter out of dims") from None
 
 
 def compact(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,

@@ -234,10 +234,11 @@ def compress(model: nn.Module, example_inputs: torch.Tensor | tuple, target: str
             keep their other defaults).
         run_dir: a folder for a resumable run (config.yaml, metrics.jsonl, per-phase artifacts, model.pt,
             report.html); called again with the same model and settings it continues the run there.
-        progress: tqdm progress bars; log: called with one line per step (default: none). Layers left out
-            of pruning (``not filter-pruned: ...``, ``not column-pruned: ...``: ``log`` and INFO) and the final table's
-            warnings (WARNING, also in ``result.final["warnings"]``) go to the standard ``logging`` loggers under
-            ``autocompress``: Python prints warnings to stderr until logging is configured.
+        progress: tqdm progress bars; log: called with one line per step (default: none), including the layers
+            left out of pruning (``not filter-pruned: ...``, ``not column-pruned: ...``; without ``log`` they go to
+            the ``autocompress`` logger at INFO). The final table's warnings (WARNING, also in
+            ``result.final["warnings"]``) go to the standard ``logging`` loggers under ``autocompress``: Python
+            prints warnings to stderr until logging is configured.
             ``print(result.summary())`` prints the final table and its warnings as the ``compress`` command does.
 
     Under ``torch.distributed`` (called in every process of an initialised process group, e.g. under
@@ -433,7 +434,7 @@ class Compression:
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)
         if self.world.is_main:
-            self.first_space.log_exclusions(self.pipeline.log, said=self.pipeline.probe_said())
+            self.first_space.log_exclusions(self.pipeline.callers_log(), said=self.pipeline.probe_said())
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)
@@ -441,7 +442,8 @@ class Compression:
                 self.config, len(self.targets), self.pipeline.training_steps(len(self.targets)))):
             logging.getLogger("autocompress").warning(warning)  # before any work
         self._check_reachable(base)  # an unreachable target: refused now
-        log_whole_groups(self.first_space, self.multiple, self.pipeline.log)  # at the multiple a fall-back settled on
+        # at the multiple a fall-back settled on
+        log_whole_groups(self.first_space, self.multiple, self.pipeline.callers_log())
         if self.run_dir is not None:
             distributed.on_main(self._claim_folder, share=False)
 

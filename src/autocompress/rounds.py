@@ -491,6 +491,10 @@ class Pipeline:
                     self.incompactable[name] = why
             space = self.space(model)
 
+    def callers_log(self) -> Callable[[str], None] | None:
+        """The ``log`` callable the caller passed (wrapped to print above progress bars), None without one."""
+        return None if self.log is _silent else self.log
+
     def probe_said(self) -> set[str]:
         """The layers :meth:`compactable_space` left out and named in the log (their filters or columns)."""
         return {*self.incompactable, *self.incompactable_columns}

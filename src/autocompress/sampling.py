@@ -49,7 +49,7 @@ import torch
 from .errors import UserError
 from .alignment import allowed_widths
 from .columns import GEMM_MIN_FILTERS
-from .space import BREAKS, FILTER_PRUNING, GATHERED, KINDS, NO_EXECUTED_SAVING, keep_count
+from .space import BREAKS, BREAKS_FIX, FILTER_PRUNING, GATHERED, KINDS, NO_EXECUTED_SAVING, keep_count
 from .text import short_of
 
 OBJECTIVES = ("params", "flops")
@@ -367,7 +367,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     if columns:
         fixes.append("give a params target, which counts their columns")
     if broken:
-        fixes.append("write the channel counts in your forward's reshapes as -1, so that they follow pruned channels")
+        fixes.append(BREAKS_FIX)
     return (f" ({'; '.join(held)}; every reason is logged at INFO by autocompress.space)" if held else ""), fixes
 
 

@@ -504,25 +504,25 @@ class PruningSpace:
         return {name: why for name, why in found.items() if why}
 
     def log_exclusions(self, also: Callable[[str], None] | None = None, said: Collection[str] = ()) -> None:
-        """Log the layers left out of pruning with their reasons (INFO, logger ``autocompress.space``, and to
-        ``also``, a run's ``log`` callable, when given, but for the layers of ``said``: those the run's log named
-        already), one line per reason: ``not filter-pruned: <name>: <reasons>`` (``column-``, ``irregular-``; ``not pruned`` for a reason of
-        every kind, such as a layer of one's own), or ``not column-pruned (<n> layers): <reasons>: <name>, <name>,
+        """Log the layers left out of pruning with their reasons, one line per reason, to ``also`` (a run's ``log``
+        callable; not the layers of ``said``: those the run's log named already) or, without one, at INFO on the
+        logger ``autocompress.space``: ``not filter-pruned: <name>: <reasons>`` (``column-``, ``irregular-``; ``not
+        pruned`` for a reason of every kind, such as a layer of one's own), or ``not column-pruned (<n> layers): <reasons>: <name>, <name>,
         ...`` when several layers share it (a transformer's Linears applied at every token); a run calls it once,
         for the space of its base model."""
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.excluded.items():
             by_reason.setdefault(reason, []).append(name or "<model>")
         for reason, names in by_reason.items():
-            tell = also is not None and not set(names) <= set(said)
             kind = next((kind for kind in KINDS if reason.startswith(f"{kind} pruning")), None)
             what = "not pruned" if kind is None else f"not {kind}-pruned"
             if kind is not None:
                 reason = reason.removeprefix(f"{kind} pruning").removeprefix(":").strip()
             line = f"{what}: {names[0]}: {reason}" if len(names) == 1 else \
                 f"{what} ({len(names)} layers): {reason}: {', '.join(names)}"
-            log.info("%s", line)
-            if tell:
+            if also is None:
+                log.info("%s", line)
+            elif not set(names) <= set(said):
                 also(line)
 
     def not_filter_pruned(self) -> dict[str, str]:
@@ -1221,6 +1221,10 @@ NO_EXECUTED_SAVING = "column pruning saves no executed MACs here"
 #: the reason for a filter group left out because the compact model breaks without its channels (``left_out`` of
 #: :meth:`PruningSpace.build`, found by ``compress``'s probe): a channel count written into a reshape, mostly
 BREAKS = "the compact model breaks once its channels are removed"
+#: the fix for a forward that breaks once channels are removed (:data:`BREAKS`)
+BREAKS_FIX = ("compute shapes from the input in forward (e.g. x.flatten(1) instead of x.view(-1, 40 * 7 * 7)); "
+              "where it splits concatenated channels (chunk / split) or a module of its own mixes channels (a "
+              "normalisation over them), put the layers feeding it in ignored_layers")
 #: the reason for a Linear or 1x1 convolution applied at several positions of an item (tokens, pixels): its
 #: compact form gathers the kept input channels at every position. An onnxruntime profile of a compact ConvNeXt
 #: spent 62 % of its time gathering Linear layers' kept columns, and the model ran 2.5x slower than its base at
