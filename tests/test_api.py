@@ -1246,29 +1246,21 @@ class CatChunk(nn.Module):
         return self.fc(torch.cat([first, self.c(second)], 1).mean((2, 3)))
 
 
-def test_a_split_of_concatenated_channels_is_left_out_before_any_work_by_compress_and_prune(no_work):
+def test_a_split_of_concatenated_channels_is_refused_before_any_work_by_compress_and_prune(no_work):
     """``compress`` refused it naming only a hard-coded shape as the cause; ``prune`` ran ADMM and then failed in
-    compaction with a raw RuntimeError. The groups whose removal moves the split (a's and b's channels) are left out
-    before training, naming the break; c's channels, which the split does not read, are pruned (since session 52's
-    concatenation sizes from the trace: before, torch-pruning coupled every channel into one group, and the model
-    was refused). A target c alone cannot reach is refused with the split's fix."""
-    error = refused(no_work, r"target 2x is unreachable: .*not filter-pruned: a \(the compact model breaks once its "
-                    r"channels are removed", model=CatChunk(), config={**CONFIG, "dims": "filter", "channel_multiple": 4})
+    compaction with a raw RuntimeError. Both now refuse before training (every filter group alone breaks the
+    split), naming the split and the fixes."""
+    error = refused(no_work, "forward fails once they are removed", model=CatChunk(),
+                    config={**CONFIG, "dims": "filter", "channel_multiple": 4})
     assert "chunk / split" in str(error) and "ignored_layers" in str(error)
-
-
-def test_prune_leaves_out_the_groups_that_move_a_split_of_concatenated_channels():
     train, val = loaders()
     batches = []
     counted = DataLoader(TensorDataset(*images(96, 0)), batch_size=16,
                          collate_fn=lambda items: batches.append(1) or torch.utils.data.default_collate(items))
-    result = autocompress.prune(CatChunk(), {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8),
-                                train_loader=counted, val_loader=val, progress=False,
-                                config={"dims": "filter", "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
-    assert len(batches) <= 1  # the argument checks' first batch: no training
-    compact = result.model
-    assert (compact.a.out_channels, compact.b.out_channels, compact.c.out_channels) == (8, 8, 4)
-    assert "the compact model breaks" in result.report["excluded"]["a"]
+    with pytest.raises(UserError, match="forward fails once they are removed.*chunk / split"):
+        autocompress.prune(CatChunk(), {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), train_loader=counted,
+                           val_loader=val, dims=("filter",), progress=False)
+    assert len(batches) <= 1  # the argument checks' first batch, no ADMM step
 
 
 class StemCatChunk(CatChunk):

@@ -1172,3 +1172,37 @@ def test_pooled_maps_flattened_and_concatenated_into_a_linear_are_pruned(order, 
     compact = oneshot(model, example, "filter")
     assert compact.a.out_channels < 12 and compact.b.out_channels < 8
     assert compact.fc.in_features == (compact.a.out_channels + compact.b.out_channels) * size * size
+
+
+class CatThenFlatten(nn.Module):
+    """Fresh user 76's head: branches of ``widths`` channels concatenated on channels (after ``coords`` constant
+    coordinate maps, CoordConv-style, when given), then pooled to ``size`` x ``size`` (0: not pooled, the 4 x 4 map
+    itself) and flattened into one Linear."""
+
+    def __init__(self, widths: tuple[int, ...], size: int, coords: int = 0):
+        super().__init__()
+        self.size, self.coords = size, coords
+        self.branches = nn.ModuleList(nn.Conv2d(3, w, 3, stride=2, padding=1) for w in widths)
+        self.fc = nn.Linear((sum(widths) + coords) * (size * size if size else 16), 3)
+
+    def forward(self, x):
+        maps = [F.relu(b(x)) for b in self.branches]
+        grid = torch.linspace(-1, 1, maps[0].shape[-1]).expand(len(x), self.coords, *maps[0].shape[-2:])
+        y = torch.cat([grid, *maps], 1)
+        return self.fc((F.adaptive_avg_pool2d(y, self.size) if self.size else y).flatten(1))
+
+
+@pytest.mark.parametrize("widths, size, coords", [((8, 4), 0, 0), ((4, 6, 8), 2, 0), ((8, 8), 1, 0), ((8, 4), 0, 2)])
+def test_maps_concatenated_then_flattened_into_a_linear_are_pruned(widths, size, coords):
+    """torch-pruning saw the flatten's features (the Linear's input) where the concatenation's channels are and gave
+    it no offsets at all: the branches were left out ("cannot be followed into" a sibling branch) or the model was
+    refused ("mat1 and mat2 shapes cannot be multiplied"); a constant input (coordinate maps) shifted every offset.
+    The offsets come from the traced sizes, constant inputs included, updated as a compaction removes channels:
+    every branch is pruned and the compact model equals the masked one."""
+    model, example = CatThenFlatten(widths, size, coords), torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, example)
+    assert [g.name for g in space.filter_groups] == [f"branches.{i}" for i in range(len(widths))]
+    compact = oneshot(model, example, "filter")
+    kept = [b.out_channels for b in compact.branches]
+    assert all(k < w for k, w in zip(kept, widths))
+    assert compact.fc.in_features == (sum(kept) + coords) * (size * size or 16)

@@ -578,8 +578,8 @@ def test_a_layer_whose_output_is_chunked_is_left_out_naming_the_split_and_the_fi
     consumer = "c" if glu else "d"  # torch-pruning follows the gate's second half only; the split's second part
     assert space.excluded["b"] == (
         f"filter pruning: channels map unevenly into {consumer}.weight: 16 of the 32 channels reach it (the output "
-        "is split into parts whose sizes the forward fixes, e.g. by chunk for a GLU gate); compute each part with "
-        "its own layer to prune them")
+        "is split into parts whose sizes the forward fixes, e.g. by chunk for a GLU gate, or reshaped into fewer "
+        "channels, e.g. a Linear's features viewed as a map); compute each part with its own layer to prune them")
     assert "a" in {u.name for u in space.units("filter")}
 
 

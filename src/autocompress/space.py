@@ -56,7 +56,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
-from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, _FlattenIndexMapping
 
 from .alignment import align_up, aligned_keep, allowed_widths
 from .analysis import hooked_forward, output_tensors, preserved_state, random_like
@@ -507,9 +507,9 @@ class PruningSpace:
         """Log the layers left out of pruning with their reasons, one line per reason, to ``also`` (a run's ``log``
         callable; not the layers of ``said``: those the run's log named already) or, without one, at INFO on the
         logger ``autocompress.space``: ``not filter-pruned: <name>: <reasons>`` (``column-``, ``irregular-``; ``not
-        pruned`` for a reason of every kind, such as a layer of one's own), or ``not column-pruned (<n> layers): <reasons>: <name>, <name>,
-        ...`` when several layers share it (a transformer's Linears applied at every token); a run calls it once,
-        for the space of its base model."""
+        pruned`` for a reason of every kind, such as a layer of one's own), or ``not column-pruned (<n> layers):
+        <reasons>: <name>, <name>, ...`` when several layers share it (a transformer's Linears applied at every
+        token); a run calls it once, for the space of its base model."""
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.excluded.items():
             by_reason.setdefault(reason, []).append(name or "<model>")
@@ -992,11 +992,11 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     finally:
         for p in frozen:
             p.requires_grad_(False)
-    pinned = _pin_flattens(graph, traced)
+    pinned = _traced_mappings(graph, traced)
     limit = 4 * max([4096] + [n for p in model.parameters() for n in p.shape])
     for node in graph.module2node.values():
         for dep in node.dependencies:
-            dep.index_mapping = _BoundedMappings(dep.index_mapping, limit, pinned.get(id(dep), UNPINNED))
+            dep.index_mapping = _BoundedMappings(dep.index_mapping, limit, pinned.get(id(dep), {}))
     return graph
 
 
@@ -1004,7 +1004,9 @@ class _TracedShapes(TorchFunctionMode):
     """Records what torch-pruning infers about a forward's reshapes and concatenations from the channel counts around
     them, from the tensors themselves: ``reshapes`` (the autograd node of a view's or reshape's output, which
     torch-pruning's reshape node holds -> (input shape, output shape)) and ``cats`` (that of a concatenation along
-    dimension 1 -> its inputs' sizes there)."""
+    dimension 1 of feature vectors ``[N, F]`` or maps ``[N, C, H, W]`` / ``[N, C, D, H, W]`` -> each input's size
+    there and whether it requires grad, as torch-pruning's inputs of the node do; not ``[N, L, D]``, whose dimension
+    1 is a sequence's as often as channels)."""
 
     def __init__(self):
         super().__init__()
@@ -1020,43 +1022,63 @@ class _TracedShapes(TorchFunctionMode):
             return out
         if isinstance(args[0], torch.Tensor) and ("view" in name or "reshape" in name):
             self.reshapes[node] = (tuple(args[0].shape), tuple(out.shape))
-        elif name.startswith("catbackward") and out.dim() > 1:
+        elif name.startswith("catbackward") and out.dim() in (2, 4, 5):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if dim % out.dim() == 1:
-                self.cats[node] = [int(t.shape[1]) for t in args[0]]
+                self.cats[node] = [(int(t.shape[1]), t.requires_grad) for t in args[0]]
         return out
 
 
-def _pin_flattens(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[int, object]:
-    """The channel mapping of every flatten of ``graph`` (``[N, C, *S] -> [N, C * prod(S)]``: channel ``j`` is
-    features ``j * prod(S)`` to ``(j + 1) * prod(S) - 1``) from the traced shapes: id of a dependency -> its reshape
-    mapping (None: channels kept), which :class:`_BoundedMappings` pins (torch-pruning infers it again on every group
-    query). Torch-pruning reads the stride from the channel counts of the layers around the flatten, and a
-    concatenation after it misleads it (fresh user 75: pooled maps of 64 and 48 channels flattened and concatenated
-    into a Linear got strides 1 and 2, so the second map's channels pointed past the Linear's input). Its other
-    reshapes keep its mapping; a concatenation's input sizes are set from the trace too (:func:`_set_concat_sizes`)."""
-    pinned = {}
+def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[int, dict[int, object]]:
+    """The channel mappings of the flattens and concatenations of ``graph``, from the traced shapes: id of a
+    dependency -> {position in its mappings: mapping} (torch-pruning's: 0 for a reshape, 1 for a concatenation),
+    which :class:`_BoundedMappings` pins (torch-pruning infers them again on every group query).
+
+    A flatten ``[N, C, *S] -> [N, C * prod(S)]`` maps channel ``j`` to features ``j * prod(S)`` to ``(j + 1) *
+    prod(S) - 1``; input ``i`` of a concatenation along channels holds its channels at the sum of the earlier
+    inputs' sizes on (constant inputs, e.g. coordinate maps or a tensor of ones, included). Torch-pruning infers the
+    stride and the sizes from the channel counts of the layers around them, which a concatenation after a flatten or
+    a flatten after a concatenation misleads (fresh user 75: pooled maps of 64 and 48 channels flattened and
+    concatenated into a Linear got strides 1 and 2, so the second map's channels pointed past the Linear's input;
+    maps concatenated and then flattened got no offsets at all). Other reshapes and concatenations keep its
+    mappings."""
+    pinned: dict[int, dict[int, object]] = {}
     for node in graph.module2node.values():
         before, after = traced.reshapes.get(node.grad_fn, ((), ()))
-        if node.type != ops.OPTYPE.RESHAPE or len(before) < 3 or after != (before[0], math.prod(before[1:])):
-            continue
-        stride = math.prod(before[2:])
-        for source in node.inputs:
-            for dep, reverse in [(d, True) for d in node.dependencies if d.target is source] + \
-                    [(d, False) for d in source.dependencies if d.target is node]:
-                pinned[id(dep)] = _FlattenIndexMapping(stride=stride, reverse=reverse) if stride > 1 else None
-    _set_concat_sizes(graph, traced)
+        parts = traced.cats.get(node.grad_fn, [])
+        sizes, traced_inputs = [size for size, _ in parts], [i for i, (_, grad) in enumerate(parts) if grad]
+        if node.type == ops.OPTYPE.RESHAPE and len(before) >= 3 and after == (before[0], math.prod(before[1:])):
+            stride = math.prod(before[2:])
+            for source in node.inputs:
+                _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse) if stride > 1
+                                                 else None for reverse in (False, True)])
+        elif node.type == ops.OPTYPE.CONCAT and node.enable_index_mapping and len(traced_inputs) == len(node.inputs):
+            node.module.concat_sizes = sizes  # torch-pruning's pruner lowers them as channels are removed
+            for i, source in zip(traced_inputs, node.inputs):  # a constant input (no grad) is no node's
+                _pin(pinned, node, source, 1, *[_ConcatPart(node.module, i, reverse) for reverse in (False, True)])
     return pinned
 
 
-def _set_concat_sizes(graph: tp.DependencyGraph, traced: _TracedShapes) -> None:
-    """Give each concatenation along channels the sizes of its inputs the trace saw, which torch-pruning otherwise
-    infers from the layers before them: a flattened map's layer's channel count, not its features (a 12-channel map
-    pooled to 2 x 2 is 48 features; the offsets of every later input were wrong, or missing)."""
-    for node in graph.module2node.values():
-        sizes = traced.cats.get(node.grad_fn)
-        if node.type == ops.OPTYPE.CONCAT and sizes is not None and len(sizes) == len(node.inputs):
-            node.module.concat_sizes = sizes
+class _ConcatPart:
+    """The channel mapping between input ``index`` of a concatenation (torch-pruning's ``_ConcatOp`` ``cat``) and
+    its output, from the input sizes the concatenation has now (``cat.concat_sizes``, which torch-pruning's pruner
+    lowers as a compaction removes channels); ``reverse``: output -> input."""
+
+    def __init__(self, cat, index: int, reverse: bool):
+        self.cat, self.index, self.reverse = cat, index, reverse
+
+    def __call__(self, idxs):
+        start = sum(self.cat.concat_sizes[:self.index])
+        return _ConcatIndexMapping([start, start + self.cat.concat_sizes[self.index]], reverse=self.reverse)(idxs)
+
+
+def _pin(pinned: dict[int, dict[int, object]], node, source, position: int, forward, backward) -> None:
+    """Pin ``forward`` on a dependency ``source -> node`` and ``backward`` on one ``node -> source`` not pinned at
+    ``position`` yet (an input passed twice, ``cat([x, x])``, has a dependency per use)."""
+    for deps, target, mapping in ((source.dependencies, node, forward), (node.dependencies, source, backward)):
+        dep = next((d for d in deps if d.target is target and position not in pinned.get(id(d), {})), None)
+        if dep is not None:
+            pinned.setdefault(id(dep), {})[position] = mapping
 
 
 def mapping_failure(exc: Exception, model: nn.Module, graph: tp.DependencyGraph) -> str:
@@ -1077,23 +1099,19 @@ class ChannelMappingExplodes(RuntimeError):
     end (hours, gigabytes), so it is abandoned at once."""
 
 
-#: no reshape mapping of :func:`_pin_flattens` for a dependency (torch-pruning's own applies)
-UNPINNED = object()
-
-
 class _BoundedMappings(list):
     """A torch-pruning dependency's index mappings (replaced on every group query), each call checked:
     more than ``limit`` indices raise :class:`ChannelMappingExplodes` (``limit``: four times the largest
     parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension).
-    ``reshape``: a reshape mapping (index 0) that the queries do not replace (:func:`_pin_flattens`)."""
+    ``pinned``: position -> a mapping that the queries do not replace (:func:`_traced_mappings`)."""
 
-    def __init__(self, mappings, limit: int, reshape=UNPINNED):
+    def __init__(self, mappings, limit: int, pinned: Mapping[int, object]):
         super().__init__()
-        self.limit, self.pinned = limit, reshape is not UNPINNED
-        self.extend(self._bounded(m) for m in ([reshape, *mappings[1:]] if self.pinned else mappings))
+        self.limit, self.pinned = limit, dict(pinned)
+        self.extend(self._bounded(self.pinned.get(i, m)) for i, m in enumerate(mappings))
 
     def __setitem__(self, index, mapping):
-        if not (self.pinned and index == 0):
+        if index not in self.pinned:
             super().__setitem__(index, self._bounded(mapping))
 
     def _bounded(self, mapping):
@@ -1588,8 +1606,8 @@ def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor
     channels = [c for cs in reached.values() for c in cs]
     if len(set(zip(keys, channels))) == len(set(keys)):
         return []
-    return [(torch.tensor(keys), torch.tensor(channels), "a layer and a depthwise convolution of it, concatenated,",
-             "")]
+    return [(torch.tensor(keys), torch.tensor(channels), "reaching one channel of a later tensor by two paths (as a "
+             "ghost module's layer and the depthwise convolution of it concatenated to it do)", "")]
 
 
 def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1682,8 +1700,9 @@ def _uneven(slices: list[Slice], size: int) -> str:
             return f"{UNEVEN} {s.param}"
         if s.role == "input" or per_channel.max() > 1:  # the rest reach it not at all
             return (f"{UNEVEN} {s.param}: {reaching} of the {size} channels reach it (the output is split into "
-                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate); compute each part with its "
-                    "own layer to prune them")
+                    "parts whose sizes the forward fixes, e.g. by chunk for a GLU gate, or reshaped into fewer "
+                    "channels, e.g. a Linear's features viewed as a map); compute each part with its own layer to "
+                    "prune them")
     return ""
 
 
