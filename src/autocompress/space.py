@@ -1001,8 +1001,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
 
 
 class _TracedShapes(TorchFunctionMode):
-    """Records what torch-pruning infers about a forward's reshapes and concatenations from the channel counts around
-    them, from the tensors themselves: ``reshapes`` (the autograd node of a view's or reshape's output, which
+    """Records, from the tensors themselves, the shapes around a forward's reshapes and concatenations that
+    torch-pruning infers from the channel counts of nearby layers: ``reshapes`` (the autograd node of a view's or reshape's output, which
     torch-pruning's reshape node holds -> (input shape, output shape)) and ``cats`` (that of a concatenation along
     dimension 1 of feature vectors ``[N, F]`` or maps ``[N, C, H, W]`` / ``[N, C, D, H, W]`` -> each input's size
     there and whether it requires grad, as torch-pruning's inputs of the node do; not ``[N, L, D]``, whose dimension
@@ -1011,7 +1011,7 @@ class _TracedShapes(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        self.cats: dict[object, list[int]] = {}
+        self.cats: dict[object, list[tuple[int, bool]]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
