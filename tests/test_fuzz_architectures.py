@@ -898,6 +898,8 @@ def test_a_vision_transformers_token_stream_is_filter_pruned_with_its_position_e
     assert {g.name: g.size for g in space.filter_groups} == {"patch_embed": 16, "qkv": 16, "fc1": 32}
     stream = next(g for g in space.filter_groups if g.name == "patch_embed")
     assert {s.param for s in stream.slices} >= {"cls_token", "pos_embed", "norm1.weight", "proj.weight", "fc2.bias"}
+    # fresh user 76: the model was named "a layer of its own with weights" although those two are sliced
+    assert "" not in space.excluded
     # every entry of the parameters that read or write the stream (qkv, fc1 and head by their input columns)
     coupled = {"patch_embed.weight", "patch_embed.bias", "cls_token", "pos_embed", "qkv.weight", "fc1.weight",
                "head.weight"}
@@ -1176,7 +1178,7 @@ def test_pooled_maps_flattened_and_concatenated_into_a_linear_are_pruned(order, 
 
 class CatThenFlatten(nn.Module):
     """Fresh user 76's head: branches of ``widths`` channels concatenated on channels (after ``coords`` constant
-    coordinate maps, CoordConv-style, when given), then pooled to ``size`` x ``size`` (0: not pooled, the 4 x 4 map
+    coordinate maps, CoordConv-style, when given: then with keyword arguments only), then pooled to ``size`` x ``size`` (0: not pooled, the 4 x 4 map
     itself) and flattened into one Linear."""
 
     def __init__(self, widths: tuple[int, ...], size: int, coords: int = 0):
@@ -1188,7 +1190,7 @@ class CatThenFlatten(nn.Module):
     def forward(self, x):
         maps = [F.relu(b(x)) for b in self.branches]
         grid = torch.linspace(-1, 1, maps[0].shape[-1]).expand(len(x), self.coords, *maps[0].shape[-2:])
-        y = torch.cat([grid, *maps], 1)
+        y = torch.cat(tensors=[grid, *maps], dim=1) if self.coords else torch.cat([grid, *maps], 1)
         return self.fc((F.adaptive_avg_pool2d(y, self.size) if self.size else y).flatten(1))
 
 

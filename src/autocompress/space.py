@@ -443,11 +443,11 @@ class PruningSpace:
                      for module in parent.modules() if module is not parent}
         candidates = {}
         shared = shared_parameters(model)
+        own_layers = {}
         for module, name in names.items():
             if not is_weight_layer(module):
                 if _own_weight_layer(module):
-                    _exclude(excluded, name, f"{type(module).__name__} is a layer of its own with weights, not a "
-                                             "Conv / Linear: build it from nn.Conv2d / nn.Linear to have it pruned")
+                    own_layers[name] = module
                 continue
             reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared)
             if reason:
@@ -460,6 +460,11 @@ class PruningSpace:
             groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
                                    ignored, left_out or {})
             groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
+        sliced = {s.param for g in groups for s in g.slices}
+        for name, module in own_layers.items():  # a ViT's class token and position embedding are sliced: not named
+            if any(p.dim() >= 2 and param_names[id(p)] not in sliced for p in module.parameters(recurse=False)):
+                _exclude(excluded, name, f"{type(module).__name__} is a layer of its own with weights, not a "
+                                         "Conv / Linear: build it from nn.Conv2d / nn.Linear to have it pruned")
         batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
         for name, reason in (columns_left_out or {}).items():
             _exclude(excluded, name, reason)
@@ -1018,14 +1023,15 @@ class _TracedShapes(TorchFunctionMode):
         out = func(*args, **kwargs)
         node = out.grad_fn if isinstance(out, torch.Tensor) else None
         name = type(node).__name__.lower()
-        if node is None or not args:
+        if node is None:
             return out
-        if isinstance(args[0], torch.Tensor) and ("view" in name or "reshape" in name):
+        if args and isinstance(args[0], torch.Tensor) and ("view" in name or "reshape" in name):
             self.reshapes[node] = (tuple(args[0].shape), tuple(out.shape))
         elif name.startswith("catbackward") and out.dim() in (2, 4, 5):
+            tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if dim % out.dim() == 1:
-                self.cats[node] = [(int(t.shape[1]), t.requires_grad) for t in args[0]]
+                self.cats[node] = [(int(t.shape[1]), t.requires_grad) for t in tensors]
         return out
 
 
