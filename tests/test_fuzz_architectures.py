@@ -1178,8 +1178,8 @@ def test_pooled_maps_flattened_and_concatenated_into_a_linear_are_pruned(order, 
 
 class CatThenFlatten(nn.Module):
     """Fresh user 76's head: branches of ``widths`` channels concatenated on channels (after ``coords`` constant
-    coordinate maps, CoordConv-style, when given: then with keyword arguments only), then pooled to ``size`` x ``size`` (0: not pooled, the 4 x 4 map
-    itself) and flattened into one Linear."""
+    coordinate maps, CoordConv-style, when given: then with keyword arguments only), then pooled to ``size`` x
+    ``size`` (0: not pooled, the 4 x 4 map itself) and flattened into one Linear."""
 
     def __init__(self, widths: tuple[int, ...], size: int, coords: int = 0):
         super().__init__()

@@ -1007,11 +1007,11 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
 
 class _TracedShapes(TorchFunctionMode):
     """Records, from the tensors themselves, the shapes around a forward's reshapes and concatenations that
-    torch-pruning infers from the channel counts of nearby layers: ``reshapes`` (the autograd node of a view's or reshape's output, which
-    torch-pruning's reshape node holds -> (input shape, output shape)) and ``cats`` (that of a concatenation along
-    dimension 1 of feature vectors ``[N, F]`` or maps ``[N, C, H, W]`` / ``[N, C, D, H, W]`` -> each input's size
-    there and whether it requires grad, as torch-pruning's inputs of the node do; not ``[N, L, D]``, whose dimension
-    1 is a sequence's as often as channels)."""
+    torch-pruning infers from the channel counts of nearby layers: ``reshapes`` (the autograd node of a view's or
+    reshape's output, which torch-pruning's reshape node holds -> (input shape, output shape)) and ``cats`` (that of
+    a concatenation along dimension 1 of feature vectors ``[N, F]`` or maps ``[N, C, H, W]`` / ``[N, C, D, H, W]``
+    -> each input's size there and whether it requires grad, as torch-pruning's inputs of the node do; not ``[N, L,
+    D]``, whose dimension 1 is a sequence's as often as channels)."""
 
     def __init__(self):
         super().__init__()
