@@ -1868,6 +1868,27 @@ def test_distillation_is_turned_off_for_a_regressor_of_several_values(caplog):
                                          "class indices") for r in caplog.records)
 
 
+def test_distillation_is_turned_off_for_several_labels_an_item_even_when_asked_for(caplog):
+    """Fresh user 77's multi-label classifier (multi-hot targets, BCE): ``distillation.enabled: true`` was turned off
+    with the regressor's words ("a regression", "pass forward_fn returning class scores", which it did). A softmax
+    over the classes is what such a model does not have: the warning says so, and that the setting is overruled."""
+    x, _ = images(96, 0)
+    labels = (torch.rand(96, CLASSES, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    labels[:, 0] = 1.0  # two or three labels an item
+    train = DataLoader(TensorDataset(x, labels), batch_size=16)
+    run = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=train, score_fn=weights_present,
+                                     loss_fn=lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]), b[1])),
+                      config={**CONFIG, "distillation": {"enabled": True}})
+    assert not run.config.distillation.enabled and run.pipeline.distiller is None
+    assert any(r.getMessage().startswith(
+        "distillation from the base is off although distillation.enabled is true: the forward returns a tensor of "
+        "shape [16, 3] on a training batch, whose training targets (batch[1]) are not class indices or probabilities "
+        "for it (a regression, or several labels an item: multi-hot targets)") and r.getMessage().endswith(
+        "(distillation compares one softmax over the classes, which several labels an item or a regression does not "
+        "have)") for r in caplog.records)
+
+
 def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
     the loss was only halved), so the run turns it off, says so, and stores it off."""

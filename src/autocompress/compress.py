@@ -495,6 +495,7 @@ class Compression:
         classes = distillable(output)
         if not (self.config.distillation.enabled or scorer_distils) or (classes and self.task.classifies is not False):
             return
+        asked = self.config.distillation.enabled and "distillation.enabled" not in self.from_data
         self.config = dataclasses.replace(
             self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),
             quick_eval=dataclasses.replace(quick, finetune_distill=False))
@@ -502,11 +503,15 @@ class Compression:
         why = ("not class scores [B, classes >= 2, ...]" if not classes else
                f"whose {targets} hold {self.task.ignore_label} besides its class indices (an ignore label)"
                if self.task.ignore_label is not None else
-               f"whose {targets} are not class indices or probabilities for it (a regression)")
-        warning = (f"distillation from the base is off: the forward returns {kind_of(output)} on a training batch, "
-                   f"{why}, and distillation compares softened class scores (distillation.enabled and "
-                   "quick_eval.finetune_distill set false); training and the search's fine-tuning use your loss "
-                   "alone (pass forward_fn returning class scores to distil)")
+               f"whose {targets} are not class indices or probabilities for it (a regression, or several labels "
+               "an item: multi-hot targets)")
+        fix = ("pass forward_fn returning class scores to distil" if not classes else
+               "distillation compares one softmax over the classes, which several labels an item or a regression "
+               "does not have")
+        warning = (f"distillation from the base is off{' although distillation.enabled is true' if asked else ''}: "
+                   f"the forward returns {kind_of(output)} on a training batch, {why}, and distillation compares "
+                   "softened class scores (distillation.enabled and quick_eval.finetune_distill set false); training "
+                   f"and the search's fine-tuning use your loss alone ({fix})")
         logging.getLogger("autocompress").warning(warning)
 
     def _distil_by_fit(self, base: nn.Module, base_score: float, say: Callable[[str], None]) -> None:

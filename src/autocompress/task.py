@@ -472,7 +472,8 @@ class Task:
                     f"F.cross_entropy(output, {self._where}, ignore_index={self.ignore_label}) and a score_fn that "
                     "skips them" if self.ignore_label is not None else
                     f"pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and {self._where} for "
-                    "regression)"))
+                    "regression, F.binary_cross_entropy_with_logits for several labels an item: multi-hot "
+                    "targets)"))
             if needs_training:
                 try:
                     with analysis_mode(model):
