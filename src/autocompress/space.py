@@ -1030,7 +1030,7 @@ class _TracedShapes(TorchFunctionMode):
         elif name.startswith("catbackward") and out.dim() in (2, 4, 5):
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if dim % out.dim() == 1:
+            if isinstance(dim, int) and dim % out.dim() == 1:  # not a named dimension
                 self.cats[node] = [(int(t.shape[1]), t.requires_grad) for t in tensors]
         return out
 
