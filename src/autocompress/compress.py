@@ -434,7 +434,7 @@ class Compression:
                        explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
         self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)
         if self.world.is_main:
-            self.first_space.log_exclusions(self.pipeline.callers_log(), said=self.pipeline.probe_said())
+            self.pipeline.log_exclusions(self.first_space)
         self.table = self._latency_table(base) if self.target.objective == "latency" else None
         self.factor = self._factor()
         self.targets = round_targets(self.factor, self.config.rounds)

@@ -261,7 +261,7 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
     before = pipeline.base_score
     work = densify(base)
     space = pipeline.compactable_space(work)
-    space.log_exclusions(pipeline.callers_log(), said=pipeline.probe_said())
+    pipeline.log_exclusions(space)
     warning = space.unreached_warning()
     if warning is not None and log is not None:
         log(f"WARNING: {warning}")

@@ -495,9 +495,10 @@ class Pipeline:
         """The ``log`` callable the caller passed (wrapped to print above progress bars), None without one."""
         return None if self.log is _silent else self.log
 
-    def probe_said(self) -> set[str]:
-        """The layers :meth:`compactable_space` left out and named in the log (their filters or columns)."""
-        return {*self.incompactable, *self.incompactable_columns}
+    def log_exclusions(self, space: PruningSpace) -> None:
+        """Log the layers ``space`` leaves out of pruning (:meth:`PruningSpace.log_exclusions`): to the caller's
+        ``log``, but for those :meth:`compactable_space` named there already, else at INFO."""
+        space.log_exclusions(self.callers_log(), said={*self.incompactable, *self.incompactable_columns})
 
     def _read_outside(self, model: nn.Module, space: PruningSpace, failing: Mapping[str, str]) -> dict[str, str]:
         """The groups of ``failing`` that touch a layer whose weight the forward also reads outside the layer

@@ -1022,9 +1022,9 @@ class _TracedShapes(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         node = out.grad_fn if isinstance(out, torch.Tensor) else None
-        name = type(node).__name__.lower()
         if node is None:
             return out
+        name = type(node).__name__.lower()
         if args and isinstance(args[0], torch.Tensor) and ("view" in name or "reshape" in name):
             self.reshapes[node] = (tuple(args[0].shape), tuple(out.shape))
         elif name.startswith("catbackward") and out.dim() in (2, 4, 5):
@@ -1050,19 +1050,34 @@ def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[i
     mappings."""
     pinned: dict[int, dict[int, object]] = {}
     for node in graph.module2node.values():
-        before, after = traced.reshapes.get(node.grad_fn, ((), ()))
-        parts = traced.cats.get(node.grad_fn, [])
-        sizes, traced_inputs = [size for size, _ in parts], [i for i, (_, grad) in enumerate(parts) if grad]
-        if node.type == ops.OPTYPE.RESHAPE and len(before) >= 3 and after == (before[0], math.prod(before[1:])):
-            stride = math.prod(before[2:])
-            for source in node.inputs:
-                _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse) if stride > 1
-                                                 else None for reverse in (False, True)])
-        elif node.type == ops.OPTYPE.CONCAT and node.enable_index_mapping and len(traced_inputs) == len(node.inputs):
-            node.module.concat_sizes = sizes  # torch-pruning's pruner lowers them as channels are removed
-            for i, source in zip(traced_inputs, node.inputs):  # a constant input (no grad) is no node's
-                _pin(pinned, node, source, 1, *[_ConcatPart(node.module, i, reverse) for reverse in (False, True)])
+        if node.type == ops.OPTYPE.RESHAPE and node.grad_fn in traced.reshapes:
+            _pin_flatten(pinned, node, *traced.reshapes[node.grad_fn])
+        elif node.type == ops.OPTYPE.CONCAT and node.enable_index_mapping and node.grad_fn in traced.cats:
+            _pin_concat(pinned, node, traced.cats[node.grad_fn])
     return pinned
+
+
+def _pin_flatten(pinned: dict[int, dict[int, object]], node, before: tuple[int, ...], after: tuple[int, ...]) -> None:
+    """Pin the stride of reshape ``node`` (shapes ``before`` -> ``after``) when it flattens ``[N, C, *S]`` to
+    ``[N, C * prod(S)]``."""
+    if len(before) < 3 or after != (before[0], math.prod(before[1:])):
+        return
+    stride = math.prod(before[2:])
+    for source in node.inputs:
+        _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse) if stride > 1 else None
+                                        for reverse in (False, True)])
+
+
+def _pin_concat(pinned: dict[int, dict[int, object]], node, parts: list[tuple[int, bool]]) -> None:
+    """Pin the offsets of concatenation ``node``'s inputs (``parts``: each input's size and whether it requires
+    grad) and set its sizes, when the inputs that require grad are torch-pruning's inputs of the node (a constant
+    input is no node's)."""
+    inputs = [i for i, (_, grad) in enumerate(parts) if grad]
+    if len(inputs) != len(node.inputs):
+        return
+    node.module.concat_sizes = [size for size, _ in parts]  # torch-pruning's pruner lowers them as channels go
+    for i, source in zip(inputs, node.inputs):
+        _pin(pinned, node, source, 1, *[_ConcatPart(node.module, i, reverse) for reverse in (False, True)])
 
 
 class _ConcatPart:
