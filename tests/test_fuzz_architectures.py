@@ -1208,3 +1208,79 @@ def test_maps_concatenated_then_flattened_into_a_linear_are_pruned(widths, size,
     kept = [b.out_channels for b in compact.branches]
     assert all(k < w for k, w in zip(kept, widths))
     assert compact.fc.in_features == (sum(kept) + coords) * (size * size or 16)
+
+
+class ChannelsLastHead(nn.Module):
+    """A head ported from channels-last code: the maps of ``widths`` channels (concatenated when several) are
+    flattened after a ``layout`` reordering that moves the channels off dimension 1 (``permute``: ``[N, H, W, C]``;
+    ``transpose``: ``[N, W, H, C]``; ``middle``: ``[N, H, C, W]``, with ``contiguous`` and ``view``), into a Linear."""
+
+    def __init__(self, widths: tuple[int, ...], layout: str):
+        super().__init__()
+        self.layout = layout
+        self.branches = nn.ModuleList(nn.Conv2d(3, w, 3, stride=2, padding=1) for w in widths)
+        self.fc = nn.Linear(sum(widths) * 16, 3)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(b(x)) for b in self.branches], 1) if len(self.branches) > 1 else self.branches[0](x)
+        if self.layout == "permute":
+            y = y.permute(0, 2, 3, 1).reshape(len(x), -1)
+        elif self.layout == "transpose":
+            y = y.transpose(1, -1).flatten(1)
+        else:
+            y = y.permute(0, 2, 1, 3).contiguous().view(len(x), -1)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("widths, layout", [((8,), "permute"), ((8, 4), "permute"), ((6,), "transpose"),
+                                            ((4, 8), "transpose"), ((8,), "middle"), ((4, 6), "middle")])
+def test_maps_flattened_channels_last_into_a_linear_are_pruned(widths, layout):
+    """A flatten after a permute spreads channel j over features j, C + j, 2C + j, ... (channels last), which
+    torch-pruning maps as a plain flatten's block of features (Torch-Pruning itself prunes the wrong columns of the
+    Linear) and which was left out ("cannot be followed into fc"). The mapping follows the permute, with the
+    channel count torch-pruning infers as a compaction removes channels (a concatenation's included): every branch
+    is pruned and the compact model equals the masked one."""
+    model, example = ChannelsLastHead(widths, layout), torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, example)
+    assert [g.name for g in space.filter_groups] == [f"branches.{i}" for i in range(len(widths))]
+    compact = oneshot(model, example, "filter")
+    kept = [b.out_channels for b in compact.branches]
+    assert all(k < w for k, w in zip(kept, widths))
+    assert compact.fc.in_features == sum(kept) * 16
+
+
+class FlattenedAndViewedBack(nn.Module):
+    """Maps flattened and viewed back as channels: ``tokens``, a pooled map's ``flatten(1)`` reshaped to ``[N, C,
+    4]`` and transposed into per-position tokens of a Linear (fresh user 76's ReshapeTokens); ``map``, two
+    branches flattened, concatenated and viewed back as one map of their channels for a convolution."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.mix = nn.Linear(8, 12) if kind == "tokens" else nn.Conv2d(12, 12, 3, padding=1)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        a = F.relu(self.a(x))
+        if self.kind == "tokens":
+            y = F.adaptive_avg_pool2d(a, 2).flatten(1)
+            return self.head(F.relu(self.mix(y.reshape(len(x), -1, 4).transpose(1, 2))).mean(1))
+        y = torch.cat([a.flatten(1), F.relu(self.b(x)).flatten(1)], 1).view(len(x), -1, *a.shape[2:])
+        return self.head(F.relu(self.mix(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["tokens", "map"])
+def test_maps_flattened_and_viewed_back_as_channels_are_pruned(kind):
+    """torch-pruning sees ``[N, C * S] -> [N, C, S]`` after a flatten as a reshape keeping the count, one channel per
+    feature, so the flattened producer's channels pointed past the consumer's and it was left out ("cannot be
+    followed into mix"). Feature ``f`` is now channel ``f // S`` where the layers after it read ``C`` channels: the
+    producers are pruned and the compact model equals the masked one."""
+    model, example = FlattenedAndViewedBack(kind), torch.randn(2, 3, 8, 8)
+    space = PruningSpace.build(model, example)
+    producers = ["a"] if kind == "tokens" else ["a", "b"]
+    assert set(producers) <= {g.name for g in space.filter_groups} and not set(producers) & set(space.excluded)
+    compact = oneshot(model, example, "filter")
+    assert compact.a.out_channels < 8
+    width = compact.mix.in_features if kind == "tokens" else compact.mix.in_channels
+    assert width == compact.a.out_channels + (0 if kind == "tokens" else compact.b.out_channels)

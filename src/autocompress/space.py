@@ -57,6 +57,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
 from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, _FlattenIndexMapping
+from torch_pruning.dependency.shape_infer import infer_in_channels_recursively, infer_out_channels_recursively
+from torch_pruning._helpers import _HybridIndex
 
 from .alignment import align_up, aligned_keep, allowed_widths
 from .analysis import hooked_forward, output_tensors, preserved_state, random_like
@@ -1008,7 +1010,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
 class _TracedShapes(TorchFunctionMode):
     """Records, from the tensors themselves, the shapes around a forward's reshapes and concatenations that
     torch-pruning infers from the channel counts of nearby layers: ``reshapes`` (the autograd node of a view's or
-    reshape's output, which torch-pruning's reshape node holds -> (input shape, output shape)) and ``cats`` (that of
+    reshape's output, which torch-pruning's reshape node holds -> (input shape, output shape, the input's dimension
+    holding the channels: :func:`_channel_dim`)) and ``cats`` (that of
     a concatenation along dimension 1 of feature vectors ``[N, F]`` or maps ``[N, C, H, W]`` / ``[N, C, D, H, W]``
     -> each input's size there and whether it requires grad, as torch-pruning's inputs of the node do; not ``[N, L,
     D]``, whose dimension 1 is a sequence's as often as channels)."""
@@ -1026,13 +1029,41 @@ class _TracedShapes(TorchFunctionMode):
             return out
         name = type(node).__name__.lower()
         if args and isinstance(args[0], torch.Tensor) and ("view" in name or "reshape" in name):
-            self.reshapes[node] = (tuple(args[0].shape), tuple(out.shape))
+            self.reshapes[node] = (tuple(args[0].shape), tuple(out.shape), _channel_dim(args[0]))
         elif name.startswith("catbackward") and out.dim() in (2, 4, 5):
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if isinstance(dim, int) and dim % out.dim() == 1:  # not a named dimension
                 self.cats[node] = [(int(t.shape[1]), t.requires_grad) for t in tensors]
         return out
+
+
+def _channel_dim(tensor: torch.Tensor) -> int:
+    """The dimension of ``tensor`` that holds dimension 1 (the channels) of the tensor it was permuted from by a
+    chain of ``permute`` / ``transpose`` / ``movedim`` (``contiguous`` copies between them included), read from
+    its autograd nodes: 3 for ``x.permute(0, 2, 3, 1)`` of a map ``x`` (channels last); 1 without a permute."""
+    steps, node = [], tensor.grad_fn
+    while node is not None:
+        name = type(node).__name__
+        if name == "PermuteBackward0":
+            steps.append(tuple(_signed(d) % tensor.dim() for d in node._saved_dims))
+        elif name == "TransposeBackward0":
+            order = list(range(tensor.dim()))
+            a, b = _signed(node._saved_dim0) % tensor.dim(), _signed(node._saved_dim1) % tensor.dim()
+            order[a], order[b] = order[b], order[a]
+            steps.append(tuple(order))
+        elif name != "CloneBackward0":
+            break
+        node = node.next_functions[0][0] if node.next_functions else None
+    dim = 1
+    for order in reversed(steps):  # output dimension i holds input dimension order[i]
+        dim = order.index(dim)
+    return dim
+
+
+def _signed(dim: int) -> int:
+    """A dimension an autograd node saved (negative ones as unsigned 64-bit integers) as a Python int."""
+    return dim - 2 ** 64 if dim >= 2 ** 63 else dim
 
 
 def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[int, dict[int, object]]:
@@ -1051,21 +1082,77 @@ def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[i
     pinned: dict[int, dict[int, object]] = {}
     for node in graph.module2node.values():
         if node.type == ops.OPTYPE.RESHAPE and node.grad_fn in traced.reshapes:
-            _pin_flatten(pinned, node, *traced.reshapes[node.grad_fn])
+            _pin_flatten(pinned, graph, node, *traced.reshapes[node.grad_fn])
         elif node.type == ops.OPTYPE.CONCAT and node.enable_index_mapping and node.grad_fn in traced.cats:
             _pin_concat(pinned, node, traced.cats[node.grad_fn])
     return pinned
 
 
-def _pin_flatten(pinned: dict[int, dict[int, object]], node, before: tuple[int, ...], after: tuple[int, ...]) -> None:
-    """Pin the stride of reshape ``node`` (shapes ``before`` -> ``after``) when it flattens ``[N, C, *S]`` to
-    ``[N, C * prod(S)]``."""
-    if len(before) < 3 or after != (before[0], math.prod(before[1:])):
+def _pin_flatten(pinned: dict[int, dict[int, object]], graph: tp.DependencyGraph, node, before: tuple[int, ...],
+                 after: tuple[int, ...], channels: int) -> None:
+    """Pin the channel mapping of reshape ``node`` (shapes ``before`` -> ``after``; the channels in dimension
+    ``channels`` of ``before`` as far as its permutes tell, :func:`_channel_dim`) when it flattens ``[N, *A, C, *S]``
+    to ``[N, prod(A) * C * prod(S)]``: channel ``j`` to features ``j * prod(S)`` to ``(j + 1) * prod(S) - 1`` where
+    ``A`` is empty (a map flattened as it is), else those of every position of ``A`` (a map flattened channels last,
+    after ``permute(0, 2, 3, 1)``: :class:`_SpreadFlatten`; only where that dimension holds as many channels as
+    torch-pruning counts, else the channels are taken to be in dimension 1, e.g. after a channels-last LayerNorm
+    permuted back); and when it flattens a map's positions ``[N, C, *S] -> [N, C, prod(S)]`` (``flatten(2)``,
+    channel ``j`` to ``j``: torch-pruning reads the counts around it as a flatten's, e.g. into ``[N, prod(S), C]``
+    flattened channels last); and when it views features as channels, ``[N, C * prod(S)] -> [N, C, *S]`` where the
+    layers after it read ``C`` channels (:func:`_pin_unflatten`)."""
+    if len(before) == 2 and len(after) > 2 and before == (after[0], math.prod(after[1:])):
+        _pin_unflatten(pinned, graph, node, after[1], math.prod(after[2:]))
         return
-    stride = math.prod(before[2:])
     for source in node.inputs:
-        _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse) if stride > 1 else None
-                                        for reverse in (False, True)])
+        if channels != 1 and before[channels] != infer_out_channels_recursively(graph, source, [0]):
+            channels = 1
+        if channels == 1 and len(before) > 3 and after == (*before[:2], math.prod(before[2:])):
+            _pin(pinned, node, source, 0, None, None)
+        elif len(before) < 3 or after != (before[0], math.prod(before[1:])):
+            continue
+        elif channels == 1:
+            inner = math.prod(before[2:])
+            _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=inner, reverse=reverse) if inner > 1 else None
+                                            for reverse in (False, True)])
+        else:
+            _pin(pinned, node, source, 0, *[_SpreadFlatten(graph, source, math.prod(before[1:channels]),
+                                                           math.prod(before[channels + 1:]), reverse)
+                                            for reverse in (False, True)])
+
+
+def _pin_unflatten(pinned: dict[int, dict[int, object]], graph: tp.DependencyGraph, node, channels: int,
+                   stride: int) -> None:
+    """Pin feature ``f`` of reshape ``node``'s input to channel ``f // stride`` of its output (of ``channels``), where
+    the layers after it read that many channels (not e.g. ``[N, L * D] -> [N, L, D]``, tokens of ``D`` features):
+    torch-pruning sees a flatten and its inverse, ``x.flatten(1).view(N, C, S)`` or a concatenation of flattened maps
+    viewed back as one map, as a reshape that keeps the count and maps each feature to a channel of its own."""
+    if stride == 1 or any(infer_in_channels_recursively(graph, out, [0]) != channels for out in node.outputs):
+        return
+    for source in node.inputs:
+        _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse) for reverse in (True, False)])
+    for out in node.outputs:  # torch-pruning's own mapping of a reshape that lowers the count is on this side
+        _pin(pinned, out, node, 0, None, None)
+
+
+class _SpreadFlatten:
+    """The channel mapping of a flatten with dimensions before the channels, ``[N, *A, C, *S] -> [N, F]``
+    (``outer`` = prod(A), ``inner`` = prod(S)): channel ``j`` -> features ``(a * C + j) * inner + s`` for every
+    ``a < outer``, ``s < inner``; ``reverse``: feature -> channel. ``C`` is the count torch-pruning infers for
+    ``source`` when called (a compaction lowers it as channels go); one it cannot infer raises (torch-pruning's
+    group query fails, so the channels stay)."""
+
+    def __init__(self, graph: tp.DependencyGraph, source, outer: int, inner: int, reverse: bool):
+        self.graph, self.source, self.outer, self.inner, self.reverse = graph, source, outer, inner, reverse
+
+    def __call__(self, idxs):
+        channels = infer_out_channels_recursively(self.graph, self.source, [0])
+        if channels is None:
+            raise ChannelMappingExplodes("torch-pruning cannot count the channels a reshape after a permute flattens")
+        if self.reverse:
+            return list({_HybridIndex(idx=i.idx // self.inner % channels, root_idx=i.root_idx) for i in idxs})
+        block = channels * self.inner
+        return [_HybridIndex(idx=a * block + i.idx * self.inner + s, root_idx=i.root_idx)
+                for i in idxs for a in range(self.outer) for s in range(self.inner)]
 
 
 def _pin_concat(pinned: dict[int, dict[int, object]], node, parts: list[tuple[int, bool]]) -> None:
@@ -1504,8 +1591,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
             if bool((index >= extent).any()):
                 problem = problem or (f"{UNFOLLOWABLE} {mname} (torch-pruning "
                                       "maps them outside its weight, as after a torch.split or chunk of a layer's "
-                                      "output, e.g. an attention's qkv projection chunked into q, k and v); these "
-                                      "channels stay, other layers are pruned as usual")
+                                      "output, e.g. an attention's qkv projection chunked into q, k and v, or a "
+                                      "reshape that moves channels among other dimensions); these channels stay, "
+                                      "other layers are pruned as usual")
                 continue
             wname = param_names[id(target.weight)]
             if out_side or _is_depthwise(target):
