@@ -1209,8 +1209,10 @@ class ChannelMappingExplodes(RuntimeError):
 
 class _BoundedMappings(list):
     """A torch-pruning dependency's index mappings (replaced on every group query), each call checked:
-    more than ``limit`` indices raise :class:`ChannelMappingExplodes` (``limit``: four times the largest
-    parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension).
+    more than ``limit`` distinct indices raise :class:`ChannelMappingExplodes` (``limit``: four times the largest
+    parameter dimension of the model, at least 16384; a real channel mapping never exceeds one dimension; one
+    position reached from many group channels counts once: a Linear's features viewed as a map reach each map
+    channel from all of its rows, 49 x 49 x 32 positions for 32 channels of 7 x 7).
     ``pinned``: position -> a mapping that the queries do not replace (:func:`_traced_mappings`)."""
 
     def __init__(self, mappings, limit: int, pinned: Mapping[int, object]):
@@ -1228,7 +1230,7 @@ class _BoundedMappings(list):
 
         def call(idxs):
             out = mapping(idxs)
-            if len(out) > self.limit:
+            if len(out) > self.limit and len({i.idx for i in out}) > self.limit:
                 raise ChannelMappingExplodes(f"{type(mapping).__name__} mapped {len(idxs)} channel indices to "
                                              f"{len(out)}, more than any tensor dimension")
             return out
