@@ -847,13 +847,19 @@ def test_a_weight_read_functionally_keeps_the_channels_it_reads():
 
 def test_an_exploding_index_mapping_is_stopped():
     """torch-pruning's index mappings are bounded: one that maps a channel set to more indices than 4x the
-    largest parameter dimension (at least 16384) raises at once (Swin's window reshapes ran for hours)."""
+    largest parameter dimension (at least 16384) raises at once (Swin's window reshapes ran for hours). Positions
+    reached from many channels count once (a Linear viewed as a map reaches each channel from all of its rows)."""
+    from torch_pruning._helpers import _HybridIndex
+
     graph = trace_graph(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)).eval(), (torch.randn(1, 3, 4, 4),))
     dep = next(d for node in graph.module2node.values() for d in node.dependencies)
-    dep.index_mapping[0] = lambda idxs: list(idxs) * 10000
-    assert dep.index_mapping[0]([1]) == [1] * 10000
+    dep.index_mapping[0] = lambda idxs: [_HybridIndex(i.idx * 10000 + k, i.root_idx)
+                                         for i in idxs for k in range(10000)]
+    assert len(dep.index_mapping[0]([_HybridIndex(1, 1)])) == 10000
     with pytest.raises(ChannelMappingExplodes, match="mapped 2 channel indices to 20000"):
-        dep.index_mapping[0]([1, 2])
+        dep.index_mapping[0]([_HybridIndex(1, 1), _HybridIndex(2, 2)])
+    dep.index_mapping[0] = lambda idxs: [_HybridIndex(i.idx // 7, i.root_idx + k) for i in idxs for k in range(10000)]
+    assert len(dep.index_mapping[0]([_HybridIndex(1, 1), _HybridIndex(2, 2)])) == 20000  # one position, many roots
 
 
 def test_concat_then_uneven_split_is_pruned_exactly_or_refused():
@@ -1314,3 +1320,42 @@ def test_a_linear_viewed_as_a_map_loses_whole_channels(norm):
     compact = oneshot(model, example, "filter")
     assert compact.fc.out_features % 49 == 0 and compact.fc.out_features < 1568
     assert compact.up.in_channels == compact.fc.out_features // 49
+
+
+class SubPixel(nn.Module):
+    """A super-resolution tail (ESPCN / EDSR): a residual body, then ``up`` producing 4 channels per output channel
+    for a pixel shuffle by 2 (``kind``: ``module``, ``functional``, or ``unshuffle``: a pixel unshuffle, 4 output
+    channels per input channel, as a space-to-depth stem does), then ``tail``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.head, self.body = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.up = nn.Conv2d(16, 8 if kind == "unshuffle" else 64, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.tail = nn.Conv2d(32 if kind == "unshuffle" else 16, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.head(x))
+        u = self.up(h + self.body(h))
+        if self.kind == "unshuffle":
+            u = F.pixel_unshuffle(u, 2)
+        else:
+            u = self.shuffle(u) if self.kind == "module" else F.pixel_shuffle(u, 2)
+        return self.tail(F.relu(u))
+
+
+@pytest.mark.parametrize("kind", ["module", "functional", "unshuffle"])
+def test_a_pixel_shuffle_producer_loses_whole_blocks_of_channels(kind):
+    """torch-pruning maps a pixel shuffle channel to channel (Torch-Pruning 1.6 crashes on it), so ``up`` was left
+    out ("map unevenly into tail.weight"), and a pixel unshuffle's producer too. Channels ``4k`` to ``4k + 3`` of
+    ``up`` are channel ``k`` after the shuffle: they are its tie classes and leave with input ``k`` of ``tail``
+    (the other way round after an unshuffle); the compact model equals the masked one (fresh user 79)."""
+    model, example = SubPixel(kind), torch.randn(2, 1, 8, 8)
+    space = PruningSpace.build(model, example)
+    group = next(g for g in space.filter_groups if g.name == "up")
+    assert (group.size, group.classes) == ((8, 8) if kind == "unshuffle" else (64, 16))
+    compact = oneshot(model, example, "filter")
+    assert compact.up.out_channels < group.size
+    assert compact.tail.in_channels == compact.up.out_channels * 4 if kind == "unshuffle" else \
+        compact.up.out_channels == 4 * compact.tail.in_channels

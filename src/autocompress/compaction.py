@@ -229,6 +229,17 @@ def _tied(dead: torch.Tensor, members: list, names: dict) -> tuple[torch.Tensor,
     return (dead_count == torch.bincount(ties))[ties], None, ties
 
 
+def _distinct(item):
+    """A group member with each index once: several removed channels reach one channel of a later layer (the
+    channels of a pixel shuffle's block, a Linear's rows viewed as one channel of a map), and torch-pruning
+    narrows a layer by the number of indices it is given."""
+    if len(set(item.idxs)) == len(item.idxs):
+        return item
+    distinct = type(item)(item.dep, list(dict.fromkeys(item.idxs)))
+    distinct.root_idxs = item.root_idxs
+    return distinct
+
+
 def _broadcast(item, dg: tp.DependencyGraph, size: int) -> bool:
     """A group member whose pruned dimension has one entry while the group has more (a one-channel
     spatial gate multiplied over all channels): it does not couple, and pruning it would empty it."""
@@ -334,7 +345,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         if not roots:
             continue
         group = dg.get_pruning_group(module, pruner.prune_out_channels, roots)
-        group._group = [item for item in group._group if not _broadcast(item, dg, pruner.get_out_channels(module))]
+        group._group = [_distinct(item) for item in group._group
+                        if not _broadcast(item, dg, pruner.get_out_channels(module))]
         for dep, idxs in group:
             target = dep.target.module
             if is_group_norm(target):

@@ -1362,8 +1362,9 @@ def _accuracy_warning(base: dict, compressed: dict, chance: float | None, target
     fix = "lower the target, or give more rounds / epochs (budget, admm.epochs, final_retrain_epochs)"
     score, base_score = compressed.get("val_score"), base.get("val_score")
     if score is not None and base_score is not None and base_score - score > DROP_WARNING_FRACTION * abs(base_score):
-        below = (f"{100 * (base_score - score) / abs(base_score):.0f} % of the base's |score| below it ({base_score:.4g})"
-                 if base_score else f"{base_score - score:.4g} below the base's 0 (a score relative to the base's)")
+        below = (f"{100 * (base_score - score) / abs(base_score):.0f} % of the base's |score| below it "
+                 f"({base_score:.4g})" if base_score else
+                 f"{base_score - score:.4g} below the base's 0 (a score relative to the base's)")
         return f"the compressed model's validation score {score:.4g} is {below} at target {target}; {fix}"
     if top1 is None:
         return None

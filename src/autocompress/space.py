@@ -1085,7 +1085,52 @@ def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[i
             _pin_flatten(pinned, graph, node, *traced.reshapes[node.grad_fn])
         elif node.type == ops.OPTYPE.CONCAT and node.enable_index_mapping and node.grad_fn in traced.cats:
             _pin_concat(pinned, node, traced.cats[node.grad_fn])
+        elif _pixel_shuffle(node):
+            _pin_pixel_shuffle(pinned, node)
     return pinned
+
+
+def _pixel_shuffle(node) -> bool:
+    """Whether torch-pruning's ``node`` is a pixel shuffle or unshuffle (an element-wise node of its)."""
+    return type(node.grad_fn).__name__ in ("PixelShuffleBackward0", "PixelUnshuffleBackward0")
+
+
+def _pin_pixel_shuffle(pinned: dict[int, dict[int, object]], node) -> None:
+    """Pin the channel mapping of a pixel shuffle ``node`` (torch-pruning's element-wise node of
+    ``F.pixel_shuffle`` / ``nn.PixelShuffle``, which it maps channel to channel): with upscale factor ``r``, input
+    channels ``r * r * k`` to ``r * r * k + r * r - 1`` form output channel ``k`` (ESPCN's sub-pixel convolution, Shi
+    et al., CVPR 2016), so they are tied (:func:`_reached_twice`) and leave with input ``k`` of the next layer; a
+    pixel unshuffle the other way round."""
+    shuffle = type(node.grad_fn).__name__ == "PixelShuffleBackward0"
+    block = (node.grad_fn._saved_upscale_factor if shuffle else node.grad_fn._saved_downscale_factor) ** 2
+    for source in node.inputs:
+        merge = _ShuffleBlocks(block, merge=True)
+        _pin(pinned, node, source, 0, *((merge, _ShuffleBlocks(block, merge=False)) if shuffle else
+                                        (_FlattenIndexMapping(stride=block), merge)))
+
+
+class _ShuffleBlocks:
+    """A pixel shuffle's channel mapping, ``merge``: input channel ``c`` -> output channel ``c // block``, in the
+    order given; else output channel ``k`` -> input channels ``block * k`` to ``block * k + block - 1``, of a group
+    channel (root) in that block only its own position. Every root of a block reaches ``k``, so together they map
+    back to the whole block, in the order they came: the group's query finds the input's channels as it left them and
+    does not visit it again (torch-pruning compares them as lists, and merges the visits of a node by position, one
+    root each, which loses the block's ties). A root outside the block (a group whose channels are reindexed before
+    the shuffle) maps to the whole block."""
+
+    def __init__(self, block: int, merge: bool):
+        self.block, self.merge = block, merge
+
+    def __call__(self, idxs):
+        if self.merge:
+            return list(dict.fromkeys(_HybridIndex(idx=i.idx // self.block, root_idx=i.root_idx) for i in idxs))
+        return list(dict.fromkeys(_HybridIndex(idx=c, root_idx=i.root_idx) for i in idxs for c in self._inputs(i)))
+
+    def _inputs(self, i) -> Iterable[int]:
+        """The input channels output channel ``i.idx`` maps back to for root ``i.root_idx``."""
+        if i.root_idx // self.block == i.idx:
+            return [i.root_idx]
+        return range(i.idx * self.block, (i.idx + 1) * self.block)
 
 
 def _pin_flatten(pinned: dict[int, dict[int, object]], graph: tp.DependencyGraph, node, before: tuple[int, ...],
@@ -1129,7 +1174,8 @@ def _pin_unflatten(pinned: dict[int, dict[int, object]], graph: tp.DependencyGra
     if stride == 1 or any(infer_in_channels_recursively(graph, out, [0]) != channels for out in node.outputs):
         return
     for source in node.inputs:
-        _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse) for reverse in (True, False)])
+        _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse)
+                                        for reverse in (True, False)])
     for out in node.outputs:  # torch-pruning's own mapping of a reshape that lowers the count is on this side
         _pin(pinned, out, node, 0, None, None)
 
@@ -1679,7 +1725,9 @@ _SAME_CHANNELS = (ops.OPTYPE.BN, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.DEPTHWISE_CO
 
 def _same_channels(node) -> bool:
     """Whether torch-pruning's ``node`` outputs its inputs' channels at the same positions (a norm, an element-wise
-    op, a depthwise conv, a slice of the channels' first ones)."""
+    op other than a pixel shuffle, a depthwise conv, a slice of the channels' first ones)."""
+    if _pixel_shuffle(node):
+        return False
     if node.type == ops.OPTYPE.SLICE:
         op = node.module
         return op.dim == 1 and not op.start and op.step in (None, 1)
