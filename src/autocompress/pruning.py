@@ -49,8 +49,9 @@ class PruneResult:
     """What :func:`prune` returns.
 
     Attributes:
-        compact_model: the physically pruned model (eval mode, on the device); computes what the masked
-            model computes.
+        compact_model: the physically pruned model (eval mode, on the device), also as :attr:`model`; computes
+            what the masked model computes: the input model with ``space.param_masks(masks)`` applied
+            (:meth:`autocompress.space.PruningSpace.param_masks`, :func:`autocompress.masks.apply_masks`).
         masks: the final unit keep masks (after purification).
         report: plain data, see :func:`prune`.
     """
