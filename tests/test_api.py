@@ -1059,7 +1059,7 @@ def test_a_group_feeding_a_hard_coded_channel_count_is_left_out_before_any_work(
     assert "shape '[-1, 128]' is invalid" in line and "keep their channels" in line
     assert "the compact model breaks" in run.first_space.excluded["conv2"]
     # fresh user 73: the layers left out reach log= too, not only the INFO logger
-    assert "not filter-pruned: fc: its channels are model outputs (classifier)" in lines
+    assert "not filter-pruned: fc: its channels are model outputs (classes, returned features)" in lines
     # only its channels are kept: unlike an ignored layer, conv2's columns stay prunable
     columns = [layer.name for layer in run.first_space.column_layers]
     assert columns == (["conv1", "conv2", "fc"] if "column" in dims else [])
@@ -2655,3 +2655,53 @@ def test_a_model_on_the_meta_device_is_refused_naming_the_fix(no_work):
             r"first: model.to_empty\(device='cpu'\), then model.load_state_dict\(...\)$", model=model)
     with pytest.raises(UserError, match="meta device"):
         autocompress.prune(model, {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), progress=False)
+
+
+def embedding_net() -> nn.Module:
+    """A 16-feature embedding of the 3-class images: every item's largest feature is the last, so its "top-1" on
+    the class indices is 0 (a trained metric-learning embedding's features are not ranked by class)."""
+    model = SmallCNN(outputs=16)
+    with torch.no_grad():
+        model.fc.bias[-1] = 100.0
+    return model
+
+
+def test_unscored_classes_tells_an_embedding_from_class_scores():
+    """An output of class scores' shape whose class indices use at most half of its features and whose top-1 on them
+    is within 5 points of a random guess holds features (fresh user 78's 64-d embedding, 10 classes)."""
+    from autocompress.task import unscored_classes
+
+    labels = torch.arange(10).repeat(4)
+    features = torch.zeros(40, 64)
+    features[:, 40] = 1.0  # argmax 40: top-1 0
+    assert unscored_classes(features, labels) == "they use 10 of its 64 features, and its top-1 on them is 0.0% " \
+                                                 "(a random guess: 1.6%)"
+    features[:4, :] = 0.0
+    features[torch.arange(4), labels[:4]] = 2.0  # 4 of 40 right: 10.0 % > 1.6 + 5
+    assert unscored_classes(features, labels) is None
+    assert unscored_classes(torch.zeros(40, 19), labels) is None  # 10 classes of 19 outputs: more than half
+    assert unscored_classes(F.one_hot(labels, 64).float(), labels) is None  # scores them: a classifier
+    assert unscored_classes(torch.zeros(40, 64), labels.float()) is None  # not class indices
+
+
+def test_an_embedding_trained_on_class_indices_is_not_taken_for_a_classifier(no_work, caplog):
+    """Fresh user 78's embedding ([B, 64], L2-normalised, class indices as targets) looked like a 64-class
+    classifier: without loss_fn it was retrained with cross-entropy (recall@1 84.6 -> 62.7), without score_fn every
+    decision read a top-1 of 0, and with both, distillation compared softmaxes over its features. The first two are
+    refused before any work; with a loss and a score, distillation is off and the warning says why."""
+    train, val = loaders()
+    refused(no_work, r"the forward's output \[16, 16\] holds features \(an embedding\), not class scores for its "
+            r"class indices \(they use 3 of its 16 features, and its top-1 on them is 0.0% \(a random guess: 6.2%\)\) "
+            r"on a batch of train_loader, but the default loss \(cross-entropy\) needs class scores and class "
+            r"targets; pass loss_fn.*recall@1", model=embedding_net())
+    loss = lambda m, b: m(b[0]).pow(2).mean()  # noqa: E731 - any loss of the caller's
+    refused(no_work, r"output \[16, 16\] holds features .* on a batch of val_loader, but the default score \(top-1\)",
+            model=embedding_net(), loss_fn=loss)
+    run = Compression(embedding_net(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=train, score_fn=weights_present, loss_fn=loss),
+                      config={"budget": 2})
+    assert run.task.classifies is False and not run.config.distillation.enabled
+    assert any(r.getMessage().startswith(
+        "distillation from the base is off: the forward returns a tensor of shape [16, 16] on a training batch, "
+        "features (an embedding), not class scores for its training targets (batch[1]) (they use 3 of its 16 "
+        "features") for r in caplog.records)

@@ -90,6 +90,16 @@ def test_a_budget_keeps_distillation_off_when_the_caller_turns_it_off():
     assert not apply_budget(off, given_settings(dataclasses.asdict(off))).distillation.enabled  # a stored config
 
 
+def test_the_schedule_line_of_a_callers_loop_says_distillation_is_offered_to_it():
+    """A caller's train_fn distils only where it calls phase.distill; the schedule line said "distillation from the
+    base" for a loop that never did (fresh user 78)."""
+    on = resolve_config({"target": "params=4x", "budget": 4}, None)
+    off = resolve_config({"target": "params=4x", "budget": 4, "distillation": {"enabled": False}}, None)
+    assert "distillation from the base offered to train_fn (phase.distill)," in describe(on, own_loop=True)
+    assert "no distillation," in describe(off, own_loop=True)
+    assert "offered" not in describe(on)
+
+
 def test_a_config_that_is_not_a_mapping_is_refused():
     with pytest.raises(SettingError, match="the config must be a mapping of settings, not str"):
         resolve_config("rounds: 1", "params=2x")

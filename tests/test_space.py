@@ -490,7 +490,7 @@ def test_exclusions_are_logged_once_by_a_run(caplog):
         space = PruningSpace.build(Separable(), X)
         assert "-pruned" not in caplog.text  # a run builds several spaces of one model
         space.log_exclusions()
-    assert "not filter-pruned: fc: its channels are model outputs (classifier)" in caplog.text
+    assert "not filter-pruned: fc: its channels are model outputs (classes, returned features)" in caplog.text
 
 
 def test_layers_left_out_for_one_reason_are_logged_on_one_line(caplog):
@@ -749,7 +749,7 @@ def test_check_dims_gives_the_reasons_of_the_refused_kind_only():
     assert "4 filters" in space.excluded["0"]
     with pytest.raises(UserError) as error:
         space.check_dims(["filter"])
-    assert "(0: filter pruning: its channels are model outputs (classifier))" in str(error.value)
+    assert "(0: filter pruning: its channels are model outputs (classes, returned features))" in str(error.value)
     assert space.reasons("column") == {"0": (space.exclusions["0"][1],)}
 
 
@@ -1020,3 +1020,26 @@ def test_a_layer_the_example_never_reaches_is_warned_about():
     space = PruningSpace.build(Branchy().eval(), torch.randn(1, 1, 12, 12))
     assert space.unreached_warning().startswith("the forward of the example inputs never calls b: the compact model")
     assert PruningSpace.build(Chain().eval(), X).unreached_warning() is None
+
+
+class EmbeddingAndFeatures(nn.Module):
+    """Returns an embedding and the pooled features it projects (fresh user 78): ``(proj(pooled), pooled)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.proj = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        pooled = self.b(torch.relu(self.a(x))).mean((2, 3))
+        return self.proj(pooled), pooled
+
+
+def test_a_model_output_that_other_layers_also_read_is_left_out_as_an_output():
+    """torch-pruning adds an output node only for an output that no other op reads, so the layer producing the
+    pooled features returned besides the embedding was taken for an inner layer: the compaction probe left it out
+    as "the compact model breaks once they are removed (RuntimeError: compact model output shapes ... differ)".
+    The outputs' autograd nodes are recorded when the graph is traced: it is a model output, said as such."""
+    space = PruningSpace.build(EmbeddingAndFeatures().eval(), torch.randn(2, 3, 8, 8))
+    assert [g.name for g in space.filter_groups] == ["a"]
+    assert space.excluded["b"] == space.excluded["proj"] == "filter pruning: its channels are model outputs " \
+                                                           "(classes, returned features)"

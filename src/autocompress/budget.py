@@ -166,9 +166,10 @@ def apply_budget(config: CompressConfig, given: set[str] | None = None, steps_pe
     return from_dict(CompressConfig, derived, base=config)
 
 
-def describe(config: CompressConfig) -> str:
+def describe(config: CompressConfig, own_loop: bool = False) -> str:
     """One line for the log and ``config.yaml`` (``run.schedule``): the budget and what the rule made of it,
-    naming the rule (its words: :data:`RULE`, ``run.rule`` in ``config.yaml``)."""
+    naming the rule (its words: :data:`RULE`, ``run.rule`` in ``config.yaml``); ``own_loop``: the caller's
+    ``train_fn`` trains, which distils only where it calls ``phase.distill``."""
     why = "" if config.admm.epochs else (
         f" (none: {config.rounds} ADMM epoch(s) would leave the budget no epoch to retrain)"
         if config.budget <= config.rounds
@@ -176,12 +177,14 @@ def describe(config: CompressConfig) -> str:
     return (f"budget {config.budget} epochs (rule {RULE.partition(':')[0]}) -> {config.rounds} round(s), "
             f"{config.admm.epochs} ADMM epoch per round{why}, {config.retrain.epochs} retraining epochs between "
             f"rounds, {config.final_retrain_epochs} final retraining epochs, "
-            f"{_distillation(config.distillation.enabled)}, "
+            f"{_distillation(config.distillation.enabled, own_loop)}, "
             f"{_search(config.search.annealing(config.seed).planned_evaluations())}")
 
 
-def _distillation(enabled: bool | str) -> str:
-    """What the schedule line says of ``distillation.enabled``."""
+def _distillation(enabled: bool | str, own_loop: bool) -> str:
+    """What the schedule line says of ``distillation.enabled`` (with ``own_loop``: a ``train_fn``'s)."""
+    if own_loop and enabled:
+        return "distillation from the base offered to train_fn (phase.distill)"
     if enabled == AUTO:
         return "distillation from the base for class scores per item (auto)"
     return "distillation from the base" if enabled else "no distillation"

@@ -352,6 +352,7 @@ class Compression:
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
+        self.own_loop = train_fn is not None  # the caller's loop distils only where it calls phase.distill
         self.from_data: set[str] = set()  # settings given as auto that the base's data decide
         self.world = distributed.world()
         say = log if log is not None and self.world.is_main else (lambda _line: None)
@@ -382,7 +383,7 @@ class Compression:
         self.dense_output = any(t.dim() > 2 for t in output_tensors(train_output))
         self.guidance = self.config.resolved_guidance(self.dense_output)
         if self.config.budget is not None:  # once the loader's length is known to be there (its epoch's steps)
-            say(describe(self.config))
+            say(describe(self.config, self.own_loop))
         given = self.config
         self.pipeline = Pipeline(task=self.task, config=self.config, example_inputs=self.example, base_model=base,
                                  train_fn=train_fn, chance=self._chance(base), progress=progress,
@@ -503,9 +504,13 @@ class Compression:
         why = ("not class scores [B, classes >= 2, ...]" if not classes else
                f"whose {targets} hold {self.task.ignore_label} besides its class indices (an ignore label)"
                if self.task.ignore_label is not None else
+               f"features (an embedding), not class scores for its {targets} ({self.task.unscored})"
+               if self.task.unscored else
                f"whose {targets} are not class indices or probabilities for it (a regression, or several labels "
                "an item: multi-hot targets)")
         fix = ("pass forward_fn returning class scores to distil" if not classes else
+               "distillation compares one softmax over the classes, which an embedding's features are not"
+               if self.task.unscored else
                "distillation compares one softmax over the classes, which several labels an item or a regression "
                "does not have")
         warning = (f"distillation from the base is off{' although distillation.enabled is true' if asked else ''}: "
@@ -576,7 +581,8 @@ class Compression:
                         "dims": self.config.resolved_dims, "channel_multiple": self.multiple,
                         "guidance": self.guidance,
                         "data": self._data_sizes(), "given": self.given,
-                        **({"schedule": describe(self.config), "rule": RULE} if self.config.budget is not None
+                        **({"schedule": describe(self.config, self.own_loop), "rule": RULE}
+                           if self.config.budget is not None
                            else {})},
                 "source": self.source}
 
@@ -1217,7 +1223,7 @@ class Compression:
                                               column_layers=any(isinstance(m, COLUMN_LAYERS) for m in modules),
                                               padded_norms=sum(isinstance(m, PADDED_NORMS) for m in modules)),
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
-                        _teacher_warning(*rows, self.config.distillation, own_loop=self.pipeline.train_fn is not None),
+                        _teacher_warning(*rows, self.config.distillation, own_loop=self.own_loop),
                         _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block),
                         self._latency_overshoot_warning(deployed), noisy_timing_warning(deployed["deployed"]),
                         _bottleneck_warning(self.first_space, _compact_widths(self.first_space, compact_model)),
@@ -1228,7 +1234,8 @@ class Compression:
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": runs,
                 "phase_seconds": phase_seconds, "not_filter_pruned": self.first_space.not_filter_pruned(),
-                "schedule": describe(self.config) if self.config.budget is not None else None, **deployed}
+                "schedule": describe(self.config, self.own_loop) if self.config.budget is not None
+                else None, **deployed}
 
     def _latency_overshoot_warning(self, deployed: dict) -> str | None:
         """For a latency target: the warning when the final measured speedup passes it by more than

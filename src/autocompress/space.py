@@ -986,7 +986,9 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
             def forward(module, args):  # torch-pruning switches to eval mode before calling this
                 module.train(train)
                 with traced:
-                    return output_tensors(module(*args))  # a dataclass or ModelOutput holds the tensors it traces
+                    outputs = output_tensors(module(*args))  # a dataclass or ModelOutput holds the tensors it traces
+                traced.outputs = {t.grad_fn for t in outputs if t.grad_fn is not None}
+                return outputs
 
             graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
                                                           customized_pruners=pruners(model))
@@ -999,6 +1001,7 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
     finally:
         for p in frozen:
             p.requires_grad_(False)
+    graph.model_outputs = traced.outputs  # the autograd nodes of the model's output tensors
     pinned = _traced_mappings(graph, traced)
     limit = 4 * max([4096] + [n for p in model.parameters() for n in p.shape])
     for node in graph.module2node.values():
@@ -1018,7 +1021,8 @@ class _TracedShapes(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...], int]] = {}
+        self.outputs: set = set()  # the autograd nodes of the forward's output tensors
         self.cats: dict[object, list[tuple[int, bool]]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -1289,7 +1293,7 @@ IGNORED = "ignored by request"
 #: how every reason for leaving a layer out of filter pruning begins
 FILTER_PRUNING = "filter pruning: "
 #: the reason for the groups whose channels are model outputs (a classifier: never pruned, so never reported)
-MODEL_OUTPUTS = f"{FILTER_PRUNING}its channels are model outputs (classifier)"
+MODEL_OUTPUTS = f"{FILTER_PRUNING}its channels are model outputs (classes, returned features)"
 #: how the exclusion reason of a group that would remove an ignored module's channels ends
 IGNORED_COUPLING = "which is in ignored_layers"
 
@@ -1451,8 +1455,10 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     except UserError as exc:
         _exclude(excluded, "", f"filter pruning: {str(exc)}")
         return []
-    # modules whose output is a model output (torch-pruning adds an output node only after other ops)
-    sinks = {node.module for node in graph.module2node.values() if not node.outputs}
+    # modules whose output is a model output (torch-pruning adds an output node only after other ops, and none for
+    # an output that other ops also read: a model returning its pooled features besides its embedding)
+    sinks = {node.module for node in graph.module2node.values()
+             if not node.outputs or node.grad_fn in graph.model_outputs}
     norm_dims = channel_dims(model, inputs)
     groups: list[FilterGroup] = []
     modules = dict(model.named_modules())

@@ -237,6 +237,9 @@ class Task:
             (``[B, classes, H, W]``: per-pixel or per-token classes).
         ignore_label: set by :meth:`check`: the one value the training targets hold besides the output's class
             indices (:func:`ignore_label_of`), else None.
+        unscored: set by :meth:`check`: why the forward's output on the first training batch, shaped like class
+            scores for its class-index targets, does not score them (:func:`unscored_classes`: an embedding's
+            features), else None; ``classifies`` is then False.
         inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
             default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
         warnings: set by :meth:`check`: what it warned about on the ``autocompress`` logger (an example input of
@@ -254,6 +257,7 @@ class Task:
     classifies: bool | None = None
     positions: bool = False
     ignore_label: int | None = None
+    unscored: str | None = None
     inputs: int = 1
     warnings: list[str] = field(default_factory=list)
 
@@ -462,6 +466,8 @@ class Task:
             targets = self.targets(first) if default else None
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
             problem = class_target_problem(train_output, targets, where=self._where) if scores else None
+            self.unscored = unscored_classes(train_output, targets) if scores and default and not problem else None
+            problem = problem or (self.unscored and _unscored_problem(train_output, targets))
             self.classifies = scores and problem is None if default else None
             self.positions = scores and train_output.dim() > 2
             self.ignore_label = ignore_label_of(train_output, targets)
@@ -471,6 +477,8 @@ class Task:
                     f"if {self.ignore_label} marks items to ignore, pass loss_fn(model, batch) -> "
                     f"F.cross_entropy(output, {self._where}, ignore_index={self.ignore_label}) and a score_fn that "
                     "skips them" if self.ignore_label is not None else
+                    f"pass loss_fn(model, batch) -> your loss (e.g. a metric-learning loss of an embedding and "
+                    f"{self._where}) and score_fn(model) -> float (e.g. retrieval recall@1)" if self.unscored else
                     f"pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and {self._where} for "
                     "regression, F.binary_cross_entropy_with_logits for several labels an item: multi-hot "
                     "targets)"))
@@ -495,8 +503,8 @@ class Task:
                                 f"(top-1) finds no targets (it reads {self._where} of a tuple batch)",
                                 "pass score_fn(model) -> float, higher is better (e.g. top-1 on your loader)")
             targets = batch[self.inputs]
-            _refuse_class_targets(class_target_problem(output, targets, probabilities=False, where=self._where),
-                                  "val_loader",
+            _refuse_class_targets(class_target_problem(output, targets, probabilities=False, where=self._where)
+                                  or _unscored_problem(output, targets), "val_loader",
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
                                   f"minus the validation loss, or PSNR){items}")
         return train_output
@@ -719,6 +727,36 @@ def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: b
         return None
     return (f"the targets are {str(targets.dtype).removeprefix('torch.')} {list(targets.shape)}, not class "
             f"indices{' or class probabilities' if probabilities else ''} for the output {list(shape)}")
+
+
+#: the most of a model's top-1 above chance on a batch of its class-index targets at which :func:`unscored_classes`
+#: takes the output for features (a trained classifier scores far above chance on its own training data)
+CHANCE_MARGIN = 0.05
+
+
+def unscored_classes(output: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """Why ``output`` ``[B, features]``, of class scores' shape for the class indices ``targets`` ``[B]`` in ``[0,
+    features)``, does not score them ("they use 10 of its 64 features, ..."), or None: the targets use at most
+    half of its features (10 classes of a 64-d embedding) and its top-1 on them is within :data:`CHANCE_MARGIN`
+    of a random guess among the features. A metric-learning embedding trained on the class indices looks like
+    class scores by shape alone: cross-entropy and distillation over its features would destroy it, and its top-1
+    scores it 0 (fresh user 78)."""
+    if output.dim() != 2 or targets.dim() != 1 or targets.is_floating_point() or targets.numel() == 0:
+        return None
+    features, used = output.shape[1], int(targets.max()) + 1
+    top1 = float((output.argmax(1) == targets).float().mean())
+    if used > features // 2 or top1 > 1.0 / features + CHANCE_MARGIN:
+        return None
+    return (f"they use {used} of its {features} features, and its top-1 on them is {100 * top1:.1f}% (a random "
+            f"guess: {100 / features:.1f}%)")
+
+
+def _unscored_problem(output: torch.Tensor, targets: Any) -> str | None:
+    """:func:`unscored_classes` as a problem of :func:`_refuse_class_targets`, or None."""
+    scores = isinstance(output, torch.Tensor) and isinstance(targets, torch.Tensor)
+    detail = unscored_classes(output, targets) if scores else None
+    return detail and (f"the forward's output {list(output.shape)} holds features (an embedding), not class scores "
+                       f"for its class indices ({detail})")
 
 
 def ignore_label_of(output: Any, targets: Any) -> int | None:
