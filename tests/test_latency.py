@@ -899,11 +899,10 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
 
 @pytest.mark.parametrize("reached, multiple, block, words", [
     (2.19, 8, 16, None), (2.45, 8, 16, "fell back to 8 and gave channels back on the CPU's 16-channel block only "
-                                        "(a width between blocks runs as slowly as the next block); a closer fit, "
-                                        "which may run slower, needs a width between the target and the width taken: "
-                                        "channel_multiple 1 (any width) fits closest"),
-    (2.45, 16, 16, "channel_multiple 16 may allow only coarse widths here: channel_multiple 1 (any width) fits "
-                   "closest; one between 1 and 16 only where"),
+                                        "(a width between blocks runs as slowly as the next block); channel_multiple "
+                                        "1 (any width) fits closest, and may run slower"),
+    (2.45, 16, 16, "channel_multiple 16 may allow only coarse widths here; channel_multiple 1 (any width) fits "
+                   "closest, and may run slower"),
     (2.45, 1, 1, "the round records"),
     (2.45, 1, 16, "the round records")])  # fell back to 1: no give-back, no block
 def test_a_target_passed_by_more_than_a_tenth_is_warned_about_naming_the_cause(reached, multiple, block, words):

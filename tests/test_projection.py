@@ -208,7 +208,8 @@ def test_rate_validation_names_the_problem():
     with pytest.raises(UserError, match=r"'nope'.*valid filter names: a, c"):
         project(space, model, {"filter": {"nope": 0.5}})
     with pytest.raises(UserError, match=r"filter unit 'fc' is left out of the pruning space \(filter pruning: its "
-                                        r"channels are model outputs \(classifier\)\); drop its filter rate"):
+                                        r"channels are model outputs \(classes, returned features\)\); drop its "
+                                        "filter rate"):
         project(space, model, {"filter": {"fc": 0.5}})  # the classifier is excluded, and the reason said
     for bad in (1.0, -0.1, float("nan"), "0.5"):
         with pytest.raises(UserError, match="outside"):

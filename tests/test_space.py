@@ -145,7 +145,7 @@ def test_residual_add_is_one_group_with_both_producers_and_consumers():
     for s in slices.values():
         assert torch.equal(s.index, s.channel)  # residual add: channel c is position c everywhere
     assert space.unit("filter", "stem").size == 6
-    assert "fc" in space.excluded and "classifier" in space.excluded["fc"]
+    assert "fc" in space.excluded and "model outputs" in space.excluded["fc"]
 
 
 def test_concat_consumer_gets_offset_input_slices():
@@ -691,7 +691,7 @@ def test_zoo_models(name, kwargs, input_size, groups):
     space = PruningSpace.build(model, x, dims=("filter", "column"))
     if groups is not None:
         assert len(space.filter_groups) == groups
-    assert len(space.excluded) == 1 and "classifier" in next(iter(space.excluded.values()))
+    assert len(space.excluded) == 1 and "model outputs" in next(iter(space.excluded.values()))
     masks = project(space, model, {"filter": {g.name: 0.6 for g in space.filter_groups}})
     masked = copy.deepcopy(model)
     apply_masks(masked, space.param_masks(masks))

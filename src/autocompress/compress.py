@@ -1425,17 +1425,12 @@ def _overshoot_warning(reached: float, target: Target, multiple: int, block: int
     names the model in the message."""
     if target.objective not in ("params", "flops") or reached <= target.factor * (1 + FAR):
         return None
-    closer = (f"channel_multiple 1 (any width) fits closest; one between 1 and {multiple} only where one of "
-              "its widths lies between the target and the width taken (a fresh user's 32-channel layer at 2x: 16 "
-              "at multiple 16 and 8 alike, 22 at 1)")
+    closer = "channel_multiple 1 (any width) fits closest, and may run slower"
     if on_block(block, multiple):
         fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
-               f"block only (a width between blocks runs as slowly as the next block); a closer fit, which may run "
-               f"slower, needs a width between the target and the width taken: {closer}; channel_multiple: "
-               f"{multiple} gives channels back at its own widths, which helps only where one of them lies there")
+               f"block only (a width between blocks runs as slowly as the next block); {closer}")
     elif multiple > 1:
-        fix = (f"channel_multiple {multiple} may allow only coarse widths here: {closer}; the round records (refit, "
-               "purification) show where the surplus went")
+        fix = f"channel_multiple {multiple} may allow only coarse widths here; {closer}"
     else:
         fix = "the round records (refit, purification) show where the surplus went"
     return f"target {target} is passed by far: {what} {reached:.3g}x; {fix}"

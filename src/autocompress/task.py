@@ -730,18 +730,21 @@ def class_target_problem(output: torch.Tensor, targets: Any, *, probabilities: b
 
 
 #: the most of a model's top-1 above chance on a batch of its class-index targets at which :func:`unscored_classes`
-#: takes the output for features (a trained classifier scores far above chance on its own training data)
+#: takes the output for features (a trained classifier scores far above chance on its own training data), and the
+#: fewest items (of two labels or more) on which it reads that top-1
 CHANCE_MARGIN = 0.05
+CHANCE_ITEMS = 16
 
 
 def unscored_classes(output: torch.Tensor, targets: torch.Tensor) -> str | None:
     """Why ``output`` ``[B, features]``, of class scores' shape for the class indices ``targets`` ``[B]`` in ``[0,
     features)``, does not score them ("they use 10 of its 64 features, ..."), or None: the targets use at most
     half of its features (10 classes of a 64-d embedding) and its top-1 on them is within :data:`CHANCE_MARGIN`
-    of a random guess among the features. A metric-learning embedding trained on the class indices looks like
+    of a random guess among the features, on a batch of :data:`CHANCE_ITEMS` items or more of two labels or more. A metric-learning embedding trained on the class indices looks like
     class scores by shape alone: cross-entropy and distillation over its features would destroy it, and its top-1
     scores it 0 (fresh user 78)."""
-    if output.dim() != 2 or targets.dim() != 1 or targets.is_floating_point() or targets.numel() == 0:
+    if output.dim() != 2 or targets.dim() != 1 or targets.is_floating_point() or targets.numel() < CHANCE_ITEMS \
+            or targets.unique().numel() < 2:
         return None
     features, used = output.shape[1], int(targets.max()) + 1
     top1 = float((output.argmax(1) == targets).float().mean())
