@@ -2682,6 +2682,8 @@ def test_unscored_classes_tells_an_embedding_from_class_scores():
     assert unscored_classes(torch.zeros(40, 19), labels) is None  # 10 classes of 19 outputs: more than half
     assert unscored_classes(F.one_hot(labels, 64).float(), labels) is None  # scores them: a classifier
     assert unscored_classes(torch.zeros(40, 64), labels.float()) is None  # not class indices
+    assert unscored_classes(torch.zeros(15, 64), labels[:15]) is None  # too few items to tell chance from a score
+    assert unscored_classes(torch.zeros(40, 64), torch.zeros(40, dtype=torch.long)) is None  # one label
 
 
 def test_an_embedding_trained_on_class_indices_is_not_taken_for_a_classifier(no_work, caplog):
