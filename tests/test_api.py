@@ -2679,7 +2679,7 @@ def test_unscored_classes_tells_an_embedding_from_class_scores():
     features[:4, :] = 0.0
     features[torch.arange(4), labels[:4]] = 2.0  # 4 of 40 right: 10.0 % > 1.6 + 5
     assert unscored_classes(features, labels) is None
-    assert unscored_classes(torch.zeros(40, 19), labels) is None  # 10 classes of 19 outputs: more than half
+    assert unscored_classes(torch.zeros(40, 39), labels) is None  # 10 classes of 39 outputs: more than a quarter
     assert unscored_classes(F.one_hot(labels, 64).float(), labels) is None  # scores them: a classifier
     assert unscored_classes(torch.zeros(40, 64), labels.float()) is None  # not class indices
     assert unscored_classes(torch.zeros(15, 64), labels[:15]) is None  # too few items to tell chance from a score
@@ -2692,12 +2692,13 @@ def test_an_embedding_trained_on_class_indices_is_not_taken_for_a_classifier(no_
     decision read a top-1 of 0, and with both, distillation compared softmaxes over its features. The first two are
     refused before any work; with a loss and a score, distillation is off and the warning says why."""
     train, val = loaders()
-    refused(no_work, r"the forward's output \[16, 16\] holds features \(an embedding\), not class scores for its "
-            r"class indices \(they use 3 of its 16 features, and its top-1 on them is 0.0% \(a random guess: 6.2%\)\) "
-            r"on a batch of train_loader, but the default loss \(cross-entropy\) needs class scores and class "
-            r"targets; pass loss_fn.*recall@1", model=embedding_net())
+    refused(no_work, r"the forward's output \[16, 16\] does not score its class indices \(they use 3 of its 16 "
+            r"features, and its top-1 on them is 0.0% \(a random guess: 6.2%\)\): an embedding's features, or a "
+            r"classifier not trained on these labels on a batch of train_loader, but the default loss "
+            r"\(cross-entropy\) needs class scores and class targets; for an embedding, pass loss_fn.*recall@1",
+            model=embedding_net())
     loss = lambda m, b: m(b[0]).pow(2).mean()  # noqa: E731 - any loss of the caller's
-    refused(no_work, r"output \[16, 16\] holds features .* on a batch of val_loader, but the default score \(top-1\)",
+    refused(no_work, r"output \[16, 16\] does not score .* on a batch of val_loader, but the default score \(top-1\)",
             model=embedding_net(), loss_fn=loss)
     run = Compression(embedding_net(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                       task_args=dict(train_loader=train, score_fn=weights_present, loss_fn=loss),

@@ -1108,19 +1108,20 @@ def _pin_pixel_shuffle(pinned: dict[int, dict[int, object]], node) -> None:
     shuffle = type(node.grad_fn).__name__ == "PixelShuffleBackward0"
     block = (node.grad_fn._saved_upscale_factor if shuffle else node.grad_fn._saved_downscale_factor) ** 2
     for source in node.inputs:
-        merge = _ShuffleBlocks(block, merge=True)
-        _pin(pinned, node, source, 0, *((merge, _ShuffleBlocks(block, merge=False)) if shuffle else
+        merge = _Blocks(block, merge=True)
+        _pin(pinned, node, source, 0, *((merge, _Blocks(block, merge=False)) if shuffle else
                                         (_FlattenIndexMapping(stride=block), merge)))
 
 
-class _ShuffleBlocks:
-    """A pixel shuffle's channel mapping, ``merge``: input channel ``c`` -> output channel ``c // block``, in the
+class _Blocks:
+    """The channel mapping of ``block`` consecutive input channels that form one output channel (a pixel shuffle's,
+    a Linear's features viewed as a map), ``merge``: input channel ``c`` -> output channel ``c // block``, in the
     order given; else output channel ``k`` -> input channels ``block * k`` to ``block * k + block - 1``, of a group
     channel (root) in that block only its own position. Every root of a block reaches ``k``, so together they map
     back to the whole block, in the order they came: the group's query finds the input's channels as it left them and
     does not visit it again (torch-pruning compares them as lists, and merges the visits of a node by position, one
     root each, which loses the block's ties). A root outside the block (a group whose channels are reindexed before
-    the shuffle) maps to the whole block."""
+    it) maps to the whole block."""
 
     def __init__(self, block: int, merge: bool):
         self.block, self.merge = block, merge
@@ -1178,8 +1179,7 @@ def _pin_unflatten(pinned: dict[int, dict[int, object]], graph: tp.DependencyGra
     if stride == 1 or any(infer_in_channels_recursively(graph, out, [0]) != channels for out in node.outputs):
         return
     for source in node.inputs:
-        _pin(pinned, node, source, 0, *[_FlattenIndexMapping(stride=stride, reverse=reverse)
-                                        for reverse in (True, False)])
+        _pin(pinned, node, source, 0, _Blocks(stride, merge=True), _Blocks(stride, merge=False))
     for out in node.outputs:  # torch-pruning's own mapping of a reshape that lowers the count is on this side
         _pin(pinned, out, node, 0, None, None)
 

@@ -477,8 +477,9 @@ class Task:
                     f"if {self.ignore_label} marks items to ignore, pass loss_fn(model, batch) -> "
                     f"F.cross_entropy(output, {self._where}, ignore_index={self.ignore_label}) and a score_fn that "
                     "skips them" if self.ignore_label is not None else
-                    f"pass loss_fn(model, batch) -> your loss (e.g. a metric-learning loss of an embedding and "
-                    f"{self._where}) and score_fn(model) -> float (e.g. retrieval recall@1)" if self.unscored else
+                    f"for an embedding, pass loss_fn(model, batch) -> your loss (e.g. a metric-learning loss of the "
+                    f"output and {self._where}) and score_fn(model) -> float (e.g. retrieval recall@1); a classifier "
+                    "needs training on these labels first" if self.unscored else
                     f"pass loss_fn(model, batch) -> loss (e.g. F.mse_loss of the output and {self._where} for "
                     "regression, F.binary_cross_entropy_with_logits for several labels an item: multi-hot "
                     "targets)"))
@@ -738,17 +739,19 @@ CHANCE_ITEMS = 16
 
 def unscored_classes(output: torch.Tensor, targets: torch.Tensor) -> str | None:
     """Why ``output`` ``[B, features]``, of class scores' shape for the class indices ``targets`` ``[B]`` in ``[0,
-    features)``, does not score them ("they use 10 of its 64 features, ..."), or None: the targets use at most
-    half of its features (10 classes of a 64-d embedding) and its top-1 on them is within :data:`CHANCE_MARGIN`
-    of a random guess among the features, on a batch of :data:`CHANCE_ITEMS` items or more of two labels or more. A metric-learning embedding trained on the class indices looks like
-    class scores by shape alone: cross-entropy and distillation over its features would destroy it, and its top-1
-    scores it 0 (fresh user 78)."""
+    features)``, does not score them ("they use 10 of its 64 features, ..."), or None: the targets use at most a
+    quarter of its features (10 classes of a 64-d embedding; not 10 of a 20-output head, fresh user 80) and its
+    top-1 on them is within :data:`CHANCE_MARGIN` of a random guess among the features, on a batch of
+    :data:`CHANCE_ITEMS` items or more of two labels or more (a loader sorted by label has batches of one). A
+    metric-learning embedding trained on the class indices looks like class scores by shape alone: cross-entropy and
+    distillation over its features would destroy it, and its top-1 scores it 0 (fresh user 78). An untrained
+    classifier of four times more outputs than labels looks the same."""
     if output.dim() != 2 or targets.dim() != 1 or targets.is_floating_point() or targets.numel() < CHANCE_ITEMS \
             or targets.unique().numel() < 2:
         return None
     features, used = output.shape[1], int(targets.max()) + 1
     top1 = float((output.argmax(1) == targets).float().mean())
-    if used > features // 2 or top1 > 1.0 / features + CHANCE_MARGIN:
+    if used > features // 4 or top1 > 1.0 / features + CHANCE_MARGIN:
         return None
     return (f"they use {used} of its {features} features, and its top-1 on them is {100 * top1:.1f}% (a random "
             f"guess: {100 / features:.1f}%)")
@@ -758,8 +761,8 @@ def _unscored_problem(output: torch.Tensor, targets: Any) -> str | None:
     """:func:`unscored_classes` as a problem of :func:`_refuse_class_targets`, or None."""
     scores = isinstance(output, torch.Tensor) and isinstance(targets, torch.Tensor)
     detail = unscored_classes(output, targets) if scores else None
-    return detail and (f"the forward's output {list(output.shape)} holds features (an embedding), not class scores "
-                       f"for its class indices ({detail})")
+    return detail and (f"the forward's output {list(output.shape)} does not score its class indices ({detail}): an "
+                       "embedding's features, or a classifier not trained on these labels")
 
 
 def ignore_label_of(output: Any, targets: Any) -> int | None:
