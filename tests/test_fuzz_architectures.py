@@ -1322,6 +1322,21 @@ def test_a_linear_viewed_as_a_map_loses_whole_channels(norm):
     compact = oneshot(model, example, "filter")
     assert compact.fc.out_features % 49 == 0 and compact.fc.out_features < 1568
     assert compact.up.in_channels == compact.fc.out_features // 49
+    assert_estimate_counts_compact(model, example, space, {"fc": 0.5, "up": 0.25})
+
+
+def assert_estimate_counts_compact(model: nn.Module, example: torch.Tensor, space: PruningSpace,
+                                   filter_rates: dict[str, float]) -> None:
+    """The search's cost (:meth:`PruningSpace.estimate`) equals the params and MACs of the compact model at
+    ``filter_rates``: a position several group channels reach (49 rows of a Linear viewed as one channel of a map,
+    the 4 channels a pixel shuffle makes one) counted once per channel made the MACs of fresh user 81's decoder
+    negative in the search, and its flops target was missed after all the training."""
+    rates = {"filter": filter_rates, "column": {}, "irregular": {}}
+    work = copy.deepcopy(model).eval()
+    compact = compaction.compact(work, space.param_masks(projection.project(space, work, rates)), example).model
+    estimate = space.estimate(rates)
+    assert (estimate.params, estimate.macs) == (count_params(compact),
+                                                count_macs(compact, example))
 
 
 class SubPixel(nn.Module):
@@ -1361,3 +1376,4 @@ def test_a_pixel_shuffle_producer_loses_whole_blocks_of_channels(kind):
     assert compact.up.out_channels < group.size
     assert compact.tail.in_channels == compact.up.out_channels * 4 if kind == "unshuffle" else \
         compact.up.out_channels == 4 * compact.tail.in_channels
+    assert_estimate_counts_compact(model, example, space, {"up": 0.5, "head": 0.25})

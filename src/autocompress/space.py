@@ -123,10 +123,13 @@ class Slice:
         """int64 [n]: the position of each entry in the module's input (input slices) or output features."""
         return self.index if self.feature is None else self.feature
 
-    @property
+    @functools.cached_property
     def positions(self) -> int:
-        """Distinct positions along ``dim`` (fewer than entries for a grouped convolution's input slice)."""
-        return self.index.numel() if self.feature is None else int(self.index.unique().numel())
+        """Distinct positions along ``dim``: fewer than entries for a grouped convolution's input slice, and where
+        several group channels reach one position (a Linear's 49 features viewed as one channel of a map, the 4
+        channels a pixel shuffle makes one; counted once each, the search's MACs of a generator stem were
+        negative: fresh user 81)."""
+        return int(self.index.unique().numel())
 
     def energy(self, tensor: torch.Tensor) -> torch.Tensor:
         """float64 [n]: the sum of squares of the entries of ``tensor`` (shaped like the parameter) that
