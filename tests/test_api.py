@@ -2708,3 +2708,29 @@ def test_an_embedding_trained_on_class_indices_is_not_taken_for_a_classifier(no_
         "distillation from the base is off: the forward returns a tensor of shape [16, 16] on a training batch, "
         "features (an embedding), not class scores for its training targets (batch[1]) (they use 3 of its 16 "
         "features") for r in caplog.records)
+
+
+class NoisyHead(SmallCNN):
+    """SmallCNN whose features get Gaussian noise in every forward, eval mode included (a VAE that always samples)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        h = x.mean((2, 3))
+        return self.fc(h + torch.randn_like(h))
+
+
+def test_a_forward_random_in_eval_mode_is_refused_before_any_work(no_work):
+    """Fresh user 81's VAE sampled its latent in eval mode too: the run was refused late, blaming a view or a
+    layer's f(0). Two eval forwards on the example inputs that differ are refused at once, saying what to do."""
+    refused(no_work, r"^the model's forward is random in eval mode: two forwards on example_inputs differ by .*; "
+            r"sample only in train mode", model=NoisyHead())
+
+
+def test_a_loss_without_a_gradient_is_refused_before_any_work(no_work):
+    """Fresh user 81's loss_fn lost its graph: the run "succeeded" and returned the pruned model untrained. A loss
+    with no gradient to the weights is refused on the first training batch."""
+    detached = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]).detach()  # noqa: E731
+    refused(no_work, r"^the loss on a batch of train_loader has no gradient .*; return the loss tensor computed",
+            loss_fn=detached)
+    number = lambda model, batch: torch.tensor(F.cross_entropy(model(batch[0]), batch[1]).item())  # noqa: E731
+    refused(no_work, r"^the loss on a batch of train_loader has no gradient", loss_fn=number)

@@ -1296,32 +1296,36 @@ def test_maps_flattened_and_viewed_back_as_channels_are_pruned(kind):
 
 class Generator(nn.Module):
     """A generator's (or decoder's) stem: a Linear from the latent code viewed as a 32-channel 7 x 7 map, then a
-    BatchNorm (when ``norm``) and transposed convolutions."""
+    BatchNorm (when ``norm``) and transposed convolutions; ``stored``: the view reads the channel count from an
+    attribute (``view(N, self.channels, 7, 7)``, fresh user 81's VAE decoder), else ``-1``."""
 
-    def __init__(self, norm: bool):
+    def __init__(self, norm: bool, stored: bool = False):
         super().__init__()
+        self.channels = 32 if stored else -1
         self.fc = nn.Linear(16, 32 * 7 * 7)
         self.norm = nn.BatchNorm2d(32) if norm else nn.Identity()
         self.up, self.out = nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.Conv2d(16, 1, 3, padding=1)
 
     def forward(self, z):
-        x = F.relu(self.norm(self.fc(z).view(len(z), -1, 7, 7)))
+        x = F.relu(self.norm(self.fc(z).view(len(z), self.channels, 7, 7)))
         return torch.tanh(self.out(F.relu(self.up(x))))
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_a_linear_viewed_as_a_map_loses_whole_channels(norm):
+@pytest.mark.parametrize("norm, stored", [(True, False), (False, False), (True, True)])
+def test_a_linear_viewed_as_a_map_loses_whole_channels(norm, stored):
     """A Linear's 1568 features viewed as 32 channels of 7 x 7: each channel of the map is a block of 49 rows. The
     group's query reached those blocks from every row of them (49 x 49 x 32 mapped positions, no more than 1568
     distinct), which the guard against exploding mappings took for one and left the Linear out. Now its 32 blocks
-    are its tie classes: it loses whole channels of the map, and the compact model equals the masked one."""
-    model, example = Generator(norm), torch.randn(2, 16)
+    are its tie classes: it loses whole channels of the map, and the compact model equals the masked one. A count
+    the view reads from an attribute follows the map's channels (it was compared with the Linear's rows)."""
+    model, example = Generator(norm, stored), torch.randn(2, 16)
     space = PruningSpace.build(model, example)
     group = next(g for g in space.filter_groups if g.name == "fc")
     assert (group.size, group.classes) == (1568, 32)
     compact = oneshot(model, example, "filter")
     assert compact.fc.out_features % 49 == 0 and compact.fc.out_features < 1568
     assert compact.up.in_channels == compact.fc.out_features // 49
+    assert compact.channels == (compact.up.in_channels if stored else -1)
     assert_estimate_counts_compact(model, example, space, {"fc": 0.5, "up": 0.25})
 
 

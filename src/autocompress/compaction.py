@@ -345,6 +345,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         if not roots:
             continue
         group = dg.get_pruning_group(module, pruner.prune_out_channels, roots)
+        block = max(len(item.idxs) // max(len(set(item.idxs)), 1) for item in group)  # group channels a position
         group._group = [_distinct(item) for item in group._group
                         if not _broadcast(item, dg, pruner.get_out_channels(module))]
         for dep, idxs in group:
@@ -363,7 +364,7 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         query = _separate_query(dg, group, names)
         width = pruner.get_out_channels(module)
         narrowed.append((width, width - len(roots), {names[dep.target.module] for dep, _ in group
-                                                     if dep.target.module in names}, query is not None))
+                                                     if dep.target.module in names}, query is not None, block))
         group.prune()
         if query is not None:
             writers, before = query
@@ -386,8 +387,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
 
 
 #: a channel group that narrowed: (its width before, after, the names of the layers it couples, whether they look
-#: like an attention's query / key / value projections)
-Narrowed = tuple[int, int, set[str], bool]
+#: like an attention's query / key / value projections, the channels of each of its tie classes)
+Narrowed = tuple[int, int, set[str], bool, int]
 
 
 def _scope(names: set[str]) -> str:
@@ -423,24 +424,29 @@ def width_attributes(model: nn.Module, narrowed: list[Narrowed]) -> list[WidthAt
     not describe (a Linear's ``in_features`` is torch-pruning's to update)."""
     modules = dict(model.named_modules())
     found = []
-    for group, (before, after, members, attention) in enumerate(narrowed):
+    for group, (before, after, members, attention, block) in enumerate(narrowed):
         scope = _scope(members)
         depth = -(scope.count(".") + 1 if scope else 0)
         for name, module in modules.items():
             if (scope and name != scope and not name.startswith(scope + ".")) or describable(module):
                 continue
             found += [(depth, head, (name, attr), widths, group)
-                      for attr, widths, head in _widths_held(module, before, after, attention)]
+                      for attr, widths, head in _widths_held(module, before, after, attention, block)]
     return [(key, widths, group) for _, _, key, widths, group in sorted(set(found))]
 
 
-def _widths_held(module: nn.Module, before: int, after: int, heads: bool) -> list[tuple[str, tuple[int, int], bool]]:
-    """``module``'s public int attributes that hold a group's width (equal to ``before``: -> ``after``) or, with
-    ``heads`` (an attention's projections), its head width (times another of them, a head count ``h``, equal to
-    ``before``: -> ``after / h``, where whole; never a head count named as one, :data:`HEAD_ATTRIBUTES`: narrower
-    heads keep their count), with whether it is the latter."""
+def _widths_held(module: nn.Module, before: int, after: int, heads: bool,
+                 block: int = 1) -> list[tuple[str, tuple[int, int], bool]]:
+    """``module``'s public int attributes that hold a group's width (equal to ``before``: -> ``after``), its count of
+    tie classes of ``block`` channels each (a Linear's rows viewed as ``before / block`` channels of a map,
+    ``view(N, self.channels, 7, 7)``: -> ``after / block``) or, with ``heads`` (an attention's projections), its
+    head width (times another of them, a head count ``h``, equal to ``before``: -> ``after / h``, where whole; never
+    a head count named as one, :data:`HEAD_ATTRIBUTES`: narrower heads keep their count), with whether it is the
+    last."""
     ints = {k: v for k, v in vars(module).items() if not k.startswith("_") and type(v) is int}
     held = [(attr, (before, after), False) for attr, value in ints.items() if value == before]
+    if block > 1:
+        held += [(attr, (value, after // block), False) for attr, value in ints.items() if value * block == before]
     return held + [(attr, (value, after // count), True) for attr, value in ints.items() for count in set(ints.values())
                    if heads and attr not in HEAD_ATTRIBUTES and 1 < count < before and value * count == before
                    and after % count == 0]
@@ -619,7 +625,7 @@ def _remove_fused_qkv(model: nn.Module, inputs: tuple, report: dict, train_only:
         out.weight = nn.Parameter(out.weight.detach()[:, ~gone], requires_grad=out.weight.requires_grad)
         out.in_features = remaining
         kept[names[module]] = torch.nonzero(rows).flatten()
-        narrowed.append((width, remaining, {names[module], names[out]}, True))
+        narrowed.append((width, remaining, {names[module], names[out]}, True, 1))
         queries.append(((module,), remaining, math.sqrt(remaining / width)))
         report["removed_channels"][names[module]] = width - remaining
     return kept, queries

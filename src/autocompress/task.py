@@ -427,7 +427,7 @@ class Task:
         self._check_loaders(needs_training)
         try:
             with analysis_mode(model):
-                model(*example_inputs)
+                outputs = [output_tensors(model(*example_inputs)) for _ in range(2)]
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
             keyword = isinstance(exc, TypeError) and "required keyword-only argument" in str(exc)
             raise UserError(f"the model's forward fails on example_inputs ({first_line(exc)})", (
@@ -435,6 +435,7 @@ class Task:
                 "forward(*inputs) calls the model with its keyword arguments" if keyword else
                 "pass example_inputs the model accepts, e.g. one item of a batch of your data "
                 "(next(iter(train_loader))[0][:1])")) from None
+        _refuse_random_forward(*outputs)
         self.layout = self.device.type != "cpu" or channels_last_works(model, example_inputs, self.device)
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
@@ -485,7 +486,7 @@ class Task:
                     "targets)"))
             if needs_training:
                 try:
-                    with analysis_mode(model):
+                    with analysis_mode(model), torch.enable_grad():  # eval mode: BatchNorm statistics stay
                         loss = self.loss(model, first)[0]
                 except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
                     fix = ("loss_fn is called as loss_fn(model, batch) with a batch of train_loader and returns a "
@@ -493,6 +494,11 @@ class Task:
                            "check the targets (class indices in [0, classes)) or pass loss_fn")
                     raise UserError(f"the loss fails on a batch of train_loader ({first_line(exc)})", fix) from None
                 check_loss(loss)
+                if not loss.requires_grad:
+                    raise UserError("the loss on a batch of train_loader has no gradient (no path to the model's "
+                                    "weights: a detached tensor, a number made a tensor again, or torch.no_grad "
+                                    "inside loss_fn), so ADMM and retraining would not train",
+                                    "return the loss tensor computed from the model's output")
         if needs_score and self.score_fn is None:
             batch = self._first(self.val_loader, "val_loader")
             output = self._check_batch(model, batch, "val_loader")
@@ -554,6 +560,25 @@ class Task:
 
 
 #: how to give inputs the batch axis first
+#: the largest difference of two eval-mode forwards on the same inputs, relative to the outputs' largest value,
+#: that :func:`_refuse_random_forward` takes for arithmetic (a GPU's order of additions), not sampling
+RANDOM_FORWARD = 1e-4
+
+
+def _refuse_random_forward(first: list[torch.Tensor], second: list[torch.Tensor]) -> None:
+    """UserError when two eval-mode forwards on the example inputs (their output tensors ``first``, ``second``)
+    differ by more than :data:`RANDOM_FORWARD` of the outputs' scale: the forward samples noise in eval mode (a
+    VAE's reparameterisation drawn always, fresh user 81), so no score, compaction check or comparison of the
+    compact model with the masked one means anything (it was refused later, blaming a view or a layer's f(0))."""
+    diffs = [float((a.double() - b.double()).abs().max()) for a, b in zip(first, second)
+             if a.is_floating_point() and a.shape == b.shape and a.numel()]
+    scale = max([1.0] + [float(a.double().abs().max()) for a in first if a.is_floating_point() and a.numel()])
+    if diffs and max(diffs) > RANDOM_FORWARD * scale:
+        raise UserError(f"the model's forward is random in eval mode: two forwards on example_inputs differ by "
+                        f"{max(diffs):.3g}", "sample only in train mode (a VAE's z = mu when not self.training, "
+                        "dropout through nn.Dropout), or pass a model whose eval forward is deterministic")
+
+
 def _refuse_sequence_first(batch: Batch, example_inputs: tuple) -> None:
     """UserError when an input of a default-form training ``batch`` ``[L, B, ...]`` is the example's ``[L, 1, ...]``
     with more than one item on axis 1: the batch is on axis 1 (PyTorch's transformers default to sequence first),
