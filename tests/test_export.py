@@ -508,8 +508,11 @@ def test_output_tensors_reads_every_output_form_that_flat_outputs_refuses():
         extra: tuple = ()
 
     a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    normal = torch.distributions.Normal(b, c[:2])  # a VAE encoder's posterior (fresh user 81): its parameters
     for output, want in ((a, [a]), ((a, [b, None]), [a, b]), (OrderedDict(logits=a, hidden=(b, c)), [a, b, c]),
-                         (Out(a), [a]), (Out(a, b, (c, "name", 3)), [a, b, c]), ({"x": None}, []), (None, [])):
+                         (Out(a), [a]), (Out(a, b, (c, "name", 3)), [a, b, c]), ({"x": None}, []), (None, []),
+                         ((a, normal), [a, normal.loc, normal.scale]),
+                         (torch.distributions.Independent(normal, 1), [normal.loc, normal.scale])):
         got = output_tensors(output)
         assert len(got) == len(want) and all(x is y for x, y in zip(got, want))
     with pytest.raises(UserError, match="returns a dict"):

@@ -163,11 +163,16 @@ def random_inputs(shape: tuple, dtype: torch.dtype, generator: torch.Generator, 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
     """The tensors of a forward's ``output``, in order: a tensor, or tensors nested in tuples, lists, mappings (their
-    values: a dict, Hugging Face's ``ModelOutput``) and dataclass instances (their fields); anything else (None, a
-    number, a string) holds none."""
+    values: a dict, Hugging Face's ``ModelOutput``), dataclass instances (their fields) and ``torch.distributions``
+    objects (their parameters: a Normal's ``loc`` and ``scale``; a VAE's encoder, fresh user 81); anything else
+    (None, a number, a string) holds none."""
     if isinstance(output, torch.Tensor):
         return [output]
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+    if isinstance(output, torch.distributions.Distribution):
+        inner = vars(output).get("base_dist")  # Independent, TransformedDistribution
+        output = [getattr(output, name) for name in output.arg_constraints if name in vars(output)] + \
+            ([inner] if inner is not None else [])
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
         output = [getattr(output, field.name) for field in dataclasses.fields(output)]
     elif isinstance(output, Mapping):
         output = list(output.values())
