@@ -1074,9 +1074,10 @@ def _signed(dim: int) -> int:
 
 
 def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[int, dict[int, object]]:
-    """The channel mappings of the flattens and concatenations of ``graph``, from the traced shapes: id of a
-    dependency -> {position in its mappings: mapping} (torch-pruning's: 0 for a reshape, 1 for a concatenation),
-    which :class:`_BoundedMappings` pins (torch-pruning infers them again on every group query).
+    """The channel mappings of the flattens (:func:`_pin_flatten`), concatenations and pixel shuffles
+    (:func:`_pin_pixel_shuffle`) of ``graph``, from the traced shapes: id of a dependency -> {position in its
+    mappings: mapping} (torch-pruning's: 0 for a reshape or an element-wise node, 1 for a concatenation), which
+    :class:`_BoundedMappings` pins (torch-pruning infers them again on every group query).
 
     A flatten ``[N, C, *S] -> [N, C * prod(S)]`` maps channel ``j`` to features ``j * prod(S)`` to ``(j + 1) *
     prod(S) - 1``; input ``i`` of a concatenation along channels holds its channels at the sum of the earlier
@@ -1085,7 +1086,7 @@ def _traced_mappings(graph: tp.DependencyGraph, traced: _TracedShapes) -> dict[i
     a flatten after a concatenation misleads (fresh user 75: pooled maps of 64 and 48 channels flattened and
     concatenated into a Linear got strides 1 and 2, so the second map's channels pointed past the Linear's input;
     maps concatenated and then flattened got no offsets at all). Other reshapes and concatenations keep its
-    mappings."""
+    mappings; a model whose forward reshapes in other ways keeps the groups those touch out (a reason each)."""
     pinned: dict[int, dict[int, object]] = {}
     for node in graph.module2node.values():
         if node.type == ops.OPTYPE.RESHAPE and node.grad_fn in traced.reshapes:
@@ -1110,10 +1111,10 @@ def _pin_pixel_shuffle(pinned: dict[int, dict[int, object]], node) -> None:
     pixel unshuffle the other way round."""
     shuffle = type(node.grad_fn).__name__ == "PixelShuffleBackward0"
     block = (node.grad_fn._saved_upscale_factor if shuffle else node.grad_fn._saved_downscale_factor) ** 2
+    merge = _Blocks(block, merge=True)
+    mappings = (merge, _Blocks(block, merge=False)) if shuffle else (_FlattenIndexMapping(stride=block), merge)
     for source in node.inputs:
-        merge = _Blocks(block, merge=True)
-        _pin(pinned, node, source, 0, *((merge, _Blocks(block, merge=False)) if shuffle else
-                                        (_FlattenIndexMapping(stride=block), merge)))
+        _pin(pinned, node, source, 0, *mappings)
 
 
 class _Blocks:
