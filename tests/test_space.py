@@ -1043,3 +1043,36 @@ def test_a_model_output_that_other_layers_also_read_is_left_out_as_an_output():
     assert [g.name for g in space.filter_groups] == ["a"]
     assert space.excluded["b"] == space.excluded["proj"] == "filter pruning: its channels are model outputs " \
                                                            "(classes, returned features)"
+
+
+class MixerBlock(nn.Module):
+    """An MLP-Mixer block (Tolstikhin et al., 2021) as users write it: token mixing by Linears over the tokens of
+    the transposed ``[B, C, T]`` stream, then channel mixing."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.norm1, self.token1, self.token2 = nn.LayerNorm(width), nn.Linear(tokens, 16), nn.Linear(16, tokens)
+        self.norm2, self.channel1, self.channel2 = nn.LayerNorm(width), nn.Linear(width, 32), nn.Linear(32, width)
+
+    def forward(self, x):
+        x = x + self.token2(F.gelu(self.token1(self.norm1(x).transpose(1, 2)))).transpose(1, 2)
+        return x + self.channel2(F.gelu(self.channel1(self.norm2(x))))
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.blocks, self.head = nn.Conv2d(1, 24, 4, 4), nn.Sequential(MixerBlock(4, 24)), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_token_mixing_linear_is_named_as_what_keeps_the_embedding_width():
+    """Fresh user 82's MLP-Mixer: the token-mixing Linear reads the stream's channels as another dimension than
+    its features, which torch-pruning maps the channels onto, so the embedding width stays; the reason said "as
+    after a torch.split or chunk" and now names the transpose. The token and channel MLPs' hidden widths are pruned."""
+    space = PruningSpace.build(Mixer().eval(), torch.randn(2, 1, 8, 8))
+    assert sorted(g.name for g in space.filter_groups) == ["blocks.0.channel1", "blocks.0.token1"]
+    assert space.excluded["embed"].startswith("filter pruning: its channels cannot be followed into blocks.0.token1, "
+                                              "a Linear applied after a transpose (as an MLP-Mixer's token mixing is)")

@@ -53,6 +53,7 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch_pruning import ops
@@ -1005,6 +1006,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
         for p in frozen:
             p.requires_grad_(False)
     graph.model_outputs = traced.outputs  # the autograd nodes of the model's output tensors
+    for module, node in graph.module2node.items():
+        node.reads_across = isinstance(module, nn.Linear) and id(module.weight) in traced.across
     pinned = _traced_mappings(graph, traced)
     limit = 4 * max([4096] + [n for p in model.parameters() for n in p.shape])
     for node in graph.module2node.values():
@@ -1026,10 +1029,15 @@ class _TracedShapes(TorchFunctionMode):
         super().__init__()
         self.reshapes: dict[object, tuple[tuple[int, ...], tuple[int, ...], int]] = {}
         self.outputs: set = set()  # the autograd nodes of the forward's output tensors
+        self.across: set[int] = set()  # ids of the weights of Linears applied right after a permute of the last dim
         self.cats: dict[object, list[tuple[int, bool]]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.linear and len(args) > 1 and isinstance(args[0], torch.Tensor):
+            orders = _permutations(args[0])  # its features come from another dimension (a token-mixing MLP)
+            if orders and orders[0][-1] != args[0].dim() - 1:
+                self.across.add(id(args[1]))
         out = func(*args, **kwargs)
         node = out.grad_fn if isinstance(out, torch.Tensor) else None
         if node is None:
@@ -1049,6 +1057,15 @@ def _channel_dim(tensor: torch.Tensor) -> int:
     """The dimension of ``tensor`` that holds dimension 1 (the channels) of the tensor it was permuted from by a
     chain of ``permute`` / ``transpose`` / ``movedim`` (``contiguous`` copies between them included), read from
     its autograd nodes: 3 for ``x.permute(0, 2, 3, 1)`` of a map ``x`` (channels last); 1 without a permute."""
+    dim = 1
+    for order in reversed(_permutations(tensor)):  # output dimension i holds input dimension order[i]
+        dim = order.index(dim)
+    return dim
+
+
+def _permutations(tensor: torch.Tensor) -> list[tuple[int, ...]]:
+    """The dimension orders of the ``permute`` / ``transpose`` / ``movedim`` chain ``tensor`` comes from (``contiguous``
+    copies between them included), last first; empty when it does not come from one."""
     steps, node = [], tensor.grad_fn
     while node is not None:
         name = type(node).__name__
@@ -1062,10 +1079,7 @@ def _channel_dim(tensor: torch.Tensor) -> int:
         elif name != "CloneBackward0":
             break
         node = node.next_functions[0][0] if node.next_functions else None
-    dim = 1
-    for order in reversed(steps):  # output dimension i holds input dimension order[i]
-        dim = order.index(dim)
-    return dim
+    return steps
 
 
 def _signed(dim: int) -> int:
@@ -1645,6 +1659,12 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                 continue
             if _is_depthwise(target) and target.out_channels != target.in_channels:
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
+                continue
+            if bool((index >= extent).any()) and getattr(node, "reads_across", False):
+                problem = problem or (f"{UNFOLLOWABLE} {mname}, a Linear applied after a transpose (as an MLP-Mixer's "
+                                      "token mixing is): it reads them as another dimension than its input "
+                                      "features, which torch-pruning maps them onto; these channels stay, other "
+                                      "layers are pruned as usual")
                 continue
             if bool((index >= extent).any()):
                 problem = problem or (f"{UNFOLLOWABLE} {mname} (torch-pruning "
