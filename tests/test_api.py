@@ -2734,3 +2734,26 @@ def test_a_loss_without_a_gradient_is_refused_before_any_work(no_work):
             loss_fn=detached)
     number = lambda model, batch: torch.tensor(F.cross_entropy(model(batch[0]), batch[1]).item())  # noqa: E731
     refused(no_work, r"^the loss on a batch of train_loader has no gradient", loss_fn=number)
+
+
+def test_input_features_the_compact_model_no_longer_reads_are_warned_about():
+    """Fresh user 81's decoder lost 8 of its 16 latent dimensions to column pruning of its first Linear without a
+    word. Input features (dimension 1) the base reads and the compact model does not are named; a softmax output
+    (whose sum has no gradient) does not hide them, and features the base did not read are not blamed."""
+    from autocompress.analysis import unread_inputs
+    from autocompress.compress import _unread_inputs_warning
+
+    base = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4), nn.Softmax(1))
+    with torch.no_grad():
+        base[0].weight[:, 0] = 0.0  # never read by the base
+    compact = copy.deepcopy(base)
+    with torch.no_grad():
+        compact[0].weight[:, [3, 7, 12]] = 0.0
+    example = (torch.randn(1, 16),)
+    assert unread_inputs(base, example) == {0: {0}} and unread_inputs(compact, example) == {0: {0, 3, 7, 12}}
+    assert _unread_inputs_warning(base, compact, example) == (
+        "the compact model no longer reads some features of its input (dimension 1): 3 of the 16 of input 0 (3, 7, "
+        "12); column pruning removed every weight reading them (a decoder's latent dimensions, a tabular model's "
+        "columns): put the layers that read the input in ignored_layers, or leave column out of dims, to keep them")
+    assert _unread_inputs_warning(base, copy.deepcopy(base), example) is None
+    assert unread_inputs(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),)) == {}

@@ -257,6 +257,33 @@ def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tup
     return tuple(t.detach() for t in inputs)
 
 
+def unread_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> dict[int, set[int]]:
+    """For each floating-point input of ``model`` with a dimension 1 (channels or features): the positions along it
+    that no output depends on (input index -> positions), read from the gradient of a random projection of the
+    outputs at 4 random samples shaped like ``inputs``' items (eval mode; mode, buffers and RNG restored). A
+    position some output reads has a nonzero gradient there at almost every input; one no weight reads has none."""
+    generator = torch.Generator().manual_seed(seed)
+    leaves = [random_like(x, 4, generator).requires_grad_(x.is_floating_point() and x.dim() >= 2) for x in inputs]
+    wanted = [x for x in leaves if x.requires_grad]
+    with analysis_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        outputs = [t for t in output_tensors(model(*leaves)) if t.is_floating_point() and t.requires_grad]
+        if not wanted or not outputs:
+            return {}
+        projection = sum((t * torch.randn(t.shape, generator=generator).to(t)).sum() for t in outputs)
+        grads = torch.autograd.grad(projection, wanted, allow_unused=True)
+    grads = iter(grads)
+    found = {}
+    for index, leaf in enumerate(leaves):
+        if not leaf.requires_grad:
+            continue
+        grad = next(grads)
+        reads = torch.zeros(leaf.shape[1]) if grad is None else \
+            grad.detach().abs().transpose(0, 1).reshape(leaf.shape[1], -1).sum(1).cpu()
+        if bool((reads == 0).any()):
+            found[index] = set(torch.nonzero(reads == 0).flatten().tolist())
+    return found
+
+
 def at_batch(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
     """Each input's first item repeated ``batch`` times (``[batch, ...]``, contiguous): latency is timed at batch 1
     and 64 from any example."""

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed, metrics, report
 from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, kept_channels,
                         log_whole_groups)
-from .analysis import at_batch, model_digest, output_tensors, prunable_model, structure_digest
+from .analysis import at_batch, model_digest, output_tensors, prunable_model, structure_digest, unread_inputs
 from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings, search_share_warning
 from .compaction import compact, densify
@@ -1227,7 +1227,9 @@ class Compression:
                         _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block),
                         self._latency_overshoot_warning(deployed), noisy_timing_warning(deployed["deployed"]),
                         _bottleneck_warning(self.first_space, _compact_widths(self.first_space, compact_model)),
-                        self.first_space.unreached_warning(), self._base_batchnorm_warning(), *self.task.warnings):
+                        self.first_space.unreached_warning(), self._base_batchnorm_warning(),
+                        _unread_inputs_warning(self.pipeline.base_model, compact_model, self.example),
+                        *self.task.warnings):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 deployed["warnings"].append(warning)
@@ -1434,6 +1436,23 @@ def _overshoot_warning(reached: float, target: Target, multiple: int, block: int
     else:
         fix = "the round records (refit, purification) show where the surplus went"
     return f"target {target} is passed by far: {what} {reached:.3g}x; {fix}"
+
+
+def _unread_inputs_warning(base: nn.Module, compact_model: nn.Module, inputs: tuple) -> str | None:
+    """The warning naming the input features (positions along dimension 1 of a floating-point input) that the
+    compact model no longer reads and the base did (:func:`autocompress.analysis.unread_inputs`): column pruning
+    of a layer reading the model's input removes whole input features where the input is a vector (fresh user 81's
+    decoder lost 8 of its 16 latent dimensions without a word)."""
+    before, after = unread_inputs(base, inputs), unread_inputs(compact_model, inputs)
+    lost = {i: sorted(positions - before.get(i, set())) for i, positions in after.items()}
+    lost = {i: positions for i, positions in lost.items() if positions}
+    if not lost:
+        return None
+    parts = "; ".join(f"{len(p)} of the {inputs[i].shape[1]} of input {i} ({', '.join(map(str, p[:8]))}"
+                      f"{', ...' if len(p) > 8 else ''})" for i, p in lost.items())
+    return (f"the compact model no longer reads some features of its input (dimension 1): {parts}; column pruning "
+            "removed every weight reading them (a decoder's latent dimensions, a tabular model's columns): put the "
+            "layers that read the input in ignored_layers, or leave column out of dims, to keep them")
 
 
 def _reduction(base: dict, compressed: dict, target: Target) -> float:
