@@ -261,16 +261,20 @@ def unread_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int 
     """For each floating-point input of ``model`` with a dimension 1 (channels or features): the positions along it
     that no output depends on (input index -> positions), read from the gradient of a random projection of the
     outputs at 4 random samples shaped like ``inputs``' items (eval mode; mode, buffers and RNG restored). A
-    position some output reads has a nonzero gradient there at almost every input; one no weight reads has none."""
+    position some output reads has a nonzero gradient there at almost every input; one no weight reads has none.
+    Empty where the forward cannot differentiate its inputs (it works on them in place)."""
     generator = torch.Generator().manual_seed(seed)
     leaves = [random_like(x, 4, generator).requires_grad_(x.is_floating_point() and x.dim() >= 2) for x in inputs]
     wanted = [x for x in leaves if x.requires_grad]
-    with analysis_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        outputs = [t for t in output_tensors(model(*leaves)) if t.is_floating_point() and t.requires_grad]
-        if not wanted or not outputs:
-            return {}
-        projection = sum((t * torch.randn(t.shape, generator=generator).to(t)).sum() for t in outputs)
-        grads = torch.autograd.grad(projection, wanted, allow_unused=True)
+    try:
+        with analysis_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            outputs = [t for t in output_tensors(model(*leaves)) if t.is_floating_point() and t.requires_grad]
+            if not wanted or not outputs:
+                return {}
+            projection = sum((t * torch.randn(t.shape, generator=generator).to(t)).sum() for t in outputs)
+            grads = torch.autograd.grad(projection, wanted, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a forward that works in place on its input cannot take one requiring grad
+        return {}
     grads = iter(grads)
     found = {}
     for index, leaf in enumerate(leaves):
