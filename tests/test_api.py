@@ -2757,3 +2757,13 @@ def test_input_features_the_compact_model_no_longer_reads_are_warned_about():
         "columns): put the layers that read the input in ignored_layers, or leave column out of dims, to keep them")
     assert _unread_inputs_warning(base, copy.deepcopy(base), example) is None
     assert unread_inputs(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),)) == {}
+
+
+def test_class_indices_counted_from_one_are_named_as_such(no_work):
+    """Fresh user 80: labels 1..10 for 10 outputs were read as an ignore label 10 ("pass ignore_index=10", which
+    drops a class). Labels running 1..classes with none at 0 are said to count from 1."""
+    x, y = images(32, 0)
+    shifted = DataLoader(TensorDataset(x, y + 1), batch_size=16)
+    refused(no_work, r"^the class indices \(batch\[1\]\) run from 1 to 3, outside the output's 3 classes \(dimension "
+            r"1\) \(counted from 1\? the output's classes are 0 to 2: subtract 1\) on a batch of train_loader",
+            train_loader=shifted, val_loader=shifted)

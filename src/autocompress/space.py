@@ -1796,7 +1796,8 @@ def _reached_twice(tp_group, size: int) -> list[tuple[torch.Tensor, torch.Tensor
     if len(set(zip(keys, channels))) == len(set(keys)):
         return []
     return [(torch.tensor(keys), torch.tensor(channels), "reaching one channel of a later tensor by two paths (as a "
-             "ghost module's layer and the depthwise convolution of it concatenated to it do)", "")]
+             "ghost module's layer and the depthwise convolution of it concatenated to it do, or torch-pruning's "
+             "reading of a view + permute that moves channels into space, a hand-written depth-to-space)", "")]
 
 
 def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

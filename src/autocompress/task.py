@@ -793,12 +793,13 @@ def _unscored_problem(output: torch.Tensor, targets: Any) -> str | None:
 def ignore_label_of(output: Any, targets: Any) -> int | None:
     """The one value outside ``[0, classes)`` that integer ``targets`` of class indices' shape for class scores
     ``output`` ``[B, classes, ...]`` hold besides class indices (an ignore label: 255 for a segmentation's
-    unlabelled pixels), or None."""
+    unlabelled pixels), or None; not ``classes`` itself when no target is 0 (labels counted from 1)."""
     if not (isinstance(output, torch.Tensor) and output.dim() >= 2 and isinstance(targets, torch.Tensor)) \
             or targets.is_floating_point() or tuple(targets.shape) != tuple(output.shape[:1] + output.shape[2:]):
         return None
     outside = targets[(targets < 0) | (targets >= output.shape[1])].unique()
-    return int(outside[0]) if outside.numel() == 1 else None
+    one_based = outside.numel() == 1 and int(outside[0]) == output.shape[1] and int(targets.min()) >= 1
+    return int(outside[0]) if outside.numel() == 1 and not one_based else None
 
 
 def _outside_classes(targets: torch.Tensor, classes: int, where: str) -> str | None:
@@ -809,8 +810,10 @@ def _outside_classes(targets: torch.Tensor, classes: int, where: str) -> str | N
     low, high = int(targets.min()), int(targets.max())
     if 0 <= low and high < classes:
         return None
+    one_based = " (counted from 1? the output's classes are 0 to " f"{classes - 1}: subtract 1)" \
+        if low == 1 and high == classes else ""
     return (f"the class indices ({where}) run from {low} to {high}, outside the output's {classes} classes "
-            "(dimension 1)")
+            f"(dimension 1){one_based}")
 
 
 def _check_class_scores(output: Any, name: str, what: str) -> None:
