@@ -235,6 +235,20 @@ def test_unknown_constructor_arguments_need_a_fresh_instance(tiny_module, images
     assert autocompress.load(path, model=mine) is mine and _close(_eager(mine, images), _eager(compact, images))
 
 
+def test_a_saved_sequential_asks_for_the_code_that_built_it(tmp_path):
+    """Fresh user 82's ConvMixer was an nn.Sequential: the fix said model=Sequential(...), which builds an empty
+    container; a torch container's arguments are its layers, so the fix asks for the user's code that built it."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    path = save_compact(tmp_path / "seq.pt", model)
+    with pytest.raises(UserError, match=r"records model class torch.nn.modules.container:Sequential but not its "
+                                        r"constructor arguments.*; pass a fresh instance built as the compressed one "
+                                        r"was \(the function that builds your Sequential\)"):
+        autocompress.load(path)
+    again = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert autocompress.load(path, model=again) is again
+    assert torch.equal(again[0].weight, model[0].weight)
+
+
 def test_load_into_own_instance_of_a_class_defined_in_a_function(splits, images, tmp_path):
     def make():
         class Local(nn.Module):

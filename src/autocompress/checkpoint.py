@@ -50,7 +50,12 @@ def class_path(cls: type) -> str:
 
 
 def _pass_instance(path: str) -> str:
+    """The fix for a checkpoint whose model cannot be built from its class name ``path``: a fresh instance; for a
+    container (``nn.Sequential``: its layers are its arguments, fresh user 82), the same code that built it."""
     name = path.rpartition(":")[2].rpartition(".")[2] or "MyNet"
+    if path.startswith("torch.nn."):
+        return (f"pass a fresh instance built as the compressed one was (the function that builds your {name}): "
+                f"autocompress.load(path, model=build_my_model())")
     return f"pass a fresh instance of the model instead: autocompress.load(path, model={name}(...))"
 
 

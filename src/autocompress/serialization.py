@@ -30,6 +30,10 @@ from .sparse import from_sparse_state_dict, to_sparse_state_dict  # noqa: F401 (
 
 
 def _constructible_without_arguments(cls: type) -> bool:
+    """Whether ``cls()`` may build the model: its constructor needs no argument, and it is not a torch container
+    (``nn.Sequential()`` builds an empty one: its layers are its arguments)."""
+    if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
+        return False
     try:
         parameters = inspect.signature(cls).parameters.values()
     except (TypeError, ValueError):  # no signature to inspect: treat the arguments as unknown
