@@ -1660,18 +1660,15 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
             if _is_depthwise(target) and target.out_channels != target.in_channels:
                 problem = problem or f"filter pruning: couples with channel-multiplier convolution {mname}"
                 continue
-            if bool((index >= extent).any()) and getattr(node, "reads_across", False):
-                problem = problem or (f"{UNFOLLOWABLE} {mname}, a Linear applied after a transpose (as an MLP-Mixer's "
-                                      "token mixing is): it reads them as another dimension than its input "
-                                      "features, which torch-pruning maps them onto; these channels stay, other "
-                                      "layers are pruned as usual")
-                continue
             if bool((index >= extent).any()):
-                problem = problem or (f"{UNFOLLOWABLE} {mname} (torch-pruning "
-                                      "maps them outside its weight, as after a torch.split or chunk of a layer's "
-                                      "output, e.g. an attention's qkv projection chunked into q, k and v, or a "
-                                      "reshape that moves channels among other dimensions); these channels stay, "
-                                      "other layers are pruned as usual")
+                why = (", a Linear applied after a transpose (as an MLP-Mixer's token mixing is): it reads them as "
+                       "another dimension than its input features, which torch-pruning maps them onto"
+                       if getattr(node, "reads_across", False) else
+                       " (torch-pruning maps them outside its weight, as after a torch.split or chunk of a layer's "
+                       "output, e.g. an attention's qkv projection chunked into q, k and v, or a reshape that moves "
+                       "channels among other dimensions)")
+                problem = problem or (f"{UNFOLLOWABLE} {mname}{why}; these channels stay, other layers are pruned "
+                                      "as usual")
                 continue
             wname = param_names[id(target.weight)]
             if out_side or _is_depthwise(target):

@@ -468,7 +468,7 @@ class Task:
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
             problem = class_target_problem(train_output, targets, where=self._where) if scores else None
             self.unscored = unscored_classes(train_output, targets) if scores and default and not problem else None
-            problem = problem or (self.unscored and _unscored_problem(train_output, targets))
+            problem = problem or _unscored_problem(train_output, self.unscored)
             self.classifies = scores and problem is None if default else None
             self.positions = scores and train_output.dim() > 2
             self.ignore_label = ignore_label_of(train_output, targets)
@@ -511,7 +511,7 @@ class Task:
                                 "pass score_fn(model) -> float, higher is better (e.g. top-1 on your loader)")
             targets = batch[self.inputs]
             _refuse_class_targets(class_target_problem(output, targets, probabilities=False, where=self._where)
-                                  or _unscored_problem(output, targets), "val_loader",
+                                  or _unscored_problem(output, unscored_classes(output, targets)), "val_loader",
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
                                   f"minus the validation loss, or PSNR){items}")
         return train_output
@@ -559,7 +559,6 @@ class Task:
         return output
 
 
-#: how to give inputs the batch axis first
 #: the largest difference of two eval-mode forwards on the same inputs, relative to the outputs' largest value,
 #: that :func:`_refuse_random_forward` takes for arithmetic (a GPU's order of additions), not sampling
 RANDOM_FORWARD = 1e-4
@@ -579,6 +578,7 @@ def _refuse_random_forward(first: list[torch.Tensor], second: list[torch.Tensor]
                         "dropout through nn.Dropout), or pass a model whose eval forward is deterministic")
 
 
+#: how to give inputs the batch axis first
 def _refuse_sequence_first(batch: Batch, example_inputs: tuple) -> None:
     """UserError when an input of a default-form training ``batch`` ``[L, B, ...]`` is the example's ``[L, 1, ...]``
     with more than one item on axis 1: the batch is on axis 1 (PyTorch's transformers default to sequence first),
@@ -782,10 +782,9 @@ def unscored_classes(output: torch.Tensor, targets: torch.Tensor) -> str | None:
             f"guess: {100 / features:.1f}%)")
 
 
-def _unscored_problem(output: torch.Tensor, targets: Any) -> str | None:
-    """:func:`unscored_classes` as a problem of :func:`_refuse_class_targets`, or None."""
-    scores = isinstance(output, torch.Tensor) and isinstance(targets, torch.Tensor)
-    detail = unscored_classes(output, targets) if scores else None
+def _unscored_problem(output: torch.Tensor, detail: str | None) -> str | None:
+    """What :func:`unscored_classes` found of ``output`` (``detail``) as a problem of :func:`_refuse_class_targets`,
+    or None."""
     return detail and (f"the forward's output {list(output.shape)} does not score its class indices ({detail}): an "
                        "embedding's features, or a classifier not trained on these labels")
 
@@ -810,7 +809,7 @@ def _outside_classes(targets: torch.Tensor, classes: int, where: str) -> str | N
     low, high = int(targets.min()), int(targets.max())
     if 0 <= low and high < classes:
         return None
-    one_based = " (counted from 1? the output's classes are 0 to " f"{classes - 1}: subtract 1)" \
+    one_based = f" (counted from 1? the output's classes are 0 to {classes - 1}: subtract 1)" \
         if low == 1 and high == classes else ""
     return (f"the class indices ({where}) run from {low} to {high}, outside the output's {classes} classes "
             f"(dimension 1){one_based}")
