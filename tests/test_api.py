@@ -1889,6 +1889,28 @@ def test_distillation_is_turned_off_for_several_labels_an_item_even_when_asked_f
         "have)") for r in caplog.records)
 
 
+def test_distillation_is_turned_off_for_time_major_class_scores(caplog):
+    """Fresh user 83's CRNN: a forward_fn returning the scores ``[T, N, classes]`` that ``F.ctc_loss`` takes, with
+    ``distillation.enabled: true``, was distilled with a softmax over axis 1, i.e. over the batch's items. The batch
+    of 12 on axis 1 (T = 4) turns distillation off, with the permutation that would give [N, classes, T]."""
+    x, _ = images(48, 0)
+    labels = torch.randint(0, CLASSES, (48, 4), generator=torch.Generator().manual_seed(0))
+    train = DataLoader(TensorDataset(x, labels), batch_size=12)
+
+    def time_major(model, batch):  # the same scores at four time steps: [T, N, classes]
+        return model(batch[0]).unsqueeze(0).expand(4, -1, -1)
+
+    run = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                      task_args=dict(train_loader=train, forward_fn=time_major, score_fn=weights_present,
+                                     loss_fn=lambda m, b: F.cross_entropy(time_major(m, b).permute(1, 2, 0), b[1])),
+                      config={**CONFIG, "distillation": {"enabled": True}})
+    assert not run.config.distillation.enabled and run.pipeline.distiller is None
+    assert any(r.getMessage().startswith(
+        "distillation from the base is off although distillation.enabled is true: the forward returns a tensor of "
+        "shape [4, 12, 3] on a training batch, its batch of 12 items on axis 1 ([T, N, classes])") and
+        "output.permute(1, 2, 0) gives [N, classes, T]" in r.getMessage() for r in caplog.records)
+
+
 def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
     the loss was only halved), so the run turns it off, says so, and stores it off."""

@@ -37,7 +37,7 @@ from .budget import RULE, apply_budget, describe, given_settings, search_share_w
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
-from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable
+from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable, time_major
 from .errors import CallArgument, TargetMissed, UserError
 from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
                       noisy_timing_warning, speed_warning)
@@ -481,7 +481,8 @@ class Compression:
         with a warning on
         the ``autocompress`` logger, when the base's forward ``output`` on a training batch (:meth:`Task.check`'s)
         holds no class scores to distil (:func:`distillable`: a regression output of one channel, a dict: its soft
-        term would be 0 or fail mid-run), or when the batch's targets say it regresses (``Task.classifies`` False:
+        term would be 0 or fail mid-run; :func:`time_major`: scores ``[T, N, classes]``, whose softmax over axis 1
+        would mix the batch's items), or when the batch's targets say it regresses (``Task.classifies`` False:
         a softmax over a regressor's values means nothing). The settings stored for the run (``config.yaml``) say
         it is off."""
         if self.config.distillation.enabled == AUTO:
@@ -493,7 +494,7 @@ class Compression:
                 say(f"distillation from the base: off ({AUTO_RULE})")
         quick = self.config.quick_eval
         scorer_distils = fine_tunes(quick.scorer) and quick.finetune_distill
-        classes = distillable(output)
+        classes = distillable(output) and not time_major(output, self.task.items)
         if not (self.config.distillation.enabled or scorer_distils) or (classes and self.task.classifies is not False):
             return
         asked = self.config.distillation.enabled and "distillation.enabled" not in self.from_data
@@ -501,14 +502,18 @@ class Compression:
             self.config, distillation=dataclasses.replace(self.config.distillation, enabled=False),
             quick_eval=dataclasses.replace(quick, finetune_distill=False))
         targets = f"training targets (batch[{self.task.inputs}])"
-        why = ("not class scores [B, classes >= 2, ...]" if not classes else
+        why = (f"its batch of {self.task.items} items on axis 1 ([T, N, classes]), not class scores [B, classes, ...]"
+               if time_major(output, self.task.items) else
+               "not class scores [B, classes >= 2, ...]" if not classes else
                f"whose {targets} hold {self.task.ignore_label} besides its class indices (an ignore label)"
                if self.task.ignore_label is not None else
                f"features (an embedding), not class scores for its {targets} ({self.task.unscored})"
                if self.task.unscored else
                f"whose {targets} are not class indices or probabilities for it (a regression, or several labels "
                "an item: multi-hot targets)")
-        fix = ("pass forward_fn returning class scores to distil" if not classes else
+        fix = ("pass forward_fn returning them batch first to distil: output.permute(1, 2, 0) gives [N, classes, T]"
+               if time_major(output, self.task.items) else
+               "pass forward_fn returning class scores to distil" if not classes else
                "distillation compares one softmax over the classes, which an embedding's features are not"
                if self.task.unscored else
                "distillation compares one softmax over the classes, which several labels an item or a regression "

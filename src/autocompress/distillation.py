@@ -168,6 +168,14 @@ def distillable(output: Any) -> bool:
     return isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[1] >= 2
 
 
+def time_major(output: Any, items: int | None) -> bool:
+    """Whether ``output`` is a tensor whose batch of ``items`` lies on axis 1, not 0 (``[T, N, classes]``, the
+    layout ``F.ctc_loss`` takes): a softmax over its axis 1 would mix the batch's items, not compare classes (a
+    fresh user's CRNN). False where ``items`` is unknown or axes 0 and 1 both hold that many."""
+    return isinstance(output, torch.Tensor) and output.dim() >= 3 and items is not None \
+        and output.shape[1] == items != output.shape[0]
+
+
 #: :class:`TeacherCache` turns off after an epoch (past the first) finding fewer of its rows stored. A
 #: horizontal flip alone finds half of them in the second epoch in one process, 1 / (2 N) in N processes that
 #: each see a fresh share of the data every epoch (6 % in 8); a 32x32 random crop with 4 pixels of padding

@@ -240,6 +240,9 @@ class Task:
         unscored: set by :meth:`check`: why the forward's output on the first training batch, shaped like class
             scores for its class-index targets, does not score them (:func:`unscored_classes`: an embedding's
             features), else None; ``classifies`` is then False.
+        items: set by :meth:`check`: how many items the model's first input held on the first training batch
+            (its first positional tensor's axis 0), None when the forward passed it none; with the output's shape
+            it tells a time-major output ``[T, N, classes]`` (:func:`~autocompress.distillation.time_major`).
         inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
             default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
         warnings: set by :meth:`check`: what it warned about on the ``autocompress`` logger (an example input of
@@ -258,6 +261,7 @@ class Task:
     positions: bool = False
     ignore_label: int | None = None
     unscored: str | None = None
+    items: int | None = None
     inputs: int = 1
     warnings: list[str] = field(default_factory=list)
 
@@ -531,8 +535,9 @@ class Task:
         return f"batch[{self.inputs}]"
 
     def _check_batch(self, model: nn.Module, batch: Batch, name: str) -> Any:
-        """The model's output on ``batch`` (analysis mode); UserError naming ``name`` when the batch is not in
-        the form the default functions can run (:meth:`default_form`), or the forward fails."""
+        """The model's output on ``batch`` (analysis mode), and :attr:`items` read from the model's first call;
+        UserError naming ``name`` when the batch is not in the form the default functions can run
+        (:meth:`default_form`), or the forward fails."""
         needs_default = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
         if needs_default and not self.default_form(batch):
             form = "(inputs, targets) tensor pairs" if self.inputs == 1 else \
@@ -544,6 +549,9 @@ class Task:
             raise UserError(f"{name} yields {_batch_kind(batch, self.inputs + 1)}, not {form}",
                             "pass forward_fn(model, batch) and loss_fn(model, batch) (and score_fn(model)) "
                             f"saying how to run them{also}")
+        items: list[int] = []
+        handle = model.register_forward_pre_hook(lambda _module, args: items.extend(
+            len(arg) for arg in args[:1] if isinstance(arg, torch.Tensor) and arg.dim()))
         try:
             with analysis_mode(model):
                 output = self.forward(model, batch)
@@ -551,6 +559,9 @@ class Task:
             raise UserError(f"the model fails on a batch of {name} ({first_line(exc)})",
                             "check that the loader's batches match the model's input (or pass forward_fn)"
                             ) from None
+        finally:
+            handle.remove()
+        self.items = items[0] if items else None
         nan = sum(int(torch.isnan(t).sum()) for t in output_tensors(output) if t.is_floating_point() or t.is_complex())
         if nan:
             raise UserError(f"the model's output on a first batch of {name} holds {nan} NaN values, before any "
