@@ -587,3 +587,48 @@ def test_a_long_error_line_is_cut_at_a_word():
     kept = cut.removeprefix("RuntimeError: ").removesuffix(" ...")
     assert words.startswith(kept + " ") and len(kept) <= FIRST_LINE and len(kept) > FIRST_LINE - 8
     assert first_line(ValueError("short")) == "ValueError: short" and first_line(KeyError()) == "KeyError"
+
+
+class ConvLSTM(nn.Module):
+    """A CRNN: conv -> BN -> ReLU -> height pooled away -> the width as time -> nn.LSTM -> Linear per step."""
+
+    def __init__(self, channels=6, hidden=5, layers=1, bidirectional=False, batch_first=False, proj_size=0):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.batch_first = batch_first
+        self.rnn = nn.LSTM(channels, hidden, layers, bidirectional=bidirectional, batch_first=batch_first,
+                           proj_size=proj_size)
+        self.fc = nn.Linear((proj_size or hidden) * (1 + bidirectional), 3)
+
+    def forward(self, x):
+        f = torch.relu(self.bn(self.conv(x))).mean(2)  # [N, C, W]
+        return self.fc(self.rnn(f.permute(0, 2, 1) if self.batch_first else f.permute(2, 0, 1))[0])
+
+
+@settings(max_examples=8, deadline=None)
+@given(layers=st.integers(1, 2), bidirectional=st.booleans(), batch_first=st.booleans(),
+       rate=st.floats(0.1, 0.8), seed=st.integers(0, 3))
+def test_the_channels_an_lstm_reads_are_removed_from_its_input_weights(layers, bidirectional, batch_first, rate, seed):
+    """Fresh user 83's CRNN: the conv feeding an nn.LSTM was never filter-pruned ("couples with LSTM rnn, which
+    mixes channels"), though an LSTM's input weights ``weight_ih_l0`` (and ``_reverse``) read each channel in one
+    column. Now the group holds those columns; the compact model computes the masked one, its LSTM reads the kept
+    channels, and the space's parameter and MAC counts equal the compact model's own (MACs counted by the flop
+    counter, the LSTM's included). (An LSTM with ``proj_size`` stays out: torch-pruning cannot map it.)"""
+    from autocompress.metrics import count_macs, count_params
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    torch.manual_seed(seed)
+    model = _randomize_bn(ConvLSTM(layers=layers, bidirectional=bidirectional, batch_first=batch_first), seed).eval()
+    x = torch.randn(2, 1, 4, 7)
+    space = PruningSpace.build(model, x)
+    group = space.unit("filter", "conv")
+    assert {s.param for s in group.slices if s.role == "input"} == \
+        {"rnn.weight_ih_l0", *(["rnn.weight_ih_l0_reverse"] if bidirectional else [])}
+    masks = project(space, model, {"filter": {"conv": rate}})
+    kept = int(masks.filters["conv"].sum())
+    result = run(model, space.param_masks(masks), x, exact_count=False)
+    assert result.model.rnn.input_size == kept == result.model.conv.out_channels < 6
+    counts = space.count(masks)
+    assert counts.params == count_params(result.model)
+    assert counts.macs == count_macs(result.model, x)

@@ -280,3 +280,32 @@ def test_redundant_column_removal_keeps_pointwise_layers_aligned():
         assert int(after.sum()) == expected, layer.name
         kept_norms, dropped = norms[after], norms[before & ~after]
         assert dropped.numel() == 0 or float(kept_norms.min()) >= float(dropped.max()), layer.name
+
+
+def test_a_constant_channel_an_lstm_reads_is_kept_not_folded():
+    """A dead filter (zero weights: a constant relu(bias) everywhere) read by an nn.LSTM: its constant cannot go
+    into a bias as a Conv / Linear consumer's does here (the LSTM's ``bias`` is a flag, and a bidirectional one has
+    two input weights), so purification keeps the channel and the function."""
+    class ConvLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.rnn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.LSTM(4, 3, bidirectional=True), \
+                nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(torch.relu(self.conv(x)).mean(2).permute(2, 0, 1))[0])
+
+    with seeded(0):
+        model = ConvLSTM().eval()
+    with torch.no_grad():
+        model.conv.weight[1].zero_()
+        model.conv.bias[1] = 0.7
+    x = torch.randn(3, 1, 4, 6)
+    space = PruningSpace.build(model, x)
+    reference = _out(model, x)
+    masks = space.full_masks()
+    candidate = copy.deepcopy(masks)
+    candidate.filters["conv"][1] = False
+    final, folded = settle(model, space, masks, candidate, x)
+    assert folded == [] and bool(final.filters["conv"][1])
+    assert torch.allclose(_out(model, x), reference, atol=1e-6)

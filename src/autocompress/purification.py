@@ -52,7 +52,7 @@ from .compaction import verify
 from .errors import UserError
 from .masks import Masks, apply_masks
 from .projection import SCORED_ROLES, group_scores
-from .space import PruningSpace, is_transposed
+from .space import PruningSpace, is_transposed, is_weight_layer
 from .text import plural
 
 #: default redundant-weight thresholds, relative to the layer's mean remaining unit norm
@@ -346,8 +346,9 @@ def _fold_plan(model: nn.Module, space: PruningSpace, old: Masks, new: Masks, ex
         for gname, s, hit in entries:
             index, channel, feature = s.index[hit], s.channel[hit], s.features[hit]
             conv = isinstance(module, nn.modules.conv._ConvNd)
-            values = None if is_transposed(module) else _constant_values(x, feature, 1 if conv else -1)
-            if values is None:  # not constant, or a transposed conv (its border taps differ): keep them
+            folds_here = is_weight_layer(module) and not is_transposed(module)
+            values = _constant_values(x, feature, 1 if conv else -1) if folds_here else None
+            if values is None:  # not constant, a transposed conv (its border taps differ) or an LSTM: keep them
                 mask = unfoldable.setdefault(gname, torch.zeros(space.unit("filter", gname).size,
                                                                 dtype=torch.bool))
                 mask[channel] = True

@@ -356,7 +356,8 @@ class PruningSpace:
         dims: the unit kinds enumerated.
         max_rate: the largest rate the search proposes for one unit (not enforced by projections).
         param_shapes: parameter name -> shape of every parameter of the model.
-        layer_macs: Conv / Linear module name -> (weight name, MACs of the full weight).
+        layer_macs: Conv / Linear module name -> (weight name, MACs of the full weight); an ``nn.LSTM``'s input
+            weights (which filter pruning of the channels it reads narrows) by the weight's name.
         total: :class:`Counts` of the unpruned model.
         channel_multiple: every filter group keeps an allowed width at this multiple
             (:mod:`autocompress.alignment`; 1 = any width).
@@ -442,6 +443,7 @@ class PruningSpace:
         param_names = _param_names(model)
         layer_macs = {names[m]: (param_names[id(m.weight)], own_macs.get(names[m], 0))
                       for m in model.modules() if is_weight_layer(m)}
+        layer_macs.update(_lstm_input_macs(model, names, param_names, own_macs))
         total = Counts(params=sum(p.numel() for p in model.parameters()),
                        macs=sum(r.macs for r in rows))
 
@@ -1473,6 +1475,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     except UserError as exc:
         _exclude(excluded, "", f"filter pruning: {str(exc)}")
         return []
+    weight_macs = dict(layer_macs.values())  # weight name -> MACs of the layer multiplying it
     # modules whose output is a model output (torch-pruning adds an output node only after other ops, and none for
     # an output that other ops also read: a model returning its pooled features besides its embedding)
     sinks = {node.module for node in graph.module2node.values()
@@ -1515,12 +1518,13 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             _exclude(excluded, name, problem)
             continue
         params = sum(s.positions * _stride(model, s) for s in slices)
-        macs = sum(s.positions * _stride(model, s) * layer_macs[s.module][1]
+        macs = sum(s.positions * _stride(model, s) * weight_macs[s.param]
                    // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
         groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs,
                                   ties=ties))
-    unreached = {name: model.get_submodule(name) for name, (_, macs) in layer_macs.items()
-                 if macs == 0 and model.get_submodule(name) not in train_only}
+    modules = dict(model.named_modules())  # (an LSTM's input weights in layer_macs are no modules)
+    unreached = {name: modules[name] for name, (_, macs) in layer_macs.items()
+                 if macs == 0 and name in modules and modules[name] not in train_only}
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 
 
@@ -1702,9 +1706,36 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
         elif isinstance(target, (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)):
             problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
+        elif type(target) is nn.LSTM and not out_side and mname not in ignored:
+            if index.numel() and int(index.max()) >= target.input_size:
+                problem = problem or f"filter pruning: its channels map past the input features of LSTM {mname}"
+            for weight in _lstm_input_weights(target):  # the first layer's, each direction: [4 hidden, input]
+                slices.append(Slice(param_names[id(weight)], mname, "input", 1, index, channel))
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     return _merge(slices), members, problem, blocks + _reached_twice(tp_group, size)
+
+
+def _lstm_input_weights(lstm: nn.LSTM) -> list[nn.Parameter]:
+    """The weights an ``nn.LSTM`` multiplies its input by: its first layer's ``weight_ih_l0`` (and
+    ``weight_ih_l0_reverse`` when bidirectional), each ``[4 x hidden, input]``; filter pruning of the channels it
+    reads removes their columns (torch-pruning's ``prune_in_channels`` of an LSTM)."""
+    return [getattr(lstm, f"weight_ih_l0{suffix}") for suffix in ("", "_reverse")[:1 + lstm.bidirectional]]
+
+
+def _lstm_input_macs(model: nn.Module, names: dict, param_names: dict[int, str],
+                     own_macs: Mapping[str, int]) -> dict[str, tuple[str, int]]:
+    """Weight name -> (weight name, MACs) of each ``nn.LSTM``'s input weights (:func:`_lstm_input_weights`): its
+    own MACs (:func:`autocompress.metrics.count_macs`) in proportion to the weight's entries among all its weight
+    matrices, as every step multiplies each matrix once."""
+    out = {}
+    for module in model.modules():
+        if type(module) is nn.LSTM:
+            entries = sum(w.numel() for w in module.parameters(recurse=False) if w.dim() == 2)
+            for weight in _lstm_input_weights(module):
+                name = param_names[id(weight)]
+                out[name] = (name, own_macs.get(names[module], 0) * weight.numel() // entries)
+    return out
 
 
 def _holds_tensors(module: nn.Module) -> bool:
