@@ -27,10 +27,12 @@ from torchvision.models.convnext import LayerNorm2d
 
 import autocompress
 from autocompress import UserError
+from autocompress.compaction import TRAINING_BREAKS
 from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
 from autocompress.task import Task
+from autocompress.training import seeded
 
 CONFIG = {"rounds": 1, "admm": {"epochs": 1}, "retrain": {"epochs": 1}, "search": {"max_evaluations": 3},
           "quick_eval": {"bn_batches": 2, "val_batches": 2, "finetune_steps": 5}, "latency_runs": 2}
@@ -1500,31 +1502,31 @@ def test_groups_breaking_a_weight_read_outside_its_layer_are_left_out_naming_the
                            config={"dims": "filter", "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
 
 
-class ConvLSTM(nn.Module):
-    """``[B, 8, 6, 6]`` -> ``[B, 3]``: a conv whose channels an LSTM reads as features (its filters cannot be pruned),
-    then a classifier."""
+class ConvGRU(nn.Module):
+    """``[B, 8, 6, 6]`` -> ``[B, 3]``: a conv whose channels a GRU reads as features (its filters cannot be pruned:
+    torch-pruning traces a GRU's operations one by one and cannot map them), then a classifier."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.rnn, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.LSTM(16, 8, batch_first=True), nn.Linear(8, 3)
+        self.conv, self.rnn, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.GRU(16, 8, batch_first=True), nn.Linear(8, 3)
 
     def forward(self, x):
         return self.fc(self.rnn(self.conv(x).flatten(2).transpose(1, 2))[0][:, -1])
 
 
 def test_default_dims_prune_columns_alone_where_no_filter_unit_can_be_pruned():
-    """Fresh users 61 and 62: a conv feeding an LSTM left no filter unit, and the default ``filter,column`` was
-    refused ("drop filter from dims") although the user had chosen no dims. The default prunes the columns alone and
-    says why; explicit dims naming filter are still refused."""
+    """Fresh users 61 and 62: a conv feeding an LSTM (now filter-pruned; a GRU here) left no filter unit, and the
+    default ``filter,column`` was refused ("drop filter from dims") although the user had chosen no dims. The default
+    prunes the columns alone and says why; explicit dims naming filter are still refused."""
     from autocompress import metrics
 
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(16, 8, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
-    model, lines = ConvLSTM().eval(), []
+    model, lines = ConvGRU().eval(), []
     result = autocompress.compress(model, torch.randn(1, 8, 6, 6), "params=1.3x", train_loader=data, val_loader=data,
                                    config={**CONFIG, "admm": {"epochs": 0}}, progress=False, log=lines.append)
     assert any(line.startswith("dims: filter,column (default for a params target); no filter unit can be pruned in "
-                               "this model (conv: filter pruning: couples with LSTM rnn") and line.endswith(
+                               "this model (conv: filter pruning: torch-pruning cannot map its channels") and line.endswith(
         "): columns only") for line in lines), lines
     assert metrics.count_params(model) / metrics.count_params(result.model) >= 1.3 * (1 - TARGET_TOLERANCE)
     with pytest.raises(UserError, match=r"^no filter unit can be pruned in this model \(conv: .*; drop filter from"):
@@ -2789,3 +2791,40 @@ def test_class_indices_counted_from_one_are_named_as_such(no_work):
     refused(no_work, r"^the class indices \(batch\[1\]\) run from 1 to 3, outside the output's 3 classes \(dimension "
             r"1\) \(counted from 1\? the output's classes are 0 to 2: subtract 1\) on a batch of train_loader",
             train_loader=shifted, val_loader=shifted)
+
+
+class KeywordHead(SmallCNN):
+    """SmallCNN with an auxiliary head on the pooled features that the forward calls only with ``aux=True``."""
+
+    def __init__(self):
+        super().__init__(w1=8, w2=16)
+        self.aux = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor, aux: bool = False):
+        pooled = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))).mean((2, 3))
+        return self.fc(pooled), (self.aux(pooled) if aux else None)
+
+
+def test_a_head_only_the_loss_calls_keeps_the_channels_it_reads():
+    """Fresh user 84: a head called only with a keyword argument (from the loss; the example inputs' forward never
+    calls it) read channels that were pruned from under it, and the run failed after training with a raw shape
+    error. The compaction probe before any work also runs the loss on a training batch: conv2's group, which the head
+    reads, keeps its channels (said in the log, naming the head); the others are pruned and the run completes with
+    a model whose head runs."""
+    train, val = loaders()
+    lines: list[str] = []
+
+    def loss(model, batch):
+        logits, aux = model(batch[0], aux=True)
+        return F.cross_entropy(logits, batch[1]) + 0.1 * aux.pow(2).mean()
+
+    with seeded(0):
+        model = KeywordHead()
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=1.3x", train_loader=train,
+                                   val_loader=val, forward_fn=lambda m, b: m(b[0])[0], loss_fn=loss,
+                                   config={**CONFIG, "channel_multiple": 1}, device="cpu", progress=False,
+                                   log=lines.append)
+    assert any(line.startswith("not filter-pruned: conv2 and the layers coupled to it keep their channels") and
+               TRAINING_BREAKS in line and "never calls: aux" in line for line in lines)
+    assert result.model.conv2.out_channels == 16 and result.model.conv1.out_channels < 8
+    assert result.model(torch.randn(2, 1, 8, 8), aux=True)[1].shape == (2, 2)

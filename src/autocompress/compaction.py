@@ -26,7 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -814,23 +814,35 @@ def verify(reference: nn.Module, compact_model: nn.Module, example_inputs: Any, 
     return worst, worst_tol
 
 
+#: how :func:`compaction_failure` begins when the compact model runs on the example inputs but not in the loss
+TRAINING_BREAKS = "the loss fails on a training batch, whose forward reaches what the example inputs' does not"
+
 #: how :func:`compaction_failure` begins when compaction runs but keeps the channels the masks removed
 DEAD_KEPT = "compaction keeps them as zeros"
 
 
 def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-                       channel_multiple: int = 1, narrowed: Collection[str] = ()) -> str | None:
+                       channel_multiple: int = 1, narrowed: Collection[str] = (),
+                       training_forward: Callable[[nn.Module], Any] | None = None) -> str | None:
     """Why ``model`` masked to ``param_masks`` cannot be compacted and run on ``example_inputs`` (the error's type
-    and first line), or why a layer of ``narrowed`` (names of layers whose output channels the masks may remove)
-    whose weight's mask removes a row keeps them all (:data:`DEAD_KEPT`, with the report's ``dead_channels_kept``
-    reason: the compact model would be no smaller there), or None; a copy is compacted, ``model`` is unchanged. A
-    UserError (a problem of the inputs, not of the model) propagates."""
+    and first line), or on a training batch by ``training_forward(compact_model)`` (the run's loss: a branch the
+    example's forward does not take, e.g. a head called only with a keyword argument), or why a layer of
+    ``narrowed`` (names of layers whose output channels the masks may remove) whose weight's mask removes a row
+    keeps them all (:data:`DEAD_KEPT`, with the report's ``dead_channels_kept`` reason: the compact model would be
+    no smaller there), or None; a copy is compacted, ``model`` is unchanged. A UserError (a problem of the inputs,
+    not of the model) propagates."""
     try:
         result = compact(model, param_masks, example_inputs, channel_multiple=channel_multiple)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
         return first_line(exc)
+    if training_forward is not None:
+        try:
+            with analysis_mode(result.model):
+                training_forward(result.model)
+        except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
+            return f"{TRAINING_BREAKS}: {first_line(exc)}"
     before, after = dict(model.named_modules()), dict(result.model.named_modules())
     why = [f"{name}: {result.report['dead_channels_kept'].get(name, 'no reason reported')}" for name in narrowed
            if name in after and _out_width(after[name]) == _out_width(before[name])
@@ -849,7 +861,8 @@ def _rows_removed(layer: nn.Module, mask: torch.Tensor | None) -> bool:
 
 
 def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], example_inputs: Any, *,
-                      channel_multiple: int = 1, narrowed: Collection[str] = ()) -> None:
+                      channel_multiple: int = 1, narrowed: Collection[str] = (),
+                      training_forward: Callable[[nn.Module], Any] | None = None) -> None:
     """UserError, meant for before any training, when ``model`` masked to ``param_masks`` cannot be compacted
     and run on ``example_inputs``, or keeps channels ``narrowed`` layers lose (:func:`compaction_failure`;
     a copy is compacted; ``model`` is unchanged). A forward that writes a channel count into a shape
@@ -857,7 +870,7 @@ def check_compactable(model: nn.Module, param_masks: dict[str, torch.Tensor], ex
     whose parts lose channels unevenly, runs masked but fails once channels are removed, which would otherwise
     surface after training."""
     failure = compaction_failure(model, param_masks, example_inputs, channel_multiple=channel_multiple,
-                                 narrowed=narrowed)
+                                 narrowed=narrowed, training_forward=training_forward)
     if failure is None:
         return
     problem = "filter pruning cannot remove channels from this model: "

@@ -33,7 +33,7 @@ from .alignment import AUTO, misaligned_widths
 from .analysis import callers_class, trained_norms, train_mode
 from .attention import HEAD_HINT, attention_shaped, free_macs, head_count, unaligned_heads
 from .channel_norms import standard_channel_norms
-from .compaction import check_compactable, compact, compaction_failure, densify, shrink
+from .compaction import TRAINING_BREAKS, check_compactable, compact, compaction_failure, densify, shrink
 from .config import CompressConfig
 from .distillation import Distiller, distillable
 from .epoch_checkpoint import EpochCheckpoint
@@ -451,7 +451,8 @@ class Pipeline:
         """``space`` (default: :meth:`space` of ``model``) without the filter groups whose channels cannot be
         removed, found before any work: every filter group loses one step of its allowed widths
         (:meth:`~autocompress.space.PruningSpace.widths`), its weakest channels and then its first ones
-        (:meth:`_breaking`), the model is compacted and run on the example inputs. A
+        (:meth:`_breaking`), the model is compacted and run on the example inputs, and its loss on the first
+        training batch (:meth:`~autocompress.task.Task.loss_runs`: a branch the example's forward does not take). A
         forward that writes a channel count into a shape (``x.view(-1, 40 * 7 * 7)``), or a module of the
         caller's that mixes channels (a normalisation over them), runs masked but breaks once channels are
         removed, which would otherwise surface after training. When it breaks, each group is probed alone; those
@@ -486,6 +487,8 @@ class Pipeline:
                         why = f"{why}; {reads[name]}"
                     if (own := _own_channel_modules(model, group)):
                         why = f"{why}; {own}"
+                    if why.startswith(TRAINING_BREAKS) and (unreached := space.unreached_layers()):
+                        why = f"{why}; layers the example inputs' forward never calls: {', '.join(unreached[:3])}"
                     self.log(f"not filter-pruned: {name} and the layers coupled to it keep their channels: the "
                              f"compact model breaks once they are removed ({why})")
                     self.incompactable[name] = why
@@ -559,14 +562,16 @@ class Pipeline:
         def producers(names) -> set[str]:
             return {layer for name in names for layer in space.unit("filter", name).producers}
 
+        training = self.task.loss_runs if self.task.first_batch is not None else None
+
         def failure(masks: dict[str, torch.Tensor], names) -> str | None:
             return compaction_failure(model, masks, self.example_inputs, channel_multiple=self.channel_multiple,
-                                      narrowed=producers(names))
+                                      narrowed=producers(names), training_forward=training)
 
         failing, error = {}, None
         try:
             check_compactable(model, weakest(narrower), self.example_inputs, channel_multiple=self.channel_multiple,
-                              narrowed=producers(narrower))
+                              narrowed=producers(narrower), training_forward=training)
         except UserError as exc:
             failing = {name: why for name in narrower if (why := failure(weakest([name]), [name]))}
             if not failing:

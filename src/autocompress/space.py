@@ -492,13 +492,17 @@ class PruningSpace:
         ``"; "`` (what logs, reports and ``metrics.jsonl`` show)."""
         return {name: "; ".join(reasons) for name, reasons in self.exclusions.items()}
 
+    def unreached_layers(self) -> list[str]:
+        """The weight layers the example inputs' forward never calls nor reads the weights of (names)."""
+        return [name for name, reasons in self.exclusions.items()
+                if UNREACHED in reasons and READ_FUNCTIONALLY not in reasons]
+
     def unreached_warning(self) -> str | None:
         """The warning naming the weight layers the example inputs' forward never calls nor reads the weights of
         (fresh user 61: a branch taken only by some inputs), or None (also without filter groups): torch-pruning's
         graph does not see them, so the channels they read may be pruned, and the compact model is checked on the
         example's path only."""
-        unreached = [name for name, reasons in self.exclusions.items()
-                     if UNREACHED in reasons and READ_FUNCTIONALLY not in reasons]
+        unreached = self.unreached_layers()
         if not unreached or not self.filter_groups:
             return None
         more = f" and {len(unreached) - 3} more" if len(unreached) > 3 else ""

@@ -243,6 +243,9 @@ class Task:
         items: set by :meth:`check`: how many items the model's first input held on the first training batch
             (its first positional tensor's axis 0), None when the forward passed it none; with the output's shape
             it tells a time-major output ``[T, N, classes]`` (:func:`~autocompress.distillation.time_major`).
+        first_batch: set by :meth:`check`: the first training batch (on the device), on which
+            :meth:`loss_runs` checks that a compact model still runs the loss; None before, or when the run does not
+            train.
         inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
             default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
         warnings: set by :meth:`check`: what it warned about on the ``autocompress`` logger (an example input of
@@ -262,6 +265,7 @@ class Task:
     ignore_label: int | None = None
     unscored: str | None = None
     items: int | None = None
+    first_batch: Batch | None = None
     inputs: int = 1
     warnings: list[str] = field(default_factory=list)
 
@@ -271,6 +275,13 @@ class Task:
         if self.forward_fn is not None:
             return self.forward_fn(model, batch)
         return model(*batch[:self.inputs])
+
+    def loss_runs(self, model: nn.Module) -> None:
+        """Run the loss of ``model`` on :attr:`first_batch` (the caller sets the mode: the compaction probes run it
+        in analysis mode), raising what it raises: a compact model must run the branches the training forward
+        takes, which the example inputs' forward may not (a head called only with a keyword argument, fresh user
+        84: its input channels were pruned from under it and the run failed after training)."""
+        self.loss(model, self.first_batch)
 
     def default_form(self, batch: Batch) -> bool:
         """Whether ``batch`` is what the default functions take: a tuple / list of :attr:`inputs` tensors and
@@ -459,6 +470,7 @@ class Task:
         train_output = None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
+            self.first_batch = first if needs_training else None
             _refuse_unbatched_example(first, example_inputs)
             _refuse_sequence_first(first, example_inputs)
             for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model),
