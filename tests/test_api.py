@@ -1915,20 +1915,39 @@ def test_distillation_is_turned_off_for_time_major_class_scores(caplog):
 
 def test_distillation_is_turned_off_for_an_output_without_class_scores(caplog):
     """``budget`` turns distillation on; a regressor's one-channel output has no softmax to compare (its KL is 0:
-    the loss was only halved), so the run turns it off, says so, and stores it off."""
+    the loss was only halved), so the run turns it off, says so, and stores it off. The log never says it is on
+    (fresh user 84: "distillation from the base: on", then a schedule of "no distillation")."""
     train, val = dict_batches(96, 0), dict_batches(48, 1)
+    lines: list[str] = []
     run = Compression(Regressor(), torch.randn(2, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                       task_args=dict(train_loader=train, forward_fn=lambda m, b: m(b["pixels"]),
                                      loss_fn=lambda m, b: F.mse_loss(m(b["pixels"]), b["level"]),
-                                     score_fn=weights_present), config={"budget": 2})
+                                     score_fn=weights_present), config={"budget": 2}, log=lines.append)
     assert not run.config.distillation.enabled and not run.config.quick_eval.finetune_distill
     assert run.pipeline.distiller is None
     assert any(r.levelname == "WARNING" and r.getMessage().startswith(
         "distillation from the base is off: the forward returns a tensor of shape [16, 1]") for r in caplog.records)
+    assert not any(line.startswith("distillation from the base: on") or "distillation mixes" in line
+                   for line in lines), lines
     classifier = Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
                              task_args=dict(zip(("train_loader", "val_loader"), loaders())),
                              config={"budget": 2, "distillation": {"enabled": True}})  # auto: by the fit share
     assert classifier.config.distillation.enabled and classifier.pipeline.distiller is not None
+
+
+def test_distillation_over_a_callers_loss_says_how_it_weighs_the_other_heads():
+    """Fresh user 84's three-head model: forward_fn returns the class scores, loss_fn sums the three heads' losses,
+    and distillation (on by ``budget``) trains on ``0.5 x loss_fn + 0.5 x`` the class scores' term: the other heads
+    got half their weight without a word. The run says so, with alpha and the setting that turns it off."""
+    train, val = loaders()
+    lines: list[str] = []
+    Compression(SmallCNN(), torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                task_args=dict(train_loader=train, val_loader=val, forward_fn=lambda m, b: m(b[0]),
+                               loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])),
+                config={"budget": 2, "distillation": {"alpha": 0.3}}, log=lines.append)
+    assert any(line.startswith("distillation mixes your loss: (1 - 0.3) x loss_fn + 0.3 x the distillation term of "
+                               "forward_fn's class scores, so the other outputs your loss trains (other heads) get 0.7 "
+                               "of their weight") for line in lines), lines
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda(no_work):

@@ -485,17 +485,23 @@ class Compression:
         would mix the batch's items), or when the batch's targets say it regresses (``Task.classifies`` False:
         a softmax over a regressor's values means nothing). The settings stored for the run (``config.yaml``) say
         it is off."""
+        classes = distillable(output) and not time_major(output, self.task.items)
+        scores = classes and self.task.classifies is not False  # class scores to distil
         if self.config.distillation.enabled == AUTO:
             self.from_data.add("distillation.enabled")
             self.config = self.config.with_distillation_for(self.task.classifies, self.task.positions)
-            if self.config.distillation.enabled:
+            if self.config.distillation.enabled and scores:  # (else off below, with the reason)
                 self._distil_by_fit(base, base_score, say)
-            else:
+            elif not self.config.distillation.enabled:
                 say(f"distillation from the base: off ({AUTO_RULE})")
+        if scores and self.config.distillation.enabled and self.task.loss_fn is not None and not self.own_loop:
+            alpha = self.config.distillation.alpha
+            say(f"distillation mixes your loss: (1 - {alpha:g}) x loss_fn + {alpha:g} x the distillation term of "
+                f"forward_fn's class scores, so the other outputs your loss trains (other heads) get {1 - alpha:g} of "
+                "their weight (distillation.alpha; distillation.enabled false trains with your loss alone)")
         quick = self.config.quick_eval
         scorer_distils = fine_tunes(quick.scorer) and quick.finetune_distill
-        classes = distillable(output) and not time_major(output, self.task.items)
-        if not (self.config.distillation.enabled or scorer_distils) or (classes and self.task.classifies is not False):
+        if not (self.config.distillation.enabled or scorer_distils) or scores:
             return
         asked = self.config.distillation.enabled and "distillation.enabled" not in self.from_data
         self.config = dataclasses.replace(
