@@ -2140,9 +2140,9 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
                                        val_loader=val, progress=False,
                                        config={**CONFIG, "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
     warned = [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()]
-    words = ("example_inputs has shape [1, 1, 16, 16] and train_loader's inputs [16, 1, 8, 8]: MACs, FLOPs and "
-             "latency are counted at the example's size; pass an example of the size the model will run at (e.g. "
-             "next(iter(train_loader))[0][:1])")
+    words = ("example_inputs has shape [1, 1, 16, 16] and the model's input on a batch of train_loader [16, 1, 8, 8]: "
+             "MACs, FLOPs and latency are counted at the example's size; pass an example of the size the model will "
+             "run at (e.g. one item of a training batch)")
     assert warned == [words, words] and words in result.final["warnings"] and words in result.summary()
     caplog.clear()
     with caplog.at_level("WARNING", logger="autocompress"):
@@ -2154,6 +2154,33 @@ def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
                            val_loader=val, dims=("filter",), admm=autocompress.admm.ADMMConfig(epochs=1),
                            retrain=autocompress.training.TrainConfig(epochs=0), progress=False)
     assert [r.getMessage() for r in caplog.records if "example_inputs has shape" in r.getMessage()] == [words]
+
+
+def test_an_example_of_another_size_than_a_custom_batchs_input_is_warned_about(caplog):
+    """Fresh users 83 and 84: batches of (images, side features, targets) or (images, labels, lengths) with a
+    forward_fn were not compared with the example (an 84-pixel-wide example for 140-pixel lines), only (inputs,
+    targets) pairs were. The model's own input on the first training batch is (its second argument here)."""
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 + 2, CLASSES)
+
+        def forward(self, image, side):
+            return self.fc(torch.cat([self.conv(image).mean((2, 3)), side], 1))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 2, generator=g),
+                torch.randint(0, CLASSES, (8,), generator=g)) for _ in range(3)]
+    task = Task(train_loader=batches, forward_fn=lambda m, b: m(b[0], b[1]), score_fn=weights_present,
+                loss_fn=lambda m, b: F.cross_entropy(m(b[0], b[1]), b[2]))
+    with caplog.at_level("WARNING", logger="autocompress"):
+        task.check(TwoInputs(), (torch.randn(1, 1, 8, 8), torch.randn(1, 2)), needs_training=True, needs_score=True)
+        assert not task.warnings
+        task.check(TwoInputs(), (torch.randn(1, 1, 12, 8), torch.randn(1, 2)), needs_training=True, needs_score=True)
+    assert task.warnings == [
+        "example_inputs has shape [1, 1, 12, 8] and the model's input on a batch of train_loader [8, 1, 8, 8] "
+        "(argument 1): MACs, FLOPs and latency are counted at the example's size; pass an example of the size the "
+        "model will run at (e.g. one item of a training batch)"]
 
 
 def test_compress_leaves_the_callers_generators_as_they_were():

@@ -243,6 +243,8 @@ class Task:
         items: set by :meth:`check`: how many items the model's first input held on the first training batch
             (its first positional tensor's axis 0), None when the forward passed it none; with the output's shape
             it tells a time-major output ``[T, N, classes]`` (:func:`~autocompress.distillation.time_major`).
+        input_shapes: set by :meth:`check`: the shapes of the model's positional arguments in its first call on the
+            first training batch (None for an argument that is no tensor), None when the forward did not call it.
         first_batch: set by :meth:`check`: the first training batch (on the device), on which
             :meth:`loss_runs` checks that a compact model still runs the loss; None before, or when the run does not
             train.
@@ -265,6 +267,7 @@ class Task:
     ignore_label: int | None = None
     unscored: str | None = None
     items: int | None = None
+    input_shapes: tuple | None = None
     first_batch: Batch | None = None
     inputs: int = 1
     warnings: list[str] = field(default_factory=list)
@@ -473,12 +476,12 @@ class Task:
             self.first_batch = first if needs_training else None
             _refuse_unbatched_example(first, example_inputs)
             _refuse_sequence_first(first, example_inputs)
-            for warning in (input_size_warning(first, example_inputs), small_batch_warning(first, model),
+            train_output = self._check_batch(model, first, "train_loader")
+            for warning in (input_size_warning(self.input_shapes, example_inputs), small_batch_warning(first, model),
                             shared_data_warning(self.train_loader, self.val_loader)):
                 if warning:
                     logging.getLogger("autocompress").warning(warning)
                     self.warnings.append(warning)
-            train_output = self._check_batch(model, first, "train_loader")
             default = self.default_form(first)
             targets = self.targets(first) if default else None
             scores = isinstance(train_output, torch.Tensor) and train_output.dim() >= 2
@@ -561,9 +564,9 @@ class Task:
             raise UserError(f"{name} yields {_batch_kind(batch, self.inputs + 1)}, not {form}",
                             "pass forward_fn(model, batch) and loss_fn(model, batch) (and score_fn(model)) "
                             f"saying how to run them{also}")
-        items: list[int] = []
-        handle = model.register_forward_pre_hook(lambda _module, args: items.extend(
-            len(arg) for arg in args[:1] if isinstance(arg, torch.Tensor) and arg.dim()))
+        calls: list[tuple] = []
+        handle = model.register_forward_pre_hook(lambda _module, args: calls.append(
+            tuple(tuple(arg.shape) if isinstance(arg, torch.Tensor) else None for arg in args)))
         try:
             with analysis_mode(model):
                 output = self.forward(model, batch)
@@ -573,7 +576,9 @@ class Task:
                             ) from None
         finally:
             handle.remove()
-        self.items = items[0] if items else None
+        self.input_shapes = calls[0] if calls else None
+        first = self.input_shapes[0] if self.input_shapes else None
+        self.items = first[0] if first else None
         nan = sum(int(torch.isnan(t).sum()) for t in output_tensors(output) if t.is_floating_point() or t.is_complex())
         if nan:
             raise UserError(f"the model's output on a first batch of {name} holds {nan} NaN values, before any "
@@ -629,19 +634,19 @@ def _refuse_unbatched_example(batch: Batch, example_inputs: tuple) -> None:
                         "pass a batch of one: example_inputs.unsqueeze(0) (e.g. next(iter(train_loader))[0][:1])")
 
 
-def input_size_warning(batch: Batch, example_inputs: tuple) -> str | None:
-    """The warning when a training ``batch``'s inputs differ in shape from ``example_inputs`` past the batch
-    dimension (32x32 images against a 64x64 example): parameters do not depend on it, but MACs, latency and the
-    compaction checks are measured at the example's size. None for batches that are not ``(tensor, targets)``
-    pairs or several example inputs."""
-    if not _is_pair(batch) or not isinstance(batch[0], torch.Tensor) or len(example_inputs) != 1:
-        return None
-    data, example = batch[0], example_inputs[0]
-    if data.shape[1:] == example.shape[1:]:
-        return None
-    return (f"example_inputs has shape {list(example.shape)} and train_loader's inputs {list(data.shape)}: "
-            f"MACs, FLOPs and latency are counted at the example's size; pass an example of the size the model "
-            f"will run at (e.g. next(iter(train_loader))[0][:1])")
+def input_size_warning(shapes: tuple | None, example_inputs: tuple) -> str | None:
+    """The warning when the model's inputs on a training batch (``shapes``: :attr:`Task.input_shapes`, whatever
+    form the batch has, fresh users 83 and 84) differ in shape from ``example_inputs`` past the batch dimension
+    (32x32 images against a 64x64 example): parameters do not depend on it, but MACs, latency and the compaction
+    checks are measured at the example's size. None when they agree or cannot be compared."""
+    for position, (example, shape) in enumerate(zip(example_inputs, shapes or ())):
+        if isinstance(example, torch.Tensor) and shape is not None and len(shape) == example.dim() \
+                and tuple(example.shape[1:]) != shape[1:]:
+            where = "" if len(example_inputs) == 1 else f" (argument {position + 1})"
+            return (f"example_inputs has shape {list(example.shape)} and the model's input on a batch of "
+                    f"train_loader {list(shape)}{where}: MACs, FLOPs and latency are counted at the example's size; "
+                    "pass an example of the size the model will run at (e.g. one item of a training batch)")
+    return None
 
 
 #: training batches of fewer items than this make a BatchNorm's batch statistics noisy
