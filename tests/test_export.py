@@ -515,8 +515,10 @@ def test_output_tensors_reads_every_output_form_that_flat_outputs_refuses():
                          (torch.distributions.Independent(normal, 1), [normal.loc, normal.scale])):
         got = output_tensors(output)
         assert len(got) == len(want) and all(x is y for x, y in zip(got, want))
-    with pytest.raises(UserError, match="returns a dict"):
+    with pytest.raises(UserError, match=r"returns a dict.*\(e\.g\. model\(x\)\['logits'\] for a dict\)$"):
         flat_outputs({"logits": a})
+    with pytest.raises(UserError, match=r"returns a Out.*\(e\.g\. model\(x\)\.logits for a dataclass"):
+        flat_outputs(Out(a))  # fresh user 84: the fix named dict indexing, which a dataclass does not take
 
 
 def test_a_dict_example_is_refused_naming_the_wrapper_that_takes_tensors(tmp_path):

@@ -175,9 +175,12 @@ def flat_outputs(output) -> list[torch.Tensor]:
     if leaves is None:
         what = (f"a {type(output).__name__}" if not isinstance(output, (tuple, list)) else
                 f"a {type(output).__name__} holding {type(_not_tensor(output)).__name__} values")
+        example = ("model(x)['logits'] for a dict" if isinstance(output, dict) else
+                   "model(x).logits for a dataclass or another object of attributes"
+                   if not isinstance(output, (tuple, list)) and hasattr(output, "__dict__") else
+                   "a tuple of the tensors it holds")
         raise UserError(f"the model returns {what}, which an exported graph cannot return (tensors, or tuples of "
-                        "them)", "export a wrapper module whose forward returns the tensors (e.g. "
-                        "model(x)['logits'] for a dict)")
+                        f"them)", f"export a wrapper module whose forward returns the tensors (e.g. {example})")
     return leaves
 
 
