@@ -47,6 +47,7 @@ import difflib
 import functools
 import logging
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
@@ -465,8 +466,10 @@ class PruningSpace:
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
-            groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs, train_only,
-                                   ignored, left_out or {})
+            with warnings.catch_warnings():  # its shape inference's own words, not the user's to act on
+                warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+                groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
+                                       train_only, ignored, left_out or {})
             groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
         sliced = {s.param for g in groups for s in g.slices}
         for name, module in own_layers.items():  # a ViT's class token and position embedding are sliced: not named
@@ -1263,6 +1266,10 @@ def _pin(pinned: dict[int, dict[int, object]], node, source, position: int, forw
             pinned.setdefault(id(dep), {})[position] = mapping
 
 
+#: what :func:`mapping_failure` says of a model with a recurrent layer torch-pruning cannot map (fresh user 83)
+RECURRENT_FOLLOWED = "only an nn.LSTM without proj_size is followed (the channels it reads), not a GRU or an RNN"
+
+
 def mapping_failure(exc: Exception, model: nn.Module, graph: tp.DependencyGraph) -> str:
     """Why torch-pruning could not enumerate a group, from the exception its group query raised, naming the layers
     with weights of their own that its graph lacks (it traces their ops one by one, e.g. a GRU's, and their channel
@@ -1272,6 +1279,9 @@ def mapping_failure(exc: Exception, model: nn.Module, graph: tp.DependencyGraph)
                   if name and module not in graph.module2node and any(True for _ in module.parameters(recurse=False))]
     if unfollowed:
         detail += f"; layers it does not follow: {', '.join(unfollowed[:3])}{', ...' if len(unfollowed) > 3 else ''}"
+    if any(isinstance(module, nn.RNNBase) and (type(module) is not nn.LSTM or module.proj_size)
+           for module in model.modules()):
+        detail += f"; of recurrent layers, {RECURRENT_FOLLOWED}"
     return f"torch-pruning cannot map its channels ({type(exc).__name__}{detail})"
 
 
