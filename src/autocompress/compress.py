@@ -45,7 +45,7 @@ from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
 from .quick_eval import QuickEvaluator, fine_tunes
-from .rounds import Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
+from .rounds import BASE_BN_WARNING, Budget, PhaseStore, Pipeline, RoundState, TrainFn, phase_seed
 from .runfolder import RunFolder, run_dir_path
 from .sampling import (FAR, ActionSampler, ActionUnit, Unreachable, guidance_weight, on_block, rates_dict, space_keeps,
                        units_from_space)
@@ -1270,12 +1270,15 @@ class Compression:
 
     def _base_batchnorm_warning(self) -> str | None:
         """A warning when the base's own BatchNorm statistics were replaced before the run
-        (:meth:`~autocompress.rounds.Pipeline.reestimate_base_batchnorm`): the base row is the re-estimated base."""
+        (:meth:`~autocompress.rounds.Pipeline.reestimate_base_batchnorm`) for a rise of its score above
+        :data:`~autocompress.rounds.BASE_BN_WARNING` x the score scale: the base row is the re-estimated base."""
         record = next((r for r in self.base_records if r.get("kept")), None)
         if record is None:
             return None
-        before, after = (self.pipeline.describe(self.pipeline.score_of(record, suffix))
-                         for suffix in ("_before", "_after"))
+        scores = [self.pipeline.score_of(record, suffix) for suffix in ("_before", "_after")]
+        if scores[1] - scores[0] <= BASE_BN_WARNING * self.pipeline.score_scale:
+            return None  # (the log said it was replaced)
+        before, after = map(self.pipeline.describe, scores)
         return (f"the base model's BatchNorm statistics did not fit its weights ({before} on them, {after} once "
                 f"re-estimated on {record['batches']} training batches): the run started from (and distilled from, "
                 "where it distils) the re-estimated base, and the base row is that model; check that the inputs "

@@ -62,6 +62,10 @@ BN_REESTIMATE_BATCHES = 50
 #: the base model's re-estimated BatchNorm statistics replace its own only when its validation score rises by more
 #: than this fraction of the score scale (top-1: one point), not on the noise of a well-trained base's score
 BASE_BN_GAIN = 0.01
+#: the rise (a fraction of the score scale) past which the final warnings say the base's statistics did not fit its
+#: weights: a rise of a point or two on a small validation set is noise, not a sign of an undertrained base (fresh
+#: user 83: 46.2 -> 47.0 on 500 items drew "train the base longer")
+BASE_BN_WARNING = 0.05
 
 
 def _training_batches(count: int) -> str:
