@@ -827,7 +827,8 @@ def test_a_base_with_stale_batchnorm_statistics_is_re_estimated_before_the_run(t
     again = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **args)  # the same run, resumed
     assert again.final["rows"] == result.final["rows"]
     if stale:  # a rise within BASE_BN_WARNING of the score scale replaces the statistics without the warning
-        monkeypatch.setattr(importlib.import_module("autocompress.compress"), "BASE_BN_WARNING", (event["val_top1_after"] - own) / 100 + 0.01)
+        rise = (event["val_top1_after"] - own) / 100
+        monkeypatch.setattr(importlib.import_module("autocompress.compress"), "BASE_BN_WARNING", rise + 0.01)
         quiet = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **{**args, "run_dir": None})
         assert quiet.final["rows"][0]["val_top1"] == base_row["val_top1"]
         assert not [w for w in quiet.final["warnings"] if "BatchNorm statistics did not fit" in w]
