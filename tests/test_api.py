@@ -2735,6 +2735,30 @@ def test_a_model_on_the_meta_device_is_refused_naming_the_fix(no_work):
         autocompress.prune(model, {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), progress=False)
 
 
+def test_weight_norm_is_named_where_it_keeps_layers_out(no_work):
+    """Fresh user 85's TCN: every conv under weight norm vanished from the pruning space without a word ("target 2x
+    is unreachable ... reaches only 1.07x", fixes that did not help), and the older weight_norm after a training
+    step failed in copy.deepcopy with torch's own error. Both now name weight norm and its removal."""
+    import warnings
+    from torch.nn.utils import parametrizations
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older form is deprecated
+        legacy = SmallCNN()
+        torch.nn.utils.weight_norm(legacy.conv2)
+    F.cross_entropy(legacy(torch.randn(4, 1, 8, 8)), torch.zeros(4, dtype=torch.long)).backward()  # a training step
+    refused(no_work, r"^conv2\.weight is a tensor its last forward computed with autograd history \(the older "
+            r"torch\.nn\.utils\.weight_norm .*; remove it before compressing, keeping the function: "
+            r"torch\.nn\.utils\.remove_weight_norm\(layer\)", model=legacy)
+    model = SmallCNN()
+    for conv in (model.conv1, model.conv2):
+        parametrizations.weight_norm(conv)
+    refused(no_work, r"^target 2x is unreachable: .* \(not filter-pruned: conv1 \(its weight is computed \(weight_norm, "
+            r"spectral_norm or another parametrization\), which pruning cannot narrow: remove it before compressing, "
+            r"keeping the function \(torch\.nn\.utils\.parametrize\.remove_parametrizations\(layer, 'weight'\)",
+            model=model, target="flops=2x")
+
+
 def embedding_net() -> nn.Module:
     """A 16-feature embedding of the 3-class images: every item's largest feature is the last, so its "top-1" on
     the class indices is 0 (a trained metric-learning embedding's features are not ranked by class)."""

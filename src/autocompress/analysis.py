@@ -216,7 +216,9 @@ def prunable_model(model: object, say: Callable[[str], None]) -> nn.Module:
     Raises:
         UserError: ``model`` is not an ``nn.Module`` (a state dict), is TorchScript (``torch.jit.script`` / ``trace``:
             its layers cannot be replaced), or has its parameters or buffers on the meta device (shapes without
-            values: built under ``torch.device("meta")`` and not loaded), which nothing can copy, run or prune.
+            values: built under ``torch.device("meta")`` and not loaded), which nothing can copy, run or prune, or a
+            module holds a tensor with autograd history (the older ``weight_norm`` after a training step), which
+            ``copy.deepcopy`` refuses.
     """
     if not isinstance(model, nn.Module):
         raise UserError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass the nn.Module")
@@ -230,6 +232,14 @@ def prunable_model(model: object, say: Callable[[str], None]) -> nn.Module:
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise UserError("the model's parameters are on the meta device (shapes without values)",
                         "load its weights first: model.to_empty(device='cpu'), then model.load_state_dict(...)")
+    computed = next((f"{name}.{attr}" if name else attr for name, module in model.named_modules()
+                     for attr, value in vars(module).items()
+                     if isinstance(value, torch.Tensor) and value.grad_fn is not None), None)
+    if computed is not None:  # copy.deepcopy refuses such a tensor (a raw RuntimeError, fresh user 85)
+        raise UserError(f"{computed} is a tensor its last forward computed with autograd history (the older "
+                        "torch.nn.utils.weight_norm or spectral_norm keeps the weight so), which cannot be copied "
+                        "and a computed weight cannot be pruned", "remove it before compressing, keeping the "
+                        "function: torch.nn.utils.remove_weight_norm(layer) (or remove_spectral_norm)")
     return model
 
 

@@ -455,7 +455,9 @@ class PruningSpace:
         own_layers = {}
         for module, name in names.items():
             if not is_weight_layer(module):
-                if _own_weight_layer(module):
+                if _computed_weight(module):
+                    _exclude(excluded, name, COMPUTED_WEIGHT)
+                elif _own_weight_layer(module):
                     own_layers[name] = module
                 continue
             reason = _layer_problem(module, name, ignored, own_macs, module in train_only, attention, shared)
@@ -547,12 +549,12 @@ class PruningSpace:
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
-        layers, groups the compact model breaks without, channels torch-pruning cannot map, ...; not the layers
+        layers, layers of a computed weight (weight norm), groups the compact model breaks without, channels torch-pruning cannot map, ...; not the layers
         whose channels are model outputs (the classifier, never pruned anywhere)."""
         left = {}
         for name, reasons in self.exclusions.items():
             why = [r.removeprefix(FILTER_PRUNING) for r in reasons
-                   if r == IGNORED or r.startswith(FILTER_PRUNING) and r != MODEL_OUTPUTS]
+                   if r in (IGNORED, COMPUTED_WEIGHT) or r.startswith(FILTER_PRUNING) and r != MODEL_OUTPUTS]
             if name and why:
                 left[name] = why[0]
         return left
@@ -859,6 +861,22 @@ def is_weight_layer(module: nn.Module) -> bool:
     """A Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with a weight Parameter."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
         getattr(module, "weight", None), nn.Parameter)
+
+
+#: why a Conv / Linear whose weight is computed from other parameters is left out (fresh user 85's TCN: every conv
+#: under weight_norm vanished from the space without a word, and the target was "unreachable")
+COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or another parametrization), which pruning "
+                   "cannot narrow: remove it before compressing, keeping the function (torch.nn.utils.parametrize."
+                   "remove_parametrizations(layer, 'weight'), or torch.nn.utils.remove_weight_norm / "
+                   "remove_spectral_norm for their older form)")
+
+
+def _computed_weight(module: nn.Module) -> bool:
+    """A Conv / Linear whose ``weight`` is a tensor but no Parameter: computed by a parametrization
+    (``torch.nn.utils.parametrizations.weight_norm``) or a forward pre-hook (the older ``weight_norm``)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(weight, torch.Tensor) \
+        and not isinstance(weight, nn.Parameter)
 
 
 def is_transposed(module: nn.Module) -> bool:
