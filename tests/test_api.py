@@ -2725,6 +2725,14 @@ def test_a_params_target_the_compact_model_misses_is_refused_with_the_trained_mo
     assert (tmp_path / "run" / "model.pt").exists() and reached < 2
 
 
+def test_an_example_of_nan_values_is_refused_naming_the_example(no_work):
+    """Fresh user 85: a NaN example was refused as "the model computes NaN ... make the forward finite"."""
+    example = torch.randn(1, 1, 8, 8)
+    example[0, 0, 3, 3] = float("nan")
+    refused(no_work, r"^example_inputs of compress hold 1 NaN or infinite values \(the model is traced and checked on "
+            r"them\); pass finite inputs", example=example)
+
+
 def test_a_model_on_the_meta_device_is_refused_naming_the_fix(no_work):
     """Fresh user 59: a model built under ``torch.device("meta")`` got torch's "Cannot copy out of meta tensor"."""
     with torch.device("meta"):

@@ -249,7 +249,8 @@ def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tup
 
     Raises:
         UserError: not a tensor or a non-empty tuple / list of tensors with a batch axis, or tensors of different
-            sizes on axis 0 (a sequence-first ``[L, B]`` tensor next to a ``[B, L]`` mask).
+            sizes on axis 0 (a sequence-first ``[L, B]`` tensor next to a ``[B, L]`` mask), or NaN / infinite values
+            (fresh user 85: the refusal blamed the forward).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(inputs, (tuple, list)) or not inputs or not all(
@@ -264,6 +265,9 @@ def example_tuple(example_inputs: torch.Tensor | tuple | list, what: str) -> tup
     if len({t.shape[0] for t in inputs}) > 1:
         raise UserError(f"example_inputs of {what} {[list(t.shape) for t in inputs]} have different batch sizes "
                         "(axis 0)", BATCH_FIRST)
+    if (bad := sum(int((~torch.isfinite(t)).sum()) for t in inputs if t.is_floating_point())):
+        raise UserError(f"example_inputs of {what} hold {bad} NaN or infinite values (the model is traced and "
+                        "checked on them)", "pass finite inputs, e.g. one item of a training batch")
     return tuple(t.detach() for t in inputs)
 
 
