@@ -1391,6 +1391,11 @@ def test_batches_of_several_inputs_are_refused_naming_where_the_targets_are(no_w
     refused(no_work, r"list batches of 3 items, not \(inputs, targets\) tensor pairs; pass forward_fn.* or "
             r"example_inputs as a tuple of the batch's first 2 tensors when the model takes them all",
             train_loader=triples)
+    # with loss_fn and score_fn given (fresh user 83: images, labels, lengths), the fix asks for forward_fn alone
+    refused(no_work, r"list batches of 3 items, not \(inputs, targets\) tensor pairs; pass forward_fn\(model, batch\) "
+            r"-> the model's output too: besides your loss, the run calls the model on training batches itself "
+            r"\(BatchNorm re-estimation, distillation\)$", train_loader=triples, score_fn=weights_present,
+            loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[2]))
     two = (torch.randn(1, 1, 8, 8), torch.ones(1, 1))
     refused(no_work, r"yields list batches of 2 items, not tuples of 2 input tensors and the targets", model=Scaled(),
             example=two)

@@ -560,10 +560,12 @@ class Task:
             several = isinstance(batch, (tuple, list)) and len(batch) > 2 and self.inputs == 1 \
                 and all(isinstance(item, torch.Tensor) for item in batch)
             also = (f", or example_inputs as a tuple of the batch's first {len(batch) - 1} tensors when the model "
-                    "takes them all and the last is the targets") if several else ""
-            raise UserError(f"{name} yields {_batch_kind(batch, self.inputs + 1)}, not {form}",
-                            "pass forward_fn(model, batch) and loss_fn(model, batch) (and score_fn(model)) "
-                            f"saying how to run them{also}")
+                    "takes them all and the last is the targets") if several and self.loss_fn is None else ""
+            fix = ("pass forward_fn(model, batch) -> the model's output too: besides your loss, the run calls the "
+                   "model on training batches itself (BatchNorm re-estimation, distillation)" if self.loss_fn else
+                   f"pass forward_fn(model, batch) and loss_fn(model, batch) (and score_fn(model)) saying how to run "
+                   f"them{also}")
+            raise UserError(f"{name} yields {_batch_kind(batch, self.inputs + 1)}, not {form}", fix)
         calls: list[tuple] = []
         handle = model.register_forward_pre_hook(lambda _module, args: calls.append(
             tuple(tuple(arg.shape) if isinstance(arg, torch.Tensor) else None for arg in args)))
