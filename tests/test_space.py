@@ -18,7 +18,8 @@ from autocompress.errors import SettingError, UserError
 from autocompress.masks import Masks, apply_masks
 from autocompress.models import create_model
 from autocompress.projection import project
-from autocompress.space import FUSED_ATTENTION, PruningSpace, ignored_modules, ignored_summary, keep_count
+from autocompress.space import (FUSED_ATTENTION, RECURRENT_FOLLOWED, PruningSpace, ignored_modules, ignored_summary,
+                                keep_count)
 from autocompress.compaction import compact
 from autocompress.metrics import count_macs
 
@@ -601,7 +602,7 @@ def test_a_group_torch_pruning_cannot_map_names_the_layers_its_graph_does_not_fo
     (IndexError)", naming no layer; torch-pruning traces a GRU op by op, not as a layer."""
     space = PruningSpace.build(Recurrent(), (torch.randn(2, 3, 10),))
     assert space.excluded["b"] == ("filter pruning: torch-pruning cannot map its channels (IndexError; layers it "
-                                   "does not follow: GRU gru)")
+                                   f"does not follow: GRU gru; of recurrent layers, {RECURRENT_FOLLOWED})")
 
 
 def test_grouped_conv_ties_each_channel_to_the_same_position_of_the_other_conv_group():

@@ -178,7 +178,7 @@ def flat_outputs(output) -> list[torch.Tensor]:
         example = ("model(x)['logits'] for a dict" if isinstance(output, dict) else
                    "model(x).logits for a dataclass or another object of attributes"
                    if not isinstance(output, (tuple, list)) and hasattr(output, "__dict__") else
-                   "a tuple of the tensors it holds")
+                   "model(x)[0], the tuple's tensors without its other items")
         raise UserError(f"the model returns {what}, which an exported graph cannot return (tensors, or tuples of "
                         f"them)", f"export a wrapper module whose forward returns the tensors (e.g. {example})")
     return leaves
