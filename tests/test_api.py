@@ -2919,3 +2919,23 @@ def test_a_head_only_the_loss_calls_keeps_the_channels_it_reads():
                TRAINING_BREAKS in line and "never calls: aux" in line for line in lines)
     assert result.model.conv2.out_channels == 16 and result.model.conv1.out_channels < 8
     assert result.model(torch.randn(2, 1, 8, 8), aux=True)[1].shape == (2, 2)
+
+
+def test_a_loss_that_takes_gradients_itself_passes_the_compaction_probe():
+    """The compaction probe runs the loss on a training batch (a head only the loss calls): a loss that takes
+    gradients itself (a gradient penalty on the inputs) must not read as a model that breaks once channels go,
+    which would leave every group out."""
+    train, val = loaders()
+
+    def penalised(model, batch):
+        x = batch[0].clone().requires_grad_(True)
+        logits = model(x)
+        grad, = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        return F.cross_entropy(logits, batch[1]) + 0.01 * grad.pow(2).mean()
+
+    with seeded(0):
+        model = SmallCNN()
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=1.5x", train_loader=train,
+                                   val_loader=val, loss_fn=penalised, config={**CONFIG, "channel_multiple": 1},
+                                   device="cpu", progress=False)
+    assert result.model.conv1.out_channels < 8 or result.model.conv2.out_channels < 8

@@ -283,8 +283,10 @@ class Task:
         """Run the loss of ``model`` on :attr:`first_batch` (the caller sets the mode: the compaction probes run it
         in analysis mode), raising what it raises: a compact model must run the branches the training forward
         takes, which the example inputs' forward may not (a head called only with a keyword argument, fresh user
-        84: its input channels were pruned from under it and the run failed after training)."""
-        self.loss(model, self.first_batch)
+        84: its input channels were pruned from under it and the run failed after training). With gradients on, as
+        :meth:`check` ran it on the base (a loss may take gradients itself: a gradient penalty)."""
+        with torch.enable_grad():
+            self.loss(model, self.first_batch)
 
     def default_form(self, batch: Batch) -> bool:
         """Whether ``batch`` is what the default functions take: a tuple / list of :attr:`inputs` tensors and
