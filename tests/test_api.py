@@ -2917,8 +2917,14 @@ def test_a_head_only_the_loss_calls_keeps_the_channels_it_reads():
                                    log=lines.append)
     assert any(line.startswith("not filter-pruned: conv2 and the layers coupled to it keep their channels") and
                TRAINING_BREAKS in line and "never calls: aux" in line for line in lines)
+    assert not any(line.startswith("filter-pruned by heads") for line in lines), lines  # (fresh user 86)
     assert result.model.conv2.out_channels == 16 and result.model.conv1.out_channels < 8
     assert result.model(torch.randn(2, 1, 8, 8), aux=True)[1].shape == (2, 2)
+    # prune() without training (the caller trains afterwards, with that loss; fresh user 86): the same
+    pruned = autocompress.prune(model, {"default": 0.5}, example_inputs=torch.randn(1, 1, 8, 8), train_loader=train,
+                                loss_fn=loss, dims=("filter",), admm=autocompress.admm.ADMMConfig(epochs=0),
+                                retrain=autocompress.training.TrainConfig(epochs=0), progress=False)
+    assert pruned.model.conv2.out_channels == 16 and pruned.model(torch.randn(2, 1, 8, 8), aux=True)[1].shape == (2, 2)
 
 
 def test_a_loss_that_takes_gradients_itself_passes_the_compaction_probe():

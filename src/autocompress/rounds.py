@@ -474,7 +474,9 @@ class Pipeline:
             failing, error = self._breaking(model, space, narrower) if narrower else ({}, None)
             if not failing:
                 return self._compactable_columns(model, space)
-            headed = self._find_heads(model, space, failing)
+            # heads cannot mend a group a head only the loss calls reads (fresh user 86: "2 heads" claimed)
+            headed = self._find_heads(model, space, {name: why for name, why in failing.items()
+                                                     if not why.startswith(TRAINING_BREAKS)})
             reads = self._read_outside(model, space, failing)
             if error is not None and not headed and len(failing) == len(narrower) and "filter" in self.config.kinds:
                 if not reads:

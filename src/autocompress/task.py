@@ -247,7 +247,7 @@ class Task:
             first training batch (None for an argument that is no tensor), None when the forward did not call it.
         first_batch: set by :meth:`check`: the first training batch (on the device), on which
             :meth:`loss_runs` checks that a compact model still runs the loss; None before, or when the run does not
-            train.
+            train and has no ``loss_fn`` that runs on it.
         inputs: set by :meth:`check`: how many tensors of ``example_inputs`` the model takes, so how many of a
             default batch's items are the forward's arguments before its targets (1: ``(inputs, targets)``).
         warnings: set by :meth:`check`: what it warned about on the ``autocompress`` logger (an example input of
@@ -278,6 +278,20 @@ class Task:
         if self.forward_fn is not None:
             return self.forward_fn(model, batch)
         return model(*batch[:self.inputs])
+
+    def _untrained_loss_batch(self, model: nn.Module) -> Batch | None:
+        """The first training batch when a run that does not train (``prune`` without ADMM or retraining) has a
+        caller's ``loss_fn`` that runs on it: the caller trains with it afterwards, so the compact model must run it
+        too (fresh user 86: a head only that loss calls was cut from under it). None otherwise."""
+        if self.loss_fn is None or self.train_loader is None:
+            return None
+        try:
+            batch = self._first(self.train_loader, "train_loader")
+            with analysis_mode(model), torch.enable_grad():
+                self.loss(model, batch)
+        except Exception:  # noqa: BLE001 - not this check's to refuse: the run does not train with it
+            return None
+        return batch
 
     def loss_runs(self, model: nn.Module) -> None:
         """Run the loss of ``model`` on :attr:`first_batch` (the caller sets the mode: the compaction probes run it
@@ -535,6 +549,8 @@ class Task:
                                   or _unscored_problem(output, unscored_classes(output, targets)), "val_loader",
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
                                   f"minus the validation loss, or PSNR){items}")
+        if not needs_training:
+            self.first_batch = self._untrained_loss_batch(model)
         return train_output
 
     def _first(self, loader: Iterable, name: str) -> Batch:
