@@ -2768,7 +2768,8 @@ def test_weight_norm_is_named_where_it_keeps_layers_out(no_work):
         parametrizations.weight_norm(conv)
     refused(no_work, r"^target 2x is unreachable: .* \(not filter-pruned: conv1 \(its weight is computed "
             r"\(weight_norm, spectral_norm or another parametrization\), which pruning cannot narrow: remove it "
-            r"before compressing, keeping the function \(torch\.nn\.utils\.parametrize\.remove_parametrizations\(layer, 'weight'\)",
+            r"before compressing, keeping the function "
+            r"\(torch\.nn\.utils\.parametrize\.remove_parametrizations\(layer, 'weight'\)",
             model=model, target="flops=2x")
 
 
