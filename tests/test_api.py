@@ -2946,3 +2946,24 @@ def test_a_loss_that_takes_gradients_itself_passes_the_compaction_probe():
                                    val_loader=val, loss_fn=penalised, config={**CONFIG, "channel_multiple": 1},
                                    device="cpu", progress=False)
     assert result.model.conv1.out_channels < 8 or result.model.conv2.out_channels < 8
+
+
+def test_an_unreachable_target_names_the_recurrent_weights_no_unit_prunes():
+    """Fresh user 86: on a conv + LSTM model only the channels the LSTM reads can go, its recurrent weights stay (93 %
+    of the parameters here), and the refusal of params=3x named nothing of it. It names the LSTM and its share."""
+    class ConvLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.rnn, self.fc = nn.Conv1d(4, 6, 3, padding=1), nn.LSTM(6, 16), nn.Linear(16, CLASSES)
+
+        def forward(self, x):  # [N, 4, T] -> [N, classes]
+            return self.fc(self.rnn(torch.relu(self.conv(x)).permute(2, 0, 1))[0][-1])
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(48, 4, 7, generator=g), torch.randint(0, CLASSES, (48,), generator=g)),
+                      batch_size=16)
+    model = ConvLSTM()
+    own = sum(p.numel() for p in model.rnn.parameters()) / sum(p.numel() for p in model.parameters())
+    with pytest.raises(autocompress.Unreachable, match=rf"\(kept whole: rnn \(LSTM, {own:.0%} of the parameters\)"):
+        autocompress.compress(model, torch.randn(1, 4, 7), "params=3x", train_loader=data, score_fn=weights_present,
+                              config=CONFIG, progress=False)

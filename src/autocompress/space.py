@@ -362,12 +362,16 @@ class PruningSpace:
         total: :class:`Counts` of the unpruned model.
         channel_multiple: every filter group keeps an allowed width at this multiple
             (:mod:`autocompress.alignment`; 1 = any width).
+        whole: module name -> (type name, :class:`Counts` of its own) of the modules with weight matrices of their
+            own that no unit prunes (an ``nn.LSTM``'s recurrent weights, a GRU, an attention's fused projections):
+            what an unreachable target's refusal names when they hold much of the model.
     """
 
     def __init__(self, *, filter_groups: Sequence[FilterGroup], column_layers: Sequence[ColumnLayer],
                  irregular_layers: Sequence[IrregularLayer], excluded: Mapping[str, Sequence[str]],
                  dims: Sequence[str], max_rate: float, param_shapes: Mapping[str, torch.Size],
-                 layer_macs: Mapping[str, tuple[str, int]], total: Counts, channel_multiple: int = 1):
+                 layer_macs: Mapping[str, tuple[str, int]], total: Counts, channel_multiple: int = 1,
+                 whole: Mapping[str, tuple[str, Counts]] | None = None):
         self.filter_groups = list(filter_groups)
         self.column_layers = list(column_layers)
         self.irregular_layers = list(irregular_layers)
@@ -378,6 +382,7 @@ class PruningSpace:
         self.layer_macs = dict(layer_macs)
         self.total = total
         self.channel_multiple = int(channel_multiple)
+        self.whole = dict(whole or {})
         self._units = {"filter": {u.name: u for u in self.filter_groups},
                        "column": {u.name: u for u in self.column_layers},
                        "irregular": {u.name: u for u in self.irregular_layers}}
@@ -487,9 +492,14 @@ class PruningSpace:
                                     size=m.weight.numel(), params=m.weight.numel(), macs=layer_macs[n][1])
                      for n, m in candidates.items()] if "irregular" in dims else []
         shapes = {n: p.shape for n, p in model.named_parameters()}
+        modules = dict(model.named_modules())
+        whole = {r.name: (r.type, Counts(params=r.params, macs=r.macs)) for r in rows if r.name and r.params
+                 and not is_weight_layer(modules[r.name]) and any(p.dim() >= 2 for p in
+                                                                  modules[r.name].parameters(recurse=False))}
         return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
-                   param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple)
+                   param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple,
+                   whole=whole)
 
     @property
     def excluded(self) -> dict[str, str]:
@@ -549,8 +559,9 @@ class PruningSpace:
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
-        layers, layers of a computed weight (weight norm), groups the compact model breaks without, channels torch-pruning cannot map, ...; not the layers
-        whose channels are model outputs (the classifier, never pruned anywhere)."""
+        layers, layers of a computed weight (weight norm), groups the compact model breaks without, channels
+        torch-pruning cannot map, ...; not the layers whose channels are model outputs (the classifier, never pruned
+        anywhere)."""
         left = {}
         for name, reasons in self.exclusions.items():
             why = [r.removeprefix(FILTER_PRUNING) for r in reasons
