@@ -568,9 +568,9 @@ class Task:
         return f"batch[{self.inputs}]"
 
     def _check_batch(self, model: nn.Module, batch: Batch, name: str) -> Any:
-        """The model's output on ``batch`` (analysis mode), and :attr:`items` read from the model's first call;
-        UserError naming ``name`` when the batch is not in the form the default functions can run
-        (:meth:`default_form`), or the forward fails."""
+        """The model's output on ``batch`` (analysis mode), and :attr:`input_shapes` / :attr:`items` read from the
+        model's first call; UserError naming ``name`` when the batch is not in the form the default functions can
+        run (:meth:`default_form`), or the forward fails."""
         needs_default = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
         if needs_default and not self.default_form(batch):
             form = "(inputs, targets) tensor pairs" if self.inputs == 1 else \
