@@ -485,7 +485,8 @@ class Compression:
         would mix the batch's items), or when the batch's targets say it regresses (``Task.classifies`` False:
         a softmax over a regressor's values means nothing). The settings stored for the run (``config.yaml``) say
         it is off."""
-        classes = distillable(output) and not time_major(output, self.task.items)
+        time_axis = time_major(output, self.task.items)
+        classes = distillable(output) and not time_axis
         scores = classes and self.task.classifies is not False  # class scores to distil
         if self.config.distillation.enabled == AUTO:
             self.from_data.add("distillation.enabled")
@@ -509,7 +510,7 @@ class Compression:
             quick_eval=dataclasses.replace(quick, finetune_distill=False))
         targets = f"training targets (batch[{self.task.inputs}])"
         why = (f"its batch of {self.task.items} items on axis 1 ([T, N, classes]), not class scores [B, classes, ...]"
-               if time_major(output, self.task.items) else
+               if time_axis else
                "not class scores [B, classes >= 2, ...]" if not classes else
                f"whose {targets} hold {self.task.ignore_label} besides its class indices (an ignore label)"
                if self.task.ignore_label is not None else
@@ -518,7 +519,7 @@ class Compression:
                f"whose {targets} are not class indices or probabilities for it (a regression, or several labels "
                "an item: multi-hot targets)")
         fix = ("pass forward_fn returning them batch first to distil: output.permute(1, 2, 0) gives [N, classes, T]"
-               if time_major(output, self.task.items) else
+               if time_axis else
                "pass forward_fn returning class scores to distil" if not classes else
                "distillation compares one softmax over the classes, which an embedding's features are not"
                if self.task.unscored else

@@ -492,14 +492,10 @@ class PruningSpace:
                                     size=m.weight.numel(), params=m.weight.numel(), macs=layer_macs[n][1])
                      for n, m in candidates.items()] if "irregular" in dims else []
         shapes = {n: p.shape for n, p in model.named_parameters()}
-        modules = dict(model.named_modules())
-        whole = {r.name: (r.type, Counts(params=r.params, macs=r.macs)) for r in rows if r.name and r.params
-                 and not is_weight_layer(modules[r.name]) and any(p.dim() >= 2 for p in
-                                                                  modules[r.name].parameters(recurse=False))}
         return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple,
-                   whole=whole)
+                   whole=_whole_modules(model, rows))
 
     @property
     def excluded(self) -> dict[str, str]:
@@ -880,6 +876,15 @@ COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or anothe
                    "cannot narrow: remove it before compressing, keeping the function (torch.nn.utils.parametrize."
                    "remove_parametrizations(layer, 'weight'), or torch.nn.utils.remove_weight_norm / "
                    "remove_spectral_norm for their older form)")
+
+
+def _whole_modules(model: nn.Module, rows) -> dict[str, tuple[str, Counts]]:
+    """:attr:`PruningSpace.whole` from ``model``'s layer table ``rows`` (:func:`autocompress.metrics.layer_table`):
+    the modules other than Conv / Linear that own a weight matrix, with their type and own parameters and MACs."""
+    modules = dict(model.named_modules())
+    return {r.name: (r.type, Counts(params=r.params, macs=r.macs)) for r in rows
+            if r.name and not is_weight_layer(modules[r.name])
+            and any(p.dim() >= 2 for p in modules[r.name].parameters(recurse=False))}
 
 
 def _computed_weight(module: nn.Module) -> bool:
@@ -1565,8 +1570,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
                    // model.get_parameter(s.param).numel() for s in slices if s.role in ("weight", "input"))
         groups.append(FilterGroup(name=name, size=size, slices=tuple(slices), params=params, macs=macs,
                                   ties=ties))
-    modules = dict(model.named_modules())  # (an LSTM's input weights in layer_macs are no modules)
-    unreached = {name: modules[name] for name, (_, macs) in layer_macs.items()
+    unreached = {name: modules[name] for name, (_, macs) in layer_macs.items()  # (an LSTM's weights are no modules)
                  if macs == 0 and name in modules and modules[name] not in train_only}
     return _functionally_read(model, inputs, _verified(model, inputs, groups, excluded), excluded, unreached)
 

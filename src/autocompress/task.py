@@ -240,9 +240,6 @@ class Task:
         unscored: set by :meth:`check`: why the forward's output on the first training batch, shaped like class
             scores for its class-index targets, does not score them (:func:`unscored_classes`: an embedding's
             features), else None; ``classifies`` is then False.
-        items: set by :meth:`check`: how many items the model's first input held on the first training batch
-            (its first positional tensor's axis 0), None when the forward passed it none; with the output's shape
-            it tells a time-major output ``[T, N, classes]`` (:func:`~autocompress.distillation.time_major`).
         input_shapes: set by :meth:`check`: the shapes of the model's positional arguments in its first call on the
             first training batch (None for an argument that is no tensor), None when the forward did not call it.
         first_batch: set by :meth:`check`: the first training batch (on the device), on which
@@ -266,7 +263,6 @@ class Task:
     positions: bool = False
     ignore_label: int | None = None
     unscored: str | None = None
-    items: int | None = None
     input_shapes: tuple | None = None
     first_batch: Batch | None = None
     inputs: int = 1
@@ -279,28 +275,38 @@ class Task:
             return self.forward_fn(model, batch)
         return model(*batch[:self.inputs])
 
-    def _untrained_loss_batch(self, model: nn.Module) -> Batch | None:
-        """The first training batch when a run that does not train (``prune`` without ADMM or retraining) has a
-        caller's ``loss_fn`` that runs on it: the caller trains with it afterwards, so the compact model must run it
-        too (fresh user 86: a head only that loss calls was cut from under it). None otherwise."""
+    @property
+    def items(self) -> int | None:
+        """How many items the model's first input held on the first training batch (axis 0 of its first positional
+        tensor, :attr:`input_shapes`), None when the forward passed it none: with the output's shape it tells a
+        time-major output ``[T, N, classes]`` (:func:`~autocompress.distillation.time_major`)."""
+        first = self.input_shapes[0] if self.input_shapes else None
+        return first[0] if first else None
+
+    def _untrained_loss_batch(self, model: nn.Module, first: Batch | None) -> Batch | None:
+        """The first training batch (``first`` when :meth:`check` read it already) when a run that does not train
+        (``prune`` without ADMM or retraining) has a caller's ``loss_fn`` that runs on it: the caller trains with it
+        afterwards, so the compact model must run it too (fresh user 86: a head only that loss calls was cut from
+        under it). None otherwise."""
         if self.loss_fn is None or self.train_loader is None:
             return None
         try:
-            batch = self._first(self.train_loader, "train_loader")
-            with analysis_mode(model), torch.enable_grad():
-                self.loss(model, batch)
+            batch = first if first is not None else self._first(self.train_loader, "train_loader")
+            with analysis_mode(model):
+                self.loss_runs(model, batch)
         except Exception:  # noqa: BLE001 - not this check's to refuse: the run does not train with it
             return None
         return batch
 
-    def loss_runs(self, model: nn.Module) -> None:
-        """Run the loss of ``model`` on :attr:`first_batch` (the caller sets the mode: the compaction probes run it
-        in analysis mode), raising what it raises: a compact model must run the branches the training forward
-        takes, which the example inputs' forward may not (a head called only with a keyword argument, fresh user
-        84: its input channels were pruned from under it and the run failed after training). With gradients on, as
-        :meth:`check` ran it on the base (a loss may take gradients itself: a gradient penalty)."""
+    def loss_runs(self, model: nn.Module, batch: Batch | None = None) -> None:
+        """Run the loss of ``model`` on ``batch`` (default :attr:`first_batch`; the caller sets the mode: the
+        compaction probes run it in analysis mode), raising what it raises: a compact model must run the branches
+        the training forward takes, which the example inputs' forward may not (a head called only with a keyword
+        argument, fresh user 84: its input channels were pruned from under it and the run failed after training).
+        With gradients on, as :meth:`check` ran it on the base (a loss may take gradients itself: a gradient
+        penalty)."""
         with torch.enable_grad():
-            self.loss(model, self.first_batch)
+            self.loss(model, self.first_batch if batch is None else batch)
 
     def default_form(self, batch: Batch) -> bool:
         """Whether ``batch`` is what the default functions take: a tuple / list of :attr:`inputs` tensors and
@@ -486,7 +492,7 @@ class Task:
                                 "epochs x batches)", "pass a loader with a length, or your own train_fn") from None
         if needs_training:
             refuse_single_item_batch(self.train_loader, model, example_inputs)
-        train_output = None
+        train_output = first = None
         if needs_training or (needs_score and self.score_fn is None):
             first = self._first(self.train_loader, "train_loader")
             self.first_batch = first if needs_training else None
@@ -550,7 +556,7 @@ class Task:
                                   "the default score (top-1)", "pass score_fn(model) -> float, higher is better (e.g. "
                                   f"minus the validation loss, or PSNR){items}")
         if not needs_training:
-            self.first_batch = self._untrained_loss_batch(model)
+            self.first_batch = self._untrained_loss_batch(model, first)
         return train_output
 
     def _first(self, loader: Iterable, name: str) -> Batch:
@@ -568,9 +574,9 @@ class Task:
         return f"batch[{self.inputs}]"
 
     def _check_batch(self, model: nn.Module, batch: Batch, name: str) -> Any:
-        """The model's output on ``batch`` (analysis mode), and :attr:`input_shapes` / :attr:`items` read from the
-        model's first call; UserError naming ``name`` when the batch is not in the form the default functions can
-        run (:meth:`default_form`), or the forward fails."""
+        """The model's output on ``batch`` (analysis mode), and :attr:`input_shapes` read from the model's first
+        call; UserError naming ``name`` when the batch is not in the form the default functions can run
+        (:meth:`default_form`), or the forward fails."""
         needs_default = (self.forward_fn is None) or (self.loss_fn is None and self.score_fn is None)
         if needs_default and not self.default_form(batch):
             form = "(inputs, targets) tensor pairs" if self.inputs == 1 else \
@@ -597,8 +603,6 @@ class Task:
         finally:
             handle.remove()
         self.input_shapes = calls[0] if calls else None
-        first = self.input_shapes[0] if self.input_shapes else None
-        self.items = first[0] if first else None
         nan = sum(int(torch.isnan(t).sum()) for t in output_tensors(output) if t.is_floating_point() or t.is_complex())
         if nan:
             raise UserError(f"the model's output on a first batch of {name} holds {nan} NaN values, before any "
