@@ -298,15 +298,14 @@ class Task:
             return None
         return batch
 
-    def loss_runs(self, model: nn.Module, batch: Batch | None = None) -> None:
-        """Run the loss of ``model`` on ``batch`` (default :attr:`first_batch`; the caller sets the mode: the
-        compaction probes run it in analysis mode), raising what it raises: a compact model must run the branches
-        the training forward takes, which the example inputs' forward may not (a head called only with a keyword
-        argument, fresh user 84: its input channels were pruned from under it and the run failed after training).
-        With gradients on, as :meth:`check` ran it on the base (a loss may take gradients itself: a gradient
-        penalty)."""
+    def loss_runs(self, model: nn.Module, batch: Batch | None = None) -> torch.Tensor:
+        """The loss of ``model`` on ``batch`` (default :attr:`first_batch`; the caller sets the mode: :meth:`check`
+        and the compaction probes run it in analysis mode), with gradients on (a loss may take gradients itself: a
+        gradient penalty), raising what it raises: a compact model must run the branches the training forward
+        takes, which the example inputs' forward may not (a head called only with a keyword argument, fresh user
+        84: its input channels were pruned from under it and the run failed after training)."""
         with torch.enable_grad():
-            self.loss(model, self.first_batch if batch is None else batch)
+            return self.loss(model, self.first_batch if batch is None else batch)[0]
 
     def default_form(self, batch: Batch) -> bool:
         """Whether ``batch`` is what the default functions take: a tuple / list of :attr:`inputs` tensors and
@@ -527,8 +526,8 @@ class Task:
                     "targets)"))
             if needs_training:
                 try:
-                    with analysis_mode(model), torch.enable_grad():  # eval mode: BatchNorm statistics stay
-                        loss = self.loss(model, first)[0]
+                    with analysis_mode(model):  # eval mode: BatchNorm statistics stay
+                        loss = self.loss_runs(model, first)
                 except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
                     fix = ("loss_fn is called as loss_fn(model, batch) with a batch of train_loader and returns a "
                            "scalar tensor: check it on one batch" if self.loss_fn is not None else
