@@ -159,7 +159,7 @@ def test_closed_stdout_exits_quietly(tmp_path):
 
 
 def test_the_slower_hint_suggests_a_channel_multiple_only_for_unaligned_widths():
-    """A fresh user's compact model (channel multiple auto: 16) was told "and/or channel_multiple (e.g. auto)":
+    """A fresh user's compact model (channel multiple auto: 16 or 8) was told "and/or channel_multiple (e.g. auto)":
     inspect reads the widths pruned against the base; multiples of 8 mean a multiple was in use."""
     from torch import nn
 

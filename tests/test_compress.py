@@ -93,8 +93,8 @@ def test_compress_meets_target_on_real_data(finished_run, base_checkpoint):
     assert stored["source"]["checkpoint"] == str(base_checkpoint.resolve())
     assert stored["run"]["threads"] == torch.get_num_threads()
     assert stored["search"]["guidance"] == "auto" and stored["run"]["guidance"] == "layer"  # a params target
-    multiple = stored["run"]["channel_multiple"]  # auto, also for a params target: 16 or 8 (or a fall-back)
-    assert stored["run"]["dims"] == "filter,column" and stored["channel_multiple"] is None and multiple in (16, 8, 4, 1)
+    multiple = stored["run"]["channel_multiple"]  # auto, also for a params target: 8 (or a fall-back)
+    assert stored["run"]["dims"] == "filter,column" and stored["channel_multiple"] is None and multiple in (8, 4, 1)
     base_convs = {name: m for name, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)}
     for name, conv in compact.named_modules():  # every filter group kept a multiple of the channels, or all of them
         if name in base_convs:

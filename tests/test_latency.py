@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 import autocompress
 from autocompress import UserError
-from autocompress.alignment import aligned_keep, allowed_widths, grow_to_multiple, resolve_multiple
+from autocompress.alignment import aligned_keep, allowed_widths, channel_block, grow_to_multiple, resolve_multiple
 from autocompress.compaction import compact
 from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import CompressConfig, SettingError, Target
@@ -85,12 +85,22 @@ def test_aligned_keep_is_the_nearest_allowed_width(size, keep, multiple):
         assert aligned_keep(size, keep + 1, multiple) >= got
 
 
-def test_auto_multiple_follows_the_cpu(monkeypatch):
+def test_auto_multiple_follows_the_cpu_and_the_target(monkeypatch):
+    """``auto`` aligns a latency target to the CPU's channel block (16 on AVX-512, 8 on AVX2, 8 on CUDA) and a
+    params / flops target to at most 8, whose fit gives channels back on the block (:func:`channel_block`)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert resolve_multiple("auto")[0] == 16
+    assert channel_block() == 16 and channel_block("cuda:0") == 8
+    assert resolve_multiple("auto", latency=True) == (16, "auto: 16 (CPU capability AVX512: oneDNN blocks channels "
+                                                          "by 16)")
+    assert resolve_multiple("auto") == (8, "auto: 8 for a params / flops target (CPU capability AVX512: oneDNN "
+                                           "blocks channels by 16; channels a fit does not need are given back on "
+                                           "the 16-channel block)")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert resolve_multiple("auto") == (8, "auto: 8 (CPU capability AVX2: oneDNN blocks channels by 8)")
-    assert resolve_multiple("auto", device="cuda")[0] == 8 and resolve_multiple(4) == (4, "4 (as set)")
+    assert channel_block() == 8
+    for latency in (False, True):
+        assert resolve_multiple("auto", latency=latency) == (8, "auto: 8 (CPU capability AVX2: oneDNN blocks "
+                                                                "channels by 8)")
+    assert resolve_multiple("auto", device="cuda", latency=True)[0] == 8 and resolve_multiple(4) == (4, "4 (as set)")
     multiple, why = resolve_multiple(7)  # allowed (a model's own constraint may ask for it), but said to be slow
     assert multiple == 7 and "not a power of two" in why and "8 or auto" in why
 
@@ -801,16 +811,16 @@ def test_auto_multiple_falls_back_to_8_when_16_cannot_reach_a_latency_target(mon
 
 
 @pytest.mark.parametrize("target, setting, reachable_at, outcome", [
-    ("flops=2x", None, (16,), 16), ("flops=2x", None, (8, 1), 8), ("flops=2x", None, (1,), 1),
-    ("flops=2x", None, (4, 1), 4),
+    ("flops=2x", None, (8,), 8), ("flops=2x", None, (8, 1), 8), ("flops=2x", None, (1,), 1),
+    ("flops=2x", None, (4, 1), 4), ("flops=2x", None, (16, 4), 4),
     ("flops=2x", "auto", (1,), 1), ("flops=2x", 16, (1,), "refused"), ("flops=2x", None, (), "refused"),
     ("params=2x", None, (1,), 1), ("params=2x", None, (4, 1), 4), ("params=2x", None, (8, 4, 1), 8)])
-def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeypatch, target, setting,
-                                                                          reachable_at, outcome):
-    """A flops target aims at speed, so its default multiple is ``auto`` (16 on AVX-512); one unreachable at 16
-    falls back to 8, then 4 (onnxruntime's layout), then 1 (any width), each logged once one reaches the target
-    and without a lookup table; a params target's default is ``auto`` too; an explicit multiple never falls back;
-    a target out of reach at 1 is refused with the last refusal alone (fresh user 51 read three fall-backs first)."""
+def test_flops_target_defaults_to_auto_and_falls_back_to_4_then_1(monkeypatch, target, setting, reachable_at,
+                                                                   outcome):
+    """A flops or params target's default multiple is ``auto``: 8 on an AVX-512 CPU (its fit gives channels back
+    on the 16-channel block); one unreachable at 8 falls back to 4 (onnxruntime's layout), then 1 (any width),
+    each logged once one reaches the target and without a lookup table; an explicit multiple never falls back; a
+    target out of reach at 1 is refused with the last refusal alone (fresh user 51 read three fall-backs first)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     tried = []
 
@@ -822,7 +832,6 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeyp
         return "sampler"
 
     monkeypatch.setattr(Compression, "_sampler", sampler)
-    monkeypatch.setattr(Compression, "_filters_cramped", lambda self: False)
     train, val = loaders()
     lines: list[str] = []
     config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
@@ -832,15 +841,17 @@ def test_flops_target_defaults_to_auto_and_falls_back_to_8_then_4_then_1(monkeyp
     if outcome == "refused":
         with pytest.raises(UserError, match="unreachable at 1" if setting is None else "unreachable at 16"):
             build()
-        assert tried == ([16, 8, 4, 1] if setting is None else [16])
+        assert tried == ([8, 4, 1] if setting is None else [16])
         assert not [line for line in lines if "falling back" in line]  # a refusal is not preceded by fall-backs
         return
     compression = build()
     assert compression.table is None and compression.multiple == compression.pipeline.channel_multiple == outcome
-    assert tried == [m for m in (16, 8, 4, 1) if m >= outcome]
+    assert compression.block == 16
+    assert tried == [m for m in (8, 4, 1) if m >= outcome]
     falls = [line for line in lines if "falling back" in line]
     assert len(falls) == len(tried) - 1
-    assert not falls or falls[0].startswith("channel multiple: 16 (auto) ")
+    assert not falls or (falls[0].startswith(f"channel multiple: 8 (auto) cannot reach {target}; falling back to 4")
+                         and "given back on the 16-channel block only" in falls[0])
 
 
 class NarrowFirst(nn.Module):
@@ -858,21 +869,17 @@ class NarrowFirst(nn.Module):
         return self.fc(self.convs(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("target, setting, outcome, reason", [
-    ("flops=1.2x", None, 16, None), ("flops=2x", None, 8, "leaves filter pruning too little room for"),
-    ("flops=3x", None, 8, "cannot reach"), ("flops=3x", "auto", 8, "cannot reach"),
-    ("params=1.2x", "auto", 16, None), ("params=3x", "auto", 8, "leaves filter pruning too little room for"),
-    ("params=3x", None, 8, "leaves filter pruning too little room for")])
-def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch, caplog, target, setting, outcome,
-                                                                    reason):
-    """With filter pruning alone the narrowest widths at 16 remove 746,688 / 304,176 = 2.45x of NarrowFirst's
-    MACs (convolutions 576 x (16 + 256 + 1024) plus the Linear's 192, against 576 x (16 + 256 + 256) + 48), at
-    8 9.5x. A flops target column-prunes none of its 3x3 convs (under 128 filters: no executed MACs saved), so
-    flops=3x cannot be reached at 16 and ``auto`` takes 8 (and logs why); ``auto`` keeps 16 only when those
-    widths reach twice the target (``ROOM``): 1.2x stays at 16, 2x (reachable, but only at the floor) takes 8.
-    Filters alone remove 2.47x of the parameters at 16, so an explicit ``auto`` keeps 16 for params=1.2x and
-    takes 8 for params=3x, as the params default (``auto`` too) does."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+@pytest.mark.parametrize("target, setting, capability, widths", [
+    ("flops=2x", None, "AVX512", [[16], [16], [16, 32, 48, 64]]),
+    ("params=2x", "auto", "AVX512", [[16], [16], [16, 32, 48, 64]]),
+    ("flops=2x", 8, "AVX512", None), ("flops=2x", None, "AVX2", None), ("params=3x", None, "AVX2", None)])
+def test_auto_multiple_gives_channels_back_on_the_cpu_block(monkeypatch, caplog, target, setting, capability,
+                                                            widths):
+    """A params / flops target under ``auto`` narrows every group at steps of 8 and gives back the channels a fit
+    does not need on the CPU's block only (16 -> 32 channels, never 24, on AVX-512: :func:`on_block`); an explicit
+    8, or a CPU whose block is 8, gives back at steps of 8. NarrowFirst's 16-channel groups can shrink to 8 (at 16
+    only its last conv could); the groups excluded are logged once in the run's log."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     train, val = loaders()
     lines: list[str] = []
     config = {**CONFIG, **({} if setting is None else {"channel_multiple": setting})}
@@ -882,32 +889,27 @@ def test_auto_multiple_leaves_filter_pruning_room_for_a_flops_target(monkeypatch
                                   log=lines.append)
     excluded = [line for line in lines if re.match(r"not (\w+-)?pruned", line)]  # in the run's log, not at INFO
     assert not [r for r in caplog.records if re.match(r"not (\w+-)?pruned", r.getMessage())]
-    # once, fall-back or not; two of the four layers left out share a reason, logged on one line
+    # two of the four layers left out share a reason, logged on one line
     assert len(excluded) == len(set(excluded)) == (3 if target.startswith("flops") else 1)
-    assert compression.multiple == compression.pipeline.channel_multiple == outcome
-    assert compression.first_space.channel_multiple == outcome
-    fallbacks = [line for line in lines if "falling back to 8" in line]
-    assert (fallbacks and f"16 (auto) {reason} {target}" in fallbacks[0]) if reason else not fallbacks
-    # after the fall-back a fit gives channels back on the CPU's 16-channel block only (16 -> 32, never 24)
+    assert compression.multiple == compression.pipeline.channel_multiple == compression.first_space.channel_multiple == 8
+    assert not [line for line in lines if "falling back" in line]
     sampler = compression._sampler(compression.first_space, compression.factor, 1.0)
     filters = [w for unit, w in zip(sampler.units, sampler.widths or [None] * len(sampler.units))
                if unit.kind == "filter"]
-    assert filters == ([[16], [16], [16, 32, 48, 64]] if outcome == 8 else [None, None, None])
-    if outcome == 8:
-        assert "given back on the 16-channel block only" in fallbacks[0]
+    assert filters == (widths or [None, None, None])
 
 
 @pytest.mark.parametrize("reached, multiple, block, words", [
-    (2.19, 8, 16, None), (2.45, 8, 16, "fell back to 8 and gave channels back on the CPU's 16-channel block only "
-                                        "(a width between blocks runs as slowly as the next block); channel_multiple "
-                                        "1 (any width) fits closest, and may run slower"),
+    (2.19, 8, 16, None), (2.45, 8, 16, "channel_multiple auto (8) gave channels back on the CPU's 16-channel block "
+                                        "only (a width between blocks runs as slowly as the next block); "
+                                        "channel_multiple 1 (any width) fits closest, and may run slower"),
     (2.45, 16, 16, "channel_multiple 16 may allow only coarse widths here; channel_multiple 1 (any width) fits "
                    "closest, and may run slower"),
     (2.45, 1, 1, "the round records"),
     (2.45, 1, 16, "the round records")])  # fell back to 1: no give-back, no block
 def test_a_target_passed_by_more_than_a_tenth_is_warned_about_naming_the_cause(reached, multiple, block, words):
-    """A fresh user's flops=2x ended at 2.45x after ``auto`` fell back from 16 to 8 (the give-back on the
-    16-channel block could not land closer) without a word: above 1.1x the target the final record says why."""
+    """A fresh user's flops=2x ended at 2.45x at ``auto``'s 8 (the give-back on the 16-channel block could not land
+    closer) without a word: above 1.1x the target the final record says why."""
     from autocompress.compress import Target, _overshoot_warning, _reduction
 
     base, compressed = {"params": 1000, "macs": 24500}, {"params": 600, "macs": 10000}

@@ -397,7 +397,7 @@ def test_a_swap_widens_one_filter_group_by_one_step_and_narrows_one_other_within
        st.integers(0, 2**16))
 @example([16, 16, 32, 16], 2.0, 3)  # steps of 8 give the 32-channel layer back to 24 (fit: 16)
 def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, target, seed):
-    """When ``auto`` falls back from the CPU's 16-channel block to multiple 8, a give-back in steps of 8 would
+    """When ``auto``'s multiple (8) is below the CPU's 16-channel block, a give-back in steps of 8 would
     widen a layer to 24 channels, which runs as slowly as 32 there. With ``block=16`` every filter group keeps
     the fit's width or is given back to a width on the 16-block (or its whole width), the target is still met
     by the engine's own count, and no group can take its next 16-block width without missing the target."""

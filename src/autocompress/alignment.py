@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 #: the ``channel_multiple`` setting's word for "pick from the CPU"
 AUTO = "auto"
-#: the multiples ``auto`` picks from: 8 (CUDA, SSE / AVX2 CPUs) and 16 (AVX-512 CPUs)
+#: the channel blocks of the kernels ``auto`` aligns to: 8 (CUDA tensor-core tiles, SSE / AVX2 CPUs) and 16
+#: (AVX-512 CPUs)
 AUTO_MULTIPLES = (8, 16)
 #: the finest multiple that keeps onnxruntime's CPU convolutions in its blocked channel layout (NCHWc), which
 #: they take only when their input channels (the width of the layer before) are multiples of 4 (or fewer than a
@@ -42,26 +43,43 @@ AUTO_MULTIPLES = (8, 16)
 #: off the grid, the same rates at multiples of 4 0.79-1.50x (16: 1.07-2.31x). ``auto``'s last fall-back before 1
 #: under a params or flops target.
 LAYOUT_MULTIPLE = 4
+#: ``auto``'s largest multiple for a params or flops target: the 16-channel widths of an AVX-512 CPU cost 0.6-2
+#: points of top-1 against steps of 8 at the same MACs on short budgets (resnet 63.5 vs 64.1, mobile_se 56.2 vs
+#: 58.1 at flops=2x) and up to 3.9 on a realistic resnet20 at flops=4x, for 1.2-1.5x more onnxruntime speed
+#: (BENCHMARKS.md, "Session 54" and "Session 55"); a latency target, which times each width, keeps the block
+COUNTED_MULTIPLE = 8
 
 
-def resolve_multiple(value: Any, *, device: str = "cpu") -> tuple[int, str]:
+def channel_block(device: str = "cpu") -> int:
+    """The channel block the kernels of ``device`` run fast on: 8 on CUDA (tensor-core tiles), 16 on a CPU with
+    AVX-512 (oneDNN blocks channels by 16) and 8 on other CPUs (SSE / AVX2), read from
+    ``torch.backends.cpu.get_cpu_capability()``."""
+    small, large = AUTO_MULTIPLES
+    if str(device).startswith("cuda"):
+        return small
+    return large if "AVX512" in torch.backends.cpu.get_cpu_capability().upper() else small
+
+
+def resolve_multiple(value: Any, *, device: str = "cpu", latency: bool = False) -> tuple[int, str]:
     """The channel multiple ``value`` stands for, and a sentence saying why.
 
-    ``"auto"``: 8 on CUDA (tensor-core tiles), else 16 on a CPU with AVX-512 (oneDNN blocks channels by 16)
-    and 8 otherwise (SSE / AVX2 block by 8), read from ``torch.backends.cpu.get_cpu_capability()``. An int
-    ``N >= 1`` is itself (1 = no alignment).
+    ``"auto"``: the channel block of ``device`` (:func:`channel_block`) for a ``latency`` target, whose lookup
+    table times what each width costs; for a params or flops target at most 8 (:data:`COUNTED_MULTIPLE`: a target
+    counted in parameters or MACs fits closer and loses fewer points at steps of 8; the fit still gives channels
+    back on the block, see :func:`autocompress.sampling.on_block`). An int ``N >= 1`` is itself (1 = no
+    alignment).
 
     Raises:
         UserError: anything else (names the setting ``channel_multiple``).
     """
     if value == AUTO:
-        small, large = AUTO_MULTIPLES
-        if str(device).startswith("cuda"):
-            return small, f"auto: {small} for CUDA (tensor-core tiles of {small} channels)"
-        capability = torch.backends.cpu.get_cpu_capability()
-        if "AVX512" in capability.upper():
-            return large, f"auto: {large} (CPU capability {capability}: oneDNN blocks channels by {large})"
-        return small, f"auto: {small} (CPU capability {capability}: oneDNN blocks channels by {small})"
+        block = channel_block(device)
+        reason = (f"CUDA: tensor-core tiles of {block} channels" if str(device).startswith("cuda") else
+                  f"CPU capability {torch.backends.cpu.get_cpu_capability()}: oneDNN blocks channels by {block}")
+        if latency or block <= COUNTED_MULTIPLE:
+            return block, f"auto: {block} ({reason})"
+        return COUNTED_MULTIPLE, (f"auto: {COUNTED_MULTIPLE} for a params / flops target ({reason}; channels a fit "
+                                  f"does not need are given back on the {block}-channel block)")
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         raise UserError(f"channel_multiple={show(value)} is not valid",
                         "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")
@@ -182,5 +200,6 @@ def kept_channels(group, module) -> int:
     return width * group.size // max(rows, 1)
 
 
-__all__ = ["AUTO", "AUTO_MULTIPLES", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths", "check_multiple",
+__all__ = ["AUTO", "AUTO_MULTIPLES", "COUNTED_MULTIPLE", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths",
+           "channel_block", "check_multiple",
            "grow_to_multiple", "is_aligned", "kept_channels", "misaligned_widths", "resolve_multiple"]

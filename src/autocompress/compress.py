@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, metrics, report
-from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, check_multiple, kept_channels,
+from .alignment import (AUTO, LAYOUT_MULTIPLE, NOT_BLOCKED, blocked, channel_block, check_multiple, kept_channels,
                         log_whole_groups)
 from .analysis import at_batch, model_digest, output_tensors, prunable_model, structure_digest, unread_inputs
 from .annealing import AnnealingResult, simulated_annealing
@@ -57,11 +57,6 @@ from .text import kind_of, short_of
 
 #: the channel multiple a target falls back to first when ``auto``'s larger one cannot reach it
 FALLBACK = 8
-#: ``auto`` keeps a multiple above :data:`FALLBACK` for a params / flops target only when filter pruning alone, at
-#: the narrowest widths it allows, reaches at least this many times the target's factor; with less room the
-#: search must take every group that can shrink close to its floor (resnet20 flops=2x at 16: narrowest widths
-#: 2.14x, 83.46 % top-1 against 86.05 % at 8 for the same executed MACs, 15 epochs; BENCHMARKS.md)
-ROOM = 2.0
 #: a params / flops target N x is met at ``N x (1 - TARGET_TOLERANCE)`` or more (shown to 3 digits it reads N x); the
 #: search fits, the refit's limit and the final check all use it. Met exactly, halving every layer of a small CNN but
 #: its classifier came 0.02 % short of flops=2x, and the next widths at multiple 16 reached 2.61x (fresh user 61)
@@ -350,7 +345,8 @@ class Compression:
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
-        self.block = self.multiple  # the channel block a give-back lands on, kept when ``auto`` falls back
+        # the channel block a params / flops fit gives channels back on (auto's multiple may be below it)
+        self.block = channel_block(str(self.device)) if self.config.channel_multiple in (None, AUTO) else self.multiple
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
         self.own_loop = train_fn is not None  # the caller's loop distils only where it calls phase.distill
         self.from_data: set[str] = set()  # settings given as auto that the base's data decide
@@ -720,17 +716,13 @@ class Compression:
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
         A channel multiple that ``auto`` chose (set, or the default) falls back to the smaller ones of
-        :meth:`_fallbacks` in turn, each logged once one reaches the target (a latency target with a new lookup table),
-        when it cannot reach the target, or (a params / flops target, a multiple above 8) when filter pruning
-        alone leaves too little room there (:meth:`_filters_cramped`): a model whose groups are 16 channels wide
-        keeps them whole at 16, and the search then cuts the rest to the bone (measured on resnet20, 15 epochs:
-        flops=2x 83.46 % at 16 against 86.05 % at 8 for the same executed MACs, 1.19x instead of 2.05x faster in
-        onnxruntime; narrowest widths 1.91x as fast at 16 and 2.41x at 8 for a latency target)."""
+        :meth:`_fallbacks` in turn when it cannot reach the target, each logged once one reaches it (a latency
+        target with a new lookup table)."""
         chain, said = [self.multiple, *self._fallbacks()], []  # fall-backs are logged once one reaches the target
         for index, multiple in enumerate(chain):
             last = index == len(chain) - 1
             if index:
-                said.append(f"channel multiple: {self.multiple} (auto) {problem}; falling back to "
+                said.append(f"channel multiple: {self.multiple} (auto) cannot reach {self.target}; falling back to "
                             f"{multiple}, which runs slower per MAC removed on this CPU" + (
                                 f" (channels a fit does not need are given back on the {self.block}-channel "
                                 "block only)" if self.table is None and on_block(self.block, multiple) else ""))
@@ -745,28 +737,10 @@ class Compression:
             except UserError:
                 if last:
                     raise
-                problem = f"cannot reach {self.target}"
                 continue
-            if last or not self._filters_cramped():
-                for line in said:
-                    self.pipeline.log(line)
-                return
-            problem = (f"leaves filter pruning too little room for {self.target} (its narrowest widths reach under "
-                       f"{ROOM:g}x the target)")
-
-    def _filters_cramped(self) -> bool:
-        """For a params or flops target at a multiple above :data:`FALLBACK`: True when filter pruning alone, at
-        the narrowest widths allowed, cannot reach :data:`ROOM` times the target's factor (the run's other kinds
-        would make up the rest, or the search would have to cut every group that can shrink to near its floor)."""
-        if self.table is not None or self.multiple <= FALLBACK or not self.first_space.units("filter") \
-                or "filter" not in self.config.kinds:
-            return False
-        try:
-            ActionSampler.from_space(self.first_space, self.target.objective, self.factor * ROOM, kinds=("filter",),
-                                     r_max=self.config.max_r)
-        except UserError:
-            return True
-        return False
+            for line in said:
+                self.pipeline.log(line)
+            return
 
     def _fallbacks(self) -> list[int]:
         """The smaller channel multiples ``auto`` may fall back to, in order: 8 (the smaller CPU block), then for a
@@ -1437,15 +1411,15 @@ def _overshoot_warning(reached: float, target: Target, multiple: int, block: int
     """For a params / flops target: the warning when a model ``reached`` (params or MACs reduction, x) passes it by
     more than :data:`~autocompress.sampling.FAR` (a fraction), having removed more than asked and likely lost
     accuracy for it: at aligned widths a layer's allowed widths can be too coarse for a closer fit (a conv applied
-    twice on a 32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16); after ``auto`` fell
-    back from the CPU's ``block`` to ``multiple``, channels are given back on the block only (for speed). ``what``
-    names the model in the message."""
+    twice on a 32-channel tensor goes from 32 to 16 channels, 4x fewer MACs, at multiple 16); where ``auto``'s
+    ``multiple`` is below the CPU's ``block``, channels are given back on the block only (for speed). ``what`` names
+    the model in the message."""
     if target.objective not in ("params", "flops") or reached <= target.factor * (1 + FAR):
         return None
     closer = "channel_multiple 1 (any width) fits closest, and may run slower"
     if on_block(block, multiple):
-        fix = (f"channel_multiple auto fell back to {multiple} and gave channels back on the CPU's {block}-channel "
-               f"block only (a width between blocks runs as slowly as the next block); {closer}")
+        fix = (f"channel_multiple auto ({multiple}) gave channels back on the CPU's {block}-channel block only (a "
+               f"width between blocks runs as slowly as the next block); {closer}")
     elif multiple > 1:
         fix = f"channel_multiple {multiple} may allow only coarse widths here; {closer}"
     else:

@@ -301,9 +301,10 @@ class CompressConfig:
         latency_runs: timed runs per PyTorch latency measurement of the final table.
         channel_multiple: every filter group keeps a multiple of this many channels, and every column-pruned
             layer of kernel area 1 (1x1 conv, Linear) a multiple of this many input channels
-            (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (16 on AVX-512
-            CPUs, 8 otherwise, falling back to 8, :data:`autocompress.alignment.LAYOUT_MULTIPLE` and 1 where the
-            target needs it; a latency target to 8 only); None (default): ``"auto"`` for every target. Widths
+            (:mod:`autocompress.alignment`): an integer >= 1 (1 = any width) or ``"auto"`` (a latency target:
+            the CPU's channel block, 16 on AVX-512 CPUs and 8 otherwise, falling back to 8 where the target needs
+            it; a params / flops target: 8, giving channels back on the block, falling back to
+            :data:`autocompress.alignment.LAYOUT_MULTIPLE` and 1); None (default): ``"auto"`` for every target. Widths
             off onnxruntime's 4-channel grid ran up to 2.6x slower than the base; on the Fashion-MNIST demo
             (params=10x, three seeds) ``auto`` kept the top-1 of any width within noise (92.17 against 92.28 %)
             at 1.85x the base's onnxruntime speed instead of 1.21x (BENCHMARKS.md, "Session 34").
@@ -509,9 +510,11 @@ class CompressConfig:
 
     def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
         """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):
-        ``channel_multiple``, or ``"auto"`` when None. SettingError (``channel_multiple``) for a bad value."""
+        ``channel_multiple``, or ``"auto"`` when None (which depends on whether ``target`` is a latency). SettingError
+        (``channel_multiple``) for a bad value."""
         value = AUTO if self.channel_multiple is None else self.channel_multiple
-        return _naming("channel_multiple", lambda: resolve_multiple(value, device=device))
+        latency = self.target is not None and Target.parse(self.target).objective == "latency"
+        return _naming("channel_multiple", lambda: resolve_multiple(value, device=device, latency=latency))
 
     def retrain_epochs(self, *, last: bool) -> int:
         """Retraining epochs of a round (``last``: the final round)."""

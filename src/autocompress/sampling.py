@@ -645,7 +645,7 @@ class ActionSampler:
         > 1) each fit gives back heaviest first (see :func:`give_back`); at single channels a fit lands within
         about 1 % of the target (median 0.6 %) and giving back cost top-1 at params=10x (BENCHMARKS.md,
         "Session 13: give-back"), so the fit stays as it is. With a ``block`` above the space's multiple (the
-        CPU's channel block when ``auto`` fell back to a smaller multiple) a filter group is given back only to
+        CPU's channel block under ``auto``'s 8 for a params / flops target) a filter group is given back only to
         widths aligned to ``block`` (or its whole width): a 16-channel block runs 24 channels as slowly as 32.
         ``guidance`` weighs the units per layer or per channel (:data:`GUIDANCES`).
 

@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast of training phases (CUDA)")
     parser.add_argument("--channel-multiple", type=_multiple, help="every filter group keeps a multiple of N "
-                        "channels: N (1 = any width), or auto (the default: 16 on AVX-512 CPUs, 8 otherwise, "
-                        "falling back to 8, 4, 1 where the target needs it)")
+                        "channels: N (1 = any width), or auto (the default: 8 for a params / flops target, falling "
+                        "back to 4, 1 where it needs; a latency target the CPU's block, 16 on AVX-512, else 8)")
     parser.add_argument("--ignore", action="append", metavar="MODULE", help=IGNORE_HELP)
     parser.add_argument("--latency-runtime", help="deployment runtime: onnxruntime (default, CPU) or torch")
     parser.add_argument("--latency-threads", type=int, help="threads of the deployment runtime (default 1)")
