@@ -1559,6 +1559,33 @@ def test_sequence_first_inputs_are_refused_naming_the_batch_axis(no_work):
             example=(torch.randint(0, 5, (16, 1)), torch.ones(1, 16)))
 
 
+class StateIn(nn.Module):
+    """``x [B, 5, 4]``, ``h0`` and ``c0`` -> ``[B, 3]``: an LSTM from the given initial state, a classifier on the
+    last step; the states are ``[layers, B, H]`` as nn.LSTM takes them, or ``[B, layers, H]`` (``batch_first``)."""
+
+    def __init__(self, batch_first: bool = False):
+        super().__init__()
+        self.rnn, self.fc, self.batch_first = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3), batch_first
+
+    def forward(self, x, h0, c0):
+        states = (h0.transpose(0, 1).contiguous(), c0.transpose(0, 1).contiguous()) if self.batch_first else (h0, c0)
+        return self.fc(self.rnn(x, states)[0][:, -1])
+
+
+def test_an_input_whose_batch_is_not_axis_0_is_refused_before_any_work(no_work):
+    """Fresh user 86: an LSTM's initial state passed as an example input (``[layers, B, H]``, batch on axis 1) ran
+    at one item and failed inside the pruning space, on the inputs repeated to two items, with PyTorch's "Expected
+    hidden[0] size (1, 2, 6), got [2, 1, 6]"."""
+    from autocompress.task import _refuse_batch_not_first
+
+    example = (torch.randn(1, 5, 4), torch.zeros(1, 1, 6), torch.zeros(1, 1, 6))
+    refused(no_work, r"^the model's forward runs on example_inputs \[\[1, 5, 4\], \[1, 1, 6\], \[1, 1, 6\]\] but fails "
+            r"on them repeated to two items along axis 0 \(RuntimeError: Expected hidden\[0\] size \(1, 2, 6\), got "
+            r"\[2, 1, 6\]\); .*put the batch axis first in every input \(an RNN's initial state h0 \[layers, B, H\]",
+            model=StateIn(), example=example)
+    _refuse_batch_not_first(StateIn(batch_first=True), example)  # the same shapes read batch-first: accepted
+
+
 @pytest.mark.parametrize("name, form", [("score_fn", r"score_fn\(model\) -> float"),
                                         ("log", r"log\(line\), e.g. print"), ("train_fn", r"train_fn\(model, phase\)"),
                                         ("loss_fn", r"loss_fn\(model, batch\) -> loss"),

@@ -475,6 +475,7 @@ class Task:
                 "pass example_inputs the model accepts, e.g. one item of a batch of your data "
                 "(next(iter(train_loader))[0][:1])")) from None
         _refuse_random_forward(*outputs)
+        _refuse_batch_not_first(model, example_inputs)
         self.layout = self.device.type != "cpu" or channels_last_works(model, example_inputs, self.device)
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
@@ -627,6 +628,25 @@ def _refuse_random_forward(first: list[torch.Tensor], second: list[torch.Tensor]
         raise UserError(f"the model's forward is random in eval mode: two forwards on example_inputs differ by "
                         f"{max(diffs):.3g}", "sample only in train mode (a VAE's z = mu when not self.training, "
                         "dropout through nn.Dropout), or pass a model whose eval forward is deterministic")
+
+
+def _refuse_batch_not_first(model: nn.Module, example_inputs: tuple) -> None:
+    """UserError when the forward runs on ``example_inputs`` of one item and fails on them repeated to two items
+    along axis 0, as the analysis repeats them (train-mode BatchNorm needs two): some input's batch is not axis 0
+    (an RNN's initial state ``h0`` is ``[layers, B, H]``; fresh user 86 read PyTorch's "Expected hidden[0] size
+    (1, 2, 64), got [2, 1, 64]" from deep inside the pruning space)."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return
+    try:
+        with analysis_mode(model):
+            model(*at_batch(example_inputs, 2))
+    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+        raise UserError(f"the model's forward runs on example_inputs {[list(t.shape) for t in tensors]} but fails "
+                        f"on them repeated to two items along axis 0 ({first_line(exc)})", "the analysis runs "
+                        "batches of several items: put the batch axis first in every input (an RNN's initial "
+                        "state h0 [layers, B, H] has it on axis 1: take it as [B, layers, H] and transpose it in "
+                        "forward, or leave it None)") from None
 
 
 #: how to give inputs the batch axis first
