@@ -1007,6 +1007,36 @@ def _out_of_place(model: nn.Module):
             module.inplace = True
 
 
+@contextlib.contextmanager
+def _states_after_outputs(model: nn.Module):
+    """Within the block, the final states of ``model``'s recurrent layers (an LSTM's ``(h, c)``, a GRU's ``h``)
+    hold their values but reach the autograd graph through the layer's output sequence instead of its kernel.
+    torch-pruning maps a recurrent layer to the node of its output sequence; the states leave the kernel by another
+    node, which it takes for an element-wise op of the layer's input, so the channels the layer reads were tied to
+    whatever reads ``h`` (a classifier on ``h[-1]``, the most common LSTM head, or ``h`` returned) and could not be
+    pruned (fresh user 86). Each state becomes ``state.detach() + 0 * s`` for ``s`` the output's last step (the
+    first direction's features) expanded to the state's shape: the same values, the hidden units' own mapping."""
+    def hook(module, _args, output):
+        out, states = output
+        if not isinstance(out, torch.Tensor) or out.dim() != 3:  # a PackedSequence: left as it is
+            return None
+        last = (out[:, -1] if module.batch_first else out[-1])[:, :module.hidden_size]  # [B, hidden]
+
+        def rerouted(state):
+            size = state.shape[-1]
+            return state.detach() + 0 * last[:, :size].unsqueeze(0).expand(state.shape[0], -1, -1)
+        if isinstance(states, tuple):
+            return out, tuple(rerouted(state) for state in states)
+        return out, rerouted(states)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | None = None) -> tp.DependencyGraph:
     """torch-pruning's DependencyGraph of ``model`` on ``inputs`` (Fang et al., CVPR 2023).
 
@@ -1032,7 +1062,7 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
 
             def forward(module, args):  # torch-pruning switches to eval mode before calling this
                 module.train(train)
-                with traced:
+                with traced, _states_after_outputs(module):
                     outputs = output_tensors(module(*args))  # a dataclass or ModelOutput holds the tensors it traces
                 traced.outputs = {t.grad_fn for t in outputs if t.grad_fn is not None}
                 return outputs
