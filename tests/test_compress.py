@@ -406,6 +406,9 @@ def test_unavailable_device_is_a_user_error(base_checkpoint, capsys, tmp_path):
     ("target: params=30x\n", ["--epochs", "8", "--rounds", "x"],  # a bad value is named before any clash
      "--rounds 'x' is not a round schedule; use 'doubling', a number of rounds (1-100), or increasing targets > 1 "
      "ending at 30 (set by --rounds)"),
+    ("target: params=30x\n", ["--augment", "none"], None),
+    ("target: params=30x\naugment: sideways\n", [], "augment='sideways' is not valid; use default or none (in "
+     "the config file {path})"),
     ("target: params=30x\n", ["--epochs", "0"], "--epochs 0 is too small: the schedule needs at least one epoch; "
      "use --epochs 1 or more (set by --epochs)"),
 ])
@@ -580,6 +583,33 @@ def test_a_model_that_is_no_classifier_is_refused_by_the_command_line_with_the_p
                    "datasets; for another task call autocompress.compress from Python with your own loaders, "
                    "loss_fn and score_fn (README: 'Your model, your data')"]
     assert not (tmp_path / "run").exists()
+
+
+def test_training_augmentation_is_said_and_can_be_turned_off(fmnist_small):
+    """Fresh user 87's spectrogram classifier (time on the last axis) was trained by the command line on randomly
+    flipped Fashion-MNIST images, time reversed, said nowhere but in the source. The log names the augmentation,
+    and ``augment: none`` draws the images as they are (the same images, unflipped, as the evaluation loader's)."""
+    import torch
+
+    from autocompress.cli.workload import Workload
+
+    def first_batch(augment: bool) -> torch.Tensor:
+        workload = Workload(Path("mine.pt"), {}, None, fmnist_small, None, augment=augment)
+        torch.manual_seed(0)
+        return next(iter(workload.train_loader(64)))[0], workload.augmentation_line()
+
+    flipped, said = first_batch(True)
+    plain, said_plain = first_batch(False)
+    assert said == ("training batches: fashion-mnist with random horizontal flips (augment: none, or --augment none, "
+                    "trains on the images as they are)")
+    assert said_plain == "training batches: fashion-mnist images as they are (augment: none)"
+    same = (flipped == plain).flatten(1).all(1)
+    mirrored = (flipped == plain.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int((mirrored & ~same).sum()) < 54  # about half flipped
+    torch.manual_seed(0)
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    order = fmnist_small.loader("train", 64, augment=False, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(plain, next(iter(order))[0])
 
 
 def test_a_checkpoint_without_recorded_normalisation_is_warned_about():

@@ -436,6 +436,18 @@ def test_distillation_auto_is_off_for_a_base_that_has_not_fitted_its_training_da
         "distillation.enabled true to distil)"])
 
 
+def test_a_base_lower_on_training_batches_reads_lower_not_minus_higher():
+    """Fresh user 87 read "the base scores -1.3 points of top-1 higher on training batches ..., -13% of its 10.1%
+    validation error" for time-masked training batches."""
+    from autocompress.compress import fit_share
+
+    assert fit_share(-1.3, 10.1) == (0.0, "the base scores 1.3 points of top-1 lower on training batches than on "
+                                          "validation, 0% of its 10.1% validation error")
+    share, text = fit_share(4.04, 10.1)
+    assert share == pytest.approx(0.4) and text.startswith("the base scores 4.0 points of top-1 higher") and \
+        text.endswith(", 40% of its 10.1% validation error")
+
+
 def test_distillation_auto_says_it_stays_on_where_the_fit_share_is_not_read():
     """Fresh user 75 (a score_fn of their own) found no fit-share line in the log, which the README says is given
     either way: where the share is not read, the log says distillation stays on and why."""

@@ -543,9 +543,7 @@ class Compression:
                 "validation, so they cannot tell whether it has fitted its training data)")
             return
         errors = 100.0 * (1.0 - base_score)
-        share = gap / errors if errors > 0 else 0.0
-        fit = (f"the base scores {gap:.1f} points of top-1 higher on training batches than on validation, "
-               f"{share:.0%} of its {errors:.1f}% validation error")
+        share, fit = fit_share(gap, errors)
         if share >= FIT_SHARE:
             say(f"distillation from the base: on (distillation.enabled auto: {fit}, {FIT_SHARE:.0%} or more: it has "
                 "fitted its training data)")
@@ -672,7 +670,7 @@ class Compression:
         """The log line of a continued run: what its folder holds and that finished phases are not run again."""
         same = "the same settings, base weights and loader sizes; training data is compared by its size only"
         if self.folder.is_done("final", "final"):
-            return f"run_dir {self.run_dir} holds this run, finished ({same}): its result is read back, nothing runs"
+            return f"run_dir {self.run_dir} holds this run, finished ({same}): its result is read back after the set-up's checks, nothing is trained"
         done = len(self.folder.done())
         threads = torch.get_num_threads()  # the run's own (_open_folder), which its results depend on
         at = f", at the {threads} thread(s) it started with (not {self.threads})" if threads != self.threads else ""
@@ -1404,6 +1402,14 @@ def _teacher_warning(base: dict, compressed: dict, distillation, *, own_loop: bo
             f"the base's {base_top1:.2f}%: the base looks under-trained, and distillation (alpha "
             f"{distillation.alpha:g}) pulls the compressed model toward it; set distillation.enabled false (with "
             "budget too) and it may end higher")
+
+
+def fit_share(gap: float, errors: float) -> tuple[float, str]:
+    """The share of the base's validation error (``errors``, %) that its training batches' higher top-1 (``gap``,
+    points; negative when lower) makes up, and the sentence saying so (a gap below 0 reads "lower", share 0 %)."""
+    share = max(gap / errors, 0.0) if errors > 0 else 0.0
+    return share, (f"the base scores {abs(gap):.1f} points of top-1 {'higher' if gap >= 0 else 'lower'} on "
+                   f"training batches than on validation, {share:.0%} of its {errors:.1f}% validation error")
 
 
 def _overshoot_warning(reached: float, target: Target, multiple: int, block: int, *,

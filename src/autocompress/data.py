@@ -194,6 +194,16 @@ class DataSplits:
     data_dir: str | None = None
     num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
+    def augmentation(self) -> str:
+        """What training batches are drawn with, in words (e.g. ``"random horizontal flips"``)."""
+        if self.name == "imagefolder":
+            return "random crops and horizontal flips (see folder_transform)"
+        if self.augment is None:
+            return "no augmentation"
+        crops = f"random crops of the image zero-padded by {self.augment.pad} pixels" if self.augment.pad else ""
+        flips = "random horizontal flips" if self.augment.flip else ""
+        return " and ".join(part for part in (crops, flips) if part) or "no augmentation"
+
     def split(self, name: str) -> TensorSplit | FolderSplit:
         """The split called ``name`` (``"train"``, ``"val"`` or ``"test"``); UserError otherwise."""
         if name not in ("train", "val", "test"):

@@ -25,7 +25,8 @@ FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "
                  "--data-dir": "data_dir", "--val-size": "val_size", "--max-train": "max_train",
                  "--batch-size": "batch_size", "--amp": "amp", "--channel-multiple": "channel_multiple",
                  "--latency-runtime": "latency.runtime", "--latency-threads": "latency.threads",
-                 "--latency-batch": "latency.batch", "--epochs": "budget", "--ignore": "ignored_layers"}
+                 "--latency-batch": "latency.batch", "--epochs": "budget", "--ignore": "ignored_layers",
+                 "--augment": "augment"}
 
 #: help of ``--ignore`` (compress and prune)
 IGNORE_HELP = ("a module never pruned, by its name in model.named_modules() (a container covers the modules below "
@@ -54,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint's, else 5000)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
     parser.add_argument("--batch-size", type=int, help="training batch size (default 128)")
+    parser.add_argument("--augment", choices=("default", "none"), help="training augmentation: the dataset's "
+                        "(default: fashion-mnist horizontal flips, cifar10 padded crops and flips) or none")
     parser.add_argument("--epochs", type=int, help="training budget in epochs, split into rounds, ADMM and final "
                         "retraining by the measured rule (README: budget); instead of --rounds / --*-epochs")
     parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")
@@ -366,5 +369,7 @@ def _compress(checkpoint: str, settings: dict, out: str, args: argparse.Namespac
     for warning in (workload.carve_warning(), workload.normalisation_warning()):  # after the settings' checks
         if warning and distributed.world().is_main:
             logging.getLogger("autocompress").warning(warning)
+    if speaks:
+        print(workload.augmentation_line(), flush=True)
     result = compression.run()
     return result.final, workload

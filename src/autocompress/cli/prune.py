@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purify-tolerance", type=_tolerance, default=0.005,
                         help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--augment", choices=("default", "none"), default="default", help="training augmentation: "
+                        "the dataset's (fashion-mnist horizontal flips, cifar10 padded crops and flips) or none")
     parser.add_argument("--data-dir", help="default: the dataset's lookup order (a folder the checkpoint "
                         "records is never read unless you pass it here)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
@@ -172,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     dims = DIMS[args.dims]
     device = resolve_device(args.device)
     data = DataSettings(dataset=args.dataset, data_dir=args.data_dir, val_size=args.val_size,
-                        max_train=args.max_train, max_test=args.max_test, batch_size=args.batch_size)
+                        max_train=args.max_train, max_test=args.max_test, batch_size=args.batch_size,
+                        augment=args.augment)
     try:
         data.validate()
         admm = ADMMConfig(epochs=args.admm_epochs, lr=args.admm_lr, rho_init=args.rho_init,
@@ -208,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out} already exists", "pass --overwrite to replace it, or another --out")
     workload = load_workload(args.checkpoint, data, seed=args.seed, model_args=args.model_arg)
     expand_rates(space_of(workload.model, workload.example), spec, dims)  # before training
+    print(workload.augmentation_line(), flush=True)
     began = time.perf_counter()
     result = prune(workload.model, spec, example_inputs=workload.example,
                    train_loader=workload.train_loader(args.batch_size), val_loader=workload.loader("val"),

@@ -33,6 +33,8 @@ class DataSettings:
         max_train: a seeded training subset of at most this many images (None: all).
         max_test: a seeded test subset for the final table (None: all).
         batch_size: training batch size of ADMM and retraining.
+        augment: ``"default"`` (the dataset's training augmentation, :mod:`autocompress.data`) or ``"none"``
+            (training batches as they are: flips reverse time in a spectrogram).
     """
 
     dataset: str | None = None
@@ -41,6 +43,7 @@ class DataSettings:
     max_train: int | None = None
     max_test: int | None = None
     batch_size: int = 128
+    augment: str = "default"
 
     @classmethod
     def split_from(cls, settings: dict) -> tuple["DataSettings", dict]:
@@ -55,10 +58,16 @@ class DataSettings:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 10 ** 9:
                 raise SettingError(name, f"{name}={value} is outside [1, 1e9]", f"give {name} >= 1")
+        if self.augment not in AUGMENTS:
+            raise SettingError("augment", f"augment={self.augment!r} is not valid", f"use {' or '.join(AUGMENTS)}")
 
     def absolute(self) -> "DataSettings":
         """With ``data_dir`` absolute (a run resumes from any working directory)."""
         return dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir) if self.data_dir else None)
+
+
+#: the values of the ``augment`` data setting
+AUGMENTS = ("default", "none")
 
 
 class ReseededLoader:
@@ -73,15 +82,15 @@ class ReseededLoader:
 
     Args:
         splits: :class:`autocompress.data.DataSplits`; batch_size: images per optimizer step, all ranks
-            together.
+            together; augment: draw the dataset's training augmentation (False: the images as they are).
     """
 
-    def __init__(self, splits, batch_size: int, rank: int = 0, size: int = 1):
-        self.splits, self.batch_size, self.rank, self.size = splits, batch_size, rank, size
+    def __init__(self, splits, batch_size: int, rank: int = 0, size: int = 1, *, augment: bool = True):
+        self.splits, self.batch_size, self.rank, self.size, self.augment = splits, batch_size, rank, size, augment
 
     def shard(self, rank: int, size: int) -> "ReseededLoader":
         """This loader's share for rank ``rank`` of ``size``."""
-        return ReseededLoader(self.splits, self.batch_size, rank, size)
+        return ReseededLoader(self.splits, self.batch_size, rank, size, augment=self.augment)
 
     def __len__(self) -> int:
         batches = len(self.splits.loader("train", self.batch_size))
@@ -90,7 +99,8 @@ class ReseededLoader:
 
     def __iter__(self):
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        epoch = self.splits.loader("train", self.batch_size, generator=torch.Generator().manual_seed(seed))
+        epoch = self.splits.loader("train", self.batch_size, augment=self.augment,
+                                   generator=torch.Generator().manual_seed(seed))
         batches = itertools.islice(epoch, len(self))
         if self.size == 1:
             return batches
@@ -101,17 +111,27 @@ class ReseededLoader:
 @dataclass
 class Workload:
     """A loaded checkpoint and its data: ``ckpt`` (plain data), ``model``, ``splits``, ``example`` (a zero
-    input ``[1, *input_size]``)."""
+    input ``[1, *input_size]``), ``augment`` (training batches drawn with the dataset's augmentation)."""
 
     path: Path
     ckpt: dict
     model: torch.nn.Module
     splits: Any
     example: torch.Tensor
+    augment: bool = True
 
     def train_loader(self, batch_size: int) -> ReseededLoader:
-        """Shuffled, augmented training batches (see :class:`ReseededLoader`)."""
-        return ReseededLoader(self.splits, batch_size)
+        """Shuffled training batches, augmented unless the data settings say ``augment: none`` (see
+        :class:`ReseededLoader`)."""
+        return ReseededLoader(self.splits, batch_size, augment=self.augment)
+
+    def augmentation_line(self) -> str:
+        """The log line saying what training batches are drawn with (a flip reverses a spectrogram's time axis:
+        fresh user 87 found it only in the source)."""
+        if not self.augment:
+            return f"training batches: {self.splits.name} images as they are (augment: none)"
+        return (f"training batches: {self.splits.name} with {self.splits.augmentation()} (augment: none, or "
+                "--augment none, trains on the images as they are)")
 
     def loader(self, split: str):
         """Validation or test batches in order, without augmentation."""
@@ -171,7 +191,7 @@ def load_workload(checkpoint: str | os.PathLike, data: DataSettings, *, seed: in
     model = model_from_checkpoint(ckpt).eval()
     example = torch.zeros(1, *(stored.get("input_size") or splits.input_size))
     _refuse_non_classifier(path, model, example, splits)
-    return Workload(path, ckpt, model, splits, example)
+    return Workload(path, ckpt, model, splits, example, augment=data.augment != "none")
 
 
 def _refuse_non_classifier(path: Path, model, example: torch.Tensor, splits) -> None:
