@@ -178,10 +178,15 @@ def test_refit_refuses_a_model_without_a_final_linear_and_auto_fine_tunes_it():
     with pytest.raises(UserError, match="final nn.Linear"):
         QuickEvaluator(model, space, Task(data, data), scorer="refit", bn_batches=1, val_batches=1)
     auto = QuickEvaluator(model, space, Task(data, data), scorer="auto", bn_batches=1, val_batches=1)
+    tuning = ("; the fine-tuning is 50 SGD steps at lr 0.01 in the library's own loop (a train_fn trains ADMM and "
+              "retraining only)")  # fresh user 87 could not tell what trained the candidates
     assert auto.scorer == "finetune" and auto.describe().endswith(
-        "not the val top-1 the model has after ADMM and hard pruning")
-    scored = QuickEvaluator(model, space, Task(data, data, score_fn=lambda m: 1.0), bn_batches=1, val_batches=1)
-    assert scored.describe().endswith("not the validation score the model has after ADMM and hard pruning")  # PSNR
+        "not the val top-1 the model has after ADMM and hard pruning" + tuning)
+    scored = QuickEvaluator(model, space, Task(data, data, score_fn=lambda m: 1.0), bn_batches=1, val_batches=1,
+                            scorer="finetune", optimizer="adamw", finetune_lr=0.002)
+    assert scored.describe().endswith("not the validation score the model has after ADMM and hard pruning; the "
+                                      "fine-tuning is 50 ADAMW steps at lr 0.002 in the library's own loop (a "
+                                      "train_fn trains ADMM and retraining only)")  # PSNR
 
 
 def test_auto_scorer_is_a_short_distilled_fine_tuning(trained):
@@ -195,6 +200,7 @@ def test_auto_scorer_is_a_short_distilled_fine_tuning(trained):
     assert "scorer refit (BatchNorm statistics re-estimated and the last layer refit" in refit.describe()
     plain = QuickEvaluator(model, space, task(splits, 100), bn_recalibration=False, bn_batches=3, val_batches=2)
     assert plain.describe().startswith("scorer bn (no re-estimation on each one-shot pruned candidate)")
+    assert "fine-tuning is" not in plain.describe() and "fine-tuning is" not in refit.describe()
 
 
 def test_finetune_plus_refit_scores_the_mean_of_the_two_scorers(trained):

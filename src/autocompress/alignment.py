@@ -200,6 +200,5 @@ def kept_channels(group, module) -> int:
     return width * group.size // max(rows, 1)
 
 
-__all__ = ["AUTO", "AUTO_MULTIPLES", "COUNTED_MULTIPLE", "LAYOUT_MULTIPLE", "align_up", "aligned_keep", "allowed_widths",
-           "channel_block", "check_multiple",
-           "grow_to_multiple", "is_aligned", "kept_channels", "misaligned_widths", "resolve_multiple"]
+__all__ = ["AUTO", "AUTO_MULTIPLES", "COUNTED_MULTIPLE", "LAYOUT_MULTIPLE", "align_up", "aligned_keep",
+           "allowed_widths", "channel_block", "check_multiple", "grow_to_multiple", "is_aligned", "kept_channels", "misaligned_widths", "resolve_multiple"]

@@ -670,7 +670,8 @@ class Compression:
         """The log line of a continued run: what its folder holds and that finished phases are not run again."""
         same = "the same settings, base weights and loader sizes; training data is compared by its size only"
         if self.folder.is_done("final", "final"):
-            return f"run_dir {self.run_dir} holds this run, finished ({same}): its result is read back after the set-up's checks, nothing is trained"
+            return (f"run_dir {self.run_dir} holds this run, finished ({same}): its result is read back after the "
+                    "set-up's checks, nothing is trained")
         done = len(self.folder.done())
         threads = torch.get_num_threads()  # the run's own (_open_folder), which its results depend on
         at = f", at the {threads} thread(s) it started with (not {self.threads})" if threads != self.threads else ""

@@ -252,8 +252,11 @@ class QuickEvaluator:
         """One line for the log: the scorer, what it does to each candidate, and that its score only ranks
         candidates (the val top-1 right after hard pruning has none of those steps and reads much lower)."""
         measure = "val top-1" if self.task.score_fn is None else "validation score"
+        tuning = (f"; the fine-tuning is {self.finetune_steps} {self._tuning.optimizer.upper()} steps at lr "
+                  f"{self._tuning.lr:g} in the library's own loop (a train_fn trains ADMM and retraining only)"
+                  if fine_tunes(self.scorer) else "")
         return (f"scorer {self.scorer} ({self._steps} on each one-shot pruned candidate): a score that ranks "
-                f"candidates, not the {measure} the model has after ADMM and hard pruning")
+                f"candidates, not the {measure} the model has after ADMM and hard pruning{tuning}")
 
     @property
     def distinct(self) -> int:
