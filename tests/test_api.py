@@ -753,8 +753,8 @@ def test_a_run_folder_continued_with_other_data_is_refused(tmp_path, one_thread,
                                   **args)  # the same data: resumes
     assert again.final["rows"][0]["val_top1"] == pytest.approx(then)
     assert f"run_dir {tmp_path / 'run'} holds this run, finished (the same settings, base weights and loader sizes; " \
-           "training data is compared by its size only): its result is read back after the set-up's checks, nothing is " \
-           "trained" in lines
+           "training data is compared by its size only): its result is read back after the set-up's checks, " \
+           "nothing is trained" in lines
     # training batches that the base fits less (a fit gap of 0 points instead of 30) turn distillation off
     args["config"] = {**CONFIG, "distillation": {"enabled": "auto"}}
     args["run_dir"] = tmp_path / "auto"

@@ -201,4 +201,5 @@ def kept_channels(group, module) -> int:
 
 
 __all__ = ["AUTO", "AUTO_MULTIPLES", "COUNTED_MULTIPLE", "LAYOUT_MULTIPLE", "align_up", "aligned_keep",
-           "allowed_widths", "channel_block", "check_multiple", "grow_to_multiple", "is_aligned", "kept_channels", "misaligned_widths", "resolve_multiple"]
+           "allowed_widths", "channel_block", "check_multiple", "grow_to_multiple", "is_aligned", "kept_channels",
+           "misaligned_widths", "resolve_multiple"]
