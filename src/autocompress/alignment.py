@@ -43,10 +43,11 @@ AUTO_MULTIPLES = (8, 16)
 #: off the grid, the same rates at multiples of 4 0.79-1.50x (16: 1.07-2.31x). ``auto``'s last fall-back before 1
 #: under a params or flops target.
 LAYOUT_MULTIPLE = 4
-#: ``auto``'s largest multiple for a params or flops target: the 16-channel widths of an AVX-512 CPU cost 0.6-2
-#: points of top-1 against steps of 8 at the same MACs on short budgets (resnet 63.5 vs 64.1, mobile_se 56.2 vs
-#: 58.1 at flops=2x) and up to 3.9 on a realistic resnet20 at flops=4x, for 1.2-1.5x more onnxruntime speed
-#: (BENCHMARKS.md, "Session 54" and "Session 55"); a latency target, which times each width, keeps the block
+#: ``auto``'s largest multiple for a params or flops target: the 16-channel widths of an AVX-512 CPU force coarse
+#: steps on narrow layers and cost points at the same MACs (seven CIFAR-10 nets at flops=2x, 2 epochs, two seeds:
+#: mean top-1 59.04 % at 8 against 58.71 % at 16, from +2.2 on a MobileNet-style net to -1.0 on a VGG-style one),
+#: for 1.2-1.8x the base's onnxruntime speed instead of 1.4-2.0x (BENCHMARKS.md, "Session 55"); a latency target,
+#: which times each width, keeps the block
 COUNTED_MULTIPLE = 8
 
 
