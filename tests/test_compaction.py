@@ -647,3 +647,15 @@ def test_the_channels_an_lstm_reads_are_removed_from_its_input_weights(layers, b
     counts = space.count(masks)
     assert counts.params == count_params(result.model)
     assert counts.macs == count_macs(result.model, x)
+
+
+@pytest.mark.parametrize("head", ["steps", "state", "returned"])
+def test_an_lstm_with_projections_leaves_the_layer_feeding_it_out_whichever_output_is_read(head):
+    """An ``nn.LSTM`` with ``proj_size`` is not followed (torch-pruning cannot map it): the conv feeding it stays
+    whole with the reason, and the model's other layers are analysed as usual, whether the model reads the output
+    sequence or the final state (whose ``c`` is wider than the projected output)."""
+    from autocompress.space import RECURRENT_FOLLOWED, PruningSpace
+
+    space = PruningSpace.build(ConvLSTM(proj_size=3, head=head).eval(), torch.randn(2, 1, 4, 7))
+    assert "conv" not in [g.name for g in space.filter_groups]
+    assert "cannot map its channels" in space.excluded["conv"] and RECURRENT_FOLLOWED[:30] in space.excluded["conv"]

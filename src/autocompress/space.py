@@ -1015,15 +1015,18 @@ def _states_after_outputs(model: nn.Module):
     node, which it takes for an element-wise op of the layer's input, so the channels the layer reads were tied to
     whatever reads ``h`` (a classifier on ``h[-1]``, the most common LSTM head, or ``h`` returned) and could not be
     pruned (fresh user 86). Each state becomes ``state.detach() + 0 * s`` for ``s`` the output's last step (the
-    first direction's features) expanded to the state's shape: the same values, the hidden units' own mapping."""
+    first direction's features) expanded to the state's shape: the same values, the hidden units' own mapping (an
+    LSTM's cell state ``c``, wider than a projected output, is detached alone)."""
     def hook(module, _args, output):
         out, states = output
         if not isinstance(out, torch.Tensor) or out.dim() != 3:  # a PackedSequence: left as it is
             return None
-        last = (out[:, -1] if module.batch_first else out[-1])[:, :module.hidden_size]  # [B, hidden]
+        last = out[:, -1] if module.batch_first else out[-1]  # [B, directions x (proj_size or hidden_size)]
 
-        def rerouted(state):
+        def rerouted(state):  # an LSTM's c is wider than its projected output: it keeps no path at all
             size = state.shape[-1]
+            if size > last.shape[1]:
+                return state.detach()
             return state.detach() + 0 * last[:, :size].unsqueeze(0).expand(state.shape[0], -1, -1)
         if isinstance(states, tuple):
             return out, tuple(rerouted(state) for state in states)
