@@ -475,7 +475,6 @@ class Task:
                 "pass example_inputs the model accepts, e.g. one item of a batch of your data "
                 "(next(iter(train_loader))[0][:1])")) from None
         _refuse_random_forward(*outputs)
-        _refuse_batch_not_first(model, example_inputs)
         self.layout = self.device.type != "cpu" or channels_last_works(model, example_inputs, self.device)
         if needs_score and self.score_fn is None and self.val_loader is None:
             raise UserError("nothing to score candidates with: val_loader and score_fn are both None",
@@ -498,6 +497,8 @@ class Task:
             self.first_batch = first if needs_training else None
             _refuse_unbatched_example(first, example_inputs)
             _refuse_sequence_first(first, example_inputs)
+        _refuse_batch_not_first(model, example_inputs)  # after the more specific refusals above
+        if first is not None:
             train_output = self._check_batch(model, first, "train_loader")
             for warning in (input_size_warning(self.input_shapes, example_inputs), small_batch_warning(first, model),
                             shared_data_warning(self.train_loader, self.val_loader)):
