@@ -1221,6 +1221,7 @@ class Compression:
         return {"event": "final", "target": str(self.target), "rows": rows, "threads": torch.get_num_threads(),
                 "device": str(self.device), "latency_runs": runs,
                 "phase_seconds": phase_seconds, "not_filter_pruned": self.first_space.not_filter_pruned(),
+                "kept_whole": self.first_space.kept_whole(),
                 "schedule": describe(self.config, self.own_loop) if self.config.budget is not None
                 else None, **deployed}
 

@@ -27,8 +27,10 @@ Records read (one JSON object per line, written by :mod:`autocompress.compress`)
   "deployed_form": {"form", "column_layers", "dense_layers", "ratios"} (:mod:`autocompress.deployment`),
   "deployed_macs": int (MACs the deployed form executes: its dense column layers count whole; within a flops
   target's limit), "not_filter_pruned": {layer: reason} (:meth:`autocompress.space.PruningSpace.not_filter_pruned`
-  of the first round's space), "schedule": str or None (what a ``budget`` made: :func:`autocompress.budget.describe`),
-  "latency_estimate": {...} (latency targets)}`` (:mod:`autocompress.latency`); warnings are shown loudly.
+  of the first round's space), "kept_whole": {module: "type, shares"}
+  (:meth:`autocompress.space.PruningSpace.kept_whole`), "schedule": str or None (what a ``budget`` made:
+  :func:`autocompress.budget.describe`), "latency_estimate": {...} (latency targets)}``
+  (:mod:`autocompress.latency`); warnings are shown loudly.
 """
 from __future__ import annotations
 
@@ -218,13 +220,18 @@ def validation_lines(final: dict) -> list[str]:
 
 def left_out_lines(final: dict) -> list[str]:
     """One line naming the layers left out of filter pruning and why (the first three; a classifier is not named),
-    or none: what a caller without INFO logging would not see otherwise."""
-    left = final.get("not_filter_pruned")
-    if not isinstance(left, dict) or not left:
-        return []
-    named = "; ".join(f"{name} ({_num(why, '')})" for name, why in list(left.items())[:3])
-    more = f"; and {len(left) - 3} more (metrics.jsonl, the final record)" if len(left) > 3 else ""
-    return [f"not filter-pruned: {named}{more}"]
+    and one naming the modules kept whole that hold a large share of the model (an LSTM's recurrent weights), or
+    none: what a caller without INFO logging would not see otherwise."""
+    left, whole = final.get("not_filter_pruned"), final.get("kept_whole")
+    lines = []
+    if isinstance(left, dict) and left:
+        named = "; ".join(f"{name} ({_num(why, '')})" for name, why in list(left.items())[:3])
+        more = f"; and {len(left) - 3} more (metrics.jsonl, the final record)" if len(left) > 3 else ""
+        lines.append(f"not filter-pruned: {named}{more}")
+    if isinstance(whole, dict) and whole:  # an LSTM's recurrent weights (fresh user 88)
+        lines.append("kept whole (no unit prunes their weights): " + "; ".join(
+            f"{name} ({_num(held, '')})" for name, held in list(whole.items())[:3]))
+    return lines
 
 
 def _names(names: list) -> str:

@@ -335,18 +335,13 @@ def _check_reachable(original: float, best: float, target: float, r_max: float) 
         raise Unreachable(target, original / best, r_max)
 
 
-#: the share of the model's parameters or MACs (by the target's objective) from which a module no unit prunes
-#: (:attr:`~autocompress.space.PruningSpace.whole`) is named in an unreachable target's refusal
-WHOLE_SHARE = 0.1
-
-
 def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[str, list[str]]:
     """What holds a target back in ``space`` (the layers whose filters or, for a flops target, columns it leaves
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named;
-    modules no unit prunes holding :data:`WHOLE_SHARE` or more of the objective, e.g. an LSTM's recurrent weights)
-    and the fixes that widen the space: kinds that would lower the objective but are not in ``kinds`` (not filter
-    pruning where the model cannot be traced for it), a params target when columns were left out for flops,
-    reshapes written with -1 when the compact model broke."""
+    modules no unit prunes holding :data:`~autocompress.space.WHOLE_SHARE` or more of the objective, e.g. an LSTM's
+    recurrent weights) and the fixes that widen the space: kinds that would lower the objective but are not in
+    ``kinds`` (not filter pruning where the model cannot be traced for it), a params target when columns were left
+    out for flops, reshapes written with -1 when the compact model broke."""
     left = space.not_filter_pruned()
     broken = {name for name, reasons in space.reasons("filter").items()
               if any(r.startswith(FILTER_PRUNING + BREAKS) for r in reasons)}
@@ -368,9 +363,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
          "pruned columns would still be multiplied, and 1x1 / Linear layers applied at several positions, which "
          f"would gather their kept columns at each): {heaviest(columns)}"] if columns else [])
     attr = _check_objective(objective)
-    total = max(1, getattr(space.total, attr))
-    whole = sorted(((getattr(own, attr) / total, name, kind) for name, (kind, own) in space.whole.items()
-                    if getattr(own, attr) >= WHOLE_SHARE * total), reverse=True)
+    whole = space.heavy_whole(attr)
     if whole:  # (fresh user 86: an LSTM's recurrent weights, 70 % of the MACs, were never named)
         what = "MACs" if attr == "macs" else "parameters"
         held.append("kept whole: " + ", ".join(f"{name} ({kind}, {share:.0%} of the {what})"

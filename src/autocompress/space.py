@@ -541,17 +541,37 @@ class PruningSpace:
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.excluded.items():
             by_reason.setdefault(reason, []).append(name or "<model>")
+        lines = []
         for reason, names in by_reason.items():
             kind = next((kind for kind in KINDS if reason.startswith(f"{kind} pruning")), None)
             what = "not pruned" if kind is None else f"not {kind}-pruned"
             if kind is not None:
                 reason = reason.removeprefix(f"{kind} pruning").removeprefix(":").strip()
-            line = f"{what}: {names[0]}: {reason}" if len(names) == 1 else \
-                f"{what} ({len(names)} layers): {reason}: {', '.join(names)}"
+            lines.append((f"{what}: {names[0]}: {reason}" if len(names) == 1 else
+                          f"{what} ({len(names)} layers): {reason}: {', '.join(names)}", names))
+        for name, held in self.kept_whole().items():  # fresh user 88: an LSTM with 85 % of the MACs went unnamed
+            lines.append((f"kept whole: {name} ({held}): {WHOLE_REASON}", [name]))
+        for line, names in lines:
             if also is None:
                 log.info("%s", line)
             elif not set(names) <= set(said):
                 also(line)
+
+    def heavy_whole(self, attr: str) -> list[tuple[float, str, str]]:
+        """The modules of :attr:`whole` holding :data:`WHOLE_SHARE` or more of the model's ``attr`` (``"params"``
+        or ``"macs"``), as ``(share, name, type)``, largest first."""
+        total = max(1, getattr(self.total, attr))
+        return sorted(((getattr(own, attr) / total, name, kind) for name, (kind, own) in self.whole.items()
+                       if getattr(own, attr) >= WHOLE_SHARE * total), reverse=True)
+
+    def kept_whole(self) -> dict[str, str]:
+        """The modules no unit prunes that hold :data:`WHOLE_SHARE` or more of the parameters or MACs (an LSTM's
+        recurrent weights), by name -> their type and shares, e.g. ``"LSTM, 84% of the parameters, 85% of the
+        MACs"``."""
+        heavy = {name for _, name, _ in self.heavy_whole("params") + self.heavy_whole("macs")}
+        return {name: f"{kind}, {own.params / max(1, self.total.params):.0%} of the parameters, "
+                      f"{own.macs / max(1, self.total.macs):.0%} of the MACs"
+                for name, (kind, own) in self.whole.items() if name in heavy}
 
     def not_filter_pruned(self) -> dict[str, str]:
         """The layers left out of filter pruning, by name, with the filter-pruning part of their reason: ignored
@@ -876,6 +896,15 @@ COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or anothe
                    "cannot narrow: remove it before compressing, keeping the function (torch.nn.utils.parametrize."
                    "remove_parametrizations(layer, 'weight'), or torch.nn.utils.remove_weight_norm / "
                    "remove_spectral_norm for their older form)")
+
+
+#: the share of the model's parameters or MACs from which a module no unit prunes (:attr:`PruningSpace.whole`) is
+#: named: in the run's log (:meth:`PruningSpace.log_exclusions`) and, by the target's objective, in an unreachable
+#: target's refusal
+WHOLE_SHARE = 0.1
+#: why a module of :attr:`PruningSpace.whole` keeps its weights
+WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size; the channels it reads are "
+                "pruned where it is followed)")
 
 
 def _whole_modules(model: nn.Module, rows) -> dict[str, tuple[str, Counts]]:
