@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import importlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -2427,6 +2428,32 @@ def test_a_slower_eager_timing_is_timed_again_before_the_warning(monkeypatch, re
     assert result.final["latency_runs"] == 6 and result.final["rows"][1]["latency_b1_ms"] == recheck_ms
     slower = [w for w in result.final["warnings"] if "SLOWER than the base in eager PyTorch" in w]
     assert bool(slower) == warned and all("(median of 6 interleaved runs" in w for w in slower)
+
+
+def test_an_unfinished_run_of_a_larger_auto_multiple_is_refused_and_a_finished_one_read_back(tmp_path, monkeypatch):
+    """autocompress 0.14 resolved ``channel_multiple: auto`` to 16 for a params target on an AVX-512 CPU, 0.15 to 8:
+    an unfinished run of 0.14 continued here would fit its later rounds at other widths, and is refused before any
+    work; a finished one is read back as it is."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    train, val = loaders()
+    model, example = trained(SmallCNN(), train, steps=2), torch.randn(1, 1, 8, 8)
+    args = dict(train_loader=train, val_loader=val, config=CONFIG, progress=False, run_dir=tmp_path / "run")
+    first = autocompress.compress(model, example, "params=2x", **args)
+    path = tmp_path / "run" / "config.yaml"
+    stored = yaml.safe_load(path.read_text())
+    assert stored["run"]["channel_multiple"] == 8
+    stored["run"].update(channel_multiple=16, autocompress="0.14.0")
+    path.write_text(yaml.safe_dump(stored))
+    again = autocompress.compress(model, example, "params=2x", **args)  # finished: read back
+    assert again.final["rows"][1]["params"] == first.final["rows"][1]["params"]
+    state = tmp_path / "run" / "state.json"  # the run as stopped before its final phase
+    record = json.loads(state.read_text())
+    record["done"] = [pair for pair in record["done"] if pair != ["final", "final"]]
+    state.write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"holds a run of autocompress 0.14.0 whose channel_multiple auto is 16; "
+                                        r"this version \(\S+\) takes 8 here; continue it with autocompress 0.14.0, "
+                                        r"or start it again in another run_dir$"):
+        autocompress.compress(model, example, "params=2x", **args)
 
 
 def test_a_run_folder_is_refused_before_any_work_and_a_failed_set_up_leaves_it_unclaimed(tmp_path, monkeypatch,

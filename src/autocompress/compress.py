@@ -614,6 +614,8 @@ class Compression:
                 changed = [change for key in wanted if key not in ("run", "source")
                            for change in setting_changes(stored.get(key, ABSENT), wanted[key], key)]
                 self._refuse_changes(stored, changed)
+                if not folder.is_done("final", "final"):  # a finished run's result is read back as it is
+                    self._refuse_other_multiple(stored)
                 torch.set_num_threads(int(stored["run"].get("threads") or torch.get_num_threads()))
             elif not folder.is_empty():
                 raise UserError(f"run_dir {self.run_dir} is not empty and holds no run",
@@ -635,6 +637,18 @@ class Compression:
         if "given" in stored["run"]:
             self._refuse_changes(stored, [change.removeprefix("given.") for change in
                                           setting_changes(stored["run"]["given"], self.given, "given")])
+
+    def _refuse_other_multiple(self, stored: dict) -> None:
+        """UserError when the unfinished run of a folder (its ``config.yaml``, ``stored``) resolved ``channel_multiple:
+        auto`` to a larger multiple than this version's ``auto`` starts at (a fall-back only lowers it): autocompress
+        0.14 took 16 for a params / flops target on an AVX-512 CPU, 0.15 takes 8, and the run's later phases would fit
+        other widths than its first."""
+        started = stored["run"].get("channel_multiple")
+        if self.config.channel_multiple in (None, AUTO) and isinstance(started, int) and started > self.multiple:
+            version = stored["run"].get("autocompress")
+            raise UserError(f"run_dir {self.run_dir} holds a run of autocompress {version} whose channel_multiple "
+                            f"auto is {started}; this version ({__version__}) takes {self.multiple} here",
+                            f"continue it with autocompress {version}, or start it again in another run_dir")
 
     def _refuse_changes(self, stored: dict, changed: list[str]) -> None:
         """UserError naming what differs between a run folder's ``config.yaml`` (``stored``) and this call: the
