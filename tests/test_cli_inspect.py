@@ -140,9 +140,10 @@ def test_inspect_text_counts_in_the_singular(checkpoint, capsys):
     latency = [line for line in out if line.startswith("latency")]
     assert len(latency) == 2
     assert all(line.endswith(") over 1 run in eager PyTorch on cpu, 1 CPU thread") for line in latency)
-    assert "layout       onnxruntime runs 5 of 5 convolutions in its blocked channel layout (NCHWc) (input widths " \
-           "of 16 or more channels that are not a multiple of 4, and grouped convolutions whose channels per group " \
-           "are not a multiple of the CPU's channel block (16 on AVX-512), run outside it)" in out
+    assert "layout       onnxruntime runs 5 of 5 convolutions in its blocked channel layout (NCHWc) (only 2-D " \
+           "convolutions take it (1-D and 3-D ones never do); of those, input widths of 16 or more channels that are " \
+           "not a multiple of 4, and grouped convolutions whose channels per group are not a multiple of the CPU's " \
+           "channel block (16 on AVX-512), run outside it)" in out
 
 
 def test_closed_stdout_exits_quietly(tmp_path):

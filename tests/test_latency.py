@@ -206,7 +206,8 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
     assert "channel_multiple" not in speed_warning(summary, aligned=True)  # auto or N already in use
     off_grid = speed_warning(summary, layout={"base": (5, 5), "compressed": (2, 5)})
     assert "batch 1: 2 ms vs 1 ms (it runs 2 of its 5 convolutions in onnxruntime's blocked channel layout, the " \
-           "base 5 of 5: input widths of 16 or more channels that are not a multiple of 4, and grouped " in off_grid
+           "base 5 of 5: only 2-D convolutions take it (1-D and 3-D ones never do); of those, input widths of 16 " \
+           "or more channels that are not a multiple of 4, and grouped " in off_grid
     assert speed_warning(summary, layout={"base": (3, 5), "compressed": (3, 5)}) == warning  # not the cause
     row = {"params": 10, "macs": 10}
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "final", "rows": [row, row], "deployed": summary,
@@ -1020,6 +1021,17 @@ def test_blocked_convolutions_counts_the_ones_on_the_4_channel_grid(widths, bloc
 
     layers = [m for cin, cout in zip(widths, widths[1:]) for m in (nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())]
     assert blocked_convolutions(nn.Sequential(*layers).eval(), torch.randn(1, 3, 12, 12)) == (blocked, 3)
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d, (28,)), (nn.Conv3d, (6, 6, 6))])
+def test_one_and_three_dimensional_convolutions_never_run_in_the_blocked_layout(conv, shape):
+    """Fresh user 88's Conv1d net (input widths 28 and 64, multiples of 4) ran 0 of 2 convolutions in onnxruntime's
+    blocked layout and the explanation named only the 4-channel grid: only 2-D convolutions take it."""
+    from autocompress.latency import LAYOUT_RULE, blocked_convolutions
+
+    model = nn.Sequential(conv(28, 64, 3), nn.ReLU(), conv(64, 64, 3)).eval()
+    assert blocked_convolutions(model, torch.randn(1, 28, *shape)) == (0, 2)
+    assert LAYOUT_RULE.startswith("only 2-D convolutions take it")
 
 
 def test_the_narrowest_model_the_table_times_has_the_run_s_layer_norm_form():

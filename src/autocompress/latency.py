@@ -251,8 +251,9 @@ def _onnx_session(model: nn.Module, example: tuple[torch.Tensor, ...], threads: 
 
 
 #: which convolutions onnxruntime runs outside its blocked channel layout (:func:`blocked_convolutions`), in words
-LAYOUT_RULE = ("input widths of 16 or more channels that are not a multiple of 4, and grouped convolutions whose "
-               "channels per group are not a multiple of the CPU's channel block (16 on AVX-512), run outside it")
+LAYOUT_RULE = ("only 2-D convolutions take it (1-D and 3-D ones never do); of those, input widths of 16 or more "
+               "channels that are not a multiple of 4, and grouped convolutions whose channels per group are not a "
+               "multiple of the CPU's channel block (16 on AVX-512), run outside it")
 
 
 def blocked_convolutions(model: nn.Module, example: Any) -> tuple[int, int]:
