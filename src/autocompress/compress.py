@@ -346,7 +346,7 @@ class Compression:
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
         # the channel block a params / flops fit gives channels back on (auto's multiple may be below it)
-        self.block = channel_block(str(self.device)) if self.config.channel_multiple in (None, AUTO) else self.multiple
+        self.block = channel_block(str(self.device)) if self.config.auto_multiple else self.multiple
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
         self.own_loop = train_fn is not None  # the caller's loop distils only where it calls phase.distill
         self.from_data: set[str] = set()  # settings given as auto that the base's data decide
@@ -428,7 +428,7 @@ class Compression:
             self.pipeline.log(f"search guidance: per {self.guidance} (auto for a {self.target.objective} target" + (
                 " of a model whose outputs have positions" if self.dense_output else "") + ")")
         check_multiple(self.first_space, self.multiple,
-                       explicit=self.config.channel_multiple not in (None, AUTO))  # before any work
+                       explicit=not self.config.auto_multiple)  # before any work
         self.first_space = self.pipeline.compactable_space(self.first_model, self.first_space)
         if self.world.is_main:
             self.pipeline.log_exclusions(self.first_space)
@@ -644,7 +644,7 @@ class Compression:
         0.14 took 16 for a params / flops target on an AVX-512 CPU, 0.15 takes 8, and the run's later phases would fit
         other widths than its first."""
         started = stored["run"].get("channel_multiple")
-        if self.config.channel_multiple in (None, AUTO) and isinstance(started, int) and started > self.multiple:
+        if self.config.auto_multiple and isinstance(started, int) and started > self.multiple:
             version = stored["run"].get("autocompress")
             raise UserError(f"run_dir {self.run_dir} holds a run of autocompress {version} whose channel_multiple "
                             f"auto is {started}; this version ({__version__}) takes {self.multiple} here",
@@ -759,7 +759,7 @@ class Compression:
         """The smaller channel multiples ``auto`` may fall back to, in order: 8 (the smaller CPU block), then for a
         flops or params target :data:`~autocompress.alignment.LAYOUT_MULTIPLE` and 1 (any width; a latency target's
         table would time every width); none for a multiple set explicitly."""
-        if self.config.channel_multiple not in (None, AUTO):
+        if not self.config.auto_multiple:
             return []
         finer = () if self.table is not None else (LAYOUT_MULTIPLE, 1)
         return [m for m in (FALLBACK, *finer) if m < self.multiple]

@@ -508,11 +508,17 @@ class CompressConfig:
         if self.final_retrain_epochs is not None:
             self.retrain.train_config(self.final_retrain_epochs)
 
+    @property
+    def auto_multiple(self) -> bool:
+        """Whether ``channel_multiple`` is ``"auto"`` (given, or the default None): the run picks it, and may fall
+        back to a smaller one; an explicit multiple never changes."""
+        return self.channel_multiple in (None, AUTO)
+
     def resolved_multiple(self, device: str = "cpu") -> tuple[int, str]:
         """The channel multiple of this run and why (:func:`autocompress.alignment.resolve_multiple`):
         ``channel_multiple``, or ``"auto"`` when None (which depends on whether ``target`` is a latency). SettingError
         (``channel_multiple``) for a bad value."""
-        value = AUTO if self.channel_multiple is None else self.channel_multiple
+        value = AUTO if self.auto_multiple else self.channel_multiple
         latency = self.target is not None and Target.parse(self.target).objective == "latency"
         return _naming("channel_multiple", lambda: resolve_multiple(value, device=device, latency=latency))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import distributed
 from ..config import SettingError
 from ..errors import CallArgument, UserError
+from .workload import AUGMENTS
 
 #: flag -> the setting it sets (``section.key`` for a key of a section)
 FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "--seed": "seed",
@@ -28,6 +29,9 @@ FLAG_SETTINGS = {"--target": "target", "--dims": "dims", "--rounds": "rounds", "
                  "--latency-batch": "latency.batch", "--epochs": "budget", "--ignore": "ignored_layers",
                  "--augment": "augment"}
 
+#: help of ``--augment`` (compress and prune; its values: :data:`autocompress.cli.workload.AUGMENTS`)
+AUGMENT_HELP = ("training augmentation: the dataset's (default: fashion-mnist horizontal flips, cifar10 padded crops "
+                "and flips) or none")
 #: help of ``--ignore`` (compress and prune)
 IGNORE_HELP = ("a module never pruned, by its name in model.named_modules() (a container covers the modules below "
                "it); repeat for several")
@@ -55,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint's, else 5000)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
     parser.add_argument("--batch-size", type=int, help="training batch size (default 128)")
-    parser.add_argument("--augment", choices=("default", "none"), help="training augmentation: the dataset's "
-                        "(default: fashion-mnist horizontal flips, cifar10 padded crops and flips) or none")
+    parser.add_argument("--augment", choices=AUGMENTS, help=AUGMENT_HELP)
     parser.add_argument("--epochs", type=int, help="training budget in epochs, split into rounds, ADMM and final "
                         "retraining by the measured rule (README: budget); instead of --rounds / --*-epochs")
     parser.add_argument("--admm-epochs", type=int, help="ADMM W-step epochs per round")

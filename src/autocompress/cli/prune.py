@@ -18,7 +18,8 @@ import yaml
 
 from ..errors import UserError
 from ..text import plural
-from .compress import IGNORE_HELP
+from .compress import AUGMENT_HELP, IGNORE_HELP
+from .workload import AUGMENTS
 
 _DIMS = ("filter,column", "filter", "column", "irregular", "filter,column,irregular")
 _UNIT_NOUNS = {"filter": "channel", "column": "column", "irregular": "weight"}
@@ -91,8 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purify-tolerance", type=_tolerance, default=0.005,
                         help="largest validation top-1 drop accepted by redundant weight removal (fraction)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--augment", choices=("default", "none"), default="default", help="training augmentation: "
-                        "the dataset's (fashion-mnist horizontal flips, cifar10 padded crops and flips) or none")
+    parser.add_argument("--augment", choices=AUGMENTS, default=AUGMENTS[0], help=AUGMENT_HELP)
     parser.add_argument("--data-dir", help="default: the dataset's lookup order (a folder the checkpoint "
                         "records is never read unless you pass it here)")
     parser.add_argument("--max-train", type=int, help="use a seeded subset of this many training images")
