@@ -92,9 +92,9 @@ def test_auto_multiple_follows_the_cpu_and_the_target(monkeypatch):
     assert channel_block() == 16 and channel_block("cuda:0") == 8
     assert resolve_multiple("auto", latency=True) == (16, "auto: 16 (CPU capability AVX512: oneDNN blocks channels "
                                                           "by 16)")
-    assert resolve_multiple("auto") == (8, "auto: 8 for a params / flops target (CPU capability AVX512: oneDNN "
-                                           "blocks channels by 16; channels a fit does not need are given back on "
-                                           "the 16-channel block)")
+    assert resolve_multiple("auto") == (8, "auto: 8 for a params / flops target: widths in steps of 8 (CPU "
+                                           "capability AVX512: oneDNN blocks channels by 16; channels a fit does "
+                                           "not need are given back only in whole 16-channel blocks)")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert channel_block() == 8
     for latency in (False, True):

@@ -79,8 +79,9 @@ def resolve_multiple(value: Any, *, device: str = "cpu", latency: bool = False) 
                   f"CPU capability {torch.backends.cpu.get_cpu_capability()}: oneDNN blocks channels by {block}")
         if latency or block <= COUNTED_MULTIPLE:
             return block, f"auto: {block} ({reason})"
-        return COUNTED_MULTIPLE, (f"auto: {COUNTED_MULTIPLE} for a params / flops target ({reason}; channels a fit "
-                                  f"does not need are given back on the {block}-channel block)")
+        return COUNTED_MULTIPLE, (f"auto: {COUNTED_MULTIPLE} for a params / flops target: widths in steps of "
+                                  f"{COUNTED_MULTIPLE} ({reason}; channels a fit does not need are given back only "
+                                  f"in whole {block}-channel blocks)")
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         raise UserError(f"channel_multiple={show(value)} is not valid",
                         "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")
