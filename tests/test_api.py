@@ -812,9 +812,13 @@ def test_a_base_with_stale_batchnorm_statistics_is_re_estimated_before_the_run(t
         teacher.bn1.running_var.clone()) or distiller(teacher, *args))
     config = {**CONFIG, "distillation": {"enabled": True}}
     args = dict(train_loader=train, val_loader=val, config=config, progress=False, run_dir=tmp_path / "run")
-    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **args)
+    lines = []
+    result = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **args, log=lines.append)
     event = next(r for r in result.records if r.get("event") == "batchnorm" and r["round"] == 0)
     own = top1_percent(model, val)
+    said = [line for line in lines if line.startswith("base model: BatchNorm statistics re-estimated")]
+    assert len(said) == 1 and ("the re-estimated base is what the run prunes, distils from and compares against"
+                               in said[0]) == stale
     base_row = result.final["rows"][0]
     assert event["val_top1_before"] == pytest.approx(own)
     assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # the caller's model untouched
@@ -831,8 +835,12 @@ def test_a_base_with_stale_batchnorm_statistics_is_re_estimated_before_the_run(t
     if stale:  # a rise within BASE_BN_WARNING of the score scale replaces the statistics without the warning
         rise = (event["val_top1_after"] - own) / 100
         monkeypatch.setattr(importlib.import_module("autocompress.compress"), "BASE_BN_WARNING", rise + 0.01)
-        quiet = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", **{**args, "run_dir": None})
+        before = len(lines)
+        quiet = autocompress.compress(model, torch.randn(1, 1, 8, 8), "params=2x", log=lines.append, **{
+            **args, "run_dir": None, "config": {**CONFIG, "distillation": {"enabled": False}}})
         assert quiet.final["rows"][0]["val_top1"] == base_row["val_top1"]
+        assert any("the re-estimated base is what the run prunes and compares against" in line
+                   for line in lines[before:])  # not "distils from" where it does not distil
         assert not [w for w in quiet.final["warnings"] if "BatchNorm statistics did not fit" in w]
 
 

@@ -27,6 +27,7 @@ from .annealing import AnnealingConfig
 from .distillation import DistillationConfig
 from .distributed import DistributedConfig
 from .latency import LatencyConfig
+from .optimizer_probe import MIN_TRAINING_STEPS
 from .errors import SettingError, UserError, show
 from .padded_norm import LAYER_NORM_FORMS
 from .purification import DEFAULT_THRESHOLDS, check_purification
@@ -426,7 +427,8 @@ class CompressConfig:
         if self.retrain.optimizer == AUTO:
             rates = " or ".join(f"{name} (lr {lr:g})" for name, lr in FINE_TUNING_LR.items())
             return (f"default training loop: {rates}, whichever retrains the pruned model better in a short probe "
-                    "before the first round (retrain.optimizer auto, class targets)")
+                    f"before the first round (retrain.optimizer auto, class targets; a run of fewer than "
+                    f"{MIN_TRAINING_STEPS} optimiser steps is not probed)")
         why = ""
         if given.retrain.optimizer == AUTO:
             targets = ("class indices per position of a dense output (a per-pixel loss's mean gives SGD small steps)"

@@ -1016,7 +1016,8 @@ class Pipeline:
             self.distiller = self._distiller()
         self.log(f"base model: BatchNorm statistics re-estimated on {_training_batches(batches)}: "
                  f"{self.describe(before)} -> {self.describe(after)}, " + (
-                     "the re-estimated base is what the run prunes, distils from and compares against" if kept else
+                     f"the re-estimated base is what the run prunes"
+                     f"{', distils from' if self.distiller else ''} and compares against" if kept else
                      f"its own statistics kept (a rise above {BASE_BN_GAIN:g} x the score scale would replace them)"))
         return [self._batchnorm_record(0, batches, before, after, kept)]
 

@@ -115,8 +115,8 @@ def _with_import_fix(exc: Exception) -> str:
     module = exc.module or "MODULE"
     what = "defines it" if exc.module else "defines or registers it"
     rest = f"; or {exc.fix}" if exc.fix else ""
-    return " ".join(f"{exc.problem}; pass --import {module} (the module that {what}; --import puts the current "
-                    f"folder on the import path, a checkpoint alone does not import from it){rest}".split())
+    return " ".join(f"{exc.problem}; pass --import {module} from the folder that holds it (the module that {what}: "
+                    f"a checkpoint names the class, not where its code is){rest}".split())
 
 
 def parse_model_args(items: list[str]) -> dict:
