@@ -3031,6 +3031,12 @@ def test_an_unreachable_target_names_the_recurrent_weights_no_unit_prunes():
     with pytest.raises(autocompress.Unreachable, match=rf"\(kept whole: rnn \(LSTM, {own:.0%} of the parameters\)"):
         autocompress.compress(model, torch.randn(1, 4, 7), "params=3x", train_loader=data, score_fn=weights_present,
                               config=CONFIG, progress=False)
+    # flops=3x is refused with the layers left out of column pruning, but not with "give a params target": params=3x
+    # is out of reach too (fresh user 88)
+    with pytest.raises(autocompress.Unreachable, match=r"not column-pruned for a flops target") as refused:
+        autocompress.compress(model, torch.randn(1, 4, 7), "flops=3x", train_loader=data, score_fn=weights_present,
+                              config=CONFIG, progress=False)
+    assert "params target" not in str(refused.value) and str(refused.value).endswith("raise max_r (below 1)")
     # a run that meets its target names it too, in its log and under the final table (fresh user 88: an LSTM with
     # 85 % of the MACs was never named on a successful run)
     lines: list[str] = []

@@ -335,13 +335,15 @@ def _check_reachable(original: float, best: float, target: float, r_max: float) 
         raise Unreachable(target, original / best, r_max)
 
 
-def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[str, list[str]]:
+def _held_back(space, objective: str, kinds: Collection[str] | None, target: float,
+               r_max: float) -> tuple[str, list[str]]:
     """What holds a target back in ``space`` (the layers whose filters or, for a flops target, columns it leaves
     out, those the compact model breaks without first, then the heaviest; a classifier's outputs are not named;
     modules no unit prunes holding :data:`~autocompress.space.WHOLE_SHARE` or more of the objective, e.g. an LSTM's
     recurrent weights) and the fixes that widen the space: kinds that would lower the objective but are not in
     ``kinds`` (not filter pruning where the model cannot be traced for it), a params target when columns were left
-    out for flops, reshapes written with -1 when the compact model broke."""
+    out for flops and every unit at ``r_max`` reaches ``target`` in parameters (a fresh user's LSTM net reached
+    neither), reshapes written with -1 when the compact model broke."""
     left = space.not_filter_pruned()
     broken = {name for name, reasons in space.reasons("filter").items()
               if any(r.startswith(FILTER_PRUNING + BREAKS) for r in reasons)}
@@ -371,7 +373,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None) -> tuple[st
     useful = ("filter", "column") if objective == "flops" else KINDS
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds
              and not (kind == "filter" and untraced)]
-    if columns:
+    if columns and _reaches(space, "params", kinds, target, r_max):
         fixes.append("give a params target, which counts their columns")
     if broken:
         fixes.append(BREAKS_FIX)
@@ -660,7 +662,15 @@ class ActionSampler:
                        give_back="heaviest" if space.channel_multiple > 1 else None, widths=widths,
                        keeps=space_keeps(space, units))
         except Unreachable as exc:
-            raise Unreachable(exc.target, exc.reached, exc.r_max, *_held_back(space, objective, kinds)) from None
+            raise Unreachable(exc.target, exc.reached, exc.r_max,
+                              *_held_back(space, objective, kinds, exc.target, exc.r_max)) from None
+
+
+def _reaches(space, objective: str, kinds: Collection[str] | None, target: float, r_max: float) -> bool:
+    """Whether the units of ``space`` (of ``kinds``) all at ``r_max`` reduce ``objective`` ``target`` times."""
+    units = [u for u in units_from_space(space, objective) if kinds is None or u.kind in kinds]
+    cost = space_cost(space, units, objective)
+    return bool(units) and cost(np.zeros(len(units))) >= target * cost(np.full(len(units), r_max))
 
 
 def on_block(block: int, multiple: int) -> bool:
