@@ -373,7 +373,7 @@ def _held_back(space, objective: str, kinds: Collection[str] | None, target: flo
     useful = ("filter", "column") if objective == "flops" else KINDS
     fixes = [f"add {kind} to dims" for kind in useful if kinds is not None and kind not in kinds
              and not (kind == "filter" and untraced)]
-    if columns and _reaches(space, "params", kinds, target, r_max):
+    if columns and _params_may_reach(space, kinds, target, r_max, columns):
         fixes.append("give a params target, which counts their columns")
     if broken:
         fixes.append(BREAKS_FIX)
@@ -666,11 +666,16 @@ class ActionSampler:
                               *_held_back(space, objective, kinds, exc.target, exc.r_max)) from None
 
 
-def _reaches(space, objective: str, kinds: Collection[str] | None, target: float, r_max: float) -> bool:
-    """Whether the units of ``space`` (of ``kinds``) all at ``r_max`` reduce ``objective`` ``target`` times."""
-    units = [u for u in units_from_space(space, objective) if kinds is None or u.kind in kinds]
-    cost = space_cost(space, units, objective)
-    return bool(units) and cost(np.zeros(len(units))) >= target * cost(np.full(len(units), r_max))
+def _params_may_reach(space, kinds: Collection[str] | None, target: float, r_max: float,
+                      columns: Collection[str]) -> bool:
+    """Whether a params target of ``target`` may be within reach of a flops ``space`` that leaves the ``columns``
+    layers out of column pruning: its units (of ``kinds``) all at ``r_max`` with ``r_max`` of those layers' whole
+    weights removed as well (an upper bound: filter pruning has removed part of them already)."""
+    units = [u for u in units_from_space(space, "params") if kinds is None or u.kind in kinds]
+    cost = space_cost(space, units, "params")
+    weights = [space.layer_macs[name][0] for name in columns if name in space.layer_macs]
+    spared = r_max * sum(math.prod(space.param_shapes.get(weight, ())) for weight in weights)
+    return cost(np.zeros(len(units))) >= target * max(cost(np.full(len(units), r_max)) - spared, 1.0)
 
 
 def on_block(block: int, multiple: int) -> bool:
