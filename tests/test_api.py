@@ -1867,6 +1867,40 @@ def test_a_run_without_a_search_starts_where_the_probe_s_loss_is_lower_and_a_res
     assert len(probed) == 3 and f"search.start auto: {lower} (as this run recorded)" in lines
 
 
+def test_an_ambiguous_optimiser_probe_on_the_chosen_start_is_probed_again_over_more_steps(monkeypatch):
+    """The start probe's SGD / AdamW losses on the chosen start 1.5 % apart (SGD lower): both optimisers are probed
+    again there at LONG_PROBE_STEPS, whose losses (AdamW 10 % lower) decide, and the optimiser record, the log line
+    and the probe phase's time include it. (The probes' losses are given here; their minimum run length is
+    lifted.)"""
+    from autocompress import optimizer_probe, report, rounds
+
+    monkeypatch.setattr(rounds, "MIN_TRAINING_STEPS", 0)
+    monkeypatch.setattr(rounds, "start_probe_steps", lambda factor: 0)
+    probed = []
+
+    def losses(model, param_masks, task, *, optimizers, steps, **_settings):
+        probed.append((optimizers, steps))
+        if steps == optimizer_probe.LONG_PROBE_STEPS:
+            return {"sgd": 1.0, "adamw": 0.9}
+        return {name: {"sgd": 0.985, "adamw": 1.0}[name] for name in optimizers}
+
+    monkeypatch.setattr(rounds, "probe_losses", losses)
+    train, val = loaders()
+    base, lines = trained(SmallCNN(16, 16), train), []
+    compression = Compression(base, torch.randn(1, 1, 8, 8), "params=1.5x", device="cpu", progress=False,
+                              log=lines.append, task_args=dict(train_loader=train, val_loader=val),
+                              config={**CONFIG, "search": {"max_evaluations": 1, "start": "auto"},
+                                      "admm": {"epochs": 0}, "retrain": {"epochs": 0}})
+    compression.run()
+    assert probed == [(("sgd",), 40)] * 2 + [(("adamw",), 40), (("sgd", "adamw"), 160)]
+    assert compression.config.retrain.optimizer == "adamw"  # the 40-step probe alone would have taken SGD
+    record = next(r for r in compression.store.records if r.get("event") == "optimizer")
+    assert record["probe"]["long_held_out_loss"] == {"sgd": 1.0, "adamw": 0.9}
+    said = next(line for line in lines if line.startswith("retrain.optimizer auto:"))
+    assert said.endswith("within 2.5% of each other, so probed again at 160 steps: sgd 1, adamw 0.9)")
+    assert report.phase_seconds(compression.store.records)["optimizer"] > 0
+
+
 def test_the_start_probe_says_it_trains_with_the_library_s_loop_when_the_caller_has_a_train_fn(monkeypatch):
     """Fresh user 60 read "guided sgd 0.84; magnitude sgd 1.26" while their own loop trained with Adam: the line
     now says which loop the probe ran."""

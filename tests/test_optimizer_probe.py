@@ -215,3 +215,35 @@ def test_the_magnitude_start_is_chosen_only_when_its_best_loss_is_lower_by_more_
     assert choose_start({"guided": guided, "magnitude": {"sgd": 0.79, "adamw": 0.9}}) == "magnitude"
     assert choose_start({"guided": guided, "magnitude": {"sgd": 0.795, "adamw": 0.9}}) == "guided"  # within 1 %
     assert choose_start({"guided": guided}) == "guided"
+
+
+@pytest.mark.parametrize("short, longer, choice", [
+    ((0.985, 1.0), (1.0, 0.98), "adamw"),   # ambiguous: the longer probe decides, against the short one
+    ((1.0, 0.98), (0.97, 1.0), "sgd"),      # ambiguous the other way
+    ((0.97, 1.0), (1.0, 0.9), "sgd"),       # 3 % apart: not ambiguous, not probed again
+    ((math.inf, 1.0), (0.5, 1.0), "adamw"),  # SGD diverged: not ambiguous
+])
+def test_an_ambiguous_probe_is_probed_again_over_more_steps_which_decides(monkeypatch, short, longer, choice):
+    """SGD / AdamW losses within AMBIGUOUS (2.5 %) of each other after PROBE_STEPS are probed again, both copies
+    from the pruned model, at LONG_PROBE_STEPS (160); those losses decide (TIE as before) and the record and the log
+    line say both."""
+    from autocompress import optimizer_probe
+
+    trained = []
+
+    def loss(model, masks, task, config, distiller, steps, held_out):
+        trained.append((config.optimizer, steps))
+        return dict(zip(("sgd", "adamw"), short if steps == optimizer_probe.PROBE_STEPS else longer))[config.optimizer]
+
+    monkeypatch.setattr(optimizer_probe, "_trained_loss", loss)
+    model, task = regression(1.0)
+    result = probe_optimizers(model, {}, task, settings=TrainConfig(), same_batches=lambda: task.seeded(5))
+    again = math.isfinite(short[0]) and abs(short[0] - short[1]) < 0.025 * short[1]
+    assert optimizer_probe.LONG_PROBE_STEPS == 160
+    assert trained == [("sgd", 40), ("adamw", 40)] + ([("sgd", 160), ("adamw", 160)] if again else [])
+    assert result.choice == choice and result.losses == dict(zip(("sgd", "adamw"), short))
+    probe = result.record()["probe"]
+    assert (probe.get("long_held_out_loss"), probe.get("long_steps")) == (
+        (dict(zip(("sgd", "adamw"), longer)), 160) if again else (None, None))
+    assert (f"so probed again at 160 steps: sgd {longer[0]:.4g}, adamw {longer[1]:.4g})" in
+            result.describe()) == again

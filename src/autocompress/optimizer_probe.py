@@ -8,7 +8,8 @@ better and the same CNN AdamW-trained as well as AdamW (BENCHMARKS.md, sessions 
 session 29, before the channel scoring changed). The probe trains two copies of the pruned model for the same
 few batches, one per optimiser, each with a cosine schedule from its fine-tuning rate to zero (a retraining in
 miniature), then compares their data loss on the training batches that follow (held out from both). The lower
-loss wins, SGD only by more than the probe's noise (:data:`TIE`).
+loss wins, SGD only by more than the probe's noise (:data:`TIE`). Where the two lie close (:data:`AMBIGUOUS`), both
+are probed again over more steps (:data:`LONG_PROBE_STEPS`), which decides.
 
 The same probe chooses where a round without a search starts (``search.start: auto``, :func:`choose_start`): the
 guided start (rates that follow the guidance) or the magnitude start (one global threshold on relative channel
@@ -55,6 +56,16 @@ MIN_START_PROBE_STEPS = 8 * PROBE_STEPS
 #: optimisers' loss difference by ~1 % of it; in the near ties measured (0.1-1 % apart) AdamW retrained better in
 #: 4 of 5 (BENCHMARKS.md, session 36)
 TIE = 0.01
+#: a probe of :data:`PROBE_STEPS` whose SGD and AdamW losses lie within this fraction of AdamW's is ambiguous: both
+#: are probed again at :data:`LONG_PROBE_STEPS`, which decides. In
+#: that band the 40-step probe read the better optimiser wrongly on two of three CIFAR-10 nets at flops=2x with 314
+#: optimiser steps (BENCHMARKS.md, session 56): SGD 1.3-1.6 % lower on a VGG- and a ConvNeXt-style net, where AdamW
+#: retrained 0.56-0.79 points better, and rightly 1.2-1.4 % lower on a MobileNet-style net, where SGD retrained
+#: 0.90-1.38 better; at 160 steps all six runs read the better one (at 80 steps four, at 120 not the ConvNeXt's)
+AMBIGUOUS = 0.025
+#: the longer probe's steps per optimiser: at most twice a probed run's own steps (:data:`MIN_TRAINING_STEPS`); a
+#: 314-step run's time about doubles where it probes again
+LONG_PROBE_STEPS = 160
 
 
 def _layer_normed(model: nn.Module) -> bool:
@@ -112,17 +123,42 @@ class ProbeResult:
     losses: dict[str, float]
     steps: int
     held_out: int
+    long: dict[str, float] | None = None
 
     def record(self) -> dict:
-        """The probe as a metrics record (``metrics.jsonl``)."""
+        """The probe as a metrics record (``metrics.jsonl``); ``long_held_out_loss`` and ``long_steps`` where the
+        probe ran again at :data:`LONG_PROBE_STEPS`."""
+        longer = {} if self.long is None else {"long_held_out_loss": self.long, "long_steps": LONG_PROBE_STEPS}
         return {"event": "optimizer", "choice": self.choice, "probe": {
-            "held_out_loss": self.losses, "steps": self.steps, "held_out_batches": self.held_out}}
+            "held_out_loss": self.losses, "steps": self.steps, "held_out_batches": self.held_out, **longer}}
 
     def describe(self) -> str:
         """One log line: the choice and the losses it was made on."""
-        losses = ", ".join(f"{name} {loss:.4g}" for name, loss in self.losses.items())
+        longer = "" if self.long is None else (
+            f"; within {AMBIGUOUS:.1%} of each other, so probed again at {LONG_PROBE_STEPS} steps: "
+            f"{_shown(self.long)}")
         return (f"retrain.optimizer auto: {self.choice} (a probe of {self.steps} steps per optimiser from the "
-                f"pruned model; data loss on the next {self.held_out} training batches: {losses})")
+                f"pruned model; data loss on the next {self.held_out} training batches: {_shown(self.losses)}"
+                f"{longer})")
+
+
+def _shown(losses: dict[str, float]) -> str:
+    return ", ".join(f"{name} {loss:.4g}" for name, loss in losses.items())
+
+
+def ambiguous(losses: dict[str, float]) -> bool:
+    """Whether the SGD and AdamW losses of a probe are finite and within :data:`AMBIGUOUS` of AdamW's."""
+    sgd, adamw = losses["sgd"], losses["adamw"]
+    return math.isfinite(sgd) and math.isfinite(adamw) and abs(sgd - adamw) < AMBIGUOUS * adamw
+
+
+def settle(losses: dict[str, float], long_probe: Callable[[], dict[str, float]], *, steps: int = PROBE_STEPS,
+           held_out: int = HELD_OUT_BATCHES) -> ProbeResult:
+    """The optimiser a probe of ``steps`` with ``losses`` chooses (:func:`choose_optimizer`); where they are
+    :func:`ambiguous`, the one ``long_probe()`` (the losses of a probe at :data:`LONG_PROBE_STEPS`) chooses."""
+    long = long_probe() if ambiguous(losses) else None
+    return ProbeResult(choice=choose_optimizer(long or losses), losses=losses, steps=steps, held_out=held_out,
+                       long=long)
 
 
 def probe_optimizers(model: nn.Module, param_masks: dict[str, torch.Tensor], task: Task, *,
@@ -130,18 +166,21 @@ def probe_optimizers(model: nn.Module, param_masks: dict[str, torch.Tensor], tas
                      same_batches: Callable[[], object], steps: int = PROBE_STEPS,
                      held_out: int = HELD_OUT_BATCHES) -> ProbeResult:
     """Train a copy of ``model`` per optimiser for ``steps`` training batches and compare their data loss on the
-    next ``held_out`` batches of ``task.train_loader`` (:func:`probe_losses`).
+    next ``held_out`` batches of ``task.train_loader`` (:func:`probe_losses`); where the two losses are
+    :func:`ambiguous`, again for :data:`LONG_PROBE_STEPS` batches.
 
     Returns:
-        :class:`ProbeResult`: SGD where its loss is more than :data:`TIE` below AdamW's, else AdamW
-        (:func:`choose_optimizer`).
+        :class:`ProbeResult`: SGD where its loss (the longer probe's, where it ran) is more than :data:`TIE` below
+        AdamW's, else AdamW (:func:`choose_optimizer`).
 
     Raises:
         UserError: as :func:`probe_losses`.
     """
-    losses = probe_losses(model, param_masks, task, settings=settings, distiller=distiller,
-                          same_batches=same_batches, steps=steps, held_out=held_out)
-    return ProbeResult(choice=choose_optimizer(losses), losses=losses, steps=steps, held_out=held_out)
+    def probed(count: int) -> dict[str, float]:
+        return probe_losses(model, param_masks, task, settings=settings, distiller=distiller,
+                            same_batches=same_batches, steps=count, held_out=held_out)
+
+    return settle(probed(steps), lambda: probed(LONG_PROBE_STEPS), steps=steps, held_out=held_out)
 
 
 def choose_optimizer(losses: dict[str, float]) -> str:

@@ -40,9 +40,9 @@ from .epoch_checkpoint import EpochCheckpoint
 from .errors import UserError
 from .masks import MaskEnforcer, Masks
 from .multihead import split_multihead_attention
-from .optimizer_probe import (HELD_OUT_BATCHES, MIN_TRAINING_STEPS, PROBE_STEPS, ProbeResult, choose_optimizer,
-                              choose_start, probe_losses, probe_optimizers, start_probe_steps, unprobed_choice,
-                              unprobed_start)
+from .optimizer_probe import (HELD_OUT_BATCHES, LONG_PROBE_STEPS, MIN_TRAINING_STEPS, PROBE_STEPS, ProbeResult,
+                              choose_start, probe_losses, probe_optimizers, settle,
+                              start_probe_steps, unprobed_choice, unprobed_start)
 from .projection import project
 from .purification import purify
 from .quick_eval import recalibrate_batchnorm
@@ -663,13 +663,14 @@ class Pipeline:
         self.log(f"search.start auto: {choice} (a probe of {PROBE_STEPS} steps from each start's pruned model; data "
                  f"loss on the next {HELD_OUT_BATCHES} training batches: {shown}{loop})")
         probe = {"held_out_loss": losses, "steps": PROBE_STEPS, "held_out_batches": HELD_OUT_BATCHES}
-        phase = {"event": "phase", "round": 0, "phase": "optimizer", "seconds": time.perf_counter() - started}
         if self.config.retrain.optimizer == AUTO:
-            result = ProbeResult(choice=choose_optimizer(losses[choice]), losses=losses[choice], steps=PROBE_STEPS,
-                                 held_out=HELD_OUT_BATCHES)
+            rates = candidates[choice]
+            result = settle(losses[choice], lambda: distributed.on_main(lambda: self._probe_losses(
+                state, rates, OPTIMIZERS, LONG_PROBE_STEPS)))
             self.log(result.describe())
             self.store.finish("base", "optimizer", [result.record()])
             self.config = self.config.with_optimizer(result.choice)
+        phase = {"event": "phase", "round": 0, "phase": "optimizer", "seconds": time.perf_counter() - started}
         self.store.finish("base", "start", [{"event": "start", "choice": choice, "probe": probe}, phase])
         return choice
 
@@ -709,11 +710,12 @@ class Pipeline:
         model, param_masks, settings = self._probe_arguments(state, rates)
         return probe_optimizers(model, param_masks, self.task, **settings)
 
-    def _probe_losses(self, state: RoundState, rates: dict, optimizers: tuple[str, ...]) -> dict[str, float]:
-        """:func:`~autocompress.optimizer_probe.probe_losses` of ``optimizers`` on ``state.model`` hard-pruned at
-        ``rates`` (:meth:`_probe_arguments`)."""
+    def _probe_losses(self, state: RoundState, rates: dict, optimizers: tuple[str, ...],
+                      steps: int = PROBE_STEPS) -> dict[str, float]:
+        """:func:`~autocompress.optimizer_probe.probe_losses` of ``optimizers`` for ``steps`` on ``state.model``
+        hard-pruned at ``rates`` (:meth:`_probe_arguments`)."""
         model, param_masks, settings = self._probe_arguments(state, rates)
-        return probe_losses(model, param_masks, self.task, optimizers=optimizers, **settings)
+        return probe_losses(model, param_masks, self.task, optimizers=optimizers, steps=steps, **settings)
 
     def _probe_arguments(self, state: RoundState, rates: dict) -> tuple[nn.Module, dict, dict]:
         """A copy of ``state.model`` hard-pruned at ``rates`` and shrunk as the retraining's model is
