@@ -104,8 +104,8 @@ def test_missing_user_code_points_to_import_flag(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert ("cannot import module 'mynet_ac' of model class mynet_ac:MyNet (ModuleNotFoundError: No module named "
             "'mynet_ac'); pass --import mynet_ac from") in err and "; or install the package" in err and "\n" not in err
-    assert "--import mynet_ac from the folder that holds it (the module that defines it: a checkpoint names the class, "\
-        "not where its code is)" in err
+    assert ("--import mynet_ac from the folder that holds it (the module that defines it: a checkpoint names the "
+            "class, not where its code is)") in err
     assert err.endswith("or put it on PYTHONPATH") and "autocompress.load(" not in err  # the Python-only fix left out
     with pytest.raises(UserError, match=r"or put it on PYTHONPATH; or pass a fresh instance of the model instead: "
                                         r"autocompress.load\(path, model=MyNet\(...\)\)$"):

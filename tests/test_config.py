@@ -92,7 +92,8 @@ def test_the_optimizer_follows_the_task_and_sets_the_unset_learning_rates():
     pending = unset.for_task(classifies=True)
     assert (pending.retrain.optimizer, pending.retrain.lr, pending.admm.lr) == ("auto", None, None)
     assert ("short probe before the first round (retrain.optimizer auto, class targets; a run of fewer than 160 "
-            "optimiser steps is not probed)") in pending.describe_loop(unset, True) and pending.for_task(True) == pending
+            "optimiser steps is not probed)") in pending.describe_loop(unset, True)
+    assert pending.for_task(True) == pending
     settled = pending.with_optimizer("adamw")
     assert (settled.retrain.optimizer, settled.retrain.lr, settled.admm.lr, settled.quick_eval.finetune_lr) == (
         "adamw", 0.001, 0.001, 0.001)
