@@ -19,6 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 import autocompress
 from autocompress import UserError
@@ -93,8 +94,7 @@ def test_auto_multiple_follows_the_cpu_and_the_target(monkeypatch):
     assert resolve_multiple("auto", latency=True) == (16, "auto: 16 (CPU capability AVX512: oneDNN blocks channels "
                                                           "by 16)")
     assert resolve_multiple("auto") == (8, "auto: 8 for a params / flops target: widths in steps of 8 (CPU "
-                                           "capability AVX512: oneDNN blocks channels by 16; channels a fit does "
-                                           "not need are given back only in whole 16-channel blocks)")
+                                           "capability AVX512: oneDNN blocks channels by 16)")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert channel_block() == 8
     for latency in (False, True):
@@ -899,6 +899,41 @@ def test_auto_multiple_gives_channels_back_on_the_cpu_block(monkeypatch, caplog,
     filters = [w for unit, w in zip(sampler.units, sampler.widths or [None] * len(sampler.units))
                if unit.kind == "filter"]
     assert filters == (widths or [None, None, None])
+    said = next(line for line in lines if line.startswith("channel multiple: "))
+    assert ("given back only in whole 16-channel blocks (of 2-D convolutions and Linear outputs" in said) == bool(
+        widths) and compression.block == (16 if widths else 8)
+
+
+class Conv1dNet(nn.Module):
+    """``[B, 1, 16]`` -> ``[B, 3]``: 1-D convolutions of 16, 32 and 64 channels, global average pooling, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv1d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 32, 3, padding=1),
+                                   nn.ReLU(), nn.Conv1d(32, 64, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x).mean(2))
+
+
+def test_a_model_of_one_dimensional_convolutions_gives_channels_back_at_the_multiple(monkeypatch):
+    """Fresh user 90's PointNet (Conv1d and Linear) overshot flops=2x at 2.45x, the log blaming 16-channel blocks:
+    a Conv1d runs in time proportional to its width (BENCHMARKS.md, session 56), so where no group sets a 2-D
+    conv's channels or a Linear's outputs, ``auto``'s 8 gives back at steps of 8 and the log names no block."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 1, 16, generator=g), torch.randint(0, 3, (64,), generator=g)),
+                      batch_size=16)
+    lines: list[str] = []
+    compression = Compression(Conv1dNet(), torch.randn(1, 1, 16), "flops=2x", task_args=dict(
+        train_loader=data, val_loader=data), config=CONFIG, progress=False, log=lines.append)
+    assert compression.multiple == 8 and compression.block == 8
+    said = next(line for line in lines if line.startswith("channel multiple: "))
+    assert said == "channel multiple: auto: 8 for a params / flops target: widths in steps of 8 (CPU capability " \
+                   "AVX512: oneDNN blocks channels by 16)"
+    sampler = compression._sampler(compression.first_space, compression.factor, 1.0)
+    assert sampler.widths is None
 
 
 @pytest.mark.parametrize("reached, multiple, block, words", [

@@ -311,14 +311,18 @@ def test_an_unreachable_target_says_what_holds_it_back_and_which_dims_would_help
                                     "feeding it in ignored_layers")
 
 
-def conv_chain(widths: list[int]) -> torch.nn.Sequential:
-    """``[B, 1, H, W]`` -> ``[B, 10]``: 3x3 convolutions of the given widths (ReLU between), GAP, a Linear."""
+def conv_chain(widths: list[int], dims: int = 2, hidden: int | None = None) -> torch.nn.Sequential:
+    """``[B, 1, H, W]`` (``dims`` 2) or ``[B, 1, L]`` (1) -> ``[B, 10]``: 3x3 (3) convolutions of the given widths
+    (ReLU between), global average pooling, a Linear (``hidden``: two, the first of ``hidden`` outputs)."""
+    conv, pool = {1: (torch.nn.Conv1d, torch.nn.AdaptiveAvgPool1d), 2: (torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d)}[
+        dims]
     layers, channels = [], 1
     for width in widths:
-        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
+        layers += [conv(channels, width, 3, padding=1), torch.nn.ReLU()]
         channels = width
-    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                               torch.nn.Linear(channels, 10))
+    head = [torch.nn.Linear(channels, 10)] if hidden is None else [
+        torch.nn.Linear(channels, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)]
+    return torch.nn.Sequential(*layers, pool(1), torch.nn.Flatten(), *head)
 
 
 @settings(max_examples=12, deadline=None)
@@ -392,20 +396,26 @@ def test_a_swap_widens_one_filter_group_by_one_step_and_narrows_one_other_within
         assert space.count(project(space, model, back)).macs > budget
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(st.lists(st.sampled_from([16, 24, 32, 48, 64]), min_size=2, max_size=4), st.sampled_from([2.0, 3.0, 4.0]),
-       st.integers(0, 2**16))
-@example([16, 16, 32, 16], 2.0, 3)  # steps of 8 give the 32-channel layer back to 24 (fit: 16)
-def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, target, seed):
+       st.integers(0, 2**16), st.sampled_from([1, 2]), st.sampled_from([None, 48]))
+@example([16, 16, 32, 16], 2.0, 3, 2, None)  # steps of 8 give the 32-channel layer back to 24 (fit: 16)
+@example([16, 16, 32, 16], 2.0, 3, 1, 48)  # Conv1d: to 24; the hidden Linear on the block
+def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, target, seed, dims, hidden):
     """When ``auto``'s multiple (8) is below the CPU's 16-channel block, a give-back in steps of 8 would
-    widen a layer to 24 channels, which runs as slowly as 32 there. With ``block=16`` every filter group keeps
-    the fit's width or is given back to a width on the 16-block (or its whole width), the target is still met
-    by the engine's own count, and no group can take its next 16-block width without missing the target."""
+    widen a 2-D conv to 24 channels, which runs as slowly as 32 there (as does a Linear's output). With
+    ``block=16`` every such filter group keeps the fit's width or is given back to a width on the 16-block (or its
+    whole width), a Conv1d's group (whose time follows its width) in steps of 8, the target is still met by the
+    engine's own count, and no group can take its next width without missing the target."""
     from autocompress.projection import project
     from autocompress.space import PruningSpace
 
-    model = conv_chain(widths)
-    space = PruningSpace.build(model, torch.randn(1, 1, 12, 12), channel_multiple=8, executed_macs_only=True)
+    model = conv_chain(widths, dims, hidden)
+    example = torch.randn(1, 1, *(12,) * dims)
+    space = PruningSpace.build(model, example, channel_multiple=8, executed_macs_only=True)
+    blocked = {g.name: dims == 2 or isinstance(model.get_submodule(g.name), torch.nn.Linear)
+               for g in space.filter_groups}  # every group's root is its producing layer here
+    assert {g.name: space.sets_blocked_channels(g.name) for g in space.filter_groups} == blocked
     try:
         sampler = ActionSampler.from_space(space, "flops", target, block=16)
     except UserError:
@@ -418,8 +428,9 @@ def test_a_block_above_the_multiple_gives_back_only_to_block_widths(widths, targ
     for group in space.filter_groups:
         kept = space.filter_keep(group, rates["filter"][group.name])
         fit = space.filter_keep(group, fitted["filter"][group.name])
-        assert kept == fit or (kept > fit and (kept % 16 == 0 or kept == group.size))
-        wider = [w for w in [*range(16, group.size, 16), group.size] if w > kept]
+        step = 16 if blocked[group.name] else 8
+        assert kept == fit or (kept > fit and (kept % step == 0 or kept == group.size))
+        wider = [w for w in [*range(step, group.size, step), group.size] if w > kept]
         if wider:
             more = wider[0]
             bigger = {**rates, "filter": {**rates["filter"], group.name: 1.0 - more / group.size}}

@@ -66,9 +66,9 @@ def resolve_multiple(value: Any, *, device: str = "cpu", latency: bool = False) 
 
     ``"auto"``: the channel block of ``device`` (:func:`channel_block`) for a ``latency`` target, whose lookup
     table times what each width costs; for a params or flops target at most 8 (:data:`COUNTED_MULTIPLE`: a target
-    counted in parameters or MACs fits closer and loses fewer points at steps of 8; the fit still gives channels
-    back on the block, see :func:`autocompress.sampling.on_block`). An int ``N >= 1`` is itself (1 = no
-    alignment).
+    counted in parameters or MACs fits closer and loses fewer points at steps of 8; the fit still gives the channels
+    of the layers that run in blocks back on the block, see :func:`autocompress.sampling.on_block`). An int
+    ``N >= 1`` is itself (1 = no alignment).
 
     Raises:
         UserError: anything else (names the setting ``channel_multiple``).
@@ -80,8 +80,7 @@ def resolve_multiple(value: Any, *, device: str = "cpu", latency: bool = False) 
         if latency or block <= COUNTED_MULTIPLE:
             return block, f"auto: {block} ({reason})"
         return COUNTED_MULTIPLE, (f"auto: {COUNTED_MULTIPLE} for a params / flops target: widths in steps of "
-                                  f"{COUNTED_MULTIPLE} ({reason}; channels a fit does not need are given back only "
-                                  f"in whole {block}-channel blocks)")
+                                  f"{COUNTED_MULTIPLE} ({reason})")
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         raise UserError(f"channel_multiple={show(value)} is not valid",
                         "give an integer from 1 (no alignment) to 4096, e.g. 8, or auto")

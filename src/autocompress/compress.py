@@ -413,7 +413,11 @@ class Compression:
             distributed.on_main(self._check_same_validation, share=False)
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
-        self.pipeline.log(f"channel multiple: {why}")
+        self._settle_block()
+        self.pipeline.log(f"channel multiple: {why}" + (
+            f"; channels a fit does not need are given back only in whole {self.block}-channel blocks (of 2-D "
+            "convolutions and Linear outputs, which CPU kernels process in blocks)"
+            if on_block(self.block, self.multiple) else ""))
         if self.config.ignored_layers:
             self.pipeline.log(ignored_summary(self.first_space))
         if not self.task.layout:
@@ -725,6 +729,14 @@ class Compression:
         if self.folder is not None:
             self.folder.release()
         torch.set_num_threads(self.threads)
+
+    def _settle_block(self) -> None:
+        """The block a fit gives channels back on (:func:`~autocompress.sampling.on_block`) becomes the multiple
+        where no filter group of the first space sets channels CPU kernels process in blocks
+        (:meth:`~autocompress.space.PruningSpace.sets_blocked_channels`: a model of Conv1d layers), so that neither
+        the log nor an overshoot warning names a block that is not used."""
+        if not any(self.first_space.sets_blocked_channels(g.name) for g in self.first_space.filter_groups):
+            self.block = self.multiple
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.

@@ -640,8 +640,10 @@ class ActionSampler:
         > 1) each fit gives back heaviest first (see :func:`give_back`); at single channels a fit lands within
         about 1 % of the target (median 0.6 %) and giving back cost top-1 at params=10x (BENCHMARKS.md,
         "Session 13: give-back"), so the fit stays as it is. With a ``block`` above the space's multiple (the
-        CPU's channel block under ``auto``'s 8 for a params / flops target) a filter group is given back only to
-        widths aligned to ``block`` (or its whole width): a 16-channel block runs 24 channels as slowly as 32.
+        CPU's channel block under ``auto``'s 8 for a params / flops target) a filter group of a 2-D convolution's or
+        a Linear's output channels (:meth:`~autocompress.space.PruningSpace.sets_blocked_channels`) is given back
+        only to widths aligned to ``block`` (or its whole width): a 16-channel block runs 24 channels as slowly as
+        32. Other groups (a Conv1d's, whose time follows its width) are given back at the space's multiple.
         ``guidance`` weighs the units per layer or per channel (:data:`GUIDANCES`).
 
         Raises:
@@ -655,7 +657,8 @@ class ActionSampler:
                             "add filter or column units (dims), or give a params target")
         widths = None
         if on_block(block, space.channel_multiple):
-            widths = [allowed_widths(u.size, block) if u.kind == "filter" else None for u in units]
+            widths = [allowed_widths(u.size, block) if u.kind == "filter" and space.sets_blocked_channels(u.name)
+                      else None for u in units]
         try:
             return cls(units, space_cost(space, units, objective), target,
                        r_max=space.max_rate if r_max is None else r_max, max_iter=max_iter,

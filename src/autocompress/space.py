@@ -697,6 +697,16 @@ class PruningSpace:
         """One unit by kind and name. Raises KeyError if absent."""
         return self._units[kind][name]
 
+    def sets_blocked_channels(self, name: str) -> bool:
+        """Whether filter group ``name`` sets channels that CPU kernels process in blocks: a 2-D convolution's
+        output or input channels (a 4-D weight; onnxruntime's blocked layout, :data:`autocompress.latency.
+        LAYOUT_RULE`) or a Linear's output features (a 2-D weight's rows: the columns of its GEMM, packed in
+        panels). Measured in onnxruntime, 1 thread (BENCHMARKS.md, session 56): Conv2d and Linear widths of 104 and
+        112, 120 and 128 ran alike, while Conv1d ran in proportion to its width (Conv1d and Conv3d never take the
+        blocked layout). Raises KeyError for an unknown group."""
+        return any(len(self.param_shapes[s.param]) == 4 or (len(self.param_shapes[s.param]) == 2 and s.dim == 0)
+                   for s in self._units["filter"][name].slices)
+
     def check_rates(self, rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
         """Validate a rates dict ``{"filter": {group: r}, "column": {layer: r}, "irregular": {layer: r}}``.
 
