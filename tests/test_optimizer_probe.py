@@ -96,17 +96,19 @@ def test_the_probe_keeps_pruned_weights_at_zero_in_both_copies(monkeypatch):
         assert torch.all(weight[~mask] == 0) and torch.all(weight[mask] != 0)
 
 
-@pytest.mark.parametrize("sgd, choice", [(0.995, "adamw"), (0.989, "sgd"), (1.2, "adamw")])
-def test_sgd_must_beat_adamw_by_more_than_the_probe_s_noise(monkeypatch, sgd, choice):
-    """Held-out losses within 1 % of each other are a tie, which goes to AdamW; SGD wins only below 0.99 x
-    AdamW's loss."""
+@pytest.mark.parametrize("sgd, choice, again", [(0.995, "adamw", True), (0.97, "sgd", False),
+                                                (1.2, "adamw", False)])
+def test_the_lower_loss_wins_where_the_two_lie_apart(monkeypatch, sgd, choice, again):
+    """Held-out losses 2.5 % or more apart: the lower one wins at once (SGD 3 % lower: SGD); closer, the longer probe
+    decides (here AdamW 10 % lower there)."""
     from autocompress import optimizer_probe
 
-    monkeypatch.setattr(optimizer_probe, "_trained_loss", lambda model, masks, task, config, *rest: {
-        "sgd": sgd, "adamw": 1.0}[config.optimizer])
+    monkeypatch.setattr(optimizer_probe, "_trained_loss", lambda model, masks, task, config, distiller, steps, *rest: {
+        "sgd": sgd if steps == 40 else 1.0, "adamw": 1.0 if steps == 40 else 0.9}[config.optimizer])
     model, task = regression(1.0)
     result = probe_optimizers(model, {}, task, settings=TrainConfig(), same_batches=lambda: task.seeded(5))
     assert result.choice == choice and result.losses == {"sgd": sgd, "adamw": 1.0}
+    assert (result.long is not None) == again
 
 
 class MyNorm(nn.LayerNorm):
@@ -220,13 +222,14 @@ def test_the_magnitude_start_is_chosen_only_when_its_best_loss_is_lower_by_more_
 @pytest.mark.parametrize("short, longer, choice", [
     ((0.985, 1.0), (1.0, 0.98), "adamw"),   # ambiguous: the longer probe decides, against the short one
     ((1.0, 0.98), (0.97, 1.0), "sgd"),      # ambiguous the other way
+    ((0.985, 1.0), (0.995, 1.0), "sgd"),    # the longer probe's lower loss decides, with no tie band (0.5 %)
     ((0.97, 1.0), (1.0, 0.9), "sgd"),       # 3 % apart: not ambiguous, not probed again
     ((math.inf, 1.0), (0.5, 1.0), "adamw"),  # SGD diverged: not ambiguous
 ])
 def test_an_ambiguous_probe_is_probed_again_over_more_steps_which_decides(monkeypatch, short, longer, choice):
     """SGD / AdamW losses within AMBIGUOUS (2.5 %) of each other after PROBE_STEPS are probed again, both copies
-    from the pruned model, at LONG_PROBE_STEPS (160); those losses decide (TIE as before) and the record and the log
-    line say both."""
+    from the pruned model, at LONG_PROBE_STEPS (160); the lower of those losses decides (no TIE band: a MobileNet-style
+    net's SGD 0.87 % lower there retrained 1.42 points better) and the record and the log line say both."""
     from autocompress import optimizer_probe
 
     trained = []
