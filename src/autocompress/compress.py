@@ -730,12 +730,6 @@ class Compression:
             self.folder.release()
         torch.set_num_threads(self.threads)
 
-    def _searched_reduction(self) -> float | None:
-        """The reduction (x, of the base) the last round's searched widths reached by the space's count, before
-        purification (its ``search`` record); None without one."""
-        return next((r["compression"] for r in reversed(self.store.records)
-                     if r.get("event") == "search" and "compression" in r), None)
-
     def _settle_block(self) -> None:
         """The block a fit gives channels back on (:func:`~autocompress.sampling.on_block`) becomes the multiple
         where no filter group of the first space sets channels CPU kernels process in blocks
@@ -876,8 +870,10 @@ class Compression:
             self.pipeline.run_round(state, last=index == len(self.targets))
             model, compact_model = state.model, state.compact_model
         if not self.store.is_done("final", "final"):  # rank 0 saves model.pt and measures
-            seconds = report.phase_seconds(self.store.records)  # a collective: every rank reads the records
-            self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model, seconds))])
+            records = self.store.records  # a collective: every rank reads the records
+            seconds, searched = report.phase_seconds(records), _searched_reduction(records)
+            self.store.finish("final", "final", [distributed.on_main(lambda: self._final(compact_model, seconds,
+                                                                                         searched))])
         result = self._result(compact_model)
         self._check_target(result, compact_model)
         self._check_latency(result, compact_model)
@@ -1217,9 +1213,10 @@ class Compression:
                 f"machine ran {base_now / self.table.base_ms:.2f}x as slow); the target is checked as that speedup "
                 f"over the base timed side by side: {base_now / compressed:.3g}x")
 
-    def _final(self, compact_model: nn.Module, phase_seconds: dict[str, float]) -> dict:
+    def _final(self, compact_model: nn.Module, phase_seconds: dict[str, float], searched: float | None) -> dict:
         """The final table: base vs compressed (params, MACs, validation score, latency at batch 1 and 64), and
-        ``phase_seconds`` (:func:`autocompress.report.phase_seconds`)."""
+        ``phase_seconds`` (:func:`autocompress.report.phase_seconds`); ``searched``: the last round's searched
+        reduction (:func:`_searched_reduction`), which an overshoot warning compares."""
         if self.run_dir is not None:
             path = self.run_dir / "model.pt"
             (self.save or self._save_default)(path, compact_model)
@@ -1242,7 +1239,7 @@ class Compression:
                         _accuracy_warning(*rows, self.pipeline.chance, self.target),
                         _teacher_warning(*rows, self.config.distillation, own_loop=self.own_loop),
                         _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block,
-                                           searched=self._searched_reduction()),
+                                           searched=searched),
                         self._latency_overshoot_warning(deployed), noisy_timing_warning(deployed["deployed"]),
                         _bottleneck_warning(self.first_space, _compact_widths(self.first_space, compact_model)),
                         self.first_space.unreached_warning(), self._base_batchnorm_warning(),
@@ -1445,6 +1442,13 @@ def fit_share(gap: float, errors: float) -> tuple[float, str]:
     share = max(gap / errors, 0.0) if errors > 0 else 0.0
     return share, (f"the base scores {abs(gap):.1f} points of top-1 {'higher' if gap >= 0 else 'lower'} on "
                    f"training batches than on validation, {share:.0%} of its {errors:.1f}% validation error")
+
+
+def _searched_reduction(records: list[dict]) -> float | None:
+    """The reduction (x, of the base) the last round's searched widths reached by the space's count, before
+    purification (the last ``search`` record of ``records``); None without one."""
+    return next((r["compression"] for r in reversed(records) if r.get("event") == "search" and "compression" in r),
+                None)
 
 
 def _overshoot_warning(reached: float, target: Target, multiple: int, block: int, *,
