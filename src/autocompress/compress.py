@@ -345,8 +345,6 @@ class Compression:
         self.target = Target.parse(self.config.target)
         self.device = resolve_device(distributed.local_device(device))
         self.multiple, why = self.config.resolved_multiple(str(self.device))
-        # the channel block a params / flops fit gives channels back on (auto's multiple may be below it)
-        self.block = channel_block(str(self.device)) if self.config.auto_multiple else self.multiple
         check_functions(train_fn=train_fn, log=log, **{k: v for k, v in task_args.items() if k.endswith("_fn")})
         self.own_loop = train_fn is not None  # the caller's loop distils only where it calls phase.distill
         self.from_data: set[str] = set()  # settings given as auto that the base's data decide
@@ -413,7 +411,7 @@ class Compression:
             distributed.on_main(self._check_same_validation, share=False)
         self.first_model = densify(base)
         self.first_space = self.pipeline.space(self.first_model)
-        self._settle_block()
+        self.block = self._give_back_block()
         self.pipeline.log(f"channel multiple: {why}" + (
             f"; channels a fit does not need are given back only in whole {self.block}-channel blocks (of 2-D "
             "convolutions and Linear outputs, which CPU kernels process in blocks)"
@@ -730,13 +728,14 @@ class Compression:
             self.folder.release()
         torch.set_num_threads(self.threads)
 
-    def _settle_block(self) -> None:
-        """The block a fit gives channels back on (:func:`~autocompress.sampling.on_block`) becomes the multiple
-        where no filter group of the first space sets channels CPU kernels process in blocks
-        (:meth:`~autocompress.space.PruningSpace.sets_blocked_channels`: a model of Conv1d layers), so that neither
-        the log nor an overshoot warning names a block that is not used."""
-        if not any(self.first_space.sets_blocked_channels(g.name) for g in self.first_space.filter_groups):
-            self.block = self.multiple
+    def _give_back_block(self) -> int:
+        """The channel block a params / flops fit gives channels back on (:func:`~autocompress.sampling.on_block`):
+        under ``auto`` the device's (:func:`~autocompress.alignment.channel_block`; its multiple may be below it)
+        where a filter group of the first space sets channels CPU kernels process in blocks
+        (:meth:`~autocompress.space.PruningSpace.sets_blocked_channels`), else the multiple (a model of Conv1d
+        layers: neither the log nor an overshoot warning names a block that is not used)."""
+        blocked = any(self.first_space.sets_blocked_channels(g.name) for g in self.first_space.filter_groups)
+        return channel_block(str(self.device)) if self.config.auto_multiple and blocked else self.multiple
 
     def _check_reachable(self, base: nn.Module) -> None:
         """UserError, before any work, when the target cannot be reached even at the narrowest widths allowed.
