@@ -190,6 +190,7 @@ def test_compress_with_aligned_widths_reports_deployed_speed(tmp_path):
         assert final["rows"][0][f"deployed_b{batch}_ms"] == row["base_ms"]
     assert final["deployed"]["slower"] == [int(b) for b, row in final["deployed"]["batches"].items()
                                            if row["compressed_ms"] > SLOWER * row["base_ms"]]
+    assert all(row["uniform_ms"] > 0 for row in final["deployed"]["batches"].values())  # a flops target's reference
     header = final_table_rows(final)[0]
     assert "onnxruntime b=1 (ms)" in header and "onnxruntime b=4 (ms)" in header
     assert "deployed latency: onnxruntime on cpu, 1 thread(s)" in (tmp_path / "run" / "report.html").read_text()
@@ -214,6 +215,64 @@ def test_slower_compact_model_is_a_loud_warning(tmp_path):
                                                         "warnings": [warning]}) + "\n")
     page = write_report(tmp_path).read_text()
     assert "color:#b00" in page and "WARNING: the compressed model is SLOWER than the base" in page
+
+
+def test_uniform_reference_meets_the_macs_at_one_rate():
+    """The flops target's speed reference prunes every filter group at one rate to the MACs asked for (counted
+    independently by the flop counter), at the space's channel multiple, and computes the masked base."""
+    from autocompress.deployment import uniform_reference
+    from autocompress.metrics import count_macs
+
+    model, x = _randomised(SmallCNN(16, 32), 1).eval(), torch.randn(1, 1, 8, 8)
+    base_macs = count_macs(model, x)
+    for multiple, target in ((1, 2.0), (8, 2.0), (1, 3.0)):
+        space = PruningSpace.build(model, x, channel_multiple=multiple)
+        reference = uniform_reference(space, model, x, target, r_max=0.95)
+        assert count_macs(reference, x) <= base_macs / target
+        widths = {"conv1": reference.conv1.out_channels / 16, "conv2": reference.conv2.out_channels / 32}
+        assert all(w * n % multiple == 0 for w, n in zip(widths.values(), (16, 32)))
+        assert abs(widths["conv1"] - widths["conv2"]) <= multiple / 16  # one rate, up to one step of the multiple
+    assert uniform_reference(PruningSpace.build(model, x), model, x, 1e4, r_max=0.5) is None  # out of reach
+
+
+def test_a_model_slower_than_uniform_rates_at_its_macs_is_warned_about():
+    """Fresh user 90: a flops=4x PointNet ran 1.26x slower than Torch-Pruning's uniform model at the same MACs
+    (a 24-channel layer feeding a 440-channel one) and nothing said so: the final record times a uniform-rate
+    reference beside it and warns over UNIFORM_SLOWER at any batch, with the caller's fix."""
+    from autocompress.latency import UNIFORM_SLOWER, uniform_warning
+
+    timings = {1: {"base": _t(2.0), "compressed": _t(1.0), "uniform": _t(0.9)},
+               64: {"base": _t(20.0), "compressed": _t(6.0), "uniform": _t(4.8)}}
+    summary = deployed_summary(timings, LatencyConfig())
+    assert summary["batches"]["64"]["uniform_ms"] == 4.8 and 1.0 / 0.9 < UNIFORM_SLOWER < 6.0 / 4.8
+    warning = uniform_warning(summary, "FIX")
+    assert warning.startswith("the compressed model runs slower than one pruned at a uniform rate to the same MACs")
+    assert "batch 64: 6 ms vs 4.8 ms (1.25x)" in warning and "batch 1:" not in warning and warning.endswith(": FIX")
+    from autocompress.report import deployed_lines
+
+    assert "the base pruned at one uniform rate to the same MACs (untrained; timed with them): batch 1: 0.9 ms; " \
+           "batch 64: 4.8 ms" in deployed_lines({"deployed": summary})
+    del timings[64]["uniform"]
+    assert uniform_warning(deployed_summary(timings, LatencyConfig()), "FIX") is None  # no reference timed there
+
+
+def test_the_uniform_warning_names_a_latency_target_and_the_guidance(tmp_path, monkeypatch):
+    """Wiring: a flops run of a classifier (per-channel guidance) whose compressed model times 1.5x the uniform
+    reference warns with the uniform rates' speedup as a latency target and the per-layer guidance."""
+    compress_module = sys.modules["autocompress.compress"]
+
+    def timed(models, example, settings, batches=None, runs=None):
+        assert set(models) == {"base", "compressed", "uniform"}
+        return {b: {"base": _t(3.0), "compressed": _t(1.5), "uniform": _t(1.0)} for b in batches}
+
+    monkeypatch.setattr(compress_module, "measure_models", timed)
+    train, _ = loaders()
+    result = _compress(trained(SmallCNN(16, 24), train), "flops=2x", tmp_path / "run")
+    warning = [w for w in result.final["warnings"] if "uniform rate" in w]
+    assert len(warning) == 1 and "batch 1: 1.5 ms vs 1 ms (1.50x)" in warning[0]
+    assert warning[0].endswith("for speed, give a latency target (target latency=3x: the uniform rates' speedup at "
+                               "batch 1), which times candidates in the runtime, or search.guidance: layer (the "
+                               "per-channel guidance prunes hardest the channels that cost the most MACs)")
 
 
 def test_a_model_not_much_faster_at_many_fewer_macs_is_warned_about():

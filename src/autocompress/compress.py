@@ -36,11 +36,11 @@ from .annealing import AnnealingResult, simulated_annealing
 from .budget import RULE, apply_budget, describe, given_settings, search_share_warning
 from .compaction import compact, densify
 from .config import CompressConfig, SettingError, Target, round_targets
-from .deployment import COLUMN_LAYERS, deployed_form, with_dense_layers
+from .deployment import COLUMN_LAYERS, deployed_form, uniform_reference, with_dense_layers
 from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable, time_major
 from .errors import CallArgument, TargetMissed, UserError
 from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
-                      noisy_timing_warning, speed_warning)
+                      noisy_timing_warning, speed_warning, uniform_warning)
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -1167,8 +1167,11 @@ class Compression:
             limit = self.base_macs / self.factor if self.target.objective == "flops" else None
             form = deployed_form(compact_model, self.example, settings, max_macs=limit)
             fields["deployed_form"] = form.summary()
-            timings = measure_models({"base": self.pipeline.base_model, "compressed": form.model}, self.example,
-                                     settings, batches=batches)
+            fields["deployed_macs"] = self.pipeline.macs(form.model)
+            models = {"base": self.pipeline.base_model, "compressed": form.model}
+            if limit is not None and (uniform := self._uniform_reference(fields["deployed_macs"])) is not None:
+                models["uniform"] = uniform
+            timings = measure_models(models, self.example, settings, batches=batches)
         except UserError as exc:  # e.g. an op the exporter lacks: the run's result stands, without this column
             if self.table is not None:  # a latency target cannot be checked without it
                 raise
@@ -1176,16 +1179,16 @@ class Compression:
             logging.getLogger("autocompress").warning(fields["warnings"][-1])
             return fields
         deployed = fields["deployed"] = deployed_summary(timings, settings)
-        fields["deployed_macs"] = self.pipeline.macs(form.model)
         macs_factor = self.base_macs / max(fields["deployed_macs"], 1) if self.table is None else None
         warning = speed_warning(deployed, macs_factor=macs_factor, aligned=self.multiple > 1)
         if warning and settings.runtime == "onnxruntime":
             layout = {name: blocked_convolutions(model, self.example) for name, model in
                       (("base", self.pipeline.base_model), ("compressed", form.model))}
             warning = speed_warning(deployed, macs_factor=macs_factor, aligned=self.multiple > 1, layout=layout)
-        if warning:
-            logging.getLogger("autocompress").warning(warning)
-            fields["warnings"].append(warning)
+        for warning in (warning, uniform_warning(deployed, self._uniform_fix(deployed))):
+            if warning:
+                logging.getLogger("autocompress").warning(warning)
+                fields["warnings"].append(warning)
         if self.table is not None:
             estimate = self.table.estimate_model(compact_model)
             measured = timings[settings.batch]["compressed"].median_ms
@@ -1197,6 +1200,27 @@ class Compression:
                 logging.getLogger("autocompress").warning(warning)
                 fields["warnings"].append(warning)
         return fields
+
+    def _uniform_reference(self, macs: int) -> nn.Module | None:
+        """A flops target's speed reference: the base pruned at one rate to ``macs`` (the compact model's)
+        (:func:`autocompress.deployment.uniform_reference`, over the first round's space); None where filter
+        pruning alone cannot reach them."""
+        return uniform_reference(self.first_space, densify(self.pipeline.base_model), self.example,
+                                 self.base_macs / max(macs, 1), r_max=self.config.max_r, block=self.block)
+
+    def _uniform_fix(self, deployed: dict) -> str:
+        """What :func:`~autocompress.latency.uniform_warning` tells the user to change: a latency target at the
+        speedup the uniform-rate reference reached at ``latency.batch``, and the per-layer guidance where the
+        per-channel one chose the widths."""
+        row = deployed["batches"].get(str(self.config.latency.batch), {})
+        speedup = row["base_ms"] / row["uniform_ms"] if "uniform_ms" in row else None
+        return ("for speed, give a latency target" + (f" (target latency={speedup:.2g}x: the uniform rates' "
+                                                      f"speedup at batch {self.config.latency.batch})"
+                                                      if speedup else "")
+                + ", which times candidates in the runtime" + (", or search.guidance: layer (the per-channel "
+                                                               "guidance prunes hardest the channels that cost "
+                                                               "the most MACs)" if self.guidance == "channel"
+                                                               else ""))
 
     def _ms_drift_warning(self, timing: dict) -> str | None:
         """For a ``latency=Nms`` target, the warning when the final timing of the compact model is above N ms:

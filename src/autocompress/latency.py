@@ -369,11 +369,14 @@ def measure_models(models: Mapping[str, nn.Module], example: Any, config: Latenc
 def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfig) -> dict:
     """Plain data for the final record: per batch the base and compressed medians (ms), their spread (10th
     and 90th percentiles of the runs, ms) and the speedup, the settings, and ``slower``: the batch sizes at
-    which the compressed model takes more than :data:`SLOWER` times the base's time."""
+    which the compressed model takes more than :data:`SLOWER` times the base's time. Timings of a ``"uniform"``
+    model as well (a flops target's reference, :func:`autocompress.deployment.uniform_reference`) add its median
+    (``uniform_ms``) to each batch's row."""
     rows = {str(b): {"base_ms": t["base"].median_ms, "compressed_ms": t["compressed"].median_ms,
                      "speedup": t["base"].median_ms / max(t["compressed"].median_ms, 1e-9),
                      "base_p10_p90_ms": [t["base"].p10_ms, t["base"].p90_ms],
-                     "compressed_p10_p90_ms": [t["compressed"].p10_ms, t["compressed"].p90_ms]}
+                     "compressed_p10_p90_ms": [t["compressed"].p10_ms, t["compressed"].p90_ms],
+                     **({"uniform_ms": t["uniform"].median_ms} if "uniform" in t else {})}
             for b, t in timings.items()}
     return {"runtime": config.runtime, "device": config.device, "threads": config.threads,
             "runs": config.runs, "warmup": config.warmup, "batches": rows,
@@ -435,6 +438,28 @@ def speed_warning(summary: dict, *, macs_factor: float | None = None, aligned: b
         why = (f" (it runs {layout['compressed'][0]} of its {layout['compressed'][1]} convolutions in onnxruntime's "
                f"blocked channel layout, the base {layout['base'][0]} of {layout['base'][1]}: {LAYOUT_RULE})")
     return f"{head} in {summary['runtime']} ({summary['threads']} thread(s)): {'; '.join(parts)}{why}; {fix}"
+
+
+def uniform_warning(summary: dict, fix: str) -> str | None:
+    """The warning when the compressed model of a :func:`deployed_summary` with ``uniform_ms`` rows runs over
+    :data:`UNIFORM_SLOWER` times the time of the uniform-rate model at the same MACs at some batch size: its
+    widths save MACs the runtime does not turn into time. ``fix``: what to change, as the caller can name it.
+    None when it is as fast (or no row has a uniform timing)."""
+    rows = {b: row for b, row in summary["batches"].items() if "uniform_ms" in row}
+    slow = [f"batch {b}: {row['compressed_ms']:.3g} ms vs {row['uniform_ms']:.3g} ms "
+            f"({row['compressed_ms'] / row['uniform_ms']:.2f}x)" for b, row in rows.items()
+            if row["compressed_ms"] > UNIFORM_SLOWER * row["uniform_ms"]]
+    if not slow:
+        return None
+    return (f"the compressed model runs slower than one pruned at a uniform rate to the same MACs (untrained, "
+            f"timed beside it) in {summary['runtime']} ({summary['threads']} thread(s)): {'; '.join(slow)}; its "
+            f"widths save MACs that do not turn into time there (e.g. a narrow layer feeding a wide one, whose "
+            f"activations still pass through memory): {fix}")
+
+
+#: a flops target's compressed model over this many times the time of the uniform-rate reference at the same MACs
+#: is warned about (:func:`uniform_warning`; a fresh user's PointNet ran 1.26x at batch 64, 1.2x at batch 1)
+UNIFORM_SLOWER = 1.15
 
 
 # ------------------------------------------------------------------------------------------ lookup table
@@ -897,4 +922,5 @@ def _smallest(model: nn.Module, x: tuple[torch.Tensor, ...], space, multiple: in
 __all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LAYOUT_RULE", "LITTLE_SPEEDUP", "LatencyConfig",
            "LatencyTable", "LayerSpec", "RUNTIMES", "SLOWER", "Timing", "blocked_convolutions", "build_table",
            "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models", "runner",
-           "speed_warning", "table_key", "time_runners"]
+           "speed_warning", "table_key", "time_runners",
+           "UNIFORM_SLOWER", "uniform_warning"]

@@ -271,6 +271,11 @@ def deployed_lines(final: dict) -> list[str]:
               if isinstance(row, dict) and row.get("base_p10_p90_ms") is not None]
     if spread:
         lines.append("spread of the runs (10th-90th percentile, ms): " + "; ".join(spread))
+    uniform = [f"batch {b}: {_num(row['uniform_ms'], '.3g')} ms" for b, row in (deployed.get("batches") or {}).items()
+               if isinstance(row, dict) and row.get("uniform_ms") is not None]
+    if uniform:
+        lines.append("the base pruned at one uniform rate to the same MACs (untrained; timed with them): "
+                     + "; ".join(uniform))
     form = final.get("deployed_form")
     if isinstance(form, dict) and form.get("column_layers"):
         lines.append(_form_line(final, form))
