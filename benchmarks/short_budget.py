@@ -516,7 +516,8 @@ def run_autocompress(base: nn.Module, data: tuple, method: str, seed: int, targe
     start = next((r["choice"] for r in result.records if r.get("event") == "start"), None)
     return {"top1": top1(result.model, test), "macs_x": result.mac_reduction,
             "params_x": result.compression_rate, "schedule": result.final.get("schedule"), "optimizer": chosen,
-            "start": start,
+            "start": start, "warnings": result.final.get("warnings"),
+            "deployed": (result.final.get("deployed") or {}).get("batches"),
             "phase_seconds": result.phase_seconds}, result.model
 
 

@@ -2213,6 +2213,21 @@ def test_a_dict_output_s_refusal_names_its_first_key_and_an_unbatched_example_is
             model=Broadcasting(), example=torch.randn(1, 8, 8))
 
 
+def test_an_unbatched_example_whose_forward_fails_is_refused_naming_the_batch_dimension(no_work):
+    """Fresh user 90: a ``[3, 128]`` point cloud for ``[B, 3, 128]`` batches runs through a Conv1d (which takes
+    unbatched input) into a BatchNorm1d that reads its 8 channels as the batch: PyTorch's "running_mean should
+    contain 16 elements not 8" was all the refusal said. The missing batch dimension is named instead."""
+    model = nn.Sequential(nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), nn.Flatten(), nn.Linear(8 * 16, 3))
+    points = DataLoader(TensorDataset(torch.randn(24, 3, 16), torch.randint(0, 3, (24,))), batch_size=8)
+    with pytest.raises(UserError, match=r"^example_inputs has shape \[3, 16\], one item of train_loader's inputs "
+                       r"\[8, 3, 16\] without the batch dimension; pass a batch of one"):
+        autocompress.compress(model, torch.randn(3, 16), "params=2x", train_loader=points, val_loader=points,
+                              config=CONFIG, progress=False, run_dir=no_work)
+    with pytest.raises(UserError, match=r"^the model's forward fails on example_inputs \(RuntimeError: "):
+        autocompress.compress(model, torch.randn(1, 4, 16), "params=2x", train_loader=points, val_loader=points,
+                              config=CONFIG, progress=False, run_dir=no_work)  # batched, wrong channels: as before
+
+
 def test_an_example_of_another_size_than_the_data_is_warned_about(caplog):
     """A fresh user's 64x64 example for 32x32 data ran to the end with MACs and latency of 64x64 inputs and no
     word; compress and prune now warn before any work, naming both shapes, and compress again with the final table

@@ -468,6 +468,7 @@ class Task:
             with analysis_mode(model):
                 outputs = [output_tensors(model(*example_inputs)) for _ in range(2)]
         except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+            self._refuse_unbatched_on_failure(example_inputs)  # the likelier cause, named (fresh user 90)
             keyword = isinstance(exc, TypeError) and "required keyword-only argument" in str(exc)
             raise UserError(f"the model's forward fails on example_inputs ({first_line(exc)})", (
                 "example_inputs are the forward's positional arguments: compress a wrapper nn.Module whose "
@@ -559,6 +560,17 @@ class Task:
         if not needs_training:
             self.first_batch = self._untrained_loss_batch(model, first)
         return train_output
+
+    def _refuse_unbatched_on_failure(self, example_inputs: tuple) -> None:
+        """After the forward failed on ``example_inputs``: :func:`_refuse_unbatched_example` against the first
+        training batch (read as it is, on its own device), whose error names the missing batch dimension where a
+        BatchNorm's or a conv's own error would not (``running_mean should contain 128 elements not 64`` for a
+        ``[3, 128]`` point cloud); nothing when there is no such batch to compare with."""
+        try:
+            first = next(iter(self.train_loader)) if self.train_loader is not None else None
+        except Exception:  # noqa: BLE001 - the loader's own failure is reported by the checks that read it
+            return
+        _refuse_unbatched_example(first, example_inputs)
 
     def _first(self, loader: Iterable, name: str) -> Batch:
         try:
