@@ -270,9 +270,10 @@ def test_the_uniform_warning_names_a_latency_target_and_the_guidance(tmp_path, m
     result = _compress(trained(SmallCNN(16, 24), train), "flops=2x", tmp_path / "run")
     warning = [w for w in result.final["warnings"] if "uniform rate" in w]
     assert len(warning) == 1 and "batch 1: 1.5 ms vs 1 ms (1.50x)" in warning[0]
-    assert warning[0].endswith("for speed, give a latency target (target latency=3x: the uniform rates' speedup at "
-                               "batch 1), which times candidates in the runtime, or search.guidance: layer (the "
-                               "per-channel guidance prunes hardest the channels that cost the most MACs)")
+    assert warning[0].endswith("for speed at this target, set search.guidance: layer (the per-channel guidance "
+                               "prunes hardest the channels that cost the most MACs, whatever their time), or give a "
+                               "latency target (target latency=3x: the uniform rates' speedup at batch 1), which "
+                               "times candidates in the runtime")
 
 
 def test_a_model_not_much_faster_at_many_fewer_macs_is_warned_about():

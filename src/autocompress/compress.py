@@ -1209,18 +1209,17 @@ class Compression:
                                  self.base_macs / max(macs, 1), r_max=self.config.max_r, block=self.block)
 
     def _uniform_fix(self, deployed: dict) -> str:
-        """What :func:`~autocompress.latency.uniform_warning` tells the user to change: a latency target at the
-        speedup the uniform-rate reference reached at ``latency.batch``, and the per-layer guidance where the
-        per-channel one chose the widths."""
+        """What :func:`~autocompress.latency.uniform_warning` tells the user to change: the per-layer guidance where
+        the per-channel one chose the widths (fresh user 90's PointNet at flops=4x: Torch-Pruning's speed at the same
+        top-1), and a latency target at the speedup the uniform-rate reference reached at ``latency.batch``."""
         row = deployed["batches"].get(str(self.config.latency.batch), {})
-        speedup = row["base_ms"] / row["uniform_ms"] if "uniform_ms" in row else None
-        return ("for speed, give a latency target" + (f" (target latency={speedup:.2g}x: the uniform rates' "
-                                                      f"speedup at batch {self.config.latency.batch})"
-                                                      if speedup else "")
-                + ", which times candidates in the runtime" + (", or search.guidance: layer (the per-channel "
-                                                               "guidance prunes hardest the channels that cost "
-                                                               "the most MACs)" if self.guidance == "channel"
-                                                               else ""))
+        speedup = f"latency={row['base_ms'] / row['uniform_ms']:.2g}x" if "uniform_ms" in row else "latency=2x"
+        latency = (f"a latency target (target {speedup}: the uniform rates' speedup at batch "
+                   f"{self.config.latency.batch}), which times candidates in the runtime")
+        if self.guidance != "channel":
+            return f"for speed, give {latency}"
+        return ("for speed at this target, set search.guidance: layer (the per-channel guidance prunes hardest the "
+                f"channels that cost the most MACs, whatever their time), or give {latency}")
 
     def _ms_drift_warning(self, timing: dict) -> str | None:
         """For a ``latency=Nms`` target, the warning when the final timing of the compact model is above N ms:
