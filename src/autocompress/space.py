@@ -2112,7 +2112,8 @@ def _verified(model: nn.Module, inputs: tuple, groups: list[FilterGroup],
     for g in groups:
         if g.name in bad:
             _exclude(excluded, g.name, f"filter pruning: torch-pruning's channel mapping into {bad[g.name]} "
-                     "could not be verified")
+                     "could not be verified (its channels reach it mixed, e.g. by a reshape, a matrix product or "
+                     "a shuffle)")
         else:
             kept.append(g)
     return kept
