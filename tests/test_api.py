@@ -33,7 +33,7 @@ from autocompress.compaction import TRAINING_BREAKS
 from autocompress.compress import TARGET_TOLERANCE, Compression
 from autocompress.config import SettingError
 from autocompress.rounds import Pipeline
-from autocompress.space import RECURRENT_FOLLOWED
+from autocompress.recurrent import RECURRENT_FOLLOWED
 from autocompress.task import Task
 from autocompress.training import seeded
 
@@ -1526,21 +1526,60 @@ def test_groups_breaking_a_weight_read_outside_its_layer_are_left_out_naming_the
 
 
 class ConvGRU(nn.Module):
-    """``[B, 8, 6, 6]`` -> ``[B, 3]``: a conv whose channels a GRU reads as features (its filters cannot be pruned:
-    torch-pruning traces a GRU's operations one by one and cannot map them), then a classifier."""
+    """``[B, 8, 6, 6]`` -> ``[B, 3]``: a conv whose channels an LSTM with projections reads as features (its filters
+    cannot be pruned: torch-pruning cannot map them; a GRU's until session 57), then a classifier."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.rnn, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.GRU(16, 8, batch_first=True), nn.Linear(8, 3)
+        self.conv, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.Linear(4, 3)
+        self.rnn = nn.LSTM(16, 8, batch_first=True, proj_size=4)
 
     def forward(self, x):
         return self.fc(self.rnn(self.conv(x).flatten(2).transpose(1, 2))[0][:, -1])
 
 
+class ConvRecurrentNet(nn.Module):
+    """``[B, 4, T]`` -> ``[B, 3]``: two 1-D convs, a GRU or plain RNN (bidirectional) reading the second's channels,
+    a classifier on the last step."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 16, 3, padding=1)
+        self.rnn, self.fc = kind(16, 6, batch_first=True, bidirectional=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.b(torch.relu(self.a(x)))).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.RNN])
+def test_a_gru_or_rnn_reading_a_pruned_conv_runs_end_to_end(tmp_path, kind):
+    """Fresh user 58's GRU left the conv feeding it out of filter pruning (torch-pruning traces a GRU op by op); its
+    input weights' columns now leave with that conv's channels: a params run prunes conv b, the compact GRU / RNN
+    reads its kept channels, the saved model reloads to the same outputs and exports to ONNX."""
+    from autocompress.export import export_onnx
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(48, 4, 9, generator=g), torch.randint(0, 3, (48,), generator=g)),
+                      batch_size=16)
+    torch.manual_seed(0)
+    result = autocompress.compress(ConvRecurrentNet(kind), torch.randn(1, 4, 9), "params=1.5x",
+                                   train_loader=data, score_fn=weights_present, config={**CONFIG, "dims": "filter"},
+                                   progress=False, run_dir=tmp_path / "run")
+    model = result.model.eval()
+    assert model.b.out_channels < 16 and model.rnn.input_size == model.b.out_channels
+    assert model.rnn.weight_ih_l0_reverse.shape[1] == model.b.out_channels
+    x = torch.randn(5, 4, 9)
+    loaded = autocompress.load(tmp_path / "run" / "model.pt", model=ConvRecurrentNet(kind)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert export_onnx(model, x[:1], tmp_path / "rnn.onnx").max_abs_diff < 1e-4
+
+
 def test_default_dims_prune_columns_alone_where_no_filter_unit_can_be_pruned():
-    """Fresh users 61 and 62: a conv feeding an LSTM (now filter-pruned; a GRU here) left no filter unit, and the
-    default ``filter,column`` was refused ("drop filter from dims") although the user had chosen no dims. The default
-    prunes the columns alone and says why; explicit dims naming filter are still refused."""
+    """Fresh users 61 and 62: a conv feeding an LSTM (now filter-pruned; one with projections here) left no filter
+    unit, and the default ``filter,column`` was refused ("drop filter from dims") although the user had chosen no
+    dims. The default prunes the columns alone and says why; explicit dims naming filter are still refused."""
     from autocompress import metrics
 
     g = torch.Generator().manual_seed(0)

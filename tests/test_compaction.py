@@ -593,48 +593,55 @@ def test_a_long_error_line_is_cut_at_a_word():
 
 
 class ConvLSTM(nn.Module):
-    """A CRNN: conv -> BN -> ReLU -> height pooled away -> the width as time -> nn.LSTM -> Linear: ``head``
-    ``"steps"`` on every step, ``"state"`` on the final hidden state (``h[-1]``, both directions' for a
-    bidirectional LSTM), ``"returned"`` on every step and the final ``(h, c)`` returned beside it."""
+    """A CRNN: conv -> BN -> ReLU -> height pooled away -> the width as time -> a recurrent layer (``kind``: nn.LSTM,
+    nn.GRU or nn.RNN) -> Linear: ``head`` ``"steps"`` on every step, ``"state"`` on the final hidden state
+    (``h[-1]``, both directions' for a bidirectional layer), ``"returned"`` on every step and the final state
+    (an LSTM's ``(h, c)``) returned beside it."""
 
     def __init__(self, channels=6, hidden=5, layers=1, bidirectional=False, batch_first=False, proj_size=0,
-                 head="steps"):
+                 head="steps", kind=nn.LSTM):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels)
         self.batch_first, self.head = batch_first, head
-        self.rnn = nn.LSTM(channels, hidden, layers, bidirectional=bidirectional, batch_first=batch_first,
-                           proj_size=proj_size)
+        extra = {"proj_size": proj_size} if kind is nn.LSTM else {}
+        self.rnn = kind(channels, hidden, layers, bidirectional=bidirectional, batch_first=batch_first, **extra)
         self.fc = nn.Linear((proj_size or hidden) * (1 + bidirectional), 3)
 
     def forward(self, x):
         f = torch.relu(self.bn(self.conv(x))).mean(2)  # [N, C, W]
-        out, (h, c) = self.rnn(f.permute(0, 2, 1) if self.batch_first else f.permute(2, 0, 1))
+        out, state = self.rnn(f.permute(0, 2, 1) if self.batch_first else f.permute(2, 0, 1))
+        h = state[0] if isinstance(state, tuple) else state
         if self.head == "state":
             return self.fc(torch.cat(list(h[-1 - self.rnn.bidirectional:]), 1))
-        return (self.fc(out), (h, c)) if self.head == "returned" else self.fc(out)
+        return (self.fc(out), state) if self.head == "returned" else self.fc(out)
 
 
-@settings(max_examples=10, deadline=None)
-@given(layers=st.integers(1, 2), bidirectional=st.booleans(), batch_first=st.booleans(),
-       head=st.sampled_from(["steps", "state", "returned"]), rate=st.floats(0.1, 0.8), seed=st.integers(0, 3))
-@example(layers=2, bidirectional=True, batch_first=True, head="state", rate=0.5, seed=0)
-@example(layers=1, bidirectional=False, batch_first=True, head="returned", rate=0.5, seed=0)
-def test_the_channels_an_lstm_reads_are_removed_from_its_input_weights(layers, bidirectional, batch_first, head, rate,
-                                                                       seed):
+@settings(max_examples=15, deadline=None)
+@given(kind=st.sampled_from([nn.LSTM, nn.GRU, nn.RNN]), layers=st.integers(1, 2), bidirectional=st.booleans(),
+       batch_first=st.booleans(), head=st.sampled_from(["steps", "state", "returned"]), rate=st.floats(0.1, 0.8),
+       seed=st.integers(0, 3))
+@example(kind=nn.LSTM, layers=2, bidirectional=True, batch_first=True, head="state", rate=0.5, seed=0)
+@example(kind=nn.LSTM, layers=1, bidirectional=False, batch_first=True, head="returned", rate=0.5, seed=0)
+@example(kind=nn.GRU, layers=2, bidirectional=True, batch_first=False, head="state", rate=0.5, seed=1)
+@example(kind=nn.RNN, layers=1, bidirectional=False, batch_first=True, head="returned", rate=0.3, seed=2)
+def test_the_channels_a_recurrent_layer_reads_are_removed_from_its_input_weights(kind, layers, bidirectional,
+                                                                                 batch_first, head, rate, seed):
     """Fresh user 83's CRNN: the conv feeding an nn.LSTM was never filter-pruned ("couples with LSTM rnn, which
     mixes channels"), though an LSTM's input weights ``weight_ih_l0`` (and ``_reverse``) read each channel in one
     column. Now the group holds those columns; the compact model computes the masked one, its LSTM reads the kept
     channels, and the space's parameter and MAC counts equal the compact model's own (MACs counted by the flop
     counter, the LSTM's included). A head on the final state ``h[-1]``, or ``(h, c)`` returned, left the conv out
-    (fresh user 86: "cannot be followed into fc", "its channels are model outputs"). (An LSTM with ``proj_size``
-    stays out: torch-pruning cannot map it.)"""
+    (fresh user 86: "cannot be followed into fc", "its channels are model outputs"). A GRU's or a plain RNN's
+    input (3 and 1 gates a hidden unit) is followed the same way (fresh user 58's GRU left its producer out; an
+    own torch-pruning pruner of their input side). (An LSTM with ``proj_size`` stays out: torch-pruning cannot map
+    it.)"""
     from autocompress.metrics import count_macs, count_params
     from autocompress.projection import project
     from autocompress.space import PruningSpace
 
     torch.manual_seed(seed)
-    model = _randomize_bn(ConvLSTM(layers=layers, bidirectional=bidirectional, batch_first=batch_first, head=head),
-                          seed).eval()
+    model = _randomize_bn(ConvLSTM(layers=layers, bidirectional=bidirectional, batch_first=batch_first, head=head,
+                                   kind=kind), seed).eval()
     x = torch.randn(2, 1, 4, 7)
     space = PruningSpace.build(model, x)
     group = space.unit("filter", "conv")
@@ -654,7 +661,8 @@ def test_an_lstm_with_projections_leaves_the_layer_feeding_it_out_whichever_outp
     """An ``nn.LSTM`` with ``proj_size`` is not followed (torch-pruning cannot map it): the conv feeding it stays
     whole with the reason, and the model's other layers are analysed as usual, whether the model reads the output
     sequence or the final state (whose ``c`` is wider than the projected output)."""
-    from autocompress.space import RECURRENT_FOLLOWED, PruningSpace
+    from autocompress.recurrent import RECURRENT_FOLLOWED
+    from autocompress.space import PruningSpace
 
     space = PruningSpace.build(ConvLSTM(proj_size=3, head=head).eval(), torch.randn(2, 1, 4, 7))
     assert "conv" not in [g.name for g in space.filter_groups]

@@ -42,6 +42,11 @@ def _norm_args(m: nn.modules.batchnorm._NormBase) -> dict:
             "track_running_stats": m.track_running_stats}
 
 
+def _recurrent_args(m: nn.RNNBase) -> dict:
+    return {"input_size": m.input_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers, "bias": m.bias,
+            "batch_first": m.batch_first, "dropout": m.dropout, "bidirectional": m.bidirectional}
+
+
 #: module type -> (constructor arguments as plain data). Only these types are described / rebuilt.
 _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
     nn.Conv1d: _conv_args,
@@ -62,9 +67,9 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], dict]] = {
     nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
                              "affine": m.affine},
     nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
-    nn.LSTM: lambda m: {"input_size": m.input_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
-                        "bias": m.bias, "batch_first": m.batch_first, "dropout": m.dropout,
-                        "bidirectional": m.bidirectional, "proj_size": m.proj_size},
+    nn.LSTM: lambda m: {**_recurrent_args(m), "proj_size": m.proj_size},
+    nn.GRU: lambda m: _recurrent_args(m),
+    nn.RNN: lambda m: {**_recurrent_args(m), "nonlinearity": m.nonlinearity},
     nn.Embedding: lambda m: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
                              "padding_idx": m.padding_idx, "max_norm": m.max_norm, "norm_type": m.norm_type,
                              "scale_grad_by_freq": m.scale_grad_by_freq, "sparse": m.sparse},

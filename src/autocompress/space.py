@@ -69,6 +69,7 @@ from .errors import SettingError, UserError, show
 from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
+from .recurrent import PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, input_weights, one_node
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +450,7 @@ class PruningSpace:
         param_names = _param_names(model)
         layer_macs = {names[m]: (param_names[id(m.weight)], own_macs.get(names[m], 0))
                       for m in model.modules() if is_weight_layer(m)}
-        layer_macs.update(_lstm_input_macs(model, names, param_names, own_macs))
+        layer_macs.update(_recurrent_input_macs(model, names, param_names, own_macs))
         total = Counts(params=sum(p.numel() for p in model.parameters()),
                        macs=sum(r.macs for r in rows))
 
@@ -1055,11 +1056,16 @@ def _states_after_outputs(model: nn.Module):
     whatever reads ``h`` (a classifier on ``h[-1]``, the most common LSTM head, or ``h`` returned) and could not be
     pruned (fresh user 86). Each state becomes ``state.detach() + 0 * s`` for ``s`` the output's last step (the
     first direction's features) expanded to the state's shape: the same values, the hidden units' own mapping (an
-    LSTM's cell state ``c``, wider than a projected output, is detached alone)."""
-    def hook(module, _args, output):
+    LSTM's cell state ``c``, wider than a projected output, is detached alone). The output sequence of a layer
+    whose input an own pruner follows (a GRU's, an RNN's: their CPU kernels reach autograd op by op, which
+    torch-pruning maps as the gates' chunks) is first made one node over the input sequence
+    (:func:`autocompress.recurrent.one_node`), as an LSTM's kernel is."""
+    def hook(module, args, output):
         out, states = output
         if not isinstance(out, torch.Tensor) or out.dim() != 3:  # a PackedSequence: left as it is
             return None
+        if type(module) in RECURRENT_PRUNERS and args and isinstance(args[0], torch.Tensor):
+            out = one_node(args[0], out)
         last = out[:, -1] if module.batch_first else out[-1]  # [B, directions x (proj_size or hidden_size)]
 
         def rerouted(state):  # an LSTM's c is wider than its projected output: it keeps no path at all
@@ -1071,7 +1077,8 @@ def _states_after_outputs(model: nn.Module):
             return out, tuple(rerouted(state) for state in states)
         return out, rerouted(states)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.RNNBase)]
+    handles = [m.register_forward_hook(hook, prepend=True)  # before torch-pruning's, which reads the output
+               for m in model.modules() if isinstance(m, nn.RNNBase)]
     try:
         yield
     finally:
@@ -1110,7 +1117,8 @@ def trace_graph(model: nn.Module, inputs: tuple, train_only: set[nn.Module] | No
                 return outputs
 
             graph = tp.DependencyGraph().build_dependency(model, doubled, forward_fn=forward, verbose=False,
-                                                          customized_pruners=pruners(model))
+                                                          customized_pruners={**pruners(model),
+                                                                              **RECURRENT_PRUNERS})
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises many types on graphs it cannot follow
         raise UserError(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
@@ -1372,21 +1380,17 @@ def _pin(pinned: dict[int, dict[int, object]], node, source, position: int, forw
             pinned.setdefault(id(dep), {})[position] = mapping
 
 
-#: what :func:`mapping_failure` says of a model with a recurrent layer torch-pruning cannot map (fresh user 83)
-RECURRENT_FOLLOWED = "only an nn.LSTM without proj_size is followed (the channels it reads), not a GRU or an RNN"
-
-
 def mapping_failure(exc: Exception, model: nn.Module, graph: tp.DependencyGraph) -> str:
     """Why torch-pruning could not enumerate a group, from the exception its group query raised, naming the layers
     with weights of their own that its graph lacks (it traces their ops one by one, e.g. a GRU's, and their channel
     mappings are the usual cause)."""
     detail = f": {exc}" if isinstance(exc, ChannelMappingExplodes) else ""
     unfollowed = [f"{type(module).__name__} {name}" for name, module in model.named_modules()
-                  if name and module not in graph.module2node and any(True for _ in module.parameters(recurse=False))]
+                  if name and (module not in graph.module2node and any(True for _ in module.parameters(recurse=False))
+                               or isinstance(module, nn.RNNBase) and not follows_input(module))]
     if unfollowed:
         detail += f"; layers it does not follow: {', '.join(unfollowed[:3])}{', ...' if len(unfollowed) > 3 else ''}"
-    if any(isinstance(module, nn.RNNBase) and (type(module) is not nn.LSTM or module.proj_size)
-           for module in model.modules()):
+    if any(isinstance(module, nn.RNNBase) and not follows_input(module) for module in model.modules()):
         detail += f"; of recurrent layers, {RECURRENT_FOLLOWED}"
     return f"torch-pruning cannot map its channels ({type(exc).__name__}{detail})"
 
@@ -1825,33 +1829,27 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
         elif isinstance(target, (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)):
             problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
-        elif type(target) is nn.LSTM and not out_side and mname not in ignored:
+        elif follows_input(target) and not out_side and mname not in ignored:
             if index.numel() and int(index.max()) >= target.input_size:
-                problem = problem or f"filter pruning: its channels map past the input features of LSTM {mname}"
-            for weight in _lstm_input_weights(target):  # the first layer's, each direction: [4 hidden, input]
+                problem = problem or (f"filter pruning: its channels map past the input features of "
+                                      f"{type(target).__name__} {mname}")
+            for weight in input_weights(target):  # the first layer's, each direction: [gates x hidden, input]
                 slices.append(Slice(param_names[id(weight)], mname, "input", 1, index, channel))
         else:
             problem = problem or f"filter pruning: couples with {type(target).__name__} {mname}, which mixes channels"
     return _merge(slices), members, problem, blocks + _reached_twice(tp_group, size)
 
 
-def _lstm_input_weights(lstm: nn.LSTM) -> list[nn.Parameter]:
-    """The weights an ``nn.LSTM`` multiplies its input by: its first layer's ``weight_ih_l0`` (and
-    ``weight_ih_l0_reverse`` when bidirectional), each ``[4 x hidden, input]``; filter pruning of the channels it
-    reads removes their columns (torch-pruning's ``prune_in_channels`` of an LSTM)."""
-    return [getattr(lstm, f"weight_ih_l0{suffix}") for suffix in ("", "_reverse")[:1 + lstm.bidirectional]]
-
-
-def _lstm_input_macs(model: nn.Module, names: dict, param_names: dict[int, str],
-                     own_macs: Mapping[str, int]) -> dict[str, tuple[str, int]]:
-    """Weight name -> (weight name, MACs) of each ``nn.LSTM``'s input weights (:func:`_lstm_input_weights`): its
-    own MACs (:func:`autocompress.metrics.count_macs`) in proportion to the weight's entries among all its weight
-    matrices, as every step multiplies each matrix once."""
+def _recurrent_input_macs(model: nn.Module, names: dict, param_names: dict[int, str],
+                          own_macs: Mapping[str, int]) -> dict[str, tuple[str, int]]:
+    """Weight name -> (weight name, MACs) of the input weights of each recurrent layer whose input filter pruning
+    follows (:func:`autocompress.recurrent.input_weights`): its own MACs (:func:`autocompress.metrics.count_macs`)
+    in proportion to the weight's entries among all its weight matrices, as every step multiplies each once."""
     out = {}
     for module in model.modules():
-        if type(module) is nn.LSTM:
+        if follows_input(module):
             entries = sum(w.numel() for w in module.parameters(recurse=False) if w.dim() == 2)
-            for weight in _lstm_input_weights(module):
+            for weight in input_weights(module):
                 name = param_names[id(weight)]
                 out[name] = (name, own_macs.get(names[module], 0) * weight.numel() // entries)
     return out

@@ -1,0 +1,93 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) as readers of pruned channels.
+
+A recurrent layer multiplies its input sequence by its first layer's input weights ``weight_ih_l0`` (and
+``weight_ih_l0_reverse`` when bidirectional), ``[gates x hidden, input]`` (4 gates for an LSTM, 3 for a GRU, 1
+for a plain RNN): each input feature is one column of each. So filter pruning of the layer that feeds it removes
+those columns, exactly (AutoCompress, Liu et al. AAAI 2020, §3, extended to recurrent consumers); the hidden units
+and recurrent weights stay whole. torch-pruning 1.6 follows an LSTM's input (its ``LSTMPruner``) but traces a
+GRU or an RNN op by op and cannot map its channels: :class:`RecurrentInputPruner` gives its graph the input side
+of those two. An LSTM with ``proj_size`` is not followed (torch-pruning cannot map it).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+#: recurrent layer types whose input channels filter pruning follows (:func:`follows_input`)
+FOLLOWED = (nn.LSTM, nn.GRU, nn.RNN)
+#: what the exclusion of a group that reaches another recurrent layer says
+RECURRENT_FOLLOWED = ("an nn.LSTM without proj_size, an nn.GRU and an nn.RNN are followed (the channels they "
+                      "read), not an LSTM with proj_size nor a subclass of them")
+
+
+def follows_input(module: nn.Module) -> bool:
+    """Whether filter pruning follows the channels ``module`` reads into its input weights: an ``nn.LSTM``
+    (without ``proj_size``), ``nn.GRU`` or ``nn.RNN`` exactly (a subclass may read its input otherwise)."""
+    return type(module) in FOLLOWED and not getattr(module, "proj_size", 0)
+
+
+def input_weight_names(module: nn.RNNBase) -> list[str]:
+    """Names of the weights a recurrent ``module`` multiplies its input by: ``weight_ih_l0`` and, when
+    bidirectional, ``weight_ih_l0_reverse``, each ``[gates x hidden_size, input_size]``."""
+    return [f"weight_ih_l0{suffix}" for suffix in ("", "_reverse")[:1 + module.bidirectional]]
+
+
+def input_weights(module: nn.RNNBase) -> list[nn.Parameter]:
+    """The parameters of :func:`input_weight_names`."""
+    return [getattr(module, name) for name in input_weight_names(module)]
+
+
+class RecurrentInputPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's pruning function for the input features of an ``nn.GRU`` / ``nn.RNN`` (a customized pruner
+    of ``DependencyGraph.build_dependency``): removing input features removes those columns of its input weights
+    (:func:`input_weight_names`) and narrows ``input_size``. Its hidden units are not pruned: a group that would
+    remove them is left out of the pruning space before compaction, so ``prune_out_channels`` raises."""
+
+    TARGET_MODULES = (nn.GRU, nn.RNN)
+
+    def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError(f"the hidden units of {type(layer).__name__} are not pruned")
+
+    def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.input_size)) - set(int(i) for i in idxs))
+        for name in input_weight_names(layer):  # RNNBase.__setattr__ refreshes its flat weights
+            setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
+        layer.input_size = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.RNNBase) -> int:
+        return layer.hidden_size
+
+    def get_in_channels(self, layer: nn.RNNBase) -> int:
+        return layer.input_size
+
+
+class _OneNode(torch.autograd.Function):
+    """A recurrent layer's output sequence as one autograd node whose only input is the layer's input sequence."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        ctx.shape = inputs.shape
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.new_zeros(ctx.shape), None
+
+
+def one_node(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``output`` (a recurrent layer's output sequence, ``[T, B, D x H]`` or batch first) with the same values, reaching
+    autograd as one node over ``inputs`` (the layer's input sequence) instead of the ops of its kernel, for
+    torch-pruning's trace (it maps a module by the node of its output, and an LSTM's CPU kernel is one such node, a
+    GRU's or an RNN's a graph of gate ops it would follow as channel mappings)."""
+    return _OneNode.apply(inputs, output.detach())
+
+
+#: the customized pruners of this module, by exact type (torch-pruning looks them up so)
+PRUNERS = {nn.GRU: RecurrentInputPruner(), nn.RNN: RecurrentInputPruner()}
+
+__all__ = ["FOLLOWED", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentInputPruner", "follows_input", "input_weight_names",
+           "input_weights", "one_node"]
