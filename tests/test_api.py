@@ -1576,6 +1576,45 @@ def test_a_gru_or_rnn_reading_a_pruned_conv_runs_end_to_end(tmp_path, kind):
     assert export_onnx(model, x[:1], tmp_path / "rnn.onnx").max_abs_diff < 1e-4
 
 
+class TokenLSTM(nn.Module):
+    """``[B, T]`` token ids (vocabulary 20) -> ``[B, 3]``: an embedding (16), a 2-layer LSTM (32 hidden), a
+    classifier on the last layer's final state ``h[-1]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rnn, self.fc = nn.Embedding(20, 16), nn.LSTM(16, 32, 2, batch_first=True), nn.Linear(32, 3)
+
+    def forward(self, tokens):
+        return self.fc(self.rnn(self.embed(tokens))[1][0][-1])
+
+
+def test_an_lstm_text_classifier_is_compressed_through_its_hidden_units(tmp_path):
+    """A text classifier whose LSTM holds 90 % of the parameters could reach no params target above ~1.1x while
+    the LSTM's hidden units stayed whole (fresh users 86 and 88). Its hidden units are a filter group now: params=3x
+    is met through them, the compact model (a narrower LSTM in both layers) reloads from model.pt to the same
+    outputs and exports to ONNX, and the final table no longer calls the LSTM kept whole."""
+    from autocompress import metrics
+    from autocompress.export import export_onnx
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (64, 7), generator=g)
+    data = DataLoader(TensorDataset(tokens, (tokens[:, 0] % 3)), batch_size=16)
+    torch.manual_seed(0)
+    base = TokenLSTM()
+    assert sum(p.numel() for p in base.rnn.parameters()) / metrics.count_params(base) > 0.9
+    result = autocompress.compress(base, tokens[:1], "params=3x", train_loader=data, val_loader=data,
+                                   config=CONFIG, progress=False, run_dir=tmp_path / "run")
+    model = result.model.eval()
+    assert metrics.count_params(base) / metrics.count_params(model) >= 3 * (1 - TARGET_TOLERANCE)
+    assert model.rnn.hidden_size < 32 and model.fc.in_features == model.rnn.hidden_size
+    assert model.rnn.weight_ih_l1.shape == (4 * model.rnn.hidden_size, model.rnn.hidden_size)
+    assert "rnn" not in result.final.get("kept_whole", {})
+    loaded = autocompress.load(tmp_path / "run" / "model.pt").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    assert export_onnx(model, tokens[:1], tmp_path / "lstm.onnx").max_abs_diff < 1e-4
+
+
 def test_default_dims_prune_columns_alone_where_no_filter_unit_can_be_pruned():
     """Fresh users 61 and 62: a conv feeding an LSTM (now filter-pruned; one with projections here) left no filter
     unit, and the default ``filter,column`` was refused ("drop filter from dims") although the user had chosen no
@@ -3102,11 +3141,13 @@ def test_a_loss_that_takes_gradients_itself_passes_the_compaction_probe():
 
 def test_an_unreachable_target_names_the_recurrent_weights_no_unit_prunes():
     """Fresh user 86: on a conv + LSTM model only the channels the LSTM reads can go, its recurrent weights stay (93 %
-    of the parameters here), and the refusal of params=3x named nothing of it. It names the LSTM and its share."""
+    of the parameters here), and the refusal of params=3x named nothing of it. It names the LSTM and its share. (A
+    one-direction LSTM loses hidden units since session 57: a bidirectional one keeps them.)"""
     class ConvLSTM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.rnn, self.fc = nn.Conv1d(4, 6, 3, padding=1), nn.LSTM(6, 16), nn.Linear(16, CLASSES)
+            self.conv, self.fc = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(32, CLASSES)
+            self.rnn = nn.LSTM(6, 16, bidirectional=True)
 
         def forward(self, x):  # [N, 4, T] -> [N, classes]
             return self.fc(self.rnn(torch.relu(self.conv(x)).permute(2, 0, 1))[0][-1])

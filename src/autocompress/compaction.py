@@ -42,6 +42,7 @@ from .columns import (CONV_LAYERS, DENSE_DENSITY_THRESHOLD, GEMM_MIN_FILTERS, Co
 from .errors import UserError, first_line
 from .padded_norm import (PaddedGroupNorm, PaddedLayerNorm, channel_dims, channel_groups, compact_group_norm,
                           group_size, is_group_norm, is_layer_norm, kept_statistics, padded)
+from .recurrent import dead_hidden_units, hidden_prunable
 from .space import (BREAKS_FIX, fused_qkv_output, fused_qkv_width, is_grouped, is_transposed, is_weight_layer,
                     mapping_failure, out_dim, tie_classes, trace_graph, train_only_modules)
 
@@ -166,6 +167,9 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
             if module.bias is not None:
                 zero &= _zero_slices(module.bias, 0)
             slices = [zero]
+        elif is_out and hidden_prunable(module):  # an LSTM's hidden units
+            has_producer = True
+            slices = [dead_hidden_units(module)]
         elif is_out and not is_weight_layer(module):
             slices = [_zero_slices(tensor, dim) for tensor, dim in _per_channel_tensors(module, node)]
         elif _is_depthwise(module) and module.bias is not None:
@@ -195,6 +199,7 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
         if isinstance(module, _GROUP_NORMS) and not is_group_norm(module):
             return [], f"{type(module).__name__} {name} has its own forward"
         if (is_out and not is_weight_layer(module) and not isinstance(module, nn.Parameter)
+                and not hidden_prunable(module)
                 and not isinstance(module, (*_PER_CHANNEL_NORMS, *_STATISTIC_NORMS, *_GROUP_NORMS, nn.PReLU,
                                             nn.Embedding))
                 and list(module.parameters())):
@@ -303,7 +308,8 @@ def _remove_channels(model: nn.Module, inputs: tuple, report: dict, train_only: 
         with contextlib.suppress(Exception):
             _runs(model, inputs, narrowed)
     names = {module: name for name, module in model.named_modules()}
-    candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())]
+    candidates = [m for m in model.modules() if is_weight_layer(m) and bool(_zero_slices(m.weight, out_dim(m)).any())
+                  or hidden_prunable(m) and bool(dead_hidden_units(m).any())]
     if not candidates:
         return kept, {}, queries
     norm_dims = channel_dims(model, inputs)
@@ -846,12 +852,19 @@ def compaction_failure(model: nn.Module, param_masks: dict[str, torch.Tensor], e
     before, after = dict(model.named_modules()), dict(result.model.named_modules())
     why = [f"{name}: {result.report['dead_channels_kept'].get(name, 'no reason reported')}" for name in narrowed
            if name in after and _out_width(after[name]) == _out_width(before[name])
-           and _rows_removed(before[name], param_masks.get(f"{name}.weight"))]
+           and _rows_removed(before[name], param_masks.get(f"{name}.{_rows_weight(before[name])}"))]
     return f"{DEAD_KEPT} ({'; '.join(why)})" if why else None
 
 
 def _out_width(layer: nn.Module) -> int:
-    return int(layer.weight.shape[out_dim(layer)])
+    """Output channels of a Conv / Linear, hidden units of a recurrent layer."""
+    return int(layer.hidden_size if isinstance(layer, nn.RNNBase) else layer.weight.shape[out_dim(layer)])
+
+
+def _rows_weight(layer: nn.Module) -> str:
+    """The weight of ``layer`` whose rows are its output channels (a recurrent layer's: its first recurrent
+    weight, gate rows of each unit)."""
+    return "weight_hh_l0" if isinstance(layer, nn.RNNBase) else "weight"
 
 
 def _rows_removed(layer: nn.Module, mask: torch.Tensor | None) -> bool:

@@ -1185,7 +1185,8 @@ class Compression:
             layout = {name: blocked_convolutions(model, self.example) for name, model in
                       (("base", self.pipeline.base_model), ("compressed", form.model))}
             warning = speed_warning(deployed, macs_factor=macs_factor, aligned=self.multiple > 1, layout=layout)
-        for warning in (warning, uniform_warning(deployed, self._uniform_fix(deployed))):
+        uniform = None if noisy_timing_warning(deployed) else uniform_warning(deployed, self._uniform_fix(deployed))
+        for warning in (warning, uniform):  # (noisy timings are warned about as such)
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 fields["warnings"].append(warning)

@@ -16,6 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+#: gates a hidden unit owns rows of, by recurrent layer type (an LSTM's i, f, g, o)
+GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 #: recurrent layer types whose input channels filter pruning follows (:func:`follows_input`)
 FOLLOWED = (nn.LSTM, nn.GRU, nn.RNN)
 #: what the exclusion of a group that reaches another recurrent layer says
@@ -38,6 +40,74 @@ def input_weight_names(module: nn.RNNBase) -> list[str]:
 def input_weights(module: nn.RNNBase) -> list[nn.Parameter]:
     """The parameters of :func:`input_weight_names`."""
     return [getattr(module, name) for name in input_weight_names(module)]
+
+
+def hidden_prunable(module: nn.Module) -> bool:
+    """Whether filter pruning removes hidden units of ``module``: an ``nn.LSTM`` exactly, without ``proj_size``,
+    in one direction (a bidirectional layer's two directions share one hidden size and write two feature blocks,
+    which torch-pruning maps as one). Its layers share the hidden size, so unit ``j`` leaves every layer."""
+    return type(module) is nn.LSTM and not module.proj_size and not module.bidirectional
+
+
+def hidden_entries(module: nn.LSTM, index: torch.Tensor, channel: torch.Tensor
+                   ) -> list[tuple[str, str, int, torch.Tensor, torch.Tensor]]:
+    """The entries hidden units ``index`` (int64 [n]; group channel ``channel`` each) of an LSTM
+    (:func:`hidden_prunable`) own, as ``(parameter attribute, role, dim, positions, channel of each)``: in every
+    layer ``l`` their gates' rows of ``weight_ih_l{l}``, ``weight_hh_l{l}`` and both biases (role ``"weight"`` /
+    ``"bias"``), their columns of ``weight_hh_l{l}`` (the recurrence) and, above the first layer, of
+    ``weight_ih_l{l}`` (the layer below's output): all of them the unit's own, so a unit whose rows are all zero
+    outputs exactly 0 at every step (its gates read sigmoid(0) and tanh(0) = 0: ``c`` and ``h`` stay at their zero
+    initial state) and its columns multiply that 0."""
+    gates, hidden = GATES[type(module)], module.hidden_size
+    rows = torch.cat([index + gate * hidden for gate in range(gates)])
+    row_channel = channel.repeat(gates)
+    entries = []
+    for layer in range(module.num_layers):
+        entries += [(f"weight_ih_l{layer}", "weight", 0, rows, row_channel),
+                    (f"weight_hh_l{layer}", "weight", 0, rows, row_channel),
+                    (f"weight_hh_l{layer}", "weight", 1, index, channel)]
+        if layer:
+            entries.append((f"weight_ih_l{layer}", "weight", 1, index, channel))
+        if module.bias:
+            entries += [(f"bias_ih_l{layer}", "bias", 0, rows, row_channel),
+                        (f"bias_hh_l{layer}", "bias", 0, rows, row_channel)]
+    return entries
+
+
+def dead_hidden_units(module: nn.LSTM) -> torch.Tensor:
+    """Bool ``[hidden_size]``: the hidden units of an LSTM (:func:`hidden_prunable`) whose gate rows are zero in
+    every weight and bias of every layer (they output exactly 0, see :func:`hidden_entries`)."""
+    gates, hidden = GATES[type(module)], module.hidden_size
+    dead = torch.ones(hidden, dtype=torch.bool)
+    for name, param in module.named_parameters(recurse=False):
+        if name.startswith(("weight_ih", "weight_hh", "bias_ih", "bias_hh")):
+            rows = param.detach().reshape(gates, hidden, -1)
+            dead &= (rows == 0).all(dim=2).all(dim=0).cpu()
+    return dead
+
+
+class HiddenUnitPruner(tp.pruner.function.LSTMPruner):
+    """torch-pruning's pruning function of an ``nn.LSTM`` (a customized pruner): its input side as
+    torch-pruning's own, its hidden units for any number of layers (one direction, :func:`hidden_prunable`):
+    removing unit ``j`` removes its gate rows from every layer's weights and biases and its column from every
+    recurrent weight and from the input weights above the first layer (torch-pruning 1.6's own handles one layer
+    and slices the recurrent weights' rows by the unit, not by its four gate rows)."""
+
+    def prune_out_channels(self, layer: nn.LSTM, idxs: Sequence[int]) -> nn.Module:
+        if not hidden_prunable(layer):
+            raise NotImplementedError(f"the hidden units of {layer} are not pruned")
+        hidden = layer.hidden_size
+        keep = torch.tensor(sorted(set(range(hidden)) - set(int(i) for i in idxs)), dtype=torch.long)
+        by_name = {}
+        for name, role, dim, index, _ in hidden_entries(layer, keep, keep):
+            by_name.setdefault(name, []).append((dim, index))
+        for name, cuts in by_name.items():  # RNNBase.__setattr__ refreshes its flat weights
+            param = getattr(layer, name)
+            for dim, index in cuts:
+                param = self._prune_parameter_and_grad(param, index.tolist(), dim)
+            setattr(layer, name, param)
+        layer.hidden_size = len(keep)
+        return layer
 
 
 class RecurrentInputPruner(tp.pruner.function.BasePruningFunc):
@@ -87,7 +157,8 @@ def one_node(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 
 #: the customized pruners of this module, by exact type (torch-pruning looks them up so)
-PRUNERS = {nn.GRU: RecurrentInputPruner(), nn.RNN: RecurrentInputPruner()}
+PRUNERS = {nn.LSTM: HiddenUnitPruner(), nn.GRU: RecurrentInputPruner(), nn.RNN: RecurrentInputPruner()}
 
-__all__ = ["FOLLOWED", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentInputPruner", "follows_input", "input_weight_names",
+__all__ = ["FOLLOWED", "GATES", "HiddenUnitPruner", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentInputPruner",
+           "dead_hidden_units", "follows_input", "hidden_entries", "hidden_prunable", "input_weight_names",
            "input_weights", "one_node"]

@@ -69,7 +69,8 @@ from .errors import SettingError, UserError, show
 from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
-from .recurrent import PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, input_weights, one_node
+from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, hidden_entries, hidden_prunable,
+                        input_weights, one_node)
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +451,7 @@ class PruningSpace:
         param_names = _param_names(model)
         layer_macs = {names[m]: (param_names[id(m.weight)], own_macs.get(names[m], 0))
                       for m in model.modules() if is_weight_layer(m)}
-        layer_macs.update(_recurrent_input_macs(model, names, param_names, own_macs))
+        layer_macs.update(_recurrent_macs(model, names, param_names, own_macs))
         total = Counts(params=sum(p.numel() for p in model.parameters()),
                        macs=sum(r.macs for r in rows))
 
@@ -471,13 +472,15 @@ class PruningSpace:
                 _exclude(excluded, name, reason)
             else:
                 candidates[name] = module
+        recurrent = {name: module for module, name in names.items()  # roots of their hidden units' groups
+                     if hidden_prunable(module) and name not in ignored and module not in train_only}
 
         groups: list[FilterGroup] = []
         if "filter" in dims:
             with warnings.catch_warnings():  # its shape inference's own words, not the user's to act on
                 warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
                 groups = _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
-                                       train_only, ignored, left_out or {})
+                                       train_only, ignored, left_out or {}, recurrent)
             groups = [_with_heads(g, (heads or {}).get(g.name, 1), (free_macs or {}).get(g.name, 0)) for g in groups]
         sliced = {s.param for g in groups for s in g.slices}
         for name, module in own_layers.items():  # a ViT's class token and position embedding are sliced: not named
@@ -496,7 +499,7 @@ class PruningSpace:
         return cls(filter_groups=groups, column_layers=[c for c in columns if c is not None],
                    irregular_layers=irregular, excluded=excluded, dims=dims, max_rate=max_rate,
                    param_shapes=shapes, layer_macs=layer_macs, total=total, channel_multiple=channel_multiple,
-                   whole=_whole_modules(model, rows))
+                   whole=_whole_modules(model, rows, {p for g in groups for p in g.producers}))
 
     @property
     def excluded(self) -> dict[str, str]:
@@ -914,16 +917,17 @@ COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or anothe
 #: target's refusal
 WHOLE_SHARE = 0.1
 #: why a module of :attr:`PruningSpace.whole` keeps its weights
-WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size; the channels it reads are "
-                "pruned where it is followed)")
+WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size unless it is a one-direction "
+                "nn.LSTM without proj_size; the channels it reads are pruned where it is followed)")
 
 
-def _whole_modules(model: nn.Module, rows) -> dict[str, tuple[str, Counts]]:
+def _whole_modules(model: nn.Module, rows, pruned: Collection[str] = ()) -> dict[str, tuple[str, Counts]]:
     """:attr:`PruningSpace.whole` from ``model``'s layer table ``rows`` (:func:`autocompress.metrics.layer_table`):
-    the modules other than Conv / Linear that own a weight matrix, with their type and own parameters and MACs."""
+    the modules other than Conv / Linear that own a weight matrix, with their type and own parameters and MACs,
+    except those whose own rows a filter group prunes (``pruned``: an LSTM's hidden units)."""
     modules = dict(model.named_modules())
     return {r.name: (r.type, Counts(params=r.params, macs=r.macs)) for r in rows
-            if r.name and not is_weight_layer(modules[r.name])
+            if r.name and not is_weight_layer(modules[r.name]) and r.name not in pruned
             and any(p.dim() >= 2 for p in modules[r.name].parameters(recurse=False))}
 
 
@@ -1588,10 +1592,13 @@ def _column_layer(name: str, module: nn.Module, param_names: dict[int, str],
 
 
 def _build_groups(model, inputs, candidates, names, param_names, excluded, layer_macs,
-                  train_only, ignored: set[str], left_out: Mapping[str, str]) -> list[FilterGroup]:
+                  train_only, ignored: set[str], left_out: Mapping[str, str],
+                  recurrent: Mapping[str, nn.Module] | None = None) -> list[FilterGroup]:
     """Coupled channel groups from torch-pruning's DependencyGraph, verified by one probe forward; a group
     that would remove an ``ignored`` module's own channels is excluded (its input channels may go), and a group
-    named in ``left_out`` is excluded with the reason given there.
+    named in ``left_out`` is excluded with the reason given there. The roots are the ``candidates`` (Conv /
+    Linear) and the ``recurrent`` layers whose hidden units are pruned (:func:`autocompress.recurrent.
+    hidden_prunable`).
     A model torch-pruning cannot trace gets no filter groups (the reason is recorded under the name
     ``""``, the model); a module whose group torch-pruning cannot enumerate is excluded by name."""
     try:
@@ -1609,7 +1616,7 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     modules = dict(model.named_modules())
     visited: set[nn.Module] = set()
     claimed: dict[tuple[str, int], dict[int, str]] = {}
-    for name, module in candidates.items():
+    for name, module in {**candidates, **(recurrent or {})}.items():
         if module in visited or module not in graph.module2node:
             continue
         try:
@@ -1829,6 +1836,10 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
                     slices.append(Slice(param_names[id(p)], mname, "norm", 0, index, channel))
         elif isinstance(target, (nn.LayerNorm, nn.GroupNorm, PaddedLayerNorm)):
             problem = problem or f"filter pruning: {type(target).__name__} {mname} {_norm_problem(target, norm_dims)}"
+        elif hidden_prunable(target) and out_side and mname not in ignored:
+            members.add(target)
+            for attr, role, dim, at, of in hidden_entries(target, index, channel):
+                slices.append(Slice(param_names[id(getattr(target, attr))], mname, role, dim, at, of))
         elif follows_input(target) and not out_side and mname not in ignored:
             if index.numel() and int(index.max()) >= target.input_size:
                 problem = problem or (f"filter pruning: its channels map past the input features of "
@@ -1840,16 +1851,19 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
     return _merge(slices), members, problem, blocks + _reached_twice(tp_group, size)
 
 
-def _recurrent_input_macs(model: nn.Module, names: dict, param_names: dict[int, str],
-                          own_macs: Mapping[str, int]) -> dict[str, tuple[str, int]]:
+def _recurrent_macs(model: nn.Module, names: dict, param_names: dict[int, str],
+                    own_macs: Mapping[str, int]) -> dict[str, tuple[str, int]]:
     """Weight name -> (weight name, MACs) of the input weights of each recurrent layer whose input filter pruning
-    follows (:func:`autocompress.recurrent.input_weights`): its own MACs (:func:`autocompress.metrics.count_macs`)
-    in proportion to the weight's entries among all its weight matrices, as every step multiplies each once."""
+    follows (:func:`autocompress.recurrent.input_weights`), and of all its weight matrices where its hidden units
+    are pruned (:func:`autocompress.recurrent.hidden_prunable`): its own MACs (:func:`autocompress.metrics.
+    count_macs`) in proportion to the weight's entries among all its weight matrices, as every step multiplies
+    each once."""
     out = {}
     for module in model.modules():
         if follows_input(module):
-            entries = sum(w.numel() for w in module.parameters(recurse=False) if w.dim() == 2)
-            for weight in input_weights(module):
+            weights = [w for w in module.parameters(recurse=False) if w.dim() == 2]
+            entries = sum(w.numel() for w in weights)
+            for weight in weights if hidden_prunable(module) else input_weights(module):
                 name = param_names[id(weight)]
                 out[name] = (name, own_macs.get(names[module], 0) * weight.numel() // entries)
     return out
