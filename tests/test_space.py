@@ -603,6 +603,43 @@ class Recurrent(nn.Module):
         return self.fc(out[:, -1])
 
 
+class GatedFirst(nn.Module):
+    """A one-channel spatial gate defined (and so enumerated) before the conv whose output it multiplies."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.conv = nn.Conv2d(3, 1, 1), nn.Conv2d(3, 16, 3, padding=1)
+        self.out, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x) * torch.sigmoid(self.gate(x))
+        return self.fc(self.out(torch.relu(y)).mean((2, 3)))
+
+
+class AttentionPooledLSTM(nn.Module):
+    """conv -> 2-layer LSTM -> a one-output score Linear (defined first) -> softmax over time -> pooled -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.score, self.conv = nn.Linear(32, 1), nn.Conv1d(5, 16, 3, padding=1)
+        self.rnn, self.fc = nn.LSTM(16, 32, 2, batch_first=True), nn.Linear(32, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.conv(x)).transpose(1, 2))
+        return self.fc((torch.softmax(self.score(out), 1) * out).sum(1))
+
+
+@pytest.mark.parametrize("model, x, groups", [(GatedFirst, (2, 3, 8, 8), ["conv", "out"]),
+                                              (AttentionPooledLSTM, (2, 5, 9), ["conv", "rnn"])])
+def test_a_one_channel_layer_enumerated_first_leaves_the_channels_it_broadcasts_over_prunable(model, x, groups):
+    """A one-channel layer (a spatial gate, an attention pooling's score) reaches the channels it multiplies only by
+    broadcast, yet its group marked their layers as seen: enumerated first (defined first), it left the gated conv
+    or the LSTM unpruned with no reason given. Only groups of two or more channels claim their layers now."""
+    space = PruningSpace.build(model().eval(), torch.randn(*x))
+    assert [g.name for g in space.filter_groups] == groups
+    assert space.excluded[next(iter(dict(model().named_children())))] == "filter pruning: a single output channel"
+
+
 def test_a_group_torch_pruning_cannot_map_names_the_layers_its_graph_does_not_follow():
     """Fresh user 58: the channels feeding a GRU were left out as "torch-pruning cannot map its channels
     (IndexError)", naming no layer; torch-pruning traces a GRU op by op, not as a layer. (An nn.GRU itself is

@@ -1614,9 +1614,11 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
     norm_dims = channel_dims(model, inputs)
     groups: list[FilterGroup] = []
     modules = dict(model.named_modules())
+    order = {name: position for position, name in enumerate(modules)}
     visited: set[nn.Module] = set()
     claimed: dict[tuple[str, int], dict[int, str]] = {}
-    for name, module in {**candidates, **(recurrent or {})}.items():
+    roots = {**candidates, **(recurrent or {})}
+    for name, module in sorted(roots.items(), key=lambda item: order[item[0]]):  # module order
         if module in visited or module not in graph.module2node:
             continue
         try:
@@ -1628,7 +1630,8 @@ def _build_groups(model, inputs, candidates, names, param_names, excluded, layer
             continue
         slices, members, problem, blocks = _slices(tp_group, names, param_names, candidates, sinks, size,
                                                    norm_dims, ignored)
-        visited.update(members)
+        if size > 1:  # one channel reaches others only by broadcast (an attention pooling's score): not their group
+            visited.update(members)
         problem = problem or _past_extent(model, slices)
         if name in left_out:
             problem = left_out[name]
