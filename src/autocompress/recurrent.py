@@ -3,10 +3,11 @@
 A recurrent layer multiplies its input sequence by its first layer's input weights ``weight_ih_l0`` (and
 ``weight_ih_l0_reverse`` when bidirectional), ``[gates x hidden, input]`` (4 gates for an LSTM, 3 for a GRU, 1
 for a plain RNN): each input feature is one column of each. So filter pruning of the layer that feeds it removes
-those columns, exactly (AutoCompress, Liu et al. AAAI 2020, §3, extended to recurrent consumers); the hidden units
-and recurrent weights stay whole. torch-pruning 1.6 follows an LSTM's input (its ``LSTMPruner``) but traces a
-GRU or an RNN op by op and cannot map its channels: :class:`RecurrentInputPruner` gives its graph the input side
-of those two. An LSTM with ``proj_size`` is not followed (torch-pruning cannot map it).
+those columns, exactly (AutoCompress, Liu et al. AAAI 2020, §3, extended to recurrent consumers). In one direction
+its hidden units are filter channels of their own (:func:`hidden_entries`); a bidirectional layer keeps them.
+torch-pruning 1.6 follows an LSTM's input but traces a GRU or an RNN op by op and cannot map its channels, and its
+LSTM pruner handles one layer (and cannot map an LSTM with ``proj_size``): :class:`RecurrentPruner` is the graph's
+pruner of all three. An LSTM with ``proj_size`` keeps its hidden units (its projection would have to follow them).
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 #: recurrent layer types whose input channels filter pruning follows (:func:`follows_input`)
 FOLLOWED = (nn.LSTM, nn.GRU, nn.RNN)
 #: what the exclusion of a group that reaches another recurrent layer says
-RECURRENT_FOLLOWED = ("an nn.LSTM without proj_size, an nn.GRU and an nn.RNN are followed (the channels they "
-                      "read), not an LSTM with proj_size nor a subclass of them")
+RECURRENT_FOLLOWED = ("an nn.LSTM, nn.GRU or nn.RNN is followed (the channels it reads), not a subclass of them (its "
+                      "forward may read its input otherwise)")
 
 
 def follows_input(module: nn.Module) -> bool:
-    """Whether filter pruning follows the channels ``module`` reads into its input weights: an ``nn.LSTM``
-    (without ``proj_size``), ``nn.GRU`` or ``nn.RNN`` exactly (a subclass may read its input otherwise)."""
-    return type(module) in FOLLOWED and not getattr(module, "proj_size", 0)
+    """Whether filter pruning follows the channels ``module`` reads into its input weights: an ``nn.LSTM`` (with or
+    without ``proj_size``), ``nn.GRU`` or ``nn.RNN`` exactly (a subclass may read its input otherwise)."""
+    return type(module) in FOLLOWED
 
 
 def input_weight_names(module: nn.RNNBase) -> list[str]:
@@ -43,21 +44,23 @@ def input_weights(module: nn.RNNBase) -> list[nn.Parameter]:
 
 
 def hidden_prunable(module: nn.Module) -> bool:
-    """Whether filter pruning removes hidden units of ``module``: an ``nn.LSTM`` exactly, without ``proj_size``,
-    in one direction (a bidirectional layer's two directions share one hidden size and write two feature blocks,
-    which torch-pruning maps as one). Its layers share the hidden size, so unit ``j`` leaves every layer."""
-    return type(module) is nn.LSTM and not module.proj_size and not module.bidirectional
+    """Whether filter pruning removes hidden units of ``module``: an ``nn.LSTM`` without ``proj_size``, ``nn.GRU``
+    or ``nn.RNN`` exactly, in one direction (a bidirectional layer's two directions share one hidden size and write
+    two feature blocks, which torch-pruning maps as one). Its layers share the hidden size, so unit ``j`` leaves
+    every layer."""
+    return follows_input(module) and not module.bidirectional and not getattr(module, "proj_size", 0)
 
 
-def hidden_entries(module: nn.LSTM, index: torch.Tensor, channel: torch.Tensor
+def hidden_entries(module: nn.RNNBase, index: torch.Tensor, channel: torch.Tensor
                    ) -> list[tuple[str, str, int, torch.Tensor, torch.Tensor]]:
-    """The entries hidden units ``index`` (int64 [n]; group channel ``channel`` each) of an LSTM
+    """The entries hidden units ``index`` (int64 [n]; group channel ``channel`` each) of a recurrent layer
     (:func:`hidden_prunable`) own, as ``(parameter attribute, role, dim, positions, channel of each)``: in every
     layer ``l`` their gates' rows of ``weight_ih_l{l}``, ``weight_hh_l{l}`` and both biases (role ``"weight"`` /
     ``"bias"``), their columns of ``weight_hh_l{l}`` (the recurrence) and, above the first layer, of
     ``weight_ih_l{l}`` (the layer below's output): all of them the unit's own, so a unit whose rows are all zero
-    outputs exactly 0 at every step (its gates read sigmoid(0) and tanh(0) = 0: ``c`` and ``h`` stay at their zero
-    initial state) and its columns multiply that 0."""
+    outputs exactly 0 at every step from the zero initial state (an LSTM's gates read sigmoid(0) and its cell
+    input tanh(0) = 0, so ``c`` and ``h`` stay 0; a GRU's candidate is tanh(0 + r * 0) = 0, so ``h`` = z * h
+    stays 0; an RNN's tanh / relu of 0 is 0) and its columns multiply that 0."""
     gates, hidden = GATES[type(module)], module.hidden_size
     rows = torch.cat([index + gate * hidden for gate in range(gates)])
     row_channel = channel.repeat(gates)
@@ -74,9 +77,9 @@ def hidden_entries(module: nn.LSTM, index: torch.Tensor, channel: torch.Tensor
     return entries
 
 
-def dead_hidden_units(module: nn.LSTM) -> torch.Tensor:
-    """Bool ``[hidden_size]``: the hidden units of an LSTM (:func:`hidden_prunable`) whose gate rows are zero in
-    every weight and bias of every layer (they output exactly 0, see :func:`hidden_entries`)."""
+def dead_hidden_units(module: nn.RNNBase) -> torch.Tensor:
+    """Bool ``[hidden_size]``: the hidden units of a recurrent layer (:func:`hidden_prunable`) whose gate rows are
+    zero in every weight and bias of every layer (they output exactly 0, see :func:`hidden_entries`)."""
     gates, hidden = GATES[type(module)], module.hidden_size
     dead = torch.ones(hidden, dtype=torch.bool)
     for name, param in module.named_parameters(recurse=False):
@@ -86,44 +89,35 @@ def dead_hidden_units(module: nn.LSTM) -> torch.Tensor:
     return dead
 
 
-class HiddenUnitPruner(tp.pruner.function.LSTMPruner):
-    """torch-pruning's pruning function of an ``nn.LSTM`` (a customized pruner): its input side as
-    torch-pruning's own, its hidden units for any number of layers (one direction, :func:`hidden_prunable`):
-    removing unit ``j`` removes its gate rows from every layer's weights and biases and its column from every
-    recurrent weight and from the input weights above the first layer (torch-pruning 1.6's own handles one layer
-    and slices the recurrent weights' rows by the unit, not by its four gate rows)."""
+class RecurrentPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's pruning function of an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` (a customized pruner of
+    ``DependencyGraph.build_dependency``). Input features: their columns of the input weights
+    (:func:`input_weight_names`) leave and ``input_size`` narrows. Hidden units (one direction,
+    :func:`hidden_prunable`), for any number of layers: removing unit ``j`` removes its gate rows from every layer's
+    weights and biases and its column from every recurrent weight and from the input weights above the first layer
+    (:func:`hidden_entries`). torch-pruning 1.6 traces a GRU or an RNN op by op and cannot map their channels, and
+    its own LSTM pruner handles one layer and slices the recurrent weights' rows by the unit, not by its gate rows."""
 
-    def prune_out_channels(self, layer: nn.LSTM, idxs: Sequence[int]) -> nn.Module:
+    TARGET_MODULES = FOLLOWED
+
+    def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
         if not hidden_prunable(layer):
             raise NotImplementedError(f"the hidden units of {layer} are not pruned")
-        hidden = layer.hidden_size
-        keep = torch.tensor(sorted(set(range(hidden)) - set(int(i) for i in idxs)), dtype=torch.long)
-        by_name = {}
-        for name, role, dim, index, _ in hidden_entries(layer, keep, keep):
-            by_name.setdefault(name, []).append((dim, index))
-        for name, cuts in by_name.items():  # RNNBase.__setattr__ refreshes its flat weights
+        keep = torch.tensor(sorted(set(range(layer.hidden_size)) - set(int(i) for i in idxs)), dtype=torch.long)
+        cuts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for name, _role, dim, index, _channel in hidden_entries(layer, keep, keep):
+            cuts.setdefault(name, []).append((dim, index))
+        for name, along in cuts.items():
             param = getattr(layer, name)
-            for dim, index in cuts:
+            for dim, index in along:
                 param = self._prune_parameter_and_grad(param, index.tolist(), dim)
-            setattr(layer, name, param)
+            setattr(layer, name, param)  # RNNBase.__setattr__ refreshes its flat weights
         layer.hidden_size = len(keep)
         return layer
 
-
-class RecurrentInputPruner(tp.pruner.function.BasePruningFunc):
-    """torch-pruning's pruning function for the input features of an ``nn.GRU`` / ``nn.RNN`` (a customized pruner
-    of ``DependencyGraph.build_dependency``): removing input features removes those columns of its input weights
-    (:func:`input_weight_names`) and narrows ``input_size``. Its hidden units are not pruned: a group that would
-    remove them is left out of the pruning space before compaction, so ``prune_out_channels`` raises."""
-
-    TARGET_MODULES = (nn.GRU, nn.RNN)
-
-    def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
-        raise NotImplementedError(f"the hidden units of {type(layer).__name__} are not pruned")
-
     def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
         keep = sorted(set(range(layer.input_size)) - set(int(i) for i in idxs))
-        for name in input_weight_names(layer):  # RNNBase.__setattr__ refreshes its flat weights
+        for name in input_weight_names(layer):
             setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
         layer.input_size = len(keep)
         return layer
@@ -157,8 +151,8 @@ def one_node(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 
 #: the customized pruners of this module, by exact type (torch-pruning looks them up so)
-PRUNERS = {nn.LSTM: HiddenUnitPruner(), nn.GRU: RecurrentInputPruner(), nn.RNN: RecurrentInputPruner()}
+PRUNERS = {kind: RecurrentPruner() for kind in FOLLOWED}
 
-__all__ = ["FOLLOWED", "GATES", "HiddenUnitPruner", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentInputPruner",
+__all__ = ["FOLLOWED", "GATES", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentPruner",
            "dead_hidden_units", "follows_input", "hidden_entries", "hidden_prunable", "input_weight_names",
            "input_weights", "one_node"]

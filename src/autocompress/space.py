@@ -917,8 +917,8 @@ COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or anothe
 #: target's refusal
 WHOLE_SHARE = 0.1
 #: why a module of :attr:`PruningSpace.whole` keeps its weights
-WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size unless it is a one-direction "
-                "nn.LSTM without proj_size; the channels it reads are pruned where it is followed)")
+WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size unless it runs in one "
+                "direction: an nn.LSTM without proj_size, nn.GRU or nn.RNN; the channels it reads are pruned)")
 
 
 def _whole_modules(model: nn.Module, rows, pruned: Collection[str] = ()) -> dict[str, tuple[str, Counts]]:
