@@ -699,6 +699,37 @@ def test_a_recurrent_layer_loses_hidden_units_from_every_layer_exactly(kind, lay
     assert space.estimate({"filter": {"rnn": rate, "conv": conv_rate}}) == counts
 
 
+class InputRNN(nn.Module):
+    """A recurrent layer reading the model's input itself (``[B, T, 5]``), a head on its final state ``h[-1]``."""
+
+    def __init__(self, kind, layers):
+        super().__init__()
+        self.rnn, self.head = kind(5, 8, layers, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        state = self.rnn(x)[1]
+        return self.head((state[0] if isinstance(state, tuple) else state)[-1])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_recurrent_layer_on_the_model_input_loses_hidden_units(kind, layers):
+    """The benchmark's row classifier: an LSTM reading the model's input (which has no gradient) left its output
+    without a node torch-pruning could map, and the layer (99 % of the parameters) stayed whole with no reason
+    given. Its hidden units are a group whichever recurrent type, and the compact model computes the masked one."""
+    from autocompress.metrics import count_params
+    from autocompress.projection import project
+    from autocompress.space import PruningSpace
+
+    torch.manual_seed(0)
+    model, x = InputRNN(kind, layers).eval(), torch.randn(2, 6, 5)
+    space = PruningSpace.build(model, x)
+    assert [(g.name, g.size) for g in space.filter_groups] == [("rnn", 8)]
+    masks = project(space, model, {"filter": {"rnn": 0.5}})
+    result = run(model, space.param_masks(masks), x, exact_count=False)
+    assert result.model.rnn.hidden_size == 4 and space.count(masks).params == count_params(result.model)
+
+
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
 def test_a_bidirectional_recurrent_layer_keeps_its_hidden_units_and_is_named_kept_whole(kind):
     """A bidirectional layer's two directions share one hidden size and write two feature blocks that torch-pruning

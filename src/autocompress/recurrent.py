@@ -130,24 +130,25 @@ class RecurrentPruner(tp.pruner.function.BasePruningFunc):
 
 
 class _OneNode(torch.autograd.Function):
-    """A recurrent layer's output sequence as one autograd node whose only input is the layer's input sequence."""
+    """A recurrent layer's output sequence as one autograd node over the layer's input sequence and one weight."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        ctx.shape = inputs.shape
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = inputs.shape, weight.shape
         return output.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.new_zeros(ctx.shape), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        return grad.new_zeros(ctx.shapes[0]), None, grad.new_zeros(ctx.shapes[1])
 
 
-def one_node(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """``output`` (a recurrent layer's output sequence, ``[T, B, D x H]`` or batch first) with the same values, reaching
-    autograd as one node over ``inputs`` (the layer's input sequence) instead of the ops of its kernel, for
-    torch-pruning's trace (it maps a module by the node of its output, and an LSTM's CPU kernel is one such node, a
-    GRU's or an RNN's a graph of gate ops it would follow as channel mappings)."""
-    return _OneNode.apply(inputs, output.detach())
+def one_node(module: nn.RNNBase, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``output`` (``module``'s output sequence, ``[T, B, D x H]`` or batch first) with the same values, reaching
+    autograd as one node over ``inputs`` (its input sequence) and its first input weight, instead of the ops of its
+    kernel, for torch-pruning's trace: it maps a module by the node of its output (a GRU's or an RNN's CPU kernel is a
+    graph of gate ops it would follow as channel mappings), and the weight gives that node a gradient where the input
+    sequence has none (the model's own input)."""
+    return _OneNode.apply(inputs, output.detach(), module.weight_ih_l0)
 
 
 #: the customized pruners of this module, by exact type (torch-pruning looks them up so)

@@ -1069,7 +1069,7 @@ def _states_after_outputs(model: nn.Module):
         if not isinstance(out, torch.Tensor) or out.dim() != 3:  # a PackedSequence: left as it is
             return None
         if type(module) in RECURRENT_PRUNERS and args and isinstance(args[0], torch.Tensor):
-            out = one_node(args[0], out)
+            out = one_node(module, args[0], out)
         last = out[:, -1] if module.batch_first else out[-1]  # [B, directions x (proj_size or hidden_size)]
 
         def rerouted(state):  # an LSTM's c is wider than its projected output: it keeps no path at all
