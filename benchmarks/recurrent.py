@@ -9,12 +9,15 @@ lr 2e-3, cosine); each method then gets ``--budget`` epochs:
 * ``ac``: ``autocompress.compress`` with the target and the budget only (its default loop);
 * ``tp``: Torch-Pruning 1.6 global magnitude pruning stepped towards the target's parameters (head kept) and the
   user's loop (``met``: whether it got there; an exception is recorded as the row's ``error``);
-* ``tp_one_layer``: the same on a 1-layer LSTM of 128 units (its own base), where Torch-Pruning's LSTM pruner runs.
+* ``tp_one_layer``: the same on a 1-layer LSTM of 128 units (its own base);
+* ``tp_steps``, ``tp_steps_one_layer``: the same with the head reading the output sequence's last step (the same
+  values as ``h_n[-1]``, the same weights), which Torch-Pruning's graph reaches.
 
 One JSON line per (method, seed) in ``--out``; rows already there are skipped. ``ort_b1_speedup``: the base's
 onnxruntime latency over the compressed model's (batch 1, 1 thread, interleaved medians of 200 runs).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/recurrent.py --methods ac,tp,tp_one_layer \\
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/recurrent.py \\
+        --methods ac,tp,tp_one_layer,tp_steps,tp_steps_one_layer \\
         --seeds 0,1 --target params=4x --budget 4 --out benchmarks/results/recurrent_s57.jsonl
 """
 from __future__ import annotations
@@ -40,14 +43,17 @@ EXAMPLE = torch.zeros(1, 28, 28)
 
 
 class RowLSTM(nn.Module):
-    """``[B, 28, 28]`` (rows, columns) -> ``[B, 10]``: the rows as the sequence of an LSTM, a head on ``h_n[-1]``."""
+    """``[B, 28, 28]`` (rows, columns) -> ``[B, 10]``: the rows as the sequence of an LSTM, a head on ``h_n[-1]``
+    (``read="state"``) or on the output sequence's last step (``"steps"``: the same values)."""
 
-    def __init__(self, hidden: int = 128, layers: int = 2):
+    def __init__(self, hidden: int = 128, layers: int = 2, read: str = "state"):
         super().__init__()
         self.rnn, self.head = nn.LSTM(28, hidden, layers, batch_first=True), nn.Linear(hidden, 10)
+        self.read = read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[1][0][-1])
+        out, (h, _) = self.rnn(x)
+        return self.head(h[-1] if self.read == "state" else out[:, -1])
 
 
 def user_loop(model: nn.Module, loader, epochs: int) -> None:
@@ -134,8 +140,9 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         data = loaders(seed)
         for method in (m for m in args.methods.split(",") if (m, seed, args.target, args.budget) not in done):
-            layers = 1 if method == "tp_one_layer" else 2
+            layers = 1 if method.endswith("one_layer") else 2
             base = base_model(Path(args.cache) / f"row_lstm_{layers}layer.pt", layers)
+            base.read = "steps" if method.startswith("tp_steps") else "state"
             started = time.perf_counter()
             run = run_autocompress if method == "ac" else run_torch_pruning
             row, model = run(base, data, seed, args.target, args.budget)
