@@ -11,6 +11,7 @@ pruner of all three. An LSTM with ``proj_size`` keeps its hidden units (its proj
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -36,6 +37,12 @@ def input_weight_names(module: nn.RNNBase) -> list[str]:
     """Names of the weights a recurrent ``module`` multiplies its input by: ``weight_ih_l0`` and, when
     bidirectional, ``weight_ih_l0_reverse``, each ``[gates x hidden_size, input_size]``."""
     return [f"weight_ih_l0{suffix}" for suffix in ("", "_reverse")[:1 + module.bidirectional]]
+
+
+def is_recurrent_weight(param: str) -> bool:
+    """Whether parameter name ``param`` is a recurrent layer's weight matrix (``rnn.weight_ih_l0``,
+    ``weight_hh_l1_reverse``, ...), as PyTorch names them."""
+    return re.fullmatch(r"weight_(ih|hh|hr)_l\d+(_reverse)?", param.rpartition(".")[2]) is not None
 
 
 def input_weights(module: nn.RNNBase) -> list[nn.Parameter]:
@@ -156,4 +163,4 @@ PRUNERS = {kind: RecurrentPruner() for kind in FOLLOWED}
 
 __all__ = ["FOLLOWED", "GATES", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentPruner",
            "dead_hidden_units", "follows_input", "hidden_entries", "hidden_prunable", "input_weight_names",
-           "input_weights", "one_node"]
+           "input_weights", "is_recurrent_weight", "one_node"]

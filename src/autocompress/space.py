@@ -70,7 +70,7 @@ from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
 from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, hidden_entries, hidden_prunable,
-                        input_weights, one_node)
+                        input_weights, is_recurrent_weight, one_node)
 
 log = logging.getLogger(__name__)
 
@@ -707,8 +707,10 @@ class PruningSpace:
         LAYOUT_RULE`) or a Linear's output features (a 2-D weight's rows: the columns of its GEMM, packed in
         panels). Measured in onnxruntime, 1 thread (BENCHMARKS.md, session 56): Conv2d and Linear widths of 104 and
         112, 120 and 128 ran alike, while Conv1d ran in proportion to its width (Conv1d and Conv3d never take the
-        blocked layout). Raises KeyError for an unknown group."""
-        return any(len(self.param_shapes[s.param]) == 4 or (len(self.param_shapes[s.param]) == 2 and s.dim == 0)
+        blocked layout). Not a recurrent layer's hidden units (whose gate GEMMs, 4 x hidden rows for an LSTM, are
+        block-aligned at any multiple of 4). Raises KeyError for an unknown group."""
+        return any(len(self.param_shapes[s.param]) == 4 or (len(self.param_shapes[s.param]) == 2 and s.dim == 0
+                                                            and not is_recurrent_weight(s.param))
                    for s in self._units["filter"][name].slices)
 
     def check_rates(self, rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
