@@ -3144,13 +3144,13 @@ def test_a_loss_that_takes_gradients_itself_passes_the_compaction_probe():
 
 def test_an_unreachable_target_names_the_recurrent_weights_no_unit_prunes():
     """Fresh user 86: on a conv + LSTM model only the channels the LSTM reads can go, its recurrent weights stay (93 %
-    of the parameters here), and the refusal of params=3x named nothing of it. It names the LSTM and its share. (A
-    one-direction LSTM loses hidden units since session 57: a bidirectional one keeps them.)"""
+    of the parameters here), and the refusal of params=3x named nothing of it. It names the LSTM and its share. (An
+    LSTM loses hidden units since session 57: one with projections keeps them.)"""
     class ConvLSTM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.fc = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(32, CLASSES)
-            self.rnn = nn.LSTM(6, 16, bidirectional=True)
+            self.conv, self.fc = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(8, CLASSES)
+            self.rnn = nn.LSTM(6, 16, proj_size=8)
 
         def forward(self, x):  # [N, 4, T] -> [N, classes]
             return self.fc(self.rnn(torch.relu(self.conv(x)).permute(2, 0, 1))[0][-1])
@@ -3176,6 +3176,6 @@ def test_an_unreachable_target_names_the_recurrent_weights_no_unit_prunes():
                                    score_fn=weights_present, config=CONFIG, progress=False, log=lines.append)
     held = rf"LSTM, {own:.0%} of the parameters, \d+% of the MACs"
     assert any(re.fullmatch(rf"kept whole: rnn \({held}\): no unit prunes its own weights \(a recurrent layer keeps "
-                            r"its hidden size unless it runs in one direction.*\)", line) for line in lines), lines
+                            r"its hidden size unless it is an nn.LSTM without proj_size.*\)", line) for line in lines), lines
     assert re.fullmatch(held, result.final["kept_whole"]["rnn"])
     assert re.search(rf"kept whole \(no unit prunes their weights\): rnn \({held}\)", result.summary())

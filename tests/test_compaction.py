@@ -656,43 +656,55 @@ def test_the_channels_a_recurrent_layer_reads_are_removed_from_its_input_weights
     assert counts.macs == count_macs(result.model, x)
 
 
-@settings(max_examples=20, deadline=None)
-@given(kind=st.sampled_from([nn.LSTM, nn.GRU, nn.RNN]), layers=st.integers(1, 3), batch_first=st.booleans(),
-       head=st.sampled_from(["steps", "state"]), bias=st.booleans(), rate=st.floats(0.1, 0.9),
-       conv_rate=st.floats(0.0, 0.6), seed=st.integers(0, 3))
-@example(kind=nn.LSTM, layers=2, batch_first=True, head="state", bias=True, rate=0.5, conv_rate=0.3, seed=0)
-@example(kind=nn.GRU, layers=2, batch_first=False, head="steps", bias=True, rate=0.5, conv_rate=0.3, seed=1)
-@example(kind=nn.RNN, layers=3, batch_first=True, head="state", bias=False, rate=0.7, conv_rate=0.0, seed=2)
-def test_a_recurrent_layer_loses_hidden_units_from_every_layer_exactly(kind, layers, batch_first, head, bias, rate,
-                                                                        conv_rate, seed):
-    """Beyond torch-pruning 1.6 (whose LSTM pruner handles one layer and slices the recurrent weights' rows by unit,
-    not by gate; it cannot map a GRU or an RNN at all): the hidden units of a one-direction LSTM, GRU or RNN are a
-    filter group of their own. A unit leaves every layer: its gate rows (4, 3, 1) of each weight and bias, its
-    column of each recurrent weight and of the input weights above the first layer, and the classifier's column.
-    The compact model computes the masked one (a unit with zero rows outputs 0 from the zero initial state), keeps
-    exactly the projected units, and the space's counts equal the compact model's (MACs by the flop counter)."""
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from([nn.LSTM, nn.GRU, nn.RNN]), layers=st.integers(1, 3), bidirectional=st.booleans(),
+       batch_first=st.booleans(), head=st.sampled_from(["steps", "state"]), bias=st.booleans(),
+       rate=st.floats(0.1, 0.9), conv_rate=st.floats(0.0, 0.6), seed=st.integers(0, 3))
+@example(kind=nn.LSTM, layers=2, bidirectional=False, batch_first=True, head="state", bias=True, rate=0.5,
+         conv_rate=0.3, seed=0)
+@example(kind=nn.GRU, layers=2, bidirectional=True, batch_first=False, head="steps", bias=True, rate=0.5,
+         conv_rate=0.3, seed=1)
+@example(kind=nn.RNN, layers=3, bidirectional=False, batch_first=True, head="state", bias=False, rate=0.7,
+         conv_rate=0.0, seed=2)
+@example(kind=nn.LSTM, layers=2, bidirectional=True, batch_first=True, head="state", bias=True, rate=0.4,
+         conv_rate=0.2, seed=3)
+def test_a_recurrent_layer_loses_hidden_units_from_every_layer_exactly(kind, layers, bidirectional, batch_first, head,
+                                                                        bias, rate, conv_rate, seed):
+    """Beyond torch-pruning 1.6 (whose LSTM pruner handles one layer and one direction and slices the recurrent
+    weights' rows by unit, not by gate; it cannot map a GRU or an RNN at all): the hidden units of an LSTM, GRU or RNN
+    are a filter group of their own. A unit leaves every layer and both directions (a bidirectional layer's features
+    j and hidden + j are tied): its gate rows (4, 3, 1) of each weight and bias, its column of each recurrent weight
+    and of the input weights above the first layer, and the classifier's columns, whether it reads the output
+    sequence or the final states of both directions. The compact model computes the masked one (a unit with zero
+    rows outputs 0 from the zero initial state), keeps exactly the projected units, and the space's counts equal
+    the compact model's (MACs by the flop counter)."""
     from autocompress.metrics import count_macs, count_params
     from autocompress.projection import project
     from autocompress.recurrent import GATES
     from autocompress.space import PruningSpace
 
     torch.manual_seed(seed)
-    model = _randomize_bn(ConvLSTM(hidden=8, layers=layers, batch_first=batch_first, head=head, kind=kind),
-                          seed).eval()
+    model = _randomize_bn(ConvLSTM(hidden=8, layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                                   head=head, kind=kind), seed).eval()
     if not bias:
-        model.rnn = kind(6, 8, layers, bias=False, batch_first=batch_first)
+        model.rnn = kind(6, 8, layers, bias=False, batch_first=batch_first, bidirectional=bidirectional)
     x = torch.randn(2, 1, 4, 7)
     space = PruningSpace.build(model, x)
     group = space.unit("filter", "rnn")
-    assert group.size == 8 and group.producers == ("rnn",) and group.consumers == ("fc",)
+    directions = 1 + bidirectional
+    assert group.size == 8 * directions and group.producers == ("rnn",) and group.consumers == ("fc",)
+    assert group.classes == 8 and (not bidirectional or torch.equal(group.ties, torch.arange(16) % 8))
     assert {s.param for s in group.slices if s.role == "weight"} == \
-        {f"rnn.weight_{part}_l{layer}" for part in ("ih", "hh") for layer in range(layers)}
+        {f"rnn.weight_{part}_l{layer}{suffix}" for part in ("ih", "hh") for layer in range(layers)
+         for suffix in ("", "_reverse")[:directions]}
     masks = project(space, model, {"filter": {"rnn": rate, "conv": conv_rate}})
     kept = int(masks.filters["rnn"].sum())
     result = run(model, space.param_masks(masks), x, exact_count=False)
     rnn = result.model.rnn
-    assert rnn.hidden_size == kept == result.model.fc.in_features and rnn.input_size == result.model.conv.out_channels
-    assert all(getattr(rnn, f"weight_hh_l{layer}").shape == (GATES[kind] * kept, kept) for layer in range(layers))
+    assert rnn.hidden_size * directions == kept == result.model.fc.in_features
+    assert rnn.input_size == result.model.conv.out_channels
+    units = kept // directions
+    assert all(getattr(rnn, f"weight_hh_l{layer}").shape == (GATES[kind] * units, units) for layer in range(layers))
     assert all(getattr(rnn, f"weight_ih_l{layer}").shape[1] == kept for layer in range(1, layers))
     counts = space.count(masks)
     assert counts.params == count_params(result.model) and counts.macs == count_macs(result.model, x)
@@ -730,16 +742,6 @@ def test_a_recurrent_layer_on_the_model_input_loses_hidden_units(kind, layers):
     masks = project(space, model, {"filter": {"rnn": 0.5}})
     result = run(model, space.param_masks(masks), x, exact_count=False)
     assert result.model.rnn.hidden_size == 4 and space.count(masks).params == count_params(result.model)
-
-
-@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
-def test_a_bidirectional_recurrent_layer_keeps_its_hidden_units_and_is_named_kept_whole(kind):
-    """A bidirectional layer's two directions share one hidden size and write two feature blocks that torch-pruning
-    maps as one: its hidden units stay (and it is named as kept whole); the channels it reads are pruned."""
-    from autocompress.space import PruningSpace
-
-    space = PruningSpace.build(ConvLSTM(hidden=8, bidirectional=True, kind=kind).eval(), torch.randn(2, 1, 4, 7))
-    assert [g.name for g in space.filter_groups] == ["conv"] and set(space.kept_whole()) == {"rnn"}
 
 
 @pytest.mark.parametrize("head", ["steps", "state", "returned"])

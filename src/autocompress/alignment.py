@@ -196,9 +196,10 @@ def misaligned_widths(space, model) -> dict[str, int]:
 def kept_channels(group, module) -> int:
     """The channels of filter ``group`` that ``module`` (its root layer, in the compact model) keeps: the layer's
     output width divided by the root rows each channel owns (3 for an attention's fused query-key-value projection,
-    whose ``q``, ``k`` and ``v`` rows of a channel are one group channel); an LSTM's hidden size."""
-    if isinstance(module, nn.RNNBase):  # an LSTM's hidden units (autocompress.recurrent.hidden_prunable)
-        return int(module.hidden_size)
+    whose ``q``, ``k`` and ``v`` rows of a channel are one group channel); a recurrent layer's output features (hidden
+    size x directions)."""
+    if isinstance(module, nn.RNNBase):  # its output features (autocompress.recurrent.hidden_prunable)
+        return int(module.hidden_size) * (1 + bool(module.bidirectional))
     width = int(getattr(module, "out_channels", None) or getattr(module, "out_features"))
     rows = next((len(s.index) for s in group.slices if s.module == group.name and s.role == "weight"), group.size)
     return width * group.size // max(rows, 1)

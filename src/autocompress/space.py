@@ -70,7 +70,7 @@ from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
 from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, hidden_entries, hidden_prunable,
-                        input_weights, is_recurrent_weight, one_node)
+                        hidden_ties, input_weights, is_recurrent_param, one_node)
 
 log = logging.getLogger(__name__)
 
@@ -710,7 +710,7 @@ class PruningSpace:
         blocked layout). Not a recurrent layer's hidden units (whose gate GEMMs, 4 x hidden rows for an LSTM, are
         block-aligned at any multiple of 4). Raises KeyError for an unknown group."""
         return any(len(self.param_shapes[s.param]) == 4 or (len(self.param_shapes[s.param]) == 2 and s.dim == 0
-                                                            and not is_recurrent_weight(s.param))
+                                                            and not is_recurrent_param(s.param))
                    for s in self._units["filter"][name].slices)
 
     def check_rates(self, rates: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
@@ -919,8 +919,8 @@ COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or anothe
 #: target's refusal
 WHOLE_SHARE = 0.1
 #: why a module of :attr:`PruningSpace.whole` keeps its weights
-WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size unless it runs in one "
-                "direction: an nn.LSTM without proj_size, nn.GRU or nn.RNN; the channels it reads are pruned)")
+WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size unless it is an nn.LSTM "
+                "without proj_size, an nn.GRU or an nn.RNN; the channels it reads are pruned)")
 
 
 def _whole_modules(model: nn.Module, rows, pruned: Collection[str] = ()) -> dict[str, tuple[str, Counts]]:
@@ -1074,11 +1074,14 @@ def _states_after_outputs(model: nn.Module):
             out = one_node(module, args[0], out)
         last = out[:, -1] if module.batch_first else out[-1]  # [B, directions x (proj_size or hidden_size)]
 
-        def rerouted(state):  # an LSTM's c is wider than its projected output: it keeps no path at all
-            size = state.shape[-1]
-            if size > last.shape[1]:
+        width = last.shape[1] // (1 + bool(module.bidirectional))  # one direction's features
+        parts = [last[:, :width]] if not module.bidirectional else [  # each direction's, as an index gather
+            last[:, torch.arange(start, start + width, device=last.device)] for start in (0, width)]
+
+        def rerouted(state):  # [layers x directions, B, width]: each slot maps to the features of every direction
+            if state.shape[-1] != width:  # an LSTM's c, wider than its projected output: it keeps no path at all
                 return state.detach()
-            return state.detach() + 0 * last[:, :size].unsqueeze(0).expand(state.shape[0], -1, -1)
+            return state.detach() + 0 * sum(part.unsqueeze(0).expand(state.shape[0], -1, -1) for part in parts)
         if isinstance(states, tuple):
             return out, tuple(rerouted(state) for state in states)
         return out, rerouted(states)
@@ -1845,6 +1848,9 @@ def _slices(tp_group, names, param_names, candidates, sinks, size, norm_dims, ig
             members.add(target)
             for attr, role, dim, at, of in hidden_entries(target, index, channel):
                 slices.append(Slice(param_names[id(getattr(target, attr))], mname, role, dim, at, of))
+            if target.bidirectional:  # both directions share the hidden size: unit j's two features leave together
+                blocks.append((hidden_ties(target, index), channel, f"bidirectional {type(target).__name__} {mname}",
+                               ""))
         elif follows_input(target) and not out_side and mname not in ignored:
             if index.numel() and int(index.max()) >= target.input_size:
                 problem = problem or (f"filter pruning: its channels map past the input features of "
@@ -2047,8 +2053,8 @@ def _uneven(slices: list[Slice], size: int) -> str:
     slice) reads a split whose sizes the forward fixes (``chunk`` for a GLU gate)."""
     for s in slices:
         per_channel = torch.bincount(s.channel, minlength=size)
-        if bool((per_channel == per_channel[0]).all()):
-            continue
+        if bool((per_channel == per_channel[0]).all()) or is_recurrent_param(s.param):
+            continue  # (a bidirectional layer's weights of one direction: half of its features, tied to the rest)
         reaching = int((per_channel > 0).sum())
         if not bool((per_channel[per_channel > 0] == per_channel.max()).all()):
             return f"{UNEVEN} {s.param}"
