@@ -138,6 +138,7 @@ class RecurrentPruner(tp.pruner.function.BasePruningFunc):
                 param = self._prune_parameter_and_grad(param, index.tolist(), dim)
             setattr(layer, name, param)  # RNNBase.__setattr__ refreshes its flat weights
         layer.hidden_size = len(units)
+        layer.flatten_parameters()  # one contiguous chunk again for cuDNN (a no-op on the CPU)
         return layer
 
     def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
@@ -145,6 +146,7 @@ class RecurrentPruner(tp.pruner.function.BasePruningFunc):
         for name in input_weight_names(layer):
             setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
         layer.input_size = len(keep)
+        layer.flatten_parameters()
         return layer
 
     def get_out_channels(self, layer: nn.RNNBase) -> int:
