@@ -14,7 +14,7 @@ Public API (see README.md and docs/ARCHITECTURE.md):
 """
 from __future__ import annotations
 
-__version__ = "0.16.0"
+__version__ = "0.17.0"
 
 # Imported eagerly: a lazy attribute named like its submodule (``autocompress.compress``) would be replaced
 # by the submodule as soon as anything imported ``autocompress.compress``.
