@@ -640,6 +640,31 @@ def test_a_one_channel_layer_enumerated_first_leaves_the_channels_it_broadcasts_
     assert space.excluded[next(iter(dict(model().named_children())))] == "filter pruning: a single output channel"
 
 
+class PackedReader(nn.Module):
+    """Token ids and lengths -> an embedding -> a packed GRU / LSTM -> a classifier on its padded steps' mean plus
+    one on its final state (the one Linear read twice)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.embed, self.rnn, self.fc = nn.Embedding(30, 16), kind(16, 32, batch_first=True), nn.Linear(32, 3)
+
+    def forward(self, tokens, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        out, state = self.rnn(packed)
+        out = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0]
+        return self.fc(out.mean(1)) + self.fc((state[0] if isinstance(state, tuple) else state)[-1])
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_a_packed_sequence_keeps_the_recurrent_layer_whole(kind):
+    """A packed sequence is not followed: the layer keeps its hidden units (and is named as kept whole). Tracing
+    its packed output as one node sent torch-pruning's group enumeration into an endless loop here (session 57),
+    so it is left to torch-pruning's own trace, which ends."""
+    space = PruningSpace.build(PackedReader(kind).eval(), (torch.randint(1, 30, (2, 9)), torch.tensor([9, 5])))
+    assert space.filter_groups == [] and set(space.kept_whole()) == {"rnn"}
+
+
 def test_a_group_torch_pruning_cannot_map_names_the_layers_its_graph_does_not_follow():
     """Fresh user 58: the channels feeding a GRU were left out as "torch-pruning cannot map its channels
     (IndexError)", naming no layer; torch-pruning traces a GRU op by op, not as a layer. (An nn.GRU itself is
