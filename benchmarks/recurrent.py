@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import autocompress
 from autocompress import metrics
 from autocompress.config import Target
-from autocompress.latency import LatencyConfig, measure_models
-from sequence_model import loaders  # sibling scripts: benchmarks/ is on sys.path when run as a script
+from sequence_model import base_model, loaders  # sibling scripts: benchmarks/ is on sys.path when run as a script
+from short_budget import ort_speedup
 from weak_teacher import append_row, top1
+from weak_teacher import train as train_steps
 
 EXAMPLE = torch.zeros(1, 28, 28)
 
@@ -59,28 +59,15 @@ class RowLSTM(nn.Module):
 def user_loop(model: nn.Module, loader, epochs: int) -> None:
     """The user's loop: Adam, lr 2e-3 decayed by a cosine over the steps, cross-entropy."""
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
+    train_steps(model, loader, epochs, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
+                                                                                           epochs * len(loader)))
     model.eval()
 
 
-def base_model(path: Path, layers: int) -> nn.Module:
-    """The base of ``layers`` LSTM layers: initialised under seed 0, trained 8 epochs once and kept at ``path``."""
-    torch.manual_seed(0)
-    model = RowLSTM(layers=layers)
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    user_loop(model, loaders(0)[0], 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+def lstm_base(path: Path, layers: int) -> nn.Module:
+    """The base of ``layers`` LSTM layers: initialised under seed 0, trained 8 epochs of :func:`user_loop` once and
+    kept at ``path``."""
+    return base_model(path, lambda: RowLSTM(layers=layers), user_loop)
 
 
 def run_autocompress(base: nn.Module, data: tuple, seed: int, target: str, budget: int) -> tuple[dict, nn.Module]:
@@ -117,13 +104,6 @@ def run_torch_pruning(base: nn.Module, data: tuple, seed: int, target: str, budg
             "hidden": model.rnn.hidden_size}, model
 
 
-def ort_speedup(base: nn.Module, model: nn.Module) -> float:
-    """Base / compressed onnxruntime latency at batch 1, 1 thread (interleaved medians of 200 runs)."""
-    timing = measure_models({"base": base, "compressed": model}, EXAMPLE, LatencyConfig(threads=1), batches=[1],
-                            runs=200)[1]
-    return timing["base"].median_ms / timing["compressed"].median_ms
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="ac,tp,tp_one_layer")
@@ -141,7 +121,7 @@ def main() -> None:
         data = loaders(seed)
         for method in (m for m in args.methods.split(",") if (m, seed, args.target, args.budget) not in done):
             layers = 1 if method.endswith("one_layer") else 2
-            base = base_model(Path(args.cache) / f"row_lstm_{layers}layer.pt", layers)
+            base = lstm_base(Path(args.cache) / f"row_lstm_{layers}layer.pt", layers)
             base.read = "steps" if method.startswith("tp_steps") else "state"
             started = time.perf_counter()
             run = run_autocompress if method == "ac" else run_torch_pruning
@@ -150,7 +130,7 @@ def main() -> None:
                    "base_top1": top1(base, data[2]), "base_params": metrics.count_params(base), **row,
                    "seconds": round(time.perf_counter() - started, 1)}
             if model is not None:
-                row["ort_b1_speedup"] = ort_speedup(base, model)
+                row["ort_b1_speedup"] = ort_speedup(base, model, EXAMPLE)
             append_row(out, row)
 
 

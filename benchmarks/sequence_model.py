@@ -21,6 +21,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import numpy as np
@@ -105,14 +106,16 @@ def train(model: nn.Module, loader: DataLoader, epochs: int) -> None:
     train_steps(model, loader, epochs, optimizer, schedule)
 
 
-def base_model(path: Path) -> nn.Module:
-    """The base: trained once (initialised and trained under seed 0, 8 epochs) and kept at ``path``."""
+def base_model(path: Path, build: Callable[[], nn.Module] = SequenceNet,
+               fit: Callable[[nn.Module, DataLoader, int], None] | None = None) -> nn.Module:
+    """The base: ``build()`` trained once (initialised and trained under seed 0, 8 epochs of ``fit``, default
+    :func:`train`) and kept at ``path``."""
     torch.manual_seed(0)  # torch's default seed differs per process: the initialisation needs it too
-    model = SequenceNet()
+    model = build()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    train(model, loaders(0)[0], 8)
+    (fit or train)(model, loaders(0)[0], 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()

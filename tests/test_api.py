@@ -3176,6 +3176,7 @@ def test_an_unreachable_target_names_the_recurrent_weights_no_unit_prunes():
                                    score_fn=weights_present, config=CONFIG, progress=False, log=lines.append)
     held = rf"LSTM, {own:.0%} of the parameters, \d+% of the MACs"
     assert any(re.fullmatch(rf"kept whole: rnn \({held}\): no unit prunes its own weights \(a recurrent layer keeps "
-                            r"its hidden size unless it is an nn.LSTM without proj_size.*\)", line) for line in lines), lines
+                            r"its hidden size unless it is an nn.LSTM without proj_size.*\)", line)
+               for line in lines), lines
     assert re.fullmatch(held, result.final["kept_whole"]["rnn"])
     assert re.search(rf"kept whole \(no unit prunes their weights\): rnn \({held}\)", result.summary())

@@ -181,6 +181,6 @@ def one_node(module: nn.RNNBase, inputs: torch.Tensor, output: torch.Tensor) -> 
 #: the customized pruners of this module, by exact type (torch-pruning looks them up so)
 PRUNERS = {kind: RecurrentPruner() for kind in FOLLOWED}
 
-__all__ = ["FOLLOWED", "GATES", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentPruner",
-           "dead_hidden_units", "directions", "follows_input", "hidden_entries", "hidden_prunable", "hidden_ties", "input_weight_names",
-           "input_weights", "is_recurrent_param", "one_node"]
+__all__ = ["FOLLOWED", "GATES", "PRUNERS", "RECURRENT_FOLLOWED", "RecurrentPruner", "dead_hidden_units", "directions",
+           "follows_input", "hidden_entries", "hidden_prunable", "hidden_ties", "input_weight_names", "input_weights",
+           "is_recurrent_param", "one_node"]

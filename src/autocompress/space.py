@@ -69,8 +69,8 @@ from .errors import SettingError, UserError, show
 from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
-from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, hidden_entries, hidden_prunable,
-                        hidden_ties, input_weights, is_recurrent_param, one_node)
+from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, hidden_entries,
+                        hidden_prunable, hidden_ties, input_weights, is_recurrent_param, one_node)
 
 log = logging.getLogger(__name__)
 
