@@ -167,7 +167,7 @@ def _group_plan(dg: tp.DependencyGraph, group, names: dict, norm_dims: dict) -> 
             if module.bias is not None:
                 zero &= _zero_slices(module.bias, 0)
             slices = [zero]
-        elif is_out and hidden_prunable(module):  # an LSTM's hidden units
+        elif is_out and hidden_prunable(module):  # a recurrent layer's hidden units
             has_producer = True
             slices = [dead_hidden_units(module)]
         elif is_out and not is_weight_layer(module):
