@@ -40,7 +40,8 @@ from .deployment import COLUMN_LAYERS, deployed_form, uniform_reference, with_de
 from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable, time_major
 from .errors import CallArgument, TargetMissed, UserError
 from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
-                      noisy_timing_warning, speed_warning, uniform_warning)
+                      noisy_timing_warning, speed_warning, uniform_warning,
+                      unpriced_warning)
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -777,7 +778,11 @@ class Compression:
 
     def _latency_table(self, base: nn.Module) -> LatencyTable:
         """The lookup table of a latency target (measured, or from the cache), before any training; under
-        torch.distributed rank 0 builds it and every rank uses that one (timings differ between processes)."""
+        torch.distributed rank 0 builds it and every rank uses that one (timings differ between processes). Warns
+        first when recurrent layers, which it does not time, hold much of the MACs
+        (:func:`autocompress.latency.unpriced_warning`)."""
+        if self.world.is_main and (warning := unpriced_warning(base, self.example)):
+            logging.getLogger("autocompress").warning(warning)
         table = distributed.on_main(lambda: build_table(base, self.example, self.first_space, self.config.latency,
                                                         multiple=self.multiple, columns="column" in self.config.kinds,
                                                         layer_norm=self.config.layer_norm, log=self.pipeline.log))

@@ -919,8 +919,10 @@ COMPUTED_WEIGHT = ("its weight is computed (weight_norm, spectral_norm or anothe
 #: target's refusal
 WHOLE_SHARE = 0.1
 #: why a module of :attr:`PruningSpace.whole` keeps its weights
-WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer keeps its hidden size unless it is an nn.LSTM "
-                "without proj_size, an nn.GRU or an nn.RNN; the channels it reads are pruned)")
+WHOLE_REASON = ("no unit prunes its own weights (a recurrent layer's hidden units are a filter group only where its "
+                "output sequence or final state reaches readers that can be followed: not a packed sequence, an "
+                "LSTM with proj_size, a subclass, nor outputs reshaped across steps or returned; the channels it reads "
+                "are pruned)")
 
 
 def _whole_modules(model: nn.Module, rows, pruned: Collection[str] = ()) -> dict[str, tuple[str, Counts]]:
