@@ -183,7 +183,7 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 
 #: the fix for inputs whose batch is not axis 0
 BATCH_FIRST = ("put the batch axis first in every input and in the batches (token ids [B, L]; batch_first=True for "
-               "nn.TransformerEncoderLayer and nn.MultiheadAttention)")
+               "nn.LSTM / nn.GRU / nn.RNN, nn.TransformerEncoderLayer and nn.MultiheadAttention)")
 
 
 def eager_module(model: nn.Module) -> tuple[nn.Module, str | None]:
