@@ -168,5 +168,8 @@ def test_prune_reads_a_compress_config_s_round_settings_and_refuses_the_others()
         prune(model, rates, example_inputs=x, admm={"epochs": 0}, config={"admm": {"epochs": 0}}, progress=False)
     with pytest.raises(SettingError, match=r"purification is given both"):
         prune(model, rates, example_inputs=x, purify=False, ignored_layers=[], config=settings, progress=False)
+    with pytest.raises(SettingError, match=r"^layer_norm is given as prune's keyword argument beside config, which "
+                                           r"holds every round setting when given; move layer_norm into config"):
+        prune(model, rates, example_inputs=x, layer_norm="padded", config=settings, progress=False)  # (user 92)
     with pytest.raises(SettingError, match=r"retrain\.epoch"):
         prune(model, rates, example_inputs=x, config={"retrain": {"epoch": 0}}, progress=False)

@@ -119,6 +119,7 @@ def round_settings(config: CompressConfig | Mapping, keywords: Sequence[str] = (
             beside ``config``).
     """
     default = CompressConfig(retrain=RetrainConfig(epochs=10))
+    given = set(config) if isinstance(config, Mapping) else None
     if isinstance(config, Mapping):
         config = from_dict(CompressConfig, dict(config), base=default)
     elif not isinstance(config, CompressConfig):
@@ -129,8 +130,12 @@ def round_settings(config: CompressConfig | Mapping, keywords: Sequence[str] = (
             raise SettingError(f.name, f"prune does not use {f.name} (it prunes at the given rates, in one round)",
                                f"drop {f.name} from config, or call autocompress.compress for a target")
     if keywords:
-        raise SettingError(keywords[0], f"{keywords[0]} is given both as prune's keyword argument and in config",
-                           f"give {keywords[0]} in one place")
+        name = keywords[0]
+        if (name in given) if given is not None else getattr(config, name) != getattr(default, name):
+            raise SettingError(name, f"{name} is given both as prune's keyword argument and in config",
+                               f"give {name} in one place")
+        raise SettingError(name, f"{name} is given as prune's keyword argument beside config, which holds every "
+                                 "round setting when given", f"move {name} into config")
     return config
 
 
