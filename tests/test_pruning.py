@@ -173,3 +173,31 @@ def test_prune_reads_a_compress_config_s_round_settings_and_refuses_the_others()
         prune(model, rates, example_inputs=x, layer_norm="padded", config=settings, progress=False)  # (user 92)
     with pytest.raises(SettingError, match=r"retrain\.epoch"):
         prune(model, rates, example_inputs=x, config={"retrain": {"epoch": 0}}, progress=False)
+
+
+class TwoOutputs(nn.Module):
+    """``[B, 5, 7]`` -> ``(logits [B, 3], the input's mean [B])``: a model returning a second output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(5, 16, 3, padding=1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(2)), x.mean((1, 2))
+
+
+def test_prune_scoring_a_tuple_output_is_refused_naming_forward_fn():
+    """Fresh user 92: ``prune`` with a val_loader on a model returning ``(logits, hidden)`` crashed with a raw
+    ``AttributeError: 'tuple' object has no attribute 'argmax'`` where ``compress`` refused it before any work."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 5, 7, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                      batch_size=16)
+    with pytest.raises(UserError, match=r"^the forward returns a tuple on a batch of val_loader, .* pass forward_fn"):
+        prune(TwoOutputs(), {"default": 0.5}, example_inputs=torch.randn(1, 5, 7), train_loader=data, val_loader=data,
+              config={"admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
+    done = prune(TwoOutputs(), {"default": 0.5}, example_inputs=torch.randn(1, 5, 7), val_loader=data,  # no training
+                 forward_fn=lambda model, batch: model(batch[0])[0],
+                 config={"admm": {"epochs": 0}, "retrain": {"epochs": 0}}, progress=False)
+    assert done.model.conv.out_channels < 16  # scored through forward_fn, pruned

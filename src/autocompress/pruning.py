@@ -256,7 +256,8 @@ def prune(model: nn.Module, rates: Mapping, *, example_inputs, train_loader: Ite
         raise UserError("ADMM or retraining epochs are set, but train_loader is None",
                         "pass train_loader, or set admm.epochs and retrain epochs to 0")
     task = Task(train_loader, val_loader, device, forward_fn, loss_fn, score_fn)
-    task.check(base, example, needs_training=training, needs_score=False, needs_length=train_fn is None)
+    task.check(base, example, needs_training=training,  # the outputs it scores, where training batches show them
+               needs_score=task.can_score and train_loader is not None, needs_length=train_fn is None)
     before = task.score(base) if task.can_score else None
     if before is not None:
         task.check_score_direction(base, before)
