@@ -39,9 +39,8 @@ from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, uniform_reference, with_dense_layers
 from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable, time_major
 from .errors import CallArgument, TargetMissed, UserError
-from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
-                      noisy_timing_warning, speed_warning, uniform_warning,
-                      unpriced_warning)
+from .latency import (NOISY, SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary,
+                      measure_models, noisy_timing_warning, speed_warning, uniform_warning, unpriced_warning)
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -1269,6 +1268,7 @@ class Compression:
                         _overshoot_warning(_reduction(*rows, self.target), self.target, self.multiple, self.block,
                                            searched=searched),
                         self._latency_overshoot_warning(deployed), noisy_timing_warning(deployed["deployed"]),
+                        _eager_noisy_warning(latency),
                         _bottleneck_warning(self.first_space, _compact_widths(self.first_space, compact_model)),
                         self.first_space.unreached_warning(), self._base_batchnorm_warning(),
                         _unread_inputs_warning(self.pipeline.base_model, compact_model, self.example),
@@ -1321,12 +1321,14 @@ class Compression:
     def _eager_latencies(self, models: dict[str, nn.Module]) -> tuple[dict, int]:
         """Eager-PyTorch latencies of ``models`` (``base``, ``compressed``) at batch 1 and 64, interleaved medians
         of ``latency_runs``; when the compressed model looks more than :data:`autocompress.latency.SLOWER` times
-        slower at either batch, both batches are timed again with :data:`RECHECK_RUNS` x the runs and that
-        measurement stands (one noisy measurement on a shared machine made a fresh user's SLOWER warning). Returns
+        slower at either batch, or the runs spread widely (:func:`_eager_noisy`), both batches are timed again with
+        :data:`RECHECK_RUNS` x the runs and that measurement stands (one noisy measurement on a shared machine made a
+        fresh user's SLOWER warning, another's 7.6x speedup at 4x fewer MACs, 2.1x timed again). Returns
         ``{batch: {name: Timing}}`` and the runs behind it."""
         for runs in (self.config.latency_runs, RECHECK_RUNS * self.config.latency_runs):
             latency = {b: metrics.measure_latencies(models, at_batch(self.example, b), runs=runs) for b in (1, 64)}
-            if not any(_eager_slower(t["compressed"].median_ms, t["base"].median_ms) for t in latency.values()):
+            if not _eager_noisy(latency) and not any(_eager_slower(t["compressed"].median_ms, t["base"].median_ms)
+                                                     for t in latency.values()):
                 break
         return latency, runs
 
@@ -1370,6 +1372,24 @@ class Compression:
 VALIDATION_DRIFT = 0.001
 #: a timing that would refuse a latency target or warn of a slower model is repeated with this many times the runs
 RECHECK_RUNS = 3
+
+
+def _eager_noisy(latency: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """The timings of :meth:`Compression._eager_latencies` whose 90th percentile passes
+    :data:`autocompress.latency.NOISY` times their 10th, as ``"batch B: name p10-p90 ms"``."""
+    return [f"batch {batch}: {name} {t.p10_ms:.3g}-{t.p90_ms:.3g} ms" for batch, timings in latency.items()
+            for name, t in timings.items() if t.p90_ms > NOISY * t.p10_ms]
+
+
+def _eager_noisy_warning(latency: Mapping[int, Mapping[str, Any]]) -> str | None:
+    """The warning when the eager-PyTorch timings stayed noisy after their recheck (:func:`_eager_noisy`), so the
+    table's torch columns cannot be read as speedups; None otherwise."""
+    noisy = _eager_noisy(latency)
+    if not noisy:
+        return None
+    return (f"the eager PyTorch timings were noisy (10th-90th percentile: {'; '.join(noisy)}), so the torch columns' "
+            "speedups are uncertain: time the models again on an idle machine (more latency_runs) before relying on "
+            "them")
 
 
 def _eager_slower(compressed_ms: float, base_ms: float) -> bool:
