@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import SettingError, UserError, show
+from .recurrent import directions
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def kept_channels(group, module) -> int:
     whose ``q``, ``k`` and ``v`` rows of a channel are one group channel); a recurrent layer's output features (hidden
     size x directions)."""
     if isinstance(module, nn.RNNBase):  # its output features (autocompress.recurrent.hidden_prunable)
-        return int(module.hidden_size) * (1 + bool(module.bidirectional))
+        return int(module.hidden_size) * directions(module)
     width = int(getattr(module, "out_channels", None) or getattr(module, "out_features"))
     rows = next((len(s.index) for s in group.slices if s.module == group.name and s.role == "weight"), group.size)
     return width * group.size // max(rows, 1)

@@ -39,8 +39,8 @@ from .config import CompressConfig, SettingError, Target, round_targets
 from .deployment import COLUMN_LAYERS, deployed_form, uniform_reference, with_dense_layers
 from .distillation import AUTO_RULE, FIT_SHARE, UNLIKE_POINTS, distillable, time_major
 from .errors import CallArgument, TargetMissed, UserError
-from .latency import (NOISY, SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary,
-                      measure_models, noisy_timing_warning, speed_warning, uniform_warning, unpriced_warning)
+from .latency import (SLOWER, LatencyTable, blocked_convolutions, build_table, deployed_summary, measure_models,
+                      noisy_spreads, noisy_timing_warning, speed_warning, uniform_warning, unpriced_warning)
 from .mainstore import MainStore
 from .padded_norm import PADDED_NORMS
 from .projection import project, relative_importance
@@ -1189,8 +1189,9 @@ class Compression:
             layout = {name: blocked_convolutions(model, self.example) for name, model in
                       (("base", self.pipeline.base_model), ("compressed", form.model))}
             warning = speed_warning(deployed, macs_factor=macs_factor, aligned=self.multiple > 1, layout=layout)
-        uniform = None if noisy_timing_warning(deployed) else uniform_warning(deployed, self._uniform_fix(deployed))
-        for warning in (warning, uniform):  # (noisy timings are warned about as such)
+        uniform = None if "uniform" not in models or noisy_timing_warning(deployed) else uniform_warning(
+            deployed, self._uniform_fix(deployed))  # (noisy timings are warned about as such)
+        for warning in (warning, uniform):
             if warning:
                 logging.getLogger("autocompress").warning(warning)
                 fields["warnings"].append(warning)
@@ -1216,11 +1217,11 @@ class Compression:
     def _uniform_fix(self, deployed: dict) -> str:
         """What :func:`~autocompress.latency.uniform_warning` tells the user to change: the per-layer guidance where
         the per-channel one chose the widths (fresh user 90's PointNet at flops=4x: Torch-Pruning's speed at the same
-        top-1), and a latency target at the speedup the uniform-rate reference reached at ``latency.batch``."""
-        row = deployed["batches"].get(str(self.config.latency.batch), {})
-        speedup = f"latency={row['base_ms'] / row['uniform_ms']:.2g}x" if "uniform_ms" in row else "latency=2x"
-        latency = (f"a latency target (target {speedup}: the uniform rates' speedup at batch "
-                   f"{self.config.latency.batch}), which times candidates in the runtime")
+        top-1), and a latency target at the speedup the uniform-rate reference reached at ``latency.batch`` (always
+        one of the timed batches)."""
+        row = deployed["batches"][str(self.config.latency.batch)]
+        latency = (f"a latency target (target latency={row['base_ms'] / row['uniform_ms']:.2g}x: the uniform rates' "
+                   f"speedup at batch {self.config.latency.batch}), which times candidates in the runtime")
         if self.guidance != "channel":
             return f"for speed, give {latency}"
         return ("for speed at this target, set search.guidance: layer (the per-channel guidance prunes hardest the "
@@ -1375,10 +1376,10 @@ RECHECK_RUNS = 3
 
 
 def _eager_noisy(latency: Mapping[int, Mapping[str, Any]]) -> list[str]:
-    """The timings of :meth:`Compression._eager_latencies` whose 90th percentile passes
-    :data:`autocompress.latency.NOISY` times their 10th, as ``"batch B: name p10-p90 ms"``."""
-    return [f"batch {batch}: {name} {t.p10_ms:.3g}-{t.p90_ms:.3g} ms" for batch, timings in latency.items()
-            for name, t in timings.items() if t.p90_ms > NOISY * t.p10_ms]
+    """The timings of :meth:`Compression._eager_latencies` that spread widely
+    (:func:`autocompress.latency.noisy_spreads`)."""
+    return noisy_spreads({batch: {name: (t.p10_ms, t.p90_ms) for name, t in timings.items()}
+                          for batch, timings in latency.items()})
 
 
 def _eager_noisy_warning(latency: Mapping[int, Mapping[str, Any]]) -> str | None:

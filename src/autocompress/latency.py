@@ -385,14 +385,21 @@ def deployed_summary(timings: dict[int, dict[str, Timing]], config: LatencyConfi
                        if t["compressed"].median_ms > SLOWER * t["base"].median_ms]}
 
 
+def noisy_spreads(spreads: Mapping[Any, Mapping[str, Sequence[float]]]) -> list[str]:
+    """The timings of ``spreads`` (batch -> model name -> its runs' 10th and 90th percentile, ms) whose 90th
+    percentile passes :data:`NOISY` times their 10th, as ``"batch B: name p10-p90 ms"``."""
+    return [f"batch {batch}: {name} {low:.3g}-{high:.3g} ms" for batch, models in spreads.items()
+            for name, (low, high) in models.items() if high > NOISY * low]
+
+
 def noisy_timing_warning(summary: dict | None) -> str | None:
     """The warning when a :func:`deployed_summary`'s timings spread so widely (a 90th percentile over
     :data:`NOISY` times the 10th, for the base or the compressed model at some batch) that its speedups are
     uncertain: two fresh users read 1.79x and 3.57x from a loaded machine where their own interleaved timing gave
     1.37x (base spreads 0.42-4.3 ms and 0.27-0.80 ms); None otherwise."""
     rows = (summary or {}).get("batches", {})
-    noisy = [f"batch {batch}: {name} {low:.3g}-{high:.3g} ms" for batch, row in rows.items()
-             for name in ("base", "compressed") for low, high in [row[f"{name}_p10_p90_ms"]] if high > NOISY * low]
+    noisy = noisy_spreads({batch: {name: row[f"{name}_p10_p90_ms"] for name in ("base", "compressed")}
+                           for batch, row in rows.items()})
     if not noisy:
         return None
     return (f"the deployed timings were noisy (10th-90th percentile: {'; '.join(noisy)}), so the speedups in the "
@@ -945,6 +952,7 @@ def _smallest(model: nn.Module, x: tuple[torch.Tensor, ...], space, multiple: in
 
 __all__ = ["COLUMN_FRACTIONS", "FEWER_MACS", "GRID_POINTS", "LAYOUT_RULE", "LITTLE_SPEEDUP", "LatencyConfig",
            "LatencyTable", "LayerSpec", "RUNTIMES", "SLOWER", "Timing", "blocked_convolutions", "build_table",
-           "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models", "runner",
+           "cache_folder", "check_runtime", "deployed_summary", "layer_specs", "measure_models", "noisy_spreads",
+           "runner",
            "speed_warning", "table_key", "time_runners",
            "UNIFORM_SLOWER", "UNPRICED_SHARE", "uniform_warning", "unpriced_warning"]

@@ -69,7 +69,7 @@ from .errors import SettingError, UserError, show
 from .masks import Masks
 from .metrics import layer_table
 from .padded_norm import PaddedLayerNorm, channel_dims, channel_groups, is_group_norm, is_layer_norm, pruners
-from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, follows_input, hidden_entries,
+from .recurrent import (PRUNERS as RECURRENT_PRUNERS, RECURRENT_FOLLOWED, directions, follows_input, hidden_entries,
                         hidden_prunable, hidden_ties, input_weights, is_recurrent_param, one_node)
 
 log = logging.getLogger(__name__)
@@ -1062,9 +1062,9 @@ def _states_after_outputs(model: nn.Module):
     torch-pruning maps a recurrent layer to the node of its output sequence; the states leave the kernel by another
     node, which it takes for an element-wise op of the layer's input, so the channels the layer reads were tied to
     whatever reads ``h`` (a classifier on ``h[-1]``, the most common LSTM head, or ``h`` returned) and could not be
-    pruned (fresh user 86). Each state becomes ``state.detach() + 0 * s`` for ``s`` the output's last step (the
-    first direction's features) expanded to the state's shape: the same values, the hidden units' own mapping (an
-    LSTM's cell state ``c``, wider than a projected output, is detached alone). The output sequence of a layer
+    pruned (fresh user 86). Each state becomes ``state.detach() + 0 * s`` for ``s`` the output's last step, each
+    direction's features added in, expanded to the state's shape: the same values, the hidden units' own mapping
+    (an LSTM's cell state ``c``, wider than a projected output, is detached alone). The output sequence of a layer
     whose input an own pruner follows (a GRU's, an RNN's: their CPU kernels reach autograd op by op, which
     torch-pruning maps as the gates' chunks) is first made one node over the input sequence
     (:func:`autocompress.recurrent.one_node`), as an LSTM's kernel is."""
@@ -1076,7 +1076,7 @@ def _states_after_outputs(model: nn.Module):
             out = one_node(module, args[0], out)
         last = out[:, -1] if module.batch_first else out[-1]  # [B, directions x (proj_size or hidden_size)]
 
-        width = last.shape[1] // (1 + bool(module.bidirectional))  # one direction's features
+        width = last.shape[1] // directions(module)  # one direction's features
         parts = [last[:, :width]] if not module.bidirectional else [  # each direction's, as an index gather
             last[:, torch.arange(start, start + width, device=last.device)] for start in (0, width)]
 
@@ -2055,8 +2055,8 @@ def _uneven(slices: list[Slice], size: int) -> str:
     slice) reads a split whose sizes the forward fixes (``chunk`` for a GLU gate)."""
     for s in slices:
         per_channel = torch.bincount(s.channel, minlength=size)
-        if bool((per_channel == per_channel[0]).all()) or is_recurrent_param(s.param):
-            continue  # (a bidirectional layer's weights of one direction: half of its features, tied to the rest)
+        if bool((per_channel == per_channel[0]).all()) or s.role != "input" and is_recurrent_param(s.param):
+            continue  # (a bidirectional layer's own weights of one direction: half of its units, tied to the rest)
         reaching = int((per_channel > 0).sum())
         if not bool((per_channel[per_channel > 0] == per_channel.max()).all()):
             return f"{UNEVEN} {s.param}"
